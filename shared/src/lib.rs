@@ -1,0 +1,32 @@
+//! Fleetbeat's wire contract: what a vehicle and the rest of the system say to each other.
+//!
+//! This crate is `no_std` (no heap, `heapless` strings) so the very same code runs on a
+//! tracker's microcontroller, in the device simulator and in the bridge. Enable the `std`
+//! feature on a host to get `std::error::Error` on the error types.
+//!
+//! # Layout
+//! - [`id`]: validated, fixed-capacity identifiers ([`FleetId`], [`VehicleId`], [`OrderId`]).
+//! - [`wire`]: the message types ([`Heartbeat`], [`DeliveryEvent`], [`Status`], [`Command`],
+//!   [`CommandAck`]).
+//! - [`topic`]: the MQTT topic scheme `fleet/{fleet}/{vehicle}/{kind}`, built and parsed
+//!   without allocation, with the QoS and retain rule of every kind.
+//! - [`codec`]: one protocol-version byte followed by the postcard body.
+//! - [`error`]: the typed errors of all of the above.
+//!
+//! The full protocol (fields, units, QoS, the version rule) is described in `docs/protocol.md`.
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+
+pub mod codec;
+pub mod error;
+pub mod id;
+pub mod topic;
+pub mod wire;
+
+pub use codec::{MAX_PAYLOAD, PROTOCOL_VERSION, decode, encode, encode_vec};
+pub use error::{CodecError, IdError, TopicError};
+pub use id::{FleetId, OrderId, VehicleId};
+pub use topic::{Topic, TopicKind};
+pub use wire::{
+    AckResult, Command, CommandAck, CommandKind, DeliveryEvent, DeliveryKind, Heartbeat,
+    OfflineReason, Position, Status, StatusFlags, WireMessage,
+};
