@@ -1,0 +1,280 @@
+//! The readiness probe's side of the wire: a minimal MQTT client over a raw socket that
+//! connects (clean session), publishes one QoS 0 message and closes the connection.
+//!
+//! Written by hand rather than with an MQTT client crate: it needs five packets, and it must
+//! report exactly what a listener answered, including "not MQTT at all".
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
+
+use crate::config::Listener;
+use crate::error::ProbeError;
+
+/// Keep-alive announced in CONNECT, in seconds. rumqttd refuses 0.
+const KEEP_ALIVE_SECS: u16 = 10;
+
+/// CONNACK bodies are a few bytes (v5 adds properties); refuse to buffer a stranger's novel.
+const MAX_CONNACK_LEN: usize = 256;
+
+/// The one message a probe publishes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ProbeMessage<'a> {
+    /// MQTT client id; at most 23 characters, none of `+ # / $` (rumqttd rejects those).
+    pub(crate) client_id: &'a str,
+    /// Topic published to.
+    pub(crate) topic: &'a str,
+    /// Payload published.
+    pub(crate) payload: &'a [u8],
+}
+
+/// Connects to `addr`, completes CONNECT/CONNACK for `listener`'s protocol version, publishes
+/// `message` at QoS 0 and closes the connection, all before `deadline`.
+///
+/// Returns once the PUBLISH is written; whether the message reached a router is for the caller
+/// to observe. No DISCONNECT is sent: rumqttd 0.20 handles one twice and logs a spurious
+/// "no-connection id .. is already gone" error, while a closed socket is a plain disconnect.
+pub(crate) async fn publish_once(
+    addr: SocketAddr,
+    listener: Listener,
+    message: ProbeMessage<'_>,
+    deadline: Instant,
+) -> Result<(), ProbeError> {
+    let started = Instant::now();
+    let elapsed = move || ProbeError::TimedOut(started.elapsed());
+
+    let mut stream = timeout_at(deadline, TcpStream::connect(addr))
+        .await
+        .map_err(|_| elapsed())?
+        .map_err(ProbeError::Connect)?;
+    // Small packets, one round trip: do not let Nagle hold them back.
+    stream.set_nodelay(true).map_err(ProbeError::Io)?;
+
+    let exchange = async {
+        stream
+            .write_all(&connect_packet(listener, message.client_id))
+            .await
+            .map_err(ProbeError::Io)?;
+        read_connack(&mut stream, listener).await?;
+        let publish = publish_packet(listener, message.topic, message.payload);
+        stream.write_all(&publish).await.map_err(ProbeError::Io)?;
+        // FIN after the PUBLISH: rumqttd reads the message, then sees a closed connection.
+        stream.shutdown().await.map_err(ProbeError::Io)
+    };
+    timeout_at(deadline, exchange)
+        .await
+        .map_err(|_| elapsed())?
+}
+
+/// A CONNECT with a clean session, no will, no credentials.
+pub(crate) fn connect_packet(listener: Listener, client_id: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(16 + client_id.len());
+    put_str(&mut body, "MQTT");
+    body.push(match listener {
+        Listener::V4 => 4,
+        Listener::V5 => 5,
+    });
+    body.push(0b0000_0010); // connect flags: clean session / clean start only
+    body.extend_from_slice(&KEEP_ALIVE_SECS.to_be_bytes());
+    if listener == Listener::V5 {
+        body.push(0); // no CONNECT properties
+    }
+    put_str(&mut body, client_id);
+    packet(0x10, &body)
+}
+
+/// A QoS 0 PUBLISH (no packet id), not retained.
+pub(crate) fn publish_packet(listener: Listener, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(3 + topic.len() + payload.len());
+    put_str(&mut body, topic);
+    if listener == Listener::V5 {
+        body.push(0); // no PUBLISH properties
+    }
+    body.extend_from_slice(payload);
+    packet(0x30, &body)
+}
+
+/// Reads one packet and checks it is a CONNACK accepting the connection.
+async fn read_connack(stream: &mut TcpStream, listener: Listener) -> Result<(), ProbeError> {
+    let first = read_u8(stream).await?;
+    let len = read_remaining_length(stream).await?;
+    if first != 0x20 {
+        return Err(ProbeError::NotConnAck(format!(
+            "packet type byte {first:#04x}"
+        )));
+    }
+    if len > MAX_CONNACK_LEN {
+        return Err(ProbeError::NotConnAck(format!("a {len}-byte CONNACK")));
+    }
+    let mut body = vec![0; len];
+    stream.read_exact(&mut body).await.map_err(eof_as_closed)?;
+    check_connack(listener, &body)
+}
+
+/// Checks a CONNACK body (after the fixed header): session-present flags, then the return
+/// code (v4, body exactly 2 bytes) or reason code (v5, followed by properties).
+pub(crate) fn check_connack(listener: Listener, body: &[u8]) -> Result<(), ProbeError> {
+    let well_formed = match listener {
+        Listener::V4 => body.len() == 2,
+        Listener::V5 => body.len() >= 3,
+    };
+    match body {
+        [_, 0x00, ..] if well_formed => Ok(()),
+        [_, code, ..] if well_formed => Err(ProbeError::Refused(*code)),
+        _ => Err(ProbeError::NotConnAck(format!("CONNACK body {body:02x?}"))),
+    }
+}
+
+async fn read_u8(stream: &mut TcpStream) -> Result<u8, ProbeError> {
+    stream.read_u8().await.map_err(eof_as_closed)
+}
+
+/// MQTT's variable-length "remaining length": 7 bits a byte, at most 4 bytes.
+async fn read_remaining_length(stream: &mut TcpStream) -> Result<usize, ProbeError> {
+    let mut len = 0usize;
+    for shift in [0, 7, 14, 21] {
+        let byte = read_u8(stream).await?;
+        len |= usize::from(byte & 0x7F) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(len);
+        }
+    }
+    Err(ProbeError::NotConnAck(
+        "a remaining length over 4 bytes".to_owned(),
+    ))
+}
+
+fn eof_as_closed(err: std::io::Error) -> ProbeError {
+    if err.kind() == std::io::ErrorKind::UnexpectedEof {
+        ProbeError::Closed
+    } else {
+        ProbeError::Io(err)
+    }
+}
+
+/// Fixed header (type byte, remaining length) followed by `body`.
+fn packet(type_byte: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(type_byte);
+    let mut len = body.len();
+    loop {
+        // Truncation intended: the low 7 bits.
+        let mut byte = (len & 0x7F) as u8;
+        len >>= 7;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+/// A UTF-8 string with its 2-byte big-endian length. Probe strings are short by construction.
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
+}
+
+/// How long to wait before the next attempt, doubling from 1 ms up to 50 ms.
+pub(crate) fn next_backoff(current: Duration) -> Duration {
+    (current * 2).clamp(Duration::from_millis(1), Duration::from_millis(50))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_connect_bytes() {
+        assert_eq!(
+            connect_packet(Listener::V4, "probe"),
+            [
+                0x10, 17, // CONNECT, remaining length
+                0, 4, b'M', b'Q', b'T', b'T', // protocol name
+                4,    // protocol level 3.1.1
+                0x02, // clean session
+                0, 10, // keep-alive 10 s
+                0, 5, b'p', b'r', b'o', b'b', b'e', // client id
+            ]
+        );
+    }
+
+    #[test]
+    fn v5_connect_bytes() {
+        assert_eq!(
+            connect_packet(Listener::V5, "p"),
+            [
+                0x10, 14, // CONNECT, remaining length
+                0, 4, b'M', b'Q', b'T', b'T', // protocol name
+                5,    // protocol level 5
+                0x02, // clean start
+                0, 10, // keep-alive 10 s
+                0,  // no properties
+                0, 1, b'p', // client id
+            ]
+        );
+    }
+
+    #[test]
+    fn publish_bytes() {
+        assert_eq!(
+            publish_packet(Listener::V4, "a/b", b"hi"),
+            [0x30, 7, 0, 3, b'a', b'/', b'b', b'h', b'i']
+        );
+        assert_eq!(
+            publish_packet(Listener::V5, "a/b", b"hi"),
+            [0x30, 8, 0, 3, b'a', b'/', b'b', 0, b'h', b'i']
+        );
+    }
+
+    #[test]
+    fn remaining_length_uses_continuation_bytes() {
+        let big = packet(0x30, &[0; 321]);
+        assert_eq!(&big[..3], [0x30, 0xC1, 0x02]);
+        assert_eq!(big.len(), 3 + 321);
+    }
+
+    #[test]
+    fn connack_checks() {
+        assert!(check_connack(Listener::V4, &[0, 0]).is_ok());
+        assert!(matches!(
+            check_connack(Listener::V4, &[0, 5]),
+            Err(ProbeError::Refused(5))
+        ));
+        assert!(matches!(
+            check_connack(Listener::V4, &[0, 0, 0]),
+            Err(ProbeError::NotConnAck(_))
+        ));
+        // v5: flags, reason code, properties (here: topic alias maximum 4096).
+        assert!(check_connack(Listener::V5, &[0, 0, 3, 0x22, 0x10, 0x00]).is_ok());
+        assert!(matches!(
+            check_connack(Listener::V5, &[0, 0x87, 0]),
+            Err(ProbeError::Refused(0x87))
+        ));
+        assert!(matches!(
+            check_connack(Listener::V5, &[0, 0]),
+            Err(ProbeError::NotConnAck(_))
+        ));
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(next_backoff(Duration::ZERO), Duration::from_millis(1));
+        assert_eq!(
+            next_backoff(Duration::from_millis(4)),
+            Duration::from_millis(8)
+        );
+        assert_eq!(
+            next_backoff(Duration::from_millis(40)),
+            Duration::from_millis(50)
+        );
+    }
+}
