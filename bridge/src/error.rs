@@ -1,0 +1,30 @@
+//! Errors of the bridge library.
+
+use thiserror::Error;
+
+/// Why the bridge could not start or stopped with an error.
+#[derive(Debug, Error)]
+pub enum BridgeError {
+    /// The embedded MQTT broker could not be started.
+    #[error("embedded broker: {0}")]
+    Broker(#[from] broker::BrokerError),
+    /// The MQTT URL given for an external broker is not usable.
+    #[error("invalid MQTT URL {url:?}: {reason}")]
+    MqttUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The HTTP listener failed.
+    #[error("HTTP server: {0}")]
+    Http(#[source] std::io::Error),
+    /// A background task panicked or could not be joined.
+    #[error("task {name} failed: {reason}")]
+    Task {
+        /// Which task.
+        name: &'static str,
+        /// What happened.
+        reason: String,
+    },
+}

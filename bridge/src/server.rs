@@ -1,0 +1,156 @@
+//! Starting and stopping the bridge as a whole.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use socketioxide::SocketIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{BridgeConfig, MqttEndpoint, MqttTarget};
+use crate::error::BridgeError;
+use crate::metrics::Metrics;
+use crate::{http, mqtt, socket};
+
+/// A running bridge. Stop it with [`Bridge::shutdown`].
+pub struct Bridge {
+    http_addr: SocketAddr,
+    mqtt: MqttEndpoint,
+    io: SocketIo,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    config: BridgeConfig,
+    // Held so the embedded broker's handle lives as long as the bridge.
+    _broker: Option<broker::Broker>,
+}
+
+impl Bridge {
+    /// Starts the bridge: the embedded broker if configured, the MQTT task, Socket.IO and HTTP
+    /// on `listener` (already bound, so tests can use an ephemeral port).
+    ///
+    /// Returns once the embedded broker listens and HTTP is served; MQTT connects in the
+    /// background (watch [`Metrics::mqtt_ready`] or `GET /readyz`).
+    ///
+    /// # Errors
+    /// [`BridgeError`] if the embedded broker cannot start or the listener is unusable.
+    pub async fn start(listener: TcpListener, config: BridgeConfig) -> Result<Self, BridgeError> {
+        let http_addr = listener.local_addr().map_err(BridgeError::Http)?;
+        let (broker, endpoint) = match &config.mqtt {
+            MqttTarget::Embedded(broker_config) => {
+                let broker = broker::Broker::start(broker_config.clone()).await?;
+                let addr = broker.v4_addr();
+                info!(mqtt = %addr, "embedded broker listening");
+                let endpoint = MqttEndpoint {
+                    host: addr.ip().to_string(),
+                    port: addr.port(),
+                    credentials: None,
+                };
+                (Some(broker), endpoint)
+            }
+            MqttTarget::External(endpoint) => (None, endpoint.clone()),
+        };
+
+        let metrics = Arc::new(Metrics::default());
+        let (layer, io) = SocketIo::builder()
+            .with_state(Arc::clone(&metrics))
+            .build_layer();
+        socket::register(&io);
+
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+
+        let (client, eventloop) = mqtt::connect(&endpoint, &config);
+        let router = mqtt::Router {
+            io: io.clone(),
+            metrics: Arc::clone(&metrics),
+        };
+        tasks.spawn(mqtt::run(
+            client,
+            eventloop,
+            router,
+            config.max_backoff,
+            cancel.child_token(),
+        ));
+
+        let app = http::router(Arc::clone(&metrics), layer);
+        let stop_http = cancel.child_token();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(stop_http.cancelled_owned())
+                .await;
+            if let Err(err) = served {
+                error!(cause = %err, "HTTP server failed");
+            }
+        });
+        info!(http = %http_addr, mqtt = %format!("{}:{}", endpoint.host, endpoint.port), "bridge started");
+
+        Ok(Self {
+            http_addr,
+            mqtt: endpoint,
+            io,
+            metrics,
+            cancel,
+            tasks,
+            config,
+            _broker: broker,
+        })
+    }
+
+    /// The address HTTP and Socket.IO are served on.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The MQTT broker the bridge uses (the embedded one's address when embedded).
+    pub fn mqtt_endpoint(&self) -> &MqttEndpoint {
+        &self.mqtt
+    }
+
+    /// The bridge's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops gracefully: stops accepting HTTP connections, closes every Socket.IO socket,
+    /// disconnects from MQTT, and waits for the tasks (at most `shutdown_grace`).
+    ///
+    /// # Errors
+    /// [`BridgeError::Task`] if the tasks did not finish within the grace period.
+    pub async fn shutdown(self) -> Result<(), BridgeError> {
+        info!("bridge shutting down");
+        self.cancel.cancel();
+        self.io.close().await;
+        self.tasks.close();
+        let grace = self.config.shutdown_grace;
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(?grace, "tasks still running after the grace period");
+            return Err(BridgeError::Task {
+                name: "shutdown",
+                reason: format!("not finished within {grace:?}"),
+            });
+        }
+        info!("bridge stopped");
+        Ok(())
+    }
+}
+
+/// Runs the bridge until `shutdown` resolves, then stops it gracefully.
+///
+/// # Errors
+/// See [`Bridge::start`] and [`Bridge::shutdown`].
+pub async fn run(
+    listener: TcpListener,
+    config: BridgeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BridgeError> {
+    let bridge = Bridge::start(listener, config).await?;
+    shutdown.await;
+    bridge.shutdown().await
+}

@@ -1,0 +1,101 @@
+//! A device-sim vehicle's heartbeats reach the dispatchers in its room, and only them.
+
+use serde_json::{Value, json};
+use tests::WAIT;
+use tests::sio::SioClient;
+use tests::stack::{start_bridge, start_sim};
+
+fn vehicle(v: &Value) -> &str {
+    v["vehicle"].as_str().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_follow_room_membership() -> anyhow::Result<()> {
+    let bridge = start_bridge(&[]).await?;
+    let _sim = start_sim(bridge.mqtt, 2, "north", &["--rate", "5"])?;
+
+    let mut watcher = SioClient::connect(&bridge.url(), "/dispatch", None).await?;
+    let mut witness = SioClient::connect(&bridge.url(), "/dispatch", None).await?;
+    for client in [&mut watcher, &mut witness] {
+        let ack = client
+            .emit_ack("join", json!(["vehicle:north-0001"]))
+            .await?;
+        assert_eq!(ack, json!({ "ok": true }));
+    }
+
+    // Positions of north-0001 arrive; those of north-0002 (same broker, same fleet) do not.
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        seen.push(watcher.next_event("position", WAIT).await?);
+    }
+    assert!(seen.iter().all(|p| vehicle(p) == "north-0001"), "{seen:?}");
+    let first = &seen[0];
+    assert_eq!(first["fleet"], "north");
+    let (lat, lon) = (
+        first["lat"].as_f64().unwrap_or(0.0),
+        first["lon"].as_f64().unwrap_or(0.0),
+    );
+    assert!((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) && lat != 0.0);
+    let seqs: Vec<u64> = seen.iter().filter_map(|p| p["seq"].as_u64()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "sequence numbers increase: {seqs:?}"
+    );
+
+    // After leaving, the watcher gets nothing more while the witness keeps receiving.
+    let ack = watcher
+        .emit_ack("leave", json!(["vehicle:north-0001"]))
+        .await?;
+    assert_eq!(ack, json!({ "ok": true }));
+    watcher.drain_events("position");
+    witness.drain_events("position");
+    for _ in 0..3 {
+        witness.next_event("position", WAIT).await?;
+    }
+    let late = watcher.drain_events("position");
+    assert!(late.is_empty(), "positions after leave: {late:?}");
+
+    // Joining the fleet room brings both vehicles.
+    let ack = watcher.emit_ack("join", json!(["fleet:north"])).await?;
+    assert_eq!(ack, json!({ "ok": true }));
+    let mut vehicles = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while vehicles.len() < 2 && tokio::time::Instant::now() < deadline {
+        let p = watcher.next_event("position", WAIT).await?;
+        vehicles.insert(vehicle(&p).to_owned());
+    }
+    assert_eq!(
+        vehicles.into_iter().collect::<Vec<_>>(),
+        ["north-0001", "north-0002"]
+    );
+
+    watcher.close().await;
+    witness.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_refuses_unknown_room_forms() -> anyhow::Result<()> {
+    let bridge = start_bridge(&[]).await?;
+    let mut client = SioClient::connect(&bridge.url(), "/dispatch", None).await?;
+    for bad in [
+        json!(["truck:7"]),
+        json!(["vehicle:"]),
+        json!(["fleet:a/b"]),
+        json!([42]),
+    ] {
+        let ack = client.emit_ack("join", bad.clone()).await?;
+        assert_eq!(ack["ok"], false, "{bad} was accepted");
+        assert!(
+            ack["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{ack}"
+        );
+    }
+    let ack = client.emit_ack("join", json!(["all"])).await?;
+    assert_eq!(ack, json!({ "ok": true }));
+    // The bridge outlives bad requests.
+    let (status, _) = bridge.get("/healthz").await?;
+    assert_eq!(status, 200);
+    client.close().await;
+    Ok(())
+}
