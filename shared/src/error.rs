@@ -66,6 +66,13 @@ pub enum CodecError {
         /// How many bytes were left after the message.
         extra: u16,
     },
+    /// A sealed payload's tag does not match: wrong key, altered bytes, or a payload moved
+    /// from another vehicle's topic.
+    #[error("authentication failed: the tag does not match the sender's key")]
+    Unauthenticated,
+    /// A sealed payload's counter is not newer than one already accepted: a replay.
+    #[error("replayed: counter not newer than the last accepted one")]
+    Replayed,
     /// The output buffer is too small for the encoded message.
     #[error("output buffer too small")]
     BufferFull,

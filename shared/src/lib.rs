@@ -11,6 +11,8 @@
 //! - [`topic`]: the MQTT topic scheme `fleet/{fleet}/{vehicle}/{kind}`, built and parsed
 //!   without allocation, with the QoS and retain rule of every kind.
 //! - [`codec`]: one protocol-version byte followed by the postcard body.
+//! - [`seal`]: what vehicles publish is sealed with a per-vehicle key (HMAC tag + counter)
+//!   so receivers can trust its origin and refuse replays.
 //! - [`error`]: the typed errors of all of the above.
 //!
 //! The full protocol (fields, units, QoS, the version rule) is described in `docs/protocol.md`.
@@ -19,12 +21,14 @@
 pub mod codec;
 pub mod error;
 pub mod id;
+pub mod seal;
 pub mod topic;
 pub mod wire;
 
 pub use codec::{MAX_PAYLOAD, PROTOCOL_VERSION, decode, encode, encode_vec};
 pub use error::{CodecError, IdError, TopicError};
 pub use id::{FleetId, OrderId, VehicleId};
+pub use seal::{Counter, DeviceKey, Opened, ReplayGuard, open, open_mode_key, seal};
 pub use topic::{Topic, TopicKind};
 pub use wire::{
     AckResult, Command, CommandAck, CommandKind, DeliveryEvent, DeliveryKind, Heartbeat,
