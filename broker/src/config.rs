@@ -1,5 +1,14 @@
-//! [`BrokerConfig`]: our listeners and memory bounds, and their translation into rumqttd's
-//! `Config`.
+//! [`BrokerConfig`]: listeners, authentication, memory bounds and timeouts; how it is loaded
+//! in layers ([`load`]); its translation into rumqttd's router configuration.
+//!
+//! # Layers
+//!
+//! Built-in defaults ([`BrokerConfig::default`], printed with comments by
+//! `broker default-config`, see [`DEFAULT_CONFIG_TOML`]) → a TOML file (`--config PATH`) →
+//! `FLEETBEAT_BROKER_*` environment variables (`FLEETBEAT_BROKER_MAX_CONNECTIONS=30000`) →
+//! command-line flags ([`ConfigOverrides`]): each layer overrides only the keys it sets. The
+//! result is validated once ([`BrokerConfig::validate`]); every error names the key, the
+//! problem and, for a value of the wrong type, the layer it came from.
 //!
 //! # How rumqttd spends memory, and which knob bounds it
 //!
@@ -17,19 +26,23 @@
 //! - Segment bytes are counted as `4 + topic + payload` per message, but each stored message
 //!   also costs ≈232 bytes of bookkeeping (x86-64: `Publish` 72 B, its optional v5
 //!   properties 144 B, a timestamp 16 B), and a new segment reserves room for 1024 of them
-//!   (≈232 KiB of address space, touched as it fills). Payloads are slices of the socket read
-//!   buffers they arrived in, and keep those alive. For ~100-byte heartbeats the real
-//!   footprint of a full log is therefore several times its counted size; for large payloads
-//!   close to 1×.
+//!   (≈232 KiB of address space, touched as it fills). In rumqttd's own network code payloads
+//!   are slices of the socket read buffers they arrived in, and keep those alive; our front end
+//!   (`connection` module, see `docs/broker.md`) copies each routed topic and payload into an
+//!   allocation of its own first, so a stored heartbeat pins its ≈100 bytes, not a read buffer.
+//!   For ~100-byte heartbeats the real footprint of a full log is still a few times its counted
+//!   size (the bookkeeping); for large payloads close to 1×.
 //! - rumqttd's own example configuration uses 10 segments × 100 MiB: ≈1 GiB counted, several
 //!   GiB real, **per filter**, which is what this crate must not inherit.
-//! - Per connection: two 10 KiB socket buffers, plus queues pre-sized by rumqttd constants
-//!   (200 incoming packets × 392 B, 200 outgoing notifications × 248 B, ...): ≈200 KiB of
-//!   address space, of which an idle publisher touches about one page per buffer. None of
-//!   this is configurable in rumqttd 0.20.
+//! - Per connection: the router's queues pre-sized by rumqttd constants (200 incoming packets
+//!   × 392 B, 200 outgoing notifications × 248 B, ...), ≈150 KiB of address space of which an
+//!   idle publisher touches a few pages; not configurable in rumqttd 0.20. Our front end adds
+//!   a read and a write buffer that start at 1 KiB and grow only for bigger packets (rumqttd's
+//!   own network code starts both at 10 KiB).
 //!
-//! Measured with the defaults (release build, x86-64, 60-byte payloads on 15-byte topics,
-//! one subscriber on `fleet/+/hb`):
+//! Measured with the defaults and rumqttd's own network code, before our front end replaced
+//! it (release build, x86-64, 60-byte payloads on 15-byte topics, one subscriber on
+//! `fleet/+/hb`); the benchmark re-measures with the front end:
 //!
 //! | scenario | result |
 //! |---|---|
@@ -39,12 +52,17 @@
 //! | subscriber reading, 20 000 vehicles × 10 heartbeats at once | oldest ≈105 000 lost |
 //! | 8 000 idle connections, one heartbeat each | ≈45 KiB RSS per connection |
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::error::BrokerError;
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BrokerError, ConfigError};
 
 /// rumqttd's `CommitLog::new` panics on segments smaller than this.
 const MIN_SEGMENT_SIZE: usize = 1024;
@@ -55,6 +73,19 @@ const MIN_PAYLOAD_SIZE: usize = 128;
 /// The largest remaining length MQTT can encode (four length bytes).
 const MAX_MQTT_PACKET: usize = 268_435_455;
 
+/// Shortest accepted listener probe interval.
+const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Most network threads accepted in `io_threads`.
+const MAX_IO_THREADS: usize = 1024;
+
+/// Prefix of the environment variables that set configuration keys.
+pub const ENV_PREFIX: &str = "FLEETBEAT_BROKER_";
+
+/// The commented default configuration file, as printed by `broker default-config`. It parses
+/// to exactly [`BrokerConfig::default`] (tested).
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../default-config.toml");
+
 /// One of the broker's two MQTT listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Listener {
@@ -62,6 +93,16 @@ pub enum Listener {
     V4,
     /// The MQTT 5 listener, [`BrokerConfig::v5`].
     V5,
+}
+
+impl Listener {
+    /// The listener's name in metrics and logs: `v4` or `v5`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Listener::V4 => "v4",
+            Listener::V5 => "v5",
+        }
+    }
 }
 
 impl fmt::Display for Listener {
@@ -73,7 +114,7 @@ impl fmt::Display for Listener {
     }
 }
 
-/// How to run the broker: where it listens and how much memory it may hold.
+/// How to run the broker: where it listens, who may connect, how much memory it may hold.
 ///
 /// The defaults bound memory for a fleet of 20 000 vehicles publishing small heartbeats to a
 /// few subscribers (the bridge) that keep up, while absorbing a burst of several heartbeats
@@ -84,27 +125,54 @@ impl fmt::Display for Listener {
 /// let config = broker::BrokerConfig { v5: None, ..broker::BrokerConfig::ephemeral() };
 /// assert!(config.validate().is_ok());
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// In a configuration file (and as `FLEETBEAT_BROKER_*` variables) the keys are the field
+/// names, except `v4` and `v5`, which are `listen` and `listen_v5` there. Durations are written
+/// with a unit (`"10s"`, `"250ms"`), absent addresses as `"off"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// Address of the MQTT 3.1.1 listener. Port 0 picks a free port on that interface; read it
-    /// back with [`Broker::v4_addr`](crate::Broker::v4_addr). Default `127.0.0.1:1883`.
+    /// Address of the MQTT 3.1.1 listener (key `listen`). Port 0 picks a free port on that
+    /// interface; read it back with [`Broker::v4_addr`](crate::Broker::v4_addr). Default
+    /// `127.0.0.1:1883`.
+    #[serde(rename = "listen")]
     pub v4: SocketAddr,
 
-    /// Address of the MQTT 5 listener, or `None` for none. Port 0 as for [`Self::v4`].
-    /// Default `Some(127.0.0.1:1884)`.
+    /// Address of the MQTT 5 listener, or `None` for none (key `listen_v5`, `"off"` for none).
+    /// Port 0 as for [`Self::v4`]. Default `Some(127.0.0.1:1884)`: our front end writes every
+    /// packet itself and strips MQTT 5 properties towards 3.1.1 clients, so rumqttd's
+    /// v5-property panic cannot be triggered (see `docs/broker.md`).
+    #[serde(rename = "listen_v5", with = "addr_or_off")]
     pub v5: Option<SocketAddr>,
 
-    /// Most MQTT connections the router registers at once; a CONNECT beyond it is dropped
-    /// without CONNACK (rumqttd logs "no space for new connection"). Default 25 000:
-    /// 20 000 vehicles plus headroom for the bridge, tools and reconnects. The router reserves
-    /// a few hundred bytes of (untouched) address space per slot up front; the real cost is per
-    /// live connection (see the [module docs](self)). The broker's internal probe connection
-    /// comes on top of this number.
+    /// The credentials file (see [`Credentials`](crate::Credentials)), or `None` for **open
+    /// mode**: every client is accepted and may publish and subscribe anywhere; the broker
+    /// says so with a WARN at start and `fleetbeat_broker_open_mode 1`. Default `None` (the
+    /// local demo).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<PathBuf>,
+
+    /// Whether to republish device traffic as readable JSON on `json/fleet/...` (see
+    /// [`mirror`](crate::mirror)). Default `true`.
+    pub json_mirror: bool,
+
+    /// Where the standalone `broker` binary serves `/metrics`, or `None` (`"off"`) for
+    /// nowhere. [`Broker::start`](crate::Broker::start) does not serve HTTP: an embedding
+    /// program serves [`BrokerMetrics::render`](crate::BrokerMetrics::render) itself. Default
+    /// `127.0.0.1:9883`.
+    #[serde(with = "addr_or_off")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Most MQTT connections at once; a CONNECT beyond it is refused with CONNACK "server
+    /// unavailable". Default 25 000: 20 000 vehicles plus headroom for the bridge, tools and
+    /// reconnects. The router reserves a few hundred bytes of (untouched) address space per
+    /// slot up front; the real cost is per live connection (see the [module docs](self)). The
+    /// broker's internal connections come on top of this number.
     pub max_connections: usize,
 
     /// Largest MQTT packet accepted from a client, in bytes of remaining length (topic,
-    /// properties and payload). rumqttd disconnects a client announcing a bigger packet before
-    /// reading it, so this also caps one connection's read buffer and one message's share of a
+    /// properties and payload). A client announcing a bigger packet is disconnected before it
+    /// is read, so this also caps one connection's read buffer and one message's share of a
     /// segment. Default 16 KiB: heartbeats are under 100 bytes, this leaves room for growth.
     pub max_payload_size: usize,
 
@@ -119,9 +187,8 @@ pub struct BrokerConfig {
     /// Segments one filter's commit log keeps; the oldest is dropped beyond it. Default 8: a
     /// retention window of 7–8 MiB counted per filter, ≈100 000 heartbeats of 80 counted bytes,
     /// i.e. 5 from each of 20 000 vehicles that a subscriber may fall behind by, during a
-    /// burst, without losing any (measured, see the [module docs](self)); ≈80 MB real for a
-    /// full log of such small messages. The same window is what a persistent-session
-    /// subscriber can catch up on after being offline.
+    /// burst, without losing any (measured, see the [module docs](self)). The same window is
+    /// what a persistent-session subscriber can catch up on after being offline.
     pub max_segment_count: usize,
 
     /// QoS 0 messages the router moves from a commit log into one subscriber's outgoing queue
@@ -134,34 +201,52 @@ pub struct BrokerConfig {
     pub max_outgoing_packet_count: u64,
 
     /// Packets one connection task parses from its socket buffer in one batch before handing
-    /// them to the router. (rumqttd 0.20 names it "inflight", but it is this batch size, not a
-    /// QoS 1 window.) Default 100: bounds a batch to 100 × [`Self::max_payload_size`] in the
-    /// worst case, a few KiB for heartbeats; the router's 1000-event channel back-pressures all
-    /// connections beyond that.
+    /// them to the router. Default 100: bounds a batch to 100 × [`Self::max_payload_size`] in
+    /// the worst case, a few KiB for heartbeats; the router's 1000-event channel back-pressures
+    /// all connections beyond that.
     pub max_inflight_count: usize,
 
-    /// Milliseconds rumqttd waits, after accepting a TCP connection, for its CONNECT packet
-    /// before closing it. Each such socket holds ≈20 KiB of buffers meanwhile, so this bounds
-    /// what a reconnect storm or a port scan pins: accept rate × timeout × 20 KiB. Default
-    /// 10 000: generous for a slow cellular link, short enough to shed idle sockets.
+    /// Milliseconds the broker waits, after accepting a TCP connection, for its CONNECT packet
+    /// before closing it. Each such socket holds a few KiB meanwhile, so this bounds what a
+    /// reconnect storm or a port scan pins: accept rate × timeout × buffers. Default 10 000:
+    /// generous for a slow cellular link, short enough to shed idle sockets.
     pub connection_timeout_ms: u16,
 
-    /// Milliseconds rumqttd sleeps after each accepted connection, per listener: an accept
-    /// rate limit. Default 0: a fleet reconnecting after an outage should get back in as fast as
-    /// it can, and [`Self::connection_timeout_ms`] already bounds sockets awaiting CONNECT. Set
-    /// 1 to cap accepts at ≈1000/s per listener (rumqttd's example value).
+    /// Milliseconds to pause after each accepted connection, per listener: an accept rate
+    /// limit. Default 0: a fleet reconnecting after an outage should get back in as fast as it
+    /// can, and [`Self::connection_timeout_ms`] already bounds sockets awaiting CONNECT. Set 1 to
+    /// cap accepts at ≈1000/s per listener.
     pub next_connection_delay_ms: u64,
 
-    /// How long [`Broker::start`](crate::Broker::start) waits for every listener to complete
-    /// an MQTT handshake before failing. Default 10 s.
+    /// How long [`Broker::start`](crate::Broker::start) waits for every listener to pass its
+    /// first end-to-end probe before failing. Default 10 s.
+    #[serde(with = "duration")]
     pub startup_timeout: Duration,
+
+    /// How often each listener is probed end to end (TCP connect, CONNECT, PUBLISH, delivery
+    /// through the router); a listener that fails is reported dead (metric, ERROR log,
+    /// [`Broker::listener_health`](crate::Broker::listener_health)). Default 5 s.
+    #[serde(with = "duration")]
+    pub probe_interval: Duration,
+
+    /// Upper bound of a graceful shutdown: how long connections get to complete their
+    /// in-flight QoS 1 exchanges before they are closed regardless. Default 10 s.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+
+    /// Threads of the broker's network runtime; 0 for one per CPU core. Default 0.
+    pub io_threads: usize,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
         BrokerConfig {
-            v4: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1883),
-            v5: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1884)),
+            v4: SocketAddr::new(localhost, 1883),
+            v5: Some(SocketAddr::new(localhost, 1884)),
+            credentials: None,
+            json_mirror: true,
+            metrics_listen: Some(SocketAddr::new(localhost, 9883)),
             max_connections: 25_000,
             max_payload_size: 16 * 1024,
             max_segment_size: 1024 * 1024,
@@ -171,18 +256,22 @@ impl Default for BrokerConfig {
             connection_timeout_ms: 10_000,
             next_connection_delay_ms: 0,
             startup_timeout: Duration::from_secs(10),
+            probe_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
+            io_threads: 0,
         }
     }
 }
 
 impl BrokerConfig {
-    /// The defaults, with both listeners on `127.0.0.1:0` (a free port each): for tests and
-    /// for running several brokers in one process.
+    /// The defaults, with both listeners (and `metrics_listen`) on `127.0.0.1:0` (a free port
+    /// each): for tests and for running several brokers in one process.
     pub fn ephemeral() -> Self {
         let any_port = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         BrokerConfig {
             v4: any_port,
             v5: Some(any_port),
+            metrics_listen: Some(any_port),
             ..BrokerConfig::default()
         }
     }
@@ -193,21 +282,38 @@ impl BrokerConfig {
     }
 
     /// Checks the values rumqttd would panic on, or that would make the broker useless.
-    /// [`Broker::start`](crate::Broker::start) calls it first.
+    /// [`Broker::start`](crate::Broker::start) and [`load`] call it.
     ///
     /// # Errors
     ///
-    /// [`BrokerError::InvalidConfig`] naming the first offending field.
+    /// [`BrokerError::InvalidConfig`] naming the first offending key (as written in a
+    /// configuration file) and the problem.
     pub fn validate(&self) -> Result<(), BrokerError> {
         fn invalid(field: &'static str, reason: String) -> Result<(), BrokerError> {
             Err(BrokerError::InvalidConfig { field, reason })
         }
+        let clash = |a: SocketAddr, b: SocketAddr| a == b && a.port() != 0;
 
         if let Some(v5) = self.v5
-            && v5 == self.v4
-            && v5.port() != 0
+            && clash(v5, self.v4)
         {
-            return invalid("v5", format!("must differ from v4 ({v5})"));
+            return invalid("listen_v5", format!("must differ from listen ({v5})"));
+        }
+        if let Some(metrics) = self.metrics_listen
+            && (clash(metrics, self.v4) || self.v5.is_some_and(|v5| clash(metrics, v5)))
+        {
+            return invalid(
+                "metrics_listen",
+                format!("must differ from the MQTT listeners ({metrics})"),
+            );
+        }
+        if let Some(path) = &self.credentials
+            && path.as_os_str().is_empty()
+        {
+            return invalid(
+                "credentials",
+                "must not be empty; leave the key out for open mode".to_owned(),
+            );
         }
         if self.max_connections == 0 {
             return invalid("max_connections", "must be at least 1".to_owned());
@@ -246,60 +352,283 @@ impl BrokerConfig {
         if self.startup_timeout.is_zero() {
             return invalid("startup_timeout", "must not be zero".to_owned());
         }
+        if self.probe_interval < MIN_PROBE_INTERVAL {
+            return invalid(
+                "probe_interval",
+                format!(
+                    "is {}, must be at least {}",
+                    duration::format(self.probe_interval),
+                    duration::format(MIN_PROBE_INTERVAL)
+                ),
+            );
+        }
+        if self.shutdown_grace.is_zero() {
+            return invalid("shutdown_grace", "must not be zero".to_owned());
+        }
+        if self.io_threads > MAX_IO_THREADS {
+            return invalid(
+                "io_threads",
+                format!("is {}, must be at most {MAX_IO_THREADS}", self.io_threads),
+            );
+        }
         Ok(())
     }
 
-    /// rumqttd's configuration for this one, listening on `v4` and `v5` (ports resolved):
-    /// no console, no Prometheus exporter, no websocket, no cluster, no bridge, no auth.
-    pub(crate) fn to_rumqttd(&self, v4: SocketAddr, v5: Option<SocketAddr>) -> rumqttd::Config {
-        let connections = rumqttd::ConnectionSettings {
-            connection_timeout_ms: self.connection_timeout_ms,
-            max_payload_size: self.max_payload_size,
-            max_inflight_count: self.max_inflight_count,
-            auth: None,
-            external_auth: None,
-            // Dead code for publishes in rumqttd 0.20 (its topic match never reports "no
-            // filter"); off so a fixed rumqttd would not start one log per topic.
-            dynamic_filters: false,
-        };
-        let server = |name: &str, listen: SocketAddr| {
-            let settings = rumqttd::ServerSettings {
-                // rumqttd names the listener's thread after it.
-                name: name.to_owned(),
-                listen,
-                tls: None,
-                next_connection_delay_ms: self.next_connection_delay_ms,
-                connections: connections.clone(),
-            };
-            HashMap::from([(name.to_owned(), settings)])
-        };
-
-        rumqttd::Config {
-            id: 0,
-            router: rumqttd::RouterConfig {
-                // One more for the internal link that proves readiness.
-                max_connections: self.max_connections.saturating_add(1),
-                max_outgoing_packet_count: self.max_outgoing_packet_count,
-                max_segment_size: self.max_segment_size,
-                max_segment_count: self.max_segment_count,
-                custom_segment: None,
-                initialized_filters: None,
-                shared_subscriptions_strategy: rumqttd::Strategy::default(),
-            },
-            v4: Some(server("rumqttd-v4", v4)),
-            v5: v5.map(|addr| server("rumqttd-v5", addr)),
-            ws: None,
-            cluster: None,
-            console: None,
-            bridge: None,
-            prometheus: None,
-            metrics: None,
+    /// Threads for the network runtime: [`Self::io_threads`], or one per core (at least 2, so
+    /// a blocked thread never stalls every connection).
+    pub(crate) fn network_threads(&self) -> usize {
+        match self.io_threads {
+            0 => std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .max(2),
+            n => n,
         }
+    }
+
+    /// rumqttd's router configuration for this one; `internal` connection slots are added for
+    /// the broker's own links (probe, wills, mirror).
+    pub(crate) fn router_config(&self, internal: usize) -> rumqttd::RouterConfig {
+        rumqttd::RouterConfig {
+            max_connections: self.max_connections.saturating_add(internal),
+            max_outgoing_packet_count: self.max_outgoing_packet_count,
+            max_segment_size: self.max_segment_size,
+            max_segment_count: self.max_segment_count,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: rumqttd::Strategy::default(),
+        }
+    }
+}
+
+/// Command-line overrides of configuration keys, the last layer of [`load`]: each one given
+/// replaces what the file and the environment said. Flatten it into a binary's clap parser.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, clap::Args)]
+pub struct ConfigOverrides {
+    /// Address of the MQTT 3.1.1 listener [key: listen].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+
+    /// Address of the MQTT 5 listener, or "off" [key: listen_v5].
+    #[arg(long, value_name = "ADDR|off")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_v5: Option<String>,
+
+    /// Run without the MQTT 5 listener: the same as `--listen-v5 off`.
+    #[arg(long, conflicts_with = "listen_v5")]
+    #[serde(skip)]
+    pub no_v5: bool,
+
+    /// The credentials file; without one the broker runs in open mode [key: credentials].
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<PathBuf>,
+
+    /// Publish the readable JSON mirror on json/fleet/... [key: json_mirror].
+    #[arg(long, value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub json_mirror: Option<bool>,
+
+    /// Where to serve /metrics over HTTP, or "off" [key: metrics_listen].
+    #[arg(long, value_name = "ADDR|off")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
+
+    /// Most MQTT connections at once [key: max_connections].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+
+    /// Largest MQTT packet accepted, in bytes [key: max_payload_size].
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_payload_size: Option<usize>,
+
+    /// Bytes per commit-log segment [key: max_segment_size].
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_segment_size: Option<usize>,
+
+    /// Segments per subscription filter's commit log [key: max_segment_count].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_segment_count: Option<usize>,
+
+    /// Bound of a graceful shutdown, e.g. "10s" [key: shutdown_grace].
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace: Option<String>,
+
+    /// Threads of the network runtime, 0 for one per core [key: io_threads].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io_threads: Option<usize>,
+}
+
+/// The command-line layer as a figment provider, so errors say "command line".
+struct CommandLine<'a>(&'a ConfigOverrides);
+
+impl Provider for CommandLine<'_> {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("command line")
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        if self.0.no_v5 {
+            let overrides = ConfigOverrides {
+                listen_v5: Some("off".to_owned()),
+                ..self.0.clone()
+            };
+            return Serialized::defaults(overrides).data();
+        }
+        Serialized::defaults(self.0).data()
+    }
+}
+
+/// Loads the configuration in layers: defaults, then the TOML file at `file` (if given), then
+/// `FLEETBEAT_BROKER_*` environment variables, then `overrides`; and validates the result.
+///
+/// # Errors
+///
+/// - [`ConfigError::File`] if `file` cannot be read;
+/// - [`ConfigError::Layer`] for invalid TOML, an unknown key, or a value of the wrong type,
+///   naming the key and where the value came from;
+/// - [`ConfigError::Invalid`] if the combined values fail [`BrokerConfig::validate`].
+pub fn load(file: Option<&Path>, overrides: &ConfigOverrides) -> Result<BrokerConfig, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(BrokerConfig::default()));
+    if let Some(path) = file {
+        std::fs::metadata(path).map_err(|source| ConfigError::File {
+            path: path.to_owned(),
+            source,
+        })?;
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    let config: BrokerConfig = figment
+        .merge(Env::prefixed(ENV_PREFIX))
+        .merge(CommandLine(overrides))
+        .extract()
+        .map_err(layer_error)?;
+    config.validate().map_err(|err| match err {
+        BrokerError::InvalidConfig { field, reason } => ConfigError::Invalid { field, reason },
+        other => ConfigError::Invalid {
+            field: "?",
+            reason: other.to_string(),
+        },
+    })?;
+    Ok(config)
+}
+
+/// Turns figment's error (the first of possibly several) into one that names the key and the
+/// layer it came from, in the words of the configuration file.
+fn layer_error(err: figment::Error) -> ConfigError {
+    let key = (!err.path.is_empty()).then(|| err.path.join("."));
+    let origin = err.metadata.as_ref().map(|metadata| {
+        let profile = err.profile.clone().unwrap_or_default();
+        match &metadata.source {
+            Some(figment::Source::File(path)) => format!("file {}", path.display()),
+            // figment names the variable without its prefix.
+            _ if metadata.name.contains("environment") => format!(
+                "environment variable {ENV_PREFIX}{}",
+                metadata.interpolate(&profile, &err.path)
+            ),
+            _ => metadata.name.to_string(),
+        }
+    });
+    ConfigError::Layer {
+        key,
+        origin,
+        message: err.kind.to_string(),
+    }
+}
+
+/// `Option<SocketAddr>` as `"host:port"` or `"off"`.
+mod addr_or_off {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        addr: &Option<SocketAddr>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => serializer.collect_str(addr),
+            None => serializer.serialize_str("off"),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.trim() {
+            "off" => Ok(None),
+            addr => addr.parse().map(Some).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "`{text}` is not an address like 127.0.0.1:1884, nor \"off\""
+                ))
+            }),
+        }
+    }
+}
+
+/// `Duration` as a string with a unit: `"250ms"`, `"10s"`, `"5m"`, `"1h"`.
+pub(crate) mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    /// The shortest exact form: `"10s"`, `"1500ms"`.
+    pub(crate) fn format(d: Duration) -> String {
+        let ms = d.as_millis();
+        if ms.is_multiple_of(1000) && ms > 0 {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        }
+    }
+
+    /// Parses `<integer><unit>` with unit `ms`, `s`, `m` or `h`.
+    pub(crate) fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(digits);
+        let expected =
+            || format!("`{text}` is not a duration with a unit, like \"10s\", \"250ms\" or \"2m\"");
+        let n: u64 = number.parse().map_err(|_| expected())?;
+        match unit {
+            "ms" => Ok(Duration::from_millis(n)),
+            "s" => Ok(Duration::from_secs(n)),
+            "m" => n
+                .checked_mul(60)
+                .map(Duration::from_secs)
+                .ok_or_else(expected),
+            "h" => n
+                .checked_mul(3600)
+                .map(Duration::from_secs)
+                .ok_or_else(expected),
+            _ => Err(expected()),
+        }
+    }
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format(*d))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use figment::Jail;
+
     use super::*;
 
     #[test]
@@ -307,6 +636,12 @@ mod tests {
         let config = BrokerConfig::default();
         assert_eq!(config.v4, "127.0.0.1:1883".parse().unwrap());
         assert_eq!(config.v5, Some("127.0.0.1:1884".parse().unwrap()));
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9883".parse().unwrap())
+        );
+        assert_eq!(config.credentials, None, "open mode by default (the demo)");
+        assert!(config.json_mirror);
         assert!(config.max_connections >= 20_000);
         assert_eq!(config.max_payload_size, 16 * 1024);
         // Counted bytes one filter may hold: 8 MiB, not rumqttd's example 1 GiB.
@@ -327,9 +662,9 @@ mod tests {
     }
 
     #[test]
-    fn validate_rejects_what_rumqttd_would_panic_on() {
+    fn validate_names_the_key_and_the_problem() {
         type BreakIt = fn(&mut BrokerConfig);
-        let cases: [(&str, BreakIt); 8] = [
+        let cases: [(&str, BreakIt); 13] = [
             ("max_segment_size", |c| c.max_segment_size = 512),
             ("max_segment_size", |c| {
                 c.max_segment_size = c.max_payload_size - 1
@@ -341,13 +676,23 @@ mod tests {
                 c.max_outgoing_packet_count = 0
             }),
             ("connection_timeout_ms", |c| c.connection_timeout_ms = 0),
-            ("v5", |c| c.v5 = Some(c.v4)),
+            ("listen_v5", |c| c.v5 = Some(c.v4)),
+            ("metrics_listen", |c| c.metrics_listen = c.v5),
+            ("credentials", |c| c.credentials = Some(PathBuf::new())),
+            ("probe_interval", |c| {
+                c.probe_interval = Duration::from_millis(10)
+            }),
+            ("shutdown_grace", |c| c.shutdown_grace = Duration::ZERO),
+            ("io_threads", |c| c.io_threads = 100_000),
         ];
         for (field, break_it) in cases {
             let mut config = BrokerConfig::default();
             break_it(&mut config);
             match config.validate() {
-                Err(BrokerError::InvalidConfig { field: got, .. }) => assert_eq!(got, field),
+                Err(err @ BrokerError::InvalidConfig { field: got, .. }) => {
+                    assert_eq!(got, field);
+                    assert!(err.to_string().contains(field), "{err}");
+                }
                 other => panic!("{field}: expected InvalidConfig, got {other:?}"),
             }
         }
@@ -360,41 +705,10 @@ mod tests {
     }
 
     #[test]
-    fn rumqttd_config_has_only_our_listeners_and_limits() {
+    fn router_config_has_our_limits() {
         let config = BrokerConfig::default();
-        let v4: SocketAddr = "127.0.0.1:40001".parse().unwrap();
-        let v5: SocketAddr = "127.0.0.1:40002".parse().unwrap();
-        let rumqttd = config.to_rumqttd(v4, Some(v5));
-
-        let v4_servers = rumqttd.v4.as_ref().unwrap();
-        assert_eq!(v4_servers.len(), 1);
-        let server = v4_servers.values().next().unwrap();
-        assert_eq!(server.listen, v4);
-        assert!(server.tls.is_none());
-        assert_eq!(server.connections.max_payload_size, config.max_payload_size);
-        assert_eq!(
-            server.connections.max_inflight_count,
-            config.max_inflight_count
-        );
-        assert_eq!(
-            server.connections.connection_timeout_ms,
-            config.connection_timeout_ms
-        );
-        assert!(!server.connections.dynamic_filters);
-        assert_eq!(
-            rumqttd.v5.as_ref().unwrap().values().next().unwrap().listen,
-            v5
-        );
-
-        assert!(rumqttd.ws.is_none());
-        assert!(rumqttd.console.is_none());
-        assert!(rumqttd.prometheus.is_none());
-        assert!(rumqttd.metrics.is_none());
-        assert!(rumqttd.bridge.is_none());
-        assert!(rumqttd.cluster.is_none());
-
-        let router = &rumqttd.router;
-        assert_eq!(router.max_connections, config.max_connections + 1);
+        let router = config.router_config(3);
+        assert_eq!(router.max_connections, config.max_connections + 3);
         assert_eq!(router.max_segment_size, config.max_segment_size);
         assert_eq!(router.max_segment_count, config.max_segment_count);
         assert_eq!(
@@ -402,7 +716,179 @@ mod tests {
             config.max_outgoing_packet_count
         );
         assert!(router.custom_segment.is_none());
+        assert!(router.initialized_filters.is_none());
+    }
 
-        assert!(config.to_rumqttd(v4, None).v5.is_none());
+    #[test]
+    fn default_config_file_is_exactly_the_defaults() {
+        let parsed: BrokerConfig = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
+            .extract()
+            .unwrap();
+        assert_eq!(parsed, BrokerConfig::default());
+
+        // Every key is documented in it (commented out when it has no default value).
+        let mut keys: Vec<String> = toml::Table::try_from(BrokerConfig::default())
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        keys.push("credentials".to_owned());
+        for key in keys {
+            assert!(
+                DEFAULT_CONFIG_TOML
+                    .lines()
+                    .any(|l| l.trim_start_matches("# ").starts_with(&format!("{key} = "))),
+                "default-config.toml does not document `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_have_units() {
+        assert_eq!(duration::parse("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(duration::parse("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration::parse("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(duration::parse("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["10", "s", "1.5s", "-1s", "10 days", ""] {
+            assert!(duration::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(duration::format(Duration::from_secs(10)), "10s");
+        assert_eq!(duration::format(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(duration::format(Duration::ZERO), "0ms");
+    }
+
+    fn no_overrides() -> ConfigOverrides {
+        ConfigOverrides::default()
+    }
+
+    #[test]
+    #[allow(
+        clippy::result_large_err,
+        reason = "figment::Jail's closure returns figment::Error"
+    )]
+    fn layers_override_in_order() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "broker.toml",
+                r#"
+                listen = "127.0.0.1:2883"
+                listen_v5 = "off"
+                max_connections = 100
+                max_segment_count = 4
+                shutdown_grace = "3s"
+                "#,
+            )?;
+            // Only the file.
+            let config = load(Some(Path::new("broker.toml")), &no_overrides()).unwrap();
+            assert_eq!(config.v4, "127.0.0.1:2883".parse().unwrap());
+            assert_eq!(config.v5, None);
+            assert_eq!(config.max_connections, 100);
+            assert_eq!(config.shutdown_grace, Duration::from_secs(3));
+            assert_eq!(
+                config.max_payload_size,
+                16 * 1024,
+                "untouched keys keep defaults"
+            );
+
+            // The environment beats the file.
+            jail.set_env("FLEETBEAT_BROKER_MAX_CONNECTIONS", "200");
+            jail.set_env("FLEETBEAT_BROKER_LISTEN_V5", "127.0.0.1:2884");
+            jail.set_env("FLEETBEAT_BROKER_JSON_MIRROR", "false");
+            let config = load(Some(Path::new("broker.toml")), &no_overrides()).unwrap();
+            assert_eq!(config.max_connections, 200);
+            assert_eq!(config.v5, Some("127.0.0.1:2884".parse().unwrap()));
+            assert!(!config.json_mirror);
+            assert_eq!(config.max_segment_count, 4);
+
+            // The command line beats both, but only for what was given.
+            let overrides = ConfigOverrides {
+                max_connections: Some(300),
+                listen_v5: Some("off".to_owned()),
+                credentials: Some(PathBuf::from("creds.toml")),
+                ..ConfigOverrides::default()
+            };
+            let config = load(Some(Path::new("broker.toml")), &overrides).unwrap();
+            assert_eq!(config.max_connections, 300);
+            let no_v5 = ConfigOverrides {
+                no_v5: true,
+                ..ConfigOverrides::default()
+            };
+            jail.set_env("FLEETBEAT_BROKER_LISTEN_V5", "127.0.0.1:2884");
+            assert_eq!(load(None, &no_v5).unwrap().v5, None);
+            assert_eq!(config.v5, None);
+            assert_eq!(config.credentials, Some(PathBuf::from("creds.toml")));
+            assert_eq!(config.max_segment_count, 4);
+            assert!(!config.json_mirror);
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(
+        clippy::result_large_err,
+        reason = "figment::Jail's closure returns figment::Error"
+    )]
+    fn bad_values_name_the_key_and_the_layer() {
+        Jail::expect_with(|jail| {
+            jail.create_file("typo.toml", "max_conections = 5\n")?;
+            let err = load(Some(Path::new("typo.toml")), &no_overrides()).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains("max_conections"), "{text}");
+            assert!(text.contains("typo.toml"), "{text}");
+
+            jail.create_file("type.toml", "max_connections = \"many\"\n")?;
+            let err = load(Some(Path::new("type.toml")), &no_overrides()).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Layer { key: Some(k), .. } if k == "max_connections"),
+                "{err:?}"
+            );
+
+            jail.create_file("dur.toml", "shutdown_grace = 10\n")?;
+            let text = load(Some(Path::new("dur.toml")), &no_overrides())
+                .unwrap_err()
+                .to_string();
+            assert!(text.contains("shutdown_grace"), "{text}");
+
+            jail.create_file("addr.toml", "listen_v5 = \"localhost\"\n")?;
+            let text = load(Some(Path::new("addr.toml")), &no_overrides())
+                .unwrap_err()
+                .to_string();
+            assert!(text.contains("listen_v5") && text.contains("off"), "{text}");
+
+            jail.set_env("FLEETBEAT_BROKER_MAX_SEGMENT_COUNT", "lots");
+            let text = load(None, &no_overrides()).unwrap_err().to_string();
+            assert!(
+                text.contains("max_segment_count")
+                    && text.contains("FLEETBEAT_BROKER_MAX_SEGMENT_COUNT"),
+                "{text}"
+            );
+            jail.set_env("FLEETBEAT_BROKER_MAX_SEGMENT_COUNT", "0");
+            let err = load(None, &no_overrides()).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        field: "max_segment_count",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            jail.set_env("FLEETBEAT_BROKER_MAX_SEGMENT_COUNT", "8");
+
+            let overrides = ConfigOverrides {
+                shutdown_grace: Some("soon".to_owned()),
+                ..ConfigOverrides::default()
+            };
+            let text = load(None, &overrides).unwrap_err().to_string();
+            assert!(
+                text.contains("shutdown_grace") && text.contains("command line"),
+                "{text}"
+            );
+
+            let err = load(Some(Path::new("missing.toml")), &no_overrides()).unwrap_err();
+            assert!(matches!(err, ConfigError::File { .. }), "{err:?}");
+            Ok(())
+        });
     }
 }

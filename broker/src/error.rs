@@ -1,10 +1,53 @@
-//! What can go wrong while starting the broker.
+//! What can go wrong: loading the configuration ([`ConfigError`]), starting the broker
+//! ([`BrokerError`]), one probe of a listener ([`ProbeError`]).
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::auth::CredentialsError;
 use crate::config::Listener;
+
+/// Why [`config::load`](crate::config::load) refused the configuration. The message names the
+/// key and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file given with `--config` cannot be read.
+    #[error("cannot read the configuration file {}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's answer.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A layer is not valid TOML, has an unknown key, or a value of the wrong type.
+    #[error(
+        "invalid configuration{}{}: {message}",
+        key.as_ref().map(|k| format!(" key `{k}`")).unwrap_or_default(),
+        origin.as_ref().map(|o| format!(" (from {o})")).unwrap_or_default()
+    )]
+    Layer {
+        /// The key at fault, as written in a configuration file, if known.
+        key: Option<String>,
+        /// Where the value came from: a file, an environment variable, the command line.
+        origin: Option<String>,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// The values are well-typed but not usable together; see
+    /// [`BrokerConfig::validate`](crate::BrokerConfig::validate).
+    #[error("invalid configuration: `{field}` {reason}")]
+    Invalid {
+        /// The key at fault, as written in a configuration file.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
 
 /// Why [`Broker::start`](crate::Broker::start) failed.
 ///
@@ -15,7 +58,8 @@ pub enum BrokerError {
     /// The configuration was rejected before anything was started.
     #[error("invalid broker configuration: `{field}` {reason}")]
     InvalidConfig {
-        /// The [`BrokerConfig`](crate::BrokerConfig) field at fault.
+        /// The configuration key at fault, as written in a configuration file (the
+        /// [`BrokerConfig`](crate::BrokerConfig) field, `listen`/`listen_v5` for `v4`/`v5`).
         field: &'static str,
         /// What is wrong with it.
         reason: String,
@@ -34,31 +78,24 @@ pub enum BrokerError {
         source: io::Error,
     },
 
-    /// The `rumqttd` thread could not be spawned.
-    #[error("cannot spawn the broker thread")]
+    /// The credentials file could not be loaded: nothing was started.
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+
+    /// The broker's threads (its network runtime) could not be started.
+    #[error("cannot start the broker's threads")]
     Spawn(#[source] io::Error),
 
-    /// The `rumqttd` thread ended (returned or panicked) before the broker was ready.
-    ///
-    /// rumqttd returns once none of its listeners is running, e.g. when every listen
-    /// address was taken between our check and its own bind.
-    #[error("the broker thread ended during startup: {reason}")]
-    ThreadExited {
-        /// What the thread reported: rumqttd's error, or the panic message.
-        reason: String,
-    },
-
-    /// rumqttd's router did not register, or dropped, the broker's internal probe
-    /// connection (which is how readiness is proven).
+    /// rumqttd's router did not register, or dropped, one of the broker's internal
+    /// connections (the listener probe, the last-will publisher, the JSON mirror).
     #[error("the broker's router is unavailable: {reason}")]
     RouterUnavailable {
-        /// What happened to the probe connection.
+        /// What happened.
         reason: String,
     },
 
-    /// A listener did not complete an MQTT handshake with this broker's router within the
-    /// startup bound, typically because rumqttd could not bind its address (rumqttd only logs
-    /// that) or because something else holds the address and does not speak MQTT.
+    /// A listener did not pass its end-to-end probe (TCP connect, CONNECT/CONNACK, PUBLISH
+    /// delivered through the router) within the startup bound.
     #[error("the {listener} listener on {addr} was not ready within {timeout:?}")]
     NotReady {
         /// The listener that did not come up.
@@ -71,19 +108,9 @@ pub enum BrokerError {
         #[source]
         last_error: Option<ProbeError>,
     },
-
-    /// The address answers MQTT, but a message published there never reached this broker's
-    /// router: another broker took the port between our check and rumqttd's own bind.
-    #[error("{addr} answers MQTT but is not this broker's {listener} listener")]
-    ForeignListener {
-        /// The listener whose address was taken.
-        listener: Listener,
-        /// The address that was probed.
-        addr: SocketAddr,
-    },
 }
 
-/// Why one readiness probe (TCP connect, MQTT `CONNECT`/`CONNACK`, `PUBLISH`) failed.
+/// Why one listener probe (TCP connect, MQTT `CONNECT`/`CONNACK`, `PUBLISH`, delivery) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     /// The TCP connection was not accepted (usually refused: nothing listens yet).
@@ -109,4 +136,8 @@ pub enum ProbeError {
     /// The peer answered with a `CONNACK` that refuses the connection.
     #[error("CONNACK refused the connection with code {0:#04x}")]
     Refused(u8),
+
+    /// The message was published but never delivered through the router.
+    #[error("the probe message was not delivered within {0:?}")]
+    NotDelivered(Duration),
 }

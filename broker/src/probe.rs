@@ -1,17 +1,23 @@
-//! The readiness probe's side of the wire: a minimal MQTT client over a raw socket that
-//! connects (clean session), publishes one QoS 0 message and closes the connection.
+//! The listener probe: a minimal MQTT client over a raw socket that connects (clean session,
+//! the broker's own probe login), publishes one QoS 0 message and closes the connection; and
+//! [`RouterProbe`], the broker's internal connection that must receive that message for the
+//! listener to count as alive (end to end: accept, our connection task, the router).
 //!
-//! Written by hand rather than with an MQTT client crate: it needs five packets, and it must
-//! report exactly what a listener answered, including "not MQTT at all".
+//! The client is written by hand rather than with an MQTT client crate: it needs five packets,
+//! and it must report exactly what a listener answered, including "not MQTT at all".
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use rumqttd::Notification;
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
+use tracing::debug;
 
 use crate::config::Listener;
+use crate::connection::ProbeLogin;
 use crate::error::ProbeError;
 
 /// Keep-alive announced in CONNECT, in seconds. rumqttd refuses 0.
@@ -23,8 +29,10 @@ const MAX_CONNACK_LEN: usize = 256;
 /// The one message a probe publishes.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ProbeMessage<'a> {
-    /// MQTT client id; at most 23 characters, none of `+ # / $` (rumqttd rejects those).
+    /// MQTT client id; none of `+ # / $`.
     pub(crate) client_id: &'a str,
+    /// Username and password, if the listener wants them.
+    pub(crate) login: Option<&'a ProbeLogin>,
     /// Topic published to.
     pub(crate) topic: &'a str,
     /// Payload published.
@@ -55,7 +63,7 @@ pub(crate) async fn publish_once(
 
     let exchange = async {
         stream
-            .write_all(&connect_packet(listener, message.client_id))
+            .write_all(&connect_packet(listener, message.client_id, message.login))
             .await
             .map_err(ProbeError::Io)?;
         read_connack(&mut stream, listener).await?;
@@ -69,20 +77,33 @@ pub(crate) async fn publish_once(
         .map_err(|_| elapsed())?
 }
 
-/// A CONNECT with a clean session, no will, no credentials.
-pub(crate) fn connect_packet(listener: Listener, client_id: &str) -> Vec<u8> {
-    let mut body = Vec::with_capacity(16 + client_id.len());
+/// A CONNECT with a clean session, no will, and `login` if given.
+pub(crate) fn connect_packet(
+    listener: Listener,
+    client_id: &str,
+    login: Option<&ProbeLogin>,
+) -> Vec<u8> {
+    let mut body = Vec::with_capacity(64 + client_id.len());
     put_str(&mut body, "MQTT");
     body.push(match listener {
         Listener::V4 => 4,
         Listener::V5 => 5,
     });
-    body.push(0b0000_0010); // connect flags: clean session / clean start only
+    // Connect flags: clean session / clean start, plus username and password if given.
+    body.push(if login.is_some() {
+        0b1100_0010
+    } else {
+        0b0000_0010
+    });
     body.extend_from_slice(&KEEP_ALIVE_SECS.to_be_bytes());
     if listener == Listener::V5 {
         body.push(0); // no CONNECT properties
     }
     put_str(&mut body, client_id);
+    if let Some(login) = login {
+        put_str(&mut body, &login.username);
+        put_str(&mut body, &login.password);
+    }
     packet(0x10, &body)
 }
 
@@ -183,6 +204,68 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
 }
 
+/// The router-side end of the probe: an internal connection subscribed to a random topic,
+/// which every probe message must reach.
+pub(crate) struct RouterProbe {
+    /// Kept so the router keeps the subscription.
+    _tx: LinkTx,
+    rx: LinkRx,
+    /// The topic probes publish on.
+    pub(crate) topic: String,
+}
+
+impl RouterProbe {
+    /// Wraps a link already subscribed to `topic`.
+    pub(crate) fn new(tx: LinkTx, rx: LinkRx, topic: String) -> RouterProbe {
+        RouterProbe { _tx: tx, rx, topic }
+    }
+
+    /// Waits until the router forwards a message with `payload` on the probe topic. Other
+    /// messages (late ones of earlier probes, the SUBACK) are skipped.
+    pub(crate) async fn delivered(&mut self, payload: &[u8]) -> Result<(), LinkError> {
+        loop {
+            match self.rx.next().await? {
+                Some(Notification::Forward(forward))
+                    if forward.publish.payload.as_ref() == payload =>
+                {
+                    return Ok(());
+                }
+                Some(Notification::Unschedule) => self.rx.wake().await?,
+                _ => {}
+            }
+        }
+    }
+
+    /// One end-to-end probe of the listener at `addr`: connect, log in, publish a fresh token,
+    /// see it delivered here; all before `deadline`.
+    pub(crate) async fn check(
+        &mut self,
+        listener: Listener,
+        addr: SocketAddr,
+        client_id: &str,
+        login: &ProbeLogin,
+        deadline: Instant,
+    ) -> Result<(), ProbeError> {
+        let payload = format!("{} {:016x}", listener.label(), fastrand::u64(..));
+        let message = ProbeMessage {
+            client_id,
+            login: Some(login),
+            topic: &self.topic,
+            payload: payload.as_bytes(),
+        };
+        publish_once(addr, listener, message, deadline).await?;
+        let started = Instant::now();
+        match timeout_at(deadline, self.delivered(payload.as_bytes())).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => {
+                debug!(cause = %err, "the probe link is gone");
+                Err(ProbeError::NotDelivered(started.elapsed()))
+            }
+            Err(_) => Err(ProbeError::NotDelivered(started.elapsed())),
+        }
+    }
+}
+
 /// How long to wait before the next attempt, doubling from 1 ms up to 50 ms.
 pub(crate) fn next_backoff(current: Duration) -> Duration {
     (current * 2).clamp(Duration::from_millis(1), Duration::from_millis(50))
@@ -195,7 +278,7 @@ mod tests {
     #[test]
     fn v4_connect_bytes() {
         assert_eq!(
-            connect_packet(Listener::V4, "probe"),
+            connect_packet(Listener::V4, "probe", None),
             [
                 0x10, 17, // CONNECT, remaining length
                 0, 4, b'M', b'Q', b'T', b'T', // protocol name
@@ -210,7 +293,7 @@ mod tests {
     #[test]
     fn v5_connect_bytes() {
         assert_eq!(
-            connect_packet(Listener::V5, "p"),
+            connect_packet(Listener::V5, "p", None),
             [
                 0x10, 14, // CONNECT, remaining length
                 0, 4, b'M', b'Q', b'T', b'T', // protocol name
@@ -219,6 +302,27 @@ mod tests {
                 0, 10, // keep-alive 10 s
                 0,  // no properties
                 0, 1, b'p', // client id
+            ]
+        );
+    }
+
+    #[test]
+    fn connect_with_login_bytes() {
+        let login = ProbeLogin {
+            username: "u".to_owned(),
+            password: "pw".to_owned(),
+        };
+        assert_eq!(
+            connect_packet(Listener::V4, "p", Some(&login)),
+            [
+                0x10, 20, // CONNECT, remaining length
+                0, 4, b'M', b'Q', b'T', b'T', // protocol name
+                4,    // protocol level 3.1.1
+                0xC2, // username, password, clean session
+                0, 10, // keep-alive 10 s
+                0, 1, b'p', // client id
+                0, 1, b'u', // username
+                0, 2, b'p', b'w', // password
             ]
         );
     }

@@ -1,85 +1,235 @@
-//! Running rumqttd on its own thread, and knowing when it is really ready.
+//! [`Broker`]: rumqttd's router, our network front end on listeners we bound ourselves, the
+//! listener health checks, the JSON mirror; started, observed and stopped as one.
 //!
-//! rumqttd's `Broker::start` blocks for as long as any of its listeners runs, binds the
-//! listeners itself, and reports neither readiness nor a failed bind (a listener thread that
-//! cannot bind logs an error and ends; `start` returns only once all of them ended). So
-//! [`Broker::start`]:
+//! # Threads
 //!
-//! 1. binds every listen address itself, all at once (port 0 becomes a free port, distinct
-//!    for v4 and v5), then releases them for rumqttd: a taken address fails here, at once,
-//!    with [`BrokerError::Bind`];
-//! 2. runs rumqttd on a thread named `rumqttd`, after registering an internal connection
-//!    with rumqttd's router that subscribes to a random probe topic;
-//! 3. probes each listener until it answers: TCP connect, MQTT CONNECT/CONNACK, PUBLISH of
-//!    a random token on the probe topic; then waits for the router to deliver that token to
-//!    the internal connection. The delivery proves the listener is this broker's, not a
-//!    process that grabbed the port between step 1 and rumqttd's bind;
-//! 4. gives up when the startup bound elapses, or at once if the thread ends.
+//! - `router-0`: rumqttd's router (spawned by rumqttd; it cannot be stopped, see
+//!   [`Broker::shutdown`]);
+//! - `fleetbeat-mqtt`: the broker's own multi-threaded Tokio runtime (one thread per core by
+//!   default, [`BrokerConfig::io_threads`]) running the accept loops, one task per connection,
+//!   the health checks and the mirror. It is separate from the caller's runtime because
+//!   rumqttd's link API blocks briefly (a synchronous channel towards the router), which must
+//!   not stall an embedding program's tasks.
+//!
+//! # Start
+//!
+//! [`Broker::start`] binds every listen address itself (a taken address fails at once with
+//! [`BrokerError::Bind`]), loads the credentials, spawns the router and its internal links,
+//! starts accepting and returns once every listener has passed an end-to-end probe: a TCP
+//! connect, CONNECT/CONNACK with the broker's own probe login, a PUBLISH on a random topic,
+//! and that message delivered through the router to the broker's probe link.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::panic::{self, AssertUnwindSafe};
-use std::thread::{self, JoinHandle};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttd::Notification;
-use rumqttd::local::{LinkError, LinkRx, LinkTx};
-use tokio::sync::oneshot;
-use tokio::time::{Instant, sleep, sleep_until, timeout_at};
-use tracing::{debug, error};
+use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
+use tokio::time::{Instant, sleep, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
 
+use crate::auth::{Authenticator, PROBE_TOPIC_PREFIX, to_hex};
 use crate::config::{BrokerConfig, Listener};
+use crate::connection::{self, Context, Limits, ProbeLogin};
 use crate::error::{BrokerError, ProbeError};
-use crate::probe::{self, ProbeMessage};
+use crate::metrics::BrokerMetrics;
+use crate::mirror::{self, Mirror};
+use crate::probe::{self, RouterProbe};
+use crate::router::{self, INTERNAL_PREFIX, LinkRequest, RouterHandle, WillPublisher};
+use crate::sessions::Sessions;
 
-/// Name of the thread rumqttd's `Broker::start` runs on.
-const THREAD_NAME: &str = "rumqttd";
+/// Router slots beyond `max_connections`: the internal links (probe, will publisher, mirror)
+/// and the listener probes' connections, which may overlap a previous probe's teardown.
+const ROUTER_HEADROOM: usize = 8;
 
-/// Topic prefix of the readiness probe's messages; the last level is random per broker.
-const PROBE_TOPIC_PREFIX: &str = "fleetbeat-broker/probe";
-
-/// Longest wait for one probe attempt (connect + CONNACK) before trying again.
+/// Longest wait for one probe attempt (connect + CONNACK + delivery).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A running broker: rumqttd on its own thread, every listener proven to accept MQTT.
+/// How long connections get after the grace period to close on their own.
+const FORCED_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// The state of one listener, as last checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerHealth {
+    /// Which listener.
+    pub listener: Listener,
+    /// Its address (port resolved).
+    pub addr: SocketAddr,
+    /// Whether it passed its latest end-to-end probe.
+    pub up: bool,
+    /// Why it failed, if it did.
+    pub last_error: Option<String>,
+}
+
+/// What a graceful shutdown did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections open when the shutdown began (probes included).
+    pub open_connections: usize,
+    /// Connections still open when the grace period ended, closed regardless.
+    pub forced: usize,
+    /// How long the shutdown took.
+    pub elapsed: Duration,
+}
+
+/// A running broker. Stop it with [`Broker::shutdown`]; dropping the handle stops it at once
+/// (connections are cut without draining).
 ///
-/// rumqttd has no stop API, so **the broker runs until the process exits**. Dropping this
-/// handle does not stop it and does not block; it only forgets the thread. Tests can start as
-/// many brokers as they like on ephemeral ports ([`BrokerConfig::ephemeral`]); each keeps its
-/// threads (rumqttd's router, one per listener, and ours) until the test binary exits.
-#[derive(Debug)]
+/// rumqttd's router thread cannot be stopped: after a shutdown it sleeps, holding its commit
+/// logs, until the process exits. Tests may start many brokers on ephemeral ports
+/// ([`BrokerConfig::ephemeral`]); each leaves one idle thread behind.
 pub struct Broker {
     v4: SocketAddr,
     v5: Option<SocketAddr>,
-    thread: JoinHandle<()>,
+    metrics: BrokerMetrics,
+    health: Arc<Mutex<Vec<ListenerHealth>>>,
+    ctx: Arc<Context>,
+    listeners: Vec<(Listener, CancellationToken)>,
+    connections: TaskTracker,
+    /// Stops the accept loops.
+    accepting: CancellationToken,
+    /// Stops the health checks and the mirror.
+    background: CancellationToken,
+    grace: Duration,
+    runtime: Option<Runtime>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("v4", &self.v4)
+            .field("v5", &self.v5)
+            .field("open_mode", &self.metrics.open_mode())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Broker {
-    /// Starts rumqttd with `config` and returns once every listener completes an MQTT
-    /// handshake with this broker's router (see the [module docs](self) for how), within
-    /// [`BrokerConfig::startup_timeout`].
+    /// Starts the broker with `config` and returns once every listener passed an end-to-end
+    /// probe (see the [module docs](self)), within [`BrokerConfig::startup_timeout`].
     ///
-    /// Must be called from within a Tokio runtime (with the `time` and `net` drivers). If the
-    /// returned future is dropped before it completes, or if it fails after spawning the
-    /// thread, whatever rumqttd already started keeps running until the process exits.
-    ///
-    /// The readiness probe publishes one QoS 0 message per listener on
-    /// `fleetbeat-broker/probe/<random>`, before any client can have subscribed, and leaves one
-    /// internal connection registered with the router (not counted in
-    /// [`BrokerConfig::max_connections`]).
+    /// Without [`BrokerConfig::credentials`] the broker runs in open mode and says so with a
+    /// WARN. Must be called from within a Tokio runtime (any flavour).
     ///
     /// # Errors
     ///
     /// - [`BrokerError::InvalidConfig`] if [`BrokerConfig::validate`] rejects `config`;
     /// - [`BrokerError::Bind`] if a listen address is taken or unusable;
-    /// - [`BrokerError::Spawn`] if the thread cannot be spawned;
-    /// - [`BrokerError::ThreadExited`] if the rumqttd thread returns or panics during startup;
-    /// - [`BrokerError::RouterUnavailable`] if rumqttd's router does not register the probe;
-    /// - [`BrokerError::NotReady`] if a listener does not answer MQTT within the bound;
-    /// - [`BrokerError::ForeignListener`] if a listener answers MQTT but is not this broker.
+    /// - [`BrokerError::Credentials`] if the credentials file cannot be loaded;
+    /// - [`BrokerError::Spawn`] if the broker's threads cannot be started;
+    /// - [`BrokerError::RouterUnavailable`] if rumqttd's router refuses an internal link;
+    /// - [`BrokerError::NotReady`] if a listener does not pass its probe within the bound.
     pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
         config.validate()?;
-        let listeners = reserve_addresses(&config)?;
-        launch(&config, &listeners).await
+        let deadline = Instant::now() + config.startup_timeout;
+        let bound = bind_all(&config)?;
+        let auth = match &config.credentials {
+            Some(path) => Some(Arc::new(Authenticator::load(path)?)),
+            None => None,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.network_threads())
+            .thread_name("fleetbeat-mqtt")
+            .enable_all()
+            .build()
+            .map_err(BrokerError::Spawn)?;
+        let handle = runtime.handle().clone();
+        let mut runtime = RuntimeGuard(Some(runtime));
+
+        let metrics = BrokerMetrics::default();
+        // If this future is dropped or fails, the guard stops the runtime.
+        let started = handle.spawn(assemble(config.clone(), bound, auth, metrics.clone()));
+        let assembled = match timeout_at_deadline(deadline, started).await {
+            Some(Ok(Ok(assembled))) => assembled,
+            Some(Ok(Err(err))) => return Err(err),
+            Some(Err(join)) => {
+                return Err(BrokerError::RouterUnavailable {
+                    reason: format!("start-up task failed: {join}"),
+                });
+            }
+            None => {
+                return Err(BrokerError::RouterUnavailable {
+                    reason: format!(
+                        "start-up did not finish within {:?}",
+                        config.startup_timeout
+                    ),
+                });
+            }
+        };
+        let Assembled {
+            ctx,
+            addrs,
+            listeners,
+            connections,
+            accepting,
+            background,
+            prober,
+            mirror,
+        } = assembled;
+
+        let health = Arc::new(Mutex::new(
+            addrs
+                .iter()
+                .map(|&(listener, addr)| ListenerHealth {
+                    listener,
+                    addr,
+                    up: false,
+                    last_error: Some("not probed yet".to_owned()),
+                })
+                .collect::<Vec<_>>(),
+        ));
+        let mut broker = Broker {
+            v4: find(&addrs, Listener::V4).unwrap_or(config.v4),
+            v5: find(&addrs, Listener::V5),
+            metrics: metrics.clone(),
+            health: Arc::clone(&health),
+            ctx,
+            listeners,
+            connections,
+            accepting,
+            background,
+            grace: config.shutdown_grace,
+            runtime: None,
+        };
+
+        // Every listener must pass a probe before we say we are ready.
+        let checker = HealthChecker {
+            prober,
+            login: broker.ctx.probe.clone(),
+            metrics: metrics.clone(),
+            health: Arc::clone(&health),
+            listeners: broker.listeners.clone(),
+        };
+        broker.runtime = runtime.0.take();
+        // From here on, dropping `broker` stops everything.
+        let ready = handle.spawn(checker.until_ready(deadline, config.startup_timeout));
+        let checker = match ready.await {
+            Ok(Ok(checker)) => checker,
+            Ok(Err(err)) => return Err(err),
+            Err(join) => {
+                return Err(BrokerError::RouterUnavailable {
+                    reason: format!("readiness probe failed: {join}"),
+                });
+            }
+        };
+        handle.spawn(checker.run(config.probe_interval, broker.background.clone()));
+        if let Some(mirror) = mirror {
+            handle.spawn(mirror.run(broker.background.clone()));
+        }
+
+        if broker.ctx.auth.is_none() {
+            metrics.set_open_mode(true);
+            warn!(
+                "OPEN MODE: no credentials file configured. Every client may connect, publish and \
+                 subscribe anywhere, and vehicle origin proves nothing. For the local demo only; \
+                 set `credentials` (see docs/broker.md) for anything else."
+            );
+        }
+        info!(v4 = %broker.v4, v5 = ?broker.v5, open_mode = broker.ctx.auth.is_none(), "broker ready");
+        Ok(broker)
     }
 
     /// Address of the MQTT 3.1.1 listener, with the port resolved if 0 was asked for. If the
@@ -93,214 +243,469 @@ impl Broker {
         self.v5
     }
 
-    /// Whether the `rumqttd` thread still runs. It ends only if every listener has stopped
-    /// (rumqttd's `Broker::start` returned) or on a panic; it logs why at `error` level.
+    /// The broker's counters; [`BrokerMetrics::render`] gives the Prometheus text.
+    pub fn metrics(&self) -> BrokerMetrics {
+        self.metrics.clone()
+    }
+
+    /// Whether the broker runs without authentication (no credentials file).
+    pub fn open_mode(&self) -> bool {
+        self.ctx.auth.is_none()
+    }
+
+    /// Every listener's state as of its latest probe (every
+    /// [`BrokerConfig::probe_interval`]). A dead listener also shows as
+    /// `fleetbeat_broker_listener_up{listener="v4"} 0` and an ERROR log.
+    pub fn listener_health(&self) -> Vec<ListenerHealth> {
+        match self.health.lock() {
+            Ok(health) => health.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Whether every listener passed its latest probe: what a readiness check should report.
+    pub fn is_ready(&self) -> bool {
+        self.runtime.is_some() && self.listener_health().iter().all(|h| h.up)
+    }
+
+    /// Whether the broker still runs (it was not shut down) and at least one listener
+    /// accepts connections.
     pub fn is_alive(&self) -> bool {
-        !self.thread.is_finished()
+        self.runtime.is_some() && self.listener_health().iter().any(|h| h.up)
+    }
+
+    /// Stops accepting connections on `listener` (established ones continue). The next
+    /// probe reports it dead. For draining one port, and for testing what a dead listener
+    /// looks like.
+    pub fn stop_listener(&self, listener: Listener) {
+        for (which, stop) in &self.listeners {
+            if *which == listener {
+                stop.cancel();
+            }
+        }
+    }
+
+    /// Shuts the broker down gracefully within [`BrokerConfig::shutdown_grace`]; see
+    /// [`Self::shutdown_within`].
+    pub async fn shutdown(self) -> ShutdownReport {
+        let grace = self.grace;
+        self.shutdown_within(grace).await
+    }
+
+    /// Shuts the broker down gracefully: stops accepting (the listening sockets close, new
+    /// connects are refused), lets every connection complete its in-flight QoS 1 exchanges
+    /// (the PUBACKs it owes and is owed) while routing nothing new, closes each one as soon as
+    /// it has (MQTT 5 clients get DISCONNECT "server shutting down"), and after `grace`
+    /// closes the rest regardless. Last wills are not published for connections the broker
+    /// closes. Retained messages and sessions are lost: rumqttd keeps them in memory only.
+    ///
+    /// rumqttd's router thread stays (idle) until the process exits: it has no stop API.
+    pub async fn shutdown_within(mut self, grace: Duration) -> ShutdownReport {
+        let started = Instant::now();
+        let open_connections = self.connections.len();
+        info!(
+            open_connections,
+            ?grace,
+            "shutting down: no new connections, draining in-flight QoS 1"
+        );
+        self.accepting.cancel();
+        self.background.cancel();
+        self.ctx.draining.cancel();
+        self.connections.close();
+        let forced = if timeout(grace, self.connections.wait()).await.is_ok() {
+            0
+        } else {
+            let forced = self.connections.len();
+            warn!(
+                forced,
+                "grace period over: closing the remaining connections"
+            );
+            self.ctx.stopping.cancel();
+            let _ = timeout(FORCED_CLOSE_WAIT, self.connections.wait()).await;
+            forced
+        };
+        self.ctx.stopping.cancel();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+        let report = ShutdownReport {
+            open_connections,
+            forced,
+            elapsed: started.elapsed(),
+        };
+        info!(?report, "broker stopped");
+        report
     }
 }
 
-/// Binds every configured address at once, reads back the ports and releases them.
-///
-/// Holding them all together is what makes two port-0 requests come back as two ports.
-fn reserve_addresses(config: &BrokerConfig) -> Result<Vec<(Listener, SocketAddr)>, BrokerError> {
-    let held = config
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            self.accepting.cancel();
+            self.background.cancel();
+            self.ctx.stopping.cancel();
+            runtime.shutdown_background();
+            debug!(v4 = %self.v4, "broker dropped: stopped without draining");
+        }
+    }
+}
+
+/// Owns the broker's runtime until the [`Broker`] does; stops it if start-up fails or is
+/// abandoned (dropping a runtime inside async code would panic).
+struct RuntimeGuard(Option<Runtime>);
+
+impl Drop for RuntimeGuard {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+async fn timeout_at_deadline<F: std::future::Future>(deadline: Instant, f: F) -> Option<F::Output> {
+    tokio::time::timeout_at(deadline, f).await.ok()
+}
+
+fn find(addrs: &[(Listener, SocketAddr)], wanted: Listener) -> Option<SocketAddr> {
+    addrs.iter().find(|(l, _)| *l == wanted).map(|(_, a)| *a)
+}
+
+/// Binds every configured address (port 0 becomes a free port, distinct per listener).
+fn bind_all(config: &BrokerConfig) -> Result<Vec<(Listener, std::net::TcpListener)>, BrokerError> {
+    config
         .listeners()
         .map(|(listener, addr)| {
             std::net::TcpListener::bind(addr)
-                .and_then(|socket| Ok((listener, socket.local_addr()?, socket)))
+                .and_then(|socket| {
+                    socket.set_nonblocking(true)?;
+                    Ok((listener, socket))
+                })
                 .map_err(|source| BrokerError::Bind {
                     listener,
                     addr,
                     source,
                 })
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(held
-        .into_iter()
-        .map(|(listener, addr, _socket)| (listener, addr))
-        .collect())
+        .collect()
 }
 
-/// Starts rumqttd on `listeners` (ports already resolved) and waits until each is ready.
-async fn launch(
-    config: &BrokerConfig,
-    listeners: &[(Listener, SocketAddr)],
-) -> Result<Broker, BrokerError> {
-    let deadline = Instant::now() + config.startup_timeout;
-    let find = |wanted| {
-        listeners
-            .iter()
-            .find(|(l, _)| *l == wanted)
-            .map(|(_, a)| *a)
-    };
-    let v4 = find(Listener::V4).unwrap_or(config.v4);
-    let v5 = find(Listener::V5);
+/// What [`assemble`] built on the broker's runtime.
+struct Assembled {
+    ctx: Arc<Context>,
+    addrs: Vec<(Listener, SocketAddr)>,
+    listeners: Vec<(Listener, CancellationToken)>,
+    connections: TaskTracker,
+    accepting: CancellationToken,
+    background: CancellationToken,
+    prober: RouterProbe,
+    mirror: Option<Mirror>,
+}
 
-    let rumqttd_config = config.to_rumqttd(v4, v5);
-    let topic = format!("{PROBE_TOPIC_PREFIX}/{:016x}", fastrand::u64(..));
-    let (probe_tx, probe_rx) = oneshot::channel();
-    let (exit_tx, mut exit_rx) = oneshot::channel();
-    let thread = thread::Builder::new()
-        .name(THREAD_NAME.to_owned())
-        .spawn(move || run_rumqttd(rumqttd_config, topic, probe_tx, exit_tx))
-        .map_err(BrokerError::Spawn)?;
-
-    let ready = async {
-        let mut probe = match timeout_at(deadline, probe_rx).await {
-            Ok(Ok(probe)) => probe,
-            // The thread ended without handing the probe over; the exit branch below says why.
-            Ok(Err(_)) => {
-                sleep_until(deadline).await;
-                return Err(router_unavailable(
-                    config,
-                    "the thread ended before handing over the probe connection",
-                ));
-            }
-            Err(_) => return Err(router_unavailable(config, "the probe connection timed out")),
-        };
-        for &(listener, addr) in listeners {
-            await_listener(&mut probe, listener, addr, deadline, config.startup_timeout).await?;
-        }
-        probe.release();
-        Ok(())
+/// Spawns the router, registers the internal links and starts the accept loops. Runs on the
+/// broker's runtime (rumqttd's link API blocks briefly).
+async fn assemble(
+    config: BrokerConfig,
+    bound: Vec<(Listener, std::net::TcpListener)>,
+    auth: Option<Arc<Authenticator>>,
+    metrics: BrokerMetrics,
+) -> Result<Assembled, BrokerError> {
+    let router = RouterHandle::spawn(config.router_config(ROUTER_HEADROOM));
+    let instance = format!("{:016x}", fastrand::u64(..));
+    let unavailable = |what: &str, err: &dyn std::fmt::Display| BrokerError::RouterUnavailable {
+        reason: format!("{what}: {err}"),
     };
 
-    tokio::select! {
-        biased;
-        exit = &mut exit_rx => Err(BrokerError::ThreadExited {
-            reason: exit.unwrap_or_else(|_| "it ended without saying why".to_owned()),
-        }),
-        ready = ready => {
-            ready?;
-            debug!(%v4, ?v5, "broker ready");
-            Ok(Broker { v4, v5, thread })
-        }
-    }
-}
+    // The probe link: every listener probe must reach it.
+    let probe_id = format!("{INTERNAL_PREFIX}probe-link-{instance}");
+    let (mut probe_tx, probe_rx, _) = router
+        .link(LinkRequest {
+            client_id: &probe_id,
+            clean_session: true,
+            topic_alias_max: 0,
+        })
+        .map_err(|err| unavailable("the probe link", &err))?;
+    let probe_topic = format!("{PROBE_TOPIC_PREFIX}{instance}");
+    probe_tx
+        .subscribe(probe_topic.as_str())
+        .map_err(|err| unavailable("the probe subscription", &err))?;
+    let prober = RouterProbe::new(probe_tx, probe_rx, probe_topic);
 
-fn router_unavailable(config: &BrokerConfig, what: &str) -> BrokerError {
-    BrokerError::RouterUnavailable {
-        reason: format!("{what} (waited {:?})", config.startup_timeout),
-    }
-}
+    let (wills, wills_rx) =
+        WillPublisher::new(&router, &format!("{INTERNAL_PREFIX}wills-{instance}"))
+            .map_err(|err| unavailable("the will publisher", &err))?;
+    tokio::spawn(router::drain(wills_rx, "wills"));
 
-/// The body of the `rumqttd` thread. Sends why it ended on `exit` (it only ends on failure).
-fn run_rumqttd(
-    config: rumqttd::Config,
-    topic: String,
-    probe: oneshot::Sender<RouterProbe>,
-    exit: oneshot::Sender<String>,
-) {
-    let outcome = panic::catch_unwind(AssertUnwindSafe(move || {
-        let mut broker = rumqttd::Broker::new(config);
-        let client_id = format!("fleetbeat-broker-{:016x}", fastrand::u64(..));
-        let (mut tx, rx) = match broker.link(&client_id) {
-            Ok(link) => link,
-            Err(err) => return format!("the router refused the probe connection: {err}"),
-        };
-        if let Err(err) = tx.subscribe(topic.as_str()) {
-            return format!("the router refused the probe subscription: {err}");
-        }
-        // If the caller has given up already, rumqttd runs regardless: it cannot be stopped.
-        let _ = probe.send(RouterProbe { tx, rx, topic });
-        match broker.start() {
-            Ok(()) => "rumqttd returned: none of its listeners is running".to_owned(),
-            Err(err) => format!("rumqttd failed: {err}"),
-        }
-    }));
-    let reason = outcome.unwrap_or_else(|payload| {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a non-string payload".to_owned());
-        format!("rumqttd panicked: {message}")
+    let mirror = if config.json_mirror {
+        let (mut tx, rx, _) = router
+            .link(LinkRequest {
+                client_id: &format!("{INTERNAL_PREFIX}mirror-{instance}"),
+                clean_session: true,
+                topic_alias_max: 0,
+            })
+            .map_err(|err| unavailable("the mirror link", &err))?;
+        tx.subscribe(mirror::SOURCE_FILTER)
+            .map_err(|err| unavailable("the mirror subscription", &err))?;
+        Some(Mirror {
+            tx,
+            rx,
+            keys: match &auth {
+                Some(auth) => mirror::Keys::File(Arc::clone(auth)),
+                None => mirror::Keys::Open,
+            },
+            metrics: metrics.clone(),
+        })
+    } else {
+        None
+    };
+
+    let probe_secret: [u8; 16] = {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes)
+            .map_err(|err| unavailable("randomness for the probe login", &err))?;
+        bytes
+    };
+    let ctx = Arc::new(Context {
+        limits: Limits {
+            connection_timeout: Duration::from_millis(u64::from(config.connection_timeout_ms)),
+            max_payload_size: config.max_payload_size,
+            max_batch: config.max_inflight_count,
+            max_connections: config.max_connections,
+        },
+        auth,
+        probe: ProbeLogin {
+            username: format!("{INTERNAL_PREFIX}probe"),
+            password: to_hex(&probe_secret),
+        },
+        metrics: metrics.clone(),
+        sessions: Sessions::default(),
+        router,
+        wills,
+        draining: CancellationToken::new(),
+        stopping: CancellationToken::new(),
+        admitted: AtomicUsize::new(0),
     });
-    error!(reason = %reason, "the broker thread ended");
-    // Nobody listens once startup is over; `Broker::is_alive` reports it then.
-    let _ = exit.send(reason);
+
+    let connections = TaskTracker::new();
+    let accepting = CancellationToken::new();
+    let mut addrs = Vec::new();
+    let mut listeners = Vec::new();
+    for (listener, socket) in bound {
+        let addr = socket.local_addr().map_err(|source| BrokerError::Bind {
+            listener,
+            addr: match listener {
+                Listener::V4 => config.v4,
+                Listener::V5 => config.v5.unwrap_or(config.v4),
+            },
+            source,
+        })?;
+        let socket = TcpListener::from_std(socket).map_err(|source| BrokerError::Bind {
+            listener,
+            addr,
+            source,
+        })?;
+        let stop = accepting.child_token();
+        tokio::spawn(accept_loop(
+            socket,
+            listener,
+            Arc::clone(&ctx),
+            stop.clone(),
+            connections.clone(),
+            Duration::from_millis(config.next_connection_delay_ms),
+        ));
+        info!(listener = %listener, %addr, "listening");
+        addrs.push((listener, addr));
+        listeners.push((listener, stop));
+    }
+
+    Ok(Assembled {
+        ctx,
+        addrs,
+        listeners,
+        connections,
+        accepting,
+        background: CancellationToken::new(),
+        prober,
+        mirror,
+    })
 }
 
-/// The router-side end of the readiness probe: an internal connection subscribed to a
-/// random topic.
-struct RouterProbe {
-    tx: LinkTx,
-    rx: LinkRx,
-    topic: String,
+/// Accepts connections on `socket` until `stop`; each one is served by its own task.
+async fn accept_loop(
+    socket: TcpListener,
+    listener: Listener,
+    ctx: Arc<Context>,
+    stop: CancellationToken,
+    connections: TaskTracker,
+    delay: Duration,
+) {
+    let mut last_error_log: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            accepted = socket.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                connections.spawn(connection::serve(stream, peer, listener, Arc::clone(&ctx)));
+                if !delay.is_zero() {
+                    sleep(delay).await;
+                }
+            }
+            Err(err) => {
+                // Out of file descriptors and the like: back off, and do not flood the log.
+                if last_error_log.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+                    error!(listener = %listener, cause = %err, "cannot accept connections");
+                    last_error_log = Some(Instant::now());
+                }
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    info!(listener = %listener, "stopped accepting connections");
 }
 
-impl RouterProbe {
-    /// Waits until the router forwards a message with `payload` on the probe topic.
-    async fn delivered(&mut self, payload: &[u8]) -> Result<(), LinkError> {
+/// Probes every listener end to end, on start and then periodically.
+struct HealthChecker {
+    prober: RouterProbe,
+    login: ProbeLogin,
+    metrics: BrokerMetrics,
+    health: Arc<Mutex<Vec<ListenerHealth>>>,
+    listeners: Vec<(Listener, CancellationToken)>,
+}
+
+impl HealthChecker {
+    fn targets(&self) -> Vec<(Listener, SocketAddr)> {
+        match self.health.lock() {
+            Ok(health) => health.iter().map(|h| (h.listener, h.addr)).collect(),
+            Err(poisoned) => poisoned
+                .into_inner()
+                .iter()
+                .map(|h| (h.listener, h.addr))
+                .collect(),
+        }
+    }
+
+    fn client_id(listener: Listener) -> String {
+        format!(
+            "{INTERNAL_PREFIX}probe-{}-{:08x}",
+            listener.label(),
+            fastrand::u32(..)
+        )
+    }
+
+    /// Probes each listener until it passes, or fails with [`BrokerError::NotReady`] at
+    /// `deadline`.
+    async fn until_ready(
+        mut self,
+        deadline: Instant,
+        bound: Duration,
+    ) -> Result<HealthChecker, BrokerError> {
+        for (listener, addr) in self.targets() {
+            let target = connectable(addr);
+            let mut backoff = Duration::ZERO;
+            loop {
+                let attempt_deadline = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
+                let client_id = Self::client_id(listener);
+                match self
+                    .prober
+                    .check(listener, target, &client_id, &self.login, attempt_deadline)
+                    .await
+                {
+                    Ok(()) => {
+                        self.record(listener, Ok(()));
+                        break;
+                    }
+                    Err(err) => {
+                        debug!(%listener, %addr, cause = %err, "listener not ready yet");
+                        backoff = probe::next_backoff(backoff);
+                        if Instant::now() + backoff >= deadline {
+                            return Err(BrokerError::NotReady {
+                                listener,
+                                addr,
+                                timeout: bound,
+                                last_error: Some(err),
+                            });
+                        }
+                        sleep(backoff).await;
+                    }
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    /// Probes every `interval` until `stop`.
+    async fn run(mut self, interval: Duration, stop: CancellationToken) {
         loop {
-            // `None` and other notifications (the SUBACK) are not what we wait for.
-            if let Some(Notification::Forward(forward)) = self.rx.next().await?
-                && forward.publish.payload.as_ref() == payload
-            {
-                return Ok(());
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                () = sleep(interval) => {}
+            }
+            for (listener, addr) in self.targets() {
+                let stopped = self
+                    .listeners
+                    .iter()
+                    .any(|(l, token)| *l == listener && token.is_cancelled());
+                let outcome = if stopped {
+                    Err("not accepting connections (stopped)".to_owned())
+                } else {
+                    let client_id = Self::client_id(listener);
+                    let deadline = Instant::now() + ATTEMPT_TIMEOUT.min(interval);
+                    self.prober
+                        .check(
+                            listener,
+                            connectable(addr),
+                            &client_id,
+                            &self.login,
+                            deadline,
+                        )
+                        .await
+                        .map_err(|err: ProbeError| describe(&err))
+                };
+                if stop.is_cancelled() {
+                    return;
+                }
+                self.record(listener, outcome);
             }
         }
     }
 
-    /// Unsubscribes (without blocking) so nothing more is routed here, and drops the link.
-    /// rumqttd offers no way to deregister a local connection; its slot stays taken.
-    fn release(mut self) {
-        if let Err(err) = self.tx.try_unsubscribe(self.topic.as_str()) {
-            debug!(error = %err, "could not unsubscribe the readiness probe");
+    /// Stores one probe's outcome; logs ERROR when a listener dies, INFO when it recovers.
+    fn record(&self, listener: Listener, outcome: Result<(), String>) {
+        let up = outcome.is_ok();
+        self.metrics.set_listener_up(listener, up);
+        let Ok(mut health) = self.health.lock() else {
+            return;
+        };
+        let Some(entry) = health.iter_mut().find(|h| h.listener == listener) else {
+            return;
+        };
+        match &outcome {
+            Err(cause) if entry.up || entry.last_error.as_deref() == Some("not probed yet") => {
+                error!(listener = %listener, addr = %entry.addr, cause = %cause, "listener is DEAD: it does not answer MQTT end to end");
+            }
+            Ok(()) if !entry.up && entry.last_error.as_deref() != Some("not probed yet") => {
+                info!(listener = %listener, addr = %entry.addr, "listener answers again");
+            }
+            _ => {}
         }
+        entry.up = up;
+        entry.last_error = outcome.err();
     }
 }
 
-/// Probes `addr` until an MQTT handshake succeeds and its message reaches our router.
-async fn await_listener(
-    probe: &mut RouterProbe,
-    listener: Listener,
-    addr: SocketAddr,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<(), BrokerError> {
-    let target = connectable(addr);
-    let client_id = format!("fbprobe{:016x}", fastrand::u64(..));
-    let payload = format!("{listener:?} {:016x}", fastrand::u64(..));
-    let message = ProbeMessage {
-        client_id: &client_id,
-        topic: &probe.topic,
-        payload: payload.as_bytes(),
-    };
-
-    let mut backoff = Duration::ZERO;
-    loop {
-        let attempt_deadline = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
-        let err: ProbeError =
-            match probe::publish_once(target, listener, message, attempt_deadline).await {
-                Ok(()) => break,
-                Err(err) => err,
-            };
-        debug!(%listener, %addr, error = %err, "listener not ready yet");
-        // No event announces rumqttd's bind: retry, backing off, until the deadline.
-        backoff = probe::next_backoff(backoff);
-        if Instant::now() + backoff >= deadline {
-            return Err(BrokerError::NotReady {
-                listener,
-                addr,
-                timeout,
-                last_error: Some(err),
-            });
-        }
-        sleep(backoff).await;
+/// An error with its causes, on one line.
+fn describe(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
     }
-
-    match timeout_at(deadline, probe.delivered(payload.as_bytes())).await {
-        Ok(Ok(())) => {
-            debug!(%listener, %addr, "listener ready");
-            Ok(())
-        }
-        Ok(Err(err)) => Err(BrokerError::RouterUnavailable {
-            reason: format!("the router dropped the probe connection: {err}"),
-        }),
-        Err(_) => Err(BrokerError::ForeignListener { listener, addr }),
-    }
+    text
 }
 
 /// Where to connect to reach a listener bound to `addr`: loopback for a wildcard address.
@@ -313,237 +718,5 @@ fn connectable(addr: SocketAddr) -> SocketAddr {
             SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
         }
         _ => addr,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::io;
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-    use tokio::time::timeout;
-
-    use super::*;
-
-    /// Outer bound on anything a test awaits; generous, the code under test has its own.
-    const TEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-    async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
-        timeout(TEST_TIMEOUT, Broker::start(config))
-            .await
-            .expect("Broker::start must return within its bound")
-    }
-
-    /// Sends `connect` and returns the CONNACK's bytes, checking only the fixed header.
-    async fn connack(addr: SocketAddr, connect: &[u8]) -> io::Result<Vec<u8>> {
-        let exchange = async {
-            let mut stream = TcpStream::connect(addr).await?;
-            stream.write_all(connect).await?;
-            let mut header = [0u8; 2];
-            stream.read_exact(&mut header).await?;
-            assert_eq!(header[0], 0x20, "not a CONNACK");
-            assert!(header[1] < 0x80, "unexpectedly long CONNACK");
-            let mut body = vec![0; usize::from(header[1])];
-            stream.read_exact(&mut body).await?;
-            Ok([&header[..], &body].concat())
-        };
-        timeout(TEST_TIMEOUT, exchange).await?
-    }
-
-    /// MQTT 3.1.1 CONNECT, clean session, keep-alive 30 s, client id `unit-test-v4`.
-    const CONNECT_V4: &[u8] = b"\x10\x18\x00\x04MQTT\x04\x02\x00\x1e\x00\x0cunit-test-v4";
-    /// MQTT 5 CONNECT, clean start, keep-alive 30 s, no properties, client id `unit-test-v5`.
-    const CONNECT_V5: &[u8] = b"\x10\x19\x00\x04MQTT\x05\x02\x00\x1e\x00\x00\x0cunit-test-v5";
-
-    async fn assert_speaks_mqtt(broker: &Broker) {
-        let v4 = connack(broker.v4_addr(), CONNECT_V4).await.unwrap();
-        assert_eq!(v4, [0x20, 0x02, 0x00, 0x00], "v4 CONNACK: accepted");
-        let v5 = connack(broker.v5_addr().unwrap(), CONNECT_V5)
-            .await
-            .unwrap();
-        assert_eq!(
-            v5[2], 0x00,
-            "v5 CONNACK reason code: success, got {v5:02x?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn ephemeral_broker_answers_mqtt_on_both_listeners() {
-        let broker = start(BrokerConfig::ephemeral()).await.unwrap();
-
-        assert_ne!(broker.v4_addr().port(), 0);
-        let v5 = broker.v5_addr().expect("a v5 listener");
-        assert_ne!(v5.port(), 0);
-        assert_ne!(v5, broker.v4_addr());
-        assert!(broker.is_alive());
-        assert_speaks_mqtt(&broker).await;
-    }
-
-    #[tokio::test]
-    async fn v5_listener_is_optional() {
-        let config = BrokerConfig {
-            v5: None,
-            ..BrokerConfig::ephemeral()
-        };
-        let broker = start(config).await.unwrap();
-        assert_eq!(broker.v5_addr(), None);
-        let v4 = connack(broker.v4_addr(), CONNECT_V4).await.unwrap();
-        assert_eq!(v4, [0x20, 0x02, 0x00, 0x00]);
-    }
-
-    #[tokio::test]
-    async fn two_brokers_run_in_one_process() {
-        let (a, b) = tokio::join!(
-            start(BrokerConfig::ephemeral()),
-            start(BrokerConfig::ephemeral())
-        );
-        let (a, b) = (a.unwrap(), b.unwrap());
-
-        let mut ports = [
-            a.v4_addr().port(),
-            a.v5_addr().unwrap().port(),
-            b.v4_addr().port(),
-            b.v5_addr().unwrap().port(),
-        ];
-        ports.sort_unstable();
-        assert!(ports.windows(2).all(|w| w[0] != w[1]), "ports {ports:?}");
-        assert!(a.is_alive() && b.is_alive());
-        assert_speaks_mqtt(&a).await;
-        assert_speaks_mqtt(&b).await;
-    }
-
-    #[tokio::test]
-    async fn taken_port_is_a_bind_error_not_a_hang() {
-        let squatter = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let taken = squatter.local_addr().unwrap();
-
-        for (listener, config) in [
-            (
-                Listener::V4,
-                BrokerConfig {
-                    v4: taken,
-                    ..BrokerConfig::ephemeral()
-                },
-            ),
-            (
-                Listener::V5,
-                BrokerConfig {
-                    v5: Some(taken),
-                    ..BrokerConfig::ephemeral()
-                },
-            ),
-        ] {
-            let started = Instant::now();
-            match start(config).await {
-                Err(BrokerError::Bind {
-                    listener: l,
-                    addr,
-                    source,
-                }) => {
-                    assert_eq!(l, listener);
-                    assert_eq!(addr, taken);
-                    assert_eq!(source.kind(), io::ErrorKind::AddrInUse);
-                }
-                other => panic!("expected a bind error for {listener}, got {other:?}"),
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(1),
-                "it should fail at once"
-            );
-        }
-    }
-
-    /// A port taken after our check: rumqttd cannot bind it, and the squatter answers MQTT.
-    #[tokio::test]
-    async fn squatter_answering_mqtt_is_a_foreign_listener() {
-        let squatter = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let taken = squatter.local_addr().unwrap();
-        let fake_broker = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = squatter.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 256];
-                    // Accept any CONNECT, swallow whatever follows.
-                    if stream.read(&mut buf).await.is_ok_and(|n| n > 0) {
-                        stream.write_all(&[0x20, 0x02, 0x00, 0x00]).await.ok();
-                        while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {}
-                    }
-                });
-            }
-        });
-
-        // A real v5 listener keeps rumqttd's thread alive after its v4 bind fails.
-        let config = BrokerConfig {
-            startup_timeout: Duration::from_secs(1),
-            ..BrokerConfig::ephemeral()
-        };
-        let v5 = reserve_addresses(&config).unwrap()[1];
-        let result = timeout(TEST_TIMEOUT, launch(&config, &[(Listener::V4, taken), v5])).await;
-        fake_broker.abort();
-
-        match result.expect("launch must return within its bound") {
-            Err(BrokerError::ForeignListener { listener, addr }) => {
-                assert_eq!((listener, addr), (Listener::V4, taken));
-            }
-            other => panic!("expected ForeignListener, got {other:?}"),
-        }
-    }
-
-    /// A port taken after our check by something that accepts but never answers.
-    #[tokio::test]
-    async fn silent_squatter_is_not_ready_within_the_bound() {
-        let squatter = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let taken = squatter.local_addr().unwrap();
-        let config = BrokerConfig {
-            startup_timeout: Duration::from_millis(500),
-            ..BrokerConfig::ephemeral()
-        };
-        let v5 = reserve_addresses(&config).unwrap()[1];
-
-        let started = Instant::now();
-        let result = timeout(TEST_TIMEOUT, launch(&config, &[(Listener::V4, taken), v5])).await;
-        match result.expect("launch must return within its bound") {
-            Err(BrokerError::NotReady {
-                listener,
-                addr,
-                last_error: Some(ProbeError::TimedOut(_)),
-                ..
-            }) => assert_eq!((listener, addr), (Listener::V4, taken)),
-            other => panic!("expected NotReady after a timeout, got {other:?}"),
-        }
-        assert!(started.elapsed() < Duration::from_secs(5));
-        drop(squatter);
-    }
-
-    /// rumqttd's only listener cannot bind: its thread returns, and we say so at once.
-    #[tokio::test]
-    async fn thread_exit_during_startup_is_reported_at_once() {
-        let squatter = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let taken = squatter.local_addr().unwrap();
-        let config = BrokerConfig {
-            v5: None,
-            ..BrokerConfig::ephemeral()
-        };
-
-        let started = Instant::now();
-        let result = timeout(TEST_TIMEOUT, launch(&config, &[(Listener::V4, taken)])).await;
-        match result.expect("launch must return within its bound") {
-            Err(BrokerError::ThreadExited { reason }) => {
-                assert!(reason.contains("none of its listeners"), "{reason}");
-            }
-            other => panic!("expected ThreadExited, got {other:?}"),
-        }
-        assert!(started.elapsed() < config.startup_timeout / 2);
-        drop(squatter);
-    }
-
-    #[test]
-    fn wildcard_addresses_are_probed_on_loopback() {
-        let v4: SocketAddr = "0.0.0.0:1883".parse().unwrap();
-        let v6: SocketAddr = "[::]:1884".parse().unwrap();
-        let specific: SocketAddr = "192.0.2.7:1883".parse().unwrap();
-        assert_eq!(connectable(v4), "127.0.0.1:1883".parse().unwrap());
-        assert_eq!(connectable(v6), "[::1]:1884".parse().unwrap());
-        assert_eq!(connectable(specific), specific);
     }
 }

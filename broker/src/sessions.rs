@@ -1,0 +1,183 @@
+//! Which connection holds which client id, so a takeover (a vehicle reconnecting before its
+//! old connection timed out) is orderly.
+//!
+//! rumqttd's router drops the old connection when a new one registers the same client id, but
+//! the old connection's task learns of it only later; if it then published its last will, a
+//! stale `offline` could land after the vehicle's fresh `online`. So a new connection first
+//! [claims](Sessions::claim) its client id: the holder is told to stop (it ends without a will)
+//! and the claim waits until the holder has finished, including a will it may have been
+//! publishing because its connection was lost just before. Only then does the new connection
+//! register with the router.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// How long a new connection waits for the previous holder of its client id to finish.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+struct Holder {
+    generation: u64,
+    kick: CancellationToken,
+    done: CancellationToken,
+}
+
+/// The holders of client ids.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    holders: Mutex<HashMap<String, Holder>>,
+    generations: AtomicU64,
+}
+
+/// One connection's hold on its client id; give it back with [`Sessions::release`].
+#[derive(Debug)]
+pub(crate) struct Claim {
+    client_id: String,
+    generation: u64,
+    /// Cancelled when a newer connection with the same client id takes over.
+    pub(crate) kicked: CancellationToken,
+    done: CancellationToken,
+}
+
+impl Sessions {
+    /// Takes `client_id` over: tells its current holder to stop, waits (bounded) until it has
+    /// finished, and returns the new hold.
+    pub(crate) async fn claim(&self, client_id: &str) -> Claim {
+        loop {
+            let previous = {
+                let mut holders = match self.holders.lock() {
+                    Ok(holders) => holders,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                match holders.get(client_id) {
+                    Some(holder) => {
+                        holder.kick.cancel();
+                        holder.done.clone()
+                    }
+                    None => return self.insert(&mut holders, client_id),
+                }
+            };
+            if tokio::time::timeout(TAKEOVER_WAIT, previous.cancelled())
+                .await
+                .is_err()
+            {
+                warn!(
+                    client_id,
+                    "the previous connection of this client did not finish in time: taking over"
+                );
+                let mut holders = match self.holders.lock() {
+                    Ok(holders) => holders,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                return self.insert(&mut holders, client_id);
+            }
+        }
+    }
+
+    fn insert(&self, holders: &mut HashMap<String, Holder>, client_id: &str) -> Claim {
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+        let kick = CancellationToken::new();
+        let done = CancellationToken::new();
+        holders.insert(
+            client_id.to_owned(),
+            Holder {
+                generation,
+                kick: kick.clone(),
+                done: done.clone(),
+            },
+        );
+        Claim {
+            client_id: client_id.to_owned(),
+            generation,
+            kicked: kick,
+            done,
+        }
+    }
+
+    /// Gives `claim` back; a connection waiting to take over proceeds.
+    pub(crate) fn release(&self, claim: Claim) {
+        {
+            let mut holders = match self.holders.lock() {
+                Ok(holders) => holders,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if holders
+                .get(&claim.client_id)
+                .is_some_and(|h| h.generation == claim.generation)
+            {
+                holders.remove(&claim.client_id);
+            }
+        }
+        claim.done.cancel();
+    }
+
+    /// Client ids currently held.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.holders.lock().map(|h| h.len()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn claims_are_exclusive_and_released() {
+        let sessions = Sessions::default();
+        let a = sessions.claim("van-1").await;
+        let b = sessions.claim("van-2").await;
+        assert_eq!(sessions.len(), 2);
+        assert!(!a.kicked.is_cancelled());
+        sessions.release(a);
+        sessions.release(b);
+        assert_eq!(sessions.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_takeover_kicks_the_holder_and_waits_for_it() {
+        let sessions = Arc::new(Sessions::default());
+        let old = sessions.claim("van-1").await;
+        let kicked = old.kicked.clone();
+
+        let taker = {
+            let sessions = Arc::clone(&sessions);
+            tokio::spawn(async move { sessions.claim("van-1").await })
+        };
+        tokio::time::timeout(Duration::from_secs(5), kicked.cancelled())
+            .await
+            .expect("the holder is told to stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!taker.is_finished(), "the new claim waits for the old one");
+
+        sessions.release(old);
+        let new = tokio::time::timeout(Duration::from_secs(5), taker)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!new.kicked.is_cancelled());
+        assert_eq!(sessions.len(), 1);
+        sessions.release(new);
+        assert_eq!(sessions.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_holder_is_replaced_after_the_bound() {
+        let sessions = Sessions::default();
+        let stuck = sessions.claim("van-1").await;
+        let new = sessions.claim("van-1").await;
+        assert!(stuck.kicked.is_cancelled());
+        // The stuck one releasing late does not remove the new hold.
+        sessions.release(stuck);
+        assert_eq!(sessions.len(), 1);
+        sessions.release(new);
+        assert_eq!(sessions.len(), 0);
+    }
+}
