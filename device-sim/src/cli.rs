@@ -4,19 +4,32 @@
 //! command line wins.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use shared::{FleetId, Position};
 
-use crate::runner::{SimConfig, SimError};
+use crate::credentials::{Credentials, CredentialsError};
+use crate::runner::{Chaos, SimConfig, SimError};
 
-/// Simulated delivery vehicles: each one its own MQTT connection, driving a street grid and
-/// publishing GPS heartbeats.
+/// Simulated delivery vehicles: each one its own MQTT connection, driving a street grid,
+/// delivering orders and publishing sealed GPS heartbeats and delivery events.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "device-sim", version, about, long_about = None)]
+#[command(
+    name = "device-sim",
+    version,
+    about,
+    long_about = None,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    /// Something else than running the simulation.
+    #[command(subcommand)]
+    pub command: Option<CliCommand>,
+
     /// How many vehicles to simulate.
     #[arg(long, default_value_t = 100, env = "FLEETBEAT_SIM_VEHICLES")]
     pub vehicles: u32,
@@ -30,11 +43,18 @@ pub struct Cli {
     )]
     pub broker: BrokerAddr,
 
-    /// The fleet name; vehicles are `{fleet}-0001`, `{fleet}-0002`, ...
-    #[arg(long, default_value = "demo", env = "FLEETBEAT_SIM_FLEET")]
-    pub fleet: FleetId,
+    /// The fleets, comma-separated; vehicles are dealt to them in turn and numbered within
+    /// each: `north-0001`, `south-0001`, `north-0002`, ...
+    #[arg(
+        long,
+        default_value = "demo",
+        value_delimiter = ',',
+        env = "FLEETBEAT_SIM_FLEET"
+    )]
+    pub fleet: Vec<FleetId>,
 
-    /// Heartbeats per second per vehicle; fractions allowed (0.2 = every 5 s), at most 10.
+    /// Heartbeats per (real) second per vehicle; fractions allowed (0.2 = every 5 s), at
+    /// most 10. Parked vehicles report 5 times less often.
     #[arg(
         long = "rate",
         value_name = "HZ",
@@ -43,13 +63,70 @@ pub struct Cli {
     )]
     pub rate_hz: f64,
 
+    /// The MQTT QoS of heartbeats, 0 or 1 (events, statuses and acks are always QoS 1).
+    #[arg(long, default_value_t = 0, env = "FLEETBEAT_SIM_QOS")]
+    pub qos: u8,
+
     /// Seed for starts, batteries and routes: the same seed drives the same way.
     #[arg(long, default_value_t = 1, env = "FLEETBEAT_SIM_SEED")]
     pub seed: u64,
 
+    /// MQTT keep-alive in seconds (1 ..= 65535; never 0): the broker declares a silent
+    /// vehicle dead after 1.5 times this and publishes its last will.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 30,
+        env = "FLEETBEAT_SIM_KEEP_ALIVE"
+    )]
+    pub keep_alive: u64,
+
     /// Stop after this many seconds (fractions allowed); without it, run until Ctrl-C.
     #[arg(long, value_name = "SECS", env = "FLEETBEAT_SIM_DURATION")]
     pub duration: Option<f64>,
+
+    /// The secrets file (`device-sim provision` writes one): each vehicle logs in with its
+    /// id and password and seals with its key. Without it: open mode (no login, public keys).
+    #[arg(long, value_name = "PATH", env = "FLEETBEAT_SIM_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+
+    /// Run the vehicles' clocks this many times faster than real time (e.g. 60: a minute of
+    /// driving per second); `--rate` stays per real second.
+    #[arg(
+        long,
+        value_name = "X",
+        default_value_t = 1.0,
+        env = "FLEETBEAT_SIM_TIME_SCALE"
+    )]
+    pub time_scale: f64,
+
+    /// Chaos: probability per second per vehicle of dropping its connection abruptly (the
+    /// broker publishes its will; it reconnects).
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 0.0,
+        env = "FLEETBEAT_SIM_DROP_RATE"
+    )]
+    pub drop_rate: f64,
+
+    /// Chaos: probability per heartbeat of publishing a malformed payload instead.
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 0.0,
+        env = "FLEETBEAT_SIM_GARBAGE_RATE"
+    )]
+    pub garbage_rate: f64,
+
+    /// Chaos: offset each vehicle's clock by a random amount within ± this many milliseconds.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 0,
+        env = "FLEETBEAT_SIM_CLOCK_SKEW"
+    )]
+    pub clock_skew: u64,
 
     /// The city centre the street grid is laid around, as `LAT,LON` in degrees.
     #[arg(
@@ -63,8 +140,68 @@ pub struct Cli {
     pub centre: Position,
 }
 
+/// The subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum CliCommand {
+    /// Generate random passwords and message keys for the vehicles into a secrets file
+    /// (vehicles already in it keep theirs).
+    Provision(ProvisionArgs),
+}
+
+/// `device-sim provision`.
+#[derive(Debug, Clone, Args)]
+pub struct ProvisionArgs {
+    /// How many vehicles (the same numbering as a run with these flags).
+    #[arg(long)]
+    pub vehicles: u32,
+    /// The fleets, comma-separated.
+    #[arg(long, default_value = "demo", value_delimiter = ',')]
+    pub fleet: Vec<FleetId>,
+    /// The secrets file to create or extend (written with mode 0600).
+    #[arg(long, value_name = "PATH", default_value = "sim-secrets.toml")]
+    pub secrets: PathBuf,
+}
+
+impl ProvisionArgs {
+    /// Adds secrets for every vehicle that has none to the secrets file, creating it if
+    /// needed. Returns how many were added and how many the file holds now.
+    ///
+    /// # Errors
+    /// [`ProvisionError`] if the vehicle ids are invalid or the file cannot be read or
+    /// written.
+    pub fn run(&self) -> Result<(usize, usize), ProvisionError> {
+        let config = SimConfig {
+            vehicles: self.vehicles,
+            fleets: self.fleet.clone(),
+            ..SimConfig::default()
+        };
+        config.validate()?;
+        let ids = config.vehicle_ids()?;
+        let mut credentials = if self.secrets.exists() {
+            Credentials::load(&self.secrets)?
+        } else {
+            Credentials::default()
+        };
+        let added = credentials.provision(&ids)?;
+        credentials.save(&self.secrets)?;
+        Ok((added, credentials.len()))
+    }
+}
+
+/// Why `device-sim provision` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// The vehicles cannot be numbered.
+    #[error(transparent)]
+    Vehicles(#[from] SimError),
+    /// The secrets file cannot be read or written.
+    #[error(transparent)]
+    Secrets(#[from] CredentialsError),
+}
+
 impl Cli {
-    /// The simulator configuration these flags ask for, validated.
+    /// The simulator configuration these flags ask for, validated (the secrets file, if
+    /// any, is read here).
     ///
     /// # Errors
     /// [`SimError`] names the first invalid setting.
@@ -75,15 +212,28 @@ impl Cli {
                 Some(Duration::try_from_secs_f64(secs).map_err(|_| SimError::Duration(secs))?)
             }
         };
+        let credentials = match &self.credentials {
+            None => None,
+            Some(path) => Some(Arc::new(Credentials::load(path)?)),
+        };
         let config = SimConfig {
             vehicles: self.vehicles,
             broker_host: self.broker.host,
             broker_port: self.broker.port,
-            fleet: self.fleet,
+            fleets: self.fleet,
             rate_hz: self.rate_hz,
+            heartbeat_qos: self.qos,
             seed: self.seed,
+            keep_alive: Duration::from_secs(self.keep_alive),
             duration,
             centre: self.centre,
+            time_scale: self.time_scale,
+            credentials,
+            chaos: Chaos {
+                drop_rate: self.drop_rate,
+                garbage_rate: self.garbage_rate,
+                clock_skew: Duration::from_millis(self.clock_skew),
+            },
             ..SimConfig::default()
         };
         config.validate()?;
@@ -269,7 +419,101 @@ mod tests {
         );
         assert_eq!(config.heartbeat_interval_ms().expect("valid"), 2000);
         assert_eq!(config.duration, Some(Duration::from_millis(2500)));
-        assert_eq!(config.fleet.as_str(), "demo");
+        assert_eq!(config.fleets, [FleetId::new("demo").expect("valid")]);
+    }
+
+    #[test]
+    fn parses_fleets_chaos_and_clock() {
+        let cli = Cli::try_parse_from([
+            "device-sim",
+            "--fleet",
+            "north,south",
+            "--qos",
+            "1",
+            "--time-scale",
+            "60",
+            "--drop-rate",
+            "0.01",
+            "--garbage-rate",
+            "0.1",
+            "--clock-skew",
+            "1500",
+        ])
+        .expect("parses");
+        let config = cli.into_config().expect("valid");
+        assert_eq!(config.fleets.len(), 2);
+        assert_eq!(config.heartbeat_qos, 1);
+        assert_eq!(config.heartbeat_interval_ms().expect("valid"), 60_000);
+        assert_eq!(
+            config.chaos,
+            Chaos {
+                drop_rate: 0.01,
+                garbage_rate: 0.1,
+                clock_skew: Duration::from_millis(1500),
+            }
+        );
+    }
+
+    #[test]
+    fn provisions_a_secrets_file_the_runner_reads() {
+        let dir = std::env::temp_dir().join(format!("device-sim-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let secrets = dir.join("sim-secrets.toml");
+        let _ = std::fs::remove_file(&secrets);
+        let secrets_arg = secrets.to_str().expect("utf-8 path");
+        let cli = Cli::try_parse_from([
+            "device-sim",
+            "provision",
+            "--vehicles",
+            "3",
+            "--fleet",
+            "north,south",
+            "--secrets",
+            secrets_arg,
+        ])
+        .expect("parses");
+        let Some(CliCommand::Provision(args)) = cli.command else {
+            panic!("not the provision subcommand");
+        };
+        assert_eq!(args.run().expect("provisions"), (3, 3));
+        assert_eq!(args.run().expect("provisions"), (0, 3), "idempotent");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&secrets)
+                .expect("written")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let config = Cli::try_parse_from([
+            "device-sim",
+            "--vehicles",
+            "3",
+            "--fleet",
+            "north,south",
+            "--credentials",
+            secrets_arg,
+        ])
+        .expect("parses")
+        .into_config()
+        .expect("every vehicle has secrets");
+        assert_eq!(config.credentials.map(|c| c.len()), Some(3));
+        let too_many = Cli::try_parse_from([
+            "device-sim",
+            "--vehicles",
+            "4",
+            "--fleet",
+            "north,south",
+            "--credentials",
+            secrets_arg,
+        ])
+        .expect("parses");
+        assert!(matches!(
+            too_many.into_config(),
+            Err(SimError::NoCredentials(_))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -295,6 +539,10 @@ mod tests {
             &["device-sim", "--rate", "0"][..],
             &["device-sim", "--vehicles", "0"],
             &["device-sim", "--duration=-1"],
+            &["device-sim", "--qos", "2"],
+            &["device-sim", "--time-scale", "0"],
+            &["device-sim", "--drop-rate", "2"],
+            &["device-sim", "--credentials", "/nonexistent/secrets.toml"],
         ] {
             let cli = Cli::try_parse_from(args).expect("parses");
             assert!(cli.into_config().is_err(), "{args:?}");

@@ -4,8 +4,9 @@
 //! [`StreetGrid`]), its battery, its heartbeat schedule and sequence number, and its current
 //! [`Mission`]. It does no I/O and owns no clock: the caller passes the time in milliseconds
 //! since the Unix epoch to [`Device::tick`] (or [`Device::advance`]) from a timer, publishes
-//! the heartbeats it returns, and hands it every command that arrives. Nothing here allocates;
-//! a `Device` is a few hundred bytes that can live in a `static`.
+//! what [`Device::next_publication`] hands out while it has a link, and hands it every command
+//! that arrives. Nothing here allocates; a `Device` is under 5 KiB, most of it the
+//! store-and-forward [`Outbox`], and can live in a `static`.
 //!
 //! ```text
 //!            ReturnToDepot             arrives
@@ -20,13 +21,38 @@
 //!
 //! Time advances in fixed [`STEP_MS`] steps whatever the calling rate, so the same seed and the
 //! same step times give the same drive, and a late timer does not make a vehicle jump.
+//!
+//! # Delivery events
+//! A delivery reports three [`DeliveryEvent`]s, each with the next per-vehicle event `seq`, the
+//! order, the position and the time of the step it happened in:
+//! `pickup` when the parcel is on board (the end of the handover at the vendor), `in-transit`
+//! when the vehicle drives off with it, `delivered` when it has been handed to the customer.
+//! Events go into the [`Outbox`] and leave it only when the broker acknowledges them, so a
+//! device with a full event queue must not make more: it answers new orders
+//! [`AckResult::Busy`] unless the queue has room for a whole order's events, and a delivery
+//! whose next event does not fit waits at the handover ([`Device::is_stalled`]) until the link
+//! is back and the queue drains.
+//!
+//! # Heartbeat cadence
+//! Heartbeats follow the configured interval while the vehicle drives; parked (at the depot,
+//! at a handover, or out of battery) it reports [`PARKED_INTERVAL_FACTOR`] times less often,
+//! on the same phase, and at the normal rate again as soon as it drives off.
+//!
+//! # Sealing
+//! Everything the device publishes is sealed ([`shared::seal`]) with its 32-byte key for its
+//! own topic, under a [`Counter`] read from the device clock. The sealing calls take that clock
+//! (`clock_ms`) separately from the simulation time (`now_ms`): on a tracker they are the
+//! same clock; the simulator passes its real-time clock, so a sped-up simulation does not
+//! push counters into the future, where the receivers' replay guards would hold them against
+//! the vehicle's next, normal run.
 
 use shared::{
-    AckResult, CodecError, Command, CommandAck, CommandKind, FleetId, Heartbeat, MAX_PAYLOAD,
-    OfflineReason, OrderId, Position, Status, StatusFlags, Topic, TopicKind, VehicleId,
-    WireMessage, topic::TopicName,
+    AckResult, CodecError, Command, CommandAck, CommandKind, Counter, DeliveryEvent, DeliveryKind,
+    DeviceKey, FleetId, Heartbeat, MAX_PAYLOAD, OfflineReason, OrderId, Position, Status,
+    StatusFlags, Topic, TopicKind, VehicleId, WireMessage, topic::TopicName,
 };
 
+use crate::outbox::Outbox;
 use crate::route::{Driver, Node, StreetGrid};
 
 /// The heartbeat interval a device starts with: 1 Hz.
@@ -39,6 +65,10 @@ pub const MAX_HEARTBEAT_INTERVAL_MS: u32 = 3_600_000;
 pub const LOW_BATTERY_PCT: u8 = 20;
 /// The simulation step: time advances in whole steps of this many milliseconds.
 pub const STEP_MS: u64 = 100;
+/// Parked, a vehicle sends heartbeats this many times less often.
+pub const PARKED_INTERVAL_FACTOR: u32 = 5;
+/// The events one order produces: `pickup`, `in-transit`, `delivered`.
+pub const EVENTS_PER_ORDER: usize = 3;
 
 /// At most this much time is simulated in one call; a longer gap (a suspended host) is skipped,
 /// the vehicle standing still.
@@ -68,11 +98,17 @@ pub struct DeviceConfig {
     /// The initial heartbeat interval, clamped into
     /// [`MIN_HEARTBEAT_INTERVAL_MS`] ..= [`MAX_HEARTBEAT_INTERVAL_MS`].
     pub heartbeat_interval_ms: u32,
+    /// The MQTT QoS of heartbeats: 0 (the topic scheme's rule) or 1.
+    pub heartbeat_qos: u8,
+    /// The key everything the vehicle publishes is sealed with.
+    pub key: DeviceKey,
 }
 
 impl DeviceConfig {
-    /// A vehicle with its depot at the grid centre, a random start and 1 Hz heartbeats.
+    /// A vehicle with its depot at the grid centre, a random start, 1 Hz heartbeats at QoS 0
+    /// and the open-mode key ([`shared::open_mode_key`]).
     pub fn new(vehicle: VehicleId, fleet: FleetId, grid: StreetGrid) -> Self {
+        let key = shared::open_mode_key(&vehicle);
         Self {
             vehicle,
             fleet,
@@ -80,6 +116,8 @@ impl DeviceConfig {
             depot: Node::CENTRE,
             start: None,
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            heartbeat_qos: TopicKind::Heartbeat.qos(),
+            key,
         }
     }
 }
@@ -108,6 +146,8 @@ pub struct Delivery {
     pub dropoff: Node,
     /// The step the delivery is at.
     pub stage: DeliveryStage,
+    /// Whether `in-transit` has been reported (on driving off from the pickup).
+    pub in_transit: bool,
 }
 
 /// The steps of a delivery.
@@ -129,18 +169,38 @@ pub enum DeliveryStage {
     },
 }
 
-/// An MQTT message ready to publish: topic, encoded payload, and the QoS and retain flag the
+/// An MQTT message ready to publish: topic, sealed payload, and the QoS and retain flag the
 /// topic scheme prescribes for its kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publication {
     /// The topic name.
     pub topic: TopicName,
-    /// The encoded message (version byte + postcard).
+    /// The sealed message ([`shared::seal`]: version, counter, postcard body, tag).
     pub payload: heapless::Vec<u8, MAX_PAYLOAD>,
     /// The MQTT QoS, 0 or 1.
     pub qos: u8,
     /// Whether the broker retains it.
     pub retain: bool,
+}
+
+/// The next thing to transmit from the [`Outbox`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    /// What to publish.
+    pub publication: Publication,
+    /// For a delivery event, its `seq`: report the broker's acknowledgement with
+    /// [`Device::event_acked`]. `None` for a heartbeat, which is gone once handed out.
+    pub event_seq: Option<u32>,
+}
+
+/// The two statuses sealed when connecting: see [`Device::connect_statuses`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectStatuses {
+    /// `Online`, sealed with counter `c`: publish it once connected.
+    pub online: Publication,
+    /// `Offline(ConnectionLost)`, sealed with counter `c + 1`: register it as the last will of
+    /// this connection.
+    pub will: Publication,
 }
 
 /// One simulated vehicle. See the [module docs](self).
@@ -158,7 +218,13 @@ pub struct Device {
     battery_pct: f32,
     /// The sequence number of the next heartbeat.
     seq: u32,
+    /// The sequence number of the next delivery event.
+    event_seq: u32,
     interval_ms: u32,
+    heartbeat_qos: u8,
+    key: DeviceKey,
+    counter: Counter,
+    outbox: Outbox,
     last_heartbeat_ms: Option<u64>,
     next_heartbeat_ms: Option<u64>,
     /// The time the simulation has been advanced to (minus `carry_ms`).
@@ -185,9 +251,14 @@ impl Device {
             mission: Mission::Cruising,
             recharging: false,
             seq: 0,
+            event_seq: 0,
             interval_ms: config
                 .heartbeat_interval_ms
                 .clamp(MIN_HEARTBEAT_INTERVAL_MS, MAX_HEARTBEAT_INTERVAL_MS),
+            heartbeat_qos: config.heartbeat_qos.min(1),
+            key: config.key,
+            counter: Counter::new(),
+            outbox: Outbox::new(),
             last_heartbeat_ms: None,
             next_heartbeat_ms: None,
             clock_ms: None,
@@ -289,16 +360,35 @@ impl Device {
         }
     }
 
-    /// Advances to `now_ms` and, if a heartbeat is due, returns it (taking the next sequence
-    /// number and scheduling the one after). Call it at least as often as the interval.
+    /// Advances to `now_ms` and, if a heartbeat is due, queues it in the [`Outbox`] and returns
+    /// a copy (taking the next sequence number and scheduling the one after). Call it at least
+    /// as often as the interval. Parked, only every [`PARKED_INTERVAL_FACTOR`]-th slot is due.
     pub fn tick(&mut self, now_ms: u64) -> Option<Heartbeat> {
         self.advance(now_ms);
         let due = self.next_heartbeat_ms.is_none_or(|due| now_ms >= due);
-        due.then(|| {
-            let heartbeat = self.heartbeat(now_ms);
-            self.sent_heartbeat(now_ms);
-            heartbeat
-        })
+        if !due {
+            return None;
+        }
+        let parked_interval = u64::from(self.interval_ms.saturating_mul(PARKED_INTERVAL_FACTOR));
+        let quiet = self.is_parked()
+            && self.last_heartbeat_ms.is_some_and(|last| {
+                now_ms.saturating_sub(last) + u64::from(self.interval_ms / 2) < parked_interval
+            });
+        if quiet {
+            self.reschedule(now_ms);
+            return None;
+        }
+        let heartbeat = self.heartbeat(now_ms);
+        self.outbox.push_heartbeat(heartbeat);
+        self.seq = self.seq.wrapping_add(1);
+        self.last_heartbeat_ms = Some(now_ms);
+        self.reschedule(now_ms);
+        Some(heartbeat)
+    }
+
+    /// Whether the vehicle is parked: at the depot, at a handover, or out of battery.
+    pub fn is_parked(&self) -> bool {
+        self.driver.is_parked() || self.mission == Mission::AtDepot || self.is_depleted()
     }
 
     /// The heartbeat this device would send at `now_ms`, with the next sequence number; it
@@ -315,37 +405,18 @@ impl Device {
         }
     }
 
-    /// Advances to `now_ms` and sends a heartbeat now, due or not (e.g. right after
-    /// connecting): encodes it into `buf` and returns the payload.
-    ///
-    /// # Errors
-    /// [`CodecError::BufferFull`] cannot happen with a [`MAX_PAYLOAD`] buffer; the sequence
-    /// number is only taken on success.
-    pub fn encode_heartbeat<'b>(
-        &mut self,
-        now_ms: u64,
-        buf: &'b mut [u8; MAX_PAYLOAD],
-    ) -> Result<&'b [u8], CodecError> {
-        self.advance(now_ms);
-        let encoded = shared::encode(&self.heartbeat(now_ms), buf)?;
-        self.sent_heartbeat(now_ms);
-        Ok(encoded)
-    }
-
     /// Makes the next heartbeat due at `at_ms` (ms since the epoch), e.g. to spread many
     /// devices' heartbeats over the interval. The cadence keeps this phase from then on.
     pub fn schedule_heartbeat(&mut self, at_ms: u64) {
         self.next_heartbeat_ms = Some(at_ms);
     }
 
-    /// Takes the sequence number and schedules the next heartbeat on the cadence's phase: a
-    /// whole number of intervals after this one's due time, and at least half an interval
-    /// from now (a late heartbeat is not followed by a hurried one). Sent off schedule (before
-    /// it was due), the next one follows a full interval later.
-    fn sent_heartbeat(&mut self, now_ms: u64) {
+    /// Schedules the next heartbeat slot on the cadence's phase: a whole number of intervals
+    /// after this one's due time, and at least half an interval from now (a late heartbeat is
+    /// not followed by a hurried one). Off schedule (before it was due), the next one follows
+    /// a full interval later.
+    fn reschedule(&mut self, now_ms: u64) {
         let interval = u64::from(self.interval_ms);
-        self.seq = self.seq.wrapping_add(1);
-        self.last_heartbeat_ms = Some(now_ms);
         self.next_heartbeat_ms = Some(match self.next_heartbeat_ms {
             Some(due) if due <= now_ms => {
                 let mut next = due + ((now_ms - due) / interval + 1) * interval;
@@ -358,6 +429,88 @@ impl Device {
         });
     }
 
+    /// The `seq` the next delivery event will carry.
+    pub const fn next_event_seq(&self) -> u32 {
+        self.event_seq
+    }
+
+    /// The store-and-forward queues.
+    pub const fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// Whether a delivery waits at a handover because its next event does not fit the full
+    /// [`Outbox`]: it goes on once the broker has acknowledged queued events.
+    pub fn is_stalled(&self) -> bool {
+        let Mission::Delivery(delivery) = &self.mission else {
+            return false;
+        };
+        match delivery.stage {
+            DeliveryStage::AtPickup { left_ms: 0 } => self.outbox.event_room() < 2,
+            DeliveryStage::AtDropoff { left_ms: 0 } => self.outbox.event_room() < 1,
+            _ => false,
+        }
+    }
+
+    /// The next publication to transmit from the [`Outbox`], sealed with the counter at
+    /// `clock_ms`: the oldest delivery event not yet in flight, else the oldest queued
+    /// heartbeat; `None` when there is nothing to send. Call it only while connected, and
+    /// report acknowledged events with [`event_acked`](Self::event_acked) and a lost
+    /// connection with [`connection_lost`](Self::connection_lost).
+    ///
+    /// # Errors
+    /// None in practice (every message fits [`MAX_PAYLOAD`]); the item stays queued.
+    pub fn next_publication(&mut self, clock_ms: u64) -> Result<Option<OutboxItem>, CodecError> {
+        let topic = Topic::new(self.fleet.clone(), self.vehicle.clone(), TopicKind::Event);
+        if let Some(event) = self.outbox.next_event() {
+            let seq = event.seq;
+            return match seal_publication(event, &topic, 1, &self.key, &mut self.counter, clock_ms)
+            {
+                Ok(publication) => Ok(Some(OutboxItem {
+                    publication,
+                    event_seq: Some(seq),
+                })),
+                Err(err) => {
+                    self.outbox.unsend_last();
+                    Err(err)
+                }
+            };
+        }
+        let Some(heartbeat) = self.outbox.pop_heartbeat() else {
+            return Ok(None);
+        };
+        let topic = topic.with_kind(TopicKind::Heartbeat);
+        let publication = seal_publication(
+            &heartbeat,
+            &topic,
+            self.heartbeat_qos,
+            &self.key,
+            &mut self.counter,
+            clock_ms,
+        )?;
+        Ok(Some(OutboxItem {
+            publication,
+            event_seq: None,
+        }))
+    }
+
+    /// The broker acknowledged the event `seq` (the PUBACK of its publish): it leaves the
+    /// [`Outbox`], with every in-flight event before it. Returns how many left.
+    pub fn event_acked(&mut self, seq: u32) -> usize {
+        self.outbox.acked(seq)
+    }
+
+    /// Takes back the event just handed out by [`next_publication`](Self::next_publication),
+    /// because it could not be handed to the radio after all.
+    pub fn event_unsent(&mut self) {
+        self.outbox.unsend_last();
+    }
+
+    /// The link dropped: the events in flight are sent again after the reconnect.
+    pub fn connection_lost(&mut self) {
+        self.outbox.requeue_in_flight();
+    }
+
     /// Carries out a command and says how it went.
     ///
     /// - `Ping`: [`AckResult::Ok`].
@@ -365,7 +518,9 @@ impl Device {
     ///   outside [`MIN_HEARTBEAT_INTERVAL_MS`] ..= [`MAX_HEARTBEAT_INTERVAL_MS`].
     /// - `ReturnToDepot`: `Ok` and the vehicle drives to the depot; `Busy` during a delivery.
     /// - `AssignOrder`: `Ok` and the vehicle drives to the pickup; `Busy` during another
-    ///   delivery; `Invalid` if pickup or drop-off lies outside the service area.
+    ///   delivery, or while the [`Outbox`] has no room for the order's
+    ///   [`EVENTS_PER_ORDER`] events (a long time offline); `Invalid` if pickup or drop-off
+    ///   lies outside the service area.
     pub fn handle_command(&mut self, command: &Command) -> CommandAck {
         let result = match &command.kind {
             CommandKind::Ping => AckResult::Ok,
@@ -409,7 +564,9 @@ impl Device {
     }
 
     fn assign_order(&mut self, order: &OrderId, pickup: Position, dropoff: Position) -> AckResult {
-        if matches!(self.mission, Mission::Delivery(_)) {
+        if matches!(self.mission, Mission::Delivery(_))
+            || self.outbox.event_room() < EVENTS_PER_ORDER
+        {
             return AckResult::Busy;
         }
         let grid = self.driver.grid();
@@ -423,6 +580,7 @@ impl Device {
             pickup,
             dropoff,
             stage: DeliveryStage::ToPickup,
+            in_transit: false,
         });
         self.driver.set_goal(Some(pickup));
         self.driver.resume();
@@ -440,6 +598,9 @@ impl Device {
             self.battery_pct = 0.0;
             self.driver.halt();
             return;
+        }
+        if step.distance_m > 0.0 {
+            self.drove_off();
         }
         if step.arrived {
             self.arrive();
@@ -466,6 +627,43 @@ impl Device {
         }
     }
 
+    /// The simulation time of the step being taken.
+    fn step_time_ms(&self) -> u64 {
+        self.clock_ms.unwrap_or(0).saturating_sub(self.carry_ms)
+    }
+
+    /// Queues the delivery event `kind` of the current order, here and now. The callers made
+    /// sure there is room (orders are only accepted with room for all their events, and
+    /// handovers wait for it).
+    fn report(&mut self, kind: DeliveryKind) {
+        let Mission::Delivery(delivery) = &self.mission else {
+            return;
+        };
+        let event = DeliveryEvent {
+            seq: self.event_seq,
+            order: delivery.order.clone(),
+            kind,
+            ts_ms: self.step_time_ms(),
+            pos: self.driver.position(),
+        };
+        let queued = self.outbox.push_event(event).is_ok();
+        debug_assert!(queued, "an event was produced without room for it");
+        if queued {
+            self.event_seq = self.event_seq.wrapping_add(1);
+        }
+    }
+
+    /// The vehicle moved: leaving the pickup with the parcel is `in-transit`.
+    fn drove_off(&mut self) {
+        if let Mission::Delivery(delivery) = &mut self.mission
+            && delivery.stage == DeliveryStage::ToDropoff
+            && !delivery.in_transit
+        {
+            delivery.in_transit = true;
+            self.report(DeliveryKind::InTransit);
+        }
+    }
+
     /// The driver stopped at its goal.
     fn arrive(&mut self) {
         let handover = self.rng.u32(HANDOVER_MS);
@@ -477,6 +675,11 @@ impl Device {
                 }
                 DeliveryStage::ToDropoff => {
                     delivery.stage = DeliveryStage::AtDropoff { left_ms: handover };
+                    if !delivery.in_transit {
+                        // Pickup and drop-off at the same corner: it never drove.
+                        delivery.in_transit = true;
+                        self.report(DeliveryKind::InTransit);
+                    }
                 }
                 DeliveryStage::AtPickup { .. } | DeliveryStage::AtDropoff { .. } => {}
             },
@@ -484,9 +687,11 @@ impl Device {
         }
     }
 
-    /// Time passes while parked: charging at the depot, handing parcels over.
+    /// Time passes while parked: charging at the depot, handing parcels over. A handover
+    /// whose event does not fit the [`Outbox`] waits (see [`is_stalled`](Self::is_stalled)).
     fn wait(&mut self) {
         const STEP: u32 = STEP_MS as u32;
+        let room = self.outbox.event_room();
         match &mut self.mission {
             Mission::AtDepot => {
                 let charge = CHARGE_PCT_PER_MIN * STEP_MS as f32 / 60_000.0;
@@ -495,18 +700,19 @@ impl Device {
             Mission::Delivery(delivery) => match &mut delivery.stage {
                 DeliveryStage::AtPickup { left_ms } => {
                     *left_ms = left_ms.saturating_sub(STEP);
-                    if *left_ms == 0 {
-                        // The later delivery-events issue publishes `Pickup` here.
+                    // Room for `pickup` and the `in-transit` that follows it.
+                    if *left_ms == 0 && room >= 2 {
                         delivery.stage = DeliveryStage::ToDropoff;
                         let dropoff = delivery.dropoff;
+                        self.report(DeliveryKind::Pickup);
                         self.driver.set_goal(Some(dropoff));
                         self.driver.resume();
                     }
                 }
                 DeliveryStage::AtDropoff { left_ms } => {
                     *left_ms = left_ms.saturating_sub(STEP);
-                    if *left_ms == 0 {
-                        // The later delivery-events issue publishes `Delivered` here.
+                    if *left_ms == 0 && room >= 1 {
+                        self.report(DeliveryKind::Delivered);
                         self.mission = Mission::Cruising;
                         self.driver.set_goal(None);
                         self.driver.resume();
@@ -518,45 +724,73 @@ impl Device {
         }
     }
 
-    /// `msg` addressed to this vehicle's topic of its kind, encoded, with that kind's QoS and
-    /// retain flag.
+    /// `msg` addressed to this vehicle's topic of its kind, sealed with the next counter at
+    /// `clock_ms`, with that kind's QoS (heartbeats: the configured one) and retain flag.
     ///
     /// # Errors
     /// [`CodecError::BufferFull`] if `msg` does not fit [`MAX_PAYLOAD`] (no Fleetbeat message
     /// is that large).
-    pub fn publication<M: WireMessage>(&self, msg: &M) -> Result<Publication, CodecError> {
-        Ok(Publication {
-            topic: self.topic(M::KIND).name(),
-            payload: shared::encode_vec(msg)?,
-            qos: M::KIND.qos(),
-            retain: M::KIND.retained(),
-        })
+    pub fn publication<M: WireMessage>(
+        &mut self,
+        msg: &M,
+        clock_ms: u64,
+    ) -> Result<Publication, CodecError> {
+        let qos = match M::KIND {
+            TopicKind::Heartbeat => self.heartbeat_qos,
+            kind => kind.qos(),
+        };
+        let topic = self.topic(M::KIND);
+        seal_publication(msg, &topic, qos, &self.key, &mut self.counter, clock_ms)
     }
 
-    /// The retained `Online` status, to publish on every connection.
+    /// The statuses of a new connection, sealed with two consecutive counters: `Online` with
+    /// `c`, the last will `Offline(ConnectionLost)` with `c + 1`. Call it right before each
+    /// connection attempt and register `will` in that CONNECT: the broker publishes the will
+    /// only when the connection is lost, later than the heartbeats sealed meanwhile, but its
+    /// counter must still beat this connection's `Online` (receivers guard each topic kind
+    /// separately, see [`shared::ReplayGuard`]); and a will sealed for an earlier connection
+    /// would be refused as a replay.
     ///
     /// # Errors
     /// None in practice; see [`publication`](Self::publication).
-    pub fn online_status(&self) -> Result<Publication, CodecError> {
-        self.publication(&Status::Online)
-    }
-
-    /// The last will to register when connecting: `Offline(ConnectionLost)`, retained, which
-    /// the broker publishes if the connection dies without a goodbye.
-    ///
-    /// # Errors
-    /// None in practice; see [`publication`](Self::publication).
-    pub fn last_will_status(&self) -> Result<Publication, CodecError> {
-        self.publication(&Status::Offline(OfflineReason::ConnectionLost))
+    pub fn connect_statuses(&mut self, clock_ms: u64) -> Result<ConnectStatuses, CodecError> {
+        let online = self.publication(&Status::Online, clock_ms)?;
+        let will = self.publication(&Status::Offline(OfflineReason::ConnectionLost), clock_ms)?;
+        Ok(ConnectStatuses { online, will })
     }
 
     /// The retained `Offline(reason)` status, to publish before disconnecting on purpose.
     ///
     /// # Errors
     /// None in practice; see [`publication`](Self::publication).
-    pub fn offline_status(&self, reason: OfflineReason) -> Result<Publication, CodecError> {
-        self.publication(&Status::Offline(reason))
+    pub fn offline_status(
+        &mut self,
+        reason: OfflineReason,
+        clock_ms: u64,
+    ) -> Result<Publication, CodecError> {
+        self.publication(&Status::Offline(reason), clock_ms)
     }
+}
+
+/// Seals `msg` for `topic` with the next counter at `clock_ms`.
+fn seal_publication<M: WireMessage>(
+    msg: &M,
+    topic: &Topic,
+    qos: u8,
+    key: &DeviceKey,
+    counter: &mut Counter,
+    clock_ms: u64,
+) -> Result<Publication, CodecError> {
+    let name = topic.name();
+    let mut buf = [0u8; MAX_PAYLOAD];
+    let sealed = shared::seal(msg, name.as_str(), counter.next(clock_ms), key, &mut buf)?;
+    let payload = heapless::Vec::from_slice(sealed).map_err(|_| CodecError::BufferFull)?;
+    Ok(Publication {
+        topic: name,
+        payload,
+        qos,
+        retain: M::KIND.retained(),
+    })
 }
 
 #[cfg(test)]
@@ -602,7 +836,13 @@ mod tests {
     #[test]
     fn is_small() {
         let size = core::mem::size_of::<Device>();
-        assert!(size <= 320, "Device is {size} bytes");
+        let outbox = core::mem::size_of::<Outbox>();
+        // Most of it is the store-and-forward backlog.
+        assert!(
+            size - outbox <= 512,
+            "Device is {size} bytes, {outbox} of them the outbox"
+        );
+        assert!(size <= 5 * 1024, "Device is {size} bytes");
     }
 
     #[test]
@@ -833,27 +1073,230 @@ mod tests {
         assert!(!hb.flags.has(StatusFlags::MOVING | StatusFlags::IGNITION));
     }
 
+    /// Opens a sealed publication of `device` with the vehicle's open-mode key.
+    fn open<M: WireMessage>(device: &Device, p: &Publication) -> shared::Opened<M> {
+        let key = shared::open_mode_key(device.vehicle());
+        shared::open(&p.payload, p.topic.as_str(), &key).expect("authentic")
+    }
+
     #[test]
-    fn encoded_heartbeats_decode_and_are_small() {
+    fn sealed_heartbeats_open_and_are_small() {
         let mut device = device();
-        let mut buf = [0u8; MAX_PAYLOAD];
+        let mut last_counter = 0;
         for i in 0..600 {
             let now = T0 + i * 1000;
-            let expected = {
-                device.advance(now);
-                device.heartbeat(now)
-            };
-            let encoded = device.encode_heartbeat(now, &mut buf).expect("fits");
-            assert!(encoded.len() <= 30, "{} bytes", encoded.len());
-            let decoded: Heartbeat = shared::decode(encoded).expect("decodes");
-            assert_eq!(decoded, expected);
-            assert_eq!(decoded.seq, i as u32);
+            let expected = device.tick(now).expect("due every second");
+            let item = device.next_publication(now).expect("fits").expect("queued");
+            assert_eq!(item.event_seq, None);
+            let p = &item.publication;
+            assert_eq!(p.topic.as_str(), "fleet/demo/demo-0001/hb");
+            assert_eq!((p.qos, p.retain), (0, false));
+            assert!(p.payload.len() <= 40, "{} bytes", p.payload.len());
+            let opened = open::<Heartbeat>(&device, p);
+            assert_eq!(opened.msg, expected);
+            assert_eq!(opened.msg.seq, i as u32);
+            assert!(opened.counter > last_counter, "counters increase");
+            last_counter = opened.counter;
             assert!(
-                decoded
+                opened
+                    .msg
                     .flags
                     .has(StatusFlags::GPS_FIX | StatusFlags::IGNITION)
             );
         }
+        assert_eq!(device.next_publication(T0).expect("fits"), None);
+    }
+
+    #[test]
+    fn offline_heartbeats_are_kept_latest_first_and_counted() {
+        let mut device = device();
+        for i in 0..100 {
+            device.tick(T0 + i * 1000);
+        }
+        assert_eq!(device.outbox().heartbeats_queued(), 64);
+        assert_eq!(device.outbox().heartbeats_dropped(), 36);
+        let seqs: std::vec::Vec<u32> = core::iter::from_fn(|| {
+            device
+                .next_publication(T0 + 100_000)
+                .expect("fits")
+                .map(|item| open::<Heartbeat>(&device, &item.publication).msg.seq)
+        })
+        .collect();
+        assert_eq!(seqs, (36..100).collect::<std::vec::Vec<_>>());
+    }
+
+    #[test]
+    fn parked_vehicles_report_less_often() {
+        let mut device = device();
+        device.handle_command(&command(1, CommandKind::ReturnToDepot));
+        let mut now = T0;
+        while device.mission() != &Mission::AtDepot {
+            device.tick(now);
+            now += 1000;
+            assert!(now < T0 + 1_800_000, "never got home");
+        }
+        let beats = run(&mut device, now, 60_000, 100);
+        let expected = 60 / PARKED_INTERVAL_FACTOR as usize;
+        assert!(
+            (expected - 1..=expected + 1).contains(&beats.len()),
+            "{} heartbeats in a parked minute",
+            beats.len()
+        );
+        // Driving off, it reports every second again.
+        let order = order("ord-5", &device, Node::new(3, 3), Node::new(-3, -3));
+        assert_eq!(device.handle_command(&order).result, AckResult::Ok);
+        let beats = run(&mut device, now + 60_000, 30_000, 100);
+        assert!(beats.len() >= 29, "{} heartbeats driving", beats.len());
+    }
+
+    /// Drives `device` through an order, ticking every second until it is delivered; returns
+    /// the time it ended.
+    fn deliver(device: &mut Device, from: u64) -> u64 {
+        let mut now = from;
+        while matches!(device.mission(), Mission::Delivery(_)) {
+            device.tick(now);
+            now += 1000;
+            assert!(now < from + 3_600_000, "not delivered within an hour");
+        }
+        now
+    }
+
+    #[test]
+    fn a_delivery_reports_pickup_in_transit_delivered() {
+        let mut device = device();
+        let (pickup, dropoff) = (Node::new(4, -2), Node::new(-5, 3));
+        let order = order("ord-1", &device, pickup, dropoff);
+        assert_eq!(device.handle_command(&order).result, AckResult::Ok);
+        let grid = *device.driver().grid();
+        let end = deliver(&mut device, T0);
+        let events: std::vec::Vec<DeliveryEvent> = device.outbox().events().cloned().collect();
+        let kinds: std::vec::Vec<DeliveryKind> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                DeliveryKind::Pickup,
+                DeliveryKind::InTransit,
+                DeliveryKind::Delivered
+            ]
+        );
+        assert!(events.iter().all(|e| e.order.as_str() == "ord-1"));
+        assert_eq!(
+            events.iter().map(|e| e.seq).collect::<std::vec::Vec<_>>(),
+            [0, 1, 2]
+        );
+        assert!(events.windows(2).all(|w| w[0].ts_ms <= w[1].ts_ms));
+        assert!(events[0].ts_ms > T0 + 45_000 && events[2].ts_ms <= end);
+        assert_eq!(events[0].pos, grid.position(pickup));
+        assert_eq!(events[2].pos, grid.position(dropoff));
+        // In transit once it moved off the pickup corner, a few metres on.
+        let moved = grid.to_local(events[1].pos).distance_to(grid.local(pickup));
+        assert!(
+            moved > 0.0 && moved < 5.0,
+            "in-transit {moved} m from the pickup"
+        );
+
+        // Sent in order, sealed on the event topic at QoS 1; they stay until acknowledged.
+        let mut sent = std::vec::Vec::new();
+        while let Some(item) = device.next_publication(end).expect("fits") {
+            if let Some(seq) = item.event_seq {
+                assert_eq!(
+                    item.publication.topic.as_str(),
+                    "fleet/demo/demo-0001/event"
+                );
+                assert_eq!(item.publication.qos, 1);
+                let opened = open::<DeliveryEvent>(&device, &item.publication);
+                assert_eq!(opened.msg.seq, seq);
+                sent.push(seq);
+            }
+        }
+        assert_eq!(sent, [0, 1, 2]);
+        assert_eq!(device.outbox().events_in_flight(), 3);
+        // The link drops before the acks: all three go out again.
+        device.connection_lost();
+        let resent: std::vec::Vec<u32> =
+            core::iter::from_fn(|| device.next_publication(end).expect("fits")?.event_seq)
+                .collect();
+        assert_eq!(resent, [0, 1, 2]);
+        assert_eq!(device.event_acked(0), 1);
+        assert_eq!(device.event_acked(2), 2);
+        assert_eq!(device.outbox().events_queued(), 0);
+    }
+
+    #[test]
+    fn offline_too_long_it_refuses_orders_and_loses_no_event() {
+        let mut device = device();
+        let mut now = T0;
+        let mut accepted = 0;
+        // Never connected: every event stays queued.
+        for i in 0..20 {
+            let order = order(
+                &format!("ord-{i}"),
+                &device,
+                Node::new(1, 1),
+                Node::new(-1, 2),
+            );
+            match device.handle_command(&order).result {
+                AckResult::Ok => {
+                    accepted += 1;
+                    now = deliver(&mut device, now);
+                }
+                AckResult::Busy => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let capacity = crate::outbox::EVENT_BACKLOG / EVENTS_PER_ORDER;
+        assert_eq!(
+            accepted, capacity,
+            "orders accepted while the queue had room"
+        );
+        assert_eq!(device.outbox().events_queued(), capacity * EVENTS_PER_ORDER);
+        let seqs: std::vec::Vec<u32> = device.outbox().events().map(|e| e.seq).collect();
+        assert_eq!(seqs, (0..seqs.len() as u32).collect::<std::vec::Vec<_>>());
+    }
+
+    #[test]
+    fn a_full_queue_stalls_the_handover_until_acknowledged() {
+        let mut device = device();
+        let order = order("ord-1", &device, Node::new(1, 0), Node::new(0, 1));
+        assert_eq!(device.handle_command(&order).result, AckResult::Ok);
+        // Fill the rest of the queue behind the order's back (as earlier deliveries would).
+        while device.outbox.event_room() > 1 {
+            device.report(DeliveryKind::Delivered);
+        }
+        let mut now = T0;
+        while !device.is_stalled() {
+            device.tick(now);
+            now += 1000;
+            assert!(now < T0 + 1_800_000, "never stalled");
+        }
+        let Mission::Delivery(delivery) = device.mission() else {
+            panic!("not delivering");
+        };
+        assert_eq!(delivery.stage, DeliveryStage::AtPickup { left_ms: 0 });
+        for _ in 0..600 {
+            device.tick(now);
+            now += 1000;
+        }
+        assert!(device.is_stalled(), "waits while the queue is full");
+        // The link comes back and the broker acknowledges: it goes on.
+        while let Some(item) = device.next_publication(now).expect("fits") {
+            if let Some(seq) = item.event_seq {
+                device.event_acked(seq);
+            }
+        }
+        device.tick(now + 1000);
+        assert!(!device.is_stalled());
+        let end = deliver(&mut device, now + 1000);
+        let kinds: std::vec::Vec<DeliveryKind> = device.outbox().events().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                DeliveryKind::Pickup,
+                DeliveryKind::InTransit,
+                DeliveryKind::Delivered
+            ]
+        );
+        assert!(end > now);
     }
 
     #[test]
@@ -876,24 +1319,61 @@ mod tests {
 
     #[test]
     fn status_publications_follow_the_topic_scheme() {
-        let device = device();
-        let online = device.online_status().expect("fits");
+        let mut device = device();
+        let statuses = device.connect_statuses(T0).expect("fits");
+        let online = &statuses.online;
         assert_eq!(online.topic.as_str(), "fleet/demo/demo-0001/status");
-        assert_eq!(online.payload.as_slice(), &[1, 0]);
         assert_eq!((online.qos, online.retain), (1, true));
-        let will = device.last_will_status().expect("fits");
-        assert_eq!(will.payload.as_slice(), &[1, 1, 1]);
+        let online = open::<Status>(&device, online);
+        let will = open::<Status>(&device, &statuses.will);
+        assert_eq!(online.msg, Status::Online);
+        assert_eq!(will.msg, Status::Offline(OfflineReason::ConnectionLost));
+        assert_eq!(
+            (online.counter, will.counter),
+            (T0, T0 + 1),
+            "c for online, c + 1 for the will"
+        );
         let bye = device
-            .offline_status(OfflineReason::Shutdown)
+            .offline_status(OfflineReason::Shutdown, T0)
             .expect("fits");
-        assert_eq!(bye.payload.as_slice(), &[1, 1, 0]);
+        let bye = open::<Status>(&device, &bye);
+        assert_eq!(bye.msg, Status::Offline(OfflineReason::Shutdown));
+        assert!(bye.counter > will.counter);
         let ack = device
-            .publication(&CommandAck {
-                id: 7,
-                result: AckResult::Ok,
-            })
+            .publication(
+                &CommandAck {
+                    id: 7,
+                    result: AckResult::Ok,
+                },
+                T0,
+            )
             .expect("fits");
         assert_eq!(ack.topic.as_str(), "fleet/demo/demo-0001/ack");
         assert_eq!((ack.qos, ack.retain), (1, false));
+        // Another key does not open it.
+        assert_eq!(
+            shared::open::<CommandAck>(&ack.payload, ack.topic.as_str(), &[0; 32]),
+            Err(CodecError::Unauthenticated)
+        );
+    }
+
+    #[test]
+    fn heartbeats_at_qos_1_and_own_keys() {
+        let grid = StreetGrid::new(GridConfig::default()).expect("valid grid");
+        let mut config = DeviceConfig::new(
+            VehicleId::new("demo-0002").expect("valid"),
+            FleetId::new("demo").expect("valid"),
+            grid,
+        );
+        config.heartbeat_qos = 1;
+        config.key = [9; 32];
+        let mut device = Device::new(config, 1);
+        device.tick(T0);
+        let item = device.next_publication(T0).expect("fits").expect("queued");
+        let p = item.publication;
+        assert_eq!(p.qos, 1);
+        let opened: shared::Opened<Heartbeat> =
+            shared::open(&p.payload, p.topic.as_str(), &[9; 32]).expect("authentic");
+        assert_eq!(opened.msg.seq, 0);
     }
 }

@@ -10,16 +10,29 @@
 //! - [`route`]: a generated street grid around a city centre, and the [`route::Driver`] that
 //!   drives along its streets from intersection to intersection (`no_std`).
 //! - [`device`]: the per-vehicle state machine [`device::Device`]: position, battery, heartbeat
-//!   schedule, missions, and the answers to dispatcher commands (`no_std`, no heap).
+//!   schedule, the delivery workflow and its events, the answers to dispatcher commands, and
+//!   sealing what it publishes (`no_std`, no heap).
+//! - [`outbox`]: store-and-forward: the fixed-capacity queues of heartbeats and delivery
+//!   events a device keeps while offline, flushed in order, events kept until acknowledged
+//!   (`no_std`, no heap).
 //! - `runner` (feature `runner`): one MQTT connection and one task per vehicle; online status,
-//!   last will, heartbeats, command acks, reconnects with backoff, and a clean goodbye.
+//!   last will, heartbeats, delivery events tracked to their PUBACK, command acks, reconnects
+//!   with backoff, chaos switches, a sped-up clock, and a clean goodbye.
+//! - `credentials` (feature `runner`): the secrets file (per-vehicle MQTT password and
+//!   message key), read by `--credentials` and written by `device-sim provision`.
+//! - `status` (feature `runner`): the live status line on a terminal.
 //! - `cli` (feature `runner`): the `device-sim` command line, turned into a
-//!   `runner::SimConfig`.
+//!   `runner::SimConfig`, and the `provision` subcommand.
 #![cfg_attr(not(any(test, feature = "runner")), no_std)]
 
 #[cfg(feature = "runner")]
 pub mod cli;
+#[cfg(feature = "runner")]
+pub mod credentials;
 pub mod device;
+pub mod outbox;
 pub mod route;
 #[cfg(feature = "runner")]
 pub mod runner;
+#[cfg(feature = "runner")]
+pub mod status;

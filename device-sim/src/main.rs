@@ -2,7 +2,8 @@
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use device_sim::cli::Cli;
+use device_sim::cli::{Cli, CliCommand};
+use device_sim::status::StatusLine;
 use std::io::IsTerminal as _;
 use tracing::info;
 
@@ -11,19 +12,37 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let status = match cli.command {
+        None => StatusLine::for_stderr(),
+        Some(_) => StatusLine::none(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
+        .with_writer(status.make_writer())
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Some(CliCommand::Provision(args)) = &cli.command {
+        let (added, total) = args.run().context("cannot provision")?;
+        info!(
+            added,
+            total,
+            secrets = %args.secrets.display(),
+            "provisioned; register the same vehicles with the broker (see docs/device-sim.md)"
+        );
+        return Ok(());
+    }
     let config = cli.into_config().context("invalid settings")?;
-    let report = device_sim::runner::run(config, shutdown_signal())
+    let report = device_sim::runner::run_with_status(config, shutdown_signal(), status)
         .await
         .context("cannot run the simulation")?;
     info!(
         vehicles = report.vehicles,
         heartbeats = report.heartbeats_sent,
         heartbeats_dropped = report.heartbeats_dropped,
+        events_sent = report.events_sent,
+        events_acked = report.events_acked,
+        garbage = report.garbage_sent,
+        chaos_drops = report.chaos_drops,
         acks = report.commands_answered,
         bad_commands = report.bad_commands,
         reconnects = report.reconnects,

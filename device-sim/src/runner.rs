@@ -5,21 +5,41 @@
 //! cancelling it halfway), and publishes with the non-blocking `try_` calls so nothing it does
 //! can stall the loop that carries those publishes out.
 //!
-//! - Connect (clean session, keep-alive [`SimConfig::keep_alive`], last will
-//!   `Offline(ConnectionLost)` retained at QoS 1 on `fleet/{fleet}/{vehicle}/status`), staggered
-//!   over [`SimConfig::connect_spread`].
+//! - Connect (clean session, keep-alive [`SimConfig::keep_alive`], username and password from
+//!   the [`Credentials`] if given), staggered over [`SimConfig::connect_spread`]. Before each
+//!   attempt the device seals a fresh `Online` (counter `c`) and last will
+//!   `Offline(ConnectionLost)` (counter `c + 1`), and the will goes into that CONNECT.
 //! - On every ConnAck: publish `Online` (retained, QoS 1) and subscribe to `.../cmd` at QoS 1;
-//!   a clean session forgets subscriptions, so this is redone after every reconnect.
-//! - Heartbeats on `.../hb` at QoS 0 from a per-vehicle interval, phases spread evenly over
-//!   the interval; the [`Device`] decides what is due.
-//! - Commands from `.../cmd` are decoded (a bad payload is logged and counted) and answered
-//!   on `.../ack` at QoS 1.
+//!   a clean session forgets subscriptions, so this is redone after every reconnect. Then the
+//!   device's [`Outbox`](crate::outbox::Outbox) is flushed: buffered delivery events first,
+//!   then the buffered heartbeats, oldest first, at most [`FLUSH_WINDOW`] publishes ahead of
+//!   the event loop.
+//! - Heartbeats on `.../hb` at [`SimConfig::heartbeat_qos`], from a per-vehicle interval
+//!   whose phases are spread evenly over the interval; the [`Device`] decides what is due and
+//!   queues it, online or not.
+//! - Delivery events on `.../event` at QoS 1 leave the device's queue only on their PUBACK:
+//!   the task matches `Outgoing::Publish(pkid)` to what it queued (in order) and
+//!   `Incoming::PubAck(pkid)` back to the event. When the connection drops, the events in
+//!   flight are sent again after the reconnect (rumqttc itself drops them: a clean session
+//!   has nothing to resume).
+//! - Commands from `.../cmd` are decoded (plain, not sealed; a bad payload is logged and
+//!   counted) and answered on `.../ack` at QoS 1.
+//! - Everything published is sealed with the vehicle's key ([`Device::publication`]).
 //! - A lost connection is retried with jittered exponential backoff up to
 //!   [`SimConfig::reconnect_max`].
 //! - On stop: `Offline(Shutdown)` retained, then an MQTT DISCONNECT, so the broker drops the
 //!   will. An abrupt stop ([`StopMode::Abrupt`]) just drops the socket and the will fires.
+//! - Chaos ([`Chaos`]): random abrupt disconnects, malformed heartbeat payloads, skewed
+//!   clocks.
+//!
+//! # Clocks
+//! Each vehicle has two clocks, both offset by its clock skew: the *simulation* clock, which
+//! runs [`SimConfig::time_scale`] times faster than real time and drives the device (its
+//! heartbeats' and events' `ts_ms`), and the real-time clock its seal counters are read
+//! from. [`SimConfig::rate_hz`] is in real time: at `--time-scale 60 --rate 1` a vehicle
+//! publishes once a (real) second, reporting a minute of driving each time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,19 +55,42 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::credentials::Credentials;
 use crate::device::{
     Device, DeviceConfig, MAX_HEARTBEAT_INTERVAL_MS, MIN_HEARTBEAT_INTERVAL_MS, Publication,
 };
 use crate::route::{GridConfig, GridError, StreetGrid};
+use crate::status::StatusLine;
 
 /// The most vehicles one simulator runs.
 pub const MAX_VEHICLES: u32 = 10_000;
+/// The fastest heartbeat rate per vehicle, in real time.
+pub const MAX_RATE_HZ: f64 = 10.0;
+/// The largest time scale.
+pub const MAX_TIME_SCALE: f64 = 1000.0;
+/// At most this many publishes are queued for a vehicle's event loop and not yet written.
+pub const FLUSH_WINDOW: usize = 16;
 /// The first reconnect attempt waits about this long; each further one doubles it.
 const RECONNECT_BASE: Duration = Duration::from_millis(100);
 /// How long a vehicle may take to say goodbye (publish offline, disconnect) on stop.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Requests a vehicle can queue for its event loop.
-const REQUEST_CAPACITY: usize = 32;
+/// Requests a vehicle can queue for its event loop: the flush window, plus room for command
+/// acks, the subscription and the goodbye.
+const REQUEST_CAPACITY: usize = 2 * FLUSH_WINDOW;
+/// QoS 1 publishes a vehicle has in flight at most (rumqttc allocates a slot for each).
+const MAX_INFLIGHT: u16 = 20;
+
+/// Switches that make vehicles misbehave, to test the rest of the system.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Chaos {
+    /// Probability per second per vehicle of dropping its connection abruptly (the will
+    /// fires; it reconnects after the usual backoff), 0 ..= 1.
+    pub drop_rate: f64,
+    /// Probability per heartbeat of publishing a malformed payload instead, 0 ..= 1.
+    pub garbage_rate: f64,
+    /// Each vehicle's clock is off by a random amount within ± this.
+    pub clock_skew: Duration,
+}
 
 /// What to simulate and where to connect.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,39 +101,55 @@ pub struct SimConfig {
     pub broker_host: String,
     /// The MQTT broker's TCP port.
     pub broker_port: u16,
-    /// The fleet all vehicles belong to; vehicle ids are `{fleet}-{index:04}` from 1.
-    pub fleet: FleetId,
-    /// Heartbeats per second per vehicle (fractions allowed): the interval must lie within
-    /// 100 ms ..= 1 h.
+    /// The fleets; vehicles are dealt to them in turn and numbered within each:
+    /// `{fleet}-{index:04}` from 1 (see [`SimConfig::vehicle_ids`]).
+    pub fleets: Vec<FleetId>,
+    /// Heartbeats per (real) second per vehicle, fractions allowed, at most
+    /// [`MAX_RATE_HZ`]; the device interval it gives (scaled by the time scale) must lie
+    /// within 100 ms ..= 1 h.
     pub rate_hz: f64,
+    /// The MQTT QoS of heartbeats, 0 or 1.
+    pub heartbeat_qos: u8,
     /// Seeds every vehicle's start, battery and drive: same seed, same fleet movements.
     pub seed: u64,
     /// Stop by itself after this long ([`run`] only); `None` runs until shut down.
     pub duration: Option<Duration>,
     /// The city centre the street grid is laid around.
     pub centre: Position,
+    /// How much faster than real time the vehicles live, 0 < x ..= [`MAX_TIME_SCALE`].
+    pub time_scale: f64,
+    /// Per-vehicle MQTT passwords and message keys; `None` is open mode (no login, keys from
+    /// [`shared::open_mode_key`]).
+    pub credentials: Option<Arc<Credentials>>,
+    /// Misbehaviour on purpose.
+    pub chaos: Chaos,
     /// MQTT keep-alive, 1 ..= 65 535 s (never 0: the broker must notice a dead vehicle).
     pub keep_alive: Duration,
     /// Vehicles connect one after another over this window instead of all at once.
     pub connect_spread: Duration,
     /// The longest wait between two reconnect attempts.
     pub reconnect_max: Duration,
-    /// How often a progress line is logged.
+    /// How often a progress line is logged (without a status line).
     pub progress_every: Duration,
 }
 
 impl Default for SimConfig {
-    /// 100 vehicles of fleet `demo` in Berlin at 1 Hz, against `127.0.0.1:1883`.
+    /// 100 vehicles of fleet `demo` in Berlin at 1 Hz, in open mode, against
+    /// `127.0.0.1:1883`.
     fn default() -> Self {
         Self {
             vehicles: 100,
             broker_host: "127.0.0.1".into(),
             broker_port: 1883,
-            fleet: FleetId::new("demo").unwrap_or_else(|_| unreachable!("`demo` is a valid id")),
+            fleets: vec![FleetId::new("demo").unwrap_or_else(|_| unreachable!("`demo` is valid"))],
             rate_hz: 1.0,
+            heartbeat_qos: 0,
             seed: 1,
             duration: None,
             centre: GridConfig::BERLIN,
+            time_scale: 1.0,
+            credentials: None,
+            chaos: Chaos::default(),
             keep_alive: Duration::from_secs(30),
             connect_spread: Duration::from_secs(2),
             reconnect_max: Duration::from_secs(5),
@@ -100,29 +159,56 @@ impl Default for SimConfig {
 }
 
 impl SimConfig {
-    /// The heartbeat interval the rate gives, in milliseconds.
+    /// The device's heartbeat interval in (simulation) milliseconds: the real-time interval
+    /// the rate gives, times the time scale.
     ///
     /// # Errors
-    /// [`SimError::Rate`] if the rate is not finite and positive, or the interval falls
-    /// outside 100 ms ..= 1 h.
+    /// [`SimError::Rate`] if the rate is not finite, positive and at most [`MAX_RATE_HZ`], or
+    /// the interval falls outside 100 ms ..= 1 h; [`SimError::TimeScale`] for a bad scale.
     pub fn heartbeat_interval_ms(&self) -> Result<u32, SimError> {
-        let interval = 1000.0 / self.rate_hz;
+        if !(self.time_scale.is_finite()
+            && self.time_scale > 0.0
+            && self.time_scale <= MAX_TIME_SCALE)
+        {
+            return Err(SimError::TimeScale(self.time_scale));
+        }
+        if !(self.rate_hz.is_finite() && self.rate_hz > 0.0 && self.rate_hz <= MAX_RATE_HZ) {
+            return Err(SimError::Rate(self.rate_hz));
+        }
+        let interval = (1000.0 * self.time_scale / self.rate_hz).round();
         let valid = f64::from(MIN_HEARTBEAT_INTERVAL_MS)..=f64::from(MAX_HEARTBEAT_INTERVAL_MS);
-        if !self.rate_hz.is_finite() || !valid.contains(&interval.round()) {
+        if !valid.contains(&interval) {
             return Err(SimError::Rate(self.rate_hz));
         }
         // Within 100 ..= 3_600_000: the cast is exact.
-        Ok(interval.round() as u32)
+        Ok(interval as u32)
     }
 
-    /// The id of the `index`-th vehicle (from 1): `{fleet}-{index:04}`.
+    /// The fleet and id of the `slot`-th vehicle (from 0): fleets are dealt in turn, and
+    /// vehicles are numbered from 1 within their fleet: `{fleet}-{index:04}`.
     ///
     /// # Errors
-    /// [`SimError::VehicleId`] if the id does not fit a [`VehicleId`] (the fleet name is too
-    /// long).
-    pub fn vehicle_id(&self, index: u32) -> Result<VehicleId, SimError> {
-        let id = format!("{}-{index:04}", self.fleet);
-        VehicleId::new(&id).map_err(|source| SimError::VehicleId { id, source })
+    /// [`SimError::NoFleet`] without fleets; [`SimError::VehicleId`] if the id does not fit
+    /// a [`VehicleId`] (the fleet name is too long).
+    pub fn vehicle(&self, slot: u32) -> Result<(FleetId, VehicleId), SimError> {
+        let fleets = u32::try_from(self.fleets.len()).unwrap_or(u32::MAX);
+        let fleet = self
+            .fleets
+            .get((slot % fleets.max(1)) as usize)
+            .ok_or(SimError::NoFleet)?;
+        let id = format!("{fleet}-{:04}", slot / fleets + 1);
+        let vehicle = VehicleId::new(&id).map_err(|source| SimError::VehicleId { id, source })?;
+        Ok((fleet.clone(), vehicle))
+    }
+
+    /// Every vehicle's id, in slot order.
+    ///
+    /// # Errors
+    /// See [`vehicle`](Self::vehicle).
+    pub fn vehicle_ids(&self) -> Result<Vec<VehicleId>, SimError> {
+        (0..self.vehicles)
+            .map(|slot| self.vehicle(slot).map(|(_, id)| id))
+            .collect()
     }
 
     /// Checks every setting, and builds the street grid.
@@ -136,18 +222,69 @@ impl SimConfig {
         if self.broker_host.is_empty() {
             return Err(SimError::BrokerHost);
         }
+        if self.fleets.is_empty() {
+            return Err(SimError::NoFleet);
+        }
         self.heartbeat_interval_ms()?;
+        if self.heartbeat_qos > 1 {
+            return Err(SimError::Qos(self.heartbeat_qos));
+        }
         if !(Duration::from_secs(1)..=Duration::from_secs(65_535)).contains(&self.keep_alive)
             || self.keep_alive.subsec_nanos() != 0
         {
             return Err(SimError::KeepAlive(self.keep_alive));
         }
-        // The longest id is the last one.
-        self.vehicle_id(self.vehicles)?;
+        for (name, p) in [
+            ("drop rate", self.chaos.drop_rate),
+            ("garbage rate", self.chaos.garbage_rate),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(SimError::Probability { name, value: p });
+            }
+        }
+        // The longest ids are the last ones of each fleet.
+        let last = self.vehicles.saturating_sub(1);
+        for slot in last.saturating_sub(self.fleets.len() as u32)..=last {
+            self.vehicle(slot)?;
+        }
+        if let Some(credentials) = &self.credentials {
+            for slot in 0..self.vehicles {
+                let (_, id) = self.vehicle(slot)?;
+                if credentials.get(&id).is_none() {
+                    return Err(SimError::NoCredentials(id));
+                }
+            }
+        }
         Ok(StreetGrid::new(GridConfig {
             centre: self.centre,
             ..GridConfig::default()
         })?)
+    }
+
+    /// The devices this configuration simulates, in slot order, exactly as
+    /// [`Simulation::start`] builds them (without scheduling their first heartbeat): the
+    /// same seed gives the same devices, and so the same drives.
+    ///
+    /// # Errors
+    /// [`SimError`] for an invalid configuration.
+    pub fn devices(&self) -> Result<Vec<Device>, SimError> {
+        let grid = self.validate()?;
+        let interval_ms = self.heartbeat_interval_ms()?;
+        // Different seeds start the fleet at different (but still spread-out) intersections.
+        let slot_offset = (self.seed % u64::from(grid.node_count())) as u32;
+        (0..self.vehicles)
+            .map(|slot| {
+                let (fleet, id) = self.vehicle(slot)?;
+                let mut config = DeviceConfig::new(id.clone(), fleet, grid);
+                config.start = Some(grid.spread_node(slot + slot_offset));
+                config.heartbeat_interval_ms = interval_ms;
+                config.heartbeat_qos = self.heartbeat_qos;
+                if let Some(secret) = self.credentials.as_ref().and_then(|c| c.get(&id)) {
+                    config.key = secret.key;
+                }
+                Ok(Device::new(config, vehicle_seed(self.seed, slot + 1)))
+            })
+            .collect()
     }
 }
 
@@ -160,9 +297,29 @@ pub enum SimError {
     /// The broker host is empty.
     #[error("the broker host is empty")]
     BrokerHost,
-    /// The heartbeat rate gives an interval outside 100 ms ..= 1 h.
-    #[error("heartbeat rate {0} Hz is outside 1/3600 ..= 10 Hz")]
+    /// No fleet was given.
+    #[error("at least one fleet is needed")]
+    NoFleet,
+    /// The heartbeat rate is not positive, above [`MAX_RATE_HZ`], or gives a device interval
+    /// outside 100 ms ..= 1 h at this time scale.
+    #[error(
+        "heartbeat rate {0} Hz is outside 0 < rate <= 10 Hz, or gives a device interval outside 100 ms ..= 1 h at this time scale"
+    )]
     Rate(f64),
+    /// The time scale is not within 0 < x ..= [`MAX_TIME_SCALE`].
+    #[error("time scale {0} is outside 0 < x <= {MAX_TIME_SCALE}")]
+    TimeScale(f64),
+    /// The heartbeat QoS is not 0 or 1.
+    #[error("heartbeat QoS must be 0 or 1, not {0}")]
+    Qos(u8),
+    /// A chaos probability is outside 0 ..= 1.
+    #[error("the {name} {value} is not a probability (0 ..= 1)")]
+    Probability {
+        /// Which switch.
+        name: &'static str,
+        /// Its value.
+        value: f64,
+    },
     /// The run duration is negative or not a number of seconds.
     #[error("duration {0} s is not a non-negative number of seconds")]
     Duration(f64),
@@ -177,6 +334,12 @@ pub enum SimError {
         /// What is wrong with it.
         source: IdError,
     },
+    /// The secrets file cannot be read.
+    #[error("cannot use the secrets file")]
+    Credentials(#[from] crate::credentials::CredentialsError),
+    /// The credentials have no entry for a simulated vehicle.
+    #[error("the secrets file has no entry for {0} (run `device-sim provision` for it)")]
+    NoCredentials(VehicleId),
     /// The street grid around the centre cannot be built.
     #[error("invalid street grid")]
     Grid(#[from] GridError),
@@ -200,8 +363,17 @@ pub struct SimReport {
     pub connected: u64,
     /// Heartbeats written to the broker connection.
     pub heartbeats_sent: u64,
-    /// Heartbeats due while connected that could not be queued (the connection was backed up).
+    /// Heartbeats lost: pushed out of a full offline backlog, or not queued because the
+    /// connection was backed up.
     pub heartbeats_dropped: u64,
+    /// Delivery event publishes written to the broker connection (re-sends included).
+    pub events_sent: u64,
+    /// Delivery events acknowledged by the broker (each counted once).
+    pub events_acked: u64,
+    /// Malformed payloads published on purpose ([`Chaos::garbage_rate`]).
+    pub garbage_sent: u64,
+    /// Connections dropped on purpose ([`Chaos::drop_rate`]).
+    pub chaos_drops: u64,
     /// Commands answered with an ack.
     pub commands_answered: u64,
     /// Payloads on a `cmd` topic that did not decode as a command.
@@ -220,6 +392,10 @@ struct Counters {
     connected: AtomicU64,
     heartbeats_sent: AtomicU64,
     heartbeats_dropped: AtomicU64,
+    events_sent: AtomicU64,
+    events_acked: AtomicU64,
+    garbage_sent: AtomicU64,
+    chaos_drops: AtomicU64,
     commands_answered: AtomicU64,
     bad_commands: AtomicU64,
     reconnects: AtomicU64,
@@ -238,6 +414,10 @@ impl Counters {
             connected: get(&self.connected),
             heartbeats_sent: get(&self.heartbeats_sent),
             heartbeats_dropped: get(&self.heartbeats_dropped),
+            events_sent: get(&self.events_sent),
+            events_acked: get(&self.events_acked),
+            garbage_sent: get(&self.garbage_sent),
+            chaos_drops: get(&self.chaos_drops),
             commands_answered: get(&self.commands_answered),
             bad_commands: get(&self.bad_commands),
             reconnects: get(&self.reconnects),
@@ -277,36 +457,55 @@ pub struct Simulation {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     started: Instant,
+    status: StatusLine,
 }
 
 impl Simulation {
     /// Validates `config` and spawns every vehicle and the progress logger on the current
-    /// Tokio runtime. [`SimConfig::duration`] is not enforced here (see [`run`]).
+    /// Tokio runtime, logging progress lines. [`SimConfig::duration`] is not enforced here
+    /// (see [`run`]).
     ///
     /// # Errors
     /// [`SimError`] for an invalid configuration, or [`SimError::NoRuntime`].
     pub fn start(config: SimConfig) -> Result<Self, SimError> {
-        let grid = config.validate()?;
+        Self::start_with_status(config, StatusLine::none())
+    }
+
+    /// [`start`](Self::start), showing progress on `status` if it is shown (else as log
+    /// lines).
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub fn start_with_status(config: SimConfig, status: StatusLine) -> Result<Self, SimError> {
+        let devices = config.devices()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| SimError::NoRuntime)?;
         let interval_ms = config.heartbeat_interval_ms()?;
-        let clock = SimClock::start();
         let counters = Arc::new(Counters::default());
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
         let n = config.vehicles;
         let mut vehicles = Vec::with_capacity(n as usize);
         let mut controls = HashMap::with_capacity(n as usize);
-        // Different seeds start the fleet at different (but still spread-out) intersections.
-        let slot_offset = (config.seed % u64::from(grid.node_count())) as u32;
+        let started = Instant::now();
+        let epoch_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let skew_ms = i64::try_from(config.chaos.clock_skew.as_millis()).unwrap_or(i64::MAX);
 
-        for index in 1..=n {
-            let id = config.vehicle_id(index)?;
-            let slot = index - 1;
-            let mut device_config = DeviceConfig::new(id.clone(), config.fleet.clone(), grid);
-            device_config.start = Some(grid.spread_node(slot + slot_offset));
-            device_config.heartbeat_interval_ms = interval_ms;
-            let seed = vehicle_seed(config.seed, index);
-            let mut device = Device::new(device_config, seed);
+        for (slot, mut device) in (0u32..).zip(devices) {
+            let id = device.vehicle().clone();
+            let seed = vehicle_seed(config.seed, slot + 1);
+            let mut rng = fastrand::Rng::with_seed(seed ^ 0xB0FF);
+            let clock = SimClock {
+                epoch_ms,
+                start: started,
+                scale: config.time_scale,
+                skew_ms: if skew_ms > 0 {
+                    rng.i64(-skew_ms..=skew_ms)
+                } else {
+                    0
+                },
+            };
             // Phases spread evenly over one interval, so heartbeats do not come in bursts.
             let phase_ms = u64::from(interval_ms) * u64::from(slot) / u64::from(n);
             device.schedule_heartbeat(clock.now_ms() + phase_ms);
@@ -314,19 +513,16 @@ impl Simulation {
                 .connect_spread
                 .mul_f64(f64::from(slot) / f64::from(n));
 
-            let will = device.last_will_status()?;
             let mut options =
                 MqttOptions::new(id.as_str(), config.broker_host.as_str(), config.broker_port);
             options
                 .set_keep_alive(config.keep_alive)
                 .set_clean_session(true)
-                .set_request_channel_capacity(REQUEST_CAPACITY)
-                .set_last_will(LastWill::new(
-                    will.topic.as_str(),
-                    will.payload.to_vec(),
-                    qos(will.qos),
-                    will.retain,
-                ));
+                .set_inflight(MAX_INFLIGHT)
+                .set_request_channel_capacity(REQUEST_CAPACITY);
+            if let Some(secret) = config.credentials.as_ref().and_then(|c| c.get(&id)) {
+                options.set_credentials(id.as_str(), secret.password.as_str());
+            }
             let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
 
             let control = VehicleControl {
@@ -335,46 +531,55 @@ impl Simulation {
                 done: CancellationToken::new(),
             };
             let vehicle = Vehicle {
-                topics: Topics::new(&device),
+                command_topic: device.topic(shared::TopicKind::Command).name().to_string(),
                 device,
                 client,
                 clock,
                 counters: Arc::clone(&counters),
-                rng: fastrand::Rng::with_seed(seed ^ 0xB0FF),
+                rng,
+                chaos: config.chaos,
                 reconnect_max: config.reconnect_max,
                 link_up: false,
                 ever_connected: false,
                 attempt: 0,
                 goodbye_deadline: None,
                 heartbeat: None,
+                online: None,
+                queued: VecDeque::new(),
+                in_flight: Vec::new(),
+                next_drop: None,
+                stall_reported: false,
+                next_logged_event: 0,
             };
             let span = info_span!("vehicle", vehicle = %id);
-            tracker.spawn_on(
-                vehicle
-                    .run(eventloop, control.clone(), connect_delay)
-                    .instrument(span),
-                &runtime,
-            );
+            // Boxed: an async fn keeps its arguments next to the locals they are moved into,
+            // which would hold the ~5 KiB vehicle (and the event loop) twice in every task.
+            let task = Box::new(vehicle).run(Box::new(eventloop), control.clone(), connect_delay);
+            tracker.spawn_on(task.instrument(span), &runtime);
             vehicles.push(id.clone());
             controls.insert(id, control);
         }
 
-        let started = clock.start;
         tracker.spawn_on(
-            log_progress(
+            show_progress(
                 Arc::clone(&counters),
                 n,
                 started,
                 config.progress_every,
+                status.clone(),
                 shutdown.clone(),
             ),
             &runtime,
         );
+        let fleets: Vec<&str> = config.fleets.iter().map(FleetId::as_str).collect();
         info!(
             vehicles = n,
             broker = %format_args!("{}:{}", config.broker_host, config.broker_port),
-            fleet = %config.fleet,
+            fleets = %fleets.join(","),
             interval_ms,
+            time_scale = config.time_scale,
+            heartbeat_qos = config.heartbeat_qos,
+            sealed_with = if config.credentials.is_some() { "per-vehicle keys" } else { "open-mode keys" },
             seed = config.seed,
             "simulation started"
         );
@@ -385,10 +590,11 @@ impl Simulation {
             tracker,
             shutdown,
             started,
+            status,
         })
     }
 
-    /// The simulated vehicles' ids, in index order.
+    /// The simulated vehicles' ids, in slot order.
     pub fn vehicles(&self) -> &[VehicleId] {
         &self.vehicles
     }
@@ -427,6 +633,7 @@ impl Simulation {
         self.shutdown.cancel();
         self.tracker.close();
         self.tracker.wait().await;
+        self.status.finish();
         self.report()
     }
 }
@@ -440,7 +647,7 @@ impl Drop for Simulation {
 }
 
 /// Runs a simulation until `shutdown` completes or [`SimConfig::duration`] has passed, then
-/// stops every vehicle cleanly and returns what happened.
+/// stops every vehicle cleanly and returns what happened. Progress goes to the log.
 ///
 /// # Errors
 /// [`SimError`] if the configuration is invalid; connection trouble is not an error (vehicles
@@ -449,8 +656,20 @@ pub async fn run(
     config: SimConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<SimReport, SimError> {
+    run_with_status(config, shutdown, StatusLine::none()).await
+}
+
+/// [`run`], showing progress on `status` (a live status line on a terminal).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_status(
+    config: SimConfig,
+    shutdown: impl Future<Output = ()>,
+    status: StatusLine,
+) -> Result<SimReport, SimError> {
     let duration = config.duration;
-    let simulation = Simulation::start(config)?;
+    let simulation = Simulation::start_with_status(config, status)?;
     let elapsed = async {
         match duration {
             Some(duration) => sleep(duration).await,
@@ -464,32 +683,49 @@ pub async fn run(
     Ok(simulation.shutdown().await)
 }
 
-/// Logs the counters every `every` until `cancel`.
-async fn log_progress(
+/// Shows the counters: on the status line four times a second, or as a log line every
+/// `every` if there is no status line; until `cancel`.
+async fn show_progress(
     counters: Arc<Counters>,
     vehicles: u32,
     started: Instant,
     every: Duration,
+    status: StatusLine,
     cancel: CancellationToken,
 ) {
-    let every = every.max(Duration::from_millis(100));
+    let every = if status.is_shown() {
+        Duration::from_millis(250)
+    } else {
+        every.max(Duration::from_millis(100))
+    };
     let mut ticker = interval_at(Instant::now() + every, every);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last = (Instant::now(), 0u64);
     loop {
         tokio::select! {
             biased;
             () = cancel.cancelled() => return,
             _ = ticker.tick() => {
                 let r = counters.report(vehicles, started);
-                info!(
-                    connected = r.connected,
-                    vehicles,
-                    heartbeats = r.heartbeats_sent,
-                    acks = r.commands_answered,
-                    reconnects = r.reconnects,
-                    errors = r.errors,
-                    "progress"
-                );
+                let now = Instant::now();
+                let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
+                let rate = r.heartbeats_sent.saturating_sub(last.1) as f64 / secs;
+                last = (now, r.heartbeats_sent);
+                if status.is_shown() {
+                    status.update(&r, rate);
+                } else {
+                    info!(
+                        connected = r.connected,
+                        vehicles,
+                        heartbeats = r.heartbeats_sent,
+                        heartbeats_per_s = rate.round(),
+                        events = r.events_acked,
+                        acks = r.commands_answered,
+                        reconnects = r.reconnects,
+                        errors = r.errors,
+                        "progress"
+                    );
+                }
             }
         }
     }
@@ -511,51 +747,60 @@ fn qos(level: u8) -> QoS {
     }
 }
 
-/// Device time: Unix milliseconds read once at start, then advanced by the monotonic Tokio
-/// clock, so it never jumps with the wall clock and matches Tokio's timers to the millisecond.
+/// A vehicle's clocks: Unix milliseconds read once at start (plus the vehicle's skew), then
+/// advanced by the monotonic Tokio clock, so they never jump with the wall clock and match
+/// Tokio's timers to the millisecond. The simulation clock runs `scale` times faster.
 #[derive(Debug, Clone, Copy)]
 struct SimClock {
     epoch_ms: u64,
     start: Instant,
+    scale: f64,
+    skew_ms: i64,
 }
 
 impl SimClock {
-    fn start() -> Self {
-        let epoch_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        Self {
-            epoch_ms,
-            start: Instant::now(),
-        }
+    fn base_ms(&self) -> u64 {
+        self.epoch_ms.saturating_add_signed(self.skew_ms)
     }
 
+    /// Simulation time at `at`.
+    fn ms_at(&self, at: Instant) -> u64 {
+        let elapsed = at.saturating_duration_since(self.start).as_secs_f64() * 1000.0;
+        // Non-negative and far below 2^53.
+        self.base_ms() + (elapsed * self.scale).floor() as u64
+    }
+
+    /// Simulation time now.
     fn now_ms(&self) -> u64 {
+        self.ms_at(Instant::now())
+    }
+
+    /// Real (unscaled) device time now: what seal counters are read from.
+    fn wall_ms(&self) -> u64 {
         let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.epoch_ms.saturating_add(elapsed)
+        self.base_ms().saturating_add(elapsed)
     }
 
-    /// The instant at device time `ms`: a timer set to it fires when `now_ms() >= ms`.
+    /// The instant at simulation time `ms`: a timer set to it fires when `now_ms() >= ms`.
     fn instant_at(&self, ms: u64) -> Instant {
-        self.start + Duration::from_millis(ms.saturating_sub(self.epoch_ms))
+        let sim = ms.saturating_sub(self.base_ms()) as f64;
+        self.start + Duration::from_secs_f64(sim / self.scale / 1000.0)
+    }
+
+    /// A real-time duration for `ms` of simulation time.
+    fn real(&self, ms: u32) -> Duration {
+        Duration::from_secs_f64(f64::from(ms) / self.scale / 1000.0)
     }
 }
 
-/// A vehicle's topic names, built once.
-#[derive(Debug)]
-struct Topics {
-    heartbeat: String,
-    command: String,
-}
-
-impl Topics {
-    fn new(device: &Device) -> Self {
-        use shared::TopicKind;
-        Self {
-            heartbeat: device.topic(TopicKind::Heartbeat).name().to_string(),
-            command: device.topic(TopicKind::Command).name().to_string(),
-        }
-    }
+/// What a publish handed to the event loop carries, so its `Outgoing::Publish(pkid)` can be
+/// matched (they come out in the order they went in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queued {
+    Heartbeat,
+    Garbage,
+    Event(u32),
+    Other,
 }
 
 /// Whether a vehicle task goes on after handling something.
@@ -565,15 +810,23 @@ enum Flow {
     Done,
 }
 
+/// Why the vehicle stopped polling its event loop.
+enum Polled {
+    Event(Result<Event, ConnectionError>),
+    /// [`Chaos::drop_rate`] struck.
+    ChaosDrop,
+}
+
 /// One vehicle's task state: the device and its MQTT side.
 struct Vehicle {
     device: Device,
     client: AsyncClient,
-    topics: Topics,
+    command_topic: String,
     clock: SimClock,
     counters: Arc<Counters>,
-    /// Backoff jitter.
+    /// Backoff jitter and chaos.
     rng: fastrand::Rng,
+    chaos: Chaos,
     reconnect_max: Duration,
     link_up: bool,
     ever_connected: bool,
@@ -583,24 +836,43 @@ struct Vehicle {
     goodbye_deadline: Option<Instant>,
     /// Created on the first ConnAck: no heartbeats before the vehicle was ever online.
     heartbeat: Option<Interval>,
+    /// The `Online` status sealed for the connection being made.
+    online: Option<Publication>,
+    /// Publishes handed to the event loop and not yet written, oldest first.
+    queued: VecDeque<Queued>,
+    /// Delivery events written and awaiting their PUBACK: (packet id, event seq).
+    in_flight: Vec<(u16, u32)>,
+    /// When [`Chaos::drop_rate`] strikes next.
+    next_drop: Option<Instant>,
+    /// Whether the current stall (full event queue) was logged.
+    stall_reported: bool,
+    /// The `seq` of the next delivery event to log.
+    next_logged_event: u32,
 }
 
 impl Vehicle {
-    async fn run(mut self, eventloop: EventLoop, control: VehicleControl, connect_delay: Duration) {
+    async fn run(
+        mut self: Box<Self>,
+        mut eventloop: Box<EventLoop>,
+        control: VehicleControl,
+        connect_delay: Duration,
+    ) {
         let _done = control.done.clone().drop_guard();
-        self.drive(eventloop, &control, connect_delay).await;
+        self.drive(&mut eventloop, &control, connect_delay).await;
         if self.link_up {
             self.counters.connected.fetch_sub(1, Ordering::Relaxed);
         }
+        let outbox = self.device.outbox();
         debug!(
             heartbeats = self.device.heartbeat(self.clock.now_ms()).seq,
+            events_unacknowledged = outbox.events_queued(),
             "vehicle stopped"
         );
     }
 
     async fn drive(
         &mut self,
-        mut eventloop: EventLoop,
+        eventloop: &mut EventLoop,
         control: &VehicleControl,
         connect_delay: Duration,
     ) {
@@ -614,6 +886,7 @@ impl Vehicle {
         loop {
             if let Some(at) = retry_at.take() {
                 // Backing off: the event loop is deliberately not polled (that would reconnect).
+                // The device lives on and queues what it has to say.
                 loop {
                     tokio::select! {
                         biased;
@@ -621,13 +894,16 @@ impl Vehicle {
                         () = control.abort.cancelled() => return,
                         () = control.stop.cancelled() => return,
                         () = sleep_until(at) => break,
-                        _ = tick(&mut self.heartbeat) => {
-                            if self.on_heartbeat() == Flow::Done {
+                        at = tick(&mut self.heartbeat) => {
+                            if self.on_heartbeat(at) == Flow::Done {
                                 return;
                             }
                         }
                     }
                 }
+            }
+            if !self.link_up {
+                self.prepare_connection(eventloop);
             }
 
             let polled = {
@@ -635,6 +911,9 @@ impl Vehicle {
                 tokio::pin!(poll);
                 loop {
                     let deadline = self.goodbye_deadline;
+                    let drop_at = self
+                        .next_drop
+                        .filter(|_| self.link_up && deadline.is_none());
                     tokio::select! {
                         biased;
                         () = control.abort.cancelled() => {
@@ -650,29 +929,62 @@ impl Vehicle {
                             warn!("goodbye timed out");
                             return;
                         }
-                        polled = &mut poll => break polled,
-                        _ = tick(&mut self.heartbeat), if deadline.is_none() => {
-                            if self.on_heartbeat() == Flow::Done {
+                        polled = &mut poll => break Polled::Event(polled),
+                        at = tick(&mut self.heartbeat), if deadline.is_none() => {
+                            if self.on_heartbeat(at) == Flow::Done {
                                 return;
                             }
+                        }
+                        () = sleep_until(drop_at.unwrap_or_else(Instant::now)), if drop_at.is_some() => {
+                            break Polled::ChaosDrop;
                         }
                     }
                 }
             };
 
             match polled {
-                Ok(event) => {
+                Polled::Event(Ok(event)) => {
                     if self.on_event(event) == Flow::Done {
                         return;
                     }
                 }
-                Err(err) => {
+                Polled::Event(Err(err)) => {
                     if self.goodbye_deadline.is_some() {
                         debug!(cause = %err, "connection closed while saying goodbye");
                         return;
                     }
                     retry_at = Some(self.on_connection_error(&err));
                 }
+                Polled::ChaosDrop => {
+                    // Drop the socket without a DISCONNECT: the broker publishes the will.
+                    eventloop.clean();
+                    Counters::bump(&self.counters.chaos_drops);
+                    info!("chaos: dropping the connection");
+                    self.link_down();
+                    self.attempt = 0;
+                    retry_at = Some(self.backoff());
+                }
+            }
+        }
+    }
+
+    /// Seals this attempt's `Online` (counter `c`) and will (`c + 1`) and puts the will into
+    /// the CONNECT the next poll sends.
+    fn prepare_connection(&mut self, eventloop: &mut EventLoop) {
+        match self.device.connect_statuses(self.clock.wall_ms()) {
+            Ok(statuses) => {
+                let will = statuses.will;
+                eventloop.mqtt_options.set_last_will(LastWill::new(
+                    will.topic.as_str(),
+                    will.payload.to_vec(),
+                    qos(will.qos),
+                    will.retain,
+                ));
+                self.online = Some(statuses.online);
+            }
+            Err(err) => {
+                warn!(cause = %err, "cannot seal the connection statuses");
+                Counters::bump(&self.counters.errors);
             }
         }
     }
@@ -681,10 +993,20 @@ impl Vehicle {
         match event {
             Event::Incoming(Packet::ConnAck(_)) => self.on_connected(),
             Event::Incoming(Packet::Publish(publish)) => {
-                if publish.topic == self.topics.command {
+                if publish.topic == self.command_topic {
                     self.on_command(&publish.payload);
                 } else {
                     debug!(topic = %publish.topic, "ignoring a message on a foreign topic");
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(i) = self.in_flight.iter().position(|&(p, _)| p == ack.pkid) {
+                    let (_, seq) = self.in_flight.swap_remove(i);
+                    let removed = self.device.event_acked(seq) as u64;
+                    self.counters
+                        .events_acked
+                        .fetch_add(removed, Ordering::Relaxed);
+                    self.flush();
                 }
             }
             Event::Incoming(Packet::SubAck(ack)) => {
@@ -693,12 +1015,25 @@ impl Vehicle {
                     .iter()
                     .any(|code| matches!(code, SubscribeReasonCode::Failure))
                 {
-                    warn!(topic = %self.topics.command, "the broker refused the command subscription");
+                    warn!(topic = %self.command_topic, "the broker refused the command subscription");
                     Counters::bump(&self.counters.errors);
                 }
             }
-            // Heartbeats are the only QoS 0 messages a vehicle sends (packet id 0).
-            Event::Outgoing(Outgoing::Publish(0)) => Counters::bump(&self.counters.heartbeats_sent),
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                match self.queued.pop_front() {
+                    Some(Queued::Heartbeat) => Counters::bump(&self.counters.heartbeats_sent),
+                    Some(Queued::Garbage) => Counters::bump(&self.counters.garbage_sent),
+                    Some(Queued::Event(seq)) => {
+                        Counters::bump(&self.counters.events_sent);
+                        if pkid != 0 {
+                            self.in_flight.push((pkid, seq));
+                        }
+                    }
+                    Some(Queued::Other) => {}
+                    None => debug!(pkid, "a publish nobody queued"),
+                }
+                self.flush();
+            }
             Event::Outgoing(Outgoing::Disconnect) => {
                 debug!("said goodbye");
                 return Flow::Done;
@@ -714,16 +1049,23 @@ impl Vehicle {
         self.counters.connected.fetch_add(1, Ordering::Relaxed);
         if self.ever_connected {
             Counters::bump(&self.counters.reconnects);
-            info!("reconnected");
+            let outbox = self.device.outbox();
+            info!(
+                events_queued = outbox.events_queued(),
+                heartbeats_queued = outbox.heartbeats_queued(),
+                "reconnected"
+            );
         } else {
             debug!("connected");
             self.ever_connected = true;
         }
-        self.publish("online status", self.device.online_status());
+        if let Some(online) = self.online.take() {
+            self.send("online status", &online, Queued::Other);
+        }
         // A clean session has no subscriptions: subscribe on every connection.
         if let Err(err) = self
             .client
-            .try_subscribe(self.topics.command.as_str(), QoS::AtLeastOnce)
+            .try_subscribe(self.command_topic.as_str(), QoS::AtLeastOnce)
         {
             warn!(cause = %err, "cannot subscribe to commands");
             Counters::bump(&self.counters.errors);
@@ -731,41 +1073,134 @@ impl Vehicle {
         if self.heartbeat.is_none() {
             self.heartbeat = Some(self.heartbeat_interval());
         }
+        if self.chaos.drop_rate > 0.0 {
+            // Exponentially distributed: `drop_rate` per second on average.
+            let wait = -(1.0 - self.rng.f64()).ln() / self.chaos.drop_rate;
+            self.next_drop = Some(Instant::now() + Duration::from_secs_f64(wait.min(1e6)));
+        }
+        self.flush();
     }
 
-    /// Advances the device; publishes a heartbeat if one is due and the link is up.
-    fn on_heartbeat(&mut self) -> Flow {
-        let now = self.clock.now_ms();
-        let Some(heartbeat) = self.device.tick(now) else {
-            return Flow::Continue;
-        };
-        if self.device.is_depleted() {
+    /// Advances the device to the scheduled tick `at`; its heartbeat (if due) goes into the
+    /// outbox, which is flushed if the link is up.
+    fn on_heartbeat(&mut self, at: Instant) -> Flow {
+        // The scheduled time, not the (jittery) wake-up time: the same seed drives the same.
+        let now = self.clock.ms_at(at);
+        let dropped_before = self.device.outbox().heartbeats_dropped();
+        let beat = self.device.tick(now);
+        let dropped = self
+            .device
+            .outbox()
+            .heartbeats_dropped()
+            .wrapping_sub(dropped_before);
+        if dropped > 0 {
+            self.counters
+                .heartbeats_dropped
+                .fetch_add(u64::from(dropped), Ordering::Relaxed);
+        }
+        self.log_new_events();
+        if beat.is_some() && self.device.is_depleted() {
             info!("battery empty, going offline");
             return self.say_goodbye(OfflineReason::LowBattery);
         }
-        if !self.link_up {
-            // A QoS 0 heartbeat is not queued while offline: receivers see the gap in `seq`.
-            return Flow::Continue;
-        }
-        let mut buf = [0u8; shared::MAX_PAYLOAD];
-        let payload = match shared::encode(&heartbeat, &mut buf) {
-            Ok(payload) => payload.to_vec(),
-            Err(err) => {
-                warn!(cause = %err, "cannot encode a heartbeat");
-                Counters::bump(&self.counters.errors);
-                return Flow::Continue;
+        match (self.device.is_stalled(), self.stall_reported) {
+            (true, false) => {
+                warn!(
+                    events_queued = self.device.outbox().events_queued(),
+                    "event queue full: the delivery waits until the broker acknowledges"
+                );
+                self.stall_reported = true;
             }
-        };
-        if let Err(err) = self.client.try_publish(
-            self.topics.heartbeat.as_str(),
-            QoS::AtMostOnce,
-            false,
-            payload,
-        ) {
-            debug!(cause = %err, seq = heartbeat.seq, "heartbeat dropped");
-            Counters::bump(&self.counters.heartbeats_dropped);
+            (false, true) => self.stall_reported = false,
+            _ => {}
         }
+        self.flush();
         Flow::Continue
+    }
+
+    /// Logs the delivery events the device produced since the last call.
+    fn log_new_events(&mut self) {
+        let next = self.device.next_event_seq();
+        if next == self.next_logged_event {
+            return;
+        }
+        let from = self.next_logged_event;
+        for event in self
+            .device
+            .outbox()
+            .events()
+            .filter(|e| e.seq.wrapping_sub(from) < next.wrapping_sub(from))
+        {
+            info!(
+                order = %event.order,
+                kind = event.kind.as_str(),
+                seq = event.seq,
+                ts_ms = event.ts_ms,
+                online = self.link_up,
+                "delivery event"
+            );
+        }
+        self.next_logged_event = next;
+    }
+
+    /// Hands queued events and heartbeats to the event loop while the link is up, keeping at
+    /// most [`FLUSH_WINDOW`] publishes ahead of it.
+    fn flush(&mut self) {
+        if !self.link_up || self.goodbye_deadline.is_some() {
+            return;
+        }
+        while self.queued.len() < FLUSH_WINDOW {
+            let item = match self.device.next_publication(self.clock.wall_ms()) {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(err) => {
+                    warn!(cause = %err, "cannot seal a queued message");
+                    Counters::bump(&self.counters.errors);
+                    break;
+                }
+            };
+            let mut publication = item.publication;
+            let mut what = match item.event_seq {
+                Some(seq) => Queued::Event(seq),
+                None => Queued::Heartbeat,
+            };
+            if what == Queued::Heartbeat
+                && self.chaos.garbage_rate > 0.0
+                && self.rng.f64() < self.chaos.garbage_rate
+            {
+                self.garble(&mut publication);
+                what = Queued::Garbage;
+            }
+            if !self.send("queued message", &publication, what) {
+                match what {
+                    Queued::Event(_) => self.device.event_unsent(),
+                    _ => Counters::bump(&self.counters.heartbeats_dropped),
+                }
+                break;
+            }
+        }
+    }
+
+    /// Replaces a heartbeat's payload by a malformed one: cut short, a flipped bit (the tag no
+    /// longer matches), or random bytes.
+    fn garble(&mut self, publication: &mut Publication) {
+        let payload = &mut publication.payload;
+        match self.rng.u8(..3) {
+            0 => payload.truncate(self.rng.usize(..payload.len().max(1))),
+            1 => {
+                let i = self.rng.usize(..payload.len().max(1));
+                if let Some(byte) = payload.get_mut(i) {
+                    *byte ^= 1 << self.rng.u8(..8);
+                }
+            }
+            _ => {
+                payload.clear();
+                for _ in 0..self.rng.usize(1..=32) {
+                    // Cannot overflow: at most 32 of MAX_PAYLOAD bytes.
+                    let _ = payload.push(self.rng.u8(..));
+                }
+            }
+        }
     }
 
     fn on_command(&mut self, payload: &[u8]) {
@@ -778,6 +1213,7 @@ impl Vehicle {
             }
         };
         self.device.advance(self.clock.now_ms());
+        self.log_new_events();
         let interval = self.device.heartbeat_interval_ms();
         let ack = self.device.handle_command(&command);
         info!(
@@ -786,27 +1222,52 @@ impl Vehicle {
             result = ack.result.as_str(),
             "command"
         );
-        if self.publish("command ack", self.device.publication(&ack)) {
-            Counters::bump(&self.counters.commands_answered);
+        match self.device.publication(&ack, self.clock.wall_ms()) {
+            Ok(publication) => {
+                if self.send("command ack", &publication, Queued::Other) {
+                    Counters::bump(&self.counters.commands_answered);
+                }
+            }
+            Err(err) => {
+                warn!(cause = %err, "cannot seal the command ack");
+                Counters::bump(&self.counters.errors);
+            }
         }
         if self.device.heartbeat_interval_ms() != interval && self.heartbeat.is_some() {
             self.heartbeat = Some(self.heartbeat_interval());
         }
     }
 
-    /// Counts the error and picks when to try again: exponential backoff from
-    /// [`RECONNECT_BASE`] up to `reconnect_max`, each wait drawn from its upper half.
-    fn on_connection_error(&mut self, err: &ConnectionError) -> Instant {
-        Counters::bump(&self.counters.errors);
+    /// The link is down: what was handed to the event loop is gone with the session, and the
+    /// events in flight go out again after the reconnect.
+    fn link_down(&mut self) {
         if self.link_up {
             self.link_up = false;
             self.counters.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.queued.clear();
+        self.in_flight.clear();
+        self.next_drop = None;
+        self.device.connection_lost();
+    }
+
+    /// Counts the error and picks when to try again.
+    fn on_connection_error(&mut self, err: &ConnectionError) -> Instant {
+        Counters::bump(&self.counters.errors);
+        if self.link_up {
             warn!(cause = %err, "connection lost, reconnecting");
         } else if self.attempt == 0 {
             warn!(cause = %err, "cannot connect, retrying");
         } else {
             debug!(cause = %err, attempt = self.attempt, "still cannot connect");
         }
+        self.link_down();
+        self.backoff()
+    }
+
+    /// Exponential backoff from [`RECONNECT_BASE`] up to `reconnect_max`, each wait drawn
+    /// from its upper half.
+    fn backoff(&mut self) -> Instant {
         let backoff = RECONNECT_BASE
             .saturating_mul(1 << self.attempt.min(16))
             .min(self.reconnect_max);
@@ -821,7 +1282,22 @@ impl Vehicle {
         if !self.link_up {
             return Flow::Done;
         }
-        self.publish("offline status", self.device.offline_status(reason));
+        let unacknowledged = self.device.outbox().events_queued();
+        if unacknowledged > 0 {
+            warn!(
+                events = unacknowledged,
+                "stopping with delivery events not yet acknowledged"
+            );
+        }
+        match self.device.offline_status(reason, self.clock.wall_ms()) {
+            Ok(bye) => {
+                self.send("offline status", &bye, Queued::Other);
+            }
+            Err(err) => {
+                warn!(cause = %err, "cannot seal the offline status");
+                Counters::bump(&self.counters.errors);
+            }
+        }
         if let Err(err) = self.client.try_disconnect() {
             warn!(cause = %err, "cannot disconnect");
             Counters::bump(&self.counters.errors);
@@ -832,24 +1308,31 @@ impl Vehicle {
         Flow::Continue
     }
 
-    /// Queues a publication without waiting; logs and counts a failure. Returns whether it
-    /// was queued.
-    fn publish(&self, what: &str, publication: Result<Publication, CodecError>) -> bool {
-        let queued = publication.map_err(|err| err.to_string()).and_then(|p| {
-            self.client
-                .try_publish(p.topic.as_str(), qos(p.qos), p.retain, p.payload.to_vec())
-                .map_err(|err| err.to_string())
-        });
-        if let Err(cause) = &queued {
-            warn!(%cause, "cannot publish the {what}");
-            Counters::bump(&self.counters.errors);
+    /// Hands a publication to the event loop without waiting; logs and counts a failure.
+    /// Returns whether it was queued.
+    fn send(&mut self, what: &str, publication: &Publication, queued: Queued) -> bool {
+        match self.client.try_publish(
+            publication.topic.as_str(),
+            qos(publication.qos),
+            publication.retain,
+            publication.payload.to_vec(),
+        ) {
+            Ok(()) => {
+                self.queued.push_back(queued);
+                true
+            }
+            Err(err) => {
+                warn!(cause = %err, "cannot publish the {what}");
+                Counters::bump(&self.counters.errors);
+                false
+            }
         }
-        queued.is_ok()
     }
 
-    /// An interval on the device's heartbeat phase: its next due time plus whole intervals.
+    /// An interval on the device's heartbeat phase: its next due time plus whole intervals,
+    /// in real time.
     fn heartbeat_interval(&self) -> Interval {
-        let period = Duration::from_millis(u64::from(self.device.heartbeat_interval_ms()));
+        let period = self.clock.real(self.device.heartbeat_interval_ms());
         let start = self
             .device
             .next_heartbeat_ms()
@@ -860,7 +1343,7 @@ impl Vehicle {
     }
 }
 
-/// The next tick of an optional interval; never, if there is none.
+/// The next tick of an optional interval (its scheduled instant); never, if there is none.
 async fn tick(interval: &mut Option<Interval>) -> Instant {
     match interval {
         Some(interval) => interval.tick().await,
@@ -872,19 +1355,135 @@ async fn tick(interval: &mut Option<Interval>) -> Instant {
 mod tests {
     use super::*;
 
+    fn fleet(name: &str) -> FleetId {
+        FleetId::new(name).expect("valid")
+    }
+
     #[test]
     fn vehicle_ids_are_fleet_dash_index() {
         let config = SimConfig::default();
-        assert_eq!(config.vehicle_id(1).expect("valid").as_str(), "demo-0001");
+        assert_eq!(config.vehicle(0).expect("valid").1.as_str(), "demo-0001");
         assert_eq!(
-            config.vehicle_id(10_000).expect("valid").as_str(),
+            config.vehicle(9_999).expect("valid").1.as_str(),
             "demo-10000"
         );
         let long = SimConfig {
-            fleet: FleetId::new("a-very-long-fleet-name-x").expect("valid"),
+            fleets: vec![fleet("a-very-long-fleet-name-x")],
             ..SimConfig::default()
         };
         assert!(matches!(long.validate(), Err(SimError::VehicleId { .. })));
+    }
+
+    #[test]
+    fn fleets_are_dealt_in_turn() {
+        let config = SimConfig {
+            vehicles: 5,
+            fleets: vec![fleet("north"), fleet("south")],
+            ..SimConfig::default()
+        };
+        let ids: Vec<String> = config
+            .vehicle_ids()
+            .expect("valid")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "north-0001",
+                "south-0001",
+                "north-0002",
+                "south-0002",
+                "north-0003"
+            ]
+        );
+        let devices = config.devices().expect("valid");
+        assert_eq!(devices[1].fleet().as_str(), "south");
+    }
+
+    #[test]
+    fn same_seed_same_devices() {
+        let positions = |seed| {
+            let config = SimConfig {
+                vehicles: 4,
+                seed,
+                ..SimConfig::default()
+            };
+            config
+                .devices()
+                .expect("valid")
+                .into_iter()
+                .map(|mut d| {
+                    (0..60)
+                        .filter_map(|s| d.tick(1_000_000 + s * 1000).map(|h| h.pos))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(positions(3), positions(3));
+        assert_ne!(positions(3), positions(4));
+    }
+
+    #[test]
+    fn time_scale_stretches_the_device_interval() {
+        let config = SimConfig {
+            rate_hz: 2.0,
+            time_scale: 60.0,
+            ..SimConfig::default()
+        };
+        assert_eq!(config.heartbeat_interval_ms().expect("valid"), 30_000);
+        let clock = SimClock {
+            epoch_ms: 1_000_000,
+            start: Instant::now(),
+            scale: 60.0,
+            skew_ms: -500,
+        };
+        assert_eq!(clock.ms_at(clock.start + Duration::from_secs(1)), 1_059_500);
+        assert_eq!(
+            clock.instant_at(1_059_500),
+            clock.start + Duration::from_secs(1)
+        );
+        assert_eq!(clock.real(30_000), Duration::from_millis(500));
+        for bad in [0.0, -1.0, 1001.0, f64::NAN] {
+            let config = SimConfig {
+                time_scale: bad,
+                ..SimConfig::default()
+            };
+            assert!(
+                matches!(config.validate(), Err(SimError::TimeScale(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn credentials_must_cover_every_vehicle() {
+        let mut credentials = Credentials::default();
+        let config = SimConfig {
+            vehicles: 2,
+            ..SimConfig::default()
+        };
+        let ids = config.vehicle_ids().expect("valid");
+        credentials.provision(&ids[..1]).expect("random");
+        let missing = SimConfig {
+            credentials: Some(Arc::new(credentials.clone())),
+            ..config.clone()
+        };
+        assert!(matches!(missing.validate(), Err(SimError::NoCredentials(id)) if id == ids[1]));
+        credentials.provision(&ids).expect("random");
+        let key = credentials.get(&ids[1]).expect("provisioned").key;
+        let full = SimConfig {
+            credentials: Some(Arc::new(credentials)),
+            ..config
+        };
+        let mut devices = full.devices().expect("valid");
+        devices[1].tick(1_000_000);
+        let item = devices[1]
+            .next_publication(1_000_000)
+            .expect("fits")
+            .expect("queued");
+        let p = item.publication;
+        assert!(shared::open::<shared::Heartbeat>(&p.payload, p.topic.as_str(), &key).is_ok());
     }
 
     #[test]
@@ -900,6 +1499,15 @@ mod tests {
             Err(SimError::Vehicles(0))
         ));
         assert!(matches!(with(|c| c.rate_hz = 0.0), Err(SimError::Rate(_))));
+        assert!(matches!(
+            with(|c| c.heartbeat_qos = 2),
+            Err(SimError::Qos(2))
+        ));
+        assert!(matches!(with(|c| c.fleets.clear()), Err(SimError::NoFleet)));
+        assert!(matches!(
+            with(|c| c.chaos.drop_rate = 1.5),
+            Err(SimError::Probability { .. })
+        ));
         assert!(matches!(with(|c| c.rate_hz = 11.0), Err(SimError::Rate(_))));
         assert!(matches!(
             with(|c| c.rate_hz = f64::NAN),
@@ -938,10 +1546,22 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn clock_matches_tokio_timers() {
-        let clock = SimClock::start();
-        let due = clock.now_ms() + 1234;
-        sleep_until(clock.instant_at(due)).await;
-        assert_eq!(clock.now_ms(), due);
+        for scale in [1.0, 50.0] {
+            let clock = SimClock {
+                epoch_ms: 1_764_230_400_000,
+                start: Instant::now(),
+                scale,
+                skew_ms: 250,
+            };
+            let due = clock.now_ms() + 12_340;
+            sleep_until(clock.instant_at(due)).await;
+            // Tokio's timers have millisecond resolution: one real ms is `scale` ms here.
+            let late = clock.now_ms() - due;
+            assert!(late < scale as u64, "{late} ms late at scale {scale}");
+            if scale == 1.0 {
+                assert_eq!(late, 0);
+            }
+        }
     }
 
     #[test]

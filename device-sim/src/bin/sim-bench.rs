@@ -1,0 +1,479 @@
+//! `sim-bench`: what a simulated vehicle costs, measured against a real broker.
+//!
+//! It starts Debian's `mosquitto` on an ephemeral loopback port (anonymous, no connection
+//! limit) and runs three phases, each in a fresh child process of itself so no phase inherits
+//! another's heap:
+//!
+//! 1. `bare`: N plain rumqttc clients, connected and idle: the baseline cost of a connection.
+//! 2. `raw`: N plain rumqttc clients publishing a 38-byte QoS 0 payload at the rate: the
+//!    baseline cost of moving that many messages through rumqttc and tokio.
+//! 3. `sim`: the real simulator with N vehicles at the rate (device core, sealing,
+//!    store-and-forward, events).
+//!
+//! For each phase it reports the RSS growth per connection (after all connected and a
+//! warm-up) and the CPU time per second of wall time over the measurement window, per 1,000
+//! messages per second; and the ratios of `sim` against the baselines. The file descriptor
+//! limit must allow N sockets in this process and in mosquitto (`ulimit -n`).
+//!
+//! ```sh
+//! ulimit -n 65536   # or at least N + 100
+//! cargo run --release -p device-sim --bin sim-bench -- --vehicles 10000 --rate 1
+//! ```
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use device_sim::runner::{SimConfig, Simulation};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+/// Measures memory per vehicle and CPU per 1k heartbeats/s against mosquitto.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sim-bench")]
+struct Args {
+    /// Vehicles (connections) per phase.
+    #[arg(long, default_value_t = 10_000)]
+    vehicles: u32,
+    /// Heartbeats per second per vehicle.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Seconds to wait after the last connection before measuring.
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
+    /// Seconds to measure CPU over.
+    #[arg(long, default_value_t = 30)]
+    measure: u64,
+    /// The mosquitto binary.
+    #[arg(long, default_value = "/usr/sbin/mosquitto")]
+    mosquitto: PathBuf,
+    /// Use this broker instead of starting mosquitto.
+    #[arg(long)]
+    broker: Option<SocketAddr>,
+    /// Internal: run one phase (`bare`, `raw` or `sim`) against `--broker`.
+    #[arg(long, hide = true)]
+    phase: Option<String>,
+}
+
+/// One phase's measurements.
+#[derive(Debug, Clone, Default)]
+struct Measured {
+    phase: String,
+    vehicles: u32,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+    connect_secs: f64,
+    cpu_secs: f64,
+    wall_secs: f64,
+    messages: u64,
+    broker_cpu_secs: f64,
+}
+
+impl Measured {
+    fn per_vehicle_kib(&self) -> f64 {
+        (self.rss_after_kib.saturating_sub(self.rss_before_kib)) as f64
+            / f64::from(self.vehicles.max(1))
+    }
+
+    fn messages_per_sec(&self) -> f64 {
+        self.messages as f64 / self.wall_secs.max(1e-9)
+    }
+
+    /// CPU (in % of one core) per 1,000 messages per second.
+    fn cpu_pct_per_1k(&self) -> f64 {
+        let cpu_pct = 100.0 * self.cpu_secs / self.wall_secs.max(1e-9);
+        cpu_pct / (self.messages_per_sec() / 1000.0).max(1e-9)
+    }
+
+    fn to_line(&self) -> String {
+        format!(
+            "MEASURED {} {} {} {} {:.3} {:.3} {:.3} {}",
+            self.phase,
+            self.vehicles,
+            self.rss_before_kib,
+            self.rss_after_kib,
+            self.connect_secs,
+            self.cpu_secs,
+            self.wall_secs,
+            self.messages
+        )
+    }
+
+    fn from_line(line: &str) -> Option<Self> {
+        let mut f = line.strip_prefix("MEASURED ")?.split(' ');
+        Some(Self {
+            phase: f.next()?.to_owned(),
+            vehicles: f.next()?.parse().ok()?,
+            rss_before_kib: f.next()?.parse().ok()?,
+            rss_after_kib: f.next()?.parse().ok()?,
+            connect_secs: f.next()?.parse().ok()?,
+            cpu_secs: f.next()?.parse().ok()?,
+            wall_secs: f.next()?.parse().ok()?,
+            messages: f.next()?.parse().ok()?,
+            broker_cpu_secs: 0.0,
+        })
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(phase) = args.phase.clone() {
+        let broker = args.broker.context("--phase needs --broker")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let measured = runtime.block_on(run_phase(&phase, broker, &args))?;
+        println!("{}", measured.to_line());
+        return Ok(());
+    }
+
+    let mut mosquitto = None;
+    let broker = match args.broker {
+        Some(addr) => addr,
+        None => {
+            let (child, addr, _dir) = start_mosquitto(&args.mosquitto)?;
+            mosquitto = Some((child, _dir));
+            addr
+        }
+    };
+    let broker_pid = mosquitto.as_ref().map(|(c, _)| c.id());
+    eprintln!(
+        "sim-bench: {} vehicles at {} Hz against {broker}",
+        args.vehicles, args.rate
+    );
+    let mut results = Vec::new();
+    for phase in ["bare", "raw", "sim"] {
+        let broker_cpu_before = broker_pid.map_or(0.0, cpu_secs_of);
+        let mut measured = run_child(phase, broker, &args)?;
+        measured.broker_cpu_secs = broker_pid.map_or(0.0, cpu_secs_of) - broker_cpu_before;
+        eprintln!("sim-bench: {phase} done: {measured:?}");
+        results.push(measured);
+    }
+    if let Some((mut child, _dir)) = mosquitto {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    report(&args, &results);
+    Ok(())
+}
+
+fn report(args: &Args, results: &[Measured]) {
+    println!(
+        "\n| phase | connections | connect s | RSS before MiB | RSS after MiB | KiB per connection | msgs/s | CPU % of a core | CPU % per 1k msgs/s | mosquitto CPU % |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for m in results {
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {} | {:.1} |",
+            m.phase,
+            m.vehicles,
+            m.connect_secs,
+            m.rss_before_kib as f64 / 1024.0,
+            m.rss_after_kib as f64 / 1024.0,
+            m.per_vehicle_kib(),
+            m.messages_per_sec(),
+            100.0 * m.cpu_secs / m.wall_secs.max(1e-9),
+            if m.messages > 0 {
+                format!("{:.2}", m.cpu_pct_per_1k())
+            } else {
+                "-".into()
+            },
+            100.0 * m.broker_cpu_secs / m.wall_secs.max(1e-9),
+        );
+    }
+    let find = |p: &str| results.iter().find(|m| m.phase == p);
+    if let (Some(bare), Some(raw), Some(sim)) = (find("bare"), find("raw"), find("sim")) {
+        println!(
+            "\nsim: {:.1} KiB per vehicle ({:.2}x a bare idle rumqttc connection, {:.1} KiB more); \
+             {:.2} % of a core per 1k heartbeats/s ({:.2}x raw rumqttc publishing); \
+             {} vehicles at {} Hz: {:.0} heartbeats/s using {:.0} % of one core",
+            sim.per_vehicle_kib(),
+            sim.per_vehicle_kib() / bare.per_vehicle_kib().max(1e-9),
+            sim.per_vehicle_kib() - bare.per_vehicle_kib(),
+            sim.cpu_pct_per_1k(),
+            sim.cpu_pct_per_1k() / raw.cpu_pct_per_1k().max(1e-9),
+            args.vehicles,
+            args.rate,
+            sim.messages_per_sec(),
+            100.0 * sim.cpu_secs / sim.wall_secs.max(1e-9),
+        );
+    }
+}
+
+/// Runs one phase in a child process of this binary and reads its measurement.
+fn run_child(phase: &str, broker: SocketAddr, args: &Args) -> anyhow::Result<Measured> {
+    let exe = std::env::current_exe().context("locating sim-bench")?;
+    let mut child = Command::new(exe)
+        .args(["--phase", phase, "--broker", &broker.to_string()])
+        .args(["--vehicles", &args.vehicles.to_string()])
+        .args(["--rate", &args.rate.to_string()])
+        .args(["--warmup", &args.warmup.to_string()])
+        .args(["--measure", &args.measure.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting a phase")?;
+    let stdout = child.stdout.take().context("phase stdout")?;
+    let mut measured = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if let Some(m) = Measured::from_line(&line) {
+            measured = Some(m);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("phase {phase} failed: {status}");
+    }
+    measured.with_context(|| format!("phase {phase} reported nothing"))
+}
+
+/// Starts mosquitto on a free loopback port with a config allowing anonymous clients and
+/// any number of connections.
+fn start_mosquitto(binary: &PathBuf) -> anyhow::Result<(Child, SocketAddr, TempDir)> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let dir = TempDir::new("sim-bench")?;
+    let conf = dir.0.join("mosquitto.conf");
+    let mut file = std::fs::File::create(&conf)?;
+    writeln!(
+        file,
+        "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning"
+    )?;
+    drop(file);
+    let child = Command::new(binary)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (apt-get install mosquitto)", binary.display()))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("mosquitto did not listen on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((child, addr, dir))
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Resident set size of this process, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU seconds of process `pid` (all threads), from `/proc/PID/stat`.
+fn cpu_secs_of(pid: u32) -> f64 {
+    cpu_secs_from(&format!("/proc/{pid}/stat"))
+}
+
+fn cpu_secs() -> f64 {
+    cpu_secs_from("/proc/self/stat")
+}
+
+fn cpu_secs_from(path: &str) -> f64 {
+    // Fields after the command name (which may contain spaces) start at field 3; utime and
+    // stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let fields: Vec<&str> = rest.split(' ').collect();
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+async fn run_phase(phase: &str, broker: SocketAddr, args: &Args) -> anyhow::Result<Measured> {
+    let rss_before_kib = rss_kib();
+    let started = Instant::now();
+    let spread = Duration::from_secs_f64(f64::from(args.vehicles) / 1000.0);
+    let (messages, keep): (Arc<AtomicU64>, Box<dyn std::any::Any + Send>) = match phase {
+        "bare" | "raw" => {
+            let (messages, connected, tasks) = bare_clients(
+                broker,
+                args.vehicles,
+                spread,
+                (phase == "raw").then_some(args.rate),
+            );
+            wait_until(|| connected.load(Ordering::Relaxed) >= u64::from(args.vehicles)).await?;
+            (messages, Box::new(tasks))
+        }
+        "sim" => {
+            let config = SimConfig {
+                vehicles: args.vehicles,
+                broker_host: broker.ip().to_string(),
+                broker_port: broker.port(),
+                rate_hz: args.rate,
+                connect_spread: spread,
+                progress_every: Duration::from_secs(3600),
+                ..SimConfig::default()
+            };
+            let simulation = Arc::new(Simulation::start(config)?);
+            let sim = Arc::clone(&simulation);
+            wait_until(move || sim.report().connected >= u64::from(args.vehicles)).await?;
+            let messages = Arc::new(AtomicU64::new(0));
+            let counter = Arc::clone(&messages);
+            let sim = Arc::clone(&simulation);
+            tokio::spawn(async move {
+                loop {
+                    counter.store(sim.report().heartbeats_sent, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+            (messages, Box::new(simulation))
+        }
+        other => bail!("unknown phase {other}"),
+    };
+    let connect_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    let rss_after_kib = rss_kib();
+    let (cpu0, msgs0, t0) = (cpu_secs(), messages.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(Duration::from_secs(args.measure)).await;
+    let (cpu1, msgs1, wall) = (
+        cpu_secs(),
+        messages.load(Ordering::Relaxed),
+        t0.elapsed().as_secs_f64(),
+    );
+    drop(keep);
+    Ok(Measured {
+        phase: phase.to_owned(),
+        vehicles: args.vehicles,
+        rss_before_kib,
+        rss_after_kib,
+        connect_secs,
+        cpu_secs: cpu1 - cpu0,
+        wall_secs: wall,
+        messages: msgs1 - msgs0,
+        broker_cpu_secs: 0.0,
+    })
+}
+
+async fn wait_until(done: impl Fn() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("not all connected within 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// `n` plain rumqttc clients with the simulator's options, connecting over `spread`; with a
+/// rate, each publishes a heartbeat-sized QoS 0 payload at it.
+fn bare_clients(
+    broker: SocketAddr,
+    n: u32,
+    spread: Duration,
+    rate: Option<f64>,
+) -> (
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let messages = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(AtomicU64::new(0));
+    let tasks = (0..n)
+        .map(|i| {
+            let mut options = MqttOptions::new(
+                format!("bare-{i:05}"),
+                broker.ip().to_string(),
+                broker.port(),
+            );
+            options
+                .set_keep_alive(Duration::from_secs(30))
+                .set_clean_session(true)
+                .set_inflight(20)
+                .set_request_channel_capacity(32);
+            let (client, mut eventloop) = AsyncClient::new(options, 32);
+            let (messages, connected) = (Arc::clone(&messages), Arc::clone(&connected));
+            let delay = spread.mul_f64(f64::from(i) / f64::from(n));
+            let topic = format!("fleet/bare/bare-{i:05}/hb");
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let period = rate.map(|r| Duration::from_secs_f64(1.0 / r));
+                let mut ticker = period.map(|p| {
+                    let mut t = tokio::time::interval_at(
+                        tokio::time::Instant::now() + p.mul_f64(f64::from(i) / f64::from(n)),
+                        p,
+                    );
+                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                    t
+                });
+                loop {
+                    // One poll future kept across ticks, as the simulator does.
+                    let event = {
+                        let poll = eventloop.poll();
+                        tokio::pin!(poll);
+                        loop {
+                            tokio::select! {
+                                event = &mut poll => break event,
+                                _ = next_tick(ticker.as_mut()) => {
+                                    let _ = client.try_publish(
+                                        topic.as_str(),
+                                        QoS::AtMostOnce,
+                                        false,
+                                        vec![1u8; 38],
+                                    );
+                                }
+                            }
+                        }
+                    };
+                    match event {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            connected.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Event::Outgoing(Outgoing::Publish(_))) => {
+                            messages.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    (messages, connected, tasks)
+}
+
+async fn next_tick(ticker: Option<&mut tokio::time::Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
