@@ -1,10 +1,15 @@
 //! What the bridge needs to run.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Deserialize;
 use url::Url;
 
+use crate::auth::TokenGrant;
 use crate::error::BridgeError;
+use crate::fleet::StaleRule;
 
 /// Where the bridge's MQTT broker is.
 #[derive(Debug, Clone)]
@@ -67,6 +72,16 @@ impl MqttEndpoint {
 /// Everything the bridge needs to run.
 #[derive(Debug, Clone)]
 pub struct BridgeConfig {
+    /// Tokens and what they grant; empty means the demo tokens (logged loudly).
+    pub tokens: Vec<TokenGrant>,
+    /// The broker's credentials file with the device message keys; `None` is open mode.
+    pub credentials: Option<PathBuf>,
+    /// How often coalesced positions are sent to dispatchers.
+    pub tick: Duration,
+    /// When a vehicle without heartbeats counts as stale.
+    pub stale: StaleRule,
+    /// How long a dispatcher's command waits for the vehicle's ack.
+    pub command_timeout: Duration,
     /// The MQTT broker to use.
     pub mqtt: MqttTarget,
     /// The MQTT client id of this bridge. With a persistent session, it must be stable across
@@ -83,6 +98,11 @@ pub struct BridgeConfig {
 impl Default for BridgeConfig {
     fn default() -> Self {
         Self {
+            tokens: Vec::new(),
+            credentials: None,
+            tick: Duration::from_millis(100),
+            stale: StaleRule::default(),
+            command_timeout: Duration::from_secs(10),
             mqtt: MqttTarget::Embedded(broker::BrokerConfig::default()),
             client_id: "fleetbeat-bridge".to_owned(),
             keep_alive: Duration::from_secs(15),
@@ -92,9 +112,192 @@ impl Default for BridgeConfig {
     }
 }
 
+/// The commented default configuration file, as `bridge default-config` prints it.
+pub const DEFAULT_CONFIG: &str = include_str!("../default-config.toml");
+
+/// The bridge's settings as they appear in the TOML file; every field is optional so that
+/// layers (file, environment, flags) override only what they set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Where HTTP and Socket.IO are served.
+    pub listen: Option<SocketAddr>,
+    /// An external MQTT broker URL; unset means the embedded broker.
+    pub mqtt_url: Option<String>,
+    /// Where the embedded broker listens (MQTT 3.1.1).
+    pub mqtt_listen: Option<SocketAddr>,
+    /// MQTT client id.
+    pub client_id: Option<String>,
+    /// The broker's credentials file with the device keys.
+    pub credentials: Option<PathBuf>,
+    /// Position tick in ms.
+    pub tick_ms: Option<u64>,
+    /// Stale threshold in ms; 0 means 3 missed intervals.
+    pub stale_after_ms: Option<u64>,
+    /// Command timeout in ms.
+    pub command_timeout_ms: Option<u64>,
+    /// Tokens and their grants.
+    pub tokens: Vec<TokenGrant>,
+}
+
+fn invalid(key: &str, reason: impl std::fmt::Display) -> BridgeError {
+    BridgeError::Config(format!("{key}: {reason}"))
+}
+
+impl Settings {
+    /// Reads a TOML settings file.
+    ///
+    /// # Errors
+    /// [`BridgeError::Config`] naming the file and the problem.
+    pub fn load(path: &Path) -> Result<Self, BridgeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| BridgeError::Config(format!("reading {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| BridgeError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// The built-in defaults (the default configuration file).
+    ///
+    /// # Errors
+    /// Never in a tested build: the default file is parsed by a unit test.
+    pub fn defaults() -> Result<Self, BridgeError> {
+        toml::from_str(DEFAULT_CONFIG)
+            .map_err(|e| BridgeError::Config(format!("default config: {e}")))
+    }
+
+    /// `self` with every field `over` sets replaced; tokens are replaced when `over` has any.
+    #[must_use]
+    pub fn overridden_by(self, over: Settings) -> Self {
+        Self {
+            listen: over.listen.or(self.listen),
+            mqtt_url: over.mqtt_url.or(self.mqtt_url),
+            mqtt_listen: over.mqtt_listen.or(self.mqtt_listen),
+            client_id: over.client_id.or(self.client_id),
+            credentials: over.credentials.or(self.credentials),
+            tick_ms: over.tick_ms.or(self.tick_ms),
+            stale_after_ms: over.stale_after_ms.or(self.stale_after_ms),
+            command_timeout_ms: over.command_timeout_ms.or(self.command_timeout_ms),
+            tokens: if over.tokens.is_empty() {
+                self.tokens
+            } else {
+                over.tokens
+            },
+        }
+    }
+
+    /// Validates the merged settings into the listen address and the bridge configuration.
+    ///
+    /// # Errors
+    /// [`BridgeError::Config`] naming the key and the problem.
+    pub fn into_config(self) -> Result<(SocketAddr, BridgeConfig), BridgeError> {
+        let defaults = BridgeConfig::default();
+        let listen = self.listen.ok_or_else(|| invalid("listen", "missing"))?;
+        let mqtt = match self.mqtt_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) => {
+                MqttTarget::External(MqttEndpoint::parse(url).map_err(|e| invalid("mqtt_url", e))?)
+            }
+            // MQTT 3.1.1 only: rumqttd 0.20's v5 listener can take the v4 one down
+            // (docs/broker.md); run the broker alone to offer MQTT 5.
+            None => MqttTarget::Embedded(broker::BrokerConfig {
+                v4: self
+                    .mqtt_listen
+                    .ok_or_else(|| invalid("mqtt_listen", "missing"))?,
+                v5: None,
+                ..broker::BrokerConfig::default()
+            }),
+        };
+        let tick_ms = self.tick_ms.unwrap_or(100);
+        if !(10..=10_000).contains(&tick_ms) {
+            return Err(invalid("tick_ms", "must be within 10 ..= 10000"));
+        }
+        let command_timeout_ms = self.command_timeout_ms.unwrap_or(10_000);
+        if !(100..=600_000).contains(&command_timeout_ms) {
+            return Err(invalid(
+                "command_timeout_ms",
+                "must be within 100 ..= 600000",
+            ));
+        }
+        let stale = match self.stale_after_ms.unwrap_or(0) {
+            0 => StaleRule::default(),
+            ms if ms < 100 => return Err(invalid("stale_after_ms", "must be 0 or at least 100")),
+            ms => StaleRule::After(Duration::from_millis(ms)),
+        };
+        let client_id = self.client_id.unwrap_or(defaults.client_id.clone());
+        if client_id.is_empty() || client_id.len() > 64 {
+            return Err(invalid("client_id", "must be 1 to 64 bytes"));
+        }
+        crate::auth::Tokens::new(&self.tokens).map_err(|e| invalid("tokens", e))?;
+        Ok((
+            listen,
+            BridgeConfig {
+                tokens: self.tokens,
+                credentials: self.credentials,
+                tick: Duration::from_millis(tick_ms),
+                stale,
+                command_timeout: Duration::from_millis(command_timeout_ms),
+                mqtt,
+                client_id,
+                ..defaults
+            },
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_file_is_the_built_in_default() {
+        let (listen, config) = Settings::defaults()
+            .expect("parses")
+            .into_config()
+            .expect("valid");
+        assert_eq!(listen.to_string(), "127.0.0.1:8080");
+        let built_in = BridgeConfig::default();
+        assert_eq!(config.tick, built_in.tick);
+        assert_eq!(config.command_timeout, built_in.command_timeout);
+        assert_eq!(config.stale, built_in.stale);
+        assert_eq!(config.client_id, built_in.client_id);
+        assert!(config.tokens.is_empty() && config.credentials.is_none());
+        assert!(matches!(config.mqtt, MqttTarget::Embedded(b) if b.v4.port() == 1883));
+    }
+
+    #[test]
+    fn layers_override_and_bad_values_name_the_key() {
+        let file: Settings = toml::from_str("tick_ms = 50\nclient_id = \"b1\"").expect("parses");
+        let flags = Settings {
+            tick_ms: Some(20),
+            ..Settings::default()
+        };
+        let merged = Settings::defaults()
+            .expect("parses")
+            .overridden_by(file)
+            .overridden_by(flags);
+        let (_, config) = merged.clone().into_config().expect("valid");
+        assert_eq!(config.tick, Duration::from_millis(20));
+        assert_eq!(config.client_id, "b1");
+
+        let bad = merged.clone().overridden_by(Settings {
+            tick_ms: Some(1),
+            ..Settings::default()
+        });
+        let err = bad.into_config().expect_err("tick too small").to_string();
+        assert!(err.contains("tick_ms"), "{err}");
+        let bad = merged.overridden_by(Settings {
+            mqtt_url: Some("http://nope".into()),
+            ..Settings::default()
+        });
+        assert!(
+            bad.into_config()
+                .expect_err("bad url")
+                .to_string()
+                .contains("mqtt_url")
+        );
+        assert!(
+            toml::from_str::<Settings>("tick = 5").is_err(),
+            "unknown keys are refused"
+        );
+    }
 
     #[test]
     fn parses_mqtt_urls() {

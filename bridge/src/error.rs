@@ -16,6 +16,15 @@ pub enum BridgeError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The configuration is invalid; the message names the key.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The token configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Tokens(#[from] crate::auth::TokenConfigError),
+    /// The credentials file cannot be used.
+    #[error("credentials: {0}")]
+    Keys(#[from] crate::keys::KeysError),
     /// The HTTP listener failed.
     #[error("HTTP server: {0}")]
     Http(#[source] std::io::Error),

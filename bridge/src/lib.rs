@@ -6,23 +6,36 @@
 //!
 //! # Layout
 //! - [`config`]: what the bridge needs to run ([`BridgeConfig`], [`MqttTarget`]).
-//! - [`room`]: Socket.IO room names (`vehicle:{id}`, `fleet:{fleet}`, `all`).
+//! - [`auth`]: tokens, roles and scopes.
+//! - [`keys`]: device message keys, to check the origin of what vehicles publish.
+//! - [`room`]: Socket.IO room names (`vehicle:{id}`, `fleet:{fleet}`, `all`, `vendor:{store}`).
 //! - [`view`]: JSON views of the wire messages, as dispatchers receive them.
+//! - [`fleet`]: the bridge's cache of every vehicle: position, liveness, last seen.
+//! - [`command`]: commands to vehicles and matching their acks.
+//! - [`hub`]: the shared state, and accepting what vehicles publish.
 //! - [`metrics`]: counters of what came in, went out and was rejected.
 //! - [`mqtt`]: the task that owns the rumqttc event loop and routes what it receives.
-//! - [`socket`]: namespaces and their named event handlers.
-//! - [`http`]: the axum router (`/healthz`, `/readyz`, `/metrics`, Socket.IO).
+//! - [`socket`]: namespaces, their middleware and named event handlers.
+//! - [`emit`]: what is sent to which sockets (coalesced position batches, events).
+//! - [`http`]: the axum router (`/healthz`, `/readyz`, `/metrics`, `/api`, Socket.IO).
 //! - [`server`]: starts all of the above and shuts it down gracefully.
 //! - [`error`]: the bridge's error type.
 
+pub mod auth;
+pub mod command;
 pub mod config;
+pub mod emit;
 pub mod error;
+pub mod fleet;
 pub mod http;
+pub mod hub;
+pub mod keys;
 pub mod metrics;
 pub mod mqtt;
 pub mod room;
 pub mod server;
 pub mod socket;
+pub mod store;
 pub mod view;
 
 pub use config::{BridgeConfig, MqttTarget};

@@ -3,48 +3,95 @@
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::Context as _;
-use bridge::config::MqttEndpoint;
-use bridge::{Bridge, BridgeConfig, MqttTarget};
-use clap::Parser;
+use bridge::Bridge;
+use bridge::config::{DEFAULT_CONFIG, Settings};
+use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 /// Fleetbeat bridge: vehicles' MQTT topics to Socket.IO namespaces and rooms.
+///
+/// Settings come from built-in defaults, then `--config FILE`, then `FLEETBEAT_*`
+/// environment variables, then these flags (`bridge default-config` prints the file).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// A TOML configuration file.
+    #[arg(long, env = "FLEETBEAT_CONFIG")]
+    config: Option<PathBuf>,
     /// Address to serve HTTP and Socket.IO on.
-    #[arg(long, default_value = "127.0.0.1:8080", env = "FLEETBEAT_LISTEN")]
-    listen: SocketAddr,
+    #[arg(long, env = "FLEETBEAT_LISTEN")]
+    listen: Option<SocketAddr>,
     /// Use an external MQTT broker (`mqtt://[user:pass@]host[:port]`) instead of the embedded one.
     #[arg(long, env = "FLEETBEAT_MQTT_URL")]
     mqtt_url: Option<String>,
-    /// Where the embedded broker listens for MQTT 3.1.1 clients.
-    #[arg(long, default_value = "127.0.0.1:1883", env = "FLEETBEAT_MQTT_LISTEN")]
-    mqtt_listen: SocketAddr,
-    /// Where the embedded broker listens for MQTT 5 clients.
-    #[arg(
-        long,
-        default_value = "127.0.0.1:1884",
-        env = "FLEETBEAT_MQTT_LISTEN_V5"
-    )]
-    mqtt_listen_v5: SocketAddr,
+    /// Where the embedded broker listens for MQTT clients.
+    #[arg(long, env = "FLEETBEAT_MQTT_LISTEN")]
+    mqtt_listen: Option<SocketAddr>,
     /// MQTT client id of this bridge (stable: the broker keeps its session).
-    #[arg(long, default_value = "fleetbeat-bridge", env = "FLEETBEAT_CLIENT_ID")]
-    client_id: String,
+    #[arg(long, env = "FLEETBEAT_CLIENT_ID")]
+    client_id: Option<String>,
+    /// The broker's credentials file with the device message keys (unset: open mode).
+    #[arg(long, env = "FLEETBEAT_CREDENTIALS")]
+    credentials: Option<PathBuf>,
+    /// Position tick in milliseconds.
+    #[arg(long, env = "FLEETBEAT_TICK_MS")]
+    tick_ms: Option<u64>,
+    /// A vehicle without heartbeats for this long is stale (0: 3 of its intervals).
+    #[arg(long, env = "FLEETBEAT_STALE_AFTER_MS")]
+    stale_after_ms: Option<u64>,
+    /// How long a command waits for the vehicle's ack.
+    #[arg(long, env = "FLEETBEAT_COMMAND_TIMEOUT_MS")]
+    command_timeout_ms: Option<u64>,
     /// Also run this many simulated vehicles in-process (the demo).
+    #[cfg(feature = "demo")]
     #[arg(long, default_value_t = 0)]
     simulate: u32,
     /// Heartbeat rate of the simulated vehicles, in Hz.
+    #[cfg(feature = "demo")]
     #[arg(long, default_value_t = 1.0)]
     sim_rate: f64,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the commented default configuration file.
+    DefaultConfig,
+}
+
+impl Cli {
+    fn settings(&self) -> anyhow::Result<Settings> {
+        let mut settings = Settings::defaults()?;
+        if let Some(path) = &self.config {
+            settings = settings.overridden_by(Settings::load(path)?);
+        }
+        Ok(settings.overridden_by(Settings {
+            listen: self.listen,
+            mqtt_url: self.mqtt_url.clone(),
+            mqtt_listen: self.mqtt_listen,
+            client_id: self.client_id.clone(),
+            credentials: self.credentials.clone(),
+            tick_ms: self.tick_ms,
+            stale_after_ms: self.stale_after_ms,
+            command_timeout_ms: self.command_timeout_ms,
+            tokens: Vec::new(),
+        }))
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::DefaultConfig) = cli.command {
+        print!("{DEFAULT_CONFIG}");
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()
@@ -53,24 +100,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
 
-    let mqtt = match &cli.mqtt_url {
-        Some(url) => MqttTarget::External(MqttEndpoint::parse(url)?),
-        None => MqttTarget::Embedded(broker::BrokerConfig {
-            v4: cli.mqtt_listen,
-            v5: Some(cli.mqtt_listen_v5),
-            ..broker::BrokerConfig::default()
-        }),
-    };
-    let config = BridgeConfig {
-        mqtt,
-        client_id: cli.client_id.clone(),
-        ..BridgeConfig::default()
-    };
-    let listener = TcpListener::bind(cli.listen)
+    let (listen, config) = cli.settings()?.into_config()?;
+    let listener = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {}", cli.listen))?;
+        .with_context(|| format!("binding {listen}"))?;
     let bridge = Bridge::start(listener, config)
         .await
         .context("starting the bridge")?;
@@ -81,12 +115,38 @@ async fn main() -> anyhow::Result<()> {
         endpoint.host, endpoint.port
     );
     info!(
-        "Socket.IO:              http://{}/dispatch  (emit 'join' with 'all', 'fleet:demo' or 'vehicle:demo-0001')",
+        "dispatcher page:        http://{}/  (Socket.IO: /dispatch, /vendor, /admin)",
         bridge.http_addr()
     );
 
-    let stop = tokio_util::sync::CancellationToken::new();
-    let sim = (cli.simulate > 0).then(|| {
+    #[cfg(feature = "demo")]
+    let sim = demo::start(&cli, &endpoint);
+    shutdown_signal().await;
+    #[cfg(feature = "demo")]
+    demo::stop(sim).await;
+    bridge.shutdown().await.context("shutting down")?;
+    Ok(())
+}
+
+#[cfg(feature = "demo")]
+mod demo {
+    //! `--simulate N`: simulated vehicles in-process, for the one-command demo.
+
+    use bridge::config::MqttEndpoint;
+    use tokio::task::JoinHandle;
+    use tokio_util::sync::CancellationToken;
+
+    use super::Cli;
+
+    type Running = Option<(
+        CancellationToken,
+        JoinHandle<Result<device_sim::runner::SimReport, device_sim::runner::SimError>>,
+    )>;
+
+    pub(super) fn start(cli: &Cli, endpoint: &MqttEndpoint) -> Running {
+        if cli.simulate == 0 {
+            return None;
+        }
         let config = device_sim::runner::SimConfig {
             vehicles: cli.simulate,
             broker_host: endpoint.host.clone(),
@@ -94,20 +154,23 @@ async fn main() -> anyhow::Result<()> {
             rate_hz: cli.sim_rate,
             ..device_sim::runner::SimConfig::default()
         };
-        let stop = stop.clone();
-        tokio::spawn(async move { device_sim::runner::run(config, stop.cancelled_owned()).await })
-    });
+        let stop = CancellationToken::new();
+        let cancelled = stop.clone().cancelled_owned();
+        let task = tokio::spawn(async move { device_sim::runner::run(config, cancelled).await });
+        Some((stop, task))
+    }
 
-    shutdown_signal().await;
-    stop.cancel();
-    if let Some(sim) = sim {
-        match sim.await.context("simulator task")? {
-            Ok(report) => info!(?report, "simulated vehicles stopped"),
-            Err(err) => tracing::warn!(cause = %err, "simulator stopped with an error"),
+    pub(super) async fn stop(sim: Running) {
+        let Some((stop, task)) = sim else {
+            return;
+        };
+        stop.cancel();
+        match task.await {
+            Ok(Ok(report)) => tracing::info!(?report, "simulated vehicles stopped"),
+            Ok(Err(err)) => tracing::warn!(cause = %err, "simulator stopped with an error"),
+            Err(err) => tracing::warn!(cause = %err, "simulator task failed"),
         }
     }
-    bridge.shutdown().await.context("shutting down")?;
-    Ok(())
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -12,15 +12,22 @@ pub enum Rejection {
     Topic,
     /// The payload did not decode.
     Decode,
+    /// The payload's origin could not be verified: no key for the vehicle, or a tag that does
+    /// not match (spoofed, altered or moved from another topic).
+    Auth,
+    /// The payload's counter is not newer than one already accepted: a replay.
+    Replay,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 2] = [Self::Topic, Self::Decode];
+    const ALL: [Rejection; 4] = [Self::Topic, Self::Decode, Self::Auth, Self::Replay];
 
     fn label(self) -> &'static str {
         match self {
             Self::Topic => "topic",
             Self::Decode => "decode",
+            Self::Auth => "auth",
+            Self::Replay => "replay",
         }
     }
 }
@@ -29,8 +36,12 @@ impl Rejection {
 #[derive(Debug, Default)]
 pub struct Metrics {
     received: [AtomicU64; 5],
-    rejected: [AtomicU64; 2],
+    rejected: [AtomicU64; 4],
     emitted: AtomicU64,
+    batches: AtomicU64,
+    dropped: AtomicU64,
+    commands_sent: AtomicU64,
+    commands_timed_out: AtomicU64,
     mqtt_connects: AtomicU64,
     mqtt_errors: AtomicU64,
     mqtt_ready: AtomicBool,
@@ -73,6 +84,26 @@ impl Metrics {
         self.emitted.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a `position` batch sent to one socket.
+    pub fn batch_sent(&self) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an emit that could not be delivered to a socket (gone, or its buffer full).
+    pub fn emit_dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a command published to a vehicle.
+    pub fn command_sent(&self) {
+        self.commands_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a command whose vehicle did not answer in time.
+    pub fn command_timed_out(&self) {
+        self.commands_timed_out.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a successful MQTT (re)connection.
     pub fn mqtt_connected(&self) {
         self.mqtt_connects.fetch_add(1, Ordering::Relaxed);
@@ -102,6 +133,11 @@ impl Metrics {
         }
     }
 
+    /// How many Socket.IO sockets are connected.
+    pub fn sockets(&self) -> u64 {
+        self.sockets.load(Ordering::Relaxed)
+    }
+
     /// Renders every counter in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(1024);
@@ -128,7 +164,31 @@ impl Metrics {
                 self.rejected_count(why)
             );
         }
-        let gauges: [(&str, &str, &str, u64); 5] = [
+        let gauges: [(&str, &str, &str, u64); 9] = [
+            (
+                "position_batches_total",
+                "counter",
+                "position batches sent to sockets.",
+                load(&self.batches),
+            ),
+            (
+                "socketio_dropped_total",
+                "counter",
+                "Emits a socket could not take (gone or full).",
+                load(&self.dropped),
+            ),
+            (
+                "commands_sent_total",
+                "counter",
+                "Commands published to vehicles.",
+                load(&self.commands_sent),
+            ),
+            (
+                "commands_timed_out_total",
+                "counter",
+                "Commands whose vehicle did not answer in time.",
+                load(&self.commands_timed_out),
+            ),
             (
                 "socketio_emitted_total",
                 "counter",

@@ -8,19 +8,24 @@ use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
     SubscribeFilter, SubscribeReasonCode,
 };
-use shared::{CodecError, Heartbeat, Status, Topic, TopicKind};
+use shared::{Topic, TopicKind};
 use socketioxide::SocketIo;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::config::{BridgeConfig, MqttEndpoint};
-use crate::metrics::{Metrics, Rejection};
-use crate::socket;
-use crate::view::{PositionView, StatusView};
+use crate::emit;
+use crate::hub::{Accepted, Hub};
+use crate::metrics::Rejection;
 
 /// The topic kinds the bridge subscribes to, each at the QoS that kind is published at (the
 /// broker delivers at the subscription's QoS, so a QoS 0 kind must not be subscribed at 1).
-pub const SUBSCRIPTIONS: [TopicKind; 2] = [TopicKind::Heartbeat, TopicKind::Status];
+pub const SUBSCRIPTIONS: [TopicKind; 4] = [
+    TopicKind::Heartbeat,
+    TopicKind::Status,
+    TopicKind::Event,
+    TopicKind::Ack,
+];
 
 /// Largest MQTT packet the bridge accepts or sends.
 const MAX_PACKET: usize = 16 * 1024;
@@ -53,55 +58,49 @@ pub fn connect(endpoint: &MqttEndpoint, config: &BridgeConfig) -> (AsyncClient, 
 pub struct Router {
     /// The Socket.IO server to emit on.
     pub io: SocketIo,
-    /// Counters.
-    pub metrics: Arc<Metrics>,
+    /// The shared state.
+    pub hub: Arc<Hub>,
 }
 
 impl Router {
-    /// Routes one PUBLISH: parses its topic, decodes its payload and emits it to the rooms of
-    /// its vehicle. Anything invalid is counted and logged, never fatal.
+    /// Routes one PUBLISH: parses its topic, checks and decodes its payload, updates the
+    /// state and emits what clients must see now. Anything invalid is counted and logged with
+    /// the topic, never fatal.
     pub async fn route(&self, publish: &Publish) {
+        let metrics = &self.hub.metrics;
         let topic = match Topic::parse(&publish.topic) {
             Ok(topic) => topic,
             Err(cause) => {
-                self.metrics.rejected(Rejection::Topic);
+                metrics.rejected(Rejection::Topic);
                 warn!(topic = %publish.topic, %cause, "rejected MQTT message: bad topic");
                 return;
             }
         };
-        let result = match topic.kind {
-            TopicKind::Heartbeat => self.heartbeat(&topic, &publish.payload).await,
-            TopicKind::Status => self.status(&topic, &publish.payload).await,
-            // Not subscribed: commands are ours, events and acks come with later features.
-            kind => {
-                debug!(topic = %topic.name(), ?kind, "ignoring unsubscribed kind");
-                Ok(())
+        // An empty retained message clears a retained status: nothing to report.
+        if topic.kind == TopicKind::Status && publish.payload.is_empty() {
+            return;
+        }
+        match self.hub.accept(&topic, &publish.payload) {
+            Ok(Accepted::Heartbeat(change) | Accepted::Status(change)) => {
+                if let Some(change) = change {
+                    emit::status(&self.io, metrics, &change).await;
+                }
             }
-        };
-        if let Err(cause) = result {
-            self.metrics.rejected(Rejection::Decode);
-            warn!(topic = %topic.name(), %cause, bytes = publish.payload.len(), "rejected MQTT message: bad payload");
+            Ok(Accepted::Delivery(event, store)) => {
+                emit::delivery(&self.io, metrics, &topic, &event, store.as_deref()).await;
+            }
+            Ok(Accepted::Ack(ack)) => emit::ack(&self.io, metrics, &topic, &ack).await,
+            Err((why, cause)) => {
+                metrics.rejected(why);
+                let what = match why {
+                    Rejection::Auth => "unauthenticated origin",
+                    Rejection::Replay => "replay",
+                    Rejection::Topic => "bad topic",
+                    Rejection::Decode => "bad payload",
+                };
+                warn!(topic = %publish.topic, %cause, bytes = publish.payload.len(), "rejected MQTT message: {what}");
+            }
         }
-    }
-
-    async fn heartbeat(&self, topic: &Topic, payload: &[u8]) -> Result<(), CodecError> {
-        let hb: Heartbeat = shared::decode(payload)?;
-        self.metrics.received(TopicKind::Heartbeat);
-        let view = PositionView::new(topic, &hb);
-        socket::emit_to_vehicle(&self.io, &self.metrics, topic, "position", &view).await;
-        Ok(())
-    }
-
-    async fn status(&self, topic: &Topic, payload: &[u8]) -> Result<(), CodecError> {
-        // An empty retained message clears the retained status: nothing to report.
-        if payload.is_empty() {
-            return Ok(());
-        }
-        let status: Status = shared::decode(payload)?;
-        self.metrics.received(TopicKind::Status);
-        let view = StatusView::new(topic, &status);
-        socket::emit_to_vehicle(&self.io, &self.metrics, topic, "status", &view).await;
-        Ok(())
     }
 }
 
@@ -137,7 +136,7 @@ pub async fn run(
                     continue;
                 }
                 info!(session_present = ack.session_present, "MQTT connected");
-                router.metrics.mqtt_connected();
+                router.hub.metrics.mqtt_connected();
                 backoff = Duration::from_millis(100);
                 if let Err(err) = subscribe(&client) {
                     warn!(cause = %err, "could not queue MQTT subscriptions");
@@ -153,13 +152,13 @@ pub async fn run(
                 } else {
                     warn!(codes = ?ack.return_codes, "MQTT broker refused a subscription");
                 }
-                router.metrics.set_mqtt_ready(ok);
+                router.hub.metrics.set_mqtt_ready(ok);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => router.route(&publish).await,
             Ok(_) => {}
             Err(err) => {
-                router.metrics.set_mqtt_ready(false);
-                router.metrics.mqtt_error();
+                router.hub.metrics.set_mqtt_ready(false);
+                router.hub.metrics.mqtt_error();
                 let wait = backoff.mul_f64(0.5 + fastrand::f64());
                 warn!(cause = %err, retry_in_ms = wait.as_millis() as u64, "MQTT connection error");
                 tokio::select! {
@@ -170,7 +169,7 @@ pub async fn run(
             }
         }
     }
-    router.metrics.set_mqtt_ready(false);
+    router.hub.metrics.set_mqtt_ready(false);
     disconnect(&client, &mut eventloop).await;
 }
 

@@ -69,6 +69,11 @@ pub fn rooms_of(fleet: &FleetId, vehicle: &VehicleId) -> [String; 3] {
     ]
 }
 
+/// The room of a vendor's store on `/vendor`: `vendor:{store}`.
+pub fn vendor_room(store: &str) -> String {
+    format!("vendor:{store}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use socketioxide::SocketIo;
 use tokio::net::TcpListener;
@@ -10,10 +11,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::auth::Tokens;
 use crate::config::{BridgeConfig, MqttEndpoint, MqttTarget};
 use crate::error::BridgeError;
+use crate::fleet::Fleet;
+use crate::hub::Hub;
+use crate::keys::DeviceKeys;
 use crate::metrics::Metrics;
-use crate::{http, mqtt, socket};
+use crate::{emit, http, mqtt, socket};
 
 /// A running bridge. Stop it with [`Bridge::shutdown`].
 pub struct Bridge {
@@ -54,19 +59,45 @@ impl Bridge {
             MqttTarget::External(endpoint) => (None, endpoint.clone()),
         };
 
+        let tokens = if config.tokens.is_empty() {
+            warn!(
+                "no tokens configured: DEMO MODE with the public tokens dispatch-demo, vendor-demo, admin-demo"
+            );
+            Tokens::new(&Tokens::demo_grants())?
+        } else {
+            Tokens::new(&config.tokens)?
+        };
+        let keys = match &config.credentials {
+            Some(path) => DeviceKeys::load(path)?,
+            None => {
+                warn!(
+                    "no credentials file: OPEN MODE, the origin of vehicle messages is not verified"
+                );
+                DeviceKeys::Open
+            }
+        };
+
         let metrics = Arc::new(Metrics::default());
+        let (client, eventloop) = mqtt::connect(&endpoint, &config);
+        let hub = Arc::new(Hub::new(
+            Arc::clone(&metrics),
+            tokens,
+            keys,
+            Fleet::new(config.stale),
+            client.clone(),
+            config.command_timeout,
+        ));
         let (layer, io) = SocketIo::builder()
-            .with_state(Arc::clone(&metrics))
+            .with_state(Arc::clone(&hub))
             .build_layer();
         socket::register(&io);
 
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
 
-        let (client, eventloop) = mqtt::connect(&endpoint, &config);
         let router = mqtt::Router {
             io: io.clone(),
-            metrics: Arc::clone(&metrics),
+            hub: Arc::clone(&hub),
         };
         tasks.spawn(mqtt::run(
             client,
@@ -75,8 +106,14 @@ impl Bridge {
             config.max_backoff,
             cancel.child_token(),
         ));
+        tasks.spawn(tick(
+            io.clone(),
+            Arc::clone(&hub),
+            config.tick,
+            cancel.child_token(),
+        ));
 
-        let app = http::router(Arc::clone(&metrics), layer);
+        let app = http::router(Arc::clone(&hub), layer);
         let stop_http = cancel.child_token();
         tasks.spawn(async move {
             let served = axum::serve(listener, app)
@@ -138,6 +175,33 @@ impl Bridge {
         }
         info!("bridge stopped");
         Ok(())
+    }
+}
+
+/// How often vehicles are checked for missed heartbeats.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+/// Every `period`: sends the coalesced positions; every [`SWEEP_EVERY`]: marks vehicles that
+/// missed their heartbeats as stale.
+async fn tick(io: SocketIo, hub: Arc<Hub>, period: Duration, cancel: CancellationToken) {
+    let mut positions = tokio::time::interval(period);
+    positions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = positions.tick() => {
+                let pending = hub.fleet().take_dirty();
+                emit::positions(&io, &hub.metrics, &pending);
+            }
+            _ = sweep.tick() => {
+                let changes = hub.fleet().sweep(Instant::now());
+                for change in &changes {
+                    emit::status(&io, &hub.metrics, change).await;
+                }
+            }
+        }
     }
 }
 

@@ -1,52 +1,112 @@
-//! The Socket.IO side: namespaces, their rooms, and named event handlers.
+//! The Socket.IO side: namespaces, their connect middleware, rooms, and named handlers.
+//! `docs/socketio.md` is the reference for clients.
 //!
-//! `/dispatch` — dispatchers. Clients `join` / `leave` rooms (`vehicle:{id}`, `fleet:{fleet}`,
-//! `all`) and receive `position` and `status` events for the vehicles those rooms cover.
-//! Every `join` / `leave` is acknowledged with `{ok: true}` or `{ok: false, error}`.
+//! - `/dispatch`: dispatchers `join` / `leave` rooms (`vehicle:{id}`, `fleet:{fleet}`, `all`)
+//!   within their token's scope, get a `snapshot` on join, then live events; `command` a vehicle.
+//! - `/vendor`: each store sits in `vendor:{store}` and cannot join another; `pickup` is
+//!   broadcast to every other vendor and to the dispatchers.
+//! - `/admin`: `stats`, and `announce` to every socket of every namespace.
 
 use std::sync::Arc;
 
-use serde::Serialize;
-use serde_json::json;
-use shared::Topic;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use shared::{OrderId, VehicleId};
 use socketioxide::SocketIo;
-use socketioxide::extract::{AckSender, SocketRef, State, TryData};
-use tracing::{debug, warn};
+use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
+use socketioxide::handler::ConnectHandler as _;
+use tracing::{debug, info, instrument, warn};
 
-use crate::metrics::Metrics;
-use crate::room::{RoomName, rooms_of};
+use crate::auth::{AuthError, Grant, Role};
+use crate::command::CommandRequest;
+use crate::emit;
+use crate::fleet::now_ms;
+use crate::hub::Hub;
+use crate::room::{RoomName, vendor_room};
 
 /// The dispatchers' namespace.
 pub const DISPATCH: &str = "/dispatch";
+/// The vendors' (stores') namespace.
+pub const VENDOR: &str = "/vendor";
+/// The operators' namespace.
+pub const ADMIN: &str = "/admin";
 
-/// Registers every namespace and its handlers on `io`.
+/// Registers every namespace, its middleware and its handlers on `io`.
 pub fn register(io: &SocketIo) {
-    io.ns(DISPATCH, on_dispatch_connect);
+    io.ns(DISPATCH, on_dispatch_connect.with(authorize_dispatcher));
+    io.ns(VENDOR, on_vendor_connect.with(authorize_vendor));
+    io.ns(ADMIN, on_admin_connect.with(authorize_admin));
 }
 
-async fn on_dispatch_connect(socket: SocketRef, State(metrics): State<Arc<Metrics>>) {
-    metrics.socket_delta(true);
-    debug!(sid = %socket.id, ns = DISPATCH, "socket connected");
-    socket.on("join", on_join);
-    socket.on("leave", on_leave);
-    socket.on_disconnect(on_disconnect);
+/// The handshake's `auth` object.
+#[derive(Debug, Deserialize)]
+struct Handshake {
+    token: Option<String>,
 }
 
-async fn on_disconnect(socket: SocketRef, State(metrics): State<Arc<Metrics>>) {
-    metrics.socket_delta(false);
-    debug!(sid = %socket.id, "socket disconnected");
+fn authorize(
+    socket: &SocketRef,
+    auth: TryData<Handshake>,
+    hub: &Hub,
+    ns: &'static str,
+    roles: &[Role],
+) -> Result<(), AuthError> {
+    let token = auth.0.ok().and_then(|h| h.token);
+    match hub.tokens.authorize(token.as_deref(), ns, roles) {
+        Ok(grant) => {
+            debug!(sid = %socket.id, %ns, who = %grant.name, "authorized");
+            socket.extensions.insert(grant);
+            Ok(())
+        }
+        Err(err) => {
+            warn!(sid = %socket.id, %ns, cause = %err, "handshake refused");
+            Err(err)
+        }
+    }
 }
 
-/// Parses the room argument of `join` / `leave`, or says why it is not acceptable.
-fn requested_room(data: TryData<String>) -> Result<RoomName, String> {
-    let TryData(raw) = data;
-    let raw = raw.map_err(|_| "expected the room name as a string".to_owned())?;
-    raw.parse::<RoomName>().map_err(|err| err.to_string())
+async fn authorize_dispatcher(
+    socket: SocketRef,
+    auth: TryData<Handshake>,
+    State(hub): State<Arc<Hub>>,
+) -> Result<(), AuthError> {
+    authorize(
+        &socket,
+        auth,
+        &hub,
+        DISPATCH,
+        &[Role::Dispatcher, Role::Admin],
+    )
 }
 
-fn reply(ack: AckSender, result: Result<(), String>) {
+async fn authorize_vendor(
+    socket: SocketRef,
+    auth: TryData<Handshake>,
+    State(hub): State<Arc<Hub>>,
+) -> Result<(), AuthError> {
+    authorize(&socket, auth, &hub, VENDOR, &[Role::Vendor])
+}
+
+async fn authorize_admin(
+    socket: SocketRef,
+    auth: TryData<Handshake>,
+    State(hub): State<Arc<Hub>>,
+) -> Result<(), AuthError> {
+    authorize(&socket, auth, &hub, ADMIN, &[Role::Admin])
+}
+
+async fn on_disconnect(socket: SocketRef, State(hub): State<Arc<Hub>>) {
+    hub.metrics.socket_delta(false);
+    debug!(sid = %socket.id, ns = socket.ns(), "socket disconnected");
+}
+
+fn reply(ack: AckSender, result: Result<Value, String>) {
     let body = match result {
-        Ok(()) => json!({ "ok": true }),
+        Ok(Value::Object(mut fields)) => {
+            fields.insert("ok".into(), Value::Bool(true));
+            Value::Object(fields)
+        }
+        Ok(_) => json!({ "ok": true }),
         Err(error) => json!({ "ok": false, "error": error }),
     };
     if let Err(err) = ack.send(&body) {
@@ -54,43 +114,233 @@ fn reply(ack: AckSender, result: Result<(), String>) {
     }
 }
 
-async fn on_join(socket: SocketRef, data: TryData<String>, ack: AckSender) {
-    let result = requested_room(data).map(|room| {
-        debug!(sid = %socket.id, %room, "join");
+// ---- /dispatch -------------------------------------------------------------------------
+
+async fn on_dispatch_connect(socket: SocketRef, State(hub): State<Arc<Hub>>) {
+    hub.metrics.socket_delta(true);
+    socket.on("join", on_join);
+    socket.on("leave", on_leave);
+    socket.on("command", on_command);
+    socket.on_disconnect(on_disconnect);
+}
+
+/// Parses the room argument of `join` / `leave`.
+fn requested_room(data: TryData<String>) -> Result<RoomName, String> {
+    let raw = data
+        .0
+        .map_err(|_| "expected the room name as a string".to_owned())?;
+    raw.parse::<RoomName>().map_err(|err| err.to_string())
+}
+
+#[instrument(skip_all, fields(sid = %socket.id, who = %grant.name))]
+async fn on_join(
+    socket: SocketRef,
+    data: TryData<String>,
+    ack: AckSender,
+    Extension(grant): Extension<Grant>,
+    State(hub): State<Arc<Hub>>,
+) {
+    let result = requested_room(data).and_then(|room| {
+        let snapshot = {
+            let fleet = hub.fleet();
+            let vehicle_fleet = match &room {
+                RoomName::Vehicle(v) => fleet.fleet_of(v).cloned(),
+                _ => None,
+            };
+            if !grant.may_join(&room, vehicle_fleet.as_ref()) {
+                return Err(format!("not allowed to join {room}"));
+            }
+            fleet.snapshot(&room)
+        };
+        // The current state first, then live data.
+        if let Err(err) = socket.emit("snapshot", &snapshot) {
+            debug!(cause = %err, "could not send snapshot");
+        }
         socket.join(room.to_string());
+        debug!(%room, vehicles = snapshot.len(), "joined");
+        Ok(Value::Null)
     });
     if let Err(error) = &result {
-        warn!(sid = %socket.id, %error, "join refused");
+        warn!(%error, "join refused");
     }
     reply(ack, result);
 }
 
 async fn on_leave(socket: SocketRef, data: TryData<String>, ack: AckSender) {
     let result = requested_room(data).map(|room| {
-        debug!(sid = %socket.id, %room, "leave");
         socket.leave(room.to_string());
+        Value::Null
     });
     reply(ack, result);
 }
 
-/// Emits `event` with `data` on `/dispatch` to every room covering the topic's vehicle; a
-/// socket in several of those rooms receives it once.
-pub async fn emit_to_vehicle<T: Serialize + ?Sized>(
-    io: &SocketIo,
-    metrics: &Metrics,
-    topic: &Topic,
-    event: &str,
-    data: &T,
+/// A `command` from a dispatcher: `{vehicle, type, ...}`.
+#[derive(Debug, Deserialize)]
+struct CommandMessage {
+    vehicle: String,
+    #[serde(flatten)]
+    request: CommandRequest,
+}
+
+#[instrument(skip_all, fields(sid = %socket.id, who = %grant.name))]
+async fn on_command(
+    socket: SocketRef,
+    data: TryData<CommandMessage>,
+    ack: AckSender,
+    Extension(grant): Extension<Grant>,
+    State(hub): State<Arc<Hub>>,
 ) {
-    let Some(ns) = io.of(DISPATCH) else {
-        return;
-    };
-    match ns
-        .to(rooms_of(&topic.fleet, &topic.vehicle))
-        .emit(event, data)
-        .await
-    {
-        Ok(()) => metrics.emitted(),
-        Err(err) => warn!(%event, cause = %err, "Socket.IO broadcast failed"),
+    let result = async {
+        let message = data.0.map_err(|e| format!("invalid command: {e}"))?;
+        let vehicle =
+            VehicleId::new(&message.vehicle).map_err(|e| format!("invalid vehicle: {e}"))?;
+        let kind = message.request.to_wire().map_err(|e| e.to_string())?;
+        let (command_id, result) = hub
+            .command(&grant, &vehicle, kind)
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(%vehicle, command_id, result = result.as_str(), "command answered");
+        Ok(json!({ "command_id": command_id, "result": result.as_str() }))
     }
+    .await;
+    if let Err(error) = &result {
+        warn!(%error, "command failed");
+    }
+    reply(ack, result);
+}
+
+// ---- /vendor ---------------------------------------------------------------------------
+
+async fn on_vendor_connect(
+    socket: SocketRef,
+    Extension(grant): Extension<Grant>,
+    State(hub): State<Arc<Hub>>,
+) {
+    hub.metrics.socket_delta(true);
+    if let Some(store) = &grant.store {
+        socket.join(vendor_room(store));
+    }
+    socket.on("join", on_vendor_join);
+    socket.on("pickup", on_pickup);
+    socket.on_disconnect(on_disconnect);
+}
+
+async fn on_vendor_join(data: TryData<String>, ack: AckSender, Extension(grant): Extension<Grant>) {
+    let own = grant.store.as_deref().map(vendor_room);
+    let result = match data.0 {
+        Ok(room) if Some(&room) == own.as_ref() => Ok(Value::Null),
+        Ok(room) => Err(format!("a vendor can only be in its own room, not {room}")),
+        Err(_) => Err("expected the room name as a string".to_owned()),
+    };
+    reply(ack, result);
+}
+
+/// A vendor's `pickup`: an order is ready to be collected.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pickup {
+    /// Order id.
+    pub order: String,
+    /// Who receives the parcel.
+    pub customer: String,
+    /// Drop-off latitude in degrees.
+    pub lat: f64,
+    /// Drop-off longitude in degrees.
+    pub lon: f64,
+}
+
+#[instrument(skip_all, fields(sid = %socket.id, who = %grant.name))]
+async fn on_pickup(
+    socket: SocketRef,
+    io: SocketIo,
+    data: TryData<Pickup>,
+    ack: AckSender,
+    Extension(grant): Extension<Grant>,
+    State(hub): State<Arc<Hub>>,
+) {
+    let result = async {
+        let pickup = data.0.map_err(|e| format!("invalid pickup: {e}"))?;
+        let order = OrderId::new(&pickup.order).map_err(|e| format!("invalid order id: {e}"))?;
+        if !((-90.0..=90.0).contains(&pickup.lat) && (-180.0..=180.0).contains(&pickup.lon)) {
+            return Err("lat/lon out of range".to_owned());
+        }
+        let store = grant.store.clone().unwrap_or_default();
+        hub.track_order(order, store.clone());
+        let announced = json!({
+            "store": store,
+            "order": pickup.order,
+            "customer": pickup.customer,
+            "lat": pickup.lat,
+            "lon": pickup.lon,
+            "ts_ms": now_ms(),
+        });
+        // Every other vendor, as in the classic hub, and every dispatcher.
+        if let Err(err) = socket.broadcast().emit("pickup", &announced).await {
+            warn!(cause = %err, "pickup broadcast to vendors failed");
+        }
+        if let Some(ops) = io.of(DISPATCH)
+            && let Err(err) = ops.emit("pickup", &announced).await
+        {
+            warn!(cause = %err, "pickup broadcast to dispatchers failed");
+        }
+        info!(order = %pickup.order, "pickup announced");
+        Ok(Value::Null)
+    }
+    .await;
+    reply(ack, result);
+}
+
+// ---- /admin ----------------------------------------------------------------------------
+
+async fn on_admin_connect(socket: SocketRef, State(hub): State<Arc<Hub>>) {
+    hub.metrics.socket_delta(true);
+    socket.on("stats", on_stats);
+    socket.on("announce", on_announce);
+    socket.on_disconnect(on_disconnect);
+}
+
+async fn on_stats(io: SocketIo, ack: AckSender, State(hub): State<Arc<Hub>>) {
+    let clients = |ns: &str| io.of(ns).map_or(0, |ops| ops.sockets().len());
+    let stats = json!({
+        "bridge": {
+            "mqtt_ready": hub.metrics.mqtt_ready(),
+            "commands_waiting": hub.commands.len(),
+            "metrics": hub.metrics.render(),
+        },
+        "vehicles": hub.fleet().counts(),
+        "clients": {
+            "dispatch": clients(DISPATCH),
+            "vendor": clients(VENDOR),
+            "admin": clients(ADMIN),
+        },
+    });
+    reply(ack, Ok(stats));
+}
+
+/// An operator's `announce`.
+#[derive(Debug, Deserialize)]
+struct Announce {
+    message: String,
+}
+
+async fn on_announce(
+    io: SocketIo,
+    data: TryData<Announce>,
+    ack: AckSender,
+    Extension(grant): Extension<Grant>,
+    State(hub): State<Arc<Hub>>,
+) {
+    let result = match data.0 {
+        Err(err) => Err(format!("expected {{message}}: {err}")),
+        Ok(Announce { message }) if message.trim().is_empty() || message.len() > 1000 => {
+            Err("message must be 1 to 1000 bytes".to_owned())
+        }
+        Ok(Announce { message }) => {
+            let payload = json!({ "message": message, "from": grant.name, "ts_ms": now_ms() });
+            emit::everywhere(&io, &hub.metrics, "announce", &payload).await;
+            info!(from = %grant.name, "announcement sent");
+            Ok(Value::Null)
+        }
+    };
+    reply(ack, result);
 }

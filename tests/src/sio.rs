@@ -168,6 +168,67 @@ impl SioClient {
         Ok(())
     }
 
+    /// Starts a client with handshake `auth: {token}` and waits until it is connected.
+    ///
+    /// # Errors
+    /// If the connection is refused or does not happen within the bound.
+    pub async fn connect_with_token(
+        url: &str,
+        namespace: &str,
+        token: &str,
+    ) -> anyhow::Result<Self> {
+        Self::connect(url, namespace, Some(json!({ "token": token }))).await
+    }
+
+    /// Starts a client expected to be refused, and returns the `connect_error` message.
+    ///
+    /// # Errors
+    /// If it connects, or nothing happens within the bound.
+    pub async fn refused(
+        url: &str,
+        namespace: &str,
+        auth: Option<Value>,
+    ) -> anyhow::Result<String> {
+        let mut client = Self::spawn(url, namespace, auth)?;
+        let outcome = client
+            .next_matching(WAIT, |v| {
+                matches!(v["type"].as_str(), Some("connect" | "connect_error"))
+            })
+            .await?;
+        client.close().await;
+        if outcome["type"] == "connect" {
+            bail!("connection to {namespace} was accepted");
+        }
+        Ok(outcome["message"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// Waits for position batches until one holds a position satisfying `pred`; returns every
+    /// position received meanwhile, in order.
+    ///
+    /// # Errors
+    /// If no such position arrives within `timeout`.
+    pub async fn positions_until(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Vec<Value>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let batch = self.next_event("position", left).await?;
+            let batch = batch
+                .as_array()
+                .cloned()
+                .context("a position batch is an array")?;
+            let hit = batch.iter().any(&pred);
+            seen.extend(batch);
+            if hit {
+                return Ok(seen);
+            }
+        }
+    }
+
     /// Waits for the next server event named `event` and returns its first argument.
     /// Events of other names stay in the backlog.
     ///

@@ -41,6 +41,60 @@ impl BridgeProcess {
         Ok((status, response.text().await?))
     }
 
+    /// `GET path` with `Authorization: Bearer token`, returning status and JSON body.
+    ///
+    /// # Errors
+    /// If the request fails or the body is not JSON.
+    pub async fn get_json(
+        &self,
+        path: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let mut request = http_client().get(format!("{}{path}", self.url()));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        let status = response.status().as_u16();
+        Ok((
+            status,
+            response
+                .json()
+                .await
+                .with_context(|| format!("GET {path}: not JSON"))?,
+        ))
+    }
+
+    /// `POST path` with a JSON body and `Authorization: Bearer token`.
+    ///
+    /// # Errors
+    /// If the request fails or the answer is not JSON.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        token: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let response = http_client()
+            .post(format!("{}{path}", self.url()))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {path}"))?;
+        let status = response.status().as_u16();
+        Ok((
+            status,
+            response
+                .json()
+                .await
+                .with_context(|| format!("POST {path}: not JSON"))?,
+        ))
+    }
+
     /// Reads one sample of a Prometheus metric (`name{labels}` exactly as exposed).
     ///
     /// # Errors
@@ -81,7 +135,7 @@ impl BridgeProcess {
 
 fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
+        .timeout(WAIT)
         .build()
         .unwrap_or_default()
 }
@@ -92,14 +146,7 @@ fn http_client() -> reqwest::Client {
 /// # Errors
 /// If it does not start and become ready in time.
 pub async fn start_bridge(extra: &[&str]) -> anyhow::Result<BridgeProcess> {
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--mqtt-listen",
-        "127.0.0.1:0",
-        "--mqtt-listen-v5",
-        "127.0.0.1:0",
-    ];
+    let mut args = vec!["--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"];
     args.extend_from_slice(extra);
     spawn_bridge(&args).await
 }
@@ -167,4 +214,44 @@ pub async fn start_broker() -> anyhow::Result<broker::Broker> {
     broker::Broker::start(broker::BrokerConfig::ephemeral())
         .await
         .context("starting the broker")
+}
+
+/// Writes a bridge configuration file into a fresh temporary directory and returns its path.
+///
+/// # Errors
+/// If the file cannot be written.
+pub fn write_bridge_config(toml: &str) -> anyhow::Result<std::path::PathBuf> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("fleetbeat-test-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).context("creating a temporary directory")?;
+    let path = dir.join("bridge.toml");
+    std::fs::write(&path, toml).context("writing the bridge configuration")?;
+    Ok(path)
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released), for programs that must be restarted
+/// on the same address.
+///
+/// # Errors
+/// If no port can be bound.
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    listener.local_addr().context("reading the bound address")
+}
+
+/// Starts the standalone `broker` binary (MQTT 3.1.1 only) on `addr` and waits until it is
+/// ready.
+///
+/// # Errors
+/// If it does not start in time.
+pub async fn start_broker_process(addr: SocketAddr, extra: &[&str]) -> anyhow::Result<Program> {
+    let mut cmd = Command::new(bin::path("broker")?);
+    cmd.arg("--listen")
+        .arg(addr.to_string())
+        .arg("--no-v5")
+        .args(extra);
+    let mut program = Program::spawn("broker", cmd)?;
+    program.wait_for_line("broker ready", WAIT).await?;
+    Ok(program)
 }

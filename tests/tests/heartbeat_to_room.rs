@@ -1,9 +1,13 @@
 //! A device-sim vehicle's heartbeats reach the dispatchers in its room, and only them.
 
+use std::collections::BTreeSet;
+
 use serde_json::{Value, json};
 use tests::WAIT;
 use tests::sio::SioClient;
 use tests::stack::{start_bridge, start_sim};
+
+const TOKEN: &str = "dispatch-demo";
 
 fn vehicle(v: &Value) -> &str {
     v["vehicle"].as_str().unwrap_or_default()
@@ -14,8 +18,8 @@ async fn positions_follow_room_membership() -> anyhow::Result<()> {
     let bridge = start_bridge(&[]).await?;
     let _sim = start_sim(bridge.mqtt, 2, "north", &["--rate", "5"])?;
 
-    let mut watcher = SioClient::connect(&bridge.url(), "/dispatch", None).await?;
-    let mut witness = SioClient::connect(&bridge.url(), "/dispatch", None).await?;
+    let mut watcher = SioClient::connect_with_token(&bridge.url(), "/dispatch", TOKEN).await?;
+    let mut witness = SioClient::connect_with_token(&bridge.url(), "/dispatch", TOKEN).await?;
     for client in [&mut watcher, &mut witness] {
         let ack = client
             .emit_ack("join", json!(["vehicle:north-0001"]))
@@ -25,8 +29,8 @@ async fn positions_follow_room_membership() -> anyhow::Result<()> {
 
     // Positions of north-0001 arrive; those of north-0002 (same broker, same fleet) do not.
     let mut seen = Vec::new();
-    for _ in 0..5 {
-        seen.push(watcher.next_event("position", WAIT).await?);
+    while seen.len() < 5 {
+        seen.extend(watcher.positions_until(WAIT, |_| true).await?);
     }
     assert!(seen.iter().all(|p| vehicle(p) == "north-0001"), "{seen:?}");
     let first = &seen[0];
@@ -50,7 +54,7 @@ async fn positions_follow_room_membership() -> anyhow::Result<()> {
     watcher.drain_events("position");
     witness.drain_events("position");
     for _ in 0..3 {
-        witness.next_event("position", WAIT).await?;
+        witness.positions_until(WAIT, |_| true).await?;
     }
     let late = watcher.drain_events("position");
     assert!(late.is_empty(), "positions after leave: {late:?}");
@@ -58,11 +62,11 @@ async fn positions_follow_room_membership() -> anyhow::Result<()> {
     // Joining the fleet room brings both vehicles.
     let ack = watcher.emit_ack("join", json!(["fleet:north"])).await?;
     assert_eq!(ack, json!({ "ok": true }));
-    let mut vehicles = std::collections::BTreeSet::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while vehicles.len() < 2 && tokio::time::Instant::now() < deadline {
-        let p = watcher.next_event("position", WAIT).await?;
-        vehicles.insert(vehicle(&p).to_owned());
+    let mut vehicles = BTreeSet::new();
+    while vehicles.len() < 2 {
+        for p in watcher.positions_until(WAIT, |_| true).await? {
+            vehicles.insert(vehicle(&p).to_owned());
+        }
     }
     assert_eq!(
         vehicles.into_iter().collect::<Vec<_>>(),
@@ -77,7 +81,7 @@ async fn positions_follow_room_membership() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_refuses_unknown_room_forms() -> anyhow::Result<()> {
     let bridge = start_bridge(&[]).await?;
-    let mut client = SioClient::connect(&bridge.url(), "/dispatch", None).await?;
+    let mut client = SioClient::connect_with_token(&bridge.url(), "/dispatch", TOKEN).await?;
     for bad in [
         json!(["truck:7"]),
         json!(["vehicle:"]),

@@ -1,6 +1,6 @@
 //! An engineer with `mosquitto_sub` sees device-sim's traffic on the embedded broker.
 
-use shared::{Heartbeat, Status, Topic, TopicKind};
+use shared::{Heartbeat, Status, Topic, TopicKind, VehicleId, open_mode_key};
 use tests::mosquitto;
 use tests::stack::{start_bridge, start_sim};
 
@@ -20,11 +20,21 @@ async fn mosquitto_sub_sees_heartbeats_and_status() -> anyhow::Result<()> {
     }
     assert!(kinds.contains(&TopicKind::Heartbeat), "{lines:?}");
     // mosquitto_sub prints payloads as text; read exact bytes with -F %x to decode them.
-    let hb = mosquitto::sub_payloads(bridge.mqtt, "fleet/south/south-0001/hb", 1).await?;
-    let hb: Heartbeat = shared::decode(&hb[0]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Payloads are sealed; in open mode each vehicle's key is derived from its id.
+    let topic = "fleet/south/south-0001/hb";
+    let hb = mosquitto::sub_payloads(bridge.mqtt, topic, 1).await?;
+    let key = open_mode_key(&VehicleId::new("south-0001").map_err(anyhow::Error::msg)?);
+    let hb = shared::open::<Heartbeat>(&hb[0], topic, &key)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .msg;
     assert!(hb.pos.is_valid() && hb.pos.lat_e7 != 0);
     // The retained status says online.
-    let status = mosquitto::sub_payloads(bridge.mqtt, "fleet/south/south-0002/status", 1).await?;
-    assert_eq!(shared::decode::<Status>(&status[0]), Ok(Status::Online));
+    let topic = "fleet/south/south-0002/status";
+    let status = mosquitto::sub_payloads(bridge.mqtt, topic, 1).await?;
+    let key = open_mode_key(&VehicleId::new("south-0002").map_err(anyhow::Error::msg)?);
+    assert_eq!(
+        shared::open::<Status>(&status[0], topic, &key).map(|o| o.msg),
+        Ok(Status::Online)
+    );
     Ok(())
 }

@@ -1,0 +1,306 @@
+//! Store benchmark: delivery events committed per second with fsync on (`synchronous = FULL`),
+//! and heartbeats stored per second in batches of 100 and 1000, each next to a baseline
+//! measured in the same run (`synchronous = OFF`: the same work without waiting for the disk).
+//!
+//! ```sh
+//! cargo bench -p bridge --no-default-features --bench store
+//! ```
+//!
+//! Prints a markdown table. The database lives in the system's temporary directory, or in
+//! `FLEETBEAT_BENCH_DIR` if set: it must be on a real disk (not tmpfs) for the fsync figures to
+//! mean anything. The whole run takes about 15 s.
+
+use std::error::Error;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bridge::store::{ClientId, HeartbeatRow, NewOrder, Store, StoreOptions, Synchronous};
+use serde_json::json;
+use shared::{DeliveryEvent, DeliveryKind, FleetId, OrderId, Position, VehicleId};
+
+/// How long each measurement runs (it also stops when it runs out of prepared work).
+const BUDGET: Duration = Duration::from_millis(2_000);
+/// Orders prepared for the event runs: three events each.
+const ORDERS: u32 = 8_000;
+
+type BenchResult<T> = Result<T, Box<dyn Error>>;
+
+/// One measured line of the table.
+struct Measured {
+    what: String,
+    setting: String,
+    ops: u64,
+    unit: &'static str,
+    elapsed: Duration,
+    /// Per call, sorted.
+    latencies: Vec<Duration>,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
+        self.latencies[i]
+    }
+}
+
+fn options(synchronous: Synchronous) -> StoreOptions {
+    StoreOptions {
+        synchronous,
+        ..StoreOptions::default()
+    }
+}
+
+fn vehicle(i: u32) -> BenchResult<VehicleId> {
+    Ok(format!("v-{i}").parse()?)
+}
+
+fn order_id(i: u32) -> BenchResult<OrderId> {
+    Ok(format!("o-{i}").parse()?)
+}
+
+/// A database with `ORDERS` orders, each assigned to its own vehicle, closed (checkpointed)
+/// so that it can be copied for each run.
+async fn prepare_orders(path: &Path) -> BenchResult<()> {
+    let store = Store::open(path_str(path)?, options(Synchronous::Off)).await?;
+    let fleet: FleetId = "bench".parse()?;
+    for i in 0..ORDERS {
+        let order = order_id(i)?;
+        store
+            .create_order(&NewOrder {
+                order: order.clone(),
+                store: format!("store-{}", i % 20),
+                fleet: fleet.clone(),
+                customer: format!("customer {i}"),
+                dropoff: Position::new(525_200_000, 134_050_000),
+                pickup: Position::new(525_000_000, 134_000_000),
+            })
+            .await?;
+        store.assign(&order, &vehicle(i)?).await?;
+    }
+    store.close().await;
+    Ok(())
+}
+
+fn path_str(path: &Path) -> BenchResult<&str> {
+    path.to_str()
+        .ok_or_else(|| "non-UTF-8 temporary path".into())
+}
+
+/// `record_event` in a loop: pickup, in-transit, delivered for one order after another, each
+/// event queued for the order's vendor and the dispatchers.
+async fn bench_events(
+    template: &Path,
+    dir: &Path,
+    synchronous: Synchronous,
+) -> BenchResult<Measured> {
+    let path = dir.join(format!("events-{synchronous}.db"));
+    std::fs::copy(template, &path)?;
+    let store = Store::open(path_str(&path)?, options(synchronous)).await?;
+    let fleet: FleetId = "bench".parse()?;
+    let dispatch = ClientId::dispatch();
+    let mut latencies = Vec::new();
+    let start = Instant::now();
+    'orders: for i in 0..ORDERS {
+        let vehicle = vehicle(i)?;
+        let order = order_id(i)?;
+        let recipients = [
+            ClientId::vendor(&format!("store-{}", i % 20)),
+            dispatch.clone(),
+        ];
+        for (n, kind) in [
+            DeliveryKind::Pickup,
+            DeliveryKind::InTransit,
+            DeliveryKind::Delivered,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let event = DeliveryEvent {
+                seq: i * 3 + n as u32,
+                order: order.clone(),
+                kind,
+                ts_ms: 1_750_000_000_000 + u64::from(i) * 1_000 + n as u64,
+                pos: Position::new(525_100_000, 134_020_000),
+            };
+            let payload = json!({
+                "vehicle": vehicle.as_str(), "fleet": "bench", "order": order.as_str(),
+                "kind": kind.as_str(), "seq": event.seq, "ts_ms": event.ts_ms,
+                "lat": event.pos.lat(), "lon": event.pos.lon(),
+            });
+            let t = Instant::now();
+            let recorded = store
+                .record_event(&vehicle, &fleet, &event, &recipients, &payload)
+                .await?;
+            latencies.push(t.elapsed());
+            if recorded.duplicate || recorded.flag.is_some() {
+                return Err(format!("unexpected outcome for {order}: {recorded:?}").into());
+            }
+            if start.elapsed() >= BUDGET {
+                break 'orders;
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    store.close().await;
+    latencies.sort_unstable();
+    Ok(Measured {
+        what: "`record_event` (event + order update + 2 queue rows, 1 tx)".into(),
+        setting: setting(synchronous),
+        ops: latencies.len() as u64,
+        unit: "events/s",
+        elapsed,
+        latencies,
+    })
+}
+
+/// `record_heartbeats` in a loop, `batch` rows per call (one transaction each), 50 vehicles.
+async fn bench_heartbeats(
+    dir: &Path,
+    synchronous: Synchronous,
+    batch: u32,
+) -> BenchResult<Measured> {
+    let path = dir.join(format!("heartbeats-{synchronous}-{batch}.db"));
+    let store = Store::open(path_str(&path)?, options(synchronous)).await?;
+    let fleet: FleetId = "bench".parse()?;
+    let vehicles: Vec<VehicleId> = (0..50).map(vehicle).collect::<BenchResult<_>>()?;
+    let mut latencies = Vec::new();
+    let mut seq: u32 = 0;
+    let start = Instant::now();
+    while start.elapsed() < BUDGET {
+        let rows: Vec<HeartbeatRow> = (0..batch)
+            .map(|i| {
+                seq += 1;
+                let v = (i % 50) as usize;
+                HeartbeatRow {
+                    vehicle: vehicles[v].clone(),
+                    fleet: fleet.clone(),
+                    seq,
+                    ts_ms: 1_750_000_000_000 + u64::from(seq) * 20,
+                    lat_e7: 525_000_000 + seq as i32,
+                    lon_e7: 134_000_000 - seq as i32,
+                    speed_cm_s: 1_250,
+                    heading_deg: 90,
+                    battery_pct: 80,
+                    flags: 0b1_1001,
+                    received_ms: 1_750_000_000_000 + u64::from(seq) * 20 + 15,
+                }
+            })
+            .collect();
+        let t = Instant::now();
+        store.record_heartbeats(&rows).await?;
+        latencies.push(t.elapsed());
+    }
+    let elapsed = start.elapsed();
+    store.close().await;
+    latencies.sort_unstable();
+    Ok(Measured {
+        what: format!("`record_heartbeats`, batches of {batch} (1 tx each)"),
+        setting: setting(synchronous),
+        ops: latencies.len() as u64 * u64::from(batch),
+        unit: "heartbeats/s",
+        elapsed,
+        latencies,
+    })
+}
+
+fn setting(synchronous: Synchronous) -> String {
+    match synchronous {
+        Synchronous::Full => "WAL, synchronous=FULL (fsync per commit)".into(),
+        Synchronous::Normal => "WAL, synchronous=NORMAL".into(),
+        Synchronous::Off => "WAL, synchronous=OFF (baseline)".into(),
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+fn print_table(rows: &[(Measured, f64)]) {
+    println!("| what | setting | done | time | rate | per call p50 / p99 (ms) | vs baseline |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for (m, baseline) in rows {
+        println!(
+            "| {} | {} | {} | {:.2} s | {:.0} {} | {} / {} | {:.2}× |",
+            m.what,
+            m.setting,
+            m.ops,
+            m.elapsed.as_secs_f64(),
+            m.rate(),
+            m.unit,
+            ms(m.percentile(0.5)),
+            ms(m.percentile(0.99)),
+            m.rate() / baseline,
+        );
+    }
+}
+
+async fn run() -> BenchResult<()> {
+    let base = std::env::var_os("FLEETBEAT_BENCH_DIR")
+        .map_or_else(std::env::temp_dir, std::path::PathBuf::from);
+    let dir = tempfile::Builder::new()
+        .prefix("fleetbeat-bench-")
+        .tempdir_in(&base)?;
+    // Other work on the machine shows in the tail latencies: say how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into());
+    let started = Instant::now();
+
+    let template = dir.path().join("orders.db");
+    prepare_orders(&template).await?;
+
+    let mut rows = Vec::new();
+    let events_off = bench_events(&template, dir.path(), Synchronous::Off).await?;
+    let baseline = events_off.rate();
+    for synchronous in [Synchronous::Full, Synchronous::Normal] {
+        rows.push((
+            bench_events(&template, dir.path(), synchronous).await?,
+            baseline,
+        ));
+    }
+    rows.push((events_off, baseline));
+    for batch in [100, 1_000] {
+        let off = bench_heartbeats(dir.path(), Synchronous::Off, batch).await?;
+        let baseline = off.rate();
+        rows.push((
+            bench_heartbeats(dir.path(), Synchronous::Full, batch).await?,
+            baseline,
+        ));
+        rows.push((off, baseline));
+    }
+
+    println!();
+    println!("## Store benchmark");
+    println!();
+    println!("`cargo bench -p bridge --no-default-features --bench store`");
+    println!();
+    println!(
+        "{} CPUs (load average before the run: {load}), database in `{}`; {} prepared orders; \
+         each line runs for at most {:.1} s.",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        base.display(),
+        ORDERS,
+        BUDGET.as_secs_f64()
+    );
+    println!();
+    print_table(&rows);
+    println!();
+    println!("Total run time {:.1} s.", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn main() -> BenchResult<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run())
+}

@@ -1,0 +1,199 @@
+//! The hub: the state every part of the bridge shares, and the operations on it that are not
+//! tied to one transport (commands, routing what vehicles publish).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, QoS};
+use shared::{
+    AckResult, Command, CommandAck, CommandKind, DeliveryEvent, Heartbeat, OrderId, Status, Topic,
+    TopicKind, VehicleId,
+};
+
+use crate::auth::{Grant, Tokens};
+use crate::command::{CommandError, PendingCommands};
+use crate::fleet::{Fleet, Liveness, StatusChange};
+use crate::keys::DeviceKeys;
+use crate::metrics::{Metrics, Rejection};
+
+/// What happened when a vehicle's payload was accepted, for the Socket.IO side to emit.
+#[derive(Debug)]
+pub enum Accepted {
+    /// A heartbeat (positions are emitted in batches at the next tick), possibly bringing the
+    /// vehicle back online.
+    Heartbeat(Option<StatusChange>),
+    /// A status message, possibly changing the vehicle's liveness.
+    Status(Option<StatusChange>),
+    /// A delivery event, and the store whose order it is, if known.
+    Delivery(DeliveryEvent, Option<String>),
+    /// A command ack.
+    Ack(CommandAck),
+}
+
+/// The bridge's shared state.
+pub struct Hub {
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Tokens and their grants.
+    pub tokens: Tokens,
+    /// Device message keys.
+    pub keys: DeviceKeys,
+    /// Commands waiting for acks.
+    pub commands: PendingCommands,
+    fleet: Mutex<Fleet>,
+    orders: Mutex<HashMap<OrderId, String>>,
+    mqtt: AsyncClient,
+    command_timeout: Duration,
+}
+
+impl Hub {
+    /// Bundles the shared state.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        tokens: Tokens,
+        keys: DeviceKeys,
+        fleet: Fleet,
+        mqtt: AsyncClient,
+        command_timeout: Duration,
+    ) -> Self {
+        Self {
+            metrics,
+            tokens,
+            keys,
+            commands: PendingCommands::default(),
+            fleet: Mutex::new(fleet),
+            orders: Mutex::new(HashMap::new()),
+            mqtt,
+            command_timeout,
+        }
+    }
+
+    /// Locks the fleet cache. A poisoned lock (a panic elsewhere) is recovered: the cache holds
+    /// no invariant a half-done update could break.
+    pub fn fleet(&self) -> MutexGuard<'_, Fleet> {
+        self.fleet
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Remembers that `order` belongs to `store`, so its delivery events reach that vendor.
+    pub fn track_order(&self, order: OrderId, store: String) {
+        self.orders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(order, store);
+    }
+
+    fn store_of(&self, order: &OrderId) -> Option<String> {
+        self.orders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(order)
+            .cloned()
+    }
+
+    /// Checks a vehicle's sealed payload (origin, freshness, shape) and updates the state.
+    ///
+    /// # Errors
+    /// The [`Rejection`] reason and a message for the log.
+    pub fn accept(&self, topic: &Topic, payload: &[u8]) -> Result<Accepted, (Rejection, String)> {
+        let key = self.keys.key(&topic.vehicle).ok_or((
+            Rejection::Auth,
+            "unknown device: no key provisioned".to_owned(),
+        ))?;
+        let name = topic.name();
+        let reject = |err: shared::CodecError| {
+            let why = match err {
+                shared::CodecError::Unauthenticated => Rejection::Auth,
+                shared::CodecError::Replayed => Rejection::Replay,
+                _ => Rejection::Decode,
+            };
+            (why, err.to_string())
+        };
+        macro_rules! open {
+            ($t:ty) => {{
+                let opened = shared::open::<$t>(payload, &name, &key).map_err(reject)?;
+                self.fleet()
+                    .check_fresh(topic, opened.counter)
+                    .map_err(reject)?;
+                self.metrics.received(topic.kind);
+                opened.msg
+            }};
+        }
+        Ok(match topic.kind {
+            TopicKind::Heartbeat => {
+                let hb = open!(Heartbeat);
+                Accepted::Heartbeat(self.fleet().heartbeat(topic, &hb))
+            }
+            TopicKind::Status => {
+                let status = open!(Status);
+                Accepted::Status(self.fleet().status(topic, &status))
+            }
+            TopicKind::Event => {
+                let event = open!(DeliveryEvent);
+                let store = self.store_of(&event.order);
+                Accepted::Delivery(event, store)
+            }
+            TopicKind::Ack => {
+                let ack = open!(CommandAck);
+                if !self.commands.complete(&topic.vehicle, ack.id, ack.result) {
+                    tracing::debug!(vehicle = %topic.vehicle, id = ack.id, "ack for no waiting command");
+                }
+                Accepted::Ack(ack)
+            }
+            TopicKind::Command => {
+                return Err((
+                    Rejection::Topic,
+                    "commands are not accepted from vehicles".into(),
+                ));
+            }
+        })
+    }
+
+    /// Sends `kind` to `vehicle` and waits for its ack (at most the command timeout).
+    ///
+    /// # Errors
+    /// [`CommandError`] if the vehicle is unknown, offline, not the caller's, or silent.
+    pub async fn command(
+        &self,
+        grant: &Grant,
+        vehicle: &VehicleId,
+        kind: CommandKind,
+    ) -> Result<(u32, AckResult), CommandError> {
+        let (fleet, liveness) = {
+            let fleet = self.fleet();
+            let state = fleet.vehicle(vehicle).ok_or(CommandError::UnknownVehicle)?;
+            (state.fleet, state.status)
+        };
+        if !grant.may_see_fleet(&fleet) {
+            return Err(CommandError::Forbidden);
+        }
+        if liveness == Liveness::Offline {
+            return Err(CommandError::Offline);
+        }
+        let registered = self.commands.register(vehicle);
+        let id = registered.id;
+        let command = Command { id, kind };
+        let payload = shared::codec::encode_vec(&command)
+            .map_err(|e| CommandError::Invalid(e.to_string()))?;
+        let topic = Topic::new(fleet, vehicle.clone(), TopicKind::Command).name();
+        if let Err(err) = self
+            .mqtt
+            .publish(topic.as_str(), QoS::AtLeastOnce, false, payload.to_vec())
+            .await
+        {
+            self.commands.forget(vehicle, id);
+            return Err(CommandError::Publish(err.to_string()));
+        }
+        self.metrics.command_sent();
+        match tokio::time::timeout(self.command_timeout, registered.ack).await {
+            Ok(Ok(result)) => Ok((id, result)),
+            Ok(Err(_)) | Err(_) => {
+                self.commands.forget(vehicle, id);
+                self.metrics.command_timed_out();
+                Err(CommandError::Timeout(self.command_timeout))
+            }
+        }
+    }
+}

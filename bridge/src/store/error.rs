@@ -1,0 +1,81 @@
+//! Errors of the store.
+
+use std::path::PathBuf;
+
+use shared::{OrderId, VehicleId};
+use thiserror::Error;
+
+use super::OrderState;
+
+/// Why a store operation failed.
+///
+/// The variants a caller branches on ([`OrderConflict`](Self::OrderConflict),
+/// [`UnknownOrder`](Self::UnknownOrder), [`OrderUnderway`](Self::OrderUnderway),
+/// [`VehicleBusy`](Self::VehicleBusy)) are answers to the request; the others mean the
+/// database did not do what was asked, and nothing of the operation was committed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The target is neither a file path, `:memory:`, nor a `sqlite:` URL.
+    #[error("unsupported store {0:?}: expected a file path, :memory: or a sqlite: URL")]
+    UnsupportedTarget(String),
+    /// The directory that should hold the database file could not be created.
+    #[error("cannot create the store directory {path:?}: {source}")]
+    Directory {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database could not be opened or configured.
+    #[error("cannot open the store {target:?}: {source}")]
+    Open {
+        /// The path or URL as given.
+        target: String,
+        /// Why.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A schema migration failed, or the database was written by a newer bridge (it has a
+    /// migration this build does not know).
+    #[error("store schema migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A query failed: I/O error, disk full, lock timeout, connection lost.
+    #[error("store query failed: {0}")]
+    Database(#[from] sqlx::Error),
+    /// An order with this id exists, with other content than the one to create.
+    #[error("order {order} already exists with different content")]
+    OrderConflict {
+        /// The order id.
+        order: OrderId,
+    },
+    /// There is no order with this id.
+    #[error("unknown order {0}")]
+    UnknownOrder(OrderId),
+    /// The order was picked up or delivered already: it cannot be (re)assigned.
+    #[error("order {order} is {state} already")]
+    OrderUnderway {
+        /// The order id.
+        order: OrderId,
+        /// Its current state.
+        state: OrderState,
+    },
+    /// The vehicle already holds another undelivered order.
+    #[error("vehicle {vehicle} is busy with order {order}")]
+    VehicleBusy {
+        /// The vehicle asked for.
+        vehicle: VehicleId,
+        /// The order it holds.
+        order: OrderId,
+    },
+    /// A stored value cannot be read back (an invalid id, an unknown state, bad JSON).
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// A [`StoreError::Corrupt`] for column `what` holding `value`.
+    pub(super) fn corrupt(what: &str, value: &str, cause: impl std::fmt::Display) -> Self {
+        Self::Corrupt(format!("{what} {value:?}: {cause}"))
+    }
+}

@@ -1,0 +1,312 @@
+//! The durable per-client message queue.
+//!
+//! A message is stored before it is emitted and stays until its client acknowledges it, so a
+//! client that was away (or a bridge that was killed) loses nothing: [`Store::pending`]
+//! returns what is still owed, in order. Message ids increase monotonically and are never
+//! reused, so a client drops a re-sent message whose id it has already seen.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::sqlite::DbTx;
+use super::{Store, StoreError, from_db, now_ms, to_db};
+
+/// Who a queued message is for: a vendor's store (`vendor:{store}`) or a dispatcher identity
+/// (`dispatch`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClientId(String);
+
+impl ClientId {
+    /// The identity all dispatchers share.
+    pub const DISPATCH: &'static str = "dispatch";
+
+    /// A client id as given.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self(id.into())
+    }
+
+    /// The vendor store `store`: `vendor:{store}`, like its Socket.IO room.
+    pub fn vendor(store: &str) -> Self {
+        Self(format!("vendor:{store}"))
+    }
+
+    /// The dispatchers: `dispatch`.
+    pub fn dispatch() -> Self {
+        Self(Self::DISPATCH.to_owned())
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A queued message's id: unique across all clients, increasing, never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MessageId(pub u64);
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A message waiting for its client's acknowledgement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedMessage {
+    /// Its id.
+    pub id: MessageId,
+    /// What to send, as given to the store.
+    pub payload: Value,
+    /// When it was queued, ms since the Unix epoch (bridge clock).
+    pub created_ms: u64,
+}
+
+/// A message just queued, to emit once the transaction that queued it has committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enqueued {
+    /// Who it is for.
+    pub client: ClientId,
+    /// Its id.
+    pub id: MessageId,
+    /// What to send.
+    pub payload: Value,
+}
+
+/// Inserts one message in `tx` and returns its id.
+pub(super) async fn insert(
+    tx: &mut DbTx,
+    client: &ClientId,
+    payload: &str,
+    created_ms: u64,
+) -> Result<MessageId, StoreError> {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO queue (client, payload, created_ms) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(client.as_str())
+    .bind(payload)
+    .bind(to_db(created_ms))
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(MessageId(from_db(id)))
+}
+
+impl Store {
+    /// Queues `payload` for `client`, durably, and returns its id.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if it could not be committed.
+    pub async fn enqueue(
+        &self,
+        client: &ClientId,
+        payload: &Value,
+    ) -> Result<MessageId, StoreError> {
+        let text = payload.to_string();
+        let mut tx = self.begin_write().await?;
+        let id = insert(&mut tx, client, &text, now_ms()).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Every message still waiting for `client`'s acknowledgement, oldest (lowest id) first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] if a stored
+    /// payload is not JSON.
+    pub async fn pending(&self, client: &ClientId) -> Result<Vec<QueuedMessage>, StoreError> {
+        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT id, payload, created_ms FROM queue WHERE client = $1 ORDER BY id",
+        )
+        .bind(client.as_str())
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(|(id, payload, created_ms)| {
+                let payload = serde_json::from_str(&payload).map_err(|e| {
+                    StoreError::corrupt("queue payload of message", &id.to_string(), e)
+                })?;
+                Ok(QueuedMessage {
+                    id: MessageId(from_db(id)),
+                    payload,
+                    created_ms: from_db(created_ms),
+                })
+            })
+            .collect()
+    }
+
+    /// `client` acknowledges message `id`: it is removed. Returns whether it was pending; an
+    /// unknown id, an id already acknowledged, or another client's message is left alone and
+    /// returns `false`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if it could not be committed.
+    pub async fn ack(&self, client: &ClientId, id: MessageId) -> Result<bool, StoreError> {
+        let Ok(id) = i64::try_from(id.0) else {
+            return Ok(false);
+        };
+        let done = sqlx::query("DELETE FROM queue WHERE id = $1 AND client = $2")
+            .bind(id)
+            .bind(client.as_str())
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Removes every message queued before `older_than_ms` (ms since the Unix epoch, bridge
+    /// clock) whatever its client, and returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if it could not be committed.
+    pub async fn expire(&self, older_than_ms: u64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM queue WHERE created_ms < $1")
+            .bind(to_db(older_than_ms))
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::StoreOptions;
+
+    async fn memory() -> Store {
+        Store::open(":memory:", StoreOptions::default())
+            .await
+            .expect("opens")
+    }
+
+    #[tokio::test]
+    async fn pending_in_order_and_ack_removes() {
+        let store = memory().await;
+        let vendor = ClientId::vendor("store-1");
+        let other = ClientId::vendor("store-2");
+        let mut ids = Vec::new();
+        for n in 0..5 {
+            ids.push(
+                store
+                    .enqueue(&vendor, &json!({ "n": n }))
+                    .await
+                    .expect("enqueues"),
+            );
+        }
+        store
+            .enqueue(&other, &json!("elsewhere"))
+            .await
+            .expect("enqueues");
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "increasing: {ids:?}");
+
+        let pending = store.pending(&vendor).await.expect("pending");
+        assert_eq!(pending.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+        assert_eq!(pending[3].payload, json!({ "n": 3 }));
+
+        assert!(store.ack(&vendor, ids[1]).await.expect("acks"));
+        assert!(
+            !store.ack(&vendor, ids[1]).await.expect("acks"),
+            "already acked"
+        );
+        assert!(
+            !store.ack(&vendor, MessageId(9_999)).await.expect("acks"),
+            "unknown"
+        );
+        assert!(
+            !store.ack(&vendor, MessageId(u64::MAX)).await.expect("acks"),
+            "out of range"
+        );
+        assert!(
+            !store.ack(&other, ids[0]).await.expect("acks"),
+            "not its message"
+        );
+
+        let left: Vec<MessageId> = store
+            .pending(&vendor)
+            .await
+            .expect("pending")
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(left, [ids[0], ids[2], ids[3], ids[4]]);
+        assert_eq!(store.pending(&other).await.expect("pending").len(), 1);
+    }
+
+    /// Acknowledging the newest message and queueing again never hands out its id again.
+    #[tokio::test]
+    async fn ids_are_never_reused() {
+        let store = memory().await;
+        let client = ClientId::dispatch();
+        let first = store.enqueue(&client, &json!(1)).await.expect("enqueues");
+        assert!(store.ack(&client, first).await.expect("acks"));
+        let second = store.enqueue(&client, &json!(2)).await.expect("enqueues");
+        assert!(second > first, "{second} after {first}");
+    }
+
+    #[tokio::test]
+    async fn expire_removes_only_old_messages() {
+        let store = memory().await;
+        let client = ClientId::dispatch();
+        store.enqueue(&client, &json!("a")).await.expect("enqueues");
+        store
+            .enqueue(&ClientId::vendor("s"), &json!("b"))
+            .await
+            .expect("enqueues");
+        let created = store.pending(&client).await.expect("pending")[0].created_ms;
+        assert_eq!(
+            store.expire(created).await.expect("expires"),
+            0,
+            "not older"
+        );
+        assert_eq!(store.expire(now_ms() + 1).await.expect("expires"), 2);
+        assert!(store.pending(&client).await.expect("pending").is_empty());
+    }
+
+    /// Pending messages survive a restart (the file reopened without a clean close), and
+    /// acknowledgements do too.
+    #[tokio::test]
+    async fn pending_survives_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("queue.db");
+        let path = path.to_str().expect("utf-8 path");
+        let client = ClientId::vendor("store-1");
+        let ids = {
+            let store = Store::open(path, StoreOptions::default())
+                .await
+                .expect("opens");
+            let mut ids = Vec::new();
+            for n in 0..3 {
+                ids.push(
+                    store
+                        .enqueue(&client, &json!({ "n": n }))
+                        .await
+                        .expect("enqueues"),
+                );
+            }
+            assert!(store.ack(&client, ids[0]).await.expect("acks"));
+            ids
+        };
+        let store = Store::open(path, StoreOptions::default())
+            .await
+            .expect("reopens");
+        let pending = store.pending(&client).await.expect("pending");
+        assert_eq!(pending.iter().map(|m| m.id).collect::<Vec<_>>(), ids[1..]);
+        assert_eq!(pending[0].payload, json!({ "n": 1 }));
+        let next = store
+            .enqueue(&client, &json!("after"))
+            .await
+            .expect("enqueues");
+        assert!(next > ids[2]);
+        store.close().await;
+    }
+}

@@ -1,0 +1,270 @@
+//! [`HeartbeatWriter`]: a task that stores heartbeats in batches, so that the MQTT loop never
+//! waits for the disk.
+//!
+//! The MQTT loop hands each heartbeat to a [`HeartbeatSender`], which never blocks: when the
+//! bounded channel is full (the disk cannot keep up), the heartbeat is dropped and counted.
+//! Heartbeats are QoS 0 history, so that is acceptable; delivery events never go this way.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{HeartbeatRow, Store};
+
+/// How the [`HeartbeatWriter`] batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatWriterOptions {
+    /// Heartbeats the channel holds while the writer is busy (default 16 384).
+    pub capacity: usize,
+    /// Write a batch once it has this many heartbeats (default 1 000)...
+    pub max_batch: usize,
+    /// ...or once its first heartbeat has waited this long (default 250 ms).
+    pub max_delay: Duration,
+}
+
+impl Default for HeartbeatWriterOptions {
+    fn default() -> Self {
+        Self {
+            capacity: 16_384,
+            max_batch: 1_000,
+            max_delay: Duration::from_millis(250),
+        }
+    }
+}
+
+/// What the writer did, shared between the senders and the task.
+#[derive(Debug, Default)]
+pub struct WriterCounters {
+    written: AtomicU64,
+    dropped: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl WriterCounters {
+    /// Heartbeats stored.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Heartbeats dropped because the channel was full or the writer had stopped.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Heartbeats lost because their batch could not be written.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// Hands heartbeats to the [`HeartbeatWriter`]. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct HeartbeatSender {
+    tx: mpsc::Sender<HeartbeatRow>,
+    counters: Arc<WriterCounters>,
+}
+
+impl HeartbeatSender {
+    /// Queues `row` for the next batch without waiting. Returns `false` if it was dropped (the
+    /// channel is full or the writer stopped); drops are counted and logged.
+    pub fn send(&self, row: HeartbeatRow) -> bool {
+        match self.tx.try_send(row) {
+            Ok(()) => true,
+            Err(err) => {
+                let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                let why = match err {
+                    mpsc::error::TrySendError::Full(_) => "the store is behind",
+                    mpsc::error::TrySendError::Closed(_) => "the writer stopped",
+                };
+                // The first drop, then every thousandth: a slow disk must not flood the log.
+                if dropped == 1 || dropped.is_multiple_of(1_000) {
+                    warn!(dropped, "heartbeat not stored: {why}");
+                }
+                false
+            }
+        }
+    }
+
+    /// The writer's counters.
+    pub fn counters(&self) -> &Arc<WriterCounters> {
+        &self.counters
+    }
+}
+
+/// The task that writes heartbeats in batches: build one with [`HeartbeatWriter::new`], spawn
+/// [`HeartbeatWriter::run`].
+#[derive(Debug)]
+pub struct HeartbeatWriter {
+    store: Store,
+    rx: mpsc::Receiver<HeartbeatRow>,
+    options: HeartbeatWriterOptions,
+    counters: Arc<WriterCounters>,
+}
+
+impl HeartbeatWriter {
+    /// A writer into `store` and the sender that feeds it.
+    pub fn new(store: Store, options: HeartbeatWriterOptions) -> (Self, HeartbeatSender) {
+        let (tx, rx) = mpsc::channel(options.capacity.max(1));
+        let counters = Arc::new(WriterCounters::default());
+        let sender = HeartbeatSender {
+            tx,
+            counters: Arc::clone(&counters),
+        };
+        let writer = Self {
+            store,
+            rx,
+            options,
+            counters,
+        };
+        (writer, sender)
+    }
+
+    /// Writes batches until `cancel` fires or every sender is dropped, then writes what is
+    /// still queued and returns.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let max_batch = self.options.max_batch.max(1);
+        let mut batch: Vec<HeartbeatRow> = Vec::with_capacity(max_batch);
+        loop {
+            // Wait for the first heartbeat of a batch...
+            let received = tokio::select! {
+                () = cancel.cancelled() => break,
+                n = self.rx.recv_many(&mut batch, max_batch) => n,
+            };
+            if received == 0 {
+                break; // every sender is gone
+            }
+            // ...then for more, until the batch is full or its first heartbeat is due.
+            let due = Instant::now() + self.options.max_delay;
+            while batch.len() < max_batch {
+                let room = max_batch - batch.len();
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep_until(due) => break,
+                    n = self.rx.recv_many(&mut batch, room) => if n == 0 { break },
+                }
+            }
+            self.flush(&mut batch).await;
+        }
+        // Shutting down: write what is left.
+        self.rx.close();
+        while self.rx.recv_many(&mut batch, max_batch).await > 0 {
+            self.flush(&mut batch).await;
+        }
+        debug!(
+            written = self.counters.written(),
+            dropped = self.counters.dropped(),
+            failed = self.counters.failed(),
+            "heartbeat writer stopped"
+        );
+    }
+
+    async fn flush(&self, batch: &mut Vec<HeartbeatRow>) {
+        let n = batch.len() as u64;
+        match self.store.record_heartbeats(batch).await {
+            Ok(()) => {
+                self.counters.written.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(err) => {
+                self.counters.failed.fetch_add(n, Ordering::Relaxed);
+                warn!(rows = n, cause = %err, "heartbeat batch not stored");
+            }
+        }
+        batch.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::{Heartbeat, Position};
+
+    use super::*;
+    use crate::store::StoreOptions;
+
+    fn row(seq: u32) -> HeartbeatRow {
+        let hb = Heartbeat {
+            seq,
+            ts_ms: 1_000 + u64::from(seq),
+            pos: Position::new(1, 2),
+            ..Heartbeat::default()
+        };
+        HeartbeatRow::new(
+            "demo".parse().expect("fleet"),
+            "v-1".parse().expect("vehicle"),
+            &hb,
+            0,
+        )
+    }
+
+    #[tokio::test]
+    async fn writes_everything_sent_then_stops() {
+        let store = Store::open(":memory:", StoreOptions::default())
+            .await
+            .expect("opens");
+        let options = HeartbeatWriterOptions {
+            capacity: 10_000,
+            max_batch: 100,
+            max_delay: Duration::from_millis(20),
+        };
+        let (writer, sender) = HeartbeatWriter::new(store.clone(), options);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(writer.run(cancel.clone()));
+        for seq in 0..1_050 {
+            assert!(sender.send(row(seq)));
+        }
+        // A partial batch goes out after max_delay, without waiting for more.
+        let vehicle = "v-1".parse().expect("vehicle");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while sender.counters().written() < 1_050 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("written in time");
+        assert!(sender.send(row(2_000)));
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops")
+            .expect("no panic");
+        let track = store
+            .track(&vehicle, 0, u64::MAX, 10_000)
+            .await
+            .expect("track");
+        assert_eq!(
+            track.len(),
+            1_051,
+            "what was queued at shutdown is written too"
+        );
+        assert_eq!(sender.counters().dropped(), 0);
+        assert!(!sender.send(row(3_000)), "the writer stopped");
+        assert_eq!(sender.counters().dropped(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_channel_drops_and_counts() {
+        let store = Store::open(":memory:", StoreOptions::default())
+            .await
+            .expect("opens");
+        let options = HeartbeatWriterOptions {
+            capacity: 4,
+            ..HeartbeatWriterOptions::default()
+        };
+        let (writer, sender) = HeartbeatWriter::new(store.clone(), options);
+        // The writer is not running: the channel fills up.
+        let sent = (0..10).filter(|&seq| sender.send(row(seq))).count();
+        assert_eq!(sent, 4);
+        assert_eq!(sender.counters().dropped(), 6);
+        // Dropping every sender stops the writer once it has written what was queued.
+        drop(sender);
+        let counters = Arc::clone(&writer.counters);
+        tokio::time::timeout(Duration::from_secs(5), writer.run(CancellationToken::new()))
+            .await
+            .expect("stops");
+        assert_eq!(counters.written(), 4);
+    }
+}
