@@ -24,7 +24,7 @@ pub enum Role {
 }
 
 /// One configured token and what it grants.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenGrant {
     /// The secret the client presents in the handshake (`auth: {token}`).
@@ -40,13 +40,16 @@ pub struct TokenGrant {
     /// Vendors: the fleet that delivers their orders.
     #[serde(default)]
     pub fleet: Option<String>,
-    /// A name for logs (never the token itself).
+    /// A name for logs and the client's queue identity (never the token itself).
     #[serde(default)]
     pub name: Option<String>,
+    /// Vendors: where the store is, `[lat, lon]` in degrees: the default pickup point.
+    #[serde(default)]
+    pub location: Option<[f64; 2]>,
 }
 
 /// What a connected socket may do, derived from its token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Grant {
     /// The holder's role.
     pub role: Role,
@@ -58,6 +61,8 @@ pub struct Grant {
     pub store: Option<String>,
     /// The vendor's delivering fleet.
     pub fleet: Option<FleetId>,
+    /// The vendor's location, `[lat, lon]`.
+    pub location: Option<[f64; 2]>,
 }
 
 impl Grant {
@@ -160,12 +165,18 @@ impl Tokens {
                 fleets,
                 store: g.store.clone(),
                 fleet,
+                location: g.location,
             };
             if by_token.insert(g.token.clone(), grant).is_some() {
                 return Err(bad("duplicate token".into()));
             }
         }
         Ok(Self { by_token })
+    }
+
+    /// Every configured grant.
+    pub fn grants(&self) -> impl Iterator<Item = &Grant> {
+        self.by_token.values()
     }
 
     /// Checks a handshake's token for `namespace`, which accepts `roles`.
@@ -198,6 +209,8 @@ impl Tokens {
                     store: store.map(str::to_owned),
                     fleet: fleet.map(str::to_owned),
                     name: Some(format!("demo-{role:?}").to_lowercase()),
+                    // The demo store sits at the simulator's default city centre.
+                    location: store.map(|_| [52.52, 13.405]),
                 }
             };
         vec![
@@ -227,6 +240,7 @@ mod tests {
             store: None,
             fleet: None,
             name: None,
+            location: None,
         });
         Tokens::new(&grants).expect("valid")
     }

@@ -10,6 +10,8 @@ use url::Url;
 use crate::auth::TokenGrant;
 use crate::error::BridgeError;
 use crate::fleet::StaleRule;
+use crate::store::Synchronous;
+use crate::web::WebConfig;
 
 /// Where the bridge's MQTT broker is.
 #[derive(Debug, Clone)]
@@ -82,6 +84,16 @@ pub struct BridgeConfig {
     pub stale: StaleRule,
     /// How long a dispatcher's command waits for the vehicle's ack.
     pub command_timeout: Duration,
+    /// The SQLite database file (created if missing), or `:memory:`.
+    pub store: String,
+    /// Whether every commit is fsynced (`full`, the default) or not on every commit (`normal`).
+    pub synchronous: Synchronous,
+    /// How long a queued message waits for its client's acknowledgement before it expires.
+    pub queue_retention: Duration,
+    /// How long heartbeat history is kept.
+    pub history_retention: Duration,
+    /// The dispatcher page's base map.
+    pub web: WebConfig,
     /// The MQTT broker to use.
     pub mqtt: MqttTarget,
     /// The MQTT client id of this bridge. With a persistent session, it must be stable across
@@ -103,6 +115,11 @@ impl Default for BridgeConfig {
             tick: Duration::from_millis(100),
             stale: StaleRule::default(),
             command_timeout: Duration::from_secs(10),
+            store: "fleetbeat.db".to_owned(),
+            synchronous: Synchronous::Full,
+            queue_retention: Duration::from_secs(7 * 24 * 3600),
+            history_retention: Duration::from_secs(7 * 24 * 3600),
+            web: WebConfig::default(),
             mqtt: MqttTarget::Embedded(broker::BrokerConfig::default()),
             client_id: "fleetbeat-bridge".to_owned(),
             keep_alive: Duration::from_secs(15),
@@ -117,7 +134,7 @@ pub const DEFAULT_CONFIG: &str = include_str!("../default-config.toml");
 
 /// The bridge's settings as they appear in the TOML file; every field is optional so that
 /// layers (file, environment, flags) override only what they set.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Where HTTP and Socket.IO are served.
@@ -136,6 +153,16 @@ pub struct Settings {
     pub stale_after_ms: Option<u64>,
     /// Command timeout in ms.
     pub command_timeout_ms: Option<u64>,
+    /// The database file.
+    pub store: Option<String>,
+    /// `full` or `normal`.
+    pub synchronous: Option<String>,
+    /// Queue retention in hours.
+    pub queue_retention_hours: Option<u64>,
+    /// Heartbeat history retention in hours.
+    pub history_retention_hours: Option<u64>,
+    /// The dispatcher page's base map (`[web]`).
+    pub web: Option<WebConfig>,
     /// Tokens and their grants.
     pub tokens: Vec<TokenGrant>,
 }
@@ -176,6 +203,13 @@ impl Settings {
             tick_ms: over.tick_ms.or(self.tick_ms),
             stale_after_ms: over.stale_after_ms.or(self.stale_after_ms),
             command_timeout_ms: over.command_timeout_ms.or(self.command_timeout_ms),
+            store: over.store.or(self.store),
+            synchronous: over.synchronous.or(self.synchronous),
+            queue_retention_hours: over.queue_retention_hours.or(self.queue_retention_hours),
+            history_retention_hours: over
+                .history_retention_hours
+                .or(self.history_retention_hours),
+            web: over.web.or(self.web),
             tokens: if over.tokens.is_empty() {
                 self.tokens
             } else {
@@ -226,6 +260,26 @@ impl Settings {
             return Err(invalid("client_id", "must be 1 to 64 bytes"));
         }
         crate::auth::Tokens::new(&self.tokens).map_err(|e| invalid("tokens", e))?;
+        let synchronous = match self.synchronous.as_deref().unwrap_or("full") {
+            "full" => Synchronous::Full,
+            "normal" => Synchronous::Normal,
+            other => {
+                return Err(invalid(
+                    "synchronous",
+                    format!("{other:?}: expected full or normal"),
+                ));
+            }
+        };
+        let hours = |key: &str, v: Option<u64>| match v.unwrap_or(168) {
+            0 => Err(invalid(key, "must be at least 1")),
+            h => Ok(Duration::from_secs(h * 3600)),
+        };
+        let web = self.web.unwrap_or_default();
+        web.validate().map_err(|e| invalid("web", e))?;
+        let store = self.store.unwrap_or(defaults.store.clone());
+        if store.is_empty() {
+            return Err(invalid("store", "must name a file or :memory:"));
+        }
         Ok((
             listen,
             BridgeConfig {
@@ -234,6 +288,11 @@ impl Settings {
                 tick: Duration::from_millis(tick_ms),
                 stale,
                 command_timeout: Duration::from_millis(command_timeout_ms),
+                store,
+                synchronous,
+                queue_retention: hours("queue_retention_hours", self.queue_retention_hours)?,
+                history_retention: hours("history_retention_hours", self.history_retention_hours)?,
+                web,
                 mqtt,
                 client_id,
                 ..defaults

@@ -9,38 +9,17 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
-use shared::{CommandAck, DeliveryEvent, Topic};
+use shared::{CommandAck, Topic};
 use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 use tracing::{debug, warn};
 
 use crate::fleet::{PendingPosition, StatusChange, covers};
 use crate::metrics::Metrics;
-use crate::room::{RoomName, rooms_of, vendor_room};
+use crate::orders::message_json;
+use crate::room::{RoomName, rooms_of};
 use crate::socket::{ADMIN, DISPATCH, VENDOR};
-
-/// A `delivery` event.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeliveryView<'a> {
-    /// Vehicle id.
-    pub vehicle: &'a str,
-    /// Fleet id.
-    pub fleet: &'a str,
-    /// The store whose order it is, if known.
-    pub store: Option<&'a str>,
-    /// Order id.
-    pub order: &'a str,
-    /// `pickup`, `in-transit` or `delivered`.
-    pub kind: &'static str,
-    /// The vehicle's event sequence number.
-    pub seq: u32,
-    /// Device clock, ms since the Unix epoch.
-    pub ts_ms: u64,
-    /// Latitude in degrees.
-    pub lat: f64,
-    /// Longitude in degrees.
-    pub lon: f64,
-}
+use crate::store::{ClientId, Enqueued};
 
 /// An `ack` event: a vehicle answered a command.
 #[derive(Debug, Clone, Serialize)]
@@ -76,38 +55,37 @@ pub async fn status(io: &SocketIo, metrics: &Metrics, change: &StatusChange) {
     to_rooms(io, metrics, DISPATCH, rooms, "status", change).await;
 }
 
-/// Emits a `delivery` event to the rooms covering the vehicle and to its vendor's room.
-pub async fn delivery(
+/// Emits freshly queued messages, each as a `delivery` event with its `message_id`, to the
+/// sockets of the client it is queued for (a vendor's store room, a dispatcher identity's room).
+pub async fn queued(io: &SocketIo, metrics: &Metrics, messages: &[Enqueued]) {
+    for m in messages {
+        to_client(io, metrics, &m.client, m.id.0, &m.payload).await;
+    }
+}
+
+/// Emits one queued message to the sockets of `client`.
+pub async fn to_client(
     io: &SocketIo,
     metrics: &Metrics,
-    topic: &Topic,
-    event: &DeliveryEvent,
-    store: Option<&str>,
+    client: &ClientId,
+    id: u64,
+    payload: &serde_json::Value,
 ) {
-    let view = DeliveryView {
-        vehicle: topic.vehicle.as_str(),
-        fleet: topic.fleet.as_str(),
-        store,
-        order: event.order.as_str(),
-        kind: event.kind.as_str(),
-        seq: event.seq,
-        ts_ms: event.ts_ms,
-        lat: event.pos.lat(),
-        lon: event.pos.lon(),
+    let ns = if client.as_str().starts_with("vendor:") {
+        VENDOR
+    } else {
+        DISPATCH
     };
-    let rooms = rooms_of(&topic.fleet, &topic.vehicle).to_vec();
-    to_rooms(io, metrics, DISPATCH, rooms, "delivery", &view).await;
-    if let Some(store) = store {
-        to_rooms(
-            io,
-            metrics,
-            VENDOR,
-            vec![vendor_room(store)],
-            "delivery",
-            &view,
-        )
-        .await;
-    }
+    let message = message_json(id, payload);
+    to_rooms(
+        io,
+        metrics,
+        ns,
+        vec![client.as_str().to_owned()],
+        "delivery",
+        &message,
+    )
+    .await;
 }
 
 /// Emits an `ack` event to the rooms covering the vehicle.

@@ -25,6 +25,9 @@ pub enum BridgeError {
     /// The credentials file cannot be used.
     #[error("credentials: {0}")]
     Keys(#[from] crate::keys::KeysError),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
     /// The HTTP listener failed.
     #[error("HTTP server: {0}")]
     Http(#[source] std::io::Error),

@@ -1,21 +1,21 @@
 //! The hub: the state every part of the bridge shares, and the operations on it that are not
 //! tied to one transport (commands, routing what vehicles publish).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, QoS};
 use shared::{
-    AckResult, Command, CommandAck, CommandKind, DeliveryEvent, Heartbeat, OrderId, Status, Topic,
+    AckResult, Command, CommandAck, CommandKind, DeliveryEvent, Heartbeat, Status, Topic,
     TopicKind, VehicleId,
 };
 
 use crate::auth::{Grant, Tokens};
 use crate::command::{CommandError, PendingCommands};
-use crate::fleet::{Fleet, Liveness, StatusChange};
+use crate::fleet::{Fleet, Liveness, StatusChange, now_ms};
 use crate::keys::DeviceKeys;
 use crate::metrics::{Metrics, Rejection};
+use crate::store::{HeartbeatRow, HeartbeatSender, Store};
 
 /// What happened when a vehicle's payload was accepted, for the Socket.IO side to emit.
 #[derive(Debug)]
@@ -25,10 +25,30 @@ pub enum Accepted {
     Heartbeat(Option<StatusChange>),
     /// A status message, possibly changing the vehicle's liveness.
     Status(Option<StatusChange>),
-    /// A delivery event, and the store whose order it is, if known.
-    Delivery(DeliveryEvent, Option<String>),
+    /// A delivery event (recorded and queued by the caller before it is acknowledged).
+    Delivery(DeliveryEvent),
     /// A command ack.
     Ack(CommandAck),
+}
+
+/// What a [`Hub`] is made of.
+pub struct HubParts {
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Tokens and their grants.
+    pub tokens: Tokens,
+    /// Device message keys.
+    pub keys: DeviceKeys,
+    /// The fleet cache.
+    pub fleet: Fleet,
+    /// Durable storage.
+    pub store: Store,
+    /// The heartbeat history writer's input.
+    pub history: HeartbeatSender,
+    /// The MQTT client, to publish commands.
+    pub mqtt: AsyncClient,
+    /// How long a command waits for its ack.
+    pub command_timeout: Duration,
 }
 
 /// The bridge's shared state.
@@ -41,31 +61,28 @@ pub struct Hub {
     pub keys: DeviceKeys,
     /// Commands waiting for acks.
     pub commands: PendingCommands,
+    /// Durable storage: orders, delivery events, client queues, heartbeat history.
+    pub store: Store,
+    /// Where accepted heartbeats go to be stored in batches.
+    pub history: HeartbeatSender,
     fleet: Mutex<Fleet>,
-    orders: Mutex<HashMap<OrderId, String>>,
     mqtt: AsyncClient,
     command_timeout: Duration,
 }
 
 impl Hub {
     /// Bundles the shared state.
-    pub fn new(
-        metrics: Arc<Metrics>,
-        tokens: Tokens,
-        keys: DeviceKeys,
-        fleet: Fleet,
-        mqtt: AsyncClient,
-        command_timeout: Duration,
-    ) -> Self {
+    pub fn new(parts: HubParts) -> Self {
         Self {
-            metrics,
-            tokens,
-            keys,
+            metrics: parts.metrics,
+            tokens: parts.tokens,
+            keys: parts.keys,
             commands: PendingCommands::default(),
-            fleet: Mutex::new(fleet),
-            orders: Mutex::new(HashMap::new()),
-            mqtt,
-            command_timeout,
+            store: parts.store,
+            history: parts.history,
+            fleet: Mutex::new(parts.fleet),
+            mqtt: parts.mqtt,
+            command_timeout: parts.command_timeout,
         }
     }
 
@@ -75,22 +92,6 @@ impl Hub {
         self.fleet
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Remembers that `order` belongs to `store`, so its delivery events reach that vendor.
-    pub fn track_order(&self, order: OrderId, store: String) {
-        self.orders
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(order, store);
-    }
-
-    fn store_of(&self, order: &OrderId) -> Option<String> {
-        self.orders
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(order)
-            .cloned()
     }
 
     /// Checks a vehicle's sealed payload (origin, freshness, shape) and updates the state.
@@ -124,6 +125,11 @@ impl Hub {
         Ok(match topic.kind {
             TopicKind::Heartbeat => {
                 let hb = open!(Heartbeat);
+                let row =
+                    HeartbeatRow::new(topic.fleet.clone(), topic.vehicle.clone(), &hb, now_ms());
+                if !self.history.send(row) {
+                    self.metrics.history_dropped();
+                }
                 Accepted::Heartbeat(self.fleet().heartbeat(topic, &hb))
             }
             TopicKind::Status => {
@@ -131,9 +137,11 @@ impl Hub {
                 Accepted::Status(self.fleet().status(topic, &status))
             }
             TopicKind::Event => {
-                let event = open!(DeliveryEvent);
-                let store = self.store_of(&event.order);
-                Accepted::Delivery(event, store)
+                // Not through the replay guard: a re-sent event (the device retries until the
+                // broker acks it) must be acknowledged again, and the store drops duplicates.
+                let opened = shared::open::<DeliveryEvent>(payload, &name, &key).map_err(reject)?;
+                self.metrics.received(topic.kind);
+                Accepted::Delivery(opened.msg)
             }
             TopicKind::Ack => {
                 let ack = open!(CommandAck);

@@ -18,6 +18,10 @@
 //! - [`socket`]: namespaces, their middleware and named event handlers.
 //! - [`emit`]: what is sent to which sockets (coalesced position batches, events).
 //! - [`http`]: the axum router (`/healthz`, `/readyz`, `/metrics`, `/api`, Socket.IO).
+//! - [`orders`]: placing and assigning orders, recording delivery events and queueing them.
+//! - [`store`]: durable storage (orders, delivery events, per-client queue, heartbeat history)
+//!   in SQLite.
+//! - [`web`]: the dispatcher page at `/` (embedded assets, `/config.json`).
 //! - [`server`]: starts all of the above and shuts it down gracefully.
 //! - [`error`]: the bridge's error type.
 
@@ -32,11 +36,13 @@ pub mod hub;
 pub mod keys;
 pub mod metrics;
 pub mod mqtt;
+pub mod orders;
 pub mod room;
 pub mod server;
 pub mod socket;
 pub mod store;
 pub mod view;
+pub mod web;
 
 pub use config::{BridgeConfig, MqttTarget};
 pub use error::BridgeError;

@@ -49,6 +49,12 @@ struct Cli {
     /// How long a command waits for the vehicle's ack.
     #[arg(long, env = "FLEETBEAT_COMMAND_TIMEOUT_MS")]
     command_timeout_ms: Option<u64>,
+    /// The SQLite database file (orders, queues, history), or `:memory:`.
+    #[arg(long, env = "FLEETBEAT_STORE")]
+    store: Option<String>,
+    /// `full` (fsync every commit, the default) or `normal`.
+    #[arg(long, env = "FLEETBEAT_SYNCHRONOUS")]
+    synchronous: Option<String>,
     /// Also run this many simulated vehicles in-process (the demo).
     #[cfg(feature = "demo")]
     #[arg(long, default_value_t = 0)]
@@ -80,7 +86,9 @@ impl Cli {
             tick_ms: self.tick_ms,
             stale_after_ms: self.stale_after_ms,
             command_timeout_ms: self.command_timeout_ms,
-            tokens: Vec::new(),
+            store: self.store.clone(),
+            synchronous: self.synchronous.clone(),
+            ..Settings::default()
         }))
     }
 }

@@ -42,6 +42,9 @@ pub struct Metrics {
     dropped: AtomicU64,
     commands_sent: AtomicU64,
     commands_timed_out: AtomicU64,
+    history_dropped: AtomicU64,
+    queue_expired: AtomicU64,
+    events_unacked: AtomicU64,
     mqtt_connects: AtomicU64,
     mqtt_errors: AtomicU64,
     mqtt_ready: AtomicBool,
@@ -104,6 +107,21 @@ impl Metrics {
         self.commands_timed_out.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a heartbeat the history writer had no room for.
+    pub fn history_dropped(&self) {
+        self.history_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts queued messages removed by retention.
+    pub fn queue_expired(&self, n: u64) {
+        self.queue_expired.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a delivery event that could not be stored (left unacknowledged for redelivery).
+    pub fn event_unacked(&self) {
+        self.events_unacked.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a successful MQTT (re)connection.
     pub fn mqtt_connected(&self) {
         self.mqtt_connects.fetch_add(1, Ordering::Relaxed);
@@ -164,7 +182,25 @@ impl Metrics {
                 self.rejected_count(why)
             );
         }
-        let gauges: [(&str, &str, &str, u64); 9] = [
+        let gauges: [(&str, &str, &str, u64); 12] = [
+            (
+                "history_dropped_total",
+                "counter",
+                "Heartbeats not stored: the history writer was full.",
+                load(&self.history_dropped),
+            ),
+            (
+                "queue_expired_total",
+                "counter",
+                "Queued messages removed by retention before their client acknowledged them.",
+                load(&self.queue_expired),
+            ),
+            (
+                "events_unacked_total",
+                "counter",
+                "Delivery events not stored, left unacknowledged for redelivery.",
+                load(&self.events_unacked),
+            ),
             (
                 "position_batches_total",
                 "counter",

@@ -46,7 +46,9 @@ pub fn connect(endpoint: &MqttEndpoint, config: &BridgeConfig) -> (AsyncClient, 
         // A persistent session: QoS 1 messages published while the bridge is briefly away
         // are kept by the broker and delivered when it is back.
         .set_clean_session(false)
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+        // A delivery event is acknowledged only once it is committed to the store.
+        .set_manual_acks(true);
     if let Some((user, password)) = &endpoint.credentials {
         options.set_credentials(user, password);
     }
@@ -60,6 +62,8 @@ pub struct Router {
     pub io: SocketIo,
     /// The shared state.
     pub hub: Arc<Hub>,
+    /// The client, to acknowledge QoS 1 messages once they are handled (manual acks).
+    pub client: AsyncClient,
 }
 
 impl Router {
@@ -67,18 +71,36 @@ impl Router {
     /// state and emits what clients must see now. Anything invalid is counted and logged with
     /// the topic, never fatal.
     pub async fn route(&self, publish: &Publish) {
+        if self.handle(publish).await {
+            self.ack(publish);
+        }
+    }
+
+    /// Acknowledges a QoS 1 message to the broker.
+    fn ack(&self, publish: &Publish) {
+        if publish.qos != QoS::AtMostOnce
+            && let Err(err) = self.client.try_ack(publish)
+        {
+            // Not acknowledged: the broker delivers it again after a reconnect.
+            warn!(topic = %publish.topic, cause = %err, "could not acknowledge an MQTT message");
+        }
+    }
+
+    /// Handles one message; returns whether it may be acknowledged (false only when a
+    /// delivery event could not be stored: the broker must deliver it again).
+    async fn handle(&self, publish: &Publish) -> bool {
         let metrics = &self.hub.metrics;
         let topic = match Topic::parse(&publish.topic) {
             Ok(topic) => topic,
             Err(cause) => {
                 metrics.rejected(Rejection::Topic);
                 warn!(topic = %publish.topic, %cause, "rejected MQTT message: bad topic");
-                return;
+                return true;
             }
         };
         // An empty retained message clears a retained status: nothing to report.
         if topic.kind == TopicKind::Status && publish.payload.is_empty() {
-            return;
+            return true;
         }
         match self.hub.accept(&topic, &publish.payload) {
             Ok(Accepted::Heartbeat(change) | Accepted::Status(change)) => {
@@ -86,9 +108,17 @@ impl Router {
                     emit::status(&self.io, metrics, &change).await;
                 }
             }
-            Ok(Accepted::Delivery(event, store)) => {
-                emit::delivery(&self.io, metrics, &topic, &event, store.as_deref()).await;
-            }
+            Ok(Accepted::Delivery(event)) => match self.hub.record_delivery(&topic, &event).await {
+                Ok(messages) => {
+                    // Committed: acknowledge first (in `route`), then tell the clients.
+                    emit::queued(&self.io, metrics, &messages).await;
+                }
+                Err(err) => {
+                    metrics.event_unacked();
+                    warn!(topic = %publish.topic, cause = %err, "delivery event not stored; left unacknowledged");
+                    return false;
+                }
+            },
             Ok(Accepted::Ack(ack)) => emit::ack(&self.io, metrics, &topic, &ack).await,
             Err((why, cause)) => {
                 metrics.rejected(why);
@@ -101,6 +131,7 @@ impl Router {
                 warn!(topic = %publish.topic, %cause, bytes = publish.payload.len(), "rejected MQTT message: {what}");
             }
         }
+        true
     }
 }
 

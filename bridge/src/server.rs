@@ -15,9 +15,10 @@ use crate::auth::Tokens;
 use crate::config::{BridgeConfig, MqttEndpoint, MqttTarget};
 use crate::error::BridgeError;
 use crate::fleet::Fleet;
-use crate::hub::Hub;
+use crate::hub::{Hub, HubParts};
 use crate::keys::DeviceKeys;
 use crate::metrics::Metrics;
+use crate::store::{HeartbeatWriter, HeartbeatWriterOptions, Store, StoreOptions};
 use crate::{emit, http, mqtt, socket};
 
 /// A running bridge. Stop it with [`Bridge::shutdown`].
@@ -29,7 +30,8 @@ pub struct Bridge {
     cancel: CancellationToken,
     tasks: TaskTracker,
     config: BridgeConfig,
-    // Held so the embedded broker's handle lives as long as the bridge.
+    store: Store,
+    // The embedded broker: dropping it stops it, so it lives as long as the bridge.
     _broker: Option<broker::Broker>,
 }
 
@@ -79,14 +81,27 @@ impl Bridge {
 
         let metrics = Arc::new(Metrics::default());
         let (client, eventloop) = mqtt::connect(&endpoint, &config);
-        let hub = Arc::new(Hub::new(
-            Arc::clone(&metrics),
+        let store = Store::open(
+            &config.store,
+            StoreOptions {
+                synchronous: config.synchronous,
+                ..StoreOptions::default()
+            },
+        )
+        .await?;
+        info!(store = %config.store, synchronous = %config.synchronous, "store open");
+        let (writer, history) =
+            HeartbeatWriter::new(store.clone(), HeartbeatWriterOptions::default());
+        let hub = Arc::new(Hub::new(HubParts {
+            metrics: Arc::clone(&metrics),
             tokens,
             keys,
-            Fleet::new(config.stale),
-            client.clone(),
-            config.command_timeout,
-        ));
+            fleet: Fleet::new(config.stale),
+            store: store.clone(),
+            history,
+            mqtt: client.clone(),
+            command_timeout: config.command_timeout,
+        }));
         let (layer, io) = SocketIo::builder()
             .with_state(Arc::clone(&hub))
             .build_layer();
@@ -98,7 +113,15 @@ impl Bridge {
         let router = mqtt::Router {
             io: io.clone(),
             hub: Arc::clone(&hub),
+            client: client.clone(),
         };
+        tasks.spawn(writer.run(cancel.child_token()));
+        tasks.spawn(retention(
+            Arc::clone(&hub),
+            config.queue_retention,
+            config.history_retention,
+            cancel.child_token(),
+        ));
         tasks.spawn(mqtt::run(
             client,
             eventloop,
@@ -113,7 +136,12 @@ impl Bridge {
             cancel.child_token(),
         ));
 
-        let app = http::router(Arc::clone(&hub), layer);
+        let state = http::HttpState {
+            io: io.clone(),
+            hub: Arc::clone(&hub),
+            broker: broker.as_ref().map(broker::Broker::metrics),
+        };
+        let app = http::router(state, layer, config.web.clone());
         let stop_http = cancel.child_token();
         tasks.spawn(async move {
             let served = axum::serve(listener, app)
@@ -133,6 +161,7 @@ impl Bridge {
             cancel,
             tasks,
             config,
+            store,
             _broker: broker,
         })
     }
@@ -173,6 +202,11 @@ impl Bridge {
                 reason: format!("not finished within {grace:?}"),
             });
         }
+        self.store.close().await;
+        if let Some(broker) = self._broker {
+            let report = broker.shutdown().await;
+            info!(?report, "embedded broker stopped");
+        }
         info!("bridge stopped");
         Ok(())
     }
@@ -201,6 +235,34 @@ async fn tick(io: SocketIo, hub: Arc<Hub>, period: Duration, cancel: Cancellatio
                     emit::status(&io, &hub.metrics, change).await;
                 }
             }
+        }
+    }
+}
+
+/// How often retention runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+/// Every [`RETENTION_EVERY`]: removes queued messages and heartbeat history past retention.
+async fn retention(hub: Arc<Hub>, queue: Duration, history: Duration, cancel: CancellationToken) {
+    let mut ticks = tokio::time::interval(RETENTION_EVERY);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        let now = crate::fleet::now_ms();
+        let cutoff =
+            |d: Duration| now.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        match hub.store.expire(cutoff(queue)).await {
+            Ok(0) => {}
+            Ok(n) => {
+                hub.metrics.queue_expired(n);
+                warn!(expired = n, "queued messages expired unacknowledged");
+            }
+            Err(err) => warn!(cause = %err, "queue retention failed"),
+        }
+        if let Err(err) = hub.store.expire_heartbeats(cutoff(history)).await {
+            warn!(cause = %err, "history retention failed");
         }
     }
 }

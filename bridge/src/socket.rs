@@ -9,9 +9,9 @@
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
-use shared::{OrderId, VehicleId};
+use shared::VehicleId;
 use socketioxide::SocketIo;
 use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
 use socketioxide::handler::ConnectHandler as _;
@@ -22,7 +22,9 @@ use crate::command::CommandRequest;
 use crate::emit;
 use crate::fleet::now_ms;
 use crate::hub::Hub;
+use crate::orders::{OrderRequest, Placed, client_of, message_json};
 use crate::room::{RoomName, vendor_room};
+use crate::store::{ClientId, MessageId, StoreError};
 
 /// The dispatchers' namespace.
 pub const DISPATCH: &str = "/dispatch";
@@ -116,12 +118,102 @@ fn reply(ack: AckSender, result: Result<Value, String>) {
 
 // ---- /dispatch -------------------------------------------------------------------------
 
-async fn on_dispatch_connect(socket: SocketRef, State(hub): State<Arc<Hub>>) {
+async fn on_dispatch_connect(
+    socket: SocketRef,
+    Extension(grant): Extension<Grant>,
+    State(hub): State<Arc<Hub>>,
+) {
     hub.metrics.socket_delta(true);
     socket.on("join", on_join);
     socket.on("leave", on_leave);
     socket.on("command", on_command);
+    socket.on("received", on_received);
+    socket.on("getAll", on_get_all);
     socket.on_disconnect(on_disconnect);
+    join_queue_room(&socket, &grant, &hub).await;
+}
+
+/// Puts the socket in its queue identity's room and re-sends what is pending for it.
+async fn join_queue_room(socket: &SocketRef, grant: &Grant, hub: &Hub) {
+    let Some(client) = client_of(grant) else {
+        return;
+    };
+    socket.join(client.as_str().to_owned());
+    match resend_pending(socket, &client, hub).await {
+        Ok(0) => {}
+        Ok(n) => {
+            info!(sid = %socket.id, %client, pending = n, "re-sent pending messages on connect")
+        }
+        Err(err) => {
+            warn!(sid = %socket.id, %client, cause = %err, "could not read pending messages")
+        }
+    }
+}
+
+/// Emits every message still pending for `client` to this socket, oldest first.
+async fn resend_pending(
+    socket: &SocketRef,
+    client: &ClientId,
+    hub: &Hub,
+) -> Result<usize, StoreError> {
+    let pending = hub.store.pending(client).await?;
+    for m in &pending {
+        if let Err(err) = socket.emit("delivery", &message_json(m.id.0, &m.payload)) {
+            debug!(cause = %err, "could not re-send a pending message");
+        }
+    }
+    Ok(pending.len())
+}
+
+/// `received`: the client acknowledges a queued message, by `{messageId}` or the bare id.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Received {
+    Object {
+        #[serde(rename = "messageId")]
+        message_id: u64,
+    },
+    Id(u64),
+}
+
+async fn on_received(
+    data: TryData<Received>,
+    ack: AckSender,
+    Extension(grant): Extension<Grant>,
+    State(hub): State<Arc<Hub>>,
+) {
+    let result = async {
+        let id = match data.0.map_err(|_| "expected {messageId}".to_owned())? {
+            Received::Object { message_id } | Received::Id(message_id) => message_id,
+        };
+        let client = client_of(&grant).ok_or("no queue for this client")?;
+        let removed = hub
+            .store
+            .ack(&client, MessageId(id))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(json!({ "removed": removed }))
+    }
+    .await;
+    reply(ack, result);
+}
+
+/// `getAll`: re-sends everything still pending for the client, in order; the ack says how
+/// many.
+async fn on_get_all(
+    socket: SocketRef,
+    ack: AckSender,
+    Extension(grant): Extension<Grant>,
+    State(hub): State<Arc<Hub>>,
+) {
+    let result = match client_of(&grant) {
+        None => Err("no queue for this client".to_owned()),
+        Some(client) => resend_pending(&socket, &client, &hub)
+            .await
+            .map(|n| json!({ "count": n }))
+            .map_err(|e| e.to_string()),
+    };
+    reply(ack, result);
 }
 
 /// Parses the room argument of `join` / `leave`.
@@ -217,12 +309,13 @@ async fn on_vendor_connect(
     State(hub): State<Arc<Hub>>,
 ) {
     hub.metrics.socket_delta(true);
-    if let Some(store) = &grant.store {
-        socket.join(vendor_room(store));
-    }
     socket.on("join", on_vendor_join);
     socket.on("pickup", on_pickup);
+    socket.on("received", on_received);
+    socket.on("getAll", on_get_all);
     socket.on_disconnect(on_disconnect);
+    // A vendor's queue room is its store room, `vendor:{store}`.
+    join_queue_room(&socket, &grant, &hub).await;
 }
 
 async fn on_vendor_join(data: TryData<String>, ack: AckSender, Extension(grant): Extension<Grant>) {
@@ -235,56 +328,67 @@ async fn on_vendor_join(data: TryData<String>, ack: AckSender, Extension(grant):
     reply(ack, result);
 }
 
-/// A vendor's `pickup`: an order is ready to be collected.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Pickup {
-    /// Order id.
-    pub order: String,
-    /// Who receives the parcel.
-    pub customer: String,
-    /// Drop-off latitude in degrees.
-    pub lat: f64,
-    /// Drop-off longitude in degrees.
-    pub lon: f64,
+/// Announces a placed order as `pickup` to every other vendor (not `except`) and every
+/// dispatcher.
+pub async fn announce_pickup(
+    io: &SocketIo,
+    except: Option<&SocketRef>,
+    store: &str,
+    request: &OrderRequest,
+    placed: &Placed,
+) {
+    let announced = json!({
+        "store": store,
+        "order": placed.order,
+        "customer": request.customer,
+        "lat": request.lat,
+        "lon": request.lon,
+        "vehicle": placed.vehicle,
+        "state": placed.state,
+        "ts_ms": now_ms(),
+    });
+    // Every other vendor, as in the classic hub, and every dispatcher.
+    let vendors = match except {
+        Some(sender) => sender.broadcast().emit("pickup", &announced).await,
+        None => match io.of(VENDOR) {
+            Some(ops) => ops.emit("pickup", &announced).await,
+            None => Ok(()),
+        },
+    };
+    if let Err(err) = vendors {
+        warn!(cause = %err, "pickup broadcast to vendors failed");
+    }
+    if let Some(ops) = io.of(DISPATCH)
+        && let Err(err) = ops.emit("pickup", &announced).await
+    {
+        warn!(cause = %err, "pickup broadcast to dispatchers failed");
+    }
+}
+
+/// The JSON answer to a placed order.
+pub fn placed_json(placed: &Placed) -> Value {
+    json!({ "order": placed.order, "created": placed.created, "vehicle": placed.vehicle, "state": placed.state })
 }
 
 #[instrument(skip_all, fields(sid = %socket.id, who = %grant.name))]
 async fn on_pickup(
     socket: SocketRef,
     io: SocketIo,
-    data: TryData<Pickup>,
+    data: TryData<OrderRequest>,
     ack: AckSender,
     Extension(grant): Extension<Grant>,
     State(hub): State<Arc<Hub>>,
 ) {
     let result = async {
-        let pickup = data.0.map_err(|e| format!("invalid pickup: {e}"))?;
-        let order = OrderId::new(&pickup.order).map_err(|e| format!("invalid order id: {e}"))?;
-        if !((-90.0..=90.0).contains(&pickup.lat) && (-180.0..=180.0).contains(&pickup.lon)) {
-            return Err("lat/lon out of range".to_owned());
-        }
+        let request = data.0.map_err(|e| format!("invalid pickup: {e}"))?;
+        let placed = hub
+            .place_order(&grant, &request)
+            .await
+            .map_err(|e| e.to_string())?;
         let store = grant.store.clone().unwrap_or_default();
-        hub.track_order(order, store.clone());
-        let announced = json!({
-            "store": store,
-            "order": pickup.order,
-            "customer": pickup.customer,
-            "lat": pickup.lat,
-            "lon": pickup.lon,
-            "ts_ms": now_ms(),
-        });
-        // Every other vendor, as in the classic hub, and every dispatcher.
-        if let Err(err) = socket.broadcast().emit("pickup", &announced).await {
-            warn!(cause = %err, "pickup broadcast to vendors failed");
-        }
-        if let Some(ops) = io.of(DISPATCH)
-            && let Err(err) = ops.emit("pickup", &announced).await
-        {
-            warn!(cause = %err, "pickup broadcast to dispatchers failed");
-        }
-        info!(order = %pickup.order, "pickup announced");
-        Ok(Value::Null)
+        announce_pickup(&io, Some(&socket), &store, &request, &placed).await;
+        info!(order = %placed.order, vehicle = ?placed.vehicle, "order placed");
+        Ok(placed_json(&placed))
     }
     .await;
     reply(ack, result);

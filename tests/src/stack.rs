@@ -168,6 +168,10 @@ pub async fn start_bridge_external(
 async fn spawn_bridge(args: &[&str]) -> anyhow::Result<BridgeProcess> {
     let mut cmd = Command::new(bin::path("bridge")?);
     cmd.args(args);
+    if !args.contains(&"--store") {
+        // Every bridge gets its own database unless the test shares one on purpose.
+        cmd.arg("--store").arg(temp_dir()?.join("fleetbeat.db"));
+    }
     let mut program = Program::spawn("bridge", cmd)?;
     let line = program.wait_for_line("bridge started", WAIT).await?;
     let parse = |key: &str| -> anyhow::Result<SocketAddr> {
@@ -221,11 +225,7 @@ pub async fn start_broker() -> anyhow::Result<broker::Broker> {
 /// # Errors
 /// If the file cannot be written.
 pub fn write_bridge_config(toml: &str) -> anyhow::Result<std::path::PathBuf> {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("fleetbeat-test-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).context("creating a temporary directory")?;
-    let path = dir.join("bridge.toml");
+    let path = temp_dir()?.join("bridge.toml");
     std::fs::write(&path, toml).context("writing the bridge configuration")?;
     Ok(path)
 }
@@ -254,4 +254,16 @@ pub async fn start_broker_process(addr: SocketAddr, extra: &[&str]) -> anyhow::R
     let mut program = Program::spawn("broker", cmd)?;
     program.wait_for_line("broker ready", WAIT).await?;
     Ok(program)
+}
+
+/// A fresh directory under the system's temporary directory, for one test's files.
+///
+/// # Errors
+/// If it cannot be created.
+pub fn temp_dir() -> anyhow::Result<std::path::PathBuf> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("fleetbeat-test-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).context("creating a temporary directory")?;
+    Ok(dir)
 }

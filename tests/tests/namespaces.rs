@@ -80,12 +80,14 @@ token = "store-1-secret"
 role = "vendor"
 store = "store-1"
 fleet = "demo"
+location = [52.52, 13.405]
 
 [[tokens]]
 token = "store-2-secret"
 role = "vendor"
 store = "store-2"
 fleet = "demo"
+location = [52.51, 13.40]
 
 [[tokens]]
 token = "dispatch-secret"
@@ -106,7 +108,10 @@ fleets = ["*"]
 
     let pickup = json!({ "order": "o-1", "customer": "Ada", "lat": 52.51, "lon": 13.39 });
     let ack = sender.emit_ack("pickup", json!([pickup])).await?;
-    assert_eq!(ack, json!({ "ok": true }));
+    // No vehicle is online: the order is stored, unassigned.
+    assert_eq!(ack["ok"], true, "{ack}");
+    assert_eq!((ack["order"].as_str(), ack["state"].as_str()), (Some("o-1"), Some("created")));
+    assert!(ack["vehicle"].is_null());
     for client in [&mut other, &mut dispatcher] {
         let got = client.next_event("pickup", WAIT).await?;
         assert_eq!(got["order"], "o-1");

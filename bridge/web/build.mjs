@@ -1,0 +1,138 @@
+// Builds the dispatcher page into dist/: one JS bundle, one CSS file, index.html, gzip copies,
+// the bundled libraries' licences, and manifest.json with a hash of the sources that
+// bridge/src/web.rs checks in its tests (so a stale dist/ fails `cargo test`).
+//
+// Run it through ./build.sh (which installs the pinned npm packages first).
+
+import { createHash } from "node:crypto";
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { dirname, join, relative, sep } from "node:path";
+import { fileURLToPath } from "node:url";
+import { gzipSync } from "node:zlib";
+import * as esbuild from "esbuild";
+
+const root = dirname(fileURLToPath(import.meta.url));
+const dist = join(root, "dist");
+
+/** The files whose content decides dist/: keep in sync with `SOURCE_ROOTS` in bridge/src/web.rs. */
+const SOURCE_ROOTS = ["build.sh", "build.mjs", "package.json", "package-lock.json", "src"];
+
+function walk(path) {
+  const abs = join(root, path);
+  if (!statSync(abs).isDirectory()) return [path];
+  return readdirSync(abs).flatMap((name) => walk(`${path}/${name}`));
+}
+
+/**
+ * FNV-1a (64 bit) over every source file in byte order of its path: path, a 0 byte, the
+ * length as 8 bytes little-endian, the content. A change detector, not a security hash.
+ */
+export function sourceHash() {
+  const files = SOURCE_ROOTS.flatMap(walk).sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+  let h = 0xcbf29ce484222325n;
+  const feed = (bytes) => {
+    for (const b of bytes) h = ((h ^ BigInt(b)) * 0x100000001b3n) & 0xffffffffffffffffn;
+  };
+  for (const file of files) {
+    const content = readFileSync(join(root, file));
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(content.length));
+    feed(Buffer.from(file, "utf8"));
+    feed([0]);
+    feed(len);
+    feed(content);
+  }
+  return { files, hash: `fnv1a64:${h.toString(16).padStart(16, "0")}` };
+}
+
+function fnv(bytes) {
+  let h = 0xcbf29ce484222325n;
+  for (const b of bytes) h = ((h ^ BigInt(b)) * 0x100000001b3n) & 0xffffffffffffffffn;
+  return h.toString(16).padStart(16, "0");
+}
+
+/** The package directory (under node_modules) a bundled input belongs to, or null. */
+function packageDir(input) {
+  const parts = input.split("/");
+  const i = parts.lastIndexOf("node_modules");
+  if (i < 0) return null;
+  const n = parts[i + 1]?.startsWith("@") ? 2 : 1;
+  return parts.slice(0, i + 1 + n).join("/");
+}
+
+function licences(metafile) {
+  const dirs = [...new Set(Object.keys(metafile.inputs).map(packageDir).filter(Boolean))].sort();
+  const bundled = [];
+  let text =
+    "Fleetbeat dispatcher page — third-party software bundled into app.js and app.css\n" +
+    "===============================================================================\n";
+  for (const dir of dirs) {
+    const pkg = JSON.parse(readFileSync(join(root, dir, "package.json"), "utf8"));
+    const file = readdirSync(join(root, dir)).find((f) => /^licen[cs]e(\.md|\.txt)?$/i.test(f));
+    if (!file) throw new Error(`${pkg.name} has no LICENSE file: cannot bundle it`);
+    bundled.push({ name: pkg.name, version: pkg.version, license: pkg.license });
+    text += `\n\n${pkg.name} ${pkg.version} (${pkg.license})\n${"-".repeat(60)}\n`;
+    text += readFileSync(join(root, dir, file), "utf8").trim() + "\n";
+  }
+  return { bundled, text };
+}
+
+async function build() {
+  const { files: sources, hash } = sourceHash();
+  rmSync(dist, { recursive: true, force: true });
+  mkdirSync(dist);
+
+  const result = await esbuild.build({
+    absWorkingDir: root,
+    entryPoints: { app: "src/main.js" },
+    outdir: "dist",
+    bundle: true,
+    minify: true,
+    format: "esm",
+    target: ["es2020", "chrome100", "firefox100", "safari15"],
+    charset: "utf8",
+    legalComments: "eof",
+    loader: { ".png": "dataurl", ".svg": "dataurl" },
+    metafile: true,
+    logLevel: "warning",
+    banner: { js: "/* Fleetbeat dispatcher page. Bundled libraries and their licences: /assets/LICENSES.txt */" },
+  });
+
+  const { bundled, text } = licences(result.metafile);
+  writeFileSync(join(dist, "LICENSES.txt"), text);
+
+  const js = readFileSync(join(dist, "app.js"));
+  const css = readFileSync(join(dist, "app.css"));
+  const version = (buf) => createHash("sha256").update(buf).digest("hex").slice(0, 12);
+  const html = readFileSync(join(root, "src/index.html"), "utf8")
+    .replace("__APP_JS__", `/assets/app.js?v=${version(js)}`)
+    .replace("__APP_CSS__", `/assets/app.css?v=${version(css)}`);
+  writeFileSync(join(dist, "index.html"), html);
+  writeFileSync(join(dist, "app.js.gz"), gzipSync(js, { level: 9 }));
+  writeFileSync(join(dist, "app.css.gz"), gzipSync(css, { level: 9 }));
+
+  const out = {};
+  for (const name of readdirSync(dist).sort()) {
+    const buf = readFileSync(join(dist, name));
+    out[name] = { bytes: buf.length, fnv1a64: fnv(buf) };
+  }
+  const manifest = {
+    note: "Generated by bridge/web/build.sh from the sources listed; do not edit. bridge/src/web.rs tests check it.",
+    source_hash: hash,
+    sources,
+    files: out,
+    bundled,
+    esbuild: esbuild.version,
+  };
+  writeFileSync(join(dist, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n");
+
+  const kb = (n) => `${(n / 1024).toFixed(1)} KiB`;
+  for (const [name, f] of Object.entries(out)) console.log(`  dist/${name.padEnd(14)} ${kb(f.bytes)}`);
+  console.log(`  ${hash}; bundled: ${bundled.map((b) => `${b.name}@${b.version}`).join(", ")}`);
+}
+
+if (process.argv[2] === "--hash") {
+  console.log(sourceHash().hash);
+} else {
+  await build();
+}
