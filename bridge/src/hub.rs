@@ -65,6 +65,8 @@ pub struct Hub {
     pub store: Store,
     /// Where accepted heartbeats go to be stored in batches.
     pub history: HeartbeatSender,
+    /// Serializes order assignment (see `orders`).
+    pub(crate) assigning: tokio::sync::Mutex<()>,
     fleet: Mutex<Fleet>,
     mqtt: AsyncClient,
     command_timeout: Duration,
@@ -80,6 +82,7 @@ impl Hub {
             commands: PendingCommands::default(),
             store: parts.store,
             history: parts.history,
+            assigning: tokio::sync::Mutex::new(()),
             fleet: Mutex::new(parts.fleet),
             mqtt: parts.mqtt,
             command_timeout: parts.command_timeout,

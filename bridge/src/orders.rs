@@ -164,14 +164,36 @@ impl Hub {
         })
     }
 
-    /// Offers `order` to the nearest free vehicles of `fleet` until one accepts.
-    async fn assign(
+    /// Offers every unassigned order (oldest first) to free vehicles once more; returns how
+    /// many found a vehicle. Run periodically: orders placed while every vehicle was busy are
+    /// carried as vehicles become free.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the orders cannot be read.
+    pub async fn assign_waiting(&self) -> Result<usize, StoreError> {
+        let mut assigned = 0;
+        for (order, fleet, pickup, dropoff) in self.store.unassigned_orders(64).await? {
+            if self.free_vehicles(&fleet, pickup).await?.is_empty() {
+                continue;
+            }
+            if self
+                .assign(&order, &fleet, pickup, dropoff)
+                .await?
+                .is_some()
+            {
+                assigned += 1;
+            }
+        }
+        Ok(assigned)
+    }
+
+    /// Free vehicles of `fleet` (online, with a position, no undelivered order), nearest to
+    /// `pickup` first.
+    async fn free_vehicles(
         &self,
-        order: &OrderId,
         fleet: &FleetId,
         pickup: Position,
-        dropoff: Position,
-    ) -> Result<Option<VehicleId>, StoreError> {
+    ) -> Result<Vec<(f64, VehicleId)>, StoreError> {
         let busy = self.store.busy_vehicles(fleet).await?;
         let mut candidates: Vec<(f64, VehicleId)> = self
             .fleet()
@@ -185,6 +207,29 @@ impl Hub {
             })
             .collect();
         candidates.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(candidates)
+    }
+
+    /// Offers `order` to the nearest free vehicles of `fleet` until one accepts.
+    async fn assign(
+        &self,
+        order: &OrderId,
+        fleet: &FleetId,
+        pickup: Position,
+        dropoff: Position,
+    ) -> Result<Option<VehicleId>, StoreError> {
+        // One assignment at a time: the waiting-orders task and a new order must not offer
+        // the same order to two vehicles, nor two orders to one vehicle.
+        let _one_at_a_time = self.assigning.lock().await;
+        if self
+            .store
+            .order(order)
+            .await?
+            .is_some_and(|o| o.vehicle.is_some())
+        {
+            return Ok(None);
+        }
+        let candidates = self.free_vehicles(fleet, pickup).await?;
         let system = system_grant();
         for (distance, vehicle) in candidates.into_iter().take(MAX_CANDIDATES) {
             let kind = CommandKind::AssignOrder {
@@ -208,7 +253,7 @@ impl Hub {
                 Err(err) => info!(%order, %vehicle, cause = %err, "vehicle did not take the order"),
             }
         }
-        warn!(%order, %fleet, "no free vehicle accepted the order; it stays unassigned");
+        info!(%order, %fleet, "no free vehicle accepted the order yet; it waits");
         Ok(None)
     }
 

@@ -116,6 +116,7 @@ impl Bridge {
             client: client.clone(),
         };
         tasks.spawn(writer.run(cancel.child_token()));
+        tasks.spawn(assign_waiting(Arc::clone(&hub), cancel.child_token()));
         tasks.spawn(retention(
             Arc::clone(&hub),
             config.queue_retention,
@@ -263,6 +264,28 @@ async fn retention(hub: Arc<Hub>, queue: Duration, history: Duration, cancel: Ca
         }
         if let Err(err) = hub.store.expire_heartbeats(cutoff(history)).await {
             warn!(cause = %err, "history retention failed");
+        }
+    }
+}
+
+/// How often waiting orders are offered to vehicles again.
+const ASSIGN_EVERY: Duration = Duration::from_secs(1);
+
+/// Every [`ASSIGN_EVERY`]: offers orders that found no vehicle to the vehicles free now.
+async fn assign_waiting(hub: Arc<Hub>, cancel: CancellationToken) {
+    let mut ticks = tokio::time::interval(ASSIGN_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        let attempt = tokio::select! {
+            () = cancel.cancelled() => break,
+            attempt = hub.assign_waiting() => attempt,
+        };
+        if let Err(err) = attempt {
+            warn!(cause = %err, "could not offer waiting orders");
         }
     }
 }

@@ -542,6 +542,35 @@ impl Store {
         rows.iter().map(|v| parse_id("order vehicle", v)).collect()
     }
 
+    /// Orders still waiting for a vehicle (state `created`), oldest first, at most `limit`:
+    /// `(order, fleet, pickup, dropoff)`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] if a stored id is
+    /// invalid.
+    pub async fn unassigned_orders(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<(OrderId, FleetId, Position, Position)>, StoreError> {
+        let rows: Vec<(String, String, i32, i32, i32, i32)> = sqlx::query_as(
+            "SELECT order_id, fleet, pickup_lat_e7, pickup_lon_e7, dropoff_lat_e7, dropoff_lon_e7 \
+             FROM orders WHERE state = 'created' ORDER BY created_ms, order_id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(|(order, fleet, plat, plon, dlat, dlon)| {
+                Ok((
+                    parse_id("order id", &order)?,
+                    parse_id("order fleet", &fleet)?,
+                    Position::new(plat, plon),
+                    Position::new(dlat, dlon),
+                ))
+            })
+            .collect()
+    }
+
     /// Records a delivery event that `vehicle` of `fleet` reported, exactly once, in one
     /// transaction:
     ///
