@@ -110,7 +110,10 @@ fleets = ["*"]
     let ack = sender.emit_ack("pickup", json!([pickup])).await?;
     // No vehicle is online: the order is stored, unassigned.
     assert_eq!(ack["ok"], true, "{ack}");
-    assert_eq!((ack["order"].as_str(), ack["state"].as_str()), (Some("o-1"), Some("created")));
+    assert_eq!(
+        (ack["order"].as_str(), ack["state"].as_str()),
+        (Some("o-1"), Some("created"))
+    );
     assert!(ack["vehicle"].is_null());
     for client in [&mut other, &mut dispatcher] {
         let got = client.next_event("pickup", WAIT).await?;
