@@ -160,7 +160,10 @@ pub async fn start_bridge_external(
     extra: &[&str],
 ) -> anyhow::Result<BridgeProcess> {
     let url = format!("mqtt://{mqtt}");
-    let mut args = vec!["--listen", "127.0.0.1:0", "--mqtt-url", &url];
+    let mut args = vec!["--mqtt-url", &url];
+    if !extra.contains(&"--listen") {
+        args.extend_from_slice(&["--listen", "127.0.0.1:0"]);
+    }
     args.extend_from_slice(extra);
     spawn_bridge(&args).await
 }
@@ -266,4 +269,247 @@ pub fn temp_dir() -> anyhow::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("fleetbeat-test-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).context("creating a temporary directory")?;
     Ok(dir)
+}
+
+/// A running standalone `broker` process: its addresses, and its `/metrics`.
+pub struct BrokerProcess {
+    /// The process (stderr is searchable).
+    pub program: Program,
+    /// The MQTT 3.1.1 listener.
+    pub mqtt: SocketAddr,
+    /// The MQTT 5 listener, if it was switched on (`--listen-v5 127.0.0.1:0`).
+    pub mqtt_v5: Option<SocketAddr>,
+    /// Where `/metrics` is served.
+    pub metrics: SocketAddr,
+}
+
+impl BrokerProcess {
+    /// The whole `/metrics` text.
+    ///
+    /// # Errors
+    /// If it cannot be fetched.
+    pub async fn metrics_text(&self) -> anyhow::Result<String> {
+        let response = http_client()
+            .get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await
+            .context("GET /metrics of the broker")?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "GET /metrics: {}",
+            response.status()
+        );
+        Ok(response.text().await?)
+    }
+
+    /// One sample of a metric (`name{labels}` exactly as exposed).
+    ///
+    /// # Errors
+    /// If `/metrics` cannot be read or has no such sample.
+    pub async fn metric(&self, sample: &str) -> anyhow::Result<f64> {
+        let text = self.metrics_text().await?;
+        sample_value(&text, sample).with_context(|| format!("no sample {sample} in:\n{text}"))
+    }
+
+    /// Waits until `sample` satisfies `check` and returns its value.
+    ///
+    /// # Errors
+    /// If it does not within the bound.
+    pub async fn wait_metric(
+        &self,
+        sample: &str,
+        check: impl Fn(f64) -> bool,
+    ) -> anyhow::Result<f64> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let value = self.metric(sample).await?;
+            if check(value) {
+                return Ok(value);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "{sample} is still {value} after {WAIT:?}; broker log:\n{}",
+                    self.program.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The value of `sample` in a Prometheus text exposition.
+pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Starts the standalone `broker` binary on ephemeral ports (MQTT 3.1.1, `/metrics`; MQTT 5
+/// only if `extra` sets `--listen-v5`) and waits until it is ready. `extra` is appended to the
+/// command line; `--listen`, `--listen-v5` and `--metrics-listen` given there replace the
+/// defaults.
+///
+/// # Errors
+/// If it does not start in time.
+pub async fn start_broker_standalone(extra: &[&str]) -> anyhow::Result<BrokerProcess> {
+    let given = |flag: &str| extra.iter().any(|a| *a == flag);
+    let mut cmd = Command::new(bin::path("broker")?);
+    if !given("--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    if !given("--listen-v5") && !given("--no-v5") {
+        cmd.args(["--listen-v5", "off"]);
+    }
+    if !given("--metrics-listen") {
+        cmd.args(["--metrics-listen", "127.0.0.1:0"]);
+    }
+    cmd.args(extra);
+    // Only what the test sets: no FLEETBEAT_BROKER_* from the caller's environment.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("FLEETBEAT_BROKER_") {
+            cmd.env_remove(key);
+        }
+    }
+    let mut program = Program::spawn("broker", cmd)?;
+    let ready = program.wait_for_line("broker ready", WAIT).await?;
+    let serving = program.wait_for_line("serving /metrics", WAIT).await?;
+    let addr = |line: &str, key: &str| -> Option<SocketAddr> {
+        let value = field(line, key)?;
+        let value = value
+            .strip_prefix("Some(")
+            .and_then(|v| v.strip_suffix(')'))
+            .unwrap_or(&value);
+        value.parse().ok()
+    };
+    Ok(BrokerProcess {
+        mqtt: addr(&ready, "v4").with_context(|| format!("no v4= address in {ready:?}"))?,
+        mqtt_v5: addr(&ready, "v5"),
+        metrics: addr(&serving, "addr").with_context(|| format!("no addr= in {serving:?}"))?,
+        program,
+    })
+}
+
+/// A fleet's secrets on both sides, in a fresh temporary directory: the devices' half
+/// (`device-sim provision`, plain passwords and keys) and the broker's credentials file made
+/// from it (hashed passwords, the same keys).
+pub struct FleetSecrets {
+    /// The directory holding both files.
+    pub dir: std::path::PathBuf,
+    /// The broker's credentials file (`broker --credentials`).
+    pub broker: std::path::PathBuf,
+    /// The simulator's secrets file (`device-sim --credentials`).
+    pub sim: std::path::PathBuf,
+    /// The simulator's secrets, parsed.
+    pub secrets: device_sim::credentials::Credentials,
+}
+
+impl FleetSecrets {
+    /// The broker's credentials file as a command-line argument.
+    pub fn broker_arg(&self) -> String {
+        self.broker.display().to_string()
+    }
+
+    /// The simulator's secrets file as a command-line argument.
+    pub fn sim_arg(&self) -> String {
+        self.sim.display().to_string()
+    }
+
+    /// `vehicle`'s password and message key.
+    ///
+    /// # Errors
+    /// If `vehicle` was not provisioned.
+    pub fn device(&self, vehicle: &str) -> anyhow::Result<(String, shared::DeviceKey)> {
+        let id = shared::VehicleId::new(vehicle).map_err(anyhow::Error::msg)?;
+        let secret = self
+            .secrets
+            .get(&id)
+            .with_context(|| format!("{vehicle} was not provisioned"))?;
+        Ok((secret.password.clone(), secret.key))
+    }
+}
+
+/// Provisions `vehicles` vehicles of `fleet` with the real `device-sim provision`, and
+/// registers each with a new broker credentials file (`CredentialsFile::set_device`, with the
+/// simulator's password and key).
+///
+/// # Errors
+/// If a program or a file fails.
+pub async fn provision_fleet(vehicles: u32, fleet: &str) -> anyhow::Result<FleetSecrets> {
+    let dir = temp_dir()?;
+    let sim = dir.join("sim-secrets.toml");
+    let broker_file = dir.join("credentials.toml");
+    let output = Command::new(bin::path("device-sim")?)
+        .args([
+            "provision",
+            "--vehicles",
+            &vehicles.to_string(),
+            "--fleet",
+            fleet,
+        ])
+        .arg("--secrets")
+        .arg(&sim)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(WAIT, output)
+        .await
+        .context("device-sim provision timed out")?
+        .context("running device-sim provision")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "device-sim provision failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let secrets = device_sim::credentials::Credentials::load(&sim)?;
+    let mut file = broker::CredentialsFile::open(&broker_file)?;
+    for vehicle in secrets.vehicles() {
+        let secret = secrets.get(vehicle).context("listed")?;
+        file.set_device(
+            vehicle.as_str(),
+            &secret.password,
+            broker::PasswordOrigin::Generated,
+            secret.key,
+        )?;
+    }
+    file.save()?;
+    Ok(FleetSecrets {
+        dir,
+        broker: broker_file,
+        sim,
+        secrets,
+    })
+}
+
+/// Runs `broker <args>` (a credentials subcommand such as `add-device van-1 --credentials F`
+/// or `add-client alice --role observer --credentials F`) and returns the `password:` and, for
+/// a device, the `key:` it printed.
+///
+/// # Errors
+/// If it fails or prints no password.
+pub async fn broker_credentials_command(args: &[&str]) -> anyhow::Result<(String, Option<String>)> {
+    let output = Command::new(bin::path("broker")?)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(WAIT, output)
+        .await
+        .context("broker subcommand timed out")?
+        .context("running the broker subcommand")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "broker {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let printed = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+    };
+    let password = printed("password:").with_context(|| format!("no password in {stdout}"))?;
+    Ok((password, printed("key:")))
 }
