@@ -78,6 +78,8 @@ pub struct BridgeConfig {
     pub tokens: Vec<TokenGrant>,
     /// The broker's credentials file with the device message keys; `None` is open mode.
     pub credentials: Option<PathBuf>,
+    /// The bridge's MQTT password (username: [`Self::client_id`]).
+    pub mqtt_password: Option<String>,
     /// How often coalesced positions are sent to dispatchers.
     pub tick: Duration,
     /// When a vehicle without heartbeats counts as stale.
@@ -112,6 +114,7 @@ impl Default for BridgeConfig {
         Self {
             tokens: Vec::new(),
             credentials: None,
+            mqtt_password: None,
             tick: Duration::from_millis(100),
             stale: StaleRule::default(),
             command_timeout: Duration::from_secs(10),
@@ -147,6 +150,9 @@ pub struct Settings {
     pub client_id: Option<String>,
     /// The broker's credentials file with the device keys.
     pub credentials: Option<PathBuf>,
+    /// The bridge's own MQTT password (username: the client id), for a broker that
+    /// authenticates, embedded or external.
+    pub mqtt_password: Option<String>,
     /// Position tick in ms.
     pub tick_ms: Option<u64>,
     /// Stale threshold in ms; 0 means 3 missed intervals.
@@ -200,6 +206,7 @@ impl Settings {
             mqtt_listen: over.mqtt_listen.or(self.mqtt_listen),
             client_id: over.client_id.or(self.client_id),
             credentials: over.credentials.or(self.credentials),
+            mqtt_password: over.mqtt_password.or(self.mqtt_password),
             tick_ms: over.tick_ms.or(self.tick_ms),
             stale_after_ms: over.stale_after_ms.or(self.stale_after_ms),
             command_timeout_ms: over.command_timeout_ms.or(self.command_timeout_ms),
@@ -229,13 +236,14 @@ impl Settings {
             Some(url) => {
                 MqttTarget::External(MqttEndpoint::parse(url).map_err(|e| invalid("mqtt_url", e))?)
             }
-            // MQTT 3.1.1 only: rumqttd 0.20's v5 listener can take the v4 one down
-            // (docs/broker.md); run the broker alone to offer MQTT 5.
+            // MQTT 3.1.1 only (run the broker alone to offer MQTT 5). With a credentials file
+            // the embedded broker authenticates devices and the bridge alike.
             None => MqttTarget::Embedded(broker::BrokerConfig {
                 v4: self
                     .mqtt_listen
                     .ok_or_else(|| invalid("mqtt_listen", "missing"))?,
                 v5: None,
+                credentials: self.credentials.clone(),
                 ..broker::BrokerConfig::default()
             }),
         };
@@ -285,6 +293,7 @@ impl Settings {
             BridgeConfig {
                 tokens: self.tokens,
                 credentials: self.credentials,
+                mqtt_password: self.mqtt_password,
                 tick: Duration::from_millis(tick_ms),
                 stale,
                 command_timeout: Duration::from_millis(command_timeout_ms),

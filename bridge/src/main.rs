@@ -40,6 +40,9 @@ struct Cli {
     /// The broker's credentials file with the device message keys (unset: open mode).
     #[arg(long, env = "FLEETBEAT_CREDENTIALS")]
     credentials: Option<PathBuf>,
+    /// The bridge's MQTT password when the broker authenticates (username: the client id).
+    #[arg(long, env = "FLEETBEAT_MQTT_PASSWORD", hide_env_values = true)]
+    mqtt_password: Option<String>,
     /// Position tick in milliseconds.
     #[arg(long, env = "FLEETBEAT_TICK_MS")]
     tick_ms: Option<u64>,
@@ -83,6 +86,7 @@ impl Cli {
             mqtt_listen: self.mqtt_listen,
             client_id: self.client_id.clone(),
             credentials: self.credentials.clone(),
+            mqtt_password: self.mqtt_password.clone(),
             tick_ms: self.tick_ms,
             stale_after_ms: self.stale_after_ms,
             command_timeout_ms: self.command_timeout_ms,

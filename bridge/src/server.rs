@@ -54,11 +54,20 @@ impl Bridge {
                 let endpoint = MqttEndpoint {
                     host: addr.ip().to_string(),
                     port: addr.port(),
-                    credentials: None,
+                    credentials: config
+                        .mqtt_password
+                        .clone()
+                        .map(|password| (config.client_id.clone(), password)),
                 };
                 (Some(broker), endpoint)
             }
-            MqttTarget::External(endpoint) => (None, endpoint.clone()),
+            MqttTarget::External(endpoint) => {
+                let mut endpoint = endpoint.clone();
+                if let (None, Some(password)) = (&endpoint.credentials, &config.mqtt_password) {
+                    endpoint.credentials = Some((config.client_id.clone(), password.clone()));
+                }
+                (None, endpoint)
+            }
         };
 
         let tokens = if config.tokens.is_empty() {

@@ -6,6 +6,7 @@
 //! - [`stack`]: `start_bridge()`, `start_sim()`: the real programs on ephemeral ports.
 //! - [`sio`]: a real `socket.io-client` under node, driven over stdin/stdout.
 //! - [`mosquitto`]: the real Debian `mosquitto_sub` / `mosquitto_pub`.
+//! - [`provision`]: credentials made with the real `broker add-device` / `add-client`.
 //!
 //! The scenarios live in `tests/tests/*.rs`, one file each. Every wait on the outside world has
 //! a timeout.
@@ -13,6 +14,7 @@
 pub mod bin;
 pub mod mosquitto;
 pub mod process;
+pub mod provision;
 pub mod sio;
 pub mod stack;
 

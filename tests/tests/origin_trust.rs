@@ -3,31 +3,31 @@
 
 use serde_json::json;
 use shared::{Heartbeat, Position, Topic};
+use tests::provision::provision;
 use tests::sio::SioClient;
-use tests::stack::{start_bridge, start_sim, write_bridge_config};
+use tests::stack::{start_bridge, start_sim};
 use tests::{WAIT, mosquitto};
-
-fn key_hex(byte: u8) -> String {
-    format!("{byte:02x}").repeat(32)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_and_replayed_payloads_are_rejected() -> anyhow::Result<()> {
-    // Per-device keys: the bridge reads `key`, the simulator also its `password`.
-    let secrets = write_bridge_config(&format!(
-        "[devices.spoof-0001]\npassword = \"pw-one-0001\"\nkey = \"{}\"\n\n\
-         [devices.spoof-0002]\npassword = \"pw-two-0002\"\nkey = \"{}\"\n",
-        key_hex(0x11),
-        key_hex(0x22),
-    ))?;
-    let secrets = secrets.to_str().unwrap_or_default();
-    let mut bridge = start_bridge(&["--credentials", secrets]).await?;
+    // Real credentials: the embedded broker authenticates every device and the bridge; the
+    // bridge checks every payload's seal against the device's key.
+    let creds = provision(&["spoof-0001", "spoof-0002"])?;
+    let broker_file = creds.broker_file.to_str().unwrap_or_default();
+    let sim_file = creds.sim_file.to_str().unwrap_or_default();
+    // An external broker with no topic ACLs (any broker a user may run): the bridge alone
+    // stands between a device and another vehicle's identity.
+    let mqtt = tests::stack::free_port()?;
+    let _broker = tests::stack::start_broker_process(mqtt, &[]).await?;
+    let mut bridge =
+        tests::stack::start_bridge_external(mqtt, &["--credentials", broker_file]).await?;
     let _sim = start_sim(
         bridge.mqtt,
         2,
         "spoof",
-        &["--rate", "5", "--credentials", secrets],
+        &["--rate", "5", "--credentials", sim_file],
     )?;
+    let key = |d: &str| creds.devices.get(d).map(|(_, k)| *k).unwrap_or_default();
 
     let mut dispatcher =
         SioClient::connect_with_token(&bridge.url(), "/dispatch", "dispatch-demo").await?;
@@ -50,7 +50,7 @@ async fn spoofed_and_replayed_payloads_are_rejected() -> anyhow::Result<()> {
         ..Heartbeat::default()
     };
     let mut buf = [0u8; shared::MAX_PAYLOAD];
-    let attacker_key = [0x22; 32];
+    let attacker_key = key("spoof-0002");
     let spoofed = shared::seal(&fake, &victim.name(), u64::MAX / 2, &attacker_key, &mut buf)
         .map_err(anyhow::Error::msg)?
         .to_vec();
@@ -59,7 +59,7 @@ async fn spoofed_and_replayed_payloads_are_rejected() -> anyhow::Result<()> {
     mosquitto::publish(bridge.mqtt, "fleet/spoof/ghost-0001/hb", &spoofed, 0).await?;
     // 3. A genuine heartbeat of spoof-0001, captured and played again.
     let captured = mosquitto::sub_payloads(bridge.mqtt, &victim.name(), 1).await?;
-    let genuine = shared::open::<Heartbeat>(&captured[0], &victim.name(), &[0x11; 32])
+    let genuine = shared::open::<Heartbeat>(&captured[0], &victim.name(), &key("spoof-0001"))
         .map_err(|e| anyhow::anyhow!("the simulator's payload must be sealed with its key: {e}"))?;
     dispatcher
         .positions_until(WAIT, |p| {
