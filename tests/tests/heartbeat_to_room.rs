@@ -103,3 +103,43 @@ async fn join_refuses_unknown_room_forms() -> anyhow::Result<()> {
     client.close().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_are_coalesced_into_one_batch_per_tick() -> anyhow::Result<()> {
+    let bridge = start_bridge(&["--tick-ms", "200"]).await?;
+    // 10 Hz per vehicle: two heartbeats per vehicle per tick.
+    let _sim = start_sim(bridge.mqtt, 4, "many", &["--rate", "10"])?;
+    let mut client = SioClient::connect_with_token(&bridge.url(), "/dispatch", TOKEN).await?;
+    // Three overlapping rooms: each vehicle must still come once per batch.
+    for room in ["all", "fleet:many", "vehicle:many-0001"] {
+        assert_eq!(
+            client.emit_ack("join", json!([room])).await?,
+            json!({ "ok": true })
+        );
+    }
+    client.next_event("position", WAIT).await?;
+    let started = tokio::time::Instant::now();
+    let mut batches = 0u32;
+    let mut seen = BTreeSet::new();
+    while batches < 15 {
+        let batch = client.next_event("position", WAIT).await?;
+        let batch = batch.as_array().cloned().unwrap_or_default();
+        let ids: Vec<&str> = batch.iter().map(vehicle).collect();
+        let unique: BTreeSet<&str> = ids.iter().copied().collect();
+        assert_eq!(
+            ids.len(),
+            unique.len(),
+            "a vehicle twice in one batch: {ids:?}"
+        );
+        assert!(ids.len() <= 4, "{ids:?}");
+        seen.extend(unique.into_iter().map(str::to_owned));
+        batches += 1;
+    }
+    let elapsed = started.elapsed();
+    // At most one batch per 200 ms tick (plus one for the tick in progress).
+    let ticks = (elapsed.as_millis() / 200) as u32 + 1;
+    assert!(batches <= ticks, "{batches} batches in {elapsed:?}");
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    client.close().await;
+    Ok(())
+}
