@@ -57,6 +57,11 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
             supported: PROTOCOL_VERSION,
         });
     }
+    decode_body(body)
+}
+
+/// Decodes a complete postcard body: no bytes may be missing or left over.
+pub(crate) fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     let (msg, rest) = postcard::take_from_bytes::<T>(body).map_err(|err| match err {
         postcard::Error::DeserializeUnexpectedEnd => CodecError::Truncated,
         _ => CodecError::Malformed,

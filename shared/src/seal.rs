@@ -120,15 +120,7 @@ pub fn open<T: DeserializeOwned>(
         .map_err(|_| CodecError::Unauthenticated)?;
     let (counter, body) =
         postcard::take_from_bytes::<u64>(&signed[1..]).map_err(|_| CodecError::Malformed)?;
-    let (msg, rest) = postcard::take_from_bytes::<T>(body).map_err(|err| match err {
-        postcard::Error::DeserializeUnexpectedEnd => CodecError::Truncated,
-        _ => CodecError::Malformed,
-    })?;
-    if !rest.is_empty() {
-        return Err(CodecError::TrailingBytes {
-            extra: u16::try_from(rest.len()).unwrap_or(u16::MAX),
-        });
-    }
+    let msg = crate::codec::decode_body(body)?;
     Ok(Opened { counter, msg })
 }
 

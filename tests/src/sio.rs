@@ -17,12 +17,18 @@ use crate::WAIT;
 
 static NODE_READY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
-/// The `tests/node` folder, with its npm packages installed.
-fn node_dir() -> anyhow::Result<PathBuf> {
+/// The `tests/node` folder, with its npm packages (socket.io-client, playwright-core)
+/// installed.
+///
+/// # Errors
+/// If `npm ci` fails.
+pub fn node_dir() -> anyhow::Result<PathBuf> {
     NODE_READY
         .get_or_init(|| {
             let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node");
-            if !dir.join("node_modules/socket.io-client").exists() {
+            if !dir.join("node_modules/socket.io-client").exists()
+                || !dir.join("node_modules/playwright-core").exists()
+            {
                 let status = std::process::Command::new("npm")
                     .args(["ci", "--no-audit", "--no-fund", "--silent"])
                     .current_dir(&dir)

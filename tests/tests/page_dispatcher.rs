@@ -15,14 +15,13 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 use tests::WAIT;
 use tests::process::Program;
-use tests::sio::SioClient;
+use tests::sio::{SioClient, node_dir};
 use tests::stack::{BridgeProcess, start_bridge, start_sim};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
@@ -33,29 +32,6 @@ static BROWSER: Mutex<()> = Mutex::const_new(());
 
 /// The demo token of a bridge without a configuration file (docs/socketio.md).
 const TOKEN: &str = "dispatch-demo";
-
-static NODE_READY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-
-/// `tests/node`, with its npm packages (`playwright-core` among them) installed.
-fn node_dir() -> anyhow::Result<PathBuf> {
-    NODE_READY
-        .get_or_init(|| {
-            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node");
-            if !dir.join("node_modules/playwright-core").exists() {
-                let status = std::process::Command::new("npm")
-                    .args(["ci", "--no-audit", "--no-fund", "--silent"])
-                    .current_dir(&dir)
-                    .status()
-                    .map_err(|e| format!("running npm ci: {e}"))?;
-                if !status.success() {
-                    return Err(format!("npm ci failed: {status}"));
-                }
-            }
-            Ok(dir)
-        })
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
 
 /// Where screenshots go: `$FLEETBEAT_ARTIFACTS`, or `target/artifacts` of the workspace.
 fn artifact(name: &str) -> PathBuf {
