@@ -5,7 +5,7 @@ use serde_json::json;
 use shared::{Heartbeat, Position, Topic};
 use tests::provision::provision;
 use tests::sio::SioClient;
-use tests::stack::{start_bridge, start_sim};
+use tests::stack::{free_port, start_bridge_external, start_broker_process, start_sim};
 use tests::{WAIT, mosquitto};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,10 +17,9 @@ async fn spoofed_and_replayed_payloads_are_rejected() -> anyhow::Result<()> {
     let sim_file = creds.sim_file.to_str().unwrap_or_default();
     // An external broker with no topic ACLs (any broker a user may run): the bridge alone
     // stands between a device and another vehicle's identity.
-    let mqtt = tests::stack::free_port()?;
-    let _broker = tests::stack::start_broker_process(mqtt, &[]).await?;
-    let mut bridge =
-        tests::stack::start_bridge_external(mqtt, &["--credentials", broker_file]).await?;
+    let mqtt = free_port()?;
+    let _broker = start_broker_process(mqtt, &[]).await?;
+    let mut bridge = start_bridge_external(mqtt, &["--credentials", broker_file]).await?;
     let _sim = start_sim(
         bridge.mqtt,
         2,
