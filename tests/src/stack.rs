@@ -112,6 +112,21 @@ impl BridgeProcess {
             .with_context(|| format!("no sample {sample} in /metrics:\n{text}"))
     }
 
+    /// The sum of every sample of metric `name` (all label sets).
+    ///
+    /// # Errors
+    /// If `/metrics` cannot be read.
+    pub async fn metric_sum(&self, name: &str) -> anyhow::Result<f64> {
+        let (_, text) = self.get("/metrics").await?;
+        Ok(text
+            .lines()
+            .filter(|l| {
+                l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{' | b' '))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
     /// Waits until `/readyz` answers 200 (MQTT connected and subscribed).
     ///
     /// # Errors
@@ -356,7 +371,7 @@ pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
 /// # Errors
 /// If it does not start in time.
 pub async fn start_broker_standalone(extra: &[&str]) -> anyhow::Result<BrokerProcess> {
-    let given = |flag: &str| extra.iter().any(|a| *a == flag);
+    let given = |flag: &str| extra.contains(&flag);
     let mut cmd = Command::new(bin::path("broker")?);
     if !given("--listen") {
         cmd.args(["--listen", "127.0.0.1:0"]);
