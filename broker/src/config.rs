@@ -36,9 +36,12 @@
 //!   GiB real, **per filter**, which is what this crate must not inherit.
 //! - Per connection: the router's queues pre-sized by rumqttd constants (200 incoming packets
 //!   × 392 B, 200 outgoing notifications × 248 B, ...), ≈150 KiB of address space of which an
-//!   idle publisher touches a few pages; not configurable in rumqttd 0.20. Our front end adds
-//!   a read and a write buffer that start at 1 KiB and grow only for bigger packets (rumqttd's
-//!   own network code starts both at 10 KiB).
+//!   idle publisher touches a few pages (26.8 KiB resident per registered link with glibc's
+//!   malloc); not configurable in rumqttd 0.20. The outgoing queue and the link's receive cache
+//!   are ring buffers emptied with `pop_front`, so after a few hundred notifications (QoS 1
+//!   acks, commands) all of their pages are resident: ≈150 KiB per such connection. Our front
+//!   end adds a read and a write buffer that start at 1 KiB and grow only for bigger packets
+//!   (rumqttd's own network code starts both at 10 KiB), ≈13 KiB per connection in all.
 //!
 //! Measured with the defaults and rumqttd's own network code, before our front end replaced
 //! it (release build, x86-64, 60-byte payloads on 15-byte topics, one subscriber on
@@ -195,16 +198,32 @@ pub struct BrokerConfig {
     /// per scheduling pass. rumqttd pauses a subscriber whose queue reaches 199 entries (its
     /// fixed channel capacity) until the connection task has written it out, so a queue peaks
     /// at ≈199 + this many notifications (248 B each, payloads shared with the log) and the
-    /// socket write buffer at one such batch. Default 200, as in rumqttd's example config: big
-    /// batches for a subscriber that keeps up, ≈100 KiB queued for one that does not. QoS 1
-    /// forwards are capped by rumqttd's fixed in-flight window of 100 instead.
+    /// socket write buffer at one such batch. Default 1000: a subscriber that has fallen behind
+    /// catches up five times faster per pause than with rumqttd's example value of 200, which
+    /// under a flood let publishers outrun the bridge's subscription until its commit-log
+    /// cursor fell off the retained segments (at load ≈2, 5–25 % of a 1 M-message flood lost
+    /// with 200, 0–0.6 % with 1000, measured with `broker-bench`, see BENCHMARKS.md); ≈300 KiB queued for
+    /// a subscriber that does not keep up. QoS 1 forwards are capped by rumqttd's fixed
+    /// in-flight window of 100 instead.
     pub max_outgoing_packet_count: u64,
 
     /// Packets one connection task parses from its socket buffer in one batch before handing
     /// them to the router. Default 100: bounds a batch to 100 × [`Self::max_payload_size`] in
-    /// the worst case, a few KiB for heartbeats; the router's 1000-event channel back-pressures
-    /// all connections beyond that.
+    /// the worst case, a few KiB for heartbeats. A connection has at most one batch waiting for
+    /// the router: it reads its socket no further until the router has taken it, so TCP pushes
+    /// back on a client that sends faster than the router routes.
     pub max_inflight_count: usize,
+
+    /// PUBLISH packets per second one client connection may send; beyond that it is throttled:
+    /// the broker stops reading its socket until the rate allows the next one, so TCP pushes
+    /// back on the client and nothing is lost (QoS 1 included), only delayed. Bursts of up to
+    /// this many are let through at once. Counted in `fleetbeat_broker_throttled_total`, logged
+    /// (WARN) once per connection. Clients with the `bridge` role and the broker's own links are
+    /// exempt. 0 switches the limit off. Default 100: a vehicle sends at most 10 heartbeats a
+    /// second, and its whole store-and-forward backlog (64 heartbeats and 32 events) after a
+    /// reconnect fits in one burst; a client that floods gets one hundredth of what the router
+    /// could take, and cannot slow the other connections down.
+    pub max_publish_rate: u32,
 
     /// Milliseconds the broker waits, after accepting a TCP connection, for its CONNECT packet
     /// before closing it. Each such socket holds a few KiB meanwhile, so this bounds what a
@@ -251,8 +270,9 @@ impl Default for BrokerConfig {
             max_payload_size: 16 * 1024,
             max_segment_size: 1024 * 1024,
             max_segment_count: 8,
-            max_outgoing_packet_count: 200,
+            max_outgoing_packet_count: 1000,
             max_inflight_count: 100,
+            max_publish_rate: 100,
             connection_timeout_ms: 10_000,
             next_connection_delay_ms: 0,
             startup_timeout: Duration::from_secs(10),
@@ -453,6 +473,11 @@ pub struct ConfigOverrides {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_segment_count: Option<usize>,
+
+    /// PUBLISHes per second per client connection, 0 for no limit [key: max_publish_rate].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_publish_rate: Option<u32>,
 
     /// Bound of a graceful shutdown, e.g. "10s" [key: shutdown_grace].
     #[arg(long, value_name = "DURATION")]

@@ -14,8 +14,9 @@
 //! 2. [claims](crate::sessions) its client id, registers with the router, writes the router's
 //!    CONNACK;
 //! 3. shuttles packets: from the socket to the router in batches of up to
-//!    `max_inflight_count` (publishes checked against the identity's topic ACL, and copied out
-//!    of the read buffer so the commit log does not pin it), and from the router to the socket
+//!    `max_inflight_count`, one batch pending in the router at a time (publishes checked
+//!    against the identity's topic ACL, paced to `max_publish_rate`, and copied out of the read
+//!    buffer so the commit log does not pin it), and from the router to the socket
 //!    (MQTT 5 properties stripped for 3.1.1 clients, which rumqttd's v4 encoder would panic
 //!    on); packets a client must never send (CONNACK, SUBACK, UNSUBACK, PINGRESP) are refused
 //!    before rumqttd's decoder sees them, since its v5 decoder panics on two of them;
@@ -53,7 +54,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use crate::auth::{Authenticator, Identity};
+use crate::auth::{Authenticator, Identity, Role};
 use crate::config::Listener;
 use crate::metrics::{
     AuthRefusal, BrokerMetrics, ConnectRefusal, DisconnectReason, DropReason, MessageKind,
@@ -66,6 +67,14 @@ const BUFFER_SIZE: usize = 1024;
 
 /// How long a refusal CONNACK or a last DISCONNECT may take to write.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a connection waiting for the router to take its previous batch yields before
+/// it sleeps between checks (see [`hand_over`]): the router usually takes a batch within
+/// microseconds; a router that is behind is better left alone.
+const HAND_OVER_SPIN: Duration = Duration::from_micros(200);
+
+/// Longest a connection waits for the router to take its previous batch (see [`hand_over`]).
+const HAND_OVER_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Most router notifications written in one go before the socket is flushed.
 const MAX_WRITE_BATCH: usize = 1000;
@@ -84,6 +93,9 @@ pub(crate) struct Limits {
     pub(crate) max_batch: usize,
     /// Most client connections at once (probes not counted).
     pub(crate) max_connections: usize,
+    /// PUBLISH packets per second per client connection (0: no limit); see
+    /// [`PublishRate`].
+    pub(crate) max_publish_rate: u32,
 }
 
 /// The broker's own login for its listener probes.
@@ -373,6 +385,13 @@ async fn run(net: Network, connected: Connected, peer: SocketAddr, ctx: Arc<Cont
     } = connected;
     let counted = identity != Identity::Probe;
     let device = identity.is_device();
+    let rate = match &identity {
+        Identity::Probe
+        | Identity::Client {
+            role: Role::Bridge, ..
+        } => None,
+        _ => PublishRate::new(ctx.limits.max_publish_rate, Instant::now()),
+    };
     let mut session = Session {
         net,
         tx,
@@ -386,6 +405,10 @@ async fn run(net: Network, connected: Connected, peer: SocketAddr, ctx: Arc<Cont
         will_on_disconnect: false,
         acl_warned: false,
         topic_aliases: HashMap::new(),
+        rate,
+        throttled_until: None,
+        holding: false,
+        throttle_warned: false,
     };
 
     let end = tokio::select! {
@@ -459,6 +482,14 @@ struct Session {
     /// MQTT 5 topic aliases the client set, so an aliased publish (empty topic) is checked
     /// against the topic it stands for.
     topic_aliases: HashMap<u16, Bytes>,
+    /// The connection's publish rate limit, `None` if it has none.
+    rate: Option<PublishRate>,
+    /// The PUBLISH at the head of the read buffer waits for the rate until then; the socket
+    /// is not read meanwhile.
+    throttled_until: Option<Instant>,
+    /// The PUBLISH at the head of the read buffer has been held back (counted once).
+    holding: bool,
+    throttle_warned: bool,
 }
 
 impl Session {
@@ -477,12 +508,18 @@ impl Session {
             {
                 return DisconnectReason::Shutdown;
             }
+            let throttled = self.throttled_until;
             tokio::select! {
                 biased;
                 () = self.ctx.draining.cancelled(), if !self.draining => {
                     self.draining = true;
                 }
-                read = self.net.read_more() => match read {
+                // Throttled: the client is evidently sending; its socket waits, so TCP pushes
+                // back on it, and keep-alive counts from when reading resumes.
+                () = sleep_until(throttled.unwrap_or(last_heard)), if throttled.is_some() => {
+                    last_heard = Instant::now();
+                }
+                read = self.net.read_more(), if throttled.is_none() => match read {
                     Ok(()) => last_heard = Instant::now(),
                     Err(err) => {
                         debug!(client_id = self.client_id, cause = %err, "connection lost");
@@ -500,7 +537,7 @@ impl Session {
                         return DisconnectReason::Router;
                     }
                 },
-                () = sleep_until(last_heard + idle_limit) => {
+                () = sleep_until(last_heard + idle_limit), if throttled.is_none() => {
                     debug!(client_id = self.client_id, ?keep_alive, "keep-alive expired");
                     return DisconnectReason::KeepAlive;
                 }
@@ -508,9 +545,15 @@ impl Session {
         }
     }
 
-    /// Routes every complete packet in the read buffer, in batches.
+    /// Routes every complete packet in the read buffer, in batches; stops early at a PUBLISH
+    /// the connection's rate limit holds back (see [`Self::throttled_until`]).
     async fn route_buffered(&mut self, batch: &mut Vec<Packet>) -> Result<(), DisconnectReason> {
+        self.throttled_until = None;
         loop {
+            if let Some(until) = self.rate_wait() {
+                self.throttled_until = Some(until);
+                break;
+            }
             let frame = match self.net.next_packet() {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
@@ -528,6 +571,41 @@ impl Session {
         self.route(batch).await?;
         // Acknowledgements we wrote ourselves (ACL refusals).
         self.flush().await
+    }
+
+    /// If the next buffered packet is a complete PUBLISH that the rate limit holds back, until
+    /// when. Takes the PUBLISH's token if it may go (an incomplete packet takes none: it is
+    /// checked again once it is whole).
+    fn rate_wait(&mut self) -> Option<Instant> {
+        let rate = self.rate.as_mut()?;
+        let is_publish = self.net.read.first().is_some_and(|b| b >> 4 == 3);
+        if !is_publish || self.draining || !self.net.has_packet() {
+            return None;
+        }
+        let now = Instant::now();
+        match rate.wait(now) {
+            Some(until) => {
+                if !self.holding {
+                    self.holding = true;
+                    self.ctx.metrics.throttled();
+                    if !self.throttle_warned {
+                        self.throttle_warned = true;
+                        warn!(
+                            client_id = self.client_id,
+                            identity = %self.identity.describe(),
+                            max_publish_rate = self.ctx.limits.max_publish_rate,
+                            "client publishes faster than max_publish_rate: throttled (further throttling on this connection is only counted)"
+                        );
+                    }
+                }
+                Some(until)
+            }
+            None => {
+                rate.take();
+                self.holding = false;
+                None
+            }
+        }
     }
 
     fn protocol_error(&self, err: &FrameError) -> DisconnectReason {
@@ -750,23 +828,43 @@ impl Session {
 
 /// Hands `batch` to the router through `tx`, emptying it.
 ///
-/// rumqttd's public way to signal new data is `LinkTx::send`, one notification per call. If
-/// the link's buffer still holds packets, the router has not yet taken them and a notification
-/// for them is queued: the batch joins them without another one (fewer router events under
-/// load, and no second notification for a DISCONNECT, which rumqttd would log as an error).
-/// Otherwise all but the last packet go into the buffer and the last one goes with `send`.
+/// rumqttd's public way to signal new data is `LinkTx::send`, one notification per call, and
+/// the router takes the link's whole buffer per notification. So a connection hands over one
+/// batch at a time: while the buffer still holds the previous batch (the router has not taken
+/// it yet), it waits. Without that wait a connection that reads faster than the router routes
+/// (a flood) piles packets into the buffer without bound: memory grows, and the router spends
+/// ever longer on one connection's backlog while nothing is delivered to subscribers, whose
+/// commit-log cursors then fall behind the retained segments and lose messages. Waiting
+/// instead leaves the packets in the socket, so TCP pushes back on the sender.
+///
+/// The router has no signal for "buffer taken": the wait yields to other tasks for up to
+/// [`HAND_OVER_SPIN`], then checks every millisecond. After [`HAND_OVER_PATIENCE`] it gives up waiting and appends to the buffer
+/// (the router still takes it with the pending notification), so a stuck router cannot hang
+/// a connection's teardown.
 pub(crate) async fn hand_over(tx: &mut LinkTx, batch: &mut Vec<Packet>) -> Result<(), LinkError> {
     let Some(last) = batch.pop() else {
         return Ok(());
     };
-    {
-        let mut buffer = tx.buffer();
-        if !buffer.is_empty() {
-            buffer.extend(batch.drain(..));
-            buffer.push_back(last);
-            return Ok(());
+    let started = Instant::now();
+    let deadline = started + HAND_OVER_PATIENCE;
+    loop {
+        {
+            let mut buffer = tx.buffer();
+            if buffer.is_empty() {
+                buffer.extend(batch.drain(..));
+                break;
+            }
+            if Instant::now() >= deadline {
+                buffer.extend(batch.drain(..));
+                buffer.push_back(last);
+                return Ok(());
+            }
         }
-        buffer.extend(batch.drain(..));
+        if started.elapsed() < HAND_OVER_SPIN {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
     tx.send(last).await.map(drop)
 }
@@ -777,6 +875,39 @@ pub(crate) fn try_next(rx: &mut LinkRx) -> Option<Notification> {
     match pin!(rx.next()).poll(&mut cx) {
         Poll::Ready(Ok(notification)) => notification,
         _ => None,
+    }
+}
+
+/// A connection's publish rate limit: a token bucket of `rate` tokens refilled at `rate` per
+/// second; each PUBLISH takes one.
+#[derive(Debug, Clone)]
+struct PublishRate {
+    rate: f64,
+    tokens: f64,
+    updated: Instant,
+}
+
+impl PublishRate {
+    /// A full bucket for `per_second` publishes a second; `None` for 0 (no limit).
+    fn new(per_second: u32, now: Instant) -> Option<PublishRate> {
+        (per_second > 0).then(|| PublishRate {
+            rate: f64::from(per_second),
+            tokens: f64::from(per_second),
+            updated: now,
+        })
+    }
+
+    /// `None` if a publish may go now, else when it may.
+    fn wait(&mut self, now: Instant) -> Option<Instant> {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.updated = now;
+        (self.tokens < 1.0).then(|| now + Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+    }
+
+    /// One publish went.
+    fn take(&mut self) {
+        self.tokens -= 1.0;
     }
 }
 
@@ -858,6 +989,22 @@ impl Network {
             }
             self.read_more().await.map_err(FrameError::Closed)?;
         }
+    }
+
+    /// Whether the read buffer holds one complete packet (or a length that is malformed or
+    /// too big, which the decoder then reports).
+    fn has_packet(&self) -> bool {
+        let mut remaining = 0usize;
+        for (i, shift) in [0, 7, 14, 21].into_iter().enumerate() {
+            let Some(&byte) = self.read.get(1 + i) else {
+                return false;
+            };
+            remaining |= usize::from(byte & 0x7F) << shift;
+            if byte & 0x80 == 0 {
+                return remaining > self.max_payload_size || self.read.len() >= 2 + i + remaining;
+            }
+        }
+        true
     }
 
     /// Decodes the next complete packet in the read buffer, if there is one.
@@ -1031,6 +1178,28 @@ mod tests {
             reason_code: DisconnectReasonCode::ServerShuttingDown,
         };
         assert_eq!(for_v4(Packet::Disconnect(bye, None)), None);
+    }
+
+    #[test]
+    fn publish_rate_lets_a_burst_through_then_paces() {
+        let start = Instant::now();
+        assert!(PublishRate::new(0, start).is_none(), "0 is no limit");
+        let mut rate = PublishRate::new(10, start).unwrap();
+        for _ in 0..10 {
+            assert_eq!(rate.wait(start), None);
+            rate.take();
+        }
+        let until = rate.wait(start).expect("the burst is spent");
+        assert_eq!(until - start, Duration::from_millis(100));
+        assert_eq!(rate.wait(until), None);
+        rate.take();
+        // Idle time refills, up to one burst.
+        let later = until + Duration::from_secs(60);
+        for _ in 0..10 {
+            assert_eq!(rate.wait(later), None);
+            rate.take();
+        }
+        assert!(rate.wait(later).is_some());
     }
 
     #[test]

@@ -282,6 +282,7 @@ struct Counters {
     bytes_out: AtomicU64,
     dropped: [AtomicU64; DropReason::ALL.len()],
     acl_denied_subscribe: AtomicU64,
+    throttled: AtomicU64,
     wills_published: AtomicU64,
     mirror_published: AtomicU64,
     mirror_undecodable: AtomicU64,
@@ -318,6 +319,7 @@ impl Default for BrokerMetrics {
                 bytes_out: AtomicU64::new(0),
                 dropped: Default::default(),
                 acl_denied_subscribe: AtomicU64::new(0),
+                throttled: AtomicU64::new(0),
                 wills_published: AtomicU64::new(0),
                 mirror_published: AtomicU64::new(0),
                 mirror_undecodable: AtomicU64::new(0),
@@ -482,6 +484,16 @@ impl BrokerMetrics {
     /// SUBSCRIBE packets refused by a topic ACL, since start.
     pub fn subscribe_denied_total(&self) -> u64 {
         self.counters.acl_denied_subscribe.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn throttled(&self) {
+        bump(&self.counters.throttled);
+    }
+
+    /// PUBLISH packets held back because their connection exceeded `max_publish_rate` (each
+    /// was routed later, when the rate allowed), since start.
+    pub fn throttled_total(&self) -> u64 {
+        self.counters.throttled.load(Ordering::Relaxed)
     }
 
     pub(crate) fn will_published(&self) {
@@ -692,6 +704,13 @@ impl BrokerMetrics {
             &[],
             load(&c.acl_denied_subscribe),
         );
+        header(
+            &mut out,
+            "throttled_total",
+            "counter",
+            "PUBLISH packets held back because their connection exceeded max_publish_rate.",
+        );
+        line(&mut out, "throttled_total", &[], load(&c.throttled));
         header(
             &mut out,
             "wills_published_total",

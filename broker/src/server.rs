@@ -470,6 +470,7 @@ async fn assemble(
             max_payload_size: config.max_payload_size,
             max_batch: config.max_inflight_count,
             max_connections: config.max_connections,
+            max_publish_rate: config.max_publish_rate,
         },
         auth,
         probe: ProbeLogin {

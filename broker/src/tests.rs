@@ -1626,6 +1626,49 @@ async fn measure_auth_cost_per_connect() {
     std::fs::remove_file(&path).ok();
 }
 
+/// Resident memory of the process, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What one connection costs in rumqttd's router alone: N local links registered (no socket,
+/// no task of ours), each sent one CONNACK, against the process's resident memory.
+/// `FLEETBEAT_LINKS` sets N (default 10 000). The broker binary's whole per-connection cost is
+/// measured by `cargo bench -p broker --bench broker-bench` (BENCHMARKS.md).
+#[test]
+#[ignore = "a measurement, run by hand in release mode"]
+fn measure_rss_per_router_link() {
+    let links: usize = std::env::var("FLEETBEAT_LINKS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    let config = BrokerConfig::default();
+    let router = crate::router::RouterHandle::spawn(config.router_config(8));
+    let before = rss_kib();
+    let mut held = Vec::with_capacity(links);
+    for i in 0..links {
+        let link = router
+            .link(crate::router::LinkRequest {
+                client_id: &format!("link-{i}"),
+                clean_session: true,
+                topic_alias_max: 0,
+            })
+            .unwrap();
+        held.push(link);
+    }
+    let after = rss_kib();
+    println!(
+        "{links} router links: {} KiB resident, {:.1} KiB each",
+        after - before,
+        (after - before) as f64 / links as f64
+    );
+}
+
 /// A reconnect storm: N devices with generated passwords connect at once (at most 2 000 in
 /// flight), after a broker restart (cold: every password through argon2) and after a network
 /// outage (warm: the cache). `FLEETBEAT_STORM_DEVICES` sets N (default 10 000).

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use tokio::io::AsyncWriteExt as _;
@@ -142,4 +143,204 @@ pub async fn sub_payloads(
                 .collect()
         })
         .collect()
+}
+
+/// `tool` (`mosquitto_sub` or `mosquitto_pub`) aimed at `broker` (`-h`, `-p`), with stdin
+/// closed and killed when dropped: add a recipe's own arguments, then [`finish`] it or
+/// [`Watch::start`] it.
+///
+/// It runs under `stdbuf -oL`: writing to a pipe, the clients would otherwise hold their
+/// output (e.g. `-d`'s "Subscribed" line) in a stdio buffer until it fills.
+pub fn client(tool: &str, broker: SocketAddr) -> Command {
+    let mut cmd = Command::new("stdbuf");
+    cmd.args(["-oL", tool]);
+    cmd.args([
+        "-h",
+        &broker.ip().to_string(),
+        "-p",
+        &broker.port().to_string(),
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    cmd
+}
+
+/// How a client run ended, and what it printed.
+#[derive(Debug)]
+pub struct Finished {
+    /// Its exit status (`mosquitto_pub` exits with the CONNACK code of a refused login).
+    pub status: std::process::ExitStatus,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error (where the clients say why they failed).
+    pub stderr: String,
+}
+
+/// Runs a client (from [`client`]) to its end within the bound, writing `stdin` to it first
+/// if given.
+///
+/// # Errors
+/// If it cannot be run or does not end within the bound.
+pub async fn finish(mut cmd: Command, stdin: Option<&[u8]>) -> anyhow::Result<Finished> {
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd
+        .spawn()
+        .context("running a mosquitto client (apt-get install mosquitto-clients)")?;
+    if let Some(bytes) = stdin {
+        let mut pipe = child.stdin.take().context("the client's stdin")?;
+        tokio::time::timeout(WAIT, pipe.write_all(bytes))
+            .await
+            .context("writing to the client's stdin timed out")??;
+    }
+    let output = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .context("the mosquitto client did not finish in time")??;
+    Ok(Finished {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+/// A running `mosquitto_sub` whose messages are read line by line as they arrive.
+pub struct Watch {
+    child: tokio::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+    taken: usize,
+}
+
+impl Watch {
+    /// Starts `cmd` (a `mosquitto_sub` from [`client`] with the recipe's arguments) with `-d`
+    /// added, and returns once the broker has granted its subscriptions (its SUBACK).
+    ///
+    /// # Errors
+    /// If it cannot connect or subscribe within the bound.
+    pub async fn start(mut cmd: Command) -> anyhow::Result<Watch> {
+        cmd.arg("-d");
+        let mut child = cmd
+            .spawn()
+            .context("running mosquitto_sub (apt-get install mosquitto-clients)")?;
+        let stdout = child.stdout.take().context("mosquitto_sub's stdout")?;
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt as _;
+            let mut reader = tokio::io::BufReader::new(stdout);
+            let mut line = Vec::new();
+            // Bytes, not UTF-8 lines: a binary payload must not end the reader.
+            while let Ok(n) = reader.read_until(b'\n', &mut line).await {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&line)
+                    .trim_end_matches('\n')
+                    .to_owned();
+                line.clear();
+                if tx.send(text).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut watch = Watch {
+            child,
+            lines,
+            seen: Vec::new(),
+            taken: 0,
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, watch.lines.recv()).await {
+                Ok(Some(line)) if line.starts_with("Subscribed (mid:") => {
+                    if line.ends_with(": 128") || line.contains(" 128,") {
+                        bail!("the broker refused the subscription: {line}");
+                    }
+                    return Ok(watch);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    let stderr = watch.stderr().await;
+                    bail!("mosquitto_sub ended before subscribing: {stderr}");
+                }
+                Err(_) => bail!("mosquitto_sub did not subscribe within {WAIT:?}"),
+            }
+        }
+    }
+
+    async fn stderr(&mut self) -> String {
+        let mut text = String::new();
+        if let Some(mut stderr) = self.child.stderr.take() {
+            use tokio::io::AsyncReadExt as _;
+            let _ = tokio::time::timeout(WAIT, stderr.read_to_string(&mut text)).await;
+        }
+        text
+    }
+
+    fn pull(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.keep(line);
+        }
+    }
+
+    fn keep(&mut self, line: String) {
+        // `-d` interleaves its own lines with the messages.
+        if !(line.starts_with("Client ") || line.starts_with("Subscribed (mid:")) {
+            self.seen.push(line);
+        }
+    }
+
+    /// The next message line not yet returned that satisfies `pred`, waiting up to `timeout`.
+    /// Lines skipped on the way stay in [`Self::seen`].
+    ///
+    /// # Errors
+    /// If none arrives in time, or `mosquitto_sub` ends.
+    pub async fn next_matching(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.pull();
+            if let Some(found) = self.seen[self.taken..].iter().position(|l| pred(l)) {
+                self.taken += found + 1;
+                return Ok(self.seen[self.taken - 1].clone());
+            }
+            self.taken = self.seen.len();
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) => self.keep(line),
+                Ok(None) => {
+                    let stderr = self.stderr().await;
+                    bail!("mosquitto_sub ended: {stderr}; it printed: {:?}", self.seen);
+                }
+                Err(_) => bail!(
+                    "no matching message within {timeout:?}; the last ones: {:?}",
+                    self.seen.iter().rev().take(5).collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
+
+    /// The next message line, waiting up to `timeout`.
+    ///
+    /// # Errors
+    /// If none arrives in time, or `mosquitto_sub` ends.
+    pub async fn next(&mut self, timeout: Duration) -> anyhow::Result<String> {
+        self.next_matching(timeout, |_| true).await
+    }
+
+    /// Every message line printed so far (`topic payload` with `-v`), oldest first.
+    pub fn seen(&mut self) -> &[String] {
+        self.pull();
+        &self.seen
+    }
+
+    /// Stops `mosquitto_sub`.
+    pub async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
+    }
 }

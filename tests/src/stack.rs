@@ -267,7 +267,7 @@ pub async fn start_broker_process(addr: SocketAddr, extra: &[&str]) -> anyhow::R
     let mut cmd = Command::new(bin::path("broker")?);
     cmd.arg("--listen")
         .arg(addr.to_string())
-        .arg("--no-v5")
+        .args(["--listen-v5", "off", "--metrics-listen", "127.0.0.1:0"])
         .args(extra);
     let mut program = Program::spawn("broker", cmd)?;
     program.wait_for_line("broker ready", WAIT).await?;
