@@ -115,7 +115,7 @@ impl Default for BridgeConfig {
             tokens: Vec::new(),
             credentials: None,
             mqtt_password: None,
-            tick: Duration::from_millis(100),
+            tick: Duration::from_millis(DEFAULT_TICK_MS),
             stale: StaleRule::default(),
             command_timeout: Duration::from_secs(10),
             store: "fleetbeat.db".to_owned(),
@@ -172,6 +172,11 @@ pub struct Settings {
     /// Tokens and their grants.
     pub tokens: Vec<TokenGrant>,
 }
+
+/// The default position tick: positions wait at most this long for their batch, so it bounds
+/// device → dispatcher latency (a tenth of what a 1 Hz vehicle reports), and costs a few % of a
+/// core at 10 000 vehicles (BENCHMARKS.md).
+const DEFAULT_TICK_MS: u64 = 10;
 
 fn invalid(key: &str, reason: impl std::fmt::Display) -> BridgeError {
     BridgeError::Config(format!("{key}: {reason}"))
@@ -247,7 +252,7 @@ impl Settings {
                 ..broker::BrokerConfig::default()
             }),
         };
-        let tick_ms = self.tick_ms.unwrap_or(100);
+        let tick_ms = self.tick_ms.unwrap_or(DEFAULT_TICK_MS);
         if !(10..=10_000).contains(&tick_ms) {
             return Err(invalid("tick_ms", "must be within 10 ..= 10000"));
         }

@@ -1,20 +1,21 @@
 //! Server → client emission: what the bridge sends to which sockets.
 //!
-//! Positions are coalesced: every tick, each `/dispatch` socket gets one volatile `position`
-//! batch with the latest position of every vehicle its rooms cover that moved since the last
-//! tick. Sockets with the same rooms share one serialized batch. Status, delivery, ack and
-//! announce events are reliable and never coalesced.
+//! Positions and status changes are batched per tick: every tick, each `/dispatch` socket gets
+//! one reliable `status` batch (every liveness change its rooms cover, in order) and one volatile
+//! `position` batch (the latest position of every vehicle its rooms cover that moved since the
+//! last tick). Sockets with the same rooms share one serialized batch. Delivery, ack and
+//! announce events are reliable and sent one by one, as they happen.
 
 use std::collections::HashMap;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
-use shared::{CommandAck, Topic};
+use shared::{CommandAck, FleetId, Topic, VehicleId};
 use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 use tracing::{debug, warn};
 
-use crate::fleet::{PendingPosition, StatusChange, covers};
+use crate::fleet::{PendingPosition, StatusChange, VehicleState, covers};
 use crate::metrics::Metrics;
 use crate::orders::message_json;
 use crate::room::{RoomName, rooms_of};
@@ -47,12 +48,6 @@ async fn to_rooms<T: Serialize + ?Sized>(
         Ok(()) => metrics.emitted(),
         Err(err) => warn!(%event, cause = %err, "Socket.IO broadcast failed"),
     }
-}
-
-/// Emits a `status` change to the rooms covering the vehicle.
-pub async fn status(io: &SocketIo, metrics: &Metrics, change: &StatusChange) {
-    let rooms = rooms_of(&change.fleet, &change.vehicle).to_vec();
-    to_rooms(io, metrics, DISPATCH, rooms, "status", change).await;
 }
 
 /// Emits freshly queued messages, each as a `delivery` event with its `message_id`, to the
@@ -116,12 +111,25 @@ pub async fn everywhere<T: Serialize + ?Sized>(
     }
 }
 
-/// Sends this tick's positions: one volatile `position` batch per `/dispatch` socket with the
-/// vehicles its rooms cover, each vehicle once.
-pub fn positions(io: &SocketIo, metrics: &Metrics, pending: &[PendingPosition]) {
-    if pending.is_empty() {
-        return;
-    }
+/// A socket that missed a reliable batch (its buffer was full): it gets fresh snapshots of its
+/// rooms as soon as its buffer has room again, so its picture converges instead of staying wrong.
+#[derive(Debug, Clone, Copy)]
+struct NeedsSnapshot;
+
+/// Sends this tick's news to every `/dispatch` socket: one reliable `status` batch (the liveness
+/// changes of the vehicles its rooms cover, oldest first) and one volatile `position` batch
+/// (the latest position of every vehicle its rooms cover that moved), each vehicle once.
+/// Sockets with the same rooms share the serialized batches.
+///
+/// A socket whose buffer is too full for a `status` batch is counted, logged and marked: the
+/// next ticks send it `snapshot`s of its rooms (built by `snapshot`) until one gets through.
+pub fn tick(
+    io: &SocketIo,
+    metrics: &Metrics,
+    statuses: &[StatusChange],
+    pending: &[PendingPosition],
+    snapshot: impl Fn(&RoomName) -> Vec<VehicleState>,
+) {
     let Some(ops) = io.of(DISPATCH) else {
         return;
     };
@@ -137,30 +145,72 @@ pub fn positions(io: &SocketIo, metrics: &Metrics, pending: &[PendingPosition]) 
     }
     for (rooms, sockets) in groups {
         let rooms: Vec<RoomName> = rooms.iter().filter_map(|r| r.parse().ok()).collect();
-        let batch: Vec<&RawValue> = pending
+        let covered =
+            |fleet: &FleetId, vehicle: &VehicleId| rooms.iter().any(|r| covers(r, fleet, vehicle));
+        let status_batch: Vec<&StatusChange> = statuses
             .iter()
-            .filter(|p| rooms.iter().any(|r| covers(r, &p.fleet, &p.vehicle)))
+            .filter(|s| covered(&s.fleet, &s.vehicle))
+            .collect();
+        let status_json = serialize(&status_batch);
+        let position_batch: Vec<&RawValue> = pending
+            .iter()
+            .filter(|p| covered(&p.fleet, &p.vehicle))
             .map(|p| &*p.json)
             .collect();
-        if batch.is_empty() {
-            continue;
-        }
-        let json = match serde_json::value::to_raw_value(&batch) {
-            Ok(json) => json,
-            Err(err) => {
-                warn!(cause = %err, "cannot serialize a position batch");
-                continue;
-            }
-        };
+        let position_json = serialize(&position_batch);
         for socket in sockets {
-            // Volatile: a socket whose buffer is full skips this batch instead of stalling.
-            match socket.volatile().emit("position", &json) {
-                Ok(()) => metrics.batch_sent(),
-                Err(err) => {
-                    metrics.emit_dropped();
-                    debug!(sid = %socket.id, cause = %err, "position batch dropped");
+            if socket.extensions.get::<NeedsSnapshot>().is_some() {
+                resync(&socket, metrics, &rooms, &snapshot);
+            } else if let Some(json) = &status_json {
+                match socket.emit("status", json) {
+                    Ok(()) => metrics.emitted(),
+                    Err(err) => {
+                        metrics.emit_dropped();
+                        warn!(sid = %socket.id, changes = status_batch.len(), cause = %err,
+                            "status batch not sent: the socket will get fresh snapshots");
+                        socket.extensions.insert(NeedsSnapshot);
+                    }
+                }
+            }
+            if let Some(json) = &position_json {
+                // Volatile: a socket whose buffer is full skips this batch instead of stalling.
+                match socket.volatile().emit("position", json) {
+                    Ok(()) => metrics.batch_sent(),
+                    Err(err) => {
+                        metrics.emit_dropped();
+                        debug!(sid = %socket.id, cause = %err, "position batch dropped");
+                    }
                 }
             }
         }
     }
+}
+
+/// Serializes a non-empty batch once.
+fn serialize<T: Serialize>(batch: &[T]) -> Option<Box<RawValue>> {
+    if batch.is_empty() {
+        return None;
+    }
+    serde_json::value::to_raw_value(batch)
+        .inspect_err(|err| warn!(cause = %err, "cannot serialize a batch"))
+        .ok()
+}
+
+/// Sends a socket that missed a `status` batch a snapshot of each of its rooms; clears the mark
+/// once all of them got through.
+fn resync(
+    socket: &SocketRef,
+    metrics: &Metrics,
+    rooms: &[RoomName],
+    snapshot: &impl Fn(&RoomName) -> Vec<VehicleState>,
+) {
+    for room in rooms {
+        if let Err(err) = socket.emit("snapshot", &snapshot(room)) {
+            debug!(sid = %socket.id, %room, cause = %err, "snapshot for a resync not sent yet");
+            return;
+        }
+        metrics.emitted();
+    }
+    socket.extensions.remove::<NeedsSnapshot>();
+    warn!(sid = %socket.id, "socket resynchronised with fresh snapshots");
 }

@@ -113,6 +113,10 @@ pub struct LivenessCounts {
 pub struct Fleet {
     vehicles: HashMap<VehicleId, Record>,
     stale: StaleRule,
+    /// Vehicles whose `dirty` flag is set, so a tick visits only what moved.
+    dirty: Vec<VehicleId>,
+    /// Status changes waiting for the next tick, oldest first.
+    statuses: Vec<StatusChange>,
 }
 
 /// The wall clock in ms since the Unix epoch.
@@ -128,6 +132,8 @@ impl Fleet {
         Self {
             vehicles: HashMap::new(),
             stale,
+            dirty: Vec::new(),
+            statuses: Vec::new(),
         }
     }
 
@@ -173,8 +179,12 @@ impl Fleet {
         record.last_heard = now;
         record.last_seen_ms = wall;
         record.position = Some(PositionView::new(topic, hb));
-        record.dirty = true;
-        Self::transition(topic, record, Liveness::Online, None)
+        let newly_dirty = !std::mem::replace(&mut record.dirty, true);
+        let change = Self::transition(topic, record, Liveness::Online, None);
+        if newly_dirty {
+            self.dirty.push(topic.vehicle.clone());
+        }
+        change
     }
 
     /// Records a status message; returns the status change it causes, if any.
@@ -249,10 +259,25 @@ impl Fleet {
         changes
     }
 
-    /// Takes the positions that changed since the last call, serialized once each.
+    /// Queues status changes for the next tick ([`Fleet::take_statuses`]).
+    pub fn queue_statuses(&mut self, changes: impl IntoIterator<Item = StatusChange>) {
+        self.statuses.extend(changes);
+    }
+
+    /// Takes the queued status changes, oldest first.
+    pub fn take_statuses(&mut self) -> Vec<StatusChange> {
+        std::mem::take(&mut self.statuses)
+    }
+
+    /// Takes the positions that changed since the last call, serialized once each. Visits only
+    /// the vehicles that moved, not the whole fleet.
     pub fn take_dirty(&mut self) -> Vec<PendingPosition> {
-        let mut out = Vec::new();
-        for (vehicle, record) in &mut self.vehicles {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut out = Vec::with_capacity(dirty.len());
+        for vehicle in dirty {
+            let Some(record) = self.vehicles.get_mut(&vehicle) else {
+                continue;
+            };
             if !std::mem::take(&mut record.dirty) {
                 continue;
             }
@@ -409,6 +434,29 @@ mod tests {
                 .snapshot(&RoomName::Fleet(FleetId::new("south").expect("valid")))
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn status_changes_wait_for_the_tick_in_order() {
+        let mut fleet = Fleet::default();
+        let online = fleet.heartbeat(&topic("v1"), &Heartbeat::default());
+        let change = online.expect("first heartbeat brings v1 online");
+        fleet.queue_statuses([change]);
+        let offline = fleet.status(
+            &topic("v1"),
+            &Status::Offline(OfflineReason::ConnectionLost),
+        );
+        fleet.queue_statuses(offline);
+        let taken = fleet.take_statuses();
+        let kinds: Vec<Liveness> = taken.iter().map(|c| c.status).collect();
+        assert_eq!(kinds, [Liveness::Online, Liveness::Offline]);
+        assert!(fleet.take_statuses().is_empty(), "taken once");
+        // Only vehicles that moved are visited, and a vehicle that moved twice appears once.
+        fleet.heartbeat(&topic("v2"), &Heartbeat::default());
+        fleet.heartbeat(&topic("v2"), &Heartbeat::default());
+        let dirty = fleet.take_dirty();
+        assert_eq!(dirty.len(), 2, "v1 from before, v2 once");
+        assert!(fleet.take_dirty().is_empty());
     }
 
     #[test]

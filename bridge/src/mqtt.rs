@@ -105,7 +105,8 @@ impl Router {
         match self.hub.accept(&topic, &publish.payload) {
             Ok(Accepted::Heartbeat(change) | Accepted::Status(change)) => {
                 if let Some(change) = change {
-                    emit::status(&self.io, metrics, &change).await;
+                    // Sent with the next tick's batch.
+                    self.hub.fleet().queue_statuses([change]);
                 }
             }
             Ok(Accepted::Delivery(event)) => match self.hub.record_delivery(&topic, &event).await {

@@ -112,6 +112,7 @@ impl Bridge {
             command_timeout: config.command_timeout,
         }));
         let (layer, io) = SocketIo::builder()
+            .max_buffer_size(SOCKET_BUFFER_PACKETS)
             .with_state(Arc::clone(&hub))
             .build_layer();
         socket::register(&io);
@@ -222,11 +223,17 @@ impl Bridge {
     }
 }
 
+/// Packets a Socket.IO socket may have waiting to be written. A `/dispatch` socket gets at most
+/// two batches per tick (10 ms by default), so this is seconds of slack for a slow client; the
+/// deliveries and acks of a busy vendor fit as well. Past it, position batches are skipped and a
+/// missed status batch is replaced by fresh snapshots (`emit::tick`).
+const SOCKET_BUFFER_PACKETS: usize = 1024;
+
 /// How often vehicles are checked for missed heartbeats.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
-/// Every `period`: sends the coalesced positions; every [`SWEEP_EVERY`]: marks vehicles that
-/// missed their heartbeats as stale.
+/// Every `period`: sends the batched status changes and the coalesced positions; every
+/// [`SWEEP_EVERY`]: marks vehicles that missed their heartbeats as stale.
 async fn tick(io: SocketIo, hub: Arc<Hub>, period: Duration, cancel: CancellationToken) {
     let mut positions = tokio::time::interval(period);
     positions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -236,14 +243,18 @@ async fn tick(io: SocketIo, hub: Arc<Hub>, period: Duration, cancel: Cancellatio
         tokio::select! {
             () = cancel.cancelled() => break,
             _ = positions.tick() => {
-                let pending = hub.fleet().take_dirty();
-                emit::positions(&io, &hub.metrics, &pending);
+                let (statuses, pending) = {
+                    let mut fleet = hub.fleet();
+                    (fleet.take_statuses(), fleet.take_dirty())
+                };
+                emit::tick(&io, &hub.metrics, &statuses, &pending, |room| {
+                    hub.fleet().snapshot(room)
+                });
             }
             _ = sweep.tick() => {
-                let changes = hub.fleet().sweep(Instant::now());
-                for change in &changes {
-                    emit::status(&io, &hub.metrics, change).await;
-                }
+                let mut fleet = hub.fleet();
+                let changes = fleet.sweep(Instant::now());
+                fleet.queue_statuses(changes);
             }
         }
     }

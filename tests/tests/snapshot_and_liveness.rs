@@ -75,18 +75,23 @@ async fn snapshot_then_live_then_stale_then_offline() -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + WAIT;
     while offline.len() < 2 {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let s: Value = dispatcher.next_event("status", left).await?;
-        match s["status"].as_str() {
-            Some("stale") => {
-                assert!(offline.is_empty(), "stale after offline: {s}");
-                stale.push(s["vehicle"].clone());
+        // A `status` event is the batch of one tick's changes, oldest first.
+        let batch: Value = dispatcher.next_event("status", left).await?;
+        let changes = batch.as_array().expect("a status batch is an array");
+        assert!(!changes.is_empty(), "empty status batch");
+        for s in changes {
+            match s["status"].as_str() {
+                Some("stale") => {
+                    assert!(offline.is_empty(), "stale after offline: {s}");
+                    stale.push(s["vehicle"].clone());
+                }
+                Some("offline") => {
+                    assert!(stale.contains(&s["vehicle"]), "offline before stale: {s}");
+                    assert_eq!(s["reason"], "connection-lost");
+                    offline.push(s["vehicle"].clone());
+                }
+                _ => {}
             }
-            Some("offline") => {
-                assert!(stale.contains(&s["vehicle"]), "offline before stale: {s}");
-                assert_eq!(s["reason"], "connection-lost");
-                offline.push(s["vehicle"].clone());
-            }
-            _ => {}
         }
     }
     assert_eq!(stale.len(), 2);

@@ -365,7 +365,13 @@ function countPlaced() {
   return n;
 }
 
-function onStatus(s) {
+/** A `status` batch: `[StatusChange]`, oldest first (a single change is accepted as well). */
+function onStatus(changes) {
+  for (const s of Array.isArray(changes) ? changes : [changes]) onStatusChange(s);
+}
+
+function onStatusChange(s) {
+  if (!s || typeof s.vehicle !== "string") return;
   stats.statusEvents++;
   const changed = fleet.status(s);
   if (!changed) return;
