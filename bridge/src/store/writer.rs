@@ -16,10 +16,14 @@ use tracing::{debug, warn};
 
 use super::{HeartbeatRow, Store};
 
+/// A batch grows up to this many times `max_batch` when the writer is behind.
+const CATCH_UP_BATCHES: usize = 16;
+
 /// How the [`HeartbeatWriter`] batches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeartbeatWriterOptions {
-    /// Heartbeats the channel holds while the writer is busy (default 16 384).
+    /// Heartbeats the channel holds while the writer is busy (default 65 536: 6.5 s of a
+    /// 10 000-vehicle fleet at 1 Hz, about 6 MiB).
     pub capacity: usize,
     /// Write a batch once it has this many heartbeats (default 1 000)...
     pub max_batch: usize,
@@ -30,7 +34,7 @@ pub struct HeartbeatWriterOptions {
 impl Default for HeartbeatWriterOptions {
     fn default() -> Self {
         Self {
-            capacity: 16_384,
+            capacity: 65_536,
             max_batch: 1_000,
             max_delay: Duration::from_millis(250),
         }
@@ -147,6 +151,12 @@ impl HeartbeatWriter {
                     () = tokio::time::sleep_until(due) => break,
                     n = self.rx.recv_many(&mut batch, room) => if n == 0 { break },
                 }
+            }
+            // Behind (the last commit was slow): take what is already queued into this batch,
+            // so one commit catches up instead of falling further behind one batch at a time.
+            let queued = self.rx.len().min(max_batch * CATCH_UP_BATCHES);
+            if queued > 0 {
+                self.rx.recv_many(&mut batch, queued).await;
             }
             self.flush(&mut batch).await;
         }

@@ -116,7 +116,7 @@ pub struct RunArgs {
     /// Fleetbeat's broker: inside the bridge, or the separate `broker` binary.
     #[arg(long, value_enum, default_value_t = BrokerMode::Embedded)]
     pub broker: BrokerMode,
-    /// Fleetbeat's position tick in ms (`bridge --tick-ms`); unset: the bridge's default (100).
+    /// Fleetbeat's position tick in ms (`bridge --tick-ms`); unset: the bridge's default (10).
     #[arg(long)]
     pub tick_ms: Option<u64>,
     /// Latency beyond the tick that still counts as on time, for loss and `late`, in ms.
@@ -179,7 +179,7 @@ pub struct RunArgs {
 impl RunArgs {
     /// The bridge's position tick.
     fn tick_ms(&self) -> u64 {
-        self.tick_ms.unwrap_or(100)
+        self.tick_ms.unwrap_or(10)
     }
 
     /// Vehicles per MQTT connection for `vehicles` vehicles.
