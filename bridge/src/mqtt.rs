@@ -52,7 +52,13 @@ pub fn connect(endpoint: &MqttEndpoint, config: &BridgeConfig) -> (AsyncClient, 
     if let Some((user, password)) = &endpoint.credentials {
         options.set_credentials(user, password);
     }
-    AsyncClient::new(options, 1024)
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    // Commands and PUBACKs are small writes: without TCP_NODELAY, Nagle holds them back until
+    // the broker's delayed ACK (up to 40 ms on Linux).
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    (client, eventloop)
 }
 
 /// What the MQTT task needs to route messages.

@@ -5,11 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::serve::ListenerExt;
 use socketioxide::SocketIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::auth::Tokens;
 use crate::config::{BridgeConfig, MqttEndpoint, MqttTarget};
@@ -155,6 +156,13 @@ impl Bridge {
         let app = http::router(state, layer, config.web.clone());
         let stop_http = cancel.child_token();
         tasks.spawn(async move {
+            // Position batches are written as they are made: without TCP_NODELAY, Nagle holds
+            // a batch's last segment until the browser's delayed ACK (up to 40 ms on Linux).
+            let listener = listener.tap_io(|tcp| {
+                if let Err(err) = tcp.set_nodelay(true) {
+                    debug!(cause = %err, "cannot set TCP_NODELAY on an HTTP connection");
+                }
+            });
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(stop_http.cancelled_owned())
                 .await;
