@@ -34,6 +34,7 @@
 //! - [`run`]: one measured run.
 //! - [`report`]: the markdown tables.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -155,6 +156,15 @@ pub struct RunArgs {
     /// stack (`--curve-duration` seconds each) until a step is not sustained.
     #[arg(long, conflicts_with = "curve")]
     pub saturate: bool,
+    /// The whole report of BENCHMARKS.md's end-to-end section in one go: side by side at
+    /// `--report-fleets` vehicles (both stacks, `--repeat` times each), the scaling curve of
+    /// Fleetbeat, and the sustained throughput of both stacks at 10 000 vehicles. About 20
+    /// minutes.
+    #[arg(long, conflicts_with_all = ["curve", "saturate"])]
+    pub report: bool,
+    /// Fleet sizes of the side-by-side tables of `--report`.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    pub report_fleets: Vec<u32>,
     /// Heartbeat rates (Hz per vehicle) of `--saturate`.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,8")]
     pub saturate_rates: Vec<f64>,
@@ -242,66 +252,39 @@ async fn harness(args: RunArgs) -> anyhow::Result<()> {
     let env = run::Env::new(bins)?;
     let mut report = String::new();
     report.push_str(&report::header(&args, &env));
-    if args.curve {
-        let mut points = Vec::new();
-        for &vehicles in &args.curve_points {
-            let point = RunArgs {
+    if args.report {
+        for &vehicles in &args.report_fleets {
+            let _ = writeln!(
+                report,
+                "### {vehicles} vehicles × {} Hz, {} dispatchers\n",
+                args.rate, args.dispatchers
+            );
+            let fleet = RunArgs {
                 vehicles,
-                duration: args.curve_duration,
+                stack: StackKind::Both,
                 ..args.clone()
             };
-            let stack = if args.stack == StackKind::Baseline {
-                StackKind::Baseline
-            } else {
-                StackKind::Fleetbeat
-            };
-            eprintln!("loadbench: curve point {vehicles} vehicles ({stack:?})");
-            points.push(run::measure(&env, &point, stack).await?);
+            report.push_str(&side_by_side(&env, &fleet).await?);
         }
-        report.push_str(&report::curve(&points));
+        let _ = writeln!(report, "### Scaling curve\n");
+        let fleetbeat = RunArgs {
+            stack: StackKind::Fleetbeat,
+            ..args.clone()
+        };
+        report.push_str(&curve(&env, &fleetbeat).await?);
+        let _ = writeln!(report, "### Sustained throughput at 10 000 vehicles\n");
+        let both = RunArgs {
+            vehicles: 10_000,
+            stack: StackKind::Both,
+            ..args.clone()
+        };
+        report.push_str(&saturate(&env, &both).await?);
+    } else if args.curve {
+        report.push_str(&curve(&env, &args).await?);
     } else if args.saturate {
-        let mut steps = Vec::new();
-        for &stack in stacks_of(args.stack) {
-            for &rate in &args.saturate_rates {
-                let step = RunArgs {
-                    rate,
-                    duration: args.curve_duration,
-                    ..args.clone()
-                };
-                eprintln!("loadbench: {stack:?} at {rate} Hz");
-                let measured = run::measure(&env, &step, stack).await?;
-                let sustained = measured.sustained();
-                steps.push(measured);
-                if !sustained {
-                    break;
-                }
-            }
-        }
-        report.push_str(&report::saturation(&steps));
+        report.push_str(&saturate(&env, &args).await?);
     } else {
-        let mut runs = Vec::new();
-        for round in 1..=args.repeat.max(1) {
-            for &stack in stacks_of(args.stack) {
-                eprintln!(
-                    "loadbench: {stack:?}, run {round} of {}",
-                    args.repeat.max(1)
-                );
-                runs.push(run::measure(&env, &args, stack).await?);
-            }
-        }
-        let results: Vec<run::Measured> = stacks_of(args.stack)
-            .iter()
-            .filter_map(|&kind| {
-                runs.iter()
-                    .filter(|m| m.stack == kind)
-                    .min_by(|a, b| a.others_cores.total_cmp(&b.others_cores))
-                    .cloned()
-            })
-            .collect();
-        report.push_str(&report::side_by_side(&results));
-        if runs.len() > results.len() {
-            report.push_str(&report::runs(&runs));
-        }
+        report.push_str(&side_by_side(&env, &args).await?);
     }
     println!("{report}");
     if let Some(path) = &args.out {
@@ -314,6 +297,77 @@ async fn harness(args: RunArgs) -> anyhow::Result<()> {
         writeln!(file, "{report}").with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// The scaling curve: Fleetbeat (or the baseline) at each of `--curve-points` vehicles.
+async fn curve(env: &run::Env, args: &RunArgs) -> anyhow::Result<String> {
+    let mut points = Vec::new();
+    for &vehicles in &args.curve_points {
+        let point = RunArgs {
+            vehicles,
+            duration: args.curve_duration,
+            ..args.clone()
+        };
+        let stack = if args.stack == StackKind::Baseline {
+            StackKind::Baseline
+        } else {
+            StackKind::Fleetbeat
+        };
+        eprintln!("loadbench: curve point {vehicles} vehicles ({stack:?})");
+        points.push(run::measure(env, &point, stack).await?);
+    }
+    Ok(report::curve(&points))
+}
+
+/// Sustained throughput: each stack at rising rates until a step is not sustained.
+async fn saturate(env: &run::Env, args: &RunArgs) -> anyhow::Result<String> {
+    let mut steps = Vec::new();
+    for &stack in stacks_of(args.stack) {
+        for &rate in &args.saturate_rates {
+            let step = RunArgs {
+                rate,
+                duration: args.curve_duration,
+                ..args.clone()
+            };
+            eprintln!("loadbench: {stack:?} at {rate} Hz");
+            let measured = run::measure(env, &step, stack).await?;
+            let sustained = measured.sustained();
+            steps.push(measured);
+            if !sustained {
+                break;
+            }
+        }
+    }
+    Ok(report::saturation(&steps))
+}
+
+/// Side by side: each stack `--repeat` times, alternating; the least disturbed run of each.
+async fn side_by_side(env: &run::Env, args: &RunArgs) -> anyhow::Result<String> {
+    let mut runs = Vec::new();
+    for round in 1..=args.repeat.max(1) {
+        for &stack in stacks_of(args.stack) {
+            eprintln!(
+                "loadbench: {} vehicles, {stack:?}, run {round} of {}",
+                args.vehicles,
+                args.repeat.max(1)
+            );
+            runs.push(run::measure(env, args, stack).await?);
+        }
+    }
+    let results: Vec<run::Measured> = stacks_of(args.stack)
+        .iter()
+        .filter_map(|&kind| {
+            runs.iter()
+                .filter(|m| m.stack == kind)
+                .min_by(|a, b| a.others_cores.total_cmp(&b.others_cores))
+                .cloned()
+        })
+        .collect();
+    let mut out = report::side_by_side(&results);
+    if runs.len() > results.len() {
+        out.push_str(&report::runs(&runs));
+    }
+    Ok(out)
 }
 
 /// The stacks `kind` stands for, in the order they run.
