@@ -46,10 +46,12 @@ use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
     self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode,
-    LastWill, Packet, Protocol, PubAck, PubAckReason, SubAck, SubscribeReasonCode,
+    LastWill, Packet, PingResp, Protocol, PubAck, PubAckReason, QoS, SubAck, SubscribeReasonCode,
+    UnsubAck, UnsubAckReason,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
@@ -59,11 +61,18 @@ use crate::config::Listener;
 use crate::metrics::{
     AuthRefusal, BrokerMetrics, ConnectRefusal, DisconnectReason, DropReason, MessageKind,
 };
+use crate::mux::{Mux, MuxEvent, is_command_topic, publish_with};
 use crate::router::{INTERNAL_PREFIX, LinkRequest, RouterHandle, WillPublisher};
 use crate::sessions::{Claim, Sessions};
 
-/// Initial capacity of a connection's read and write buffers; they grow for bigger packets.
+/// How much room a connection's read buffer gets for one read; it grows for bigger packets.
+/// Both buffers are allocated only while they hold bytes: an idle connection holds none.
 const BUFFER_SIZE: usize = 1024;
+
+/// Packet ids the front end gives the commands it writes from the mux link. rumqttd's
+/// links number their forwards 1..=100 (its `MAX_INFLIGHT`), so a connection that has both a
+/// dedicated link and mux subscriptions never sees one id used twice.
+const MUX_PKIDS: std::ops::RangeInclusive<u16> = 1024..=u16::MAX;
 
 /// How long a refusal CONNACK or a last DISCONNECT may take to write.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -115,7 +124,15 @@ pub(crate) struct Context {
     pub(crate) metrics: BrokerMetrics,
     pub(crate) sessions: Sessions,
     pub(crate) router: RouterHandle,
+    /// The shared link that serves the publishes and command subscriptions of clean-session
+    /// connections (see `mux`).
+    pub(crate) mux: Arc<Mux>,
+    /// Client ids whose persistent session rumqttd's router may still hold: a clean-session
+    /// reconnect of one of them registers a link, which makes the router discard it.
+    pub(crate) persistent_ids: std::sync::Mutex<std::collections::HashSet<String>>,
     pub(crate) wills: WillPublisher,
+    /// Client connections with a router link of their own, open now.
+    pub(crate) own_links: AtomicUsize,
     /// Cancelled when a graceful shutdown begins: connections drain and close.
     pub(crate) draining: CancellationToken,
     /// Cancelled when connections must close now.
@@ -154,6 +171,13 @@ struct Connected {
     will: Option<LastWill>,
     keep_alive: Duration,
     claim: Claim,
+    persistent: bool,
+    topic_alias_max: u16,
+    link: Option<RouterLink>,
+}
+
+/// A connection's own link with rumqttd's router.
+struct RouterLink {
     tx: LinkTx,
     rx: LinkRx,
 }
@@ -289,13 +313,49 @@ async fn handshake(net: &mut Network, peer: SocketAddr, ctx: &Context) -> Option
         .as_ref()
         .and_then(|p| p.topic_alias_max)
         .unwrap_or(0);
-    let link = ctx.router.link(LinkRequest {
-        client_id: &client_id,
-        clean_session: connect.clean_session,
-        topic_alias_max,
-    });
-    let (tx, rx, connack) = match link {
-        Ok(link) => link,
+    let persistent = !connect.clean_session;
+    let had_session = {
+        let mut ids = match ctx.persistent_ids.lock() {
+            Ok(ids) => ids,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if persistent {
+            !ids.insert(client_id.clone())
+        } else {
+            ids.remove(&client_id)
+        }
+    };
+    // A persistent session lives in the router: it needs a link from the start. So does a
+    // clean session replacing one (registering it makes the router discard the old state).
+    // Every other connection is served by the shared mux link until it subscribes to
+    // something other than its commands.
+    let registered = if persistent || had_session {
+        ctx.router
+            .link(LinkRequest {
+                client_id: &client_id,
+                clean_session: connect.clean_session,
+                topic_alias_max,
+            })
+            .map(|(tx, rx, connack)| (Some(RouterLink { tx, rx }), connack.into()))
+    } else {
+        let ack = ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::Success,
+        };
+        // What rumqttd's router answers a new clean session.
+        let properties = ConnAckProperties {
+            topic_alias_max: Some(TOPIC_ALIAS_MAX),
+            ..Default::default()
+        };
+        Ok((None, Some(Packet::ConnAck(ack, Some(properties)))))
+    };
+    let (link, connack) = match registered {
+        Ok(registered) => {
+            if registered.0.is_some() {
+                ctx.own_links.fetch_add(1, Ordering::AcqRel);
+            }
+            registered
+        }
         Err(err) => {
             ctx.sessions.release(claim);
             release_slot();
@@ -305,7 +365,7 @@ async fn handshake(net: &mut Network, peer: SocketAddr, ctx: &Context) -> Option
             return None;
         }
     };
-    let mut connack: Option<Packet> = connack.into();
+    let mut connack: Option<Packet> = connack;
     if let Some(Packet::ConnAck(_, props)) = &mut connack
         && assigned.is_some()
     {
@@ -321,6 +381,9 @@ async fn handshake(net: &mut Network, peer: SocketAddr, ctx: &Context) -> Option
     };
     if !written {
         debug!(%peer, client_id, "could not answer CONNACK");
+        if link.is_some() {
+            ctx.own_links.fetch_sub(1, Ordering::AcqRel);
+        }
         ctx.sessions.release(claim);
         release_slot();
         return None;
@@ -337,8 +400,9 @@ async fn handshake(net: &mut Network, peer: SocketAddr, ctx: &Context) -> Option
         will,
         keep_alive: Duration::from_secs(u64::from(connect.keep_alive)),
         claim,
-        tx,
-        rx,
+        persistent,
+        topic_alias_max,
+        link,
     })
 }
 
@@ -380,8 +444,9 @@ async fn run(net: Network, connected: Connected, peer: SocketAddr, ctx: Arc<Cont
         will,
         keep_alive,
         claim,
-        tx,
-        rx,
+        persistent,
+        topic_alias_max,
+        link,
     } = connected;
     let counted = identity != Identity::Probe;
     let device = identity.is_device();
@@ -394,8 +459,15 @@ async fn run(net: Network, connected: Connected, peer: SocketAddr, ctx: Arc<Cont
     };
     let mut session = Session {
         net,
-        tx,
-        rx,
+        link,
+        persistent,
+        topic_alias_max,
+        mux_batch: Vec::new(),
+        port: None,
+        connection: ctx.mux.connection_id(),
+        mux_subscriptions: Vec::new(),
+        mux_outgoing: Vec::new(),
+        next_mux_pkid: *MUX_PKIDS.start(),
         identity,
         ctx: Arc::clone(&ctx),
         client_id,
@@ -426,19 +498,24 @@ async fn run(net: Network, connected: Connected, peer: SocketAddr, ctx: Arc<Cont
             let _ = timeout(FAREWELL_TIMEOUT, session.net.flush()).await;
         }
     }
-    if end != DisconnectReason::Router {
+    for topic in session.mux_subscriptions.drain(..) {
+        ctx.mux.unsubscribe(session.connection, &topic);
+    }
+    if let Some(link) = &mut session.link
+        && end != DisconnectReason::Router
+    {
         // The router forgets the connection (and keeps a persistent session's state).
         let bye = Disconnect {
             reason_code: DisconnectReasonCode::NormalDisconnection,
         };
-        if let Err(err) = hand_over(&mut session.tx, &mut vec![Packet::Disconnect(bye, None)]).await
-        {
+        if let Err(err) = hand_over(&mut link.tx, &mut vec![Packet::Disconnect(bye, None)]).await {
             debug!(client_id = session.client_id, cause = %err, "router gone at disconnect");
         }
     }
     if let Some(will) = will
         && (end.fires_will() || session.will_on_disconnect)
     {
+        ctx.mux.record(&will.topic, &will.message, will.retain);
         match ctx
             .wills
             .publish(will.topic.clone(), will.message.clone(), will.retain)
@@ -453,6 +530,9 @@ async fn run(net: Network, connected: Connected, peer: SocketAddr, ctx: Arc<Cont
             }
         }
     }
+    if session.link.is_some() {
+        ctx.own_links.fetch_sub(1, Ordering::AcqRel);
+    }
     ctx.sessions.release(claim);
     if counted {
         ctx.admitted.fetch_sub(1, Ordering::AcqRel);
@@ -462,11 +542,33 @@ async fn run(net: Network, connected: Connected, peer: SocketAddr, ctx: Arc<Cont
     debug!(%peer, client_id = session.client_id, reason = end.label(), "disconnected");
 }
 
+/// A connection's channel from the mux link (see `mux`), opened at its first QoS 1 publish or
+/// command subscription.
+struct MuxPort {
+    tx: UnboundedSender<MuxEvent>,
+    rx: UnboundedReceiver<MuxEvent>,
+}
+
 /// An established connection.
 struct Session {
     net: Network,
-    tx: LinkTx,
-    rx: LinkRx,
+    /// The connection's own router link, if it has one: from CONNECT for a persistent
+    /// session, from its first subscription the mux link does not serve otherwise.
+    link: Option<RouterLink>,
+    /// A persistent session: everything goes through its own link, as rumqttd keeps it.
+    persistent: bool,
+    topic_alias_max: u16,
+    /// Publishes for the mux link, in the client's order.
+    mux_batch: Vec<Packet>,
+    port: Option<MuxPort>,
+    /// This connection's id in the mux's subscription table.
+    connection: u64,
+    /// The exact command topics this connection is subscribed to through the mux link.
+    mux_subscriptions: Vec<String>,
+    /// Packet ids of QoS 1 commands written to the client from the mux link, not yet
+    /// acknowledged by it.
+    mux_outgoing: Vec<u16>,
+    next_mux_pkid: u16,
     identity: Identity,
     ctx: Arc<Context>,
     client_id: String,
@@ -497,7 +599,8 @@ impl Session {
         // MQTT: a server disconnects a client it has heard nothing from for 1.5 × keep-alive.
         let idle_limit = keep_alive + keep_alive / 2;
         let mut last_heard = Instant::now();
-        let mut batch = Vec::with_capacity(self.ctx.limits.max_batch.min(64));
+        let mut batch = Vec::new();
+        let mux = Arc::clone(&self.ctx.mux);
         loop {
             if let Err(end) = self.route_buffered(&mut batch).await {
                 return end;
@@ -505,6 +608,7 @@ impl Session {
             if self.draining
                 && self.incoming_inflight.is_empty()
                 && self.outgoing_inflight.is_empty()
+                && self.mux_outgoing.is_empty()
             {
                 return DisconnectReason::Shutdown;
             }
@@ -526,7 +630,16 @@ impl Session {
                         return DisconnectReason::Network;
                     }
                 },
-                note = self.rx.next() => match note {
+                () = mux.dead().cancelled(), if !self.persistent => {
+                    debug!(client_id = self.client_id, "the shared router link is gone");
+                    return DisconnectReason::Router;
+                }
+                event = next_event(&mut self.port) => {
+                    if let Err(end) = self.deliver_mux(event).await {
+                        return end;
+                    }
+                }
+                note = next_notification(&mut self.link) => match note {
                     Ok(first) => {
                         if let Err(end) = self.deliver(first).await {
                             return end;
@@ -564,12 +677,20 @@ impl Session {
                 self.flush().await?;
                 return Err(end);
             }
-            if batch.len() >= self.ctx.limits.max_batch {
+            if batch.len() + self.mux_batch.len() >= self.ctx.limits.max_batch {
                 self.route(batch).await?;
             }
         }
         self.route(batch).await?;
-        // Acknowledgements we wrote ourselves (ACL refusals).
+        if batch.capacity() > 64 {
+            // A burst grew it: give the memory back.
+            *batch = Vec::new();
+        }
+        if self.mux_batch.capacity() > 64 {
+            self.mux_batch = Vec::new();
+        }
+        self.net.release_read_buffer();
+        // Acknowledgements we wrote ourselves (ACL refusals, mux-served SUBACKs, PINGRESPs).
         self.flush().await
     }
 
@@ -685,17 +806,89 @@ impl Session {
                         _ => Some(DisconnectReason::Protocol),
                     };
                 }
+                let mut properties = properties;
+                let via_link = self.persistent || qos == 2;
+                if !via_link {
+                    // What rumqttd's router would refuse by dropping the link: here that would
+                    // be the link of every device, so the front end refuses it first.
+                    if !valid_topic_name(&publish.topic) {
+                        warn!(client_id = self.client_id, topic = %String::from_utf8_lossy(&publish.topic), "invalid topic name in PUBLISH: disconnecting");
+                        return Some(DisconnectReason::Protocol);
+                    }
+                    if let Some(props) = &mut properties {
+                        if !props.subscription_identifiers.is_empty() {
+                            warn!(
+                                client_id = self.client_id,
+                                "PUBLISH with a subscription identifier: disconnecting"
+                            );
+                            return Some(DisconnectReason::Protocol);
+                        }
+                        // Resolved above; the mux link's alias table is not this client's.
+                        props.topic_alias = None;
+                    }
+                }
                 if qos == 1 && !self.incoming_inflight.contains(&pkid) {
                     self.incoming_inflight.push(pkid);
                 }
                 // Our own copy: the commit log must not keep the whole read buffer alive.
                 publish.topic = Bytes::copy_from_slice(&publish.topic);
                 publish.payload = Bytes::copy_from_slice(&publish.payload);
-                batch.push(Packet::Publish(publish, properties));
+                self.ctx
+                    .mux
+                    .record(&publish.topic, &publish.payload, publish.retain);
+                if via_link {
+                    if let Err(end) = self.ensure_link() {
+                        return Some(end);
+                    }
+                    batch.push(Packet::Publish(publish, properties));
+                } else if qos == 1 {
+                    let reply = self.port().tx.clone();
+                    let packet = self.ctx.mux.qos1(&publish, properties, &reply, pkid);
+                    self.mux_batch.push(packet);
+                } else {
+                    self.mux_batch.push(Packet::Publish(publish, properties));
+                }
             }
             Packet::PubAck(ack, properties) => {
-                self.outgoing_inflight.retain(|&p| p != ack.pkid);
-                batch.push(Packet::PubAck(ack, properties));
+                if let Some(at) = self.mux_outgoing.iter().position(|&p| p == ack.pkid) {
+                    self.mux_outgoing.swap_remove(at);
+                } else if self.link.is_some() {
+                    self.outgoing_inflight.retain(|&p| p != ack.pkid);
+                    batch.push(Packet::PubAck(ack, properties));
+                }
+            }
+            Packet::PingReq(_) => {
+                if let Err(err) = self.net.queue(Packet::PingResp(PingResp)) {
+                    return Some(self.protocol_error(&err));
+                }
+            }
+            Packet::Unsubscribe(unsubscribe, properties) => {
+                if self.draining {
+                    return None;
+                }
+                let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+                let mut others = false;
+                for filter in &unsubscribe.filters {
+                    if let Some(at) = self.mux_subscriptions.iter().position(|t| t == filter) {
+                        self.mux_subscriptions.swap_remove(at);
+                        self.ctx.mux.unsubscribe(self.connection, filter);
+                        reasons.push(UnsubAckReason::Success);
+                    } else {
+                        others = true;
+                        reasons.push(UnsubAckReason::NoSubscriptionExisted);
+                    }
+                }
+                if others && self.link.is_some() {
+                    batch.push(Packet::Unsubscribe(unsubscribe, properties));
+                } else {
+                    let ack = UnsubAck {
+                        pkid: unsubscribe.pkid,
+                        reasons,
+                    };
+                    if let Err(err) = self.net.queue(Packet::UnsubAck(ack, None)) {
+                        return Some(self.protocol_error(&err));
+                    }
+                }
             }
             Packet::Subscribe(subscribe, properties) => {
                 if self.draining {
@@ -706,6 +899,14 @@ impl Session {
                     .iter()
                     .all(|f| self.identity.may_subscribe(&f.path))
                 {
+                    if !self.persistent
+                        && subscribe.filters.iter().all(|f| is_command_topic(&f.path))
+                    {
+                        return self.subscribe_commands(&subscribe);
+                    }
+                    if let Err(end) = self.ensure_link() {
+                        return Some(end);
+                    }
                     batch.push(Packet::Subscribe(subscribe, properties));
                 } else {
                     self.ctx.metrics.subscribe_denied();
@@ -735,18 +936,175 @@ impl Session {
                 warn!(client_id = self.client_id, "second CONNECT: disconnecting");
                 return Some(DisconnectReason::Protocol);
             }
-            Packet::Unsubscribe(..) if self.draining => {}
-            other => batch.push(other),
+            // PUBREL, PUBREC, PUBCOMP: QoS 2 exchanges, which run on the connection's link.
+            other => {
+                if self.link.is_some() {
+                    batch.push(other);
+                }
+            }
         }
         None
     }
 
-    /// Hands `batch` to the router (see [`hand_over`]).
+    /// Serves a SUBSCRIBE to exact command topics from the mux link: registers each topic,
+    /// answers the SUBACK, and queues the retained command of each topic after it.
+    fn subscribe_commands(
+        &mut self,
+        subscribe: &rumqttd::protocol::Subscribe,
+    ) -> Option<DisconnectReason> {
+        let connection = self.connection;
+        let reply = self.port().tx.clone();
+        let mut return_codes = Vec::with_capacity(subscribe.filters.len());
+        for filter in &subscribe.filters {
+            // Commands are delivered at QoS 0 or 1: a QoS 2 request is granted 1.
+            let (granted, qos) = match filter.qos {
+                QoS::AtMostOnce => (QoS::AtMostOnce, 0),
+                _ => (QoS::AtLeastOnce, 1),
+            };
+            let retained = self
+                .ctx
+                .mux
+                .subscribe(connection, &filter.path, qos, &reply);
+            if !self.mux_subscriptions.contains(&filter.path) {
+                self.mux_subscriptions.push(filter.path.clone());
+            }
+            if let Some(command) = retained {
+                // Written after the SUBACK: the channel is read once this batch is done.
+                let _ = reply.send(MuxEvent::Command { command, qos });
+            }
+            return_codes.push(SubscribeReasonCode::Success(granted));
+        }
+        let ack = SubAck {
+            pkid: subscribe.pkid,
+            return_codes,
+        };
+        self.net
+            .queue(Packet::SubAck(ack, None))
+            .err()
+            .map(|err| self.protocol_error(&err))
+    }
+
+    /// The connection's channel from the mux link, opened on first use.
+    fn port(&mut self) -> &mut MuxPort {
+        self.port.get_or_insert_with(|| {
+            let (tx, rx) = unbounded_channel();
+            MuxPort { tx, rx }
+        })
+    }
+
+    /// Registers the connection's own router link if it has none yet.
+    fn ensure_link(&mut self) -> Result<(), DisconnectReason> {
+        if self.link.is_some() {
+            return Ok(());
+        }
+        let registered = self.ctx.router.link(LinkRequest {
+            client_id: &self.client_id,
+            clean_session: !self.persistent,
+            topic_alias_max: self.topic_alias_max,
+        });
+        match registered {
+            Ok((tx, rx, _connack)) => {
+                debug!(
+                    client_id = self.client_id,
+                    "subscription beyond commands: the connection gets its own router link"
+                );
+                self.link = Some(RouterLink { tx, rx });
+                self.ctx.own_links.fetch_add(1, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(err) => {
+                error!(client_id = self.client_id, cause = %err, "the router did not register the connection's own link");
+                Err(DisconnectReason::Router)
+            }
+        }
+    }
+
+    /// Hands the mux batch to the mux link and `batch` to the connection's own link (see
+    /// [`hand_over`]).
     async fn route(&mut self, batch: &mut Vec<Packet>) -> Result<(), DisconnectReason> {
-        hand_over(&mut self.tx, batch).await.map_err(|err| {
+        if !self.mux_batch.is_empty() {
+            self.ctx
+                .mux
+                .send(&mut self.mux_batch)
+                .await
+                .map_err(|err| {
+                    debug!(client_id = self.client_id, cause = %err, "shared router link gone");
+                    DisconnectReason::Router
+                })?;
+        }
+        let Some(link) = &mut self.link else {
+            batch.clear();
+            return Ok(());
+        };
+        hand_over(&mut link.tx, batch).await.map_err(|err| {
             debug!(client_id = self.client_id, cause = %err, "router gone");
             DisconnectReason::Router
         })
+    }
+
+    /// The next packet id for a command written from the mux link.
+    fn next_mux_pkid(&mut self) -> u16 {
+        loop {
+            let pkid = self.next_mux_pkid;
+            self.next_mux_pkid = if pkid == *MUX_PKIDS.end() {
+                *MUX_PKIDS.start()
+            } else {
+                pkid + 1
+            };
+            if !self.mux_outgoing.contains(&pkid) {
+                return pkid;
+            }
+        }
+    }
+
+    /// Writes what the mux link handed this connection: `first` and whatever else is queued.
+    async fn deliver_mux(&mut self, first: MuxEvent) -> Result<(), DisconnectReason> {
+        let mut next = Some(first);
+        let mut written = 0;
+        while let Some(event) = next.take() {
+            match event {
+                MuxEvent::PubAck(pkid) => {
+                    self.incoming_inflight.retain(|&p| p != pkid);
+                    let ack = PubAck {
+                        pkid,
+                        reason: PubAckReason::Success,
+                    };
+                    if let Err(err) = self.net.queue(Packet::PubAck(ack, None)) {
+                        return Err(self.protocol_error(&err));
+                    }
+                }
+                MuxEvent::Command { command, qos } => {
+                    if self.draining {
+                        self.ctx.metrics.dropped(DropReason::Shutdown);
+                    } else {
+                        let pkid = if qos > 0 { self.next_mux_pkid() } else { 0 };
+                        let publish = publish_with(
+                            &command.topic,
+                            &command.payload,
+                            qos,
+                            pkid,
+                            command.retain,
+                        );
+                        if let Err(err) = self.net.queue(Packet::Publish(publish, None)) {
+                            return Err(self.protocol_error(&err));
+                        }
+                        self.ctx
+                            .metrics
+                            .message_out(MessageKind::of_topic(&command.topic));
+                        if qos > 0 {
+                            self.mux_outgoing.push(pkid);
+                        }
+                    }
+                }
+            }
+            written += 1;
+            if written >= MAX_WRITE_BATCH {
+                self.flush().await?;
+                written = 0;
+            }
+            next = self.port.as_mut().and_then(|port| port.rx.try_recv().ok());
+        }
+        self.flush().await
     }
 
     async fn flush(&mut self) -> Result<(), DisconnectReason> {
@@ -812,7 +1170,7 @@ impl Session {
                 self.flush().await?;
                 written = 0;
             }
-            next = try_next(&mut self.rx);
+            next = self.link.as_mut().and_then(|link| try_next(&mut link.rx));
         }
         self.flush().await?;
         if let Some(end) = end {
@@ -820,9 +1178,33 @@ impl Session {
         }
         if unscheduled {
             // The router paused us while our queue was full; we have emptied it.
-            self.rx.wake().await.map_err(|_| DisconnectReason::Router)?;
+            if let Some(link) = &mut self.link {
+                link.rx.wake().await.map_err(|_| DisconnectReason::Router)?;
+            }
         }
         Ok(())
+    }
+}
+
+/// The next notification from a connection's own link; never ready without one.
+async fn next_notification(
+    link: &mut Option<RouterLink>,
+) -> Result<Option<Notification>, LinkError> {
+    match link {
+        Some(link) => link.rx.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next event from the mux link for this connection; never ready without a port. The
+/// port holds a sender of its own channel, so the channel never closes.
+async fn next_event(port: &mut Option<MuxPort>) -> MuxEvent {
+    match port {
+        Some(port) => match port.rx.recv().await {
+            Some(event) => event,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 
@@ -956,8 +1338,8 @@ impl Network {
         };
         Network {
             stream,
-            read: BytesMut::with_capacity(BUFFER_SIZE),
-            write: BytesMut::with_capacity(BUFFER_SIZE),
+            read: BytesMut::new(),
+            write: BytesMut::new(),
             codec,
             version,
             max_payload_size: ctx.limits.max_payload_size,
@@ -967,10 +1349,18 @@ impl Network {
 
     /// Reads whatever the socket has (at least one byte). Cancel-safe: bytes read are kept.
     async fn read_more(&mut self) -> io::Result<()> {
-        if self.read.capacity() - self.read.len() < BUFFER_SIZE / 4 {
-            self.read.reserve(BUFFER_SIZE);
-        }
-        let n = self.stream.read_buf(&mut self.read).await?;
+        // Wait for bytes without a buffer, so an idle connection holds none.
+        let n = loop {
+            self.stream.readable().await?;
+            if self.read.capacity() - self.read.len() < BUFFER_SIZE / 4 {
+                self.read.reserve(BUFFER_SIZE);
+            }
+            match self.stream.try_read_buf(&mut self.read) {
+                Ok(n) => break n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err),
+            }
+        };
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -1072,11 +1462,17 @@ impl Network {
         self.stream.write_all(&self.write).await?;
         self.metrics.bytes_out(self.write.len());
         self.write.clear();
-        if self.write.capacity() > 64 * BUFFER_SIZE {
-            // A burst grew it: give the memory back.
-            self.write = BytesMut::with_capacity(BUFFER_SIZE);
-        }
+        // Most connections write rarely (a PUBACK, a command): keep no buffer between writes.
+        self.write = BytesMut::new();
         Ok(())
+    }
+
+    /// Frees the read buffer once it holds no partial packet, so an idle connection keeps no
+    /// buffer (the next read allocates one).
+    fn release_read_buffer(&mut self) {
+        if self.read.is_empty() && self.read.capacity() > 0 {
+            self.read = BytesMut::new();
+        }
     }
 }
 

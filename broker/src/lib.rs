@@ -26,8 +26,9 @@
 //!   the per-connection identity and its topic ACL.
 //! - [`server`]: [`Broker`]: start, listener health, shutdown.
 //! - `connection`: the network front end, one task per MQTT connection, on rumqttd's
-//!   router; `sessions` orders takeovers of a client id; `router` wraps rumqttd's router and
-//!   the broker's own publisher.
+//!   router; `mux` is the one router link shared by device-like connections (their publishes
+//!   and command subscriptions); `sessions` orders takeovers of a client id; `router` wraps
+//!   rumqttd's router and the broker's own publisher.
 //! - [`mirror`]: the JSON mirror on `json/fleet/...`.
 //! - [`metrics`]: [`BrokerMetrics`] and its Prometheus rendering; [`http`]: `/metrics`.
 //! - `probe`: the raw-socket MQTT client the listener health checks use.
@@ -42,6 +43,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod mirror;
+mod mux;
 mod probe;
 mod router;
 pub mod server;

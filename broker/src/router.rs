@@ -38,7 +38,7 @@ pub(crate) type Link = (LinkTx, LinkRx, Notification);
 /// `LinkError` is over 800 bytes; this keeps its message only.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub(crate) struct LinkRefused(String);
+pub(crate) struct LinkRefused(pub(crate) String);
 
 type Connect = dyn Fn(LinkRequest<'_>) -> Result<Link, LinkRefused> + Send + Sync;
 

@@ -37,11 +37,12 @@ use crate::connection::{self, Context, Limits, ProbeLogin};
 use crate::error::{BrokerError, ProbeError};
 use crate::metrics::BrokerMetrics;
 use crate::mirror::{self, Mirror};
+use crate::mux::Mux;
 use crate::probe::{self, RouterProbe};
 use crate::router::{self, INTERNAL_PREFIX, LinkRequest, RouterHandle, WillPublisher};
 use crate::sessions::Sessions;
 
-/// Router slots beyond `max_connections`: the internal links (probe, will publisher, mirror)
+/// Router slots beyond `max_connections`: the internal links (probe, will publisher, mux, mirror)
 /// and the listener probes' connections, which may overlap a previous probe's teardown.
 const ROUTER_HEADROOM: usize = 8;
 
@@ -243,6 +244,15 @@ impl Broker {
         self.v5
     }
 
+    /// Client connections that have a router link of their own (the others are served by
+    /// the shared mux link alone).
+    #[cfg(test)]
+    pub(crate) fn own_links(&self) -> usize {
+        self.ctx
+            .own_links
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The broker's counters; [`BrokerMetrics::render`] gives the Prometheus text.
     pub fn metrics(&self) -> BrokerMetrics {
         self.metrics.clone()
@@ -435,6 +445,11 @@ async fn assemble(
             .map_err(|err| unavailable("the will publisher", &err))?;
     tokio::spawn(router::drain(wills_rx, "wills"));
 
+    let (mux, mux_rx) = Mux::new(&router, &format!("{INTERNAL_PREFIX}mux-{instance}"))
+        .await
+        .map_err(|err| unavailable("the shared device link", &err))?;
+    tokio::spawn(Arc::clone(&mux).dispatch(mux_rx));
+
     let mirror = if config.json_mirror {
         let (mut tx, rx, _) = router
             .link(LinkRequest {
@@ -480,6 +495,9 @@ async fn assemble(
         metrics: metrics.clone(),
         sessions: Sessions::default(),
         router,
+        mux,
+        persistent_ids: Mutex::new(std::collections::HashSet::new()),
+        own_links: AtomicUsize::new(0),
         wills,
         draining: CancellationToken::new(),
         stopping: CancellationToken::new(),

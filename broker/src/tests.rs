@@ -1880,3 +1880,395 @@ async fn a_persistent_session_gets_what_was_published_while_it_was_away() {
         ("fleet/f/van-1/event".to_owned(), b"while away".to_vec())
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Devices served by the shared mux link.
+
+/// The packet id of a raw QoS 1 PUBLISH body.
+fn publish_pkid(body: &[u8]) -> u16 {
+    let len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    u16::from_be_bytes([body[2 + len], body[3 + len]])
+}
+
+async fn device(addr: SocketAddr, client_id: &str) -> Raw {
+    Raw::connected(
+        addr,
+        &Connect {
+            client_id,
+            keep_alive: 30,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_mux_served_device_receives_its_command_at_qos1_and_acknowledges_it() {
+    let broker = start(BrokerConfig::ephemeral()).await;
+    let addr = broker.v4_addr();
+    let mut van = device(addr, "van-1").await;
+    van.send(&subscribe(false, 7, "fleet/f/van-1/cmd", 1)).await;
+    assert_eq!(
+        van.read().await.unwrap(),
+        (0x90, vec![0, 7, 1]),
+        "SUBACK QoS 1"
+    );
+    assert_eq!(broker.own_links(), 0, "served by the shared link alone");
+
+    let mut dispatch = device(addr, "dispatch").await;
+    dispatch
+        .send(&publish(
+            false,
+            "fleet/f/van-1/cmd",
+            b"go",
+            1,
+            3,
+            false,
+            &[],
+        ))
+        .await;
+    assert_eq!(dispatch.read().await.unwrap(), (0x40, vec![0, 3]));
+    let (first, body) = van.read().await.unwrap();
+    assert_eq!(first & 0xF6, 0x32, "QoS 1 PUBLISH, got {first:#04x}");
+    assert_eq!(
+        publish_fields(first, &body),
+        ("fleet/f/van-1/cmd".to_owned(), b"go".to_vec())
+    );
+    let pkid = publish_pkid(&body);
+    assert_ne!(pkid, 0);
+    assert_eq!(broker.metrics().messages_out_total(MessageKind::Cmd), 1);
+
+    // Unacknowledged, the command holds a graceful shutdown; acknowledged, it does not.
+    let shutdown = tokio::spawn(broker.shutdown_within(Duration::from_secs(10)));
+    sleep(Duration::from_millis(300)).await;
+    assert!(!shutdown.is_finished(), "waits for the device's PUBACK");
+    van.send(&puback(pkid)).await;
+    let report = timeout(T, shutdown).await.unwrap().unwrap();
+    assert_eq!(report.forced, 0);
+}
+
+#[tokio::test]
+async fn a_qos1_publish_is_acknowledged_only_once_the_router_took_it() {
+    // The mux on its own router: the PUBACK comes from the router, not from the front end.
+    let config = BrokerConfig::default();
+    let router = crate::router::RouterHandle::spawn(config.router_config(8));
+    let (mux, mux_rx) = crate::mux::Mux::new(&router, "fleetbeat-internal-mux-test")
+        .await
+        .unwrap();
+    tokio::spawn(std::sync::Arc::clone(&mux).dispatch(mux_rx));
+    let (mut watch_tx, mut watch_rx, _) = router
+        .link(crate::router::LinkRequest {
+            client_id: "watch",
+            clean_session: true,
+            topic_alias_max: 0,
+        })
+        .unwrap();
+    watch_tx.subscribe("fleet/+/+/event").unwrap();
+    sleep(Duration::from_millis(100)).await;
+
+    let (reply, mut acks) = mpsc::unbounded_channel();
+    let publish = rumqttd::protocol::Publish::new(
+        bytes::Bytes::from_static(b"fleet/f/van-1/event"),
+        bytes::Bytes::from_static(b"e1"),
+        false,
+    );
+    let packet = mux.qos1(&publish, None, &reply, 4242);
+    sleep(Duration::from_millis(200)).await;
+    assert!(
+        acks.try_recv().is_err(),
+        "no PUBACK before the router has it"
+    );
+
+    mux.send(&mut vec![packet]).await.unwrap();
+    let ack = timeout(T, acks.recv()).await.unwrap().unwrap();
+    assert!(
+        matches!(ack, crate::mux::MuxEvent::PubAck(4242)),
+        "the device's own packet id: {ack:?}"
+    );
+    // And the router did route it.
+    let delivered = timeout(T, async {
+        loop {
+            match watch_rx.next().await.unwrap() {
+                Some(rumqttd::Notification::Forward(forward)) => return forward.publish,
+                Some(rumqttd::Notification::Unschedule) => watch_rx.wake().await.unwrap(),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(&delivered.payload[..], b"e1");
+}
+
+#[tokio::test]
+async fn a_device_publish_at_qos1_is_acknowledged_with_its_own_packet_ids_in_order() {
+    let broker = start(BrokerConfig::ephemeral()).await;
+    let addr = broker.v4_addr();
+    let mut watcher = Subscriber::new(
+        addr,
+        "watcher",
+        None,
+        &[("fleet/+/+/event", QoS::AtLeastOnce)],
+    )
+    .await;
+    let mut van = device(addr, "van-1").await;
+    for pkid in [9u16, 300, 65535] {
+        van.send(&publish(
+            false,
+            "fleet/f/van-1/event",
+            &pkid.to_be_bytes(),
+            1,
+            pkid,
+            false,
+            &[],
+        ))
+        .await;
+    }
+    for pkid in [9u16, 300, 65535] {
+        assert_eq!(
+            van.read().await.unwrap(),
+            (0x40, pkid.to_be_bytes().to_vec())
+        );
+        assert_eq!(&watcher.next().await.payload[..], pkid.to_be_bytes());
+    }
+    assert_eq!(
+        broker.own_links(),
+        1,
+        "only the watcher has a link of its own"
+    );
+}
+
+#[tokio::test]
+async fn two_devices_do_not_receive_each_others_commands() {
+    let broker = start(BrokerConfig::ephemeral()).await;
+    let addr = broker.v4_addr();
+    let mut one = device(addr, "van-1").await;
+    let mut two = device(addr, "van-2").await;
+    one.send(&subscribe(false, 1, "fleet/f/van-1/cmd", 1)).await;
+    two.send(&subscribe(false, 1, "fleet/f/van-2/cmd", 0)).await;
+    assert_eq!(one.read().await.unwrap(), (0x90, vec![0, 1, 1]));
+    assert_eq!(two.read().await.unwrap(), (0x90, vec![0, 1, 0]));
+
+    let mut dispatch = device(addr, "dispatch").await;
+    dispatch
+        .send(&publish(
+            false,
+            "fleet/f/van-2/cmd",
+            b"for-2",
+            1,
+            1,
+            false,
+            &[],
+        ))
+        .await;
+    assert_eq!(dispatch.read().await.unwrap().0, 0x40);
+    let (first, body) = two.read().await.unwrap();
+    assert_eq!(first, 0x30, "at the QoS 0 van-2 was granted");
+    assert_eq!(publish_fields(first, &body).1, b"for-2");
+    // van-1 gets nothing: the next thing it reads is the answer to its ping.
+    sleep(Duration::from_millis(300)).await;
+    one.send(&[0xC0, 0x00]).await;
+    assert_eq!(
+        one.read().await.unwrap().0,
+        0xD0,
+        "PINGRESP, not van-2's command"
+    );
+
+    // After UNSUBSCRIBE, van-2 gets no more commands.
+    two.send(&packet(
+        0xA2,
+        &[
+            0, 5, 0, 17, b'f', b'l', b'e', b'e', b't', b'/', b'f', b'/', b'v', b'a', b'n', b'-',
+            b'2', b'/', b'c', b'm', b'd',
+        ],
+    ))
+    .await;
+    assert_eq!(two.read().await.unwrap(), (0xB0, vec![0, 5]), "UNSUBACK");
+    dispatch
+        .send(&publish(
+            false,
+            "fleet/f/van-2/cmd",
+            b"again",
+            0,
+            0,
+            false,
+            &[],
+        ))
+        .await;
+    sleep(Duration::from_millis(300)).await;
+    two.send(&[0xC0, 0x00]).await;
+    assert_eq!(two.read().await.unwrap().0, 0xD0, "PINGRESP, no command");
+    assert_eq!(broker.own_links(), 0);
+}
+
+#[tokio::test]
+async fn a_mux_served_device_leaves_its_will_when_lost_but_not_after_disconnect() {
+    let broker = start(BrokerConfig::ephemeral()).await;
+    let addr = broker.v4_addr();
+    let mut watcher = Subscriber::new(
+        addr,
+        "watcher",
+        None,
+        &[("fleet/+/+/status", QoS::AtLeastOnce)],
+    )
+    .await;
+    let connect = |client_id| Connect {
+        client_id,
+        keep_alive: 30,
+        will: Some(("fleet/f/gone/status", b"offline", true)),
+        ..Default::default()
+    };
+    let mut polite = Raw::connected(addr, &connect("polite")).await;
+    polite
+        .send(&subscribe(false, 1, "fleet/f/polite/cmd", 1))
+        .await;
+    assert_eq!(polite.read().await.unwrap().0, 0x90);
+    let mut lost = Raw::connected(addr, &connect("lost")).await;
+    lost.send(&subscribe(false, 1, "fleet/f/lost/cmd", 1)).await;
+    assert_eq!(lost.read().await.unwrap().0, 0x90);
+    assert_eq!(
+        broker.own_links(),
+        1,
+        "only the watcher has a link of its own"
+    );
+
+    polite.send(&[0xE0, 0x00]).await;
+    assert!(polite.until_closed().await.is_empty());
+    watcher.nothing_for(Duration::from_millis(400)).await;
+    assert_eq!(broker.metrics().wills_published_total(), 0);
+
+    drop(lost); // the connection is lost, not closed
+    let will = watcher.next().await;
+    assert_eq!(
+        (will.topic.as_str(), &will.payload[..], will.retain),
+        ("fleet/f/gone/status", &b"offline"[..], false)
+    );
+    let metrics = broker.metrics();
+    eventually("the will counted", || metrics.wills_published_total() == 1).await;
+}
+
+#[tokio::test]
+async fn a_retained_command_is_delivered_on_subscribe_and_can_be_cleared() {
+    let broker = start(BrokerConfig::ephemeral()).await;
+    let addr = broker.v4_addr();
+    let mut dispatch = device(addr, "dispatch").await;
+    dispatch
+        .send(&publish(
+            false,
+            "fleet/f/van-1/cmd",
+            b"park",
+            1,
+            1,
+            true,
+            &[],
+        ))
+        .await;
+    assert_eq!(dispatch.read().await.unwrap().0, 0x40);
+
+    let mut van = device(addr, "van-1").await;
+    van.send(&subscribe(false, 2, "fleet/f/van-1/cmd", 1)).await;
+    assert_eq!(van.read().await.unwrap(), (0x90, vec![0, 2, 1]));
+    let (first, body) = van.read().await.unwrap();
+    assert_eq!(
+        first & 0xF7,
+        0x33,
+        "retained QoS 1 PUBLISH, got {first:#04x}"
+    );
+    assert_eq!(publish_fields(first, &body).1, b"park");
+    van.send(&puback(publish_pkid(&body))).await;
+    // Another vehicle does not get it.
+    let mut other = device(addr, "van-2").await;
+    other
+        .send(&subscribe(false, 2, "fleet/f/van-2/cmd", 1))
+        .await;
+    assert_eq!(other.read().await.unwrap().0, 0x90);
+    other.send(&[0xC0, 0x00]).await;
+    assert_eq!(other.read().await.unwrap().0, 0xD0);
+
+    // An empty retained publish clears it.
+    dispatch
+        .send(&publish(false, "fleet/f/van-1/cmd", b"", 1, 2, true, &[]))
+        .await;
+    assert_eq!(dispatch.read().await.unwrap().0, 0x40);
+    let mut again = device(addr, "van-1b").await;
+    again
+        .send(&subscribe(false, 3, "fleet/f/van-1/cmd", 1))
+        .await;
+    assert_eq!(again.read().await.unwrap().0, 0x90);
+    again.send(&[0xC0, 0x00]).await;
+    assert_eq!(
+        again.read().await.unwrap().0,
+        0xD0,
+        "nothing retained any more"
+    );
+}
+
+#[tokio::test]
+async fn a_wildcard_subscriber_still_gets_everything() {
+    let broker = start(BrokerConfig::ephemeral()).await;
+    let addr = broker.v4_addr();
+    let mut everything =
+        Subscriber::new(addr, "everything", None, &[("fleet/#", QoS::AtLeastOnce)]).await;
+    assert_eq!(broker.own_links(), 1);
+    let mut van = device(addr, "van-1").await;
+    van.send(&subscribe(false, 1, "fleet/f/van-1/cmd", 1)).await;
+    assert_eq!(van.read().await.unwrap().0, 0x90);
+    van.send(&publish(false, "fleet/f/van-1/hb", b"hb", 0, 0, false, &[]))
+        .await;
+    van.send(&publish(
+        false,
+        "fleet/f/van-1/event",
+        b"ev",
+        1,
+        5,
+        false,
+        &[],
+    ))
+    .await;
+    assert_eq!(van.read().await.unwrap(), (0x40, vec![0, 5]));
+    let mut dispatch = device(addr, "dispatch").await;
+    dispatch
+        .send(&publish(
+            false,
+            "fleet/f/van-1/cmd",
+            b"cmd",
+            1,
+            1,
+            false,
+            &[],
+        ))
+        .await;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let p = everything.next().await;
+        seen.push((p.topic, p.payload.to_vec()));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("fleet/f/van-1/hb".to_owned(), b"hb".to_vec()),
+            ("fleet/f/van-1/event".to_owned(), b"ev".to_vec()),
+            ("fleet/f/van-1/cmd".to_owned(), b"cmd".to_vec()),
+        ]
+    );
+    let (first, body) = van.read().await.unwrap();
+    assert_eq!(publish_fields(first, &body).1, b"cmd");
+
+    // A device that also subscribes to a wildcard gets its own link for it, and keeps both.
+    van.send(&subscribe(false, 2, "fleet/f/+/status", 0)).await;
+    assert_eq!(van.read().await.unwrap(), (0x90, vec![0, 2, 0]));
+    assert_eq!(broker.own_links(), 2);
+    dispatch
+        .send(&publish(
+            false,
+            "fleet/f/van-9/status",
+            b"up",
+            0,
+            0,
+            false,
+            &[],
+        ))
+        .await;
+    let (first, body) = van.read().await.unwrap();
+    assert_eq!(publish_fields(first, &body).1, b"up");
+}

@@ -3,8 +3,8 @@
 //!
 //! Without the `runner` feature this crate is `no_std` and allocation-free: [`device`] and
 //! [`route`] build for `thumbv7em-none-eabihf`, so the state machine tested here is the one an
-//! embedded engineer would flash. The `runner` feature (on by default) adds the tokio + rumqttc
-//! simulator behind the `device-sim` binary.
+//! embedded engineer would flash. The `runner` feature (on by default) adds the tokio simulator
+//! behind the `device-sim` binary, with a small MQTT client of its own.
 //!
 //! # Layout
 //! - [`route`]: a generated street grid around a city centre, and the [`route::Driver`] that
@@ -15,6 +15,9 @@
 //! - [`outbox`]: store-and-forward: the fixed-capacity queues of heartbeats and delivery
 //!   events a device keeps while offline, flushed in order, events kept until acknowledged
 //!   (`no_std`, no heap).
+//! - `mqtt` (feature `runner`): a small MQTT 3.1.1 client on rumqttc's packet codec, sized for
+//!   one vehicle: the protocol state (`mqtt::Session`: packet ids, keep-alive, buffers) apart
+//!   from the TCP connection (`mqtt::Link`).
 //! - `runner` (feature `runner`): one MQTT connection and one task per vehicle; online status,
 //!   last will, heartbeats, delivery events tracked to their PUBACK, command acks, reconnects
 //!   with backoff, chaos switches, a sped-up clock, and a clean goodbye.
@@ -30,6 +33,8 @@ pub mod cli;
 #[cfg(feature = "runner")]
 pub mod credentials;
 pub mod device;
+#[cfg(feature = "runner")]
+pub mod mqtt;
 pub mod outbox;
 pub mod route;
 #[cfg(feature = "runner")]

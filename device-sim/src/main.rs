@@ -47,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
         bad_commands = report.bad_commands,
         reconnects = report.reconnects,
         errors = report.errors,
+        oversized_packets = report.oversized_packets,
         elapsed = ?report.elapsed,
         "simulation finished"
     );

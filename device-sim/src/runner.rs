@@ -1,34 +1,36 @@
 //! The simulator: one tokio task, one [`Device`] and one MQTT connection per vehicle.
 //!
-//! Each vehicle task owns its `rumqttc` [`AsyncClient`] and [`EventLoop`] and is a small
-//! super-loop: it keeps one `EventLoop::poll` future alive across heartbeat ticks (never
-//! cancelling it halfway), and publishes with the non-blocking `try_` calls so nothing it does
-//! can stall the loop that carries those publishes out.
+//! Each vehicle task owns everything of its vehicle: the device, the socket ([`Link`]) and
+//! the MQTT [`Session`] (this crate's small client, see [`crate::mqtt`]), and is a small
+//! super-loop over the socket, the heartbeat interval, one timer (keep-alive, timeouts,
+//! chaos) and its stop signals. Nothing it does waits on anything but that loop.
 //!
 //! - Connect (clean session, keep-alive [`SimConfig::keep_alive`], username and password from
-//!   the [`Credentials`] if given), staggered over [`SimConfig::connect_spread`]. Before each
-//!   attempt the device seals a fresh `Online` (counter `c`) and last will
-//!   `Offline(ConnectionLost)` (counter `c + 1`), and the will goes into that CONNECT.
-//! - On every ConnAck: publish `Online` (retained, QoS 1) and subscribe to `.../cmd` at QoS 1;
+//!   the [`Credentials`] if given, `TCP_NODELAY`), staggered over
+//!   [`SimConfig::connect_spread`]. Right before each CONNECT the device seals a fresh
+//!   `Online` (counter `c`) and last will `Offline(ConnectionLost)` (counter `c + 1`), and
+//!   the will goes into that CONNECT.
+//! - On every CONNACK: publish `Online` (retained, QoS 1) and subscribe to `.../cmd` at QoS 1;
 //!   a clean session forgets subscriptions, so this is redone after every reconnect. Then the
 //!   device's [`Outbox`](crate::outbox::Outbox) is flushed: buffered delivery events first,
-//!   then the buffered heartbeats, oldest first, at most [`FLUSH_WINDOW`] publishes ahead of
-//!   the event loop.
+//!   then the buffered heartbeats, oldest first, [`FLUSH_WINDOW`] publishes at a time, each
+//!   batch once the previous one is written to the socket.
 //! - Heartbeats on `.../hb` at [`SimConfig::heartbeat_qos`], from a per-vehicle interval
 //!   whose phases are spread evenly over the interval; the [`Device`] decides what is due and
 //!   queues it, online or not.
 //! - Delivery events on `.../event` at QoS 1 leave the device's queue only on their PUBACK:
-//!   the task matches `Outgoing::Publish(pkid)` to what it queued (in order) and
-//!   `Incoming::PubAck(pkid)` back to the event. When the connection drops, the events in
-//!   flight are sent again after the reconnect (rumqttc itself drops them: a clean session
-//!   has nothing to resume).
-//! - Commands from `.../cmd` are decoded (plain, not sealed; a bad payload is logged and
-//!   counted) and answered on `.../ack` at QoS 1.
+//!   each is published with its `seq` as the session's tag, and the PUBACK of its packet id
+//!   gives the `seq` back. When the connection drops, the events in flight are sent again
+//!   after the reconnect, with DUP set (a clean session has nothing to resume).
+//! - Commands from `.../cmd` are acknowledged (PUBACK), decoded (plain, not sealed; a bad
+//!   payload is logged and counted) and answered on `.../ack` at QoS 1.
 //! - Everything published is sealed with the vehicle's key ([`Device::publication`]).
-//! - A lost connection is retried with jittered exponential backoff up to
+//! - A lost connection (socket error, closed by the broker, no PINGRESP, an oversized or
+//!   malformed packet) is retried with jittered exponential backoff up to
 //!   [`SimConfig::reconnect_max`].
 //! - On stop: `Offline(Shutdown)` retained, then an MQTT DISCONNECT, so the broker drops the
-//!   will. An abrupt stop ([`StopMode::Abrupt`]) just drops the socket and the will fires.
+//!   will; the vehicle then closes its side and waits (at most 3 s) for the broker's close.
+//!   An abrupt stop ([`StopMode::Abrupt`]) just drops the socket and the will fires.
 //! - Chaos ([`Chaos`]): random abrupt disconnects, malformed heartbeat payloads, skewed
 //!   clocks.
 //!
@@ -39,25 +41,27 @@
 //! from. [`SimConfig::rate_hz`] is in real time: at `--time-scale 60 --rate 1` a vehicle
 //! publishes once a (real) second, reporting a minute of driving each time.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
-    SubscribeReasonCode,
-};
+use rumqttc::mqttbytes::QoS;
 use shared::{CodecError, Command, FleetId, IdError, OfflineReason, Position, VehicleId};
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at, sleep, sleep_until};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::credentials::Credentials;
 use crate::device::{
     Device, DeviceConfig, MAX_HEARTBEAT_INTERVAL_MS, MIN_HEARTBEAT_INTERVAL_MS, Publication,
+};
+use crate::mqtt::{
+    ConnectRequest, Incoming, Link, LinkError, MAX_INFLIGHT, Message, SendError, Session,
+    SessionOptions,
 };
 use crate::route::{GridConfig, GridError, StreetGrid};
 use crate::status::StatusLine;
@@ -68,17 +72,15 @@ pub const MAX_VEHICLES: u32 = 10_000;
 pub const MAX_RATE_HZ: f64 = 10.0;
 /// The largest time scale.
 pub const MAX_TIME_SCALE: f64 = 1000.0;
-/// At most this many publishes are queued for a vehicle's event loop and not yet written.
+/// A vehicle hands at most this many publishes to its connection at once, and the next batch
+/// only once they are written to the socket.
 pub const FLUSH_WINDOW: usize = 16;
 /// The first reconnect attempt waits about this long; each further one doubles it.
 const RECONNECT_BASE: Duration = Duration::from_millis(100);
 /// How long a vehicle may take to say goodbye (publish offline, disconnect) on stop.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Requests a vehicle can queue for its event loop: the flush window, plus room for command
-/// acks, the subscription and the goodbye.
-const REQUEST_CAPACITY: usize = 2 * FLUSH_WINDOW;
-/// QoS 1 publishes a vehicle has in flight at most (rumqttc allocates a slot for each).
-const MAX_INFLIGHT: u16 = 20;
+/// How long the TCP connection to the broker may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Switches that make vehicles misbehave, to test the rest of the system.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -382,6 +384,9 @@ pub struct SimReport {
     pub reconnects: u64,
     /// Connection failures, failed publishes and refused subscriptions.
     pub errors: u64,
+    /// Connections ended because the broker sent a packet larger than a vehicle accepts
+    /// ([`crate::mqtt::SessionOptions::max_packet`]); also counted in `errors`.
+    pub oversized_packets: u64,
     /// Time since the simulation started.
     pub elapsed: Duration,
 }
@@ -400,6 +405,7 @@ struct Counters {
     bad_commands: AtomicU64,
     reconnects: AtomicU64,
     errors: AtomicU64,
+    oversized_packets: AtomicU64,
 }
 
 impl Counters {
@@ -422,6 +428,7 @@ impl Counters {
             bad_commands: get(&self.bad_commands),
             reconnects: get(&self.reconnects),
             errors: get(&self.errors),
+            oversized_packets: get(&self.oversized_packets),
             elapsed: started.elapsed(),
         }
     }
@@ -491,6 +498,11 @@ impl Simulation {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let skew_ms = i64::try_from(config.chaos.clock_skew.as_millis()).unwrap_or(i64::MAX);
+        let broker = Arc::new(Broker {
+            host: config.broker_host.clone(),
+            port: config.broker_port,
+            credentials: config.credentials.clone(),
+        });
 
         for (slot, mut device) in (0u32..).zip(devices) {
             let id = device.vehicle().clone();
@@ -513,18 +525,6 @@ impl Simulation {
                 .connect_spread
                 .mul_f64(f64::from(slot) / f64::from(n));
 
-            let mut options =
-                MqttOptions::new(id.as_str(), config.broker_host.as_str(), config.broker_port);
-            options
-                .set_keep_alive(config.keep_alive)
-                .set_clean_session(true)
-                .set_inflight(MAX_INFLIGHT)
-                .set_request_channel_capacity(REQUEST_CAPACITY);
-            if let Some(secret) = config.credentials.as_ref().and_then(|c| c.get(&id)) {
-                options.set_credentials(id.as_str(), secret.password.as_str());
-            }
-            let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
-
             let control = VehicleControl {
                 stop: shutdown.child_token(),
                 abort: CancellationToken::new(),
@@ -533,7 +533,8 @@ impl Simulation {
             let vehicle = Vehicle {
                 command_topic: device.topic(shared::TopicKind::Command).name().to_string(),
                 device,
-                client,
+                session: Session::new(SessionOptions::new(config.keep_alive)),
+                broker: Arc::clone(&broker),
                 clock,
                 counters: Arc::clone(&counters),
                 rng,
@@ -542,19 +543,17 @@ impl Simulation {
                 link_up: false,
                 ever_connected: false,
                 attempt: 0,
-                goodbye_deadline: None,
                 heartbeat: None,
                 online: None,
-                queued: VecDeque::new(),
-                in_flight: Vec::new(),
+                events_sent_end: 0,
                 next_drop: None,
                 stall_reported: false,
                 next_logged_event: 0,
             };
             let span = info_span!("vehicle", vehicle = %id);
             // Boxed: an async fn keeps its arguments next to the locals they are moved into,
-            // which would hold the ~5 KiB vehicle (and the event loop) twice in every task.
-            let task = Box::new(vehicle).run(Box::new(eventloop), control.clone(), connect_delay);
+            // which would hold the ~5 KiB vehicle twice in every task.
+            let task = Box::new(vehicle).run(control.clone(), connect_delay);
             tracker.spawn_on(task.instrument(span), &runtime);
             vehicles.push(id.clone());
             controls.insert(id, control);
@@ -793,10 +792,26 @@ impl SimClock {
     }
 }
 
-/// What a publish handed to the event loop carries, so its `Outgoing::Publish(pkid)` can be
-/// matched (they come out in the order they went in).
+/// Where the vehicles' broker is and how they log in; shared by all of them.
+#[derive(Debug)]
+struct Broker {
+    host: String,
+    port: u16,
+    credentials: Option<Arc<Credentials>>,
+}
+
+/// What a QoS 1 publish was, so its PUBACK can be reported to the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Queued {
+enum Acked {
+    /// The delivery event with this `seq`.
+    Event(u32),
+    /// A status, command ack or QoS 1 heartbeat: nothing waits for its PUBACK.
+    Other,
+}
+
+/// What a publish carries, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
     Heartbeat,
     Garbage,
     Event(u32),
@@ -807,12 +822,17 @@ enum Queued {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flow {
     Continue,
-    Done,
+    /// Say goodbye (if connected), then stop.
+    Goodbye(OfflineReason),
 }
 
-/// Why the vehicle stopped polling its event loop.
-enum Polled {
-    Event(Result<Event, ConnectionError>),
+/// How a connection ended.
+#[derive(Debug)]
+enum Ended {
+    /// The vehicle stopped.
+    Done,
+    /// The link failed: reconnect after a backoff.
+    Lost(LinkError),
     /// [`Chaos::drop_rate`] struck.
     ChaosDrop,
 }
@@ -820,7 +840,8 @@ enum Polled {
 /// One vehicle's task state: the device and its MQTT side.
 struct Vehicle {
     device: Device,
-    client: AsyncClient,
+    session: Session<Acked>,
+    broker: Arc<Broker>,
     command_topic: String,
     clock: SimClock,
     counters: Arc<Counters>,
@@ -828,20 +849,18 @@ struct Vehicle {
     rng: fastrand::Rng,
     chaos: Chaos,
     reconnect_max: Duration,
+    /// Whether the broker accepted the current connection (CONNACK).
     link_up: bool,
     ever_connected: bool,
-    /// Failed connection attempts since the last ConnAck.
+    /// Failed connection attempts since the last CONNACK.
     attempt: u32,
-    /// Set while saying goodbye: give up waiting for the DISCONNECT to go out at this time.
-    goodbye_deadline: Option<Instant>,
-    /// Created on the first ConnAck: no heartbeats before the vehicle was ever online.
+    /// Created on the first CONNACK: no heartbeats before the vehicle was ever online.
     heartbeat: Option<Interval>,
     /// The `Online` status sealed for the connection being made.
     online: Option<Publication>,
-    /// Publishes handed to the event loop and not yet written, oldest first.
-    queued: VecDeque<Queued>,
-    /// Delivery events written and awaiting their PUBACK: (packet id, event seq).
-    in_flight: Vec<(u16, u32)>,
+    /// One past the `seq` of the newest delivery event ever published: an event below it is
+    /// sent again (DUP).
+    events_sent_end: u32,
     /// When [`Chaos::drop_rate`] strikes next.
     next_drop: Option<Instant>,
     /// Whether the current stall (full event queue) was logged.
@@ -851,14 +870,9 @@ struct Vehicle {
 }
 
 impl Vehicle {
-    async fn run(
-        mut self: Box<Self>,
-        mut eventloop: Box<EventLoop>,
-        control: VehicleControl,
-        connect_delay: Duration,
-    ) {
+    async fn run(mut self: Box<Self>, control: VehicleControl, connect_delay: Duration) {
         let _done = control.done.clone().drop_guard();
-        self.drive(&mut eventloop, &control, connect_delay).await;
+        self.drive(&control, connect_delay).await;
         if self.link_up {
             self.counters.connected.fetch_sub(1, Ordering::Relaxed);
         }
@@ -870,94 +884,71 @@ impl Vehicle {
         );
     }
 
-    async fn drive(
-        &mut self,
-        eventloop: &mut EventLoop,
-        control: &VehicleControl,
-        connect_delay: Duration,
-    ) {
+    async fn drive(&mut self, control: &VehicleControl, connect_delay: Duration) {
+        // Registered once for the whole task, not on every turn of the loops below.
+        let mut abort = pin!(control.abort.cancelled());
+        let mut stop = pin!(control.stop.cancelled());
         tokio::select! {
             biased;
-            () = control.abort.cancelled() => return,
-            () = control.stop.cancelled() => return,
+            () = abort.as_mut() => return,
+            () = stop.as_mut() => return,
             () = sleep(connect_delay) => {}
         }
         let mut retry_at: Option<Instant> = None;
         loop {
             if let Some(at) = retry_at.take() {
-                // Backing off: the event loop is deliberately not polled (that would reconnect).
-                // The device lives on and queues what it has to say.
+                // Backing off. The device lives on and queues what it has to say; offline
+                // there is nothing to say goodbye on, the will covers it.
                 loop {
                     tokio::select! {
                         biased;
-                        // Offline: nothing to say goodbye on, the will covers it.
-                        () = control.abort.cancelled() => return,
-                        () = control.stop.cancelled() => return,
+                        () = abort.as_mut() => return,
+                        () = stop.as_mut() => return,
                         () = sleep_until(at) => break,
                         at = tick(&mut self.heartbeat) => {
-                            if self.on_heartbeat(at) == Flow::Done {
+                            if self.on_heartbeat(at) != Flow::Continue {
                                 return;
                             }
                         }
                     }
                 }
             }
-            if !self.link_up {
-                self.prepare_connection(eventloop);
-            }
 
-            let polled = {
-                let poll = eventloop.poll();
-                tokio::pin!(poll);
+            let broker = Arc::clone(&self.broker);
+            let connected = {
+                let mut connect = pin!(Link::connect(&broker.host, broker.port, CONNECT_TIMEOUT));
                 loop {
-                    let deadline = self.goodbye_deadline;
-                    let drop_at = self
-                        .next_drop
-                        .filter(|_| self.link_up && deadline.is_none());
                     tokio::select! {
                         biased;
-                        () = control.abort.cancelled() => {
-                            info!("dropping the connection without a goodbye");
-                            return;
-                        }
-                        () = control.stop.cancelled(), if deadline.is_none() => {
-                            if self.say_goodbye(OfflineReason::Shutdown) == Flow::Done {
+                        () = abort.as_mut() => return,
+                        () = stop.as_mut() => return,
+                        connected = &mut connect => break connected,
+                        at = tick(&mut self.heartbeat) => {
+                            if self.on_heartbeat(at) != Flow::Continue {
                                 return;
                             }
-                        }
-                        () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                            warn!("goodbye timed out");
-                            return;
-                        }
-                        polled = &mut poll => break Polled::Event(polled),
-                        at = tick(&mut self.heartbeat), if deadline.is_none() => {
-                            if self.on_heartbeat(at) == Flow::Done {
-                                return;
-                            }
-                        }
-                        () = sleep_until(drop_at.unwrap_or_else(Instant::now)), if drop_at.is_some() => {
-                            break Polled::ChaosDrop;
                         }
                     }
                 }
             };
-
-            match polled {
-                Polled::Event(Ok(event)) => {
-                    if self.on_event(event) == Flow::Done {
+            let ended = match connected {
+                Ok(link) => match self.begin() {
+                    Ok(()) => self.converse(link, abort.as_mut(), stop.as_mut()).await,
+                    Err(err) => {
+                        // Not a connection problem: an id or a login too long for MQTT.
+                        warn!(cause = %err, "cannot connect");
+                        Counters::bump(&self.counters.errors);
                         return;
                     }
-                }
-                Polled::Event(Err(err)) => {
-                    if self.goodbye_deadline.is_some() {
-                        debug!(cause = %err, "connection closed while saying goodbye");
-                        return;
-                    }
-                    retry_at = Some(self.on_connection_error(&err));
-                }
-                Polled::ChaosDrop => {
-                    // Drop the socket without a DISCONNECT: the broker publishes the will.
-                    eventloop.clean();
+                },
+                Err(err) => Ended::Lost(err),
+            };
+            match ended {
+                Ended::Done => return,
+                Ended::Lost(err) => retry_at = Some(self.on_connection_error(&err)),
+                Ended::ChaosDrop => {
+                    // The socket is already dropped, without a DISCONNECT: the broker
+                    // publishes the will.
                     Counters::bump(&self.counters.chaos_drops);
                     info!("chaos: dropping the connection");
                     self.link_down();
@@ -968,79 +959,146 @@ impl Vehicle {
         }
     }
 
-    /// Seals this attempt's `Online` (counter `c`) and will (`c + 1`) and puts the will into
-    /// the CONNECT the next poll sends.
-    fn prepare_connection(&mut self, eventloop: &mut EventLoop) {
-        match self.device.connect_statuses(self.clock.wall_ms()) {
-            Ok(statuses) => {
-                let will = statuses.will;
-                eventloop.mqtt_options.set_last_will(LastWill::new(
-                    will.topic.as_str(),
-                    will.payload.to_vec(),
-                    qos(will.qos),
-                    will.retain,
-                ));
-                self.online = Some(statuses.online);
-            }
+    /// Seals this attempt's `Online` (counter `c`) and will (`c + 1`) and queues the CONNECT
+    /// with the will.
+    fn begin(&mut self) -> Result<(), SendError> {
+        let statuses = match self.device.connect_statuses(self.clock.wall_ms()) {
+            Ok(statuses) => Some(statuses),
             Err(err) => {
                 warn!(cause = %err, "cannot seal the connection statuses");
                 Counters::bump(&self.counters.errors);
+                None
+            }
+        };
+        let id = self.device.vehicle().as_str();
+        let password = self
+            .broker
+            .credentials
+            .as_ref()
+            .and_then(|c| c.get(self.device.vehicle()))
+            .map(|secret| secret.password.as_str());
+        let request = ConnectRequest {
+            client_id: id,
+            login: password.map(|password| (id, password)),
+            will: statuses.as_ref().map(|s| message(&s.will)),
+        };
+        self.session.begin(&request, Instant::now())?;
+        self.online = statuses.map(|s| s.online);
+        Ok(())
+    }
+
+    /// One connection, from the CONNECT queued by [`begin`](Self::begin) until it ends.
+    async fn converse(
+        &mut self,
+        link: Link,
+        mut abort: Pin<&mut WaitForCancellationFuture<'_>>,
+        mut stop: Pin<&mut WaitForCancellationFuture<'_>>,
+    ) -> Ended {
+        // One timer for keep-alive, timeouts and chaos, re-armed only when it fires or
+        // something is due earlier than it is armed for.
+        let mut armed = self.next_timer();
+        let mut timer = pin!(sleep_until(armed));
+        loop {
+            // Write what is queued and hand the device's backlog over, as far as the socket
+            // takes it without waiting.
+            loop {
+                if let Err(err) = link.write_now(&mut self.session) {
+                    return Ended::Lost(err);
+                }
+                if self.session.has_output() || !self.flush() {
+                    break;
+                }
+            }
+            let wanted = self.next_timer();
+            if wanted < armed {
+                armed = wanted;
+                timer.as_mut().reset(armed);
+            }
+            let flow = tokio::select! {
+                biased;
+                () = abort.as_mut() => {
+                    info!("dropping the connection without a goodbye");
+                    return Ended::Done;
+                }
+                () = stop.as_mut() => Flow::Goodbye(OfflineReason::Shutdown),
+                exchanged = link.exchange(&mut self.session) => {
+                    match exchanged.and_then(|()| self.on_input()) {
+                        Ok(()) => Flow::Continue,
+                        Err(err) => return Ended::Lost(err),
+                    }
+                }
+                at = tick(&mut self.heartbeat) => self.on_heartbeat(at),
+                () = timer.as_mut() => {
+                    let now = Instant::now();
+                    if self.next_drop.is_some_and(|at| at <= now) {
+                        return Ended::ChaosDrop;
+                    }
+                    if let Err(err) = self.session.on_timer(now) {
+                        return Ended::Lost(err);
+                    }
+                    armed = self.next_timer();
+                    timer.as_mut().reset(armed);
+                    Flow::Continue
+                }
+            };
+            match flow {
+                Flow::Continue => {}
+                Flow::Goodbye(reason) => {
+                    self.say_goodbye(link, reason, abort).await;
+                    return Ended::Done;
+                }
             }
         }
     }
 
-    fn on_event(&mut self, event: Event) -> Flow {
-        match event {
-            Event::Incoming(Packet::ConnAck(_)) => self.on_connected(),
-            Event::Incoming(Packet::Publish(publish)) => {
-                if publish.topic == self.command_topic {
-                    self.on_command(&publish.payload);
-                } else {
-                    debug!(topic = %publish.topic, "ignoring a message on a foreign topic");
+    /// The earliest of the session's deadline and the next chaos drop; far away if none.
+    fn next_timer(&self) -> Instant {
+        let drop = self.next_drop.filter(|_| self.link_up);
+        [self.session.deadline(), drop]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(24 * 3600))
+    }
+
+    /// Handles every complete packet received.
+    fn on_input(&mut self) -> Result<(), LinkError> {
+        let now = Instant::now();
+        while let Some(incoming) = self.session.next_incoming(now)? {
+            match incoming {
+                Incoming::ConnAck => self.on_connected(),
+                Incoming::Publish(publish) => {
+                    if publish.topic == self.command_topic {
+                        self.on_command(&publish.payload);
+                    } else {
+                        debug!(topic = %publish.topic, "ignoring a message on a foreign topic");
+                    }
                 }
-            }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(i) = self.in_flight.iter().position(|&(p, _)| p == ack.pkid) {
-                    let (_, seq) = self.in_flight.swap_remove(i);
+                Incoming::PubAck {
+                    tag: Some(Acked::Event(seq)),
+                    ..
+                } => {
                     let removed = self.device.event_acked(seq) as u64;
                     self.counters
                         .events_acked
                         .fetch_add(removed, Ordering::Relaxed);
-                    self.flush();
                 }
-            }
-            Event::Incoming(Packet::SubAck(ack)) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|code| matches!(code, SubscribeReasonCode::Failure))
-                {
-                    warn!(topic = %self.command_topic, "the broker refused the command subscription");
-                    Counters::bump(&self.counters.errors);
+                Incoming::PubAck {
+                    tag: Some(Acked::Other),
+                    ..
+                } => {}
+                Incoming::PubAck { pkid, tag: None } => {
+                    debug!(pkid, "an acknowledgement of nothing in flight");
                 }
-            }
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
-                match self.queued.pop_front() {
-                    Some(Queued::Heartbeat) => Counters::bump(&self.counters.heartbeats_sent),
-                    Some(Queued::Garbage) => Counters::bump(&self.counters.garbage_sent),
-                    Some(Queued::Event(seq)) => {
-                        Counters::bump(&self.counters.events_sent);
-                        if pkid != 0 {
-                            self.in_flight.push((pkid, seq));
-                        }
+                Incoming::SubAck { refused, .. } => {
+                    if refused {
+                        warn!(topic = %self.command_topic, "the broker refused the command subscription");
+                        Counters::bump(&self.counters.errors);
                     }
-                    Some(Queued::Other) => {}
-                    None => debug!(pkid, "a publish nobody queued"),
                 }
-                self.flush();
             }
-            Event::Outgoing(Outgoing::Disconnect) => {
-                debug!("said goodbye");
-                return Flow::Done;
-            }
-            Event::Incoming(_) | Event::Outgoing(_) => {}
         }
-        Flow::Continue
+        Ok(())
     }
 
     fn on_connected(&mut self) {
@@ -1060,12 +1118,12 @@ impl Vehicle {
             self.ever_connected = true;
         }
         if let Some(online) = self.online.take() {
-            self.send("online status", &online, Queued::Other);
+            self.send("online status", &online, Sent::Other);
         }
         // A clean session has no subscriptions: subscribe on every connection.
-        if let Err(err) = self
-            .client
-            .try_subscribe(self.command_topic.as_str(), QoS::AtLeastOnce)
+        if let Err(err) =
+            self.session
+                .subscribe(&self.command_topic, QoS::AtLeastOnce, Instant::now())
         {
             warn!(cause = %err, "cannot subscribe to commands");
             Counters::bump(&self.counters.errors);
@@ -1078,11 +1136,10 @@ impl Vehicle {
             let wait = -(1.0 - self.rng.f64()).ln() / self.chaos.drop_rate;
             self.next_drop = Some(Instant::now() + Duration::from_secs_f64(wait.min(1e6)));
         }
-        self.flush();
     }
 
     /// Advances the device to the scheduled tick `at`; its heartbeat (if due) goes into the
-    /// outbox, which is flushed if the link is up.
+    /// outbox, which the connection loop flushes if the link is up.
     fn on_heartbeat(&mut self, at: Instant) -> Flow {
         // The scheduled time, not the (jittery) wake-up time: the same seed drives the same.
         let now = self.clock.ms_at(at);
@@ -1101,7 +1158,7 @@ impl Vehicle {
         self.log_new_events();
         if beat.is_some() && self.device.is_depleted() {
             info!("battery empty, going offline");
-            return self.say_goodbye(OfflineReason::LowBattery);
+            return Flow::Goodbye(OfflineReason::LowBattery);
         }
         match (self.device.is_stalled(), self.stall_reported) {
             (true, false) => {
@@ -1114,7 +1171,6 @@ impl Vehicle {
             (false, true) => self.stall_reported = false,
             _ => {}
         }
-        self.flush();
         Flow::Continue
     }
 
@@ -1143,13 +1199,15 @@ impl Vehicle {
         self.next_logged_event = next;
     }
 
-    /// Hands queued events and heartbeats to the event loop while the link is up, keeping at
-    /// most [`FLUSH_WINDOW`] publishes ahead of it.
-    fn flush(&mut self) {
-        if !self.link_up || self.goodbye_deadline.is_some() {
-            return;
+    /// Hands up to [`FLUSH_WINDOW`] queued events and heartbeats to the session, if the link
+    /// is up, everything handed over before is written, and PUBACKs are not overdue (at most
+    /// [`MAX_INFLIGHT`] QoS 1 publishes unacknowledged). Returns whether it handed any.
+    fn flush(&mut self) -> bool {
+        if !self.link_up || !self.session.is_connected() || self.session.has_output() {
+            return false;
         }
-        while self.queued.len() < FLUSH_WINDOW {
+        let mut handed = 0;
+        while handed < FLUSH_WINDOW && self.session.in_flight() < MAX_INFLIGHT {
             let item = match self.device.next_publication(self.clock.wall_ms()) {
                 Ok(Some(item)) => item,
                 Ok(None) => break,
@@ -1161,24 +1219,26 @@ impl Vehicle {
             };
             let mut publication = item.publication;
             let mut what = match item.event_seq {
-                Some(seq) => Queued::Event(seq),
-                None => Queued::Heartbeat,
+                Some(seq) => Sent::Event(seq),
+                None => Sent::Heartbeat,
             };
-            if what == Queued::Heartbeat
+            if what == Sent::Heartbeat
                 && self.chaos.garbage_rate > 0.0
                 && self.rng.f64() < self.chaos.garbage_rate
             {
                 self.garble(&mut publication);
-                what = Queued::Garbage;
+                what = Sent::Garbage;
             }
             if !self.send("queued message", &publication, what) {
                 match what {
-                    Queued::Event(_) => self.device.event_unsent(),
+                    Sent::Event(_) => self.device.event_unsent(),
                     _ => Counters::bump(&self.counters.heartbeats_dropped),
                 }
                 break;
             }
+            handed += 1;
         }
+        handed > 0
     }
 
     /// Replaces a heartbeat's payload by a malformed one: cut short, a flipped bit (the tag no
@@ -1224,7 +1284,7 @@ impl Vehicle {
         );
         match self.device.publication(&ack, self.clock.wall_ms()) {
             Ok(publication) => {
-                if self.send("command ack", &publication, Queued::Other) {
+                if self.send("command ack", &publication, Sent::Other) {
                     Counters::bump(&self.counters.commands_answered);
                 }
             }
@@ -1238,22 +1298,24 @@ impl Vehicle {
         }
     }
 
-    /// The link is down: what was handed to the event loop is gone with the session, and the
-    /// events in flight go out again after the reconnect.
+    /// The link is down: the session forgets what was in flight, and the device's events in
+    /// flight go out again after the reconnect.
     fn link_down(&mut self) {
         if self.link_up {
             self.link_up = false;
             self.counters.connected.fetch_sub(1, Ordering::Relaxed);
         }
-        self.queued.clear();
-        self.in_flight.clear();
+        self.session.reset();
         self.next_drop = None;
         self.device.connection_lost();
     }
 
     /// Counts the error and picks when to try again.
-    fn on_connection_error(&mut self, err: &ConnectionError) -> Instant {
+    fn on_connection_error(&mut self, err: &LinkError) -> Instant {
         Counters::bump(&self.counters.errors);
+        if err.is_oversized() {
+            Counters::bump(&self.counters.oversized_packets);
+        }
         if self.link_up {
             warn!(cause = %err, "connection lost, reconnecting");
         } else if self.attempt == 0 {
@@ -1276,11 +1338,17 @@ impl Vehicle {
         Instant::now() + wait
     }
 
-    /// Publishes `Offline(reason)` and disconnects; the task ends once the DISCONNECT is out.
-    /// Returns [`Flow::Done`] if there is no connection to say goodbye on.
-    fn say_goodbye(&mut self, reason: OfflineReason) -> Flow {
+    /// Publishes `Offline(reason)`, disconnects, and closes the link once the DISCONNECT is
+    /// out and the broker has closed its side (at most [`GOODBYE_TIMEOUT`]). Without a
+    /// CONNACK there is nothing to say goodbye on: the link is just dropped.
+    async fn say_goodbye(
+        &mut self,
+        link: Link,
+        reason: OfflineReason,
+        mut abort: Pin<&mut WaitForCancellationFuture<'_>>,
+    ) {
         if !self.link_up {
-            return Flow::Done;
+            return;
         }
         let unacknowledged = self.device.outbox().events_queued();
         if unacknowledged > 0 {
@@ -1291,34 +1359,59 @@ impl Vehicle {
         }
         match self.device.offline_status(reason, self.clock.wall_ms()) {
             Ok(bye) => {
-                self.send("offline status", &bye, Queued::Other);
+                self.send("offline status", &bye, Sent::Other);
             }
             Err(err) => {
                 warn!(cause = %err, "cannot seal the offline status");
                 Counters::bump(&self.counters.errors);
             }
         }
-        if let Err(err) = self.client.try_disconnect() {
+        if let Err(err) = self.session.disconnect(Instant::now()) {
             warn!(cause = %err, "cannot disconnect");
             Counters::bump(&self.counters.errors);
-            return Flow::Done;
+            return;
         }
         debug!(reason = reason.as_str(), "saying goodbye");
-        self.goodbye_deadline = Some(Instant::now() + GOODBYE_TIMEOUT);
-        Flow::Continue
+        tokio::select! {
+            biased;
+            () = abort.as_mut() => info!("dropping the connection without a goodbye"),
+            closed = tokio::time::timeout(GOODBYE_TIMEOUT, link.close(&mut self.session)) => {
+                match closed {
+                    Ok(Ok(())) => debug!("said goodbye"),
+                    Ok(Err(err)) => debug!(cause = %err, "connection closed while saying goodbye"),
+                    Err(_) => warn!("goodbye timed out"),
+                }
+            }
+        }
     }
 
-    /// Hands a publication to the event loop without waiting; logs and counts a failure.
-    /// Returns whether it was queued.
-    fn send(&mut self, what: &str, publication: &Publication, queued: Queued) -> bool {
-        match self.client.try_publish(
-            publication.topic.as_str(),
-            qos(publication.qos),
-            publication.retain,
-            publication.payload.to_vec(),
-        ) {
-            Ok(()) => {
-                self.queued.push_back(queued);
+    /// Hands a publication to the session; logs and counts a failure. Returns whether it was
+    /// queued. A delivery event published before (its PUBACK never came) goes with DUP set.
+    fn send(&mut self, what: &str, publication: &Publication, sent: Sent) -> bool {
+        let (dup, tag) = match sent {
+            // `seq` is below the end (in wrapping order) if it was published before.
+            Sent::Event(seq) => (
+                (self.events_sent_end.wrapping_sub(seq) as i32) > 0,
+                Acked::Event(seq),
+            ),
+            _ => (false, Acked::Other),
+        };
+        match self
+            .session
+            .publish(&message(publication), dup, tag, Instant::now())
+        {
+            Ok(_) => {
+                match sent {
+                    Sent::Heartbeat => Counters::bump(&self.counters.heartbeats_sent),
+                    Sent::Garbage => Counters::bump(&self.counters.garbage_sent),
+                    Sent::Event(seq) => {
+                        Counters::bump(&self.counters.events_sent);
+                        if !dup {
+                            self.events_sent_end = seq.wrapping_add(1);
+                        }
+                    }
+                    Sent::Other => {}
+                }
                 true
             }
             Err(err) => {
@@ -1340,6 +1433,16 @@ impl Vehicle {
         let mut interval = interval_at(start, period);
         interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
         interval
+    }
+}
+
+/// A publication as an MQTT message.
+fn message(publication: &Publication) -> Message<'_> {
+    Message {
+        topic: publication.topic.as_str(),
+        payload: &publication.payload,
+        qos: qos(publication.qos),
+        retain: publication.retain,
     }
 }
 

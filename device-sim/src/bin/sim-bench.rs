@@ -1,19 +1,24 @@
 //! `sim-bench`: what a simulated vehicle costs, measured against a real broker.
 //!
 //! It starts Debian's `mosquitto` on an ephemeral loopback port (anonymous, no connection
-//! limit) and runs three phases, each in a fresh child process of itself so no phase inherits
+//! limit) and runs five phases, each in a fresh child process of itself so no phase inherits
 //! another's heap:
 //!
-//! 1. `bare`: N plain rumqttc clients, connected and idle: the baseline cost of a connection.
-//! 2. `raw`: N plain rumqttc clients publishing a 38-byte QoS 0 payload at the rate: the
-//!    baseline cost of moving that many messages through rumqttc and tokio.
-//! 3. `sim`: the real simulator with N vehicles at the rate (device core, sealing,
+//! 1. `rumqttc-bare`: N plain rumqttc clients (`AsyncClient` + `EventLoop`), connected and
+//!    idle: what a connection cost with the client the simulator used before.
+//! 2. `rumqttc-raw`: the same clients publishing a 38-byte QoS 0 payload at the rate.
+//! 3. `client-bare`: N connections of the simulator's own client ([`device_sim::mqtt`]),
+//!    connected and idle: the baseline cost of a connection.
+//! 4. `client-raw`: the same connections publishing a 38-byte QoS 0 payload at the rate: the
+//!    baseline cost of moving that many messages through our client and tokio.
+//! 5. `sim`: the real simulator with N vehicles at the rate (device core, sealing,
 //!    store-and-forward, events).
 //!
 //! For each phase it reports the RSS growth per connection (after all connected and a
 //! warm-up) and the CPU time per second of wall time over the measurement window, per 1,000
-//! messages per second; and the ratios of `sim` against the baselines. The file descriptor
-//! limit must allow N sockets in this process and in mosquitto (`ulimit -n`).
+//! messages per second; and the ratios of `sim` against the baselines. `--phases` runs a
+//! subset. The file descriptor limit must allow N sockets in this process and in mosquitto
+//! (`ulimit -n`).
 //!
 //! ```sh
 //! ulimit -n 65536   # or at least N + 100
@@ -30,8 +35,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use device_sim::mqtt::{
+    ConnectRequest, Incoming, Link, LinkError, Message, Session, SessionOptions,
+};
 use device_sim::runner::{SimConfig, Simulation};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+/// Every phase, in the order they run.
+const PHASES: [&str; 5] = [
+    "rumqttc-bare",
+    "rumqttc-raw",
+    "client-bare",
+    "client-raw",
+    "sim",
+];
 
 /// Measures memory per vehicle and CPU per 1k heartbeats/s against mosquitto.
 #[derive(Debug, Clone, Parser)]
@@ -55,7 +72,10 @@ struct Args {
     /// Use this broker instead of starting mosquitto.
     #[arg(long)]
     broker: Option<SocketAddr>,
-    /// Internal: run one phase (`bare`, `raw` or `sim`) against `--broker`.
+    /// The phases to run, comma-separated (default: all, see the module docs).
+    #[arg(long, value_delimiter = ',')]
+    phases: Vec<String>,
+    /// Internal: run one phase against `--broker`.
     #[arg(long, hide = true)]
     phase: Option<String>,
 }
@@ -147,8 +167,22 @@ fn main() -> anyhow::Result<()> {
         "sim-bench: {} vehicles at {} Hz against {broker}",
         args.vehicles, args.rate
     );
+    let phases: Vec<&str> = if args.phases.is_empty() {
+        PHASES.to_vec()
+    } else {
+        for phase in &args.phases {
+            if !PHASES.contains(&phase.as_str()) {
+                bail!("unknown phase {phase}: one of {}", PHASES.join(", "));
+            }
+        }
+        PHASES
+            .into_iter()
+            .filter(|p| args.phases.iter().any(|a| a == p))
+            .collect()
+    };
+    let load_before = load_average();
     let mut results = Vec::new();
-    for phase in ["bare", "raw", "sim"] {
+    for phase in phases {
         let broker_cpu_before = broker_pid.map_or(0.0, cpu_secs_of);
         let mut measured = run_child(phase, broker, &args)?;
         measured.broker_cpu_secs = broker_pid.map_or(0.0, cpu_secs_of) - broker_cpu_before;
@@ -160,7 +194,19 @@ fn main() -> anyhow::Result<()> {
         let _ = child.wait();
     }
     report(&args, &results);
+    println!(
+        "\nload average (1, 5, 15 min): {load_before} before, {} after",
+        load_average()
+    );
     Ok(())
+}
+
+/// `/proc/loadavg`'s first three fields.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split(' ').take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn report(args: &Args, results: &[Measured]) {
@@ -188,21 +234,37 @@ fn report(args: &Args, results: &[Measured]) {
         );
     }
     let find = |p: &str| results.iter().find(|m| m.phase == p);
-    if let (Some(bare), Some(raw), Some(sim)) = (find("bare"), find("raw"), find("sim")) {
-        println!(
-            "\nsim: {:.1} KiB per vehicle ({:.2}x a bare idle rumqttc connection, {:.1} KiB more); \
-             {:.2} % of a core per 1k heartbeats/s ({:.2}x raw rumqttc publishing); \
-             {} vehicles at {} Hz: {:.0} heartbeats/s using {:.0} % of one core",
-            sim.per_vehicle_kib(),
-            sim.per_vehicle_kib() / bare.per_vehicle_kib().max(1e-9),
-            sim.per_vehicle_kib() - bare.per_vehicle_kib(),
-            sim.cpu_pct_per_1k(),
-            sim.cpu_pct_per_1k() / raw.cpu_pct_per_1k().max(1e-9),
-            args.vehicles,
-            args.rate,
-            sim.messages_per_sec(),
-            100.0 * sim.cpu_secs / sim.wall_secs.max(1e-9),
-        );
+    let Some(sim) = find("sim") else {
+        return;
+    };
+    println!(
+        "\nsim: {:.1} KiB per vehicle, {:.2} % of a core per 1k heartbeats/s; \
+         {} vehicles at {} Hz: {:.0} heartbeats/s using {:.0} % of one core",
+        sim.per_vehicle_kib(),
+        sim.cpu_pct_per_1k(),
+        args.vehicles,
+        args.rate,
+        sim.messages_per_sec(),
+        100.0 * sim.cpu_secs / sim.wall_secs.max(1e-9),
+    );
+    for base in ["client-bare", "rumqttc-bare"] {
+        if let Some(bare) = find(base) {
+            println!(
+                "  memory: {:.2}x {base} ({:.1} KiB), {:+.1} KiB",
+                sim.per_vehicle_kib() / bare.per_vehicle_kib().max(1e-9),
+                bare.per_vehicle_kib(),
+                sim.per_vehicle_kib() - bare.per_vehicle_kib(),
+            );
+        }
+    }
+    for base in ["client-raw", "rumqttc-raw"] {
+        if let Some(raw) = find(base).filter(|m| m.messages > 0) {
+            println!(
+                "  CPU: {:.2}x {base} ({:.2} % per 1k msgs/s)",
+                sim.cpu_pct_per_1k() / raw.cpu_pct_per_1k().max(1e-9),
+                raw.cpu_pct_per_1k(),
+            );
+        }
     }
 }
 
@@ -321,13 +383,13 @@ async fn run_phase(phase: &str, broker: SocketAddr, args: &Args) -> anyhow::Resu
     let started = Instant::now();
     let spread = Duration::from_secs_f64(f64::from(args.vehicles) / 1000.0);
     let (messages, keep): (Arc<AtomicU64>, Box<dyn std::any::Any + Send>) = match phase {
-        "bare" | "raw" => {
-            let (messages, connected, tasks) = bare_clients(
-                broker,
-                args.vehicles,
-                spread,
-                (phase == "raw").then_some(args.rate),
-            );
+        "rumqttc-bare" | "rumqttc-raw" | "client-bare" | "client-raw" => {
+            let rate = phase.ends_with("-raw").then_some(args.rate);
+            let (messages, connected, tasks) = if phase.starts_with("rumqttc") {
+                bare_clients(broker, args.vehicles, spread, rate)
+            } else {
+                own_clients(broker, args.vehicles, spread, rate)
+            };
             wait_until(|| connected.load(Ordering::Relaxed) >= u64::from(args.vehicles)).await?;
             (messages, Box::new(tasks))
         }
@@ -467,6 +529,129 @@ fn bare_clients(
         })
         .collect();
     (messages, connected, tasks)
+}
+
+/// Like [`bare_clients`], with the simulator's own client: one task per connection owning
+/// the socket and the session, as a vehicle does.
+fn own_clients(
+    broker: SocketAddr,
+    n: u32,
+    spread: Duration,
+    rate: Option<f64>,
+) -> (
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let messages = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(AtomicU64::new(0));
+    let host: Arc<str> = broker.ip().to_string().into();
+    let tasks = (0..n)
+        .map(|i| {
+            let (messages, connected) = (Arc::clone(&messages), Arc::clone(&connected));
+            let host = Arc::clone(&host);
+            let delay = spread.mul_f64(f64::from(i) / f64::from(n));
+            tokio::spawn(async move {
+                let id = format!("client-{i:05}");
+                let topic = format!("fleet/bare/{id}/hb");
+                let mut session = Session::<()>::new(SessionOptions::new(Duration::from_secs(30)));
+                tokio::time::sleep(delay).await;
+                let mut ticker = rate.map(|r| {
+                    let p = Duration::from_secs_f64(1.0 / r);
+                    let mut t = tokio::time::interval_at(
+                        tokio::time::Instant::now() + p.mul_f64(f64::from(i) / f64::from(n)),
+                        p,
+                    );
+                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                    t
+                });
+                loop {
+                    if let Ok(link) =
+                        Link::connect(&host, broker.port(), Duration::from_secs(5)).await
+                    {
+                        let request = ConnectRequest {
+                            client_id: &id,
+                            login: None,
+                            will: None,
+                        };
+                        if session
+                            .begin(&request, tokio::time::Instant::now())
+                            .is_err()
+                        {
+                            return;
+                        }
+                        let _lost = converse(
+                            &link,
+                            &mut session,
+                            &topic,
+                            ticker.as_mut(),
+                            &messages,
+                            &connected,
+                        )
+                        .await;
+                        session.reset();
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        })
+        .collect();
+    (messages, connected, tasks)
+}
+
+/// One connection of [`own_clients`] until it fails.
+async fn converse(
+    link: &Link,
+    session: &mut Session<()>,
+    topic: &str,
+    mut ticker: Option<&mut tokio::time::Interval>,
+    messages: &AtomicU64,
+    connected: &AtomicU64,
+) -> LinkError {
+    let far = || tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(
+        session.deadline().unwrap_or_else(far)
+    ));
+    let payload = [1u8; 38];
+    loop {
+        if let Err(err) = link.write_now(session) {
+            return err;
+        }
+        tokio::select! {
+            exchanged = link.exchange(session) => {
+                if let Err(err) = exchanged {
+                    return err;
+                }
+                loop {
+                    match session.next_incoming(tokio::time::Instant::now()) {
+                        Ok(Some(Incoming::ConnAck)) => {
+                            connected.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(err) => return err,
+                    }
+                }
+            }
+            _ = next_tick(ticker.as_deref_mut()) => {
+                let message = Message {
+                    topic,
+                    payload: &payload,
+                    qos: QoS::AtMostOnce,
+                    retain: false,
+                };
+                if session.publish(&message, false, (), tokio::time::Instant::now()).is_ok() {
+                    messages.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            () = timer.as_mut() => {
+                if let Err(err) = session.on_timer(tokio::time::Instant::now()) {
+                    return err;
+                }
+                timer.as_mut().reset(session.deadline().unwrap_or_else(far));
+            }
+        }
+    }
 }
 
 async fn next_tick(ticker: Option<&mut tokio::time::Interval>) {

@@ -1,0 +1,493 @@
+//! The shared router link ("mux link") that serves device-like connections, so they do not
+//! each need a rumqttd link of their own.
+//!
+//! rumqttd 0.20 pre-sizes every link's queues with constants (≈27 KiB resident per idle link,
+//! ≈150 KiB once its rings have walked), and scans every subscription filter for every
+//! publish. A vehicle only ever publishes and subscribes to its own `fleet/{f}/{v}/cmd`, so:
+//!
+//! - every PUBLISH of a clean-session connection goes to the router through this one link,
+//!   in the connection's order; a QoS 1 publish gets a packet id of the mux link's own, and
+//!   the router's PUBACK for it is handed back to the connection as the PUBACK of its own
+//!   packet id ([`MuxEvent::PubAck`]), so a device is acknowledged only once the router took
+//!   its message;
+//! - the mux link subscribes once to `fleet/+/+/cmd` (QoS 1); a connection whose SUBSCRIBE
+//!   names only exact command topics is answered by the front end and registered here; each
+//!   command the router forwards to the mux link is handed to the connections subscribed to
+//!   its topic ([`MuxEvent::Command`]), which write it with their own packet ids;
+//! - retained commands are remembered here (the router forwards them to the mux link as
+//!   plain messages), so a later exact subscriber still gets them on subscribe.
+//!
+//! Connections that subscribe to anything else, or ask for a persistent session, get a
+//! dedicated router link as before (`connection`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use rumqttd::Notification;
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::{
+    Filter, Packet, Protocol as _, PubAck, PubAckReason, Publish, PublishProperties, QoS,
+    RetainForwardRule, Subscribe,
+};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error};
+
+use crate::router::{LinkRefused, LinkRequest, RouterHandle};
+
+/// The filter the mux link subscribes to: every vehicle's command topic.
+pub(crate) const COMMAND_FILTER: &str = "fleet/+/+/cmd";
+
+/// Packets waiting in the mux link's buffer beyond which publishers wait for the router, so
+/// a flood stays in the senders' sockets (TCP pushes back) instead of in memory.
+const MAX_BACKLOG: usize = 4096;
+
+/// Longest a publisher waits for room in the mux link's buffer before appending anyway, so a
+/// stuck router cannot hang a connection forever.
+const BACKLOG_PATIENCE: Duration = Duration::from_secs(10);
+
+/// What the mux hands to one connection.
+#[derive(Debug, Clone)]
+pub(crate) enum MuxEvent {
+    /// The router took the connection's QoS 1 publish with this (the connection's) packet id.
+    PubAck(u16),
+    /// A command on a topic the connection subscribed to, to write at `qos`.
+    Command {
+        /// The message.
+        command: Arc<Command>,
+        /// The QoS to deliver at: the subscription's granted QoS.
+        qos: u8,
+    },
+}
+
+/// A message on a command topic.
+#[derive(Debug)]
+pub(crate) struct Command {
+    pub(crate) topic: Bytes,
+    pub(crate) payload: Bytes,
+    /// Delivered because it was retained (on subscribe), not live.
+    pub(crate) retain: bool,
+}
+
+/// One connection's subscription to one exact command topic.
+#[derive(Debug)]
+struct CommandSubscriber {
+    connection: u64,
+    qos: u8,
+    tx: UnboundedSender<MuxEvent>,
+}
+
+/// QoS 1 publishes sent through the mux link and not yet acknowledged by the router: the
+/// mux link's packet id → (the connection's channel, the connection's packet id).
+#[derive(Debug, Default)]
+struct Pending {
+    next: u16,
+    by_pkid: HashMap<u16, (UnboundedSender<MuxEvent>, u16)>,
+}
+
+/// Why the mux link cannot take a publish.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MuxError {
+    /// The router is gone (rumqttd's `LinkError`, over 800 bytes, kept as its message).
+    #[error("the shared router link is gone: {0}")]
+    LinkGone(String),
+    /// The router already dropped the mux link.
+    #[error("the shared router link was dropped by the router")]
+    Dropped,
+}
+
+/// The shared link and who is subscribed to what through it.
+pub(crate) struct Mux {
+    tx: tokio::sync::Mutex<LinkTx>,
+    pending: Mutex<Pending>,
+    subscribers: Mutex<HashMap<Bytes, Vec<CommandSubscriber>>>,
+    retained: Mutex<HashMap<Bytes, Arc<Command>>>,
+    connections: AtomicU64,
+    /// Cancelled when the router dropped the mux link.
+    dead: CancellationToken,
+}
+
+impl fmt::Debug for Mux {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mux").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl Mux {
+    /// Registers the mux link as `client_id` and subscribes it to [`COMMAND_FILTER`] at
+    /// QoS 1. Run [`Mux::dispatch`] with the returned receiver.
+    pub(crate) async fn new(
+        router: &RouterHandle,
+        client_id: &str,
+    ) -> Result<(Arc<Mux>, LinkRx), LinkRefused> {
+        let (mut tx, rx, _connack) = router.link(LinkRequest {
+            client_id,
+            clean_session: true,
+            topic_alias_max: 0,
+        })?;
+        let subscribe = Subscribe {
+            pkid: 1,
+            filters: vec![Filter {
+                path: COMMAND_FILTER.to_owned(),
+                qos: QoS::AtLeastOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: RetainForwardRule::Never,
+            }],
+        };
+        tx.send(Packet::Subscribe(subscribe, None))
+            .await
+            .map_err(|err| LinkRefused(err.to_string()))?;
+        let mux = Mux {
+            tx: tokio::sync::Mutex::new(tx),
+            pending: Mutex::new(Pending::default()),
+            subscribers: Mutex::new(HashMap::new()),
+            retained: Mutex::new(HashMap::new()),
+            connections: AtomicU64::new(0),
+            dead: CancellationToken::new(),
+        };
+        Ok((Arc::new(mux), rx))
+    }
+
+    /// A fresh id for a connection's subscriptions.
+    pub(crate) fn connection_id(&self) -> u64 {
+        self.connections.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Cancelled once the router dropped the mux link.
+    pub(crate) fn dead(&self) -> &CancellationToken {
+        &self.dead
+    }
+
+    /// The publish to hand to the router for a connection's QoS 1 `publish` with packet id
+    /// `device_pkid`: the same message under a packet id of the mux link's own. The router's
+    /// PUBACK for it reaches `reply` as [`MuxEvent::PubAck`]`(device_pkid)`.
+    pub(crate) fn qos1(
+        &self,
+        publish: &Publish,
+        properties: Option<PublishProperties>,
+        reply: &UnboundedSender<MuxEvent>,
+        device_pkid: u16,
+    ) -> Packet {
+        let pkid = {
+            let mut pending = lock(&self.pending);
+            // 65 535 ids; more than that many unacknowledged publishes at once does not happen
+            // with max_inflight-bounded batches, but never reuse one still pending.
+            let mut pkid = pending.next;
+            for _ in 0..=u16::MAX {
+                pkid = pkid.wrapping_add(1).max(1);
+                if !pending.by_pkid.contains_key(&pkid) {
+                    break;
+                }
+            }
+            pending.next = pkid;
+            pending.by_pkid.insert(pkid, (reply.clone(), device_pkid));
+            pkid
+        };
+        Packet::Publish(
+            publish_with(&publish.topic, &publish.payload, 1, pkid, publish.retain),
+            properties,
+        )
+    }
+
+    /// Appends `batch` (publishes, in the connection's order) to the mux link's buffer and
+    /// tells the router, emptying `batch`. Waits while the buffer holds more than
+    /// [`MAX_BACKLOG`] packets (up to [`BACKLOG_PATIENCE`]).
+    ///
+    /// # Errors
+    ///
+    /// [`MuxError`] if the router dropped the mux link or is gone.
+    pub(crate) async fn send(&self, batch: &mut Vec<Packet>) -> Result<(), MuxError> {
+        if self.dead.is_cancelled() {
+            return Err(MuxError::Dropped);
+        }
+        let Some(last) = batch.pop() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        loop {
+            {
+                let mut tx = self.tx.lock().await;
+                let room = {
+                    let mut buffer = tx.buffer();
+                    let room = buffer.len() < MAX_BACKLOG || started.elapsed() >= BACKLOG_PATIENCE;
+                    if room {
+                        buffer.extend(batch.drain(..));
+                    }
+                    room
+                };
+                if room {
+                    // One notification per batch: the router takes the whole buffer for it.
+                    tx.send(last)
+                        .await
+                        .map_err(|err: LinkError| MuxError::LinkGone(err.to_string()))?;
+                    return Ok(());
+                }
+            }
+            if started.elapsed() < Duration::from_micros(200) {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    /// Subscribes `connection` to the exact command topic `topic` at `qos`, replacing a
+    /// subscription it had to it. Returns the retained command on `topic`, if there is one.
+    pub(crate) fn subscribe(
+        &self,
+        connection: u64,
+        topic: &str,
+        qos: u8,
+        tx: &UnboundedSender<MuxEvent>,
+    ) -> Option<Arc<Command>> {
+        let topic = Bytes::copy_from_slice(topic.as_bytes());
+        {
+            let mut subscribers = lock(&self.subscribers);
+            let list = subscribers.entry(topic.clone()).or_default();
+            list.retain(|s| s.connection != connection);
+            list.push(CommandSubscriber {
+                connection,
+                qos,
+                tx: tx.clone(),
+            });
+        }
+        lock(&self.retained).get(&topic).cloned()
+    }
+
+    /// Removes `connection`'s subscription to `topic`; whether it had one.
+    pub(crate) fn unsubscribe(&self, connection: u64, topic: &str) -> bool {
+        let mut subscribers = lock(&self.subscribers);
+        let Some(list) = subscribers.get_mut(topic.as_bytes()) else {
+            return false;
+        };
+        let before = list.len();
+        list.retain(|s| s.connection != connection);
+        let removed = list.len() != before;
+        if list.is_empty() {
+            subscribers.remove(topic.as_bytes());
+        }
+        removed
+    }
+
+    /// Remembers a publish on a command topic the way rumqttd's router treats retained
+    /// messages: a retained one replaces the topic's, an empty payload clears it.
+    pub(crate) fn record(&self, topic: &[u8], payload: &Bytes, retain: bool) {
+        if !is_command_topic_bytes(topic) {
+            return;
+        }
+        if payload.is_empty() {
+            lock(&self.retained).remove(topic);
+        } else if retain {
+            let topic = Bytes::copy_from_slice(topic);
+            let command = Command {
+                topic: topic.clone(),
+                payload: payload.clone(),
+                retain: true,
+            };
+            lock(&self.retained).insert(topic, Arc::new(command));
+        }
+    }
+
+    /// Reads what the router sends the mux link, forever: PUBACKs go to the connection that
+    /// published, commands to the connections subscribed to their topic.
+    pub(crate) async fn dispatch(self: Arc<Mux>, mut rx: LinkRx) {
+        loop {
+            let notification = match rx.next().await {
+                Ok(Some(notification)) => notification,
+                Ok(None) => continue,
+                Err(err) => {
+                    debug!(cause = %err, "the shared router link is closed");
+                    break;
+                }
+            };
+            match notification {
+                Notification::DeviceAck(ack) => {
+                    if let Packet::PubAck(ack, _) = Packet::from(ack) {
+                        let waiting = lock(&self.pending).by_pkid.remove(&ack.pkid);
+                        if let Some((tx, device_pkid)) = waiting {
+                            // The connection may be gone: its PUBACK goes nowhere.
+                            let _ = tx.send(MuxEvent::PubAck(device_pkid));
+                        }
+                    }
+                }
+                Notification::Forward(forward) => {
+                    let pkid = publish_pkid(&forward.publish);
+                    self.forward(forward.publish);
+                    if let Some(pkid) = pkid {
+                        // Handed to every subscriber's queue: acknowledge, so the router's
+                        // in-flight window for the mux link moves on.
+                        let ack = PubAck {
+                            pkid,
+                            reason: PubAckReason::Success,
+                        };
+                        let mut tx = self.tx.lock().await;
+                        if let Err(err) = tx.send(Packet::PubAck(ack, None)).await {
+                            debug!(cause = %err, "router gone");
+                            break;
+                        }
+                    }
+                }
+                Notification::Unschedule => {
+                    if rx.wake().await.is_err() {
+                        break;
+                    }
+                }
+                Notification::Disconnect(disconnect, _) => {
+                    error!(reason = ?disconnect.reason_code, "the router dropped the shared link of device connections");
+                    break;
+                }
+                other => {
+                    debug!(notification = ?other, "unexpected notification on the shared link")
+                }
+            }
+        }
+        self.dead.cancel();
+    }
+
+    /// Hands a command to the connections subscribed to its topic.
+    fn forward(&self, publish: Publish) {
+        let mut subscribers = lock(&self.subscribers);
+        let Some(list) = subscribers.get_mut(&publish.topic) else {
+            return;
+        };
+        let command = Arc::new(Command {
+            topic: publish.topic,
+            payload: publish.payload,
+            retain: false,
+        });
+        list.retain(|s| {
+            s.tx.send(MuxEvent::Command {
+                command: Arc::clone(&command),
+                qos: s.qos,
+            })
+            .is_ok()
+        });
+        if list.is_empty() {
+            subscribers.remove(&command.topic);
+        }
+    }
+}
+
+/// Whether `filter` is one exact command topic `fleet/{fleet}/{vehicle}/cmd`, which the mux
+/// link's subscription covers.
+pub(crate) fn is_command_topic(filter: &str) -> bool {
+    is_command_topic_bytes(filter.as_bytes())
+}
+
+fn is_command_topic_bytes(topic: &[u8]) -> bool {
+    let mut levels = topic.split(|&b| b == b'/');
+    let (Some(b"fleet"), Some(fleet), Some(vehicle), Some(b"cmd"), None) = (
+        levels.next(),
+        levels.next(),
+        levels.next(),
+        levels.next(),
+        levels.next(),
+    ) else {
+        return false;
+    };
+    let plain =
+        |level: &[u8]| !level.is_empty() && !level.iter().any(|&b| matches!(b, b'+' | b'#' | 0));
+    plain(fleet) && plain(vehicle) && std::str::from_utf8(topic).is_ok()
+}
+
+/// A `Publish` with the given QoS and packet id. rumqttd keeps both fields private and offers
+/// no constructor for QoS > 0, so the packet is encoded and read back with its own codec.
+pub(crate) fn publish_with(
+    topic: &[u8],
+    payload: &[u8],
+    qos: u8,
+    pkid: u16,
+    retain: bool,
+) -> Publish {
+    let mut frame = BytesMut::with_capacity(topic.len() + payload.len() + 9);
+    frame.put_u8(0x30 | (qos << 1) | u8::from(retain));
+    let mut remaining = 2 + topic.len() + payload.len() + if qos > 0 { 2 } else { 0 };
+    loop {
+        let mut byte = (remaining % 128) as u8;
+        remaining /= 128;
+        if remaining > 0 {
+            byte |= 0x80;
+        }
+        frame.put_u8(byte);
+        if remaining == 0 {
+            break;
+        }
+    }
+    frame.put_u16(topic.len() as u16);
+    frame.put_slice(topic);
+    if qos > 0 {
+        frame.put_u16(pkid);
+    }
+    frame.put_slice(payload);
+    match V4.read_mut(&mut frame, usize::MAX) {
+        Ok(Packet::Publish(publish, _)) => publish,
+        // Unreachable for a topic under 64 KiB (ours come from decoded packets); fall back to
+        // what the public constructor allows rather than panicking.
+        _ => Publish::new(
+            Bytes::copy_from_slice(topic),
+            Bytes::copy_from_slice(payload),
+            retain,
+        ),
+    }
+}
+
+/// The packet id of a forwarded publish if it is QoS 1 or 2 (rumqttd keeps it private).
+fn publish_pkid(publish: &Publish) -> Option<u16> {
+    let mut frame = BytesMut::new();
+    V4.write(Packet::Publish(publish.clone(), None), &mut frame)
+        .ok()?;
+    let qos = (frame.first()? >> 1) & 0b11;
+    if qos == 0 {
+        return None;
+    }
+    let mut at = 1;
+    while frame.get(at)? & 0x80 != 0 {
+        at += 1;
+    }
+    at += 1;
+    let topic_len = usize::from(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]));
+    let at = at + 2 + topic_len;
+    Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_topics_are_exact() {
+        assert!(is_command_topic("fleet/acme/van-1/cmd"));
+        assert!(!is_command_topic("fleet/+/van-1/cmd"));
+        assert!(!is_command_topic("fleet/acme/#"));
+        assert!(!is_command_topic("fleet/acme/van-1/hb"));
+        assert!(!is_command_topic("fleet/acme/van-1/cmd/x"));
+        assert!(!is_command_topic("fleet//van-1/cmd"));
+        assert!(!is_command_topic("json/fleet/acme/van-1/cmd"));
+    }
+
+    #[test]
+    fn publish_with_sets_qos_and_packet_id() {
+        let publish = publish_with(b"fleet/a/b/cmd", b"go", 1, 777, true);
+        assert_eq!(publish_pkid(&publish), Some(777));
+        assert!(publish.retain);
+        assert_eq!(&publish.topic[..], b"fleet/a/b/cmd");
+        assert_eq!(&publish.payload[..], b"go");
+        let qos0 = publish_with(b"a", b"x", 0, 0, false);
+        assert_eq!(publish_pkid(&qos0), None);
+    }
+}

@@ -1,0 +1,1082 @@
+//! A small MQTT 3.1.1 client sized for one vehicle: the [`Session`] (the protocol state, no
+//! I/O) and the [`Link`] (a TCP connection that moves the session's bytes).
+//!
+//! The packets are encoded and decoded by rumqttc's public codec
+//! ([`rumqttc::mqttbytes::v4`]); what this module adds is what a vehicle needs of a client and
+//! no more, so that 10 000 of them fit in one process:
+//!
+//! - **Buffers sized for the traffic.** A vehicle receives a few tens of bytes at a time
+//!   (CONNACK, SUBACK, PUBACK, PINGRESP, the odd command). The read buffer starts at
+//!   [`READ_BUFFER`] bytes and grows only to fit a larger packet, up to the hard maximum
+//!   [`SessionOptions::max_packet`]; a larger packet ends the connection with
+//!   [`LinkError::PacketTooLarge`]. Publishes are encoded into one reusable write buffer
+//!   ([`WRITE_BUFFER`] bytes to start with). Both shrink back after a burst.
+//! - **No allocation per message.** The outgoing `Publish` and its topic string are reused,
+//!   its payload is a view of one reusable scratch buffer, and decoding PUBACKs and PINGRESPs
+//!   splits the read buffer without copying.
+//! - **QoS 1 bookkeeping with caller tags.** Each QoS 1 publish gets a free packet id and
+//!   carries a tag of the caller's (`T`), handed back with its PUBACK
+//!   ([`Incoming::PubAck`]); at most [`MAX_INFLIGHT`] are unacknowledged at once. Incoming
+//!   QoS 1 publishes are acknowledged as they are decoded.
+//! - **Keep-alive.** A PINGREQ goes out when nothing has been sent *or* received for the
+//!   keep-alive, and the link is declared dead ([`LinkError::PingTimeout`]) when its
+//!   PINGRESP does not come within [`SessionOptions::ping_timeout`]: a vehicle that only
+//!   publishes QoS 0 notices a dead broker too. A CONNACK must come within
+//!   [`SessionOptions::connack_timeout`].
+//!
+//! The session never waits: the caller owns one timer and sleeps until
+//! [`Session::deadline`], then calls [`Session::on_timer`]; it reads with
+//! [`Link::exchange`] and takes decoded packets from [`Session::next_incoming`].
+//!
+//! Clean sessions only: after a lost connection nothing is resumed ([`Session::reset`]); the
+//! caller sends again whatever was unacknowledged, with `dup` set.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Disconnect, LastWill, Login, Packet, PingReq, PubAck,
+    Publish, Subscribe, SubscribeReasonCode,
+};
+use rumqttc::mqttbytes::{self, PacketType, QoS};
+use tokio::io::{AsyncWriteExt as _, Interest};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// The read buffer's initial capacity: a command publish fits, a PUBACK many times over.
+pub const READ_BUFFER: usize = 128;
+/// The write buffer's initial capacity: a CONNECT with will and login, or a publish, fits.
+pub const WRITE_BUFFER: usize = 256;
+/// A buffer that grew beyond this for a burst is replaced by a fresh small one once empty.
+const SHRINK_ABOVE: usize = 1024;
+/// The largest incoming packet accepted by default (remaining length, bytes).
+pub const MAX_PACKET: usize = 4096;
+/// QoS 1 publishes awaiting their PUBACK at most.
+pub const MAX_INFLIGHT: usize = 20;
+
+/// How a [`Session`] talks to its broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// The keep-alive sent in CONNECT, 1 ..= 65 535 whole seconds: a PINGREQ goes out after
+    /// this long without sending or receiving anything.
+    pub keep_alive: Duration,
+    /// How long a PINGRESP may take before the link counts as dead.
+    pub ping_timeout: Duration,
+    /// How long the CONNACK may take.
+    pub connack_timeout: Duration,
+    /// The largest incoming packet (remaining length) accepted; a larger one ends the link.
+    pub max_packet: usize,
+}
+
+impl SessionOptions {
+    /// Keep-alive `keep_alive`, a PINGRESP timeout of the same length, 5 s for the CONNACK,
+    /// packets up to [`MAX_PACKET`].
+    pub const fn new(keep_alive: Duration) -> Self {
+        Self {
+            keep_alive,
+            ping_timeout: keep_alive,
+            connack_timeout: Duration::from_secs(5),
+            max_packet: MAX_PACKET,
+        }
+    }
+}
+
+/// An application message to publish (or to leave as the last will).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
+    /// The topic name.
+    pub topic: &'a str,
+    /// The payload.
+    pub payload: &'a [u8],
+    /// At most once or at least once ([`QoS::ExactlyOnce`] is not supported).
+    pub qos: QoS,
+    /// Whether the broker retains it.
+    pub retain: bool,
+}
+
+/// What a CONNECT carries besides the session options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectRequest<'a> {
+    /// The client id.
+    pub client_id: &'a str,
+    /// Username and password, if the broker wants a login.
+    pub login: Option<(&'a str, &'a str)>,
+    /// The last will, published by the broker if the link dies without a DISCONNECT.
+    pub will: Option<Message<'a>>,
+}
+
+/// A packet from the broker that the caller has to act on (PINGRESP is handled inside).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming<T> {
+    /// The broker accepted the connection: publishing and subscribing may start.
+    ConnAck,
+    /// A message on a subscribed topic. A QoS 1 one is already acknowledged.
+    Publish(Publish),
+    /// The broker acknowledged a QoS 1 publish.
+    PubAck {
+        /// Its packet id.
+        pkid: u16,
+        /// The tag it was published with; `None` if no publish with this id was in flight
+        /// (a late or duplicate acknowledgement).
+        tag: Option<T>,
+    },
+    /// The broker answered a SUBSCRIBE.
+    SubAck {
+        /// Its packet id.
+        pkid: u16,
+        /// Whether the broker refused any of its filters.
+        refused: bool,
+    },
+}
+
+/// Why a connection is over. Every variant means: drop the [`Link`], [`Session::reset`], and
+/// connect again later.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The socket failed.
+    #[error("connection failed: {0}")]
+    Io(#[from] io::Error),
+    /// The TCP connection could not be made in time.
+    #[error("connecting timed out")]
+    ConnectTimeout,
+    /// The broker closed the connection.
+    #[error("the broker closed the connection")]
+    Closed,
+    /// The broker refused the connection (CONNACK return code).
+    #[error("the broker refused the connection: {0:?}")]
+    Refused(ConnectReturnCode),
+    /// No CONNACK within [`SessionOptions::connack_timeout`].
+    #[error("no CONNACK within {0:?}")]
+    ConnAckTimeout(Duration),
+    /// No PINGRESP within [`SessionOptions::ping_timeout`].
+    #[error("no PINGRESP within {0:?}")]
+    PingTimeout(Duration),
+    /// The broker sent a packet larger than [`SessionOptions::max_packet`].
+    #[error("the broker sent a packet of {size} bytes, more than the {max} a vehicle accepts")]
+    PacketTooLarge {
+        /// Its remaining length.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The broker sent bytes that are not an MQTT 3.1.1 packet.
+    #[error("malformed packet from the broker: {0}")]
+    Malformed(mqttbytes::Error),
+    /// The broker sent a packet a client never expects here (or a QoS 2 publish, which this
+    /// client never subscribes to).
+    #[error("unexpected {0:?} packet from the broker")]
+    Unexpected(PacketType),
+}
+
+impl LinkError {
+    /// Whether the broker sent a packet larger than the limit.
+    pub const fn is_oversized(&self) -> bool {
+        matches!(self, Self::PacketTooLarge { .. })
+    }
+}
+
+/// Why a packet could not be queued; the connection itself is fine.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No CONNACK yet (or the link is down, or closing).
+    #[error("not connected")]
+    NotConnected,
+    /// [`MAX_INFLIGHT`] QoS 1 publishes await their PUBACK: wait for one.
+    #[error("{MAX_INFLIGHT} publishes await their acknowledgement already")]
+    InFlightFull,
+    /// QoS 2 is not supported.
+    #[error("QoS 2 is not supported")]
+    Qos2,
+    /// The packet cannot be encoded (a topic or payload too long for MQTT).
+    #[error("cannot encode the packet: {0}")]
+    Encode(mqttbytes::Error),
+}
+
+/// Where the session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No connection.
+    Idle,
+    /// CONNECT queued at `since`, no CONNACK yet.
+    AwaitingConnAck { since: Instant },
+    /// CONNACK received.
+    Connected,
+    /// DISCONNECT queued: nothing more goes out.
+    Closing,
+}
+
+/// One client's MQTT state, without I/O: what to send (the output), what arrived (the input),
+/// packet ids in flight, keep-alive. See the [module docs](self).
+#[derive(Debug)]
+pub struct Session<T> {
+    options: SessionOptions,
+    state: State,
+    /// Bytes received and not yet decoded.
+    read: BytesMut,
+    /// Bytes of the frame being received that are still missing (a hint for growing `read`).
+    missing: usize,
+    /// Encoded packets not yet written.
+    write: BytesMut,
+    /// The outgoing payload, copied here so the reused `outgoing` can point at it.
+    scratch: BytesMut,
+    /// The PUBLISH being encoded, reused (its topic string keeps its capacity).
+    outgoing: Publish,
+    next_pkid: u16,
+    /// QoS 1 publishes awaiting their PUBACK: (packet id, tag), oldest first.
+    in_flight: heapless::Vec<(u16, T), MAX_INFLIGHT>,
+    last_sent: Instant,
+    last_received: Instant,
+    /// When the unanswered PINGREQ went out.
+    ping_sent: Option<Instant>,
+}
+
+impl<T: Copy> Session<T> {
+    /// An idle session; no buffer is allocated before [`begin`](Self::begin).
+    pub fn new(options: SessionOptions) -> Self {
+        let now = Instant::now();
+        Self {
+            options,
+            state: State::Idle,
+            read: BytesMut::new(),
+            missing: 0,
+            write: BytesMut::new(),
+            scratch: BytesMut::new(),
+            outgoing: Publish::from_bytes(String::new(), QoS::AtMostOnce, Bytes::new()),
+            next_pkid: 0,
+            in_flight: heapless::Vec::new(),
+            last_sent: now,
+            last_received: now,
+            ping_sent: None,
+        }
+    }
+
+    /// The options it was made with.
+    pub const fn options(&self) -> &SessionOptions {
+        &self.options
+    }
+
+    /// Starts a connection over a freshly opened link: queues the CONNECT (clean session).
+    ///
+    /// # Errors
+    /// [`SendError::Encode`] if an id, topic or login is too long for MQTT;
+    /// [`SendError::Qos2`] for a QoS 2 will.
+    pub fn begin(&mut self, request: &ConnectRequest<'_>, now: Instant) -> Result<(), SendError> {
+        self.reset();
+        let mut connect = Connect::new(request.client_id);
+        connect.clean_session = true;
+        connect.keep_alive = u16::try_from(self.options.keep_alive.as_secs()).unwrap_or(u16::MAX);
+        if let Some((username, password)) = request.login {
+            connect.login = Some(Login::new(username, password));
+        }
+        if let Some(will) = request.will {
+            if will.qos == QoS::ExactlyOnce {
+                return Err(SendError::Qos2);
+            }
+            connect.last_will = Some(LastWill::new(
+                will.topic,
+                will.payload,
+                will.qos,
+                will.retain,
+            ));
+        }
+        if self.read.capacity() == 0 {
+            self.read = BytesMut::with_capacity(READ_BUFFER);
+        }
+        if self.write.capacity() == 0 {
+            self.write = BytesMut::with_capacity(WRITE_BUFFER);
+        }
+        if self.scratch.capacity() == 0 {
+            self.scratch = BytesMut::with_capacity(shared::MAX_PAYLOAD);
+        }
+        self.write.reserve(connect.size());
+        connect.write(&mut self.write).map_err(SendError::Encode)?;
+        self.state = State::AwaitingConnAck { since: now };
+        self.last_sent = now;
+        self.last_received = now;
+        Ok(())
+    }
+
+    /// Whether the broker has accepted the connection (and no DISCONNECT is queued).
+    pub fn is_connected(&self) -> bool {
+        self.state == State::Connected
+    }
+
+    /// Queues a PUBLISH; `dup` marks a QoS 1 message sent again after a lost connection.
+    /// Returns its packet id (0 at QoS 0); a QoS 1 publish is reported back with `tag` when
+    /// its PUBACK arrives.
+    ///
+    /// # Errors
+    /// [`SendError`]: not connected, too many in flight, QoS 2, or not encodable. Nothing is
+    /// queued then.
+    pub fn publish(
+        &mut self,
+        message: &Message<'_>,
+        dup: bool,
+        tag: T,
+        now: Instant,
+    ) -> Result<u16, SendError> {
+        if self.state != State::Connected {
+            return Err(SendError::NotConnected);
+        }
+        let pkid = match message.qos {
+            QoS::AtMostOnce => 0,
+            QoS::AtLeastOnce if self.in_flight.is_full() => return Err(SendError::InFlightFull),
+            QoS::AtLeastOnce => self.free_pkid(),
+            QoS::ExactlyOnce => return Err(SendError::Qos2),
+        };
+        // The scratch buffer is uniquely ours again (the last payload view was dropped), so
+        // this reclaims its space instead of allocating.
+        self.scratch.reserve(message.payload.len());
+        self.scratch.extend_from_slice(message.payload);
+        let outgoing = &mut self.outgoing;
+        outgoing.topic.clear();
+        outgoing.topic.push_str(message.topic);
+        outgoing.payload = self.scratch.split().freeze();
+        outgoing.qos = message.qos;
+        outgoing.retain = message.retain;
+        outgoing.dup = dup && pkid != 0;
+        outgoing.pkid = pkid;
+        self.write.reserve(outgoing.size());
+        let written = outgoing.write(&mut self.write);
+        outgoing.payload = Bytes::new();
+        written.map_err(SendError::Encode)?;
+        if pkid != 0 {
+            // Cannot fail: checked above.
+            let _ = self.in_flight.push((pkid, tag));
+        }
+        self.last_sent = now;
+        Ok(pkid)
+    }
+
+    /// Queues a SUBSCRIBE to one filter; returns its packet id.
+    ///
+    /// # Errors
+    /// [`SendError::NotConnected`] before the CONNACK; [`SendError::Encode`] for a filter too
+    /// long for MQTT.
+    pub fn subscribe(&mut self, filter: &str, qos: QoS, now: Instant) -> Result<u16, SendError> {
+        if self.state != State::Connected {
+            return Err(SendError::NotConnected);
+        }
+        let mut subscribe = Subscribe::new(filter, qos);
+        subscribe.pkid = self.free_pkid();
+        self.write.reserve(subscribe.size());
+        subscribe
+            .write(&mut self.write)
+            .map_err(SendError::Encode)?;
+        self.last_sent = now;
+        Ok(subscribe.pkid)
+    }
+
+    /// Queues a DISCONNECT; nothing else can be queued after it.
+    ///
+    /// # Errors
+    /// [`SendError::NotConnected`] before the CONNACK.
+    pub fn disconnect(&mut self, now: Instant) -> Result<(), SendError> {
+        if self.state != State::Connected {
+            return Err(SendError::NotConnected);
+        }
+        Disconnect
+            .write(&mut self.write)
+            .map_err(SendError::Encode)?;
+        self.state = State::Closing;
+        self.last_sent = now;
+        Ok(())
+    }
+
+    /// QoS 1 publishes awaiting their PUBACK.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether encoded packets wait to be written.
+    pub fn has_output(&self) -> bool {
+        !self.write.is_empty()
+    }
+
+    /// The encoded packets waiting to be written.
+    pub fn output(&self) -> &[u8] {
+        &self.write
+    }
+
+    /// `n` bytes of [`output`](Self::output) were written.
+    pub fn wrote(&mut self, n: usize) {
+        self.write.advance(n.min(self.write.len()));
+        if self.write.is_empty() && self.write.capacity() > SHRINK_ABOVE {
+            self.write = BytesMut::with_capacity(WRITE_BUFFER);
+        }
+    }
+
+    /// The buffer to read into, with room for at least the rest of the frame being received
+    /// (as far as its header told), or some room if nothing is known.
+    pub fn read_buffer(&mut self) -> &mut BytesMut {
+        let spare = self.read.capacity() - self.read.len();
+        if spare == 0 || spare < self.missing {
+            self.read.reserve(self.missing.max(READ_BUFFER / 2));
+        }
+        &mut self.read
+    }
+
+    /// Bytes received and not yet decoded.
+    pub fn input_len(&self) -> usize {
+        self.read.len()
+    }
+
+    /// Throws away what was received and not yet decoded (while closing).
+    pub fn discard_input(&mut self) {
+        self.read.clear();
+        self.missing = 0;
+    }
+
+    /// Decodes the next complete packet received; `None` until one is complete. Answers
+    /// PINGRESP and acknowledges incoming QoS 1 publishes by itself (the PUBACK joins the
+    /// output).
+    ///
+    /// # Errors
+    /// [`LinkError::PacketTooLarge`], [`LinkError::Malformed`], [`LinkError::Refused`],
+    /// [`LinkError::Unexpected`]: the connection is over.
+    pub fn next_incoming(&mut self, now: Instant) -> Result<Option<Incoming<T>>, LinkError> {
+        loop {
+            if self.read.is_empty() {
+                if self.read.capacity() > SHRINK_ABOVE {
+                    self.read = BytesMut::with_capacity(READ_BUFFER);
+                }
+                return Ok(None);
+            }
+            let packet = match Packet::read(&mut self.read, self.options.max_packet) {
+                Ok(packet) => packet,
+                Err(mqttbytes::Error::InsufficientBytes(missing)) => {
+                    self.missing = missing;
+                    return Ok(None);
+                }
+                Err(mqttbytes::Error::PayloadSizeLimitExceeded(size)) => {
+                    return Err(LinkError::PacketTooLarge {
+                        size,
+                        max: self.options.max_packet,
+                    });
+                }
+                Err(err) => return Err(LinkError::Malformed(err)),
+            };
+            self.missing = 0;
+            self.last_received = now;
+            if let Some(incoming) = self.on_packet(packet, now)? {
+                return Ok(Some(incoming));
+            }
+        }
+    }
+
+    fn on_packet(
+        &mut self,
+        packet: Packet,
+        now: Instant,
+    ) -> Result<Option<Incoming<T>>, LinkError> {
+        if let State::AwaitingConnAck { .. } = self.state {
+            let Packet::ConnAck(ConnAck { code, .. }) = packet else {
+                return Err(LinkError::Unexpected(packet_type(&packet)));
+            };
+            if code != ConnectReturnCode::Success {
+                return Err(LinkError::Refused(code));
+            }
+            self.state = State::Connected;
+            return Ok(Some(Incoming::ConnAck));
+        }
+        match packet {
+            Packet::PingResp => {
+                self.ping_sent = None;
+                Ok(None)
+            }
+            Packet::PubAck(PubAck { pkid }) => {
+                let tag = self
+                    .in_flight
+                    .iter()
+                    .position(|&(p, _)| p == pkid)
+                    .map(|i| self.in_flight.remove(i).1);
+                Ok(Some(Incoming::PubAck { pkid, tag }))
+            }
+            Packet::SubAck(ack) => Ok(Some(Incoming::SubAck {
+                pkid: ack.pkid,
+                refused: ack
+                    .return_codes
+                    .iter()
+                    .any(|code| matches!(code, SubscribeReasonCode::Failure)),
+            })),
+            Packet::Publish(publish) => match publish.qos {
+                QoS::AtMostOnce => Ok(Some(Incoming::Publish(publish))),
+                QoS::AtLeastOnce => {
+                    if self.state == State::Connected {
+                        let ack = PubAck::new(publish.pkid);
+                        self.write.reserve(ack.size());
+                        ack.write(&mut self.write).map_err(LinkError::Malformed)?;
+                        self.last_sent = now;
+                    }
+                    Ok(Some(Incoming::Publish(publish)))
+                }
+                QoS::ExactlyOnce => Err(LinkError::Unexpected(PacketType::Publish)),
+            },
+            other => Err(LinkError::Unexpected(packet_type(&other))),
+        }
+    }
+
+    /// When [`on_timer`](Self::on_timer) has something to do next (`None` while idle). It
+    /// only moves later as traffic flows, so a timer armed for it may fire early: call
+    /// `on_timer` then and arm it for the new deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        match self.state {
+            State::Idle | State::Closing => None,
+            State::AwaitingConnAck { since } => Some(since + self.options.connack_timeout),
+            State::Connected => Some(match self.ping_sent {
+                Some(sent) => sent + self.options.ping_timeout,
+                None => self.last_sent.min(self.last_received) + self.options.keep_alive,
+            }),
+        }
+    }
+
+    /// Keep-alive and timeouts at `now`: queues a PINGREQ if the link has been quiet for the
+    /// keep-alive (in either direction).
+    ///
+    /// # Errors
+    /// [`LinkError::ConnAckTimeout`] or [`LinkError::PingTimeout`]: the connection is over.
+    pub fn on_timer(&mut self, now: Instant) -> Result<(), LinkError> {
+        match self.state {
+            State::Idle | State::Closing => Ok(()),
+            State::AwaitingConnAck { since } => {
+                if now >= since + self.options.connack_timeout {
+                    Err(LinkError::ConnAckTimeout(self.options.connack_timeout))
+                } else {
+                    Ok(())
+                }
+            }
+            State::Connected => {
+                if let Some(sent) = self.ping_sent {
+                    if now >= sent + self.options.ping_timeout {
+                        return Err(LinkError::PingTimeout(self.options.ping_timeout));
+                    }
+                } else if now >= self.last_sent.min(self.last_received) + self.options.keep_alive {
+                    PingReq
+                        .write(&mut self.write)
+                        .map_err(LinkError::Malformed)?;
+                    self.ping_sent = Some(now);
+                    self.last_sent = now;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The link is gone: forgets the packets in flight and everything buffered (a clean
+    /// session resumes nothing), and gives back the memory of a burst.
+    pub fn reset(&mut self) {
+        self.state = State::Idle;
+        self.in_flight.clear();
+        self.ping_sent = None;
+        self.missing = 0;
+        self.read.clear();
+        self.write.clear();
+        if self.read.capacity() > SHRINK_ABOVE {
+            self.read = BytesMut::with_capacity(READ_BUFFER);
+        }
+        if self.write.capacity() > SHRINK_ABOVE {
+            self.write = BytesMut::with_capacity(WRITE_BUFFER);
+        }
+    }
+
+    /// A packet id not in flight, never 0.
+    fn free_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            let pkid = self.next_pkid;
+            if !self.in_flight.iter().any(|&(p, _)| p == pkid) {
+                return pkid;
+            }
+        }
+    }
+}
+
+fn packet_type(packet: &Packet) -> PacketType {
+    match packet {
+        Packet::Connect(_) => PacketType::Connect,
+        Packet::ConnAck(_) => PacketType::ConnAck,
+        Packet::Publish(_) => PacketType::Publish,
+        Packet::PubAck(_) => PacketType::PubAck,
+        Packet::PubRec(_) => PacketType::PubRec,
+        Packet::PubRel(_) => PacketType::PubRel,
+        Packet::PubComp(_) => PacketType::PubComp,
+        Packet::Subscribe(_) => PacketType::Subscribe,
+        Packet::SubAck(_) => PacketType::SubAck,
+        Packet::Unsubscribe(_) => PacketType::Unsubscribe,
+        Packet::UnsubAck(_) => PacketType::UnsubAck,
+        Packet::PingReq => PacketType::PingReq,
+        Packet::PingResp => PacketType::PingResp,
+        Packet::Disconnect => PacketType::Disconnect,
+    }
+}
+
+/// A TCP connection to the broker (`TCP_NODELAY`), moving a [`Session`]'s bytes.
+#[derive(Debug)]
+pub struct Link {
+    stream: TcpStream,
+}
+
+impl Link {
+    /// Connects to `host:port` within `timeout`, with `TCP_NODELAY`.
+    ///
+    /// # Errors
+    /// [`LinkError::Io`] or [`LinkError::ConnectTimeout`].
+    pub async fn connect(host: &str, port: u16, timeout: Duration) -> Result<Self, LinkError> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
+            .await
+            .map_err(|_| LinkError::ConnectTimeout)??;
+        stream.set_nodelay(true)?;
+        Ok(Self { stream })
+    }
+
+    /// Writes as much of the session's output as the socket takes now, without waiting.
+    ///
+    /// # Errors
+    /// [`LinkError::Io`] or [`LinkError::Closed`].
+    pub fn write_now<T: Copy>(&self, session: &mut Session<T>) -> Result<(), LinkError> {
+        while session.has_output() {
+            match self.stream.try_write(session.output()) {
+                Ok(0) => return Err(LinkError::Closed),
+                Ok(n) => session.wrote(n),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the socket can be read (or written, while the session has output), then
+    /// writes what it can and reads what arrived into the session: take the packets with
+    /// [`Session::next_incoming`]. Cancel safe: nothing is lost if it is dropped while
+    /// waiting.
+    ///
+    /// # Errors
+    /// [`LinkError::Io`] or [`LinkError::Closed`].
+    pub async fn exchange<T: Copy>(&self, session: &mut Session<T>) -> Result<(), LinkError> {
+        let interest = if session.has_output() {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        let ready = self.stream.ready(interest).await?;
+        if ready.is_writable() {
+            self.write_now(session)?;
+        }
+        if ready.is_readable() || ready.is_read_closed() {
+            match self.stream.try_read_buf(session.read_buffer()) {
+                Ok(0) => return Err(LinkError::Closed),
+                Ok(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the connection cleanly: writes the rest of the output (a DISCONNECT last, see
+    /// [`Session::disconnect`]), closes the sending side, and waits until the broker has
+    /// closed its side, discarding whatever it still sends. Put a timeout around it.
+    ///
+    /// # Errors
+    /// [`LinkError::Io`] if the socket fails on the way.
+    pub async fn close<T: Copy>(mut self, session: &mut Session<T>) -> Result<(), LinkError> {
+        while session.has_output() {
+            self.stream.writable().await?;
+            self.write_now(session)?;
+        }
+        self.stream.shutdown().await?;
+        loop {
+            self.stream.readable().await?;
+            match self.stream.try_read_buf(session.read_buffer()) {
+                Ok(0) => return Ok(()),
+                Ok(_) => session.discard_input(),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Tagged = Session<u32>;
+
+    const KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+    fn options() -> SessionOptions {
+        SessionOptions {
+            ping_timeout: Duration::from_secs(10),
+            ..SessionOptions::new(KEEP_ALIVE)
+        }
+    }
+
+    /// Decodes every packet in the session's output, as a broker would, and marks it written.
+    fn sent(session: &mut Tagged) -> Vec<Packet> {
+        let mut bytes = BytesMut::from(session.output());
+        session.wrote(bytes.len());
+        let mut packets = Vec::new();
+        while !bytes.is_empty() {
+            packets.push(Packet::read(&mut bytes, 1 << 20).expect("a valid packet"));
+        }
+        packets
+    }
+
+    /// Feeds the broker's `packet` to the session.
+    fn receive(session: &mut Tagged, packet: &Packet) {
+        let mut bytes = BytesMut::new();
+        packet.write(&mut bytes, 1 << 20).expect("encodes");
+        session.read_buffer().extend_from_slice(&bytes);
+    }
+
+    fn connected(now: Instant) -> Tagged {
+        let mut session = Tagged::new(options());
+        let request = ConnectRequest {
+            client_id: "demo-0001",
+            login: Some(("demo-0001", "secret")),
+            will: Some(Message {
+                topic: "fleet/demo/demo-0001/status",
+                payload: b"gone",
+                qos: QoS::AtLeastOnce,
+                retain: true,
+            }),
+        };
+        session.begin(&request, now).expect("encodes");
+        let packets = sent(&mut session);
+        let [Packet::Connect(connect)] = packets.as_slice() else {
+            panic!("{packets:?}");
+        };
+        assert_eq!(connect.client_id, "demo-0001");
+        assert!(connect.clean_session);
+        assert_eq!(connect.keep_alive, 30);
+        let login = connect.login.as_ref().expect("login");
+        assert_eq!(
+            (login.username.as_str(), login.password.as_str()),
+            ("demo-0001", "secret")
+        );
+        let will = connect.last_will.as_ref().expect("will");
+        assert_eq!(will.topic, "fleet/demo/demo-0001/status");
+        assert_eq!(&will.message[..], b"gone");
+        assert!(will.retain && will.qos == QoS::AtLeastOnce);
+        assert!(!session.is_connected());
+        receive(
+            &mut session,
+            &Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+        );
+        assert_eq!(
+            session.next_incoming(now).expect("valid"),
+            Some(Incoming::ConnAck)
+        );
+        assert!(session.is_connected());
+        session
+    }
+
+    fn message(payload: &[u8], qos: QoS) -> Message<'_> {
+        Message {
+            topic: "fleet/demo/demo-0001/event",
+            payload,
+            qos,
+            retain: false,
+        }
+    }
+
+    #[test]
+    fn pubacks_come_back_with_their_tags() {
+        let now = Instant::now();
+        let mut session = connected(now);
+        let a = session
+            .publish(&message(b"a", QoS::AtLeastOnce), false, 10, now)
+            .expect("queued");
+        let b = session
+            .publish(&message(b"b", QoS::AtLeastOnce), true, 11, now)
+            .expect("queued");
+        let zero = session
+            .publish(&message(b"hb", QoS::AtMostOnce), true, 99, now)
+            .expect("queued");
+        assert_eq!(zero, 0, "QoS 0 has no packet id");
+        assert_ne!(a, b);
+        assert_eq!(session.in_flight(), 2);
+        let packets = sent(&mut session);
+        let publishes: Vec<(u16, bool, &[u8])> = packets
+            .iter()
+            .map(|p| match p {
+                Packet::Publish(p) => (p.pkid, p.dup, &p.payload[..]),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // DUP only where asked and only at QoS 1.
+        assert_eq!(
+            publishes,
+            [
+                (a, false, &b"a"[..]),
+                (b, true, &b"b"[..]),
+                (0, false, &b"hb"[..])
+            ]
+        );
+
+        // Acknowledged out of order, and a stray ack: each maps back to its own tag.
+        receive(&mut session, &Packet::PubAck(PubAck::new(b)));
+        receive(&mut session, &Packet::PubAck(PubAck::new(777)));
+        receive(&mut session, &Packet::PubAck(PubAck::new(a)));
+        let acks: Vec<_> =
+            std::iter::from_fn(|| session.next_incoming(now).expect("valid")).collect();
+        assert_eq!(
+            acks,
+            [
+                Incoming::PubAck {
+                    pkid: b,
+                    tag: Some(11)
+                },
+                Incoming::PubAck {
+                    pkid: 777,
+                    tag: None
+                },
+                Incoming::PubAck {
+                    pkid: a,
+                    tag: Some(10)
+                },
+            ]
+        );
+        assert_eq!(session.in_flight(), 0);
+    }
+
+    #[test]
+    fn packet_ids_skip_zero_and_those_in_flight_and_are_bounded() {
+        let now = Instant::now();
+        let mut session = connected(now);
+        session.next_pkid = u16::MAX - 1;
+        let mut ids = Vec::new();
+        for tag in 0..MAX_INFLIGHT as u32 {
+            ids.push(
+                session
+                    .publish(&message(b"x", QoS::AtLeastOnce), false, tag, now)
+                    .expect("room"),
+            );
+        }
+        assert_eq!(&ids[..3], [u16::MAX, 1, 2], "wraps past 0");
+        assert!(matches!(
+            session.publish(&message(b"x", QoS::AtLeastOnce), false, 0, now),
+            Err(SendError::InFlightFull)
+        ));
+        // QoS 0 still goes.
+        assert!(
+            session
+                .publish(&message(b"x", QoS::AtMostOnce), false, 0, now)
+                .is_ok()
+        );
+        // Free one in the middle, then wrap around again: ids in flight are never reused.
+        receive(&mut session, &Packet::PubAck(PubAck::new(2)));
+        assert!(session.next_incoming(now).expect("valid").is_some());
+        session.next_pkid = u16::MAX - 1;
+        let next = session
+            .publish(&message(b"x", QoS::AtLeastOnce), false, 0, now)
+            .expect("room");
+        assert_eq!(next, 2);
+        // A lost link forgets them all.
+        session.reset();
+        assert_eq!(session.in_flight(), 0);
+        assert!(matches!(
+            session.publish(&message(b"x", QoS::AtMostOnce), false, 0, now),
+            Err(SendError::NotConnected)
+        ));
+    }
+
+    #[test]
+    fn pings_when_quiet_and_times_out_without_pingresp() {
+        let start = Instant::now();
+        let mut session = connected(start);
+        assert_eq!(session.deadline(), Some(start + KEEP_ALIVE));
+        // Busy sending: no ping, but nothing received either, so the keep-alive still runs
+        // from the last packet received.
+        let later = start + Duration::from_secs(20);
+        session
+            .publish(&message(b"hb", QoS::AtMostOnce), false, 0, later)
+            .expect("queued");
+        let _ = sent(&mut session);
+        session.on_timer(later).expect("alive");
+        assert!(!session.has_output());
+        assert_eq!(session.deadline(), Some(start + KEEP_ALIVE));
+
+        let due = start + KEEP_ALIVE;
+        session.on_timer(due).expect("alive");
+        assert_eq!(sent(&mut session), [Packet::PingReq]);
+        assert_eq!(session.deadline(), Some(due + Duration::from_secs(10)));
+        // The PINGRESP comes: the link lives on, the next ping is a keep-alive later.
+        receive(&mut session, &Packet::PingResp);
+        let answered = due + Duration::from_secs(1);
+        assert_eq!(session.next_incoming(answered).expect("valid"), None);
+        session
+            .on_timer(due + Duration::from_secs(10))
+            .expect("answered");
+        assert!(!session.has_output());
+
+        // The next one, a keep-alive after the last PINGREQ, is never answered.
+        let next = due + KEEP_ALIVE;
+        assert_eq!(session.deadline(), Some(next));
+        session.on_timer(next).expect("alive");
+        assert_eq!(sent(&mut session), [Packet::PingReq]);
+        session
+            .on_timer(next + Duration::from_secs(9))
+            .expect("still within the timeout");
+        assert!(matches!(
+            session.on_timer(next + Duration::from_secs(10)),
+            Err(LinkError::PingTimeout(_))
+        ));
+    }
+
+    #[test]
+    fn connack_must_come_in_time_and_be_a_success() {
+        let now = Instant::now();
+        let mut session = Tagged::new(options());
+        let request = ConnectRequest {
+            client_id: "demo-0001",
+            login: None,
+            will: None,
+        };
+        session.begin(&request, now).expect("encodes");
+        assert!(matches!(
+            session.publish(&message(b"x", QoS::AtMostOnce), false, 0, now),
+            Err(SendError::NotConnected)
+        ));
+        session
+            .on_timer(now + Duration::from_secs(4))
+            .expect("waiting");
+        assert!(matches!(
+            session.on_timer(now + Duration::from_secs(5)),
+            Err(LinkError::ConnAckTimeout(_))
+        ));
+
+        session.begin(&request, now).expect("encodes");
+        receive(
+            &mut session,
+            &Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false)),
+        );
+        assert!(matches!(
+            session.next_incoming(now),
+            Err(LinkError::Refused(ConnectReturnCode::NotAuthorized))
+        ));
+
+        session.begin(&request, now).expect("encodes");
+        receive(&mut session, &Packet::PingResp);
+        assert!(matches!(
+            session.next_incoming(now),
+            Err(LinkError::Unexpected(PacketType::PingResp))
+        ));
+    }
+
+    #[test]
+    fn incoming_qos1_publish_is_acknowledged_and_split_reads_reassemble() {
+        let now = Instant::now();
+        let mut session = connected(now);
+        let mut command = Publish::new("fleet/demo/demo-0001/cmd", QoS::AtLeastOnce, vec![7u8; 40]);
+        command.pkid = 42;
+        let mut bytes = BytesMut::new();
+        Packet::Publish(command.clone())
+            .write(&mut bytes, 1 << 20)
+            .expect("encodes");
+        // It arrives in three pieces.
+        for piece in [&bytes[..1], &bytes[1..20], &bytes[20..]] {
+            assert_eq!(session.next_incoming(now).expect("valid"), None);
+            session.read_buffer().extend_from_slice(piece);
+        }
+        assert_eq!(
+            session.next_incoming(now).expect("valid"),
+            Some(Incoming::Publish(command))
+        );
+        assert_eq!(sent(&mut session), [Packet::PubAck(PubAck::new(42))]);
+    }
+
+    #[test]
+    fn grows_for_a_large_packet_refuses_an_oversized_one_and_shrinks_back() {
+        let now = Instant::now();
+        let mut session = connected(now);
+        assert!(session.read_buffer().capacity() <= READ_BUFFER);
+        // 3000 bytes: more than the read buffer, within the limit.
+        let big = Publish::new("fleet/demo/demo-0001/cmd", QoS::AtMostOnce, vec![1u8; 3000]);
+        let mut bytes = BytesMut::new();
+        Packet::Publish(big.clone())
+            .write(&mut bytes, 1 << 20)
+            .expect("encodes");
+        let mut fed = 0;
+        let mut decoded = None;
+        while decoded.is_none() {
+            // Read like a socket does: at most the spare capacity.
+            let buffer = session.read_buffer();
+            let room = buffer.capacity() - buffer.len();
+            let n = room.min(bytes.len() - fed);
+            assert!(n > 0, "the buffer makes room");
+            buffer.extend_from_slice(&bytes[fed..fed + n]);
+            fed += n;
+            decoded = session.next_incoming(now).expect("within the limit");
+        }
+        assert_eq!(decoded, Some(Incoming::Publish(big)));
+        assert_eq!(session.next_incoming(now).expect("empty"), None);
+        assert!(
+            session.read_buffer().capacity() <= READ_BUFFER,
+            "back to a small buffer after the burst"
+        );
+
+        // Above the limit: refused from its header alone, before it is buffered.
+        let huge = Publish::new(
+            "fleet/demo/demo-0001/cmd",
+            QoS::AtMostOnce,
+            vec![1u8; MAX_PACKET],
+        );
+        let mut bytes = BytesMut::new();
+        Packet::Publish(huge)
+            .write(&mut bytes, 1 << 20)
+            .expect("encodes");
+        session.read_buffer().extend_from_slice(&bytes[..8]);
+        match session.next_incoming(now) {
+            Err(err @ LinkError::PacketTooLarge { size, max }) => {
+                assert_eq!(max, MAX_PACKET);
+                assert!(size > MAX_PACKET);
+                assert!(err.is_oversized());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn closing_sends_disconnect_last_and_nothing_after() {
+        let now = Instant::now();
+        let mut session = connected(now);
+        session
+            .publish(&message(b"bye", QoS::AtLeastOnce), false, 1, now)
+            .expect("queued");
+        session.disconnect(now).expect("connected");
+        assert!(matches!(
+            session.publish(&message(b"late", QoS::AtMostOnce), false, 0, now),
+            Err(SendError::NotConnected)
+        ));
+        let packets = sent(&mut session);
+        assert!(matches!(
+            packets.as_slice(),
+            [Packet::Publish(_), Packet::Disconnect]
+        ));
+        assert_eq!(session.deadline(), None);
+    }
+
+    #[test]
+    fn reuses_its_buffers_across_publishes() {
+        let now = Instant::now();
+        let mut session = connected(now);
+        let payload = [5u8; shared::MAX_PAYLOAD];
+        for _ in 0..1000 {
+            session
+                .publish(&message(&payload, QoS::AtMostOnce), false, 0, now)
+                .expect("queued");
+            let n = session.output().len();
+            session.wrote(n);
+        }
+        assert!(
+            session.write.capacity() <= WRITE_BUFFER,
+            "{}",
+            session.write.capacity()
+        );
+        assert!(session.scratch.capacity() <= shared::MAX_PAYLOAD);
+        assert!(session.outgoing.payload.is_empty(), "no payload kept alive");
+    }
+}
