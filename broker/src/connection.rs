@@ -463,6 +463,7 @@ async fn run(net: Network, connected: Connected, peer: SocketAddr, ctx: Arc<Cont
         persistent,
         topic_alias_max,
         mux_batch: Vec::new(),
+        mux_pending: None,
         port: None,
         connection: ctx.mux.connection_id(),
         mux_subscriptions: Vec::new(),
@@ -560,6 +561,8 @@ struct Session {
     topic_alias_max: u16,
     /// Publishes for the mux link, in the client's order.
     mux_batch: Vec<Packet>,
+    /// Marks this connection's batch in the mux link's buffer (see `Mux::send`).
+    mux_pending: Option<u64>,
     port: Option<MuxPort>,
     /// This connection's id in the mux's subscription table.
     connection: u64,
@@ -1025,7 +1028,7 @@ impl Session {
         if !self.mux_batch.is_empty() {
             self.ctx
                 .mux
-                .send(&mut self.mux_batch)
+                .send(&mut self.mux_batch, &mut self.mux_pending)
                 .await
                 .map_err(|err| {
                     debug!(client_id = self.client_id, cause = %err, "shared router link gone");

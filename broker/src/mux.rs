@@ -105,7 +105,10 @@ pub(crate) enum MuxError {
 
 /// The shared link and who is subscribed to what through it.
 pub(crate) struct Mux {
-    tx: tokio::sync::Mutex<LinkTx>,
+    /// The link, and the number of times a publisher found its buffer empty (the router had
+    /// taken everything appended before): a connection whose batch went in at the current
+    /// count, with the buffer not empty, has a batch still pending.
+    tx: tokio::sync::Mutex<(LinkTx, u64)>,
     pending: Mutex<Pending>,
     subscribers: Mutex<HashMap<Bytes, Vec<CommandSubscriber>>>,
     retained: Mutex<HashMap<Bytes, Arc<Command>>>,
@@ -153,7 +156,7 @@ impl Mux {
             .await
             .map_err(|err| LinkRefused(err.to_string()))?;
         let mux = Mux {
-            tx: tokio::sync::Mutex::new(tx),
+            tx: tokio::sync::Mutex::new((tx, 0)),
             pending: Mutex::new(Pending::default()),
             subscribers: Mutex::new(HashMap::new()),
             retained: Mutex::new(HashMap::new()),
@@ -205,13 +208,20 @@ impl Mux {
     }
 
     /// Appends `batch` (publishes, in the connection's order) to the mux link's buffer and
-    /// tells the router, emptying `batch`. Waits while the buffer holds more than
-    /// [`MAX_BACKLOG`] packets (up to [`BACKLOG_PATIENCE`]).
+    /// tells the router, emptying `batch`. As with a link of its own, a connection has one
+    /// batch pending at a time: it waits while the router has not taken its previous one
+    /// (`pending`, updated here), and while the buffer holds more than [`MAX_BACKLOG`]
+    /// packets, up to [`BACKLOG_PATIENCE`]. So a flooding client is held back by TCP rather
+    /// than filling the router's turn with its backlog.
     ///
     /// # Errors
     ///
     /// [`MuxError`] if the router dropped the mux link or is gone.
-    pub(crate) async fn send(&self, batch: &mut Vec<Packet>) -> Result<(), MuxError> {
+    pub(crate) async fn send(
+        &self,
+        batch: &mut Vec<Packet>,
+        pending: &mut Option<u64>,
+    ) -> Result<(), MuxError> {
         if self.dead.is_cancelled() {
             return Err(MuxError::Dropped);
         }
@@ -221,16 +231,23 @@ impl Mux {
         let started = Instant::now();
         loop {
             {
-                let mut tx = self.tx.lock().await;
+                let mut guard = self.tx.lock().await;
+                let (tx, taken) = &mut *guard;
                 let room = {
                     let mut buffer = tx.buffer();
-                    let room = buffer.len() < MAX_BACKLOG || started.elapsed() >= BACKLOG_PATIENCE;
+                    if buffer.is_empty() {
+                        *taken += 1;
+                    }
+                    let ours_pending = *pending == Some(*taken) && !buffer.is_empty();
+                    let room = (buffer.len() < MAX_BACKLOG && !ours_pending)
+                        || started.elapsed() >= BACKLOG_PATIENCE;
                     if room {
                         buffer.extend(batch.drain(..));
                     }
                     room
                 };
                 if room {
+                    *pending = Some(*taken);
                     // One notification per batch: the router takes the whole buffer for it.
                     tx.send(last)
                         .await
@@ -335,8 +352,8 @@ impl Mux {
                             pkid,
                             reason: PubAckReason::Success,
                         };
-                        let mut tx = self.tx.lock().await;
-                        if let Err(err) = tx.send(Packet::PubAck(ack, None)).await {
+                        let mut guard = self.tx.lock().await;
+                        if let Err(err) = guard.0.send(Packet::PubAck(ack, None)).await {
                             debug!(cause = %err, "router gone");
                             break;
                         }

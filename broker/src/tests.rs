@@ -1979,7 +1979,7 @@ async fn a_qos1_publish_is_acknowledged_only_once_the_router_took_it() {
         "no PUBACK before the router has it"
     );
 
-    mux.send(&mut vec![packet]).await.unwrap();
+    mux.send(&mut vec![packet], &mut None).await.unwrap();
     let ack = timeout(T, acks.recv()).await.unwrap().unwrap();
     assert!(
         matches!(ack, crate::mux::MuxEvent::PubAck(4242)),

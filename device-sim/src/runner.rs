@@ -1675,6 +1675,75 @@ mod tests {
         ));
     }
 
+    /// A broker that sends a packet over the vehicle's limit: the connection ends with a
+    /// counted error, and the vehicle connects again.
+    #[tokio::test]
+    async fn an_oversized_packet_ends_the_connection_and_is_counted() {
+        use bytes::BytesMut;
+        use rumqttc::mqttbytes::v4::Packet;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let broker = tokio::spawn(async move {
+            for attempt in 1.. {
+                let (mut socket, _) = listener.accept().await.expect("accept");
+                let mut buf = BytesMut::new();
+                loop {
+                    socket.read_buf(&mut buf).await.expect("read");
+                    match Packet::read(&mut buf, 1 << 16) {
+                        Ok(Packet::Connect(_)) => break,
+                        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                        other => panic!("expected a CONNECT: {other:?}"),
+                    }
+                }
+                // CONNACK, accepted.
+                socket.write_all(&[0x20, 2, 0, 0]).await.expect("write");
+                if attempt == 2 {
+                    return socket;
+                }
+                // A PUBLISH announcing 1 MiB.
+                socket
+                    .write_all(&[0x30, 0x80, 0x80, 0x40])
+                    .await
+                    .expect("write");
+                let mut sink = [0u8; 256];
+                while socket.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+            }
+            unreachable!()
+        });
+        let config = SimConfig {
+            vehicles: 1,
+            broker_port: port,
+            connect_spread: Duration::ZERO,
+            reconnect_max: Duration::from_millis(200),
+            ..SimConfig::default()
+        };
+        let simulation = Simulation::start(config).expect("starts");
+        let socket = tokio::time::timeout(Duration::from_secs(5), broker)
+            .await
+            .expect("the vehicle connects again")
+            .expect("broker task");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while simulation.report().reconnects < 1 {
+                sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("reconnected");
+        let report = simulation.report();
+        assert_eq!(report.oversized_packets, 1, "{report:?}");
+        assert!(report.errors >= 1, "{report:?}");
+        assert_eq!(report.connected, 1, "{report:?}");
+        drop(socket);
+        let report = tokio::time::timeout(Duration::from_secs(5), simulation.shutdown())
+            .await
+            .expect("shuts down");
+        assert_eq!(report.oversized_packets, 1);
+    }
+
     /// Without a broker the vehicles keep retrying, count errors, and still shut down promptly.
     #[tokio::test]
     async fn survives_a_missing_broker_and_shuts_down() {
