@@ -17,26 +17,29 @@ use tracing::{debug, warn};
 use super::{HeartbeatRow, Store};
 
 /// A batch grows up to this many times `max_batch` when the writer is behind.
-const CATCH_UP_BATCHES: usize = 16;
+const CATCH_UP_BATCHES: usize = 2;
 
 /// How the [`HeartbeatWriter`] batches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeartbeatWriterOptions {
-    /// Heartbeats the channel holds while the writer is busy (default 65 536: 6.5 s of a
-    /// 10 000-vehicle fleet at 1 Hz, about 6 MiB).
+    /// Heartbeats the channel holds while the writer is busy (default 131 072: 13 s of a
+    /// 10 000-vehicle fleet at 1 Hz, 2.6 s at 5 Hz; about 12 MiB when full).
     pub capacity: usize,
-    /// Write a batch once it has this many heartbeats (default 1 000)...
+    /// Write a batch once it has this many heartbeats (default 50 000)...
     pub max_batch: usize,
-    /// ...or once its first heartbeat has waited this long (default 250 ms).
+    /// ...or once its first heartbeat has waited this long (default 1 s). What a commit costs
+    /// is mostly one index page per vehicle in it, whatever its number of rows: a batch that
+    /// spans a vehicle's whole reporting interval writes each page once per second instead of
+    /// once per heartbeat (BENCHMARKS.md, end to end).
     pub max_delay: Duration,
 }
 
 impl Default for HeartbeatWriterOptions {
     fn default() -> Self {
         Self {
-            capacity: 65_536,
-            max_batch: 1_000,
-            max_delay: Duration::from_millis(250),
+            capacity: 131_072,
+            max_batch: 50_000,
+            max_delay: Duration::from_secs(1),
         }
     }
 }
@@ -132,7 +135,7 @@ impl HeartbeatWriter {
     /// still queued and returns.
     pub async fn run(mut self, cancel: CancellationToken) {
         let max_batch = self.options.max_batch.max(1);
-        let mut batch: Vec<HeartbeatRow> = Vec::with_capacity(max_batch);
+        let mut batch: Vec<HeartbeatRow> = Vec::new();
         loop {
             // Wait for the first heartbeat of a batch...
             let received = tokio::select! {
