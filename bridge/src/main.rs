@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Fleetbeat bridge: vehicles' MQTT topics to Socket.IO namespaces and rooms.
 ///
@@ -111,6 +113,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        .finish()
+        .with(broker::logging::without_rumqttd_spans())
         .init();
 
     let (listen, config) = cli.settings()?.into_config()?;

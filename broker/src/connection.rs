@@ -484,10 +484,13 @@ async fn run(net: Network, connected: Connected, peer: SocketAddr, ctx: Arc<Cont
         throttle_warned: false,
     };
 
+    // A child token: polled on every wake of this connection, the shared one would be a lock
+    // every connection contends for (see `Session::run`).
+    let stopping = ctx.stopping.child_token();
     let end = tokio::select! {
         biased;
         () = claim.kicked.cancelled() => DisconnectReason::TakenOver,
-        () = ctx.stopping.cancelled() => DisconnectReason::Shutdown,
+        () = stopping.cancelled() => DisconnectReason::Shutdown,
         end = session.run(keep_alive) => end,
     };
 
@@ -604,6 +607,13 @@ impl Session {
         let mut last_heard = Instant::now();
         let mut batch = Vec::new();
         let mux = Arc::clone(&self.ctx.mux);
+        // Made once, not once per turn of the loop, and on child tokens of this connection's
+        // own: polling a cancellation future locks its token's node, and a node shared by
+        // every connection is a lock both cores fight over on every message.
+        let draining = self.ctx.draining.child_token().cancelled_owned();
+        tokio::pin!(draining);
+        let dead = mux.dead().child_token().cancelled_owned();
+        tokio::pin!(dead);
         loop {
             if let Err(end) = self.route_buffered(&mut batch).await {
                 return end;
@@ -618,7 +628,7 @@ impl Session {
             let throttled = self.throttled_until;
             tokio::select! {
                 biased;
-                () = self.ctx.draining.cancelled(), if !self.draining => {
+                () = &mut draining, if !self.draining => {
                     self.draining = true;
                 }
                 // Throttled: the client is evidently sending; its socket waits, so TCP pushes
@@ -633,7 +643,7 @@ impl Session {
                         return DisconnectReason::Network;
                     }
                 },
-                () = mux.dead().cancelled(), if !self.persistent => {
+                () = &mut dead, if !self.persistent => {
                     debug!(client_id = self.client_id, "the shared router link is gone");
                     return DisconnectReason::Router;
                 }

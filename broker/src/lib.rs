@@ -31,6 +31,7 @@
 //!   rumqttd's router and the broker's own publisher.
 //! - [`mirror`]: the JSON mirror on `json/fleet/...`.
 //! - [`metrics`]: [`BrokerMetrics`] and its Prometheus rendering; [`http`]: `/metrics`.
+//! - [`logging`]: the tracing filter for programs that run the broker.
 //! - `probe`: the raw-socket MQTT client the listener health checks use.
 //! - [`error`]: [`ConfigError`], [`BrokerError`], [`ProbeError`].
 //!
@@ -41,6 +42,7 @@ pub mod config;
 mod connection;
 pub mod error;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod mirror;
 mod mux;

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut as _, Bytes, BytesMut};
@@ -115,6 +115,8 @@ pub(crate) struct Mux {
     connections: AtomicU64,
     /// Cancelled when the router dropped the mux link.
     dead: CancellationToken,
+    /// The same, for [`Mux::send`]'s check on every batch without locking the token.
+    gone: AtomicBool,
 }
 
 impl fmt::Debug for Mux {
@@ -162,6 +164,7 @@ impl Mux {
             retained: Mutex::new(HashMap::new()),
             connections: AtomicU64::new(0),
             dead: CancellationToken::new(),
+            gone: AtomicBool::new(false),
         };
         Ok((Arc::new(mux), rx))
     }
@@ -222,7 +225,7 @@ impl Mux {
         batch: &mut Vec<Packet>,
         pending: &mut Option<u64>,
     ) -> Result<(), MuxError> {
-        if self.dead.is_cancelled() {
+        if self.gone.load(Ordering::Acquire) {
             return Err(MuxError::Dropped);
         }
         let Some(last) = batch.pop() else {
@@ -373,6 +376,7 @@ impl Mux {
                 }
             }
         }
+        self.gone.store(true, Ordering::Release);
         self.dead.cancel();
     }
 
