@@ -64,6 +64,7 @@ use crate::metrics::{
 use crate::mux::{Mux, MuxEvent, is_command_topic, publish_with};
 use crate::router::{INTERNAL_PREFIX, LinkRequest, RouterHandle, WillPublisher};
 use crate::sessions::{Claim, Sessions};
+use crate::watchers::MirrorWatchers;
 
 /// How much room a connection's read buffer gets for one read; it grows for bigger packets.
 /// Both buffers are allocated only while they hold bytes: an idle connection holds none.
@@ -133,6 +134,8 @@ pub(crate) struct Context {
     pub(crate) wills: WillPublisher,
     /// Client connections with a router link of their own, open now.
     pub(crate) own_links: AtomicUsize,
+    /// Subscriptions that may read the JSON mirror.
+    pub(crate) watchers: Arc<MirrorWatchers>,
     /// Cancelled when a graceful shutdown begins: connections drain and close.
     pub(crate) draining: CancellationToken,
     /// Cancelled when connections must close now.
@@ -325,6 +328,10 @@ async fn handshake(net: &mut Network, peer: SocketAddr, ctx: &Context) -> Option
             ids.remove(&client_id)
         }
     };
+    if had_session && !persistent {
+        // The router discards the persistent session, subscriptions and all.
+        ctx.watchers.session_ended(&client_id);
+    }
     // A persistent session lives in the router: it needs a link from the start. So does a
     // clean session replacing one (registering it makes the router discard the old state).
     // Every other connection is served by the shared mux link until it subscribes to
@@ -504,6 +511,9 @@ async fn run(net: Network, connected: Connected, peer: SocketAddr, ctx: Arc<Cont
     }
     for topic in session.mux_subscriptions.drain(..) {
         ctx.mux.unsubscribe(session.connection, &topic);
+    }
+    if !session.persistent {
+        ctx.watchers.session_ended(&session.client_id);
     }
     if let Some(link) = &mut session.link
         && end != DisconnectReason::Router
@@ -888,6 +898,7 @@ impl Session {
                         reasons.push(UnsubAckReason::Success);
                     } else {
                         others = true;
+                        self.ctx.watchers.unsubscribed(&self.client_id, filter);
                         reasons.push(UnsubAckReason::NoSubscriptionExisted);
                     }
                 }
@@ -919,6 +930,9 @@ impl Session {
                     }
                     if let Err(end) = self.ensure_link() {
                         return Some(end);
+                    }
+                    for filter in &subscribe.filters {
+                        self.ctx.watchers.subscribed(&self.client_id, &filter.path);
                     }
                     batch.push(Packet::Subscribe(subscribe, properties));
                 } else {

@@ -29,7 +29,8 @@
 //!   router; `mux` is the one router link shared by device-like connections (their publishes
 //!   and command subscriptions); `sessions` orders takeovers of a client id; `router` wraps
 //!   rumqttd's router and the broker's own publisher.
-//! - [`mirror`]: the JSON mirror on `json/fleet/...`.
+//! - [`mirror`]: the JSON mirror on `json/fleet/...`; `watchers` tracks the subscriptions that
+//!   may read it.
 //! - [`metrics`]: [`BrokerMetrics`] and its Prometheus rendering; [`http`]: `/metrics`.
 //! - [`logging`]: the tracing filter for programs that run the broker.
 //! - `probe`: the raw-socket MQTT client the listener health checks use.
@@ -50,6 +51,7 @@ mod probe;
 mod router;
 pub mod server;
 mod sessions;
+mod watchers;
 
 pub use auth::{
     ClientEntry, Credentials, CredentialsError, CredentialsFile, DeviceEntry, NewPassword,

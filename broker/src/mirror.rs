@@ -18,8 +18,10 @@
 //! ```
 //!
 //! The mirror never feeds itself: it subscribes to `fleet/+/+/+` only, which no `json/...`
-//! topic matches. Its documents cost the router nothing unless someone subscribes to them (a
-//! publish that matches no subscription is not stored).
+//! topic matches. Heartbeats, nearly all of the traffic, are documented only while some
+//! subscription may match a `json/...` topic (`json/...`, `+/...`, `#`; tracked by
+//! `crate::watchers`): a broker nobody debugs does not decode, check and republish every one
+//! of them. Statuses, events, acks and commands are always mirrored.
 
 use std::sync::Arc;
 
@@ -40,6 +42,7 @@ use tracing::{debug, warn};
 use crate::auth::{Authenticator, to_hex};
 use crate::connection::{hand_over, try_next};
 use crate::metrics::{BrokerMetrics, DropReason};
+use crate::watchers::MirrorWatchers;
 
 /// The filter the mirror subscribes to: every Fleetbeat topic, nothing under `json/`.
 pub const SOURCE_FILTER: &str = "fleet/+/+/+";
@@ -252,6 +255,8 @@ pub(crate) struct Mirror {
     pub(crate) rx: LinkRx,
     pub(crate) keys: Keys,
     pub(crate) metrics: BrokerMetrics,
+    /// Heartbeats are documented only while someone may read them.
+    pub(crate) watchers: Arc<MirrorWatchers>,
 }
 
 impl Mirror {
@@ -299,6 +304,10 @@ impl Mirror {
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return None;
         };
+        if topic.ends_with("/hb") && !self.watchers.any() {
+            // Nine messages in ten, and nobody is reading their mirror.
+            return None;
+        }
         let retain = topic.ends_with("/status");
         let target = mirror_topic(topic);
         if publish.payload.is_empty() && retain {

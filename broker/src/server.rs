@@ -41,6 +41,7 @@ use crate::mux::Mux;
 use crate::probe::{self, RouterProbe};
 use crate::router::{self, INTERNAL_PREFIX, LinkRequest, RouterHandle, WillPublisher};
 use crate::sessions::Sessions;
+use crate::watchers::MirrorWatchers;
 
 /// Router slots beyond `max_connections`: the internal links (probe, will publisher, mux, mirror)
 /// and the listener probes' connections, which may overlap a previous probe's teardown.
@@ -450,6 +451,7 @@ async fn assemble(
         .map_err(|err| unavailable("the shared device link", &err))?;
     tokio::spawn(Arc::clone(&mux).dispatch(mux_rx));
 
+    let watchers = Arc::new(MirrorWatchers::default());
     let mirror = if config.json_mirror {
         let (mut tx, rx, _) = router
             .link(LinkRequest {
@@ -468,6 +470,7 @@ async fn assemble(
                 None => mirror::Keys::Open,
             },
             metrics: metrics.clone(),
+            watchers: Arc::clone(&watchers),
         })
     } else {
         None
@@ -498,6 +501,7 @@ async fn assemble(
         mux,
         persistent_ids: Mutex::new(std::collections::HashSet::new()),
         own_links: AtomicUsize::new(0),
+        watchers,
         wills,
         draining: CancellationToken::new(),
         stopping: CancellationToken::new(),

@@ -1397,6 +1397,97 @@ async fn device_traffic_is_mirrored_as_json() {
 }
 
 #[tokio::test]
+async fn heartbeats_are_mirrored_only_while_someone_may_read_them() {
+    let broker = start(BrokerConfig::ephemeral()).await;
+    let addr = broker.v4_addr();
+    let mut device = Raw::connected(
+        addr,
+        &Connect {
+            client_id: "demo-0001",
+            keep_alive: 30,
+            ..Default::default()
+        },
+    )
+    .await;
+    let topic = "fleet/demo/demo-0001/hb";
+    let vehicle = shared::VehicleId::new("demo-0001").unwrap();
+    let mut buf = [0u8; 128];
+    let mut counter = 0;
+    let heartbeat = |seq: u32, counter: &mut u64, buf: &mut [u8]| {
+        *counter += 1;
+        let hb = shared::Heartbeat {
+            seq,
+            ..Default::default()
+        };
+        let sealed = shared::seal(&hb, topic, *counter, &shared::open_mode_key(&vehicle), buf)
+            .unwrap()
+            .to_vec();
+        publish(false, topic, &sealed, 0, 0, false, &[])
+    };
+    // A subscriber that cannot see the mirror does not switch it on.
+    let mut fleet =
+        Subscriber::new(addr, "bridge-like", None, &[("fleet/#", QoS::AtMostOnce)]).await;
+    device.send(&heartbeat(1, &mut counter, &mut buf)).await;
+    assert_eq!(fleet.next().await.topic, topic);
+    assert_eq!(
+        broker.metrics().mirror_published_total(),
+        0,
+        "nobody watches"
+    );
+
+    let mut json =
+        Subscriber::new(addr, "engineer", None, &[("json/fleet/#", QoS::AtMostOnce)]).await;
+    device.send(&heartbeat(2, &mut counter, &mut buf)).await;
+    let doc = json.next().await;
+    assert_eq!(doc.topic, "json/fleet/demo/demo-0001/hb");
+    let value: serde_json::Value = serde_json::from_slice(&doc.payload).unwrap();
+    assert_eq!(value["seq"], 2);
+    assert_eq!(broker.metrics().mirror_published_total(), 1);
+
+    // The engineer leaves: the mirror stops documenting heartbeats again. A status is always
+    // documented, after the heartbeat before it (one source filter, in order): once the count
+    // grows by the status alone, the heartbeat was skipped.
+    json.client.disconnect().await.unwrap();
+    let status_topic = "fleet/demo/demo-0001/status";
+    let deadline = tokio::time::Instant::now() + T;
+    for seq in 3.. {
+        let before = broker.metrics().mirror_published_total();
+        device.send(&heartbeat(seq, &mut counter, &mut buf)).await;
+        counter += 1;
+        let sealed = shared::seal(
+            &shared::Status::Online,
+            status_topic,
+            counter,
+            &shared::open_mode_key(&vehicle),
+            &mut buf,
+        )
+        .unwrap()
+        .to_vec();
+        device
+            .send(&publish(false, status_topic, &sealed, 0, 0, false, &[]))
+            .await;
+        let grown = loop {
+            let now = broker.metrics().mirror_published_total();
+            if now > before {
+                break now - before;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the status was not mirrored"
+            );
+            tokio::task::yield_now().await;
+        };
+        if grown == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "heartbeats still mirrored after the watcher left"
+        );
+    }
+}
+
+#[tokio::test]
 async fn the_mirror_can_be_switched_off() {
     let broker = start(BrokerConfig {
         json_mirror: false,
