@@ -269,6 +269,7 @@ const LISTENER_ABSENT: u8 = 2;
 #[derive(Debug)]
 struct Counters {
     open_mode: AtomicBool,
+    mirror_heartbeats: AtomicBool,
     listener_up: [AtomicU8; 2],
     connections: [AtomicI64; 2],
     connections_total: [AtomicU64; 2],
@@ -303,6 +304,7 @@ impl Default for BrokerMetrics {
         BrokerMetrics {
             counters: Arc::new(Counters {
                 open_mode: AtomicBool::new(false),
+                mirror_heartbeats: AtomicBool::new(false),
                 listener_up: [
                     AtomicU8::new(LISTENER_ABSENT),
                     AtomicU8::new(LISTENER_ABSENT),
@@ -346,6 +348,17 @@ impl BrokerMetrics {
     /// Whether the broker runs without authentication.
     pub fn open_mode(&self) -> bool {
         self.counters.open_mode.load(Ordering::Relaxed)
+    }
+
+    /// Sets whether the JSON mirror reads heartbeats (`fleetbeat_broker_mirror_heartbeats`).
+    pub(crate) fn set_mirror_heartbeats(&self, on: bool) {
+        self.counters.mirror_heartbeats.store(on, Ordering::Release);
+    }
+
+    /// Whether the JSON mirror reads heartbeats: someone may be watching `json/...`. Once true,
+    /// heartbeats published from then on are mirrored.
+    pub fn mirror_heartbeats(&self) -> bool {
+        self.counters.mirror_heartbeats.load(Ordering::Acquire)
     }
 
     /// Records the latest health check of `listener`.
@@ -537,6 +550,18 @@ impl BrokerMetrics {
             "1 if the broker accepts every client without authentication (no credentials file).",
         );
         line(&mut out, "open_mode", &[], u64::from(self.open_mode()));
+        header(
+            &mut out,
+            "mirror_heartbeats",
+            "gauge",
+            "1 while the JSON mirror documents heartbeats (some subscription may match json/...).",
+        );
+        line(
+            &mut out,
+            "mirror_heartbeats",
+            &[],
+            u64::from(self.mirror_heartbeats()),
+        );
 
         header(
             &mut out,

@@ -1,7 +1,7 @@
 //! The JSON mirror: device traffic republished as readable JSON for `mosquitto_sub`.
 //!
 //! Payloads on `fleet/{fleet}/{vehicle}/{kind}` are postcard, unreadable in a terminal. The
-//! broker subscribes in-process (a rumqttd local link) to `fleet/+/+/+`, decodes each payload
+//! broker subscribes in-process (a rumqttd local link) to `fleet/+/+/{kind}`, decodes each payload
 //! with the `shared` crate and publishes a JSON document on
 //! `json/fleet/{fleet}/{vehicle}/{kind}`, at QoS 0, retained for `status` only (so a late
 //! `mosquitto_sub` sees every vehicle's current status). See `docs/debugging.md` for recipes.
@@ -17,11 +17,12 @@
 //! json/fleet/demo/bad/hb           {"error":"unsupported protocol version 2 ...","bytes":"0201"}
 //! ```
 //!
-//! The mirror never feeds itself: it subscribes to `fleet/+/+/+` only, which no `json/...`
-//! topic matches. Heartbeats, nearly all of the traffic, are documented only while some
+//! The mirror never feeds itself: it subscribes to `fleet/+/+/{kind}` only, which no `json/...`
+//! topic matches, one filter per kind, the filters the bridge uses (so no commit log of its
+//! own). Heartbeats, nearly all of the traffic, are read and documented only while some
 //! subscription may match a `json/...` topic (`json/...`, `+/...`, `#`; tracked by
-//! `crate::watchers`): a broker nobody debugs does not decode, check and republish every one
-//! of them. Statuses, events, acks and commands are always mirrored.
+//! `crate::watchers`): a broker nobody debugs does not forward, decode, check and republish
+//! every one of them. Statuses, events, acks and commands are always mirrored.
 
 use std::sync::Arc;
 
@@ -36,6 +37,7 @@ use shared::{
     CodecError, Command, CommandAck, CommandKind, DeliveryEvent, DeviceKey, Heartbeat, Position,
     Status, StatusFlags, Topic, TopicKind, VehicleId,
 };
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -44,8 +46,18 @@ use crate::connection::{hand_over, try_next};
 use crate::metrics::{BrokerMetrics, DropReason};
 use crate::watchers::MirrorWatchers;
 
-/// The filter the mirror subscribes to: every Fleetbeat topic, nothing under `json/`.
-pub const SOURCE_FILTER: &str = "fleet/+/+/+";
+/// What the mirror always reads: every kind but heartbeats, one filter per kind, the very
+/// filters the bridge subscribes to. rumqttd keeps one commit log per filter, shared by its
+/// subscribers, so the mirror adds no log of its own. None of them matches a `json/...` topic.
+pub const ALWAYS: [TopicKind; 4] = [
+    TopicKind::Status,
+    TopicKind::Event,
+    TopicKind::Ack,
+    TopicKind::Command,
+];
+
+/// Heartbeats are read (`fleet/+/+/hb`) only while someone may read their mirror.
+pub const WATCHED: TopicKind = TopicKind::Heartbeat;
 
 /// The first level of every mirror topic.
 pub const MIRROR_ROOT: &str = "json";
@@ -249,7 +261,8 @@ fn command(cmd: &Command) -> Value {
     }
 }
 
-/// The mirror's connection to the router, subscribed to [`SOURCE_FILTER`].
+/// The mirror's connection to the router, subscribed to the [`ALWAYS`] kinds, and to
+/// [`WATCHED`] while `watching` says someone may read it.
 pub(crate) struct Mirror {
     pub(crate) tx: LinkTx,
     pub(crate) rx: LinkRx,
@@ -257,16 +270,49 @@ pub(crate) struct Mirror {
     pub(crate) metrics: BrokerMetrics,
     /// Heartbeats are documented only while someone may read them.
     pub(crate) watchers: Arc<MirrorWatchers>,
+    /// [`MirrorWatchers::any`], as it changes.
+    pub(crate) watching: watch::Receiver<bool>,
 }
 
 impl Mirror {
     /// Republishes until `stop` is cancelled or the router goes away.
     pub(crate) async fn run(mut self, stop: CancellationToken) {
         let mut batch = Vec::with_capacity(64);
+        let mut reading_heartbeats = false;
         loop {
+            let watched = *self.watching.borrow_and_update();
+            if watched != reading_heartbeats {
+                // Only while watched: otherwise the router would forward every heartbeat here
+                // to be thrown away.
+                let filter = WATCHED.filter();
+                let sent = if watched {
+                    self.tx.subscribe(filter)
+                } else {
+                    self.tx.unsubscribe(filter)
+                };
+                match sent {
+                    Ok(_) => {
+                        reading_heartbeats = watched;
+                        // The router takes its links' packets in order: a heartbeat published
+                        // after this is seen reaches the mirror.
+                        self.metrics.set_mirror_heartbeats(watched);
+                        debug!(watched, "JSON mirror of heartbeats switched");
+                    }
+                    Err(err) => {
+                        warn!(cause = %err, "the JSON mirror lost its router link: mirror stopped");
+                        return;
+                    }
+                }
+            }
             let first = tokio::select! {
                 biased;
                 () = stop.cancelled() => return,
+                changed = self.watching.changed() => {
+                    if changed.is_err() {
+                        return; // the broker is gone
+                    }
+                    continue;
+                }
                 note = self.rx.next() => match note {
                     Ok(first) => first,
                     Err(err) => {
@@ -495,7 +541,13 @@ mod tests {
     fn mirror_topics_never_match_the_source_filter() {
         assert_eq!(mirror_topic(TOPIC), "json/fleet/demo/demo-0001/hb");
         assert!(!mirror_topic(TOPIC).starts_with("fleet/"));
-        assert_eq!(SOURCE_FILTER.split('/').count(), 4);
+        for kind in ALWAYS.iter().chain([&WATCHED]) {
+            assert!(
+                kind.filter().starts_with("fleet/"),
+                "never a json/... topic"
+            );
+        }
+        assert!(!ALWAYS.contains(&WATCHED));
     }
 
     #[test]

@@ -460,8 +460,10 @@ async fn assemble(
                 topic_alias_max: 0,
             })
             .map_err(|err| unavailable("the mirror link", &err))?;
-        tx.subscribe(mirror::SOURCE_FILTER)
-            .map_err(|err| unavailable("the mirror subscription", &err))?;
+        for kind in mirror::ALWAYS {
+            tx.subscribe(kind.filter())
+                .map_err(|err| unavailable("the mirror subscription", &err))?;
+        }
         Some(Mirror {
             tx,
             rx,
@@ -470,6 +472,7 @@ async fn assemble(
                 None => mirror::Keys::Open,
             },
             metrics: metrics.clone(),
+            watching: watchers.watch(),
             watchers: Arc::clone(&watchers),
         })
     } else {

@@ -1312,11 +1312,25 @@ async fn a_dead_listener_is_detected_reported_and_logged() {
 // ---------------------------------------------------------------------------------------------
 // The JSON mirror.
 
+/// Waits until the mirror reads heartbeats (or no longer does): it follows the `json/...`
+/// subscriptions a moment after their SUBACK.
+async fn mirror_heartbeats(broker: &Broker, on: bool) {
+    let deadline = tokio::time::Instant::now() + T;
+    while broker.metrics().mirror_heartbeats() != on {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "mirror_heartbeats never {on}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test]
 async fn device_traffic_is_mirrored_as_json() {
     let broker = start(BrokerConfig::ephemeral()).await;
     let addr = broker.v4_addr();
     let mut json = Subscriber::new(addr, "engineer", None, &[("json/#", QoS::AtMostOnce)]).await;
+    mirror_heartbeats(&broker, true).await;
     let mut device = Raw::connected(
         addr,
         &Connect {
@@ -1435,56 +1449,56 @@ async fn heartbeats_are_mirrored_only_while_someone_may_read_them() {
         "nobody watches"
     );
 
+    assert!(!broker.metrics().mirror_heartbeats());
     let mut json =
         Subscriber::new(addr, "engineer", None, &[("json/fleet/#", QoS::AtMostOnce)]).await;
+    mirror_heartbeats(&broker, true).await;
     device.send(&heartbeat(2, &mut counter, &mut buf)).await;
+    assert_eq!(fleet.next().await.topic, topic);
     let doc = json.next().await;
     assert_eq!(doc.topic, "json/fleet/demo/demo-0001/hb");
     let value: serde_json::Value = serde_json::from_slice(&doc.payload).unwrap();
     assert_eq!(value["seq"], 2);
     assert_eq!(broker.metrics().mirror_published_total(), 1);
 
-    // The engineer leaves: the mirror stops documenting heartbeats again. A status is always
-    // documented, after the heartbeat before it (one source filter, in order): once the count
-    // grows by the status alone, the heartbeat was skipped.
+    // The engineer leaves: the mirror stops reading heartbeats. A status is always documented:
+    // once it is, the heartbeat sent before it would have been too (the router takes the
+    // device's packets in order), and the count shows it was not.
     json.client.disconnect().await.unwrap();
+    mirror_heartbeats(&broker, false).await;
+    let before = broker.metrics().mirror_published_total();
+    device.send(&heartbeat(3, &mut counter, &mut buf)).await;
+    counter += 1;
     let status_topic = "fleet/demo/demo-0001/status";
+    let sealed = shared::seal(
+        &shared::Status::Online,
+        status_topic,
+        counter,
+        &shared::open_mode_key(&vehicle),
+        &mut buf,
+    )
+    .unwrap()
+    .to_vec();
+    device
+        .send(&publish(false, status_topic, &sealed, 0, 0, false, &[]))
+        .await;
+    assert_eq!(fleet.next().await.topic, topic);
+    assert_eq!(fleet.next().await.topic, status_topic);
     let deadline = tokio::time::Instant::now() + T;
-    for seq in 3.. {
-        let before = broker.metrics().mirror_published_total();
-        device.send(&heartbeat(seq, &mut counter, &mut buf)).await;
-        counter += 1;
-        let sealed = shared::seal(
-            &shared::Status::Online,
-            status_topic,
-            counter,
-            &shared::open_mode_key(&vehicle),
-            &mut buf,
-        )
-        .unwrap()
-        .to_vec();
-        device
-            .send(&publish(false, status_topic, &sealed, 0, 0, false, &[]))
-            .await;
-        let grown = loop {
-            let now = broker.metrics().mirror_published_total();
-            if now > before {
-                break now - before;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the status was not mirrored"
-            );
-            tokio::task::yield_now().await;
-        };
-        if grown == 1 {
-            break;
-        }
+    while broker.metrics().mirror_published_total() == before {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "heartbeats still mirrored after the watcher left"
+            "the status was not mirrored"
         );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    json_idle(&broker, before + 1).await;
+}
+
+/// Asserts the mirror's count stays at `expected` for a moment (nothing more is coming).
+async fn json_idle(broker: &Broker, expected: u64) {
+    sleep(Duration::from_millis(200)).await;
+    assert_eq!(broker.metrics().mirror_published_total(), expected);
 }
 
 #[tokio::test]

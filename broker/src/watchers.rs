@@ -13,16 +13,43 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use tokio::sync::watch;
+
 use crate::mirror::MIRROR_ROOT;
 
 /// The subscriptions that may match a mirror topic, by client id.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct MirrorWatchers {
     by_client: Mutex<HashMap<String, Vec<String>>>,
     count: AtomicUsize,
+    /// Whether `count > 0`, for the mirror to wait on.
+    any: watch::Sender<bool>,
+}
+
+impl Default for MirrorWatchers {
+    fn default() -> Self {
+        Self {
+            by_client: Mutex::default(),
+            count: AtomicUsize::new(0),
+            any: watch::Sender::new(false),
+        }
+    }
 }
 
 impl MirrorWatchers {
+    /// [`MirrorWatchers::any`] as it changes.
+    pub(crate) fn watch(&self) -> watch::Receiver<bool> {
+        self.any.subscribe()
+    }
+
+    /// Tells the mirror when `count` crossed zero. Called with `by_client` locked, so the
+    /// changes are told in the order they happened.
+    fn tell(&self) {
+        let now = self.count.load(Ordering::Acquire) > 0;
+        self.any
+            .send_if_modified(|any| std::mem::replace(any, now) != now);
+    }
+
     /// Whether any subscription may match a mirror topic.
     pub(crate) fn any(&self) -> bool {
         self.count.load(Ordering::Acquire) > 0
@@ -38,6 +65,7 @@ impl MirrorWatchers {
         if !filters.iter().any(|f| f == filter) {
             filters.push(filter.to_owned());
             self.count.fetch_add(1, Ordering::AcqRel);
+            self.tell();
         }
     }
 
@@ -50,6 +78,7 @@ impl MirrorWatchers {
         if let Some(at) = filters.iter().position(|f| f == filter) {
             filters.swap_remove(at);
             self.count.fetch_sub(1, Ordering::AcqRel);
+            self.tell();
         }
         if filters.is_empty() {
             by_client.remove(client_id);
@@ -59,8 +88,10 @@ impl MirrorWatchers {
     /// `client_id`'s session is gone (a clean session ended, or a clean session replaces a
     /// persistent one): its subscriptions with it.
     pub(crate) fn session_ended(&self, client_id: &str) {
-        if let Some(filters) = self.lock().remove(client_id) {
+        let mut by_client = self.lock();
+        if let Some(filters) = by_client.remove(client_id) {
             self.count.fetch_sub(filters.len(), Ordering::AcqRel);
+            self.tell();
         }
     }
 
@@ -111,15 +142,22 @@ mod tests {
     #[test]
     fn counts_subscriptions_until_they_go() {
         let watchers = MirrorWatchers::default();
+        let mut told = watchers.watch();
         watchers.subscribed("a", "fleet/#");
         assert!(!watchers.any(), "not a mirror filter");
         watchers.subscribed("a", "json/#");
         watchers.subscribed("a", "json/#");
+        assert!(told.has_changed().unwrap() && *told.borrow_and_update());
         watchers.subscribed("b", "#");
         watchers.unsubscribed("a", "json/#");
         assert!(watchers.any(), "b still watches");
+        assert!(
+            !told.has_changed().unwrap(),
+            "still watched: nothing to tell"
+        );
         watchers.session_ended("b");
         assert!(!watchers.any());
+        assert!(told.has_changed().unwrap() && !*told.borrow_and_update());
         watchers.unsubscribed("b", "#");
         assert!(!watchers.any(), "no underflow");
     }
