@@ -1312,6 +1312,35 @@ async fn a_dead_listener_is_detected_reported_and_logged() {
 // ---------------------------------------------------------------------------------------------
 // The JSON mirror.
 
+/// Vehicle `demo-0001` of fleet `demo`, connected with a clean session.
+async fn demo_device(addr: SocketAddr) -> Raw {
+    Raw::connected(
+        addr,
+        &Connect {
+            client_id: "demo-0001",
+            keep_alive: 30,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// A QoS 0 PUBLISH of `msg` on `topic`, sealed with the vehicle's open-mode key.
+fn sealed_publish<T: serde::Serialize>(msg: &T, topic: &str, counter: u64) -> Vec<u8> {
+    let vehicle = shared::Topic::parse(topic).unwrap().vehicle;
+    let mut buf = [0u8; 128];
+    let sealed = shared::seal(
+        msg,
+        topic,
+        counter,
+        &shared::open_mode_key(&vehicle),
+        &mut buf,
+    )
+    .unwrap()
+    .to_vec();
+    publish(false, topic, &sealed, 0, 0, false, &[])
+}
+
 /// Waits until the mirror reads heartbeats (or no longer does): it follows the `json/...`
 /// subscriptions a moment after their SUBACK.
 async fn mirror_heartbeats(broker: &Broker, on: bool) {
@@ -1331,15 +1360,7 @@ async fn device_traffic_is_mirrored_as_json() {
     let addr = broker.v4_addr();
     let mut json = Subscriber::new(addr, "engineer", None, &[("json/#", QoS::AtMostOnce)]).await;
     mirror_heartbeats(&broker, true).await;
-    let mut device = Raw::connected(
-        addr,
-        &Connect {
-            client_id: "demo-0001",
-            keep_alive: 30,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut device = demo_device(addr).await;
 
     let topic = "fleet/demo/demo-0001/hb";
     let vehicle = shared::VehicleId::new("demo-0001").unwrap();
@@ -1414,34 +1435,19 @@ async fn device_traffic_is_mirrored_as_json() {
 async fn heartbeats_are_mirrored_only_while_someone_may_read_them() {
     let broker = start(BrokerConfig::ephemeral()).await;
     let addr = broker.v4_addr();
-    let mut device = Raw::connected(
-        addr,
-        &Connect {
-            client_id: "demo-0001",
-            keep_alive: 30,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut device = demo_device(addr).await;
     let topic = "fleet/demo/demo-0001/hb";
-    let vehicle = shared::VehicleId::new("demo-0001").unwrap();
-    let mut buf = [0u8; 128];
-    let mut counter = 0;
-    let heartbeat = |seq: u32, counter: &mut u64, buf: &mut [u8]| {
-        *counter += 1;
+    let heartbeat = |seq: u32| {
         let hb = shared::Heartbeat {
             seq,
             ..Default::default()
         };
-        let sealed = shared::seal(&hb, topic, *counter, &shared::open_mode_key(&vehicle), buf)
-            .unwrap()
-            .to_vec();
-        publish(false, topic, &sealed, 0, 0, false, &[])
+        sealed_publish(&hb, topic, u64::from(seq))
     };
     // A subscriber that cannot see the mirror does not switch it on.
     let mut fleet =
         Subscriber::new(addr, "bridge-like", None, &[("fleet/#", QoS::AtMostOnce)]).await;
-    device.send(&heartbeat(1, &mut counter, &mut buf)).await;
+    device.send(&heartbeat(1)).await;
     assert_eq!(fleet.next().await.topic, topic);
     assert_eq!(
         broker.metrics().mirror_published_total(),
@@ -1453,7 +1459,7 @@ async fn heartbeats_are_mirrored_only_while_someone_may_read_them() {
     let mut json =
         Subscriber::new(addr, "engineer", None, &[("json/fleet/#", QoS::AtMostOnce)]).await;
     mirror_heartbeats(&broker, true).await;
-    device.send(&heartbeat(2, &mut counter, &mut buf)).await;
+    device.send(&heartbeat(2)).await;
     assert_eq!(fleet.next().await.topic, topic);
     let doc = json.next().await;
     assert_eq!(doc.topic, "json/fleet/demo/demo-0001/hb");
@@ -1467,20 +1473,10 @@ async fn heartbeats_are_mirrored_only_while_someone_may_read_them() {
     json.client.disconnect().await.unwrap();
     mirror_heartbeats(&broker, false).await;
     let before = broker.metrics().mirror_published_total();
-    device.send(&heartbeat(3, &mut counter, &mut buf)).await;
-    counter += 1;
+    device.send(&heartbeat(3)).await;
     let status_topic = "fleet/demo/demo-0001/status";
-    let sealed = shared::seal(
-        &shared::Status::Online,
-        status_topic,
-        counter,
-        &shared::open_mode_key(&vehicle),
-        &mut buf,
-    )
-    .unwrap()
-    .to_vec();
     device
-        .send(&publish(false, status_topic, &sealed, 0, 0, false, &[]))
+        .send(&sealed_publish(&shared::Status::Online, status_topic, 4))
         .await;
     assert_eq!(fleet.next().await.topic, topic);
     assert_eq!(fleet.next().await.topic, status_topic);
