@@ -166,7 +166,11 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     pub report_fleets: Vec<u32>,
     /// Heartbeat rates (Hz per vehicle) of `--saturate`.
-    #[arg(long, value_delimiter = ',', default_value = "1,1.25,1.5,1.75,2,3,4,5,5.5,6,7,8")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,1.25,1.5,1.75,2,3,4,5,5.5,6,7,8"
+    )]
     pub saturate_rates: Vec<f64>,
     /// Side by side: run each stack this many times, alternating, and report for each the run
     /// the rest of the machine disturbed least (all runs are listed too).
