@@ -286,8 +286,8 @@ impl Fleet {
             };
             match serde_json::value::to_raw_value(position) {
                 Ok(json) => out.push(PendingPosition {
-                    vehicle: vehicle.clone(),
                     fleet: record.fleet.clone(),
+                    vehicle,
                     json,
                 }),
                 Err(err) => tracing::error!(%vehicle, cause = %err, "cannot serialize a position"),

@@ -160,6 +160,19 @@ struct Raw {
     buf: Vec<u8>,
 }
 
+/// A raw MQTT 3.1.1 client connected as `client_id` (clean session, keep-alive 30 s).
+async fn client(addr: SocketAddr, client_id: &str) -> Raw {
+    Raw::connected(
+        addr,
+        &Connect {
+            client_id,
+            keep_alive: 30,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 impl Raw {
     async fn open(addr: SocketAddr) -> Raw {
         let stream = timeout(T, TcpStream::connect(addr)).await.unwrap().unwrap();
@@ -459,15 +472,7 @@ async fn routes_qos0_qos1_and_retained_messages() {
     )
     .await;
 
-    let mut publisher = Raw::connected(
-        addr,
-        &Connect {
-            client_id: "pub",
-            keep_alive: 30,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut publisher = client(addr, "pub").await;
     publisher
         .send(&publish(false, "fleet/f/v/hb", b"hb", 0, 0, false, &[]))
         .await;
@@ -525,26 +530,10 @@ async fn routes_qos0_qos1_and_retained_messages() {
 async fn small_messages_are_not_held_back_by_nagle() {
     let broker = start(BrokerConfig::ephemeral()).await;
     let addr = broker.v4_addr();
-    let mut sub = Raw::connected(
-        addr,
-        &Connect {
-            client_id: "sub",
-            keep_alive: 30,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut sub = client(addr, "sub").await;
     sub.send(&subscribe(false, 1, "ping/#", 0)).await;
     assert_eq!(sub.read().await.unwrap().0, 0x90);
-    let mut publisher = Raw::connected(
-        addr,
-        &Connect {
-            client_id: "pub",
-            keep_alive: 30,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut publisher = client(addr, "pub").await;
 
     let rounds = 100;
     let started = Instant::now();
@@ -1312,19 +1301,6 @@ async fn a_dead_listener_is_detected_reported_and_logged() {
 // ---------------------------------------------------------------------------------------------
 // The JSON mirror.
 
-/// Vehicle `demo-0001` of fleet `demo`, connected with a clean session.
-async fn demo_device(addr: SocketAddr) -> Raw {
-    Raw::connected(
-        addr,
-        &Connect {
-            client_id: "demo-0001",
-            keep_alive: 30,
-            ..Default::default()
-        },
-    )
-    .await
-}
-
 /// A QoS 0 PUBLISH of `msg` on `topic`, sealed with the vehicle's open-mode key.
 fn sealed_publish<T: serde::Serialize>(msg: &T, topic: &str, counter: u64) -> Vec<u8> {
     let vehicle = shared::Topic::parse(topic).unwrap().vehicle;
@@ -1360,7 +1336,7 @@ async fn device_traffic_is_mirrored_as_json() {
     let addr = broker.v4_addr();
     let mut json = Subscriber::new(addr, "engineer", None, &[("json/#", QoS::AtMostOnce)]).await;
     mirror_heartbeats(&broker, true).await;
-    let mut device = demo_device(addr).await;
+    let mut device = client(addr, "demo-0001").await;
 
     let topic = "fleet/demo/demo-0001/hb";
     let vehicle = shared::VehicleId::new("demo-0001").unwrap();
@@ -1435,7 +1411,7 @@ async fn device_traffic_is_mirrored_as_json() {
 async fn heartbeats_are_mirrored_only_while_someone_may_read_them() {
     let broker = start(BrokerConfig::ephemeral()).await;
     let addr = broker.v4_addr();
-    let mut device = demo_device(addr).await;
+    let mut device = client(addr, "demo-0001").await;
     let topic = "fleet/demo/demo-0001/hb";
     let heartbeat = |seq: u32| {
         let hb = shared::Heartbeat {
@@ -1545,26 +1521,10 @@ async fn shutdown_completes_in_flight_qos1_then_closes() {
     let v5 = broker.v5_addr().unwrap();
 
     // A subscriber that has received a QoS 1 message and acknowledges it late.
-    let mut sub = Raw::connected(
-        addr,
-        &Connect {
-            client_id: "sub",
-            keep_alive: 30,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut sub = client(addr, "sub").await;
     sub.send(&subscribe(false, 1, "fleet/+/+/event", 1)).await;
     assert_eq!(sub.read().await.unwrap().0, 0x90);
-    let mut publisher = Raw::connected(
-        addr,
-        &Connect {
-            client_id: "pub",
-            keep_alive: 30,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut publisher = client(addr, "pub").await;
     publisher
         .send(&publish(false, "fleet/f/v/event", b"e1", 1, 1, false, &[]))
         .await;
@@ -1641,26 +1601,10 @@ async fn shutdown_acknowledges_a_qos1_publish_the_broker_took() {
 async fn shutdown_is_bounded_when_a_client_never_acknowledges() {
     let broker = start(BrokerConfig::ephemeral()).await;
     let addr = broker.v4_addr();
-    let mut sub = Raw::connected(
-        addr,
-        &Connect {
-            client_id: "sub",
-            keep_alive: 30,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut sub = client(addr, "sub").await;
     sub.send(&subscribe(false, 1, "x/#", 1)).await;
     assert_eq!(sub.read().await.unwrap().0, 0x90);
-    let mut publisher = Raw::connected(
-        addr,
-        &Connect {
-            client_id: "pub",
-            keep_alive: 30,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut publisher = client(addr, "pub").await;
     publisher
         .send(&publish(false, "x/y", b"m", 1, 1, false, &[]))
         .await;
@@ -1917,15 +1861,7 @@ async fn dropping_the_broker_or_its_start_stops_it_cleanly() {
 
     let broker = start(BrokerConfig::ephemeral()).await;
     let addr = broker.v4_addr();
-    let mut client = Raw::connected(
-        addr,
-        &Connect {
-            client_id: "c",
-            keep_alive: 30,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut client = client(addr, "c").await;
     drop(broker);
     assert!(client.until_closed().await.is_empty());
     eventually("nothing listens", || {
@@ -1952,15 +1888,7 @@ async fn a_persistent_session_gets_what_was_published_while_it_was_away() {
     bridge.send(&[0xE0, 0x00]).await;
     assert!(bridge.until_closed().await.is_empty());
 
-    let mut device = Raw::connected(
-        addr,
-        &Connect {
-            client_id: "van-1",
-            keep_alive: 30,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut device = client(addr, "van-1").await;
     device
         .send(&publish(
             false,
