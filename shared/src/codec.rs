@@ -44,20 +44,31 @@ pub fn encode_vec<T: Serialize>(msg: &T) -> Result<heapless::Vec<u8, MAX_PAYLOAD
     heapless::Vec::from_slice(used).map_err(|_| CodecError::BufferFull)
 }
 
-/// Decodes one message from a whole payload.
+/// Checks the protocol-version byte at the start of `payload` and returns what follows it.
+///
+/// Every reader of Fleetbeat payloads (plain and sealed) goes through this one check.
 ///
 /// # Errors
-/// [`CodecError`] if the payload is empty, of another version, truncated, malformed, or has
-/// bytes after the message.
-pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
-    let (&version, body) = payload.split_first().ok_or(CodecError::Empty)?;
+/// [`CodecError::Empty`] for an empty payload, [`CodecError::UnsupportedVersion`] for any
+/// version but [`PROTOCOL_VERSION`].
+pub fn check_version(payload: &[u8]) -> Result<&[u8], CodecError> {
+    let (&version, rest) = payload.split_first().ok_or(CodecError::Empty)?;
     if version != PROTOCOL_VERSION {
         return Err(CodecError::UnsupportedVersion {
             found: version,
             supported: PROTOCOL_VERSION,
         });
     }
-    decode_body(body)
+    Ok(rest)
+}
+
+/// Decodes one message from a whole payload.
+///
+/// # Errors
+/// [`CodecError`] if the payload is empty, of another version, truncated, malformed, or has
+/// bytes after the message.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
+    decode_body(check_version(payload)?)
 }
 
 /// Decodes a complete postcard body: no bytes may be missing or left over.

@@ -14,22 +14,28 @@
 //! - [`seal`]: what vehicles publish is sealed with a per-vehicle key (HMAC tag + counter)
 //!   so receivers can trust its origin and refuse replays.
 //! - [`error`]: the typed errors of all of the above.
+//! - `frame` (`std` feature): MQTT fixed-header framing and the few packets Fleetbeat's own
+//!   tools write by hand (broker probe and router link, tests, benchmarks).
 //!
 //! The full protocol (fields, units, QoS, the version rule) is described in `docs/protocol.md`.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 
 pub mod codec;
 pub mod error;
+#[cfg(feature = "std")]
+pub mod frame;
 pub mod id;
 pub mod seal;
 pub mod topic;
 pub mod wire;
 
-pub use codec::{MAX_PAYLOAD, PROTOCOL_VERSION, decode, encode, encode_vec};
+pub use codec::{MAX_PAYLOAD, PROTOCOL_VERSION, check_version, decode, encode, encode_vec};
 pub use error::{CodecError, IdError, TopicError};
 pub use id::{FleetId, OrderId, VehicleId};
-pub use seal::{Counter, DeviceKey, Opened, ReplayGuard, open, open_mode_key, seal};
-pub use topic::{Topic, TopicKind};
+pub use seal::{
+    Counter, DeviceKey, Opened, ReplayGuard, open, open_mode_key, open_unverified, seal,
+};
+pub use topic::{Levels, Topic, TopicKind};
 pub use wire::{
     AckResult, Command, CommandAck, CommandKind, DeliveryEvent, DeliveryKind, Heartbeat,
     OfflineReason, Position, Status, StatusFlags, WireMessage,

@@ -1,8 +1,10 @@
 //! Sealed payloads: proof of origin and freshness for what a vehicle publishes.
 //!
-//! The broker authenticates connections but cannot restrict topics, so a device with valid
-//! credentials could publish under another vehicle's topic. Every payload a vehicle publishes
-//! (`hb`, `event`, `status`, `ack`) is therefore sealed with that vehicle's own 32-byte key:
+//! Fleetbeat's own broker authenticates connections and confines each device to its own topics
+//! with ACLs, but the bridge may run against any external MQTT broker, whose ACLs it cannot
+//! know, and a message passes through the broker's hands. Every payload a vehicle publishes
+//! (`hb`, `event`, `status`, `ack`) is therefore sealed with that vehicle's own 32-byte key, so
+//! its origin is proven end to end, whatever broker carried it:
 //!
 //! ```text
 //! +---------+-------------------+----------------+---------------------------+
@@ -104,20 +106,38 @@ pub fn open<T: DeserializeOwned>(
     topic: &str,
     key: &DeviceKey,
 ) -> Result<Opened<T>, CodecError> {
-    let (&version, _) = payload.split_first().ok_or(CodecError::Empty)?;
-    if version != PROTOCOL_VERSION {
-        return Err(CodecError::UnsupportedVersion {
-            found: version,
-            supported: PROTOCOL_VERSION,
-        });
-    }
-    if payload.len() < 2 + TAG_LEN {
-        return Err(CodecError::Truncated);
-    }
-    let (signed, tag) = payload.split_at(payload.len() - TAG_LEN);
+    let (signed, tag) = split_sealed(payload)?;
     mac(key, topic, signed)
         .verify_truncated_left(tag)
         .map_err(|_| CodecError::Unauthenticated)?;
+    decode_signed(signed)
+}
+
+/// Decodes a sealed payload **without** checking its tag: version, counter, body.
+///
+/// For readers that show traffic but cannot judge it (the broker's JSON mirror for a device
+/// whose key it does not hold, a debugging tool): what it returns proves nothing about who sent
+/// it. Everything that acts on a message uses [`open`].
+///
+/// # Errors
+/// The decoding errors of [`open`], except [`CodecError::Unauthenticated`].
+pub fn open_unverified<T: DeserializeOwned>(payload: &[u8]) -> Result<Opened<T>, CodecError> {
+    let (signed, _tag) = split_sealed(payload)?;
+    decode_signed(signed)
+}
+
+/// Checks the version and splits a sealed payload into the signed part (version, counter,
+/// body) and the tag.
+fn split_sealed(payload: &[u8]) -> Result<(&[u8], &[u8]), CodecError> {
+    crate::codec::check_version(payload)?;
+    if payload.len() < 2 + TAG_LEN {
+        return Err(CodecError::Truncated);
+    }
+    Ok(payload.split_at(payload.len() - TAG_LEN))
+}
+
+/// Decodes the counter and the message of the signed part (after the version byte).
+fn decode_signed<T: DeserializeOwned>(signed: &[u8]) -> Result<Opened<T>, CodecError> {
     let (counter, body) =
         postcard::take_from_bytes::<u64>(&signed[1..]).map_err(|_| CodecError::Malformed)?;
     let msg = crate::codec::decode_body(body)?;
@@ -262,6 +282,38 @@ mod tests {
         assert_eq!(
             open::<Heartbeat>(sealed, topic, &KEY).map(|o| o.msg),
             Ok(hb)
+        );
+    }
+
+    #[test]
+    fn open_unverified_reads_without_the_key() {
+        let vehicle = VehicleId::new("van-1").expect("valid");
+        let key = open_mode_key(&vehicle);
+        let status = Status::Online;
+        let mut buf = [0u8; 64];
+        let sealed = seal(&status, "fleet/f/van-1/status", 42, &key, &mut buf).expect("fits");
+        let mut forged = sealed.to_vec();
+        let last = forged.len() - 1;
+        forged[last] ^= 0xFF;
+        assert_eq!(
+            open::<Status>(&forged, "fleet/f/van-1/status", &key),
+            Err(CodecError::Unauthenticated)
+        );
+        assert_eq!(
+            open_unverified::<Status>(&forged),
+            Ok(Opened {
+                counter: 42,
+                msg: Status::Online
+            })
+        );
+        assert_eq!(open_unverified::<Status>(&[]), Err(CodecError::Empty));
+        assert!(matches!(
+            open_unverified::<Status>(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(CodecError::UnsupportedVersion { found: 9, .. })
+        ));
+        assert_eq!(
+            open_unverified::<Status>(&[1, 0, 0]),
+            Err(CodecError::Truncated)
         );
     }
 

@@ -59,7 +59,14 @@ impl TopicKind {
 
     /// The kind a topic level names, if any.
     pub fn from_level(level: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.level() == level)
+        Self::from_level_bytes(level.as_bytes())
+    }
+
+    /// The kind a raw topic level names, if any.
+    pub fn from_level_bytes(level: &[u8]) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.level().as_bytes() == level)
     }
 
     /// The MQTT QoS this kind is published and subscribed at.
@@ -85,6 +92,75 @@ impl TopicKind {
             Self::Ack => "fleet/+/+/ack",
         }
     }
+}
+
+/// The three levels after `fleet/` of a topic or filter with Fleetbeat's four-level shape,
+/// split without allocation and not validated: the fleet and vehicle levels may be wildcards
+/// (`+`) or invalid ids, and the kind level any text.
+///
+/// This is the one place that knows the shape `fleet/{fleet}/{vehicle}/{kind}`: [`Topic::parse`]
+/// validates on top of it, and the broker's ACLs, metrics and router link read raw MQTT topic
+/// bytes with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Levels<'a> {
+    /// The fleet level.
+    pub fleet: &'a [u8],
+    /// The vehicle level.
+    pub vehicle: &'a [u8],
+    /// The kind level, as written.
+    pub kind: &'a [u8],
+}
+
+impl<'a> Levels<'a> {
+    /// Splits `fleet/{fleet}/{vehicle}/{kind}`; `None` for any other shape (another root, fewer
+    /// or more levels).
+    pub fn split(topic: &'a [u8]) -> Option<Self> {
+        let mut levels = topic.split(|&b| b == b'/');
+        match (
+            levels.next(),
+            levels.next(),
+            levels.next(),
+            levels.next(),
+            levels.next(),
+        ) {
+            (Some(root), Some(fleet), Some(vehicle), Some(kind), None)
+                if root == ROOT.as_bytes() =>
+            {
+                Some(Self {
+                    fleet,
+                    vehicle,
+                    kind,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// [`Levels::split`] on a string.
+    pub fn split_str(topic: &'a str) -> Option<Self> {
+        Self::split(topic.as_bytes())
+    }
+
+    /// The kind the last level names, if it names one.
+    pub fn topic_kind(&self) -> Option<TopicKind> {
+        TopicKind::from_level_bytes(self.kind)
+    }
+
+    /// The fleet level as text (`None` if it is not UTF-8).
+    pub fn fleet_str(&self) -> Option<&'a str> {
+        core::str::from_utf8(self.fleet).ok()
+    }
+
+    /// The vehicle level as text (`None` if it is not UTF-8).
+    pub fn vehicle_str(&self) -> Option<&'a str> {
+        core::str::from_utf8(self.vehicle).ok()
+    }
+}
+
+/// The kind of a raw MQTT topic with Fleetbeat's shape, checking the shape only (an invalid id
+/// still counts): `None` for every other topic.
+pub fn kind_of(topic: &[u8]) -> Option<TopicKind> {
+    Levels::split(topic).and_then(|levels| levels.topic_kind())
 }
 
 /// A parsed, valid Fleetbeat topic.
@@ -113,17 +189,12 @@ impl Topic {
     /// # Errors
     /// [`TopicError`] if the shape, an id or the kind is invalid.
     pub fn parse(topic: &str) -> Result<Self, TopicError> {
-        let mut levels = topic.split('/');
-        let (Some(ROOT), Some(fleet), Some(vehicle), Some(kind), None) = (
-            levels.next(),
-            levels.next(),
-            levels.next(),
-            levels.next(),
-            levels.next(),
-        ) else {
+        let levels = Levels::split_str(topic).ok_or(TopicError::Shape)?;
+        let kind = levels.topic_kind().ok_or(TopicError::UnknownKind)?;
+        // The levels are slices of a `str` cut at ASCII `/`: always UTF-8.
+        let (Some(fleet), Some(vehicle)) = (levels.fleet_str(), levels.vehicle_str()) else {
             return Err(TopicError::Shape);
         };
-        let kind = TopicKind::from_level(kind).ok_or(TopicError::UnknownKind)?;
         let fleet = FleetId::new(fleet).map_err(TopicError::Fleet)?;
         let vehicle = VehicleId::new(vehicle).map_err(TopicError::Vehicle)?;
         Ok(Self::new(fleet, vehicle, kind))
@@ -195,6 +266,25 @@ mod tests {
         assert_eq!(
             Topic::parse("fleet/a/b+/hb"),
             Err(TopicError::Vehicle(IdError::BadChar { found: '+' }))
+        );
+    }
+
+    #[test]
+    fn splits_levels_without_validating() {
+        let levels = Levels::split(b"fleet/+/van 7/hb").expect("shape");
+        assert_eq!(
+            (levels.fleet, levels.vehicle, levels.kind),
+            (&b"+"[..], &b"van 7"[..], &b"hb"[..])
+        );
+        assert_eq!(levels.topic_kind(), Some(TopicKind::Heartbeat));
+        assert_eq!(kind_of(b"fleet/x/bad+id/event"), Some(TopicKind::Event));
+        assert_eq!(kind_of(b"fleet/x/y/gps"), None);
+        assert_eq!(kind_of(b"json/fleet/x/y/hb"), None);
+        assert_eq!(Levels::split(b"fleet/a/b"), None);
+        assert_eq!(Levels::split(b"fleet/a/b/c/d"), None);
+        assert_eq!(
+            Levels::split_str("fleet//b/cmd").map(|l| l.fleet),
+            Some(&b""[..])
         );
     }
 

@@ -24,10 +24,26 @@ pub struct Position {
     pub lon_e7: i32,
 }
 
+/// Degrees to 1e-7 degree units, rounded half away from zero; `as` saturates (NaN gives 0).
+fn degrees_to_e7(degrees: f64) -> i32 {
+    libm::round(degrees * 1e7) as i32
+}
+
 impl Position {
     /// Builds a position from 1e-7 degree units.
     pub const fn new(lat_e7: i32, lon_e7: i32) -> Self {
         Self { lat_e7, lon_e7 }
+    }
+
+    /// Builds a position from degrees, rounded to the nearest 1e-7 degree (about a centimetre)
+    /// and saturated at the `i32` range; check [`Position::is_valid`] for the globe's range.
+    pub fn from_degrees(lat: f64, lon: f64) -> Self {
+        Self::new(degrees_to_e7(lat), degrees_to_e7(lon))
+    }
+
+    /// Latitude and longitude in degrees.
+    pub fn to_degrees(&self) -> (f64, f64) {
+        (self.lat(), self.lon())
     }
 
     /// Latitude in degrees.
@@ -250,4 +266,26 @@ pub struct CommandAck {
 
 impl WireMessage for CommandAck {
     const KIND: TopicKind = TopicKind::Ack;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Position;
+
+    #[test]
+    fn degrees_round_trip_to_the_nearest_unit() {
+        let pos = Position::from_degrees(52.520_000_04, -13.405_000_06);
+        assert_eq!(pos, Position::new(525_200_000, -134_050_001));
+        assert_eq!(pos.to_degrees(), (52.52, -13.405_000_1));
+        assert_eq!(
+            Position::from_degrees(90.0, 180.0),
+            Position::new(900_000_000, 1_800_000_000)
+        );
+        assert!(Position::from_degrees(90.0, 180.0).is_valid());
+        assert!(
+            !Position::from_degrees(1e6, 0.0).is_valid(),
+            "saturates, then invalid"
+        );
+        assert_eq!(Position::from_degrees(f64::NAN, 0.0), Position::new(0, 0));
+    }
 }
