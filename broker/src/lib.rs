@@ -59,7 +59,7 @@ pub use auth::{
 };
 pub use config::{BrokerConfig, ConfigOverrides, Listener};
 pub use error::{BrokerError, ConfigError, ProbeError};
-pub use metrics::BrokerMetrics;
+pub use metrics::{AuthRefusal, BrokerMetrics, ConnectRefusal, DisconnectReason, DropReason};
 pub use server::{Broker, ListenerHealth, ShutdownReport};
 
 #[cfg(test)]
