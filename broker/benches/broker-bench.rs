@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf as _, BytesMut};
 use clap::Parser;
+use shared::frame;
+use shared::{FleetId, Topic, TopicKind, VehicleId};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -477,61 +479,36 @@ async fn start_broker(args: &Args, kind: BrokerKind, flood: bool) -> anyhow::Res
 }
 
 // ---------------------------------------------------------------------------------------------
-// MQTT 3.1.1, encoded by hand.
-
-fn remaining_length(mut len: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-}
-
-fn packet(first: u8, body: &[u8], out: &mut Vec<u8>) {
-    out.push(first);
-    remaining_length(body.len(), out);
-    out.extend_from_slice(body);
-}
-
-fn string(s: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s);
-}
+// MQTT 3.1.1, written by hand with `shared::frame`.
 
 fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    string(client_id.as_bytes(), &mut body);
-    let mut out = Vec::new();
-    packet(0x10, &body, &mut out);
-    out
-}
-
-fn subscribe_packet(filter: &str, qos: u8) -> Vec<u8> {
-    let mut body = vec![0, 1];
-    string(filter.as_bytes(), &mut body);
-    body.push(qos);
-    let mut out = Vec::new();
-    packet(0x82, &body, &mut out);
-    out
+    frame::Connect {
+        client_id,
+        keep_alive,
+        ..frame::Connect::default()
+    }
+    .bytes()
 }
 
 /// Appends a PUBLISH of `payload` on `topic`.
 fn publish_packet(topic: &[u8], qos: u8, pkid: u16, payload: &[u8], out: &mut Vec<u8>) {
-    let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len();
-    out.push(0x30 | (qos << 1));
-    remaining_length(len, out);
-    string(topic, out);
-    if qos > 0 {
-        out.extend_from_slice(&pkid.to_be_bytes());
+    frame::Publish {
+        topic,
+        payload,
+        qos,
+        pkid,
+        ..frame::Publish::default()
     }
-    out.extend_from_slice(payload);
+    .put(out);
+}
+
+/// The heartbeat topic of bench vehicle `vehicle` (a valid vehicle id) in fleet `bench`.
+fn heartbeat_topic(vehicle: &str) -> Vec<u8> {
+    let (Ok(fleet), Ok(vehicle)) = (FleetId::new("bench"), VehicleId::new(vehicle)) else {
+        unreachable!("bench ids are valid: {vehicle}");
+    };
+    let topic = Topic::new(fleet, vehicle, TopicKind::Heartbeat).name();
+    topic.as_bytes().to_vec()
 }
 
 fn payload(sent_ns: u64, seq: u32) -> [u8; PAYLOAD_LEN] {
@@ -554,21 +531,6 @@ async fn connect(addr: SocketAddr, client_id: &str, keep_alive: u16) -> io::Resu
         return Err(io::Error::other(format!("CONNACK {connack:?}")));
     }
     Ok(stream)
-}
-
-/// One complete packet at the start of `buf`: (first byte, header length, remaining length).
-fn frame(buf: &[u8]) -> Option<(u8, usize, usize)> {
-    let first = *buf.first()?;
-    let mut len = 0usize;
-    for i in 0..4 {
-        let byte = *buf.get(1 + i)?;
-        len |= usize::from(byte & 0x7F) << (7 * i);
-        if byte & 0x80 == 0 {
-            let header = 2 + i;
-            return (buf.len() >= header + len).then_some((first, header, len));
-        }
-    }
-    None
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -640,7 +602,11 @@ async fn subscribe_and_read(
 ) -> io::Result<Received> {
     let mut stream = connect(addr, "bench-subscriber", 600).await?;
     stream
-        .write_all(&subscribe_packet("fleet/+/+/hb", qos))
+        .write_all(&frame::subscribe(
+            false,
+            1,
+            &[(TopicKind::Heartbeat.filter(), qos)],
+        ))
         .await?;
     let mut suback = [0u8; 5];
     stream.read_exact(&mut suback).await?;
@@ -669,18 +635,17 @@ async fn subscribe_and_read(
             Ok(Err(err)) => return Err(err),
             Ok(Ok(_)) => last_activity = Instant::now(),
         }
-        while let Some((first, header, len)) = frame(&buf) {
-            if first >> 4 == 3 {
-                let body = &buf[header..header + len];
-                let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
-                let mut at = 2 + topic_len;
-                if (first >> 1) & 3 > 0 {
-                    acks.extend_from_slice(&[0x40, 2, body[at], body[at + 1]]);
-                    at += 2;
+        while let Some(header) = frame::frame(&buf) {
+            let body = &buf[header.header_len..header.total()];
+            if header.packet_type() == 3
+                && let Some((_topic, pkid, payload)) = frame::publish_fields(header.first, body)
+            {
+                if let Some(pkid) = pkid {
+                    acks.extend_from_slice(&frame::puback(pkid));
                 }
                 let now = clock.now_ns();
                 let mut sent = [0u8; 8];
-                sent.copy_from_slice(&body[at..at + 8]);
+                sent.copy_from_slice(&payload[..8]);
                 let sent = u64::from_le_bytes(sent);
                 received.total += 1;
                 if received.first_ns == 0 {
@@ -695,7 +660,7 @@ async fn subscribe_and_read(
                         .push(u32::try_from(us).unwrap_or(u32::MAX));
                 }
             }
-            buf.advance(header + len);
+            buf.advance(header.total());
         }
         if !acks.is_empty() {
             stream.write_all(&acks).await?;
@@ -831,7 +796,7 @@ async fn steady(
                     while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {}
                 });
             }
-            let topic = format!("fleet/bench/d{i:05}/hb").into_bytes();
+            let topic = heartbeat_topic(&format!("d{i:05}"));
             let mut out = Vec::with_capacity(96);
             let mut next = tokio::time::Instant::from_std(first);
             let end = tokio::time::Instant::from_std(window_end);
@@ -908,7 +873,7 @@ async fn flood(
     let mut tasks = Vec::new();
     for (i, mut stream) in streams.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
-            let topic = format!("fleet/bench/flood{i}/hb").into_bytes();
+            let topic = heartbeat_topic(&format!("flood{i}"));
             let mut out = Vec::with_capacity(256 * 80);
             let mut seq = 0u32;
             while (seq as usize) < messages {

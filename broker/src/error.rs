@@ -6,8 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::auth::CredentialsError;
-use crate::config::Listener;
+use crate::listener::Listener;
 
 /// Why [`config::load`](crate::config::load) refused the configuration. The message names the
 /// key and the problem.
@@ -140,4 +139,56 @@ pub enum ProbeError {
     /// The message was published but never delivered through the router.
     #[error("the probe message was not delivered within {0:?}")]
     NotDelivered(Duration),
+}
+
+/// What went wrong with a credentials file.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    /// The file could not be read.
+    #[error("cannot read the credentials file {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not valid TOML, or has keys the format does not know.
+    #[error("the credentials file {} is not valid: {message}", path.display())]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with the line.
+        message: String,
+    },
+    /// One entry is invalid.
+    #[error("the credentials file {} has an invalid entry `{entry}`: {reason}", path.display())]
+    Entry {
+        /// The file.
+        path: PathBuf,
+        /// The entry, e.g. `devices.van-1` or `clients.alice`.
+        entry: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A new entry could not be made (invalid name or password).
+    #[error("cannot add `{entry}`: {reason}")]
+    Invalid {
+        /// The entry, e.g. `devices.van-1`.
+        entry: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file could not be written.
+    #[error("cannot write the credentials file {}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// The operating system's random number generator failed.
+    #[error("no randomness available: {0}")]
+    Random(String),
 }

@@ -14,10 +14,10 @@ use tokio::net::TcpListener;
 use crate::metrics::BrokerMetrics;
 
 /// The Prometheus text format's content type.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The routes: `GET /metrics`.
-pub fn router(metrics: BrokerMetrics) -> Router {
+fn router(metrics: BrokerMetrics) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .with_state(metrics)
@@ -27,7 +27,7 @@ async fn metrics_handler(State(metrics): State<BrokerMetrics>) -> impl IntoRespo
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], metrics.render())
 }
 
-/// Serves [`router`] on `listener` (already bound) until `shutdown` resolves.
+/// Serves `GET /metrics` on `listener` (already bound) until `shutdown` resolves.
 ///
 /// # Errors
 /// The I/O error that ended serving.
@@ -50,12 +50,12 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::metrics::MessageKind;
+    use shared::TopicKind;
 
     #[tokio::test]
     async fn serves_the_metrics_over_http() {
         let metrics = BrokerMetrics::default();
-        metrics.message_in(MessageKind::Hb);
+        metrics.message_in(Some(TopicKind::Heartbeat));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

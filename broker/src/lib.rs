@@ -20,47 +20,66 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: [`BrokerConfig`], its layers (defaults, file, environment, flags) and why each
-//!   memory bound is what it is.
-//! - [`auth`]: the credentials file ([`Credentials`], [`CredentialsFile`]), password hashing,
-//!   the per-connection identity and its topic ACL.
-//! - [`server`]: [`Broker`]: start, listener health, shutdown.
-//! - `connection`: the network front end, one task per MQTT connection, on rumqttd's
-//!   router; `mux` is the one router link shared by device-like connections (their publishes
-//!   and command subscriptions); `sessions` orders takeovers of a client id; `router` wraps
-//!   rumqttd's router and the broker's own publisher.
-//! - [`mirror`]: the JSON mirror on `json/fleet/...`; `watchers` tracks the subscriptions that
-//!   may read it.
-//! - [`metrics`]: [`BrokerMetrics`] and its Prometheus rendering; [`http`]: `/metrics`.
+//! Public modules are the paths programs use; every public type is also at the crate root.
+//!
+//! - [`config`]: [`BrokerConfig`], its layers (defaults, file, environment, flags:
+//!   [`config::load`], [`ConfigOverrides`]) and why each memory bound is what it is;
+//!   [`Listener`] (`listener`) names the MQTT 3.1.1 and 5 listeners.
+//! - `auth`: the credentials file ([`Credentials`], edited with [`CredentialsFile`]), password
+//!   hashing, the broker's check of a CONNECT with its cache, and each connection's identity
+//!   with its topic ACL.
+//! - `server`: [`Broker`]: start, shutdown; `health`: the listener probes
+//!   ([`ListenerHealth`]), through `probe`, the raw-socket MQTT client they use.
+//! - `connection`: the network front end, one task per MQTT connection (handshake, session,
+//!   framing, rate limit) on rumqttd's router; `mux`: the one router link shared by
+//!   device-like connections (their publishes and command subscriptions); `client_ids`:
+//!   takeovers of a client id; `router`: registering links with rumqttd's router, handing
+//!   them packets, and the broker's own publisher (last wills).
+//! - `mirror`: the JSON mirror on `json/fleet/...`; `watchers`: the subscriptions that may
+//!   read it.
+//! - `metrics`: [`BrokerMetrics`], the reasons it counts by and its Prometheus rendering;
+//!   [`http`]: `/metrics`.
 //! - [`logging`]: the tracing filter for programs that run the broker.
-//! - `probe`: the raw-socket MQTT client the listener health checks use.
-//! - [`error`]: [`ConfigError`], [`BrokerError`], [`ProbeError`].
+//! - `error`: [`ConfigError`], [`CredentialsError`], [`BrokerError`], [`ProbeError`].
 //!
 //! [rumqttd]: https://docs.rs/rumqttd/0.20
 
-pub mod auth;
+/// Implements `Debug` for types whose fields are not `Debug` (rumqttd's link halves): the
+/// type's name only.
+macro_rules! opaque_debug {
+    ($($name:ident),+) => {$(
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($name)).finish_non_exhaustive()
+            }
+        }
+    )+};
+}
+
+mod auth;
+mod client_ids;
 pub mod config;
 mod connection;
-pub mod error;
+mod error;
+mod health;
 pub mod http;
+mod listener;
 pub mod logging;
-pub mod metrics;
-pub mod mirror;
+mod metrics;
+mod mirror;
 mod mux;
 mod probe;
 mod router;
-pub mod server;
-mod sessions;
+mod server;
 mod watchers;
 
 pub use auth::{
-    ClientEntry, Credentials, CredentialsError, CredentialsFile, DeviceEntry, NewPassword,
-    PasswordOrigin, Role,
+    ClientEntry, Credentials, CredentialsFile, DeviceEntry, Issued, NewPassword, PasswordOrigin,
+    Role,
 };
-pub use config::{BrokerConfig, ConfigOverrides, Listener};
-pub use error::{BrokerError, ConfigError, ProbeError};
+pub use config::{BrokerConfig, ConfigOverrides};
+pub use error::{BrokerError, ConfigError, CredentialsError, ProbeError};
+pub use health::ListenerHealth;
+pub use listener::Listener;
 pub use metrics::{AuthRefusal, BrokerMetrics, ConnectRefusal, DisconnectReason, DropReason};
-pub use server::{Broker, ListenerHealth, ShutdownReport};
-
-#[cfg(test)]
-mod tests;
+pub use server::{Broker, ShutdownReport};

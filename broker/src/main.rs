@@ -5,9 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use broker::auth::NewPassword;
-use broker::config::{self, ConfigOverrides, DEFAULT_CONFIG_TOML};
-use broker::{Broker, CredentialsFile, Role};
+use broker::config::{self, DEFAULT_CONFIG_TOML};
+use broker::{Broker, ConfigOverrides, CredentialsFile, NewPassword, Role};
 use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;

@@ -21,7 +21,7 @@
 //! topic matches, one filter per kind, the filters the bridge uses (so no commit log of its
 //! own). Heartbeats, nearly all of the traffic, are read and documented only while some
 //! subscription may match a `json/...` topic (`json/...`, `+/...`, `#`; tracked by
-//! `crate::watchers`): a broker nobody debugs does not forward, decode, check and republish
+//! [`MirrorWatchers`]): a broker nobody debugs does not forward, decode, check and republish
 //! every one of them. Statuses, events, acks and commands are always mirrored.
 
 use std::sync::Arc;
@@ -32,24 +32,24 @@ use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use shared::seal::TAG_LEN;
+use shared::topic::kind_of;
 use shared::{
-    CodecError, Command, CommandAck, CommandKind, DeliveryEvent, DeviceKey, Heartbeat, Position,
-    Status, StatusFlags, Topic, TopicKind, VehicleId,
+    CodecError, Command, CommandAck, CommandKind, DeliveryEvent, DeviceKey, Heartbeat, Opened,
+    Position, Status, StatusFlags, Topic, TopicKind, VehicleId,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::auth::{Authenticator, to_hex};
-use crate::connection::{hand_over, try_next};
+use crate::auth::Authenticator;
 use crate::metrics::{BrokerMetrics, DropReason};
-use crate::watchers::MirrorWatchers;
+use crate::router::{hand_over, try_next};
+use crate::watchers::{MIRROR_ROOT, MirrorWatchers};
 
 /// What the mirror always reads: every kind but heartbeats, one filter per kind, the very
 /// filters the bridge subscribes to. rumqttd keeps one commit log per filter, shared by its
 /// subscribers, so the mirror adds no log of its own. None of them matches a `json/...` topic.
-pub const ALWAYS: [TopicKind; 4] = [
+pub(crate) const ALWAYS: [TopicKind; 4] = [
     TopicKind::Status,
     TopicKind::Event,
     TopicKind::Ack,
@@ -57,16 +57,13 @@ pub const ALWAYS: [TopicKind; 4] = [
 ];
 
 /// Heartbeats are read (`fleet/+/+/hb`) only while someone may read their mirror.
-pub const WATCHED: TopicKind = TopicKind::Heartbeat;
-
-/// The first level of every mirror topic.
-pub const MIRROR_ROOT: &str = "json";
+pub(crate) const WATCHED: TopicKind = TopicKind::Heartbeat;
 
 /// Most documents handed to the router in one batch.
 const MAX_BATCH: usize = 500;
 
 /// The mirror topic of a device topic: `json/` in front.
-pub fn mirror_topic(topic: &str) -> String {
+fn mirror_topic(topic: &str) -> String {
     format!("{MIRROR_ROOT}/{topic}")
 }
 
@@ -91,7 +88,7 @@ impl Keys {
 /// The JSON document describing `payload` published on `topic`, and whether it decoded.
 ///
 /// `key` is the sending vehicle's message key, if known: sealed kinds are then checked.
-pub fn document(topic: &str, payload: &[u8], key: Option<&DeviceKey>) -> (Value, bool) {
+fn document(topic: &str, payload: &[u8], key: Option<&DeviceKey>) -> (Value, bool) {
     let parsed = match Topic::parse(topic) {
         Ok(parsed) => parsed,
         Err(err) => return (undecodable(&err.to_string(), payload), false),
@@ -112,7 +109,7 @@ pub fn document(topic: &str, payload: &[u8], key: Option<&DeviceKey>) -> (Value,
 }
 
 fn undecodable(error: &str, payload: &[u8]) -> Value {
-    json!({ "error": error, "bytes": to_hex(payload) })
+    json!({ "error": error, "bytes": hex::encode(payload) })
 }
 
 /// Opens a sealed payload: verified with `key` if there is one, else decoded unverified.
@@ -135,58 +132,24 @@ fn sealed<T: DeserializeOwned>(
             Err(CodecError::Unauthenticated) => {
                 // Show what it claims, clearly marked: that is what one debugs.
                 let mut doc = undecodable(&CodecError::Unauthenticated.to_string(), payload);
-                if let (Some(doc), Ok((counter, msg))) =
-                    (doc.as_object_mut(), open_unverified::<T>(payload))
+                if let (Some(doc), Ok(claim)) =
+                    (doc.as_object_mut(), shared::open_unverified::<T>(payload))
                 {
                     doc.insert(
                         "unverified".to_owned(),
-                        with_origin(counter, "forged or wrong key", &msg),
+                        with_origin(claim.counter, "forged or wrong key", &claim.msg),
                     );
                 }
                 Err(doc)
             }
             Err(err) => Err(undecodable(&err.to_string(), payload)),
         },
-        None => open_unverified::<T>(payload)
-            .map(|(counter, msg)| with_origin(counter, "unknown device: not verified", &msg))
+        None => shared::open_unverified::<T>(payload)
+            .map(|Opened { counter, msg }| {
+                with_origin(counter, "unknown device: not verified", &msg)
+            })
             .map_err(|err| undecodable(&err.to_string(), payload)),
     }
-}
-
-/// Decodes a sealed payload without checking its tag: version, counter, body, tag.
-fn open_unverified<T: DeserializeOwned>(payload: &[u8]) -> Result<(u64, T), CodecError> {
-    let (&version, _) = payload.split_first().ok_or(CodecError::Empty)?;
-    if version != shared::PROTOCOL_VERSION {
-        return Err(CodecError::UnsupportedVersion {
-            found: version,
-            supported: shared::PROTOCOL_VERSION,
-        });
-    }
-    if payload.len() < 2 + TAG_LEN {
-        return Err(CodecError::Truncated);
-    }
-    let signed = &payload[1..payload.len() - TAG_LEN];
-    let (counter, used) = read_varint(signed)?;
-    let mut body = Vec::with_capacity(signed.len() - used + 1);
-    body.push(version);
-    body.extend_from_slice(&signed[used..]);
-    shared::decode::<T>(&body).map(|msg| (counter, msg))
-}
-
-/// A postcard (LEB128) varint `u64` and how many bytes it took.
-fn read_varint(bytes: &[u8]) -> Result<(u64, usize), CodecError> {
-    let mut value = 0u64;
-    for (i, &byte) in bytes.iter().take(10).enumerate() {
-        value |= u64::from(byte & 0x7F) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Ok((value, i + 1));
-        }
-    }
-    Err(if bytes.len() < 10 {
-        CodecError::Truncated
-    } else {
-        CodecError::Malformed
-    })
 }
 
 fn position(pos: &Position) -> Value {
@@ -264,17 +227,34 @@ fn command(cmd: &Command) -> Value {
 /// The mirror's connection to the router, subscribed to the [`ALWAYS`] kinds, and to
 /// [`WATCHED`] while `watching` says someone may read it.
 pub(crate) struct Mirror {
-    pub(crate) tx: LinkTx,
-    pub(crate) rx: LinkRx,
-    pub(crate) keys: Keys,
-    pub(crate) metrics: BrokerMetrics,
+    tx: LinkTx,
+    rx: LinkRx,
+    keys: Keys,
+    metrics: BrokerMetrics,
     /// Heartbeats are documented only while someone may read them.
-    pub(crate) watchers: Arc<MirrorWatchers>,
+    watchers: Arc<MirrorWatchers>,
     /// [`MirrorWatchers::any`], as it changes.
-    pub(crate) watching: watch::Receiver<bool>,
+    watching: watch::Receiver<bool>,
 }
 
 impl Mirror {
+    /// The mirror on a link already subscribed to the [`ALWAYS`] kinds.
+    pub(crate) fn new(
+        (tx, rx): (LinkTx, LinkRx),
+        keys: Keys,
+        metrics: BrokerMetrics,
+        watchers: Arc<MirrorWatchers>,
+    ) -> Mirror {
+        Mirror {
+            tx,
+            rx,
+            keys,
+            metrics,
+            watching: watchers.watch(),
+            watchers,
+        }
+    }
+
     /// Republishes until `stop` is cancelled or the router goes away.
     pub(crate) async fn run(mut self, stop: CancellationToken) {
         let mut batch = Vec::with_capacity(64);
@@ -350,11 +330,12 @@ impl Mirror {
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return None;
         };
-        if topic.ends_with("/hb") && !self.watchers.any() {
+        let kind = kind_of(&publish.topic);
+        if kind == Some(WATCHED) && !self.watchers.any() {
             // Nine messages in ten, and nobody is reading their mirror.
             return None;
         }
-        let retain = topic.ends_with("/status");
+        let retain = kind == Some(TopicKind::Status);
         let target = mirror_topic(topic);
         if publish.payload.is_empty() && retain {
             // A cleared retained status clears its mirror too.
@@ -442,7 +423,7 @@ mod tests {
                 .unwrap()
                 .contains("authentication failed")
         );
-        assert_eq!(doc["bytes"], to_hex(&payload));
+        assert_eq!(doc["bytes"], hex::encode(&payload));
         assert_eq!(doc["unverified"]["seq"], 42);
         assert_eq!(doc["unverified"]["origin"], "forged or wrong key");
     }
@@ -551,10 +532,20 @@ mod tests {
     }
 
     #[test]
-    fn varints() {
-        assert_eq!(read_varint(&[0x05]), Ok((5, 1)));
-        assert_eq!(read_varint(&[0xE8, 0x07, 0xFF]), Ok((1000, 2)));
-        assert_eq!(read_varint(&[0x80]), Err(CodecError::Truncated));
-        assert_eq!(read_varint(&[0xFF; 11]), Err(CodecError::Malformed));
+    fn counters_are_read_without_the_key() {
+        // Sealed payloads with a made-up tag: version, counter (a postcard varint), body, tag.
+        let unverified = |counter_and_body: &[u8]| {
+            let mut payload = vec![shared::PROTOCOL_VERSION];
+            payload.extend_from_slice(counter_and_body);
+            payload.extend_from_slice(&[0; shared::seal::TAG_LEN]);
+            document("fleet/demo/demo-0001/status", &payload, None)
+        };
+        // Status::Online is the single byte 0.
+        assert_eq!(unverified(&[0x05, 0]).0["counter"], 5);
+        assert_eq!(unverified(&[0xE8, 0x07, 0]).0["counter"], 1000);
+        let (doc, decoded) = unverified(&[0x80]);
+        assert!(!decoded && doc["error"].is_string(), "{doc}");
+        let (doc, decoded) = unverified(&[0xFF; 11]);
+        assert!(!decoded && doc["error"].is_string(), "{doc}");
     }
 }

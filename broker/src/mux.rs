@@ -21,13 +21,12 @@
 //! dedicated router link as before (`connection`).
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::{BufMut as _, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
@@ -35,15 +34,18 @@ use rumqttd::protocol::{
     Filter, Packet, Protocol as _, PubAck, PubAckReason, Publish, PublishProperties, QoS,
     RetainForwardRule, Subscribe,
 };
+use shared::TopicKind;
+use shared::frame;
+use shared::topic::Levels;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
-use crate::router::{LinkRefused, LinkRequest, RouterHandle};
+use crate::router::{LinkRefused, LinkRequest, Registrar, wait_for_router};
 
 /// The filter the mux link subscribes to: every vehicle's command topic.
-pub(crate) const COMMAND_FILTER: &str = "fleet/+/+/cmd";
+const COMMAND_FILTER: &str = TopicKind::Command.filter();
 
 /// Packets waiting in the mux link's buffer beyond which publishers wait for the router, so
 /// a flood stays in the senders' sockets (TCP pushes back) instead of in memory.
@@ -61,7 +63,7 @@ pub(crate) enum MuxEvent {
     /// A command on a topic the connection subscribed to, to write at `qos`.
     Command {
         /// The message.
-        command: Arc<Command>,
+        command: Arc<CommandMessage>,
         /// The QoS to deliver at: the subscription's granted QoS.
         qos: u8,
     },
@@ -69,7 +71,7 @@ pub(crate) enum MuxEvent {
 
 /// A message on a command topic.
 #[derive(Debug)]
-pub(crate) struct Command {
+pub(crate) struct CommandMessage {
     pub(crate) topic: Bytes,
     pub(crate) payload: Bytes,
     /// Delivered because it was retained (on subscribe), not live.
@@ -87,7 +89,7 @@ struct CommandSubscriber {
 /// QoS 1 publishes sent through the mux link and not yet acknowledged by the router: the
 /// mux link's packet id → (the connection's channel, the connection's packet id).
 #[derive(Debug, Default)]
-struct Pending {
+struct AwaitingAck {
     next: u16,
     by_pkid: HashMap<u16, (UnboundedSender<MuxEvent>, u16)>,
 }
@@ -109,9 +111,9 @@ pub(crate) struct Mux {
     /// taken everything appended before): a connection whose batch went in at the current
     /// count, with the buffer not empty, has a batch still pending.
     tx: tokio::sync::Mutex<(LinkTx, u64)>,
-    pending: Mutex<Pending>,
+    awaiting_ack: Mutex<AwaitingAck>,
     subscribers: Mutex<HashMap<Bytes, Vec<CommandSubscriber>>>,
-    retained: Mutex<HashMap<Bytes, Arc<Command>>>,
+    retained: Mutex<HashMap<Bytes, Arc<CommandMessage>>>,
     connections: AtomicU64,
     /// Cancelled when the router dropped the mux link.
     dead: CancellationToken,
@@ -119,11 +121,7 @@ pub(crate) struct Mux {
     gone: AtomicBool,
 }
 
-impl fmt::Debug for Mux {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Mux").finish_non_exhaustive()
-    }
-}
+opaque_debug!(Mux);
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match mutex.lock() {
@@ -136,14 +134,10 @@ impl Mux {
     /// Registers the mux link as `client_id` and subscribes it to [`COMMAND_FILTER`] at
     /// QoS 1. Run [`Mux::dispatch`] with the returned receiver.
     pub(crate) async fn new(
-        router: &RouterHandle,
+        registrar: &Registrar,
         client_id: &str,
     ) -> Result<(Arc<Mux>, LinkRx), LinkRefused> {
-        let (mut tx, rx, _connack) = router.link(LinkRequest {
-            client_id,
-            clean_session: true,
-            topic_alias_max: 0,
-        })?;
+        let (mut tx, rx, _connack) = registrar.link(LinkRequest::internal(client_id))?;
         let subscribe = Subscribe {
             pkid: 1,
             filters: vec![Filter {
@@ -159,7 +153,7 @@ impl Mux {
             .map_err(|err| LinkRefused(err.to_string()))?;
         let mux = Mux {
             tx: tokio::sync::Mutex::new((tx, 0)),
-            pending: Mutex::new(Pending::default()),
+            awaiting_ack: Mutex::new(AwaitingAck::default()),
             subscribers: Mutex::new(HashMap::new()),
             retained: Mutex::new(HashMap::new()),
             connections: AtomicU64::new(0),
@@ -190,18 +184,18 @@ impl Mux {
         device_pkid: u16,
     ) -> Packet {
         let pkid = {
-            let mut pending = lock(&self.pending);
+            let mut awaiting = lock(&self.awaiting_ack);
             // 65 535 ids; more than that many unacknowledged publishes at once does not happen
-            // with max_inflight-bounded batches, but never reuse one still pending.
-            let mut pkid = pending.next;
+            // with max_inflight-bounded batches, but never reuse one still awaited.
+            let mut pkid = awaiting.next;
             for _ in 0..=u16::MAX {
                 pkid = pkid.wrapping_add(1).max(1);
-                if !pending.by_pkid.contains_key(&pkid) {
+                if !awaiting.by_pkid.contains_key(&pkid) {
                     break;
                 }
             }
-            pending.next = pkid;
-            pending.by_pkid.insert(pkid, (reply.clone(), device_pkid));
+            awaiting.next = pkid;
+            awaiting.by_pkid.insert(pkid, (reply.clone(), device_pkid));
             pkid
         };
         Packet::Publish(
@@ -258,11 +252,7 @@ impl Mux {
                     return Ok(());
                 }
             }
-            if started.elapsed() < Duration::from_micros(200) {
-                tokio::task::yield_now().await;
-            } else {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            wait_for_router(started).await;
         }
     }
 
@@ -274,7 +264,7 @@ impl Mux {
         topic: &str,
         qos: u8,
         tx: &UnboundedSender<MuxEvent>,
-    ) -> Option<Arc<Command>> {
+    ) -> Option<Arc<CommandMessage>> {
         let topic = Bytes::copy_from_slice(topic.as_bytes());
         {
             let mut subscribers = lock(&self.subscribers);
@@ -307,14 +297,14 @@ impl Mux {
     /// Remembers a publish on a command topic the way rumqttd's router treats retained
     /// messages: a retained one replaces the topic's, an empty payload clears it.
     pub(crate) fn record(&self, topic: &[u8], payload: &Bytes, retain: bool) {
-        if !is_command_topic_bytes(topic) {
+        if !is_command_topic(topic) {
             return;
         }
         if payload.is_empty() {
             lock(&self.retained).remove(topic);
         } else if retain {
             let topic = Bytes::copy_from_slice(topic);
-            let command = Command {
+            let command = CommandMessage {
                 topic: topic.clone(),
                 payload: payload.clone(),
                 retain: true,
@@ -338,7 +328,7 @@ impl Mux {
             match notification {
                 Notification::DeviceAck(ack) => {
                     if let Packet::PubAck(ack, _) = Packet::from(ack) {
-                        let waiting = lock(&self.pending).by_pkid.remove(&ack.pkid);
+                        let waiting = lock(&self.awaiting_ack).by_pkid.remove(&ack.pkid);
                         if let Some((tx, device_pkid)) = waiting {
                             // The connection may be gone: its PUBACK goes nowhere.
                             let _ = tx.send(MuxEvent::PubAck(device_pkid));
@@ -386,7 +376,7 @@ impl Mux {
         let Some(list) = subscribers.get_mut(&publish.topic) else {
             return;
         };
-        let command = Arc::new(Command {
+        let command = Arc::new(CommandMessage {
             topic: publish.topic,
             payload: publish.payload,
             retain: false,
@@ -404,26 +394,16 @@ impl Mux {
     }
 }
 
-/// Whether `filter` is one exact command topic `fleet/{fleet}/{vehicle}/cmd`, which the mux
-/// link's subscription covers.
-pub(crate) fn is_command_topic(filter: &str) -> bool {
-    is_command_topic_bytes(filter.as_bytes())
-}
-
-fn is_command_topic_bytes(topic: &[u8]) -> bool {
-    let mut levels = topic.split(|&b| b == b'/');
-    let (Some(b"fleet"), Some(fleet), Some(vehicle), Some(b"cmd"), None) = (
-        levels.next(),
-        levels.next(),
-        levels.next(),
-        levels.next(),
-        levels.next(),
-    ) else {
-        return false;
-    };
+/// Whether `topic` (or a filter) is one exact command topic `fleet/{fleet}/{vehicle}/cmd`,
+/// which the mux link's subscription covers: valid UTF-8, neither id empty nor a wildcard.
+pub(crate) fn is_command_topic(topic: &[u8]) -> bool {
     let plain =
         |level: &[u8]| !level.is_empty() && !level.iter().any(|&b| matches!(b, b'+' | b'#' | 0));
-    plain(fleet) && plain(vehicle) && std::str::from_utf8(topic).is_ok()
+    Levels::split(topic).is_some_and(|levels| {
+        levels.topic_kind() == Some(TopicKind::Command)
+            && plain(levels.fleet)
+            && plain(levels.vehicle)
+    }) && std::str::from_utf8(topic).is_ok()
 }
 
 /// A `Publish` with the given QoS and packet id. rumqttd keeps both fields private and offers
@@ -435,27 +415,17 @@ pub(crate) fn publish_with(
     pkid: u16,
     retain: bool,
 ) -> Publish {
-    let mut frame = BytesMut::with_capacity(topic.len() + payload.len() + 9);
-    frame.put_u8(0x30 | (qos << 1) | u8::from(retain));
-    let mut remaining = 2 + topic.len() + payload.len() + if qos > 0 { 2 } else { 0 };
-    loop {
-        let mut byte = (remaining % 128) as u8;
-        remaining /= 128;
-        if remaining > 0 {
-            byte |= 0x80;
-        }
-        frame.put_u8(byte);
-        if remaining == 0 {
-            break;
-        }
+    let encoded = frame::Publish {
+        topic,
+        payload,
+        qos,
+        pkid,
+        retain,
+        ..frame::Publish::default()
     }
-    frame.put_u16(topic.len() as u16);
-    frame.put_slice(topic);
-    if qos > 0 {
-        frame.put_u16(pkid);
-    }
-    frame.put_slice(payload);
-    match V4.read_mut(&mut frame, usize::MAX) {
+    .bytes();
+    let mut encoded = BytesMut::from(Bytes::from(encoded));
+    match V4.read_mut(&mut encoded, usize::MAX) {
         Ok(Packet::Publish(publish, _)) => publish,
         // Unreachable for a topic under 64 KiB (ours come from decoded packets); fall back to
         // what the public constructor allows rather than panicking.
@@ -469,36 +439,34 @@ pub(crate) fn publish_with(
 
 /// The packet id of a forwarded publish if it is QoS 1 or 2 (rumqttd keeps it private).
 fn publish_pkid(publish: &Publish) -> Option<u16> {
-    let mut frame = BytesMut::new();
-    V4.write(Packet::Publish(publish.clone(), None), &mut frame)
+    let mut encoded = BytesMut::new();
+    V4.write(Packet::Publish(publish.clone(), None), &mut encoded)
         .ok()?;
-    let qos = (frame.first()? >> 1) & 0b11;
-    if qos == 0 {
-        return None;
-    }
-    let mut at = 1;
-    while frame.get(at)? & 0x80 != 0 {
-        at += 1;
-    }
-    at += 1;
-    let topic_len = usize::from(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]));
-    let at = at + 2 + topic_len;
-    Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]))
+    let header = frame::frame(&encoded)?;
+    let body = &encoded[header.header_len..header.total()];
+    frame::publish_fields(header.first, body)?.1
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::sync::mpsc;
+    use tokio::time::{sleep, timeout};
+
     use super::*;
+    use crate::BrokerConfig;
+
+    /// Outer bound on anything a test awaits; generous, the code under test has its own bounds.
+    const T: Duration = Duration::from_secs(20);
 
     #[test]
     fn command_topics_are_exact() {
-        assert!(is_command_topic("fleet/acme/van-1/cmd"));
-        assert!(!is_command_topic("fleet/+/van-1/cmd"));
-        assert!(!is_command_topic("fleet/acme/#"));
-        assert!(!is_command_topic("fleet/acme/van-1/hb"));
-        assert!(!is_command_topic("fleet/acme/van-1/cmd/x"));
-        assert!(!is_command_topic("fleet//van-1/cmd"));
-        assert!(!is_command_topic("json/fleet/acme/van-1/cmd"));
+        assert!(is_command_topic(b"fleet/acme/van-1/cmd"));
+        assert!(!is_command_topic(b"fleet/+/van-1/cmd"));
+        assert!(!is_command_topic(b"fleet/acme/#"));
+        assert!(!is_command_topic(b"fleet/acme/van-1/hb"));
+        assert!(!is_command_topic(b"fleet/acme/van-1/cmd/x"));
+        assert!(!is_command_topic(b"fleet//van-1/cmd"));
+        assert!(!is_command_topic(b"json/fleet/acme/van-1/cmd"));
     }
 
     #[test]
@@ -510,5 +478,53 @@ mod tests {
         assert_eq!(&publish.payload[..], b"go");
         let qos0 = publish_with(b"a", b"x", 0, 0, false);
         assert_eq!(publish_pkid(&qos0), None);
+    }
+
+    #[tokio::test]
+    async fn a_qos1_publish_is_acknowledged_only_once_the_router_took_it() {
+        // The mux on its own router: the PUBACK comes from the router, not from the front end.
+        let config = BrokerConfig::default();
+        let registrar = Registrar::spawn(config.router_config(8));
+        let (mux, mux_rx) = Mux::new(&registrar, "fleetbeat-internal-mux-test")
+            .await
+            .unwrap();
+        tokio::spawn(Arc::clone(&mux).dispatch(mux_rx));
+        let (mut watch_tx, mut watch_rx, _) =
+            registrar.link(LinkRequest::internal("watch")).unwrap();
+        watch_tx.subscribe("fleet/+/+/event").unwrap();
+        sleep(Duration::from_millis(100)).await;
+
+        let (reply, mut acks) = mpsc::unbounded_channel();
+        let publish = rumqttd::protocol::Publish::new(
+            Bytes::from_static(b"fleet/f/van-1/event"),
+            Bytes::from_static(b"e1"),
+            false,
+        );
+        let packet = mux.qos1(&publish, None, &reply, 4242);
+        sleep(Duration::from_millis(200)).await;
+        assert!(
+            acks.try_recv().is_err(),
+            "no PUBACK before the router has it"
+        );
+
+        mux.send(&mut vec![packet], &mut None).await.unwrap();
+        let ack = timeout(T, acks.recv()).await.unwrap().unwrap();
+        assert!(
+            matches!(ack, MuxEvent::PubAck(4242)),
+            "the device's own packet id: {ack:?}"
+        );
+        // And the router did route it.
+        let delivered = timeout(T, async {
+            loop {
+                match watch_rx.next().await.unwrap() {
+                    Some(rumqttd::Notification::Forward(forward)) => return forward.publish,
+                    Some(rumqttd::Notification::Unschedule) => watch_rx.wake().await.unwrap(),
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(&delivered.payload[..], b"e1");
     }
 }

@@ -1,30 +1,50 @@
 //! The listener probe: a minimal MQTT client over a raw socket that connects (clean session,
-//! the broker's own probe login), publishes one QoS 0 message and closes the connection; and
-//! [`RouterProbe`], the broker's internal connection that must receive that message for the
+//! the broker's own [`ProbeLogin`]), publishes one QoS 0 message and closes the connection; and
+//! [`ProbeReceiver`], the broker's internal connection that must receive that message for the
 //! listener to count as alive (end to end: accept, our connection task, the router).
 //!
-//! The client is written by hand rather than with an MQTT client crate: it needs five packets,
-//! and it must report exactly what a listener answered, including "not MQTT at all".
+//! The client is written by hand (its packets with `shared::frame`) rather than with an MQTT
+//! client crate: it needs three packets, and it must report exactly what a listener answered,
+//! including "not MQTT at all".
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use shared::frame::{Connect, FrameHeader, MalformedLength, Publish};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
-use crate::config::Listener;
-use crate::connection::ProbeLogin;
+use crate::auth::constant_time_eq;
 use crate::error::ProbeError;
+use crate::listener::Listener;
 
 /// Keep-alive announced in CONNECT, in seconds. rumqttd refuses 0.
 const KEEP_ALIVE_SECS: u16 = 10;
 
 /// CONNACK bodies are a few bytes (v5 adds properties); refuse to buffer a stranger's novel.
 const MAX_CONNACK_LEN: usize = 256;
+
+/// The broker's own login for its listener probes: random per broker, never in the
+/// credentials file.
+#[derive(Debug, Clone)]
+pub(crate) struct ProbeLogin {
+    pub(crate) username: String,
+    pub(crate) password: String,
+}
+
+impl ProbeLogin {
+    /// Whether a CONNECT's login is the probe's: `None` if the username is not the probe's,
+    /// else whether the password matches.
+    pub(crate) fn admits(&self, username: Option<&str>, password: Option<&str>) -> Option<bool> {
+        (username == Some(self.username.as_str())).then(|| {
+            password.is_some_and(|p| constant_time_eq(p.as_bytes(), self.password.as_bytes()))
+        })
+    }
+}
 
 /// The one message a probe publishes.
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +65,7 @@ pub(crate) struct ProbeMessage<'a> {
 /// Returns once the PUBLISH is written; whether the message reached a router is for the caller
 /// to observe. No DISCONNECT is sent: rumqttd 0.20 handles one twice and logs a spurious
 /// "no-connection id .. is already gone" error, while a closed socket is a plain disconnect.
-pub(crate) async fn publish_once(
+async fn publish_once(
     addr: SocketAddr,
     listener: Listener,
     message: ProbeMessage<'_>,
@@ -78,55 +98,50 @@ pub(crate) async fn publish_once(
 }
 
 /// A CONNECT with a clean session, no will, and `login` if given.
-pub(crate) fn connect_packet(
-    listener: Listener,
-    client_id: &str,
-    login: Option<&ProbeLogin>,
-) -> Vec<u8> {
-    let mut body = Vec::with_capacity(64 + client_id.len());
-    put_str(&mut body, "MQTT");
-    body.push(match listener {
-        Listener::V4 => 4,
-        Listener::V5 => 5,
-    });
-    // Connect flags: clean session / clean start, plus username and password if given.
-    body.push(if login.is_some() {
-        0b1100_0010
-    } else {
-        0b0000_0010
-    });
-    body.extend_from_slice(&KEEP_ALIVE_SECS.to_be_bytes());
-    if listener == Listener::V5 {
-        body.push(0); // no CONNECT properties
+fn connect_packet(listener: Listener, client_id: &str, login: Option<&ProbeLogin>) -> Vec<u8> {
+    Connect {
+        v5: listener == Listener::V5,
+        client_id,
+        keep_alive: KEEP_ALIVE_SECS,
+        login: login.map(|login| (login.username.as_str(), login.password.as_str())),
+        ..Connect::default()
     }
-    put_str(&mut body, client_id);
-    if let Some(login) = login {
-        put_str(&mut body, &login.username);
-        put_str(&mut body, &login.password);
-    }
-    packet(0x10, &body)
+    .bytes()
 }
 
 /// A QoS 0 PUBLISH (no packet id), not retained.
-pub(crate) fn publish_packet(listener: Listener, topic: &str, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(3 + topic.len() + payload.len());
-    put_str(&mut body, topic);
-    if listener == Listener::V5 {
-        body.push(0); // no PUBLISH properties
+fn publish_packet(listener: Listener, topic: &str, payload: &[u8]) -> Vec<u8> {
+    Publish {
+        v5: listener == Listener::V5,
+        topic: topic.as_bytes(),
+        payload,
+        ..Publish::default()
     }
-    body.extend_from_slice(payload);
-    packet(0x30, &body)
+    .bytes()
 }
 
 /// Reads one packet and checks it is a CONNACK accepting the connection.
 async fn read_connack(stream: &mut TcpStream, listener: Listener) -> Result<(), ProbeError> {
-    let first = read_u8(stream).await?;
-    let len = read_remaining_length(stream).await?;
-    if first != 0x20 {
+    let mut fixed = Vec::with_capacity(5);
+    let header = loop {
+        fixed.push(read_u8(stream).await?);
+        match FrameHeader::parse(&fixed) {
+            Ok(Some(header)) => break header,
+            Ok(None) => {}
+            Err(MalformedLength) => {
+                return Err(ProbeError::NotConnAck(
+                    "a remaining length over 4 bytes".to_owned(),
+                ));
+            }
+        }
+    };
+    if header.first != 0x20 {
         return Err(ProbeError::NotConnAck(format!(
-            "packet type byte {first:#04x}"
+            "packet type byte {:#04x}",
+            header.first
         )));
     }
+    let len = header.remaining;
     if len > MAX_CONNACK_LEN {
         return Err(ProbeError::NotConnAck(format!("a {len}-byte CONNACK")));
     }
@@ -137,7 +152,7 @@ async fn read_connack(stream: &mut TcpStream, listener: Listener) -> Result<(), 
 
 /// Checks a CONNACK body (after the fixed header): session-present flags, then the return
 /// code (v4, body exactly 2 bytes) or reason code (v5, followed by properties).
-pub(crate) fn check_connack(listener: Listener, body: &[u8]) -> Result<(), ProbeError> {
+fn check_connack(listener: Listener, body: &[u8]) -> Result<(), ProbeError> {
     let well_formed = match listener {
         Listener::V4 => body.len() == 2,
         Listener::V5 => body.len() >= 3,
@@ -153,21 +168,6 @@ async fn read_u8(stream: &mut TcpStream) -> Result<u8, ProbeError> {
     stream.read_u8().await.map_err(eof_as_closed)
 }
 
-/// MQTT's variable-length "remaining length": 7 bits a byte, at most 4 bytes.
-async fn read_remaining_length(stream: &mut TcpStream) -> Result<usize, ProbeError> {
-    let mut len = 0usize;
-    for shift in [0, 7, 14, 21] {
-        let byte = read_u8(stream).await?;
-        len |= usize::from(byte & 0x7F) << shift;
-        if byte & 0x80 == 0 {
-            return Ok(len);
-        }
-    }
-    Err(ProbeError::NotConnAck(
-        "a remaining length over 4 bytes".to_owned(),
-    ))
-}
-
 fn eof_as_closed(err: std::io::Error) -> ProbeError {
     if err.kind() == std::io::ErrorKind::UnexpectedEof {
         ProbeError::Closed
@@ -176,37 +176,9 @@ fn eof_as_closed(err: std::io::Error) -> ProbeError {
     }
 }
 
-/// Fixed header (type byte, remaining length) followed by `body`.
-fn packet(type_byte: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + body.len());
-    out.push(type_byte);
-    let mut len = body.len();
-    loop {
-        // Truncation intended: the low 7 bits.
-        let mut byte = (len & 0x7F) as u8;
-        len >>= 7;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-/// A UTF-8 string with its 2-byte big-endian length. Probe strings are short by construction.
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
-}
-
 /// The router-side end of the probe: an internal connection subscribed to a random topic,
 /// which every probe message must reach.
-pub(crate) struct RouterProbe {
+pub(crate) struct ProbeReceiver {
     /// Kept so the router keeps the subscription.
     _tx: LinkTx,
     rx: LinkRx,
@@ -214,10 +186,10 @@ pub(crate) struct RouterProbe {
     pub(crate) topic: String,
 }
 
-impl RouterProbe {
+impl ProbeReceiver {
     /// Wraps a link already subscribed to `topic`.
-    pub(crate) fn new(tx: LinkTx, rx: LinkRx, topic: String) -> RouterProbe {
-        RouterProbe { _tx: tx, rx, topic }
+    pub(crate) fn new(tx: LinkTx, rx: LinkRx, topic: String) -> ProbeReceiver {
+        ProbeReceiver { _tx: tx, rx, topic }
     }
 
     /// Waits until the router forwards a message with `payload` on the probe topic. Other
@@ -341,7 +313,7 @@ mod tests {
 
     #[test]
     fn remaining_length_uses_continuation_bytes() {
-        let big = packet(0x30, &[0; 321]);
+        let big = shared::frame::packet(0x30, &[0; 321]);
         assert_eq!(&big[..3], [0x30, 0xC1, 0x02]);
         assert_eq!(big.len(), 3 + 321);
     }

@@ -1,24 +1,40 @@
-//! The broker's handle on rumqttd's router: how connections register with it, and the
-//! broker's own publisher (last wills).
+//! The broker's side of rumqttd's router: how connections register with it ([`Registrar`]),
+//! how a link hands packets over and takes notifications ([`hand_over`], [`try_next`]), and
+//! the broker's own publisher (last wills).
 //!
 //! rumqttd 0.20's public API offers `Router::new(..).spawn()`, which returns the router's
 //! event channel, and `local::LinkBuilder`, which registers a connection on that channel with
 //! the options a network client asked for (clean session, topic alias maximum). The channel's
-//! element type is private to rumqttd, so it cannot be named outside it: [`RouterHandle`]
-//! keeps it inside a closure.
+//! element type is private to rumqttd, so it cannot be named outside it: [`Registrar`] keeps
+//! it inside a closure.
 
-use std::fmt;
+use std::future::Future as _;
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttd::Notification;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 use tracing::debug;
 
 /// Client-id prefix of the broker's own connections; refused to anyone else.
 pub(crate) const INTERNAL_PREFIX: &str = "fleetbeat-internal-";
+
+/// The topic alias maximum rumqttd's router announces in its CONNACK (its `TOPIC_ALIAS_MAX`).
+pub(crate) const TOPIC_ALIAS_MAX: u16 = 4096;
+
+/// How long a link waiting for the router to take its buffer yields before it sleeps between
+/// checks (see [`wait_for_router`]): the router usually takes a batch within microseconds; a
+/// router that is behind is better left alone.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// Longest a connection waits for the router to take its previous batch (see [`hand_over`]).
+const HAND_OVER_PATIENCE: Duration = Duration::from_secs(10);
 
 /// What a connection asks the router for.
 #[derive(Debug, Clone, Copy)]
@@ -31,8 +47,19 @@ pub(crate) struct LinkRequest<'a> {
     pub(crate) topic_alias_max: u16,
 }
 
+impl<'a> LinkRequest<'a> {
+    /// One of the broker's own links: a clean session without topic aliases.
+    pub(crate) const fn internal(client_id: &'a str) -> Self {
+        LinkRequest {
+            client_id,
+            clean_session: true,
+            topic_alias_max: 0,
+        }
+    }
+}
+
 /// A registered connection: its two link halves and the router's CONNACK.
-pub(crate) type Link = (LinkTx, LinkRx, Notification);
+pub(crate) type Registered = (LinkTx, LinkRx, Notification);
 
 /// The router did not register a connection (it is full, or gone). rumqttd's own
 /// `LinkError` is over 800 bytes; this keeps its message only.
@@ -40,29 +67,25 @@ pub(crate) type Link = (LinkTx, LinkRx, Notification);
 #[error("{0}")]
 pub(crate) struct LinkRefused(pub(crate) String);
 
-type Connect = dyn Fn(LinkRequest<'_>) -> Result<Link, LinkRefused> + Send + Sync;
+type Connect = dyn Fn(LinkRequest<'_>) -> Result<Registered, LinkRefused> + Send + Sync;
 
 /// Registers connections with one router. Cheap to clone.
 #[derive(Clone)]
-pub(crate) struct RouterHandle {
+pub(crate) struct Registrar {
     connect: Arc<Connect>,
 }
 
-impl fmt::Debug for RouterHandle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RouterHandle").finish_non_exhaustive()
-    }
-}
+opaque_debug!(Registrar);
 
-impl RouterHandle {
+impl Registrar {
     /// Spawns rumqttd's router (its own thread, `router-0`) with `config`.
     ///
     /// The router thread cannot be stopped: it waits on a channel it holds a sender of
     /// itself. Once every connection is gone it sleeps, holding its commit logs, until the
     /// process exits.
-    pub(crate) fn spawn(config: rumqttd::RouterConfig) -> RouterHandle {
+    pub(crate) fn spawn(config: rumqttd::RouterConfig) -> Registrar {
         let router_tx = rumqttd::Router::new(0, config).spawn();
-        RouterHandle {
+        Registrar {
             connect: Arc::new(move |request: LinkRequest<'_>| {
                 LinkBuilder::new(request.client_id, router_tx.clone())
                     .clean_session(request.clean_session)
@@ -76,12 +99,12 @@ impl RouterHandle {
 
     /// Registers a connection. Blocks until the router answers (rumqttd's `build` waits on a
     /// synchronous channel): call it through [`Self::link`] from async code.
-    fn link_blocking(&self, request: LinkRequest<'_>) -> Result<Link, LinkRefused> {
+    fn link_blocking(&self, request: LinkRequest<'_>) -> Result<Registered, LinkRefused> {
         (self.connect)(request)
     }
 
     /// Registers a connection without stalling the other tasks of a multi-threaded runtime.
-    pub(crate) fn link(&self, request: LinkRequest<'_>) -> Result<Link, LinkRefused> {
+    pub(crate) fn link(&self, request: LinkRequest<'_>) -> Result<Registered, LinkRefused> {
         match tokio::runtime::Handle::try_current() {
             Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
                 tokio::task::block_in_place(|| self.link_blocking(request))
@@ -101,23 +124,15 @@ pub(crate) struct WillPublisher {
     tx: Mutex<LinkTx>,
 }
 
-impl fmt::Debug for WillPublisher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WillPublisher").finish_non_exhaustive()
-    }
-}
+opaque_debug!(WillPublisher);
 
 impl WillPublisher {
     /// Registers the publisher with the router; `rx` must be drained by the caller.
     pub(crate) fn new(
-        router: &RouterHandle,
+        registrar: &Registrar,
         client_id: &str,
     ) -> Result<(WillPublisher, LinkRx), LinkRefused> {
-        let (tx, rx, _connack) = router.link(LinkRequest {
-            client_id,
-            clean_session: true,
-            topic_alias_max: 0,
-        })?;
+        let (tx, rx, _connack) = registrar.link(LinkRequest::internal(client_id))?;
         Ok((WillPublisher { tx: Mutex::new(tx) }, rx))
     }
 
@@ -153,5 +168,111 @@ pub(crate) async fn drain(mut rx: LinkRx, name: &'static str) {
                 break;
             }
         }
+    }
+}
+
+/// Hands `batch` to the router through `tx`, emptying it.
+///
+/// rumqttd's public way to signal new data is `LinkTx::send`, one notification per call, and
+/// the router takes the link's whole buffer per notification. So a connection hands over one
+/// batch at a time: while the buffer still holds the previous batch (the router has not taken
+/// it yet), it waits. Without that wait a connection that reads faster than the router routes
+/// (a flood) piles packets into the buffer without bound: memory grows, and the router spends
+/// ever longer on one connection's backlog while nothing is delivered to subscribers, whose
+/// commit-log cursors then fall behind the retained segments and lose messages. Waiting
+/// instead leaves the packets in the socket, so TCP pushes back on the sender.
+///
+/// The router has no signal for "buffer taken": the wait is [`wait_for_router`]'s. After
+/// [`HAND_OVER_PATIENCE`] it gives up waiting and appends to the buffer (the router still
+/// takes it with the pending notification), so a stuck router cannot hang a connection's
+/// teardown.
+pub(crate) async fn hand_over(tx: &mut LinkTx, batch: &mut Vec<Packet>) -> Result<(), LinkError> {
+    let Some(last) = batch.pop() else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let deadline = started + HAND_OVER_PATIENCE;
+    loop {
+        {
+            let mut buffer = tx.buffer();
+            if buffer.is_empty() {
+                buffer.extend(batch.drain(..));
+                break;
+            }
+            if Instant::now() >= deadline {
+                buffer.extend(batch.drain(..));
+                buffer.push_back(last);
+                return Ok(());
+            }
+        }
+        wait_for_router(started).await;
+    }
+    tx.send(last).await.map(drop)
+}
+
+/// One pause of a link waiting, since `started`, for the router to take its buffer: a yield to
+/// other tasks for the first [`SPIN`], a millisecond's sleep after that.
+pub(crate) async fn wait_for_router(started: Instant) {
+    if started.elapsed() < SPIN {
+        tokio::task::yield_now().await;
+    } else {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The next notification if one is ready now, without waiting.
+pub(crate) fn try_next(rx: &mut LinkRx) -> Option<Notification> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match pin!(rx.next()).poll(&mut cx) {
+        Poll::Ready(Ok(notification)) => notification,
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BrokerConfig;
+
+    // A measurement (run by hand, in release mode, see docs/broker.md):
+    //   cargo test -p broker --release --lib measure_ -- --ignored --nocapture
+
+    /// Resident memory of the process, in KiB.
+    fn rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// What one connection costs in rumqttd's router alone: N local links registered (no socket,
+    /// no task of ours), each sent one CONNACK, against the process's resident memory.
+    /// `FLEETBEAT_LINKS` sets N (default 10 000). The broker binary's whole per-connection cost is
+    /// measured by `cargo bench -p broker --bench broker-bench` (BENCHMARKS.md).
+    #[test]
+    #[ignore = "a measurement, run by hand in release mode"]
+    fn measure_rss_per_router_link() {
+        let links: usize = std::env::var("FLEETBEAT_LINKS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(10_000);
+        let config = BrokerConfig::default();
+        let registrar = Registrar::spawn(config.router_config(8));
+        let before = rss_kib();
+        let mut held = Vec::with_capacity(links);
+        for i in 0..links {
+            let link = registrar
+                .link(LinkRequest::internal(&format!("link-{i}")))
+                .unwrap();
+            held.push(link);
+        }
+        let after = rss_kib();
+        println!(
+            "{links} router links: {} KiB resident, {:.1} KiB each",
+            after - before,
+            (after - before) as f64 / links as f64
+        );
     }
 }

@@ -1,25 +1,7 @@
 //! [`Broker`]: rumqttd's router, our network front end on listeners we bound ourselves, the
 //! listener health checks, the JSON mirror; started, observed and stopped as one.
-//!
-//! # Threads
-//!
-//! - `router-0`: rumqttd's router (spawned by rumqttd; it cannot be stopped, see
-//!   [`Broker::shutdown`]);
-//! - `fleetbeat-mqtt`: the broker's own multi-threaded Tokio runtime (one thread per core by
-//!   default, [`BrokerConfig::io_threads`]) running the accept loops, one task per connection,
-//!   the health checks and the mirror. It is separate from the caller's runtime because
-//!   rumqttd's link API blocks briefly (a synchronous channel towards the router), which must
-//!   not stall an embedding program's tasks.
-//!
-//! # Start
-//!
-//! [`Broker::start`] binds every listen address itself (a taken address fails at once with
-//! [`BrokerError::Bind`]), loads the credentials, spawns the router and its internal links,
-//! starts accepting and returns once every listener has passed an end-to-end probe: a TCP
-//! connect, CONNECT/CONNACK with the broker's own probe login, a PUBLISH on a random topic,
-//! and that message delivered through the router to the broker's probe link.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,40 +13,26 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::auth::{Authenticator, PROBE_TOPIC_PREFIX, to_hex};
-use crate::config::{BrokerConfig, Listener};
-use crate::connection::{self, Context, Limits, ProbeLogin};
-use crate::error::{BrokerError, ProbeError};
+use crate::auth::{Authenticator, PROBE_TOPIC_PREFIX};
+use crate::client_ids::ClientIds;
+use crate::config::BrokerConfig;
+use crate::connection::{self, FrontEnd, Limits};
+use crate::error::BrokerError;
+use crate::health::{HealthBoard, HealthChecker, ListenerHealth};
+use crate::listener::Listener;
 use crate::metrics::BrokerMetrics;
 use crate::mirror::{self, Mirror};
 use crate::mux::Mux;
-use crate::probe::{self, RouterProbe};
-use crate::router::{self, INTERNAL_PREFIX, LinkRequest, RouterHandle, WillPublisher};
-use crate::sessions::Sessions;
+use crate::probe::{ProbeLogin, ProbeReceiver};
+use crate::router::{self, INTERNAL_PREFIX, LinkRequest, Registrar, WillPublisher};
 use crate::watchers::MirrorWatchers;
 
 /// Router slots beyond `max_connections`: the internal links (probe, will publisher, mux, mirror)
 /// and the listener probes' connections, which may overlap a previous probe's teardown.
 const ROUTER_HEADROOM: usize = 8;
 
-/// Longest wait for one probe attempt (connect + CONNACK + delivery).
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// How long connections get after the grace period to close on their own.
 const FORCED_CLOSE_WAIT: Duration = Duration::from_secs(2);
-
-/// The state of one listener, as last checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenerHealth {
-    /// Which listener.
-    pub listener: Listener,
-    /// Its address (port resolved).
-    pub addr: SocketAddr,
-    /// Whether it passed its latest end-to-end probe.
-    pub up: bool,
-    /// Why it failed, if it did.
-    pub last_error: Option<String>,
-}
 
 /// What a graceful shutdown did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,12 +51,30 @@ pub struct ShutdownReport {
 /// rumqttd's router thread cannot be stopped: after a shutdown it sleeps, holding its commit
 /// logs, until the process exits. Tests may start many brokers on ephemeral ports
 /// ([`BrokerConfig::ephemeral`]); each leaves one idle thread behind.
+///
+/// # Threads
+///
+/// - `router-0`: rumqttd's router (spawned by rumqttd; it cannot be stopped, see
+///   [`Broker::shutdown`]);
+/// - `fleetbeat-mqtt`: the broker's own multi-threaded Tokio runtime (one thread per core by
+///   default, [`BrokerConfig::io_threads`]) running the accept loops, one task per connection,
+///   the health checks and the mirror. It is separate from the caller's runtime because
+///   rumqttd's link API blocks briefly (a synchronous channel towards the router), which must
+///   not stall an embedding program's tasks.
+///
+/// # Start
+///
+/// [`Broker::start`] binds every listen address itself (a taken address fails at once with
+/// [`BrokerError::Bind`]), loads the credentials, spawns the router and its internal links,
+/// starts accepting and returns once every listener has passed an end-to-end probe: a TCP
+/// connect, CONNECT/CONNACK with the broker's own probe login, a PUBLISH on a random topic,
+/// and that message delivered through the router to the broker's probe link.
 pub struct Broker {
     v4: SocketAddr,
     v5: Option<SocketAddr>,
     metrics: BrokerMetrics,
-    health: Arc<Mutex<Vec<ListenerHealth>>>,
-    ctx: Arc<Context>,
+    health: Arc<HealthBoard>,
+    ctx: Arc<FrontEnd>,
     listeners: Vec<(Listener, CancellationToken)>,
     connections: TaskTracker,
     /// Stops the accept loops.
@@ -111,7 +97,7 @@ impl std::fmt::Debug for Broker {
 
 impl Broker {
     /// Starts the broker with `config` and returns once every listener passed an end-to-end
-    /// probe (see the [module docs](self)), within [`BrokerConfig::startup_timeout`].
+    /// probe (see [Start](Broker#start)), within [`BrokerConfig::startup_timeout`].
     ///
     /// Without [`BrokerConfig::credentials`] the broker runs in open mode and says so with a
     /// WARN. Must be called from within a Tokio runtime (any flavour).
@@ -172,17 +158,7 @@ impl Broker {
             mirror,
         } = assembled;
 
-        let health = Arc::new(Mutex::new(
-            addrs
-                .iter()
-                .map(|&(listener, addr)| ListenerHealth {
-                    listener,
-                    addr,
-                    up: false,
-                    last_error: Some("not probed yet".to_owned()),
-                })
-                .collect::<Vec<_>>(),
-        ));
+        let health = Arc::new(HealthBoard::new(&addrs));
         let mut broker = Broker {
             v4: find(&addrs, Listener::V4).unwrap_or(config.v4),
             v5: find(&addrs, Listener::V5),
@@ -198,13 +174,13 @@ impl Broker {
         };
 
         // Every listener must pass a probe before we say we are ready.
-        let checker = HealthChecker {
+        let checker = HealthChecker::new(
             prober,
-            login: broker.ctx.probe.clone(),
-            metrics: metrics.clone(),
-            health: Arc::clone(&health),
-            listeners: broker.listeners.clone(),
-        };
+            broker.ctx.probe.clone(),
+            metrics.clone(),
+            Arc::clone(&health),
+            broker.listeners.clone(),
+        );
         broker.runtime = runtime.0.take();
         // From here on, dropping `broker` stops everything.
         let ready = handle.spawn(checker.until_ready(deadline, config.startup_timeout));
@@ -245,10 +221,10 @@ impl Broker {
         self.v5
     }
 
-    /// Client connections that have a router link of their own (the others are served by
-    /// the shared mux link alone).
-    #[cfg(test)]
-    pub(crate) fn own_links(&self) -> usize {
+    /// Client connections open now that have a router link of their own: persistent
+    /// sessions, and connections that subscribed to more than their commands. The others are
+    /// served by the one shared link of device-like connections (see `docs/broker.md`).
+    pub fn own_links(&self) -> usize {
         self.ctx
             .own_links
             .load(std::sync::atomic::Ordering::Acquire)
@@ -268,10 +244,7 @@ impl Broker {
     /// [`BrokerConfig::probe_interval`]). A dead listener also shows as
     /// `fleetbeat_broker_listener_up{listener="v4"} 0` and an ERROR log.
     pub fn listener_health(&self) -> Vec<ListenerHealth> {
-        match self.health.lock() {
-            Ok(health) => health.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.health.snapshot()
     }
 
     /// Whether every listener passed its latest probe: what a readiness check should report.
@@ -402,13 +375,13 @@ fn bind_all(config: &BrokerConfig) -> Result<Vec<(Listener, std::net::TcpListene
 
 /// What [`assemble`] built on the broker's runtime.
 struct Assembled {
-    ctx: Arc<Context>,
+    ctx: Arc<FrontEnd>,
     addrs: Vec<(Listener, SocketAddr)>,
     listeners: Vec<(Listener, CancellationToken)>,
     connections: TaskTracker,
     accepting: CancellationToken,
     background: CancellationToken,
-    prober: RouterProbe,
+    prober: ProbeReceiver,
     mirror: Option<Mirror>,
 }
 
@@ -420,7 +393,7 @@ async fn assemble(
     auth: Option<Arc<Authenticator>>,
     metrics: BrokerMetrics,
 ) -> Result<Assembled, BrokerError> {
-    let router = RouterHandle::spawn(config.router_config(ROUTER_HEADROOM));
+    let registrar = Registrar::spawn(config.router_config(ROUTER_HEADROOM));
     let instance = format!("{:016x}", fastrand::u64(..));
     let unavailable = |what: &str, err: &dyn std::fmt::Display| BrokerError::RouterUnavailable {
         reason: format!("{what}: {err}"),
@@ -428,53 +401,46 @@ async fn assemble(
 
     // The probe link: every listener probe must reach it.
     let probe_id = format!("{INTERNAL_PREFIX}probe-link-{instance}");
-    let (mut probe_tx, probe_rx, _) = router
-        .link(LinkRequest {
-            client_id: &probe_id,
-            clean_session: true,
-            topic_alias_max: 0,
-        })
+    let (mut probe_tx, probe_rx, _) = registrar
+        .link(LinkRequest::internal(&probe_id))
         .map_err(|err| unavailable("the probe link", &err))?;
     let probe_topic = format!("{PROBE_TOPIC_PREFIX}{instance}");
     probe_tx
         .subscribe(probe_topic.as_str())
         .map_err(|err| unavailable("the probe subscription", &err))?;
-    let prober = RouterProbe::new(probe_tx, probe_rx, probe_topic);
+    let prober = ProbeReceiver::new(probe_tx, probe_rx, probe_topic);
 
     let (wills, wills_rx) =
-        WillPublisher::new(&router, &format!("{INTERNAL_PREFIX}wills-{instance}"))
+        WillPublisher::new(&registrar, &format!("{INTERNAL_PREFIX}wills-{instance}"))
             .map_err(|err| unavailable("the will publisher", &err))?;
     tokio::spawn(router::drain(wills_rx, "wills"));
 
-    let (mux, mux_rx) = Mux::new(&router, &format!("{INTERNAL_PREFIX}mux-{instance}"))
+    let (mux, mux_rx) = Mux::new(&registrar, &format!("{INTERNAL_PREFIX}mux-{instance}"))
         .await
         .map_err(|err| unavailable("the shared device link", &err))?;
     tokio::spawn(Arc::clone(&mux).dispatch(mux_rx));
 
     let watchers = Arc::new(MirrorWatchers::default());
     let mirror = if config.json_mirror {
-        let (mut tx, rx, _) = router
-            .link(LinkRequest {
-                client_id: &format!("{INTERNAL_PREFIX}mirror-{instance}"),
-                clean_session: true,
-                topic_alias_max: 0,
-            })
+        let (mut tx, rx, _) = registrar
+            .link(LinkRequest::internal(&format!(
+                "{INTERNAL_PREFIX}mirror-{instance}"
+            )))
             .map_err(|err| unavailable("the mirror link", &err))?;
         for kind in mirror::ALWAYS {
             tx.subscribe(kind.filter())
                 .map_err(|err| unavailable("the mirror subscription", &err))?;
         }
-        Some(Mirror {
-            tx,
-            rx,
-            keys: match &auth {
-                Some(auth) => mirror::Keys::File(Arc::clone(auth)),
-                None => mirror::Keys::Open,
-            },
-            metrics: metrics.clone(),
-            watching: watchers.watch(),
-            watchers: Arc::clone(&watchers),
-        })
+        let keys = match &auth {
+            Some(auth) => mirror::Keys::File(Arc::clone(auth)),
+            None => mirror::Keys::Open,
+        };
+        Some(Mirror::new(
+            (tx, rx),
+            keys,
+            metrics.clone(),
+            Arc::clone(&watchers),
+        ))
     } else {
         None
     };
@@ -485,7 +451,7 @@ async fn assemble(
             .map_err(|err| unavailable("randomness for the probe login", &err))?;
         bytes
     };
-    let ctx = Arc::new(Context {
+    let ctx = Arc::new(FrontEnd {
         limits: Limits {
             connection_timeout: Duration::from_millis(u64::from(config.connection_timeout_ms)),
             max_payload_size: config.max_payload_size,
@@ -496,11 +462,11 @@ async fn assemble(
         auth,
         probe: ProbeLogin {
             username: format!("{INTERNAL_PREFIX}probe"),
-            password: to_hex(&probe_secret),
+            password: hex::encode(probe_secret),
         },
         metrics: metrics.clone(),
-        sessions: Sessions::default(),
-        router,
+        client_ids: ClientIds::default(),
+        registrar,
         mux,
         persistent_ids: Mutex::new(std::collections::HashSet::new()),
         own_links: AtomicUsize::new(0),
@@ -559,7 +525,7 @@ async fn assemble(
 async fn accept_loop(
     socket: TcpListener,
     listener: Listener,
-    ctx: Arc<Context>,
+    ctx: Arc<FrontEnd>,
     stop: CancellationToken,
     connections: TaskTracker,
     delay: Duration,
@@ -589,160 +555,4 @@ async fn accept_loop(
         }
     }
     info!(listener = %listener, "stopped accepting connections");
-}
-
-/// Probes every listener end to end, on start and then periodically.
-struct HealthChecker {
-    prober: RouterProbe,
-    login: ProbeLogin,
-    metrics: BrokerMetrics,
-    health: Arc<Mutex<Vec<ListenerHealth>>>,
-    listeners: Vec<(Listener, CancellationToken)>,
-}
-
-impl HealthChecker {
-    fn targets(&self) -> Vec<(Listener, SocketAddr)> {
-        match self.health.lock() {
-            Ok(health) => health.iter().map(|h| (h.listener, h.addr)).collect(),
-            Err(poisoned) => poisoned
-                .into_inner()
-                .iter()
-                .map(|h| (h.listener, h.addr))
-                .collect(),
-        }
-    }
-
-    fn client_id(listener: Listener) -> String {
-        format!(
-            "{INTERNAL_PREFIX}probe-{}-{:08x}",
-            listener.label(),
-            fastrand::u32(..)
-        )
-    }
-
-    /// Probes each listener until it passes, or fails with [`BrokerError::NotReady`] at
-    /// `deadline`.
-    async fn until_ready(
-        mut self,
-        deadline: Instant,
-        bound: Duration,
-    ) -> Result<HealthChecker, BrokerError> {
-        for (listener, addr) in self.targets() {
-            let target = connectable(addr);
-            let mut backoff = Duration::ZERO;
-            loop {
-                let attempt_deadline = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
-                let client_id = Self::client_id(listener);
-                match self
-                    .prober
-                    .check(listener, target, &client_id, &self.login, attempt_deadline)
-                    .await
-                {
-                    Ok(()) => {
-                        self.record(listener, Ok(()));
-                        break;
-                    }
-                    Err(err) => {
-                        debug!(%listener, %addr, cause = %err, "listener not ready yet");
-                        backoff = probe::next_backoff(backoff);
-                        if Instant::now() + backoff >= deadline {
-                            return Err(BrokerError::NotReady {
-                                listener,
-                                addr,
-                                timeout: bound,
-                                last_error: Some(err),
-                            });
-                        }
-                        sleep(backoff).await;
-                    }
-                }
-            }
-        }
-        Ok(self)
-    }
-
-    /// Probes every `interval` until `stop`.
-    async fn run(mut self, interval: Duration, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => return,
-                () = sleep(interval) => {}
-            }
-            for (listener, addr) in self.targets() {
-                let stopped = self
-                    .listeners
-                    .iter()
-                    .any(|(l, token)| *l == listener && token.is_cancelled());
-                let outcome = if stopped {
-                    Err("not accepting connections (stopped)".to_owned())
-                } else {
-                    let client_id = Self::client_id(listener);
-                    let deadline = Instant::now() + ATTEMPT_TIMEOUT.min(interval);
-                    self.prober
-                        .check(
-                            listener,
-                            connectable(addr),
-                            &client_id,
-                            &self.login,
-                            deadline,
-                        )
-                        .await
-                        .map_err(|err: ProbeError| describe(&err))
-                };
-                if stop.is_cancelled() {
-                    return;
-                }
-                self.record(listener, outcome);
-            }
-        }
-    }
-
-    /// Stores one probe's outcome; logs ERROR when a listener dies, INFO when it recovers.
-    fn record(&self, listener: Listener, outcome: Result<(), String>) {
-        let up = outcome.is_ok();
-        self.metrics.set_listener_up(listener, up);
-        let Ok(mut health) = self.health.lock() else {
-            return;
-        };
-        let Some(entry) = health.iter_mut().find(|h| h.listener == listener) else {
-            return;
-        };
-        match &outcome {
-            Err(cause) if entry.up || entry.last_error.as_deref() == Some("not probed yet") => {
-                error!(listener = %listener, addr = %entry.addr, cause = %cause, "listener is DEAD: it does not answer MQTT end to end");
-            }
-            Ok(()) if !entry.up && entry.last_error.as_deref() != Some("not probed yet") => {
-                info!(listener = %listener, addr = %entry.addr, "listener answers again");
-            }
-            _ => {}
-        }
-        entry.up = up;
-        entry.last_error = outcome.err();
-    }
-}
-
-/// An error with its causes, on one line.
-fn describe(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// Where to connect to reach a listener bound to `addr`: loopback for a wildcard address.
-fn connectable(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
-        }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
-        }
-        _ => addr,
-    }
 }

@@ -3,7 +3,7 @@
 //!
 //! Heartbeats are nearly all of a fleet's traffic, and nobody reads their mirror most of the
 //! time: the mirror documents them only while at least one such subscription exists (see
-//! [`crate::mirror`]). Statuses, events and acks are always mirrored: they are rare, and a
+//! the `mirror` module). Statuses, events and acks are always mirrored: they are rare, and a
 //! status is retained for a late `mosquitto_sub`.
 //!
 //! A persistent session's subscriptions outlive its connection (the router keeps them), so they
@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::watch;
 
-use crate::mirror::MIRROR_ROOT;
+/// The first level of every mirror topic.
+pub(crate) const MIRROR_ROOT: &str = "json";
 
 /// The subscriptions that may match a mirror topic, by client id.
 #[derive(Debug)]

@@ -238,12 +238,12 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
 
 /// CONNECT (3.1.1, clean session, keep-alive 30 s) with `client_id`.
 fn connect(client_id: &str) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
-    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    body.extend_from_slice(client_id.as_bytes());
-    let mut packet = vec![0x10, body.len() as u8];
-    packet.extend_from_slice(&body);
-    packet
+    shared::frame::Connect {
+        client_id,
+        keep_alive: 30,
+        ..Default::default()
+    }
+    .bytes()
 }
 
 #[test]

@@ -12,8 +12,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use shared::{FleetId, Position};
 
-use crate::credentials::{Credentials, CredentialsError};
 use crate::runner::{Chaos, SimConfig, SimError};
+use crate::secrets::{DeviceSecrets, SecretsError};
 
 /// Simulated delivery vehicles: each one its own MQTT connection, driving a street grid,
 /// delivering orders and publishing sealed GPS heartbeats and delivery events.
@@ -177,14 +177,14 @@ impl ProvisionArgs {
         };
         config.validate()?;
         let ids = config.vehicle_ids()?;
-        let mut credentials = if self.secrets.exists() {
-            Credentials::load(&self.secrets)?
+        let mut secrets = if self.secrets.exists() {
+            DeviceSecrets::load(&self.secrets)?
         } else {
-            Credentials::default()
+            DeviceSecrets::default()
         };
-        let added = credentials.provision(&ids)?;
-        credentials.save(&self.secrets)?;
-        Ok((added, credentials.len()))
+        let added = secrets.provision(&ids)?;
+        secrets.save(&self.secrets)?;
+        Ok((added, secrets.len()))
     }
 }
 
@@ -196,7 +196,7 @@ pub enum ProvisionError {
     Vehicles(#[from] SimError),
     /// The secrets file cannot be read or written.
     #[error(transparent)]
-    Secrets(#[from] CredentialsError),
+    Secrets(#[from] SecretsError),
 }
 
 impl Cli {
@@ -212,9 +212,9 @@ impl Cli {
                 Some(Duration::try_from_secs_f64(secs).map_err(|_| SimError::Duration(secs))?)
             }
         };
-        let credentials = match &self.credentials {
+        let secrets = match &self.credentials {
             None => None,
-            Some(path) => Some(Arc::new(Credentials::load(path)?)),
+            Some(path) => Some(Arc::new(DeviceSecrets::load(path)?)),
         };
         let config = SimConfig {
             vehicles: self.vehicles,
@@ -228,7 +228,7 @@ impl Cli {
             duration,
             centre: self.centre,
             time_scale: self.time_scale,
-            credentials,
+            secrets,
             chaos: Chaos {
                 drop_rate: self.drop_rate,
                 garbage_rate: self.garbage_rate,
@@ -269,7 +269,7 @@ pub enum BrokerAddrError {
 
 impl BrokerAddr {
     /// The standard MQTT port.
-    pub const DEFAULT_PORT: u16 = 1883;
+    const DEFAULT_PORT: u16 = 1883;
 }
 
 impl FromStr for BrokerAddr {
@@ -346,11 +346,9 @@ fn parse_centre(s: &str) -> Result<Position, String> {
             .filter(|d| d.is_finite() && d.abs() <= max)
             .ok_or_else(|| format!("{v:?} is not a coordinate within ±{max}°"))
     };
-    let (lat, lon) = (degrees(lat, 90.0)?, degrees(lon, 180.0)?);
-    // Within ±1.8e9 after the bounds check: the casts are exact enough and cannot overflow.
-    Ok(Position::new(
-        (lat * 1e7).round() as i32,
-        (lon * 1e7).round() as i32,
+    Ok(Position::from_degrees(
+        degrees(lat, 90.0)?,
+        degrees(lon, 180.0)?,
     ))
 }
 
@@ -498,7 +496,7 @@ mod tests {
         .expect("parses")
         .into_config()
         .expect("every vehicle has secrets");
-        assert_eq!(config.credentials.map(|c| c.len()), Some(3));
+        assert_eq!(config.secrets.map(|s| s.len()), Some(3));
         let too_many = Cli::try_parse_from([
             "device-sim",
             "--vehicles",
@@ -511,7 +509,7 @@ mod tests {
         .expect("parses");
         assert!(matches!(
             too_many.into_config(),
-            Err(SimError::NoCredentials(_))
+            Err(SimError::NoSecrets(_))
         ));
         let _ = std::fs::remove_dir_all(&dir);
     }

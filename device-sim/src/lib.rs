@@ -15,23 +15,27 @@
 //! - [`outbox`]: store-and-forward: the fixed-capacity queues of heartbeats and delivery
 //!   events a device keeps while offline, flushed in order, events kept until acknowledged
 //!   (`no_std`, no heap).
-//! - `mqtt` (feature `runner`): a small MQTT 3.1.1 client on rumqttc's packet codec, sized for
-//!   one vehicle: the protocol state (`mqtt::Session`: packet ids, keep-alive, buffers) apart
-//!   from the TCP connection (`mqtt::Link`).
-//! - `runner` (feature `runner`): one MQTT connection and one task per vehicle; online status,
-//!   last will, heartbeats, delivery events tracked to their PUBACK, command acks, reconnects
-//!   with backoff, chaos switches, a sped-up clock, and a clean goodbye.
-//! - `credentials` (feature `runner`): the secrets file (per-vehicle MQTT password and
-//!   message key), read by `--credentials` and written by `device-sim provision`.
-//! - `status` (feature `runner`): the live status line on a terminal.
+//! - `mqtt` (feature `runner`): a small MQTT 3.1.1 client on rumqttc's packet codec, sized
+//!   for one vehicle: the protocol state (`mqtt::ClientState`: packet ids, keep-alive,
+//!   buffers) apart from the TCP connection (`mqtt::Link`).
+//! - `runner` (feature `runner`): one MQTT connection and one task per vehicle; online
+//!   status, last will, heartbeats, delivery events tracked to their PUBACK, command acks,
+//!   reconnects with backoff, chaos switches, a sped-up clock, and a clean goodbye. Split into
+//!   `config` (`runner::SimConfig`, validated), `clock`, `vehicle` (one vehicle's task),
+//!   `simulation` (`runner::Simulation`, `runner::run`, progress) and `report` (counters).
+//! - `secrets` (feature `runner`): the secrets file (per-vehicle MQTT password and message
+//!   key, `secrets::DeviceSecrets`), read by `--credentials` and written by
+//!   `device-sim provision`.
 //! - `cli` (feature `runner`): the `device-sim` command line, turned into a
 //!   `runner::SimConfig`, and the `provision` subcommand.
+//!
+//! The `device-sim` binary (`src/bin/device-sim/`) parses the command line, draws the live
+//! status line on a terminal (a `runner::ProgressDisplay`) and runs the simulation;
+//! `sim-bench` (`src/bin/sim-bench.rs`) measures what a vehicle costs against mosquitto.
 #![cfg_attr(not(any(test, feature = "runner")), no_std)]
 
 #[cfg(feature = "runner")]
 pub mod cli;
-#[cfg(feature = "runner")]
-pub mod credentials;
 pub mod device;
 #[cfg(feature = "runner")]
 pub mod mqtt;
@@ -40,4 +44,4 @@ pub mod route;
 #[cfg(feature = "runner")]
 pub mod runner;
 #[cfg(feature = "runner")]
-pub mod status;
+pub mod secrets;

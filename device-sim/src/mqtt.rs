@@ -1,5 +1,5 @@
-//! A small MQTT 3.1.1 client sized for one vehicle: the [`Session`] (the protocol state, no
-//! I/O) and the [`Link`] (a TCP connection that moves the session's bytes).
+//! A small MQTT 3.1.1 client sized for one vehicle: the [`ClientState`] (the protocol state,
+//! no I/O) and the [`Link`] (a TCP connection that moves the client state's bytes).
 //!
 //! The packets are encoded and decoded by rumqttc's public codec
 //! ([`rumqttc::mqttbytes::v4`]); what this module adds is what a vehicle needs of a client and
@@ -7,29 +7,30 @@
 //!
 //! - **Buffers sized for the traffic.** A vehicle receives a few tens of bytes at a time
 //!   (CONNACK, SUBACK, PUBACK, PINGRESP, the odd command). The read buffer starts at
-//!   [`READ_BUFFER`] bytes and grows only to fit a larger packet, up to the hard maximum
-//!   [`SessionOptions::max_packet`]; a larger packet ends the connection with
+//!   `READ_BUFFER` (128) bytes and grows only to fit a larger packet, up to the hard maximum
+//!   [`ClientOptions::max_packet`]; a larger packet ends the connection with
 //!   [`LinkError::PacketTooLarge`]. Publishes are encoded into one reusable write buffer
-//!   ([`WRITE_BUFFER`] bytes to start with). Both shrink back after a burst.
+//!   (`WRITE_BUFFER`, 256 bytes, to start with). Both shrink back after a burst.
 //! - **No allocation per message.** The outgoing `Publish` and its topic string are reused,
 //!   its payload is a view of one reusable scratch buffer, and decoding PUBACKs and PINGRESPs
 //!   splits the read buffer without copying.
 //! - **QoS 1 bookkeeping with caller tags.** Each QoS 1 publish gets a free packet id and
 //!   carries a tag of the caller's (`T`), handed back with its PUBACK
-//!   ([`Incoming::PubAck`]); at most [`MAX_INFLIGHT`] are unacknowledged at once. Incoming
+//!   ([`Incoming::PubAck`]); at most `MAX_INFLIGHT` (20) are unacknowledged at once. Incoming
 //!   QoS 1 publishes are acknowledged as they are decoded.
 //! - **Keep-alive.** A PINGREQ goes out when nothing has been sent *or* received for the
 //!   keep-alive, and the link is declared dead ([`LinkError::PingTimeout`]) when its
-//!   PINGRESP does not come within [`SessionOptions::ping_timeout`]: a vehicle that only
+//!   PINGRESP does not come within [`ClientOptions::ping_timeout`]: a vehicle that only
 //!   publishes QoS 0 notices a dead broker too. A CONNACK must come within
-//!   [`SessionOptions::connack_timeout`].
+//!   [`ClientOptions::connack_timeout`].
 //!
-//! The session never waits: the caller owns one timer and sleeps until
-//! [`Session::deadline`], then calls [`Session::on_timer`]; it reads with
-//! [`Link::exchange`] and takes decoded packets from [`Session::next_incoming`].
+//! The client state never waits: the caller owns one timer and sleeps until
+//! [`ClientState::deadline`], then calls [`ClientState::on_timer`]; it reads with
+//! [`Link::exchange`] and takes decoded packets from [`ClientState::next_incoming`].
 //!
-//! Clean sessions only: after a lost connection nothing is resumed ([`Session::reset`]); the
-//! caller sends again whatever was unacknowledged, with `dup` set.
+//! Clean sessions only: after a lost connection nothing is resumed
+//! ([`ClientState::reset`]); the caller sends again whatever was unacknowledged, with `dup`
+//! set.
 
 use std::io;
 use std::time::Duration;
@@ -45,19 +46,19 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// The read buffer's initial capacity: a command publish fits, a PUBACK many times over.
-pub const READ_BUFFER: usize = 128;
+const READ_BUFFER: usize = 128;
 /// The write buffer's initial capacity: a CONNECT with will and login, or a publish, fits.
-pub const WRITE_BUFFER: usize = 256;
+const WRITE_BUFFER: usize = 256;
 /// A buffer that grew beyond this for a burst is replaced by a fresh small one once empty.
 const SHRINK_ABOVE: usize = 1024;
 /// The largest incoming packet accepted by default (remaining length, bytes).
-pub const MAX_PACKET: usize = 4096;
+const MAX_PACKET: usize = 4096;
 /// QoS 1 publishes awaiting their PUBACK at most.
-pub const MAX_INFLIGHT: usize = 20;
+pub(crate) const MAX_INFLIGHT: usize = 20;
 
-/// How a [`Session`] talks to its broker.
+/// How a [`ClientState`] talks to its broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SessionOptions {
+pub struct ClientOptions {
     /// The keep-alive sent in CONNECT, 1 ..= 65 535 whole seconds: a PINGREQ goes out after
     /// this long without sending or receiving anything.
     pub keep_alive: Duration,
@@ -69,9 +70,9 @@ pub struct SessionOptions {
     pub max_packet: usize,
 }
 
-impl SessionOptions {
+impl ClientOptions {
     /// Keep-alive `keep_alive`, a PINGRESP timeout of the same length, 5 s for the CONNACK,
-    /// packets up to [`MAX_PACKET`].
+    /// packets up to 4 KiB (`MAX_PACKET`).
     pub const fn new(keep_alive: Duration) -> Self {
         Self {
             keep_alive,
@@ -95,7 +96,7 @@ pub struct Message<'a> {
     pub retain: bool,
 }
 
-/// What a CONNECT carries besides the session options.
+/// What a CONNECT carries besides the client options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectRequest<'a> {
     /// The client id.
@@ -130,7 +131,7 @@ pub enum Incoming<T> {
     },
 }
 
-/// Why a connection is over. Every variant means: drop the [`Link`], [`Session::reset`], and
+/// Why a connection is over. Every variant means: drop the [`Link`], [`ClientState::reset`], and
 /// connect again later.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -146,13 +147,13 @@ pub enum LinkError {
     /// The broker refused the connection (CONNACK return code).
     #[error("the broker refused the connection: {0:?}")]
     Refused(ConnectReturnCode),
-    /// No CONNACK within [`SessionOptions::connack_timeout`].
+    /// No CONNACK within [`ClientOptions::connack_timeout`].
     #[error("no CONNACK within {0:?}")]
     ConnAckTimeout(Duration),
-    /// No PINGRESP within [`SessionOptions::ping_timeout`].
+    /// No PINGRESP within [`ClientOptions::ping_timeout`].
     #[error("no PINGRESP within {0:?}")]
     PingTimeout(Duration),
-    /// The broker sent a packet larger than [`SessionOptions::max_packet`].
+    /// The broker sent a packet larger than [`ClientOptions::max_packet`].
     #[error("the broker sent a packet of {size} bytes, more than the {max} a vehicle accepts")]
     PacketTooLarge {
         /// Its remaining length.
@@ -171,7 +172,7 @@ pub enum LinkError {
 
 impl LinkError {
     /// Whether the broker sent a packet larger than the limit.
-    pub const fn is_oversized(&self) -> bool {
+    pub(crate) const fn is_oversized(&self) -> bool {
         matches!(self, Self::PacketTooLarge { .. })
     }
 }
@@ -182,7 +183,7 @@ pub enum SendError {
     /// No CONNACK yet (or the link is down, or closing).
     #[error("not connected")]
     NotConnected,
-    /// [`MAX_INFLIGHT`] QoS 1 publishes await their PUBACK: wait for one.
+    /// `MAX_INFLIGHT` (20) QoS 1 publishes await their PUBACK: wait for one.
     #[error("{MAX_INFLIGHT} publishes await their acknowledgement already")]
     InFlightFull,
     /// QoS 2 is not supported.
@@ -193,7 +194,7 @@ pub enum SendError {
     Encode(mqttbytes::Error),
 }
 
-/// Where the session stands.
+/// Where the connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// No connection.
@@ -209,8 +210,8 @@ enum State {
 /// One client's MQTT state, without I/O: what to send (the output), what arrived (the input),
 /// packet ids in flight, keep-alive. See the [module docs](self).
 #[derive(Debug)]
-pub struct Session<T> {
-    options: SessionOptions,
+pub struct ClientState<T> {
+    options: ClientOptions,
     state: State,
     /// Bytes received and not yet decoded.
     read: BytesMut,
@@ -231,9 +232,9 @@ pub struct Session<T> {
     ping_sent: Option<Instant>,
 }
 
-impl<T: Copy> Session<T> {
-    /// An idle session; no buffer is allocated before [`begin`](Self::begin).
-    pub fn new(options: SessionOptions) -> Self {
+impl<T: Copy> ClientState<T> {
+    /// An idle client state; no buffer is allocated before [`begin`](Self::begin).
+    pub fn new(options: ClientOptions) -> Self {
         let now = Instant::now();
         Self {
             options,
@@ -249,11 +250,6 @@ impl<T: Copy> Session<T> {
             last_received: now,
             ping_sent: None,
         }
-    }
-
-    /// The options it was made with.
-    pub const fn options(&self) -> &SessionOptions {
-        &self.options
     }
 
     /// Starts a connection over a freshly opened link: queues the CONNECT (clean session).
@@ -298,7 +294,7 @@ impl<T: Copy> Session<T> {
     }
 
     /// Whether the broker has accepted the connection (and no DISCONNECT is queued).
-    pub fn is_connected(&self) -> bool {
+    pub(crate) fn is_connected(&self) -> bool {
         self.state == State::Connected
     }
 
@@ -385,22 +381,22 @@ impl<T: Copy> Session<T> {
     }
 
     /// QoS 1 publishes awaiting their PUBACK.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
 
     /// Whether encoded packets wait to be written.
-    pub fn has_output(&self) -> bool {
+    pub(crate) fn has_output(&self) -> bool {
         !self.write.is_empty()
     }
 
     /// The encoded packets waiting to be written.
-    pub fn output(&self) -> &[u8] {
+    fn output(&self) -> &[u8] {
         &self.write
     }
 
     /// `n` bytes of [`output`](Self::output) were written.
-    pub fn wrote(&mut self, n: usize) {
+    fn wrote(&mut self, n: usize) {
         self.write.advance(n.min(self.write.len()));
         if self.write.is_empty() && self.write.capacity() > SHRINK_ABOVE {
             self.write = BytesMut::with_capacity(WRITE_BUFFER);
@@ -409,7 +405,7 @@ impl<T: Copy> Session<T> {
 
     /// The buffer to read into, with room for at least the rest of the frame being received
     /// (as far as its header told), or some room if nothing is known.
-    pub fn read_buffer(&mut self) -> &mut BytesMut {
+    fn read_buffer(&mut self) -> &mut BytesMut {
         let spare = self.read.capacity() - self.read.len();
         if spare == 0 || spare < self.missing {
             self.read.reserve(self.missing.max(READ_BUFFER / 2));
@@ -417,13 +413,8 @@ impl<T: Copy> Session<T> {
         &mut self.read
     }
 
-    /// Bytes received and not yet decoded.
-    pub fn input_len(&self) -> usize {
-        self.read.len()
-    }
-
     /// Throws away what was received and not yet decoded (while closing).
-    pub fn discard_input(&mut self) {
+    fn discard_input(&mut self) {
         self.read.clear();
         self.missing = 0;
     }
@@ -611,7 +602,7 @@ fn packet_type(packet: &Packet) -> PacketType {
     }
 }
 
-/// A TCP connection to the broker (`TCP_NODELAY`), moving a [`Session`]'s bytes.
+/// A TCP connection to the broker (`TCP_NODELAY`), moving a [`ClientState`]'s bytes.
 #[derive(Debug)]
 pub struct Link {
     stream: TcpStream,
@@ -630,15 +621,15 @@ impl Link {
         Ok(Self { stream })
     }
 
-    /// Writes as much of the session's output as the socket takes now, without waiting.
+    /// Writes as much of the client state's output as the socket takes now, without waiting.
     ///
     /// # Errors
     /// [`LinkError::Io`] or [`LinkError::Closed`].
-    pub fn write_now<T: Copy>(&self, session: &mut Session<T>) -> Result<(), LinkError> {
-        while session.has_output() {
-            match self.stream.try_write(session.output()) {
+    pub fn write_now<T: Copy>(&self, client: &mut ClientState<T>) -> Result<(), LinkError> {
+        while client.has_output() {
+            match self.stream.try_write(client.output()) {
                 Ok(0) => return Err(LinkError::Closed),
-                Ok(n) => session.wrote(n),
+                Ok(n) => client.wrote(n),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) => return Err(err.into()),
             }
@@ -646,25 +637,25 @@ impl Link {
         Ok(())
     }
 
-    /// Waits until the socket can be read (or written, while the session has output), then
-    /// writes what it can and reads what arrived into the session: take the packets with
-    /// [`Session::next_incoming`]. Cancel safe: nothing is lost if it is dropped while
+    /// Waits until the socket can be read (or written, while the client has output), then
+    /// writes what it can and reads what arrived into the client: take the packets with
+    /// [`ClientState::next_incoming`]. Cancel safe: nothing is lost if it is dropped while
     /// waiting.
     ///
     /// # Errors
     /// [`LinkError::Io`] or [`LinkError::Closed`].
-    pub async fn exchange<T: Copy>(&self, session: &mut Session<T>) -> Result<(), LinkError> {
-        let interest = if session.has_output() {
+    pub async fn exchange<T: Copy>(&self, client: &mut ClientState<T>) -> Result<(), LinkError> {
+        let interest = if client.has_output() {
             Interest::READABLE | Interest::WRITABLE
         } else {
             Interest::READABLE
         };
         let ready = self.stream.ready(interest).await?;
         if ready.is_writable() {
-            self.write_now(session)?;
+            self.write_now(client)?;
         }
         if ready.is_readable() || ready.is_read_closed() {
-            match self.stream.try_read_buf(session.read_buffer()) {
+            match self.stream.try_read_buf(client.read_buffer()) {
                 Ok(0) => return Err(LinkError::Closed),
                 Ok(_) => {}
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
@@ -675,22 +666,22 @@ impl Link {
     }
 
     /// Ends the connection cleanly: writes the rest of the output (a DISCONNECT last, see
-    /// [`Session::disconnect`]), closes the sending side, and waits until the broker has
+    /// [`ClientState::disconnect`]), closes the sending side, and waits until the broker has
     /// closed its side, discarding whatever it still sends. Put a timeout around it.
     ///
     /// # Errors
     /// [`LinkError::Io`] if the socket fails on the way.
-    pub async fn close<T: Copy>(mut self, session: &mut Session<T>) -> Result<(), LinkError> {
-        while session.has_output() {
+    pub async fn close<T: Copy>(mut self, client: &mut ClientState<T>) -> Result<(), LinkError> {
+        while client.has_output() {
             self.stream.writable().await?;
-            self.write_now(session)?;
+            self.write_now(client)?;
         }
         self.stream.shutdown().await?;
         loop {
             self.stream.readable().await?;
-            match self.stream.try_read_buf(session.read_buffer()) {
+            match self.stream.try_read_buf(client.read_buffer()) {
                 Ok(0) => return Ok(()),
-                Ok(_) => session.discard_input(),
+                Ok(_) => client.discard_input(),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                 Err(err) => return Err(err.into()),
             }
@@ -699,384 +690,4 @@ impl Link {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    type Tagged = Session<u32>;
-
-    const KEEP_ALIVE: Duration = Duration::from_secs(30);
-
-    fn options() -> SessionOptions {
-        SessionOptions {
-            ping_timeout: Duration::from_secs(10),
-            ..SessionOptions::new(KEEP_ALIVE)
-        }
-    }
-
-    /// Decodes every packet in the session's output, as a broker would, and marks it written.
-    fn sent(session: &mut Tagged) -> Vec<Packet> {
-        let mut bytes = BytesMut::from(session.output());
-        session.wrote(bytes.len());
-        let mut packets = Vec::new();
-        while !bytes.is_empty() {
-            packets.push(Packet::read(&mut bytes, 1 << 20).expect("a valid packet"));
-        }
-        packets
-    }
-
-    /// Feeds the broker's `packet` to the session.
-    fn receive(session: &mut Tagged, packet: &Packet) {
-        let mut bytes = BytesMut::new();
-        packet.write(&mut bytes, 1 << 20).expect("encodes");
-        session.read_buffer().extend_from_slice(&bytes);
-    }
-
-    fn connected(now: Instant) -> Tagged {
-        let mut session = Tagged::new(options());
-        let request = ConnectRequest {
-            client_id: "demo-0001",
-            login: Some(("demo-0001", "secret")),
-            will: Some(Message {
-                topic: "fleet/demo/demo-0001/status",
-                payload: b"gone",
-                qos: QoS::AtLeastOnce,
-                retain: true,
-            }),
-        };
-        session.begin(&request, now).expect("encodes");
-        let packets = sent(&mut session);
-        let [Packet::Connect(connect)] = packets.as_slice() else {
-            panic!("{packets:?}");
-        };
-        assert_eq!(connect.client_id, "demo-0001");
-        assert!(connect.clean_session);
-        assert_eq!(connect.keep_alive, 30);
-        let login = connect.login.as_ref().expect("login");
-        assert_eq!(
-            (login.username.as_str(), login.password.as_str()),
-            ("demo-0001", "secret")
-        );
-        let will = connect.last_will.as_ref().expect("will");
-        assert_eq!(will.topic, "fleet/demo/demo-0001/status");
-        assert_eq!(&will.message[..], b"gone");
-        assert!(will.retain && will.qos == QoS::AtLeastOnce);
-        assert!(!session.is_connected());
-        receive(
-            &mut session,
-            &Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
-        );
-        assert_eq!(
-            session.next_incoming(now).expect("valid"),
-            Some(Incoming::ConnAck)
-        );
-        assert!(session.is_connected());
-        session
-    }
-
-    fn message(payload: &[u8], qos: QoS) -> Message<'_> {
-        Message {
-            topic: "fleet/demo/demo-0001/event",
-            payload,
-            qos,
-            retain: false,
-        }
-    }
-
-    #[test]
-    fn pubacks_come_back_with_their_tags() {
-        let now = Instant::now();
-        let mut session = connected(now);
-        let a = session
-            .publish(&message(b"a", QoS::AtLeastOnce), false, 10, now)
-            .expect("queued");
-        let b = session
-            .publish(&message(b"b", QoS::AtLeastOnce), true, 11, now)
-            .expect("queued");
-        let zero = session
-            .publish(&message(b"hb", QoS::AtMostOnce), true, 99, now)
-            .expect("queued");
-        assert_eq!(zero, 0, "QoS 0 has no packet id");
-        assert_ne!(a, b);
-        assert_eq!(session.in_flight(), 2);
-        let packets = sent(&mut session);
-        let publishes: Vec<(u16, bool, &[u8])> = packets
-            .iter()
-            .map(|p| match p {
-                Packet::Publish(p) => (p.pkid, p.dup, &p.payload[..]),
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        // DUP only where asked and only at QoS 1.
-        assert_eq!(
-            publishes,
-            [
-                (a, false, &b"a"[..]),
-                (b, true, &b"b"[..]),
-                (0, false, &b"hb"[..])
-            ]
-        );
-
-        // Acknowledged out of order, and a stray ack: each maps back to its own tag.
-        receive(&mut session, &Packet::PubAck(PubAck::new(b)));
-        receive(&mut session, &Packet::PubAck(PubAck::new(777)));
-        receive(&mut session, &Packet::PubAck(PubAck::new(a)));
-        let acks: Vec<_> =
-            std::iter::from_fn(|| session.next_incoming(now).expect("valid")).collect();
-        assert_eq!(
-            acks,
-            [
-                Incoming::PubAck {
-                    pkid: b,
-                    tag: Some(11)
-                },
-                Incoming::PubAck {
-                    pkid: 777,
-                    tag: None
-                },
-                Incoming::PubAck {
-                    pkid: a,
-                    tag: Some(10)
-                },
-            ]
-        );
-        assert_eq!(session.in_flight(), 0);
-    }
-
-    #[test]
-    fn packet_ids_skip_zero_and_those_in_flight_and_are_bounded() {
-        let now = Instant::now();
-        let mut session = connected(now);
-        session.next_pkid = u16::MAX - 1;
-        let mut ids = Vec::new();
-        for tag in 0..MAX_INFLIGHT as u32 {
-            ids.push(
-                session
-                    .publish(&message(b"x", QoS::AtLeastOnce), false, tag, now)
-                    .expect("room"),
-            );
-        }
-        assert_eq!(&ids[..3], [u16::MAX, 1, 2], "wraps past 0");
-        assert!(matches!(
-            session.publish(&message(b"x", QoS::AtLeastOnce), false, 0, now),
-            Err(SendError::InFlightFull)
-        ));
-        // QoS 0 still goes.
-        assert!(
-            session
-                .publish(&message(b"x", QoS::AtMostOnce), false, 0, now)
-                .is_ok()
-        );
-        // Free one in the middle, then wrap around again: ids in flight are never reused.
-        receive(&mut session, &Packet::PubAck(PubAck::new(2)));
-        assert!(session.next_incoming(now).expect("valid").is_some());
-        session.next_pkid = u16::MAX - 1;
-        let next = session
-            .publish(&message(b"x", QoS::AtLeastOnce), false, 0, now)
-            .expect("room");
-        assert_eq!(next, 2);
-        // A lost link forgets them all.
-        session.reset();
-        assert_eq!(session.in_flight(), 0);
-        assert!(matches!(
-            session.publish(&message(b"x", QoS::AtMostOnce), false, 0, now),
-            Err(SendError::NotConnected)
-        ));
-    }
-
-    #[test]
-    fn pings_when_quiet_and_times_out_without_pingresp() {
-        let start = Instant::now();
-        let mut session = connected(start);
-        assert_eq!(session.deadline(), Some(start + KEEP_ALIVE));
-        // Busy sending: no ping, but nothing received either, so the keep-alive still runs
-        // from the last packet received.
-        let later = start + Duration::from_secs(20);
-        session
-            .publish(&message(b"hb", QoS::AtMostOnce), false, 0, later)
-            .expect("queued");
-        let _ = sent(&mut session);
-        session.on_timer(later).expect("alive");
-        assert!(!session.has_output());
-        assert_eq!(session.deadline(), Some(start + KEEP_ALIVE));
-
-        let due = start + KEEP_ALIVE;
-        session.on_timer(due).expect("alive");
-        assert_eq!(sent(&mut session), [Packet::PingReq]);
-        assert_eq!(session.deadline(), Some(due + Duration::from_secs(10)));
-        // The PINGRESP comes: the link lives on, the next ping is a keep-alive later.
-        receive(&mut session, &Packet::PingResp);
-        let answered = due + Duration::from_secs(1);
-        assert_eq!(session.next_incoming(answered).expect("valid"), None);
-        session
-            .on_timer(due + Duration::from_secs(10))
-            .expect("answered");
-        assert!(!session.has_output());
-
-        // The next one, a keep-alive after the last PINGREQ, is never answered.
-        let next = due + KEEP_ALIVE;
-        assert_eq!(session.deadline(), Some(next));
-        session.on_timer(next).expect("alive");
-        assert_eq!(sent(&mut session), [Packet::PingReq]);
-        session
-            .on_timer(next + Duration::from_secs(9))
-            .expect("still within the timeout");
-        assert!(matches!(
-            session.on_timer(next + Duration::from_secs(10)),
-            Err(LinkError::PingTimeout(_))
-        ));
-    }
-
-    #[test]
-    fn connack_must_come_in_time_and_be_a_success() {
-        let now = Instant::now();
-        let mut session = Tagged::new(options());
-        let request = ConnectRequest {
-            client_id: "demo-0001",
-            login: None,
-            will: None,
-        };
-        session.begin(&request, now).expect("encodes");
-        assert!(matches!(
-            session.publish(&message(b"x", QoS::AtMostOnce), false, 0, now),
-            Err(SendError::NotConnected)
-        ));
-        session
-            .on_timer(now + Duration::from_secs(4))
-            .expect("waiting");
-        assert!(matches!(
-            session.on_timer(now + Duration::from_secs(5)),
-            Err(LinkError::ConnAckTimeout(_))
-        ));
-
-        session.begin(&request, now).expect("encodes");
-        receive(
-            &mut session,
-            &Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false)),
-        );
-        assert!(matches!(
-            session.next_incoming(now),
-            Err(LinkError::Refused(ConnectReturnCode::NotAuthorized))
-        ));
-
-        session.begin(&request, now).expect("encodes");
-        receive(&mut session, &Packet::PingResp);
-        assert!(matches!(
-            session.next_incoming(now),
-            Err(LinkError::Unexpected(PacketType::PingResp))
-        ));
-    }
-
-    #[test]
-    fn incoming_qos1_publish_is_acknowledged_and_split_reads_reassemble() {
-        let now = Instant::now();
-        let mut session = connected(now);
-        let mut command = Publish::new("fleet/demo/demo-0001/cmd", QoS::AtLeastOnce, vec![7u8; 40]);
-        command.pkid = 42;
-        let mut bytes = BytesMut::new();
-        Packet::Publish(command.clone())
-            .write(&mut bytes, 1 << 20)
-            .expect("encodes");
-        // It arrives in three pieces.
-        for piece in [&bytes[..1], &bytes[1..20], &bytes[20..]] {
-            assert_eq!(session.next_incoming(now).expect("valid"), None);
-            session.read_buffer().extend_from_slice(piece);
-        }
-        assert_eq!(
-            session.next_incoming(now).expect("valid"),
-            Some(Incoming::Publish(command))
-        );
-        assert_eq!(sent(&mut session), [Packet::PubAck(PubAck::new(42))]);
-    }
-
-    #[test]
-    fn grows_for_a_large_packet_refuses_an_oversized_one_and_shrinks_back() {
-        let now = Instant::now();
-        let mut session = connected(now);
-        assert!(session.read_buffer().capacity() <= READ_BUFFER);
-        // 3000 bytes: more than the read buffer, within the limit.
-        let big = Publish::new("fleet/demo/demo-0001/cmd", QoS::AtMostOnce, vec![1u8; 3000]);
-        let mut bytes = BytesMut::new();
-        Packet::Publish(big.clone())
-            .write(&mut bytes, 1 << 20)
-            .expect("encodes");
-        let mut fed = 0;
-        let mut decoded = None;
-        while decoded.is_none() {
-            // Read like a socket does: at most the spare capacity.
-            let buffer = session.read_buffer();
-            let room = buffer.capacity() - buffer.len();
-            let n = room.min(bytes.len() - fed);
-            assert!(n > 0, "the buffer makes room");
-            buffer.extend_from_slice(&bytes[fed..fed + n]);
-            fed += n;
-            decoded = session.next_incoming(now).expect("within the limit");
-        }
-        assert_eq!(decoded, Some(Incoming::Publish(big)));
-        assert_eq!(session.next_incoming(now).expect("empty"), None);
-        assert!(
-            session.read_buffer().capacity() <= READ_BUFFER,
-            "back to a small buffer after the burst"
-        );
-
-        // Above the limit: refused from its header alone, before it is buffered.
-        let huge = Publish::new(
-            "fleet/demo/demo-0001/cmd",
-            QoS::AtMostOnce,
-            vec![1u8; MAX_PACKET],
-        );
-        let mut bytes = BytesMut::new();
-        Packet::Publish(huge)
-            .write(&mut bytes, 1 << 20)
-            .expect("encodes");
-        session.read_buffer().extend_from_slice(&bytes[..8]);
-        match session.next_incoming(now) {
-            Err(err @ LinkError::PacketTooLarge { size, max }) => {
-                assert_eq!(max, MAX_PACKET);
-                assert!(size > MAX_PACKET);
-                assert!(err.is_oversized());
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn closing_sends_disconnect_last_and_nothing_after() {
-        let now = Instant::now();
-        let mut session = connected(now);
-        session
-            .publish(&message(b"bye", QoS::AtLeastOnce), false, 1, now)
-            .expect("queued");
-        session.disconnect(now).expect("connected");
-        assert!(matches!(
-            session.publish(&message(b"late", QoS::AtMostOnce), false, 0, now),
-            Err(SendError::NotConnected)
-        ));
-        let packets = sent(&mut session);
-        assert!(matches!(
-            packets.as_slice(),
-            [Packet::Publish(_), Packet::Disconnect]
-        ));
-        assert_eq!(session.deadline(), None);
-    }
-
-    #[test]
-    fn reuses_its_buffers_across_publishes() {
-        let now = Instant::now();
-        let mut session = connected(now);
-        let payload = [5u8; shared::MAX_PAYLOAD];
-        for _ in 0..1000 {
-            session
-                .publish(&message(&payload, QoS::AtMostOnce), false, 0, now)
-                .expect("queued");
-            let n = session.output().len();
-            session.wrote(n);
-        }
-        assert!(
-            session.write.capacity() <= WRITE_BUFFER,
-            "{}",
-            session.write.capacity()
-        );
-        assert!(session.scratch.capacity() <= shared::MAX_PAYLOAD);
-        assert!(session.outgoing.payload.is_empty(), "no payload kept alive");
-    }
-}
+mod tests;

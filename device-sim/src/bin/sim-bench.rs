@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use device_sim::mqtt::{
-    ConnectRequest, Incoming, Link, LinkError, Message, Session, SessionOptions,
+    ClientOptions, ClientState, ConnectRequest, Incoming, Link, LinkError, Message,
 };
 use device_sim::runner::{SimConfig, Simulation};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
@@ -385,13 +385,14 @@ async fn run_phase(phase: &str, broker: SocketAddr, args: &Args) -> anyhow::Resu
     let (messages, keep): (Arc<AtomicU64>, Box<dyn std::any::Any + Send>) = match phase {
         "rumqttc-bare" | "rumqttc-raw" | "client-bare" | "client-raw" => {
             let rate = phase.ends_with("-raw").then_some(args.rate);
-            let (messages, connected, tasks) = if phase.starts_with("rumqttc") {
+            let pool = if phase.starts_with("rumqttc") {
                 bare_clients(broker, args.vehicles, spread, rate)
             } else {
                 own_clients(broker, args.vehicles, spread, rate)
             };
+            let connected = Arc::clone(&pool.connected);
             wait_until(|| connected.load(Ordering::Relaxed) >= u64::from(args.vehicles)).await?;
-            (messages, Box::new(tasks))
+            (Arc::clone(&pool.messages), Box::new(pool.tasks))
         }
         "sim" => {
             let config = SimConfig {
@@ -454,155 +455,157 @@ async fn wait_until(done: impl Fn() -> bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A pool of benchmark connections: how many messages they published, how many are
+/// connected, and their tasks (dropping the pool does not stop them; the phase's process ends).
+struct Pool {
+    messages: Arc<AtomicU64>,
+    connected: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Pool {
+    /// Spawns `n` connections: `connection(i, delay, messages, connected)` is the future of the
+    /// `i`-th, which waits `delay` (its share of `spread`) before connecting.
+    fn spawn<F>(
+        n: u32,
+        spread: Duration,
+        connection: impl Fn(u32, Duration, Arc<AtomicU64>, Arc<AtomicU64>) -> F,
+    ) -> Self
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let messages = Arc::new(AtomicU64::new(0));
+        let connected = Arc::new(AtomicU64::new(0));
+        let tasks = (0..n)
+            .map(|i| {
+                let delay = spread.mul_f64(f64::from(i) / f64::from(n));
+                tokio::spawn(connection(
+                    i,
+                    delay,
+                    Arc::clone(&messages),
+                    Arc::clone(&connected),
+                ))
+            })
+            .collect();
+        Self {
+            messages,
+            connected,
+            tasks,
+        }
+    }
+}
+
+/// With a rate, an interval at it starting now, its phase the `i`-th of `n` spread over one
+/// period.
+fn publish_ticker(rate: Option<f64>, i: u32, n: u32) -> Option<tokio::time::Interval> {
+    rate.map(|r| {
+        let p = Duration::from_secs_f64(1.0 / r);
+        let mut t = tokio::time::interval_at(
+            tokio::time::Instant::now() + p.mul_f64(f64::from(i) / f64::from(n)),
+            p,
+        );
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        t
+    })
+}
+
 /// `n` plain rumqttc clients with the simulator's options, connecting over `spread`; with a
 /// rate, each publishes a heartbeat-sized QoS 0 payload at it.
-fn bare_clients(
-    broker: SocketAddr,
-    n: u32,
-    spread: Duration,
-    rate: Option<f64>,
-) -> (
-    Arc<AtomicU64>,
-    Arc<AtomicU64>,
-    Vec<tokio::task::JoinHandle<()>>,
-) {
-    let messages = Arc::new(AtomicU64::new(0));
-    let connected = Arc::new(AtomicU64::new(0));
-    let tasks = (0..n)
-        .map(|i| {
-            let mut options = MqttOptions::new(
-                format!("bare-{i:05}"),
-                broker.ip().to_string(),
-                broker.port(),
-            );
-            options
-                .set_keep_alive(Duration::from_secs(30))
-                .set_clean_session(true)
-                .set_inflight(20)
-                .set_request_channel_capacity(32);
-            let (client, mut eventloop) = AsyncClient::new(options, 32);
-            let (messages, connected) = (Arc::clone(&messages), Arc::clone(&connected));
-            let delay = spread.mul_f64(f64::from(i) / f64::from(n));
-            let topic = format!("fleet/bare/bare-{i:05}/hb");
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let period = rate.map(|r| Duration::from_secs_f64(1.0 / r));
-                let mut ticker = period.map(|p| {
-                    let mut t = tokio::time::interval_at(
-                        tokio::time::Instant::now() + p.mul_f64(f64::from(i) / f64::from(n)),
-                        p,
-                    );
-                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                    t
-                });
-                loop {
-                    // One poll future kept across ticks, as the simulator does.
-                    let event = {
-                        let poll = eventloop.poll();
-                        tokio::pin!(poll);
-                        loop {
-                            tokio::select! {
-                                event = &mut poll => break event,
-                                _ = next_tick(ticker.as_mut()) => {
-                                    let _ = client.try_publish(
-                                        topic.as_str(),
-                                        QoS::AtMostOnce,
-                                        false,
-                                        vec![1u8; 38],
-                                    );
-                                }
+fn bare_clients(broker: SocketAddr, n: u32, spread: Duration, rate: Option<f64>) -> Pool {
+    Pool::spawn(n, spread, |i, delay, messages, connected| {
+        let mut options = MqttOptions::new(
+            format!("bare-{i:05}"),
+            broker.ip().to_string(),
+            broker.port(),
+        );
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true)
+            .set_inflight(20)
+            .set_request_channel_capacity(32);
+        let (client, mut eventloop) = AsyncClient::new(options, 32);
+        let topic = format!("fleet/bare/bare-{i:05}/hb");
+        async move {
+            tokio::time::sleep(delay).await;
+            let mut ticker = publish_ticker(rate, i, n);
+            loop {
+                // One poll future kept across ticks, as the simulator does.
+                let event = {
+                    let poll = eventloop.poll();
+                    tokio::pin!(poll);
+                    loop {
+                        tokio::select! {
+                            event = &mut poll => break event,
+                            _ = next_tick(ticker.as_mut()) => {
+                                let _ = client.try_publish(
+                                    topic.as_str(),
+                                    QoS::AtMostOnce,
+                                    false,
+                                    vec![1u8; 38],
+                                );
                             }
                         }
-                    };
-                    match event {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            connected.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(Event::Outgoing(Outgoing::Publish(_))) => {
-                            messages.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(_) => {}
-                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
                     }
+                };
+                match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        connected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(_))) => {
+                        messages.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
                 }
-            })
-        })
-        .collect();
-    (messages, connected, tasks)
+            }
+        }
+    })
 }
 
 /// Like [`bare_clients`], with the simulator's own client: one task per connection owning
-/// the socket and the session, as a vehicle does.
-fn own_clients(
-    broker: SocketAddr,
-    n: u32,
-    spread: Duration,
-    rate: Option<f64>,
-) -> (
-    Arc<AtomicU64>,
-    Arc<AtomicU64>,
-    Vec<tokio::task::JoinHandle<()>>,
-) {
-    let messages = Arc::new(AtomicU64::new(0));
-    let connected = Arc::new(AtomicU64::new(0));
+/// the socket and the client state, as a vehicle does.
+fn own_clients(broker: SocketAddr, n: u32, spread: Duration, rate: Option<f64>) -> Pool {
     let host: Arc<str> = broker.ip().to_string().into();
-    let tasks = (0..n)
-        .map(|i| {
-            let (messages, connected) = (Arc::clone(&messages), Arc::clone(&connected));
-            let host = Arc::clone(&host);
-            let delay = spread.mul_f64(f64::from(i) / f64::from(n));
-            tokio::spawn(async move {
-                let id = format!("client-{i:05}");
-                let topic = format!("fleet/bare/{id}/hb");
-                let mut session = Session::<()>::new(SessionOptions::new(Duration::from_secs(30)));
-                tokio::time::sleep(delay).await;
-                let mut ticker = rate.map(|r| {
-                    let p = Duration::from_secs_f64(1.0 / r);
-                    let mut t = tokio::time::interval_at(
-                        tokio::time::Instant::now() + p.mul_f64(f64::from(i) / f64::from(n)),
-                        p,
-                    );
-                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                    t
-                });
-                loop {
-                    if let Ok(link) =
-                        Link::connect(&host, broker.port(), Duration::from_secs(5)).await
-                    {
-                        let request = ConnectRequest {
-                            client_id: &id,
-                            login: None,
-                            will: None,
-                        };
-                        if session
-                            .begin(&request, tokio::time::Instant::now())
-                            .is_err()
-                        {
-                            return;
-                        }
-                        let _lost = converse(
-                            &link,
-                            &mut session,
-                            &topic,
-                            ticker.as_mut(),
-                            &messages,
-                            &connected,
-                        )
-                        .await;
-                        session.reset();
+    Pool::spawn(n, spread, |i, delay, messages, connected| {
+        let host = Arc::clone(&host);
+        async move {
+            let id = format!("client-{i:05}");
+            let topic = format!("fleet/bare/{id}/hb");
+            let mut client = ClientState::<()>::new(ClientOptions::new(Duration::from_secs(30)));
+            tokio::time::sleep(delay).await;
+            let mut ticker = publish_ticker(rate, i, n);
+            loop {
+                if let Ok(link) = Link::connect(&host, broker.port(), Duration::from_secs(5)).await
+                {
+                    let request = ConnectRequest {
+                        client_id: &id,
+                        login: None,
+                        will: None,
+                    };
+                    if client.begin(&request, tokio::time::Instant::now()).is_err() {
+                        return;
                     }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let _lost = converse(
+                        &link,
+                        &mut client,
+                        &topic,
+                        ticker.as_mut(),
+                        &messages,
+                        &connected,
+                    )
+                    .await;
+                    client.reset();
                 }
-            })
-        })
-        .collect();
-    (messages, connected, tasks)
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    })
 }
 
 /// One connection of [`own_clients`] until it fails.
 async fn converse(
     link: &Link,
-    session: &mut Session<()>,
+    client: &mut ClientState<()>,
     topic: &str,
     mut ticker: Option<&mut tokio::time::Interval>,
     messages: &AtomicU64,
@@ -610,20 +613,20 @@ async fn converse(
 ) -> LinkError {
     let far = || tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
     let mut timer = std::pin::pin!(tokio::time::sleep_until(
-        session.deadline().unwrap_or_else(far)
+        client.deadline().unwrap_or_else(far)
     ));
     let payload = [1u8; 38];
     loop {
-        if let Err(err) = link.write_now(session) {
+        if let Err(err) = link.write_now(client) {
             return err;
         }
         tokio::select! {
-            exchanged = link.exchange(session) => {
+            exchanged = link.exchange(client) => {
                 if let Err(err) = exchanged {
                     return err;
                 }
                 loop {
-                    match session.next_incoming(tokio::time::Instant::now()) {
+                    match client.next_incoming(tokio::time::Instant::now()) {
                         Ok(Some(Incoming::ConnAck)) => {
                             connected.fetch_add(1, Ordering::Relaxed);
                         }
@@ -640,15 +643,15 @@ async fn converse(
                     qos: QoS::AtMostOnce,
                     retain: false,
                 };
-                if session.publish(&message, false, (), tokio::time::Instant::now()).is_ok() {
+                if client.publish(&message, false, (), tokio::time::Instant::now()).is_ok() {
                     messages.fetch_add(1, Ordering::Relaxed);
                 }
             }
             () = timer.as_mut() => {
-                if let Err(err) = session.on_timer(tokio::time::Instant::now()) {
+                if let Err(err) = client.on_timer(tokio::time::Instant::now()) {
                     return err;
                 }
-                timer.as_mut().reset(session.deadline().unwrap_or_else(far));
+                timer.as_mut().reset(client.deadline().unwrap_or_else(far));
             }
         }
     }

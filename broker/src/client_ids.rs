@@ -4,14 +4,14 @@
 //! rumqttd's router drops the old connection when a new one registers the same client id, but
 //! the old connection's task learns of it only later; if it then published its last will, a
 //! stale `offline` could land after the vehicle's fresh `online`. So a new connection first
-//! [claims](Sessions::claim) its client id: the holder is told to stop (it ends without a will)
+//! [claims](ClientIds::claim) its client id: the holder is told to stop (it ends without a will)
 //! and the claim waits until the holder has finished, including a will it may have been
 //! publishing because its connection was lost just before. Only then does the new connection
 //! register with the router.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -29,12 +29,12 @@ struct Holder {
 
 /// The holders of client ids.
 #[derive(Debug, Default)]
-pub(crate) struct Sessions {
+pub(crate) struct ClientIds {
     holders: Mutex<HashMap<String, Holder>>,
     generations: AtomicU64,
 }
 
-/// One connection's hold on its client id; give it back with [`Sessions::release`].
+/// One connection's hold on its client id; give it back with [`ClientIds::release`].
 #[derive(Debug)]
 pub(crate) struct Claim {
     client_id: String,
@@ -44,16 +44,13 @@ pub(crate) struct Claim {
     done: CancellationToken,
 }
 
-impl Sessions {
+impl ClientIds {
     /// Takes `client_id` over: tells its current holder to stop, waits (bounded) until it has
     /// finished, and returns the new hold.
     pub(crate) async fn claim(&self, client_id: &str) -> Claim {
         loop {
             let previous = {
-                let mut holders = match self.holders.lock() {
-                    Ok(holders) => holders,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
+                let mut holders = self.holders();
                 match holders.get(client_id) {
                     Some(holder) => {
                         holder.kick.cancel();
@@ -70,13 +67,14 @@ impl Sessions {
                     client_id,
                     "the previous connection of this client did not finish in time: taking over"
                 );
-                let mut holders = match self.holders.lock() {
-                    Ok(holders) => holders,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
+                let mut holders = self.holders();
                 return self.insert(&mut holders, client_id);
             }
         }
+    }
+
+    fn holders(&self) -> MutexGuard<'_, HashMap<String, Holder>> {
+        self.holders.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn insert(&self, holders: &mut HashMap<String, Holder>, client_id: &str) -> Claim {
@@ -102,10 +100,7 @@ impl Sessions {
     /// Gives `claim` back; a connection waiting to take over proceeds.
     pub(crate) fn release(&self, claim: Claim) {
         {
-            let mut holders = match self.holders.lock() {
-                Ok(holders) => holders,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut holders = self.holders();
             if holders
                 .get(&claim.client_id)
                 .is_some_and(|h| h.generation == claim.generation)
@@ -131,25 +126,25 @@ mod tests {
 
     #[tokio::test]
     async fn claims_are_exclusive_and_released() {
-        let sessions = Sessions::default();
-        let a = sessions.claim("van-1").await;
-        let b = sessions.claim("van-2").await;
-        assert_eq!(sessions.len(), 2);
+        let ids = ClientIds::default();
+        let a = ids.claim("van-1").await;
+        let b = ids.claim("van-2").await;
+        assert_eq!(ids.len(), 2);
         assert!(!a.kicked.is_cancelled());
-        sessions.release(a);
-        sessions.release(b);
-        assert_eq!(sessions.len(), 0);
+        ids.release(a);
+        ids.release(b);
+        assert_eq!(ids.len(), 0);
     }
 
     #[tokio::test]
     async fn a_takeover_kicks_the_holder_and_waits_for_it() {
-        let sessions = Arc::new(Sessions::default());
-        let old = sessions.claim("van-1").await;
+        let ids = Arc::new(ClientIds::default());
+        let old = ids.claim("van-1").await;
         let kicked = old.kicked.clone();
 
         let taker = {
-            let sessions = Arc::clone(&sessions);
-            tokio::spawn(async move { sessions.claim("van-1").await })
+            let ids = Arc::clone(&ids);
+            tokio::spawn(async move { ids.claim("van-1").await })
         };
         tokio::time::timeout(Duration::from_secs(5), kicked.cancelled())
             .await
@@ -157,27 +152,27 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!taker.is_finished(), "the new claim waits for the old one");
 
-        sessions.release(old);
+        ids.release(old);
         let new = tokio::time::timeout(Duration::from_secs(5), taker)
             .await
             .unwrap()
             .unwrap();
         assert!(!new.kicked.is_cancelled());
-        assert_eq!(sessions.len(), 1);
-        sessions.release(new);
-        assert_eq!(sessions.len(), 0);
+        assert_eq!(ids.len(), 1);
+        ids.release(new);
+        assert_eq!(ids.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_stuck_holder_is_replaced_after_the_bound() {
-        let sessions = Sessions::default();
-        let stuck = sessions.claim("van-1").await;
-        let new = sessions.claim("van-1").await;
+        let ids = ClientIds::default();
+        let stuck = ids.claim("van-1").await;
+        let new = ids.claim("van-1").await;
         assert!(stuck.kicked.is_cancelled());
         // The stuck one releasing late does not remove the new hold.
-        sessions.release(stuck);
-        assert_eq!(sessions.len(), 1);
-        sessions.release(new);
-        assert_eq!(sessions.len(), 0);
+        ids.release(stuck);
+        assert_eq!(ids.len(), 1);
+        ids.release(new);
+        assert_eq!(ids.len(), 0);
     }
 }

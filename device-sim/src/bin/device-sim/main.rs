@@ -1,24 +1,29 @@
 //! `device-sim`: simulated Fleetbeat vehicles publishing heartbeats to an MQTT broker.
 
+mod status_line;
+
+use std::io::IsTerminal as _;
+use std::sync::Arc;
+
 use anyhow::Context as _;
 use clap::Parser as _;
 use device_sim::cli::{Cli, CliCommand};
-use device_sim::status::StatusLine;
-use std::io::IsTerminal as _;
+use device_sim::runner::ProgressDisplay;
 use tracing::info;
-
 use tracing_subscriber::EnvFilter;
+
+use crate::status_line::{LogWriter, StatusLine};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let status = match cli.command {
         None => StatusLine::for_stderr(),
-        Some(_) => StatusLine::none(),
+        Some(_) => None,
     };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(status.make_writer())
+        .with_writer(LogWriter::around(status.as_ref()))
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     if let Some(CliCommand::Provision(args)) = &cli.command {
@@ -32,7 +37,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = cli.into_config().context("invalid settings")?;
-    let report = device_sim::runner::run_with_status(config, shutdown_signal(), status)
+    let display = status.map(|line| Arc::new(line) as Arc<dyn ProgressDisplay>);
+    let report = device_sim::runner::run_with_display(config, shutdown_signal(), display)
         .await
         .context("cannot run the simulation")?;
     info!(

@@ -55,17 +55,17 @@
 //! | subscriber reading, 20 000 vehicles × 10 heartbeats at once | oldest ≈105 000 lost |
 //! | 8 000 idle connections, one heartbeat each | ≈45 KiB RSS per connection |
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format as _, Serialized, Toml};
-use figment::value::{Dict, Map};
+use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{BrokerError, ConfigError};
+use crate::listener::Listener;
 
 /// rumqttd's `CommitLog::new` panics on segments smaller than this.
 const MIN_SEGMENT_SIZE: usize = 1024;
@@ -83,39 +83,11 @@ const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_IO_THREADS: usize = 1024;
 
 /// Prefix of the environment variables that set configuration keys.
-pub const ENV_PREFIX: &str = "FLEETBEAT_BROKER_";
+const ENV_PREFIX: &str = "FLEETBEAT_BROKER_";
 
 /// The commented default configuration file, as printed by `broker default-config`. It parses
 /// to exactly [`BrokerConfig::default`] (tested).
-pub const DEFAULT_CONFIG_TOML: &str = include_str!("../default-config.toml");
-
-/// One of the broker's two MQTT listeners.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Listener {
-    /// The MQTT 3.1.1 listener (protocol level 4), [`BrokerConfig::v4`].
-    V4,
-    /// The MQTT 5 listener, [`BrokerConfig::v5`].
-    V5,
-}
-
-impl Listener {
-    /// The listener's name in metrics and logs: `v4` or `v5`.
-    pub const fn label(self) -> &'static str {
-        match self {
-            Listener::V4 => "v4",
-            Listener::V5 => "v5",
-        }
-    }
-}
-
-impl fmt::Display for Listener {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Listener::V4 => "v4 (MQTT 3.1.1)",
-            Listener::V5 => "v5 (MQTT 5)",
-        })
-    }
-}
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../default-config.toml");
 
 /// How to run the broker: where it listens, who may connect, how much memory it may hold.
 ///
@@ -156,7 +128,7 @@ pub struct BrokerConfig {
     pub credentials: Option<PathBuf>,
 
     /// Whether to republish device traffic as readable JSON on `json/fleet/...` (see
-    /// [`mirror`](crate::mirror)). Default `true`.
+    /// `docs/debugging.md`). Default `true`.
     pub json_mirror: bool,
 
     /// Where the standalone `broker` binary serves `/metrics`, or `None` (`"off"`) for
@@ -426,12 +398,10 @@ impl BrokerConfig {
 pub struct ConfigOverrides {
     /// Address of the MQTT 3.1.1 listener [key: listen].
     #[arg(long, value_name = "ADDR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
 
     /// Address of the MQTT 5 listener, or "off" [key: listen_v5].
     #[arg(long, value_name = "ADDR|off")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen_v5: Option<String>,
 
     /// Run without the MQTT 5 listener: the same as `--listen-v5 off`.
@@ -441,52 +411,42 @@ pub struct ConfigOverrides {
 
     /// The credentials file; without one the broker runs in open mode [key: credentials].
     #[arg(long, value_name = "PATH")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub credentials: Option<PathBuf>,
 
     /// Publish the readable JSON mirror on json/fleet/... [key: json_mirror].
     #[arg(long, value_name = "BOOL")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub json_mirror: Option<bool>,
 
     /// Where to serve /metrics over HTTP, or "off" [key: metrics_listen].
     #[arg(long, value_name = "ADDR|off")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
 
     /// Most MQTT connections at once [key: max_connections].
     #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
 
     /// Largest MQTT packet accepted, in bytes [key: max_payload_size].
     #[arg(long, value_name = "BYTES")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_payload_size: Option<usize>,
 
     /// Bytes per commit-log segment [key: max_segment_size].
     #[arg(long, value_name = "BYTES")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_segment_size: Option<usize>,
 
     /// Segments per subscription filter's commit log [key: max_segment_count].
     #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_segment_count: Option<usize>,
 
     /// PUBLISHes per second per client connection, 0 for no limit [key: max_publish_rate].
     #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_publish_rate: Option<u32>,
 
     /// Bound of a graceful shutdown, e.g. "10s" [key: shutdown_grace].
     #[arg(long, value_name = "DURATION")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace: Option<String>,
 
     /// Threads of the network runtime, 0 for one per core [key: io_threads].
     #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub io_threads: Option<usize>,
 }
 
@@ -499,14 +459,20 @@ impl Provider for CommandLine<'_> {
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
-        if self.0.no_v5 {
+        let mut data = if self.0.no_v5 {
             let overrides = ConfigOverrides {
                 listen_v5: Some("off".to_owned()),
                 ..self.0.clone()
             };
-            return Serialized::defaults(overrides).data();
+            Serialized::defaults(overrides).data()?
+        } else {
+            Serialized::defaults(self.0).data()?
+        };
+        // Only the flags given override: the others serialize as empty values, left out.
+        for keys in data.values_mut() {
+            keys.retain(|_, value| !matches!(value, Value::Empty(..)));
         }
-        Serialized::defaults(self.0).data()
+        Ok(data)
     }
 }
 
@@ -651,269 +617,4 @@ pub(crate) mod duration {
 }
 
 #[cfg(test)]
-mod tests {
-    use figment::Jail;
-
-    use super::*;
-
-    #[test]
-    fn defaults_listen_on_loopback_with_bounded_memory() {
-        let config = BrokerConfig::default();
-        assert_eq!(config.v4, "127.0.0.1:1883".parse().unwrap());
-        assert_eq!(config.v5, Some("127.0.0.1:1884".parse().unwrap()));
-        assert_eq!(
-            config.metrics_listen,
-            Some("127.0.0.1:9883".parse().unwrap())
-        );
-        assert_eq!(config.credentials, None, "open mode by default (the demo)");
-        assert!(config.json_mirror);
-        assert!(config.max_connections >= 20_000);
-        assert_eq!(config.max_payload_size, 16 * 1024);
-        // Counted bytes one filter may hold: 8 MiB, not rumqttd's example 1 GiB.
-        assert_eq!(config.max_segment_size * config.max_segment_count, 8 << 20);
-        config.validate().unwrap();
-    }
-
-    #[test]
-    fn ephemeral_uses_port_zero_on_loopback() {
-        let config = BrokerConfig::ephemeral();
-        assert_eq!(config.v4, "127.0.0.1:0".parse().unwrap());
-        assert_eq!(config.v5, Some("127.0.0.1:0".parse().unwrap()));
-        assert_eq!(
-            config.max_segment_count,
-            BrokerConfig::default().max_segment_count
-        );
-        config.validate().unwrap();
-    }
-
-    #[test]
-    fn validate_names_the_key_and_the_problem() {
-        type BreakIt = fn(&mut BrokerConfig);
-        let cases: [(&str, BreakIt); 13] = [
-            ("max_segment_size", |c| c.max_segment_size = 512),
-            ("max_segment_size", |c| {
-                c.max_segment_size = c.max_payload_size - 1
-            }),
-            ("max_segment_count", |c| c.max_segment_count = 0),
-            ("max_connections", |c| c.max_connections = 0),
-            ("max_payload_size", |c| c.max_payload_size = 16),
-            ("max_outgoing_packet_count", |c| {
-                c.max_outgoing_packet_count = 0
-            }),
-            ("connection_timeout_ms", |c| c.connection_timeout_ms = 0),
-            ("listen_v5", |c| c.v5 = Some(c.v4)),
-            ("metrics_listen", |c| c.metrics_listen = c.v5),
-            ("credentials", |c| c.credentials = Some(PathBuf::new())),
-            ("probe_interval", |c| {
-                c.probe_interval = Duration::from_millis(10)
-            }),
-            ("shutdown_grace", |c| c.shutdown_grace = Duration::ZERO),
-            ("io_threads", |c| c.io_threads = 100_000),
-        ];
-        for (field, break_it) in cases {
-            let mut config = BrokerConfig::default();
-            break_it(&mut config);
-            match config.validate() {
-                Err(err @ BrokerError::InvalidConfig { field: got, .. }) => {
-                    assert_eq!(got, field);
-                    assert!(err.to_string().contains(field), "{err}");
-                }
-                other => panic!("{field}: expected InvalidConfig, got {other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn same_ephemeral_address_twice_is_fine() {
-        // Port 0 twice means two different free ports.
-        BrokerConfig::ephemeral().validate().unwrap();
-    }
-
-    #[test]
-    fn router_config_has_our_limits() {
-        let config = BrokerConfig::default();
-        let router = config.router_config(3);
-        assert_eq!(router.max_connections, config.max_connections + 3);
-        assert_eq!(router.max_segment_size, config.max_segment_size);
-        assert_eq!(router.max_segment_count, config.max_segment_count);
-        assert_eq!(
-            router.max_outgoing_packet_count,
-            config.max_outgoing_packet_count
-        );
-        assert!(router.custom_segment.is_none());
-        assert!(router.initialized_filters.is_none());
-    }
-
-    #[test]
-    fn default_config_file_is_exactly_the_defaults() {
-        let parsed: BrokerConfig = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
-            .extract()
-            .unwrap();
-        assert_eq!(parsed, BrokerConfig::default());
-
-        // Every key is documented in it (commented out when it has no default value).
-        let mut keys: Vec<String> = toml::Table::try_from(BrokerConfig::default())
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect();
-        keys.push("credentials".to_owned());
-        for key in keys {
-            assert!(
-                DEFAULT_CONFIG_TOML
-                    .lines()
-                    .any(|l| l.trim_start_matches("# ").starts_with(&format!("{key} = "))),
-                "default-config.toml does not document `{key}`"
-            );
-        }
-    }
-
-    #[test]
-    fn durations_have_units() {
-        assert_eq!(duration::parse("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(duration::parse("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(duration::parse("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(duration::parse("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["10", "s", "1.5s", "-1s", "10 days", ""] {
-            assert!(duration::parse(bad).is_err(), "{bad}");
-        }
-        assert_eq!(duration::format(Duration::from_secs(10)), "10s");
-        assert_eq!(duration::format(Duration::from_millis(1500)), "1500ms");
-        assert_eq!(duration::format(Duration::ZERO), "0ms");
-    }
-
-    fn no_overrides() -> ConfigOverrides {
-        ConfigOverrides::default()
-    }
-
-    #[test]
-    #[allow(
-        clippy::result_large_err,
-        reason = "figment::Jail's closure returns figment::Error"
-    )]
-    fn layers_override_in_order() {
-        Jail::expect_with(|jail| {
-            jail.create_file(
-                "broker.toml",
-                r#"
-                listen = "127.0.0.1:2883"
-                listen_v5 = "off"
-                max_connections = 100
-                max_segment_count = 4
-                shutdown_grace = "3s"
-                "#,
-            )?;
-            // Only the file.
-            let config = load(Some(Path::new("broker.toml")), &no_overrides()).unwrap();
-            assert_eq!(config.v4, "127.0.0.1:2883".parse().unwrap());
-            assert_eq!(config.v5, None);
-            assert_eq!(config.max_connections, 100);
-            assert_eq!(config.shutdown_grace, Duration::from_secs(3));
-            assert_eq!(
-                config.max_payload_size,
-                16 * 1024,
-                "untouched keys keep defaults"
-            );
-
-            // The environment beats the file.
-            jail.set_env("FLEETBEAT_BROKER_MAX_CONNECTIONS", "200");
-            jail.set_env("FLEETBEAT_BROKER_LISTEN_V5", "127.0.0.1:2884");
-            jail.set_env("FLEETBEAT_BROKER_JSON_MIRROR", "false");
-            let config = load(Some(Path::new("broker.toml")), &no_overrides()).unwrap();
-            assert_eq!(config.max_connections, 200);
-            assert_eq!(config.v5, Some("127.0.0.1:2884".parse().unwrap()));
-            assert!(!config.json_mirror);
-            assert_eq!(config.max_segment_count, 4);
-
-            // The command line beats both, but only for what was given.
-            let overrides = ConfigOverrides {
-                max_connections: Some(300),
-                listen_v5: Some("off".to_owned()),
-                credentials: Some(PathBuf::from("creds.toml")),
-                ..ConfigOverrides::default()
-            };
-            let config = load(Some(Path::new("broker.toml")), &overrides).unwrap();
-            assert_eq!(config.max_connections, 300);
-            let no_v5 = ConfigOverrides {
-                no_v5: true,
-                ..ConfigOverrides::default()
-            };
-            jail.set_env("FLEETBEAT_BROKER_LISTEN_V5", "127.0.0.1:2884");
-            assert_eq!(load(None, &no_v5).unwrap().v5, None);
-            assert_eq!(config.v5, None);
-            assert_eq!(config.credentials, Some(PathBuf::from("creds.toml")));
-            assert_eq!(config.max_segment_count, 4);
-            assert!(!config.json_mirror);
-            Ok(())
-        });
-    }
-
-    #[test]
-    #[allow(
-        clippy::result_large_err,
-        reason = "figment::Jail's closure returns figment::Error"
-    )]
-    fn bad_values_name_the_key_and_the_layer() {
-        Jail::expect_with(|jail| {
-            jail.create_file("typo.toml", "max_conections = 5\n")?;
-            let err = load(Some(Path::new("typo.toml")), &no_overrides()).unwrap_err();
-            let text = err.to_string();
-            assert!(text.contains("max_conections"), "{text}");
-            assert!(text.contains("typo.toml"), "{text}");
-
-            jail.create_file("type.toml", "max_connections = \"many\"\n")?;
-            let err = load(Some(Path::new("type.toml")), &no_overrides()).unwrap_err();
-            assert!(
-                matches!(&err, ConfigError::Layer { key: Some(k), .. } if k == "max_connections"),
-                "{err:?}"
-            );
-
-            jail.create_file("dur.toml", "shutdown_grace = 10\n")?;
-            let text = load(Some(Path::new("dur.toml")), &no_overrides())
-                .unwrap_err()
-                .to_string();
-            assert!(text.contains("shutdown_grace"), "{text}");
-
-            jail.create_file("addr.toml", "listen_v5 = \"localhost\"\n")?;
-            let text = load(Some(Path::new("addr.toml")), &no_overrides())
-                .unwrap_err()
-                .to_string();
-            assert!(text.contains("listen_v5") && text.contains("off"), "{text}");
-
-            jail.set_env("FLEETBEAT_BROKER_MAX_SEGMENT_COUNT", "lots");
-            let text = load(None, &no_overrides()).unwrap_err().to_string();
-            assert!(
-                text.contains("max_segment_count")
-                    && text.contains("FLEETBEAT_BROKER_MAX_SEGMENT_COUNT"),
-                "{text}"
-            );
-            jail.set_env("FLEETBEAT_BROKER_MAX_SEGMENT_COUNT", "0");
-            let err = load(None, &no_overrides()).unwrap_err();
-            assert!(
-                matches!(
-                    err,
-                    ConfigError::Invalid {
-                        field: "max_segment_count",
-                        ..
-                    }
-                ),
-                "{err:?}"
-            );
-            jail.set_env("FLEETBEAT_BROKER_MAX_SEGMENT_COUNT", "8");
-
-            let overrides = ConfigOverrides {
-                shutdown_grace: Some("soon".to_owned()),
-                ..ConfigOverrides::default()
-            };
-            let text = load(None, &overrides).unwrap_err().to_string();
-            assert!(
-                text.contains("shutdown_grace") && text.contains("command line"),
-                "{text}"
-            );
-
-            let err = load(Some(Path::new("missing.toml")), &no_overrides()).unwrap_err();
-            assert!(matches!(err, ConfigError::File { .. }), "{err:?}");
-            Ok(())
-        });
-    }
-}
+mod tests;

@@ -7,8 +7,8 @@
 //! key = "64 hex digits: the 32-byte key the vehicle seals its payloads with"
 //! ```
 //!
-//! `device-sim provision` writes it ([`Credentials::provision`]); `device-sim --credentials`
-//! reads it ([`Credentials::load`]). The broker holds the other half: a hash of each password
+//! `device-sim provision` writes it ([`DeviceSecrets::provision`]); `device-sim --credentials`
+//! reads it ([`DeviceSecrets::load`]). The broker holds the other half: a hash of each password
 //! (for the login) and the same key (to open the payloads); see `docs/device-sim.md`.
 
 use std::collections::BTreeMap;
@@ -39,15 +39,15 @@ impl std::fmt::Debug for DeviceSecret {
     }
 }
 
-/// Every vehicle's secrets, by vehicle id.
+/// Every vehicle's secrets, by vehicle id: the devices' half of the secrets file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Credentials {
+pub struct DeviceSecrets {
     devices: BTreeMap<VehicleId, DeviceSecret>,
 }
 
 /// Why a secrets file cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum CredentialsError {
+pub enum SecretsError {
     /// The file cannot be read or written.
     #[error("cannot access {path}")]
     Io {
@@ -81,7 +81,7 @@ pub enum CredentialsError {
 /// The file's shape.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SecretsFile {
+struct SecretsToml {
     #[serde(default)]
     devices: BTreeMap<String, SecretEntry>,
 }
@@ -93,18 +93,18 @@ struct SecretEntry {
     key: String,
 }
 
-impl Credentials {
+impl DeviceSecrets {
     /// Reads a secrets file.
     ///
     /// # Errors
-    /// [`CredentialsError`] if it cannot be read or holds an invalid entry.
-    pub fn load(path: &Path) -> Result<Self, CredentialsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Io {
+    /// [`SecretsError`] if it cannot be read or holds an invalid entry.
+    pub fn load(path: &Path) -> Result<Self, SecretsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SecretsError::Io {
             path: path.to_owned(),
             source,
         })?;
         Self::parse(&text).map_err(|err| match err {
-            CredentialsError::Toml { source, .. } => CredentialsError::Toml {
+            SecretsError::Toml { source, .. } => SecretsError::Toml {
                 path: path.to_owned(),
                 source,
             },
@@ -115,20 +115,20 @@ impl Credentials {
     /// Parses the text of a secrets file.
     ///
     /// # Errors
-    /// [`CredentialsError`] for invalid TOML or an invalid entry.
-    pub fn parse(text: &str) -> Result<Self, CredentialsError> {
-        let file: SecretsFile = toml::from_str(text).map_err(|source| CredentialsError::Toml {
+    /// [`SecretsError`] for invalid TOML or an invalid entry.
+    pub fn parse(text: &str) -> Result<Self, SecretsError> {
+        let file: SecretsToml = toml::from_str(text).map_err(|source| SecretsError::Toml {
             path: PathBuf::new(),
             source,
         })?;
         let mut devices = BTreeMap::new();
         for (id, entry) in file.devices {
-            let vehicle = VehicleId::new(&id).map_err(|_| CredentialsError::VehicleId(id))?;
+            let vehicle = VehicleId::new(&id).map_err(|_| SecretsError::VehicleId(id))?;
             let mut key = [0u8; 32];
             hex::decode_to_slice(entry.key.trim(), &mut key)
-                .map_err(|_| CredentialsError::Key(vehicle.clone()))?;
+                .map_err(|_| SecretsError::Key(vehicle.clone()))?;
             if entry.password.is_empty() {
-                return Err(CredentialsError::Password(vehicle));
+                return Err(SecretsError::Password(vehicle));
             }
             devices.insert(
                 vehicle,
@@ -166,18 +166,18 @@ impl Credentials {
     /// the secrets of those already deployed. Returns how many were added.
     ///
     /// # Errors
-    /// [`CredentialsError::Random`] if the OS has no randomness.
+    /// [`SecretsError::Random`] if the OS has no randomness.
     pub fn provision<'a>(
         &mut self,
         vehicles: impl IntoIterator<Item = &'a VehicleId>,
-    ) -> Result<usize, CredentialsError> {
+    ) -> Result<usize, SecretsError> {
         let mut added = 0;
         for vehicle in vehicles {
             if self.devices.contains_key(vehicle) {
                 continue;
             }
             let mut key = [0u8; 32];
-            getrandom::fill(&mut key).map_err(CredentialsError::Random)?;
+            getrandom::fill(&mut key).map_err(SecretsError::Random)?;
             self.devices.insert(
                 vehicle.clone(),
                 DeviceSecret {
@@ -191,7 +191,7 @@ impl Credentials {
     }
 
     /// The secrets file's text.
-    pub fn to_toml(&self) -> String {
+    fn to_toml(&self) -> String {
         let mut out = String::from(
             "# device-sim secrets: each vehicle's MQTT password and 32-byte message key (hex).\n\
              # Keep this file private. The broker gets the matching entries from\n\
@@ -211,9 +211,9 @@ impl Credentials {
     /// Writes the secrets file, readable by its owner only (on Unix).
     ///
     /// # Errors
-    /// [`CredentialsError::Io`] if it cannot be written.
-    pub fn save(&self, path: &Path) -> Result<(), CredentialsError> {
-        let io = |source| CredentialsError::Io {
+    /// [`SecretsError::Io`] if it cannot be written.
+    pub fn save(&self, path: &Path) -> Result<(), SecretsError> {
+        let io = |source| SecretsError::Io {
             path: path.to_owned(),
             source,
         };
@@ -227,11 +227,11 @@ impl Credentials {
     }
 }
 
-fn random_password() -> Result<String, CredentialsError> {
+fn random_password() -> Result<String, SecretsError> {
     let mut out = String::with_capacity(PASSWORD_LEN);
     let mut bytes = [0u8; 64];
     while out.len() < PASSWORD_LEN {
-        getrandom::fill(&mut bytes).map_err(CredentialsError::Random)?;
+        getrandom::fill(&mut bytes).map_err(SecretsError::Random)?;
         // Rejection sampling: 248 = 4 × 62, so every character is equally likely.
         for &b in bytes.iter().filter(|&&b| b < 248) {
             if out.len() == PASSWORD_LEN {
@@ -255,22 +255,19 @@ mod tests {
 
     #[test]
     fn provisions_round_trips_and_keeps_existing_secrets() {
-        let mut credentials = Credentials::default();
+        let mut secrets = DeviceSecrets::default();
         let first = [id("north-0001"), id("south-0001")];
-        assert_eq!(credentials.provision(&first).expect("random"), 2);
-        let secret = credentials.get(&first[0]).expect("provisioned").clone();
+        assert_eq!(secrets.provision(&first).expect("random"), 2);
+        let secret = secrets.get(&first[0]).expect("provisioned").clone();
         assert_eq!(secret.password.len(), PASSWORD_LEN);
         assert!(secret.password.bytes().all(|b| b.is_ascii_alphanumeric()));
-        assert_ne!(
-            secret.key,
-            credentials.get(&first[1]).expect("provisioned").key
-        );
+        assert_ne!(secret.key, secrets.get(&first[1]).expect("provisioned").key);
         let more = [id("north-0001"), id("north-0002")];
-        assert_eq!(credentials.provision(&more).expect("random"), 1);
-        assert_eq!(credentials.get(&first[0]), Some(&secret), "not rotated");
+        assert_eq!(secrets.provision(&more).expect("random"), 1);
+        assert_eq!(secrets.get(&first[0]), Some(&secret), "not rotated");
 
-        let parsed = Credentials::parse(&credentials.to_toml()).expect("valid");
-        assert_eq!(parsed, credentials);
+        let parsed = DeviceSecrets::parse(&secrets.to_toml()).expect("valid");
+        assert_eq!(parsed, secrets);
         assert_eq!(parsed.len(), 3);
     }
 
@@ -278,25 +275,25 @@ mod tests {
     fn rejects_bad_entries() {
         let key = "00".repeat(32);
         let ok = format!("[devices.v1]\npassword = \"p\"\nkey = \"{key}\"\n");
-        assert_eq!(Credentials::parse(&ok).expect("valid").len(), 1);
+        assert_eq!(DeviceSecrets::parse(&ok).expect("valid").len(), 1);
         let bad_key = "[devices.v1]\npassword = \"p\"\nkey = \"abc\"\n";
         assert!(matches!(
-            Credentials::parse(bad_key),
-            Err(CredentialsError::Key(_))
+            DeviceSecrets::parse(bad_key),
+            Err(SecretsError::Key(_))
         ));
         let bad_id = format!("[devices.\"a/b\"]\npassword = \"p\"\nkey = \"{key}\"\n");
         assert!(matches!(
-            Credentials::parse(&bad_id),
-            Err(CredentialsError::VehicleId(_))
+            DeviceSecrets::parse(&bad_id),
+            Err(SecretsError::VehicleId(_))
         ));
         let empty = format!("[devices.v1]\npassword = \"\"\nkey = \"{key}\"\n");
         assert!(matches!(
-            Credentials::parse(&empty),
-            Err(CredentialsError::Password(_))
+            DeviceSecrets::parse(&empty),
+            Err(SecretsError::Password(_))
         ));
         assert!(matches!(
-            Credentials::parse("[devices.v1]\npassword = 1"),
-            Err(CredentialsError::Toml { .. })
+            DeviceSecrets::parse("[devices.v1]\npassword = 1"),
+            Err(SecretsError::Toml { .. })
         ));
     }
 

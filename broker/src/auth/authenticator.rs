@@ -1,0 +1,379 @@
+//! [`Authenticator`]: the broker's check of a CONNECT against the credentials file, with the
+//! cache that keeps a reconnect storm cheap (see the [module docs](super)).
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use hmac::{Hmac, Mac as _};
+use sha2::Sha256;
+use shared::VehicleId;
+use tokio::sync::Semaphore;
+use tracing::{error, info};
+
+use super::credentials::Credentials;
+use super::identity::Identity;
+use super::password::{constant_time_eq, random_bytes, verify_password};
+use crate::error::CredentialsError;
+use crate::metrics::AuthRefusal;
+
+/// How often at most the credentials file is checked for changes.
+const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+struct Loaded {
+    credentials: Arc<Credentials>,
+    stamp: Option<(SystemTime, u64)>,
+    checked: Instant,
+}
+
+/// The broker's side of authentication: the credentials file (reloaded when it changes), the
+/// cache of successful checks and the bound on concurrent argon2 checks.
+#[derive(Debug)]
+pub(crate) struct Authenticator {
+    path: PathBuf,
+    loaded: RwLock<Loaded>,
+    /// username → (PHC string checked against, HMAC of the password under `cache_key`).
+    cache: Mutex<HashMap<String, (String, [u8; 32])>>,
+    cache_key: [u8; 32],
+    hashing: Semaphore,
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+impl Authenticator {
+    /// Loads the credentials file at `path`.
+    pub(crate) fn load(path: &Path) -> Result<Authenticator, CredentialsError> {
+        let credentials = Credentials::load(path)?;
+        let stamp = file_stamp(path);
+        let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(Authenticator {
+            path: path.to_owned(),
+            loaded: RwLock::new(Loaded {
+                credentials: Arc::new(credentials),
+                stamp,
+                checked: Instant::now(),
+            }),
+            cache: Mutex::new(HashMap::new()),
+            cache_key: random_bytes::<32>()?,
+            hashing: Semaphore::new(parallelism),
+        })
+    }
+
+    /// The credentials currently in force (reloaded if the file changed).
+    pub(crate) fn credentials(&self) -> Arc<Credentials> {
+        self.reload_if_changed();
+        match self.loaded.read() {
+            Ok(loaded) => Arc::clone(&loaded.credentials),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner().credentials),
+        }
+    }
+
+    /// Re-reads the file if its modification time or size changed, at most once a second.
+    /// A file that no longer loads is reported and ignored: the previous credentials stay.
+    fn reload_if_changed(&self) {
+        {
+            let Ok(loaded) = self.loaded.read() else {
+                return;
+            };
+            if loaded.checked.elapsed() < RELOAD_CHECK_INTERVAL {
+                return;
+            }
+        }
+        let Ok(mut loaded) = self.loaded.write() else {
+            return;
+        };
+        if loaded.checked.elapsed() < RELOAD_CHECK_INTERVAL {
+            return;
+        }
+        loaded.checked = Instant::now();
+        let stamp = file_stamp(&self.path);
+        if stamp == loaded.stamp {
+            return;
+        }
+        match Credentials::load(&self.path) {
+            Ok(credentials) => {
+                info!(
+                    path = %self.path.display(),
+                    devices = credentials.devices().count(),
+                    clients = credentials.clients().count(),
+                    "credentials file changed: reloaded"
+                );
+                loaded.credentials = Arc::new(credentials);
+                loaded.stamp = stamp;
+            }
+            Err(err) => {
+                error!(
+                    path = %self.path.display(),
+                    cause = %err,
+                    "credentials file changed but does not load: keeping the previous credentials"
+                );
+                loaded.stamp = stamp;
+            }
+        }
+    }
+
+    /// Checks a CONNECT's client id and login against the credentials.
+    pub(crate) async fn authenticate(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&str>,
+    ) -> Result<Identity, AuthRefusal> {
+        let (Some(username), Some(password)) = (username, password) else {
+            return Err(AuthRefusal::NoCredentials);
+        };
+        if username.is_empty() {
+            return Err(AuthRefusal::NoCredentials);
+        }
+        let credentials = self.credentials();
+        let (identity, phc) = if let Some(device) = credentials.device(username) {
+            if client_id != username {
+                return Err(AuthRefusal::ClientIdMismatch);
+            }
+            let id = VehicleId::new(username).map_err(|_| AuthRefusal::UnknownUser)?;
+            (Identity::Device(id), device.password_hash().to_owned())
+        } else if let Some(client) = credentials.client(username) {
+            if credentials.device(client_id).is_some() {
+                // Taking a device's client id would kick that vehicle off.
+                return Err(AuthRefusal::ClientIdMismatch);
+            }
+            (
+                Identity::Client {
+                    name: username.to_owned(),
+                    role: client.role(),
+                },
+                client.password_hash().to_owned(),
+            )
+        } else {
+            return Err(AuthRefusal::UnknownUser);
+        };
+
+        let tag = self.tag(username, password);
+        if self.cached(username, &phc, &tag) {
+            return Ok(identity);
+        }
+        if self.verify(password, &phc).await {
+            if let Ok(mut cache) = self.cache.lock() {
+                cache.insert(username.to_owned(), (phc, tag));
+            }
+            Ok(identity)
+        } else {
+            Err(AuthRefusal::BadPassword)
+        }
+    }
+
+    fn tag(&self, username: &str, password: &str) -> [u8; 32] {
+        let mut mac = match <HmacSha256 as hmac::KeyInit>::new_from_slice(&self.cache_key) {
+            Ok(mac) => mac,
+            Err(_) => unreachable!("HMAC accepts keys of any length"),
+        };
+        mac.update(username.as_bytes());
+        mac.update(&[0]);
+        mac.update(password.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `username` was verified with this password against this very hash before.
+    fn cached(&self, username: &str, phc: &str, tag: &[u8; 32]) -> bool {
+        let Ok(cache) = self.cache.lock() else {
+            return false;
+        };
+        cache.get(username).is_some_and(|(cached_phc, cached_tag)| {
+            // Constant time: the tags are secret-derived.
+            cached_phc == phc && constant_time_eq(cached_tag, tag)
+        })
+    }
+
+    /// Runs argon2 on the blocking pool, at most one check per core at a time.
+    async fn verify(&self, password: &str, phc: &str) -> bool {
+        let Ok(_permit) = self.hashing.acquire().await else {
+            return false;
+        };
+        let (password, phc) = (password.to_owned(), phc.to_owned());
+        tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+            .await
+            .unwrap_or(false)
+    }
+}
+
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::auth::credentials::Role;
+    use tokio::time::Instant;
+
+    use crate::auth::file::{CredentialsFile, NewPassword};
+    use crate::auth::password::{CHOSEN_PARAMS, GENERATED_PARAMS};
+    use crate::auth::testing::{FAST_PHC_OF_SECRET, temp_path};
+
+    fn authenticator_with(text: &str) -> (Authenticator, PathBuf) {
+        let path = temp_path("authn");
+        fs::write(&path, text).unwrap();
+        (Authenticator::load(&path).unwrap(), path)
+    }
+
+    #[tokio::test]
+    async fn authentication_rules() {
+        let phc = FAST_PHC_OF_SECRET();
+        let key = "00".repeat(32);
+        let (auth, path) = authenticator_with(&format!(
+            "[devices.van-1]\npassword = \"{phc}\"\nkey = \"{key}\"\n\
+             [clients.watcher]\nrole = \"observer\"\npassword = \"{phc}\"\n"
+        ));
+        let ok = Some("s3cret-pw");
+        assert_eq!(
+            auth.authenticate("van-1", Some("van-1"), ok).await,
+            Ok(Identity::Device(VehicleId::new("van-1").unwrap()))
+        );
+        assert_eq!(
+            auth.authenticate("mosq-1", Some("watcher"), ok).await,
+            Ok(Identity::Client {
+                name: "watcher".into(),
+                role: Role::Observer
+            })
+        );
+        for (client_id, user, pass, why) in [
+            ("van-1", None, None, AuthRefusal::NoCredentials),
+            ("van-1", Some("van-1"), None, AuthRefusal::NoCredentials),
+            ("van-1", Some(""), ok, AuthRefusal::NoCredentials),
+            ("van-2", Some("van-2"), ok, AuthRefusal::UnknownUser),
+            (
+                "van-1",
+                Some("van-1"),
+                Some("wrong"),
+                AuthRefusal::BadPassword,
+            ),
+            ("other", Some("van-1"), ok, AuthRefusal::ClientIdMismatch),
+            ("van-1", Some("watcher"), ok, AuthRefusal::ClientIdMismatch),
+        ] {
+            assert_eq!(
+                auth.authenticate(client_id, user, pass).await,
+                Err(why),
+                "{client_id} {user:?} {pass:?}"
+            );
+        }
+        fs::remove_file(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn successful_checks_are_cached_and_failures_are_not() {
+        let phc = FAST_PHC_OF_SECRET();
+        let (auth, path) = authenticator_with(&format!(
+            "[devices.van-1]\npassword = \"{phc}\"\nkey = \"{}\"\n",
+            "00".repeat(32)
+        ));
+        assert!(
+            auth.authenticate("van-1", Some("van-1"), Some("nope"))
+                .await
+                .is_err()
+        );
+        assert!(auth.cache.lock().unwrap().is_empty());
+        auth.authenticate("van-1", Some("van-1"), Some("s3cret-pw"))
+            .await
+            .unwrap();
+        assert!(auth.cached("van-1", &phc, &auth.tag("van-1", "s3cret-pw")));
+        assert!(!auth.cached("van-1", &phc, &auth.tag("van-1", "other")));
+        // A cached success does not let another password in.
+        assert_eq!(
+            auth.authenticate("van-1", Some("van-1"), Some("s3cret-pwX"))
+                .await,
+            Err(AuthRefusal::BadPassword)
+        );
+        fs::remove_file(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_changed_file_is_reloaded() {
+        let path = temp_path("reload");
+        let mut file = CredentialsFile::open(&path).unwrap();
+        file.add_device("van-1", NewPassword::Generate).unwrap();
+        file.save().unwrap();
+        let auth = Authenticator::load(&path).unwrap();
+
+        let mut file = CredentialsFile::open(&path).unwrap();
+        let van2 = file.add_device("van-2", NewPassword::Generate).unwrap();
+        file.save().unwrap();
+        // Within the check interval the old credentials stay...
+        assert_eq!(
+            auth.authenticate("van-2", Some("van-2"), Some(&van2.password))
+                .await,
+            Err(AuthRefusal::UnknownUser)
+        );
+        // ...and after it the new device is known.
+        auth.loaded.write().unwrap().checked -= RELOAD_CHECK_INTERVAL;
+        assert!(
+            auth.authenticate("van-2", Some("van-2"), Some(&van2.password))
+                .await
+                .is_ok()
+        );
+
+        // A broken file keeps what was loaded.
+        fs::write(&path, "garbage [").unwrap();
+        auth.loaded.write().unwrap().checked -= RELOAD_CHECK_INTERVAL;
+        assert!(auth.credentials().device("van-2").is_some());
+        fs::remove_file(&path).unwrap();
+    }
+
+    // Measurements (run by hand, in release mode, see docs/broker.md):
+    //   cargo test -p broker --release --lib measure_ -- --ignored --nocapture
+
+    /// What one password check costs, cold (argon2) and warm (the cache).
+    #[tokio::test]
+    #[ignore = "a measurement, run by hand in release mode"]
+    async fn measure_auth_cost_per_connect() {
+        let path =
+            std::env::temp_dir().join(format!("fleetbeat-measure-{}.toml", std::process::id()));
+        let mut file = CredentialsFile::open(&path).unwrap();
+        let generated = file
+            .add_device("van-1", NewPassword::Generate)
+            .unwrap()
+            .password;
+        let chosen = "a person's passphrase".to_owned();
+        file.add_device("van-2", NewPassword::Given(chosen.clone()))
+            .unwrap();
+        file.save().unwrap();
+        let auth = Authenticator::load(&path).unwrap();
+        for (user, password, params) in [
+            ("van-1", &generated, GENERATED_PARAMS),
+            ("van-2", &chosen, CHOSEN_PARAMS),
+        ] {
+            let rounds = 20;
+            let started = Instant::now();
+            for _ in 0..rounds {
+                // A wrong password is never cached: every check runs argon2.
+                let wrong = format!("{password}x");
+                assert!(
+                    auth.authenticate(user, Some(user), Some(&wrong))
+                        .await
+                        .is_err()
+                );
+            }
+            let cold = started.elapsed() / rounds;
+            auth.authenticate(user, Some(user), Some(password))
+                .await
+                .unwrap();
+            let started = Instant::now();
+            for _ in 0..1000 {
+                auth.authenticate(user, Some(user), Some(password))
+                    .await
+                    .unwrap();
+            }
+            let warm = started.elapsed() / 1000;
+            println!(
+                "argon2id m={} KiB t={} p={}: cold check {cold:?}, cached check {warm:?}",
+                params.0, params.1, params.2
+            );
+        }
+        std::fs::remove_file(&path).ok();
+    }
+}

@@ -1,0 +1,139 @@
+//! [`Identity`]: who a connection authenticated as, and its topic ACL.
+
+use shared::topic::Levels;
+use shared::{FleetId, Topic, TopicKind, VehicleId};
+
+use super::credentials::Role;
+
+/// Who a connection authenticated as; decides its topic ACL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Identity {
+    /// A vehicle: publishes only its own `hb`, `event`, `status`, `ack`; subscribes only to its
+    /// own `cmd`.
+    Device(VehicleId),
+    /// A named client with a role.
+    Client {
+        /// Its name in the credentials file.
+        name: String,
+        /// What it may do.
+        role: Role,
+    },
+    /// Anyone, in open mode: may do everything.
+    Anonymous,
+    /// The broker's own listener probe: publishes on the probe topics only.
+    Probe,
+}
+
+/// Topic prefix the broker's own probes publish on.
+pub(crate) const PROBE_TOPIC_PREFIX: &str = "fleetbeat-broker/probe/";
+
+impl Identity {
+    /// Whether this identity may publish on `topic`.
+    pub(crate) fn may_publish(&self, topic: &[u8]) -> bool {
+        match self {
+            Identity::Anonymous
+            | Identity::Client {
+                role: Role::Bridge, ..
+            } => true,
+            Identity::Client {
+                role: Role::Observer,
+                ..
+            } => false,
+            Identity::Probe => topic.starts_with(PROBE_TOPIC_PREFIX.as_bytes()),
+            Identity::Device(id) => std::str::from_utf8(topic)
+                .ok()
+                .and_then(|t| Topic::parse(t).ok())
+                .is_some_and(|t| &t.vehicle == id && t.kind != TopicKind::Command),
+        }
+    }
+
+    /// Whether this identity may subscribe to `filter`.
+    pub(crate) fn may_subscribe(&self, filter: &str) -> bool {
+        match self {
+            Identity::Anonymous | Identity::Client { .. } => true,
+            Identity::Probe => false,
+            Identity::Device(id) => Levels::split_str(filter).is_some_and(|levels| {
+                levels.topic_kind() == Some(TopicKind::Command)
+                    && levels.vehicle == id.as_str().as_bytes()
+                    && (levels.fleet == b"+"
+                        || levels
+                            .fleet_str()
+                            .is_some_and(|fleet| FleetId::new(fleet).is_ok()))
+            }),
+        }
+    }
+
+    /// Whether this is a device (counted in `devices_connected`).
+    pub(crate) fn is_device(&self) -> bool {
+        matches!(self, Identity::Device(_))
+    }
+
+    /// A short description for logs.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Identity::Device(id) => format!("device {id}"),
+            Identity::Client { name, role } => format!("{role} {name}"),
+            Identity::Anonymous => "anonymous (open mode)".to_owned(),
+            Identity::Probe => "listener probe".to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_acl() {
+        let me = Identity::Device(VehicleId::new("van-1").unwrap());
+        for topic in [
+            "fleet/north/van-1/hb",
+            "fleet/north/van-1/event",
+            "fleet/north/van-1/status",
+            "fleet/south/van-1/ack",
+        ] {
+            assert!(me.may_publish(topic.as_bytes()), "{topic}");
+        }
+        for topic in [
+            "fleet/north/van-2/hb",
+            "fleet/north/van-1/cmd",
+            "fleet/north/van-1/gps",
+            "fleet/north/van-1",
+            "json/fleet/north/van-1/hb",
+            "anything",
+        ] {
+            assert!(!me.may_publish(topic.as_bytes()), "{topic}");
+        }
+        assert!(me.may_subscribe("fleet/+/van-1/cmd"));
+        assert!(me.may_subscribe("fleet/north/van-1/cmd"));
+        for filter in [
+            "fleet/+/+/cmd",
+            "fleet/+/van-2/cmd",
+            "fleet/#",
+            "#",
+            "fleet/+/van-1/#",
+            "fleet/+/van-1/hb",
+            "fleet/a+b/van-1/cmd",
+        ] {
+            assert!(!me.may_subscribe(filter), "{filter}");
+        }
+    }
+
+    #[test]
+    fn role_acls() {
+        let bridge = Identity::Client {
+            name: "b".into(),
+            role: Role::Bridge,
+        };
+        let observer = Identity::Client {
+            name: "o".into(),
+            role: Role::Observer,
+        };
+        assert!(bridge.may_publish(b"fleet/a/b/cmd") && bridge.may_subscribe("#"));
+        assert!(!observer.may_publish(b"fleet/a/b/cmd") && observer.may_subscribe("fleet/#"));
+        assert!(Identity::Anonymous.may_publish(b"x") && Identity::Anonymous.may_subscribe("#"));
+        assert!(Identity::Probe.may_publish(b"fleetbeat-broker/probe/1"));
+        assert!(!Identity::Probe.may_publish(b"fleet/a/b/hb"));
+        assert!(!Identity::Probe.may_subscribe("#"));
+    }
+}

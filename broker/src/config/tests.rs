@@ -1,0 +1,266 @@
+//! Tests of the configuration: defaults, validation, the layers and their errors.
+
+use figment::Jail;
+
+use super::*;
+
+#[test]
+fn defaults_listen_on_loopback_with_bounded_memory() {
+    let config = BrokerConfig::default();
+    assert_eq!(config.v4, "127.0.0.1:1883".parse().unwrap());
+    assert_eq!(config.v5, Some("127.0.0.1:1884".parse().unwrap()));
+    assert_eq!(
+        config.metrics_listen,
+        Some("127.0.0.1:9883".parse().unwrap())
+    );
+    assert_eq!(config.credentials, None, "open mode by default (the demo)");
+    assert!(config.json_mirror);
+    assert!(config.max_connections >= 20_000);
+    assert_eq!(config.max_payload_size, 16 * 1024);
+    // Counted bytes one filter may hold: 8 MiB, not rumqttd's example 1 GiB.
+    assert_eq!(config.max_segment_size * config.max_segment_count, 8 << 20);
+    config.validate().unwrap();
+}
+
+#[test]
+fn ephemeral_uses_port_zero_on_loopback() {
+    let config = BrokerConfig::ephemeral();
+    assert_eq!(config.v4, "127.0.0.1:0".parse().unwrap());
+    assert_eq!(config.v5, Some("127.0.0.1:0".parse().unwrap()));
+    assert_eq!(
+        config.max_segment_count,
+        BrokerConfig::default().max_segment_count
+    );
+    config.validate().unwrap();
+}
+
+#[test]
+fn validate_names_the_key_and_the_problem() {
+    type BreakIt = fn(&mut BrokerConfig);
+    let cases: [(&str, BreakIt); 13] = [
+        ("max_segment_size", |c| c.max_segment_size = 512),
+        ("max_segment_size", |c| {
+            c.max_segment_size = c.max_payload_size - 1
+        }),
+        ("max_segment_count", |c| c.max_segment_count = 0),
+        ("max_connections", |c| c.max_connections = 0),
+        ("max_payload_size", |c| c.max_payload_size = 16),
+        ("max_outgoing_packet_count", |c| {
+            c.max_outgoing_packet_count = 0
+        }),
+        ("connection_timeout_ms", |c| c.connection_timeout_ms = 0),
+        ("listen_v5", |c| c.v5 = Some(c.v4)),
+        ("metrics_listen", |c| c.metrics_listen = c.v5),
+        ("credentials", |c| c.credentials = Some(PathBuf::new())),
+        ("probe_interval", |c| {
+            c.probe_interval = Duration::from_millis(10)
+        }),
+        ("shutdown_grace", |c| c.shutdown_grace = Duration::ZERO),
+        ("io_threads", |c| c.io_threads = 100_000),
+    ];
+    for (field, break_it) in cases {
+        let mut config = BrokerConfig::default();
+        break_it(&mut config);
+        match config.validate() {
+            Err(err @ BrokerError::InvalidConfig { field: got, .. }) => {
+                assert_eq!(got, field);
+                assert!(err.to_string().contains(field), "{err}");
+            }
+            other => panic!("{field}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn same_ephemeral_address_twice_is_fine() {
+    // Port 0 twice means two different free ports.
+    BrokerConfig::ephemeral().validate().unwrap();
+}
+
+#[test]
+fn router_config_has_our_limits() {
+    let config = BrokerConfig::default();
+    let router = config.router_config(3);
+    assert_eq!(router.max_connections, config.max_connections + 3);
+    assert_eq!(router.max_segment_size, config.max_segment_size);
+    assert_eq!(router.max_segment_count, config.max_segment_count);
+    assert_eq!(
+        router.max_outgoing_packet_count,
+        config.max_outgoing_packet_count
+    );
+    assert!(router.custom_segment.is_none());
+    assert!(router.initialized_filters.is_none());
+}
+
+#[test]
+fn default_config_file_is_exactly_the_defaults() {
+    let parsed: BrokerConfig = Figment::from(Toml::string(DEFAULT_CONFIG_TOML))
+        .extract()
+        .unwrap();
+    assert_eq!(parsed, BrokerConfig::default());
+
+    // Every key is documented in it (commented out when it has no default value).
+    let mut keys: Vec<String> = toml::Table::try_from(BrokerConfig::default())
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    keys.push("credentials".to_owned());
+    for key in keys {
+        assert!(
+            DEFAULT_CONFIG_TOML
+                .lines()
+                .any(|l| l.trim_start_matches("# ").starts_with(&format!("{key} = "))),
+            "default-config.toml does not document `{key}`"
+        );
+    }
+}
+
+#[test]
+fn durations_have_units() {
+    assert_eq!(duration::parse("10s"), Ok(Duration::from_secs(10)));
+    assert_eq!(duration::parse("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(duration::parse("2m"), Ok(Duration::from_secs(120)));
+    assert_eq!(duration::parse("1h"), Ok(Duration::from_secs(3600)));
+    for bad in ["10", "s", "1.5s", "-1s", "10 days", ""] {
+        assert!(duration::parse(bad).is_err(), "{bad}");
+    }
+    assert_eq!(duration::format(Duration::from_secs(10)), "10s");
+    assert_eq!(duration::format(Duration::from_millis(1500)), "1500ms");
+    assert_eq!(duration::format(Duration::ZERO), "0ms");
+}
+
+fn no_overrides() -> ConfigOverrides {
+    ConfigOverrides::default()
+}
+
+#[test]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail's closure returns figment::Error"
+)]
+fn layers_override_in_order() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "broker.toml",
+            r#"
+            listen = "127.0.0.1:2883"
+            listen_v5 = "off"
+            max_connections = 100
+            max_segment_count = 4
+            shutdown_grace = "3s"
+            "#,
+        )?;
+        // Only the file.
+        let config = load(Some(Path::new("broker.toml")), &no_overrides()).unwrap();
+        assert_eq!(config.v4, "127.0.0.1:2883".parse().unwrap());
+        assert_eq!(config.v5, None);
+        assert_eq!(config.max_connections, 100);
+        assert_eq!(config.shutdown_grace, Duration::from_secs(3));
+        assert_eq!(
+            config.max_payload_size,
+            16 * 1024,
+            "untouched keys keep defaults"
+        );
+
+        // The environment beats the file.
+        jail.set_env("FLEETBEAT_BROKER_MAX_CONNECTIONS", "200");
+        jail.set_env("FLEETBEAT_BROKER_LISTEN_V5", "127.0.0.1:2884");
+        jail.set_env("FLEETBEAT_BROKER_JSON_MIRROR", "false");
+        let config = load(Some(Path::new("broker.toml")), &no_overrides()).unwrap();
+        assert_eq!(config.max_connections, 200);
+        assert_eq!(config.v5, Some("127.0.0.1:2884".parse().unwrap()));
+        assert!(!config.json_mirror);
+        assert_eq!(config.max_segment_count, 4);
+
+        // The command line beats both, but only for what was given.
+        let overrides = ConfigOverrides {
+            max_connections: Some(300),
+            listen_v5: Some("off".to_owned()),
+            credentials: Some(PathBuf::from("creds.toml")),
+            ..ConfigOverrides::default()
+        };
+        let config = load(Some(Path::new("broker.toml")), &overrides).unwrap();
+        assert_eq!(config.max_connections, 300);
+        let no_v5 = ConfigOverrides {
+            no_v5: true,
+            ..ConfigOverrides::default()
+        };
+        jail.set_env("FLEETBEAT_BROKER_LISTEN_V5", "127.0.0.1:2884");
+        assert_eq!(load(None, &no_v5).unwrap().v5, None);
+        assert_eq!(config.v5, None);
+        assert_eq!(config.credentials, Some(PathBuf::from("creds.toml")));
+        assert_eq!(config.max_segment_count, 4);
+        assert!(!config.json_mirror);
+        Ok(())
+    });
+}
+
+#[test]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail's closure returns figment::Error"
+)]
+fn bad_values_name_the_key_and_the_layer() {
+    Jail::expect_with(|jail| {
+        jail.create_file("typo.toml", "max_conections = 5\n")?;
+        let err = load(Some(Path::new("typo.toml")), &no_overrides()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("max_conections"), "{text}");
+        assert!(text.contains("typo.toml"), "{text}");
+
+        jail.create_file("type.toml", "max_connections = \"many\"\n")?;
+        let err = load(Some(Path::new("type.toml")), &no_overrides()).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Layer { key: Some(k), .. } if k == "max_connections"),
+            "{err:?}"
+        );
+
+        jail.create_file("dur.toml", "shutdown_grace = 10\n")?;
+        let text = load(Some(Path::new("dur.toml")), &no_overrides())
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("shutdown_grace"), "{text}");
+
+        jail.create_file("addr.toml", "listen_v5 = \"localhost\"\n")?;
+        let text = load(Some(Path::new("addr.toml")), &no_overrides())
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("listen_v5") && text.contains("off"), "{text}");
+
+        jail.set_env("FLEETBEAT_BROKER_MAX_SEGMENT_COUNT", "lots");
+        let text = load(None, &no_overrides()).unwrap_err().to_string();
+        assert!(
+            text.contains("max_segment_count")
+                && text.contains("FLEETBEAT_BROKER_MAX_SEGMENT_COUNT"),
+            "{text}"
+        );
+        jail.set_env("FLEETBEAT_BROKER_MAX_SEGMENT_COUNT", "0");
+        let err = load(None, &no_overrides()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    field: "max_segment_count",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        jail.set_env("FLEETBEAT_BROKER_MAX_SEGMENT_COUNT", "8");
+
+        let overrides = ConfigOverrides {
+            shutdown_grace: Some("soon".to_owned()),
+            ..ConfigOverrides::default()
+        };
+        let text = load(None, &overrides).unwrap_err().to_string();
+        assert!(
+            text.contains("shutdown_grace") && text.contains("command line"),
+            "{text}"
+        );
+
+        let err = load(Some(Path::new("missing.toml")), &no_overrides()).unwrap_err();
+        assert!(matches!(err, ConfigError::File { .. }), "{err:?}");
+        Ok(())
+    });
+}

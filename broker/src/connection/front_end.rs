@@ -1,0 +1,102 @@
+//! [`FrontEnd`]: what every connection shares, and the [`Limits`] each one works within.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::client_ids::ClientIds;
+use crate::metrics::BrokerMetrics;
+use crate::mux::Mux;
+use crate::probe::ProbeLogin;
+use crate::router::{Registrar, WillPublisher};
+use crate::watchers::MirrorWatchers;
+
+/// The limits a connection works within.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// How long a new connection may take to send CONNECT.
+    pub(crate) connection_timeout: Duration,
+    /// Largest packet accepted (remaining length).
+    pub(crate) max_payload_size: usize,
+    /// Packets handed to the router per batch.
+    pub(crate) max_batch: usize,
+    /// Most client connections at once (probes not counted).
+    pub(crate) max_connections: usize,
+    /// PUBLISH packets per second per client connection (0: no limit); see the `rate` module.
+    pub(crate) max_publish_rate: u32,
+}
+
+/// Everything connections share.
+#[derive(Debug)]
+pub(crate) struct FrontEnd {
+    pub(crate) limits: Limits,
+    /// `None` in open mode.
+    pub(crate) auth: Option<Arc<Authenticator>>,
+    pub(crate) probe: ProbeLogin,
+    pub(crate) metrics: BrokerMetrics,
+    pub(crate) client_ids: ClientIds,
+    pub(crate) registrar: Registrar,
+    /// The shared link that serves the publishes and command subscriptions of clean-session
+    /// connections (see `mux`).
+    pub(crate) mux: Arc<Mux>,
+    /// Client ids whose persistent session rumqttd's router may still hold: a clean-session
+    /// reconnect of one of them registers a link, which makes the router discard it.
+    pub(crate) persistent_ids: Mutex<HashSet<String>>,
+    pub(crate) wills: WillPublisher,
+    /// Client connections with a router link of their own, open now.
+    pub(crate) own_links: AtomicUsize,
+    /// Subscriptions that may read the JSON mirror.
+    pub(crate) watchers: Arc<MirrorWatchers>,
+    /// Cancelled when a graceful shutdown begins: connections drain and close.
+    pub(crate) draining: CancellationToken,
+    /// Cancelled when connections must close now.
+    pub(crate) stopping: CancellationToken,
+    /// Client connections admitted (CONNECT accepted, not yet closed).
+    pub(crate) admitted: AtomicUsize,
+}
+
+impl FrontEnd {
+    /// Takes one of the [`Limits::max_connections`] slots for a client connection (`counted`;
+    /// probes are not); `false` if none is left.
+    pub(super) fn admit(&self, counted: bool) -> bool {
+        if counted && self.admitted.fetch_add(1, Ordering::AcqRel) >= self.limits.max_connections {
+            self.admitted.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back the slot [`Self::admit`] took.
+    pub(super) fn release_slot(&self, counted: bool) {
+        if counted {
+            self.admitted.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Records whether `client_id` now has a persistent session; whether it may have had one
+    /// before.
+    pub(super) fn note_session(&self, client_id: &str, persistent: bool) -> bool {
+        let mut ids = self
+            .persistent_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if persistent {
+            !ids.insert(client_id.to_owned())
+        } else {
+            ids.remove(client_id)
+        }
+    }
+
+    /// A connection got (`true`) or gave up (`false`) a router link of its own.
+    pub(super) fn count_own_link(&self, opened: bool) {
+        if opened {
+            self.own_links.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.own_links.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! An established connection: [`run`] sets it up, runs its loop until it ends, and tears it
+//! down (the router told, the last will published if the connection was lost).
+//!
+//! Each turn of the loop routes what the read buffer holds (in batches, paced by the publish
+//! rate), then waits for the next of: shutdown, the client's bytes, the mux link's events, the
+//! own link's notifications, keep-alive expiry. What each packet from the client does is in
+//! `inbound`; how the router's and the mux link's messages are written, in `outbound`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttd::Notification;
+use rumqttd::local::LinkError;
+use rumqttd::protocol::{self, Disconnect, DisconnectReasonCode, LastWill, Packet};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::time::{Instant, sleep_until};
+use tracing::{debug, error, warn};
+
+use super::front_end::FrontEnd;
+use super::handshake::{Accepted, OwnLink};
+use super::network::{Network, PacketError};
+use super::rate::PublishRate;
+use crate::auth::{Identity, Role};
+use crate::listener::Listener;
+use crate::metrics::{DisconnectReason, DropReason};
+use crate::mux::MuxEvent;
+use crate::router::{LinkRequest, hand_over};
+
+/// Packet ids the front end gives the commands it writes from the mux link. rumqttd's
+/// links number their forwards 1..=100 (its `MAX_INFLIGHT`), so a connection that has both a
+/// dedicated link and mux subscriptions never sees one id used twice.
+pub(super) const MUX_PKIDS: RangeInclusive<u16> = 1024..=u16::MAX;
+
+/// A connection's channel from the mux link (see `mux`), opened at its first QoS 1 publish or
+/// command subscription.
+pub(super) struct MuxPort {
+    pub(super) tx: UnboundedSender<MuxEvent>,
+    pub(super) rx: UnboundedReceiver<MuxEvent>,
+}
+
+/// An established connection.
+pub(super) struct Established {
+    pub(super) net: Network,
+    /// The connection's own router link, if it has one: from CONNECT for a persistent
+    /// session, from its first subscription the mux link does not serve otherwise.
+    pub(super) link: Option<OwnLink>,
+    /// A persistent session: everything goes through its own link, as rumqttd keeps it.
+    pub(super) persistent: bool,
+    topic_alias_max: u16,
+    /// Publishes for the mux link, in the client's order.
+    pub(super) mux_batch: Vec<Packet>,
+    /// Marks this connection's batch in the mux link's buffer (see `Mux::send`).
+    mux_pending: Option<u64>,
+    pub(super) port: Option<MuxPort>,
+    /// This connection's id in the mux's subscription table.
+    pub(super) connection: u64,
+    /// The exact command topics this connection is subscribed to through the mux link.
+    pub(super) mux_subscriptions: Vec<String>,
+    /// Packet ids of QoS 1 commands written to the client from the mux link, not yet
+    /// acknowledged by it.
+    pub(super) mux_outgoing: Vec<u16>,
+    pub(super) next_mux_pkid: u16,
+    pub(super) identity: Identity,
+    pub(super) ctx: Arc<FrontEnd>,
+    pub(super) client_id: String,
+    /// Shutdown began: route nothing new, finish what is in flight.
+    pub(super) draining: bool,
+    /// Packet ids of QoS 1 publishes from the client not yet acknowledged by the router.
+    pub(super) incoming_inflight: Vec<u16>,
+    /// Packet ids of QoS 1 publishes written to the client, not yet acknowledged by it.
+    pub(super) outgoing_inflight: Vec<u16>,
+    /// An MQTT 5 DISCONNECT asked for the will to be published.
+    pub(super) will_on_disconnect: bool,
+    pub(super) acl_warned: bool,
+    /// MQTT 5 topic aliases the client set, so an aliased publish (empty topic) is checked
+    /// against the topic it stands for.
+    pub(super) topic_aliases: HashMap<u16, Bytes>,
+    /// The connection's publish rate limit, `None` if it has none.
+    rate: Option<PublishRate>,
+    /// The PUBLISH at the head of the read buffer waits for the rate until then; the socket
+    /// is not read meanwhile.
+    throttled_until: Option<Instant>,
+    /// The PUBLISH at the head of the read buffer has been held back (counted once).
+    holding: bool,
+    throttle_warned: bool,
+}
+
+/// Runs an established connection to its end, then tears it down.
+pub(super) async fn run(net: Network, accepted: Accepted, peer: SocketAddr, ctx: Arc<FrontEnd>) {
+    let Accepted {
+        client_id,
+        identity,
+        will,
+        keep_alive,
+        claim,
+        persistent,
+        topic_alias_max,
+        link,
+    } = accepted;
+    let counted = identity != Identity::Probe;
+    let device = identity.is_device();
+    let rate = match &identity {
+        Identity::Probe
+        | Identity::Client {
+            role: Role::Bridge, ..
+        } => None,
+        _ => PublishRate::new(ctx.limits.max_publish_rate, Instant::now()),
+    };
+    let mut session = Established {
+        net,
+        link,
+        persistent,
+        topic_alias_max,
+        mux_batch: Vec::new(),
+        mux_pending: None,
+        port: None,
+        connection: ctx.mux.connection_id(),
+        mux_subscriptions: Vec::new(),
+        mux_outgoing: Vec::new(),
+        next_mux_pkid: *MUX_PKIDS.start(),
+        identity,
+        ctx: Arc::clone(&ctx),
+        client_id,
+        draining: false,
+        incoming_inflight: Vec::new(),
+        outgoing_inflight: Vec::new(),
+        will_on_disconnect: false,
+        acl_warned: false,
+        topic_aliases: HashMap::new(),
+        rate,
+        throttled_until: None,
+        holding: false,
+        throttle_warned: false,
+    };
+
+    // A child token: polled on every wake of this connection, the shared one would be a lock
+    // every connection contends for (see `Established::run`).
+    let stopping = ctx.stopping.child_token();
+    let end = tokio::select! {
+        biased;
+        () = claim.kicked.cancelled() => DisconnectReason::TakenOver,
+        () = stopping.cancelled() => DisconnectReason::Shutdown,
+        end = session.run(keep_alive) => end,
+    };
+
+    session.end(end, will).await;
+    ctx.client_ids.release(claim);
+    if counted {
+        ctx.release_slot(true);
+        ctx.metrics
+            .connection_closed(session.net.version, device, end);
+    }
+    debug!(%peer, client_id = session.client_id, reason = end.label(), "disconnected");
+}
+
+impl Established {
+    async fn run(&mut self, keep_alive: Duration) -> DisconnectReason {
+        // MQTT: a server disconnects a client it has heard nothing from for 1.5 × keep-alive.
+        let idle_limit = keep_alive + keep_alive / 2;
+        let mut last_heard = Instant::now();
+        let mut batch = Vec::new();
+        let mux = Arc::clone(&self.ctx.mux);
+        // Made once, not once per turn of the loop, and on child tokens of this connection's
+        // own: polling a cancellation future locks its token's node, and a node shared by
+        // every connection is a lock both cores fight over on every message.
+        let draining = self.ctx.draining.child_token().cancelled_owned();
+        tokio::pin!(draining);
+        let dead = mux.dead().child_token().cancelled_owned();
+        tokio::pin!(dead);
+        loop {
+            if let Err(end) = self.route_buffered(&mut batch).await {
+                return end;
+            }
+            if self.draining
+                && self.incoming_inflight.is_empty()
+                && self.outgoing_inflight.is_empty()
+                && self.mux_outgoing.is_empty()
+            {
+                return DisconnectReason::Shutdown;
+            }
+            let throttled = self.throttled_until;
+            tokio::select! {
+                biased;
+                () = &mut draining, if !self.draining => {
+                    self.draining = true;
+                }
+                // Throttled: the client is evidently sending; its socket waits, so TCP pushes
+                // back on it, and keep-alive counts from when reading resumes.
+                () = sleep_until(throttled.unwrap_or(last_heard)), if throttled.is_some() => {
+                    last_heard = Instant::now();
+                }
+                read = self.net.read_more(), if throttled.is_none() => match read {
+                    Ok(()) => last_heard = Instant::now(),
+                    Err(err) => {
+                        debug!(client_id = self.client_id, cause = %err, "connection lost");
+                        return DisconnectReason::Network;
+                    }
+                },
+                () = &mut dead, if !self.persistent => {
+                    debug!(client_id = self.client_id, "the shared router link is gone");
+                    return DisconnectReason::Router;
+                }
+                event = next_event(&mut self.port) => {
+                    if let Err(end) = self.deliver_mux(event).await {
+                        return end;
+                    }
+                }
+                note = next_notification(&mut self.link) => match note {
+                    Ok(first) => {
+                        if let Err(end) = self.deliver(first).await {
+                            return end;
+                        }
+                    }
+                    Err(err) => {
+                        debug!(client_id = self.client_id, cause = %err, "the router dropped the connection");
+                        return DisconnectReason::Router;
+                    }
+                },
+                () = sleep_until(last_heard + idle_limit), if throttled.is_none() => {
+                    debug!(client_id = self.client_id, ?keep_alive, "keep-alive expired");
+                    return DisconnectReason::KeepAlive;
+                }
+            }
+        }
+    }
+
+    /// Routes every complete packet in the read buffer, in batches; stops early at a PUBLISH
+    /// the connection's rate limit holds back (see [`Self::throttled_until`]).
+    async fn route_buffered(&mut self, batch: &mut Vec<Packet>) -> Result<(), DisconnectReason> {
+        self.throttled_until = None;
+        loop {
+            if let Some(until) = self.rate_wait() {
+                self.throttled_until = Some(until);
+                break;
+            }
+            let received = match self.net.next_packet() {
+                Ok(Some(received)) => received,
+                Ok(None) => break,
+                Err(err) => return Err(self.protocol_error(&err)),
+            };
+            if let Some(end) = self.on_packet(received, batch) {
+                self.route(batch).await?;
+                self.flush().await?;
+                return Err(end);
+            }
+            if batch.len() + self.mux_batch.len() >= self.ctx.limits.max_batch {
+                self.route(batch).await?;
+            }
+        }
+        self.route(batch).await?;
+        if batch.capacity() > 64 {
+            // A burst grew it: give the memory back.
+            *batch = Vec::new();
+        }
+        if self.mux_batch.capacity() > 64 {
+            self.mux_batch = Vec::new();
+        }
+        self.net.release_read_buffer();
+        // Acknowledgements we wrote ourselves (ACL refusals, mux-served SUBACKs, PINGRESPs).
+        self.flush().await
+    }
+
+    /// If the next buffered packet is a complete PUBLISH that the rate limit holds back, until
+    /// when. Takes the PUBLISH's token if it may go (an incomplete packet takes none: it is
+    /// checked again once it is whole).
+    fn rate_wait(&mut self) -> Option<Instant> {
+        let rate = self.rate.as_mut()?;
+        if !self.net.publish_is_next() || self.draining || !self.net.has_packet() {
+            return None;
+        }
+        let now = Instant::now();
+        match rate.wait(now) {
+            Some(until) => {
+                if !self.holding {
+                    self.holding = true;
+                    self.ctx.metrics.throttled();
+                    if !self.throttle_warned {
+                        self.throttle_warned = true;
+                        warn!(
+                            client_id = self.client_id,
+                            identity = %self.identity.describe(),
+                            max_publish_rate = self.ctx.limits.max_publish_rate,
+                            "client publishes faster than max_publish_rate: throttled (further throttling on this connection is only counted)"
+                        );
+                    }
+                }
+                Some(until)
+            }
+            None => {
+                rate.take();
+                self.holding = false;
+                None
+            }
+        }
+    }
+
+    /// Logs (and counts, for an oversized packet) why the client's bytes end the connection.
+    pub(super) fn protocol_error(&self, err: &PacketError) -> DisconnectReason {
+        if let PacketError::Codec(protocol::Error::PayloadSizeLimitExceeded(size)) = err {
+            self.ctx.metrics.dropped(DropReason::Oversized);
+            warn!(
+                client_id = self.client_id,
+                size,
+                max = self.ctx.limits.max_payload_size,
+                "packet too large: disconnecting"
+            );
+        } else {
+            warn!(client_id = self.client_id, cause = %err, "protocol error: disconnecting");
+        }
+        DisconnectReason::Protocol
+    }
+
+    /// Queues `packet` for the client; a packet that cannot be encoded ends the connection.
+    pub(super) fn answer(&mut self, packet: Packet) -> Result<(), DisconnectReason> {
+        match self.net.queue(packet) {
+            Ok(_) => Ok(()),
+            Err(err) => Err(self.protocol_error(&err)),
+        }
+    }
+
+    /// The connection's channel from the mux link, opened on first use.
+    pub(super) fn port(&mut self) -> &mut MuxPort {
+        self.port.get_or_insert_with(|| {
+            let (tx, rx) = unbounded_channel();
+            MuxPort { tx, rx }
+        })
+    }
+
+    /// Registers the connection's own router link if it has none yet.
+    pub(super) fn ensure_link(&mut self) -> Result<(), DisconnectReason> {
+        if self.link.is_some() {
+            return Ok(());
+        }
+        let registered = self.ctx.registrar.link(LinkRequest {
+            client_id: &self.client_id,
+            clean_session: !self.persistent,
+            topic_alias_max: self.topic_alias_max,
+        });
+        match registered {
+            Ok((tx, rx, _connack)) => {
+                debug!(
+                    client_id = self.client_id,
+                    "subscription beyond commands: the connection gets its own router link"
+                );
+                self.link = Some(OwnLink { tx, rx });
+                self.ctx.count_own_link(true);
+                Ok(())
+            }
+            Err(err) => {
+                error!(client_id = self.client_id, cause = %err, "the router did not register the connection's own link");
+                Err(DisconnectReason::Router)
+            }
+        }
+    }
+
+    /// Hands the mux batch to the mux link and `batch` to the connection's own link (see
+    /// [`hand_over`]).
+    async fn route(&mut self, batch: &mut Vec<Packet>) -> Result<(), DisconnectReason> {
+        if !self.mux_batch.is_empty() {
+            self.ctx
+                .mux
+                .send(&mut self.mux_batch, &mut self.mux_pending)
+                .await
+                .map_err(|err| {
+                    debug!(client_id = self.client_id, cause = %err, "shared router link gone");
+                    DisconnectReason::Router
+                })?;
+        }
+        let Some(link) = &mut self.link else {
+            batch.clear();
+            return Ok(());
+        };
+        hand_over(&mut link.tx, batch).await.map_err(|err| {
+            debug!(client_id = self.client_id, cause = %err, "router gone");
+            DisconnectReason::Router
+        })
+    }
+
+    /// Writes what is queued for the client.
+    pub(super) async fn flush(&mut self) -> Result<(), DisconnectReason> {
+        self.net.flush().await.map_err(|err| {
+            debug!(client_id = self.client_id, cause = %err, "write failed");
+            DisconnectReason::Network
+        })
+    }
+
+    /// Tears the connection down after it ended for `end`: the last DISCONNECT (MQTT 5, at
+    /// shutdown), the mux subscriptions and mirror watches dropped, the router told, the last
+    /// `will` published if the connection was lost (or the client asked for it).
+    async fn end(&mut self, end: DisconnectReason, will: Option<LastWill>) {
+        let ctx = Arc::clone(&self.ctx);
+        if end == DisconnectReason::Shutdown && self.net.version == Listener::V5 {
+            let bye = Disconnect {
+                reason_code: DisconnectReasonCode::ServerShuttingDown,
+            };
+            self.net.farewell(Packet::Disconnect(bye, None)).await;
+        }
+        for topic in self.mux_subscriptions.drain(..) {
+            ctx.mux.unsubscribe(self.connection, &topic);
+        }
+        if !self.persistent {
+            ctx.watchers.session_ended(&self.client_id);
+        }
+        if let Some(link) = &mut self.link
+            && end != DisconnectReason::Router
+        {
+            // The router forgets the connection (and keeps a persistent session's state).
+            let bye = Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            };
+            if let Err(err) =
+                hand_over(&mut link.tx, &mut vec![Packet::Disconnect(bye, None)]).await
+            {
+                debug!(client_id = self.client_id, cause = %err, "router gone at disconnect");
+            }
+        }
+        if let Some(will) = will
+            && (end.fires_will() || self.will_on_disconnect)
+        {
+            ctx.mux.record(&will.topic, &will.message, will.retain);
+            match ctx
+                .wills
+                .publish(will.topic.clone(), will.message.clone(), will.retain)
+                .await
+            {
+                Ok(()) => {
+                    ctx.metrics.will_published();
+                    debug!(client_id = self.client_id, topic = %String::from_utf8_lossy(&will.topic), "last will published");
+                }
+                Err(err) => {
+                    error!(client_id = self.client_id, cause = %err, "could not publish the last will");
+                }
+            }
+        }
+        if self.link.is_some() {
+            ctx.count_own_link(false);
+        }
+    }
+}
+
+/// The next notification from a connection's own link; never ready without one.
+async fn next_notification(link: &mut Option<OwnLink>) -> Result<Option<Notification>, LinkError> {
+    match link {
+        Some(link) => link.rx.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next event from the mux link for this connection; never ready without a port. The
+/// port holds a sender of its own channel, so the channel never closes.
+async fn next_event(port: &mut Option<MuxPort>) -> MuxEvent {
+    match port {
+        Some(port) => match port.rx.recv().await {
+            Some(event) => event,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,138 @@
+//! The reasons the broker counts by: each enum is the `reason` label of one metric.
+
+/// Declares a reason enum whose variants are the values of a metric's `reason` label, with
+/// `ALL` (every reason, in label order), `label()` and the index of its counter.
+macro_rules! reasons {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$variant_meta:meta])* $variant:ident => $label:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[$variant_meta])* $variant, )+
+        }
+
+        impl $name {
+            /// Every reason, in label order.
+            pub const ALL: [$name; [$(stringify!($variant)),+].len()] = [$($name::$variant),+];
+
+            /// The `reason` label value.
+            pub const fn label(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $label, )+
+                }
+            }
+
+            /// The reason's position in `ALL`: its counter.
+            pub(crate) const fn index(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Why a CONNECT was refused by authentication (the `reason` label of
+    /// `fleetbeat_broker_auth_refused_total`).
+    pub enum AuthRefusal {
+        /// The CONNECT carried no username (or no password) while credentials are required.
+        NoCredentials => "no_credentials",
+        /// The username names no device and no client in the credentials file.
+        UnknownUser => "unknown_user",
+        /// The password does not match the stored hash.
+        BadPassword => "bad_password",
+        /// A device's client id differs from its username, or a client tried a device's
+        /// client id.
+        ClientIdMismatch => "client_id_mismatch",
+        /// The last will's topic is not one the identity may publish to.
+        WillNotAllowed => "will_not_allowed",
+    }
+}
+
+reasons! {
+    /// Why a CONNECT was refused before authentication mattered (the `reason` label of
+    /// `fleetbeat_broker_connect_refused_total`).
+    pub enum ConnectRefusal {
+        /// No CONNECT arrived within `connection_timeout_ms`, or the first packet was not one.
+        NoConnect => "no_connect",
+        /// The CONNECT was malformed, or of another protocol version than the listener's.
+        Protocol => "protocol",
+        /// Keep-alive 0 ("never time out"): refused, see `docs/broker.md`.
+        KeepAliveZero => "keep_alive_zero",
+        /// The client id is unusable: reserved, contains `+ # / $`, or empty without clean
+        /// session.
+        ClientId => "client_id",
+        /// [`BrokerConfig::max_connections`](crate::BrokerConfig::max_connections) reached, or
+        /// the router refused the connection.
+        ServerFull => "server_full",
+        /// The broker is shutting down.
+        ShuttingDown => "shutting_down",
+    }
+}
+
+reasons! {
+    /// Why an established connection ended (the `reason` label of
+    /// `fleetbeat_broker_disconnects_total`).
+    pub enum DisconnectReason {
+        /// The client sent DISCONNECT.
+        Client => "client",
+        /// Nothing arrived for 1.5 × the client's keep-alive.
+        KeepAlive => "keep_alive",
+        /// The socket failed or was closed without DISCONNECT.
+        Network => "network",
+        /// The client broke the protocol (malformed or oversized packet, second CONNECT, ...).
+        Protocol => "protocol",
+        /// A new connection with the same client id took over.
+        TakenOver => "taken_over",
+        /// rumqttd's router dropped the connection.
+        Router => "router",
+        /// The broker shut down.
+        Shutdown => "shutdown",
+    }
+}
+
+impl DisconnectReason {
+    /// Whether the client's last will is published: the connection was lost, not closed
+    /// on purpose (DISCONNECT), replaced by the same client, or ended by our shutdown.
+    pub const fn fires_will(self) -> bool {
+        matches!(
+            self,
+            DisconnectReason::KeepAlive
+                | DisconnectReason::Network
+                | DisconnectReason::Protocol
+                | DisconnectReason::Router
+        )
+    }
+}
+
+reasons! {
+    /// Why a message was not routed (the `reason` label of `fleetbeat_broker_dropped_total`).
+    pub enum DropReason {
+        /// The publisher may not publish on that topic (its role's topic ACL).
+        Acl => "acl",
+        /// The packet was larger than `max_payload_size`; the connection was closed.
+        Oversized => "oversized",
+        /// Published or due for delivery while the broker was shutting down.
+        Shutdown => "shutdown",
+        /// The JSON mirror could not republish it.
+        Mirror => "mirror",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_in_counter_order() {
+        for (i, why) in DisconnectReason::ALL.into_iter().enumerate() {
+            assert_eq!(why.index(), i);
+        }
+        assert_eq!(AuthRefusal::ALL.len(), 5);
+        assert_eq!(ConnectRefusal::KeepAliveZero.label(), "keep_alive_zero");
+        assert_eq!(DropReason::ALL.map(DropReason::label)[3], "mirror");
+    }
+}
