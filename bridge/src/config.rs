@@ -1,17 +1,18 @@
-//! What the bridge needs to run.
+//! What the bridge needs to run: [`BridgeConfig`], and the layered [`Settings`] it is made
+//! from (defaults, TOML file, environment, flags).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use url::Url;
 
-use crate::auth::TokenGrant;
+pub use crate::api::web::WebConfig;
+pub use crate::domain::auth::{Role, TokenGrant};
+pub use crate::domain::fleet::StaleRule;
 use crate::error::BridgeError;
-use crate::fleet::StaleRule;
-use crate::store::Synchronous;
-use crate::web::WebConfig;
+pub use crate::ingest::mqtt::MqttEndpoint;
+pub use crate::store::Synchronous;
 
 /// Where the bridge's MQTT broker is.
 #[derive(Debug, Clone)]
@@ -20,55 +21,6 @@ pub enum MqttTarget {
     Embedded(broker::BrokerConfig),
     /// Connect to an external broker.
     External(MqttEndpoint),
-}
-
-/// An MQTT broker address, with optional credentials.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MqttEndpoint {
-    /// Host name or IP address.
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-    /// Username and password, if the broker wants them.
-    pub credentials: Option<(String, String)>,
-}
-
-impl MqttEndpoint {
-    /// Parses `mqtt://[user[:password]@]host[:port]` (`tcp://` is accepted too; the port
-    /// defaults to 1883).
-    ///
-    /// # Errors
-    /// [`BridgeError::MqttUrl`] if the URL is not of that form.
-    pub fn parse(raw: &str) -> Result<Self, BridgeError> {
-        let bad = |reason: &str| BridgeError::MqttUrl {
-            url: raw.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let url = Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
-        if !matches!(url.scheme(), "mqtt" | "tcp") {
-            return Err(bad("scheme must be mqtt:// or tcp://"));
-        }
-        let host = url
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| bad("no host"))?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let credentials = match url.username() {
-            "" => None,
-            user => Some((
-                user.to_owned(),
-                url.password().unwrap_or_default().to_owned(),
-            )),
-        };
-        Ok(Self {
-            host,
-            port: url.port().unwrap_or(1883),
-            credentials,
-        })
-    }
 }
 
 /// Everything the bridge needs to run.
@@ -272,7 +224,7 @@ impl Settings {
         if client_id.is_empty() || client_id.len() > 64 {
             return Err(invalid("client_id", "must be 1 to 64 bytes"));
         }
-        crate::auth::Tokens::new(&self.tokens).map_err(|e| invalid("tokens", e))?;
+        crate::domain::auth::Tokens::new(&self.tokens).map_err(|e| invalid("tokens", e))?;
         let synchronous = match self.synchronous.as_deref().unwrap_or("full") {
             "full" => Synchronous::Full,
             "normal" => Synchronous::Normal,
@@ -370,26 +322,5 @@ mod tests {
             toml::from_str::<Settings>("tick = 5").is_err(),
             "unknown keys are refused"
         );
-    }
-
-    #[test]
-    fn parses_mqtt_urls() {
-        let e = MqttEndpoint::parse("mqtt://127.0.0.1:18830").expect("valid");
-        assert_eq!(
-            (e.host.as_str(), e.port, e.credentials),
-            ("127.0.0.1", 18830, None)
-        );
-        let e = MqttEndpoint::parse("tcp://bridge:s3cret@broker.local").expect("valid");
-        assert_eq!(e.port, 1883);
-        assert_eq!(e.credentials, Some(("bridge".into(), "s3cret".into())));
-        let e = MqttEndpoint::parse("mqtt://[::1]:1884").expect("valid");
-        assert_eq!(e.host, "::1");
-    }
-
-    #[test]
-    fn rejects_bad_urls() {
-        assert!(MqttEndpoint::parse("http://x:1").is_err());
-        assert!(MqttEndpoint::parse("127.0.0.1:1883").is_err());
-        assert!(MqttEndpoint::parse("mqtt://").is_err());
     }
 }

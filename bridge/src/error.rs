@@ -21,10 +21,10 @@ pub enum BridgeError {
     Config(String),
     /// The token configuration is invalid.
     #[error("invalid configuration: {0}")]
-    Tokens(#[from] crate::auth::TokenConfigError),
-    /// The credentials file cannot be used.
+    Tokens(#[from] crate::domain::auth::TokenConfigError),
+    /// The credentials file (read for the device keys) cannot be used.
     #[error("credentials: {0}")]
-    Keys(#[from] crate::keys::KeysError),
+    Credentials(#[from] broker::CredentialsError),
     /// The store could not be opened.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),

@@ -5,44 +5,40 @@
 //! JSON on the Socket.IO namespace `/dispatch`, to the rooms that cover the vehicle.
 //!
 //! # Layout
-//! - [`config`]: what the bridge needs to run ([`BridgeConfig`], [`MqttTarget`]).
-//! - [`auth`]: tokens, roles and scopes.
-//! - [`keys`]: device message keys, to check the origin of what vehicles publish.
-//! - [`room`]: Socket.IO room names (`vehicle:{id}`, `fleet:{fleet}`, `all`, `vendor:{store}`).
-//! - [`view`]: JSON views of the wire messages, as dispatchers receive them.
-//! - [`fleet`]: the bridge's cache of every vehicle: position, liveness, last seen.
-//! - [`command`]: commands to vehicles and matching their acks.
-//! - [`hub`]: the shared state, and accepting what vehicles publish.
-//! - [`metrics`]: counters of what came in, went out and was rejected.
-//! - [`mqtt`]: the task that owns the rumqttc event loop and routes what it receives.
-//! - [`socket`]: namespaces, their middleware and named event handlers.
-//! - [`emit`]: what is sent to which sockets (coalesced position batches, events).
-//! - [`http`]: the axum router (`/healthz`, `/readyz`, `/metrics`, `/api`, Socket.IO).
-//! - [`orders`]: placing and assigning orders, recording delivery events and queueing them.
-//! - [`store`]: durable storage (orders, delivery events, per-client queue, heartbeat history)
-//!   in SQLite.
-//! - [`web`]: the dispatcher page at `/` (embedded assets, `/config.json`).
-//! - [`server`]: starts all of the above and shuts it down gracefully.
-//! - [`error`]: the bridge's error type.
+//! The layers, bottom up; each uses only the layers listed before it (one exception: the store
+//! applies an order's rules, `domain::order`, inside its transactions). No file imports a file
+//! that imports it back.
+//! - `store/`: durable storage in SQLite (orders, delivery events, the per-client queue,
+//!   heartbeat history); [`store`] is public for the benchmarks.
+//! - `domain/`: what the bridge knows and decides: the fleet cache (`fleet`), commands
+//!   (`command`), an order's life (`order`, whose rules the store applies), placing and
+//!   assigning orders and recording delivery events (`delivery`), tokens and grants (`auth`),
+//!   and `Hub`, the shared state behind named operations. Its types are wire types
+//!   (`shared::Heartbeat`, `shared::Position`), never JSON.
+//! - `view/`: every JSON shape clients receive (`vehicle`, `order`, `reply`; degrees are made
+//!   here), the namespaces and rooms (`room`), and what is sent to which sockets (`emit`).
+//! - `ingest/`: what vehicles publish, coming in: the MQTT task (`mqtt`), each PUBLISH
+//!   verified and recorded (`inbox`, `verify`), the device keys (`keys`).
+//! - `api/`: what clients call: Socket.IO handlers (`socket`), HTTP (`http`), the page (`web`).
+//! - `server`: starts all of the above ([`Bridge`], [`run`]) and shuts it down gracefully.
+//!
+//! Beside them: [`config`] (what the bridge needs to run), [`error`] ([`BridgeError`]),
+//! `metrics` (counters for `/metrics`, updated by every layer) and `clock`.
+//!
+//! A heartbeat's way: `ingest::mqtt` → `ingest::inbox` (verified) → `Hub::record` (one lock
+//! of the fleet) → at the next tick, `view::emit::send_batches` → `view::vehicle::PositionView`
+//! → the `position` event.
 
-pub mod auth;
-pub mod command;
+mod api;
+mod clock;
 pub mod config;
-pub mod emit;
+mod domain;
 pub mod error;
-pub mod fleet;
-pub mod http;
-pub mod hub;
-pub mod keys;
-pub mod metrics;
-pub mod mqtt;
-pub mod orders;
-pub mod room;
-pub mod server;
-pub mod socket;
+mod ingest;
+mod metrics;
+mod server;
 pub mod store;
-pub mod view;
-pub mod web;
+mod view;
 
 pub use config::{BridgeConfig, MqttTarget};
 pub use error::BridgeError;

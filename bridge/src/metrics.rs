@@ -7,7 +7,7 @@ use shared::TopicKind;
 
 /// Why an MQTT message was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
+pub(crate) enum Rejection {
     /// The topic is not a Fleetbeat topic.
     Topic,
     /// The payload did not decode.
@@ -22,6 +22,7 @@ pub enum Rejection {
 impl Rejection {
     const ALL: [Rejection; 4] = [Self::Topic, Self::Decode, Self::Auth, Self::Replay];
 
+    /// The `reason` label of the rejection counter.
     fn label(self) -> &'static str {
         match self {
             Self::Topic => "topic",
@@ -30,23 +31,86 @@ impl Rejection {
             Self::Replay => "replay",
         }
     }
+
+    /// What the log says about a message rejected for this reason.
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Self::Auth => "unauthenticated origin",
+            Self::Replay => "replay",
+            Self::Topic => "bad topic",
+            Self::Decode => "bad payload",
+        }
+    }
+}
+
+/// A plain counter of the bridge, rendered as `fleetbeat_bridge_{name}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Counter {
+    /// A heartbeat the history writer had no room for.
+    HistoryDropped,
+    /// A queued message removed by retention.
+    QueueExpired,
+    /// A delivery event that could not be stored (left unacknowledged for redelivery).
+    EventsUnacked,
+    /// A `position` batch sent to one socket.
+    PositionBatches,
+    /// An emit that could not be delivered to a socket (gone, or its buffer full).
+    EmitDropped,
+    /// A command published to a vehicle.
+    CommandsSent,
+    /// A command whose vehicle did not answer in time.
+    CommandsTimedOut,
+    /// A Socket.IO event emitted to rooms.
+    Emitted,
+    /// A successful MQTT (re)connection.
+    MqttConnects,
+    /// An MQTT connection error.
+    MqttErrors,
+}
+
+impl Counter {
+    /// Name and help text of every counter, in the order of the variants (and of `/metrics`).
+    const RENDERED: [(&'static str, &'static str); 10] = [
+        (
+            "history_dropped_total",
+            "Heartbeats not stored: the history writer was full.",
+        ),
+        (
+            "queue_expired_total",
+            "Queued messages removed by retention before their client acknowledged them.",
+        ),
+        (
+            "events_unacked_total",
+            "Delivery events not stored, left unacknowledged for redelivery.",
+        ),
+        (
+            "position_batches_total",
+            "position batches sent to sockets.",
+        ),
+        (
+            "socketio_dropped_total",
+            "Emits a socket could not take (gone or full).",
+        ),
+        ("commands_sent_total", "Commands published to vehicles."),
+        (
+            "commands_timed_out_total",
+            "Commands whose vehicle did not answer in time.",
+        ),
+        (
+            "socketio_emitted_total",
+            "Socket.IO events emitted to rooms.",
+        ),
+        ("mqtt_connects_total", "Successful MQTT connections."),
+        ("mqtt_errors_total", "MQTT connection errors."),
+    ];
 }
 
 /// The bridge's counters. Cheap to update from any task.
 #[derive(Debug, Default)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     received: [AtomicU64; 5],
     rejected: [AtomicU64; 4],
-    emitted: AtomicU64,
-    batches: AtomicU64,
-    dropped: AtomicU64,
-    commands_sent: AtomicU64,
-    commands_timed_out: AtomicU64,
-    history_dropped: AtomicU64,
-    queue_expired: AtomicU64,
-    events_unacked: AtomicU64,
-    mqtt_connects: AtomicU64,
-    mqtt_errors: AtomicU64,
+    counters: [AtomicU64; Counter::RENDERED.len()],
     mqtt_ready: AtomicBool,
     sockets: AtomicU64,
 }
@@ -61,89 +125,43 @@ fn kind_index(kind: TopicKind) -> usize {
     }
 }
 
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
 impl Metrics {
+    /// Counts one `counter` event.
+    pub(crate) fn count(&self, counter: Counter) {
+        self.add(counter, 1);
+    }
+
+    /// Counts `n` `counter` events.
+    pub(crate) fn add(&self, counter: Counter, n: u64) {
+        self.counters[counter as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Counts a valid message of `kind` received from MQTT.
-    pub fn received(&self, kind: TopicKind) {
+    pub(crate) fn received(&self, kind: TopicKind) {
         self.received[kind_index(kind)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// How many valid messages of `kind` were received.
-    pub fn received_count(&self, kind: TopicKind) -> u64 {
-        self.received[kind_index(kind)].load(Ordering::Relaxed)
-    }
-
     /// Counts a rejected MQTT message.
-    pub fn rejected(&self, why: Rejection) {
+    pub(crate) fn rejected(&self, why: Rejection) {
         self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// How many MQTT messages were rejected for `why`.
-    pub fn rejected_count(&self, why: Rejection) -> u64 {
-        self.rejected[why as usize].load(Ordering::Relaxed)
-    }
-
-    /// Counts a Socket.IO event emitted to rooms.
-    pub fn emitted(&self) {
-        self.emitted.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts a `position` batch sent to one socket.
-    pub fn batch_sent(&self) {
-        self.batches.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts an emit that could not be delivered to a socket (gone, or its buffer full).
-    pub fn emit_dropped(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts a command published to a vehicle.
-    pub fn command_sent(&self) {
-        self.commands_sent.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts a command whose vehicle did not answer in time.
-    pub fn command_timed_out(&self) {
-        self.commands_timed_out.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts a heartbeat the history writer had no room for.
-    pub fn history_dropped(&self) {
-        self.history_dropped.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts queued messages removed by retention.
-    pub fn queue_expired(&self, n: u64) {
-        self.queue_expired.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Counts a delivery event that could not be stored (left unacknowledged for redelivery).
-    pub fn event_unacked(&self) {
-        self.events_unacked.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts a successful MQTT (re)connection.
-    pub fn mqtt_connected(&self) {
-        self.mqtt_connects.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts an MQTT connection error.
-    pub fn mqtt_error(&self) {
-        self.mqtt_errors.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Sets whether MQTT is connected with every subscription acknowledged.
-    pub fn set_mqtt_ready(&self, ready: bool) {
+    pub(crate) fn set_mqtt_ready(&self, ready: bool) {
         self.mqtt_ready.store(ready, Ordering::Relaxed);
     }
 
     /// Whether MQTT is connected with every subscription acknowledged.
-    pub fn mqtt_ready(&self) -> bool {
+    pub(crate) fn mqtt_ready(&self) -> bool {
         self.mqtt_ready.load(Ordering::Relaxed)
     }
 
-    /// Counts a Socket.IO socket connecting (`+1`) or disconnecting (`-1`).
-    pub fn socket_delta(&self, connected: bool) {
+    /// Counts a Socket.IO socket connecting (`true`) or disconnecting (`false`).
+    pub(crate) fn socket_delta(&self, connected: bool) {
         if connected {
             self.sockets.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -151,98 +169,34 @@ impl Metrics {
         }
     }
 
-    /// How many Socket.IO sockets are connected.
-    pub fn sockets(&self) -> u64 {
-        self.sockets.load(Ordering::Relaxed)
-    }
-
     /// Renders every counter in the Prometheus text exposition format.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::with_capacity(1024);
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        out.push_str("# HELP fleetbeat_bridge_mqtt_received_total Valid MQTT messages received, by topic kind.\n");
-        out.push_str("# TYPE fleetbeat_bridge_mqtt_received_total counter\n");
-        for kind in TopicKind::ALL {
-            let _ = writeln!(
-                out,
-                "fleetbeat_bridge_mqtt_received_total{{kind=\"{}\"}} {}",
-                kind.level(),
-                self.received_count(kind)
-            );
-        }
-        out.push_str(
-            "# HELP fleetbeat_bridge_mqtt_rejected_total MQTT messages rejected, by reason.\n",
+        let received = TopicKind::ALL.map(|kind| {
+            let value = load(&self.received[kind_index(kind)]);
+            (format!("{{kind=\"{}\"}}", kind.level()), value)
+        });
+        family(
+            &mut out,
+            ("mqtt_received_total", "counter"),
+            "Valid MQTT messages received, by topic kind.",
+            received,
         );
-        out.push_str("# TYPE fleetbeat_bridge_mqtt_rejected_total counter\n");
-        for why in Rejection::ALL {
-            let _ = writeln!(
-                out,
-                "fleetbeat_bridge_mqtt_rejected_total{{reason=\"{}\"}} {}",
-                why.label(),
-                self.rejected_count(why)
-            );
-        }
-        let gauges: [(&str, &str, &str, u64); 12] = [
-            (
-                "history_dropped_total",
-                "counter",
-                "Heartbeats not stored: the history writer was full.",
-                load(&self.history_dropped),
-            ),
-            (
-                "queue_expired_total",
-                "counter",
-                "Queued messages removed by retention before their client acknowledged them.",
-                load(&self.queue_expired),
-            ),
-            (
-                "events_unacked_total",
-                "counter",
-                "Delivery events not stored, left unacknowledged for redelivery.",
-                load(&self.events_unacked),
-            ),
-            (
-                "position_batches_total",
-                "counter",
-                "position batches sent to sockets.",
-                load(&self.batches),
-            ),
-            (
-                "socketio_dropped_total",
-                "counter",
-                "Emits a socket could not take (gone or full).",
-                load(&self.dropped),
-            ),
-            (
-                "commands_sent_total",
-                "counter",
-                "Commands published to vehicles.",
-                load(&self.commands_sent),
-            ),
-            (
-                "commands_timed_out_total",
-                "counter",
-                "Commands whose vehicle did not answer in time.",
-                load(&self.commands_timed_out),
-            ),
-            (
-                "socketio_emitted_total",
-                "counter",
-                "Socket.IO events emitted to rooms.",
-                load(&self.emitted),
-            ),
-            (
-                "mqtt_connects_total",
-                "counter",
-                "Successful MQTT connections.",
-                load(&self.mqtt_connects),
-            ),
-            (
-                "mqtt_errors_total",
-                "counter",
-                "MQTT connection errors.",
-                load(&self.mqtt_errors),
-            ),
+        let rejected = Rejection::ALL.map(|why| {
+            let value = load(&self.rejected[why as usize]);
+            (format!("{{reason=\"{}\"}}", why.label()), value)
+        });
+        family(
+            &mut out,
+            ("mqtt_rejected_total", "counter"),
+            "MQTT messages rejected, by reason.",
+            rejected,
+        );
+        let counters = Counter::RENDERED
+            .iter()
+            .zip(&self.counters)
+            .map(|(&(name, help), value)| (name, "counter", help, load(value)));
+        let gauges = [
             (
                 "mqtt_ready",
                 "gauge",
@@ -256,12 +210,25 @@ impl Metrics {
                 load(&self.sockets),
             ),
         ];
-        for (name, kind, help, value) in gauges {
-            let _ = writeln!(out, "# HELP fleetbeat_bridge_{name} {help}");
-            let _ = writeln!(out, "# TYPE fleetbeat_bridge_{name} {kind}");
-            let _ = writeln!(out, "fleetbeat_bridge_{name} {value}");
+        for (name, kind, help, value) in counters.chain(gauges) {
+            family(&mut out, (name, kind), help, [(String::new(), value)]);
         }
         out
+    }
+}
+
+/// Writes the metric family `fleetbeat_bridge_{name}` of type `kind`: its `HELP` and `TYPE`
+/// lines, then one sample per `(labels, value)` (labels as `{kind="hb"}`, or empty).
+fn family(
+    out: &mut String,
+    (name, kind): (&str, &str),
+    help: &str,
+    samples: impl IntoIterator<Item = (String, u64)>,
+) {
+    let _ = writeln!(out, "# HELP fleetbeat_bridge_{name} {help}");
+    let _ = writeln!(out, "# TYPE fleetbeat_bridge_{name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "fleetbeat_bridge_{name}{labels} {value}");
     }
 }
 

@@ -1,4 +1,6 @@
-//! Starting and stopping the bridge as a whole.
+//! Starting and stopping the bridge as a whole: builds every layer, spawns the tasks (the
+//! MQTT task, the tick, retention, waiting orders, the heartbeat writer, HTTP), and stops
+//! them gracefully.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,22 +14,24 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::auth::Tokens;
+use crate::api::{http, socket};
 use crate::config::{BridgeConfig, MqttEndpoint, MqttTarget};
+use crate::domain::auth::Tokens;
+use crate::domain::fleet::Fleet;
+use crate::domain::{Hub, HubParts};
 use crate::error::BridgeError;
-use crate::fleet::Fleet;
-use crate::hub::{Hub, HubParts};
-use crate::keys::DeviceKeys;
+use crate::ingest::inbox::Inbox;
+use crate::ingest::keys::DeviceKeys;
+use crate::ingest::mqtt;
 use crate::metrics::Metrics;
 use crate::store::{HeartbeatWriter, HeartbeatWriterOptions, Store, StoreOptions};
-use crate::{emit, http, mqtt, socket};
+use crate::view::emit;
 
 /// A running bridge. Stop it with [`Bridge::shutdown`].
 pub struct Bridge {
     http_addr: SocketAddr,
     mqtt: MqttEndpoint,
     io: SocketIo,
-    metrics: Arc<Metrics>,
     cancel: CancellationToken,
     tasks: TaskTracker,
     config: BridgeConfig,
@@ -41,7 +45,7 @@ impl Bridge {
     /// on `listener` (already bound, so tests can use an ephemeral port).
     ///
     /// Returns once the embedded broker listens and HTTP is served; MQTT connects in the
-    /// background (watch [`Metrics::mqtt_ready`] or `GET /readyz`).
+    /// background (watch `GET /readyz`).
     ///
     /// # Errors
     /// [`BridgeError`] if the embedded broker cannot start or the listener is unusable.
@@ -89,8 +93,7 @@ impl Bridge {
             }
         };
 
-        let metrics = Arc::new(Metrics::default());
-        let (client, eventloop) = mqtt::connect(&endpoint, &config);
+        let (client, eventloop) = mqtt::connect(&endpoint, &config.client_id, config.keep_alive);
         let store = Store::open(
             &config.store,
             StoreOptions {
@@ -103,12 +106,10 @@ impl Bridge {
         let (writer, history) =
             HeartbeatWriter::new(store.clone(), HeartbeatWriterOptions::default());
         let hub = Arc::new(Hub::new(HubParts {
-            metrics: Arc::clone(&metrics),
+            metrics: Arc::new(Metrics::default()),
             tokens,
-            keys,
             fleet: Fleet::new(config.stale),
             store: store.clone(),
-            history,
             mqtt: client.clone(),
             command_timeout: config.command_timeout,
         }));
@@ -121,11 +122,7 @@ impl Bridge {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
 
-        let router = mqtt::Router {
-            io: io.clone(),
-            hub: Arc::clone(&hub),
-            client: client.clone(),
-        };
+        let inbox = Inbox::new(io.clone(), Arc::clone(&hub), keys, history, client.clone());
         tasks.spawn(writer.run(cancel.child_token()));
         tasks.spawn(assign_waiting(Arc::clone(&hub), cancel.child_token()));
         tasks.spawn(retention(
@@ -137,11 +134,11 @@ impl Bridge {
         tasks.spawn(mqtt::run(
             client,
             eventloop,
-            router,
+            inbox,
             config.max_backoff,
             cancel.child_token(),
         ));
-        tasks.spawn(tick(
+        tasks.spawn(ticker(
             io.clone(),
             Arc::clone(&hub),
             config.tick,
@@ -176,7 +173,6 @@ impl Bridge {
             http_addr,
             mqtt: endpoint,
             io,
-            metrics,
             cancel,
             tasks,
             config,
@@ -193,11 +189,6 @@ impl Bridge {
     /// The MQTT broker the bridge uses (the embedded one's address when embedded).
     pub fn mqtt_endpoint(&self) -> &MqttEndpoint {
         &self.mqtt
-    }
-
-    /// The bridge's counters.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
     }
 
     /// Stops gracefully: stops accepting HTTP connections, closes every Socket.IO socket,
@@ -234,15 +225,16 @@ impl Bridge {
 /// Packets a Socket.IO socket may have waiting to be written. A `/dispatch` socket gets at most
 /// two batches per tick (10 ms by default), so this is seconds of slack for a slow client; the
 /// deliveries and acks of a busy vendor fit as well. Past it, position batches are skipped and a
-/// missed status batch is replaced by fresh snapshots (`emit::tick`).
+/// missed status batch is replaced by fresh snapshots (`emit::send_batches`).
 const SOCKET_BUFFER_PACKETS: usize = 1024;
 
 /// How often vehicles are checked for missed heartbeats.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
-/// Every `period`: sends the batched status changes and the coalesced positions; every
-/// [`SWEEP_EVERY`]: marks vehicles that missed their heartbeats as stale.
-async fn tick(io: SocketIo, hub: Arc<Hub>, period: Duration, cancel: CancellationToken) {
+/// Every `period`: sends the batched status changes and the coalesced positions
+/// ([`emit::send_batches`]); every [`SWEEP_EVERY`]: marks vehicles that missed their
+/// heartbeats as stale.
+async fn ticker(io: SocketIo, hub: Arc<Hub>, period: Duration, cancel: CancellationToken) {
     let mut positions = tokio::time::interval(period);
     positions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
@@ -250,20 +242,8 @@ async fn tick(io: SocketIo, hub: Arc<Hub>, period: Duration, cancel: Cancellatio
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
-            _ = positions.tick() => {
-                let (statuses, pending) = {
-                    let mut fleet = hub.fleet();
-                    (fleet.take_statuses(), fleet.take_dirty())
-                };
-                emit::tick(&io, &hub.metrics, &statuses, &pending, |room| {
-                    hub.fleet().snapshot(room)
-                });
-            }
-            _ = sweep.tick() => {
-                let mut fleet = hub.fleet();
-                let changes = fleet.sweep(Instant::now());
-                fleet.queue_statuses(changes);
-            }
+            _ = positions.tick() => emit::send_batches(&io, &hub),
+            _ = sweep.tick() => hub.mark_stale(Instant::now()),
         }
     }
 }
@@ -279,20 +259,7 @@ async fn retention(hub: Arc<Hub>, queue: Duration, history: Duration, cancel: Ca
             () = cancel.cancelled() => break,
             _ = ticks.tick() => {}
         }
-        let now = crate::fleet::now_ms();
-        let cutoff =
-            |d: Duration| now.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        match hub.store.expire(cutoff(queue)).await {
-            Ok(0) => {}
-            Ok(n) => {
-                hub.metrics.queue_expired(n);
-                warn!(expired = n, "queued messages expired unacknowledged");
-            }
-            Err(err) => warn!(cause = %err, "queue retention failed"),
-        }
-        if let Err(err) = hub.store.expire_heartbeats(cutoff(history)).await {
-            warn!(cause = %err, "history retention failed");
-        }
+        hub.apply_retention(queue, history).await;
     }
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the dispatcher page into bridge/web/dist/ (committed, embedded into the bridge binary by
-# bridge/src/web.rs, so `cargo build` needs no node). Run it after changing anything in
+# bridge/src/api/web.rs, so `cargo build` needs no node). Run it after changing anything in
 # bridge/web/src, package.json or the build itself; `cargo test -p bridge` fails while dist/ is
 # stale. Needs node >= 18 and npm; installs the pinned packages from package-lock.json.
 set -euo pipefail

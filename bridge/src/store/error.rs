@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use shared::{OrderId, VehicleId};
 use thiserror::Error;
 
-use super::OrderState;
+use crate::domain::order::OrderState;
 
 /// Why a store operation failed.
 ///

@@ -10,8 +10,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::database::{Store, from_db, to_db};
+use super::error::StoreError;
 use super::sqlite::DbTx;
-use super::{Store, StoreError, from_db, now_ms, to_db};
 
 /// Who a queued message is for: a vendor's store (`vendor:{store}`) or a dispatcher identity
 /// (`dispatch`).
@@ -23,11 +24,6 @@ impl ClientId {
     /// The identity all dispatchers share.
     pub const DISPATCH: &'static str = "dispatch";
 
-    /// A client id as given.
-    pub fn new(id: impl Into<String>) -> Self {
-        Self(id.into())
-    }
-
     /// The vendor store `store`: `vendor:{store}`, like its Socket.IO room.
     pub fn vendor(store: &str) -> Self {
         Self(format!("vendor:{store}"))
@@ -36,6 +32,11 @@ impl ClientId {
     /// The dispatchers: `dispatch`.
     pub fn dispatch() -> Self {
         Self(Self::DISPATCH.to_owned())
+    }
+
+    /// The dispatcher identity `name` (a token's name): `dispatch:{name}`.
+    pub(crate) fn dispatcher(name: &str) -> Self {
+        Self(format!("dispatch:{name}"))
     }
 
     /// The id as a string.
@@ -63,13 +64,13 @@ impl fmt::Display for MessageId {
 
 /// A message waiting for its client's acknowledgement.
 #[derive(Debug, Clone, PartialEq)]
-pub struct QueuedMessage {
+pub(crate) struct QueuedMessage {
     /// Its id.
-    pub id: MessageId,
+    pub(crate) id: MessageId,
     /// What to send, as given to the store.
-    pub payload: Value,
+    pub(crate) payload: Value,
     /// When it was queued, ms since the Unix epoch (bridge clock).
-    pub created_ms: u64,
+    pub(crate) created_ms: u64,
 }
 
 /// A message just queued, to emit once the transaction that queued it has committed.
@@ -102,18 +103,21 @@ pub(super) async fn insert(
 }
 
 impl Store {
-    /// Queues `payload` for `client`, durably, and returns its id.
+    /// Queues `payload` for `client`, durably, and returns its id. Only the tests queue a
+    /// message on its own: the bridge queues messages with the event they tell of
+    /// ([`Store::record_event`]).
     ///
     /// # Errors
     /// [`StoreError::Database`] if it could not be committed.
-    pub async fn enqueue(
+    #[cfg(test)]
+    pub(crate) async fn enqueue(
         &self,
         client: &ClientId,
         payload: &Value,
     ) -> Result<MessageId, StoreError> {
         let text = payload.to_string();
         let mut tx = self.begin_write().await?;
-        let id = insert(&mut tx, client, &text, now_ms()).await?;
+        let id = insert(&mut tx, client, &text, crate::clock::now_ms()).await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -123,7 +127,10 @@ impl Store {
     /// # Errors
     /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] if a stored
     /// payload is not JSON.
-    pub async fn pending(&self, client: &ClientId) -> Result<Vec<QueuedMessage>, StoreError> {
+    pub(crate) async fn pending(
+        &self,
+        client: &ClientId,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
         let rows: Vec<(i64, String, i64)> = sqlx::query_as(
             "SELECT id, payload, created_ms FROM queue WHERE client = $1 ORDER BY id",
         )
@@ -150,7 +157,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Database`] if it could not be committed.
-    pub async fn ack(&self, client: &ClientId, id: MessageId) -> Result<bool, StoreError> {
+    pub(crate) async fn ack(&self, client: &ClientId, id: MessageId) -> Result<bool, StoreError> {
         let Ok(id) = i64::try_from(id.0) else {
             return Ok(false);
         };
@@ -167,7 +174,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Database`] if it could not be committed.
-    pub async fn expire(&self, older_than_ms: u64) -> Result<u64, StoreError> {
+    pub(crate) async fn expire(&self, older_than_ms: u64) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM queue WHERE created_ms < $1")
             .bind(to_db(older_than_ms))
             .execute(&self.write)
@@ -181,28 +188,29 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::store::StoreOptions;
+    use crate::clock::now_ms;
+    use crate::store::{StoreOptions, in_memory};
 
-    async fn memory() -> Store {
-        Store::open(":memory:", StoreOptions::default())
-            .await
-            .expect("opens")
-    }
-
-    #[tokio::test]
-    async fn pending_in_order_and_ack_removes() {
-        let store = memory().await;
-        let vendor = ClientId::vendor("store-1");
-        let other = ClientId::vendor("store-2");
+    /// Queues `{"n": 0}`, `{"n": 1}`, ... for `client`; returns their ids.
+    async fn enqueue_numbered(store: &Store, client: &ClientId, count: u32) -> Vec<MessageId> {
         let mut ids = Vec::new();
-        for n in 0..5 {
+        for n in 0..count {
             ids.push(
                 store
-                    .enqueue(&vendor, &json!({ "n": n }))
+                    .enqueue(client, &json!({ "n": n }))
                     .await
                     .expect("enqueues"),
             );
         }
+        ids
+    }
+
+    #[tokio::test]
+    async fn pending_in_order_and_ack_removes() {
+        let store = in_memory().await;
+        let vendor = ClientId::vendor("store-1");
+        let other = ClientId::vendor("store-2");
+        let ids = enqueue_numbered(&store, &vendor, 5).await;
         store
             .enqueue(&other, &json!("elsewhere"))
             .await
@@ -245,7 +253,7 @@ mod tests {
     /// Acknowledging the newest message and queueing again never hands out its id again.
     #[tokio::test]
     async fn ids_are_never_reused() {
-        let store = memory().await;
+        let store = in_memory().await;
         let client = ClientId::dispatch();
         let first = store.enqueue(&client, &json!(1)).await.expect("enqueues");
         assert!(store.ack(&client, first).await.expect("acks"));
@@ -255,7 +263,7 @@ mod tests {
 
     #[tokio::test]
     async fn expire_removes_only_old_messages() {
-        let store = memory().await;
+        let store = in_memory().await;
         let client = ClientId::dispatch();
         store.enqueue(&client, &json!("a")).await.expect("enqueues");
         store
@@ -284,15 +292,7 @@ mod tests {
             let store = Store::open(path, StoreOptions::default())
                 .await
                 .expect("opens");
-            let mut ids = Vec::new();
-            for n in 0..3 {
-                ids.push(
-                    store
-                        .enqueue(&client, &json!({ "n": n }))
-                        .await
-                        .expect("enqueues"),
-                );
-            }
+            let ids = enqueue_numbered(&store, &client, 3).await;
             assert!(store.ack(&client, ids[0]).await.expect("acks"));
             ids
         };

@@ -12,7 +12,8 @@ use std::time::Duration;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-use super::{Durability, StoreError, StoreOptions, Synchronous};
+use super::error::StoreError;
+use super::options::{Durability, StoreOptions, Synchronous};
 
 /// The database the store runs on.
 pub(super) type Db = sqlx::Sqlite;

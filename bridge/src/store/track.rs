@@ -2,10 +2,11 @@
 
 use std::sync::LazyLock;
 
-use shared::{FleetId, Heartbeat, VehicleId};
+use shared::{FleetId, Heartbeat, Position, VehicleId};
 
+use super::database::{Store, from_db, narrow, parse_id, to_db};
+use super::error::StoreError;
 use super::sqlite::{self, Db, DbTx};
-use super::{Store, StoreError, from_db, narrow, parse_id, to_db};
 
 /// One stored heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +51,11 @@ impl HeartbeatRow {
             flags: hb.flags.0,
             received_ms,
         }
+    }
+
+    /// Where the vehicle was.
+    pub(crate) fn position(&self) -> Position {
+        Position::new(self.lat_e7, self.lon_e7)
     }
 }
 
@@ -138,7 +144,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] if a stored value
     /// cannot be read back.
-    pub async fn track(
+    pub(crate) async fn track(
         &self,
         vehicle: &VehicleId,
         from_ms: u64,
@@ -195,7 +201,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Database`] if a chunk could not be committed (the chunks before it are).
-    pub async fn expire_heartbeats(&self, older_than_ms: u64) -> Result<u64, StoreError> {
+    pub(crate) async fn expire_heartbeats(&self, older_than_ms: u64) -> Result<u64, StoreError> {
         const DELETE_CHUNK: i64 = 5_000;
         let mut total = 0;
         loop {
@@ -217,10 +223,10 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use shared::{Position, StatusFlags};
+    use shared::StatusFlags;
 
     use super::*;
-    use crate::store::StoreOptions;
+    use crate::store::in_memory;
 
     fn row(vehicle: &str, seq: u32, ts_ms: u64) -> HeartbeatRow {
         let hb = Heartbeat {
@@ -254,9 +260,7 @@ mod tests {
 
     #[tokio::test]
     async fn batches_are_stored_and_tracked_in_time_order() {
-        let store = Store::open(":memory:", StoreOptions::default())
-            .await
-            .expect("opens");
+        let store = in_memory().await;
         // 600 rows: two full chunks and a remainder; received out of time order.
         let mut rows: Vec<HeartbeatRow> = (0..300u32)
             .rev()
@@ -316,9 +320,7 @@ mod tests {
 
     #[tokio::test]
     async fn big_expiry_runs_in_chunks() {
-        let store = Store::open(":memory:", StoreOptions::default())
-            .await
-            .expect("opens");
+        let store = in_memory().await;
         let rows: Vec<HeartbeatRow> = (0..12_000u32)
             .map(|i| row("v-1", i, u64::from(i)))
             .collect();

@@ -14,24 +14,25 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{HeartbeatRow, Store};
+use super::database::Store;
+use super::track::HeartbeatRow;
 
 /// A batch grows up to this many times `max_batch` when the writer is behind.
 const CATCH_UP_BATCHES: usize = 2;
 
 /// How the [`HeartbeatWriter`] batches.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeartbeatWriterOptions {
+pub(crate) struct HeartbeatWriterOptions {
     /// Heartbeats the channel holds while the writer is busy (default 131 072: 13 s of a
     /// 10 000-vehicle fleet at 1 Hz, 2.6 s at 5 Hz; about 12 MiB when full).
-    pub capacity: usize,
+    pub(crate) capacity: usize,
     /// Write a batch once it has this many heartbeats (default 50 000)...
-    pub max_batch: usize,
+    pub(crate) max_batch: usize,
     /// ...or once its first heartbeat has waited this long (default 1 s). What a commit costs
     /// is mostly one index page per vehicle in it, whatever its number of rows: a batch that
     /// spans a vehicle's whole reporting interval writes each page once per second instead of
     /// once per heartbeat (BENCHMARKS.md, end to end).
-    pub max_delay: Duration,
+    pub(crate) max_delay: Duration,
 }
 
 impl Default for HeartbeatWriterOptions {
@@ -46,7 +47,7 @@ impl Default for HeartbeatWriterOptions {
 
 /// What the writer did, shared between the senders and the task.
 #[derive(Debug, Default)]
-pub struct WriterCounters {
+pub(crate) struct WriterCounters {
     written: AtomicU64,
     dropped: AtomicU64,
     failed: AtomicU64,
@@ -54,24 +55,24 @@ pub struct WriterCounters {
 
 impl WriterCounters {
     /// Heartbeats stored.
-    pub fn written(&self) -> u64 {
+    pub(crate) fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
     }
 
     /// Heartbeats dropped because the channel was full or the writer had stopped.
-    pub fn dropped(&self) -> u64 {
+    pub(crate) fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
 
     /// Heartbeats lost because their batch could not be written.
-    pub fn failed(&self) -> u64 {
+    pub(crate) fn failed(&self) -> u64 {
         self.failed.load(Ordering::Relaxed)
     }
 }
 
 /// Hands heartbeats to the [`HeartbeatWriter`]. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct HeartbeatSender {
+pub(crate) struct HeartbeatSender {
     tx: mpsc::Sender<HeartbeatRow>,
     counters: Arc<WriterCounters>,
 }
@@ -79,7 +80,7 @@ pub struct HeartbeatSender {
 impl HeartbeatSender {
     /// Queues `row` for the next batch without waiting. Returns `false` if it was dropped (the
     /// channel is full or the writer stopped); drops are counted and logged.
-    pub fn send(&self, row: HeartbeatRow) -> bool {
+    pub(crate) fn send(&self, row: HeartbeatRow) -> bool {
         match self.tx.try_send(row) {
             Ok(()) => true,
             Err(err) => {
@@ -98,7 +99,8 @@ impl HeartbeatSender {
     }
 
     /// The writer's counters.
-    pub fn counters(&self) -> &Arc<WriterCounters> {
+    #[cfg(test)]
+    pub(crate) fn counters(&self) -> &Arc<WriterCounters> {
         &self.counters
     }
 }
@@ -106,7 +108,7 @@ impl HeartbeatSender {
 /// The task that writes heartbeats in batches: build one with [`HeartbeatWriter::new`], spawn
 /// [`HeartbeatWriter::run`].
 #[derive(Debug)]
-pub struct HeartbeatWriter {
+pub(crate) struct HeartbeatWriter {
     store: Store,
     rx: mpsc::Receiver<HeartbeatRow>,
     options: HeartbeatWriterOptions,
@@ -115,7 +117,7 @@ pub struct HeartbeatWriter {
 
 impl HeartbeatWriter {
     /// A writer into `store` and the sender that feeds it.
-    pub fn new(store: Store, options: HeartbeatWriterOptions) -> (Self, HeartbeatSender) {
+    pub(crate) fn new(store: Store, options: HeartbeatWriterOptions) -> (Self, HeartbeatSender) {
         let (tx, rx) = mpsc::channel(options.capacity.max(1));
         let counters = Arc::new(WriterCounters::default());
         let sender = HeartbeatSender {
@@ -133,7 +135,7 @@ impl HeartbeatWriter {
 
     /// Writes batches until `cancel` fires or every sender is dropped, then writes what is
     /// still queued and returns.
-    pub async fn run(mut self, cancel: CancellationToken) {
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
         let max_batch = self.options.max_batch.max(1);
         let mut batch: Vec<HeartbeatRow> = Vec::new();
         loop {
@@ -196,7 +198,7 @@ mod tests {
     use shared::{Heartbeat, Position};
 
     use super::*;
-    use crate::store::StoreOptions;
+    use crate::store::in_memory;
 
     fn row(seq: u32) -> HeartbeatRow {
         let hb = Heartbeat {
@@ -215,9 +217,7 @@ mod tests {
 
     #[tokio::test]
     async fn writes_everything_sent_then_stops() {
-        let store = Store::open(":memory:", StoreOptions::default())
-            .await
-            .expect("opens");
+        let store = in_memory().await;
         let options = HeartbeatWriterOptions {
             capacity: 10_000,
             max_batch: 100,
@@ -260,9 +260,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_channel_drops_and_counts() {
-        let store = Store::open(":memory:", StoreOptions::default())
-            .await
-            .expect("opens");
+        let store = in_memory().await;
         let options = HeartbeatWriterOptions {
             capacity: 4,
             ..HeartbeatWriterOptions::default()

@@ -3,7 +3,8 @@
 //! Everything is embedded in the binary: the page works on a machine without internet and
 //! `cargo build` needs no node. The sources live in `bridge/web/src` and are bundled (Leaflet and
 //! socket.io-client included) by `bridge/web/build.sh` into `bridge/web/dist`, which is
-//! committed; a test below fails while `dist/` is older than the sources.
+//! committed; a test below fails while `dist/` is older than the sources. `index.html` is
+//! embedded from `src/` itself, its assets' URLs filled in once at start.
 //!
 //! Caching: `/` and `/config.json` are revalidated on every load (`no-cache` with an `ETag`);
 //! `index.html` links the assets as `/assets/app.js?v={content hash}`, and such versioned URLs
@@ -55,7 +56,7 @@ impl Default for WebConfig {
 
 /// Why a [`WebConfig`] is not usable.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum WebConfigError {
+pub(crate) enum WebConfigError {
     /// The tile URL is not an `http(s)://` template with `{z}`, `{x}` and `{y}`.
     #[error("tile_url {0:?} must be an http:// or https:// template with {{z}}, {{x}} and {{y}}")]
     TileUrl(String),
@@ -72,7 +73,7 @@ impl WebConfig {
     ///
     /// # Errors
     /// [`WebConfigError`] names the first invalid setting.
-    pub fn validate(&self) -> Result<(), WebConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), WebConfigError> {
         if let Some(url) = &self.tile_url {
             let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
             let has_xyz = ["{z}", "{x}", "{y}"].iter().all(|p| url.contains(p));
@@ -102,28 +103,41 @@ struct Asset {
     gzip: Option<&'static [u8]>,
 }
 
-const INDEX_HTML: &[u8] = include_bytes!("../web/dist/index.html");
-
 const ASSETS: [Asset; 3] = [
     Asset {
         name: "app.js",
         content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../web/dist/app.js"),
-        gzip: Some(include_bytes!("../web/dist/app.js.gz")),
+        body: include_bytes!("../../web/dist/app.js"),
+        gzip: Some(include_bytes!("../../web/dist/app.js.gz")),
     },
     Asset {
         name: "app.css",
         content_type: "text/css; charset=utf-8",
-        body: include_bytes!("../web/dist/app.css"),
-        gzip: Some(include_bytes!("../web/dist/app.css.gz")),
+        body: include_bytes!("../../web/dist/app.css"),
+        gzip: Some(include_bytes!("../../web/dist/app.css.gz")),
     },
     Asset {
         name: "LICENSES.txt",
         content_type: "text/plain; charset=utf-8",
-        body: include_bytes!("../web/dist/LICENSES.txt"),
+        body: include_bytes!("../../web/dist/LICENSES.txt"),
         gzip: None,
     },
 ];
+
+/// The page as `bridge/web/src/index.html` has it: `__APP_JS__` and `__APP_CSS__` stand where
+/// the assets' URLs go.
+const INDEX_TEMPLATE: &str = include_str!("../../web/src/index.html");
+
+/// The page, linking each asset by a URL with its content hash (`/assets/app.js?v=...`).
+static INDEX_HTML: LazyLock<Bytes> = LazyLock::new(|| {
+    let url = |asset: &Asset| format!("/assets/{}?v={:016x}", asset.name, fnv1a64(asset.body));
+    let [js, css, _] = &ASSETS;
+    Bytes::from(
+        INDEX_TEMPLATE
+            .replace("__APP_JS__", &url(js))
+            .replace("__APP_CSS__", &url(css)),
+    )
+});
 
 /// Strong ETags of the index and of each asset (plain, gzipped), computed once.
 struct Etags {
@@ -132,7 +146,7 @@ struct Etags {
 }
 
 static ETAGS: LazyLock<Etags> = LazyLock::new(|| Etags {
-    index: etag(INDEX_HTML, ""),
+    index: etag(&INDEX_HTML, ""),
     assets: ASSETS
         .iter()
         .map(|a| (etag(a.body, ""), etag(a.gzip.unwrap_or_default(), "-gz")))
@@ -169,7 +183,7 @@ struct WebState {
 
 /// The page's routes: `/`, `/assets/{file}` and `/config.json`. Merge them into the bridge's
 /// router; they need no state of their own from it.
-pub fn routes<S: Clone + Send + Sync + 'static>(config: WebConfig) -> Router<S> {
+pub(crate) fn routes<S: Clone + Send + Sync + 'static>(config: WebConfig) -> Router<S> {
     let config_json = serde_json::to_vec(&config).unwrap_or_else(|_| b"{}".to_vec());
     let state = WebState {
         config_etag: etag(&config_json, ""),
@@ -291,7 +305,7 @@ async fn index(State(state): State<Arc<WebState>>, headers: HeaderMap) -> Respon
             "text/html; charset=utf-8",
             CACHE,
             tag,
-            Body::from(INDEX_HTML),
+            Body::from(INDEX_HTML.clone()),
         )
     };
     let h = response.headers_mut();
@@ -451,7 +465,7 @@ mod tests {
 
     #[test]
     fn index_links_only_embedded_assets() {
-        let html = std::str::from_utf8(INDEX_HTML).expect("UTF-8");
+        let html = std::str::from_utf8(&INDEX_HTML).expect("UTF-8");
         for asset in ["app.js", "app.css"] {
             assert!(html.contains(&format!("/assets/{asset}?v=")), "{asset}");
         }
@@ -586,7 +600,7 @@ mod tests {
             Some("text/html; charset=utf-8")
         );
         assert_eq!(page.header("cache-control"), Some("no-cache"));
-        assert_eq!(page.body, INDEX_HTML);
+        assert_eq!(page.body, *INDEX_HTML);
         let csp = page.header("content-security-policy").expect("CSP");
         assert!(csp.contains("default-src 'self'") && csp.contains("img-src 'self' data:;"));
         let tag = page.header("etag").expect("ETag").to_owned();
@@ -594,7 +608,7 @@ mod tests {
         assert_eq!((again.status, again.body.len()), (304, 0));
 
         // The versioned URL index.html uses: gzipped, cached for good.
-        let html = String::from_utf8_lossy(INDEX_HTML);
+        let html = String::from_utf8_lossy(&INDEX_HTML);
         let js_url = html
             .split('"')
             .find(|s| s.starts_with("/assets/app.js?v="))

@@ -1,28 +1,37 @@
-//! The bridge's own picture of the fleet: last position, liveness and last-seen per vehicle.
+//! The bridge's own picture of the fleet: last heartbeat, liveness and last-seen per vehicle.
 //!
-//! This cache answers snapshots on join and the HTTP API, detects stale vehicles, and collects
-//! the positions to send at the next tick. It does not rely on retained MQTT messages.
+//! This cache answers snapshots on join and the HTTP API, detects stale vehicles, refuses
+//! replayed payloads, and collects what to send at the next tick: the vehicles that moved and
+//! the liveness changes, in order. It keeps wire [`Heartbeat`]s; what clients see of them is
+//! made in `view`. It does not rely on retained MQTT messages.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use serde_json::value::RawValue;
 use shared::{CodecError, FleetId, Heartbeat, ReplayGuard, Status, Topic, VehicleId};
 
-use crate::room::RoomName;
-use crate::view::PositionView;
+use crate::clock::now_ms;
 
 /// How alive a vehicle is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Liveness {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Liveness {
     /// Connected and sending heartbeats.
     Online,
     /// No heartbeat for longer than the stale threshold, but no offline status either.
     Stale,
     /// Offline: its last will fired or it said goodbye.
     Offline,
+}
+
+impl Liveness {
+    /// `online`, `stale` or `offline`.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "online",
+            Self::Stale => "stale",
+            Self::Offline => "offline",
+        }
+    }
 }
 
 /// When a vehicle counts as stale.
@@ -40,42 +49,44 @@ impl Default for StaleRule {
     }
 }
 
-/// A `status` event: a vehicle's liveness changed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct StatusChange {
-    /// Vehicle id.
-    pub vehicle: VehicleId,
-    /// Its fleet.
-    pub fleet: FleetId,
-    /// The new liveness.
-    pub status: Liveness,
-    /// Why it went offline or stale.
-    pub reason: Option<&'static str>,
-    /// When the bridge last heard from it, ms since the Unix epoch.
-    pub last_seen_ms: u64,
+impl StaleRule {
+    /// How long a vehicle that reports every `interval` may stay quiet before it is stale.
+    fn threshold(self, interval: Duration) -> Duration {
+        match self {
+            Self::After(d) => d,
+            Self::MissedIntervals(n) => interval * n,
+        }
+    }
 }
 
-/// One vehicle's state as clients see it (`snapshot`, HTTP API).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct VehicleState {
+/// A vehicle's liveness, as clients are told it: a `status` change, or part of its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VehicleStatus {
     /// Vehicle id.
-    pub vehicle: VehicleId,
+    pub(crate) vehicle: VehicleId,
     /// Its fleet.
-    pub fleet: FleetId,
+    pub(crate) fleet: FleetId,
     /// Its liveness.
-    pub status: Liveness,
-    /// Why it is offline or stale, if it is.
-    pub reason: Option<&'static str>,
+    pub(crate) liveness: Liveness,
+    /// Why it is (or went) offline or stale, if it is.
+    pub(crate) reason: Option<&'static str>,
     /// When the bridge last heard from it, ms since the Unix epoch.
-    pub last_seen_ms: u64,
-    /// Its last position, if it sent one.
-    pub position: Option<PositionView>,
+    pub(crate) last_seen_ms: u64,
+}
+
+/// One vehicle's state (`snapshot`, HTTP API): its liveness and its last heartbeat.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct VehicleState {
+    /// Its liveness.
+    pub(crate) status: VehicleStatus,
+    /// Its last heartbeat, if it sent one.
+    pub(crate) heartbeat: Option<Heartbeat>,
 }
 
 #[derive(Debug)]
 struct Record {
     fleet: FleetId,
-    position: Option<PositionView>,
+    heartbeat: Option<Heartbeat>,
     liveness: Liveness,
     reason: Option<&'static str>,
     last_seen_ms: u64,
@@ -86,49 +97,73 @@ struct Record {
     dirty: bool,
 }
 
-/// A position waiting for the next tick, already serialized once.
-#[derive(Debug)]
-pub struct PendingPosition {
+impl Record {
+    /// The vehicle's liveness as clients are told it, reported under `fleet`.
+    fn status(&self, vehicle: &VehicleId, fleet: &FleetId) -> VehicleStatus {
+        VehicleStatus {
+            vehicle: vehicle.clone(),
+            fleet: fleet.clone(),
+            liveness: self.liveness,
+            reason: self.reason,
+            last_seen_ms: self.last_seen_ms,
+        }
+    }
+}
+
+/// What a vehicle reported that the fleet cache records.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Report<'a> {
+    /// A heartbeat: where it is, and that it is online.
+    Heartbeat(&'a Heartbeat),
+    /// A status message: online, or offline and why.
+    Status(&'a Status),
+}
+
+/// A vehicle that moved since the last tick, with its latest heartbeat.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Moved {
     /// Vehicle id.
-    pub vehicle: VehicleId,
+    pub(crate) vehicle: VehicleId,
     /// Its fleet.
-    pub fleet: FleetId,
-    /// The `Position` JSON.
-    pub json: Box<RawValue>,
+    pub(crate) fleet: FleetId,
+    /// Its latest heartbeat.
+    pub(crate) heartbeat: Heartbeat,
+}
+
+/// What the next tick sends: the liveness changes, oldest first, and the vehicles that moved.
+#[derive(Debug, Default)]
+pub(crate) struct TickNews {
+    /// Liveness changes since the last tick, oldest first.
+    pub(crate) statuses: Vec<VehicleStatus>,
+    /// Vehicles that moved since the last tick, each once.
+    pub(crate) moved: Vec<Moved>,
 }
 
 /// Counts of vehicles per liveness.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct LivenessCounts {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LivenessCounts {
     /// Online vehicles.
-    pub online: u64,
+    pub(crate) online: u64,
     /// Stale vehicles.
-    pub stale: u64,
+    pub(crate) stale: u64,
     /// Offline vehicles.
-    pub offline: u64,
+    pub(crate) offline: u64,
 }
 
 /// Every vehicle the bridge has heard of.
 #[derive(Debug, Default)]
-pub struct Fleet {
+pub(crate) struct Fleet {
     vehicles: HashMap<VehicleId, Record>,
     stale: StaleRule,
     /// Vehicles whose `dirty` flag is set, so a tick visits only what moved.
     dirty: Vec<VehicleId>,
     /// Status changes waiting for the next tick, oldest first.
-    statuses: Vec<StatusChange>,
-}
-
-/// The wall clock in ms since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    statuses: Vec<VehicleStatus>,
 }
 
 impl Fleet {
     /// An empty fleet with the given stale rule.
-    pub fn new(stale: StaleRule) -> Self {
+    pub(crate) fn new(stale: StaleRule) -> Self {
         Self {
             vehicles: HashMap::new(),
             stale,
@@ -137,12 +172,12 @@ impl Fleet {
         }
     }
 
-    fn record(&mut self, topic: &Topic, now: Instant) -> &mut Record {
+    fn entry(&mut self, topic: &Topic, now: Instant) -> &mut Record {
         self.vehicles
             .entry(topic.vehicle.clone())
             .or_insert_with(|| Record {
                 fleet: topic.fleet.clone(),
-                position: None,
+                heartbeat: None,
                 liveness: Liveness::Offline,
                 reason: None,
                 last_seen_ms: 0,
@@ -158,16 +193,36 @@ impl Fleet {
     ///
     /// # Errors
     /// [`CodecError::Replayed`] if the counter is not newer than the last one of its kind.
-    pub fn check_fresh(&mut self, topic: &Topic, counter: u64) -> Result<(), CodecError> {
+    pub(crate) fn check_fresh(&mut self, topic: &Topic, counter: u64) -> Result<(), CodecError> {
         let now = Instant::now();
-        self.record(topic, now).guard.check(topic.kind, counter)
+        self.entry(topic, now).guard.check(topic.kind, counter)
+    }
+
+    /// Records what a vehicle reported, sealed with `counter`, if the counter is fresh, and
+    /// queues the liveness change it causes for the next tick.
+    ///
+    /// # Errors
+    /// [`CodecError::Replayed`] if the counter is not fresh: nothing is recorded.
+    pub(crate) fn record(
+        &mut self,
+        topic: &Topic,
+        counter: u64,
+        report: Report<'_>,
+    ) -> Result<(), CodecError> {
+        self.check_fresh(topic, counter)?;
+        let change = match report {
+            Report::Heartbeat(hb) => self.heartbeat(topic, hb),
+            Report::Status(status) => self.status(topic, status),
+        };
+        self.queue_statuses(change);
+        Ok(())
     }
 
     /// Records a heartbeat; returns the status change it causes, if any.
-    pub fn heartbeat(&mut self, topic: &Topic, hb: &Heartbeat) -> Option<StatusChange> {
+    fn heartbeat(&mut self, topic: &Topic, hb: &Heartbeat) -> Option<VehicleStatus> {
         let now = Instant::now();
         let wall = now_ms();
-        let record = self.record(topic, now);
+        let record = self.entry(topic, now);
         if let Some(previous) = record.last_heartbeat {
             // A moving average of the gaps: a vehicle told to report faster turns stale sooner.
             let gap = now
@@ -178,7 +233,7 @@ impl Fleet {
         record.last_heartbeat = Some(now);
         record.last_heard = now;
         record.last_seen_ms = wall;
-        record.position = Some(PositionView::new(topic, hb));
+        record.heartbeat = Some(*hb);
         let newly_dirty = !std::mem::replace(&mut record.dirty, true);
         let change = Self::transition(topic, record, Liveness::Online, None);
         if newly_dirty {
@@ -188,9 +243,9 @@ impl Fleet {
     }
 
     /// Records a status message; returns the status change it causes, if any.
-    pub fn status(&mut self, topic: &Topic, status: &Status) -> Option<StatusChange> {
+    fn status(&mut self, topic: &Topic, status: &Status) -> Option<VehicleStatus> {
         let now = Instant::now();
-        let record = self.record(topic, now);
+        let record = self.entry(topic, now);
         record.last_heard = now;
         match status {
             Status::Online => {
@@ -208,70 +263,47 @@ impl Fleet {
         record: &mut Record,
         to: Liveness,
         reason: Option<&'static str>,
-    ) -> Option<StatusChange> {
+    ) -> Option<VehicleStatus> {
         if record.liveness == to && record.reason == reason {
             return None;
         }
         record.liveness = to;
         record.reason = reason;
-        Some(StatusChange {
-            vehicle: topic.vehicle.clone(),
-            fleet: topic.fleet.clone(),
-            status: to,
-            reason,
-            last_seen_ms: record.last_seen_ms,
-        })
-    }
-
-    fn stale_after(&self, record: &Record) -> Duration {
-        match self.stale {
-            StaleRule::After(d) => d,
-            StaleRule::MissedIntervals(n) => record.interval * n,
-        }
+        Some(record.status(&topic.vehicle, &topic.fleet))
     }
 
     /// Marks online vehicles that missed their heartbeats as stale; returns the changes.
-    pub fn sweep(&mut self, now: Instant) -> Vec<StatusChange> {
+    pub(crate) fn sweep(&mut self, now: Instant) -> Vec<VehicleStatus> {
         let mut changes = Vec::new();
         let rule = self.stale;
         for (vehicle, record) in &mut self.vehicles {
             if record.liveness != Liveness::Online {
                 continue;
             }
-            let threshold = match rule {
-                StaleRule::After(d) => d,
-                StaleRule::MissedIntervals(n) => record.interval * n,
-            };
             let quiet =
                 now.saturating_duration_since(record.last_heartbeat.unwrap_or(record.last_heard));
-            if quiet > threshold {
+            if quiet > rule.threshold(record.interval) {
                 record.liveness = Liveness::Stale;
                 record.reason = Some("missed-heartbeats");
-                changes.push(StatusChange {
-                    vehicle: vehicle.clone(),
-                    fleet: record.fleet.clone(),
-                    status: Liveness::Stale,
-                    reason: record.reason,
-                    last_seen_ms: record.last_seen_ms,
-                });
+                changes.push(record.status(vehicle, &record.fleet));
             }
         }
         changes
     }
 
     /// Queues status changes for the next tick ([`Fleet::take_statuses`]).
-    pub fn queue_statuses(&mut self, changes: impl IntoIterator<Item = StatusChange>) {
+    pub(crate) fn queue_statuses(&mut self, changes: impl IntoIterator<Item = VehicleStatus>) {
         self.statuses.extend(changes);
     }
 
     /// Takes the queued status changes, oldest first.
-    pub fn take_statuses(&mut self) -> Vec<StatusChange> {
+    pub(crate) fn take_statuses(&mut self) -> Vec<VehicleStatus> {
         std::mem::take(&mut self.statuses)
     }
 
-    /// Takes the positions that changed since the last call, serialized once each. Visits only
-    /// the vehicles that moved, not the whole fleet.
-    pub fn take_dirty(&mut self) -> Vec<PendingPosition> {
+    /// Takes the vehicles that moved since the last call, each once with its latest
+    /// heartbeat. Visits only the vehicles that moved, not the whole fleet.
+    pub(crate) fn take_moved(&mut self) -> Vec<Moved> {
         let dirty = std::mem::take(&mut self.dirty);
         let mut out = Vec::with_capacity(dirty.len());
         for vehicle in dirty {
@@ -281,56 +313,52 @@ impl Fleet {
             if !std::mem::take(&mut record.dirty) {
                 continue;
             }
-            let Some(position) = &record.position else {
-                continue;
-            };
-            match serde_json::value::to_raw_value(position) {
-                Ok(json) => out.push(PendingPosition {
+            if let Some(heartbeat) = record.heartbeat {
+                out.push(Moved {
                     fleet: record.fleet.clone(),
                     vehicle,
-                    json,
-                }),
-                Err(err) => tracing::error!(%vehicle, cause = %err, "cannot serialize a position"),
+                    heartbeat,
+                });
             }
         }
         out
     }
 
     /// The fleet of a known vehicle.
-    pub fn fleet_of(&self, vehicle: &VehicleId) -> Option<&FleetId> {
+    pub(crate) fn fleet_of(&self, vehicle: &VehicleId) -> Option<&FleetId> {
         self.vehicles.get(vehicle).map(|r| &r.fleet)
     }
 
     fn state(vehicle: &VehicleId, r: &Record) -> VehicleState {
         VehicleState {
-            vehicle: vehicle.clone(),
-            fleet: r.fleet.clone(),
-            status: r.liveness,
-            reason: r.reason,
-            last_seen_ms: r.last_seen_ms,
-            position: r.position.clone(),
+            status: r.status(vehicle, &r.fleet),
+            heartbeat: r.heartbeat,
         }
     }
 
     /// The state of one vehicle.
-    pub fn vehicle(&self, vehicle: &VehicleId) -> Option<VehicleState> {
+    pub(crate) fn vehicle(&self, vehicle: &VehicleId) -> Option<VehicleState> {
         self.vehicles.get(vehicle).map(|r| Self::state(vehicle, r))
     }
 
-    /// The state of every vehicle `room` covers, sorted by vehicle id.
-    pub fn snapshot(&self, room: &RoomName) -> Vec<VehicleState> {
+    /// The state of every vehicle for which `wanted(fleet, vehicle)` holds, sorted by
+    /// vehicle id.
+    pub(crate) fn snapshot(
+        &self,
+        wanted: impl Fn(&FleetId, &VehicleId) -> bool,
+    ) -> Vec<VehicleState> {
         let mut states: Vec<VehicleState> = self
             .vehicles
             .iter()
-            .filter(|(vehicle, r)| covers(room, &r.fleet, vehicle))
+            .filter(|(vehicle, r)| wanted(&r.fleet, vehicle))
             .map(|(vehicle, r)| Self::state(vehicle, r))
             .collect();
-        states.sort_by(|a, b| a.vehicle.cmp(&b.vehicle));
+        states.sort_by(|a, b| a.status.vehicle.cmp(&b.status.vehicle));
         states
     }
 
     /// How many vehicles are online, stale and offline.
-    pub fn counts(&self) -> LivenessCounts {
+    pub(crate) fn counts(&self) -> LivenessCounts {
         let mut counts = LivenessCounts::default();
         for r in self.vehicles.values() {
             match r.liveness {
@@ -340,20 +368,6 @@ impl Fleet {
             }
         }
         counts
-    }
-
-    /// The stale threshold currently applied to `vehicle`.
-    pub fn stale_threshold(&self, vehicle: &VehicleId) -> Option<Duration> {
-        self.vehicles.get(vehicle).map(|r| self.stale_after(r))
-    }
-}
-
-/// Whether `room` covers vehicle `vehicle` of fleet `fleet`.
-pub fn covers(room: &RoomName, fleet: &FleetId, vehicle: &VehicleId) -> bool {
-    match room {
-        RoomName::All => true,
-        RoomName::Fleet(f) => f == fleet,
-        RoomName::Vehicle(v) => v == vehicle,
     }
 }
 
@@ -374,7 +388,7 @@ mod tests {
         let change = fleet
             .heartbeat(&t, &Heartbeat::default())
             .expect("goes online");
-        assert_eq!(change.status, Liveness::Online);
+        assert_eq!(change.liveness, Liveness::Online);
         assert!(
             fleet.heartbeat(&t, &Heartbeat::default()).is_none(),
             "no change"
@@ -382,7 +396,7 @@ mod tests {
         let later = Instant::now() + Duration::from_millis(60);
         let stale = fleet.sweep(later);
         assert_eq!(stale.len(), 1);
-        assert_eq!(stale[0].status, Liveness::Stale);
+        assert_eq!(stale[0].liveness, Liveness::Stale);
         assert!(fleet.sweep(later).is_empty(), "reported once");
         let off = fleet
             .status(
@@ -391,7 +405,7 @@ mod tests {
             )
             .expect("goes offline");
         assert_eq!(
-            (off.status, off.reason),
+            (off.liveness, off.reason),
             (Liveness::Offline, Some("connection-lost"))
         );
         assert_eq!(
@@ -405,7 +419,7 @@ mod tests {
     }
 
     #[test]
-    fn dirty_positions_are_taken_once_and_rooms_filter_snapshots() {
+    fn moved_vehicles_are_taken_once_and_snapshots_filter() {
         let mut fleet = Fleet::default();
         fleet.heartbeat(&topic("v1"), &Heartbeat::default());
         fleet.heartbeat(&topic("v2"), &Heartbeat::default());
@@ -416,24 +430,17 @@ mod tests {
                 ..Heartbeat::default()
             },
         );
-        let dirty = fleet.take_dirty();
-        assert_eq!(dirty.len(), 2, "the latest position per vehicle");
-        assert!(fleet.take_dirty().is_empty());
+        let moved = fleet.take_moved();
+        assert_eq!(moved.len(), 2, "the latest position per vehicle");
+        assert!(fleet.take_moved().is_empty());
         let v1 = VehicleId::new("v1").expect("valid");
-        let snap = fleet.snapshot(&RoomName::Vehicle(v1.clone()));
+        let snap = fleet.snapshot(|_, vehicle| *vehicle == v1);
         assert_eq!(snap.len(), 1);
-        assert_eq!(snap[0].position.as_ref().map(|p| p.seq), Some(2));
-        assert_eq!(
-            fleet
-                .snapshot(&RoomName::Fleet(FleetId::new("north").expect("valid")))
-                .len(),
-            2
-        );
-        assert!(
-            fleet
-                .snapshot(&RoomName::Fleet(FleetId::new("south").expect("valid")))
-                .is_empty()
-        );
+        assert_eq!(snap[0].heartbeat.map(|hb| hb.seq), Some(2));
+        let north = FleetId::new("north").expect("valid");
+        assert_eq!(fleet.snapshot(|fleet, _| *fleet == north).len(), 2);
+        let south = FleetId::new("south").expect("valid");
+        assert!(fleet.snapshot(|fleet, _| *fleet == south).is_empty());
     }
 
     #[test]
@@ -448,15 +455,15 @@ mod tests {
         );
         fleet.queue_statuses(offline);
         let taken = fleet.take_statuses();
-        let kinds: Vec<Liveness> = taken.iter().map(|c| c.status).collect();
+        let kinds: Vec<Liveness> = taken.iter().map(|c| c.liveness).collect();
         assert_eq!(kinds, [Liveness::Online, Liveness::Offline]);
         assert!(fleet.take_statuses().is_empty(), "taken once");
         // Only vehicles that moved are visited, and a vehicle that moved twice appears once.
         fleet.heartbeat(&topic("v2"), &Heartbeat::default());
         fleet.heartbeat(&topic("v2"), &Heartbeat::default());
-        let dirty = fleet.take_dirty();
-        assert_eq!(dirty.len(), 2, "v1 from before, v2 once");
-        assert!(fleet.take_dirty().is_empty());
+        let moved = fleet.take_moved();
+        assert_eq!(moved.len(), 2, "v1 from before, v2 once");
+        assert!(fleet.take_moved().is_empty());
     }
 
     #[test]
@@ -472,5 +479,32 @@ mod tests {
             Ok(()),
             "another vehicle is unaffected"
         );
+    }
+
+    /// What the MQTT side calls, once per heartbeat: the freshness check, the update and the
+    /// queued liveness change in one step; a replay changes nothing.
+    #[test]
+    fn recording_checks_freshness_and_queues_the_change() {
+        let mut fleet = Fleet::default();
+        let t = topic("v1");
+        let hb = Heartbeat {
+            seq: 1,
+            ..Heartbeat::default()
+        };
+        assert_eq!(fleet.record(&t, 7, Report::Heartbeat(&hb)), Ok(()));
+        assert_eq!(
+            fleet.record(&t, 7, Report::Heartbeat(&Heartbeat::default())),
+            Err(CodecError::Replayed)
+        );
+        let statuses = fleet.take_statuses();
+        assert_eq!(statuses.len(), 1);
+        assert_eq!(statuses[0].liveness, Liveness::Online);
+        let moved = fleet.take_moved();
+        assert_eq!(moved.len(), 1);
+        assert_eq!(moved[0].heartbeat.seq, 1, "the replay was not recorded");
+        let status = t.with_kind(TopicKind::Status);
+        let offline = Status::Offline(OfflineReason::Shutdown);
+        assert_eq!(fleet.record(&status, 1, Report::Status(&offline)), Ok(()));
+        assert_eq!(fleet.take_statuses()[0].reason, Some("shutdown"));
     }
 }

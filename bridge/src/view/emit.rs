@@ -3,35 +3,26 @@
 //! Positions and status changes are batched per tick: every tick, each `/dispatch` socket gets
 //! one reliable `status` batch (every liveness change its rooms cover, in order) and one volatile
 //! `position` batch (the latest position of every vehicle its rooms cover that moved since the
-//! last tick). Sockets with the same rooms share one serialized batch. Delivery, ack and
+//! last tick). Sockets with the same rooms share one serialized batch. Delivery, ack, pickup and
 //! announce events are reliable and sent one by one, as they happen.
 
 use std::collections::HashMap;
 
 use serde::Serialize;
+use serde_json::Value;
 use serde_json::value::RawValue;
 use shared::{CommandAck, FleetId, Topic, VehicleId};
 use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
-use crate::fleet::{PendingPosition, StatusChange, VehicleState, covers};
-use crate::metrics::Metrics;
-use crate::orders::message_json;
-use crate::room::{RoomName, rooms_of};
-use crate::socket::{ADMIN, DISPATCH, VENDOR};
-use crate::store::{ClientId, Enqueued};
-
-/// An `ack` event: a vehicle answered a command.
-#[derive(Debug, Clone, Serialize)]
-pub struct AckView<'a> {
-    /// Vehicle id.
-    pub vehicle: &'a str,
-    /// The command's id.
-    pub command_id: u32,
-    /// `ok`, `busy`, `unsupported` or `invalid`.
-    pub result: &'static str,
-}
+use super::order;
+use super::room::{ADMIN, DISPATCH, RoomName, VENDOR, rooms_of};
+use super::vehicle::{AckView, PositionView, StatusView, VehicleView};
+use crate::domain::Hub;
+use crate::domain::fleet::{Moved, VehicleState};
+use crate::metrics::{Counter, Metrics};
+use crate::store::{ClientId, Enqueued, QueuedMessage};
 
 async fn to_rooms<T: Serialize + ?Sized>(
     io: &SocketIo,
@@ -45,57 +36,50 @@ async fn to_rooms<T: Serialize + ?Sized>(
         return;
     };
     match ops.to(rooms).emit(event, data).await {
-        Ok(()) => metrics.emitted(),
+        Ok(()) => metrics.count(Counter::Emitted),
         Err(err) => warn!(%event, cause = %err, "Socket.IO broadcast failed"),
     }
 }
 
 /// Emits freshly queued messages, each as a `delivery` event with its `message_id`, to the
 /// sockets of the client it is queued for (a vendor's store room, a dispatcher identity's room).
-pub async fn queued(io: &SocketIo, metrics: &Metrics, messages: &[Enqueued]) {
+pub(crate) async fn queued(io: &SocketIo, metrics: &Metrics, messages: &[Enqueued]) {
     for m in messages {
         to_client(io, metrics, &m.client, m.id.0, &m.payload).await;
     }
 }
 
 /// Emits one queued message to the sockets of `client`.
-pub async fn to_client(
-    io: &SocketIo,
-    metrics: &Metrics,
-    client: &ClientId,
-    id: u64,
-    payload: &serde_json::Value,
-) {
+async fn to_client(io: &SocketIo, metrics: &Metrics, client: &ClientId, id: u64, payload: &Value) {
     let ns = if client.as_str().starts_with("vendor:") {
         VENDOR
     } else {
         DISPATCH
     };
-    let message = message_json(id, payload);
-    to_rooms(
-        io,
-        metrics,
-        ns,
-        vec![client.as_str().to_owned()],
-        "delivery",
-        &message,
-    )
-    .await;
+    let message = order::message(id, payload);
+    let room = vec![client.as_str().to_owned()];
+    to_rooms(io, metrics, ns, room, "delivery", &message).await;
+}
+
+/// Re-sends messages still pending for the client of `socket`, oldest first, as `delivery`
+/// events to that socket only.
+pub(crate) fn pending(socket: &SocketRef, messages: &[QueuedMessage]) {
+    for m in messages {
+        if let Err(err) = socket.emit("delivery", &order::message(m.id.0, &m.payload)) {
+            debug!(cause = %err, "could not re-send a pending message");
+        }
+    }
 }
 
 /// Emits an `ack` event to the rooms covering the vehicle.
-pub async fn ack(io: &SocketIo, metrics: &Metrics, topic: &Topic, ack: &CommandAck) {
-    let view = AckView {
-        vehicle: topic.vehicle.as_str(),
-        command_id: ack.id,
-        result: ack.result.as_str(),
-    };
+pub(crate) async fn command_ack(io: &SocketIo, metrics: &Metrics, topic: &Topic, ack: &CommandAck) {
+    let view = AckView::new(&topic.vehicle, ack);
     let rooms = rooms_of(&topic.fleet, &topic.vehicle).to_vec();
     to_rooms(io, metrics, DISPATCH, rooms, "ack", &view).await;
 }
 
 /// Emits `event` to every socket of every namespace.
-pub async fn everywhere<T: Serialize + ?Sized>(
+pub(crate) async fn everywhere<T: Serialize + ?Sized>(
     io: &SocketIo,
     metrics: &Metrics,
     event: &str,
@@ -104,11 +88,43 @@ pub async fn everywhere<T: Serialize + ?Sized>(
     for ns in [DISPATCH, VENDOR, ADMIN] {
         if let Some(ops) = io.of(ns) {
             match ops.emit(event, data).await {
-                Ok(()) => metrics.emitted(),
+                Ok(()) => metrics.count(Counter::Emitted),
                 Err(err) => warn!(%ns, %event, cause = %err, "Socket.IO broadcast failed"),
             }
         }
     }
+}
+
+/// Announces a placed order (`announced`, see [`order::pickup`]) as `pickup` to every other
+/// vendor (not `except`, the vendor that placed it) and to every dispatcher.
+pub(crate) async fn pickup(io: &SocketIo, except: Option<&SocketRef>, announced: &Value) {
+    // Every other vendor, as in the classic hub, and every dispatcher.
+    let vendors = match except {
+        Some(sender) => sender.broadcast().emit("pickup", announced).await,
+        None => match io.of(VENDOR) {
+            Some(ops) => ops.emit("pickup", announced).await,
+            None => Ok(()),
+        },
+    };
+    if let Err(err) = vendors {
+        warn!(cause = %err, "pickup broadcast to vendors failed");
+    }
+    if let Some(ops) = io.of(DISPATCH)
+        && let Err(err) = ops.emit("pickup", announced).await
+    {
+        warn!(cause = %err, "pickup broadcast to dispatchers failed");
+    }
+}
+
+/// Sends `socket` the `snapshot` of a room: the state of every vehicle in `states`.
+///
+/// # Errors
+/// Socketioxide's error if the socket cannot take it (gone, or its buffer full).
+pub(crate) fn snapshot(
+    socket: &SocketRef,
+    states: &[VehicleState],
+) -> Result<(), socketioxide::SendError> {
+    socket.emit("snapshot", &VehicleView::all(states))
 }
 
 /// A socket that missed a reliable batch (its buffer was full): it gets fresh snapshots of its
@@ -122,17 +138,28 @@ struct NeedsSnapshot;
 /// Sockets with the same rooms share the serialized batches.
 ///
 /// A socket whose buffer is too full for a `status` batch is counted, logged and marked: the
-/// next ticks send it `snapshot`s of its rooms (built by `snapshot`) until one gets through.
-pub fn tick(
-    io: &SocketIo,
-    metrics: &Metrics,
-    statuses: &[StatusChange],
-    pending: &[PendingPosition],
-    snapshot: impl Fn(&RoomName) -> Vec<VehicleState>,
-) {
+/// next ticks send it `snapshot`s of its rooms until one gets through.
+pub(crate) fn send_batches(io: &SocketIo, hub: &Hub) {
+    let news = hub.take_tick_news();
+    let metrics = hub.metrics();
     let Some(ops) = io.of(DISPATCH) else {
         return;
     };
+    let statuses: Vec<StatusView<'_>> = news.statuses.iter().map(StatusView::new).collect();
+    // Each position is serialized once, whatever the number of batches it goes into.
+    let positions: Vec<(&Moved, Box<RawValue>)> = news
+        .moved
+        .iter()
+        .filter_map(|m| {
+            let view = PositionView::new(&m.fleet, &m.vehicle, &m.heartbeat);
+            serde_json::value::to_raw_value(&view)
+                .inspect_err(
+                    |err| error!(vehicle = %m.vehicle, cause = %err, "cannot serialize a position"),
+                )
+                .ok()
+                .map(|json| (m, json))
+        })
+        .collect();
     // Group sockets by their set of rooms: a batch is built and serialized once per group.
     let mut groups: HashMap<Vec<String>, Vec<SocketRef>> = HashMap::new();
     for socket in ops.sockets() {
@@ -146,26 +173,29 @@ pub fn tick(
     for (rooms, sockets) in groups {
         let rooms: Vec<RoomName> = rooms.iter().filter_map(|r| r.parse().ok()).collect();
         let covered =
-            |fleet: &FleetId, vehicle: &VehicleId| rooms.iter().any(|r| covers(r, fleet, vehicle));
-        let status_batch: Vec<&StatusChange> = statuses
+            |fleet: &FleetId, vehicle: &VehicleId| rooms.iter().any(|r| r.covers(fleet, vehicle));
+        let status_batch: Vec<&StatusView<'_>> = news
+            .statuses
             .iter()
-            .filter(|s| covered(&s.fleet, &s.vehicle))
+            .zip(&statuses)
+            .filter(|(change, _)| covered(&change.fleet, &change.vehicle))
+            .map(|(_, view)| view)
             .collect();
         let status_json = serialize(&status_batch);
-        let position_batch: Vec<&RawValue> = pending
+        let position_batch: Vec<&RawValue> = positions
             .iter()
-            .filter(|p| covered(&p.fleet, &p.vehicle))
-            .map(|p| &*p.json)
+            .filter(|(m, _)| covered(&m.fleet, &m.vehicle))
+            .map(|(_, json)| &**json)
             .collect();
         let position_json = serialize(&position_batch);
         for socket in sockets {
             if socket.extensions.get::<NeedsSnapshot>().is_some() {
-                resync(&socket, metrics, &rooms, &snapshot);
+                resync(&socket, hub, &rooms);
             } else if let Some(json) = &status_json {
                 match socket.emit("status", json) {
-                    Ok(()) => metrics.emitted(),
+                    Ok(()) => metrics.count(Counter::Emitted),
                     Err(err) => {
-                        metrics.emit_dropped();
+                        metrics.count(Counter::EmitDropped);
                         warn!(sid = %socket.id, changes = status_batch.len(), cause = %err,
                             "status batch not sent: the socket will get fresh snapshots");
                         socket.extensions.insert(NeedsSnapshot);
@@ -175,9 +205,9 @@ pub fn tick(
             if let Some(json) = &position_json {
                 // Volatile: a socket whose buffer is full skips this batch instead of stalling.
                 match socket.volatile().emit("position", json) {
-                    Ok(()) => metrics.batch_sent(),
+                    Ok(()) => metrics.count(Counter::PositionBatches),
                     Err(err) => {
-                        metrics.emit_dropped();
+                        metrics.count(Counter::EmitDropped);
                         debug!(sid = %socket.id, cause = %err, "position batch dropped");
                     }
                 }
@@ -198,18 +228,14 @@ fn serialize<T: Serialize>(batch: &[T]) -> Option<Box<RawValue>> {
 
 /// Sends a socket that missed a `status` batch a snapshot of each of its rooms; clears the mark
 /// once all of them got through.
-fn resync(
-    socket: &SocketRef,
-    metrics: &Metrics,
-    rooms: &[RoomName],
-    snapshot: &impl Fn(&RoomName) -> Vec<VehicleState>,
-) {
+fn resync(socket: &SocketRef, hub: &Hub, rooms: &[RoomName]) {
     for room in rooms {
-        if let Err(err) = socket.emit("snapshot", &snapshot(room)) {
+        let states = hub.snapshot(|fleet, vehicle| room.covers(fleet, vehicle));
+        if let Err(err) = snapshot(socket, &states) {
             debug!(sid = %socket.id, %room, cause = %err, "snapshot for a resync not sent yet");
             return;
         }
-        metrics.emitted();
+        hub.metrics().count(Counter::Emitted);
     }
     socket.extensions.remove::<NeedsSnapshot>();
     warn!(sid = %socket.id, "socket resynchronised with fresh snapshots");

@@ -1,19 +1,24 @@
-//! Commands from dispatchers to vehicles, and matching the vehicles' acks to them.
+//! Commands from dispatchers (and from the bridge itself, for assignments) to vehicles:
+//! publishing one over MQTT and matching the vehicle's ack to it. Who may command which
+//! vehicle is the hub's to check (`Hub::command`).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use shared::{AckResult, CommandKind, VehicleId};
+use rumqttc::{AsyncClient, QoS};
+use serde::Deserialize;
+use shared::{AckResult, Command, CommandKind, FleetId, Topic, TopicKind, VehicleId};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
+use crate::metrics::{Counter, Metrics};
+
 /// A command as clients write it (Socket.IO `command`, HTTP `POST .../commands`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum CommandRequest {
+pub(crate) enum CommandRequest {
     /// Ask the vehicle to answer.
     Ping,
     /// Change the heartbeat interval.
@@ -30,7 +35,7 @@ impl CommandRequest {
     ///
     /// # Errors
     /// [`CommandError::Invalid`] if an argument is out of range.
-    pub fn to_wire(&self) -> Result<CommandKind, CommandError> {
+    pub(crate) fn to_wire(&self) -> Result<CommandKind, CommandError> {
         Ok(match *self {
             Self::Ping => CommandKind::Ping,
             Self::SetRate { interval_ms } => {
@@ -48,7 +53,7 @@ impl CommandRequest {
 
 /// Why a command did not get an answer.
 #[derive(Debug, Error)]
-pub enum CommandError {
+pub(crate) enum CommandError {
     /// The bridge has never heard of this vehicle.
     #[error("unknown vehicle")]
     UnknownVehicle,
@@ -71,7 +76,7 @@ pub enum CommandError {
 
 /// Commands waiting for their vehicle's ack.
 #[derive(Debug)]
-pub struct PendingCommands {
+struct PendingCommands {
     next_id: AtomicU32,
     waiting: Mutex<HashMap<(VehicleId, u32), oneshot::Sender<AckResult>>>,
 }
@@ -88,16 +93,16 @@ impl Default for PendingCommands {
 
 /// A registered command: its id, and where its ack will arrive.
 #[derive(Debug)]
-pub struct Registered {
+struct Registered {
     /// The command id to publish.
-    pub id: u32,
+    id: u32,
     /// Resolves with the vehicle's answer.
-    pub ack: oneshot::Receiver<AckResult>,
+    ack: oneshot::Receiver<AckResult>,
 }
 
 impl PendingCommands {
     /// Registers a new command to `vehicle`.
-    pub fn register(&self, vehicle: &VehicleId) -> Registered {
+    fn register(&self, vehicle: &VehicleId) -> Registered {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, ack) = oneshot::channel();
         if let Ok(mut waiting) = self.waiting.lock() {
@@ -107,14 +112,14 @@ impl PendingCommands {
     }
 
     /// Forgets a command (answered, timed out or failed).
-    pub fn forget(&self, vehicle: &VehicleId, id: u32) {
+    fn forget(&self, vehicle: &VehicleId, id: u32) {
         if let Ok(mut waiting) = self.waiting.lock() {
             waiting.remove(&(vehicle.clone(), id));
         }
     }
 
     /// Delivers a vehicle's ack; returns false if no command with that id was waiting.
-    pub fn complete(&self, vehicle: &VehicleId, id: u32, result: AckResult) -> bool {
+    fn complete(&self, vehicle: &VehicleId, id: u32, result: AckResult) -> bool {
         let sender = self
             .waiting
             .lock()
@@ -124,13 +129,75 @@ impl PendingCommands {
     }
 
     /// How many commands are waiting.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.waiting.lock().map(|w| w.len()).unwrap_or(0)
     }
+}
 
-    /// Whether no command is waiting.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+/// Sends commands to vehicles and waits for their acks.
+pub(crate) struct Commands {
+    waiting: PendingCommands,
+    mqtt: AsyncClient,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Commands {
+    /// Commands published with `mqtt`, each waiting at most `timeout` for its ack.
+    pub(crate) fn new(mqtt: AsyncClient, timeout: Duration, metrics: Arc<Metrics>) -> Self {
+        Self {
+            waiting: PendingCommands::default(),
+            mqtt,
+            timeout,
+            metrics,
+        }
+    }
+
+    /// Publishes `kind` to `vehicle` of `fleet` and waits for its ack (at most the timeout).
+    ///
+    /// # Errors
+    /// [`CommandError::Publish`] if it could not be published, [`CommandError::Timeout`] if
+    /// the vehicle did not answer in time.
+    pub(crate) async fn send(
+        &self,
+        fleet: FleetId,
+        vehicle: &VehicleId,
+        kind: CommandKind,
+    ) -> Result<(u32, AckResult), CommandError> {
+        let registered = self.waiting.register(vehicle);
+        let id = registered.id;
+        let command = Command { id, kind };
+        let payload = shared::codec::encode_vec(&command)
+            .map_err(|e| CommandError::Invalid(e.to_string()))?;
+        let topic = Topic::new(fleet, vehicle.clone(), TopicKind::Command).name();
+        if let Err(err) = self
+            .mqtt
+            .publish(topic.as_str(), QoS::AtLeastOnce, false, payload.to_vec())
+            .await
+        {
+            self.waiting.forget(vehicle, id);
+            return Err(CommandError::Publish(err.to_string()));
+        }
+        self.metrics.count(Counter::CommandsSent);
+        match tokio::time::timeout(self.timeout, registered.ack).await {
+            Ok(Ok(result)) => Ok((id, result)),
+            Ok(Err(_)) | Err(_) => {
+                self.waiting.forget(vehicle, id);
+                self.metrics.count(Counter::CommandsTimedOut);
+                Err(CommandError::Timeout(self.timeout))
+            }
+        }
+    }
+
+    /// Delivers a vehicle's ack to the command waiting for it; returns false if no command
+    /// with that id was waiting.
+    pub(crate) fn complete(&self, vehicle: &VehicleId, id: u32, result: AckResult) -> bool {
+        self.waiting.complete(vehicle, id, result)
+    }
+
+    /// How many commands wait for their vehicle's ack.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.len()
     }
 }
 
@@ -165,6 +232,6 @@ mod tests {
         assert_eq!(b.ack.await.ok(), Some(AckResult::Busy));
         assert_eq!(pending.len(), 1);
         pending.forget(&v, a.id);
-        assert!(pending.is_empty());
+        assert_eq!(pending.len(), 0, "none waiting");
     }
 }

@@ -5,7 +5,6 @@
 //! - `GET /api/vehicles/{id}`: one vehicle.
 //! - `POST /api/vehicles/{id}/commands` with `{"type": "ping" | "set_rate" | "return_to_depot",
 //!   "interval_ms"?}`: sends the command and answers with the vehicle's ack.
-//!
 //! - `GET /api/vehicles/{id}/track?from=&to=&format=json|geojson`: stored heartbeats.
 //! - `POST /api/orders` (vendor token) and `GET /api/orders/{id}`: orders and their timeline.
 //!
@@ -13,37 +12,37 @@
 
 use std::sync::Arc;
 
-use axum::extract::{FromRef, Path, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRef, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
-use shared::OrderId;
-use shared::VehicleId;
+use serde_json::{Value, json};
+use shared::{OrderId, VehicleId};
 use socketioxide::SocketIo;
 use socketioxide::layer::SocketIoLayer;
 
-use crate::auth::{AuthError, Grant, Role};
-use crate::command::{CommandError, CommandRequest};
-use crate::fleet::VehicleState;
-use crate::hub::Hub;
-use crate::orders::{OrderError, OrderRequest, order_json};
-use crate::room::RoomName;
-use crate::socket::{announce_pickup, placed_json};
+use super::socket::place_and_announce;
+use super::web::{self, WebConfig};
+use crate::domain::Hub;
+use crate::domain::auth::{AuthError, Entrance, Grant, Role};
+use crate::domain::command::{CommandError, CommandRequest};
+use crate::domain::delivery::{OrderError, OrderRequest};
 use crate::store::StoreError;
-use crate::web::WebConfig;
+use crate::view::order;
+use crate::view::vehicle::{VehicleView, command_answer, track, track_geojson};
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
-pub struct HttpState {
+pub(crate) struct HttpState {
     /// The Socket.IO server, to announce orders placed over HTTP.
-    pub io: SocketIo,
+    pub(crate) io: SocketIo,
     /// The bridge's shared state.
-    pub hub: Arc<Hub>,
+    pub(crate) hub: Arc<Hub>,
     /// The embedded broker's counters, appended to `/metrics` (embedded mode only).
-    pub broker: Option<broker::BrokerMetrics>,
+    pub(crate) broker: Option<broker::BrokerMetrics>,
 }
 
 impl FromRef<HttpState> for Arc<Hub> {
@@ -52,9 +51,9 @@ impl FromRef<HttpState> for Arc<Hub> {
     }
 }
 
-/// Builds the router: `/healthz`, `/readyz`, `/metrics`, `/api/...`, and Socket.IO at
-/// `/socket.io/`.
-pub fn router(state: HttpState, socketio: SocketIoLayer, web: WebConfig) -> Router {
+/// Builds the router: `/healthz`, `/readyz`, `/metrics`, `/api/...`, the page, and Socket.IO
+/// at `/socket.io/`.
+pub(crate) fn router(state: HttpState, socketio: SocketIoLayer, page: WebConfig) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -66,13 +65,13 @@ pub fn router(state: HttpState, socketio: SocketIoLayer, web: WebConfig) -> Rout
         .route("/api/orders", post(post_order))
         .route("/api/orders/{id}", get(get_order))
         .with_state(state)
-        .merge(crate::web::routes(web))
+        .merge(web::routes(page))
         .layer(socketio)
 }
 
 /// An API error: a status code and a message, rendered as JSON.
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     message: String,
 }
@@ -83,6 +82,14 @@ impl ApiError {
             status,
             message: message.into(),
         }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn not_found(what: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, format!("unknown {what}"))
     }
 }
 
@@ -116,18 +123,6 @@ impl From<CommandError> for ApiError {
     }
 }
 
-fn grant(hub: &Hub, headers: &HeaderMap) -> Result<Grant, ApiError> {
-    grant_for(hub, headers, &[Role::Dispatcher, Role::Admin])
-}
-
-fn grant_for(hub: &Hub, headers: &HeaderMap, roles: &[Role]) -> Result<Grant, ApiError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    Ok(hub.tokens.authorize(token, "/api", roles)?)
-}
-
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         tracing::error!(cause = %err, "store error");
@@ -148,9 +143,39 @@ impl From<OrderError> for ApiError {
     }
 }
 
+/// The API for dispatchers and operators: vehicles and their commands.
+struct Watchers;
+/// The API for vendors: placing orders.
+struct Stores;
+/// The API for every client: reading an order.
+struct Clients;
+
+impl Entrance for Watchers {
+    const NAME: &'static str = "/api";
+    const ROLES: &'static [Role] = &[Role::Dispatcher, Role::Admin];
+}
+
+impl Entrance for Stores {
+    const NAME: &'static str = "/api";
+    const ROLES: &'static [Role] = &[Role::Vendor];
+}
+
+impl Entrance for Clients {
+    const NAME: &'static str = "/api";
+    const ROLES: &'static [Role] = &[Role::Vendor, Role::Dispatcher, Role::Admin];
+}
+
+/// The grant of the bearer token in `headers`, if entrance `E` admits it.
+fn grant<E: Entrance>(hub: &Hub, headers: &HeaderMap) -> Result<Grant, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    Ok(hub.authorize::<E>(token)?)
+}
+
 fn vehicle_id(raw: &str) -> Result<VehicleId, ApiError> {
-    VehicleId::new(raw)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid vehicle id: {e}")))
+    VehicleId::new(raw).map_err(|e| ApiError::bad_request(format!("invalid vehicle id: {e}")))
 }
 
 /// Liveness: the process serves HTTP.
@@ -160,7 +185,7 @@ async fn healthz() -> impl IntoResponse {
 
 /// Readiness: MQTT is connected and every subscription is active.
 async fn readyz(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
-    if hub.metrics.mqtt_ready() {
+    if hub.metrics().mqtt_ready() {
         (StatusCode::OK, Json(json!({ "ready": true })))
     } else {
         (
@@ -171,7 +196,7 @@ async fn readyz(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
-    let mut text = state.hub.metrics.render();
+    let mut text = state.hub.metrics().render();
     if let Some(broker) = &state.broker {
         text.push_str(&broker.render());
     }
@@ -181,64 +206,55 @@ async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
 async fn list_vehicles(
     State(hub): State<Arc<Hub>>,
     headers: HeaderMap,
-) -> Result<Json<Vec<VehicleState>>, ApiError> {
-    let grant = grant(&hub, &headers)?;
-    let all = hub.fleet().snapshot(&RoomName::All);
-    Ok(Json(
-        all.into_iter()
-            .filter(|v| grant.may_see_fleet(&v.fleet))
-            .collect(),
-    ))
+) -> Result<Response, ApiError> {
+    let grant = grant::<Watchers>(&hub, &headers)?;
+    let visible = hub.snapshot(|fleet, _| grant.may_see_fleet(fleet));
+    Ok(Json(VehicleView::all(&visible)).into_response())
 }
 
 async fn get_vehicle(
     State(hub): State<Arc<Hub>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<VehicleState>, ApiError> {
-    let grant = grant(&hub, &headers)?;
+) -> Result<Response, ApiError> {
+    let grant = grant::<Watchers>(&hub, &headers)?;
     let id = vehicle_id(&id)?;
     let state = hub
-        .fleet()
         .vehicle(&id)
-        .filter(|v| grant.may_see_fleet(&v.fleet))
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown vehicle"))?;
-    Ok(Json(state))
+        .filter(|v| grant.may_see_fleet(&v.status.fleet))
+        .ok_or_else(|| ApiError::not_found("vehicle"))?;
+    Ok(Json(VehicleView::new(&state)).into_response())
 }
 
 async fn post_command(
     State(hub): State<Arc<Hub>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: Result<Json<CommandRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<CommandRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let grant = grant(&hub, &headers)?;
+    let grant = grant::<Watchers>(&hub, &headers)?;
     let id = vehicle_id(&id)?;
-    let Json(request) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Json(request) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let kind = request.to_wire()?;
     let (command_id, result) = hub.command(&grant, &id, kind).await?;
-    Ok(Json(
-        json!({ "command_id": command_id, "result": result.as_str() }),
-    ))
+    Ok(Json(command_answer(command_id, result)))
 }
 
 /// `POST /api/orders` (vendor token): places an order like `pickup` on `/vendor`.
 async fn post_order(
     State(state): State<HttpState>,
     headers: HeaderMap,
-    body: Result<Json<OrderRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<OrderRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let grant = grant_for(&state.hub, &headers, &[Role::Vendor])?;
-    let Json(request) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let placed = state.hub.place_order(&grant, &request).await?;
-    let store = grant.store.clone().unwrap_or_default();
-    announce_pickup(&state.io, None, &store, &request, &placed).await;
+    let grant = grant::<Stores>(&state.hub, &headers)?;
+    let Json(request) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let placed = place_and_announce(&state.hub, &state.io, None, &grant, &request).await?;
     let status = if placed.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(placed_json(&placed))))
+    Ok((status, Json(order::placed(&placed))))
 }
 
 /// `GET /api/orders/{id}`: state and timeline. Vendors see their own store's orders,
@@ -247,24 +263,15 @@ async fn get_order(
     State(hub): State<Arc<Hub>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let grant = grant_for(
-        &hub,
-        &headers,
-        &[Role::Vendor, Role::Dispatcher, Role::Admin],
-    )?;
-    let id = OrderId::new(&id)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid order id: {e}")))?;
+) -> Result<Json<Value>, ApiError> {
+    let grant = grant::<Clients>(&hub, &headers)?;
+    let id =
+        OrderId::new(&id).map_err(|e| ApiError::bad_request(format!("invalid order id: {e}")))?;
     let view = hub
-        .store
-        .order(&id)
+        .order_for(&grant, &id)
         .await?
-        .filter(|o| match grant.role {
-            Role::Vendor => grant.store.as_deref() == Some(o.store.as_str()),
-            _ => grant.may_see_fleet(&o.fleet),
-        })
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown order"))?;
-    Ok(Json(order_json(&view)))
+        .ok_or_else(|| ApiError::not_found("order"))?;
+    Ok(Json(order::order(&view)))
 }
 
 /// The query of `GET /api/vehicles/{id}/track`.
@@ -286,59 +293,32 @@ async fn get_track(
     State(hub): State<Arc<Hub>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    query: Result<axum::extract::Query<TrackQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<TrackQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let grant = grant(&hub, &headers)?;
+    let grant = grant::<Watchers>(&hub, &headers)?;
     let id = vehicle_id(&id)?;
-    let axum::extract::Query(q) =
-        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let fleet = hub.fleet().fleet_of(&id).cloned();
-    if let Some(fleet) = &fleet
-        && !grant.may_see_fleet(fleet)
-    {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown vehicle"));
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if !hub.may_see_vehicle(&grant, &id) {
+        return Err(ApiError::not_found("vehicle"));
     }
     let (from, to) = (q.from.unwrap_or(0), q.to.unwrap_or(u64::MAX / 2));
     if from > to {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "from is after to"));
+        return Err(ApiError::bad_request("from is after to"));
     }
+    let limit = q.limit.unwrap_or(10_000).min(10_000);
     let rows = hub
-        .store
-        .track(&id, from, to, q.limit.unwrap_or(10_000).min(10_000))
-        .await?;
-    if rows.iter().any(|r| !grant.may_see_fleet(&r.fleet)) {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown vehicle"));
-    }
-    let point =
-        |r: &crate::store::HeartbeatRow| (f64::from(r.lon_e7) / 1e7, f64::from(r.lat_e7) / 1e7);
+        .track(&grant, &id, (from, to), limit)
+        .await?
+        .ok_or_else(|| ApiError::not_found("vehicle"))?;
     match q.format.as_deref().unwrap_or("json") {
-        "json" => Ok(Json(serde_json::json!({
-            "vehicle": id,
-            "points": rows.iter().map(|r| {
-                let (lon, lat) = point(r);
-                serde_json::json!({
-                    "seq": r.seq, "ts_ms": r.ts_ms, "lat": lat, "lon": lon,
-                    "speed_mps": f64::from(r.speed_cm_s) / 100.0, "heading_deg": r.heading_deg,
-                    "battery_pct": r.battery_pct,
-                })
-            }).collect::<Vec<_>>(),
-        }))
-        .into_response()),
+        "json" => Ok(Json(track(&id, &rows)).into_response()),
         "geojson" => Ok((
             [(header::CONTENT_TYPE, "application/geo+json")],
-            Json(serde_json::json!({
-                "type": "Feature",
-                "properties": {
-                    "vehicle": id,
-                    "timestamps_ms": rows.iter().map(|r| r.ts_ms).collect::<Vec<_>>(),
-                },
-                "geometry": {
-                    "type": "LineString",
-                    "coordinates": rows.iter().map(|r| { let (lon, lat) = point(r); [lon, lat] }).collect::<Vec<_>>(),
-                },
-            })),
+            Json(track_geojson(&id, &rows)),
         )
             .into_response()),
-        other => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("format {other:?}: expected json or geojson"))),
+        other => Err(ApiError::bad_request(format!(
+            "format {other:?}: expected json or geojson"
+        ))),
     }
 }

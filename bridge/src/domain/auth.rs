@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use shared::FleetId;
 use thiserror::Error;
 
-use crate::room::RoomName;
+use crate::store::ClientId;
 
 /// What a token lets its holder do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -35,60 +35,77 @@ pub struct TokenGrant {
     #[serde(default)]
     pub fleets: Vec<String>,
     /// Vendors: their store id.
-    #[serde(default)]
     pub store: Option<String>,
     /// Vendors: the fleet that delivers their orders.
-    #[serde(default)]
     pub fleet: Option<String>,
     /// A name for logs and the client's queue identity (never the token itself).
-    #[serde(default)]
     pub name: Option<String>,
     /// Vendors: where the store is, `[lat, lon]` in degrees: the default pickup point.
-    #[serde(default)]
     pub location: Option<[f64; 2]>,
 }
 
 /// What a connected socket may do, derived from its token.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Grant {
+pub(crate) struct Grant {
     /// The holder's role.
-    pub role: Role,
+    pub(crate) role: Role,
     /// A name for logs.
-    pub name: String,
+    pub(crate) name: String,
     /// Fleets the holder may watch; `None` means every fleet.
-    pub fleets: Option<Vec<FleetId>>,
+    pub(crate) fleets: Option<Vec<FleetId>>,
     /// The vendor's store id.
-    pub store: Option<String>,
+    pub(crate) store: Option<String>,
     /// The vendor's delivering fleet.
-    pub fleet: Option<FleetId>,
+    pub(crate) fleet: Option<FleetId>,
     /// The vendor's location, `[lat, lon]`.
-    pub location: Option<[f64; 2]>,
+    pub(crate) location: Option<[f64; 2]>,
 }
 
 impl Grant {
     /// Whether the holder may see `fleet`.
-    pub fn may_see_fleet(&self, fleet: &FleetId) -> bool {
+    pub(crate) fn may_see_fleet(&self, fleet: &FleetId) -> bool {
         self.fleets.as_ref().is_none_or(|f| f.contains(fleet))
     }
 
-    /// Whether the holder may join `room` on `/dispatch`; `vehicle_fleet` resolves the fleet
-    /// of a vehicle the bridge knows.
-    pub fn may_join(&self, room: &RoomName, vehicle_fleet: Option<&FleetId>) -> bool {
-        match room {
-            RoomName::All => self.fleets.is_none(),
-            RoomName::Fleet(fleet) => self.may_see_fleet(fleet),
-            // An unknown vehicle may be joined only by who sees every fleet: its fleet is unknown.
-            RoomName::Vehicle(_) => match vehicle_fleet {
-                Some(fleet) => self.may_see_fleet(fleet),
-                None => self.fleets.is_none(),
-            },
+    /// Whether the holder sees every fleet.
+    pub(crate) fn sees_every_fleet(&self) -> bool {
+        self.fleets.is_none()
+    }
+
+    /// The holder's queue identity: a vendor's store (`vendor:{store}`), or a dispatcher's
+    /// (or operator's) name (`dispatch:{name}`).
+    pub(crate) fn queue_client(&self) -> Option<ClientId> {
+        match self.role {
+            Role::Vendor => self.store.as_deref().map(ClientId::vendor),
+            Role::Dispatcher | Role::Admin => Some(ClientId::dispatcher(&self.name)),
+        }
+    }
+
+    /// A grant for the bridge's own commands (assignments): every fleet.
+    pub(crate) fn system() -> Self {
+        Self {
+            role: Role::Admin,
+            name: "bridge".into(),
+            fleets: None,
+            store: None,
+            fleet: None,
+            location: None,
         }
     }
 }
 
+/// A way in for clients (a Socket.IO namespace, the HTTP API), and the roles whose tokens it
+/// admits.
+pub(crate) trait Entrance {
+    /// Its name, as refusals say it: `/dispatch`, `/api`, ...
+    const NAME: &'static str;
+    /// The roles it admits.
+    const ROLES: &'static [Role];
+}
+
 /// Why a handshake is refused. The message is sent to the client in `connect_error`.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     /// No token in the handshake's `auth` object.
     #[error("missing token: connect with auth {{ token }}")]
     Missing,
@@ -102,7 +119,7 @@ pub enum AuthError {
 
 /// The configured tokens, ready for look-up.
 #[derive(Debug, Clone, Default)]
-pub struct Tokens {
+pub(crate) struct Tokens {
     by_token: HashMap<String, Grant>,
 }
 
@@ -121,7 +138,7 @@ impl Tokens {
     ///
     /// # Errors
     /// [`TokenConfigError`] naming the first invalid entry.
-    pub fn new(grants: &[TokenGrant]) -> Result<Self, TokenConfigError> {
+    pub(crate) fn new(grants: &[TokenGrant]) -> Result<Self, TokenConfigError> {
         let mut by_token = HashMap::new();
         for (index, g) in grants.iter().enumerate() {
             let bad = |reason: String| TokenConfigError { index, reason };
@@ -175,7 +192,7 @@ impl Tokens {
     }
 
     /// Every configured grant.
-    pub fn grants(&self) -> impl Iterator<Item = &Grant> {
+    pub(crate) fn grants(&self) -> impl Iterator<Item = &Grant> {
         self.by_token.values()
     }
 
@@ -183,7 +200,7 @@ impl Tokens {
     ///
     /// # Errors
     /// [`AuthError`] saying why it is refused.
-    pub fn authorize(
+    pub(crate) fn authorize(
         &self,
         token: Option<&str>,
         namespace: &'static str,
@@ -199,7 +216,7 @@ impl Tokens {
     }
 
     /// The demo tokens used when no configuration is given.
-    pub fn demo_grants() -> Vec<TokenGrant> {
+    pub(crate) fn demo_grants() -> Vec<TokenGrant> {
         let grant =
             |token: &str, role, fleets: &[&str], store: Option<&str>, fleet: Option<&str>| {
                 TokenGrant {
@@ -227,27 +244,29 @@ impl Tokens {
     }
 }
 
+/// The demo tokens and `north-only`, a dispatcher of fleet `north`, for the unit tests.
+#[cfg(test)]
+pub(crate) fn sample_tokens() -> Tokens {
+    let mut grants = Tokens::demo_grants();
+    grants.push(TokenGrant {
+        token: "north-only".into(),
+        role: Role::Dispatcher,
+        fleets: vec!["north".into()],
+        store: None,
+        fleet: None,
+        name: None,
+        location: None,
+    });
+    Tokens::new(&grants).expect("valid")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn tokens() -> Tokens {
-        let mut grants = Tokens::demo_grants();
-        grants.push(TokenGrant {
-            token: "north-only".into(),
-            role: Role::Dispatcher,
-            fleets: vec!["north".into()],
-            store: None,
-            fleet: None,
-            name: None,
-            location: None,
-        });
-        Tokens::new(&grants).expect("valid")
-    }
-
     #[test]
     fn authorizes_by_namespace() {
-        let t = tokens();
+        let t = sample_tokens();
         assert_eq!(
             t.authorize(None, "/dispatch", &[Role::Dispatcher]),
             Err(AuthError::Missing)
@@ -272,22 +291,6 @@ mod tests {
             )
             .is_ok()
         );
-    }
-
-    #[test]
-    fn scopes_rooms() {
-        let t = tokens();
-        let north = t
-            .authorize(Some("north-only"), "/dispatch", &[Role::Dispatcher])
-            .expect("ok");
-        let fleet = |f: &str| FleetId::new(f).expect("valid");
-        assert!(north.may_join(&RoomName::Fleet(fleet("north")), None));
-        assert!(!north.may_join(&RoomName::Fleet(fleet("south")), None));
-        assert!(!north.may_join(&RoomName::All, None));
-        let v = RoomName::Vehicle(shared::VehicleId::new("v1").expect("valid"));
-        assert!(north.may_join(&v, Some(&fleet("north"))));
-        assert!(!north.may_join(&v, Some(&fleet("south"))));
-        assert!(!north.may_join(&v, None));
     }
 
     #[test]

@@ -1,43 +1,105 @@
-//! The Socket.IO side: namespaces, their connect middleware, rooms, and named handlers.
-//! `docs/socketio.md` is the reference for clients.
+//! The Socket.IO side: namespaces, their connect middleware, and named handlers for what
+//! clients send. `docs/socketio.md` is the reference for clients.
 //!
 //! - `/dispatch`: dispatchers `join` / `leave` rooms (`vehicle:{id}`, `fleet:{fleet}`, `all`)
 //!   within their token's scope, get a `snapshot` on join, then live events; `command` a vehicle.
 //! - `/vendor`: each store sits in `vendor:{store}` and cannot join another; `pickup` is
 //!   broadcast to every other vendor and to the dispatchers.
 //! - `/admin`: `stats`, and `announce` to every socket of every namespace.
+//!
+//! `/dispatch` and `/vendor` both serve the durable queue: `received`, `getAll`, and the
+//! pending messages re-sent on connect.
 
 use std::sync::Arc;
 
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use shared::VehicleId;
 use socketioxide::SocketIo;
 use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
 use socketioxide::handler::ConnectHandler as _;
 use tracing::{debug, info, instrument, warn};
 
-use crate::auth::{AuthError, Grant, Role};
-use crate::command::CommandRequest;
-use crate::emit;
-use crate::fleet::now_ms;
-use crate::hub::Hub;
-use crate::orders::{OrderRequest, Placed, client_of, message_json};
-use crate::room::{RoomName, vendor_room};
+use crate::clock::now_ms;
+use crate::domain::Hub;
+use crate::domain::auth::{AuthError, Entrance, Grant, Role};
+use crate::domain::command::CommandRequest;
+use crate::domain::delivery::OrderRequest;
 use crate::store::{ClientId, MessageId, StoreError};
-
-/// The dispatchers' namespace.
-pub const DISPATCH: &str = "/dispatch";
-/// The vendors' (stores') namespace.
-pub const VENDOR: &str = "/vendor";
-/// The operators' namespace.
-pub const ADMIN: &str = "/admin";
+use crate::view::room::{ADMIN, DISPATCH, RoomName, VENDOR, vendor_room};
+use crate::view::vehicle::command_answer;
+use crate::view::{emit, order, reply};
 
 /// Registers every namespace, its middleware and its handlers on `io`.
-pub fn register(io: &SocketIo) {
-    io.ns(DISPATCH, on_dispatch_connect.with(authorize_dispatcher));
-    io.ns(VENDOR, on_vendor_connect.with(authorize_vendor));
-    io.ns(ADMIN, on_admin_connect.with(authorize_admin));
+pub(crate) fn register(io: &SocketIo) {
+    open::<Dispatchers>(io);
+    open::<Vendors>(io);
+    open::<Admins>(io);
+}
+
+/// A namespace: who may come in (its [`Entrance`]), and what they do there.
+trait Namespace: Entrance + Send + Sync + 'static {
+    /// Whether its clients have a durable queue (`received`, `getAll`, and their pending
+    /// messages re-sent on connect).
+    const QUEUE: bool;
+
+    /// Registers the namespace's own event handlers on a connected socket.
+    fn handlers(socket: &SocketRef);
+}
+
+/// `/dispatch`: dispatchers, and operators.
+struct Dispatchers;
+/// `/vendor`: stores.
+struct Vendors;
+/// `/admin`: operators.
+struct Admins;
+
+impl Entrance for Dispatchers {
+    const NAME: &'static str = DISPATCH;
+    const ROLES: &'static [Role] = &[Role::Dispatcher, Role::Admin];
+}
+
+impl Namespace for Dispatchers {
+    const QUEUE: bool = true;
+
+    fn handlers(socket: &SocketRef) {
+        socket.on("join", on_join);
+        socket.on("leave", on_leave);
+        socket.on("command", on_command);
+    }
+}
+
+impl Entrance for Vendors {
+    const NAME: &'static str = VENDOR;
+    const ROLES: &'static [Role] = &[Role::Vendor];
+}
+
+impl Namespace for Vendors {
+    const QUEUE: bool = true;
+
+    fn handlers(socket: &SocketRef) {
+        socket.on("join", on_vendor_join);
+        socket.on("pickup", on_pickup);
+    }
+}
+
+impl Entrance for Admins {
+    const NAME: &'static str = ADMIN;
+    const ROLES: &'static [Role] = &[Role::Admin];
+}
+
+impl Namespace for Admins {
+    const QUEUE: bool = false;
+
+    fn handlers(socket: &SocketRef) {
+        socket.on("stats", on_stats);
+        socket.on("announce", on_announce);
+    }
+}
+
+/// Opens namespace `N` on `io`: its connect middleware and handler.
+fn open<N: Namespace>(io: &SocketIo) {
+    io.ns(N::NAME, on_connect::<N>.with(authorize::<N>));
 }
 
 /// The handshake's `auth` object.
@@ -46,96 +108,63 @@ struct Handshake {
     token: Option<String>,
 }
 
-fn authorize(
-    socket: &SocketRef,
+/// The connect middleware of namespace `N`: checks the handshake's token and keeps its
+/// [`Grant`] in the socket's extensions.
+async fn authorize<N: Namespace>(
+    socket: SocketRef,
     auth: TryData<Handshake>,
-    hub: &Hub,
-    ns: &'static str,
-    roles: &[Role],
+    State(hub): State<Arc<Hub>>,
 ) -> Result<(), AuthError> {
     let token = auth.0.ok().and_then(|h| h.token);
-    match hub.tokens.authorize(token.as_deref(), ns, roles) {
+    match hub.authorize::<N>(token.as_deref()) {
         Ok(grant) => {
-            debug!(sid = %socket.id, %ns, who = %grant.name, "authorized");
+            debug!(sid = %socket.id, ns = N::NAME, who = %grant.name, "authorized");
             socket.extensions.insert(grant);
             Ok(())
         }
         Err(err) => {
-            warn!(sid = %socket.id, %ns, cause = %err, "handshake refused");
+            warn!(sid = %socket.id, ns = N::NAME, cause = %err, "handshake refused");
             Err(err)
         }
     }
 }
 
-async fn authorize_dispatcher(
-    socket: SocketRef,
-    auth: TryData<Handshake>,
-    State(hub): State<Arc<Hub>>,
-) -> Result<(), AuthError> {
-    authorize(
-        &socket,
-        auth,
-        &hub,
-        DISPATCH,
-        &[Role::Dispatcher, Role::Admin],
-    )
-}
-
-async fn authorize_vendor(
-    socket: SocketRef,
-    auth: TryData<Handshake>,
-    State(hub): State<Arc<Hub>>,
-) -> Result<(), AuthError> {
-    authorize(&socket, auth, &hub, VENDOR, &[Role::Vendor])
-}
-
-async fn authorize_admin(
-    socket: SocketRef,
-    auth: TryData<Handshake>,
-    State(hub): State<Arc<Hub>>,
-) -> Result<(), AuthError> {
-    authorize(&socket, auth, &hub, ADMIN, &[Role::Admin])
-}
-
-async fn on_disconnect(socket: SocketRef, State(hub): State<Arc<Hub>>) {
-    hub.metrics.socket_delta(false);
-    debug!(sid = %socket.id, ns = socket.ns(), "socket disconnected");
-}
-
-fn reply(ack: AckSender, result: Result<Value, String>) {
-    let body = match result {
-        Ok(Value::Object(mut fields)) => {
-            fields.insert("ok".into(), Value::Bool(true));
-            Value::Object(fields)
-        }
-        Ok(_) => json!({ "ok": true }),
-        Err(error) => json!({ "ok": false, "error": error }),
-    };
-    if let Err(err) = ack.send(&body) {
-        debug!(cause = %err, "could not send ack");
-    }
-}
-
-// ---- /dispatch -------------------------------------------------------------------------
-
-async fn on_dispatch_connect(
+/// A socket connected to namespace `N` (its token checked): counts it, registers the
+/// handlers, and serves its durable queue.
+async fn on_connect<N: Namespace>(
     socket: SocketRef,
     Extension(grant): Extension<Grant>,
     State(hub): State<Arc<Hub>>,
 ) {
-    hub.metrics.socket_delta(true);
-    socket.on("join", on_join);
-    socket.on("leave", on_leave);
-    socket.on("command", on_command);
-    socket.on("received", on_received);
-    socket.on("getAll", on_get_all);
+    hub.metrics().socket_delta(true);
     socket.on_disconnect(on_disconnect);
-    join_queue_room(&socket, &grant, &hub).await;
+    N::handlers(&socket);
+    if N::QUEUE {
+        serve_queue(&socket, &grant, &hub).await;
+    }
 }
 
-/// Puts the socket in its queue identity's room and re-sends what is pending for it.
-async fn join_queue_room(socket: &SocketRef, grant: &Grant, hub: &Hub) {
-    let Some(client) = client_of(grant) else {
+async fn on_disconnect(socket: SocketRef, State(hub): State<Arc<Hub>>) {
+    hub.metrics().socket_delta(false);
+    debug!(sid = %socket.id, ns = socket.ns(), "socket disconnected");
+}
+
+/// Sends `result` as the ack of a client event.
+fn reply(ack: AckSender, result: Result<Value, String>) {
+    if let Err(err) = ack.send(&reply::ack(result)) {
+        debug!(cause = %err, "could not send ack");
+    }
+}
+
+// ---- the durable queue (/dispatch and /vendor) -----------------------------------------
+
+/// Serves the client's durable queue on `socket`: puts it in its queue identity's room (a
+/// vendor's is its store room, `vendor:{store}`), re-sends what is pending for it, and
+/// answers `received` and `getAll`.
+async fn serve_queue(socket: &SocketRef, grant: &Grant, hub: &Hub) {
+    socket.on("received", on_received);
+    socket.on("getAll", on_get_all);
+    let Some(client) = grant.queue_client() else {
         return;
     };
     socket.join(client.as_str().to_owned());
@@ -156,12 +185,8 @@ async fn resend_pending(
     client: &ClientId,
     hub: &Hub,
 ) -> Result<usize, StoreError> {
-    let pending = hub.store.pending(client).await?;
-    for m in &pending {
-        if let Err(err) = socket.emit("delivery", &message_json(m.id.0, &m.payload)) {
-            debug!(cause = %err, "could not re-send a pending message");
-        }
-    }
+    let pending = hub.pending_messages(client).await?;
+    emit::pending(socket, &pending);
     Ok(pending.len())
 }
 
@@ -186,13 +211,12 @@ async fn on_received(
         let id = match data.0.map_err(|_| "expected {messageId}".to_owned())? {
             Received::Object { message_id } | Received::Id(message_id) => message_id,
         };
-        let client = client_of(&grant).ok_or("no queue for this client")?;
+        let client = grant.queue_client().ok_or("no queue for this client")?;
         let removed = hub
-            .store
-            .ack(&client, MessageId(id))
+            .acknowledge_message(&client, MessageId(id))
             .await
             .map_err(|e| e.to_string())?;
-        Ok(json!({ "removed": removed }))
+        Ok(reply::removed(removed))
     }
     .await;
     reply(ack, result);
@@ -206,15 +230,17 @@ async fn on_get_all(
     Extension(grant): Extension<Grant>,
     State(hub): State<Arc<Hub>>,
 ) {
-    let result = match client_of(&grant) {
+    let result = match grant.queue_client() {
         None => Err("no queue for this client".to_owned()),
         Some(client) => resend_pending(&socket, &client, &hub)
             .await
-            .map(|n| json!({ "count": n }))
+            .map(reply::resent)
             .map_err(|e| e.to_string()),
     };
     reply(ack, result);
 }
+
+// ---- /dispatch -------------------------------------------------------------------------
 
 /// Parses the room argument of `join` / `leave`.
 fn requested_room(data: TryData<String>) -> Result<RoomName, String> {
@@ -233,19 +259,16 @@ async fn on_join(
     State(hub): State<Arc<Hub>>,
 ) {
     let result = requested_room(data).and_then(|room| {
-        let snapshot = {
-            let fleet = hub.fleet();
-            let vehicle_fleet = match &room {
-                RoomName::Vehicle(v) => fleet.fleet_of(v).cloned(),
-                _ => None,
-            };
-            if !grant.may_join(&room, vehicle_fleet.as_ref()) {
-                return Err(format!("not allowed to join {room}"));
-            }
-            fleet.snapshot(&room)
+        let vehicle_fleet = match &room {
+            RoomName::Vehicle(v) => hub.fleet_of(v),
+            _ => None,
         };
+        if !room.admits(&grant, vehicle_fleet.as_ref()) {
+            return Err(format!("not allowed to join {room}"));
+        }
+        let snapshot = hub.snapshot(|fleet, vehicle| room.covers(fleet, vehicle));
         // The current state first, then live data.
-        if let Err(err) = socket.emit("snapshot", &snapshot) {
+        if let Err(err) = emit::snapshot(&socket, &snapshot) {
             debug!(cause = %err, "could not send snapshot");
         }
         socket.join(room.to_string());
@@ -292,7 +315,7 @@ async fn on_command(
             .await
             .map_err(|e| e.to_string())?;
         info!(%vehicle, command_id, result = result.as_str(), "command answered");
-        Ok(json!({ "command_id": command_id, "result": result.as_str() }))
+        Ok(command_answer(command_id, result))
     }
     .await;
     if let Err(error) = &result {
@@ -302,21 +325,6 @@ async fn on_command(
 }
 
 // ---- /vendor ---------------------------------------------------------------------------
-
-async fn on_vendor_connect(
-    socket: SocketRef,
-    Extension(grant): Extension<Grant>,
-    State(hub): State<Arc<Hub>>,
-) {
-    hub.metrics.socket_delta(true);
-    socket.on("join", on_vendor_join);
-    socket.on("pickup", on_pickup);
-    socket.on("received", on_received);
-    socket.on("getAll", on_get_all);
-    socket.on_disconnect(on_disconnect);
-    // A vendor's queue room is its store room, `vendor:{store}`.
-    join_queue_room(&socket, &grant, &hub).await;
-}
 
 async fn on_vendor_join(data: TryData<String>, ack: AckSender, Extension(grant): Extension<Grant>) {
     let own = grant.store.as_deref().map(vendor_room);
@@ -328,46 +336,23 @@ async fn on_vendor_join(data: TryData<String>, ack: AckSender, Extension(grant):
     reply(ack, result);
 }
 
-/// Announces a placed order as `pickup` to every other vendor (not `except`) and every
-/// dispatcher.
-pub async fn announce_pickup(
+/// Places `request` for the vendor `grant` and announces it as `pickup` (to every other
+/// vendor than `sender`, when it comes from a socket); `Ok` is the answer to the vendor.
+///
+/// # Errors
+/// The order could not be placed (see `Hub::place_order`).
+pub(crate) async fn place_and_announce(
+    hub: &Hub,
     io: &SocketIo,
-    except: Option<&SocketRef>,
-    store: &str,
+    sender: Option<&SocketRef>,
+    grant: &Grant,
     request: &OrderRequest,
-    placed: &Placed,
-) {
-    let announced = json!({
-        "store": store,
-        "order": placed.order,
-        "customer": request.customer,
-        "lat": request.lat,
-        "lon": request.lon,
-        "vehicle": placed.vehicle,
-        "state": placed.state,
-        "ts_ms": now_ms(),
-    });
-    // Every other vendor, as in the classic hub, and every dispatcher.
-    let vendors = match except {
-        Some(sender) => sender.broadcast().emit("pickup", &announced).await,
-        None => match io.of(VENDOR) {
-            Some(ops) => ops.emit("pickup", &announced).await,
-            None => Ok(()),
-        },
-    };
-    if let Err(err) = vendors {
-        warn!(cause = %err, "pickup broadcast to vendors failed");
-    }
-    if let Some(ops) = io.of(DISPATCH)
-        && let Err(err) = ops.emit("pickup", &announced).await
-    {
-        warn!(cause = %err, "pickup broadcast to dispatchers failed");
-    }
-}
-
-/// The JSON answer to a placed order.
-pub fn placed_json(placed: &Placed) -> Value {
-    json!({ "order": placed.order, "created": placed.created, "vehicle": placed.vehicle, "state": placed.state })
+) -> Result<crate::domain::delivery::Placed, crate::domain::delivery::OrderError> {
+    let placed = hub.place_order(grant, request).await?;
+    let store = grant.store.clone().unwrap_or_default();
+    let announced = order::pickup(&store, request, &placed, now_ms());
+    emit::pickup(io, sender, &announced).await;
+    Ok(placed)
 }
 
 #[instrument(skip_all, fields(sid = %socket.id, who = %grant.name))]
@@ -381,14 +366,11 @@ async fn on_pickup(
 ) {
     let result = async {
         let request = data.0.map_err(|e| format!("invalid pickup: {e}"))?;
-        let placed = hub
-            .place_order(&grant, &request)
+        let placed = place_and_announce(&hub, &io, Some(&socket), &grant, &request)
             .await
             .map_err(|e| e.to_string())?;
-        let store = grant.store.clone().unwrap_or_default();
-        announce_pickup(&io, Some(&socket), &store, &request, &placed).await;
         info!(order = %placed.order, vehicle = ?placed.vehicle, "order placed");
-        Ok(placed_json(&placed))
+        Ok(order::placed(&placed))
     }
     .await;
     reply(ack, result);
@@ -396,27 +378,14 @@ async fn on_pickup(
 
 // ---- /admin ----------------------------------------------------------------------------
 
-async fn on_admin_connect(socket: SocketRef, State(hub): State<Arc<Hub>>) {
-    hub.metrics.socket_delta(true);
-    socket.on("stats", on_stats);
-    socket.on("announce", on_announce);
-    socket.on_disconnect(on_disconnect);
-}
-
 async fn on_stats(io: SocketIo, ack: AckSender, State(hub): State<Arc<Hub>>) {
     let clients = |ns: &str| io.of(ns).map_or(0, |ops| ops.sockets().len());
-    let stats = json!({
-        "bridge": {
-            "mqtt_ready": hub.metrics.mqtt_ready(),
-            "commands_waiting": hub.commands.len(),
-            "metrics": hub.metrics.render(),
-        },
-        "vehicles": hub.fleet().counts(),
-        "clients": {
-            "dispatch": clients(DISPATCH),
-            "vendor": clients(VENDOR),
-            "admin": clients(ADMIN),
-        },
+    let stats = reply::stats(reply::Stats {
+        mqtt_ready: hub.metrics().mqtt_ready(),
+        commands_waiting: hub.commands_waiting(),
+        metrics: hub.metrics().render(),
+        vehicles: hub.liveness_counts(),
+        clients: [clients(DISPATCH), clients(VENDOR), clients(ADMIN)],
     });
     reply(ack, Ok(stats));
 }
@@ -440,8 +409,8 @@ async fn on_announce(
             Err("message must be 1 to 1000 bytes".to_owned())
         }
         Ok(Announce { message }) => {
-            let payload = json!({ "message": message, "from": grant.name, "ts_ms": now_ms() });
-            emit::everywhere(&io, &hub.metrics, "announce", &payload).await;
+            let payload = reply::announcement(&message, &grant.name, now_ms());
+            emit::everywhere(&io, hub.metrics(), "announce", &payload).await;
             info!(from = %grant.name, "announcement sent");
             Ok(Value::Null)
         }

@@ -1,5 +1,6 @@
-//! Orders and delivery events: placing an order, assigning it to the nearest free vehicle,
-//! recording each step durably and queueing it for every client it concerns.
+//! Orders and delivery events, the hub's side: placing an order, assigning it to the nearest
+//! free vehicle, recording each delivery step durably and queueing it for every client it
+//! concerns. An order's states and the rules between them are in `order`.
 //!
 //! Assignment rule: among the vendor fleet's vehicles that are online, have reported a
 //! position and hold no undelivered order, the nearest to the pickup point (great-circle
@@ -7,42 +8,41 @@
 //! up to [`MAX_CANDIDATES`]. An order nobody accepts stays `created`.
 
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use shared::{AckResult, CommandKind, DeliveryEvent, FleetId, OrderId, Position, Topic, VehicleId};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::auth::{Grant, Role};
-use crate::fleet::Liveness;
-use crate::hub::Hub;
-use crate::store::{ClientId, Enqueued, NewOrder, OrderView, StoreError};
+use super::auth::{Grant, Role};
+use super::fleet::Liveness;
+use super::hub::Hub;
+use super::order::OrderState;
+use crate::store::{ClientId, Enqueued, NewOrder, OrderView, StoreError, WaitingOrder};
 
 /// How many vehicles are asked before an order is left unassigned.
-pub const MAX_CANDIDATES: usize = 3;
+const MAX_CANDIDATES: usize = 3;
 
 /// A vendor's order: `pickup` on `/vendor`, or `POST /api/orders`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OrderRequest {
+pub(crate) struct OrderRequest {
     /// Order id.
-    pub order: String,
+    pub(crate) order: String,
     /// Who receives the parcel.
-    pub customer: String,
+    pub(crate) customer: String,
     /// Drop-off latitude in degrees.
-    pub lat: f64,
+    pub(crate) lat: f64,
     /// Drop-off longitude in degrees.
-    pub lon: f64,
+    pub(crate) lon: f64,
     /// Pickup latitude (defaults to the store's location).
-    #[serde(default)]
-    pub pickup_lat: Option<f64>,
+    pub(crate) pickup_lat: Option<f64>,
     /// Pickup longitude (defaults to the store's location).
-    #[serde(default)]
-    pub pickup_lon: Option<f64>,
+    pub(crate) pickup_lon: Option<f64>,
 }
 
 /// Why an order could not be placed.
 #[derive(Debug, Error)]
-pub enum OrderError {
+pub(crate) enum OrderError {
     /// The request is malformed.
     #[error("invalid order: {0}")]
     Invalid(String),
@@ -56,19 +56,30 @@ pub enum OrderError {
 
 /// The outcome of placing an order.
 #[derive(Debug, Clone)]
-pub struct Placed {
+pub(crate) struct Placed {
     /// The order.
-    pub order: OrderId,
+    pub(crate) order: OrderId,
     /// Whether it was new (false: the same order was placed before).
-    pub created: bool,
+    pub(crate) created: bool,
     /// The vehicle carrying it, if one accepted.
-    pub vehicle: Option<VehicleId>,
+    pub(crate) vehicle: Option<VehicleId>,
     /// Its state.
-    pub state: String,
+    pub(crate) state: OrderState,
 }
 
+/// Who a delivery event is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Recipients {
+    /// The store that placed the order, if the order exists.
+    pub(crate) store: Option<String>,
+    /// The queue identities the event goes to: the store, and every configured dispatcher
+    /// identity that may see the vehicle's fleet.
+    pub(crate) clients: Vec<ClientId>,
+}
+
+/// A position given in degrees, checked.
 fn position(lat: f64, lon: f64) -> Result<Position, OrderError> {
-    let p = Position::new((lat * 1e7).round() as i32, (lon * 1e7).round() as i32);
+    let p = Position::from_degrees(lat, lon);
     if lat.is_finite() && lon.is_finite() && p.is_valid() {
         Ok(p)
     } else {
@@ -76,6 +87,7 @@ fn position(lat: f64, lon: f64) -> Result<Position, OrderError> {
     }
 }
 
+/// The great-circle distance between `a` and `b`, in metres.
 fn distance_m(a: Position, b: Position) -> f64 {
     let (la1, lo1, la2, lo2) = (
         a.lat().to_radians(),
@@ -88,24 +100,12 @@ fn distance_m(a: Position, b: Position) -> f64 {
     2.0 * 6_371_000.0 * h.sqrt().asin()
 }
 
-/// A grant for the bridge's own commands (assignments): every fleet.
-fn system_grant() -> Grant {
-    Grant {
-        role: Role::Admin,
-        name: "bridge".into(),
-        fleets: None,
-        store: None,
-        fleet: None,
-        location: None,
-    }
-}
-
 impl Hub {
     /// Places `request` for the vendor `grant`, then assigns it (see the module docs).
     ///
     /// # Errors
     /// [`OrderError`] if the request is invalid, the caller is not a vendor, or storage fails.
-    pub async fn place_order(
+    pub(crate) async fn place_order(
         &self,
         grant: &Grant,
         request: &OrderRequest,
@@ -142,22 +142,29 @@ impl Hub {
                 pickup,
             })
             .await?;
-        if created.vehicle.is_some() || !created.created && created.state.to_string() != "created" {
+        // A retry of an order that got a vehicle, or went further, is not offered again.
+        if created.vehicle.is_some() || created.state != OrderState::Created {
             return Ok(Placed {
                 order,
                 created: created.created,
                 vehicle: created.vehicle,
-                state: created.state.to_string(),
+                state: created.state,
             });
         }
-        let vehicle = self.assign(&order, fleet, pickup, dropoff).await?;
+        let waiting = WaitingOrder {
+            order,
+            fleet: fleet.clone(),
+            pickup,
+            dropoff,
+        };
+        let vehicle = self.assign(&waiting).await?;
         let state = self
             .store
-            .order(&order)
+            .order(&waiting.order)
             .await?
-            .map_or_else(|| "created".to_owned(), |o| o.state.to_string());
+            .map_or(OrderState::Created, |o| o.state);
         Ok(Placed {
-            order,
+            order: waiting.order,
             created: created.created,
             vehicle,
             state,
@@ -170,17 +177,17 @@ impl Hub {
     ///
     /// # Errors
     /// [`StoreError`] if the orders cannot be read.
-    pub async fn assign_waiting(&self) -> Result<usize, StoreError> {
+    pub(crate) async fn assign_waiting(&self) -> Result<usize, StoreError> {
         let mut assigned = 0;
-        for (order, fleet, pickup, dropoff) in self.store.unassigned_orders(64).await? {
-            if self.free_vehicles(&fleet, pickup).await?.is_empty() {
+        for waiting in self.store.unassigned_orders(64).await? {
+            if self
+                .free_vehicles(&waiting.fleet, waiting.pickup)
+                .await?
+                .is_empty()
+            {
                 continue;
             }
-            if self
-                .assign(&order, &fleet, pickup, dropoff)
-                .await?
-                .is_some()
-            {
+            if self.assign(&waiting).await?.is_some() {
                 assigned += 1;
             }
         }
@@ -196,28 +203,23 @@ impl Hub {
     ) -> Result<Vec<(f64, VehicleId)>, StoreError> {
         let busy = self.store.busy_vehicles(fleet).await?;
         let mut candidates: Vec<(f64, VehicleId)> = self
-            .fleet()
-            .snapshot(&crate::room::RoomName::Fleet(fleet.clone()))
+            .snapshot(|f, _| f == fleet)
             .into_iter()
-            .filter(|v| v.status == Liveness::Online && !busy.contains(&v.vehicle))
-            .filter_map(|v| {
-                let p = v.position?;
-                let at = Position::new((p.lat * 1e7).round() as i32, (p.lon * 1e7).round() as i32);
-                Some((distance_m(at, pickup), v.vehicle))
-            })
+            .filter(|v| v.status.liveness == Liveness::Online && !busy.contains(&v.status.vehicle))
+            .filter_map(|v| Some((distance_m(v.heartbeat?.pos, pickup), v.status.vehicle)))
             .collect();
         candidates.sort_by(|a, b| a.0.total_cmp(&b.0));
         Ok(candidates)
     }
 
-    /// Offers `order` to the nearest free vehicles of `fleet` until one accepts.
-    async fn assign(
-        &self,
-        order: &OrderId,
-        fleet: &FleetId,
-        pickup: Position,
-        dropoff: Position,
-    ) -> Result<Option<VehicleId>, StoreError> {
+    /// Offers `waiting` to the nearest free vehicles of its fleet until one accepts.
+    async fn assign(&self, waiting: &WaitingOrder) -> Result<Option<VehicleId>, StoreError> {
+        let WaitingOrder {
+            order,
+            fleet,
+            pickup,
+            dropoff,
+        } = waiting;
         // One assignment at a time: the waiting-orders task and a new order must not offer
         // the same order to two vehicles, nor two orders to one vehicle.
         let _one_at_a_time = self.assigning.lock().await;
@@ -229,13 +231,13 @@ impl Hub {
         {
             return Ok(None);
         }
-        let candidates = self.free_vehicles(fleet, pickup).await?;
-        let system = system_grant();
+        let candidates = self.free_vehicles(fleet, *pickup).await?;
+        let system = Grant::system();
         for (distance, vehicle) in candidates.into_iter().take(MAX_CANDIDATES) {
             let kind = CommandKind::AssignOrder {
                 order: order.clone(),
-                pickup,
-                dropoff,
+                pickup: *pickup,
+                dropoff: *dropoff,
             };
             match self.command(&system, &vehicle, kind).await {
                 Ok((_, AckResult::Ok)) => match self.store.assign(order, &vehicle).await {
@@ -257,49 +259,47 @@ impl Hub {
         Ok(None)
     }
 
-    /// The queue identities a delivery event of `fleet` goes to: the order's vendor, and
-    /// every configured dispatcher identity that may see the fleet.
-    pub fn recipients(&self, fleet: &FleetId, store: Option<&str>) -> Vec<ClientId> {
-        let mut out: Vec<ClientId> = store.map(ClientId::vendor).into_iter().collect();
-        out.extend(
+    /// Who a delivery event about `order` from a vehicle of `fleet` goes to: the order's
+    /// vendor, and every configured dispatcher identity that may see the fleet.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the order cannot be read.
+    pub(crate) async fn delivery_recipients(
+        &self,
+        fleet: &FleetId,
+        order: &OrderId,
+    ) -> Result<Recipients, StoreError> {
+        let store = self.store.order_store(order).await?;
+        let mut clients: Vec<ClientId> =
+            store.as_deref().map(ClientId::vendor).into_iter().collect();
+        clients.extend(
             self.tokens
                 .grants()
                 .filter(|g| {
                     matches!(g.role, Role::Dispatcher | Role::Admin) && g.may_see_fleet(fleet)
                 })
-                .map(|g| dispatcher_client(&g.name)),
+                .map(|g| ClientId::dispatcher(&g.name)),
         );
-        out.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        out.dedup_by(|a, b| a.as_str() == b.as_str());
-        out
+        clients.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        clients.dedup_by(|a, b| a.as_str() == b.as_str());
+        Ok(Recipients { store, clients })
     }
 
-    /// Records a vehicle's delivery event durably and queues it for its recipients, in one
-    /// transaction. Returns the queued messages to emit (none for a duplicate).
+    /// Records a vehicle's delivery event durably and queues `payload` for `recipients`, in
+    /// one transaction. Returns the queued messages to emit (none for a duplicate).
     ///
     /// # Errors
     /// [`StoreError`] if it was not committed: the event must not be acknowledged.
-    pub async fn record_delivery(
+    pub(crate) async fn record_delivery(
         &self,
         topic: &Topic,
         event: &DeliveryEvent,
+        recipients: &[ClientId],
+        payload: &Value,
     ) -> Result<Vec<Enqueued>, StoreError> {
-        let store = self.store.order_store(&event.order).await?;
-        let recipients = self.recipients(&topic.fleet, store.as_deref());
-        let payload = json!({
-            "vehicle": topic.vehicle,
-            "fleet": topic.fleet,
-            "store": store,
-            "order": event.order,
-            "kind": event.kind.as_str(),
-            "seq": event.seq,
-            "ts_ms": event.ts_ms,
-            "lat": event.pos.lat(),
-            "lon": event.pos.lon(),
-        });
         let recorded = self
             .store
-            .record_event(&topic.vehicle, &topic.fleet, event, &recipients, &payload)
+            .record_event(&topic.vehicle, &topic.fleet, event, recipients, payload)
             .await?;
         if recorded.duplicate {
             tracing::debug!(vehicle = %topic.vehicle, seq = event.seq, "duplicate delivery event");
@@ -311,54 +311,20 @@ impl Hub {
         info!(vehicle = %topic.vehicle, order = %event.order, kind = event.kind.as_str(), "delivery event recorded");
         Ok(recorded.messages)
     }
-}
 
-/// The queue identity of a dispatcher token: `dispatch:{name}`.
-pub fn dispatcher_client(name: &str) -> ClientId {
-    ClientId::new(format!("dispatch:{name}"))
-}
-
-/// The queue identity of a connected client's grant.
-pub fn client_of(grant: &Grant) -> Option<ClientId> {
-    match grant.role {
-        Role::Vendor => grant.store.as_deref().map(ClientId::vendor),
-        Role::Dispatcher | Role::Admin => Some(dispatcher_client(&grant.name)),
+    /// The order `id` with its timeline, if it exists and `grant` may see it: vendors see
+    /// their own store's orders, dispatchers those of the fleets they may see.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be read.
+    pub(crate) async fn order_for(
+        &self,
+        grant: &Grant,
+        id: &OrderId,
+    ) -> Result<Option<OrderView>, StoreError> {
+        Ok(self.store.order(id).await?.filter(|o| match grant.role {
+            Role::Vendor => grant.store.as_deref() == Some(o.store.as_str()),
+            Role::Dispatcher | Role::Admin => grant.may_see_fleet(&o.fleet),
+        }))
     }
-}
-
-/// A queued message as the client receives it: the payload plus `message_id`.
-pub fn message_json(id: u64, payload: &Value) -> Value {
-    let mut message = payload.clone();
-    if let Value::Object(fields) = &mut message {
-        fields.insert("message_id".into(), json!(id));
-    }
-    message
-}
-
-fn position_json(p: Position) -> Value {
-    json!({ "lat": p.lat(), "lon": p.lon() })
-}
-
-/// An order as the HTTP API returns it.
-pub fn order_json(view: &OrderView) -> Value {
-    json!({
-        "order": view.order,
-        "store": view.store,
-        "fleet": view.fleet,
-        "customer": view.customer,
-        "state": view.state.to_string(),
-        "vehicle": view.vehicle,
-        "pickup": position_json(view.pickup),
-        "dropoff": position_json(view.dropoff),
-        "created_ms": view.created_ms,
-        "updated_ms": view.updated_ms,
-        "timeline": view.timeline.iter().map(|t| json!({
-            "kind": t.kind,
-            "ts_ms": t.ts_ms,
-            "position": t.position.map(position_json),
-            "vehicle": t.vehicle,
-            "seq": t.seq,
-            "flag": t.flag,
-        })).collect::<Vec<_>>(),
-    })
 }

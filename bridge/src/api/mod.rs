@@ -1,0 +1,10 @@
+//! What clients call, on top of everything else: the Socket.IO namespaces and their handlers,
+//! the HTTP API, and the dispatcher page.
+//!
+//! - [`socket`]: namespaces, their middleware and named event handlers.
+//! - [`http`]: the axum router (`/healthz`, `/readyz`, `/metrics`, `/api`, Socket.IO).
+//! - [`web`]: the dispatcher page at `/` (embedded assets, `/config.json`).
+
+pub(crate) mod http;
+pub(crate) mod socket;
+pub(crate) mod web;

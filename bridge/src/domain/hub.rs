@@ -1,0 +1,261 @@
+//! The hub: the state every part of the bridge shares (the fleet cache, waiting commands, the
+//! store, the tokens, the counters), behind the operations the MQTT side, the Socket.IO side
+//! and the HTTP side perform on it.
+//!
+//! Orders and delivery events are in `delivery`; this file holds the state and the fleet,
+//! command, queue and retention operations.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rumqttc::AsyncClient;
+use shared::{AckResult, CodecError, CommandAck, CommandKind, FleetId, Topic, VehicleId};
+use tracing::warn;
+
+use super::auth::{AuthError, Entrance, Grant, Tokens};
+use super::command::{CommandError, Commands};
+use super::fleet::{Fleet, Liveness, LivenessCounts, Report, TickNews, VehicleState};
+use crate::clock::now_ms;
+use crate::metrics::{Counter, Metrics};
+use crate::store::{ClientId, HeartbeatRow, MessageId, QueuedMessage, Store, StoreError};
+
+/// What a [`Hub`] is made of.
+pub(crate) struct HubParts {
+    /// Counters.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Tokens and their grants.
+    pub(crate) tokens: Tokens,
+    /// The fleet cache.
+    pub(crate) fleet: Fleet,
+    /// Durable storage.
+    pub(crate) store: Store,
+    /// The MQTT client, to publish commands.
+    pub(crate) mqtt: AsyncClient,
+    /// How long a command waits for its ack.
+    pub(crate) command_timeout: Duration,
+}
+
+/// The bridge's shared state.
+pub(crate) struct Hub {
+    metrics: Arc<Metrics>,
+    pub(super) tokens: Tokens,
+    /// Commands to vehicles, waiting for their acks.
+    commands: Commands,
+    /// Durable storage: orders, delivery events, client queues, heartbeat history.
+    pub(super) store: Store,
+    /// Serializes order assignment (see `delivery`).
+    pub(super) assigning: tokio::sync::Mutex<()>,
+    fleet: Mutex<Fleet>,
+}
+
+impl Hub {
+    /// Bundles the shared state.
+    pub(crate) fn new(parts: HubParts) -> Self {
+        Self {
+            commands: Commands::new(
+                parts.mqtt,
+                parts.command_timeout,
+                Arc::clone(&parts.metrics),
+            ),
+            metrics: parts.metrics,
+            tokens: parts.tokens,
+            store: parts.store,
+            assigning: tokio::sync::Mutex::new(()),
+            fleet: Mutex::new(parts.fleet),
+        }
+    }
+
+    /// Locks the fleet cache. A poisoned lock (a panic elsewhere) is recovered: the cache holds
+    /// no invariant a half-done update could break.
+    pub(super) fn fleet(&self) -> MutexGuard<'_, Fleet> {
+        self.fleet
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The bridge's counters.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Checks a client's token at entrance `E`: what it grants, if `E` admits its role.
+    ///
+    /// # Errors
+    /// [`AuthError`] saying why it is refused.
+    pub(crate) fn authorize<E: Entrance>(&self, token: Option<&str>) -> Result<Grant, AuthError> {
+        self.tokens.authorize(token, E::NAME, E::ROLES)
+    }
+
+    // ---- the fleet -------------------------------------------------------------------------
+
+    /// Records what a vehicle reported, sealed with `counter`, if it is fresh: one lock of
+    /// the fleet for the replay check, the update and the liveness change it causes.
+    ///
+    /// # Errors
+    /// [`CodecError::Replayed`] if the counter is not fresh: nothing is recorded.
+    pub(crate) fn record(
+        &self,
+        topic: &Topic,
+        counter: u64,
+        report: Report<'_>,
+    ) -> Result<(), CodecError> {
+        self.fleet().record(topic, counter, report)
+    }
+
+    /// The state of one vehicle.
+    pub(crate) fn vehicle(&self, vehicle: &VehicleId) -> Option<VehicleState> {
+        self.fleet().vehicle(vehicle)
+    }
+
+    /// The fleet of a vehicle the bridge has heard of (it never changes).
+    pub(crate) fn fleet_of(&self, vehicle: &VehicleId) -> Option<FleetId> {
+        self.fleet().fleet_of(vehicle).cloned()
+    }
+
+    /// Whether `grant` may see `vehicle`: a vehicle the bridge has not heard of reveals
+    /// nothing, so only the fleet of a known one is checked.
+    pub(crate) fn may_see_vehicle(&self, grant: &Grant, vehicle: &VehicleId) -> bool {
+        self.fleet_of(vehicle)
+            .is_none_or(|fleet| grant.may_see_fleet(&fleet))
+    }
+
+    /// The state of every vehicle for which `wanted(fleet, vehicle)` holds, sorted by id.
+    pub(crate) fn snapshot(
+        &self,
+        wanted: impl Fn(&FleetId, &VehicleId) -> bool,
+    ) -> Vec<VehicleState> {
+        self.fleet().snapshot(wanted)
+    }
+
+    /// How many vehicles are online, stale and offline.
+    pub(crate) fn liveness_counts(&self) -> LivenessCounts {
+        self.fleet().counts()
+    }
+
+    /// Takes what the tick sends: the queued liveness changes and the vehicles that moved.
+    pub(crate) fn take_tick_news(&self) -> TickNews {
+        let mut fleet = self.fleet();
+        TickNews {
+            statuses: fleet.take_statuses(),
+            moved: fleet.take_moved(),
+        }
+    }
+
+    /// Marks online vehicles that missed their heartbeats as stale; the changes go out with
+    /// the next tick.
+    pub(crate) fn mark_stale(&self, now: Instant) {
+        let mut fleet = self.fleet();
+        let changes = fleet.sweep(now);
+        fleet.queue_statuses(changes);
+    }
+
+    // ---- commands ---------------------------------------------------------------------------
+
+    /// Sends `kind` to `vehicle` and waits for its ack (at most the command timeout).
+    ///
+    /// # Errors
+    /// [`CommandError`] if the vehicle is unknown, offline, not the caller's, or silent.
+    pub(crate) async fn command(
+        &self,
+        grant: &Grant,
+        vehicle: &VehicleId,
+        kind: CommandKind,
+    ) -> Result<(u32, AckResult), CommandError> {
+        let status = self
+            .vehicle(vehicle)
+            .ok_or(CommandError::UnknownVehicle)?
+            .status;
+        if !grant.may_see_fleet(&status.fleet) {
+            return Err(CommandError::Forbidden);
+        }
+        if status.liveness == Liveness::Offline {
+            return Err(CommandError::Offline);
+        }
+        self.commands.send(status.fleet, vehicle, kind).await
+    }
+
+    /// Accepts a fresh ack (sealed with `counter`) from the vehicle of `topic` and hands it
+    /// to the command waiting for it.
+    ///
+    /// # Errors
+    /// [`CodecError::Replayed`] if the counter is not fresh.
+    pub(crate) fn complete_command(
+        &self,
+        topic: &Topic,
+        counter: u64,
+        ack: &CommandAck,
+    ) -> Result<(), CodecError> {
+        self.fleet().check_fresh(topic, counter)?;
+        if !self.commands.complete(&topic.vehicle, ack.id, ack.result) {
+            tracing::debug!(vehicle = %topic.vehicle, id = ack.id, "ack for no waiting command");
+        }
+        Ok(())
+    }
+
+    /// How many commands wait for their vehicle's ack.
+    pub(crate) fn commands_waiting(&self) -> usize {
+        self.commands.waiting()
+    }
+
+    // ---- the durable queue and the history ------------------------------------------------
+
+    /// Every message still waiting for `client`'s acknowledgement, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be read.
+    pub(crate) async fn pending_messages(
+        &self,
+        client: &ClientId,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
+        self.store.pending(client).await
+    }
+
+    /// `client` acknowledges message `id`; returns whether it was pending.
+    ///
+    /// # Errors
+    /// [`StoreError`] if it could not be committed.
+    pub(crate) async fn acknowledge_message(
+        &self,
+        client: &ClientId,
+        id: MessageId,
+    ) -> Result<bool, StoreError> {
+        self.store.ack(client, id).await
+    }
+
+    /// The stored heartbeats of `vehicle` with `from_ms <= ts_ms <= to_ms`, at most `limit`,
+    /// or `None` if some of them belong to a fleet `grant` may not see.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be read.
+    pub(crate) async fn track(
+        &self,
+        grant: &Grant,
+        vehicle: &VehicleId,
+        (from_ms, to_ms): (u64, u64),
+        limit: u32,
+    ) -> Result<Option<Vec<HeartbeatRow>>, StoreError> {
+        let rows = self.store.track(vehicle, from_ms, to_ms, limit).await?;
+        Ok(rows
+            .iter()
+            .all(|r| grant.may_see_fleet(&r.fleet))
+            .then_some(rows))
+    }
+
+    /// Removes queued messages older than `queue` and heartbeat history older than `history`.
+    pub(crate) async fn apply_retention(&self, queue: Duration, history: Duration) {
+        let now = now_ms();
+        let cutoff =
+            |d: Duration| now.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        match self.store.expire(cutoff(queue)).await {
+            Ok(0) => {}
+            Ok(n) => {
+                self.metrics.add(Counter::QueueExpired, n);
+                warn!(expired = n, "queued messages expired unacknowledged");
+            }
+            Err(err) => warn!(cause = %err, "queue retention failed"),
+        }
+        if let Err(err) = self.store.expire_heartbeats(cutoff(history)).await {
+            warn!(cause = %err, "history retention failed");
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! Unit tests of `store::order`: orders, assignments and delivery events against an in-memory store.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::json;
+
+use super::*;
+use crate::domain::order::EventFlag;
+use crate::store::in_memory;
+
+fn id<T: FromStr>(s: &str) -> T
+where
+    T::Err: fmt::Debug,
+{
+    s.parse().expect("valid id")
+}
+
+fn new_order(order: &str) -> NewOrder {
+    NewOrder {
+        order: id(order),
+        store: "store-1".into(),
+        fleet: id("demo"),
+        customer: "Ada".into(),
+        dropoff: Position::new(525_200_000, 134_050_000),
+        pickup: Position::new(525_000_000, 134_000_000),
+    }
+}
+
+fn event(seq: u32, order: &str, kind: DeliveryKind, ts_ms: u64) -> DeliveryEvent {
+    DeliveryEvent {
+        seq,
+        order: id(order),
+        kind,
+        ts_ms,
+        pos: Position::new(525_100_000, 134_020_000),
+    }
+}
+
+/// A store holding `order`, assigned to `vehicle`.
+async fn store_with_assigned(order: &NewOrder, vehicle: &VehicleId) -> Store {
+    let store = in_memory().await;
+    store.create_order(order).await.expect("creates");
+    store.assign(&order.order, vehicle).await.expect("assigns");
+    store
+}
+
+/// How many messages wait for the dispatchers.
+async fn pending_for_dispatch(store: &Store) -> usize {
+    store
+        .pending(&ClientId::dispatch())
+        .await
+        .expect("pending")
+        .len()
+}
+
+fn recipients() -> [ClientId; 2] {
+    [ClientId::vendor("store-1"), ClientId::dispatch()]
+}
+
+#[tokio::test]
+async fn create_order_is_idempotent() {
+    let store = in_memory().await;
+    let order = new_order("o-1");
+    let first = store.create_order(&order).await.expect("creates");
+    assert!(first.created);
+    assert_eq!(first.state, OrderState::Created);
+    let again = store.create_order(&order).await.expect("idempotent");
+    assert!(!again.created);
+    assert_eq!(again.vehicle, None);
+
+    store
+        .assign(&order.order, &id("v-1"))
+        .await
+        .expect("assigns");
+    let again = store.create_order(&order).await.expect("idempotent");
+    assert_eq!(
+        (again.created, again.state, again.vehicle),
+        (false, OrderState::Assigned, Some(id("v-1")))
+    );
+
+    let conflicting = NewOrder {
+        customer: "Bob".into(),
+        ..order.clone()
+    };
+    let err = store
+        .create_order(&conflicting)
+        .await
+        .expect_err("conflict");
+    assert!(matches!(err, StoreError::OrderConflict { .. }), "{err}");
+    let view = store
+        .order(&order.order)
+        .await
+        .expect("reads")
+        .expect("exists");
+    assert_eq!(view.customer, "Ada", "the first content stays");
+}
+
+#[tokio::test]
+async fn assignment_rules() {
+    let store = in_memory().await;
+    for o in ["o-1", "o-2"] {
+        store.create_order(&new_order(o)).await.expect("creates");
+    }
+    let (o1, o2): (OrderId, OrderId) = (id("o-1"), id("o-2"));
+    let (v1, v2): (VehicleId, VehicleId) = (id("v-1"), id("v-2"));
+    let err = store.assign(&id("nope"), &v1).await.expect_err("unknown");
+    assert!(matches!(err, StoreError::UnknownOrder(_)), "{err}");
+
+    store.assign(&o1, &v1).await.expect("assigns");
+    store
+        .assign(&o1, &v1)
+        .await
+        .expect("same vehicle again: no-op");
+    let err = store.assign(&o2, &v1).await.expect_err("busy");
+    assert!(
+        matches!(&err, StoreError::VehicleBusy { order, .. } if *order == o1),
+        "{err}"
+    );
+    assert_eq!(
+        store.busy_vehicles(&id("demo")).await.expect("busy"),
+        HashSet::from([v1.clone()])
+    );
+    assert!(
+        store
+            .busy_vehicles(&id("other"))
+            .await
+            .expect("busy")
+            .is_empty()
+    );
+
+    // Reassignment before pickup moves the order and frees the first vehicle.
+    store.assign(&o1, &v2).await.expect("reassigns");
+    store.assign(&o2, &v1).await.expect("v-1 is free again");
+
+    store
+        .record_event(
+            &v2,
+            &id("demo"),
+            &event(0, "o-1", DeliveryKind::Pickup, 10),
+            &[],
+            &json!({}),
+        )
+        .await
+        .expect("records");
+    let err = store.assign(&o1, &v1).await.expect_err("underway");
+    assert!(
+        matches!(
+            err,
+            StoreError::OrderUnderway {
+                state: OrderState::PickedUp,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let view = store.order(&o1).await.expect("reads").expect("exists");
+    let kinds: Vec<_> = view
+        .timeline
+        .iter()
+        .map(|e| (e.kind.as_str(), e.vehicle.as_str()))
+        .collect();
+    // By time: the pickup carries the device's clock (10 ms after the epoch here).
+    assert_eq!(
+        kinds,
+        [("pickup", "v-2"), ("assigned", "v-1"), ("assigned", "v-2")]
+    );
+}
+
+#[tokio::test]
+async fn delivery_moves_the_order_and_queues_messages() {
+    let order = new_order("o-1");
+    let (vehicle, fleet): (VehicleId, FleetId) = (id("v-1"), id("demo"));
+    let store = store_with_assigned(&order, &vehicle).await;
+    let t0 = now_ms();
+    let mut all_ids = Vec::new();
+    for (seq, kind, state) in [
+        (0, DeliveryKind::Pickup, OrderState::PickedUp),
+        (1, DeliveryKind::InTransit, OrderState::InTransit),
+        (2, DeliveryKind::Delivered, OrderState::Delivered),
+    ] {
+        let payload = json!({ "order": "o-1", "kind": kind.as_str() });
+        let recorded = store
+            .record_event(
+                &vehicle,
+                &fleet,
+                &event(seq, "o-1", kind, t0 + u64::from(seq)),
+                &recipients(),
+                &payload,
+            )
+            .await
+            .expect("records");
+        assert!(!recorded.duplicate);
+        assert!(recorded.advanced);
+        assert_eq!(recorded.flag, None);
+        assert_eq!(recorded.state, Some(state));
+        assert_eq!(recorded.store.as_deref(), Some("store-1"));
+        assert_eq!(
+            recorded
+                .messages
+                .iter()
+                .map(|m| m.client.clone())
+                .collect::<Vec<_>>(),
+            recipients()
+        );
+        assert!(recorded.messages.iter().all(|m| m.payload == payload));
+        all_ids.extend(recorded.messages.iter().map(|m| m.id));
+    }
+    assert!(all_ids.windows(2).all(|w| w[0] < w[1]), "{all_ids:?}");
+    let vendor = store
+        .pending(&ClientId::vendor("store-1"))
+        .await
+        .expect("pending");
+    assert_eq!(vendor.len(), 3);
+    assert_eq!(vendor[2].payload["kind"], "delivered");
+    assert_eq!(pending_for_dispatch(&store).await, 3);
+    assert!(
+        store.busy_vehicles(&fleet).await.expect("busy").is_empty(),
+        "delivered frees the vehicle"
+    );
+
+    let view = store
+        .order(&order.order)
+        .await
+        .expect("reads")
+        .expect("exists");
+    assert_eq!(view.state, OrderState::Delivered);
+    assert_eq!(view.vehicle, Some(vehicle));
+    assert_eq!(view.pickup, order.pickup);
+    assert_eq!(view.dropoff, order.dropoff);
+    let kinds: Vec<&str> = view.timeline.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["assigned", "pickup", "in-transit", "delivered"]);
+    assert_eq!(view.timeline[1].seq, Some(0));
+    assert_eq!(
+        view.timeline[1].position,
+        Some(Position::new(525_100_000, 134_020_000))
+    );
+}
+
+#[tokio::test]
+async fn duplicates_change_nothing() {
+    let (vehicle, fleet): (VehicleId, FleetId) = (id("v-1"), id("demo"));
+    let store = store_with_assigned(&new_order("o-1"), &vehicle).await;
+    let pickup = event(7, "o-1", DeliveryKind::Pickup, 1_000);
+    let first = store
+        .record_event(&vehicle, &fleet, &pickup, &recipients(), &json!(1))
+        .await
+        .expect("records");
+    assert!(!first.duplicate);
+    assert_eq!(first.messages.len(), 2);
+    for _ in 0..3 {
+        let again = store
+            .record_event(&vehicle, &fleet, &pickup, &recipients(), &json!(1))
+            .await
+            .expect("records");
+        assert!(again.duplicate);
+        assert!(again.messages.is_empty());
+        assert!(!again.advanced);
+    }
+    // Same number reused with other content (device lost its counter): still a duplicate.
+    let reused = event(7, "o-1", DeliveryKind::Delivered, 1_000);
+    assert!(
+        store
+            .record_event(&vehicle, &fleet, &reused, &recipients(), &json!(2))
+            .await
+            .expect("records")
+            .duplicate
+    );
+    // The same number at another time (the counter restarted at 0 after a reboot) is a new event.
+    let restarted = event(7, "o-1", DeliveryKind::InTransit, 5_000);
+    let recorded = store
+        .record_event(&vehicle, &fleet, &restarted, &recipients(), &json!(3))
+        .await
+        .expect("records");
+    assert!(!recorded.duplicate);
+    assert_eq!(recorded.state, Some(OrderState::InTransit));
+
+    assert_eq!(pending_for_dispatch(&store).await, 2);
+    let view = store
+        .order(&id("o-1"))
+        .await
+        .expect("reads")
+        .expect("exists");
+    assert_eq!(view.timeline.iter().filter(|e| e.seq.is_some()).count(), 2);
+}
+
+#[tokio::test]
+async fn out_of_order_and_unknown_events_are_kept_and_flagged() {
+    let (v1, v2, fleet): (VehicleId, VehicleId, FleetId) = (id("v-1"), id("v-2"), id("demo"));
+    let store = store_with_assigned(&new_order("o-1"), &v1).await;
+    let record = |vehicle: VehicleId, ev: DeliveryEvent| {
+        let store = store.clone();
+        let fleet = fleet.clone();
+        async move {
+            store
+                .record_event(&vehicle, &fleet, &ev, &[ClientId::dispatch()], &json!({}))
+                .await
+                .expect("records")
+        }
+    };
+
+    use EventFlag::{OutOfOrder, SkippedStep, WrongVehicle};
+    use OrderState::InTransit;
+    let outcome = |r: &Recorded| (r.flag, r.advanced, r.state);
+    // in-transit before pickup: the order moves on, the skip is flagged.
+    let r = record(v1.clone(), event(1, "o-1", DeliveryKind::InTransit, 20)).await;
+    assert_eq!(outcome(&r), (Some(SkippedStep), true, Some(InTransit)));
+    // the late pickup: kept, flagged, the order stays.
+    let r = record(v1.clone(), event(0, "o-1", DeliveryKind::Pickup, 10)).await;
+    assert_eq!(outcome(&r), (Some(OutOfOrder), false, Some(InTransit)));
+    // in-transit again under a new number.
+    let r = record(v1.clone(), event(2, "o-1", DeliveryKind::InTransit, 30)).await;
+    assert_eq!((r.flag, r.advanced), (Some(EventFlag::Repeated), false));
+    // another vehicle claims the order.
+    let r = record(v2.clone(), event(0, "o-1", DeliveryKind::Delivered, 40)).await;
+    assert_eq!(outcome(&r), (Some(WrongVehicle), false, Some(InTransit)));
+    // an order nobody created.
+    let r = record(v2, event(1, "ghost", DeliveryKind::Pickup, 50)).await;
+    assert_eq!(
+        (r.flag, r.advanced, r.state, r.store),
+        (Some(EventFlag::UnknownOrder), false, None, None)
+    );
+    assert_eq!(r.messages.len(), 1, "still queued for the recipients");
+    // the real delivery.
+    let r = record(v1, event(3, "o-1", DeliveryKind::Delivered, 60)).await;
+    assert_eq!(outcome(&r), (None, true, Some(OrderState::Delivered)));
+
+    let view = store
+        .order(&id("o-1"))
+        .await
+        .expect("reads")
+        .expect("exists");
+    let timeline: Vec<(&str, Option<EventFlag>)> = view
+        .timeline
+        .iter()
+        .filter(|e| e.kind != TimelineKind::Assigned)
+        .map(|e| (e.kind.as_str(), e.flag))
+        .collect();
+    assert_eq!(
+        timeline,
+        [
+            ("pickup", Some(OutOfOrder)),
+            ("in-transit", Some(SkippedStep)),
+            ("in-transit", Some(EventFlag::Repeated)),
+            ("delivered", Some(WrongVehicle)),
+            ("delivered", None),
+        ]
+    );
+    assert_eq!(pending_for_dispatch(&store).await, 6);
+    assert_eq!(store.order(&id("ghost")).await.expect("reads"), None);
+}
