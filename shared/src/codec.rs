@@ -97,13 +97,8 @@ mod tests {
 
     fn heartbeat() -> Heartbeat {
         Heartbeat {
-            seq: 1234,
-            ts_ms: 1_764_230_400_000,
-            pos: Position::new(525_200_000, 134_050_000),
-            speed_cm_s: 1389,
-            heading_deg: 270,
-            battery_pct: 87,
             flags: StatusFlags(StatusFlags::MOVING | StatusFlags::IGNITION | StatusFlags::GPS_FIX),
+            ..Heartbeat::sample()
         }
     }
 
@@ -211,34 +206,14 @@ mod tests {
 
     #[test]
     fn golden_command_ack() {
-        golden(
-            &CommandAck {
-                id: 7,
-                result: AckResult::Ok,
-            },
-            &[1, 7, 0],
-        );
-        golden(
-            &CommandAck {
-                id: 8,
-                result: AckResult::Busy,
-            },
-            &[1, 8, 1],
-        );
-        golden(
-            &CommandAck {
-                id: 9,
-                result: AckResult::Unsupported,
-            },
-            &[1, 9, 2],
-        );
-        golden(
-            &CommandAck {
-                id: 10,
-                result: AckResult::Invalid,
-            },
-            &[1, 10, 3],
-        );
+        for (id, result, bytes) in [
+            (7, AckResult::Ok, [1, 7, 0]),
+            (8, AckResult::Busy, [1, 8, 1]),
+            (9, AckResult::Unsupported, [1, 9, 2]),
+            (10, AckResult::Invalid, [1, 10, 3]),
+        ] {
+            golden(&CommandAck { id, result }, &bytes);
+        }
     }
 
     #[test]

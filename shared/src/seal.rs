@@ -203,7 +203,7 @@ impl ReplayGuard {
 mod tests {
     use super::*;
     use crate::codec::MAX_PAYLOAD;
-    use crate::wire::{Heartbeat, OfflineReason, Position, Status};
+    use crate::wire::{Heartbeat, OfflineReason, Status};
 
     const KEY: DeviceKey = [7; 32];
     const TOPIC: &str = "fleet/demo/demo-0001/status";
@@ -266,15 +266,7 @@ mod tests {
 
     #[test]
     fn sealed_heartbeat_stays_small() {
-        let hb = Heartbeat {
-            seq: 1234,
-            ts_ms: 1_764_230_400_000,
-            pos: Position::new(525_200_000, 134_050_000),
-            speed_cm_s: 1389,
-            heading_deg: 270,
-            battery_pct: 87,
-            ..Heartbeat::default()
-        };
+        let hb = Heartbeat::sample();
         let mut buf = [0u8; MAX_PAYLOAD];
         let topic = "fleet/demo/demo-0001/hb";
         let sealed = seal(&hb, topic, 1_764_230_400_000, &KEY, &mut buf).expect("fits");

@@ -269,6 +269,22 @@ impl WireMessage for CommandAck {
 }
 
 #[cfg(test)]
+impl Heartbeat {
+    /// The heartbeat the golden-byte tests pin (no flags set).
+    pub(crate) fn sample() -> Self {
+        Self {
+            seq: 1234,
+            ts_ms: 1_764_230_400_000,
+            pos: Position::new(525_200_000, 134_050_000),
+            speed_cm_s: 1389,
+            heading_deg: 270,
+            battery_pct: 87,
+            ..Self::default()
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::Position;
 
