@@ -16,6 +16,10 @@ pub use crate::store::Synchronous;
 
 /// Where the bridge's MQTT broker is.
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one value per process, read once at start: boxing would buy nothing"
+)]
 pub enum MqttTarget {
     /// Start the embedded broker in-process with this configuration and connect to it.
     Embedded(broker::BrokerConfig),
@@ -75,7 +79,12 @@ impl Default for BridgeConfig {
             queue_retention: Duration::from_secs(7 * 24 * 3600),
             history_retention: Duration::from_secs(7 * 24 * 3600),
             web: WebConfig::default(),
-            mqtt: MqttTarget::Embedded(broker::BrokerConfig::default()),
+            // Embedded: no journal (the bridge's commit acknowledges), the bridge's client id
+            // as the durable consumer (the default's).
+            mqtt: MqttTarget::Embedded(broker::BrokerConfig {
+                journal: None,
+                ..broker::BrokerConfig::default()
+            }),
             client_id: "fleetbeat-bridge".to_owned(),
             keep_alive: Duration::from_secs(15),
             max_backoff: Duration::from_secs(5),
@@ -201,6 +210,12 @@ impl Settings {
                     .ok_or_else(|| invalid("mqtt_listen", "missing"))?,
                 v5: None,
                 credentials: self.credentials.clone(),
+                // The bridge acknowledges a vehicle's message to the embedded broker once its
+                // store committed it: the vehicle's PUBACK waits for that (no journal).
+                durable_consumers: vec![
+                    self.client_id.clone().unwrap_or(defaults.client_id.clone()),
+                ],
+                journal: None,
                 ..broker::BrokerConfig::default()
             }),
         };

@@ -137,10 +137,18 @@ async fn main() -> anyhow::Result<()> {
 
     #[cfg(feature = "demo")]
     let sim = demo::start(&cli, &endpoint);
-    shutdown_signal().await;
+    // A signal stops the bridge; so does the death of the embedded broker, then with an error
+    // (exit code 1) so a supervisor restarts it.
+    let died = tokio::select! {
+        () = shutdown_signal() => None,
+        death = bridge.failed() => Some(death),
+    };
     #[cfg(feature = "demo")]
     demo::stop(sim).await;
     bridge.shutdown().await.context("shutting down")?;
+    if let Some(death) = died {
+        return Err(anyhow::Error::new(death).context("the embedded MQTT broker died"));
+    }
     Ok(())
 }
 

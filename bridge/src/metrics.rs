@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use shared::TopicKind;
 
+use crate::store::StoreHealth;
+
 /// Why an MQTT message was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Rejection {
@@ -17,10 +19,19 @@ pub(crate) enum Rejection {
     Auth,
     /// The payload's counter is not newer than one already accepted: a replay.
     Replay,
+    /// A delivery event the store refused as data (a constraint, a corrupt order row), not
+    /// for an outage: retrying would not help, so it is acknowledged and dropped.
+    Store,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 4] = [Self::Topic, Self::Decode, Self::Auth, Self::Replay];
+    const ALL: [Rejection; 5] = [
+        Self::Topic,
+        Self::Decode,
+        Self::Auth,
+        Self::Replay,
+        Self::Store,
+    ];
 
     /// The `reason` label of the rejection counter.
     fn label(self) -> &'static str {
@@ -29,6 +40,7 @@ impl Rejection {
             Self::Decode => "decode",
             Self::Auth => "auth",
             Self::Replay => "replay",
+            Self::Store => "store",
         }
     }
 
@@ -39,6 +51,7 @@ impl Rejection {
             Self::Replay => "replay",
             Self::Topic => "bad topic",
             Self::Decode => "bad payload",
+            Self::Store => "refused by the store",
         }
     }
 }
@@ -48,10 +61,14 @@ impl Rejection {
 pub(crate) enum Counter {
     /// A heartbeat the history writer had no room for.
     HistoryDropped,
+    /// A heartbeat lost because its batch could not be written.
+    HistoryFailed,
     /// A queued message removed by retention.
     QueueExpired,
-    /// A delivery event that could not be stored (left unacknowledged for redelivery).
+    /// A delivery event whose first commit failed: its PUBACK waits while it is retried.
     EventsUnacked,
+    /// A commit of a delivery event tried again after a failure.
+    StoreRetries,
     /// A `position` batch sent to one socket.
     PositionBatches,
     /// An emit that could not be delivered to a socket (gone, or its buffer full).
@@ -66,14 +83,22 @@ pub(crate) enum Counter {
     MqttConnects,
     /// An MQTT connection error.
     MqttErrors,
+    /// A successful MQTT (re)connection of the heartbeats session.
+    MqttHeartbeatConnects,
+    /// An MQTT connection error of the heartbeats session.
+    MqttHeartbeatErrors,
 }
 
 impl Counter {
     /// Name and help text of every counter, in the order of the variants (and of `/metrics`).
-    const RENDERED: [(&'static str, &'static str); 10] = [
+    const RENDERED: [(&'static str, &'static str); 14] = [
         (
             "history_dropped_total",
             "Heartbeats not stored: the history writer was full.",
+        ),
+        (
+            "history_failed_total",
+            "Heartbeats not stored: their batch could not be written.",
         ),
         (
             "queue_expired_total",
@@ -81,7 +106,11 @@ impl Counter {
         ),
         (
             "events_unacked_total",
-            "Delivery events not stored, left unacknowledged for redelivery.",
+            "Delivery events whose commit failed; their PUBACK waits while they are retried.",
+        ),
+        (
+            "store_write_retries_total",
+            "Commits of delivery events tried again after a failure.",
         ),
         (
             "position_batches_total",
@@ -100,8 +129,19 @@ impl Counter {
             "socketio_emitted_total",
             "Socket.IO events emitted to rooms.",
         ),
-        ("mqtt_connects_total", "Successful MQTT connections."),
-        ("mqtt_errors_total", "MQTT connection errors."),
+        (
+            "mqtt_connects_total",
+            "Successful MQTT connections (events session).",
+        ),
+        ("mqtt_errors_total", "MQTT connection errors (events session)."),
+        (
+            "mqtt_heartbeat_connects_total",
+            "Successful MQTT connections (heartbeats session).",
+        ),
+        (
+            "mqtt_heartbeat_errors_total",
+            "MQTT connection errors (heartbeats session).",
+        ),
     ];
 }
 
@@ -109,10 +149,14 @@ impl Counter {
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
     received: [AtomicU64; 5],
-    rejected: [AtomicU64; 4],
+    rejected: [AtomicU64; Rejection::ALL.len()],
     counters: [AtomicU64; Counter::RENDERED.len()],
     mqtt_ready: AtomicBool,
+    mqtt_heartbeats_ready: AtomicBool,
     sockets: AtomicU64,
+    acks_waiting: AtomicU64,
+    history_queued: AtomicU64,
+    store: StoreHealth,
 }
 
 fn kind_index(kind: TopicKind) -> usize {
@@ -150,14 +194,46 @@ impl Metrics {
         self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Sets whether MQTT is connected with every subscription acknowledged.
+    /// Sets whether the events session is connected with every subscription acknowledged.
     pub(crate) fn set_mqtt_ready(&self, ready: bool) {
         self.mqtt_ready.store(ready, Ordering::Relaxed);
     }
 
-    /// Whether MQTT is connected with every subscription acknowledged.
+    /// Sets whether the heartbeats session is connected with its subscription acknowledged.
+    pub(crate) fn set_mqtt_heartbeats_ready(&self, ready: bool) {
+        self.mqtt_heartbeats_ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether both MQTT sessions are connected with every subscription acknowledged.
     pub(crate) fn mqtt_ready(&self) -> bool {
-        self.mqtt_ready.load(Ordering::Relaxed)
+        self.mqtt_ready.load(Ordering::Relaxed) && self.mqtt_heartbeats_ready.load(Ordering::Relaxed)
+    }
+
+    /// What the store's writes have shown lately.
+    pub(crate) fn store(&self) -> &StoreHealth {
+        &self.store
+    }
+
+    /// Counts QoS 1 messages handed to the ack queue (`n > 0`) or acknowledged or dropped
+    /// from it (`n < 0`).
+    pub(crate) fn acks_waiting_delta(&self, n: i64) {
+        if n >= 0 {
+            self.acks_waiting.fetch_add(n.unsigned_abs(), Ordering::Relaxed);
+        } else {
+            self.acks_waiting.fetch_sub(n.unsigned_abs(), Ordering::Relaxed);
+        }
+    }
+
+    /// QoS 1 messages whose PUBACK waits (for their turn, or for their delivery event to be
+    /// stored).
+    pub(crate) fn acks_waiting(&self) -> u64 {
+        load(&self.acks_waiting)
+    }
+
+    /// Sets how many heartbeats wait for the history writer.
+    pub(crate) fn set_history_queued(&self, n: usize) {
+        self.history_queued
+            .store(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Counts a Socket.IO socket connecting (`true`) or disconnecting (`false`).
@@ -208,6 +284,30 @@ impl Metrics {
                 "gauge",
                 "Connected Socket.IO sockets.",
                 load(&self.sockets),
+            ),
+            (
+                "store_writable",
+                "gauge",
+                "1 while the store's writes succeed, 0 from a failed write until one succeeds.",
+                u64::from(self.store.writable()),
+            ),
+            (
+                "store_write_failures_total",
+                "counter",
+                "Store writes that failed because the store could not write.",
+                self.store.failures(),
+            ),
+            (
+                "acks_waiting",
+                "gauge",
+                "QoS 1 messages whose PUBACK waits: for their turn, or their event's commit.",
+                self.acks_waiting(),
+            ),
+            (
+                "history_queued",
+                "gauge",
+                "Heartbeats waiting for the history writer.",
+                load(&self.history_queued),
             ),
         ];
         for (name, kind, help, value) in counters.chain(gauges) {

@@ -20,9 +20,10 @@ use crate::domain::auth::Tokens;
 use crate::domain::fleet::Fleet;
 use crate::domain::{Hub, HubParts};
 use crate::error::BridgeError;
+use crate::ingest::acks;
 use crate::ingest::inbox::Inbox;
 use crate::ingest::keys::DeviceKeys;
-use crate::ingest::mqtt;
+use crate::ingest::mqtt::{self, Session};
 use crate::metrics::Metrics;
 use crate::store::{HeartbeatWriter, HeartbeatWriterOptions, Store, StoreOptions};
 use crate::view::emit;
@@ -93,7 +94,18 @@ impl Bridge {
             }
         };
 
-        let (client, eventloop) = mqtt::connect(&endpoint, &config.client_id, config.keep_alive);
+        let (client, eventloop) = mqtt::connect(
+            &endpoint,
+            &config.client_id,
+            config.keep_alive,
+            Session::Events,
+        );
+        let (hb_client, hb_eventloop) = mqtt::connect(
+            &endpoint,
+            &config.client_id,
+            config.keep_alive,
+            Session::Heartbeats,
+        );
         let store = Store::open(
             &config.store,
             StoreOptions {
@@ -103,10 +115,14 @@ impl Bridge {
         )
         .await?;
         info!(store = %config.store, synchronous = %config.synchronous, "store open");
-        let (writer, history) =
-            HeartbeatWriter::new(store.clone(), HeartbeatWriterOptions::default());
+        let metrics = Arc::new(Metrics::default());
+        let (writer, history) = HeartbeatWriter::new(
+            store.clone(),
+            HeartbeatWriterOptions::default(),
+            Arc::clone(&metrics),
+        );
         let hub = Arc::new(Hub::new(HubParts {
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             tokens,
             fleet: Fleet::new(config.stale),
             store: store.clone(),
@@ -122,8 +138,16 @@ impl Bridge {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
 
-        let inbox = Inbox::new(io.clone(), Arc::clone(&hub), keys, history, client.clone());
+        let (acks, releaser) = acks::ack_queue(Arc::clone(&hub), io.clone(), client.clone());
+        let inbox = Arc::new(Inbox::new(
+            io.clone(),
+            Arc::clone(&hub),
+            keys,
+            history,
+            acks,
+        ));
         tasks.spawn(writer.run(cancel.child_token()));
+        tasks.spawn(releaser.run(cancel.child_token()));
         tasks.spawn(assign_waiting(Arc::clone(&hub), cancel.child_token()));
         tasks.spawn(retention(
             Arc::clone(&hub),
@@ -134,6 +158,15 @@ impl Bridge {
         tasks.spawn(mqtt::run(
             client,
             eventloop,
+            Session::Events,
+            Arc::clone(&inbox),
+            config.max_backoff,
+            cancel.child_token(),
+        ));
+        tasks.spawn(mqtt::run(
+            hb_client,
+            hb_eventloop,
+            Session::Heartbeats,
             inbox,
             config.max_backoff,
             cancel.child_token(),
@@ -189,6 +222,16 @@ impl Bridge {
     /// The MQTT broker the bridge uses (the embedded one's address when embedded).
     pub fn mqtt_endpoint(&self) -> &MqttEndpoint {
         &self.mqtt
+    }
+
+    /// Resolves if the embedded broker dies ([`broker::Broker::failed`]: a part of it panicked
+    /// or ended; it no longer accepts nor routes). The bridge cannot serve without it: stop it
+    /// and exit non-zero. Never resolves with an external broker.
+    pub async fn failed(&self) -> BridgeError {
+        match &self._broker {
+            Some(broker) => BridgeError::Broker(broker.failed().await),
+            None => std::future::pending().await,
+        }
     }
 
     /// Stops gracefully: stops accepting HTTP connections, closes every Socket.IO socket,
@@ -285,16 +328,22 @@ async fn assign_waiting(hub: Arc<Hub>, cancel: CancellationToken) {
     }
 }
 
-/// Runs the bridge until `shutdown` resolves, then stops it gracefully.
+/// Runs the bridge until `shutdown` resolves, then stops it gracefully; or until the embedded
+/// broker dies ([`Bridge::failed`]), then stops and returns that error.
 ///
 /// # Errors
-/// See [`Bridge::start`] and [`Bridge::shutdown`].
+/// See [`Bridge::start`] and [`Bridge::shutdown`]; [`BridgeError::Broker`] if the embedded
+/// broker died.
 pub async fn run(
     listener: TcpListener,
     config: BridgeConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BridgeError> {
     let bridge = Bridge::start(listener, config).await?;
-    shutdown.await;
-    bridge.shutdown().await
+    let died = tokio::select! {
+        () = shutdown => None,
+        death = bridge.failed() => Some(death),
+    };
+    bridge.shutdown().await?;
+    died.map_or(Ok(()), Err)
 }

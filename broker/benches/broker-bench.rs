@@ -416,6 +416,10 @@ async fn start_broker(args: &Args, kind: BrokerKind, flood: bool) -> anyhow::Res
             let mut cmd = std::process::Command::new(FLEETBEAT);
             cmd.args(["--listen", &addr.to_string(), "--listen-v5", "off"])
                 .args(["--metrics-listen", "off"])
+                // Its own journal, not one in the working directory (heartbeats never go
+                // there: only QoS 1 events, acks and statuses).
+                .arg("--journal")
+                .arg(dir.join("journal.db"))
                 .args([
                     "--json-mirror",
                     if args.json_mirror { "true" } else { "false" },

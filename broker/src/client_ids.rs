@@ -73,6 +73,11 @@ impl ClientIds {
         }
     }
 
+    /// Whether a connection holds `client_id` now.
+    pub(crate) fn is_held(&self, client_id: &str) -> bool {
+        self.holders().contains_key(client_id)
+    }
+
     fn holders(&self) -> MutexGuard<'_, HashMap<String, Holder>> {
         self.holders.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -48,10 +48,12 @@ pub enum ConfigError {
     },
 }
 
-/// Why [`Broker::start`](crate::Broker::start) failed.
+/// Why [`Broker::start`](crate::Broker::start) failed, or (only [`BrokerError::Died`]) why a
+/// running broker stopped ([`Broker::failed`](crate::Broker::failed)).
 ///
-/// Every variant is returned within [`BrokerConfig::startup_timeout`](crate::BrokerConfig)
-/// (or sooner): `start` never hangs on a listener that will not come up.
+/// Every variant `start` returns is returned within
+/// [`BrokerConfig::startup_timeout`](crate::BrokerConfig) (or sooner): `start` never hangs on
+/// a listener that will not come up.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// The configuration was rejected before anything was started.
@@ -81,6 +83,10 @@ pub enum BrokerError {
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
 
+    /// The journal could not be opened or read: nothing was started.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+
     /// The broker's threads (its network runtime) could not be started.
     #[error("cannot start the broker's threads")]
     Spawn(#[source] io::Error),
@@ -106,6 +112,18 @@ pub enum BrokerError {
         /// What the last probe attempt ran into, if any attempt was made.
         #[source]
         last_error: Option<ProbeError>,
+    },
+
+    /// A part the running broker cannot live without (rumqttd's router thread, the shared
+    /// link of device connections, an accept loop) panicked or ended. The broker stopped
+    /// accepting and closed every connection: the process should exit with an error and be
+    /// restarted (`docs/broker.md`, Thread death).
+    #[error("{part} died ({cause}): the broker cannot go on")]
+    Died {
+        /// The part that died.
+        part: &'static str,
+        /// How: "it panicked: ...", "it ended".
+        cause: String,
     },
 }
 
@@ -139,6 +157,49 @@ pub enum ProbeError {
     /// The message was published but never delivered through the router.
     #[error("the probe message was not delivered within {0:?}")]
     NotDelivered(Duration),
+}
+
+/// What went wrong with the broker's journal ([`BrokerConfig::journal`](crate::BrokerConfig)).
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// Its directory could not be created.
+    #[error("cannot create the journal's directory {}", path.display())]
+    Directory {
+        /// The directory.
+        path: PathBuf,
+        /// The operating system's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// The file could not be opened, or another broker holds it (its lock did not come
+    /// within a second).
+    #[error("cannot open the journal {} (is another broker using it?)", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// SQLite's answer.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Its schema could not be set up, or its rows read.
+    #[error("cannot read the journal {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// SQLite's answer.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// It was written by a newer broker, in a format this one does not know.
+    #[error("the journal {} has format {found}; this broker knows format {known} and older", path.display())]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// The format found (`PRAGMA user_version`).
+        found: i64,
+        /// The newest format this broker knows.
+        known: i64,
+    },
 }
 
 /// What went wrong with a credentials file.

@@ -34,13 +34,20 @@
 //!   framing, rate limit) on rumqttd's router; `mux`: the one router link shared by
 //!   device-like connections (their publishes and command subscriptions); `client_ids`:
 //!   takeovers of a client id; `router`: registering links with rumqttd's router, handing
-//!   them packets, and the broker's own publisher (last wills).
+//!   them packets, and the broker's own publisher (last wills); `qos`: the QoS granted and
+//!   delivered at, min(publish QoS, granted QoS), which rumqttd's router does not keep;
+//!   `watchdog`: the parts the broker cannot live without, watched (their death ends the
+//!   broker, [`Broker::failed`]).
+//! - `durability`: end-to-end acknowledgement: which publishes wait for durability, the
+//!   durable consumers whose PUBACKs prove it, the journal (SQLite, group commit) and the
+//!   replays to durable consumers.
 //! - `mirror`: the JSON mirror on `json/fleet/...`; `watchers`: the subscriptions that may
 //!   read it.
 //! - `metrics`: [`BrokerMetrics`], the reasons it counts by and its Prometheus rendering;
 //!   [`http`]: `/metrics`.
 //! - [`logging`]: the tracing filter for programs that run the broker.
-//! - `error`: [`ConfigError`], [`CredentialsError`], [`BrokerError`], [`ProbeError`].
+//! - `error`: [`ConfigError`], [`CredentialsError`], [`JournalError`], [`BrokerError`],
+//!   [`ProbeError`].
 //!
 //! [rumqttd]: https://docs.rs/rumqttd/0.20
 
@@ -60,6 +67,7 @@ mod auth;
 mod client_ids;
 pub mod config;
 mod connection;
+mod durability;
 mod error;
 mod health;
 pub mod http;
@@ -69,8 +77,10 @@ mod metrics;
 mod mirror;
 mod mux;
 mod probe;
+mod qos;
 mod router;
 mod server;
+mod watchdog;
 mod watchers;
 
 pub use auth::{
@@ -78,8 +88,10 @@ pub use auth::{
     Role,
 };
 pub use config::{BrokerConfig, ConfigOverrides};
-pub use error::{BrokerError, ConfigError, CredentialsError, ProbeError};
+pub use error::{BrokerError, ConfigError, CredentialsError, JournalError, ProbeError};
 pub use health::ListenerHealth;
 pub use listener::Listener;
-pub use metrics::{AuthRefusal, BrokerMetrics, ConnectRefusal, DisconnectReason, DropReason};
+pub use metrics::{
+    AuthRefusal, BrokerMetrics, ConnectRefusal, DisconnectReason, DropReason, SubscribeRefusal,
+};
 pub use server::{Broker, ShutdownReport};

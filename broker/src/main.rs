@@ -126,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Runs the broker and its `/metrics` endpoint until SIGINT or SIGTERM, then shuts down
-/// gracefully within `shutdown_grace`.
+/// gracefully within `shutdown_grace`; or until the broker dies, then fails (exit code 1).
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Installed first: a signal that arrives while starting is handled once started.
     let shutdown = ShutdownSignal::install()?;
@@ -159,8 +159,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ))
     });
 
-    let signal = shutdown.recv().await;
-    info!(signal, "shutting down");
+    // The broker stops by a signal, or dies (it has stopped accepting and closed every
+    // connection by then): the process exits non-zero so a supervisor restarts it.
+    let died = tokio::select! {
+        signal = shutdown.recv() => {
+            info!(signal, "shutting down");
+            None
+        }
+        death = broker.failed() => Some(death),
+    };
     let report = broker.shutdown().await;
     stop_http.cancel();
     if let Some(http) = http {
@@ -169,6 +176,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(Err(err)) => error!(cause = %err, "the metrics endpoint failed"),
             Err(err) => error!(cause = %err, "the metrics endpoint panicked"),
         }
+    }
+    if let Some(death) = died {
+        return Err(anyhow::Error::new(death).context("the MQTT broker died"));
     }
     info!(forced = report.forced, elapsed = ?report.elapsed, "bye");
     Ok(())

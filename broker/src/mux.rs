@@ -60,11 +60,14 @@ const BACKLOG_PATIENCE: Duration = Duration::from_secs(10);
 pub(crate) enum MuxEvent {
     /// The router took the connection's QoS 1 publish with this (the connection's) packet id.
     PubAck(u16),
+    /// A publish of the connection that waited for durability (its entry in the
+    /// connection's PUBACK queue) is durable (see `durability`).
+    Durable(u64),
     /// A command on a topic the connection subscribed to, to write at `qos`.
     Command {
         /// The message.
         command: Arc<CommandMessage>,
-        /// The QoS to deliver at: the subscription's granted QoS.
+        /// The QoS to deliver at: min(the command's QoS, the subscription's granted QoS).
         qos: u8,
     },
 }
@@ -76,6 +79,8 @@ pub(crate) struct CommandMessage {
     pub(crate) payload: Bytes,
     /// Delivered because it was retained (on subscribe), not live.
     pub(crate) retain: bool,
+    /// The QoS it was published at (at most [`qos::MAX_QOS`](crate::qos::MAX_QOS)).
+    pub(crate) qos: u8,
 }
 
 /// One connection's subscription to one exact command topic.
@@ -294,9 +299,10 @@ impl Mux {
         removed
     }
 
-    /// Remembers a publish on a command topic the way rumqttd's router treats retained
-    /// messages: a retained one replaces the topic's, an empty payload clears it.
-    pub(crate) fn record(&self, topic: &[u8], payload: &Bytes, retain: bool) {
+    /// Remembers a publish on a command topic, published at `qos`, the way rumqttd's router
+    /// treats retained messages: a retained one replaces the topic's, an empty payload clears
+    /// it.
+    pub(crate) fn record(&self, topic: &[u8], payload: &Bytes, retain: bool, qos: u8) {
         if !is_command_topic(topic) {
             return;
         }
@@ -308,6 +314,7 @@ impl Mux {
                 topic: topic.clone(),
                 payload: payload.clone(),
                 retain: true,
+                qos: qos.min(crate::qos::MAX_QOS),
             };
             lock(&self.retained).insert(topic, Arc::new(command));
         }
@@ -337,7 +344,9 @@ impl Mux {
                 }
                 Notification::Forward(forward) => {
                     let pkid = publish_pkid(&forward.publish);
-                    self.forward(forward.publish);
+                    let qos =
+                        crate::qos::original(&forward.publish.topic, forward.properties.as_ref());
+                    self.forward(forward.publish, qos);
                     if let Some(pkid) = pkid {
                         // Handed to every subscriber's queue: acknowledge, so the router's
                         // in-flight window for the mux link moves on.
@@ -370,8 +379,8 @@ impl Mux {
         self.dead.cancel();
     }
 
-    /// Hands a command to the connections subscribed to its topic.
-    fn forward(&self, publish: Publish) {
+    /// Hands a command published at `qos` to the connections subscribed to its topic.
+    fn forward(&self, publish: Publish, qos: u8) {
         let mut subscribers = lock(&self.subscribers);
         let Some(list) = subscribers.get_mut(&publish.topic) else {
             return;
@@ -380,11 +389,12 @@ impl Mux {
             topic: publish.topic,
             payload: publish.payload,
             retain: false,
+            qos,
         });
         list.retain(|s| {
             s.tx.send(MuxEvent::Command {
                 command: Arc::clone(&command),
-                qos: s.qos,
+                qos: s.qos.min(qos),
             })
             .is_ok()
         });

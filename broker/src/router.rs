@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttd::Notification;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish};
+use rumqttd::protocol::{Packet, Publish, PublishProperties};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tracing::debug;
@@ -43,17 +43,14 @@ pub(crate) struct LinkRequest<'a> {
     pub(crate) client_id: &'a str,
     /// Clean session (3.1.1) / clean start (5).
     pub(crate) clean_session: bool,
-    /// The client's topic alias maximum (MQTT 5), 0 for none.
-    pub(crate) topic_alias_max: u16,
 }
 
 impl<'a> LinkRequest<'a> {
-    /// One of the broker's own links: a clean session without topic aliases.
+    /// One of the broker's own links: a clean session.
     pub(crate) const fn internal(client_id: &'a str) -> Self {
         LinkRequest {
             client_id,
             clean_session: true,
-            topic_alias_max: 0,
         }
     }
 }
@@ -89,7 +86,11 @@ impl Registrar {
             connect: Arc::new(move |request: LinkRequest<'_>| {
                 LinkBuilder::new(request.client_id, router_tx.clone())
                     .clean_session(request.clean_session)
-                    .topic_alias_max(request.topic_alias_max)
+                    // Never the client's Topic Alias Maximum: rumqttd 0.20 aliases what it
+                    // forwards by subscription filter, not by topic, so under a wildcard every
+                    // message would carry the first one's alias (wrong topics, or a protocol
+                    // error in the client). Without, it forwards full topics.
+                    .topic_alias_max(0)
                     .dynamic_filters(false)
                     .build()
                     .map_err(|err| LinkRefused(err.to_string()))
@@ -117,9 +118,10 @@ impl Registrar {
 /// The broker's own connection for publishing last wills.
 ///
 /// A will is published on behalf of a connection whose link may already be gone (the router
-/// dropped it), so it goes through this separate link. Publishing at QoS 0 loses nothing:
-/// rumqttd delivers at the subscription's QoS (see `docs/broker.md`) and stores a retained
-/// will either way.
+/// dropped it), so it goes through this separate link. It is handed to the router at QoS 0,
+/// which loses nothing: rumqttd forwards at the subscription's QoS and stores a retained will
+/// either way, and the will's own QoS travels with it (`qos::mark`) so that it is delivered
+/// at min(will QoS, granted QoS), as any publish.
 pub(crate) struct WillPublisher {
     tx: Mutex<LinkTx>,
 }
@@ -136,18 +138,22 @@ impl WillPublisher {
         Ok((WillPublisher { tx: Mutex::new(tx) }, rx))
     }
 
-    /// Publishes `payload` on `topic`, retained if `retain`.
+    /// Publishes `payload` on `topic` as published at `qos`, retained if `retain`, with the
+    /// will's MQTT 5 `properties`.
     pub(crate) async fn publish(
         &self,
         topic: Bytes,
         payload: Bytes,
         retain: bool,
+        qos: u8,
+        mut properties: Option<PublishProperties>,
     ) -> Result<(), LinkError> {
+        crate::qos::mark(&topic, qos, &mut properties);
         let publish = Publish::new(topic, payload, retain);
         self.tx
             .lock()
             .await
-            .send(Packet::Publish(publish, None))
+            .send(Packet::Publish(publish, properties))
             .await
             .map(drop)
     }

@@ -17,6 +17,8 @@ use crate::auth::{Authenticator, PROBE_TOPIC_PREFIX};
 use crate::client_ids::ClientIds;
 use crate::config::BrokerConfig;
 use crate::connection::{self, FrontEnd, Limits};
+use crate::durability::Durability;
+use crate::durability::journal::{Bounds, Journal};
 use crate::error::BrokerError;
 use crate::health::{HealthBoard, HealthChecker, ListenerHealth};
 use crate::listener::Listener;
@@ -25,11 +27,13 @@ use crate::mirror::{self, Mirror};
 use crate::mux::Mux;
 use crate::probe::{ProbeLogin, ProbeReceiver};
 use crate::router::{self, INTERNAL_PREFIX, LinkRequest, Registrar, WillPublisher};
+use crate::watchdog::{Ending, Watchdog};
 use crate::watchers::MirrorWatchers;
 
-/// Router slots beyond `max_connections`: the internal links (probe, will publisher, mux, mirror)
-/// and the listener probes' connections, which may overlap a previous probe's teardown.
-const ROUTER_HEADROOM: usize = 8;
+/// Router slots beyond `max_connections`: the internal links (probe, will publisher, mux, mirror,
+/// the router's watch) and the listener probes' connections, which may overlap a previous
+/// probe's teardown.
+const ROUTER_HEADROOM: usize = 10;
 
 /// How long connections get after the grace period to close on their own.
 const FORCED_CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -62,6 +66,14 @@ pub struct ShutdownReport {
 ///   rumqttd's link API blocks briefly (a synchronous channel towards the router), which must
 ///   not stall an embedding program's tasks.
 ///
+/// # Death
+///
+/// Should a part the broker cannot live without die (rumqttd's router thread panics, the
+/// shared link of device connections ends, an accept loop panics), the broker logs one ERROR
+/// line, stops accepting (its listening sockets close) and closes every connection: it never
+/// lingers as a zombie that accepts and does not route. [`Broker::failed`] resolves then;
+/// the `broker` binary exits non-zero on it, and so does the bridge in embedded mode.
+///
 /// # Start
 ///
 /// [`Broker::start`] binds every listen address itself (a taken address fails at once with
@@ -82,6 +94,8 @@ pub struct Broker {
     /// Stops the health checks and the mirror.
     background: CancellationToken,
     grace: Duration,
+    /// The parts the broker cannot live without.
+    watchdog: Arc<Watchdog>,
     runtime: Option<Runtime>,
 }
 
@@ -156,6 +170,7 @@ impl Broker {
             background,
             prober,
             mirror,
+            watchdog,
         } = assembled;
 
         let health = Arc::new(HealthBoard::new(&addrs));
@@ -170,6 +185,7 @@ impl Broker {
             accepting,
             background,
             grace: config.shutdown_grace,
+            watchdog,
             runtime: None,
         };
 
@@ -193,6 +209,12 @@ impl Broker {
                 });
             }
         };
+        handle.spawn(stop_on_death(
+            Arc::clone(&broker.watchdog),
+            broker.accepting.clone(),
+            broker.background.clone(),
+            broker.ctx.stopping.clone(),
+        ));
         handle.spawn(checker.run(config.probe_interval, broker.background.clone()));
         if let Some(mirror) = mirror {
             handle.spawn(mirror.run(broker.background.clone()));
@@ -249,13 +271,32 @@ impl Broker {
 
     /// Whether every listener passed its latest probe: what a readiness check should report.
     pub fn is_ready(&self) -> bool {
-        self.runtime.is_some() && self.listener_health().iter().all(|h| h.up)
+        self.is_running() && self.listener_health().iter().all(|h| h.up)
     }
 
-    /// Whether the broker still runs (it was not shut down) and at least one listener
-    /// accepts connections.
+    /// Whether the broker still runs (it was not shut down and did not die) and at least one
+    /// listener accepts connections.
     pub fn is_alive(&self) -> bool {
-        self.runtime.is_some() && self.listener_health().iter().any(|h| h.up)
+        self.is_running() && self.listener_health().iter().any(|h| h.up)
+    }
+
+    fn is_running(&self) -> bool {
+        self.runtime.is_some() && self.watchdog.death().is_none()
+    }
+
+    /// Resolves if the broker dies: a part it cannot live without (rumqttd's router thread,
+    /// the shared link of device connections, an accept loop) panicked or ended. By then the
+    /// broker has stopped accepting and closed every connection (see [Death](Broker#death)).
+    /// Never resolves while the broker lives; a program should exit non-zero when it does
+    /// (the `broker` binary does).
+    ///
+    /// Returns [`BrokerError::Died`].
+    pub async fn failed(&self) -> BrokerError {
+        let death = self.watchdog.died().await;
+        BrokerError::Died {
+            part: death.part,
+            cause: death.cause,
+        }
     }
 
     /// Stops accepting connections on `listener` (established ones continue). The next
@@ -383,6 +424,21 @@ struct Assembled {
     background: CancellationToken,
     prober: ProbeReceiver,
     mirror: Option<Mirror>,
+    watchdog: Arc<Watchdog>,
+}
+
+/// Once a part the broker cannot live without died: stops accepting (the listening sockets
+/// close), the health checks and the mirror, and closes every connection.
+async fn stop_on_death(
+    watchdog: Arc<Watchdog>,
+    accepting: CancellationToken,
+    background: CancellationToken,
+    stopping: CancellationToken,
+) {
+    watchdog.died().await;
+    accepting.cancel();
+    background.cancel();
+    stopping.cancel();
 }
 
 /// Spawns the router, registers the internal links and starts the accept loops. Runs on the
@@ -393,11 +449,38 @@ async fn assemble(
     auth: Option<Arc<Authenticator>>,
     metrics: BrokerMetrics,
 ) -> Result<Assembled, BrokerError> {
+    // The journal first: if it cannot be opened (another broker holds it), nothing else is
+    // started (rumqttd's router thread could not be stopped again).
+    let waiters = Durability::waiters(&metrics);
+    let journal = match &config.journal {
+        Some(path) => {
+            let bounds = Bounds {
+                rows: config.journal_max_rows,
+                bytes: config.journal_max_bytes,
+            };
+            Some(Journal::open(path, bounds, Arc::clone(&waiters), metrics.clone()).await?)
+        }
+        None => None,
+    };
     let registrar = Registrar::spawn(config.router_config(ROUTER_HEADROOM));
     let instance = format!("{:016x}", fastrand::u64(..));
     let unavailable = |what: &str, err: &dyn std::fmt::Display| BrokerError::RouterUnavailable {
         reason: format!("{what}: {err}"),
     };
+    let watchdog = Arc::new(Watchdog::default());
+
+    // rumqttd's router thread: a link that never sends sees its channel close when the
+    // thread is gone (rumqttd spawns it and keeps its handle).
+    let (_watch_tx, watch_rx, _) = registrar
+        .link(LinkRequest::internal(&format!(
+            "{INTERNAL_PREFIX}router-watch-{instance}"
+        )))
+        .map_err(|err| unavailable("the router's watch link", &err))?;
+    watchdog.watch(
+        "rumqttd's router thread",
+        Ending::Fatal,
+        router::drain(watch_rx, "router-watch"),
+    );
 
     // The probe link: every listener probe must reach it.
     let probe_id = format!("{INTERNAL_PREFIX}probe-link-{instance}");
@@ -418,7 +501,11 @@ async fn assemble(
     let (mux, mux_rx) = Mux::new(&registrar, &format!("{INTERNAL_PREFIX}mux-{instance}"))
         .await
         .map_err(|err| unavailable("the shared device link", &err))?;
-    tokio::spawn(Arc::clone(&mux).dispatch(mux_rx));
+    watchdog.watch(
+        "the shared link of device connections",
+        Ending::Fatal,
+        Arc::clone(&mux).dispatch(mux_rx),
+    );
 
     let watchers = Arc::new(MirrorWatchers::default());
     let mirror = if config.json_mirror {
@@ -467,6 +554,16 @@ async fn assemble(
         metrics: metrics.clone(),
         client_ids: ClientIds::default(),
         registrar,
+        durability: Arc::new(Durability::new(
+            &config.durable_consumers,
+            journal.map(|(journal, writer)| {
+                watchdog.watch("the journal's writer", Ending::Fatal, writer.run());
+                journal
+            }),
+            waiters,
+            Arc::clone(&mux),
+            metrics.clone(),
+        )),
         mux,
         persistent_ids: Mutex::new(std::collections::HashSet::new()),
         own_links: AtomicUsize::new(0),
@@ -476,6 +573,7 @@ async fn assemble(
         stopping: CancellationToken::new(),
         admitted: AtomicUsize::new(0),
     });
+    tokio::spawn(Arc::clone(&ctx.durability).replay(ctx.draining.clone()));
 
     let connections = TaskTracker::new();
     let accepting = CancellationToken::new();
@@ -496,14 +594,18 @@ async fn assemble(
             source,
         })?;
         let stop = accepting.child_token();
-        tokio::spawn(accept_loop(
-            socket,
-            listener,
-            Arc::clone(&ctx),
-            stop.clone(),
-            connections.clone(),
-            Duration::from_millis(config.next_connection_delay_ms),
-        ));
+        watchdog.watch(
+            accept_loop_name(listener),
+            Ending::Allowed,
+            accept_loop(
+                socket,
+                listener,
+                Arc::clone(&ctx),
+                stop.clone(),
+                connections.clone(),
+                Duration::from_millis(config.next_connection_delay_ms),
+            ),
+        );
         info!(listener = %listener, %addr, "listening");
         addrs.push((listener, addr));
         listeners.push((listener, stop));
@@ -518,7 +620,16 @@ async fn assemble(
         background: CancellationToken::new(),
         prober,
         mirror,
+        watchdog,
     })
+}
+
+/// The accept loop of `listener`, as the watchdog names it.
+const fn accept_loop_name(listener: Listener) -> &'static str {
+    match listener {
+        Listener::V4 => "the MQTT 3.1.1 accept loop",
+        Listener::V5 => "the MQTT 5 accept loop",
+    }
 }
 
 /// Accepts connections on `socket` until `stop`; each one is served by its own task.
@@ -555,4 +666,64 @@ async fn accept_loop(
         }
     }
     info!(listener = %listener, "stopped accepting connections");
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// Outer bound on anything a test awaits.
+    const T: Duration = Duration::from_secs(20);
+
+    /// rumqttd's router thread dies (the panic of issue #13, caused here through the router's
+    /// own API, since the front end refuses `$share`): the broker does not linger as a zombie.
+    /// `failed` resolves, the listeners close, connections are closed.
+    #[tokio::test]
+    async fn a_dead_router_ends_the_broker_instead_of_leaving_a_zombie() {
+        let broker = Broker::start(BrokerConfig::ephemeral()).await.unwrap();
+        let addr = broker.v4_addr();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let connect = shared::frame::Connect {
+            client_id: "bystander",
+            keep_alive: 30,
+            ..shared::frame::Connect::default()
+        };
+        client.write_all(&connect.bytes()).await.unwrap();
+        let mut connack = [0u8; 4];
+        client.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, [0x20, 2, 0, 0]);
+
+        crate::watchdog::tests::router_panic(&broker.ctx.registrar).await;
+        let died = timeout(T, broker.failed())
+            .await
+            .expect("the death is reported");
+        let BrokerError::Died { part, .. } = died else {
+            panic!("{died:?}");
+        };
+        assert!(
+            part == "rumqttd's router thread" || part == "the shared link of device connections",
+            "{part}"
+        );
+        assert!(!broker.is_alive() && !broker.is_ready());
+
+        // Nothing accepts any more, and the connection was closed.
+        timeout(T, async {
+            while TcpStream::connect(addr).await.is_ok() {
+                sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the listener closes");
+        let mut rest = Vec::new();
+        let read = timeout(T, client.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+            "the connection is closed"
+        );
+        let report = timeout(T, broker.shutdown()).await.unwrap();
+        assert_eq!(report.forced, 0);
+    }
 }

@@ -252,9 +252,15 @@ async fn mqtt5_topic_aliases_are_checked_against_the_topic_they_stand_for() {
     van1.send(&publish_v5("", b"4", false, &alias(2))).await;
     bridge.nothing_for(Duration::from_millis(300)).await;
     assert_eq!(broker.metrics().dropped_total(DropReason::Acl), 2);
-    // An alias never set ends the connection.
+    // An alias never set ends the connection, with DISCONNECT "protocol error".
     van1.send(&publish_v5("", b"5", false, &alias(3))).await;
-    assert!(van1.until_closed().await.is_empty());
+    let last: Vec<_> = van1
+        .until_closed()
+        .await
+        .into_iter()
+        .map(|(first, body)| (first, body[0]))
+        .collect();
+    assert_eq!(last, [(0xE0, 0x82)]);
 }
 
 #[tokio::test]

@@ -50,7 +50,14 @@ async fn server_only_packets_from_a_client_end_only_that_connection() {
     ] {
         let mut raw = client_v5(v5, "evil").await;
         raw.send(evil).await;
-        assert!(raw.until_closed().await.is_empty());
+        // Closed, after a DISCONNECT "protocol error" that says why.
+        let told: Vec<_> = raw
+            .until_closed()
+            .await
+            .into_iter()
+            .map(|(first, body)| (first, body[0]))
+            .collect();
+        assert_eq!(told, [(0xE0, 0x82)]);
     }
     let (_, code) = Raw::connect(v5, &connect_v5_as("fine")).await;
     assert_eq!(code, 0);

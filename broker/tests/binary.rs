@@ -21,6 +21,8 @@ fn broker() -> Command {
         }
     }
     cmd.env("RUST_LOG", "info");
+    // A journal of its own, not `fleetbeat-broker-journal.db` in the source tree.
+    cmd.env("FLEETBEAT_BROKER_JOURNAL", temp("journal.db"));
     cmd
 }
 

@@ -1,5 +1,5 @@
 // Several real socket.io-client dispatchers in one node process, for the load harness
-// (tests/src/bin/loadbench.rs; see bench/README.md).
+// (tests/src/bin/loadbench/; see bench/README.md).
 //
 // Usage: node load-dispatchers.mjs '<config json>'
 //   {url, namespace, token, room, clients, first, intervalMs, tickMs, slackMs}
@@ -17,9 +17,8 @@
 //   {"op":"window-end"}                    {"type":"window",...}            (counts, histogram)
 //   {"op":"report"}                        {"type":"report",...} then exit  (loss, last seqs)
 //                                          {"type":"error","message":...}
-import { createInterface } from "node:readline";
 import { performance } from "node:perf_hooks";
-import { io } from "socket.io-client";
+import { connect, out, readCommands } from "./harness.mjs";
 
 const config = JSON.parse(process.argv[2] ?? "{}");
 const { url, namespace, token, room, clients, first = 0 } = config;
@@ -30,7 +29,6 @@ if (!url || !namespace || !room || !clients) {
   console.error("usage: node load-dispatchers.mjs '{\"url\":...,\"namespace\":...,\"room\":...,\"clients\":N}'");
   process.exit(2);
 }
-const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 const now = () => performance.timeOrigin + performance.now();
 
 // Coalescing may replace this many consecutive heartbeats of one vehicle by a later one.
@@ -64,9 +62,7 @@ class Dispatcher {
     this.inWindow = false;
     this.disconnects = 0;
     this.lastSeq = new Map();
-    this.socket = io(url + namespace, {
-      auth: token ? { token } : undefined,
-      transports: ["websocket"],
+    this.socket = connect(url, namespace, token ? { token } : undefined, {
       forceNew: true,
       reconnection: false,
     });
@@ -151,16 +147,12 @@ function resetWindow() {
   }
 }
 
-const lines = createInterface({ input: process.stdin });
-lines.on("line", (line) => {
-  if (!line.trim()) return;
-  let cmd;
-  try {
-    cmd = JSON.parse(line);
-  } catch (err) {
-    out({ type: "error", message: `bad command: ${err.message}` });
-    return;
-  }
+readCommands(handle, {
+  bad: (message) => out({ type: "error", message }),
+  done: () => process.exit(0),
+});
+
+function handle(cmd) {
   switch (cmd.op) {
     case "window-start":
       resetWindow();
@@ -189,5 +181,4 @@ lines.on("line", (line) => {
     default:
       out({ type: "error", message: `unknown op ${cmd.op}` });
   }
-});
-lines.on("close", () => process.exit(0));
+}

@@ -21,10 +21,8 @@ import { execFileSync } from "node:child_process";
 import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
-import { createInterface } from "node:readline";
 import { chromium } from "playwright-core";
-
-const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
+import { out, readCommands } from "./harness.mjs";
 
 function chromiumPath() {
   if (process.env.CHROMIUM_PATH) return process.env.CHROMIUM_PATH;
@@ -164,23 +162,19 @@ async function shutdown(code) {
 
 // Commands run one at a time, in order.
 let queue = Promise.resolve();
-const lines = createInterface({ input: process.stdin });
-lines.on("line", (line) => {
-  if (!line.trim()) return;
-  let cmd;
-  try {
-    cmd = JSON.parse(line);
-  } catch (err) {
-    out({ id: null, ok: false, error: `bad command: ${err.message}` });
-    return;
-  }
-  queue = queue.then(async () => {
-    try {
-      out({ id: cmd.id, ok: true, value: (await handle(cmd)) ?? null });
-    } catch (err) {
-      out({ id: cmd.id, ok: false, error: String(err?.message ?? err) });
-    }
-  });
-});
-// The test closing stdin means it is over.
-lines.on("close", () => queue.then(() => shutdown(0)));
+readCommands(
+  (cmd) => {
+    queue = queue.then(async () => {
+      try {
+        out({ id: cmd.id, ok: true, value: (await handle(cmd)) ?? null });
+      } catch (err) {
+        out({ id: cmd.id, ok: false, error: String(err?.message ?? err) });
+      }
+    });
+  },
+  {
+    bad: (error) => out({ id: null, ok: false, error }),
+    // The test closing stdin means it is over.
+    done: () => queue.then(() => shutdown(0)),
+  },
+);

@@ -10,19 +10,14 @@
 //   {"type":"connect","id":...} {"type":"connect_error","message":...}
 //   {"type":"disconnect","reason":...}
 //   {"type":"event","event":...,"args":[...]} {"type":"ack","ack":7,"args":[...]}
-import { createInterface } from "node:readline";
-import { io } from "socket.io-client";
+import { connect, out, readCommands } from "./harness.mjs";
 
 const [url, namespace, authJson] = process.argv.slice(2);
 if (!url || !namespace) {
   console.error("usage: node sio-client.mjs <url> <namespace> [auth-json]");
   process.exit(2);
 }
-const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
-
-const socket = io(url + namespace, {
-  auth: authJson ? JSON.parse(authJson) : undefined,
-  transports: ["websocket"],
+const socket = connect(url, namespace, authJson ? JSON.parse(authJson) : undefined, {
   reconnection: true,
   reconnectionDelay: 100,
   reconnectionDelayMax: 1000,
@@ -32,16 +27,16 @@ socket.on("connect_error", (err) => out({ type: "connect_error", message: err.me
 socket.on("disconnect", (reason) => out({ type: "disconnect", reason }));
 socket.onAny((event, ...args) => out({ type: "event", event, args }));
 
-const lines = createInterface({ input: process.stdin });
-lines.on("line", (line) => {
-  if (!line.trim()) return;
-  let cmd;
-  try {
-    cmd = JSON.parse(line);
-  } catch (err) {
-    out({ type: "error", message: `bad command: ${err.message}` });
-    return;
-  }
+readCommands(handle, {
+  bad: (message) => out({ type: "error", message }),
+  // The test harness closing stdin means the test is over.
+  done: () => {
+    socket.close();
+    process.exit(0);
+  },
+});
+
+function handle(cmd) {
   switch (cmd.op) {
     case "emit": {
       const args = cmd.args ?? [];
@@ -68,9 +63,4 @@ lines.on("line", (line) => {
     default:
       out({ type: "error", message: `unknown op ${cmd.op}` });
   }
-});
-// The test harness closing stdin means the test is over.
-lines.on("close", () => {
-  socket.close();
-  process.exit(0);
-});
+}

@@ -1,4 +1,8 @@
-//! Builds the workspace binaries once per test process and returns their paths.
+//! Builds the workspace binaries and returns their paths.
+//!
+//! Tests build them once per test process, with the test's own profile, so they always run the
+//! current code; `loadbench` builds the release binaries itself (or not, with `--no-build`) and
+//! points here with [`use_dir`].
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -6,20 +10,28 @@ use std::sync::OnceLock;
 
 use anyhow::{Context as _, bail};
 
-static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
 /// The directory holding the built binaries (`target/debug` or `target/release`).
 ///
-/// The first call runs `cargo build --bins` for the programs under test, with the same
-/// profile as the running test, so the tests always run the current code.
+/// Unless [`use_dir`] chose one, the first call runs [`build`] with the same profile as the
+/// running test binary.
 ///
 /// # Errors
 /// If cargo cannot build them.
 pub fn dir() -> anyhow::Result<PathBuf> {
-    BUILT
-        .get_or_init(|| build().map_err(|e| format!("{e:#}")))
+    DIR.get_or_init(|| test_profile_dir().map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(anyhow::Error::msg)
+}
+
+/// Takes the binaries from `dir` from now on, without building them.
+///
+/// # Errors
+/// If [`dir`] was already decided.
+pub fn use_dir(dir: PathBuf) -> anyhow::Result<()> {
+    DIR.set(Ok(dir))
+        .map_err(|_| anyhow::anyhow!("the binaries' directory was already chosen"))
 }
 
 /// The path of binary `name`.
@@ -29,20 +41,20 @@ pub fn dir() -> anyhow::Result<PathBuf> {
 pub fn path(name: &str) -> anyhow::Result<PathBuf> {
     let path = dir()?.join(name);
     if !path.exists() {
-        bail!("{} was not built", path.display());
+        bail!(
+            "{} was not built (cargo build -p {name} --bins)",
+            path.display()
+        );
     }
     Ok(path)
 }
 
-fn build() -> anyhow::Result<PathBuf> {
-    // The test binary lives in target/<profile>/deps/.
-    let exe = std::env::current_exe().context("locating the test binary")?;
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("test binary is not in target/<profile>/deps")?
-        .to_path_buf();
-    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+/// Runs `cargo build --bins` for `bridge`, `device-sim` and `broker` in the workspace, in the
+/// release profile if `release`.
+///
+/// # Errors
+/// If cargo fails.
+pub fn build(release: bool) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut cmd = Command::new(cargo);
     cmd.args([
@@ -59,9 +71,25 @@ fn build() -> anyhow::Result<PathBuf> {
     if release {
         cmd.arg("--release");
     }
-    let status = cmd.status().context("running cargo build")?;
+    let status = cmd
+        .current_dir(crate::workspace())
+        .status()
+        .context("running cargo build")?;
     if !status.success() {
         bail!("cargo build of the binaries failed: {status}");
     }
+    Ok(())
+}
+
+/// Builds the binaries in the running test's profile and returns their directory.
+fn test_profile_dir() -> anyhow::Result<PathBuf> {
+    // The test binary lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test binary is not in target/<profile>/deps")?
+        .to_path_buf();
+    build(profile_dir.file_name().is_some_and(|n| n == "release"))?;
     Ok(profile_dir)
 }

@@ -10,15 +10,6 @@ use tokio::process::Command;
 
 use crate::WAIT;
 
-/// Runs `mosquitto_sub -v` on `filter` until it has received `count` messages and returns
-/// the lines it printed (`topic payload`: for text payloads).
-///
-/// # Errors
-/// If it fails or does not receive `count` messages within the bound.
-pub async fn sub(broker: SocketAddr, filter: &str, count: u32) -> anyhow::Result<Vec<String>> {
-    sub_formatted(broker, filter, count, "%t %p").await
-}
-
 /// Runs `mosquitto_sub` on `filter` until it has received `count` messages and returns their
 /// topics, one per message.
 ///
@@ -38,13 +29,7 @@ async fn sub_formatted(
     count: u32,
     format: &str,
 ) -> anyhow::Result<Vec<String>> {
-    let output = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            &broker.ip().to_string(),
-            "-p",
-            &broker.port().to_string(),
-        ])
+    let output = aimed(Command::new("mosquitto_sub"), broker)
         .args(["-t", filter, "-F", format, "-C", &count.to_string()])
         .args(["-W", &WAIT.as_secs().to_string()])
         .stdin(Stdio::null())
@@ -65,6 +50,17 @@ async fn sub_formatted(
         .collect())
 }
 
+/// `cmd` with `-h HOST -p PORT` of `broker`.
+fn aimed(mut cmd: Command, broker: SocketAddr) -> Command {
+    cmd.args([
+        "-h",
+        &broker.ip().to_string(),
+        "-p",
+        &broker.port().to_string(),
+    ]);
+    cmd
+}
+
 /// Publishes `payload` on `topic` with `mosquitto_pub` at `qos`.
 ///
 /// # Errors
@@ -75,13 +71,7 @@ pub async fn publish(
     payload: &[u8],
     qos: u8,
 ) -> anyhow::Result<()> {
-    let mut child = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            &broker.ip().to_string(),
-            "-p",
-            &broker.port().to_string(),
-        ])
+    let mut child = aimed(Command::new("mosquitto_pub"), broker)
         .args(["-t", topic, "-q", &qos.to_string(), "-s"])
         .stdin(Stdio::piped())
         .kill_on_drop(true)
@@ -109,38 +99,29 @@ pub async fn sub_payloads(
     filter: &str,
     count: u32,
 ) -> anyhow::Result<Vec<Vec<u8>>> {
-    let output = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            &broker.ip().to_string(),
-            "-p",
-            &broker.port().to_string(),
-        ])
-        .args(["-t", filter, "-F", "%x", "-C", &count.to_string()])
-        .args(["-W", &WAIT.as_secs().to_string()])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .context("running mosquitto_sub")?;
-    if !output.status.success() {
-        bail!(
-            "mosquitto_sub failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|hex| {
-            (0..hex.len())
-                .step_by(2)
-                .map(|i| {
-                    hex.get(i..i + 2)
-                        .and_then(|b| u8::from_str_radix(b, 16).ok())
-                        .with_context(|| format!("bad hex from mosquitto_sub: {hex}"))
-                })
-                .collect()
+    sub_formatted(broker, filter, count, "%x")
+        .await?
+        .iter()
+        .map(|hex| unhex(hex))
+        .collect()
+}
+
+/// `bytes` in lower-case hex, as `-F %x` prints a payload.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of a payload printed with `-F %x`.
+///
+/// # Errors
+/// If `text` is not hex.
+pub fn unhex(text: &str) -> anyhow::Result<Vec<u8>> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+                .with_context(|| format!("bad hex from mosquitto_sub: {text}"))
         })
         .collect()
 }
@@ -152,19 +133,24 @@ pub async fn sub_payloads(
 /// It runs under `stdbuf -oL`: writing to a pipe, the clients would otherwise hold their
 /// output (e.g. `-d`'s "Subscribed" line) in a stdio buffer until it fills.
 pub fn client(tool: &str, broker: SocketAddr) -> Command {
-    let mut cmd = Command::new("stdbuf");
-    cmd.args(["-oL", tool]);
-    cmd.args([
-        "-h",
-        &broker.ip().to_string(),
-        "-p",
-        &broker.port().to_string(),
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .kill_on_drop(true);
+    let mut stdbuf = Command::new("stdbuf");
+    stdbuf.args(["-oL", tool]);
+    let mut cmd = aimed(stdbuf, broker);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     cmd
+}
+
+/// A [`Watch`] of `mosquitto_sub` with `args` against `broker`.
+///
+/// # Errors
+/// If it cannot connect or subscribe within the bound.
+pub async fn watch(broker: SocketAddr, args: &[&str]) -> anyhow::Result<Watch> {
+    let mut cmd = client("mosquitto_sub", broker);
+    cmd.args(args);
+    Watch::start(cmd).await
 }
 
 /// How a client run ended, and what it printed.

@@ -114,6 +114,24 @@ impl Program {
         self.child.id()
     }
 
+    /// Sends `signal` (`TERM`, `STOP`, `CONT`, ...) with `kill`, without waiting for anything.
+    ///
+    /// # Errors
+    /// If the process has exited or `kill` fails.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .pid()
+            .with_context(|| format!("{} has exited", self.name))?;
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} ({}) failed", self.name);
+        }
+        Ok(())
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     ///
     /// # Errors

@@ -1,13 +1,15 @@
 //! Device and bridge credentials made with the real `broker add-device` / `add-client`, and the
-//! matching secrets file for `device-sim --credentials`.
+//! matching secrets file for `device-sim --credentials`: for the bridge's embedded broker.
+//! (A fleet provisioned the other way round, with `device-sim provision`, is
+//! [`crate::stack::provision_fleet`].)
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
-use crate::bin;
-use crate::stack::temp_dir;
+use crate::stack::broker_credentials_command;
+use crate::temp_dir;
 
 /// What [`provision`] made.
 #[derive(Debug, Clone)]
@@ -22,48 +24,21 @@ pub struct Provisioned {
     pub devices: BTreeMap<String, (String, [u8; 32])>,
 }
 
-fn run_broker(args: &[&str]) -> anyhow::Result<String> {
-    let output = std::process::Command::new(bin::path("broker")?)
-        .args(args)
-        .output()
-        .context("running broker")?;
-    if !output.status.success() {
-        bail!(
-            "broker {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr))
-}
-
-fn field(text: &str, key: &str) -> anyhow::Result<String> {
-    text.lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix(key)?
-                .split_whitespace()
-                .next()
-                .map(str::to_owned)
-        })
-        .with_context(|| format!("no {key} in {text:?}"))
-}
-
 /// Provisions `devices` and the bridge (client `fleetbeat-bridge`, role bridge) in a fresh
 /// credentials file, and writes the simulator's secrets file beside it.
 ///
 /// # Errors
 /// If the `broker` commands fail or print something unexpected.
-pub fn provision(devices: &[&str]) -> anyhow::Result<Provisioned> {
+pub async fn provision(devices: &[&str]) -> anyhow::Result<Provisioned> {
     let dir = temp_dir()?;
     let broker_file = dir.join("credentials.toml");
     let file = broker_file.to_str().context("utf-8 path")?.to_owned();
     let mut out = BTreeMap::new();
     let mut sim = String::new();
     for device in devices {
-        let text = run_broker(&["add-device", device, "--credentials", &file])?;
-        let password = field(&text, "password:")?;
-        let key_hex = field(&text, "key:")?;
+        let (password, key_hex) =
+            broker_credentials_command(&["add-device", device, "--credentials", &file]).await?;
+        let key_hex = key_hex.with_context(|| format!("add-device {device} printed no key"))?;
         let mut key = [0u8; 32];
         for (i, byte) in key.iter_mut().enumerate() {
             *byte = u8::from_str_radix(key_hex.get(2 * i..2 * i + 2).context("short key")?, 16)?;
@@ -73,15 +48,15 @@ pub fn provision(devices: &[&str]) -> anyhow::Result<Provisioned> {
         ));
         out.insert((*device).to_owned(), (password, key));
     }
-    let text = run_broker(&[
+    let (bridge_password, _) = broker_credentials_command(&[
         "add-client",
         "fleetbeat-bridge",
         "--role",
         "bridge",
         "--credentials",
         &file,
-    ])?;
-    let bridge_password = field(&text, "password:")?;
+    ])
+    .await?;
     let sim_file = dir.join("sim-secrets.toml");
     std::fs::write(&sim_file, sim).context("writing the simulator's secrets")?;
     Ok(Provisioned {

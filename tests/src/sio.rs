@@ -2,53 +2,21 @@
 //! `tests/node/sio-client.mjs`.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::mpsc;
 
 use crate::WAIT;
+use crate::node::node_dir;
+use crate::peer::Peer;
 
-static NODE_READY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-
-/// The `tests/node` folder, with its npm packages (socket.io-client, playwright-core)
-/// installed.
-///
-/// # Errors
-/// If `npm ci` fails.
-pub fn node_dir() -> anyhow::Result<PathBuf> {
-    NODE_READY
-        .get_or_init(|| {
-            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node");
-            if !dir.join("node_modules/socket.io-client").exists()
-                || !dir.join("node_modules/playwright-core").exists()
-            {
-                let status = std::process::Command::new("npm")
-                    .args(["ci", "--no-audit", "--no-fund", "--silent"])
-                    .current_dir(&dir)
-                    .status()
-                    .map_err(|e| format!("running npm ci: {e}"))?;
-                if !status.success() {
-                    return Err(format!("npm ci failed: {status}"));
-                }
-            }
-            Ok(dir)
-        })
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
+/// The token of the demo dispatcher (a bridge without a configuration file).
+pub const DISPATCH_TOKEN: &str = "dispatch-demo";
 
 /// One Socket.IO client connection to one namespace.
 pub struct SioClient {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::UnboundedReceiver<Value>,
+    peer: Peer,
     /// Messages read but not yet asked for, oldest first.
     backlog: VecDeque<Value>,
     next_ack: u64,
@@ -61,40 +29,10 @@ impl SioClient {
     /// # Errors
     /// If node cannot be started.
     pub fn spawn(url: &str, namespace: &str, auth: Option<Value>) -> anyhow::Result<Self> {
-        let dir = node_dir()?;
-        let mut cmd = Command::new("node");
-        cmd.arg(dir.join("sio-client.mjs")).arg(url).arg(namespace);
-        if let Some(auth) = auth {
-            cmd.arg(auth.to_string());
-        }
-        let mut child = cmd
-            .current_dir(&dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting node (is node installed?)")?;
-        let stdin = child.stdin.take().context("node stdin")?;
-        let stdout = child.stdout.take().context("node stdout")?;
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => {
-                        if tx.send(v).is_err() {
-                            break;
-                        }
-                    }
-                    Err(_) => eprintln!("[sio-client] {line}"),
-                }
-            }
-        });
+        let mut args = vec![url.to_owned(), namespace.to_owned()];
+        args.extend(auth.map(|auth| auth.to_string()));
         Ok(Self {
-            child,
-            stdin,
-            lines,
+            peer: Peer::node("sio-client", &node_dir()?, "sio-client.mjs", &args)?,
             backlog: VecDeque::new(),
             next_ack: 1,
         })
@@ -106,24 +44,31 @@ impl SioClient {
     /// If the connection is refused or does not happen within the bound.
     pub async fn connect(url: &str, namespace: &str, auth: Option<Value>) -> anyhow::Result<Self> {
         let mut client = Self::spawn(url, namespace, auth)?;
-        let outcome = client
-            .next_matching(WAIT, |v| {
-                matches!(v["type"].as_str(), Some("connect" | "connect_error"))
-            })
-            .await?;
+        let outcome = client.handshake().await?;
         if outcome["type"] == "connect_error" {
             bail!("connection to {namespace} refused: {}", outcome["message"]);
         }
         Ok(client)
     }
 
+    /// A `/dispatch` client at `url` with the demo dispatcher's token, connected.
+    ///
+    /// # Errors
+    /// If the connection is refused or does not happen within the bound.
+    pub async fn dispatcher(url: &str) -> anyhow::Result<Self> {
+        Self::connect_with_token(url, "/dispatch", DISPATCH_TOKEN).await
+    }
+
+    /// The outcome of the handshake: the `connect` or `connect_error` message.
+    async fn handshake(&mut self) -> anyhow::Result<Value> {
+        self.next_matching(WAIT, |v| {
+            matches!(v["type"].as_str(), Some("connect" | "connect_error"))
+        })
+        .await
+    }
+
     async fn send(&mut self, command: Value) -> anyhow::Result<()> {
-        let mut line = command.to_string();
-        line.push('\n');
-        self.stdin
-            .write_all(line.as_bytes())
-            .await
-            .context("writing to the node client")
+        self.peer.send_json(&command).await
     }
 
     /// Emits `event` with `args` (a JSON array of arguments) and no ack.
@@ -196,11 +141,7 @@ impl SioClient {
         auth: Option<Value>,
     ) -> anyhow::Result<String> {
         let mut client = Self::spawn(url, namespace, auth)?;
-        let outcome = client
-            .next_matching(WAIT, |v| {
-                matches!(v["type"].as_str(), Some("connect" | "connect_error"))
-            })
-            .await?;
+        let outcome = client.handshake().await?;
         client.close().await;
         if outcome["type"] == "connect" {
             bail!("connection to {namespace} was accepted");
@@ -247,11 +188,24 @@ impl SioClient {
         Ok(msg["args"][0].clone())
     }
 
-    /// Every `event` received so far that nobody asked for, removed from the backlog.
-    pub fn drain_events(&mut self, event: &str) -> Vec<Value> {
-        while let Ok(v) = self.lines.try_recv() {
+    /// Emits `join` for `room` and returns the server's ack.
+    ///
+    /// # Errors
+    /// If the ack does not come within the bound.
+    pub async fn join(&mut self, room: &str) -> anyhow::Result<Value> {
+        self.emit_ack("join", json!([room])).await
+    }
+
+    /// Moves what has arrived into the backlog.
+    fn pull(&mut self) {
+        while let Some(v) = self.peer.try_next() {
             self.backlog.push_back(v);
         }
+    }
+
+    /// Every `event` received so far that nobody asked for, removed from the backlog.
+    pub fn drain_events(&mut self, event: &str) -> Vec<Value> {
+        self.pull();
         let (matching, rest): (Vec<Value>, Vec<Value>) = self
             .backlog
             .drain(..)
@@ -269,15 +223,13 @@ impl SioClient {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> anyhow::Result<Value> {
-        while let Ok(v) = self.lines.try_recv() {
-            self.backlog.push_back(v);
-        }
+        self.pull();
         if let Some(pos) = self.backlog.iter().position(&pred) {
             return self.backlog.remove(pos).context("backlog");
         }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+            match self.peer.next_until(deadline).await {
                 Ok(Some(v)) if pred(&v) => return Ok(v),
                 Ok(Some(v)) => self.backlog.push_back(v),
                 Ok(None) => bail!("the node client exited; backlog: {:?}", self.backlog),
@@ -292,6 +244,6 @@ impl SioClient {
     /// Closes the client.
     pub async fn close(mut self) {
         let _ = self.send(json!({ "op": "exit" })).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        self.peer.finish(Duration::from_secs(5)).await;
     }
 }

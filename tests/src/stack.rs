@@ -1,15 +1,17 @@
-//! The real programs, started on ephemeral ports: `start_bridge()`, `start_sim()`, and an
-//! in-process `start_broker()`.
+//! The real programs, started on ephemeral ports: the `bridge` (with its embedded broker or
+//! against an external one), the standalone `broker`, `device-sim`, and an in-process broker;
+//! their `/metrics`; and a fleet's credentials on both sides ([`provision_fleet`]).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use serde_json::Value;
 use tokio::process::Command;
 
-use crate::WAIT;
-use crate::bin;
 use crate::process::{Program, field};
+use crate::{WAIT, bin, temp_dir};
 
 /// A running `bridge` process.
 pub struct BridgeProcess {
@@ -45,27 +47,12 @@ impl BridgeProcess {
     ///
     /// # Errors
     /// If the request fails or the body is not JSON.
-    pub async fn get_json(
-        &self,
-        path: &str,
-        token: Option<&str>,
-    ) -> anyhow::Result<(u16, serde_json::Value)> {
+    pub async fn get_json(&self, path: &str, token: Option<&str>) -> anyhow::Result<(u16, Value)> {
         let mut request = http_client().get(format!("{}{path}", self.url()));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        let response = request
-            .send()
-            .await
-            .with_context(|| format!("GET {path}"))?;
-        let status = response.status().as_u16();
-        Ok((
-            status,
-            response
-                .json()
-                .await
-                .with_context(|| format!("GET {path}: not JSON"))?,
-        ))
+        json_exchange(request, &format!("GET {path}")).await
     }
 
     /// `POST path` with a JSON body and `Authorization: Bearer token`.
@@ -76,23 +63,13 @@ impl BridgeProcess {
         &self,
         path: &str,
         token: &str,
-        body: &serde_json::Value,
-    ) -> anyhow::Result<(u16, serde_json::Value)> {
-        let response = http_client()
+        body: &Value,
+    ) -> anyhow::Result<(u16, Value)> {
+        let request = http_client()
             .post(format!("{}{path}", self.url()))
             .bearer_auth(token)
-            .json(body)
-            .send()
-            .await
-            .with_context(|| format!("POST {path}"))?;
-        let status = response.status().as_u16();
-        Ok((
-            status,
-            response
-                .json()
-                .await
-                .with_context(|| format!("POST {path}: not JSON"))?,
-        ))
+            .json(body);
+        json_exchange(request, &format!("POST {path}")).await
     }
 
     /// Reads one sample of a Prometheus metric (`name{labels}` exactly as exposed).
@@ -100,16 +77,7 @@ impl BridgeProcess {
     /// # Errors
     /// If `/metrics` cannot be read or has no such sample.
     pub async fn metric(&self, sample: &str) -> anyhow::Result<f64> {
-        let (_, text) = self.get("/metrics").await?;
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .with_context(|| format!("no sample {sample} in /metrics:\n{text}"))
+        metric(&self.url(), sample).await
     }
 
     /// The sum of every sample of metric `name` (all label sets).
@@ -117,7 +85,7 @@ impl BridgeProcess {
     /// # Errors
     /// If `/metrics` cannot be read.
     pub async fn metric_sum(&self, name: &str) -> anyhow::Result<f64> {
-        let (_, text) = self.get("/metrics").await?;
+        let text = scrape(&self.url()).await?;
         Ok(text
             .lines()
             .filter(|l| {
@@ -132,19 +100,9 @@ impl BridgeProcess {
     /// # Errors
     /// If it is not ready within the bound.
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Ok((200, _)) = self.get("/readyz").await {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "bridge not ready within {WAIT:?}:\n{}",
-                    self.program.log_text()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(&self.url())
+            .await
+            .with_context(|| format!("bridge log:\n{}", self.program.log_text()))
     }
 }
 
@@ -153,6 +111,82 @@ fn http_client() -> reqwest::Client {
         .timeout(WAIT)
         .build()
         .unwrap_or_default()
+}
+
+/// Sends `request` (`what`, for messages) and returns the status and the JSON body.
+async fn json_exchange(
+    request: reqwest::RequestBuilder,
+    what: &str,
+) -> anyhow::Result<(u16, Value)> {
+    let response = request.send().await.context(what.to_owned())?;
+    let status = response.status().as_u16();
+    let body = response
+        .json()
+        .await
+        .with_context(|| format!("{what}: not JSON"))?;
+    Ok((status, body))
+}
+
+/// Waits until `GET {base}/readyz` answers 200 (`base` is `http://HOST:PORT`).
+///
+/// # Errors
+/// If it does not within the bound.
+pub async fn wait_ready(base: &str) -> anyhow::Result<()> {
+    let client = http_client();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ready = client
+            .get(format!("{base}/readyz"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().as_u16() == 200);
+        if ready {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{base} not ready within {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The whole `GET {base}/metrics` text (`base` is `http://HOST:PORT`).
+///
+/// # Errors
+/// If it cannot be fetched.
+async fn scrape(base: &str) -> anyhow::Result<String> {
+    let response = http_client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .with_context(|| format!("GET {base}/metrics"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "GET {base}/metrics: {}",
+        response.status()
+    );
+    Ok(response.text().await?)
+}
+
+/// One sample of a metric at `{base}/metrics` (`name{labels}` exactly as exposed).
+///
+/// # Errors
+/// If `/metrics` cannot be read or has no such sample.
+pub async fn metric(base: &str, sample: &str) -> anyhow::Result<f64> {
+    let text = scrape(base).await?;
+    sample_value(&text, sample).with_context(|| format!("no sample {sample} in:\n{text}"))
+}
+
+/// The value of `sample` in a Prometheus text exposition.
+fn sample_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Starts the `bridge` binary with its embedded broker, everything on ephemeral ports, and
@@ -183,7 +217,13 @@ pub async fn start_bridge_external(
     spawn_bridge(&args).await
 }
 
-async fn spawn_bridge(args: &[&str]) -> anyhow::Result<BridgeProcess> {
+/// Starts the `bridge` binary with exactly `args` (plus `--store` in a fresh temporary
+/// directory unless `args` name one) and waits until it is ready: for tests that restart it
+/// on the same addresses.
+///
+/// # Errors
+/// If it does not start and become ready in time.
+pub async fn spawn_bridge(args: &[&str]) -> anyhow::Result<BridgeProcess> {
     let mut cmd = Command::new(bin::path("bridge")?);
     cmd.args(args);
     if !args.contains(&"--store") {
@@ -242,7 +282,7 @@ pub async fn start_broker() -> anyhow::Result<broker::Broker> {
 ///
 /// # Errors
 /// If the file cannot be written.
-pub fn write_bridge_config(toml: &str) -> anyhow::Result<std::path::PathBuf> {
+pub fn write_bridge_config(toml: &str) -> anyhow::Result<PathBuf> {
     let path = temp_dir()?.join("bridge.toml");
     std::fs::write(&path, toml).context("writing the bridge configuration")?;
     Ok(path)
@@ -258,32 +298,42 @@ pub fn free_port() -> anyhow::Result<SocketAddr> {
     listener.local_addr().context("reading the bound address")
 }
 
-/// Starts the standalone `broker` binary (MQTT 3.1.1 only) on `addr` and waits until it is
-/// ready.
+/// The standalone `broker` command: MQTT 3.1.1 on `listen`, MQTT 5 off and `/metrics` on an
+/// ephemeral port and a journal of its own unless `extra` says otherwise (`--listen-v5` or
+/// `--no-v5`, `--metrics-listen`, `--journal`), then `extra`.
+fn broker_command(listen: &str, extra: &[&str]) -> anyhow::Result<Command> {
+    let given = |flag: &str| extra.contains(&flag);
+    let mut cmd = Command::new(bin::path("broker")?);
+    if !given("--listen") {
+        cmd.args(["--listen", listen]);
+    }
+    if !given("--listen-v5") && !given("--no-v5") {
+        cmd.args(["--listen-v5", "off"]);
+    }
+    if !given("--metrics-listen") {
+        cmd.args(["--metrics-listen", "127.0.0.1:0"]);
+    }
+    if !given("--journal") {
+        // Every broker gets its own journal unless the test shares one on purpose (a
+        // restart on the same journal).
+        cmd.arg("--journal")
+            .arg(temp_dir()?.join("broker-journal.db"));
+    }
+    cmd.args(extra);
+    Ok(cmd)
+}
+
+/// Starts the standalone `broker` binary (MQTT 3.1.1 only, unless `extra` switches MQTT 5 on)
+/// on `addr` and waits until it is ready. `extra` is appended to the command line; a
+/// `--listen-v5`, `--no-v5` or `--metrics-listen` given there replaces the default.
 ///
 /// # Errors
 /// If it does not start in time.
 pub async fn start_broker_process(addr: SocketAddr, extra: &[&str]) -> anyhow::Result<Program> {
-    let mut cmd = Command::new(bin::path("broker")?);
-    cmd.arg("--listen")
-        .arg(addr.to_string())
-        .args(["--listen-v5", "off", "--metrics-listen", "127.0.0.1:0"])
-        .args(extra);
+    let cmd = broker_command(&addr.to_string(), extra)?;
     let mut program = Program::spawn("broker", cmd)?;
     program.wait_for_line("broker ready", WAIT).await?;
     Ok(program)
-}
-
-/// A fresh directory under the system's temporary directory, for one test's files.
-///
-/// # Errors
-/// If it cannot be created.
-pub fn temp_dir() -> anyhow::Result<std::path::PathBuf> {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("fleetbeat-test-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).context("creating a temporary directory")?;
-    Ok(dir)
 }
 
 /// A running standalone `broker` process: its addresses, and its `/metrics`.
@@ -299,31 +349,12 @@ pub struct BrokerProcess {
 }
 
 impl BrokerProcess {
-    /// The whole `/metrics` text.
-    ///
-    /// # Errors
-    /// If it cannot be fetched.
-    pub async fn metrics_text(&self) -> anyhow::Result<String> {
-        let response = http_client()
-            .get(format!("http://{}/metrics", self.metrics))
-            .send()
-            .await
-            .context("GET /metrics of the broker")?;
-        anyhow::ensure!(
-            response.status().is_success(),
-            "GET /metrics: {}",
-            response.status()
-        );
-        Ok(response.text().await?)
-    }
-
     /// One sample of a metric (`name{labels}` exactly as exposed).
     ///
     /// # Errors
     /// If `/metrics` cannot be read or has no such sample.
     pub async fn metric(&self, sample: &str) -> anyhow::Result<f64> {
-        let text = self.metrics_text().await?;
-        sample_value(&text, sample).with_context(|| format!("no sample {sample} in:\n{text}"))
+        metric(&format!("http://{}", self.metrics), sample).await
     }
 
     /// Waits until `sample` satisfies `check` and returns its value.
@@ -352,37 +383,15 @@ impl BrokerProcess {
     }
 }
 
-/// The value of `sample` in a Prometheus text exposition.
-pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(sample)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 /// Starts the standalone `broker` binary on ephemeral ports (MQTT 3.1.1, `/metrics`; MQTT 5
 /// only if `extra` sets `--listen-v5`) and waits until it is ready. `extra` is appended to the
 /// command line; `--listen`, `--listen-v5` and `--metrics-listen` given there replace the
-/// defaults.
+/// defaults. No `FLEETBEAT_BROKER_*` variable of the caller's environment reaches it.
 ///
 /// # Errors
 /// If it does not start in time.
 pub async fn start_broker_standalone(extra: &[&str]) -> anyhow::Result<BrokerProcess> {
-    let given = |flag: &str| extra.contains(&flag);
-    let mut cmd = Command::new(bin::path("broker")?);
-    if !given("--listen") {
-        cmd.args(["--listen", "127.0.0.1:0"]);
-    }
-    if !given("--listen-v5") && !given("--no-v5") {
-        cmd.args(["--listen-v5", "off"]);
-    }
-    if !given("--metrics-listen") {
-        cmd.args(["--metrics-listen", "127.0.0.1:0"]);
-    }
-    cmd.args(extra);
+    let mut cmd = broker_command("127.0.0.1:0", extra)?;
     // Only what the test sets: no FLEETBEAT_BROKER_* from the caller's environment.
     for (key, _) in std::env::vars() {
         if key.starts_with("FLEETBEAT_BROKER_") {
@@ -412,14 +421,16 @@ pub async fn start_broker_standalone(extra: &[&str]) -> anyhow::Result<BrokerPro
 /// (`device-sim provision`, plain passwords and keys) and the broker's credentials file made
 /// from it (hashed passwords, the same keys).
 pub struct FleetSecrets {
-    /// The directory holding both files.
-    pub dir: std::path::PathBuf,
     /// The broker's credentials file (`broker --credentials`).
-    pub broker: std::path::PathBuf,
+    broker: PathBuf,
     /// The simulator's secrets file (`device-sim --credentials`).
-    pub sim: std::path::PathBuf,
+    sim: PathBuf,
+    /// The fleet (as given to `device-sim provision --fleet`).
+    fleet: String,
+    /// How many vehicles were provisioned.
+    vehicles: u32,
     /// The simulator's secrets, parsed.
-    pub secrets: device_sim::credentials::Credentials,
+    secrets: device_sim::secrets::DeviceSecrets,
 }
 
 impl FleetSecrets {
@@ -445,6 +456,50 @@ impl FleetSecrets {
             .with_context(|| format!("{vehicle} was not provisioned"))?;
         Ok((secret.password.clone(), secret.key))
     }
+
+    /// Adds device `id` to the broker's credentials file with `broker add-device`; returns
+    /// the password and the key (hex) it printed.
+    ///
+    /// # Errors
+    /// If the command fails.
+    pub async fn add_device(&self, id: &str) -> anyhow::Result<(String, Option<String>)> {
+        broker_credentials_command(&["add-device", id, "--credentials", &self.broker_arg()]).await
+    }
+
+    /// Adds client `name` with `role` (`observer`, `bridge`) to the broker's credentials file
+    /// with `broker add-client`; returns its password.
+    ///
+    /// # Errors
+    /// If the command fails.
+    pub async fn add_client(&self, name: &str, role: &str) -> anyhow::Result<String> {
+        let file = self.broker_arg();
+        let args = ["add-client", name, "--role", role, "--credentials", &file];
+        Ok(broker_credentials_command(&args).await?.0)
+    }
+
+    /// Starts the standalone broker on this credentials file (see
+    /// [`start_broker_standalone`]; `extra` is appended).
+    ///
+    /// # Errors
+    /// If it does not start in time.
+    pub async fn start_broker(&self, extra: &[&str]) -> anyhow::Result<BrokerProcess> {
+        let file = self.broker_arg();
+        let mut args = vec!["--credentials", &file];
+        args.extend_from_slice(extra);
+        start_broker_standalone(&args).await
+    }
+
+    /// Starts `device-sim` with every provisioned vehicle against `mqtt`, logging in with the
+    /// simulator's secrets (`extra`, then `--credentials`, are appended).
+    ///
+    /// # Errors
+    /// If it cannot be started.
+    pub fn start_sim(&self, mqtt: SocketAddr, extra: &[&str]) -> anyhow::Result<Program> {
+        let file = self.sim_arg();
+        let mut args = extra.to_vec();
+        args.extend_from_slice(&["--credentials", &file]);
+        start_sim(mqtt, self.vehicles, &self.fleet, &args)
+    }
 }
 
 /// Provisions `vehicles` vehicles of `fleet` with the real `device-sim provision`, and
@@ -457,28 +512,18 @@ pub async fn provision_fleet(vehicles: u32, fleet: &str) -> anyhow::Result<Fleet
     let dir = temp_dir()?;
     let sim = dir.join("sim-secrets.toml");
     let broker_file = dir.join("credentials.toml");
-    let output = Command::new(bin::path("device-sim")?)
-        .args([
-            "provision",
-            "--vehicles",
-            &vehicles.to_string(),
-            "--fleet",
-            fleet,
-        ])
-        .arg("--secrets")
-        .arg(&sim)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(WAIT, output)
-        .await
-        .context("device-sim provision timed out")?
-        .context("running device-sim provision")?;
-    anyhow::ensure!(
-        output.status.success(),
-        "device-sim provision failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let secrets = device_sim::credentials::Credentials::load(&sim)?;
+    let mut cmd = Command::new(bin::path("device-sim")?);
+    cmd.args([
+        "provision",
+        "--vehicles",
+        &vehicles.to_string(),
+        "--fleet",
+        fleet,
+    ])
+    .arg("--secrets")
+    .arg(&sim);
+    run_to_end(cmd, "device-sim provision").await?;
+    let secrets = device_sim::secrets::DeviceSecrets::load(&sim)?;
     let mut file = broker::CredentialsFile::open(&broker_file)?;
     for vehicle in secrets.vehicles() {
         let secret = secrets.get(vehicle).context("listed")?;
@@ -491,11 +536,26 @@ pub async fn provision_fleet(vehicles: u32, fleet: &str) -> anyhow::Result<Fleet
     }
     file.save()?;
     Ok(FleetSecrets {
-        dir,
         broker: broker_file,
         sim,
+        fleet: fleet.to_owned(),
+        vehicles,
         secrets,
     })
+}
+
+/// Runs `cmd` (`what`, for messages) to its end within the bound and returns its stdout.
+async fn run_to_end(mut cmd: Command, what: &str) -> anyhow::Result<String> {
+    let output = tokio::time::timeout(WAIT, cmd.kill_on_drop(true).output())
+        .await
+        .with_context(|| format!("{what} timed out"))?
+        .with_context(|| format!("running {what}"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Runs `broker <args>` (a credentials subcommand such as `add-device van-1 --credentials F`
@@ -505,24 +565,13 @@ pub async fn provision_fleet(vehicles: u32, fleet: &str) -> anyhow::Result<Fleet
 /// # Errors
 /// If it fails or prints no password.
 pub async fn broker_credentials_command(args: &[&str]) -> anyhow::Result<(String, Option<String>)> {
-    let output = Command::new(bin::path("broker")?)
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(WAIT, output)
-        .await
-        .context("broker subcommand timed out")?
-        .context("running the broker subcommand")?;
-    anyhow::ensure!(
-        output.status.success(),
-        "broker {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut cmd = Command::new(bin::path("broker")?);
+    cmd.args(args);
+    let stdout = run_to_end(cmd, &format!("broker {args:?}")).await?;
     let printed = |name: &str| {
         stdout
             .lines()
-            .find_map(|l| l.strip_prefix(name))
+            .find_map(|l| l.trim().strip_prefix(name))
             .map(|v| v.trim().to_owned())
     };
     let password = printed("password:").with_context(|| format!("no password in {stdout}"))?;

@@ -6,44 +6,16 @@
 
 use shared::Heartbeat;
 use tests::WAIT;
-use tests::mosquitto::{Watch, client, finish};
-use tests::stack::{
-    broker_credentials_command, provision_fleet, start_broker_standalone, start_sim,
-};
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .filter_map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
+use tests::mosquitto::{Watch, client, finish, hex, unhex};
+use tests::stack::provision_fleet;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_publish_only_as_themselves_and_observers_not_at_all() -> anyhow::Result<()> {
     let fleet = provision_fleet(1, "north").await?;
-    let creds = fleet.broker_arg();
-    let (van, _) =
-        broker_credentials_command(&["add-device", "van-0001", "--credentials", &creds]).await?;
-    let (alice, _) = broker_credentials_command(&[
-        "add-client",
-        "alice",
-        "--role",
-        "observer",
-        "--credentials",
-        &creds,
-    ])
-    .await?;
-    let mut broker = start_broker_standalone(&["--credentials", &creds]).await?;
-    let _sim = start_sim(
-        broker.mqtt,
-        1,
-        "north",
-        &["--rate", "5", "--credentials", &fleet.sim_arg()],
-    )?;
+    let (van, _) = fleet.add_device("van-0001").await?;
+    let alice = fleet.add_client("alice", "observer").await?;
+    let mut broker = fleet.start_broker(&[]).await?;
+    let _sim = fleet.start_sim(broker.mqtt, &["--rate", "5"])?;
     let mut watch = Watch::start({
         let mut cmd = client("mosquitto_sub", broker.mqtt);
         cmd.args(["-i", "watch-1", "-u", "alice", "-P", &alice]);
@@ -162,7 +134,7 @@ async fn devices_publish_only_as_themselves_and_observers_not_at_all() -> anyhow
         let line = watch
             .next_matching(WAIT, |l| l.starts_with("fleet/north/north-0001/hb "))
             .await?;
-        let payload = unhex(line.rsplit(' ').next().unwrap_or_default());
+        let payload = unhex(line.rsplit(' ').next().unwrap_or_default())?;
         shared::open::<Heartbeat>(&payload, "fleet/north/north-0001/hb", &key)
             .map_err(|e| anyhow::anyhow!("not genuine: {e}: {line}"))?;
     }

@@ -6,9 +6,7 @@
 
 use tests::WAIT;
 use tests::mosquitto::{Watch, client, finish};
-use tests::stack::{
-    broker_credentials_command, provision_fleet, start_broker_standalone, start_sim,
-};
+use tests::stack::{BrokerProcess, provision_fleet};
 
 /// `mosquitto_pub` publishing one QoS 1 message as `client_id`, logged in as `login`.
 fn publish_as(
@@ -25,31 +23,28 @@ fn publish_as(
     cmd
 }
 
+/// Both vehicles publish, seen by `watch`, and are connected.
+async fn both_vehicles_publish(watch: &mut Watch, broker: &BrokerProcess) -> anyhow::Result<()> {
+    for vehicle in ["north-0001", "north-0002"] {
+        watch
+            .next_matching(WAIT, |topic| topic == format!("fleet/north/{vehicle}/hb"))
+            .await?;
+    }
+    broker
+        .wait_metric("fleetbeat_broker_devices_connected", |n| n == 2.0)
+        .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_are_checked_counted_and_logged_and_vehicles_are_unaffected() -> anyhow::Result<()> {
     let fleet = provision_fleet(2, "north").await?;
-    let creds = fleet.broker_arg();
-    let (van, key) =
-        broker_credentials_command(&["add-device", "van-0001", "--credentials", &creds]).await?;
+    let (van, key) = fleet.add_device("van-0001").await?;
     assert_eq!(key.map(|k| k.len()), Some(64), "add-device prints the key");
-    let (alice, _) = broker_credentials_command(&[
-        "add-client",
-        "alice",
-        "--role",
-        "observer",
-        "--credentials",
-        &creds,
-    ])
-    .await?;
-    let mut broker =
-        start_broker_standalone(&["--credentials", &creds, "--listen-v5", "127.0.0.1:0"]).await?;
+    let alice = fleet.add_client("alice", "observer").await?;
+    let mut broker = fleet.start_broker(&["--listen-v5", "127.0.0.1:0"]).await?;
     assert_eq!(broker.metric("fleetbeat_broker_open_mode").await?, 0.0);
-    let mut sim = start_sim(
-        broker.mqtt,
-        2,
-        "north",
-        &["--rate", "5", "--credentials", &fleet.sim_arg()],
-    )?;
+    let mut sim = fleet.start_sim(broker.mqtt, &["--rate", "5"])?;
 
     // An observer sees both vehicles' heartbeats.
     let mut watch = Watch::start({
@@ -59,14 +54,7 @@ async fn logins_are_checked_counted_and_logged_and_vehicles_are_unaffected() -> 
         cmd
     })
     .await?;
-    for vehicle in ["north-0001", "north-0002"] {
-        watch
-            .next_matching(WAIT, |topic| topic == format!("fleet/north/{vehicle}/hb"))
-            .await?;
-    }
-    broker
-        .wait_metric("fleetbeat_broker_devices_connected", |n| n == 2.0)
-        .await?;
+    both_vehicles_publish(&mut watch, &broker).await?;
 
     // The right password gets in.
     let ok = finish(
@@ -171,14 +159,7 @@ async fn logins_are_checked_counted_and_logged_and_vehicles_are_unaffected() -> 
     );
 
     // The vehicles never noticed: still connected on their first connection, still publishing.
-    for vehicle in ["north-0001", "north-0002"] {
-        watch
-            .next_matching(WAIT, |topic| topic == format!("fleet/north/{vehicle}/hb"))
-            .await?;
-    }
-    broker
-        .wait_metric("fleetbeat_broker_devices_connected", |n| n == 2.0)
-        .await?;
+    both_vehicles_publish(&mut watch, &broker).await?;
     assert_eq!(
         broker
             .metric("fleetbeat_broker_disconnects_total{reason=\"taken_over\"}")

@@ -1,15 +1,14 @@
 //! With a credentials file, the bridge's embedded broker authenticates every device and the
 //! bridge itself: provisioned vehicles flow to dispatchers, a wrong password is refused.
 
-use serde_json::json;
-use tests::WAIT;
 use tests::provision::provision;
 use tests::sio::SioClient;
 use tests::stack::{start_bridge, start_sim};
+use tests::{WAIT, mosquitto};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_broker_authenticates_devices_and_bridge() -> anyhow::Result<()> {
-    let creds = provision(&["auth-0001"])?;
+    let creds = provision(&["auth-0001"]).await?;
     let broker_file = creds.broker_file.to_str().unwrap_or_default();
     let sim_file = creds.sim_file.to_str().unwrap_or_default();
     let mut bridge = start_bridge(&[
@@ -25,34 +24,24 @@ async fn embedded_broker_authenticates_devices_and_bridge() -> anyhow::Result<()
         "auth",
         &["--rate", "5", "--credentials", sim_file],
     )?;
-    let mut dispatcher =
-        SioClient::connect_with_token(&bridge.url(), "/dispatch", "dispatch-demo").await?;
-    dispatcher
-        .emit_ack("join", json!(["vehicle:auth-0001"]))
-        .await?;
+    let mut dispatcher = SioClient::dispatcher(&bridge.url()).await?;
+    dispatcher.join("vehicle:auth-0001").await?;
     dispatcher
         .positions_until(WAIT, |p| p["vehicle"] == "auth-0001")
         .await?;
 
     // A wrong password is refused by the broker, which counts it; the vehicle is unaffected.
-    let refused = tokio::process::Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            &bridge.mqtt.ip().to_string(),
-            "-p",
-            &bridge.mqtt.port().to_string(),
-        ])
-        .args([
-            "-i",
-            "auth-0001",
-            "-u",
-            "auth-0001",
-            "-P",
-            "not-the-password",
-        ])
-        .args(["-t", "fleet/auth/auth-0001/hb", "-m", "x"])
-        .output()
-        .await?;
+    let mut cmd = mosquitto::client("mosquitto_pub", bridge.mqtt);
+    cmd.args([
+        "-i",
+        "auth-0001",
+        "-u",
+        "auth-0001",
+        "-P",
+        "not-the-password",
+    ])
+    .args(["-t", "fleet/auth/auth-0001/hb", "-m", "x"]);
+    let refused = mosquitto::finish(cmd, None).await?;
     assert!(!refused.status.success(), "a wrong password was accepted");
     let refusals = bridge
         .metric_sum("fleetbeat_broker_auth_refused_total")

@@ -6,20 +6,30 @@
 use std::time::Duration;
 
 use tests::WAIT;
-use tests::mosquitto::{Watch, client, finish};
-use tests::stack::{start_broker_standalone, start_sim};
+use tests::mosquitto::{client, finish, watch};
+use tests::process::Program;
+use tests::stack::{BrokerProcess, start_broker_standalone, start_sim};
 use tokio::time::Instant;
+
+/// The standalone broker (`extra` on its command line) with one demo vehicle publishing at
+/// 5 Hz.
+async fn broker_with_a_vehicle(extra: &[&str]) -> anyhow::Result<(BrokerProcess, Program)> {
+    let broker = start_broker_standalone(extra).await?;
+    let sim = start_sim(broker.mqtt, 1, "demo", &["--rate", "5"])?;
+    Ok((broker, sim))
+}
+
+/// Connections the MQTT 3.1.1 listener accepted so far.
+async fn v4_connections(broker: &BrokerProcess) -> anyhow::Result<f64> {
+    broker
+        .metric("fleetbeat_broker_connections_total{listener=\"v4\"}")
+        .await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_packet_closes_only_that_connection() -> anyhow::Result<()> {
-    let mut broker = start_broker_standalone(&["--max-payload-size", "16384"]).await?;
-    let _sim = start_sim(broker.mqtt, 1, "demo", &["--rate", "5"])?;
-    let mut watch = Watch::start({
-        let mut cmd = client("mosquitto_sub", broker.mqtt);
-        cmd.args(["-t", "fleet/+/+/hb", "-F", "%t"]);
-        cmd
-    })
-    .await?;
+    let (mut broker, _sim) = broker_with_a_vehicle(&["--max-payload-size", "16384"]).await?;
+    let mut watch = watch(broker.mqtt, &["-t", "fleet/+/+/hb", "-F", "%t"]).await?;
     watch.next(WAIT).await?;
 
     let mut cmd = client("mosquitto_pub", broker.mqtt);
@@ -78,9 +88,7 @@ async fn an_oversized_packet_closes_only_that_connection() -> anyhow::Result<()>
             .await?;
     }
     assert_eq!(
-        broker
-            .metric("fleetbeat_broker_connections_total{listener=\"v4\"}")
-            .await?,
+        v4_connections(&broker).await?,
         4.0,
         "the vehicle, the watcher and the two publishers: nobody reconnected"
     );
@@ -92,14 +100,9 @@ async fn an_oversized_packet_closes_only_that_connection() -> anyhow::Result<()>
 async fn a_flooding_client_is_throttled_and_nobody_else_slowed_down() -> anyhow::Result<()> {
     const RATE: usize = 200;
     const FLOOD: usize = 1_000;
-    let mut broker = start_broker_standalone(&["--max-publish-rate", &RATE.to_string()]).await?;
-    let _sim = start_sim(broker.mqtt, 1, "demo", &["--rate", "5"])?;
-    let mut watch = Watch::start({
-        let mut cmd = client("mosquitto_sub", broker.mqtt);
-        cmd.args(["-t", "fleet/#", "-F", "%t %p"]);
-        cmd
-    })
-    .await?;
+    let rate = RATE.to_string();
+    let (mut broker, _sim) = broker_with_a_vehicle(&["--max-publish-rate", &rate]).await?;
+    let mut watch = watch(broker.mqtt, &["-t", "fleet/#", "-F", "%t %p"]).await?;
     watch
         .next_matching(WAIT, |l| l.starts_with("fleet/demo/demo-0001/hb "))
         .await?;
@@ -181,9 +184,7 @@ async fn a_flooding_client_is_throttled_and_nobody_else_slowed_down() -> anyhow:
         "{heartbeats} heartbeats in {took:?}"
     );
     assert_eq!(
-        broker
-            .metric("fleetbeat_broker_connections_total{listener=\"v4\"}")
-            .await?,
+        v4_connections(&broker).await?,
         4.0,
         "the vehicle, the watcher, the flooder and the bystander: nobody was disconnected"
     );
@@ -196,9 +197,8 @@ async fn a_flooding_client_is_throttled_and_nobody_else_slowed_down() -> anyhow:
 /// listener. Run exactly so against the broker's default listeners.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_v5_user_property_repro_harms_nothing() -> anyhow::Result<()> {
-    let broker = start_broker_standalone(&["--listen-v5", "127.0.0.1:0"]).await?;
+    let (broker, _sim) = broker_with_a_vehicle(&["--listen-v5", "127.0.0.1:0"]).await?;
     let v5 = broker.mqtt_v5.expect("asked for a v5 listener");
-    let _sim = start_sim(broker.mqtt, 1, "demo", &["--rate", "5"])?;
     let publish_v5 = |topic: &str, message: &str| {
         let mut cmd = client("mosquitto_pub", v5);
         cmd.args(["-V", "5", "-r", "-t", topic, "-m", message]);
@@ -215,12 +215,7 @@ async fn the_v5_user_property_repro_harms_nothing() -> anyhow::Result<()> {
     assert_eq!(got.stdout.trim_end(), "r/a x");
 
     // Live deliveries too, and the v4 listener keeps taking new connections.
-    let mut v4 = Watch::start({
-        let mut cmd = client("mosquitto_sub", broker.mqtt);
-        cmd.args(["-V", "311", "-t", "r/#", "-v"]);
-        cmd
-    })
-    .await?;
+    let mut v4 = watch(broker.mqtt, &["-V", "311", "-t", "r/#", "-v"]).await?;
     v4.next_matching(WAIT, |l| l == "r/a x").await?;
     assert!(finish(publish_v5("r/b", "y"), None).await?.status.success());
     v4.next_matching(WAIT, |l| l == "r/b y").await?;
@@ -238,11 +233,10 @@ async fn the_v5_user_property_repro_harms_nothing() -> anyhow::Result<()> {
 
     // Nothing was hurt: both listeners answer their probes, no connection was cut, and the
     // vehicle's traffic flows.
-    let mut fleet = Watch::start({
-        let mut cmd = client("mosquitto_sub", broker.mqtt);
-        cmd.args(["-V", "311", "-t", "fleet/+/+/hb", "-F", "%t"]);
-        cmd
-    })
+    let mut fleet = watch(
+        broker.mqtt,
+        &["-V", "311", "-t", "fleet/+/+/hb", "-F", "%t"],
+    )
     .await?;
     fleet.next(WAIT).await?;
     for listener in ["v4", "v5"] {

@@ -5,15 +5,8 @@
 use serde_json::Value;
 use shared::{Heartbeat, VehicleId};
 use tests::WAIT;
-use tests::mosquitto::{Watch, client};
+use tests::mosquitto::{unhex, watch};
 use tests::stack::{start_broker_standalone, start_sim};
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .filter_map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
 
 /// A `topic payload` line of `mosquitto_sub -v` with a JSON payload.
 fn json_line(line: &str) -> anyhow::Result<(&str, Value)> {
@@ -26,18 +19,8 @@ fn json_line(line: &str) -> anyhow::Result<(&str, Value)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_and_statuses_are_mirrored_as_json() -> anyhow::Result<()> {
     let broker = start_broker_standalone(&[]).await?;
-    let mut raw = Watch::start({
-        let mut cmd = client("mosquitto_sub", broker.mqtt);
-        cmd.args(["-t", "fleet/demo/demo-0001/hb", "-F", "%x"]);
-        cmd
-    })
-    .await?;
-    let mut mirror = Watch::start({
-        let mut cmd = client("mosquitto_sub", broker.mqtt);
-        cmd.args(["-t", "json/fleet/#", "-v"]);
-        cmd
-    })
-    .await?;
+    let mut raw = watch(broker.mqtt, &["-t", "fleet/demo/demo-0001/hb", "-F", "%x"]).await?;
+    let mut mirror = watch(broker.mqtt, &["-t", "json/fleet/#", "-v"]).await?;
     let _sim = start_sim(broker.mqtt, 2, "demo", &["--rate", "5"])?;
 
     // Every vehicle's status, retained, then heartbeats: readable JSON, verified seals.
@@ -72,7 +55,7 @@ async fn heartbeats_and_statuses_are_mirrored_as_json() -> anyhow::Result<()> {
     // The mirror says what the sealed payload says: find the JSON of a heartbeat read raw.
     let key = shared::open_mode_key(&VehicleId::new("demo-0001").map_err(anyhow::Error::msg)?);
     let hex = raw.next(WAIT).await?;
-    let hb = shared::open::<Heartbeat>(&unhex(&hex), "fleet/demo/demo-0001/hb", &key)
+    let hb = shared::open::<Heartbeat>(&unhex(&hex)?, "fleet/demo/demo-0001/hb", &key)
         .map_err(|e| anyhow::anyhow!("{e}: {hex}"))?
         .msg;
     eprintln!(
@@ -131,18 +114,8 @@ async fn heartbeats_and_statuses_are_mirrored_as_json() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mirror_can_be_switched_off() -> anyhow::Result<()> {
     let broker = start_broker_standalone(&["--json-mirror", "false"]).await?;
-    let mut mirror = Watch::start({
-        let mut cmd = client("mosquitto_sub", broker.mqtt);
-        cmd.args(["-t", "json/#", "-v"]);
-        cmd
-    })
-    .await?;
-    let mut raw = Watch::start({
-        let mut cmd = client("mosquitto_sub", broker.mqtt);
-        cmd.args(["-t", "fleet/#", "-F", "%t"]);
-        cmd
-    })
-    .await?;
+    let mut mirror = watch(broker.mqtt, &["-t", "json/#", "-v"]).await?;
+    let mut raw = watch(broker.mqtt, &["-t", "fleet/#", "-F", "%t"]).await?;
     let _sim = start_sim(broker.mqtt, 2, "demo", &["--rate", "5"])?;
     // Statuses and ten heartbeats of traffic went by: with the mirror on, their JSON would
     // have been published alongside.

@@ -7,23 +7,16 @@ use std::time::Duration;
 
 use shared::{OfflineReason, Status};
 use tests::WAIT;
-use tests::mosquitto::{Watch, client, finish};
+use tests::mosquitto::{Watch, client, finish, unhex, watch};
 use tests::stack::{FleetSecrets, provision_fleet, start_broker_standalone, start_sim};
 
 const STATUS: &str = "fleet/north/north-0001/status";
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .filter_map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
 
 /// Opens a `topic hex` line of `mosquitto_sub -F '%t %x'` as north-0001's sealed status.
 fn open_status(fleet: &FleetSecrets, line: &str) -> anyhow::Result<Status> {
     let (_, key) = fleet.device("north-0001")?;
     let hex = line.rsplit(' ').next().unwrap_or_default();
-    shared::open::<Status>(&unhex(hex), STATUS, &key)
+    shared::open::<Status>(&unhex(hex)?, STATUS, &key)
         .map(|opened| opened.msg)
         .map_err(|e| anyhow::anyhow!("{line}: {e}"))
 }
@@ -48,24 +41,10 @@ async fn first_message(
 async fn a_killed_vehicle_gets_its_retained_offline_status() -> anyhow::Result<()> {
     let fleet = provision_fleet(1, "north").await?;
     // The watcher logs in as a client (any role may subscribe anywhere).
-    let creds = fleet.broker_arg();
-    let (ops, _) = tests::stack::broker_credentials_command(&[
-        "add-client",
-        "ops",
-        "--role",
-        "bridge",
-        "--credentials",
-        &creds,
-    ])
-    .await?;
-    let broker = start_broker_standalone(&["--credentials", &creds]).await?;
+    let ops = fleet.add_client("ops", "bridge").await?;
+    let broker = fleet.start_broker(&[]).await?;
     let login = ["-u", "ops", "-P", ops.as_str()];
-    let mut sim = start_sim(
-        broker.mqtt,
-        1,
-        "north",
-        &["--rate", "5", "--credentials", &fleet.sim_arg()],
-    )?;
+    let mut sim = fleet.start_sim(broker.mqtt, &["--rate", "5"])?;
     let mut watch = Watch::start({
         let mut cmd = client("mosquitto_sub", broker.mqtt);
         cmd.args(login)
@@ -137,22 +116,12 @@ async fn a_frozen_vehicle_is_declared_offline_after_one_and_a_half_keep_alives()
         "north",
         &["--rate", "5", "--keep-alive", "2"],
     )?;
-    let mut watch = Watch::start({
-        let mut cmd = client("mosquitto_sub", broker.mqtt);
-        cmd.args(["-t", "json/fleet/+/+/status", "-v"]);
-        cmd
-    })
-    .await?;
+    let mut watch = watch(broker.mqtt, &["-t", "json/fleet/+/+/status", "-v"]).await?;
     watch
         .next_matching(WAIT, |l| l.contains("\"status\":\"online\""))
         .await?;
-    let pid = sim
-        .pid()
-        .ok_or_else(|| anyhow::anyhow!("device-sim has no pid"))?;
-    let stop = std::process::Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()?;
-    assert!(stop.success());
+    let stop = sim.signal("STOP");
+    assert!(stop.is_ok(), "{stop:?}");
     let frozen = tokio::time::Instant::now();
 
     let offline = watch
@@ -174,9 +143,7 @@ async fn a_frozen_vehicle_is_declared_offline_after_one_and_a_half_keep_alives()
             |n| n == 1.0,
         )
         .await?;
-    let _ = std::process::Command::new("kill")
-        .args(["-CONT", &pid.to_string()])
-        .status();
+    let _ = sim.signal("CONT");
     sim.kill().await?;
     watch.stop().await;
     Ok(())

@@ -12,12 +12,9 @@ async fn traffic_resumes_after_the_broker_restarts() -> anyhow::Result<()> {
     let mut broker = start_broker_process(addr, &[]).await?;
     let mut bridge = start_bridge_external(addr, &[]).await?;
     let _sim = start_sim(addr, 2, "phoenix", &["--rate", "5"])?;
-    let mut dispatcher =
-        SioClient::connect_with_token(&bridge.url(), "/dispatch", "dispatch-demo").await?;
+    let mut dispatcher = SioClient::dispatcher(&bridge.url()).await?;
     assert_eq!(
-        dispatcher
-            .emit_ack("join", json!(["fleet:phoenix"]))
-            .await?,
+        dispatcher.join("fleet:phoenix").await?,
         json!({ "ok": true })
     );
     dispatcher

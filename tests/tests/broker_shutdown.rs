@@ -61,18 +61,6 @@ impl SlowAcker {
     }
 }
 
-/// Sends SIGTERM without waiting for the exit.
-fn sigterm(program: &Program) -> anyhow::Result<()> {
-    let pid = program
-        .pid()
-        .ok_or_else(|| anyhow::anyhow!("the broker has exited"))?;
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
-    anyhow::ensure!(status.success(), "kill failed");
-    Ok(())
-}
-
 /// The log line with `needle` of a program that may have exited (its last lines may still be
 /// on their way through the pipe).
 async fn logged(program: &Program, needle: &str) -> anyhow::Result<String> {
@@ -113,7 +101,8 @@ async fn sigterm_completes_the_qos1_in_flight_then_exits_0() -> anyhow::Result<(
     let mut acker = SlowAcker::connect(&broker).await?;
     let publish = one_in_flight(&broker, &mut acker).await?;
 
-    sigterm(&broker.program)?;
+    // SIGTERM, without waiting for the exit.
+    broker.program.signal("TERM")?;
     broker
         .program
         .wait_for_line("shutting down: no new connections", WAIT)

@@ -1,36 +1,42 @@
 //! Commands round-trip to a simulated vehicle and back, over Socket.IO and the HTTP API; a
 //! vehicle that does not answer gives a timeout, not silence.
 
-use serde_json::json;
+use serde_json::{Value, json};
 use tests::WAIT;
-use tests::sio::SioClient;
-use tests::stack::{start_bridge, start_sim};
+use tests::sio::{DISPATCH_TOKEN, SioClient};
+use tests::stack::{BridgeProcess, start_bridge, start_sim};
+
+/// Sends `command` over Socket.IO and returns the ack.
+async fn command(dispatcher: &mut SioClient, command: Value) -> anyhow::Result<Value> {
+    dispatcher.emit_ack("command", json!([command])).await
+}
+
+/// Sends `command` to cmd-0001 over HTTP and returns status and answer.
+async fn http_command(bridge: &BridgeProcess, command: Value) -> anyhow::Result<(u16, Value)> {
+    bridge
+        .post_json("/api/vehicles/cmd-0001/commands", DISPATCH_TOKEN, &command)
+        .await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_round_trip_and_time_out() -> anyhow::Result<()> {
     let bridge = start_bridge(&["--command-timeout-ms", "1500"]).await?;
     let mut sim = start_sim(bridge.mqtt, 1, "cmd", &["--rate", "5"])?;
-    let mut dispatcher =
-        SioClient::connect_with_token(&bridge.url(), "/dispatch", "dispatch-demo").await?;
-    let mut watcher =
-        SioClient::connect_with_token(&bridge.url(), "/dispatch", "dispatch-demo").await?;
+    let mut dispatcher = SioClient::dispatcher(&bridge.url()).await?;
+    let mut watcher = SioClient::dispatcher(&bridge.url()).await?;
     for c in [&mut dispatcher, &mut watcher] {
-        assert_eq!(
-            c.emit_ack("join", json!(["vehicle:cmd-0001"])).await?,
-            json!({ "ok": true })
-        );
+        assert_eq!(c.join("vehicle:cmd-0001").await?, json!({ "ok": true }));
     }
     dispatcher
         .positions_until(WAIT, |p| p["vehicle"] == "cmd-0001")
         .await?;
 
     // Socket.IO: the ack callback completes with the device's answer.
-    let pong = dispatcher
-        .emit_ack(
-            "command",
-            json!([{ "vehicle": "cmd-0001", "type": "ping" }]),
-        )
-        .await?;
+    let pong = command(
+        &mut dispatcher,
+        json!({ "vehicle": "cmd-0001", "type": "ping" }),
+    )
+    .await?;
     assert_eq!(pong["ok"], true, "{pong}");
     assert_eq!(pong["result"], "ok");
     let id = pong["command_id"].as_u64().expect("command_id");
@@ -41,19 +47,17 @@ async fn commands_round_trip_and_time_out() -> anyhow::Result<()> {
         (Some("cmd-0001"), Some(id))
     );
 
-    let rate = dispatcher
-        .emit_ack(
-            "command",
-            json!([{ "vehicle": "cmd-0001", "type": "set_rate", "interval_ms": 200 }]),
-        )
-        .await?;
+    let rate = command(
+        &mut dispatcher,
+        json!({ "vehicle": "cmd-0001", "type": "set_rate", "interval_ms": 200 }),
+    )
+    .await?;
     assert_eq!(rate["result"], "ok", "{rate}");
-    let bad = dispatcher
-        .emit_ack(
-            "command",
-            json!([{ "vehicle": "cmd-0001", "type": "set_rate", "interval_ms": 5 }]),
-        )
-        .await?;
+    let bad = command(
+        &mut dispatcher,
+        json!({ "vehicle": "cmd-0001", "type": "set_rate", "interval_ms": 5 }),
+    )
+    .await?;
     assert_eq!(bad["ok"], false);
     assert!(
         bad["error"]
@@ -62,14 +66,16 @@ async fn commands_round_trip_and_time_out() -> anyhow::Result<()> {
             .contains("interval_ms"),
         "{bad}"
     );
-    let unknown = dispatcher
-        .emit_ack("command", json!([{ "vehicle": "nobody", "type": "ping" }]))
-        .await?;
+    let unknown = command(
+        &mut dispatcher,
+        json!({ "vehicle": "nobody", "type": "ping" }),
+    )
+    .await?;
     assert_eq!(unknown["error"], "unknown vehicle");
 
     // HTTP API with the same tokens.
     let (status, list) = bridge
-        .get_json("/api/vehicles", Some("dispatch-demo"))
+        .get_json("/api/vehicles", Some(DISPATCH_TOKEN))
         .await?;
     assert_eq!(status, 200);
     assert!(
@@ -90,41 +96,25 @@ async fn commands_round_trip_and_time_out() -> anyhow::Result<()> {
         .await?;
     assert_eq!(status, 403);
     let (status, err) = bridge
-        .get_json("/api/vehicles/nobody", Some("dispatch-demo"))
+        .get_json("/api/vehicles/nobody", Some(DISPATCH_TOKEN))
         .await?;
     assert_eq!(
         (status, err["error"].as_str()),
         (404, Some("unknown vehicle"))
     );
-    let (status, answer) = bridge
-        .post_json(
-            "/api/vehicles/cmd-0001/commands",
-            "dispatch-demo",
-            &json!({ "type": "return_to_depot" }),
-        )
-        .await?;
+    let (status, answer) = http_command(&bridge, json!({ "type": "return_to_depot" })).await?;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["result"], "ok");
-    let (status, _) = bridge
-        .post_json(
-            "/api/vehicles/cmd-0001/commands",
-            "dispatch-demo",
-            &json!({ "type": "self_destruct" }),
-        )
-        .await?;
+    let (status, _) = http_command(&bridge, json!({ "type": "self_destruct" })).await?;
     assert_eq!(status, 400);
 
     // A frozen vehicle (connection open, nothing answered) gives a timeout.
-    let pid = sim.pid().expect("pid").to_string();
-    std::process::Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()?;
-    let silent = dispatcher
-        .emit_ack(
-            "command",
-            json!([{ "vehicle": "cmd-0001", "type": "ping" }]),
-        )
-        .await?;
+    sim.signal("STOP")?;
+    let silent = command(
+        &mut dispatcher,
+        json!({ "vehicle": "cmd-0001", "type": "ping" }),
+    )
+    .await?;
     assert_eq!(silent["ok"], false, "{silent}");
     assert!(
         silent["error"]
@@ -133,17 +123,9 @@ async fn commands_round_trip_and_time_out() -> anyhow::Result<()> {
             .starts_with("timeout"),
         "{silent}"
     );
-    let (status, err) = bridge
-        .post_json(
-            "/api/vehicles/cmd-0001/commands",
-            "dispatch-demo",
-            &json!({ "type": "ping" }),
-        )
-        .await?;
+    let (status, err) = http_command(&bridge, json!({ "type": "ping" })).await?;
     assert_eq!(status, 504, "{err}");
-    std::process::Command::new("kill")
-        .args(["-CONT", &pid])
-        .status()?;
+    sim.signal("CONT")?;
     sim.kill().await?;
     assert!(
         bridge

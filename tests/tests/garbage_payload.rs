@@ -45,12 +45,8 @@ async fn garbage_is_counted_logged_and_survived() -> anyhow::Result<()> {
 
     // Still serving: a real vehicle's positions reach a dispatcher.
     let _sim = start_sim(broker.v4_addr(), 1, "west", &["--rate", "5"])?;
-    let mut client =
-        SioClient::connect_with_token(&bridge.url(), "/dispatch", "dispatch-demo").await?;
-    assert_eq!(
-        client.emit_ack("join", json!(["fleet:west"])).await?,
-        json!({ "ok": true })
-    );
+    let mut client = SioClient::dispatcher(&bridge.url()).await?;
+    assert_eq!(client.join("fleet:west").await?, json!({ "ok": true }));
     let positions = client
         .positions_until(WAIT, |p| p["vehicle"] == "west-0001")
         .await?;

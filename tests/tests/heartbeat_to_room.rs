@@ -7,8 +7,6 @@ use tests::WAIT;
 use tests::sio::SioClient;
 use tests::stack::{start_bridge, start_sim};
 
-const TOKEN: &str = "dispatch-demo";
-
 fn vehicle(v: &Value) -> &str {
     v["vehicle"].as_str().unwrap_or_default()
 }
@@ -18,12 +16,10 @@ async fn positions_follow_room_membership() -> anyhow::Result<()> {
     let bridge = start_bridge(&[]).await?;
     let _sim = start_sim(bridge.mqtt, 2, "north", &["--rate", "5"])?;
 
-    let mut watcher = SioClient::connect_with_token(&bridge.url(), "/dispatch", TOKEN).await?;
-    let mut witness = SioClient::connect_with_token(&bridge.url(), "/dispatch", TOKEN).await?;
+    let mut watcher = SioClient::dispatcher(&bridge.url()).await?;
+    let mut witness = SioClient::dispatcher(&bridge.url()).await?;
     for client in [&mut watcher, &mut witness] {
-        let ack = client
-            .emit_ack("join", json!(["vehicle:north-0001"]))
-            .await?;
+        let ack = client.join("vehicle:north-0001").await?;
         assert_eq!(ack, json!({ "ok": true }));
     }
 
@@ -60,7 +56,7 @@ async fn positions_follow_room_membership() -> anyhow::Result<()> {
     assert!(late.is_empty(), "positions after leave: {late:?}");
 
     // Joining the fleet room brings both vehicles.
-    let ack = watcher.emit_ack("join", json!(["fleet:north"])).await?;
+    let ack = watcher.join("fleet:north").await?;
     assert_eq!(ack, json!({ "ok": true }));
     let mut vehicles = BTreeSet::new();
     while vehicles.len() < 2 {
@@ -81,7 +77,7 @@ async fn positions_follow_room_membership() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_refuses_unknown_room_forms() -> anyhow::Result<()> {
     let bridge = start_bridge(&[]).await?;
-    let mut client = SioClient::connect_with_token(&bridge.url(), "/dispatch", TOKEN).await?;
+    let mut client = SioClient::dispatcher(&bridge.url()).await?;
     for bad in [
         json!(["truck:7"]),
         json!(["vehicle:"]),
@@ -95,7 +91,7 @@ async fn join_refuses_unknown_room_forms() -> anyhow::Result<()> {
             "{ack}"
         );
     }
-    let ack = client.emit_ack("join", json!(["all"])).await?;
+    let ack = client.join("all").await?;
     assert_eq!(ack, json!({ "ok": true }));
     // The bridge outlives bad requests.
     let (status, _) = bridge.get("/healthz").await?;
@@ -109,13 +105,10 @@ async fn positions_are_coalesced_into_one_batch_per_tick() -> anyhow::Result<()>
     let bridge = start_bridge(&["--tick-ms", "200"]).await?;
     // 10 Hz per vehicle: two heartbeats per vehicle per tick.
     let _sim = start_sim(bridge.mqtt, 4, "many", &["--rate", "10"])?;
-    let mut client = SioClient::connect_with_token(&bridge.url(), "/dispatch", TOKEN).await?;
+    let mut client = SioClient::dispatcher(&bridge.url()).await?;
     // Three overlapping rooms: each vehicle must still come once per batch.
     for room in ["all", "fleet:many", "vehicle:many-0001"] {
-        assert_eq!(
-            client.emit_ack("join", json!([room])).await?,
-            json!({ "ok": true })
-        );
+        assert_eq!(client.join(room).await?, json!({ "ok": true }));
     }
     client.next_event("position", WAIT).await?;
     let started = tokio::time::Instant::now();

@@ -1,19 +1,22 @@
 //! Every heartbeat is stored; the history API returns the track a vehicle drove, in order, as
 //! JSON and GeoJSON.
 
-use serde_json::json;
-use tests::sio::SioClient;
-use tests::stack::{start_bridge, start_sim};
+use serde_json::{Value, json};
+use tests::sio::{DISPATCH_TOKEN, SioClient};
+use tests::stack::{BridgeProcess, start_bridge, start_sim};
+
+/// `GET /api/vehicles/hist-0001/track{query}` as a dispatcher: status and body.
+async fn get_track(bridge: &BridgeProcess, query: &str) -> anyhow::Result<(u16, Value)> {
+    let path = format!("/api/vehicles/hist-0001/track{query}");
+    bridge.get_json(&path, Some(DISPATCH_TOKEN)).await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn track_comes_back_in_order_in_both_formats() -> anyhow::Result<()> {
     let bridge = start_bridge(&[]).await?;
     let _sim = start_sim(bridge.mqtt, 1, "hist", &["--rate", "10"])?;
-    let mut dispatcher =
-        SioClient::connect_with_token(&bridge.url(), "/dispatch", "dispatch-demo").await?;
-    dispatcher
-        .emit_ack("join", json!(["vehicle:hist-0001"]))
-        .await?;
+    let mut dispatcher = SioClient::dispatcher(&bridge.url()).await?;
+    dispatcher.join("vehicle:hist-0001").await?;
     let mut seen = Vec::new();
     while seen.len() < 10 {
         seen.extend(dispatcher.positions_until(tests::WAIT, |_| true).await?);
@@ -25,10 +28,10 @@ async fn track_comes_back_in_order_in_both_formats() -> anyhow::Result<()> {
         .unwrap_or_default();
 
     // The history writer flushes in batches: wait until it holds what the dispatcher saw.
-    let path = format!("/api/vehicles/hist-0001/track?to={last_ts}");
+    let to_last = format!("?to={last_ts}");
     let deadline = tokio::time::Instant::now() + tests::WAIT;
     let points = loop {
-        let (status, track) = bridge.get_json(&path, Some("dispatch-demo")).await?;
+        let (status, track) = get_track(&bridge, &to_last).await?;
         assert_eq!(status, 200, "{track}");
         let points = track["points"].as_array().cloned().unwrap_or_default();
         if points.last().and_then(|p| p["ts_ms"].as_u64()) == Some(last_ts) {
@@ -54,9 +57,7 @@ async fn track_comes_back_in_order_in_both_formats() -> anyhow::Result<()> {
         assert_eq!((&stored["lat"], &stored["lon"]), (&p["lat"], &p["lon"]));
     }
 
-    let (status, geo) = bridge
-        .get_json(&format!("{path}&format=geojson"), Some("dispatch-demo"))
-        .await?;
+    let (status, geo) = get_track(&bridge, &format!("{to_last}&format=geojson")).await?;
     assert_eq!(status, 200);
     assert_eq!(geo["type"], "Feature");
     assert_eq!(geo["geometry"]["type"], "LineString");
@@ -73,28 +74,13 @@ async fn track_comes_back_in_order_in_both_formats() -> anyhow::Result<()> {
 
     // A window, and bad requests.
     let mid = ts[ts.len() / 2];
-    let (_, window) = bridge
-        .get_json(
-            &format!("/api/vehicles/hist-0001/track?from={mid}&to={last_ts}"),
-            Some("dispatch-demo"),
-        )
-        .await?;
+    let (_, window) = get_track(&bridge, &format!("?from={mid}&to={last_ts}")).await?;
     let window = window["points"].as_array().cloned().unwrap_or_default();
     assert!(window.iter().all(|p| p["ts_ms"].as_u64() >= Some(mid)));
     assert_eq!(window.len(), ts.iter().filter(|t| **t >= mid).count());
-    let (status, _) = bridge
-        .get_json(
-            "/api/vehicles/hist-0001/track?format=kml",
-            Some("dispatch-demo"),
-        )
-        .await?;
+    let (status, _) = get_track(&bridge, "?format=kml").await?;
     assert_eq!(status, 400);
-    let (status, _) = bridge
-        .get_json(
-            "/api/vehicles/hist-0001/track?from=5&to=1",
-            Some("dispatch-demo"),
-        )
-        .await?;
+    let (status, _) = get_track(&bridge, "?from=5&to=1").await?;
     assert_eq!(status, 400);
     let (status, _) = bridge
         .get_json("/api/vehicles/hist-0001/track", None)

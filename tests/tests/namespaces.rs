@@ -127,9 +127,9 @@ fleets = ["*"]
         "the sender got its own pickup"
     );
 
-    let own = sender.emit_ack("join", json!(["vendor:store-1"])).await?;
+    let own = sender.join("vendor:store-1").await?;
     assert_eq!(own, json!({ "ok": true }));
-    let theirs = sender.emit_ack("join", json!(["vendor:store-2"])).await?;
+    let theirs = sender.join("vendor:store-2").await?;
     assert_eq!(theirs["ok"], false);
     assert!(
         theirs["error"]

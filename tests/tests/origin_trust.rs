@@ -12,7 +12,7 @@ use tests::{WAIT, mosquitto};
 async fn spoofed_and_replayed_payloads_are_rejected() -> anyhow::Result<()> {
     // Real credentials: the embedded broker authenticates every device and the bridge; the
     // bridge checks every payload's seal against the device's key.
-    let creds = provision(&["spoof-0001", "spoof-0002"])?;
+    let creds = provision(&["spoof-0001", "spoof-0002"]).await?;
     let broker_file = creds.broker_file.to_str().unwrap_or_default();
     let sim_file = creds.sim_file.to_str().unwrap_or_default();
     // An external broker with no topic ACLs (any broker a user may run): the bridge alone
@@ -28,12 +28,9 @@ async fn spoofed_and_replayed_payloads_are_rejected() -> anyhow::Result<()> {
     )?;
     let key = |d: &str| creds.devices.get(d).map(|(_, k)| *k).unwrap_or_default();
 
-    let mut dispatcher =
-        SioClient::connect_with_token(&bridge.url(), "/dispatch", "dispatch-demo").await?;
+    let mut dispatcher = SioClient::dispatcher(&bridge.url()).await?;
     assert_eq!(
-        dispatcher
-            .emit_ack("join", json!(["vehicle:spoof-0001"]))
-            .await?,
+        dispatcher.join("vehicle:spoof-0001").await?,
         json!({ "ok": true })
     );
     dispatcher

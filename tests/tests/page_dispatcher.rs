@@ -13,293 +13,23 @@
 //!
 //! Both run one after the other (one browser at a time: frame times are measured).
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde_json::{Value, json};
 use tests::WAIT;
-use tests::process::Program;
-use tests::sio::{SioClient, node_dir};
-use tests::stack::{BridgeProcess, start_bridge, start_sim};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::{Mutex, mpsc};
+use tests::page::Page;
+use tests::sio::{DISPATCH_TOKEN as TOKEN, SioClient};
+use tests::stack::{start_bridge, start_sim};
+use tokio::sync::Mutex;
 
 /// One browser at a time.
 static BROWSER: Mutex<()> = Mutex::const_new(());
 
-/// The demo token of a bridge without a configuration file (docs/socketio.md).
-const TOKEN: &str = "dispatch-demo";
-
-/// Where screenshots go: `$FLEETBEAT_ARTIFACTS`, or `target/artifacts` of the workspace.
-fn artifact(name: &str) -> PathBuf {
-    std::env::var_os("FLEETBEAT_ARTIFACTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let tests = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-            tests
-                .parent()
-                .map_or(tests.clone(), PathBuf::from)
-                .join("target/artifacts")
-        })
-        .join(name)
-}
-
-/// The page in a headless Chromium, driven by `tests/node/page-driver.mjs`.
-struct Page {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::UnboundedReceiver<Value>,
-    next_id: u64,
-    /// Console errors and warnings, page errors and blocked external requests, as reported.
-    problems: Vec<Value>,
-}
-
-impl Page {
-    /// Starts Chromium with a fresh profile and opens `url`.
-    async fn open(url: &str) -> anyhow::Result<Self> {
-        let dir = node_dir()?;
-        let mut child = Command::new("node")
-            .arg(dir.join("page-driver.mjs"))
-            .current_dir(&dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting node (is node installed?)")?;
-        let stdin = child.stdin.take().context("node stdin")?;
-        let stdout = child.stdout.take().context("node stdout")?;
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => {
-                        if tx.send(v).is_err() {
-                            break;
-                        }
-                    }
-                    Err(_) => eprintln!("[page-driver] {line}"),
-                }
-            }
-        });
-        let mut page = Self {
-            child,
-            stdin,
-            lines,
-            next_id: 1,
-            problems: Vec::new(),
-        };
-        let launched = page
-            .call(
-                json!({ "op": "launch", "width": 1440, "height": 900 }),
-                WAIT,
-            )
-            .await
-            .context("launching chromium (apt-get install chromium)")?;
-        eprintln!("chromium {}", launched["version"]);
-        page.call(json!({ "op": "goto", "url": url }), WAIT).await?;
-        Ok(page)
-    }
-
-    /// Sends one command and waits (at most `timeout`) for its reply's value.
-    async fn call(&mut self, mut command: Value, timeout: Duration) -> anyhow::Result<Value> {
-        let id = self.next_id;
-        self.next_id += 1;
-        command["id"] = json!(id);
-        let op = command["op"].clone();
-        let mut line = command.to_string();
-        line.push('\n');
-        self.stdin
-            .write_all(line.as_bytes())
-            .await
-            .context("writing to the page driver")?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let msg = match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(msg)) => msg,
-                Ok(None) => bail!("the page driver exited during {op}"),
-                Err(_) => bail!("no reply to {op} within {timeout:?}"),
-            };
-            if msg["id"] == id {
-                if msg["ok"] == true {
-                    return Ok(msg["value"].clone());
-                }
-                bail!("{op} failed: {}", msg["error"]);
-            }
-            if msg.get("type").is_some() {
-                eprintln!("[page] {msg}");
-                self.problems.push(msg);
-            }
-        }
-    }
-
-    /// The value of a JS expression in the page.
-    async fn eval(&mut self, expr: &str) -> anyhow::Result<Value> {
-        self.call(json!({ "op": "eval", "expr": expr }), WAIT).await
-    }
-
-    /// Waits until a JS expression is truthy in the page; returns its value.
-    async fn wait(&mut self, expr: &str, timeout: Duration) -> anyhow::Result<Value> {
-        let ms = timeout.as_millis() as u64;
-        self.call(
-            json!({ "op": "wait", "expr": expr, "timeoutMs": ms }),
-            timeout + Duration::from_secs(5),
-        )
-        .await
-    }
-
-    /// Waits until `stats()` satisfies `condition` (a JS expression over `s`).
-    async fn wait_stats(&mut self, condition: &str, timeout: Duration) -> anyhow::Result<Value> {
-        let expr = format!(
-            "(() => {{ const s = window.__fleetbeat.stats(); return ({condition}) && s; }})()"
-        );
-        match self.wait(&expr, timeout).await {
-            Ok(stats) => Ok(stats),
-            Err(err) => {
-                let last = self.eval("window.__fleetbeat.stats()").await?;
-                Err(err.context(format!("waiting for stats where {condition}; last: {last}")))
-            }
-        }
-    }
-
-    async fn fill(&mut self, selector: &str, value: &str) -> anyhow::Result<()> {
-        self.call(
-            json!({ "op": "fill", "selector": selector, "value": value }),
-            WAIT,
-        )
-        .await
-        .map(drop)
-    }
-
-    async fn click(&mut self, selector: &str) -> anyhow::Result<()> {
-        self.call(json!({ "op": "click", "selector": selector }), WAIT)
-            .await
-            .map(drop)
-    }
-
-    async fn select(&mut self, selector: &str, value: &str) -> anyhow::Result<()> {
-        self.call(
-            json!({ "op": "select", "selector": selector, "value": value }),
-            WAIT,
-        )
-        .await
-        .map(drop)
-    }
-
-    /// Logs in with `token` through the form.
-    async fn login(&mut self, token: &str) -> anyhow::Result<()> {
-        self.wait("!document.getElementById('login').hidden", WAIT)
-            .await?;
-        self.fill("#token", token).await?;
-        self.click("#login-submit").await
-    }
-
-    /// Joins a room through the sidebar form (`fleet`, `vehicle` or `all`).
-    async fn join(&mut self, kind: &str, id: &str) -> anyhow::Result<()> {
-        self.select("#join-kind", kind).await?;
-        if kind != "all" {
-            self.fill("#join-id", id).await?;
-        }
-        self.click("#join-form button[type=submit]").await?;
-        let room = if kind == "all" {
-            "all".to_owned()
-        } else {
-            format!("{kind}:{id}")
-        };
-        self.wait(
-            &format!("document.querySelector('#rooms [data-room=\"{room}\"]')"),
-            WAIT,
-        )
-        .await
-        .with_context(|| format!("joining {room}"))?;
-        Ok(())
-    }
-
-    /// Leaves a room with the × of its chip.
-    async fn leave(&mut self, room: &str) -> anyhow::Result<()> {
-        self.click(&format!("#rooms [data-leave=\"{room}\"]"))
-            .await?;
-        self.wait(
-            &format!("!document.querySelector('#rooms [data-room=\"{room}\"]')"),
-            WAIT,
-        )
-        .await
-        .with_context(|| format!("leaving {room}"))?;
-        Ok(())
-    }
-
-    /// Clicks vehicle `id` where the canvas drew it (a real click, through hit testing).
-    async fn click_vehicle(&mut self, id: &str) -> anyhow::Result<()> {
-        let at = self
-            .wait(&format!("window.__fleetbeat.screenPoint('{id}')"), WAIT)
-            .await?;
-        self.call(
-            json!({ "op": "mouse", "action": "click", "x": at["x"], "y": at["y"] }),
-            WAIT,
-        )
-        .await?;
-        Ok(())
-    }
-
-    async fn screenshot(&mut self, name: &str) -> anyhow::Result<PathBuf> {
-        let path = artifact(name);
-        self.call(
-            json!({ "op": "screenshot", "path": path.to_string_lossy() }),
-            WAIT,
-        )
-        .await?;
-        eprintln!("screenshot: {}", path.display());
-        Ok(path)
-    }
-
-    /// Console errors, page errors and external requests seen so far, after draining what
-    /// the driver reported since the last call.
-    fn problems(&mut self) -> Vec<Value> {
-        while let Ok(msg) = self.lines.try_recv() {
-            if msg.get("type").is_some() {
-                self.problems.push(msg);
-            }
-        }
-        self.problems
-            .iter()
-            .filter(|p| p["type"] != "console" || p["level"] == "error")
-            .cloned()
-            .collect()
-    }
-
-    async fn close(mut self) {
-        let _ = self
-            .call(json!({ "op": "exit" }), Duration::from_secs(10))
-            .await;
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
-    }
-}
-
-/// Sends `signal` (`STOP`, `CONT`, ...) to a program under test.
-fn signal(program: &Program, signal: &str) -> anyhow::Result<()> {
-    let pid = program.pid().context("the program has exited")?;
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .context("running kill")?;
-    if !status.success() {
-        bail!("kill -{signal} {pid} failed");
-    }
-    Ok(())
-}
-
-async fn start_stack() -> anyhow::Result<BridgeProcess> {
-    start_bridge(&[]).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_shows_the_fleet_live() -> anyhow::Result<()> {
     let _one_browser = BROWSER.lock().await;
-    let bridge = start_stack().await?;
+    let bridge = start_bridge(&[]).await?;
     let _demo = start_sim(bridge.mqtt, 100, "demo", &["--rate", "2"])?;
     // A second fleet whose process the test freezes, then kills.
     // (Another seed: not driving in the tracks of demo-0001 and demo-0002.)
@@ -308,13 +38,7 @@ async fn page_shows_the_fleet_live() -> anyhow::Result<()> {
 
     // A refused token: the server's reason is on the login form.
     page.login("not-a-token").await?;
-    let refused = page
-        .wait(
-            "(() => { const e = document.getElementById('login-error'); return !e.hidden && e.textContent; })()",
-            WAIT,
-        )
-        .await?;
-    let refused = refused.as_str().unwrap_or_default();
+    let refused = page.shown_text("login-error").await?;
     assert!(
         refused.contains("refused") && refused.contains("unknown token"),
         "{refused}"
@@ -343,12 +67,7 @@ async fn page_shows_the_fleet_live() -> anyhow::Result<()> {
         rows.as_u64().is_some_and(|n| (10..102).contains(&n)),
         "{rows}"
     );
-    page.fill("#search", "north-").await?;
-    page.wait(
-        "document.querySelectorAll('#list-rows .row:not([hidden])').length === 2",
-        WAIT,
-    )
-    .await?;
+    page.search("north-", "rows.length === 2").await?;
     page.fill("#search", "").await?;
 
     // An operator's announcement (a real `/admin` client) shows as a banner.
@@ -415,11 +134,10 @@ async fn page_shows_the_fleet_live() -> anyhow::Result<()> {
         "clicked near demo-0042 on the map, selected {}",
         picked["selected"]
     );
-    page.fill("#search", "demo-0007").await?;
     // The list shows the one match (rows are recycled: click only once it has re-rendered).
-    page.wait(
-        "(() => { const rows = document.querySelectorAll('#list-rows .row:not([hidden])'); return rows.length === 1 && rows[0].dataset.id === 'demo-0007'; })()",
-        WAIT,
+    page.search(
+        "demo-0007",
+        "rows.length === 1 && rows[0].dataset.id === 'demo-0007'",
     )
     .await?;
     page.click("#list-rows .row:not([hidden])[data-id='demo-0007']")
@@ -434,34 +152,19 @@ async fn page_shows_the_fleet_live() -> anyhow::Result<()> {
 
     // A command from the page: ping the selected vehicle, see the vehicle's ack.
     page.click("#cmd-ping").await?;
-    let ping = page
-        .wait(
-            "(() => { const r = document.querySelector('#cmd-results li'); return r && r.dataset.state !== 'pending' && {...r.dataset, text: r.textContent}; })()",
-            WAIT + WAIT,
-        )
-        .await?;
+    let ping = command_result(&mut page, "true").await?;
     eprintln!("ping from the page: {ping}");
     assert_eq!(ping["state"], "ok", "{ping}");
     assert_eq!(ping["result"], "ok", "{ping}");
     page.fill("#cmd-interval", "500").await?;
     page.click("#cmd-rate").await?;
-    let rate = page
-        .wait(
-            "(() => { const r = document.querySelector('#cmd-results li'); return r && r.dataset.type === 'set_rate' && r.dataset.state !== 'pending' && {...r.dataset}; })()",
-            WAIT + WAIT,
-        )
-        .await?;
+    let rate = command_result(&mut page, "r.dataset.type === 'set_rate'").await?;
     assert_eq!(rate["result"], "ok", "{rate}");
 
     // Proof of life: freeze north's process (no heartbeats, connection still open) → stale;
     // kill it (the broker publishes its last will) → offline.
-    signal(&north, "STOP")?;
-    let stale = page
-        .wait(
-            "(() => { const v = window.__fleetbeat.vehicle('north-0001'); return v && v.status === 'stale' && v; })()",
-            WAIT,
-        )
-        .await?;
+    north.signal("STOP")?;
+    let stale = page.vehicle_status("north-0001", "stale", WAIT).await?;
     eprintln!("north-0001 on the page: {stale}");
     page.wait(
         "[...document.querySelectorAll('#feed li.k-status.t-stale')].some(li => li.textContent.includes('north-0001'))",
@@ -471,10 +174,7 @@ async fn page_shows_the_fleet_live() -> anyhow::Result<()> {
     .context("the stale status in the feed")?;
     north.kill().await?;
     let offline = page
-        .wait(
-            "(() => { const v = window.__fleetbeat.vehicle('north-0001'); return v && v.status === 'offline' && v; })()",
-            WAIT + WAIT,
-        )
+        .vehicle_status("north-0001", "offline", WAIT + WAIT)
         .await?;
     eprintln!("north-0001 on the page: {offline}");
     let stats = page
@@ -496,19 +196,9 @@ async fn page_shows_the_fleet_live() -> anyhow::Result<()> {
     page.click("#fit").await?;
     page.wait_stats("s.rendered === 102", WAIT).await?;
     page.screenshot("page.png").await?;
-    let at = page
-        .wait("window.__fleetbeat.screenPoint('demo-0007')", WAIT)
-        .await?;
-    page.call(
-        json!({ "op": "mouse", "action": "move", "x": at["x"], "y": at["y"] }),
-        WAIT,
-    )
-    .await?;
-    page.call(
-        json!({ "op": "mouse", "action": "wheel", "dy": -240 }),
-        WAIT,
-    )
-    .await?;
+    let at = page.vehicle_point("demo-0007").await?;
+    page.mouse("move", &at).await?;
+    page.wheel(-240).await?;
     page.wait_stats("s.zoom >= 16", WAIT).await?;
     // A few more heartbeats (2 Hz) for the trail.
     let seq = page
@@ -530,24 +220,13 @@ async fn page_shows_the_fleet_live() -> anyhow::Result<()> {
     Ok(())
 }
 
-impl Page {
-    /// Tries to join a room the bridge refuses and checks the page says why.
-    async fn join_refused(&mut self, kind: &str, id: &str) -> anyhow::Result<()> {
-        self.select("#join-kind", kind).await?;
-        self.fill("#join-id", id).await?;
-        self.click("#join-form button[type=submit]").await?;
-        let error = self
-            .wait(
-                "(() => { const e = document.getElementById('join-error'); return !e.hidden && e.textContent; })()",
-                WAIT,
-            )
-            .await?;
-        let error = error.as_str().unwrap_or_default();
-        if !error.contains(&format!("{kind}:{id}")) {
-            bail!("unexpected join error {error:?}");
-        }
-        Ok(())
-    }
+/// Waits until the newest result in the command panel satisfies `condition` (a JS expression
+/// over `r`, its list item) and is no longer pending; returns its data and text.
+async fn command_result(page: &mut Page, condition: &str) -> anyhow::Result<Value> {
+    let expr = format!(
+        "(() => {{ const r = document.querySelector('#cmd-results li'); return r && {condition} && r.dataset.state !== 'pending' && {{...r.dataset, text: r.textContent}}; }})()"
+    );
+    page.wait(&expr, WAIT + WAIT).await
 }
 
 /// A fleet of `n` vehicles driving a street grid around Berlin at 1 Hz, fed to the page through
@@ -608,7 +287,7 @@ async fn page_stays_interactive_with_10k_vehicles() -> anyhow::Result<()> {
     // stays connected to a real bridge.
     const VEHICLES: u64 = 10_000;
     let _one_browser = BROWSER.lock().await;
-    let bridge = start_stack().await?;
+    let bridge = start_bridge(&[]).await?;
     let mut page = Page::open(&format!("{}/", bridge.url())).await?;
     page.login(TOKEN).await?;
     page.wait_stats("s.connected && s.rooms.includes('all')", WAIT)
@@ -657,12 +336,7 @@ async fn page_stays_interactive_with_10k_vehicles() -> anyhow::Result<()> {
     assert!(p95 <= 120.0, "frame interval p95 {p95} ms: {frames}");
 
     // The list stays fast: search among 10,000 ids.
-    page.fill("#search", "city-09999").await?;
-    page.wait(
-        "document.querySelectorAll('#list-rows .row:not([hidden])').length === 1",
-        WAIT,
-    )
-    .await?;
+    page.search("city-09999", "rows.length === 1").await?;
     page.fill("#search", "").await?;
     page.screenshot("page-10k.png").await?;
 

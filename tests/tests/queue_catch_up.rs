@@ -20,9 +20,8 @@ async fn offline_vendor_catches_up_and_acknowledges() -> anyhow::Result<()> {
         "demo",
         &["--rate", "5", "--time-scale", "40"],
     )?;
-    let mut dispatcher =
-        SioClient::connect_with_token(&bridge.url(), "/dispatch", "dispatch-demo").await?;
-    dispatcher.emit_ack("join", json!(["fleet:demo"])).await?;
+    let mut dispatcher = SioClient::dispatcher(&bridge.url()).await?;
+    dispatcher.join("fleet:demo").await?;
     let mut online = BTreeSet::new();
     while online.len() < 3 {
         for p in dispatcher.positions_until(tests::WAIT, |_| true).await? {

@@ -98,14 +98,7 @@ async fn an_order_is_picked_up_carried_and_delivered() -> anyhow::Result<()> {
     }
     let real = assigned_at.elapsed();
     let kinds: Vec<DeliveryKind> = events.iter().map(|e| e.kind).collect();
-    assert_eq!(
-        kinds,
-        [
-            DeliveryKind::Pickup,
-            DeliveryKind::InTransit,
-            DeliveryKind::Delivered
-        ]
-    );
+    assert_eq!(kinds, sim_support::DELIVERY_STEPS);
     assert!(events.iter().all(|e| e.order == order));
     let seqs: Vec<u32> = events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, [0, 1, 2]);

@@ -88,14 +88,7 @@ async fn buffered_events_arrive_in_order_after_a_reconnect() -> anyhow::Result<(
     let seqs: Vec<u32> = events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, [0, 1, 2], "{events:?}");
     let kinds: Vec<DeliveryKind> = events.iter().map(|e| e.kind).collect();
-    assert_eq!(
-        kinds,
-        [
-            DeliveryKind::Pickup,
-            DeliveryKind::InTransit,
-            DeliveryKind::Delivered
-        ]
-    );
+    assert_eq!(kinds, sim_support::DELIVERY_STEPS);
     assert!(events.iter().all(|e| e.order.as_str() == "ord-offline"));
     assert_eq!(events[0].pos, grid.position(pickup));
     assert_eq!(events[2].pos, grid.position(dropoff));

@@ -185,6 +185,13 @@ impl Drop for Proxy {
     }
 }
 
+/// The delivery events of one order, in the order a vehicle sends them.
+pub const DELIVERY_STEPS: [shared::DeliveryKind; 3] = [
+    shared::DeliveryKind::Pickup,
+    shared::DeliveryKind::InTransit,
+    shared::DeliveryKind::Delivered,
+];
+
 /// The vehicle id `{fleet}-0001`.
 pub fn first_vehicle(fleet: &str) -> VehicleId {
     VehicleId::new(&format!("{fleet}-0001")).unwrap_or_else(|e| panic!("{fleet}: {e}"))

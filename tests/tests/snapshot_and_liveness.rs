@@ -6,15 +6,6 @@ use tests::WAIT;
 use tests::sio::SioClient;
 use tests::stack::{start_bridge, start_sim};
 
-fn signal(pid: Option<u32>, sig: &str) -> anyhow::Result<()> {
-    let pid = pid.ok_or_else(|| anyhow::anyhow!("no pid"))?;
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()?;
-    anyhow::ensure!(status.success(), "kill {sig} {pid} failed");
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_then_live_then_stale_then_offline() -> anyhow::Result<()> {
     // Stale after 0.5 s of silence: sooner than the broker gives up (a parked vehicle reports
@@ -29,9 +20,8 @@ async fn snapshot_then_live_then_stale_then_offline() -> anyhow::Result<()> {
     )?;
 
     // Let the bridge learn both vehicles before the dispatcher arrives.
-    let mut early =
-        SioClient::connect_with_token(&bridge.url(), "/dispatch", "dispatch-demo").await?;
-    early.emit_ack("join", json!(["fleet:live"])).await?;
+    let mut early = SioClient::dispatcher(&bridge.url()).await?;
+    early.join("fleet:live").await?;
     let mut known = std::collections::BTreeSet::new();
     while known.len() < 2 {
         for p in early.positions_until(WAIT, |_| true).await? {
@@ -39,9 +29,8 @@ async fn snapshot_then_live_then_stale_then_offline() -> anyhow::Result<()> {
         }
     }
 
-    let mut dispatcher =
-        SioClient::connect_with_token(&bridge.url(), "/dispatch", "dispatch-demo").await?;
-    let ack = dispatcher.emit_ack("join", json!(["fleet:live"])).await?;
+    let mut dispatcher = SioClient::dispatcher(&bridge.url()).await?;
+    let ack = dispatcher.join("fleet:live").await?;
     assert_eq!(ack, json!({ "ok": true }));
     let snapshot = dispatcher.next_event("snapshot", WAIT).await?;
     let snapshot = snapshot.as_array().cloned().unwrap_or_default();
@@ -69,7 +58,7 @@ async fn snapshot_then_live_then_stale_then_offline() -> anyhow::Result<()> {
     assert!(!live.is_empty());
 
     // Freeze the simulator: its connections stay open but nothing is sent.
-    signal(sim.pid(), "-STOP")?;
+    sim.signal("STOP")?;
     let mut stale = Vec::new();
     let mut offline = Vec::new();
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -95,7 +84,7 @@ async fn snapshot_then_live_then_stale_then_offline() -> anyhow::Result<()> {
         }
     }
     assert_eq!(stale.len(), 2);
-    signal(sim.pid(), "-CONT")?;
+    sim.signal("CONT")?;
     sim.kill().await?;
 
     // The HTTP API agrees.

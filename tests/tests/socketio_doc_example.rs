@@ -7,7 +7,7 @@ use tests::stack::{start_bridge, start_sim};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_example_works() -> anyhow::Result<()> {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/socketio.md"))?;
+    let doc = std::fs::read_to_string(tests::workspace().join("docs/socketio.md"))?;
     let example = doc
         .split("## Example")
         .nth(1)
@@ -35,15 +35,15 @@ async fn the_documented_example_works() -> anyhow::Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
-    let node_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/node");
-    let script = format!("{node_dir}/.doc-example-{}.mjs", std::process::id());
+    let node_dir = tests::node::node_dir()?;
+    let script = node_dir.join(format!(".doc-example-{}.mjs", std::process::id()));
     std::fs::write(
         &script,
         example.replace("http://127.0.0.1:8080", &bridge.url()),
     )?;
     let run = tokio::process::Command::new("node")
         .arg(&script)
-        .current_dir(node_dir)
+        .current_dir(&node_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

@@ -183,16 +183,38 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-/// Readiness: MQTT is connected and every subscription is active.
+/// Readiness: both MQTT sessions are connected with every subscription active, and the store
+/// writes. Otherwise 503 with the reasons; while the store cannot write, also `store`: its
+/// latest error, for how long, how many writes failed, and how many messages wait for their
+/// PUBACK.
 async fn readyz(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
-    if hub.metrics().mqtt_ready() {
-        (StatusCode::OK, Json(json!({ "ready": true })))
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "ready": false, "reason": "MQTT not connected and subscribed" })),
-        )
+    let metrics = hub.metrics();
+    let mut reasons = Vec::new();
+    if !metrics.mqtt_ready() {
+        reasons.push("MQTT not connected and subscribed".to_owned());
     }
+    let mut body = json!({ "ready": true });
+    if let Some(outage) = metrics.store().report() {
+        let waiting = metrics.acks_waiting();
+        reasons.push(format!(
+            "the store cannot write (for {} s, {} failed writes; {waiting} messages wait for \
+             their PUBACK): {}",
+            outage.for_secs, outage.failures, outage.cause
+        ));
+        body["store"] = json!({
+            "writable": false,
+            "error": outage.cause,
+            "for_secs": outage.for_secs,
+            "failed_writes": outage.failures,
+            "acks_waiting": waiting,
+        });
+    }
+    if reasons.is_empty() {
+        return (StatusCode::OK, Json(body));
+    }
+    body["ready"] = json!(false);
+    body["reason"] = json!(reasons.join("; "));
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body))
 }
 
 async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {

@@ -241,6 +241,14 @@ impl Hub {
             .then_some(rows))
     }
 
+    /// Tries one small write: whether the store can write now.
+    ///
+    /// # Errors
+    /// [`StoreError`] if it could not be committed.
+    pub(crate) async fn probe_store(&self) -> Result<(), StoreError> {
+        self.store.probe_write().await
+    }
+
     /// Removes queued messages older than `queue` and heartbeat history older than `history`.
     pub(crate) async fn apply_retention(&self, queue: Duration, history: Duration) {
         let now = now_ms();

@@ -1,14 +1,16 @@
-//! What the MQTT task does with each PUBLISH from a vehicle: parse its topic, verify its
-//! payload, record it in the domain, and emit what clients must see now (delivery events and
-//! command acks; positions and liveness changes wait for the next tick's batches).
+//! What the MQTT tasks do with each PUBLISH from a vehicle: parse its topic, verify its
+//! payload, record it in the domain, and emit what clients must see now (command acks;
+//! positions and liveness changes wait for the next tick's batches). A delivery event is
+//! handed, with its message's PUBACK, to the [`AckQueue`], which commits it first.
 
 use std::sync::Arc;
 
-use rumqttc::{AsyncClient, Publish, QoS};
+use rumqttc::Publish;
 use shared::{CommandAck, DeliveryEvent, Heartbeat, Status, Topic, TopicKind};
 use socketioxide::SocketIo;
 use tracing::warn;
 
+use super::acks::{AckQueue, Delivery};
 use super::keys::DeviceKeys;
 use super::verify::{self, Rejected};
 use crate::clock::now_ms;
@@ -16,7 +18,7 @@ use crate::domain::Hub;
 use crate::domain::fleet::Report;
 use crate::metrics::{Counter, Metrics, Rejection};
 use crate::store::{HeartbeatRow, HeartbeatSender};
-use crate::view::{emit, order};
+use crate::view::emit;
 
 /// A vehicle's message, verified and recorded: what is left to do with it.
 #[derive(Debug)]
@@ -29,31 +31,32 @@ enum Accepted {
     CommandAck(CommandAck),
 }
 
-/// Everything the MQTT task needs to handle what vehicles publish.
+/// Everything the MQTT tasks need to handle what vehicles publish.
 pub(crate) struct Inbox {
     io: SocketIo,
     hub: Arc<Hub>,
     keys: DeviceKeys,
     history: HeartbeatSender,
-    client: AsyncClient,
+    acks: AckQueue,
 }
 
 impl Inbox {
     /// An inbox that records into `hub` (and heartbeats into `history`), checks origins with
-    /// `keys`, emits on `io` and acknowledges QoS 1 messages through `client` (manual acks).
+    /// `keys`, emits on `io`, and hands the events session's messages to `acks` for their
+    /// PUBACK (delivery events to commit first).
     pub(crate) fn new(
         io: SocketIo,
         hub: Arc<Hub>,
         keys: DeviceKeys,
         history: HeartbeatSender,
-        client: AsyncClient,
+        acks: AckQueue,
     ) -> Self {
         Self {
             io,
             hub,
             keys,
             history,
-            client,
+            acks,
         }
     }
 
@@ -62,43 +65,60 @@ impl Inbox {
         self.hub.metrics()
     }
 
-    /// Handles one PUBLISH, then acknowledges it. Anything invalid is counted and logged with
-    /// the topic, never fatal; a delivery event that could not be stored is left
-    /// unacknowledged, so the broker delivers it again.
+    /// The queue of the events session's PUBACKs.
+    pub(crate) fn acks(&self) -> &AckQueue {
+        &self.acks
+    }
+
+    /// Handles one PUBLISH of the events session, then queues it for its PUBACK (which a
+    /// delivery event gets once committed). Anything invalid is counted and logged with the
+    /// topic, never fatal, and acknowledged.
     pub(crate) async fn handle(&self, publish: &Publish) {
-        if self.process(publish).await {
-            self.puback(publish);
+        let connection = self.acks.connection();
+        let delivery = self.process(publish).await;
+        self.acks.push(publish, connection, delivery).await;
+    }
+
+    /// Handles one PUBLISH of the heartbeats session (QoS 0, nothing to acknowledge): only
+    /// heartbeats are taken there.
+    pub(crate) fn heartbeat(&self, publish: &Publish) {
+        let topic = match Topic::parse(&publish.topic) {
+            Ok(topic) if topic.kind == TopicKind::Heartbeat => topic,
+            Ok(_) => {
+                self.metrics().rejected(Rejection::Topic);
+                warn!(topic = %publish.topic, "rejected MQTT message: not a heartbeat, on the heartbeats session");
+                return;
+            }
+            Err(cause) => {
+                self.metrics().rejected(Rejection::Topic);
+                warn!(topic = %publish.topic, %cause, "rejected MQTT message: bad topic");
+                return;
+            }
+        };
+        if let Err(Rejected { why, cause }) = self.accept(&topic, &publish.payload) {
+            self.metrics().rejected(why);
+            warn!(topic = %publish.topic, %cause, bytes = publish.payload.len(), "rejected MQTT message: {}", why.describe());
         }
     }
 
-    /// Acknowledges a QoS 1 message to the broker.
-    fn puback(&self, publish: &Publish) {
-        if publish.qos != QoS::AtMostOnce
-            && let Err(err) = self.client.try_ack(publish)
-        {
-            // Not acknowledged: the broker delivers it again after a reconnect.
-            warn!(topic = %publish.topic, cause = %err, "could not acknowledge an MQTT message");
-        }
-    }
-
-    /// Handles one message; returns whether it may be acknowledged.
-    async fn process(&self, publish: &Publish) -> bool {
+    /// Handles one message; returns its delivery event, to commit before it is acknowledged.
+    async fn process(&self, publish: &Publish) -> Option<Delivery> {
         let metrics = self.metrics();
         let topic = match Topic::parse(&publish.topic) {
             Ok(topic) => topic,
             Err(cause) => {
                 metrics.rejected(Rejection::Topic);
                 warn!(topic = %publish.topic, %cause, "rejected MQTT message: bad topic");
-                return true;
+                return None;
             }
         };
         // An empty retained message clears a retained status: nothing to report.
         if topic.kind == TopicKind::Status && publish.payload.is_empty() {
-            return true;
+            return None;
         }
         match self.accept(&topic, &publish.payload) {
             Ok(Accepted::NextTick) => {}
-            Ok(Accepted::Delivery(event)) => return self.deliver(&topic, &event).await,
+            Ok(Accepted::Delivery(event)) => return Some(Delivery { topic, event }),
             Ok(Accepted::CommandAck(ack)) => {
                 emit::command_ack(&self.io, metrics, &topic, &ack).await;
             }
@@ -107,7 +127,7 @@ impl Inbox {
                 warn!(topic = %publish.topic, %cause, bytes = publish.payload.len(), "rejected MQTT message: {}", why.describe());
             }
         }
-        true
+        None
     }
 
     /// Verifies a vehicle's sealed payload (origin, freshness, shape) and records it.
@@ -155,34 +175,5 @@ impl Inbox {
         };
         self.metrics().received(topic.kind);
         Ok(accepted)
-    }
-
-    /// Records a delivery event durably and queues it for its recipients, then emits it to
-    /// them; returns whether it may be acknowledged (false: not stored, the broker must
-    /// deliver it again).
-    async fn deliver(&self, topic: &Topic, event: &DeliveryEvent) -> bool {
-        let stored = async {
-            let recipients = self
-                .hub
-                .delivery_recipients(&topic.fleet, &event.order)
-                .await?;
-            let payload = order::delivery(topic, event, recipients.store.as_deref());
-            self.hub
-                .record_delivery(topic, event, &recipients.clients, &payload)
-                .await
-        }
-        .await;
-        match stored {
-            Ok(messages) => {
-                // Committed: the clients are told, then (in `handle`) the broker gets its ack.
-                emit::queued(&self.io, self.metrics(), &messages).await;
-                true
-            }
-            Err(err) => {
-                self.metrics().count(Counter::EventsUnacked);
-                warn!(topic = %topic.name(), cause = %err, "delivery event not stored; left unacknowledged");
-                false
-            }
-        }
     }
 }

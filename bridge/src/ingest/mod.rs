@@ -1,14 +1,19 @@
 //! What vehicles publish, coming in: the MQTT task and payload verification.
 //!
-//! - [`mqtt`]: the task that owns the rumqttc event loop (connect, subscribe, reconnect).
+//! - [`mqtt`]: the tasks that own the rumqttc event loops (connect, subscribe, reconnect), one
+//!   per session: events (QoS 1, persistent, manual acks) and heartbeats (QoS 0).
 //! - [`inbox`]: each PUBLISH, parsed, verified, recorded in the domain, and emitted through
 //!   `view::emit` when clients must see it at once.
+//! - [`acks`]: the events session's PUBACKs, released in order, a delivery event's once it is
+//!   committed (retried while the store cannot write: back-pressure, not a reconnect loop).
 //! - [`verify`]: a payload is believed only once its origin is checked.
 //! - [`keys`]: the device keys origins are checked against.
 //!
 //! A heartbeat goes `mqtt` → `inbox` → `Hub::record` (one lock of the fleet), and leaves with
-//! the next tick's batch (`view::emit::send_batches`).
+//! the next tick's batch (`view::emit::send_batches`). A delivery event goes `mqtt` → `inbox`
+//! (verified) → `acks` (committed, emitted, then acknowledged in its turn).
 
+pub(crate) mod acks;
 pub(crate) mod inbox;
 pub(crate) mod keys;
 pub(crate) mod mqtt;

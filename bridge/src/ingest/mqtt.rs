@@ -1,6 +1,8 @@
-//! The MQTT side's task: it owns the rumqttc event loop, keeps it polled, reconnects with
-//! backoff, subscribes again after every connect, and hands each PUBLISH to the [`Inbox`].
+//! The MQTT side's tasks, one per [`Session`]: each owns a rumqttc event loop, keeps it
+//! polled, reconnects with backoff, subscribes again after every connect, and hands each
+//! PUBLISH to the [`Inbox`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{
@@ -15,7 +17,7 @@ use url::Url;
 
 use super::inbox::Inbox;
 use crate::error::BridgeError;
-use crate::metrics::Counter;
+use crate::metrics::{Counter, Metrics};
 
 /// An MQTT broker address, with optional credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,14 +68,69 @@ impl MqttEndpoint {
     }
 }
 
-/// The topic kinds the bridge subscribes to, each at the QoS that kind is published at (the
-/// broker delivers at the subscription's QoS, so a QoS 0 kind must not be subscribed at 1).
-const SUBSCRIPTIONS: [TopicKind; 4] = [
-    TopicKind::Heartbeat,
-    TopicKind::Status,
-    TopicKind::Event,
-    TopicKind::Ack,
-];
+/// The bridge's two MQTT sessions, each a connection of its own, with the same login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Session {
+    /// Statuses, delivery events and command acks (QoS 1), and the commands the bridge
+    /// publishes: a persistent session (the broker keeps what arrives while the bridge is
+    /// away), with manual acks released in order by the `AckQueue`. Client id: the
+    /// configured one.
+    Events,
+    /// Heartbeats (QoS 0): a clean session of its own, client id `{client id}-hb`, so that
+    /// positions keep flowing while the broker holds QoS 1 messages back for the events
+    /// session (rumqttd's router sends a link nothing more, heartbeats included, once it has
+    /// 100 unacknowledged messages: a store that cannot write would freeze the map).
+    Heartbeats,
+}
+
+impl Session {
+    /// The topic kinds the session subscribes to, each at the QoS that kind is published at
+    /// (the broker delivers at the subscription's QoS, so a QoS 0 kind must not be subscribed
+    /// at 1).
+    fn kinds(self) -> &'static [TopicKind] {
+        match self {
+            Self::Events => &[TopicKind::Status, TopicKind::Event, TopicKind::Ack],
+            Self::Heartbeats => &[TopicKind::Heartbeat],
+        }
+    }
+
+    /// The session's client id, for the bridge's configured `client_id`.
+    pub(crate) fn client_id(self, client_id: &str) -> String {
+        match self {
+            Self::Events => client_id.to_owned(),
+            Self::Heartbeats => format!("{client_id}-hb"),
+        }
+    }
+
+    /// Its name in the log.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Events => "events",
+            Self::Heartbeats => "heartbeats",
+        }
+    }
+
+    fn set_ready(self, metrics: &Metrics, ready: bool) {
+        match self {
+            Self::Events => metrics.set_mqtt_ready(ready),
+            Self::Heartbeats => metrics.set_mqtt_heartbeats_ready(ready),
+        }
+    }
+
+    fn count_connect(self, metrics: &Metrics) {
+        metrics.count(match self {
+            Self::Events => Counter::MqttConnects,
+            Self::Heartbeats => Counter::MqttHeartbeatConnects,
+        });
+    }
+
+    fn count_error(self, metrics: &Metrics) {
+        metrics.count(match self {
+            Self::Events => Counter::MqttErrors,
+            Self::Heartbeats => Counter::MqttHeartbeatErrors,
+        });
+    }
+}
 
 /// Largest MQTT packet the bridge accepts or sends.
 const MAX_PACKET: usize = 16 * 1024;
@@ -86,26 +143,29 @@ fn qos(level: u8) -> QoS {
     }
 }
 
-/// Builds the rumqttc client (`client_id`, pinging every `keep_alive`) and event loop for
-/// `endpoint`.
+/// Builds the rumqttc client and event loop of `session` for `endpoint` (the bridge's
+/// `client_id`, pinging every `keep_alive`).
 pub(crate) fn connect(
     endpoint: &MqttEndpoint,
     client_id: &str,
     keep_alive: Duration,
+    session: Session,
 ) -> (AsyncClient, EventLoop) {
-    let mut options = MqttOptions::new(client_id, &endpoint.host, endpoint.port);
+    let mut options = MqttOptions::new(session.client_id(client_id), &endpoint.host, endpoint.port);
+    let events = session == Session::Events;
     options
         .set_keep_alive(keep_alive)
-        // A persistent session: QoS 1 messages published while the bridge is briefly away
-        // are kept by the broker and delivered when it is back.
-        .set_clean_session(false)
+        // Events: a persistent session, so QoS 1 messages published while the bridge is
+        // briefly away are kept by the broker and delivered when it is back. Heartbeats are
+        // QoS 0: nothing to keep.
+        .set_clean_session(!events)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)
         // A delivery event is acknowledged only once it is committed to the store.
-        .set_manual_acks(true);
+        .set_manual_acks(events);
     if let Some((user, password)) = &endpoint.credentials {
         options.set_credentials(user, password);
     }
-    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    let (client, mut eventloop) = AsyncClient::new(options, if events { 1024 } else { 16 });
     // Commands and PUBACKs are small writes: without TCP_NODELAY, Nagle holds them back until
     // the broker's delayed ACK (up to 40 ms on Linux).
     let mut network = eventloop.network_options();
@@ -114,25 +174,30 @@ pub(crate) fn connect(
     (client, eventloop)
 }
 
-fn subscribe(client: &AsyncClient) -> Result<(), rumqttc::ClientError> {
+fn subscribe(client: &AsyncClient, session: Session) -> Result<(), rumqttc::ClientError> {
     client.try_subscribe_many(
-        SUBSCRIPTIONS
+        session
+            .kinds()
             .iter()
             .map(|kind| SubscribeFilter::new(kind.filter().to_owned(), qos(kind.qos()))),
     )
 }
 
-/// Polls the event loop until `cancel` fires, then disconnects cleanly.
+/// Polls the event loop of `session` until `cancel` fires, then disconnects cleanly.
 ///
 /// Reconnects with exponential backoff and jitter (up to `max_backoff`) and subscribes again
-/// after every CONNACK: a persistent session may have been lost by the broker.
+/// after every CONNACK: a persistent session may have been lost by the broker. A message is
+/// handled to its end before the next poll; a delivery event's commit (which may wait for the
+/// store) happens in the ack queue's task, not here.
 pub(crate) async fn run(
     client: AsyncClient,
     mut eventloop: EventLoop,
-    inbox: Inbox,
+    session: Session,
+    inbox: Arc<Inbox>,
     max_backoff: Duration,
     cancel: CancellationToken,
 ) {
+    let name = session.name();
     let mut backoff = Duration::from_millis(100);
     loop {
         let event = tokio::select! {
@@ -142,14 +207,17 @@ pub(crate) async fn run(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 if ack.code != ConnectReturnCode::Success {
-                    warn!(code = ?ack.code, "MQTT connection refused");
+                    warn!(session = name, code = ?ack.code, "MQTT connection refused");
                     continue;
                 }
-                info!(session_present = ack.session_present, "MQTT connected");
-                inbox.metrics().count(Counter::MqttConnects);
+                info!(session = name, session_present = ack.session_present, "MQTT connected");
+                if session == Session::Events {
+                    inbox.acks().new_connection();
+                }
+                session.count_connect(inbox.metrics());
                 backoff = Duration::from_millis(100);
-                if let Err(err) = subscribe(&client) {
-                    warn!(cause = %err, "could not queue MQTT subscriptions");
+                if let Err(err) = subscribe(&client, session) {
+                    warn!(session = name, cause = %err, "could not queue MQTT subscriptions");
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -158,19 +226,27 @@ pub(crate) async fn run(
                     .iter()
                     .all(|code| matches!(code, SubscribeReasonCode::Success(_)));
                 if ok {
-                    info!("MQTT subscriptions active");
+                    info!(session = name, "MQTT subscriptions active");
                 } else {
-                    warn!(codes = ?ack.return_codes, "MQTT broker refused a subscription");
+                    warn!(session = name, codes = ?ack.return_codes, "MQTT broker refused a subscription");
                 }
-                inbox.metrics().set_mqtt_ready(ok);
+                session.set_ready(inbox.metrics(), ok);
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => inbox.handle(&publish).await,
+            Ok(Event::Incoming(Packet::Publish(publish))) => match session {
+                Session::Events => inbox.handle(&publish).await,
+                Session::Heartbeats => inbox.heartbeat(&publish),
+            },
             Ok(_) => {}
             Err(err) => {
-                inbox.metrics().set_mqtt_ready(false);
-                inbox.metrics().count(Counter::MqttErrors);
+                if session == Session::Events {
+                    // rumqttc drops the PUBACKs it has not sent yet; those still to come
+                    // must not be sent on the next connection either.
+                    inbox.acks().new_connection();
+                }
+                session.set_ready(inbox.metrics(), false);
+                session.count_error(inbox.metrics());
                 let wait = backoff.mul_f64(0.5 + fastrand::f64());
-                warn!(cause = %err, retry_in_ms = wait.as_millis() as u64, "MQTT connection error");
+                warn!(session = name, cause = %err, retry_in_ms = wait.as_millis() as u64, "MQTT connection error");
                 tokio::select! {
                     () = cancel.cancelled() => break,
                     () = tokio::time::sleep(wait) => {}
@@ -179,12 +255,12 @@ pub(crate) async fn run(
             }
         }
     }
-    inbox.metrics().set_mqtt_ready(false);
-    disconnect(&client, &mut eventloop).await;
+    session.set_ready(inbox.metrics(), false);
+    disconnect(&client, &mut eventloop, name).await;
 }
 
 /// Sends DISCONNECT and polls until it is written, for at most a second.
-async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
+async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop, name: &str) {
     if client.try_disconnect().is_err() {
         return;
     }
@@ -198,8 +274,8 @@ async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
     })
     .await;
     match flushed {
-        Ok(()) => info!("MQTT disconnected"),
-        Err(_) => warn!("MQTT disconnect not confirmed within 1 s"),
+        Ok(()) => info!(session = name, "MQTT disconnected"),
+        Err(_) => warn!(session = name, "MQTT disconnect not confirmed within 1 s"),
     }
 }
 

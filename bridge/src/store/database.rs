@@ -70,6 +70,24 @@ impl Store {
         sqlite::durability(&self.write).await
     }
 
+    /// Rewrites the one row of `store_probe` and commits: whether the store can write now.
+    /// Used while writes are failing and nothing else is written.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if it could not be committed.
+    pub(crate) async fn probe_write(&self) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO store_probe (id, written_ms) VALUES (1, $1) \
+             ON CONFLICT (id) DO UPDATE SET written_ms = excluded.written_ms",
+        )
+        .bind(to_db(crate::clock::now_ms()))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Begins a write transaction (see [`sqlite::BEGIN_WRITE`]).
     pub(super) async fn begin_write(&self) -> Result<DbTx, StoreError> {
         Ok(self.write.begin_with(sqlite::BEGIN_WRITE).await?)

@@ -74,6 +74,43 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the store itself failed (locked, full, read-only, an I/O error, a connection
+    /// lost, a damaged file) rather than refused this data (a constraint, a value it cannot
+    /// hold or read back): the same write may succeed later, so a caller that must not lose
+    /// it retries, and the store counts as unwritable meanwhile.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            Self::Directory { .. } | Self::Open { .. } => true,
+            Self::Database(sqlx::Error::Database(db)) => {
+                // SQLite's primary result codes for data it cannot take: TOOBIG, MISMATCH, RANGE.
+                let primary = db
+                    .code()
+                    .and_then(|code| code.parse::<i32>().ok())
+                    .map(|code| code & 0xff);
+                db.kind() == sqlx::error::ErrorKind::Other
+                    && !matches!(primary, Some(18 | 20 | 25))
+            }
+            Self::Database(
+                sqlx::Error::RowNotFound
+                | sqlx::Error::TypeNotFound { .. }
+                | sqlx::Error::ColumnIndexOutOfBounds { .. }
+                | sqlx::Error::ColumnNotFound(_)
+                | sqlx::Error::ColumnDecode { .. }
+                | sqlx::Error::Encode(_)
+                | sqlx::Error::Decode(_)
+                | sqlx::Error::InvalidArgument(_),
+            ) => false,
+            Self::Database(_) => true,
+            Self::UnsupportedTarget(_)
+            | Self::Migrate(_)
+            | Self::OrderConflict { .. }
+            | Self::UnknownOrder(_)
+            | Self::OrderUnderway { .. }
+            | Self::VehicleBusy { .. }
+            | Self::Corrupt(_) => false,
+        }
+    }
+
     /// A [`StoreError::Corrupt`] for column `what` holding `value`.
     pub(super) fn corrupt(what: &str, value: &str, cause: impl std::fmt::Display) -> Self {
         Self::Corrupt(format!("{what} {value:?}: {cause}"))

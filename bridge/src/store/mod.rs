@@ -16,6 +16,8 @@
 //!   `Store::expire`).
 //! - `track`: the heartbeat history ([`Store::record_heartbeats`], `Store::track`).
 //! - `writer`: `HeartbeatWriter`, a task that batches heartbeats off the MQTT path.
+//! - `health`: `StoreHealth`, whether the store can write, as its writes show it (for
+//!   `/readyz` and `/metrics`); [`StoreError::is_outage`] tells an outage from refused data.
 //! - `sqlite`: everything specific to SQLite. The queries elsewhere are portable SQL with
 //!   `$N` placeholders, meant to run unchanged on PostgreSQL for several bridges.
 //! - [`StoreError`]: what can go wrong.
@@ -24,6 +26,7 @@
 
 mod database;
 mod error;
+mod health;
 mod options;
 mod order;
 mod queue;
@@ -35,6 +38,7 @@ pub use database::Store;
 #[cfg(test)]
 pub(crate) use database::in_memory;
 pub use error::StoreError;
+pub(crate) use health::StoreHealth;
 pub use options::{StoreOptions, Synchronous};
 pub use order::{CreatedOrder, NewOrder, Recorded};
 pub(crate) use order::{OrderView, WaitingOrder};

@@ -4,6 +4,9 @@
 //! The MQTT loop hands each heartbeat to a [`HeartbeatSender`], which never blocks: when the
 //! bounded channel is full (the disk cannot keep up), the heartbeat is dropped and counted.
 //! Heartbeats are QoS 0 history, so that is acceptable; delivery events never go this way.
+//! While the store cannot write, each batch is tried once and, if it fails, dropped and
+//! counted (`history_failed_total`): history is not buffered beyond the channel. Every batch
+//! tells the store's health (`StoreHealth`) whether the store could write.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +19,7 @@ use tracing::{debug, warn};
 
 use super::database::Store;
 use super::track::HeartbeatRow;
+use crate::metrics::{Counter, Metrics};
 
 /// A batch grows up to this many times `max_batch` when the writer is behind.
 const CATCH_UP_BATCHES: usize = 2;
@@ -113,11 +117,17 @@ pub(crate) struct HeartbeatWriter {
     rx: mpsc::Receiver<HeartbeatRow>,
     options: HeartbeatWriterOptions,
     counters: Arc<WriterCounters>,
+    metrics: Arc<Metrics>,
 }
 
 impl HeartbeatWriter {
-    /// A writer into `store` and the sender that feeds it.
-    pub(crate) fn new(store: Store, options: HeartbeatWriterOptions) -> (Self, HeartbeatSender) {
+    /// A writer into `store` and the sender that feeds it; what it writes or loses is counted
+    /// in `metrics`, whether the store could write reported to its store health.
+    pub(crate) fn new(
+        store: Store,
+        options: HeartbeatWriterOptions,
+        metrics: Arc<Metrics>,
+    ) -> (Self, HeartbeatSender) {
         let (tx, rx) = mpsc::channel(options.capacity.max(1));
         let counters = Arc::new(WriterCounters::default());
         let sender = HeartbeatSender {
@@ -129,6 +139,7 @@ impl HeartbeatWriter {
             rx,
             options,
             counters,
+            metrics,
         };
         (writer, sender)
     }
@@ -164,6 +175,7 @@ impl HeartbeatWriter {
                 self.rx.recv_many(&mut batch, queued).await;
             }
             self.flush(&mut batch).await;
+            self.metrics.set_history_queued(self.rx.len());
         }
         // Shutting down: write what is left.
         self.rx.close();
@@ -183,10 +195,21 @@ impl HeartbeatWriter {
         match self.store.record_heartbeats(batch).await {
             Ok(()) => {
                 self.counters.written.fetch_add(n, Ordering::Relaxed);
+                self.metrics.store().succeeded();
             }
             Err(err) => {
                 self.counters.failed.fetch_add(n, Ordering::Relaxed);
-                warn!(rows = n, cause = %err, "heartbeat batch not stored");
+                self.metrics.add(Counter::HistoryFailed, n);
+                if err.is_outage() {
+                    // Logged by the store's health, once per outage and then a reminder.
+                    debug!(rows = n, cause = %err, "heartbeat batch not stored");
+                    let waiting = self.metrics.acks_waiting();
+                    self.metrics
+                        .store()
+                        .failed("heartbeat batch", &err, waiting);
+                } else {
+                    warn!(rows = n, cause = %err, "heartbeat batch not stored");
+                }
             }
         }
         batch.clear();
@@ -223,7 +246,7 @@ mod tests {
             max_batch: 100,
             max_delay: Duration::from_millis(20),
         };
-        let (writer, sender) = HeartbeatWriter::new(store.clone(), options);
+        let (writer, sender) = HeartbeatWriter::new(store.clone(), options, Arc::default());
         let cancel = CancellationToken::new();
         let task = tokio::spawn(writer.run(cancel.clone()));
         for seq in 0..1_050 {
@@ -265,7 +288,7 @@ mod tests {
             capacity: 4,
             ..HeartbeatWriterOptions::default()
         };
-        let (writer, sender) = HeartbeatWriter::new(store.clone(), options);
+        let (writer, sender) = HeartbeatWriter::new(store.clone(), options, Arc::default());
         // The writer is not running: the channel fills up.
         let sent = (0..10).filter(|&seq| sender.send(row(seq))).count();
         assert_eq!(sent, 4);

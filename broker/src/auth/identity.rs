@@ -20,6 +20,11 @@ pub(crate) enum Identity {
     },
     /// Anyone, in open mode: may do everything.
     Anonymous,
+    /// Anyone in open mode who connected with keep-alive 0 ("never time out"): a tool or an
+    /// observer, not a vehicle, since a vehicle must prove it is alive. May do everything but
+    /// publish on vehicle topics (`fleet/{fleet}/{vehicle}/{hb,event,status,ack}`, see
+    /// [`is_vehicle_topic`]).
+    Tool,
     /// The broker's own listener probe: publishes on the probe topics only.
     Probe,
 }
@@ -39,6 +44,7 @@ impl Identity {
                 role: Role::Observer,
                 ..
             } => false,
+            Identity::Tool => !is_vehicle_topic(topic),
             Identity::Probe => topic.starts_with(PROBE_TOPIC_PREFIX.as_bytes()),
             Identity::Device(id) => std::str::from_utf8(topic)
                 .ok()
@@ -50,7 +56,7 @@ impl Identity {
     /// Whether this identity may subscribe to `filter`.
     pub(crate) fn may_subscribe(&self, filter: &str) -> bool {
         match self {
-            Identity::Anonymous | Identity::Client { .. } => true,
+            Identity::Anonymous | Identity::Tool | Identity::Client { .. } => true,
             Identity::Probe => false,
             Identity::Device(id) => Levels::split_str(filter).is_some_and(|levels| {
                 levels.topic_kind() == Some(TopicKind::Command)
@@ -74,9 +80,18 @@ impl Identity {
             Identity::Device(id) => format!("device {id}"),
             Identity::Client { name, role } => format!("{role} {name}"),
             Identity::Anonymous => "anonymous (open mode)".to_owned(),
+            Identity::Tool => "anonymous with keep-alive 0 (open mode, not a vehicle)".to_owned(),
             Identity::Probe => "listener probe".to_owned(),
         }
     }
+}
+
+/// Whether `topic` is one a vehicle publishes on: `fleet/{fleet}/{vehicle}/{kind}` of any kind
+/// but `cmd` (which the bridge publishes to vehicles).
+pub(crate) fn is_vehicle_topic(topic: &[u8]) -> bool {
+    Levels::split(topic)
+        .and_then(|levels| levels.topic_kind())
+        .is_some_and(|kind| kind != TopicKind::Command)
 }
 
 #[cfg(test)]
@@ -132,6 +147,17 @@ mod tests {
         assert!(bridge.may_publish(b"fleet/a/b/cmd") && bridge.may_subscribe("#"));
         assert!(!observer.may_publish(b"fleet/a/b/cmd") && observer.may_subscribe("fleet/#"));
         assert!(Identity::Anonymous.may_publish(b"x") && Identity::Anonymous.may_subscribe("#"));
+        // Keep-alive 0 in open mode: anything but a vehicle's publishes.
+        let tool = Identity::Tool;
+        assert!(tool.may_subscribe("#") && tool.may_publish(b"TopicA/B"));
+        assert!(tool.may_publish(b"fleet/a/van-1/cmd") && tool.may_publish(b"fleet/a/hb"));
+        for topic in [
+            "fleet/a/van-1/hb",
+            "fleet/a/van-1/status",
+            "fleet/a/van-1/event",
+        ] {
+            assert!(!tool.may_publish(topic.as_bytes()), "{topic}");
+        }
         assert!(Identity::Probe.may_publish(b"fleetbeat-broker/probe/1"));
         assert!(!Identity::Probe.may_publish(b"fleet/a/b/hb"));
         assert!(!Identity::Probe.may_subscribe("#"));

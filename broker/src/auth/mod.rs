@@ -56,6 +56,6 @@ mod testing;
 pub(crate) use self::authenticator::Authenticator;
 pub use self::credentials::{ClientEntry, Credentials, DeviceEntry, Role};
 pub use self::file::{CredentialsFile, Issued, NewPassword};
-pub(crate) use self::identity::{Identity, PROBE_TOPIC_PREFIX};
+pub(crate) use self::identity::{Identity, PROBE_TOPIC_PREFIX, is_vehicle_topic};
 pub use self::password::PasswordOrigin;
 pub(crate) use self::password::constant_time_eq;

@@ -85,6 +85,12 @@ const MAX_IO_THREADS: usize = 1024;
 /// Prefix of the environment variables that set configuration keys.
 const ENV_PREFIX: &str = "FLEETBEAT_BROKER_";
 
+/// The bridge's default MQTT client id: the default durable consumer.
+const DEFAULT_DURABLE_CONSUMER: &str = "fleetbeat-bridge";
+
+/// The journal's default file, relative to the working directory.
+const DEFAULT_JOURNAL: &str = "fleetbeat-broker-journal.db";
+
 /// The commented default configuration file, as printed by `broker default-config`. It parses
 /// to exactly [`BrokerConfig::default`] (tested).
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../default-config.toml");
@@ -227,6 +233,39 @@ pub struct BrokerConfig {
 
     /// Threads of the broker's network runtime; 0 for one per CPU core. Default 0.
     pub io_threads: usize,
+
+    /// Client ids of the **durable consumers**: connections whose PUBACK of a message proves
+    /// it durable, because they acknowledge only what they have committed (the bridge does).
+    /// Logins with the `bridge` role count as well. While end-to-end acknowledgement is on
+    /// (this list is not empty, or [`Self::journal`] is set), a QoS 1 publish on
+    /// `fleet/{f}/{v}/event`, `ack` or `status` is acknowledged to its publisher only once it
+    /// is durable: once a durable consumer acknowledged it, or (with a journal) once the
+    /// journal committed it (see `docs/broker.md`, Durability). Default
+    /// `["fleetbeat-bridge"]`, the bridge's default client id; the bridge puts its own client
+    /// id here when it embeds the broker. Empty, without a journal: PUBACK once the router has
+    /// the message, as rumqttd does.
+    pub durable_consumers: Vec<String>,
+
+    /// The broker's journal, a SQLite file, or `None` (`"off"`). With it, a QoS 1 `event`,
+    /// `ack` or `status` publish is committed (group commit, fsynced) before its PUBACK, kept
+    /// until a durable consumer acknowledged it, and published again to durable consumers
+    /// after a restart: what the broker acknowledged survives its own crash. A relative path
+    /// is relative to the working directory. Default `Some("fleetbeat-broker-journal.db")`:
+    /// the standalone broker journals; the bridge's embedded broker does not (the bridge's
+    /// own commit is what acknowledges there), nor does [`BrokerConfig::ephemeral`].
+    #[serde(with = "path_or_off")]
+    pub journal: Option<PathBuf>,
+
+    /// Most messages the journal holds. When it is full a message is still routed, but its
+    /// PUBACK waits for a durable consumer (the publisher keeps it and sends it again after a
+    /// reconnect); counted in `fleetbeat_broker_journal_full_total` and logged. Default
+    /// 100 000 (≈15 MB on disk at ≈150 bytes a row): what 20 000 vehicles report in a few
+    /// minutes of the bridge being away.
+    pub journal_max_rows: u64,
+
+    /// Most bytes (topic + payload) the journal holds; as [`Self::journal_max_rows`].
+    /// Default 64 MiB.
+    pub journal_max_bytes: u64,
 }
 
 impl Default for BrokerConfig {
@@ -251,19 +290,26 @@ impl Default for BrokerConfig {
             probe_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             io_threads: 0,
+            durable_consumers: vec![DEFAULT_DURABLE_CONSUMER.to_owned()],
+            journal: Some(PathBuf::from(DEFAULT_JOURNAL)),
+            journal_max_rows: 100_000,
+            journal_max_bytes: 64 << 20,
         }
     }
 }
 
 impl BrokerConfig {
     /// The defaults, with both listeners (and `metrics_listen`) on `127.0.0.1:0` (a free port
-    /// each): for tests and for running several brokers in one process.
+    /// each), without a journal and without durable consumers (a PUBACK once the router has
+    /// the message): for tests and for running several brokers in one process.
     pub fn ephemeral() -> Self {
         let any_port = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         BrokerConfig {
             v4: any_port,
             v5: Some(any_port),
             metrics_listen: Some(any_port),
+            durable_consumers: Vec::new(),
+            journal: None,
             ..BrokerConfig::default()
         }
     }
@@ -363,6 +409,32 @@ impl BrokerConfig {
                 format!("is {}, must be at most {MAX_IO_THREADS}", self.io_threads),
             );
         }
+        if self.durable_consumers.iter().any(String::is_empty) {
+            return invalid(
+                "durable_consumers",
+                "must not list an empty client id".to_owned(),
+            );
+        }
+        if let Some(path) = &self.journal
+            && path.as_os_str().is_empty()
+        {
+            return invalid(
+                "journal",
+                "must not be empty; \"off\" for no journal".to_owned(),
+            );
+        }
+        if self.journal_max_rows == 0 {
+            return invalid("journal_max_rows", "must be at least 1".to_owned());
+        }
+        if self.journal_max_bytes < self.max_payload_size as u64 {
+            return invalid(
+                "journal_max_bytes",
+                format!(
+                    "is {}, must be at least max_payload_size ({})",
+                    self.journal_max_bytes, self.max_payload_size
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -448,6 +520,10 @@ pub struct ConfigOverrides {
     /// Threads of the network runtime, 0 for one per core [key: io_threads].
     #[arg(long, value_name = "N")]
     pub io_threads: Option<usize>,
+
+    /// The journal (a SQLite file), or "off" [key: journal].
+    #[arg(long, value_name = "PATH|off")]
+    pub journal: Option<String>,
 }
 
 /// The command-line layer as a figment provider, so errors say "command line".
@@ -559,6 +635,33 @@ mod addr_or_off {
                     "`{text}` is not an address like 127.0.0.1:1884, nor \"off\""
                 ))
             }),
+        }
+    }
+}
+
+/// `Option<PathBuf>` as a path or `"off"`.
+mod path_or_off {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        path: &Option<PathBuf>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match path {
+            Some(path) => serializer.collect_str(&path.display()),
+            None => serializer.serialize_str("off"),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<PathBuf>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.trim() {
+            "off" => Ok(None),
+            _ => Ok(Some(PathBuf::from(text))),
         }
     }
 }

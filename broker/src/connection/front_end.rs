@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::client_ids::ClientIds;
+use crate::durability::Durability;
 use crate::metrics::BrokerMetrics;
 use crate::mux::Mux;
 use crate::probe::ProbeLogin;
@@ -43,6 +44,8 @@ pub(crate) struct FrontEnd {
     /// The shared link that serves the publishes and command subscriptions of clean-session
     /// connections (see `mux`).
     pub(crate) mux: Arc<Mux>,
+    /// End-to-end acknowledgement: which publishes wait for durability, and for what.
+    pub(crate) durability: Arc<Durability>,
     /// Client ids whose persistent session rumqttd's router may still hold: a clean-session
     /// reconnect of one of them registers a link, which makes the router discard it.
     pub(crate) persistent_ids: Mutex<HashSet<String>>,

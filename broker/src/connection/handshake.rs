@@ -8,17 +8,18 @@ use std::time::Duration;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     self, ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, LastWill,
-    Login, Packet,
+    LastWillProperties, Login, Packet, PublishProperties,
 };
 use tokio::time::timeout;
 use tracing::{debug, error, warn};
 
 use super::front_end::FrontEnd;
 use super::network::{Network, PacketError, valid_topic_name};
-use crate::auth::Identity;
+use crate::auth::{Identity, is_vehicle_topic};
 use crate::client_ids::Claim;
 use crate::listener::Listener;
 use crate::metrics::{AuthRefusal, ConnectRefusal};
+use crate::qos;
 use crate::router::{INTERNAL_PREFIX, LinkRequest, TOPIC_ALIAS_MAX};
 
 /// What the handshake established.
@@ -29,14 +30,19 @@ pub(super) struct Accepted {
     pub(super) identity: Identity,
     /// The last will, checked against the identity's topic ACL.
     pub(super) will: Option<LastWill>,
-    /// The keep-alive the client announced (never zero).
+    /// The last will's MQTT 5 properties, as it will be published (see
+    /// [`will_publish_properties`]).
+    pub(super) will_properties: Option<PublishProperties>,
+    /// How long after the connection is lost the will is published: MQTT 5's min(Will Delay
+    /// Interval, Session Expiry Interval), zero in 3.1.1.
+    pub(super) will_delay: Duration,
+    /// The keep-alive the client announced; zero (never time out) for clients that are not
+    /// vehicles only.
     pub(super) keep_alive: Duration,
     /// The connection's hold on its client id.
     pub(super) claim: Claim,
     /// A persistent session (clean session / clean start off).
     pub(super) persistent: bool,
-    /// The client's topic alias maximum (MQTT 5), 0 for none.
-    pub(super) topic_alias_max: u16,
     /// The connection's own router link, if it needed one from the start.
     pub(super) link: Option<OwnLink>,
 }
@@ -70,7 +76,34 @@ struct ConnectPacket {
     connect: Connect,
     properties: Option<ConnectProperties>,
     will: Option<LastWill>,
+    will_properties: Option<PublishProperties>,
+    /// The Will Delay Interval, in seconds (MQTT 5).
+    will_delay: u32,
     login: Option<Login>,
+}
+
+/// The properties a last will is published with: those of its CONNECT (MQTT 5) that a PUBLISH
+/// carries. The Will Delay Interval is not: the will is published when the connection is lost.
+fn will_publish_properties(will: LastWillProperties) -> Option<PublishProperties> {
+    let LastWillProperties {
+        delay_interval: _,
+        payload_format_indicator,
+        message_expiry_interval,
+        content_type,
+        response_topic,
+        correlation_data,
+        user_properties,
+    } = will;
+    let properties = PublishProperties {
+        payload_format_indicator,
+        message_expiry_interval,
+        content_type,
+        response_topic,
+        correlation_data,
+        user_properties,
+        ..PublishProperties::default()
+    };
+    (properties != PublishProperties::default()).then_some(properties)
 }
 
 /// Runs the handshake; `None` means the connection is over (refused, answered if it could be).
@@ -99,23 +132,34 @@ async fn negotiate(
         connect,
         properties,
         will,
+        will_properties,
+        will_delay,
         login,
     } = read_connect(net, peer, ctx).await?;
-    check_keep_alive(&connect, peer, ctx)?;
     let (client_id, assigned) = choose_client_id(&connect, peer, ctx)?;
     let identity = identify(&client_id, login.as_ref(), peer, ctx).await?;
+    let identity = check_keep_alive(&connect, will.as_ref(), identity, peer, ctx)?;
     check_reserved(&client_id, &identity, peer, ctx)?;
     check_will(will.as_ref(), &client_id, &identity, peer, ctx)?;
 
     let counted = identity != Identity::Probe;
     admit(&client_id, counted, peer, ctx)?;
     let claim = ctx.client_ids.claim(&client_id).await;
-    let topic_alias_max = properties
+    net.set_client_max_packet_size(properties.as_ref().and_then(|p| p.max_packet_size));
+    net.set_client_topic_alias_max(
+        properties
+            .as_ref()
+            .and_then(|p| p.topic_alias_max)
+            .unwrap_or(0),
+    );
+    // A will waits for the shorter of its delay and the session's expiry (MQTT 5, 3.1.3.2.2).
+    let session_expiry = properties
         .as_ref()
-        .and_then(|p| p.topic_alias_max)
+        .and_then(|p| p.session_expiry_interval)
         .unwrap_or(0);
+    let will_delay = Duration::from_secs(u64::from(will_delay.min(session_expiry)));
     let persistent = !connect.clean_session;
-    let registered = register(&client_id, persistent, topic_alias_max, ctx);
+    let registered = register(&client_id, persistent, ctx);
     let (link, connack) = match registered {
         Ok(registered) => registered,
         Err(err) => {
@@ -126,7 +170,7 @@ async fn negotiate(
             return Err(Refused::With(RefusalCode::Busy));
         }
     };
-    if !answer(net, connack, assigned).await {
+    if !answer(net, connack, assigned, ctx.limits.max_payload_size).await {
         debug!(%peer, client_id, "could not answer CONNACK");
         if link.is_some() {
             ctx.count_own_link(false);
@@ -145,10 +189,11 @@ async fn negotiate(
         client_id,
         identity,
         will,
+        will_properties,
+        will_delay,
         keep_alive: Duration::from_secs(u64::from(connect.keep_alive)),
         claim,
         persistent,
-        topic_alias_max,
         link,
     })
 }
@@ -186,7 +231,7 @@ async fn read_connect(
             return Err(Refused::Silently);
         }
     };
-    let Packet::Connect(connect, properties, will, _will_properties, login) = first.packet else {
+    let Packet::Connect(connect, properties, will, will_properties, login) = first.packet else {
         ctx.metrics.connect_refused(ConnectRefusal::NoConnect);
         warn!(%peer, "first packet was not CONNECT: closing");
         return Err(Refused::Silently);
@@ -195,18 +240,45 @@ async fn read_connect(
         connect,
         properties,
         will,
+        will_delay: will_properties
+            .as_ref()
+            .and_then(|p| p.delay_interval)
+            .unwrap_or(0),
+        will_properties: will_properties.and_then(will_publish_properties),
         login,
     })
 }
 
-/// Keep-alive 0 ("never time out") is refused: a vehicle must prove it is alive.
-fn check_keep_alive(connect: &Connect, peer: SocketAddr, ctx: &FrontEnd) -> Result<(), Refused> {
-    if connect.keep_alive == 0 {
+/// Keep-alive 0 ("never time out") is refused to vehicles, which must prove they are alive,
+/// and accepted for every other client (tools, observers, the bridge). A vehicle is a device
+/// login; in open mode, where anyone may connect under any id, a connection whose last will
+/// is on a vehicle topic (every Fleetbeat vehicle leaves its `offline` status as its will).
+/// Any other open-mode connection with keep-alive 0 is an [`Identity::Tool`], which may not
+/// publish on vehicle topics either. Returns the connection's identity.
+fn check_keep_alive(
+    connect: &Connect,
+    will: Option<&LastWill>,
+    identity: Identity,
+    peer: SocketAddr,
+    ctx: &FrontEnd,
+) -> Result<Identity, Refused> {
+    if connect.keep_alive != 0 {
+        return Ok(identity);
+    }
+    let vehicle = match &identity {
+        Identity::Device(_) => true,
+        Identity::Anonymous => will.is_some_and(|will| is_vehicle_topic(&will.topic)),
+        Identity::Client { .. } | Identity::Tool | Identity::Probe => false,
+    };
+    if vehicle {
         ctx.metrics.connect_refused(ConnectRefusal::KeepAliveZero);
-        warn!(%peer, client_id = connect.client_id, reason = "keep_alive_zero", "CONNECT refused: keep-alive 0 is not allowed, a vehicle must prove it is alive");
+        warn!(%peer, client_id = connect.client_id, identity = %identity.describe(), reason = "keep_alive_zero", "CONNECT refused: keep-alive 0 is not allowed for a vehicle, which must prove it is alive");
         return Err(Refused::With(RefusalCode::NotAuthorized));
     }
-    Ok(())
+    Ok(match identity {
+        Identity::Anonymous => Identity::Tool,
+        other => other,
+    })
 }
 
 /// The connection's client id: the CONNECT's, or one assigned for an empty one (with a clean
@@ -323,7 +395,6 @@ fn admit(client_id: &str, counted: bool, peer: SocketAddr, ctx: &FrontEnd) -> Re
 fn register(
     client_id: &str,
     persistent: bool,
-    topic_alias_max: u16,
     ctx: &FrontEnd,
 ) -> Result<(Option<OwnLink>, Option<Packet>), crate::router::LinkRefused> {
     let had_session = ctx.note_session(client_id, persistent);
@@ -339,7 +410,6 @@ fn register(
         let (tx, rx, connack) = ctx.registrar.link(LinkRequest {
             client_id,
             clean_session: !persistent,
-            topic_alias_max,
         })?;
         ctx.count_own_link(true);
         return Ok((Some(OwnLink { tx, rx }), connack.into()));
@@ -356,15 +426,22 @@ fn register(
     Ok((None, Some(Packet::ConnAck(ack, Some(properties)))))
 }
 
-/// Writes the CONNACK (telling an `assigned` client id); whether it went out.
-async fn answer(net: &mut Network, connack: Option<Packet>, assigned: Option<String>) -> bool {
+/// Writes the CONNACK (telling an `assigned` client id, and, in MQTT 5, what the broker
+/// supports, packets up to `max_payload_size` after the fixed header among it); whether it
+/// went out.
+async fn answer(
+    net: &mut Network,
+    connack: Option<Packet>,
+    assigned: Option<String>,
+    max_payload_size: usize,
+) -> bool {
     let mut connack = connack;
-    if let Some(Packet::ConnAck(_, props)) = &mut connack
-        && assigned.is_some()
-    {
-        props
-            .get_or_insert_with(ConnAckProperties::default)
-            .assigned_client_identifier = assigned;
+    if let Some(Packet::ConnAck(_, props)) = &mut connack {
+        let props = props.get_or_insert_with(ConnAckProperties::default);
+        props.assigned_client_identifier = assigned;
+        if net.version == Listener::V5 {
+            announce_capabilities(props, max_payload_size);
+        }
     }
     match connack {
         Some(packet @ Packet::ConnAck(..)) => {
@@ -372,6 +449,26 @@ async fn answer(net: &mut Network, connack: Option<Packet>, assigned: Option<Str
         }
         _ => false,
     }
+}
+
+/// Tells an MQTT 5 client what the broker supports, so that it adapts instead of failing
+/// (MQTT 5, 3.2.2.3): retained messages and wildcard subscriptions yes; shared subscriptions
+/// no (refused, see `inbound`); subscription identifiers yes (such a SUBSCRIBE goes to the
+/// connection's own router link, which attaches them); QoS at most 1 (`qos`); at most
+/// [`qos::RECEIVE_MAXIMUM`] QoS 1 and 2 publishes unacknowledged; packets whose remaining
+/// length is at most `max_payload_size` (a bigger one ends the connection, DISCONNECT 0x95).
+/// The topic alias maximum is the router's (the front end resolves aliases itself).
+fn announce_capabilities(props: &mut ConnAckProperties, max_payload_size: usize) {
+    let mut header = Vec::with_capacity(5);
+    shared::frame::put_remaining_length(&mut header, max_payload_size);
+    props.max_packet_size = u32::try_from(max_payload_size + 1 + header.len()).ok();
+    props.retain_available = Some(1);
+    props.wildcard_subscription_available = Some(1);
+    props.shared_subscription_available = Some(0);
+    props.subscription_identifiers_available = Some(1);
+    props.max_qos = Some(qos::MAX_QOS);
+    props.receive_max = Some(qos::RECEIVE_MAXIMUM);
+    props.topic_alias_max = Some(TOPIC_ALIAS_MAX);
 }
 
 /// Answers a refused CONNECT with the CONNACK code for `why` in the listener's version.

@@ -4,9 +4,9 @@
 
 use bytes::Bytes;
 use rumqttd::protocol::{
-    DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, Publish, PublishProperties, QoS,
-    SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
-    Unsubscribe, UnsubscribeProperties,
+    DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, Publish, PublishProperties, QoS, SubAck, Subscribe, SubscribeProperties,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
 };
 use shared::topic::kind_of;
 use tracing::warn;
@@ -14,8 +14,9 @@ use tracing::warn;
 use super::network::{PublishInfo, Received, valid_topic_name};
 use super::session::Established;
 use crate::listener::Listener;
-use crate::metrics::{DisconnectReason, DropReason};
-use crate::mux::{MuxEvent, is_command_topic};
+use crate::metrics::{DisconnectReason, DropReason, SubscribeRefusal};
+use crate::mux::{MuxEvent, is_command_topic, publish_with};
+use crate::qos;
 use crate::router::TOPIC_ALIAS_MAX;
 
 impl Established {
@@ -33,11 +34,14 @@ impl Established {
                 self.on_publish(publish, properties, qos, pkid, batch)
             }
             Packet::PubAck(ack, properties) => {
+                self.consumer_acknowledged(ack.pkid, ack.reason);
                 if let Some(at) = self.mux_outgoing.iter().position(|&p| p == ack.pkid) {
                     self.mux_outgoing.swap_remove(at);
                 } else if self.link.is_some() {
                     self.outgoing_inflight.retain(|&p| p != ack.pkid);
-                    batch.push(Packet::PubAck(ack, properties));
+                    if !self.acknowledge_forward(Some(ack.pkid), batch) {
+                        batch.push(Packet::PubAck(ack, properties));
+                    }
                 }
                 Ok(())
             }
@@ -59,19 +63,20 @@ impl Established {
                 warn!(client_id = self.client_id, "second CONNECT: disconnecting");
                 Err(DisconnectReason::Protocol)
             }
-            // PUBREL, PUBREC, PUBCOMP: QoS 2 exchanges, which run on the connection's link.
-            other => {
-                if self.link.is_some() {
-                    batch.push(other);
-                }
-                Ok(())
-            }
+            // A QoS 2 publish from the client: its exchange ends here (see `on_publish`).
+            Packet::PubRel(rel, _) => self.on_pubrel(rel.pkid),
+            // PUBREC, PUBCOMP answer QoS 2 deliveries, which the broker never makes (it delivers
+            // at most at QoS 1, see `qos`); packets only servers send were refused before
+            // decoding.
+            _ => Ok(()),
         };
         handled.err()
     }
 
-    /// A PUBLISH: checked against the topic ACL, then to the mux link (clean sessions, QoS 0
-    /// and 1) or the connection's own link (persistent sessions, QoS 2).
+    /// A PUBLISH: checked against the topic ACL, then to the mux link (clean sessions) or the
+    /// connection's own link (persistent sessions). Its QoS travels with it for the delivery at
+    /// min(publish QoS, granted QoS) (`qos::mark`); a QoS 2 one is received exactly once (see
+    /// [`Self::receive_qos2`]) and handed to the router as QoS 0.
     fn on_publish(
         &mut self,
         mut publish: Publish,
@@ -90,19 +95,32 @@ impl Established {
         if !self.identity.may_publish(&publish.topic) {
             return self.refuse_publish(&publish.topic, qos, pkid);
         }
-        let via_link = self.persistent || qos == 2;
+        if qos > 0 {
+            self.check_receive_maximum(pkid)?;
+        }
+        if qos == 2 {
+            if !self.receive_qos2(pkid)? {
+                return Ok(());
+            }
+            publish = publish_with(&publish.topic, &publish.payload, 0, 0, publish.retain);
+        }
+        let via_link = self.persistent;
         if !via_link {
             self.check_for_mux(&publish, properties.as_mut())?;
         }
         if qos == 1 && !self.incoming_inflight.contains(&pkid) {
             self.incoming_inflight.push(pkid);
         }
+        qos::mark(&publish.topic, qos, &mut properties);
         // Our own copy: the commit log must not keep the whole read buffer alive.
         publish.topic = Bytes::copy_from_slice(&publish.topic);
         publish.payload = Bytes::copy_from_slice(&publish.payload);
+        if qos == 1 && !self.expect_puback(&publish, pkid) {
+            return Ok(());
+        }
         self.ctx
             .mux
-            .record(&publish.topic, &publish.payload, publish.retain);
+            .record(&publish.topic, &publish.payload, publish.retain, qos);
         if via_link {
             self.ensure_link()?;
             batch.push(Packet::Publish(publish, properties));
@@ -114,6 +132,54 @@ impl Established {
             self.mux_batch.push(Packet::Publish(publish, properties));
         }
         Ok(())
+    }
+
+    /// An MQTT 5 client may have at most [`qos::RECEIVE_MAXIMUM`] QoS 1 and 2 publishes
+    /// unacknowledged (as CONNACK tells it): one more is a protocol error, answered with
+    /// DISCONNECT 0x93. A resent packet id does not count twice. 3.1.1 has no such limit.
+    fn check_receive_maximum(&mut self, pkid: u16) -> Result<(), DisconnectReason> {
+        if self.net.version != Listener::V5
+            || self.incoming_inflight.contains(&pkid)
+            || self.qos2_received.contains(&pkid)
+            || self.incoming_inflight.len() + self.qos2_received.len()
+                < usize::from(qos::RECEIVE_MAXIMUM)
+        {
+            return Ok(());
+        }
+        warn!(
+            client_id = self.client_id,
+            receive_maximum = qos::RECEIVE_MAXIMUM,
+            "client exceeded the receive maximum: disconnecting"
+        );
+        self.farewell
+            .set(Some(DisconnectReasonCode::ReceiveMaximumExceeded));
+        Err(DisconnectReason::Protocol)
+    }
+
+    /// Answers a QoS 2 PUBLISH with packet id `pkid` with PUBREC (written once the batch it
+    /// joins went to the router); whether to route it: not if `pkid` still awaits its PUBREL,
+    /// so a resent publish reaches the router once.
+    fn receive_qos2(&mut self, pkid: u16) -> Result<bool, DisconnectReason> {
+        let new = !self.qos2_received.contains(&pkid);
+        if new {
+            self.qos2_received.push(pkid);
+        }
+        let rec = PubRec {
+            pkid,
+            reason: PubRecReason::Success,
+        };
+        self.answer(Packet::PubRec(rec, None))?;
+        Ok(new)
+    }
+
+    /// A PUBREL: the client's QoS 2 exchange for `pkid` is complete (PUBCOMP).
+    fn on_pubrel(&mut self, pkid: u16) -> Result<(), DisconnectReason> {
+        self.qos2_received.retain(|&p| p != pkid);
+        let comp = PubComp {
+            pkid,
+            reason: PubCompReason::Success,
+        };
+        self.answer(Packet::PubComp(comp, None))
     }
 
     /// Gives an MQTT 5 aliased publish (empty topic) the topic its alias stands for, and
@@ -131,6 +197,8 @@ impl Established {
                 client_id = self.client_id,
                 alias, "invalid topic alias: disconnecting"
             );
+            self.farewell
+                .set(Some(DisconnectReasonCode::TopicAliasInvalid));
             return Err(DisconnectReason::Protocol);
         }
         if !publish.topic.is_empty() {
@@ -148,13 +216,14 @@ impl Established {
                     client_id = self.client_id,
                     alias, "unknown topic alias: disconnecting"
                 );
+                self.farewell.set(Some(DisconnectReasonCode::ProtocolError));
                 Err(DisconnectReason::Protocol)
             }
         }
     }
 
     /// A publish the topic ACL refuses: dropped and counted (logged once per connection);
-    /// QoS 1 is acknowledged so the client does not resend it forever.
+    /// QoS 1 and 2 are acknowledged so the client does not resend it forever.
     fn refuse_publish(&mut self, topic: &[u8], qos: u8, pkid: u16) -> Result<(), DisconnectReason> {
         self.ctx.metrics.dropped(DropReason::Acl);
         if !self.acl_warned {
@@ -169,10 +238,18 @@ impl Established {
                 } else {
                     PubAckReason::Success
                 };
-                self.answer(Packet::PubAck(PubAck { pkid, reason }, None))
+                self.acknowledge_in_order(pkid, Packet::PubAck(PubAck { pkid, reason }, None))
             }
-            // QoS 2 has no way to refuse in 3.1.1: end the connection.
-            _ => Err(DisconnectReason::Protocol),
+            // Received (PUBREC, "not authorized" in MQTT 5) and dropped, as QoS 1; the PUBREL
+            // that follows is answered as any other.
+            _ => {
+                let reason = if self.net.version == Listener::V5 {
+                    PubRecReason::NotAuthorized
+                } else {
+                    PubRecReason::Success
+                };
+                self.answer(Packet::PubRec(PubRec { pkid, reason }, None))
+            }
         }
     }
 
@@ -233,11 +310,13 @@ impl Established {
         self.answer(Packet::UnsubAck(ack, None))
     }
 
-    /// A SUBSCRIBE: refused whole if the topic ACL refuses a filter; served by the mux link if
-    /// it names exact command topics only (clean sessions); else by the connection's own link.
+    /// A SUBSCRIBE: refused whole if the topic ACL refuses a filter; filters the broker does
+    /// not serve (`$share/...`, other `$` filters) refused one by one; each grant at most
+    /// [`qos::MAX_QOS`]. Served by the mux link if it names exact command topics only (clean
+    /// sessions, no subscription identifier); else by the connection's own link.
     fn on_subscribe(
         &mut self,
-        subscribe: Subscribe,
+        mut subscribe: Subscribe,
         properties: Option<SubscribeProperties>,
         batch: &mut Vec<Packet>,
     ) -> Result<(), DisconnectReason> {
@@ -248,20 +327,76 @@ impl Established {
         {
             return self.refuse_subscribe(&subscribe);
         }
+        let refused = self.refuse_unserved(&mut subscribe);
+        if subscribe.filters.is_empty() {
+            let ack = SubAck {
+                pkid: subscribe.pkid,
+                return_codes: refused.into_iter().map(|(_, code)| code).collect(),
+            };
+            return self.answer(Packet::SubAck(ack, None));
+        }
+        for filter in &mut subscribe.filters {
+            filter.qos = qos::grant(filter.qos);
+        }
         if !self.persistent
+            && properties.as_ref().is_none_or(|p| p.id.is_none())
             && subscribe
                 .filters
                 .iter()
                 .all(|f| is_command_topic(f.path.as_bytes()))
         {
-            return self.subscribe_commands(&subscribe);
+            return self.subscribe_commands(&subscribe, &refused);
         }
         self.ensure_link()?;
         for filter in &subscribe.filters {
             self.ctx.watchers.subscribed(&self.client_id, &filter.path);
         }
+        if !refused.is_empty() {
+            self.suback_refusals.push((subscribe.pkid, refused));
+        }
         batch.push(Packet::Subscribe(subscribe, properties));
         Ok(())
+    }
+
+    /// Takes the filters the broker does not serve out of `subscribe`, each counted and
+    /// logged: shared subscriptions (`$share/{group}/{filter}`: rumqttd 0.20's router panics
+    /// on them and would stop routing for everyone, see `docs/broker.md`) and other filters
+    /// starting with `$` (its router drops the connection for them). Returns their positions
+    /// in the SUBSCRIBE, each with the SUBACK code refusing it (3.1.1: 0x80; MQTT 5: 0x9E
+    /// "shared subscriptions not supported", 0x80 for the others).
+    fn refuse_unserved(&mut self, subscribe: &mut Subscribe) -> Vec<(usize, SubscribeReasonCode)> {
+        if !subscribe.filters.iter().any(|f| f.path.starts_with('$')) {
+            return Vec::new();
+        }
+        let v5 = self.net.version == Listener::V5;
+        let mut refused = Vec::new();
+        let mut at = 0;
+        subscribe.filters.retain(|filter| {
+            at += 1;
+            if !filter.path.starts_with('$') {
+                return true;
+            }
+            let why = if filter.path.starts_with("$share/") {
+                SubscribeRefusal::Shared
+            } else {
+                SubscribeRefusal::DollarTopic
+            };
+            self.ctx.metrics.subscription_refused(why);
+            warn!(
+                client_id = self.client_id,
+                filter = filter.path,
+                reason = why.label(),
+                "subscription refused: the broker does not serve this filter"
+            );
+            let code = match why {
+                _ if !v5 => SubscribeReasonCode::Failure,
+                SubscribeRefusal::Shared => SubscribeReasonCode::SharedSubscriptionsNotSupported,
+                SubscribeRefusal::DollarTopic => SubscribeReasonCode::Unspecified,
+            };
+            refused.push((at - 1, code));
+            false
+        });
+        refused
     }
 
     /// A SUBSCRIBE the topic ACL refuses: counted, logged, every filter refused in the SUBACK.
@@ -282,8 +417,13 @@ impl Established {
     }
 
     /// Serves a SUBSCRIBE to exact command topics from the mux link: registers each topic,
-    /// answers the SUBACK, and queues the retained command of each topic after it.
-    fn subscribe_commands(&mut self, subscribe: &Subscribe) -> Result<(), DisconnectReason> {
+    /// answers the SUBACK (with the `refused` filters' codes in their places), and queues the
+    /// retained command of each topic after it.
+    fn subscribe_commands(
+        &mut self,
+        subscribe: &Subscribe,
+        refused: &[(usize, SubscribeReasonCode)],
+    ) -> Result<(), DisconnectReason> {
         let connection = self.connection;
         let reply = self.port().tx.clone();
         let mut return_codes = Vec::with_capacity(subscribe.filters.len());
@@ -302,14 +442,27 @@ impl Established {
             }
             if let Some(command) = retained {
                 // Written after the SUBACK: the channel is read once this batch is done.
+                let qos = qos.min(command.qos);
                 let _ = reply.send(MuxEvent::Command { command, qos });
             }
             return_codes.push(SubscribeReasonCode::Success(granted));
         }
+        put_back_refusals(&mut return_codes, refused);
         let ack = SubAck {
             pkid: subscribe.pkid,
             return_codes,
         };
         self.answer(Packet::SubAck(ack, None))
+    }
+}
+
+/// Puts the SUBACK codes of the filters the front end refused back at their positions among
+/// the codes of the filters it handed on (`refused` in ascending order of position).
+pub(super) fn put_back_refusals(
+    codes: &mut Vec<SubscribeReasonCode>,
+    refused: &[(usize, SubscribeReasonCode)],
+) {
+    for &(at, code) in refused {
+        codes.insert(at.min(codes.len()), code);
     }
 }

@@ -9,8 +9,9 @@
 //! connection here:
 //!
 //! 1. reads the CONNECT within `connection_timeout_ms`, and refuses with a CONNACK (never a
-//!    silent close) a wrong protocol level, keep-alive 0, an unusable client id, failed
-//!    authentication, a last will the identity may not publish, or a full broker;
+//!    silent close) a wrong protocol level, a vehicle's keep-alive 0, an unusable client id,
+//!    failed authentication, a last will the identity may not publish, or a full broker; tells
+//!    MQTT 5 clients what the broker supports (`Maximum QoS 1`, no shared subscriptions, ...);
 //! 2. claims its client id (`client_ids`), registers with the router, writes the router's
 //!    CONNACK;
 //! 3. shuttles packets: from the socket to the router in batches of up to
@@ -19,8 +20,12 @@
 //!    buffer so the commit log does not pin it), and from the router to the socket
 //!    (MQTT 5 properties stripped for 3.1.1 clients, which rumqttd's v4 encoder would panic
 //!    on); packets a client must never send (CONNACK, SUBACK, UNSUBACK, PINGRESP) are refused
-//!    before rumqttd's decoder sees them, since its v5 decoder panics on two of them;
-//! 4. enforces keep-alive: nothing heard for 1.5 × the client's keep-alive ends the connection;
+//!    before rumqttd's decoder sees them, since its v5 decoder panics on two of them; each
+//!    message is delivered at min(publish QoS, granted QoS) (`qos`), QoS 2 publishes are
+//!    received here exactly once, and filters the router cannot serve safely (`$share/...`)
+//!    are refused in the SUBACK;
+//! 4. enforces keep-alive: nothing heard for 1.5 × the client's keep-alive ends the connection
+//!    (keep-alive 0, allowed to clients that are not vehicles: never);
 //! 5. ends by telling the router (which saves a persistent session) and, if the connection was
 //!    lost rather than closed, publishing the client's last will.
 //!
@@ -32,6 +37,9 @@
 //!
 //! - `front_end`: [`FrontEnd`], what every connection shares, and its [`Limits`];
 //! - `handshake`: steps 1 and 2, CONNECT to CONNACK;
+//! - `gate`: the PUBACKs a connection owes, written in the order of its PUBLISHes once
+//!   the router has each message and, for those that wait for it, once it is durable
+//!   (`durability`);
 //! - `session`: steps 3 to 5, the established connection's loop and its end; `inbound`
 //!   handles each packet from the client, `outbound` writes what the router and the mux link
 //!   send it;
@@ -39,6 +47,7 @@
 //! - `rate`: the publish rate limit.
 
 mod front_end;
+mod gate;
 mod handshake;
 mod inbound;
 mod network;

@@ -2,16 +2,17 @@
 //! the listener's MQTT version; the packet size limit, the packets a client may not send, and
 //! the 3.1.1 form of what rumqttd's router writes.
 
+use std::collections::HashMap;
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
-use rumqttd::protocol::{self, Packet, Protocol};
+use rumqttd::protocol::{self, Packet, Protocol, PublishProperties};
 use shared::frame::{self, FrameHeader};
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -60,6 +61,12 @@ pub(super) struct Network {
     /// The listener's MQTT version.
     pub(super) version: Listener,
     max_payload_size: usize,
+    /// The largest packet the client accepts (MQTT 5 `Maximum Packet Size`), if it set one.
+    client_max_packet_size: Option<usize>,
+    /// How many topic aliases the client accepts from the broker (MQTT 5 `Topic Alias
+    /// Maximum`), and those set on this connection: topic → alias.
+    client_topic_alias_max: u16,
+    topic_aliases: HashMap<Bytes, u16>,
     metrics: BrokerMetrics,
 }
 
@@ -81,8 +88,23 @@ impl Network {
             codec,
             version,
             max_payload_size,
+            client_max_packet_size: None,
+            client_topic_alias_max: 0,
+            topic_aliases: HashMap::new(),
             metrics: metrics.clone(),
         }
+    }
+
+    /// Sets the largest packet the client accepts (its CONNECT's `Maximum Packet Size`): a
+    /// forward bigger than that is not sent (MQTT 5, 3.1.2.11.4).
+    pub(super) fn set_client_max_packet_size(&mut self, max: Option<u32>) {
+        self.client_max_packet_size = max.and_then(|max| usize::try_from(max).ok());
+    }
+
+    /// Sets how many topic aliases the client accepts (its CONNECT's `Topic Alias Maximum`):
+    /// forwards to it then carry aliases (see [`Self::alias_topic`]).
+    pub(super) fn set_client_topic_alias_max(&mut self, max: u16) {
+        self.client_topic_alias_max = max;
     }
 
     /// Reads whatever the socket has (at least one byte). Cancel-safe: bytes read are kept.
@@ -193,6 +215,80 @@ impl Network {
         })
     }
 
+    /// Queues a PUBLISH the router forwarded (at the subscription's QoS) to be delivered at
+    /// most at `max_qos` (min(publish QoS, granted QoS), see `qos`). A forward above it is
+    /// rewritten at QoS 0, the only downgrade there is (grants are at most QoS 1); one bigger
+    /// than the client's maximum packet size is not sent at all. Returns the QoS and packet id
+    /// as written (`None` if not sent), and the packet id the router forwarded it under if it
+    /// was downgraded or not sent: the router waits for a PUBACK the client will not send.
+    pub(super) fn queue_forward(
+        &mut self,
+        packet: Packet,
+        max_qos: u8,
+    ) -> Result<(Option<PublishInfo>, Option<u16>), PacketError> {
+        let (packet, new_alias) = self.alias_topic(packet);
+        let start = self.write.len();
+        let mut info = self.queue(packet)?;
+        let mut router_pkid = None;
+        if let Some(PublishInfo { qos, pkid }) = info
+            && qos > max_qos
+        {
+            if !downgrade_to_qos0(&mut self.write, start) {
+                self.write.truncate(start);
+                return Err(PacketError::Codec(protocol::Error::MalformedPacket));
+            }
+            info = Some(PublishInfo { qos: 0, pkid: 0 });
+            router_pkid = Some(pkid);
+        }
+        if let Some(max) = self.client_max_packet_size
+            && self.write.len() - start > max
+        {
+            self.write.truncate(start);
+            if let Some(topic) = new_alias {
+                self.topic_aliases.remove(&topic);
+            }
+            let pkid = router_pkid.or(info.filter(|i| i.qos > 0).map(|i| i.pkid));
+            return Ok((None, pkid));
+        }
+        Ok((info, router_pkid))
+    }
+
+    /// For an MQTT 5 client that accepts topic aliases: the first PUBLISH on a topic carries
+    /// the topic and sets an alias for it (while the client's maximum allows a new one), the
+    /// next ones the alias alone, as MQTT 5 allows a server to (3.3.2.3.4). Returns the packet
+    /// and the topic whose alias it set, if it set one.
+    fn alias_topic(&mut self, packet: Packet) -> (Packet, Option<Bytes>) {
+        let Packet::Publish(mut publish, mut properties) = packet else {
+            return (packet, None);
+        };
+        if self.client_topic_alias_max == 0
+            || self.version != Listener::V5
+            || publish.topic.is_empty()
+        {
+            return (Packet::Publish(publish, properties), None);
+        }
+        let mut set = None;
+        let alias = match self.topic_aliases.get(&publish.topic) {
+            Some(&alias) => {
+                publish.topic = Bytes::new();
+                Some(alias)
+            }
+            None => u16::try_from(self.topic_aliases.len() + 1)
+                .ok()
+                .filter(|alias| *alias <= self.client_topic_alias_max)
+                .inspect(|alias| {
+                    self.topic_aliases.insert(publish.topic.clone(), *alias);
+                    set = Some(publish.topic.clone());
+                }),
+        };
+        if let Some(alias) = alias {
+            properties
+                .get_or_insert_with(PublishProperties::default)
+                .topic_alias = Some(alias);
+        }
+        (Packet::Publish(publish, properties), set)
+    }
+
     /// Queues bytes already encoded.
     pub(super) fn queue_bytes(&mut self, bytes: &[u8]) {
         self.write.extend_from_slice(bytes);
@@ -225,6 +321,25 @@ impl Network {
         }
     }
 
+    /// After a last DISCONNECT (see [`Self::farewell`]) for a protocol error: stops writing and
+    /// reads (and drops) what the client still sends until it closes, for at most
+    /// [`FAREWELL_TIMEOUT`]. Closing with unread bytes would reset the connection, and the
+    /// client could lose the DISCONNECT that says why.
+    pub(super) async fn linger(&mut self) {
+        let _ = timeout(FAREWELL_TIMEOUT, async {
+            let _ = self.stream.shutdown().await;
+            let mut sink = [0u8; 1024];
+            loop {
+                match self.stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        self.read = BytesMut::new();
+    }
+
     /// Frees the read buffer once it holds no partial packet, so an idle connection keeps no
     /// buffer (the next read allocates one).
     pub(super) fn release_read_buffer(&mut self) {
@@ -250,6 +365,36 @@ fn for_v4(packet: Packet) -> Option<Packet> {
         Packet::Disconnect(..) => return None,
         other => other,
     })
+}
+
+/// Rewrites the QoS 1 or 2 PUBLISH encoded at the end of `buf`, from `start`, as QoS 0: QoS
+/// and DUP bits cleared, the packet id taken out, the remaining length shortened by two.
+/// `false` (and `buf` untouched) if no such complete PUBLISH is there.
+fn downgrade_to_qos0(buf: &mut BytesMut, start: usize) -> bool {
+    let Some(encoded) = buf.get(start..) else {
+        return false;
+    };
+    let Some(header) = frame::frame(encoded) else {
+        return false;
+    };
+    let Some(body) = encoded.get(header.header_len..header.total()) else {
+        return false;
+    };
+    let topic_end = match body {
+        [hi, lo, ..] => 2 + usize::from(u16::from_be_bytes([*hi, *lo])),
+        _ => return false,
+    };
+    if header.first >> 4 != 3 || (header.first >> 1) & 3 == 0 || body.len() < topic_end + 2 {
+        return false;
+    }
+    let mut rest = Vec::with_capacity(body.len() - 2);
+    rest.extend_from_slice(&body[..topic_end]);
+    rest.extend_from_slice(&body[topic_end + 2..]);
+    let mut packet = Vec::with_capacity(rest.len() + 5);
+    frame::put_packet(&mut packet, header.first & 0b1111_0001, &rest);
+    buf.truncate(start);
+    buf.extend_from_slice(&packet);
+    true
 }
 
 /// QoS and packet id of the PUBLISH at the start of `buf`, if it is complete.
@@ -317,6 +462,55 @@ mod tests {
             reason_code: DisconnectReasonCode::ServerShuttingDown,
         };
         assert_eq!(for_v4(Packet::Disconnect(bye, None)), None);
+    }
+
+    #[test]
+    fn a_forward_is_downgraded_to_qos_0_in_place() {
+        for v5 in [false, true] {
+            let qos1 = shared::frame::Publish {
+                v5,
+                topic: b"a/b",
+                payload: b"hello",
+                qos: 1,
+                pkid: 7,
+                retain: true,
+                dup: true,
+                props: &[0x26, 0, 1, b'k', 0, 1, b'v'],
+            };
+            let qos0 = shared::frame::Publish {
+                qos: 0,
+                pkid: 0,
+                dup: false,
+                ..qos1
+            };
+            let mut buf = BytesMut::from(&b"\xd0\x00"[..]);
+            buf.extend_from_slice(&qos1.bytes());
+            assert!(downgrade_to_qos0(&mut buf, 2));
+            let mut expected = b"\xd0\x00".to_vec();
+            expected.extend_from_slice(&qos0.bytes());
+            assert_eq!(&buf[..], &expected[..], "v5: {v5}");
+            assert_eq!(
+                publish_info(&buf[2..]),
+                Some(PublishInfo { qos: 0, pkid: 0 })
+            );
+            // Already QoS 0: left alone.
+            assert!(!downgrade_to_qos0(&mut buf, 2));
+            assert_eq!(&buf[..], &expected[..]);
+        }
+        // A remaining length that shrinks by a byte (128 → 126).
+        let payload = [7u8; 123];
+        let big = shared::frame::Publish {
+            topic: b"a",
+            payload: &payload,
+            qos: 1,
+            pkid: 1,
+            ..Default::default()
+        };
+        let mut buf = BytesMut::from(&big.bytes()[..]);
+        assert_eq!(buf.len(), 1 + 2 + 128);
+        assert!(downgrade_to_qos0(&mut buf, 0));
+        let small = shared::frame::Publish { qos: 0, ..big };
+        assert_eq!(&buf[..], &small.bytes()[..]);
     }
 
     #[test]

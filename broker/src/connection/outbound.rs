@@ -3,16 +3,18 @@
 //! Everything already queued is written in one go, flushed every [`MAX_WRITE_BATCH`].
 
 use rumqttd::Notification;
-use rumqttd::protocol::{Packet, PubAck, PubAckReason};
+use rumqttd::protocol::{Packet, PubAck, PubAckReason, SubAck};
 use shared::topic::kind_of;
 use tracing::debug;
 
+use super::inbound::put_back_refusals;
 use super::network::PublishInfo;
 use super::session::{Established, MUX_PKIDS};
 use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason};
 use crate::mux::{MuxEvent, publish_with};
-use crate::router::try_next;
+use crate::qos;
+use crate::router::{hand_over, try_next};
 
 /// Most router notifications written in one go before the socket is flushed.
 const MAX_WRITE_BATCH: usize = 1000;
@@ -25,13 +27,13 @@ impl Established {
         while let Some(event) = next.take() {
             match event {
                 MuxEvent::PubAck(pkid) => {
-                    self.incoming_inflight.retain(|&p| p != pkid);
                     let ack = PubAck {
                         pkid,
                         reason: PubAckReason::Success,
                     };
-                    self.answer(Packet::PubAck(ack, None))?;
+                    self.routed(pkid, Packet::PubAck(ack, None))?;
                 }
+                MuxEvent::Durable(entry) => self.durable(entry)?,
                 MuxEvent::Command { command, qos } => {
                     if self.draining {
                         self.ctx.metrics.dropped(DropReason::Shutdown);
@@ -62,6 +64,45 @@ impl Established {
         self.flush().await
     }
 
+    /// Marks the router's forward `pkid` (if given) as acknowledged, and moves the PUBACKs the
+    /// router may have now into `acks`, in the order it sent the forwards (rumqttd drops a
+    /// link that acknowledges out of order). Whether `pkid` was one of its forwards.
+    pub(super) fn acknowledge_forward(
+        &mut self,
+        pkid: Option<u16>,
+        acks: &mut Vec<Packet>,
+    ) -> bool {
+        let known = pkid.is_some_and(|pkid| {
+            self.router_forwards
+                .iter_mut()
+                .find(|(p, done)| *p == pkid && !*done)
+                .map(|(_, done)| *done = true)
+                .is_some()
+        });
+        while let Some(&(pkid, true)) = self.router_forwards.front() {
+            self.router_forwards.pop_front();
+            let ack = PubAck {
+                pkid,
+                reason: PubAckReason::Success,
+            };
+            acks.push(Packet::PubAck(ack, None));
+        }
+        known
+    }
+
+    /// Puts the SUBACK codes of the filters the front end refused from this SUBSCRIBE (see
+    /// `inbound`) into the router's SUBACK for it.
+    fn put_back_suback_refusals(&mut self, ack: &mut SubAck) {
+        if let Some(at) = self
+            .suback_refusals
+            .iter()
+            .position(|(pkid, _)| *pkid == ack.pkid)
+        {
+            let (_, refused) = self.suback_refusals.swap_remove(at);
+            put_back_refusals(&mut ack.return_codes, &refused);
+        }
+    }
+
     /// The next packet id for a command written from the mux link.
     fn next_mux_pkid(&mut self) -> u16 {
         loop {
@@ -78,6 +119,10 @@ impl Established {
     }
 
     /// Writes what the router sent: `first` and whatever else is already queued.
+    ///
+    /// A message is written at min(publish QoS, granted QoS) (`qos`): the router forwards at
+    /// the subscription's QoS, so a forward above its original QoS is downgraded here and
+    /// acknowledged to the router on the client's behalf.
     pub(super) async fn deliver(
         &mut self,
         first: Option<Notification>,
@@ -86,6 +131,7 @@ impl Established {
         let mut end = None;
         let mut next = first;
         let mut written = 0;
+        let mut router_acks = Vec::new();
         while let Some(notification) = next.take() {
             match notification {
                 Notification::Forward(forward) => {
@@ -93,16 +139,31 @@ impl Established {
                         self.ctx.metrics.dropped(DropReason::Shutdown);
                     } else {
                         let kind = kind_of(&forward.publish.topic);
+                        let mut properties = forward.properties;
+                        let original = qos::take_original(&forward.publish.topic, &mut properties);
+                        let message = self.consumer.then(|| {
+                            (
+                                forward.publish.topic.clone(),
+                                forward.publish.payload.clone(),
+                            )
+                        });
                         match self
                             .net
-                            .queue(Packet::Publish(forward.publish, forward.properties))
+                            .queue_forward(Packet::Publish(forward.publish, properties), original)
                         {
-                            Ok(info) => {
+                            Ok((info, downgraded)) => {
                                 self.ctx.metrics.message_out(kind);
-                                if let Some(PublishInfo { qos: 1, pkid }) = info
-                                    && !self.outgoing_inflight.contains(&pkid)
-                                {
-                                    self.outgoing_inflight.push(pkid);
+                                if let Some(PublishInfo { qos: 1, pkid }) = info {
+                                    if !self.outgoing_inflight.contains(&pkid) {
+                                        self.outgoing_inflight.push(pkid);
+                                    }
+                                    self.router_forwards.push_back((pkid, false));
+                                    if let Some((topic, payload)) = &message {
+                                        self.forwarded_to_consumer(pkid, topic, payload);
+                                    }
+                                }
+                                if let Some(pkid) = downgraded {
+                                    self.router_forwards.push_back((pkid, true));
                                 }
                             }
                             Err(err) => return Err(self.protocol_error(&err)),
@@ -110,11 +171,21 @@ impl Established {
                     }
                 }
                 Notification::DeviceAck(ack) => {
-                    let packet: Packet = ack.into();
+                    let mut packet: Packet = ack.into();
                     if let Packet::PubAck(ack, _) = &packet {
-                        self.incoming_inflight.retain(|&p| p != ack.pkid);
+                        // Written in order, and once durable if it waits for that (`gate`).
+                        let pkid = ack.pkid;
+                        self.routed(pkid, packet)?;
+                    } else {
+                        if let Packet::SubAck(ack, _) = &mut packet {
+                            self.put_back_suback_refusals(ack);
+                            if self.consumer {
+                                // What the router delivered to nobody goes to the consumer now.
+                                self.ctx.durability.consumer_subscribed();
+                            }
+                        }
+                        self.answer(packet)?;
                     }
-                    self.answer(packet)?;
                 }
                 Notification::Unschedule => unscheduled = true,
                 Notification::Disconnect(disconnect, properties) => {
@@ -137,6 +208,14 @@ impl Established {
             next = self.link.as_mut().and_then(|link| try_next(&mut link.rx));
         }
         self.flush().await?;
+        self.acknowledge_forward(None, &mut router_acks);
+        if let Some(link) = &mut self.link
+            && !router_acks.is_empty()
+        {
+            hand_over(&mut link.tx, &mut router_acks)
+                .await
+                .map_err(|_| DisconnectReason::Router)?;
+        }
         if let Some(end) = end {
             return Err(end);
         }

@@ -6,7 +6,8 @@
 //! own link's notifications, keep-alive expiry. What each packet from the client does is in
 //! `inbound`; how the router's and the mux link's messages are written, in `outbound`.
 
-use std::collections::HashMap;
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -15,12 +16,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttd::Notification;
 use rumqttd::local::LinkError;
-use rumqttd::protocol::{self, Disconnect, DisconnectReasonCode, LastWill, Packet};
+use rumqttd::protocol::{
+    self, Disconnect, DisconnectReasonCode, LastWill, Packet, PublishProperties,
+    SubscribeReasonCode,
+};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, warn};
 
 use super::front_end::FrontEnd;
+use super::gate::PubAckQueue;
 use super::handshake::{Accepted, OwnLink};
 use super::network::{Network, PacketError};
 use super::rate::PublishRate;
@@ -50,7 +55,6 @@ pub(super) struct Established {
     pub(super) link: Option<OwnLink>,
     /// A persistent session: everything goes through its own link, as rumqttd keeps it.
     pub(super) persistent: bool,
-    topic_alias_max: u16,
     /// Publishes for the mux link, in the client's order.
     pub(super) mux_batch: Vec<Packet>,
     /// Marks this connection's batch in the mux link's buffer (see `Mux::send`).
@@ -73,8 +77,34 @@ pub(super) struct Established {
     pub(super) incoming_inflight: Vec<u16>,
     /// Packet ids of QoS 1 publishes written to the client, not yet acknowledged by it.
     pub(super) outgoing_inflight: Vec<u16>,
+    /// The PUBACKs owed to the client for its QoS 1 publishes, in their order (`gate`).
+    pub(super) pubacks: PubAckQueue,
+    /// Its QoS 1 `event`, `ack` and `status` publishes wait for durability (`durability`).
+    pub(super) gated: bool,
+    /// A durable consumer: its PUBACKs prove messages durable.
+    pub(super) consumer: bool,
+    /// A durable consumer's QoS 1 forwards of such messages, by packet id, until it
+    /// acknowledges them.
+    pub(super) consumer_forwards: HashMap<u16, crate::durability::MessageKey>,
+    /// The router's QoS 1 forwards on the connection's own link, in the order it sent them,
+    /// each with whether it may be acknowledged to the router yet (the client's PUBACK came, or
+    /// it was delivered at QoS 0): rumqttd takes PUBACKs in that order only.
+    pub(super) router_forwards: VecDeque<(u16, bool)>,
+    /// Packet ids of QoS 2 publishes from the client, routed and answered with PUBREC, whose
+    /// PUBREL has not arrived: a resend of one is not routed again.
+    pub(super) qos2_received: Vec<u16>,
+    /// SUBSCRIBEs handed to the router without the filters the front end refused (see
+    /// `inbound`): packet id → each refused filter's position and SUBACK code, put back into
+    /// the router's SUBACK.
+    pub(super) suback_refusals: Vec<(u16, Vec<(usize, SubscribeReasonCode)>)>,
     /// An MQTT 5 DISCONNECT asked for the will to be published.
     pub(super) will_on_disconnect: bool,
+    /// How long after the connection is lost its will is published (MQTT 5: min(Will Delay
+    /// Interval, Session Expiry Interval); zero otherwise).
+    will_delay: Duration,
+    /// Why the broker ends the connection, told to an MQTT 5 client in a last DISCONNECT (a
+    /// protocol error: packet too large, topic alias invalid, receive maximum exceeded, ...).
+    pub(super) farewell: Cell<Option<DisconnectReasonCode>>,
     pub(super) acl_warned: bool,
     /// MQTT 5 topic aliases the client set, so an aliased publish (empty topic) is checked
     /// against the topic it stands for.
@@ -95,10 +125,11 @@ pub(super) async fn run(net: Network, accepted: Accepted, peer: SocketAddr, ctx:
         client_id,
         identity,
         will,
+        will_properties,
+        will_delay,
         keep_alive,
         claim,
         persistent,
-        topic_alias_max,
         link,
     } = accepted;
     let counted = identity != Identity::Probe;
@@ -110,11 +141,15 @@ pub(super) async fn run(net: Network, accepted: Accepted, peer: SocketAddr, ctx:
         } => None,
         _ => PublishRate::new(ctx.limits.max_publish_rate, Instant::now()),
     };
+    let consumer = ctx.durability.is_consumer(&identity, &client_id);
+    let gated = ctx.durability.gates(&identity, consumer);
+    if consumer {
+        ctx.durability.consumer_connected(true);
+    }
     let mut session = Established {
         net,
         link,
         persistent,
-        topic_alias_max,
         mux_batch: Vec::new(),
         mux_pending: None,
         port: None,
@@ -128,7 +163,16 @@ pub(super) async fn run(net: Network, accepted: Accepted, peer: SocketAddr, ctx:
         draining: false,
         incoming_inflight: Vec::new(),
         outgoing_inflight: Vec::new(),
+        pubacks: PubAckQueue::default(),
+        gated,
+        consumer,
+        consumer_forwards: HashMap::new(),
+        router_forwards: VecDeque::new(),
+        qos2_received: Vec::new(),
+        suback_refusals: Vec::new(),
         will_on_disconnect: false,
+        will_delay,
+        farewell: Cell::new(None),
         acl_warned: false,
         topic_aliases: HashMap::new(),
         rate,
@@ -147,7 +191,7 @@ pub(super) async fn run(net: Network, accepted: Accepted, peer: SocketAddr, ctx:
         end = session.run(keep_alive) => end,
     };
 
-    session.end(end, will).await;
+    session.end(end, will, will_properties).await;
     ctx.client_ids.release(claim);
     if counted {
         ctx.release_slot(true);
@@ -159,8 +203,9 @@ pub(super) async fn run(net: Network, accepted: Accepted, peer: SocketAddr, ctx:
 
 impl Established {
     async fn run(&mut self, keep_alive: Duration) -> DisconnectReason {
-        // MQTT: a server disconnects a client it has heard nothing from for 1.5 × keep-alive.
-        let idle_limit = keep_alive + keep_alive / 2;
+        // MQTT: a server disconnects a client it has heard nothing from for 1.5 × keep-alive;
+        // keep-alive 0 (allowed for clients that are not vehicles) means never.
+        let idle_limit = (!keep_alive.is_zero()).then(|| keep_alive + keep_alive / 2);
         let mut last_heard = Instant::now();
         let mut batch = Vec::new();
         let mux = Arc::clone(&self.ctx.mux);
@@ -176,13 +221,19 @@ impl Established {
                 return end;
             }
             if self.draining
-                && self.incoming_inflight.is_empty()
+                && (self.incoming_inflight.is_empty() || self.owes_only_lost_causes())
                 && self.outgoing_inflight.is_empty()
                 && self.mux_outgoing.is_empty()
             {
                 return DisconnectReason::Shutdown;
             }
             let throttled = self.throttled_until;
+            // Owing too many PUBACKs (publishes waiting for durability): its socket waits too,
+            // so TCP pushes back on the client, and keep-alive counts from when reading resumes.
+            let owing = self.pubacks.is_full();
+            if owing {
+                last_heard = Instant::now();
+            }
             tokio::select! {
                 biased;
                 () = &mut draining, if !self.draining => {
@@ -193,7 +244,7 @@ impl Established {
                 () = sleep_until(throttled.unwrap_or(last_heard)), if throttled.is_some() => {
                     last_heard = Instant::now();
                 }
-                read = self.net.read_more(), if throttled.is_none() => match read {
+                read = self.net.read_more(), if throttled.is_none() && !owing => match read {
                     Ok(()) => last_heard = Instant::now(),
                     Err(err) => {
                         debug!(client_id = self.client_id, cause = %err, "connection lost");
@@ -220,7 +271,7 @@ impl Established {
                         return DisconnectReason::Router;
                     }
                 },
-                () = sleep_until(last_heard + idle_limit), if throttled.is_none() => {
+                () = sleep_until(last_heard + idle_limit.unwrap_or_default()), if throttled.is_none() && !owing && idle_limit.is_some() => {
                     debug!(client_id = self.client_id, ?keep_alive, "keep-alive expired");
                     return DisconnectReason::KeepAlive;
                 }
@@ -300,6 +351,13 @@ impl Established {
 
     /// Logs (and counts, for an oversized packet) why the client's bytes end the connection.
     pub(super) fn protocol_error(&self, err: &PacketError) -> DisconnectReason {
+        self.farewell.set(Some(match err {
+            PacketError::Codec(protocol::Error::PayloadSizeLimitExceeded(_)) => {
+                DisconnectReasonCode::PacketTooLarge
+            }
+            PacketError::Codec(_) => DisconnectReasonCode::MalformedPacket,
+            _ => DisconnectReasonCode::ProtocolError,
+        }));
         if let PacketError::Codec(protocol::Error::PayloadSizeLimitExceeded(size)) = err {
             self.ctx.metrics.dropped(DropReason::Oversized);
             warn!(
@@ -338,7 +396,6 @@ impl Established {
         let registered = self.ctx.registrar.link(LinkRequest {
             client_id: &self.client_id,
             clean_session: !self.persistent,
-            topic_alias_max: self.topic_alias_max,
         });
         match registered {
             Ok((tx, rx, _connack)) => {
@@ -389,15 +446,38 @@ impl Established {
     }
 
     /// Tears the connection down after it ended for `end`: the last DISCONNECT (MQTT 5, at
-    /// shutdown), the mux subscriptions and mirror watches dropped, the router told, the last
-    /// `will` published if the connection was lost (or the client asked for it).
-    async fn end(&mut self, end: DisconnectReason, will: Option<LastWill>) {
+    /// shutdown or after a protocol error, with its reason), the mux subscriptions and mirror
+    /// watches dropped, the router told, the last `will` published (after its delay) if the
+    /// connection was lost (or the client asked for it).
+    async fn end(
+        &mut self,
+        end: DisconnectReason,
+        will: Option<LastWill>,
+        will_properties: Option<PublishProperties>,
+    ) {
         let ctx = Arc::clone(&self.ctx);
-        if end == DisconnectReason::Shutdown && self.net.version == Listener::V5 {
-            let bye = Disconnect {
-                reason_code: DisconnectReasonCode::ServerShuttingDown,
-            };
+        // Its client sends what was not acknowledged again, on its next connection.
+        ctx.durability
+            .forget(self.connection, self.pubacks.waiting());
+        if self.consumer {
+            ctx.durability.consumer_connected(false);
+        }
+        // MQTT 5 clients are told why the broker ends the connection; after a protocol error
+        // the socket is drained a moment, so that the DISCONNECT is read rather than lost to
+        // a reset (the client may still be sending).
+        let farewell = match end {
+            DisconnectReason::Shutdown => Some(DisconnectReasonCode::ServerShuttingDown),
+            DisconnectReason::Protocol => self.farewell.get(),
+            _ => None,
+        };
+        if let Some(reason_code) = farewell
+            && self.net.version == Listener::V5
+        {
+            let bye = Disconnect { reason_code };
             self.net.farewell(Packet::Disconnect(bye, None)).await;
+            if end == DisconnectReason::Protocol {
+                self.net.linger().await;
+            }
         }
         for topic in self.mux_subscriptions.drain(..) {
             ctx.mux.unsubscribe(self.connection, &topic);
@@ -421,23 +501,50 @@ impl Established {
         if let Some(will) = will
             && (end.fires_will() || self.will_on_disconnect)
         {
-            ctx.mux.record(&will.topic, &will.message, will.retain);
-            match ctx
-                .wills
-                .publish(will.topic.clone(), will.message.clone(), will.retain)
-                .await
-            {
-                Ok(()) => {
-                    ctx.metrics.will_published();
-                    debug!(client_id = self.client_id, topic = %String::from_utf8_lossy(&will.topic), "last will published");
-                }
-                Err(err) => {
-                    error!(client_id = self.client_id, cause = %err, "could not publish the last will");
-                }
+            if self.will_delay.is_zero() {
+                publish_will(&ctx, &self.client_id, will, will_properties).await;
+            } else {
+                // MQTT 5 Will Delay: published later, unless the client is back by then.
+                let (delay, client_id) = (self.will_delay, self.client_id.clone());
+                let ctx = Arc::clone(&ctx);
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if ctx.client_ids.is_held(&client_id) {
+                        debug!(client_id, "client back within its will delay: no will");
+                    } else {
+                        publish_will(&ctx, &client_id, will, will_properties).await;
+                    }
+                });
             }
         }
         if self.link.is_some() {
             ctx.count_own_link(false);
+        }
+    }
+}
+
+/// Publishes the last `will` of `client_id`, with its MQTT 5 `properties`, as published at
+/// its QoS (see `qos`).
+async fn publish_will(
+    ctx: &FrontEnd,
+    client_id: &str,
+    will: LastWill,
+    properties: Option<PublishProperties>,
+) {
+    let qos = will.qos as u8;
+    ctx.mux.record(&will.topic, &will.message, will.retain, qos);
+    let topic = will.topic.clone();
+    match ctx
+        .wills
+        .publish(will.topic, will.message, will.retain, qos, properties)
+        .await
+    {
+        Ok(()) => {
+            ctx.metrics.will_published();
+            debug!(client_id, topic = %String::from_utf8_lossy(&topic), "last will published");
+        }
+        Err(err) => {
+            error!(client_id, cause = %err, "could not publish the last will");
         }
     }
 }

@@ -25,7 +25,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
 
 use shared::TopicKind;
 
-pub use self::reasons::{AuthRefusal, ConnectRefusal, DisconnectReason, DropReason};
+pub use self::reasons::{
+    AuthRefusal, ConnectRefusal, DisconnectReason, DropReason, SubscribeRefusal,
+};
 use crate::listener::Listener;
 
 /// The `kind` label values of the message counters, in label order: every topic kind, then
@@ -92,10 +94,17 @@ struct Counters {
     bytes_out: AtomicU64,
     dropped: Family<{ DropReason::ALL.len() }>,
     subscribe_denied: AtomicU64,
+    subscriptions_refused: Family<{ SubscribeRefusal::ALL.len() }>,
     throttled: AtomicU64,
     wills_published: AtomicU64,
     mirror_published: AtomicU64,
     mirror_undecodable: AtomicU64,
+    durability_waiting: AtomicI64,
+    journal_rows: AtomicU64,
+    journal_bytes: AtomicU64,
+    journal_full: AtomicU64,
+    journal_commits: AtomicU64,
+    replayed: AtomicU64,
 }
 
 /// The broker's counters; cheap to clone (one shared set), safe to update from any thread.
@@ -130,10 +139,17 @@ impl Default for BrokerMetrics {
                 bytes_out: AtomicU64::new(0),
                 dropped: Family::default(),
                 subscribe_denied: AtomicU64::new(0),
+                subscriptions_refused: Family::default(),
                 throttled: AtomicU64::new(0),
                 wills_published: AtomicU64::new(0),
                 mirror_published: AtomicU64::new(0),
                 mirror_undecodable: AtomicU64::new(0),
+                durability_waiting: AtomicI64::new(0),
+                journal_rows: AtomicU64::new(0),
+                journal_bytes: AtomicU64::new(0),
+                journal_full: AtomicU64::new(0),
+                journal_commits: AtomicU64::new(0),
+                replayed: AtomicU64::new(0),
             }),
         }
     }
@@ -227,6 +243,11 @@ impl BrokerMetrics {
         bump(&self.counters.subscribe_denied);
     }
 
+    /// A subscription filter was refused for `why` (not by the topic ACL).
+    pub(crate) fn subscription_refused(&self, why: SubscribeRefusal) {
+        self.counters.subscriptions_refused.bump(why.index());
+    }
+
     pub(crate) fn throttled(&self) {
         bump(&self.counters.throttled);
     }
@@ -240,6 +261,34 @@ impl BrokerMetrics {
         if !decoded {
             bump(&self.counters.mirror_undecodable);
         }
+    }
+
+    /// `delta` more (or fewer) publishes wait for durability (see `durability`).
+    pub(crate) fn waiting_for_durability(&self, delta: i64) {
+        self.counters
+            .durability_waiting
+            .fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// The journal holds `rows` messages of `bytes` (topic + payload) now.
+    pub(crate) fn set_journal(&self, rows: u64, bytes: u64) {
+        self.counters.journal_rows.store(rows, Ordering::Relaxed);
+        self.counters.journal_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The journal committed a batch.
+    pub(crate) fn journal_commit(&self) {
+        bump(&self.counters.journal_commits);
+    }
+
+    /// A message found the journal full: its PUBACK waits for a durable consumer.
+    pub(crate) fn journal_full(&self) {
+        bump(&self.counters.journal_full);
+    }
+
+    /// `n` waiting messages were published again to durable consumers.
+    pub(crate) fn replayed(&self, n: u64) {
+        self.counters.replayed.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -328,6 +377,11 @@ impl BrokerMetrics {
         load(&self.counters.subscribe_denied)
     }
 
+    /// Subscription filters refused for `why` (the broker does not serve them), since start.
+    pub fn subscriptions_refused_total(&self, why: SubscribeRefusal) -> u64 {
+        self.counters.subscriptions_refused.get(why.index())
+    }
+
     /// PUBLISH packets held back because their connection exceeded `max_publish_rate` (each
     /// was routed later, when the rate allowed), since start.
     pub fn throttled_total(&self) -> u64 {
@@ -347,6 +401,40 @@ impl BrokerMetrics {
     /// Of those, documents describing a payload that could not be decoded.
     pub fn mirror_undecodable_total(&self) -> u64 {
         load(&self.counters.mirror_undecodable)
+    }
+
+    /// Publishes whose PUBACK waits for durability now (a durable consumer's acknowledgement,
+    /// or the journal's commit): see `docs/broker.md`, Durability.
+    pub fn durability_waiting(&self) -> u64 {
+        u64::try_from(self.counters.durability_waiting.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    /// Messages in the journal now: committed, not yet acknowledged by a durable consumer.
+    pub fn journal_rows(&self) -> u64 {
+        load(&self.counters.journal_rows)
+    }
+
+    /// Bytes (topic + payload) of the messages in the journal now.
+    pub fn journal_bytes(&self) -> u64 {
+        load(&self.counters.journal_bytes)
+    }
+
+    /// Messages that found the journal full (their PUBACK waited for a durable consumer
+    /// instead), since start.
+    pub fn journal_full_total(&self) -> u64 {
+        load(&self.counters.journal_full)
+    }
+
+    /// Transactions the journal committed (each one fsync, for every message that arrived
+    /// while the previous one ran), since start.
+    pub fn journal_commits_total(&self) -> u64 {
+        load(&self.counters.journal_commits)
+    }
+
+    /// Waiting messages published again to durable consumers (after a durable consumer
+    /// subscribed, or after waiting long), since start.
+    pub fn replayed_total(&self) -> u64 {
+        load(&self.counters.replayed)
     }
 }
 

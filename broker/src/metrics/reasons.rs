@@ -60,7 +60,7 @@ reasons! {
         NoConnect => "no_connect",
         /// The CONNECT was malformed, or of another protocol version than the listener's.
         Protocol => "protocol",
-        /// Keep-alive 0 ("never time out"): refused, see `docs/broker.md`.
+        /// Keep-alive 0 ("never time out") from a vehicle: refused, see `docs/broker.md`.
         KeepAliveZero => "keep_alive_zero",
         /// The client id is unusable: reserved, contains `+ # / $`, or empty without clean
         /// session.
@@ -119,6 +119,19 @@ reasons! {
         Shutdown => "shutdown",
         /// The JSON mirror could not republish it.
         Mirror => "mirror",
+    }
+}
+
+reasons! {
+    /// Why a subscription filter was refused although the topic ACL allows it (the `reason`
+    /// label of `fleetbeat_broker_subscriptions_refused_total`): the broker does not serve it.
+    pub enum SubscribeRefusal {
+        /// A shared subscription, `$share/{group}/{filter}`: rumqttd 0.20's router panics on
+        /// them (issue #13), so they are refused until they can be served safely.
+        Shared => "shared",
+        /// Another filter starting with `$` (`$SYS/#`, ...): rumqttd's router would drop the
+        /// connection for it.
+        DollarTopic => "dollar_topic",
     }
 }
 

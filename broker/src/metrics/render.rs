@@ -3,7 +3,8 @@
 use std::fmt::Write as _;
 
 use super::{
-    AuthRefusal, BrokerMetrics, ConnectRefusal, DisconnectReason, DropReason, KINDS, kind_label,
+    AuthRefusal, BrokerMetrics, ConnectRefusal, DisconnectReason, DropReason, KINDS,
+    SubscribeRefusal, kind_label,
 };
 use crate::listener::Listener;
 
@@ -174,6 +175,15 @@ impl BrokerMetrics {
             "reason",
             DropReason::ALL.map(|why| (why.label(), self.dropped_total(why))),
         );
+        out.labelled(
+            (
+                "subscriptions_refused_total",
+                COUNTER,
+                "Subscription filters refused because the broker does not serve them, by reason.",
+            ),
+            "reason",
+            SubscribeRefusal::ALL.map(|why| (why.label(), self.subscriptions_refused_total(why))),
+        );
         let singles = [
             (
                 "subscribe_denied_total",
@@ -203,6 +213,48 @@ impl BrokerMetrics {
         ];
         for (name, help, value) in singles {
             out.single(name, COUNTER, help, value);
+        }
+
+        let durability = [
+            (
+                "durability_waiting",
+                GAUGE,
+                "QoS 1 event/ack/status publishes whose PUBACK waits for durability.",
+                self.durability_waiting(),
+            ),
+            (
+                "journal_rows",
+                GAUGE,
+                "Messages in the journal: committed, not yet acknowledged by a durable consumer.",
+                self.journal_rows(),
+            ),
+            (
+                "journal_bytes",
+                GAUGE,
+                "Bytes (topic + payload) of the messages in the journal.",
+                self.journal_bytes(),
+            ),
+            (
+                "journal_full_total",
+                COUNTER,
+                "Messages that found the journal full: their PUBACK waited for a durable consumer.",
+                self.journal_full_total(),
+            ),
+            (
+                "journal_commits_total",
+                COUNTER,
+                "Journal transactions committed (group commit: one fsync each).",
+                self.journal_commits_total(),
+            ),
+            (
+                "replayed_total",
+                COUNTER,
+                "Waiting messages published again to durable consumers.",
+                self.replayed_total(),
+            ),
+        ];
+        for (name, kind, help, value) in durability {
+            out.single(name, kind, help, value);
         }
         out.0
     }

@@ -6,10 +6,12 @@
 // Each test file uses its own part of the fixture.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use broker::{Broker, BrokerConfig};
+use broker::{Broker, BrokerConfig, CredentialsFile, NewPassword, Role};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet as ClientPacket, QoS};
 use shared::frame::{Connect, PINGREQ, Publish, packet, put_str};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -31,6 +33,56 @@ pub async fn start(config: BrokerConfig) -> Broker {
 /// Starts a broker on ephemeral ports with every other setting at its default.
 pub async fn start_ephemeral() -> Broker {
     start(BrokerConfig::ephemeral()).await
+}
+
+/// A credentials file provisioned for a test (devices and clients, each with a generated
+/// password), removed when dropped.
+pub struct Provisioned {
+    path: PathBuf,
+    passwords: HashMap<String, String>,
+}
+
+impl Provisioned {
+    /// Devices named `devices`, clients named and with the roles of `clients`.
+    pub fn new(devices: &[&str], clients: &[(&str, Role)]) -> Provisioned {
+        let path = std::env::temp_dir().join(format!(
+            "fleetbeat-broker-test-{}-{:08x}.toml",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        let mut file = CredentialsFile::open(&path).unwrap();
+        let mut passwords = HashMap::new();
+        for device in devices {
+            let issued = file.add_device(device, NewPassword::Generate).unwrap();
+            passwords.insert((*device).to_owned(), issued.password);
+        }
+        for (name, role) in clients {
+            let issued = file.add_client(name, *role, NewPassword::Generate).unwrap();
+            passwords.insert((*name).to_owned(), issued.password);
+        }
+        file.save().unwrap();
+        Provisioned { path, passwords }
+    }
+
+    /// A broker configuration on ephemeral ports using this file.
+    pub fn config(&self) -> BrokerConfig {
+        BrokerConfig {
+            credentials: Some(self.path.clone()),
+            ..BrokerConfig::ephemeral()
+        }
+    }
+
+    /// The login (user name, password) of `name`.
+    pub fn login(&self, name: &str) -> (&str, &str) {
+        let (user, password) = self.passwords.get_key_value(name).expect("provisioned");
+        (user.as_str(), password.as_str())
+    }
+}
+
+impl Drop for Provisioned {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Waits until `check` holds, polling.
@@ -206,22 +258,31 @@ impl Raw {
 
     /// The next packet (first byte, body), or `None` once the broker closed the connection.
     pub async fn read(&mut self) -> Option<(u8, Vec<u8>)> {
-        timeout(T, async {
-            loop {
-                if let Some(header) = shared::frame::frame(&self.buf) {
-                    let body = self.buf[header.header_len..header.total()].to_vec();
-                    self.buf.drain(..header.total());
-                    return Some((header.first, body));
-                }
-                let mut chunk = [0u8; 4096];
-                match self.stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                }
+        timeout(T, self.next_packet())
+            .await
+            .expect("the broker answers or closes within the bound")
+    }
+
+    /// The next packet if one arrives within `wait` (`None` also once the broker closed the
+    /// connection).
+    pub async fn read_within(&mut self, wait: Duration) -> Option<(u8, Vec<u8>)> {
+        timeout(wait, self.next_packet()).await.ok().flatten()
+    }
+
+    /// The next packet, however long it takes. Cancel-safe: bytes read are kept.
+    async fn next_packet(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if let Some(header) = shared::frame::frame(&self.buf) {
+                let body = self.buf[header.header_len..header.total()].to_vec();
+                self.buf.drain(..header.total());
+                return Some((header.first, body));
             }
-        })
-        .await
-        .expect("the broker answers or closes within the bound")
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
     }
 
     /// Reads until the connection is closed, returning what came before.

@@ -1,0 +1,535 @@
+//! The PUBACKs of the events session, released strictly in the order the broker sent the
+//! messages, each only once what it carries is handled: a delivery event once it is committed
+//! to the store.
+//!
+//! Brokers expect a subscriber's PUBACKs in order (rumqttd 0.20 drops a link that acknowledges
+//! out of order, and sends it everything again). So a delivery event whose commit fails is
+//! neither skipped (acknowledging the messages after it) nor a reason to reconnect: the
+//! [`AckReleaser`] retries it with a backoff ([`RETRY_FIRST`], doubling up to [`RETRY_MAX`]),
+//! while the messages behind it wait their turn, handled but unacknowledged, and the broker
+//! and the vehicles keep what is not acknowledged. At most [`CAPACITY`] messages wait here;
+//! beyond that the MQTT task waits too, and the broker keeps the rest (rumqttd sends a link at
+//! most 100 unacknowledged messages, mosquitto 20: neither comes near the bound).
+//!
+//! A message received on a connection that has ended since is never acknowledged on the next
+//! one (the broker would take the stray PUBACK for another message's, or drop the link): the
+//! broker sends it again on the new one, where it is handled again (the store drops the
+//! duplicate event).
+//!
+//! While the store cannot write and no event is being retried, the releaser probes it
+//! (`Store::probe_write`) on the same backoff, so that `/readyz` sees it recover even when
+//! nothing else writes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Publish, QoS};
+use shared::{DeliveryEvent, Topic};
+use socketioxide::SocketIo;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use crate::domain::Hub;
+use crate::metrics::{Counter, Metrics, Rejection};
+use crate::store::StoreError;
+use crate::view::{emit, order};
+
+/// Messages that may wait for their PUBACK here before the MQTT task waits too.
+pub(crate) const CAPACITY: usize = 1024;
+
+/// The first wait before a failed commit is tried again.
+pub(crate) const RETRY_FIRST: Duration = Duration::from_millis(100);
+
+/// The longest wait between two tries of a commit (the backoff doubles up to it).
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// A delivery event, verified, to commit before its message is acknowledged.
+#[derive(Debug, Clone)]
+pub(crate) struct Delivery {
+    /// Where it was published.
+    pub(crate) topic: Topic,
+    /// The event.
+    pub(crate) event: DeliveryEvent,
+}
+
+/// A message of the events session, handled, waiting for its PUBACK.
+#[derive(Debug)]
+struct Waiting {
+    /// What to acknowledge (the packet id and QoS only), or `None` for a QoS 0 message.
+    ack: Option<Publish>,
+    /// The connection it came on.
+    connection: u64,
+    /// Its delivery event, committed before the PUBACK.
+    delivery: Option<Delivery>,
+}
+
+/// The MQTT task's end of the queue: hands over handled messages in the order they came, and
+/// says when the connection changes.
+pub(crate) struct AckQueue {
+    tx: mpsc::Sender<Waiting>,
+    connection: Arc<AtomicU64>,
+    hub: Arc<Hub>,
+}
+
+/// The task's end: commits delivery events and releases the PUBACKs in order. Spawn
+/// [`AckReleaser::run`].
+pub(crate) struct AckReleaser {
+    rx: mpsc::Receiver<Waiting>,
+    connection: Arc<AtomicU64>,
+    hub: Arc<Hub>,
+    io: SocketIo,
+    client: AsyncClient,
+}
+
+/// A queue whose releaser commits delivery events through `hub`, emits them on `io` and
+/// acknowledges through `client` (the events session's, with manual acks).
+pub(crate) fn ack_queue(hub: Arc<Hub>, io: SocketIo, client: AsyncClient) -> (AckQueue, AckReleaser) {
+    let (tx, rx) = mpsc::channel(CAPACITY);
+    let connection = Arc::new(AtomicU64::new(0));
+    let queue = AckQueue {
+        tx,
+        connection: Arc::clone(&connection),
+        hub: Arc::clone(&hub),
+    };
+    let releaser = AckReleaser {
+        rx,
+        connection,
+        hub,
+        io,
+        client,
+    };
+    (queue, releaser)
+}
+
+impl AckQueue {
+    /// The connection messages come on now.
+    pub(crate) fn connection(&self) -> u64 {
+        self.connection.load(Ordering::Acquire)
+    }
+
+    /// The connection ended, or a new one began: what came before is not acknowledged any
+    /// more (the broker sends it again).
+    pub(crate) fn new_connection(&self) {
+        self.connection.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Queues `publish`, received on `connection` and handled, for its PUBACK, after
+    /// `delivery` is committed if it carries one. Nothing is queued for a QoS 0 message
+    /// without a delivery event. Waits while [`CAPACITY`] messages wait already.
+    pub(crate) async fn push(&self, publish: &Publish, connection: u64, delivery: Option<Delivery>) {
+        let ack = (publish.qos != QoS::AtMostOnce).then(|| {
+            // Only the packet id and QoS are needed to acknowledge: the payload is not kept.
+            let mut ack = Publish::new("", publish.qos, Vec::new());
+            ack.pkid = publish.pkid;
+            ack
+        });
+        if ack.is_none() && delivery.is_none() {
+            return;
+        }
+        let metrics = self.hub.metrics();
+        metrics.acks_waiting_delta(1);
+        let waiting = Waiting {
+            ack,
+            connection,
+            delivery,
+        };
+        if self.tx.send(waiting).await.is_err() {
+            // The releaser stopped (shutting down): not acknowledged, the broker keeps it.
+            metrics.acks_waiting_delta(-1);
+        }
+    }
+}
+
+/// What became of a delivery event.
+enum Commit {
+    /// Committed, or found committed before.
+    Done,
+    /// Refused by the store as data: acknowledged and dropped, counted.
+    Refused,
+    /// Not committed, and its connection ended: not acknowledged, the broker sends it again.
+    Stale,
+    /// The bridge is stopping.
+    Stopping,
+}
+
+/// A wait that doubles from [`RETRY_FIRST`] up to [`RETRY_MAX`].
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(RETRY_FIRST)
+    }
+
+    /// The wait now; the next one is twice as long, up to [`RETRY_MAX`].
+    fn next(&mut self) -> Duration {
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(RETRY_MAX);
+        wait
+    }
+}
+
+impl AckReleaser {
+    fn metrics(&self) -> &Metrics {
+        self.hub.metrics()
+    }
+
+    fn connection(&self) -> u64 {
+        self.connection.load(Ordering::Acquire)
+    }
+
+    /// Releases the queue's messages in order until `cancel` fires or the queue's other end is
+    /// gone. What is left is not acknowledged: the broker keeps it for the next run.
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
+        // The next probe, while the store cannot write.
+        let mut probe = Backoff::new();
+        let mut probe_at: Option<Instant> = None;
+        loop {
+            if self.metrics().store().writable() {
+                probe = Backoff::new();
+                probe_at = None;
+            } else if probe_at.is_none() {
+                probe_at = Some(Instant::now() + probe.next());
+            }
+            let waiting = tokio::select! {
+                () = cancel.cancelled() => break,
+                waiting = self.rx.recv() => match waiting {
+                    Some(waiting) => waiting,
+                    None => break,
+                },
+                () = sleep_until(probe_at), if probe_at.is_some() => {
+                    self.probe().await;
+                    probe_at = None;
+                    continue;
+                }
+            };
+            let stopping = !self.release(waiting, &cancel).await;
+            self.metrics().acks_waiting_delta(-1);
+            if stopping {
+                break;
+            }
+        }
+        self.rx.close();
+        let left = self.rx.len();
+        if left > 0 {
+            debug!(left, "stopping with messages unacknowledged; the broker keeps them");
+            self.metrics()
+                .acks_waiting_delta(-i64::try_from(left).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Commits `waiting`'s delivery event if it has one, then acknowledges it. Returns false
+    /// if the bridge is stopping.
+    async fn release(&self, waiting: Waiting, cancel: &CancellationToken) -> bool {
+        if let Some(delivery) = &waiting.delivery {
+            match self.commit(delivery, waiting.connection, cancel).await {
+                Commit::Done | Commit::Refused => {}
+                Commit::Stale => return true,
+                Commit::Stopping => return false,
+            }
+        }
+        let Some(publish) = waiting.ack else {
+            return true;
+        };
+        if waiting.connection != self.connection() {
+            debug!(
+                pkid = publish.pkid,
+                "not acknowledged: its connection ended, the broker sends it again"
+            );
+            return true;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return false,
+            sent = self.client.ack(&publish) => if let Err(err) = sent {
+                // Not acknowledged: the broker sends it again after a reconnect.
+                warn!(pkid = publish.pkid, cause = %err, "could not acknowledge an MQTT message");
+            },
+        }
+        true
+    }
+
+    /// Commits `delivery`, received on `connection`, trying again after every failure of the
+    /// store until it is committed, the store refuses it as data, the connection ends, or the
+    /// bridge stops.
+    async fn commit(
+        &self,
+        delivery: &Delivery,
+        connection: u64,
+        cancel: &CancellationToken,
+    ) -> Commit {
+        let metrics = self.metrics();
+        let mut backoff = Backoff::new();
+        let mut tries: u32 = 0;
+        loop {
+            tries += 1;
+            match self.store(delivery).await {
+                Ok(()) => {
+                    metrics.store().succeeded();
+                    return Commit::Done;
+                }
+                Err(err) if !err.is_outage() => {
+                    metrics.rejected(Rejection::Store);
+                    error!(
+                        topic = %delivery.topic.name(), seq = delivery.event.seq, cause = %err,
+                        "delivery event refused by the store: acknowledged and dropped"
+                    );
+                    return Commit::Refused;
+                }
+                Err(err) => {
+                    if tries == 1 {
+                        metrics.count(Counter::EventsUnacked);
+                    }
+                    debug!(
+                        topic = %delivery.topic.name(), seq = delivery.event.seq, tries, cause = %err,
+                        "delivery event not stored; its PUBACK waits, it is tried again"
+                    );
+                    metrics
+                        .store()
+                        .failed("delivery event", &err, metrics.acks_waiting());
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Commit::Stopping,
+                () = tokio::time::sleep(backoff.next()) => {}
+            }
+            if self.connection() != connection {
+                return Commit::Stale;
+            }
+            metrics.count(Counter::StoreRetries);
+        }
+    }
+
+    /// Records a delivery event durably and queues it for its recipients, then emits it to
+    /// them (once committed).
+    async fn store(&self, delivery: &Delivery) -> Result<(), StoreError> {
+        let Delivery { topic, event } = delivery;
+        let recipients = self
+            .hub
+            .delivery_recipients(&topic.fleet, &event.order)
+            .await?;
+        let payload = order::delivery(topic, event, recipients.store.as_deref());
+        let messages = self
+            .hub
+            .record_delivery(topic, event, &recipients.clients, &payload)
+            .await?;
+        emit::queued(&self.io, self.metrics(), &messages).await;
+        Ok(())
+    }
+
+    /// Tries one write, to learn whether the store writes again.
+    async fn probe(&self) {
+        let health = self.metrics().store();
+        match self.hub.probe_store().await {
+            Ok(()) => health.succeeded(),
+            Err(err) if err.is_outage() => {
+                health.failed("probe", &err, self.metrics().acks_waiting());
+            }
+            Err(err) => warn!(cause = %err, "store probe failed"),
+        }
+    }
+}
+
+/// Sleeps until `at` (forever if `None`).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::{DeliveryKind, OrderId, Position};
+    use sqlx::Connection as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::config::MqttEndpoint;
+    use crate::domain::HubParts;
+    use crate::domain::auth::Tokens;
+    use crate::domain::fleet::Fleet;
+    use crate::ingest::mqtt::{self, Session};
+    use crate::store::{Store, StoreOptions};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn the_backoff_doubles_up_to_its_bound() {
+        let mut backoff = Backoff::new();
+        let waits: Vec<u128> = (0..8).map(|_| backoff.next().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+    }
+
+    /// A broker of one connection that answers CONNECT and reports each PUBACK's packet id.
+    async fn fake_broker(listener: TcpListener, acks: mpsc::UnboundedSender<u16>) {
+        let Ok((mut socket, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = Vec::new();
+        loop {
+            while let Some(header) = shared::frame::frame(&buf) {
+                let body = buf[header.header_len..header.total()].to_vec();
+                match header.first >> 4 {
+                    1 => {
+                        let _ = socket.write_all(&[0x20, 2, 0, 0]).await;
+                    }
+                    4 if body.len() >= 2 => {
+                        let _ = acks.send(u16::from_be_bytes([body[0], body[1]]));
+                    }
+                    _ => {}
+                }
+                buf.drain(..header.total());
+            }
+            let mut chunk = [0u8; 1024];
+            match socket.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// A message of the events session with packet id `pkid`.
+    fn message(pkid: u16) -> Publish {
+        let mut publish = Publish::new("fleet/demo/v-1/status", QoS::AtLeastOnce, Vec::new());
+        publish.pkid = pkid;
+        publish
+    }
+
+    fn delivery(seq: u32) -> Delivery {
+        Delivery {
+            topic: Topic::parse("fleet/demo/v-1/event").expect("topic"),
+            event: DeliveryEvent {
+                seq,
+                order: OrderId::new("o-1").expect("order"),
+                kind: DeliveryKind::Pickup,
+                ts_ms: 1_000 + u64::from(seq),
+                pos: Position::new(1, 2),
+            },
+        }
+    }
+
+    async fn locked(path: &std::path::Path) -> sqlx::SqliteConnection {
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("connects");
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut conn)
+            .await
+            .expect("locks");
+        conn
+    }
+
+    async fn unlock(mut conn: sqlx::SqliteConnection) {
+        sqlx::query("ROLLBACK")
+            .execute(&mut conn)
+            .await
+            .expect("unlocks");
+    }
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        tokio::time::timeout(WAIT, async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what} within {WAIT:?}"));
+    }
+
+    async fn next_ack(acks: &mut mpsc::UnboundedReceiver<u16>) -> u16 {
+        tokio::time::timeout(WAIT, acks.recv())
+            .await
+            .expect("a PUBACK in time")
+            .expect("the broker runs")
+    }
+
+    /// PUBACKs leave in order, a delivery event's only once it is committed (the messages
+    /// behind it wait), and never for a message of a connection that has ended.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pubacks_wait_for_the_commit_and_leave_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fleetbeat.db");
+        let options = StoreOptions {
+            busy_timeout: Duration::from_millis(50),
+            ..StoreOptions::default()
+        };
+        let store = Store::open(path.to_str().expect("utf-8"), options)
+            .await
+            .expect("opens");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let port = listener.local_addr().expect("address").port();
+        let (ack_tx, mut acks) = mpsc::unbounded_channel();
+        tokio::spawn(fake_broker(listener, ack_tx));
+        let endpoint = MqttEndpoint {
+            host: "127.0.0.1".into(),
+            port,
+            credentials: None,
+        };
+        let (client, mut eventloop) =
+            mqtt::connect(&endpoint, "acks-test", Duration::from_secs(30), Session::Events);
+        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let hub = Arc::new(Hub::new(HubParts {
+            metrics: Arc::default(),
+            tokens: Tokens::new(&Tokens::demo_grants()).expect("tokens"),
+            fleet: Fleet::default(),
+            store: store.clone(),
+            mqtt: client.clone(),
+            command_timeout: Duration::from_secs(1),
+        }));
+        let (_layer, io) = SocketIo::builder().build_layer();
+        let (queue, releaser) = ack_queue(Arc::clone(&hub), io, client);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(releaser.run(cancel.clone()));
+        let health = || hub.metrics().store().writable();
+        let connection = queue.connection();
+
+        // A status, an event (its commit fails while the store is locked), another status.
+        let lock = locked(&path).await;
+        queue.push(&message(1), connection, None).await;
+        queue.push(&message(2), connection, Some(delivery(1))).await;
+        queue.push(&message(3), connection, None).await;
+        assert_eq!(next_ack(&mut acks).await, 1);
+        until("the failed commit is seen", || !health()).await;
+        until("another try", || hub.metrics().store().failures() >= 2).await;
+        assert!(acks.try_recv().is_err(), "acknowledged before it is stored");
+        assert_eq!(hub.metrics().acks_waiting(), 2);
+        unlock(lock).await;
+        assert_eq!(next_ack(&mut acks).await, 2);
+        assert_eq!(next_ack(&mut acks).await, 3);
+        assert!(health());
+        let stored = store
+            .record_event(
+                &delivery(1).topic.vehicle,
+                &delivery(1).topic.fleet,
+                &delivery(1).event,
+                &[],
+                &serde_json::json!({}),
+            )
+            .await
+            .expect("records");
+        assert!(stored.duplicate, "the event was committed before its PUBACK");
+
+        // The connection ends while an event waits: neither it nor what came with it is
+        // acknowledged on the next connection; what comes on the next one is.
+        let lock = locked(&path).await;
+        queue.push(&message(4), connection, Some(delivery(2))).await;
+        queue.push(&message(5), connection, None).await;
+        until("the failed commit is seen", || !health()).await;
+        queue.new_connection();
+        queue.push(&message(1), queue.connection(), None).await;
+        unlock(lock).await;
+        assert_eq!(next_ack(&mut acks).await, 1);
+        until("nothing waits", || hub.metrics().acks_waiting() == 0).await;
+        assert!(acks.try_recv().is_err(), "a PUBACK of an ended connection");
+
+        cancel.cancel();
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("stops")
+            .expect("no panic");
+    }
+}

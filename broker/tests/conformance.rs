@@ -1,0 +1,923 @@
+//! MQTT as clients expect it, and no client can stop the broker (issue #13, items 3 and 4):
+//! shared subscriptions refused without harm, delivery at min(publish QoS, granted QoS), QoS 2
+//! received exactly once and granted as 1, keep-alive 0 for clients that are not vehicles, and
+//! the MQTT 5 CONNACK telling what the broker supports.
+
+mod common;
+
+use std::time::Duration;
+
+use broker::{Broker, ConnectRefusal, DropReason, Role, SubscribeRefusal};
+use common::{
+    Provisioned, Raw, client, client_v5, connect_as, connect_v5_as, start, start_ephemeral,
+};
+use shared::frame::{Connect, DISCONNECT, Publish, packet, puback, subscribe};
+
+/// Nothing more is expected within this; it only bounds checks that something does not happen.
+const QUIET: Duration = Duration::from_millis(400);
+
+/// The user property the broker carries a publish's QoS in through rumqttd's router.
+const MARKER: &str = "fleetbeat-internal-qos";
+
+// ---------------------------------------------------------------------------------------------
+// Reading what the broker writes.
+
+/// A PUBLISH as a client received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Delivered {
+    topic: String,
+    qos: u8,
+    pkid: Option<u16>,
+    retain: bool,
+    payload: Vec<u8>,
+    /// MQTT 5 properties: (id, value bytes).
+    properties: Vec<(u8, Vec<u8>)>,
+}
+
+/// Decodes a PUBLISH (3.1.1, or MQTT 5 if `v5`).
+fn delivered(first: u8, body: &[u8], v5: bool) -> Delivered {
+    assert_eq!(first >> 4, 3, "a PUBLISH, got {first:#04x} {body:02x?}");
+    let qos = (first >> 1) & 3;
+    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let topic = String::from_utf8(body[2..2 + topic_len].to_vec()).unwrap();
+    let mut rest = &body[2 + topic_len..];
+    let pkid = (qos > 0).then(|| {
+        let pkid = u16::from_be_bytes([rest[0], rest[1]]);
+        rest = &rest[2..];
+        pkid
+    });
+    let properties = if v5 {
+        let (len, used) = varint(rest);
+        let props = properties(&rest[used..used + len]);
+        rest = &rest[used + len..];
+        props
+    } else {
+        Vec::new()
+    };
+    Delivered {
+        topic,
+        qos,
+        pkid,
+        retain: first & 1 == 1,
+        payload: rest.to_vec(),
+        properties,
+    }
+}
+
+/// A variable byte integer at the start of `bytes`: its value and length.
+fn varint(bytes: &[u8]) -> (usize, usize) {
+    let (mut value, mut shift) = (0usize, 0);
+    for (i, byte) in bytes.iter().enumerate() {
+        value |= usize::from(byte & 0x7F) << shift;
+        if byte & 0x80 == 0 {
+            return (value, i + 1);
+        }
+        shift += 7;
+    }
+    panic!("truncated variable byte integer {bytes:02x?}");
+}
+
+/// MQTT 5 properties, each (id, value bytes), for the ids a server sends.
+fn properties(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some((&id, rest)) = bytes.split_first() {
+        let string = |b: &[u8]| 2 + usize::from(u16::from_be_bytes([b[0], b[1]]));
+        let len = match id {
+            0x01 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => 1,
+            0x13 | 0x21 | 0x22 | 0x23 => 2,
+            0x02 | 0x11 | 0x27 => 4,
+            0x0B => varint(rest).1,
+            0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1A | 0x1C | 0x1F => string(rest),
+            0x26 => {
+                let key = string(rest);
+                key + string(&rest[key..])
+            }
+            other => panic!("unexpected property {other:#04x}"),
+        };
+        out.push((id, rest[..len].to_vec()));
+        bytes = &rest[len..];
+    }
+    out
+}
+
+/// The user properties among `properties`, as (key, value).
+fn user_properties(properties: &[(u8, Vec<u8>)]) -> Vec<(String, String)> {
+    properties
+        .iter()
+        .filter(|(id, _)| *id == 0x26)
+        .map(|(_, v)| {
+            let k = usize::from(u16::from_be_bytes([v[0], v[1]]));
+            let key = String::from_utf8(v[2..2 + k].to_vec()).unwrap();
+            let value = String::from_utf8(v[4 + k..].to_vec()).unwrap();
+            (key, value)
+        })
+        .collect()
+}
+
+/// An encoded MQTT 5 user property.
+fn user_property(key: &str, value: &str) -> Vec<u8> {
+    let mut out = vec![0x26];
+    shared::frame::put_str(&mut out, key.as_bytes());
+    shared::frame::put_str(&mut out, value.as_bytes());
+    out
+}
+
+/// An MQTT 5 CONNECT as `client_id` (clean start, keep-alive 30 s) with the encoded CONNECT
+/// `properties`, and a QoS 0 will (topic, payload, encoded will properties) if given.
+fn connect_v5_with(
+    client_id: &str,
+    properties: &[u8],
+    will: Option<(&str, &[u8], &[u8])>,
+) -> Vec<u8> {
+    let mut body = Vec::new();
+    shared::frame::put_str(&mut body, b"MQTT");
+    let flags = if will.is_some() { 0x02 | 0x04 } else { 0x02 };
+    body.extend_from_slice(&[5, flags, 0, 30]);
+    shared::frame::put_remaining_length(&mut body, properties.len());
+    body.extend_from_slice(properties);
+    shared::frame::put_str(&mut body, client_id.as_bytes());
+    if let Some((topic, payload, will_properties)) = will {
+        shared::frame::put_remaining_length(&mut body, will_properties.len());
+        body.extend_from_slice(will_properties);
+        shared::frame::put_str(&mut body, topic.as_bytes());
+        shared::frame::put_str(&mut body, payload);
+    }
+    packet(0x10, &body)
+}
+
+/// Connects `connect` (encoded) to `addr` and asserts the CONNACK accepts.
+async fn connected_with(addr: std::net::SocketAddr, connect: &[u8]) -> Raw {
+    let mut raw = Raw::open(addr).await;
+    raw.send(connect).await;
+    let (first, body) = raw.read().await.expect("a CONNACK");
+    assert_eq!((first, body[1]), (0x20, 0), "CONNACK success");
+    raw
+}
+
+/// The next PUBLISH `raw` receives (3.1.1, or MQTT 5 if `v5`), acknowledged if QoS 1.
+async fn next_delivered(raw: &mut Raw, v5: bool) -> Delivered {
+    let (first, body) = raw
+        .read()
+        .await
+        .expect("a PUBLISH, not a closed connection");
+    let message = delivered(first, &body, v5);
+    if let Some(pkid) = message.pkid {
+        raw.send(&puback(pkid)).await;
+    }
+    message
+}
+
+/// Sends a SUBSCRIBE for `filters` and returns the SUBACK's return codes.
+async fn suback(raw: &mut Raw, v5: bool, pkid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
+    raw.send(&subscribe(v5, pkid, filters)).await;
+    let (first, body) = raw.read().await.expect("a SUBACK");
+    assert_eq!(first, 0x90, "SUBACK, got {first:#04x} {body:02x?}");
+    assert_eq!(u16::from_be_bytes([body[0], body[1]]), pkid);
+    let codes = if v5 {
+        let (len, used) = varint(&body[2..]);
+        &body[2 + used + len..]
+    } else {
+        &body[2..]
+    };
+    codes.to_vec()
+}
+
+/// A PUBLISH at any QoS (3.1.1, or MQTT 5 with the encoded `props`).
+fn publish_packet(topic: &str, payload: &[u8], qos: u8, pkid: u16, v5: Option<&[u8]>) -> Vec<u8> {
+    Publish {
+        v5: v5.is_some(),
+        topic: topic.as_bytes(),
+        payload,
+        qos,
+        pkid,
+        props: v5.unwrap_or_default(),
+        ..Publish::default()
+    }
+    .bytes()
+}
+
+/// Publishes `payload` on `topic` from `raw` at `qos` and completes the exchange.
+async fn publish_at(raw: &mut Raw, topic: &str, payload: &[u8], qos: u8, pkid: u16) {
+    raw.send(&publish_packet(topic, payload, qos, pkid, None))
+        .await;
+    match qos {
+        0 => {}
+        1 => assert_eq!(raw.read().await, Some((0x40, pkid.to_be_bytes().to_vec()))),
+        _ => {
+            assert_eq!(raw.read().await, Some((0x50, pkid.to_be_bytes().to_vec())));
+            raw.send(&packet(0x62, &pkid.to_be_bytes())).await;
+            assert_eq!(raw.read().await, Some((0x70, pkid.to_be_bytes().to_vec())));
+        }
+    }
+}
+
+/// Whether the broker still routes: a QoS 1 publish from a fresh client reaches a fresh
+/// subscriber.
+async fn still_routes(addr: std::net::SocketAddr, tag: &str) {
+    let topic = format!("alive/{tag}");
+    let mut subscriber = client(addr, &format!("alive-sub-{tag}")).await;
+    assert_eq!(suback(&mut subscriber, false, 1, &[(&topic, 1)]).await, [1]);
+    let mut publisher = client(addr, &format!("alive-pub-{tag}")).await;
+    publish_at(&mut publisher, &topic, b"still routing", 1, 1).await;
+    let message = next_delivered(&mut subscriber, false).await;
+    assert_eq!(
+        (message.topic, message.payload),
+        (topic, b"still routing".to_vec())
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared subscriptions: no client can stop routing.
+
+/// Issue #13's reproduction, against our front end: a persistent session subscribes to
+/// `$share/g/...`, a QoS 1 message is published, the client leaves without acknowledging. On
+/// rumqttd alone that panics the router thread; here the subscription is refused, counted,
+/// and the broker goes on routing.
+async fn shared_subscription_reproduction(broker: &Broker, v5: bool) {
+    let addr = broker.v4_addr();
+    let connect = Connect {
+        v5,
+        persistent: true,
+        ..connect_as("sharer")
+    };
+    let sharer_addr = if v5 { broker.v5_addr().unwrap() } else { addr };
+    let mut sharer = Raw::connected(sharer_addr, &connect).await;
+    let refused = if v5 { 0x9E } else { 0x80 };
+    assert_eq!(
+        suback(&mut sharer, v5, 1, &[("$share/g/fleet/+/+/event", 1)]).await,
+        [refused],
+        "the shared subscription is refused"
+    );
+    let mut publisher = client(addr, if v5 { "pub5" } else { "pub4" }).await;
+    publish_at(&mut publisher, "fleet/f/van-1/event", b"e1", 1, 1).await;
+    assert_eq!(sharer.read_within(QUIET).await, None, "nothing delivered");
+    sharer.send(&DISCONNECT).await;
+    assert!(sharer.until_closed().await.is_empty());
+    // The session comes back and leaves again: still nothing wrong.
+    let mut again = Raw::connected(sharer_addr, &connect).await;
+    again.send(&DISCONNECT).await;
+    still_routes(addr, if v5 { "v5" } else { "v4" }).await;
+}
+
+#[tokio::test]
+async fn a_shared_subscription_is_refused_and_the_broker_goes_on_routing() {
+    let broker = start_ephemeral().await;
+    shared_subscription_reproduction(&broker, false).await;
+    shared_subscription_reproduction(&broker, true).await;
+    let metrics = broker.metrics();
+    assert_eq!(
+        metrics.subscriptions_refused_total(SubscribeRefusal::Shared),
+        2
+    );
+    assert!(
+        metrics
+            .render()
+            .contains("fleetbeat_broker_subscriptions_refused_total{reason=\"shared\"} 2\n")
+    );
+    assert!(broker.is_alive());
+}
+
+#[tokio::test]
+async fn an_observer_login_cannot_stop_routing_with_a_shared_subscription() {
+    let creds = Provisioned::new(
+        &[],
+        &[("watch", Role::Observer), ("dispatcher", Role::Bridge)],
+    );
+    let broker = start(creds.config()).await;
+    let addr = broker.v4_addr();
+    let (user, password) = creds.login("watch");
+    let mut sharer = Raw::connected(
+        addr,
+        &Connect {
+            persistent: true,
+            login: Some((user, password)),
+            ..connect_as(user)
+        },
+    )
+    .await;
+    assert_eq!(
+        suback(&mut sharer, false, 1, &[("$share/g/fleet/+/+/event", 1)]).await,
+        [0x80]
+    );
+    let (bridge, bridge_password) = creds.login("dispatcher");
+    let bridge_connect = Connect {
+        login: Some((bridge, bridge_password)),
+        ..connect_as(bridge)
+    };
+    let mut publisher = Raw::connected(addr, &bridge_connect).await;
+    publish_at(&mut publisher, "fleet/f/van-1/event", b"e1", 1, 1).await;
+    sharer.send(&DISCONNECT).await;
+    assert!(sharer.until_closed().await.is_empty());
+
+    // Still routing: the observer, back, receives the bridge's next event.
+    let mut observer = Raw::connected(
+        addr,
+        &Connect {
+            login: Some((user, password)),
+            ..connect_as(user)
+        },
+    )
+    .await;
+    assert_eq!(
+        suback(&mut observer, false, 2, &[("fleet/+/+/event", 1)]).await,
+        [1]
+    );
+    publish_at(&mut publisher, "fleet/f/van-1/event", b"e2", 1, 2).await;
+    let event = next_delivered(&mut observer, false).await;
+    assert_eq!(event.payload, b"e2");
+    assert_eq!(
+        broker
+            .metrics()
+            .subscriptions_refused_total(SubscribeRefusal::Shared),
+        1
+    );
+}
+
+#[tokio::test]
+async fn refused_filters_keep_their_place_in_the_suback() {
+    let broker = start_ephemeral().await;
+    // A connection's own router link: the router's SUBACK gets the refusals put back.
+    let mut tool = client(broker.v4_addr(), "tool").await;
+    assert_eq!(
+        suback(
+            &mut tool,
+            false,
+            3,
+            &[("a/#", 0), ("$share/g/a/b", 1), ("b/+", 2), ("$SYS/#", 0)]
+        )
+        .await,
+        [0, 0x80, 1, 0x80]
+    );
+    let mut tool5 = client_v5(broker.v5_addr().unwrap(), "tool5").await;
+    assert_eq!(
+        suback(
+            &mut tool5,
+            true,
+            4,
+            &[("$share/g/a/b", 1), ("a/#", 2), ("$SYS/x", 1)]
+        )
+        .await,
+        [0x9E, 1, 0x80]
+    );
+    // The shared link's command subscriptions: answered by the front end, the same way.
+    let mut van = client(broker.v4_addr(), "van-1").await;
+    assert_eq!(
+        suback(
+            &mut van,
+            false,
+            5,
+            &[("$share/g/x", 1), ("fleet/f/van-1/cmd", 2)]
+        )
+        .await,
+        [0x80, 1]
+    );
+    assert_eq!(broker.own_links(), 2, "the vehicle kept to the shared link");
+    // Every filter refused: answered without the router.
+    assert_eq!(
+        suback(&mut van, false, 6, &[("$share/g/y", 0)]).await,
+        [0x80]
+    );
+    let metrics = broker.metrics();
+    assert_eq!(
+        metrics.subscriptions_refused_total(SubscribeRefusal::Shared),
+        4
+    );
+    assert_eq!(
+        metrics.subscriptions_refused_total(SubscribeRefusal::DollarTopic),
+        2
+    );
+    // The accepted filters work.
+    let mut publisher = client(broker.v4_addr(), "pub").await;
+    publish_at(&mut publisher, "a/c", b"x", 1, 1).await;
+    assert_eq!(next_delivered(&mut tool5, true).await.topic, "a/c");
+    assert_eq!(next_delivered(&mut tool, false).await.topic, "a/c");
+    publish_at(&mut publisher, "b/c", b"x", 1, 2).await;
+    assert_eq!(next_delivered(&mut tool, false).await.topic, "b/c");
+}
+
+// ---------------------------------------------------------------------------------------------
+// QoS: delivered at min(publish QoS, granted QoS); QoS 2 granted as 1, received exactly once.
+
+#[tokio::test]
+async fn messages_are_delivered_at_min_of_publish_and_granted_qos() {
+    let broker = start_ephemeral().await;
+    let addr = broker.v4_addr();
+    let mut sub = client(addr, "sub").await;
+    assert_eq!(
+        suback(
+            &mut sub,
+            false,
+            1,
+            &[("test/#", 2), ("fleet/+/+/hb", 1), ("fleet/+/+/event", 1)]
+        )
+        .await,
+        [1, 1, 1],
+        "QoS 2 is granted as 1"
+    );
+    let mut zero = client(addr, "zero").await;
+    assert_eq!(suback(&mut zero, false, 1, &[("test/#", 0)]).await, [0]);
+    let mut publisher = client(addr, "pub").await;
+    let sent = [
+        ("test/a", 0, 0),
+        ("test/a", 1, 1),
+        ("test/a", 2, 1),
+        ("fleet/f/van-1/hb", 0, 0),
+        ("fleet/f/van-1/hb", 1, 1),
+        ("fleet/f/van-1/event", 0, 0),
+        ("fleet/f/van-1/event", 1, 1),
+    ];
+    for (i, (topic, qos, _)) in sent.into_iter().enumerate() {
+        publish_at(
+            &mut publisher,
+            topic,
+            format!("m{i}").as_bytes(),
+            qos,
+            10 + i as u16,
+        )
+        .await;
+    }
+    // Each filter has its own commit log in the router: the order across filters may vary.
+    let mut got = Vec::new();
+    for _ in sent {
+        let message = next_delivered(&mut sub, false).await;
+        got.push((message.payload, message.topic, message.qos));
+    }
+    got.sort();
+    let expected: Vec<_> = sent
+        .into_iter()
+        .enumerate()
+        .map(|(i, (topic, _, qos))| (format!("m{i}").into_bytes(), topic.to_owned(), qos))
+        .collect();
+    assert_eq!(got, expected);
+    for _ in 0..3 {
+        assert_eq!(next_delivered(&mut zero, false).await.qos, 0);
+    }
+
+    // More QoS 0 messages than rumqttd's in-flight window (100) to a QoS 1 subscriber: each
+    // downgraded forward is acknowledged to the router by the front end, so none is held up.
+    for i in 0..150u32 {
+        publisher
+            .send(&publish_packet("test/many", &i.to_be_bytes(), 0, 0, None))
+            .await;
+    }
+    let mut seen = 0u32;
+    while seen < 150 {
+        let message = next_delivered(&mut sub, false).await;
+        if message.topic == "test/many" {
+            assert_eq!(
+                (message.qos, message.payload),
+                (0, seen.to_be_bytes().to_vec())
+            );
+            seen += 1;
+        }
+    }
+
+    // A retained QoS 0 message, to a later QoS 1 subscriber: QoS 0, flagged retained.
+    publisher
+        .send(
+            &Publish {
+                topic: b"test/retained",
+                payload: b"r",
+                retain: true,
+                ..Publish::default()
+            }
+            .bytes(),
+        )
+        .await;
+    // Acknowledged after the router took the retained one before it (one link, in order).
+    publish_at(&mut publisher, "barrier", b"", 1, 99).await;
+    let mut late = client(addr, "late").await;
+    assert_eq!(
+        suback(&mut late, false, 1, &[("test/retained", 1)]).await,
+        [1]
+    );
+    let retained = next_delivered(&mut late, false).await;
+    assert_eq!(
+        (retained.qos, retained.retain, retained.payload),
+        (0, true, b"r".to_vec())
+    );
+}
+
+#[tokio::test]
+async fn mqtt5_clients_get_the_publishers_properties_and_never_the_marker() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let mut sub = client_v5(v5, "sub5").await;
+    assert_eq!(suback(&mut sub, true, 1, &[("test/#", 2)]).await, [1]);
+    let mut publisher = client_v5(v5, "pub5").await;
+    let mut props = user_property("a", "2");
+    // A client cannot forge the broker's marker: it is removed on the way in.
+    props.extend(user_property(MARKER, "1"));
+    props.extend(user_property("c", "3"));
+    publisher
+        .send(&publish_packet(
+            "test/p",
+            b"qos 0 with properties",
+            0,
+            0,
+            Some(&props),
+        ))
+        .await;
+    let message = next_delivered(&mut sub, true).await;
+    assert_eq!(message.qos, 0, "published at QoS 0, delivered at QoS 0");
+    assert_eq!(
+        user_properties(&message.properties),
+        [
+            ("a".to_owned(), "2".to_owned()),
+            ("c".to_owned(), "3".to_owned())
+        ]
+    );
+    // Without properties: none delivered, the marker neither.
+    publisher
+        .send(&publish_packet("test/q", b"plain", 0, 0, Some(&[])))
+        .await;
+    let message = next_delivered(&mut sub, true).await;
+    assert_eq!((message.qos, message.properties), (0, vec![]));
+}
+
+#[tokio::test]
+async fn commands_are_delivered_at_min_of_publish_and_granted_qos() {
+    let broker = start_ephemeral().await;
+    let addr = broker.v4_addr();
+    let mut dispatch = client(addr, "dispatch").await;
+    // Retained at QoS 0 before the vehicle subscribes.
+    dispatch
+        .send(
+            &Publish {
+                topic: b"fleet/f/van-1/cmd",
+                payload: b"retained",
+                retain: true,
+                ..Publish::default()
+            }
+            .bytes(),
+        )
+        .await;
+    publish_at(&mut dispatch, "barrier", b"", 1, 99).await;
+    let mut van = client(addr, "van-1").await;
+    assert_eq!(
+        suback(&mut van, false, 1, &[("fleet/f/van-1/cmd", 1)]).await,
+        [1]
+    );
+    assert_eq!(broker.own_links(), 0, "served by the shared link");
+    let retained = next_delivered(&mut van, false).await;
+    assert_eq!(
+        (retained.qos, retained.retain, retained.payload),
+        (0, true, b"retained".to_vec())
+    );
+    publish_at(&mut dispatch, "fleet/f/van-1/cmd", b"at 0", 0, 0).await;
+    publish_at(&mut dispatch, "fleet/f/van-1/cmd", b"at 1", 1, 2).await;
+    publish_at(&mut dispatch, "fleet/f/van-1/cmd", b"at 2", 2, 3).await;
+    for (payload, qos) in [(&b"at 0"[..], 0), (b"at 1", 1), (b"at 2", 1)] {
+        let command = next_delivered(&mut van, false).await;
+        assert_eq!((command.payload.as_slice(), command.qos), (payload, qos));
+    }
+}
+
+#[tokio::test]
+async fn a_qos2_publish_is_received_exactly_once() {
+    let broker = start_ephemeral().await;
+    let addr = broker.v4_addr();
+    let mut sub = client(addr, "sub").await;
+    assert_eq!(suback(&mut sub, false, 1, &[("test/#", 2)]).await, [1]);
+    let mut publisher = client(addr, "pub").await;
+    let first = publish_packet("test/once", b"exactly once", 2, 9, None);
+    publisher.send(&first).await;
+    assert_eq!(publisher.read().await, Some((0x50, vec![0, 9])), "PUBREC");
+    // The client did not see the PUBREC and resends (DUP): acknowledged, not routed again.
+    let mut resent = first.clone();
+    resent[0] |= 0x08;
+    publisher.send(&resent).await;
+    assert_eq!(
+        publisher.read().await,
+        Some((0x50, vec![0, 9])),
+        "PUBREC again"
+    );
+    publisher.send(&packet(0x62, &[0, 9])).await;
+    assert_eq!(publisher.read().await, Some((0x70, vec![0, 9])), "PUBCOMP");
+    let message = next_delivered(&mut sub, false).await;
+    assert_eq!(
+        (message.payload.as_slice(), message.qos),
+        (&b"exactly once"[..], 1)
+    );
+    assert_eq!(sub.read_within(QUIET).await, None, "delivered once");
+    // The exchange is over: the packet id is free for a new message.
+    publish_at(&mut publisher, "test/once", b"next", 2, 9).await;
+    assert_eq!(next_delivered(&mut sub, false).await.payload, b"next");
+}
+
+#[tokio::test]
+async fn an_mqtt5_client_exceeding_the_receive_maximum_is_disconnected() {
+    let broker = start_ephemeral().await;
+    let mut publisher = client_v5(broker.v5_addr().unwrap(), "greedy").await;
+    // QoS 2 publishes whose exchanges it never completes: 100 may be open, not 101.
+    for pkid in 1..=101 {
+        publisher
+            .send(&publish_packet("test/greedy", b"x", 2, pkid, Some(&[])))
+            .await;
+    }
+    let packets = publisher.until_closed().await;
+    let recs = packets.iter().filter(|(first, _)| *first == 0x50).count();
+    assert_eq!(recs, 100, "PUBREC for the first 100");
+    let last = packets.last().expect("a DISCONNECT");
+    assert_eq!(
+        (last.0, last.1[0]),
+        (0xE0, 0x93),
+        "DISCONNECT receive maximum exceeded"
+    );
+}
+
+#[tokio::test]
+async fn mqtt5_connack_tells_what_the_broker_supports() {
+    let broker = start_ephemeral().await;
+    let mut raw = Raw::open(broker.v5_addr().unwrap()).await;
+    raw.send(&connect_v5_as("asker").bytes()).await;
+    let (first, body) = raw.read().await.unwrap();
+    assert_eq!((first, body[1]), (0x20, 0), "CONNACK success");
+    let (len, used) = varint(&body[2..]);
+    let props = properties(&body[2 + used..2 + used + len]);
+    let get = |id: u8| props.iter().find(|(p, _)| *p == id).map(|(_, v)| v.clone());
+    assert_eq!(get(0x24), Some(vec![1]), "Maximum QoS 1");
+    assert_eq!(get(0x25), Some(vec![1]), "Retain Available");
+    assert_eq!(get(0x28), Some(vec![1]), "Wildcard Subscription Available");
+    assert_eq!(
+        get(0x29),
+        Some(vec![1]),
+        "Subscription Identifiers Available"
+    );
+    assert_eq!(
+        get(0x2A),
+        Some(vec![0]),
+        "Shared Subscription Available: no"
+    );
+    assert_eq!(
+        get(0x21),
+        Some(100u16.to_be_bytes().to_vec()),
+        "Receive Maximum"
+    );
+    // A persistent session (registered with the router from CONNECT) is told the same.
+    let mut raw = Raw::open(broker.v5_addr().unwrap()).await;
+    let persistent = Connect {
+        persistent: true,
+        ..connect_v5_as("asker-2")
+    };
+    raw.send(&persistent.bytes()).await;
+    let (_, body) = raw.read().await.unwrap();
+    let (len, used) = varint(&body[2..]);
+    let props = properties(&body[2 + used..2 + used + len]);
+    assert!(props.contains(&(0x2A, vec![0])) && props.contains(&(0x24, vec![1])));
+}
+
+#[tokio::test]
+async fn an_mqtt5_last_will_is_published_with_its_properties() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let mut sub = client_v5(v5, "sub5").await;
+    assert_eq!(suback(&mut sub, true, 1, &[("test/will", 1)]).await, [1]);
+    // A QoS 0 will carrying a user property and a content type.
+    let mut will_props = user_property("a", "2");
+    will_props.push(0x03);
+    shared::frame::put_str(&mut will_props, b"text/plain");
+    let connect = connect_v5_with("mortal", &[], Some(("test/will", b"gone", &will_props)));
+    let mortal = connected_with(v5, &connect).await;
+    drop(mortal); // lost, not DISCONNECTed: the will is published
+    let will = next_delivered(&mut sub, true).await;
+    assert_eq!((will.payload.as_slice(), will.qos), (&b"gone"[..], 0));
+    assert_eq!(
+        user_properties(&will.properties),
+        [("a".to_owned(), "2".to_owned())]
+    );
+    assert!(
+        will.properties
+            .iter()
+            .any(|(id, value)| *id == 0x03 && value[2..] == *b"text/plain"),
+        "{:?}",
+        will.properties
+    );
+}
+
+#[tokio::test]
+async fn an_mqtt5_will_waits_for_its_delay_and_not_for_a_client_that_is_back() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let mut sub = client_v5(v5, "sub5").await;
+    assert_eq!(suback(&mut sub, true, 1, &[("test/will", 1)]).await, [1]);
+    // Will Delay Interval 1 s (0x18), Session Expiry Interval 1 s (0x11): the will comes 1 s
+    // after the connection is lost.
+    let will_delay = [0x18, 0, 0, 0, 1];
+    let session_expiry = [0x11, 0, 0, 0, 1];
+    let connect = connect_v5_with(
+        "mortal",
+        &session_expiry,
+        Some(("test/will", b"late", &will_delay)),
+    );
+    let lost = std::time::Instant::now();
+    drop(connected_with(v5, &connect).await);
+    let will = next_delivered(&mut sub, true).await;
+    assert_eq!(will.payload, b"late");
+    assert!(
+        lost.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        lost.elapsed()
+    );
+
+    // Back within the delay: no will.
+    drop(connected_with(v5, &connect).await);
+    let back = connected_with(v5, &connect_v5_with("mortal", &session_expiry, None)).await;
+    assert_eq!(sub.read_within(Duration::from_millis(1500)).await, None);
+    drop(back);
+}
+
+#[tokio::test]
+async fn an_mqtt5_client_is_told_why_the_broker_disconnects_it() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    // Topic alias 0 is invalid: DISCONNECT 0x94.
+    let mut aliased = client_v5(v5, "aliased").await;
+    aliased
+        .send(&publish_packet("test/a", b"x", 0, 0, Some(&[0x23, 0, 0])))
+        .await;
+    let packets = aliased.until_closed().await;
+    assert_eq!(packets.last().map(|(f, b)| (*f, b[0])), Some((0xE0, 0x94)));
+    // A packet bigger than the broker takes: DISCONNECT 0x95, and the client, still sending,
+    // reads it (the broker drains the socket instead of resetting it).
+    let mut big = client_v5(v5, "big").await;
+    big.send(&publish_packet("test/big", &[7; 20_000], 0, 0, Some(&[])))
+        .await;
+    let packets = big.until_closed().await;
+    assert_eq!(packets.last().map(|(f, b)| (*f, b[0])), Some((0xE0, 0x95)));
+    // Told in CONNACK: Maximum Packet Size, the default 16 KiB remaining length and its header.
+    let mut raw = Raw::open(v5).await;
+    raw.send(&connect_v5_as("asker").bytes()).await;
+    let (_, body) = raw.read().await.unwrap();
+    let (len, used) = varint(&body[2..]);
+    let props = properties(&body[2 + used..2 + used + len]);
+    assert!(
+        props.contains(&(0x27, (16_384u32 + 4).to_be_bytes().to_vec())),
+        "{props:?}"
+    );
+}
+
+/// rumqttd 0.20 would alias forwards by subscription filter: under `t/#` every message would
+/// carry the first one's alias. The front end aliases by topic, within the client's maximum.
+#[tokio::test]
+async fn a_client_accepting_topic_aliases_gets_every_topic_right() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    // Topic Alias Maximum 2 (0x22).
+    let mut sub = connected_with(v5, &connect_v5_with("aliases-ok", &[0x22, 0, 2], None)).await;
+    assert_eq!(suback(&mut sub, true, 1, &[("t/#", 1)]).await, [1]);
+    let mut publisher = client(broker.v4_addr(), "pub").await;
+    let sent = ["t/a", "t/b", "t/a", "t/c", "t/b", "t/c"];
+    for (pkid, topic) in (1..).zip(sent) {
+        publish_at(&mut publisher, topic, topic.as_bytes(), 1, pkid).await;
+    }
+    // (topic as sent, alias): the first two topics get aliases 1 and 2, the third none.
+    let expected = [
+        ("t/a", Some(1)),
+        ("t/b", Some(2)),
+        ("", Some(1)),
+        ("t/c", None),
+        ("", Some(2)),
+        ("t/c", None),
+    ];
+    for (topic, alias) in expected {
+        let message = next_delivered(&mut sub, true).await;
+        let got = message
+            .properties
+            .iter()
+            .find(|(id, _)| *id == 0x23)
+            .map(|(_, v)| u16::from_be_bytes([v[0], v[1]]));
+        assert_eq!((message.topic.as_str(), got), (topic, alias), "{message:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_message_bigger_than_the_clients_maximum_packet_size_is_not_sent() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    // Maximum Packet Size 64 (0x27).
+    let mut small = connected_with(v5, &connect_v5_with("small", &[0x27, 0, 0, 0, 64], None)).await;
+    assert_eq!(suback(&mut small, true, 1, &[("test/#", 1)]).await, [1]);
+    let mut publisher = client(broker.v4_addr(), "pub").await;
+    publish_at(&mut publisher, "test/big", &[b'.'; 64], 1, 1).await;
+    publish_at(&mut publisher, "test/small", &[b'.'; 32], 1, 2).await;
+    publish_at(&mut publisher, "test/big", &[b'.'; 64], 1, 3).await;
+    publish_at(&mut publisher, "test/small", &[b'.'; 16], 1, 4).await;
+    let first = next_delivered(&mut small, true).await;
+    let second = next_delivered(&mut small, true).await;
+    assert_eq!(
+        (first.topic.as_str(), first.payload.len()),
+        ("test/small", 32)
+    );
+    assert_eq!(
+        (second.topic.as_str(), second.payload.len()),
+        ("test/small", 16)
+    );
+    assert_eq!(small.read_within(QUIET).await, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keep-alive 0: for clients that are not vehicles.
+
+#[tokio::test]
+async fn keep_alive_zero_is_accepted_for_tools_in_open_mode_who_may_not_publish_as_vehicles() {
+    let broker = start_ephemeral().await;
+    let addr = broker.v4_addr();
+    let mut watcher = client(addr, "watcher").await;
+    assert_eq!(suback(&mut watcher, false, 1, &[("#", 0)]).await, [0]);
+    let mut tool = Raw::connected(
+        addr,
+        &Connect {
+            keep_alive: 0,
+            ..connect_as("myclientid2")
+        },
+    )
+    .await;
+    let mut tool5 = Raw::connected(
+        broker.v5_addr().unwrap(),
+        &Connect {
+            keep_alive: 0,
+            ..connect_v5_as("tool5")
+        },
+    )
+    .await;
+    assert_eq!(suback(&mut tool, false, 1, &[("TopicB", 2)]).await, [1]);
+    publish_at(&mut tool, "TopicA", b"from a tool", 1, 1).await;
+    // Not a vehicle: its publish on a vehicle's topic is dropped (QoS 1 still acknowledged).
+    publish_at(&mut tool, "fleet/f/van-1/hb", b"spoof", 1, 2).await;
+    publish_at(&mut tool, "fleet/f/van-1/cmd", b"a command", 1, 3).await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let message = next_delivered(&mut watcher, false).await;
+        // The JSON mirror's documents (json/...) match `#` as well.
+        if !message.topic.starts_with("json/") {
+            seen.push(message.topic);
+        }
+    }
+    assert_eq!(seen, ["TopicA", "fleet/f/van-1/cmd"]);
+    assert_eq!(broker.metrics().dropped_total(DropReason::Acl), 1);
+    assert_eq!(tool5.ping().await, 0xD0, "PINGRESP");
+
+    // A vehicle (in open mode: its last will is on a vehicle topic) is refused, as before.
+    let (mut van, code) = Raw::connect(
+        addr,
+        &Connect {
+            keep_alive: 0,
+            will: Some(("fleet/f/van-9/status", b"offline", true)),
+            ..connect_as("van-9")
+        },
+    )
+    .await;
+    assert_eq!(code, 5, "not authorised");
+    assert!(van.until_closed().await.is_empty());
+    assert_eq!(
+        broker
+            .metrics()
+            .connect_refused_total(ConnectRefusal::KeepAliveZero),
+        1
+    );
+}
+
+#[tokio::test]
+async fn keep_alive_zero_is_accepted_for_logins_that_are_not_devices() {
+    let creds = Provisioned::new(
+        &["van-1"],
+        &[("watch", Role::Observer), ("bridge", Role::Bridge)],
+    );
+    let broker = start(creds.config()).await;
+    let mut connected = Vec::new();
+    for name in ["watch", "bridge"] {
+        let login = creds.login(name);
+        let mut raw = Raw::connected(
+            broker.v4_addr(),
+            &Connect {
+                keep_alive: 0,
+                login: Some(login),
+                ..connect_as(name)
+            },
+        )
+        .await;
+        assert_eq!(raw.ping().await, 0xD0, "{name} is connected");
+        connected.push(raw);
+    }
+    for (addr, expected) in [(broker.v4_addr(), 5), (broker.v5_addr().unwrap(), 0x87)] {
+        let (mut van, code) = Raw::connect(
+            addr,
+            &Connect {
+                v5: expected == 0x87,
+                keep_alive: 0,
+                login: Some(creds.login("van-1")),
+                ..connect_as("van-1")
+            },
+        )
+        .await;
+        assert_eq!(code, expected, "a device must prove it is alive");
+        assert!(van.until_closed().await.is_empty());
+    }
+    assert_eq!(
+        broker
+            .metrics()
+            .connect_refused_total(ConnectRefusal::KeepAliveZero),
+        2
+    );
+}

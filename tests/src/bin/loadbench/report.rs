@@ -1,0 +1,406 @@
+//! The markdown tables (the format of BENCHMARKS.md's end-to-end section).
+
+use std::fmt::Write as _;
+
+use crate::cli::{BrokerMode, RunArgs, StackKind};
+use crate::measure::Env;
+use crate::measured::Measured;
+use crate::procfs;
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// What was run, on what.
+pub fn header(args: &RunArgs, env: &Env) -> String {
+    let mut out = String::new();
+    let commit = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(tests::workspace())
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let _ = writeln!(
+        out,
+        "loadbench: {} cores, load average {:.2} at start, commit {commit}, binaries in {}",
+        cores(),
+        procfs::load_average().unwrap_or(0.0),
+        env.bins.display()
+    );
+    let _ = writeln!(
+        out,
+        "tick {} ms, slack {} ms, broker {}, {} dispatcher clients per node process, warm-up {} s\n",
+        args.tick_ms(),
+        args.slack_ms,
+        match args.broker {
+            BrokerMode::Embedded => "embedded",
+            BrokerMode::Separate => "separate",
+        },
+        args.clients_per_process,
+        args.warmup
+    );
+    out
+}
+
+fn name(kind: StackKind) -> &'static str {
+    match kind {
+        StackKind::Fleetbeat => "Fleetbeat",
+        StackKind::Baseline => "baseline",
+        StackKind::Both => "both",
+    }
+}
+
+/// A markdown table's header row and separator.
+fn table(columns: &[&str]) -> String {
+    format!(
+        "| {} |\n|{}\n",
+        columns.join(" | "),
+        "---|".repeat(columns.len())
+    )
+}
+
+/// Broker and bridge CPU per ingested heartbeat, µs.
+fn us_per_heartbeat(m: &Measured) -> f64 {
+    1e6 * m.server().cpu_secs / (m.ingested_per_s * m.window_secs).max(1.0)
+}
+
+/// Seconds until the stack settled, or a bold "no".
+fn settled_after(m: &Measured) -> String {
+    m.settle_secs
+        .map_or_else(|| "**no**".to_owned(), |s| format!("{s:.0}"))
+}
+
+fn pct_core(cpu_secs: f64, secs: f64) -> f64 {
+    100.0 * cpu_secs / secs.max(1e-9)
+}
+
+/// The rows of one run: (figure, value).
+fn rows(m: &Measured) -> Vec<(String, f64)> {
+    let mut rows = vec![
+        ("heartbeats/s sent".to_owned(), m.sent_per_s),
+        ("heartbeats/s ingested".to_owned(), m.ingested_per_s),
+        (
+            "positions/s delivered (all dispatchers)".to_owned(),
+            m.delivered_per_s,
+        ),
+        ("position events/s received".to_owned(), m.events_per_s),
+        ("latency p50 ms".to_owned(), m.latency.p50),
+        ("latency p99 ms".to_owned(), m.latency.p99),
+        ("latency p99.9 ms".to_owned(), m.latency.p999),
+        ("latency max ms".to_owned(), m.latency.max),
+        (
+            "loss % in the window (heartbeats × dispatchers)".to_owned(),
+            100.0 * m.window_loss_fraction(),
+        ),
+        (
+            "loss % over the whole run, start-up included".to_owned(),
+            100.0 * m.loss_fraction(),
+        ),
+    ];
+    let server = m.server();
+    rows.push((
+        "broker+bridge CPU % of a core".to_owned(),
+        pct_core(server.cpu_secs, m.window_secs),
+    ));
+    rows.push((
+        "broker+bridge CPU µs per heartbeat".to_owned(),
+        us_per_heartbeat(m),
+    ));
+    rows.push(("broker+bridge peak RSS MiB".to_owned(), server.peak_rss_mib));
+    for p in &m.processes {
+        if p.role == "broker+bridge" {
+            continue;
+        }
+        rows.push((
+            format!("{} CPU % of a core", p.role),
+            pct_core(p.cpu_secs, m.window_secs),
+        ));
+        rows.push((format!("{} peak RSS MiB", p.role), p.peak_rss_mib));
+    }
+    rows.push((
+        format!("machine busy, cores (of {})", cores()),
+        m.machine_busy_cores,
+    ));
+    rows.push((
+        "… of which outside the benchmark's processes, cores".to_owned(),
+        m.others_cores,
+    ));
+    rows
+}
+
+fn fmt(v: f64) -> String {
+    if v == 0.0 {
+        "0".into()
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn notes(m: &Measured) -> String {
+    format!(
+        "{}: {} vehicles × {} Hz on {} connections (connected in {:.1} s, settled {}), {} dispatchers, \
+         {:.1} s window; load average {:.2} before the window, {:.2} cores busy outside the \
+         benchmark during it; {} heartbeats sent in all, \
+         {} lost (worst dispatcher {}), {} late (> tick + slack), {} dispatcher disconnects; \
+         devices: {} blocked, {} errors, at most {:.1} ms behind schedule; emits the bridge \
+         could not hand to a socket: {}; warnings logged by the stack: {}",
+        name(m.stack),
+        m.vehicles,
+        m.rate,
+        m.connections,
+        m.connect_secs,
+        settled(m),
+        m.dispatchers,
+        m.window_secs,
+        m.load_before,
+        m.others_cores,
+        m.sent_total,
+        m.lost,
+        m.lost_worst,
+        m.late,
+        m.disconnects,
+        m.device_blocked,
+        m.device_errors,
+        m.device_max_late_ms,
+        m.emits_dropped
+            .map_or_else(|| "not counted".to_owned(), |d| format!("{d:.0}")),
+        m.warnings,
+    )
+}
+
+/// "window / whole run" loss in %.
+fn loss_pair(m: &Measured) -> String {
+    format!(
+        "{} / {}",
+        fmt(100.0 * m.window_loss_fraction()),
+        fmt(100.0 * m.loss_fraction())
+    )
+}
+
+fn settled(m: &Measured) -> String {
+    if !m.settle_checked {
+        return "not checked: measured after the warm-up".to_owned();
+    }
+    m.settle_secs.map_or_else(
+        || "**not within --settle-max**".to_owned(),
+        |s| format!("{s:.0} s after the first heartbeat"),
+    )
+}
+
+fn warnings(m: &Measured) -> String {
+    m.top_warnings
+        .iter()
+        .map(|(n, message)| format!("\n  - {n} × `{}`", message.replace('`', "'")))
+        .collect()
+}
+
+/// One table per run, and ratios when both stacks ran.
+pub fn side_by_side(results: &[Measured]) -> String {
+    let mut out = String::new();
+    let fleetbeat = results.iter().find(|m| m.stack == StackKind::Fleetbeat);
+    let baseline = results.iter().find(|m| m.stack == StackKind::Baseline);
+    match (fleetbeat, baseline) {
+        (Some(f), Some(b)) => {
+            out.push_str(&table(&[
+                "figure",
+                "Fleetbeat",
+                "baseline",
+                "Fleetbeat / baseline",
+            ]));
+            let (fr, br) = (rows(f), rows(b));
+            for (label, value) in &fr {
+                let other = br.iter().find(|(l, _)| l == label).map(|r| r.1);
+                let (other, ratio) = match other {
+                    Some(o) if label.starts_with('…') => (fmt(o), "–".into()),
+                    Some(o) if o != 0.0 => (fmt(o), format!("{:.2}×", value / o)),
+                    Some(o) => (fmt(o), "–".into()),
+                    None => ("–".into(), "–".into()),
+                };
+                let _ = writeln!(out, "| {label} | {} | {other} | {ratio} |", fmt(*value));
+            }
+            for (label, value) in &br {
+                if !fr.iter().any(|(l, _)| l == label) {
+                    let _ = writeln!(out, "| {label} | – | {} | – |", fmt(*value));
+                }
+            }
+        }
+        _ => {
+            for m in results {
+                out.push_str(&table(&["figure", name(m.stack)]));
+                for (label, value) in rows(m) {
+                    let _ = writeln!(out, "| {label} | {} |", fmt(value));
+                }
+            }
+        }
+    }
+    out.push('\n');
+    for m in results {
+        let _ = writeln!(out, "- {}{}", notes(m), warnings(m));
+    }
+    out
+}
+
+/// Every run of a repeated side by side, in order, with the figures that vary most.
+pub fn runs(runs: &[Measured]) -> String {
+    let mut out = String::from(
+        "\nAll runs (the table above shows, per stack, the one with the least CPU busy outside the benchmark):\n\n",
+    );
+    out.push_str(&table(&[
+        "run",
+        "stack",
+        "ingested/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "loss % window / whole run",
+        "broker+bridge CPU % of a core",
+        "outside the benchmark, cores",
+    ]));
+    for (i, m) in runs.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {:.1} | {:.2} |",
+            i + 1,
+            name(m.stack),
+            m.ingested_per_s,
+            fmt(m.latency.p50),
+            fmt(m.latency.p99),
+            fmt(m.latency.max),
+            loss_pair(m),
+            pct_core(m.server().cpu_secs, m.window_secs),
+            m.others_cores,
+        );
+    }
+    out
+}
+
+/// The sustained-throughput steps, and the best sustained step of each stack.
+pub fn saturation(steps: &[Measured]) -> String {
+    let mut out = table(&[
+        "stack",
+        "vehicles × Hz",
+        "offered/s",
+        "settled after s",
+        "sent/s",
+        "ingested/s",
+        "positions/s delivered",
+        "p50 ms",
+        "p99 ms",
+        "loss % window / whole run",
+        "broker+bridge CPU % of a core",
+        "broker+bridge peak RSS MiB",
+        "machine busy cores",
+        "outside the benchmark, cores",
+        "sustained",
+    ]);
+    for m in steps {
+        let server = m.server();
+        let _ = writeln!(
+            out,
+            "| {} | {} × {} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {} |",
+            name(m.stack),
+            m.vehicles,
+            m.rate,
+            f64::from(m.vehicles) * m.rate,
+            settled_after(m),
+            m.sent_per_s,
+            m.ingested_per_s,
+            m.delivered_per_s,
+            fmt(m.latency.p50),
+            fmt(m.latency.p99),
+            loss_pair(m),
+            pct_core(server.cpu_secs, m.window_secs),
+            server.peak_rss_mib,
+            m.machine_busy_cores,
+            m.others_cores,
+            if m.sustained() { "yes" } else { "**no**" },
+        );
+    }
+    out.push('\n');
+    let best = |kind: StackKind| {
+        steps
+            .iter()
+            .filter(|m| m.stack == kind && m.sustained())
+            .max_by(|a, b| a.ingested_per_s.total_cmp(&b.ingested_per_s))
+    };
+    for kind in [StackKind::Fleetbeat, StackKind::Baseline] {
+        if let Some(m) = best(kind) {
+            let _ = writeln!(
+                out,
+                "- {} sustained {:.0} heartbeats/s (p99 {} ms)",
+                name(kind),
+                m.ingested_per_s,
+                fmt(m.latency.p99)
+            );
+        }
+    }
+    if let (Some(f), Some(b)) = (best(StackKind::Fleetbeat), best(StackKind::Baseline)) {
+        let _ = writeln!(
+            out,
+            "- Fleetbeat / baseline sustained throughput: {:.2}×, p99 {:.2}×",
+            f.ingested_per_s / b.ingested_per_s.max(1.0),
+            f.latency.p99 / b.latency.p99.max(1e-9)
+        );
+    }
+    out
+}
+
+/// The scaling curve.
+pub fn curve(points: &[Measured]) -> String {
+    let mut out = table(&[
+        "vehicles",
+        "connections",
+        "settled after s",
+        "heartbeats/s ingested",
+        "positions/s delivered",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "loss % window / whole run",
+        "broker+bridge CPU % of a core",
+        "µs CPU per heartbeat",
+        "broker+bridge peak RSS MiB",
+        "devices CPU %",
+        "dispatchers CPU %",
+        "machine busy cores",
+        "outside the benchmark, cores",
+    ]);
+    for m in points {
+        let server = m.server();
+        let cpu = |role: &str| {
+            m.process(role)
+                .map_or(0.0, |p| pct_core(p.cpu_secs, m.window_secs))
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            m.vehicles,
+            m.connections,
+            settled_after(m),
+            m.ingested_per_s,
+            m.delivered_per_s,
+            fmt(m.latency.p50),
+            fmt(m.latency.p99),
+            fmt(m.latency.max),
+            loss_pair(m),
+            pct_core(server.cpu_secs, m.window_secs),
+            us_per_heartbeat(m),
+            server.peak_rss_mib,
+            cpu("devices"),
+            cpu("dispatchers"),
+            m.machine_busy_cores,
+            m.others_cores,
+        );
+    }
+    out.push('\n');
+    for m in points {
+        let _ = writeln!(out, "- {}{}", notes(m), warnings(m));
+    }
+    out
+}
