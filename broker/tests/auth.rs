@@ -254,11 +254,10 @@ async fn mqtt5_topic_aliases_are_checked_against_the_topic_they_stand_for() {
     assert_eq!(broker.metrics().dropped_total(DropReason::Acl), 2);
     // An alias never set ends the connection, with DISCONNECT "protocol error".
     van1.send(&publish_v5("", b"5", false, &alias(3))).await;
-    let last: Vec<_> = van1
-        .until_closed()
-        .await
-        .into_iter()
-        .map(|(first, body)| (first, body[0]))
+    let closing = van1.until_closed().await;
+    let last: Vec<_> = closing
+        .iter()
+        .map(|(first, body)| (*first, body[0]))
         .collect();
     assert_eq!(last, [(0xE0, 0x82)]);
 }

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -55,6 +56,46 @@ async fn delivery(consumer: &mut Raw, topic: &str) -> (u16, Vec<u8>) {
     (common::publish_pkid(first, &body), payload)
 }
 
+/// The durable consumer `consumer`, subscribed to every event at QoS 1.
+async fn subscribe_consumer(addr: SocketAddr) -> Raw {
+    client_subscribed(addr, "consumer", 1, "fleet/+/+/event", 1).await
+}
+
+/// A broker [`with_consumer`], its durable consumer and the device `van-1` connected.
+async fn with_consumer_and_van() -> (Broker, Raw, Raw) {
+    let broker = with_consumer().await;
+    let addr = broker.v4_addr();
+    let consumer = subscribe_consumer(addr).await;
+    let van = client(addr, "van-1").await;
+    (broker, consumer, van)
+}
+
+/// A client `client_id`, logged in with the provisioned credentials of `name`.
+async fn logged_in(
+    provisioned: &Provisioned,
+    addr: SocketAddr,
+    name: &str,
+    client_id: &str,
+) -> Raw {
+    let (user, password) = provisioned.login(name);
+    let login = Connect {
+        client_id,
+        keep_alive: 30,
+        login: Some((user, password)),
+        ..Connect::default()
+    };
+    Raw::connected(addr, &login).await
+}
+
+/// Publishes an event from `van` at QoS 1 and returns the packet id of the consumer's copy,
+/// asserting its payload.
+async fn relayed(van: &mut Raw, consumer: &mut Raw, payload: &[u8], pkid: u16) -> u16 {
+    van.publish(EVENT, payload, 1, pkid, false).await;
+    let (copy, got) = delivery(consumer, EVENT).await;
+    assert_eq!(got, payload);
+    copy
+}
+
 /// Asserts that nothing arrives at `raw` for [`QUIET`].
 async fn quiet(raw: &mut Raw, what: &str) {
     if let Some(packet) = raw.read_within(QUIET).await {
@@ -64,14 +105,9 @@ async fn quiet(raw: &mut Raw, what: &str) {
 
 #[tokio::test]
 async fn an_event_is_acknowledged_once_a_durable_consumer_acknowledged_its_copy() {
-    let broker = with_consumer().await;
-    let addr = broker.v4_addr();
-    let mut consumer = client_subscribed(addr, "consumer", 1, "fleet/+/+/event", 1).await;
-    let mut van = client(addr, "van-1").await;
+    let (broker, mut consumer, mut van) = with_consumer_and_van().await;
 
-    van.publish(EVENT, b"e1", 1, 5, false).await;
-    let (pkid, payload) = delivery(&mut consumer, EVENT).await;
-    assert_eq!(payload, b"e1");
+    let pkid = relayed(&mut van, &mut consumer, b"e1", 5).await;
     quiet(
         &mut van,
         "no PUBACK while the consumer has not acknowledged",
@@ -98,10 +134,7 @@ async fn an_event_is_acknowledged_once_a_durable_consumer_acknowledged_its_copy(
 
 #[tokio::test]
 async fn pubacks_keep_the_order_of_the_publishes() {
-    let broker = with_consumer().await;
-    let addr = broker.v4_addr();
-    let mut consumer = client_subscribed(addr, "consumer", 1, "fleet/+/+/event", 1).await;
-    let mut van = client(addr, "van-1").await;
+    let (_broker, mut consumer, mut van) = with_consumer_and_van().await;
 
     // An event, a heartbeat at QoS 1 (no durability to wait for), another event.
     van.publish(EVENT, b"first", 1, 1, false).await;
@@ -136,10 +169,7 @@ async fn pubacks_keep_the_order_of_the_publishes() {
 
 #[tokio::test]
 async fn a_dup_resend_and_a_closed_connection_leave_no_waiter() {
-    let broker = with_consumer().await;
-    let addr = broker.v4_addr();
-    let mut consumer = client_subscribed(addr, "consumer", 1, "fleet/+/+/event", 1).await;
-    let mut van = client(addr, "van-1").await;
+    let (broker, mut consumer, mut van) = with_consumer_and_van().await;
 
     van.publish(EVENT, b"once", 1, 9, false).await;
     let resend = shared::frame::Publish {
@@ -164,7 +194,7 @@ async fn a_dup_resend_and_a_closed_connection_leave_no_waiter() {
     assert_eq!(broker.metrics().durability_waiting(), 0);
 
     // A device that leaves before its event is durable takes its waiter with it.
-    let mut gone = client(addr, "van-2").await;
+    let mut gone = client(broker.v4_addr(), "van-2").await;
     gone.publish("fleet/f/van-2/event", b"left", 1, 1, false)
         .await;
     let _ = delivery(&mut consumer, "fleet/f/van-2/event").await;
@@ -187,7 +217,7 @@ async fn what_the_router_delivered_to_nobody_reaches_a_consumer_that_subscribes_
     van.publish(EVENT, b"early", 1, 4, false).await;
     quiet(&mut van, "no PUBACK without a durable consumer").await;
 
-    let mut consumer = client_subscribed(addr, "consumer", 1, "fleet/+/+/event", 1).await;
+    let mut consumer = subscribe_consumer(addr).await;
     let (pkid, payload) = delivery(&mut consumer, EVENT).await;
     assert_eq!(payload, b"early");
     consumer.send(&puback(pkid)).await;
@@ -205,23 +235,9 @@ async fn the_bridge_role_is_a_durable_consumer() {
     })
     .await;
     let addr = broker.v4_addr();
-    let (user, password) = provisioned.login("bridge");
-    let bridge_login = Connect {
-        client_id: "bridge-1",
-        keep_alive: 30,
-        login: Some((user, password)),
-        ..Connect::default()
-    };
-    let mut bridge = Raw::connected(addr, &bridge_login).await;
+    let mut bridge = logged_in(&provisioned, addr, "bridge", "bridge-1").await;
     assert_eq!(bridge.subscribe(1, "fleet/+/+/status", 1).await.0, 0x90);
-    let (user, password) = provisioned.login("van-1");
-    let van_login = Connect {
-        client_id: "van-1",
-        keep_alive: 30,
-        login: Some((user, password)),
-        ..Connect::default()
-    };
-    let mut van = Raw::connected(addr, &van_login).await;
+    let mut van = logged_in(&provisioned, addr, "van-1", "van-1").await;
     van.publish("fleet/f/van-1/status", b"online", 1, 2, true)
         .await;
     let (pkid, _) = delivery(&mut bridge, "fleet/f/van-1/status").await;
@@ -287,8 +303,7 @@ async fn the_journal_acknowledges_survives_a_restart_and_is_pruned_by_the_consum
     // Restarted on the same journal: the consumer's subscription brings what it holds.
     let broker = with_journal(&journal).await;
     assert_eq!(broker.metrics().journal_rows(), 3, "loaded at start");
-    let mut consumer =
-        client_subscribed(broker.v4_addr(), "consumer", 1, "fleet/+/+/event", 1).await;
+    let mut consumer = subscribe_consumer(broker.v4_addr()).await;
     let mut got = Vec::new();
     for _ in 0..3 {
         let (pkid, payload) = delivery(&mut consumer, EVENT).await;
@@ -310,8 +325,7 @@ async fn the_journal_acknowledges_survives_a_restart_and_is_pruned_by_the_consum
     // Pruned for good: the next restart has nothing to deliver.
     let broker = with_journal(&journal).await;
     assert_eq!(broker.metrics().journal_rows(), 0);
-    let mut consumer =
-        client_subscribed(broker.v4_addr(), "consumer", 1, "fleet/+/+/event", 1).await;
+    let mut consumer = subscribe_consumer(broker.v4_addr()).await;
     quiet(&mut consumer, "nothing left in the journal").await;
     broker.shutdown().await;
     if let Some(dir) = journal.parent() {
@@ -333,14 +347,12 @@ async fn a_full_journal_withholds_the_puback_until_a_consumer_acknowledges() {
     let mut van = client(addr, "van-1").await;
     van.publish(EVENT, b"fits", 1, 1, false).await;
     assert_eq!(van.read().await, Some((0x40, vec![0, 1])));
-    let mut consumer = client_subscribed(addr, "consumer", 1, "fleet/+/+/event", 1).await;
+    let mut consumer = subscribe_consumer(addr).await;
     // The journaled one comes first (the subscription brings it), unacknowledged for now.
     let (journaled, payload) = delivery(&mut consumer, EVENT).await;
     assert_eq!(payload, b"fits");
 
-    van.publish(EVENT, b"no room", 1, 2, false).await;
-    let (pkid, payload) = delivery(&mut consumer, EVENT).await;
-    assert_eq!(payload, b"no room");
+    let pkid = relayed(&mut van, &mut consumer, b"no room", 2).await;
     quiet(
         &mut van,
         "the journal is full: the PUBACK waits for the consumer",
@@ -380,10 +392,7 @@ async fn a_second_broker_on_the_same_journal_is_refused() {
 async fn a_graceful_shutdown_does_not_wait_for_a_durability_that_cannot_come() {
     // The bridge stops its MQTT client before its embedded broker: a device's event that its
     // store never acknowledged must not hold the broker's shutdown for the whole grace period.
-    let broker = with_consumer().await;
-    let addr = broker.v4_addr();
-    let mut consumer = client_subscribed(addr, "consumer", 1, "fleet/+/+/event", 1).await;
-    let mut van = client(addr, "van-1").await;
+    let (broker, mut consumer, mut van) = with_consumer_and_van().await;
     van.publish(EVENT, b"never acknowledged", 1, 1, false).await;
     let _ = delivery(&mut consumer, EVENT).await;
     drop(consumer);

@@ -145,11 +145,11 @@ async fn heartbeats_are_mirrored_only_while_someone_may_read_them() {
 
 #[tokio::test]
 async fn the_mirror_can_be_switched_off() {
-    let broker = start(BrokerConfig {
+    let without_mirror = BrokerConfig {
         json_mirror: false,
         ..BrokerConfig::ephemeral()
-    })
-    .await;
+    };
+    let broker = start(without_mirror).await;
     let mut json = Subscriber::new(broker.v4_addr(), "engineer", "json/#", QoS::AtMostOnce).await;
     let mut device = client(broker.v4_addr(), "demo-0001").await;
     device

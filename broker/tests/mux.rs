@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{
@@ -15,23 +16,35 @@ use shared::TopicKind;
 use shared::frame::{Connect, DISCONNECT, puback};
 use tokio::time::{sleep, timeout};
 
+/// Subscribes `raw` to `filter` at `qos` and asserts the SUBACK grants it.
+async fn granted(raw: &mut Raw, pkid: u8, filter: &str, qos: u8) {
+    assert_eq!(
+        raw.subscribe(pkid.into(), filter, qos).await,
+        (0x90, vec![0, pkid, qos]),
+        "SUBACK QoS {qos} for {filter}"
+    );
+}
+
+/// A client `dispatch` that has published the command `payload` to `van-1` at QoS 1 with
+/// packet id `pkid`, and had it acknowledged.
+async fn dispatched(addr: SocketAddr, payload: &[u8], pkid: u8, retain: bool) -> Raw {
+    let mut dispatch = client(addr, "dispatch").await;
+    dispatch
+        .publish("fleet/f/van-1/cmd", payload, 1, pkid.into(), retain)
+        .await;
+    assert_eq!(dispatch.read().await.unwrap(), (0x40, vec![0, pkid]));
+    dispatch
+}
+
 #[tokio::test]
 async fn a_mux_served_device_receives_its_command_at_qos1_and_acknowledges_it() {
     let broker = start_ephemeral().await;
     let addr = broker.v4_addr();
     let mut van = client(addr, "van-1").await;
-    assert_eq!(
-        van.subscribe(7, "fleet/f/van-1/cmd", 1).await,
-        (0x90, vec![0, 7, 1]),
-        "SUBACK QoS 1"
-    );
+    granted(&mut van, 7, "fleet/f/van-1/cmd", 1).await;
     assert_eq!(broker.own_links(), 0, "served by the shared link alone");
 
-    let mut dispatch = client(addr, "dispatch").await;
-    dispatch
-        .publish("fleet/f/van-1/cmd", b"go", 1, 3, false)
-        .await;
-    assert_eq!(dispatch.read().await.unwrap(), (0x40, vec![0, 3]));
+    let _dispatch = dispatched(addr, b"go", 3, false).await;
     let (first, body) = van.read().await.unwrap();
     assert_eq!(first & 0xF6, 0x32, "QoS 1 PUBLISH, got {first:#04x}");
     assert_eq!(
@@ -83,14 +96,8 @@ async fn two_devices_do_not_receive_each_others_commands() {
     let addr = broker.v4_addr();
     let mut one = client(addr, "van-1").await;
     let mut two = client(addr, "van-2").await;
-    assert_eq!(
-        one.subscribe(1, "fleet/f/van-1/cmd", 1).await,
-        (0x90, vec![0, 1, 1])
-    );
-    assert_eq!(
-        two.subscribe(1, "fleet/f/van-2/cmd", 0).await,
-        (0x90, vec![0, 1, 0])
-    );
+    granted(&mut one, 1, "fleet/f/van-1/cmd", 1).await;
+    granted(&mut two, 1, "fleet/f/van-2/cmd", 0).await;
 
     let mut dispatch = client(addr, "dispatch").await;
     dispatch
@@ -153,17 +160,10 @@ async fn a_mux_served_device_leaves_its_will_when_lost_but_not_after_disconnect(
 async fn a_retained_command_is_delivered_on_subscribe_and_can_be_cleared() {
     let broker = start_ephemeral().await;
     let addr = broker.v4_addr();
-    let mut dispatch = client(addr, "dispatch").await;
-    dispatch
-        .publish("fleet/f/van-1/cmd", b"park", 1, 1, true)
-        .await;
-    assert_eq!(dispatch.read().await.unwrap().0, 0x40);
+    let mut dispatch = dispatched(addr, b"park", 1, true).await;
 
     let mut van = client(addr, "van-1").await;
-    assert_eq!(
-        van.subscribe(2, "fleet/f/van-1/cmd", 1).await,
-        (0x90, vec![0, 2, 1])
-    );
+    granted(&mut van, 2, "fleet/f/van-1/cmd", 1).await;
     let (first, body) = van.read().await.unwrap();
     assert_eq!(
         first & 0xF7,
@@ -214,10 +214,7 @@ async fn a_wildcard_subscriber_still_gets_everything() {
     assert_eq!(publish_fields(first, &body).1, b"cmd");
 
     // A device that also subscribes to a wildcard gets its own link for it, and keeps both.
-    assert_eq!(
-        van.subscribe(2, "fleet/f/+/status", 0).await,
-        (0x90, vec![0, 2, 0])
-    );
+    granted(&mut van, 2, "fleet/f/+/status", 0).await;
     assert_eq!(broker.own_links(), 2);
     dispatch
         .publish("fleet/f/van-9/status", b"up", 0, 0, false)

@@ -3,13 +3,22 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use broker::{Broker, BrokerConfig};
-use common::{T, client, client_subscribed, client_v5, eventually, publish_pkid, start_ephemeral};
+use common::{
+    Raw, T, client, client_subscribed, client_v5, eventually, publish_pkid, start_ephemeral,
+};
 use shared::TopicKind;
 use shared::frame::puback;
 use tokio::time::{Instant, sleep, timeout};
+
+/// A subscriber `sub` to `filter` at QoS 1 and a publisher `pub`.
+async fn sub_and_pub(addr: SocketAddr, filter: &str) -> (Raw, Raw) {
+    let sub = client_subscribed(addr, "sub", 1, filter, 1).await;
+    (sub, client(addr, "pub").await)
+}
 
 #[tokio::test]
 async fn shutdown_completes_in_flight_qos1_then_closes() {
@@ -18,8 +27,7 @@ async fn shutdown_completes_in_flight_qos1_then_closes() {
     let v5 = broker.v5_addr().unwrap();
 
     // A subscriber that has received a QoS 1 message and acknowledges it late.
-    let mut sub = client_subscribed(addr, "sub", 1, "fleet/+/+/event", 1).await;
-    let mut publisher = client(addr, "pub").await;
+    let (mut sub, mut publisher) = sub_and_pub(addr, "fleet/+/+/event").await;
     publisher
         .publish("fleet/f/v/event", b"e1", 1, 1, false)
         .await;
@@ -76,8 +84,7 @@ async fn shutdown_acknowledges_a_qos1_publish_the_broker_took() {
 async fn shutdown_is_bounded_when_a_client_never_acknowledges() {
     let broker = start_ephemeral().await;
     let addr = broker.v4_addr();
-    let mut sub = client_subscribed(addr, "sub", 1, "x/#", 1).await;
-    let mut publisher = client(addr, "pub").await;
+    let (mut sub, mut publisher) = sub_and_pub(addr, "x/#").await;
     publisher.publish("x/y", b"m", 1, 1, false).await;
     assert_eq!(sub.read().await.unwrap().0 & 0xF0, 0x30);
 

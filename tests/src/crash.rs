@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
+use crate::process::Program;
 use crate::sio::SioClient;
 use crate::stack::BridgeProcess;
 
@@ -356,6 +357,20 @@ impl Link {
             }
         }
     }
+}
+
+/// `vehicles` device-sim vehicles of the fleet `demo` against `mqtt`, at 2 Hz with a clock
+/// 100× faster (deliveries in seconds), as the crash tests run them.
+///
+/// # Errors
+/// If device-sim cannot be started.
+pub fn start_fast_demo_sim(mqtt: SocketAddr, vehicles: u32) -> anyhow::Result<Program> {
+    crate::stack::start_sim(
+        mqtt,
+        vehicles,
+        "demo",
+        &["--rate", "2", "--time-scale", "100"],
+    )
 }
 
 /// The `seq` of every delivery event of `vehicle` in the bridge store at `store` (read with

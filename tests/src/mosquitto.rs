@@ -153,6 +153,23 @@ pub async fn watch(broker: SocketAddr, args: &[&str]) -> anyhow::Result<Watch> {
     Watch::start(cmd).await
 }
 
+/// A [`Watch`] of `mosquitto_sub` with `args` against `broker`, connected as `client_id` and
+/// logged in as `user` with `password`.
+///
+/// # Errors
+/// If it cannot connect or subscribe within the bound.
+pub async fn watch_as(
+    broker: SocketAddr,
+    client_id: &str,
+    (user, password): (&str, &str),
+    args: &[&str],
+) -> anyhow::Result<Watch> {
+    let mut cmd = client("mosquitto_sub", broker);
+    cmd.args(["-i", client_id, "-u", user, "-P", password]);
+    cmd.args(args);
+    Watch::start(cmd).await
+}
+
 /// How a client run ended, and what it printed.
 #[derive(Debug)]
 pub struct Finished {

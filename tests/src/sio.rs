@@ -1,7 +1,7 @@
 //! A real `socket.io-client` (npm) under node, driven over stdin/stdout by
 //! `tests/node/sio-client.mjs`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -194,6 +194,36 @@ impl SioClient {
     /// If the ack does not come within the bound.
     pub async fn join(&mut self, room: &str) -> anyhow::Result<Value> {
         self.emit_ack("join", json!([room])).await
+    }
+
+    /// Waits for positions until `count` distinct vehicles have reported, each batch within
+    /// `timeout`; returns their ids.
+    ///
+    /// # Errors
+    /// If a batch does not arrive in time.
+    pub async fn vehicles_seen(
+        &mut self,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<BTreeSet<String>> {
+        let mut seen = BTreeSet::new();
+        while seen.len() < count {
+            for p in self.positions_until(timeout, |_| true).await? {
+                seen.insert(p["vehicle"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        Ok(seen)
+    }
+
+    /// The demo dispatcher of the bridge at `url`, in `room` (the join acknowledged).
+    ///
+    /// # Errors
+    /// If it cannot connect or join within the bound, or the join is refused.
+    pub async fn dispatcher_in(url: &str, room: &str) -> anyhow::Result<Self> {
+        let mut dispatcher = Self::dispatcher(url).await?;
+        let ack = dispatcher.join(room).await?;
+        anyhow::ensure!(ack == json!({ "ok": true }), "joining {room}: {ack}");
+        Ok(dispatcher)
     }
 
     /// Moves what has arrived into the backlog.

@@ -349,6 +349,14 @@ pub struct BrokerProcess {
 }
 
 impl BrokerProcess {
+    /// Waits for a line of its log containing `needle` and returns it.
+    ///
+    /// # Errors
+    /// If none comes within the bound.
+    pub async fn log_line(&mut self, needle: &str) -> anyhow::Result<String> {
+        self.program.wait_for_line(needle, WAIT).await
+    }
+
     /// One sample of a metric (`name{labels}` exactly as exposed).
     ///
     /// # Errors

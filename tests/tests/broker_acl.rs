@@ -6,7 +6,7 @@
 
 use shared::Heartbeat;
 use tests::WAIT;
-use tests::mosquitto::{Watch, client, finish, hex, unhex};
+use tests::mosquitto::{client, finish, hex, unhex, watch_as};
 use tests::stack::provision_fleet;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,19 +16,15 @@ async fn devices_publish_only_as_themselves_and_observers_not_at_all() -> anyhow
     let alice = fleet.add_client("alice", "observer").await?;
     let mut broker = fleet.start_broker(&[]).await?;
     let _sim = fleet.start_sim(broker.mqtt, &["--rate", "5"])?;
-    let mut watch = Watch::start({
-        let mut cmd = client("mosquitto_sub", broker.mqtt);
-        cmd.args(["-i", "watch-1", "-u", "alice", "-P", &alice]);
-        cmd.args(["-t", "fleet/#", "-F", "%t %x"]);
-        cmd
-    })
-    .await?;
+    let all_hex = ["-t", "fleet/#", "-F", "%t %x"];
+    let mut watch = watch_as(broker.mqtt, "watch-1", ("alice", &alice), &all_hex).await?;
     watch
         .next_matching(WAIT, |l| l.starts_with("fleet/north/north-0001/hb "))
         .await?;
 
+    let mqtt = broker.mqtt;
     let publish = |login: (&str, &str), topic: &str, payload: &str, qos: &str| {
-        let mut cmd = client("mosquitto_pub", broker.mqtt);
+        let mut cmd = client("mosquitto_pub", mqtt);
         cmd.args(["-i", login.0, "-u", login.0, "-P", login.1]);
         cmd.args(["-t", topic, "-m", payload, "-q", qos]);
         cmd
@@ -51,10 +47,7 @@ async fn devices_publish_only_as_themselves_and_observers_not_at_all() -> anyhow
         assert!(done.status.success(), "{done:?}");
     }
     broker.wait_metric(acl, |n| n == 2.0).await?;
-    let line = broker
-        .program
-        .wait_for_line("publish refused by the topic ACL", WAIT)
-        .await?;
+    let line = broker.log_line("publish refused by the topic ACL").await?;
     assert!(
         line.contains("client_id=\"van-0001\"") && line.contains("fleet/north/north-0001/hb"),
         "{line}"
@@ -118,12 +111,12 @@ async fn devices_publish_only_as_themselves_and_observers_not_at_all() -> anyhow
             .await?,
         1.0
     );
-    let own = Watch::start({
-        let mut cmd = client("mosquitto_sub", broker.mqtt);
-        cmd.args(["-i", "van-0001", "-u", "van-0001", "-P", &van]);
-        cmd.args(["-t", "fleet/+/van-0001/cmd", "-q", "1"]);
-        cmd
-    })
+    let own = watch_as(
+        broker.mqtt,
+        "van-0001",
+        ("van-0001", &van),
+        &["-t", "fleet/+/van-0001/cmd", "-q", "1"],
+    )
     .await?;
     own.stop().await;
 

@@ -5,7 +5,7 @@
 //! while the vehicles already connected keep publishing, untouched.
 
 use tests::WAIT;
-use tests::mosquitto::{Watch, client, finish};
+use tests::mosquitto::{Watch, client, finish, watch_as};
 use tests::stack::{BrokerProcess, provision_fleet};
 
 /// `mosquitto_pub` publishing one QoS 1 message as `client_id`, logged in as `login`.
@@ -47,12 +47,12 @@ async fn logins_are_checked_counted_and_logged_and_vehicles_are_unaffected() -> 
     let mut sim = fleet.start_sim(broker.mqtt, &["--rate", "5"])?;
 
     // An observer sees both vehicles' heartbeats.
-    let mut watch = Watch::start({
-        let mut cmd = client("mosquitto_sub", broker.mqtt);
-        cmd.args(["-i", "watch-1", "-u", "alice", "-P", &alice]);
-        cmd.args(["-t", "fleet/+/+/hb", "-F", "%t"]);
-        cmd
-    })
+    let mut watch = watch_as(
+        broker.mqtt,
+        "watch-1",
+        ("alice", &alice),
+        &["-t", "fleet/+/+/hb", "-F", "%t"],
+    )
     .await?;
     both_vehicles_publish(&mut watch, &broker).await?;
 

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use tests::WAIT;
-use tests::mosquitto::{client, finish, watch};
+use tests::mosquitto::{Finished, Watch, client, finish, watch};
 use tests::process::Program;
 use tests::stack::{BrokerProcess, start_broker_standalone, start_sim};
 use tokio::time::Instant;
@@ -26,23 +26,41 @@ async fn v4_connections(broker: &BrokerProcess) -> anyhow::Result<f64> {
         .await
 }
 
+/// Publishes `size` bytes on `topic` at QoS 1 with `mosquitto_pub` as `client_id`.
+async fn publish_sized(
+    broker: &BrokerProcess,
+    client_id: &str,
+    topic: &str,
+    size: usize,
+) -> anyhow::Result<Finished> {
+    let mut cmd = client("mosquitto_pub", broker.mqtt);
+    cmd.args(["-i", client_id, "-t", topic, "-q", "1", "-s"]);
+    finish(cmd, Some(&vec![b'x'; size])).await
+}
+
+/// Asserts that the MQTT 3.1.1 listener accepted four connections in all: the vehicle's, the
+/// watcher's and the two of `others` (nobody reconnected), then stops `watch`.
+async fn four_connections_at_the_end(
+    broker: &BrokerProcess,
+    watch: Watch,
+    others: &str,
+) -> anyhow::Result<()> {
+    assert_eq!(
+        v4_connections(broker).await?,
+        4.0,
+        "the vehicle, the watcher and {others}: nobody reconnected or was disconnected"
+    );
+    watch.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_packet_closes_only_that_connection() -> anyhow::Result<()> {
     let (mut broker, _sim) = broker_with_a_vehicle(&["--max-payload-size", "16384"]).await?;
     let mut watch = watch(broker.mqtt, &["-t", "fleet/+/+/hb", "-F", "%t"]).await?;
     watch.next(WAIT).await?;
 
-    let mut cmd = client("mosquitto_pub", broker.mqtt);
-    cmd.args([
-        "-i",
-        "big-1",
-        "-t",
-        "fleet/demo/demo-0001/event",
-        "-q",
-        "1",
-        "-s",
-    ]);
-    let refused = finish(cmd, Some(&vec![b'x'; 20_000])).await?;
+    let refused = publish_sized(&broker, "big-1", "fleet/demo/demo-0001/event", 20_000).await?;
     assert!(!refused.status.success(), "{refused:?}");
     assert!(
         refused.stderr.contains("The connection was lost"),
@@ -54,10 +72,7 @@ async fn an_oversized_packet_closes_only_that_connection() -> anyhow::Result<()>
             |n| n == 1.0,
         )
         .await?;
-    let line = broker
-        .program
-        .wait_for_line("packet too large: disconnecting", WAIT)
-        .await?;
+    let line = broker.log_line("packet too large: disconnecting").await?;
     assert!(
         line.contains("client_id=\"big-1\"") && line.contains("max=16384"),
         "{line}"
@@ -70,30 +85,14 @@ async fn an_oversized_packet_closes_only_that_connection() -> anyhow::Result<()>
         .await?;
 
     // Just under the limit goes through; the vehicle never noticed.
-    let mut cmd = client("mosquitto_pub", broker.mqtt);
-    cmd.args([
-        "-i",
-        "big-2",
-        "-t",
-        "fleet/demo/big-2/event",
-        "-q",
-        "1",
-        "-s",
-    ]);
-    let accepted = finish(cmd, Some(&vec![b'x'; 16_000])).await?;
+    let accepted = publish_sized(&broker, "big-2", "fleet/demo/big-2/event", 16_000).await?;
     assert!(accepted.status.success(), "{accepted:?}");
     for _ in 0..3 {
         watch
             .next_matching(WAIT, |t| t == "fleet/demo/demo-0001/hb")
             .await?;
     }
-    assert_eq!(
-        v4_connections(&broker).await?,
-        4.0,
-        "the vehicle, the watcher and the two publishers: nobody reconnected"
-    );
-    watch.stop().await;
-    Ok(())
+    four_connections_at_the_end(&broker, watch, "the two publishers").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,8 +118,7 @@ async fn a_flooding_client_is_throttled_and_nobody_else_slowed_down() -> anyhow:
     // The broker holds the flood back: the flooder's messages come at the allowed rate, and
     // another client's message overtakes them.
     broker
-        .program
-        .wait_for_line("client publishes faster than max_publish_rate", WAIT)
+        .log_line("client publishes faster than max_publish_rate")
         .await
         .map(|line| assert!(line.contains("client_id=\"flooder\""), "{line}"))?;
     let mut cmd = client("mosquitto_pub", broker.mqtt);
@@ -183,13 +181,7 @@ async fn a_flooding_client_is_throttled_and_nobody_else_slowed_down() -> anyhow:
         heartbeats as f64 >= expected * 0.7,
         "{heartbeats} heartbeats in {took:?}"
     );
-    assert_eq!(
-        v4_connections(&broker).await?,
-        4.0,
-        "the vehicle, the watcher, the flooder and the bystander: nobody was disconnected"
-    );
-    watch.stop().await;
-    Ok(())
+    four_connections_at_the_end(&broker, watch, "the flooder and the bystander").await
 }
 
 /// The rumqttd 0.20 defect from the issue: `mosquitto_pub -p V5PORT -V 5 -r -t r/a -m x -D

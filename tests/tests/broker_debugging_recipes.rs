@@ -220,6 +220,16 @@ fn printf(format: &str) -> anyhow::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Asserts that every line `watch` saw starts with `prefix`, then stops it.
+async fn stop_all_under(mut watch: Watch, prefix: &str) {
+    assert!(
+        watch.seen().iter().all(|l| l.starts_with(prefix)),
+        "{:?}",
+        watch.seen()
+    );
+    watch.stop().await;
+}
+
 /// A `topic {json}` line of `mosquitto_sub -v`.
 fn json_line(line: &str) -> (String, Value) {
     let (topic, payload) = line.split_once(' ').unwrap_or((line, ""));
@@ -299,14 +309,7 @@ async fn recipes_work_on_the_demo_broker() -> anyhow::Result<()> {
         assert_eq!(doc["origin"], "verified", "{line}");
         assert!(doc["lat"].is_f64() && doc["flags"].is_array(), "{line}");
     }
-    assert!(
-        one.seen()
-            .iter()
-            .all(|l| l.starts_with("json/fleet/demo/demo-0001/")),
-        "{:?}",
-        one.seen()
-    );
-    one.stop().await;
+    stop_all_under(one, "json/fleet/demo/demo-0001/").await;
 
     // Watch status changes: first every vehicle's current status (retained).
     let mut statuses = target.watch(DEMO_RECIPES[1]).await?;
@@ -331,15 +334,7 @@ async fn recipes_work_on_the_demo_broker() -> anyhow::Result<()> {
     for _ in 0..5 {
         one_fleet.next(WAIT).await?;
     }
-    assert!(
-        one_fleet
-            .seen()
-            .iter()
-            .all(|l| l.starts_with("json/fleet/north/")),
-        "{:?}",
-        one_fleet.seen()
-    );
-    one_fleet.stop().await;
+    stop_all_under(one_fleet, "json/fleet/north/").await;
 
     // Delivery events only: give demo-0001 an order next door (its clock runs 100× faster).
     let mut events = target.watch(DEMO_RECIPES[4]).await?;

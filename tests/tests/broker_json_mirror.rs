@@ -6,7 +6,7 @@ use serde_json::Value;
 use shared::{Heartbeat, VehicleId};
 use tests::WAIT;
 use tests::mosquitto::{unhex, watch};
-use tests::stack::{start_broker_standalone, start_sim};
+use tests::stack::{BrokerProcess, start_broker_standalone, start_sim};
 
 /// A `topic payload` line of `mosquitto_sub -v` with a JSON payload.
 fn json_line(line: &str) -> anyhow::Result<(&str, Value)> {
@@ -14,6 +14,13 @@ fn json_line(line: &str) -> anyhow::Result<(&str, Value)> {
         .split_once(' ')
         .ok_or_else(|| anyhow::anyhow!("not `topic payload`: {line}"))?;
     Ok((topic, serde_json::from_str(payload)?))
+}
+
+/// Messages the broker mirrored as JSON so far.
+async fn mirrored(broker: &BrokerProcess) -> anyhow::Result<f64> {
+    broker
+        .metric("fleetbeat_broker_mirror_published_total")
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,12 +101,7 @@ async fn heartbeats_and_statuses_are_mirrored_as_json() -> anyhow::Result<()> {
         "{lon} vs {}",
         hb.pos.lon()
     );
-    assert!(
-        broker
-            .metric("fleetbeat_broker_mirror_published_total")
-            .await?
-            > 0.0
-    );
+    assert!(mirrored(&broker).await? > 0.0);
     assert_eq!(
         broker
             .metric("fleetbeat_broker_mirror_undecodable_total")
@@ -128,12 +130,7 @@ async fn the_mirror_can_be_switched_off() -> anyhow::Result<()> {
         "mirrored although off: {:?}",
         mirror.seen()
     );
-    assert_eq!(
-        broker
-            .metric("fleetbeat_broker_mirror_published_total")
-            .await?,
-        0.0
-    );
+    assert_eq!(mirrored(&broker).await?, 0.0);
     raw.stop().await;
     mirror.stop().await;
     Ok(())

@@ -7,8 +7,10 @@
 
 use std::time::Duration;
 
-use tests::crash::{EventPipeline, OrderRun, kill_count, random_pause, wait_stored};
-use tests::stack::{free_port, spawn_bridge, start_sim};
+use tests::crash::{
+    EventPipeline, OrderRun, kill_count, random_pause, start_fast_demo_sim, wait_stored,
+};
+use tests::stack::{free_port, spawn_bridge};
 use tests::temp_dir;
 use tokio::time::Instant;
 
@@ -39,12 +41,7 @@ async fn sigkill_of_the_bridge_loses_no_acknowledged_event() -> anyhow::Result<(
         "2000",
     ];
     let mut bridge = spawn_bridge(&args).await?;
-    let _sim = start_sim(
-        mqtt_addr,
-        VEHICLES,
-        "demo",
-        &["--rate", "2", "--time-scale", "100"],
-    )?;
+    let _sim = start_fast_demo_sim(mqtt_addr, VEHICLES)?;
     let pipeline = EventPipeline::start(mqtt_addr, "demo", RAW_VEHICLE, WINDOW)?;
     let mut run = OrderRun::new(&bridge, "emb", ORDERS).await?;
 

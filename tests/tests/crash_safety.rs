@@ -7,11 +7,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::json;
-use tests::crash::{EventPipeline, kill_count, wait_stored};
+use tests::crash::{EventPipeline, kill_count, start_fast_demo_sim, wait_stored};
 use tests::sio::SioClient;
 use tests::stack::{
     BridgeProcess, free_port, start_bridge_external, start_broker_process, start_broker_standalone,
-    start_sim,
 };
 use tests::temp_dir;
 
@@ -47,12 +46,7 @@ async fn sigkill_during_200_deliveries_loses_nothing() -> anyhow::Result<()> {
     let store = temp_dir()?.join("fleetbeat.db");
     let store = store.to_str().unwrap_or_default().to_owned();
     let mut current = bridge(mqtt, &http, &store).await?;
-    let _sim = start_sim(
-        mqtt,
-        VEHICLES,
-        "demo",
-        &["--rate", "2", "--time-scale", "100"],
-    )?;
+    let _sim = start_fast_demo_sim(mqtt, VEHICLES)?;
 
     // The vendor stays connected (socket.io-client reconnects by itself) and acknowledges.
     let mut vendor =

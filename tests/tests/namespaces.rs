@@ -70,31 +70,24 @@ async fn announce_reaches_every_socket_of_every_namespace() -> anyhow::Result<()
     Ok(())
 }
 
+/// The bridge configuration's token `STORE-secret` of a vendor of the fleet `demo` at `store`,
+/// located at `[lat, lon]`.
+fn vendor_token(store: &str, [lat, lon]: [f64; 2]) -> String {
+    format!(
+        "[[tokens]]\ntoken = \"{store}-secret\"\nrole = \"vendor\"\nstore = \"{store}\"\n\
+         fleet = \"demo\"\nlocation = [{lat}, {lon}]\n\n"
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pickup_reaches_everyone_but_the_sender_and_vendors_stay_in_their_room()
 -> anyhow::Result<()> {
-    let config = tests::stack::write_bridge_config(
-        r#"
-[[tokens]]
-token = "store-1-secret"
-role = "vendor"
-store = "store-1"
-fleet = "demo"
-location = [52.52, 13.405]
-
-[[tokens]]
-token = "store-2-secret"
-role = "vendor"
-store = "store-2"
-fleet = "demo"
-location = [52.51, 13.40]
-
-[[tokens]]
-token = "dispatch-secret"
-role = "dispatcher"
-fleets = ["*"]
-"#,
-    )?;
+    let config = tests::stack::write_bridge_config(&format!(
+        "{}{}{}",
+        vendor_token("store-1", [52.52, 13.405]),
+        vendor_token("store-2", [52.51, 13.40]),
+        "[[tokens]]\ntoken = \"dispatch-secret\"\nrole = \"dispatcher\"\nfleets = [\"*\"]\n",
+    ))?;
     let bridge = start_bridge(&["--config", config.to_str().unwrap_or_default()]).await?;
     let url = bridge.url();
     let mut sender = SioClient::connect_with_token(&url, "/vendor", "store-1-secret").await?;

@@ -8,26 +8,18 @@ use serde_json::{Value, json};
 use tests::sio::SioClient;
 use tests::stack::{start_bridge, start_sim};
 
+/// device-sim with a sped-up clock: a whole delivery takes seconds instead of minutes.
+const SPED_UP: [&str; 4] = ["--rate", "5", "--time-scale", "40"];
+
 const DELIVERY_WAIT: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_vendor_catches_up_and_acknowledges() -> anyhow::Result<()> {
     let bridge = start_bridge(&[]).await?;
-    // A sped-up clock: a whole delivery takes seconds instead of minutes.
-    let _sim = start_sim(
-        bridge.mqtt,
-        3,
-        "demo",
-        &["--rate", "5", "--time-scale", "40"],
-    )?;
+    let _sim = start_sim(bridge.mqtt, 3, "demo", &SPED_UP)?;
     let mut dispatcher = SioClient::dispatcher(&bridge.url()).await?;
     dispatcher.join("fleet:demo").await?;
-    let mut online = BTreeSet::new();
-    while online.len() < 3 {
-        for p in dispatcher.positions_until(tests::WAIT, |_| true).await? {
-            online.insert(p["vehicle"].as_str().unwrap_or_default().to_owned());
-        }
-    }
+    dispatcher.vehicles_seen(3, tests::WAIT).await?;
 
     // The vendor is there, then goes away.
     let mut vendor = SioClient::connect_with_token(&bridge.url(), "/vendor", "vendor-demo").await?;

@@ -22,12 +22,7 @@ async fn snapshot_then_live_then_stale_then_offline() -> anyhow::Result<()> {
     // Let the bridge learn both vehicles before the dispatcher arrives.
     let mut early = SioClient::dispatcher(&bridge.url()).await?;
     early.join("fleet:live").await?;
-    let mut known = std::collections::BTreeSet::new();
-    while known.len() < 2 {
-        for p in early.positions_until(WAIT, |_| true).await? {
-            known.insert(p["vehicle"].as_str().unwrap_or_default().to_owned());
-        }
-    }
+    early.vehicles_seen(2, WAIT).await?;
 
     let mut dispatcher = SioClient::dispatcher(&bridge.url()).await?;
     let ack = dispatcher.join("fleet:live").await?;

@@ -304,8 +304,12 @@ pub(super) fn vehicle_seed(seed: u64, index: u32) -> u64 {
 mod tests {
     use super::*;
 
-    fn fleet(name: &str) -> FleetId {
-        FleetId::new(name).expect("valid")
+    /// The fleets of `names`, in order.
+    fn fleets(names: &[&str]) -> Vec<FleetId> {
+        names
+            .iter()
+            .map(|name| FleetId::new(name).expect("valid"))
+            .collect()
     }
 
     #[test]
@@ -317,7 +321,7 @@ mod tests {
             "demo-10000"
         );
         let long = SimConfig {
-            fleets: vec![fleet("a-very-long-fleet-name-x")],
+            fleets: fleets(&["a-very-long-fleet-name-x"]),
             ..SimConfig::default()
         };
         assert!(matches!(long.validate(), Err(SimError::VehicleId { .. })));
@@ -327,7 +331,7 @@ mod tests {
     fn fleets_are_dealt_in_turn() {
         let config = SimConfig {
             vehicles: 5,
-            fleets: vec![fleet("north"), fleet("south")],
+            fleets: fleets(&["north", "south"]),
             ..SimConfig::default()
         };
         let ids: Vec<String> = config

@@ -42,21 +42,32 @@ pub struct SimReport {
     pub elapsed: Duration,
 }
 
-/// Live counters shared by the vehicle tasks, each one the [`SimReport`] field of its name.
-#[derive(Debug, Default)]
-pub(super) struct Counters {
-    pub(super) connected: AtomicU64,
-    pub(super) heartbeats_sent: AtomicU64,
-    pub(super) heartbeats_dropped: AtomicU64,
-    pub(super) events_sent: AtomicU64,
-    pub(super) events_acked: AtomicU64,
-    pub(super) garbage_sent: AtomicU64,
-    pub(super) chaos_drops: AtomicU64,
-    pub(super) commands_answered: AtomicU64,
-    pub(super) bad_commands: AtomicU64,
-    pub(super) reconnects: AtomicU64,
-    pub(super) errors: AtomicU64,
-    pub(super) oversized_packets: AtomicU64,
+/// Defines [`Counters`], one [`AtomicU64`] for each `field` of [`SimReport`] it names, and
+/// `Counters::read`, which fills those fields of a report.
+macro_rules! counters {
+    ($($field:ident),* $(,)?) => {
+        /// Live counters shared by the vehicle tasks, each one the [`SimReport`] field of its
+        /// name.
+        #[derive(Debug, Default)]
+        pub(super) struct Counters {
+            $(pub(super) $field: AtomicU64,)*
+        }
+
+        impl Counters {
+            /// `report` with each counted field set to its count now.
+            fn read(&self, report: SimReport) -> SimReport {
+                SimReport {
+                    $($field: self.$field.load(Ordering::Relaxed),)*
+                    ..report
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    connected, heartbeats_sent, heartbeats_dropped, events_sent, events_acked, garbage_sent,
+    chaos_drops, commands_answered, bad_commands, reconnects, errors, oversized_packets,
 }
 
 impl Counters {
@@ -67,22 +78,10 @@ impl Counters {
 
     /// The counts now, for `vehicles` vehicles started at `started`.
     pub(super) fn report(&self, vehicles: u32, started: Instant) -> SimReport {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        SimReport {
+        self.read(SimReport {
             vehicles,
-            connected: get(&self.connected),
-            heartbeats_sent: get(&self.heartbeats_sent),
-            heartbeats_dropped: get(&self.heartbeats_dropped),
-            events_sent: get(&self.events_sent),
-            events_acked: get(&self.events_acked),
-            garbage_sent: get(&self.garbage_sent),
-            chaos_drops: get(&self.chaos_drops),
-            commands_answered: get(&self.commands_answered),
-            bad_commands: get(&self.bad_commands),
-            reconnects: get(&self.reconnects),
-            errors: get(&self.errors),
-            oversized_packets: get(&self.oversized_packets),
             elapsed: started.elapsed(),
-        }
+            ..SimReport::default()
+        })
     }
 }
