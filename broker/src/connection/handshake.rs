@@ -85,22 +85,13 @@ struct ConnectPacket {
 /// The properties a last will is published with: those of its CONNECT (MQTT 5) that a PUBLISH
 /// carries. The Will Delay Interval is not: the will is published when the connection is lost.
 fn will_publish_properties(will: LastWillProperties) -> Option<PublishProperties> {
-    let LastWillProperties {
-        delay_interval: _,
-        payload_format_indicator,
-        message_expiry_interval,
-        content_type,
-        response_topic,
-        correlation_data,
-        user_properties,
-    } = will;
     let properties = PublishProperties {
-        payload_format_indicator,
-        message_expiry_interval,
-        content_type,
-        response_topic,
-        correlation_data,
-        user_properties,
+        payload_format_indicator: will.payload_format_indicator,
+        message_expiry_interval: will.message_expiry_interval,
+        content_type: will.content_type,
+        response_topic: will.response_topic,
+        correlation_data: will.correlation_data,
+        user_properties: will.user_properties,
         ..PublishProperties::default()
     };
     (properties != PublishProperties::default()).then_some(properties)

@@ -496,6 +496,27 @@ mod tests {
         }
     }
 
+    /// Three messages (keys 0, 1, 2) appended to the journal, each with a waiter of
+    /// connection 1 whose entry is its key number; returns where the waiters are released.
+    fn wait_for_three(
+        journal: &Journal,
+        waiters: &Waiters,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<MuxEvent> {
+        let (tx, rx) = unbounded_channel();
+        for n in 0..3 {
+            waiters.add(
+                key(n),
+                Waiter {
+                    connection: 1,
+                    entry: u64::from(n),
+                    tx: tx.clone(),
+                },
+            );
+            journal.append(key(n));
+        }
+        rx
+    }
+
     #[tokio::test]
     async fn appends_release_once_committed_survive_reopening_and_go_when_acknowledged() {
         let path = temp_journal();
@@ -506,18 +527,7 @@ mod tests {
                 metrics,
                 writer,
             } = open(&path, ROOMY).await;
-            let (tx, mut rx) = unbounded_channel();
-            for n in 0..3 {
-                waiters.add(
-                    key(n),
-                    Waiter {
-                        connection: 1,
-                        entry: u64::from(n),
-                        tx: tx.clone(),
-                    },
-                );
-                journal.append(key(n));
-            }
+            let mut rx = wait_for_three(&journal, &waiters);
             for n in 0..3u32 {
                 let event = tokio::time::timeout(Duration::from_secs(10), rx.recv())
                     .await
@@ -560,18 +570,7 @@ mod tests {
             },
         )
         .await;
-        let (tx, mut rx) = unbounded_channel();
-        for n in 0..3 {
-            waiters.add(
-                key(n),
-                Waiter {
-                    connection: 1,
-                    entry: u64::from(n),
-                    tx: tx.clone(),
-                },
-            );
-            journal.append(key(n));
-        }
+        let mut rx = wait_for_three(&journal, &waiters);
         eventually("counted", || metrics.journal_full_total() == 1).await;
         let mut released = Vec::new();
         while let Ok(MuxEvent::Durable(entry)) = rx.try_recv() {
