@@ -133,7 +133,10 @@ impl Counter {
             "mqtt_connects_total",
             "Successful MQTT connections (events session).",
         ),
-        ("mqtt_errors_total", "MQTT connection errors (events session)."),
+        (
+            "mqtt_errors_total",
+            "MQTT connection errors (events session).",
+        ),
         (
             "mqtt_heartbeat_connects_total",
             "Successful MQTT connections (heartbeats session).",
@@ -206,7 +209,8 @@ impl Metrics {
 
     /// Whether both MQTT sessions are connected with every subscription acknowledged.
     pub(crate) fn mqtt_ready(&self) -> bool {
-        self.mqtt_ready.load(Ordering::Relaxed) && self.mqtt_heartbeats_ready.load(Ordering::Relaxed)
+        self.mqtt_ready.load(Ordering::Relaxed)
+            && self.mqtt_heartbeats_ready.load(Ordering::Relaxed)
     }
 
     /// What the store's writes have shown lately.
@@ -218,9 +222,11 @@ impl Metrics {
     /// from it (`n < 0`).
     pub(crate) fn acks_waiting_delta(&self, n: i64) {
         if n >= 0 {
-            self.acks_waiting.fetch_add(n.unsigned_abs(), Ordering::Relaxed);
+            self.acks_waiting
+                .fetch_add(n.unsigned_abs(), Ordering::Relaxed);
         } else {
-            self.acks_waiting.fetch_sub(n.unsigned_abs(), Ordering::Relaxed);
+            self.acks_waiting
+                .fetch_sub(n.unsigned_abs(), Ordering::Relaxed);
         }
     }
 

@@ -20,13 +20,21 @@ async fn mosquitto_sub_at_qos_2_sees_each_message_at_the_qos_it_was_published_at
     for _ in 0..3 {
         seen.push(sub.next(WAIT).await?);
     }
-    assert_eq!(seen, ["0 at 0", "1 at 1", "1 at 2"], "QoS 2 is granted as 1");
+    assert_eq!(
+        seen,
+        ["0 at 0", "1 at 1", "1 at 2"],
+        "QoS 2 is granted as 1"
+    );
     sub.stop().await;
 
     // A vehicle's heartbeats (QoS 0) stay QoS 0 for a QoS 1 subscriber; its retained status
     // (QoS 1) comes at QoS 1.
     let _sim = start_sim(broker.mqtt, 1, "demo", &["--rate", "5"])?;
-    let mut hb = watch(broker.mqtt, &["-t", "fleet/+/+/hb", "-q", "1", "-F", "%q %t"]).await?;
+    let mut hb = watch(
+        broker.mqtt,
+        &["-t", "fleet/+/+/hb", "-q", "1", "-F", "%q %t"],
+    )
+    .await?;
     assert_eq!(hb.next(WAIT).await?, "0 fleet/demo/demo-0001/hb");
     let mut status = watch(
         broker.mqtt,

@@ -32,8 +32,7 @@ async fn a_locked_store_holds_acks_back_until_it_writes_again() -> anyhow::Resul
     let store_arg = store.display().to_string();
     let bridge = start_bridge(&["--store", &store_arg]).await?;
     let _sim = start_sim(bridge.mqtt, 1, "demo", &["--rate", "5"])?;
-    let mut vendor =
-        SioClient::connect_with_token(&bridge.url(), "/vendor", "vendor-demo").await?;
+    let mut vendor = SioClient::connect_with_token(&bridge.url(), "/vendor", "vendor-demo").await?;
     // The raw vehicle's events 1 and 2 are `raw-0` going in transit, then delivered.
     let order = json!({ "order": "raw-0", "customer": "c", "lat": 52.51, "lon": 13.39 });
     let (status, placed) = bridge
@@ -93,7 +92,10 @@ async fn a_locked_store_holds_acks_back_until_it_writes_again() -> anyhow::Resul
     );
     // (Once acknowledged, the vehicle goes on publishing until it is stopped.)
     let report = pipeline.finish(WAIT).await?;
-    assert!(report.acked.contains(&1) && report.acked.contains(&2), "{report:?}");
+    assert!(
+        report.acked.contains(&1) && report.acked.contains(&2),
+        "{report:?}"
+    );
     assert_eq!(report.connections, 1, "the vehicle had to reconnect");
     wait_stored(&store, VEHICLE, &report.acked, WAIT).await?;
     let delivered = vendor
@@ -115,10 +117,7 @@ async fn a_locked_store_holds_acks_back_until_it_writes_again() -> anyhow::Resul
         assert_eq!(bridge.metric(sample).await?, expected, "{sample}");
     }
     assert!(
-        bridge
-            .program
-            .find_line("the store writes again")
-            .is_some(),
+        bridge.program.find_line("the store writes again").is_some(),
         "the recovery is logged"
     );
     vendor.close().await;
@@ -151,7 +150,10 @@ impl StoreLock {
             .execute(&mut self.0)
             .await
             .context("unlocking the store")?;
-        self.0.close().await.context("closing the lock's connection")?;
+        self.0
+            .close()
+            .await
+            .context("closing the lock's connection")?;
         Ok(())
     }
 }

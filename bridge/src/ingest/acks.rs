@@ -86,7 +86,11 @@ pub(crate) struct AckReleaser {
 
 /// A queue whose releaser commits delivery events through `hub`, emits them on `io` and
 /// acknowledges through `client` (the events session's, with manual acks).
-pub(crate) fn ack_queue(hub: Arc<Hub>, io: SocketIo, client: AsyncClient) -> (AckQueue, AckReleaser) {
+pub(crate) fn ack_queue(
+    hub: Arc<Hub>,
+    io: SocketIo,
+    client: AsyncClient,
+) -> (AckQueue, AckReleaser) {
     let (tx, rx) = mpsc::channel(CAPACITY);
     let connection = Arc::new(AtomicU64::new(0));
     let queue = AckQueue {
@@ -119,7 +123,12 @@ impl AckQueue {
     /// Queues `publish`, received on `connection` and handled, for its PUBACK, after
     /// `delivery` is committed if it carries one. Nothing is queued for a QoS 0 message
     /// without a delivery event. Waits while [`CAPACITY`] messages wait already.
-    pub(crate) async fn push(&self, publish: &Publish, connection: u64, delivery: Option<Delivery>) {
+    pub(crate) async fn push(
+        &self,
+        publish: &Publish,
+        connection: u64,
+        delivery: Option<Delivery>,
+    ) {
         let ack = (publish.qos != QoS::AtMostOnce).then(|| {
             // Only the packet id and QoS are needed to acknowledge: the payload is not kept.
             let mut ack = Publish::new("", publish.qos, Vec::new());
@@ -215,7 +224,10 @@ impl AckReleaser {
         self.rx.close();
         let left = self.rx.len();
         if left > 0 {
-            debug!(left, "stopping with messages unacknowledged; the broker keeps them");
+            debug!(
+                left,
+                "stopping with messages unacknowledged; the broker keeps them"
+            );
             self.metrics()
                 .acks_waiting_delta(-i64::try_from(left).unwrap_or(i64::MAX));
         }
@@ -242,6 +254,7 @@ impl AckReleaser {
             return true;
         }
         tokio::select! {
+            biased;
             () = cancel.cancelled() => return false,
             sent = self.client.ack(&publish) => if let Err(err) = sent {
                 // Not acknowledged: the broker sends it again after a reconnect.
@@ -469,8 +482,12 @@ mod tests {
             port,
             credentials: None,
         };
-        let (client, mut eventloop) =
-            mqtt::connect(&endpoint, "acks-test", Duration::from_secs(30), Session::Events);
+        let (client, mut eventloop) = mqtt::connect(
+            &endpoint,
+            "acks-test",
+            Duration::from_secs(30),
+            Session::Events,
+        );
         tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
         let hub = Arc::new(Hub::new(HubParts {
             metrics: Arc::default(),
@@ -511,7 +528,10 @@ mod tests {
             )
             .await
             .expect("records");
-        assert!(stored.duplicate, "the event was committed before its PUBACK");
+        assert!(
+            stored.duplicate,
+            "the event was committed before its PUBACK"
+        );
 
         // The connection ends while an event waits: neither it nor what came with it is
         // acknowledged on the next connection; what comes on the next one is.

@@ -210,7 +210,11 @@ pub(crate) async fn run(
                     warn!(session = name, code = ?ack.code, "MQTT connection refused");
                     continue;
                 }
-                info!(session = name, session_present = ack.session_present, "MQTT connected");
+                info!(
+                    session = name,
+                    session_present = ack.session_present,
+                    "MQTT connected"
+                );
                 if session == Session::Events {
                     inbox.acks().new_connection();
                 }

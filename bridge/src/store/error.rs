@@ -87,8 +87,7 @@ impl StoreError {
                     .code()
                     .and_then(|code| code.parse::<i32>().ok())
                     .map(|code| code & 0xff);
-                db.kind() == sqlx::error::ErrorKind::Other
-                    && !matches!(primary, Some(18 | 20 | 25))
+                db.kind() == sqlx::error::ErrorKind::Other && !matches!(primary, Some(18 | 20 | 25))
             }
             Self::Database(
                 sqlx::Error::RowNotFound

@@ -24,6 +24,12 @@ use crate::metrics::{Counter, Metrics};
 /// A batch grows up to this many times `max_batch` when the writer is behind.
 const CATCH_UP_BATCHES: usize = 2;
 
+/// Heartbeats the batch buffer always has room for (≈ 0.5 MiB). A catch-up after a slow
+/// commit can grow it to `max_batch * (1 + CATCH_UP_BATCHES)` rows (≈ 16 MiB with the
+/// defaults); kept, that room would hold the worst backlog's peak for the rest of the
+/// process's life, so what is beyond twice the last batch is given back.
+const KEEP_ROWS: usize = 4096;
+
 /// How the [`HeartbeatWriter`] batches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct HeartbeatWriterOptions {
@@ -212,7 +218,13 @@ impl HeartbeatWriter {
                 }
             }
         }
+        // Room for twice this batch is kept (no reallocation from one batch to the next);
+        // more than that is what a catch-up left behind.
+        let rows = batch.len().max(KEEP_ROWS);
         batch.clear();
+        if batch.capacity() > 2 * rows {
+            batch.shrink_to(rows);
+        }
     }
 }
 
