@@ -8,6 +8,9 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
 use crate::WAIT;
+
+/// Bound on starting Chromium.
+const LAUNCH_WAIT: Duration = Duration::from_secs(90);
 use crate::node::node_dir;
 use crate::peer::Peer;
 
@@ -43,7 +46,9 @@ impl Page {
         let launched = page
             .call(
                 json!({ "op": "launch", "width": 1440, "height": 900 }),
-                WAIT,
+                // Chromium's first start on a busy 2-core machine (two page tests start one
+                // each at the same time) can take longer than an ordinary step.
+                LAUNCH_WAIT,
             )
             .await
             .context("launching chromium (apt-get install chromium)")?;
