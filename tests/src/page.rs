@@ -8,11 +8,11 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
 use crate::WAIT;
+use crate::node::node_dir;
+use crate::peer::Peer;
 
 /// Bound on starting Chromium.
 const LAUNCH_WAIT: Duration = Duration::from_secs(90);
-use crate::node::node_dir;
-use crate::peer::Peer;
 
 /// Where screenshots go: `$FLEETBEAT_ARTIFACTS`, or `target/artifacts` of the workspace.
 fn artifact(name: &str) -> PathBuf {
