@@ -69,6 +69,8 @@ pub mod config;
 mod connection;
 mod durability;
 mod error;
+#[cfg(any(test, feature = "fault-injection"))]
+mod fault;
 mod health;
 pub mod http;
 mod listener;

@@ -610,6 +610,8 @@ async fn assemble(
         addrs.push((listener, addr));
         listeners.push((listener, stop));
     }
+    #[cfg(feature = "fault-injection")]
+    crate::fault::inject_from_env(&ctx.registrar);
 
     Ok(Assembled {
         ctx,
@@ -696,7 +698,9 @@ mod tests {
         client.read_exact(&mut connack).await.unwrap();
         assert_eq!(connack, [0x20, 2, 0, 0]);
 
-        crate::watchdog::tests::router_panic(&broker.ctx.registrar).await;
+        crate::fault::router_panic(&broker.ctx.registrar)
+            .await
+            .expect("the router takes the reproduction");
         let died = timeout(T, broker.failed())
             .await
             .expect("the death is reported");

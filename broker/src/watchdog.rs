@@ -106,16 +106,13 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use std::time::Duration;
 
-    use rumqttd::Notification;
-    use rumqttd::protocol::{Filter, Packet, Publish, QoS, RetainForwardRule, Subscribe};
     use tokio::time::timeout;
 
     use super::*;
     use crate::BrokerConfig;
-    use crate::mux::publish_with;
     use crate::router::{self, LinkRequest, Registrar};
 
     const T: Duration = Duration::from_secs(20);
@@ -173,56 +170,12 @@ pub(crate) mod tests {
             Ending::Fatal,
             router::drain(sentinel, "sentinel"),
         );
-        router_panic(&registrar).await;
+        crate::fault::router_panic(&registrar)
+            .await
+            .expect("the router takes the reproduction");
         let death = timeout(T, watchdog.died())
             .await
             .expect("the death is seen");
         assert_eq!(death.part, "rumqttd's router thread");
-    }
-
-    /// Makes rumqttd's router thread panic ("group must exists"): a persistent session
-    /// subscribed to `$share/g/...` at QoS 1 leaves with a message unacknowledged.
-    pub(crate) async fn router_panic(registrar: &Registrar) {
-        let (mut tx, mut rx, _) = registrar
-            .link(LinkRequest {
-                client_id: "sharer",
-                clean_session: false,
-            })
-            .unwrap();
-        let subscribe = Subscribe {
-            pkid: 1,
-            filters: vec![Filter {
-                path: "$share/g/boom".to_owned(),
-                qos: QoS::AtLeastOnce,
-                nolocal: false,
-                preserve_retain: false,
-                retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-            }],
-        };
-        tx.send(Packet::Subscribe(subscribe, None)).await.unwrap();
-        let (mut publisher, _publisher_rx, _) =
-            registrar.link(LinkRequest::internal("publisher")).unwrap();
-        let publish: Publish = publish_with(b"boom", b"x", 0, 0, false);
-        publisher
-            .send(Packet::Publish(publish, None))
-            .await
-            .unwrap();
-        // Wait for the forward, and do not acknowledge it.
-        timeout(T, async {
-            loop {
-                match rx.next().await {
-                    Ok(Some(Notification::Forward(_))) => break,
-                    Ok(_) => {}
-                    Err(err) => panic!("router gone too early: {err}"),
-                }
-            }
-        })
-        .await
-        .expect("the shared subscription gets the message");
-        let bye = rumqttd::protocol::Disconnect {
-            reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
-        };
-        // The router saves the session: the group it names is gone, and it panics.
-        let _ = tx.send(Packet::Disconnect(bye, None)).await;
     }
 }

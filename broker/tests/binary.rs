@@ -3,7 +3,6 @@
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_broker");
 /// Bounds every wait on the process.
 const T: Duration = Duration::from_secs(30);
 
-fn broker() -> Command {
+/// The `broker` command, with its journal in `dir` (a test's temporary directory).
+fn broker(dir: &tempfile::TempDir) -> Command {
     let mut cmd = Command::new(BIN);
     // Only what each test sets: no FLEETBEAT_BROKER_* from the caller's environment.
     for (key, _) in std::env::vars() {
@@ -22,7 +22,7 @@ fn broker() -> Command {
     }
     cmd.env("RUST_LOG", "info");
     // A journal of its own, not `fleetbeat-broker-journal.db` in the source tree.
-    cmd.env("FLEETBEAT_BROKER_JOURNAL", temp("journal.db"));
+    cmd.env("FLEETBEAT_BROKER_JOURNAL", dir.path().join("journal.db"));
     cmd
 }
 
@@ -53,17 +53,18 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn temp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "fleetbeat-broker-bin-{name}-{}-{}",
-        std::process::id(),
-        free_port()
-    ))
+/// A fresh temporary directory (removed when dropped).
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("fleetbeat-broker-bin-")
+        .tempdir()
+        .unwrap()
 }
 
 #[test]
 fn default_config_prints_the_commented_defaults() {
-    let out = run(broker().arg("default-config"));
+    let dir = temp_dir();
+    let out = run(broker(&dir).arg("default-config"));
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(text, broker::config::DEFAULT_CONFIG_TOML);
@@ -73,15 +74,16 @@ fn default_config_prints_the_commented_defaults() {
 
 #[test]
 fn invalid_configuration_is_refused_naming_the_key() {
-    let file = temp("bad.toml");
+    let dir = temp_dir();
+    let file = dir.path().join("bad.toml");
     std::fs::write(&file, "max_segment_size = 100\n").unwrap();
-    let out = run(broker().arg("--config").arg(&file));
+    let out = run(broker(&dir).arg("--config").arg(&file));
     std::fs::remove_file(&file).ok();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("max_segment_size"), "{stderr}");
 
-    let out = run(broker().env("FLEETBEAT_BROKER_MAX_CONNECTIONS", "lots"));
+    let out = run(broker(&dir).env("FLEETBEAT_BROKER_MAX_CONNECTIONS", "lots"));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -89,7 +91,7 @@ fn invalid_configuration_is_refused_naming_the_key() {
         "{stderr}"
     );
 
-    let out = run(broker().args(["--listen-v5", "somewhere"]));
+    let out = run(broker(&dir).args(["--listen-v5", "somewhere"]));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -100,8 +102,9 @@ fn invalid_configuration_is_refused_naming_the_key() {
 
 #[test]
 fn add_device_and_add_client_write_the_credentials_file() {
-    let file = temp("creds.toml");
-    let out = run(broker()
+    let dir = temp_dir();
+    let file = dir.path().join("creds.toml");
+    let out = run(broker(&dir)
         .args(["add-device", "van-0001", "--credentials"])
         .arg(&file));
     assert!(
@@ -122,7 +125,7 @@ fn add_device_and_add_client_write_the_credentials_file() {
     assert_eq!(password.len(), 32);
     assert_eq!(key.len(), 64);
 
-    let out = run(broker()
+    let out = run(broker(&dir)
         .args(["add-client", "bridge", "--role", "bridge", "--credentials"])
         .arg(&file));
     assert!(out.status.success());
@@ -134,13 +137,13 @@ fn add_device_and_add_client_write_the_credentials_file() {
     assert_eq!(creds.client("bridge").unwrap().role(), broker::Role::Bridge);
 
     // An invalid vehicle id is refused, the file is left alone.
-    let out = run(broker()
+    let out = run(broker(&dir)
         .args(["add-device", "bad/id", "--credentials"])
         .arg(&file));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("vehicle id"));
     // Without a file to write to, it says how to name one.
-    let out = run(broker().args(["add-device", "van-0002"]));
+    let out = run(broker(&dir).args(["add-device", "van-0002"]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--credentials"));
     std::fs::remove_file(&file).ok();
@@ -149,6 +152,8 @@ fn add_device_and_add_client_write_the_credentials_file() {
 /// A running broker process with its ports.
 struct Running {
     child: Child,
+    /// Holds the journal; removed after the process (declared after `child`).
+    _dir: tempfile::TempDir,
     mqtt: SocketAddr,
     metrics: SocketAddr,
     log: std::sync::mpsc::Receiver<String>,
@@ -158,7 +163,8 @@ impl Running {
     fn start() -> Running {
         let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut child = broker()
+        let dir = temp_dir();
+        let mut child = broker(&dir)
             .args(["--listen", &mqtt.to_string(), "--listen-v5", "off"])
             .args([
                 "--metrics-listen",
@@ -182,6 +188,7 @@ impl Running {
         });
         let running = Running {
             child,
+            _dir: dir,
             mqtt,
             metrics,
             log,

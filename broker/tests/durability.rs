@@ -39,12 +39,14 @@ async fn with_journal(journal: &Path) -> Broker {
     .await
 }
 
-fn temp_journal(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "fleetbeat-durability-{name}-{}-{:08x}/journal.db",
-        std::process::id(),
-        fastrand::u32(..)
-    ))
+/// A journal path in a fresh directory, removed when the guard is dropped.
+fn temp_journal(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("fleetbeat-durability-{name}-"))
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("journal.db");
+    (dir, path)
 }
 
 /// The consumer's next delivery: packet id and payload, asserting the topic.
@@ -273,7 +275,7 @@ async fn other_traffic_is_acknowledged_as_before() {
 
 #[tokio::test]
 async fn the_journal_acknowledges_survives_a_restart_and_is_pruned_by_the_consumer() {
-    let journal = temp_journal("restart");
+    let (_dir, journal) = temp_journal("restart");
 
     // No consumer anywhere: the journal's commit is what acknowledges.
     let broker = with_journal(&journal).await;
@@ -335,7 +337,7 @@ async fn the_journal_acknowledges_survives_a_restart_and_is_pruned_by_the_consum
 
 #[tokio::test]
 async fn a_full_journal_withholds_the_puback_until_a_consumer_acknowledges() {
-    let journal = temp_journal("full");
+    let (_dir, journal) = temp_journal("full");
     let broker = start(BrokerConfig {
         durable_consumers: vec!["consumer".to_owned()],
         journal: Some(journal.clone()),
@@ -376,7 +378,7 @@ async fn a_full_journal_withholds_the_puback_until_a_consumer_acknowledges() {
 
 #[tokio::test]
 async fn a_second_broker_on_the_same_journal_is_refused() {
-    let journal = temp_journal("twice");
+    let (_dir, journal) = temp_journal("twice");
     let _first = with_journal(&journal).await;
     let err = Broker::start(BrokerConfig {
         journal: Some(journal.clone()),

@@ -49,8 +49,9 @@ pub fn path(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Runs `cargo build --bins` for `bridge`, `device-sim` and `broker` in the workspace, in the
-/// release profile if `release`.
+/// Runs `cargo build --bins` for `bridge`, `device-sim` and `broker` in the workspace: in the
+/// release profile if `release`, else in the debug profile with the broker's
+/// `fault-injection` feature (as `cargo test --workspace` builds them).
 ///
 /// # Errors
 /// If cargo fails.
@@ -70,6 +71,10 @@ pub fn build(release: bool) -> anyhow::Result<()> {
     ]);
     if release {
         cmd.arg("--release");
+    } else {
+        // As `cargo test --workspace` builds them (this crate enables the feature), so the
+        // binaries are not rebuilt here, and the tests can inject a broker thread's death.
+        cmd.args(["--features", "broker/fault-injection"]);
     }
     let status = cmd
         .current_dir(crate::workspace())

@@ -45,14 +45,14 @@ pub fn workspace() -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-/// A fresh directory under the system's temporary directory, for one test's files.
+/// A fresh directory under the system's temporary directory, for one test's files; it is
+/// removed with everything in it when the returned guard is dropped.
 ///
 /// # Errors
 /// If it cannot be created.
-pub fn temp_dir() -> anyhow::Result<PathBuf> {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("fleetbeat-test-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).context("creating a temporary directory")?;
-    Ok(dir)
+pub fn temp_dir() -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("fleetbeat-test-")
+        .tempdir()
+        .context("creating a temporary directory")
 }

@@ -15,6 +15,8 @@ pub struct Program {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
     new_line: Arc<Notify>,
+    /// Temporary directories the program uses: removed when it is dropped (after the kill).
+    keep: Vec<tempfile::TempDir>,
 }
 
 impl Program {
@@ -59,7 +61,13 @@ impl Program {
             child,
             log,
             new_line,
+            keep: Vec::new(),
         })
+    }
+
+    /// Hands `dir` to the program: it is removed when the program is dropped.
+    pub fn keep(&mut self, dir: tempfile::TempDir) {
+        self.keep.push(dir);
     }
 
     /// Waits until a log line contains `needle` and returns that line.
@@ -149,6 +157,26 @@ impl Program {
         tokio::time::timeout(timeout, self.child.wait())
             .await
             .with_context(|| format!("{} did not exit within {timeout:?} of SIGTERM", self.name))?
+            .context("waiting for exit")
+    }
+
+    /// Waits for the process to exit by itself and returns its status.
+    ///
+    /// # Errors
+    /// If it does not exit within `timeout`.
+    pub async fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .with_context(|| {
+                format!(
+                    "{} did not exit within {timeout:?}; its log:\n{}",
+                    self.name,
+                    self.log_text()
+                )
+            })?
             .context("waiting for exit")
     }
 

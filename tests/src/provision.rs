@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 
@@ -22,6 +23,8 @@ pub struct Provisioned {
     pub bridge_password: String,
     /// Each device's password and 32-byte key.
     pub devices: BTreeMap<String, (String, [u8; 32])>,
+    /// The directory holding both files: removed when the last clone is dropped.
+    _dir: Arc<tempfile::TempDir>,
 }
 
 /// Provisions `devices` and the bridge (client `fleetbeat-bridge`, role bridge) in a fresh
@@ -31,7 +34,7 @@ pub struct Provisioned {
 /// If the `broker` commands fail or print something unexpected.
 pub async fn provision(devices: &[&str]) -> anyhow::Result<Provisioned> {
     let dir = temp_dir()?;
-    let broker_file = dir.join("credentials.toml");
+    let broker_file = dir.path().join("credentials.toml");
     let file = broker_file.to_str().context("utf-8 path")?.to_owned();
     let mut out = BTreeMap::new();
     let mut sim = String::new();
@@ -57,12 +60,13 @@ pub async fn provision(devices: &[&str]) -> anyhow::Result<Provisioned> {
         &file,
     ])
     .await?;
-    let sim_file = dir.join("sim-secrets.toml");
+    let sim_file = dir.path().join("sim-secrets.toml");
     std::fs::write(&sim_file, sim).context("writing the simulator's secrets")?;
     Ok(Provisioned {
         broker_file,
         sim_file,
         bridge_password,
         devices: out,
+        _dir: Arc::new(dir),
     })
 }

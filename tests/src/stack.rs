@@ -226,11 +226,17 @@ pub async fn start_bridge_external(
 pub async fn spawn_bridge(args: &[&str]) -> anyhow::Result<BridgeProcess> {
     let mut cmd = Command::new(bin::path("bridge")?);
     cmd.args(args);
+    let mut store_dir = None;
     if !args.contains(&"--store") {
         // Every bridge gets its own database unless the test shares one on purpose.
-        cmd.arg("--store").arg(temp_dir()?.join("fleetbeat.db"));
+        let dir = temp_dir()?;
+        cmd.arg("--store").arg(dir.path().join("fleetbeat.db"));
+        store_dir = Some(dir);
     }
     let mut program = Program::spawn("bridge", cmd)?;
+    if let Some(dir) = store_dir {
+        program.keep(dir);
+    }
     let line = program.wait_for_line("bridge started", WAIT).await?;
     let parse = |key: &str| -> anyhow::Result<SocketAddr> {
         field(&line, key)
@@ -278,14 +284,19 @@ pub async fn start_broker() -> anyhow::Result<broker::Broker> {
         .context("starting the broker")
 }
 
-/// Writes a bridge configuration file into a fresh temporary directory and returns its path.
+/// Writes a bridge configuration file into a fresh temporary file (removed when dropped).
 ///
 /// # Errors
 /// If the file cannot be written.
-pub fn write_bridge_config(toml: &str) -> anyhow::Result<PathBuf> {
-    let path = temp_dir()?.join("bridge.toml");
-    std::fs::write(&path, toml).context("writing the bridge configuration")?;
-    Ok(path)
+pub fn write_bridge_config(toml: &str) -> anyhow::Result<tempfile::NamedTempFile> {
+    let mut file = tempfile::Builder::new()
+        .prefix("fleetbeat-test-bridge-")
+        .suffix(".toml")
+        .tempfile()
+        .context("creating the bridge configuration")?;
+    std::io::Write::write_all(&mut file, toml.as_bytes())
+        .context("writing the bridge configuration")?;
+    Ok(file)
 }
 
 /// A free TCP port on 127.0.0.1 (bound, read, released), for programs that must be restarted
@@ -300,8 +311,12 @@ pub fn free_port() -> anyhow::Result<SocketAddr> {
 
 /// The standalone `broker` command: MQTT 3.1.1 on `listen`, MQTT 5 off and `/metrics` on an
 /// ephemeral port and a journal of its own unless `extra` says otherwise (`--listen-v5` or
-/// `--no-v5`, `--metrics-listen`, `--journal`), then `extra`.
-fn broker_command(listen: &str, extra: &[&str]) -> anyhow::Result<Command> {
+/// `--no-v5`, `--metrics-listen`, `--journal`), then `extra`; with the journal's temporary
+/// directory, if one was made.
+fn broker_command(
+    listen: &str,
+    extra: &[&str],
+) -> anyhow::Result<(Command, Option<tempfile::TempDir>)> {
     let given = |flag: &str| extra.contains(&flag);
     let mut cmd = Command::new(bin::path("broker")?);
     if !given("--listen") {
@@ -313,14 +328,17 @@ fn broker_command(listen: &str, extra: &[&str]) -> anyhow::Result<Command> {
     if !given("--metrics-listen") {
         cmd.args(["--metrics-listen", "127.0.0.1:0"]);
     }
+    let mut journal_dir = None;
     if !given("--journal") {
         // Every broker gets its own journal unless the test shares one on purpose (a
         // restart on the same journal).
+        let dir = temp_dir()?;
         cmd.arg("--journal")
-            .arg(temp_dir()?.join("broker-journal.db"));
+            .arg(dir.path().join("broker-journal.db"));
+        journal_dir = Some(dir);
     }
     cmd.args(extra);
-    Ok(cmd)
+    Ok((cmd, journal_dir))
 }
 
 /// Starts the standalone `broker` binary (MQTT 3.1.1 only, unless `extra` switches MQTT 5 on)
@@ -330,8 +348,11 @@ fn broker_command(listen: &str, extra: &[&str]) -> anyhow::Result<Command> {
 /// # Errors
 /// If it does not start in time.
 pub async fn start_broker_process(addr: SocketAddr, extra: &[&str]) -> anyhow::Result<Program> {
-    let cmd = broker_command(&addr.to_string(), extra)?;
+    let (cmd, journal_dir) = broker_command(&addr.to_string(), extra)?;
     let mut program = Program::spawn("broker", cmd)?;
+    if let Some(dir) = journal_dir {
+        program.keep(dir);
+    }
     program.wait_for_line("broker ready", WAIT).await?;
     Ok(program)
 }
@@ -399,7 +420,7 @@ impl BrokerProcess {
 /// # Errors
 /// If it does not start in time.
 pub async fn start_broker_standalone(extra: &[&str]) -> anyhow::Result<BrokerProcess> {
-    let mut cmd = broker_command("127.0.0.1:0", extra)?;
+    let (mut cmd, journal_dir) = broker_command("127.0.0.1:0", extra)?;
     // Only what the test sets: no FLEETBEAT_BROKER_* from the caller's environment.
     for (key, _) in std::env::vars() {
         if key.starts_with("FLEETBEAT_BROKER_") {
@@ -407,6 +428,9 @@ pub async fn start_broker_standalone(extra: &[&str]) -> anyhow::Result<BrokerPro
         }
     }
     let mut program = Program::spawn("broker", cmd)?;
+    if let Some(dir) = journal_dir {
+        program.keep(dir);
+    }
     let ready = program.wait_for_line("broker ready", WAIT).await?;
     let serving = program.wait_for_line("serving /metrics", WAIT).await?;
     let addr = |line: &str, key: &str| -> Option<SocketAddr> {
@@ -429,6 +453,8 @@ pub async fn start_broker_standalone(extra: &[&str]) -> anyhow::Result<BrokerPro
 /// (`device-sim provision`, plain passwords and keys) and the broker's credentials file made
 /// from it (hashed passwords, the same keys).
 pub struct FleetSecrets {
+    /// The directory holding both files (removed when this is dropped).
+    _dir: tempfile::TempDir,
     /// The broker's credentials file (`broker --credentials`).
     broker: PathBuf,
     /// The simulator's secrets file (`device-sim --credentials`).
@@ -518,8 +544,8 @@ impl FleetSecrets {
 /// If a program or a file fails.
 pub async fn provision_fleet(vehicles: u32, fleet: &str) -> anyhow::Result<FleetSecrets> {
     let dir = temp_dir()?;
-    let sim = dir.join("sim-secrets.toml");
-    let broker_file = dir.join("credentials.toml");
+    let sim = dir.path().join("sim-secrets.toml");
+    let broker_file = dir.path().join("credentials.toml");
     let mut cmd = Command::new(bin::path("device-sim")?);
     cmd.args([
         "provision",
@@ -544,6 +570,7 @@ pub async fn provision_fleet(vehicles: u32, fleet: &str) -> anyhow::Result<Fleet
     }
     file.save()?;
     Ok(FleetSecrets {
+        _dir: dir,
         broker: broker_file,
         sim,
         fleet: fleet.to_owned(),

@@ -1,6 +1,7 @@
 //! The standalone broker stops gracefully on SIGTERM: it stops accepting at once, completes the
 //! QoS 1 exchange in flight (a message delivered to a subscriber that has not acknowledged it
-//! yet), and exits 0 within `shutdown_grace`, also when a client never acknowledges.
+//! yet), and exits 0 within `shutdown_grace`, also when a client never acknowledges. When a
+//! broker thread dies, the `broker` and the `bridge` (embedded broker) exit 1 with an ERROR line.
 
 use std::time::Duration;
 
@@ -156,4 +157,47 @@ async fn sigterm_exits_within_the_grace_period_when_a_client_never_acknowledges(
     assert!(bye.contains("forced=1"), "{bye}");
     timeout(WAIT, &mut acker.closed).await??;
     Ok(())
+}
+
+/// The death of rumqttd's router thread (injected: `FLEETBEAT_FAULT=router-panic`, the
+/// `$share` panic of issue #13 caused through the router's own API) ends `program` with a
+/// non-zero exit and one clear ERROR line, instead of leaving a zombie that accepts and does
+/// not route.
+async fn dies_loudly(mut program: Program, what: &str) -> anyhow::Result<()> {
+    logged(&program, "FLEETBEAT_FAULT=router-panic").await?;
+    let status = program.wait_exit(WAIT).await?;
+    assert_eq!(status.code(), Some(1), "{what} exit: {status:?}");
+    let line = logged(&program, "the broker cannot go on").await?;
+    assert!(
+        line.contains("rumqttd's router thread") || line.contains("shared link"),
+        "{line}"
+    );
+    assert!(line.contains("ERROR"), "{line}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_binary_exits_1_when_its_router_thread_dies() -> anyhow::Result<()> {
+    let dir = tests::temp_dir()?;
+    let mut cmd = tokio::process::Command::new(tests::bin::path("broker")?);
+    cmd.args(["--listen", "127.0.0.1:0", "--listen-v5", "off"])
+        .arg("--journal")
+        .arg(dir.path().join("journal.db"))
+        .env("FLEETBEAT_FAULT", "router-panic");
+    let mut program = Program::spawn("broker", cmd)?;
+    program.keep(dir);
+    dies_loudly(program, "broker").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_exits_1_when_its_embedded_broker_dies() -> anyhow::Result<()> {
+    let dir = tests::temp_dir()?;
+    let mut cmd = tokio::process::Command::new(tests::bin::path("bridge")?);
+    cmd.args(["--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
+        .arg("--store")
+        .arg(dir.path().join("fleetbeat.db"))
+        .env("FLEETBEAT_FAULT", "router-panic");
+    let mut program = Program::spawn("bridge", cmd)?;
+    program.keep(dir);
+    dies_loudly(program, "bridge").await
 }

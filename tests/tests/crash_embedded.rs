@@ -28,7 +28,8 @@ async fn sigkill_of_the_bridge_loses_no_acknowledged_event() -> anyhow::Result<(
     let http = free_port()?.to_string();
     let mqtt_addr = free_port()?;
     let mqtt = mqtt_addr.to_string();
-    let store = temp_dir()?.join("fleetbeat.db");
+    let store_dir = temp_dir()?;
+    let store = store_dir.path().join("fleetbeat.db");
     let store_arg = store.display().to_string();
     let args = [
         "--listen",

@@ -43,7 +43,8 @@ async fn sigkill_during_200_deliveries_loses_nothing() -> anyhow::Result<()> {
     let mqtt = free_port()?;
     let _broker = start_broker_process(mqtt, &[]).await?;
     let http = free_port()?.to_string();
-    let store = temp_dir()?.join("fleetbeat.db");
+    let store_dir = temp_dir()?;
+    let store = store_dir.path().join("fleetbeat.db");
     let store = store.to_str().unwrap_or_default().to_owned();
     let mut current = bridge(mqtt, &http, &store).await?;
     let _sim = start_fast_demo_sim(mqtt, VEHICLES)?;
@@ -143,11 +144,13 @@ async fn sigkill_of_the_broker_while_the_bridge_is_down_loses_no_acknowledged_ev
     const SETTLE: Duration = Duration::from_secs(60);
     let rounds = kill_count();
     let mqtt = free_port()?.to_string();
-    let journal = temp_dir()?.join("broker-journal.db");
+    let journal_dir = temp_dir()?;
+    let journal = journal_dir.path().join("broker-journal.db");
     let journal = journal.to_str().unwrap_or_default().to_owned();
     let broker_args = ["--listen", mqtt.as_str(), "--journal", journal.as_str()];
     let http = free_port()?.to_string();
-    let store = temp_dir()?.join("fleetbeat.db");
+    let store_dir = temp_dir()?;
+    let store = store_dir.path().join("fleetbeat.db");
     let store_arg = store.to_str().unwrap_or_default().to_owned();
     let bridge_args = ["--listen", http.as_str(), "--store", store_arg.as_str()];
 

@@ -88,7 +88,7 @@ async fn pickup_reaches_everyone_but_the_sender_and_vendors_stay_in_their_room()
         vendor_token("store-2", [52.51, 13.40]),
         "[[tokens]]\ntoken = \"dispatch-secret\"\nrole = \"dispatcher\"\nfleets = [\"*\"]\n",
     ))?;
-    let bridge = start_bridge(&["--config", config.to_str().unwrap_or_default()]).await?;
+    let bridge = start_bridge(&["--config", config.path().to_str().unwrap_or_default()]).await?;
     let url = bridge.url();
     let mut sender = SioClient::connect_with_token(&url, "/vendor", "store-1-secret").await?;
     let mut other = SioClient::connect_with_token(&url, "/vendor", "store-2-secret").await?;

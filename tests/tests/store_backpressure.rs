@@ -28,7 +28,8 @@ const FIRST_FAILURE: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_store_holds_acks_back_until_it_writes_again() -> anyhow::Result<()> {
-    let store = temp_dir()?.join("fleetbeat.db");
+    let store_dir = temp_dir()?;
+    let store = store_dir.path().join("fleetbeat.db");
     let store_arg = store.display().to_string();
     let bridge = start_bridge(&["--store", &store_arg]).await?;
     let _sim = start_sim(bridge.mqtt, 1, "demo", &["--rate", "5"])?;

@@ -438,7 +438,6 @@ impl JournalWriter {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU32, Ordering};
 
     use tokio::sync::mpsc::unbounded_channel;
 
@@ -446,13 +445,14 @@ mod tests {
     use crate::durability::Waiter;
     use crate::mux::MuxEvent;
 
-    fn temp_journal() -> PathBuf {
-        static N: AtomicU32 = AtomicU32::new(0);
-        std::env::temp_dir().join(format!(
-            "fleetbeat-journal-unit-{}-{}/journal.db",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ))
+    /// A journal path in a fresh directory, removed when the guard is dropped.
+    fn temp_journal() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::Builder::new()
+            .prefix("fleetbeat-journal-unit-")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("journal.db");
+        (dir, path)
     }
 
     fn key(n: u32) -> MessageKey {
@@ -519,7 +519,7 @@ mod tests {
 
     #[tokio::test]
     async fn appends_release_once_committed_survive_reopening_and_go_when_acknowledged() {
-        let path = temp_journal();
+        let (_dir, path) = temp_journal();
         let writer = {
             let Opened {
                 journal,
@@ -556,7 +556,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_journal_takes_no_more_and_counts_it() {
-        let path = temp_journal();
+        let (_dir, path) = temp_journal();
         let Opened {
             journal,
             waiters,
@@ -582,7 +582,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_second_broker_cannot_open_a_journal_in_use() {
-        let path = temp_journal();
+        let (_dir, path) = temp_journal();
         let _first = open(&path, ROOMY).await;
         let metrics = BrokerMetrics::default();
         let waiters = Arc::new(Waiters::new(metrics.clone()));
