@@ -7,8 +7,9 @@
 //! `mosquitto_sub` sees every vehicle's current status). See `docs/debugging.md` for recipes.
 //!
 //! What vehicles publish (`hb`, `event`, `status`, `ack`) is sealed (`shared::seal`): the
-//! mirror checks the tag with the vehicle's key from the credentials file (the public open-mode
-//! key in open mode) and says so in `"origin"`. A payload that does not decode becomes
+//! mirror checks the tag with the vehicle's key from the credentials file and says so in
+//! `"origin"`: `"verified"`. In open mode the keys are public (derived from the vehicle id), so
+//! a tag that checks proves nothing, and the origin says `"open mode: public key, not proof"`. A payload that does not decode becomes
 //! `{"error": "...", "bytes": "<hex>"}`, so an engineer sees it instead of nothing:
 //!
 //! ```text
@@ -76,7 +77,21 @@ pub(crate) enum Keys {
     File(Arc<Authenticator>),
 }
 
+/// The origin of a sealed message whose tag checks, with the credentials file's keys.
+const VERIFIED: &str = "verified";
+/// The origin of a sealed message whose tag checks with the public open-mode key: anyone can
+/// make that tag, so it proves nothing about who sent it.
+const OPEN_MODE: &str = "open mode: public key, not proof";
+
 impl Keys {
+    /// What a tag that checks with these keys proves, as the `"origin"` says it.
+    fn origin(&self) -> &'static str {
+        match self {
+            Keys::Open => OPEN_MODE,
+            Keys::File(_) => VERIFIED,
+        }
+    }
+
     fn key(&self, vehicle: &VehicleId) -> Option<DeviceKey> {
         match self {
             Keys::Open => Some(shared::open_mode_key(vehicle)),
@@ -87,17 +102,18 @@ impl Keys {
 
 /// The JSON document describing `payload` published on `topic`, and whether it decoded.
 ///
-/// `key` is the sending vehicle's message key, if known: sealed kinds are then checked.
-fn document(topic: &str, payload: &[u8], key: Option<&DeviceKey>) -> (Value, bool) {
+/// `key` is the sending vehicle's message key, if known: sealed kinds are then checked, and one
+/// whose tag checks gets `origin` (what that proves: [`Keys::origin`]).
+fn document(topic: &str, payload: &[u8], key: Option<&DeviceKey>, origin: &str) -> (Value, bool) {
     let parsed = match Topic::parse(topic) {
         Ok(parsed) => parsed,
         Err(err) => return (undecodable(&err.to_string(), payload), false),
     };
     let result = match parsed.kind {
-        TopicKind::Heartbeat => sealed::<Heartbeat>(topic, payload, key, heartbeat),
-        TopicKind::Event => sealed::<DeliveryEvent>(topic, payload, key, event),
-        TopicKind::Status => sealed::<Status>(topic, payload, key, status),
-        TopicKind::Ack => sealed::<CommandAck>(topic, payload, key, ack),
+        TopicKind::Heartbeat => sealed::<Heartbeat>(topic, payload, key, origin, heartbeat),
+        TopicKind::Event => sealed::<DeliveryEvent>(topic, payload, key, origin, event),
+        TopicKind::Status => sealed::<Status>(topic, payload, key, origin, status),
+        TopicKind::Ack => sealed::<CommandAck>(topic, payload, key, origin, ack),
         TopicKind::Command => shared::decode::<Command>(payload)
             .map(|cmd| command(&cmd))
             .map_err(|err| undecodable(&err.to_string(), payload)),
@@ -117,6 +133,7 @@ fn sealed<T: DeserializeOwned>(
     topic: &str,
     payload: &[u8],
     key: Option<&DeviceKey>,
+    origin: &str,
     describe: fn(&T) -> Value,
 ) -> Result<Value, Value> {
     let with_origin = |counter: u64, origin: &str, msg: &T| {
@@ -128,7 +145,7 @@ fn sealed<T: DeserializeOwned>(
     };
     match key {
         Some(key) => match shared::open::<T>(payload, topic, key) {
-            Ok(opened) => Ok(with_origin(opened.counter, "verified", &opened.msg)),
+            Ok(opened) => Ok(with_origin(opened.counter, origin, &opened.msg)),
             Err(CodecError::Unauthenticated) => {
                 // Show what it claims, clearly marked: that is what one debugs.
                 let mut doc = undecodable(&CodecError::Unauthenticated.to_string(), payload);
@@ -345,7 +362,7 @@ impl Mirror {
         let key = Topic::parse(topic)
             .ok()
             .and_then(|t| self.keys.key(&t.vehicle));
-        let (doc, decoded) = document(topic, &publish.payload, key.as_ref());
+        let (doc, decoded) = document(topic, &publish.payload, key.as_ref(), self.keys.origin());
         self.metrics.mirror_published(decoded);
         let doc = Bytes::from(doc.to_string());
         Some(Packet::Publish(
@@ -400,7 +417,7 @@ mod tests {
     #[test]
     fn verified_heartbeat_is_readable() {
         let payload = sealed_bytes(&hb(), TOPIC, &KEY);
-        let (doc, decoded) = document(TOPIC, &payload, Some(&KEY));
+        let (doc, decoded) = document(TOPIC, &payload, Some(&KEY), VERIFIED);
         assert!(decoded);
         assert_eq!(
             doc,
@@ -415,7 +432,7 @@ mod tests {
     #[test]
     fn wrong_key_is_an_error_showing_the_claim() {
         let payload = sealed_bytes(&hb(), TOPIC, &[1; 32]);
-        let (doc, decoded) = document(TOPIC, &payload, Some(&KEY));
+        let (doc, decoded) = document(TOPIC, &payload, Some(&KEY), VERIFIED);
         assert!(!decoded);
         assert!(
             doc["error"]
@@ -431,7 +448,7 @@ mod tests {
     #[test]
     fn unknown_device_is_decoded_unverified() {
         let payload = sealed_bytes(&hb(), TOPIC, &KEY);
-        let (doc, decoded) = document(TOPIC, &payload, None);
+        let (doc, decoded) = document(TOPIC, &payload, None, VERIFIED);
         assert!(decoded);
         assert_eq!(doc["origin"], "unknown device: not verified");
         assert_eq!(doc["seq"], 42);
@@ -439,7 +456,7 @@ mod tests {
 
     #[test]
     fn garbage_is_shown_as_hex() {
-        let (doc, decoded) = document(TOPIC, &[2, 1], Some(&KEY));
+        let (doc, decoded) = document(TOPIC, &[2, 1], Some(&KEY), VERIFIED);
         assert!(!decoded);
         assert_eq!(
             doc,
@@ -448,9 +465,9 @@ mod tests {
                 "bytes": "0201",
             })
         );
-        let (doc, _) = document(TOPIC, &[], None);
+        let (doc, _) = document(TOPIC, &[], None, VERIFIED);
         assert_eq!(doc["error"], "empty payload");
-        let (doc, decoded) = document("fleet/demo/demo-0001/gps", b"hi", None);
+        let (doc, decoded) = document("fleet/demo/demo-0001/gps", b"hi", None, VERIFIED);
         assert!(!decoded);
         assert_eq!(doc["bytes"], "6869");
         assert!(
@@ -470,6 +487,7 @@ mod tests {
             &status_topic,
             &sealed_bytes(&offline, &status_topic, &KEY),
             Some(&KEY),
+            VERIFIED,
         );
         assert_eq!(doc["status"], "offline");
         assert_eq!(doc["reason"], "connection-lost");
@@ -486,6 +504,7 @@ mod tests {
             &event_topic,
             &sealed_bytes(&ev, &event_topic, &KEY),
             Some(&KEY),
+            VERIFIED,
         );
         assert_eq!(doc["order"], "ord-1");
         assert_eq!(doc["kind"], "in-transit");
@@ -499,6 +518,7 @@ mod tests {
             &ack_topic,
             &sealed_bytes(&answer, &ack_topic, &KEY),
             Some(&KEY),
+            VERIFIED,
         );
         assert_eq!(
             (doc["id"].clone(), doc["result"].clone()),
@@ -506,7 +526,7 @@ mod tests {
         );
 
         // Commands are not sealed.
-        let (doc, decoded) = document(&topic("cmd"), &[1, 7, 0], None);
+        let (doc, decoded) = document(&topic("cmd"), &[1, 7, 0], None, VERIFIED);
         assert!(decoded);
         assert_eq!(doc, json!({ "id": 7, "command": "ping" }));
         let set_rate = shared::encode_vec(&Command {
@@ -514,7 +534,7 @@ mod tests {
             kind: CommandKind::SetRate { interval_ms: 500 },
         })
         .unwrap();
-        let (doc, _) = document(&topic("cmd"), &set_rate, None);
+        let (doc, _) = document(&topic("cmd"), &set_rate, None, VERIFIED);
         assert_eq!(doc["interval_ms"], 500);
     }
 
@@ -538,7 +558,7 @@ mod tests {
             let mut payload = vec![shared::PROTOCOL_VERSION];
             payload.extend_from_slice(counter_and_body);
             payload.extend_from_slice(&[0; shared::seal::TAG_LEN]);
-            document("fleet/demo/demo-0001/status", &payload, None)
+            document("fleet/demo/demo-0001/status", &payload, None, VERIFIED)
         };
         // Status::Online is the single byte 0.
         assert_eq!(unverified(&[0x05, 0]).0["counter"], 5);

@@ -68,7 +68,7 @@ async fn device_traffic_is_mirrored_as_json() {
     let value: serde_json::Value = serde_json::from_slice(&doc.payload).unwrap();
     assert_eq!(
         (value["seq"].as_u64(), value["origin"].as_str()),
-        (Some(42), Some("verified"))
+        (Some(42), Some("open mode: public key, not proof"))
     );
 
     device.publish(topic, &[9, 9], 0, 0, false).await;

@@ -39,13 +39,13 @@ async fn heartbeats_and_statuses_are_mirrored_as_json() -> anyhow::Result<()> {
             .await?;
         let (_, doc) = json_line(&line)?;
         assert_eq!(doc["status"], "online", "{line}");
-        assert_eq!(doc["origin"], "verified", "{line}");
+        assert_eq!(doc["origin"], "open mode: public key, not proof", "{line}");
     }
     let line = mirror
         .next_matching(WAIT, |l| l.starts_with("json/fleet/demo/demo-0002/hb "))
         .await?;
     let (_, doc) = json_line(&line)?;
-    assert_eq!(doc["origin"], "verified", "{line}");
+    assert_eq!(doc["origin"], "open mode: public key, not proof", "{line}");
     for field in [
         "seq",
         "ts_ms",
