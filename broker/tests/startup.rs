@@ -91,8 +91,10 @@ async fn taken_port_is_a_bind_error_not_a_hang() {
             }
             other => panic!("expected a bind error for {listener}, got {other:?}"),
         }
+        // At once: no retrying of the bind (3 s leaves room for a loaded machine; a retry
+        // loop would take seconds per attempt).
         assert!(
-            started.elapsed() < Duration::from_secs(1),
+            started.elapsed() < Duration::from_secs(3),
             "it fails at once"
         );
     }
