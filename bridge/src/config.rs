@@ -7,12 +7,37 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+// Socket.IO limits (issue 14)
+pub use crate::api::limits::{SocketIoLimits, SocketIoSettings};
 pub use crate::api::web::WebConfig;
 pub use crate::domain::auth::{Role, TokenGrant};
 pub use crate::domain::fleet::StaleRule;
 use crate::error::BridgeError;
-pub use crate::ingest::mqtt::MqttEndpoint;
+pub use crate::ingest::mqtt::{MqttEndpoint, redact_url};
 pub use crate::store::Synchronous;
+
+/// A secret from the configuration (a password, a token): its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `secret`.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    /// The secret itself, for where it is used (never for a log).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
 
 /// Where the bridge's MQTT broker is.
 #[derive(Debug, Clone)]
@@ -35,7 +60,14 @@ pub struct BridgeConfig {
     /// The broker's credentials file with the device message keys; `None` is open mode.
     pub credentials: Option<PathBuf>,
     /// The bridge's MQTT password (username: [`Self::client_id`]).
-    pub mqtt_password: Option<String>,
+    pub mqtt_password: Option<Secret>,
+    /// Whether demo mode (no credentials file, no tokens: public demo tokens) may serve on
+    /// an address other than loopback.
+    pub allow_public_demo: bool,
+    /// Whether `/metrics` is open to anyone (otherwise: to the metrics token, or loopback).
+    pub metrics_public: bool,
+    /// The SHA-256 of the token `/metrics` wants (`Authorization: Bearer`), 64 hex digits.
+    pub metrics_token_sha256: Option<String>,
     /// How often coalesced positions are sent to dispatchers.
     pub tick: Duration,
     /// When a vehicle without heartbeats counts as stale.
@@ -63,6 +95,9 @@ pub struct BridgeConfig {
     pub max_backoff: Duration,
     /// How long graceful shutdown may take before remaining tasks are abandoned.
     pub shutdown_grace: Duration,
+    // Socket.IO limits (issue 14)
+    /// What one Socket.IO client may cost everyone (`[socketio]`).
+    pub socketio: SocketIoLimits,
 }
 
 impl Default for BridgeConfig {
@@ -71,6 +106,9 @@ impl Default for BridgeConfig {
             tokens: Vec::new(),
             credentials: None,
             mqtt_password: None,
+            allow_public_demo: false,
+            metrics_public: false,
+            metrics_token_sha256: None,
             tick: Duration::from_millis(DEFAULT_TICK_MS),
             stale: StaleRule::default(),
             command_timeout: Duration::from_secs(10),
@@ -89,6 +127,8 @@ impl Default for BridgeConfig {
             keep_alive: Duration::from_secs(15),
             max_backoff: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
+            // Socket.IO limits (issue 14)
+            socketio: SocketIoLimits::default(),
         }
     }
 }
@@ -113,7 +153,19 @@ pub struct Settings {
     pub credentials: Option<PathBuf>,
     /// The bridge's own MQTT password (username: the client id), for a broker that
     /// authenticates, embedded or external.
-    pub mqtt_password: Option<String>,
+    pub mqtt_password: Option<Secret>,
+    /// A file holding the bridge's MQTT password (its first line), instead of
+    /// `mqtt_password`.
+    pub mqtt_password_file: Option<PathBuf>,
+    /// Let demo mode serve on a non-loopback address.
+    pub allow_public_demo: Option<bool>,
+    /// Serve `/metrics` to anyone.
+    pub metrics_public: Option<bool>,
+    /// The SHA-256 (64 hex digits) of the token `/metrics` wants.
+    pub metrics_token_sha256: Option<String>,
+    /// The token `/metrics` wants, in plain (accepted with a warning; prefer
+    /// `metrics_token_sha256`).
+    pub metrics_token: Option<Secret>,
     /// Position tick in ms.
     pub tick_ms: Option<u64>,
     /// Stale threshold in ms; 0 means 3 missed intervals.
@@ -132,6 +184,9 @@ pub struct Settings {
     pub web: Option<WebConfig>,
     /// Tokens and their grants.
     pub tokens: Vec<TokenGrant>,
+    // Socket.IO limits (issue 14)
+    /// The Socket.IO abuse limits (`[socketio]`).
+    pub socketio: Option<SocketIoSettings>,
 }
 
 /// The default position tick: positions wait at most this long for their batch, so it bounds
@@ -173,6 +228,11 @@ impl Settings {
             client_id: over.client_id.or(self.client_id),
             credentials: over.credentials.or(self.credentials),
             mqtt_password: over.mqtt_password.or(self.mqtt_password),
+            mqtt_password_file: over.mqtt_password_file.or(self.mqtt_password_file),
+            allow_public_demo: over.allow_public_demo.or(self.allow_public_demo),
+            metrics_public: over.metrics_public.or(self.metrics_public),
+            metrics_token_sha256: over.metrics_token_sha256.or(self.metrics_token_sha256),
+            metrics_token: over.metrics_token.or(self.metrics_token),
             tick_ms: over.tick_ms.or(self.tick_ms),
             stale_after_ms: over.stale_after_ms.or(self.stale_after_ms),
             command_timeout_ms: over.command_timeout_ms.or(self.command_timeout_ms),
@@ -187,6 +247,11 @@ impl Settings {
                 self.tokens
             } else {
                 over.tokens
+            },
+            // Socket.IO limits (issue 14)
+            socketio: match (self.socketio, over.socketio) {
+                (Some(base), Some(over)) => Some(base.overridden_by(over)),
+                (base, over) => over.or(base),
             },
         }
     }
@@ -240,6 +305,41 @@ impl Settings {
             return Err(invalid("client_id", "must be 1 to 64 bytes"));
         }
         crate::domain::auth::Tokens::new(&self.tokens).map_err(|e| invalid("tokens", e))?;
+        let mqtt_password = match (self.mqtt_password, &self.mqtt_password_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "mqtt_password_file",
+                    "set mqtt_password or mqtt_password_file, not both",
+                ));
+            }
+            (Some(password), None) => Some(password),
+            (None, Some(path)) => Some(Secret::new(read_password_file(path)?)),
+            (None, None) => None,
+        };
+        let metrics_token_sha256 = match (self.metrics_token_sha256, self.metrics_token) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "metrics_token",
+                    "set metrics_token_sha256 or metrics_token, not both",
+                ));
+            }
+            (Some(hex_digits), None) => {
+                crate::domain::auth::parse_token_hash(&hex_digits)
+                    .map_err(|e| invalid("metrics_token_sha256", e))?;
+                Some(hex_digits.trim().to_lowercase())
+            }
+            (None, Some(token)) if token.expose().len() < 16 => {
+                return Err(invalid("metrics_token", "must be at least 16 characters"));
+            }
+            (None, Some(token)) => {
+                tracing::warn!(
+                    "metrics_token is a plain token in the configuration: store \
+                     metrics_token_sha256 instead (sha256sum of the token)"
+                );
+                Some(hex::encode(crate::domain::auth::hash_token(token.expose())))
+            }
+            (None, None) => None,
+        };
         let synchronous = match self.synchronous.as_deref().unwrap_or("full") {
             "full" => Synchronous::Full,
             "normal" => Synchronous::Normal,
@@ -265,7 +365,10 @@ impl Settings {
             BridgeConfig {
                 tokens: self.tokens,
                 credentials: self.credentials,
-                mqtt_password: self.mqtt_password,
+                mqtt_password,
+                allow_public_demo: self.allow_public_demo.unwrap_or(false),
+                metrics_public: self.metrics_public.unwrap_or(false),
+                metrics_token_sha256,
                 tick: Duration::from_millis(tick_ms),
                 stale,
                 command_timeout: Duration::from_millis(command_timeout_ms),
@@ -276,10 +379,155 @@ impl Settings {
                 web,
                 mqtt,
                 client_id,
+                // Socket.IO limits (issue 14)
+                socketio: self
+                    .socketio
+                    .unwrap_or_default()
+                    .into_limits()
+                    .map_err(|e| invalid("socketio", e))?,
                 ..defaults
             },
         ))
     }
+}
+
+/// What `bridge add-token` makes a token for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NewTokenRole {
+    /// A dispatcher of the fleets given (`--fleet`, repeatable; `*` for every fleet).
+    Dispatcher,
+    /// A vendor: its store (`--store`) and the fleet that delivers its orders (`--fleet`).
+    Vendor,
+    /// An operator.
+    Admin,
+    /// The scraper of `/metrics` (sets `metrics_token_sha256`; one at a time).
+    Metrics,
+}
+
+/// A token to add to a configuration file ([`add_token`]).
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    /// What it grants.
+    pub role: NewTokenRole,
+    /// Dispatchers: the fleets; vendors: exactly one, their delivering fleet.
+    pub fleets: Vec<String>,
+    /// Vendors: their store id.
+    pub store: Option<String>,
+    /// A name for logs and the client's queue identity (default: `{role}-{hash prefix}`).
+    pub name: Option<String>,
+}
+
+/// Makes a new random token (32 bytes, 64 hex digits), adds its SHA-256 with what it grants
+/// to the configuration file at `path` (created if missing; its other content and comments
+/// are kept), and returns the token: it is stored nowhere else, so it can be shown only once.
+///
+/// # Errors
+/// [`BridgeError::Config`] if the request is incomplete, the file cannot be read, parsed or
+/// written, or the result would not be a valid configuration.
+pub fn add_token(path: &Path, request: &NewToken) -> Result<String, BridgeError> {
+    use crate::domain::auth::{Tokens, hash_token, new_token};
+
+    let bad = |reason: String| BridgeError::Config(format!("add-token: {reason}"));
+    let token = new_token().map_err(|e| bad(format!("no random source: {e}")))?;
+    let hash = hex::encode(hash_token(&token));
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(bad(format!("reading {}: {e}", path.display()))),
+    };
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    let role = match request.role {
+        NewTokenRole::Metrics => {
+            doc.remove("metrics_token");
+            doc["metrics_token_sha256"] = toml_edit::value(hash.clone());
+            None
+        }
+        NewTokenRole::Dispatcher => Some(Role::Dispatcher),
+        NewTokenRole::Vendor => Some(Role::Vendor),
+        NewTokenRole::Admin => Some(Role::Admin),
+    };
+    if let Some(role) = role {
+        let grant = match role {
+            Role::Dispatcher if request.fleets.is_empty() => {
+                return Err(bad(
+                    "a dispatcher needs --fleet F (repeatable, or '*')".into()
+                ));
+            }
+            Role::Dispatcher => TokenGrant {
+                fleets: request.fleets.clone(),
+                ..TokenGrant::default()
+            },
+            Role::Vendor => match (&request.store, request.fleets.as_slice()) {
+                (Some(store), [fleet]) => TokenGrant {
+                    store: Some(store.clone()),
+                    fleet: Some(fleet.clone()),
+                    ..TokenGrant::default()
+                },
+                _ => return Err(bad("a vendor needs --store S and one --fleet F".into())),
+            },
+            Role::Admin => TokenGrant::default(),
+        };
+        let name = request
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", format!("{role:?}").to_lowercase(), &hash[..8]));
+        let grant = TokenGrant {
+            token_sha256: Some(hash),
+            role,
+            name: Some(name),
+            ..grant
+        };
+        Tokens::new(std::slice::from_ref(&grant)).map_err(|e| bad(e.reason))?;
+        let mut table = toml_edit::Table::new();
+        let serialized = toml::to_string(&grant).map_err(|e| bad(e.to_string()))?;
+        let parsed: toml_edit::DocumentMut = serialized.parse().map_err(|e| bad(format!("{e}")))?;
+        for (key, item) in parsed.iter() {
+            table.insert(key, item.clone());
+        }
+        match doc.get_mut("tokens") {
+            None => {
+                let mut tables = toml_edit::ArrayOfTables::new();
+                tables.push(table);
+                doc.insert("tokens", toml_edit::Item::ArrayOfTables(tables));
+            }
+            Some(toml_edit::Item::ArrayOfTables(tables)) => tables.push(table),
+            Some(_) => {
+                return Err(bad(format!(
+                    "{}: `tokens` is not [[tokens]]",
+                    path.display()
+                )));
+            }
+        }
+    }
+    let new_text = doc.to_string();
+    // The result must be a valid configuration (e.g. no duplicate names or tokens).
+    let settings: Settings =
+        toml::from_str(&new_text).map_err(|e| bad(format!("the result would not parse: {e}")))?;
+    Tokens::new(&settings.tokens).map_err(|e| bad(format!("the result would be invalid: {e}")))?;
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, new_text)
+        .and_then(|()| {
+            if let Ok(meta) = std::fs::metadata(path) {
+                std::fs::set_permissions(&tmp, meta.permissions())?;
+            }
+            std::fs::rename(&tmp, path)
+        })
+        .map_err(|e| bad(format!("writing {}: {e}", path.display())))?;
+    Ok(token)
+}
+
+/// Reads the bridge's MQTT password from `path`: its first line, without the line end.
+fn read_password_file(path: &Path) -> Result<String, BridgeError> {
+    let key = "mqtt_password_file";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("reading {}: {e}", path.display())))?;
+    let password = text.lines().next().unwrap_or_default();
+    if password.is_empty() {
+        return Err(invalid(key, format!("{} is empty", path.display())));
+    }
+    Ok(password.to_owned())
 }
 
 #[cfg(test)]
@@ -300,6 +548,97 @@ mod tests {
         assert_eq!(config.client_id, built_in.client_id);
         assert!(config.tokens.is_empty() && config.credentials.is_none());
         assert!(matches!(config.mqtt, MqttTarget::Embedded(b) if b.v4.port() == 1883));
+    }
+
+    #[test]
+    fn add_token_stores_only_the_hash_and_keeps_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("bridge.toml");
+        std::fs::write(&path, "# my settings\ntick_ms = 50\n").expect("write");
+        let dispatcher = NewToken {
+            role: NewTokenRole::Dispatcher,
+            fleets: vec!["north".into()],
+            store: None,
+            name: None,
+        };
+        let token = add_token(&path, &dispatcher).expect("added");
+        let vendor = NewToken {
+            role: NewTokenRole::Vendor,
+            fleets: vec!["north".into()],
+            store: Some("store-7".into()),
+            name: Some("store-7".into()),
+        };
+        let vendor_token = add_token(&path, &vendor).expect("added");
+        let metrics = NewToken {
+            role: NewTokenRole::Metrics,
+            fleets: vec![],
+            store: None,
+            name: None,
+        };
+        let metrics_token = add_token(&path, &metrics).expect("added");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.starts_with("# my settings\ntick_ms = 50\n"), "{text}");
+        for secret in [&token, &vendor_token, &metrics_token] {
+            assert!(
+                !text.contains(secret.as_str()),
+                "a token in the file:\n{text}"
+            );
+        }
+        let settings = Settings::load(&path).expect("valid");
+        assert_eq!(settings.tick_ms, Some(50));
+        assert_eq!(settings.tokens.len(), 2);
+        let tokens = crate::domain::auth::Tokens::new(&settings.tokens).expect("valid");
+        let grant = tokens
+            .authorize(Some(&token), "/dispatch", &[Role::Dispatcher])
+            .expect("admitted");
+        assert_eq!(
+            grant.fleets,
+            Some(vec![shared::FleetId::new("north").expect("id")])
+        );
+        assert!(
+            tokens
+                .authorize(Some(&vendor_token), "/vendor", &[Role::Vendor])
+                .is_ok()
+        );
+        let hash = crate::domain::auth::hash_token(&metrics_token);
+        assert_eq!(settings.metrics_token_sha256, Some(hex::encode(hash)));
+
+        let incomplete = NewToken {
+            role: NewTokenRole::Vendor,
+            fleets: vec![],
+            store: Some("s".into()),
+            name: None,
+        };
+        assert!(add_token(&path, &incomplete).is_err());
+        assert_eq!(Settings::load(&path).expect("valid").tokens.len(), 2);
+    }
+
+    #[test]
+    fn mqtt_password_from_a_file_and_not_twice() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("password");
+        std::fs::write(&path, "s3cret\n").expect("write");
+        let from_file = Settings {
+            mqtt_password_file: Some(path.clone()),
+            ..Settings::defaults().expect("parses")
+        };
+        let (_, config) = from_file.clone().into_config().expect("valid");
+        assert_eq!(
+            config.mqtt_password.as_ref().map(Secret::expose),
+            Some("s3cret")
+        );
+        assert!(!format!("{config:?}").contains("s3cret"), "{config:?}");
+        let both = Settings {
+            mqtt_password: Some(Secret::new("other")),
+            ..from_file
+        };
+        let err = both.into_config().expect_err("both").to_string();
+        assert!(err.contains("mqtt_password_file"), "{err}");
+        let missing = Settings {
+            mqtt_password_file: Some(dir.path().join("nope")),
+            ..Settings::defaults().expect("parses")
+        };
+        assert!(missing.into_config().is_err());
     }
 
     #[test]

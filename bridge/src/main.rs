@@ -7,13 +7,25 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use bridge::Bridge;
-use bridge::config::{DEFAULT_CONFIG, Settings};
-use clap::{Parser, Subcommand};
+use bridge::config::{
+    DEFAULT_CONFIG, NewToken, NewTokenRole, Secret, Settings, SocketIoSettings, add_token,
+    redact_url,
+};
+use clap::parser::ValueSource;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// jemalloc instead of glibc's malloc: the broker's commit logs free their segments' megabyte
+/// vectors and a hundred thousand small messages at a time, which glibc's per-thread arenas
+/// kept as fragments (a soak's resident memory crept with the live heap flat); jemalloc hands
+/// freed pages back to the system after a few seconds (bench/README.md, Soak).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Fleetbeat bridge: vehicles' MQTT topics to Socket.IO namespaces and rooms.
 ///
@@ -43,8 +55,26 @@ struct Cli {
     #[arg(long, env = "FLEETBEAT_CREDENTIALS")]
     credentials: Option<PathBuf>,
     /// The bridge's MQTT password when the broker authenticates (username: the client id).
+    /// On the command line it is visible to every user of the machine (`ps`): prefer
+    /// FLEETBEAT_MQTT_PASSWORD or --mqtt-password-file.
     #[arg(long, env = "FLEETBEAT_MQTT_PASSWORD", hide_env_values = true)]
     mqtt_password: Option<String>,
+    /// A file whose first line is the bridge's MQTT password (instead of --mqtt-password).
+    #[arg(long, env = "FLEETBEAT_MQTT_PASSWORD_FILE")]
+    mqtt_password_file: Option<PathBuf>,
+    /// Let demo mode (no credentials file, no tokens) serve on a non-loopback address.
+    #[arg(long, env = "FLEETBEAT_ALLOW_PUBLIC_DEMO")]
+    allow_public_demo: bool,
+    /// Serve /metrics to anyone (otherwise: to the metrics token, or to loopback only).
+    #[arg(long, env = "FLEETBEAT_METRICS_PUBLIC")]
+    metrics_public: bool,
+    /// The SHA-256 (64 hex digits) of the token /metrics wants (`bridge add-token --role
+    /// metrics` writes it into the configuration file).
+    #[arg(long, env = "FLEETBEAT_METRICS_TOKEN_SHA256")]
+    metrics_token_sha256: Option<String>,
+    /// The token /metrics wants, in plain (prefer --metrics-token-sha256).
+    #[arg(long, env = "FLEETBEAT_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
     /// Position tick in milliseconds.
     #[arg(long, env = "FLEETBEAT_TICK_MS")]
     tick_ms: Option<u64>,
@@ -60,6 +90,9 @@ struct Cli {
     /// `full` (fsync every commit, the default) or `normal`.
     #[arg(long, env = "FLEETBEAT_SYNCHRONOUS")]
     synchronous: Option<String>,
+    // Socket.IO limits (issue 14): `--socketio-*`, `FLEETBEAT_SOCKETIO_*`.
+    #[command(flatten)]
+    socketio: SocketIoSettings,
     /// Also run this many simulated vehicles in-process (the demo).
     #[cfg(feature = "demo")]
     #[arg(long, default_value_t = 0)]
@@ -74,6 +107,26 @@ struct Cli {
 enum Command {
     /// Print the commented default configuration file.
     DefaultConfig,
+    /// Make a new token, add its SHA-256 and what it grants to the configuration file, and
+    /// print the token (only this once: the file does not hold it).
+    AddToken {
+        /// What the token grants.
+        #[arg(long, value_enum)]
+        role: NewTokenRole,
+        /// Dispatchers: a fleet they may watch (repeatable; `*` for every fleet). Vendors: the
+        /// fleet that delivers their orders.
+        #[arg(long)]
+        fleet: Vec<String>,
+        /// Vendors: their store id.
+        #[arg(long)]
+        store: Option<String>,
+        /// A name for logs and the client's queue identity.
+        #[arg(long)]
+        name: Option<String>,
+        /// The configuration file to add it to (created if missing).
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 impl Cli {
@@ -88,12 +141,19 @@ impl Cli {
             mqtt_listen: self.mqtt_listen,
             client_id: self.client_id.clone(),
             credentials: self.credentials.clone(),
-            mqtt_password: self.mqtt_password.clone(),
+            mqtt_password: self.mqtt_password.clone().map(Secret::new),
+            mqtt_password_file: self.mqtt_password_file.clone(),
+            allow_public_demo: self.allow_public_demo.then_some(true),
+            metrics_public: self.metrics_public.then_some(true),
+            metrics_token_sha256: self.metrics_token_sha256.clone(),
+            metrics_token: self.metrics_token.clone().map(Secret::new),
             tick_ms: self.tick_ms,
             stale_after_ms: self.stale_after_ms,
             command_timeout_ms: self.command_timeout_ms,
             store: self.store.clone(),
             synchronous: self.synchronous.clone(),
+            // Socket.IO limits (issue 14)
+            socketio: Some(self.socketio.clone()),
             ..Settings::default()
         }))
     }
@@ -101,10 +161,35 @@ impl Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    if let Some(Command::DefaultConfig) = cli.command {
-        print!("{DEFAULT_CONFIG}");
-        return Ok(());
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    match &cli.command {
+        Some(Command::DefaultConfig) => {
+            print!("{DEFAULT_CONFIG}");
+            return Ok(());
+        }
+        Some(Command::AddToken {
+            role,
+            fleet,
+            store,
+            name,
+            config,
+        }) => {
+            let request = NewToken {
+                role: *role,
+                fleets: fleet.clone(),
+                store: store.clone(),
+                name: name.clone(),
+            };
+            let token = add_token(config, &request)?;
+            println!("token: {token}");
+            eprintln!(
+                "added to {} as its SHA-256; the token is shown only this once",
+                config.display()
+            );
+            return Ok(());
+        }
+        None => {}
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -116,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
         .finish()
         .with(broker::logging::without_rumqttd_spans())
         .init();
+    warn_secrets_on_argv(&matches);
 
     let (listen, config) = cli.settings()?.into_config()?;
     let listener = TcpListener::bind(listen)
@@ -194,6 +280,32 @@ mod demo {
             Ok(Err(err)) => tracing::warn!(cause = %err, "simulator stopped with an error"),
             Err(err) => tracing::warn!(cause = %err, "simulator task failed"),
         }
+    }
+}
+
+/// Warns about secrets given on the command line, where every user of the machine sees them.
+fn warn_secrets_on_argv(matches: &clap::ArgMatches) {
+    let on_argv = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    if on_argv("mqtt_password") {
+        warn!(
+            "--mqtt-password on the command line is visible to every user (ps): use \
+             FLEETBEAT_MQTT_PASSWORD or --mqtt-password-file"
+        );
+    }
+    if on_argv("metrics_token") {
+        warn!(
+            "--metrics-token on the command line is visible to every user (ps): use \
+             --metrics-token-sha256"
+        );
+    }
+    let url_password = matches
+        .get_one::<String>("mqtt_url")
+        .is_some_and(|url| redact_url(url) != *url);
+    if on_argv("mqtt_url") && url_password {
+        warn!(
+            "--mqtt-url with a password on the command line is visible to every user (ps): \
+             use FLEETBEAT_MQTT_PASSWORD or --mqtt-password-file"
+        );
     }
 }
 

@@ -22,15 +22,21 @@ pub(crate) enum Rejection {
     /// A delivery event the store refused as data (a constraint, a corrupt order row), not
     /// for an outage: retrying would not help, so it is acknowledged and dropped.
     Store,
+    /// Published under another fleet than the vehicle's fleet in the credentials file.
+    Fleet,
+    /// From a vehicle whose key was removed from the credentials file (revoked).
+    Revoked,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 5] = [
+    const ALL: [Rejection; 7] = [
         Self::Topic,
         Self::Decode,
         Self::Auth,
         Self::Replay,
         Self::Store,
+        Self::Fleet,
+        Self::Revoked,
     ];
 
     /// The `reason` label of the rejection counter.
@@ -41,6 +47,8 @@ impl Rejection {
             Self::Auth => "auth",
             Self::Replay => "replay",
             Self::Store => "store",
+            Self::Fleet => "fleet",
+            Self::Revoked => "revoked",
         }
     }
 
@@ -52,6 +60,8 @@ impl Rejection {
             Self::Topic => "bad topic",
             Self::Decode => "bad payload",
             Self::Store => "refused by the store",
+            Self::Fleet => "not the vehicle's fleet",
+            Self::Revoked => "revoked key",
         }
     }
 }
@@ -87,11 +97,17 @@ pub(crate) enum Counter {
     MqttHeartbeatConnects,
     /// An MQTT connection error of the heartbeats session.
     MqttHeartbeatErrors,
+    /// The credentials file changed and its device keys were reloaded.
+    KeysReloaded,
+    /// The credentials file changed but did not load: the previous keys stay.
+    KeysReloadFailed,
+    /// A QoS 1 message held unacknowledged because the bridge has no key for its vehicle yet.
+    KeyWaits,
 }
 
 impl Counter {
     /// Name and help text of every counter, in the order of the variants (and of `/metrics`).
-    const RENDERED: [(&'static str, &'static str); 14] = [
+    const RENDERED: [(&'static str, &'static str); 17] = [
         (
             "history_dropped_total",
             "Heartbeats not stored: the history writer was full.",
@@ -145,6 +161,18 @@ impl Counter {
             "mqtt_heartbeat_errors_total",
             "MQTT connection errors (heartbeats session).",
         ),
+        (
+            "credentials_reloads_total",
+            "Times the credentials file changed and its device keys were reloaded.",
+        ),
+        (
+            "credentials_reload_failures_total",
+            "Times the credentials file changed but did not load (the previous keys stay).",
+        ),
+        (
+            "key_waits_total",
+            "QoS 1 messages held unacknowledged until their vehicle's key is known.",
+        ),
     ];
 }
 
@@ -185,6 +213,12 @@ impl Metrics {
     /// Counts `n` `counter` events.
     pub(crate) fn add(&self, counter: Counter, n: u64) {
         self.counters[counter as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The value of `counter`.
+    #[cfg(test)]
+    pub(crate) fn counter(&self, counter: Counter) -> u64 {
+        load(&self.counters[counter as usize])
     }
 
     /// Counts a valid message of `kind` received from MQTT.

@@ -14,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::api::limits::SocketGuard;
 use crate::api::{http, socket};
 use crate::config::{BridgeConfig, MqttEndpoint, MqttTarget};
-use crate::domain::auth::Tokens;
+use crate::domain::auth::{MetricsAccess, Tokens, parse_token_hash};
 use crate::domain::fleet::Fleet;
 use crate::domain::{Hub, HubParts};
 use crate::error::BridgeError;
@@ -62,30 +63,25 @@ impl Bridge {
                     port: addr.port(),
                     credentials: config
                         .mqtt_password
-                        .clone()
-                        .map(|password| (config.client_id.clone(), password)),
+                        .as_ref()
+                        .map(|password| (config.client_id.clone(), password.expose().to_owned())),
                 };
                 (Some(broker), endpoint)
             }
             MqttTarget::External(endpoint) => {
                 let mut endpoint = endpoint.clone();
                 if let (None, Some(password)) = (&endpoint.credentials, &config.mqtt_password) {
-                    endpoint.credentials = Some((config.client_id.clone(), password.clone()));
+                    endpoint.credentials =
+                        Some((config.client_id.clone(), password.expose().to_owned()));
                 }
                 (None, endpoint)
             }
         };
 
-        let tokens = if config.tokens.is_empty() {
-            warn!(
-                "no tokens configured: DEMO MODE with the public tokens dispatch-demo, vendor-demo, admin-demo"
-            );
-            Tokens::new(&Tokens::demo_grants())?
-        } else {
-            Tokens::new(&config.tokens)?
-        };
+        let tokens = tokens(&config, http_addr)?;
+        let metrics = Arc::new(Metrics::default());
         let keys = match &config.credentials {
-            Some(path) => DeviceKeys::load(path)?,
+            Some(path) => DeviceKeys::load(path, Arc::clone(&metrics))?,
             None => {
                 warn!(
                     "no credentials file: OPEN MODE, the origin of vehicle messages is not verified"
@@ -115,7 +111,6 @@ impl Bridge {
         )
         .await?;
         info!(store = %config.store, synchronous = %config.synchronous, "store open");
-        let metrics = Arc::new(Metrics::default());
         let (writer, history) = HeartbeatWriter::new(
             store.clone(),
             HeartbeatWriterOptions::default(),
@@ -129,9 +124,16 @@ impl Bridge {
             mqtt: client.clone(),
             command_timeout: config.command_timeout,
         }));
+        // Socket.IO limits (issue 14): `api::limits`.
+        let guard = Arc::new(SocketGuard::new(config.socketio.clone()));
         let (layer, io) = SocketIo::builder()
-            .max_buffer_size(SOCKET_BUFFER_PACKETS)
+            .max_buffer_size(config.socketio.buffer_packets as usize)
+            .max_payload(config.socketio.max_payload_bytes)
+            .ws_max_message_size(
+                usize::try_from(config.socketio.max_payload_bytes).unwrap_or(usize::MAX),
+            )
             .with_state(Arc::clone(&hub))
+            .with_state(Arc::clone(&guard))
             .build_layer();
         socket::register(&io);
 
@@ -139,13 +141,9 @@ impl Bridge {
         let tasks = TaskTracker::new();
 
         let (acks, releaser) = acks::ack_queue(Arc::clone(&hub), io.clone(), client.clone());
-        let inbox = Arc::new(Inbox::new(
-            io.clone(),
-            Arc::clone(&hub),
-            keys,
-            history,
-            acks,
-        ));
+        let (inbox, key_wait) = Inbox::new(io.clone(), Arc::clone(&hub), keys, history, acks);
+        let inbox = Arc::new(inbox);
+        tasks.spawn(key_wait.run(cancel.child_token()));
         tasks.spawn(writer.run(cancel.child_token()));
         tasks.spawn(releaser.run(cancel.child_token()));
         tasks.spawn(assign_waiting(Arc::clone(&hub), cancel.child_token()));
@@ -182,6 +180,7 @@ impl Bridge {
             io: io.clone(),
             hub: Arc::clone(&hub),
             broker: broker.as_ref().map(broker::Broker::metrics),
+            guard,
         };
         let app = http::router(state, layer, config.web.clone());
         let stop_http = cancel.child_token();
@@ -193,6 +192,8 @@ impl Bridge {
                     debug!(cause = %err, "cannot set TCP_NODELAY on an HTTP connection");
                 }
             });
+            // The peer's address: `/metrics` without a token is served to loopback only.
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(stop_http.cancelled_owned())
                 .await;
@@ -265,11 +266,60 @@ impl Bridge {
     }
 }
 
-/// Packets a Socket.IO socket may have waiting to be written. A `/dispatch` socket gets at most
-/// two batches per tick (10 ms by default), so this is seconds of slack for a slow client; the
-/// deliveries and acks of a busy vendor fit as well. Past it, position batches are skipped and a
-/// missed status batch is replaced by fresh snapshots (`emit::send_batches`).
-const SOCKET_BUFFER_PACKETS: usize = 1024;
+/// The tokens clients may use, and who may read `/metrics`, as `config` says for a bridge
+/// serving on `http_addr`.
+///
+/// Demo mode (no credentials file and no tokens) admits the public demo tokens and opens
+/// `/metrics`; it refuses to serve on a non-loopback address unless `allow_public_demo`. With
+/// a credentials file and no tokens, no client is admitted.
+fn tokens(config: &BridgeConfig, http_addr: SocketAddr) -> Result<Tokens, BridgeError> {
+    let demo = config.tokens.is_empty() && config.credentials.is_none();
+    let tokens = if demo {
+        if !http_addr.ip().is_loopback() && !config.allow_public_demo {
+            return Err(BridgeError::Config(format!(
+                "demo mode (no credentials file and no tokens: anyone may use the public demo \
+                 tokens) refuses to serve on {http_addr}, which is not a loopback address: \
+                 configure tokens (`bridge add-token`) and a credentials file, listen on \
+                 127.0.0.1, or pass --allow-public-demo"
+            )));
+        }
+        warn!(
+            "no tokens and no credentials file: DEMO MODE with the public tokens dispatch-demo, \
+             vendor-demo, admin-demo"
+        );
+        Tokens::new(&Tokens::demo_grants())?
+    } else {
+        if config.tokens.is_empty() {
+            warn!(
+                "no tokens configured: every Socket.IO and API client is refused (demo tokens \
+                 exist only without a credentials file); add one with `bridge add-token`"
+            );
+        }
+        Tokens::warn_plain(&config.tokens);
+        Tokens::new(&config.tokens)?
+    };
+    let metrics = if config.metrics_public || demo {
+        MetricsAccess::Public
+    } else if let Some(hex_digits) = &config.metrics_token_sha256 {
+        MetricsAccess::Token(
+            parse_token_hash(hex_digits)
+                .map_err(|e| BridgeError::Config(format!("metrics_token_sha256: {e}")))?,
+        )
+    } else {
+        MetricsAccess::Loopback
+    };
+    info!(metrics = %metrics_label(metrics), "/metrics access");
+    Ok(tokens.with_metrics(metrics))
+}
+
+/// How `/metrics` access is described in the log (never the hash).
+fn metrics_label(access: MetricsAccess) -> &'static str {
+    match access {
+        MetricsAccess::Public => "public",
+        MetricsAccess::Token(_) => "metrics token",
+        MetricsAccess::Loopback => "loopback only",
+    }
+}
 
 /// How often vehicles are checked for missed heartbeats.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);

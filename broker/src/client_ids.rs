@@ -8,6 +8,10 @@
 //! and the claim waits until the holder has finished, including a will it may have been
 //! publishing because its connection was lost just before. Only then does the new connection
 //! register with the router.
+//!
+//! A takeover is a login's own business: while a connection of one login holds a client id,
+//! a connection of another login cannot take it (its claim is refused), whatever the id.
+//! Which ids a login may use at all is decided before, in `auth::client_id`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +27,8 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 struct Holder {
     generation: u64,
+    /// The login holding it; `None` in open mode.
+    login: Option<String>,
     kick: CancellationToken,
     done: CancellationToken,
 }
@@ -45,18 +51,24 @@ pub(crate) struct Claim {
 }
 
 impl ClientIds {
-    /// Takes `client_id` over: tells its current holder to stop, waits (bounded) until it has
-    /// finished, and returns the new hold.
-    pub(crate) async fn claim(&self, client_id: &str) -> Claim {
+    /// Takes `client_id` over for `login` (`None` in open mode): tells its current holder to
+    /// stop, waits (bounded) until it has finished, and returns the new hold; `None`, and
+    /// the holder left alone, if the holder is a connection of another login.
+    pub(crate) async fn claim(&self, client_id: &str, login: Option<&str>) -> Option<Claim> {
         loop {
             let previous = {
                 let mut holders = self.holders();
                 match holders.get(client_id) {
                     Some(holder) => {
+                        if let (Some(held_by), Some(login)) = (holder.login.as_deref(), login)
+                            && held_by != login
+                        {
+                            return None;
+                        }
                         holder.kick.cancel();
                         holder.done.clone()
                     }
-                    None => return self.insert(&mut holders, client_id),
+                    None => return Some(self.insert(&mut holders, client_id, login)),
                 }
             };
             if tokio::time::timeout(TAKEOVER_WAIT, previous.cancelled())
@@ -68,7 +80,7 @@ impl ClientIds {
                     "the previous connection of this client did not finish in time: taking over"
                 );
                 let mut holders = self.holders();
-                return self.insert(&mut holders, client_id);
+                return Some(self.insert(&mut holders, client_id, login));
             }
         }
     }
@@ -82,7 +94,12 @@ impl ClientIds {
         self.holders.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn insert(&self, holders: &mut HashMap<String, Holder>, client_id: &str) -> Claim {
+    fn insert(
+        &self,
+        holders: &mut HashMap<String, Holder>,
+        client_id: &str,
+        login: Option<&str>,
+    ) -> Claim {
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
         let kick = CancellationToken::new();
         let done = CancellationToken::new();
@@ -90,6 +107,7 @@ impl ClientIds {
             client_id.to_owned(),
             Holder {
                 generation,
+                login: login.map(str::to_owned),
                 kick: kick.clone(),
                 done: done.clone(),
             },
@@ -132,8 +150,8 @@ mod tests {
     #[tokio::test]
     async fn claims_are_exclusive_and_released() {
         let ids = ClientIds::default();
-        let a = ids.claim("van-1").await;
-        let b = ids.claim("van-2").await;
+        let a = ids.claim("van-1", None).await.unwrap();
+        let b = ids.claim("van-2", None).await.unwrap();
         assert_eq!(ids.len(), 2);
         assert!(!a.kicked.is_cancelled());
         ids.release(a);
@@ -144,12 +162,12 @@ mod tests {
     #[tokio::test]
     async fn a_takeover_kicks_the_holder_and_waits_for_it() {
         let ids = Arc::new(ClientIds::default());
-        let old = ids.claim("van-1").await;
+        let old = ids.claim("van-1", None).await.unwrap();
         let kicked = old.kicked.clone();
 
         let taker = {
             let ids = Arc::clone(&ids);
-            tokio::spawn(async move { ids.claim("van-1").await })
+            tokio::spawn(async move { ids.claim("van-1", None).await })
         };
         tokio::time::timeout(Duration::from_secs(5), kicked.cancelled())
             .await
@@ -161,6 +179,7 @@ mod tests {
         let new = tokio::time::timeout(Duration::from_secs(5), taker)
             .await
             .unwrap()
+            .unwrap()
             .unwrap();
         assert!(!new.kicked.is_cancelled());
         assert_eq!(ids.len(), 1);
@@ -168,11 +187,26 @@ mod tests {
         assert_eq!(ids.len(), 0);
     }
 
+    #[tokio::test]
+    async fn another_login_cannot_take_a_held_id_over() {
+        let ids = ClientIds::default();
+        let bridge = ids.claim("fleetbeat-bridge", Some("ops")).await.unwrap();
+        assert!(ids.claim("fleetbeat-bridge", Some("alice")).await.is_none());
+        assert!(!bridge.kicked.is_cancelled(), "the holder is left alone");
+        ids.release(bridge);
+        let again = ids.claim("fleetbeat-bridge", Some("alice")).await;
+        assert!(
+            again.is_some(),
+            "free again (the login rule is auth::client_id's)"
+        );
+        ids.release(again.unwrap());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_stuck_holder_is_replaced_after_the_bound() {
         let ids = ClientIds::default();
-        let stuck = ids.claim("van-1").await;
-        let new = ids.claim("van-1").await;
+        let stuck = ids.claim("van-1", None).await.unwrap();
+        let new = ids.claim("van-1", None).await.unwrap();
         assert!(stuck.kicked.is_cancelled());
         // The stuck one releasing late does not remove the new hold.
         ids.release(stuck);

@@ -26,14 +26,15 @@
 //!   [`config::load`], [`ConfigOverrides`]) and why each memory bound is what it is;
 //!   [`Listener`] (`listener`) names the MQTT 3.1.1 and 5 listeners.
 //! - `auth`: the credentials file ([`Credentials`], edited with [`CredentialsFile`]), password
-//!   hashing, the broker's check of a CONNECT with its cache, and each connection's identity
-//!   with its topic ACL.
+//!   hashing, the broker's check of a CONNECT with its cache and its failed-login throttle,
+//!   which client ids each login may use, and each connection's identity with its topic ACL.
 //! - `server`: [`Broker`]: start, shutdown; `health`: the listener probes
 //!   ([`ListenerHealth`]), through `probe`, the raw-socket MQTT client they use.
 //! - `connection`: the network front end, one task per MQTT connection (handshake, session,
-//!   framing, rate limit) on rumqttd's router; `mux`: the one router link shared by
+//!   framing, publish and subscribe rate limits, the bound on connections awaiting CONNECT)
+//!   on rumqttd's router; `mux`: the one router link shared by
 //!   device-like connections (their publishes and command subscriptions); `client_ids`:
-//!   takeovers of a client id; `router`: registering links with rumqttd's router, handing
+//!   takeovers of a client id (only by the login holding it); `router`: registering links with rumqttd's router, handing
 //!   them packets, and the broker's own publisher (last wills); `qos`: the QoS granted and
 //!   delivered at, min(publish QoS, granted QoS), which rumqttd's router does not keep;
 //!   `watchdog`: the parts the broker cannot live without, watched (their death ends the

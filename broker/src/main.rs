@@ -8,6 +8,7 @@ use anyhow::{Context as _, bail};
 use broker::config::{self, DEFAULT_CONFIG_TOML};
 use broker::{Broker, ConfigOverrides, CredentialsFile, NewPassword, Role};
 use clap::{Args, Parser, Subcommand};
+use shared::FleetId;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -15,6 +16,14 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// jemalloc instead of glibc's malloc: the broker's commit logs free their segments' megabyte
+/// vectors and a hundred thousand small messages at a time, which glibc's per-thread arenas
+/// kept as fragments (a soak's resident memory crept with the live heap flat); jemalloc hands
+/// freed pages back to the system after a few seconds (bench/README.md, Soak).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Fleetbeat's MQTT broker: authenticated, bounded, observable.
 ///
@@ -33,7 +42,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the commented default configuration file.
     DefaultConfig,
     /// Add a device to the credentials file, or give it a new password and key.
@@ -68,6 +77,11 @@ struct CredentialsTarget {
 struct AddDevice {
     /// The vehicle id: the device's MQTT username and client id.
     vehicle_id: String,
+
+    /// The device's fleet: the only `fleet/{fleet}/...` topics it may use, and the fleet the
+    /// bridge files it in. Required.
+    #[arg(long)]
+    fleet: FleetId,
 
     /// Use this password (at least 8 characters, hashed expensively) instead of a generated
     /// one (128 random bits, hashed cheaply: the right choice for devices).
@@ -115,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
 
     match cli.command {
         None => run(cli.run).await,
-        Some(Command::Run(args)) => run(args).await,
+        Some(Command::Run(args)) => run(*args).await,
         Some(Command::DefaultConfig) => {
             print!("{DEFAULT_CONFIG_TOML}");
             Ok(())
@@ -231,11 +245,12 @@ fn add_device(add: AddDevice) -> anyhow::Result<()> {
     let path = credentials_path(&add.target)?;
     let mut file = open(&path)?;
     let issued = file
-        .add_device(&add.vehicle_id, new_password(add.password))
+        .add_device(&add.vehicle_id, &add.fleet, new_password(add.password))
         .context("adding the device")?;
     file.save().context("saving the credentials file")?;
     println!("device {} written to {}", add.vehicle_id, path.display());
     println!("username: {}  (also its MQTT client id)", add.vehicle_id);
+    println!("fleet:    {}", add.fleet);
     println!("password: {}", issued.password);
     if let Some(key) = issued.key {
         println!("key:      {key}");
@@ -284,15 +299,33 @@ mod tests {
         assert_eq!(cli.run.overrides.listen.as_deref(), Some("127.0.0.1:2883"));
         assert_eq!(cli.run.overrides.listen_v5.as_deref(), Some("off"));
 
-        let cli = Cli::try_parse_from(["broker", "add-device", "van-1", "--credentials", "c.toml"])
-            .unwrap();
+        let cli = Cli::try_parse_from([
+            "broker",
+            "add-device",
+            "van-1",
+            "--fleet",
+            "north",
+            "--credentials",
+            "c.toml",
+        ])
+        .unwrap();
         match cli.command {
             Some(Command::AddDevice(add)) => {
                 assert_eq!(add.vehicle_id, "van-1");
+                assert_eq!(add.fleet.as_str(), "north");
                 assert_eq!(add.password, None);
             }
             other => panic!("{other:?}"),
         }
+        assert!(
+            Cli::try_parse_from(["broker", "add-device", "van-1", "--credentials", "c.toml"])
+                .is_err(),
+            "--fleet is required"
+        );
+        assert!(
+            Cli::try_parse_from(["broker", "add-device", "van-1", "--fleet", "a/b"]).is_err(),
+            "a fleet is a fleet id"
+        );
         let cli =
             Cli::try_parse_from(["broker", "add-client", "alice", "--role", "observer"]).unwrap();
         assert!(matches!(

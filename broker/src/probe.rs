@@ -8,17 +8,19 @@
 //! including "not MQTT at all".
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use shared::frame::{Connect, FrameHeader, MalformedLength, Publish};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
 use crate::auth::constant_time_eq;
+use crate::connection::PendingConnects;
 use crate::error::ProbeError;
 use crate::listener::Listener;
 
@@ -65,16 +67,32 @@ pub(crate) struct ProbeMessage<'a> {
 /// Returns once the PUBLISH is written; whether the message reached a router is for the caller
 /// to observe. No DISCONNECT is sent: rumqttd 0.20 handles one twice and logs a spurious
 /// "no-connection id .. is already gone" error, while a closed socket is a plain disconnect.
+///
+/// The connection is exempt from the bound on connections awaiting CONNECT (`pending`): it
+/// comes from a socket bound first, whose address is registered there.
 async fn publish_once(
     addr: SocketAddr,
     listener: Listener,
     message: ProbeMessage<'_>,
     deadline: Instant,
+    pending: &Arc<PendingConnects>,
 ) -> Result<(), ProbeError> {
     let started = Instant::now();
     let elapsed = move || ProbeError::TimedOut(started.elapsed());
 
-    let mut stream = timeout_at(deadline, TcpStream::connect(addr))
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(ProbeError::Connect)?;
+    // The listener's address is one of this host's: bind there, so the broker sees exactly
+    // the address registered.
+    socket
+        .bind(SocketAddr::new(addr.ip(), 0))
+        .map_err(ProbeError::Connect)?;
+    let _exemption = pending.exempt(socket.local_addr().map_err(ProbeError::Connect)?);
+    let mut stream: TcpStream = timeout_at(deadline, socket.connect(addr))
         .await
         .map_err(|_| elapsed())?
         .map_err(ProbeError::Connect)?;
@@ -184,12 +202,25 @@ pub(crate) struct ProbeReceiver {
     rx: LinkRx,
     /// The topic probes publish on.
     pub(crate) topic: String,
+    /// Where the probe's own connections are exempted from the pre-CONNECT bound.
+    pending: Arc<PendingConnects>,
 }
 
 impl ProbeReceiver {
-    /// Wraps a link already subscribed to `topic`.
-    pub(crate) fn new(tx: LinkTx, rx: LinkRx, topic: String) -> ProbeReceiver {
-        ProbeReceiver { _tx: tx, rx, topic }
+    /// Wraps a link already subscribed to `topic`; probe connections are exempted in
+    /// `pending`.
+    pub(crate) fn new(
+        tx: LinkTx,
+        rx: LinkRx,
+        topic: String,
+        pending: Arc<PendingConnects>,
+    ) -> ProbeReceiver {
+        ProbeReceiver {
+            _tx: tx,
+            rx,
+            topic,
+            pending,
+        }
     }
 
     /// Waits until the router forwards a message with `payload` on the probe topic. Other
@@ -225,7 +256,7 @@ impl ProbeReceiver {
             topic: &self.topic,
             payload: payload.as_bytes(),
         };
-        publish_once(addr, listener, message, deadline).await?;
+        publish_once(addr, listener, message, deadline, &self.pending).await?;
         let started = Instant::now();
         match timeout_at(deadline, self.delivered(payload.as_bytes())).await {
             Ok(Ok(())) => Ok(()),

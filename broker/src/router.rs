@@ -240,6 +240,78 @@ mod tests {
     use super::*;
     use crate::BrokerConfig;
 
+    /// Publishes `messages` 100-byte payloads on `topic` while a subscriber to `filter` reads
+    /// nothing, then one last one, and returns how many of them the subscriber got: what the
+    /// filter's commit log kept for a subscriber that fell behind, plus what the router had
+    /// queued for it before pausing it.
+    fn kept_for_a_stalled_subscriber(topic: &str, filter: &str, messages: usize) -> usize {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let registrar = Registrar::spawn(BrokerConfig::default().router_config(3));
+        let link = |id: &str| {
+            let (tx, rx, _connack) = registrar.link(LinkRequest::internal(id)).unwrap();
+            (tx, rx)
+        };
+        let (mut reader_tx, mut reader) = link("reader");
+        reader_tx.subscribe(filter).unwrap();
+        let (mut marker_tx, mut marker) = link("marker");
+        marker_tx.subscribe("done").unwrap();
+        let (mut writer, _writer_rx) = link("writer");
+        // The router handles one link's packets in order: once the marker is delivered, every
+        // message before it is in the log.
+        for i in 0..messages {
+            writer
+                .publish(topic.to_owned(), vec![i as u8; 100])
+                .unwrap();
+        }
+        writer.publish("done", "").unwrap();
+        loop {
+            match marker.recv_deadline(deadline) {
+                Ok(Some(Notification::Forward(_))) => break,
+                Ok(_) => {}
+                Err(err) => panic!("{filter}: no marker, {err}"),
+            }
+        }
+        writer.publish(topic.to_owned(), "last").unwrap();
+        let mut got = 0;
+        loop {
+            match reader.recv_deadline(deadline) {
+                Ok(Some(Notification::Forward(forward))) => {
+                    got += 1;
+                    if forward.publish.payload == "last" {
+                        return got;
+                    }
+                }
+                Ok(Some(Notification::Unschedule)) => reader.ready().unwrap(),
+                Ok(_) => {}
+                Err(err) => panic!("{filter}: {got} messages read, then {err}"),
+            }
+        }
+    }
+
+    #[test]
+    fn qos1_kinds_keep_a_small_window_heartbeats_a_large_one() {
+        // 20 000 × 120 counted bytes: within the heartbeats' 8 MiB, ten times the QoS 1
+        // kinds' 4 × 64 KiB. Reconnects publish a will and an `online` on `status` each: a log
+        // sized like the heartbeats' grew for hours in the soak (bench/README.md).
+        const MESSAGES: usize = 20_000;
+        let heartbeats = kept_for_a_stalled_subscriber("fleet/f/v/hb", "fleet/+/+/hb", MESSAGES);
+        assert_eq!(
+            heartbeats,
+            MESSAGES + 1,
+            "the heartbeats' log keeps them all"
+        );
+        for kind in ["status", "event", "ack", "cmd"] {
+            let kept = kept_for_a_stalled_subscriber(
+                &format!("fleet/f/v/{kind}"),
+                &format!("fleet/+/+/{kind}"),
+                MESSAGES,
+            );
+            // 2 500–3 100 measured: ≈2 200 in the log (4 segments of ≈550), the rest queued for
+            // the reader before the router paused it. Without the QoS 1 pair: all 20 001.
+            assert!(kept < 5_000, "{kind}: {kept} kept, the log is not bounded");
+        }
+    }
+
     // A measurement (run by hand, in release mode, see docs/broker.md):
     //   cargo test -p broker --release --lib measure_ -- --ignored --nocapture
 

@@ -13,10 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::auth::{Authenticator, PROBE_TOPIC_PREFIX};
+use crate::auth::{AuthSettings, Authenticator, PROBE_TOPIC_PREFIX};
 use crate::client_ids::ClientIds;
 use crate::config::BrokerConfig;
-use crate::connection::{self, FrontEnd, Limits};
+use crate::connection::{self, FrontEnd, Limits, PendingConnects};
 use crate::durability::Durability;
 use crate::durability::journal::{Bounds, Journal};
 use crate::error::BrokerError;
@@ -129,7 +129,15 @@ impl Broker {
         let deadline = Instant::now() + config.startup_timeout;
         let bound = bind_all(&config)?;
         let auth = match &config.credentials {
-            Some(path) => Some(Arc::new(Authenticator::load(path)?)),
+            Some(path) => Some(Arc::new(Authenticator::load_with(
+                path,
+                AuthSettings {
+                    bridge_ids: config.durable_consumers.clone(),
+                    max_login_failures: config.max_login_failures,
+                    login_failure_window: config.login_failure_window,
+                    max_password_checks: config.max_password_checks,
+                },
+            )?)),
             None => None,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -491,7 +499,11 @@ async fn assemble(
     probe_tx
         .subscribe(probe_topic.as_str())
         .map_err(|err| unavailable("the probe subscription", &err))?;
-    let prober = ProbeReceiver::new(probe_tx, probe_rx, probe_topic);
+    let pending = PendingConnects::new(
+        config.max_pending_connects,
+        config.max_pending_connects_per_ip,
+    );
+    let prober = ProbeReceiver::new(probe_tx, probe_rx, probe_topic, Arc::clone(&pending));
 
     let (wills, wills_rx) =
         WillPublisher::new(&registrar, &format!("{INTERNAL_PREFIX}wills-{instance}"))
@@ -545,7 +557,10 @@ async fn assemble(
             max_batch: config.max_inflight_count,
             max_connections: config.max_connections,
             max_publish_rate: config.max_publish_rate,
+            max_subscribe_rate: config.max_subscribe_rate,
+            max_subscriptions: config.max_subscriptions,
         },
+        pending,
         auth,
         probe: ProbeLogin {
             username: format!("{INTERNAL_PREFIX}probe"),

@@ -46,11 +46,19 @@ fn provision() -> Provisioned {
     ));
     let mut file = CredentialsFile::open(&path).unwrap();
     let van1 = file
-        .add_device("van-1", NewPassword::Generate)
+        .add_device(
+            "van-1",
+            &shared::FleetId::new("f").unwrap(),
+            NewPassword::Generate,
+        )
         .unwrap()
         .password;
     let van2 = file
-        .add_device("van-2", NewPassword::Generate)
+        .add_device(
+            "van-2",
+            &shared::FleetId::new("f").unwrap(),
+            NewPassword::Generate,
+        )
         .unwrap()
         .password;
     let bridge = file
@@ -320,7 +328,11 @@ async fn measure_reconnect_storm() {
     for i in 0..devices {
         let id = format!("van-{i:05}");
         let password = file
-            .add_device(&id, NewPassword::Generate)
+            .add_device(
+                &id,
+                &shared::FleetId::new("f").unwrap(),
+                NewPassword::Generate,
+            )
             .unwrap()
             .password;
         logins.push((id, password));

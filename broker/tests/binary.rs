@@ -105,7 +105,13 @@ fn add_device_and_add_client_write_the_credentials_file() {
     let dir = temp_dir();
     let file = dir.path().join("creds.toml");
     let out = run(broker(&dir)
-        .args(["add-device", "van-0001", "--credentials"])
+        .args([
+            "add-device",
+            "van-0001",
+            "--fleet",
+            "north",
+            "--credentials",
+        ])
         .arg(&file));
     assert!(
         out.status.success(),
@@ -133,19 +139,29 @@ fn add_device_and_add_client_write_the_credentials_file() {
     let creds = broker::Credentials::load(&file).unwrap();
     let device = creds.device("van-0001").unwrap();
     assert_eq!(device.key_hex(), key);
+    assert_eq!(device.fleet().as_str(), "north");
+    assert_eq!(field("fleet:"), "north");
     assert!(!std::fs::read_to_string(&file).unwrap().contains(&password));
     assert_eq!(creds.client("bridge").unwrap().role(), broker::Role::Bridge);
 
     // An invalid vehicle id is refused, the file is left alone.
     let out = run(broker(&dir)
-        .args(["add-device", "bad/id", "--credentials"])
+        .args(["add-device", "bad/id", "--fleet", "north", "--credentials"])
         .arg(&file));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("vehicle id"));
     // Without a file to write to, it says how to name one.
-    let out = run(broker(&dir).args(["add-device", "van-0002"]));
+    let out = run(broker(&dir).args(["add-device", "van-0002", "--fleet", "north"]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--credentials"));
+    // The fleet is part of a device's credentials: without `--fleet`, nothing is written.
+    let before = std::fs::read_to_string(&file).unwrap();
+    let out = run(broker(&dir)
+        .args(["add-device", "van-0003", "--credentials"])
+        .arg(&file));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--fleet"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), before);
     std::fs::remove_file(&file).ok();
 }
 

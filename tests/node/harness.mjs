@@ -27,6 +27,19 @@ export function readCommands(handle, { bad, done }) {
   lines.on("close", done);
 }
 
-/** A socket.io-client socket on `namespace` at `url`, WebSocket only, with the handshake `auth`. */
+/**
+ * Extra socket.io-client options from the environment: `FLEETBEAT_SIO_OPTIONS`, a JSON object
+ * (e.g. `{"extraHeaders": {"Origin": "http://elsewhere.example"}}`, what a browser on another
+ * site would send). Empty when unset.
+ */
+const optionsFromEnv = () => {
+  const raw = process.env.FLEETBEAT_SIO_OPTIONS;
+  return raw ? JSON.parse(raw) : {};
+};
+
+/**
+ * A socket.io-client socket on `namespace` at `url`, WebSocket only, with the handshake `auth`;
+ * `options` and then `FLEETBEAT_SIO_OPTIONS` override the defaults.
+ */
 export const connect = (url, namespace, auth, options = {}) =>
-  io(url + namespace, { auth, transports: ["websocket"], ...options });
+  io(url + namespace, { auth, transports: ["websocket"], ...options, ...optionsFromEnv() });

@@ -28,19 +28,50 @@ pub struct Provisioned {
 }
 
 /// Provisions `devices` and the bridge (client `fleetbeat-bridge`, role bridge) in a fresh
-/// credentials file, and writes the simulator's secrets file beside it.
+/// credentials file, and writes the simulator's secrets file beside it. Each device's fleet
+/// is taken from its id as the simulator names vehicles, `{fleet}-{number}` (`north-0001` is
+/// in fleet `north`); [`provision_in`] names the fleet.
+///
+/// # Errors
+/// If an id is not `{fleet}-{number}`, or the `broker` commands fail or print something
+/// unexpected.
+pub async fn provision(devices: &[&str]) -> anyhow::Result<Provisioned> {
+    let mut with_fleets = Vec::with_capacity(devices.len());
+    for device in devices {
+        let (fleet, _) = device
+            .rsplit_once('-')
+            .with_context(|| format!("{device} is not `{{fleet}}-{{number}}`"))?;
+        with_fleets.push((fleet, *device));
+    }
+    provision_devices(&with_fleets).await
+}
+
+/// As [`provision`], with every device in `fleet`.
 ///
 /// # Errors
 /// If the `broker` commands fail or print something unexpected.
-pub async fn provision(devices: &[&str]) -> anyhow::Result<Provisioned> {
+pub async fn provision_in(fleet: &str, devices: &[&str]) -> anyhow::Result<Provisioned> {
+    let with_fleets: Vec<(&str, &str)> = devices.iter().map(|d| (fleet, *d)).collect();
+    provision_devices(&with_fleets).await
+}
+
+/// Provisions each `(fleet, device)` and the bridge (see [`provision`]).
+async fn provision_devices(devices: &[(&str, &str)]) -> anyhow::Result<Provisioned> {
     let dir = temp_dir()?;
     let broker_file = dir.path().join("credentials.toml");
     let file = broker_file.to_str().context("utf-8 path")?.to_owned();
     let mut out = BTreeMap::new();
     let mut sim = String::new();
-    for device in devices {
-        let (password, key_hex) =
-            broker_credentials_command(&["add-device", device, "--credentials", &file]).await?;
+    for &(fleet, device) in devices {
+        let args = [
+            "add-device",
+            device,
+            "--fleet",
+            fleet,
+            "--credentials",
+            &file,
+        ];
+        let (password, key_hex) = broker_credentials_command(&args).await?;
         let key_hex = key_hex.with_context(|| format!("add-device {device} printed no key"))?;
         let mut key = [0u8; 32];
         for (i, byte) in key.iter_mut().enumerate() {
@@ -49,7 +80,7 @@ pub async fn provision(devices: &[&str]) -> anyhow::Result<Provisioned> {
         sim.push_str(&format!(
             "[devices.{device}]\npassword = \"{password}\"\nkey = \"{key_hex}\"\n\n"
         ));
-        out.insert((*device).to_owned(), (password, key));
+        out.insert(device.to_owned(), (password, key));
     }
     let (bridge_password, _) = broker_credentials_command(&[
         "add-client",

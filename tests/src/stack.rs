@@ -491,13 +491,29 @@ impl FleetSecrets {
         Ok((secret.password.clone(), secret.key))
     }
 
-    /// Adds device `id` to the broker's credentials file with `broker add-device`; returns
-    /// the password and the key (hex) it printed.
+    /// Adds device `id` of this fleet to the broker's credentials file with `broker
+    /// add-device`; returns the password and the key (hex) it printed.
     ///
     /// # Errors
     /// If the command fails.
     pub async fn add_device(&self, id: &str) -> anyhow::Result<(String, Option<String>)> {
-        broker_credentials_command(&["add-device", id, "--credentials", &self.broker_arg()]).await
+        self.add_device_in(id, &self.fleet).await
+    }
+
+    /// Adds device `id` of `fleet` (which may be another fleet than this one's) to the
+    /// broker's credentials file with `broker add-device`; returns the password and the key
+    /// (hex) it printed.
+    ///
+    /// # Errors
+    /// If the command fails.
+    pub async fn add_device_in(
+        &self,
+        id: &str,
+        fleet: &str,
+    ) -> anyhow::Result<(String, Option<String>)> {
+        let file = self.broker_arg();
+        let args = ["add-device", id, "--fleet", fleet, "--credentials", &file];
+        broker_credentials_command(&args).await
     }
 
     /// Adds client `name` with `role` (`observer`, `bridge`) to the broker's credentials file
@@ -558,11 +574,13 @@ pub async fn provision_fleet(vehicles: u32, fleet: &str) -> anyhow::Result<Fleet
     .arg(&sim);
     run_to_end(cmd, "device-sim provision").await?;
     let secrets = device_sim::secrets::DeviceSecrets::load(&sim)?;
+    let fleet_id = shared::FleetId::new(fleet).map_err(anyhow::Error::msg)?;
     let mut file = broker::CredentialsFile::open(&broker_file)?;
     for vehicle in secrets.vehicles() {
         let secret = secrets.get(vehicle).context("listed")?;
         file.set_device(
             vehicle.as_str(),
+            &fleet_id,
             &secret.password,
             broker::PasswordOrigin::Generated,
             secret.key,

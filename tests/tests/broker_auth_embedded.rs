@@ -3,19 +3,28 @@
 
 use tests::provision::provision;
 use tests::sio::SioClient;
-use tests::stack::{start_bridge, start_sim};
+use tests::stack::{start_bridge, start_sim, write_bridge_config};
 use tests::{WAIT, mosquitto};
+
+/// The token `SioClient::dispatcher` presents, configured (in plain: the test's own).
+const DISPATCHER: &str =
+    "[[tokens]]\ntoken = \"dispatch-demo\"\nrole = \"dispatcher\"\nfleets = [\"*\"]\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_broker_authenticates_devices_and_bridge() -> anyhow::Result<()> {
     let creds = provision(&["auth-0001"]).await?;
     let broker_file = creds.broker_file.to_str().unwrap_or_default();
     let sim_file = creds.sim_file.to_str().unwrap_or_default();
+    // With a credentials file the demo tokens are off: the dispatcher's token is configured.
+    let config = write_bridge_config(DISPATCHER)?;
+    let config_arg = config.path().to_str().unwrap_or_default();
     let mut bridge = start_bridge(&[
         "--credentials",
         broker_file,
         "--mqtt-password",
         &creds.bridge_password,
+        "--config",
+        config_arg,
     ])
     .await?;
     let _sim = start_sim(

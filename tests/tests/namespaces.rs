@@ -1,5 +1,5 @@
 //! The Socket.IO hub concepts on real sockets: middleware per namespace, emit to everyone,
-//! broadcast to all but the sender, rooms a client may not join.
+//! an order announced to its fleet's dispatchers only, rooms a client may not join.
 
 use serde_json::json;
 use tests::WAIT;
@@ -80,7 +80,7 @@ fn vendor_token(store: &str, [lat, lon]: [f64; 2]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pickup_reaches_everyone_but_the_sender_and_vendors_stay_in_their_room()
+async fn pickup_reaches_the_fleets_dispatchers_only_and_vendors_stay_in_their_room()
 -> anyhow::Result<()> {
     let config = tests::stack::write_bridge_config(&format!(
         "{}{}{}",
@@ -108,16 +108,27 @@ async fn pickup_reaches_everyone_but_the_sender_and_vendors_stay_in_their_room()
         (Some("o-1"), Some("created"))
     );
     assert!(ack["vehicle"].is_null());
-    for client in [&mut other, &mut dispatcher] {
-        let got = client.next_event("pickup", WAIT).await?;
-        assert_eq!(got["order"], "o-1");
-        assert_eq!(got["store"], "store-1");
-    }
-    // The sender's ack came after the broadcast on the same connection: had the broadcast
-    // included the sender, its pickup would already be here.
+    // Issue 14: an order (with its customer) goes to the dispatchers of the vendor's fleet,
+    // no longer to every other vendor.
+    let got = dispatcher.next_event("pickup", WAIT).await?;
+    assert_eq!(got["order"], "o-1");
+    assert_eq!(got["store"], "store-1");
+    assert_eq!(got["customer"], "Ada");
+    // The sender's ack came after the announcement on the same connection: had it included the
+    // sender, its pickup would already be here.
     assert!(
         sender.drain_events("pickup").is_empty(),
         "the sender got its own pickup"
+    );
+    // Nor the other store: its own order's ack comes after anything sent to it for o-1.
+    let theirs = json!({ "order": "o-2", "customer": "Bo", "lat": 52.5, "lon": 13.4 });
+    assert_eq!(other.emit_ack("pickup", json!([theirs])).await?["ok"], true);
+    assert!(
+        other
+            .drain_events("pickup")
+            .iter()
+            .all(|p| p["order"] != "o-1"),
+        "another store got o-1"
     );
 
     let own = sender.join("vendor:store-1").await?;

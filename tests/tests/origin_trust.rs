@@ -4,8 +4,14 @@
 use shared::{Heartbeat, Position, Topic};
 use tests::provision::provision;
 use tests::sio::SioClient;
-use tests::stack::{free_port, start_bridge_external, start_broker_process, start_sim};
+use tests::stack::{
+    free_port, start_bridge_external, start_broker_process, start_sim, write_bridge_config,
+};
 use tests::{WAIT, mosquitto};
+
+/// The token `SioClient::dispatcher_in` presents, configured (in plain: the test's own).
+const DISPATCHER: &str =
+    "[[tokens]]\ntoken = \"dispatch-demo\"\nrole = \"dispatcher\"\nfleets = [\"*\"]\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_and_replayed_payloads_are_rejected() -> anyhow::Result<()> {
@@ -18,7 +24,14 @@ async fn spoofed_and_replayed_payloads_are_rejected() -> anyhow::Result<()> {
     // stands between a device and another vehicle's identity.
     let mqtt = free_port()?;
     let _broker = start_broker_process(mqtt, &[]).await?;
-    let mut bridge = start_bridge_external(mqtt, &["--credentials", broker_file]).await?;
+    // With a credentials file the demo tokens are off: the dispatcher's token is configured.
+    let config = write_bridge_config(DISPATCHER)?;
+    let config_arg = config.path().to_str().unwrap_or_default();
+    let mut bridge = start_bridge_external(
+        mqtt,
+        &["--credentials", broker_file, "--config", config_arg],
+    )
+    .await?;
     let _sim = start_sim(
         bridge.mqtt,
         2,

@@ -4,8 +4,10 @@
 //! delivery events and a `device-sim` vehicle sends heartbeats. While the lock lasts: the
 //! events get no PUBACK and are not stored, `/readyz` is 503 with the store's error, `/metrics`
 //! show it, heartbeats keep coming in. Once the lock is gone, without anything restarted: each
-//! event is stored before its PUBACK, it reaches its vendor, `/readyz` is 200 again, and
-//! neither the bridge nor the vehicle ever reconnected.
+//! event is stored before its PUBACK, it reaches the fleet's dispatcher, `/readyz` is 200
+//! again, and neither the bridge nor the vehicle ever reconnected. (The order is assigned to
+//! the simulated vehicle, so the raw vehicle's events are stored flagged `wrong-vehicle` and
+//! told to the dispatchers as `suspect`, not to the vendor: issue #14.)
 
 use std::path::Path;
 use std::time::Duration;
@@ -33,7 +35,7 @@ async fn a_locked_store_holds_acks_back_until_it_writes_again() -> anyhow::Resul
     let store_arg = store.display().to_string();
     let bridge = start_bridge(&["--store", &store_arg]).await?;
     let _sim = start_sim(bridge.mqtt, 1, "demo", &["--rate", "5"])?;
-    let mut vendor = SioClient::connect_with_token(&bridge.url(), "/vendor", "vendor-demo").await?;
+    let mut dispatcher = SioClient::dispatcher(&bridge.url()).await?;
     // The raw vehicle's events 1 and 2 are `raw-0` going in transit, then delivered.
     let order = json!({ "order": "raw-0", "customer": "c", "lat": 52.51, "lon": 13.39 });
     let (status, placed) = bridge
@@ -80,7 +82,7 @@ async fn a_locked_store_holds_acks_back_until_it_writes_again() -> anyhow::Resul
     // Nothing acknowledged, nothing stored, nothing told.
     assert_eq!(pipeline.acked(), 0, "a PUBACK while the store cannot write");
     assert!(stored_events(&store, VEHICLE).await?.is_empty());
-    assert!(vendor.drain_events("delivery").is_empty());
+    assert!(dispatcher.drain_events("delivery").is_empty());
 
     lock.release().await?;
     // Each event is in the store by the time its PUBACK reaches the vehicle.
@@ -99,12 +101,15 @@ async fn a_locked_store_holds_acks_back_until_it_writes_again() -> anyhow::Resul
     );
     assert_eq!(report.connections, 1, "the vehicle had to reconnect");
     wait_stored(&store, VEHICLE, &report.acked, WAIT).await?;
-    let delivered = vendor
+    let delivered = dispatcher
         .next_matching(WAIT, |m| {
-            m["event"] == "delivery" && m["args"][0]["kind"] == "delivered"
+            m["event"] == "delivery"
+                && m["args"][0]["kind"] == "delivered"
+                && m["args"][0]["vehicle"] == VEHICLE
         })
         .await?;
     assert_eq!(delivered["args"][0]["order"], "raw-0", "{delivered}");
+    assert_eq!(delivered["args"][0]["suspect"], true, "{delivered}");
 
     // Recovered by itself, without a reconnect loop.
     bridge.wait_ready().await?;
@@ -121,7 +126,7 @@ async fn a_locked_store_holds_acks_back_until_it_writes_again() -> anyhow::Resul
         bridge.program.find_line("the store writes again").is_some(),
         "the recovery is logged"
     );
-    vendor.close().await;
+    dispatcher.close().await;
     Ok(())
 }
 

@@ -13,8 +13,9 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRef, Path, Query, State};
+use axum::extract::{FromRef, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,10 +25,11 @@ use shared::{OrderId, VehicleId};
 use socketioxide::SocketIo;
 use socketioxide::layer::SocketIoLayer;
 
+use super::limits::{Limit, SocketGuard};
 use super::socket::place_and_announce;
 use super::web::{self, WebConfig};
 use crate::domain::Hub;
-use crate::domain::auth::{AuthError, Entrance, Grant, Role};
+use crate::domain::auth::{AuthError, Entrance, Grant, MetricsRefusal, Role};
 use crate::domain::command::{CommandError, CommandRequest};
 use crate::domain::delivery::{OrderError, OrderRequest};
 use crate::store::StoreError;
@@ -43,6 +45,8 @@ pub(crate) struct HttpState {
     pub(crate) hub: Arc<Hub>,
     /// The embedded broker's counters, appended to `/metrics` (embedded mode only).
     pub(crate) broker: Option<broker::BrokerMetrics>,
+    /// The Socket.IO limits: the Origin check, and their counters for `/metrics`.
+    pub(crate) guard: Arc<SocketGuard>,
 }
 
 impl FromRef<HttpState> for Arc<Hub> {
@@ -52,8 +56,9 @@ impl FromRef<HttpState> for Arc<Hub> {
 }
 
 /// Builds the router: `/healthz`, `/readyz`, `/metrics`, `/api/...`, the page, and Socket.IO
-/// at `/socket.io/`.
+/// at `/socket.io/` (behind the Origin check).
 pub(crate) fn router(state: HttpState, socketio: SocketIoLayer, page: WebConfig) -> Router {
+    let guard = Arc::clone(&state.guard);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -67,6 +72,35 @@ pub(crate) fn router(state: HttpState, socketio: SocketIoLayer, page: WebConfig)
         .with_state(state)
         .merge(web::routes(page))
         .layer(socketio)
+        .layer(middleware::from_fn_with_state(guard, check_origin))
+}
+
+/// Refuses a Socket.IO request (polling or the WebSocket upgrade) whose `Origin` is not
+/// allowed (`allowed_origins`; by default the page's own origin, the `Host` it was sent to):
+/// 403, counted and logged. A request without `Origin` is not a browser's and passes; every
+/// other route passes.
+async fn check_origin(
+    State(guard): State<Arc<SocketGuard>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path().starts_with("/socket.io")
+        && let Some(origin) = request.headers().get(header::ORIGIN)
+    {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
+        let allowed = origin
+            .to_str()
+            .is_ok_and(|origin| guard.origin_allowed(origin, host));
+        if !allowed {
+            guard.refused(Limit::Origin);
+            tracing::warn!(origin = ?origin, host = ?host, "Socket.IO request from a foreign origin refused");
+            return ApiError::new(StatusCode::FORBIDDEN, "origin not allowed").into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// An API error: a status code and a message, rendered as JSON.
@@ -114,7 +148,6 @@ impl From<CommandError> for ApiError {
         let status = match &err {
             CommandError::UnknownVehicle => StatusCode::NOT_FOUND,
             CommandError::Offline => StatusCode::CONFLICT,
-            CommandError::Forbidden => StatusCode::FORBIDDEN,
             CommandError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             CommandError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             CommandError::Publish(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -217,12 +250,33 @@ async fn readyz(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
     (StatusCode::SERVICE_UNAVAILABLE, Json(body))
 }
 
-async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
+/// The counters, to whoever `Hub::metrics_access` admits (a metrics token, loopback, or
+/// anyone); 401 or 403 otherwise.
+async fn metrics_text(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    extensions: axum::http::Extensions,
+) -> Response {
+    let peer = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Err(refusal) = state.hub.metrics_access().check(peer, bearer) {
+        let status = match refusal {
+            MetricsRefusal::Token => StatusCode::UNAUTHORIZED,
+            MetricsRefusal::NotLoopback => StatusCode::FORBIDDEN,
+        };
+        return ApiError::new(status, refusal.to_string()).into_response();
+    }
     let mut text = state.hub.metrics().render();
+    text.push_str(&state.guard.render());
     if let Some(broker) = &state.broker {
         text.push_str(&broker.render());
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn list_vehicles(

@@ -3,8 +3,10 @@
 //!
 //! - [`socket`]: namespaces, their middleware and named event handlers.
 //! - [`http`]: the axum router (`/healthz`, `/readyz`, `/metrics`, `/api`, Socket.IO).
+//! - [`limits`]: the Socket.IO abuse limits, their settings and counters.
 //! - [`web`]: the dispatcher page at `/` (embedded assets, `/config.json`).
 
 pub(crate) mod http;
+pub(crate) mod limits;
 pub(crate) mod socket;
 pub(crate) mod web;

@@ -3,14 +3,19 @@
 //!
 //! - `/dispatch`: dispatchers `join` / `leave` rooms (`vehicle:{id}`, `fleet:{fleet}`, `all`)
 //!   within their token's scope, get a `snapshot` on join, then live events; `command` a vehicle.
-//! - `/vendor`: each store sits in `vendor:{store}` and cannot join another; `pickup` is
-//!   broadcast to every other vendor and to the dispatchers.
+//! - `/vendor`: each store sits in `vendor:{store}` and cannot join another; `pickup` goes to
+//!   the dispatchers of the store's fleet (and the store's other sockets), nobody else.
 //! - `/admin`: `stats`, and `announce` to every socket of every namespace.
 //!
-//! `/dispatch` and `/vendor` both serve the durable queue: `received`, `getAll`, and the
-//! pending messages re-sent on connect.
+//! `/dispatch` and `/vendor` both serve the durable queue: `received`, `getAll` (paged), and
+//! the first page of pending messages re-sent on connect.
+//!
+//! What one client may cost is bounded by `limits` ([`SocketGuard`]): connections per token
+//! (checked in the connect middleware), joins per second and rooms per socket (in `join`), the
+//! page size of the queue.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -20,12 +25,13 @@ use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
 use socketioxide::handler::ConnectHandler as _;
 use tracing::{debug, info, instrument, warn};
 
+use super::limits::{JoinBudget, Limit, SocketGuard, Ticket};
 use crate::clock::now_ms;
 use crate::domain::Hub;
 use crate::domain::auth::{AuthError, Entrance, Grant, Role};
 use crate::domain::command::CommandRequest;
 use crate::domain::delivery::OrderRequest;
-use crate::store::{ClientId, MessageId, StoreError};
+use crate::store::{MessageId, StoreError};
 use crate::view::room::{ADMIN, DISPATCH, RoomName, VENDOR, vendor_room};
 use crate::view::vehicle::command_answer;
 use crate::view::{emit, order, reply};
@@ -108,18 +114,42 @@ struct Handshake {
     token: Option<String>,
 }
 
-/// The connect middleware of namespace `N`: checks the handshake's token and keeps its
-/// [`Grant`] in the socket's extensions.
+/// Why a handshake is refused; the message goes to the client in `connect_error`.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    /// The token.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// The token has `connections_per_token` connections open already.
+    #[error("too many connections with this token (at most {0})")]
+    TooManyConnections(u32),
+}
+
+/// The connect middleware of namespace `N`: checks the handshake's token and that it has a
+/// connection left (`connections_per_token`), and keeps its [`Grant`] and [`Ticket`] in the
+/// socket's extensions.
 async fn authorize<N: Namespace>(
     socket: SocketRef,
     auth: TryData<Handshake>,
     State(hub): State<Arc<Hub>>,
-) -> Result<(), AuthError> {
+    State(guard): State<Arc<SocketGuard>>,
+) -> Result<(), Refusal> {
     let token = auth.0.ok().and_then(|h| h.token);
-    match hub.authorize::<N>(token.as_deref()) {
-        Ok(grant) => {
+    let admitted = hub
+        .authorize::<N>(token.as_deref())
+        .map_err(Refusal::from)
+        .and_then(|grant| {
+            let ticket = guard
+                .admit(&grant.name)
+                .map_err(Refusal::TooManyConnections)?;
+            Ok((grant, ticket))
+        });
+    match admitted {
+        Ok((grant, ticket)) => {
             debug!(sid = %socket.id, ns = N::NAME, who = %grant.name, "authorized");
             socket.extensions.insert(grant);
+            socket.extensions.insert(ticket);
+            socket.extensions.insert(guard.join_budget());
             Ok(())
         }
         Err(err) => {
@@ -135,17 +165,25 @@ async fn on_connect<N: Namespace>(
     socket: SocketRef,
     Extension(grant): Extension<Grant>,
     State(hub): State<Arc<Hub>>,
+    State(guard): State<Arc<SocketGuard>>,
 ) {
     hub.metrics().socket_delta(true);
     socket.on_disconnect(on_disconnect);
     N::handlers(&socket);
     if N::QUEUE {
-        serve_queue(&socket, &grant, &hub).await;
+        serve_queue(&socket, &grant, &hub, guard.limits().get_all_page).await;
     }
 }
 
-async fn on_disconnect(socket: SocketRef, State(hub): State<Arc<Hub>>) {
+async fn on_disconnect(
+    socket: SocketRef,
+    State(hub): State<Arc<Hub>>,
+    State(guard): State<Arc<SocketGuard>>,
+) {
     hub.metrics().socket_delta(false);
+    if let Some(ticket) = socket.extensions.remove::<Ticket>() {
+        guard.release(&ticket);
+    }
     debug!(sid = %socket.id, ns = socket.ns(), "socket disconnected");
 }
 
@@ -159,19 +197,19 @@ fn reply(ack: AckSender, result: Result<Value, String>) {
 // ---- the durable queue (/dispatch and /vendor) -----------------------------------------
 
 /// Serves the client's durable queue on `socket`: puts it in its queue identity's room (a
-/// vendor's is its store room, `vendor:{store}`), re-sends what is pending for it, and
-/// answers `received` and `getAll`.
-async fn serve_queue(socket: &SocketRef, grant: &Grant, hub: &Hub) {
+/// vendor's is its store room, `vendor:{store}`), re-sends the first `page` messages pending
+/// for it, and answers `received` and `getAll`.
+async fn serve_queue(socket: &SocketRef, grant: &Grant, hub: &Hub, page: u32) {
     socket.on("received", on_received);
     socket.on("getAll", on_get_all);
     let Some(client) = grant.queue_client() else {
         return;
     };
     socket.join(client.as_str().to_owned());
-    match resend_pending(socket, &client, hub).await {
-        Ok(0) => {}
-        Ok(n) => {
-            info!(sid = %socket.id, %client, pending = n, "re-sent pending messages on connect")
+    match resend_pending(socket, grant, hub, MessageId(0), page).await {
+        Ok((0, _)) => {}
+        Ok((n, next)) => {
+            info!(sid = %socket.id, %client, pending = n, more = next.is_some(), "re-sent pending messages on connect")
         }
         Err(err) => {
             warn!(sid = %socket.id, %client, cause = %err, "could not read pending messages")
@@ -179,15 +217,31 @@ async fn serve_queue(socket: &SocketRef, grant: &Grant, hub: &Hub) {
     }
 }
 
-/// Emits every message still pending for `client` to this socket, oldest first.
+/// Emits one page of the messages still pending for the queue of `grant` to this socket,
+/// oldest first: at most `limit` with an id above `after`, those it may still see. Returns how
+/// many were sent, and the cursor of the next page if there is more (the last id read).
 async fn resend_pending(
     socket: &SocketRef,
-    client: &ClientId,
+    grant: &Grant,
     hub: &Hub,
-) -> Result<usize, StoreError> {
-    let pending = hub.pending_messages(client).await?;
-    emit::pending(socket, &pending);
-    Ok(pending.len())
+    after: MessageId,
+    limit: u32,
+) -> Result<(usize, Option<MessageId>), StoreError> {
+    let Some(client) = grant.queue_client() else {
+        return Ok((0, None));
+    };
+    // One more than the page: whether there is a next page, without a second query.
+    let mut pending = hub
+        .pending_messages(&client, after, limit.saturating_add(1))
+        .await?;
+    let more = pending.len() > limit as usize;
+    pending.truncate(limit as usize);
+    let held_back = emit::pending(socket, grant, &pending);
+    if held_back > 0 {
+        warn!(sid = %socket.id, %client, held_back, "queued messages outside the token's scope not sent");
+    }
+    let next = more.then(|| pending.last().map(|m| m.id)).flatten();
+    Ok((pending.len() - held_back, next))
 }
 
 /// `received`: the client acknowledges a queued message, by `{messageId}` or the bare id.
@@ -222,21 +276,50 @@ async fn on_received(
     reply(ack, result);
 }
 
-/// `getAll`: re-sends everything still pending for the client, in order; the ack says how
-/// many.
+/// The optional argument of `getAll`: where the page starts and how long it may be.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageRequest {
+    /// The cursor: the `next` of the page before (messages with a higher id).
+    after: Option<u64>,
+    /// At most this many (capped at `get_all_page`).
+    limit: Option<u32>,
+}
+
+/// `getAll` (optionally `{after, limit}`): re-sends one page of what is still pending for the
+/// client, in order; the ack says how many, and `next`, the cursor of the next page, if there
+/// is more.
 async fn on_get_all(
     socket: SocketRef,
+    data: TryData<Option<PageRequest>>,
     ack: AckSender,
     Extension(grant): Extension<Grant>,
     State(hub): State<Arc<Hub>>,
+    State(guard): State<Arc<SocketGuard>>,
 ) {
-    let result = match grant.queue_client() {
-        None => Err("no queue for this client".to_owned()),
-        Some(client) => resend_pending(&socket, &client, &hub)
-            .await
-            .map(reply::resent)
-            .map_err(|e| e.to_string()),
-    };
+    let result = async {
+        let page = match data.0 {
+            Ok(page) => page,
+            // `getAll` without an argument.
+            Err(err) if err.to_string().contains("first element not found") => None,
+            Err(err) => return Err(format!("expected nothing or {{after, limit}}: {err}")),
+        }
+        .unwrap_or_default();
+        grant.queue_client().ok_or("no queue for this client")?;
+        let max = guard.limits().get_all_page;
+        let limit = page.limit.unwrap_or(max).clamp(1, max);
+        let (count, next) = resend_pending(
+            &socket,
+            &grant,
+            &hub,
+            MessageId(page.after.unwrap_or(0)),
+            limit,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(reply::resent(count, next.map(|id| id.0)))
+    }
+    .await;
     reply(ack, result);
 }
 
@@ -250,6 +333,36 @@ fn requested_room(data: TryData<String>) -> Result<RoomName, String> {
     raw.parse::<RoomName>().map_err(|err| err.to_string())
 }
 
+/// Whether `socket` may join `room` now: within its join budget (`joins_per_second`) and its
+/// room count (`rooms_per_socket`; a room it is in already does not count again). Refusals
+/// are counted.
+fn within_limits(socket: &SocketRef, room: &RoomName, guard: &SocketGuard) -> Result<(), String> {
+    let limits = guard.limits();
+    let budget = socket.extensions.get::<JoinBudget>();
+    if budget.is_some_and(|b| !b.take(limits.joins_per_second, Instant::now())) {
+        guard.refused(Limit::JoinRate);
+        return Err(format!(
+            "too many joins: at most {} per second",
+            limits.joins_per_second
+        ));
+    }
+    let name = room.to_string();
+    let rooms: Vec<String> = socket
+        .rooms()
+        .iter()
+        .map(ToString::to_string)
+        .filter(|r| r.parse::<RoomName>().is_ok())
+        .collect();
+    if !rooms.contains(&name) && rooms.len() >= limits.rooms_per_socket as usize {
+        guard.refused(Limit::Rooms);
+        return Err(format!(
+            "too many rooms: at most {} per socket, leave one first",
+            limits.rooms_per_socket
+        ));
+    }
+    Ok(())
+}
+
 #[instrument(skip_all, fields(sid = %socket.id, who = %grant.name))]
 async fn on_join(
     socket: SocketRef,
@@ -257,12 +370,15 @@ async fn on_join(
     ack: AckSender,
     Extension(grant): Extension<Grant>,
     State(hub): State<Arc<Hub>>,
+    State(guard): State<Arc<SocketGuard>>,
 ) {
     let result = requested_room(data).and_then(|room| {
+        within_limits(&socket, &room, &guard)?;
         let vehicle_fleet = match &room {
             RoomName::Vehicle(v) => hub.fleet_of(v),
             _ => None,
         };
+        // The same answer for a vehicle of another fleet and one that does not exist.
         if !room.admits(&grant, vehicle_fleet.as_ref()) {
             return Err(format!("not allowed to join {room}"));
         }
@@ -336,8 +452,9 @@ async fn on_vendor_join(data: TryData<String>, ack: AckSender, Extension(grant):
     reply(ack, result);
 }
 
-/// Places `request` for the vendor `grant` and announces it as `pickup` (to every other
-/// vendor than `sender`, when it comes from a socket); `Ok` is the answer to the vendor.
+/// Places `request` for the vendor `grant` and announces it as `pickup` to the dispatchers
+/// of the vendor's fleet and to the store's other sockets (not `sender`, when it comes from a
+/// socket: the sender gets the answer); `Ok` is the answer to the vendor.
 ///
 /// # Errors
 /// The order could not be placed (see `Hub::place_order`).
@@ -349,9 +466,12 @@ pub(crate) async fn place_and_announce(
     request: &OrderRequest,
 ) -> Result<crate::domain::delivery::Placed, crate::domain::delivery::OrderError> {
     let placed = hub.place_order(grant, request).await?;
-    let store = grant.store.clone().unwrap_or_default();
-    let announced = order::pickup(&store, request, &placed, now_ms());
-    emit::pickup(io, sender, &announced).await;
+    // `place_order` succeeds for vendors with a store and a fleet only.
+    if let (Some(store), Some(fleet)) = (&grant.store, &grant.fleet) {
+        let announced = order::pickup(store, request, &placed, now_ms());
+        let room = vendor_room(store);
+        emit::pickup(io, hub.metrics(), (fleet, &room), sender, &announced).await;
+    }
     Ok(placed)
 }
 
@@ -378,12 +498,17 @@ async fn on_pickup(
 
 // ---- /admin ----------------------------------------------------------------------------
 
-async fn on_stats(io: SocketIo, ack: AckSender, State(hub): State<Arc<Hub>>) {
+async fn on_stats(
+    io: SocketIo,
+    ack: AckSender,
+    State(hub): State<Arc<Hub>>,
+    State(guard): State<Arc<SocketGuard>>,
+) {
     let clients = |ns: &str| io.of(ns).map_or(0, |ops| ops.sockets().len());
     let stats = reply::stats(reply::Stats {
         mqtt_ready: hub.metrics().mqtt_ready(),
         commands_waiting: hub.commands_waiting(),
-        metrics: hub.metrics().render(),
+        metrics: hub.metrics().render() + &guard.render(),
         vehicles: hub.liveness_counts(),
         clients: [clients(DISPATCH), clients(VENDOR), clients(ADMIN)],
     });

@@ -54,15 +54,13 @@ impl CommandRequest {
 /// Why a command did not get an answer.
 #[derive(Debug, Error)]
 pub(crate) enum CommandError {
-    /// The bridge has never heard of this vehicle.
+    /// The bridge has never heard of this vehicle, or it is in a fleet the caller may not
+    /// see: the two are one answer, so that it does not tell which vehicle ids exist.
     #[error("unknown vehicle")]
     UnknownVehicle,
     /// The vehicle is offline: a command would not reach it.
     #[error("vehicle is offline")]
     Offline,
-    /// The caller may not command this vehicle.
-    #[error("not allowed to command this vehicle")]
-    Forbidden,
     /// The command is malformed or out of range.
     #[error("invalid command: {0}")]
     Invalid(String),

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use super::auth::{Grant, Role};
 use super::fleet::Liveness;
 use super::hub::Hub;
-use super::order::OrderState;
+use super::order::{EventFlag, OrderState};
 use crate::store::{ClientId, Enqueued, NewOrder, OrderView, StoreError, WaitingOrder};
 
 /// How many vehicles are asked before an order is left unassigned.
@@ -285,8 +285,12 @@ impl Hub {
         Ok(Recipients { store, clients })
     }
 
-    /// Records a vehicle's delivery event durably and queues `payload` for `recipients`, in
-    /// one transaction. Returns the queued messages to emit (none for a duplicate).
+    /// Records a vehicle's delivery event durably and queues it for `recipients`, in one
+    /// transaction; `payload` makes the message for the event's flag (see `order::judge`).
+    /// A suspect event (another vehicle's order, or an unknown order: [`EventFlag::is_suspect`])
+    /// is stored flagged and queued for the dispatchers only: the order's vendor never gets it
+    /// as genuine (it sees the flagged entry in the order's timeline). Returns the queued
+    /// messages to emit (none for a duplicate).
     ///
     /// # Errors
     /// [`StoreError`] if it was not committed: the event must not be acknowledged.
@@ -295,11 +299,20 @@ impl Hub {
         topic: &Topic,
         event: &DeliveryEvent,
         recipients: &[ClientId],
-        payload: &Value,
+        payload: impl FnOnce(Option<EventFlag>) -> Value,
     ) -> Result<Vec<Enqueued>, StoreError> {
+        let address = |flag: Option<EventFlag>| {
+            let suspect = flag.is_some_and(EventFlag::is_suspect);
+            let message = payload(flag);
+            recipients
+                .iter()
+                .filter(|client| !(suspect && client.is_vendor()))
+                .map(|client| (client.clone(), message.clone()))
+                .collect()
+        };
         let recorded = self
             .store
-            .record_event(&topic.vehicle, &topic.fleet, event, recipients, payload)
+            .record_event_for(&topic.vehicle, &topic.fleet, event, address)
             .await?;
         if recorded.duplicate {
             tracing::debug!(vehicle = %topic.vehicle, seq = event.seq, "duplicate delivery event");

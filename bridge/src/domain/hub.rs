@@ -12,7 +12,7 @@ use rumqttc::AsyncClient;
 use shared::{AckResult, CodecError, CommandAck, CommandKind, FleetId, Topic, VehicleId};
 use tracing::warn;
 
-use super::auth::{AuthError, Entrance, Grant, Tokens};
+use super::auth::{AuthError, Entrance, Grant, MetricsAccess, Tokens};
 use super::command::{CommandError, Commands};
 use super::fleet::{Fleet, Liveness, LivenessCounts, Report, TickNews, VehicleState};
 use crate::clock::now_ms;
@@ -86,6 +86,11 @@ impl Hub {
         self.tokens.authorize(token, E::NAME, E::ROLES)
     }
 
+    /// Who may read `/metrics`.
+    pub(crate) fn metrics_access(&self) -> MetricsAccess {
+        self.tokens.metrics_access()
+    }
+
     // ---- the fleet -------------------------------------------------------------------------
 
     /// Records what a vehicle reported, sealed with `counter`, if it is fresh: one lock of
@@ -154,7 +159,9 @@ impl Hub {
     /// Sends `kind` to `vehicle` and waits for its ack (at most the command timeout).
     ///
     /// # Errors
-    /// [`CommandError`] if the vehicle is unknown, offline, not the caller's, or silent.
+    /// [`CommandError`] if the vehicle is unknown, offline, or silent. A vehicle of a fleet the
+    /// caller may not see is [`CommandError::UnknownVehicle`] too: the answer must not tell
+    /// which vehicle ids exist.
     pub(crate) async fn command(
         &self,
         grant: &Grant,
@@ -163,11 +170,9 @@ impl Hub {
     ) -> Result<(u32, AckResult), CommandError> {
         let status = self
             .vehicle(vehicle)
+            .filter(|v| grant.may_see_fleet(&v.status.fleet))
             .ok_or(CommandError::UnknownVehicle)?
             .status;
-        if !grant.may_see_fleet(&status.fleet) {
-            return Err(CommandError::Forbidden);
-        }
         if status.liveness == Liveness::Offline {
             return Err(CommandError::Offline);
         }
@@ -199,15 +204,18 @@ impl Hub {
 
     // ---- the durable queue and the history ------------------------------------------------
 
-    /// Every message still waiting for `client`'s acknowledgement, oldest first.
+    /// One page of the messages still waiting for `client`'s acknowledgement: at most `limit`
+    /// with an id above `after`, oldest first.
     ///
     /// # Errors
     /// [`StoreError`] if the store cannot be read.
     pub(crate) async fn pending_messages(
         &self,
         client: &ClientId,
+        after: MessageId,
+        limit: u32,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
-        self.store.pending(client).await
+        self.store.pending_page(client, after, limit).await
     }
 
     /// `client` acknowledges message `id`; returns whether it was pending.
@@ -223,7 +231,10 @@ impl Hub {
     }
 
     /// The stored heartbeats of `vehicle` with `from_ms <= ts_ms <= to_ms`, at most `limit`,
-    /// or `None` if some of them belong to a fleet `grant` may not see.
+    /// or `None` if the vehicle is not `grant`'s: some of them belong to a fleet `grant` may
+    /// not see, the bridge knows the vehicle in such a fleet, or it neither knows the vehicle
+    /// nor has any of its heartbeats in the window. "Not yours" and "does not exist" so get
+    /// the same answer.
     ///
     /// # Errors
     /// [`StoreError`] if the store cannot be read.
@@ -234,11 +245,13 @@ impl Hub {
         (from_ms, to_ms): (u64, u64),
         limit: u32,
     ) -> Result<Option<Vec<HeartbeatRow>>, StoreError> {
+        let known = self.fleet_of(vehicle);
+        if known.as_ref().is_some_and(|f| !grant.may_see_fleet(f)) {
+            return Ok(None);
+        }
         let rows = self.store.track(vehicle, from_ms, to_ms, limit).await?;
-        Ok(rows
-            .iter()
-            .all(|r| grant.may_see_fleet(&r.fleet))
-            .then_some(rows))
+        let visible = rows.iter().all(|r| grant.may_see_fleet(&r.fleet));
+        Ok((visible && (known.is_some() || !rows.is_empty())).then_some(rows))
     }
 
     /// Tries one small write: whether the store can write now.

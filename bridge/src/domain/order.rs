@@ -95,6 +95,13 @@ impl EventFlag {
         Self::SkippedStep,
     ];
 
+    /// Whether an event with this flag is suspect: it does not come from the vehicle holding
+    /// the order (another vehicle, or an order nobody placed). Its order is not changed, and it
+    /// is not delivered to the order's vendor as genuine (`delivery::Hub::record_delivery`).
+    pub(crate) const fn is_suspect(self) -> bool {
+        matches!(self, Self::UnknownOrder | Self::WrongVehicle)
+    }
+
     /// The flag's name: `unknown-order`, `wrong-vehicle`, `out-of-order`, `repeated`,
     /// `skipped-step`.
     pub const fn as_str(self) -> &'static str {
@@ -266,6 +273,12 @@ mod tests {
         }
         assert!("lost".parse::<OrderState>().is_err());
         assert!(delivery_kind("lost").is_err());
+    }
+
+    #[test]
+    fn only_events_not_from_the_holder_are_suspect() {
+        let suspect: Vec<bool> = EventFlag::ALL.map(EventFlag::is_suspect).to_vec();
+        assert_eq!(suspect, [true, true, false, false, false]);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Publish, QoS};
 use shared::{DeliveryEvent, Topic};
 use socketioxide::SocketIo;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
@@ -55,6 +55,18 @@ pub(crate) struct Delivery {
     pub(crate) event: DeliveryEvent,
 }
 
+/// What the MQTT task made of a message of the events session.
+#[derive(Debug)]
+pub(crate) enum Handled {
+    /// Handled: acknowledged in its turn, after its delivery event (if any) is committed.
+    Now(Option<Delivery>),
+    /// Held until its vehicle's key is known (`ingest::inbox`): handled then, and the answer
+    /// (its delivery event, if any) comes on this channel. Until it comes, the message and
+    /// every one behind it wait unacknowledged; if the sender is dropped (its connection ended,
+    /// the bridge stops) it is never acknowledged: the broker sends it again.
+    Later(oneshot::Receiver<Option<Delivery>>),
+}
+
 /// A message of the events session, handled, waiting for its PUBACK.
 #[derive(Debug)]
 struct Waiting {
@@ -62,12 +74,13 @@ struct Waiting {
     ack: Option<Publish>,
     /// The connection it came on.
     connection: u64,
-    /// Its delivery event, committed before the PUBACK.
-    delivery: Option<Delivery>,
+    /// What became of it: its delivery event, committed before the PUBACK.
+    handled: Handled,
 }
 
 /// The MQTT task's end of the queue: hands over handled messages in the order they came, and
 /// says when the connection changes.
+#[derive(Clone)]
 pub(crate) struct AckQueue {
     tx: mpsc::Sender<Waiting>,
     connection: Arc<AtomicU64>,
@@ -120,22 +133,17 @@ impl AckQueue {
         self.connection.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Queues `publish`, received on `connection` and handled, for its PUBACK, after
-    /// `delivery` is committed if it carries one. Nothing is queued for a QoS 0 message
+    /// Queues `publish`, received on `connection` and `handled`, for its PUBACK, after its
+    /// delivery event is committed if it carries one. Nothing is queued for a QoS 0 message
     /// without a delivery event. Waits while [`CAPACITY`] messages wait already.
-    pub(crate) async fn push(
-        &self,
-        publish: &Publish,
-        connection: u64,
-        delivery: Option<Delivery>,
-    ) {
+    pub(crate) async fn push(&self, publish: &Publish, connection: u64, handled: Handled) {
         let ack = (publish.qos != QoS::AtMostOnce).then(|| {
             // Only the packet id and QoS are needed to acknowledge: the payload is not kept.
             let mut ack = Publish::new("", publish.qos, Vec::new());
             ack.pkid = publish.pkid;
             ack
         });
-        if ack.is_none() && delivery.is_none() {
+        if ack.is_none() && matches!(handled, Handled::Now(None)) {
             return;
         }
         let metrics = self.hub.metrics();
@@ -143,7 +151,7 @@ impl AckQueue {
         let waiting = Waiting {
             ack,
             connection,
-            delivery,
+            handled,
         };
         if self.tx.send(waiting).await.is_err() {
             // The releaser stopped (shutting down): not acknowledged, the broker keeps it.
@@ -236,7 +244,24 @@ impl AckReleaser {
     /// Commits `waiting`'s delivery event if it has one, then acknowledges it. Returns false
     /// if the bridge is stopping.
     async fn release(&self, waiting: Waiting, cancel: &CancellationToken) -> bool {
-        if let Some(delivery) = &waiting.delivery {
+        let delivery = match waiting.handled {
+            Handled::Now(delivery) => delivery,
+            Handled::Later(answer) => tokio::select! {
+                biased;
+                () = cancel.cancelled() => return false,
+                answer = answer => match answer {
+                    Ok(delivery) => delivery,
+                    Err(_) => {
+                        debug!(
+                            pkid = waiting.ack.as_ref().map(|a| a.pkid),
+                            "not acknowledged: held for its vehicle's key until its connection ended"
+                        );
+                        return true;
+                    }
+                },
+            },
+        };
+        if let Some(delivery) = &delivery {
             match self.commit(delivery, waiting.connection, cancel).await {
                 Commit::Done | Commit::Refused => {}
                 Commit::Stale => return true,
@@ -323,10 +348,10 @@ impl AckReleaser {
             .hub
             .delivery_recipients(&topic.fleet, &event.order)
             .await?;
-        let payload = order::delivery(topic, event, recipients.store.as_deref());
+        let payload = |flag| order::delivery(topic, event, recipients.store.as_deref(), flag);
         let messages = self
             .hub
-            .record_delivery(topic, event, &recipients.clients, &payload)
+            .record_delivery(topic, event, &recipients.clients, payload)
             .await?;
         emit::queued(&self.io, self.metrics(), &messages).await;
         Ok(())
@@ -506,9 +531,15 @@ mod tests {
 
         // A status, an event (its commit fails while the store is locked), another status.
         let lock = locked(&path).await;
-        queue.push(&message(1), connection, None).await;
-        queue.push(&message(2), connection, Some(delivery(1))).await;
-        queue.push(&message(3), connection, None).await;
+        queue
+            .push(&message(1), connection, Handled::Now(None))
+            .await;
+        queue
+            .push(&message(2), connection, Handled::Now(Some(delivery(1))))
+            .await;
+        queue
+            .push(&message(3), connection, Handled::Now(None))
+            .await;
         assert_eq!(next_ack(&mut acks).await, 1);
         until("the failed commit is seen", || !health()).await;
         until("another try", || hub.metrics().store().failures() >= 2).await;
@@ -536,15 +567,94 @@ mod tests {
         // The connection ends while an event waits: neither it nor what came with it is
         // acknowledged on the next connection; what comes on the next one is.
         let lock = locked(&path).await;
-        queue.push(&message(4), connection, Some(delivery(2))).await;
-        queue.push(&message(5), connection, None).await;
+        queue
+            .push(&message(4), connection, Handled::Now(Some(delivery(2))))
+            .await;
+        queue
+            .push(&message(5), connection, Handled::Now(None))
+            .await;
         until("the failed commit is seen", || !health()).await;
         queue.new_connection();
-        queue.push(&message(1), queue.connection(), None).await;
+        queue
+            .push(&message(1), queue.connection(), Handled::Now(None))
+            .await;
         unlock(lock).await;
         assert_eq!(next_ack(&mut acks).await, 1);
         until("nothing waits", || hub.metrics().acks_waiting() == 0).await;
         assert!(acks.try_recv().is_err(), "a PUBACK of an ended connection");
+
+        cancel.cancel();
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("stops")
+            .expect("no panic");
+    }
+
+    /// A message held for its vehicle's key holds the PUBACKs behind it until its answer
+    /// comes; one given up (its sender dropped with its connection) is never acknowledged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_message_holds_the_pubacks_behind_it() {
+        let store = crate::store::in_memory().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let port = listener.local_addr().expect("address").port();
+        let (ack_tx, mut acks) = mpsc::unbounded_channel();
+        tokio::spawn(fake_broker(listener, ack_tx));
+        let endpoint = MqttEndpoint {
+            host: "127.0.0.1".into(),
+            port,
+            credentials: None,
+        };
+        let (client, mut eventloop) = mqtt::connect(
+            &endpoint,
+            "held-test",
+            Duration::from_secs(30),
+            Session::Events,
+        );
+        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let hub = Arc::new(Hub::new(HubParts {
+            metrics: Arc::default(),
+            tokens: Tokens::new(&Tokens::demo_grants()).expect("tokens"),
+            fleet: Fleet::default(),
+            store,
+            mqtt: client.clone(),
+            command_timeout: Duration::from_secs(1),
+        }));
+        let (_layer, io) = SocketIo::builder().build_layer();
+        let (queue, releaser) = ack_queue(Arc::clone(&hub), io, client);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(releaser.run(cancel.clone()));
+        let connection = queue.connection();
+
+        let (answer, promise) = oneshot::channel();
+        queue
+            .push(&message(1), connection, Handled::Later(promise))
+            .await;
+        queue
+            .push(&message(2), connection, Handled::Now(None))
+            .await;
+        until("both wait", || hub.metrics().acks_waiting() == 2).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(acks.try_recv().is_err(), "acknowledged while held");
+        answer.send(None).expect("the releaser waits");
+        assert_eq!(next_ack(&mut acks).await, 1);
+        assert_eq!(next_ack(&mut acks).await, 2);
+
+        // Given up: its connection ended; neither it nor what came with it is acknowledged.
+        let (answer, promise) = oneshot::channel::<Option<Delivery>>();
+        queue
+            .push(&message(3), connection, Handled::Later(promise))
+            .await;
+        queue
+            .push(&message(4), connection, Handled::Now(None))
+            .await;
+        queue.new_connection();
+        drop(answer);
+        queue
+            .push(&message(5), queue.connection(), Handled::Now(None))
+            .await;
+        assert_eq!(next_ack(&mut acks).await, 5);
+        until("nothing waits", || hub.metrics().acks_waiting() == 0).await;
+        assert!(acks.try_recv().is_err(), "a given-up message acknowledged");
 
         cancel.cancel();
         tokio::time::timeout(WAIT, task)

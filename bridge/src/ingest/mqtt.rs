@@ -19,8 +19,9 @@ use super::inbox::Inbox;
 use crate::error::BridgeError;
 use crate::metrics::{Counter, Metrics};
 
-/// An MQTT broker address, with optional credentials.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An MQTT broker address, with optional credentials. Its `Debug` and `Display` never show
+/// the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct MqttEndpoint {
     /// Host name or IP address.
     pub host: String,
@@ -30,15 +31,73 @@ pub struct MqttEndpoint {
     pub credentials: Option<(String, String)>,
 }
 
+impl std::fmt::Debug for MqttEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttEndpoint")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field(
+                "credentials",
+                &self
+                    .credentials
+                    .as_ref()
+                    .map(|(user, _)| (user, "<password>")),
+            )
+            .finish()
+    }
+}
+
+impl std::fmt::Display for MqttEndpoint {
+    /// `mqtt://[user:***@]host:port`: the password never shows.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("mqtt://")?;
+        if let Some((user, _)) = &self.credentials {
+            write!(f, "{user}:***@")?;
+        }
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// `raw`, an MQTT URL as given, with the password of its `user:password@` part (if any)
+/// replaced by `***`, for logs and errors. Works on URLs that do not parse, too.
+pub fn redact_url(raw: &str) -> String {
+    let Some(scheme_end) = raw.find("://").map(|i| i + 3) else {
+        // No scheme: `user:password@host` may still be there.
+        return redact_authority(raw, 0);
+    };
+    redact_authority(raw, scheme_end)
+}
+
+/// Redacts the password in the authority that starts at `start` in `raw`.
+fn redact_authority(raw: &str, start: usize) -> String {
+    let rest = &raw[start..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let Some(at) = authority.rfind('@') else {
+        return raw.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+    if user.len() == userinfo.len() {
+        return raw.to_owned();
+    }
+    format!("{}{user}:***{}", &raw[..start], &rest[at..])
+}
+
 impl MqttEndpoint {
     /// Parses `mqtt://[user[:password]@]host[:port]` (`tcp://` is accepted too; the port
     /// defaults to 1883).
     ///
     /// # Errors
-    /// [`BridgeError::MqttUrl`] if the URL is not of that form.
+    /// [`BridgeError::MqttUrl`] if the URL is not of that form; it quotes the URL without its
+    /// password.
     pub fn parse(raw: &str) -> Result<Self, BridgeError> {
         let bad = |reason: &str| BridgeError::MqttUrl {
-            url: raw.to_owned(),
+            url: redact_url(raw),
             reason: reason.to_owned(),
         };
         let url = Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
@@ -299,6 +358,30 @@ mod tests {
         assert_eq!(e.credentials, Some(("bridge".into(), "s3cret".into())));
         let e = MqttEndpoint::parse("mqtt://[::1]:1884").expect("valid");
         assert_eq!(e.host, "::1");
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redact_url("mqtt://bridge:s3cret@broker:1883/x"),
+            "mqtt://bridge:***@broker:1883/x"
+        );
+        assert_eq!(redact_url("mqtt://broker:1883"), "mqtt://broker:1883");
+        assert_eq!(redact_url("mqtt://bridge@broker"), "mqtt://bridge@broker");
+        assert_eq!(redact_url("bridge:p@ss@broker"), "bridge:***@broker");
+        assert_eq!(redact_url("mqtt://u:p@ss@h"), "mqtt://u:***@h");
+        for raw in [
+            "http://bridge:s3cret@broker:1883",
+            "mqtt://bridge:s3cret@",
+            "mqtt://bridge:s3cret@broker:99999",
+        ] {
+            let err = MqttEndpoint::parse(raw).expect_err("invalid").to_string();
+            assert!(!err.contains("s3cret"), "{err}");
+            assert!(err.contains("bridge:***@"), "{err}");
+        }
+        let e = MqttEndpoint::parse("mqtt://bridge:s3cret@broker:1884").expect("valid");
+        assert_eq!(e.to_string(), "mqtt://bridge:***@broker:1884");
+        assert!(!format!("{e:?}").contains("s3cret"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use serde::de::DeserializeOwned;
 use shared::{CodecError, Opened, Topic};
 
-use super::keys::DeviceKeys;
+use super::keys::{DeviceKeys, Lookup};
 use crate::metrics::Rejection;
 
 /// Why a message from a vehicle was not accepted, for the counters and the log.
@@ -38,20 +38,62 @@ impl From<CodecError> for Rejected {
     }
 }
 
-/// Checks the tag of `payload`, received on `topic`, against the vehicle's key and decodes
-/// it. The counter it returns is not checked yet.
+/// Why a vehicle's message was not opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Unopened {
+    /// Rejected for good: counted, logged, and (QoS 1) acknowledged.
+    Rejected(Rejected),
+    /// The bridge has no key for the vehicle (yet): a QoS 1 message is held unacknowledged
+    /// until the credentials file gives one; a heartbeat is counted as unauthenticated.
+    NoKey,
+}
+
+impl From<Rejected> for Unopened {
+    fn from(rejected: Rejected) -> Self {
+        Self::Rejected(rejected)
+    }
+}
+
+impl From<CodecError> for Unopened {
+    fn from(err: CodecError) -> Self {
+        Self::Rejected(err.into())
+    }
+}
+
+/// Checks that `topic` is under the vehicle's fleet (when the credentials say it), then the
+/// tag of `payload` against the vehicle's key, and decodes it. The counter it returns is not
+/// checked yet.
 ///
 /// # Errors
-/// [`Rejection::Auth`] for a vehicle without a key or a tag that does not match,
+/// [`Unopened::NoKey`] for a vehicle without a key; [`Rejection::Revoked`] for one whose key
+/// was removed from the credentials file; [`Rejection::Fleet`] for a topic under another
+/// fleet than the vehicle's; [`Rejection::Auth`] for a tag that does not match;
 /// [`Rejection::Decode`] for a payload that does not decode.
 pub(crate) fn open<T: DeserializeOwned>(
     keys: &DeviceKeys,
     topic: &Topic,
     payload: &[u8],
-) -> Result<Opened<T>, Rejected> {
-    let key = keys
-        .key(&topic.vehicle)
-        .ok_or_else(|| Rejected::new(Rejection::Auth, "unknown device: no key provisioned"))?;
+) -> Result<Opened<T>, Unopened> {
+    let key = match keys.lookup(&topic.vehicle) {
+        Lookup::Known(key, fleet) => {
+            if let Some(fleet) = fleet.filter(|fleet| *fleet != topic.fleet) {
+                return Err(Rejected::new(
+                    Rejection::Fleet,
+                    format!("the vehicle belongs to fleet {fleet}, not {}", topic.fleet),
+                )
+                .into());
+            }
+            key
+        }
+        Lookup::Revoked => {
+            return Err(Rejected::new(
+                Rejection::Revoked,
+                "the vehicle's key was removed from the credentials file",
+            )
+            .into());
+        }
+        Lookup::Unknown => return Err(Unopened::NoKey),
+    };
     Ok(shared::open::<T>(payload, &topic.name(), &key)?)
 }
 
@@ -74,16 +116,59 @@ mod tests {
 
         let moved = topic.with_kind(TopicKind::Status);
         let wrong_topic = open::<Heartbeat>(&DeviceKeys::Open, &moved, &sealed);
-        assert_eq!(
-            wrong_topic.map(|_| ()).map_err(|r| r.why),
-            Err(Rejection::Auth)
-        );
-        let nobody = DeviceKeys::Provisioned(std::collections::HashMap::from([(
-            VehicleId::new("v2").expect("valid"),
-            [0; 32],
-        )]));
-        let unknown = open::<Heartbeat>(&nobody, &topic, &sealed);
-        assert_eq!(unknown.map(|_| ()).map_err(|r| r.why), Err(Rejection::Auth));
+        assert_eq!(why(wrong_topic), Some(Rejection::Auth));
         assert_eq!(Rejected::from(CodecError::Replayed).why, Rejection::Replay);
+    }
+
+    fn why<T>(opened: Result<Opened<T>, Unopened>) -> Option<Rejection> {
+        match opened {
+            Err(Unopened::Rejected(r)) => Some(r.why),
+            _ => None,
+        }
+    }
+
+    /// With credentials: the fleet is the credentials' (never the topic's), an unknown vehicle
+    /// waits for its key, a revoked one is refused.
+    #[test]
+    fn credentials_decide_key_and_fleet() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("credentials.toml");
+        let phc = "$argon2id$v=19$m=1024,t=1,p=1$c2FsdHNhbHRzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        let key = [7u8; 32];
+        std::fs::write(
+            &path,
+            format!(
+                "[devices.v1]\nfleet = \"north\"\npassword = \"{phc}\"\nkey = \"{}\"\n",
+                hex_key(&key)
+            ),
+        )
+        .expect("write");
+        let keys = DeviceKeys::load(&path, std::sync::Arc::default()).expect("loads");
+        let sealed = |topic: &Topic| {
+            let mut buf = [0u8; 64];
+            shared::seal(&Heartbeat::default(), &topic.name(), 5, &key, &mut buf)
+                .expect("seals")
+                .to_vec()
+        };
+        let home = Topic::parse("fleet/north/v1/hb").expect("valid");
+        assert!(open::<Heartbeat>(&keys, &home, &sealed(&home)).is_ok());
+        let away = Topic::parse("fleet/south/v1/hb").expect("valid");
+        assert_eq!(
+            why(open::<Heartbeat>(&keys, &away, &sealed(&away))),
+            Some(Rejection::Fleet)
+        );
+        let stranger = Topic::parse("fleet/north/v2/hb").expect("valid");
+        assert!(matches!(
+            open::<Heartbeat>(&keys, &stranger, &sealed(&stranger)),
+            Err(Unopened::NoKey)
+        ));
+        assert_eq!(
+            VehicleId::new("v1").ok().and_then(|v| keys.key(&v)),
+            Some(key)
+        );
+    }
+
+    fn hex_key(key: &[u8; 32]) -> String {
+        key.iter().map(|b| format!("{b:02x}")).collect()
     }
 }

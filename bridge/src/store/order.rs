@@ -471,8 +471,30 @@ impl Store {
         recipients: &[ClientId],
         payload: &Value,
     ) -> Result<Recorded, StoreError> {
+        self.record_event_for(vehicle, fleet, event, |_| {
+            recipients
+                .iter()
+                .map(|client| (client.clone(), payload.clone()))
+                .collect()
+        })
+        .await
+    }
+
+    /// [`Store::record_event`], with the messages chosen once the event is judged: `address`
+    /// gets the event's flag (`None`: it moved its order the usual step) and returns what to
+    /// queue for whom, in the same transaction. A flagged event can so go to fewer clients, or
+    /// say that it is flagged.
+    ///
+    /// # Errors
+    /// As [`Store::record_event`].
+    pub(crate) async fn record_event_for(
+        &self,
+        vehicle: &VehicleId,
+        fleet: &FleetId,
+        event: &DeliveryEvent,
+        address: impl FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>,
+    ) -> Result<Recorded, StoreError> {
         let now = now_ms();
-        let text = payload.to_string();
         let mut tx = self.begin_write().await?;
         let order: Option<(String, Option<String>, String)> =
             sqlx::query_as("SELECT state, vehicle, store FROM orders WHERE order_id = $1")
@@ -523,16 +545,17 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        let mut messages: Vec<Enqueued> = Vec::with_capacity(recipients.len());
-        for client in recipients {
-            if messages.iter().any(|m| &m.client == client) {
+        let addressed = address(flag);
+        let mut messages: Vec<Enqueued> = Vec::with_capacity(addressed.len());
+        for (client, payload) in addressed {
+            if messages.iter().any(|m| m.client == client) {
                 continue;
             }
-            let id = queue::insert(&mut tx, client, &text, now).await?;
+            let id = queue::insert(&mut tx, &client, &payload.to_string(), now).await?;
             messages.push(Enqueued {
-                client: client.clone(),
+                client,
                 id,
-                payload: payload.clone(),
+                payload,
             });
         }
         tx.commit().await?;

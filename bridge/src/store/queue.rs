@@ -39,6 +39,11 @@ impl ClientId {
         Self(format!("dispatch:{name}"))
     }
 
+    /// Whether this is a vendor's store (`vendor:{store}`).
+    pub(crate) fn is_vendor(&self) -> bool {
+        self.0.starts_with("vendor:")
+    }
+
     /// The id as a string.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -125,16 +130,35 @@ impl Store {
     /// Every message still waiting for `client`'s acknowledgement, oldest (lowest id) first.
     ///
     /// # Errors
-    /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] if a stored
-    /// payload is not JSON.
+    /// As [`Store::pending_page`].
+    #[cfg(test)]
     pub(crate) async fn pending(
         &self,
         client: &ClientId,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
+        self.pending_page(client, MessageId(0), u32::MAX).await
+    }
+
+    /// One page of the messages still waiting for `client`'s acknowledgement: at most `limit`
+    /// of those with an id above `after`, oldest (lowest id) first. The last id of a page is
+    /// the cursor (`after`) of the next one; a client's queue is never loaded whole.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] if a stored
+    /// payload is not JSON.
+    pub(crate) async fn pending_page(
+        &self,
+        client: &ClientId,
+        after: MessageId,
+        limit: u32,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
         let rows: Vec<(i64, String, i64)> = sqlx::query_as(
-            "SELECT id, payload, created_ms FROM queue WHERE client = $1 ORDER BY id",
+            "SELECT id, payload, created_ms FROM queue WHERE client = $1 AND id > $2 \
+             ORDER BY id LIMIT $3",
         )
         .bind(client.as_str())
+        .bind(i64::try_from(after.0).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
         .fetch_all(&self.read)
         .await?;
         rows.into_iter()
@@ -248,6 +272,35 @@ mod tests {
             .collect();
         assert_eq!(left, [ids[0], ids[2], ids[3], ids[4]]);
         assert_eq!(store.pending(&other).await.expect("pending").len(), 1);
+    }
+
+    /// Pages follow their cursor, never mix clients, and end with an empty page.
+    #[tokio::test]
+    async fn pages_follow_the_cursor() {
+        let store = in_memory().await;
+        let vendor = ClientId::vendor("store-1");
+        let ids = enqueue_numbered(&store, &vendor, 5).await;
+        store
+            .enqueue(&ClientId::vendor("store-2"), &json!("elsewhere"))
+            .await
+            .expect("enqueues");
+        let page = |after, limit| {
+            let (store, vendor) = (&store, &vendor);
+            async move {
+                store
+                    .pending_page(vendor, after, limit)
+                    .await
+                    .expect("page")
+                    .iter()
+                    .map(|m| m.id)
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(page(MessageId(0), 2).await, ids[..2]);
+        assert_eq!(page(ids[1], 2).await, ids[2..4]);
+        assert_eq!(page(ids[3], 2).await, ids[4..]);
+        assert!(page(ids[4], 2).await.is_empty());
+        assert!(page(MessageId(u64::MAX), 2).await.is_empty());
     }
 
     /// Acknowledging the newest message and queueing again never hands out its id again.

@@ -20,6 +20,7 @@ use super::order;
 use super::room::{ADMIN, DISPATCH, RoomName, VENDOR, rooms_of};
 use super::vehicle::{AckView, PositionView, StatusView, VehicleView};
 use crate::domain::Hub;
+use crate::domain::auth::Grant;
 use crate::domain::fleet::{Moved, VehicleState};
 use crate::metrics::{Counter, Metrics};
 use crate::store::{ClientId, Enqueued, QueuedMessage};
@@ -51,11 +52,7 @@ pub(crate) async fn queued(io: &SocketIo, metrics: &Metrics, messages: &[Enqueue
 
 /// Emits one queued message to the sockets of `client`.
 async fn to_client(io: &SocketIo, metrics: &Metrics, client: &ClientId, id: u64, payload: &Value) {
-    let ns = if client.as_str().starts_with("vendor:") {
-        VENDOR
-    } else {
-        DISPATCH
-    };
+    let ns = if client.is_vendor() { VENDOR } else { DISPATCH };
     let message = order::message(id, payload);
     let room = vec![client.as_str().to_owned()];
     to_rooms(io, metrics, ns, room, "delivery", &message).await;
@@ -63,12 +60,22 @@ async fn to_client(io: &SocketIo, metrics: &Metrics, client: &ClientId, id: u64,
 
 /// Re-sends messages still pending for the client of `socket`, oldest first, as `delivery`
 /// events to that socket only.
-pub(crate) fn pending(socket: &SocketRef, messages: &[QueuedMessage]) {
+///
+/// A message `grant` may no longer see (its token's scope was narrowed since it was queued:
+/// another fleet, another store) is not sent; it stays queued until retention removes it.
+/// Returns how many were held back.
+pub(crate) fn pending(socket: &SocketRef, grant: &Grant, messages: &[QueuedMessage]) -> usize {
+    let mut held_back = 0;
     for m in messages {
+        if !order::visible_to(&m.payload, grant) {
+            held_back += 1;
+            continue;
+        }
         if let Err(err) = socket.emit("delivery", &order::message(m.id.0, &m.payload)) {
             debug!(cause = %err, "could not re-send a pending message");
         }
     }
+    held_back
 }
 
 /// Emits an `ack` event to the rooms covering the vehicle.
@@ -95,24 +102,54 @@ pub(crate) async fn everywhere<T: Serialize + ?Sized>(
     }
 }
 
-/// Announces a placed order (`announced`, see [`order::pickup`]) as `pickup` to every other
-/// vendor (not `except`, the vendor that placed it) and to every dispatcher.
-pub(crate) async fn pickup(io: &SocketIo, except: Option<&SocketRef>, announced: &Value) {
-    // Every other vendor, as in the classic hub, and every dispatcher.
-    let vendors = match except {
-        Some(sender) => sender.broadcast().emit("pickup", announced).await,
+/// Announces a placed order of `fleet` (`announced`, see [`order::pickup`], with the
+/// customer's details) as `pickup`: to every `/dispatch` socket whose token may see `fleet`, and
+/// to the placing store's own other sockets (its room `store_room`, not `sender`: the sender has
+/// its ack). Never to other stores, never to dispatchers of other fleets.
+pub(crate) async fn pickup(
+    io: &SocketIo,
+    metrics: &Metrics,
+    (fleet, store_room): (&FleetId, &str),
+    sender: Option<&SocketRef>,
+    announced: &Value,
+) {
+    if let Some(ops) = io.of(DISPATCH) {
+        for socket in ops.sockets() {
+            let sees = socket
+                .extensions
+                .get::<Grant>()
+                .is_some_and(|grant| grant.may_see_fleet(fleet));
+            if !sees {
+                continue;
+            }
+            match socket.emit("pickup", announced) {
+                Ok(()) => metrics.count(Counter::Emitted),
+                Err(err) => {
+                    metrics.count(Counter::EmitDropped);
+                    warn!(sid = %socket.id, cause = %err, "pickup not sent to a dispatcher");
+                }
+            }
+        }
+    }
+    let own = match sender {
+        Some(sender) => {
+            sender
+                .to(store_room.to_owned())
+                .emit("pickup", announced)
+                .await
+        }
         None => match io.of(VENDOR) {
-            Some(ops) => ops.emit("pickup", announced).await,
+            Some(ops) => {
+                ops.to(store_room.to_owned())
+                    .emit("pickup", announced)
+                    .await
+            }
             None => Ok(()),
         },
     };
-    if let Err(err) = vendors {
-        warn!(cause = %err, "pickup broadcast to vendors failed");
-    }
-    if let Some(ops) = io.of(DISPATCH)
-        && let Err(err) = ops.emit("pickup", announced).await
-    {
-        warn!(cause = %err, "pickup broadcast to dispatchers failed");
+    match own {
+        Ok(()) => metrics.count(Counter::Emitted),
+        Err(err) => warn!(cause = %err, "pickup to the store's other sockets failed"),
     }
 }
 

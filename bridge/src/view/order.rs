@@ -2,19 +2,32 @@
 //! emitted), `pickup` announcements, the answer to a placed order, `GET /api/orders/{id}`.
 
 use serde_json::{Value, json};
-use shared::{DeliveryEvent, Position, Topic};
+use shared::{DeliveryEvent, FleetId, Position, Topic};
 
+use crate::domain::auth::{Grant, Role};
 use crate::domain::delivery::{OrderRequest, Placed};
+use crate::domain::order::EventFlag;
 use crate::store::OrderView;
 
 /// A delivery event as its recipients' queues store it (and `delivery` sends it, with its
-/// `message_id`): `store` is the order's store, if the order exists.
-pub(crate) fn delivery(topic: &Topic, event: &DeliveryEvent, store: Option<&str>) -> Value {
+/// `message_id`): `store` is the order's store, if the order exists; `flag` why the event did
+/// not move its order the usual step, if it did not. A suspect event (not from the vehicle
+/// holding the order, [`EventFlag::is_suspect`]) says `"suspect": true` and names no store:
+/// only the reporting vehicle's dispatchers get it.
+pub(crate) fn delivery(
+    topic: &Topic,
+    event: &DeliveryEvent,
+    store: Option<&str>,
+    flag: Option<EventFlag>,
+) -> Value {
     let (lat, lon) = event.pos.to_degrees();
+    let suspect = flag.is_some_and(EventFlag::is_suspect);
     json!({
         "vehicle": topic.vehicle,
         "fleet": topic.fleet,
-        "store": store,
+        "store": if suspect { None } else { store },
+        "flag": flag.map(EventFlag::as_str),
+        "suspect": suspect,
         "order": event.order,
         "kind": event.kind.as_str(),
         "seq": event.seq,
@@ -22,6 +35,21 @@ pub(crate) fn delivery(topic: &Topic, event: &DeliveryEvent, store: Option<&str>
         "lat": lat,
         "lon": lon,
     })
+}
+
+/// Whether the holder of `grant` may see the queued delivery message `payload` (as made by
+/// [`delivery`]): a vendor its own store's (never a suspect one: those name no store), a
+/// dispatcher those of the fleets it may see.
+pub(crate) fn visible_to(payload: &Value, grant: &Grant) -> bool {
+    match grant.role {
+        Role::Vendor => {
+            grant.store.is_some() && payload["store"].as_str() == grant.store.as_deref()
+        }
+        Role::Dispatcher | Role::Admin => payload["fleet"]
+            .as_str()
+            .and_then(|f| FleetId::new(f).ok())
+            .is_some_and(|fleet| grant.may_see_fleet(&fleet)),
+    }
 }
 
 /// A queued message as the client receives it: the payload plus `message_id`.
@@ -79,4 +107,33 @@ pub(crate) fn order(view: &OrderView) -> Value {
             "flag": t.flag.map(|f| f.as_str()),
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::domain::auth::sample_tokens;
+
+    #[test]
+    fn queued_messages_are_visible_within_the_scope_only() {
+        let t = sample_tokens();
+        let north = t
+            .authorize(Some("north-only"), "/dispatch", &[Role::Dispatcher])
+            .expect("dispatcher");
+        let vendor = t
+            .authorize(Some("vendor-demo"), "/vendor", &[Role::Vendor])
+            .expect("vendor");
+        let message = |fleet: &str, store: Option<&str>| json!({ "fleet": fleet, "store": store });
+        assert!(visible_to(&message("north", Some("store-9")), &north));
+        assert!(!visible_to(&message("south", Some("store-9")), &north));
+        assert!(!visible_to(&json!({}), &north));
+        assert!(visible_to(&message("demo", Some("store-1")), &vendor));
+        assert!(!visible_to(&message("demo", Some("store-2")), &vendor));
+        assert!(
+            !visible_to(&message("demo", None), &vendor),
+            "a suspect one"
+        );
+    }
 }

@@ -23,9 +23,10 @@ pub(crate) fn removed(removed: bool) -> Value {
     json!({ "removed": removed })
 }
 
-/// The answer to `getAll`: how many pending messages were sent again.
-pub(crate) fn resent(count: usize) -> Value {
-    json!({ "count": count })
+/// The answer to `getAll`: how many pending messages were sent again, and the cursor of the
+/// next page (`null`: nothing more).
+pub(crate) fn resent(count: usize, next: Option<u64>) -> Value {
+    json!({ "count": count, "next": next })
 }
 
 /// An `announce` event: an operator's `message`, sent at `ts_ms`.

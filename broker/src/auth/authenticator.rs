@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -13,9 +14,11 @@ use shared::VehicleId;
 use tokio::sync::Semaphore;
 use tracing::{error, info};
 
+use super::client_id::{may_use, owner_of};
 use super::credentials::Credentials;
 use super::identity::Identity;
 use super::password::{constant_time_eq, random_bytes, verify_password};
+use super::throttle::LoginThrottle;
 use crate::error::CredentialsError;
 use crate::metrics::AuthRefusal;
 
@@ -29,8 +32,34 @@ struct Loaded {
     checked: Instant,
 }
 
+/// How the [`Authenticator`] checks logins, from the broker's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AuthSettings {
+    /// Client ids that belong to `bridge`-role logins (`durable_consumers`; see `client_id`).
+    pub(crate) bridge_ids: Vec<String>,
+    /// Failed logins per IP address and per username within `login_failure_window` after
+    /// which attempts are refused unchecked; 0: never.
+    pub(crate) max_login_failures: u32,
+    /// The window of `max_login_failures`.
+    pub(crate) login_failure_window: Duration,
+    /// argon2 checks at once; 0: one per core.
+    pub(crate) max_password_checks: usize,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            bridge_ids: Vec::new(),
+            max_login_failures: 10,
+            login_failure_window: Duration::from_secs(60),
+            max_password_checks: 0,
+        }
+    }
+}
+
 /// The broker's side of authentication: the credentials file (reloaded when it changes), the
-/// cache of successful checks and the bound on concurrent argon2 checks.
+/// cache of successful checks, the throttle of failed ones and the bound on concurrent argon2
+/// checks.
 #[derive(Debug)]
 pub(crate) struct Authenticator {
     path: PathBuf,
@@ -39,16 +68,45 @@ pub(crate) struct Authenticator {
     cache: Mutex<HashMap<String, (String, [u8; 32])>>,
     cache_key: [u8; 32],
     hashing: Semaphore,
+    bridge_ids: Vec<String>,
+    throttle: LoginThrottle,
+}
+
+/// One CONNECT's login, as [`Authenticator::authenticate`] checks it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Attempt<'a> {
+    /// Where it comes from.
+    pub(crate) peer: IpAddr,
+    /// The client id it asks for.
+    pub(crate) client_id: &'a str,
+    /// Whether it asks for a persistent session (clean session / clean start off).
+    pub(crate) persistent: bool,
+    /// Its username, if any.
+    pub(crate) username: Option<&'a str>,
+    /// Its password, if any.
+    pub(crate) password: Option<&'a str>,
 }
 
 type HmacSha256 = Hmac<Sha256>;
 
 impl Authenticator {
-    /// Loads the credentials file at `path`.
+    /// Loads the credentials file at `path`, with the default [`AuthSettings`].
+    #[cfg(test)]
     pub(crate) fn load(path: &Path) -> Result<Authenticator, CredentialsError> {
+        Authenticator::load_with(path, AuthSettings::default())
+    }
+
+    /// Loads the credentials file at `path`, to check logins as `settings` say.
+    pub(crate) fn load_with(
+        path: &Path,
+        settings: AuthSettings,
+    ) -> Result<Authenticator, CredentialsError> {
         let credentials = Credentials::load(path)?;
         let stamp = file_stamp(path);
-        let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let parallelism = match settings.max_password_checks {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         Ok(Authenticator {
             path: path.to_owned(),
             loaded: RwLock::new(Loaded {
@@ -59,6 +117,11 @@ impl Authenticator {
             cache: Mutex::new(HashMap::new()),
             cache_key: random_bytes::<32>()?,
             hashing: Semaphore::new(parallelism),
+            bridge_ids: settings.bridge_ids,
+            throttle: LoginThrottle::new(
+                settings.max_login_failures,
+                settings.login_failure_window,
+            ),
         })
     }
 
@@ -115,13 +178,17 @@ impl Authenticator {
         }
     }
 
-    /// Checks a CONNECT's client id and login against the credentials.
-    pub(crate) async fn authenticate(
-        &self,
-        client_id: &str,
-        username: Option<&str>,
-        password: Option<&str>,
-    ) -> Result<Identity, AuthRefusal> {
+    /// Checks a CONNECT's login against the credentials, and its client id against the
+    /// login (see `client_id`). A username or address with too many recent failures is
+    /// refused before its password is checked, unless this very password was verified before.
+    pub(crate) async fn authenticate(&self, attempt: Attempt<'_>) -> Result<Identity, AuthRefusal> {
+        let Attempt {
+            peer,
+            client_id,
+            persistent,
+            username,
+            password,
+        } = attempt;
         let (Some(username), Some(password)) = (username, password) else {
             return Err(AuthRefusal::NoCredentials);
         };
@@ -130,37 +197,46 @@ impl Authenticator {
         }
         let credentials = self.credentials();
         let (identity, phc) = if let Some(device) = credentials.device(username) {
-            if client_id != username {
-                return Err(AuthRefusal::ClientIdMismatch);
-            }
             let id = VehicleId::new(username).map_err(|_| AuthRefusal::UnknownUser)?;
-            (Identity::Device(id), device.password_hash().to_owned())
+            let identity = Identity::Device {
+                id,
+                fleet: device.fleet().clone(),
+            };
+            (identity, device.password_hash().to_owned())
         } else if let Some(client) = credentials.client(username) {
-            if credentials.device(client_id).is_some() {
-                // Taking a device's client id would kick that vehicle off.
-                return Err(AuthRefusal::ClientIdMismatch);
-            }
-            (
-                Identity::Client {
-                    name: username.to_owned(),
-                    role: client.role(),
-                },
-                client.password_hash().to_owned(),
-            )
+            let identity = Identity::Client {
+                name: username.to_owned(),
+                role: client.role(),
+            };
+            (identity, client.password_hash().to_owned())
         } else {
+            if self.throttle.blocks(peer, None) {
+                return Err(AuthRefusal::Throttled);
+            }
+            self.throttle.failed(peer, None);
             return Err(AuthRefusal::UnknownUser);
         };
+        let owner = owner_of(client_id, &credentials, &self.bridge_ids);
+        if !may_use(&identity, owner, persistent) {
+            return Err(AuthRefusal::ClientIdMismatch);
+        }
 
         let tag = self.tag(username, password);
         if self.cached(username, &phc, &tag) {
             return Ok(identity);
         }
+        // Counted while it runs: simultaneous guesses cannot queue more checks than the bound.
+        let Some(check) = self.throttle.begin(peer, username) else {
+            return Err(AuthRefusal::Throttled);
+        };
         if self.verify(password, &phc).await {
             if let Ok(mut cache) = self.cache.lock() {
                 cache.insert(username.to_owned(), (phc, tag));
             }
+            check.succeeded();
             Ok(identity)
         } else {
+            check.failed();
             Err(AuthRefusal::BadPassword)
         }
     }
@@ -216,6 +292,20 @@ mod tests {
     use crate::auth::password::{CHOSEN_PARAMS, GENERATED_PARAMS};
     use crate::auth::testing::{FAST_PHC_OF_SECRET, temp_path};
 
+    fn login<'a>(
+        client_id: &'a str,
+        username: Option<&'a str>,
+        password: Option<&'a str>,
+    ) -> Attempt<'a> {
+        Attempt {
+            peer: IpAddr::from([127, 0, 0, 1]),
+            client_id,
+            persistent: false,
+            username,
+            password,
+        }
+    }
+
     fn authenticator_with(text: &str) -> (Authenticator, PathBuf) {
         let path = temp_path("authn");
         fs::write(&path, text).unwrap();
@@ -227,16 +317,20 @@ mod tests {
         let phc = FAST_PHC_OF_SECRET();
         let key = "00".repeat(32);
         let (auth, path) = authenticator_with(&format!(
-            "[devices.van-1]\npassword = \"{phc}\"\nkey = \"{key}\"\n\
+            "[devices.van-1]\npassword = \"{phc}\"\nkey = \"{key}\"\nfleet = \"f\"\n\
              [clients.watcher]\nrole = \"observer\"\npassword = \"{phc}\"\n"
         ));
         let ok = Some("s3cret-pw");
         assert_eq!(
-            auth.authenticate("van-1", Some("van-1"), ok).await,
-            Ok(Identity::Device(VehicleId::new("van-1").unwrap()))
+            auth.authenticate(login("van-1", Some("van-1"), ok)).await,
+            Ok(Identity::Device {
+                id: VehicleId::new("van-1").unwrap(),
+                fleet: shared::FleetId::new("f").unwrap(),
+            })
         );
         assert_eq!(
-            auth.authenticate("mosq-1", Some("watcher"), ok).await,
+            auth.authenticate(login("mosq-1", Some("watcher"), ok))
+                .await,
             Ok(Identity::Client {
                 name: "watcher".into(),
                 role: Role::Observer
@@ -257,7 +351,7 @@ mod tests {
             ("van-1", Some("watcher"), ok, AuthRefusal::ClientIdMismatch),
         ] {
             assert_eq!(
-                auth.authenticate(client_id, user, pass).await,
+                auth.authenticate(login(client_id, user, pass)).await,
                 Err(why),
                 "{client_id} {user:?} {pass:?}"
             );
@@ -269,23 +363,23 @@ mod tests {
     async fn successful_checks_are_cached_and_failures_are_not() {
         let phc = FAST_PHC_OF_SECRET();
         let (auth, path) = authenticator_with(&format!(
-            "[devices.van-1]\npassword = \"{phc}\"\nkey = \"{}\"\n",
+            "[devices.van-1]\npassword = \"{phc}\"\nkey = \"{}\"\nfleet = \"f\"\n",
             "00".repeat(32)
         ));
         assert!(
-            auth.authenticate("van-1", Some("van-1"), Some("nope"))
+            auth.authenticate(login("van-1", Some("van-1"), Some("nope")))
                 .await
                 .is_err()
         );
         assert!(auth.cache.lock().unwrap().is_empty());
-        auth.authenticate("van-1", Some("van-1"), Some("s3cret-pw"))
+        auth.authenticate(login("van-1", Some("van-1"), Some("s3cret-pw")))
             .await
             .unwrap();
         assert!(auth.cached("van-1", &phc, &auth.tag("van-1", "s3cret-pw")));
         assert!(!auth.cached("van-1", &phc, &auth.tag("van-1", "other")));
         // A cached success does not let another password in.
         assert_eq!(
-            auth.authenticate("van-1", Some("van-1"), Some("s3cret-pwX"))
+            auth.authenticate(login("van-1", Some("van-1"), Some("s3cret-pwX")))
                 .await,
             Err(AuthRefusal::BadPassword)
         );
@@ -296,23 +390,34 @@ mod tests {
     async fn a_changed_file_is_reloaded() {
         let path = temp_path("reload");
         let mut file = CredentialsFile::open(&path).unwrap();
-        file.add_device("van-1", NewPassword::Generate).unwrap();
+        file.add_device(
+            "van-1",
+            &shared::FleetId::new("f").unwrap(),
+            NewPassword::Generate,
+        )
+        .unwrap();
         file.save().unwrap();
         let auth = Authenticator::load(&path).unwrap();
 
         let mut file = CredentialsFile::open(&path).unwrap();
-        let van2 = file.add_device("van-2", NewPassword::Generate).unwrap();
+        let van2 = file
+            .add_device(
+                "van-2",
+                &shared::FleetId::new("f").unwrap(),
+                NewPassword::Generate,
+            )
+            .unwrap();
         file.save().unwrap();
         // Within the check interval the old credentials stay...
         assert_eq!(
-            auth.authenticate("van-2", Some("van-2"), Some(&van2.password))
+            auth.authenticate(login("van-2", Some("van-2"), Some(&van2.password)))
                 .await,
             Err(AuthRefusal::UnknownUser)
         );
         // ...and after it the new device is known.
         auth.loaded.write().unwrap().checked -= RELOAD_CHECK_INTERVAL;
         assert!(
-            auth.authenticate("van-2", Some("van-2"), Some(&van2.password))
+            auth.authenticate(login("van-2", Some("van-2"), Some(&van2.password)))
                 .await
                 .is_ok()
         );
@@ -321,6 +426,84 @@ mod tests {
         fs::write(&path, "garbage [").unwrap();
         auth.loaded.write().unwrap().checked -= RELOAD_CHECK_INTERVAL;
         assert!(auth.credentials().device("van-2").is_some());
+        fs::remove_file(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn failed_logins_are_throttled_before_argon2_but_a_verified_password_gets_in() {
+        let phc = FAST_PHC_OF_SECRET();
+        let path = temp_path("throttle");
+        fs::write(
+            &path,
+            format!(
+                "[devices.van-1]\npassword = \"{phc}\"\nkey = \"{}\"\nfleet = \"f\"\n",
+                "00".repeat(32)
+            ),
+        )
+        .unwrap();
+        let settings = AuthSettings {
+            max_login_failures: 3,
+            max_password_checks: 1,
+            ..AuthSettings::default()
+        };
+        let auth = Authenticator::load_with(&path, settings).unwrap();
+        // The device logs in once: its password is verified and remembered.
+        let good = Some("s3cret-pw");
+        assert!(
+            auth.authenticate(login("van-1", Some("van-1"), good))
+                .await
+                .is_ok()
+        );
+        let attacker = |password| Attempt {
+            peer: IpAddr::from([192, 0, 2, 1]),
+            ..login("van-1", Some("van-1"), password)
+        };
+        for _ in 0..3 {
+            assert_eq!(
+                auth.authenticate(attacker(Some("guess"))).await,
+                Err(AuthRefusal::BadPassword)
+            );
+        }
+        // Now refused unchecked, even the right password from that address...
+        for _ in 0..1000 {
+            assert_eq!(
+                auth.authenticate(attacker(Some("guess-again"))).await,
+                Err(AuthRefusal::Throttled)
+            );
+        }
+        assert!(
+            auth.hashing.available_permits() == 1,
+            "no argon2 check is running"
+        );
+        // ...and for that name from elsewhere, unless the password is one verified before.
+        let elsewhere = Attempt {
+            peer: IpAddr::from([192, 0, 2, 2]),
+            ..login("van-1", Some("van-1"), Some("other"))
+        };
+        assert_eq!(
+            auth.authenticate(elsewhere).await,
+            Err(AuthRefusal::Throttled)
+        );
+        assert!(
+            auth.authenticate(login("van-1", Some("van-1"), good))
+                .await
+                .is_ok()
+        );
+        // Unknown users count per address.
+        let prober = |user| Attempt {
+            peer: IpAddr::from([192, 0, 2, 3]),
+            ..login(user, Some(user), Some("x"))
+        };
+        for user in ["u1", "u2", "u3"] {
+            assert_eq!(
+                auth.authenticate(prober(user)).await,
+                Err(AuthRefusal::UnknownUser)
+            );
+        }
+        assert_eq!(
+            auth.authenticate(prober("u4")).await,
+            Err(AuthRefusal::Throttled)
+        );
         fs::remove_file(&path).unwrap();
     }
 
@@ -335,14 +518,26 @@ mod tests {
             std::env::temp_dir().join(format!("fleetbeat-measure-{}.toml", std::process::id()));
         let mut file = CredentialsFile::open(&path).unwrap();
         let generated = file
-            .add_device("van-1", NewPassword::Generate)
+            .add_device(
+                "van-1",
+                &shared::FleetId::new("f").unwrap(),
+                NewPassword::Generate,
+            )
             .unwrap()
             .password;
         let chosen = "a person's passphrase".to_owned();
-        file.add_device("van-2", NewPassword::Given(chosen.clone()))
-            .unwrap();
+        file.add_device(
+            "van-2",
+            &shared::FleetId::new("f").unwrap(),
+            NewPassword::Given(chosen.clone()),
+        )
+        .unwrap();
         file.save().unwrap();
-        let auth = Authenticator::load(&path).unwrap();
+        let settings = AuthSettings {
+            max_login_failures: 0,
+            ..AuthSettings::default()
+        };
+        let auth = Authenticator::load_with(&path, settings).unwrap();
         for (user, password, params) in [
             ("van-1", &generated, GENERATED_PARAMS),
             ("van-2", &chosen, CHOSEN_PARAMS),
@@ -353,18 +548,18 @@ mod tests {
                 // A wrong password is never cached: every check runs argon2.
                 let wrong = format!("{password}x");
                 assert!(
-                    auth.authenticate(user, Some(user), Some(&wrong))
+                    auth.authenticate(login(user, Some(user), Some(&wrong)))
                         .await
                         .is_err()
                 );
             }
             let cold = started.elapsed() / rounds;
-            auth.authenticate(user, Some(user), Some(password))
+            auth.authenticate(login(user, Some(user), Some(password)))
                 .await
                 .unwrap();
             let started = Instant::now();
             for _ in 0..1000 {
-                auth.authenticate(user, Some(user), Some(password))
+                auth.authenticate(login(user, Some(user), Some(password)))
                     .await
                     .unwrap();
             }

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use shared::VehicleId;
+use shared::{FleetId, VehicleId};
 
 use super::password::check_phc;
 use crate::error::CredentialsError;
@@ -46,9 +46,16 @@ impl fmt::Display for Role {
 pub struct DeviceEntry {
     password: String,
     key: [u8; 32],
+    fleet: FleetId,
 }
 
 impl DeviceEntry {
+    /// The fleet the device belongs to: the only `fleet/{fleet}/...` level it may publish
+    /// and subscribe under, and the fleet the bridge files it in.
+    pub fn fleet(&self) -> &FleetId {
+        &self.fleet
+    }
+
     /// The device's 32-byte message key (for `shared::seal`).
     pub fn key(&self) -> [u8; 32] {
         self.key
@@ -71,6 +78,7 @@ impl fmt::Debug for DeviceEntry {
         f.debug_struct("DeviceEntry")
             .field("password", &self.password)
             .field("key", &"<32 bytes>")
+            .field("fleet", &self.fleet)
             .finish()
     }
 }
@@ -108,6 +116,8 @@ struct FileFormat {
 struct DeviceFormat {
     password: String,
     key: String,
+    /// Required; `Option` only so that a missing one gets our own error naming the device.
+    fleet: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -130,8 +140,9 @@ impl Credentials {
     /// # Errors
     /// [`CredentialsError::Read`] if it cannot be read, [`CredentialsError::Syntax`] if it is not
     /// valid TOML of this format, [`CredentialsError::Entry`] naming the first invalid entry
-    /// (a device id that is not a valid vehicle id, a key that is not 64 hex digits, a password
-    /// that is not a PHC hash, a name used both as device and client).
+    /// (a device id that is not a valid vehicle id, a key that is not 64 hex digits, a device
+    /// without a valid `fleet`, a password that is not a PHC hash, a name used both as device
+    /// and client).
     pub fn load(path: &Path) -> Result<Credentials, CredentialsError> {
         let text = fs::read_to_string(path).map_err(|source| CredentialsError::Read {
             path: path.to_owned(),
@@ -162,11 +173,14 @@ impl Credentials {
                 .map_err(|err| bad(entry.clone(), format!("not a vehicle id: {err}")))?;
             check_phc(&raw.password).map_err(|reason| bad(entry.clone(), reason))?;
             let key = parse_key(&raw.key).map_err(|reason| bad(entry.clone(), reason))?;
+            let fleet = parse_fleet(raw.fleet.as_deref(), &id)
+                .map_err(|reason| bad(entry.clone(), reason))?;
             devices.insert(
                 id,
                 DeviceEntry {
                     password: raw.password,
                     key,
+                    fleet,
                 },
             );
         }
@@ -215,6 +229,18 @@ impl Credentials {
     }
 }
 
+/// The device's fleet: required (a device without one could publish in any fleet, so an old
+/// file is refused, naming the device, rather than loaded with a warning).
+fn parse_fleet(text: Option<&str>, id: &str) -> Result<FleetId, String> {
+    let Some(text) = text else {
+        return Err(format!(
+            "no `fleet`: every device belongs to one fleet; add `fleet = \"<fleet>\"` to \
+             [devices.{id}] by hand"
+        ));
+    };
+    FleetId::new(text).map_err(|err| format!("`fleet` is not a fleet id: {err}"))
+}
+
 /// The 32-byte message key written as 64 hex digits.
 fn parse_key(text: &str) -> Result<[u8; 32], String> {
     if text.len() != 64 {
@@ -258,6 +284,7 @@ mod tests {
             [devices.van-0001]
             password = "{phc}"
             key = "{}"
+            fleet = "north"
 
             [clients.bridge]
             role = "bridge"
@@ -273,6 +300,7 @@ mod tests {
         let device = creds.device("van-0001").unwrap();
         assert_eq!(device.key(), [0xab; 32]);
         assert_eq!(device.password_hash(), phc);
+        assert_eq!(device.fleet().as_str(), "north");
         assert!(
             !format!("{device:?}").contains("abab"),
             "Debug must not show the key"
@@ -290,23 +318,29 @@ mod tests {
         let key = "00".repeat(32);
         let cases = [
             (
-                format!("[devices.\"bad/id\"]\npassword = \"{phc}\"\nkey = \"{key}\""),
+                format!(
+                    "[devices.\"bad/id\"]\npassword = \"{phc}\"\nkey = \"{key}\"\nfleet = \"n\""
+                ),
                 "devices.bad/id",
             ),
             (
-                format!("[devices.van-1]\npassword = \"{phc}\"\nkey = \"abc\""),
+                format!("[devices.van-1]\npassword = \"{phc}\"\nkey = \"abc\"\nfleet = \"n\""),
                 "devices.van-1",
             ),
             (
-                format!("[devices.van-1]\npassword = \"hunter2\"\nkey = \"{key}\""),
+                format!("[devices.van-1]\npassword = \"hunter2\"\nkey = \"{key}\"\nfleet = \"n\""),
                 "devices.van-1",
             ),
             (
                 format!(
-                    "[devices.van-1]\npassword = \"{phc}\"\nkey = \"{key}\"\n\
+                    "[devices.van-1]\npassword = \"{phc}\"\nkey = \"{key}\"\nfleet = \"n\"\n\
                      [clients.van-1]\nrole = \"observer\"\npassword = \"{phc}\""
                 ),
                 "clients.van-1",
+            ),
+            (
+                format!("[devices.van-1]\npassword = \"{phc}\"\nkey = \"{key}\"\nfleet = \"a/b\""),
+                "devices.van-1",
             ),
             (
                 format!("[clients.\"a b\"]\nrole = \"observer\"\npassword = \"{phc}\""),
@@ -318,6 +352,19 @@ mod tests {
                 Err(CredentialsError::Entry { entry: got, .. }) => assert_eq!(got, entry),
                 other => panic!("{entry}: expected an Entry error, got {other:?}"),
             }
+        }
+        // A device without a fleet (a file from before fleets were credentials) is refused,
+        // naming the device and saying what to add.
+        let old = format!("[devices.van-9]\npassword = \"{phc}\"\nkey = \"{key}\"");
+        match Credentials::parse(&old, Path::new("c.toml")) {
+            Err(err @ CredentialsError::Entry { .. }) => {
+                let text = err.to_string();
+                assert!(
+                    text.contains("devices.van-9") && text.contains("fleet"),
+                    "{text}"
+                );
+            }
+            other => panic!("a device without a fleet must be refused, got {other:?}"),
         }
         for text in [
             "[devices.van-1]\npassword = \"x\"",

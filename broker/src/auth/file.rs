@@ -5,7 +5,7 @@ use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 
-use shared::VehicleId;
+use shared::{FleetId, VehicleId};
 
 use super::credentials::{Credentials, Role, check_client_name};
 use super::password::{PasswordOrigin, hash_for, random_bytes};
@@ -105,7 +105,8 @@ impl CredentialsFile {
         })
     }
 
-    /// Adds device `id`, or replaces its entry, with a new password and a fresh random key.
+    /// Adds device `id` of `fleet`, or replaces its entry, with a new password and a fresh
+    /// random key.
     ///
     /// # Errors
     /// [`CredentialsError::Invalid`] for an id that is not a vehicle id, a client of that name,
@@ -113,18 +114,20 @@ impl CredentialsFile {
     pub fn add_device(
         &mut self,
         id: &str,
+        fleet: &FleetId,
         password: NewPassword,
     ) -> Result<Issued, CredentialsError> {
         let (password, origin) = password.resolve()?;
         let key = random_bytes::<32>()?;
-        self.set_device(id, &password, origin, key)?;
+        self.set_device(id, fleet, &password, origin, key)?;
         Ok(Issued {
             password,
             key: Some(hex::encode(key)),
         })
     }
 
-    /// Adds device `id`, or replaces its entry, with a password and key chosen elsewhere (e.g.
+    /// Adds device `id` of `fleet`, or replaces its entry, with a password and key chosen
+    /// elsewhere (e.g.
     /// by a provisioning tool that keeps the device's half); the password is hashed at the cost
     /// its `origin` calls for.
     ///
@@ -134,6 +137,7 @@ impl CredentialsFile {
     pub fn set_device(
         &mut self,
         id: &str,
+        fleet: &FleetId,
         password: &str,
         origin: PasswordOrigin,
         key: [u8; 32],
@@ -152,6 +156,7 @@ impl CredentialsFile {
         let mut table = self.new_entry();
         table.insert("password", toml_edit::value(phc));
         table.insert("key", toml_edit::value(hex::encode(key)));
+        table.insert("fleet", toml_edit::value(fleet.as_str()));
         self.section("devices")
             .insert(id, toml_edit::Item::Table(table));
         Ok(())
@@ -274,6 +279,10 @@ mod tests {
 
     use super::*;
     use crate::auth::password::verify_password;
+
+    fn north() -> FleetId {
+        FleetId::new("north").unwrap()
+    }
     use crate::auth::testing::temp_path;
 
     #[test]
@@ -281,7 +290,9 @@ mod tests {
         let path = temp_path("edit");
         fs::write(&path, "# my comment\n").unwrap();
         let mut file = CredentialsFile::open(&path).unwrap();
-        let van = file.add_device("van-1", NewPassword::Generate).unwrap();
+        let van = file
+            .add_device("van-1", &north(), NewPassword::Generate)
+            .unwrap();
         let bridge = file
             .add_client("bridge", Role::Bridge, NewPassword::Generate)
             .unwrap();
@@ -300,6 +311,7 @@ mod tests {
 
         let creds = Credentials::load(&path).unwrap();
         let entry = creds.device("van-1").unwrap();
+        assert_eq!(entry.fleet().as_str(), "north");
         assert_eq!(van.password.len(), 32);
         assert_eq!(van.key.as_deref(), Some(hex::encode(entry.key()).as_str()));
         assert!(verify_password(&van.password, entry.password_hash()));
@@ -315,7 +327,9 @@ mod tests {
 
         // Updating replaces password and key.
         let mut file = CredentialsFile::open(&path).unwrap();
-        let again = file.add_device("van-1", NewPassword::Generate).unwrap();
+        let again = file
+            .add_device("van-1", &north(), NewPassword::Generate)
+            .unwrap();
         file.save().unwrap();
         let creds = Credentials::load(&path).unwrap();
         assert_ne!(again.key, van.key);
@@ -327,8 +341,14 @@ mod tests {
 
         // Names are checked, and a name is either a device or a client.
         let mut file = CredentialsFile::open(&path).unwrap();
-        assert!(file.add_device("bad/id", NewPassword::Generate).is_err());
-        assert!(file.add_device("bridge", NewPassword::Generate).is_err());
+        assert!(
+            file.add_device("bad/id", &north(), NewPassword::Generate)
+                .is_err()
+        );
+        assert!(
+            file.add_device("bridge", &north(), NewPassword::Generate)
+                .is_err()
+        );
         assert!(
             file.add_client("van-1", Role::Observer, NewPassword::Generate)
                 .is_err()
@@ -346,6 +366,7 @@ mod tests {
         let mut file = CredentialsFile::open(&path).unwrap();
         file.set_device(
             "van-7",
+            &north(),
             "Vq3xxxxxxxxxxxxxxxxxxxxx",
             PasswordOrigin::Generated,
             [9; 32],
@@ -356,6 +377,7 @@ mod tests {
         let entry = creds.device("van-7").unwrap();
         assert_eq!(entry.key(), [9; 32]);
         assert_eq!(entry.key_hex(), "09".repeat(32));
+        assert_eq!(entry.fleet(), &north());
         assert!(verify_password(
             "Vq3xxxxxxxxxxxxxxxxxxxxx",
             entry.password_hash()

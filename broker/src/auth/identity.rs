@@ -8,9 +8,15 @@ use super::credentials::Role;
 /// Who a connection authenticated as; decides its topic ACL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Identity {
-    /// A vehicle: publishes only its own `hb`, `event`, `status`, `ack`; subscribes only to its
-    /// own `cmd`.
-    Device(VehicleId),
+    /// A vehicle of a fleet (both from the credentials file): publishes only
+    /// `fleet/{fleet}/{id}/{hb,event,status,ack}`, subscribes only to `fleet/{fleet}/{id}/cmd`
+    /// (or `fleet/+/{id}/cmd`, which matches only its own fleet's commands it may receive).
+    Device {
+        /// Its vehicle id, also its username and client id.
+        id: VehicleId,
+        /// Its fleet: the only `{fleet}` level it may use.
+        fleet: FleetId,
+    },
     /// A named client with a role.
     Client {
         /// Its name in the credentials file.
@@ -46,10 +52,12 @@ impl Identity {
             } => false,
             Identity::Tool => !is_vehicle_topic(topic),
             Identity::Probe => topic.starts_with(PROBE_TOPIC_PREFIX.as_bytes()),
-            Identity::Device(id) => std::str::from_utf8(topic)
+            Identity::Device { id, fleet } => std::str::from_utf8(topic)
                 .ok()
                 .and_then(|t| Topic::parse(t).ok())
-                .is_some_and(|t| &t.vehicle == id && t.kind != TopicKind::Command),
+                .is_some_and(|t| {
+                    &t.vehicle == id && &t.fleet == fleet && t.kind != TopicKind::Command
+                }),
         }
     }
 
@@ -58,26 +66,23 @@ impl Identity {
         match self {
             Identity::Anonymous | Identity::Tool | Identity::Client { .. } => true,
             Identity::Probe => false,
-            Identity::Device(id) => Levels::split_str(filter).is_some_and(|levels| {
+            Identity::Device { id, fleet } => Levels::split_str(filter).is_some_and(|levels| {
                 levels.topic_kind() == Some(TopicKind::Command)
                     && levels.vehicle == id.as_str().as_bytes()
-                    && (levels.fleet == b"+"
-                        || levels
-                            .fleet_str()
-                            .is_some_and(|fleet| FleetId::new(fleet).is_ok()))
+                    && (levels.fleet == b"+" || levels.fleet == fleet.as_str().as_bytes())
             }),
         }
     }
 
     /// Whether this is a device (counted in `devices_connected`).
     pub(crate) fn is_device(&self) -> bool {
-        matches!(self, Identity::Device(_))
+        matches!(self, Identity::Device { .. })
     }
 
     /// A short description for logs.
     pub(crate) fn describe(&self) -> String {
         match self {
-            Identity::Device(id) => format!("device {id}"),
+            Identity::Device { id, fleet } => format!("device {id} of fleet {fleet}"),
             Identity::Client { name, role } => format!("{role} {name}"),
             Identity::Anonymous => "anonymous (open mode)".to_owned(),
             Identity::Tool => "anonymous with keep-alive 0 (open mode, not a vehicle)".to_owned(),
@@ -98,19 +103,32 @@ pub(crate) fn is_vehicle_topic(topic: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    fn van_1_of_north() -> Identity {
+        Identity::Device {
+            id: VehicleId::new("van-1").unwrap(),
+            fleet: FleetId::new("north").unwrap(),
+        }
+    }
+
     #[test]
     fn device_acl() {
-        let me = Identity::Device(VehicleId::new("van-1").unwrap());
+        let me = van_1_of_north();
         for topic in [
             "fleet/north/van-1/hb",
             "fleet/north/van-1/event",
             "fleet/north/van-1/status",
-            "fleet/south/van-1/ack",
+            "fleet/north/van-1/ack",
         ] {
             assert!(me.may_publish(topic.as_bytes()), "{topic}");
         }
         for topic in [
             "fleet/north/van-2/hb",
+            // Another fleet: a device cannot move itself, nor create topics elsewhere.
+            "fleet/south/van-1/hb",
+            "fleet/south/van-1/event",
+            "fleet/south/van-1/status",
+            "fleet/south/van-1/ack",
+            "fleet/+/van-1/hb",
             "fleet/north/van-1/cmd",
             "fleet/north/van-1/gps",
             "fleet/north/van-1",
@@ -129,6 +147,8 @@ mod tests {
             "fleet/+/van-1/#",
             "fleet/+/van-1/hb",
             "fleet/a+b/van-1/cmd",
+            "fleet/south/van-1/cmd",
+            "fleet/#/van-1/cmd",
         ] {
             assert!(!me.may_subscribe(filter), "{filter}");
         }

@@ -5,7 +5,10 @@
 //! - [`CredentialsFile`]: adds or updates entries in that file (`broker add-device`,
 //!   `broker add-client`, or a provisioning tool in bulk), keeping its comments.
 //! - [`Authenticator`]: the broker's check of a CONNECT against the file, with the cache that keeps
-//!   a reconnect storm cheap, and [`Identity`]: who a connection is, with its topic ACL.
+//!   a reconnect storm cheap and the throttle of failed logins (`throttle`), and [`Identity`]:
+//!   who a connection is, with its topic ACL (a device's fleet comes from the file).
+//! - `client_id`: which client ids each login may use, so that none takes over another's
+//!   session.
 //!
 //! # The file
 //!
@@ -14,6 +17,7 @@
 //! [devices.van-0001]
 //! password = "$argon2id$v=19$m=1024,t=1,p=1$...$..."   # PHC string, never the password
 //! key = "5f0c...e1"                                     # 32-byte message key, 64 hex digits
+//! fleet = "north"                                       # required: its only `fleet/{fleet}/...`
 //!
 //! # Other clients: the bridge, and observers such as an engineer's mosquitto_sub.
 //! [clients.bridge]
@@ -46,14 +50,16 @@
 //! network tasks. Measured costs are in `docs/broker.md`.
 
 mod authenticator;
+mod client_id;
 mod credentials;
 mod file;
 mod identity;
 mod password;
 #[cfg(test)]
 mod testing;
+mod throttle;
 
-pub(crate) use self::authenticator::Authenticator;
+pub(crate) use self::authenticator::{Attempt, AuthSettings, Authenticator};
 pub use self::credentials::{ClientEntry, Credentials, DeviceEntry, Role};
 pub use self::file::{CredentialsFile, Issued, NewPassword};
 pub(crate) use self::identity::{Identity, PROBE_TOPIC_PREFIX, is_vehicle_topic};

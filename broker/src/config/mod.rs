@@ -22,7 +22,9 @@
 //!   [`max_segment_size`](BrokerConfig::max_segment_size) bytes, a new one is started and, at
 //!   the limit, the oldest is dropped. A subscriber still reading the dropped segment jumps
 //!   ahead (rumqttd warns "cursor jump"): those messages are lost for it. Logs are never
-//!   removed, even when their last subscriber leaves.
+//!   removed, even when their last subscriber leaves. The filters of the QoS 1 kinds get a
+//!   smaller pair of their own ([`qos1_segment_size`](BrokerConfig::qos1_segment_size),
+//!   [`qos1_segment_count`](BrokerConfig::qos1_segment_count), rumqttd's `custom_segment`).
 //! - Segment bytes are counted as `4 + topic + payload` per message, but each stored message
 //!   also costs ≈232 bytes of bookkeeping (x86-64: `Publish` 72 B, its optional v5
 //!   properties 144 B, a timestamp 16 B), and a new segment reserves room for 1024 of them
@@ -55,6 +57,7 @@
 //! | subscriber reading, 20 000 vehicles × 10 heartbeats at once | oldest ≈105 000 lost |
 //! | 8 000 idle connections, one heartbeat each | ≈45 KiB RSS per connection |
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -63,6 +66,7 @@ use figment::providers::{Env, Format as _, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
+use shared::TopicKind;
 
 use crate::error::{BrokerError, ConfigError};
 use crate::listener::Listener;
@@ -172,6 +176,23 @@ pub struct BrokerConfig {
     /// what a persistent-session subscriber can catch up on after being offline.
     pub max_segment_count: usize,
 
+    /// [`Self::max_segment_size`] for the filters of the QoS 1 kinds (`fleet/+/+/status`,
+    /// `event`, `ack` and `cmd`, and any filter those match). Default 64 KiB, ≈700 statuses or
+    /// events: a segment then never outgrows the 1 024 entries rumqttd reserves for it. These
+    /// logs need not be a store: `status`, `event` and `ack` are acknowledged end to end (a
+    /// message a lagging consumer's cursor skips is published again, see `docs/broker.md`,
+    /// Durability), and commands are read by the broker's own shared link as they come. With
+    /// the heartbeats' 8 MiB they grew for hours on reconnects alone (a will and an `online`
+    /// each) towards ≈35 MiB apiece, which is what the soak saw as creeping memory.
+    pub qos1_segment_size: usize,
+
+    /// [`Self::max_segment_count`] for the filters of the QoS 1 kinds. Default 4: a window of
+    /// ≈3 000 messages per kind (≈1.3 MiB resident when full) that the bridge may fall behind
+    /// by before a skipped message has to be published again. Without end-to-end
+    /// acknowledgement (no [`Self::durable_consumers`], no [`Self::journal`]) nothing publishes
+    /// it again: a deployment like that whose subscribers may lag should raise the pair.
+    pub qos1_segment_count: usize,
+
     /// QoS 0 messages the router moves from a commit log into one subscriber's outgoing queue
     /// per scheduling pass. rumqttd pauses a subscriber whose queue reaches 199 entries (its
     /// fixed channel capacity) until the connection task has written it out, so a queue peaks
@@ -202,6 +223,48 @@ pub struct BrokerConfig {
     /// reconnect fits in one burst; a client that floods gets one hundredth of what the router
     /// could take, and cannot slow the other connections down.
     pub max_publish_rate: u32,
+
+    /// SUBSCRIBE packets per second one client connection may send (bursts of as many let
+    /// through). Beyond it, every filter of the SUBSCRIBE is refused in the SUBACK (0x80),
+    /// counted in `fleetbeat_broker_subscriptions_refused_total{reason="rate"}` and logged;
+    /// the connection stays. Each filter costs the router a commit log that it never frees,
+    /// so subscribing is not free. The broker's own links are exempt. 0 switches the limit
+    /// off. Default 10: a client subscribes once after connecting.
+    pub max_subscribe_rate: u32,
+
+    /// Subscription filters one client connection may hold at once; a filter beyond it is
+    /// refused in the SUBACK (0x80), counted in
+    /// `fleetbeat_broker_subscriptions_refused_total{reason="filters"}` and logged. Counted per
+    /// connection: filters a persistent session kept from an earlier connection are not. 0
+    /// switches the limit off. Default 100: a vehicle needs 1, the bridge 4.
+    pub max_subscriptions: usize,
+
+    /// Most TCP connections, in all, that have not sent their CONNECT yet; a connection
+    /// accepted beyond it is closed at once (before a byte is read), counted in
+    /// `fleetbeat_broker_connect_refused_total{reason="pending_limit"}`. Default 2 000: a
+    /// reconnect storm of 20 000 vehicles over cellular links has a few hundred at a time.
+    pub max_pending_connects: usize,
+
+    /// As [`Self::max_pending_connects`], per client IP address. Default 100 (vehicles behind
+    /// one carrier NAT share an address).
+    pub max_pending_connects_per_ip: usize,
+
+    /// Failed logins (wrong password, unknown user) from one IP address, or for one username,
+    /// within [`Self::login_failure_window`] after which further attempts from that address or
+    /// for that name are refused before any password is checked (CONNACK "bad user name or
+    /// password", counted in `fleetbeat_broker_auth_refused_total{reason="throttled"}`), until
+    /// the window has passed. A login whose password was verified before (the cache, see
+    /// `docs/broker.md`) still gets in: a vehicle is not locked out by someone failing on its
+    /// name. Unknown usernames count per address only. 0 switches throttling off. Default 10.
+    pub max_login_failures: u32,
+
+    /// The window of [`Self::max_login_failures`]. Default 60 s.
+    #[serde(with = "duration")]
+    pub login_failure_window: Duration,
+
+    /// Password checks (argon2) running at once; further logins wait for one to finish. 0 for
+    /// one per CPU core. Default 0.
+    pub max_password_checks: usize,
 
     /// Milliseconds the broker waits, after accepting a TCP connection, for its CONNECT packet
     /// before closing it. Each such socket holds a few KiB meanwhile, so this bounds what a
@@ -281,9 +344,18 @@ impl Default for BrokerConfig {
             max_payload_size: 16 * 1024,
             max_segment_size: 1024 * 1024,
             max_segment_count: 8,
+            qos1_segment_size: 64 * 1024,
+            qos1_segment_count: 4,
             max_outgoing_packet_count: 1000,
             max_inflight_count: 100,
             max_publish_rate: 100,
+            max_subscribe_rate: 10,
+            max_subscriptions: 100,
+            max_pending_connects: 2000,
+            max_pending_connects_per_ip: 100,
+            max_login_failures: 10,
+            login_failure_window: Duration::from_secs(60),
+            max_password_checks: 0,
             connection_timeout_ms: 10_000,
             next_connection_delay_ms: 0,
             startup_timeout: Duration::from_secs(10),
@@ -378,11 +450,39 @@ impl BrokerConfig {
         if self.max_segment_count == 0 {
             return invalid("max_segment_count", "must be at least 1".to_owned());
         }
+        if self.qos1_segment_size < MIN_SEGMENT_SIZE.max(self.max_payload_size) {
+            return invalid(
+                "qos1_segment_size",
+                format!(
+                    "is {}, must be at least {MIN_SEGMENT_SIZE} bytes and at least \
+                     max_payload_size ({})",
+                    self.qos1_segment_size, self.max_payload_size
+                ),
+            );
+        }
+        if self.qos1_segment_count == 0 {
+            return invalid("qos1_segment_count", "must be at least 1".to_owned());
+        }
         if self.max_outgoing_packet_count == 0 {
             return invalid("max_outgoing_packet_count", "must be at least 1".to_owned());
         }
         if self.max_inflight_count == 0 {
             return invalid("max_inflight_count", "must be at least 1".to_owned());
+        }
+        if self.max_pending_connects == 0 {
+            return invalid("max_pending_connects", "must be at least 1".to_owned());
+        }
+        if self.max_pending_connects_per_ip == 0 {
+            return invalid(
+                "max_pending_connects_per_ip",
+                "must be at least 1".to_owned(),
+            );
+        }
+        if self.max_login_failures > 0 && self.login_failure_window.is_zero() {
+            return invalid(
+                "login_failure_window",
+                "must not be zero while max_login_failures is set".to_owned(),
+            );
         }
         if self.connection_timeout_ms == 0 {
             return invalid("connection_timeout_ms", "must be at least 1".to_owned());
@@ -449,6 +549,22 @@ impl BrokerConfig {
         }
     }
 
+    /// The segment configuration of the QoS 1 kinds' filters, keyed by filter: rumqttd gives
+    /// it to every filter these match when it creates the filter's commit log.
+    fn qos1_segments(&self) -> HashMap<String, rumqttd::SegmentConfig> {
+        TopicKind::ALL
+            .into_iter()
+            .filter(|kind| kind.qos() == 1)
+            .map(|kind| {
+                let segment = rumqttd::SegmentConfig {
+                    max_segment_size: self.qos1_segment_size,
+                    max_segment_count: self.qos1_segment_count,
+                };
+                (kind.filter().to_owned(), segment)
+            })
+            .collect()
+    }
+
     /// rumqttd's router configuration for this one; `internal` connection slots are added for
     /// the broker's own links (probe, wills, mirror).
     pub(crate) fn router_config(&self, internal: usize) -> rumqttd::RouterConfig {
@@ -457,7 +573,7 @@ impl BrokerConfig {
             max_outgoing_packet_count: self.max_outgoing_packet_count,
             max_segment_size: self.max_segment_size,
             max_segment_count: self.max_segment_count,
-            custom_segment: None,
+            custom_segment: Some(self.qos1_segments()),
             initialized_filters: None,
             shared_subscriptions_strategy: rumqttd::Strategy::default(),
         }
@@ -512,6 +628,37 @@ pub struct ConfigOverrides {
     /// PUBLISHes per second per client connection, 0 for no limit [key: max_publish_rate].
     #[arg(long, value_name = "N")]
     pub max_publish_rate: Option<u32>,
+
+    /// SUBSCRIBE packets per second per client connection, 0 for no limit
+    /// [key: max_subscribe_rate].
+    #[arg(long, value_name = "N")]
+    pub max_subscribe_rate: Option<u32>,
+
+    /// Subscription filters per client connection, 0 for no limit [key: max_subscriptions].
+    #[arg(long, value_name = "N")]
+    pub max_subscriptions: Option<usize>,
+
+    /// Connections that have not sent CONNECT yet, in all [key: max_pending_connects].
+    #[arg(long, value_name = "N")]
+    pub max_pending_connects: Option<usize>,
+
+    /// Connections that have not sent CONNECT yet, per IP address
+    /// [key: max_pending_connects_per_ip].
+    #[arg(long, value_name = "N")]
+    pub max_pending_connects_per_ip: Option<usize>,
+
+    /// Failed logins per IP address and per username within the window before further
+    /// attempts are refused unchecked, 0 for no throttling [key: max_login_failures].
+    #[arg(long, value_name = "N")]
+    pub max_login_failures: Option<u32>,
+
+    /// The window of max_login_failures, e.g. "60s" [key: login_failure_window].
+    #[arg(long, value_name = "DURATION")]
+    pub login_failure_window: Option<String>,
+
+    /// Password checks (argon2) at once, 0 for one per core [key: max_password_checks].
+    #[arg(long, value_name = "N")]
+    pub max_password_checks: Option<usize>,
 
     /// Bound of a graceful shutdown, e.g. "10s" [key: shutdown_grace].
     #[arg(long, value_name = "DURATION")]

@@ -37,12 +37,17 @@ fn ephemeral_uses_port_zero_on_loopback() {
 #[test]
 fn validate_names_the_key_and_the_problem() {
     type BreakIt = fn(&mut BrokerConfig);
-    let cases: [(&str, BreakIt); 13] = [
+    let cases: [(&str, BreakIt); 16] = [
         ("max_segment_size", |c| c.max_segment_size = 512),
         ("max_segment_size", |c| {
             c.max_segment_size = c.max_payload_size - 1
         }),
         ("max_segment_count", |c| c.max_segment_count = 0),
+        ("qos1_segment_size", |c| c.qos1_segment_size = 512),
+        ("qos1_segment_size", |c| {
+            c.qos1_segment_size = c.max_payload_size - 1
+        }),
+        ("qos1_segment_count", |c| c.qos1_segment_count = 0),
         ("max_connections", |c| c.max_connections = 0),
         ("max_payload_size", |c| c.max_payload_size = 16),
         ("max_outgoing_packet_count", |c| {
@@ -88,7 +93,33 @@ fn router_config_has_our_limits() {
         router.max_outgoing_packet_count,
         config.max_outgoing_packet_count
     );
-    assert!(router.custom_segment.is_none());
+    // Every filter's log is bounded by our numbers, never rumqttd's example ones: the
+    // heartbeats' by the defaults, the QoS 1 kinds' by their own smaller pair, so that
+    // reconnects (a will and an `online` each) cannot grow them for hours (the soak).
+    let custom = router
+        .custom_segment
+        .as_ref()
+        .expect("QoS 1 kinds' segments");
+    let mut filters: Vec<&str> = custom.keys().map(String::as_str).collect();
+    filters.sort_unstable();
+    assert_eq!(
+        filters,
+        [
+            "fleet/+/+/ack",
+            "fleet/+/+/cmd",
+            "fleet/+/+/event",
+            "fleet/+/+/status"
+        ]
+    );
+    for segment in custom.values() {
+        assert_eq!(segment.max_segment_size, config.qos1_segment_size);
+        assert_eq!(segment.max_segment_count, config.qos1_segment_count);
+        assert!(
+            segment.max_segment_size * segment.max_segment_count
+                <= config.max_segment_size * config.max_segment_count / 8,
+            "a QoS 1 kind's log holds at most an eighth of the heartbeats' one"
+        );
+    }
     assert!(router.initialized_filters.is_none());
 }
 
@@ -261,6 +292,82 @@ fn bad_values_name_the_key_and_the_layer() {
 
         let err = load(Some(Path::new("missing.toml")), &no_overrides()).unwrap_err();
         assert!(matches!(err, ConfigError::File { .. }), "{err:?}");
+        Ok(())
+    });
+}
+
+#[test]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail's closure returns figment::Error"
+)]
+fn abuse_limits_come_from_every_layer_and_are_checked() {
+    Jail::expect_with(|jail| {
+        let defaults = BrokerConfig::default();
+        assert_eq!(
+            (defaults.max_subscribe_rate, defaults.max_subscriptions),
+            (10, 100)
+        );
+        assert_eq!(
+            (
+                defaults.max_pending_connects,
+                defaults.max_pending_connects_per_ip
+            ),
+            (2000, 100)
+        );
+        assert_eq!(defaults.max_login_failures, 10);
+        assert_eq!(defaults.login_failure_window, Duration::from_secs(60));
+        assert_eq!(defaults.max_password_checks, 0);
+
+        jail.create_file(
+            "broker.toml",
+            "max_subscriptions = 5\nlogin_failure_window = \"2m\"\n",
+        )?;
+        jail.set_env("FLEETBEAT_BROKER_MAX_PENDING_CONNECTS_PER_IP", "7");
+        jail.set_env("FLEETBEAT_BROKER_MAX_LOGIN_FAILURES", "3");
+        let overrides = ConfigOverrides {
+            max_subscribe_rate: Some(2),
+            max_pending_connects: Some(50),
+            max_password_checks: Some(1),
+            ..ConfigOverrides::default()
+        };
+        let config = load(Some(Path::new("broker.toml")), &overrides).unwrap();
+        assert_eq!(config.max_subscriptions, 5);
+        assert_eq!(config.login_failure_window, Duration::from_secs(120));
+        assert_eq!(config.max_pending_connects_per_ip, 7);
+        assert_eq!(config.max_login_failures, 3);
+        assert_eq!(config.max_subscribe_rate, 2);
+        assert_eq!(config.max_pending_connects, 50);
+        assert_eq!(config.max_password_checks, 1);
+
+        for (field, config) in [
+            (
+                "max_pending_connects",
+                BrokerConfig {
+                    max_pending_connects: 0,
+                    ..BrokerConfig::default()
+                },
+            ),
+            (
+                "max_pending_connects_per_ip",
+                BrokerConfig {
+                    max_pending_connects_per_ip: 0,
+                    ..BrokerConfig::default()
+                },
+            ),
+            (
+                "login_failure_window",
+                BrokerConfig {
+                    login_failure_window: Duration::ZERO,
+                    ..BrokerConfig::default()
+                },
+            ),
+        ] {
+            match config.validate() {
+                Err(BrokerError::InvalidConfig { field: got, .. }) => assert_eq!(got, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
         Ok(())
     });
 }

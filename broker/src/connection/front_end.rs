@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::pending::PendingConnects;
 use crate::auth::Authenticator;
 use crate::client_ids::ClientIds;
 use crate::durability::Durability;
@@ -29,12 +30,18 @@ pub(crate) struct Limits {
     pub(crate) max_connections: usize,
     /// PUBLISH packets per second per client connection (0: no limit); see the `rate` module.
     pub(crate) max_publish_rate: u32,
+    /// SUBSCRIBE packets per second per client connection (0: no limit).
+    pub(crate) max_subscribe_rate: u32,
+    /// Subscription filters per client connection (0: no limit).
+    pub(crate) max_subscriptions: usize,
 }
 
 /// Everything connections share.
 #[derive(Debug)]
 pub(crate) struct FrontEnd {
     pub(crate) limits: Limits,
+    /// Connections that have not sent CONNECT yet.
+    pub(crate) pending: Arc<PendingConnects>,
     /// `None` in open mode.
     pub(crate) auth: Option<Arc<Authenticator>>,
     pub(crate) probe: ProbeLogin,

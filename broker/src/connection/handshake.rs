@@ -15,7 +15,8 @@ use tracing::{debug, error, warn};
 
 use super::front_end::FrontEnd;
 use super::network::{Network, PacketError, valid_topic_name};
-use crate::auth::{Identity, is_vehicle_topic};
+use super::pending::PendingSlot;
+use crate::auth::{Attempt, Identity, is_vehicle_topic};
 use crate::client_ids::Claim;
 use crate::listener::Listener;
 use crate::metrics::{AuthRefusal, ConnectRefusal};
@@ -102,8 +103,9 @@ pub(super) async fn handshake(
     net: &mut Network,
     peer: SocketAddr,
     ctx: &FrontEnd,
+    pending: PendingSlot,
 ) -> Option<Accepted> {
-    match negotiate(net, peer, ctx).await {
+    match negotiate(net, peer, ctx, pending).await {
         Ok(accepted) => Some(accepted),
         Err(Refused::With(code)) => {
             refuse(net, code).await;
@@ -113,11 +115,13 @@ pub(super) async fn handshake(
     }
 }
 
-/// The handshake's steps, in order.
+/// The handshake's steps, in order; the connection stops counting as `pending` once its
+/// CONNECT is read.
 async fn negotiate(
     net: &mut Network,
     peer: SocketAddr,
     ctx: &FrontEnd,
+    pending: PendingSlot,
 ) -> Result<Accepted, Refused> {
     let ConnectPacket {
         connect,
@@ -127,15 +131,23 @@ async fn negotiate(
         will_delay,
         login,
     } = read_connect(net, peer, ctx).await?;
+    drop(pending);
     let (client_id, assigned) = choose_client_id(&connect, peer, ctx)?;
-    let identity = identify(&client_id, login.as_ref(), peer, ctx).await?;
+    let persistent = !connect.clean_session;
+    let identity = identify(&client_id, persistent, login.as_ref(), peer, ctx).await?;
     let identity = check_keep_alive(&connect, will.as_ref(), identity, peer, ctx)?;
     check_reserved(&client_id, &identity, peer, ctx)?;
     check_will(will.as_ref(), &client_id, &identity, peer, ctx)?;
 
     let counted = identity != Identity::Probe;
     admit(&client_id, counted, peer, ctx)?;
-    let claim = ctx.client_ids.claim(&client_id).await;
+    let holder = login_name(&identity);
+    let Some(claim) = ctx.client_ids.claim(&client_id, holder).await else {
+        ctx.release_slot(counted);
+        ctx.metrics.auth_refused(AuthRefusal::ClientIdMismatch);
+        warn!(%peer, client_id, username = holder.unwrap_or(""), reason = AuthRefusal::ClientIdMismatch.label(), "CONNECT refused: another login holds this client id");
+        return Err(Refused::With(RefusalCode::NotAuthorized));
+    };
     net.set_client_max_packet_size(properties.as_ref().and_then(|p| p.max_packet_size));
     net.set_client_topic_alias_max(
         properties
@@ -149,7 +161,6 @@ async fn negotiate(
         .and_then(|p| p.session_expiry_interval)
         .unwrap_or(0);
     let will_delay = Duration::from_secs(u64::from(will_delay.min(session_expiry)));
-    let persistent = !connect.clean_session;
     let registered = register(&client_id, persistent, ctx);
     let (link, connack) = match registered {
         Ok(registered) => registered,
@@ -257,7 +268,7 @@ fn check_keep_alive(
         return Ok(identity);
     }
     let vehicle = match &identity {
-        Identity::Device(_) => true,
+        Identity::Device { .. } => true,
         Identity::Anonymous => will.is_some_and(|will| is_vehicle_topic(&will.topic)),
         Identity::Client { .. } | Identity::Tool | Identity::Probe => false,
     };
@@ -298,10 +309,22 @@ fn choose_client_id(
     Ok((client_id, assigned))
 }
 
-/// Who the connection is: the broker's own probe, whoever the credentials file says, or
+/// The login whose session a connection of `identity` is, for [`crate::client_ids`]: `None`
+/// in open mode (anyone may take any session there) and for the probe.
+fn login_name(identity: &Identity) -> Option<&str> {
+    match identity {
+        Identity::Device { id, .. } => Some(id.as_str()),
+        Identity::Client { name, .. } => Some(name),
+        Identity::Anonymous | Identity::Tool | Identity::Probe => None,
+    }
+}
+
+/// Who the connection is: the broker's own probe, whoever the credentials file says (which
+/// also decides whether it may use `client_id`, with a `persistent` session or not), or
 /// anyone in open mode.
 async fn identify(
     client_id: &str,
+    persistent: bool,
     login: Option<&Login>,
     peer: SocketAddr,
     ctx: &FrontEnd,
@@ -319,7 +342,14 @@ async fn identify(
     let Some(auth) = &ctx.auth else {
         return Ok(Identity::Anonymous);
     };
-    auth.authenticate(client_id, username, password)
+    let attempt = Attempt {
+        peer: peer.ip(),
+        client_id,
+        persistent,
+        username,
+        password,
+    };
+    auth.authenticate(attempt)
         .await
         .map_err(|why| {
             ctx.metrics.auth_refused(why);

@@ -13,11 +13,22 @@ use tracing::warn;
 
 use super::network::{PublishInfo, Received, valid_topic_name};
 use super::session::Established;
+use crate::auth::Identity;
 use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason, SubscribeRefusal};
 use crate::mux::{MuxEvent, is_command_topic, publish_with};
 use crate::qos;
 use crate::router::TOPIC_ALIAS_MAX;
+
+/// The SUBACK code refusing a filter for `why`, in MQTT 5 (`v5`) or 3.1.1 (always 0x80).
+fn refusal_code(why: SubscribeRefusal, v5: bool) -> SubscribeReasonCode {
+    match why {
+        _ if !v5 => SubscribeReasonCode::Failure,
+        SubscribeRefusal::Shared => SubscribeReasonCode::SharedSubscriptionsNotSupported,
+        SubscribeRefusal::DollarTopic => SubscribeReasonCode::Unspecified,
+        SubscribeRefusal::Rate | SubscribeRefusal::Filters => SubscribeReasonCode::QuotaExceeded,
+    }
+}
 
 impl Established {
     /// Handles one packet from the client: into `batch` for the router, or answered here.
@@ -289,6 +300,7 @@ impl Established {
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
         let mut others = false;
         for filter in &unsubscribe.filters {
+            self.filters.remove(filter);
             if let Some(at) = self.mux_subscriptions.iter().position(|t| t == filter) {
                 self.mux_subscriptions.swap_remove(at);
                 self.ctx.mux.unsubscribe(self.connection, filter);
@@ -320,6 +332,12 @@ impl Established {
         properties: Option<SubscribeProperties>,
         batch: &mut Vec<Packet>,
     ) -> Result<(), DisconnectReason> {
+        if let Some(rate) = &mut self.subscribe_rate {
+            if rate.wait(tokio::time::Instant::now()).is_some() {
+                return self.refuse_whole(&subscribe, SubscribeRefusal::Rate);
+            }
+            rate.take();
+        }
         if !subscribe
             .filters
             .iter()
@@ -360,12 +378,18 @@ impl Established {
 
     /// Takes the filters the broker does not serve out of `subscribe`, each counted and
     /// logged: shared subscriptions (`$share/{group}/{filter}`: rumqttd 0.20's router panics
-    /// on them and would stop routing for everyone, see `docs/broker.md`) and other filters
-    /// starting with `$` (its router drops the connection for them). Returns their positions
-    /// in the SUBSCRIBE, each with the SUBACK code refusing it (3.1.1: 0x80; MQTT 5: 0x9E
-    /// "shared subscriptions not supported", 0x80 for the others).
+    /// on them and would stop routing for everyone, see `docs/broker.md`), other filters
+    /// starting with `$` (its router drops the connection for them), and filters beyond
+    /// `max_subscriptions` on this connection (each costs the router a commit log). Returns
+    /// their positions in the SUBSCRIBE, each with the SUBACK code refusing it (3.1.1: 0x80;
+    /// MQTT 5: 0x9E "shared subscriptions not supported", 0x97 "quota exceeded" beyond the
+    /// limit, 0x80 for the others).
     fn refuse_unserved(&mut self, subscribe: &mut Subscribe) -> Vec<(usize, SubscribeReasonCode)> {
-        if !subscribe.filters.iter().any(|f| f.path.starts_with('$')) {
+        let limit = match self.identity {
+            Identity::Probe => 0,
+            _ => self.ctx.limits.max_subscriptions,
+        };
+        if limit == 0 && !subscribe.filters.iter().any(|f| f.path.starts_with('$')) {
             return Vec::new();
         }
         let v5 = self.net.version == Listener::V5;
@@ -373,13 +397,20 @@ impl Established {
         let mut at = 0;
         subscribe.filters.retain(|filter| {
             at += 1;
-            if !filter.path.starts_with('$') {
-                return true;
-            }
             let why = if filter.path.starts_with("$share/") {
                 SubscribeRefusal::Shared
-            } else {
+            } else if filter.path.starts_with('$') {
                 SubscribeRefusal::DollarTopic
+            } else if limit > 0
+                && !self.filters.contains(&filter.path)
+                && self.filters.len() >= limit
+            {
+                SubscribeRefusal::Filters
+            } else {
+                if limit > 0 {
+                    self.filters.insert(filter.path.clone());
+                }
+                return true;
             };
             self.ctx.metrics.subscription_refused(why);
             warn!(
@@ -388,15 +419,34 @@ impl Established {
                 reason = why.label(),
                 "subscription refused: the broker does not serve this filter"
             );
-            let code = match why {
-                _ if !v5 => SubscribeReasonCode::Failure,
-                SubscribeRefusal::Shared => SubscribeReasonCode::SharedSubscriptionsNotSupported,
-                SubscribeRefusal::DollarTopic => SubscribeReasonCode::Unspecified,
-            };
-            refused.push((at - 1, code));
+            refused.push((at - 1, refusal_code(why, v5)));
             false
         });
         refused
+    }
+
+    /// A SUBSCRIBE refused whole for `why` (a limit): counted per filter, logged, every filter
+    /// refused in the SUBACK; the connection stays.
+    fn refuse_whole(
+        &mut self,
+        subscribe: &Subscribe,
+        why: SubscribeRefusal,
+    ) -> Result<(), DisconnectReason> {
+        for _ in &subscribe.filters {
+            self.ctx.metrics.subscription_refused(why);
+        }
+        warn!(
+            client_id = self.client_id,
+            reason = why.label(),
+            filters = subscribe.filters.len(),
+            "subscribe refused: over the limit"
+        );
+        let code = refusal_code(why, self.net.version == Listener::V5);
+        let ack = SubAck {
+            pkid: subscribe.pkid,
+            return_codes: vec![code; subscribe.filters.len()],
+        };
+        self.answer(Packet::SubAck(ack, None))
     }
 
     /// A SUBSCRIBE the topic ACL refuses: counted, logged, every filter refused in the SUBACK.

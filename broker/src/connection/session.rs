@@ -7,7 +7,7 @@
 //! `inbound`; how the router's and the mux link's messages are written, in `outbound`.
 
 use std::cell::Cell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -111,6 +111,10 @@ pub(super) struct Established {
     pub(super) topic_aliases: HashMap<u16, Bytes>,
     /// The connection's publish rate limit, `None` if it has none.
     rate: Option<PublishRate>,
+    /// The connection's SUBSCRIBE rate limit (the same token bucket), `None` if it has none.
+    pub(super) subscribe_rate: Option<PublishRate>,
+    /// The filters the connection subscribed to, while `max_subscriptions` is set.
+    pub(super) filters: HashSet<String>,
     /// The PUBLISH at the head of the read buffer waits for the rate until then; the socket
     /// is not read meanwhile.
     throttled_until: Option<Instant>,
@@ -140,6 +144,10 @@ pub(super) async fn run(net: Network, accepted: Accepted, peer: SocketAddr, ctx:
             role: Role::Bridge, ..
         } => None,
         _ => PublishRate::new(ctx.limits.max_publish_rate, Instant::now()),
+    };
+    let subscribe_rate = match &identity {
+        Identity::Probe => None,
+        _ => PublishRate::new(ctx.limits.max_subscribe_rate, Instant::now()),
     };
     let consumer = ctx.durability.is_consumer(&identity, &client_id);
     let gated = ctx.durability.gates(&identity, consumer);
@@ -176,6 +184,8 @@ pub(super) async fn run(net: Network, accepted: Accepted, peer: SocketAddr, ctx:
         acl_warned: false,
         topic_aliases: HashMap::new(),
         rate,
+        subscribe_rate,
+        filters: HashSet::new(),
         throttled_until: None,
         holding: false,
         throttle_warned: false,

@@ -44,11 +44,16 @@ reasons! {
         UnknownUser => "unknown_user",
         /// The password does not match the stored hash.
         BadPassword => "bad_password",
-        /// A device's client id differs from its username, or a client tried a device's
-        /// client id.
+        /// The client id is not the login's to use: a device's differs from its username, or a
+        /// client asked for another login's id (a device's, the bridge's, another client's
+        /// name), or for a persistent session on an id that belongs to nobody (see
+        /// `auth::client_id`).
         ClientIdMismatch => "client_id_mismatch",
         /// The last will's topic is not one the identity may publish to.
         WillNotAllowed => "will_not_allowed",
+        /// Too many failed logins from the address or for the username lately
+        /// (`max_login_failures`): refused before the password was checked.
+        Throttled => "throttled",
     }
 }
 
@@ -70,6 +75,9 @@ reasons! {
         ServerFull => "server_full",
         /// The broker is shutting down.
         ShuttingDown => "shutting_down",
+        /// Too many connections, in all or from the client's address, had not sent their
+        /// CONNECT yet (`max_pending_connects`, `max_pending_connects_per_ip`): closed at once.
+        PendingLimit => "pending_limit",
     }
 }
 
@@ -132,6 +140,10 @@ reasons! {
         /// Another filter starting with `$` (`$SYS/#`, ...): rumqttd's router would drop the
         /// connection for it.
         DollarTopic => "dollar_topic",
+        /// The connection sent SUBSCRIBEs faster than `max_subscribe_rate`.
+        Rate => "rate",
+        /// The connection already holds `max_subscriptions` filters.
+        Filters => "filters",
     }
 }
 
@@ -144,7 +156,7 @@ mod tests {
         for (i, why) in DisconnectReason::ALL.into_iter().enumerate() {
             assert_eq!(why.index(), i);
         }
-        assert_eq!(AuthRefusal::ALL.len(), 5);
+        assert_eq!(AuthRefusal::ALL.len(), 6);
         assert_eq!(ConnectRefusal::KeepAliveZero.label(), "keep_alive_zero");
         assert_eq!(DropReason::ALL.map(DropReason::label)[3], "mirror");
     }

@@ -53,7 +53,13 @@ impl Provisioned {
         let mut file = CredentialsFile::open(&path).unwrap();
         let mut passwords = HashMap::new();
         for device in devices {
-            let issued = file.add_device(device, NewPassword::Generate).unwrap();
+            let issued = file
+                .add_device(
+                    device,
+                    &shared::FleetId::new("f").unwrap(),
+                    NewPassword::Generate,
+                )
+                .unwrap();
             passwords.insert((*device).to_owned(), issued.password);
         }
         for (name, role) in clients {

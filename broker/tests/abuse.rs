@@ -1,0 +1,222 @@
+//! The broker's abuse limits (issue 14), each counted: connections that have not sent CONNECT
+//! (in all and per address), failed logins (per address and per name), SUBSCRIBE rate and
+//! filters per connection. Raw TCP and MQTT against the real broker.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+
+use broker::{AuthRefusal, BrokerConfig, ConnectRefusal, Role, SubscribeRefusal};
+use common::{Provisioned, Raw, T, connect_as, eventually};
+use shared::frame::Connect;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::timeout;
+
+/// A TCP connection to `addr` from the loopback address `from` (127.0.0.0/8).
+async fn open_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(IpAddr::from(from), 0)).unwrap();
+    timeout(T, socket.connect(addr)).await.unwrap().unwrap()
+}
+
+/// Sends CONNECT as `client_id` on `stream` and returns the CONNACK's code, or `None` if the
+/// broker closed the connection instead.
+async fn connack(stream: &mut TcpStream, client_id: &str) -> Option<u8> {
+    // Writing to a connection the broker already closed may fail: that is a `None` too.
+    stream
+        .write_all(&connect_as(client_id).bytes())
+        .await
+        .ok()?;
+    let mut buf = [0u8; 4];
+    match timeout(T, stream.read_exact(&mut buf)).await.unwrap() {
+        Ok(_) if buf[0] == 0x20 => Some(buf[3]),
+        Ok(_) => panic!("not a CONNACK: {buf:02x?}"),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn connections_that_send_no_connect_are_bounded_per_address_and_in_all() {
+    let config = BrokerConfig {
+        max_pending_connects_per_ip: 3,
+        max_pending_connects: 5,
+        ..BrokerConfig::ephemeral()
+    };
+    let broker = common::start(config).await;
+    let addr = broker.v4_addr();
+    let metrics = broker.metrics();
+    let refused = || metrics.connect_refused_total(ConnectRefusal::PendingLimit);
+
+    // Four silent connections from 127.0.0.1: one is closed at once, counted.
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(open_from([127, 0, 0, 1], addr).await);
+    }
+    eventually("one connection over the per-address bound closed", || {
+        refused() == 1
+    })
+    .await;
+    // Other addresses still get in, up to 5 pending in all: of three more, one is closed.
+    let mut other = [
+        open_from([127, 0, 0, 2], addr).await,
+        open_from([127, 0, 0, 2], addr).await,
+        open_from([127, 0, 0, 3], addr).await,
+    ];
+    eventually("one connection over the total closed", || refused() == 2).await;
+
+    // The ones kept are served when they speak; the closed one was closed.
+    let mut answers = Vec::new();
+    for (i, stream) in silent.iter_mut().enumerate() {
+        answers.push(connack(stream, &format!("silent-{i}")).await);
+    }
+    answers.sort();
+    assert_eq!(answers, [None, Some(0), Some(0), Some(0)]);
+    let mut answers = Vec::new();
+    for (i, stream) in other.iter_mut().enumerate() {
+        answers.push(connack(stream, &format!("other-{i}")).await);
+    }
+    answers.sort();
+    assert_eq!(answers, [None, Some(0), Some(0)]);
+    // Once connected they no longer count: new connections are accepted again.
+    let mut late = open_from([127, 0, 0, 1], addr).await;
+    assert_eq!(connack(&mut late, "late").await, Some(0));
+    assert_eq!(refused(), 2);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn failed_logins_are_throttled_per_address_and_per_name() {
+    let creds = Provisioned::new(&["van-1"], &[("watch", Role::Observer)]);
+    let config = BrokerConfig {
+        max_login_failures: 3,
+        ..creds.config()
+    };
+    let broker = common::start(config).await;
+    let addr = broker.v4_addr();
+    let metrics = broker.metrics();
+    let (van, password) = creds.login("van-1");
+    let good = Connect {
+        login: Some((van, password)),
+        ..connect_as(van)
+    };
+    let wrong = Connect {
+        login: Some((van, "guess-guess")),
+        ..connect_as(van)
+    };
+
+    // The vehicle is connected, and was verified once.
+    let vehicle = Raw::connected(addr, &good).await;
+    drop(vehicle);
+    // A guesser fails three times: bad user name or password (4), counted.
+    for n in 1..=3 {
+        let (_raw, code) = Raw::connect(addr, &wrong).await;
+        assert_eq!(code, 4);
+        assert_eq!(metrics.auth_refused_total(AuthRefusal::BadPassword), n);
+    }
+    // The fourth guess is refused unchecked, the same answer, counted apart.
+    let (_raw, code) = Raw::connect(addr, &wrong).await;
+    assert_eq!(code, 4);
+    assert_eq!(metrics.auth_refused_total(AuthRefusal::Throttled), 1);
+    assert_eq!(metrics.auth_refused_total(AuthRefusal::BadPassword), 3);
+    // So is any new password for that name, and any login from that address...
+    let watch = creds.login("watch");
+    let (_raw, code) = Raw::connect(
+        addr,
+        &Connect {
+            login: Some(watch),
+            ..connect_as("watch")
+        },
+    )
+    .await;
+    assert_eq!(code, 4, "the address is throttled");
+    assert_eq!(metrics.auth_refused_total(AuthRefusal::Throttled), 2);
+    // ...but the vehicle, reconnecting with its verified password, is not locked out.
+    let _vehicle = Raw::connected(addr, &good).await;
+    broker.shutdown().await;
+}
+
+/// A SUBSCRIBE of `filters` at QoS 0.
+fn subscribe(pkid: u16, filters: &[&str]) -> Vec<u8> {
+    let filters: Vec<(&str, u8)> = filters.iter().map(|f| (*f, 0)).collect();
+    shared::frame::subscribe(false, pkid, &filters)
+}
+
+#[tokio::test]
+async fn subscribes_are_rate_limited_and_filters_bounded_per_connection() {
+    let config = BrokerConfig {
+        max_subscribe_rate: 1,
+        max_subscriptions: 2,
+        ..BrokerConfig::ephemeral()
+    };
+    let broker = common::start(config).await;
+    let addr = broker.v4_addr();
+    let metrics = broker.metrics();
+    let refused = |why| metrics.subscriptions_refused_total(why);
+
+    // Three filters, two allowed: the third is refused in the SUBACK (0x80), counted.
+    let mut raw = Raw::connected(addr, &connect_as("many")).await;
+    raw.send(&subscribe(1, &["a/1", "a/2", "a/3"])).await;
+    let (first, body) = raw.read().await.expect("a SUBACK");
+    assert_eq!((first, &body[2..]), (0x90, &[0, 0, 0x80][..]));
+    assert_eq!(refused(SubscribeRefusal::Filters), 1);
+
+    // Two SUBSCRIBEs at once with a rate of one a second: the second is refused whole.
+    let mut raw = Raw::connected(addr, &connect_as("fast")).await;
+    let mut both = subscribe(1, &["b/1"]);
+    both.extend(subscribe(2, &["b/2", "b/3"]));
+    raw.send(&both).await;
+    // The refusal is answered by the front end, the grant by the router: in either order.
+    let mut subacks = vec![
+        raw.read().await.expect("a SUBACK").1,
+        raw.read().await.expect("another SUBACK").1,
+    ];
+    subacks.sort();
+    assert_eq!(subacks, [vec![0, 1, 0], vec![0, 2, 0x80, 0x80]]);
+    assert_eq!(refused(SubscribeRefusal::Rate), 2);
+    // The connection stays.
+    assert_eq!(raw.ping().await, 0xD0);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_listener_probe_gets_through_while_the_bound_is_full() {
+    let config = BrokerConfig {
+        max_pending_connects: 2,
+        probe_interval: std::time::Duration::from_millis(100),
+        ..BrokerConfig::ephemeral()
+    };
+    let broker = common::start(config).await;
+    let addr = broker.v4_addr();
+    let metrics = broker.metrics();
+    // The probe publishes on `fleetbeat-broker/probe/...`: each probe that got through is seen.
+    let mut watcher = Raw::connected(addr, &connect_as("watcher")).await;
+    assert_eq!(
+        watcher.subscribe(1, "fleetbeat-broker/probe/#", 0).await.0,
+        0x90
+    );
+    // Fill the bound, and prove it full: a third silent connection is closed.
+    let silent = [
+        open_from([127, 0, 0, 1], addr).await,
+        open_from([127, 0, 0, 2], addr).await,
+        open_from([127, 0, 0, 3], addr).await,
+    ];
+    eventually("the bound is full", || {
+        metrics.connect_refused_total(ConnectRefusal::PendingLimit) >= 1
+    })
+    .await;
+    let refused = metrics.connect_refused_total(ConnectRefusal::PendingLimit);
+    // Probes keep passing: two more of them reach the router meanwhile.
+    for _ in 0..3 {
+        let (first, _) = watcher.read().await.expect("a probe's message");
+        assert_eq!(first & 0xF0, 0x30, "a PUBLISH");
+    }
+    assert_eq!(
+        metrics.connect_refused_total(ConnectRefusal::PendingLimit),
+        refused,
+        "no probe was refused"
+    );
+    assert!(broker.listener_health().iter().all(|l| l.up));
+    drop(silent);
+    broker.shutdown().await;
+}
