@@ -80,6 +80,19 @@ impl BridgeProcess {
         metric(&self.url(), sample).await
     }
 
+    /// Waits until `sample` satisfies `check`, within `within`, and returns its value.
+    ///
+    /// # Errors
+    /// If it does not (the bridge's log in the error), or `/metrics` cannot be read.
+    pub async fn wait_metric(
+        &self,
+        sample: &str,
+        check: impl Fn(f64) -> bool,
+        within: Duration,
+    ) -> anyhow::Result<f64> {
+        wait_for_metric(&self.url(), sample, check, within, &self.program).await
+    }
+
     /// The sum of every sample of metric `name` (all label sets).
     ///
     /// # Errors
@@ -395,21 +408,49 @@ impl BrokerProcess {
         sample: &str,
         check: impl Fn(f64) -> bool,
     ) -> anyhow::Result<f64> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let value = self.metric(sample).await?;
-            if check(value) {
-                return Ok(value);
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "{sample} is still {value} after {WAIT:?}; broker log:\n{}",
-                    self.program.log_text()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let base = format!("http://{}", self.metrics);
+        wait_for_metric(&base, sample, check, WAIT, &self.program).await
     }
+}
+
+/// Waits until `sample` at `{base}/metrics` satisfies `check`, within `within`, and returns its
+/// value; the error shows `program`'s log.
+async fn wait_for_metric(
+    base: &str,
+    sample: &str,
+    check: impl Fn(f64) -> bool,
+    within: Duration,
+    program: &Program,
+) -> anyhow::Result<f64> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let value = metric(base, sample).await?;
+        if check(value) {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "{sample} is still {value} after {within:?}; log:\n{}",
+                program.log_text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `bridge add-token ARGS --config FILE`: the token it printed (once).
+///
+/// # Errors
+/// If the command fails, times out or prints no token.
+pub async fn bridge_add_token(config: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = Command::new(bin::path("bridge")?);
+    cmd.arg("add-token").args(args).arg("--config").arg(config);
+    let stdout = run_to_end(cmd, "bridge add-token").await?;
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .map(str::to_owned)
+        .with_context(|| format!("no token in {stdout:?}"))
 }
 
 /// Starts the standalone `broker` binary on ephemeral ports (MQTT 3.1.1, `/metrics`; MQTT 5

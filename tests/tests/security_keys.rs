@@ -14,57 +14,9 @@ use anyhow::Context as _;
 use shared::{DeliveryEvent, DeliveryKind, Heartbeat, OrderId, Position, Status, Topic};
 use tests::provision::provision_in;
 use tests::stack::{
-    BridgeProcess, free_port, start_bridge_external, start_broker_process, write_bridge_config,
+    bridge_add_token, free_port, start_bridge_external, start_broker_process, write_bridge_config,
 };
-use tests::{WAIT, bin, mosquitto};
-use tokio::process::Command;
-
-/// `bridge add-token ARGS --config FILE`: the token it printed.
-async fn add_token(config: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let output = tokio::time::timeout(
-        WAIT,
-        Command::new(bin::path("bridge")?)
-            .arg("add-token")
-            .args(args)
-            .arg("--config")
-            .arg(config)
-            .output(),
-    )
-    .await
-    .context("bridge add-token timed out")??;
-    anyhow::ensure!(
-        output.status.success(),
-        "bridge add-token failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("token: "))
-        .map(str::to_owned)
-        .with_context(|| format!("no token in {stdout:?}"))
-}
-
-/// Waits until `sample` of the bridge's `/metrics` satisfies `ok`; returns its value.
-async fn until_metric(
-    bridge: &BridgeProcess,
-    sample: &str,
-    ok: impl Fn(f64) -> bool,
-) -> anyhow::Result<f64> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let value = bridge.metric(sample).await?;
-        if ok(value) {
-            return Ok(value);
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{sample} = {value} within {WAIT:?}; bridge log:\n{}",
-            bridge.program.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use tests::{WAIT, mosquitto};
 
 /// `msg` sealed for `topic` with `key`, sealed with `counter`.
 fn sealed<T: shared::WireMessage>(
@@ -116,7 +68,8 @@ async fn keys_follow_the_credentials_file() -> anyhow::Result<()> {
     let creds = provision_in("keys", &["keys-0001"]).await?;
     let file = creds.broker_file.to_str().context("utf-8 path")?.to_owned();
     let config = write_bridge_config("")?;
-    let token = add_token(config.path(), &["--role", "dispatcher", "--fleet", "keys"]).await?;
+    let token =
+        bridge_add_token(config.path(), &["--role", "dispatcher", "--fleet", "keys"]).await?;
     let config_arg = config.path().to_str().context("utf-8 path")?;
     let mqtt = free_port()?;
     let _broker = start_broker_process(mqtt, &[]).await?;
@@ -139,8 +92,8 @@ async fn keys_follow_the_credentials_file() -> anyhow::Result<()> {
     let event = sealed(&event, event_topic, 2, &key)?;
     mosquitto::publish(bridge.mqtt, status_topic, &status, 1).await?;
     mosquitto::publish(bridge.mqtt, event_topic, &event, 1).await?;
-    until_metric(&bridge, KEY_WAITS, |v| v >= 2.0).await?;
-    until_metric(&bridge, ACKS_WAITING, |v| v >= 2.0).await?;
+    bridge.wait_metric(KEY_WAITS, |v| v >= 2.0, WAIT).await?;
+    bridge.wait_metric(ACKS_WAITING, |v| v >= 2.0, WAIT).await?;
     assert_eq!(bridge.metric(RECEIVED_EVENT).await?, 0.0);
     assert_eq!(bridge.metric(RECEIVED_STATUS).await?, 0.0);
     let (code, _) = bridge
@@ -163,9 +116,13 @@ async fn keys_follow_the_credentials_file() -> anyhow::Result<()> {
         key,
     )?;
     credentials.save()?;
-    until_metric(&bridge, RECEIVED_EVENT, |v| v >= 1.0).await?;
-    until_metric(&bridge, RECEIVED_STATUS, |v| v >= 1.0).await?;
-    until_metric(&bridge, ACKS_WAITING, |v| v == 0.0).await?;
+    bridge
+        .wait_metric(RECEIVED_EVENT, |v| v >= 1.0, WAIT)
+        .await?;
+    bridge
+        .wait_metric(RECEIVED_STATUS, |v| v >= 1.0, WAIT)
+        .await?;
+    bridge.wait_metric(ACKS_WAITING, |v| v == 0.0, WAIT).await?;
     assert!(bridge.metric(RELOADS).await? >= 1.0);
     let (code, state) = bridge
         .get_json("/api/vehicles/keys-0002", Some(&token))
@@ -205,8 +162,8 @@ async fn keys_follow_the_credentials_file() -> anyhow::Result<()> {
     let revoked = bridge.metric(REVOKED).await?;
     let later = sealed(&Status::Online, status_topic, 1_000, &key)?;
     mosquitto::publish(bridge.mqtt, status_topic, &later, 1).await?;
-    until_metric(&bridge, REVOKED, |v| v > revoked).await?;
-    until_metric(&bridge, ACKS_WAITING, |v| v == 0.0).await?;
+    bridge.wait_metric(REVOKED, |v| v > revoked, WAIT).await?;
+    bridge.wait_metric(ACKS_WAITING, |v| v == 0.0, WAIT).await?;
     assert_eq!(bridge.metric(RECEIVED_STATUS).await?, 1.0);
     Ok(())
 }
@@ -216,8 +173,10 @@ async fn a_vehicle_cannot_choose_its_fleet() -> anyhow::Result<()> {
     let creds = provision_in("home", &["home-0001"]).await?;
     let file = creds.broker_file.to_str().context("utf-8 path")?.to_owned();
     let config = write_bridge_config("")?;
-    let home = add_token(config.path(), &["--role", "dispatcher", "--fleet", "home"]).await?;
-    let away = add_token(config.path(), &["--role", "dispatcher", "--fleet", "away"]).await?;
+    let home =
+        bridge_add_token(config.path(), &["--role", "dispatcher", "--fleet", "home"]).await?;
+    let away =
+        bridge_add_token(config.path(), &["--role", "dispatcher", "--fleet", "away"]).await?;
     let config_arg = config.path().to_str().context("utf-8 path")?;
     let mqtt = free_port()?;
     let _broker = start_broker_process(mqtt, &[]).await?;
@@ -237,7 +196,7 @@ async fn a_vehicle_cannot_choose_its_fleet() -> anyhow::Result<()> {
         ..Heartbeat::default()
     };
     mosquitto::publish(bridge.mqtt, foreign, &sealed(&hb, foreign, 1, &key)?, 0).await?;
-    until_metric(&bridge, WRONG_FLEET, |v| v >= 1.0).await?;
+    bridge.wait_metric(WRONG_FLEET, |v| v >= 1.0, WAIT).await?;
     let (code, _) = bridge
         .get_json("/api/vehicles/home-0001", Some(&away))
         .await?;

@@ -7,40 +7,12 @@
 //! Real parts: the `bridge` binary (its embedded broker authenticating it), `bridge
 //! add-token`, `broker add-device`, a `socket.io-client` under node, HTTP with reqwest.
 
-use std::path::Path;
-
 use anyhow::Context as _;
 use tests::provision::provision_in;
 use tests::sio::SioClient;
-use tests::stack::{spawn_bridge, start_bridge, write_bridge_config};
+use tests::stack::{bridge_add_token, spawn_bridge, start_bridge, write_bridge_config};
 use tests::{WAIT, bin, temp_dir};
 use tokio::process::Command;
-
-/// `bridge add-token ARGS --config FILE`: the token it printed.
-async fn add_token(config: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let output = tokio::time::timeout(
-        WAIT,
-        Command::new(bin::path("bridge")?)
-            .arg("add-token")
-            .args(args)
-            .arg("--config")
-            .arg(config)
-            .output(),
-    )
-    .await
-    .context("bridge add-token timed out")??;
-    anyhow::ensure!(
-        output.status.success(),
-        "bridge add-token failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("token: "))
-        .map(str::to_owned)
-        .with_context(|| format!("no token in {stdout:?}"))
-}
 
 /// `GET {base}/metrics` with an optional bearer token: the status code.
 async fn metrics_status(base: &str, token: Option<&str>) -> anyhow::Result<u16> {
@@ -74,8 +46,9 @@ async fn hashed_tokens_and_no_demo_tokens_with_credentials() -> anyhow::Result<(
     let creds = provision_in("north", &["north-0001"]).await?;
     let file = creds.broker_file.to_str().context("utf-8 path")?.to_owned();
     let config = write_bridge_config("")?;
-    let token = add_token(config.path(), &["--role", "dispatcher", "--fleet", "north"]).await?;
-    let scraper = add_token(config.path(), &["--role", "metrics"]).await?;
+    let token =
+        bridge_add_token(config.path(), &["--role", "dispatcher", "--fleet", "north"]).await?;
+    let scraper = bridge_add_token(config.path(), &["--role", "metrics"]).await?;
     let text = std::fs::read_to_string(config.path())?;
     assert!(text.contains("token_sha256"), "{text}");
     for secret in [&token, &scraper] {
@@ -171,7 +144,7 @@ async fn demo_mode_stays_on_loopback_and_metrics_on_loopback_without_a_token() -
 
     // Not demo mode (a token), no metrics token: /metrics for loopback peers only.
     let config = write_bridge_config("")?;
-    let admin = add_token(config.path(), &["--role", "admin"]).await?;
+    let admin = bridge_add_token(config.path(), &["--role", "admin"]).await?;
     let config_arg = config.path().to_str().context("utf-8 path")?;
     let bridge = spawn_bridge(&[
         "--listen",

@@ -12,15 +12,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
 use sqlx::Connection as _;
 use tests::WAIT;
 use tests::crash::{EventPipeline, stored_events, wait_stored};
 use tests::sio::SioClient;
-use tests::stack::{BridgeProcess, start_bridge, start_sim};
+use tests::stack::{start_bridge, start_sim};
 use tests::temp_dir;
-use tokio::time::{Instant, sleep};
 
 const VEHICLE: &str = "bp-0001";
 const HEARTBEATS: &str = "fleetbeat_bridge_mqtt_received_total{kind=\"hb\"}";
@@ -42,17 +41,17 @@ async fn a_locked_store_holds_acks_back_until_it_writes_again() -> anyhow::Resul
         .post_json("/api/orders", "vendor-demo", &order)
         .await?;
     ensure!(status == 201, "order not placed: {status} {placed}");
-    wait_metric(&bridge, HEARTBEATS, |n| n > 0.0, WAIT).await?;
+    bridge.wait_metric(HEARTBEATS, |n| n > 0.0, WAIT).await?;
 
     let lock = StoreLock::take(&store).await?;
     let pipeline = EventPipeline::start(bridge.mqtt, "demo", VEHICLE, 2)?;
-    wait_metric(
-        &bridge,
-        "fleetbeat_bridge_store_writable",
-        |n| n == 0.0,
-        FIRST_FAILURE,
-    )
-    .await?;
+    bridge
+        .wait_metric(
+            "fleetbeat_bridge_store_writable",
+            |n| n == 0.0,
+            FIRST_FAILURE,
+        )
+        .await?;
 
     // Reported: /readyz with the store's error, the metrics.
     let (code, body) = bridge.get("/readyz").await?;
@@ -71,14 +70,16 @@ async fn a_locked_store_holds_acks_back_until_it_writes_again() -> anyhow::Resul
     }
     // Heartbeats keep coming in meanwhile; their history is dropped, and counted.
     let heartbeats = bridge.metric(HEARTBEATS).await?;
-    wait_metric(&bridge, HEARTBEATS, |n| n >= heartbeats + 5.0, WAIT).await?;
-    wait_metric(
-        &bridge,
-        "fleetbeat_bridge_history_failed_total",
-        |n| n > 0.0,
-        FIRST_FAILURE,
-    )
-    .await?;
+    bridge
+        .wait_metric(HEARTBEATS, |n| n >= heartbeats + 5.0, WAIT)
+        .await?;
+    bridge
+        .wait_metric(
+            "fleetbeat_bridge_history_failed_total",
+            |n| n > 0.0,
+            FIRST_FAILURE,
+        )
+        .await?;
     // Nothing acknowledged, nothing stored, nothing told.
     assert_eq!(pipeline.acked(), 0, "a PUBACK while the store cannot write");
     assert!(stored_events(&store, VEHICLE).await?.is_empty());
@@ -161,28 +162,5 @@ impl StoreLock {
             .await
             .context("closing the lock's connection")?;
         Ok(())
-    }
-}
-
-/// Waits until the bridge's `sample` satisfies `done`.
-async fn wait_metric(
-    bridge: &BridgeProcess,
-    sample: &str,
-    done: impl Fn(f64) -> bool,
-    within: Duration,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        let value = bridge.metric(sample).await?;
-        if done(value) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{sample} is still {value} after {within:?}; bridge log:\n{}",
-                bridge.program.log_text()
-            );
-        }
-        sleep(Duration::from_millis(100)).await;
     }
 }
