@@ -72,6 +72,7 @@ mod durability;
 mod error;
 #[cfg(any(test, feature = "fault-injection"))]
 mod fault;
+mod file_watch;
 mod health;
 pub mod http;
 mod listener;
@@ -92,6 +93,7 @@ pub use auth::{
 };
 pub use config::{BrokerConfig, ConfigOverrides};
 pub use error::{BrokerError, ConfigError, CredentialsError, JournalError, ProbeError};
+pub use file_watch::FileWatch;
 pub use health::ListenerHealth;
 pub use listener::Listener;
 pub use metrics::{

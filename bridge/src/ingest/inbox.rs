@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::acks::{self, AckQueue, Delivery, Handled};
-use super::keys::{DeviceKeys, RELOAD_CHECK_INTERVAL};
+use super::keys::DeviceKeys;
 use super::verify::{self, Rejected, Unopened};
 use crate::clock::now_ms;
 use crate::domain::Hub;
@@ -232,7 +232,7 @@ fn reject(metrics: &Metrics, topic: &Topic, bytes: usize, Rejected { why, cause 
 
 impl KeyWait {
     /// Handles the held messages in order until `cancel` fires: each once its vehicle's key is
-    /// known (the credentials file is checked again every [`RELOAD_CHECK_INTERVAL`]), or is
+    /// known (the credentials file is checked again every [`broker::FileWatch::INTERVAL`]), or is
     /// given up unacknowledged when its connection ends.
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
         loop {
@@ -291,7 +291,7 @@ impl KeyWait {
             tokio::select! {
                 () = cancel.cancelled() => return false,
                 () = held.answer.closed() => return true,
-                () = tokio::time::sleep(RELOAD_CHECK_INTERVAL / 4) => {}
+                () = tokio::time::sleep(broker::FileWatch::INTERVAL / 4) => {}
             }
         }
     }

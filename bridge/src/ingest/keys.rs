@@ -3,24 +3,19 @@
 //!
 //! They come from the broker's credentials file, read by the broker's own reader
 //! ([`broker::Credentials`]): one file format, one parser. The file is reloaded by the same
-//! rule as the broker's (`broker/src/auth/authenticator.rs`): when its modification time or
-//! size changed, checked at most once a second ([`RELOAD_CHECK_INTERVAL`]) as messages come;
+//! rule as the broker's ([`broker::FileWatch`]): when its modification time or size changed,
+//! checked at most once a second as messages come;
 //! a file that no longer loads is reported and the previous keys stay. So a device added at
 //! run time is known within a second, and a revoked one stops being believed as soon.
 
+use broker::{Credentials, CredentialsError, FileWatch};
+use shared::{DeviceKey, FleetId, VehicleId};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
-
-use broker::{Credentials, CredentialsError};
-use shared::{DeviceKey, FleetId, VehicleId};
 use tracing::{error, info};
 
 use crate::metrics::{Counter, Metrics};
-
-/// How often at most the credentials file is checked for changes (the broker's interval).
-pub(crate) const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the bridge knows of one vehicle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,8 +60,7 @@ struct Loaded {
     devices: HashMap<VehicleId, Device>,
     /// Vehicles that were in an earlier version of the file and are not in this one.
     revoked: HashSet<VehicleId>,
-    stamp: Option<(SystemTime, u64)>,
-    checked: Instant,
+    watch: FileWatch,
 }
 
 impl DeviceKeys {
@@ -77,7 +71,7 @@ impl DeviceKeys {
     /// # Errors
     /// [`CredentialsError`] if the file cannot be read or an entry is invalid.
     pub(crate) fn load(path: &Path, metrics: Arc<Metrics>) -> Result<Self, CredentialsError> {
-        let stamp = file_stamp(path);
+        let watch = FileWatch::new(path);
         let devices = read_devices(path)?;
         Ok(Self::Provisioned(Arc::new(KeyFile {
             path: path.to_owned(),
@@ -85,8 +79,7 @@ impl DeviceKeys {
             loaded: RwLock::new(Loaded {
                 devices,
                 revoked: HashSet::new(),
-                stamp,
-                checked: Instant::now(),
+                watch,
             }),
         })))
     }
@@ -132,7 +125,7 @@ impl KeyFile {
                 Ok(loaded) => loaded,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            if loaded.checked.elapsed() < RELOAD_CHECK_INTERVAL {
+            if !loaded.watch.due() {
                 return;
             }
         }
@@ -140,15 +133,10 @@ impl KeyFile {
             Ok(loaded) => loaded,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if loaded.checked.elapsed() < RELOAD_CHECK_INTERVAL {
+        let path = self.path.clone();
+        if !loaded.watch.changed(&path) {
             return;
         }
-        loaded.checked = Instant::now();
-        let stamp = file_stamp(&self.path);
-        if stamp == loaded.stamp {
-            return;
-        }
-        loaded.stamp = stamp;
         match read_devices(&self.path) {
             Ok(devices) => {
                 let gone: Vec<VehicleId> = loaded
@@ -203,11 +191,6 @@ fn read_devices(path: &Path) -> Result<HashMap<VehicleId, Device>, CredentialsEr
     Ok(devices)
 }
 
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,12 +212,7 @@ mod tests {
         let DeviceKeys::Provisioned(file) = keys else {
             panic!("provisioned");
         };
-        let mut loaded = file.loaded.write().expect("lock");
-        loaded.checked = Instant::now()
-            .checked_sub(RELOAD_CHECK_INTERVAL * 2)
-            .expect("a monotonic clock past boot");
-        // A rewrite within the file system's timestamp granularity keeps the stamp: forget it.
-        loaded.stamp = None;
+        file.loaded.write().expect("lock").watch.expire();
     }
 
     #[test]

@@ -2,11 +2,10 @@
 //! cache that keeps a reconnect storm cheap (see the [module docs](super)).
 
 use std::collections::HashMap;
-use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
@@ -20,16 +19,13 @@ use super::identity::Identity;
 use super::password::{constant_time_eq, random_bytes, verify_password};
 use super::throttle::LoginThrottle;
 use crate::error::CredentialsError;
+use crate::file_watch::FileWatch;
 use crate::metrics::AuthRefusal;
-
-/// How often at most the credentials file is checked for changes.
-const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Loaded {
     credentials: Arc<Credentials>,
-    stamp: Option<(SystemTime, u64)>,
-    checked: Instant,
+    watch: FileWatch,
 }
 
 /// How the [`Authenticator`] checks logins, from the broker's configuration.
@@ -102,7 +98,7 @@ impl Authenticator {
         settings: AuthSettings,
     ) -> Result<Authenticator, CredentialsError> {
         let credentials = Credentials::load(path)?;
-        let stamp = file_stamp(path);
+        let watch = FileWatch::new(path);
         let parallelism = match settings.max_password_checks {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -111,8 +107,7 @@ impl Authenticator {
             path: path.to_owned(),
             loaded: RwLock::new(Loaded {
                 credentials: Arc::new(credentials),
-                stamp,
-                checked: Instant::now(),
+                watch,
             }),
             cache: Mutex::new(HashMap::new()),
             cache_key: random_bytes::<32>()?,
@@ -141,19 +136,14 @@ impl Authenticator {
             let Ok(loaded) = self.loaded.read() else {
                 return;
             };
-            if loaded.checked.elapsed() < RELOAD_CHECK_INTERVAL {
+            if !loaded.watch.due() {
                 return;
             }
         }
         let Ok(mut loaded) = self.loaded.write() else {
             return;
         };
-        if loaded.checked.elapsed() < RELOAD_CHECK_INTERVAL {
-            return;
-        }
-        loaded.checked = Instant::now();
-        let stamp = file_stamp(&self.path);
-        if stamp == loaded.stamp {
+        if !loaded.watch.changed(&self.path) {
             return;
         }
         match Credentials::load(&self.path) {
@@ -165,7 +155,6 @@ impl Authenticator {
                     "credentials file changed: reloaded"
                 );
                 loaded.credentials = Arc::new(credentials);
-                loaded.stamp = stamp;
             }
             Err(err) => {
                 error!(
@@ -173,7 +162,6 @@ impl Authenticator {
                     cause = %err,
                     "credentials file changed but does not load: keeping the previous credentials"
                 );
-                loaded.stamp = stamp;
             }
         }
     }
@@ -273,11 +261,6 @@ impl Authenticator {
             .await
             .unwrap_or(false)
     }
-}
-
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
 }
 
 #[cfg(test)]
@@ -415,7 +398,7 @@ mod tests {
             Err(AuthRefusal::UnknownUser)
         );
         // ...and after it the new device is known.
-        auth.loaded.write().unwrap().checked -= RELOAD_CHECK_INTERVAL;
+        auth.loaded.write().unwrap().watch.expire();
         assert!(
             auth.authenticate(login("van-2", Some("van-2"), Some(&van2.password)))
                 .await
@@ -424,7 +407,7 @@ mod tests {
 
         // A broken file keeps what was loaded.
         fs::write(&path, "garbage [").unwrap();
-        auth.loaded.write().unwrap().checked -= RELOAD_CHECK_INTERVAL;
+        auth.loaded.write().unwrap().watch.expire();
         assert!(auth.credentials().device("van-2").is_some());
         fs::remove_file(&path).unwrap();
     }
