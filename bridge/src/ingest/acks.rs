@@ -478,6 +478,54 @@ mod tests {
         .unwrap_or_else(|_| panic!("{what} within {WAIT:?}"));
     }
 
+    /// A hub on `store` whose events session (client `client_id`) talks to a fake broker that
+    /// reports every PUBACK it gets, and the ack queue's task running.
+    struct Rig {
+        hub: Arc<Hub>,
+        queue: AckQueue,
+        acks: mpsc::UnboundedReceiver<u16>,
+        cancel: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn rig(store: Store, client_id: &str) -> Rig {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let port = listener.local_addr().expect("address").port();
+        let (ack_tx, acks) = mpsc::unbounded_channel();
+        tokio::spawn(fake_broker(listener, ack_tx));
+        let endpoint = MqttEndpoint {
+            host: "127.0.0.1".into(),
+            port,
+            credentials: None,
+        };
+        let (client, mut eventloop) = mqtt::connect(
+            &endpoint,
+            client_id,
+            Duration::from_secs(30),
+            Session::Events,
+        );
+        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let hub = Arc::new(Hub::new(HubParts {
+            metrics: Arc::default(),
+            tokens: Tokens::new(&Tokens::demo_grants()).expect("tokens"),
+            fleet: Fleet::default(),
+            store,
+            mqtt: client.clone(),
+            command_timeout: Duration::from_secs(1),
+        }));
+        let (_layer, io) = SocketIo::builder().build_layer();
+        let (queue, releaser) = ack_queue(Arc::clone(&hub), io, client);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(releaser.run(cancel.clone()));
+        Rig {
+            hub,
+            queue,
+            acks,
+            cancel,
+            task,
+        }
+    }
+
     async fn next_ack(acks: &mut mpsc::UnboundedReceiver<u16>) -> u16 {
         tokio::time::timeout(WAIT, acks.recv())
             .await
@@ -498,34 +546,13 @@ mod tests {
         let store = Store::open(path.to_str().expect("utf-8"), options)
             .await
             .expect("opens");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
-        let port = listener.local_addr().expect("address").port();
-        let (ack_tx, mut acks) = mpsc::unbounded_channel();
-        tokio::spawn(fake_broker(listener, ack_tx));
-        let endpoint = MqttEndpoint {
-            host: "127.0.0.1".into(),
-            port,
-            credentials: None,
-        };
-        let (client, mut eventloop) = mqtt::connect(
-            &endpoint,
-            "acks-test",
-            Duration::from_secs(30),
-            Session::Events,
-        );
-        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
-        let hub = Arc::new(Hub::new(HubParts {
-            metrics: Arc::default(),
-            tokens: Tokens::new(&Tokens::demo_grants()).expect("tokens"),
-            fleet: Fleet::default(),
-            store: store.clone(),
-            mqtt: client.clone(),
-            command_timeout: Duration::from_secs(1),
-        }));
-        let (_layer, io) = SocketIo::builder().build_layer();
-        let (queue, releaser) = ack_queue(Arc::clone(&hub), io, client);
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(releaser.run(cancel.clone()));
+        let Rig {
+            hub,
+            queue,
+            mut acks,
+            cancel,
+            task,
+        } = rig(store.clone(), "acks-test").await;
         let health = || hub.metrics().store().writable();
         let connection = queue.connection();
 
@@ -595,34 +622,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_held_message_holds_the_pubacks_behind_it() {
         let store = crate::store::in_memory().await;
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
-        let port = listener.local_addr().expect("address").port();
-        let (ack_tx, mut acks) = mpsc::unbounded_channel();
-        tokio::spawn(fake_broker(listener, ack_tx));
-        let endpoint = MqttEndpoint {
-            host: "127.0.0.1".into(),
-            port,
-            credentials: None,
-        };
-        let (client, mut eventloop) = mqtt::connect(
-            &endpoint,
-            "held-test",
-            Duration::from_secs(30),
-            Session::Events,
-        );
-        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
-        let hub = Arc::new(Hub::new(HubParts {
-            metrics: Arc::default(),
-            tokens: Tokens::new(&Tokens::demo_grants()).expect("tokens"),
-            fleet: Fleet::default(),
-            store,
-            mqtt: client.clone(),
-            command_timeout: Duration::from_secs(1),
-        }));
-        let (_layer, io) = SocketIo::builder().build_layer();
-        let (queue, releaser) = ack_queue(Arc::clone(&hub), io, client);
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(releaser.run(cancel.clone()));
+        let Rig {
+            hub,
+            queue,
+            mut acks,
+            cancel,
+            task,
+        } = rig(store, "held-test").await;
         let connection = queue.connection();
 
         let (answer, promise) = oneshot::channel();
