@@ -20,7 +20,7 @@ use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
 use crate::auth::constant_time_eq;
-use crate::connection::PendingConnects;
+use crate::connection::pending::PendingConnects;
 use crate::error::ProbeError;
 use crate::listener::Listener;
 

@@ -47,13 +47,14 @@
 //! - `rate`: the publish and subscribe rate limits;
 //! - `pending`: the bound on connections that have not sent CONNECT yet.
 
+mod acknowledge;
 mod front_end;
 mod gate;
 mod handshake;
 mod inbound;
 mod network;
 mod outbound;
-mod pending;
+pub(crate) mod pending;
 mod rate;
 mod session;
 
