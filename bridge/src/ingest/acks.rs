@@ -526,6 +526,15 @@ mod tests {
         }
     }
 
+    /// Stops the ack queue's task and checks it ended without a panic.
+    async fn stop(cancel: CancellationToken, task: tokio::task::JoinHandle<()>) {
+        cancel.cancel();
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("stops")
+            .expect("no panic");
+    }
+
     async fn next_ack(acks: &mut mpsc::UnboundedReceiver<u16>) -> u16 {
         tokio::time::timeout(WAIT, acks.recv())
             .await
@@ -610,11 +619,7 @@ mod tests {
         until("nothing waits", || hub.metrics().acks_waiting() == 0).await;
         assert!(acks.try_recv().is_err(), "a PUBACK of an ended connection");
 
-        cancel.cancel();
-        tokio::time::timeout(WAIT, task)
-            .await
-            .expect("stops")
-            .expect("no panic");
+        stop(cancel, task).await;
     }
 
     /// A message held for its vehicle's key holds the PUBACKs behind it until its answer
@@ -662,10 +667,6 @@ mod tests {
         until("nothing waits", || hub.metrics().acks_waiting() == 0).await;
         assert!(acks.try_recv().is_err(), "a given-up message acknowledged");
 
-        cancel.cancel();
-        tokio::time::timeout(WAIT, task)
-            .await
-            .expect("stops")
-            .expect("no panic");
+        stop(cancel, task).await;
     }
 }
