@@ -223,8 +223,11 @@ pub(crate) struct Durability {
     journal: Option<Journal>,
     mux: Arc<Mux>,
     metrics: BrokerMetrics,
-    /// A durable consumer subscribed: replay everything.
+    /// A durable consumer subscribed: replay everything published before then.
     subscribed: Notify,
+    /// When the latest of those subscriptions was answered: messages published after it
+    /// reached the consumer through its subscription and are not replayed.
+    subscribed_at: Mutex<Option<Instant>>,
     /// Durable consumers connected now.
     connected: AtomicUsize,
 }
@@ -249,6 +252,7 @@ impl Durability {
             mux,
             metrics,
             subscribed: Notify::new(),
+            subscribed_at: Mutex::new(None),
             connected: AtomicUsize::new(0),
         }
     }
@@ -317,9 +321,14 @@ impl Durability {
         }
     }
 
-    /// The router answered a durable consumer's SUBSCRIBE: everything waiting is published
-    /// again, so the consumer gets what the router lost or delivered to nobody.
+    /// The router answered a durable consumer's SUBSCRIBE: everything waiting since before
+    /// now is published again, so the consumer gets what the router lost or delivered to
+    /// nobody. What arrives later is routed to the new subscription and is not replayed.
     pub(crate) fn consumer_subscribed(&self) {
+        *self
+            .subscribed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         self.subscribed.notify_one();
     }
 
@@ -328,8 +337,9 @@ impl Durability {
         self.waiters.contains(key) || self.journal.as_ref().is_some_and(|j| j.contains(key))
     }
 
-    /// Replays until `stop`: everything when a durable consumer subscribed, what has waited
-    /// longer than [`REPLAY_AFTER`] every [`REPLAY_INTERVAL`] while one is connected.
+    /// Replays until `stop`: everything from before the subscription when a durable consumer
+    /// subscribed, what has waited longer than [`REPLAY_AFTER`] every [`REPLAY_INTERVAL`]
+    /// while one is connected.
     pub(crate) async fn replay(self: Arc<Self>, stop: CancellationToken) {
         if !self.enabled {
             return;
@@ -347,7 +357,12 @@ impl Durability {
                 continue;
             }
             let before = if everything {
-                None
+                // The replay task may run late (a loaded machine): a message published
+                // between the subscription and now already went to the consumer.
+                self.subscribed_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take()
             } else {
                 match Instant::now().checked_sub(REPLAY_AFTER) {
                     Some(before) => Some(before),
@@ -517,5 +532,27 @@ mod tests {
         assert_eq!(payloads, [b"1", b"2", b"3"]);
         let long_ago = Instant::now() - Duration::from_secs(60);
         assert!(waiters.due(Some(long_ago)).is_empty(), "just sent");
+    }
+
+    #[test]
+    fn a_subscription_replays_only_what_was_published_before_it() {
+        // The replay a durable consumer's SUBSCRIBE triggers may run late; what arrived after
+        // the subscription was routed to it and must not come a second time (a CI run saw
+        // that second copy).
+        let waiters = Waiters::new(BrokerMetrics::default());
+        let (tx, _rx) = unbounded_channel();
+        let waiter = |entry| Waiter {
+            connection: 1,
+            entry,
+            tx: tx.clone(),
+        };
+        waiters.add(key(b"before"), waiter(1));
+        std::thread::sleep(Duration::from_millis(2));
+        let subscribed_at = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        waiters.add(key(b"after"), waiter(2));
+        let due = waiters.due(Some(subscribed_at));
+        let payloads: Vec<&[u8]> = due.iter().map(|k| &k.payload[..]).collect();
+        assert_eq!(payloads, [b"before"]);
     }
 }
