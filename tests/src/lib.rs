@@ -15,6 +15,7 @@
 //! - [`page`]: the dispatcher page in a headless Chromium, driven over stdin/stdout.
 //! - [`mosquitto`]: the real Debian `mosquitto_sub` / `mosquitto_pub`.
 //! - [`crash`]: the crash tests' raw event pipeline, store reader and kill count.
+//! - [`tls`]: a test CA and the certificates the TLS tests make with `rcgen`.
 //!
 //! The scenarios live in `tests/tests/*.rs`, one file each. Every wait on the outside world has
 //! a timeout.
@@ -29,6 +30,7 @@ pub mod process;
 pub mod provision;
 pub mod sio;
 pub mod stack;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
