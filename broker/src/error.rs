@@ -1,5 +1,5 @@
 //! What can go wrong: loading the configuration ([`ConfigError`]), starting the broker
-//! ([`BrokerError`]), one probe of a listener ([`ProbeError`]).
+//! ([`BrokerError`]), its TLS files ([`TlsError`]), one probe of a listener ([`ProbeError`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -79,9 +79,26 @@ pub enum BrokerError {
         source: io::Error,
     },
 
+    /// The address of a TLS listener (`listen_tls`, `listen_tls_v5`) could not be bound, as
+    /// for [`BrokerError::Bind`]. Nothing was started.
+    #[error("cannot bind the TLS {listener} listener to {addr}")]
+    BindTls {
+        /// The MQTT version of the TLS listener whose address is unusable.
+        listener: Listener,
+        /// The address as configured.
+        addr: SocketAddr,
+        /// The operating system's answer.
+        #[source]
+        source: io::Error,
+    },
+
     /// The credentials file could not be loaded: nothing was started.
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
+
+    /// The TLS certificate, key or client CA could not be loaded: nothing was started.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 
     /// The journal could not be opened or read: nothing was started.
     #[error(transparent)]
@@ -199,6 +216,41 @@ pub enum JournalError {
         found: i64,
         /// The newest format this broker knows.
         known: i64,
+    },
+}
+
+/// What went wrong with the TLS files (`tls_cert`, `tls_key`, `tls_client_ca`), at start or
+/// on a reload (which keeps the previous certificate). The message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read, or is not PEM.
+    #[error("cannot read the TLS {what} {}: {message}", path.display())]
+    Read {
+        /// Which file: `certificate`, `key` or `client CA`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The reader's answer (the operating system's, or what is wrong with the PEM).
+        message: String,
+    },
+    /// A file holds no certificate (or key) at all.
+    #[error("the TLS {what} {} holds no {expected}", path.display())]
+    Empty {
+        /// Which file: `certificate`, `key` or `client CA`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What was looked for in it.
+        expected: &'static str,
+    },
+    /// rustls refused the files: a key that does not match the certificate, an unsupported
+    /// key type, a client CA that is not a usable trust anchor.
+    #[error("the TLS files {} are not usable: {message}", paths.join(", "))]
+    Unusable {
+        /// The files involved.
+        paths: Vec<String>,
+        /// rustls's answer.
+        message: String,
     },
 }
 

@@ -42,13 +42,16 @@
 //! - `durability`: end-to-end acknowledgement: which publishes wait for durability, the
 //!   durable consumers whose PUBACKs prove it, the journal (SQLite, group commit) and the
 //!   replays to durable consumers.
+//! - `tls`: MQTT over TLS: the server certificate, key and client CA from PEM files into a
+//!   rustls configuration, reloaded when a file changes; the vehicle id of a client
+//!   certificate (mutual TLS).
 //! - `mirror`: the JSON mirror on `json/fleet/...`; `watchers`: the subscriptions that may
 //!   read it.
 //! - `metrics`: [`BrokerMetrics`], the reasons it counts by and its Prometheus rendering;
 //!   [`http`]: `/metrics`.
 //! - [`logging`]: the tracing filter for programs that run the broker.
 //! - `error`: [`ConfigError`], [`CredentialsError`], [`JournalError`], [`BrokerError`],
-//!   [`ProbeError`].
+//!   [`TlsError`], [`ProbeError`].
 //!
 //! [rumqttd]: https://docs.rs/rumqttd/0.20
 
@@ -84,6 +87,7 @@ mod probe;
 mod qos;
 mod router;
 mod server;
+mod tls;
 mod watchdog;
 mod watchers;
 
@@ -91,8 +95,8 @@ pub use auth::{
     ClientEntry, Credentials, CredentialsFile, DeviceEntry, Issued, NewPassword, PasswordOrigin,
     Role,
 };
-pub use config::{BrokerConfig, ConfigOverrides};
-pub use error::{BrokerError, ConfigError, CredentialsError, JournalError, ProbeError};
+pub use config::{BrokerConfig, ClientCerts, ConfigOverrides};
+pub use error::{BrokerError, ConfigError, CredentialsError, JournalError, ProbeError, TlsError};
 pub use file_watch::FileWatch;
 pub use health::ListenerHealth;
 pub use listener::Listener;

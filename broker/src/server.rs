@@ -27,6 +27,7 @@ use crate::mirror::{self, Mirror};
 use crate::mux::Mux;
 use crate::probe::{ProbeLogin, ProbeReceiver};
 use crate::router::{self, INTERNAL_PREFIX, LinkRequest, Registrar, WillPublisher};
+use crate::tls::{ServerTls, TlsFiles};
 use crate::watchdog::{Ending, Watchdog};
 use crate::watchers::MirrorWatchers;
 
@@ -84,6 +85,8 @@ pub struct ShutdownReport {
 pub struct Broker {
     v4: SocketAddr,
     v5: Option<SocketAddr>,
+    tls_v4: Option<SocketAddr>,
+    tls_v5: Option<SocketAddr>,
     metrics: BrokerMetrics,
     health: Arc<HealthBoard>,
     ctx: Arc<FrontEnd>,
@@ -104,6 +107,8 @@ impl std::fmt::Debug for Broker {
         f.debug_struct("Broker")
             .field("v4", &self.v4)
             .field("v5", &self.v5)
+            .field("tls_v4", &self.tls_v4)
+            .field("tls_v5", &self.tls_v5)
             .field("open_mode", &self.metrics.open_mode())
             .finish_non_exhaustive()
     }
@@ -120,6 +125,8 @@ impl Broker {
     ///
     /// - [`BrokerError::InvalidConfig`] if [`BrokerConfig::validate`] rejects `config`;
     /// - [`BrokerError::Bind`] if a listen address is taken or unusable;
+    /// - [`BrokerError::BindTls`] if a TLS listen address is taken or unusable;
+    /// - [`BrokerError::Tls`] if the TLS certificate, key or client CA cannot be loaded;
     /// - [`BrokerError::Credentials`] if the credentials file cannot be loaded;
     /// - [`BrokerError::Spawn`] if the broker's threads cannot be started;
     /// - [`BrokerError::RouterUnavailable`] if rumqttd's router refuses an internal link;
@@ -128,6 +135,12 @@ impl Broker {
         config.validate()?;
         let deadline = Instant::now() + config.startup_timeout;
         let bound = bind_all(&config)?;
+        let metrics = BrokerMetrics::default();
+        let tls = match TlsFiles::of(&config) {
+            Some(files) => Some(Arc::new(ServerTls::load(files, metrics.clone())?)),
+            None => None,
+        };
+        let bound_tls = bind_all_tls(&config)?;
         let auth = match &config.credentials {
             Some(path) => Some(Arc::new(Authenticator::load_with(
                 path,
@@ -149,9 +162,17 @@ impl Broker {
         let handle = runtime.handle().clone();
         let mut runtime = RuntimeGuard(Some(runtime));
 
-        let metrics = BrokerMetrics::default();
         // If this future is dropped or fails, the guard stops the runtime.
-        let started = handle.spawn(assemble(config.clone(), bound, auth, metrics.clone()));
+        let started = handle.spawn(assemble(
+            config.clone(),
+            Bound {
+                plain: bound,
+                tls: bound_tls,
+                server_tls: tls,
+            },
+            auth,
+            metrics.clone(),
+        ));
         let assembled = match timeout_at_deadline(deadline, started).await {
             Some(Ok(Ok(assembled))) => assembled,
             Some(Ok(Err(err))) => return Err(err),
@@ -172,6 +193,7 @@ impl Broker {
         let Assembled {
             ctx,
             addrs,
+            tls_addrs,
             listeners,
             connections,
             accepting,
@@ -185,6 +207,8 @@ impl Broker {
         let mut broker = Broker {
             v4: find(&addrs, Listener::V4).unwrap_or(config.v4),
             v5: find(&addrs, Listener::V5),
+            tls_v4: find(&tls_addrs, Listener::V4),
+            tls_v5: find(&tls_addrs, Listener::V5),
             metrics: metrics.clone(),
             health: Arc::clone(&health),
             ctx,
@@ -236,7 +260,7 @@ impl Broker {
                  set `credentials` (see docs/broker.md) for anything else."
             );
         }
-        info!(v4 = %broker.v4, v5 = ?broker.v5, open_mode = broker.ctx.auth.is_none(), "broker ready");
+        info!(v4 = %broker.v4, v5 = ?broker.v5, tls_v4 = ?broker.tls_v4, tls_v5 = ?broker.tls_v5, open_mode = broker.ctx.auth.is_none(), "broker ready");
         Ok(broker)
     }
 
@@ -249,6 +273,18 @@ impl Broker {
     /// Address of the MQTT 5 listener, if one was configured; as for [`Self::v4_addr`].
     pub fn v5_addr(&self) -> Option<SocketAddr> {
         self.v5
+    }
+
+    /// Address of the MQTT 3.1.1 over TLS listener
+    /// ([`BrokerConfig::tls_listen`]), if one was configured; as for [`Self::v4_addr`].
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_v4
+    }
+
+    /// Address of the MQTT 5 over TLS listener ([`BrokerConfig::tls_listen_v5`]), if one was
+    /// configured; as for [`Self::v4_addr`].
+    pub fn tls_v5_addr(&self) -> Option<SocketAddr> {
+        self.tls_v5
     }
 
     /// Client connections open now that have a router link of their own: persistent
@@ -422,10 +458,40 @@ fn bind_all(config: &BrokerConfig) -> Result<Vec<(Listener, std::net::TcpListene
         .collect()
 }
 
+/// Binds every configured TLS address, as [`bind_all`].
+fn bind_all_tls(
+    config: &BrokerConfig,
+) -> Result<Vec<(Listener, std::net::TcpListener)>, BrokerError> {
+    config
+        .tls_listeners()
+        .map(|(listener, addr)| {
+            std::net::TcpListener::bind(addr)
+                .and_then(|socket| {
+                    socket.set_nonblocking(true)?;
+                    Ok((listener, socket))
+                })
+                .map_err(|source| BrokerError::BindTls {
+                    listener,
+                    addr,
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// The sockets [`Broker::start`] bound, and the TLS configuration of the TLS ones.
+struct Bound {
+    plain: Vec<(Listener, std::net::TcpListener)>,
+    tls: Vec<(Listener, std::net::TcpListener)>,
+    server_tls: Option<Arc<ServerTls>>,
+}
+
 /// What [`assemble`] built on the broker's runtime.
 struct Assembled {
     ctx: Arc<FrontEnd>,
     addrs: Vec<(Listener, SocketAddr)>,
+    /// The TLS listeners' addresses (not probed by the health checks).
+    tls_addrs: Vec<(Listener, SocketAddr)>,
     listeners: Vec<(Listener, CancellationToken)>,
     connections: TaskTracker,
     accepting: CancellationToken,
@@ -453,7 +519,7 @@ async fn stop_on_death(
 /// broker's runtime (rumqttd's link API blocks briefly).
 async fn assemble(
     config: BrokerConfig,
-    bound: Vec<(Listener, std::net::TcpListener)>,
+    bound: Bound,
     auth: Option<Arc<Authenticator>>,
     metrics: BrokerMetrics,
 ) -> Result<Assembled, BrokerError> {
@@ -594,6 +660,11 @@ async fn assemble(
     let accepting = CancellationToken::new();
     let mut addrs = Vec::new();
     let mut listeners = Vec::new();
+    let Bound {
+        plain: bound,
+        tls: bound_tls,
+        server_tls,
+    } = bound;
     for (listener, socket) in bound {
         let addr = socket.local_addr().map_err(|source| BrokerError::Bind {
             listener,
@@ -615,6 +686,7 @@ async fn assemble(
             accept_loop(
                 socket,
                 listener,
+                None,
                 Arc::clone(&ctx),
                 stop.clone(),
                 connections.clone(),
@@ -625,12 +697,50 @@ async fn assemble(
         addrs.push((listener, addr));
         listeners.push((listener, stop));
     }
+    // The TLS listeners stop with `accepting`; the health checks do not probe them (their
+    // connections take the same path as the plain ones' once the TLS handshake is done).
+    let mut tls_addrs = Vec::new();
+    for (listener, socket) in bound_tls {
+        let Some(server_tls) = &server_tls else {
+            break;
+        };
+        let bind_error = |addr, source| BrokerError::BindTls {
+            listener,
+            addr,
+            source,
+        };
+        let configured = match listener {
+            Listener::V4 => config.tls_listen,
+            Listener::V5 => config.tls_listen_v5,
+        }
+        .unwrap_or(config.v4);
+        let addr = socket
+            .local_addr()
+            .map_err(|source| bind_error(configured, source))?;
+        let socket = TcpListener::from_std(socket).map_err(|source| bind_error(addr, source))?;
+        watchdog.watch(
+            tls_accept_loop_name(listener),
+            Ending::Allowed,
+            accept_loop(
+                socket,
+                listener,
+                Some(Arc::clone(server_tls)),
+                Arc::clone(&ctx),
+                accepting.child_token(),
+                connections.clone(),
+                Duration::from_millis(config.next_connection_delay_ms),
+            ),
+        );
+        info!(listener = %listener, %addr, client_certificates = server_tls.asks_for_client_certs(), "listening (TLS)");
+        tls_addrs.push((listener, addr));
+    }
     #[cfg(feature = "fault-injection")]
     crate::fault::inject_from_env(&ctx.registrar);
 
     Ok(Assembled {
         ctx,
         addrs,
+        tls_addrs,
         listeners,
         connections,
         accepting,
@@ -649,10 +759,20 @@ const fn accept_loop_name(listener: Listener) -> &'static str {
     }
 }
 
-/// Accepts connections on `socket` until `stop`; each one is served by its own task.
+/// The TLS accept loop of `listener`, as the watchdog names it.
+const fn tls_accept_loop_name(listener: Listener) -> &'static str {
+    match listener {
+        Listener::V4 => "the MQTT 3.1.1 over TLS accept loop",
+        Listener::V5 => "the MQTT 5 over TLS accept loop",
+    }
+}
+
+/// Accepts connections on `socket` until `stop`; each one is served by its own task (which
+/// does the TLS handshake, if `tls` is given).
 async fn accept_loop(
     socket: TcpListener,
     listener: Listener,
+    tls: Option<Arc<ServerTls>>,
     ctx: Arc<FrontEnd>,
     stop: CancellationToken,
     connections: TaskTracker,
@@ -667,7 +787,13 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                connections.spawn(connection::serve(stream, peer, listener, Arc::clone(&ctx)));
+                connections.spawn(connection::serve(
+                    stream,
+                    peer,
+                    listener,
+                    tls.clone(),
+                    Arc::clone(&ctx),
+                ));
                 if !delay.is_zero() {
                     sleep(delay).await;
                 }

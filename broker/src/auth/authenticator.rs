@@ -81,6 +81,9 @@ pub(crate) struct Attempt<'a> {
     pub(crate) username: Option<&'a str>,
     /// Its password, if any.
     pub(crate) password: Option<&'a str>,
+    /// The vehicle id of its verified TLS client certificate, if it presented one: then it
+    /// is that device, without a password (see [`Authenticator::authenticate`]).
+    pub(crate) certificate: Option<&'a str>,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -169,6 +172,10 @@ impl Authenticator {
     /// Checks a CONNECT's login against the credentials, and its client id against the
     /// login (see `client_id`). A username or address with too many recent failures is
     /// refused before its password is checked, unless this very password was verified before.
+    ///
+    /// With a client certificate ([`Attempt::certificate`], verified by the TLS handshake),
+    /// the connection is the device that certificate names, which must be in the file; no
+    /// password is needed (one given is ignored), and a username given must be that device's.
     pub(crate) async fn authenticate(&self, attempt: Attempt<'_>) -> Result<Identity, AuthRefusal> {
         let Attempt {
             peer,
@@ -176,7 +183,11 @@ impl Authenticator {
             persistent,
             username,
             password,
+            certificate,
         } = attempt;
+        if let Some(vehicle) = certificate {
+            return self.authenticate_certificate(peer, client_id, persistent, username, vehicle);
+        }
         let (Some(username), Some(password)) = (username, password) else {
             return Err(AuthRefusal::NoCredentials);
         };
@@ -227,6 +238,37 @@ impl Authenticator {
             check.failed();
             Err(AuthRefusal::BadPassword)
         }
+    }
+
+    /// [`Self::authenticate`] for a connection with the client certificate of `vehicle`.
+    fn authenticate_certificate(
+        &self,
+        peer: IpAddr,
+        client_id: &str,
+        persistent: bool,
+        username: Option<&str>,
+        vehicle: &str,
+    ) -> Result<Identity, AuthRefusal> {
+        if username.is_some_and(|name| !name.is_empty() && name != vehicle) {
+            return Err(AuthRefusal::CertificateMismatch);
+        }
+        let credentials = self.credentials();
+        let device = credentials
+            .device(vehicle)
+            .zip(VehicleId::new(vehicle).ok());
+        let Some((device, id)) = device else {
+            self.throttle.failed(peer, None);
+            return Err(AuthRefusal::UnknownUser);
+        };
+        let identity = Identity::Device {
+            id,
+            fleet: device.fleet().clone(),
+        };
+        let owner = owner_of(client_id, &credentials, &self.bridge_ids);
+        if !may_use(&identity, owner, persistent) {
+            return Err(AuthRefusal::ClientIdMismatch);
+        }
+        Ok(identity)
     }
 
     fn tag(&self, username: &str, password: &str) -> [u8; 32] {
@@ -286,6 +328,7 @@ mod tests {
             persistent: false,
             username,
             password,
+            certificate: None,
         }
     }
 
@@ -337,6 +380,59 @@ mod tests {
                 auth.authenticate(login(client_id, user, pass)).await,
                 Err(why),
                 "{client_id} {user:?} {pass:?}"
+            );
+        }
+        fs::remove_file(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_is_its_device_without_a_password() {
+        let phc = FAST_PHC_OF_SECRET();
+        let key = "00".repeat(32);
+        let (auth, path) = authenticator_with(&format!(
+            "[devices.van-1]\npassword = \"{phc}\"\nkey = \"{key}\"\nfleet = \"f\"\n\
+             [clients.watcher]\nrole = \"observer\"\npassword = \"{phc}\"\n"
+        ));
+        let with_cert = |client_id, username, vehicle| Attempt {
+            certificate: Some(vehicle),
+            ..login(client_id, username, None)
+        };
+        let van_1 = Ok(Identity::Device {
+            id: VehicleId::new("van-1").unwrap(),
+            fleet: shared::FleetId::new("f").unwrap(),
+        });
+        assert_eq!(
+            auth.authenticate(with_cert("van-1", None, "van-1")).await,
+            van_1
+        );
+        assert_eq!(
+            auth.authenticate(with_cert("van-1", Some("van-1"), "van-1"))
+                .await,
+            van_1
+        );
+        for (client_id, username, vehicle, why) in [
+            ("van-2", None, "van-1", AuthRefusal::ClientIdMismatch),
+            (
+                "van-1",
+                Some("van-2"),
+                "van-1",
+                AuthRefusal::CertificateMismatch,
+            ),
+            (
+                "van-1",
+                Some("watcher"),
+                "van-1",
+                AuthRefusal::CertificateMismatch,
+            ),
+            ("van-2", None, "van-2", AuthRefusal::UnknownUser),
+            // A client's name is not a vehicle: certificates name devices only.
+            ("watcher", None, "watcher", AuthRefusal::UnknownUser),
+        ] {
+            assert_eq!(
+                auth.authenticate(with_cert(client_id, username, vehicle))
+                    .await,
+                Err(why),
+                "{client_id} {username:?} {vehicle}"
             );
         }
         fs::remove_file(&path).unwrap();

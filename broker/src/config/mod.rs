@@ -130,6 +130,43 @@ pub struct BrokerConfig {
     #[serde(rename = "listen_v5", with = "addr_or_off")]
     pub v5: Option<SocketAddr>,
 
+    /// Address of the MQTT 3.1.1 over TLS listener, or `None` for none (key `listen_tls`,
+    /// `"off"` for none). The usual address is `0.0.0.0:8883`. Needs [`Self::tls_cert`] and
+    /// [`Self::tls_key`]. Port 0 picks a free port; read it back with
+    /// [`Broker::tls_addr`](crate::Broker::tls_addr). Default `None`.
+    #[serde(rename = "listen_tls", with = "addr_or_off")]
+    pub tls_listen: Option<SocketAddr>,
+
+    /// Address of the MQTT 5 over TLS listener, or `None` (key `listen_tls_v5`). As
+    /// [`Self::tls_listen`]; read back with [`Broker::tls_v5_addr`](crate::Broker::tls_v5_addr).
+    /// Default `None`.
+    #[serde(rename = "listen_tls_v5", with = "addr_or_off")]
+    pub tls_listen_v5: Option<SocketAddr>,
+
+    /// The TLS listeners' certificate chain (PEM, the server's certificate first). Required
+    /// if a TLS listener is set. Reloaded when it changes (see `docs/broker.md`, TLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of [`Self::tls_cert`] (PEM: PKCS#8, PKCS#1 or SEC1). Required if a TLS
+    /// listener is set. Reloaded when it changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA certificates (PEM bundle) that client certificates must be issued by: mutual
+    /// TLS, as [`Self::tls_client_certs`] says. A verified client certificate names its vehicle
+    /// (subject CN, else its first DNS name), which then needs no password. Default `None`:
+    /// no client certificates are asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Whether TLS clients must present a certificate issued by [`Self::tls_client_ca`]:
+    /// `optional` (the default: one is asked for and verified if sent; a client without one
+    /// logs in with a password as on the plain listeners), `required` (the handshake of a
+    /// client without a valid one fails) or `off` (none is asked for). Without
+    /// `tls_client_ca`, `optional` and `off` ask for none and `required` is an error.
+    pub tls_client_certs: ClientCerts,
+
     /// The credentials file (see [`Credentials`](crate::Credentials)), or `None` for **open
     /// mode**: every client is accepted and may publish and subscribe anywhere; the broker
     /// says so with a WARN at start and `fleetbeat_broker_open_mode 1`. Default `None` (the
@@ -337,6 +374,12 @@ impl Default for BrokerConfig {
         BrokerConfig {
             v4: SocketAddr::new(localhost, 1883),
             v5: Some(SocketAddr::new(localhost, 1884)),
+            tls_listen: None,
+            tls_listen_v5: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_client_certs: ClientCerts::default(),
             credentials: None,
             json_mirror: true,
             metrics_listen: Some(SocketAddr::new(localhost, 9883)),
@@ -391,6 +434,14 @@ impl BrokerConfig {
         std::iter::once((Listener::V4, self.v4)).chain(self.v5.map(|addr| (Listener::V5, addr)))
     }
 
+    /// The TLS listeners to start, v4 first.
+    pub(crate) fn tls_listeners(&self) -> impl Iterator<Item = (Listener, SocketAddr)> + use<> {
+        self.tls_listen
+            .map(|addr| (Listener::V4, addr))
+            .into_iter()
+            .chain(self.tls_listen_v5.map(|addr| (Listener::V5, addr)))
+    }
+
     /// Checks the values rumqttd would panic on, or that would make the broker useless.
     /// [`Broker::start`](crate::Broker::start) and [`load`] call it.
     ///
@@ -417,6 +468,7 @@ impl BrokerConfig {
                 format!("must differ from the MQTT listeners ({metrics})"),
             );
         }
+        self.validate_tls()?;
         if let Some(path) = &self.credentials
             && path.as_os_str().is_empty()
         {
@@ -538,6 +590,73 @@ impl BrokerConfig {
         Ok(())
     }
 
+    /// The TLS keys: files set when a TLS listener is, addresses distinct from the others.
+    fn validate_tls(&self) -> Result<(), BrokerError> {
+        fn invalid(field: &'static str, reason: String) -> Result<(), BrokerError> {
+            Err(BrokerError::InvalidConfig { field, reason })
+        }
+        let clash = |a: SocketAddr, b: SocketAddr| a == b && a.port() != 0;
+        let plain: Vec<SocketAddr> = self
+            .listeners()
+            .map(|(_, addr)| addr)
+            .chain(self.metrics_listen)
+            .collect();
+        for (field, addr) in [
+            ("listen_tls", self.tls_listen),
+            ("listen_tls_v5", self.tls_listen_v5),
+        ] {
+            if let Some(addr) = addr
+                && plain.iter().any(|other| clash(addr, *other))
+            {
+                return invalid(
+                    field,
+                    format!("must differ from the other listeners ({addr})"),
+                );
+            }
+        }
+        if let (Some(a), Some(b)) = (self.tls_listen, self.tls_listen_v5)
+            && clash(a, b)
+        {
+            return invalid(
+                "listen_tls_v5",
+                format!("must differ from listen_tls ({b})"),
+            );
+        }
+        for (field, path) in [
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("tls_client_ca", &self.tls_client_ca),
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return invalid(field, "must not be empty".to_owned());
+            }
+        }
+        if self.tls_listen.is_some() || self.tls_listen_v5.is_some() {
+            if self.tls_cert.is_none() {
+                return invalid(
+                    "tls_cert",
+                    "must be set (a PEM certificate chain) when listen_tls or listen_tls_v5 is"
+                        .to_owned(),
+                );
+            }
+            if self.tls_key.is_none() {
+                return invalid(
+                    "tls_key",
+                    "must be set (a PEM private key) when listen_tls or listen_tls_v5 is"
+                        .to_owned(),
+                );
+            }
+        }
+        if self.tls_client_certs == ClientCerts::Required && self.tls_client_ca.is_none() {
+            return invalid(
+                "tls_client_certs",
+                "is \"required\", which needs tls_client_ca (the CA of client certificates)"
+                    .to_owned(),
+            );
+        }
+        Ok(())
+    }
+
     /// Threads for the network runtime: [`Self::io_threads`], or one per core (at least 2, so
     /// a blocked thread never stalls every connection).
     pub(crate) fn network_threads(&self) -> usize {
@@ -580,6 +699,20 @@ impl BrokerConfig {
     }
 }
 
+/// Whether TLS clients present a certificate ([`BrokerConfig::tls_client_certs`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCerts {
+    /// None is asked for: every TLS client logs in with a password (or, in open mode, not).
+    Off,
+    /// One is asked for and, if sent, must be valid (issued by `tls_client_ca`); it then names
+    /// the vehicle. A client without one logs in with a password.
+    #[default]
+    Optional,
+    /// Every TLS client must present a valid one: the handshake fails without it.
+    Required,
+}
+
 /// Command-line overrides of configuration keys, the last layer of [`load`]: each one given
 /// replaces what the file and the environment said. Flatten it into a binary's clap parser.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, clap::Args)]
@@ -596,6 +729,31 @@ pub struct ConfigOverrides {
     #[arg(long, conflicts_with = "listen_v5")]
     #[serde(skip)]
     pub no_v5: bool,
+
+    /// Address of the MQTT 3.1.1 over TLS listener (usually 0.0.0.0:8883), or "off"
+    /// [key: listen_tls].
+    #[arg(long, value_name = "ADDR|off")]
+    pub listen_tls: Option<String>,
+
+    /// Address of the MQTT 5 over TLS listener, or "off" [key: listen_tls_v5].
+    #[arg(long, value_name = "ADDR|off")]
+    pub listen_tls_v5: Option<String>,
+
+    /// The TLS listeners' certificate chain, PEM [key: tls_cert].
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The TLS listeners' private key, PEM [key: tls_key].
+    #[arg(long, value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) of client certificates: mutual TLS [key: tls_client_ca].
+    #[arg(long, value_name = "PATH")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Whether TLS clients must present a certificate [key: tls_client_certs].
+    #[arg(long, value_enum, value_name = "off|optional|required")]
+    pub tls_client_certs: Option<ClientCerts>,
 
     /// The credentials file; without one the broker runs in open mode [key: credentials].
     #[arg(long, value_name = "PATH")]

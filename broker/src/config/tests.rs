@@ -371,3 +371,113 @@ fn abuse_limits_come_from_every_layer_and_are_checked() {
         Ok(())
     });
 }
+
+#[test]
+fn a_tls_listener_needs_a_certificate_and_a_key() {
+    let tls_addr = Some("127.0.0.1:0".parse().unwrap());
+    let field = |config: BrokerConfig| match config.validate() {
+        Err(BrokerError::InvalidConfig { field, .. }) => field,
+        other => panic!("expected an invalid configuration, got {other:?}"),
+    };
+    let without_files = BrokerConfig {
+        tls_listen: tls_addr,
+        ..BrokerConfig::ephemeral()
+    };
+    assert_eq!(field(without_files.clone()), "tls_cert");
+    let without_key = BrokerConfig {
+        tls_cert: Some(PathBuf::from("cert.pem")),
+        ..without_files.clone()
+    };
+    assert_eq!(field(without_key.clone()), "tls_key");
+    assert_eq!(
+        field(BrokerConfig {
+            tls_listen: None,
+            tls_listen_v5: tls_addr,
+            ..without_key.clone()
+        }),
+        "tls_key"
+    );
+    let complete = BrokerConfig {
+        tls_key: Some(PathBuf::from("key.pem")),
+        ..without_key
+    };
+    complete.validate().unwrap();
+    assert_eq!(
+        field(BrokerConfig {
+            tls_client_certs: ClientCerts::Required,
+            ..complete.clone()
+        }),
+        "tls_client_certs"
+    );
+    BrokerConfig {
+        tls_client_certs: ClientCerts::Required,
+        tls_client_ca: Some(PathBuf::from("ca.pem")),
+        ..complete.clone()
+    }
+    .validate()
+    .unwrap();
+    let taken = "127.0.0.1:8883".parse().unwrap();
+    assert_eq!(
+        field(BrokerConfig {
+            v4: taken,
+            tls_listen: Some(taken),
+            ..complete.clone()
+        }),
+        "listen_tls"
+    );
+    // Files are only needed with a TLS listener.
+    BrokerConfig {
+        tls_cert: Some(PathBuf::from("cert.pem")),
+        ..BrokerConfig::ephemeral()
+    }
+    .validate()
+    .unwrap();
+}
+
+#[test]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail's closure returns figment::Error"
+)]
+fn tls_keys_come_from_files_environment_and_flags() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "broker.toml",
+            "listen_tls = \"0.0.0.0:8883\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n\
+             tls_client_certs = \"required\"\ntls_client_ca = \"ca.pem\"\n",
+        )?;
+        let config = load(Some(Path::new("broker.toml")), &no_overrides()).unwrap();
+        assert_eq!(config.tls_listen, Some("0.0.0.0:8883".parse().unwrap()));
+        assert_eq!(config.tls_listen_v5, None);
+        assert_eq!(config.tls_cert, Some(PathBuf::from("c.pem")));
+        assert_eq!(config.tls_client_certs, ClientCerts::Required);
+
+        jail.set_env("FLEETBEAT_BROKER_LISTEN_TLS_V5", "127.0.0.1:8884");
+        jail.set_env("FLEETBEAT_BROKER_TLS_KEY", "env-k.pem");
+        let config = load(Some(Path::new("broker.toml")), &no_overrides()).unwrap();
+        assert_eq!(
+            config.tls_listen_v5,
+            Some("127.0.0.1:8884".parse().unwrap())
+        );
+        assert_eq!(config.tls_key, Some(PathBuf::from("env-k.pem")));
+
+        let overrides = ConfigOverrides {
+            listen_tls: Some("off".to_owned()),
+            tls_cert: Some(PathBuf::from("flag-c.pem")),
+            tls_client_ca: Some(PathBuf::from("flag-ca.pem")),
+            tls_client_certs: Some(ClientCerts::Optional),
+            ..ConfigOverrides::default()
+        };
+        let config = load(Some(Path::new("broker.toml")), &overrides).unwrap();
+        assert_eq!(config.tls_listen, None);
+        assert_eq!(config.tls_cert, Some(PathBuf::from("flag-c.pem")));
+        assert_eq!(config.tls_client_ca, Some(PathBuf::from("flag-ca.pem")));
+        assert_eq!(config.tls_client_certs, ClientCerts::Optional);
+
+        jail.create_file("bad.toml", "listen_tls = \"0.0.0.0:8883\"\n")?;
+        jail.clear_env();
+        let err = load(Some(Path::new("bad.toml")), &no_overrides()).unwrap_err();
+        assert!(err.to_string().contains("tls_cert"), "{err}");
+        Ok(())
+    });
+}

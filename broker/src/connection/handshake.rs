@@ -99,13 +99,16 @@ fn will_publish_properties(will: LastWillProperties) -> Option<PublishProperties
 }
 
 /// Runs the handshake; `None` means the connection is over (refused, answered if it could be).
+/// `certificate` is the vehicle id of the client's verified TLS certificate, if it presented
+/// one.
 pub(super) async fn handshake(
     net: &mut Network,
     peer: SocketAddr,
     ctx: &FrontEnd,
     pending: PendingSlot,
+    certificate: Option<String>,
 ) -> Option<Accepted> {
-    match negotiate(net, peer, ctx, pending).await {
+    match negotiate(net, peer, ctx, pending, certificate.as_deref()).await {
         Ok(accepted) => Some(accepted),
         Err(Refused::With(code)) => {
             refuse(net, code).await;
@@ -122,6 +125,7 @@ async fn negotiate(
     peer: SocketAddr,
     ctx: &FrontEnd,
     pending: PendingSlot,
+    certificate: Option<&str>,
 ) -> Result<Accepted, Refused> {
     let ConnectPacket {
         connect,
@@ -134,7 +138,15 @@ async fn negotiate(
     drop(pending);
     let (client_id, assigned) = choose_client_id(&connect, peer, ctx)?;
     let persistent = !connect.clean_session;
-    let identity = identify(&client_id, persistent, login.as_ref(), peer, ctx).await?;
+    let identity = identify(
+        &client_id,
+        persistent,
+        login.as_ref(),
+        certificate,
+        peer,
+        ctx,
+    )
+    .await?;
     let identity = check_keep_alive(&connect, will.as_ref(), identity, peer, ctx)?;
     check_reserved(&client_id, &identity, peer, ctx)?;
     check_will(will.as_ref(), &client_id, &identity, peer, ctx)?;
@@ -321,11 +333,13 @@ fn login_name(identity: &Identity) -> Option<&str> {
 
 /// Who the connection is: the broker's own probe, whoever the credentials file says (which
 /// also decides whether it may use `client_id`, with a `persistent` session or not), or
-/// anyone in open mode.
+/// anyone in open mode. A verified TLS client `certificate` (its vehicle id) stands for the
+/// device's password; in open mode it binds the client id to that vehicle.
 async fn identify(
     client_id: &str,
     persistent: bool,
     login: Option<&Login>,
+    certificate: Option<&str>,
     peer: SocketAddr,
     ctx: &FrontEnd,
 ) -> Result<Identity, Refused> {
@@ -340,6 +354,14 @@ async fn identify(
         return Err(Refused::With(RefusalCode::BadCredentials));
     }
     let Some(auth) = &ctx.auth else {
+        if let Some(vehicle) = certificate
+            && vehicle != client_id
+        {
+            let why = AuthRefusal::CertificateMismatch;
+            ctx.metrics.auth_refused(why);
+            warn!(%peer, client_id, certificate = vehicle, reason = why.label(), "CONNECT refused: the client id is not the vehicle of the client certificate");
+            return Err(Refused::With(RefusalCode::NotAuthorized));
+        }
         return Ok(Identity::Anonymous);
     };
     let attempt = Attempt {
@@ -348,16 +370,17 @@ async fn identify(
         persistent,
         username,
         password,
+        certificate,
     };
     auth.authenticate(attempt)
         .await
         .map_err(|why| {
             ctx.metrics.auth_refused(why);
-            warn!(%peer, client_id, username = username.unwrap_or(""), reason = why.label(), "CONNECT refused: authentication failed");
+            warn!(%peer, client_id, username = username.unwrap_or(""), certificate = certificate.unwrap_or(""), reason = why.label(), "CONNECT refused: authentication failed");
             Refused::With(match why {
-                AuthRefusal::ClientIdMismatch | AuthRefusal::WillNotAllowed => {
-                    RefusalCode::NotAuthorized
-                }
+                AuthRefusal::ClientIdMismatch
+                | AuthRefusal::WillNotAllowed
+                | AuthRefusal::CertificateMismatch => RefusalCode::NotAuthorized,
                 _ => RefusalCode::BadCredentials,
             })
         })

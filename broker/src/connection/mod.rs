@@ -8,6 +8,9 @@
 //! (`local::LinkBuilder`), which is what rumqttd's own network link is built on. So each
 //! connection here:
 //!
+//! 0. on a TLS listener, completes the TLS handshake within `connection_timeout_ms` (a
+//!    failure is counted and closes the connection), and takes the vehicle id of a verified
+//!    client certificate (`tls`) as the connection's login;
 //! 1. reads the CONNECT within `connection_timeout_ms`, and refuses with a CONNACK (never a
 //!    silent close) a wrong protocol level, a vehicle's keep-alive 0, an unusable client id,
 //!    failed authentication, a last will the identity may not publish, or a full broker; tells
@@ -43,7 +46,8 @@
 //! - `session`: steps 3 to 5, the established connection's loop and its end; `inbound`
 //!   handles each packet from the client, `outbound` writes what the router and the mux link
 //!   send it;
-//! - `network`: the socket, its buffers and rumqttd's codec, with packet size limits;
+//! - `network`: the socket (plain or TLS), its buffers and rumqttd's codec, with packet size
+//!   limits;
 //! - `rate`: the publish and subscribe rate limits;
 //! - `pending`: the bound on connections that have not sent CONNECT yet.
 
@@ -62,20 +66,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
+use tokio::time::timeout;
 use tracing::{debug, warn};
 
 pub(crate) use self::front_end::{FrontEnd, Limits};
-use self::network::Network;
+use self::network::{Network, Stream};
 pub(crate) use self::pending::PendingConnects;
 use self::pending::PendingFull;
 use crate::listener::Listener;
 use crate::metrics::ConnectRefusal;
+use crate::tls::{ServerTls, certificate_vehicle_id};
 
-/// Serves one accepted TCP connection until it ends.
+/// Serves one accepted TCP connection until it ends; over TLS if `tls` is given (the
+/// handshake runs here, in the connection's own task, never in the accept loop).
 pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     listener: Listener,
+    tls: Option<Arc<ServerTls>>,
     ctx: Arc<FrontEnd>,
 ) {
     let pending = match ctx.pending.enter(peer) {
@@ -101,14 +109,74 @@ pub(crate) async fn serve(
     if let Err(err) = stream.set_nodelay(true) {
         debug!(%peer, cause = %err, "cannot set TCP_NODELAY");
     }
+    // The pending slot is held through the TLS handshake: a flood of handshakes that never
+    // finish is bounded like one of silent connections.
+    let (stream, certificate) = match tls {
+        None => (Stream::Plain(stream), None),
+        Some(tls) => {
+            let handshake = tls_handshake(stream, peer, &tls, &ctx);
+            let established = tokio::select! {
+                biased;
+                () = ctx.stopping.cancelled() => return,
+                established = handshake => established,
+            };
+            match established {
+                Some((stream, certificate)) => (Stream::Tls(Box::new(stream)), certificate),
+                None => return,
+            }
+        }
+    };
     let mut net = Network::new(stream, listener, ctx.limits.max_payload_size, &ctx.metrics);
     let accepted = tokio::select! {
         biased;
         () = ctx.stopping.cancelled() => return,
-        accepted = handshake::handshake(&mut net, peer, &ctx, pending) => accepted,
+        accepted = handshake::handshake(&mut net, peer, &ctx, pending, certificate) => accepted,
     };
     let Some(accepted) = accepted else {
         return;
     };
     session::run(net, accepted, peer, ctx).await;
+}
+
+/// The TLS handshake, within `connection_timeout_ms`. Returns the stream and the vehicle id
+/// of the client certificate, if the client presented one (rustls has verified it by then);
+/// `None` if the handshake failed (counted and logged, rate-limited) or the certificate names
+/// no vehicle.
+async fn tls_handshake(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: &ServerTls,
+    ctx: &FrontEnd,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Option<String>)> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+    let stream = match timeout(ctx.limits.connection_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            tls.handshake_failed(peer, &err);
+            return None;
+        }
+        Err(_) => {
+            tls.handshake_failed(peer, &"no TLS handshake within connection_timeout_ms");
+            return None;
+        }
+    };
+    let presented = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first());
+    let certificate = match presented {
+        None => None,
+        Some(cert) => match certificate_vehicle_id(cert) {
+            Some(id) => Some(id),
+            None => {
+                tls.handshake_failed(
+                    peer,
+                    &"the client certificate names no vehicle (no subject CN, no DNS name)",
+                );
+                return None;
+            }
+        },
+    };
+    Some((stream, certificate))
 }

@@ -15,6 +15,7 @@ use shared::frame::{self, FrameHeader};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::server::TlsStream;
 
 use crate::listener::Listener;
 use crate::metrics::BrokerMetrics;
@@ -52,9 +53,46 @@ pub(super) enum PacketError {
     Closed(#[source] io::Error),
 }
 
+/// A connection's byte stream: the socket itself, or TLS over it.
+pub(super) enum Stream {
+    /// Plain TCP: read only once the socket is readable, so an idle connection holds no
+    /// buffer.
+    Plain(TcpStream),
+    /// TLS (boxed: rustls's state is large): rustls buffers what it decrypts, so reads go
+    /// through it into a buffer reserved first.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Plain(stream) => stream.write_all(bytes).await,
+            Stream::Tls(stream) => {
+                stream.write_all(bytes).await?;
+                // rustls holds the records until flushed.
+                stream.flush().await
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(stream) => stream.shutdown().await,
+            Stream::Tls(stream) => stream.shutdown().await,
+        }
+    }
+
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(stream) => stream.read(buf).await,
+            Stream::Tls(stream) => stream.read(buf).await,
+        }
+    }
+}
+
 /// The socket with its buffers and codec.
 pub(super) struct Network {
-    stream: TcpStream,
+    stream: Stream,
     read: BytesMut,
     write: BytesMut,
     codec: Box<dyn Protocol + Send + Sync>,
@@ -72,7 +110,7 @@ pub(super) struct Network {
 
 impl Network {
     pub(super) fn new(
-        stream: TcpStream,
+        stream: Stream,
         version: Listener,
         max_payload_size: usize,
         metrics: &BrokerMetrics,
@@ -109,16 +147,26 @@ impl Network {
 
     /// Reads whatever the socket has (at least one byte). Cancel-safe: bytes read are kept.
     pub(super) async fn read_more(&mut self) -> io::Result<()> {
-        // Wait for bytes without a buffer, so an idle connection holds none.
-        let n = loop {
-            self.stream.readable().await?;
-            if self.read.capacity() - self.read.len() < BUFFER_SIZE / 4 {
-                self.read.reserve(BUFFER_SIZE);
-            }
-            match self.stream.try_read_buf(&mut self.read) {
-                Ok(n) => break n,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => return Err(err),
+        let n = match &mut self.stream {
+            // Wait for bytes without a buffer, so an idle connection holds none.
+            Stream::Plain(stream) => loop {
+                stream.readable().await?;
+                if self.read.capacity() - self.read.len() < BUFFER_SIZE / 4 {
+                    self.read.reserve(BUFFER_SIZE);
+                }
+                match stream.try_read_buf(&mut self.read) {
+                    Ok(n) => break n,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) => return Err(err),
+                }
+            },
+            // rustls has no readiness of its own: reserve, then read (cancel-safe: nothing is
+            // taken from rustls unless the read completes).
+            Stream::Tls(stream) => {
+                if self.read.capacity() - self.read.len() < BUFFER_SIZE / 4 {
+                    self.read.reserve(BUFFER_SIZE);
+                }
+                stream.read_buf(&mut self.read).await?
             }
         };
         if n == 0 {

@@ -105,6 +105,9 @@ struct Counters {
     journal_full: AtomicU64,
     journal_commits: AtomicU64,
     replayed: AtomicU64,
+    tls_handshake_failures: AtomicU64,
+    tls_reloads: AtomicU64,
+    tls_reload_failures: AtomicU64,
 }
 
 /// The broker's counters; cheap to clone (one shared set), safe to update from any thread.
@@ -150,6 +153,9 @@ impl Default for BrokerMetrics {
                 journal_full: AtomicU64::new(0),
                 journal_commits: AtomicU64::new(0),
                 replayed: AtomicU64::new(0),
+                tls_handshake_failures: AtomicU64::new(0),
+                tls_reloads: AtomicU64::new(0),
+                tls_reload_failures: AtomicU64::new(0),
             }),
         }
     }
@@ -289,6 +295,21 @@ impl BrokerMetrics {
     /// `n` waiting messages were published again to durable consumers.
     pub(crate) fn replayed(&self, n: u64) {
         self.counters.replayed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A TLS handshake failed, timed out, or its client certificate named no vehicle.
+    pub(crate) fn tls_handshake_failed(&self) {
+        bump(&self.counters.tls_handshake_failures);
+    }
+
+    /// The TLS files changed and were reloaded (`ok`), or do not load (the previous
+    /// configuration stays).
+    pub(crate) fn tls_reloaded(&self, ok: bool) {
+        bump(if ok {
+            &self.counters.tls_reloads
+        } else {
+            &self.counters.tls_reload_failures
+        });
     }
 }
 
@@ -435,6 +456,24 @@ impl BrokerMetrics {
     /// subscribed, or after waiting long), since start.
     pub fn replayed_total(&self) -> u64 {
         load(&self.counters.replayed)
+    }
+
+    /// TLS handshakes that failed (a client that does not trust the certificate, presents no
+    /// or an invalid client certificate where one is required, speaks plaintext to a TLS
+    /// port, or does not finish within `connection_timeout_ms`), since start.
+    pub fn tls_handshake_failures_total(&self) -> u64 {
+        load(&self.counters.tls_handshake_failures)
+    }
+
+    /// Reloads of changed TLS files, since start.
+    pub fn tls_reloads_total(&self) -> u64 {
+        load(&self.counters.tls_reloads)
+    }
+
+    /// Changed TLS files that did not load (the previous certificate stayed in use), since
+    /// start.
+    pub fn tls_reload_failures_total(&self) -> u64 {
+        load(&self.counters.tls_reload_failures)
     }
 }
 

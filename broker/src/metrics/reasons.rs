@@ -51,6 +51,9 @@ reasons! {
         ClientIdMismatch => "client_id_mismatch",
         /// The last will's topic is not one the identity may publish to.
         WillNotAllowed => "will_not_allowed",
+        /// The CONNECT's username, or (in open mode) its client id, is not the vehicle its
+        /// TLS client certificate names.
+        CertificateMismatch => "certificate_mismatch",
         /// Too many failed logins from the address or for the username lately
         /// (`max_login_failures`): refused before the password was checked.
         Throttled => "throttled",
@@ -156,7 +159,7 @@ mod tests {
         for (i, why) in DisconnectReason::ALL.into_iter().enumerate() {
             assert_eq!(why.index(), i);
         }
-        assert_eq!(AuthRefusal::ALL.len(), 6);
+        assert_eq!(AuthRefusal::ALL.len(), 7);
         assert_eq!(ConnectRefusal::KeepAliveZero.label(), "keep_alive_zero");
         assert_eq!(DropReason::ALL.map(DropReason::label)[3], "mirror");
     }

@@ -256,6 +256,26 @@ impl BrokerMetrics {
         for (name, kind, help, value) in durability {
             out.single(name, kind, help, value);
         }
+        let tls = [
+            (
+                "tls_handshake_failures_total",
+                "TLS handshakes that failed or timed out (untrusted certificate, missing or invalid client certificate, plaintext on a TLS port).",
+                self.tls_handshake_failures_total(),
+            ),
+            (
+                "tls_reloads_total",
+                "Changed TLS certificate or key files reloaded.",
+                self.tls_reloads_total(),
+            ),
+            (
+                "tls_reload_failures_total",
+                "Changed TLS files that did not load (the previous certificate stays in use).",
+                self.tls_reload_failures_total(),
+            ),
+        ];
+        for (name, help, value) in tls {
+            out.single(name, COUNTER, help, value);
+        }
         out.0
     }
 }
