@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use shared::{FleetId, Position};
 
-use crate::runner::{Chaos, SimConfig, SimError};
+use crate::runner::{Chaos, SimConfig, SimError, TlsConfig, TlsError};
 use crate::secrets::{DeviceSecrets, SecretsError};
 
 /// Simulated delivery vehicles: each one its own MQTT connection, driving a street grid,
@@ -35,13 +35,25 @@ pub struct Cli {
     pub vehicles: u32,
 
     /// The MQTT broker: `mqtt://host:port`, `tcp://host:port`, `host:port` or `host`
-    /// (port 1883). IPv6 addresses go in brackets: `[::1]:1883`.
+    /// (port 1883), or over TLS `mqtts://host:port` (port 8883; needs `--ca-file`). IPv6
+    /// addresses go in brackets: `[::1]:1883`.
     #[arg(
         long,
         default_value = "mqtt://127.0.0.1:1883",
         env = "FLEETBEAT_SIM_BROKER"
     )]
     pub broker: BrokerAddr,
+
+    /// TLS (`mqtts://`): the PEM bundle of the CAs the broker's certificate must chain to.
+    /// Required with `mqtts://`: this build has no system root store.
+    #[arg(long, value_name = "PATH", env = "FLEETBEAT_SIM_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Mutual TLS (`mqtts://`): each vehicle presents the certificate `DIR/{vehicle-id}.pem`
+    /// with the key `DIR/{vehicle-id}-key.pem` (e.g. `DIR/demo-0001.pem`). Without it no
+    /// client certificate is sent.
+    #[arg(long, value_name = "DIR", env = "FLEETBEAT_SIM_CLIENT_CERT_DIR")]
+    pub client_cert_dir: Option<PathBuf>,
 
     /// The fleets, comma-separated; vehicles are dealt to them in turn and numbered within
     /// each: `north-0001`, `south-0001`, `north-0002`, ...
@@ -216,10 +228,20 @@ impl Cli {
             None => None,
             Some(path) => Some(Arc::new(DeviceSecrets::load(path)?)),
         };
+        let tls = match (self.broker.tls, self.ca_file) {
+            (true, Some(ca_file)) => Some(TlsConfig {
+                ca_file,
+                client_cert_dir: self.client_cert_dir,
+            }),
+            (true, None) => return Err(TlsError::NoCaFile.into()),
+            (false, None) if self.client_cert_dir.is_none() => None,
+            (false, _) => return Err(TlsError::NotMqtts.into()),
+        };
         let config = SimConfig {
             vehicles: self.vehicles,
             broker_host: self.broker.host,
             broker_port: self.broker.port,
+            tls,
             fleets: self.fleet,
             rate_hz: self.rate_hz,
             heartbeat_qos: self.qos,
@@ -241,20 +263,23 @@ impl Cli {
     }
 }
 
-/// An MQTT broker's address (plain TCP: this build has no TLS).
+/// An MQTT broker's address: plain TCP (`mqtt://`, `tcp://` or no scheme) or TLS
+/// (`mqtts://`, `ssl://`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddr {
     /// Host name or IP address (an IPv6 address without brackets).
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// Whether the broker speaks TLS (`mqtts://`).
+    pub tls: bool,
 }
 
 /// Why a broker address does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerAddrError {
-    /// A scheme other than `mqtt://` or `tcp://`.
-    #[error("unsupported scheme {0:?}: use mqtt:// or tcp:// (no TLS or WebSocket in this build)")]
+    /// A scheme other than `mqtt://`, `tcp://`, `mqtts://` or `ssl://`.
+    #[error("unsupported scheme {0:?}: use mqtt://, tcp:// or (TLS) mqtts:// (no WebSocket)")]
     Scheme(String),
     /// No host.
     #[error("the broker address has no host")]
@@ -270,6 +295,8 @@ pub enum BrokerAddrError {
 impl BrokerAddr {
     /// The standard MQTT port.
     const DEFAULT_PORT: u16 = 1883;
+    /// The standard MQTT-over-TLS port.
+    const DEFAULT_TLS_PORT: u16 = 8883;
 }
 
 impl FromStr for BrokerAddr {
@@ -277,10 +304,11 @@ impl FromStr for BrokerAddr {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let rest = match s.split_once("://") {
-            Some(("mqtt" | "tcp", rest)) => rest,
+        let (tls, rest) = match s.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => (false, rest),
+            Some(("mqtts" | "ssl", rest)) => (true, rest),
             Some((scheme, _)) => return Err(BrokerAddrError::Scheme(scheme.to_string())),
-            None => s,
+            None => (false, s),
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains('/') {
@@ -310,6 +338,7 @@ impl FromStr for BrokerAddr {
             return Err(BrokerAddrError::NoHost);
         }
         let port = match port {
+            None if tls => Self::DEFAULT_TLS_PORT,
             None => Self::DEFAULT_PORT,
             Some(port) => port
                 .parse::<u16>()
@@ -320,16 +349,18 @@ impl FromStr for BrokerAddr {
         Ok(Self {
             host: host.to_string(),
             port,
+            tls,
         })
     }
 }
 
 impl fmt::Display for BrokerAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
         if self.host.contains(':') {
-            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "mqtt://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
@@ -360,6 +391,14 @@ mod tests {
         BrokerAddr {
             host: host.into(),
             port,
+            tls: false,
+        }
+    }
+
+    fn tls_addr(host: &str, port: u16) -> BrokerAddr {
+        BrokerAddr {
+            tls: true,
+            ..addr(host, port)
         }
     }
 
@@ -373,16 +412,20 @@ mod tests {
         assert_eq!(ok("[::1]:1884"), addr("::1", 1884));
         assert_eq!(ok("mqtt://[::1]"), addr("::1", 1883));
         assert_eq!(ok("[::1]:1884").to_string(), "mqtt://[::1]:1884");
+        assert_eq!(ok("mqtts://localhost:18883"), tls_addr("localhost", 18883));
+        assert_eq!(ok("mqtts://broker.local"), tls_addr("broker.local", 8883));
+        assert_eq!(ok("ssl://127.0.0.1:8884/"), tls_addr("127.0.0.1", 8884));
+        assert_eq!(ok("mqtts://[::1]"), tls_addr("::1", 8883));
+        assert_eq!(ok("mqtts://[::1]").to_string(), "mqtts://[::1]:8883");
     }
 
     #[test]
     fn rejects_bad_broker_addresses() {
         let err = |s: &str| s.parse::<BrokerAddr>().expect_err(s);
-        assert!(matches!(
-            err("mqtts://host:8883"),
-            BrokerAddrError::Scheme(_)
-        ));
         assert!(matches!(err("ws://host"), BrokerAddrError::Scheme(_)));
+        assert!(matches!(err("https://host"), BrokerAddrError::Scheme(_)));
+        assert_eq!(err("mqtts://"), BrokerAddrError::NoHost);
+        assert!(matches!(err("mqtts://host:0"), BrokerAddrError::Port(_)));
         assert_eq!(err(":1883"), BrokerAddrError::NoHost);
         assert_eq!(err("mqtt://"), BrokerAddrError::NoHost);
         assert!(matches!(err("host:0"), BrokerAddrError::Port(_)));
@@ -515,6 +558,41 @@ mod tests {
     }
 
     #[test]
+    fn tls_needs_mqtts_and_a_ca_file() {
+        let config = |args: &[&str]| {
+            let mut argv = vec!["device-sim"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).expect("parses").into_config()
+        };
+        let no_ca = config(&["--broker", "mqtts://localhost"]).expect_err("no CA file");
+        assert!(
+            matches!(no_ca, SimError::Tls(TlsError::NoCaFile)),
+            "{no_ca:?}"
+        );
+        assert!(no_ca.to_string().contains("--ca-file"), "{no_ca}");
+        for plain in [
+            &["--ca-file", "ca.pem"][..],
+            &["--broker", "mqtt://localhost", "--client-cert-dir", "/tmp"],
+        ] {
+            assert!(
+                matches!(config(plain), Err(SimError::Tls(TlsError::NotMqtts))),
+                "{plain:?}"
+            );
+        }
+        let missing = config(&[
+            "--broker",
+            "mqtts://localhost:18883",
+            "--ca-file",
+            "/nonexistent/ca.pem",
+        ])
+        .expect_err("no such file");
+        assert!(
+            matches!(&missing, SimError::Tls(TlsError::ReadCa { path, .. }) if path.ends_with("ca.pem")),
+            "{missing:?}"
+        );
+    }
+
+    #[test]
     fn defaults_match_the_docs() {
         let config = Cli::try_parse_from(["device-sim"])
             .expect("parses")
@@ -529,7 +607,7 @@ mod tests {
             &["device-sim", "--fleet", "a/b"][..],
             &["device-sim", "--centre", "91,0"],
             &["device-sim", "--centre", "52.5"],
-            &["device-sim", "--broker", "mqtts://x"],
+            &["device-sim", "--broker", "wss://x"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

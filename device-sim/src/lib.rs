@@ -17,12 +17,13 @@
 //!   (`no_std`, no heap).
 //! - `mqtt` (feature `runner`): a small MQTT 3.1.1 client on rumqttc's packet codec, sized
 //!   for one vehicle: the protocol state (`mqtt::ClientState`: packet ids, keep-alive,
-//!   buffers) apart from the TCP connection (`mqtt::Link`).
+//!   buffers) apart from the connection (`mqtt::Link`: TCP, or TLS over it with rustls).
 //! - `runner` (feature `runner`): one MQTT connection and one task per vehicle; online
 //!   status, last will, heartbeats, delivery events tracked to their PUBACK, command acks,
 //!   reconnects with backoff, chaos switches, a sped-up clock, and a clean goodbye. Split into
 //!   `config` (`runner::SimConfig`, validated), `clock`, `vehicle` (one vehicle's task),
-//!   `simulation` (`runner::Simulation`, `runner::run`, progress) and `report` (counters).
+//!   `simulation` (`runner::Simulation`, `runner::run`, progress), `report` (counters) and
+//!   `tls` (`runner::TlsConfig`: the CA file and per-vehicle client certificates).
 //! - `secrets` (feature `runner`): the secrets file (per-vehicle MQTT password and message
 //!   key, `secrets::DeviceSecrets`), read by `--credentials` and written by
 //!   `device-sim provision`.

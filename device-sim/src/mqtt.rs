@@ -1,5 +1,6 @@
 //! A small MQTT 3.1.1 client sized for one vehicle: the [`ClientState`] (the protocol state,
-//! no I/O) and the [`Link`] (a TCP connection that moves the client state's bytes).
+//! no I/O) and the [`Link`] (a TCP connection, or TLS over one ([`TlsTarget`]), that moves
+//! the client state's bytes).
 //!
 //! The packets are encoded and decoded by rumqttc's public codec
 //! ([`rumqttc::mqttbytes::v4`]); what this module adds is what a vehicle needs of a client and
@@ -32,7 +33,10 @@
 //! ([`ClientState::reset`]); the caller sends again whatever was unacknowledged, with `dup`
 //! set.
 
+use std::future::poll_fn;
 use std::io;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf as _, Bytes, BytesMut};
@@ -41,9 +45,12 @@ use rumqttc::mqttbytes::v4::{
     Publish, Subscribe, SubscribeReasonCode,
 };
 use rumqttc::mqttbytes::{self, PacketType, QoS};
-use tokio::io::{AsyncWriteExt as _, Interest};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Interest};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 /// The read buffer's initial capacity: a command publish fits, a PUBACK many times over.
 const READ_BUFFER: usize = 128;
@@ -138,9 +145,18 @@ pub enum LinkError {
     /// The socket failed.
     #[error("connection failed: {0}")]
     Io(#[from] io::Error),
-    /// The TCP connection could not be made in time.
+    /// The TCP connection (and the TLS handshake, over TLS) could not be made in time.
     #[error("connecting timed out")]
     ConnectTimeout,
+    /// The TLS handshake failed: the broker's certificate is not signed by a trusted CA or
+    /// does not name the broker's host, the broker wants a client certificate, no common
+    /// protocol, ...
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(io::Error),
+    /// The TLS layer failed after the handshake (a fatal alert from the broker, such as
+    /// the refusal of a missing or unknown client certificate, or a bad record).
+    #[error("TLS failed: {0}")]
+    Tls(rustls::Error),
     /// The broker closed the connection.
     #[error("the broker closed the connection")]
     Closed,
@@ -602,39 +618,105 @@ fn packet_type(packet: &Packet) -> PacketType {
     }
 }
 
-/// A TCP connection to the broker (`TCP_NODELAY`), moving a [`ClientState`]'s bytes.
+/// How to reach the broker over TLS: the rustls client configuration (the trusted CAs and,
+/// with mutual TLS, the client certificate) and the name the broker's certificate must carry
+/// (a DNS name or an IP address). Cheap to clone: the configuration is shared.
+#[derive(Clone)]
+pub struct TlsTarget {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl TlsTarget {
+    /// TLS with `config`, expecting a certificate for `server_name`.
+    pub fn new(
+        config: std::sync::Arc<rustls::ClientConfig>,
+        server_name: ServerName<'static>,
+    ) -> Self {
+        Self {
+            connector: TlsConnector::from(config),
+            server_name,
+        }
+    }
+
+    /// The name the broker's certificate must carry.
+    pub fn server_name(&self) -> &ServerName<'static> {
+        &self.server_name
+    }
+}
+
+impl std::fmt::Debug for TlsTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsTarget")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection to the broker, moving a [`ClientState`]'s bytes: plain TCP
+/// (`TCP_NODELAY`), or TLS over it.
 #[derive(Debug)]
 pub struct Link {
-    stream: TcpStream,
+    stream: Stream,
+}
+
+/// The socket under a [`Link`].
+#[derive(Debug)]
+enum Stream {
+    /// Plain TCP, driven by readiness (`try_read` / `try_write`), no copies.
+    Plain(TcpStream),
+    /// TLS over TCP (boxed: the TLS session is large, and the plain path stays small).
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 impl Link {
-    /// Connects to `host:port` within `timeout`, with `TCP_NODELAY`.
+    /// Connects to `host:port` within `timeout`, with `TCP_NODELAY`; over TLS if `tls` is
+    /// given (the handshake is part of the `timeout`).
     ///
     /// # Errors
-    /// [`LinkError::Io`] or [`LinkError::ConnectTimeout`].
-    pub async fn connect(host: &str, port: u16, timeout: Duration) -> Result<Self, LinkError> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
+    /// [`LinkError::Io`], [`LinkError::ConnectTimeout`] or [`LinkError::TlsHandshake`].
+    pub async fn connect(
+        host: &str,
+        port: u16,
+        tls: Option<&TlsTarget>,
+        timeout: Duration,
+    ) -> Result<Self, LinkError> {
+        let connecting = async {
+            let stream = TcpStream::connect((host, port)).await?;
+            stream.set_nodelay(true)?;
+            let stream = match tls {
+                None => Stream::Plain(stream),
+                Some(tls) => Stream::Tls(Box::new(
+                    tls.connector
+                        .connect(tls.server_name.clone(), stream)
+                        .await
+                        .map_err(LinkError::TlsHandshake)?,
+                )),
+            };
+            Ok(Self { stream })
+        };
+        tokio::time::timeout(timeout, connecting)
             .await
-            .map_err(|_| LinkError::ConnectTimeout)??;
-        stream.set_nodelay(true)?;
-        Ok(Self { stream })
+            .map_err(|_| LinkError::ConnectTimeout)?
     }
 
     /// Writes as much of the client state's output as the socket takes now, without waiting.
     ///
     /// # Errors
-    /// [`LinkError::Io`] or [`LinkError::Closed`].
-    pub fn write_now<T: Copy>(&self, client: &mut ClientState<T>) -> Result<(), LinkError> {
-        while client.has_output() {
-            match self.stream.try_write(client.output()) {
-                Ok(0) => return Err(LinkError::Closed),
-                Ok(n) => client.wrote(n),
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
-                Err(err) => return Err(err.into()),
+    /// [`LinkError::Io`], [`LinkError::Tls`] or [`LinkError::Closed`].
+    pub fn write_now<T: Copy>(&mut self, client: &mut ClientState<T>) -> Result<(), LinkError> {
+        match &mut self.stream {
+            Stream::Plain(stream) => write_plain(stream, client),
+            Stream::Tls(stream) => {
+                // Polled once, without a waker to call: whatever the socket does not take now
+                // is written by the next `exchange`, which waits with a real one.
+                let mut cx = Context::from_waker(Waker::noop());
+                match poll_write_tls(stream, &mut cx, client) {
+                    Poll::Ready(Err(err)) => Err(err),
+                    Poll::Ready(Ok(_)) | Poll::Pending => Ok(()),
+                }
             }
         }
-        Ok(())
     }
 
     /// Waits until the socket can be read (or written, while the client has output), then
@@ -643,49 +725,180 @@ impl Link {
     /// waiting.
     ///
     /// # Errors
-    /// [`LinkError::Io`] or [`LinkError::Closed`].
-    pub async fn exchange<T: Copy>(&self, client: &mut ClientState<T>) -> Result<(), LinkError> {
-        let interest = if client.has_output() {
-            Interest::READABLE | Interest::WRITABLE
-        } else {
-            Interest::READABLE
+    /// [`LinkError::Io`], [`LinkError::Tls`] or [`LinkError::Closed`].
+    pub async fn exchange<T: Copy>(
+        &mut self,
+        client: &mut ClientState<T>,
+    ) -> Result<(), LinkError> {
+        let stream = match &mut self.stream {
+            Stream::Plain(stream) => return exchange_plain(stream, client).await,
+            Stream::Tls(stream) => stream,
         };
-        let ready = self.stream.ready(interest).await?;
-        if ready.is_writable() {
-            self.write_now(client)?;
-        }
-        if ready.is_readable() || ready.is_read_closed() {
-            match self.stream.try_read_buf(client.read_buffer()) {
-                Ok(0) => return Err(LinkError::Closed),
-                Ok(_) => {}
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => return Err(err.into()),
+        poll_fn(|cx| {
+            let wrote = match poll_write_tls(stream, cx, client) {
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Ready(Ok(wrote)) => wrote,
+                Poll::Pending => false,
+            };
+            let read = {
+                let reading = pin!(stream.read_buf(client.read_buffer()));
+                reading.poll(cx)
+            };
+            match read {
+                Poll::Ready(Ok(0)) => Poll::Ready(Err(LinkError::Closed)),
+                Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
+                Poll::Ready(Err(err)) => Poll::Ready(Err(tls_error(err))),
+                Poll::Pending if wrote => Poll::Ready(Ok(())),
+                Poll::Pending => Poll::Pending,
             }
-        }
-        Ok(())
+        })
+        .await
     }
 
     /// Ends the connection cleanly: writes the rest of the output (a DISCONNECT last, see
-    /// [`ClientState::disconnect`]), closes the sending side, and waits until the broker has
-    /// closed its side, discarding whatever it still sends. Put a timeout around it.
+    /// [`ClientState::disconnect`]), closes the sending side (over TLS after a
+    /// `close_notify`), and waits until the broker has closed its side, discarding whatever
+    /// it still sends. Put a timeout around it.
     ///
     /// # Errors
-    /// [`LinkError::Io`] if the socket fails on the way.
+    /// [`LinkError::Io`] or [`LinkError::Tls`] if the socket fails on the way.
     pub async fn close<T: Copy>(mut self, client: &mut ClientState<T>) -> Result<(), LinkError> {
-        while client.has_output() {
-            self.stream.writable().await?;
-            self.write_now(client)?;
-        }
-        self.stream.shutdown().await?;
-        loop {
-            self.stream.readable().await?;
-            match self.stream.try_read_buf(client.read_buffer()) {
-                Ok(0) => return Ok(()),
-                Ok(_) => client.discard_input(),
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => return Err(err.into()),
+        match &mut self.stream {
+            Stream::Plain(stream) => {
+                while client.has_output() {
+                    stream.writable().await?;
+                    write_plain(stream, client)?;
+                }
+            }
+            Stream::Tls(stream) => {
+                while client.has_output() {
+                    match stream.write(client.output()).await {
+                        Ok(0) => return Err(LinkError::Closed),
+                        Ok(n) => client.wrote(n),
+                        Err(err) => return Err(tls_error(err)),
+                    }
+                }
             }
         }
+        match &mut self.stream {
+            Stream::Plain(stream) => {
+                stream.shutdown().await?;
+                loop {
+                    stream.readable().await?;
+                    match stream.try_read_buf(client.read_buffer()) {
+                        Ok(0) => return Ok(()),
+                        Ok(_) => client.discard_input(),
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(err) => return Err(err.into()),
+                    }
+                }
+            }
+            Stream::Tls(stream) => {
+                stream.shutdown().await.map_err(tls_error)?;
+                drain(stream, client).await
+            }
+        }
+    }
+}
+
+/// Writes as much of the client's output as the TCP socket takes now, without waiting.
+fn write_plain<T: Copy>(stream: &TcpStream, client: &mut ClientState<T>) -> Result<(), LinkError> {
+    while client.has_output() {
+        match stream.try_write(client.output()) {
+            Ok(0) => return Err(LinkError::Closed),
+            Ok(n) => client.wrote(n),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+/// [`Link::exchange`] over plain TCP: readiness, then `try_write` / `try_read`.
+async fn exchange_plain<T: Copy>(
+    stream: &TcpStream,
+    client: &mut ClientState<T>,
+) -> Result<(), LinkError> {
+    let interest = if client.has_output() {
+        Interest::READABLE | Interest::WRITABLE
+    } else {
+        Interest::READABLE
+    };
+    let ready = stream.ready(interest).await?;
+    if ready.is_writable() {
+        write_plain(stream, client)?;
+    }
+    if ready.is_readable() || ready.is_read_closed() {
+        match stream.try_read_buf(client.read_buffer()) {
+            Ok(0) => return Err(LinkError::Closed),
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Hands the client's output to the TLS session as far as it takes it, and pushes the
+/// session's records to the socket. `Ready(true)` if any output was taken; `Pending` (with
+/// `cx` woken when the socket can take more) if the socket is full and nothing was taken.
+fn poll_write_tls<S, T: Copy>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    client: &mut ClientState<T>,
+) -> Poll<Result<bool, LinkError>>
+where
+    S: AsyncWrite + Unpin,
+{
+    let mut wrote = false;
+    while client.has_output() {
+        match Pin::new(&mut *stream).poll_write(cx, client.output()) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(LinkError::Closed)),
+            Poll::Ready(Ok(n)) => {
+                client.wrote(n);
+                wrote = true;
+            }
+            Poll::Ready(Err(err)) => return Poll::Ready(Err(tls_error(err))),
+            Poll::Pending => break,
+        }
+    }
+    // Records the session holds back (the socket was full) go out as the socket takes them.
+    match Pin::new(&mut *stream).poll_flush(cx) {
+        Poll::Ready(Err(err)) => Poll::Ready(Err(tls_error(err))),
+        Poll::Ready(Ok(())) => Poll::Ready(Ok(wrote)),
+        Poll::Pending if wrote => Poll::Ready(Ok(true)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// Reads and discards until the broker closes its side.
+async fn drain<S, T: Copy>(stream: &mut S, client: &mut ClientState<T>) -> Result<(), LinkError>
+where
+    S: AsyncRead + Unpin,
+{
+    loop {
+        match stream.read_buf(client.read_buffer()).await {
+            Ok(0) => return Ok(()),
+            Ok(_) => client.discard_input(),
+            // The broker closed without a `close_notify`: closed all the same.
+            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(err) => return Err(tls_error(err)),
+        }
+    }
+}
+
+/// An I/O error of a TLS stream as a [`LinkError`]: the TLS layer's own errors (alerts, bad
+/// records) as [`LinkError::Tls`], an end without `close_notify` as [`LinkError::Closed`].
+fn tls_error(err: io::Error) -> LinkError {
+    if err.kind() == io::ErrorKind::UnexpectedEof {
+        return LinkError::Closed;
+    }
+    match err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => LinkError::Tls(tls.clone()),
+        None => LinkError::Io(err),
     }
 }
 

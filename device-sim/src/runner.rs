@@ -9,7 +9,8 @@
 //! anything but that loop.
 //!
 //! - Connect (clean session, keep-alive [`SimConfig::keep_alive`], username and password from
-//!   the [`DeviceSecrets`](crate::secrets::DeviceSecrets) if given, `TCP_NODELAY`),
+//!   the [`DeviceSecrets`](crate::secrets::DeviceSecrets) if given, `TCP_NODELAY`; over TLS
+//!   with [`SimConfig::tls`], a failed handshake being a failed connection like any other),
 //!   staggered over [`SimConfig::connect_spread`]. Right before each CONNECT the device seals
 //!   a fresh `Online` (counter `c`) and last will `Offline(ConnectionLost)` (counter `c + 1`),
 //!   and the will goes into that CONNECT.
@@ -54,13 +55,18 @@
 //! - `simulation`: [`Simulation`] (start, stop one vehicle, shut down), [`run`], and the
 //!   progress shown on a [`ProgressDisplay`] or logged.
 //! - `report`: the live counters and the [`SimReport`] read from them.
+//! - `tls`: TLS to the broker ([`TlsConfig`]): the CA file and the per-vehicle client
+//!   certificates, read into the rustls configurations the vehicles' links use (one shared by
+//!   all without client certificates).
 
 mod clock;
 mod config;
 mod report;
 mod simulation;
+mod tls;
 mod vehicle;
 
 pub use config::{Chaos, SimConfig, SimError};
 pub use report::SimReport;
 pub use simulation::{ProgressDisplay, Simulation, StopMode, run, run_with_display};
+pub use tls::{TlsConfig, TlsError};

@@ -575,7 +575,8 @@ fn own_clients(broker: SocketAddr, n: u32, spread: Duration, rate: Option<f64>) 
             tokio::time::sleep(delay).await;
             let mut ticker = publish_ticker(rate, i, n);
             loop {
-                if let Ok(link) = Link::connect(&host, broker.port(), Duration::from_secs(5)).await
+                if let Ok(mut link) =
+                    Link::connect(&host, broker.port(), None, Duration::from_secs(5)).await
                 {
                     let request = ConnectRequest {
                         client_id: &id,
@@ -586,7 +587,7 @@ fn own_clients(broker: SocketAddr, n: u32, spread: Duration, rate: Option<f64>) 
                         return;
                     }
                     let _lost = converse(
-                        &link,
+                        &mut link,
                         &mut client,
                         &topic,
                         ticker.as_mut(),
@@ -604,7 +605,7 @@ fn own_clients(broker: SocketAddr, n: u32, spread: Duration, rate: Option<f64>) 
 
 /// One connection of [`own_clients`] until it fails.
 async fn converse(
-    link: &Link,
+    link: &mut Link,
     client: &mut ClientState<()>,
     topic: &str,
     mut ticker: Option<&mut tokio::time::Interval>,

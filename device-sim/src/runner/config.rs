@@ -10,6 +10,8 @@ use crate::device::{Device, DeviceConfig, MAX_HEARTBEAT_INTERVAL_MS, MIN_HEARTBE
 use crate::route::{GridConfig, GridError, StreetGrid};
 use crate::secrets::{DeviceSecrets, SecretsError};
 
+use super::tls::{FleetTls, TlsConfig, TlsError};
+
 /// The most vehicles one simulator runs.
 const MAX_VEHICLES: u32 = 10_000;
 /// The fastest heartbeat rate per vehicle, in real time.
@@ -38,6 +40,9 @@ pub struct SimConfig {
     pub broker_host: String,
     /// The MQTT broker's TCP port.
     pub broker_port: u16,
+    /// TLS to the broker (`mqtts://`): the CA file and, for mutual TLS, the vehicles'
+    /// certificates. `None`: plain TCP.
+    pub tls: Option<TlsConfig>,
     /// The fleets; vehicles are dealt to them in turn and numbered within each:
     /// `{fleet}-{index:04}` from 1 (see [`SimConfig::vehicle`]).
     pub fleets: Vec<FleetId>,
@@ -78,6 +83,7 @@ impl Default for SimConfig {
             vehicles: 100,
             broker_host: "127.0.0.1".into(),
             broker_port: 1883,
+            tls: None,
             fleets: vec![FleetId::new("demo").unwrap_or_else(|_| unreachable!("`demo` is valid"))],
             rate_hz: 1.0,
             heartbeat_qos: 0,
@@ -162,6 +168,7 @@ impl SimConfig {
         if self.fleets.is_empty() {
             return Err(SimError::NoFleet);
         }
+        self.fleet_tls()?;
         self.heartbeat_interval_ms()?;
         if self.heartbeat_qos > 1 {
             return Err(SimError::Qos(self.heartbeat_qos));
@@ -196,6 +203,18 @@ impl SimConfig {
             centre: self.centre,
             ..GridConfig::default()
         })?)
+    }
+
+    /// The TLS side of the run (the CA file read, the broker host checked); `None` over
+    /// plain TCP.
+    ///
+    /// # Errors
+    /// [`SimError::Tls`] names the file or setting that is wrong.
+    pub(super) fn fleet_tls(&self) -> Result<Option<FleetTls>, SimError> {
+        match &self.tls {
+            None => Ok(None),
+            Some(tls) => Ok(Some(FleetTls::new(tls, &self.broker_host)?)),
+        }
     }
 
     /// The devices this configuration simulates, in slot order, exactly as
@@ -271,6 +290,10 @@ pub enum SimError {
         /// What is wrong with it.
         source: IdError,
     },
+    /// The TLS settings cannot be used: no CA file for `mqtts://`, a CA or client
+    /// certificate file that cannot be read, a broker host a certificate cannot name.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The secrets file cannot be read.
     #[error("cannot use the secrets file")]
     Secrets(#[from] SecretsError),

@@ -86,6 +86,7 @@ impl Simulation {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let max_skew_ms = i64::try_from(config.chaos.clock_skew.as_millis()).unwrap_or(i64::MAX);
+        let tls = config.fleet_tls()?;
         let broker = Arc::new(BrokerAccess {
             host: config.broker_host.clone(),
             port: config.broker_port,
@@ -114,12 +115,17 @@ impl Simulation {
                 abort: CancellationToken::new(),
                 done: CancellationToken::new(),
             };
+            let vehicle_tls = match &tls {
+                Some(tls) => Some(tls.for_vehicle(&id)?),
+                None => None,
+            };
             let vehicle = Vehicle::new(
                 device,
                 clock,
                 rng,
                 &config,
                 Arc::clone(&broker),
+                vehicle_tls,
                 Arc::clone(&counters),
             );
             let span = info_span!("vehicle", vehicle = %id);
@@ -143,9 +149,20 @@ impl Simulation {
             &runtime,
         );
         let fleets: Vec<&str> = config.fleets.iter().map(FleetId::as_str).collect();
+        let tls_mode = match &config.tls {
+            None => "off",
+            Some(tls) if tls.client_cert_dir.is_some() => "mutual",
+            Some(_) => "on",
+        };
         info!(
             vehicles = n,
-            broker = %format_args!("{}:{}", config.broker_host, config.broker_port),
+            broker = %format_args!(
+                "{}://{}:{}",
+                if config.tls.is_some() { "mqtts" } else { "mqtt" },
+                config.broker_host,
+                config.broker_port
+            ),
+            tls = %tls_mode,
             fleets = %fleets.join(","),
             interval_ms,
             time_scale = config.time_scale,

@@ -18,7 +18,7 @@ use super::report::Counters;
 use crate::device::{Device, Publication};
 use crate::mqtt::{
     ClientOptions, ClientState, ConnectRequest, Incoming, Link, LinkError, MAX_INFLIGHT, Message,
-    SendError,
+    SendError, TlsTarget,
 };
 use crate::secrets::DeviceSecrets;
 
@@ -29,7 +29,7 @@ const FLUSH_WINDOW: usize = 16;
 const RECONNECT_BASE: Duration = Duration::from_millis(100);
 /// How long a vehicle may take to say goodbye (publish offline, disconnect) on stop.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long the TCP connection to the broker may take.
+/// How long the TCP connection to the broker (and the TLS handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The handles that stop one vehicle and tell when it has stopped.
@@ -105,6 +105,8 @@ pub(super) struct Vehicle {
     device: Device,
     mqtt: ClientState<Acked>,
     broker: Arc<BrokerAccess>,
+    /// TLS to the broker (this vehicle's client certificate, if any); `None`: plain TCP.
+    tls: Option<TlsTarget>,
     command_topic: String,
     clock: SimClock,
     counters: Arc<Counters>,
@@ -134,16 +136,18 @@ pub(super) struct Vehicle {
 
 impl Vehicle {
     /// A vehicle that has not connected yet, driving `device` on `clock`; `rng` draws its
-    /// backoff jitter and chaos.
+    /// backoff jitter and chaos. It connects over TLS if `tls` is given.
     pub(super) fn new(
         device: Device,
         clock: SimClock,
         rng: fastrand::Rng,
         config: &SimConfig,
         broker: Arc<BrokerAccess>,
+        tls: Option<TlsTarget>,
         counters: Arc<Counters>,
     ) -> Self {
         Self {
+            tls,
             command_topic: device.topic(shared::TopicKind::Command).name().to_string(),
             device,
             mqtt: ClientState::new(ClientOptions::new(config.keep_alive)),
@@ -212,8 +216,15 @@ impl Vehicle {
             }
 
             let broker = Arc::clone(&self.broker);
+            // A clone (shared configuration, one name): the loop below borrows `self`.
+            let tls = self.tls.clone();
             let connected = {
-                let mut connect = pin!(Link::connect(&broker.host, broker.port, CONNECT_TIMEOUT));
+                let mut connect = pin!(Link::connect(
+                    &broker.host,
+                    broker.port,
+                    tls.as_ref(),
+                    CONNECT_TIMEOUT
+                ));
                 loop {
                     tokio::select! {
                         biased;
@@ -287,7 +298,7 @@ impl Vehicle {
     /// One connection, from the CONNECT queued by [`begin`](Self::begin) until it ends.
     async fn converse(
         &mut self,
-        link: Link,
+        mut link: Link,
         mut abort: Pin<&mut WaitForCancellationFuture<'_>>,
         mut stop: Pin<&mut WaitForCancellationFuture<'_>>,
     ) -> Ended {
