@@ -13,8 +13,9 @@ pub use crate::api::web::WebConfig;
 pub use crate::domain::auth::{Role, TokenGrant};
 pub use crate::domain::fleet::StaleRule;
 use crate::error::BridgeError;
-pub use crate::ingest::mqtt::{MqttEndpoint, redact_url};
+pub use crate::ingest::mqtt::{MqttEndpoint, MqttTls, redact_url};
 pub use crate::store::Synchronous;
+pub use crate::tls::TlsFiles;
 
 /// A secret from the configuration (a password, a token): its `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -84,6 +85,9 @@ pub struct BridgeConfig {
     pub history_retention: Duration,
     /// The dispatcher page's base map.
     pub web: WebConfig,
+    /// HTTPS: the certificate and key the listener serves (reloaded when they change), or
+    /// `None` for plain HTTP.
+    pub tls: Option<TlsFiles>,
     /// The MQTT broker to use.
     pub mqtt: MqttTarget,
     /// The MQTT client id of this bridge. With a persistent session, it must be stable across
@@ -117,6 +121,7 @@ impl Default for BridgeConfig {
             queue_retention: Duration::from_secs(7 * 24 * 3600),
             history_retention: Duration::from_secs(7 * 24 * 3600),
             web: WebConfig::default(),
+            tls: None,
             // Embedded: no journal (the bridge's commit acknowledges), the bridge's client id
             // as the durable consumer (the default's).
             mqtt: MqttTarget::Embedded(broker::BrokerConfig {
@@ -143,8 +148,18 @@ pub const DEFAULT_CONFIG: &str = include_str!("../default-config.toml");
 pub struct Settings {
     /// Where HTTP and Socket.IO are served.
     pub listen: Option<SocketAddr>,
-    /// An external MQTT broker URL; unset means the embedded broker.
+    /// An external MQTT broker URL (`mqtt://` or `mqtts://`); unset means the embedded broker.
     pub mqtt_url: Option<String>,
+    /// The CA bundle (PEM) an `mqtts://` broker's certificate must be signed by.
+    pub mqtt_ca_file: Option<PathBuf>,
+    /// The bridge's client certificate (PEM) for an `mqtts://` broker that wants one.
+    pub mqtt_client_cert: Option<PathBuf>,
+    /// The key (PEM) of `mqtt_client_cert`.
+    pub mqtt_client_key: Option<PathBuf>,
+    /// HTTPS: the certificate chain (PEM) served; with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// HTTPS: the private key (PEM) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Where the embedded broker listens (MQTT 3.1.1).
     pub mqtt_listen: Option<SocketAddr>,
     /// MQTT client id.
@@ -187,7 +202,32 @@ pub struct Settings {
     // Socket.IO limits (issue 14)
     /// The Socket.IO abuse limits (`[socketio]`).
     pub socketio: Option<SocketIoSettings>,
+    /// The embedded broker's own settings (`[broker]`, the keys of `broker default-config`),
+    /// except those the bridge sets itself ([`BRIDGE_OWNED_BROKER_KEYS`]).
+    pub broker: Option<toml::Table>,
 }
+
+/// The keys of `[broker]` the bridge sets itself, each with the bridge's setting to use
+/// instead: they are refused in `[broker]`.
+pub const BRIDGE_OWNED_BROKER_KEYS: [(&str, &str); 5] = [
+    ("listen", "set mqtt_listen instead"),
+    (
+        "credentials",
+        "set the bridge's credentials instead (it reads the device keys too)",
+    ),
+    (
+        "durable_consumers",
+        "the bridge's client_id is the durable consumer",
+    ),
+    (
+        "journal",
+        "the embedded broker has no journal: the bridge's own commit acknowledges",
+    ),
+    (
+        "metrics_listen",
+        "the embedded broker's metrics are served at the bridge's /metrics",
+    ),
+];
 
 /// The default position tick: positions wait at most this long for their batch, so it bounds
 /// device → dispatcher latency (a tenth of what a 1 Hz vehicle reports), and costs a few % of a
@@ -224,6 +264,11 @@ impl Settings {
         Self {
             listen: over.listen.or(self.listen),
             mqtt_url: over.mqtt_url.or(self.mqtt_url),
+            mqtt_ca_file: over.mqtt_ca_file.or(self.mqtt_ca_file),
+            mqtt_client_cert: over.mqtt_client_cert.or(self.mqtt_client_cert),
+            mqtt_client_key: over.mqtt_client_key.or(self.mqtt_client_key),
+            tls_cert: over.tls_cert.or(self.tls_cert),
+            tls_key: over.tls_key.or(self.tls_key),
             mqtt_listen: over.mqtt_listen.or(self.mqtt_listen),
             client_id: over.client_id.or(self.client_id),
             credentials: over.credentials.or(self.credentials),
@@ -253,6 +298,7 @@ impl Settings {
                 (Some(base), Some(over)) => Some(base.overridden_by(over)),
                 (base, over) => over.or(base),
             },
+            broker: over.broker.or(self.broker),
         }
     }
 
@@ -260,29 +306,55 @@ impl Settings {
     ///
     /// # Errors
     /// [`BridgeError::Config`] naming the key and the problem.
-    pub fn into_config(self) -> Result<(SocketAddr, BridgeConfig), BridgeError> {
+    pub fn into_config(mut self) -> Result<(SocketAddr, BridgeConfig), BridgeError> {
         let defaults = BridgeConfig::default();
         let listen = self.listen.ok_or_else(|| invalid("listen", "missing"))?;
         let mqtt = match self.mqtt_url.as_deref().filter(|u| !u.is_empty()) {
-            Some(url) => {
-                MqttTarget::External(MqttEndpoint::parse(url).map_err(|e| invalid("mqtt_url", e))?)
+            Some(_) if self.broker.is_some() => {
+                return Err(invalid(
+                    "broker",
+                    "[broker] configures the embedded broker, which is not started with \
+                     mqtt_url (an external broker): remove one of them",
+                ));
             }
-            // MQTT 3.1.1 only (run the broker alone to offer MQTT 5). With a credentials file
-            // the embedded broker authenticates devices and the bridge alike.
-            None => MqttTarget::Embedded(broker::BrokerConfig {
-                v4: self
+            Some(url) => MqttTarget::External(
+                MqttEndpoint::parse_with_tls(url, self.mqtt_tls()?)
+                    .map_err(|e| invalid("mqtt_url", e))?,
+            ),
+            None => {
+                let stray = [
+                    ("mqtt_ca_file", self.mqtt_ca_file.is_some()),
+                    ("mqtt_client_cert", self.mqtt_client_cert.is_some()),
+                    ("mqtt_client_key", self.mqtt_client_key.is_some()),
+                ];
+                if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                    return Err(invalid(
+                        key,
+                        "only with an external broker (mqtt_url = \"mqtts://...\"); the \
+                         bridge reaches its embedded broker over loopback",
+                    ));
+                }
+                let listen = self
                     .mqtt_listen
-                    .ok_or_else(|| invalid("mqtt_listen", "missing"))?,
-                v5: None,
-                credentials: self.credentials.clone(),
-                // The bridge acknowledges a vehicle's message to the embedded broker once its
-                // store committed it: the vehicle's PUBACK waits for that (no journal).
-                durable_consumers: vec![
-                    self.client_id.clone().unwrap_or(defaults.client_id.clone()),
-                ],
-                journal: None,
-                ..broker::BrokerConfig::default()
-            }),
+                    .ok_or_else(|| invalid("mqtt_listen", "missing"))?;
+                let client_id = self.client_id.clone().unwrap_or(defaults.client_id.clone());
+                MqttTarget::Embedded(embedded_broker(
+                    self.broker.take(),
+                    listen,
+                    self.credentials.clone(),
+                    client_id,
+                )?)
+            }
+        };
+        let tls = match (self.tls_cert.take(), self.tls_key.take()) {
+            (Some(cert), Some(key)) => {
+                // Loaded once here for a clear error at start; the server loads it again.
+                crate::tls::server_config(&cert, &key).map_err(|e| invalid("tls_cert", e))?;
+                Some(TlsFiles { cert, key })
+            }
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid("tls_key", "missing (tls_cert is set)")),
+            (None, Some(_)) => return Err(invalid("tls_cert", "missing (tls_key is set)")),
         };
         let tick_ms = self.tick_ms.unwrap_or(DEFAULT_TICK_MS);
         if !(10..=10_000).contains(&tick_ms) {
@@ -377,6 +449,7 @@ impl Settings {
                 queue_retention: hours("queue_retention_hours", self.queue_retention_hours)?,
                 history_retention: hours("history_retention_hours", self.history_retention_hours)?,
                 web,
+                tls,
                 mqtt,
                 client_id,
                 // Socket.IO limits (issue 14)
@@ -389,6 +462,96 @@ impl Settings {
             },
         ))
     }
+}
+
+impl Settings {
+    /// The TLS towards an external broker the settings ask for: `None` without
+    /// `mqtt_ca_file` (an `mqtts://` URL then fails, naming it).
+    fn mqtt_tls(&self) -> Result<Option<MqttTls>, BridgeError> {
+        let client = match (&self.mqtt_client_cert, &self.mqtt_client_key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "mqtt_client_key",
+                    "missing (mqtt_client_cert is set)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "mqtt_client_cert",
+                    "missing (mqtt_client_key is set)",
+                ));
+            }
+        };
+        match &self.mqtt_ca_file {
+            Some(ca) => Ok(Some(
+                MqttTls::load(ca, client).map_err(|e| invalid("mqtt_ca_file", e))?,
+            )),
+            None if client.is_some() => Err(invalid(
+                "mqtt_ca_file",
+                "missing (a client certificate is only used over mqtts://, which needs it)",
+            )),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The embedded broker's configuration: the `[broker]` table's keys over the broker's
+/// defaults (MQTT 5 off unless `listen_v5` is given), then what the bridge sets itself: MQTT
+/// 3.1.1 on `listen`, the `credentials` file (the broker authenticates devices and the bridge
+/// alike), `client_id` as the durable consumer, no journal, no metrics listener.
+///
+/// # Errors
+/// [`BridgeError::Config`] naming `broker.<key>`: a key the broker does not know, a value of
+/// the wrong type, a key the bridge owns ([`BRIDGE_OWNED_BROKER_KEYS`]), or a value the broker
+/// refuses.
+fn embedded_broker(
+    table: Option<toml::Table>,
+    listen: SocketAddr,
+    credentials: Option<PathBuf>,
+    client_id: String,
+) -> Result<broker::BrokerConfig, BridgeError> {
+    let table = table.unwrap_or_default();
+    for (key, value) in &table {
+        let name = format!("broker.{key}");
+        if let Some((_, instead)) = BRIDGE_OWNED_BROKER_KEYS.iter().find(|(k, _)| k == key) {
+            return Err(invalid(&name, format!("set by the bridge: {instead}")));
+        }
+        // One key at a time, so that the error names it.
+        let mut one = toml::Table::new();
+        one.insert(key.clone(), value.clone());
+        if let Err(err) = one.try_into::<broker::BrokerConfig>() {
+            let reason = if err.message().starts_with("unknown field") {
+                "unknown key (`broker default-config` lists the keys)".to_owned()
+            } else {
+                err.message().trim().to_owned()
+            };
+            return Err(invalid(&name, reason));
+        }
+    }
+    let v5_given = table.contains_key("listen_v5");
+    let mut config: broker::BrokerConfig = table
+        .try_into()
+        .map_err(|e| invalid("broker", e.message().trim()))?;
+    // MQTT 3.1.1 only unless asked (the standalone broker offers MQTT 5 by default).
+    if !v5_given {
+        config.v5 = None;
+    }
+    config.v4 = listen;
+    config.credentials = credentials;
+    // The bridge acknowledges a vehicle's message to the embedded broker once its store
+    // committed it: the vehicle's PUBACK waits for that (no journal).
+    config.durable_consumers = vec![client_id];
+    config.journal = None;
+    config.metrics_listen = None;
+    config.validate().map_err(|e| match e {
+        broker::BrokerError::InvalidConfig { field, reason } => {
+            invalid(&format!("broker.{field}"), reason)
+        }
+        other => invalid("broker", other),
+    })?;
+    Ok(config)
 }
 
 /// What `bridge add-token` makes a token for.
@@ -639,6 +802,94 @@ mod tests {
             ..Settings::defaults().expect("parses")
         };
         assert!(missing.into_config().is_err());
+    }
+
+    #[test]
+    fn the_broker_table_reaches_the_embedded_broker() {
+        let file: Settings = toml::from_str(
+            "[broker]\nmax_pending_connects_per_ip = 1\nlogin_failure_window = \"5s\"\n",
+        )
+        .expect("parses");
+        let (_, config) = Settings::defaults()
+            .expect("parses")
+            .overridden_by(file)
+            .into_config()
+            .expect("valid");
+        let MqttTarget::Embedded(broker) = config.mqtt else {
+            panic!("embedded");
+        };
+        assert_eq!(broker.max_pending_connects_per_ip, 1);
+        assert_eq!(broker.login_failure_window, Duration::from_secs(5));
+        // What the bridge sets itself.
+        assert_eq!(broker.v4.port(), 1883);
+        assert_eq!(broker.v5, None);
+        assert_eq!(broker.journal, None);
+        assert_eq!(
+            broker.durable_consumers,
+            vec!["fleetbeat-bridge".to_owned()]
+        );
+
+        let refused = |toml: &str| {
+            let file: Settings = toml::from_str(toml).expect("parses");
+            Settings::defaults()
+                .expect("parses")
+                .overridden_by(file)
+                .into_config()
+                .expect_err("refused")
+                .to_string()
+        };
+        let err = refused("[broker]\nnope = 1\n");
+        assert!(
+            err.contains("broker.nope") && err.contains("unknown key"),
+            "{err}"
+        );
+        let err = refused("[broker]\nmax_pending_connects = \"many\"\n");
+        assert!(err.contains("broker.max_pending_connects"), "{err}");
+        let err = refused("[broker]\njournal = \"j.db\"\n");
+        assert!(
+            err.contains("broker.journal") && err.contains("bridge"),
+            "{err}"
+        );
+        let err = refused("[broker]\nmax_segment_size = 10\n");
+        assert!(err.contains("broker.max_segment_size"), "{err}");
+        let err = refused("mqtt_url = \"mqtt://h\"\n[broker]\nmax_login_failures = 3\n");
+        assert!(err.contains("broker") && err.contains("mqtt_url"), "{err}");
+    }
+
+    #[test]
+    fn tls_settings_come_in_pairs() {
+        let bad = |settings: Settings| {
+            Settings::defaults()
+                .expect("parses")
+                .overridden_by(settings)
+                .into_config()
+                .expect_err("refused")
+                .to_string()
+        };
+        let err = bad(Settings {
+            tls_cert: Some("c.pem".into()),
+            ..Settings::default()
+        });
+        assert!(err.contains("tls_key"), "{err}");
+        let err = bad(Settings {
+            tls_cert: Some("/nonexistent/c.pem".into()),
+            tls_key: Some("/nonexistent/k.pem".into()),
+            ..Settings::default()
+        });
+        assert!(err.contains("tls_cert") && err.contains("c.pem"), "{err}");
+        let err = bad(Settings {
+            mqtt_url: Some("mqtts://broker".into()),
+            ..Settings::default()
+        });
+        assert!(err.contains("mqtt_ca_file"), "{err}");
+        let err = bad(Settings {
+            mqtt_ca_file: Some("ca.pem".into()),
+            ..Settings::default()
+        });
+        assert!(
+            err.contains("mqtt_ca_file") && err.contains("external"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub enum BridgeError {
     /// The store could not be opened.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// A TLS certificate, key or CA bundle cannot be used.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The HTTP listener failed.
     #[error("HTTP server: {0}")]
     Http(#[source] std::io::Error),

@@ -19,10 +19,12 @@
 //!   here), the namespaces and rooms (`room`), and what is sent to which sockets (`emit`).
 //! - `ingest/`: what vehicles publish, coming in: the MQTT task (`mqtt`), each PUBLISH
 //!   verified and recorded (`inbox`, `verify`), the device keys (`keys`).
-//! - `api/`: what clients call: Socket.IO handlers (`socket`), HTTP (`http`), the page (`web`).
+//! - `api/`: what clients call: Socket.IO handlers (`socket`), HTTP (`http`), the page (`web`),
+//!   HTTPS and WSS on the same listener (`https`).
 //! - `server`: starts all of the above ([`Bridge`], [`run`]) and shuts it down gracefully.
 //!
 //! Beside them: [`config`] (what the bridge needs to run), [`error`] ([`BridgeError`]),
+//! [`tls`] (the rustls configurations of HTTPS and of MQTT over TLS, from PEM files),
 //! `metrics` (counters for `/metrics`, updated by every layer) and `clock`.
 //!
 //! A heartbeat's way: `ingest::mqtt` → `ingest::inbox` (verified) → `Hub::record` (one lock
@@ -38,6 +40,7 @@ mod ingest;
 mod metrics;
 mod server;
 pub mod store;
+pub mod tls;
 mod view;
 
 pub use config::{BridgeConfig, MqttTarget};

@@ -42,9 +42,26 @@ struct Cli {
     /// Address to serve HTTP and Socket.IO on.
     #[arg(long, env = "FLEETBEAT_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Use an external MQTT broker (`mqtt://[user:pass@]host[:port]`) instead of the embedded one.
+    /// Use an external MQTT broker (`mqtt://[user:pass@]host[:port]`, or `mqtts://...` over
+    /// TLS with --mqtt-ca-file) instead of the embedded one.
     #[arg(long, env = "FLEETBEAT_MQTT_URL")]
     mqtt_url: Option<String>,
+    /// The CA bundle (PEM) that signed the `mqtts://` broker's certificate.
+    #[arg(long, env = "FLEETBEAT_MQTT_CA_FILE")]
+    mqtt_ca_file: Option<PathBuf>,
+    /// The bridge's client certificate (PEM) for an `mqtts://` broker that wants one.
+    #[arg(long, env = "FLEETBEAT_MQTT_CLIENT_CERT")]
+    mqtt_client_cert: Option<PathBuf>,
+    /// The key (PEM) of --mqtt-client-cert.
+    #[arg(long, env = "FLEETBEAT_MQTT_CLIENT_KEY")]
+    mqtt_client_key: Option<PathBuf>,
+    /// Serve HTTPS (and WSS) with this certificate chain (PEM; with --tls-key). Reloaded
+    /// when the file changes.
+    #[arg(long, env = "FLEETBEAT_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "FLEETBEAT_TLS_KEY")]
+    tls_key: Option<PathBuf>,
     /// Where the embedded broker listens for MQTT clients.
     #[arg(long, env = "FLEETBEAT_MQTT_LISTEN")]
     mqtt_listen: Option<SocketAddr>,
@@ -138,6 +155,11 @@ impl Cli {
         Ok(settings.overridden_by(Settings {
             listen: self.listen,
             mqtt_url: self.mqtt_url.clone(),
+            mqtt_ca_file: self.mqtt_ca_file.clone(),
+            mqtt_client_cert: self.mqtt_client_cert.clone(),
+            mqtt_client_key: self.mqtt_client_key.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
             mqtt_listen: self.mqtt_listen,
             client_id: self.client_id.clone(),
             credentials: self.credentials.clone(),
@@ -217,7 +239,8 @@ async fn main() -> anyhow::Result<()> {
         endpoint.host, endpoint.port
     );
     info!(
-        "dispatcher page:        http://{}/  (Socket.IO: /dispatch, /vendor, /admin)",
+        "dispatcher page:        {}://{}/  (Socket.IO: /dispatch, /vendor, /admin)",
+        if bridge.https() { "https" } else { "http" },
         bridge.http_addr()
     );
 

@@ -103,11 +103,19 @@ pub(crate) enum Counter {
     KeysReloadFailed,
     /// A QoS 1 message held unacknowledged because the bridge has no key for its vehicle yet.
     KeyWaits,
+    /// An HTTPS connection whose TLS handshake failed (or was refused: too many at once).
+    TlsHandshakeFailed,
+    /// An HTTPS connection whose TLS handshake did not finish in time.
+    TlsHandshakeTimedOut,
+    /// The HTTPS certificate files changed and were reloaded.
+    TlsReloads,
+    /// The HTTPS certificate files changed but did not load: the previous certificate stays.
+    TlsReloadFailed,
 }
 
 impl Counter {
     /// Name and help text of every counter, in the order of the variants (and of `/metrics`).
-    const RENDERED: [(&'static str, &'static str); 17] = [
+    const RENDERED: [(&'static str, &'static str); 21] = [
         (
             "history_dropped_total",
             "Heartbeats not stored: the history writer was full.",
@@ -172,6 +180,22 @@ impl Counter {
         (
             "key_waits_total",
             "QoS 1 messages held unacknowledged until their vehicle's key is known.",
+        ),
+        (
+            "tls_handshake_failures_total",
+            "HTTPS connections whose TLS handshake failed or was refused (too many at once).",
+        ),
+        (
+            "tls_handshake_timeouts_total",
+            "HTTPS connections whose TLS handshake did not finish in time.",
+        ),
+        (
+            "tls_reloads_total",
+            "Times the HTTPS certificate files changed and were reloaded.",
+        ),
+        (
+            "tls_reload_failures_total",
+            "Times the HTTPS certificate files changed but did not load (the previous stays).",
         ),
     ];
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::api::https::{HttpsListener, ServerCertificate};
 use crate::api::limits::SocketGuard;
 use crate::api::{http, socket};
 use crate::config::{BridgeConfig, MqttEndpoint, MqttTarget};
@@ -38,6 +39,7 @@ pub struct Bridge {
     tasks: TaskTracker,
     config: BridgeConfig,
     store: Store,
+    https: bool,
     // The embedded broker: dropping it stops it, so it lives as long as the bridge.
     _broker: Option<broker::Broker>,
 }
@@ -65,6 +67,8 @@ impl Bridge {
                         .mqtt_password
                         .as_ref()
                         .map(|password| (config.client_id.clone(), password.expose().to_owned())),
+                    // Loopback, in-process: TLS would buy nothing.
+                    tls: None,
                 };
                 (Some(broker), endpoint)
             }
@@ -80,6 +84,13 @@ impl Bridge {
 
         let tokens = tokens(&config, http_addr)?;
         let metrics = Arc::new(Metrics::default());
+        let certificate = match &config.tls {
+            Some(files) => Some(Arc::new(ServerCertificate::load(
+                files,
+                Arc::clone(&metrics),
+            )?)),
+            None => None,
+        };
         let keys = match &config.credentials {
             Some(path) => DeviceKeys::load(path, Arc::clone(&metrics))?,
             None => {
@@ -117,7 +128,7 @@ impl Bridge {
             Arc::clone(&metrics),
         );
         let hub = Arc::new(Hub::new(HubParts {
-            metrics,
+            metrics: Arc::clone(&metrics),
             tokens,
             fleet: Fleet::new(config.stale),
             store: store.clone(),
@@ -184,24 +195,19 @@ impl Bridge {
         };
         let app = http::router(state, layer, config.web.clone());
         let stop_http = cancel.child_token();
+        let https = certificate.is_some();
         tasks.spawn(async move {
-            // Position batches are written as they are made: without TCP_NODELAY, Nagle holds
-            // a batch's last segment until the browser's delayed ACK (up to 40 ms on Linux).
-            let listener = listener.tap_io(|tcp| {
-                if let Err(err) = tcp.set_nodelay(true) {
-                    debug!(cause = %err, "cannot set TCP_NODELAY on an HTTP connection");
+            let served = match certificate {
+                None => serve_http(listener, app, stop_http).await,
+                Some(certificate) => {
+                    serve_https(listener, certificate, metrics, app, stop_http).await
                 }
-            });
-            // The peer's address: `/metrics` without a token is served to loopback only.
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(stop_http.cancelled_owned())
-                .await;
+            };
             if let Err(err) = served {
                 error!(cause = %err, "HTTP server failed");
             }
         });
-        info!(http = %http_addr, mqtt = %format!("{}:{}", endpoint.host, endpoint.port), "bridge started");
+        info!(http = %http_addr, https, mqtt = %format!("{}:{}", endpoint.host, endpoint.port), "bridge started");
 
         Ok(Self {
             http_addr,
@@ -211,8 +217,14 @@ impl Bridge {
             tasks,
             config,
             store,
+            https,
             _broker: broker,
         })
+    }
+
+    /// Whether HTTP and Socket.IO are served over TLS (HTTPS, WSS).
+    pub fn https(&self) -> bool {
+        self.https
     }
 
     /// The address HTTP and Socket.IO are served on.
@@ -264,6 +276,44 @@ impl Bridge {
         info!("bridge stopped");
         Ok(())
     }
+}
+
+/// Serves `app` over plain HTTP on `listener` until `stop`.
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    // Position batches are written as they are made: without TCP_NODELAY, Nagle holds a
+    // batch's last segment until the browser's delayed ACK (up to 40 ms on Linux).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            debug!(cause = %err, "cannot set TCP_NODELAY on an HTTP connection");
+        }
+    });
+    // The peer's address: `/metrics` without a token is served to loopback only.
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}
+
+/// Serves `app` over HTTPS on `listener` with `certificate` until `stop` (the TLS side:
+/// `api::https`; its failures are counted in `metrics`).
+async fn serve_https(
+    listener: TcpListener,
+    certificate: Arc<ServerCertificate>,
+    metrics: Arc<Metrics>,
+    app: axum::Router,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    // `tap_io` only for axum's `ConnectInfo<SocketAddr>` of a wrapped listener; TCP_NODELAY is
+    // set before the handshake.
+    let listener = HttpsListener::new(listener, certificate, metrics)?.tap_io(|_| {});
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
 }
 
 /// The tokens clients may use, and who may read `/metrics`, as `config` says for a bridge

@@ -1,6 +1,6 @@
 // A real socket.io-client, driven line by line by the Rust integration tests.
 //
-// Usage: node sio-client.mjs <url> <namespace> [auth-json]
+// Usage: node sio-client.mjs <url> <namespace> [auth-json]   (FLEETBEAT_SIO_CA: see below)
 // stdin, one JSON object per line:
 //   {"op":"emit","event":"join","args":["vehicle:v1"],"ack":7}  emit; if "ack" is set, the
 //                                                               server's ack is reported with it
@@ -10,7 +10,14 @@
 //   {"type":"connect","id":...} {"type":"connect_error","message":...}
 //   {"type":"disconnect","reason":...}
 //   {"type":"event","event":...,"args":[...]} {"type":"ack","ack":7,"args":[...]}
+import { readFileSync } from "node:fs";
 import { connect, out, readCommands } from "./harness.mjs";
+
+// FLEETBEAT_SIO_CA: a PEM file of the CA(s) to trust for an https:// url (wss://), instead of
+// node's built-in roots; certificates are always verified (rejectUnauthorized).
+const tls = process.env.FLEETBEAT_SIO_CA
+  ? { ca: readFileSync(process.env.FLEETBEAT_SIO_CA), rejectUnauthorized: true }
+  : {};
 
 const [url, namespace, authJson] = process.argv.slice(2);
 if (!url || !namespace) {
@@ -21,6 +28,7 @@ const socket = connect(url, namespace, authJson ? JSON.parse(authJson) : undefin
   reconnection: true,
   reconnectionDelay: 100,
   reconnectionDelayMax: 1000,
+  ...tls,
 });
 socket.on("connect", () => out({ type: "connect", id: socket.id }));
 socket.on("connect_error", (err) => out({ type: "connect_error", message: err.message, data: err.data ?? null }));

@@ -347,3 +347,74 @@ impl Watch {
         let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
     }
 }
+
+/// A running Debian `mosquitto` broker (the real one), started by [`start_tls_broker`].
+pub struct MosquittoBroker {
+    /// The process (its log is searchable).
+    pub program: crate::process::Program,
+    /// Its TLS listener, on 127.0.0.1.
+    pub addr: SocketAddr,
+}
+
+/// Starts the real `mosquitto` with one MQTT-over-TLS listener on 127.0.0.1 (a free port),
+/// serving `cert` and `key`, trusting clients' certificates of `ca` (none required), anonymous
+/// clients allowed; its configuration file is written into `dir`. Returns once it listens.
+///
+/// # Errors
+/// If it cannot be started or does not listen within the bound.
+pub async fn start_tls_broker(
+    dir: &std::path::Path,
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<MosquittoBroker> {
+    let addr = crate::stack::free_port()?;
+    let config = dir.join("mosquitto.conf");
+    let text = format!(
+        "# Written by the Fleetbeat tests.\n\
+         # Started as root, mosquitto would switch to its own user, who cannot read the test's\n\
+         # files; not as root, this line does nothing.\n\
+         user root\n\
+         persistence false\n\
+         log_dest stderr\n\
+         log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
+         listener {port} 127.0.0.1\n\
+         cafile {ca}\n\
+         certfile {cert}\n\
+         keyfile {key}\n\
+         allow_anonymous true\n",
+        port = addr.port(),
+        ca = ca.display(),
+        cert = cert.display(),
+        key = key.display(),
+    );
+    std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+    let mut cmd = Command::new("mosquitto");
+    cmd.arg("-c").arg(&config);
+    let mut program = crate::process::Program::spawn("mosquitto", cmd)
+        .context("running mosquitto (apt-get install mosquitto)")?;
+    program
+        .wait_for_line(&format!("listen socket on port {}", addr.port()), WAIT)
+        .await?;
+    program.wait_for_line(" running", WAIT).await?;
+    Ok(MosquittoBroker { program, addr })
+}
+
+/// `mosquitto_pub` over TLS to `broker` (`-h 127.0.0.1`, the certificate checked against it),
+/// trusting `ca`: publishes `payload` on `topic` at QoS `qos` and returns how it ended.
+///
+/// # Errors
+/// If it cannot be run or does not end within the bound.
+pub async fn publish_tls(
+    broker: SocketAddr,
+    ca: &std::path::Path,
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+) -> anyhow::Result<Finished> {
+    let mut cmd = client("mosquitto_pub", broker);
+    cmd.arg("--cafile")
+        .arg(ca)
+        .args(["-t", topic, "-q", &qos.to_string(), "-s"]);
+    finish(cmd, Some(payload)).await
+}

@@ -38,6 +38,56 @@ impl SioClient {
         })
     }
 
+    /// As [`Self::spawn`], for an `https://` `url` (WebSocket over TLS): the client trusts
+    /// the CA certificate(s) of the PEM file `ca` and nothing else, and verifies the
+    /// bridge's certificate.
+    ///
+    /// # Errors
+    /// If node cannot be started.
+    pub fn spawn_tls(
+        url: &str,
+        namespace: &str,
+        auth: Option<Value>,
+        ca: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let dir = node_dir()?;
+        let mut cmd = tokio::process::Command::new("node");
+        cmd.arg(dir.join("sio-client.mjs"))
+            .arg(url)
+            .arg(namespace)
+            .args(auth.map(|auth| auth.to_string()))
+            .current_dir(&dir)
+            .env("FLEETBEAT_SIO_CA", ca);
+        Ok(Self {
+            peer: Peer::spawn("sio-client", cmd).context("is node installed?")?,
+            backlog: VecDeque::new(),
+            next_ack: 1,
+        })
+    }
+
+    /// The demo dispatcher at the `https://` `url`, trusting `ca`: connected (`Ok(Ok)`), or
+    /// refused with the `connect_error` message (`Ok(Err)`), e.g. a certificate the client
+    /// does not trust.
+    ///
+    /// # Errors
+    /// If nothing happens within the bound.
+    pub async fn dispatcher_tls(
+        url: &str,
+        ca: &std::path::Path,
+    ) -> anyhow::Result<Result<Self, String>> {
+        let auth = json!({ "token": DISPATCH_TOKEN });
+        let mut client = Self::spawn_tls(url, "/dispatch", Some(auth), ca)?;
+        let outcome = client.handshake().await?;
+        if outcome["type"] == "connect" {
+            return Ok(Ok(client));
+        }
+        client.close().await;
+        Ok(Err(outcome["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()))
+    }
+
     /// Starts a client and waits until it is connected.
     ///
     /// # Errors

@@ -237,6 +237,18 @@ pub async fn start_bridge_external(
 /// # Errors
 /// If it does not start and become ready in time.
 pub async fn spawn_bridge(args: &[&str]) -> anyhow::Result<BridgeProcess> {
+    let bridge = spawn_bridge_started(args).await?;
+    bridge.wait_ready().await?;
+    Ok(bridge)
+}
+
+/// Starts the `bridge` binary as [`spawn_bridge`] does, but waits only for its `bridge
+/// started` line, not for `/readyz` over plain HTTP: for a bridge that serves HTTPS (see
+/// [`BridgeProcess::wait_ready_https`]) or whose MQTT side is expected to fail.
+///
+/// # Errors
+/// If it does not start in time.
+pub async fn spawn_bridge_started(args: &[&str]) -> anyhow::Result<BridgeProcess> {
     let mut cmd = Command::new(bin::path("bridge")?);
     cmd.args(args);
     let mut store_dir = None;
@@ -256,13 +268,104 @@ pub async fn spawn_bridge(args: &[&str]) -> anyhow::Result<BridgeProcess> {
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("no {key}= address in {line:?}"))
     };
-    let bridge = BridgeProcess {
+    Ok(BridgeProcess {
         http: parse("http")?,
         mqtt: parse("mqtt")?,
         program,
-    };
-    bridge.wait_ready().await?;
-    Ok(bridge)
+    })
+}
+
+/// `curl` (the real one) fetching `url` within 10 s: trusting only the CA file `ca` for
+/// `https://` if given (else curl's system roots), with `args` added. Returns the HTTP status
+/// and the body, or the error curl printed (`Err` inside: refused, bad certificate, ...).
+///
+/// # Errors
+/// If curl cannot be run or does not finish within the bound.
+pub async fn curl(
+    url: &str,
+    ca: Option<&std::path::Path>,
+    args: &[&str],
+) -> anyhow::Result<Result<(u16, String), String>> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["--silent", "--show-error", "--max-time", "10"])
+        .args(["--write-out", "\n%{http_code}"]);
+    if let Some(ca) = ca {
+        cmd.arg("--cacert").arg(ca);
+    }
+    cmd.args(args).arg(url).kill_on_drop(true);
+    let output = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .context("curl timed out")?
+        .context("running curl (apt-get install curl)")?;
+    if !output.status.success() {
+        return Ok(Err(format!(
+            "curl exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let status = status
+        .trim()
+        .parse()
+        .with_context(|| format!("no status from curl in {text:?}"))?;
+    Ok(Ok((status, body.to_owned())))
+}
+
+impl BridgeProcess {
+    /// `https://127.0.0.1:PORT`.
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.http)
+    }
+
+    /// `GET path` over HTTPS with curl, trusting only `ca`: the status and body, or curl's
+    /// error (`Err` inside).
+    ///
+    /// # Errors
+    /// If curl cannot be run or hangs.
+    pub async fn get_https(
+        &self,
+        path: &str,
+        ca: &std::path::Path,
+    ) -> anyhow::Result<Result<(u16, String), String>> {
+        curl(&format!("{}{path}", self.https_url()), Some(ca), &[]).await
+    }
+
+    /// Waits until `/readyz` answers 200 over HTTPS (trusting only `ca`).
+    ///
+    /// # Errors
+    /// If it is not ready within the bound.
+    pub async fn wait_ready_https(&self, ca: &std::path::Path) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let answer = self.get_https("/readyz", ca).await?;
+            if matches!(answer, Ok((200, _))) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "{} not ready within {WAIT:?} (last: {answer:?}); log:\n{}",
+                    self.https_url(),
+                    self.program.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// One sample of a metric over HTTPS (`name{labels}` exactly as exposed), trusting `ca`.
+    ///
+    /// # Errors
+    /// If `/metrics` cannot be read or has no such sample.
+    pub async fn metric_https(&self, sample: &str, ca: &std::path::Path) -> anyhow::Result<f64> {
+        let (status, text) = self
+            .get_https("/metrics", ca)
+            .await?
+            .map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(status == 200, "GET /metrics: {status}");
+        sample_value(&text, sample).with_context(|| format!("no sample {sample} in:\n{text}"))
+    }
 }
 
 /// Starts the `device-sim` binary with `vehicles` vehicles of fleet `fleet` against `mqtt`.

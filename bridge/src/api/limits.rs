@@ -458,6 +458,9 @@ mod tests {
         let same = guard(&[]);
         assert!(same.origin_allowed("http://127.0.0.1:8080", Some("127.0.0.1:8080")));
         assert!(same.origin_allowed("https://Fleet.Example", Some("fleet.example:443")));
+        // HTTPS on a port of its own (tls_cert): the page's origin is https://host:port.
+        assert!(same.origin_allowed("https://127.0.0.1:8443", Some("127.0.0.1:8443")));
+        assert!(!same.origin_allowed("https://127.0.0.1:8443", Some("127.0.0.1:8080")));
         assert!(!same.origin_allowed("http://evil.example", Some("127.0.0.1:8080")));
         assert!(!same.origin_allowed("http://127.0.0.1:9999", Some("127.0.0.1:8080")));
         assert!(!same.origin_allowed("null", Some("127.0.0.1:8080")));

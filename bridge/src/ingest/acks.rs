@@ -497,6 +497,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port,
             credentials: None,
+            tls: None,
         };
         let (client, mut eventloop) = mqtt::connect(
             &endpoint,

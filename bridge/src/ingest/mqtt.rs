@@ -2,12 +2,13 @@
 //! polled, reconnects with backoff, subscribes again after every connect, and hands each
 //! PUBLISH to the [`Inbox`].
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
-    SubscribeFilter, SubscribeReasonCode,
+    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use shared::TopicKind;
 use tokio_util::sync::CancellationToken;
@@ -18,17 +19,65 @@ use url::Url;
 use super::inbox::Inbox;
 use crate::error::BridgeError;
 use crate::metrics::{Counter, Metrics};
+use crate::tls::{TlsError, client_config};
 
-/// An MQTT broker address, with optional credentials. Its `Debug` and `Display` never show
-/// the password.
+/// TLS towards the broker (`mqtts://`): the CA bundle trusted (nothing else is: no system
+/// roots are built in), the client certificate presented if any (mutual TLS), and the rustls
+/// configuration made from them. Compared by its files.
+#[derive(Clone)]
+pub struct MqttTls {
+    ca_file: PathBuf,
+    client_cert: Option<(PathBuf, PathBuf)>,
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl MqttTls {
+    /// Trusts the CA certificates of the PEM bundle `ca_file`; presents `client` (certificate,
+    /// key) if given.
+    ///
+    /// # Errors
+    /// [`TlsError`] if a file cannot be read or used.
+    pub fn load(ca_file: &Path, client: Option<(&Path, &Path)>) -> Result<Self, TlsError> {
+        Ok(Self {
+            ca_file: ca_file.to_owned(),
+            client_cert: client.map(|(cert, key)| (cert.to_owned(), key.to_owned())),
+            config: client_config(ca_file, client)?,
+        })
+    }
+}
+
+impl std::fmt::Debug for MqttTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttTls")
+            .field("ca_file", &self.ca_file)
+            .field(
+                "client_cert",
+                &self.client_cert.as_ref().map(|(cert, _)| cert),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for MqttTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.ca_file == other.ca_file && self.client_cert == other.client_cert
+    }
+}
+
+impl Eq for MqttTls {}
+
+/// An MQTT broker address, with optional credentials and TLS. Its `Debug` and `Display` never
+/// show the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct MqttEndpoint {
-    /// Host name or IP address.
+    /// Host name or IP address (with TLS: the name the broker's certificate must carry).
     pub host: String,
     /// TCP port.
     pub port: u16,
     /// Username and password, if the broker wants them.
     pub credentials: Option<(String, String)>,
+    /// TLS (`mqtts://`), or `None` for plain TCP.
+    pub tls: Option<MqttTls>,
 }
 
 impl std::fmt::Debug for MqttEndpoint {
@@ -43,14 +92,19 @@ impl std::fmt::Debug for MqttEndpoint {
                     .as_ref()
                     .map(|(user, _)| (user, "<password>")),
             )
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
 impl std::fmt::Display for MqttEndpoint {
-    /// `mqtt://[user:***@]host:port`: the password never shows.
+    /// `mqtt[s]://[user:***@]host:port`: the password never shows.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("mqtt://")?;
+        f.write_str(if self.tls.is_some() {
+            "mqtts://"
+        } else {
+            "mqtt://"
+        })?;
         if let Some((user, _)) = &self.credentials {
             write!(f, "{user}:***@")?;
         }
@@ -90,20 +144,44 @@ fn redact_authority(raw: &str, start: usize) -> String {
 
 impl MqttEndpoint {
     /// Parses `mqtt://[user[:password]@]host[:port]` (`tcp://` is accepted too; the port
-    /// defaults to 1883).
+    /// defaults to 1883), plain TCP.
     ///
     /// # Errors
-    /// [`BridgeError::MqttUrl`] if the URL is not of that form; it quotes the URL without its
-    /// password.
+    /// [`BridgeError::MqttUrl`] if the URL is not of that form (an `mqtts://` URL needs
+    /// [`Self::parse_with_tls`]); it quotes the URL without its password.
     pub fn parse(raw: &str) -> Result<Self, BridgeError> {
+        Self::parse_with_tls(raw, None)
+    }
+
+    /// Parses `mqtt://[user[:password]@]host[:port]` (port 1883; `tcp://` too) without `tls`,
+    /// or `mqtts://...` (port 8883; `ssl://` too) with it.
+    ///
+    /// # Errors
+    /// [`BridgeError::MqttUrl`] if the URL is not of that form, if it is `mqtts://` without
+    /// `tls` (no system roots are built in: name the broker's CA with `mqtt_ca_file`), or
+    /// `mqtt://` with it; it quotes the URL without its password.
+    pub fn parse_with_tls(raw: &str, tls: Option<MqttTls>) -> Result<Self, BridgeError> {
         let bad = |reason: &str| BridgeError::MqttUrl {
             url: redact_url(raw),
             reason: reason.to_owned(),
         };
         let url = Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
-        if !matches!(url.scheme(), "mqtt" | "tcp") {
-            return Err(bad("scheme must be mqtt:// or tcp://"));
-        }
+        let default_port = match (url.scheme(), &tls) {
+            ("mqtt" | "tcp", None) => 1883,
+            ("mqtts" | "ssl", Some(_)) => 8883,
+            ("mqtts" | "ssl", None) => {
+                return Err(bad(
+                    "mqtts:// needs mqtt_ca_file (the CA bundle that signed the broker's \
+                     certificate; no system roots are built in)",
+                ));
+            }
+            ("mqtt" | "tcp", Some(_)) => {
+                return Err(bad(
+                    "mqtt_ca_file is set but the URL is plain mqtt://: use mqtts://",
+                ));
+            }
+            _ => return Err(bad("scheme must be mqtt://, tcp://, mqtts:// or ssl://")),
+        };
         let host = url
             .host_str()
             .filter(|h| !h.is_empty())
@@ -121,8 +199,9 @@ impl MqttEndpoint {
         };
         Ok(Self {
             host,
-            port: url.port().unwrap_or(1883),
+            port: url.port().unwrap_or(default_port),
             credentials,
+            tls,
         })
     }
 }
@@ -202,6 +281,22 @@ fn qos(level: u8) -> QoS {
     }
 }
 
+/// The MQTT options for `endpoint` with `client_id`: its address, its TLS if any, its
+/// credentials. Every MQTT connection of the bridge is made from these.
+pub(crate) fn options(endpoint: &MqttEndpoint, client_id: String) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, &endpoint.host, endpoint.port);
+    if let Some(tls) = &endpoint.tls {
+        // rumqttc checks the broker's certificate against `endpoint.host`.
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::clone(&tls.config),
+        )));
+    }
+    if let Some((user, password)) = &endpoint.credentials {
+        options.set_credentials(user, password);
+    }
+    options
+}
+
 /// Builds the rumqttc client and event loop of `session` for `endpoint` (the bridge's
 /// `client_id`, pinging every `keep_alive`).
 pub(crate) fn connect(
@@ -210,7 +305,7 @@ pub(crate) fn connect(
     keep_alive: Duration,
     session: Session,
 ) -> (AsyncClient, EventLoop) {
-    let mut options = MqttOptions::new(session.client_id(client_id), &endpoint.host, endpoint.port);
+    let mut options = options(endpoint, session.client_id(client_id));
     let events = session == Session::Events;
     options
         .set_keep_alive(keep_alive)
@@ -221,9 +316,6 @@ pub(crate) fn connect(
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)
         // A delivery event is acknowledged only once it is committed to the store.
         .set_manual_acks(events);
-    if let Some((user, password)) = &endpoint.credentials {
-        options.set_credentials(user, password);
-    }
     let (client, mut eventloop) = AsyncClient::new(options, if events { 1024 } else { 16 });
     // Commands and PUBACKs are small writes: without TCP_NODELAY, Nagle holds them back until
     // the broker's delayed ACK (up to 40 ms on Linux).
@@ -382,6 +474,47 @@ mod tests {
         let e = MqttEndpoint::parse("mqtt://bridge:s3cret@broker:1884").expect("valid");
         assert_eq!(e.to_string(), "mqtt://bridge:***@broker:1884");
         assert!(!format!("{e:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn mqtts_needs_a_ca_and_defaults_to_8883() {
+        let err = MqttEndpoint::parse("mqtts://u:s3cret@broker")
+            .expect_err("no CA")
+            .to_string();
+        assert!(
+            err.contains("mqtt_ca_file") && !err.contains("s3cret"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca.pem");
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=test CA", "-keyout"])
+            .arg(dir.path().join("ca-key.pem"))
+            .arg("-out")
+            .arg(&ca)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success());
+        let tls = MqttTls::load(&ca, None).expect("a CA bundle");
+        let e =
+            MqttEndpoint::parse_with_tls("mqtts://broker.local", Some(tls.clone())).expect("valid");
+        assert_eq!((e.host.as_str(), e.port), ("broker.local", 8883));
+        assert_eq!(e.to_string(), "mqtts://broker.local:8883");
+        let err = MqttEndpoint::parse_with_tls("mqtt://broker.local", Some(tls))
+            .expect_err("plain with a CA")
+            .to_string();
+        assert!(err.contains("mqtts://"), "{err}");
+        let options = options(&e, "b".into());
+        assert!(matches!(options.transport(), Transport::Tls(_)));
     }
 
     #[test]
