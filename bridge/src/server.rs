@@ -183,7 +183,7 @@ impl Bridge {
         tasks.spawn(ticker(
             io.clone(),
             Arc::clone(&hub),
-            config.tick,
+            (config.tick, config.socketio.max_packet_bytes as usize),
             cancel.child_token(),
         ));
 
@@ -376,8 +376,13 @@ const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
 /// Every `period`: sends the batched status changes and the coalesced positions
 /// ([`emit::send_batches`]); every [`SWEEP_EVERY`]: marks vehicles that missed their
-/// heartbeats as stale.
-async fn ticker(io: SocketIo, hub: Arc<Hub>, period: Duration, cancel: CancellationToken) {
+/// heartbeats as stale. No batch part is larger than `max_packet` bytes.
+async fn ticker(
+    io: SocketIo,
+    hub: Arc<Hub>,
+    (period, max_packet): (Duration, usize),
+    cancel: CancellationToken,
+) {
     let mut positions = tokio::time::interval(period);
     positions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
@@ -385,7 +390,7 @@ async fn ticker(io: SocketIo, hub: Arc<Hub>, period: Duration, cancel: Cancellat
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
-            _ = positions.tick() => emit::send_batches(&io, &hub),
+            _ = positions.tick() => emit::send_batches(&io, &hub, max_packet),
             _ = sweep.tick() => hub.mark_stale(Instant::now()),
         }
     }

@@ -247,7 +247,7 @@ impl SioClient {
     }
 
     /// Waits for positions until `count` distinct vehicles have reported, each batch within
-    /// `timeout`; returns their ids.
+    /// `timeout` and all within `timeout` + [`WAIT`]; returns their ids.
     ///
     /// # Errors
     /// If a batch does not arrive in time.
@@ -257,7 +257,15 @@ impl SioClient {
         timeout: Duration,
     ) -> anyhow::Result<BTreeSet<String>> {
         let mut seen = BTreeSet::new();
+        // Batches may keep coming without the missing vehicles (parked ones do not move):
+        // bounded in all, not only per batch.
+        let deadline = tokio::time::Instant::now() + timeout + WAIT;
         while seen.len() < count {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {count} vehicles seen: {seen:?}",
+                seen.len()
+            );
             for p in self.positions_until(timeout, |_| true).await? {
                 seen.insert(p["vehicle"].as_str().unwrap_or_default().to_owned());
             }

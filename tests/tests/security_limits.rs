@@ -280,3 +280,61 @@ async fn foreign_origins_and_oversized_messages_are_refused() -> anyhow::Result<
     dispatcher.close().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_packet_to_a_socket_is_larger_than_max_packet_bytes() -> anyhow::Result<()> {
+    // 4 KiB packets; a slow tick so that each position batch carries every vehicle.
+    let bridge =
+        start_bridge(&["--socketio-max-packet-bytes", "4096", "--tick-ms", "1000"]).await?;
+    let _sim = tests::stack::start_sim(bridge.mqtt, 120, "north", &["--rate", "2"])?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, vehicles) = bridge
+            .get_json("/api/vehicles", Some(DISPATCH_TOKEN))
+            .await?;
+        let known = vehicles.as_array().map_or(0, Vec::len);
+        if known == 120 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the bridge knows {known} of 120 vehicles"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A snapshot of 120 vehicles (~20 KB) comes in parts, each within the bound, together
+    // naming every vehicle once.
+    let mut dispatcher = SioClient::dispatcher(&bridge.url()).await?;
+    assert_eq!(dispatcher.join("fleet:north").await?, json!({ "ok": true }));
+    let mut vehicles = std::collections::BTreeSet::new();
+    let mut parts = 0;
+    while vehicles.len() < 120 {
+        let part = dispatcher.next_event("snapshot", WAIT).await?;
+        let size = serde_json::to_string(&part)?.len();
+        assert!(size <= 4096, "a snapshot part of {size} bytes");
+        for v in part.as_array().map(Vec::as_slice).unwrap_or_default() {
+            let id = v["vehicle"]
+                .as_str()
+                .or(v["id"].as_str())
+                .unwrap_or_default();
+            assert!(vehicles.insert(id.to_owned()), "{id} twice");
+        }
+        parts += 1;
+    }
+    assert!(parts >= 4, "120 vehicles in {parts} parts");
+
+    // Position batches too: a tick's positions (every moving vehicle's, once a second) in
+    // several `position` events, none past the bound.
+    let mut batches = 0;
+    let mut positions = 0;
+    while batches < 10 {
+        let batch = dispatcher.next_event("position", WAIT).await?;
+        let size = serde_json::to_string(&batch)?.len();
+        assert!(size <= 4096, "a position batch of {size} bytes");
+        positions += batch.as_array().map_or(0, Vec::len);
+        batches += 1;
+    }
+    assert!(positions > 0, "{positions} positions");
+    Ok(())
+}

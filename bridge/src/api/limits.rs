@@ -14,12 +14,16 @@
 //! - `allowed_origins`: the `Origin`s whose browsers may open Socket.IO (polling or WebSocket);
 //!   empty means the page's own origin (the `Host` the request was sent to). A request
 //!   without `Origin` (not a browser) is let through: browsers always send it.
-//! - `buffer_packets` and `max_payload_bytes`: socketioxide's own bounds, the packets a socket
-//!   may have waiting to be written and the bytes of one incoming message. The outgoing buffer
-//!   is bounded in packets, not bytes: socketioxide (0.18) keeps it as a channel of packets and
-//!   tells nobody when a packet leaves, so its bytes cannot be counted from outside; the
-//!   bridge bounds the size of what it puts in instead (batches per tick, snapshots per join,
-//!   pages of the queue).
+//! - `buffer_bytes`, `max_packet_bytes` and `buffer_packets`: what a socket may have waiting to
+//!   be written. socketioxide (0.18) keeps that buffer as a channel of packets and tells nobody
+//!   when a packet leaves, so its bytes cannot be counted as they come and go; instead no packet
+//!   the bridge writes is larger than `max_packet_bytes` (batches and snapshots are split,
+//!   `view::emit::packed`), and the channel holds at most `buffer_bytes / max_packet_bytes`
+//!   packets (and at most `buffer_packets`): a socket's waiting bytes never pass
+//!   `buffer_bytes`. One queued message or answer is never split; each is far smaller than a
+//!   packet (an MQTT event payload is at most a few hundred bytes).
+//! - `max_payload_bytes`: the bytes of one incoming message (HTTP request or WebSocket
+//!   message).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -65,6 +69,18 @@ pub struct SocketIoSettings {
         env = "FLEETBEAT_SOCKETIO_BUFFER_PACKETS"
     )]
     pub buffer_packets: Option<u32>,
+    /// Socket.IO: the bytes a socket may have waiting to be written.
+    #[arg(
+        long = "socketio-buffer-bytes",
+        env = "FLEETBEAT_SOCKETIO_BUFFER_BYTES"
+    )]
+    pub buffer_bytes: Option<u64>,
+    /// Socket.IO: the largest packet the bridge writes (larger batches are split), bytes.
+    #[arg(
+        long = "socketio-max-packet-bytes",
+        env = "FLEETBEAT_SOCKETIO_MAX_PACKET_BYTES"
+    )]
+    pub max_packet_bytes: Option<u32>,
     /// Socket.IO: the largest incoming message (HTTP request or WebSocket message), bytes.
     #[arg(
         long = "socketio-max-payload-bytes",
@@ -91,8 +107,13 @@ pub struct SocketIoLimits {
     pub get_all_page: u32,
     /// Connections open at once with one token.
     pub connections_per_token: u32,
-    /// Packets a socket may have waiting to be written.
+    /// Packets a socket may have waiting to be written: the configured `buffer_packets`, or
+    /// fewer so that `buffer_packets × max_packet_bytes ≤ buffer_bytes`.
     pub buffer_packets: u32,
+    /// Bytes a socket may have waiting to be written.
+    pub buffer_bytes: u64,
+    /// The largest packet the bridge writes to a socket, in bytes.
+    pub max_packet_bytes: u32,
     /// The largest incoming message, in bytes.
     pub max_payload_bytes: u64,
     /// Browser origins allowed, as `scheme://host[:port]`; empty: the page's own origin.
@@ -109,6 +130,10 @@ impl Default for SocketIoLimits {
             // A `/dispatch` socket gets at most two batches per tick (10 ms by default): seconds
             // of slack for a slow client; the deliveries and acks of a busy vendor fit as well.
             buffer_packets: 1024,
+            // 1024 packets of at most 64 KiB: the same slack in packets as before, now also a
+            // bound in bytes. A 64 KiB packet holds ~500 positions or vehicle states.
+            buffer_bytes: 64 * 1024 * 1024,
+            max_packet_bytes: 64 * 1024,
             max_payload_bytes: 100_000,
             allowed_origins: Vec::new(),
         }
@@ -125,6 +150,8 @@ impl SocketIoSettings {
             get_all_page: over.get_all_page.or(self.get_all_page),
             connections_per_token: over.connections_per_token.or(self.connections_per_token),
             buffer_packets: over.buffer_packets.or(self.buffer_packets),
+            buffer_bytes: over.buffer_bytes.or(self.buffer_bytes),
+            max_packet_bytes: over.max_packet_bytes.or(self.max_packet_bytes),
             max_payload_bytes: over.max_payload_bytes.or(self.max_payload_bytes),
             allowed_origins: over.allowed_origins.or(self.allowed_origins),
         }
@@ -151,6 +178,25 @@ impl SocketIoSettings {
         if !(1_000..=100_000_000).contains(&max_payload_bytes) {
             return Err("max_payload_bytes: must be within 1000 ..= 100000000".into());
         }
+        let max_packet_bytes = within(
+            "max_packet_bytes",
+            self.max_packet_bytes.unwrap_or(d.max_packet_bytes),
+            4_096..=16_777_216,
+        )?;
+        let buffer_bytes = self.buffer_bytes.unwrap_or(d.buffer_bytes);
+        let fits = buffer_bytes / u64::from(max_packet_bytes);
+        if fits < 16 {
+            return Err(format!(
+                "buffer_bytes: must hold at least 16 packets of max_packet_bytes ({max_packet_bytes}), i.e. at least {}",
+                16 * u64::from(max_packet_bytes)
+            ));
+        }
+        let buffer_packets = within(
+            "buffer_packets",
+            self.buffer_packets.unwrap_or(d.buffer_packets),
+            16..=1_000_000,
+        )?
+        .min(u32::try_from(fits).unwrap_or(u32::MAX));
         let allowed_origins = self
             .allowed_origins
             .unwrap_or_default()
@@ -183,11 +229,9 @@ impl SocketIoSettings {
                     .unwrap_or(d.connections_per_token),
                 1..=1_000_000,
             )?,
-            buffer_packets: within(
-                "buffer_packets",
-                self.buffer_packets.unwrap_or(d.buffer_packets),
-                16..=1_000_000,
-            )?,
+            buffer_packets,
+            buffer_bytes,
+            max_packet_bytes,
             max_payload_bytes,
             allowed_origins,
         })
@@ -382,6 +426,42 @@ impl JoinBudget {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn buffer_bytes_caps_the_packets() {
+        let limits = super::SocketIoSettings::default()
+            .into_limits()
+            .expect("defaults");
+        assert_eq!(limits.buffer_packets, 1024);
+        assert!(
+            u64::from(limits.buffer_packets) * u64::from(limits.max_packet_bytes)
+                <= limits.buffer_bytes
+        );
+        let tight = super::SocketIoSettings {
+            buffer_bytes: Some(1024 * 1024),
+            max_packet_bytes: Some(16 * 1024),
+            ..super::SocketIoSettings::default()
+        };
+        let limits = tight.into_limits().expect("valid");
+        assert_eq!(limits.buffer_packets, 64, "1 MiB of 16 KiB packets");
+        let too_small = super::SocketIoSettings {
+            buffer_bytes: Some(64 * 1024),
+            max_packet_bytes: Some(16 * 1024),
+            ..super::SocketIoSettings::default()
+        };
+        let err = too_small.into_limits().expect_err("4 packets");
+        assert!(err.starts_with("buffer_bytes:"), "{err}");
+        let tiny_packet = super::SocketIoSettings {
+            max_packet_bytes: Some(100),
+            ..super::SocketIoSettings::default()
+        };
+        assert!(
+            tiny_packet
+                .into_limits()
+                .expect_err("too small")
+                .starts_with("max_packet_bytes:")
+        );
+    }
+
     use std::time::Duration;
 
     use super::*;

@@ -384,7 +384,9 @@ async fn on_join(
         }
         let snapshot = hub.snapshot(|fleet, vehicle| room.covers(fleet, vehicle));
         // The current state first, then live data.
-        if let Err(err) = emit::snapshot(&socket, &snapshot) {
+        if let Err(err) =
+            emit::snapshot(&socket, &snapshot, guard.limits().max_packet_bytes as usize)
+        {
             debug!(cause = %err, "could not send snapshot");
         }
         socket.join(room.to_string());

@@ -5,6 +5,11 @@
 //! `position` batch (the latest position of every vehicle its rooms cover that moved since the
 //! last tick). Sockets with the same rooms share one serialized batch. Delivery, ack, pickup and
 //! announce events are reliable and sent one by one, as they happen.
+//!
+//! No packet the bridge writes to a socket is larger than `max_packet_bytes`
+//! (`[socketio]`, see `api::limits`): a batch or a snapshot that would be is split into several
+//! events of the same name, in order ([`packed`]). With socketioxide's buffer bounded in packets
+//! (`buffer_packets`), that bounds the bytes a socket may have waiting.
 
 use std::collections::HashMap;
 
@@ -153,15 +158,68 @@ pub(crate) async fn pickup(
     }
 }
 
-/// Sends `socket` the `snapshot` of a room: the state of every vehicle in `states`.
+/// Sends `socket` the `snapshot` of a room: the state of every vehicle in `states`, in one
+/// `snapshot` event or, past `max_packet` bytes, in several (each a list of vehicles; a client
+/// applies each as it comes).
 ///
 /// # Errors
-/// Socketioxide's error if the socket cannot take it (gone, or its buffer full).
+/// Socketioxide's error if the socket cannot take a part (gone, or its buffer full).
 pub(crate) fn snapshot(
     socket: &SocketRef,
     states: &[VehicleState],
+    max_packet: usize,
 ) -> Result<(), socketioxide::SendError> {
-    socket.emit("snapshot", &VehicleView::all(states))
+    let views: Vec<Box<RawValue>> = VehicleView::all(states)
+        .iter()
+        .filter_map(|view| {
+            serde_json::value::to_raw_value(view)
+                .inspect_err(|err| error!(cause = %err, "cannot serialize a vehicle's state"))
+                .ok()
+        })
+        .collect();
+    let parts = packed(views.iter().map(|v| &**v), max_packet);
+    if parts.is_empty() {
+        return socket.emit("snapshot", &[(); 0]);
+    }
+    for part in &parts {
+        socket.emit("snapshot", part)?;
+    }
+    Ok(())
+}
+
+/// `items` (serialized JSON values) as JSON arrays of at most `max_bytes` bytes each, in
+/// order; an item too large for any array is alone in its own. None for no items.
+pub(crate) fn packed<'a>(
+    items: impl IntoIterator<Item = &'a RawValue>,
+    max_bytes: usize,
+) -> Vec<Box<RawValue>> {
+    let mut parts = Vec::new();
+    let mut current = String::from("[");
+    let close = |mut array: String, parts: &mut Vec<Box<RawValue>>| {
+        array.push(']');
+        match RawValue::from_string(array) {
+            Ok(raw) => parts.push(raw),
+            Err(err) => error!(cause = %err, "a packed batch is not JSON"),
+        }
+    };
+    for item in items {
+        let item = item.get();
+        // `[` + items + `,` between them + `]`.
+        let first = current.len() == 1;
+        if !first && current.len() + 1 + item.len() + 1 > max_bytes {
+            close(
+                std::mem::replace(&mut current, String::from("[")),
+                &mut parts,
+            );
+        } else if !first {
+            current.push(',');
+        }
+        current.push_str(item);
+    }
+    if current.len() > 1 {
+        close(current, &mut parts);
+    }
+    parts
 }
 
 /// A socket that missed a reliable batch (its buffer was full): it gets fresh snapshots of its
@@ -176,14 +234,25 @@ struct NeedsSnapshot;
 ///
 /// A socket whose buffer is too full for a `status` batch is counted, logged and marked: the
 /// next ticks send it `snapshot`s of its rooms until one gets through.
-pub(crate) fn send_batches(io: &SocketIo, hub: &Hub) {
+///
+/// A batch larger than `max_packet` bytes goes as several events of the same name ([`packed`]).
+pub(crate) fn send_batches(io: &SocketIo, hub: &Hub, max_packet: usize) {
     let news = hub.take_tick_news();
     let metrics = hub.metrics();
     let Some(ops) = io.of(DISPATCH) else {
         return;
     };
-    let statuses: Vec<StatusView<'_>> = news.statuses.iter().map(StatusView::new).collect();
-    // Each position is serialized once, whatever the number of batches it goes into.
+    // Each status change and each position is serialized once, whatever the number of
+    // batches it goes into.
+    let statuses: Vec<Option<Box<RawValue>>> = news
+        .statuses
+        .iter()
+        .map(|change| {
+            serde_json::value::to_raw_value(&StatusView::new(change))
+                .inspect_err(|err| error!(vehicle = %change.vehicle, cause = %err, "cannot serialize a status change"))
+                .ok()
+        })
+        .collect();
     let positions: Vec<(&Moved, Box<RawValue>)> = news
         .moved
         .iter()
@@ -211,41 +280,44 @@ pub(crate) fn send_batches(io: &SocketIo, hub: &Hub) {
         let rooms: Vec<RoomName> = rooms.iter().filter_map(|r| r.parse().ok()).collect();
         let covered =
             |fleet: &FleetId, vehicle: &VehicleId| rooms.iter().any(|r| r.covers(fleet, vehicle));
-        let status_batch: Vec<&StatusView<'_>> = news
-            .statuses
-            .iter()
-            .zip(&statuses)
-            .filter(|(change, _)| covered(&change.fleet, &change.vehicle))
-            .map(|(_, view)| view)
-            .collect();
-        let status_json = serialize(&status_batch);
-        let position_batch: Vec<&RawValue> = positions
-            .iter()
-            .filter(|(m, _)| covered(&m.fleet, &m.vehicle))
-            .map(|(_, json)| &**json)
-            .collect();
-        let position_json = serialize(&position_batch);
+        let status_parts = packed(
+            news.statuses
+                .iter()
+                .zip(&statuses)
+                .filter(|(change, _)| covered(&change.fleet, &change.vehicle))
+                .filter_map(|(_, json)| json.as_deref()),
+            max_packet,
+        );
+        let position_parts = packed(
+            positions
+                .iter()
+                .filter(|(m, _)| covered(&m.fleet, &m.vehicle))
+                .map(|(_, json)| &**json),
+            max_packet,
+        );
         for socket in sockets {
             if socket.extensions.get::<NeedsSnapshot>().is_some() {
-                resync(&socket, hub, &rooms);
-            } else if let Some(json) = &status_json {
-                match socket.emit("status", json) {
-                    Ok(()) => metrics.count(Counter::Emitted),
-                    Err(err) => {
+                resync(&socket, hub, &rooms, max_packet);
+            } else {
+                for json in &status_parts {
+                    if let Err(err) = socket.emit("status", json) {
                         metrics.count(Counter::EmitDropped);
-                        warn!(sid = %socket.id, changes = status_batch.len(), cause = %err,
+                        warn!(sid = %socket.id, cause = %err,
                             "status batch not sent: the socket will get fresh snapshots");
                         socket.extensions.insert(NeedsSnapshot);
+                        break;
                     }
+                    metrics.count(Counter::Emitted);
                 }
             }
-            if let Some(json) = &position_json {
+            for json in &position_parts {
                 // Volatile: a socket whose buffer is full skips this batch instead of stalling.
                 match socket.volatile().emit("position", json) {
                     Ok(()) => metrics.count(Counter::PositionBatches),
                     Err(err) => {
                         metrics.count(Counter::EmitDropped);
                         debug!(sid = %socket.id, cause = %err, "position batch dropped");
+                        break;
                     }
                 }
             }
@@ -253,22 +325,12 @@ pub(crate) fn send_batches(io: &SocketIo, hub: &Hub) {
     }
 }
 
-/// Serializes a non-empty batch once.
-fn serialize<T: Serialize>(batch: &[T]) -> Option<Box<RawValue>> {
-    if batch.is_empty() {
-        return None;
-    }
-    serde_json::value::to_raw_value(batch)
-        .inspect_err(|err| warn!(cause = %err, "cannot serialize a batch"))
-        .ok()
-}
-
 /// Sends a socket that missed a `status` batch a snapshot of each of its rooms; clears the mark
 /// once all of them got through.
-fn resync(socket: &SocketRef, hub: &Hub, rooms: &[RoomName]) {
+fn resync(socket: &SocketRef, hub: &Hub, rooms: &[RoomName], max_packet: usize) {
     for room in rooms {
         let states = hub.snapshot(|fleet, vehicle| room.covers(fleet, vehicle));
-        if let Err(err) = snapshot(socket, &states) {
+        if let Err(err) = snapshot(socket, &states, max_packet) {
             debug!(sid = %socket.id, %room, cause = %err, "snapshot for a resync not sent yet");
             return;
         }
@@ -276,4 +338,51 @@ fn resync(socket: &SocketRef, hub: &Hub, rooms: &[RoomName]) {
     }
     socket.extensions.remove::<NeedsSnapshot>();
     warn!(sid = %socket.id, "socket resynchronised with fresh snapshots");
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+    use serde_json::value::{RawValue, to_raw_value};
+
+    use super::packed;
+
+    #[test]
+    fn packed_parts_stay_under_the_bound_in_order() {
+        let items: Vec<Box<RawValue>> = (0..500)
+            .map(|i| {
+                to_raw_value(&serde_json::json!({ "vehicle": format!("v-{i:04}"), "n": i }))
+                    .expect("json")
+            })
+            .collect();
+        let parts = packed(items.iter().map(|i| &**i), 4096);
+        assert!(parts.len() > 1, "500 items do not fit 4 KiB");
+        let mut seen = Vec::new();
+        for part in &parts {
+            assert!(
+                part.get().len() <= 4096,
+                "a part of {} bytes",
+                part.get().len()
+            );
+            let array: Vec<Value> = serde_json::from_str(part.get()).expect("a JSON array");
+            seen.extend(array.into_iter().map(|v| v["n"].as_u64().expect("n")));
+        }
+        assert_eq!(
+            seen,
+            (0..500).collect::<Vec<u64>>(),
+            "every item once, in order"
+        );
+
+        // Everything in one part when it fits; nothing for nothing; an item larger than the
+        // bound alone in its part (never dropped, never cut).
+        assert_eq!(packed(items.iter().take(3).map(|i| &**i), 4096).len(), 1);
+        assert!(packed(std::iter::empty(), 4096).is_empty());
+        let big = to_raw_value(&"x".repeat(5000)).expect("json");
+        let small = to_raw_value(&1).expect("json");
+        let parts = packed([&*small, &*big, &*small], 4096);
+        let texts: Vec<&str> = parts.iter().map(|p| p.get()).collect();
+        assert_eq!(texts.len(), 3);
+        assert_eq!(texts[0], "[1]");
+        assert_eq!(texts[2], "[1]");
+    }
 }
