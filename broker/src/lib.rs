@@ -33,7 +33,9 @@
 //! - `connection`: the network front end, one task per MQTT connection (handshake, session,
 //!   framing, publish and subscribe rate limits, the bound on connections awaiting CONNECT)
 //!   on rumqttd's router; `mux`: the one router link shared by
-//!   device-like connections (their publishes and command subscriptions); `client_ids`:
+//!   device-like connections (their publishes and command subscriptions); `share`: shared
+//!   subscriptions (`$share/{group}/{filter}`), one router link per group, each message
+//!   given to one member by the front end; `client_ids`:
 //!   takeovers of a client id (only by the login holding it); `router`: registering links with rumqttd's router, handing
 //!   them packets, and the broker's own publisher (last wills); `qos`: the QoS granted and
 //!   delivered at, min(publish QoS, granted QoS), which rumqttd's router does not keep;
@@ -87,6 +89,7 @@ mod probe;
 mod qos;
 mod router;
 mod server;
+mod share;
 mod tls;
 mod watchdog;
 mod watchers;

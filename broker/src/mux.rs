@@ -70,6 +70,14 @@ pub(crate) enum MuxEvent {
         /// The QoS to deliver at: min(the command's QoS, the subscription's granted QoS).
         qos: u8,
     },
+    /// A message a shared subscription group gives this connection (`share`), to write at
+    /// `qos`.
+    Shared {
+        /// The message, and the group it came through.
+        message: Arc<crate::share::SharedMessage>,
+        /// The QoS to deliver at: min(the message's QoS, the member's granted QoS).
+        qos: u8,
+    },
 }
 
 /// A message on a command topic.

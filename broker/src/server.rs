@@ -27,14 +27,15 @@ use crate::mirror::{self, Mirror};
 use crate::mux::Mux;
 use crate::probe::{ProbeLogin, ProbeReceiver};
 use crate::router::{self, INTERNAL_PREFIX, LinkRequest, Registrar, WillPublisher};
+use crate::share::SharedSubscriptions;
 use crate::tls::{ServerTls, TlsFiles};
 use crate::watchdog::{Ending, Watchdog};
 use crate::watchers::MirrorWatchers;
 
 /// Router slots beyond `max_connections`: the internal links (probe, will publisher, mux, mirror,
 /// the router's watch) and the listener probes' connections, which may overlap a previous
-/// probe's teardown.
-const ROUTER_HEADROOM: usize = 10;
+/// probe's teardown; and the links of shared subscription groups (`share`).
+const ROUTER_HEADROOM: usize = 10 + crate::share::MAX_GROUPS;
 
 /// How long connections get after the grace period to close on their own.
 const FORCED_CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -634,7 +635,7 @@ async fn assemble(
         },
         metrics: metrics.clone(),
         client_ids: ClientIds::default(),
-        registrar,
+        registrar: registrar.clone(),
         durability: Arc::new(Durability::new(
             &config.durable_consumers,
             journal.map(|(journal, writer)| {
@@ -646,6 +647,7 @@ async fn assemble(
             metrics.clone(),
         )),
         mux,
+        shared: SharedSubscriptions::new(registrar.clone(), metrics.clone(), &instance),
         persistent_ids: Mutex::new(std::collections::HashSet::new()),
         own_links: AtomicUsize::new(0),
         watchers,

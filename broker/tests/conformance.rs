@@ -1,5 +1,5 @@
 //! MQTT as clients expect it, and no client can stop the broker (issue #13, items 3 and 4):
-//! shared subscriptions refused without harm, delivery at min(publish QoS, granted QoS), QoS 2
+//! shared subscriptions served without harm (issue #13's reproduction), delivery at min(publish QoS, granted QoS), QoS 2
 //! received exactly once and granted as 1, keep-alive 0 for clients that are not vehicles, and
 //! the MQTT 5 CONNACK telling what the broker supports.
 
@@ -229,12 +229,24 @@ async fn still_routes(addr: std::net::SocketAddr, tag: &str) {
 // ---------------------------------------------------------------------------------------------
 // Shared subscriptions: no client can stop routing.
 
+/// A PUBLISH `raw` receives, not acknowledged.
+async fn next_unacknowledged(raw: &mut Raw, v5: bool) -> Delivered {
+    let (first, body) = raw
+        .read()
+        .await
+        .expect("a PUBLISH, not a closed connection");
+    delivered(first, &body, v5)
+}
+
 /// Issue #13's reproduction, against our front end: a persistent session subscribes to
-/// `$share/g/...`, a QoS 1 message is published, the client leaves without acknowledging. On
-/// rumqttd alone that panics the router thread; here the subscription is refused, counted,
-/// and the broker goes on routing.
+/// `$share/g/...`, gets a QoS 1 message and leaves without acknowledging it. On rumqttd alone
+/// that panics the router thread; here the group is served by the front end (the router never
+/// sees a `$share` filter): the message goes to the group's other member, and the broker goes
+/// on routing for everyone.
 async fn shared_subscription_reproduction(broker: &Broker, v5: bool) {
     let addr = broker.v4_addr();
+    let tag = if v5 { "v5" } else { "v4" };
+    let filter = format!("$share/g-{tag}/fleet/+/+/event");
     let connect = Connect {
         v5,
         persistent: true,
@@ -242,37 +254,49 @@ async fn shared_subscription_reproduction(broker: &Broker, v5: bool) {
     };
     let sharer_addr = if v5 { broker.v5_addr().unwrap() } else { addr };
     let mut sharer = Raw::connected(sharer_addr, &connect).await;
-    let refused = if v5 { 0x9E } else { 0x80 };
     assert_eq!(
-        suback(&mut sharer, v5, 1, &[("$share/g/fleet/+/+/event", 1)]).await,
-        [refused],
-        "the shared subscription is refused"
+        suback(&mut sharer, v5, 1, &[(&filter, 1)]).await,
+        [1],
+        "the shared subscription is granted QoS 1"
     );
-    let mut publisher = client(addr, if v5 { "pub5" } else { "pub4" }).await;
+    let mut other = client(addr, &format!("other-{tag}")).await;
+    assert_eq!(suback(&mut other, false, 1, &[(&filter, 1)]).await, [1]);
+    let mut publisher = client(addr, &format!("pub-{tag}")).await;
+    // Round-robin: the first member gets the first message, the other the second.
     publish_at(&mut publisher, "fleet/f/van-1/event", b"e1", 1, 1).await;
-    assert_eq!(sharer.read_within(QUIET).await, None, "nothing delivered");
+    let held = next_unacknowledged(&mut sharer, v5).await;
+    assert_eq!((held.payload.as_slice(), held.qos), (&b"e1"[..], 1));
+    publish_at(&mut publisher, "fleet/f/van-1/event", b"e2", 1, 2).await;
+    assert_eq!(next_delivered(&mut other, false).await.payload, b"e2");
+    // The persistent session leaves with e1 unacknowledged: e1 goes to the other member.
     sharer.send(&DISCONNECT).await;
-    assert!(sharer.until_closed().await.is_empty());
+    sharer.until_closed().await;
+    assert_eq!(next_delivered(&mut other, false).await.payload, b"e1");
     // The session comes back and leaves again: still nothing wrong.
     let mut again = Raw::connected(sharer_addr, &connect).await;
     again.send(&DISCONNECT).await;
-    still_routes(addr, if v5 { "v5" } else { "v4" }).await;
+    again.until_closed().await;
+    still_routes(addr, tag).await;
+    // The group goes on with its remaining member.
+    publish_at(&mut publisher, "fleet/f/van-1/event", b"e3", 1, 3).await;
+    assert_eq!(next_delivered(&mut other, false).await.payload, b"e3");
 }
 
 #[tokio::test]
-async fn a_shared_subscription_is_refused_and_the_broker_goes_on_routing() {
+async fn a_shared_subscription_member_leaving_unacknowledged_harms_no_routing() {
     let broker = start_ephemeral().await;
     shared_subscription_reproduction(&broker, false).await;
     shared_subscription_reproduction(&broker, true).await;
     let metrics = broker.metrics();
+    assert_eq!(metrics.shared_redeliveries_total(), 2);
     assert_eq!(
         metrics.subscriptions_refused_total(SubscribeRefusal::Shared),
-        2
+        0
     );
     assert!(
         metrics
             .render()
-            .contains("fleetbeat_broker_subscriptions_refused_total{reason=\"shared\"} 2\n")
+            .contains("fleetbeat_broker_shared_redeliveries_total 2\n")
     );
     assert!(broker.is_alive());
 }
@@ -297,7 +321,7 @@ async fn an_observer_login_cannot_stop_routing_with_a_shared_subscription() {
     .await;
     assert_eq!(
         suback(&mut sharer, false, 1, &[("$share/g/fleet/+/+/event", 1)]).await,
-        [0x80]
+        [1]
     );
     let (bridge, bridge_password) = creds.login("dispatcher");
     let bridge_connect = Connect {
@@ -306,8 +330,15 @@ async fn an_observer_login_cannot_stop_routing_with_a_shared_subscription() {
     };
     let mut publisher = Raw::connected(addr, &bridge_connect).await;
     publish_at(&mut publisher, "fleet/f/van-1/event", b"e1", 1, 1).await;
+    let held = next_unacknowledged(&mut sharer, false).await;
+    assert_eq!(held.payload, b"e1");
+    // Leaves without its PUBACK, the group's only member: the group goes with it.
     sharer.send(&DISCONNECT).await;
-    assert!(sharer.until_closed().await.is_empty());
+    sharer.until_closed().await;
+    common::eventually("the group removed", || {
+        broker.metrics().shared_groups() == 0
+    })
+    .await;
 
     // Still routing: the observer, back, receives the bridge's next event.
     let mut observer = Raw::connected(
@@ -326,11 +357,11 @@ async fn an_observer_login_cannot_stop_routing_with_a_shared_subscription() {
     let event = next_delivered(&mut observer, false).await;
     assert_eq!(event.payload, b"e2");
     assert_eq!(
-        broker
-            .metrics()
-            .subscriptions_refused_total(SubscribeRefusal::Shared),
-        1
+        broker.metrics().shared_undelivered_total(),
+        1,
+        "e1 had no member left"
     );
+    assert!(broker.is_alive());
 }
 
 #[tokio::test]
@@ -343,10 +374,16 @@ async fn refused_filters_keep_their_place_in_the_suback() {
             &mut tool,
             false,
             3,
-            &[("a/#", 0), ("$share/g/a/b", 1), ("b/+", 2), ("$SYS/#", 0)]
+            &[
+                ("a/#", 0),
+                ("$share/g/a/b", 1),
+                ("b/+", 2),
+                ("$SYS/#", 0),
+                ("$share//x", 0)
+            ]
         )
         .await,
-        [0, 0x80, 1, 0x80]
+        [0, 1, 1, 0x80, 0x80]
     );
     let mut tool5 = client_v5(broker.v5_addr().unwrap(), "tool5").await;
     assert_eq!(
@@ -354,10 +391,15 @@ async fn refused_filters_keep_their_place_in_the_suback() {
             &mut tool5,
             true,
             4,
-            &[("$share/g/a/b", 1), ("a/#", 2), ("$SYS/x", 1)]
+            &[
+                ("$share/g+/a/b", 1),
+                ("a/#", 2),
+                ("$SYS/x", 1),
+                ("$share/h/a/#", 0)
+            ]
         )
         .await,
-        [0x9E, 1, 0x80]
+        [0x8F, 1, 0x80, 0]
     );
     // The shared link's command subscriptions: answered by the front end, the same way.
     let mut van = client(broker.v4_addr(), "van-1").await;
@@ -369,19 +411,21 @@ async fn refused_filters_keep_their_place_in_the_suback() {
             &[("$share/g/x", 1), ("fleet/f/van-1/cmd", 2)]
         )
         .await,
-        [0x80, 1]
+        [1, 1]
     );
     assert_eq!(broker.own_links(), 2, "the vehicle kept to the shared link");
-    // Every filter refused: answered without the router.
+    // Answered without the router.
     assert_eq!(
-        suback(&mut van, false, 6, &[("$share/g/y", 0)]).await,
-        [0x80]
+        suback(&mut van, false, 6, &[("$share/g/y", 0), ("$share/y", 0)]).await,
+        [0, 0x80]
     );
     let metrics = broker.metrics();
     assert_eq!(
         metrics.subscriptions_refused_total(SubscribeRefusal::Shared),
-        4
+        3,
+        "malformed share filters only"
     );
+    assert_eq!(metrics.shared_groups(), 4);
     assert_eq!(
         metrics.subscriptions_refused_total(SubscribeRefusal::DollarTopic),
         2
@@ -646,8 +690,8 @@ async fn mqtt5_connack_tells_what_the_broker_supports() {
     );
     assert_eq!(
         get(0x2A),
-        Some(vec![0]),
-        "Shared Subscription Available: no"
+        Some(vec![1]),
+        "Shared Subscription Available: yes"
     );
     assert_eq!(
         get(0x21),
@@ -664,7 +708,7 @@ async fn mqtt5_connack_tells_what_the_broker_supports() {
     let (_, body) = raw.read().await.unwrap();
     let (len, used) = varint(&body[2..]);
     let props = properties(&body[2 + used..2 + used + len]);
-    assert!(props.contains(&(0x2A, vec![0])) && props.contains(&(0x24, vec![1])));
+    assert!(props.contains(&(0x2A, vec![1])) && props.contains(&(0x24, vec![1])));
 }
 
 #[tokio::test]

@@ -1,8 +1,8 @@
 //! MQTT as the real Debian clients expect it, against the standalone broker (issue #13, items 3
 //! and 4): `mosquitto_sub -q 2` sees each message at the QoS it was published at (QoS 2 is
 //! granted as 1), a vehicle's heartbeats stay QoS 0 for a QoS 1 subscriber, MQTT 5 properties
-//! arrive as sent, and a shared subscription (issue #13's reproduction, persistent session) is
-//! refused without stopping routing.
+//! arrive as sent, and shared subscriptions (issue #13's reproduction: a persistent session
+//! that leaves one behind) share the messages without ever stopping routing.
 
 use tests::WAIT;
 use tests::mosquitto::{client, finish, publish, watch};
@@ -60,31 +60,87 @@ async fn mosquitto_sub_at_qos_2_sees_each_message_at_the_qos_it_was_published_at
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shared_subscription_is_refused_and_the_broker_goes_on_routing() -> anyhow::Result<()> {
+async fn shared_subscriptions_share_the_messages_and_never_stop_routing() -> anyhow::Result<()> {
     let broker = start_broker_standalone(&[]).await?;
     let mut sub = watch(broker.mqtt, &["-t", "test/#", "-q", "1", "-F", "%t %p"]).await?;
-    // Issue #13's reproduction: a persistent session subscribes to `$share/...` at QoS 1. On
-    // rumqttd alone, once it leaves with a QoS 1 message unacknowledged, routing stops.
+    // Issue #13's reproduction: a persistent session subscribes to `$share/...` at QoS 1 and
+    // leaves with its subscription behind (`-C 1`: it exits after one message). On rumqttd
+    // alone, routing stopped. Here the broker serves the group itself.
     let mut cmd = client("mosquitto_sub", broker.mqtt);
-    cmd.args(["-i", "sharer", "-c", "-q", "1", "-t", "$share/g/test/#"]);
-    let refused = finish(cmd, None).await?;
-    let said = format!("{}{}", refused.stdout, refused.stderr);
-    assert!(
-        said.contains("All subscription requests were denied"),
-        "{refused:?}"
-    );
+    cmd.args([
+        "-i",
+        "sharer",
+        "-c",
+        "-q",
+        "1",
+        "-t",
+        "$share/g/test/#",
+        "-C",
+        "1",
+        "-F",
+        "%t %p",
+    ]);
+    let sharer = tokio::spawn(finish(cmd, None));
+    let groups = "fleetbeat_broker_shared_groups";
+    broker.wait_metric(groups, |v| v >= 1.0).await?;
+    publish(broker.mqtt, "test/one", b"to the group", 1).await?;
+    let sharer = sharer.await??;
+    assert_eq!(sharer.stdout.trim(), "test/one to the group", "{sharer:?}");
+    assert_eq!(sub.next(WAIT).await?, "test/one to the group");
     publish(broker.mqtt, "test/after", b"still routing", 1).await?;
     assert_eq!(sub.next(WAIT).await?, "test/after still routing");
+
+    // Two members of one group: each message reaches exactly one of them.
+    let mut members = [
+        watch(
+            broker.mqtt,
+            &["-t", "$share/pair/test/#", "-q", "1", "-F", "%p"],
+        )
+        .await?,
+        watch(
+            broker.mqtt,
+            &["-V", "mqttv311", "-t", "$share/pair/test/#", "-F", "%p"],
+        )
+        .await?,
+    ];
+    for i in 0..10 {
+        publish(broker.mqtt, "test/shared", format!("m{i}").as_bytes(), 1).await?;
+    }
+    let mut got: Vec<String> = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while got.len() < 10 && tokio::time::Instant::now() < deadline {
+        for member in &mut members {
+            if let Ok(message) = member.next(std::time::Duration::from_millis(100)).await {
+                got.push(message);
+            }
+        }
+    }
+    got.sort();
+    let mut expected: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    expected.sort();
+    assert_eq!(got, expected, "each message once, to one member");
+    for member in &mut members {
+        assert!(
+            !member.seen().is_empty(),
+            "round-robin gives each member some"
+        );
+    }
+
+    // A malformed share filter is refused and counted; routing goes on.
+    let mut cmd = client("mosquitto_sub", broker.mqtt);
+    cmd.args(["-t", "$share//x", "-C", "1"]);
+    let refused = finish(cmd, None).await?;
+    let said = format!("{}{}", refused.stdout, refused.stderr);
+    assert!(said.contains("denied"), "{refused:?}");
     let counted = broker
         .metric("fleetbeat_broker_subscriptions_refused_total{reason=\"shared\"}")
         .await?;
     assert!((counted - 1.0).abs() < f64::EPSILON, "{counted}");
-    assert!(
-        broker
-            .program
-            .log_text()
-            .contains("subscription refused: the broker does not serve this filter"),
-        "logged"
+    publish(broker.mqtt, "test/last", b"routing", 1).await?;
+    assert_eq!(
+        sub.next_matching(WAIT, |l| l.starts_with("test/last"))
+            .await?,
+        "test/last routing"
     );
     Ok(())
 }

@@ -15,6 +15,7 @@ use crate::metrics::BrokerMetrics;
 use crate::mux::Mux;
 use crate::probe::ProbeLogin;
 use crate::router::{Registrar, WillPublisher};
+use crate::share::SharedSubscriptions;
 use crate::watchers::MirrorWatchers;
 
 /// The limits a connection works within.
@@ -53,6 +54,8 @@ pub(crate) struct FrontEnd {
     pub(crate) mux: Arc<Mux>,
     /// End-to-end acknowledgement: which publishes wait for durability, and for what.
     pub(crate) durability: Arc<Durability>,
+    /// Shared subscription groups (`$share/{group}/{filter}`, see `share`).
+    pub(crate) shared: SharedSubscriptions,
     /// Client ids whose persistent session rumqttd's router may still hold: a clean-session
     /// reconnect of one of them registers a link, which makes the router discard it.
     pub(crate) persistent_ids: Mutex<HashSet<String>>,

@@ -497,7 +497,7 @@ async fn answer(
 
 /// Tells an MQTT 5 client what the broker supports, so that it adapts instead of failing
 /// (MQTT 5, 3.2.2.3): retained messages and wildcard subscriptions yes; shared subscriptions
-/// no (refused, see `inbound`); subscription identifiers yes (such a SUBSCRIBE goes to the
+/// yes (served by the front end, never by rumqttd's router, see `share`); subscription identifiers yes (such a SUBSCRIBE goes to the
 /// connection's own router link, which attaches them); QoS at most 1 (`qos`); at most
 /// [`qos::RECEIVE_MAXIMUM`] QoS 1 and 2 publishes unacknowledged; packets whose remaining
 /// length is at most `max_payload_size` (a bigger one ends the connection, DISCONNECT 0x95).
@@ -508,7 +508,7 @@ fn announce_capabilities(props: &mut ConnAckProperties, max_payload_size: usize)
     props.max_packet_size = u32::try_from(max_payload_size + 1 + header.len()).ok();
     props.retain_available = Some(1);
     props.wildcard_subscription_available = Some(1);
-    props.shared_subscription_available = Some(0);
+    props.shared_subscription_available = Some(1);
     props.subscription_identifiers_available = Some(1);
     props.max_qos = Some(qos::MAX_QOS);
     props.receive_max = Some(qos::RECEIVE_MAXIMUM);

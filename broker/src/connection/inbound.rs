@@ -1,6 +1,7 @@
 //! What each packet from the client does: into a batch for the router (the mux link's or the
 //! connection's own), or answered by the front end itself (ACL refusals, PINGRESP, the SUBACK
-//! and UNSUBACK of command subscriptions the mux link serves).
+//! and UNSUBACK of command subscriptions the mux link serves, shared subscriptions, which
+//! the front end serves itself through `share`).
 
 use bytes::Bytes;
 use rumqttd::protocol::{
@@ -19,14 +20,17 @@ use crate::metrics::{DisconnectReason, DropReason, SubscribeRefusal};
 use crate::mux::{MuxEvent, is_command_topic, publish_with};
 use crate::qos;
 use crate::router::TOPIC_ALIAS_MAX;
+use crate::share::{self, ShareFilter};
 
 /// The SUBACK code refusing a filter for `why`, in MQTT 5 (`v5`) or 3.1.1 (always 0x80).
 fn refusal_code(why: SubscribeRefusal, v5: bool) -> SubscribeReasonCode {
     match why {
         _ if !v5 => SubscribeReasonCode::Failure,
-        SubscribeRefusal::Shared => SubscribeReasonCode::SharedSubscriptionsNotSupported,
+        SubscribeRefusal::Shared => SubscribeReasonCode::TopicFilterInvalid,
         SubscribeRefusal::DollarTopic => SubscribeReasonCode::Unspecified,
-        SubscribeRefusal::Rate | SubscribeRefusal::Filters => SubscribeReasonCode::QuotaExceeded,
+        SubscribeRefusal::Rate | SubscribeRefusal::Filters | SubscribeRefusal::SharedGroups => {
+            SubscribeReasonCode::QuotaExceeded
+        }
     }
 }
 
@@ -48,6 +52,9 @@ impl Established {
                 self.consumer_acknowledged(ack.pkid, ack.reason);
                 if let Some(at) = self.mux_outgoing.iter().position(|&p| p == ack.pkid) {
                     self.mux_outgoing.swap_remove(at);
+                    if let Some(message) = self.shared_outgoing.remove(&ack.pkid) {
+                        message.group.acknowledged(self.connection);
+                    }
                 } else if self.link.is_some() {
                     self.outgoing_inflight.retain(|&p| p != ack.pkid);
                     if !self.acknowledge_forward(Some(ack.pkid), batch) {
@@ -289,8 +296,9 @@ impl Established {
         Ok(())
     }
 
-    /// An UNSUBSCRIBE: command topics leave the mux link here, the rest goes to the
-    /// connection's own link (answered here if it has none).
+    /// An UNSUBSCRIBE: command topics leave the mux link here, shared subscriptions their
+    /// group (`$` filters never reach the router), the rest goes to the connection's own link
+    /// (answered here if it has none).
     fn on_unsubscribe(
         &mut self,
         unsubscribe: Unsubscribe,
@@ -299,9 +307,26 @@ impl Established {
     ) -> Result<(), DisconnectReason> {
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
         let mut others = false;
-        for filter in &unsubscribe.filters {
+        let mut answered = Vec::new();
+        for (position, filter) in unsubscribe.filters.iter().enumerate() {
             self.filters.remove(filter);
-            if let Some(at) = self.mux_subscriptions.iter().position(|t| t == filter) {
+            if let ShareFilter::Shared { group, filter } = share::parse(filter) {
+                let key = (group.to_owned(), filter.to_owned());
+                let reason = match self.shared_subscriptions.iter().position(|k| *k == key) {
+                    Some(at) => {
+                        self.shared_subscriptions.swap_remove(at);
+                        self.ctx.shared.leave(&key, self.connection);
+                        UnsubAckReason::Success
+                    }
+                    None => UnsubAckReason::NoSubscriptionExisted,
+                };
+                reasons.push(reason);
+                answered.push((position, reason));
+            } else if filter.starts_with('$') {
+                // Never handed to the router: nothing to unsubscribe from.
+                reasons.push(UnsubAckReason::NoSubscriptionExisted);
+                answered.push((position, UnsubAckReason::NoSubscriptionExisted));
+            } else if let Some(at) = self.mux_subscriptions.iter().position(|t| t == filter) {
                 self.mux_subscriptions.swap_remove(at);
                 self.ctx.mux.unsubscribe(self.connection, filter);
                 reasons.push(UnsubAckReason::Success);
@@ -312,6 +337,12 @@ impl Established {
             }
         }
         if others && self.link.is_some() {
+            let mut unsubscribe = unsubscribe;
+            if !answered.is_empty() {
+                // The router never sees a `$` filter; their reasons go into its UNSUBACK.
+                unsubscribe.filters.retain(|f| !f.starts_with('$'));
+                self.unsuback_answers.push((unsubscribe.pkid, answered));
+            }
             batch.push(Packet::Unsubscribe(unsubscribe, properties));
             return Ok(());
         }
@@ -322,10 +353,12 @@ impl Established {
         self.answer(Packet::UnsubAck(ack, None))
     }
 
-    /// A SUBSCRIBE: refused whole if the topic ACL refuses a filter; filters the broker does
-    /// not serve (`$share/...`, other `$` filters) refused one by one; each grant at most
-    /// [`qos::MAX_QOS`]. Served by the mux link if it names exact command topics only (clean
-    /// sessions, no subscription identifier); else by the connection's own link.
+    /// A SUBSCRIBE: refused whole if the topic ACL refuses a filter (for `$share/G/F`, the
+    /// ACL's answer for F); filters the broker does not serve (malformed `$share/...`, other
+    /// `$` filters, beyond the limits) refused one by one; shared subscriptions joined here
+    /// (`share`); each grant at most [`qos::MAX_QOS`]. The rest is served by the mux link if
+    /// it names exact command topics only (clean sessions, no subscription identifier); else
+    /// by the connection's own link.
     fn on_subscribe(
         &mut self,
         mut subscribe: Subscribe,
@@ -338,14 +371,19 @@ impl Established {
             }
             rate.take();
         }
+        // A shared subscription is allowed iff its filter is.
         if !subscribe
             .filters
             .iter()
-            .all(|f| self.identity.may_subscribe(&f.path))
+            .all(|f| match share::parse(&f.path) {
+                ShareFilter::Shared { filter, .. } => self.identity.may_subscribe(filter),
+                _ => self.identity.may_subscribe(&f.path),
+            })
         {
             return self.refuse_subscribe(&subscribe);
         }
-        let refused = self.refuse_unserved(&mut subscribe);
+        let mut refused = self.refuse_unserved(&mut subscribe);
+        self.join_shared(&mut subscribe, &mut refused);
         if subscribe.filters.is_empty() {
             let ack = SubAck {
                 pkid: subscribe.pkid,
@@ -377,13 +415,13 @@ impl Established {
     }
 
     /// Takes the filters the broker does not serve out of `subscribe`, each counted and
-    /// logged: shared subscriptions (`$share/{group}/{filter}`: rumqttd 0.20's router panics
-    /// on them and would stop routing for everyone, see `docs/broker.md`), other filters
-    /// starting with `$` (its router drops the connection for them), and filters beyond
-    /// `max_subscriptions` on this connection (each costs the router a commit log). Returns
+    /// logged: malformed shared subscriptions (`$share/` without a group or a filter, a group
+    /// with `+` or `#`, see `share::parse`), other filters starting with `$` (its router
+    /// drops the connection for them), and filters beyond `max_subscriptions` on this
+    /// connection (each costs the router a commit log, or a shared group a link). Returns
     /// their positions in the SUBSCRIBE, each with the SUBACK code refusing it (3.1.1: 0x80;
-    /// MQTT 5: 0x9E "shared subscriptions not supported", 0x97 "quota exceeded" beyond the
-    /// limit, 0x80 for the others).
+    /// MQTT 5: 0x8F "topic filter invalid" for a malformed share, 0x97 "quota exceeded"
+    /// beyond the limit, 0x80 for the others).
     fn refuse_unserved(&mut self, subscribe: &mut Subscribe) -> Vec<(usize, SubscribeReasonCode)> {
         let limit = match self.identity {
             Identity::Probe => 0,
@@ -397,9 +435,9 @@ impl Established {
         let mut at = 0;
         subscribe.filters.retain(|filter| {
             at += 1;
-            let why = if filter.path.starts_with("$share/") {
+            let why = if share::parse(&filter.path) == ShareFilter::Malformed {
                 SubscribeRefusal::Shared
-            } else if filter.path.starts_with('$') {
+            } else if filter.path.starts_with('$') && !filter.path.starts_with("$share/") {
                 SubscribeRefusal::DollarTopic
             } else if limit > 0
                 && !self.filters.contains(&filter.path)
@@ -423,6 +461,78 @@ impl Established {
             false
         });
         refused
+    }
+
+    /// Serves the shared subscriptions left in `subscribe` (`$share/{group}/{filter}`, well
+    /// formed and within the limits): each joins its group (`share`) and is taken out of
+    /// `subscribe`, its SUBACK code (the granted QoS, or a refusal if the group cannot be
+    /// created) put into `answered` at its position in the SUBSCRIBE, which stays sorted.
+    /// rumqttd's router never sees a `$share` filter.
+    fn join_shared(
+        &mut self,
+        subscribe: &mut Subscribe,
+        answered: &mut Vec<(usize, SubscribeReasonCode)>,
+    ) {
+        if !subscribe
+            .filters
+            .iter()
+            .any(|f| f.path.starts_with("$share/"))
+        {
+            return;
+        }
+        // The positions in the SUBSCRIBE of the filters still in it.
+        let total = subscribe.filters.len() + answered.len();
+        let positions: Vec<usize> = (0..total)
+            .filter(|at| !answered.iter().any(|(p, _)| p == at))
+            .collect();
+        let mut positions = positions.into_iter();
+        let v5 = self.net.version == Listener::V5;
+        let mut joined = false;
+        let filters = std::mem::take(&mut subscribe.filters);
+        for filter in filters {
+            let at = positions.next().unwrap_or(total);
+            let ShareFilter::Shared {
+                group,
+                filter: shared,
+            } = share::parse(&filter.path)
+            else {
+                subscribe.filters.push(filter);
+                continue;
+            };
+            let granted = qos::grant(filter.qos);
+            let granted_qos = match granted {
+                QoS::AtMostOnce => 0,
+                _ => 1,
+            };
+            let tx = self.port().tx.clone();
+            let code = match self
+                .ctx
+                .shared
+                .join(group, shared, self.connection, granted_qos, &tx)
+            {
+                Ok(()) => {
+                    let key = (group.to_owned(), shared.to_owned());
+                    if !self.shared_subscriptions.contains(&key) {
+                        self.shared_subscriptions.push(key);
+                    }
+                    joined = true;
+                    SubscribeReasonCode::Success(granted)
+                }
+                Err(err) => {
+                    let why = SubscribeRefusal::SharedGroups;
+                    self.ctx.metrics.subscription_refused(why);
+                    self.filters.remove(&filter.path);
+                    warn!(client_id = self.client_id, filter = filter.path, cause = %err, "shared subscription refused");
+                    refusal_code(why, v5)
+                }
+            };
+            answered.push((at, code));
+        }
+        answered.sort_by_key(|(at, _)| *at);
+        if joined && self.consumer {
+            // What waits for a durable consumer goes to the group now.
+            self.ctx.durability.consumer_subscribed();
+        }
     }
 
     /// A SUBSCRIBE refused whole for `why` (a limit): counted per filter, logged, every filter

@@ -3,7 +3,9 @@
 //! Everything already queued is written in one go, flushed every [`MAX_WRITE_BATCH`].
 
 use rumqttd::Notification;
-use rumqttd::protocol::{Packet, PubAck, PubAckReason, SubAck};
+use std::sync::Arc;
+
+use rumqttd::protocol::{Packet, PubAck, PubAckReason, SubAck, UnsubAck};
 use shared::topic::kind_of;
 use tracing::debug;
 
@@ -15,6 +17,7 @@ use crate::metrics::{DisconnectReason, DropReason};
 use crate::mux::{MuxEvent, publish_with};
 use crate::qos;
 use crate::router::{hand_over, try_next};
+use crate::share::SharedMessage;
 
 /// Most router notifications written in one go before the socket is flushed.
 const MAX_WRITE_BATCH: usize = 1000;
@@ -34,6 +37,7 @@ impl Established {
                     self.routed(pkid, Packet::PubAck(ack, None))?;
                 }
                 MuxEvent::Durable(entry) => self.durable(entry)?,
+                MuxEvent::Shared { message, qos } => self.deliver_shared(message, qos)?,
                 MuxEvent::Command { command, qos } => {
                     if self.draining {
                         self.ctx.metrics.dropped(DropReason::Shutdown);
@@ -62,6 +66,62 @@ impl Established {
             next = self.port.as_mut().and_then(|port| port.rx.try_recv().ok());
         }
         self.flush().await
+    }
+
+    /// Writes a message a shared subscription group gave this connection, at `qos` under a
+    /// packet id of [`MUX_PKIDS`]; a QoS 1 one is remembered until the client acknowledges it
+    /// (given to another member if the connection ends first), and, for a durable consumer,
+    /// what it carried (its PUBACK proves the message durable, as for the router's forwards).
+    fn deliver_shared(
+        &mut self,
+        message: Arc<SharedMessage>,
+        qos: u8,
+    ) -> Result<(), DisconnectReason> {
+        message.group.written(self.connection);
+        if self.draining {
+            self.ctx.metrics.dropped(DropReason::Shutdown);
+            if qos > 0 {
+                message.group.acknowledged(self.connection);
+            }
+            return Ok(());
+        }
+        let pkid = if qos > 0 { self.next_mux_pkid() } else { 0 };
+        let publish = publish_with(&message.topic, &message.payload, qos, pkid, false);
+        let packet = Packet::Publish(publish, message.properties.clone());
+        match self.net.queue_forward(packet, qos) {
+            Ok((Some(info), _)) => {
+                self.ctx.metrics.message_out(kind_of(&message.topic));
+                if info.qos > 0 {
+                    self.mux_outgoing.push(pkid);
+                    self.forwarded_to_consumer(pkid, &message.topic, &message.payload);
+                    self.shared_outgoing.insert(pkid, message);
+                }
+                Ok(())
+            }
+            // Larger than the client accepts: not delivered (as for the router's forwards).
+            Ok((None, _)) => {
+                if qos > 0 {
+                    message.group.acknowledged(self.connection);
+                }
+                Ok(())
+            }
+            Err(err) => Err(self.protocol_error(&err)),
+        }
+    }
+
+    /// Puts the UNSUBACK reasons of the filters the front end answered itself (shared
+    /// subscriptions, see `inbound`) into the router's UNSUBACK for it.
+    fn put_back_unsuback_answers(&mut self, ack: &mut UnsubAck) {
+        if let Some(at) = self
+            .unsuback_answers
+            .iter()
+            .position(|(pkid, _)| *pkid == ack.pkid)
+        {
+            let (_, answered) = self.unsuback_answers.swap_remove(at);
+            for (position, reason) in answered {
+                ack.reasons.insert(position.min(ack.reasons.len()), reason);
+            }
+        }
     }
 
     /// Marks the router's forward `pkid` (if given) as acknowledged, and moves the PUBACKs the
@@ -177,6 +237,9 @@ impl Established {
                         let pkid = ack.pkid;
                         self.routed(pkid, packet)?;
                     } else {
+                        if let Packet::UnsubAck(ack, _) = &mut packet {
+                            self.put_back_unsuback_answers(ack);
+                        }
                         if let Packet::SubAck(ack, _) = &mut packet {
                             self.put_back_suback_refusals(ack);
                             if self.consumer {

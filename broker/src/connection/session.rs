@@ -18,7 +18,7 @@ use rumqttd::Notification;
 use rumqttd::local::LinkError;
 use rumqttd::protocol::{
     self, Disconnect, DisconnectReasonCode, LastWill, Packet, PublishProperties,
-    SubscribeReasonCode,
+    SubscribeReasonCode, UnsubAckReason,
 };
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::time::{Instant, sleep_until};
@@ -34,6 +34,7 @@ use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason};
 use crate::mux::MuxEvent;
 use crate::router::{LinkRequest, hand_over};
+use crate::share::{GroupKey, SharedMessage};
 
 /// Packet ids the front end gives the commands it writes from the mux link. rumqttd's
 /// links number their forwards 1..=100 (its `MAX_INFLIGHT`), so a connection that has both a
@@ -97,6 +98,15 @@ pub(super) struct Established {
     /// `inbound`): packet id → each refused filter's position and SUBACK code, put back into
     /// the router's SUBACK.
     pub(super) suback_refusals: Vec<(u16, Vec<(usize, SubscribeReasonCode)>)>,
+    /// UNSUBSCRIBEs handed to the router without the filters the front end answered (shared
+    /// subscriptions, `$` filters): packet id → each one's position and UNSUBACK reason.
+    pub(super) unsuback_answers: Vec<(u16, Vec<(usize, UnsubAckReason)>)>,
+    /// The shared subscription groups (`share`) this connection is a member of.
+    pub(super) shared_subscriptions: Vec<GroupKey>,
+    /// QoS 1 messages from shared subscription groups written to the client and not yet
+    /// acknowledged, by packet id (from [`MUX_PKIDS`]): given to another member if the
+    /// connection ends first.
+    pub(super) shared_outgoing: HashMap<u16, Arc<SharedMessage>>,
     /// An MQTT 5 DISCONNECT asked for the will to be published.
     pub(super) will_on_disconnect: bool,
     /// How long after the connection is lost its will is published (MQTT 5: min(Will Delay
@@ -178,6 +188,9 @@ pub(super) async fn run(net: Network, accepted: Accepted, peer: SocketAddr, ctx:
         router_forwards: VecDeque::new(),
         qos2_received: Vec::new(),
         suback_refusals: Vec::new(),
+        unsuback_answers: Vec::new(),
+        shared_subscriptions: Vec::new(),
+        shared_outgoing: HashMap::new(),
         will_on_disconnect: false,
         will_delay,
         farewell: Cell::new(None),
@@ -492,6 +505,7 @@ impl Established {
         for topic in self.mux_subscriptions.drain(..) {
             ctx.mux.unsubscribe(self.connection, &topic);
         }
+        self.leave_shared_groups();
         if !self.persistent {
             ctx.watchers.session_ended(&self.client_id);
         }
@@ -529,6 +543,36 @@ impl Established {
         }
         if self.link.is_some() {
             ctx.count_own_link(false);
+        }
+    }
+}
+
+impl Established {
+    /// Leaves every shared subscription group, and gives what they gave this connection and
+    /// it did not acknowledge (written or still queued) to other members (MQTT 5 §4.8.2).
+    fn leave_shared_groups(&mut self) {
+        for key in self.shared_subscriptions.drain(..) {
+            self.ctx.shared.leave(&key, self.connection);
+        }
+        let mut unacknowledged: Vec<Arc<SharedMessage>> = self
+            .shared_outgoing
+            .drain()
+            .map(|(_, message)| message)
+            .collect();
+        if let Some(port) = &mut self.port {
+            while let Ok(event) = port.rx.try_recv() {
+                if let MuxEvent::Shared { message, .. } = event {
+                    unacknowledged.push(message);
+                }
+            }
+        }
+        if !unacknowledged.is_empty() {
+            debug!(
+                client_id = self.client_id,
+                messages = unacknowledged.len(),
+                "shared subscription messages left unacknowledged: given to other members"
+            );
+            self.ctx.shared.redeliver(unacknowledged);
         }
     }
 }

@@ -108,6 +108,10 @@ struct Counters {
     tls_handshake_failures: AtomicU64,
     tls_reloads: AtomicU64,
     tls_reload_failures: AtomicU64,
+    shared_groups: AtomicU64,
+    shared_deliveries: AtomicU64,
+    shared_redeliveries: AtomicU64,
+    shared_undelivered: AtomicU64,
 }
 
 /// The broker's counters; cheap to clone (one shared set), safe to update from any thread.
@@ -156,6 +160,10 @@ impl Default for BrokerMetrics {
                 tls_handshake_failures: AtomicU64::new(0),
                 tls_reloads: AtomicU64::new(0),
                 tls_reload_failures: AtomicU64::new(0),
+                shared_groups: AtomicU64::new(0),
+                shared_deliveries: AtomicU64::new(0),
+                shared_redeliveries: AtomicU64::new(0),
+                shared_undelivered: AtomicU64::new(0),
             }),
         }
     }
@@ -313,8 +321,56 @@ impl BrokerMetrics {
     }
 }
 
+/// Updates for shared subscriptions (`share`).
+impl BrokerMetrics {
+    /// Shared subscription groups now.
+    pub(crate) fn set_shared_groups(&self, groups: usize) {
+        self.counters
+            .shared_groups
+            .store(u64::try_from(groups).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// A message a group's link received was given to one of its members.
+    pub(crate) fn shared_delivered(&self) {
+        bump(&self.counters.shared_deliveries);
+    }
+
+    /// A message a member left unacknowledged was given to another member of its group.
+    pub(crate) fn shared_redelivered(&self) {
+        bump(&self.counters.shared_redeliveries);
+    }
+
+    /// A message for a group found no member to take it.
+    pub(crate) fn shared_undelivered(&self) {
+        bump(&self.counters.shared_undelivered);
+    }
+}
+
 /// Readings.
 impl BrokerMetrics {
+    /// Shared subscription groups (`$share/{group}/{filter}`, keyed by both) now.
+    pub fn shared_groups(&self) -> u64 {
+        load(&self.counters.shared_groups)
+    }
+
+    /// Messages shared subscription groups gave to one of their members, since start.
+    pub fn shared_deliveries_total(&self) -> u64 {
+        load(&self.counters.shared_deliveries)
+    }
+
+    /// Messages a group member left (unsubscribed or disconnected) without acknowledging,
+    /// given to another member of the group, since start.
+    pub fn shared_redeliveries_total(&self) -> u64 {
+        load(&self.counters.shared_redeliveries)
+    }
+
+    /// Messages for a shared subscription group that found no member to take them (the last
+    /// one had left), since start. Durable kinds among them are published again by the
+    /// durability replay.
+    pub fn shared_undelivered_total(&self) -> u64 {
+        load(&self.counters.shared_undelivered)
+    }
+
     /// Whether the broker runs without authentication.
     pub fn open_mode(&self) -> bool {
         self.counters.open_mode.load(Ordering::Relaxed)

@@ -137,9 +137,13 @@ reasons! {
     /// Why a subscription filter was refused although the topic ACL allows it (the `reason`
     /// label of `fleetbeat_broker_subscriptions_refused_total`): the broker does not serve it.
     pub enum SubscribeRefusal {
-        /// A shared subscription, `$share/{group}/{filter}`: rumqttd 0.20's router panics on
-        /// them (issue #13), so they are refused until they can be served safely.
+        /// A malformed shared subscription filter: `$share/` without a group or a filter, a
+        /// group with `+` or `#`, an invalid filter (shared subscriptions themselves are
+        /// served, see `share`).
         Shared => "shared",
+        /// A shared subscription that would create a group beyond `share::MAX_GROUPS`, or
+        /// whose group's router link could not be registered.
+        SharedGroups => "shared_groups",
         /// Another filter starting with `$` (`$SYS/#`, ...): rumqttd's router would drop the
         /// connection for it.
         DollarTopic => "dollar_topic",

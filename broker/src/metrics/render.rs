@@ -256,6 +256,35 @@ impl BrokerMetrics {
         for (name, kind, help, value) in durability {
             out.single(name, kind, help, value);
         }
+        let shared = [
+            (
+                "shared_groups",
+                GAUGE,
+                "Shared subscription groups ($share/{group}/{filter}, keyed by group and filter).",
+                self.shared_groups(),
+            ),
+            (
+                "shared_deliveries_total",
+                COUNTER,
+                "Messages a shared subscription group gave to one of its members.",
+                self.shared_deliveries_total(),
+            ),
+            (
+                "shared_redeliveries_total",
+                COUNTER,
+                "Messages a group member left unacknowledged, given to another member.",
+                self.shared_redeliveries_total(),
+            ),
+            (
+                "shared_undelivered_total",
+                COUNTER,
+                "Messages for a shared subscription group that found no member left.",
+                self.shared_undelivered_total(),
+            ),
+        ];
+        for (name, kind, help, value) in shared {
+            out.single(name, kind, help, value);
+        }
         let tls = [
             (
                 "tls_handshake_failures_total",

@@ -1,0 +1,598 @@
+//! Shared subscriptions (`$share/{group}/{filter}`, MQTT 5 §4.8.2; accepted from 3.1.1 clients
+//! too, as mosquitto does), served by the front end: rumqttd 0.20's router is never given a
+//! `$share` filter (its own shared subscriptions panic the router thread, issue #13, and key
+//! groups by name alone).
+//!
+//! - A group is keyed by (group name, filter): `$share/g/a` and `$share/g/b` are two groups.
+//! - Each group has one internal router link (`fleetbeat-internal-share-N`), registered at the
+//!   group's first member and subscribed to the plain filter (QoS 0: nothing to acknowledge to
+//!   the router; each message's original QoS travels with it, see `qos`). Its dispatcher task
+//!   hands every message the router forwards to ONE member: round-robin, skipping members
+//!   with [`MEMBER_INFLIGHT`] QoS 1 deliveries unacknowledged or [`MEMBER_QUEUE`] messages not
+//!   yet written to their socket. When every member is at a bound the dispatcher waits (the router keeps the messages in its commit log, as for any
+//!   slow subscriber).
+//! - The member's connection writes the message at min(granted QoS, message QoS) under a
+//!   packet id of its own (`connection::outbound`), remembers what a QoS 1 delivery carried
+//!   (so a durable consumer's PUBACK releases the devices' waiters, as for its other
+//!   forwards), and tells the group when it is acknowledged ([`Group::acknowledged`]).
+//! - A member that leaves (UNSUBSCRIBE, disconnect) is removed; what it was given and had not
+//!   acknowledged (or not even written) is given to another member of the group
+//!   ([`SharedSubscriptions::redeliver`], counted). The last member leaving removes the group
+//!   and disconnects its link.
+//! - Retained messages are not sent on a new shared subscription (MQTT 5 §4.8.2).
+//! - Groups are bounded: each counts as a filter of its member connections
+//!   (`max_subscriptions`, `max_subscribe_rate`), and there are at most [`MAX_GROUPS`] in all.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttd::Notification;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, PublishProperties};
+use tokio::sync::Notify;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::metrics::BrokerMetrics;
+use crate::mux::MuxEvent;
+use crate::router::{INTERNAL_PREFIX, LinkRefused, LinkRequest, Registrar, hand_over};
+
+/// Most shared subscription groups at once, in all (each has a router link of its own; the
+/// router is sized for them, see `server`).
+pub(crate) const MAX_GROUPS: usize = 1024;
+
+/// Most QoS 1 messages one member is given and has not acknowledged; beyond, the group's
+/// other members get the messages, or the group waits (rumqttd's own window is 100 too).
+pub(crate) const MEMBER_INFLIGHT: usize = 100;
+
+/// Most messages given to one member and not yet written to its socket (its connection's
+/// queue): a member whose socket is stalled is skipped beyond it, and a group whose members
+/// are all stalled waits (the router keeps the messages), so memory stays bounded.
+pub(crate) const MEMBER_QUEUE: usize = 1000;
+
+/// How often a dispatcher whose members are all at [`MEMBER_INFLIGHT`] looks again without
+/// being woken (a member that left without a word, say).
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// The prefix of a shared subscription filter.
+const SHARE_PREFIX: &str = "$share/";
+
+/// A shared subscription filter, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShareFilter<'a> {
+    /// Not a shared subscription.
+    NotShared,
+    /// `$share/{group}/{filter}`, well formed.
+    Shared {
+        /// The share name.
+        group: &'a str,
+        /// The filter the group's members share.
+        filter: &'a str,
+    },
+    /// Starts with `$share/` but has no group, a group with `+` or `#`, no filter, or a filter
+    /// that is not valid (or starts with `$`, which the router would not serve).
+    Malformed,
+}
+
+/// Parses a subscription filter as a shared subscription.
+pub(crate) fn parse(path: &str) -> ShareFilter<'_> {
+    let Some(rest) = path.strip_prefix(SHARE_PREFIX) else {
+        return ShareFilter::NotShared;
+    };
+    let Some((group, filter)) = rest.split_once('/') else {
+        return ShareFilter::Malformed;
+    };
+    if group.is_empty()
+        || group.contains(['+', '#', '\0'])
+        || filter.starts_with('$')
+        || !valid_filter(filter)
+    {
+        return ShareFilter::Malformed;
+    }
+    ShareFilter::Shared { group, filter }
+}
+
+/// Whether `filter` is a valid, non-empty MQTT topic filter: `#` only as the whole last level,
+/// `+` only as a whole level, no NUL.
+fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, level)| {
+        if level.contains('#') {
+            *level == "#" && i == levels.len() - 1
+        } else {
+            !level.contains('+') || *level == "+"
+        }
+    })
+}
+
+/// The key of a group: (group name, filter).
+pub(crate) type GroupKey = (String, String);
+
+/// A message a group gives one of its members.
+#[derive(Debug)]
+pub(crate) struct SharedMessage {
+    /// The group it came through (acknowledgements and redelivery go back to it).
+    pub(crate) group: Arc<Group>,
+    /// Its topic.
+    pub(crate) topic: Bytes,
+    /// Its payload.
+    pub(crate) payload: Bytes,
+    /// Its MQTT 5 properties, without the broker's QoS marker.
+    pub(crate) properties: Option<PublishProperties>,
+    /// The QoS it was published at (at most [`qos::MAX_QOS`](crate::qos::MAX_QOS)).
+    pub(crate) qos: u8,
+}
+
+/// One connection in a group.
+#[derive(Debug)]
+struct Member {
+    connection: u64,
+    /// Its granted QoS.
+    qos: u8,
+    tx: UnboundedSender<MuxEvent>,
+    /// QoS 1 messages given to it and not acknowledged yet.
+    outstanding: usize,
+    /// Messages given to it and not yet written (or dropped) by its connection.
+    queued: usize,
+}
+
+impl Member {
+    /// Whether it may be given one more message delivered at `qos`.
+    fn has_room(&self, qos: u8) -> bool {
+        self.queued < MEMBER_QUEUE && (qos == 0 || self.outstanding < MEMBER_INFLIGHT)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Members {
+    list: Vec<Member>,
+    /// Where the round-robin goes on.
+    next: usize,
+}
+
+/// What became of a message offered to a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Given {
+    Sent,
+    /// Every member is at [`MEMBER_INFLIGHT`] or [`MEMBER_QUEUE`].
+    Full,
+    NoMembers,
+}
+
+/// One shared subscription group.
+#[derive(Debug)]
+pub(crate) struct Group {
+    key: GroupKey,
+    members: Mutex<Members>,
+    /// Woken when a member acknowledged a message or joined.
+    room: Notify,
+    /// Cancelled when the group is removed: its dispatcher ends and disconnects its link.
+    stop: CancellationToken,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Group {
+    fn join(&self, connection: u64, qos: u8, tx: &UnboundedSender<MuxEvent>) {
+        let mut members = lock(&self.members);
+        if let Some(member) = members.list.iter_mut().find(|m| m.connection == connection) {
+            member.qos = qos;
+            member.tx = tx.clone();
+        } else {
+            members.list.push(Member {
+                connection,
+                qos,
+                tx: tx.clone(),
+                outstanding: 0,
+                queued: 0,
+            });
+        }
+        drop(members);
+        self.room.notify_one();
+    }
+
+    /// Removes `connection`; whether the group is empty now.
+    fn leave(&self, connection: u64) -> bool {
+        let mut members = lock(&self.members);
+        members.list.retain(|m| m.connection != connection);
+        members.list.is_empty()
+    }
+
+    /// `connection` acknowledged (or dropped) a QoS 1 message the group gave it.
+    pub(crate) fn acknowledged(&self, connection: u64) {
+        let mut members = lock(&self.members);
+        if let Some(member) = members.list.iter_mut().find(|m| m.connection == connection) {
+            member.outstanding = member.outstanding.saturating_sub(1);
+        }
+        drop(members);
+        self.room.notify_one();
+    }
+
+    /// `connection` took a message the group gave it off its queue (wrote or dropped it).
+    pub(crate) fn written(&self, connection: u64) {
+        let mut members = lock(&self.members);
+        let mut freed = false;
+        if let Some(member) = members.list.iter_mut().find(|m| m.connection == connection) {
+            freed = member.queued == MEMBER_QUEUE;
+            member.queued = member.queued.saturating_sub(1);
+        }
+        drop(members);
+        if freed {
+            self.room.notify_one();
+        }
+    }
+
+    /// Gives `message` to the next member (round-robin) with room, or, if `force`, to the
+    /// next member whatever it has in flight.
+    fn give(&self, message: &Arc<SharedMessage>, force: bool) -> Given {
+        let mut members = lock(&self.members);
+        loop {
+            let count = members.list.len();
+            if count == 0 {
+                return Given::NoMembers;
+            }
+            let start = members.next % count;
+            let picked = (0..count).map(|i| (start + i) % count).find(|&i| {
+                let member = &members.list[i];
+                force || member.has_room(member.qos.min(message.qos))
+            });
+            let Some(at) = picked else {
+                return Given::Full;
+            };
+            let member = &mut members.list[at];
+            let qos = member.qos.min(message.qos);
+            let event = MuxEvent::Shared {
+                message: Arc::clone(message),
+                qos,
+            };
+            if member.tx.send(event).is_err() {
+                // Its connection is gone (it leaves the group on its way out).
+                members.list.swap_remove(at);
+                continue;
+            }
+            member.queued += 1;
+            if qos > 0 {
+                member.outstanding += 1;
+            }
+            members.next = at + 1;
+            return Given::Sent;
+        }
+    }
+}
+
+/// Every shared subscription group of the broker.
+#[derive(Debug)]
+pub(crate) struct SharedSubscriptions {
+    registrar: Registrar,
+    groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
+    metrics: BrokerMetrics,
+    /// Numbers the groups' links.
+    links: AtomicU64,
+    /// Distinguishes this broker's link names from another's on the same router (tests).
+    instance: String,
+}
+
+/// Why a connection could not join a group.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum JoinError {
+    /// [`MAX_GROUPS`] groups exist already.
+    #[error("{MAX_GROUPS} shared subscription groups exist already")]
+    TooManyGroups,
+    /// The router did not register the group's link.
+    #[error("the router did not register the group's link: {0}")]
+    Link(#[from] LinkRefused),
+}
+
+impl SharedSubscriptions {
+    /// No groups yet; their links are registered through `registrar`.
+    pub(crate) fn new(registrar: Registrar, metrics: BrokerMetrics, instance: &str) -> Self {
+        SharedSubscriptions {
+            registrar,
+            groups: Mutex::new(HashMap::new()),
+            metrics,
+            links: AtomicU64::new(0),
+            instance: instance.to_owned(),
+        }
+    }
+
+    /// Adds `connection` (its mux port `tx`) to the group (`group`, `filter`) at granted
+    /// `qos`, creating the group and its link if it is the first member (the link's
+    /// subscription is with the router before this returns, so a publish after the SUBACK
+    /// reaches the group).
+    ///
+    /// # Errors
+    ///
+    /// [`JoinError`] if the group cannot be created.
+    pub(crate) fn join(
+        &self,
+        group: &str,
+        filter: &str,
+        connection: u64,
+        qos: u8,
+        tx: &UnboundedSender<MuxEvent>,
+    ) -> Result<(), JoinError> {
+        let key = (group.to_owned(), filter.to_owned());
+        {
+            let groups = lock(&self.groups);
+            if let Some(existing) = groups.get(&key)
+                && !existing.stop.is_cancelled()
+            {
+                existing.join(connection, qos, tx);
+                return Ok(());
+            }
+            if groups.len() >= MAX_GROUPS {
+                return Err(JoinError::TooManyGroups);
+            }
+        }
+        let n = self.links.fetch_add(1, Ordering::Relaxed);
+        let client_id = format!("{INTERNAL_PREFIX}share-{}-{n}", self.instance);
+        let (mut link_tx, link_rx, _connack) =
+            self.registrar.link(LinkRequest::internal(&client_id))?;
+        link_tx
+            .subscribe(filter)
+            .map_err(|err| LinkRefused(err.to_string()))?;
+        let created = Arc::new(Group {
+            key: key.clone(),
+            members: Mutex::new(Members::default()),
+            room: Notify::new(),
+            stop: CancellationToken::new(),
+        });
+        let mut groups = lock(&self.groups);
+        if let Some(existing) = groups.get(&key)
+            && !existing.stop.is_cancelled()
+        {
+            // Another member created it meanwhile: ours goes.
+            existing.join(connection, qos, tx);
+            drop(groups);
+            created.stop.cancel();
+        } else {
+            // New, or in place of one whose link the router dropped.
+            created.join(connection, qos, tx);
+            groups.insert(key, Arc::clone(&created));
+            self.metrics.set_shared_groups(groups.len());
+            drop(groups);
+            debug!(
+                group,
+                filter,
+                link = client_id,
+                "shared subscription group created"
+            );
+        }
+        tokio::spawn(dispatch(created, link_tx, link_rx, self.metrics.clone()));
+        Ok(())
+    }
+
+    /// Removes `connection` from the group `key`; the last member leaving removes the group.
+    pub(crate) fn leave(&self, key: &GroupKey, connection: u64) {
+        let mut groups = lock(&self.groups);
+        let Some(group) = groups.get(key) else {
+            return;
+        };
+        if group.leave(connection) {
+            group.stop.cancel();
+            groups.remove(key);
+            self.metrics.set_shared_groups(groups.len());
+            debug!(
+                group = key.0,
+                filter = key.1,
+                "shared subscription group removed"
+            );
+        }
+    }
+
+    /// Gives `messages`, which a member that left was given and did not acknowledge, to
+    /// other members of their groups (counted in `shared_redeliveries_total`); a message
+    /// whose group has no member left is counted in `shared_undelivered_total` (a durable
+    /// kind still waits for durability: the replay publishes it again).
+    pub(crate) fn redeliver(&self, messages: impl IntoIterator<Item = Arc<SharedMessage>>) {
+        for message in messages {
+            match message.group.give(&message, true) {
+                Given::Sent => self.metrics.shared_redelivered(),
+                Given::Full | Given::NoMembers => self.metrics.shared_undelivered(),
+            }
+        }
+    }
+}
+
+/// Reads what the router forwards to a group's link, giving each message to one member, until
+/// the group is removed (or the router drops the link); then disconnects the link.
+async fn dispatch(group: Arc<Group>, mut tx: LinkTx, mut rx: LinkRx, metrics: BrokerMetrics) {
+    'reading: loop {
+        let note = tokio::select! {
+            biased;
+            () = group.stop.cancelled() => break,
+            note = rx.next() => note,
+        };
+        match note {
+            // A retained message the router sends the group's new subscription: not for
+            // shared subscriptions (MQTT 5 §4.8.2). Live retained publishes come unflagged.
+            Ok(Some(Notification::Forward(forward))) if forward.publish.retain => {}
+            Ok(Some(Notification::Forward(forward))) => {
+                let mut properties = forward.properties;
+                let qos = crate::qos::take_original(&forward.publish.topic, &mut properties);
+                let message = Arc::new(SharedMessage {
+                    group: Arc::clone(&group),
+                    topic: forward.publish.topic,
+                    payload: forward.publish.payload,
+                    properties,
+                    qos,
+                });
+                loop {
+                    match group.give(&message, false) {
+                        Given::Sent => {
+                            metrics.shared_delivered();
+                            break;
+                        }
+                        Given::NoMembers => {
+                            metrics.shared_undelivered();
+                            break;
+                        }
+                        Given::Full => {
+                            tokio::select! {
+                                biased;
+                                () = group.stop.cancelled() => break 'reading,
+                                () = group.room.notified() => {}
+                                () = tokio::time::sleep(RECHECK) => {}
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(Some(Notification::Unschedule)) => {
+                if rx.wake().await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(err) => {
+                if !group.stop.is_cancelled() {
+                    warn!(group = group.key.0, filter = group.key.1, cause = %err, "the router dropped a shared subscription group's link: the next member to subscribe creates it again");
+                    // Marks the group dead: a new subscription replaces it.
+                    group.stop.cancel();
+                }
+                break;
+            }
+        }
+    }
+    let bye = Disconnect {
+        reason_code: DisconnectReasonCode::NormalDisconnection,
+    };
+    if let Err(err) = hand_over(&mut tx, &mut vec![Packet::Disconnect(bye, None)]).await {
+        debug!(cause = %err, "router gone at a group's disconnect");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+    use super::*;
+
+    fn group() -> Arc<Group> {
+        Arc::new(Group {
+            key: ("g".to_owned(), "t/#".to_owned()),
+            members: Mutex::new(Members::default()),
+            room: Notify::new(),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    fn message(group: &Arc<Group>, qos: u8) -> Arc<SharedMessage> {
+        Arc::new(SharedMessage {
+            group: Arc::clone(group),
+            topic: Bytes::from_static(b"t/1"),
+            payload: Bytes::from_static(b"x"),
+            properties: None,
+            qos,
+        })
+    }
+
+    /// How many messages each receiver has queued, and at which QoS the last one came.
+    fn taken(rx: &mut UnboundedReceiver<MuxEvent>) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Ok(MuxEvent::Shared { qos, .. }) = rx.try_recv() {
+            out.push(qos);
+        }
+        out
+    }
+
+    #[test]
+    fn messages_go_round_robin_at_each_members_qos_and_skip_full_members() {
+        let group = group();
+        let (tx1, mut rx1) = unbounded_channel();
+        let (tx2, mut rx2) = unbounded_channel();
+        group.join(1, 1, &tx1);
+        group.join(2, 0, &tx2);
+        for _ in 0..4 {
+            assert_eq!(group.give(&message(&group, 1), false), Given::Sent);
+        }
+        assert_eq!(taken(&mut rx1), [1, 1], "granted 1: QoS 1");
+        assert_eq!(taken(&mut rx2), [0, 0], "granted 0: QoS 0");
+
+        // Member 1 at its in-flight bound: everything goes to member 2 (QoS 0, no bound).
+        assert_eq!(lock(&group.members).list[0].outstanding, 2);
+        lock(&group.members).list[0].outstanding = MEMBER_INFLIGHT;
+        for _ in 0..3 {
+            assert_eq!(group.give(&message(&group, 1), false), Given::Sent);
+        }
+        assert!(taken(&mut rx1).is_empty());
+        assert_eq!(taken(&mut rx2).len(), 3);
+        // Acknowledged: room again.
+        group.acknowledged(1);
+        group.give(&message(&group, 1), false);
+        group.give(&message(&group, 1), false);
+        assert_eq!(taken(&mut rx1).len() + taken(&mut rx2).len(), 2);
+
+        // A member that left is never picked; a group without members says so.
+        assert!(!group.leave(2));
+        assert!(group.leave(1));
+        assert_eq!(group.give(&message(&group, 0), true), Given::NoMembers);
+    }
+
+    #[test]
+    fn a_stalled_member_bounds_what_it_is_given() {
+        let group = group();
+        let (tx, mut rx) = unbounded_channel();
+        group.join(1, 0, &tx);
+        for _ in 0..MEMBER_QUEUE {
+            assert_eq!(group.give(&message(&group, 0), false), Given::Sent);
+        }
+        assert_eq!(group.give(&message(&group, 0), false), Given::Full);
+        assert_eq!(
+            group.give(&message(&group, 0), true),
+            Given::Sent,
+            "a redelivery is never refused"
+        );
+        group.written(1);
+        group.written(1);
+        assert_eq!(group.give(&message(&group, 0), false), Given::Sent);
+        assert_eq!(taken(&mut rx).len(), MEMBER_QUEUE + 2);
+        // A member whose connection is gone is dropped.
+        drop(rx);
+        assert_eq!(group.give(&message(&group, 0), true), Given::NoMembers);
+    }
+
+    #[test]
+    fn share_filters_are_parsed_and_malformed_ones_recognised() {
+        assert_eq!(parse("fleet/#"), ShareFilter::NotShared);
+        assert_eq!(parse("$SYS/#"), ShareFilter::NotShared);
+        assert_eq!(
+            parse("$share/g/fleet/+/+/hb"),
+            ShareFilter::Shared {
+                group: "g",
+                filter: "fleet/+/+/hb"
+            }
+        );
+        assert_eq!(
+            parse("$share/g/#"),
+            ShareFilter::Shared {
+                group: "g",
+                filter: "#"
+            }
+        );
+        for malformed in [
+            "$share/",
+            "$share/g",
+            "$share/g/",
+            "$share//a",
+            "$share/g+/a",
+            "$share/#/a",
+            "$share/+/a",
+            "$share/g/a/#/b",
+            "$share/g/a+/b",
+            "$share/g/$SYS/#",
+            "$share/g/a\0b",
+        ] {
+            assert_eq!(parse(malformed), ShareFilter::Malformed, "{malformed:?}");
+        }
+    }
+}
