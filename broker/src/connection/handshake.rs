@@ -376,7 +376,11 @@ async fn identify(
         .await
         .map_err(|why| {
             ctx.metrics.auth_refused(why);
-            warn!(%peer, client_id, username = username.unwrap_or(""), certificate = certificate.unwrap_or(""), reason = why.label(), "CONNECT refused: authentication failed");
+            match certificate {
+                // Operators grep `username=... reason=...`: the certificate's name comes after.
+                Some(certificate) => warn!(%peer, client_id, username = username.unwrap_or(""), reason = why.label(), certificate, "CONNECT refused: authentication failed"),
+                None => warn!(%peer, client_id, username = username.unwrap_or(""), reason = why.label(), "CONNECT refused: authentication failed"),
+            }
             Refused::With(match why {
                 AuthRefusal::ClientIdMismatch
                 | AuthRefusal::WillNotAllowed
