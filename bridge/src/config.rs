@@ -75,6 +75,10 @@ pub struct BridgeConfig {
     pub stale: StaleRule,
     /// How long a dispatcher's command waits for the vehicle's ack.
     pub command_timeout: Duration,
+    /// How long a QoS 1 message from a vehicle without a key is held unacknowledged before it
+    /// is parked durably in the store (and acknowledged), so that it no longer holds the
+    /// PUBACKs behind it (`ingest::inbox`).
+    pub key_wait_park_after: Duration,
     /// The SQLite database file (created if missing), or `:memory:`.
     pub store: String,
     /// Whether every commit is fsynced (`full`, the default) or not on every commit (`normal`).
@@ -116,6 +120,7 @@ impl Default for BridgeConfig {
             tick: Duration::from_millis(DEFAULT_TICK_MS),
             stale: StaleRule::default(),
             command_timeout: Duration::from_secs(10),
+            key_wait_park_after: Duration::from_millis(DEFAULT_KEY_WAIT_PARK_AFTER_MS),
             store: "fleetbeat.db".to_owned(),
             synchronous: Synchronous::Full,
             queue_retention: Duration::from_secs(7 * 24 * 3600),
@@ -187,6 +192,8 @@ pub struct Settings {
     pub stale_after_ms: Option<u64>,
     /// Command timeout in ms.
     pub command_timeout_ms: Option<u64>,
+    /// How long a message without its vehicle's key is held before it is parked, in ms.
+    pub key_wait_park_after_ms: Option<u64>,
     /// The database file.
     pub store: Option<String>,
     /// `full` or `normal`.
@@ -233,6 +240,9 @@ pub const BRIDGE_OWNED_BROKER_KEYS: [(&str, &str); 5] = [
 /// device → dispatcher latency (a tenth of what a 1 Hz vehicle reports), and costs a few % of a
 /// core at 10 000 vehicles (BENCHMARKS.md).
 const DEFAULT_TICK_MS: u64 = 10;
+
+/// How long a message without its vehicle's key is held before it is parked, by default.
+const DEFAULT_KEY_WAIT_PARK_AFTER_MS: u64 = 60_000;
 
 fn invalid(key: &str, reason: impl std::fmt::Display) -> BridgeError {
     BridgeError::Config(format!("{key}: {reason}"))
@@ -281,6 +291,7 @@ impl Settings {
             tick_ms: over.tick_ms.or(self.tick_ms),
             stale_after_ms: over.stale_after_ms.or(self.stale_after_ms),
             command_timeout_ms: over.command_timeout_ms.or(self.command_timeout_ms),
+            key_wait_park_after_ms: over.key_wait_park_after_ms.or(self.key_wait_park_after_ms),
             store: over.store.or(self.store),
             synchronous: over.synchronous.or(self.synchronous),
             queue_retention_hours: over.queue_retention_hours.or(self.queue_retention_hours),
@@ -367,6 +378,15 @@ impl Settings {
                 "must be within 100 ..= 600000",
             ));
         }
+        let park_after_ms = self
+            .key_wait_park_after_ms
+            .unwrap_or(DEFAULT_KEY_WAIT_PARK_AFTER_MS);
+        if !(100..=3_600_000).contains(&park_after_ms) {
+            return Err(invalid(
+                "key_wait_park_after_ms",
+                "must be within 100 ..= 3600000",
+            ));
+        }
         let stale = match self.stale_after_ms.unwrap_or(0) {
             0 => StaleRule::default(),
             ms if ms < 100 => return Err(invalid("stale_after_ms", "must be 0 or at least 100")),
@@ -444,6 +464,7 @@ impl Settings {
                 tick: Duration::from_millis(tick_ms),
                 stale,
                 command_timeout: Duration::from_millis(command_timeout_ms),
+                key_wait_park_after: Duration::from_millis(park_after_ms),
                 store,
                 synchronous,
                 queue_retention: hours("queue_retention_hours", self.queue_retention_hours)?,

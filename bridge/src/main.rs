@@ -101,6 +101,10 @@ struct Cli {
     /// How long a command waits for the vehicle's ack.
     #[arg(long, env = "FLEETBEAT_COMMAND_TIMEOUT_MS")]
     command_timeout_ms: Option<u64>,
+    /// How long a QoS 1 message from a vehicle without a key (yet) is held unacknowledged
+    /// before it is parked in the store and acknowledged (100 ..= 3600000; default 60000).
+    #[arg(long, env = "FLEETBEAT_KEY_WAIT_PARK_AFTER_MS")]
+    key_wait_park_after_ms: Option<u64>,
     /// The SQLite database file (orders, queues, history), or `:memory:`.
     #[arg(long, env = "FLEETBEAT_STORE")]
     store: Option<String>,
@@ -172,6 +176,7 @@ impl Cli {
             tick_ms: self.tick_ms,
             stale_after_ms: self.stale_after_ms,
             command_timeout_ms: self.command_timeout_ms,
+            key_wait_park_after_ms: self.key_wait_park_after_ms,
             store: self.store.clone(),
             synchronous: self.synchronous.clone(),
             // Socket.IO limits (issue 14)

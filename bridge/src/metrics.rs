@@ -111,11 +111,15 @@ pub(crate) enum Counter {
     TlsReloads,
     /// The HTTPS certificate files changed but did not load: the previous certificate stays.
     TlsReloadFailed,
+    /// A QoS 1 message from a vehicle without a key parked in the store after its wait.
+    Parked,
+    /// A parked message removed by retention, its vehicle's key never known.
+    ParkedExpired,
 }
 
 impl Counter {
     /// Name and help text of every counter, in the order of the variants (and of `/metrics`).
-    const RENDERED: [(&'static str, &'static str); 21] = [
+    const RENDERED: [(&'static str, &'static str); 23] = [
         (
             "history_dropped_total",
             "Heartbeats not stored: the history writer was full.",
@@ -197,6 +201,14 @@ impl Counter {
             "tls_reload_failures_total",
             "Times the HTTPS certificate files changed but did not load (the previous stays).",
         ),
+        (
+            "parked_total",
+            "QoS 1 messages of vehicles without a key, parked in the store after their wait.",
+        ),
+        (
+            "parked_expired_total",
+            "Parked messages removed by retention, their vehicle's key never known.",
+        ),
     ];
 }
 
@@ -211,6 +223,7 @@ pub(crate) struct Metrics {
     sockets: AtomicU64,
     acks_waiting: AtomicU64,
     history_queued: AtomicU64,
+    parked: AtomicU64,
     store: StoreHealth,
 }
 
@@ -300,6 +313,11 @@ impl Metrics {
             .store(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
+    /// Sets how many messages are parked in the store, waiting for their vehicle's key.
+    pub(crate) fn set_parked(&self, n: u64) {
+        self.parked.store(n, Ordering::Relaxed);
+    }
+
     /// Counts a Socket.IO socket connecting (`true`) or disconnecting (`false`).
     pub(crate) fn socket_delta(&self, connected: bool) {
         if connected {
@@ -372,6 +390,12 @@ impl Metrics {
                 "gauge",
                 "Heartbeats waiting for the history writer.",
                 load(&self.history_queued),
+            ),
+            (
+                "parked",
+                "gauge",
+                "Messages parked in the store, waiting for their vehicle's key.",
+                load(&self.parked),
             ),
         ];
         for (name, kind, help, value) in counters.chain(gauges) {

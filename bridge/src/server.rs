@@ -23,10 +23,10 @@ use crate::domain::fleet::Fleet;
 use crate::domain::{Hub, HubParts};
 use crate::error::BridgeError;
 use crate::ingest::acks;
-use crate::ingest::inbox::Inbox;
+use crate::ingest::inbox::{Inbox, Parking};
 use crate::ingest::keys::DeviceKeys;
 use crate::ingest::mqtt::{self, Session};
-use crate::metrics::Metrics;
+use crate::metrics::{Counter, Metrics};
 use crate::store::{HeartbeatWriter, HeartbeatWriterOptions, Store, StoreOptions};
 use crate::view::emit;
 
@@ -152,7 +152,13 @@ impl Bridge {
         let tasks = TaskTracker::new();
 
         let (acks, releaser) = acks::ack_queue(Arc::clone(&hub), io.clone(), client.clone());
-        let (inbox, key_wait) = Inbox::new(io.clone(), Arc::clone(&hub), keys, history, acks);
+        let parking = Parking {
+            store: store.clone(),
+            after: config.key_wait_park_after,
+            vehicles: store.parked_vehicles().await?,
+        };
+        let (inbox, key_wait) =
+            Inbox::new(io.clone(), Arc::clone(&hub), keys, history, acks, parking);
         let inbox = Arc::new(inbox);
         tasks.spawn(key_wait.run(cancel.child_token()));
         tasks.spawn(writer.run(cancel.child_token()));
@@ -160,6 +166,7 @@ impl Bridge {
         tasks.spawn(assign_waiting(Arc::clone(&hub), cancel.child_token()));
         tasks.spawn(retention(
             Arc::clone(&hub),
+            store.clone(),
             config.queue_retention,
             config.history_retention,
             cancel.child_token(),
@@ -399,8 +406,15 @@ async fn ticker(
 /// How often retention runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
-/// Every [`RETENTION_EVERY`]: removes queued messages and heartbeat history past retention.
-async fn retention(hub: Arc<Hub>, queue: Duration, history: Duration, cancel: CancellationToken) {
+/// Every [`RETENTION_EVERY`]: removes queued messages and heartbeat history past retention,
+/// and the parked messages (`ingest::inbox`) older than the queue retention, counted.
+async fn retention(
+    hub: Arc<Hub>,
+    store: Store,
+    queue: Duration,
+    history: Duration,
+    cancel: CancellationToken,
+) {
     let mut ticks = tokio::time::interval(RETENTION_EVERY);
     loop {
         tokio::select! {
@@ -408,6 +422,29 @@ async fn retention(hub: Arc<Hub>, queue: Duration, history: Duration, cancel: Ca
             _ = ticks.tick() => {}
         }
         hub.apply_retention(queue, history).await;
+        expire_parked(&store, hub.metrics(), queue).await;
+    }
+}
+
+/// Removes the parked messages older than `retention`: their vehicle's key never appeared.
+/// Counted and logged, never silent.
+async fn expire_parked(store: &Store, metrics: &Metrics, retention: Duration) {
+    let cutoff = crate::clock::now_ms()
+        .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+    match store.expire_parked(cutoff).await {
+        Ok(0) => {}
+        Ok(expired) => {
+            metrics.add(Counter::ParkedExpired, expired);
+            warn!(
+                expired,
+                retention_h = retention.as_secs() / 3600,
+                "parked messages expired: their vehicles never got a key in the credentials file"
+            );
+            if let Ok(left) = store.parked_count().await {
+                metrics.set_parked(left);
+            }
+        }
+        Err(err) => warn!(cause = %err, "parked message retention failed"),
     }
 }
 

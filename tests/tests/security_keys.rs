@@ -1,7 +1,9 @@
 //! The bridge's device keys follow the credentials file (issue 14, keys): a message from a
 //! vehicle whose key the bridge does not have yet is held unacknowledged and handled once the
 //! key is added (never acknowledged and dropped); a removed key stops working; a vehicle's
-//! fleet is the credentials', never the topic's.
+//! fleet is the credentials', never the topic's. The wait is bounded: after
+//! `--key-wait-park-after-ms` the message is parked in the store (acknowledged), so the
+//! events session flows again, and it is handled once the key appears.
 //!
 //! Real parts: the standalone `broker` (without topic ACLs, so that only the bridge stands
 //! between a publisher and the fleet), the `bridge` binary, `mosquitto_pub`, the real
@@ -13,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use shared::{DeliveryEvent, DeliveryKind, Heartbeat, OrderId, Position, Status, Topic};
 use tests::provision::provision_in;
+use tests::sio::SioClient;
 use tests::stack::{
     bridge_add_token, free_port, start_bridge_external, start_broker_process, write_bridge_config,
 };
@@ -62,6 +65,109 @@ const ACKS_WAITING: &str = "fleetbeat_bridge_acks_waiting";
 const REVOKED: &str = "fleetbeat_bridge_mqtt_rejected_total{reason=\"revoked\"}";
 const WRONG_FLEET: &str = "fleetbeat_bridge_mqtt_rejected_total{reason=\"fleet\"}";
 const RELOADS: &str = "fleetbeat_bridge_credentials_reloads_total";
+const PARKED_TOTAL: &str = "fleetbeat_bridge_parked_total";
+const PARKED: &str = "fleetbeat_bridge_parked";
+
+/// A pickup event of `order`, numbered `seq`.
+fn pickup(seq: u32, order: &str) -> anyhow::Result<DeliveryEvent> {
+    Ok(DeliveryEvent {
+        seq,
+        order: OrderId::new(order).map_err(anyhow::Error::msg)?,
+        kind: DeliveryKind::Pickup,
+        ts_ms: 1_700_000_000_000 + u64::from(seq),
+        pos: Position::new(1, 2),
+    })
+}
+
+/// A message from a vehicle not in the credentials file is held for the bound only, then
+/// parked: the known vehicle's event behind it reaches the dispatcher; once the vehicle is
+/// added, its parked event does too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_without_a_key_is_parked_and_the_session_flows() -> anyhow::Result<()> {
+    let creds = provision_in("park", &["park-0001"]).await?;
+    let file = creds.broker_file.to_str().context("utf-8 path")?.to_owned();
+    let config = write_bridge_config("")?;
+    let token =
+        bridge_add_token(config.path(), &["--role", "dispatcher", "--fleet", "park"]).await?;
+    let config_arg = config.path().to_str().context("utf-8 path")?;
+    let mqtt = free_port()?;
+    let _broker = start_broker_process(mqtt, &[]).await?;
+    let mut bridge = start_bridge_external(
+        mqtt,
+        &[
+            "--credentials",
+            &file,
+            "--config",
+            config_arg,
+            "--key-wait-park-after-ms",
+            "500",
+        ],
+    )
+    .await?;
+    let mut dispatcher = SioClient::connect_with_token(&bridge.url(), "/dispatch", &token).await?;
+    let (_, known_key) = creds
+        .devices
+        .get("park-0001")
+        .context("provisioned")?
+        .clone();
+
+    // park-0002 is not in the credentials file: its event comes first, and is held.
+    let unknown_key = [0x3c; 32];
+    let unknown_topic = "fleet/park/park-0002/event";
+    let unknown_event = sealed(&pickup(1, "park-order-2")?, unknown_topic, 1, &unknown_key)?;
+    mosquitto::publish(bridge.mqtt, unknown_topic, &unknown_event, 1).await?;
+    bridge.wait_metric(KEY_WAITS, |v| v >= 1.0, WAIT).await?;
+
+    // The known vehicle's event behind it reaches the dispatcher once the first is parked,
+    // long before the default 60 s wait would have ended.
+    let known_topic = "fleet/park/park-0001/event";
+    let known_event = sealed(&pickup(1, "park-order-1")?, known_topic, 1, &known_key)?;
+    mosquitto::publish(bridge.mqtt, known_topic, &known_event, 1).await?;
+    let delivered = dispatcher.next_event("delivery", WAIT).await?;
+    assert!(
+        delivered.to_string().contains("park-order-1"),
+        "the known vehicle's event first: {delivered}"
+    );
+    assert_eq!(bridge.metric(PARKED_TOTAL).await?, 1.0);
+    assert_eq!(bridge.metric(PARKED).await?, 1.0);
+    assert_eq!(
+        bridge.metric(RECEIVED_EVENT).await?,
+        1.0,
+        "the parked one is not handled yet"
+    );
+    bridge.wait_metric(ACKS_WAITING, |v| v == 0.0, WAIT).await?;
+    bridge
+        .program
+        .wait_for_line("its message is parked in the store", WAIT)
+        .await?;
+
+    // The operator adds park-0002 with the key its event was sealed with: the parked event is
+    // handled and reaches the dispatcher; nothing stays parked.
+    let mut credentials = broker::CredentialsFile::open(&creds.broker_file)?;
+    let fleet = shared::FleetId::new("park").map_err(anyhow::Error::msg)?;
+    credentials.set_device(
+        "park-0002",
+        &fleet,
+        "a-password-for-park-0002",
+        broker::PasswordOrigin::Generated,
+        unknown_key,
+    )?;
+    credentials.save()?;
+    let delivered = dispatcher.next_event("delivery", WAIT).await?;
+    assert!(
+        delivered.to_string().contains("park-order-2"),
+        "the parked event once its key is known: {delivered}"
+    );
+    bridge.wait_metric(PARKED, |v| v == 0.0, WAIT).await?;
+    assert_eq!(bridge.metric(RECEIVED_EVENT).await?, 2.0);
+    assert_eq!(bridge.metric(PARKED_TOTAL).await?, 1.0);
+    bridge
+        .program
+        .wait_for_line("parked message handled", WAIT)
+        .await?;
+    dispatcher.close().await;
+    Ok(())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_follow_the_credentials_file() -> anyhow::Result<()> {

@@ -343,18 +343,7 @@ impl AckReleaser {
     /// Records a delivery event durably and queues it for its recipients, then emits it to
     /// them (once committed).
     async fn store(&self, delivery: &Delivery) -> Result<(), StoreError> {
-        let Delivery { topic, event } = delivery;
-        let recipients = self
-            .hub
-            .delivery_recipients(&topic.fleet, &event.order)
-            .await?;
-        let payload = |flag| order::delivery(topic, event, recipients.store.as_deref(), flag);
-        let messages = self
-            .hub
-            .record_delivery(topic, event, &recipients.clients, payload)
-            .await?;
-        emit::queued(&self.io, self.metrics(), &messages).await;
-        Ok(())
+        store_delivery(&self.hub, &self.io, delivery).await
     }
 
     /// Tries one write, to learn whether the store writes again.
@@ -368,6 +357,28 @@ impl AckReleaser {
             Err(err) => warn!(cause = %err, "store probe failed"),
         }
     }
+}
+
+/// Records `delivery` durably through `hub` and queues it for its recipients, then emits it
+/// to them on `io` (once committed). A duplicate (same vehicle, seq and device timestamp) is
+/// found committed before and not queued again. Also used for parked delivery events
+/// (`ingest::inbox`).
+///
+/// # Errors
+/// [`StoreError`] if it was not committed ([`StoreError::is_outage`]: try again).
+pub(crate) async fn store_delivery(
+    hub: &Hub,
+    io: &SocketIo,
+    delivery: &Delivery,
+) -> Result<(), StoreError> {
+    let Delivery { topic, event } = delivery;
+    let recipients = hub.delivery_recipients(&topic.fleet, &event.order).await?;
+    let payload = |flag| order::delivery(topic, event, recipients.store.as_deref(), flag);
+    let messages = hub
+        .record_delivery(topic, event, &recipients.clients, payload)
+        .await?;
+    emit::queued(io, hub.metrics(), &messages).await;
+    Ok(())
 }
 
 /// Sleeps until `at` (forever if `None`).

@@ -12,8 +12,25 @@
 //! handled in the order they came. If the connection ends first it is not acknowledged at
 //! all, and the broker sends it again. Nothing from an unknown vehicle is acknowledged and
 //! dropped.
+//!
+//! The wait is bounded: a message still without its key after `key_wait_park_after_ms`
+//! (default 60 s) is **parked**: written to the store's `parked` table in one committed
+//! transaction, and only then acknowledged, so that the PUBACKs behind it flow again (a
+//! vehicle revoked before a bridge restart is unknown to the restarted bridge, and its queued
+//! messages would otherwise stall the events session for good). If the store cannot write, it
+//! stays held. The vehicle's later messages without a key are parked at once, behind it, so
+//! that its messages stay in order. Parked messages are checked again every
+//! [`broker::FileWatch::INTERVAL`] (the credentials file is reloaded when it changes) while no
+//! message is held (a held one delays that by its wait at most; a vehicle's own parked
+//! messages are checked before each of its held ones), and at start: once the vehicle has a
+//! key they are handled in the order they came, exactly as if they had just arrived (a
+//! delivery event is committed as the ack queue commits it; the store drops a duplicate), then
+//! deleted; a revoked vehicle's, or one that does not verify,
+//! are rejected (counted, logged) and deleted. What no key ever claims is removed by the
+//! queue retention, counted (`fleetbeat_bridge_parked_expired_total`). Heartbeats (QoS 0) are
+//! never held nor parked.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -26,17 +43,30 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::acks::{self, AckQueue, Delivery, Handled};
-use super::keys::DeviceKeys;
+use super::keys::{DeviceKeys, Lookup};
 use super::verify::{self, Rejected, Unopened};
 use crate::clock::now_ms;
 use crate::domain::Hub;
 use crate::domain::fleet::Report;
 use crate::metrics::{Counter, Metrics, Rejection};
-use crate::store::{HeartbeatRow, HeartbeatSender};
+use crate::store::{HeartbeatRow, HeartbeatSender, ParkedMessage, Store, StoreError};
 use crate::view::emit;
 
 /// How often a message held for its vehicle's key is logged again while it waits.
 const HELD_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// How many parked messages of a vehicle are read at once when its key is known.
+const PARKED_PAGE: u32 = 64;
+
+/// Where messages held too long for their vehicle's key are parked (see the module docs).
+pub(crate) struct Parking {
+    /// The store that keeps them.
+    pub(crate) store: Store,
+    /// How long a message is held before it is parked.
+    pub(crate) after: Duration,
+    /// The vehicles with parked messages when the bridge starts (`Store::parked_vehicles`).
+    pub(crate) vehicles: Vec<VehicleId>,
+}
 
 /// A vehicle's message, verified and recorded: what is left to do with it.
 #[derive(Debug)]
@@ -58,6 +88,11 @@ struct Intake {
     /// Vehicles with messages held for their key, and how many: the messages behind them
     /// from the same vehicle are held too, so that they are handled in the order they came.
     held: Mutex<HashMap<VehicleId, usize>>,
+    /// Vehicles with parked messages: their messages without a key are parked at once,
+    /// behind them. Only the [`KeyWait`] task changes it.
+    parked: Mutex<HashSet<VehicleId>>,
+    store: Store,
+    park_after: Duration,
 }
 
 /// Everything the MQTT tasks need to handle what vehicles publish.
@@ -89,13 +124,14 @@ impl Inbox {
     /// An inbox that records into `hub` (and heartbeats into `history`), checks origins with
     /// `keys`, emits on `io`, and hands the events session's messages to `acks` for their
     /// PUBACK (delivery events to commit first); and the [`KeyWait`] task that handles the
-    /// messages held for their vehicle's key.
+    /// messages held for their vehicle's key, and parks them in `parking` after its wait.
     pub(crate) fn new(
         io: SocketIo,
         hub: Arc<Hub>,
         keys: DeviceKeys,
         history: HeartbeatSender,
         acks: AckQueue,
+        parking: Parking,
     ) -> (Self, KeyWait) {
         let intake = Arc::new(Intake {
             io,
@@ -103,6 +139,9 @@ impl Inbox {
             keys,
             history,
             held: Mutex::default(),
+            parked: Mutex::new(parking.vehicles.into_iter().collect()),
+            store: parking.store,
+            park_after: parking.after,
         });
         let (held, rx) = mpsc::channel(acks::CAPACITY);
         let wait = KeyWait {
@@ -179,7 +218,10 @@ impl Inbox {
         if topic.kind == TopicKind::Status && publish.payload.is_empty() {
             return Handled::Now(None);
         }
-        let behind_held = self.intake.holds(&topic.vehicle);
+        // QoS 0 is never parked: nothing behind it to keep in order.
+        let behind_parked =
+            publish.qos != QoS::AtMostOnce && self.intake.has_parked(&topic.vehicle);
+        let behind_held = behind_parked || self.intake.holds(&topic.vehicle);
         let outcome = if behind_held {
             Err(Unopened::NoKey)
         } else {
@@ -198,7 +240,9 @@ impl Inbox {
             }
             Err(Unopened::NoKey) => {
                 metrics.count(Counter::KeyWaits);
-                if behind_held {
+                if behind_parked {
+                    debug!(topic = %publish.topic, "held behind parked messages of the vehicle");
+                } else if behind_held {
                     debug!(topic = %publish.topic, "held behind an earlier message of the vehicle");
                 } else {
                     warn!(
@@ -234,10 +278,18 @@ impl KeyWait {
     /// Handles the held messages in order until `cancel` fires: each once its vehicle's key is
     /// known (the credentials file is checked again every [`broker::FileWatch::INTERVAL`]), or is
     /// given up unacknowledged when its connection ends.
+    /// Parked messages are checked again at start and every [`broker::FileWatch::INTERVAL`].
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
+        self.update_parked_gauge().await;
+        let mut recheck = tokio::time::interval(broker::FileWatch::INTERVAL);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let held = tokio::select! {
                 () = cancel.cancelled() => return,
+                _ = recheck.tick() => {
+                    self.recheck_parked().await;
+                    continue;
+                }
                 held = self.rx.recv() => match held {
                     Some(held) => held,
                     None => return,
@@ -252,9 +304,12 @@ impl KeyWait {
         }
     }
 
-    /// Handles `held` once its key is known; returns false if the bridge is stopping.
+    /// Handles `held` once its key is known, or parks it after its wait (at once if its
+    /// vehicle has parked messages still without a key); returns false if the bridge is
+    /// stopping.
     async fn wait_for_key(&self, mut held: Held, cancel: &CancellationToken) -> bool {
         let metrics = self.intake.hub.metrics();
+        let vehicle = held.topic.vehicle.clone();
         let since = Instant::now();
         let mut logged = since;
         loop {
@@ -262,7 +317,21 @@ impl KeyWait {
                 // Dropping the answer's sender: never acknowledged, the broker sends it again.
                 return true;
             }
-            match self.intake.accept(&held.topic, &held.payload) {
+            if self.intake.has_parked(&vehicle) {
+                // Its parked messages first, if their key is known now.
+                // Failures are retried here every few hundred ms: logged at debug level, the
+                // store's health (`/readyz`, `store_writable`) reports an outage.
+                if let Err(err) = self.recheck_vehicle(&vehicle).await {
+                    debug!(vehicle = %vehicle, cause = %err, "could not handle the vehicle's parked messages");
+                }
+                self.update_parked_gauge().await;
+            }
+            let outcome = if self.intake.has_parked(&vehicle) {
+                Err(Unopened::NoKey)
+            } else {
+                self.intake.accept(&held.topic, &held.payload)
+            };
+            match outcome {
                 Ok(accepted) => {
                     info!(
                         topic = %held.topic.name(),
@@ -280,6 +349,24 @@ impl KeyWait {
                 }
                 Err(Unopened::NoKey) => {}
             }
+            if self.intake.has_parked(&vehicle) || since.elapsed() >= self.intake.park_after {
+                match self.park(&held, since).await {
+                    Ok(()) => {
+                        let _ = held.answer.send(None);
+                        return true;
+                    }
+                    Err(err) => {
+                        if logged.elapsed() >= HELD_LOG_EVERY || logged == since {
+                            logged = Instant::now();
+                            warn!(
+                                topic = %held.topic.name(), cause = %err,
+                                "could not park a message held for its vehicle's key: it stays \
+                                 held unacknowledged, and parking is tried again"
+                            );
+                        }
+                    }
+                }
+            }
             if logged.elapsed() >= HELD_LOG_EVERY {
                 logged = Instant::now();
                 warn!(
@@ -288,11 +375,147 @@ impl KeyWait {
                     "still no key for this vehicle: its message and those behind it wait unacknowledged"
                 );
             }
+            let until_parked = self.intake.park_after.saturating_sub(since.elapsed());
+            let nap =
+                (broker::FileWatch::INTERVAL / 4).min(until_parked.max(Duration::from_millis(10)));
             tokio::select! {
                 () = cancel.cancelled() => return false,
                 () = held.answer.closed() => return true,
-                () = tokio::time::sleep(broker::FileWatch::INTERVAL / 4) => {}
+                () = tokio::time::sleep(nap) => {}
             }
+        }
+    }
+
+    /// Parks `held` (held since `since`) in the store, committed; the caller acknowledges it.
+    async fn park(&self, held: &Held, since: Instant) -> Result<(), StoreError> {
+        let topic = held.topic.name();
+        let vehicle = &held.topic.vehicle;
+        let behind = self.intake.has_parked(vehicle);
+        let waited_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let received_ms = now_ms().saturating_sub(waited_ms);
+        let id = self
+            .intake
+            .store
+            .park(vehicle, topic.as_str(), &held.payload, received_ms)
+            .await?;
+        self.intake.mark_parked(vehicle);
+        self.intake.metrics().count(Counter::Parked);
+        self.update_parked_gauge().await;
+        warn!(
+            topic = %topic,
+            parked = id,
+            waited_ms,
+            behind_parked = behind,
+            "no key for this vehicle in the credentials file: its message is parked in the store \
+             and acknowledged; it is handled once the key appears (`broker add-device`), or \
+             expires with the queue retention"
+        );
+        Ok(())
+    }
+
+    /// Handles the parked messages of every vehicle that has a key now (or is revoked). The
+    /// list of vehicles is read back from the store (retention may have emptied some).
+    async fn recheck_parked(&self) {
+        if self.intake.parked().is_empty() {
+            return;
+        }
+        let vehicles = match self.intake.store.parked_vehicles().await {
+            Ok(vehicles) => vehicles,
+            Err(err) => {
+                warn!(cause = %err, "could not list the parked messages");
+                return;
+            }
+        };
+        *self.intake.parked() = vehicles.iter().cloned().collect();
+        for vehicle in &vehicles {
+            if let Err(err) = self.recheck_vehicle(vehicle).await {
+                warn!(vehicle = %vehicle, cause = %err, "could not handle the vehicle's parked messages");
+            }
+        }
+        self.update_parked_gauge().await;
+    }
+
+    /// Handles the parked messages of `vehicle` in the order they came if it has a key now
+    /// (rejects them if it is revoked), deleting each once handled.
+    ///
+    /// # Errors
+    /// [`StoreError`] if they could not be read, committed or deleted: what is left stays
+    /// parked, for the next check.
+    async fn recheck_vehicle(&self, vehicle: &VehicleId) -> Result<(), StoreError> {
+        if self.intake.keys.lookup(vehicle) == Lookup::Unknown {
+            return Ok(());
+        }
+        loop {
+            let page = self.intake.store.parked_of(vehicle, PARKED_PAGE).await?;
+            if page.is_empty() {
+                self.intake.parked().remove(vehicle);
+                return Ok(());
+            }
+            for parked in page {
+                if !self.handle_parked(&parked).await? {
+                    return Ok(());
+                }
+                self.intake.store.unpark(parked.id).await?;
+            }
+        }
+    }
+
+    /// Handles one parked message as if it had just arrived. Returns false if its vehicle has
+    /// no key (any more): it stays parked.
+    ///
+    /// # Errors
+    /// [`StoreError`] if its delivery event could not be committed for an outage.
+    async fn handle_parked(&self, parked: &ParkedMessage) -> Result<bool, StoreError> {
+        let metrics = self.intake.metrics();
+        let topic = match Topic::parse(&parked.topic) {
+            Ok(topic) if topic.vehicle == parked.vehicle => topic,
+            Ok(_) | Err(_) => {
+                metrics.rejected(Rejection::Topic);
+                warn!(topic = %parked.topic, "rejected parked MQTT message: bad topic");
+                return Ok(true);
+            }
+        };
+        let accepted = match self.intake.accept(&topic, &parked.payload) {
+            Ok(accepted) => accepted,
+            Err(Unopened::Rejected(rejected)) => {
+                reject(metrics, &topic, parked.payload.len(), rejected);
+                return Ok(true);
+            }
+            Err(Unopened::NoKey) => return Ok(false),
+        };
+        let parked_for_ms = now_ms().saturating_sub(parked.received_ms);
+        if let Some(delivery) = self.intake.finish(&topic, accepted).await {
+            match acks::store_delivery(&self.intake.hub, &self.intake.io, &delivery).await {
+                Ok(()) => metrics.store().succeeded(),
+                Err(err) if !err.is_outage() => {
+                    metrics.rejected(Rejection::Store);
+                    tracing::error!(
+                        topic = %topic.name(), seq = delivery.event.seq, cause = %err,
+                        "parked delivery event refused by the store: dropped"
+                    );
+                }
+                Err(err) => {
+                    metrics
+                        .store()
+                        .failed("parked delivery event", &err, metrics.acks_waiting());
+                    return Err(err);
+                }
+            }
+        }
+        info!(
+            topic = %topic.name(),
+            parked = parked.id,
+            parked_for_ms,
+            "the vehicle's key is known now: parked message handled"
+        );
+        Ok(true)
+    }
+
+    /// Sets the gauge of parked messages from the store.
+    async fn update_parked_gauge(&self) {
+        match self.intake.store.parked_count().await {
+            Ok(n) => self.intake.metrics().set_parked(n),
+            Err(err) => debug!(cause = %err, "could not count the parked messages"),
         }
     }
 }
@@ -304,6 +527,20 @@ impl Intake {
 
     fn held(&self) -> MutexGuard<'_, HashMap<VehicleId, usize>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn parked(&self) -> MutexGuard<'_, HashSet<VehicleId>> {
+        self.parked.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `vehicle` has parked messages.
+    fn has_parked(&self, vehicle: &VehicleId) -> bool {
+        self.parked().contains(vehicle)
+    }
+
+    /// Notes that `vehicle` has parked messages.
+    fn mark_parked(&self, vehicle: &VehicleId) {
+        self.parked().insert(vehicle.clone());
     }
 
     /// Whether messages of `vehicle` are held (for its key) now.

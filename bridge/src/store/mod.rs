@@ -14,6 +14,8 @@
 //!   transaction (by the rules of `domain::order`, the one thing above it the store uses).
 //! - `queue`: the durable per-client message queue (`Store::pending`, `Store::ack`,
 //!   `Store::expire`).
+//! - `parked`: QoS 1 messages of vehicles without a key, parked after their wait
+//!   (`Store::park`, `Store::parked_of`, `Store::unpark`, `Store::expire_parked`).
 //! - `track`: the heartbeat history ([`Store::record_heartbeats`], `Store::track`).
 //! - `writer`: `HeartbeatWriter`, a task that batches heartbeats off the MQTT path.
 //! - `health`: `StoreHealth`, whether the store can write, as its writes show it (for
@@ -29,6 +31,7 @@ mod error;
 mod health;
 mod options;
 mod order;
+mod parked;
 mod queue;
 mod sqlite;
 mod track;
@@ -42,6 +45,7 @@ pub(crate) use health::StoreHealth;
 pub use options::{StoreOptions, Synchronous};
 pub use order::{CreatedOrder, NewOrder, Recorded};
 pub(crate) use order::{OrderView, WaitingOrder};
+pub(crate) use parked::ParkedMessage;
 pub(crate) use queue::QueuedMessage;
 pub use queue::{ClientId, Enqueued, MessageId};
 pub use track::HeartbeatRow;
