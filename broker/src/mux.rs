@@ -80,6 +80,12 @@ pub(crate) enum MuxEvent {
     },
 }
 
+impl crate::share::MemberPort for UnboundedSender<MuxEvent> {
+    fn give(&self, message: Arc<crate::share::SharedMessage>, qos: u8) -> bool {
+        self.send(MuxEvent::Shared { message, qos }).is_ok()
+    }
+}
+
 /// A message on a command topic.
 #[derive(Debug)]
 pub(crate) struct CommandMessage {

@@ -33,12 +33,10 @@ use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, PublishProperties};
 use tokio::sync::Notify;
-use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::BrokerMetrics;
-use crate::mux::MuxEvent;
 use crate::router::{INTERNAL_PREFIX, LinkRefused, LinkRequest, Registrar, hand_over};
 
 /// Most shared subscription groups at once, in all (each has a router link of its own; the
@@ -130,13 +128,20 @@ pub(crate) struct SharedMessage {
     pub(crate) qos: u8,
 }
 
+/// Where a group hands a member its messages: the member's connection (its mux port, see
+/// `mux`, which implements this; so this module does not depend on the mux).
+pub(crate) trait MemberPort: Send + Sync + std::fmt::Debug {
+    /// Hands `message` to the member, to write at `qos`; false if its connection is gone.
+    fn give(&self, message: Arc<SharedMessage>, qos: u8) -> bool;
+}
+
 /// One connection in a group.
 #[derive(Debug)]
 struct Member {
     connection: u64,
     /// Its granted QoS.
     qos: u8,
-    tx: UnboundedSender<MuxEvent>,
+    tx: Arc<dyn MemberPort>,
     /// QoS 1 messages given to it and not acknowledged yet.
     outstanding: usize,
     /// Messages given to it and not yet written (or dropped) by its connection.
@@ -182,16 +187,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Group {
-    fn join(&self, connection: u64, qos: u8, tx: &UnboundedSender<MuxEvent>) {
+    fn join(&self, connection: u64, qos: u8, tx: &Arc<dyn MemberPort>) {
         let mut members = lock(&self.members);
         if let Some(member) = members.list.iter_mut().find(|m| m.connection == connection) {
             member.qos = qos;
-            member.tx = tx.clone();
+            member.tx = Arc::clone(tx);
         } else {
             members.list.push(Member {
                 connection,
                 qos,
-                tx: tx.clone(),
+                tx: Arc::clone(tx),
                 outstanding: 0,
                 queued: 0,
             });
@@ -250,11 +255,7 @@ impl Group {
             };
             let member = &mut members.list[at];
             let qos = member.qos.min(message.qos);
-            let event = MuxEvent::Shared {
-                message: Arc::clone(message),
-                qos,
-            };
-            if member.tx.send(event).is_err() {
+            if !member.tx.give(Arc::clone(message), qos) {
                 // Its connection is gone (it leaves the group on its way out).
                 members.list.swap_remove(at);
                 continue;
@@ -318,7 +319,7 @@ impl SharedSubscriptions {
         filter: &str,
         connection: u64,
         qos: u8,
-        tx: &UnboundedSender<MuxEvent>,
+        tx: &Arc<dyn MemberPort>,
     ) -> Result<(), JoinError> {
         let key = (group.to_owned(), filter.to_owned());
         {
@@ -473,7 +474,6 @@ async fn dispatch(group: Arc<Group>, mut tx: LinkTx, mut rx: LinkRx, metrics: Br
 
 #[cfg(test)]
 mod tests {
-    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
     use super::*;
 
@@ -496,27 +496,46 @@ mod tests {
         })
     }
 
-    /// How many messages each receiver has queued, and at which QoS the last one came.
-    fn taken(rx: &mut UnboundedReceiver<MuxEvent>) -> Vec<u8> {
-        let mut out = Vec::new();
-        while let Ok(MuxEvent::Shared { qos, .. }) = rx.try_recv() {
-            out.push(qos);
+    /// A member's port that keeps the QoS of what it was given, until it is gone.
+    #[derive(Debug, Default)]
+    struct TestPort {
+        given: Mutex<Vec<u8>>,
+        gone: std::sync::atomic::AtomicBool,
+    }
+
+    impl MemberPort for TestPort {
+        fn give(&self, _message: Arc<SharedMessage>, qos: u8) -> bool {
+            if self.gone.load(std::sync::atomic::Ordering::Relaxed) {
+                return false;
+            }
+            lock(&self.given).push(qos);
+            true
         }
-        out
+    }
+
+    /// A new port, as the group holds it and as the test reads it.
+    fn port() -> (Arc<dyn MemberPort>, Arc<TestPort>) {
+        let port = Arc::new(TestPort::default());
+        (Arc::clone(&port) as Arc<dyn MemberPort>, port)
+    }
+
+    /// The QoS of each message the port was given since the last call.
+    fn taken(port: &TestPort) -> Vec<u8> {
+        std::mem::take(&mut *lock(&port.given))
     }
 
     #[test]
     fn messages_go_round_robin_at_each_members_qos_and_skip_full_members() {
         let group = group();
-        let (tx1, mut rx1) = unbounded_channel();
-        let (tx2, mut rx2) = unbounded_channel();
+        let (tx1, rx1) = port();
+        let (tx2, rx2) = port();
         group.join(1, 1, &tx1);
         group.join(2, 0, &tx2);
         for _ in 0..4 {
             assert_eq!(group.give(&message(&group, 1), false), Given::Sent);
         }
-        assert_eq!(taken(&mut rx1), [1, 1], "granted 1: QoS 1");
-        assert_eq!(taken(&mut rx2), [0, 0], "granted 0: QoS 0");
+        assert_eq!(taken(&rx1), [1, 1], "granted 1: QoS 1");
+        assert_eq!(taken(&rx2), [0, 0], "granted 0: QoS 0");
 
         // Member 1 at its in-flight bound: everything goes to member 2 (QoS 0, no bound).
         assert_eq!(lock(&group.members).list[0].outstanding, 2);
@@ -524,13 +543,13 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(group.give(&message(&group, 1), false), Given::Sent);
         }
-        assert!(taken(&mut rx1).is_empty());
-        assert_eq!(taken(&mut rx2).len(), 3);
+        assert!(taken(&rx1).is_empty());
+        assert_eq!(taken(&rx2).len(), 3);
         // Acknowledged: room again.
         group.acknowledged(1);
         group.give(&message(&group, 1), false);
         group.give(&message(&group, 1), false);
-        assert_eq!(taken(&mut rx1).len() + taken(&mut rx2).len(), 2);
+        assert_eq!(taken(&rx1).len() + taken(&rx2).len(), 2);
 
         // A member that left is never picked; a group without members says so.
         assert!(!group.leave(2));
@@ -541,7 +560,7 @@ mod tests {
     #[test]
     fn a_stalled_member_bounds_what_it_is_given() {
         let group = group();
-        let (tx, mut rx) = unbounded_channel();
+        let (tx, rx) = port();
         group.join(1, 0, &tx);
         for _ in 0..MEMBER_QUEUE {
             assert_eq!(group.give(&message(&group, 0), false), Given::Sent);
@@ -555,9 +574,9 @@ mod tests {
         group.written(1);
         group.written(1);
         assert_eq!(group.give(&message(&group, 0), false), Given::Sent);
-        assert_eq!(taken(&mut rx).len(), MEMBER_QUEUE + 2);
+        assert_eq!(taken(&rx).len(), MEMBER_QUEUE + 2);
         // A member whose connection is gone is dropped.
-        drop(rx);
+        rx.gone.store(true, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(group.give(&message(&group, 0), true), Given::NoMembers);
     }
 

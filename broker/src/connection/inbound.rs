@@ -3,6 +3,8 @@
 //! and UNSUBACK of command subscriptions the mux link serves, shared subscriptions, which
 //! the front end serves itself through `share`).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
@@ -20,7 +22,7 @@ use crate::metrics::{DisconnectReason, DropReason, SubscribeRefusal};
 use crate::mux::{MuxEvent, is_command_topic, publish_with};
 use crate::qos;
 use crate::router::TOPIC_ALIAS_MAX;
-use crate::share::{self, ShareFilter};
+use crate::share::{self, MemberPort, ShareFilter};
 
 /// The SUBACK code refusing a filter for `why`, in MQTT 5 (`v5`) or 3.1.1 (always 0x80).
 fn refusal_code(why: SubscribeRefusal, v5: bool) -> SubscribeReasonCode {
@@ -504,7 +506,7 @@ impl Established {
                 QoS::AtMostOnce => 0,
                 _ => 1,
             };
-            let tx = self.port().tx.clone();
+            let tx: Arc<dyn MemberPort> = Arc::new(self.port().tx.clone());
             let code = match self
                 .ctx
                 .shared
