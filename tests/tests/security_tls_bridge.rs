@@ -326,13 +326,21 @@ async fn the_broker_table_configures_the_embedded_broker() -> anyhow::Result<()>
     let before = bridge.metric(refused).await?;
 
     // One connection from 127.0.0.1 that has not sent CONNECT is all it allows: a second
-    // is closed at once, before a byte is read (counted).
-    let _first = tokio::net::TcpStream::connect(bridge.mqtt).await?;
+    // is closed at once, before a byte is read (counted). The bridge's own MQTT clients come
+    // from 127.0.0.1 too: if one of them held the slot when `first` came, `first` is the one
+    // closed, and the pair is tried again.
     let mut closed = false;
     let deadline = tokio::time::Instant::now() + WAIT;
     while !closed && tokio::time::Instant::now() < deadline {
-        let mut second = tokio::net::TcpStream::connect(bridge.mqtt).await?;
+        let mut first = tokio::net::TcpStream::connect(bridge.mqtt).await?;
         let mut byte = [0u8; 1];
+        let first_open = tokio::time::timeout(Duration::from_millis(300), first.read(&mut byte))
+            .await
+            .is_err();
+        if !first_open {
+            continue;
+        }
+        let mut second = tokio::net::TcpStream::connect(bridge.mqtt).await?;
         closed = matches!(
             tokio::time::timeout(Duration::from_secs(2), second.read(&mut byte)).await,
             Ok(Ok(0) | Err(_))
