@@ -140,6 +140,28 @@ pub(crate) fn client_config(
     Ok(Arc::new(config))
 }
 
+/// Certificates for the unit tests, made with rcgen.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::Path;
+
+    use super::TlsFiles;
+
+    /// A self-signed certificate for `localhost` and its key, written as `dir/{name}.pem` and
+    /// `dir/{name}-key.pem`.
+    pub(crate) fn self_signed(dir: &Path, name: &str) -> TlsFiles {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+            .expect("a self-signed certificate");
+        let files = TlsFiles {
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}-key.pem")),
+        };
+        std::fs::write(&files.key, made.signing_key.serialize_pem()).expect("write the key");
+        std::fs::write(&files.cert, made.cert.pem()).expect("write the certificate");
+        files
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

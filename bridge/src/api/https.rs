@@ -336,31 +336,7 @@ fn reload_now(cert: &ServerCertificate) -> Arc<ServerConfig> {
 mod tests {
     use super::*;
 
-    /// A self-signed certificate and key for `localhost`, made with `openssl`.
-    fn self_signed(dir: &std::path::Path, name: &str) -> TlsFiles {
-        let files = TlsFiles {
-            cert: dir.join(format!("{name}.pem")),
-            key: dir.join(format!("{name}-key.pem")),
-        };
-        let status = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
-            .arg(&files.key)
-            .arg("-out")
-            .arg(&files.cert)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl runs");
-        assert!(status.success(), "openssl made a certificate");
-        files
-    }
+    use crate::tls::testing::self_signed;
 
     #[test]
     fn a_broken_replacement_keeps_the_old_certificate() {

@@ -486,24 +486,7 @@ mod tests {
             "{err}"
         );
         let dir = tempfile::tempdir().expect("temp dir");
-        let ca = dir.path().join("ca.pem");
-        let status = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-days", "1", "-subj", "/CN=test CA", "-keyout"])
-            .arg(dir.path().join("ca-key.pem"))
-            .arg("-out")
-            .arg(&ca)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl runs");
-        assert!(status.success());
+        let ca = crate::tls::testing::self_signed(dir.path(), "ca").cert;
         let tls = MqttTls::load(&ca, None).expect("a CA bundle");
         let e =
             MqttEndpoint::parse_with_tls("mqtts://broker.local", Some(tls.clone())).expect("valid");
