@@ -1,6 +1,7 @@
 //! Rebuilds the bridge when a migration is added or changed: `sqlx::migrate!` embeds
-//! `migrations/` at compile time (sqlx's documented recipe).
+//! `migrations/sqlite/` and `migrations/postgres/` at compile time (sqlx's documented recipe).
 
 fn main() {
-    println!("cargo:rerun-if-changed=migrations");
+    println!("cargo:rerun-if-changed=migrations/sqlite");
+    println!("cargo:rerun-if-changed=migrations/postgres");
 }

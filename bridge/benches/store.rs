@@ -9,6 +9,11 @@
 //! Prints a markdown table. The database lives in the system's temporary directory, or in
 //! `FLEETBEAT_BENCH_DIR` if set: it must be on a real disk (not tmpfs) for the fsync figures to
 //! mean anything. The whole run takes about 15 s.
+//!
+//! With `FLEETBEAT_BENCH_PG=1` the same runs go to PostgreSQL too, on a server of its own
+//! (`testengines::postgres::TempPostgres`, with `fsync` on, in the temporary directory):
+//! `synchronous_commit = on` for FULL, `off` for the baseline; the bench talks to it over
+//! loopback TCP.
 
 use std::error::Error;
 use std::path::Path;
@@ -17,6 +22,7 @@ use std::time::{Duration, Instant};
 use bridge::store::{ClientId, HeartbeatRow, NewOrder, Store, StoreOptions, Synchronous};
 use serde_json::json;
 use shared::{DeliveryEvent, DeliveryKind, FleetId, OrderId, Position, VehicleId};
+use testengines::postgres::TempPostgres;
 
 /// How long each measurement runs (it also stops when it runs out of prepared work).
 const BUDGET: Duration = Duration::from_millis(2_000);
@@ -24,6 +30,52 @@ const BUDGET: Duration = Duration::from_millis(2_000);
 const ORDERS: u32 = 8_000;
 
 type BenchResult<T> = Result<T, Box<dyn Error>>;
+
+/// Where the stores of a run live.
+enum Engine<'a> {
+    /// SQLite files in this directory.
+    Sqlite(&'a Path),
+    /// Databases on this PostgreSQL server.
+    Postgres(&'a TempPostgres),
+}
+
+impl Engine<'_> {
+    /// A new, empty store's target, named after `name` (`[a-z0-9_]`).
+    fn fresh(&self, name: &str) -> BenchResult<String> {
+        match self {
+            Self::Sqlite(dir) => Ok(path_str(&dir.join(format!("{name}.db")))?.to_owned()),
+            Self::Postgres(server) => Ok(server.create_database(name)?),
+        }
+    }
+
+    /// A copy of the prepared orders (`template`, closed), named after `name`.
+    fn copy(&self, template: &str, name: &str) -> BenchResult<String> {
+        match self {
+            Self::Sqlite(dir) => {
+                let path = dir.join(format!("{name}.db"));
+                std::fs::copy(template, &path)?;
+                Ok(path_str(&path)?.to_owned())
+            }
+            Self::Postgres(server) => {
+                server.psql(&format!("CREATE DATABASE {name} TEMPLATE orders"))?;
+                Ok(server.database_url(name))
+            }
+        }
+    }
+
+    /// How `synchronous` reads in the table on this engine.
+    fn setting(&self, synchronous: Synchronous) -> String {
+        match self {
+            Self::Sqlite(_) => setting(synchronous),
+            Self::Postgres(_) => match synchronous {
+                Synchronous::Full => "PostgreSQL, synchronous_commit=on (fsync per commit)".into(),
+                Synchronous::Normal | Synchronous::Off => {
+                    "PostgreSQL, synchronous_commit=off (baseline)".into()
+                }
+            },
+        }
+    }
+}
 
 /// One measured line of the table.
 struct Measured {
@@ -67,8 +119,8 @@ fn order_id(i: u32) -> BenchResult<OrderId> {
 
 /// A database with `ORDERS` orders, each assigned to its own vehicle, closed (checkpointed)
 /// so that it can be copied for each run.
-async fn prepare_orders(path: &Path) -> BenchResult<()> {
-    let store = Store::open(path_str(path)?, options(Synchronous::Off)).await?;
+async fn prepare_orders(target: &str) -> BenchResult<()> {
+    let store = Store::open(target, options(Synchronous::Off)).await?;
     let fleet: FleetId = "bench".parse()?;
     for i in 0..ORDERS {
         let order = order_id(i)?;
@@ -88,6 +140,36 @@ async fn prepare_orders(path: &Path) -> BenchResult<()> {
     Ok(())
 }
 
+fn path_string(dir: &Path) -> BenchResult<String> {
+    Ok(path_str(&dir.join("orders.db"))?.to_owned())
+}
+
+/// Every line of the table on `engine`; `template` is where the prepared orders go.
+async fn measure(engine: &Engine<'_>, template: &str) -> BenchResult<Vec<(Measured, f64)>> {
+    prepare_orders(template).await?;
+    let mut rows = Vec::new();
+    let events_off = bench_events(engine, template, Synchronous::Off).await?;
+    let baseline = events_off.rate();
+    let settings: &[Synchronous] = match engine {
+        Engine::Sqlite(_) => &[Synchronous::Full, Synchronous::Normal],
+        Engine::Postgres(_) => &[Synchronous::Full],
+    };
+    for &synchronous in settings {
+        rows.push((bench_events(engine, template, synchronous).await?, baseline));
+    }
+    rows.push((events_off, baseline));
+    for batch in [100, 1_000] {
+        let off = bench_heartbeats(engine, Synchronous::Off, batch).await?;
+        let baseline = off.rate();
+        rows.push((
+            bench_heartbeats(engine, Synchronous::Full, batch).await?,
+            baseline,
+        ));
+        rows.push((off, baseline));
+    }
+    Ok(rows)
+}
+
 fn path_str(path: &Path) -> BenchResult<&str> {
     path.to_str()
         .ok_or_else(|| "non-UTF-8 temporary path".into())
@@ -96,13 +178,12 @@ fn path_str(path: &Path) -> BenchResult<&str> {
 /// `record_event` in a loop: pickup, in-transit, delivered for one order after another, each
 /// event queued for the order's vendor and the dispatchers.
 async fn bench_events(
-    template: &Path,
-    dir: &Path,
+    engine: &Engine<'_>,
+    template: &str,
     synchronous: Synchronous,
 ) -> BenchResult<Measured> {
-    let path = dir.join(format!("events-{synchronous}.db"));
-    std::fs::copy(template, &path)?;
-    let store = Store::open(path_str(&path)?, options(synchronous)).await?;
+    let target = engine.copy(template, &format!("events_{synchronous}"))?;
+    let store = Store::open(&target, options(synchronous)).await?;
     let fleet: FleetId = "bench".parse()?;
     let dispatch = ClientId::dispatch();
     let mut latencies = Vec::new();
@@ -152,7 +233,7 @@ async fn bench_events(
     latencies.sort_unstable();
     Ok(Measured {
         what: "`record_event` (event + order update + 2 queue rows, 1 tx)".into(),
-        setting: setting(synchronous),
+        setting: engine.setting(synchronous),
         ops: latencies.len() as u64,
         unit: "events/s",
         elapsed,
@@ -162,12 +243,12 @@ async fn bench_events(
 
 /// `record_heartbeats` in a loop, `batch` rows per call (one transaction each), 50 vehicles.
 async fn bench_heartbeats(
-    dir: &Path,
+    engine: &Engine<'_>,
     synchronous: Synchronous,
     batch: u32,
 ) -> BenchResult<Measured> {
-    let path = dir.join(format!("heartbeats-{synchronous}-{batch}.db"));
-    let store = Store::open(path_str(&path)?, options(synchronous)).await?;
+    let target = engine.fresh(&format!("heartbeats_{synchronous}_{batch}"))?;
+    let store = Store::open(&target, options(synchronous)).await?;
     let fleet: FleetId = "bench".parse()?;
     let vehicles: Vec<VehicleId> = (0..50).map(vehicle).collect::<BenchResult<_>>()?;
     let mut latencies = Vec::new();
@@ -202,7 +283,7 @@ async fn bench_heartbeats(
     latencies.sort_unstable();
     Ok(Measured {
         what: format!("`record_heartbeats`, batches of {batch} (1 tx each)"),
-        setting: setting(synchronous),
+        setting: engine.setting(synchronous),
         ops: latencies.len() as u64 * u64::from(batch),
         unit: "heartbeats/s",
         elapsed,
@@ -254,27 +335,12 @@ async fn run() -> BenchResult<()> {
         .unwrap_or_else(|| "unknown".into());
     let started = Instant::now();
 
-    let template = dir.path().join("orders.db");
-    prepare_orders(&template).await?;
-
-    let mut rows = Vec::new();
-    let events_off = bench_events(&template, dir.path(), Synchronous::Off).await?;
-    let baseline = events_off.rate();
-    for synchronous in [Synchronous::Full, Synchronous::Normal] {
-        rows.push((
-            bench_events(&template, dir.path(), synchronous).await?,
-            baseline,
-        ));
-    }
-    rows.push((events_off, baseline));
-    for batch in [100, 1_000] {
-        let off = bench_heartbeats(dir.path(), Synchronous::Off, batch).await?;
-        let baseline = off.rate();
-        rows.push((
-            bench_heartbeats(dir.path(), Synchronous::Full, batch).await?,
-            baseline,
-        ));
-        rows.push((off, baseline));
+    let mut rows = measure(&Engine::Sqlite(dir.path()), &path_string(dir.path())?).await?;
+    let postgres = std::env::var_os("FLEETBEAT_BENCH_PG").is_some_and(|v| v == "1");
+    if postgres {
+        let server = TempPostgres::start_with_fsync(true)?;
+        let template = server.create_database("orders")?;
+        rows.extend(measure(&Engine::Postgres(&server), &template).await?);
     }
 
     println!();

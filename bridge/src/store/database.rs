@@ -1,27 +1,119 @@
 //! The [`Store`] handle: opening (migrations run at open), closing, the durability
-//! read-back, and the conversions between Rust and SQL values every query shares.
+//! read-back, the [`Backend`] it runs on, and the conversions between Rust and SQL values
+//! every query shares.
+//!
+//! Every query goes through sqlx's `Any` driver, so it is written once; the backend, known at
+//! run time, decides the few things that differ (how a write transaction begins, row locks,
+//! placeholders of generated SQL), through the methods of [`Backend`].
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 use tracing::info;
 
 use super::error::StoreError;
 use super::options::{Durability, StoreOptions};
-use super::sqlite::{self, DbPool, DbTx};
+use super::{postgres, sqlite};
+
+/// The database type of every query: sqlx's `Any`, which forwards to the backend.
+pub(super) type Db = sqlx::Any;
+/// A pool of connections.
+pub(super) type DbPool = sqlx::AnyPool;
+/// A transaction.
+pub(super) type DbTx = sqlx::Transaction<'static, Db>;
+
+/// The database a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backend {
+    /// A SQLite file (or an in-memory database): one bridge.
+    Sqlite,
+    /// A PostgreSQL server: one or several bridges.
+    Postgres,
+}
+
+impl Backend {
+    /// `sqlite` or `postgres`.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+
+    /// The statement that begins a write transaction ([`sqlite::BEGIN_WRITE`],
+    /// [`postgres::BEGIN_WRITE`]).
+    pub(super) const fn begin_write(self) -> &'static str {
+        match self {
+            Self::Sqlite => sqlite::BEGIN_WRITE,
+            Self::Postgres => postgres::BEGIN_WRITE,
+        }
+    }
+
+    /// The statement that begins a read transaction whose queries all see one snapshot:
+    /// `BEGIN` on SQLite (a read transaction there is a snapshot), `BEGIN ISOLATION LEVEL
+    /// REPEATABLE READ READ ONLY` on PostgreSQL (read committed takes a snapshot per
+    /// statement).
+    pub(super) const fn begin_read(self) -> &'static str {
+        match self {
+            Self::Sqlite => "BEGIN",
+            Self::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        }
+    }
+
+    /// What ends a `SELECT` that reads a row the transaction then changes: `FOR UPDATE` on
+    /// PostgreSQL, which locks the row until the transaction ends, so that a second bridge
+    /// handling the same order waits and then reads what the first committed; nothing on
+    /// SQLite (which rejects it), whose write transactions already exclude each other.
+    pub(super) const fn for_update(self) -> &'static str {
+        match self {
+            Self::Sqlite => "",
+            Self::Postgres => " FOR UPDATE",
+        }
+    }
+
+    /// Appends the placeholder of the `n`th (1-based) bound value to generated SQL
+    /// ([`sqlite::push_placeholder`], [`postgres::push_placeholder`]).
+    pub(super) fn push_placeholder(self, sql: &mut String, n: usize) {
+        match self {
+            Self::Sqlite => sqlite::push_placeholder(sql, n),
+            Self::Postgres => postgres::push_placeholder(sql, n),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The pools of an open store, as a backend's `connect` returns them.
+pub(super) struct Pools {
+    /// Where writes go.
+    pub(super) write: DbPool,
+    /// Where reads go (the write pool itself where a second pool would not help).
+    pub(super) read: DbPool,
+}
+
+/// Whether `target` names a PostgreSQL database.
+fn is_postgres(target: &str) -> bool {
+    target.starts_with("postgres://") || target.starts_with("postgresql://")
+}
 
 /// The bridge's durable storage. Cheap to clone: clones share the connections.
 #[derive(Clone)]
 pub struct Store {
     pub(super) write: DbPool,
     pub(super) read: DbPool,
+    pub(super) backend: Backend,
     target: Arc<str>,
 }
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")
+            .field("backend", &self.backend)
             .field("target", &self.target)
             .finish_non_exhaustive()
     }
@@ -30,25 +122,40 @@ impl fmt::Debug for Store {
 impl Store {
     /// Opens (creating it if needed) the database at `target` and brings its schema up to
     /// date. `target` is a file path (its directory is created if missing), `:memory:` (a
-    /// database that lives as long as the store, for tests), or a `sqlite:` URL.
+    /// database that lives as long as the store, for tests), a `sqlite:` URL, or a
+    /// `postgres://` / `postgresql://` URL (the database must exist; several bridges may
+    /// share it).
     ///
     /// # Errors
-    /// [`StoreError::UnsupportedTarget`] for anything else (e.g. a `postgres://` URL),
-    /// [`StoreError::Directory`] or [`StoreError::Open`] if the file cannot be opened,
+    /// [`StoreError::UnsupportedTarget`] for anything else (e.g. a `mysql://` URL),
+    /// [`StoreError::Directory`] or [`StoreError::Open`] if the database cannot be opened,
     /// [`StoreError::Migrate`] if the schema cannot be brought up to date, including a
     /// database written by a newer bridge.
     pub async fn open(target: &str, options: StoreOptions) -> Result<Self, StoreError> {
-        let pools = sqlite::connect(target, &options).await?;
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let backend = if is_postgres(target) {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
+        let pools = match backend {
+            Backend::Sqlite => sqlite::connect(target, &options).await?,
+            Backend::Postgres => postgres::connect(target, &options).await?,
+        };
         let store = Self {
             write: pools.write,
             read: pools.read,
+            backend,
             target: target.into(),
         };
         let durability = store.durability().await?;
         info!(
-            store = %target,
+            store = %redacted(target),
+            %backend,
             journal_mode = %durability.journal_mode,
             synchronous = %durability.synchronous,
+            fsync = %durability.fsync,
             "store opened"
         );
         Ok(store)
@@ -59,15 +166,19 @@ impl Store {
     pub async fn close(&self) {
         self.read.close().await;
         self.write.close().await;
-        info!(store = %self.target, "store closed");
+        info!(store = %redacted(&self.target), "store closed");
     }
 
-    /// The durability settings in force, read back from the database (`PRAGMA`s).
+    /// The durability settings in force, read back from the database (`PRAGMA`s on SQLite,
+    /// `SHOW` on PostgreSQL).
     ///
     /// # Errors
     /// [`StoreError::Database`] if the database cannot be queried.
     pub(crate) async fn durability(&self) -> Result<Durability, StoreError> {
-        sqlite::durability(&self.write).await
+        match self.backend {
+            Backend::Sqlite => sqlite::durability(&self.write).await,
+            Backend::Postgres => postgres::durability(&self.write).await,
+        }
     }
 
     /// Rewrites the one row of `store_probe` and commits: whether the store can write now.
@@ -88,9 +199,21 @@ impl Store {
         Ok(())
     }
 
-    /// Begins a write transaction (see [`sqlite::BEGIN_WRITE`]).
+    /// Begins a write transaction (see [`Backend::begin_write`]).
     pub(super) async fn begin_write(&self) -> Result<DbTx, StoreError> {
-        Ok(self.write.begin_with(sqlite::BEGIN_WRITE).await?)
+        Ok(self.write.begin_with(self.backend.begin_write()).await?)
+    }
+}
+
+/// `target` without a password, for the log and error messages.
+pub(super) fn redacted(target: &str) -> String {
+    match url::Url::parse(target) {
+        Ok(mut url) if url.password().is_some() => {
+            // Cannot fail on a URL that has a password (it has a host).
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        _ => target.to_owned(),
     }
 }
 
@@ -130,7 +253,10 @@ pub(crate) async fn in_memory() -> Store {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
     use super::*;
+    use crate::store::testing;
     use crate::store::{ClientId, Synchronous};
 
     #[tokio::test]
@@ -143,10 +269,152 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_other_databases() {
-        let err = Store::open("postgres://localhost/fleetbeat", StoreOptions::default())
+        let err = Store::open("mysql://localhost/fleetbeat", StoreOptions::default())
             .await
-            .expect_err("not sqlite");
+            .expect_err("neither sqlite nor postgres");
         assert!(matches!(err, StoreError::UnsupportedTarget(_)), "{err}");
+    }
+
+    #[test]
+    fn recognises_postgres_targets() {
+        assert!(is_postgres("postgres://db/fleetbeat"));
+        assert!(is_postgres("postgresql://u:p@db:5433/fleetbeat"));
+        assert!(!is_postgres("data/postgres.db"));
+        assert_eq!(
+            redacted("postgres://fleet:secret@db/fleetbeat"),
+            "postgres://fleet:***@db/fleetbeat"
+        );
+        assert_eq!(redacted("data/fleetbeat.db"), "data/fleetbeat.db");
+    }
+
+    /// A store written before the `Any` driver (sqlx's SQLite driver, the same migrations)
+    /// opens: the migrations' checksums match, nothing is migrated again, the data is there.
+    #[tokio::test]
+    async fn opens_a_store_written_by_the_sqlite_driver() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.db");
+        let native = sqlx::sqlite::SqlitePoolOptions::new()
+            .connect_with(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .expect("opens natively");
+        sqlite::MIGRATOR.run(&native).await.expect("migrates");
+        sqlx::query("INSERT INTO queue (client, payload, created_ms) VALUES ('dispatch', '7', 1)")
+            .execute(&native)
+            .await
+            .expect("inserts");
+        native.close().await;
+
+        let store = Store::open(path.to_str().expect("utf-8"), StoreOptions::default())
+            .await
+            .expect("reopens through Any");
+        let pending = store.pending(&ClientId::dispatch()).await.expect("pending");
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].payload, serde_json::json!(7));
+        store.close().await;
+    }
+
+    /// On PostgreSQL the read-back is `SHOW synchronous_commit` and `SHOW fsync`: `on` for a
+    /// durable store, `off` when NORMAL is asked for; the test server runs with `fsync=off`.
+    #[tokio::test]
+    async fn postgres_durability_read_back() {
+        let url = testing::postgres_url();
+        let store = Store::open(&url, StoreOptions::default())
+            .await
+            .expect("opens");
+        assert_eq!(store.backend, Backend::Postgres);
+        assert_eq!(
+            store.durability().await.expect("show"),
+            Durability {
+                backend: "postgres".into(),
+                journal_mode: "wal".into(),
+                synchronous: "on".into(),
+                fsync: "off".into(),
+            }
+        );
+        store.close().await;
+        let options = StoreOptions {
+            synchronous: Synchronous::Normal,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(&url, options).await.expect("reopens");
+        assert_eq!(store.durability().await.expect("show").synchronous, "off");
+        store.close().await;
+    }
+
+    /// The two migration sets have the same versions and descriptions, and after migrating
+    /// both databases have the same tables, columns (name and nullability, in order) and
+    /// index names.
+    #[tokio::test]
+    async fn migrations_are_in_step() {
+        let versions = |migrator: &sqlx::migrate::Migrator| {
+            migrator
+                .iter()
+                .map(|m| (m.version, m.description.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            versions(&sqlite::MIGRATOR),
+            versions(&postgres::MIGRATOR),
+            "migrations/sqlite and migrations/postgres"
+        );
+        let lite = in_memory().await;
+        let pg = testing::postgres().await;
+        let lite_schema = schema(&lite).await;
+        assert!(lite_schema.0.contains_key("orders"), "{lite_schema:?}");
+        assert!(lite_schema.1.contains("orders_open_by_vehicle"));
+        assert_eq!(lite_schema, schema(&pg).await);
+    }
+
+    type Columns = Vec<(String, bool)>;
+
+    /// The tables with their columns (name, NOT NULL) and the named indexes of `store`.
+    async fn schema(store: &Store) -> (BTreeMap<String, Columns>, BTreeSet<String>) {
+        let (tables_sql, columns_sql, indexes_sql) = match store.backend {
+            Backend::Sqlite => (
+                "SELECT name FROM sqlite_master WHERE type = 'table' \
+                 AND name NOT LIKE 'sqlite_%' AND name <> '_sqlx_migrations'",
+                // A primary key column is NOT NULL (SQLite does not say so of INTEGER ones).
+                "SELECT name, CASE WHEN \"notnull\" = 1 OR pk > 0 THEN 1 ELSE 0 END \
+                 FROM pragma_table_info($1) ORDER BY cid",
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL",
+            ),
+            Backend::Postgres => (
+                "SELECT table_name::text FROM information_schema.tables \
+                 WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations'",
+                "SELECT column_name::text, CASE WHEN is_nullable = 'NO' THEN 1 ELSE 0 END \
+                 FROM information_schema.columns WHERE table_schema = 'public' \
+                 AND table_name = $1 ORDER BY ordinal_position",
+                "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public' \
+                 AND indexname NOT LIKE '%_pkey'",
+            ),
+        };
+        let tables: Vec<String> = sqlx::query_scalar(tables_sql)
+            .fetch_all(&store.read)
+            .await
+            .expect("tables");
+        let mut columns = BTreeMap::new();
+        for table in tables {
+            let rows: Vec<(String, i32)> = sqlx::query_as(columns_sql)
+                .bind(&table)
+                .fetch_all(&store.read)
+                .await
+                .expect("columns");
+            columns.insert(
+                table,
+                rows.into_iter()
+                    .map(|(name, not_null)| (name, not_null == 1))
+                    .collect(),
+            );
+        }
+        let indexes: Vec<String> = sqlx::query_scalar(indexes_sql)
+            .fetch_all(&store.read)
+            .await
+            .expect("indexes");
+        (columns, indexes.into_iter().collect())
     }
 
     /// A durable store is WAL with synchronous = FULL, and both are in force again after the
@@ -172,8 +440,10 @@ mod tests {
         assert_eq!(
             store.durability().await.expect("pragmas"),
             Durability {
+                backend: "sqlite".into(),
                 journal_mode: "wal".into(),
                 synchronous: "full".into(),
+                fsync: "on".into(),
             }
         );
         // Also on a plain connection of our own: WAL is a property of the file.

@@ -15,8 +15,11 @@ use crate::domain::order::OrderState;
 /// database did not do what was asked, and nothing of the operation was committed.
 #[derive(Debug, Error)]
 pub enum StoreError {
-    /// The target is neither a file path, `:memory:`, nor a `sqlite:` URL.
-    #[error("unsupported store {0:?}: expected a file path, :memory: or a sqlite: URL")]
+    /// The target is neither a file path, `:memory:`, a `sqlite:` URL nor a `postgres://` URL.
+    #[error(
+        "unsupported store {0:?}: expected a file path, :memory:, a sqlite: URL or a \
+         postgres:// URL"
+    )]
     UnsupportedTarget(String),
     /// The directory that should hold the database file could not be created.
     #[error("cannot create the store directory {path:?}: {source}")]
@@ -30,7 +33,7 @@ pub enum StoreError {
     /// The database could not be opened or configured.
     #[error("cannot open the store {target:?}: {source}")]
     Open {
-        /// The path or URL as given.
+        /// The path or URL as given (a password in it replaced by `***`).
         target: String,
         /// Why.
         #[source]
@@ -75,12 +78,21 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether the store itself failed (locked, full, read-only, an I/O error, a connection
-    /// lost, a damaged file) rather than refused this data (a constraint, a value it cannot
-    /// hold or read back): the same write may succeed later, so a caller that must not lose
-    /// it retries, and the store counts as unwritable meanwhile.
+    /// lost, a damaged file, a PostgreSQL server shut down or out of reach) rather than
+    /// refused this data (a constraint, a value it cannot hold or read back): the same write
+    /// may succeed later, so a caller that must not lose it retries, and the store counts as
+    /// unwritable meanwhile.
     pub fn is_outage(&self) -> bool {
         match self {
             Self::Directory { .. } | Self::Open { .. } => true,
+            Self::Database(sqlx::Error::Database(db))
+                if db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some() =>
+            {
+                db.code()
+                    .is_some_and(|code| super::postgres::is_outage_code(&code))
+            }
             Self::Database(sqlx::Error::Database(db)) => {
                 // SQLite's primary result codes for data it cannot take: TOOBIG, MISMATCH, RANGE.
                 let primary = db
@@ -97,7 +109,8 @@ impl StoreError {
                 | sqlx::Error::ColumnDecode { .. }
                 | sqlx::Error::Encode(_)
                 | sqlx::Error::Decode(_)
-                | sqlx::Error::InvalidArgument(_),
+                | sqlx::Error::InvalidArgument(_)
+                | sqlx::Error::AnyDriverError(_),
             ) => false,
             Self::Database(_) => true,
             Self::UnsupportedTarget(_)
@@ -113,5 +126,61 @@ impl StoreError {
     /// A [`StoreError::Corrupt`] for column `what` holding `value`.
     pub(super) fn corrupt(what: &str, value: &str, cause: impl std::fmt::Display) -> Self {
         Self::Corrupt(format!("{what} {value:?}: {cause}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use testengines::postgres::TempPostgres;
+
+    use super::*;
+    use crate::store::{Store, StoreOptions};
+
+    /// Against a real PostgreSQL server: constraint violations are refused data; a server
+    /// that was shut down is an outage (`57P01`, a lost connection, a refused one), and the
+    /// store writes again once the server is back.
+    #[tokio::test]
+    async fn postgres_outages_and_refusals() {
+        let server = TempPostgres::start().expect("starts");
+        let url = server.create_database("outage").expect("creates");
+        let store = Store::open(&url, StoreOptions::default())
+            .await
+            .expect("opens");
+        store.probe_write().await.expect("writes");
+
+        let check = sqlx::query("INSERT INTO store_probe (id, written_ms) VALUES (2, 0)")
+            .execute(&store.write)
+            .await
+            .map_err(StoreError::from)
+            .expect_err("check constraint");
+        assert!(!check.is_outage(), "{check}");
+        let unique = sqlx::query("INSERT INTO store_probe (id, written_ms) VALUES (1, 0)")
+            .execute(&store.write)
+            .await
+            .map_err(StoreError::from)
+            .expect_err("primary key");
+        assert!(!unique.is_outage(), "{unique}");
+
+        server.stop().expect("stops");
+        for _ in 0..2 {
+            let started = std::time::Instant::now();
+            let err = store.probe_write().await.expect_err("server down");
+            assert!(err.is_outage(), "{err:?}");
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(15),
+                "{err:?}"
+            );
+        }
+        server.restart().expect("restarts");
+        let mut back = false;
+        for _ in 0..50 {
+            if store.probe_write().await.is_ok() {
+                back = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(back, "the store writes again once the server is back");
+        store.close().await;
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! # Layout
 //! - `database`: [`Store`], opening (migrations run at open), closing, the durability
-//!   read-back; `options`: [`StoreOptions`], [`Synchronous`].
+//!   read-back, the `Backend` it runs on; `options`: [`StoreOptions`], [`Synchronous`].
 //! - `order`: orders, their assignment to vehicles, and [`Store::record_event`], which
 //!   records a delivery event exactly once, moves its order on and queues its messages, in one
 //!   transaction (by the rules of `domain::order`, the one thing above it the store uses).
@@ -20,11 +20,16 @@
 //! - `writer`: `HeartbeatWriter`, a task that batches heartbeats off the MQTT path.
 //! - `health`: `StoreHealth`, whether the store can write, as its writes show it (for
 //!   `/readyz` and `/metrics`); [`StoreError::is_outage`] tells an outage from refused data.
-//! - `sqlite`: everything specific to SQLite. The queries elsewhere are portable SQL with
-//!   `$N` placeholders, meant to run unchanged on PostgreSQL for several bridges.
+//! - `sqlite`, `postgres`: everything specific to one database (connection settings, how a
+//!   write transaction begins, the durability read-back, migrations; `postgres` says how
+//!   several bridges share one database). The queries elsewhere are portable SQL with `$N`
+//!   placeholders; the few differences go through `Backend`.
 //! - [`StoreError`]: what can go wrong.
+//! - `testing` (tests only): a fresh store on each backend, and `on_each_backend!`, which
+//!   runs a test on both.
 //!
-//! The schema lives in `bridge/migrations/`.
+//! The schema lives in `bridge/migrations/sqlite/` and `bridge/migrations/postgres/`, kept in
+//! step by a test.
 
 mod database;
 mod error;
@@ -32,8 +37,11 @@ mod health;
 mod options;
 mod order;
 mod parked;
+mod postgres;
 mod queue;
 mod sqlite;
+#[cfg(test)]
+pub(crate) mod testing;
 mod track;
 mod writer;
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// When a commit counts as done: SQLite's `synchronous` setting (in WAL mode).
+/// When a commit counts as done: SQLite's `synchronous` setting (in WAL mode); on PostgreSQL,
+/// `synchronous_commit` (`on` for [`Synchronous::Full`], `off` otherwise: the server's crash,
+/// not the bridge's, can then lose the last commits; `fsync` is the server's own setting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Synchronous {
@@ -61,10 +63,11 @@ impl FromStr for Synchronous {
 pub struct StoreOptions {
     /// When a commit counts as done (default [`Synchronous::Full`]).
     pub synchronous: Synchronous,
-    /// Read-only connections for queries (default 4); writes always use one connection.
+    /// Read-only connections for queries (default 4); on SQLite writes always use one
+    /// connection; on PostgreSQL reads and writes share one pool of this many plus one.
     pub read_connections: u32,
     /// How long a statement waits for a lock held by another connection before failing
-    /// (default 5 s).
+    /// (default 5 s): SQLite's `busy_timeout`, PostgreSQL's `lock_timeout`.
     pub busy_timeout: Duration,
 }
 
@@ -81,10 +84,20 @@ impl Default for StoreOptions {
 /// The durability settings in force, as the database reports them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct Durability {
-    /// `PRAGMA journal_mode`: `wal` for a file, `memory` for an in-memory database.
+    /// The database: `sqlite` or `postgres`.
+    pub(crate) backend: String,
+    /// SQLite: `PRAGMA journal_mode`, `wal` for a file, `memory` for an in-memory database.
+    /// PostgreSQL: always `wal` (it always writes ahead to its log).
     pub(crate) journal_mode: String,
-    /// `PRAGMA synchronous` of the write connection: `full`, `normal`, `off` or `extra`.
+    /// SQLite: `PRAGMA synchronous` of the write connection, `full`, `normal`, `off` or
+    /// `extra`. PostgreSQL: `SHOW synchronous_commit` of a write connection (`on`: a commit
+    /// waits for its log to reach the disk; `off` for [`Synchronous::Normal`] and
+    /// [`Synchronous::Off`]).
     pub(crate) synchronous: String,
+    /// Whether the database syncs to the disk at all. SQLite: `off` when `synchronous` is
+    /// `off`, `on` otherwise. PostgreSQL: `SHOW fsync`, a server setting (`off` only on test
+    /// and throwaway servers: a crash of the machine can then corrupt the database).
+    pub(crate) fsync: String,
 }
 
 #[cfg(test)]

@@ -10,10 +10,10 @@ use serde_json::Value;
 use shared::{DeliveryEvent, DeliveryKind, FleetId, OrderId, Position, VehicleId};
 use tracing::warn;
 
-use super::database::{Store, from_db, narrow, parse_id, to_db};
+use super::database::{Backend, DbTx, Store, from_db, narrow, parse_id, to_db};
 use super::error::StoreError;
+use super::postgres;
 use super::queue::{self, ClientId, Enqueued};
-use super::sqlite::DbTx;
 use crate::clock::now_ms;
 use crate::domain::order::{EventFlag, OrderState, delivery_kind, judge};
 
@@ -266,7 +266,7 @@ impl Store {
             .bind(new.order.as_str())
             .fetch_one(&mut *tx)
             .await?;
-        drop(tx);
+        tx.rollback().await?;
         let existing = order_from_row(&new.order, row)?;
         let same = existing.store == new.store
             && existing.fleet == new.fleet
@@ -289,18 +289,48 @@ impl Store {
     /// is a no-op; assigning it to another vehicle before pickup moves it there, and frees the
     /// first one.
     ///
+    /// On PostgreSQL one bridge assigns at a time (see the `postgres` module): the others wait
+    /// for its (short) transaction.
+    ///
     /// # Errors
     /// [`StoreError::UnknownOrder`], [`StoreError::OrderUnderway`] once the order was picked
     /// up, [`StoreError::VehicleBusy`] if the vehicle holds another undelivered order,
     /// [`StoreError::Database`] if it could not be committed.
     pub async fn assign(&self, order: &OrderId, vehicle: &VehicleId) -> Result<(), StoreError> {
-        let now = to_db(now_ms());
         let mut tx = self.begin_write().await?;
-        let row: Option<(String, Option<String>)> =
-            sqlx::query_as("SELECT state, vehicle FROM orders WHERE order_id = $1")
-                .bind(order.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
+        // Ended explicitly either way: on PostgreSQL the transaction holds the assigner lock
+        // and the order's row lock until it ends, and a dropped transaction ends only when
+        // its connection is next used.
+        match self.assign_in(&mut tx, order, vehicle).await {
+            Ok(true) => Ok(tx.commit().await?),
+            Ok(false) => Ok(tx.rollback().await?),
+            Err(err) => {
+                if let Err(cause) = tx.rollback().await {
+                    warn!(%order, %cause, "cannot roll back a refused assignment");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// [`Store::assign`] inside `tx`; whether it changed anything (to commit).
+    async fn assign_in(
+        &self,
+        tx: &mut DbTx,
+        order: &OrderId,
+        vehicle: &VehicleId,
+    ) -> Result<bool, StoreError> {
+        let now = to_db(now_ms());
+        if self.backend == Backend::Postgres {
+            postgres::assigner_lock(tx).await?;
+        }
+        let row: Option<(String, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT state, vehicle FROM orders WHERE order_id = $1{}",
+            self.backend.for_update()
+        )))
+        .bind(order.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
         let (state, holder) = row.ok_or_else(|| StoreError::UnknownOrder(order.clone()))?;
         let state: OrderState = parse_id("order state", &state)?;
         if !state.may_be_assigned() {
@@ -310,7 +340,7 @@ impl Store {
             });
         }
         if state == OrderState::Assigned && holder.as_deref() == Some(vehicle.as_str()) {
-            return Ok(());
+            return Ok(false);
         }
         let other: Option<String> = sqlx::query_scalar(
             "SELECT order_id FROM orders \
@@ -318,7 +348,7 @@ impl Store {
         )
         .bind(vehicle.as_str())
         .bind(order.as_str())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
         if let Some(other) = other {
             return Err(StoreError::VehicleBusy {
@@ -333,16 +363,15 @@ impl Store {
         .bind(order.as_str())
         .bind(vehicle.as_str())
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         sqlx::query("INSERT INTO assignments (order_id, vehicle, assigned_ms) VALUES ($1, $2, $3)")
             .bind(order.as_str())
             .bind(vehicle.as_str())
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
-        tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// The order `id` with its timeline, if it exists.
@@ -352,7 +381,7 @@ impl Store {
     /// cannot be read back.
     pub(crate) async fn order(&self, id: &OrderId) -> Result<Option<OrderView>, StoreError> {
         // One read transaction: the order and its timeline from the same snapshot.
-        let mut tx = self.read.begin().await?;
+        let mut tx = self.read.begin_with(self.backend.begin_read()).await?;
         let row: Option<OrderRow> = sqlx::query_as(ORDER_COLUMNS)
             .bind(id.as_str())
             .fetch_optional(&mut *tx)
@@ -417,6 +446,57 @@ impl Store {
         .fetch_all(&self.read)
         .await?;
         rows.iter().map(|v| parse_id("order vehicle", v)).collect()
+    }
+
+    /// Claims the right to offer `order` to vehicles for `holder` (a bridge instance) until
+    /// `until_ms`: `true` if it is now `holder`'s (no claim, a lapsed claim, or already its
+    /// own), `false` while another bridge holds a live claim. Several bridges on one database
+    /// never offer one order at once; a crashed bridge's claim lapses at `until_ms`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if it could not be committed.
+    pub(crate) async fn claim_offer(
+        &self,
+        order: &OrderId,
+        holder: &str,
+        until_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let claimed: Option<String> = sqlx::query_scalar(
+            "INSERT INTO order_offers (order_id, holder, until_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (order_id) DO UPDATE SET holder = excluded.holder, \
+             until_ms = excluded.until_ms \
+             WHERE order_offers.until_ms < $4 OR order_offers.holder = excluded.holder \
+             RETURNING order_id",
+        )
+        .bind(order.as_str())
+        .bind(holder)
+        .bind(to_db(until_ms))
+        .bind(to_db(now_ms()))
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(claimed.is_some())
+    }
+
+    /// Ends `holder`'s claim on offering `order` (see [`Store::claim_offer`]); another
+    /// bridge's claim is left alone.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if it could not be committed.
+    pub(crate) async fn release_offer(
+        &self,
+        order: &OrderId,
+        holder: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM order_offers WHERE order_id = $1 AND holder = $2")
+            .bind(order.as_str())
+            .bind(holder)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Orders still waiting for a vehicle (state `created`), oldest first, at most `limit`.
@@ -496,11 +576,15 @@ impl Store {
     ) -> Result<Recorded, StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
+        // Locked on PostgreSQL: another bridge recording an event of this order waits.
         let order: Option<(String, Option<String>, String)> =
-            sqlx::query_as("SELECT state, vehicle, store FROM orders WHERE order_id = $1")
-                .bind(event.order.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT state, vehicle, store FROM orders WHERE order_id = $1{}",
+                self.backend.for_update()
+            )))
+            .bind(event.order.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
         let (current, store) = match order {
             Some((state, holder, store)) => (
                 Some((parse_id::<OrderState>("order state", &state)?, holder)),
@@ -535,6 +619,8 @@ impl Store {
         .await?;
         if inserted.is_none() {
             warn_if_reused(&mut tx, vehicle, event).await?;
+            // Ended now: on PostgreSQL it holds the order's row lock.
+            tx.rollback().await?;
             return Ok(Recorded::duplicate());
         }
         if let Some(next) = next {

@@ -140,7 +140,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{StoreOptions, in_memory};
+    use crate::store::StoreOptions;
+    use crate::store::testing::on_each_backend;
 
     fn vehicle(id: &str) -> VehicleId {
         VehicleId::new(id).expect("valid")
@@ -150,72 +151,72 @@ mod tests {
         parked.iter().map(|p| p.topic.as_str()).collect()
     }
 
-    /// Parked messages come back per vehicle in the order they were parked, payload intact;
-    /// removing one leaves the others.
-    #[tokio::test]
-    async fn park_list_in_order_and_unpark() {
-        let store = in_memory().await;
-        let (v1, v2) = (vehicle("v1"), vehicle("v2"));
-        let a = store
-            .park(&v1, "fleet/f/v1/event", &[1, 2, 0, 255], 10)
-            .await
-            .expect("parks");
-        store
-            .park(&v2, "fleet/f/v2/event", &[9], 11)
-            .await
-            .expect("parks");
-        let b = store
-            .park(&v1, "fleet/f/v1/status", &[3], 12)
-            .await
-            .expect("parks");
-        assert!(a < b);
-        let parked = store.parked_of(&v1, 10).await.expect("lists");
-        assert_eq!(topics(&parked), ["fleet/f/v1/event", "fleet/f/v1/status"]);
-        assert_eq!(
-            parked[0],
-            ParkedMessage {
-                id: a,
-                vehicle: v1.clone(),
-                topic: "fleet/f/v1/event".into(),
-                payload: vec![1, 2, 0, 255],
-                received_ms: 10,
-            }
-        );
-        assert_eq!(store.parked_of(&v1, 1).await.expect("lists").len(), 1);
-        assert_eq!(
-            store.parked_vehicles().await.expect("lists"),
-            [v1.clone(), v2.clone()]
-        );
-        assert_eq!(store.parked_count().await.expect("counts"), 3);
+    on_each_backend! {
+        /// Parked messages come back per vehicle in the order they were parked, payload intact;
+        /// removing one leaves the others.
+        async fn park_list_in_order_and_unpark(store) {
+            let (v1, v2) = (vehicle("v1"), vehicle("v2"));
+            let a = store
+                .park(&v1, "fleet/f/v1/event", &[1, 2, 0, 255], 10)
+                .await
+                .expect("parks");
+            store
+                .park(&v2, "fleet/f/v2/event", &[9], 11)
+                .await
+                .expect("parks");
+            let b = store
+                .park(&v1, "fleet/f/v1/status", &[3], 12)
+                .await
+                .expect("parks");
+            assert!(a < b);
+            let parked = store.parked_of(&v1, 10).await.expect("lists");
+            assert_eq!(topics(&parked), ["fleet/f/v1/event", "fleet/f/v1/status"]);
+            assert_eq!(
+                parked[0],
+                ParkedMessage {
+                    id: a,
+                    vehicle: v1.clone(),
+                    topic: "fleet/f/v1/event".into(),
+                    payload: vec![1, 2, 0, 255],
+                    received_ms: 10,
+                }
+            );
+            assert_eq!(store.parked_of(&v1, 1).await.expect("lists").len(), 1);
+            assert_eq!(
+                store.parked_vehicles().await.expect("lists"),
+                [v1.clone(), v2.clone()]
+            );
+            assert_eq!(store.parked_count().await.expect("counts"), 3);
 
-        assert!(store.unpark(a).await.expect("removes"));
-        assert!(!store.unpark(a).await.expect("removes"), "already removed");
-        assert_eq!(
-            topics(&store.parked_of(&v1, 10).await.expect("lists")),
-            ["fleet/f/v1/status"]
-        );
-        assert_eq!(store.parked_count().await.expect("counts"), 2);
+            assert!(store.unpark(a).await.expect("removes"));
+            assert!(!store.unpark(a).await.expect("removes"), "already removed");
+            assert_eq!(
+                topics(&store.parked_of(&v1, 10).await.expect("lists")),
+                ["fleet/f/v1/status"]
+            );
+            assert_eq!(store.parked_count().await.expect("counts"), 2);
+        }
     }
 
-    #[tokio::test]
-    async fn expire_removes_only_old_parked_messages() {
-        let store = in_memory().await;
-        let v = vehicle("v");
-        store
-            .park(&v, "fleet/f/v/event", &[1], 100)
-            .await
-            .expect("parks");
-        store
-            .park(&v, "fleet/f/v/event", &[2], 200)
-            .await
-            .expect("parks");
-        assert_eq!(store.expire_parked(100).await.expect("expires"), 0);
-        assert_eq!(store.expire_parked(150).await.expect("expires"), 1);
-        let left = store.parked_of(&v, 10).await.expect("lists");
-        assert_eq!(left.len(), 1);
-        assert_eq!(left[0].payload, [2]);
-        assert_eq!(store.expire_parked(u64::MAX).await.expect("expires"), 1);
-        assert!(store.parked_vehicles().await.expect("lists").is_empty());
+    on_each_backend! {
+        async fn expire_removes_only_old_parked_messages(store) {
+            let v = vehicle("v");
+            store
+                .park(&v, "fleet/f/v/event", &[1], 100)
+                .await
+                .expect("parks");
+            store
+                .park(&v, "fleet/f/v/event", &[2], 200)
+                .await
+                .expect("parks");
+            assert_eq!(store.expire_parked(100).await.expect("expires"), 0);
+            assert_eq!(store.expire_parked(150).await.expect("expires"), 1);
+            let left = store.parked_of(&v, 10).await.expect("lists");
+            assert_eq!(left.len(), 1);
+            assert_eq!(left[0].payload, [2]);
+            assert_eq!(store.expire_parked(u64::MAX).await.expect("expires"), 1);
+            assert!(store.parked_vehicles().await.expect("lists").is_empty());
+        }
     }
 
     /// A parked message survives a restart (reopened without a clean close).

@@ -10,9 +10,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::database::DbTx;
 use super::database::{Store, from_db, to_db};
 use super::error::StoreError;
-use super::sqlite::DbTx;
 
 /// Who a queued message is for: a vendor's store (`vendor:{store}`) or a dispatcher identity
 /// (`dispatch`).
@@ -213,7 +213,8 @@ mod tests {
 
     use super::*;
     use crate::clock::now_ms;
-    use crate::store::{StoreOptions, in_memory};
+    use crate::store::StoreOptions;
+    use crate::store::testing::on_each_backend;
 
     /// Queues `{"n": 0}`, `{"n": 1}`, ... for `client`; returns their ids.
     async fn enqueue_numbered(store: &Store, client: &ClientId, count: u32) -> Vec<MessageId> {
@@ -229,108 +230,108 @@ mod tests {
         ids
     }
 
-    #[tokio::test]
-    async fn pending_in_order_and_ack_removes() {
-        let store = in_memory().await;
-        let vendor = ClientId::vendor("store-1");
-        let other = ClientId::vendor("store-2");
-        let ids = enqueue_numbered(&store, &vendor, 5).await;
-        store
-            .enqueue(&other, &json!("elsewhere"))
-            .await
-            .expect("enqueues");
-        assert!(ids.windows(2).all(|w| w[0] < w[1]), "increasing: {ids:?}");
+    on_each_backend! {
+        async fn pending_in_order_and_ack_removes(store) {
+            let vendor = ClientId::vendor("store-1");
+            let other = ClientId::vendor("store-2");
+            let ids = enqueue_numbered(&store, &vendor, 5).await;
+            store
+                .enqueue(&other, &json!("elsewhere"))
+                .await
+                .expect("enqueues");
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "increasing: {ids:?}");
 
-        let pending = store.pending(&vendor).await.expect("pending");
-        assert_eq!(pending.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
-        assert_eq!(pending[3].payload, json!({ "n": 3 }));
+            let pending = store.pending(&vendor).await.expect("pending");
+            assert_eq!(pending.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+            assert_eq!(pending[3].payload, json!({ "n": 3 }));
 
-        assert!(store.ack(&vendor, ids[1]).await.expect("acks"));
-        assert!(
-            !store.ack(&vendor, ids[1]).await.expect("acks"),
-            "already acked"
-        );
-        assert!(
-            !store.ack(&vendor, MessageId(9_999)).await.expect("acks"),
-            "unknown"
-        );
-        assert!(
-            !store.ack(&vendor, MessageId(u64::MAX)).await.expect("acks"),
-            "out of range"
-        );
-        assert!(
-            !store.ack(&other, ids[0]).await.expect("acks"),
-            "not its message"
-        );
+            assert!(store.ack(&vendor, ids[1]).await.expect("acks"));
+            assert!(
+                !store.ack(&vendor, ids[1]).await.expect("acks"),
+                "already acked"
+            );
+            assert!(
+                !store.ack(&vendor, MessageId(9_999)).await.expect("acks"),
+                "unknown"
+            );
+            assert!(
+                !store.ack(&vendor, MessageId(u64::MAX)).await.expect("acks"),
+                "out of range"
+            );
+            assert!(
+                !store.ack(&other, ids[0]).await.expect("acks"),
+                "not its message"
+            );
 
-        let left: Vec<MessageId> = store
-            .pending(&vendor)
-            .await
-            .expect("pending")
-            .iter()
-            .map(|m| m.id)
-            .collect();
-        assert_eq!(left, [ids[0], ids[2], ids[3], ids[4]]);
-        assert_eq!(store.pending(&other).await.expect("pending").len(), 1);
+            let left: Vec<MessageId> = store
+                .pending(&vendor)
+                .await
+                .expect("pending")
+                .iter()
+                .map(|m| m.id)
+                .collect();
+            assert_eq!(left, [ids[0], ids[2], ids[3], ids[4]]);
+            assert_eq!(store.pending(&other).await.expect("pending").len(), 1);
+        }
     }
 
-    /// Pages follow their cursor, never mix clients, and end with an empty page.
-    #[tokio::test]
-    async fn pages_follow_the_cursor() {
-        let store = in_memory().await;
-        let vendor = ClientId::vendor("store-1");
-        let ids = enqueue_numbered(&store, &vendor, 5).await;
-        store
-            .enqueue(&ClientId::vendor("store-2"), &json!("elsewhere"))
-            .await
-            .expect("enqueues");
-        let page = |after, limit| {
-            let (store, vendor) = (&store, &vendor);
-            async move {
-                store
-                    .pending_page(vendor, after, limit)
-                    .await
-                    .expect("page")
-                    .iter()
-                    .map(|m| m.id)
-                    .collect::<Vec<_>>()
-            }
-        };
-        assert_eq!(page(MessageId(0), 2).await, ids[..2]);
-        assert_eq!(page(ids[1], 2).await, ids[2..4]);
-        assert_eq!(page(ids[3], 2).await, ids[4..]);
-        assert!(page(ids[4], 2).await.is_empty());
-        assert!(page(MessageId(u64::MAX), 2).await.is_empty());
+    on_each_backend! {
+        /// Pages follow their cursor, never mix clients, and end with an empty page.
+        async fn pages_follow_the_cursor(store) {
+            let vendor = ClientId::vendor("store-1");
+            let ids = enqueue_numbered(&store, &vendor, 5).await;
+            store
+                .enqueue(&ClientId::vendor("store-2"), &json!("elsewhere"))
+                .await
+                .expect("enqueues");
+            let page = |after, limit| {
+                let (store, vendor) = (&store, &vendor);
+                async move {
+                    store
+                        .pending_page(vendor, after, limit)
+                        .await
+                        .expect("page")
+                        .iter()
+                        .map(|m| m.id)
+                        .collect::<Vec<_>>()
+                }
+            };
+            assert_eq!(page(MessageId(0), 2).await, ids[..2]);
+            assert_eq!(page(ids[1], 2).await, ids[2..4]);
+            assert_eq!(page(ids[3], 2).await, ids[4..]);
+            assert!(page(ids[4], 2).await.is_empty());
+            assert!(page(MessageId(u64::MAX), 2).await.is_empty());
+        }
     }
 
-    /// Acknowledging the newest message and queueing again never hands out its id again.
-    #[tokio::test]
-    async fn ids_are_never_reused() {
-        let store = in_memory().await;
-        let client = ClientId::dispatch();
-        let first = store.enqueue(&client, &json!(1)).await.expect("enqueues");
-        assert!(store.ack(&client, first).await.expect("acks"));
-        let second = store.enqueue(&client, &json!(2)).await.expect("enqueues");
-        assert!(second > first, "{second} after {first}");
+    on_each_backend! {
+        /// Acknowledging the newest message and queueing again never hands out its id again.
+        async fn ids_are_never_reused(store) {
+            let client = ClientId::dispatch();
+            let first = store.enqueue(&client, &json!(1)).await.expect("enqueues");
+            assert!(store.ack(&client, first).await.expect("acks"));
+            let second = store.enqueue(&client, &json!(2)).await.expect("enqueues");
+            assert!(second > first, "{second} after {first}");
+        }
     }
 
-    #[tokio::test]
-    async fn expire_removes_only_old_messages() {
-        let store = in_memory().await;
-        let client = ClientId::dispatch();
-        store.enqueue(&client, &json!("a")).await.expect("enqueues");
-        store
-            .enqueue(&ClientId::vendor("s"), &json!("b"))
-            .await
-            .expect("enqueues");
-        let created = store.pending(&client).await.expect("pending")[0].created_ms;
-        assert_eq!(
-            store.expire(created).await.expect("expires"),
-            0,
-            "not older"
-        );
-        assert_eq!(store.expire(now_ms() + 1).await.expect("expires"), 2);
-        assert!(store.pending(&client).await.expect("pending").is_empty());
+    on_each_backend! {
+        async fn expire_removes_only_old_messages(store) {
+            let client = ClientId::dispatch();
+            store.enqueue(&client, &json!("a")).await.expect("enqueues");
+            store
+                .enqueue(&ClientId::vendor("s"), &json!("b"))
+                .await
+                .expect("enqueues");
+            let created = store.pending(&client).await.expect("pending")[0].created_ms;
+            assert_eq!(
+                store.expire(created).await.expect("expires"),
+                0,
+                "not older"
+            );
+            assert_eq!(store.expire(now_ms() + 1).await.expect("expires"), 2);
+            assert!(store.pending(&client).await.expect("pending").is_empty());
+        }
     }
 
     /// Pending messages survive a restart (the file reopened without a clean close), and

@@ -1,88 +1,90 @@
-//! Everything that is specific to SQLite, in one place: the pool types, the connection
-//! settings (WAL, `synchronous`), how a write transaction starts, and the `PRAGMA` read-back.
+//! Everything that is specific to SQLite, in one place: the connection settings (WAL,
+//! `synchronous`, busy timeout, foreign keys, set by `PRAGMA`s on each new connection), the
+//! one write connection beside the read pool, how a write transaction starts, the placeholders
+//! of generated SQL, the `PRAGMA` read-back, and the migrations in `migrations/sqlite/`.
 //!
-//! The queries in the sibling modules are plain SQL with `$N` placeholders, which SQLite and
-//! PostgreSQL both accept. Moving to PostgreSQL means replacing this file (`Db`, `connect`,
-//! [`BEGIN_WRITE`]) and the DDL types marked "SQLite:" in the migrations, not the queries.
+//! The connections are sqlx `Any` connections (see `database`), opened from a `sqlite:` URL:
+//! the `Any` driver takes only a URL, so the settings `SqliteConnectOptions` would carry are
+//! `PRAGMA`s run after each connect instead.
 
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::Executor;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::pool::PoolConnectionMetadata;
 
+use super::database::{DbPool, Pools};
 use super::error::StoreError;
-use super::options::{Durability, StoreOptions, Synchronous};
+use super::options::{Durability, StoreOptions};
 
-/// The database the store runs on.
-pub(super) type Db = sqlx::Sqlite;
-/// A pool of connections to it.
-pub(super) type DbPool = sqlx::Pool<Db>;
-/// A transaction on it.
-pub(super) type DbTx = sqlx::Transaction<'static, Db>;
-
-/// How a write transaction begins. SQLite: `BEGIN IMMEDIATE` takes the write lock at once
-/// (waiting up to the busy timeout), so a transaction that reads before it writes cannot fail
-/// with `SQLITE_BUSY` when it upgrades. PostgreSQL: `BEGIN`, with `SELECT ... FOR UPDATE` on
-/// the order row where a transaction reads before it writes.
+/// How a write transaction begins: `BEGIN IMMEDIATE` takes the write lock at once (waiting up
+/// to the busy timeout), so a transaction that reads before it writes cannot fail with
+/// `SQLITE_BUSY` when it upgrades.
 pub(super) const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
 
-/// Appends the placeholder of the `n`th (1-based) bound value to generated SQL. SQLite: an
-/// anonymous `?`, because SQLite looks numbered (`$n`, `?n`) parameters up by a linear scan,
-/// which makes binding a multi-row insert of thousands of values quadratic (measured: 4x
-/// slower at 256 rows). PostgreSQL: `$n`.
+/// Appends the placeholder of the `n`th (1-based) bound value to generated SQL: an anonymous
+/// `?`, because SQLite looks numbered (`$n`, `?n`) parameters up by a linear scan, which makes
+/// binding a multi-row insert of thousands of values quadratic (measured: 4x slower at 256
+/// rows).
 pub(super) fn push_placeholder(sql: &mut String, _n: usize) {
     sql.push('?');
 }
 
-/// The schema migrations in `bridge/migrations/`, embedded at build time.
-pub(super) static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
-
-/// The two pools of an open store.
-pub(super) struct Pools {
-    /// One connection: SQLite has one writer at a time, so writes queue here, in the process,
-    /// instead of spinning on the file lock.
-    pub write: DbPool,
-    /// Read-only connections: in WAL mode readers never wait for the writer. For an in-memory
-    /// database this is the write pool (a second connection would see another database).
-    pub read: DbPool,
-}
-
-impl From<Synchronous> for SqliteSynchronous {
-    fn from(value: Synchronous) -> Self {
-        match value {
-            Synchronous::Full => Self::Full,
-            Synchronous::Normal => Self::Normal,
-            Synchronous::Off => Self::Off,
-        }
-    }
-}
+/// The schema migrations in `bridge/migrations/sqlite/`, embedded at build time.
+pub(super) static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// Whether `target` names an in-memory database.
 fn is_memory(target: &str) -> bool {
     target == ":memory:" || target == "sqlite::memory:" || target.contains("mode=memory")
 }
 
-/// Parses `target`: a file path, `:memory:`, or a `sqlite:` URL.
-fn parse_target(target: &str) -> Result<SqliteConnectOptions, StoreError> {
+/// `path` as the path part of a `sqlite:` URL (sqlx percent-decodes it).
+fn url_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '?' => out.push_str("%3F"),
+            '#' => out.push_str("%23"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// `url` with its `mode=` parameter set to `mode` (`rwc`, `ro`).
+fn with_mode(url: &str, mode: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut params: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("mode="))
+        .collect();
+    let mode = format!("mode={mode}");
+    params.push(&mode);
+    format!("{base}?{}", params.join("&"))
+}
+
+/// Parses `target` (a file path, `:memory:`, or a `sqlite:` URL) into the `sqlite:` URL to
+/// connect to, creating the file's directory if needed.
+fn parse_target(target: &str) -> Result<String, StoreError> {
     let unsupported = || StoreError::UnsupportedTarget(target.to_owned());
     if target.is_empty() {
         return Err(unsupported());
     }
     if is_memory(target) && !target.starts_with("sqlite:") {
-        return SqliteConnectOptions::from_str("sqlite::memory:").map_err(|source| {
-            StoreError::Open {
-                target: target.to_owned(),
-                source,
-            }
-        });
+        return Ok("sqlite::memory:".to_owned());
     }
     if target.starts_with("sqlite:") {
-        return SqliteConnectOptions::from_str(target).map_err(|source| StoreError::Open {
-            target: target.to_owned(),
-            source,
-        });
+        // Checked here, so that a bad URL is an `Open` error naming it.
+        <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(target).map_err(
+            |source| StoreError::Open {
+                target: target.to_owned(),
+                source,
+            },
+        )?;
+        return Ok(target.to_owned());
     }
     if target.contains("://") {
         return Err(unsupported());
@@ -94,31 +96,61 @@ fn parse_target(target: &str) -> Result<SqliteConnectOptions, StoreError> {
             source,
         })?;
     }
-    Ok(SqliteConnectOptions::new().filename(path))
+    Ok(format!("sqlite://{}", url_path(target)))
 }
 
-/// Opens the pools for `target` and runs the migrations.
+/// The `PRAGMA`s every connection runs once, after it connects. WAL: readers and the writer do
+/// not block each other, a commit is one append (and one fsync with `synchronous = FULL`) to
+/// the log instead of two syncs of a rollback journal; the setting is stored in the file, so
+/// only the write connection sets it (and an in-memory database keeps `memory`).
+fn pragmas(options: &StoreOptions, write: bool, memory: bool) -> String {
+    let mut sql = format!(
+        "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON;",
+        options.busy_timeout.as_millis()
+    );
+    if write {
+        if !memory {
+            sql.push_str(" PRAGMA journal_mode = WAL;");
+        }
+        sql.push_str(&format!(
+            " PRAGMA synchronous = {};",
+            options.synchronous.as_str().to_ascii_uppercase()
+        ));
+    }
+    sql
+}
+
+/// Pool options that run `pragmas` on each new connection.
+fn with_pragmas(pool: AnyPoolOptions, pragmas: String) -> AnyPoolOptions {
+    pool.after_connect(move |conn, _: PoolConnectionMetadata| {
+        let pragmas = pragmas.clone();
+        Box::pin(async move {
+            conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(pragmas)))
+                .await
+                .map(drop)
+        })
+    })
+}
+
+/// Opens the pools for `target` and runs the migrations: one write connection (SQLite has one
+/// writer at a time, so writes queue here, in the process, instead of spinning on the file
+/// lock) and read-only connections (in WAL mode readers never wait for the writer; for an
+/// in-memory database the read pool is the write pool, a second connection would see another
+/// database).
 pub(super) async fn connect(target: &str, options: &StoreOptions) -> Result<Pools, StoreError> {
     let open_error = |source| StoreError::Open {
         target: target.to_owned(),
         source,
     };
     let memory = is_memory(target);
-    let base = parse_target(target)?
-        .create_if_missing(true)
-        .busy_timeout(options.busy_timeout)
-        .foreign_keys(true);
-    let write_options = if memory {
-        base.clone()
+    let url = parse_target(target)?;
+    let write_url = if memory {
+        url.clone()
     } else {
-        // WAL: readers and the writer do not block each other, a commit is one append (and
-        // one fsync with synchronous = FULL) to the log instead of two syncs of a rollback
-        // journal. The setting is stored in the database file.
-        base.clone()
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(options.synchronous.into())
+        with_mode(&url, "rwc")
     };
-    let write = SqlitePoolOptions::new()
+    let write_options: AnyConnectOptions = write_url.parse().map_err(open_error)?;
+    let write = with_pragmas(AnyPoolOptions::new(), pragmas(options, true, memory))
         .max_connections(1)
         // Keep the connection: an in-memory database lives only as long as one is open, and a
         // file's WAL index stays warm.
@@ -134,12 +166,13 @@ pub(super) async fn connect(target: &str, options: &StoreOptions) -> Result<Pool
     let read = if memory {
         write.clone()
     } else {
-        SqlitePoolOptions::new()
+        let read_options: AnyConnectOptions = with_mode(&url, "ro").parse().map_err(open_error)?;
+        with_pragmas(AnyPoolOptions::new(), pragmas(options, false, memory))
             .max_connections(options.read_connections.max(1))
             .min_connections(0)
             .max_lifetime(None)
             .test_before_acquire(false)
-            .connect_lazy_with(base.read_only(true))
+            .connect_lazy_with(read_options)
     };
     Ok(Pools { write, read })
 }
@@ -161,8 +194,10 @@ pub(super) async fn durability(write: &DbPool) -> Result<Durability, StoreError>
         _ => "unknown",
     };
     Ok(Durability {
+        backend: "sqlite".to_owned(),
         journal_mode: journal_mode.to_ascii_lowercase(),
         synchronous: synchronous.to_owned(),
+        fsync: if synchronous == "off" { "off" } else { "on" }.to_owned(),
     })
 }
 
@@ -177,6 +212,20 @@ mod tests {
         assert!(!is_memory("data/fleetbeat.db"));
         assert!(parse_target("postgres://db/fleetbeat").is_err());
         assert!(parse_target("").is_err());
-        assert!(parse_target("sqlite://fleetbeat.db?mode=rwc").is_ok());
+        assert_eq!(
+            parse_target("sqlite://fleetbeat.db?mode=rwc")
+                .ok()
+                .as_deref(),
+            Some("sqlite://fleetbeat.db?mode=rwc")
+        );
+        assert_eq!(
+            parse_target("/tmp/a?b#c%d.db").ok().as_deref(),
+            Some("sqlite:///tmp/a%3Fb%23c%25d.db")
+        );
+        assert_eq!(with_mode("sqlite://a.db", "ro"), "sqlite://a.db?mode=ro");
+        assert_eq!(
+            with_mode("sqlite://a.db?mode=rwc&cache=private", "ro"),
+            "sqlite://a.db?cache=private&mode=ro"
+        );
     }
 }

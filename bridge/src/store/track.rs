@@ -4,9 +4,8 @@ use std::sync::LazyLock;
 
 use shared::{FleetId, Heartbeat, Position, VehicleId};
 
-use super::database::{Store, from_db, narrow, parse_id, to_db};
+use super::database::{Backend, Db, DbTx, Store, from_db, narrow, parse_id, to_db};
 use super::error::StoreError;
-use super::sqlite::{self, Db, DbTx};
 
 /// One stored heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,8 +67,8 @@ const COLUMN_COUNT: usize = 11;
 const CHUNK: usize = 256;
 
 /// `INSERT INTO heartbeats (...) VALUES (?, ..., ?), (?, ...), ...` for `rows` rows (`$1`,
-/// `$2`, ... on PostgreSQL, see [`sqlite::push_placeholder`]).
-fn insert_sql(rows: usize) -> String {
+/// `$2`, ... on PostgreSQL, see [`Backend::push_placeholder`]).
+fn insert_sql(backend: Backend, rows: usize) -> String {
     let mut sql = format!("INSERT INTO heartbeats ({COLUMNS}) VALUES ");
     for row in 0..rows {
         sql.push_str(if row == 0 { "(" } else { ", (" });
@@ -77,15 +76,17 @@ fn insert_sql(rows: usize) -> String {
             if col > 0 {
                 sql.push_str(", ");
             }
-            sqlite::push_placeholder(&mut sql, row * COLUMN_COUNT + col + 1);
+            backend.push_placeholder(&mut sql, row * COLUMN_COUNT + col + 1);
         }
         sql.push(')');
     }
     sql
 }
 
-/// The statement for a full chunk, built once so that it is prepared once per connection.
-static INSERT_CHUNK: LazyLock<String> = LazyLock::new(|| insert_sql(CHUNK));
+/// The statements for a full chunk, built once so that each is prepared once per connection.
+static INSERT_CHUNK_SQLITE: LazyLock<String> = LazyLock::new(|| insert_sql(Backend::Sqlite, CHUNK));
+static INSERT_CHUNK_POSTGRES: LazyLock<String> =
+    LazyLock::new(|| insert_sql(Backend::Postgres, CHUNK));
 
 type Row = (String, String, i64, i64, i32, i32, i32, i32, i16, i16, i64);
 
@@ -110,12 +111,19 @@ fn bind_rows<'q>(
     query
 }
 
-async fn insert_chunk(tx: &mut DbTx, rows: &[HeartbeatRow]) -> Result<(), StoreError> {
+async fn insert_chunk(
+    backend: Backend,
+    tx: &mut DbTx,
+    rows: &[HeartbeatRow],
+) -> Result<(), StoreError> {
     let query = if rows.len() == CHUNK {
-        sqlx::query(INSERT_CHUNK.as_str())
+        sqlx::query(match backend {
+            Backend::Sqlite => INSERT_CHUNK_SQLITE.as_str(),
+            Backend::Postgres => INSERT_CHUNK_POSTGRES.as_str(),
+        })
     } else {
         // A one-off size: not worth a slot in the statement cache.
-        sqlx::query(sqlx::AssertSqlSafe(insert_sql(rows.len()))).persistent(false)
+        sqlx::query(sqlx::AssertSqlSafe(insert_sql(backend, rows.len()))).persistent(false)
     };
     bind_rows(query, rows).execute(&mut **tx).await?;
     Ok(())
@@ -132,7 +140,7 @@ impl Store {
         }
         let mut tx = self.begin_write().await?;
         for chunk in rows.chunks(CHUNK) {
-            insert_chunk(&mut tx, chunk).await?;
+            insert_chunk(self.backend, &mut tx, chunk).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -226,7 +234,7 @@ mod tests {
     use shared::StatusFlags;
 
     use super::*;
-    use crate::store::in_memory;
+    use crate::store::testing::on_each_backend;
 
     fn row(vehicle: &str, seq: u32, ts_ms: u64) -> HeartbeatRow {
         let hb = Heartbeat {
@@ -253,89 +261,103 @@ mod tests {
     fn builds_one_placeholder_per_value() {
         let row = format!("({})", ["?"; COLUMN_COUNT].join(", "));
         assert_eq!(
-            insert_sql(2),
+            insert_sql(Backend::Sqlite, 2),
             format!("INSERT INTO heartbeats ({COLUMNS}) VALUES {row}, {row}")
         );
-    }
-
-    #[tokio::test]
-    async fn batches_are_stored_and_tracked_in_time_order() {
-        let store = in_memory().await;
-        // 600 rows: two full chunks and a remainder; received out of time order.
-        let mut rows: Vec<HeartbeatRow> = (0..300u32)
-            .rev()
-            .map(|i| row("v-1", i, 1_000 + u64::from(i) * 10))
-            .collect();
-        rows.extend((0..300u32).map(|i| row("v-2", i, 1_000 + u64::from(i) * 10)));
-        store.record_heartbeats(&rows).await.expect("stores");
-        store
-            .record_heartbeats(&[])
-            .await
-            .expect("nothing to store");
-
-        let vehicle = "v-1".parse().expect("vehicle");
-        let track = store
-            .track(&vehicle, 0, u64::MAX, 10_000)
-            .await
-            .expect("track");
-        assert_eq!(track.len(), 300);
-        assert!(track.windows(2).all(|w| w[0].ts_ms < w[1].ts_ms), "by time");
-        assert!(track.iter().all(|r| r.vehicle == vehicle));
-        assert_eq!(track[0], row("v-1", 0, 1_000), "every field round-trips");
-
-        // The window is inclusive at both ends; the limit keeps the earliest.
-        let window = store
-            .track(&vehicle, 1_100, 1_200, 10_000)
-            .await
-            .expect("track");
+        let numbered = |from: usize| {
+            let values: Vec<String> = (from..from + COLUMN_COUNT)
+                .map(|n| format!("${n}"))
+                .collect();
+            format!("({})", values.join(", "))
+        };
         assert_eq!(
-            window.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            (10..=20).collect::<Vec<_>>()
-        );
-        let limited = store.track(&vehicle, 1_100, 1_200, 3).await.expect("track");
-        assert_eq!(
-            limited.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            [10, 11, 12]
-        );
-        assert!(
-            store
-                .track(&"v-3".parse().expect("vehicle"), 0, u64::MAX, 10)
-                .await
-                .expect("track")
-                .is_empty()
-        );
-
-        // Retention by device time, for every vehicle.
-        assert_eq!(store.expire_heartbeats(1_050).await.expect("expires"), 10);
-        let track = store
-            .track(&vehicle, 0, u64::MAX, 10_000)
-            .await
-            .expect("track");
-        assert_eq!(track.first().map(|r| r.ts_ms), Some(1_050));
-        assert_eq!(
-            store.expire_heartbeats(u64::MAX).await.expect("expires"),
-            590
+            insert_sql(Backend::Postgres, 2),
+            format!(
+                "INSERT INTO heartbeats ({COLUMNS}) VALUES {}, {}",
+                numbered(1),
+                numbered(1 + COLUMN_COUNT)
+            )
         );
     }
 
-    #[tokio::test]
-    async fn big_expiry_runs_in_chunks() {
-        let store = in_memory().await;
-        let rows: Vec<HeartbeatRow> = (0..12_000u32)
-            .map(|i| row("v-1", i, u64::from(i)))
-            .collect();
-        store.record_heartbeats(&rows).await.expect("stores");
-        assert_eq!(
-            store.expire_heartbeats(11_000).await.expect("expires"),
-            11_000
-        );
-        assert_eq!(
+    on_each_backend! {
+        async fn batches_are_stored_and_tracked_in_time_order(store) {
+            // 600 rows: two full chunks and a remainder; received out of time order.
+            let mut rows: Vec<HeartbeatRow> = (0..300u32)
+                .rev()
+                .map(|i| row("v-1", i, 1_000 + u64::from(i) * 10))
+                .collect();
+            rows.extend((0..300u32).map(|i| row("v-2", i, 1_000 + u64::from(i) * 10)));
+            store.record_heartbeats(&rows).await.expect("stores");
             store
-                .track(&"v-1".parse().expect("vehicle"), 0, u64::MAX, 100_000)
+                .record_heartbeats(&[])
                 .await
-                .expect("track")
-                .len(),
-            1_000
-        );
+                .expect("nothing to store");
+
+            let vehicle = "v-1".parse().expect("vehicle");
+            let track = store
+                .track(&vehicle, 0, u64::MAX, 10_000)
+                .await
+                .expect("track");
+            assert_eq!(track.len(), 300);
+            assert!(track.windows(2).all(|w| w[0].ts_ms < w[1].ts_ms), "by time");
+            assert!(track.iter().all(|r| r.vehicle == vehicle));
+            assert_eq!(track[0], row("v-1", 0, 1_000), "every field round-trips");
+
+            // The window is inclusive at both ends; the limit keeps the earliest.
+            let window = store
+                .track(&vehicle, 1_100, 1_200, 10_000)
+                .await
+                .expect("track");
+            assert_eq!(
+                window.iter().map(|r| r.seq).collect::<Vec<_>>(),
+                (10..=20).collect::<Vec<_>>()
+            );
+            let limited = store.track(&vehicle, 1_100, 1_200, 3).await.expect("track");
+            assert_eq!(
+                limited.iter().map(|r| r.seq).collect::<Vec<_>>(),
+                [10, 11, 12]
+            );
+            assert!(
+                store
+                    .track(&"v-3".parse().expect("vehicle"), 0, u64::MAX, 10)
+                    .await
+                    .expect("track")
+                    .is_empty()
+            );
+
+            // Retention by device time, for every vehicle.
+            assert_eq!(store.expire_heartbeats(1_050).await.expect("expires"), 10);
+            let track = store
+                .track(&vehicle, 0, u64::MAX, 10_000)
+                .await
+                .expect("track");
+            assert_eq!(track.first().map(|r| r.ts_ms), Some(1_050));
+            assert_eq!(
+                store.expire_heartbeats(u64::MAX).await.expect("expires"),
+                590
+            );
+        }
+    }
+
+    on_each_backend! {
+        async fn big_expiry_runs_in_chunks(store) {
+            let rows: Vec<HeartbeatRow> = (0..12_000u32)
+                .map(|i| row("v-1", i, u64::from(i)))
+                .collect();
+            store.record_heartbeats(&rows).await.expect("stores");
+            assert_eq!(
+                store.expire_heartbeats(11_000).await.expect("expires"),
+                11_000
+            );
+            assert_eq!(
+                store
+                    .track(&"v-1".parse().expect("vehicle"), 0, u64::MAX, 100_000)
+                    .await
+                    .expect("track")
+                    .len(),
+                1_000
+            );
+        }
     }
 }

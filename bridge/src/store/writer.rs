@@ -233,7 +233,7 @@ mod tests {
     use shared::{Heartbeat, Position};
 
     use super::*;
-    use crate::store::in_memory;
+    use crate::store::testing::on_each_backend;
 
     fn row(seq: u32) -> HeartbeatRow {
         let hb = Heartbeat {
@@ -250,67 +250,67 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn writes_everything_sent_then_stops() {
-        let store = in_memory().await;
-        let options = HeartbeatWriterOptions {
-            capacity: 10_000,
-            max_batch: 100,
-            max_delay: Duration::from_millis(20),
-        };
-        let (writer, sender) = HeartbeatWriter::new(store.clone(), options, Arc::default());
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(writer.run(cancel.clone()));
-        for seq in 0..1_050 {
-            assert!(sender.send(row(seq)));
-        }
-        // A partial batch goes out after max_delay, without waiting for more.
-        let vehicle = "v-1".parse().expect("vehicle");
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while sender.counters().written() < 1_050 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+    on_each_backend! {
+        async fn writes_everything_sent_then_stops(store) {
+            let options = HeartbeatWriterOptions {
+                capacity: 10_000,
+                max_batch: 100,
+                max_delay: Duration::from_millis(20),
+            };
+            let (writer, sender) = HeartbeatWriter::new(store.clone(), options, Arc::default());
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(writer.run(cancel.clone()));
+            for seq in 0..1_050 {
+                assert!(sender.send(row(seq)));
             }
-        })
-        .await
-        .expect("written in time");
-        assert!(sender.send(row(2_000)));
-        cancel.cancel();
-        tokio::time::timeout(Duration::from_secs(5), task)
+            // A partial batch goes out after max_delay, without waiting for more.
+            let vehicle = "v-1".parse().expect("vehicle");
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while sender.counters().written() < 1_050 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
             .await
-            .expect("stops")
-            .expect("no panic");
-        let track = store
-            .track(&vehicle, 0, u64::MAX, 10_000)
-            .await
-            .expect("track");
-        assert_eq!(
-            track.len(),
-            1_051,
-            "what was queued at shutdown is written too"
-        );
-        assert_eq!(sender.counters().dropped(), 0);
-        assert!(!sender.send(row(3_000)), "the writer stopped");
-        assert_eq!(sender.counters().dropped(), 1);
+            .expect("written in time");
+            assert!(sender.send(row(2_000)));
+            cancel.cancel();
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("stops")
+                .expect("no panic");
+            let track = store
+                .track(&vehicle, 0, u64::MAX, 10_000)
+                .await
+                .expect("track");
+            assert_eq!(
+                track.len(),
+                1_051,
+                "what was queued at shutdown is written too"
+            );
+            assert_eq!(sender.counters().dropped(), 0);
+            assert!(!sender.send(row(3_000)), "the writer stopped");
+            assert_eq!(sender.counters().dropped(), 1);
+        }
     }
 
-    #[tokio::test]
-    async fn a_full_channel_drops_and_counts() {
-        let store = in_memory().await;
-        let options = HeartbeatWriterOptions {
-            capacity: 4,
-            ..HeartbeatWriterOptions::default()
-        };
-        let (writer, sender) = HeartbeatWriter::new(store.clone(), options, Arc::default());
-        // The writer is not running: the channel fills up.
-        let sent = (0..10).filter(|&seq| sender.send(row(seq))).count();
-        assert_eq!(sent, 4);
-        assert_eq!(sender.counters().dropped(), 6);
-        // Dropping every sender stops the writer once it has written what was queued.
-        drop(sender);
-        let counters = Arc::clone(&writer.counters);
-        tokio::time::timeout(Duration::from_secs(5), writer.run(CancellationToken::new()))
-            .await
-            .expect("stops");
-        assert_eq!(counters.written(), 4);
+    on_each_backend! {
+        async fn a_full_channel_drops_and_counts(store) {
+            let options = HeartbeatWriterOptions {
+                capacity: 4,
+                ..HeartbeatWriterOptions::default()
+            };
+            let (writer, sender) = HeartbeatWriter::new(store.clone(), options, Arc::default());
+            // The writer is not running: the channel fills up.
+            let sent = (0..10).filter(|&seq| sender.send(row(seq))).count();
+            assert_eq!(sent, 4);
+            assert_eq!(sender.counters().dropped(), 6);
+            // Dropping every sender stops the writer once it has written what was queued.
+            drop(sender);
+            let counters = Arc::clone(&writer.counters);
+            tokio::time::timeout(Duration::from_secs(5), writer.run(CancellationToken::new()))
+                .await
+                .expect("stops");
+            assert_eq!(counters.written(), 4);
+        }
     }
 }

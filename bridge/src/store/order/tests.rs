@@ -1,4 +1,5 @@
-//! Unit tests of `store::order`: orders, assignments and delivery events against an in-memory store.
+//! Unit tests of `store::order`: orders, assignments and delivery events on each backend
+//! (SQLite in memory, PostgreSQL), and several bridges writing to one PostgreSQL database.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -8,7 +9,8 @@ use serde_json::json;
 
 use super::*;
 use crate::domain::order::EventFlag;
-use crate::store::in_memory;
+use crate::store::testing::{self, on_each_backend};
+use crate::store::{StoreOptions, database::DbPool};
 
 fn id<T: FromStr>(s: &str) -> T
 where
@@ -38,9 +40,8 @@ fn event(seq: u32, order: &str, kind: DeliveryKind, ts_ms: u64) -> DeliveryEvent
     }
 }
 
-/// A store holding `order`, assigned to `vehicle`.
-async fn store_with_assigned(order: &NewOrder, vehicle: &VehicleId) -> Store {
-    let store = in_memory().await;
+/// `store`, now holding `order`, assigned to `vehicle`.
+async fn store_with_assigned(store: Store, order: &NewOrder, vehicle: &VehicleId) -> Store {
     store.create_order(order).await.expect("creates");
     store.assign(&order.order, vehicle).await.expect("assigns");
     store
@@ -59,295 +60,533 @@ fn recipients() -> [ClientId; 2] {
     [ClientId::vendor("store-1"), ClientId::dispatch()]
 }
 
-#[tokio::test]
-async fn create_order_is_idempotent() {
-    let store = in_memory().await;
-    let order = new_order("o-1");
-    let first = store.create_order(&order).await.expect("creates");
-    assert!(first.created);
-    assert_eq!(first.state, OrderState::Created);
-    let again = store.create_order(&order).await.expect("idempotent");
-    assert!(!again.created);
-    assert_eq!(again.vehicle, None);
+on_each_backend! {
+    async fn create_order_is_idempotent(store) {
+        let order = new_order("o-1");
+        let first = store.create_order(&order).await.expect("creates");
+        assert!(first.created);
+        assert_eq!(first.state, OrderState::Created);
+        let again = store.create_order(&order).await.expect("idempotent");
+        assert!(!again.created);
+        assert_eq!(again.vehicle, None);
 
-    store
-        .assign(&order.order, &id("v-1"))
-        .await
-        .expect("assigns");
-    let again = store.create_order(&order).await.expect("idempotent");
-    assert_eq!(
-        (again.created, again.state, again.vehicle),
-        (false, OrderState::Assigned, Some(id("v-1")))
-    );
-
-    let conflicting = NewOrder {
-        customer: "Bob".into(),
-        ..order.clone()
-    };
-    let err = store
-        .create_order(&conflicting)
-        .await
-        .expect_err("conflict");
-    assert!(matches!(err, StoreError::OrderConflict { .. }), "{err}");
-    let view = store
-        .order(&order.order)
-        .await
-        .expect("reads")
-        .expect("exists");
-    assert_eq!(view.customer, "Ada", "the first content stays");
-}
-
-#[tokio::test]
-async fn assignment_rules() {
-    let store = in_memory().await;
-    for o in ["o-1", "o-2"] {
-        store.create_order(&new_order(o)).await.expect("creates");
-    }
-    let (o1, o2): (OrderId, OrderId) = (id("o-1"), id("o-2"));
-    let (v1, v2): (VehicleId, VehicleId) = (id("v-1"), id("v-2"));
-    let err = store.assign(&id("nope"), &v1).await.expect_err("unknown");
-    assert!(matches!(err, StoreError::UnknownOrder(_)), "{err}");
-
-    store.assign(&o1, &v1).await.expect("assigns");
-    store
-        .assign(&o1, &v1)
-        .await
-        .expect("same vehicle again: no-op");
-    let err = store.assign(&o2, &v1).await.expect_err("busy");
-    assert!(
-        matches!(&err, StoreError::VehicleBusy { order, .. } if *order == o1),
-        "{err}"
-    );
-    assert_eq!(
-        store.busy_vehicles(&id("demo")).await.expect("busy"),
-        HashSet::from([v1.clone()])
-    );
-    assert!(
         store
-            .busy_vehicles(&id("other"))
+            .assign(&order.order, &id("v-1"))
             .await
-            .expect("busy")
-            .is_empty()
-    );
+            .expect("assigns");
+        let again = store.create_order(&order).await.expect("idempotent");
+        assert_eq!(
+            (again.created, again.state, again.vehicle),
+            (false, OrderState::Assigned, Some(id("v-1")))
+        );
 
-    // Reassignment before pickup moves the order and frees the first vehicle.
-    store.assign(&o1, &v2).await.expect("reassigns");
-    store.assign(&o2, &v1).await.expect("v-1 is free again");
-
-    store
-        .record_event(
-            &v2,
-            &id("demo"),
-            &event(0, "o-1", DeliveryKind::Pickup, 10),
-            &[],
-            &json!({}),
-        )
-        .await
-        .expect("records");
-    let err = store.assign(&o1, &v1).await.expect_err("underway");
-    assert!(
-        matches!(
-            err,
-            StoreError::OrderUnderway {
-                state: OrderState::PickedUp,
-                ..
-            }
-        ),
-        "{err}"
-    );
-
-    let view = store.order(&o1).await.expect("reads").expect("exists");
-    let kinds: Vec<_> = view
-        .timeline
-        .iter()
-        .map(|e| (e.kind.as_str(), e.vehicle.as_str()))
-        .collect();
-    // By time: the pickup carries the device's clock (10 ms after the epoch here).
-    assert_eq!(
-        kinds,
-        [("pickup", "v-2"), ("assigned", "v-1"), ("assigned", "v-2")]
-    );
+        let conflicting = NewOrder {
+            customer: "Bob".into(),
+            ..order.clone()
+        };
+        let err = store
+            .create_order(&conflicting)
+            .await
+            .expect_err("conflict");
+        assert!(matches!(err, StoreError::OrderConflict { .. }), "{err}");
+        let view = store
+            .order(&order.order)
+            .await
+            .expect("reads")
+            .expect("exists");
+        assert_eq!(view.customer, "Ada", "the first content stays");
+    }
 }
 
-#[tokio::test]
-async fn delivery_moves_the_order_and_queues_messages() {
-    let order = new_order("o-1");
-    let (vehicle, fleet): (VehicleId, FleetId) = (id("v-1"), id("demo"));
-    let store = store_with_assigned(&order, &vehicle).await;
-    let t0 = now_ms();
-    let mut all_ids = Vec::new();
-    for (seq, kind, state) in [
-        (0, DeliveryKind::Pickup, OrderState::PickedUp),
-        (1, DeliveryKind::InTransit, OrderState::InTransit),
-        (2, DeliveryKind::Delivered, OrderState::Delivered),
-    ] {
-        let payload = json!({ "order": "o-1", "kind": kind.as_str() });
-        let recorded = store
+on_each_backend! {
+    async fn assignment_rules(store) {
+        for o in ["o-1", "o-2"] {
+            store.create_order(&new_order(o)).await.expect("creates");
+        }
+        let (o1, o2): (OrderId, OrderId) = (id("o-1"), id("o-2"));
+        let (v1, v2): (VehicleId, VehicleId) = (id("v-1"), id("v-2"));
+        let err = store.assign(&id("nope"), &v1).await.expect_err("unknown");
+        assert!(matches!(err, StoreError::UnknownOrder(_)), "{err}");
+
+        store.assign(&o1, &v1).await.expect("assigns");
+        store
+            .assign(&o1, &v1)
+            .await
+            .expect("same vehicle again: no-op");
+        let err = store.assign(&o2, &v1).await.expect_err("busy");
+        assert!(
+            matches!(&err, StoreError::VehicleBusy { order, .. } if *order == o1),
+            "{err}"
+        );
+        assert_eq!(
+            store.busy_vehicles(&id("demo")).await.expect("busy"),
+            HashSet::from([v1.clone()])
+        );
+        assert!(
+            store
+                .busy_vehicles(&id("other"))
+                .await
+                .expect("busy")
+                .is_empty()
+        );
+
+        // Reassignment before pickup moves the order and frees the first vehicle.
+        store.assign(&o1, &v2).await.expect("reassigns");
+        store.assign(&o2, &v1).await.expect("v-1 is free again");
+
+        store
             .record_event(
-                &vehicle,
-                &fleet,
-                &event(seq, "o-1", kind, t0 + u64::from(seq)),
-                &recipients(),
-                &payload,
+                &v2,
+                &id("demo"),
+                &event(0, "o-1", DeliveryKind::Pickup, 10),
+                &[],
+                &json!({}),
             )
             .await
             .expect("records");
-        assert!(!recorded.duplicate);
-        assert!(recorded.advanced);
-        assert_eq!(recorded.flag, None);
-        assert_eq!(recorded.state, Some(state));
-        assert_eq!(recorded.store.as_deref(), Some("store-1"));
-        assert_eq!(
-            recorded
-                .messages
-                .iter()
-                .map(|m| m.client.clone())
-                .collect::<Vec<_>>(),
-            recipients()
+        let err = store.assign(&o1, &v1).await.expect_err("underway");
+        assert!(
+            matches!(
+                err,
+                StoreError::OrderUnderway {
+                    state: OrderState::PickedUp,
+                    ..
+                }
+            ),
+            "{err}"
         );
-        assert!(recorded.messages.iter().all(|m| m.payload == payload));
-        all_ids.extend(recorded.messages.iter().map(|m| m.id));
-    }
-    assert!(all_ids.windows(2).all(|w| w[0] < w[1]), "{all_ids:?}");
-    let vendor = store
-        .pending(&ClientId::vendor("store-1"))
-        .await
-        .expect("pending");
-    assert_eq!(vendor.len(), 3);
-    assert_eq!(vendor[2].payload["kind"], "delivered");
-    assert_eq!(pending_for_dispatch(&store).await, 3);
-    assert!(
-        store.busy_vehicles(&fleet).await.expect("busy").is_empty(),
-        "delivered frees the vehicle"
-    );
 
-    let view = store
-        .order(&order.order)
-        .await
-        .expect("reads")
-        .expect("exists");
-    assert_eq!(view.state, OrderState::Delivered);
-    assert_eq!(view.vehicle, Some(vehicle));
-    assert_eq!(view.pickup, order.pickup);
-    assert_eq!(view.dropoff, order.dropoff);
-    let kinds: Vec<&str> = view.timeline.iter().map(|e| e.kind.as_str()).collect();
-    assert_eq!(kinds, ["assigned", "pickup", "in-transit", "delivered"]);
-    assert_eq!(view.timeline[1].seq, Some(0));
-    assert_eq!(
-        view.timeline[1].position,
-        Some(Position::new(525_100_000, 134_020_000))
-    );
+        let view = store.order(&o1).await.expect("reads").expect("exists");
+        let kinds: Vec<_> = view
+            .timeline
+            .iter()
+            .map(|e| (e.kind.as_str(), e.vehicle.as_str()))
+            .collect();
+        // By time: the pickup carries the device's clock (10 ms after the epoch here).
+        assert_eq!(
+            kinds,
+            [("pickup", "v-2"), ("assigned", "v-1"), ("assigned", "v-2")]
+        );
+    }
 }
 
-#[tokio::test]
-async fn duplicates_change_nothing() {
-    let (vehicle, fleet): (VehicleId, FleetId) = (id("v-1"), id("demo"));
-    let store = store_with_assigned(&new_order("o-1"), &vehicle).await;
-    let pickup = event(7, "o-1", DeliveryKind::Pickup, 1_000);
-    let first = store
-        .record_event(&vehicle, &fleet, &pickup, &recipients(), &json!(1))
-        .await
-        .expect("records");
-    assert!(!first.duplicate);
-    assert_eq!(first.messages.len(), 2);
-    for _ in 0..3 {
-        let again = store
+on_each_backend! {
+    async fn delivery_moves_the_order_and_queues_messages(store) {
+        let order = new_order("o-1");
+        let (vehicle, fleet): (VehicleId, FleetId) = (id("v-1"), id("demo"));
+        let store = store_with_assigned(store, &order, &vehicle).await;
+        let t0 = now_ms();
+        let mut all_ids = Vec::new();
+        for (seq, kind, state) in [
+            (0, DeliveryKind::Pickup, OrderState::PickedUp),
+            (1, DeliveryKind::InTransit, OrderState::InTransit),
+            (2, DeliveryKind::Delivered, OrderState::Delivered),
+        ] {
+            let payload = json!({ "order": "o-1", "kind": kind.as_str() });
+            let recorded = store
+                .record_event(
+                    &vehicle,
+                    &fleet,
+                    &event(seq, "o-1", kind, t0 + u64::from(seq)),
+                    &recipients(),
+                    &payload,
+                )
+                .await
+                .expect("records");
+            assert!(!recorded.duplicate);
+            assert!(recorded.advanced);
+            assert_eq!(recorded.flag, None);
+            assert_eq!(recorded.state, Some(state));
+            assert_eq!(recorded.store.as_deref(), Some("store-1"));
+            assert_eq!(
+                recorded
+                    .messages
+                    .iter()
+                    .map(|m| m.client.clone())
+                    .collect::<Vec<_>>(),
+                recipients()
+            );
+            assert!(recorded.messages.iter().all(|m| m.payload == payload));
+            all_ids.extend(recorded.messages.iter().map(|m| m.id));
+        }
+        assert!(all_ids.windows(2).all(|w| w[0] < w[1]), "{all_ids:?}");
+        let vendor = store
+            .pending(&ClientId::vendor("store-1"))
+            .await
+            .expect("pending");
+        assert_eq!(vendor.len(), 3);
+        assert_eq!(vendor[2].payload["kind"], "delivered");
+        assert_eq!(pending_for_dispatch(&store).await, 3);
+        assert!(
+            store.busy_vehicles(&fleet).await.expect("busy").is_empty(),
+            "delivered frees the vehicle"
+        );
+
+        let view = store
+            .order(&order.order)
+            .await
+            .expect("reads")
+            .expect("exists");
+        assert_eq!(view.state, OrderState::Delivered);
+        assert_eq!(view.vehicle, Some(vehicle));
+        assert_eq!(view.pickup, order.pickup);
+        assert_eq!(view.dropoff, order.dropoff);
+        let kinds: Vec<&str> = view.timeline.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["assigned", "pickup", "in-transit", "delivered"]);
+        assert_eq!(view.timeline[1].seq, Some(0));
+        assert_eq!(
+            view.timeline[1].position,
+            Some(Position::new(525_100_000, 134_020_000))
+        );
+    }
+}
+
+on_each_backend! {
+    async fn duplicates_change_nothing(store) {
+        let (vehicle, fleet): (VehicleId, FleetId) = (id("v-1"), id("demo"));
+        let store = store_with_assigned(store, &new_order("o-1"), &vehicle).await;
+        let pickup = event(7, "o-1", DeliveryKind::Pickup, 1_000);
+        let first = store
             .record_event(&vehicle, &fleet, &pickup, &recipients(), &json!(1))
             .await
             .expect("records");
-        assert!(again.duplicate);
-        assert!(again.messages.is_empty());
-        assert!(!again.advanced);
-    }
-    // Same number reused with other content (device lost its counter): still a duplicate.
-    let reused = event(7, "o-1", DeliveryKind::Delivered, 1_000);
-    assert!(
-        store
-            .record_event(&vehicle, &fleet, &reused, &recipients(), &json!(2))
-            .await
-            .expect("records")
-            .duplicate
-    );
-    // The same number at another time (the counter restarted at 0 after a reboot) is a new event.
-    let restarted = event(7, "o-1", DeliveryKind::InTransit, 5_000);
-    let recorded = store
-        .record_event(&vehicle, &fleet, &restarted, &recipients(), &json!(3))
-        .await
-        .expect("records");
-    assert!(!recorded.duplicate);
-    assert_eq!(recorded.state, Some(OrderState::InTransit));
-
-    assert_eq!(pending_for_dispatch(&store).await, 2);
-    let view = store
-        .order(&id("o-1"))
-        .await
-        .expect("reads")
-        .expect("exists");
-    assert_eq!(view.timeline.iter().filter(|e| e.seq.is_some()).count(), 2);
-}
-
-#[tokio::test]
-async fn out_of_order_and_unknown_events_are_kept_and_flagged() {
-    let (v1, v2, fleet): (VehicleId, VehicleId, FleetId) = (id("v-1"), id("v-2"), id("demo"));
-    let store = store_with_assigned(&new_order("o-1"), &v1).await;
-    let record = |vehicle: VehicleId, ev: DeliveryEvent| {
-        let store = store.clone();
-        let fleet = fleet.clone();
-        async move {
+        assert!(!first.duplicate);
+        assert_eq!(first.messages.len(), 2);
+        for _ in 0..3 {
+            let again = store
+                .record_event(&vehicle, &fleet, &pickup, &recipients(), &json!(1))
+                .await
+                .expect("records");
+            assert!(again.duplicate);
+            assert!(again.messages.is_empty());
+            assert!(!again.advanced);
+        }
+        // Same number reused with other content (device lost its counter): still a duplicate.
+        let reused = event(7, "o-1", DeliveryKind::Delivered, 1_000);
+        assert!(
             store
-                .record_event(&vehicle, &fleet, &ev, &[ClientId::dispatch()], &json!({}))
+                .record_event(&vehicle, &fleet, &reused, &recipients(), &json!(2))
                 .await
                 .expect("records")
-        }
-    };
+                .duplicate
+        );
+        // The same number at another time (the counter restarted at 0 after a reboot) is a new event.
+        let restarted = event(7, "o-1", DeliveryKind::InTransit, 5_000);
+        let recorded = store
+            .record_event(&vehicle, &fleet, &restarted, &recipients(), &json!(3))
+            .await
+            .expect("records");
+        assert!(!recorded.duplicate);
+        assert_eq!(recorded.state, Some(OrderState::InTransit));
 
-    use EventFlag::{OutOfOrder, SkippedStep, WrongVehicle};
-    use OrderState::InTransit;
-    let outcome = |r: &Recorded| (r.flag, r.advanced, r.state);
-    // in-transit before pickup: the order moves on, the skip is flagged.
-    let r = record(v1.clone(), event(1, "o-1", DeliveryKind::InTransit, 20)).await;
-    assert_eq!(outcome(&r), (Some(SkippedStep), true, Some(InTransit)));
-    // the late pickup: kept, flagged, the order stays.
-    let r = record(v1.clone(), event(0, "o-1", DeliveryKind::Pickup, 10)).await;
-    assert_eq!(outcome(&r), (Some(OutOfOrder), false, Some(InTransit)));
-    // in-transit again under a new number.
-    let r = record(v1.clone(), event(2, "o-1", DeliveryKind::InTransit, 30)).await;
-    assert_eq!((r.flag, r.advanced), (Some(EventFlag::Repeated), false));
-    // another vehicle claims the order.
-    let r = record(v2.clone(), event(0, "o-1", DeliveryKind::Delivered, 40)).await;
-    assert_eq!(outcome(&r), (Some(WrongVehicle), false, Some(InTransit)));
-    // an order nobody created.
-    let r = record(v2, event(1, "ghost", DeliveryKind::Pickup, 50)).await;
-    assert_eq!(
-        (r.flag, r.advanced, r.state, r.store),
-        (Some(EventFlag::UnknownOrder), false, None, None)
-    );
-    assert_eq!(r.messages.len(), 1, "still queued for the recipients");
-    // the real delivery.
-    let r = record(v1, event(3, "o-1", DeliveryKind::Delivered, 60)).await;
-    assert_eq!(outcome(&r), (None, true, Some(OrderState::Delivered)));
+        assert_eq!(pending_for_dispatch(&store).await, 2);
+        let view = store
+            .order(&id("o-1"))
+            .await
+            .expect("reads")
+            .expect("exists");
+        assert_eq!(view.timeline.iter().filter(|e| e.seq.is_some()).count(), 2);
+    }
+}
 
-    let view = store
-        .order(&id("o-1"))
+on_each_backend! {
+    async fn out_of_order_and_unknown_events_are_kept_and_flagged(store) {
+        let (v1, v2, fleet): (VehicleId, VehicleId, FleetId) = (id("v-1"), id("v-2"), id("demo"));
+        let store = store_with_assigned(store, &new_order("o-1"), &v1).await;
+        let record = |vehicle: VehicleId, ev: DeliveryEvent| {
+            let store = store.clone();
+            let fleet = fleet.clone();
+            async move {
+                store
+                    .record_event(&vehicle, &fleet, &ev, &[ClientId::dispatch()], &json!({}))
+                    .await
+                    .expect("records")
+            }
+        };
+
+        use EventFlag::{OutOfOrder, SkippedStep, WrongVehicle};
+        use OrderState::InTransit;
+        let outcome = |r: &Recorded| (r.flag, r.advanced, r.state);
+        // in-transit before pickup: the order moves on, the skip is flagged.
+        let r = record(v1.clone(), event(1, "o-1", DeliveryKind::InTransit, 20)).await;
+        assert_eq!(outcome(&r), (Some(SkippedStep), true, Some(InTransit)));
+        // the late pickup: kept, flagged, the order stays.
+        let r = record(v1.clone(), event(0, "o-1", DeliveryKind::Pickup, 10)).await;
+        assert_eq!(outcome(&r), (Some(OutOfOrder), false, Some(InTransit)));
+        // in-transit again under a new number.
+        let r = record(v1.clone(), event(2, "o-1", DeliveryKind::InTransit, 30)).await;
+        assert_eq!((r.flag, r.advanced), (Some(EventFlag::Repeated), false));
+        // another vehicle claims the order.
+        let r = record(v2.clone(), event(0, "o-1", DeliveryKind::Delivered, 40)).await;
+        assert_eq!(outcome(&r), (Some(WrongVehicle), false, Some(InTransit)));
+        // an order nobody created.
+        let r = record(v2, event(1, "ghost", DeliveryKind::Pickup, 50)).await;
+        assert_eq!(
+            (r.flag, r.advanced, r.state, r.store),
+            (Some(EventFlag::UnknownOrder), false, None, None)
+        );
+        assert_eq!(r.messages.len(), 1, "still queued for the recipients");
+        // the real delivery.
+        let r = record(v1, event(3, "o-1", DeliveryKind::Delivered, 60)).await;
+        assert_eq!(outcome(&r), (None, true, Some(OrderState::Delivered)));
+
+        let view = store
+            .order(&id("o-1"))
+            .await
+            .expect("reads")
+            .expect("exists");
+        let timeline: Vec<(&str, Option<EventFlag>)> = view
+            .timeline
+            .iter()
+            .filter(|e| e.kind != TimelineKind::Assigned)
+            .map(|e| (e.kind.as_str(), e.flag))
+            .collect();
+        assert_eq!(
+            timeline,
+            [
+                ("pickup", Some(OutOfOrder)),
+                ("in-transit", Some(SkippedStep)),
+                ("in-transit", Some(EventFlag::Repeated)),
+                ("delivered", Some(WrongVehicle)),
+                ("delivered", None),
+            ]
+        );
+        assert_eq!(pending_for_dispatch(&store).await, 6);
+        assert_eq!(store.order(&id("ghost")).await.expect("reads"), None);
+    }
+}
+
+/// Two bridges on one PostgreSQL database.
+async fn two_bridges() -> (Store, Store) {
+    let url = testing::postgres_url();
+    let a = Store::open(&url, StoreOptions::default())
         .await
-        .expect("reads")
-        .expect("exists");
-    let timeline: Vec<(&str, Option<EventFlag>)> = view
-        .timeline
-        .iter()
-        .filter(|e| e.kind != TimelineKind::Assigned)
-        .map(|e| (e.kind.as_str(), e.flag))
-        .collect();
+        .expect("opens");
+    let b = Store::open(&url, StoreOptions::default())
+        .await
+        .expect("opens again");
+    (a, b)
+}
+
+async fn count(pool: &DbPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .expect("counts")
+}
+
+/// Two bridges receive the same delivery event at the same time (a re-send after a
+/// reconnect): it is stored once and its messages are queued once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_bridges_record_one_event_once_postgres() {
+    let (a, b) = two_bridges().await;
+    let fleet: FleetId = id("demo");
+    const ORDERS: u32 = 20;
+    for i in 0..ORDERS {
+        let order = new_order(&format!("o-{i}"));
+        a.create_order(&order).await.expect("creates");
+        a.assign(&order.order, &id(&format!("v-{i}")))
+            .await
+            .expect("assigns");
+    }
+    let mut tasks = Vec::new();
+    for i in 0..ORDERS {
+        for store in [a.clone(), b.clone()] {
+            let fleet = fleet.clone();
+            tasks.push(tokio::spawn(async move {
+                let vehicle: VehicleId = id(&format!("v-{i}"));
+                let event = event(
+                    i,
+                    &format!("o-{i}"),
+                    DeliveryKind::Pickup,
+                    1_000 + u64::from(i),
+                );
+                store
+                    .record_event(&vehicle, &fleet, &event, &recipients(), &json!({ "i": i }))
+                    .await
+                    .expect("records")
+            }));
+        }
+    }
+    let mut fresh = 0;
+    for task in tasks {
+        let recorded = task.await.expect("no panic");
+        if !recorded.duplicate {
+            fresh += 1;
+            assert_eq!(recorded.state, Some(OrderState::PickedUp));
+            assert_eq!(recorded.messages.len(), 2);
+        }
+    }
+    assert_eq!(fresh, ORDERS, "each event recorded by exactly one bridge");
     assert_eq!(
-        timeline,
-        [
-            ("pickup", Some(OutOfOrder)),
-            ("in-transit", Some(SkippedStep)),
-            ("in-transit", Some(EventFlag::Repeated)),
-            ("delivered", Some(WrongVehicle)),
-            ("delivered", None),
-        ]
+        count(&a.read, "SELECT COUNT(*) FROM delivery_events").await,
+        i64::from(ORDERS)
     );
-    assert_eq!(pending_for_dispatch(&store).await, 6);
-    assert_eq!(store.order(&id("ghost")).await.expect("reads"), None);
+    assert_eq!(
+        pending_for_dispatch(&b).await,
+        ORDERS as usize,
+        "queued once"
+    );
+    assert_eq!(
+        count(
+            &a.read,
+            "SELECT COUNT(*) FROM orders WHERE state = 'picked-up'"
+        )
+        .await,
+        i64::from(ORDERS)
+    );
+}
+
+/// On PostgreSQL the assigning transaction holds the cluster's assigner lock: while another
+/// bridge holds it, an assignment waits for it, then assigns.
+#[tokio::test]
+async fn one_assigner_for_the_cluster_postgres() {
+    let (a, b) = two_bridges().await;
+    a.create_order(&new_order("o-1")).await.expect("creates");
+    let mut held = a.begin_write().await.expect("begins");
+    assert!(
+        crate::store::postgres::try_assigner_lock(&mut held)
+            .await
+            .expect("locks")
+    );
+    let waiting = tokio::spawn(async move { b.assign(&id("o-1"), &id("v-1")).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the assignment waits for the lock");
+    assert_eq!(
+        a.order(&id("o-1"))
+            .await
+            .expect("reads")
+            .expect("exists")
+            .state,
+        OrderState::Created,
+        "nothing assigned while the lock is held"
+    );
+    held.rollback().await.expect("releases");
+    tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("assigns once the lock is released")
+        .expect("no panic")
+        .expect("assigns");
+    assert_eq!(
+        a.order(&id("o-1"))
+            .await
+            .expect("reads")
+            .expect("exists")
+            .state,
+        OrderState::Assigned
+    );
+}
+
+/// Two bridges assign the same orders at once, to overlapping vehicles: every attempt is
+/// assigned or refused (vehicle busy), never a database error; no vehicle ends up with two orders, and every order's vehicle is its
+/// latest assignment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_assigners_never_double_book_postgres() {
+    let (a, b) = two_bridges().await;
+    const N: usize = 12;
+    for i in 0..N {
+        a.create_order(&new_order(&format!("o-{i}")))
+            .await
+            .expect("creates");
+    }
+    let mut tasks = Vec::new();
+    for (shift, store) in [(0, a.clone()), (1, b.clone())] {
+        tasks.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for round in 0..8 {
+                for i in 0..N {
+                    let order: OrderId = id(&format!("o-{i}"));
+                    let vehicle: VehicleId = id(&format!("v-{}", (i + shift + round) % N));
+                    outcomes.push(store.assign(&order, &vehicle).await);
+                }
+            }
+            outcomes
+        }));
+    }
+    let (mut assigned, mut busy) = (0, 0);
+    for task in tasks {
+        for outcome in task.await.expect("no panic") {
+            match outcome {
+                Ok(()) => assigned += 1,
+                Err(StoreError::VehicleBusy { .. }) => busy += 1,
+                Err(err) => panic!("unexpected error: {err}"),
+            }
+        }
+    }
+    assert!(assigned > 0, "{assigned} assigned, {busy} refused");
+    assert_eq!(
+        count(
+            &a.read,
+            "SELECT COUNT(*) FROM (SELECT vehicle FROM orders WHERE vehicle IS NOT NULL \
+             AND state <> 'delivered' GROUP BY vehicle HAVING COUNT(*) > 1) AS doubled"
+        )
+        .await,
+        0,
+        "a vehicle with two orders"
+    );
+    assert_eq!(
+        count(
+            &a.read,
+            "SELECT COUNT(*) FROM orders o WHERE o.vehicle IS DISTINCT FROM \
+             (SELECT a.vehicle FROM assignments a WHERE a.order_id = o.order_id \
+              ORDER BY a.id DESC LIMIT 1)"
+        )
+        .await,
+        0,
+        "an order whose vehicle is not its latest assignment"
+    );
+}
+
+/// Two bridges claim the offer of one order: one gets it, the other not until the first
+/// releases it or its claim lapses; the holder may renew its own claim.
+#[tokio::test]
+async fn one_bridge_offers_an_order_at_a_time_postgres() {
+    let (a, b) = two_bridges().await;
+    let order = id("o-1");
+    let later = now_ms() + 60_000;
+    assert!(
+        a.claim_offer(&order, "bridge-a", later)
+            .await
+            .expect("claims")
+    );
+    assert!(
+        !b.claim_offer(&order, "bridge-b", later)
+            .await
+            .expect("asks")
+    );
+    assert!(
+        a.claim_offer(&order, "bridge-a", later)
+            .await
+            .expect("renews")
+    );
+    b.release_offer(&order, "bridge-b").await.expect("no-op");
+    assert!(
+        !b.claim_offer(&order, "bridge-b", later)
+            .await
+            .expect("asks")
+    );
+    a.release_offer(&order, "bridge-a").await.expect("releases");
+    assert!(
+        b.claim_offer(&order, "bridge-b", now_ms() - 1)
+            .await
+            .expect("claims")
+    );
+    assert!(
+        a.claim_offer(&order, "bridge-a", later)
+            .await
+            .expect("claims"),
+        "a lapsed claim is taken over"
+    );
+}
+
+on_each_backend! {
+    /// The offer claims work on each backend alike (one store, two holders).
+    async fn offer_claims(store) {
+        let order = id("o-1");
+        let later = now_ms() + 60_000;
+        assert!(store.claim_offer(&order, "x", later).await.expect("claims"));
+        assert!(!store.claim_offer(&order, "y", later).await.expect("asks"));
+        store.release_offer(&order, "x").await.expect("releases");
+        assert!(store.claim_offer(&order, "y", later).await.expect("claims"));
+    }
 }

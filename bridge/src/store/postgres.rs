@@ -1,0 +1,174 @@
+//! Everything that is specific to PostgreSQL, in one place: the connection settings
+//! (`synchronous_commit`, `lock_timeout`), the pool, how a write transaction starts, the
+//! placeholders of generated SQL, the one-assigner lock, the `SHOW` read-back, which errors
+//! mean the server is out of reach, and the migrations in `migrations/postgres/`.
+//!
+//! # Several bridges on one database
+//! Every write is a transaction (`BEGIN`, read committed). Where a transaction reads a row and
+//! then writes what it decided from it (`Store::record_event`, `Store::assign`), the read is
+//! `SELECT ... FOR UPDATE` (`Backend::for_update`): a second bridge handling the same order
+//! waits for the first to commit, then reads what it committed. A delivery event two bridges
+//! record at once is inserted once: the unique index `delivery_events_dedupe` makes the second
+//! `INSERT ... ON CONFLICT DO NOTHING` wait for the first and then do nothing (a duplicate,
+//! nothing queued). Assignment is one at a time for the cluster: the assigning transaction
+//! first takes the transaction-scoped advisory lock [`ASSIGNER_LOCK`] with
+//! `pg_advisory_xact_lock` (waiting for another bridge's short assignment to commit), released
+//! when the transaction ends. Before that, a bridge offers an order to vehicles only after it
+//! claimed the order's offer (`Store::claim_offer`, the `order_offers` table): two bridges
+//! never offer one order at once. Beneath that, the unique index `orders_open_by_vehicle`
+//! refuses a second undelivered order for a vehicle whatever happens.
+
+use std::time::Duration;
+
+use sqlx::Executor;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnectionMetadata;
+
+use super::database::{DbPool, DbTx, Pools, redacted};
+use super::error::StoreError;
+use super::options::{Durability, StoreOptions, Synchronous};
+
+/// How a write transaction begins: a plain `BEGIN`. Read-then-write transactions lock the rows
+/// they read (`FOR UPDATE`), see the module doc.
+pub(super) const BEGIN_WRITE: &str = "BEGIN";
+
+/// The key of the advisory lock the assigning transaction holds: one assigner for all the
+/// bridges on a database (the ASCII of `fleetbe1`).
+pub(super) const ASSIGNER_LOCK: i64 = 0x666c_6565_7462_6531;
+
+/// Appends the placeholder of the `n`th (1-based) bound value to generated SQL: `$n`.
+pub(super) fn push_placeholder(sql: &mut String, n: usize) {
+    sql.push('$');
+    sql.push_str(&n.to_string());
+}
+
+/// The schema migrations in `bridge/migrations/postgres/`, embedded at build time.
+pub(super) static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The settings every connection takes once, after it connects.
+fn settings(options: &StoreOptions) -> String {
+    let commit = match options.synchronous {
+        Synchronous::Full => "on",
+        Synchronous::Normal | Synchronous::Off => "off",
+    };
+    format!(
+        "SET synchronous_commit = {commit}; SET lock_timeout = {};",
+        options.busy_timeout.as_millis()
+    )
+}
+
+/// Opens the pool for `target` (a `postgres://` or `postgresql://` URL) and runs the
+/// migrations. Reads and writes share one pool: the server runs them concurrently.
+pub(super) async fn connect(target: &str, options: &StoreOptions) -> Result<Pools, StoreError> {
+    let open_error = |source| StoreError::Open {
+        target: redacted(target),
+        source,
+    };
+    let connect_options: AnyConnectOptions = target.parse().map_err(open_error)?;
+    let settings = settings(options);
+    let pool = AnyPoolOptions::new()
+        .after_connect(move |conn, _: PoolConnectionMetadata| {
+            let settings = settings.clone();
+            Box::pin(async move {
+                conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(settings)))
+                    .await
+                    .map(drop)
+            })
+        })
+        .max_connections(options.read_connections.max(1) + 1)
+        .min_connections(1)
+        // While the server is out of reach a write fails after this (an outage, retried by
+        // its caller) instead of hanging.
+        .acquire_timeout(options.busy_timeout.max(Duration::from_secs(5)))
+        .connect_with(connect_options)
+        .await
+        .map_err(open_error)?;
+    MIGRATOR.run(&pool).await?;
+    Ok(Pools {
+        write: pool.clone(),
+        read: pool,
+    })
+}
+
+/// Takes the assigner lock ([`ASSIGNER_LOCK`]) for the rest of `tx`, waiting (up to the
+/// connection's `lock_timeout`) while another transaction (another bridge) holds it:
+/// assignments on one database happen one at a time, and each is short (no network round trip
+/// to a vehicle inside it: the offer is claimed per order beforehand, see
+/// `Store::claim_offer`).
+///
+/// # Errors
+/// [`StoreError::Database`] if the query fails or the lock wait times out.
+pub(super) async fn assigner_lock(tx: &mut DbTx) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(ASSIGNER_LOCK)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Whether another transaction holds the assigner lock now, without waiting (for tests).
+#[cfg(test)]
+pub(super) async fn try_assigner_lock(tx: &mut DbTx) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(ASSIGNER_LOCK)
+        .fetch_one(&mut **tx)
+        .await?)
+}
+
+/// Reads back the settings that decide durability, on a write connection.
+pub(super) async fn durability(write: &DbPool) -> Result<Durability, StoreError> {
+    let mut conn = write.acquire().await?;
+    let synchronous: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&mut *conn)
+        .await?;
+    let fsync: String = sqlx::query_scalar("SHOW fsync")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(Durability {
+        backend: "postgres".to_owned(),
+        journal_mode: "wal".to_owned(),
+        synchronous,
+        fsync,
+    })
+}
+
+/// Whether a PostgreSQL error with SQLSTATE `code` means the server cannot serve now (the
+/// same statement may succeed later) rather than that it refused the data: connection
+/// exceptions (`08`), transaction rollbacks (`40`: serialization failure, deadlock),
+/// insufficient resources (`53`: disk full, too many connections), lock not available and
+/// objects in use (`55`), operator intervention (`57`: `57P01` admin shutdown, cancelled
+/// queries), system errors (`58`), internal errors (`XX`), and a read-only (standby) server
+/// (`25006`). Constraint violations (`23`), data exceptions (`22`) and the rest are refusals.
+pub(super) fn is_outage_code(code: &str) -> bool {
+    matches!(
+        code.get(..2),
+        Some("08" | "40" | "53" | "55" | "57" | "58" | "XX")
+    ) || code == "25006"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered() {
+        let mut sql = String::new();
+        push_placeholder(&mut sql, 1);
+        sql.push_str(", ");
+        push_placeholder(&mut sql, 12);
+        assert_eq!(sql, "$1, $12");
+    }
+
+    #[test]
+    fn classifies_sqlstates() {
+        for code in [
+            "57P01", "08006", "08001", "53100", "55P03", "40001", "XX000", "25006",
+        ] {
+            assert!(is_outage_code(code), "{code}");
+        }
+        for code in ["23505", "23503", "23514", "22003", "22P02", "42601"] {
+            assert!(!is_outage_code(code), "{code}");
+        }
+    }
+}

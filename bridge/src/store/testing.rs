@@ -1,0 +1,60 @@
+//! Test support: a fresh, empty [`Store`] on each backend, and [`on_each_backend!`], which
+//! turns one test body into a test per backend.
+//!
+//! PostgreSQL: each store is a new database on the test binary's shared server
+//! (`testengines::postgres::TempPostgres::shared`, started on first use, stopped when the
+//! process ends).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use testengines::postgres::TempPostgres;
+
+use super::{Store, StoreOptions};
+
+/// A fresh in-memory SQLite store.
+pub(crate) async fn sqlite() -> Store {
+    super::in_memory().await
+}
+
+/// The URL of a new, empty database on the shared PostgreSQL server.
+pub(crate) fn postgres_url() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!("store_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    TempPostgres::shared()
+        .create_database(&name)
+        .expect("a test database is created")
+}
+
+/// A fresh store on a new PostgreSQL database.
+pub(crate) async fn postgres() -> Store {
+    Store::open(&postgres_url(), StoreOptions::default())
+        .await
+        .expect("a PostgreSQL store opens")
+}
+
+/// `on_each_backend! { async fn name(store) { ... } }`: a module `name` with two tests,
+/// `sqlite` and `postgres`, each running the body with `store` a fresh store on that backend.
+/// Attributes (doc comments) go on both.
+macro_rules! on_each_backend {
+    ($(#[$meta:meta])* async fn $name:ident($store:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(#[$meta])*
+            #[tokio::test]
+            async fn sqlite() {
+                let $store = $crate::store::testing::sqlite().await;
+                $body
+            }
+
+            $(#[$meta])*
+            #[tokio::test]
+            async fn postgres() {
+                let $store = $crate::store::testing::postgres().await;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use on_each_backend;
