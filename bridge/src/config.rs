@@ -97,6 +97,15 @@ pub struct BridgeConfig {
     /// The MQTT client id of this bridge. With a persistent session, it must be stable across
     /// restarts and unique among bridges.
     pub client_id: String,
+    /// Several bridges (issue #15): the MQTT shared-subscription group this bridge's device
+    /// subscriptions join (`$share/{group}/fleet/+/+/{kind}`), so that the broker spreads
+    /// the devices' messages over the bridges of the group. `None`: one bridge, plain
+    /// subscriptions.
+    pub shared_group: Option<String>,
+    /// Several bridges (issue #15): the Redis server (`redis://`, `rediss://`) of socketioxide's
+    /// Redis adapter, which carries room broadcasts between bridges, and of the latest vehicle
+    /// state they share. `None`: one bridge, Socket.IO's local adapter.
+    pub redis_url: Option<Secret>,
     /// MQTT keep-alive interval.
     pub keep_alive: Duration,
     /// Upper bound of the reconnect backoff.
@@ -134,6 +143,8 @@ impl Default for BridgeConfig {
                 ..broker::BrokerConfig::default()
             }),
             client_id: "fleetbeat-bridge".to_owned(),
+            shared_group: None,
+            redis_url: None,
             keep_alive: Duration::from_secs(15),
             max_backoff: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
@@ -169,6 +180,10 @@ pub struct Settings {
     pub mqtt_listen: Option<SocketAddr>,
     /// MQTT client id.
     pub client_id: Option<String>,
+    /// The MQTT shared-subscription group of the bridges (see [`BridgeConfig::shared_group`]).
+    pub shared_group: Option<String>,
+    /// The Redis server of the bridges (see [`BridgeConfig::redis_url`]).
+    pub redis_url: Option<Secret>,
     /// The broker's credentials file with the device keys.
     pub credentials: Option<PathBuf>,
     /// The bridge's own MQTT password (username: the client id), for a broker that
@@ -281,6 +296,8 @@ impl Settings {
             tls_key: over.tls_key.or(self.tls_key),
             mqtt_listen: over.mqtt_listen.or(self.mqtt_listen),
             client_id: over.client_id.or(self.client_id),
+            shared_group: over.shared_group.or(self.shared_group),
+            redis_url: over.redis_url.or(self.redis_url),
             credentials: over.credentials.or(self.credentials),
             mqtt_password: over.mqtt_password.or(self.mqtt_password),
             mqtt_password_file: over.mqtt_password_file.or(self.mqtt_password_file),
@@ -396,6 +413,35 @@ impl Settings {
         if client_id.is_empty() || client_id.len() > 64 {
             return Err(invalid("client_id", "must be 1 to 64 bytes"));
         }
+        let shared_group = match self.shared_group {
+            None => None,
+            Some(group) if group.is_empty() => None,
+            Some(group) => {
+                // MQTT 5 4.8.2: a share name is one topic level without wildcards.
+                if group.len() > 64 || group.contains(['/', '+', '#', '\0']) {
+                    return Err(invalid(
+                        "shared_group",
+                        "must be 1 to 64 bytes without '/', '+', '#' or NUL",
+                    ));
+                }
+                Some(group)
+            }
+        };
+        let redis_url = match self.redis_url {
+            None => None,
+            Some(url) if url.expose().is_empty() => None,
+            Some(url) => {
+                let parsed = url::Url::parse(url.expose())
+                    .map_err(|_| invalid("redis_url", "is not a URL (redis://host:port)"))?;
+                if !matches!(parsed.scheme(), "redis" | "rediss") {
+                    return Err(invalid(
+                        "redis_url",
+                        "must start with redis:// or rediss://",
+                    ));
+                }
+                Some(url)
+            }
+        };
         crate::domain::auth::Tokens::new(&self.tokens).map_err(|e| invalid("tokens", e))?;
         let mqtt_password = match (self.mqtt_password, &self.mqtt_password_file) {
             (Some(_), Some(_)) => {
@@ -473,6 +519,8 @@ impl Settings {
                 tls,
                 mqtt,
                 client_id,
+                shared_group,
+                redis_url,
                 // Socket.IO limits (issue 14)
                 socketio: self
                     .socketio
@@ -947,6 +995,61 @@ mod tests {
         assert!(
             toml::from_str::<Settings>("tick = 5").is_err(),
             "unknown keys are refused"
+        );
+    }
+
+    #[test]
+    fn cluster_keys_are_validated() {
+        let from_file: Settings = toml::from_str(
+            "shared_group = \"fleetbeat\"\nredis_url = \"redis://:pw@127.0.0.1:6390\"",
+        )
+        .expect("parses");
+        let (_, config) = Settings::defaults()
+            .expect("defaults")
+            .overridden_by(from_file)
+            .into_config()
+            .expect("valid");
+        assert_eq!(config.shared_group.as_deref(), Some("fleetbeat"));
+        assert_eq!(
+            config.redis_url.as_ref().map(Secret::expose),
+            Some("redis://:pw@127.0.0.1:6390")
+        );
+        let (_, single) = Settings::defaults()
+            .expect("defaults")
+            .into_config()
+            .expect("valid");
+        assert_eq!(single.shared_group, None, "one bridge by default");
+        assert!(single.redis_url.is_none());
+        for (group, ok) in [
+            ("a/b", false),
+            ("g+", false),
+            ("#", false),
+            ("bridges-1", true),
+        ] {
+            let result = Settings::defaults()
+                .expect("defaults")
+                .overridden_by(Settings {
+                    shared_group: Some(group.to_owned()),
+                    ..Settings::default()
+                })
+                .into_config();
+            assert_eq!(result.is_ok(), ok, "shared_group {group:?}");
+            if let Err(err) = result {
+                assert!(err.to_string().contains("shared_group"), "{err}");
+            }
+        }
+        let err = Settings::defaults()
+            .expect("defaults")
+            .overridden_by(Settings {
+                redis_url: Some(Secret::new("http://:secret@127.0.0.1:6379")),
+                ..Settings::default()
+            })
+            .into_config()
+            .expect_err("not redis")
+            .to_string();
+        assert!(
+            err.contains("redis_url") && !err.contains("secret"),
+            "{err}"
         );
     }
 }

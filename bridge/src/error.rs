@@ -31,6 +31,24 @@ pub enum BridgeError {
     /// A TLS certificate, key or CA bundle cannot be used.
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// The Redis server of the bridges (`redis_url`) cannot be used; `url` is shown without
+    /// its password.
+    #[error("Redis at {url}: {reason}")]
+    Redis {
+        /// The URL, its password masked.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Another live bridge registered this `client_id` in Redis.
+    #[error(
+        "client_id {client_id} is in use by another bridge (registered in Redis): give each \
+         bridge its own client_id"
+    )]
+    ClientIdInUse {
+        /// The client id.
+        client_id: String,
+    },
     /// The HTTP listener failed.
     #[error("HTTP server: {0}")]
     Http(#[source] std::io::Error),

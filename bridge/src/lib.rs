@@ -20,7 +20,10 @@
 //! - `ingest/`: what vehicles publish, coming in: the MQTT task (`mqtt`), each PUBLISH
 //!   verified and recorded (`inbox`, `verify`), the device keys (`keys`).
 //! - `api/`: what clients call: Socket.IO handlers (`socket`), HTTP (`http`), the page (`web`),
-//!   HTTPS and WSS on the same listener (`https`).
+//!   HTTPS and WSS on the same listener (`https`), the Redis link of the Socket.IO adapter of
+//!   several bridges (`adapter`).
+//! - `cluster/`: the latest vehicle states shared with the other bridges through Redis, merged
+//!   into the fleet cache.
 //! - `server`: starts all of the above ([`Bridge`], [`run`]) and shuts it down gracefully.
 //!
 //! Beside them: [`config`] (what the bridge needs to run), [`error`] ([`BridgeError`]),
@@ -30,9 +33,17 @@
 //! A heartbeat's way: `ingest::mqtt` → `ingest::inbox` (verified) → `Hub::record` (one lock
 //! of the fleet) → at the next tick, `view::emit::send_batches` → `view::vehicle::PositionView`
 //! → the `position` event.
+//!
+//! Several bridges (`redis_url`, issue #15) behave as one: Socket.IO runs on socketioxide's Redis
+//! adapter, so everything addressed to a client identity (queued delivery messages, `pickup`,
+//! command acks, announcements) goes to rooms through the adapter and reaches the client on
+//! whichever bridge it is connected to; the per-tick `position` and `status` batches stay
+//! local, each bridge sending them to its own sockets from a fleet cache that `cluster` keeps
+//! complete. Each bridge registers its `client_id` in Redis (`server`).
 
 mod api;
 mod clock;
+mod cluster;
 pub mod config;
 mod domain;
 pub mod error;

@@ -68,6 +68,14 @@ struct Cli {
     /// MQTT client id of this bridge (stable: the broker keeps its session).
     #[arg(long, env = "FLEETBEAT_CLIENT_ID")]
     client_id: Option<String>,
+    /// Several bridges: the MQTT shared-subscription group this bridge joins for device
+    /// topics (`$share/NAME/fleet/+/+/KIND`); the broker spreads the devices over the group.
+    #[arg(long, env = "FLEETBEAT_SHARED_GROUP")]
+    shared_group: Option<String>,
+    /// Several bridges: the Redis server of the Socket.IO Redis adapter and of the shared
+    /// vehicle state (`redis://127.0.0.1:6379`).
+    #[arg(long, env = "FLEETBEAT_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
     /// The broker's credentials file with the device message keys (unset: open mode).
     #[arg(long, env = "FLEETBEAT_CREDENTIALS")]
     credentials: Option<PathBuf>,
@@ -105,7 +113,8 @@ struct Cli {
     /// before it is parked in the store and acknowledged (100 ..= 3600000; default 60000).
     #[arg(long, env = "FLEETBEAT_KEY_WAIT_PARK_AFTER_MS")]
     key_wait_park_after_ms: Option<u64>,
-    /// The SQLite database file (orders, queues, history), or `:memory:`.
+    /// The store (orders, queues, history): a SQLite file, `:memory:`, or a `postgres://` URL
+    /// (several bridges share one PostgreSQL).
     #[arg(long, env = "FLEETBEAT_STORE")]
     store: Option<String>,
     /// `full` (fsync every commit, the default) or `normal`.
@@ -166,6 +175,8 @@ impl Cli {
             tls_key: self.tls_key.clone(),
             mqtt_listen: self.mqtt_listen,
             client_id: self.client_id.clone(),
+            shared_group: self.shared_group.clone(),
+            redis_url: self.redis_url.clone().map(Secret::new),
             credentials: self.credentials.clone(),
             mqtt_password: self.mqtt_password.clone().map(Secret::new),
             mqtt_password_file: self.mqtt_password_file.clone(),

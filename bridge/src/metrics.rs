@@ -97,6 +97,9 @@ pub(crate) enum Counter {
     MqttHeartbeatConnects,
     /// An MQTT connection error of the heartbeats session.
     MqttHeartbeatErrors,
+    /// The broker closed a session soon after accepting it, several times in a row: another
+    /// client probably uses the bridge's client id (issue #15).
+    MqttSessionTakeovers,
     /// The credentials file changed and its device keys were reloaded.
     KeysReloaded,
     /// The credentials file changed but did not load: the previous keys stay.
@@ -115,11 +118,18 @@ pub(crate) enum Counter {
     Parked,
     /// A parked message removed by retention, its vehicle's key never known.
     ParkedExpired,
+    /// A command ack of another bridge's command (every bridge receives every ack): ignored.
+    AcksForOtherBridges,
+    /// A Socket.IO broadcast that failed (with the Redis adapter: Redis unreachable).
+    BroadcastFailed,
+    /// Redis lost by the Socket.IO adapter's link, or a failed refresh of the bridge's
+    /// registration (its client id): Redis is unreachable, or another bridge took the client id.
+    RedisErrors,
 }
 
 impl Counter {
     /// Name and help text of every counter, in the order of the variants (and of `/metrics`).
-    const RENDERED: [(&'static str, &'static str); 23] = [
+    const RENDERED: [(&'static str, &'static str); 27] = [
         (
             "history_dropped_total",
             "Heartbeats not stored: the history writer was full.",
@@ -174,6 +184,10 @@ impl Counter {
             "MQTT connection errors (heartbeats session).",
         ),
         (
+            "mqtt_session_takeovers_total",
+            "Times the broker closed a session soon after accepting it, 3 times in a row: another client probably uses this bridge's client id.",
+        ),
+        (
             "credentials_reloads_total",
             "Times the credentials file changed and its device keys were reloaded.",
         ),
@@ -208,6 +222,18 @@ impl Counter {
         (
             "parked_expired_total",
             "Parked messages removed by retention, their vehicle's key never known.",
+        ),
+        (
+            "acks_for_other_bridges_total",
+            "Command acks of commands another bridge sent (every bridge receives every ack): ignored.",
+        ),
+        (
+            "socketio_broadcast_failures_total",
+            "Socket.IO broadcasts that failed (with the Redis adapter: Redis unreachable).",
+        ),
+        (
+            "redis_errors_total",
+            "Redis lost by the Socket.IO adapter, or a failed refresh of the bridge's registration (Redis unreachable, or the client id taken).",
         ),
     ];
 }

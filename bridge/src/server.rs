@@ -1,25 +1,38 @@
 //! Starting and stopping the bridge as a whole: builds every layer, spawns the tasks (the
 //! MQTT task, the tick, retention, waiting orders, the heartbeat writer, HTTP), and stops
 //! them gracefully.
+//!
+//! Several bridges (issue #15): with `redis_url`, Socket.IO runs on socketioxide's Redis
+//! adapter, so that an event for a room reaches its sockets whichever bridge they are
+//! connected to; without it, on the local adapter. The adapter is picked once, in
+//! [`Bridge::start`]; everything after it is one code path, generic over the adapter
+//! (`Bridge::launch`). With Redis the bridge also registers its `client_id` there
+//! ([`Registration`]): a second live bridge with the same `client_id` refuses to start.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::serve::ListenerExt;
 use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
+use socketioxide::layer::SocketIoLayer;
+use socketioxide_redis::{RedisAdapterConfig, RedisAdapterCtr};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::api::adapter::{RedisLink, SharedAdapter};
 use crate::api::https::{HttpsListener, ServerCertificate};
 use crate::api::limits::SocketGuard;
 use crate::api::{http, socket};
+use crate::cluster::{Cluster, ClusterOptions};
 use crate::config::{BridgeConfig, MqttEndpoint, MqttTarget};
 use crate::domain::auth::{MetricsAccess, Tokens, parse_token_hash};
-use crate::domain::fleet::Fleet;
+use crate::domain::fleet::{ClusterPort, Fleet};
 use crate::domain::{Hub, HubParts};
 use crate::error::BridgeError;
 use crate::ingest::acks;
@@ -27,14 +40,17 @@ use crate::ingest::inbox::{Inbox, Parking};
 use crate::ingest::keys::DeviceKeys;
 use crate::ingest::mqtt::{self, Session};
 use crate::metrics::{Counter, Metrics};
-use crate::store::{HeartbeatWriter, HeartbeatWriterOptions, Store, StoreOptions};
-use crate::view::emit;
+use crate::store::{HeartbeatSender, HeartbeatWriter, HeartbeatWriterOptions, Store, StoreOptions};
+use crate::view::emit::{self, Outlet};
+
+/// Closes every Socket.IO socket, whatever the adapter.
+type CloseSockets = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// A running bridge. Stop it with [`Bridge::shutdown`].
 pub struct Bridge {
     http_addr: SocketAddr,
     mqtt: MqttEndpoint,
-    io: SocketIo,
+    close_sockets: CloseSockets,
     cancel: CancellationToken,
     tasks: TaskTracker,
     config: BridgeConfig,
@@ -51,10 +67,26 @@ impl Bridge {
     /// Returns once the embedded broker listens and HTTP is served; MQTT connects in the
     /// background (watch `GET /readyz`).
     ///
+    /// With `redis_url`, first registers `client_id` in Redis, then builds Socket.IO on the
+    /// Redis adapter and starts the link of the fleet cache to the other bridges.
+    ///
     /// # Errors
-    /// [`BridgeError`] if the embedded broker cannot start or the listener is unusable.
+    /// [`BridgeError`] if the embedded broker cannot start or the listener is unusable;
+    /// [`BridgeError::Redis`] if Redis cannot be reached; [`BridgeError::ClientIdInUse`] if
+    /// another live bridge registered `client_id` (a registration left by a bridge that did
+    /// not stop gracefully expires within 15 s).
     pub async fn start(listener: TcpListener, config: BridgeConfig) -> Result<Self, BridgeError> {
         let http_addr = listener.local_addr().map_err(BridgeError::Http)?;
+        // First: a second bridge with this client id must not touch the MQTT sessions of the
+        // live one.
+        let redis = match &config.redis_url {
+            Some(url) => {
+                let url = RedisUrl::new(url.expose())?;
+                let registration = Registration::claim(&url, &config.client_id).await?;
+                Some((url, registration))
+            }
+            None => None,
+        };
         let (broker, endpoint) = match &config.mqtt {
             MqttTarget::Embedded(broker_config) => {
                 let broker = broker::Broker::start(broker_config.clone()).await?;
@@ -127,38 +159,144 @@ impl Bridge {
             HeartbeatWriterOptions::default(),
             Arc::clone(&metrics),
         );
+        let mut fleet = Fleet::new(config.stale);
+        // With other bridges: the fleet cache's link to them (`cluster`), started in `launch`.
+        let cluster = redis.is_some().then(|| fleet.cluster_port());
         let hub = Arc::new(Hub::new(HubParts {
             metrics: Arc::clone(&metrics),
             tokens,
-            fleet: Fleet::new(config.stale),
+            fleet,
             store: store.clone(),
             mqtt: client.clone(),
             command_timeout: config.command_timeout,
         }));
         // Socket.IO limits (issue 14): `api::limits`.
         let guard = Arc::new(SocketGuard::new(config.socketio.clone()));
-        let (layer, io) = SocketIo::builder()
+        let builder = SocketIo::builder()
             .max_buffer_size(config.socketio.buffer_packets as usize)
             .max_payload(config.socketio.max_payload_bytes)
             .ws_max_message_size(
                 usize::try_from(config.socketio.max_payload_bytes).unwrap_or(usize::MAX),
             )
             .with_state(Arc::clone(&hub))
-            .with_state(Arc::clone(&guard))
-            .build_layer();
-        socket::register(&io);
+            .with_state(Arc::clone(&guard));
+        let started = Started {
+            listener,
+            http_addr,
+            config,
+            broker,
+            endpoint,
+            metrics,
+            certificate,
+            keys,
+            client,
+            eventloop,
+            hb_client,
+            hb_eventloop,
+            store,
+            writer,
+            history,
+            hub,
+            guard,
+            registration: None,
+            link: None,
+            cluster,
+        };
+        match redis {
+            None => {
+                let (layer, io) = builder.build_layer();
+                socket::register(&io);
+                Self::launch(started, layer, io).await
+            }
+            Some((url, registration)) => {
+                let link = RedisLink::connect(
+                    url.client()?,
+                    Arc::clone(&started.metrics),
+                    url.to_string(),
+                )
+                .await
+                .map_err(|err| url.error(err.to_string()))?;
+                let adapter =
+                    RedisAdapterCtr::new_with_driver(link.clone(), RedisAdapterConfig::default());
+                let (layer, io) = builder.with_adapter::<SharedAdapter>(adapter).build_layer();
+                for init in socket::register_shared(&io) {
+                    init.await
+                        .map_err(|err| url.error(format!("adapter: {err}")))?;
+                }
+                info!(redis = %url, "Socket.IO shared with the other bridges through Redis");
+                let started = Started {
+                    registration: Some(registration),
+                    link: Some(link),
+                    ..started
+                };
+                Self::launch(started, layer, io).await
+            }
+        }
+    }
 
+    /// The rest of [`Bridge::start`], once Socket.IO is built on adapter `A` (its namespaces
+    /// registered): spawns the tasks and serves HTTP.
+    async fn launch<A: Adapter>(
+        started: Started,
+        layer: SocketIoLayer<A>,
+        io: SocketIo<A>,
+    ) -> Result<Self, BridgeError> {
+        let Started {
+            listener,
+            http_addr,
+            config,
+            broker,
+            endpoint,
+            metrics,
+            certificate,
+            keys,
+            client,
+            eventloop,
+            hb_client,
+            hb_eventloop,
+            store,
+            writer,
+            history,
+            hub,
+            guard,
+            registration,
+            cluster,
+            link,
+        } = started;
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-
-        let (acks, releaser) = acks::ack_queue(Arc::clone(&hub), io.clone(), client.clone());
+        if let Some(registration) = registration {
+            tasks.spawn(registration.keep(Arc::clone(&metrics), cancel.child_token()));
+        }
+        if let Some(link) = link {
+            tasks.spawn(link.watch(cancel.child_token()));
+        }
+        // The vehicles other bridges hear, merged into the fleet cache (`cluster`).
+        let cluster = match (cluster, &config.redis_url) {
+            (Some(port), Some(url)) => {
+                let options = ClusterOptions {
+                    url: url.expose().to_owned(),
+                    name: config.client_id.clone(),
+                    max_backoff: config.max_backoff,
+                };
+                let link = Cluster::start(options, port, cancel.child_token())
+                    .await
+                    .map_err(|err| BridgeError::Config(err.to_string()))?;
+                let stats = link.stats();
+                tasks.spawn(link.stopped());
+                Some(stats)
+            }
+            _ => None,
+        };
+        let outlet: Arc<dyn Outlet> = Arc::new(io.clone());
+        let (acks, releaser) =
+            acks::ack_queue(Arc::clone(&hub), Arc::clone(&outlet), client.clone());
         let parking = Parking {
             store: store.clone(),
             after: config.key_wait_park_after,
             vehicles: store.parked_vehicles().await?,
         };
-        let (inbox, key_wait) =
-            Inbox::new(io.clone(), Arc::clone(&hub), keys, history, acks, parking);
+        let (inbox, key_wait) = Inbox::new(outlet, Arc::clone(&hub), keys, history, acks, parking);
         let inbox = Arc::new(inbox);
         tasks.spawn(key_wait.run(cancel.child_token()));
         tasks.spawn(writer.run(cancel.child_token()));
@@ -171,12 +309,17 @@ impl Bridge {
             config.history_retention,
             cancel.child_token(),
         ));
+        let subscriptions = mqtt::Subscriptions {
+            shared_group: config.shared_group.as_deref().map(Arc::from),
+            client_id: Arc::from(config.client_id.as_str()),
+            max_backoff: config.max_backoff,
+        };
         tasks.spawn(mqtt::run(
             client,
             eventloop,
             Session::Events,
             Arc::clone(&inbox),
-            config.max_backoff,
+            subscriptions.clone(),
             cancel.child_token(),
         ));
         tasks.spawn(mqtt::run(
@@ -184,7 +327,7 @@ impl Bridge {
             hb_eventloop,
             Session::Heartbeats,
             inbox,
-            config.max_backoff,
+            subscriptions.clone(),
             cancel.child_token(),
         ));
         tasks.spawn(ticker(
@@ -199,6 +342,7 @@ impl Bridge {
             hub: Arc::clone(&hub),
             broker: broker.as_ref().map(broker::Broker::metrics),
             guard,
+            cluster,
         };
         let app = http::router(state, layer, config.web.clone());
         let stop_http = cancel.child_token();
@@ -219,7 +363,7 @@ impl Bridge {
         Ok(Self {
             http_addr,
             mqtt: endpoint,
-            io,
+            close_sockets: Box::new(move || Box::pin(async move { io.close().await })),
             cancel,
             tasks,
             config,
@@ -262,7 +406,7 @@ impl Bridge {
     pub async fn shutdown(self) -> Result<(), BridgeError> {
         info!("bridge shutting down");
         self.cancel.cancel();
-        self.io.close().await;
+        (self.close_sockets)().await;
         self.tasks.close();
         let grace = self.config.shutdown_grace;
         if tokio::time::timeout(grace, self.tasks.wait())
@@ -283,6 +427,223 @@ impl Bridge {
         info!("bridge stopped");
         Ok(())
     }
+}
+
+/// What [`Bridge::start`] made before Socket.IO, for [`Bridge::launch`].
+struct Started {
+    listener: TcpListener,
+    http_addr: SocketAddr,
+    config: BridgeConfig,
+    broker: Option<broker::Broker>,
+    endpoint: MqttEndpoint,
+    metrics: Arc<Metrics>,
+    certificate: Option<Arc<ServerCertificate>>,
+    keys: DeviceKeys,
+    client: rumqttc::AsyncClient,
+    eventloop: rumqttc::EventLoop,
+    hb_client: rumqttc::AsyncClient,
+    hb_eventloop: rumqttc::EventLoop,
+    store: Store,
+    writer: HeartbeatWriter,
+    history: HeartbeatSender,
+    hub: Arc<Hub>,
+    guard: Arc<SocketGuard>,
+    /// The bridge's client id registered in Redis, with `redis_url`.
+    registration: Option<Registration>,
+    /// The fleet cache's side of the link to the other bridges, with `redis_url`.
+    cluster: Option<ClusterPort>,
+    /// The Socket.IO adapter's link to Redis, with `redis_url`.
+    link: Option<RedisLink>,
+}
+
+// ---- Redis (several bridges, issue #15) --------------------------------------------------
+
+/// How long the bridge waits for Redis when it starts.
+const REDIS_CONNECT: Duration = Duration::from_secs(5);
+/// How long a registration lives in Redis without being refreshed.
+const REGISTRATION_TTL: Duration = Duration::from_secs(15);
+/// How often the registration is refreshed.
+const REGISTRATION_REFRESH: Duration = Duration::from_secs(5);
+
+/// Sets the registration if it is ours or gone (Redis lost it); returns 1, or 0 if another
+/// bridge holds it. KEYS[1]: the key; ARGV[1]: our token; ARGV[2]: the TTL in ms.
+const REFRESH_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
+    if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 \
+    elseif not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 \
+    else return 0 end";
+
+/// Deletes the registration if it is still ours; returns 1 if it was deleted.
+const RELEASE_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+    return redis.call('DEL', KEYS[1]) else return 0 end";
+
+/// The Redis server of the bridges: the URL to connect with (RESP3, which socketioxide's
+/// Redis adapter needs, asked for when the URL does not say) and its form for logs and errors
+/// (without the password).
+struct RedisUrl {
+    url: String,
+    shown: String,
+}
+
+impl RedisUrl {
+    /// Reads `raw` (`redis://` or `rediss://`, checked by the configuration).
+    fn new(raw: &str) -> Result<Self, BridgeError> {
+        let mut url =
+            url::Url::parse(raw).map_err(|err| BridgeError::Config(format!("redis_url: {err}")))?;
+        if !url.query_pairs().any(|(key, _)| key == "protocol") {
+            url.query_pairs_mut().append_pair("protocol", "resp3");
+        }
+        let mut shown = url.clone();
+        if shown.password().is_some() {
+            // Only fails for URLs without a host, which `redis://` URLs have.
+            let _ = shown.set_password(Some("***"));
+        }
+        Ok(Self {
+            url: url.into(),
+            shown: shown.into(),
+        })
+    }
+
+    /// A client for it (connects on first use).
+    fn client(&self) -> Result<redis::Client, BridgeError> {
+        redis::Client::open(self.url.as_str()).map_err(|err| self.error(err.to_string()))
+    }
+
+    /// The error "cannot use Redis at this URL", for `reason`.
+    fn error(&self, reason: String) -> BridgeError {
+        BridgeError::Redis {
+            url: self.shown.clone(),
+            reason,
+        }
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+/// This bridge's `client_id`, registered in Redis as `fleetbeat:bridge:{client_id}` with a
+/// random token of this instance, for [`REGISTRATION_TTL`]: two live bridges never share a
+/// client id (they would take each other's MQTT sessions). Refreshed every
+/// [`REGISTRATION_REFRESH`] by [`Registration::keep`], deleted on shutdown if still ours.
+struct Registration {
+    client: redis::Client,
+    connection: Option<redis::aio::MultiplexedConnection>,
+    key: String,
+    token: String,
+    client_id: String,
+    shown: String,
+}
+
+impl Registration {
+    /// Registers `client_id` in Redis at `url`.
+    ///
+    /// # Errors
+    /// [`BridgeError::Redis`] if Redis cannot be reached; [`BridgeError::ClientIdInUse`] if
+    /// another live bridge holds `client_id`.
+    async fn claim(url: &RedisUrl, client_id: &str) -> Result<Self, BridgeError> {
+        let client = url.client()?;
+        let mut connection =
+            tokio::time::timeout(REDIS_CONNECT, client.get_multiplexed_async_connection())
+                .await
+                .map_err(|_| url.error(format!("no answer within {REDIS_CONNECT:?}")))?
+                .map_err(|err| url.error(err.to_string()))?;
+        let key = format!("fleetbeat:bridge:{client_id}");
+        let token = format!(
+            "{:016x}{:016x}-{}",
+            fastrand::u64(..),
+            fastrand::u64(..),
+            std::process::id()
+        );
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms())
+            .query_async(&mut connection)
+            .await
+            .map_err(|err| url.error(err.to_string()))?;
+        if set.is_none() {
+            return Err(BridgeError::ClientIdInUse {
+                client_id: client_id.to_owned(),
+            });
+        }
+        info!(%key, redis = %url, "client id registered in Redis");
+        Ok(Self {
+            client,
+            connection: Some(connection),
+            key,
+            token,
+            client_id: client_id.to_owned(),
+            shown: url.shown.clone(),
+        })
+    }
+
+    /// Refreshes the registration every [`REGISTRATION_REFRESH`] until `cancel`, then deletes
+    /// it if it is still ours. A failure (Redis unreachable: it reconnects on the next round;
+    /// or another bridge took the client id) is logged and counted in `metrics`.
+    async fn keep(mut self, metrics: Arc<Metrics>, cancel: CancellationToken) {
+        let mut ticks = tokio::time::interval(REGISTRATION_REFRESH);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.reset();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
+            match self.run_script(REFRESH_SCRIPT, Some(ttl_ms())).await {
+                Ok(1) => debug!(key = %self.key, "registration refreshed"),
+                Ok(_) => {
+                    metrics.count(Counter::RedisErrors);
+                    error!(
+                        client_id = %self.client_id,
+                        "client_id {} is in use by another bridge (registered in Redis): give each bridge its own client_id",
+                        self.client_id
+                    );
+                }
+                Err(err) => {
+                    metrics.count(Counter::RedisErrors);
+                    warn!(redis = %self.shown, cause = %err, "cannot refresh the bridge's registration in Redis: will retry");
+                }
+            }
+        }
+        match tokio::time::timeout(REDIS_CONNECT, self.run_script(RELEASE_SCRIPT, None)).await {
+            Ok(Ok(1)) => info!(key = %self.key, "registration removed from Redis"),
+            Ok(Ok(_)) => {
+                warn!(key = %self.key, "registration was not ours any more: left in Redis")
+            }
+            Ok(Err(err)) => {
+                warn!(cause = %err, "cannot remove the registration from Redis: it expires by itself")
+            }
+            Err(_) => warn!("Redis did not answer: the registration expires by itself"),
+        }
+    }
+
+    /// Runs `script` on the registration (our key and token, and `ttl_ms` if given),
+    /// connecting again first if the last connection failed.
+    async fn run_script(&mut self, script: &str, ttl_ms: Option<u64>) -> redis::RedisResult<i64> {
+        let mut connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => self.client.get_multiplexed_async_connection().await?,
+        };
+        let mut command = redis::cmd("EVAL");
+        command.arg(script).arg(1).arg(&self.key).arg(&self.token);
+        if let Some(ttl) = ttl_ms {
+            command.arg(ttl);
+        }
+        let result = command.query_async(&mut connection).await;
+        if result.is_ok() {
+            self.connection = Some(connection);
+        }
+        result
+    }
+}
+
+/// [`REGISTRATION_TTL`] in milliseconds.
+fn ttl_ms() -> u64 {
+    u64::try_from(REGISTRATION_TTL.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Serves `app` over plain HTTP on `listener` until `stop`.
@@ -384,8 +745,8 @@ const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// Every `period`: sends the batched status changes and the coalesced positions
 /// ([`emit::send_batches`]); every [`SWEEP_EVERY`]: marks vehicles that missed their
 /// heartbeats as stale. No batch part is larger than `max_packet` bytes.
-async fn ticker(
-    io: SocketIo,
+async fn ticker<A: Adapter>(
+    io: SocketIo<A>,
     hub: Arc<Hub>,
     (period, max_packet): (Duration, usize),
     cancel: CancellationToken,
@@ -488,4 +849,138 @@ pub async fn run(
     };
     bridge.shutdown().await?;
     died.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use testengines::redis::TempRedis;
+
+    use super::*;
+
+    /// What Redis holds at `key` now.
+    async fn held(url: &RedisUrl, key: &str) -> Option<String> {
+        let mut connection = url
+            .client()
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .expect("GET")
+    }
+
+    #[test]
+    fn redis_urls_ask_for_resp3_and_hide_the_password() {
+        let url = RedisUrl::new("redis://fleet:s3cret@127.0.0.1:6390/0").expect("valid");
+        assert!(url.url.contains("protocol=resp3"), "{}", url.url);
+        assert!(url.url.contains("s3cret"), "the password is used");
+        assert!(!url.to_string().contains("s3cret"), "{url}");
+        let error = url.error("refused".into()).to_string();
+        assert!(
+            error.contains("127.0.0.1:6390") && !error.contains("s3cret"),
+            "{error}"
+        );
+        let url = RedisUrl::new("rediss://h:6390/?protocol=resp3").expect("valid");
+        assert_eq!(url.url.matches("protocol=").count(), 1, "{}", url.url);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_is_a_clear_error_without_the_password() {
+        // A port nothing listens on: bound, then released.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let url = RedisUrl::new(&format!("redis://:pw-123@127.0.0.1:{port}")).expect("valid");
+        let Err(error) = Registration::claim(&url, "bridge-a").await else {
+            panic!("claimed on a closed port");
+        };
+        let text = error.to_string();
+        assert!(matches!(error, BridgeError::Redis { .. }), "{text}");
+        assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+        assert!(!text.contains("pw-123"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_client_id_is_held_by_one_live_bridge() {
+        let mut server = TempRedis::start().expect("redis-server");
+        let url = RedisUrl::new(&server.url()).expect("valid");
+        let first = Registration::claim(&url, "bridge-a")
+            .await
+            .expect("claimed");
+        let key = "fleetbeat:bridge:bridge-a";
+        assert_eq!(held(&url, key).await.as_deref(), Some(first.token.as_str()));
+
+        let Err(error) = Registration::claim(&url, "bridge-a").await else {
+            panic!("a second bridge got the same client id");
+        };
+        assert_eq!(
+            error.to_string(),
+            "client_id bridge-a is in use by another bridge (registered in Redis): give each \
+             bridge its own client_id"
+        );
+        let other = Registration::claim(&url, "bridge-b")
+            .await
+            .expect("another id");
+
+        // Kept while it runs, deleted at shutdown (ours), free again after.
+        let metrics = Arc::new(Metrics::default());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(first.keep(Arc::clone(&metrics), cancel.clone()));
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("keep ends")
+            .expect("no panic");
+        assert_eq!(held(&url, key).await, None, "deleted on shutdown");
+        let mut again = Registration::claim(&url, "bridge-a")
+            .await
+            .expect("free again");
+
+        // Redis lost, then back (empty): the next refresh fails, the one after sets it again.
+        server.restart().expect("restart");
+        let _ = again.run_script(REFRESH_SCRIPT, Some(ttl_ms())).await;
+        assert_eq!(
+            again
+                .run_script(REFRESH_SCRIPT, Some(ttl_ms()))
+                .await
+                .expect("reconnected"),
+            1
+        );
+        assert_eq!(held(&url, key).await.as_deref(), Some(again.token.as_str()));
+
+        // Not ours any more: the refresh says so, and shutdown leaves it alone.
+        redis::cmd("SET")
+            .arg(key)
+            .arg("someone-else")
+            .exec_async(
+                &mut url
+                    .client()
+                    .expect("client")
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("connect"),
+            )
+            .await
+            .expect("SET");
+        assert_eq!(
+            again
+                .run_script(REFRESH_SCRIPT, Some(ttl_ms()))
+                .await
+                .expect("refresh"),
+            0
+        );
+        assert_eq!(
+            again
+                .run_script(RELEASE_SCRIPT, None)
+                .await
+                .expect("release"),
+            0
+        );
+        assert_eq!(held(&url, key).await.as_deref(), Some("someone-else"));
+        drop(other);
+    }
 }

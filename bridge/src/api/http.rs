@@ -23,11 +23,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use shared::{OrderId, VehicleId};
 use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
 use socketioxide::layer::SocketIoLayer;
 
 use super::limits::{Limit, SocketGuard};
 use super::socket::place_and_announce;
 use super::web::{self, WebConfig};
+use crate::cluster::ClusterStats;
 use crate::domain::Hub;
 use crate::domain::auth::{AuthError, Entrance, Grant, MetricsRefusal, Role};
 use crate::domain::command::{CommandError, CommandRequest};
@@ -37,37 +39,56 @@ use crate::view::order;
 use crate::view::vehicle::{VehicleView, command_answer, track, track_geojson};
 
 /// What the HTTP handlers share.
-#[derive(Clone)]
-pub(crate) struct HttpState {
+pub(crate) struct HttpState<A: Adapter> {
     /// The Socket.IO server, to announce orders placed over HTTP.
-    pub(crate) io: SocketIo,
+    pub(crate) io: SocketIo<A>,
     /// The bridge's shared state.
     pub(crate) hub: Arc<Hub>,
     /// The embedded broker's counters, appended to `/metrics` (embedded mode only).
     pub(crate) broker: Option<broker::BrokerMetrics>,
     /// The Socket.IO limits: the Origin check, and their counters for `/metrics`.
     pub(crate) guard: Arc<SocketGuard>,
+    /// The counters of the link to the other bridges, appended to `/metrics` (with
+    /// `redis_url` only).
+    pub(crate) cluster: Option<Arc<ClusterStats>>,
 }
 
-impl FromRef<HttpState> for Arc<Hub> {
-    fn from_ref(state: &HttpState) -> Self {
+// Not derived: a derive would ask `A: Clone`.
+impl<A: Adapter> Clone for HttpState<A> {
+    fn clone(&self) -> Self {
+        Self {
+            io: self.io.clone(),
+            hub: Arc::clone(&self.hub),
+            broker: self.broker.clone(),
+            guard: Arc::clone(&self.guard),
+            cluster: self.cluster.clone(),
+        }
+    }
+}
+
+impl<A: Adapter> FromRef<HttpState<A>> for Arc<Hub> {
+    fn from_ref(state: &HttpState<A>) -> Self {
         Arc::clone(&state.hub)
     }
 }
 
 /// Builds the router: `/healthz`, `/readyz`, `/metrics`, `/api/...`, the page, and Socket.IO
 /// at `/socket.io/` (behind the Origin check).
-pub(crate) fn router(state: HttpState, socketio: SocketIoLayer, page: WebConfig) -> Router {
+pub(crate) fn router<A: Adapter>(
+    state: HttpState<A>,
+    socketio: SocketIoLayer<A>,
+    page: WebConfig,
+) -> Router {
     let guard = Arc::clone(&state.guard);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
+        .route("/metrics", get(metrics_text::<A>))
         .route("/api/vehicles", get(list_vehicles))
         .route("/api/vehicles/{id}", get(get_vehicle))
         .route("/api/vehicles/{id}/commands", post(post_command))
         .route("/api/vehicles/{id}/track", get(get_track))
-        .route("/api/orders", post(post_order))
+        .route("/api/orders", post(post_order::<A>))
         .route("/api/orders/{id}", get(get_order))
         .with_state(state)
         .merge(web::routes(page))
@@ -252,8 +273,8 @@ async fn readyz(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
 
 /// The counters, to whoever `Hub::metrics_access` admits (a metrics token, loopback, or
 /// anyone); 401 or 403 otherwise.
-async fn metrics_text(
-    State(state): State<HttpState>,
+async fn metrics_text<A: Adapter>(
+    State(state): State<HttpState<A>>,
     headers: HeaderMap,
     extensions: axum::http::Extensions,
 ) -> Response {
@@ -275,6 +296,9 @@ async fn metrics_text(
     text.push_str(&state.guard.render());
     if let Some(broker) = &state.broker {
         text.push_str(&broker.render());
+    }
+    if let Some(cluster) = &state.cluster {
+        cluster.render_into(&mut text);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
@@ -317,8 +341,8 @@ async fn post_command(
 }
 
 /// `POST /api/orders` (vendor token): places an order like `pickup` on `/vendor`.
-async fn post_order(
-    State(state): State<HttpState>,
+async fn post_order<A: Adapter>(
+    State(state): State<HttpState<A>>,
     headers: HeaderMap,
     body: Result<Json<OrderRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {

@@ -2,11 +2,13 @@
 //! the HTTP API, and the dispatcher page.
 //!
 //! - [`socket`]: namespaces, their middleware and named event handlers.
+//! - [`adapter`]: the reconnecting Redis link of the Socket.IO adapter of several bridges.
 //! - [`https`]: the TLS listener for HTTPS and WSS, and its reloaded certificate.
 //! - [`http`]: the axum router (`/healthz`, `/readyz`, `/metrics`, `/api`, Socket.IO).
 //! - [`limits`]: the Socket.IO abuse limits, their settings and counters.
 //! - [`web`]: the dispatcher page at `/` (embedded assets, `/config.json`).
 
+pub(crate) mod adapter;
 pub(crate) mod http;
 pub(crate) mod https;
 pub(crate) mod limits;

@@ -21,10 +21,12 @@ use serde::Deserialize;
 use serde_json::Value;
 use shared::VehicleId;
 use socketioxide::SocketIo;
+use socketioxide::adapter::{Adapter, LocalAdapter};
 use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
 use socketioxide::handler::ConnectHandler as _;
 use tracing::{debug, info, instrument, warn};
 
+use super::adapter::{RedisLink, SharedAdapter};
 use super::limits::{JoinBudget, Limit, SocketGuard, Ticket};
 use crate::clock::now_ms;
 use crate::domain::Hub;
@@ -32,15 +34,44 @@ use crate::domain::auth::{AuthError, Entrance, Grant, Role};
 use crate::domain::command::CommandRequest;
 use crate::domain::delivery::OrderRequest;
 use crate::store::{MessageId, StoreError};
-use crate::view::room::{ADMIN, DISPATCH, RoomName, VENDOR, vendor_room};
+use crate::view::room::{ADMIN, DISPATCH, RoomName, VENDOR, scope_rooms, vendor_room};
 use crate::view::vehicle::command_answer;
 use crate::view::{emit, order, reply};
 
-/// Registers every namespace, its middleware and its handlers on `io`.
-pub(crate) fn register(io: &SocketIo) {
-    open::<Dispatchers>(io);
-    open::<Vendors>(io);
-    open::<Admins>(io);
+/// Opens every namespace on `$io` (a `SocketIo<$adapter>`, a concrete adapter: socketioxide
+/// opens namespaces on those only); the adapter's answers, one per namespace.
+macro_rules! open_all {
+    ($io:expr, $adapter:ty) => {
+        [
+            open!($io, Dispatchers, $adapter),
+            open!($io, Vendors, $adapter),
+            open!($io, Admins, $adapter),
+        ]
+    };
+}
+
+/// Opens namespace `$ns` on `$io`: its connect middleware and handler.
+macro_rules! open {
+    ($io:expr, $ns:ty, $adapter:ty) => {
+        $io.ns(
+            <$ns as Entrance>::NAME,
+            on_connect::<$ns, $adapter>.with(authorize::<$ns, $adapter>),
+        )
+    };
+}
+
+/// Registers every namespace, its middleware and its handlers on `io` (one bridge alone).
+pub(crate) fn register(io: &SocketIo<LocalAdapter>) {
+    let [(), (), ()] = open_all!(io, LocalAdapter);
+}
+
+/// Registers every namespace, its middleware and its handlers on `io` (several bridges,
+/// through Redis). Returns the initialisation of each namespace's adapter (it subscribes to
+/// the namespace's Redis channels): await them.
+pub(crate) fn register_shared(
+    io: &SocketIo<SharedAdapter>,
+) -> [socketioxide_redis::InitRes<RedisLink>; 3] {
+    open_all!(io, SharedAdapter)
 }
 
 /// A namespace: who may come in (its [`Entrance`]), and what they do there.
@@ -49,8 +80,12 @@ trait Namespace: Entrance + Send + Sync + 'static {
     /// messages re-sent on connect).
     const QUEUE: bool;
 
+    /// Whether its sockets sit in their token's scope rooms (`view::room::scope_rooms`), to
+    /// get the `pickup`s of the fleets they may see.
+    const SCOPED: bool;
+
     /// Registers the namespace's own event handlers on a connected socket.
-    fn handlers(socket: &SocketRef);
+    fn handlers<A: Adapter>(socket: &SocketRef<A>);
 }
 
 /// `/dispatch`: dispatchers, and operators.
@@ -67,11 +102,12 @@ impl Entrance for Dispatchers {
 
 impl Namespace for Dispatchers {
     const QUEUE: bool = true;
+    const SCOPED: bool = true;
 
-    fn handlers(socket: &SocketRef) {
-        socket.on("join", on_join);
-        socket.on("leave", on_leave);
-        socket.on("command", on_command);
+    fn handlers<A: Adapter>(socket: &SocketRef<A>) {
+        socket.on("join", on_join::<A>);
+        socket.on("leave", on_leave::<A>);
+        socket.on("command", on_command::<A>);
     }
 }
 
@@ -82,10 +118,11 @@ impl Entrance for Vendors {
 
 impl Namespace for Vendors {
     const QUEUE: bool = true;
+    const SCOPED: bool = false;
 
-    fn handlers(socket: &SocketRef) {
-        socket.on("join", on_vendor_join);
-        socket.on("pickup", on_pickup);
+    fn handlers<A: Adapter>(socket: &SocketRef<A>) {
+        socket.on("join", on_vendor_join::<A>);
+        socket.on("pickup", on_pickup::<A>);
     }
 }
 
@@ -96,16 +133,12 @@ impl Entrance for Admins {
 
 impl Namespace for Admins {
     const QUEUE: bool = false;
+    const SCOPED: bool = false;
 
-    fn handlers(socket: &SocketRef) {
-        socket.on("stats", on_stats);
-        socket.on("announce", on_announce);
+    fn handlers<A: Adapter>(socket: &SocketRef<A>) {
+        socket.on("stats", on_stats::<A>);
+        socket.on("announce", on_announce::<A>);
     }
-}
-
-/// Opens namespace `N` on `io`: its connect middleware and handler.
-fn open<N: Namespace>(io: &SocketIo) {
-    io.ns(N::NAME, on_connect::<N>.with(authorize::<N>));
 }
 
 /// The handshake's `auth` object.
@@ -128,8 +161,8 @@ enum Refusal {
 /// The connect middleware of namespace `N`: checks the handshake's token and that it has a
 /// connection left (`connections_per_token`), and keeps its [`Grant`] and [`Ticket`] in the
 /// socket's extensions.
-async fn authorize<N: Namespace>(
-    socket: SocketRef,
+async fn authorize<N: Namespace, A: Adapter>(
+    socket: SocketRef<A>,
     auth: TryData<Handshake>,
     State(hub): State<Arc<Hub>>,
     State(guard): State<Arc<SocketGuard>>,
@@ -159,24 +192,27 @@ async fn authorize<N: Namespace>(
     }
 }
 
-/// A socket connected to namespace `N` (its token checked): counts it, registers the
-/// handlers, and serves its durable queue.
-async fn on_connect<N: Namespace>(
-    socket: SocketRef,
+/// A socket connected to namespace `N` (its token checked): counts it, puts it in its scope
+/// rooms, registers the handlers, and serves its durable queue.
+async fn on_connect<N: Namespace, A: Adapter>(
+    socket: SocketRef<A>,
     Extension(grant): Extension<Grant>,
     State(hub): State<Arc<Hub>>,
     State(guard): State<Arc<SocketGuard>>,
 ) {
     hub.metrics().socket_delta(true);
-    socket.on_disconnect(on_disconnect);
+    socket.on_disconnect(on_disconnect::<A>);
+    if N::SCOPED {
+        socket.join(scope_rooms(&grant));
+    }
     N::handlers(&socket);
     if N::QUEUE {
         serve_queue(&socket, &grant, &hub, guard.limits().get_all_page).await;
     }
 }
 
-async fn on_disconnect(
-    socket: SocketRef,
+async fn on_disconnect<A: Adapter>(
+    socket: SocketRef<A>,
     State(hub): State<Arc<Hub>>,
     State(guard): State<Arc<SocketGuard>>,
 ) {
@@ -188,7 +224,7 @@ async fn on_disconnect(
 }
 
 /// Sends `result` as the ack of a client event.
-fn reply(ack: AckSender, result: Result<Value, String>) {
+fn reply<A: Adapter>(ack: AckSender<A>, result: Result<Value, String>) {
     if let Err(err) = ack.send(&reply::ack(result)) {
         debug!(cause = %err, "could not send ack");
     }
@@ -199,9 +235,9 @@ fn reply(ack: AckSender, result: Result<Value, String>) {
 /// Serves the client's durable queue on `socket`: puts it in its queue identity's room (a
 /// vendor's is its store room, `vendor:{store}`), re-sends the first `page` messages pending
 /// for it, and answers `received` and `getAll`.
-async fn serve_queue(socket: &SocketRef, grant: &Grant, hub: &Hub, page: u32) {
-    socket.on("received", on_received);
-    socket.on("getAll", on_get_all);
+async fn serve_queue<A: Adapter>(socket: &SocketRef<A>, grant: &Grant, hub: &Hub, page: u32) {
+    socket.on("received", on_received::<A>);
+    socket.on("getAll", on_get_all::<A>);
     let Some(client) = grant.queue_client() else {
         return;
     };
@@ -220,8 +256,8 @@ async fn serve_queue(socket: &SocketRef, grant: &Grant, hub: &Hub, page: u32) {
 /// Emits one page of the messages still pending for the queue of `grant` to this socket,
 /// oldest first: at most `limit` with an id above `after`, those it may still see. Returns how
 /// many were sent, and the cursor of the next page if there is more (the last id read).
-async fn resend_pending(
-    socket: &SocketRef,
+async fn resend_pending<A: Adapter>(
+    socket: &SocketRef<A>,
     grant: &Grant,
     hub: &Hub,
     after: MessageId,
@@ -255,9 +291,9 @@ enum Received {
     Id(u64),
 }
 
-async fn on_received(
+async fn on_received<A: Adapter>(
     data: TryData<Received>,
-    ack: AckSender,
+    ack: AckSender<A>,
     Extension(grant): Extension<Grant>,
     State(hub): State<Arc<Hub>>,
 ) {
@@ -289,10 +325,10 @@ struct PageRequest {
 /// `getAll` (optionally `{after, limit}`): re-sends one page of what is still pending for the
 /// client, in order; the ack says how many, and `next`, the cursor of the next page, if there
 /// is more.
-async fn on_get_all(
-    socket: SocketRef,
+async fn on_get_all<A: Adapter>(
+    socket: SocketRef<A>,
     data: TryData<Option<PageRequest>>,
-    ack: AckSender,
+    ack: AckSender<A>,
     Extension(grant): Extension<Grant>,
     State(hub): State<Arc<Hub>>,
     State(guard): State<Arc<SocketGuard>>,
@@ -336,7 +372,11 @@ fn requested_room(data: TryData<String>) -> Result<RoomName, String> {
 /// Whether `socket` may join `room` now: within its join budget (`joins_per_second`) and its
 /// room count (`rooms_per_socket`; a room it is in already does not count again). Refusals
 /// are counted.
-fn within_limits(socket: &SocketRef, room: &RoomName, guard: &SocketGuard) -> Result<(), String> {
+fn within_limits<A: Adapter>(
+    socket: &SocketRef<A>,
+    room: &RoomName,
+    guard: &SocketGuard,
+) -> Result<(), String> {
     let limits = guard.limits();
     let budget = socket.extensions.get::<JoinBudget>();
     if budget.is_some_and(|b| !b.take(limits.joins_per_second, Instant::now())) {
@@ -364,10 +404,10 @@ fn within_limits(socket: &SocketRef, room: &RoomName, guard: &SocketGuard) -> Re
 }
 
 #[instrument(skip_all, fields(sid = %socket.id, who = %grant.name))]
-async fn on_join(
-    socket: SocketRef,
+async fn on_join<A: Adapter>(
+    socket: SocketRef<A>,
     data: TryData<String>,
-    ack: AckSender,
+    ack: AckSender<A>,
     Extension(grant): Extension<Grant>,
     State(hub): State<Arc<Hub>>,
     State(guard): State<Arc<SocketGuard>>,
@@ -399,7 +439,7 @@ async fn on_join(
     reply(ack, result);
 }
 
-async fn on_leave(socket: SocketRef, data: TryData<String>, ack: AckSender) {
+async fn on_leave<A: Adapter>(socket: SocketRef<A>, data: TryData<String>, ack: AckSender<A>) {
     let result = requested_room(data).map(|room| {
         socket.leave(room.to_string());
         Value::Null
@@ -416,10 +456,10 @@ struct CommandMessage {
 }
 
 #[instrument(skip_all, fields(sid = %socket.id, who = %grant.name))]
-async fn on_command(
-    socket: SocketRef,
+async fn on_command<A: Adapter>(
+    socket: SocketRef<A>,
     data: TryData<CommandMessage>,
-    ack: AckSender,
+    ack: AckSender<A>,
     Extension(grant): Extension<Grant>,
     State(hub): State<Arc<Hub>>,
 ) {
@@ -444,7 +484,11 @@ async fn on_command(
 
 // ---- /vendor ---------------------------------------------------------------------------
 
-async fn on_vendor_join(data: TryData<String>, ack: AckSender, Extension(grant): Extension<Grant>) {
+async fn on_vendor_join<A: Adapter>(
+    data: TryData<String>,
+    ack: AckSender<A>,
+    Extension(grant): Extension<Grant>,
+) {
     let own = grant.store.as_deref().map(vendor_room);
     let result = match data.0 {
         Ok(room) if Some(&room) == own.as_ref() => Ok(Value::Null),
@@ -460,10 +504,10 @@ async fn on_vendor_join(data: TryData<String>, ack: AckSender, Extension(grant):
 ///
 /// # Errors
 /// The order could not be placed (see `Hub::place_order`).
-pub(crate) async fn place_and_announce(
+pub(crate) async fn place_and_announce<A: Adapter>(
     hub: &Hub,
-    io: &SocketIo,
-    sender: Option<&SocketRef>,
+    io: &SocketIo<A>,
+    sender: Option<&SocketRef<A>>,
     grant: &Grant,
     request: &OrderRequest,
 ) -> Result<crate::domain::delivery::Placed, crate::domain::delivery::OrderError> {
@@ -478,11 +522,11 @@ pub(crate) async fn place_and_announce(
 }
 
 #[instrument(skip_all, fields(sid = %socket.id, who = %grant.name))]
-async fn on_pickup(
-    socket: SocketRef,
-    io: SocketIo,
+async fn on_pickup<A: Adapter>(
+    socket: SocketRef<A>,
+    io: SocketIo<A>,
     data: TryData<OrderRequest>,
-    ack: AckSender,
+    ack: AckSender<A>,
     Extension(grant): Extension<Grant>,
     State(hub): State<Arc<Hub>>,
 ) {
@@ -500,9 +544,9 @@ async fn on_pickup(
 
 // ---- /admin ----------------------------------------------------------------------------
 
-async fn on_stats(
-    io: SocketIo,
-    ack: AckSender,
+async fn on_stats<A: Adapter>(
+    io: SocketIo<A>,
+    ack: AckSender<A>,
     State(hub): State<Arc<Hub>>,
     State(guard): State<Arc<SocketGuard>>,
 ) {
@@ -523,10 +567,10 @@ struct Announce {
     message: String,
 }
 
-async fn on_announce(
-    io: SocketIo,
+async fn on_announce<A: Adapter>(
+    io: SocketIo<A>,
     data: TryData<Announce>,
-    ack: AckSender,
+    ack: AckSender<A>,
     Extension(grant): Extension<Grant>,
     State(hub): State<Arc<Hub>>,
 ) {

@@ -1,11 +1,17 @@
 //! Commands from dispatchers (and from the bridge itself, for assignments) to vehicles:
 //! publishing one over MQTT and matching the vehicle's ack to it. Who may command which
 //! vehicle is the hub's to check (`Hub::command`).
+//!
+//! With several bridges (issue #15) every bridge subscribes to the vehicles' acks (that
+//! subscription is not shared): the bridge that sent a command answers it, and the others
+//! ignore its ack quietly ([`Completion::NotOurs`], counted). A bridge remembers the commands
+//! it sent a while after they timed out, so that a late ack is still its own
+//! ([`Completion::Late`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, QoS};
 use serde::Deserialize;
@@ -72,20 +78,44 @@ pub(crate) enum CommandError {
     Publish(String),
 }
 
+/// What became of a vehicle's ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Completion {
+    /// It answered a command of this bridge that was waiting for it.
+    Answered,
+    /// It answers a command this bridge sent but that timed out (or was answered) before:
+    /// still this bridge's to show.
+    Late,
+    /// This bridge did not send that command: another bridge did (or a bridge before a
+    /// restart). Ignored.
+    NotOurs,
+}
+
+impl Completion {
+    /// Whether the ack is this bridge's (to emit to the rooms watching the vehicle).
+    pub(crate) fn is_ours(self) -> bool {
+        !matches!(self, Self::NotOurs)
+    }
+}
+
+/// How many commands that no longer wait (timed out, answered) are remembered, at most.
+const RECENT_MAX: usize = 4096;
+
 /// Commands waiting for their vehicle's ack.
 #[derive(Debug)]
 struct PendingCommands {
     next_id: AtomicU32,
     waiting: Mutex<HashMap<(VehicleId, u32), oneshot::Sender<AckResult>>>,
+    /// Commands that no longer wait, with when they stopped, oldest first: a late or repeated
+    /// ack of one of them is still this bridge's.
+    recent: Mutex<VecDeque<(VehicleId, u32, Instant)>>,
+    /// How long [`Self::recent`] keeps a command.
+    remember: Duration,
 }
 
 impl Default for PendingCommands {
     fn default() -> Self {
-        Self {
-            // Random start: ids of a restarted bridge do not collide with old acks.
-            next_id: AtomicU32::new(fastrand::u32(..)),
-            waiting: Mutex::new(HashMap::new()),
-        }
+        Self::new(Duration::from_secs(60))
     }
 }
 
@@ -99,6 +129,43 @@ struct Registered {
 }
 
 impl PendingCommands {
+    /// No commands yet; those that stop waiting are remembered for `remember`.
+    fn new(remember: Duration) -> Self {
+        Self {
+            // Random start: ids of a restarted bridge (or of another bridge) do not collide
+            // with old acks.
+            next_id: AtomicU32::new(fastrand::u32(..)),
+            waiting: Mutex::new(HashMap::new()),
+            recent: Mutex::new(VecDeque::new()),
+            remember,
+        }
+    }
+
+    /// Remembers that `vehicle`'s command `id` was sent by this bridge and no longer waits.
+    fn remember(&self, vehicle: &VehicleId, id: u32) {
+        let now = Instant::now();
+        if let Ok(mut recent) = self.recent.lock() {
+            while recent.len() >= RECENT_MAX
+                || recent
+                    .front()
+                    .is_some_and(|(_, _, at)| now.duration_since(*at) > self.remember)
+            {
+                recent.pop_front();
+            }
+            recent.push_back((vehicle.clone(), id, now));
+        }
+    }
+
+    /// Whether `vehicle`'s command `id` was sent by this bridge lately and no longer waits.
+    fn recently_sent(&self, vehicle: &VehicleId, id: u32) -> bool {
+        let now = Instant::now();
+        self.recent.lock().is_ok_and(|recent| {
+            recent.iter().any(|(v, i, at)| {
+                *i == id && v == vehicle && now.duration_since(*at) <= self.remember
+            })
+        })
+    }
+
     /// Registers a new command to `vehicle`.
     fn register(&self, vehicle: &VehicleId) -> Registered {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -109,21 +176,35 @@ impl PendingCommands {
         Registered { id, ack }
     }
 
-    /// Forgets a command (answered, timed out or failed).
+    /// Stops waiting for a command (timed out, or it could not be published); a late ack of
+    /// it is still recognised as this bridge's.
     fn forget(&self, vehicle: &VehicleId, id: u32) {
         if let Ok(mut waiting) = self.waiting.lock() {
             waiting.remove(&(vehicle.clone(), id));
         }
+        self.remember(vehicle, id);
     }
 
-    /// Delivers a vehicle's ack; returns false if no command with that id was waiting.
-    fn complete(&self, vehicle: &VehicleId, id: u32, result: AckResult) -> bool {
+    /// Delivers a vehicle's ack to the command waiting for it, if this bridge sent it.
+    fn complete(&self, vehicle: &VehicleId, id: u32, result: AckResult) -> Completion {
         let sender = self
             .waiting
             .lock()
             .ok()
             .and_then(|mut w| w.remove(&(vehicle.clone(), id)));
-        sender.is_some_and(|s| s.send(result).is_ok())
+        match sender {
+            Some(sender) => {
+                self.remember(vehicle, id);
+                if sender.send(result).is_ok() {
+                    Completion::Answered
+                } else {
+                    // The caller gave up a moment ago.
+                    Completion::Late
+                }
+            }
+            None if self.recently_sent(vehicle, id) => Completion::Late,
+            None => Completion::NotOurs,
+        }
     }
 
     /// How many commands are waiting.
@@ -144,11 +225,17 @@ impl Commands {
     /// Commands published with `mqtt`, each waiting at most `timeout` for its ack.
     pub(crate) fn new(mqtt: AsyncClient, timeout: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
-            waiting: PendingCommands::default(),
+            // A late ack is recognised for a while after the command timed out.
+            waiting: PendingCommands::new(timeout.saturating_mul(4).max(Duration::from_secs(60))),
             mqtt,
             timeout,
             metrics,
         }
+    }
+
+    /// How long a command waits for its ack.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Publishes `kind` to `vehicle` of `fleet` and waits for its ack (at most the timeout).
@@ -187,9 +274,9 @@ impl Commands {
         }
     }
 
-    /// Delivers a vehicle's ack to the command waiting for it; returns false if no command
-    /// with that id was waiting.
-    pub(crate) fn complete(&self, vehicle: &VehicleId, id: u32, result: AckResult) -> bool {
+    /// Delivers a vehicle's ack to the command waiting for it; says whether this bridge sent
+    /// that command (see [`Completion`]).
+    pub(crate) fn complete(&self, vehicle: &VehicleId, id: u32, result: AckResult) -> Completion {
         self.waiting.complete(vehicle, id, result)
     }
 
@@ -224,12 +311,52 @@ mod tests {
         let v = VehicleId::new("v1").expect("valid");
         let a = pending.register(&v);
         let b = pending.register(&v);
-        assert!(pending.complete(&v, b.id, AckResult::Busy));
-        assert!(!pending.complete(&v, b.id, AckResult::Ok), "completed once");
-        assert!(!pending.complete(&VehicleId::new("v2").expect("valid"), a.id, AckResult::Ok));
+        assert_eq!(
+            pending.complete(&v, b.id, AckResult::Busy),
+            Completion::Answered
+        );
+        assert_eq!(
+            pending.complete(&v, b.id, AckResult::Ok),
+            Completion::Late,
+            "completed once; a repeated ack is still ours"
+        );
+        let v2 = VehicleId::new("v2").expect("valid");
+        assert_eq!(
+            pending.complete(&v2, a.id, AckResult::Ok),
+            Completion::NotOurs
+        );
         assert_eq!(b.ack.await.ok(), Some(AckResult::Busy));
         assert_eq!(pending.len(), 1);
         pending.forget(&v, a.id);
         assert_eq!(pending.len(), 0, "none waiting");
+        assert_eq!(
+            pending.complete(&v, a.id, AckResult::Ok),
+            Completion::Late,
+            "timed out, then answered"
+        );
+        assert!(Completion::Late.is_ours() && !Completion::NotOurs.is_ours());
+    }
+
+    #[test]
+    fn acks_of_other_bridges_are_not_ours() {
+        // Two bridges: ids from random starts; an ack of one's command is not the other's.
+        let (a, b) = (PendingCommands::default(), PendingCommands::default());
+        let v = VehicleId::new("v1").expect("valid");
+        let sent = a.register(&v);
+        assert_eq!(b.complete(&v, sent.id, AckResult::Ok), Completion::NotOurs);
+        assert_eq!(a.complete(&v, sent.id, AckResult::Ok), Completion::Answered);
+    }
+
+    #[test]
+    fn recent_commands_are_forgotten_after_a_while() {
+        let pending = PendingCommands::new(Duration::ZERO);
+        let v = VehicleId::new("v1").expect("valid");
+        let sent = pending.register(&v);
+        pending.forget(&v, sent.id);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(
+            pending.complete(&v, sent.id, AckResult::Ok),
+            Completion::NotOurs
+        );
     }
 }

@@ -22,6 +22,20 @@ use crate::store::{ClientId, Enqueued, NewOrder, OrderView, StoreError, WaitingO
 /// How many vehicles are asked before an order is left unassigned.
 const MAX_CANDIDATES: usize = 3;
 
+/// This process's name as the holder of order offer claims (`Store::claim_offer`): random,
+/// so that two bridges never share it, whatever their configuration.
+fn instance_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let mut bytes = [0u8; 8];
+        if getrandom::fill(&mut bytes).is_err() {
+            // No randomness: the process id and the time still tell bridges apart.
+            bytes = (u64::from(std::process::id()) << 32 ^ crate::clock::now_ms()).to_le_bytes();
+        }
+        format!("bridge-{}", hex::encode(bytes))
+    })
+}
+
 /// A vendor's order: `pickup` on `/vendor`, or `POST /api/orders`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -212,14 +226,10 @@ impl Hub {
         Ok(candidates)
     }
 
-    /// Offers `waiting` to the nearest free vehicles of its fleet until one accepts.
+    /// Offers `waiting` to the nearest free vehicles of its fleet until one accepts, unless
+    /// it is assigned already or another bridge is offering it.
     async fn assign(&self, waiting: &WaitingOrder) -> Result<Option<VehicleId>, StoreError> {
-        let WaitingOrder {
-            order,
-            fleet,
-            pickup,
-            dropoff,
-        } = waiting;
+        let order = &waiting.order;
         // One assignment at a time: the waiting-orders task and a new order must not offer
         // the same order to two vehicles, nor two orders to one vehicle.
         let _one_at_a_time = self.assigning.lock().await;
@@ -231,6 +241,31 @@ impl Hub {
         {
             return Ok(None);
         }
+        // Several bridges on one store: only the bridge holding the order's offer claim asks
+        // vehicles, for as long as its round may take; a crashed bridge's claim lapses.
+        let holder = instance_id();
+        let round = self.command_timeout() * (MAX_CANDIDATES as u32 + 1);
+        let until_ms = crate::clock::now_ms() + round.as_millis() as u64;
+        if !self.store.claim_offer(order, holder, until_ms).await? {
+            info!(%order, "another bridge is offering the order");
+            return Ok(None);
+        }
+        let assigned = self.offer(waiting).await;
+        if let Err(err) = self.store.release_offer(order, holder).await {
+            warn!(%order, cause = %err, "cannot release the order's offer claim (it lapses)");
+        }
+        assigned
+    }
+
+    /// Offers `waiting`, whose offer claim this bridge holds, to the nearest free vehicles of
+    /// its fleet until one accepts.
+    async fn offer(&self, waiting: &WaitingOrder) -> Result<Option<VehicleId>, StoreError> {
+        let WaitingOrder {
+            order,
+            fleet,
+            pickup,
+            dropoff,
+        } = waiting;
         let candidates = self.free_vehicles(fleet, *pickup).await?;
         let system = Grant::system();
         for (distance, vehicle) in candidates.into_iter().take(MAX_CANDIDATES) {

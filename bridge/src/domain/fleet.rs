@@ -4,11 +4,21 @@
 //! replayed payloads, and collects what to send at the next tick: the vehicles that moved and
 //! the liveness changes, in order. It keeps wire [`Heartbeat`]s; what clients see of them is
 //! made in `view`. It does not rely on retained MQTT messages.
+//!
+//! With several bridges (issue #15), each bridge receives only part of the vehicles' messages.
+//! [`Fleet::cluster_port`] connects the cache to `cluster`: at every tick the cache hands over
+//! the latest state of the vehicles it heard from itself ([`SharedVehicle`]), and it merges the
+//! states other bridges heard ([`ClusterPort::deliver`]) as if it had heard them, for the views
+//! only: newer wins, and a merged state is never handed back.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shared::{CodecError, FleetId, Heartbeat, ReplayGuard, Status, Topic, VehicleId};
+use shared::{
+    CodecError, FleetId, Heartbeat, OfflineReason, ReplayGuard, Status, Topic, VehicleId,
+};
+use tokio::sync::mpsc;
 
 use crate::clock::now_ms;
 
@@ -24,6 +34,16 @@ pub(crate) enum Liveness {
 }
 
 impl Liveness {
+    /// The liveness named by [`Liveness::as_str`].
+    pub(crate) fn parse(name: &str) -> Option<Self> {
+        match name {
+            "online" => Some(Self::Online),
+            "stale" => Some(Self::Stale),
+            "offline" => Some(Self::Offline),
+            _ => None,
+        }
+    }
+
     /// `online`, `stale` or `offline`.
     pub(crate) const fn as_str(self) -> &'static str {
         match self {
@@ -95,6 +115,11 @@ struct Record {
     interval: Duration,
     guard: ReplayGuard,
     dirty: bool,
+    /// When the bridge that heard it last heard from the vehicle (a heartbeat or a status),
+    /// ms since the Unix epoch: which of two liveness reports is newer.
+    heard_ms: u64,
+    /// Heard from since the last hand-over to the cluster (and listed in `Fleet::shared`).
+    shared_dirty: bool,
 }
 
 impl Record {
@@ -159,6 +184,8 @@ pub(crate) struct Fleet {
     dirty: Vec<VehicleId>,
     /// Status changes waiting for the next tick, oldest first.
     statuses: Vec<VehicleStatus>,
+    /// The other bridges, when there are (see [`Fleet::cluster_port`]).
+    cluster: Option<ClusterSide>,
 }
 
 impl Fleet {
@@ -169,6 +196,7 @@ impl Fleet {
             stale,
             dirty: Vec::new(),
             statuses: Vec::new(),
+            cluster: None,
         }
     }
 
@@ -186,6 +214,8 @@ impl Fleet {
                 interval: Duration::from_secs(1),
                 guard: ReplayGuard::default(),
                 dirty: false,
+                heard_ms: 0,
+                shared_dirty: false,
             })
     }
 
@@ -215,7 +245,21 @@ impl Fleet {
             Report::Status(status) => self.status(topic, status),
         };
         self.queue_statuses(change);
+        self.heard_here(&topic.vehicle);
         Ok(())
+    }
+
+    /// Notes that this bridge heard from `vehicle` itself: its state goes to the other bridges
+    /// at the next tick.
+    fn heard_here(&mut self, vehicle: &VehicleId) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        if let Some(record) = self.vehicles.get_mut(vehicle)
+            && !std::mem::replace(&mut record.shared_dirty, true)
+        {
+            cluster.heard.push(vehicle.clone());
+        }
     }
 
     /// Records a heartbeat; returns the status change it causes, if any.
@@ -233,6 +277,7 @@ impl Fleet {
         record.last_heartbeat = Some(now);
         record.last_heard = now;
         record.last_seen_ms = wall;
+        record.heard_ms = wall;
         record.heartbeat = Some(*hb);
         let newly_dirty = !std::mem::replace(&mut record.dirty, true);
         let change = Self::transition(topic, record, Liveness::Online, None);
@@ -247,6 +292,7 @@ impl Fleet {
         let now = Instant::now();
         let record = self.entry(topic, now);
         record.last_heard = now;
+        record.heard_ms = now_ms();
         match status {
             Status::Online => {
                 record.last_seen_ms = now_ms();
@@ -274,6 +320,7 @@ impl Fleet {
 
     /// Marks online vehicles that missed their heartbeats as stale; returns the changes.
     pub(crate) fn sweep(&mut self, now: Instant) -> Vec<VehicleStatus> {
+        self.merge_shared();
         let mut changes = Vec::new();
         let rule = self.stale;
         for (vehicle, record) in &mut self.vehicles {
@@ -284,7 +331,7 @@ impl Fleet {
                 now.saturating_duration_since(record.last_heartbeat.unwrap_or(record.last_heard));
             if quiet > rule.threshold(record.interval) {
                 record.liveness = Liveness::Stale;
-                record.reason = Some("missed-heartbeats");
+                record.reason = Some(MISSED_HEARTBEATS);
                 changes.push(record.status(vehicle, &record.fleet));
             }
         }
@@ -298,6 +345,7 @@ impl Fleet {
 
     /// Takes the queued status changes, oldest first.
     pub(crate) fn take_statuses(&mut self) -> Vec<VehicleStatus> {
+        self.merge_shared();
         std::mem::take(&mut self.statuses)
     }
 
@@ -321,11 +369,13 @@ impl Fleet {
                 });
             }
         }
+        self.hand_over();
         out
     }
 
     /// The fleet of a known vehicle.
-    pub(crate) fn fleet_of(&self, vehicle: &VehicleId) -> Option<&FleetId> {
+    pub(crate) fn fleet_of(&mut self, vehicle: &VehicleId) -> Option<&FleetId> {
+        self.merge_shared();
         self.vehicles.get(vehicle).map(|r| &r.fleet)
     }
 
@@ -337,16 +387,18 @@ impl Fleet {
     }
 
     /// The state of one vehicle.
-    pub(crate) fn vehicle(&self, vehicle: &VehicleId) -> Option<VehicleState> {
+    pub(crate) fn vehicle(&mut self, vehicle: &VehicleId) -> Option<VehicleState> {
+        self.merge_shared();
         self.vehicles.get(vehicle).map(|r| Self::state(vehicle, r))
     }
 
     /// The state of every vehicle for which `wanted(fleet, vehicle)` holds, sorted by
     /// vehicle id.
     pub(crate) fn snapshot(
-        &self,
+        &mut self,
         wanted: impl Fn(&FleetId, &VehicleId) -> bool,
     ) -> Vec<VehicleState> {
+        self.merge_shared();
         let mut states: Vec<VehicleState> = self
             .vehicles
             .iter()
@@ -358,7 +410,8 @@ impl Fleet {
     }
 
     /// How many vehicles are online, stale and offline.
-    pub(crate) fn counts(&self) -> LivenessCounts {
+    pub(crate) fn counts(&mut self) -> LivenessCounts {
+        self.merge_shared();
         let mut counts = LivenessCounts::default();
         for r in self.vehicles.values() {
             match r.liveness {
@@ -368,6 +421,212 @@ impl Fleet {
             }
         }
         counts
+    }
+}
+
+// ---- the other bridges (issue #15) -----------------------------------------------------------
+
+/// How many ticks of hand-overs may wait for `cluster` before new ones are dropped.
+const HAND_OVER_BACKLOG: usize = 256;
+
+/// A vehicle's latest state as the bridge that heard it knows it: what bridges share.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SharedVehicle {
+    /// Vehicle id.
+    pub(crate) vehicle: VehicleId,
+    /// Its fleet.
+    pub(crate) fleet: FleetId,
+    /// Its last heartbeat, if it sent one.
+    pub(crate) heartbeat: Option<Heartbeat>,
+    /// Its liveness.
+    pub(crate) liveness: Liveness,
+    /// Why it is offline or stale, if it is.
+    pub(crate) reason: Option<&'static str>,
+    /// When a bridge last had a heartbeat (or an online status) from it, ms since the epoch.
+    pub(crate) last_seen_ms: u64,
+    /// When a bridge last heard from it at all, ms since the epoch: the newer report wins.
+    pub(crate) heard_ms: u64,
+    /// How often it reports (the moving average of its heartbeat gaps), for the stale rule.
+    pub(crate) interval: Duration,
+}
+
+/// The reason strings a [`SharedVehicle`] may carry, as the `&'static str` the cache keeps.
+pub(crate) fn known_reason(reason: &str) -> Option<&'static str> {
+    [
+        OfflineReason::Shutdown.as_str(),
+        OfflineReason::ConnectionLost.as_str(),
+        OfflineReason::LowBattery.as_str(),
+        MISSED_HEARTBEATS,
+    ]
+    .into_iter()
+    .find(|known| *known == reason)
+}
+
+/// Why a vehicle is stale.
+const MISSED_HEARTBEATS: &str = "missed-heartbeats";
+
+/// The fleet's side of its link to the other bridges.
+#[derive(Debug)]
+struct ClusterSide {
+    /// States other bridges heard, waiting to be merged.
+    inbox: Arc<Mutex<Vec<SharedVehicle>>>,
+    /// Where each tick's own states go.
+    outbox: mpsc::Sender<Vec<SharedVehicle>>,
+    /// Vehicles heard here since the last hand-over, each once.
+    heard: Vec<VehicleId>,
+}
+
+/// The cluster's side of the link ([`Fleet::cluster_port`]): takes the states this bridge
+/// heard, one batch per tick, and delivers the states other bridges heard.
+#[derive(Debug)]
+pub(crate) struct ClusterPort {
+    inbox: Arc<Mutex<Vec<SharedVehicle>>>,
+    outbox: mpsc::Receiver<Vec<SharedVehicle>>,
+}
+
+impl ClusterPort {
+    /// Hands states heard by other bridges to the fleet; merged at its next use, newer wins.
+    pub(crate) fn deliver(&self, states: impl IntoIterator<Item = SharedVehicle>) {
+        self.inbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(states);
+    }
+
+    /// The next tick's batch of states this bridge heard itself; `None` once the fleet is gone.
+    pub(crate) async fn next_batch(&mut self) -> Option<Vec<SharedVehicle>> {
+        self.outbox.recv().await
+    }
+
+    /// A batch already waiting, if any (to flush at shutdown).
+    pub(crate) fn try_next_batch(&mut self) -> Option<Vec<SharedVehicle>> {
+        self.outbox.try_recv().ok()
+    }
+}
+
+/// A wall-clock time (ms since the epoch) as an [`Instant`], not after now.
+fn instant_of(ms: u64) -> Instant {
+    let now = Instant::now();
+    let ago = Duration::from_millis(now_ms().saturating_sub(ms));
+    now.checked_sub(ago).unwrap_or(now)
+}
+
+impl Fleet {
+    /// Links the cache to the other bridges: from now on each tick ([`Fleet::take_moved`])
+    /// hands the states of the vehicles heard here to the returned port, and what the port
+    /// delivers is merged. Called once, before the fleet is shared; a second call replaces the
+    /// first link.
+    pub(crate) fn cluster_port(&mut self) -> ClusterPort {
+        let inbox = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel(HAND_OVER_BACKLOG);
+        self.cluster = Some(ClusterSide {
+            inbox: Arc::clone(&inbox),
+            outbox: tx,
+            heard: Vec::new(),
+        });
+        ClusterPort { inbox, outbox: rx }
+    }
+
+    /// Sends the states of the vehicles heard here since the last tick to the cluster.
+    fn hand_over(&mut self) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        if cluster.heard.is_empty() {
+            return;
+        }
+        let heard = std::mem::take(&mut cluster.heard);
+        let mut batch = Vec::with_capacity(heard.len());
+        for vehicle in heard {
+            let Some(record) = self.vehicles.get_mut(&vehicle) else {
+                continue;
+            };
+            record.shared_dirty = false;
+            batch.push(SharedVehicle {
+                fleet: record.fleet.clone(),
+                heartbeat: record.heartbeat,
+                liveness: record.liveness,
+                reason: record.reason,
+                last_seen_ms: record.last_seen_ms,
+                heard_ms: record.heard_ms,
+                interval: record.interval,
+                vehicle,
+            });
+        }
+        if let Err(err) = cluster.outbox.try_send(batch) {
+            // The cluster task is far behind or gone; the next states of these vehicles follow.
+            tracing::debug!(cause = %err, "cluster hand-over dropped");
+        }
+    }
+
+    /// Merges the states other bridges delivered since the last call.
+    fn merge_shared(&mut self) {
+        let Some(cluster) = self.cluster.as_ref() else {
+            return;
+        };
+        let delivered = std::mem::take(
+            &mut *cluster
+                .inbox
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for state in delivered {
+            self.merge(state);
+        }
+    }
+
+    /// Merges one state another bridge heard, for the views only (positions, liveness,
+    /// snapshots): its heartbeat if newer than ours (device time, then sequence number), its
+    /// liveness if it heard the vehicle after we last did. Nothing else (replay guard, the
+    /// hand-over to the cluster) changes.
+    fn merge(&mut self, state: SharedVehicle) {
+        let now = Instant::now();
+        let record = self
+            .vehicles
+            .entry(state.vehicle.clone())
+            .or_insert_with(|| Record {
+                fleet: state.fleet.clone(),
+                heartbeat: None,
+                liveness: Liveness::Offline,
+                reason: None,
+                last_seen_ms: 0,
+                last_heartbeat: None,
+                last_heard: now,
+                interval: Duration::from_secs(1),
+                guard: ReplayGuard::default(),
+                dirty: false,
+                heard_ms: 0,
+                shared_dirty: false,
+            });
+        if let Some(hb) = state.heartbeat {
+            let newer = record
+                .heartbeat
+                .is_none_or(|ours| (hb.ts_ms, hb.seq) > (ours.ts_ms, ours.seq));
+            if newer {
+                record.heartbeat = Some(hb);
+                if state.last_seen_ms > record.last_seen_ms {
+                    record.last_seen_ms = state.last_seen_ms;
+                    record.last_heartbeat = Some(instant_of(state.last_seen_ms));
+                }
+                record.interval = state.interval;
+                if !std::mem::replace(&mut record.dirty, true) {
+                    self.dirty.push(state.vehicle.clone());
+                }
+            }
+        }
+        if state.heard_ms <= record.heard_ms {
+            return;
+        }
+        record.heard_ms = state.heard_ms;
+        record.last_heard = instant_of(state.heard_ms);
+        record.last_seen_ms = record.last_seen_ms.max(state.last_seen_ms);
+        let (to, reason) = (state.liveness, state.reason);
+        if record.liveness != to || record.reason != reason {
+            record.liveness = to;
+            record.reason = reason;
+            let change = record.status(&state.vehicle, &record.fleet);
+            self.statuses.push(change);
+        }
     }
 }
 
@@ -479,6 +738,97 @@ mod tests {
             Ok(()),
             "another vehicle is unaffected"
         );
+    }
+
+    fn shared(vehicle: &str, seq: u32, ts_ms: u64, liveness: Liveness) -> SharedVehicle {
+        let now = now_ms();
+        SharedVehicle {
+            vehicle: VehicleId::new(vehicle).expect("valid"),
+            fleet: FleetId::new("north").expect("valid"),
+            heartbeat: Some(Heartbeat {
+                seq,
+                ts_ms,
+                ..Heartbeat::default()
+            }),
+            liveness,
+            reason: None,
+            last_seen_ms: now,
+            heard_ms: now,
+            interval: Duration::from_millis(100),
+        }
+    }
+
+    /// States heard by other bridges: merged for the views, newer wins, never handed back.
+    #[test]
+    fn shared_states_merge_newer_wins_and_are_not_handed_back() {
+        let mut fleet = Fleet::default();
+        let mut port = fleet.cluster_port();
+        let v1 = VehicleId::new("v1").expect("valid");
+        port.deliver([shared("v1", 5, 2_000, Liveness::Online)]);
+        assert_eq!(
+            fleet
+                .vehicle(&v1)
+                .and_then(|v| v.heartbeat)
+                .map(|hb| hb.seq),
+            Some(5)
+        );
+        assert_eq!(
+            fleet.take_statuses().len(),
+            1,
+            "its sockets learn it is online"
+        );
+        assert_eq!(fleet.take_moved().len(), 1, "and where it is");
+        assert!(
+            port.try_next_batch().is_none(),
+            "a merged state is not handed back"
+        );
+        // Older: ignored; the liveness of an older report too.
+        let mut old = shared("v1", 4, 1_900, Liveness::Offline);
+        old.heard_ms -= 10_000;
+        port.deliver([old]);
+        let state = fleet.vehicle(&v1).expect("known");
+        assert_eq!(state.heartbeat.map(|hb| hb.seq), Some(5));
+        assert_eq!(state.status.liveness, Liveness::Online);
+        assert!(fleet.take_moved().is_empty());
+        // A heartbeat heard here is handed over once, at the tick, with the full state.
+        fleet.heartbeat(
+            &topic("v1"),
+            &Heartbeat {
+                seq: 6,
+                ts_ms: 2_100,
+                ..Heartbeat::default()
+            },
+        );
+        fleet.heard_here(&v1);
+        fleet.heartbeat(&topic("v2"), &Heartbeat::default());
+        fleet.heard_here(&VehicleId::new("v2").expect("valid"));
+        fleet.take_statuses();
+        fleet.take_moved();
+        let batch = port.try_next_batch().expect("one batch per tick");
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[0].heartbeat.map(|hb| hb.seq), Some(6));
+        assert_eq!(batch[0].liveness, Liveness::Online);
+        assert!(port.try_next_batch().is_none(), "one batch per tick");
+        fleet.take_moved();
+        assert!(
+            port.try_next_batch().is_none(),
+            "nothing new, nothing handed over"
+        );
+    }
+
+    /// A vehicle heard by another bridge turns stale by its own last-seen time.
+    #[test]
+    fn shared_vehicles_turn_stale_by_their_last_seen_time() {
+        let mut fleet = Fleet::new(StaleRule::After(Duration::from_secs(5)));
+        let port = fleet.cluster_port();
+        let mut quiet = shared("v1", 1, 1_000, Liveness::Online);
+        quiet.last_seen_ms -= 6_000;
+        quiet.heard_ms -= 6_000;
+        let fresh = shared("v2", 1, 1_000, Liveness::Online);
+        port.deliver([quiet, fresh]);
+        let stale = fleet.sweep(Instant::now());
+        let names: Vec<&str> = stale.iter().map(|s| s.vehicle.as_str()).collect();
+        assert_eq!(names, ["v1"]);
     }
 
     /// What the MQTT side calls, once per heartbeat: the freshness check, the update and the

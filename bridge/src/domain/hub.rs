@@ -13,7 +13,7 @@ use shared::{AckResult, CodecError, CommandAck, CommandKind, FleetId, Topic, Veh
 use tracing::warn;
 
 use super::auth::{AuthError, Entrance, Grant, MetricsAccess, Tokens};
-use super::command::{CommandError, Commands};
+use super::command::{CommandError, Commands, Completion};
 use super::fleet::{Fleet, Liveness, LivenessCounts, Report, TickNews, VehicleState};
 use crate::clock::now_ms;
 use crate::metrics::{Counter, Metrics};
@@ -71,6 +71,11 @@ impl Hub {
         self.fleet
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How long a command waits for the vehicle's ack.
+    pub(crate) fn command_timeout(&self) -> Duration {
+        self.commands.timeout()
     }
 
     /// The bridge's counters.
@@ -180,7 +185,9 @@ impl Hub {
     }
 
     /// Accepts a fresh ack (sealed with `counter`) from the vehicle of `topic` and hands it
-    /// to the command waiting for it.
+    /// to the command waiting for it. Says whether this bridge sent that command: every
+    /// bridge receives every ack, and an ack of another bridge's command is ignored (a debug
+    /// log, counted in `acks_for_other_bridges_total`).
     ///
     /// # Errors
     /// [`CodecError::Replayed`] if the counter is not fresh.
@@ -189,12 +196,20 @@ impl Hub {
         topic: &Topic,
         counter: u64,
         ack: &CommandAck,
-    ) -> Result<(), CodecError> {
+    ) -> Result<Completion, CodecError> {
         self.fleet().check_fresh(topic, counter)?;
-        if !self.commands.complete(&topic.vehicle, ack.id, ack.result) {
-            tracing::debug!(vehicle = %topic.vehicle, id = ack.id, "ack for no waiting command");
+        let completion = self.commands.complete(&topic.vehicle, ack.id, ack.result);
+        match completion {
+            Completion::Answered => {}
+            Completion::Late => {
+                tracing::debug!(vehicle = %topic.vehicle, id = ack.id, "late ack of a command of this bridge");
+            }
+            Completion::NotOurs => {
+                self.metrics.count(Counter::AcksForOtherBridges);
+                tracing::debug!(vehicle = %topic.vehicle, id = ack.id, "ack of a command this bridge did not send (another bridge's): ignored");
+            }
         }
-        Ok(())
+        Ok(completion)
     }
 
     /// How many commands wait for their vehicle's ack.

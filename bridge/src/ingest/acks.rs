@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Publish, QoS};
 use shared::{DeliveryEvent, Topic};
-use socketioxide::SocketIo;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +34,8 @@ use tracing::{debug, error, warn};
 use crate::domain::Hub;
 use crate::metrics::{Counter, Metrics, Rejection};
 use crate::store::StoreError;
-use crate::view::{emit, order};
+use crate::view::emit::Outlet;
+use crate::view::order;
 
 /// Messages that may wait for their PUBACK here before the MQTT task waits too.
 pub(crate) const CAPACITY: usize = 1024;
@@ -93,7 +93,7 @@ pub(crate) struct AckReleaser {
     rx: mpsc::Receiver<Waiting>,
     connection: Arc<AtomicU64>,
     hub: Arc<Hub>,
-    io: SocketIo,
+    io: Arc<dyn Outlet>,
     client: AsyncClient,
 }
 
@@ -101,7 +101,7 @@ pub(crate) struct AckReleaser {
 /// acknowledges through `client` (the events session's, with manual acks).
 pub(crate) fn ack_queue(
     hub: Arc<Hub>,
-    io: SocketIo,
+    io: Arc<dyn Outlet>,
     client: AsyncClient,
 ) -> (AckQueue, AckReleaser) {
     let (tx, rx) = mpsc::channel(CAPACITY);
@@ -343,7 +343,7 @@ impl AckReleaser {
     /// Records a delivery event durably and queues it for its recipients, then emits it to
     /// them (once committed).
     async fn store(&self, delivery: &Delivery) -> Result<(), StoreError> {
-        store_delivery(&self.hub, &self.io, delivery).await
+        store_delivery(&self.hub, &*self.io, delivery).await
     }
 
     /// Tries one write, to learn whether the store writes again.
@@ -368,7 +368,7 @@ impl AckReleaser {
 /// [`StoreError`] if it was not committed ([`StoreError::is_outage`]: try again).
 pub(crate) async fn store_delivery(
     hub: &Hub,
-    io: &SocketIo,
+    io: &dyn Outlet,
     delivery: &Delivery,
 ) -> Result<(), StoreError> {
     let Delivery { topic, event } = delivery;
@@ -377,7 +377,7 @@ pub(crate) async fn store_delivery(
     let messages = hub
         .record_delivery(topic, event, &recipients.clients, payload)
         .await?;
-    emit::queued(io, hub.metrics(), &messages).await;
+    io.queued(hub.metrics(), &messages).await;
     Ok(())
 }
 
@@ -525,8 +525,8 @@ mod tests {
             mqtt: client.clone(),
             command_timeout: Duration::from_secs(1),
         }));
-        let (_layer, io) = SocketIo::builder().build_layer();
-        let (queue, releaser) = ack_queue(Arc::clone(&hub), io, client);
+        let (_layer, io) = socketioxide::SocketIo::builder().build_layer();
+        let (queue, releaser) = ack_queue(Arc::clone(&hub), Arc::new(io), client);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(releaser.run(cancel.clone()));
         Rig {

@@ -36,7 +36,6 @@ use std::time::Duration;
 
 use rumqttc::{Publish, QoS};
 use shared::{CommandAck, DeliveryEvent, Heartbeat, Status, Topic, TopicKind, VehicleId};
-use socketioxide::SocketIo;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -50,7 +49,7 @@ use crate::domain::Hub;
 use crate::domain::fleet::Report;
 use crate::metrics::{Counter, Metrics, Rejection};
 use crate::store::{HeartbeatRow, HeartbeatSender, ParkedMessage, Store, StoreError};
-use crate::view::emit;
+use crate::view::emit::Outlet;
 
 /// How often a message held for its vehicle's key is logged again while it waits.
 const HELD_LOG_EVERY: Duration = Duration::from_secs(30);
@@ -75,13 +74,16 @@ enum Accepted {
     NextTick,
     /// A delivery event, to record durably and queue before it is acknowledged.
     Delivery(DeliveryEvent),
-    /// A command ack, handed to the waiting command: everyone watching the vehicle sees it.
+    /// A command ack of a command this bridge sent, handed to the waiting command: everyone
+    /// watching the vehicle sees it.
     CommandAck(CommandAck),
+    /// A command ack of another bridge's command: that bridge shows it.
+    OtherBridgesAck,
 }
 
 /// What verifies and records a vehicle's message: shared by the MQTT tasks and [`KeyWait`].
 struct Intake {
-    io: SocketIo,
+    io: Arc<dyn Outlet>,
     hub: Arc<Hub>,
     keys: DeviceKeys,
     history: HeartbeatSender,
@@ -126,7 +128,7 @@ impl Inbox {
     /// PUBACK (delivery events to commit first); and the [`KeyWait`] task that handles the
     /// messages held for their vehicle's key, and parks them in `parking` after its wait.
     pub(crate) fn new(
-        io: SocketIo,
+        io: Arc<dyn Outlet>,
         hub: Arc<Hub>,
         keys: DeviceKeys,
         history: HeartbeatSender,
@@ -485,7 +487,7 @@ impl KeyWait {
         };
         let parked_for_ms = now_ms().saturating_sub(parked.received_ms);
         if let Some(delivery) = self.intake.finish(&topic, accepted).await {
-            match acks::store_delivery(&self.intake.hub, &self.intake.io, &delivery).await {
+            match acks::store_delivery(&self.intake.hub, &*self.intake.io, &delivery).await {
                 Ok(()) => metrics.store().succeeded(),
                 Err(err) if !err.is_outage() => {
                     metrics.rejected(Rejection::Store);
@@ -568,13 +570,13 @@ impl Intake {
     /// delivery event, to commit before the message is acknowledged.
     async fn finish(&self, topic: &Topic, accepted: Accepted) -> Option<Delivery> {
         match accepted {
-            Accepted::NextTick => None,
+            Accepted::NextTick | Accepted::OtherBridgesAck => None,
             Accepted::Delivery(event) => Some(Delivery {
                 topic: topic.clone(),
                 event,
             }),
             Accepted::CommandAck(ack) => {
-                emit::command_ack(&self.io, self.metrics(), topic, &ack).await;
+                self.io.command_ack(self.metrics(), topic, &ack).await;
                 None
             }
         }
@@ -612,9 +614,14 @@ impl Intake {
             }
             TopicKind::Ack => {
                 let opened = verify::open::<CommandAck>(&self.keys, topic, payload)?;
-                self.hub
+                let completion = self
+                    .hub
                     .complete_command(topic, opened.counter, &opened.msg)?;
-                Accepted::CommandAck(opened.msg)
+                if completion.is_ours() {
+                    Accepted::CommandAck(opened.msg)
+                } else {
+                    Accepted::OtherBridgesAck
+                }
             }
             TopicKind::Command => {
                 return Err(Rejected::new(

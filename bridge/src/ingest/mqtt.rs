@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
@@ -12,7 +12,7 @@ use rumqttc::{
 };
 use shared::TopicKind;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use url::Url;
 
@@ -325,13 +325,46 @@ pub(crate) fn connect(
     (client, eventloop)
 }
 
-fn subscribe(client: &AsyncClient, session: Session) -> Result<(), rumqttc::ClientError> {
+/// The subscription filter of `kind` for a bridge in `shared_group` (issue #15): device topics
+/// as `$share/{group}/fleet/+/+/{kind}`, so that the broker gives each message to one bridge of
+/// the group, except command acks, which every bridge subscribes to plainly: the ack of a
+/// command goes back to the bridge that sent it, whichever bridge the broker would pick.
+fn filter(kind: TopicKind, shared_group: Option<&str>) -> String {
+    match shared_group {
+        Some(group) if kind != TopicKind::Ack => format!("$share/{group}/{}", kind.filter()),
+        _ => kind.filter().to_owned(),
+    }
+}
+
+fn subscribe(
+    client: &AsyncClient,
+    session: Session,
+    shared_group: Option<&str>,
+) -> Result<(), rumqttc::ClientError> {
     client.try_subscribe_many(
         session
             .kinds()
             .iter()
-            .map(|kind| SubscribeFilter::new(kind.filter().to_owned(), qos(kind.qos()))),
+            .map(|&kind| SubscribeFilter::new(filter(kind, shared_group), qos(kind.qos()))),
     )
+}
+
+/// How many times in a row the broker may close a session soon after accepting it before the
+/// bridge says that another client probably uses its client id.
+const TAKEOVERS_BEFORE_ERROR: u32 = 3;
+/// A connection the broker closes within this time of its CONNACK counts towards
+/// [`TAKEOVERS_BEFORE_ERROR`].
+const TAKEOVER_WINDOW: Duration = Duration::from_secs(10);
+
+/// What a session subscribes with, and how it reconnects.
+#[derive(Debug, Clone)]
+pub(crate) struct Subscriptions {
+    /// The bridges' shared-subscription group, if several bridges share the devices.
+    pub(crate) shared_group: Option<Arc<str>>,
+    /// The bridge's configured client id (for the log).
+    pub(crate) client_id: Arc<str>,
+    /// Upper bound of the reconnect backoff.
+    pub(crate) max_backoff: Duration,
 }
 
 /// Polls the event loop of `session` until `cancel` fires, then disconnects cleanly.
@@ -345,11 +378,20 @@ pub(crate) async fn run(
     mut eventloop: EventLoop,
     session: Session,
     inbox: Arc<Inbox>,
-    max_backoff: Duration,
+    subscriptions: Subscriptions,
     cancel: CancellationToken,
 ) {
+    let Subscriptions {
+        shared_group,
+        client_id,
+        max_backoff,
+    } = subscriptions;
     let name = session.name();
     let mut backoff = Duration::from_millis(100);
+    // When the last CONNACK came, and how many connections in a row the broker closed soon
+    // after it: two bridges with one client id take the session from each other in turn.
+    let mut connected_at: Option<Instant> = None;
+    let mut early_closes = 0u32;
     loop {
         let event = tokio::select! {
             () = cancel.cancelled() => break,
@@ -371,7 +413,8 @@ pub(crate) async fn run(
                 }
                 session.count_connect(inbox.metrics());
                 backoff = Duration::from_millis(100);
-                if let Err(err) = subscribe(&client, session) {
+                connected_at = Some(Instant::now());
+                if let Err(err) = subscribe(&client, session, shared_group.as_deref()) {
                     warn!(session = name, cause = %err, "could not queue MQTT subscriptions");
                 }
             }
@@ -400,6 +443,21 @@ pub(crate) async fn run(
                 }
                 session.set_ready(inbox.metrics(), false);
                 session.count_error(inbox.metrics());
+                match connected_at.take() {
+                    Some(at) if at.elapsed() < TAKEOVER_WINDOW => early_closes += 1,
+                    Some(_) => early_closes = 0,
+                    None => {}
+                }
+                if early_closes >= TAKEOVERS_BEFORE_ERROR {
+                    early_closes = 0;
+                    inbox.metrics().count(Counter::MqttSessionTakeovers);
+                    error!(
+                        session = name,
+                        client_id = %session.client_id(&client_id),
+                        "the broker closed this session soon after accepting it, {TAKEOVERS_BEFORE_ERROR} times in a row: \
+                         another client probably uses the same client id (each bridge needs its own client_id)"
+                    );
+                }
                 let wait = backoff.mul_f64(0.5 + fastrand::f64());
                 warn!(session = name, cause = %err, retry_in_ms = wait.as_millis() as u64, "MQTT connection error");
                 tokio::select! {
@@ -505,5 +563,23 @@ mod tests {
         assert!(MqttEndpoint::parse("http://x:1").is_err());
         assert!(MqttEndpoint::parse("127.0.0.1:1883").is_err());
         assert!(MqttEndpoint::parse("mqtt://").is_err());
+    }
+
+    #[test]
+    fn a_shared_group_shares_device_topics_but_not_acks() {
+        assert_eq!(filter(TopicKind::Heartbeat, None), "fleet/+/+/hb");
+        assert_eq!(
+            filter(TopicKind::Heartbeat, Some("g")),
+            "$share/g/fleet/+/+/hb"
+        );
+        assert_eq!(
+            filter(TopicKind::Event, Some("g")),
+            "$share/g/fleet/+/+/event"
+        );
+        assert_eq!(
+            filter(TopicKind::Status, Some("g")),
+            "$share/g/fleet/+/+/status"
+        );
+        assert_eq!(filter(TopicKind::Ack, Some("g")), "fleet/+/+/ack");
     }
 }

@@ -12,17 +12,21 @@
 //! (`buffer_packets`), that bounds the bytes a socket may have waiting.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 
 use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use shared::{CommandAck, FleetId, Topic, VehicleId};
 use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
 use socketioxide::extract::SocketRef;
+use socketioxide::operators::BroadcastOperators;
 use tracing::{debug, error, warn};
 
 use super::order;
-use super::room::{ADMIN, DISPATCH, RoomName, VENDOR, rooms_of};
+use super::room::{ADMIN, DISPATCH, RoomName, VENDOR, pickup_rooms, rooms_of};
 use super::vehicle::{AckView, PositionView, StatusView, VehicleView};
 use crate::domain::Hub;
 use crate::domain::auth::Grant;
@@ -30,33 +34,93 @@ use crate::domain::fleet::{Moved, VehicleState};
 use crate::metrics::{Counter, Metrics};
 use crate::store::{ClientId, Enqueued, QueuedMessage};
 
-async fn to_rooms<T: Serialize + ?Sized>(
-    io: &SocketIo,
+/// Emits `event` to the sockets in any of `rooms` of namespace `ns`, whichever bridge they are
+/// connected to (through the adapter); see [`broadcast`].
+async fn to_rooms<A: Adapter, T: Serialize + ?Sized>(
+    io: &SocketIo<A>,
     metrics: &Metrics,
     ns: &str,
     rooms: Vec<String>,
     event: &str,
     data: &T,
 ) {
-    let Some(ops) = io.of(ns) else {
-        return;
-    };
-    match ops.to(rooms).emit(event, data).await {
+    if let Some(ops) = io.of(ns) {
+        broadcast(ops.to(rooms), metrics, ns, event, data).await;
+    }
+}
+
+/// Emits `event` to the sockets `ops` selects, on every bridge. A failed broadcast (with the
+/// Redis adapter: Redis unreachable) is counted and logged, and the event goes to this
+/// bridge's own sockets at least.
+async fn broadcast<A: Adapter, T: Serialize + ?Sized>(
+    ops: BroadcastOperators<A>,
+    metrics: &Metrics,
+    ns: &str,
+    event: &str,
+    data: &T,
+) {
+    let local = ops.clone().local();
+    match ops.emit(event, data).await {
         Ok(()) => metrics.count(Counter::Emitted),
-        Err(err) => warn!(%event, cause = %err, "Socket.IO broadcast failed"),
+        Err(err) => {
+            metrics.count(Counter::BroadcastFailed);
+            warn!(%ns, %event, cause = %err, "Socket.IO broadcast failed: sent to this bridge's sockets only");
+            if let Err(err) = local.emit(event, data).await {
+                warn!(%ns, %event, cause = %err, "Socket.IO broadcast to this bridge's sockets failed");
+            }
+        }
+    }
+}
+
+/// A future of an emission, boxed: what [`Outlet`] returns.
+pub(crate) type Emitting<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// What the MQTT side emits, whatever the Socket.IO adapter: implemented by every
+/// `SocketIo<A>`, so that `ingest` holds an `Arc<dyn Outlet>` and is not generic.
+pub(crate) trait Outlet: Send + Sync + 'static {
+    /// [`queued`] on this server.
+    fn queued<'a>(&'a self, metrics: &'a Metrics, messages: &'a [Enqueued]) -> Emitting<'a>;
+
+    /// [`command_ack`] on this server.
+    fn command_ack<'a>(
+        &'a self,
+        metrics: &'a Metrics,
+        topic: &'a Topic,
+        ack: &'a CommandAck,
+    ) -> Emitting<'a>;
+}
+
+impl<A: Adapter> Outlet for SocketIo<A> {
+    fn queued<'a>(&'a self, metrics: &'a Metrics, messages: &'a [Enqueued]) -> Emitting<'a> {
+        Box::pin(queued(self, metrics, messages))
+    }
+
+    fn command_ack<'a>(
+        &'a self,
+        metrics: &'a Metrics,
+        topic: &'a Topic,
+        ack: &'a CommandAck,
+    ) -> Emitting<'a> {
+        Box::pin(command_ack(self, metrics, topic, ack))
     }
 }
 
 /// Emits freshly queued messages, each as a `delivery` event with its `message_id`, to the
 /// sockets of the client it is queued for (a vendor's store room, a dispatcher identity's room).
-pub(crate) async fn queued(io: &SocketIo, metrics: &Metrics, messages: &[Enqueued]) {
+pub(crate) async fn queued<A: Adapter>(io: &SocketIo<A>, metrics: &Metrics, messages: &[Enqueued]) {
     for m in messages {
         to_client(io, metrics, &m.client, m.id.0, &m.payload).await;
     }
 }
 
 /// Emits one queued message to the sockets of `client`.
-async fn to_client(io: &SocketIo, metrics: &Metrics, client: &ClientId, id: u64, payload: &Value) {
+async fn to_client<A: Adapter>(
+    io: &SocketIo<A>,
+    metrics: &Metrics,
+    client: &ClientId,
+    id: u64,
+    payload: &Value,
+) {
     let ns = if client.is_vendor() { VENDOR } else { DISPATCH };
     let message = order::message(id, payload);
     let room = vec![client.as_str().to_owned()];
@@ -69,7 +133,11 @@ async fn to_client(io: &SocketIo, metrics: &Metrics, client: &ClientId, id: u64,
 /// A message `grant` may no longer see (its token's scope was narrowed since it was queued:
 /// another fleet, another store) is not sent; it stays queued until retention removes it.
 /// Returns how many were held back.
-pub(crate) fn pending(socket: &SocketRef, grant: &Grant, messages: &[QueuedMessage]) -> usize {
+pub(crate) fn pending<A: Adapter>(
+    socket: &SocketRef<A>,
+    grant: &Grant,
+    messages: &[QueuedMessage],
+) -> usize {
     let mut held_back = 0;
     for m in messages {
         if !order::visible_to(&m.payload, grant) {
@@ -84,77 +152,59 @@ pub(crate) fn pending(socket: &SocketRef, grant: &Grant, messages: &[QueuedMessa
 }
 
 /// Emits an `ack` event to the rooms covering the vehicle.
-pub(crate) async fn command_ack(io: &SocketIo, metrics: &Metrics, topic: &Topic, ack: &CommandAck) {
+pub(crate) async fn command_ack<A: Adapter>(
+    io: &SocketIo<A>,
+    metrics: &Metrics,
+    topic: &Topic,
+    ack: &CommandAck,
+) {
     let view = AckView::new(&topic.vehicle, ack);
     let rooms = rooms_of(&topic.fleet, &topic.vehicle).to_vec();
     to_rooms(io, metrics, DISPATCH, rooms, "ack", &view).await;
 }
 
-/// Emits `event` to every socket of every namespace.
-pub(crate) async fn everywhere<T: Serialize + ?Sized>(
-    io: &SocketIo,
+/// Emits `event` to every socket of every namespace, on every bridge.
+pub(crate) async fn everywhere<A: Adapter, T: Serialize + ?Sized>(
+    io: &SocketIo<A>,
     metrics: &Metrics,
     event: &str,
     data: &T,
 ) {
     for ns in [DISPATCH, VENDOR, ADMIN] {
         if let Some(ops) = io.of(ns) {
-            match ops.emit(event, data).await {
-                Ok(()) => metrics.count(Counter::Emitted),
-                Err(err) => warn!(%ns, %event, cause = %err, "Socket.IO broadcast failed"),
-            }
+            broadcast(ops, metrics, ns, event, data).await;
         }
     }
 }
 
 /// Announces a placed order of `fleet` (`announced`, see [`order::pickup`], with the
-/// customer's details) as `pickup`: to every `/dispatch` socket whose token may see `fleet`, and
-/// to the placing store's own other sockets (its room `store_room`, not `sender`: the sender has
-/// its ack). Never to other stores, never to dispatchers of other fleets.
-pub(crate) async fn pickup(
-    io: &SocketIo,
+/// customer's details) as `pickup`: to every `/dispatch` socket whose token may see `fleet`
+/// (the scope rooms of [`pickup_rooms`], joined at connect), and to the placing store's own
+/// other sockets (its room `store_room`, not `sender`: the sender has its ack), on every
+/// bridge. Never to other stores, never to dispatchers of other fleets.
+pub(crate) async fn pickup<A: Adapter>(
+    io: &SocketIo<A>,
     metrics: &Metrics,
     (fleet, store_room): (&FleetId, &str),
-    sender: Option<&SocketRef>,
+    sender: Option<&SocketRef<A>>,
     announced: &Value,
 ) {
-    if let Some(ops) = io.of(DISPATCH) {
-        for socket in ops.sockets() {
-            let sees = socket
-                .extensions
-                .get::<Grant>()
-                .is_some_and(|grant| grant.may_see_fleet(fleet));
-            if !sees {
-                continue;
-            }
-            match socket.emit("pickup", announced) {
-                Ok(()) => metrics.count(Counter::Emitted),
-                Err(err) => {
-                    metrics.count(Counter::EmitDropped);
-                    warn!(sid = %socket.id, cause = %err, "pickup not sent to a dispatcher");
-                }
-            }
-        }
-    }
+    to_rooms(
+        io,
+        metrics,
+        DISPATCH,
+        pickup_rooms(fleet).to_vec(),
+        "pickup",
+        announced,
+    )
+    .await;
+    // The store's other sockets: not the sender, which has its ack.
     let own = match sender {
-        Some(sender) => {
-            sender
-                .to(store_room.to_owned())
-                .emit("pickup", announced)
-                .await
-        }
-        None => match io.of(VENDOR) {
-            Some(ops) => {
-                ops.to(store_room.to_owned())
-                    .emit("pickup", announced)
-                    .await
-            }
-            None => Ok(()),
-        },
+        Some(sender) => Some(sender.to(store_room.to_owned())),
+        None => io.of(VENDOR).map(|ops| ops.to(store_room.to_owned())),
     };
-    match own {
-        Ok(()) => metrics.count(Counter::Emitted),
-        Err(err) => warn!(cause = %err, "pickup to the store's other sockets failed"),
+    if let Some(own) = own {
+        broadcast(own, metrics, VENDOR, "pickup", announced).await;
     }
 }
 
@@ -164,8 +214,8 @@ pub(crate) async fn pickup(
 ///
 /// # Errors
 /// Socketioxide's error if the socket cannot take a part (gone, or its buffer full).
-pub(crate) fn snapshot(
-    socket: &SocketRef,
+pub(crate) fn snapshot<A: Adapter>(
+    socket: &SocketRef<A>,
     states: &[VehicleState],
     max_packet: usize,
 ) -> Result<(), socketioxide::SendError> {
@@ -236,7 +286,7 @@ struct NeedsSnapshot;
 /// next ticks send it `snapshot`s of its rooms until one gets through.
 ///
 /// A batch larger than `max_packet` bytes goes as several events of the same name ([`packed`]).
-pub(crate) fn send_batches(io: &SocketIo, hub: &Hub, max_packet: usize) {
+pub(crate) fn send_batches<A: Adapter>(io: &SocketIo<A>, hub: &Hub, max_packet: usize) {
     let news = hub.take_tick_news();
     let metrics = hub.metrics();
     let Some(ops) = io.of(DISPATCH) else {
@@ -267,9 +317,15 @@ pub(crate) fn send_batches(io: &SocketIo, hub: &Hub, max_packet: usize) {
         })
         .collect();
     // Group sockets by their set of rooms: a batch is built and serialized once per group.
-    let mut groups: HashMap<Vec<String>, Vec<SocketRef>> = HashMap::new();
+    let mut groups: HashMap<Vec<String>, Vec<SocketRef<A>>> = HashMap::new();
     for socket in ops.sockets() {
-        let mut rooms: Vec<String> = socket.rooms().into_iter().map(|r| r.to_string()).collect();
+        // Only the rooms that cover vehicles: not the identity and scope rooms.
+        let mut rooms: Vec<String> = socket
+            .rooms()
+            .into_iter()
+            .map(|r| r.to_string())
+            .filter(|r| r.parse::<RoomName>().is_ok())
+            .collect();
         if rooms.is_empty() {
             continue;
         }
@@ -327,7 +383,7 @@ pub(crate) fn send_batches(io: &SocketIo, hub: &Hub, max_packet: usize) {
 
 /// Sends a socket that missed a `status` batch a snapshot of each of its rooms; clears the mark
 /// once all of them got through.
-fn resync(socket: &SocketRef, hub: &Hub, rooms: &[RoomName], max_packet: usize) {
+fn resync<A: Adapter>(socket: &SocketRef<A>, hub: &Hub, rooms: &[RoomName], max_packet: usize) {
     for room in rooms {
         let states = hub.snapshot(|fleet, vehicle| room.covers(fleet, vehicle));
         if let Err(err) = snapshot(socket, &states, max_packet) {

@@ -1,5 +1,11 @@
 //! Where Socket.IO clients are addressed: the namespaces, and the room names on `/dispatch`
 //! (`vehicle:{id}`, `fleet:{fleet}`, `all`) and `/vendor` (`vendor:{store}`).
+//!
+//! Besides the rooms a dispatcher joins, every socket sits in rooms the bridge puts it in at
+//! connect, so that an event for a client identity reaches it whichever bridge it is
+//! connected to (through the Socket.IO adapter): its queue identity (`vendor:{store}`,
+//! `dispatch:{name}`, see `Grant::queue_client`) and, on `/dispatch`, its token's scope
+//! ([`scope_rooms`]: `scope:all`, or `scope:fleet:{fleet}` for each fleet it may see).
 
 use std::fmt;
 use std::str::FromStr;
@@ -104,6 +110,30 @@ pub(crate) fn rooms_of(fleet: &FleetId, vehicle: &VehicleId) -> [String; 3] {
     ]
 }
 
+/// The scope rooms a `/dispatch` socket with `grant` is put in at connect: `scope:all` if it
+/// sees every fleet, else `scope:fleet:{fleet}` for each fleet it may see. Clients cannot join
+/// them (they are not [`RoomName`]s).
+pub(crate) fn scope_rooms(grant: &Grant) -> Vec<String> {
+    match &grant.fleets {
+        None => vec![SCOPE_ALL.to_owned()],
+        Some(fleets) => fleets.iter().map(scope_of_fleet).collect(),
+    }
+}
+
+/// The scope rooms whose sockets may see `fleet`: the [`scope_rooms`] of every grant that
+/// may see it.
+pub(crate) fn pickup_rooms(fleet: &FleetId) -> [String; 2] {
+    [SCOPE_ALL.to_owned(), scope_of_fleet(fleet)]
+}
+
+/// The scope room of the sockets that see every fleet.
+const SCOPE_ALL: &str = "scope:all";
+
+/// The scope room of the sockets that may see `fleet`.
+fn scope_of_fleet(fleet: &FleetId) -> String {
+    format!("scope:fleet:{fleet}")
+}
+
 /// The room of a vendor's store on `/vendor`: `vendor:{store}`.
 pub(crate) fn vendor_room(store: &str) -> String {
     format!("vendor:{store}")
@@ -156,6 +186,29 @@ mod tests {
         assert!(v.admits(&north, Some(&fleet("north"))));
         assert!(!v.admits(&north, Some(&fleet("south"))));
         assert!(!v.admits(&north, None));
+    }
+
+    #[test]
+    fn scope_rooms_match_pickup_rooms() {
+        let t = sample_tokens();
+        let north = t
+            .authorize(Some("north-only"), "/dispatch", &[Role::Dispatcher])
+            .expect("ok");
+        let fleet = |f: &str| FleetId::new(f).expect("valid");
+        let reaches = |grant: &Grant, f: &str| {
+            let rooms = scope_rooms(grant);
+            pickup_rooms(&fleet(f)).iter().any(|r| rooms.contains(r))
+        };
+        assert!(reaches(&north, "north"));
+        assert!(!reaches(&north, "south"));
+        let every = Grant::system();
+        assert!(reaches(&every, "south"));
+        for room in scope_rooms(&north).iter().chain(&scope_rooms(&every)) {
+            assert!(
+                room.parse::<RoomName>().is_err(),
+                "{room} must not be joinable"
+            );
+        }
     }
 
     #[test]
