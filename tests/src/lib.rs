@@ -21,6 +21,7 @@
 //! a timeout.
 
 pub mod bin;
+pub mod cluster;
 pub mod crash;
 pub mod mosquitto;
 pub mod node;
