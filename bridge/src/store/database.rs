@@ -14,14 +14,8 @@ use tracing::info;
 
 use super::error::StoreError;
 use super::options::{Durability, StoreOptions};
+pub(super) use super::pool::{Db, DbPool, DbTx, redacted};
 use super::{postgres, sqlite};
-
-/// The database type of every query: sqlx's `Any`, which forwards to the backend.
-pub(super) type Db = sqlx::Any;
-/// A pool of connections.
-pub(super) type DbPool = sqlx::AnyPool;
-/// A transaction.
-pub(super) type DbTx = sqlx::Transaction<'static, Db>;
 
 /// The database a store runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,14 +80,6 @@ impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// The pools of an open store, as a backend's `connect` returns them.
-pub(super) struct Pools {
-    /// Where writes go.
-    pub(super) write: DbPool,
-    /// Where reads go (the write pool itself where a second pool would not help).
-    pub(super) read: DbPool,
 }
 
 /// Whether `target` names a PostgreSQL database.
@@ -202,18 +188,6 @@ impl Store {
     /// Begins a write transaction (see [`Backend::begin_write`]).
     pub(super) async fn begin_write(&self) -> Result<DbTx, StoreError> {
         Ok(self.write.begin_with(self.backend.begin_write()).await?)
-    }
-}
-
-/// `target` without a password, for the log and error messages.
-pub(super) fn redacted(target: &str) -> String {
-    match url::Url::parse(target) {
-        Ok(mut url) if url.password().is_some() => {
-            // Cannot fail on a URL that has a password (it has a host).
-            let _ = url.set_password(Some("***"));
-            url.to_string()
-        }
-        _ => target.to_owned(),
     }
 }
 

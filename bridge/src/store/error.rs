@@ -90,8 +90,7 @@ impl StoreError {
                     .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
                     .is_some() =>
             {
-                db.code()
-                    .is_some_and(|code| super::postgres::is_outage_code(&code))
+                db.code().is_some_and(|code| is_outage_code(&code))
             }
             Self::Database(sqlx::Error::Database(db)) => {
                 // SQLite's primary result codes for data it cannot take: TOOBIG, MISMATCH, RANGE.
@@ -129,9 +128,37 @@ impl StoreError {
     }
 }
 
+/// Whether a PostgreSQL error with SQLSTATE `code` means the server cannot serve now (the
+/// same statement may succeed later) rather than that it refused the data: connection
+/// exceptions (`08`), transaction rollbacks (`40`: serialization failure, deadlock),
+/// insufficient resources (`53`: disk full, too many connections), lock not available and
+/// objects in use (`55`), operator intervention (`57`: `57P01` admin shutdown, cancelled
+/// queries), system errors (`58`), internal errors (`XX`), and a read-only (standby) server
+/// (`25006`). Constraint violations (`23`), data exceptions (`22`) and the rest are refusals.
+fn is_outage_code(code: &str) -> bool {
+    matches!(
+        code.get(..2),
+        Some("08" | "40" | "53" | "55" | "57" | "58" | "XX")
+    ) || code == "25006"
+}
+
 #[cfg(test)]
 mod tests {
     use testengines::postgres::TempPostgres;
+
+    use super::is_outage_code;
+
+    #[test]
+    fn classifies_sqlstates() {
+        for code in [
+            "57P01", "08006", "08001", "53100", "55P03", "40001", "XX000", "25006",
+        ] {
+            assert!(is_outage_code(code), "{code}");
+        }
+        for code in ["23505", "23503", "23514", "22003", "22P02", "42601"] {
+            assert!(!is_outage_code(code), "{code}");
+        }
+    }
 
     use super::*;
     use crate::store::{Store, StoreOptions};

@@ -37,6 +37,7 @@ mod health;
 mod options;
 mod order;
 mod parked;
+mod pool;
 mod postgres;
 mod queue;
 mod sqlite;

@@ -25,9 +25,9 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnectionMetadata;
 
-use super::database::{DbPool, DbTx, Pools, redacted};
 use super::error::StoreError;
 use super::options::{Durability, StoreOptions, Synchronous};
+use super::pool::{DbPool, DbTx, Pools, redacted};
 
 /// How a write transaction begins: a plain `BEGIN`. Read-then-write transactions lock the rows
 /// they read (`FOR UPDATE`), see the module doc.
@@ -133,20 +133,6 @@ pub(super) async fn durability(write: &DbPool) -> Result<Durability, StoreError>
     })
 }
 
-/// Whether a PostgreSQL error with SQLSTATE `code` means the server cannot serve now (the
-/// same statement may succeed later) rather than that it refused the data: connection
-/// exceptions (`08`), transaction rollbacks (`40`: serialization failure, deadlock),
-/// insufficient resources (`53`: disk full, too many connections), lock not available and
-/// objects in use (`55`), operator intervention (`57`: `57P01` admin shutdown, cancelled
-/// queries), system errors (`58`), internal errors (`XX`), and a read-only (standby) server
-/// (`25006`). Constraint violations (`23`), data exceptions (`22`) and the rest are refusals.
-pub(super) fn is_outage_code(code: &str) -> bool {
-    matches!(
-        code.get(..2),
-        Some("08" | "40" | "53" | "55" | "57" | "58" | "XX")
-    ) || code == "25006"
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,17 +144,5 @@ mod tests {
         sql.push_str(", ");
         push_placeholder(&mut sql, 12);
         assert_eq!(sql, "$1, $12");
-    }
-
-    #[test]
-    fn classifies_sqlstates() {
-        for code in [
-            "57P01", "08006", "08001", "53100", "55P03", "40001", "XX000", "25006",
-        ] {
-            assert!(is_outage_code(code), "{code}");
-        }
-        for code in ["23505", "23503", "23514", "22003", "22P02", "42601"] {
-            assert!(!is_outage_code(code), "{code}");
-        }
     }
 }

@@ -15,9 +15,9 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnectionMetadata;
 
-use super::database::{DbPool, Pools};
 use super::error::StoreError;
 use super::options::{Durability, StoreOptions};
+use super::pool::{DbPool, Pools};
 
 /// How a write transaction begins: `BEGIN IMMEDIATE` takes the write lock at once (waiting up
 /// to the busy timeout), so a transaction that reads before it writes cannot fail with
