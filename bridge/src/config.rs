@@ -102,7 +102,7 @@ pub struct BridgeConfig {
     /// the devices' messages over the bridges of the group. `None`: one bridge, plain
     /// subscriptions.
     pub shared_group: Option<String>,
-    /// Several bridges (issue #15): the Redis server (`redis://`, `rediss://`) of socketioxide's
+    /// Several bridges (issue #15): the Redis server (`redis://`; TLS to Redis is not built in) of socketioxide's
     /// Redis adapter, which carries room broadcasts between bridges, and of the latest vehicle
     /// state they share. `None`: one bridge, Socket.IO's local adapter.
     pub redis_url: Option<Secret>,
@@ -433,10 +433,12 @@ impl Settings {
             Some(url) => {
                 let parsed = url::Url::parse(url.expose())
                     .map_err(|_| invalid("redis_url", "is not a URL (redis://host:port)"))?;
-                if !matches!(parsed.scheme(), "redis" | "rediss") {
+                // `rediss://` (TLS) would need the redis crate's TLS feature: refused here
+                // with a clear reason rather than at the first connection.
+                if parsed.scheme() != "redis" {
                     return Err(invalid(
                         "redis_url",
-                        "must start with redis:// or rediss://",
+                        "must start with redis:// (TLS to Redis is not built in: use a private network or a TLS tunnel)",
                     ));
                 }
                 Some(url)
@@ -1051,5 +1053,15 @@ mod tests {
             err.contains("redis_url") && !err.contains("secret"),
             "{err}"
         );
+        let err = Settings::defaults()
+            .expect("defaults")
+            .overridden_by(Settings {
+                redis_url: Some(Secret::new("rediss://127.0.0.1:6379")),
+                ..Settings::default()
+            })
+            .into_config()
+            .expect_err("no TLS to Redis")
+            .to_string();
+        assert!(err.contains("TLS"), "{err}");
     }
 }

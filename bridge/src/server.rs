@@ -485,7 +485,7 @@ struct RedisUrl {
 }
 
 impl RedisUrl {
-    /// Reads `raw` (`redis://` or `rediss://`, checked by the configuration).
+    /// Reads `raw` (a `redis://` URL, checked by the configuration).
     fn new(raw: &str) -> Result<Self, BridgeError> {
         let mut url =
             url::Url::parse(raw).map_err(|err| BridgeError::Config(format!("redis_url: {err}")))?;
@@ -883,7 +883,7 @@ mod tests {
             error.contains("127.0.0.1:6390") && !error.contains("s3cret"),
             "{error}"
         );
-        let url = RedisUrl::new("rediss://h:6390/?protocol=resp3").expect("valid");
+        let url = RedisUrl::new("redis://h:6390/?protocol=resp3").expect("valid");
         assert_eq!(url.url.matches("protocol=").count(), 1, "{}", url.url);
     }
 

@@ -53,7 +53,7 @@ pub(crate) enum ClusterError {
 /// What the link to the other bridges needs.
 #[derive(Debug, Clone)]
 pub(crate) struct ClusterOptions {
-    /// `redis://[:password@]host:port[/db]` or `rediss://...`.
+    /// `redis://[:password@]host:port[/db]`.
     pub(crate) url: String,
     /// A name for this bridge in its instance id (the MQTT client id is a good one).
     pub(crate) name: String,

@@ -30,3 +30,23 @@ pub(super) fn redacted(target: &str) -> String {
         _ => target.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn a_store_url_is_shown_without_its_password() {
+        let shown = redacted("postgres://fleet:s3cret@db.internal:5432/fleetbeat");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("fleet:***@db.internal:5432/fleetbeat"),
+            "{shown}"
+        );
+        assert_eq!(redacted("/var/lib/fleetbeat.db"), "/var/lib/fleetbeat.db");
+        assert_eq!(
+            redacted("postgres://fleet@db/fleetbeat"),
+            "postgres://fleet@db/fleetbeat"
+        );
+    }
+}
