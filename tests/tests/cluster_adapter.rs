@@ -5,7 +5,7 @@
 //! - An order placed on bridge A reaches its fleet's dispatchers connected to bridge B (with
 //!   the customer's details), never another fleet's dispatcher nor another store; its delivery
 //!   events, recorded by A, reach the store's socket on B once each, and B's `received`
-//!   acknowledges them (one store, shared by both bridges here).
+//!   acknowledges them (one PostgreSQL store, shared by both bridges).
 //! - A dispatcher on B commands a vehicle whose ack also reaches A (the ack subscription is
 //!   not shared): B answers, A ignores it (counted), watchers on both bridges see it once.
 //! - A second bridge with a `client_id` registered by a live one refuses to start.
@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
+use testengines::postgres::TempPostgres;
 use testengines::redis::TempRedis;
 use tests::WAIT;
 use tests::cluster::start_mosquitto;
@@ -119,11 +120,9 @@ async fn orders_and_deliveries_reach_clients_on_the_other_bridge() -> anyhow::Re
     let redis = TempRedis::start()?;
     let config = write_bridge_config(TOKENS)?;
     let config = config.path().to_str().context("utf-8 path")?.to_owned();
-    // One store for both bridges (as a shared database would be): a message queued by A is
-    // acknowledged on B.
-    let dir = temp_dir()?;
-    let store = dir.path().join("shared.db");
-    let store = store.to_str().context("utf-8 path")?.to_owned();
+    // One PostgreSQL store for both bridges: a message queued by A is acknowledged on B.
+    let postgres = TempPostgres::start()?;
+    let store = postgres.create_database("adapter")?;
     let redis_url = redis.url();
     let bridge = |id: &'static str| {
         let args = [
