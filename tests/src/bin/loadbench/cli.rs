@@ -87,6 +87,16 @@ pub struct RunArgs {
     /// Fleetbeat's broker: inside the bridge, or the separate `broker` binary.
     #[arg(long, value_enum, default_value_t = BrokerMode::Embedded)]
     pub broker: BrokerMode,
+    /// Fleetbeat bridges sharing the load (issue #15). 1: one bridge, as set up by `--broker`.
+    /// 2 or more: Debian's mosquitto, a redis-server, a PostgreSQL database and N bridges
+    /// (`--shared-group loadbench --redis-url … --store postgres://… --client-id bridge-i`);
+    /// dispatchers are spread round-robin over the bridges, ingest is summed over them.
+    #[arg(long, default_value_t = 1)]
+    pub bridges: u32,
+    /// Run Fleetbeat on the cluster's engines (mosquitto, Redis, PostgreSQL) even with
+    /// `--bridges 1`, so that one and several bridges compare on the same setup.
+    #[arg(long)]
+    pub cluster_engines: bool,
     /// Fleetbeat's position tick in ms (`bridge --tick-ms`); unset: the bridge's default (10).
     #[arg(long)]
     pub tick_ms: Option<u64>,
@@ -167,6 +177,12 @@ impl RunArgs {
         self.tick_ms.unwrap_or(10)
     }
 
+    /// Whether Fleetbeat runs as a cluster: mosquitto, Redis, PostgreSQL and
+    /// [`Self::bridges`] bridges.
+    pub fn cluster(&self) -> bool {
+        self.bridges >= 2 || self.cluster_engines
+    }
+
     /// Vehicles per MQTT connection for `vehicles` vehicles.
     pub fn per_connection(&self, vehicles: u32) -> u32 {
         self.per_connection
@@ -177,14 +193,20 @@ impl RunArgs {
     /// Checks what the flags cannot say alone.
     ///
     /// # Errors
-    /// If a count is 0, the rate is out of range, or `device-sim` is asked to feed the
-    /// baseline.
+    /// If a count is 0, the rate is out of range, `device-sim` is asked to feed the
+    /// baseline, or a cluster is asked for with the separate broker.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.vehicles == 0 || self.dispatchers == 0 || self.clients_per_process == 0 {
             bail!("--vehicles, --dispatchers and --clients-per-process must be at least 1");
         }
         if self.rate.is_nan() || self.rate <= 0.0 || self.rate > 100.0 {
             bail!("--rate must be within (0, 100] Hz");
+        }
+        if self.bridges == 0 {
+            bail!("--bridges must be at least 1");
+        }
+        if self.cluster() && self.broker == BrokerMode::Separate {
+            bail!("--bridges 2+ and --cluster-engines use mosquitto: leave out --broker separate");
         }
         if self.devices == DeviceKind::DeviceSim && self.stack != StackKind::Fleetbeat {
             bail!(

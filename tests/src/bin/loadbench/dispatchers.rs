@@ -45,34 +45,41 @@ pub struct Losses {
 }
 
 impl Dispatchers {
-    /// Starts `--dispatchers` clients against the bridge at `http`, several per node process,
-    /// and waits until every one has joined `all`.
+    /// Starts `--dispatchers` clients against the bridges at `bridges` (`http://HOST:PORT`),
+    /// client `i` on bridge `i mod N` (round-robin), several per node process, and waits
+    /// until every one has joined `all`.
     ///
     /// # Errors
     /// If node cannot be started, or a client does not connect and join in time.
-    pub async fn start(env: &Env, args: &RunArgs, http: &str) -> anyhow::Result<Self> {
+    pub async fn start(env: &Env, args: &RunArgs, bridges: &[String]) -> anyhow::Result<Self> {
         let mut processes = Vec::new();
         let mut first = 0;
-        while first < args.dispatchers {
-            let clients = args.clients_per_process.min(args.dispatchers - first);
-            let config = json!({
-                "url": http,
-                "namespace": "/dispatch",
-                "token": DISPATCH_TOKEN,
-                "room": "all",
-                "clients": clients,
-                "first": first,
-                "intervalMs": 1000.0 / args.rate,
-                "tickMs": args.tick_ms(),
-                "slackMs": args.slack_ms,
-            });
-            processes.push(Peer::node(
-                &format!("dispatchers-{first}"),
-                &env.node_dir,
-                "load-dispatchers.mjs",
-                &[config.to_string()],
-            )?);
-            first += clients;
+        let n = bridges.len().max(1) as u32;
+        for (b, http) in bridges.iter().enumerate() {
+            // Clients i with i mod n = b.
+            let mut left = (args.dispatchers + n - 1 - b as u32) / n;
+            while left > 0 {
+                let clients = args.clients_per_process.min(left);
+                let config = json!({
+                    "url": http,
+                    "namespace": "/dispatch",
+                    "token": DISPATCH_TOKEN,
+                    "room": "all",
+                    "clients": clients,
+                    "first": first,
+                    "intervalMs": 1000.0 / args.rate,
+                    "tickMs": args.tick_ms(),
+                    "slackMs": args.slack_ms,
+                });
+                processes.push(Peer::node(
+                    &format!("dispatchers-{first}"),
+                    &env.node_dir,
+                    "load-dispatchers.mjs",
+                    &[config.to_string()],
+                )?);
+                first += clients;
+                left -= clients;
+            }
         }
         let mut dispatchers = Self { processes };
         dispatchers.ask(None, "ready").await?;

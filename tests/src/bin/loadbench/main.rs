@@ -3,12 +3,17 @@
 //! ```sh
 //! cargo run --release -p tests --bin loadbench -- --vehicles 1000 --rate 1 --dispatchers 10 --duration 30
 //! cargo run --release -p tests --bin loadbench -- --curve          # p99 and CPU against vehicles
+//! cargo run --release -p tests --bin loadbench -- --stack fleetbeat --bridges 2  # a cluster
 //! ```
 //!
 //! One run starts, on this machine and on loopback only:
 //! - the stack under test: **Fleetbeat** (the release `bridge` with its embedded broker, or
 //!   `broker` + `bridge --mqtt-url` with `--broker separate`), or the **baseline** (Debian's
 //!   `mosquitto` + `bench/baseline/bridge.js`, npm `mqtt` + `socket.io`, one emit per message);
+//!   with `--bridges N` (N ≥ 2) or `--cluster-engines`, Fleetbeat runs as a cluster (issue #15):
+//!   Debian's `mosquitto`, a `redis-server`, a PostgreSQL database and N bridges in the
+//!   shared-subscription group `loadbench`, the dispatchers spread round-robin over them, and
+//!   the report adds Redis commands and PostgreSQL writes per second;
 //! - the **devices**: this program again as a child (`loadbench generate`), V vehicles at R Hz,
 //!   each vehicle a real MQTT 3.1.1 client connection subscribed to its own `cmd` topic and
 //!   publishing QoS 0 heartbeats: sealed postcard `Heartbeat`s (`shared::seal`, open-mode keys)
@@ -31,7 +36,8 @@
 //! # Layout
 //! - [`cli`]: the command line; `generate` is the device side, run as a child.
 //! - [`modes`]: side by side, the scaling curve, sustained throughput, the whole report.
-//! - [`stack`]: starting Fleetbeat or the baseline.
+//! - [`stack`]: starting Fleetbeat (one bridge or a cluster) or the baseline.
+//! - [`engines`]: Redis and PostgreSQL of a cluster run, and their counters.
 //! - [`devices`]: the device side of a run: the generator, or `device-sim`.
 //! - [`generator`]: the generator itself: hand-written MQTT over non-blocking sockets.
 //! - [`dispatchers`]: the node processes holding the dispatcher clients.
@@ -43,6 +49,7 @@
 mod cli;
 mod devices;
 mod dispatchers;
+mod engines;
 mod generator;
 mod measure;
 mod measured;

@@ -10,9 +10,10 @@ use anyhow::Context as _;
 use crate::cli::{DeviceKind, RunArgs, StackKind};
 use crate::devices::Devices;
 use crate::dispatchers::{Dispatchers, losses};
-use crate::measured::{Measured, ProcessFigures};
+use crate::engines::EngineCounters;
+use crate::measured::{ClusterFigures, Measured, ProcessFigures};
 use crate::procfs;
-use crate::stack::Stack;
+use crate::stack::{Probe, Stack};
 
 /// What every run shares.
 pub struct Env {
@@ -47,24 +48,54 @@ struct Snapshot {
     machine: Option<(f64, f64)>,
     ingested: f64,
     sent: f64,
+    engines: Option<EngineCounters>,
+}
+
+/// CPU seconds of `probe` so far.
+fn probe_cpu(probe: &Probe) -> Option<f64> {
+    let pid = probe.pid?;
+    if probe.tree {
+        procfs::tree_cpu_secs(pid)
+    } else {
+        procfs::cpu_secs(pid)
+    }
+}
+
+/// Peak RSS of `probe` in KiB (summed over its children for a tree).
+fn probe_peak_kib(probe: &Probe) -> Option<u64> {
+    let pid = probe.pid?;
+    let own = procfs::status_kib(pid, "VmHWM")?;
+    if !probe.tree {
+        return Some(own);
+    }
+    let children: u64 = procfs::children(pid)
+        .into_iter()
+        .filter_map(|child| procfs::status_kib(child, "VmHWM"))
+        .sum();
+    Some(own + children)
 }
 
 async fn snapshot(
     stack: &Stack,
-    pids: &[Option<u32>],
+    probes: &[Probe],
     devices: &mut Devices,
 ) -> anyhow::Result<Snapshot> {
     let at = Instant::now();
-    let cpu = pids.iter().map(|p| p.and_then(procfs::cpu_secs)).collect();
+    let cpu = probes.iter().map(probe_cpu).collect();
     let machine = procfs::machine();
     let sent = devices.sent().await?;
     let ingested = stack.metric(stack.ingest_metric).await?;
+    let engines = match &stack.engines {
+        Some(engines) => Some(engines.counters().await?),
+        None => None,
+    };
     Ok(Snapshot {
         at,
         cpu,
         machine,
         ingested,
         sent,
+        engines,
     })
 }
 
@@ -117,7 +148,7 @@ async fn drive(env: &Env, args: &RunArgs, stack: &Stack) -> anyhow::Result<Measu
     let tick_ms = args.tick_ms();
 
     // Dispatchers first, so they see every heartbeat from the first one.
-    let mut dispatchers = Dispatchers::start(env, args, &stack.http).await?;
+    let mut dispatchers = Dispatchers::start(env, args, &stack.bridges).await?;
 
     // Devices: connect every vehicle, then start publishing.
     let (mut devices, connections, connect_secs) = Devices::start(env, args, stack).await?;
@@ -128,21 +159,20 @@ async fn drive(env: &Env, args: &RunArgs, stack: &Stack) -> anyhow::Result<Measu
     let settle_secs = settle(args, stack, &devices).await?;
 
     // The window.
-    let mut pids: Vec<Option<u32>> = stack.programs.iter().map(|(_, p)| p.pid()).collect();
-    pids.push(devices.pid());
-    pids.extend(dispatchers.pids());
+    let stack_probes = stack.probes();
+    let mut probes: Vec<Probe> = stack_probes.iter().map(|(_, p)| *p).collect();
+    let single = |pid| Probe { pid, tree: false };
+    probes.push(single(devices.pid()));
+    probes.extend(dispatchers.pids().map(single));
     let load_before = procfs::load_average().unwrap_or(0.0);
     dispatchers.open_window().await?;
-    let begin = snapshot(stack, &pids, &mut devices).await?;
+    let begin = snapshot(stack, &probes, &mut devices).await?;
     eprintln!("loadbench: measuring {} s", args.duration);
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
-    let end = snapshot(stack, &pids, &mut devices).await?;
+    let end = snapshot(stack, &probes, &mut devices).await?;
     let window = dispatchers.close_window().await?;
 
-    let peak: Vec<Option<u64>> = pids
-        .iter()
-        .map(|p| p.and_then(|pid| procfs::status_kib(pid, "VmHWM")))
-        .collect();
+    let peak: Vec<Option<u64>> = probes.iter().map(probe_peak_kib).collect();
 
     // Stop the devices, let the last positions arrive, collect what each client saw.
     let done = devices.stop().await?;
@@ -159,8 +189,7 @@ async fn drive(env: &Env, args: &RunArgs, stack: &Stack) -> anyhow::Result<Measu
     let allowed = ((tick_ms + args.slack_ms) as f64 / interval_ms).floor() as i64;
     let lost = losses(&reports, done.last_seq.as_deref().unwrap_or(&[]), allowed);
 
-    let roles: Vec<String> = stack
-        .programs
+    let roles: Vec<String> = stack_probes
         .iter()
         .map(|(role, _)| role.clone())
         .chain(std::iter::once("devices".to_owned()))
@@ -176,6 +205,25 @@ async fn drive(env: &Env, args: &RunArgs, stack: &Stack) -> anyhow::Result<Measu
         })
         .collect();
     let ours: f64 = cpu.iter().sum();
+    let cluster = match (&begin.engines, &end.engines) {
+        (Some(a), Some(b)) => Some(ClusterFigures {
+            bridges: stack.bridges.len(),
+            redis_commands_per_s: (b.redis_commands - a.redis_commands) / secs,
+            redis_per_s_by_command: b
+                .redis_by_command
+                .iter()
+                .map(|(name, calls)| {
+                    let before = a.redis_by_command.get(name).copied().unwrap_or(0.0);
+                    (name.clone(), (calls - before) / secs)
+                })
+                .filter(|(_, rate)| *rate > 0.0)
+                .collect(),
+            pg_commits_per_s: (b.pg_commits - a.pg_commits) / secs,
+            pg_rows_written_per_s: (b.pg_rows_written - a.pg_rows_written) / secs,
+            pg_inserted_per_s: (b.pg_inserted - a.pg_inserted) / secs,
+        }),
+        _ => None,
+    };
     let machine_busy_cores = match (begin.machine, end.machine) {
         (Some((b0, _)), Some((b1, _))) => (b1 - b0) / secs,
         _ => 0.0,
@@ -212,6 +260,8 @@ async fn drive(env: &Env, args: &RunArgs, stack: &Stack) -> anyhow::Result<Measu
         emits_dropped,
         warnings,
         top_warnings,
+        tick_ms,
+        cluster,
     })
 }
 

@@ -17,6 +17,24 @@ pub struct ProcessFigures {
     pub peak_rss_mib: f64,
 }
 
+/// What a cluster run (`--bridges N`, `--cluster-engines`) measured of its engines, per
+/// second of the window.
+#[derive(Debug, Clone)]
+pub struct ClusterFigures {
+    /// Bridges.
+    pub bridges: usize,
+    /// Redis commands processed (`total_commands_processed`).
+    pub redis_commands_per_s: f64,
+    /// Redis calls per command (`INFO commandstats`), those called in the window.
+    pub redis_per_s_by_command: Vec<(String, f64)>,
+    /// PostgreSQL transactions committed in the bridges' database.
+    pub pg_commits_per_s: f64,
+    /// Rows inserted, updated or deleted.
+    pub pg_rows_written_per_s: f64,
+    /// Of which inserted.
+    pub pg_inserted_per_s: f64,
+}
+
 /// Latency percentiles in ms.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Latency {
@@ -99,6 +117,10 @@ pub struct Measured {
     pub warnings: usize,
     /// The most frequent of those, digits masked, with their counts.
     pub top_warnings: Vec<(usize, String)>,
+    /// The bridge's position tick, ms.
+    pub tick_ms: u64,
+    /// The engines' figures of a cluster run.
+    pub cluster: Option<ClusterFigures>,
 }
 
 impl Measured {
@@ -132,7 +154,8 @@ impl Measured {
             && self.disconnects == 0
     }
 
-    /// Broker and bridge together.
+    /// Broker and bridge together; in a cluster run, every server process (mosquitto, Redis,
+    /// PostgreSQL and the bridges).
     pub fn server(&self) -> ProcessFigures {
         let mut sum = ProcessFigures {
             role: "broker+bridge".into(),
@@ -141,7 +164,31 @@ impl Measured {
             peak_rss_mib: 0.0,
         };
         for p in &self.processes {
-            if matches!(p.role.as_str(), "broker" | "bridge" | "broker+bridge") {
+            let server = matches!(
+                p.role.as_str(),
+                "broker" | "bridge" | "broker+bridge" | "mosquitto" | "redis" | "postgres"
+            ) || p.role.starts_with("bridge-");
+            if server {
+                sum.count += p.count;
+                sum.cpu_secs += p.cpu_secs;
+                sum.peak_rss_mib += p.peak_rss_mib;
+            }
+        }
+        sum
+    }
+}
+
+impl Measured {
+    /// The bridges alone (`bridge-1` ...; `bridge` or `broker+bridge` outside a cluster).
+    pub fn bridges(&self) -> ProcessFigures {
+        let mut sum = ProcessFigures {
+            role: "bridges".into(),
+            count: 0,
+            cpu_secs: 0.0,
+            peak_rss_mib: 0.0,
+        };
+        for p in &self.processes {
+            if p.role == "bridge" || p.role == "broker+bridge" || p.role.starts_with("bridge-") {
                 sum.count += p.count;
                 sum.cpu_secs += p.cpu_secs;
                 sum.peak_rss_mib += p.peak_rss_mib;

@@ -15,16 +15,49 @@ fn ticks_per_sec() -> f64 {
     })
 }
 
+/// The fields of `/proc/PID/stat` after the command name (which may hold spaces): the
+/// state is `[0]`, the parent `[1]`, utime `[11]`, stime `[12]`, cutime `[13]`, cstime `[14]`.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The sum of `/proc/PID/stat` fields `which`, in seconds.
+fn stat_secs(fields: &[String], which: &[usize]) -> Option<f64> {
+    let mut ticks = 0.0;
+    for &i in which {
+        ticks += fields.get(i)?.parse::<f64>().ok()?;
+    }
+    Some(ticks / ticks_per_sec())
+}
+
 /// User + system CPU seconds `pid` has used so far.
 pub fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces): state is the 3rd field,
-    // utime the 14th and stime the 15th.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / ticks_per_sec())
+    stat_secs(&stat_fields(pid)?, &[11, 12])
+}
+
+/// The children of `pid` (one level), from `/proc/*/stat`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let parent = pid.to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| stat_fields(child).is_some_and(|f| f.get(1) == Some(&parent)))
+        .collect()
+}
+
+/// CPU seconds of `pid` and its children, those still running and those it has reaped
+/// (PostgreSQL: the postmaster and its backends).
+pub fn tree_cpu_secs(pid: u32) -> Option<f64> {
+    let own = stat_secs(&stat_fields(pid)?, &[11, 12, 13, 14])?;
+    let children: f64 = children(pid)
+        .into_iter()
+        .filter_map(|child| stat_secs(&stat_fields(child)?, &[11, 12, 13, 14]))
+        .sum();
+    Some(own + children)
 }
 
 /// A `/proc/PID/status` field in KiB (`VmHWM` = peak RSS, `VmRSS` = RSS now).

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use crate::cli::{BrokerMode, RunArgs, StackKind};
 use crate::measure::Env;
-use crate::measured::Measured;
+use crate::measured::{ClusterFigures, Measured};
 use crate::procfs;
 
 fn cores() -> usize {
@@ -34,9 +34,17 @@ pub fn header(args: &RunArgs, env: &Env) -> String {
         "tick {} ms, slack {} ms, broker {}, {} dispatcher clients per node process, warm-up {} s\n",
         args.tick_ms(),
         args.slack_ms,
-        match args.broker {
-            BrokerMode::Embedded => "embedded",
-            BrokerMode::Separate => "separate",
+        if args.cluster() {
+            format!(
+                "mosquitto with {} bridge(s) in a shared group, Redis and PostgreSQL",
+                args.bridges
+            )
+        } else {
+            match args.broker {
+                BrokerMode::Embedded => "embedded",
+                BrokerMode::Separate => "separate",
+            }
+            .to_owned()
         },
         args.clients_per_process,
         args.warmup
@@ -100,15 +108,17 @@ fn rows(m: &Measured) -> Vec<(String, f64)> {
         ),
     ];
     let server = m.server();
+    let label = if m.cluster.is_some() {
+        "server processes (mosquitto, Redis, PostgreSQL, bridges)"
+    } else {
+        "broker+bridge"
+    };
     rows.push((
-        "broker+bridge CPU % of a core".to_owned(),
+        format!("{label} CPU % of a core"),
         pct_core(server.cpu_secs, m.window_secs),
     ));
-    rows.push((
-        "broker+bridge CPU µs per heartbeat".to_owned(),
-        us_per_heartbeat(m),
-    ));
-    rows.push(("broker+bridge peak RSS MiB".to_owned(), server.peak_rss_mib));
+    rows.push((format!("{label} CPU µs per heartbeat"), us_per_heartbeat(m)));
+    rows.push((format!("{label} peak RSS MiB"), server.peak_rss_mib));
     for p in &m.processes {
         if p.role == "broker+bridge" {
             continue;
@@ -119,6 +129,9 @@ fn rows(m: &Measured) -> Vec<(String, f64)> {
         ));
         rows.push((format!("{} peak RSS MiB", p.role), p.peak_rss_mib));
     }
+    if let Some(c) = &m.cluster {
+        rows.extend(cluster_rows(m, c));
+    }
     rows.push((
         format!("machine busy, cores (of {})", cores()),
         m.machine_busy_cores,
@@ -128,6 +141,58 @@ fn rows(m: &Measured) -> Vec<(String, f64)> {
         m.others_cores,
     ));
     rows
+}
+
+/// The figures of a cluster run: bridge CPU per heartbeat, Redis and PostgreSQL load.
+fn cluster_rows(m: &Measured, c: &ClusterFigures) -> Vec<(String, f64)> {
+    let heartbeats = (m.ingested_per_s * m.window_secs).max(1.0);
+    let bridges = m.bridges();
+    // Each bridge emits every vehicle's positions (its own and those Redis brought) to its own
+    // sockets, one batch per tick: a dispatcher receives its bridge's batches, and the
+    // cluster's batches are that times the bridges.
+    let batches_per_s = c.bridges as f64 * m.events_per_s / f64::from(m.dispatchers).max(1.0);
+    let tick_s = m.tick_ms as f64 / 1000.0;
+    vec![
+        (
+            format!("bridges ({}) CPU % of a core", c.bridges),
+            pct_core(bridges.cpu_secs, m.window_secs),
+        ),
+        (
+            "bridges CPU µs per heartbeat".to_owned(),
+            1e6 * bridges.cpu_secs / heartbeats,
+        ),
+        (
+            "heartbeats ingested per bridge CPU-second".to_owned(),
+            heartbeats / bridges.cpu_secs.max(1e-9),
+        ),
+        (
+            "position batches emitted/s, all bridges".to_owned(),
+            batches_per_s,
+        ),
+        ("Redis commands/s".to_owned(), c.redis_commands_per_s),
+        (
+            "Redis commands per heartbeat".to_owned(),
+            c.redis_commands_per_s / m.ingested_per_s.max(1e-9),
+        ),
+        (
+            "Redis commands per position batch".to_owned(),
+            c.redis_commands_per_s / batches_per_s.max(1e-9),
+        ),
+        (
+            format!("Redis commands per {} ms tick per bridge", m.tick_ms),
+            c.redis_commands_per_s * tick_s / (c.bridges as f64).max(1.0),
+        ),
+        ("PostgreSQL commits/s".to_owned(), c.pg_commits_per_s),
+        (
+            "PostgreSQL rows written/s (inserted+updated+deleted)".to_owned(),
+            c.pg_rows_written_per_s,
+        ),
+        ("PostgreSQL rows inserted/s".to_owned(), c.pg_inserted_per_s),
+        (
+            "PostgreSQL rows written per heartbeat".to_owned(),
+            c.pg_rows_written_per_s / m.ingested_per_s.max(1e-9),
+        ),
+    ]
 }
 
 fn fmt(v: f64) -> String {
@@ -193,6 +258,21 @@ fn settled(m: &Measured) -> String {
     )
 }
 
+/// The Redis commands of a cluster run, most called first.
+fn redis_commands(m: &Measured) -> String {
+    let Some(c) = &m.cluster else {
+        return String::new();
+    };
+    let mut by: Vec<&(String, f64)> = c.redis_per_s_by_command.iter().collect();
+    by.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+    let list: Vec<String> = by
+        .iter()
+        .take(6)
+        .map(|(name, rate)| format!("{name} {}/s", fmt(*rate)))
+        .collect();
+    format!("; Redis commands in the window: {}", list.join(", "))
+}
+
 fn warnings(m: &Measured) -> String {
     m.top_warnings
         .iter()
@@ -241,7 +321,7 @@ pub fn side_by_side(results: &[Measured]) -> String {
     }
     out.push('\n');
     for m in results {
-        let _ = writeln!(out, "- {}{}", notes(m), warnings(m));
+        let _ = writeln!(out, "- {}{}{}", notes(m), redis_commands(m), warnings(m));
     }
     out
 }

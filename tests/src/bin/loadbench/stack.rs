@@ -1,6 +1,7 @@
 //! Starting the stack under test: Fleetbeat (with the `tests` library's
 //! [`start_bridge`](tests::stack::start_bridge) and friends), or the baseline (mosquitto and
-//! `bench/baseline/bridge.js`).
+//! `bench/baseline/bridge.js`), or a Fleetbeat cluster (`--bridges N`, `--cluster-engines`:
+//! mosquitto, Redis, PostgreSQL and N bridges in one shared-subscription group).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tests::stack::{
 use tokio::process::Command;
 
 use crate::cli::{BrokerMode, RunArgs, StackKind};
+use crate::engines::Engines;
 
 /// How long mosquitto and the baseline bridge may take to come up.
 const START: Duration = Duration::from_secs(30);
@@ -23,16 +25,27 @@ pub struct Stack {
     pub kind: StackKind,
     /// Its processes with their roles (`broker+bridge`, `broker`, `bridge`).
     pub programs: Vec<(String, Program)>,
-    /// Where dispatchers connect (`http://127.0.0.1:PORT`).
-    pub http: String,
+    /// Where dispatchers connect (`http://127.0.0.1:PORT`), one per bridge.
+    pub bridges: Vec<String>,
     /// Where devices publish.
     pub mqtt: SocketAddr,
     /// The `/metrics` sample counting heartbeats ingested.
     pub ingest_metric: &'static str,
     /// The `/metrics` sample counting emits a socket could not take, if the stack has one.
     pub dropped_metric: Option<&'static str>,
+    /// Redis and PostgreSQL of a cluster run.
+    pub engines: Option<Engines>,
     /// The run's files (the bridge's store, mosquitto's configuration), removed afterwards.
     _dir: tempfile::TempDir,
+}
+
+/// How the CPU time of a process is read.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe {
+    /// Its process id, if it has one.
+    pub pid: Option<u32>,
+    /// Whether its children count too (PostgreSQL: the postmaster and its backends).
+    pub tree: bool,
 }
 
 impl Stack {
@@ -47,20 +60,60 @@ impl Stack {
         }
     }
 
-    /// Reads one sample from `/metrics`.
+    /// Reads one sample from `/metrics`, summed over the bridges.
     ///
     /// # Errors
     /// If `/metrics` cannot be read or lacks the sample.
     pub async fn metric(&self, sample: &str) -> anyhow::Result<f64> {
-        tests::stack::metric(&self.http, sample).await
+        let mut sum = 0.0;
+        for http in &self.bridges {
+            sum += tests::stack::metric(http, sample).await?;
+        }
+        Ok(sum)
     }
 
-    /// Stops every program (SIGTERM, then SIGKILL).
+    /// Every process of the stack with its role, the engines' included.
+    pub fn probes(&self) -> Vec<(String, Probe)> {
+        let mut probes: Vec<(String, Probe)> = self
+            .programs
+            .iter()
+            .map(|(role, program)| {
+                let probe = Probe {
+                    pid: program.pid(),
+                    tree: false,
+                };
+                (role.clone(), probe)
+            })
+            .collect();
+        if let Some(engines) = &self.engines {
+            probes.push((
+                "redis".to_owned(),
+                Probe {
+                    pid: Some(engines.redis_pid),
+                    tree: false,
+                },
+            ));
+            probes.push((
+                "postgres".to_owned(),
+                Probe {
+                    pid: Some(engines.postgres_pid),
+                    tree: true,
+                },
+            ));
+        }
+        probes
+    }
+
+    /// Stops every program (SIGTERM, then SIGKILL), then the engines.
     pub async fn stop(mut self) {
         for (_, program) in self.programs.iter_mut().rev() {
             if program.terminate(Duration::from_secs(10)).await.is_err() {
                 let _ = program.kill().await;
             }
+        }
+        if let Some(engines) = self.engines.take() {
+            // Dropping PostgreSQL runs `pg_ctl stop`, a blocking call.
+            let _ = tokio::task::spawn_blocking(move || drop(engines)).await;
         }
     }
 }
@@ -98,6 +151,7 @@ async fn start_fleetbeat(args: &RunArgs) -> anyhow::Result<Stack> {
             programs.push(("broker".to_owned(), broker));
             start_bridge_external(mqtt, &bridge_args).await?
         }
+        BrokerMode::Embedded if args.cluster() => return start_cluster(args).await,
         BrokerMode::Embedded => start_bridge(&bridge_args).await?,
     };
     let role = match args.broker {
@@ -109,10 +163,58 @@ async fn start_fleetbeat(args: &RunArgs) -> anyhow::Result<Stack> {
     Ok(Stack {
         kind: StackKind::Fleetbeat,
         programs,
-        http,
+        bridges: vec![http],
         mqtt,
-        ingest_metric: "fleetbeat_bridge_mqtt_received_total{kind=\"hb\"}",
-        dropped_metric: Some("fleetbeat_bridge_socketio_dropped_total"),
+        ingest_metric: FLEETBEAT_INGEST,
+        dropped_metric: Some(FLEETBEAT_DROPPED),
+        engines: None,
+        _dir: dir,
+    })
+}
+
+/// Fleetbeat's count of heartbeats ingested.
+const FLEETBEAT_INGEST: &str = "fleetbeat_bridge_mqtt_received_total{kind=\"hb\"}";
+/// Fleetbeat's count of emits a socket could not take.
+const FLEETBEAT_DROPPED: &str = "fleetbeat_bridge_socketio_dropped_total";
+
+/// A Fleetbeat cluster: Debian's mosquitto, Redis, PostgreSQL and `--bridges` bridges
+/// (`bridge-1` ...) in the shared-subscription group `loadbench`.
+async fn start_cluster(args: &RunArgs) -> anyhow::Result<Stack> {
+    let dir = run_dir("loadbench-cluster-")?;
+    let engines = Engines::start().await?;
+    let (mosquitto, mqtt) = tests::cluster::start_mosquitto(dir.path()).await?;
+    let mut programs = vec![("mosquitto".to_owned(), mosquitto)];
+    let mut bridges = Vec::new();
+    let tick = args.tick_ms().to_string();
+    let redis = engines.redis.url();
+    for i in 1..=args.bridges {
+        let client_id = format!("bridge-{i}");
+        let bridge_args = [
+            "--tick-ms",
+            &tick,
+            "--store",
+            &engines.store_url,
+            "--shared-group",
+            "loadbench",
+            "--redis-url",
+            &redis,
+            "--client-id",
+            &client_id,
+        ];
+        let bridge = start_bridge_external(mqtt, &bridge_args)
+            .await
+            .with_context(|| format!("starting {client_id}"))?;
+        bridges.push(bridge.url());
+        programs.push((client_id, bridge.program));
+    }
+    Ok(Stack {
+        kind: StackKind::Fleetbeat,
+        programs,
+        bridges,
+        mqtt,
+        ingest_metric: FLEETBEAT_INGEST,
+        dropped_metric: Some(FLEETBEAT_DROPPED),
+        engines: Some(engines),
         _dir: dir,
     })
 }
@@ -167,10 +269,11 @@ async fn start_baseline(args: &RunArgs) -> anyhow::Result<Stack> {
             ("broker".to_owned(), mosquitto),
             ("bridge".to_owned(), bridge),
         ],
-        http,
+        bridges: vec![http],
         mqtt,
         ingest_metric: "baseline_mqtt_received_total",
         dropped_metric: None,
+        engines: None,
         _dir: dir,
     })
 }
