@@ -52,6 +52,15 @@ async fn a_killed_vehicle_gets_its_retained_offline_status() -> anyhow::Result<(
         cmd
     })
     .await?;
+    // The JSON mirror republishes what the router routes, a moment later: a watcher of its
+    // statuses (started before the kill) tells when the will's mirror is out.
+    let mut mirror = Watch::start({
+        let mut cmd = client("mosquitto_sub", broker.mqtt);
+        cmd.args(login)
+            .args(["-t", "json/fleet/+/+/status", "-F", "%t %p"]);
+        cmd
+    })
+    .await?;
     let online = watch.next_matching(WAIT, |l| l.starts_with(STATUS)).await?;
     assert_eq!(open_status(&fleet, &online)?, Status::Online);
     broker
@@ -93,7 +102,11 @@ async fn a_killed_vehicle_gets_its_retained_offline_status() -> anyhow::Result<(
         open_status(&fleet, &late)?,
         Status::Offline(OfflineReason::ConnectionLost)
     );
-    // And readable on the mirror.
+    // And readable on the mirror, retained once the mirror has republished the will.
+    mirror
+        .next_matching(WAIT, |l| l.contains("\"status\":\"offline\""))
+        .await?;
+    mirror.stop().await;
     let line = first_message(broker.mqtt, login, "json/fleet/+/+/status", "%r %t %p").await?;
     let doc: serde_json::Value = serde_json::from_str(
         line.strip_prefix("1 json/fleet/north/north-0001/status ")
