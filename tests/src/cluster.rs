@@ -113,15 +113,7 @@ impl Cluster {
     pub async fn start(options: ClusterOptions) -> anyhow::Result<Self> {
         anyhow::ensure!(options.bridges >= 1, "a cluster needs at least one bridge");
         let dir = temp_dir()?;
-        // The engines start with blocking calls (initdb takes a few seconds).
-        let postgres = tokio::task::spawn_blocking(TempPostgres::start)
-            .await
-            .context("the PostgreSQL starter panicked")?
-            .context("starting PostgreSQL (apt-get install -y postgresql)")?;
-        let redis = tokio::task::spawn_blocking(TempRedis::start)
-            .await
-            .context("the Redis starter panicked")?
-            .context("starting redis-server")?;
+        let (postgres, redis) = start_engines().await?;
         let (broker, mqtt) = match options.broker {
             BrokerKind::Mosquitto => {
                 let (program, addr) = start_mosquitto(dir.path()).await?;
@@ -343,6 +335,23 @@ pub const RESTART_WAIT: Duration = Duration::from_secs(40);
 fn is_client_id_held(err: &anyhow::Error) -> bool {
     let text = format!("{err:#}");
     text.contains("in use by another bridge")
+}
+
+/// Starts a PostgreSQL server and a redis-server on free loopback ports (off the runtime's
+/// threads: initdb takes seconds), as a cluster or a benchmark of several bridges needs.
+///
+/// # Errors
+/// If either does not start (the error says which, and the package to install).
+pub async fn start_engines() -> anyhow::Result<(TempPostgres, TempRedis)> {
+    let postgres = tokio::task::spawn_blocking(TempPostgres::start)
+        .await
+        .context("the PostgreSQL starter panicked")?
+        .context("starting PostgreSQL (apt-get install -y postgresql)")?;
+    let redis = tokio::task::spawn_blocking(TempRedis::start)
+        .await
+        .context("the Redis starter panicked")?
+        .context("starting redis-server (apt-get install -y redis-server)")?;
+    Ok((postgres, redis))
 }
 
 /// Starts Debian's `mosquitto` with one plain MQTT listener on a free 127.0.0.1 port,

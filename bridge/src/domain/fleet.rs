@@ -123,6 +123,25 @@ struct Record {
 }
 
 impl Record {
+    /// A vehicle first seen (by this bridge or through the cluster) at `now`, of `fleet`:
+    /// offline until its first report, nothing heard yet.
+    fn new(fleet: FleetId, now: Instant) -> Self {
+        Self {
+            fleet,
+            heartbeat: None,
+            liveness: Liveness::Offline,
+            reason: None,
+            last_seen_ms: 0,
+            last_heartbeat: None,
+            last_heard: now,
+            interval: Duration::from_secs(1),
+            guard: ReplayGuard::default(),
+            dirty: false,
+            heard_ms: 0,
+            shared_dirty: false,
+        }
+    }
+
     /// The vehicle's liveness as clients are told it, reported under `fleet`.
     fn status(&self, vehicle: &VehicleId, fleet: &FleetId) -> VehicleStatus {
         VehicleStatus {
@@ -203,20 +222,7 @@ impl Fleet {
     fn entry(&mut self, topic: &Topic, now: Instant) -> &mut Record {
         self.vehicles
             .entry(topic.vehicle.clone())
-            .or_insert_with(|| Record {
-                fleet: topic.fleet.clone(),
-                heartbeat: None,
-                liveness: Liveness::Offline,
-                reason: None,
-                last_seen_ms: 0,
-                last_heartbeat: None,
-                last_heard: now,
-                interval: Duration::from_secs(1),
-                guard: ReplayGuard::default(),
-                dirty: false,
-                heard_ms: 0,
-                shared_dirty: false,
-            })
+            .or_insert_with(|| Record::new(topic.fleet.clone(), now))
     }
 
     /// Accepts `counter` from an authenticated payload on `topic`, or refuses a replay.
@@ -584,20 +590,7 @@ impl Fleet {
         let record = self
             .vehicles
             .entry(state.vehicle.clone())
-            .or_insert_with(|| Record {
-                fleet: state.fleet.clone(),
-                heartbeat: None,
-                liveness: Liveness::Offline,
-                reason: None,
-                last_seen_ms: 0,
-                last_heartbeat: None,
-                last_heard: now,
-                interval: Duration::from_secs(1),
-                guard: ReplayGuard::default(),
-                dirty: false,
-                heard_ms: 0,
-                shared_dirty: false,
-            });
+            .or_insert_with(|| Record::new(state.fleet.clone(), now));
         if let Some(hb) = state.heartbeat {
             let newer = record
                 .heartbeat

@@ -50,15 +50,7 @@ impl Engines {
     /// # Errors
     /// If either does not start, or its process id cannot be read.
     pub async fn start() -> anyhow::Result<Self> {
-        // Both start with blocking calls (initdb takes seconds).
-        let postgres = tokio::task::spawn_blocking(TempPostgres::start)
-            .await
-            .context("the PostgreSQL starter panicked")?
-            .context("starting PostgreSQL (apt-get install -y postgresql)")?;
-        let redis = tokio::task::spawn_blocking(TempRedis::start)
-            .await
-            .context("the Redis starter panicked")?
-            .context("starting redis-server (apt-get install -y redis-server)")?;
+        let (postgres, redis) = ::tests::cluster::start_engines().await?;
         let store_url = postgres
             .create_database(DATABASE)
             .context("creating the bridges' database")?;
@@ -102,7 +94,9 @@ impl Engines {
             "SELECT xact_commit, tup_inserted, tup_inserted + tup_updated + tup_deleted \
              FROM pg_stat_database WHERE datname = '{DATABASE}'"
         );
-        let row = psql(self.postgres.port(), &sql).await?;
+        // A short blocking call (psql, once before and once after the window).
+        let row = tokio::task::block_in_place(|| self.postgres.psql(&sql))
+            .context("reading pg_stat_database with psql")?;
         let values: Vec<f64> = row
             .trim()
             .split('|')
@@ -142,30 +136,6 @@ fn info_field<'a>(info: &'a str, key: &str) -> Option<&'a str> {
     info.lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .map(str::trim)
-}
-
-/// Runs `sql` with `psql` as the superuser (trust authentication on loopback).
-async fn psql(port: u16, sql: &str) -> anyhow::Result<String> {
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-        ])
-        .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
-        .args(["-c", sql])
-        .output()
-        .await
-        .context("running psql (apt-get install -y postgresql-client)")?;
-    if !out.status.success() {
-        bail!("psql: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The postmaster's pid: the first line of `data/postmaster.pid` in the server's directory.
