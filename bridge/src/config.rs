@@ -13,6 +13,7 @@ pub use crate::api::web::WebConfig;
 pub use crate::domain::auth::{Role, TokenGrant};
 pub use crate::domain::fleet::StaleRule;
 use crate::error::BridgeError;
+pub use crate::geofence::GeofenceOptions;
 pub use crate::ingest::mqtt::{MqttEndpoint, MqttTls, redact_url};
 pub use crate::store::Synchronous;
 pub use crate::tls::TlsFiles;
@@ -115,6 +116,68 @@ pub struct BridgeConfig {
     // Socket.IO limits (issue 14)
     /// What one Socket.IO client may cost everyone (`[socketio]`).
     pub socketio: SocketIoLimits,
+    /// Geofences (`[geofences]`): the automatic fences' radii and the hysteresis.
+    pub geofences: GeofenceOptions,
+    /// Orders (`[orders]`): when an order stuck on an offline vehicle is offered again.
+    pub orders: OrderOptions,
+}
+
+/// How the bridge treats orders (`[orders]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderOptions {
+    /// An order assigned to a vehicle that has been offline this long (and not picked up) is
+    /// taken back and offered to another vehicle (default 120 s).
+    pub reoffer_after: Duration,
+}
+
+impl Default for OrderOptions {
+    fn default() -> Self {
+        Self {
+            reoffer_after: Duration::from_millis(DEFAULT_REOFFER_AFTER_MS),
+        }
+    }
+}
+
+/// The default of `[orders] reoffer_after_ms`: two minutes.
+const DEFAULT_REOFFER_AFTER_MS: u64 = 120_000;
+
+/// The order settings as the configuration layers give them (`[orders]` in the file,
+/// `FLEETBEAT_ORDERS_*` in the environment, `--orders-*` flags); unset fields keep the
+/// defaults of [`OrderOptions`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrderSettings {
+    /// Orders: offer an order again when its vehicle has been offline this long without
+    /// picking it up, in ms (default 120000; 1000 ..= 86400000).
+    #[arg(
+        long = "orders-reoffer-after-ms",
+        env = "FLEETBEAT_ORDERS_REOFFER_AFTER_MS"
+    )]
+    pub reoffer_after_ms: Option<u64>,
+}
+
+impl OrderSettings {
+    /// `self` with every field `over` sets replaced.
+    #[must_use]
+    pub fn overridden_by(self, over: Self) -> Self {
+        Self {
+            reoffer_after_ms: over.reoffer_after_ms.or(self.reoffer_after_ms),
+        }
+    }
+
+    /// Validates the settings: `reoffer_after_ms` within 1000 ..= 86400000.
+    ///
+    /// # Errors
+    /// A message naming the key and the problem.
+    pub fn into_options(self) -> Result<OrderOptions, String> {
+        let ms = self.reoffer_after_ms.unwrap_or(DEFAULT_REOFFER_AFTER_MS);
+        if !(1_000..=86_400_000).contains(&ms) {
+            return Err("reoffer_after_ms: must be within 1000 ..= 86400000 (ms)".to_owned());
+        }
+        Ok(OrderOptions {
+            reoffer_after: Duration::from_millis(ms),
+        })
+    }
 }
 
 impl Default for BridgeConfig {
@@ -150,6 +213,8 @@ impl Default for BridgeConfig {
             shutdown_grace: Duration::from_secs(5),
             // Socket.IO limits (issue 14)
             socketio: SocketIoLimits::default(),
+            geofences: GeofenceOptions::default(),
+            orders: OrderOptions::default(),
         }
     }
 }
@@ -224,9 +289,88 @@ pub struct Settings {
     // Socket.IO limits (issue 14)
     /// The Socket.IO abuse limits (`[socketio]`).
     pub socketio: Option<SocketIoSettings>,
+    /// Geofences (`[geofences]`).
+    pub geofences: Option<GeofenceSettings>,
+    /// Orders (`[orders]`).
+    pub orders: Option<OrderSettings>,
     /// The embedded broker's own settings (`[broker]`, the keys of `broker default-config`),
     /// except those the bridge sets itself ([`BRIDGE_OWNED_BROKER_KEYS`]).
     pub broker: Option<toml::Table>,
+}
+
+/// The geofence settings as the configuration layers give them (`[geofences]` in the file,
+/// `FLEETBEAT_GEOFENCES_*` in the environment, `--geofences-*` flags); unset fields keep the
+/// defaults of [`GeofenceOptions`].
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeofenceSettings {
+    /// Geofences: radius of the automatic fence around each store, metres (default 60).
+    #[arg(
+        long = "geofences-store-radius-m",
+        env = "FLEETBEAT_GEOFENCES_STORE_RADIUS_M"
+    )]
+    pub store_radius_m: Option<f64>,
+    /// Geofences: radius of the automatic fence around each open order's drop-off, metres
+    /// (default 40).
+    #[arg(
+        long = "geofences-dropoff-radius-m",
+        env = "FLEETBEAT_GEOFENCES_DROPOFF_RADIUS_M"
+    )]
+    pub dropoff_radius_m: Option<f64>,
+    /// Geofences: how far inside (outside) a fence a vehicle must be to enter (leave) it,
+    /// metres (default 15).
+    #[arg(
+        long = "geofences-hysteresis-m",
+        env = "FLEETBEAT_GEOFENCES_HYSTERESIS_M"
+    )]
+    pub hysteresis_m: Option<f64>,
+}
+
+impl GeofenceSettings {
+    /// `self` with every field `over` sets replaced.
+    #[must_use]
+    pub fn overridden_by(self, over: Self) -> Self {
+        Self {
+            store_radius_m: over.store_radius_m.or(self.store_radius_m),
+            dropoff_radius_m: over.dropoff_radius_m.or(self.dropoff_radius_m),
+            hysteresis_m: over.hysteresis_m.or(self.hysteresis_m),
+        }
+    }
+
+    /// Validates the settings: radii within 1 ..= 10000 m, the hysteresis within 0 ..= 1000 m.
+    ///
+    /// # Errors
+    /// A message naming the key and the problem.
+    pub fn into_options(self) -> Result<GeofenceOptions, String> {
+        let d = GeofenceOptions::default();
+        let within = |key: &str, value: f64, lo: f64, hi: f64| {
+            if value.is_finite() && (lo..=hi).contains(&value) {
+                Ok(value)
+            } else {
+                Err(format!("{key}: must be within {lo} ..= {hi} (metres)"))
+            }
+        };
+        Ok(GeofenceOptions {
+            store_radius_m: within(
+                "store_radius_m",
+                self.store_radius_m.unwrap_or(d.store_radius_m),
+                1.0,
+                10_000.0,
+            )?,
+            dropoff_radius_m: within(
+                "dropoff_radius_m",
+                self.dropoff_radius_m.unwrap_or(d.dropoff_radius_m),
+                1.0,
+                10_000.0,
+            )?,
+            hysteresis_m: within(
+                "hysteresis_m",
+                self.hysteresis_m.unwrap_or(d.hysteresis_m),
+                0.0,
+                1_000.0,
+            )?,
+        })
+    }
 }
 
 /// The keys of `[broker]` the bridge sets itself, each with the bridge's setting to use
@@ -323,6 +467,14 @@ impl Settings {
             },
             // Socket.IO limits (issue 14)
             socketio: match (self.socketio, over.socketio) {
+                (Some(base), Some(over)) => Some(base.overridden_by(over)),
+                (base, over) => over.or(base),
+            },
+            geofences: match (self.geofences, over.geofences) {
+                (Some(base), Some(over)) => Some(base.overridden_by(over)),
+                (base, over) => over.or(base),
+            },
+            orders: match (self.orders, over.orders) {
                 (Some(base), Some(over)) => Some(base.overridden_by(over)),
                 (base, over) => over.or(base),
             },
@@ -529,6 +681,16 @@ impl Settings {
                     .unwrap_or_default()
                     .into_limits()
                     .map_err(|e| invalid("socketio", e))?,
+                geofences: self
+                    .geofences
+                    .unwrap_or_default()
+                    .into_options()
+                    .map_err(|e| invalid("geofences", e))?,
+                orders: self
+                    .orders
+                    .unwrap_or_default()
+                    .into_options()
+                    .map_err(|e| invalid("orders", e))?,
                 ..defaults
             },
         ))

@@ -24,6 +24,9 @@
 //!   several bridges (`adapter`).
 //! - `cluster/`: the latest vehicle states shared with the other bridges through Redis, merged
 //!   into the fleet cache.
+//! - [`geofence`]: fences (circles, polygons), their R*-tree and the hysteresis that turns
+//!   heartbeats into `geofence` enter / exit events (public for the benchmarks); uses
+//!   `shared` only.
 //! - `server`: starts all of the above ([`Bridge`], [`run`]) and shuts it down gracefully.
 //!
 //! Beside them: [`config`] (what the bridge needs to run), [`error`] ([`BridgeError`]),
@@ -45,8 +48,11 @@ mod api;
 mod clock;
 mod cluster;
 pub mod config;
+#[cfg(feature = "demo")]
+pub mod demo;
 mod domain;
 pub mod error;
+pub mod geofence;
 mod ingest;
 mod metrics;
 mod server;

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use bridge::Bridge;
 use bridge::config::{
-    DEFAULT_CONFIG, NewToken, NewTokenRole, Secret, Settings, SocketIoSettings, add_token,
-    redact_url,
+    DEFAULT_CONFIG, GeofenceSettings, NewToken, NewTokenRole, OrderSettings, Secret, Settings,
+    SocketIoSettings, add_token, redact_url,
 };
 use clap::parser::ValueSource;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
@@ -123,14 +123,36 @@ struct Cli {
     // Socket.IO limits (issue 14): `--socketio-*`, `FLEETBEAT_SOCKETIO_*`.
     #[command(flatten)]
     socketio: SocketIoSettings,
-    /// Also run this many simulated vehicles in-process (the demo).
+    /// `--orders-*`, `FLEETBEAT_ORDERS_*`.
+    #[command(flatten)]
+    orders: OrderSettings,
+    /// `--geofences-*`, `FLEETBEAT_GEOFENCES_*`.
+    #[command(flatten)]
+    geofences: GeofenceSettings,
+    /// Also run this many simulated vehicles of fleet `demo` in-process, and simulated
+    /// stores placing orders (the demo).
     #[cfg(feature = "demo")]
     #[arg(long, default_value_t = 0)]
     simulate: u32,
-    /// Heartbeat rate of the simulated vehicles, in Hz.
+    /// Heartbeat rate of the simulated vehicles, in Hz (real time).
     #[cfg(feature = "demo")]
     #[arg(long, default_value_t = 1.0)]
     sim_rate: f64,
+    /// How much faster than real time the simulated vehicles live (0 < x <= 1000); the
+    /// stores order this much more often too.
+    #[cfg(feature = "demo")]
+    #[arg(long, default_value_t = 1.0)]
+    sim_speed: f64,
+    /// With --simulate: how many simulated stores place orders (0 ..= 3: vendor-demo,
+    /// vendor-demo-2, vendor-demo-3).
+    #[cfg(feature = "demo")]
+    #[arg(long, default_value_t = bridge::demo::DEFAULT_STORES)]
+    sim_stores: u32,
+    /// With --simulate: real milliseconds between two orders of one store, at speed 1
+    /// (divided by --sim-speed).
+    #[cfg(feature = "demo")]
+    #[arg(long, default_value_t = bridge::demo::DEFAULT_ORDER_EVERY_MS)]
+    sim_order_every_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,8 +214,24 @@ impl Cli {
             synchronous: self.synchronous.clone(),
             // Socket.IO limits (issue 14)
             socketio: Some(self.socketio.clone()),
+            orders: Some(self.orders.clone()),
+            geofences: Some(self.geofences.clone()),
             ..Settings::default()
         }))
+    }
+}
+
+#[cfg(feature = "demo")]
+impl Cli {
+    /// The demo's settings (`--simulate` and the `--sim-*` flags).
+    fn demo(&self) -> bridge::demo::DemoConfig {
+        bridge::demo::DemoConfig {
+            vehicles: self.simulate,
+            rate_hz: self.sim_rate,
+            speed: self.sim_speed,
+            stores: self.sim_stores,
+            order_every: std::time::Duration::from_millis(self.sim_order_every_ms),
+        }
     }
 }
 
@@ -242,12 +280,30 @@ async fn main() -> anyhow::Result<()> {
     warn_secrets_on_argv(&matches);
 
     let (listen, config) = cli.settings()?.into_config()?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    let bridge = Bridge::start(listener, config)
-        .await
-        .context("starting the bridge")?;
+    #[cfg(feature = "demo")]
+    let demo_config = cli.demo();
+    #[cfg(feature = "demo")]
+    if demo_config.vehicles > 0 {
+        demo_config.validate()?;
+    }
+    let listener = match TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+            anyhow::bail!(port_taken(
+                "HTTP",
+                listen,
+                &format!("--listen {}:PORT or FLEETBEAT_LISTEN", listen.ip()),
+            ));
+        }
+        Err(err) => return Err(err).with_context(|| format!("binding {listen}")),
+    };
+    let bridge = match Bridge::start(listener, config).await {
+        Ok(bridge) => bridge,
+        Err(err) => match broker_port_taken(&err) {
+            Some(message) => anyhow::bail!(message),
+            None => return Err(err).context("starting the bridge"),
+        },
+    };
 
     let endpoint = bridge.mqtt_endpoint().clone();
     info!(
@@ -261,7 +317,13 @@ async fn main() -> anyhow::Result<()> {
     );
 
     #[cfg(feature = "demo")]
-    let sim = demo::start(&cli, &endpoint);
+    let demo = match bridge::demo::Demo::start(&demo_config, &bridge) {
+        Ok(demo) => demo,
+        Err(err) => {
+            bridge.shutdown().await.context("shutting down")?;
+            return Err(err).context("starting the demo");
+        }
+    };
     // A signal stops the bridge; so does the death of the embedded broker, then with an error
     // (exit code 1) so a supervisor restarts it.
     let died = tokio::select! {
@@ -269,7 +331,9 @@ async fn main() -> anyhow::Result<()> {
         death = bridge.failed() => Some(death),
     };
     #[cfg(feature = "demo")]
-    demo::stop(sim).await;
+    if let Some(demo) = demo {
+        demo.stop().await;
+    }
     bridge.shutdown().await.context("shutting down")?;
     if let Some(death) = died {
         return Err(anyhow::Error::new(death).context("the embedded MQTT broker died"));
@@ -277,49 +341,50 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "demo")]
-mod demo {
-    //! `--simulate N`: simulated vehicles in-process, for the one-command demo.
+/// The one-line message for a listen address that another program holds: which port, and
+/// how to choose another (`how`).
+fn port_taken(what: &str, addr: SocketAddr, how: &str) -> String {
+    format!(
+        "cannot listen for {what} on {addr}: the port is in use by another program (e.g. a \
+         mosquitto service, or another bridge); choose another port with {how} (port 0: any \
+         free port)"
+    )
+}
 
-    use bridge::config::MqttEndpoint;
-    use tokio::task::JoinHandle;
-    use tokio_util::sync::CancellationToken;
-
-    use super::Cli;
-
-    type Running = Option<(
-        CancellationToken,
-        JoinHandle<Result<device_sim::runner::SimReport, device_sim::runner::SimError>>,
-    )>;
-
-    pub(super) fn start(cli: &Cli, endpoint: &MqttEndpoint) -> Running {
-        if cli.simulate == 0 {
-            return None;
+/// The [`port_taken`] message when the embedded broker could not bind a port that is in use.
+fn broker_port_taken(err: &bridge::BridgeError) -> Option<String> {
+    use broker::{BrokerError, Listener};
+    let bridge::BridgeError::Broker(err) = err else {
+        return None;
+    };
+    let (what, addr, source) = match err {
+        BrokerError::Bind {
+            listener,
+            addr,
+            source,
+        } => (*listener, addr, source),
+        BrokerError::BindTls { addr, source, .. } => {
+            let how = "listen_tls / listen_tls_v5 in the [broker] table of the configuration file";
+            return (source.kind() == std::io::ErrorKind::AddrInUse)
+                .then(|| port_taken("MQTT over TLS", *addr, how));
         }
-        let config = device_sim::runner::SimConfig {
-            vehicles: cli.simulate,
-            broker_host: endpoint.host.clone(),
-            broker_port: endpoint.port,
-            rate_hz: cli.sim_rate,
-            ..device_sim::runner::SimConfig::default()
-        };
-        let stop = CancellationToken::new();
-        let cancelled = stop.clone().cancelled_owned();
-        let task = tokio::spawn(async move { device_sim::runner::run(config, cancelled).await });
-        Some((stop, task))
+        _ => return None,
+    };
+    if source.kind() != std::io::ErrorKind::AddrInUse {
+        return None;
     }
-
-    pub(super) async fn stop(sim: Running) {
-        let Some((stop, task)) = sim else {
-            return;
-        };
-        stop.cancel();
-        match task.await {
-            Ok(Ok(report)) => tracing::info!(?report, "simulated vehicles stopped"),
-            Ok(Err(err)) => tracing::warn!(cause = %err, "simulator stopped with an error"),
-            Err(err) => tracing::warn!(cause = %err, "simulator task failed"),
-        }
-    }
+    Some(match what {
+        Listener::V4 => port_taken(
+            "MQTT",
+            *addr,
+            &format!("--mqtt-listen {}:PORT or FLEETBEAT_MQTT_LISTEN", addr.ip()),
+        ),
+        Listener::V5 => port_taken(
+            "MQTT 5",
+            *addr,
+            "listen_v5 in the [broker] table of the configuration file",
+        ),
+    })
 }
 
 /// Warns about secrets given on the command line, where every user of the machine sees them.

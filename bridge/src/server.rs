@@ -28,19 +28,21 @@ use tracing::{debug, error, info, warn};
 use crate::api::adapter::{RedisLink, SharedAdapter};
 use crate::api::https::{HttpsListener, ServerCertificate};
 use crate::api::limits::SocketGuard;
-use crate::api::{http, socket};
+use crate::api::{geofences, http, socket};
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::config::{BridgeConfig, MqttEndpoint, MqttTarget};
-use crate::domain::auth::{MetricsAccess, Tokens, parse_token_hash};
+use crate::domain::auth::{MetricsAccess, Role, Tokens, parse_token_hash};
 use crate::domain::fleet::{ClusterPort, Fleet};
 use crate::domain::{Hub, HubParts};
 use crate::error::BridgeError;
+use crate::geofence::{Geofences, StoreSite};
 use crate::ingest::acks;
 use crate::ingest::inbox::{Inbox, Parking};
 use crate::ingest::keys::DeviceKeys;
 use crate::ingest::mqtt::{self, Session};
 use crate::metrics::{Counter, Metrics};
 use crate::store::{HeartbeatSender, HeartbeatWriter, HeartbeatWriterOptions, Store, StoreOptions};
+use crate::view;
 use crate::view::emit::{self, Outlet};
 
 /// Closes every Socket.IO socket, whatever the adapter.
@@ -162,14 +164,21 @@ impl Bridge {
         let mut fleet = Fleet::new(config.stale);
         // With other bridges: the fleet cache's link to them (`cluster`), started in `launch`.
         let cluster = redis.is_some().then(|| fleet.cluster_port());
-        let hub = Arc::new(Hub::new(HubParts {
-            metrics: Arc::clone(&metrics),
-            tokens,
-            fleet,
-            store: store.clone(),
-            mqtt: client.clone(),
-            command_timeout: config.command_timeout,
-        }));
+        // Geofences: the stores' automatic fences now, the stored and drop-off ones in
+        // `geofence_task`.
+        let geofences = Arc::new(Geofences::new(config.geofences));
+        geofences.sync_stores(&store_sites(&tokens));
+        let hub = Arc::new(
+            Hub::new(HubParts {
+                metrics: Arc::clone(&metrics),
+                tokens,
+                fleet,
+                store: store.clone(),
+                mqtt: client.clone(),
+                command_timeout: config.command_timeout,
+            })
+            .with_geofences(geofences),
+        );
         // Socket.IO limits (issue 14): `api::limits`.
         let guard = Arc::new(SocketGuard::new(config.socketio.clone()));
         let builder = SocketIo::builder()
@@ -301,7 +310,12 @@ impl Bridge {
         tasks.spawn(key_wait.run(cancel.child_token()));
         tasks.spawn(writer.run(cancel.child_token()));
         tasks.spawn(releaser.run(cancel.child_token()));
-        tasks.spawn(assign_waiting(Arc::clone(&hub), cancel.child_token()));
+        tasks.spawn(assign_waiting(
+            Arc::clone(&hub),
+            io.clone(),
+            config.orders,
+            cancel.child_token(),
+        ));
         tasks.spawn(retention(
             Arc::clone(&hub),
             store.clone(),
@@ -328,6 +342,11 @@ impl Bridge {
             Session::Heartbeats,
             inbox,
             subscriptions.clone(),
+            cancel.child_token(),
+        ));
+        tasks.spawn(geofence_task(
+            io.clone(),
+            Arc::clone(&hub),
             cancel.child_token(),
         ));
         tasks.spawn(ticker(
@@ -703,7 +722,7 @@ fn tokens(config: &BridgeConfig, http_addr: SocketAddr) -> Result<Tokens, Bridge
         }
         warn!(
             "no tokens and no credentials file: DEMO MODE with the public tokens dispatch-demo, \
-             vendor-demo, admin-demo"
+             vendor-demo, vendor-demo-2, vendor-demo-3, admin-demo"
         );
         Tokens::new(&Tokens::demo_grants())?
     } else {
@@ -764,6 +783,54 @@ async fn ticker<A: Adapter>(
     }
 }
 
+/// How often the positions noted for the geofences are evaluated.
+const GEOFENCE_EVERY: Duration = Duration::from_millis(100);
+/// How often the geofences are brought in step with the store (custom fences other bridges
+/// changed, orders placed and ended).
+const GEOFENCE_SYNC_EVERY: Duration = Duration::from_secs(2);
+
+/// The configured stores with a location (vendor grants with `store`, `fleet` and
+/// `location`): the centres of the automatic store fences.
+fn store_sites(tokens: &Tokens) -> Vec<StoreSite> {
+    tokens
+        .grants()
+        .filter(|g| g.role == Role::Vendor)
+        .filter_map(|g| {
+            Some(StoreSite {
+                store: g.store.clone()?,
+                fleet: g.fleet.clone()?,
+                location: g.location?,
+            })
+        })
+        .collect()
+}
+
+/// Every [`GEOFENCE_EVERY`]: evaluates the positions noted since (`Hub::record`) and emits
+/// the `geofence` events they cause; every [`GEOFENCE_SYNC_EVERY`]: reloads the custom fences
+/// and the open orders' drop-offs from the store.
+async fn geofence_task<A: Adapter>(io: SocketIo<A>, hub: Arc<Hub>, cancel: CancellationToken) {
+    let mut evaluate = tokio::time::interval(GEOFENCE_EVERY);
+    evaluate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut sync = tokio::time::interval(GEOFENCE_SYNC_EVERY);
+    sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = sync.tick() => match geofences::sync_from_store(&hub).await {
+                Ok(0) => {}
+                Ok(changed) => debug!(changed, "geofences in step with the store"),
+                Err(err) => warn!(cause = %err, "cannot reload the geofences from the store"),
+            },
+            _ = evaluate.tick() => {
+                let transitions = hub.geofences().evaluate();
+                if !transitions.is_empty() {
+                    view::geofence::transitions(&io, hub.metrics(), &transitions).await;
+                }
+            }
+        }
+    }
+}
+
 /// How often retention runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
@@ -812,23 +879,51 @@ async fn expire_parked(store: &Store, metrics: &Metrics, retention: Duration) {
 /// How often waiting orders are offered to vehicles again.
 const ASSIGN_EVERY: Duration = Duration::from_secs(1);
 
-/// Every [`ASSIGN_EVERY`]: offers orders that found no vehicle to the vehicles free now.
-async fn assign_waiting(hub: Arc<Hub>, cancel: CancellationToken) {
-    let mut ticks = tokio::time::interval(ASSIGN_EVERY);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => break,
-            _ = ticks.tick() => {}
+/// The orders' task, two loops side by side: every [`ASSIGN_EVERY`], takes back orders stuck
+/// on a vehicle offline longer than `orders.reoffer_after` and offers every order without a
+/// vehicle to the vehicles free now; and, as they come, emits each order's state changes
+/// (the hub's order-change channel) as `order` events, in commit order.
+async fn assign_waiting<A: Adapter>(
+    hub: Arc<Hub>,
+    io: SocketIo<A>,
+    orders: crate::config::OrderOptions,
+    cancel: CancellationToken,
+) {
+    let offer = async {
+        let mut ticks = tokio::time::interval(ASSIGN_EVERY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
+            let attempt = tokio::select! {
+                () = cancel.cancelled() => break,
+                attempt = async {
+                    hub.reoffer_stranded(orders.reoffer_after).await?;
+                    hub.assign_waiting().await
+                } => attempt,
+            };
+            if let Err(err) = attempt {
+                warn!(cause = %err, "could not offer waiting orders");
+            }
         }
-        let attempt = tokio::select! {
-            () = cancel.cancelled() => break,
-            attempt = hub.assign_waiting() => attempt,
+    };
+    let emit = async {
+        let Some(mut changes) = hub.take_order_changes() else {
+            return;
         };
-        if let Err(err) = attempt {
-            warn!(cause = %err, "could not offer waiting orders");
+        loop {
+            let change = tokio::select! {
+                () = cancel.cancelled() => break,
+                change = changes.recv() => change,
+            };
+            let Some(view) = change else { break };
+            let event = crate::view::order::changed(&view, crate::clock::now_ms());
+            crate::view::emit::order(&io, hub.metrics(), (&view.fleet, &view.store), &event).await;
         }
-    }
+    };
+    tokio::join!(offer, emit);
 }
 
 /// Runs the bridge until `shutdown` resolves, then stops it gracefully; or until the embedded

@@ -238,6 +238,11 @@ fn command(cmd: &Command) -> Value {
             "pickup": position(pickup),
             "dropoff": position(dropoff),
         }),
+        CommandKind::CancelOrder { order } => json!({
+            "id": cmd.id,
+            "command": "cancel-order",
+            "order": order.as_str(),
+        }),
     }
 }
 

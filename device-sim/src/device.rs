@@ -80,7 +80,7 @@ const CHARGE_PCT_PER_MIN: f32 = 2.0;
 /// A vehicle that went to the depot to recharge by itself drives off again at this charge.
 const RECHARGED_PCT: f32 = 95.0;
 /// How long a parcel handover at the vendor or the customer takes, in milliseconds.
-const HANDOVER_MS: core::ops::Range<u32> = 45_000..120_000;
+const HANDOVER_MS: core::ops::Range<u32> = 10_000..30_000;
 
 /// Who a device is and where it drives.
 #[derive(Debug, Clone, PartialEq)]
@@ -521,6 +521,9 @@ impl Device {
     ///   delivery, or while the [`Outbox`] has no room for the order's
     ///   [`EVENTS_PER_ORDER`] events (a long time offline); `Invalid` if pickup or drop-off
     ///   lies outside the service area.
+    /// - `CancelOrder`: `Ok` and the vehicle drops the delivery of that order and cruises
+    ///   again (events already reported stay in the [`Outbox`]); `Invalid` if it is not
+    ///   delivering that order.
     pub fn handle_command(&mut self, command: &Command) -> CommandAck {
         let result = match &command.kind {
             CommandKind::Ping => AckResult::Ok,
@@ -531,6 +534,7 @@ impl Device {
                 pickup,
                 dropoff,
             } => self.assign_order(order, *pickup, *dropoff),
+            CommandKind::CancelOrder { order } => self.cancel_order(order),
         };
         CommandAck {
             id: command.id,
@@ -585,6 +589,18 @@ impl Device {
         self.driver.set_goal(Some(pickup));
         self.driver.resume();
         AckResult::Ok
+    }
+
+    fn cancel_order(&mut self, order: &OrderId) -> AckResult {
+        match &self.mission {
+            Mission::Delivery(delivery) if delivery.order == *order => {
+                self.mission = Mission::Cruising;
+                self.driver.set_goal(None);
+                self.driver.resume();
+                AckResult::Ok
+            }
+            _ => AckResult::Invalid,
+        }
     }
 
     /// One [`STEP_MS`] of driving, battery and mission.

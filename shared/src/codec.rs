@@ -202,6 +202,13 @@ mod tests {
                 1, 0xac, 0x02, 3, 5, b'o', b'r', b'd', b'-', b'1', 20, 19, 0, 0x80, 0x01,
             ],
         );
+        golden(
+            &Command {
+                id: 10,
+                kind: CommandKind::CancelOrder { order: order() },
+            },
+            &[1, 10, 4, 5, b'o', b'r', b'd', b'-', b'1'],
+        );
     }
 
     #[test]
@@ -286,6 +293,7 @@ mod tests {
         ) {
             roundtrip(&Command { id, kind: CommandKind::AssignOrder { order, pickup, dropoff } });
             roundtrip(&Command { id, kind: CommandKind::SetRate { interval_ms } });
+            roundtrip(&Command { id, kind: CommandKind::CancelOrder { order: OrderId::new("o-1").expect("valid") } });
             roundtrip(&CommandAck { id, result: AckResult::Busy });
         }
 

@@ -215,6 +215,13 @@ pub enum CommandKind {
         /// Where the parcel goes (the customer).
         dropoff: Position,
     },
+    /// Drop the delivery of `order`: it was cancelled or given to another vehicle. The
+    /// vehicle stops where it is and cruises again; it acks `Ok`, or `Invalid` if it is not
+    /// delivering that order. Appended last: the variants before it keep their bytes.
+    CancelOrder {
+        /// The order to drop.
+        order: OrderId,
+    },
 }
 
 /// A command from a dispatcher to one vehicle. Published at QoS 1.

@@ -5,8 +5,13 @@
 //! - `GET /api/vehicles/{id}`: one vehicle.
 //! - `POST /api/vehicles/{id}/commands` with `{"type": "ping" | "set_rate" | "return_to_depot",
 //!   "interval_ms"?}`: sends the command and answers with the vehicle's ack.
-//! - `GET /api/vehicles/{id}/track?from=&to=&format=json|geojson`: stored heartbeats.
-//! - `POST /api/orders` (vendor token) and `GET /api/orders/{id}`: orders and their timeline.
+//! - `GET /api/vehicles/{id}/track?from=&to=&format=json|geojson|gpx|csv`: stored heartbeats.
+//! - `POST /api/orders` (a vendor token; a dispatcher or admin token with `"store"`, on the
+//!   store's behalf), `GET /api/orders?state=a,b&vehicle=&store=&limit=` (newest first) and
+//!   `GET /api/orders/{id}` (with its timeline): orders, within the token's scope.
+//! - `POST /api/orders/{id}/cancel`, `POST /api/orders/{id}/assign` `{vehicle}` (dispatcher
+//!   or admin): cancel (vendors too, before pickup), reassign before pickup.
+//! - `GET /api/stores`: the configured vendor stores within the token's scope.
 //!
 //! Errors are JSON `{"error": "..."}` with a fitting status code.
 
@@ -34,7 +39,8 @@ use crate::domain::Hub;
 use crate::domain::auth::{AuthError, Entrance, Grant, MetricsRefusal, Role};
 use crate::domain::command::{CommandError, CommandRequest};
 use crate::domain::delivery::{OrderError, OrderRequest};
-use crate::store::StoreError;
+use crate::domain::order::OrderState;
+use crate::store::{HeartbeatRow, OrderFilter, StoreError};
 use crate::view::order;
 use crate::view::vehicle::{VehicleView, command_answer, track, track_geojson};
 
@@ -88,8 +94,12 @@ pub(crate) fn router<A: Adapter>(
         .route("/api/vehicles/{id}", get(get_vehicle))
         .route("/api/vehicles/{id}/commands", post(post_command))
         .route("/api/vehicles/{id}/track", get(get_track))
-        .route("/api/orders", post(post_order::<A>))
+        .route("/api/orders", get(list_orders).post(post_order::<A>))
         .route("/api/orders/{id}", get(get_order))
+        .route("/api/orders/{id}/cancel", post(cancel_order))
+        .route("/api/orders/{id}/assign", post(assign_order))
+        .route("/api/stores", get(list_stores))
+        .merge(super::geofences::routes())
         .with_state(state)
         .merge(web::routes(page))
         .layer(socketio)
@@ -189,6 +199,10 @@ impl From<OrderError> for ApiError {
         match err {
             OrderError::Invalid(_) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, err.to_string()),
             OrderError::NotVendor => Self::new(StatusCode::FORBIDDEN, err.to_string()),
+            OrderError::UnknownOrder | OrderError::UnknownStore | OrderError::UnknownVehicle => {
+                Self::new(StatusCode::NOT_FOUND, err.to_string())
+            }
+            OrderError::Conflict(_) => Self::new(StatusCode::CONFLICT, err.to_string()),
             OrderError::Store(StoreError::OrderConflict { .. }) => {
                 Self::new(StatusCode::CONFLICT, err.to_string())
             }
@@ -199,19 +213,12 @@ impl From<OrderError> for ApiError {
 
 /// The API for dispatchers and operators: vehicles and their commands.
 struct Watchers;
-/// The API for vendors: placing orders.
-struct Stores;
 /// The API for every client: reading an order.
 struct Clients;
 
 impl Entrance for Watchers {
     const NAME: &'static str = "/api";
     const ROLES: &'static [Role] = &[Role::Dispatcher, Role::Admin];
-}
-
-impl Entrance for Stores {
-    const NAME: &'static str = "/api";
-    const ROLES: &'static [Role] = &[Role::Vendor];
 }
 
 impl Entrance for Clients {
@@ -340,13 +347,14 @@ async fn post_command(
     Ok(Json(command_answer(command_id, result)))
 }
 
-/// `POST /api/orders` (vendor token): places an order like `pickup` on `/vendor`.
+/// `POST /api/orders`: places an order like `pickup` on `/vendor`: a vendor for its store, a
+/// dispatcher or an admin for the store it names (`"store"`, of a fleet it may see).
 async fn post_order<A: Adapter>(
     State(state): State<HttpState<A>>,
     headers: HeaderMap,
     body: Result<Json<OrderRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let grant = grant::<Stores>(&state.hub, &headers)?;
+    let grant = grant::<Clients>(&state.hub, &headers)?;
     let Json(request) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let placed = place_and_announce(&state.hub, &state.io, None, &grant, &request).await?;
     let status = if placed.created {
@@ -374,6 +382,113 @@ async fn get_order(
     Ok(Json(order::order(&view)))
 }
 
+/// The most orders `GET /api/orders` answers with at once, and its default.
+const ORDERS_MAX: u32 = 1000;
+const ORDERS_DEFAULT: u32 = 200;
+
+/// The query of `GET /api/orders`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrdersQuery {
+    /// Comma-separated state names.
+    state: Option<String>,
+    /// A vehicle id.
+    vehicle: Option<String>,
+    /// A store id.
+    store: Option<String>,
+    /// At most this many (default 200, at most 1000).
+    limit: Option<u32>,
+}
+
+/// `GET /api/orders?state=a,b&vehicle=V&store=S&limit=N`: `{orders: [...]}`, newest first,
+/// within the caller's scope (a vendor: its store's; a dispatcher: its fleets').
+async fn list_orders(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    query: Result<Query<OrdersQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let grant = grant::<Clients>(&hub, &headers)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let states = q
+        .state
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::parse::<OrderState>)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::bad_request)?;
+    let vehicle = q.vehicle.as_deref().map(vehicle_id).transpose()?;
+    let filter = OrderFilter {
+        fleets: None,
+        store: q.store,
+        states,
+        vehicle,
+        limit: q.limit.unwrap_or(ORDERS_DEFAULT).min(ORDERS_MAX),
+    };
+    let orders = hub.list_orders(&grant, filter).await?;
+    Ok(Json(
+        json!({ "orders": orders.iter().map(order::summary).collect::<Vec<_>>() }),
+    ))
+}
+
+fn order_id(raw: &str) -> Result<OrderId, ApiError> {
+    OrderId::new(raw).map_err(|e| ApiError::bad_request(format!("invalid order id: {e}")))
+}
+
+/// `POST /api/orders/{id}/cancel`: the order, cancelled, with `vehicle_ack` (what the vehicle
+/// that held it answered to `CancelOrder`; null if none held it).
+async fn cancel_order(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let grant = grant::<Clients>(&hub, &headers)?;
+    let id = order_id(&id)?;
+    let outcome = hub.cancel_order(&grant, &id).await?;
+    let mut body = order::summary(&outcome.order);
+    body["vehicle_ack"] = json!(outcome.vehicle_ack);
+    Ok(Json(body))
+}
+
+/// The body of `POST /api/orders/{id}/assign`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssignRequest {
+    /// The vehicle to give the order to.
+    vehicle: String,
+}
+
+/// `POST /api/orders/{id}/assign` `{vehicle}` (dispatcher or admin): gives the order, not yet
+/// picked up, to that vehicle; 409 if it cannot (the order then waits for a vehicle).
+async fn assign_order(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<AssignRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let grant = grant::<Watchers>(&hub, &headers)?;
+    let id = order_id(&id)?;
+    let Json(request) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let vehicle = vehicle_id(&request.vehicle)?;
+    let view = hub.reassign(&grant, &id, &vehicle).await?;
+    Ok(Json(order::summary(&view)))
+}
+
+/// `GET /api/stores`: `{stores: [{store, fleet, lat, lon}]}`, the configured vendor stores
+/// the caller may see (a vendor: its own).
+async fn list_stores(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let grant = grant::<Clients>(&hub, &headers)?;
+    let stores = hub.stores(&grant);
+    Ok(Json(
+        json!({ "stores": stores.iter().map(order::store).collect::<Vec<_>>() }),
+    ))
+}
+
 /// The query of `GET /api/vehicles/{id}/track`.
 #[derive(Debug, Deserialize)]
 struct TrackQuery {
@@ -381,14 +496,14 @@ struct TrackQuery {
     from: Option<u64>,
     /// To, ms since the Unix epoch; default now.
     to: Option<u64>,
-    /// `json` (default) or `geojson`.
+    /// `json` (default), `geojson`, `gpx` or `csv`.
     format: Option<String>,
     /// At most this many points (default and maximum 10 000).
     limit: Option<u32>,
 }
 
-/// `GET /api/vehicles/{id}/track?from=&to=&format=json|geojson`: the stored heartbeats of a
-/// vehicle in time order.
+/// `GET /api/vehicles/{id}/track?from=&to=&format=json|geojson|gpx|csv`: the stored
+/// heartbeats of a vehicle in time order; GPX and CSV as a download (`Content-Disposition`).
 async fn get_track(
     State(hub): State<Arc<Hub>>,
     headers: HeaderMap,
@@ -417,8 +532,49 @@ async fn get_track(
             Json(track_geojson(&id, &rows)),
         )
             .into_response()),
+        "gpx" => Ok(track_download(
+            "application/gpx+xml",
+            &track_file_name(&id, &q, &rows, "gpx"),
+            HeartbeatRow::gpx(&id, &rows),
+        )),
+        "csv" => Ok(track_download(
+            "text/csv; charset=utf-8",
+            &track_file_name(&id, &q, &rows, "csv"),
+            HeartbeatRow::csv(&rows),
+        )),
         other => Err(ApiError::bad_request(format!(
-            "format {other:?}: expected json or geojson"
+            "format {other:?}: expected json, geojson, gpx or csv"
         ))),
     }
+}
+
+/// `{vehicle}-{from}-{to}.{ext}`: the window asked for, or where the track starts and ends
+/// when a bound was left out (vehicle ids are `[A-Za-z0-9_.-]`: safe in a header).
+fn track_file_name(
+    vehicle: &VehicleId,
+    q: &TrackQuery,
+    rows: &[HeartbeatRow],
+    ext: &str,
+) -> String {
+    let from = q
+        .from
+        .or_else(|| rows.first().map(|r| r.ts_ms))
+        .unwrap_or(0);
+    let to =
+        q.to.or_else(|| rows.last().map(|r| r.ts_ms))
+            .unwrap_or(from);
+    format!("{vehicle}-{from}-{to}.{ext}")
+}
+
+/// A track export: `body` as `content_type`, to be saved as `file_name`.
+fn track_download(content_type: &'static str, file_name: &str, body: String) -> Response {
+    let disposition = format!("attachment; filename=\"{file_name}\"");
+    (
+        [
+            (header::CONTENT_TYPE, content_type.to_owned()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        body,
+    )
+        .into_response()
 }

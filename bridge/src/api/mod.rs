@@ -5,10 +5,12 @@
 //! - [`adapter`]: the reconnecting Redis link of the Socket.IO adapter of several bridges.
 //! - [`https`]: the TLS listener for HTTPS and WSS, and its reloaded certificate.
 //! - [`http`]: the axum router (`/healthz`, `/readyz`, `/metrics`, `/api`, Socket.IO).
+//! - [`geofences`]: the geofence API (`/api/geofences`) and the sync of fences with the store.
 //! - [`limits`]: the Socket.IO abuse limits, their settings and counters.
 //! - [`web`]: the dispatcher page at `/` (embedded assets, `/config.json`).
 
 pub(crate) mod adapter;
+pub(crate) mod geofences;
 pub(crate) mod http;
 pub(crate) mod https;
 pub(crate) mod limits;

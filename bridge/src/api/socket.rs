@@ -498,8 +498,9 @@ async fn on_vendor_join<A: Adapter>(
     reply(ack, result);
 }
 
-/// Places `request` for the vendor `grant` and announces it as `pickup` to the dispatchers
-/// of the vendor's fleet and to the store's other sockets (not `sender`, when it comes from a
+/// Places `request` for `grant` (a vendor; a dispatcher or an admin on a store's behalf) and
+/// announces it as `pickup` to the dispatchers of the store's fleet and to the store's other
+/// sockets (not `sender`, when it comes from a
 /// socket: the sender gets the answer); `Ok` is the answer to the vendor.
 ///
 /// # Errors
@@ -512,12 +513,16 @@ pub(crate) async fn place_and_announce<A: Adapter>(
     request: &OrderRequest,
 ) -> Result<crate::domain::delivery::Placed, crate::domain::delivery::OrderError> {
     let placed = hub.place_order(grant, request).await?;
-    // `place_order` succeeds for vendors with a store and a fleet only.
-    if let (Some(store), Some(fleet)) = (&grant.store, &grant.fleet) {
-        let announced = order::pickup(store, request, &placed, now_ms());
-        let room = vendor_room(store);
-        emit::pickup(io, hub.metrics(), (fleet, &room), sender, &announced).await;
-    }
+    let announced = order::pickup(&placed.store, request, &placed, now_ms());
+    let room = vendor_room(&placed.store);
+    emit::pickup(
+        io,
+        hub.metrics(),
+        (&placed.fleet, &room),
+        sender,
+        &announced,
+    )
+    .await;
     Ok(placed)
 }
 

@@ -397,32 +397,46 @@ impl Tokens {
         }
     }
 
-    /// The demo tokens, used only in demo mode (no credentials file and no tokens).
+    /// The demo tokens, used only in demo mode (no credentials file and no tokens):
+    /// `dispatch-demo` (every fleet), `admin-demo`, and three stores of fleet `demo` at
+    /// intersections of the simulator's street grid around 52.52° N 13.405° E (its default
+    /// centre): `vendor-demo` (`store-1`, at the centre), `vendor-demo-2` (`store-2`, 600 m
+    /// east and 400 m north) and `vendor-demo-3` (`store-3`, 400 m west and 600 m south).
     pub(crate) fn demo_grants() -> Vec<TokenGrant> {
-        let grant =
-            |token: &str, role, fleets: &[&str], store: Option<&str>, fleet: Option<&str>| {
-                TokenGrant {
-                    token_sha256: None,
-                    token: Some(token.into()),
-                    role,
-                    fleets: fleets.iter().map(|f| (*f).to_owned()).collect(),
-                    store: store.map(str::to_owned),
-                    fleet: fleet.map(str::to_owned),
-                    name: Some(format!("demo-{role:?}").to_lowercase()),
-                    // The demo store sits at the simulator's default city centre.
-                    location: store.map(|_| [52.52, 13.405]),
-                }
-            };
+        let grant = |token: &str, name: &str, role, fleets: &[&str]| TokenGrant {
+            token_sha256: None,
+            token: Some(token.into()),
+            role,
+            fleets: fleets.iter().map(|f| (*f).to_owned()).collect(),
+            store: None,
+            fleet: None,
+            name: Some(name.into()),
+            location: None,
+        };
+        // Exactly on the grid's intersections (the simulator's `StreetGrid::position`), so
+        // that a pickup is where the vehicles stop.
+        let store = |token: &str, name: &str, store: &str, location: [f64; 2]| TokenGrant {
+            store: Some(store.into()),
+            fleet: Some("demo".into()),
+            location: Some(location),
+            ..grant(token, name, Role::Vendor, &[])
+        };
         vec![
-            grant("dispatch-demo", Role::Dispatcher, &["*"], None, None),
-            grant(
-                "vendor-demo",
-                Role::Vendor,
-                &[],
-                Some("store-1"),
-                Some("demo"),
+            grant("dispatch-demo", "demo-dispatcher", Role::Dispatcher, &["*"]),
+            store("vendor-demo", "demo-vendor", "store-1", [52.52, 13.405]),
+            grant("admin-demo", "demo-admin", Role::Admin, &[]),
+            store(
+                "vendor-demo-2",
+                "demo-vendor-2",
+                "store-2",
+                [52.523_457_4, 13.413_711_8],
             ),
-            grant("admin-demo", Role::Admin, &[], None, None),
+            store(
+                "vendor-demo-3",
+                "demo-vendor-3",
+                "store-3",
+                [52.514_518, 13.399_386_7],
+            ),
         ]
     }
 }

@@ -6,6 +6,17 @@
 //! position and hold no undelivered order, the nearest to the pickup point (great-circle
 //! distance) is asked first; a vehicle that answers `busy`, `invalid` or nothing is skipped,
 //! up to [`MAX_CANDIDATES`]. An order nobody accepts stays `created`.
+//!
+//! Dispatchers and admins may cancel an order (vendors: their own, before pickup) and
+//! reassign it before pickup to a vehicle they choose; a vehicle that loses an order is sent
+//! `CancelOrder`. An order assigned to a vehicle that stays offline longer than
+//! `[orders] reoffer_after_ms` is taken back and offered again ([`Hub::reoffer_stranded`]).
+//!
+//! Every change of an order's state (placed, assigned, unassigned, each delivery step,
+//! cancelled) is handed, with the order as it is then, to the hub's order-change channel, in
+//! the order the changes were committed; the server emits each as an `order` event.
+
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -14,13 +25,19 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use super::auth::{Grant, Role};
+use super::command::CommandError;
 use super::fleet::Liveness;
 use super::hub::Hub;
 use super::order::{EventFlag, OrderState};
-use crate::store::{ClientId, Enqueued, NewOrder, OrderView, StoreError, WaitingOrder};
+use crate::store::{
+    ClientId, Enqueued, NewOrder, OrderFilter, OrderView, StoreError, WaitingOrder,
+};
 
 /// How many vehicles are asked before an order is left unassigned.
 const MAX_CANDIDATES: usize = 3;
+
+/// At most this many vehicles wait to be told again that an order is no longer theirs.
+const MAX_STRAYS: usize = 1024;
 
 /// This process's name as the holder of order offer claims (`Store::claim_offer`): random,
 /// so that two bridges never share it, whatever their configuration.
@@ -52,6 +69,21 @@ pub(crate) struct OrderRequest {
     pub(crate) pickup_lat: Option<f64>,
     /// Pickup longitude (defaults to the store's location).
     pub(crate) pickup_lon: Option<f64>,
+    /// The store the order is for: required when a dispatcher or an admin places it on the
+    /// store's behalf; a vendor may only name its own.
+    #[serde(default)]
+    pub(crate) store: Option<String>,
+}
+
+/// A store as `GET /api/stores` lists it: a configured vendor store.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoreInfo {
+    /// The store id.
+    pub(crate) store: String,
+    /// The fleet delivering its orders.
+    pub(crate) fleet: FleetId,
+    /// Where it is, `[lat, lon]` in degrees (the default pickup point), if configured.
+    pub(crate) location: Option<[f64; 2]>,
 }
 
 /// Why an order could not be placed.
@@ -60,9 +92,22 @@ pub(crate) enum OrderError {
     /// The request is malformed.
     #[error("invalid order: {0}")]
     Invalid(String),
-    /// Only vendors place orders.
+    /// Only vendors place orders (and dispatchers or admins on a store's behalf).
     #[error("only a vendor token can place orders")]
     NotVendor,
+    /// No such order, or not one the caller may see: the same answer, so that it does not
+    /// tell which order ids exist.
+    #[error("unknown order")]
+    UnknownOrder,
+    /// No such configured store, or not one the caller may see.
+    #[error("unknown store")]
+    UnknownStore,
+    /// No such vehicle, or not one the caller may see.
+    #[error("unknown vehicle")]
+    UnknownVehicle,
+    /// The order's state (or the vehicle's) does not allow it now.
+    #[error("{0}")]
+    Conflict(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -79,6 +124,20 @@ pub(crate) struct Placed {
     pub(crate) vehicle: Option<VehicleId>,
     /// Its state.
     pub(crate) state: OrderState,
+    /// The store it is for.
+    pub(crate) store: String,
+    /// The fleet delivering it.
+    pub(crate) fleet: FleetId,
+}
+
+/// What became of a cancellation.
+#[derive(Debug, Clone)]
+pub(crate) struct CancelOutcome {
+    /// The order as it is now (cancelled).
+    pub(crate) order: OrderView,
+    /// What the vehicle that held it answered to `CancelOrder` (`ok`, `busy`, `invalid`,
+    /// `unsupported`, or `timeout`, `offline`, `unsent`), if a vehicle held it.
+    pub(crate) vehicle_ack: Option<&'static str>,
 }
 
 /// Who a delivery event is for.
@@ -124,10 +183,7 @@ impl Hub {
         grant: &Grant,
         request: &OrderRequest,
     ) -> Result<Placed, OrderError> {
-        let (Role::Vendor, Some(store), Some(fleet)) = (grant.role, &grant.store, &grant.fleet)
-        else {
-            return Err(OrderError::NotVendor);
-        };
+        let (store, fleet, location) = self.placing_store(grant, request.store.as_deref())?;
         let order = OrderId::new(&request.order)
             .map_err(|e| OrderError::Invalid(format!("order id: {e}")))?;
         if request.customer.trim().is_empty() || request.customer.len() > 200 {
@@ -136,7 +192,7 @@ impl Hub {
             ));
         }
         let dropoff = position(request.lat, request.lon)?;
-        let pickup = match (request.pickup_lat, request.pickup_lon, grant.location) {
+        let pickup = match (request.pickup_lat, request.pickup_lon, location) {
             (Some(lat), Some(lon), _) => position(lat, lon)?,
             (None, None, Some([lat, lon])) => position(lat, lon)?,
             _ => {
@@ -157,12 +213,17 @@ impl Hub {
             })
             .await?;
         // A retry of an order that got a vehicle, or went further, is not offered again.
+        if created.created {
+            self.order_changed(&order).await;
+        }
         if created.vehicle.is_some() || created.state != OrderState::Created {
             return Ok(Placed {
                 order,
                 created: created.created,
                 vehicle: created.vehicle,
                 state: created.state,
+                store,
+                fleet,
             });
         }
         let waiting = WaitingOrder {
@@ -182,7 +243,344 @@ impl Hub {
             created: created.created,
             vehicle,
             state,
+            store,
+            fleet,
         })
+    }
+
+    /// The store an order placed by `grant` is for, its fleet and location: a vendor's own
+    /// (`named` must be it, if given); for a dispatcher or an admin, the configured vendor
+    /// store `named`, of a fleet it may see.
+    fn placing_store(
+        &self,
+        grant: &Grant,
+        named: Option<&str>,
+    ) -> Result<(String, FleetId, Option<[f64; 2]>), OrderError> {
+        match grant.role {
+            Role::Vendor => {
+                let (Some(store), Some(fleet)) = (&grant.store, &grant.fleet) else {
+                    return Err(OrderError::NotVendor);
+                };
+                if named.is_some_and(|named| named != store) {
+                    return Err(OrderError::UnknownStore);
+                }
+                Ok((store.clone(), fleet.clone(), grant.location))
+            }
+            Role::Dispatcher | Role::Admin => {
+                let named = named.ok_or_else(|| {
+                    OrderError::Invalid("store needed: the store the order is for".into())
+                })?;
+                let info = self
+                    .stores(grant)
+                    .into_iter()
+                    .find(|s| s.store == named)
+                    .ok_or(OrderError::UnknownStore)?;
+                Ok((info.store, info.fleet, info.location))
+            }
+        }
+    }
+
+    /// The configured vendor stores `grant` may see (a vendor: its own; a dispatcher: those
+    /// of the fleets it may see; an admin: all), by store id, each once.
+    pub(crate) fn stores(&self, grant: &Grant) -> Vec<StoreInfo> {
+        let mut stores: Vec<StoreInfo> = Vec::new();
+        for g in self.tokens.grants().filter(|g| g.role == Role::Vendor) {
+            let (Some(store), Some(fleet)) = (&g.store, &g.fleet) else {
+                continue;
+            };
+            let visible = match grant.role {
+                Role::Vendor => grant.store.as_deref() == Some(store.as_str()),
+                Role::Dispatcher | Role::Admin => grant.may_see_fleet(fleet),
+            };
+            if !visible {
+                continue;
+            }
+            match stores.iter_mut().find(|s| &s.store == store) {
+                // Several tokens of one store: the first with a location tells where it is.
+                Some(known) => known.location = known.location.or(g.location),
+                None => stores.push(StoreInfo {
+                    store: store.clone(),
+                    fleet: fleet.clone(),
+                    location: g.location,
+                }),
+            }
+        }
+        stores.sort_by(|a, b| a.store.cmp(&b.store));
+        stores
+    }
+
+    /// Hands the order `id` as it is now to the order-change channel (the `order` event).
+    /// A read failure is logged: the change itself is committed.
+    pub(crate) async fn order_changed(&self, id: &OrderId) {
+        match self.store.order_summary(id).await {
+            Ok(Some(view)) => self.publish_order_change(view),
+            Ok(None) => warn!(order = %id, "a changed order is gone"),
+            Err(err) => {
+                warn!(order = %id, cause = %err, "cannot read a changed order for its event")
+            }
+        }
+    }
+
+    /// The orders `grant` may see that `filter` selects (its scope replaces the filter's
+    /// fleets; a vendor's store replaces the filter's store), newest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be read.
+    pub(crate) async fn list_orders(
+        &self,
+        grant: &Grant,
+        mut filter: OrderFilter,
+    ) -> Result<Vec<OrderView>, StoreError> {
+        match grant.role {
+            Role::Vendor => {
+                let Some(own) = &grant.store else {
+                    return Ok(Vec::new());
+                };
+                if filter.store.as_ref().is_some_and(|s| s != own) {
+                    return Ok(Vec::new());
+                }
+                filter.store = Some(own.clone());
+                filter.fleets = grant.fleet.clone().map(|f| vec![f]);
+            }
+            Role::Dispatcher | Role::Admin => filter.fleets = grant.fleets.clone(),
+        }
+        self.store.list_orders(&filter).await
+    }
+
+    /// Cancels the order `id` for `grant`: a vendor its own store's, before pickup; a
+    /// dispatcher or an admin any it may see, before delivery. Cancelling a cancelled order
+    /// answers it as it is. A vehicle that held the order is sent `CancelOrder` once the
+    /// cancellation is committed (it is cancelled whatever the vehicle answers).
+    ///
+    /// # Errors
+    /// [`OrderError::UnknownOrder`] (also outside the caller's scope),
+    /// [`OrderError::Conflict`] if it was delivered (or picked up, for a vendor),
+    /// [`OrderError::Store`].
+    pub(crate) async fn cancel_order(
+        &self,
+        grant: &Grant,
+        id: &OrderId,
+    ) -> Result<CancelOutcome, OrderError> {
+        self.order_for(grant, id)
+            .await?
+            .ok_or(OrderError::UnknownOrder)?;
+        let vendor = grant.role == Role::Vendor;
+        let rule = |state: OrderState| {
+            if vendor {
+                state.may_be_assigned()
+            } else {
+                !state.is_final()
+            }
+        };
+        let cancelled = match self.store.cancel_order(id, rule).await {
+            Ok(cancelled) => cancelled,
+            Err(StoreError::OrderUnderway { state, .. }) => {
+                let why = if vendor && state != OrderState::Delivered {
+                    format!("order is {state}: a store can cancel an order only before pickup")
+                } else {
+                    format!("order is {state}: it cannot be cancelled")
+                };
+                return Err(OrderError::Conflict(why));
+            }
+            Err(StoreError::UnknownOrder(_)) => return Err(OrderError::UnknownOrder),
+            Err(err) => return Err(err.into()),
+        };
+        if !cancelled.changed {
+            return Ok(CancelOutcome {
+                order: cancelled.order,
+                vehicle_ack: None,
+            });
+        }
+        info!(order = %id, by = %grant.name, holder = ?cancelled.holder, "order cancelled");
+        self.publish_order_change(cancelled.order.clone());
+        let vehicle_ack = match &cancelled.holder {
+            Some(vehicle) => Some(self.tell_cancelled(id, vehicle).await),
+            None => None,
+        };
+        Ok(CancelOutcome {
+            order: cancelled.order,
+            vehicle_ack,
+        })
+    }
+
+    /// Sends `vehicle` `CancelOrder` for `order` and waits for its answer: its name, or why
+    /// there is none (`timeout`, `offline`, `unknown-vehicle`, `unsent`).
+    async fn tell_cancelled(&self, order: &OrderId, vehicle: &VehicleId) -> &'static str {
+        let kind = CommandKind::CancelOrder {
+            order: order.clone(),
+        };
+        let answer = match self.command(&Grant::system(), vehicle, kind).await {
+            Ok((_, result)) => result.as_str(),
+            Err(CommandError::Timeout(_)) => "timeout",
+            Err(CommandError::Offline) => "offline",
+            Err(CommandError::UnknownVehicle) => "unknown-vehicle",
+            Err(CommandError::Invalid(_) | CommandError::Publish(_)) => "unsent",
+        };
+        info!(%order, %vehicle, answer, "vehicle told that the order is no longer its");
+        answer
+    }
+
+    /// Gives the order `id`, not yet picked up, to `vehicle` (dispatcher or admin `grant`):
+    /// the vehicle must be of the order's fleet, online and free. The vehicle that held it is
+    /// sent `CancelOrder` and the order goes back to `created`; then `vehicle` is sent
+    /// `AssignOrder`. If it refuses (or does not answer), the order stays `created` and is
+    /// offered again like any waiting order. Giving it to the vehicle that holds it changes
+    /// nothing.
+    ///
+    /// # Errors
+    /// [`OrderError::UnknownOrder`], [`OrderError::UnknownVehicle`] (also outside the
+    /// caller's scope), [`OrderError::Conflict`] (picked up already; the vehicle is of another
+    /// fleet, offline, busy, refused or silent), [`OrderError::Store`].
+    pub(crate) async fn reassign(
+        &self,
+        grant: &Grant,
+        id: &OrderId,
+        vehicle: &VehicleId,
+    ) -> Result<OrderView, OrderError> {
+        let view = self
+            .order_for(grant, id)
+            .await?
+            .ok_or(OrderError::UnknownOrder)?;
+        let target = self
+            .vehicle(vehicle)
+            .filter(|v| grant.may_see_fleet(&v.status.fleet))
+            .ok_or(OrderError::UnknownVehicle)?;
+        if !view.state.may_be_assigned() {
+            return Err(OrderError::Conflict(format!(
+                "order is {}: only an order not picked up yet can be reassigned",
+                view.state
+            )));
+        }
+        if view.state == OrderState::Assigned && view.vehicle.as_ref() == Some(vehicle) {
+            return Ok(view);
+        }
+        if target.status.fleet != view.fleet {
+            return Err(OrderError::Conflict(format!(
+                "vehicle {vehicle} is not of the order's fleet {}",
+                view.fleet
+            )));
+        }
+        if target.status.liveness != Liveness::Online {
+            return Err(OrderError::Conflict(format!(
+                "vehicle {vehicle} is not online"
+            )));
+        }
+        if self
+            .store
+            .busy_vehicles(&view.fleet)
+            .await?
+            .contains(vehicle)
+        {
+            return Err(OrderError::Conflict(format!(
+                "vehicle {vehicle} is busy with another order"
+            )));
+        }
+        // One assignment at a time, and this bridge's offer claim: nobody offers the order
+        // while it moves.
+        let _one_at_a_time = self.assigning.lock().await;
+        let holder = instance_id();
+        let round = self.command_timeout() * 3;
+        let until_ms = crate::clock::now_ms() + round.as_millis() as u64;
+        if !self.store.claim_offer(id, holder, until_ms).await? {
+            return Err(OrderError::Conflict(
+                "another bridge is offering the order right now; try again".into(),
+            ));
+        }
+        let moved = self.move_order(&view, vehicle).await;
+        if let Err(err) = self.store.release_offer(id, holder).await {
+            warn!(order = %id, cause = %err, "cannot release the order's offer claim (it lapses)");
+        }
+        moved
+    }
+
+    /// [`Hub::reassign`] once checked, holding the assignment lock and the offer claim.
+    async fn move_order(
+        &self,
+        view: &OrderView,
+        vehicle: &VehicleId,
+    ) -> Result<OrderView, OrderError> {
+        let id = &view.order;
+        if let (OrderState::Assigned, Some(old)) = (view.state, &view.vehicle)
+            && self.store.unassign(id, old).await?
+        {
+            info!(order = %id, from = %old, to = %vehicle, "order taken back for reassignment");
+            self.order_changed(id).await;
+            self.tell_cancelled(id, old).await;
+        }
+        let kind = CommandKind::AssignOrder {
+            order: id.clone(),
+            pickup: view.pickup,
+            dropoff: view.dropoff,
+        };
+        let refused = match self.command(&Grant::system(), vehicle, kind).await {
+            Ok((_, AckResult::Ok)) => match self.store.assign(id, vehicle).await {
+                Ok(()) => {
+                    info!(order = %id, %vehicle, "order reassigned");
+                    self.order_changed(id).await;
+                    return self
+                        .store
+                        .order_summary(id)
+                        .await?
+                        .ok_or(OrderError::UnknownOrder);
+                }
+                Err(err) => {
+                    // Cancelled meanwhile, or the vehicle took another order: it must drop it.
+                    self.tell_cancelled(id, vehicle).await;
+                    format!("the assignment was refused: {err}")
+                }
+            },
+            Ok((_, result)) => format!("vehicle {vehicle} answered {}", result.as_str()),
+            Err(err) => format!("vehicle {vehicle} did not take the order: {err}"),
+        };
+        info!(order = %id, %vehicle, why = %refused, "reassignment failed; the order waits to be offered again");
+        Err(OrderError::Conflict(format!(
+            "{refused}; the order waits for a vehicle"
+        )))
+    }
+
+    /// Takes back every order assigned to a vehicle that has not been online for `after`
+    /// (counted from when the bridge last heard from it, or from the assignment if that is
+    /// later, or if the bridge does not know the vehicle): the order goes back to `created`
+    /// and the waiting-orders task offers it to another vehicle. Returns how many. First
+    /// sends `CancelOrder` to the vehicles that reported events of an order taken from them
+    /// since the last call (noted by [`Hub::record_delivery`]).
+    ///
+    /// # Errors
+    /// [`StoreError`] if the orders cannot be read.
+    pub(crate) async fn reoffer_stranded(&self, after: Duration) -> Result<usize, StoreError> {
+        let strays = std::mem::take(
+            &mut *self
+                .strays
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for (order, vehicle) in strays {
+            info!(%order, %vehicle, "a vehicle still reports an order taken from it");
+            self.tell_cancelled(&order, &vehicle).await;
+        }
+        let now = crate::clock::now_ms();
+        let after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        let mut taken = 0;
+        for assigned in self.store.assigned_orders(256).await? {
+            let since = match self.vehicle(&assigned.vehicle) {
+                Some(v) if v.status.liveness == Liveness::Online => continue,
+                Some(v) => v.status.last_seen_ms.max(assigned.updated_ms),
+                None => assigned.updated_ms,
+            };
+            if now.saturating_sub(since) < after_ms {
+                continue;
+            }
+            if self
+                .store
+                .unassign(&assigned.order, &assigned.vehicle)
+                .await?
+            {
+                taken += 1;
+                warn!(order = %assigned.order, vehicle = %assigned.vehicle, offline_ms = now.saturating_sub(since), "order taken back from an offline vehicle, to be offered again");
+                self.order_changed(&assigned.order).await;
+            }
+        }
+        Ok(taken)
     }
 
     /// Offers every unassigned order (oldest first) to free vehicles once more; returns how
@@ -278,10 +676,16 @@ impl Hub {
                 Ok((_, AckResult::Ok)) => match self.store.assign(order, &vehicle).await {
                     Ok(()) => {
                         info!(%order, %vehicle, distance_m = distance as u64, "order assigned");
+                        self.order_changed(order).await;
                         return Ok(Some(vehicle));
                     }
                     Err(err) => {
-                        warn!(%order, %vehicle, cause = %err, "vehicle accepted but the assignment was refused")
+                        warn!(%order, %vehicle, cause = %err, "vehicle accepted but the assignment was refused");
+                        // It is driving for an order it does not hold (cancelled meanwhile).
+                        self.tell_cancelled(order, &vehicle).await;
+                        if matches!(err, StoreError::OrderUnderway { .. }) {
+                            return Ok(None);
+                        }
                     }
                 },
                 Ok((_, result)) => {
@@ -355,6 +759,40 @@ impl Hub {
         }
         if let Some(flag) = recorded.flag {
             warn!(vehicle = %topic.vehicle, order = %event.order, ?flag, "delivery event does not fit its order");
+        }
+        // A vehicle still delivering an order taken from it or cancelled (it was offline
+        // then, or missed the `CancelOrder`): it is told again, off this path.
+        let stray = match recorded.flag {
+            Some(EventFlag::CancelledOrder) => true,
+            Some(EventFlag::WrongVehicle) => self
+                .store
+                .was_assigned(&event.order, &topic.vehicle)
+                .await
+                .unwrap_or(false),
+            _ => false,
+        };
+        if stray {
+            let mut strays = self
+                .strays
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let entry = (event.order.clone(), topic.vehicle.clone());
+            if strays.len() < MAX_STRAYS && !strays.contains(&entry) {
+                strays.push(entry);
+            }
+        }
+        if recorded.advanced {
+            // The state this event moved the order to, even if another change followed.
+            match (self.store.order_summary(&event.order).await, recorded.state) {
+                (Ok(Some(mut view)), Some(state)) => {
+                    view.state = state;
+                    self.publish_order_change(view);
+                }
+                (Err(err), _) => {
+                    warn!(order = %event.order, cause = %err, "cannot read a changed order for its event");
+                }
+                _ => {}
+            }
         }
         info!(vehicle = %topic.vehicle, order = %event.order, kind = event.kind.as_str(), "delivery event recorded");
         Ok(recorded.messages)

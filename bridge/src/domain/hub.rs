@@ -10,14 +10,18 @@ use std::time::{Duration, Instant};
 
 use rumqttc::AsyncClient;
 use shared::{AckResult, CodecError, CommandAck, CommandKind, FleetId, Topic, VehicleId};
+use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::auth::{AuthError, Entrance, Grant, MetricsAccess, Tokens};
 use super::command::{CommandError, Commands, Completion};
 use super::fleet::{Fleet, Liveness, LivenessCounts, Report, TickNews, VehicleState};
 use crate::clock::now_ms;
+use crate::geofence::Geofences;
 use crate::metrics::{Counter, Metrics};
-use crate::store::{ClientId, HeartbeatRow, MessageId, QueuedMessage, Store, StoreError};
+use crate::store::{
+    ClientId, HeartbeatRow, MessageId, OrderView, QueuedMessage, Store, StoreError,
+};
 
 /// What a [`Hub`] is made of.
 pub(crate) struct HubParts {
@@ -46,12 +50,27 @@ pub(crate) struct Hub {
     /// Serializes order assignment (see `delivery`).
     pub(super) assigning: tokio::sync::Mutex<()>,
     fleet: Mutex<Fleet>,
+    /// Orders whose state changed, as they are after the change, in commit order: the
+    /// server emits each as an `order` event. Unbounded: a change is a committed write, far
+    /// rarer than what one emission costs, and none may be dropped.
+    order_changes: mpsc::UnboundedSender<OrderView>,
+    /// The receiving end, until the server takes it ([`Hub::take_order_changes`]).
+    order_changes_rx: Mutex<Option<mpsc::UnboundedReceiver<OrderView>>>,
+    /// Vehicles still reporting an order taken from them (reassigned, or re-offered while they
+    /// were offline), to be sent `CancelOrder` by the orders' task (see `delivery`).
+    pub(super) strays: Mutex<Vec<(shared::OrderId, VehicleId)>>,
+    /// Geofences: heartbeats are noted here on the MQTT path, evaluated by `server`'s task.
+    geofences: Arc<Geofences>,
 }
 
 impl Hub {
     /// Bundles the shared state.
     pub(crate) fn new(parts: HubParts) -> Self {
+        let (order_changes, order_changes_rx) = mpsc::unbounded_channel();
         Self {
+            order_changes,
+            order_changes_rx: Mutex::new(Some(order_changes_rx)),
+            strays: Mutex::new(Vec::new()),
             commands: Commands::new(
                 parts.mqtt,
                 parts.command_timeout,
@@ -62,7 +81,25 @@ impl Hub {
             store: parts.store,
             assigning: tokio::sync::Mutex::new(()),
             fleet: Mutex::new(parts.fleet),
+            geofences: Arc::new(Geofences::default()),
         }
+    }
+
+    /// The hub with `geofences` instead of the default (empty) ones.
+    #[must_use]
+    pub(crate) fn with_geofences(mut self, geofences: Arc<Geofences>) -> Self {
+        self.geofences = geofences;
+        self
+    }
+
+    /// The geofences.
+    pub(crate) fn geofences(&self) -> &Arc<Geofences> {
+        &self.geofences
+    }
+
+    /// The store itself, for the geofence API and its sync (`api::geofences`).
+    pub(crate) fn storage(&self) -> &Store {
+        &self.store
     }
 
     /// Locks the fleet cache. A poisoned lock (a panic elsewhere) is recovered: the cache holds
@@ -71,6 +108,23 @@ impl Hub {
         self.fleet
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The orders whose state changed, in commit order (see `delivery`): once, for the task
+    /// that emits them; `None` after.
+    pub(crate) fn take_order_changes(&self) -> Option<mpsc::UnboundedReceiver<OrderView>> {
+        self.order_changes_rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Hands an order as it is after a change to whoever emits order changes. Nobody
+    /// listening (no server, in unit tests) is not an error.
+    pub(super) fn publish_order_change(&self, view: OrderView) {
+        if self.order_changes.send(view).is_err() {
+            tracing::debug!("order change not emitted: nobody listens");
+        }
     }
 
     /// How long a command waits for the vehicle's ack.
@@ -109,7 +163,11 @@ impl Hub {
         counter: u64,
         report: Report<'_>,
     ) -> Result<(), CodecError> {
-        self.fleet().record(topic, counter, report)
+        self.fleet().record(topic, counter, report)?;
+        if let Report::Heartbeat(heartbeat) = report {
+            self.geofences.note(&topic.fleet, &topic.vehicle, heartbeat);
+        }
+        Ok(())
     }
 
     /// The state of one vehicle.

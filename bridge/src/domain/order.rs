@@ -1,7 +1,9 @@
 //! An order's life: its states, and how a delivery event moves it on.
 //!
 //! An order's state only moves forward: `created → assigned → picked-up → in-transit →
-//! delivered`. A delivery event is stored whatever it says; one that cannot move its order
+//! delivered`, or to `cancelled` from any state before `delivered` (who may cancel when is
+//! `delivery`'s rule). Before pickup an order may also go back from `assigned` to `created`
+//! (unassigned: reassigned, or re-offered because its vehicle went offline). A delivery event is stored whatever it says; one that cannot move its order
 //! (an unknown order, another vehicle's order, a step behind the order's state) is stored
 //! with an [`EventFlag`] saying why, never dropped. The store applies these rules inside its
 //! transactions ([`judge`], [`OrderState::may_be_assigned`]); `delivery` places and assigns
@@ -27,19 +29,24 @@ pub enum OrderState {
     InTransit,
     /// The customer has the parcel. The vehicle is free again.
     Delivered,
+    /// Cancelled (by its store, a dispatcher or an admin) before it was delivered. The vehicle
+    /// that held it, if any, is free again.
+    Cancelled,
 }
 
 impl OrderState {
     /// Every state, in the order of an order's life.
-    pub(crate) const ALL: [Self; 5] = [
+    pub(crate) const ALL: [Self; 6] = [
         Self::Created,
         Self::Assigned,
         Self::PickedUp,
         Self::InTransit,
         Self::Delivered,
+        Self::Cancelled,
     ];
 
-    /// The state's name: `created`, `assigned`, `picked-up`, `in-transit`, `delivered`.
+    /// The state's name: `created`, `assigned`, `picked-up`, `in-transit`, `delivered`,
+    /// `cancelled`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Created => "created",
@@ -47,6 +54,7 @@ impl OrderState {
             Self::PickedUp => "picked-up",
             Self::InTransit => "in-transit",
             Self::Delivered => "delivered",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -63,6 +71,11 @@ impl OrderState {
     /// not been picked up.
     pub(crate) fn may_be_assigned(self) -> bool {
         self <= Self::Assigned
+    }
+
+    /// Whether the order's life is over: `delivered` or `cancelled`. Nothing moves it any more.
+    pub(crate) fn is_final(self) -> bool {
+        matches!(self, Self::Delivered | Self::Cancelled)
     }
 }
 
@@ -83,16 +96,20 @@ pub enum EventFlag {
     /// The event jumps over a step whose event has not arrived (yet): the order moves to the
     /// event's state anyway.
     SkippedStep,
+    /// The order was cancelled: the event (from the vehicle that held it, reporting late or
+    /// before it heard of the cancellation) is kept, the order is not changed.
+    CancelledOrder,
 }
 
 impl EventFlag {
     /// Every flag.
-    pub(crate) const ALL: [Self; 5] = [
+    pub(crate) const ALL: [Self; 6] = [
         Self::UnknownOrder,
         Self::WrongVehicle,
         Self::OutOfOrder,
         Self::Repeated,
         Self::SkippedStep,
+        Self::CancelledOrder,
     ];
 
     /// Whether an event with this flag is suspect: it does not come from the vehicle holding
@@ -103,7 +120,7 @@ impl EventFlag {
     }
 
     /// The flag's name: `unknown-order`, `wrong-vehicle`, `out-of-order`, `repeated`,
-    /// `skipped-step`.
+    /// `skipped-step`, `cancelled-order`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::UnknownOrder => "unknown-order",
@@ -111,6 +128,7 @@ impl EventFlag {
             Self::OutOfOrder => "out-of-order",
             Self::Repeated => "repeated",
             Self::SkippedStep => "skipped-step",
+            Self::CancelledOrder => "cancelled-order",
         }
     }
 }
@@ -183,6 +201,9 @@ pub(crate) fn judge(
     if holder != Some(vehicle.as_str()) {
         return (Some(EventFlag::WrongVehicle), None);
     }
+    if state == OrderState::Cancelled {
+        return (Some(EventFlag::CancelledOrder), None);
+    }
     let target = OrderState::after(kind);
     if target == state {
         (Some(EventFlag::Repeated), None)
@@ -213,8 +234,19 @@ mod tests {
         let v: VehicleId = id("v-1");
         let mine = |state| Some((state, Some("v-1")));
         use DeliveryKind::{Delivered as D, InTransit as T, Pickup as P};
-        use OrderState::{Assigned, Created, Delivered, InTransit, PickedUp};
+        use OrderState::{Assigned, Cancelled, Created, Delivered, InTransit, PickedUp};
         assert_eq!(judge(mine(Assigned), &v, P), (None, Some(PickedUp)));
+        for kind in [P, T, D] {
+            assert_eq!(
+                judge(mine(Cancelled), &v, kind),
+                (Some(EventFlag::CancelledOrder), None),
+                "a cancelled order never moves"
+            );
+        }
+        assert_eq!(
+            judge(Some((Cancelled, Some("v-2"))), &v, P),
+            (Some(EventFlag::WrongVehicle), None)
+        );
         assert_eq!(judge(mine(PickedUp), &v, T), (None, Some(InTransit)));
         assert_eq!(judge(mine(InTransit), &v, D), (None, Some(Delivered)));
         assert_eq!(
@@ -252,9 +284,11 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        use EventFlag::{OutOfOrder, Repeated, SkippedStep, UnknownOrder, WrongVehicle};
-        use OrderState::{Assigned, Created, Delivered, InTransit, PickedUp};
-        let states = [Created, Assigned, PickedUp, InTransit, Delivered];
+        use EventFlag::{
+            CancelledOrder, OutOfOrder, Repeated, SkippedStep, UnknownOrder, WrongVehicle,
+        };
+        use OrderState::{Assigned, Cancelled, Created, Delivered, InTransit, PickedUp};
+        let states = [Created, Assigned, PickedUp, InTransit, Delivered, Cancelled];
         assert_names_round_trip(&states, OrderState::as_str);
         let flags = [
             UnknownOrder,
@@ -262,6 +296,7 @@ mod tests {
             OutOfOrder,
             Repeated,
             SkippedStep,
+            CancelledOrder,
         ];
         assert_names_round_trip(&flags, EventFlag::as_str);
         for kind in [
@@ -278,12 +313,14 @@ mod tests {
     #[test]
     fn only_events_not_from_the_holder_are_suspect() {
         let suspect: Vec<bool> = EventFlag::ALL.map(EventFlag::is_suspect).to_vec();
-        assert_eq!(suspect, [true, true, false, false, false]);
+        assert_eq!(suspect, [true, true, false, false, false, false]);
     }
 
     #[test]
     fn only_orders_not_picked_up_may_be_assigned() {
         let assignable: Vec<bool> = OrderState::ALL.map(OrderState::may_be_assigned).to_vec();
-        assert_eq!(assignable, [true, true, false, false, false]);
+        assert_eq!(assignable, [true, true, false, false, false, false]);
+        let last: Vec<bool> = OrderState::ALL.map(OrderState::is_final).to_vec();
+        assert_eq!(last, [false, false, false, false, true, true]);
     }
 }

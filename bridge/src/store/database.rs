@@ -465,13 +465,13 @@ mod tests {
                 "queue_by_client",
             ),
             (
-                "SELECT vehicle FROM orders \
-                 WHERE fleet = 'f' AND vehicle IS NOT NULL AND state <> 'delivered'",
+                "SELECT vehicle FROM orders WHERE fleet = 'f' AND vehicle IS NOT NULL \
+                 AND state NOT IN ('delivered', 'cancelled')",
                 "orders_open_by_vehicle",
             ),
             (
-                "SELECT order_id FROM orders \
-                 WHERE vehicle = 'v' AND state <> 'delivered' AND order_id <> 'o'",
+                "SELECT order_id FROM orders WHERE vehicle = 'v' \
+                 AND state NOT IN ('delivered', 'cancelled') AND order_id <> 'o'",
                 "orders_open_by_vehicle",
             ),
             (

@@ -17,6 +17,8 @@
 //! - `parked`: QoS 1 messages of vehicles without a key, parked after their wait
 //!   (`Store::park`, `Store::parked_of`, `Store::unpark`, `Store::expire_parked`).
 //! - `track`: the heartbeat history ([`Store::record_heartbeats`], `Store::track`).
+//! - `geofence`: custom geofences ([`StoredFence`], `Store::geofences`) and the drop-offs of
+//!   open orders ([`Store::open_dropoffs`]) that become automatic fences.
 //! - `writer`: `HeartbeatWriter`, a task that batches heartbeats off the MQTT path.
 //! - `health`: `StoreHealth`, whether the store can write, as its writes show it (for
 //!   `/readyz` and `/metrics`); [`StoreError::is_outage`] tells an outage from refused data.
@@ -33,6 +35,7 @@
 
 mod database;
 mod error;
+mod geofence;
 mod health;
 mod options;
 mod order;
@@ -50,10 +53,11 @@ pub use database::Store;
 #[cfg(test)]
 pub(crate) use database::in_memory;
 pub use error::StoreError;
+pub use geofence::{OpenOrderDropoff, StoredFence};
 pub(crate) use health::StoreHealth;
 pub use options::{StoreOptions, Synchronous};
 pub use order::{CreatedOrder, NewOrder, Recorded};
-pub(crate) use order::{OrderView, WaitingOrder};
+pub(crate) use order::{OrderFilter, OrderView, WaitingOrder};
 pub(crate) use parked::ParkedMessage;
 pub(crate) use queue::QueuedMessage;
 pub use queue::{ClientId, Enqueued, MessageId};

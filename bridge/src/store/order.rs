@@ -122,6 +122,48 @@ pub(crate) struct WaitingOrder {
     pub(crate) dropoff: Position,
 }
 
+/// What `GET /api/orders` asks for: orders within a scope, matching every filter given,
+/// newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OrderFilter {
+    /// Only orders of these fleets (`None`: every fleet). Empty: none.
+    pub(crate) fleets: Option<Vec<FleetId>>,
+    /// Only this store's orders.
+    pub(crate) store: Option<String>,
+    /// Only orders in one of these states (empty: any state).
+    pub(crate) states: Vec<OrderState>,
+    /// Only orders held (or last held) by this vehicle.
+    pub(crate) vehicle: Option<VehicleId>,
+    /// At most this many.
+    pub(crate) limit: u32,
+}
+
+/// The outcome of [`Store::cancel_order`]. Everything in it is committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Cancelled {
+    /// Whether this call cancelled it (`false`: it was cancelled before).
+    pub(crate) changed: bool,
+    /// The vehicle that was carrying it out (assigned, picked up or in transit) and must be
+    /// told; `None` if none was, or if it was cancelled before.
+    pub(crate) holder: Option<VehicleId>,
+    /// The order as it is now (without its timeline).
+    pub(crate) order: OrderView,
+}
+
+/// An order assigned to a vehicle that has not picked it up yet, as
+/// [`Store::assigned_orders`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AssignedOrder {
+    /// The order id.
+    pub(crate) order: OrderId,
+    /// The fleet that delivers it.
+    pub(crate) fleet: FleetId,
+    /// The vehicle it is assigned to.
+    pub(crate) vehicle: VehicleId,
+    /// When it last changed (its assignment), ms since the Unix epoch (bridge clock).
+    pub(crate) updated_ms: u64,
+}
+
 /// The outcome of [`Store::record_event`]. Everything in it is committed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recorded {
@@ -174,6 +216,35 @@ type EventRow = (String, i64, i64, String, i32, i32, Option<String>);
 const ORDER_COLUMNS: &str = "SELECT store, fleet, customer, pickup_lat_e7, pickup_lon_e7, dropoff_lat_e7, \
      dropoff_lon_e7, state, vehicle, created_ms, updated_ms FROM orders WHERE order_id = $1";
 
+/// The columns of an order row with its id first, as [`Store::list_orders`] reads them.
+type ListedRow = (
+    String,
+    String,
+    String,
+    String,
+    i32,
+    i32,
+    i32,
+    i32,
+    String,
+    Option<String>,
+    i64,
+    i64,
+);
+
+/// A listed row as an order (without its timeline).
+fn listed_order(row: ListedRow) -> Result<OrderView, StoreError> {
+    let (id, store, fleet, customer, p_lat, p_lon, d_lat, d_lon, state, vehicle, created, updated) =
+        row;
+    let id: OrderId = parse_id("order id", &id)?;
+    order_from_row(
+        &id,
+        (
+            store, fleet, customer, p_lat, p_lon, d_lat, d_lon, state, vehicle, created, updated,
+        ),
+    )
+}
+
 /// The order `id` as stored in `row`, without its timeline.
 fn order_from_row(id: &OrderId, row: OrderRow) -> Result<OrderView, StoreError> {
     let (store, fleet, customer, p_lat, p_lon, d_lat, d_lon, state, vehicle, created, updated) =
@@ -194,6 +265,55 @@ fn order_from_row(id: &OrderId, row: OrderRow) -> Result<OrderView, StoreError> 
         updated_ms: from_db(updated),
         timeline: Vec::new(),
     })
+}
+
+/// The query of [`Store::list_orders`] for `filter` (with `$N` placeholders, the limit last)
+/// and the values to bind before the limit. Only placeholders are formatted in.
+fn list_query(filter: &OrderFilter) -> (String, Vec<String>) {
+    // Only placeholders are formatted in; every value is bound.
+    let mut sql = String::from(
+        "SELECT order_id, store, fleet, customer, pickup_lat_e7, pickup_lon_e7, \
+         dropoff_lat_e7, dropoff_lon_e7, state, vehicle, created_ms, updated_ms \
+         FROM orders WHERE 1 = 1",
+    );
+    let mut binds: Vec<String> = Vec::new();
+    let mut any_of = |sql: &mut String, column: &str, values: Vec<String>| {
+        let first = binds.len() + 1;
+        let marks: Vec<String> = (first..first + values.len())
+            .map(|n| format!("${n}"))
+            .collect();
+        sql.push_str(&format!(" AND {column} IN ({})", marks.join(", ")));
+        binds.extend(values);
+    };
+    if let Some(fleets) = &filter.fleets {
+        any_of(
+            &mut sql,
+            "fleet",
+            fleets.iter().map(|f| f.as_str().to_owned()).collect(),
+        );
+    }
+    if !filter.states.is_empty() {
+        any_of(
+            &mut sql,
+            "state",
+            filter
+                .states
+                .iter()
+                .map(|s| s.as_str().to_owned())
+                .collect(),
+        );
+    }
+    if let Some(store) = &filter.store {
+        any_of(&mut sql, "store", vec![store.clone()]);
+    }
+    if let Some(vehicle) = &filter.vehicle {
+        any_of(&mut sql, "vehicle", vec![vehicle.as_str().to_owned()]);
+    }
+    sql.push_str(&format!(
+        " ORDER BY created_ms DESC, order_id DESC LIMIT ${}",
+        binds.len() + 1
+    ));
+    (sql, binds)
 }
 
 /// An assignment row as a timeline entry.
@@ -344,7 +464,8 @@ impl Store {
         }
         let other: Option<String> = sqlx::query_scalar(
             "SELECT order_id FROM orders \
-             WHERE vehicle = $1 AND state <> 'delivered' AND order_id <> $2",
+             WHERE vehicle = $1 AND state NOT IN ('delivered', 'cancelled') \
+             AND order_id <> $2",
         )
         .bind(vehicle.as_str())
         .bind(order.as_str())
@@ -415,6 +536,203 @@ impl Store {
         Ok(Some(order))
     }
 
+    /// The order `id` without its timeline, if it exists: what an `order` event says.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] if a stored value
+    /// cannot be read back.
+    pub(crate) async fn order_summary(
+        &self,
+        id: &OrderId,
+    ) -> Result<Option<OrderView>, StoreError> {
+        let row: Option<OrderRow> = sqlx::query_as(ORDER_COLUMNS)
+            .bind(id.as_str())
+            .fetch_optional(&self.read)
+            .await?;
+        row.map(|row| order_from_row(id, row)).transpose()
+    }
+
+    /// The orders `filter` selects, newest first (without their timelines). The scope (its
+    /// fleets, its store) is applied in the query, as every other filter.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] if a stored value
+    /// cannot be read back.
+    pub(crate) async fn list_orders(
+        &self,
+        filter: &OrderFilter,
+    ) -> Result<Vec<OrderView>, StoreError> {
+        if filter.fleets.as_ref().is_some_and(Vec::is_empty) || filter.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (sql, binds) = list_query(filter);
+        let mut query = sqlx::query_as::<_, ListedRow>(sqlx::AssertSqlSafe(sql));
+        for value in &binds {
+            query = query.bind(value.as_str());
+        }
+        let rows = query
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.read)
+            .await?;
+        rows.into_iter().map(listed_order).collect()
+    }
+
+    /// Cancels `order` if `may_cancel` allows it in its current state, in one transaction
+    /// (the order's row locked on PostgreSQL). Cancelling a cancelled order changes nothing
+    /// (`changed: false`). The order keeps the vehicle that held it, for its timeline; a
+    /// cancelled order does not make that vehicle busy.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownOrder`], [`StoreError::OrderUnderway`] if it is delivered or
+    /// `may_cancel` refuses its state, [`StoreError::Database`] if it could not be committed.
+    pub(crate) async fn cancel_order(
+        &self,
+        order: &OrderId,
+        may_cancel: impl FnOnce(OrderState) -> bool,
+    ) -> Result<Cancelled, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let result = self.cancel_in(&mut tx, order, may_cancel).await;
+        // Ended explicitly either way: on PostgreSQL the transaction holds the row lock.
+        match &result {
+            Ok(cancelled) if cancelled.changed => tx.commit().await?,
+            Ok(_) => tx.rollback().await?,
+            Err(_) => {
+                if let Err(cause) = tx.rollback().await {
+                    warn!(%order, %cause, "cannot roll back a refused cancellation");
+                }
+            }
+        }
+        result
+    }
+
+    /// [`Store::cancel_order`] inside `tx`.
+    async fn cancel_in(
+        &self,
+        tx: &mut DbTx,
+        order: &OrderId,
+        may_cancel: impl FnOnce(OrderState) -> bool,
+    ) -> Result<Cancelled, StoreError> {
+        let row: Option<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{ORDER_COLUMNS}{}",
+            self.backend.for_update()
+        )))
+        .bind(order.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+        let row = row.ok_or_else(|| StoreError::UnknownOrder(order.clone()))?;
+        let mut view = order_from_row(order, row)?;
+        if view.state == OrderState::Cancelled {
+            return Ok(Cancelled {
+                changed: false,
+                holder: None,
+                order: view,
+            });
+        }
+        if view.state == OrderState::Delivered || !may_cancel(view.state) {
+            return Err(StoreError::OrderUnderway {
+                order: order.clone(),
+                state: view.state,
+            });
+        }
+        let holder = if view.state == OrderState::Created {
+            None
+        } else {
+            view.vehicle.clone()
+        };
+        let now = now_ms();
+        sqlx::query("UPDATE orders SET state = 'cancelled', updated_ms = $2 WHERE order_id = $1")
+            .bind(order.as_str())
+            .bind(to_db(now))
+            .execute(&mut **tx)
+            .await?;
+        view.state = OrderState::Cancelled;
+        view.updated_ms = now;
+        Ok(Cancelled {
+            changed: true,
+            holder,
+            order: view,
+        })
+    }
+
+    /// Takes `order` back from `vehicle` before pickup (state `created` again, no vehicle):
+    /// `true` if it was assigned to `vehicle` and now waits for another one, `false` if it
+    /// was not (any more) `vehicle`'s assigned order. One statement: it checks and changes
+    /// the row atomically on both backends.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if it could not be committed.
+    pub(crate) async fn unassign(
+        &self,
+        order: &OrderId,
+        vehicle: &VehicleId,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let changed = sqlx::query(
+            "UPDATE orders SET state = 'created', vehicle = NULL, updated_ms = $3 \
+             WHERE order_id = $1 AND state = 'assigned' AND vehicle = $2",
+        )
+        .bind(order.as_str())
+        .bind(vehicle.as_str())
+        .bind(to_db(now_ms()))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(changed == 1)
+    }
+
+    /// Whether `order` was ever assigned to `vehicle` (its timeline has such an assignment).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the query fails.
+    pub(crate) async fn was_assigned(
+        &self,
+        order: &OrderId,
+        vehicle: &VehicleId,
+    ) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM assignments WHERE order_id = $1 AND vehicle = $2 LIMIT 1",
+        )
+        .bind(order.as_str())
+        .bind(vehicle.as_str())
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(found.is_some())
+    }
+
+    /// Orders assigned to a vehicle that has not picked them up, oldest change first, at
+    /// most `limit`: those the bridge may re-offer when their vehicle stays offline.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] if a stored id is
+    /// invalid.
+    pub(crate) async fn assigned_orders(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<AssignedOrder>, StoreError> {
+        let rows: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT order_id, fleet, vehicle, updated_ms FROM orders \
+             WHERE state = 'assigned' ORDER BY updated_ms, order_id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .filter_map(|(order, fleet, vehicle, updated)| {
+                let vehicle = vehicle?;
+                Some((order, fleet, vehicle, updated))
+            })
+            .map(|(order, fleet, vehicle, updated)| {
+                Ok(AssignedOrder {
+                    order: parse_id("order id", &order)?,
+                    fleet: parse_id("order fleet", &fleet)?,
+                    vehicle: parse_id("order vehicle", &vehicle)?,
+                    updated_ms: from_db(updated),
+                })
+            })
+            .collect()
+    }
+
     /// The store that placed `order`, if the order exists: who its events are for.
     ///
     /// # Errors
@@ -440,7 +758,8 @@ impl Store {
     ) -> Result<HashSet<VehicleId>, StoreError> {
         let rows: Vec<String> = sqlx::query_scalar(
             "SELECT vehicle FROM orders \
-             WHERE fleet = $1 AND vehicle IS NOT NULL AND state <> 'delivered'",
+             WHERE fleet = $1 AND vehicle IS NOT NULL \
+             AND state NOT IN ('delivered', 'cancelled')",
         )
         .bind(fleet.as_str())
         .fetch_all(&self.read)

@@ -1,4 +1,6 @@
-//! The heartbeat history: every heartbeat, written in batches, read back as a vehicle's track.
+//! The heartbeat history: every heartbeat, written in batches, read back as a vehicle's track,
+//! and that track exported as GPX 1.1 ([`HeartbeatRow::gpx`]) or CSV ([`HeartbeatRow::csv`])
+//! for other tools.
 
 use std::sync::LazyLock;
 
@@ -229,6 +231,120 @@ impl Store {
     }
 }
 
+/// `ms` since the Unix epoch as ISO 8601 in UTC with milliseconds: `2026-12-04T05:42:47.123Z`.
+fn iso8601_utc(ms: u64) -> String {
+    let (days, ms_of_day) = (ms / 86_400_000, ms % 86_400_000);
+    // Howard Hinnant's `civil_from_days`, on days counted from 0000-03-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let (h, m, s, milli) = (
+        ms_of_day / 3_600_000,
+        ms_of_day / 60_000 % 60,
+        ms_of_day / 1_000 % 60,
+        ms_of_day % 1_000,
+    );
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
+}
+
+/// `e7` (1e-7 degrees) as decimal degrees with seven decimals, exactly (no float rounding).
+fn degrees_e7(e7: i32) -> String {
+    let sign = if e7 < 0 { "-" } else { "" };
+    let abs = e7.unsigned_abs();
+    format!("{sign}{}.{:07}", abs / 10_000_000, abs % 10_000_000)
+}
+
+/// `cm_s` as metres per second with two decimals, exactly.
+fn m_s(cm_s: u16) -> String {
+    format!("{}.{:02}", cm_s / 100, cm_s % 100)
+}
+
+/// `text` with the five XML special characters escaped.
+fn xml_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A track for other tools.
+impl HeartbeatRow {
+    /// The header line of a track exported as CSV ([`HeartbeatRow::csv`]).
+    pub(crate) const CSV_HEADER: &str = "ts_ms,time,lat,lon,speed_m_s,heading_deg,battery_pct,seq";
+
+    /// The track `rows` of `vehicle` as a GPX 1.1 document: one `trk` with one `trkseg`, a
+    /// `trkpt` per heartbeat with its `<time>` (ISO 8601, UTC); speed, heading, battery and
+    /// sequence number in the point's `extensions` (namespace `urn:fleetbeat:gpx:1`), since GPX
+    /// 1.1 has no elements for them.
+    pub(crate) fn gpx(vehicle: &VehicleId, rows: &[Self]) -> String {
+        use std::fmt::Write as _;
+        let name = xml_escape(vehicle.as_str());
+        let mut out = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+             <gpx version=\"1.1\" creator=\"Fleetbeat\" \
+             xmlns=\"http://www.topografix.com/GPX/1/1\" xmlns:fb=\"urn:fleetbeat:gpx:1\">\n\
+             <trk><name>{name}</name><trkseg>\n"
+        );
+        for r in rows {
+            // Writing into a String cannot fail.
+            let _ = writeln!(
+                out,
+                "<trkpt lat=\"{}\" lon=\"{}\"><time>{}</time><extensions>\
+                 <fb:speed_m_s>{}</fb:speed_m_s><fb:heading_deg>{}</fb:heading_deg>\
+                 <fb:battery_pct>{}</fb:battery_pct><fb:seq>{}</fb:seq></extensions></trkpt>",
+                degrees_e7(r.lat_e7),
+                degrees_e7(r.lon_e7),
+                iso8601_utc(r.ts_ms),
+                m_s(r.speed_cm_s),
+                r.heading_deg,
+                r.battery_pct,
+                r.seq,
+            );
+        }
+        out.push_str("</trkseg></trk>\n</gpx>\n");
+        out
+    }
+
+    /// The track `rows` as CSV: [`HeartbeatRow::CSV_HEADER`], then a line per heartbeat (`\r\n`-free, `\n`
+    /// line ends; no field needs quoting).
+    pub(crate) fn csv(rows: &[Self]) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::with_capacity(64 * (rows.len() + 1));
+        out.push_str(Self::CSV_HEADER);
+        out.push('\n');
+        for r in rows {
+            // Writing into a String cannot fail.
+            let _ = writeln!(
+                out,
+                "{},{},{},{},{},{},{},{}",
+                r.ts_ms,
+                iso8601_utc(r.ts_ms),
+                degrees_e7(r.lat_e7),
+                degrees_e7(r.lon_e7),
+                m_s(r.speed_cm_s),
+                r.heading_deg,
+                r.battery_pct,
+                r.seq,
+            );
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use shared::StatusFlags;
@@ -278,6 +394,44 @@ mod tests {
                 numbered(1 + COLUMN_COUNT)
             )
         );
+    }
+
+    #[test]
+    fn formats_times_as_iso8601_utc() {
+        assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601_utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(iso8601_utc(1_796_363_367_123), "2026-12-04T05:49:27.123Z");
+        assert_eq!(iso8601_utc(4_107_542_399_999), "2100-02-28T23:59:59.999Z");
+    }
+
+    #[test]
+    fn exports_gpx_and_csv() {
+        let mut rows = vec![
+            row("v-1", 1, 1_796_363_367_123),
+            row("v-1", 2, 1_796_363_368_000),
+        ];
+        rows[1].lat_e7 = -5_000_001;
+        rows[1].speed_cm_s = 5;
+        let csv = HeartbeatRow::csv(&rows);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                HeartbeatRow::CSV_HEADER,
+                "1796363367123,2026-12-04T05:49:27.123Z,52.5000001,-13.4000000,12.50,359,100,1",
+                "1796363368000,2026-12-04T05:49:28.000Z,-0.5000001,-13.4000000,0.05,359,100,2",
+            ]
+        );
+        let gpx = HeartbeatRow::gpx(&"v-1".parse().expect("vehicle"), &rows);
+        assert!(
+            gpx.starts_with("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<gpx version=\"1.1\"")
+        );
+        assert_eq!(gpx.matches("<trkpt ").count(), 2);
+        assert!(gpx.contains(
+            "<trkpt lat=\"-0.5000001\" lon=\"-13.4000000\"><time>2026-12-04T05:49:28.000Z</time>"
+        ));
+        assert!(gpx.ends_with("</trkseg></trk>\n</gpx>\n"));
+        assert_eq!(xml_escape("a<b>&\"'"), "a&lt;b&gt;&amp;&quot;&apos;");
     }
 
     on_each_backend! {

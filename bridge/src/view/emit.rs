@@ -26,7 +26,7 @@ use socketioxide::operators::BroadcastOperators;
 use tracing::{debug, error, warn};
 
 use super::order;
-use super::room::{ADMIN, DISPATCH, RoomName, VENDOR, pickup_rooms, rooms_of};
+use super::room::{ADMIN, DISPATCH, RoomName, VENDOR, pickup_rooms, rooms_of, vendor_room};
 use super::vehicle::{AckView, PositionView, StatusView, VehicleView};
 use crate::domain::Hub;
 use crate::domain::auth::Grant;
@@ -36,7 +36,7 @@ use crate::store::{ClientId, Enqueued, QueuedMessage};
 
 /// Emits `event` to the sockets in any of `rooms` of namespace `ns`, whichever bridge they are
 /// connected to (through the adapter); see [`broadcast`].
-async fn to_rooms<A: Adapter, T: Serialize + ?Sized>(
+pub(crate) async fn to_rooms<A: Adapter, T: Serialize + ?Sized>(
     io: &SocketIo<A>,
     metrics: &Metrics,
     ns: &str,
@@ -52,7 +52,7 @@ async fn to_rooms<A: Adapter, T: Serialize + ?Sized>(
 /// Emits `event` to the sockets `ops` selects, on every bridge. A failed broadcast (with the
 /// Redis adapter: Redis unreachable) is counted and logged, and the event goes to this
 /// bridge's own sockets at least.
-async fn broadcast<A: Adapter, T: Serialize + ?Sized>(
+pub(crate) async fn broadcast<A: Adapter, T: Serialize + ?Sized>(
     ops: BroadcastOperators<A>,
     metrics: &Metrics,
     ns: &str,
@@ -206,6 +206,36 @@ pub(crate) async fn pickup<A: Adapter>(
     if let Some(own) = own {
         broadcast(own, metrics, VENDOR, "pickup", announced).await;
     }
+}
+
+/// Emits an `order` event (`event`, see [`order::changed`]) about an order of `fleet` placed
+/// by `store`: to every `/dispatch` socket whose token may see `fleet` (the scope rooms of
+/// [`pickup_rooms`], as `pickup`) and to every `/vendor` socket of that store (its room
+/// `vendor:{store}`), on every bridge. Reliable, not queued.
+pub(crate) async fn order<A: Adapter>(
+    io: &SocketIo<A>,
+    metrics: &Metrics,
+    (fleet, store): (&FleetId, &str),
+    event: &Value,
+) {
+    to_rooms(
+        io,
+        metrics,
+        DISPATCH,
+        pickup_rooms(fleet).to_vec(),
+        "order",
+        event,
+    )
+    .await;
+    to_rooms(
+        io,
+        metrics,
+        VENDOR,
+        vec![vendor_room(store)],
+        "order",
+        event,
+    )
+    .await;
 }
 
 /// Sends `socket` the `snapshot` of a room: the state of every vehicle in `states`, in one

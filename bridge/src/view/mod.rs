@@ -7,11 +7,13 @@
 //! - [`vehicle`]: `position`, `status`, `snapshot`, `ack`, the vehicle API and the track.
 //! - [`order`]: `delivery`, `pickup`, placed orders, the order API.
 //! - [`reply`]: the acks of client events, `announce` and `stats`.
+//! - [`geofence`]: fences in the API, the `geofence` and `geofences` events and their rooms.
 //! - [`emit`]: what is sent to which sockets (the per-tick batches, events as they happen).
 //!
 //! The HTTP plumbing's own small bodies (errors, health, readiness) stay in `api::http`.
 
 pub(crate) mod emit;
+pub(crate) mod geofence;
 pub(crate) mod order;
 pub(crate) mod reply;
 pub(crate) mod room;

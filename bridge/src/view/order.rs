@@ -1,11 +1,12 @@
 //! What clients see of orders and delivery events: the `delivery` message (as queued and as
-//! emitted), `pickup` announcements, the answer to a placed order, `GET /api/orders/{id}`.
+//! emitted), `pickup` announcements, the answer to a placed order, the Order JSON of
+//! `GET /api/orders` and of the `order` event, `GET /api/orders/{id}`, `GET /api/stores`.
 
 use serde_json::{Value, json};
 use shared::{DeliveryEvent, FleetId, Position, Topic};
 
 use crate::domain::auth::{Grant, Role};
-use crate::domain::delivery::{OrderRequest, Placed};
+use crate::domain::delivery::{OrderRequest, Placed, StoreInfo};
 use crate::domain::order::EventFlag;
 use crate::store::OrderView;
 
@@ -85,8 +86,10 @@ fn position(p: Position) -> Value {
     json!({ "lat": lat, "lon": lon })
 }
 
-/// An order as the HTTP API returns it.
-pub(crate) fn order(view: &OrderView) -> Value {
+/// An order as `GET /api/orders` lists it and the `order` event carries it ("Order"):
+/// `{order, store, fleet, customer, state, vehicle, pickup:{lat,lon}, dropoff:{lat,lon},
+/// created_ms, updated_ms}`.
+pub(crate) fn summary(view: &OrderView) -> Value {
     json!({
         "order": view.order,
         "store": view.store,
@@ -98,15 +101,43 @@ pub(crate) fn order(view: &OrderView) -> Value {
         "dropoff": position(view.dropoff),
         "created_ms": view.created_ms,
         "updated_ms": view.updated_ms,
-        "timeline": view.timeline.iter().map(|t| json!({
-            "kind": t.kind.as_str(),
-            "ts_ms": t.ts_ms,
-            "position": t.position.map(position),
-            "vehicle": t.vehicle,
-            "seq": t.seq,
-            "flag": t.flag.map(|f| f.as_str()),
-        })).collect::<Vec<_>>(),
     })
+}
+
+/// The `order` event: the order as it is after a change, and when it was emitted (`ts_ms`,
+/// bridge clock).
+pub(crate) fn changed(view: &OrderView, ts_ms: u64) -> Value {
+    let mut event = summary(view);
+    event["ts_ms"] = json!(ts_ms);
+    event
+}
+
+/// A store as `GET /api/stores` lists it: `{store, fleet, lat, lon}` (null without a
+/// configured location).
+pub(crate) fn store(info: &StoreInfo) -> Value {
+    let [lat, lon] = info
+        .location
+        .map_or([None, None], |[lat, lon]| [Some(lat), Some(lon)]);
+    json!({ "store": info.store, "fleet": info.fleet, "lat": lat, "lon": lon })
+}
+
+/// An order as `GET /api/orders/{id}` returns it: [`summary`] and its `timeline`.
+pub(crate) fn order(view: &OrderView) -> Value {
+    let mut order = summary(view);
+    order["timeline"] = json!(
+        view.timeline
+            .iter()
+            .map(|t| json!({
+                "kind": t.kind.as_str(),
+                "ts_ms": t.ts_ms,
+                "position": t.position.map(position),
+                "vehicle": t.vehicle,
+                "seq": t.seq,
+                "flag": t.flag.map(|f| f.as_str()),
+            }))
+            .collect::<Vec<_>>()
+    );
+    order
 }
 
 #[cfg(test)]

@@ -590,3 +590,394 @@ on_each_backend! {
         assert!(store.claim_offer(&order, "y", later).await.expect("claims"));
     }
 }
+
+/// `store` holding orders `o-1` (assigned to `v-1`), `o-2` (created) of store-1 in fleet demo,
+/// and `o-3` of store-2 in fleet north (assigned to `v-9`), created in that order.
+async fn three_orders(store: &Store) {
+    let o1 = new_order("o-1");
+    store.create_order(&o1).await.expect("creates");
+    store.assign(&o1.order, &id("v-1")).await.expect("assigns");
+    store
+        .create_order(&new_order("o-2"))
+        .await
+        .expect("creates");
+    let o3 = NewOrder {
+        store: "store-2".into(),
+        fleet: id("north"),
+        ..new_order("o-3")
+    };
+    store.create_order(&o3).await.expect("creates");
+    store.assign(&o3.order, &id("v-9")).await.expect("assigns");
+}
+
+fn filter() -> OrderFilter {
+    OrderFilter {
+        fleets: None,
+        store: None,
+        states: Vec::new(),
+        vehicle: None,
+        limit: 200,
+    }
+}
+
+fn ids(orders: &[OrderView]) -> Vec<&str> {
+    orders.iter().map(|o| o.order.as_str()).collect()
+}
+
+on_each_backend! {
+    /// Every filter and the scope are applied in the query; newest first, at most `limit`.
+    async fn list_filters_and_scope(store) {
+        three_orders(&store).await;
+        let all = store.list_orders(&filter()).await.expect("lists");
+        // Created in the same millisecond or not: newest first, then by id, descending.
+        assert_eq!(ids(&all), ["o-3", "o-2", "o-1"]);
+        assert!(all.iter().all(|o| o.timeline.is_empty()));
+        assert_eq!(all[2].vehicle, Some(id("v-1")));
+        assert_eq!(all[2].state, OrderState::Assigned);
+
+        let scoped = |fleets: &[&str]| OrderFilter {
+            fleets: Some(fleets.iter().map(|f| id(f)).collect()),
+            ..filter()
+        };
+        let demo = store.list_orders(&scoped(&["demo"])).await.expect("lists");
+        assert_eq!(ids(&demo), ["o-2", "o-1"]);
+        let both = store.list_orders(&scoped(&["demo", "north"])).await.expect("lists");
+        assert_eq!(both.len(), 3);
+        assert!(store.list_orders(&scoped(&[])).await.expect("lists").is_empty());
+
+        let assigned = OrderFilter {
+            states: vec![OrderState::Assigned, OrderState::Delivered],
+            ..filter()
+        };
+        assert_eq!(ids(&store.list_orders(&assigned).await.expect("lists")), ["o-3", "o-1"]);
+        let of_store = OrderFilter {
+            store: Some("store-2".into()),
+            ..filter()
+        };
+        assert_eq!(ids(&store.list_orders(&of_store).await.expect("lists")), ["o-3"]);
+        let of_vehicle = OrderFilter {
+            vehicle: Some(id("v-1")),
+            ..scoped(&["demo"])
+        };
+        assert_eq!(ids(&store.list_orders(&of_vehicle).await.expect("lists")), ["o-1"]);
+        let other_scope = OrderFilter {
+            vehicle: Some(id("v-9")),
+            ..scoped(&["demo"])
+        };
+        assert!(store.list_orders(&other_scope).await.expect("lists").is_empty());
+        let one = OrderFilter { limit: 1, ..filter() };
+        assert_eq!(ids(&store.list_orders(&one).await.expect("lists")), ["o-3"]);
+    }
+}
+
+on_each_backend! {
+    /// Cancelling frees the vehicle, is idempotent, obeys the caller's rule and never
+    /// touches a delivered order.
+    async fn cancel_rules(store) {
+        three_orders(&store).await;
+        let v1: VehicleId = id("v-1");
+        assert!(store.busy_vehicles(&id("demo")).await.expect("busy").contains(&v1));
+
+        // The caller's rule refuses it: nothing changes.
+        let refused = store.cancel_order(&id("o-1"), |_| false).await;
+        assert!(
+            matches!(refused, Err(StoreError::OrderUnderway { state: OrderState::Assigned, .. })),
+            "{refused:?}"
+        );
+        let cancelled = store.cancel_order(&id("o-1"), |_| true).await.expect("cancels");
+        assert!(cancelled.changed);
+        assert_eq!(cancelled.holder, Some(v1.clone()));
+        assert_eq!(cancelled.order.state, OrderState::Cancelled);
+        assert_eq!(cancelled.order.vehicle, Some(v1.clone()), "kept for its timeline");
+        let stored = store.order(&id("o-1")).await.expect("reads").expect("exists");
+        assert_eq!(stored.state, OrderState::Cancelled);
+        assert!(
+            !store.busy_vehicles(&id("demo")).await.expect("busy").contains(&v1),
+            "a cancelled order frees its vehicle"
+        );
+        // Free: it takes the next order (the unique index agrees).
+        store.assign(&id("o-2"), &v1).await.expect("assigns the freed vehicle");
+        // A cancelled order is not assigned again.
+        let again = store.assign(&id("o-1"), &id("v-2")).await;
+        assert!(matches!(again, Err(StoreError::OrderUnderway { .. })), "{again:?}");
+
+        let twice = store.cancel_order(&id("o-1"), |_| false).await.expect("idempotent");
+        assert!(!twice.changed);
+        assert_eq!(twice.holder, None);
+        assert_eq!(twice.order.state, OrderState::Cancelled);
+
+        // Never from `created` a holder; never a delivered order.
+        store.create_order(&new_order("o-4")).await.expect("creates");
+        let unheld = store.cancel_order(&id("o-4"), |_| true).await.expect("cancels");
+        assert_eq!((unheld.changed, unheld.holder), (true, None));
+        let v9: VehicleId = id("v-9");
+        for (seq, kind) in [(0, DeliveryKind::Pickup), (1, DeliveryKind::InTransit), (2, DeliveryKind::Delivered)] {
+            store
+                .record_event(&v9, &id("north"), &event(seq, "o-3", kind, 1_000 + u64::from(seq)), &[], &json!({}))
+                .await
+                .expect("records");
+        }
+        let delivered = store.cancel_order(&id("o-3"), |_| true).await;
+        assert!(
+            matches!(delivered, Err(StoreError::OrderUnderway { state: OrderState::Delivered, .. })),
+            "{delivered:?}"
+        );
+        let unknown = store.cancel_order(&id("o-404"), |_| true).await;
+        assert!(matches!(unknown, Err(StoreError::UnknownOrder(_))), "{unknown:?}");
+    }
+}
+
+on_each_backend! {
+    /// A cancelled order's late delivery events are stored with a flag, not suspect, and
+    /// never move it.
+    async fn events_of_a_cancelled_order_are_flagged(store) {
+        let order = new_order("o-1");
+        let v1: VehicleId = id("v-1");
+        let store = store_with_assigned(store, &order, &v1).await;
+        store.cancel_order(&order.order, |_| true).await.expect("cancels");
+        let recorded = store
+            .record_event(&v1, &id("demo"), &event(0, "o-1", DeliveryKind::Pickup, 5_000), &recipients(), &json!({"n": 1}))
+            .await
+            .expect("records");
+        assert!(!recorded.duplicate && !recorded.advanced);
+        assert_eq!(recorded.flag, Some(EventFlag::CancelledOrder));
+        assert!(!EventFlag::CancelledOrder.is_suspect());
+        assert_eq!(recorded.state, Some(OrderState::Cancelled));
+        assert_eq!(recorded.messages.len(), 2, "queued like any flagged event");
+        let view = store.order(&order.order).await.expect("reads").expect("exists");
+        assert_eq!(view.state, OrderState::Cancelled);
+        let events: Vec<(TimelineKind, Option<EventFlag>)> = view
+            .timeline
+            .iter()
+            .filter(|t| t.kind != TimelineKind::Assigned)
+            .map(|t| (t.kind, t.flag))
+            .collect();
+        assert_eq!(
+            events,
+            [(TimelineKind::Delivery(DeliveryKind::Pickup), Some(EventFlag::CancelledOrder))]
+        );
+    }
+}
+
+on_each_backend! {
+    /// Unassigning takes an order back from its vehicle before pickup only, and only from
+    /// that vehicle; the assigned orders are listed for the re-offer.
+    async fn unassign_and_assigned_orders(store) {
+        three_orders(&store).await;
+        let listed = store.assigned_orders(10).await.expect("lists");
+        let pairs: HashSet<(String, String)> = listed
+            .iter()
+            .map(|a| (a.order.to_string(), a.vehicle.to_string()))
+            .collect();
+        assert_eq!(
+            pairs,
+            HashSet::from([("o-1".into(), "v-1".into()), ("o-3".into(), "v-9".into())])
+        );
+        assert!(listed.iter().all(|a| a.updated_ms > 0));
+
+        assert!(!store.unassign(&id("o-1"), &id("v-2")).await.expect("runs"), "not v-2's");
+        assert!(!store.unassign(&id("o-2"), &id("v-1")).await.expect("runs"), "not assigned");
+        assert!(store.unassign(&id("o-1"), &id("v-1")).await.expect("unassigns"));
+        let view = store.order(&id("o-1")).await.expect("reads").expect("exists");
+        assert_eq!((view.state, view.vehicle), (OrderState::Created, None));
+        assert!(!store.busy_vehicles(&id("demo")).await.expect("busy").contains(&id("v-1")));
+        let waiting: Vec<String> = store
+            .unassigned_orders(10)
+            .await
+            .expect("lists")
+            .into_iter()
+            .map(|w| w.order.to_string())
+            .collect();
+        assert_eq!(waiting, ["o-1", "o-2"], "offered again, oldest first");
+        assert!(!store.unassign(&id("o-1"), &id("v-1")).await.expect("runs"), "once");
+        assert!(store.was_assigned(&id("o-1"), &id("v-1")).await.expect("reads"), "it held it");
+        assert!(!store.was_assigned(&id("o-1"), &id("v-9")).await.expect("reads"));
+
+        // Picked up: not taken back.
+        store
+            .record_event(&id("v-9"), &id("north"), &event(0, "o-3", DeliveryKind::Pickup, 1_000), &[], &json!({}))
+            .await
+            .expect("records");
+        assert!(!store.unassign(&id("o-3"), &id("v-9")).await.expect("runs"));
+        assert!(store.assigned_orders(10).await.expect("lists").is_empty());
+    }
+}
+
+/// Schema 5 rebuilds `orders` and `assignments` on SQLite (to change a CHECK constraint):
+/// every row, id and index survives, the foreign key points at the new `orders`, the
+/// AUTOINCREMENT sequence goes on, and `cancelled` frees the vehicle in the unique index.
+#[tokio::test]
+async fn schema_5_rebuild_keeps_rows_and_indexes_sqlite() {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+        .await
+        .expect("connects");
+    sqlx::query("PRAGMA foreign_keys = ON")
+        .execute(&mut conn)
+        .await
+        .expect("pragma");
+    let migrator = &crate::store::sqlite::MIGRATOR;
+    migrator.run_to(4, &mut conn).await.expect("schema 4");
+    for (order, state, vehicle) in [("o-1", "assigned", "v-1"), ("o-2", "delivered", "v-1")] {
+        sqlx::query(
+            "INSERT INTO orders VALUES ($1, 'store-1', 'demo', 'Ada', 1, 2, 3, 4, $2, $3, 10, 20)",
+        )
+        .bind(order)
+        .bind(state)
+        .bind(vehicle)
+        .execute(&mut conn)
+        .await
+        .expect("an order");
+    }
+    for order in ["o-2", "o-1"] {
+        sqlx::query(
+            "INSERT INTO assignments (order_id, vehicle, assigned_ms) VALUES ($1, 'v-1', 5)",
+        )
+        .bind(order)
+        .execute(&mut conn)
+        .await
+        .expect("an assignment");
+    }
+    migrator.run(&mut conn).await.expect("schema 5");
+
+    let orders: Vec<(String, String, Option<String>, i64)> =
+        sqlx::query_as("SELECT order_id, state, vehicle, updated_ms FROM orders ORDER BY order_id")
+            .fetch_all(&mut conn)
+            .await
+            .expect("orders");
+    assert_eq!(
+        orders,
+        [
+            ("o-1".into(), "assigned".into(), Some("v-1".into()), 20),
+            ("o-2".into(), "delivered".into(), Some("v-1".into()), 20)
+        ]
+    );
+    let assignments: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, order_id FROM assignments ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .expect("assignments");
+    assert_eq!(assignments, [(1, "o-2".into()), (2, "o-1".into())]);
+    let indexes: HashSet<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("indexes")
+    .into_iter()
+    .collect();
+    for name in [
+        "orders_open_by_vehicle",
+        "assignments_by_order",
+        "delivery_events_dedupe",
+        "orders_by_created",
+        "orders_by_state",
+        "orders_by_store",
+        "orders_by_vehicle",
+    ] {
+        assert!(indexes.contains(name), "{name} missing: {indexes:?}");
+    }
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '%_next'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("tables");
+    assert!(tables.is_empty(), "{tables:?}");
+    let broken: Vec<(String,)> = sqlx::query_as("SELECT \"table\" FROM pragma_foreign_key_check")
+        .fetch_all(&mut conn)
+        .await
+        .expect("foreign key check");
+    assert!(broken.is_empty(), "{broken:?}");
+
+    // The foreign key points at the new `orders`.
+    let orphan = sqlx::query(
+        "INSERT INTO assignments (order_id, vehicle, assigned_ms) VALUES ('nope', 'v', 1)",
+    )
+    .execute(&mut conn)
+    .await;
+    assert!(orphan.is_err(), "an assignment of no order is refused");
+    let next: i64 = sqlx::query_scalar(
+        "INSERT INTO assignments (order_id, vehicle, assigned_ms) VALUES ('o-1', 'v-1', 6) RETURNING id",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("an assignment");
+    assert_eq!(next, 3, "the sequence goes on");
+
+    // v-1 holds o-1: a second open order of v-1 is refused, until o-1 is cancelled.
+    let insert_o3 = "INSERT INTO orders VALUES ('o-3', 'store-1', 'demo', 'Ada', 1, 2, 3, 4, 'assigned', 'v-1', 30, 30)";
+    assert!(sqlx::query(insert_o3).execute(&mut conn).await.is_err());
+    sqlx::query("UPDATE orders SET state = 'cancelled' WHERE order_id = 'o-1'")
+        .execute(&mut conn)
+        .await
+        .expect("cancelled is a state now");
+    sqlx::query(insert_o3)
+        .execute(&mut conn)
+        .await
+        .expect("the vehicle is free");
+    let bad = sqlx::query("UPDATE orders SET state = 'lost' WHERE order_id = 'o-3'")
+        .execute(&mut conn)
+        .await;
+    assert!(bad.is_err(), "the CHECK still holds");
+}
+
+/// The list queries of `GET /api/orders` are index scans in their order, not sorts of every
+/// order (SQLite's plan; PostgreSQL has the same indexes).
+#[tokio::test]
+async fn list_queries_use_their_indexes() {
+    let store = testing::sqlite().await;
+    let scoped = |fleets: &[&str]| OrderFilter {
+        fleets: Some(fleets.iter().map(|f| id(f)).collect()),
+        ..filter()
+    };
+    for (filter, index) in [
+        (filter(), "orders_by_created"),
+        (scoped(&["north", "south"]), "orders_by_created"),
+        (
+            OrderFilter {
+                store: Some("store-1".into()),
+                ..scoped(&["demo"])
+            },
+            "orders_by_store",
+        ),
+        (
+            OrderFilter {
+                states: vec![OrderState::Created],
+                ..scoped(&["demo"])
+            },
+            "orders_by_state",
+        ),
+        (
+            OrderFilter {
+                vehicle: Some(id("v-1")),
+                ..scoped(&["demo"])
+            },
+            "orders_by_vehicle",
+        ),
+    ] {
+        let (sql, binds) = list_query(&filter);
+        let mut query = sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {sql}"
+        )));
+        for value in &binds {
+            query = query.bind(value.as_str());
+        }
+        let plan: Vec<String> = query
+            .bind(10_i64)
+            .fetch_all(&store.read)
+            .await
+            .expect("plans")
+            .into_iter()
+            .map(|row| row.3)
+            .collect();
+        assert!(
+            plan.iter().any(|step| step.contains(index)),
+            "{sql}: {plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+            "{sql} sorts: {plan:?}"
+        );
+    }
+}

@@ -1,0 +1,294 @@
+//! Geofences: circles and simple polygons that raise `enter` / `exit` when a vehicle crosses
+//! them, with hysteresis so that GPS jitter at the edge does not flap.
+//!
+//! # Layout
+//! - `shape`: [`Shape`] (what clients send, degrees), its checks ([`ShapeError`]) and
+//!   [`Geometry`], the shape projected onto a local plane where the depth of a point (metres
+//!   inside, negative outside) is measured.
+//! - `engine`: [`GeofenceEngine`], the fences in an R*-tree per fleet (their boxes grown by the
+//!   hysteresis) and which fences each vehicle is inside; [`GeofenceEngine::observe`] turns a
+//!   position into [`Transition`]s.
+//! - here: [`GeofenceOptions`] (`[geofences]`), the automatic fences (a circle around each
+//!   configured store, one around each open order's drop-off) and [`Geofences`], the engine
+//!   as the bridge shares it: heartbeats are noted on the MQTT path (one map insert) and
+//!   evaluated in batches by the bridge's geofence task (`server`), which also keeps the
+//!   stored and automatic fences in step with the store.
+//!
+//! Depends on `shared` only; `store` keeps custom fences (the shape as JSON text), `view`
+//! makes the events, `api` the routes.
+
+mod engine;
+mod shape;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use shared::{FleetId, Heartbeat, VehicleId};
+
+pub use engine::{Crossing, Fence, FenceKind, GeofenceEngine, Sighting, Transition};
+pub use shape::{Geometry, MAX_POINTS, MAX_RADIUS_M, Shape, ShapeError};
+
+/// The geofence settings in force (`[geofences]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GeofenceOptions {
+    /// Radius of the automatic fence around each configured store, metres (default 60).
+    pub store_radius_m: f64,
+    /// Radius of the automatic fence around each open order's drop-off, metres (default 40).
+    pub dropoff_radius_m: f64,
+    /// How far inside a fence a vehicle must be to enter it, and outside to leave it, metres
+    /// (default 15).
+    pub hysteresis_m: f64,
+}
+
+impl Default for GeofenceOptions {
+    fn default() -> Self {
+        Self {
+            store_radius_m: 60.0,
+            dropoff_radius_m: 40.0,
+            hysteresis_m: 15.0,
+        }
+    }
+}
+
+/// A configured store with a location: the centre of its automatic fence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreSite {
+    /// The store id.
+    pub store: String,
+    /// The fleet that delivers its orders.
+    pub fleet: FleetId,
+    /// `[lat, lon]`, degrees.
+    pub location: [f64; 2],
+}
+
+/// An open order's drop-off: the centre of its automatic fence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenDropoff {
+    /// The order id.
+    pub order: String,
+    /// The store that placed it.
+    pub store: String,
+    /// The fleet delivering it.
+    pub fleet: FleetId,
+    /// Latitude, degrees.
+    pub lat: f64,
+    /// Longitude, degrees.
+    pub lon: f64,
+    /// When it was placed, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// The vehicle holding it, if any: the only one that enters its fence.
+    pub carrier: Option<VehicleId>,
+}
+
+/// The automatic fence of a store: `store:{store}`, a circle of `radius_m`.
+pub fn store_fence(site: &StoreSite, radius_m: f64) -> Fence {
+    Fence {
+        id: format!("store:{}", site.store),
+        name: format!("store {}", site.store),
+        fleet: site.fleet.clone(),
+        kind: FenceKind::Store,
+        shape: Shape::Circle {
+            lat: site.location[0],
+            lon: site.location[1],
+            radius_m,
+        },
+        created_ms: 0,
+        store: Some(site.store.clone()),
+        order: None,
+    }
+}
+
+/// The automatic fence of an open order's drop-off: `dropoff:{order}`, a circle of
+/// `radius_m`.
+pub fn dropoff_fence(dropoff: &OpenDropoff, radius_m: f64) -> Fence {
+    Fence {
+        id: format!("dropoff:{}", dropoff.order),
+        name: format!("drop-off of {}", dropoff.order),
+        fleet: dropoff.fleet.clone(),
+        kind: FenceKind::Dropoff,
+        shape: Shape::Circle {
+            lat: dropoff.lat,
+            lon: dropoff.lon,
+            radius_m,
+        },
+        created_ms: dropoff.created_ms,
+        store: Some(dropoff.store.clone()),
+        order: Some(dropoff.order.clone()),
+    }
+}
+
+/// The engine as the bridge shares it: the fences behind one lock, and the positions noted
+/// since the last evaluation behind another (so the MQTT path never waits for an
+/// evaluation).
+#[derive(Debug)]
+pub struct Geofences {
+    options: GeofenceOptions,
+    engine: Mutex<GeofenceEngine>,
+    noted: Mutex<HashMap<VehicleId, Sighting>>,
+}
+
+impl Default for Geofences {
+    fn default() -> Self {
+        Self::new(GeofenceOptions::default())
+    }
+}
+
+impl Geofences {
+    /// No fences yet, with `options`.
+    pub fn new(options: GeofenceOptions) -> Self {
+        Self {
+            options,
+            engine: Mutex::new(GeofenceEngine::new(options.hysteresis_m)),
+            noted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The settings in force.
+    pub fn options(&self) -> GeofenceOptions {
+        self.options
+    }
+
+    /// Locks the engine (a poisoned lock is recovered: a half-done update leaves at worst a
+    /// missed transition).
+    pub fn engine(&self) -> MutexGuard<'_, GeofenceEngine> {
+        self.engine.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes a heartbeat of `vehicle` for the next evaluation; a newer one replaces it.
+    pub fn note(&self, fleet: &FleetId, vehicle: &VehicleId, heartbeat: &Heartbeat) {
+        let sighting = Sighting {
+            vehicle: vehicle.clone(),
+            fleet: fleet.clone(),
+            lat: f64::from(heartbeat.pos.lat_e7) * 1e-7,
+            lon: f64::from(heartbeat.pos.lon_e7) * 1e-7,
+            ts_ms: heartbeat.ts_ms,
+        };
+        let mut noted = self.noted.lock().unwrap_or_else(PoisonError::into_inner);
+        match noted.get_mut(vehicle) {
+            Some(old) if old.ts_ms > sighting.ts_ms => {}
+            Some(old) => *old = sighting,
+            None => {
+                noted.insert(vehicle.clone(), sighting);
+            }
+        }
+    }
+
+    /// Evaluates the positions noted since the last call: the transitions they cause.
+    pub fn evaluate(&self) -> Vec<Transition> {
+        let noted = std::mem::take(&mut *self.noted.lock().unwrap_or_else(PoisonError::into_inner));
+        if noted.is_empty() {
+            return Vec::new();
+        }
+        let mut engine = self.engine();
+        noted.values().flat_map(|s| engine.observe(s)).collect()
+    }
+
+    /// Makes the store fences those of `sites`.
+    pub fn sync_stores(&self, sites: &[StoreSite]) -> usize {
+        let fences = sites
+            .iter()
+            .map(|s| store_fence(s, self.options.store_radius_m))
+            .collect();
+        self.engine().sync_kind(FenceKind::Store, fences)
+    }
+
+    /// Makes the drop-off fences those of `open` orders, each entered by its carrier only.
+    pub fn sync_dropoffs(&self, open: &[OpenDropoff]) -> usize {
+        let fences = open
+            .iter()
+            .map(|d| dropoff_fence(d, self.options.dropoff_radius_m))
+            .collect();
+        let mut engine = self.engine();
+        let changed = engine.sync_kind(FenceKind::Dropoff, fences);
+        for d in open {
+            engine.set_carrier(&format!("dropoff:{}", d.order), d.carrier.clone());
+        }
+        changed
+    }
+
+    /// Makes the custom fences `fences`.
+    pub fn sync_custom(&self, fences: Vec<Fence>) -> usize {
+        self.engine().sync_kind(FenceKind::Custom, fences)
+    }
+
+    /// An order was placed: its drop-off fence now (the periodic sync would add it too).
+    pub fn order_opened(&self, dropoff: &OpenDropoff) {
+        let mut engine = self.engine();
+        engine.upsert(dropoff_fence(dropoff, self.options.dropoff_radius_m));
+        engine.set_carrier(
+            &format!("dropoff:{}", dropoff.order),
+            dropoff.carrier.clone(),
+        );
+    }
+
+    /// An order ended (delivered, cancelled): its drop-off fence goes now.
+    pub fn order_closed(&self, order: &str) {
+        self.engine().remove(&format!("dropoff:{order}"));
+    }
+
+    /// The fences for which `wanted` holds, sorted by kind then id.
+    pub fn list(&self, wanted: impl Fn(&Fence) -> bool) -> Vec<Arc<Fence>> {
+        let mut fences: Vec<Arc<Fence>> = self
+            .engine()
+            .fences()
+            .filter(|f| wanted(f))
+            .cloned()
+            .collect();
+        fences.sort_by(|a, b| (a.kind.as_str(), &a.id).cmp(&(b.kind.as_str(), &b.id)));
+        fences
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::{Heartbeat, Position};
+
+    use super::*;
+
+    #[test]
+    fn noted_heartbeats_are_evaluated_once_newest_first() {
+        let geofences = Geofences::new(GeofenceOptions {
+            store_radius_m: 60.0,
+            dropoff_radius_m: 40.0,
+            hysteresis_m: 10.0,
+        });
+        let fleet = FleetId::new("demo").expect("valid");
+        let vehicle = VehicleId::new("v1").expect("valid");
+        geofences.sync_stores(&[StoreSite {
+            store: "store-1".into(),
+            fleet: fleet.clone(),
+            location: [52.52, 13.405],
+        }]);
+        geofences.order_opened(&OpenDropoff {
+            order: "o-1".into(),
+            store: "store-1".into(),
+            fleet: fleet.clone(),
+            lat: 52.53,
+            lon: 13.405,
+            created_ms: 5,
+            carrier: Some(vehicle.clone()),
+        });
+        assert_eq!(geofences.list(|_| true).len(), 2);
+        let hb = |lat: f64, ts_ms| Heartbeat {
+            ts_ms,
+            pos: Position::new((lat * 1e7) as i32, 134_050_000),
+            ..Heartbeat::default()
+        };
+        // The older heartbeat noted last does not replace the newer one.
+        geofences.note(&fleet, &vehicle, &hb(52.53, 20));
+        geofences.note(&fleet, &vehicle, &hb(52.52, 10));
+        let t = geofences.evaluate();
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            (
+                t[0].fence.id.as_str(),
+                t[0].crossing,
+                t[0].fence.order.as_deref()
+            ),
+            ("dropoff:o-1", Crossing::Enter, Some("o-1"))
+        );
+        assert!(geofences.evaluate().is_empty(), "nothing noted since");
+        geofences.order_closed("o-1");
+        assert_eq!(geofences.list(|_| true).len(), 1);
+    }
+}

@@ -1,0 +1,247 @@
+//! Custom geofences (`geofences` table) and the drop-offs of open orders, which the geofence
+//! engine turns into fences. A fence's shape is stored as JSON text: the store neither reads
+//! nor checks it (`geofence` does).
+
+use shared::FleetId;
+
+use super::database::{Store, from_db, parse_id, to_db};
+use super::error::StoreError;
+
+/// A stored custom fence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFence {
+    /// Its id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The fleet whose vehicles it watches.
+    pub fleet: FleetId,
+    /// Its shape, JSON text.
+    pub shape: String,
+    /// When it was created, ms since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// An order not yet delivered nor cancelled, with its drop-off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenOrderDropoff {
+    /// The order id.
+    pub order: String,
+    /// The store that placed it.
+    pub store: String,
+    /// The fleet delivering it.
+    pub fleet: FleetId,
+    /// Drop-off latitude, 1e-7 degrees.
+    pub lat_e7: i32,
+    /// Drop-off longitude, 1e-7 degrees.
+    pub lon_e7: i32,
+    /// When it was placed, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// The vehicle holding it (assigned, picked up, in transit), if any.
+    pub vehicle: Option<String>,
+}
+
+type FenceRow = (String, String, String, String, i64);
+
+fn fence_from_row(
+    (id, name, fleet, shape, created_ms): FenceRow,
+) -> Result<StoredFence, StoreError> {
+    Ok(StoredFence {
+        fleet: parse_id("geofence fleet", &fleet)?,
+        id,
+        name,
+        shape,
+        created_ms: from_db(created_ms),
+    })
+}
+
+impl Store {
+    /// Stores a new custom fence.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if it could not be committed (an id in use included).
+    pub async fn insert_geofence(&self, fence: &StoredFence) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO geofences (fence_id, name, fleet, shape, created_ms, updated_ms) \
+             VALUES ($1, $2, $3, $4, $5, $5)",
+        )
+        .bind(fence.id.as_str())
+        .bind(fence.name.as_str())
+        .bind(fence.fleet.as_str())
+        .bind(fence.shape.as_str())
+        .bind(to_db(fence.created_ms))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces the name, fleet and shape of custom fence `fence.id` (its `created_ms` is
+    /// kept); returns whether it exists.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if it could not be committed.
+    pub async fn update_geofence(
+        &self,
+        fence: &StoredFence,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let changed = sqlx::query(
+            "UPDATE geofences SET name = $2, fleet = $3, shape = $4, updated_ms = $5 WHERE fence_id = $1",
+        )
+        .bind(fence.id.as_str())
+        .bind(fence.name.as_str())
+        .bind(fence.fleet.as_str())
+        .bind(fence.shape.as_str())
+        .bind(to_db(now_ms))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(changed > 0)
+    }
+
+    /// Deletes custom fence `id`; returns whether it existed.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if it could not be committed.
+    pub async fn delete_geofence(&self, id: &str) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let deleted = sqlx::query("DELETE FROM geofences WHERE fence_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(deleted > 0)
+    }
+
+    /// Custom fence `id`, if it exists.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] for a bad fleet.
+    pub async fn geofence(&self, id: &str) -> Result<Option<StoredFence>, StoreError> {
+        let row: Option<FenceRow> = sqlx::query_as(
+            "SELECT fence_id, name, fleet, shape, created_ms FROM geofences WHERE fence_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.read)
+        .await?;
+        row.map(fence_from_row).transpose()
+    }
+
+    /// Every custom fence, by id.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] for a bad fleet.
+    pub async fn geofences(&self) -> Result<Vec<StoredFence>, StoreError> {
+        let rows: Vec<FenceRow> = sqlx::query_as(
+            "SELECT fence_id, name, fleet, shape, created_ms FROM geofences ORDER BY fence_id",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter().map(fence_from_row).collect()
+    }
+
+    /// The drop-offs of every order neither delivered nor cancelled, with the vehicle holding
+    /// each, by order id.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] for a bad fleet.
+    pub async fn open_dropoffs(&self) -> Result<Vec<OpenOrderDropoff>, StoreError> {
+        type Row = (String, String, String, i32, i32, i64, Option<String>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT order_id, store, fleet, dropoff_lat_e7, dropoff_lon_e7, created_ms, vehicle \
+             FROM orders WHERE state NOT IN ('delivered', 'cancelled') ORDER BY order_id",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(order, store, fleet, lat_e7, lon_e7, created_ms, vehicle)| {
+                    Ok(OpenOrderDropoff {
+                        fleet: parse_id("order fleet", &fleet)?,
+                        order,
+                        store,
+                        lat_e7,
+                        lon_e7,
+                        created_ms: from_db(created_ms),
+                        vehicle,
+                    })
+                },
+            )
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::{OrderId, Position};
+
+    use super::*;
+    use crate::store::NewOrder;
+    use crate::store::testing::on_each_backend;
+
+    fn fence(id: &str, fleet: &str) -> StoredFence {
+        StoredFence {
+            id: id.into(),
+            name: format!("fence {id}"),
+            fleet: FleetId::new(fleet).expect("valid"),
+            shape: r#"{"type":"circle","lat":52.5,"lon":13.4,"radius_m":40.0}"#.into(),
+            created_ms: 1_000,
+        }
+    }
+
+    on_each_backend! {
+        /// Custom fences are created, read, changed and deleted; a second insert of an id fails.
+        async fn geofences_crud(store) {
+            assert!(store.geofences().await.expect("list").is_empty());
+            store.insert_geofence(&fence("gf-b", "north")).await.expect("insert");
+            store.insert_geofence(&fence("gf-a", "demo")).await.expect("insert");
+            assert!(store.insert_geofence(&fence("gf-a", "demo")).await.is_err(), "id in use");
+            let all = store.geofences().await.expect("list");
+            assert_eq!(all.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["gf-a", "gf-b"]);
+            assert_eq!(store.geofence("gf-a").await.expect("get"), Some(fence("gf-a", "demo")));
+            let changed = StoredFence { name: "renamed".into(), shape: "{}".into(), created_ms: 9, ..fence("gf-a", "south") };
+            assert!(store.update_geofence(&changed, 2_000).await.expect("update"));
+            let read = store.geofence("gf-a").await.expect("get").expect("exists");
+            assert_eq!((read.name.as_str(), read.fleet.as_str(), read.shape.as_str(), read.created_ms), ("renamed", "south", "{}", 1_000));
+            assert!(!store.update_geofence(&fence("gf-x", "demo"), 1).await.expect("update"), "missing");
+            assert!(store.delete_geofence("gf-a").await.expect("delete"));
+            assert!(!store.delete_geofence("gf-a").await.expect("delete"), "gone already");
+            assert_eq!(store.geofence("gf-a").await.expect("get"), None);
+        }
+    }
+
+    on_each_backend! {
+        /// Open orders list their drop-offs; a delivered order does not.
+        async fn open_dropoffs_follow_the_orders(store) {
+            let order = |id: &str, lat_e7: i32| NewOrder {
+                order: OrderId::new(id).expect("valid"),
+                store: "store-1".into(),
+                fleet: FleetId::new("demo").expect("valid"),
+                customer: "c".into(),
+                pickup: Position::new(525_200_000, 134_050_000),
+                dropoff: Position::new(lat_e7, 134_060_000),
+            };
+            store.create_order(&order("o-1", 525_210_000)).await.expect("create");
+            store.create_order(&order("o-2", 525_220_000)).await.expect("create");
+            let open = store.open_dropoffs().await.expect("open");
+            assert_eq!(open.len(), 2);
+            assert_eq!((open[0].order.as_str(), open[0].store.as_str(), open[0].lat_e7, open[0].lon_e7), ("o-1", "store-1", 525_210_000, 134_060_000));
+            assert_eq!(open[1].vehicle, None, "nobody holds o-2 yet");
+            let carrier = shared::VehicleId::new("demo-0001").expect("valid");
+            store.assign(&OrderId::new("o-2").expect("valid"), &carrier).await.expect("assign");
+            let open = store.open_dropoffs().await.expect("open");
+            assert_eq!(open[1].vehicle.as_deref(), Some("demo-0001"), "o-2 is demo-0001's");
+            sqlx::query("UPDATE orders SET state = 'delivered' WHERE order_id = 'o-1'")
+                .execute(&store.write)
+                .await
+                .expect("deliver");
+            let open = store.open_dropoffs().await.expect("open");
+            assert_eq!(open.iter().map(|o| o.order.as_str()).collect::<Vec<_>>(), ["o-2"]);
+        }
+    }
+}
