@@ -1,7 +1,9 @@
-// Builds the dispatcher page into dist/: one JS bundle, one CSS file, gzip copies, the bundled
-// libraries' licences, and manifest.json with a hash of the sources that bridge/src/api/web.rs
-// checks in its tests (so a stale dist/ fails `cargo test`). src/index.html is not copied: the
-// bridge serves it from src/, with the assets' versioned URLs filled in.
+// Builds the bridge's pages into dist/: for each page (the dispatcher page `app`, from
+// src/main.js; the store page `vendor`, from src/vendor.js) one JS bundle and one CSS file, gzip
+// copies, the bundled libraries' licences, and manifest.json with a hash of the sources that
+// bridge/src/api/web.rs checks in its tests (so a stale dist/ fails `cargo test`). The HTML
+// (src/index.html, src/vendor.html) is not copied: the bridge serves it from src/, with the
+// assets' versioned URLs filled in.
 //
 // Run it through ./build.sh (which installs the pinned npm packages first).
 
@@ -16,6 +18,9 @@ const dist = join(root, "dist");
 
 /** The files whose content decides dist/: keep in sync with `SOURCE_ROOTS` in bridge/src/api/web.rs. */
 const SOURCE_ROOTS = ["build.sh", "build.mjs", "package.json", "package-lock.json", "src"];
+
+/** The pages' bundles: `dist/{name}.js` and `dist/{name}.css` (served by bridge/src/api/web.rs). */
+const ENTRIES = { app: "src/main.js", vendor: "src/vendor.js" };
 
 function walk(path) {
   const abs = join(root, path);
@@ -64,8 +69,8 @@ function licences(metafile) {
   const dirs = [...new Set(Object.keys(metafile.inputs).map(packageDir).filter(Boolean))].sort();
   const bundled = [];
   let text =
-    "Fleetbeat dispatcher page — third-party software bundled into app.js and app.css\n" +
-    "===============================================================================\n";
+    "Fleetbeat pages — third-party software bundled into app.js, app.css, vendor.js and vendor.css\n" +
+    "============================================================================================\n";
   for (const dir of dirs) {
     const pkg = JSON.parse(readFileSync(join(root, dir, "package.json"), "utf8"));
     const file = readdirSync(join(root, dir)).find((f) => /^licen[cs]e(\.md|\.txt)?$/i.test(f));
@@ -84,7 +89,7 @@ async function build() {
 
   const result = await esbuild.build({
     absWorkingDir: root,
-    entryPoints: { app: "src/main.js" },
+    entryPoints: ENTRIES,
     outdir: "dist",
     bundle: true,
     minify: true,
@@ -95,16 +100,18 @@ async function build() {
     loader: { ".png": "dataurl", ".svg": "dataurl" },
     metafile: true,
     logLevel: "warning",
-    banner: { js: "/* Fleetbeat dispatcher page. Bundled libraries and their licences: /assets/LICENSES.txt */" },
+    banner: { js: "/* Fleetbeat. Bundled libraries and their licences: /assets/LICENSES.txt */" },
   });
 
   const { bundled, text } = licences(result.metafile);
   writeFileSync(join(dist, "LICENSES.txt"), text);
 
-  const js = readFileSync(join(dist, "app.js"));
-  const css = readFileSync(join(dist, "app.css"));
-  writeFileSync(join(dist, "app.js.gz"), gzipSync(js, { level: 9 }));
-  writeFileSync(join(dist, "app.css.gz"), gzipSync(css, { level: 9 }));
+  for (const entry of Object.keys(ENTRIES)) {
+    for (const ext of ["js", "css"]) {
+      const file = join(dist, `${entry}.${ext}`);
+      writeFileSync(`${file}.gz`, gzipSync(readFileSync(file), { level: 9 }));
+    }
+  }
 
   const out = {};
   for (const name of readdirSync(dist).sort()) {

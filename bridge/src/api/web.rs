@@ -1,15 +1,17 @@
-//! The dispatcher page: `GET /`, its assets under `/assets/`, and `GET /config.json`.
+//! The pages: the dispatcher page `GET /`, the store page `GET /vendor`, their assets under
+//! `/assets/`, and `GET /config.json`.
 //!
-//! Everything is embedded in the binary: the page works on a machine without internet and
+//! Everything is embedded in the binary: the pages work on a machine without internet and
 //! `cargo build` needs no node. The sources live in `bridge/web/src` and are bundled (Leaflet and
-//! socket.io-client included) by `bridge/web/build.sh` into `bridge/web/dist`, which is
-//! committed; a test below fails while `dist/` is older than the sources. `index.html` is
-//! embedded from `src/` itself, its assets' URLs filled in once at start.
+//! socket.io-client included) by `bridge/web/build.sh` into `bridge/web/dist`, one JS and one
+//! CSS file per page (`app.*`, `vendor.*`), which is committed; a test below fails while `dist/`
+//! is older than the sources. `index.html` and `vendor.html` are embedded from `src/` itself,
+//! their assets' URLs filled in once at start.
 //!
-//! Caching: `/` and `/config.json` are revalidated on every load (`no-cache` with an `ETag`);
-//! `index.html` links the assets as `/assets/app.js?v={content hash}`, and such versioned URLs
+//! Caching: the pages and `/config.json` are revalidated on every load (`no-cache` with an
+//! `ETag`); a page links its assets as `/assets/app.js?v={content hash}`, and such versioned URLs
 //! are cached for a year (`immutable`). JS and CSS go out gzipped (precompressed at build time)
-//! to clients that accept it.
+//! to clients that accept it. Both pages get the same Content-Security-Policy.
 //!
 //! The base map is a grid drawn by the page itself; an online tile server is an option
 //! ([`WebConfig::tile_url`]), off by default.
@@ -103,18 +105,33 @@ struct Asset {
     gzip: Option<&'static [u8]>,
 }
 
-const ASSETS: [Asset; 3] = [
+const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+
+const ASSETS: [Asset; 5] = [
     Asset {
         name: "app.js",
-        content_type: "text/javascript; charset=utf-8",
+        content_type: JS,
         body: include_bytes!("../../web/dist/app.js"),
         gzip: Some(include_bytes!("../../web/dist/app.js.gz")),
     },
     Asset {
         name: "app.css",
-        content_type: "text/css; charset=utf-8",
+        content_type: CSS,
         body: include_bytes!("../../web/dist/app.css"),
         gzip: Some(include_bytes!("../../web/dist/app.css.gz")),
+    },
+    Asset {
+        name: "vendor.js",
+        content_type: JS,
+        body: include_bytes!("../../web/dist/vendor.js"),
+        gzip: Some(include_bytes!("../../web/dist/vendor.js.gz")),
+    },
+    Asset {
+        name: "vendor.css",
+        content_type: CSS,
+        body: include_bytes!("../../web/dist/vendor.css"),
+        gzip: Some(include_bytes!("../../web/dist/vendor.css.gz")),
     },
     Asset {
         name: "LICENSES.txt",
@@ -124,29 +141,47 @@ const ASSETS: [Asset; 3] = [
     },
 ];
 
-/// The page as `bridge/web/src/index.html` has it: `__APP_JS__` and `__APP_CSS__` stand where
-/// the assets' URLs go.
+/// The dispatcher page as `bridge/web/src/index.html` has it: `__APP_JS__` and `__APP_CSS__`
+/// stand where the assets' URLs go.
 const INDEX_TEMPLATE: &str = include_str!("../../web/src/index.html");
 
-/// The page, linking each asset by a URL with its content hash (`/assets/app.js?v=...`).
-static INDEX_HTML: LazyLock<Bytes> = LazyLock::new(|| {
-    let url = |asset: &Asset| format!("/assets/{}?v={:016x}", asset.name, fnv1a64(asset.body));
-    let [js, css, _] = &ASSETS;
-    Bytes::from(
-        INDEX_TEMPLATE
-            .replace("__APP_JS__", &url(js))
-            .replace("__APP_CSS__", &url(css)),
-    )
-});
+/// The store page as `bridge/web/src/vendor.html` has it: `__VENDOR_JS__` and `__VENDOR_CSS__`
+/// stand where the assets' URLs go.
+const VENDOR_TEMPLATE: &str = include_str!("../../web/src/vendor.html");
 
-/// Strong ETags of the index and of each asset (plain, gzipped), computed once.
+/// `template` with `{PREFIX}_JS__`/`{PREFIX}_CSS__` replaced by the versioned URLs
+/// (`/assets/app.js?v={content hash}`) of the assets `{name}.js` and `{name}.css`.
+fn render_page(template: &str, prefix: &str, name: &str) -> Bytes {
+    let url = |file: String| {
+        ASSETS.iter().find(|a| a.name == file).map_or_else(
+            || format!("/assets/{file}"),
+            |a| format!("/assets/{}?v={:016x}", a.name, fnv1a64(a.body)),
+        )
+    };
+    Bytes::from(
+        template
+            .replace(&format!("{prefix}_JS__"), &url(format!("{name}.js")))
+            .replace(&format!("{prefix}_CSS__"), &url(format!("{name}.css"))),
+    )
+}
+
+/// The dispatcher page, linking each asset by a URL with its content hash.
+static INDEX_HTML: LazyLock<Bytes> = LazyLock::new(|| render_page(INDEX_TEMPLATE, "__APP", "app"));
+
+/// The store page, linking each asset by a URL with its content hash.
+static VENDOR_HTML: LazyLock<Bytes> =
+    LazyLock::new(|| render_page(VENDOR_TEMPLATE, "__VENDOR", "vendor"));
+
+/// Strong ETags of the pages and of each asset (plain, gzipped), computed once.
 struct Etags {
     index: HeaderValue,
+    vendor: HeaderValue,
     assets: Vec<(HeaderValue, HeaderValue)>,
 }
 
 static ETAGS: LazyLock<Etags> = LazyLock::new(|| Etags {
     index: etag(&INDEX_HTML, ""),
+    vendor: etag(&VENDOR_HTML, ""),
     assets: ASSETS
         .iter()
         .map(|a| (etag(a.body, ""), etag(a.gzip.unwrap_or_default(), "-gz")))
@@ -181,8 +216,8 @@ struct WebState {
     csp: HeaderValue,
 }
 
-/// The page's routes: `/`, `/assets/{file}` and `/config.json`. Merge them into the bridge's
-/// router; they need no state of their own from it.
+/// The pages' routes: `/`, `/vendor`, `/assets/{file}` and `/config.json`. Merge them into the
+/// bridge's router; they need no state of their own from it.
 pub(crate) fn routes<S: Clone + Send + Sync + 'static>(config: WebConfig) -> Router<S> {
     let config_json = serde_json::to_vec(&config).unwrap_or_else(|_| b"{}".to_vec());
     let state = WebState {
@@ -196,6 +231,7 @@ pub(crate) fn routes<S: Clone + Send + Sync + 'static>(config: WebConfig) -> Rou
     };
     Router::new()
         .route("/", get(index))
+        .route("/vendor", get(vendor))
         .route("/assets/{file}", get(asset))
         .route("/config.json", get(page_config))
         .with_state(Arc::new(state))
@@ -293,11 +329,20 @@ fn not_modified_response(tag: &HeaderValue, cache: &'static str) -> Response {
     response
 }
 
-/// `GET /`: the page.
+/// `GET /`: the dispatcher page.
 async fn index(State(state): State<Arc<WebState>>, headers: HeaderMap) -> Response {
+    page(&state, &headers, &INDEX_HTML, &ETAGS.index)
+}
+
+/// `GET /vendor`: the store page.
+async fn vendor(State(state): State<Arc<WebState>>, headers: HeaderMap) -> Response {
+    page(&state, &headers, &VENDOR_HTML, &ETAGS.vendor)
+}
+
+/// A page: revalidated on every load, with the Content-Security-Policy.
+fn page(state: &WebState, headers: &HeaderMap, html: &Bytes, tag: &HeaderValue) -> Response {
     const CACHE: &str = "no-cache";
-    let tag = &ETAGS.index;
-    let mut response = if not_modified(&headers, tag) {
+    let mut response = if not_modified(headers, tag) {
         not_modified_response(tag, CACHE)
     } else {
         response(
@@ -305,7 +350,7 @@ async fn index(State(state): State<Arc<WebState>>, headers: HeaderMap) -> Respon
             "text/html; charset=utf-8",
             CACHE,
             tag,
-            Body::from(INDEX_HTML.clone()),
+            Body::from(html.clone()),
         )
     };
     let h = response.headers_mut();
@@ -464,13 +509,27 @@ mod tests {
     }
 
     #[test]
-    fn index_links_only_embedded_assets() {
-        let html = std::str::from_utf8(&INDEX_HTML).expect("UTF-8");
-        for asset in ["app.js", "app.css"] {
-            assert!(html.contains(&format!("/assets/{asset}?v=")), "{asset}");
+    fn pages_link_only_embedded_assets() {
+        for (page, html, name) in [
+            ("index.html", &*INDEX_HTML, "app"),
+            ("vendor.html", &*VENDOR_HTML, "vendor"),
+        ] {
+            let html = std::str::from_utf8(html).expect("UTF-8");
+            for asset in [format!("{name}.js"), format!("{name}.css")] {
+                let embedded = ASSETS.iter().find(|a| a.name == asset).expect("embedded");
+                let url = format!("/assets/{asset}?v={:016x}", fnv1a64(embedded.body));
+                assert!(html.contains(&url), "{page} links {asset} as {url}");
+            }
+            assert!(
+                !html.contains("http://") && !html.contains("https://"),
+                "{page} links outside the bridge"
+            );
+            assert!(!html.contains("__APP_"), "placeholders left in {page}");
+            assert!(!html.contains("__VENDOR_"), "placeholders left in {page}");
+            // No inline script: the CSP (script-src 'self') would block it.
+            assert_eq!(html.matches("<script").count(), 1, "{page}");
         }
-        assert!(!html.contains("http://") && !html.contains("https://"));
-        assert!(!html.contains("__APP_"), "placeholders left in index.html");
+        assert!(!String::from_utf8_lossy(&INDEX_HTML).contains("vendor.js"));
     }
 
     #[test]
@@ -642,6 +701,58 @@ mod tests {
 
         assert_eq!(get(addr, "/assets/nope.js", &[]).await.status, 404);
         assert_eq!(get(addr, "/assets/..%2Fapp.js", &[]).await.status, 404);
+    }
+
+    #[tokio::test]
+    async fn serves_the_store_page_like_the_dispatcher_page() {
+        let online = WebConfig {
+            tile_url: Some("https://{s}.tile.example/{z}/{x}/{y}.png".to_owned()),
+            ..WebConfig::default()
+        };
+        let addr = serve(online).await;
+        let page = get(addr, "/vendor", &[]).await;
+        assert_eq!(page.status, 200);
+        assert_eq!(
+            page.header("content-type"),
+            Some("text/html; charset=utf-8")
+        );
+        assert_eq!(page.header("cache-control"), Some("no-cache"));
+        assert_eq!(page.header("referrer-policy"), Some("no-referrer"));
+        assert_eq!(page.body, *VENDOR_HTML);
+        let html = String::from_utf8_lossy(&page.body);
+        assert!(html.contains("id=\"login\"") && html.contains("id=\"place\""));
+        // The same policy as `/`, tile host included.
+        let csp = page.header("content-security-policy").expect("CSP");
+        let index = get(addr, "/", &[]).await;
+        assert_eq!(Some(csp), index.header("content-security-policy"));
+        assert!(csp.contains("script-src 'self';") && csp.contains("https://*.tile.example"));
+        // Revalidation with its own ETag.
+        let tag = page.header("etag").expect("ETag").to_owned();
+        assert_ne!(Some(tag.as_str()), index.header("etag"));
+        let again = get(addr, "/vendor", &[("If-None-Match", &tag)]).await;
+        assert_eq!((again.status, again.body.len()), (304, 0));
+        assert!(again.header("content-security-policy").is_some());
+
+        // Every asset it links is served, versioned (immutable) and gzipped.
+        for (prefix, kind) in [("/assets/vendor.js?v=", JS), ("/assets/vendor.css?v=", CSS)] {
+            let url = html
+                .split('"')
+                .find(|s| s.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{prefix} linked"));
+            let asset = get(addr, url, &[("Accept-Encoding", "gzip")]).await;
+            assert_eq!(asset.status, 200, "{url}");
+            assert_eq!(asset.header("content-type"), Some(kind));
+            assert_eq!(asset.header("content-encoding"), Some("gzip"));
+            assert_eq!(
+                asset.header("cache-control"),
+                Some("public, max-age=31536000, immutable")
+            );
+        }
+        // The bundle is the store's: it speaks to `/vendor` and sets its own hooks.
+        let js = get(addr, "/assets/vendor.js", &[]).await;
+        let js = String::from_utf8_lossy(&js.body);
+        assert!(js.contains("__fleetbeatVendor") && js.contains("/vendor"));
+        assert_eq!(get(addr, "/vendor/", &[]).await.status, 404);
     }
 
     #[tokio::test]

@@ -15,7 +15,8 @@ export const COMMAND_ACK_MS = 30_000;
  * Connects with `token` and forwards what happens to `on`:
  * `connect()`, `refused(message)` (the bridge turned the token down: no retry),
  * `unreachable(message)` (transport trouble: Socket.IO retries by itself), `disconnect(reason)`,
- * and every server event by name (`snapshot`, `position`, `status`, `delivery`, `ack`, `announce`).
+ * and every server event by name (`snapshot`, `position`, `status`, `delivery`, `ack`, `announce`,
+ * `pickup`, `order`, `geofence`, `geofences`).
  */
 export function connect(token, on) {
   const socket = io("/dispatch", {
@@ -33,7 +34,7 @@ export function connect(token, on) {
     else on.refused(message);
   });
   socket.on("disconnect", (reason) => on.disconnect(reason));
-  for (const event of ["snapshot", "position", "status", "delivery", "ack", "announce"]) {
+  for (const event of ["snapshot", "position", "status", "delivery", "ack", "announce", "pickup", "order", "geofence", "geofences"]) {
     socket.on(event, (payload) => on[event]?.(payload));
   }
 
@@ -45,6 +46,10 @@ export function connect(token, on) {
     leave: (room) => ack(socket, ROOM_ACK_MS, "leave", room),
     /** Sends a `command`; resolves to the ack. */
     command: (body) => ack(socket, COMMAND_ACK_MS, "command", body),
+    /** Acknowledges a queued `delivery` (`received {messageId}`); resolves to the ack. */
+    received: (messageId) => ack(socket, ROOM_ACK_MS, "received", { messageId }),
+    /** `getAll` one page of the pending queue (`{after?, limit?}`); resolves to `{ok, count, next}`. */
+    getAll: (page) => ack(socket, ROOM_ACK_MS, "getAll", page ?? {}),
     close: () => socket.disconnect(),
   };
 }

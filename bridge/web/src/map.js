@@ -380,9 +380,37 @@ function arrow(path, x, y, heading, len, wid) {
 
 /**
  * Creates the map in `element`. `config` is the bridge's `/config.json`.
+ * `onClick(event, vehicleId)` may take a click first (return true); `onMove(event)` sees the mouse.
  * Returns `{ map, vehicles }`.
  */
-export function createMap(element, fleet, config, { onSelect, onHover, onDraw }) {
+export function createMap(element, fleet, config, { onSelect, onHover, onDraw, onClick, onMove }) {
+  const map = createBaseMap(element, config);
+  legend().addTo(map);
+  // The banner and the window change the map's size: Leaflet must know, or clicks miss.
+  new ResizeObserver(() => map.invalidateSize({ pan: false })).observe(element);
+  return addVehicles(map, element, fleet, { onSelect, onHover, onDraw, onClick, onMove });
+}
+
+/**
+ * The bridge's `/config.json` (the map's tiles and view), or `{}` when the page is served
+ * without it: the offline grid.
+ */
+export async function loadConfig() {
+  try {
+    const r = await fetch("/config.json", { cache: "no-store" });
+    if (r.ok) return await r.json();
+  } catch {
+    // No bridge behind the page: the defaults.
+  }
+  return {};
+}
+
+/**
+ * The base map alone, as every page of the bridge draws it (the dispatcher's and the vendor's):
+ * a Leaflet map in `element` with the offline grid, the configured tiles above it (if any) and
+ * the scale. `config` is the bridge's `/config.json`.
+ */
+export function createBaseMap(element, config) {
   const map = L.map(element, {
     center: config.centre ?? [20, 0],
     zoom: config.centre ? 12 : 2,
@@ -401,20 +429,23 @@ export function createMap(element, fleet, config, { onSelect, onHover, onDraw })
     }).addTo(map);
   }
   L.control.scale({ imperial: false }).addTo(map);
-  legend().addTo(map);
-  // The banner and the window change the map's size: Leaflet must know, or clicks miss.
-  new ResizeObserver(() => map.invalidateSize({ pan: false })).observe(element);
+  return map;
+}
 
+function addVehicles(map, element, fleet, { onSelect, onHover, onDraw, onClick, onMove }) {
   const vehicles = new VehicleLayer(fleet, { onDraw });
   vehicles.addTo(map);
 
   map.on("click", (e) => {
     const id = vehicles.hit(e.containerPoint.x, e.containerPoint.y);
+    // A mode (choosing a drop-off, drawing a fence) takes the click before vehicle selection.
+    if (onClick?.(e, id)) return;
     onSelect(id);
   });
   let hoverFrame = 0;
   let lastMouse = null;
   map.on("mousemove", (e) => {
+    onMove?.(e);
     lastMouse = e.containerPoint;
     if (hoverFrame) return;
     hoverFrame = requestAnimationFrame(() => {
@@ -438,6 +469,14 @@ function legend() {
       const swatch = L.DomUtil.create("i", "", item);
       swatch.style.background = colour;
       item.append(status);
+    }
+    // Geofences: the automatic ones (stores, drop-offs) dashed, the dispatchers' own solid.
+    for (const [name, colour, dashed] of [["store fence", "#0e7490", true], ["drop-off fence", "#be185d", true], ["fence", "#7c3aed", false]]) {
+      const item = L.DomUtil.create("span", "", box);
+      const swatch = L.DomUtil.create("i", "fence", item);
+      swatch.style.borderColor = colour;
+      swatch.style.borderStyle = dashed ? "dashed" : "solid";
+      item.append(name);
     }
     return box;
   };
