@@ -80,7 +80,7 @@ const CHARGE_PCT_PER_MIN: f32 = 2.0;
 /// A vehicle that went to the depot to recharge by itself drives off again at this charge.
 const RECHARGED_PCT: f32 = 95.0;
 /// How long a parcel handover at the vendor or the customer takes, in milliseconds.
-const HANDOVER_MS: core::ops::Range<u32> = 10_000..30_000;
+const HANDOVER_MS: core::ops::Range<u32> = 8_000..20_000;
 
 /// Who a device is and where it drives.
 #[derive(Debug, Clone, PartialEq)]

@@ -115,11 +115,11 @@ async fn an_order_is_picked_up_carried_and_delivered() -> anyhow::Result<()> {
     );
 
     // The expected time, in simulation time: the drive (blocks of at most 250 m at 15 to
-    // 50 km/h, with red lights) and two handovers of 10 to 30 s.
+    // 50 km/h, with red lights) and two handovers of 8 to 20 s.
     let sim_ms = events[2].ts_ms - events[0].ts_ms;
-    assert!(sim_ms >= 10_000, "handed over in {sim_ms} ms");
+    assert!(sim_ms >= 8_000, "handed over in {sim_ms} ms");
     let handover_to_door = events[2].ts_ms - events[1].ts_ms;
-    let longest_ms = u64::from(blocks) * 250 * 1000 / 4 + 2 * 30_000 + 60_000;
+    let longest_ms = u64::from(blocks) * 250 * 1000 / 4 + 2 * 20_000 + 60_000;
     assert!(
         handover_to_door <= longest_ms,
         "{handover_to_door} ms for {blocks} blocks"

@@ -13,7 +13,7 @@ use super::DemoStore;
 
 /// How far a drop-off is from its store, as driven along the streets, in metres: a short
 /// drive, so that a whole delivery takes a couple of minutes.
-pub(crate) const DROPOFF_M: std::ops::RangeInclusive<u32> = 300..=700;
+pub(crate) const DROPOFF_M: std::ops::RangeInclusive<u32> = 200..=400;
 
 /// Customers' names, for the orders' `customer` field.
 const CUSTOMERS: [&str; 8] = [

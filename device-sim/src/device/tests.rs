@@ -434,7 +434,7 @@ fn a_delivery_reports_pickup_in_transit_delivered() {
         [0, 1, 2]
     );
     assert!(events.windows(2).all(|w| w[0].ts_ms <= w[1].ts_ms));
-    assert!(events[0].ts_ms > T0 + 10_000 && events[2].ts_ms <= end);
+    assert!(events[0].ts_ms > T0 + 8_000 && events[2].ts_ms <= end);
     assert_eq!(events[0].pos, grid.position(pickup));
     assert_eq!(events[2].pos, grid.position(dropoff));
     // In transit once it moved off the pickup corner, a few metres on.
