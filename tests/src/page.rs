@@ -1,5 +1,6 @@
-//! The dispatcher page in a real headless Chromium (Debian's `chromium`, driven by
-//! `tests/node/page-driver.mjs` through npm's `playwright-core`).
+//! The dispatcher page (`/`) and the vendor page (`/vendor`) in a real headless Chromium
+//! (Debian's `chromium`, driven by `tests/node/page-driver.mjs` through npm's
+//! `playwright-core`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,14 +15,22 @@ use crate::peer::Peer;
 /// Bound on starting Chromium.
 const LAUNCH_WAIT: Duration = Duration::from_secs(90);
 
-/// Where screenshots go: `$FLEETBEAT_ARTIFACTS`, or `target/artifacts` of the workspace.
+/// Where screenshots go: `$FLEETBEAT_ARTIFACTS`, or `artifacts/` in the cargo target directory
+/// the running test was built in (`target/artifacts`, or `$CARGO_TARGET_DIR/artifacts`).
+pub fn artifacts_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FLEETBEAT_ARTIFACTS") {
+        return PathBuf::from(dir);
+    }
+    // The test binary lives in <target>/<profile>/deps/.
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(|t| t.join("artifacts")))
+        .unwrap_or_else(|| crate::workspace().join("target/artifacts"))
+}
+
+/// The path of screenshot `name` in [`artifacts_dir`].
 fn artifact(name: &str) -> PathBuf {
-    std::env::var_os("FLEETBEAT_ARTIFACTS")
-        .map_or_else(
-            || crate::workspace().join("target/artifacts"),
-            PathBuf::from,
-        )
-        .join(name)
+    artifacts_dir().join(name)
 }
 
 /// The page in a headless Chromium, driven by `tests/node/page-driver.mjs`.
@@ -116,7 +125,8 @@ impl Page {
         .await
     }
 
-    /// Waits until `stats()` satisfies `condition` (a JS expression over `s`).
+    /// Waits until the dispatcher page's `stats()` satisfies `condition` (a JS expression over
+    /// `s`).
     ///
     /// # Errors
     /// If it does not within `timeout`; the error carries the last stats.
@@ -125,16 +135,52 @@ impl Page {
         condition: &str,
         timeout: Duration,
     ) -> anyhow::Result<Value> {
+        self.wait_hook_stats("__fleetbeat", condition, timeout)
+            .await
+    }
+
+    /// Waits until the vendor page's `window.__fleetbeatVendor.stats()` satisfies `condition`
+    /// (a JS expression over `s`).
+    ///
+    /// # Errors
+    /// If it does not within `timeout`; the error carries the last stats.
+    pub async fn wait_vendor_stats(
+        &mut self,
+        condition: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        self.wait_hook_stats("__fleetbeatVendor", condition, timeout)
+            .await
+    }
+
+    /// Waits until `window[hook].stats()` satisfies `condition` (a JS expression over `s`).
+    async fn wait_hook_stats(
+        &mut self,
+        hook: &str,
+        condition: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
         let expr = format!(
-            "(() => {{ const s = window.__fleetbeat.stats(); return ({condition}) && s; }})()"
+            "(() => {{ const s = window.{hook}?.stats(); return s && ({condition}) && s; }})()"
         );
         match self.wait(&expr, timeout).await {
             Ok(stats) => Ok(stats),
             Err(err) => {
-                let last = self.eval("window.__fleetbeat.stats()").await?;
+                let last = self
+                    .eval(&format!("window.{hook}?.stats() ?? null"))
+                    .await?;
                 Err(err.context(format!("waiting for stats where {condition}; last: {last}")))
             }
         }
+    }
+
+    /// Loads `url` in the same tab (a reload, when it is the page's own address): the tab's
+    /// session storage stays.
+    ///
+    /// # Errors
+    /// If it does not load within the bound.
+    pub async fn goto(&mut self, url: &str) -> anyhow::Result<()> {
+        self.act(json!({ "op": "goto", "url": url })).await
     }
 
     /// Waits until the element with id `id` is shown and returns its text.
@@ -339,6 +385,20 @@ impl Page {
             .filter(|p| p["type"] != "console" || p["level"] == "error")
             .cloned()
             .collect()
+    }
+
+    /// Asserts that the page logged no console or page errors and asked nothing of the
+    /// outside, then closes it.
+    ///
+    /// # Panics
+    /// If it did, listing what.
+    pub async fn close_clean(mut self) {
+        let problems = self.problems();
+        assert!(
+            problems.is_empty(),
+            "console errors, page errors or requests to the outside: {problems:#?}"
+        );
+        self.close().await;
     }
 
     /// Closes the browser and the driver.

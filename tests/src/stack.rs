@@ -213,6 +213,33 @@ pub async fn start_bridge(extra: &[&str]) -> anyhow::Result<BridgeProcess> {
     spawn_bridge(&args).await
 }
 
+/// Starts the one-command demo as [`start_bridge`] does (embedded broker and HTTP on ephemeral
+/// ports): `bridge --simulate vehicles --sim-speed speed --sim-stores stores`, the simulated
+/// vehicles of fleet `demo` and the simulated stores (`store-1` ...) placing orders through the
+/// bridge's own API, with the vehicles' clock and the stores' order rate `speed` times faster
+/// than real time. `extra` is appended to the command line.
+///
+/// # Errors
+/// If it does not start and become ready in time.
+pub async fn start_demo(
+    vehicles: u32,
+    speed: f64,
+    stores: u32,
+    extra: &[&str],
+) -> anyhow::Result<BridgeProcess> {
+    let (vehicles, speed, stores) = (vehicles.to_string(), speed.to_string(), stores.to_string());
+    let mut args = vec![
+        "--simulate",
+        &vehicles,
+        "--sim-speed",
+        &speed,
+        "--sim-stores",
+        &stores,
+    ];
+    args.extend_from_slice(extra);
+    start_bridge(&args).await
+}
+
 /// Starts the `bridge` binary against the external broker at `mqtt`.
 ///
 /// # Errors
