@@ -28,6 +28,7 @@ use tracing::{debug, error, info, warn};
 use crate::api::adapter::{RedisLink, SharedAdapter};
 use crate::api::https::{HttpsListener, ServerCertificate};
 use crate::api::limits::SocketGuard;
+use crate::api::state::HttpState;
 use crate::api::{geofences, http, socket};
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::config::{BridgeConfig, MqttEndpoint, MqttTarget};
@@ -356,7 +357,7 @@ impl Bridge {
             cancel.child_token(),
         ));
 
-        let state = http::HttpState {
+        let state = HttpState {
             io: io.clone(),
             hub: Arc::clone(&hub),
             broker: broker.as_ref().map(broker::Broker::metrics),

@@ -23,7 +23,7 @@ use serde_json::json;
 use shared::{FleetId, VehicleId};
 use socketioxide::adapter::Adapter;
 
-use super::http::HttpState;
+use super::state::HttpState;
 use crate::clock::now_ms;
 use crate::domain::Hub;
 use crate::domain::auth::{AuthError, Entrance, Grant, Role};

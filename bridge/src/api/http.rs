@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRef, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -27,14 +27,13 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use shared::{OrderId, VehicleId};
-use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
 use socketioxide::layer::SocketIoLayer;
 
 use super::limits::{Limit, SocketGuard};
 use super::socket::place_and_announce;
+use super::state::HttpState;
 use super::web::{self, WebConfig};
-use crate::cluster::ClusterStats;
 use crate::domain::Hub;
 use crate::domain::auth::{AuthError, Entrance, Grant, MetricsRefusal, Role};
 use crate::domain::command::{CommandError, CommandRequest};
@@ -43,40 +42,6 @@ use crate::domain::order::OrderState;
 use crate::store::{HeartbeatRow, OrderFilter, StoreError};
 use crate::view::order;
 use crate::view::vehicle::{VehicleView, command_answer, track, track_geojson};
-
-/// What the HTTP handlers share.
-pub(crate) struct HttpState<A: Adapter> {
-    /// The Socket.IO server, to announce orders placed over HTTP.
-    pub(crate) io: SocketIo<A>,
-    /// The bridge's shared state.
-    pub(crate) hub: Arc<Hub>,
-    /// The embedded broker's counters, appended to `/metrics` (embedded mode only).
-    pub(crate) broker: Option<broker::BrokerMetrics>,
-    /// The Socket.IO limits: the Origin check, and their counters for `/metrics`.
-    pub(crate) guard: Arc<SocketGuard>,
-    /// The counters of the link to the other bridges, appended to `/metrics` (with
-    /// `redis_url` only).
-    pub(crate) cluster: Option<Arc<ClusterStats>>,
-}
-
-// Not derived: a derive would ask `A: Clone`.
-impl<A: Adapter> Clone for HttpState<A> {
-    fn clone(&self) -> Self {
-        Self {
-            io: self.io.clone(),
-            hub: Arc::clone(&self.hub),
-            broker: self.broker.clone(),
-            guard: Arc::clone(&self.guard),
-            cluster: self.cluster.clone(),
-        }
-    }
-}
-
-impl<A: Adapter> FromRef<HttpState<A>> for Arc<Hub> {
-    fn from_ref(state: &HttpState<A>) -> Self {
-        Arc::clone(&state.hub)
-    }
-}
 
 /// Builds the router: `/healthz`, `/readyz`, `/metrics`, `/api/...`, the page, and Socket.IO
 /// at `/socket.io/` (behind the Origin check).
