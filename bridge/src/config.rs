@@ -324,6 +324,13 @@ pub struct GeofenceSettings {
         env = "FLEETBEAT_GEOFENCES_HYSTERESIS_M"
     )]
     pub hysteresis_m: Option<f64>,
+    /// Geofences: the most custom fences one fleet may have (default 10000); creating one
+    /// more is refused (409).
+    #[arg(
+        long = "geofences-max-custom-per-fleet",
+        env = "FLEETBEAT_GEOFENCES_MAX_CUSTOM_PER_FLEET"
+    )]
+    pub max_custom_per_fleet: Option<usize>,
 }
 
 impl GeofenceSettings {
@@ -334,10 +341,12 @@ impl GeofenceSettings {
             store_radius_m: over.store_radius_m.or(self.store_radius_m),
             dropoff_radius_m: over.dropoff_radius_m.or(self.dropoff_radius_m),
             hysteresis_m: over.hysteresis_m.or(self.hysteresis_m),
+            max_custom_per_fleet: over.max_custom_per_fleet.or(self.max_custom_per_fleet),
         }
     }
 
-    /// Validates the settings: radii within 1 ..= 10000 m, the hysteresis within 0 ..= 1000 m.
+    /// Validates the settings: radii within 1 ..= 10000 m, the hysteresis within 0 ..= 1000 m,
+    /// the custom fences per fleet within 1 ..= 100000.
     ///
     /// # Errors
     /// A message naming the key and the problem.
@@ -369,6 +378,11 @@ impl GeofenceSettings {
                 0.0,
                 1_000.0,
             )?,
+            max_custom_per_fleet: match self.max_custom_per_fleet {
+                None => d.max_custom_per_fleet,
+                Some(n @ 1..=100_000) => n,
+                Some(_) => return Err("max_custom_per_fleet: must be within 1 ..= 100000".into()),
+            },
         })
     }
 }
@@ -1160,6 +1174,51 @@ mod tests {
             toml::from_str::<Settings>("tick = 5").is_err(),
             "unknown keys are refused"
         );
+    }
+
+    #[test]
+    fn geofence_keys_layer_and_are_validated() {
+        let file: Settings =
+            toml::from_str("[geofences]\nhysteresis_m = 5\nmax_custom_per_fleet = 50\n")
+                .expect("parses");
+        let flags = Settings {
+            geofences: Some(GeofenceSettings {
+                max_custom_per_fleet: Some(7),
+                ..GeofenceSettings::default()
+            }),
+            ..Settings::default()
+        };
+        let merged = Settings::defaults()
+            .expect("parses")
+            .overridden_by(file)
+            .overridden_by(flags);
+        let (_, config) = merged.clone().into_config().expect("valid");
+        assert_eq!(
+            (
+                config.geofences.hysteresis_m,
+                config.geofences.max_custom_per_fleet,
+                config.geofences.store_radius_m
+            ),
+            (5.0, 7, 60.0)
+        );
+        for bad in [
+            "max_custom_per_fleet = 0",
+            "store_radius_m = 0",
+            "hysteresis_m = -1",
+        ] {
+            let file: Settings = toml::from_str(&format!("[geofences]\n{bad}\n")).expect("parses");
+            let err = Settings::defaults()
+                .expect("parses")
+                .overridden_by(file)
+                .into_config()
+                .expect_err(bad)
+                .to_string();
+            let key = bad.split(' ').next().unwrap_or_default();
+            assert!(
+                err.contains("geofences") && err.contains(key),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

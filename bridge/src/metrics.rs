@@ -125,11 +125,15 @@ pub(crate) enum Counter {
     /// Redis lost by the Socket.IO adapter's link, or a failed refresh of the bridge's
     /// registration (its client id): Redis is unreachable, or another bridge took the client id.
     RedisErrors,
+    /// A vehicle entered or left a geofence (one `geofence` event).
+    GeofenceTransitions,
+    /// A new custom geofence refused: its fleet had the most allowed.
+    GeofencesRefused,
 }
 
 impl Counter {
     /// Name and help text of every counter, in the order of the variants (and of `/metrics`).
-    const RENDERED: [(&'static str, &'static str); 27] = [
+    const RENDERED: [(&'static str, &'static str); 29] = [
         (
             "history_dropped_total",
             "Heartbeats not stored: the history writer was full.",
@@ -234,6 +238,14 @@ impl Counter {
         (
             "redis_errors_total",
             "Redis lost by the Socket.IO adapter, or a failed refresh of the bridge's registration (Redis unreachable, or the client id taken).",
+        ),
+        (
+            "geofence_transitions_total",
+            "Vehicles that entered or left a geofence (geofence events raised).",
+        ),
+        (
+            "geofences_refused_total",
+            "New custom geofences refused: their fleet had max_custom_per_fleet already.",
         ),
     ];
 }

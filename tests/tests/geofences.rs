@@ -579,9 +579,71 @@ async fn crossings_raise_one_event_each_and_jitter_none() -> anyhow::Result<()> 
         south.drain_events("geofence").is_empty(),
         "a south dispatcher got north's geofence events"
     );
+    // Every transition is counted once, whoever received it.
+    assert!(
+        bridge
+            .metric("fleetbeat_bridge_geofence_transitions_total")
+            .await?
+            >= 6.0,
+        "geofence transitions counted"
+    );
     for client in [desk, south, store_n, store_m] {
         client.close().await;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_has_at_most_max_custom_per_fleet_fences() -> anyhow::Result<()> {
+    use reqwest::Method;
+    let config = write_bridge_config(TOKENS)?;
+    let path = config.path().to_str().context("utf-8 path")?.to_owned();
+    let bridge =
+        start_bridge(&["--config", &path, "--geofences-max-custom-per-fleet", "2"]).await?;
+    let fence = |fleet: &str, k: f64| json!({ "name": format!("f{k}"), "fleet": fleet, "shape": circle(52.5 + k / 100.0, 13.4, 50.0) });
+    let create = |token: &'static str, body: Value| {
+        let bridge = &bridge;
+        async move { call(bridge, Method::POST, "/api/geofences", token, Some(&body)).await }
+    };
+    let (status, first) = create("north-secret", fence("north", 1.0)).await?;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(create("admin-secret", fence("north", 2.0)).await?.0, 201);
+    // The third of fleet north is refused with the reason, counted; nothing is stored.
+    let (status, refused) = create("admin-secret", fence("north", 3.0)).await?;
+    assert_eq!(status, 409, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("max_custom_per_fleet = 2")),
+        "{refused}"
+    );
+    assert_eq!(
+        bridge
+            .metric("fleetbeat_bridge_geofences_refused_total")
+            .await?,
+        1.0
+    );
+    let custom = listed(&bridge, "admin-secret", "?fleet=north")
+        .await?
+        .into_iter()
+        .filter(|id| id.starts_with("gf-"))
+        .count();
+    assert_eq!(custom, 2, "the refused fence is not stored");
+    // The bound is per fleet; the automatic store fences do not count.
+    assert_eq!(create("south-secret", fence("south", 1.0)).await?.0, 201);
+    // Deleting one makes room again.
+    let first_id = first["id"].as_str().context("id")?;
+    let (status, _) = call(
+        &bridge,
+        Method::DELETE,
+        &format!("/api/geofences/{first_id}"),
+        "north-secret",
+        None,
+    )
+    .await?;
+    assert_eq!(status, 204);
+    assert_eq!(create("north-secret", fence("north", 4.0)).await?.0, 201);
+    drop(config);
     Ok(())
 }
 

@@ -28,6 +28,7 @@ use crate::clock::now_ms;
 use crate::domain::Hub;
 use crate::domain::auth::{AuthError, Entrance, Grant, Role};
 use crate::geofence::{Fence, FenceKind, Shape};
+use crate::metrics::Counter;
 use crate::store::{StoreError, StoredFence};
 use crate::view::geofence::{FenceView, changed};
 
@@ -169,6 +170,28 @@ fn custom_fence(row: &StoredFence, shape: Shape) -> Fence {
     }
 }
 
+/// 409 if `fleet` has as many custom fences as `[geofences] max_custom_per_fleet` allows
+/// (counted in this bridge's engine, in step with the store every 2 s), logged and counted.
+fn room_for_one_more(hub: &Hub, fleet: &FleetId) -> Result<(), FenceError> {
+    let geofences = hub.geofences();
+    let most = geofences.options().max_custom_per_fleet;
+    let has = geofences
+        .list(|f| f.kind == FenceKind::Custom && f.fleet == *fleet)
+        .len();
+    if has < most {
+        return Ok(());
+    }
+    hub.metrics().count(Counter::GeofencesRefused);
+    tracing::warn!(%fleet, has, most, "a new geofence refused: the fleet has the most allowed");
+    Err(FenceError(
+        StatusCode::CONFLICT,
+        format!(
+            "fleet {fleet} has {has} geofences, the most allowed ([geofences] \
+             max_custom_per_fleet = {most}): delete one first"
+        ),
+    ))
+}
+
 /// 403 unless `grant` may edit fences of `fleet`.
 fn may_edit_in(grant: &Grant, fleet: &FleetId) -> Result<(), FenceError> {
     if grant.may_see_fleet(fleet) {
@@ -244,6 +267,7 @@ async fn create<A: Adapter>(
     let grant = grant::<FenceEditors>(&state.hub, &headers)?;
     let (name, fleet, shape) = checked(body_of(body)?)?;
     may_edit_in(&grant, &fleet)?;
+    room_for_one_more(&state.hub, &fleet)?;
     let row = StoredFence {
         id: format!("gf-{:016x}", fastrand::u64(..)),
         name,

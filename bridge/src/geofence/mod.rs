@@ -38,6 +38,9 @@ pub struct GeofenceOptions {
     /// How far inside a fence a vehicle must be to enter it, and outside to leave it, metres
     /// (default 15).
     pub hysteresis_m: f64,
+    /// The most custom fences one fleet may have (default 10 000: the benchmark's largest
+    /// count, about 2.7 µs per heartbeat).
+    pub max_custom_per_fleet: usize,
 }
 
 impl Default for GeofenceOptions {
@@ -46,6 +49,7 @@ impl Default for GeofenceOptions {
             store_radius_m: 60.0,
             dropoff_radius_m: 40.0,
             hysteresis_m: 15.0,
+            max_custom_per_fleet: 10_000,
         }
     }
 }
@@ -251,6 +255,7 @@ mod tests {
             store_radius_m: 60.0,
             dropoff_radius_m: 40.0,
             hysteresis_m: 10.0,
+            ..GeofenceOptions::default()
         });
         let fleet = FleetId::new("demo").expect("valid");
         let vehicle = VehicleId::new("v1").expect("valid");

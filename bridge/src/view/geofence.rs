@@ -105,6 +105,7 @@ pub(crate) async fn transitions<A: Adapter>(
     transitions: &[Transition],
 ) {
     for t in transitions {
+        metrics.count(Counter::GeofenceTransitions);
         let data = event(t);
         to_rooms(
             io,
