@@ -32,7 +32,7 @@ use crate::api::state::HttpState;
 use crate::api::{geofences, http, socket};
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::config::{BridgeConfig, MqttEndpoint, MqttTarget};
-use crate::domain::auth::{MetricsAccess, Role, Tokens, parse_token_hash};
+use crate::domain::auth::{Grant, MetricsAccess, Tokens, parse_token_hash};
 use crate::domain::fleet::{ClusterPort, Fleet};
 use crate::domain::{Hub, HubParts};
 use crate::error::BridgeError;
@@ -165,10 +165,6 @@ impl Bridge {
         let mut fleet = Fleet::new(config.stale);
         // With other bridges: the fleet cache's link to them (`cluster`), started in `launch`.
         let cluster = redis.is_some().then(|| fleet.cluster_port());
-        // Geofences: the stores' automatic fences now, the stored and drop-off ones in
-        // `geofence_task`.
-        let geofences = Arc::new(Geofences::new(config.geofences));
-        geofences.sync_stores(&store_sites(&tokens));
         let hub = Arc::new(
             Hub::new(HubParts {
                 metrics: Arc::clone(&metrics),
@@ -178,8 +174,22 @@ impl Bridge {
                 mqtt: client.clone(),
                 command_timeout: config.command_timeout,
             })
-            .with_geofences(geofences),
+            .with_geofences(Arc::new(Geofences::new(config.geofences))),
         );
+        // Geofences: the stores' automatic fences now (the stores `GET /api/stores` lists),
+        // the stored and drop-off ones in `geofence_task`.
+        let sites: Vec<StoreSite> = hub
+            .stores(&Grant::system())
+            .into_iter()
+            .filter_map(|s| {
+                Some(StoreSite {
+                    location: s.location?,
+                    store: s.store,
+                    fleet: s.fleet,
+                })
+            })
+            .collect();
+        hub.geofences().sync_stores(&sites);
         // Socket.IO limits (issue 14): `api::limits`.
         let guard = Arc::new(SocketGuard::new(config.socketio.clone()));
         let builder = SocketIo::builder()
@@ -789,22 +799,6 @@ const GEOFENCE_EVERY: Duration = Duration::from_millis(100);
 /// How often the geofences are brought in step with the store (custom fences other bridges
 /// changed, orders placed and ended).
 const GEOFENCE_SYNC_EVERY: Duration = Duration::from_secs(2);
-
-/// The configured stores with a location (vendor grants with `store`, `fleet` and
-/// `location`): the centres of the automatic store fences.
-fn store_sites(tokens: &Tokens) -> Vec<StoreSite> {
-    tokens
-        .grants()
-        .filter(|g| g.role == Role::Vendor)
-        .filter_map(|g| {
-            Some(StoreSite {
-                store: g.store.clone()?,
-                fleet: g.fleet.clone()?,
-                location: g.location?,
-            })
-        })
-        .collect()
-}
 
 /// Every [`GEOFENCE_EVERY`]: evaluates the positions noted since (`Hub::record`) and emits
 /// the `geofence` events they cause; every [`GEOFENCE_SYNC_EVERY`]: reloads the custom fences
