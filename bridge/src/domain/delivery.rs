@@ -30,7 +30,7 @@ use super::fleet::Liveness;
 use super::hub::Hub;
 use super::order::{EventFlag, OrderState};
 use crate::store::{
-    ClientId, Enqueued, NewOrder, OrderFilter, OrderView, StoreError, WaitingOrder,
+    AssignedOrder, ClientId, Enqueued, NewOrder, OrderFilter, OrderView, StoreError, WaitingOrder,
 };
 
 /// How many vehicles are asked before an order is left unassigned.
@@ -558,26 +558,41 @@ impl Hub {
             info!(%order, %vehicle, "a vehicle still reports an order taken from it");
             self.tell_cancelled(&order, &vehicle).await;
         }
+        const PAGE: u32 = 256;
         let now = crate::clock::now_ms();
         let after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        // Only orders assigned at least `after` ago can be stranded that long.
+        let changed_by = now.saturating_sub(after_ms);
         let mut taken = 0;
-        for assigned in self.store.assigned_orders(256).await? {
-            let since = match self.vehicle(&assigned.vehicle) {
-                Some(v) if v.status.liveness == Liveness::Online => continue,
-                Some(v) => v.status.last_seen_ms.max(assigned.updated_ms),
-                None => assigned.updated_ms,
-            };
-            if now.saturating_sub(since) < after_ms {
-                continue;
-            }
-            if self
+        let mut last: Option<AssignedOrder> = None;
+        loop {
+            let page = self
                 .store
-                .unassign(&assigned.order, &assigned.vehicle)
-                .await?
-            {
-                taken += 1;
-                warn!(order = %assigned.order, vehicle = %assigned.vehicle, offline_ms = now.saturating_sub(since), "order taken back from an offline vehicle, to be offered again");
-                self.order_changed(&assigned.order).await;
+                .assigned_orders(changed_by, last.as_ref(), PAGE)
+                .await?;
+            let full = page.len() == PAGE as usize;
+            for assigned in &page {
+                let since = match self.vehicle(&assigned.vehicle) {
+                    Some(v) if v.status.liveness == Liveness::Online => continue,
+                    Some(v) => v.status.last_seen_ms.max(assigned.updated_ms),
+                    None => assigned.updated_ms,
+                };
+                if now.saturating_sub(since) < after_ms {
+                    continue;
+                }
+                if self
+                    .store
+                    .unassign(&assigned.order, &assigned.vehicle)
+                    .await?
+                {
+                    taken += 1;
+                    warn!(order = %assigned.order, vehicle = %assigned.vehicle, offline_ms = now.saturating_sub(since), "order taken back from an offline vehicle, to be offered again");
+                    self.order_changed(&assigned.order).await;
+                }
+            }
+            last = page.into_iter().last();
+            if !full {
+                break;
             }
         }
         Ok(taken)

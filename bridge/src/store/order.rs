@@ -700,20 +700,32 @@ impl Store {
         Ok(found.is_some())
     }
 
-    /// Orders assigned to a vehicle that has not picked them up, oldest change first, at
-    /// most `limit`: those the bridge may re-offer when their vehicle stays offline.
+    /// Orders assigned to a vehicle that has not picked them up and unchanged since
+    /// `changed_by_ms` (at or before), oldest change first, at most `limit`, those after
+    /// `after` (the last of the previous page, `None` for the first): the orders the bridge
+    /// may re-offer when their vehicle stays offline, in pages so none is starved however many
+    /// vehicles hold one.
     ///
     /// # Errors
     /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] if a stored id is
     /// invalid.
     pub(crate) async fn assigned_orders(
         &self,
+        changed_by_ms: u64,
+        after: Option<&AssignedOrder>,
         limit: u32,
     ) -> Result<Vec<AssignedOrder>, StoreError> {
+        let (after_ms, after_id) =
+            after.map_or((-1, ""), |a| (to_db(a.updated_ms), a.order.as_str()));
         let rows: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(
             "SELECT order_id, fleet, vehicle, updated_ms FROM orders \
-             WHERE state = 'assigned' ORDER BY updated_ms, order_id LIMIT $1",
+             WHERE state = 'assigned' AND updated_ms <= $1 \
+             AND (updated_ms > $2 OR (updated_ms = $2 AND order_id > $3)) \
+             ORDER BY updated_ms, order_id LIMIT $4",
         )
+        .bind(to_db(changed_by_ms))
+        .bind(after_ms)
+        .bind(after_id)
         .bind(i64::from(limit))
         .fetch_all(&self.read)
         .await?;

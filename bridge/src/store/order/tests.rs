@@ -764,7 +764,7 @@ on_each_backend! {
     /// that vehicle; the assigned orders are listed for the re-offer.
     async fn unassign_and_assigned_orders(store) {
         three_orders(&store).await;
-        let listed = store.assigned_orders(10).await.expect("lists");
+        let listed = store.assigned_orders(u64::MAX, None, 10).await.expect("lists");
         let pairs: HashSet<(String, String)> = listed
             .iter()
             .map(|a| (a.order.to_string(), a.vehicle.to_string()))
@@ -774,6 +774,16 @@ on_each_backend! {
             HashSet::from([("o-1".into(), "v-1".into()), ("o-3".into(), "v-9".into())])
         );
         assert!(listed.iter().all(|a| a.updated_ms > 0));
+        // In pages of one, each after the last of the previous page: the same two, in order.
+        let first = store.assigned_orders(u64::MAX, None, 1).await.expect("lists");
+        let second = store.assigned_orders(u64::MAX, first.last(), 1).await.expect("lists");
+        let rest = store.assigned_orders(u64::MAX, second.last(), 1).await.expect("lists");
+        assert_eq!((first.len(), second.len(), rest.len()), (1, 1, 0));
+        assert_eq!([&first[0], &second[0]], [&listed[0], &listed[1]]);
+        // Only orders unchanged since the cutoff.
+        let oldest = listed[0].updated_ms;
+        assert!(store.assigned_orders(oldest - 1, None, 10).await.expect("lists").is_empty());
+        assert!(!store.assigned_orders(oldest, None, 10).await.expect("lists").is_empty());
 
         assert!(!store.unassign(&id("o-1"), &id("v-2")).await.expect("runs"), "not v-2's");
         assert!(!store.unassign(&id("o-2"), &id("v-1")).await.expect("runs"), "not assigned");
@@ -799,7 +809,7 @@ on_each_backend! {
             .await
             .expect("records");
         assert!(!store.unassign(&id("o-3"), &id("v-9")).await.expect("runs"));
-        assert!(store.assigned_orders(10).await.expect("lists").is_empty());
+        assert!(store.assigned_orders(u64::MAX, None, 10).await.expect("lists").is_empty());
     }
 }
 
