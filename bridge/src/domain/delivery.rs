@@ -16,6 +16,7 @@
 //! cancelled) is handed, with the order as it is then, to the hub's order-change channel, in
 //! the order the changes were committed; the server emits each as an `order` event.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -598,24 +599,44 @@ impl Hub {
         Ok(taken)
     }
 
-    /// Offers every unassigned order (oldest first) to free vehicles once more; returns how
-    /// many found a vehicle. Run periodically: orders placed while every vehicle was busy are
-    /// carried as vehicles become free.
+    /// Offers every unassigned order (oldest first, read in pages) to free vehicles once
+    /// more; returns how many found a vehicle. Run periodically: orders placed while every
+    /// vehicle was busy are carried as vehicles become free. A fleet found without a free
+    /// vehicle is skipped for the rest of the round, so orders of a fleet with no vehicle to
+    /// spare neither hold up other fleets' nor cost a look at the fleet each.
     ///
     /// # Errors
     /// [`StoreError`] if the orders cannot be read.
     pub(crate) async fn assign_waiting(&self) -> Result<usize, StoreError> {
+        const PAGE: u32 = 64;
         let mut assigned = 0;
-        for waiting in self.store.unassigned_orders(64).await? {
-            if self
-                .free_vehicles(&waiting.fleet, waiting.pickup)
-                .await?
-                .is_empty()
-            {
-                continue;
+        let mut exhausted: HashSet<FleetId> = HashSet::new();
+        let mut last: Option<(u64, OrderId)> = None;
+        loop {
+            let page = self
+                .store
+                .unassigned_orders(last.as_ref().map(|(ms, id)| (*ms, id)), PAGE)
+                .await?;
+            let full = page.len() == PAGE as usize;
+            for (_, waiting) in &page {
+                if exhausted.contains(&waiting.fleet) {
+                    continue;
+                }
+                if self
+                    .free_vehicles(&waiting.fleet, waiting.pickup)
+                    .await?
+                    .is_empty()
+                {
+                    exhausted.insert(waiting.fleet.clone());
+                    continue;
+                }
+                if self.assign(waiting).await?.is_some() {
+                    assigned += 1;
+                }
             }
-            if self.assign(&waiting).await?.is_some() {
-                assigned += 1;
+            last = page.into_iter().last().map(|(ms, w)| (ms, w.order));
+            if !full {
+                break;
             }
         }
         Ok(assigned)

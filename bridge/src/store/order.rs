@@ -830,30 +830,42 @@ impl Store {
         Ok(())
     }
 
-    /// Orders still waiting for a vehicle (state `created`), oldest first, at most `limit`.
+    /// Orders still waiting for a vehicle (state `created`), oldest first, at most `limit`,
+    /// those after `after` (the `(created_ms, order)` of the last of the previous page, `None`
+    /// for the first), each with its `created_ms`: read in pages, so every waiting order is
+    /// offered however many wait before it.
     ///
     /// # Errors
     /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] if a stored id is
     /// invalid.
     pub(crate) async fn unassigned_orders(
         &self,
+        after: Option<(u64, &OrderId)>,
         limit: u32,
-    ) -> Result<Vec<WaitingOrder>, StoreError> {
-        let rows: Vec<(String, String, i32, i32, i32, i32)> = sqlx::query_as(
-            "SELECT order_id, fleet, pickup_lat_e7, pickup_lon_e7, dropoff_lat_e7, dropoff_lon_e7 \
-             FROM orders WHERE state = 'created' ORDER BY created_ms, order_id LIMIT $1",
+    ) -> Result<Vec<(u64, WaitingOrder)>, StoreError> {
+        let (after_ms, after_id) = after.map_or((-1, ""), |(ms, id)| (to_db(ms), id.as_str()));
+        let rows: Vec<(String, String, i32, i32, i32, i32, i64)> = sqlx::query_as(
+            "SELECT order_id, fleet, pickup_lat_e7, pickup_lon_e7, dropoff_lat_e7, dropoff_lon_e7, \
+             created_ms FROM orders WHERE state = 'created' \
+             AND (created_ms > $1 OR (created_ms = $1 AND order_id > $2)) \
+             ORDER BY created_ms, order_id LIMIT $3",
         )
+        .bind(after_ms)
+        .bind(after_id)
         .bind(i64::from(limit))
         .fetch_all(&self.read)
         .await?;
         rows.into_iter()
-            .map(|(order, fleet, plat, plon, dlat, dlon)| {
-                Ok(WaitingOrder {
-                    order: parse_id("order id", &order)?,
-                    fleet: parse_id("order fleet", &fleet)?,
-                    pickup: Position::new(plat, plon),
-                    dropoff: Position::new(dlat, dlon),
-                })
+            .map(|(order, fleet, plat, plon, dlat, dlon, created)| {
+                Ok((
+                    from_db(created),
+                    WaitingOrder {
+                        order: parse_id("order id", &order)?,
+                        fleet: parse_id("order fleet", &fleet)?,
+                        pickup: Position::new(plat, plon),
+                        dropoff: Position::new(dlat, dlon),
+                    },
+                ))
             })
             .collect()
     }

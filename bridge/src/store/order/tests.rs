@@ -792,13 +792,23 @@ on_each_backend! {
         assert_eq!((view.state, view.vehicle), (OrderState::Created, None));
         assert!(!store.busy_vehicles(&id("demo")).await.expect("busy").contains(&id("v-1")));
         let waiting: Vec<String> = store
-            .unassigned_orders(10)
+            .unassigned_orders(None, 10)
             .await
             .expect("lists")
             .into_iter()
-            .map(|w| w.order.to_string())
+            .map(|(_, w)| w.order.to_string())
             .collect();
         assert_eq!(waiting, ["o-1", "o-2"], "offered again, oldest first");
+        // In pages of one, each after the last of the previous page.
+        let first = store.unassigned_orders(None, 1).await.expect("lists");
+        let (ms, ref w) = first[0];
+        let second = store.unassigned_orders(Some((ms, &w.order)), 1).await.expect("lists");
+        let (ms, ref w) = second[0];
+        let rest = store.unassigned_orders(Some((ms, &w.order)), 1).await.expect("lists");
+        assert_eq!(
+            (first[0].1.order.as_str(), second[0].1.order.as_str(), rest.len()),
+            ("o-1", "o-2", 0)
+        );
         assert!(!store.unassign(&id("o-1"), &id("v-1")).await.expect("runs"), "once");
         assert!(store.was_assigned(&id("o-1"), &id("v-1")).await.expect("reads"), "it held it");
         assert!(!store.was_assigned(&id("o-1"), &id("v-9")).await.expect("reads"));
