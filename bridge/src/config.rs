@@ -72,6 +72,9 @@ pub struct BridgeConfig {
     pub metrics_token_sha256: Option<String>,
     /// How often coalesced positions are sent to dispatchers.
     pub tick: Duration,
+    /// Below this many positions per second news goes to dispatchers at once, not at the next
+    /// tick (`view::pace`); 0: always per tick.
+    pub flush_at_once_below: u32,
     /// When a vehicle without heartbeats counts as stale.
     pub stale: StaleRule,
     /// How long a dispatcher's command waits for the vehicle's ack.
@@ -190,6 +193,7 @@ impl Default for BridgeConfig {
             metrics_public: false,
             metrics_token_sha256: None,
             tick: Duration::from_millis(DEFAULT_TICK_MS),
+            flush_at_once_below: DEFAULT_FLUSH_AT_ONCE_BELOW,
             stale: StaleRule::default(),
             command_timeout: Duration::from_secs(10),
             key_wait_park_after: Duration::from_millis(DEFAULT_KEY_WAIT_PARK_AFTER_MS),
@@ -268,6 +272,8 @@ pub struct Settings {
     pub metrics_token: Option<Secret>,
     /// Position tick in ms.
     pub tick_ms: Option<u64>,
+    /// Positions per second below which news goes out at once; 0: always per tick.
+    pub flush_at_once_below: Option<u32>,
     /// Stale threshold in ms; 0 means 3 missed intervals.
     pub stale_after_ms: Option<u64>,
     /// Command timeout in ms.
@@ -414,6 +420,11 @@ pub const BRIDGE_OWNED_BROKER_KEYS: [(&str, &str); 5] = [
 /// core at 10 000 vehicles (BENCHMARKS.md).
 const DEFAULT_TICK_MS: u64 = 10;
 
+/// The load (positions per second the bridge sends) below which news goes to dispatchers at
+/// once instead of at the next tick: a flush then carries about one position, a few emits per
+/// socket, and latency does not wait for the tick on a quiet bridge (BENCHMARKS.md).
+const DEFAULT_FLUSH_AT_ONCE_BELOW: u32 = 2_000;
+
 /// How long a message without its vehicle's key is held before it is parked, by default.
 const DEFAULT_KEY_WAIT_PARK_AFTER_MS: u64 = 60_000;
 
@@ -464,6 +475,7 @@ impl Settings {
             metrics_token_sha256: over.metrics_token_sha256.or(self.metrics_token_sha256),
             metrics_token: over.metrics_token.or(self.metrics_token),
             tick_ms: over.tick_ms.or(self.tick_ms),
+            flush_at_once_below: over.flush_at_once_below.or(self.flush_at_once_below),
             stale_after_ms: over.stale_after_ms.or(self.stale_after_ms),
             command_timeout_ms: over.command_timeout_ms.or(self.command_timeout_ms),
             key_wait_park_after_ms: over.key_wait_park_after_ms.or(self.key_wait_park_after_ms),
@@ -553,6 +565,15 @@ impl Settings {
         let tick_ms = self.tick_ms.unwrap_or(DEFAULT_TICK_MS);
         if !(10..=10_000).contains(&tick_ms) {
             return Err(invalid("tick_ms", "must be within 10 ..= 10000"));
+        }
+        let flush_at_once_below = self
+            .flush_at_once_below
+            .unwrap_or(DEFAULT_FLUSH_AT_ONCE_BELOW);
+        if flush_at_once_below > 1_000_000 {
+            return Err(invalid(
+                "flush_at_once_below",
+                "must be within 0 ..= 1000000 (0: always per tick)",
+            ));
         }
         let command_timeout_ms = self.command_timeout_ms.unwrap_or(10_000);
         if !(100..=600_000).contains(&command_timeout_ms) {
@@ -676,6 +697,7 @@ impl Settings {
                 metrics_public: self.metrics_public.unwrap_or(false),
                 metrics_token_sha256,
                 tick: Duration::from_millis(tick_ms),
+                flush_at_once_below,
                 stale,
                 command_timeout: Duration::from_millis(command_timeout_ms),
                 key_wait_park_after: Duration::from_millis(park_after_ms),

@@ -103,6 +103,9 @@ struct Cli {
     /// Position tick in milliseconds.
     #[arg(long, env = "FLEETBEAT_TICK_MS")]
     tick_ms: Option<u64>,
+    /// Below this many positions/s they go to dispatchers at once, not per tick (0: per tick).
+    #[arg(long, env = "FLEETBEAT_FLUSH_AT_ONCE_BELOW")]
+    flush_at_once_below: Option<u32>,
     /// A vehicle without heartbeats for this long is stale (0: 3 of its intervals).
     #[arg(long, env = "FLEETBEAT_STALE_AFTER_MS")]
     stale_after_ms: Option<u64>,
@@ -207,6 +210,7 @@ impl Cli {
             metrics_token_sha256: self.metrics_token_sha256.clone(),
             metrics_token: self.metrics_token.clone().map(Secret::new),
             tick_ms: self.tick_ms,
+            flush_at_once_below: self.flush_at_once_below,
             stale_after_ms: self.stale_after_ms,
             command_timeout_ms: self.command_timeout_ms,
             key_wait_park_after_ms: self.key_wait_park_after_ms,

@@ -45,6 +45,7 @@ use crate::metrics::{Counter, Metrics};
 use crate::store::{HeartbeatSender, HeartbeatWriter, HeartbeatWriterOptions, Store, StoreOptions};
 use crate::view;
 use crate::view::emit::{self, Outlet};
+use crate::view::pace::Pace;
 
 /// Closes every Socket.IO socket, whatever the adapter.
 type CloseSockets = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
@@ -364,6 +365,7 @@ impl Bridge {
             io.clone(),
             Arc::clone(&hub),
             (config.tick, config.socketio.max_packet_bytes as usize),
+            config.flush_at_once_below,
             cancel.child_token(),
         ));
 
@@ -773,22 +775,35 @@ fn metrics_label(access: MetricsAccess) -> &'static str {
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
 /// Every `period`: sends the batched status changes and the coalesced positions
-/// ([`emit::send_batches`]); every [`SWEEP_EVERY`]: marks vehicles that missed their
-/// heartbeats as stale. No batch part is larger than `max_packet` bytes.
+/// ([`emit::send_batches`]); and between ticks as soon as news arrives while the load is light
+/// ([`Pace`]), so a position does not wait for the tick on a quiet bridge. Every
+/// [`SWEEP_EVERY`]: marks vehicles that missed their heartbeats as stale. No batch part is
+/// larger than `max_packet` bytes.
 async fn ticker<A: Adapter>(
     io: SocketIo<A>,
     hub: Arc<Hub>,
     (period, max_packet): (Duration, usize),
+    flush_at_once_below: u32,
     cancel: CancellationToken,
 ) {
     let mut positions = tokio::time::interval(period);
     positions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut pace = Pace::new(Instant::now(), flush_at_once_below);
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
-            _ = positions.tick() => emit::send_batches(&io, &hub, max_packet),
+            _ = positions.tick() => {
+                let sent = emit::send_batches(&io, &hub, max_packet, true);
+                pace.flushed(sent, Instant::now());
+            }
+            () = hub.news() => {
+                if pace.at_once() {
+                    let sent = emit::send_batches(&io, &hub, max_packet, false);
+                    pace.flushed(sent, Instant::now());
+                }
+            }
             _ = sweep.tick() => hub.mark_stale(Instant::now()),
         }
     }

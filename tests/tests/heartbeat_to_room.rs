@@ -136,3 +136,38 @@ async fn positions_are_coalesced_into_one_batch_per_tick() -> anyhow::Result<()>
     client.close().await;
     Ok(())
 }
+
+/// On a quiet bridge a position goes out as it arrives, not at the next tick: with a 10 s tick
+/// a dispatcher still gets a vehicle's 1 Hz positions one by one. With flushes between ticks
+/// turned off (`--flush-at-once-below 0`) the same wait sees at most the tick's batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_bridge_sends_positions_at_once_not_per_tick() -> anyhow::Result<()> {
+    for (at_once, flag) in [(true, "2000"), (false, "0")] {
+        let bridge = start_bridge(&["--tick-ms", "10000", "--flush-at-once-below", flag]).await?;
+        let _sim = start_sim(bridge.mqtt, 1, "quiet", &["--rate", "2"])?;
+        let mut dispatcher = SioClient::dispatcher(&bridge.url()).await?;
+        assert_eq!(dispatcher.join("all").await?, json!({ "ok": true }));
+        // Wait for the vehicle's first position, then count the batches of the next 4 s.
+        dispatcher.positions_until(WAIT, |_| true).await?;
+        let window = std::time::Duration::from_secs(4);
+        let end = tokio::time::Instant::now() + window;
+        let mut batches = 0;
+        while let Ok(Ok(_)) =
+            tokio::time::timeout_at(end, dispatcher.next_event("position", window)).await
+        {
+            batches += 1;
+        }
+        if at_once {
+            // 2 Hz for 4 s: 8 positions, each in its own batch (a loaded machine may merge a few).
+            assert!(batches >= 4, "{batches} position batches in 4 s at once");
+        } else {
+            // One tick in 10 s: at most one batch in 4 s (the interval's ticks, not the news).
+            assert!(
+                batches <= 1,
+                "{batches} position batches in 4 s per 10 s tick"
+            );
+        }
+        dispatcher.close().await;
+    }
+    Ok(())
+}

@@ -283,9 +283,17 @@ async fn foreign_origins_and_oversized_messages_are_refused() -> anyhow::Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_packet_to_a_socket_is_larger_than_max_packet_bytes() -> anyhow::Result<()> {
-    // 4 KiB packets; a slow tick so that each position batch carries every vehicle.
-    let bridge =
-        start_bridge(&["--socketio-max-packet-bytes", "4096", "--tick-ms", "1000"]).await?;
+    // 4 KiB packets; a slow tick, never a flush between ticks, so that each tick's position
+    // batch carries every vehicle.
+    let bridge = start_bridge(&[
+        "--socketio-max-packet-bytes",
+        "4096",
+        "--tick-ms",
+        "1000",
+        "--flush-at-once-below",
+        "0",
+    ])
+    .await?;
     let _sim = tests::stack::start_sim(bridge.mqtt, 120, "north", &["--rate", "2"])?;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -324,17 +332,38 @@ async fn no_packet_to_a_socket_is_larger_than_max_packet_bytes() -> anyhow::Resu
     }
     assert!(parts >= 4, "120 vehicles in {parts} parts");
 
-    // Position batches too: a tick's positions (every moving vehicle's, once a second) in
-    // several `position` events, none past the bound.
-    let mut batches = 0;
-    let mut positions = 0;
-    while batches < 10 {
+    // Position batches too: a tick's positions (every vehicle's, once a second) in several
+    // `position` events, none past the bound, and none lost: the parts of one tick arrive
+    // together (a second apart from the next tick's), and together they name every vehicle
+    // once. (Emitted volatile, each part would replace the previous one not yet written.)
+    dispatcher.drain_events("position");
+    let mut ticks: Vec<Vec<String>> = Vec::new();
+    let mut last = tokio::time::Instant::now();
+    while ticks.len() < 4 {
         let batch = dispatcher.next_event("position", WAIT).await?;
+        let now = tokio::time::Instant::now();
         let size = serde_json::to_string(&batch)?.len();
         assert!(size <= 4096, "a position batch of {size} bytes");
-        positions += batch.as_array().map_or(0, Vec::len);
-        batches += 1;
+        if ticks.is_empty() || now.duration_since(last) > Duration::from_millis(400) {
+            ticks.push(Vec::new());
+        }
+        last = now;
+        let tick = ticks.last_mut().expect("a tick");
+        for p in batch.as_array().map(Vec::as_slice).unwrap_or_default() {
+            tick.push(p["vehicle"].as_str().unwrap_or_default().to_owned());
+        }
     }
-    assert!(positions > 0, "{positions} positions");
+    // The first tick may have been partly drained, the last may still be arriving.
+    for (i, tick) in ticks[1..3].iter().enumerate() {
+        let distinct: std::collections::BTreeSet<&String> = tick.iter().collect();
+        assert_eq!(
+            (tick.len(), distinct.len()),
+            (120, 120),
+            "tick {}: {} positions of {} vehicles, not 120 of 120",
+            i + 1,
+            tick.len(),
+            distinct.len()
+        );
+    }
     Ok(())
 }

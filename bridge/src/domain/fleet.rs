@@ -349,6 +349,12 @@ impl Fleet {
         self.statuses.extend(changes);
     }
 
+    /// Whether a vehicle moved or a status change is queued since the last take: what the
+    /// next flush would send (the other bridges' news aside).
+    pub(crate) fn has_news(&self) -> bool {
+        !self.dirty.is_empty() || !self.statuses.is_empty()
+    }
+
     /// Takes the queued status changes, oldest first.
     pub(crate) fn take_statuses(&mut self) -> Vec<VehicleStatus> {
         self.merge_shared();

@@ -61,6 +61,9 @@ pub(crate) struct Hub {
     pub(super) strays: Mutex<Vec<(shared::OrderId, VehicleId)>>,
     /// Geofences: heartbeats are noted here on the MQTT path, evaluated by `server`'s task.
     geofences: Arc<Geofences>,
+    /// Woken when news arrives while none was waiting: the flush (`server`'s ticker) may send
+    /// it at once instead of at the next tick.
+    news: tokio::sync::Notify,
 }
 
 impl Hub {
@@ -82,6 +85,7 @@ impl Hub {
             assigning: tokio::sync::Mutex::new(()),
             fleet: Mutex::new(parts.fleet),
             geofences: Arc::new(Geofences::default()),
+            news: tokio::sync::Notify::new(),
         }
     }
 
@@ -163,7 +167,15 @@ impl Hub {
         counter: u64,
         report: Report<'_>,
     ) -> Result<(), CodecError> {
-        self.fleet().record(topic, counter, report)?;
+        let first_news = {
+            let mut fleet = self.fleet();
+            let had_news = fleet.has_news();
+            fleet.record(topic, counter, report)?;
+            !had_news && fleet.has_news()
+        };
+        if first_news {
+            self.news.notify_one();
+        }
         if let Report::Heartbeat(heartbeat) = report {
             self.geofences.note(&topic.fleet, &topic.vehicle, heartbeat);
         }
@@ -198,6 +210,11 @@ impl Hub {
     /// How many vehicles are online, stale and offline.
     pub(crate) fn liveness_counts(&self) -> LivenessCounts {
         self.fleet().counts()
+    }
+
+    /// Waits until news arrives while none was waiting (at most one wake-up is stored).
+    pub(crate) async fn news(&self) {
+        self.news.notified().await;
     }
 
     /// Takes what the tick sends: the queued liveness changes and the vehicles that moved.

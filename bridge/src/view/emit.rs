@@ -1,10 +1,12 @@
 //! Server → client emission: what the bridge sends to which sockets.
 //!
-//! Positions and status changes are batched per tick: every tick, each `/dispatch` socket gets
-//! one reliable `status` batch (every liveness change its rooms cover, in order) and one volatile
-//! `position` batch (the latest position of every vehicle its rooms cover that moved since the
-//! last tick). Sockets with the same rooms share one serialized batch. Delivery, ack, pickup and
-//! announce events are reliable and sent one by one, as they happen.
+//! Positions and status changes are batched per flush (every tick, and between ticks while the
+//! load is light: `super::pace`): each `/dispatch` socket gets one `status` batch (every
+//! liveness change its rooms cover, in order) and one `position` batch (the latest position of
+//! every vehicle its rooms cover that moved since the last flush). Sockets with the same rooms
+//! share one serialized batch. Delivery, ack, pickup and announce events are sent one by one,
+//! as they happen. Everything is queued on the socket in order; a socket whose queue is full
+//! misses a batch, counted and logged, and gets fresh snapshots instead.
 //!
 //! No packet the bridge writes to a socket is larger than `max_packet_bytes`
 //! (`[socketio]`, see `api::limits`): a batch or a snapshot that would be is split into several
@@ -302,25 +304,34 @@ pub(crate) fn packed<'a>(
     parts
 }
 
-/// A socket that missed a reliable batch (its buffer was full): it gets fresh snapshots of its
+/// A socket that missed a batch (its buffer was full): it gets fresh snapshots of its
 /// rooms as soon as its buffer has room again, so its picture converges instead of staying wrong.
 #[derive(Debug, Clone, Copy)]
 struct NeedsSnapshot;
 
-/// Sends this tick's news to every `/dispatch` socket: one reliable `status` batch (the liveness
-/// changes of the vehicles its rooms cover, oldest first) and one volatile `position` batch
+/// Sends the news since the last flush to every `/dispatch` socket: one `status` batch (the
+/// liveness changes of the vehicles its rooms cover, oldest first) and one `position` batch
 /// (the latest position of every vehicle its rooms cover that moved), each vehicle once.
 /// Sockets with the same rooms share the serialized batches.
 ///
-/// A socket whose buffer is too full for a `status` batch is counted, logged and marked: the
-/// next ticks send it `snapshot`s of its rooms until one gets through.
+/// A socket whose buffer is too full for a batch is counted, logged and marked: the next ticks
+/// send it `snapshot`s of its rooms until one gets through. `resync` is false for a
+/// flush between ticks ([`super::pace`]): a marked socket then gets nothing and waits for the
+/// tick's snapshots, so a slow socket costs one snapshot per tick at most.
 ///
 /// A batch larger than `max_packet` bytes goes as several events of the same name ([`packed`]).
-pub(crate) fn send_batches<A: Adapter>(io: &SocketIo<A>, hub: &Hub, max_packet: usize) {
+/// Returns how many vehicles' positions went out.
+pub(crate) fn send_batches<A: Adapter>(
+    io: &SocketIo<A>,
+    hub: &Hub,
+    max_packet: usize,
+    resync: bool,
+) -> usize {
     let news = hub.take_tick_news();
+    let moved = news.moved.len();
     let metrics = hub.metrics();
     let Some(ops) = io.of(DISPATCH) else {
-        return;
+        return moved;
     };
     // Each status change and each position is serialized once, whatever the number of
     // batches it goes into.
@@ -383,7 +394,10 @@ pub(crate) fn send_batches<A: Adapter>(io: &SocketIo<A>, hub: &Hub, max_packet: 
         );
         for socket in sockets {
             if socket.extensions.get::<NeedsSnapshot>().is_some() {
-                resync(&socket, hub, &rooms, max_packet);
+                if !resync {
+                    continue;
+                }
+                self::resync(&socket, hub, &rooms, max_packet);
             } else {
                 for json in &status_parts {
                     if let Err(err) = socket.emit("status", json) {
@@ -396,19 +410,31 @@ pub(crate) fn send_batches<A: Adapter>(io: &SocketIo<A>, hub: &Hub, max_packet: 
                     metrics.count(Counter::Emitted);
                 }
             }
+            if socket.extensions.get::<NeedsSnapshot>().is_some() {
+                // It gets every vehicle's latest state in its snapshots.
+                continue;
+            }
             for json in &position_parts {
-                // Volatile: a socket whose buffer is full skips this batch instead of stalling.
-                match socket.volatile().emit("position", json) {
+                // Queued like any packet, never overwritten: socketioxide's volatile emit keeps
+                // one packet per socket and a newer one silently replaces an unwritten one, which
+                // would lose the other parts of a split batch and, with flushes between ticks,
+                // whole batches. A socket whose buffer is full misses this batch: counted,
+                // logged, and it gets fresh snapshots (so a vehicle that stops moving is not
+                // left at an old position).
+                match socket.emit("position", json) {
                     Ok(()) => metrics.count(Counter::PositionBatches),
                     Err(err) => {
                         metrics.count(Counter::EmitDropped);
-                        debug!(sid = %socket.id, cause = %err, "position batch dropped");
+                        warn!(sid = %socket.id, cause = %err,
+                            "position batch not sent: the socket will get fresh snapshots");
+                        socket.extensions.insert(NeedsSnapshot);
                         break;
                     }
                 }
             }
         }
     }
+    moved
 }
 
 /// Sends a socket that missed a `status` batch a snapshot of each of its rooms; clears the mark

@@ -9,12 +9,14 @@
 //! - [`reply`]: the acks of client events, `announce` and `stats`.
 //! - [`geofence`]: fences in the API, the `geofence` and `geofences` events and their rooms.
 //! - [`emit`]: what is sent to which sockets (the per-tick batches, events as they happen).
+//! - [`pace`]: when the batches go: at once under light load, per tick under load.
 //!
 //! The HTTP plumbing's own small bodies (errors, health, readiness) stay in `api::http`.
 
 pub(crate) mod emit;
 pub(crate) mod geofence;
 pub(crate) mod order;
+pub(crate) mod pace;
 pub(crate) mod reply;
 pub(crate) mod room;
 pub(crate) mod vehicle;
