@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::generator::GenArgs;
 
-/// End-to-end load harness: Fleetbeat against the baseline (mosquitto + node mqtt/socket.io).
+/// End-to-end load harness: Fleetbeat against two baselines (mosquitto + node mqtt/socket.io:
+/// one emit per message, and the careful one that batches per tick).
 #[derive(Debug, Parser)]
 #[command(name = "loadbench")]
 pub struct Cli {
@@ -33,10 +34,22 @@ pub enum Command {
 pub enum StackKind {
     /// Fleetbeat: the `bridge` binary (and its embedded broker, or the `broker` binary).
     Fleetbeat,
-    /// The reference stack: mosquitto + `bench/baseline/bridge.js`.
+    /// The reference stack: mosquitto + `bench/baseline/bridge.js` (one emit per message).
     Baseline,
-    /// Both, one after the other on the same load, with ratios.
+    /// The careful reference stack: mosquitto + `bench/baseline/careful.js` (the latest
+    /// position per vehicle, one volatile batch per room per tick).
+    Careful,
+    /// Fleetbeat and the baseline, one after the other on the same load, with ratios.
     Both,
+    /// Fleetbeat and both baselines, one after the other on the same load, with ratios.
+    All,
+}
+
+impl StackKind {
+    /// Whether this is one of the node baselines (mosquitto + a node bridge).
+    pub fn is_baseline(self) -> bool {
+        matches!(self, Self::Baseline | Self::Careful)
+    }
 }
 
 /// Where Fleetbeat's broker runs.
@@ -97,7 +110,8 @@ pub struct RunArgs {
     /// `--bridges 1`, so that one and several bridges compare on the same setup.
     #[arg(long)]
     pub cluster_engines: bool,
-    /// Fleetbeat's position tick in ms (`bridge --tick-ms`); unset: the bridge's default (10).
+    /// Fleetbeat's position tick in ms (`bridge --tick-ms`), also the careful baseline's
+    /// (`TICK_MS`); unset: the bridge's default (10).
     #[arg(long)]
     pub tick_ms: Option<u64>,
     /// Latency beyond the tick that still counts as on time, for loss and `late`, in ms.
@@ -118,8 +132,9 @@ pub struct RunArgs {
     /// under 15 000 (a process may hold 20 000 file descriptors here).
     #[arg(long)]
     pub per_connection: Option<u32>,
-    /// The scaling curve: run Fleetbeat at each of `--curve-points` vehicles for
-    /// `--curve-duration` seconds and print p99 and CPU against vehicles.
+    /// The scaling curve: run Fleetbeat (with `--stack baseline` or `careful`: that baseline)
+    /// at each of `--curve-points` vehicles for `--curve-duration` seconds and print p99 and
+    /// CPU against vehicles.
     #[arg(long)]
     pub curve: bool,
     /// Vehicle counts of the curve.
@@ -137,9 +152,9 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "curve")]
     pub saturate: bool,
     /// The whole report of BENCHMARKS.md's end-to-end section in one go: side by side at
-    /// `--report-fleets` vehicles (both stacks, `--repeat` times each), the scaling curve of
-    /// Fleetbeat, and the sustained throughput of both stacks at 10 000 vehicles. About 20
-    /// minutes.
+    /// `--report-fleets` vehicles (Fleetbeat and both baselines, `--repeat` times each), the
+    /// scaling curve of Fleetbeat, and the sustained throughput of the three stacks at 10 000
+    /// vehicles. About 30 minutes.
     #[arg(long, conflicts_with_all = ["curve", "saturate"])]
     pub report: bool,
     /// Fleet sizes of the side-by-side tables of `--report`.
@@ -220,8 +235,14 @@ impl RunArgs {
     pub fn stacks(&self) -> &'static [StackKind] {
         match self.stack {
             StackKind::Both => &[StackKind::Fleetbeat, StackKind::Baseline],
+            StackKind::All => &[
+                StackKind::Fleetbeat,
+                StackKind::Baseline,
+                StackKind::Careful,
+            ],
             StackKind::Fleetbeat => &[StackKind::Fleetbeat],
             StackKind::Baseline => &[StackKind::Baseline],
+            StackKind::Careful => &[StackKind::Careful],
         }
     }
 }

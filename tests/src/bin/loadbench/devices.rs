@@ -82,7 +82,7 @@ impl Devices {
             return Ok((Self::Sim(sim), u64::from(args.vehicles), secs));
         }
         let payload = match stack.kind {
-            StackKind::Baseline => "json",
+            StackKind::Baseline | StackKind::Careful => "json",
             _ => "sealed",
         };
         let mut cmd = Command::new(&env.exe);

@@ -1,4 +1,5 @@
-//! `loadbench`: Fleetbeat end to end under load, side by side with the stack people use today.
+//! `loadbench`: Fleetbeat end to end under load, side by side with the stack people use today
+//! (written plainly, and written carefully).
 //!
 //! ```sh
 //! cargo run --release -p tests --bin loadbench -- --vehicles 1000 --rate 1 --dispatchers 10 --duration 30
@@ -9,7 +10,9 @@
 //! One run starts, on this machine and on loopback only:
 //! - the stack under test: **Fleetbeat** (the release `bridge` with its embedded broker, or
 //!   `broker` + `bridge --mqtt-url` with `--broker separate`), or the **baseline** (Debian's
-//!   `mosquitto` + `bench/baseline/bridge.js`, npm `mqtt` + `socket.io`, one emit per message);
+//!   `mosquitto` + `bench/baseline/bridge.js`, npm `mqtt` + `socket.io`, one emit per message),
+//!   or the **careful** baseline (the same with `bench/baseline/careful.js`: the latest position
+//!   per vehicle, one volatile batch per room per tick, as Fleetbeat sends);
 //!   with `--bridges N` (N ≥ 2) or `--cluster-engines`, Fleetbeat runs as a cluster (issue #15):
 //!   Debian's `mosquitto`, a `redis-server`, a PostgreSQL database and N bridges in the
 //!   shared-subscription group `loadbench`, the dispatchers spread round-robin over them, and
@@ -36,7 +39,7 @@
 //! # Layout
 //! - [`cli`]: the command line; `generate` is the device side, run as a child.
 //! - [`modes`]: side by side, the scaling curve, sustained throughput, the whole report.
-//! - [`stack`]: starting Fleetbeat (one bridge or a cluster) or the baseline.
+//! - [`stack`]: starting Fleetbeat (one bridge or a cluster) or a baseline.
 //! - [`engines`]: Redis and PostgreSQL of a cluster run, and their counters.
 //! - [`devices`]: the device side of a run: the generator, or `device-sim`.
 //! - [`generator`]: the generator itself: hand-written MQTT over non-blocking sockets.

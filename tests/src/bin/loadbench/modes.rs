@@ -24,7 +24,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .context("loadbench has no directory")?
             .to_path_buf(),
     };
-    if !args.no_build && args.stack != StackKind::Baseline {
+    if !args.no_build && args.stacks().contains(&StackKind::Fleetbeat) {
         // The release binaries, so that a run measures the current code.
         tests::bin::build(true)?;
     }
@@ -40,7 +40,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
             let fleet = RunArgs {
                 vehicles,
-                stack: StackKind::Both,
+                stack: StackKind::All,
                 ..args.clone()
             };
             report.push_str(&side_by_side(&env, &fleet).await?);
@@ -52,12 +52,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         report.push_str(&curve(&env, &fleetbeat).await?);
         let _ = writeln!(report, "### Sustained throughput at 10 000 vehicles\n");
-        let both = RunArgs {
+        let all = RunArgs {
             vehicles: 10_000,
-            stack: StackKind::Both,
+            stack: StackKind::All,
             ..args.clone()
         };
-        report.push_str(&saturate(&env, &both).await?);
+        report.push_str(&saturate(&env, &all).await?);
     } else if args.curve {
         report.push_str(&curve(&env, &args).await?);
     } else if args.saturate {
@@ -78,7 +78,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The scaling curve: Fleetbeat (or the baseline) at each of `--curve-points` vehicles.
+/// The scaling curve: Fleetbeat (or the baseline `--stack` names) at each of
+/// `--curve-points` vehicles.
 async fn curve(env: &Env, args: &RunArgs) -> anyhow::Result<String> {
     let mut points = Vec::new();
     for &vehicles in &args.curve_points {
@@ -87,8 +88,8 @@ async fn curve(env: &Env, args: &RunArgs) -> anyhow::Result<String> {
             duration: args.curve_duration,
             ..args.clone()
         };
-        let stack = if args.stack == StackKind::Baseline {
-            StackKind::Baseline
+        let stack = if args.stack.is_baseline() {
+            args.stack
         } else {
             StackKind::Fleetbeat
         };

@@ -56,7 +56,9 @@ fn name(kind: StackKind) -> &'static str {
     match kind {
         StackKind::Fleetbeat => "Fleetbeat",
         StackKind::Baseline => "baseline",
+        StackKind::Careful => "careful",
         StackKind::Both => "both",
+        StackKind::All => "all",
     }
 }
 
@@ -280,34 +282,91 @@ fn warnings(m: &Measured) -> String {
         .collect()
 }
 
-/// One table per run, and ratios when both stacks ran.
+/// The baselines Fleetbeat is compared with, in the order of their columns.
+const BASELINES: [StackKind; 2] = [StackKind::Baseline, StackKind::Careful];
+
+/// Fleetbeat's `value` of the figure `label` against a baseline's `other`: the baseline's
+/// cell and the ratio's.
+fn compared(label: &str, value: f64, other: Option<f64>) -> (String, String) {
+    match other {
+        Some(o) if label.starts_with('…') => (fmt(o), "–".into()),
+        Some(o) if o != 0.0 => (fmt(o), format!("{:.2}×", value / o)),
+        Some(o) => (fmt(o), "–".into()),
+        None => ("–".into(), "–".into()),
+    }
+}
+
+/// One table per run; when Fleetbeat ran with one or both baselines, one table with a column
+/// per stack and a ratio "Fleetbeat / baseline" per baseline.
 pub fn side_by_side(results: &[Measured]) -> String {
     let mut out = String::new();
     let fleetbeat = results.iter().find(|m| m.stack == StackKind::Fleetbeat);
-    let baseline = results.iter().find(|m| m.stack == StackKind::Baseline);
-    match (fleetbeat, baseline) {
-        (Some(f), Some(b)) => {
-            out.push_str(&table(&[
-                "figure",
-                "Fleetbeat",
-                "baseline",
-                "Fleetbeat / baseline",
-            ]));
-            let (fr, br) = (rows(f), rows(b));
+    let baselines: Vec<&Measured> = BASELINES
+        .iter()
+        .filter_map(|&kind| results.iter().find(|m| m.stack == kind))
+        .collect();
+    match fleetbeat {
+        Some(f) if !baselines.is_empty() => {
+            let ratios: Vec<String> = baselines
+                .iter()
+                .map(|b| format!("Fleetbeat / {}", name(b.stack)))
+                .collect();
+            let mut columns = vec!["figure", "Fleetbeat"];
+            columns.extend(baselines.iter().map(|b| name(b.stack)));
+            columns.extend(ratios.iter().map(String::as_str));
+            out.push_str(&table(&columns));
+            let fr = rows(f);
+            let brs: Vec<Vec<(String, f64)>> = baselines.iter().map(|b| rows(b)).collect();
             for (label, value) in &fr {
-                let other = br.iter().find(|(l, _)| l == label).map(|r| r.1);
-                let (other, ratio) = match other {
-                    Some(o) if label.starts_with('…') => (fmt(o), "–".into()),
-                    Some(o) if o != 0.0 => (fmt(o), format!("{:.2}×", value / o)),
-                    Some(o) => (fmt(o), "–".into()),
-                    None => ("–".into(), "–".into()),
-                };
-                let _ = writeln!(out, "| {label} | {} | {other} | {ratio} |", fmt(*value));
+                let cells: Vec<(String, String)> = brs
+                    .iter()
+                    .map(|br| {
+                        let other = br.iter().find(|(l, _)| l == label).map(|r| r.1);
+                        compared(label, *value, other)
+                    })
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "| {label} | {} | {} | {} |",
+                    fmt(*value),
+                    cells
+                        .iter()
+                        .map(|c| c.0.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" | "),
+                    cells
+                        .iter()
+                        .map(|c| c.1.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" | "),
+                );
             }
-            for (label, value) in &br {
-                if !fr.iter().any(|(l, _)| l == label) {
-                    let _ = writeln!(out, "| {label} | – | {} | – |", fmt(*value));
+            // The baselines' own rows (their processes), once each, in order.
+            let mut extra: Vec<&str> = Vec::new();
+            for br in &brs {
+                for (label, _) in br {
+                    let new =
+                        !fr.iter().any(|(l, _)| l == label) && !extra.contains(&label.as_str());
+                    if new {
+                        extra.push(label);
+                    }
                 }
+            }
+            for label in extra {
+                let values: Vec<String> = brs
+                    .iter()
+                    .map(|br| {
+                        br.iter()
+                            .find(|(l, _)| l == label)
+                            .map_or_else(|| "–".to_owned(), |r| fmt(r.1))
+                    })
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "| {label} | – | {} | {} |",
+                    values.join(" | "),
+                    vec!["–"; brs.len()].join(" | ")
+                );
             }
         }
         _ => {
@@ -409,7 +468,11 @@ pub fn saturation(steps: &[Measured]) -> String {
             .filter(|m| m.stack == kind && m.sustained())
             .max_by(|a, b| a.ingested_per_s.total_cmp(&b.ingested_per_s))
     };
-    for kind in [StackKind::Fleetbeat, StackKind::Baseline] {
+    for kind in [
+        StackKind::Fleetbeat,
+        StackKind::Baseline,
+        StackKind::Careful,
+    ] {
         if let Some(m) = best(kind) {
             let _ = writeln!(
                 out,
@@ -420,13 +483,16 @@ pub fn saturation(steps: &[Measured]) -> String {
             );
         }
     }
-    if let (Some(f), Some(b)) = (best(StackKind::Fleetbeat), best(StackKind::Baseline)) {
-        let _ = writeln!(
-            out,
-            "- Fleetbeat / baseline sustained throughput: {:.2}×, p99 {:.2}×",
-            f.ingested_per_s / b.ingested_per_s.max(1.0),
-            f.latency.p99 / b.latency.p99.max(1e-9)
-        );
+    for kind in BASELINES {
+        if let (Some(f), Some(b)) = (best(StackKind::Fleetbeat), best(kind)) {
+            let _ = writeln!(
+                out,
+                "- Fleetbeat / {} sustained throughput: {:.2}×, p99 {:.2}×",
+                name(kind),
+                f.ingested_per_s / b.ingested_per_s.max(1.0),
+                f.latency.p99 / b.latency.p99.max(1e-9)
+            );
+        }
     }
     out
 }

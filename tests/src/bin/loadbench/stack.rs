@@ -1,6 +1,6 @@
 //! Starting the stack under test: Fleetbeat (with the `tests` library's
-//! [`start_bridge`](tests::stack::start_bridge) and friends), or the baseline (mosquitto and
-//! `bench/baseline/bridge.js`), or a Fleetbeat cluster (`--bridges N`, `--cluster-engines`:
+//! [`start_bridge`](tests::stack::start_bridge) and friends), or a baseline (mosquitto and
+//! `bench/baseline/bridge.js`, or `careful.js`), or a Fleetbeat cluster (`--bridges N`, `--cluster-engines`:
 //! mosquitto, Redis, PostgreSQL and N bridges in one shared-subscription group).
 
 use std::net::SocketAddr;
@@ -55,7 +55,7 @@ impl Stack {
     /// If a program does not start or get ready in time.
     pub async fn start(kind: StackKind, args: &RunArgs) -> anyhow::Result<Self> {
         match kind {
-            StackKind::Baseline => start_baseline(args).await,
+            StackKind::Baseline | StackKind::Careful => start_baseline(kind, args).await,
             _ => start_fleetbeat(args).await,
         }
     }
@@ -219,7 +219,10 @@ async fn start_cluster(args: &RunArgs) -> anyhow::Result<Stack> {
     })
 }
 
-async fn start_baseline(args: &RunArgs) -> anyhow::Result<Stack> {
+/// A node baseline: Debian's mosquitto and `bench/baseline/bridge.js` (`kind` Baseline) or
+/// `careful.js` (`kind` Careful, batching every `--tick-ms`). Both count what they ingest as
+/// `baseline_mqtt_received_total`, and run as the roles `broker` and `bridge`.
+async fn start_baseline(kind: StackKind, args: &RunArgs) -> anyhow::Result<Stack> {
     let dir = run_dir("loadbench-mosquitto-")?;
     let mqtt = free_port()?;
     let conf = dir.path().join("mosquitto.conf");
@@ -249,22 +252,27 @@ async fn start_baseline(args: &RunArgs) -> anyhow::Result<Stack> {
     }
     let baseline = tests::workspace().join("bench/baseline");
     tests::node::npm_ci(&baseline, &["socket.io", "mqtt"])?;
+    let (script, name) = match kind {
+        StackKind::Careful => ("careful.js", "careful"),
+        _ => ("bridge.js", "baseline"),
+    };
     let mut node = Command::new("node");
-    node.arg("bridge.js")
+    node.arg(script)
         .current_dir(baseline)
         .env("MQTT_URL", format!("mqtt://{mqtt}"))
-        .env("PORT", "0");
-    let mut bridge = Program::spawn("baseline", node)?;
+        .env("PORT", "0")
+        .env("TICK_MS", args.tick_ms().to_string());
+    let mut bridge = Program::spawn(name, node)?;
     let line = bridge.wait_for_line("listening on http://", START).await?;
     let http = line
         .split_whitespace()
         .find(|w| w.starts_with("http://"))
-        .context("no URL in the baseline's first line")?
+        .with_context(|| format!("no URL in the first line of {script}"))?
         .to_owned();
     bridge.wait_for_line("subscribed", START).await?;
     wait_ready(&http).await?;
     Ok(Stack {
-        kind: StackKind::Baseline,
+        kind,
         programs: vec![
             ("broker".to_owned(), mosquitto),
             ("bridge".to_owned(), bridge),
