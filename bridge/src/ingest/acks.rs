@@ -16,17 +16,25 @@
 //! broker sends it again on the new one, where it is handled again (the store drops the
 //! duplicate event).
 //!
+//! Delivery events are committed several at once, each in a task of the releaser, so that the
+//! store records those that arrive together in one transaction (`store::group`): at most one
+//! per vehicle at a time (a vehicle's next event starts once the one before it is committed),
+//! so each vehicle's events are recorded in the order they came; the PUBACKs still leave in
+//! order, each once its own event, and every one before it, is done with.
+//!
 //! While the store cannot write and no event is being retried, the releaser probes it
 //! (`Store::probe_write`) on the same backoff, so that `/readyz` sees it recover even when
 //! nothing else writes.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Publish, QoS};
-use shared::{DeliveryEvent, Topic};
+use shared::{DeliveryEvent, Topic, VehicleId};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
@@ -91,10 +99,17 @@ pub(crate) struct AckQueue {
 /// [`AckReleaser::run`].
 pub(crate) struct AckReleaser {
     rx: mpsc::Receiver<Waiting>,
-    connection: Arc<AtomicU64>,
+    events: EventCommit,
+    client: AsyncClient,
+}
+
+/// What commits a delivery event, in a task of its own: the store through `hub`, the
+/// emission on `io`, and the connection messages come on now.
+#[derive(Clone)]
+struct EventCommit {
     hub: Arc<Hub>,
     io: Arc<dyn Outlet>,
-    client: AsyncClient,
+    connection: Arc<AtomicU64>,
 }
 
 /// A queue whose releaser commits delivery events through `hub`, emits them on `io` and
@@ -113,9 +128,11 @@ pub(crate) fn ack_queue(
     };
     let releaser = AckReleaser {
         rx,
-        connection,
-        hub,
-        io,
+        events: EventCommit {
+            hub,
+            io,
+            connection,
+        },
         client,
     };
     (queue, releaser)
@@ -189,48 +206,131 @@ impl Backoff {
     }
 }
 
-impl AckReleaser {
-    fn metrics(&self) -> &Metrics {
-        self.hub.metrics()
+/// A message in the releaser, waiting for its PUBACK, with what is left to do before it.
+struct Entry {
+    /// What to acknowledge (the packet id and QoS only), or `None` for a QoS 0 message.
+    ack: Option<Publish>,
+    /// The connection it came on.
+    connection: u64,
+    state: State,
+}
+
+/// How far a message in the releaser got.
+enum State {
+    /// Held for its vehicle's key: its answer comes (`Handled::Later`).
+    Held,
+    /// Its delivery event waits for an earlier one of its vehicle to be committed.
+    Queued(Delivery),
+    /// Its delivery event is being committed (by a task of the releaser).
+    Committing(VehicleId),
+    /// Handled: acknowledged in its turn if `true`, never if `false` (the broker sends it
+    /// again).
+    Ready(bool),
+}
+
+/// What a task of the releaser reports, about the message with this number.
+enum Progress {
+    /// The answer of a held message came (`None`: given up, its sender dropped).
+    Answered(Option<Option<Delivery>>),
+    /// A delivery event's commit ended.
+    Committed(Commit),
+}
+
+/// The messages in the releaser, in the order they came, and the tasks working on them.
+///
+/// Several delivery events are committed at once (so that the store records them in one
+/// group), but at most one per vehicle: a vehicle's next event starts only once the one
+/// before it is committed, so a vehicle's events are recorded in the order they came. The
+/// PUBACKs still leave strictly in order.
+#[derive(Default)]
+struct Pipeline {
+    /// The messages; the first has number `first`, the next `first + 1`, and so on.
+    entries: VecDeque<Entry>,
+    first: u64,
+    /// For each vehicle, its delivery events queued or being committed.
+    vehicles: HashMap<VehicleId, usize>,
+    /// Answers awaited and commits under way, each reporting a message's number.
+    tasks: JoinSet<(u64, Progress)>,
+    /// The number of the message each task works on (to know which one a panicked task had).
+    task_numbers: HashMap<tokio::task::Id, u64>,
+    /// How many tasks are commits.
+    commits: usize,
+}
+
+impl Pipeline {
+    fn entry(&mut self, number: u64) -> Option<&mut Entry> {
+        let index = usize::try_from(number.checked_sub(self.first)?).ok()?;
+        self.entries.get_mut(index)
     }
 
-    fn connection(&self) -> u64 {
-        self.connection.load(Ordering::Acquire)
+    fn spawn(&mut self, number: u64, task: impl Future<Output = (u64, Progress)> + Send + 'static) {
+        let handle = self.tasks.spawn(task);
+        self.task_numbers.insert(handle.id(), number);
+    }
+}
+
+impl AckReleaser {
+    fn metrics(&self) -> &Metrics {
+        self.events.hub.metrics()
     }
 
     /// Releases the queue's messages in order until `cancel` fires or the queue's other end is
-    /// gone. What is left is not acknowledged: the broker keeps it for the next run.
+    /// gone (and what came is released). What is left is not acknowledged: the broker keeps it
+    /// for the next run.
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
+        let mut pipeline = Pipeline::default();
+        let mut open = true;
         // The next probe, while the store cannot write.
         let mut probe = Backoff::new();
         let mut probe_at: Option<Instant> = None;
         loop {
+            if !self.release_ready(&mut pipeline, &cancel).await {
+                break;
+            }
+            if !open && pipeline.entries.is_empty() {
+                break;
+            }
             if self.metrics().store().writable() {
                 probe = Backoff::new();
                 probe_at = None;
             } else if probe_at.is_none() {
                 probe_at = Some(Instant::now() + probe.next());
             }
-            let waiting = tokio::select! {
+            let room = open && pipeline.entries.len() < CAPACITY;
+            tokio::select! {
                 () = cancel.cancelled() => break,
-                waiting = self.rx.recv() => match waiting {
-                    Some(waiting) => waiting,
-                    None => break,
+                waiting = self.rx.recv(), if room => match waiting {
+                    Some(waiting) => self.admit(&mut pipeline, waiting, &cancel),
+                    None => open = false,
                 },
-                () = sleep_until(probe_at), if probe_at.is_some() => {
+                Some(joined) = pipeline.tasks.join_next_with_id() => {
+                    let (number, progress) = match joined {
+                        Ok((id, done)) => {
+                            pipeline.task_numbers.remove(&id);
+                            done
+                        }
+                        Err(err) => {
+                            let Some(number) = pipeline.task_numbers.remove(&err.id()) else {
+                                continue;
+                            };
+                            error!(cause = %err, "a task of the PUBACK queue failed: its message is not acknowledged");
+                            (number, Progress::Answered(None))
+                        }
+                    };
+                    if !self.progress(&mut pipeline, number, progress, &cancel) {
+                        break;
+                    }
+                }
+                () = sleep_until(probe_at), if probe_at.is_some() && pipeline.commits == 0 => {
                     self.probe().await;
                     probe_at = None;
-                    continue;
                 }
-            };
-            let stopping = !self.release(waiting, &cancel).await;
-            self.metrics().acks_waiting_delta(-1);
-            if stopping {
-                break;
             }
         }
+        // What is under way ends here: not acknowledged, the broker sends it again.
+        pipeline.tasks.shutdown().await;
         self.rx.close();
-        let left = self.rx.len();
+        let left = pipeline.entries.len() + self.rx.len();
         if left > 0 {
             debug!(
                 left,
@@ -241,52 +341,196 @@ impl AckReleaser {
         }
     }
 
-    /// Commits `waiting`'s delivery event if it has one, then acknowledges it. Returns false
-    /// if the bridge is stopping.
-    async fn release(&self, waiting: Waiting, cancel: &CancellationToken) -> bool {
-        let delivery = match waiting.handled {
-            Handled::Now(delivery) => delivery,
-            Handled::Later(answer) => tokio::select! {
-                biased;
-                () = cancel.cancelled() => return false,
-                answer = answer => match answer {
-                    Ok(delivery) => delivery,
-                    Err(_) => {
-                        debug!(
-                            pkid = waiting.ack.as_ref().map(|a| a.pkid),
-                            "not acknowledged: held for its vehicle's key until its connection ended"
-                        );
-                        return true;
-                    }
-                },
-            },
+    /// Takes `waiting` into the pipeline: a delivery event starts its commit (unless an
+    /// earlier one of its vehicle is not committed yet), a held message waits for its answer.
+    fn admit(&self, pipeline: &mut Pipeline, waiting: Waiting, cancel: &CancellationToken) {
+        let number = pipeline.first + pipeline.entries.len() as u64;
+        pipeline.entries.push_back(Entry {
+            ack: waiting.ack,
+            connection: waiting.connection,
+            state: State::Held,
+        });
+        match waiting.handled {
+            Handled::Now(delivery) => self.handled(pipeline, number, delivery, cancel),
+            Handled::Later(answer) => pipeline.spawn(number, async move {
+                (number, Progress::Answered(answer.await.ok()))
+            }),
+        }
+    }
+
+    /// Message `number` is handled: commit its delivery event, if any, in its turn.
+    fn handled(
+        &self,
+        pipeline: &mut Pipeline,
+        number: u64,
+        delivery: Option<Delivery>,
+        cancel: &CancellationToken,
+    ) {
+        let Some(entry) = pipeline.entry(number) else {
+            return;
         };
-        if let Some(delivery) = &delivery {
-            match self.commit(delivery, waiting.connection, cancel).await {
-                Commit::Done | Commit::Refused => {}
-                Commit::Stale => return true,
-                Commit::Stopping => return false,
+        let Some(delivery) = delivery else {
+            entry.state = State::Ready(true);
+            return;
+        };
+        let vehicle = delivery.topic.vehicle.clone();
+        entry.state = State::Queued(delivery);
+        let waiting = pipeline.vehicles.entry(vehicle.clone()).or_default();
+        *waiting += 1;
+        if *waiting == 1 {
+            self.start_next(pipeline, &vehicle, cancel);
+        }
+    }
+
+    /// Starts the commit of `vehicle`'s first queued delivery event (the ones of an ended
+    /// connection are not committed: the broker sends them again).
+    fn start_next(&self, pipeline: &mut Pipeline, vehicle: &VehicleId, cancel: &CancellationToken) {
+        let current = self.events.connection();
+        loop {
+            let Some(number) = pipeline
+                .entries
+                .iter()
+                .position(|e| matches!(&e.state, State::Queued(d) if d.topic.vehicle == *vehicle))
+                .map(|index| pipeline.first + index as u64)
+            else {
+                pipeline.vehicles.remove(vehicle);
+                return;
+            };
+            let Some(entry) = pipeline.entry(number) else {
+                return;
+            };
+            let state = std::mem::replace(&mut entry.state, State::Committing(vehicle.clone()));
+            let State::Queued(delivery) = state else {
+                return;
+            };
+            if entry.connection != current {
+                debug!(
+                    topic = %delivery.topic.name(), seq = delivery.event.seq,
+                    "not committed nor acknowledged: its connection ended, the broker sends it again"
+                );
+                entry.state = State::Ready(false);
+                if !self.done_with(pipeline, vehicle) {
+                    return;
+                }
+                continue;
+            }
+            let connection = entry.connection;
+            let events = self.events.clone();
+            let cancel = cancel.clone();
+            pipeline.commits += 1;
+            pipeline.spawn(number, async move {
+                let commit = events.commit(&delivery, connection, &cancel).await;
+                (number, Progress::Committed(commit))
+            });
+            return;
+        }
+    }
+
+    /// One of `vehicle`'s delivery events is done with: whether it has more queued.
+    fn done_with(&self, pipeline: &mut Pipeline, vehicle: &VehicleId) -> bool {
+        match pipeline.vehicles.get_mut(vehicle) {
+            Some(waiting) if *waiting > 1 => {
+                *waiting -= 1;
+                true
+            }
+            _ => {
+                pipeline.vehicles.remove(vehicle);
+                false
             }
         }
-        let Some(publish) = waiting.ack else {
-            return true;
-        };
-        if waiting.connection != self.connection() {
-            debug!(
-                pkid = publish.pkid,
-                "not acknowledged: its connection ended, the broker sends it again"
-            );
-            return true;
-        }
-        tokio::select! {
-            biased;
-            () = cancel.cancelled() => return false,
-            sent = self.client.ack(&publish) => if let Err(err) = sent {
-                // Not acknowledged: the broker sends it again after a reconnect.
-                warn!(pkid = publish.pkid, cause = %err, "could not acknowledge an MQTT message");
-            },
+    }
+
+    /// A task reported on message `number`; returns false if the bridge is stopping.
+    fn progress(
+        &self,
+        pipeline: &mut Pipeline,
+        number: u64,
+        progress: Progress,
+        cancel: &CancellationToken,
+    ) -> bool {
+        match progress {
+            Progress::Answered(Some(delivery)) => self.handled(pipeline, number, delivery, cancel),
+            Progress::Answered(None) => {
+                if let Some(entry) = pipeline.entry(number) {
+                    debug!(
+                        pkid = entry.ack.as_ref().map(|a| a.pkid),
+                        "not acknowledged: held for its vehicle's key until its connection ended"
+                    );
+                    entry.state = State::Ready(false);
+                }
+            }
+            Progress::Committed(commit) => {
+                pipeline.commits = pipeline.commits.saturating_sub(1);
+                let Some(entry) = pipeline.entry(number) else {
+                    return true;
+                };
+                let acknowledge = match commit {
+                    Commit::Done | Commit::Refused => true,
+                    Commit::Stale => false,
+                    Commit::Stopping => return false,
+                };
+                let State::Committing(vehicle) =
+                    std::mem::replace(&mut entry.state, State::Ready(acknowledge))
+                else {
+                    return true;
+                };
+                if self.done_with(pipeline, &vehicle) {
+                    self.start_next(pipeline, &vehicle, cancel);
+                }
+            }
         }
         true
+    }
+
+    /// Acknowledges the handled messages at the head of the pipeline, in order. Returns false
+    /// if the bridge is stopping.
+    async fn release_ready(&self, pipeline: &mut Pipeline, cancel: &CancellationToken) -> bool {
+        while let Some(entry) = pipeline.entries.front()
+            && let State::Ready(acknowledge) = entry.state
+        {
+            let Some(entry) = pipeline.entries.pop_front() else {
+                break;
+            };
+            pipeline.first += 1;
+            self.metrics().acks_waiting_delta(-1);
+            let Some(publish) = entry.ack.filter(|_| acknowledge) else {
+                continue;
+            };
+            if entry.connection != self.events.connection() {
+                debug!(
+                    pkid = publish.pkid,
+                    "not acknowledged: its connection ended, the broker sends it again"
+                );
+                continue;
+            }
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return false,
+                sent = self.client.ack(&publish) => if let Err(err) = sent {
+                    // Not acknowledged: the broker sends it again after a reconnect.
+                    warn!(pkid = publish.pkid, cause = %err, "could not acknowledge an MQTT message");
+                },
+            }
+        }
+        true
+    }
+
+    /// Tries one write, to learn whether the store writes again.
+    async fn probe(&self) {
+        let health = self.metrics().store();
+        match self.events.hub.probe_store().await {
+            Ok(()) => health.succeeded(),
+            Err(err) if err.is_outage() => {
+                health.failed("probe", &err, self.metrics().acks_waiting());
+            }
+            Err(err) => warn!(cause = %err, "store probe failed"),
+        }
+    }
+}
+
+impl EventCommit {
+    fn connection(&self) -> u64 {
+        self.connection.load(Ordering::Acquire)
     }
 
     /// Commits `delivery`, received on `connection`, trying again after every failure of the
@@ -298,12 +542,12 @@ impl AckReleaser {
         connection: u64,
         cancel: &CancellationToken,
     ) -> Commit {
-        let metrics = self.metrics();
+        let metrics = self.hub.metrics();
         let mut backoff = Backoff::new();
         let mut tries: u32 = 0;
         loop {
             tries += 1;
-            match self.store(delivery).await {
+            match store_delivery(&self.hub, &*self.io, delivery).await {
                 Ok(()) => {
                     metrics.store().succeeded();
                     return Commit::Done;
@@ -337,24 +581,6 @@ impl AckReleaser {
                 return Commit::Stale;
             }
             metrics.count(Counter::StoreRetries);
-        }
-    }
-
-    /// Records a delivery event durably and queues it for its recipients, then emits it to
-    /// them (once committed).
-    async fn store(&self, delivery: &Delivery) -> Result<(), StoreError> {
-        store_delivery(&self.hub, &*self.io, delivery).await
-    }
-
-    /// Tries one write, to learn whether the store writes again.
-    async fn probe(&self) {
-        let health = self.metrics().store();
-        match self.hub.probe_store().await {
-            Ok(()) => health.succeeded(),
-            Err(err) if err.is_outage() => {
-                health.failed("probe", &err, self.metrics().acks_waiting());
-            }
-            Err(err) => warn!(cause = %err, "store probe failed"),
         }
     }
 }

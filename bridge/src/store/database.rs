@@ -13,6 +13,7 @@ use std::sync::{Arc, Once};
 use tracing::info;
 
 use super::error::StoreError;
+use super::group::{EventGroups, GroupStats};
 use super::options::{Durability, StoreOptions};
 pub(super) use super::pool::{Db, DbPool, DbTx, redacted};
 use super::{postgres, sqlite};
@@ -93,6 +94,8 @@ pub struct Store {
     pub(super) write: DbPool,
     pub(super) read: DbPool,
     pub(super) backend: Backend,
+    /// The committer of delivery events in groups (`store::group`).
+    pub(super) events: Arc<EventGroups>,
     target: Arc<str>,
 }
 
@@ -133,6 +136,7 @@ impl Store {
             write: pools.write,
             read: pools.read,
             backend,
+            events: Arc::default(),
             target: target.into(),
         };
         let durability = store.durability().await?;
@@ -147,9 +151,11 @@ impl Store {
         Ok(store)
     }
 
-    /// Closes every connection, after waiting for the operations under way. SQLite then
+    /// Closes every connection, after waiting for the operations under way (the delivery
+    /// events handed to the group committer are recorded and answered first). SQLite then
     /// checkpoints the write-ahead log into the database file. Operations after this fail.
     pub async fn close(&self) {
+        self.events.close().await;
         self.read.close().await;
         self.write.close().await;
         info!(store = %redacted(&self.target), "store closed");
@@ -183,6 +189,12 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// How the delivery events were committed so far: how many transactions, holding how
+    /// many events (see `store::group`).
+    pub fn event_groups(&self) -> GroupStats {
+        self.events.stats()
     }
 
     /// Begins a write transaction (see [`Backend::begin_write`]).

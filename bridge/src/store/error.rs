@@ -1,6 +1,7 @@
 //! Errors of the store.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use shared::{OrderId, VehicleId};
 use thiserror::Error;
@@ -74,6 +75,17 @@ pub enum StoreError {
     /// A stored value cannot be read back (an invalid id, an unknown state, bad JSON).
     #[error("corrupt store data: {0}")]
     Corrupt(String),
+    /// The transaction of a group of delivery events could not begin (see `store::group`):
+    /// nothing of this event was recorded. The cause is shared by the events of the group.
+    #[error("{0}")]
+    Group(Arc<StoreError>),
+    /// A delivery event was not recorded, for a reason of the group commit rather than of the
+    /// database (see `store::group`): the store's committer stopped before it answered, or the
+    /// event, tried again alone after its group failed, was judged otherwise than in the group
+    /// (its messages were made for the first judgement). Nothing of it was committed; the same
+    /// write may succeed when tried again.
+    #[error("delivery event not recorded: {0}; try again")]
+    NotRecorded(&'static str),
 }
 
 impl StoreError {
@@ -84,7 +96,8 @@ impl StoreError {
     /// unwritable meanwhile.
     pub fn is_outage(&self) -> bool {
         match self {
-            Self::Directory { .. } | Self::Open { .. } => true,
+            Self::Directory { .. } | Self::Open { .. } | Self::NotRecorded(_) => true,
+            Self::Group(cause) => cause.is_outage(),
             Self::Database(sqlx::Error::Database(db))
                 if db
                     .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()

@@ -12,6 +12,8 @@
 //! - `order`: orders, their assignment to vehicles, and [`Store::record_event`], which
 //!   records a delivery event exactly once, moves its order on and queues its messages, in one
 //!   transaction (by the rules of `domain::order`, the one thing above it the store uses).
+//! - `group`: the group commit of delivery events: the events recorded at the same time share
+//!   one transaction and one commit (one fsync), each answered only once it is committed.
 //! - `queue`: the durable per-client message queue (`Store::pending`, `Store::ack`,
 //!   `Store::expire`).
 //! - `parked`: QoS 1 messages of vehicles without a key, parked after their wait
@@ -36,6 +38,7 @@
 mod database;
 mod error;
 mod geofence;
+mod group;
 mod health;
 mod options;
 mod order;
@@ -54,6 +57,7 @@ pub use database::Store;
 pub(crate) use database::in_memory;
 pub use error::StoreError;
 pub use geofence::{OpenOrderDropoff, StoredFence};
+pub use group::GroupStats;
 pub(crate) use health::StoreHealth;
 pub use options::{StoreOptions, Synchronous};
 pub(crate) use order::{AssignedOrder, OrderFilter, OrderView, WaitingOrder};

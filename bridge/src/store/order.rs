@@ -12,8 +12,9 @@ use tracing::warn;
 
 use super::database::{Backend, DbTx, Store, from_db, narrow, parse_id, to_db};
 use super::error::StoreError;
+use super::group::ToCaller;
 use super::postgres;
-use super::queue::{self, ClientId, Enqueued};
+use super::queue::{self, ClientId, Enqueued, MessageId};
 use crate::clock::now_ms;
 use crate::domain::order::{EventFlag, OrderState, delivery_kind, judge};
 
@@ -917,89 +918,220 @@ impl Store {
         event: &DeliveryEvent,
         address: impl FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>,
     ) -> Result<Recorded, StoreError> {
-        let now = now_ms();
-        let mut tx = self.begin_write().await?;
-        // Locked on PostgreSQL: another bridge recording an event of this order waits.
-        let order: Option<(String, Option<String>, String)> =
-            sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT state, vehicle, store FROM orders WHERE order_id = $1{}",
-                self.backend.for_update()
-            )))
-            .bind(event.order.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let (current, store) = match order {
-            Some((state, holder, store)) => (
-                Some((parse_id::<OrderState>("order state", &state)?, holder)),
-                Some(store),
-            ),
-            None => (None, None),
+        let mut address = Address::new(address);
+        let Some(mut turns) = self.events.submit(&event.order, &self.write, self.backend) else {
+            // No committer (the store is closed, or there is no runtime): alone.
+            let mut tx = self.begin_write().await?;
+            let written =
+                write_event(&mut tx, self.backend, vehicle, fleet, event, &mut address).await?;
+            tx.commit().await?;
+            return Ok(recorded(vehicle, event, written, address));
         };
-        let (flag, next) = judge(
-            current
-                .as_ref()
-                .map(|(state, holder)| (*state, holder.as_deref())),
-            vehicle,
-            event.kind,
-        );
-
-        let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO delivery_events (vehicle, seq, ts_ms, fleet, order_id, kind, lat_e7, \
-             lon_e7, flag, received_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             ON CONFLICT (vehicle, seq, ts_ms) DO NOTHING RETURNING id",
-        )
-        .bind(vehicle.as_str())
-        .bind(i64::from(event.seq))
-        .bind(to_db(event.ts_ms))
-        .bind(fleet.as_str())
-        .bind(event.order.as_str())
-        .bind(event.kind.as_str())
-        .bind(event.pos.lat_e7)
-        .bind(event.pos.lon_e7)
-        .bind(flag.map(EventFlag::as_str))
-        .bind(to_db(now))
-        .fetch_optional(&mut *tx)
-        .await?;
-        if inserted.is_none() {
-            warn_if_reused(&mut tx, vehicle, event).await?;
-            // Ended now: on PostgreSQL it holds the order's row lock.
-            tx.rollback().await?;
-            return Ok(Recorded::duplicate());
-        }
-        if let Some(next) = next {
-            sqlx::query("UPDATE orders SET state = $2, updated_ms = $3 WHERE order_id = $1")
-                .bind(event.order.as_str())
-                .bind(next.as_str())
-                .bind(to_db(now))
-                .execute(&mut *tx)
-                .await?;
-        }
-        let addressed = address(flag);
-        let mut messages: Vec<Enqueued> = Vec::with_capacity(addressed.len());
-        for (client, payload) in addressed {
-            if messages.iter().any(|m| m.client == client) {
-                continue;
+        // The outcome of the last turn: a turn after a failed group replaces it.
+        let mut written = None;
+        while let Some(told) = turns.recv().await {
+            match told {
+                ToCaller::Turn(mut turn) => {
+                    let outcome =
+                        write_event(turn.tx(), self.backend, vehicle, fleet, event, &mut address)
+                            .await;
+                    turn.hand_back(outcome.is_ok());
+                    written = Some(outcome);
+                }
+                ToCaller::Committed => {
+                    return match written {
+                        Some(Ok(written)) => Ok(recorded(vehicle, event, written, address)),
+                        Some(Err(err)) => Err(err),
+                        None => Err(StoreError::NotRecorded("committed without a turn")),
+                    };
+                }
+                ToCaller::Failed(Some(err)) => return Err(err),
+                ToCaller::Failed(None) => {
+                    return Err(match written {
+                        Some(Err(err)) => err,
+                        _ => StoreError::NotRecorded("its transaction failed"),
+                    });
+                }
             }
-            let id = queue::insert(&mut tx, &client, &payload.to_string(), now).await?;
-            messages.push(Enqueued {
-                client,
-                id,
-                payload,
-            });
         }
-        tx.commit().await?;
-        if let Some(flag) = flag {
-            warn!(%vehicle, order = %event.order, kind = event.kind.as_str(), seq = event.seq, %flag, "delivery event recorded with a flag");
-        }
-        Ok(Recorded {
-            duplicate: false,
-            flag,
-            advanced: next.is_some(),
-            state: next.or(current.map(|(state, _)| state)),
-            store,
-            messages,
-        })
+        Err(StoreError::NotRecorded(
+            "the store's committer stopped before answering",
+        ))
     }
+}
+
+/// The messages of an event, made once by the caller's `address` for the event's flag, and
+/// kept: an event recorded again alone after its group failed reuses them if it is judged the
+/// same (otherwise it is not recorded: [`StoreError::NotRecorded`], tried again by the caller).
+struct Address<F> {
+    make: Option<F>,
+    /// The flag they were made for, and the messages, one per recipient.
+    made: Option<(Option<EventFlag>, Vec<(ClientId, Value)>)>,
+}
+
+impl<F: FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>> Address<F> {
+    fn new(make: F) -> Self {
+        Self {
+            make: Some(make),
+            made: None,
+        }
+    }
+
+    /// The messages for `flag`, one per recipient (a recipient listed twice counts once).
+    fn messages(&mut self, flag: Option<EventFlag>) -> Result<&[(ClientId, Value)], StoreError> {
+        if let Some(make) = self.make.take() {
+            let mut messages: Vec<(ClientId, Value)> = Vec::new();
+            for (client, payload) in make(flag) {
+                if !messages.iter().any(|(c, _)| *c == client) {
+                    messages.push((client, payload));
+                }
+            }
+            self.made = Some((flag, messages));
+        }
+        match &self.made {
+            Some((made_for, messages)) if *made_for == flag => Ok(messages),
+            _ => Err(StoreError::NotRecorded(
+                "judged otherwise alone than in its group",
+            )),
+        }
+    }
+}
+
+/// What recording one event in a transaction did (committed once the transaction is).
+struct Written {
+    /// A re-sent event: nothing was changed or queued.
+    duplicate: bool,
+    flag: Option<EventFlag>,
+    /// The order's state before the event, if the order exists.
+    current: Option<OrderState>,
+    /// Its state after, if the event moved it.
+    next: Option<OrderState>,
+    store: Option<String>,
+    /// The ids of the queued messages, in the order of `Address::messages`.
+    queued: Vec<MessageId>,
+}
+
+/// The outcome of a committed event (see [`Store::record_event`]).
+fn recorded<F>(
+    vehicle: &VehicleId,
+    event: &DeliveryEvent,
+    written: Written,
+    address: Address<F>,
+) -> Recorded {
+    if written.duplicate {
+        return Recorded::duplicate();
+    }
+    if let Some(flag) = written.flag {
+        warn!(%vehicle, order = %event.order, kind = event.kind.as_str(), seq = event.seq, %flag, "delivery event recorded with a flag");
+    }
+    let messages = address
+        .made
+        .map(|(_, messages)| messages)
+        .unwrap_or_default()
+        .into_iter()
+        .zip(written.queued)
+        .map(|((client, payload), id)| Enqueued {
+            client,
+            id,
+            payload,
+        })
+        .collect();
+    Recorded {
+        duplicate: false,
+        flag: written.flag,
+        advanced: written.next.is_some(),
+        state: written.next.or(written.current),
+        store: written.store,
+        messages,
+    }
+}
+
+/// Records `event` of `vehicle` of `fleet` in `tx`, not committed: stores it (deduplicated),
+/// moves its order on or flags it, queues its messages (see [`Store::record_event`]). The
+/// per-event logic, the same alone and in a group (`store::group`).
+async fn write_event<F: FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>>(
+    tx: &mut DbTx,
+    backend: Backend,
+    vehicle: &VehicleId,
+    fleet: &FleetId,
+    event: &DeliveryEvent,
+    address: &mut Address<F>,
+) -> Result<Written, StoreError> {
+    let now = now_ms();
+    // Locked on PostgreSQL: another bridge recording an event of this order waits.
+    let order: Option<(String, Option<String>, String)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT state, vehicle, store FROM orders WHERE order_id = $1{}",
+            backend.for_update()
+        )))
+        .bind(event.order.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+    let (current, store) = match order {
+        Some((state, holder, store)) => (
+            Some((parse_id::<OrderState>("order state", &state)?, holder)),
+            Some(store),
+        ),
+        None => (None, None),
+    };
+    let (flag, next) = judge(
+        current
+            .as_ref()
+            .map(|(state, holder)| (*state, holder.as_deref())),
+        vehicle,
+        event.kind,
+    );
+
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO delivery_events (vehicle, seq, ts_ms, fleet, order_id, kind, lat_e7, \
+         lon_e7, flag, received_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         ON CONFLICT (vehicle, seq, ts_ms) DO NOTHING RETURNING id",
+    )
+    .bind(vehicle.as_str())
+    .bind(i64::from(event.seq))
+    .bind(to_db(event.ts_ms))
+    .bind(fleet.as_str())
+    .bind(event.order.as_str())
+    .bind(event.kind.as_str())
+    .bind(event.pos.lat_e7)
+    .bind(event.pos.lon_e7)
+    .bind(flag.map(EventFlag::as_str))
+    .bind(to_db(now))
+    .fetch_optional(&mut **tx)
+    .await?;
+    let current = current.map(|(state, _)| state);
+    if inserted.is_none() {
+        warn_if_reused(tx, vehicle, event).await?;
+        return Ok(Written {
+            duplicate: true,
+            flag: None,
+            current,
+            next: None,
+            store,
+            queued: Vec::new(),
+        });
+    }
+    if let Some(next) = next {
+        sqlx::query("UPDATE orders SET state = $2, updated_ms = $3 WHERE order_id = $1")
+            .bind(event.order.as_str())
+            .bind(next.as_str())
+            .bind(to_db(now))
+            .execute(&mut **tx)
+            .await?;
+    }
+    let messages = address.messages(flag)?;
+    let mut queued = Vec::with_capacity(messages.len());
+    for (client, payload) in messages {
+        queued.push(queue::insert(tx, client, &payload.to_string(), now).await?);
+    }
+    Ok(Written {
+        duplicate: false,
+        flag,
+        current,
+        next,
+        store,
+        queued,
+    })
 }
 
 /// Logs a re-sent event whose number was first recorded with other content (the device lost

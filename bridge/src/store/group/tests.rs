@@ -1,0 +1,310 @@
+//! Unit tests of `store::group` on each backend (SQLite in memory, PostgreSQL): events
+//! recorded at the same time share transactions, each is committed exactly once and answered
+//! with its own outcome, and a failing event or a lock wait does not fail the others.
+
+use serde_json::json;
+use shared::{DeliveryEvent, DeliveryKind, FleetId, OrderId, Position, VehicleId};
+use tokio::task::JoinSet;
+
+use crate::domain::order::OrderState;
+use crate::store::testing::{self, on_each_backend};
+use crate::store::{ClientId, NewOrder, Recorded, Store, StoreError, StoreOptions};
+
+/// Vehicles (each with its own order) in the concurrent tests.
+const VEHICLES: u32 = 64;
+
+const STEPS: [DeliveryKind; 3] = [
+    DeliveryKind::Pickup,
+    DeliveryKind::InTransit,
+    DeliveryKind::Delivered,
+];
+
+fn vehicle(i: u32) -> VehicleId {
+    format!("v-{i}").parse().expect("vehicle id")
+}
+
+fn fleet() -> FleetId {
+    "demo".parse().expect("fleet id")
+}
+
+/// Creates order `o-{i}` and assigns it to vehicle `v-{i}`, for `i` in `0..n`.
+async fn assigned_orders(store: &Store, n: u32) {
+    for i in 0..n {
+        let order: OrderId = format!("o-{i}").parse().expect("order id");
+        store
+            .create_order(&NewOrder {
+                order: order.clone(),
+                store: "store-1".into(),
+                fleet: fleet(),
+                customer: "Ada".into(),
+                dropoff: Position::new(525_200_000, 134_050_000),
+                pickup: Position::new(525_000_000, 134_000_000),
+            })
+            .await
+            .expect("creates");
+        store.assign(&order, &vehicle(i)).await.expect("assigns");
+    }
+}
+
+/// Vehicle `v-{i}`'s event number `step` for its order.
+fn event(i: u32, step: usize) -> DeliveryEvent {
+    DeliveryEvent {
+        seq: u32::try_from(step).expect("small"),
+        order: format!("o-{i}").parse().expect("order id"),
+        kind: STEPS[step],
+        ts_ms: 1_000 + step as u64,
+        pos: Position::new(525_100_000, 134_020_000),
+    }
+}
+
+/// Records vehicle `v-{i}`'s `event`, queued for the vendor and the dispatchers.
+async fn record(store: &Store, i: u32, event: &DeliveryEvent) -> Result<Recorded, StoreError> {
+    store
+        .record_event(
+            &vehicle(i),
+            &fleet(),
+            event,
+            &[ClientId::vendor("store-1"), ClientId::dispatch()],
+            &json!({"vehicle": i, "seq": event.seq}),
+        )
+        .await
+}
+
+async fn count(store: &Store, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(&store.read)
+        .await
+        .expect("counts")
+}
+
+on_each_backend! {
+    /// 64 vehicles each report their three steps at once (each vehicle one after the other):
+    /// the events share transactions, every one is answered `Ok` with its own outcome and
+    /// committed exactly once, and each vehicle's events are recorded in order (no flag, every
+    /// order delivered).
+    async fn concurrent_events_form_groups_each_committed_once(store) {
+        assigned_orders(&store, VEHICLES).await;
+        let mut vehicles = JoinSet::new();
+        for i in 0..VEHICLES {
+            let store = store.clone();
+            vehicles.spawn(async move {
+                let mut outcomes = Vec::new();
+                for step in 0..STEPS.len() {
+                    outcomes.push(record(&store, i, &event(i, step)).await.expect("records"));
+                }
+                (i, outcomes)
+            });
+        }
+        while let Some(joined) = vehicles.join_next().await {
+            let (i, outcomes) = joined.expect("no panic");
+            let states: Vec<_> = outcomes.iter().map(|r| r.state).collect();
+            assert_eq!(
+                states,
+                [
+                    Some(OrderState::PickedUp),
+                    Some(OrderState::InTransit),
+                    Some(OrderState::Delivered)
+                ],
+                "vehicle {i}"
+            );
+            for recorded in &outcomes {
+                assert!(!recorded.duplicate && recorded.advanced, "{recorded:?}");
+                assert_eq!(recorded.flag, None);
+                assert_eq!(recorded.messages.len(), 2);
+                assert_eq!(recorded.messages[0].payload["vehicle"], json!(i));
+            }
+        }
+        let events = i64::from(VEHICLES) * STEPS.len() as i64;
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM delivery_events").await, events);
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM delivery_events WHERE flag IS NOT NULL").await,
+            0
+        );
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM queue").await, 2 * events);
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM orders WHERE state = 'delivered'").await,
+            i64::from(VEHICLES)
+        );
+        let stats = store.event_groups();
+        assert_eq!(stats.events, events as u64, "{stats:?}");
+        assert!(stats.largest > 1, "no group formed: {stats:?}");
+        assert!(stats.commits < stats.events, "{stats:?}");
+        store.close().await;
+    }
+}
+
+on_each_backend! {
+    /// Two copies of the same event in one group: the first is recorded, the second is a
+    /// duplicate, and its messages are queued once.
+    async fn a_duplicate_inside_a_group_is_deduped(store) {
+        assigned_orders(&store, 2).await;
+        let mut copies = JoinSet::new();
+        for i in [0, 0, 1] {
+            let store = store.clone();
+            copies.spawn(async move { record(&store, i, &event(i, 0)).await.expect("records") });
+        }
+        let mut outcomes = Vec::new();
+        while let Some(joined) = copies.join_next().await {
+            outcomes.push(joined.expect("no panic"));
+        }
+        assert_eq!(outcomes.iter().filter(|r| r.duplicate).count(), 1, "{outcomes:?}");
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM delivery_events").await, 2);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM queue").await, 4);
+        assert!(store.event_groups().largest >= 2, "{:?}", store.event_groups());
+        store.close().await;
+    }
+}
+
+/// Makes order `o-{i}`'s stored state unreadable (a value the check constraint refuses), so
+/// that recording an event of it fails with [`StoreError::Corrupt`].
+async fn corrupt_order(store: &Store, i: u32) {
+    let mut conn = store.write.acquire().await.expect("a connection");
+    let statements: &[&str] = match store.backend {
+        super::Backend::Sqlite => &[
+            "PRAGMA ignore_check_constraints = ON",
+            "UPDATE orders SET state = 'lost' WHERE order_id = $1",
+            "PRAGMA ignore_check_constraints = OFF",
+        ],
+        super::Backend::Postgres => &[
+            "ALTER TABLE orders DROP CONSTRAINT orders_state_check",
+            "UPDATE orders SET state = 'lost' WHERE order_id = $1",
+        ],
+    };
+    for sql in statements {
+        let query = sqlx::query(*sql);
+        let query = if sql.contains("$1") {
+            query.bind(format!("o-{i}"))
+        } else {
+            query
+        };
+        query.execute(&mut *conn).await.expect("corrupts");
+    }
+}
+
+on_each_backend! {
+    /// A group holding an event that fails (its order's row cannot be read): the others are
+    /// recorded one per transaction and answered `Ok`; the bad one gets its error and nothing
+    /// of it is committed.
+    async fn a_failing_event_does_not_fail_its_group(store) {
+        assigned_orders(&store, 8).await;
+        corrupt_order(&store, 3).await;
+        let mut events = JoinSet::new();
+        for i in 0..8 {
+            let store = store.clone();
+            events.spawn(async move { (i, record(&store, i, &event(i, 0)).await) });
+        }
+        while let Some(joined) = events.join_next().await {
+            let (i, outcome) = joined.expect("no panic");
+            if i == 3 {
+                let err = outcome.expect_err("the corrupt order fails");
+                assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+                assert!(!err.is_outage());
+            } else {
+                let recorded = outcome.expect("the others are recorded");
+                assert_eq!(recorded.state, Some(OrderState::PickedUp), "vehicle {i}");
+            }
+        }
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM delivery_events").await, 7);
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM delivery_events WHERE order_id = 'o-3'").await,
+            0
+        );
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM queue").await, 14);
+        store.close().await;
+    }
+}
+
+on_each_backend! {
+    /// Events of one vehicle handed over one after the other without waiting (all in flight at
+    /// once) are recorded in the order they were handed over: each step moves the order on,
+    /// none is flagged.
+    async fn one_vehicles_events_keep_their_order(store) {
+        assigned_orders(&store, 1).await;
+        let mut in_flight = Vec::new();
+        for step in 0..STEPS.len() {
+            let store = store.clone();
+            in_flight.push(tokio::spawn(async move { record(&store, 0, &event(0, step)).await }));
+            // Handed over in this order: each task submits before the next one starts.
+            tokio::task::yield_now().await;
+        }
+        for (step, task) in in_flight.into_iter().enumerate() {
+            let recorded = task.await.expect("no panic").expect("records");
+            assert_eq!(recorded.flag, None, "step {step}: {recorded:?}");
+            assert!(recorded.advanced, "step {step}");
+        }
+        let flags: Vec<Option<String>> =
+            sqlx::query_scalar("SELECT flag FROM delivery_events ORDER BY id")
+                .fetch_all(&store.read)
+                .await
+                .expect("reads");
+        assert_eq!(flags, [None, None, None]);
+        store.close().await;
+    }
+}
+
+on_each_backend! {
+    /// The committer drains what it accepted when the store closes: every event handed over
+    /// before `close` is answered, and those answered `Ok` are committed.
+    async fn close_drains_the_accepted_events(store) {
+        assigned_orders(&store, 16).await;
+        let mut events = JoinSet::new();
+        for i in 0..16 {
+            let store = store.clone();
+            events.spawn(async move { record(&store, i, &event(i, 0)).await });
+        }
+        tokio::task::yield_now().await;
+        store.close().await;
+        let mut ok = 0;
+        while let Some(joined) = events.join_next().await {
+            if joined.expect("no panic").is_ok() {
+                ok += 1;
+            }
+        }
+        assert!(ok > 0, "nothing was drained");
+        // Reads go on after a close only for the in-memory SQLite store: check on the events
+        // answered instead.
+        assert_eq!(store.event_groups().events, ok);
+    }
+}
+
+/// Two bridges on one PostgreSQL database record the same events of 20 orders at once, in
+/// opposite order of orders: the groups lock their orders sorted by id, so neither deadlocks
+/// the other (and a deadlock would be retried alone); every event is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_bridges_groups_in_opposite_order_postgres() {
+    let url = testing::postgres_url();
+    let a = Store::open(&url, StoreOptions::default())
+        .await
+        .expect("opens");
+    let b = Store::open(&url, StoreOptions::default())
+        .await
+        .expect("opens again");
+    const ORDERS: u32 = 20;
+    assigned_orders(&a, ORDERS).await;
+    let mut events = JoinSet::new();
+    for (store, reversed) in [(&a, false), (&b, true)] {
+        for n in 0..ORDERS {
+            let i = if reversed { ORDERS - 1 - n } else { n };
+            let store = store.clone();
+            events.spawn(async move { record(&store, i, &event(i, 0)).await });
+        }
+    }
+    let mut recorded = 0;
+    while let Some(joined) = events.join_next().await {
+        let outcome = joined.expect("no panic").expect("records");
+        if !outcome.duplicate {
+            recorded += 1;
+        }
+    }
+    assert_eq!(recorded, ORDERS);
+    assert_eq!(
+        count(&a, "SELECT COUNT(*) FROM delivery_events").await,
+        i64::from(ORDERS)
+    );
+    assert_eq!(
+        count(&a, "SELECT COUNT(*) FROM queue").await,
+        2 * i64::from(ORDERS)
+    );
+    a.close().await;
+    b.close().await;
+}
