@@ -79,7 +79,8 @@ pub struct RunArgs {
     /// Heartbeats per second per vehicle.
     #[arg(long, default_value_t = 1.0)]
     pub rate: f64,
-    /// Dispatcher clients (real socket.io-client connections), each joined to `all`.
+    /// Dispatcher clients (real socket.io-client connections), each joined to `all`; 0: none
+    /// (the stack emits to nobody).
     #[arg(long, default_value_t = 10)]
     pub dispatchers: u32,
     /// Seconds of the measured window.
@@ -160,6 +161,19 @@ pub struct RunArgs {
     /// Fleet sizes of the side-by-side tables of `--report`.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     pub report_fleets: Vec<u32>,
+    /// What each stage of Fleetbeat costs per heartbeat, by ablation (issue #17): Fleetbeat at
+    /// `--vehicles` × `--rate` as deployed, then once per part switched off (the embedded
+    /// broker's JSON mirror, the dispatchers, the store's disk, the devices' subscriptions) and
+    /// with the broker as its own process; broker and bridge CPU µs per heartbeat of each run
+    /// and the differences. `--repeat` runs each variant that many times (the least disturbed
+    /// counts).
+    #[arg(long, conflicts_with_all = ["curve", "saturate", "report"])]
+    pub stages: bool,
+    /// One more argument for every Fleetbeat `bridge` (repeatable, in order), e.g.
+    /// `--bridge-arg=--config --bridge-arg=FILE`; a `--store` here replaces loadbench's fresh
+    /// SQLite file. For ablation runs and experiments.
+    #[arg(long = "bridge-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub bridge_args: Vec<String>,
     /// Heartbeat rates (Hz per vehicle) of `--saturate`.
     #[arg(
         long,
@@ -208,11 +222,11 @@ impl RunArgs {
     /// Checks what the flags cannot say alone.
     ///
     /// # Errors
-    /// If a count is 0, the rate is out of range, `device-sim` is asked to feed the
+    /// If a count is 0 (but the dispatchers), the rate is out of range, `device-sim` is asked to feed the
     /// baseline, or a cluster is asked for with the separate broker.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.vehicles == 0 || self.dispatchers == 0 || self.clients_per_process == 0 {
-            bail!("--vehicles, --dispatchers and --clients-per-process must be at least 1");
+        if self.vehicles == 0 || self.clients_per_process == 0 {
+            bail!("--vehicles and --clients-per-process must be at least 1");
         }
         if self.rate.is_nan() || self.rate <= 0.0 || self.rate > 100.0 {
             bail!("--rate must be within (0, 100] Hz");

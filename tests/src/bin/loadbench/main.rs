@@ -39,6 +39,7 @@
 //! # Layout
 //! - [`cli`]: the command line; `generate` is the device side, run as a child.
 //! - [`modes`]: side by side, the scaling curve, sustained throughput, the whole report.
+//! - [`stages`]: what each stage of Fleetbeat costs per heartbeat, by ablation runs.
 //! - [`stack`]: starting Fleetbeat (one bridge or a cluster) or a baseline.
 //! - [`engines`]: Redis and PostgreSQL of a cluster run, and their counters.
 //! - [`devices`]: the device side of a run: the generator, or `device-sim`.
@@ -60,6 +61,7 @@ mod modes;
 mod procfs;
 mod report;
 mod stack;
+mod stages;
 
 use std::time::Duration;
 

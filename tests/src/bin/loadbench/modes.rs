@@ -1,6 +1,6 @@
 //! What one invocation does: side by side (the default), the scaling curve (`--curve`),
-//! sustained throughput (`--saturate`), or all of BENCHMARKS.md's end-to-end section
-//! (`--report`).
+//! sustained throughput (`--saturate`), all of BENCHMARKS.md's end-to-end section
+//! (`--report`), or the cost of each stage (`--stages`, in [`crate::stages`]).
 
 use std::fmt::Write as _;
 
@@ -62,6 +62,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         report.push_str(&curve(&env, &args).await?);
     } else if args.saturate {
         report.push_str(&saturate(&env, &args).await?);
+    } else if args.stages {
+        report.push_str(&crate::stages::stages(&env, &args).await?);
     } else {
         report.push_str(&side_by_side(&env, &args).await?);
     }

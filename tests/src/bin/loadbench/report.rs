@@ -6,6 +6,7 @@ use crate::cli::{BrokerMode, RunArgs, StackKind};
 use crate::measure::Env;
 use crate::measured::{ClusterFigures, Measured};
 use crate::procfs;
+use crate::stages::StageRun;
 
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
@@ -547,6 +548,86 @@ pub fn curve(points: &[Measured]) -> String {
     out.push('\n');
     for m in points {
         let _ = writeln!(out, "- {}{}", notes(m), warnings(m));
+    }
+    out
+}
+
+/// CPU µs per ingested heartbeat of the process with `role`, if the run had one.
+fn role_us_per_heartbeat(m: &Measured, role: &str) -> Option<f64> {
+    let p = m.process(role)?;
+    Some(1e6 * p.cpu_secs / (m.ingested_per_s * m.window_secs).max(1.0))
+}
+
+/// The ablation of `--stages`: each run's broker and bridge CPU per heartbeat, and the
+/// difference to its reference, the cost of what the run switched off.
+pub fn stages(runs: &[StageRun]) -> String {
+    let mut out = table(&[
+        "run",
+        "broker+bridge CPU µs per heartbeat",
+        "broker µs",
+        "bridge µs",
+        "Δ µs per heartbeat (reference − run)",
+        "the Δ is the cost of",
+        "broker+bridge CPU % of a core",
+        "heartbeats/s ingested",
+        "p50 ms",
+        "p99 ms",
+        "loss % window / whole run",
+        "outside the benchmark, cores",
+        "load average before",
+    ]);
+    let opt = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), fmt);
+    for (i, run) in runs.iter().enumerate() {
+        let m = &run.measured;
+        let total = us_per_heartbeat(m);
+        let delta = run
+            .variant
+            .reference
+            .and_then(|r| runs.get(r))
+            .map(|r| us_per_heartbeat(&r.measured) - total);
+        let reference = run
+            .variant
+            .reference
+            .map_or_else(String::new, |r| format!(" (against run {})", r + 1));
+        let _ = writeln!(
+            out,
+            "| {}. {} | {} | {} | {} | {} | {}{} | {:.1} | {:.0} | {} | {} | {} | {:.2} | {:.2} |",
+            i + 1,
+            run.variant.name,
+            fmt(total),
+            opt(role_us_per_heartbeat(m, "broker")),
+            opt(role_us_per_heartbeat(m, "bridge")),
+            opt(delta),
+            run.variant.stage,
+            reference,
+            pct_core(m.server().cpu_secs, m.window_secs),
+            m.ingested_per_s,
+            fmt(m.latency.p50),
+            fmt(m.latency.p99),
+            loss_pair(m),
+            m.others_cores,
+            m.load_before,
+        );
+    }
+    out.push_str(
+        "\nNot separable by a flag or the configuration today (each would need a switch in the \
+         bridge or broker; the separate-broker run splits the broker's share from the bridge's):\n\
+         - socket read and MQTT decode, router: the broker's share in the separate-broker run \
+         (with the forwarding to the bridge); to isolate them, a broker that drops `fleet/+/+/hb` \
+         after decoding (e.g. `[broker] discard_topics`);\n\
+         - seal check: a bridge flag that skips `shared::seal` opening in open mode (e.g. \
+         `--trust-unsealed`, heartbeats accepted as plain postcard);\n\
+         - fleet update: a flag that stops after the seal and replay checks (e.g. \
+         `--ingest-only`);\n\
+         - history write (the SQL, not the file): a flag that does not queue history rows (e.g. \
+         `history_retention_hours = 0` meaning none; today 0 is refused);\n\
+         - emit, split: the Δ of `--dispatchers 0` is building, serialising and writing the \
+         batches for `--dispatchers` sockets together; a bridge that builds batches for rooms \
+         nobody joined would show the building part as the Δ of one dispatcher against none.\n\n",
+    );
+    for (i, run) in runs.iter().enumerate() {
+        let m = &run.measured;
+        let _ = writeln!(out, "- run {}: {}{}", i + 1, notes(m), warnings(m));
     }
     out
 }

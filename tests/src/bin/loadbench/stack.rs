@@ -132,7 +132,11 @@ async fn start_fleetbeat(args: &RunArgs) -> anyhow::Result<Stack> {
     let store = dir.path().join("fleetbeat.db");
     let store = store.to_str().context("a UTF-8 temporary directory")?;
     let tick = args.tick_ms().to_string();
-    let bridge_args = ["--tick-ms", &tick, "--store", store];
+    let mut bridge_args = vec!["--tick-ms", &tick];
+    if !args.bridge_args.iter().any(|a| a == "--store") {
+        bridge_args.extend(["--store", store]);
+    }
+    bridge_args.extend(args.bridge_args.iter().map(String::as_str));
     let mut programs = Vec::new();
     let bridge = match args.broker {
         BrokerMode::Separate => {
@@ -189,7 +193,7 @@ async fn start_cluster(args: &RunArgs) -> anyhow::Result<Stack> {
     let redis = engines.redis.url();
     for i in 1..=args.bridges {
         let client_id = format!("bridge-{i}");
-        let bridge_args = [
+        let mut bridge_args = vec![
             "--tick-ms",
             &tick,
             "--store",
@@ -201,6 +205,7 @@ async fn start_cluster(args: &RunArgs) -> anyhow::Result<Stack> {
             "--client-id",
             &client_id,
         ];
+        bridge_args.extend(args.bridge_args.iter().map(String::as_str));
         let bridge = start_bridge_external(mqtt, &bridge_args)
             .await
             .with_context(|| format!("starting {client_id}"))?;
