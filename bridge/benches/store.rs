@@ -2,6 +2,13 @@
 //! and heartbeats stored per second in batches of 100 and 1000, each next to a baseline
 //! measured in the same run (`synchronous = OFF`: the same work without waiting for the disk).
 //!
+//! Delivery events are measured twice: one caller after the other (each event its own
+//! transaction), and [`PRODUCERS`] vehicles at once, each one event after the other as the
+//! PUBACK queue commits them, which the store records in groups (`store::group`, one
+//! transaction and one fsync per group). The group-committed rows compare with the one-by-one
+//! row of the same setting, and report the latency from handing an event to the store to its
+//! commit confirmed (p50 / p99), and the mean events per commit.
+//!
 //! ```sh
 //! cargo bench -p bridge --no-default-features --bench store
 //! ```
@@ -28,6 +35,8 @@ use testengines::postgres::TempPostgres;
 const BUDGET: Duration = Duration::from_millis(2_000);
 /// Orders prepared for the event runs: three events each.
 const ORDERS: u32 = 8_000;
+/// Vehicles reporting at once in the group-committed runs.
+const PRODUCERS: u32 = 64;
 
 type BenchResult<T> = Result<T, Box<dyn Error>>;
 
@@ -155,9 +164,20 @@ async fn measure(engine: &Engine<'_>, template: &str) -> BenchResult<Vec<(Measur
         Engine::Postgres(_) => &[Synchronous::Full],
     };
     for &synchronous in settings {
-        rows.push((bench_events(engine, template, synchronous).await?, baseline));
+        let one_by_one = bench_events(engine, template, synchronous).await?;
+        let rate = one_by_one.rate();
+        rows.push((one_by_one, baseline));
+        rows.push((
+            bench_grouped_events(engine, template, synchronous).await?,
+            rate,
+        ));
     }
+    let off_rate = events_off.rate();
     rows.push((events_off, baseline));
+    rows.push((
+        bench_grouped_events(engine, template, Synchronous::Off).await?,
+        off_rate,
+    ));
     for batch in [100, 1_000] {
         let off = bench_heartbeats(engine, Synchronous::Off, batch).await?;
         let baseline = off.rate();
@@ -232,7 +252,102 @@ async fn bench_events(
     store.close().await;
     latencies.sort_unstable();
     Ok(Measured {
-        what: "`record_event` (event + order update + 2 queue rows, 1 tx)".into(),
+        what: "`record_event` one by one (event + order update + 2 queue rows, 1 tx)".into(),
+        setting: engine.setting(synchronous),
+        ops: latencies.len() as u64,
+        unit: "events/s",
+        elapsed,
+        latencies,
+    })
+}
+
+/// The events of order `i` (vehicle `v-{i}`): pickup, in-transit, delivered, each with its
+/// recipients and payload.
+fn order_events(i: u32) -> BenchResult<Vec<(DeliveryEvent, [ClientId; 2], serde_json::Value)>> {
+    let vehicle = vehicle(i)?;
+    let order = order_id(i)?;
+    let mut events = Vec::new();
+    for (n, kind) in [
+        DeliveryKind::Pickup,
+        DeliveryKind::InTransit,
+        DeliveryKind::Delivered,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let event = DeliveryEvent {
+            seq: i * 3 + n as u32,
+            order: order.clone(),
+            kind,
+            ts_ms: 1_750_000_000_000 + u64::from(i) * 1_000 + n as u64,
+            pos: Position::new(525_100_000, 134_020_000),
+        };
+        let payload = json!({
+            "vehicle": vehicle.as_str(), "fleet": "bench", "order": order.as_str(),
+            "kind": kind.as_str(), "seq": event.seq, "ts_ms": event.ts_ms,
+            "lat": event.pos.lat(), "lon": event.pos.lon(),
+        });
+        let recipients = [
+            ClientId::vendor(&format!("store-{}", i % 20)),
+            ClientId::dispatch(),
+        ];
+        events.push((event, recipients, payload));
+    }
+    Ok(events)
+}
+
+/// [`PRODUCERS`] vehicles at once, each recording its orders' events one after the other
+/// (`record_event`, as the PUBACK queue does: one event of a vehicle at a time): the store
+/// commits what arrives together in one transaction.
+async fn bench_grouped_events(
+    engine: &Engine<'_>,
+    template: &str,
+    synchronous: Synchronous,
+) -> BenchResult<Measured> {
+    let target = engine.copy(template, &format!("grouped_{synchronous}"))?;
+    let store = Store::open(&target, options(synchronous)).await?;
+    let start = Instant::now();
+    let mut producers = tokio::task::JoinSet::new();
+    for p in 0..PRODUCERS {
+        let store = store.clone();
+        producers.spawn(async move {
+            let fleet: FleetId = "bench".parse().map_err(|e| format!("{e}"))?;
+            let mut latencies = Vec::new();
+            'orders: for i in (p..ORDERS).step_by(PRODUCERS as usize) {
+                let vehicle = vehicle(i).map_err(|e| e.to_string())?;
+                for (event, recipients, payload) in order_events(i).map_err(|e| e.to_string())? {
+                    let t = Instant::now();
+                    let recorded = store
+                        .record_event(&vehicle, &fleet, &event, &recipients, &payload)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    latencies.push(t.elapsed());
+                    if recorded.duplicate || recorded.flag.is_some() {
+                        return Err(format!("unexpected outcome for {i}: {recorded:?}"));
+                    }
+                    if start.elapsed() >= BUDGET {
+                        break 'orders;
+                    }
+                }
+            }
+            Ok::<_, String>(latencies)
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(joined) = producers.join_next().await {
+        latencies.extend(joined??);
+    }
+    let elapsed = start.elapsed();
+    let groups = store.event_groups();
+    store.close().await;
+    latencies.sort_unstable();
+    Ok(Measured {
+        what: format!(
+            "`record_event`, {PRODUCERS} vehicles at once, group commit ({:.1} events per commit, \
+             at most {}; vs: one by one, same setting)",
+            groups.events as f64 / groups.commits.max(1) as f64,
+            groups.largest
+        ),
         setting: engine.setting(synchronous),
         ops: latencies.len() as u64,
         unit: "events/s",

@@ -32,31 +32,55 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use shared::OrderId;
+use std::collections::HashSet;
+
+use shared::{DeliveryEvent, FleetId, VehicleId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::database::{Backend, DbPool, DbTx};
 use super::error::StoreError;
+use super::order::Written;
+use super::queue::ClientId;
+use crate::clock::now_ms;
+use crate::domain::order::{EventFlag, judge};
+
+mod statements;
+
+use statements::{NewEvent, OrderNow};
 
 /// The most events one transaction records.
 pub(crate) const MAX_GROUP: usize = 512;
 
 /// A delivery event waiting to be recorded in a group.
 struct Request {
-    /// Its order: locked with the group's others, in order of id, on PostgreSQL.
-    order: OrderId,
-    /// Where its turns and its verdict go.
+    /// The vehicle that reported it.
+    vehicle: VehicleId,
+    /// The vehicle's fleet.
+    fleet: FleetId,
+    /// The event.
+    event: DeliveryEvent,
+    /// Where its questions, turns and verdict go.
     caller: mpsc::UnboundedSender<ToCaller>,
 }
 
-/// What the committer tells the caller of an event.
+/// What the committer tells (or asks) the caller of an event.
 pub(super) enum ToCaller {
-    /// Its turn: record the event in the transaction and hand it back.
+    /// The event is judged, with this flag, in the group's transaction: the messages to queue
+    /// for it (recipient, payload as JSON text), one per recipient.
+    Address {
+        /// The event's flag (`None`: it moves its order the usual step).
+        flag: Option<EventFlag>,
+        /// Where the messages go.
+        reply: oneshot::Sender<Vec<(ClientId, String)>>,
+    },
+    /// Its turn: record the event in the transaction and hand it back (an event recorded
+    /// alone).
     Turn(Turn),
-    /// What it recorded in its last turn is committed.
-    Committed,
+    /// The event is committed: what the group recorded of it (`None`: what the caller
+    /// recorded in its last turn).
+    Committed(Option<Written>),
     /// Nothing of it is committed. `None`: its own turn failed (the caller has that error);
     /// otherwise why the transaction failed.
     Failed(Option<StoreError>),
@@ -133,19 +157,23 @@ enum Slot {
 }
 
 impl EventGroups {
-    /// Hands an event of `order` to the committer (started on `write`, a store on `backend`,
-    /// if none runs) and returns where its turns and verdict come; `None` if there is no
-    /// committer (the store is closed, or there is no Tokio runtime to run one): the caller
-    /// records its event alone.
+    /// Hands `event` of `vehicle` of `fleet` to the committer (started on `write`, a store
+    /// on `backend`, if none runs) and returns where its questions, turns and verdict come;
+    /// `None` if there is no committer (the store is closed, or there is no Tokio runtime to
+    /// run one): the caller records its event alone.
     pub(super) fn submit(
         &self,
-        order: &OrderId,
+        vehicle: &VehicleId,
+        fleet: &FleetId,
+        event: &DeliveryEvent,
         write: &DbPool,
         backend: Backend,
     ) -> Option<mpsc::UnboundedReceiver<ToCaller>> {
         let (caller, turns) = mpsc::unbounded_channel();
         let mut request = Request {
-            order: order.clone(),
+            vehicle: vehicle.clone(),
+            fleet: fleet.clone(),
+            event: event.clone(),
             caller,
         };
         let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
@@ -238,7 +266,7 @@ impl Request {
         {
             return match message {
                 ToCaller::Turn(turn) => Turned::Gone(turn.tx),
-                ToCaller::Committed | ToCaller::Failed(_) => Turned::Lost,
+                _ => Turned::Lost,
             };
         }
         match returned.await {
@@ -264,6 +292,9 @@ impl Committer {
         while self.requests.recv_many(&mut group, MAX_GROUP).await > 0 {
             self.commit(&group).await;
             group.clear();
+            // The callers just answered may hand over their next events before the next
+            // group is taken (no timer: this only lets the woken tasks run).
+            tokio::task::yield_now().await;
         }
     }
 
@@ -276,10 +307,10 @@ impl Committer {
     async fn commit(&self, group: &[Request]) {
         if group.len() > 1 {
             match self.together(group).await {
-                Ok(recorded) => {
-                    self.counters.committed(recorded);
-                    for request in group {
-                        request.answer(ToCaller::Committed);
+                Ok(written) => {
+                    self.counters.committed(written.len());
+                    for (request, written) in group.iter().zip(written) {
+                        request.answer(ToCaller::Committed(Some(written)));
                     }
                     return;
                 }
@@ -304,37 +335,140 @@ impl Committer {
         }
     }
 
-    /// Records every event of `group` in one transaction and commits it.
-    /// Returns how many events it holds (the callers that went away before their turn have
-    /// none recorded).
-    async fn together(&self, group: &[Request]) -> Result<usize, Failure> {
+    /// Records every event of `group` in one transaction and commits it; returns what it
+    /// recorded of each, in order.
+    async fn together(&self, group: &[Request]) -> Result<Vec<Written>, Failure> {
         let mut tx = self.begin().await.map_err(Failure::Begin)?;
-        if self.backend == Backend::Postgres {
-            lock_orders(&mut tx, group)
-                .await
-                .map_err(|err| Failure::Later(format!("locking the orders: {err}")))?;
+        match self.record(&mut tx, group).await {
+            Ok(written) => {
+                tx.commit()
+                    .await
+                    .map_err(|err| Failure::Later(format!("commit: {err}")))?;
+                Ok(written)
+            }
+            Err(cause) => {
+                rollback(tx).await;
+                Err(Failure::Later(cause))
+            }
         }
-        let mut recorded = 0;
-        for request in group {
-            tx = match request.turn(tx).await {
-                Turned::Recorded(tx) => {
-                    recorded += 1;
-                    tx
-                }
-                Turned::Gone(tx) => tx,
-                Turned::Failed(tx) => {
-                    rollback(tx).await;
-                    return Err(Failure::Later("an event's statements failed".into()));
-                }
-                Turned::Lost => {
-                    return Err(Failure::Later("a caller went away in its turn".into()));
-                }
-            };
-        }
-        tx.commit()
+    }
+
+    /// Records `group` in `tx`, not committed: reads (and locks) its orders, looks its events
+    /// up, judges them one after the other in arrival order as one transaction per event
+    /// would (a duplicate, also of an event earlier in the group, changes nothing; an event
+    /// that moves its order moves it for the events after it), asks each new event's caller
+    /// for its messages, then writes it all.
+    async fn record(&self, tx: &mut DbTx, group: &[Request]) -> Result<Vec<Written>, String> {
+        let now = now_ms();
+        let backend = self.backend;
+        let mut ids: Vec<&str> = group.iter().map(|r| r.event.order.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut orders = statements::read_orders(tx, backend, &ids)
             .await
-            .map_err(|err| Failure::Later(format!("commit: {err}")))?;
-        Ok(recorded)
+            .map_err(|err| format!("reading the orders: {err}"))?;
+        let keys: Vec<(&VehicleId, &DeliveryEvent)> =
+            group.iter().map(|r| (&r.vehicle, &r.event)).collect();
+        let mut recorded = statements::recorded_events(tx, backend, &keys)
+            .await
+            .map_err(|err| format!("looking the events up: {err}"))?;
+
+        let mut written = Vec::with_capacity(group.len());
+        let mut new_events = Vec::with_capacity(group.len());
+        let mut moved: HashSet<&str> = HashSet::new();
+        let mut asked = Vec::with_capacity(group.len());
+        for request in group {
+            let (vehicle, event) = (&request.vehicle, &request.event);
+            let key = (vehicle.as_str().to_owned(), event.seq, event.ts_ms);
+            if let Some(first) = recorded.get(&key) {
+                warn_if_reused(vehicle, event, first);
+                written.push(Written::duplicate());
+                continue;
+            }
+            recorded.insert(
+                key,
+                (
+                    event.order.as_str().to_owned(),
+                    event.kind.as_str().to_owned(),
+                ),
+            );
+            let order = orders.get_mut(event.order.as_str());
+            let (flag, next) = judge(
+                order.as_ref().map(|o| (o.state, o.holder.as_deref())),
+                vehicle,
+                event.kind,
+            );
+            let (current, store) = match order {
+                Some(order) => {
+                    let current = order.state;
+                    if let Some(next) = next {
+                        order.state = next;
+                        moved.insert(event.order.as_str());
+                    }
+                    (Some(current), Some(order.store.clone()))
+                }
+                None => (None, None),
+            };
+            let (reply, messages) = oneshot::channel();
+            if request
+                .caller
+                .send(ToCaller::Address { flag, reply })
+                .is_err()
+            {
+                return Err("a caller went away".into());
+            }
+            asked.push(messages);
+            new_events.push(NewEvent {
+                vehicle,
+                fleet: &request.fleet,
+                event,
+                flag,
+            });
+            written.push(Written {
+                duplicate: false,
+                flag,
+                current,
+                next,
+                store,
+                queued: Vec::new(),
+            });
+        }
+
+        // The callers make their messages meanwhile, all at once.
+        let mut messages = Vec::with_capacity(asked.len());
+        for answer in asked {
+            messages.push(
+                answer
+                    .await
+                    .map_err(|_| String::from("a caller did not address its event"))?,
+            );
+        }
+
+        statements::insert_events(tx, backend, &new_events, now)
+            .await
+            .map_err(|err| format!("inserting the events: {err}"))?;
+        let moved: Vec<(&str, crate::domain::order::OrderState)> = moved
+            .into_iter()
+            .filter_map(|id| orders.get(id).map(|o: &OrderNow| (id, o.state)))
+            .collect();
+        statements::update_orders(tx, backend, &moved, now)
+            .await
+            .map_err(|err| format!("updating the orders: {err}"))?;
+        let rows: Vec<(&ClientId, &str)> = messages
+            .iter()
+            .flatten()
+            .map(|(client, payload)| (client, payload.as_str()))
+            .collect();
+        let mut queued = statements::insert_messages(tx, backend, &rows, now)
+            .await
+            .map_err(|err| format!("queueing the messages: {err}"))?
+            .into_iter();
+        let mut messages = messages.iter();
+        for written in written.iter_mut().filter(|w| !w.duplicate) {
+            let count = messages.next().map_or(0, Vec::len);
+            written.queued = queued.by_ref().take(count).collect();
+        }
+        Ok(written)
     }
 
     /// Records `request`'s event in a transaction of its own and answers it.
@@ -347,7 +481,7 @@ impl Committer {
             Turned::Recorded(tx) => request.answer(match tx.commit().await {
                 Ok(()) => {
                     self.counters.committed(1);
-                    ToCaller::Committed
+                    ToCaller::Committed(None)
                 }
                 Err(err) => ToCaller::Failed(Some(err.into())),
             }),
@@ -382,26 +516,18 @@ async fn rollback(tx: DbTx) {
     }
 }
 
-/// Locks the orders of `group`'s events, in order of id (PostgreSQL).
-async fn lock_orders(tx: &mut DbTx, group: &[Request]) -> Result<(), StoreError> {
-    let mut orders: Vec<&str> = group.iter().map(|r| r.order.as_str()).collect();
-    orders.sort_unstable();
-    orders.dedup();
-    let mut sql = String::from("SELECT order_id FROM orders WHERE order_id IN (");
-    for n in 1..=orders.len() {
-        if n > 1 {
-            sql.push_str(", ");
-        }
-        Backend::Postgres.push_placeholder(&mut sql, n);
+/// Logs a re-sent event whose number was first recorded with other content (`first`: its
+/// order and kind); the first one is kept.
+fn warn_if_reused(vehicle: &VehicleId, event: &DeliveryEvent, first: &(String, String)) {
+    let (order, kind) = first;
+    if order != event.order.as_str() || kind != event.kind.as_str() {
+        warn!(
+            %vehicle, seq = event.seq, ts_ms = event.ts_ms,
+            first = %format!("{order} {kind}"),
+            now = %format!("{} {}", event.order, event.kind.as_str()),
+            "delivery event number reused with other content: kept the first"
+        );
     }
-    sql.push_str(") ORDER BY order_id FOR UPDATE");
-    // Only placeholders are formatted in; every value is bound.
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for order in orders {
-        query = query.bind(order);
-    }
-    query.execute(&mut **tx).await?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -919,7 +919,10 @@ impl Store {
         address: impl FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>,
     ) -> Result<Recorded, StoreError> {
         let mut address = Address::new(address);
-        let Some(mut turns) = self.events.submit(&event.order, &self.write, self.backend) else {
+        let Some(mut turns) = self
+            .events
+            .submit(vehicle, fleet, event, &self.write, self.backend)
+        else {
             // No committer (the store is closed, or there is no runtime): alone.
             let mut tx = self.begin_write().await?;
             let written =
@@ -931,6 +934,18 @@ impl Store {
         let mut written = None;
         while let Some(told) = turns.recv().await {
             match told {
+                ToCaller::Address { flag, reply } => {
+                    // If it cannot be addressed (only if tried before), the group fails and
+                    // its events are recorded alone, where this one gets the error.
+                    if let Ok(messages) = address.messages(flag) {
+                        let _ = reply.send(
+                            messages
+                                .iter()
+                                .map(|(client, payload)| (client.clone(), payload.to_string()))
+                                .collect(),
+                        );
+                    }
+                }
                 ToCaller::Turn(mut turn) => {
                     let outcome =
                         write_event(turn.tx(), self.backend, vehicle, fleet, event, &mut address)
@@ -938,7 +953,10 @@ impl Store {
                     turn.hand_back(outcome.is_ok());
                     written = Some(outcome);
                 }
-                ToCaller::Committed => {
+                ToCaller::Committed(Some(grouped)) => {
+                    return Ok(recorded(vehicle, event, grouped, address));
+                }
+                ToCaller::Committed(None) => {
                     return match written {
                         Some(Ok(written)) => Ok(recorded(vehicle, event, written, address)),
                         Some(Err(err)) => Err(err),
@@ -966,8 +984,11 @@ impl Store {
 struct Address<F> {
     make: Option<F>,
     /// The flag they were made for, and the messages, one per recipient.
-    made: Option<(Option<EventFlag>, Vec<(ClientId, Value)>)>,
+    made: Option<(Option<EventFlag>, Messages)>,
 }
+
+/// An event's messages: recipient and payload, one per recipient.
+type Messages = Vec<(ClientId, Value)>;
 
 impl<F: FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>> Address<F> {
     fn new(make: F) -> Self {
@@ -997,18 +1018,35 @@ impl<F: FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>> Address<F> {
     }
 }
 
-/// What recording one event in a transaction did (committed once the transaction is).
-struct Written {
+/// What recording one event in a transaction did (committed once the transaction is), alone
+/// or in a group (`store::group`).
+pub(super) struct Written {
     /// A re-sent event: nothing was changed or queued.
-    duplicate: bool,
-    flag: Option<EventFlag>,
+    pub(super) duplicate: bool,
+    /// Why it did not move its order the usual step, if it did not.
+    pub(super) flag: Option<EventFlag>,
     /// The order's state before the event, if the order exists.
-    current: Option<OrderState>,
+    pub(super) current: Option<OrderState>,
     /// Its state after, if the event moved it.
-    next: Option<OrderState>,
-    store: Option<String>,
+    pub(super) next: Option<OrderState>,
+    /// The order's store, if the order exists.
+    pub(super) store: Option<String>,
     /// The ids of the queued messages, in the order of `Address::messages`.
-    queued: Vec<MessageId>,
+    pub(super) queued: Vec<MessageId>,
+}
+
+impl Written {
+    /// A re-sent event.
+    pub(super) fn duplicate() -> Self {
+        Self {
+            duplicate: true,
+            flag: None,
+            current: None,
+            next: None,
+            store: None,
+            queued: Vec::new(),
+        }
+    }
 }
 
 /// The outcome of a committed event (see [`Store::record_event`]).
@@ -1102,14 +1140,7 @@ async fn write_event<F: FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>>(
     let current = current.map(|(state, _)| state);
     if inserted.is_none() {
         warn_if_reused(tx, vehicle, event).await?;
-        return Ok(Written {
-            duplicate: true,
-            flag: None,
-            current,
-            next: None,
-            store,
-            queued: Vec::new(),
-        });
+        return Ok(Written::duplicate());
     }
     if let Some(next) = next {
         sqlx::query("UPDATE orders SET state = $2, updated_ms = $3 WHERE order_id = $1")
