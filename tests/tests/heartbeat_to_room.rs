@@ -102,7 +102,8 @@ async fn join_refuses_unknown_room_forms() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn positions_are_coalesced_into_one_batch_per_tick() -> anyhow::Result<()> {
-    let bridge = start_bridge(&["--tick-ms", "200"]).await?;
+    // Always per tick (a bridge this quiet would otherwise send each position at once).
+    let bridge = start_bridge(&["--tick-ms", "200", "--flush-at-once-below", "0"]).await?;
     // 10 Hz per vehicle: two heartbeats per vehicle per tick.
     let _sim = start_sim(bridge.mqtt, 4, "many", &["--rate", "10"])?;
     let mut client = SioClient::dispatcher(&bridge.url()).await?;

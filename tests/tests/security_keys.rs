@@ -80,8 +80,8 @@ fn pickup(seq: u32, order: &str) -> anyhow::Result<DeliveryEvent> {
 }
 
 /// A message from a vehicle not in the credentials file is held for the bound only, then
-/// parked: the known vehicle's event behind it reaches the dispatcher; once the vehicle is
-/// added, its parked event does too.
+/// parked: the known vehicle's event behind it reaches the dispatcher meanwhile; once the
+/// vehicle is added, its parked event does too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_without_a_key_is_parked_and_the_session_flows() -> anyhow::Result<()> {
     let creds = provision_in("park", &["park-0001"]).await?;
@@ -118,8 +118,10 @@ async fn a_message_without_a_key_is_parked_and_the_session_flows() -> anyhow::Re
     mosquitto::publish(bridge.mqtt, unknown_topic, &unknown_event, 1).await?;
     bridge.wait_metric(KEY_WAITS, |v| v >= 1.0, WAIT).await?;
 
-    // The known vehicle's event behind it reaches the dispatcher once the first is parked,
-    // long before the default 60 s wait would have ended.
+    // The known vehicle's event behind it reaches the dispatcher without waiting for the
+    // first (events of different vehicles are committed side by side; their PUBACKs still
+    // leave in order), and the held one is parked after the bound, long before the default
+    // 60 s wait would have ended.
     let known_topic = "fleet/park/park-0001/event";
     let known_event = sealed(&pickup(1, "park-order-1")?, known_topic, 1, &known_key)?;
     mosquitto::publish(bridge.mqtt, known_topic, &known_event, 1).await?;
@@ -128,6 +130,7 @@ async fn a_message_without_a_key_is_parked_and_the_session_flows() -> anyhow::Re
         delivered.to_string().contains("park-order-1"),
         "the known vehicle's event first: {delivered}"
     );
+    bridge.wait_metric(PARKED_TOTAL, |v| v >= 1.0, WAIT).await?;
     assert_eq!(bridge.metric(PARKED_TOTAL).await?, 1.0);
     assert_eq!(bridge.metric(PARKED).await?, 1.0);
     assert_eq!(
