@@ -290,10 +290,10 @@ mod tests {
 
     #[test]
     fn qos1_kinds_keep_a_small_window_heartbeats_a_large_one() {
-        // 20 000 × 120 counted bytes: within the heartbeats' 8 MiB, ten times the QoS 1
-        // kinds' 4 × 64 KiB. Reconnects publish a will and an `online` on `status` each: a log
-        // sized like the heartbeats' grew for hours in the soak (bench/README.md).
-        const MESSAGES: usize = 20_000;
+        // 12 000 × 116 counted bytes (1.4 MB): within the heartbeats' 32 × 64 KiB, five times
+        // the QoS 1 kinds' 4 × 64 KiB. Reconnects publish a will and an `online` on `status`
+        // each: a log sized like the heartbeats' grew for hours in the soak (bench/README.md).
+        const MESSAGES: usize = 12_000;
         let heartbeats = kept_for_a_stalled_subscriber("fleet/f/v/hb", "fleet/+/+/hb", MESSAGES);
         assert_eq!(
             heartbeats,
@@ -307,7 +307,7 @@ mod tests {
                 MESSAGES,
             );
             // 2 500–3 100 measured: ≈2 200 in the log (4 segments of ≈550), the rest queued for
-            // the reader before the router paused it. Without the QoS 1 pair: all 20 001.
+            // the reader before the router paused it. Without the QoS 1 pair: all 12 001.
             assert!(kept < 5_000, "{kind}: {kept} kept, the log is not bounded");
         }
     }

@@ -79,6 +79,12 @@ use crate::tls::{ServerTls, certificate_vehicle_id};
 
 /// Serves one accepted TCP connection until it ends; over TLS if `tls` is given (the
 /// handshake runs here, in the connection's own task, never in the accept loop).
+///
+/// The connection's task is allocated once, for the largest state its future has, and kept
+/// as long as the connection lives: so the steps up to the CONNACK run in a future of their
+/// own, boxed and freed once they are done, and what they leave behind (the socket, the
+/// accepted CONNECT) is moved into the session before it is awaited (see `docs/broker.md`,
+/// Memory).
 pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -86,6 +92,25 @@ pub(crate) async fn serve(
     tls: Option<Arc<ServerTls>>,
     ctx: Arc<FrontEnd>,
 ) {
+    let session = {
+        let Some((net, accepted)) = Box::pin(establish(stream, peer, listener, tls, &ctx)).await
+        else {
+            return;
+        };
+        session::run(net, accepted, peer, ctx)
+    };
+    session.await;
+}
+
+/// Steps 0 to 2: the TLS handshake (on a TLS listener), the CONNECT, the CONNACK. `None` if
+/// the connection ended before it was established (refused, timed out, shutdown).
+async fn establish(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: Listener,
+    tls: Option<Arc<ServerTls>>,
+    ctx: &Arc<FrontEnd>,
+) -> Option<(Network, handshake::Accepted)> {
     let pending = match ctx.pending.enter(peer) {
         Ok(slot) => slot,
         Err(full) => {
@@ -102,7 +127,7 @@ pub(crate) async fn serve(
             {
                 warn!(%peer, bound, "connection closed at once: too many connections have not sent CONNECT yet (logged once per 1000)");
             }
-            return;
+            return None;
         }
     };
     // Small packets, latency matters: rumqttd 0.20 never sets this (a ≈40 ms p99 tail).
@@ -114,28 +139,25 @@ pub(crate) async fn serve(
     let (stream, certificate) = match tls {
         None => (Stream::Plain(stream), None),
         Some(tls) => {
-            let handshake = tls_handshake(stream, peer, &tls, &ctx);
+            let handshake = tls_handshake(stream, peer, &tls, ctx);
             let established = tokio::select! {
                 biased;
-                () = ctx.stopping.cancelled() => return,
+                () = ctx.stopping.cancelled() => return None,
                 established = handshake => established,
             };
             match established {
                 Some((stream, certificate)) => (Stream::Tls(Box::new(stream)), certificate),
-                None => return,
+                None => return None,
             }
         }
     };
     let mut net = Network::new(stream, listener, ctx.limits.max_payload_size, &ctx.metrics);
     let accepted = tokio::select! {
         biased;
-        () = ctx.stopping.cancelled() => return,
-        accepted = handshake::handshake(&mut net, peer, &ctx, pending, certificate) => accepted,
+        () = ctx.stopping.cancelled() => return None,
+        accepted = handshake::handshake(&mut net, peer, ctx, pending, certificate) => accepted,
     };
-    let Some(accepted) = accepted else {
-        return;
-    };
-    session::run(net, accepted, peer, ctx).await;
+    Some((net, accepted?))
 }
 
 /// The TLS handshake, within `connection_timeout_ms`. Returns the stream and the vehicle id

@@ -133,8 +133,22 @@ pub(super) struct Established {
     throttle_warned: bool,
 }
 
+/// A connection's last will and its MQTT 5 properties, kept on the heap (only connections
+/// that set one pay for it).
+type Will = Box<(LastWill, Option<PublishProperties>)>;
+
 /// Runs an established connection to its end, then tears it down.
-pub(super) async fn run(net: Network, accepted: Accepted, peer: SocketAddr, ctx: Arc<FrontEnd>) {
+///
+/// The session is set up before the returned future is, so that the future holds the
+/// session once (an `async fn` keeps its arguments beside what it moves them into): its size
+/// is what every connection's task allocates for as long as it lives (see `docs/broker.md`,
+/// Memory).
+pub(super) fn run(
+    net: Network,
+    accepted: Accepted,
+    peer: SocketAddr,
+    ctx: Arc<FrontEnd>,
+) -> impl Future<Output = ()> + Send {
     let Accepted {
         client_id,
         identity,
@@ -204,24 +218,28 @@ pub(super) async fn run(net: Network, accepted: Accepted, peer: SocketAddr, ctx:
         throttle_warned: false,
     };
 
+    let will: Option<Will> = will.map(|will| Box::new((will, will_properties)));
     // A child token: polled on every wake of this connection, the shared one would be a lock
     // every connection contends for (see `Established::run`).
     let stopping = ctx.stopping.child_token();
-    let end = tokio::select! {
-        biased;
-        () = claim.kicked.cancelled() => DisconnectReason::TakenOver,
-        () = stopping.cancelled() => DisconnectReason::Shutdown,
-        end = session.run(keep_alive) => end,
-    };
+    async move {
+        let end = tokio::select! {
+            biased;
+            () = claim.kicked.cancelled() => DisconnectReason::TakenOver,
+            () = stopping.cancelled() => DisconnectReason::Shutdown,
+            end = session.run(keep_alive) => end,
+        };
 
-    session.end(end, will, will_properties).await;
-    ctx.client_ids.release(claim);
-    if counted {
-        ctx.release_slot(true);
-        ctx.metrics
-            .connection_closed(session.net.version, device, end);
+        // Boxed: the teardown's future is as large as the loop's, and needed once.
+        Box::pin(session.end(end, will)).await;
+        ctx.client_ids.release(claim);
+        if counted {
+            ctx.release_slot(true);
+            ctx.metrics
+                .connection_closed(session.net.version, device, end);
+        }
+        debug!(%peer, client_id = session.client_id, reason = end.label(), "disconnected");
     }
-    debug!(%peer, client_id = session.client_id, reason = end.label(), "disconnected");
 }
 
 impl Established {
@@ -278,14 +296,16 @@ impl Established {
                     debug!(client_id = self.client_id, "the shared router link is gone");
                     return DisconnectReason::Router;
                 }
+                // Both deliveries are boxed: their futures are larger than the rest of this
+                // loop's, and the task's allocation is sized for the largest state it has.
                 event = next_event(&mut self.port) => {
-                    if let Err(end) = self.deliver_mux(event).await {
+                    if let Err(end) = Box::pin(self.deliver_mux(event)).await {
                         return end;
                     }
                 }
                 note = next_notification(&mut self.link) => match note {
                     Ok(first) => {
-                        if let Err(end) = self.deliver(first).await {
+                        if let Err(end) = Box::pin(self.deliver(first)).await {
                             return end;
                         }
                     }
@@ -326,11 +346,12 @@ impl Established {
             }
         }
         self.route(batch).await?;
-        if batch.capacity() > 64 {
-            // A burst grew it: give the memory back.
+        // Both batches are empty now: give their memory back (a `Packet` is ≈400 bytes, and
+        // a vehicle's one heartbeat a second would otherwise keep room for four of them).
+        if batch.capacity() > 0 {
             *batch = Vec::new();
         }
-        if self.mux_batch.capacity() > 64 {
+        if self.mux_batch.capacity() > 0 {
             self.mux_batch = Vec::new();
         }
         self.net.release_read_buffer();
@@ -472,12 +493,7 @@ impl Established {
     /// shutdown or after a protocol error, with its reason), the mux subscriptions and mirror
     /// watches dropped, the router told, the last `will` published (after its delay) if the
     /// connection was lost (or the client asked for it).
-    async fn end(
-        &mut self,
-        end: DisconnectReason,
-        will: Option<LastWill>,
-        will_properties: Option<PublishProperties>,
-    ) {
+    async fn end(&mut self, end: DisconnectReason, will: Option<Will>) {
         let ctx = Arc::clone(&self.ctx);
         // Its client sends what was not acknowledged again, on its next connection.
         ctx.durability
@@ -525,6 +541,7 @@ impl Established {
         if let Some(will) = will
             && (end.fires_will() || self.will_on_disconnect)
         {
+            let (will, will_properties) = *will;
             if self.will_delay.is_zero() {
                 publish_will(&ctx, &self.client_id, will, will_properties).await;
             } else {
@@ -604,9 +621,13 @@ async fn publish_will(
 }
 
 /// The next notification from a connection's own link; never ready without one.
-async fn next_notification(link: &mut Option<OwnLink>) -> Result<Option<Notification>, LinkError> {
+async fn next_notification(
+    link: &mut Option<OwnLink>,
+) -> Result<Option<Notification>, Box<LinkError>> {
+    // The error boxed: rumqttd's `LinkError` is over 800 bytes, and the loop's `select!` keeps
+    // room for the largest outcome of its branches in every connection's task.
     match link {
-        Some(link) => link.rx.next().await,
+        Some(link) => link.rx.next().await.map_err(Box::new),
         None => std::future::pending().await,
     }
 }
