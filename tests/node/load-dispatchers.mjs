@@ -29,7 +29,26 @@ if (!url || !namespace || !room || !clients) {
   console.error("usage: node load-dispatchers.mjs '{\"url\":...,\"namespace\":...,\"room\":...,\"clients\":N}'");
   process.exit(2);
 }
-const now = () => performance.timeOrigin + performance.now();
+// The devices stamp ts_ms with the wall clock, so latency is read on the wall clock too, at
+// performance.now()'s resolution: `performance.timeOrigin` is the wall clock when the process
+// started and does not follow a later step or slew of it (a VM's clock being corrected made
+// every latency negative, i.e. 0, after a few minutes). Every second the offset is measured
+// afresh at the edge of a wall-clock millisecond, which places it within a few microseconds.
+let offset = 0;
+function resync() {
+  const start = Date.now();
+  let wall = start;
+  let mono = performance.now();
+  // At most ~1 ms of spinning, once a second.
+  while (wall === start) {
+    mono = performance.now();
+    wall = Date.now();
+  }
+  offset = wall - (performance.timeOrigin + mono);
+}
+resync();
+setInterval(resync, 1000).unref();
+const now = () => performance.timeOrigin + performance.now() + offset;
 
 // Coalescing may replace this many consecutive heartbeats of one vehicle by a later one.
 const allowedSkip = Math.floor((tickMs + slackMs) / intervalMs);
