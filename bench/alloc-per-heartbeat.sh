@@ -4,13 +4,19 @@
 # vehicles at 2 Hz: what the bridge keeps up with under valgrind), twice, for SHORT and LONG
 # seconds; the difference between the two runs divides out start-up and shutdown.
 #
-#   cargo build --release -p bridge -p device-sim && bench/alloc-per-heartbeat.sh 10 30
+#   CARGO_TARGET_DIR=target/dhat cargo build --release -p bridge --features system-allocator
+#   CARGO_TARGET_DIR=target/dhat cargo build --release -p device-sim
+#   BIN=target/dhat/release bench/alloc-per-heartbeat.sh 10 30
 #
-# Needs valgrind and curl. Prints blocks and bytes per heartbeat.
+# The bridge must be built with `--features system-allocator`: DHAT counts only what goes
+# through the system's malloc, and the release bridge allocates through jemalloc (a normal
+# build would count little more than SQLite's allocations). Needs valgrind and curl. Prints
+# blocks and bytes per heartbeat.
 set -euo pipefail
 short=${1:-10}
 long=${2:-30}
-bin="$(cd "$(dirname "$0")/.." && pwd)/target/release"
+bin="${BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release}"
+bin="$(cd "$bin" && pwd)"
 run() {
   local secs=$1 dir port http hb pid
   dir=$(mktemp -d)

@@ -22,8 +22,10 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 /// jemalloc instead of glibc's malloc: the broker's commit logs free their segments' megabyte
 /// vectors and a hundred thousand small messages at a time, which glibc's per-thread arenas
 /// kept as fragments (a soak's resident memory crept with the live heap flat); jemalloc hands
-/// freed pages back to the system after a few seconds (bench/README.md, Soak).
-#[cfg(not(target_env = "msvc"))]
+/// freed pages back to the system after a few seconds (bench/README.md, Soak). The feature
+/// `system-allocator` keeps the system's malloc, for valgrind's DHAT, which counts only the
+/// allocations that go through it.
+#[cfg(all(not(target_env = "msvc"), not(feature = "system-allocator")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
