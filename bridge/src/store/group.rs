@@ -29,22 +29,21 @@
 //!
 //! The committer drains what it accepted when the store closes (`Store::close`).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-
-use std::collections::HashSet;
 
 use shared::{DeliveryEvent, FleetId, VehicleId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use super::database::{Backend, DbPool, DbTx};
+use super::backend::Backend;
 use super::error::StoreError;
-use super::order::Written;
-use super::queue::ClientId;
+use super::ids::{ClientId, MessageId};
+use super::pool::{DbPool, DbTx};
 use crate::clock::now_ms;
-use crate::domain::order::{EventFlag, judge};
+use crate::domain::order::{EventFlag, OrderState, judge};
 
 mod statements;
 
@@ -52,6 +51,37 @@ use statements::{NewEvent, OrderNow};
 
 /// The most events one transaction records.
 pub(crate) const MAX_GROUP: usize = 512;
+
+/// What recording one event in a transaction did (committed once the transaction is), alone
+/// or in a group.
+pub(super) struct Written {
+    /// A re-sent event: nothing was changed or queued.
+    pub(super) duplicate: bool,
+    /// Why it did not move its order the usual step, if it did not.
+    pub(super) flag: Option<EventFlag>,
+    /// The order's state before the event, if the order exists.
+    pub(super) current: Option<OrderState>,
+    /// Its state after, if the event moved it.
+    pub(super) next: Option<OrderState>,
+    /// The order's store, if the order exists.
+    pub(super) store: Option<String>,
+    /// The ids of the queued messages, in the order of the event's messages.
+    pub(super) queued: Vec<MessageId>,
+}
+
+impl Written {
+    /// A re-sent event.
+    pub(super) fn duplicate() -> Self {
+        Self {
+            duplicate: true,
+            flag: None,
+            current: None,
+            next: None,
+            store: None,
+            queued: Vec::new(),
+        }
+    }
+}
 
 /// A delivery event waiting to be recorded in a group.
 struct Request {
@@ -447,7 +477,7 @@ impl Committer {
         statements::insert_events(tx, backend, &new_events, now)
             .await
             .map_err(|err| format!("inserting the events: {err}"))?;
-        let moved: Vec<(&str, crate::domain::order::OrderState)> = moved
+        let moved: Vec<(&str, OrderState)> = moved
             .into_iter()
             .filter_map(|id| orders.get(id).map(|o: &OrderNow| (id, o.state)))
             .collect();

@@ -8,12 +8,15 @@
 //!
 //! # Layout
 //! - `database`: [`Store`], opening (migrations run at open), closing, the durability
-//!   read-back, the `Backend` it runs on; `options`: [`StoreOptions`], [`Synchronous`].
+//!   read-back; `options`: [`StoreOptions`], [`Synchronous`].
+//! - `backend`, `ids`, `pool`: below the rest, knowing no store: the `Backend` a store runs on
+//!   and the conversions of SQL values; [`ClientId`] and [`MessageId`]; the pool types.
 //! - `order`: orders, their assignment to vehicles, and [`Store::record_event`], which
 //!   records a delivery event exactly once, moves its order on and queues its messages, in one
 //!   transaction (by the rules of `domain::order`, the one thing above it the store uses).
 //! - `group`: the group commit of delivery events: the events recorded at the same time share
-//!   one transaction and one commit (one fsync), each answered only once it is committed.
+//!   one transaction and one commit (one fsync), each answered only once it is committed; the
+//!   [`Store`] holds its committer, so it uses only the modules below `database`.
 //! - `queue`: the durable per-client message queue (`Store::pending`, `Store::ack`,
 //!   `Store::expire`).
 //! - `parked`: QoS 1 messages of vehicles without a key, parked after their wait
@@ -35,11 +38,13 @@
 //! The schema lives in `bridge/migrations/sqlite/` and `bridge/migrations/postgres/`, kept in
 //! step by a test.
 
+mod backend;
 mod database;
 mod error;
 mod geofence;
 mod group;
 mod health;
+mod ids;
 mod options;
 mod order;
 mod parked;

@@ -12,9 +12,9 @@ use tracing::warn;
 
 use super::database::{Backend, DbTx, Store, from_db, narrow, parse_id, to_db};
 use super::error::StoreError;
-use super::group::ToCaller;
+use super::group::{ToCaller, Written};
 use super::postgres;
-use super::queue::{self, ClientId, Enqueued, MessageId};
+use super::queue::{self, ClientId, Enqueued};
 use crate::clock::now_ms;
 use crate::domain::order::{EventFlag, OrderState, delivery_kind, judge};
 
@@ -1014,37 +1014,6 @@ impl<F: FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>> Address<F> {
             _ => Err(StoreError::NotRecorded(
                 "judged otherwise alone than in its group",
             )),
-        }
-    }
-}
-
-/// What recording one event in a transaction did (committed once the transaction is), alone
-/// or in a group (`store::group`).
-pub(super) struct Written {
-    /// A re-sent event: nothing was changed or queued.
-    pub(super) duplicate: bool,
-    /// Why it did not move its order the usual step, if it did not.
-    pub(super) flag: Option<EventFlag>,
-    /// The order's state before the event, if the order exists.
-    pub(super) current: Option<OrderState>,
-    /// Its state after, if the event moved it.
-    pub(super) next: Option<OrderState>,
-    /// The order's store, if the order exists.
-    pub(super) store: Option<String>,
-    /// The ids of the queued messages, in the order of `Address::messages`.
-    pub(super) queued: Vec<MessageId>,
-}
-
-impl Written {
-    /// A re-sent event.
-    pub(super) fn duplicate() -> Self {
-        Self {
-            duplicate: true,
-            flag: None,
-            current: None,
-            next: None,
-            store: None,
-            queued: Vec::new(),
         }
     }
 }

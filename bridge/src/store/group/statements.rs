@@ -8,9 +8,10 @@ use std::collections::HashMap;
 
 use shared::{DeliveryEvent, FleetId, VehicleId};
 
-use super::super::database::{Backend, DbTx, from_db, parse_id, to_db};
+use super::super::backend::{Backend, from_db, parse_id, to_db};
 use super::super::error::StoreError;
-use super::super::queue::{ClientId, MessageId};
+use super::super::ids::{ClientId, MessageId};
+use super::super::pool::DbTx;
 use crate::domain::order::{EventFlag, OrderState};
 
 /// The most rows one generated statement takes (well under both backends' limits on bound
