@@ -205,43 +205,18 @@ async fn bench_events(
     let target = engine.copy(template, &format!("events_{synchronous}"))?;
     let store = Store::open(&target, options(synchronous)).await?;
     let fleet: FleetId = "bench".parse()?;
-    let dispatch = ClientId::dispatch();
     let mut latencies = Vec::new();
     let start = Instant::now();
     'orders: for i in 0..ORDERS {
         let vehicle = vehicle(i)?;
-        let order = order_id(i)?;
-        let recipients = [
-            ClientId::vendor(&format!("store-{}", i % 20)),
-            dispatch.clone(),
-        ];
-        for (n, kind) in [
-            DeliveryKind::Pickup,
-            DeliveryKind::InTransit,
-            DeliveryKind::Delivered,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let event = DeliveryEvent {
-                seq: i * 3 + n as u32,
-                order: order.clone(),
-                kind,
-                ts_ms: 1_750_000_000_000 + u64::from(i) * 1_000 + n as u64,
-                pos: Position::new(525_100_000, 134_020_000),
-            };
-            let payload = json!({
-                "vehicle": vehicle.as_str(), "fleet": "bench", "order": order.as_str(),
-                "kind": kind.as_str(), "seq": event.seq, "ts_ms": event.ts_ms,
-                "lat": event.pos.lat(), "lon": event.pos.lon(),
-            });
+        for (event, recipients, payload) in order_events(i)? {
             let t = Instant::now();
             let recorded = store
                 .record_event(&vehicle, &fleet, &event, &recipients, &payload)
                 .await?;
             latencies.push(t.elapsed());
             if recorded.duplicate || recorded.flag.is_some() {
-                return Err(format!("unexpected outcome for {order}: {recorded:?}").into());
+                return Err(format!("unexpected outcome for {i}: {recorded:?}").into());
             }
             if start.elapsed() >= BUDGET {
                 break 'orders;
