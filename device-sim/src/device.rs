@@ -38,6 +38,19 @@
 //! at a handover, or out of battery) it reports [`PARKED_INTERVAL_FACTOR`] times less often,
 //! on the same phase, and at the normal rate again as soon as it drives off.
 //!
+//! # External positioning
+//! A tracker with a GPS receiver feeds its fixes with [`Device::gps_fix`]. From the first fix
+//! on the device is *externally positioned*: heartbeats and events carry the last fix's
+//! position, speed and heading, [`StatusFlags::GPS_FIX`] says whether that fix is current
+//! ([`Device::gps_lost`] clears it), [`StatusFlags::MOVING`] is a ground speed of at least
+//! [`MOVING_MIN_CM_S`], and the simulated driver no longer moves the vehicle nor drains its
+//! battery ([`Device::set_battery_pct`] reports a measured charge). Nothing arrives by itself
+//! any more: the person at the wheel says when a parcel has changed hands, with
+//! [`Device::complete_handover`] (`pickup` at the vendor, `delivered` at the customer), and
+//! driving off with the parcel (the first moving fix after `pickup`) is `in-transit`. Orders
+//! are accepted anywhere on the globe, not only in the street grid. A device that never gets
+//! a fix behaves exactly as before: the simulator does not use any of this.
+//!
 //! # Sealing
 //! Everything the device publishes is sealed ([`shared::seal()`]) with its 32-byte key for its
 //! own topic, under a [`Counter`] read from the device clock. The sealing calls take that clock
@@ -69,6 +82,9 @@ pub const STEP_MS: u64 = 100;
 pub const PARKED_INTERVAL_FACTOR: u32 = 5;
 /// The events one order produces: `pickup`, `in-transit`, `delivered`.
 pub const EVENTS_PER_ORDER: usize = 3;
+/// Externally positioned, a ground speed of at least this (1.8 km/h) counts as moving: below
+/// it a parked receiver's jitter would look like driving.
+pub const MOVING_MIN_CM_S: u16 = 50;
 
 /// At most this much time is simulated in one call; a longer gap (a suspended host) is skipped,
 /// the vehicle standing still.
@@ -193,6 +209,39 @@ pub struct OutboxItem {
     pub event_seq: Option<u32>,
 }
 
+/// A position fix from a GPS receiver: see [external positioning](self#external-positioning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GpsFix {
+    /// Where the vehicle is.
+    pub pos: Position,
+    /// Ground speed in centimetres per second.
+    pub speed_cm_s: u16,
+    /// Course over ground in degrees clockwise from true north, 0 ..= 359.
+    pub heading_deg: u16,
+}
+
+/// The last fix of an externally positioned device, and whether it is current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ExternalFix {
+    fix: GpsFix,
+    current: bool,
+}
+
+/// What [`Device::complete_handover`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// The parcel is on board: `pickup` is queued; the vehicle heads for the customer.
+    PickedUp,
+    /// The parcel was handed to the customer: `delivered` is queued (after `in-transit` if the
+    /// vehicle never drove off); the vehicle is free again.
+    Delivered,
+    /// There is no delivery under way: nothing happened.
+    NoDelivery,
+    /// The [`Outbox`] has no room for the handover's events: nothing happened; try again once
+    /// the broker has acknowledged queued events.
+    OutboxFull,
+}
+
 /// The two statuses sealed when connecting: see [`Device::connect_statuses`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectStatuses {
@@ -231,6 +280,8 @@ pub struct Device {
     clock_ms: Option<u64>,
     /// Time received but not yet simulated, less than one step.
     carry_ms: u64,
+    /// The last GPS fix, once the device is externally positioned.
+    external: Option<ExternalFix>,
 }
 
 impl Device {
@@ -263,6 +314,7 @@ impl Device {
             next_heartbeat_ms: None,
             clock_ms: None,
             carry_ms: 0,
+            external: None,
         }
     }
 
@@ -291,9 +343,73 @@ impl Device {
         &self.driver
     }
 
-    /// The current position.
+    /// The current position: the last GPS fix's when externally positioned, else the
+    /// driver's.
     pub fn position(&self) -> Position {
-        self.driver.position()
+        match self.external {
+            Some(external) => external.fix.pos,
+            None => self.driver.position(),
+        }
+    }
+
+    /// Ground speed in centimetres per second (0 while the GPS fix is lost).
+    pub fn speed_cm_s(&self) -> u16 {
+        match self.external {
+            Some(external) if external.current => external.fix.speed_cm_s,
+            Some(_) => 0,
+            None => self.driver.speed_cm_s(),
+        }
+    }
+
+    /// Heading in degrees clockwise from true north.
+    pub fn heading_deg(&self) -> u16 {
+        match self.external {
+            Some(external) => external.fix.heading_deg,
+            None => self.driver.heading_deg(),
+        }
+    }
+
+    /// Whether the vehicle is moving: the driver is, or the current fix's ground speed is at
+    /// least [`MOVING_MIN_CM_S`].
+    pub fn is_moving(&self) -> bool {
+        match self.external {
+            Some(_) => self.speed_cm_s() >= MOVING_MIN_CM_S,
+            None => self.driver.is_moving(),
+        }
+    }
+
+    /// Whether positions come from a GPS receiver ([`gps_fix`](Self::gps_fix)) rather than
+    /// the simulated driver.
+    pub const fn is_externally_positioned(&self) -> bool {
+        self.external.is_some()
+    }
+
+    /// A new fix from the GPS receiver. The first one makes the device externally positioned
+    /// for good (see [the module docs](self#external-positioning)); the vehicle is where the
+    /// fix says from now on. Driving off with a parcel after `pickup` reports `in-transit`
+    /// at the next step.
+    pub fn gps_fix(&mut self, fix: GpsFix) {
+        if self.external.is_none() {
+            // The simulated drive ends here; the driver only keeps the goals of the mission.
+            self.driver.halt();
+        }
+        self.external = Some(ExternalFix { fix, current: true });
+    }
+
+    /// The GPS receiver lost its fix: heartbeats keep the last position, with speed 0 and
+    /// without [`StatusFlags::GPS_FIX`], until the next [`gps_fix`](Self::gps_fix). Ignored
+    /// unless externally positioned.
+    pub fn gps_lost(&mut self) {
+        if let Some(external) = &mut self.external {
+            external.current = false;
+        }
+    }
+
+    /// Sets the battery charge to a measured `pct` (clamped to 100), for a tracker that reads
+    /// its vehicle's battery; externally positioned, nothing else changes it except charging
+    /// at the depot.
+    pub fn set_battery_pct(&mut self, pct: u8) {
+        self.battery_pct = f32::from(pct.min(100));
     }
 
     /// The depot intersection.
@@ -326,8 +442,10 @@ impl Device {
 
     /// The status flags as of now.
     pub fn flags(&self) -> StatusFlags {
-        StatusFlags(StatusFlags::GPS_FIX)
-            .with(StatusFlags::MOVING, self.driver.is_moving())
+        let fix = self.external.is_none_or(|external| external.current);
+        StatusFlags(0)
+            .with(StatusFlags::GPS_FIX, fix)
+            .with(StatusFlags::MOVING, self.is_moving())
             .with(
                 StatusFlags::IGNITION,
                 self.mission != Mission::AtDepot && !self.is_depleted(),
@@ -388,7 +506,11 @@ impl Device {
 
     /// Whether the vehicle is parked: at the depot, at a handover, or out of battery.
     pub fn is_parked(&self) -> bool {
-        self.driver.is_parked() || self.mission == Mission::AtDepot || self.is_depleted()
+        let stopped = match self.external {
+            Some(_) => !self.is_moving(),
+            None => self.driver.is_parked(),
+        };
+        stopped || self.mission == Mission::AtDepot || self.is_depleted()
     }
 
     /// The heartbeat this device would send at `now_ms`, with the next sequence number; it
@@ -397,9 +519,9 @@ impl Device {
         Heartbeat {
             seq: self.seq,
             ts_ms: now_ms,
-            pos: self.driver.position(),
-            speed_cm_s: self.driver.speed_cm_s(),
-            heading_deg: self.driver.heading_deg(),
+            pos: self.position(),
+            speed_cm_s: self.speed_cm_s(),
+            heading_deg: self.heading_deg(),
             battery_pct: self.battery_pct(),
             flags: self.flags(),
         }
@@ -574,8 +696,17 @@ impl Device {
             return AckResult::Busy;
         }
         let grid = self.driver.grid();
-        let (Some(pickup), Some(dropoff)) = (grid.nearest_node(pickup), grid.nearest_node(dropoff))
-        else {
+        let nodes = match self.external {
+            // A real vehicle delivers wherever it is sent; the grid nodes only steer the
+            // (halted) driver, so outside the grid they are the depot.
+            Some(_) if pickup.is_valid() && dropoff.is_valid() => Some((
+                grid.nearest_node(pickup).unwrap_or(self.depot),
+                grid.nearest_node(dropoff).unwrap_or(self.depot),
+            )),
+            Some(_) => None,
+            None => grid.nearest_node(pickup).zip(grid.nearest_node(dropoff)),
+        };
+        let Some((pickup, dropoff)) = nodes else {
             return AckResult::Invalid;
         };
         self.recharging = false;
@@ -606,6 +737,16 @@ impl Device {
     /// One [`STEP_MS`] of driving, battery and mission.
     fn step(&mut self) {
         if self.is_depleted() {
+            return;
+        }
+        if self.external.is_some() {
+            // Where the vehicle is, and whether it moves, is up to the GPS; handovers are
+            // completed by hand (`complete_handover`).
+            if self.is_moving() {
+                self.drove_off();
+            }
+            self.wait();
+            self.mind_the_battery();
             return;
         }
         let step = self.driver.step(STEP_MS as f32 / 1000.0);
@@ -660,12 +801,59 @@ impl Device {
             order: delivery.order.clone(),
             kind,
             ts_ms: self.step_time_ms(),
-            pos: self.driver.position(),
+            pos: self.position(),
         };
         let queued = self.outbox.push_event(event).is_ok();
         debug_assert!(queued, "an event was produced without room for it");
         if queued {
             self.event_seq = self.event_seq.wrapping_add(1);
+        }
+    }
+
+    /// The parcel changed hands at the vendor or the customer, now (`now_ms`, ms since the
+    /// epoch; the device is [advanced](Self::advance) to it first): for a tracker whose
+    /// driver confirms handovers (a button), rather than the simulated handover time.
+    ///
+    /// - On the way to or at the pickup: queues `pickup`, and the vehicle heads for the
+    ///   customer ([`Handover::PickedUp`]); it needs room for `pickup` and `in-transit`.
+    /// - On the way to or at the drop-off: queues `in-transit` if it was not reported yet,
+    ///   then `delivered`, and the vehicle is free again ([`Handover::Delivered`]).
+    ///
+    /// Without a delivery it does nothing ([`Handover::NoDelivery`]), and with too little room
+    /// in the [`Outbox`] neither ([`Handover::OutboxFull`]).
+    pub fn complete_handover(&mut self, now_ms: u64) -> Handover {
+        self.advance(now_ms);
+        let room = self.outbox.event_room();
+        let Mission::Delivery(delivery) = &mut self.mission else {
+            return Handover::NoDelivery;
+        };
+        match delivery.stage {
+            DeliveryStage::ToPickup | DeliveryStage::AtPickup { .. } => {
+                if room < 2 {
+                    return Handover::OutboxFull;
+                }
+                delivery.stage = DeliveryStage::ToDropoff;
+                let dropoff = delivery.dropoff;
+                self.report(DeliveryKind::Pickup);
+                self.driver.set_goal(Some(dropoff));
+                self.driver.resume();
+                Handover::PickedUp
+            }
+            DeliveryStage::ToDropoff | DeliveryStage::AtDropoff { .. } => {
+                let in_transit = delivery.in_transit;
+                if room < if in_transit { 1 } else { 2 } {
+                    return Handover::OutboxFull;
+                }
+                if !in_transit {
+                    delivery.in_transit = true;
+                    self.report(DeliveryKind::InTransit);
+                }
+                self.report(DeliveryKind::Delivered);
+                self.mission = Mission::Cruising;
+                self.driver.set_goal(None);
+                self.driver.resume();
+                Handover::Delivered
+            }
         }
     }
 

@@ -624,3 +624,190 @@ fn heartbeats_at_qos_1_and_own_keys() {
         shared::open(&p.payload, p.topic.as_str(), &[9; 32]).expect("authentic");
     assert_eq!(opened.msg.seq, 0);
 }
+
+/// A fix in Hamburg, well outside the default Berlin grid.
+const HAMBURG: Position = Position::new(535_511_000, 99_937_000);
+
+fn fix(pos: Position, speed_cm_s: u16, heading_deg: u16) -> GpsFix {
+    GpsFix {
+        pos,
+        speed_cm_s,
+        heading_deg,
+    }
+}
+
+#[test]
+fn gps_fixes_position_the_heartbeats_and_the_driver_stops() {
+    let mut device = device();
+    assert!(!device.is_externally_positioned());
+    device.gps_fix(fix(HAMBURG, 1_200, 87));
+    assert!(device.is_externally_positioned());
+    let beats = run(&mut device, T0, 60_000, 100);
+    assert_eq!(beats.len(), 60, "moving: the normal cadence");
+    for hb in &beats {
+        assert_eq!(hb.pos, HAMBURG, "the simulated drive no longer moves it");
+        assert_eq!((hb.speed_cm_s, hb.heading_deg), (1_200, 87));
+        assert!(hb.flags.has(StatusFlags::GPS_FIX | StatusFlags::MOVING));
+    }
+    assert_eq!(
+        beats[0].battery_pct, beats[59].battery_pct,
+        "no simulated drain"
+    );
+
+    // Slower than a walk is standing still: parked, heartbeats five times less often.
+    device.gps_fix(fix(HAMBURG, MOVING_MIN_CM_S - 1, 87));
+    let parked = run(&mut device, T0 + 60_000, 60_000, 100);
+    assert!((11..=13).contains(&parked.len()), "{} beats", parked.len());
+    assert!(parked.iter().all(|hb| !hb.flags.has(StatusFlags::MOVING)));
+
+    // The fix is lost: the last position, no speed, no GPS_FIX flag.
+    device.gps_fix(fix(HAMBURG, 900, 10));
+    device.gps_lost();
+    let hb = device.heartbeat(T0 + 200_000);
+    assert_eq!((hb.pos, hb.speed_cm_s), (HAMBURG, 0));
+    assert!(!hb.flags.has(StatusFlags::GPS_FIX));
+    assert!(!hb.flags.has(StatusFlags::MOVING));
+    assert_eq!(device.position(), HAMBURG);
+
+    device.set_battery_pct(150);
+    assert_eq!(device.battery_pct(), 100);
+    device.set_battery_pct(12);
+    assert!(device.flags().has(StatusFlags::LOW_BATTERY));
+}
+
+#[test]
+fn gps_lost_before_any_fix_changes_nothing() {
+    let mut device = device();
+    let before = device.heartbeat(T0);
+    device.gps_lost();
+    assert!(!device.is_externally_positioned());
+    assert_eq!(device.heartbeat(T0), before);
+    assert!(before.flags.has(StatusFlags::GPS_FIX));
+}
+
+/// Orders anywhere on the globe, completed by hand: pickup, in-transit on driving off,
+/// delivered; each event where the last fix was.
+#[test]
+fn a_tracker_delivers_by_hand_where_the_gps_says() {
+    let mut device = device();
+    device.gps_fix(fix(HAMBURG, 0, 0));
+    run(&mut device, T0, 1_000, 100);
+    let customer = Position::new(535_600_000, 100_100_000);
+    let assign = command(
+        7,
+        CommandKind::AssignOrder {
+            order: OrderId::new("ord-hh").expect("valid"),
+            pickup: HAMBURG,
+            dropoff: customer,
+        },
+    );
+    assert_eq!(device.handle_command(&assign).result, AckResult::Ok);
+    // Standing at the vendor for a minute: nothing happens by itself.
+    run(&mut device, T0 + 1_000, 60_000, 100);
+    assert_eq!(device.outbox().events_queued(), 0);
+    assert_eq!(device.complete_handover(T0 + 61_000), Handover::PickedUp);
+    // Driving off with the parcel is in-transit, once.
+    device.gps_fix(fix(Position::new(535_520_000, 99_950_000), 800, 45));
+    run(&mut device, T0 + 61_000, 10_000, 100);
+    device.gps_fix(fix(customer, 0, 45));
+    run(&mut device, T0 + 71_000, 5_000, 100);
+    assert_eq!(device.complete_handover(T0 + 80_000), Handover::Delivered);
+    assert_eq!(*device.mission(), Mission::Cruising);
+    assert_eq!(device.complete_handover(T0 + 81_000), Handover::NoDelivery);
+
+    let events: std::vec::Vec<DeliveryEvent> = device.outbox().events().cloned().collect();
+    let kinds: std::vec::Vec<DeliveryKind> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            DeliveryKind::Pickup,
+            DeliveryKind::InTransit,
+            DeliveryKind::Delivered
+        ]
+    );
+    assert_eq!(events[0].pos, HAMBURG);
+    assert_eq!(events[0].ts_ms, T0 + 61_000);
+    assert_eq!(events[1].pos, Position::new(535_520_000, 99_950_000));
+    assert_eq!(events[2].pos, customer);
+    assert_eq!(events[2].ts_ms, T0 + 80_000);
+
+    // Positions off the globe stay invalid.
+    let bad = command(
+        8,
+        CommandKind::AssignOrder {
+            order: OrderId::new("ord-x").expect("valid"),
+            pickup: Position::new(900_000_001, 0),
+            dropoff: customer,
+        },
+    );
+    assert_eq!(device.handle_command(&bad).result, AckResult::Invalid);
+}
+
+#[test]
+fn handed_over_without_driving_off_reports_in_transit_first() {
+    let mut device = device();
+    device.gps_fix(fix(HAMBURG, 0, 0));
+    let assign = command(
+        7,
+        CommandKind::AssignOrder {
+            order: OrderId::new("ord-1").expect("valid"),
+            pickup: HAMBURG,
+            dropoff: HAMBURG,
+        },
+    );
+    assert_eq!(device.handle_command(&assign).result, AckResult::Ok);
+    assert_eq!(device.complete_handover(T0), Handover::PickedUp);
+    assert_eq!(device.complete_handover(T0 + 5_000), Handover::Delivered);
+    let kinds: std::vec::Vec<DeliveryKind> = device.outbox().events().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            DeliveryKind::Pickup,
+            DeliveryKind::InTransit,
+            DeliveryKind::Delivered
+        ]
+    );
+}
+
+/// Handovers never make an event the outbox cannot hold: an order is only accepted with
+/// room for all three ([`Handover::OutboxFull`] guards the rest).
+#[test]
+fn a_long_offline_tracker_refuses_orders_it_could_not_report() {
+    let mut device = device();
+    device.gps_fix(fix(HAMBURG, 0, 0));
+    let assign = |id: u32| {
+        command(
+            id,
+            CommandKind::AssignOrder {
+                order: OrderId::new("ord-1").expect("valid"),
+                pickup: HAMBURG,
+                dropoff: HAMBURG,
+            },
+        )
+    };
+    let mut now = T0;
+    let capacity = crate::outbox::EVENT_BACKLOG / EVENTS_PER_ORDER;
+    for id in 0..capacity as u32 {
+        assert_eq!(device.handle_command(&assign(id)).result, AckResult::Ok);
+        assert_eq!(device.complete_handover(now), Handover::PickedUp);
+        assert_eq!(device.complete_handover(now + 1), Handover::Delivered);
+        now += 1_000;
+    }
+    assert!(device.outbox().event_room() < EVENTS_PER_ORDER);
+    assert_eq!(device.handle_command(&assign(99)).result, AckResult::Busy);
+    assert_eq!(device.complete_handover(now), Handover::NoDelivery);
+    assert_eq!(
+        device.outbox().events_queued(),
+        capacity * EVENTS_PER_ORDER,
+        "every event kept"
+    );
+    // Acknowledged, there is room again.
+    let mut acked = 0;
+    while let Some(item) = device.next_publication(now).expect("fits") {
+        if let Some(seq) = item.event_seq {
+            acked += device.event_acked(seq);
+        }
+    }
+    assert_eq!(acked, capacity * EVENTS_PER_ORDER);
+    assert_eq!(device.handle_command(&assign(100)).result, AckResult::Ok);
+}
