@@ -46,3 +46,4 @@ pub mod route;
 pub mod runner;
 #[cfg(feature = "runner")]
 pub mod secrets;
+pub mod session;
