@@ -1,10 +1,11 @@
 //! Simulated Fleetbeat delivery vehicles: the device logic a tracker would run, and a runner
 //! that drives hundreds of them against an MQTT broker.
 //!
-//! Without the `runner` feature this crate is `no_std` and allocation-free: [`device`] and
-//! [`route`] build for `thumbv7em-none-eabihf`, so the state machine tested here is the one an
-//! embedded engineer would flash. The `runner` feature (on by default) adds the tokio simulator
-//! behind the `device-sim` binary, with a small MQTT client of its own.
+//! Without the `runner` feature this crate is `no_std` and allocation-free: [`device`],
+//! [`route`], [`outbox`] and [`session`] build for `thumbv7em-none-eabihf`, so the state
+//! machines tested here are the ones an embedded engineer would flash. The `runner` feature
+//! (on by default) adds the tokio simulator behind the `device-sim` binary, which drives that
+//! same MQTT [`session`] over tokio sockets.
 //!
 //! # Layout
 //! - [`route`]: a generated street grid around a city centre, and the [`route::Driver`] that
@@ -15,9 +16,12 @@
 //! - [`outbox`]: store-and-forward: the fixed-capacity queues of heartbeats and delivery
 //!   events a device keeps while offline, flushed in order, events kept until acknowledged
 //!   (`no_std`, no heap).
-//! - `mqtt` (feature `runner`): a small MQTT 3.1.1 client on rumqttc's packet codec, sized
-//!   for one vehicle: the protocol state (`mqtt::ClientState`: packet ids, keep-alive,
-//!   buffers) apart from the connection (`mqtt::Link`: TCP, or TLS over it with rustls).
+//! - [`session`]: one vehicle's MQTT 3.1.1 session, the protocol state machine without I/O
+//!   ([`session::Session`]: CONNECT with will and login, keep-alive, QoS 1 packet ids and
+//!   PUBACKs with caller tags, the command subscription), in fixed buffers (`no_std`, no
+//!   heap), on the `mqttrs` packet codec. The simulator and the firmware run this same code.
+//! - `mqtt` (feature `runner`): the simulator's side of a connection: `mqtt::Link` (TCP, or
+//!   TLS over it with rustls, moving a session's bytes with tokio) and `mqtt::SessionClock`.
 //! - `runner` (feature `runner`): one MQTT connection and one task per vehicle; online
 //!   status, last will, heartbeats, delivery events tracked to their PUBACK, command acks,
 //!   reconnects with backoff, chaos switches, a sped-up clock, and a clean goodbye. Split into

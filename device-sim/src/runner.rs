@@ -2,9 +2,9 @@
 //! connection per vehicle.
 //!
 //! Each vehicle task owns everything of its vehicle: the device, the socket
-//! ([`Link`](crate::mqtt::Link)) and the MQTT client state
-//! ([`ClientState`](crate::mqtt::ClientState), this crate's small client, see
-//! [`crate::mqtt`]), and is a small super-loop over the socket, the heartbeat interval, one
+//! ([`Link`](crate::mqtt::Link)) and the MQTT session
+//! ([`VehicleSession`](crate::session::VehicleSession): the `no_std` protocol state machine
+//! the firmware runs, see [`crate::session`] and [`crate::mqtt`]), and is a small super-loop over the socket, the heartbeat interval, one
 //! timer (keep-alive, timeouts, chaos) and its stop signals. Nothing it does waits on
 //! anything but that loop.
 //!
@@ -17,8 +17,9 @@
 //! - On every CONNACK: publish `Online` (retained, QoS 1) and subscribe to `.../cmd` at QoS 1;
 //!   a clean session forgets subscriptions, so this is redone after every reconnect. Then the
 //!   device's [`Outbox`](crate::outbox::Outbox) is flushed: buffered delivery events first,
-//!   then the buffered heartbeats, oldest first, 16 publishes at a time, each batch once the
-//!   previous one is written to the socket.
+//!   then the buffered heartbeats, oldest first, up to 16 publishes at a time (as many as the
+//!   session's 512-byte transmit buffer takes while keeping room for one more: a command's
+//!   ack or the goodbye), each batch once the previous one is written to the socket.
 //! - Heartbeats on `.../hb` at [`SimConfig::heartbeat_qos`], from a per-vehicle interval
 //!   whose phases are spread evenly over the interval; the device decides what is due and
 //!   queues it, online or not.

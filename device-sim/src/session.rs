@@ -62,6 +62,18 @@ pub const MAX_PACKET: usize = 4096;
 /// subscription never takes them.
 const RESERVE: usize = 4;
 
+/// The longest topic a vehicle publishes on (`shared::topic::TopicName`'s capacity).
+pub const MAX_TOPIC: usize = 80;
+/// The largest PUBLISH a vehicle sends: a [`MAX_TOPIC`] topic, a [`shared::MAX_PAYLOAD`]
+/// payload, QoS 1 (215 bytes). A driver that keeps [`Session::output_room`] at least this
+/// large can always queue a command's answer or its goodbye.
+pub const LARGEST_PUBLISH: usize = publish_len(MAX_TOPIC, shared::MAX_PAYLOAD, QoS::AtLeastOnce);
+
+/// The encoded size of a PUBLISH of `topic_len` and `payload_len` bytes at `qos`.
+pub const fn publish_len(topic_len: usize, payload_len: usize, qos: QoS) -> usize {
+    codec::publish_len(topic_len, payload_len, qos)
+}
+
 /// A session with the default buffers, sized for a vehicle.
 pub type VehicleSession<T> = Session<T, DEFAULT_RX, DEFAULT_TX>;
 
@@ -389,7 +401,13 @@ impl<T: Copy, const RX: usize, const TX: usize> Session<T, RX, TX> {
         let len = codec::publish_len(topic_len, payload_len, qos);
         self.state == State::Connected
             && (qos != QoS::AtLeastOnce || !self.in_flight.is_full())
-            && len + RESERVE <= TX - (self.tx_end - self.tx_start)
+            && len <= self.output_room()
+    }
+
+    /// Bytes of the transmit buffer a publish or subscription can take now (the unwritten
+    /// output moved to the front); compare with [`publish_len`].
+    pub fn output_room(&self) -> usize {
+        TX.saturating_sub(self.tx_end - self.tx_start + RESERVE)
     }
 
     /// Queues a SUBSCRIBE to one filter at `now` (ms); returns its packet id.

@@ -7,7 +7,8 @@
 //! 1. `rumqttc-bare`: N plain rumqttc clients (`AsyncClient` + `EventLoop`), connected and
 //!    idle: what a connection cost with the client the simulator used before.
 //! 2. `rumqttc-raw`: the same clients publishing a 38-byte QoS 0 payload at the rate.
-//! 3. `client-bare`: N connections of the simulator's own client ([`device_sim::mqtt`]),
+//! 3. `client-bare`: N connections of the simulator's own MQTT session
+//!    ([`device_sim::session`], driven over [`device_sim::mqtt::Link`]),
 //!    connected and idle: the baseline cost of a connection.
 //! 4. `client-raw`: the same connections publishing a 38-byte QoS 0 payload at the rate: the
 //!    baseline cost of moving that many messages through our client and tokio.
@@ -35,10 +36,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use device_sim::mqtt::{
-    ClientOptions, ClientState, ConnectRequest, Incoming, Link, LinkError, Message,
-};
+use device_sim::mqtt::{Link, LinkError, SessionClock};
 use device_sim::runner::{SimConfig, Simulation};
+use device_sim::session::{
+    ConnectRequest, Incoming, Message, QoS as SessionQoS, Session, SessionOptions, VehicleSession,
+};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
 /// Every phase, in the order they run.
@@ -571,7 +573,8 @@ fn own_clients(broker: SocketAddr, n: u32, spread: Duration, rate: Option<f64>) 
         async move {
             let id = format!("client-{i:05}");
             let topic = format!("fleet/bare/{id}/hb");
-            let mut client = ClientState::<()>::new(ClientOptions::new(Duration::from_secs(30)));
+            let mut client: VehicleSession<()> = Session::new(SessionOptions::new(30));
+            let clock = SessionClock::new();
             tokio::time::sleep(delay).await;
             let mut ticker = publish_ticker(rate, i, n);
             loop {
@@ -583,12 +586,13 @@ fn own_clients(broker: SocketAddr, n: u32, spread: Duration, rate: Option<f64>) 
                         login: None,
                         will: None,
                     };
-                    if client.begin(&request, tokio::time::Instant::now()).is_err() {
+                    if client.begin(&request, clock.now_ms()).is_err() {
                         return;
                     }
                     let _lost = converse(
                         &mut link,
                         &mut client,
+                        clock,
                         &topic,
                         ticker.as_mut(),
                         &messages,
@@ -606,16 +610,17 @@ fn own_clients(broker: SocketAddr, n: u32, spread: Duration, rate: Option<f64>) 
 /// One connection of [`own_clients`] until it fails.
 async fn converse(
     link: &mut Link,
-    client: &mut ClientState<()>,
+    client: &mut VehicleSession<()>,
+    clock: SessionClock,
     topic: &str,
     mut ticker: Option<&mut tokio::time::Interval>,
     messages: &AtomicU64,
     connected: &AtomicU64,
 ) -> LinkError {
     let far = || tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
-    let mut timer = std::pin::pin!(tokio::time::sleep_until(
-        client.deadline().unwrap_or_else(far)
-    ));
+    let deadline =
+        |client: &VehicleSession<()>| client.deadline().map_or_else(far, |ms| clock.instant(ms));
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline(client)));
     let payload = [1u8; 38];
     loop {
         if let Err(err) = link.write_now(client) {
@@ -627,13 +632,13 @@ async fn converse(
                     return err;
                 }
                 loop {
-                    match client.next_incoming(tokio::time::Instant::now()) {
+                    match client.next_incoming(clock.now_ms()) {
                         Ok(Some(Incoming::ConnAck)) => {
                             connected.fetch_add(1, Ordering::Relaxed);
                         }
                         Ok(Some(_)) => {}
                         Ok(None) => break,
-                        Err(err) => return err,
+                        Err(err) => return err.into(),
                     }
                 }
             }
@@ -641,18 +646,18 @@ async fn converse(
                 let message = Message {
                     topic,
                     payload: &payload,
-                    qos: QoS::AtMostOnce,
+                    qos: SessionQoS::AtMostOnce,
                     retain: false,
                 };
-                if client.publish(&message, false, (), tokio::time::Instant::now()).is_ok() {
+                if client.publish(&message, false, (), clock.now_ms()).is_ok() {
                     messages.fetch_add(1, Ordering::Relaxed);
                 }
             }
             () = timer.as_mut() => {
-                if let Err(err) = client.on_timer(tokio::time::Instant::now()) {
-                    return err;
+                if let Err(err) = client.on_timer(clock.now_ms()) {
+                    return err.into();
                 }
-                timer.as_mut().reset(client.deadline().unwrap_or_else(far));
+                timer.as_mut().reset(deadline(client));
             }
         }
     }

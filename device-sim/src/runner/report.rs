@@ -36,7 +36,7 @@ pub struct SimReport {
     /// Connection failures, failed publishes and refused subscriptions.
     pub errors: u64,
     /// Connections ended because the broker sent a packet larger than a vehicle accepts
-    /// ([`crate::mqtt::ClientOptions::max_packet`]); also counted in `errors`.
+    /// ([`crate::session::SessionOptions::max_packet`]); also counted in `errors`.
     pub oversized_packets: u64,
     /// Time since the simulation started.
     pub elapsed: Duration,

@@ -1,13 +1,13 @@
-//! One vehicle's task: its [`Device`], its MQTT client state ([`ClientState`]) and its
-//! socket ([`Link`]), driven by one super-loop; see the [runner docs](super).
+//! One vehicle's task: its [`Device`], its MQTT session ([`VehicleSession`], the `no_std`
+//! protocol state the firmware runs too) and its socket ([`Link`]), driven by one
+//! super-loop; see the [runner docs](super).
 
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rumqttc::mqttbytes::QoS;
-use shared::{Command, OfflineReason};
+use shared::{CodecError, Command, OfflineReason};
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at, sleep, sleep_until};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::{debug, info, warn};
@@ -16,11 +16,12 @@ use super::clock::SimClock;
 use super::config::{Chaos, SimConfig};
 use super::report::Counters;
 use crate::device::{Device, Publication};
-use crate::mqtt::{
-    ClientOptions, ClientState, ConnectRequest, Incoming, Link, LinkError, MAX_INFLIGHT, Message,
-    SendError, TlsTarget,
-};
+use crate::mqtt::{Link, LinkError, SessionClock, TlsTarget};
 use crate::secrets::DeviceSecrets;
+use crate::session::{
+    ConnectRequest, Incoming, LARGEST_PUBLISH, MAX_INFLIGHT, Message, QoS, SendError, Session,
+    SessionOptions, VehicleSession,
+};
 
 /// A vehicle hands at most this many publishes to its connection at once, and the next batch
 /// only once they are written to the socket.
@@ -45,11 +46,28 @@ pub(super) struct VehicleControl {
 
 /// The MQTT QoS of a publication's level (0 or 1; anything else is refused when published).
 fn qos(level: u8) -> QoS {
-    match level {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
+    QoS::from_level(level).unwrap_or(QoS::ExactlyOnce)
+}
+
+/// The session options for a keep-alive (validated to 1 ..= 65 535 whole seconds): a PINGRESP
+/// may take as long as the keep-alive.
+fn session_options(keep_alive: Duration) -> SessionOptions {
+    SessionOptions::new(u16::try_from(keep_alive.as_secs()).unwrap_or(u16::MAX))
+}
+
+/// What a received packet asks of the vehicle, once the session's buffer is let go.
+#[derive(Debug)]
+enum Input {
+    ConnAck,
+    /// A command payload, decoded (or why not), and its size.
+    Command(Result<Command, CodecError>, usize),
+    PubAck {
+        pkid: u16,
+        tag: Option<Acked>,
+    },
+    SubAck {
+        refused: bool,
+    },
 }
 
 /// Where the vehicles' broker is and how they log in to it; shared by all of them.
@@ -103,7 +121,9 @@ enum Ended {
 /// One vehicle's task state: the device and its MQTT side.
 pub(super) struct Vehicle {
     device: Device,
-    mqtt: ClientState<Acked>,
+    mqtt: VehicleSession<Acked>,
+    /// The session's milliseconds.
+    session_clock: SessionClock,
     broker: Arc<BrokerAccess>,
     /// TLS to the broker (this vehicle's client certificate, if any); `None`: plain TCP.
     tls: Option<TlsTarget>,
@@ -150,7 +170,8 @@ impl Vehicle {
             tls,
             command_topic: device.topic(shared::TopicKind::Command).name().to_string(),
             device,
-            mqtt: ClientState::new(ClientOptions::new(config.keep_alive)),
+            mqtt: Session::new(session_options(config.keep_alive)),
+            session_clock: SessionClock::new(),
             broker,
             clock,
             counters,
@@ -290,7 +311,7 @@ impl Vehicle {
             login: password.map(|password| (id, password)),
             will: statuses.as_ref().map(|s| message(&s.will)),
         };
-        self.mqtt.begin(&request, Instant::now())?;
+        self.mqtt.begin(&request, self.session_clock.now_ms())?;
         self.online = statuses.map(|s| s.online);
         Ok(())
     }
@@ -307,10 +328,14 @@ impl Vehicle {
         let mut armed = self.next_timer();
         let mut timer = pin!(sleep_until(armed));
         loop {
-            // Write what is queued and hand the device's backlog over, as far as the socket
-            // takes it without waiting.
+            // Write what is queued, take the packets received as far as there is room to
+            // answer them, and hand the device's backlog over, as far as the socket takes it
+            // without waiting.
             loop {
-                if let Err(err) = link.write_now(&mut self.mqtt) {
+                if let Err(err) = link
+                    .write_now(&mut self.mqtt)
+                    .and_then(|()| self.on_input())
+                {
                     return Ended::Lost(err);
                 }
                 if self.mqtt.has_output() || !self.flush() {
@@ -337,12 +362,11 @@ impl Vehicle {
                 }
                 at = heartbeat_due(&mut self.heartbeat) => self.on_heartbeat(at),
                 () = timer.as_mut() => {
-                    let now = Instant::now();
-                    if self.next_drop.is_some_and(|at| at <= now) {
+                    if self.next_drop.is_some_and(|at| at <= Instant::now()) {
                         return Ended::ChaosDrop;
                     }
-                    if let Err(err) = self.mqtt.on_timer(now) {
-                        return Ended::Lost(err);
+                    if let Err(err) = self.mqtt.on_timer(self.session_clock.now_ms()) {
+                        return Ended::Lost(err.into());
                     }
                     armed = self.next_timer();
                     timer.as_mut().reset(armed);
@@ -359,30 +383,46 @@ impl Vehicle {
         }
     }
 
-    /// The earliest of the MQTT client's deadline and the next chaos drop; far away if none.
+    /// The earliest of the MQTT session's deadline and the next chaos drop; far away if none.
     fn next_timer(&self) -> Instant {
         let drop = self.next_drop.filter(|_| self.link_up);
-        [self.mqtt.deadline(), drop]
+        let deadline = self
+            .mqtt
+            .deadline()
+            .map(|ms| self.session_clock.instant(ms));
+        [deadline, drop]
             .into_iter()
             .flatten()
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(24 * 3600))
     }
 
-    /// Handles every complete packet received.
+    /// Handles the complete packets received, as long as the session has room for an
+    /// answer (a command's ack): the rest waits until the output is written.
     fn on_input(&mut self) -> Result<(), LinkError> {
-        let now = Instant::now();
-        while let Some(incoming) = self.mqtt.next_incoming(now)? {
-            match incoming {
-                Incoming::ConnAck => self.on_connected(),
-                Incoming::Publish(publish) => {
-                    if publish.topic == self.command_topic {
-                        self.on_command(&publish.payload);
-                    } else {
-                        debug!(topic = %publish.topic, "ignoring a message on a foreign topic");
-                    }
+        while self.mqtt.output_room() >= LARGEST_PUBLISH {
+            let now = self.session_clock.now_ms();
+            // What the packet asks, taken out of the session's receive buffer it borrows.
+            let input = match self.mqtt.next_incoming(now)? {
+                None => return Ok(()),
+                Some(Incoming::ConnAck) => Input::ConnAck,
+                Some(Incoming::Publish(publish)) if publish.topic == self.command_topic => {
+                    Input::Command(
+                        shared::decode::<Command>(publish.payload),
+                        publish.payload.len(),
+                    )
                 }
-                Incoming::PubAck {
+                Some(Incoming::Publish(publish)) => {
+                    debug!(topic = %publish.topic, "ignoring a message on a foreign topic");
+                    continue;
+                }
+                Some(Incoming::PubAck { pkid, tag }) => Input::PubAck { pkid, tag },
+                Some(Incoming::SubAck { refused, .. }) => Input::SubAck { refused },
+            };
+            match input {
+                Input::ConnAck => self.on_connected(),
+                Input::Command(command, size) => self.on_command(command, size),
+                Input::PubAck {
                     tag: Some(Acked::Event(seq)),
                     ..
                 } => {
@@ -391,14 +431,14 @@ impl Vehicle {
                         .events_acked
                         .fetch_add(removed, Ordering::Relaxed);
                 }
-                Incoming::PubAck {
+                Input::PubAck {
                     tag: Some(Acked::Other),
                     ..
                 } => {}
-                Incoming::PubAck { pkid, tag: None } => {
+                Input::PubAck { pkid, tag: None } => {
                     debug!(pkid, "an acknowledgement of nothing in flight");
                 }
-                Incoming::SubAck { refused, .. } => {
+                Input::SubAck { refused } => {
                     if refused {
                         warn!(topic = %self.command_topic, "the broker refused the command subscription");
                         Counters::bump(&self.counters.errors);
@@ -429,10 +469,11 @@ impl Vehicle {
             self.send("online status", &online, Sent::Other);
         }
         // A clean session has no subscriptions: subscribe on every connection.
-        if let Err(err) = self
-            .mqtt
-            .subscribe(&self.command_topic, QoS::AtLeastOnce, Instant::now())
-        {
+        if let Err(err) = self.mqtt.subscribe(
+            &self.command_topic,
+            QoS::AtLeastOnce,
+            self.session_clock.now_ms(),
+        ) {
             warn!(cause = %err, "cannot subscribe to commands");
             Counters::bump(&self.counters.errors);
         }
@@ -507,15 +548,20 @@ impl Vehicle {
         self.next_logged_event = next;
     }
 
-    /// Hands up to [`FLUSH_WINDOW`] queued events and heartbeats to the MQTT client, if the link
-    /// is up, everything handed over before is written, and PUBACKs are not overdue (at most
-    /// [`MAX_INFLIGHT`] QoS 1 publishes unacknowledged). Returns whether it handed any.
+    /// Hands up to [`FLUSH_WINDOW`] queued events and heartbeats to the MQTT session, if the
+    /// link is up, everything handed over before is written, and PUBACKs are not overdue (at
+    /// most [`MAX_INFLIGHT`] QoS 1 publishes unacknowledged); each only while the session's
+    /// transmit buffer has room for the largest publish, so a command's ack or the goodbye
+    /// always fits after it. Returns whether it handed any.
     fn flush(&mut self) -> bool {
         if !self.link_up || !self.mqtt.is_connected() || self.mqtt.has_output() {
             return false;
         }
         let mut handed = 0;
-        while handed < FLUSH_WINDOW && self.mqtt.in_flight() < MAX_INFLIGHT {
+        while handed < FLUSH_WINDOW
+            && self.mqtt.in_flight() < MAX_INFLIGHT
+            && self.mqtt.output_room() >= 2 * LARGEST_PUBLISH
+        {
             let item = match self.device.next_publication(self.clock.wall_ms()) {
                 Ok(Some(item)) => item,
                 Ok(None) => break,
@@ -571,11 +617,12 @@ impl Vehicle {
         }
     }
 
-    fn on_command(&mut self, payload: &[u8]) {
-        let command = match shared::decode::<Command>(payload) {
+    /// Answers a command (`size` bytes on the wire), or counts a bad one.
+    fn on_command(&mut self, command: Result<Command, CodecError>, size: usize) {
+        let command = match command {
             Ok(command) => command,
             Err(err) => {
-                warn!(cause = %err, bytes = payload.len(), "ignoring a bad command payload");
+                warn!(cause = %err, bytes = size, "ignoring a bad command payload");
                 Counters::bump(&self.counters.bad_commands);
                 return;
             }
@@ -606,7 +653,7 @@ impl Vehicle {
         }
     }
 
-    /// The link is down: the MQTT client forgets what was in flight, and the device's events in
+    /// The link is down: the MQTT session forgets what was in flight, and the device's events in
     /// flight go out again after the reconnect.
     fn link_down(&mut self) {
         if self.link_up {
@@ -651,12 +698,28 @@ impl Vehicle {
     /// CONNACK there is nothing to say goodbye on: the link is just dropped.
     async fn say_goodbye(
         &mut self,
-        link: Link,
+        mut link: Link,
         reason: OfflineReason,
         mut abort: Pin<&mut WaitForCancellationFuture<'_>>,
     ) {
         if !self.link_up {
             return;
+        }
+        if self.mqtt.output_room() < LARGEST_PUBLISH {
+            // Make room for the offline status: write what is queued first.
+            tokio::select! {
+                biased;
+                () = abort.as_mut() => {
+                    info!("dropping the connection without a goodbye");
+                    return;
+                }
+                written = tokio::time::timeout(GOODBYE_TIMEOUT, link.write_all(&mut self.mqtt)) => {
+                    if !matches!(written, Ok(Ok(()))) {
+                        warn!("cannot write out before saying goodbye");
+                        return;
+                    }
+                }
+            }
         }
         let unacknowledged = self.device.outbox().events_queued();
         if unacknowledged > 0 {
@@ -674,7 +737,7 @@ impl Vehicle {
                 Counters::bump(&self.counters.errors);
             }
         }
-        if let Err(err) = self.mqtt.disconnect(Instant::now()) {
+        if let Err(err) = self.mqtt.disconnect(self.session_clock.now_ms()) {
             warn!(cause = %err, "cannot disconnect");
             Counters::bump(&self.counters.errors);
             return;
@@ -693,7 +756,7 @@ impl Vehicle {
         }
     }
 
-    /// Hands a publication to the MQTT client; logs and counts a failure. Returns whether it was
+    /// Hands a publication to the MQTT session; logs and counts a failure. Returns whether it was
     /// queued. A delivery event published before (its PUBACK never came) goes with DUP set.
     fn send(&mut self, what: &str, publication: &Publication, sent: Sent) -> bool {
         let (dup, tag) = match sent {
@@ -706,7 +769,7 @@ impl Vehicle {
         };
         match self
             .mqtt
-            .publish(&message(publication), dup, tag, Instant::now())
+            .publish(&message(publication), dup, tag, self.session_clock.now_ms())
         {
             Ok(_) => {
                 match sent {

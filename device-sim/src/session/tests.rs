@@ -723,6 +723,8 @@ fn a_vehicle_session_stays_within_its_budget() {
     println!("VehicleSession<u32>: {size} bytes");
     // The largest packets a vehicle sends and receives fit.
     let topic = shared::topic::TopicName::new().capacity();
+    assert_eq!(topic, MAX_TOPIC);
+    assert_eq!(LARGEST_PUBLISH, 215);
     assert!(codec::publish_len(topic, shared::MAX_PAYLOAD, QoS::AtLeastOnce) <= DEFAULT_RX);
     assert!(
         2 * codec::publish_len(topic, shared::MAX_PAYLOAD, QoS::AtLeastOnce) + RESERVE
