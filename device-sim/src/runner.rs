@@ -18,8 +18,9 @@
 //!   a clean session forgets subscriptions, so this is redone after every reconnect. Then the
 //!   device's [`Outbox`](crate::outbox::Outbox) is flushed: buffered delivery events first,
 //!   then the buffered heartbeats, oldest first, up to 16 publishes at a time (as many as the
-//!   session's 512-byte transmit buffer takes while keeping room for one more: a command's
-//!   ack or the goodbye), each batch once the previous one is written to the socket.
+//!   session's 512-byte transmit buffer takes: 2 of the largest, 4 or 5 heartbeats), each
+//!   batch once the previous one is written to the socket. A received packet is taken only
+//!   while that buffer has room for the largest publish, so a command's ack always fits.
 //! - Heartbeats on `.../hb` at [`SimConfig::heartbeat_qos`], from a per-vehicle interval
 //!   whose phases are spread evenly over the interval; the device decides what is due and
 //!   queues it, online or not.

@@ -794,6 +794,44 @@ fn valid_packets() -> impl Strategy<Value = Vec<Packet>> {
 }
 
 proptest! {
+    /// Whatever a vehicle publishes is encoded as valid MQTT with its topic, payload, QoS,
+    /// retain and DUP (only at QoS 1), or refused as not fitting; never a panic.
+    #[test]
+    fn publishes_encode_to_valid_packets(
+        topic in "[a-z0-9/]{0,120}",
+        payload in proptest::collection::vec(any::<u8>(), 0..300),
+        qos1 in any::<bool>(),
+        dup in any::<bool>(),
+        retain in any::<bool>(),
+    ) {
+        let mut session = connected(T0);
+        let qos = if qos1 { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+        let message = Message { topic: &topic, payload: &payload, qos, retain };
+        let fits = publish_len(topic.len(), payload.len(), qos) <= session.output_room();
+        prop_assert_eq!(session.can_publish(topic.len(), payload.len(), qos), fits);
+        match session.publish(&message, dup, 7, T0) {
+            Ok(pkid) => {
+                prop_assert!(fits);
+                prop_assert_eq!(session.output().len(), publish_len(topic.len(), payload.len(), qos));
+                let packets = sent(&mut session);
+                let [Packet::Publish(publish)] = packets.as_slice() else {
+                    panic!("{packets:?}");
+                };
+                prop_assert_eq!(&publish.topic, &topic);
+                prop_assert_eq!(&publish.payload[..], &payload[..]);
+                prop_assert_eq!(publish.retain, retain);
+                prop_assert_eq!(publish.dup, dup && qos1);
+                prop_assert_eq!(publish.pkid, pkid.unwrap_or(0));
+                prop_assert_eq!(publish.qos == WireQoS::AtLeastOnce, qos1);
+            }
+            Err(err) => {
+                prop_assert!(!fits, "{err}");
+                prop_assert!(!session.has_output());
+                prop_assert_eq!(session.in_flight(), 0);
+            }
+        }
+    }
+
     /// Arbitrary bytes from a broker: errors or packets, never a panic, never more output
     /// than the buffer.
     #[test]
