@@ -4,7 +4,7 @@
 #   flash = .vector_table + .text + .rodata + .data (the initial values of .data are in flash)
 #   RAM   = .data + .bss + .uninit (static RAM; the stack is the rest of RAM, see docs)
 # Fails if `device-stack` (the device stack without the network stack, issue #18) takes more
-# than 8 KiB of RAM or 64 KiB of flash. Usage: bash firmware/size.sh
+# than 8 KiB of static RAM or 64 KiB of flash (its stack is measured apart: stack.sh). Usage: bash firmware/size.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -38,12 +38,13 @@ for bin in "${BINS[@]}"; do
     "$flash B" "$ram B"
   if [ "$bin" = device-stack ]; then
     if [ "$ram" -gt "$RAM_BUDGET" ] || [ "$flash" -gt "$FLASH_BUDGET" ]; then
-      echo "device-stack is over its budget: $ram B of RAM (max $RAM_BUDGET), $flash B of flash (max $FLASH_BUDGET)" >&2
+      echo "device-stack is over its budget: $ram B of static RAM (max $RAM_BUDGET), $flash B of flash (max $FLASH_BUDGET)" >&2
       failed=1
     fi
   fi
 done
 if [ "$failed" -eq 0 ]; then
-  echo "device-stack is within its budget of $RAM_BUDGET B of RAM and $FLASH_BUDGET B of flash"
+  echo "device-stack is within its budget of $RAM_BUDGET B of static RAM and $FLASH_BUDGET B of flash" \
+    "(the stack comes on top: stack.sh, docs/firmware.md)"
 fi
 exit "$failed"

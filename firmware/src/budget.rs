@@ -35,8 +35,8 @@ pub fn run(mut positioning: impl Positioning) -> ! {
     };
     let mut device_config = DeviceConfig::new(record.vehicle.clone(), record.fleet.clone(), grid);
     device_config.key = record.key;
-    let device = Device::new(device_config, black_box(7));
-    let vehicle = VEHICLE.init(Vehicle::new(device, 30));
+    let seed = black_box(7);
+    let vehicle = VEHICLE.init_with(|| Vehicle::new(device_config, seed, 30));
 
     let mut clock = WallClock::new();
     let mut packet = [0u8; 256];

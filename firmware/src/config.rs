@@ -2,7 +2,7 @@
 //! from a dedicated flash sector at boot.
 //!
 //! The record lives at [`RECORD_ADDRESS`] (the last 128 KiB sector of bank 2, which
-//! `memory.x` keeps out of the program) and is written there once per device with
+//! `nucleo-f429zi.x` keeps out of the program) and is written there once per device with
 //! `firmware/config-record.py` and `probe-rs download` (see `docs/firmware.md`). Nothing
 //! secret is compiled into the firmware: without a valid record it does not publish.
 //!

@@ -18,7 +18,7 @@ use core::pin::pin;
 
 use defmt::{Display2Format, error, info, warn};
 use defmt_rtt as _;
-use device_sim::device::{Device, DeviceConfig, Handover};
+use device_sim::device::{DeviceConfig, Handover};
 use device_sim::route::{GridConfig, StreetGrid};
 use embassy_executor::Spawner;
 use embassy_futures::select::{Either, Either4, select, select4};
@@ -243,12 +243,11 @@ async fn main(spawner: Spawner) {
     };
     let mut device_config = DeviceConfig::new(record.vehicle.clone(), record.fleet.clone(), grid);
     device_config.key = record.key;
-    let mut device = Device::new(device_config, seed);
-    device.gps_fix(first_fix);
-    // The Nucleo has no vehicle battery to read: it reports mains power.
-    device.set_battery_pct(100);
     static VEHICLE: StaticCell<Vehicle> = StaticCell::new();
-    let vehicle = VEHICLE.init(Vehicle::new(device, KEEP_ALIVE_SECS));
+    let vehicle = VEHICLE.init_with(|| Vehicle::new(device_config, seed, KEEP_ALIVE_SECS));
+    vehicle.device_mut().gps_fix(first_fix);
+    // The Nucleo has no vehicle battery to read: it reports mains power.
+    vehicle.device_mut().set_battery_pct(100);
 
     let mut tracker = Tracker {
         vehicle,

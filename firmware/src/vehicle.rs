@@ -10,7 +10,7 @@
 //! out and answered with a sealed [`shared::CommandAck`]. [`Vehicle::link_lost`] forgets the
 //! connection; the events in flight go out again on the next one.
 
-use device_sim::device::{Device, Handover, Publication};
+use device_sim::device::{Device, DeviceConfig, Handover, Publication};
 use device_sim::session::{
     ConnectRequest, Incoming, Message, QoS, SendError, SessionError, SessionOptions, VehicleSession,
 };
@@ -85,11 +85,20 @@ fn message(publication: &Publication) -> Message<'_> {
 }
 
 impl Vehicle {
-    /// `device` with an idle session whose keep-alive is `keep_alive_secs`.
-    pub fn new(device: Device, keep_alive_secs: u16) -> Self {
+    /// A device made from `config` and `seed` ([`Device::new`]) with an idle session whose
+    /// keep-alive is `keep_alive_secs`. Built in place: with
+    /// `StaticCell::init_with(|| Vehicle::new(..))` the device (4.4 KiB) and the session
+    /// buffers are written straight into the static, never copied through the stack.
+    pub fn new(config: DeviceConfig, seed: u64, keep_alive_secs: u16) -> Self {
+        let command_topic = shared::Topic::new(
+            config.fleet.clone(),
+            config.vehicle.clone(),
+            TopicKind::Command,
+        )
+        .name();
         Self {
-            command_topic: device.topic(TopicKind::Command).name(),
-            device,
+            command_topic,
+            device: Device::new(config, seed),
             session: VehicleSession::new(SessionOptions::new(keep_alive_secs)),
             online: None,
             events_sent_end: 0,

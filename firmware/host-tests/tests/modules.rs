@@ -16,7 +16,7 @@ mod gps;
 mod vehicle;
 
 use config::{ConfigError, DeviceRecord};
-use device_sim::device::{Device, DeviceConfig, GpsFix};
+use device_sim::device::{DeviceConfig, GpsFix};
 use device_sim::route::{GridConfig, StreetGrid};
 use shared::{Command, CommandKind, OrderId, Position, TopicKind, VehicleId};
 
@@ -181,13 +181,13 @@ fn vehicle() -> vehicle::Vehicle {
     let grid = StreetGrid::new(GridConfig::default()).expect("valid");
     let mut config = DeviceConfig::new(record.vehicle, record.fleet, grid);
     config.key = record.key;
-    let mut device = Device::new(config, 1);
-    device.gps_fix(GpsFix {
+    let mut vehicle = vehicle::Vehicle::new(config, 1, 30);
+    vehicle.device_mut().gps_fix(GpsFix {
         pos: Position::new(535_511_000, 99_937_000),
         speed_cm_s: 0,
         heading_deg: 0,
     });
-    vehicle::Vehicle::new(device, 30)
+    vehicle
 }
 
 /// MQTT packets in `bytes`, as (first byte, whole packet); remaining lengths below 128.

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Measures the stack high-water mark of the device-stack binaries: links them for QEMU's
+# netduinoplus2 (STM32F405, 128 KiB RAM; qemu-f405.x), runs each for a few seconds (thousands
+# of rounds of its loop), dumps the RAM through the QEMU monitor and finds the deepest word
+# that is no longer the 0xCCCCCCCC cortex-m-rt painted the stack with at reset
+# (`paint-stack`). Needs qemu-system-arm (Debian: apt-get install qemu-system-arm) and
+# python3. Not part of CI. Usage: bash firmware/stack.sh [seconds]
+set -euo pipefail
+cd "$(dirname "$0")"
+secs=${1:-5}
+command -v qemu-system-arm >/dev/null || { echo "needs qemu-system-arm" >&2; exit 1; }
+FLEETBEAT_MEMORY_X=qemu-f405.x cargo build --release --locked --target-dir target/qemu \
+  --bin device-stack --bin device-stack-gps
+tools="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin"
+for bin in device-stack device-stack-gps; do
+  elf="target/qemu/thumbv7em-none-eabihf/release/$bin"
+  stack_end=$("$tools/llvm-nm" "$elf" | awk '$3 == "_stack_end" { print $1 }')
+  stack_start=$("$tools/llvm-nm" "$elf" | awk '$3 == "_stack_start" { print $1 }')
+  python3 - "$elf" "$secs" "$stack_end" "$stack_start" "$bin" <<'PY'
+import os, socket, subprocess, sys, tempfile, time
+elf, secs, end, start, name = sys.argv[1], float(sys.argv[2]), int(sys.argv[3], 16), int(sys.argv[4], 16), sys.argv[5]
+tmp = tempfile.mkdtemp()
+sock, dump = os.path.join(tmp, "monitor"), os.path.join(tmp, "ram.bin")
+qemu = subprocess.Popen(["qemu-system-arm", "-M", "netduinoplus2", "-display", "none",
+                         "-serial", "none", "-monitor", f"unix:{sock},server,nowait",
+                         "-kernel", elf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+try:
+    time.sleep(secs)
+    mon = socket.socket(socket.AF_UNIX)
+    mon.connect(sock)
+    for command in ["stop", f'pmemsave {end:#x} {start - end} "{dump}"']:
+        mon.sendall(command.encode() + b"\n")
+        time.sleep(0.5)
+    for _ in range(20):
+        if os.path.exists(dump) and os.path.getsize(dump) == start - end:
+            break
+        time.sleep(0.25)
+    mon.sendall(b"quit\n")
+finally:
+    qemu.wait(timeout=10)
+ram = open(dump, "rb").read()
+i = 0
+while i < len(ram) and ram[i:i + 4] == b"\xcc" * 4:
+    i += 4
+print(f"{name}: stack high-water mark {len(ram) - i} B (of {len(ram)} B reserved)")
+PY
+done
