@@ -371,6 +371,7 @@ impl Tracker {
             backoff = (backoff * 2).clamp(RECONNECT_MIN, RECONNECT_MAX);
             if !stack.is_config_up() {
                 info!("waiting for the network (DHCP)");
+                backoff = RECONNECT_MIN;
                 continue;
             }
             let mut socket = TcpSocket::new(stack, &mut rx, &mut tx);
