@@ -1,5 +1,5 @@
 //! Fleetbeat's integration-test harness: starts the real programs and drives real clients.
-//! The `loadbench` binary (`src/bin/loadbench/`) runs the same programs through it.
+//! The `loadbench` and `eventbench` binaries (`src/bin/`) run the same programs through it.
 //!
 //! # Layout
 //! - [`bin`]: builds and locates the workspace binaries (`broker`, `bridge`, `device-sim`).
@@ -16,6 +16,7 @@
 //! - [`mosquitto`]: the real Debian `mosquitto_sub` / `mosquitto_pub`.
 //! - [`crash`]: the crash tests' raw event pipeline, store reader and kill count.
 //! - [`tls`]: a test CA and the certificates the TLS tests make with `rcgen`.
+//! - [`procfs`]: CPU seconds, RSS and load average from `/proc`, for the benchmarks.
 //!
 //! The scenarios live in `tests/tests/*.rs`, one file each. Every wait on the outside world has
 //! a timeout.
@@ -28,6 +29,7 @@ pub mod node;
 pub mod page;
 pub mod peer;
 pub mod process;
+pub mod procfs;
 pub mod provision;
 pub mod sio;
 pub mod stack;

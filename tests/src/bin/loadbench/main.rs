@@ -47,7 +47,7 @@
 //! - [`dispatchers`]: the node processes holding the dispatcher clients.
 //! - [`measure`]: one measured run: warm-up, settling, the window, the drain.
 //! - [`measured`]: what a run measured, and the figures derived from it.
-//! - [`procfs`]: CPU seconds and RSS from `/proc`.
+//! - `tests::procfs` (the library): CPU seconds and RSS from `/proc`.
 //! - [`report`]: the markdown tables.
 
 mod cli;
@@ -58,7 +58,6 @@ mod generator;
 mod measure;
 mod measured;
 mod modes;
-mod procfs;
 mod report;
 mod stack;
 mod stages;

@@ -12,8 +12,8 @@ use crate::devices::Devices;
 use crate::dispatchers::{Dispatchers, losses};
 use crate::engines::EngineCounters;
 use crate::measured::{ClusterFigures, Measured, ProcessFigures};
-use crate::procfs;
 use crate::stack::{Probe, Stack};
+use tests::procfs;
 
 /// What every run shares.
 pub struct Env {

@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use crate::cli::{BrokerMode, RunArgs, StackKind};
 use crate::measure::Env;
 use crate::measured::{ClusterFigures, Measured};
-use crate::procfs;
 use crate::stages::StageRun;
+use tests::procfs;
 
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)

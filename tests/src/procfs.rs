@@ -1,4 +1,5 @@
-//! CPU time and memory of processes, and of the machine, from `/proc`.
+//! CPU time and memory of processes, and of the machine, from `/proc` (Linux): for the
+//! benchmarks (`loadbench`, `eventbench`).
 
 use std::sync::OnceLock;
 
