@@ -2,10 +2,11 @@
 //! that drives hundreds of them against an MQTT broker.
 //!
 //! Without the `runner` feature this crate is `no_std` and allocation-free: [`device`],
-//! [`route`], [`outbox`] and [`session`] build for `thumbv7em-none-eabihf`, so the state
-//! machines tested here are the ones an embedded engineer would flash. The `runner` feature
-//! (on by default) adds the tokio simulator behind the `device-sim` binary, which drives that
-//! same MQTT [`session`] over tokio sockets.
+//! [`route`], [`outbox`], [`session`] and [`vehicle`] build for `thumbv7em-none-eabihf`, so
+//! the state machines tested here are the ones an embedded engineer would flash (the
+//! reference firmware in `firmware/` does). The `runner` feature (on by default) adds the
+//! tokio simulator behind the `device-sim` binary, which drives that same [`vehicle`] over
+//! tokio sockets.
 //!
 //! # Layout
 //! - [`route`]: a generated street grid around a city centre, and the [`route::Driver`] that
@@ -20,11 +21,17 @@
 //!   ([`session::Session`]: CONNECT with will and login, keep-alive, QoS 1 packet ids and
 //!   PUBACKs with caller tags, the command subscription), in fixed buffers (`no_std`, no
 //!   heap), on the `mqttrs` packet codec. The simulator and the firmware run this same code.
+//! - [`vehicle`]: [`vehicle::Vehicle`], the device on its session without I/O: CONNECT with
+//!   the sealed will, `Online` and the command subscription on CONNACK, the outbox flushed
+//!   (events at QoS 1 with DUP after a lost connection), PUBACKs to the device, commands
+//!   answered (`no_std`, no heap). The simulator's runner and the firmware both drive it; the
+//!   runner hooks its chaos and counters in through [`vehicle::FlushHook`] and
+//!   [`vehicle::Happened`].
 //! - `mqtt` (feature `runner`): the simulator's side of a connection: `mqtt::Link` (TCP, or
 //!   TLS over it with rustls, moving a session's bytes with tokio) and `mqtt::SessionClock`.
-//! - `runner` (feature `runner`): one MQTT connection and one task per vehicle; online
-//!   status, last will, heartbeats, delivery events tracked to their PUBACK, command acks,
-//!   reconnects with backoff, chaos switches, a sped-up clock, and a clean goodbye. Split into
+//! - `runner` (feature `runner`): one MQTT connection and one task per vehicle, each driving
+//!   a [`vehicle::Vehicle`]: heartbeat scheduling, reconnects with backoff, chaos switches,
+//!   counters and logs, a sped-up clock, and a clean goodbye. Split into
 //!   `config` (`runner::SimConfig`, validated), `clock`, `vehicle` (one vehicle's task),
 //!   `simulation` (`runner::Simulation`, `runner::run`, progress), `report` (counters) and
 //!   `tls` (`runner::TlsConfig`: the CA file and per-vehicle client certificates).
@@ -51,3 +58,4 @@ pub mod runner;
 #[cfg(feature = "runner")]
 pub mod secrets;
 pub mod session;
+pub mod vehicle;

@@ -5,9 +5,9 @@ use core::hint::black_box;
 
 use device_sim::device::{Device, DeviceConfig};
 use device_sim::route::{GridConfig, StreetGrid};
+use device_sim::vehicle::{Moment, Vehicle};
 use fleetbeat_firmware::clock::WallClock;
 use fleetbeat_firmware::config::{self, DeviceRecord};
-use fleetbeat_firmware::vehicle::Vehicle;
 use shared::{Command, CommandKind, OrderId, Position};
 use static_cell::StaticCell;
 // The interrupt vector table (cortex-m-rt's `device` feature wants one); nothing of the HAL
@@ -78,13 +78,17 @@ pub fn run(mut positioning: impl Positioning) -> ! {
                 black_box(vehicle.feed(black_box(&[0x40, 0x02, 0x00, pkid])));
             }
         }
-        let happened = vehicle.on_input(mono, now, |happened| {
+        let moment = Moment {
+            mono_ms: mono,
+            utc_ms: now,
+        };
+        let happened = vehicle.on_input(&moment, |happened| {
             black_box(&happened);
         });
         if happened.is_err() || vehicle.on_timer(mono).is_err() {
             vehicle.link_lost();
         }
-        black_box(vehicle.flush(mono, now));
+        black_box(vehicle.flush(mono, now, usize::MAX, &mut ()));
         drain(vehicle);
     }
 }

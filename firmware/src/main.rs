@@ -6,7 +6,8 @@
 //!   stops it here: nothing is published without the device's own key), waits for the GPS to
 //!   tell the time and a position, then ticks the device core every 100 ms, feeds it GPS
 //!   fixes and handovers, and keeps one MQTT connection to the broker (TCP over embassy-net,
-//!   reconnecting with a doubling backoff) through the [`Vehicle`] glue.
+//!   reconnecting with a doubling backoff) through [`Vehicle`], the device core on its MQTT
+//!   session (`device_sim::vehicle`: the same code path the simulator runs).
 //! - `net_task`: embassy-net's stack over the on-board Ethernet (LAN8742A, RMII), DHCP.
 //! - `gps_task`: the GPS receiver's NMEA on USART2 (PD6 = RX, PD5 = TX, 9600 baud), split and
 //!   parsed into [`Reading`]s for the vehicle.
@@ -20,6 +21,7 @@ use defmt::{Display2Format, error, info, warn};
 use defmt_rtt as _;
 use device_sim::device::{DeviceConfig, Handover};
 use device_sim::route::{GridConfig, StreetGrid};
+use device_sim::vehicle::{Happened, Moment, Vehicle};
 use embassy_executor::Spawner;
 use embassy_futures::select::{Either, Either4, select, select4};
 use embassy_net::tcp::TcpSocket;
@@ -41,7 +43,6 @@ use embedded_io_async::Read as _;
 use fleetbeat_firmware::clock::WallClock;
 use fleetbeat_firmware::config::{self, DeviceRecord};
 use fleetbeat_firmware::gps::{GpsError, Reading, SentenceSplitter, parse_sentence};
-use fleetbeat_firmware::vehicle::{Happened, Vehicle};
 use panic_probe as _;
 use static_cell::StaticCell;
 
@@ -355,6 +356,15 @@ impl Tracker {
         self.clock.now_ms(mono_ms()).unwrap_or_default()
     }
 
+    /// Monotonic and UTC time now, read once.
+    fn moment(&self) -> Moment {
+        let mono_ms = mono_ms();
+        Moment {
+            mono_ms,
+            utc_ms: self.clock.now_ms(mono_ms).unwrap_or_default(),
+        }
+    }
+
     /// Connects, converses, and reconnects with backoff, for ever.
     async fn run(&mut self, stack: Stack<'static>) -> ! {
         let [a, b, c, d] = self.record.broker_ip;
@@ -427,11 +437,21 @@ impl Tracker {
                 Some(deadline) => self.next_tick.min(Instant::from_millis(deadline)),
                 None => self.next_tick,
             };
-            let buffer = self.vehicle.receive_buffer();
-            if buffer.is_empty() {
-                // The session takes every complete packet before this; cannot happen.
-                return Ended::Session;
+            if self.vehicle.receive_buffer().is_empty() {
+                // Complete packets wait that were left for want of room to answer them; the
+                // output is written now.
+                let now = self.moment();
+                if let Err(err) = self.vehicle.on_input(&now, log_happened) {
+                    warn!("{}", Display2Format(&err));
+                    return Ended::Session;
+                }
+                if self.vehicle.output().is_empty() && self.vehicle.receive_buffer().is_empty() {
+                    // Nothing taken, nothing to write: cannot happen.
+                    return Ended::Session;
+                }
+                continue;
             }
+            let buffer = self.vehicle.receive_buffer();
             let woke = select4(
                 socket.read(buffer),
                 Timer::at(wake),
@@ -452,14 +472,15 @@ impl Tracker {
             if let Some(event) = event {
                 self.on_event(event);
             }
-            let (mono, clock) = (mono_ms(), self.clock_ms());
-            let input = self.vehicle.on_input(mono, clock, log_happened);
-            let timer = input.and_then(|()| self.vehicle.on_timer(mono));
+            let now = self.moment();
+            let input = self.vehicle.on_input(&now, log_happened);
+            let timer = input.and_then(|()| self.vehicle.on_timer(now.mono_ms));
             if let Err(err) = timer {
                 warn!("{}", Display2Format(&err));
                 return Ended::Session;
             }
-            self.vehicle.flush(mono, clock);
+            self.vehicle
+                .flush(now.mono_ms, now.utc_ms, usize::MAX, &mut ());
         }
     }
 
@@ -505,14 +526,36 @@ impl Tracker {
 fn log_happened(happened: Happened) {
     match happened {
         Happened::Connected => info!("connected to the broker"),
-        Happened::Command { command, acked } => info!(
-            "command {}: {}, ack queued: {}",
-            command.id,
-            defmt::Debug2Format(&command.kind),
-            acked
+        Happened::Command {
+            command,
+            result,
+            ack,
+        } => match ack {
+            Ok(()) => info!(
+                "command {}: {}, {}",
+                command.id,
+                defmt::Debug2Format(&command.kind),
+                result.as_str()
+            ),
+            Err(err) => warn!(
+                "command {}: {}, {}, but {}",
+                command.id,
+                defmt::Debug2Format(&command.kind),
+                result.as_str(),
+                Display2Format(&err)
+            ),
+        },
+        Happened::BadCommand { error, bytes } => warn!(
+            "bad command payload ({} bytes): {}",
+            bytes,
+            Display2Format(&error)
         ),
-        Happened::BadCommand(err) => warn!("bad command payload: {}", Display2Format(&err)),
         Happened::EventsAcked(n) => info!("{} delivery event(s) acknowledged", n),
-        Happened::SubscriptionRefused => warn!("the broker refused the command subscription"),
+        Happened::Subscribed { refused: true } => {
+            warn!("the broker refused the command subscription");
+        }
+        Happened::ForeignPublish => info!("ignoring a message on a foreign topic"),
+        Happened::Subscribed { refused: false } | Happened::Acked | Happened::UnknownAck { .. } => {
+        }
     }
 }

@@ -1,13 +1,14 @@
-//! One vehicle's task: its [`Device`], its MQTT session ([`VehicleSession`], the `no_std`
-//! protocol state the firmware runs too) and its socket ([`Link`]), driven by one
-//! super-loop; see the [runner docs](super).
+//! One vehicle's task: its device core on its MQTT session ([`crate::vehicle::Vehicle`], the
+//! `no_std` code path the firmware runs too) and its socket ([`Link`]), driven by one
+//! super-loop; see the [runner docs](super). What is the simulator's alone stays here:
+//! heartbeat scheduling, chaos, counters, logs, reconnect backoff and the goodbye.
 
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shared::{CodecError, Command, OfflineReason};
+use shared::{AckResult, CodecError, Command, OfflineReason};
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at, sleep, sleep_until};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::{debug, info, warn};
@@ -18,10 +19,8 @@ use super::report::Counters;
 use crate::device::{Device, Publication};
 use crate::mqtt::{Link, LinkError, SessionClock, TlsTarget};
 use crate::secrets::DeviceSecrets;
-use crate::session::{
-    ConnectRequest, Incoming, LARGEST_PUBLISH, MAX_INFLIGHT, Message, QoS, SendError, Session,
-    SessionOptions, VehicleSession,
-};
+use crate::session::{LARGEST_PUBLISH, SendError};
+use crate::vehicle::{self, BeginError, Clocks, FlushHook, Happened, PublishError};
 
 /// A vehicle hands at most this many publishes to its connection at once, and the next batch
 /// only once they are written to the socket.
@@ -44,30 +43,73 @@ pub(super) struct VehicleControl {
     pub(super) done: CancellationToken,
 }
 
-/// The MQTT QoS of a publication's level (0 or 1; anything else is refused when published).
-fn qos(level: u8) -> QoS {
-    QoS::from_level(level).unwrap_or(QoS::ExactlyOnce)
+/// The MQTT keep-alive in whole seconds (validated to 1 ..= 65 535): a PINGRESP may take as
+/// long as the keep-alive.
+fn keep_alive_secs(keep_alive: Duration) -> u16 {
+    u16::try_from(keep_alive.as_secs()).unwrap_or(u16::MAX)
 }
 
-/// The session options for a keep-alive (validated to 1 ..= 65 535 whole seconds): a PINGRESP
-/// may take as long as the keep-alive.
-fn session_options(keep_alive: Duration) -> SessionOptions {
-    SessionOptions::new(u16::try_from(keep_alive.as_secs()).unwrap_or(u16::MAX))
+/// The clocks a vehicle reads: the session's milliseconds, and the simulation's (sped-up)
+/// device time and real sealing time.
+struct SimClocks<'a> {
+    session: &'a SessionClock,
+    sim: &'a SimClock,
 }
 
-/// What a received packet asks of the vehicle, once the session's buffer is let go.
-#[derive(Debug)]
-enum Input {
-    ConnAck,
-    /// A command payload, decoded (or why not), and its size.
-    Command(Result<Command, CodecError>, usize),
-    PubAck {
-        pkid: u16,
-        tag: Option<Acked>,
-    },
-    SubAck {
-        refused: bool,
-    },
+impl Clocks for SimClocks<'_> {
+    fn mono_ms(&self) -> u64 {
+        self.session.now_ms()
+    }
+
+    fn device_ms(&self) -> u64 {
+        self.sim.now_ms()
+    }
+
+    fn seal_ms(&self) -> u64 {
+        self.sim.wall_ms()
+    }
+}
+
+/// The simulator's view of a flush: garbles heartbeats ([`Chaos::garbage_rate`]) and counts
+/// what went out.
+struct SimFlush<'a> {
+    rng: &'a mut fastrand::Rng,
+    garbage_rate: f64,
+    counters: &'a Counters,
+    /// Whether the publication being handed over was garbled.
+    garbled: bool,
+}
+
+impl FlushHook for SimFlush<'_> {
+    fn handing(&mut self, publication: &mut Publication, event_seq: Option<u32>) {
+        self.garbled =
+            event_seq.is_none() && self.garbage_rate > 0.0 && self.rng.f64() < self.garbage_rate;
+        if self.garbled {
+            garble(self.rng, publication);
+        }
+    }
+
+    fn handed(&mut self, event_seq: Option<u32>, _dup: bool) {
+        let counter = match event_seq {
+            Some(_) => &self.counters.events_sent,
+            None if self.garbled => &self.counters.garbage_sent,
+            None => &self.counters.heartbeats_sent,
+        };
+        Counters::bump(counter);
+    }
+
+    fn refused(&mut self, event_seq: Option<u32>, error: SendError) {
+        warn!(cause = %error, "cannot publish the queued message");
+        Counters::bump(&self.counters.errors);
+        if event_seq.is_none() {
+            Counters::bump(&self.counters.heartbeats_dropped);
+        }
+    }
+
+    fn unsealed(&mut self, error: CodecError) {
+        warn!(cause = %error, "cannot seal a queued message");
+        Counters::bump(&self.counters.errors);
+    }
 }
 
 /// Where the vehicles' broker is and how they log in to it; shared by all of them.
@@ -79,24 +121,6 @@ pub(super) struct BrokerAccess {
     pub(super) port: u16,
     /// Each vehicle's password; `None` in open mode (no login).
     pub(super) secrets: Option<Arc<DeviceSecrets>>,
-}
-
-/// What a QoS 1 publish was, so its PUBACK can be reported to the device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Acked {
-    /// The delivery event with this `seq`.
-    Event(u32),
-    /// A status, command ack or QoS 1 heartbeat: nothing waits for its PUBACK.
-    Other,
-}
-
-/// What a publish carries, for the counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sent {
-    Heartbeat,
-    Garbage,
-    Event(u32),
-    Other,
 }
 
 /// Whether a vehicle task goes on after handling something.
@@ -118,16 +142,14 @@ enum Ended {
     ChaosDrop,
 }
 
-/// One vehicle's task state: the device and its MQTT side.
+/// One vehicle's task state: the device on its MQTT session, and the simulator's side.
 pub(super) struct Vehicle {
-    device: Device,
-    mqtt: VehicleSession<Acked>,
+    vehicle: vehicle::Vehicle,
     /// The session's milliseconds.
     session_clock: SessionClock,
     broker: Arc<BrokerAccess>,
     /// TLS to the broker (this vehicle's client certificate, if any); `None`: plain TCP.
     tls: Option<TlsTarget>,
-    command_topic: String,
     clock: SimClock,
     counters: Arc<Counters>,
     /// Backoff jitter and chaos.
@@ -141,11 +163,6 @@ pub(super) struct Vehicle {
     attempt: u32,
     /// Created on the first CONNACK: no heartbeats before the vehicle was ever online.
     heartbeat: Option<Interval>,
-    /// The `Online` status sealed for the connection being made.
-    online: Option<Publication>,
-    /// One past the `seq` of the newest delivery event ever published: an event below it is
-    /// sent again (DUP).
-    events_sent_end: u32,
     /// When [`Chaos::drop_rate`] strikes next.
     next_drop: Option<Instant>,
     /// Whether the current stall (full event queue) was logged.
@@ -168,9 +185,7 @@ impl Vehicle {
     ) -> Self {
         Self {
             tls,
-            command_topic: device.topic(shared::TopicKind::Command).name().to_string(),
-            device,
-            mqtt: Session::new(session_options(config.keep_alive)),
+            vehicle: vehicle::Vehicle::with_device(device, keep_alive_secs(config.keep_alive)),
             session_clock: SessionClock::new(),
             broker,
             clock,
@@ -182,8 +197,6 @@ impl Vehicle {
             ever_connected: false,
             attempt: 0,
             heartbeat: None,
-            online: None,
-            events_sent_end: 0,
             next_drop: None,
             stall_reported: false,
             next_logged_event: 0,
@@ -198,9 +211,10 @@ impl Vehicle {
         if self.link_up {
             self.counters.connected.fetch_sub(1, Ordering::Relaxed);
         }
-        let outbox = self.device.outbox();
+        let device = self.vehicle.device();
+        let outbox = device.outbox();
         debug!(
-            heartbeats = self.device.heartbeat(self.clock.now_ms()).seq,
+            heartbeats = device.heartbeat(self.clock.now_ms()).seq,
             events_unacknowledged = outbox.events_queued(),
             "vehicle stopped"
         );
@@ -264,7 +278,8 @@ impl Vehicle {
                 Ok(link) => match self.begin() {
                     Ok(()) => self.converse(link, abort.as_mut(), stop.as_mut()).await,
                     Err(err) => {
-                        // Not a connection problem: an id or a login too long for MQTT.
+                        // Not a connection problem: an id or a login too long for MQTT, or
+                        // statuses that cannot be sealed.
                         warn!(cause = %err, "cannot connect");
                         Counters::bump(&self.counters.errors);
                         return;
@@ -290,30 +305,15 @@ impl Vehicle {
 
     /// Seals this attempt's `Online` (counter `c`) and will (`c + 1`) and queues the CONNECT
     /// with the will.
-    fn begin(&mut self) -> Result<(), SendError> {
-        let statuses = match self.device.connect_statuses(self.clock.wall_ms()) {
-            Ok(statuses) => Some(statuses),
-            Err(err) => {
-                warn!(cause = %err, "cannot seal the connection statuses");
-                Counters::bump(&self.counters.errors);
-                None
-            }
-        };
-        let id = self.device.vehicle().as_str();
+    fn begin(&mut self) -> Result<(), BeginError> {
         let password = self
             .broker
             .secrets
             .as_ref()
-            .and_then(|s| s.get(self.device.vehicle()))
+            .and_then(|s| s.get(self.vehicle.device().vehicle()))
             .map(|secret| secret.password.as_str());
-        let request = ConnectRequest {
-            client_id: id,
-            login: password.map(|password| (id, password)),
-            will: statuses.as_ref().map(|s| message(&s.will)),
-        };
-        self.mqtt.begin(&request, self.session_clock.now_ms())?;
-        self.online = statuses.map(|s| s.online);
-        Ok(())
+        self.vehicle
+            .begin(password, self.session_clock.now_ms(), self.clock.wall_ms())
     }
 
     /// One connection, from the CONNECT queued by [`begin`](Self::begin) until it ends.
@@ -333,12 +333,12 @@ impl Vehicle {
             // without waiting.
             loop {
                 if let Err(err) = link
-                    .write_now(&mut self.mqtt)
+                    .write_now(self.vehicle.session_mut())
                     .and_then(|()| self.on_input())
                 {
                     return Ended::Lost(err);
                 }
-                if self.mqtt.has_output() || !self.flush() {
+                if self.vehicle.session().has_output() || !self.flush() {
                     break;
                 }
             }
@@ -354,7 +354,7 @@ impl Vehicle {
                     return Ended::Done;
                 }
                 () = stop.as_mut() => Flow::Goodbye(OfflineReason::Shutdown),
-                exchanged = link.exchange(&mut self.mqtt) => {
+                exchanged = link.exchange(self.vehicle.session_mut()) => {
                     match exchanged.and_then(|()| self.on_input()) {
                         Ok(()) => Flow::Continue,
                         Err(err) => return Ended::Lost(err),
@@ -365,7 +365,7 @@ impl Vehicle {
                     if self.next_drop.is_some_and(|at| at <= Instant::now()) {
                         return Ended::ChaosDrop;
                     }
-                    if let Err(err) = self.mqtt.on_timer(self.session_clock.now_ms()) {
+                    if let Err(err) = self.vehicle.on_timer(self.session_clock.now_ms()) {
                         return Ended::Lost(err.into());
                     }
                     armed = self.next_timer();
@@ -387,7 +387,7 @@ impl Vehicle {
     fn next_timer(&self) -> Instant {
         let drop = self.next_drop.filter(|_| self.link_up);
         let deadline = self
-            .mqtt
+            .vehicle
             .deadline()
             .map(|ms| self.session_clock.instant(ms));
         [deadline, drop]
@@ -400,53 +400,44 @@ impl Vehicle {
     /// Handles the complete packets received, as long as the session has room for an
     /// answer (a command's ack): the rest waits until the output is written.
     fn on_input(&mut self) -> Result<(), LinkError> {
-        while self.mqtt.output_room() >= LARGEST_PUBLISH {
-            let now = self.session_clock.now_ms();
-            // What the packet asks, taken out of the session's receive buffer it borrows.
-            let input = match self.mqtt.next_incoming(now)? {
-                None => return Ok(()),
-                Some(Incoming::ConnAck) => Input::ConnAck,
-                Some(Incoming::Publish(publish)) if publish.topic == self.command_topic => {
-                    Input::Command(
-                        shared::decode::<Command>(publish.payload),
-                        publish.payload.len(),
-                    )
-                }
-                Some(Incoming::Publish(publish)) => {
-                    debug!(topic = %publish.topic, "ignoring a message on a foreign topic");
-                    continue;
-                }
-                Some(Incoming::PubAck { pkid, tag }) => Input::PubAck { pkid, tag },
-                Some(Incoming::SubAck { refused, .. }) => Input::SubAck { refused },
+        loop {
+            let interval = self.vehicle.device().heartbeat_interval_ms();
+            let clocks = SimClocks {
+                session: &self.session_clock,
+                sim: &self.clock,
             };
-            match input {
-                Input::ConnAck => self.on_connected(),
-                Input::Command(command, size) => self.on_command(command, size),
-                Input::PubAck {
-                    tag: Some(Acked::Event(seq)),
-                    ..
-                } => {
-                    let removed = self.device.event_acked(seq) as u64;
+            let Some(happened) = self.vehicle.next_input(&clocks)? else {
+                return Ok(());
+            };
+            match happened {
+                Happened::Connected => self.on_connected(),
+                Happened::Command {
+                    command,
+                    result,
+                    ack,
+                } => self.on_command(&command, result, ack, interval),
+                Happened::BadCommand { error, bytes } => {
+                    warn!(cause = %error, bytes, "ignoring a bad command payload");
+                    Counters::bump(&self.counters.bad_commands);
+                }
+                Happened::ForeignPublish => debug!("ignoring a message on a foreign topic"),
+                Happened::EventsAcked(removed) => {
                     self.counters
                         .events_acked
-                        .fetch_add(removed, Ordering::Relaxed);
+                        .fetch_add(removed as u64, Ordering::Relaxed);
                 }
-                Input::PubAck {
-                    tag: Some(Acked::Other),
-                    ..
-                } => {}
-                Input::PubAck { pkid, tag: None } => {
+                Happened::Acked => {}
+                Happened::UnknownAck { pkid } => {
                     debug!(pkid, "an acknowledgement of nothing in flight");
                 }
-                Input::SubAck { refused } => {
+                Happened::Subscribed { refused } => {
                     if refused {
-                        warn!(topic = %self.command_topic, "the broker refused the command subscription");
+                        warn!(topic = %self.vehicle.command_topic(), "the broker refused the command subscription");
                         Counters::bump(&self.counters.errors);
                     }
                 }
             }
         }
-        Ok(())
     }
 
     fn on_connected(&mut self) {
@@ -455,7 +446,7 @@ impl Vehicle {
         self.counters.connected.fetch_add(1, Ordering::Relaxed);
         if self.ever_connected {
             Counters::bump(&self.counters.reconnects);
-            let outbox = self.device.outbox();
+            let outbox = self.vehicle.device().outbox();
             info!(
                 events_queued = outbox.events_queued(),
                 heartbeats_queued = outbox.heartbeats_queued(),
@@ -465,18 +456,7 @@ impl Vehicle {
             debug!("connected");
             self.ever_connected = true;
         }
-        if let Some(online) = self.online.take() {
-            self.send("online status", &online, Sent::Other);
-        }
-        // A clean session has no subscriptions: subscribe on every connection.
-        if let Err(err) = self.mqtt.subscribe(
-            &self.command_topic,
-            QoS::AtLeastOnce,
-            self.session_clock.now_ms(),
-        ) {
-            warn!(cause = %err, "cannot subscribe to commands");
-            Counters::bump(&self.counters.errors);
-        }
+        // The `Online` status and the command subscription are queued already.
         if self.heartbeat.is_none() {
             self.heartbeat = Some(self.heartbeat_interval());
         }
@@ -492,10 +472,10 @@ impl Vehicle {
     fn on_heartbeat(&mut self, at: Instant) -> Flow {
         // The scheduled time, not the (jittery) wake-up time: the same seed drives the same.
         let now = self.clock.ms_at(at);
-        let dropped_before = self.device.outbox().heartbeats_dropped();
-        let beat = self.device.tick(now);
-        let dropped = self
-            .device
+        let device = self.vehicle.device_mut();
+        let dropped_before = device.outbox().heartbeats_dropped();
+        let beat = device.tick(now);
+        let dropped = device
             .outbox()
             .heartbeats_dropped()
             .wrapping_sub(dropped_before);
@@ -505,14 +485,15 @@ impl Vehicle {
                 .fetch_add(u64::from(dropped), Ordering::Relaxed);
         }
         self.log_new_events();
-        if beat.is_some() && self.device.is_depleted() {
+        let device = self.vehicle.device();
+        if beat.is_some() && device.is_depleted() {
             info!("battery empty, going offline");
             return Flow::Goodbye(OfflineReason::LowBattery);
         }
-        match (self.device.is_stalled(), self.stall_reported) {
+        match (device.is_stalled(), self.stall_reported) {
             (true, false) => {
                 warn!(
-                    events_queued = self.device.outbox().events_queued(),
+                    events_queued = device.outbox().events_queued(),
                     "event queue full: the delivery waits until the broker acknowledges"
                 );
                 self.stall_reported = true;
@@ -525,13 +506,13 @@ impl Vehicle {
 
     /// Logs the delivery events the device produced since the last call.
     fn log_new_events(&mut self) {
-        let next = self.device.next_event_seq();
+        let device = self.vehicle.device();
+        let next = device.next_event_seq();
         if next == self.next_logged_event {
             return;
         }
         let from = self.next_logged_event;
-        for event in self
-            .device
+        for event in device
             .outbox()
             .events()
             .filter(|e| e.seq.wrapping_sub(from) < next.wrapping_sub(from))
@@ -548,108 +529,53 @@ impl Vehicle {
         self.next_logged_event = next;
     }
 
-    /// Hands up to [`FLUSH_WINDOW`] queued events and heartbeats to the MQTT session, if the
-    /// link is up, everything handed over before is written, and PUBACKs are not overdue (at
-    /// most [`MAX_INFLIGHT`] QoS 1 publishes unacknowledged); each only while the session's
-    /// transmit buffer has room for the largest publish. (A command's ack always fits: a
-    /// packet is taken only while there is room for one, see [`on_input`](Self::on_input);
-    /// the goodbye writes the output out first if need be.) Returns whether it handed any.
+    /// Hands up to [`FLUSH_WINDOW`] queued events and heartbeats to the MQTT session
+    /// ([`vehicle::Vehicle::flush`]: at most `MAX_INFLIGHT` QoS 1 publishes unacknowledged,
+    /// each only while the transmit buffer has room for the largest publish), if the link is
+    /// up and everything handed over before is written; heartbeats may be garbled on the way
+    /// ([`Chaos::garbage_rate`]). (A command's ack always fits: a packet is taken only while
+    /// there is room for one, see [`on_input`](Self::on_input); the goodbye writes the output
+    /// out first if need be.) Returns whether it handed any.
     fn flush(&mut self) -> bool {
-        if !self.link_up || !self.mqtt.is_connected() || self.mqtt.has_output() {
+        if !self.link_up || !self.vehicle.is_connected() || self.vehicle.session().has_output() {
             return false;
         }
-        let mut handed = 0;
-        while handed < FLUSH_WINDOW
-            && self.mqtt.in_flight() < MAX_INFLIGHT
-            && self.mqtt.output_room() >= LARGEST_PUBLISH
-        {
-            let item = match self.device.next_publication(self.clock.wall_ms()) {
-                Ok(Some(item)) => item,
-                Ok(None) => break,
-                Err(err) => {
-                    warn!(cause = %err, "cannot seal a queued message");
-                    Counters::bump(&self.counters.errors);
-                    break;
-                }
-            };
-            let mut publication = item.publication;
-            let mut what = match item.event_seq {
-                Some(seq) => Sent::Event(seq),
-                None => Sent::Heartbeat,
-            };
-            if what == Sent::Heartbeat
-                && self.chaos.garbage_rate > 0.0
-                && self.rng.f64() < self.chaos.garbage_rate
-            {
-                self.garble(&mut publication);
-                what = Sent::Garbage;
-            }
-            if !self.send("queued message", &publication, what) {
-                match what {
-                    Sent::Event(_) => self.device.event_unsent(),
-                    _ => Counters::bump(&self.counters.heartbeats_dropped),
-                }
-                break;
-            }
-            handed += 1;
-        }
-        handed > 0
-    }
-
-    /// Replaces a heartbeat's payload by a malformed one: cut short, a flipped bit (the tag no
-    /// longer matches), or random bytes.
-    fn garble(&mut self, publication: &mut Publication) {
-        let payload = &mut publication.payload;
-        match self.rng.u8(..3) {
-            0 => payload.truncate(self.rng.usize(..payload.len().max(1))),
-            1 => {
-                let i = self.rng.usize(..payload.len().max(1));
-                if let Some(byte) = payload.get_mut(i) {
-                    *byte ^= 1 << self.rng.u8(..8);
-                }
-            }
-            _ => {
-                payload.clear();
-                for _ in 0..self.rng.usize(1..=32) {
-                    // Cannot overflow: at most 32 of MAX_PAYLOAD bytes.
-                    let _ = payload.push(self.rng.u8(..));
-                }
-            }
-        }
-    }
-
-    /// Answers a command (`size` bytes on the wire), or counts a bad one.
-    fn on_command(&mut self, command: Result<Command, CodecError>, size: usize) {
-        let command = match command {
-            Ok(command) => command,
-            Err(err) => {
-                warn!(cause = %err, bytes = size, "ignoring a bad command payload");
-                Counters::bump(&self.counters.bad_commands);
-                return;
-            }
+        let mut hook = SimFlush {
+            rng: &mut self.rng,
+            garbage_rate: self.chaos.garbage_rate,
+            counters: &self.counters,
+            garbled: false,
         };
-        self.device.advance(self.clock.now_ms());
+        let (mono_ms, seal_ms) = (self.session_clock.now_ms(), self.clock.wall_ms());
+        self.vehicle
+            .flush(mono_ms, seal_ms, FLUSH_WINDOW, &mut hook)
+            > 0
+    }
+
+    /// Logs and counts a command the vehicle carried out (its ack queued, or why not), and
+    /// follows a change of the heartbeat interval (it was `interval` ms).
+    fn on_command(
+        &mut self,
+        command: &Command,
+        result: AckResult,
+        ack: Result<(), PublishError>,
+        interval: u32,
+    ) {
         self.log_new_events();
-        let interval = self.device.heartbeat_interval_ms();
-        let ack = self.device.handle_command(&command);
         info!(
             command = command.id,
             kind = ?command.kind,
-            result = ack.result.as_str(),
+            result = result.as_str(),
             "command"
         );
-        match self.device.publication(&ack, self.clock.wall_ms()) {
-            Ok(publication) => {
-                if self.send("command ack", &publication, Sent::Other) {
-                    Counters::bump(&self.counters.commands_answered);
-                }
-            }
+        match ack {
+            Ok(()) => Counters::bump(&self.counters.commands_answered),
             Err(err) => {
-                warn!(cause = %err, "cannot seal the command ack");
+                warn!(cause = %err, "cannot answer the command");
                 Counters::bump(&self.counters.errors);
             }
         }
-        if self.device.heartbeat_interval_ms() != interval && self.heartbeat.is_some() {
+        if self.vehicle.device().heartbeat_interval_ms() != interval && self.heartbeat.is_some() {
             self.heartbeat = Some(self.heartbeat_interval());
         }
     }
@@ -661,9 +587,8 @@ impl Vehicle {
             self.link_up = false;
             self.counters.connected.fetch_sub(1, Ordering::Relaxed);
         }
-        self.mqtt.reset();
+        self.vehicle.link_lost();
         self.next_drop = None;
-        self.device.connection_lost();
     }
 
     /// Counts the error and picks when to try again.
@@ -706,7 +631,7 @@ impl Vehicle {
         if !self.link_up {
             return;
         }
-        if self.mqtt.output_room() < LARGEST_PUBLISH {
+        if self.vehicle.session().output_room() < LARGEST_PUBLISH {
             // Make room for the offline status: write what is queued first.
             tokio::select! {
                 biased;
@@ -714,7 +639,7 @@ impl Vehicle {
                     info!("dropping the connection without a goodbye");
                     return;
                 }
-                written = tokio::time::timeout(GOODBYE_TIMEOUT, link.write_all(&mut self.mqtt)) => {
+                written = tokio::time::timeout(GOODBYE_TIMEOUT, link.write_all(self.vehicle.session_mut())) => {
                     if !matches!(written, Ok(Ok(()))) {
                         warn!("cannot write out before saying goodbye");
                         return;
@@ -722,23 +647,34 @@ impl Vehicle {
                 }
             }
         }
-        let unacknowledged = self.device.outbox().events_queued();
+        let unacknowledged = self.vehicle.device().outbox().events_queued();
         if unacknowledged > 0 {
             warn!(
                 events = unacknowledged,
                 "stopping with delivery events not yet acknowledged"
             );
         }
-        match self.device.offline_status(reason, self.clock.wall_ms()) {
+        let bye = self
+            .vehicle
+            .device_mut()
+            .offline_status(reason, self.clock.wall_ms());
+        match bye {
             Ok(bye) => {
-                self.send("offline status", &bye, Sent::Other);
+                if let Err(err) = self.vehicle.publish(&bye, self.session_clock.now_ms()) {
+                    warn!(cause = %err, "cannot publish the offline status");
+                    Counters::bump(&self.counters.errors);
+                }
             }
             Err(err) => {
                 warn!(cause = %err, "cannot seal the offline status");
                 Counters::bump(&self.counters.errors);
             }
         }
-        if let Err(err) = self.mqtt.disconnect(self.session_clock.now_ms()) {
+        if let Err(err) = self
+            .vehicle
+            .session_mut()
+            .disconnect(self.session_clock.now_ms())
+        {
             warn!(cause = %err, "cannot disconnect");
             Counters::bump(&self.counters.errors);
             return;
@@ -747,7 +683,7 @@ impl Vehicle {
         tokio::select! {
             biased;
             () = abort.as_mut() => info!("dropping the connection without a goodbye"),
-            closed = tokio::time::timeout(GOODBYE_TIMEOUT, link.close(&mut self.mqtt)) => {
+            closed = tokio::time::timeout(GOODBYE_TIMEOUT, link.close(self.vehicle.session_mut())) => {
                 match closed {
                     Ok(Ok(())) => debug!("said goodbye"),
                     Ok(Err(err)) => debug!(cause = %err, "connection closed while saying goodbye"),
@@ -757,49 +693,12 @@ impl Vehicle {
         }
     }
 
-    /// Hands a publication to the MQTT session; logs and counts a failure. Returns whether it was
-    /// queued. A delivery event published before (its PUBACK never came) goes with DUP set.
-    fn send(&mut self, what: &str, publication: &Publication, sent: Sent) -> bool {
-        let (dup, tag) = match sent {
-            // `seq` is below the end (in wrapping order) if it was published before.
-            Sent::Event(seq) => (
-                (self.events_sent_end.wrapping_sub(seq) as i32) > 0,
-                Acked::Event(seq),
-            ),
-            _ => (false, Acked::Other),
-        };
-        match self
-            .mqtt
-            .publish(&message(publication), dup, tag, self.session_clock.now_ms())
-        {
-            Ok(_) => {
-                match sent {
-                    Sent::Heartbeat => Counters::bump(&self.counters.heartbeats_sent),
-                    Sent::Garbage => Counters::bump(&self.counters.garbage_sent),
-                    Sent::Event(seq) => {
-                        Counters::bump(&self.counters.events_sent);
-                        if !dup {
-                            self.events_sent_end = seq.wrapping_add(1);
-                        }
-                    }
-                    Sent::Other => {}
-                }
-                true
-            }
-            Err(err) => {
-                warn!(cause = %err, "cannot publish the {what}");
-                Counters::bump(&self.counters.errors);
-                false
-            }
-        }
-    }
-
     /// An interval on the device's heartbeat phase: its next due time plus whole intervals,
     /// in real time.
     fn heartbeat_interval(&self) -> Interval {
-        let period = self.clock.real(self.device.heartbeat_interval_ms());
-        let start = self
-            .device
+        let device = self.vehicle.device();
+        let period = self.clock.real(device.heartbeat_interval_ms());
+        let start = device
             .next_heartbeat_ms()
             .map_or_else(Instant::now, |ms| self.clock.instant_at(ms));
         let mut interval = interval_at(start, period);
@@ -808,13 +707,25 @@ impl Vehicle {
     }
 }
 
-/// A publication as an MQTT message.
-fn message(publication: &Publication) -> Message<'_> {
-    Message {
-        topic: publication.topic.as_str(),
-        payload: &publication.payload,
-        qos: qos(publication.qos),
-        retain: publication.retain,
+/// Replaces a heartbeat's payload by a malformed one: cut short, a flipped bit (the tag no
+/// longer matches), or random bytes.
+fn garble(rng: &mut fastrand::Rng, publication: &mut Publication) {
+    let payload = &mut publication.payload;
+    match rng.u8(..3) {
+        0 => payload.truncate(rng.usize(..payload.len().max(1))),
+        1 => {
+            let i = rng.usize(..payload.len().max(1));
+            if let Some(byte) = payload.get_mut(i) {
+                *byte ^= 1 << rng.u8(..8);
+            }
+        }
+        _ => {
+            payload.clear();
+            for _ in 0..rng.usize(1..=32) {
+                // Cannot overflow: at most 32 of MAX_PAYLOAD bytes.
+                let _ = payload.push(rng.u8(..));
+            }
+        }
     }
 }
 
@@ -829,14 +740,15 @@ async fn heartbeat_due(interval: &mut Option<Interval>) -> Instant {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::session::VehicleSession;
+    use crate::vehicle::Tag;
 
     /// What one vehicle's MQTT session costs in the simulator's memory (boxed with the rest
     /// of the vehicle): the 256 + 512 bytes of buffers and 20 tags in flight.
     #[test]
     fn a_vehicles_session_stays_small() {
-        let size = std::mem::size_of::<VehicleSession<Acked>>();
-        println!("VehicleSession<Acked>: {size} bytes");
+        let size = std::mem::size_of::<VehicleSession<Tag>>();
+        println!("VehicleSession<Tag>: {size} bytes");
         assert!(size <= 1200, "{size} bytes");
     }
 }

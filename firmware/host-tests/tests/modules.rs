@@ -1,6 +1,7 @@
 //! The firmware's board-independent modules, compiled for the host and tested here: the
 //! configuration record (against records written by `config-record.py`), NMEA splitting and
-//! parsing, the wall clock, and the vehicle glue over the real MQTT session.
+//! parsing, and the wall clock. (The vehicle, the device core on its MQTT session, is
+//! `device_sim::vehicle`, tested in device-sim with the simulator.)
 
 #[path = "../../src/clock.rs"]
 #[allow(dead_code)]
@@ -11,14 +12,9 @@ mod config;
 #[path = "../../src/gps.rs"]
 #[allow(dead_code)]
 mod gps;
-#[path = "../../src/vehicle.rs"]
-#[allow(dead_code)]
-mod vehicle;
 
 use config::{ConfigError, DeviceRecord};
-use device_sim::device::{DeviceConfig, GpsFix};
-use device_sim::route::{GridConfig, StreetGrid};
-use shared::{Command, CommandKind, OrderId, Position, TopicKind, VehicleId};
+use shared::{Position, VehicleId};
 
 /// `config-record.py --vehicle demo-0001 --fleet demo --broker 192.168.1.10:1883 --open-mode`
 const OPEN_MODE_RECORD: [u8; 66] = [
@@ -172,141 +168,4 @@ fn the_wall_clock_runs_on_from_the_gps_time() {
     assert_eq!(clock.now_ms(5_000), None);
     clock.set(1_764_230_400_000, 5_000);
     assert_eq!(clock.now_ms(6_250), Some(1_764_230_401_250));
-}
-
-const T0: u64 = 1_764_230_400_000;
-
-fn vehicle() -> vehicle::Vehicle {
-    let record = DeviceRecord::parse(&login_record()).expect("valid");
-    let grid = StreetGrid::new(GridConfig::default()).expect("valid");
-    let mut config = DeviceConfig::new(record.vehicle, record.fleet, grid);
-    config.key = record.key;
-    let mut vehicle = vehicle::Vehicle::new(config, 1, 30);
-    vehicle.device_mut().gps_fix(GpsFix {
-        pos: Position::new(535_511_000, 99_937_000),
-        speed_cm_s: 0,
-        heading_deg: 0,
-    });
-    vehicle
-}
-
-/// MQTT packets in `bytes`, as (first byte, whole packet); remaining lengths below 128.
-fn packets(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut rest = bytes;
-    while rest.len() >= 2 {
-        let len = 2 + usize::from(rest[1]);
-        out.push((rest[0], rest[..len].to_vec()));
-        rest = &rest[len..];
-    }
-    out
-}
-
-fn take_output(vehicle: &mut vehicle::Vehicle) -> Vec<u8> {
-    let out = vehicle.output().to_vec();
-    vehicle.wrote(out.len());
-    out
-}
-
-#[test]
-fn connects_subscribes_answers_commands_and_releases_acked_events() {
-    let mut vehicle = vehicle();
-    vehicle
-        .begin(Some("Vq3abcdefghijklmnopqrstu"), 0, T0)
-        .expect("begins");
-    let connect = take_output(&mut vehicle);
-    assert_eq!(connect[0], 0x10, "CONNECT");
-    let as_text = String::from_utf8_lossy(&connect);
-    assert!(
-        as_text.contains("fleet/north/north-0001/status"),
-        "the will"
-    );
-    assert!(as_text.contains("Vq3abcdefghijklmnopqrstu"), "the login");
-
-    let mut happened = Vec::new();
-    vehicle.feed(&[0x20, 0x02, 0x00, 0x00]);
-    vehicle
-        .on_input(10, T0, |h| happened.push(h))
-        .expect("CONNACK");
-    assert_eq!(happened, [vehicle::Happened::Connected]);
-    let kinds: Vec<u8> = packets(&take_output(&mut vehicle))
-        .iter()
-        .map(|p| p.0)
-        .collect();
-    assert_eq!(
-        kinds,
-        [0x33, 0x82],
-        "the retained Online status (QoS 1), then SUBSCRIBE"
-    );
-
-    // An order arrives; the ack goes out; two handovers make three events.
-    let topic = vehicle.device().topic(TopicKind::Command).name();
-    let command = Command {
-        id: 5,
-        kind: CommandKind::AssignOrder {
-            order: OrderId::new("ord-1").expect("valid"),
-            pickup: Position::new(535_511_000, 99_937_000),
-            dropoff: Position::new(535_511_000, 99_937_000),
-        },
-    };
-    let mut payload = [0u8; 128];
-    let payload = shared::encode(&command, &mut payload).expect("fits");
-    let mut publish = vec![0x32, 0];
-    publish.extend((topic.len() as u16).to_be_bytes());
-    publish.extend(topic.as_bytes());
-    publish.extend(7u16.to_be_bytes());
-    publish.extend(&*payload);
-    publish[1] = (publish.len() - 2) as u8;
-    vehicle.feed(&publish);
-    happened.clear();
-    vehicle
-        .on_input(20, T0 + 20, |h| happened.push(h))
-        .expect("publish");
-    assert!(matches!(
-        happened[..],
-        [vehicle::Happened::Command { acked: true, .. }]
-    ));
-    let kinds: Vec<u8> = packets(&take_output(&mut vehicle))
-        .iter()
-        .map(|p| p.0)
-        .collect();
-    assert_eq!(
-        kinds,
-        [0x40, 0x32],
-        "PUBACK of the command, then the sealed ack"
-    );
-    vehicle.complete_handover(T0 + 1_000);
-    vehicle.complete_handover(T0 + 2_000);
-    assert_eq!(vehicle.device().outbox().events_queued(), 3);
-
-    assert_eq!(vehicle.flush(30, T0 + 2_000), 3);
-    let sent = packets(&take_output(&mut vehicle));
-    assert!(sent.iter().all(|p| p.0 == 0x32), "QoS 1, no DUP");
-    // Packet ids 1 (Online), 2 (SUBSCRIBE), 3 (command ack), then 4, 5, 6 for the events.
-    let pkid = |p: &Vec<u8>| u16::from_be_bytes([p[4 + p[3] as usize], p[5 + p[3] as usize]]);
-    let ids: Vec<u16> = sent.iter().map(|p| pkid(&p.1)).collect();
-    // The link drops before any PUBACK: the events go out again, with DUP.
-    vehicle.link_lost();
-    assert_eq!(vehicle.device().outbox().events_in_flight(), 0);
-    vehicle.begin(None, 40, T0 + 3_000).expect("begins");
-    take_output(&mut vehicle);
-    vehicle.feed(&[0x20, 0x02, 0x00, 0x00]);
-    vehicle.on_input(50, T0 + 3_000, |_| {}).expect("CONNACK");
-    take_output(&mut vehicle);
-    assert_eq!(vehicle.flush(60, T0 + 3_000), 3);
-    let resent = packets(&take_output(&mut vehicle));
-    assert!(resent.iter().all(|p| p.0 == 0x3A), "QoS 1 with DUP");
-    // The broker acknowledges the last one: all three leave the outbox.
-    let last = pkid(&resent[2].1);
-    happened.clear();
-    vehicle.feed(&[0x40, 0x02, (last >> 8) as u8, last as u8]);
-    vehicle
-        .on_input(70, T0 + 3_000, |h| happened.push(h))
-        .expect("PUBACK");
-    assert!(
-        happened.contains(&vehicle::Happened::EventsAcked(3)),
-        "{happened:?}"
-    );
-    assert_eq!(vehicle.device().outbox().events_queued(), 0);
-    assert_eq!(ids.len(), 3);
 }
