@@ -394,14 +394,11 @@ impl Committer {
         let mut ids: Vec<&str> = group.iter().map(|r| r.event.order.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let mut orders = statements::read_orders(tx, backend, &ids)
-            .await
-            .map_err(|err| format!("reading the orders: {err}"))?;
         let keys: Vec<(&VehicleId, &DeliveryEvent)> =
             group.iter().map(|r| (&r.vehicle, &r.event)).collect();
-        let mut recorded = statements::recorded_events(tx, backend, &keys)
+        let (mut orders, mut recorded) = statements::read(tx, backend, &ids, &keys)
             .await
-            .map_err(|err| format!("looking the events up: {err}"))?;
+            .map_err(|err| format!("reading the orders and events: {err}"))?;
 
         let mut written = Vec::with_capacity(group.len());
         let mut new_events = Vec::with_capacity(group.len());
@@ -474,24 +471,18 @@ impl Committer {
             );
         }
 
-        statements::insert_events(tx, backend, &new_events, now)
-            .await
-            .map_err(|err| format!("inserting the events: {err}"))?;
         let moved: Vec<(&str, OrderState)> = moved
             .into_iter()
             .filter_map(|id| orders.get(id).map(|o: &OrderNow| (id, o.state)))
             .collect();
-        statements::update_orders(tx, backend, &moved, now)
-            .await
-            .map_err(|err| format!("updating the orders: {err}"))?;
         let rows: Vec<(&ClientId, &str)> = messages
             .iter()
             .flatten()
             .map(|(client, payload)| (client, payload.as_str()))
             .collect();
-        let mut queued = statements::insert_messages(tx, backend, &rows, now)
+        let mut queued = statements::write(tx, backend, &new_events, &moved, &rows, now)
             .await
-            .map_err(|err| format!("queueing the messages: {err}"))?
+            .map_err(|err| format!("writing the group: {err}"))?
             .into_iter();
         let mut messages = messages.iter();
         for written in written.iter_mut().filter(|w| !w.duplicate) {

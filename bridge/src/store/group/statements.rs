@@ -3,9 +3,18 @@
 //! its messages queued, each in one statement (or a few, for large groups) rather than one per
 //! event. The judging between them is `domain::order::judge`, in memory, event after event in
 //! arrival order, exactly as one transaction per event would apply it (see `Group::judge`).
+//!
+//! On SQLite (in-process: a statement costs no round trip) each step is its own statement,
+//! generated for the group's size. On PostgreSQL, where each statement is a round trip to the
+//! server and each new SQL text a new prepared statement (one per group size would overflow
+//! sqlx's statement cache), the reads are one statement and the writes one data-modifying
+//! `WITH` ([`read`], [`write`]), each of a fixed text: the group's rows are bound as one JSON
+//! array per table, which the server unpacks (`json_to_recordset`). A group's transaction is
+//! then four round trips (`BEGIN`, read, write, `COMMIT`) instead of seven or more.
 
 use std::collections::HashMap;
 
+use serde_json::json;
 use shared::{DeliveryEvent, FleetId, VehicleId};
 
 use super::super::backend::{Backend, from_db, parse_id, to_db};
@@ -57,9 +66,226 @@ fn push_rows(sql: &mut String, backend: Backend, rows: usize, columns: usize) {
     }
 }
 
+/// What a group's transaction reads before it judges its events: its orders, by id, and
+/// which of its events were recorded before.
+pub(super) type GroupReads = (HashMap<String, OrderNow>, HashMap<EventKey, FirstRecorded>);
+
+/// Reads the orders `ids` (sorted, distinct), locking them in that order on PostgreSQL (see
+/// [`read_orders`]), and looks up the events `keys` (see [`recorded_events`]).
+pub(super) async fn read(
+    tx: &mut DbTx,
+    backend: Backend,
+    ids: &[&str],
+    keys: &[(&VehicleId, &DeliveryEvent)],
+) -> Result<GroupReads, StoreError> {
+    match backend {
+        Backend::Sqlite => Ok((
+            read_orders(tx, backend, ids).await?,
+            recorded_events(tx, backend, keys).await?,
+        )),
+        Backend::Postgres => read_postgres(tx, ids, keys).await,
+    }
+}
+
+/// PostgreSQL's [`read`], in one statement of a fixed text: the orders locked in the order of
+/// their ids (`ORDER BY` comes before `FOR UPDATE`'s locks), then the recorded events, each
+/// looked up by the dedupe index (`LIMIT 1` keeps the lookup a nested loop whatever the
+/// planner estimates of the JSON rows).
+const READ_POSTGRES: &str = "\
+WITH o AS (
+    SELECT order_id, state, vehicle, store FROM orders
+    WHERE order_id = ANY (ARRAY(SELECT json_array_elements_text($1::json)))
+    ORDER BY order_id FOR UPDATE
+)
+SELECT order_id, state, vehicle, store,
+       NULL::text, NULL::bigint, NULL::bigint, NULL::text, NULL::text
+FROM o
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, e.vehicle, e.seq, e.ts_ms, e.order_id, e.kind
+FROM json_to_recordset($2::json) AS k (vehicle text, seq bigint, ts_ms bigint),
+LATERAL (
+    SELECT vehicle, seq, ts_ms, order_id, kind FROM delivery_events AS d
+    WHERE d.vehicle = k.vehicle AND d.seq = k.seq AND d.ts_ms = k.ts_ms
+    LIMIT 1
+) AS e";
+
+/// A row of [`READ_POSTGRES`]: an order (id, state, holder, store), or a recorded event
+/// (vehicle, seq, timestamp, order, kind).
+type ReadRow = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+);
+
+/// See [`READ_POSTGRES`].
+async fn read_postgres(
+    tx: &mut DbTx,
+    ids: &[&str],
+    keys: &[(&VehicleId, &DeliveryEvent)],
+) -> Result<GroupReads, StoreError> {
+    let keys: Vec<_> = keys
+        .iter()
+        .map(|(vehicle, event)| {
+            json!({"vehicle": vehicle.as_str(), "seq": event.seq, "ts_ms": to_db(event.ts_ms)})
+        })
+        .collect();
+    let rows: Vec<ReadRow> = sqlx::query_as(READ_POSTGRES)
+        .bind(json!(ids).to_string())
+        .bind(serde_json::Value::from(keys).to_string())
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut orders = HashMap::with_capacity(ids.len());
+    let mut found = HashMap::new();
+    for row in rows {
+        match row {
+            (Some(id), Some(state), holder, Some(store), ..) => {
+                let state = parse_id::<OrderState>("order state", &state)?;
+                orders.insert(
+                    id,
+                    OrderNow {
+                        state,
+                        holder,
+                        store,
+                    },
+                );
+            }
+            (.., Some(vehicle), Some(seq), Some(ts_ms), Some(order), Some(kind)) => {
+                let seq = u32::try_from(seq).unwrap_or(u32::MAX);
+                found.insert((vehicle, seq, from_db(ts_ms)), (order, kind));
+            }
+            _ => {
+                return Err(StoreError::Corrupt(
+                    "a row of the group's read is empty".into(),
+                ));
+            }
+        }
+    }
+    Ok((orders, found))
+}
+
+/// Inserts `events` (see [`insert_events`]), moves the orders in `moved` to their new state
+/// (see [`update_orders`]) and queues `messages` (see [`insert_messages`]), all at `now`;
+/// returns the messages' ids, in order.
+///
+/// # Errors
+/// As any query; [`StoreError::NotRecorded`] if one of the events was recorded meanwhile.
+pub(super) async fn write(
+    tx: &mut DbTx,
+    backend: Backend,
+    events: &[NewEvent<'_>],
+    moved: &[(&str, OrderState)],
+    messages: &[(&ClientId, &str)],
+    now: u64,
+) -> Result<Vec<MessageId>, StoreError> {
+    match backend {
+        Backend::Sqlite => {
+            insert_events(tx, backend, events, now).await?;
+            update_orders(tx, backend, moved, now).await?;
+            insert_messages(tx, backend, messages, now).await
+        }
+        // Only duplicates: nothing to write.
+        Backend::Postgres if events.is_empty() && moved.is_empty() && messages.is_empty() => {
+            Ok(Vec::new())
+        }
+        Backend::Postgres => write_postgres(tx, events, moved, messages, now).await,
+    }
+}
+
+/// PostgreSQL's [`write`], in one statement of a fixed text. Its parts see the same snapshot
+/// and touch different tables. The orders to move are found by their index (`= ANY`), not by
+/// a join the planner might make a scan of the table. It returns how many events were inserted and the queued
+/// messages' ids, ascending: one `INSERT` allocates them in the order of its rows, which is
+/// the messages' order (`WITH ORDINALITY ... ORDER BY`).
+const WRITE_POSTGRES: &str = "\
+WITH e AS (
+    INSERT INTO delivery_events
+        (vehicle, seq, ts_ms, fleet, order_id, kind, lat_e7, lon_e7, flag, received_ms)
+    SELECT vehicle, seq, ts_ms, fleet, order_id, kind, lat_e7, lon_e7, flag, $4
+    FROM json_to_recordset($1::json) AS r (vehicle text, seq bigint, ts_ms bigint,
+        fleet text, order_id text, kind text, lat_e7 integer, lon_e7 integer, flag text)
+    ON CONFLICT (vehicle, seq, ts_ms) DO NOTHING
+    RETURNING 1
+), u AS (
+    UPDATE orders SET state = m.state, updated_ms = $4
+    FROM json_to_recordset($2::json) AS m (order_id text, state text)
+    WHERE orders.order_id = m.order_id
+        AND orders.order_id = ANY (ARRAY(
+            SELECT order_id FROM json_to_recordset($2::json) AS i (order_id text)))
+    RETURNING 1
+), q AS (
+    INSERT INTO queue (client, payload, created_ms)
+    SELECT m ->> 'client', m ->> 'payload', $4
+    FROM json_array_elements($3::json) WITH ORDINALITY AS r (m, n)
+    ORDER BY n
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM e), (SELECT string_agg(id::text, ',' ORDER BY id) FROM q)";
+
+/// See [`WRITE_POSTGRES`].
+async fn write_postgres(
+    tx: &mut DbTx,
+    events: &[NewEvent<'_>],
+    moved: &[(&str, OrderState)],
+    messages: &[(&ClientId, &str)],
+    now: u64,
+) -> Result<Vec<MessageId>, StoreError> {
+    let events: Vec<_> = events
+        .iter()
+        .map(|new| {
+            json!({
+                "vehicle": new.vehicle.as_str(),
+                "seq": new.event.seq,
+                "ts_ms": to_db(new.event.ts_ms),
+                "fleet": new.fleet.as_str(),
+                "order_id": new.event.order.as_str(),
+                "kind": new.event.kind.as_str(),
+                "lat_e7": new.event.pos.lat_e7,
+                "lon_e7": new.event.pos.lon_e7,
+                "flag": new.flag.map(EventFlag::as_str),
+            })
+        })
+        .collect();
+    let count = events.len();
+    let moved: Vec<_> = moved
+        .iter()
+        .map(|(order, state)| json!({"order_id": order, "state": state.as_str()}))
+        .collect();
+    let queued: Vec<_> = messages
+        .iter()
+        .map(|(client, payload)| json!({"client": client.as_str(), "payload": payload}))
+        .collect();
+    let (inserted, ids): (i64, Option<String>) = sqlx::query_as(WRITE_POSTGRES)
+        .bind(serde_json::Value::from(events).to_string())
+        .bind(serde_json::Value::from(moved).to_string())
+        .bind(serde_json::Value::from(queued).to_string())
+        .bind(to_db(now))
+        .fetch_one(&mut **tx)
+        .await?;
+    if inserted != count as i64 {
+        return Err(StoreError::NotRecorded(
+            "an event of the group was recorded meanwhile",
+        ));
+    }
+    let ids = ids
+        .iter()
+        .flat_map(|ids| ids.split(','))
+        .map(|id| parse_id::<u64>("queue id", id).map(MessageId))
+        .collect::<Result<Vec<_>, _>>()?;
+    if ids.len() != messages.len() {
+        return Err(StoreError::NotRecorded("a queued message has no id"));
+    }
+    Ok(ids)
+}
+
 /// Reads the orders `ids` (sorted, distinct), locking them in that order on PostgreSQL: two
 /// bridges take the locks of shared orders in the same order and wait instead of deadlocking.
-pub(super) async fn read_orders(
+async fn read_orders(
     tx: &mut DbTx,
     backend: Backend,
     ids: &[&str],
@@ -94,7 +320,7 @@ pub(super) async fn read_orders(
 }
 
 /// The events among `keys` recorded before, with what was recorded first under each.
-pub(super) async fn recorded_events(
+async fn recorded_events(
     tx: &mut DbTx,
     backend: Backend,
     keys: &[(&VehicleId, &DeliveryEvent)],
@@ -138,7 +364,7 @@ pub(super) async fn recorded_events(
 /// As any query; [`StoreError::NotRecorded`] if one of them was recorded meanwhile (by another
 /// bridge, for an order the group could not lock): the group is then recorded one event per
 /// transaction.
-pub(super) async fn insert_events(
+async fn insert_events(
     tx: &mut DbTx,
     backend: Backend,
     events: &[NewEvent<'_>],
@@ -177,7 +403,7 @@ pub(super) async fn insert_events(
 }
 
 /// Moves the orders in `moved` to their new state, at `now`.
-pub(super) async fn update_orders(
+async fn update_orders(
     tx: &mut DbTx,
     backend: Backend,
     moved: &[(&str, OrderState)],
@@ -221,7 +447,7 @@ pub(super) async fn update_orders(
 }
 
 /// Queues `messages` (recipient and payload), created at `now`; returns their ids, in order.
-pub(super) async fn insert_messages(
+async fn insert_messages(
     tx: &mut DbTx,
     backend: Backend,
     messages: &[(&ClientId, &str)],
