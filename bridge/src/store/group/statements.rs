@@ -38,6 +38,26 @@ pub(super) struct OrderNow {
     pub(super) store: String,
 }
 
+impl OrderNow {
+    /// An order as its row gives it (`state` by name).
+    fn from_row(state: &str, holder: Option<String>, store: String) -> Result<Self, StoreError> {
+        Ok(Self {
+            state: parse_id::<OrderState>("order state", state)?,
+            holder,
+            store,
+        })
+    }
+}
+
+/// An event's dedupe key as its row gives it.
+fn event_key(vehicle: String, seq: i64, ts_ms: i64) -> EventKey {
+    (
+        vehicle,
+        u32::try_from(seq).unwrap_or(u32::MAX),
+        from_db(ts_ms),
+    )
+}
+
 /// The key a delivery event is deduplicated on: (vehicle, seq, device timestamp).
 pub(super) type EventKey = (String, u32, u64);
 
@@ -145,19 +165,10 @@ async fn read_postgres(
     for row in rows {
         match row {
             (Some(id), Some(state), holder, Some(store), ..) => {
-                let state = parse_id::<OrderState>("order state", &state)?;
-                orders.insert(
-                    id,
-                    OrderNow {
-                        state,
-                        holder,
-                        store,
-                    },
-                );
+                orders.insert(id, OrderNow::from_row(&state, holder, store)?);
             }
             (.., Some(vehicle), Some(seq), Some(ts_ms), Some(order), Some(kind)) => {
-                let seq = u32::try_from(seq).unwrap_or(u32::MAX);
-                found.insert((vehicle, seq, from_db(ts_ms)), (order, kind));
+                found.insert(event_key(vehicle, seq, ts_ms), (order, kind));
             }
             _ => {
                 return Err(StoreError::Corrupt(
@@ -305,15 +316,7 @@ async fn read_orders(
         let rows: Vec<(String, String, Option<String>, String)> =
             query.fetch_all(&mut **tx).await?;
         for (id, state, holder, store) in rows {
-            let state = parse_id::<OrderState>("order state", &state)?;
-            orders.insert(
-                id,
-                OrderNow {
-                    state,
-                    holder,
-                    store,
-                },
-            );
+            orders.insert(id, OrderNow::from_row(&state, holder, store)?);
         }
     }
     Ok(orders)
@@ -351,8 +354,7 @@ async fn recorded_events(
         }
         let rows: Vec<(String, i64, i64, String, String)> = query.fetch_all(&mut **tx).await?;
         for (vehicle, seq, ts_ms, order, kind) in rows {
-            let seq = u32::try_from(seq).unwrap_or(u32::MAX);
-            found.insert((vehicle, seq, from_db(ts_ms)), (order, kind));
+            found.insert(event_key(vehicle, seq, ts_ms), (order, kind));
         }
     }
     Ok(found)
