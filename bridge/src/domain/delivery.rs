@@ -667,14 +667,6 @@ impl Hub {
         // One assignment at a time: the waiting-orders task and a new order must not offer
         // the same order to two vehicles, nor two orders to one vehicle.
         let _one_at_a_time = self.assigning.lock().await;
-        if self
-            .store
-            .order(order)
-            .await?
-            .is_some_and(|o| o.vehicle.is_some())
-        {
-            return Ok(None);
-        }
         // Several bridges on one store: only the bridge holding the order's offer claim asks
         // vehicles, for as long as its round may take; a crashed bridge's claim lapses.
         let holder = instance_id();
@@ -684,7 +676,15 @@ impl Hub {
             info!(%order, "another bridge is offering the order");
             return Ok(None);
         }
-        let assigned = self.offer(waiting).await;
+        // Read with the claim held: a bridge releases its claim only after its assignment
+        // committed, so an order another bridge just gave away is seen as taken here (read
+        // before the claim, it could still look waiting).
+        let assigned = match self.store.order(order).await {
+            Ok(Some(o)) if o.vehicle.is_some() || o.state != OrderState::Created => Ok(None),
+            Ok(Some(_)) => self.offer(waiting).await,
+            Ok(None) => Ok(None),
+            Err(err) => Err(err),
+        };
         if let Err(err) = self.store.release_offer(order, holder).await {
             warn!(%order, cause = %err, "cannot release the order's offer claim (it lapses)");
         }
@@ -717,9 +717,13 @@ impl Hub {
                     }
                     Err(err) => {
                         warn!(%order, %vehicle, cause = %err, "vehicle accepted but the assignment was refused");
-                        // It is driving for an order it does not hold (cancelled meanwhile).
+                        // It is driving for an order it does not hold (cancelled, or given
+                        // to another vehicle meanwhile).
                         self.tell_cancelled(order, &vehicle).await;
-                        if matches!(err, StoreError::OrderUnderway { .. }) {
+                        if matches!(
+                            err,
+                            StoreError::OrderUnderway { .. } | StoreError::OrderTaken { .. }
+                        ) {
                             return Ok(None);
                         }
                     }

@@ -12,7 +12,7 @@ use crate::domain::order::OrderState;
 ///
 /// The variants a caller branches on ([`OrderConflict`](Self::OrderConflict),
 /// [`UnknownOrder`](Self::UnknownOrder), [`OrderUnderway`](Self::OrderUnderway),
-/// [`VehicleBusy`](Self::VehicleBusy)) are answers to the request; the others mean the
+/// [`OrderTaken`](Self::OrderTaken), [`VehicleBusy`](Self::VehicleBusy)) are answers to the request; the others mean the
 /// database did not do what was asked, and nothing of the operation was committed.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -63,6 +63,15 @@ pub enum StoreError {
         order: OrderId,
         /// Its current state.
         state: OrderState,
+    },
+    /// The order is assigned to another vehicle already: it is taken back first (which tells
+    /// that vehicle), never moved behind its back.
+    #[error("order {order} is assigned to {vehicle} already")]
+    OrderTaken {
+        /// The order id.
+        order: OrderId,
+        /// The vehicle that holds it.
+        vehicle: VehicleId,
     },
     /// The vehicle already holds another undelivered order.
     #[error("vehicle {vehicle} is busy with order {order}")]
@@ -130,6 +139,7 @@ impl StoreError {
             | Self::OrderConflict { .. }
             | Self::UnknownOrder(_)
             | Self::OrderUnderway { .. }
+            | Self::OrderTaken { .. }
             | Self::VehicleBusy { .. }
             | Self::Corrupt(_) => false,
         }

@@ -406,16 +406,18 @@ impl Store {
         })
     }
 
-    /// Assigns `order` to `vehicle` (state `assigned`). Assigning it again to the same vehicle
-    /// is a no-op; assigning it to another vehicle before pickup moves it there, and frees the
-    /// first one.
+    /// Assigns the waiting `order` (state `created`) to `vehicle` (state `assigned`).
+    /// Assigning it again to the same vehicle is a no-op. An order another vehicle holds is
+    /// refused: moving it is `unassign` (and telling that vehicle) first, so two
+    /// bridges that each had a vehicle accept the same order never both succeed.
     ///
     /// On PostgreSQL one bridge assigns at a time (see the `postgres` module): the others wait
     /// for its (short) transaction.
     ///
     /// # Errors
     /// [`StoreError::UnknownOrder`], [`StoreError::OrderUnderway`] once the order was picked
-    /// up, [`StoreError::VehicleBusy`] if the vehicle holds another undelivered order,
+    /// up, [`StoreError::OrderTaken`] if another vehicle holds it,
+    /// [`StoreError::VehicleBusy`] if the vehicle holds another undelivered order,
     /// [`StoreError::Database`] if it could not be committed.
     pub async fn assign(&self, order: &OrderId, vehicle: &VehicleId) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
@@ -460,8 +462,14 @@ impl Store {
                 state,
             });
         }
-        if state == OrderState::Assigned && holder.as_deref() == Some(vehicle.as_str()) {
-            return Ok(false);
+        if let Some(holder) = holder.filter(|_| state == OrderState::Assigned) {
+            if holder == vehicle.as_str() {
+                return Ok(false);
+            }
+            return Err(StoreError::OrderTaken {
+                order: order.clone(),
+                vehicle: parse_id("order vehicle", &holder)?,
+            });
         }
         let other: Option<String> = sqlx::query_scalar(
             "SELECT order_id FROM orders \

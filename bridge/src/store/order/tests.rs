@@ -130,7 +130,18 @@ on_each_backend! {
                 .is_empty()
         );
 
-        // Reassignment before pickup moves the order and frees the first vehicle.
+        // An order another vehicle holds is not moved behind its back, and nothing changes.
+        let taken = store.assign(&o1, &v2).await.expect_err("held by v-1");
+        assert!(
+            matches!(&taken, StoreError::OrderTaken { vehicle, .. } if vehicle == &v1),
+            "{taken:?}"
+        );
+        let held = store.order(&o1).await.expect("reads").expect("exists");
+        assert_eq!((held.state, held.vehicle), (OrderState::Assigned, Some(v1.clone())));
+        assert_eq!(held.timeline.len(), 1, "no assignment recorded: {:?}", held.timeline);
+        // Reassignment before pickup: taken back first, then assigned; the first vehicle is
+        // free again.
+        assert!(store.unassign(&o1, &v1).await.expect("unassigns"));
         store.assign(&o1, &v2).await.expect("reassigns");
         store.assign(&o2, &v1).await.expect("v-1 is free again");
 
@@ -478,7 +489,7 @@ async fn one_assigner_for_the_cluster_postgres() {
 }
 
 /// Two bridges assign the same orders at once, to overlapping vehicles: every attempt is
-/// assigned or refused (vehicle busy), never a database error; no vehicle ends up with two orders, and every order's vehicle is its
+/// assigned or refused (vehicle busy, order taken), never a database error; no vehicle ends up with two orders, and every order's vehicle is its
 /// latest assignment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_assigners_never_double_book_postgres() {
@@ -508,7 +519,7 @@ async fn concurrent_assigners_never_double_book_postgres() {
         for outcome in task.await.expect("no panic") {
             match outcome {
                 Ok(()) => assigned += 1,
-                Err(StoreError::VehicleBusy { .. }) => busy += 1,
+                Err(StoreError::VehicleBusy { .. } | StoreError::OrderTaken { .. }) => busy += 1,
                 Err(err) => panic!("unexpected error: {err}"),
             }
         }
