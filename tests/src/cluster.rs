@@ -15,8 +15,10 @@
 //!
 //! Bridges are numbered from 1, as their client ids: bridge `i` is `bridge-{i}`. Each runs
 //! with `--client-id bridge-{i} --shared-group {group} --redis-url {redis} --store
-//! postgres://…/{database} --mqtt-url mqtt://{broker} --listen 127.0.0.1:{fixed port}`, so a
-//! restarted bridge comes back on the same address and the same MQTT session.
+//! postgres://…/{database} --mqtt-url mqtt://{broker} --listen 127.0.0.1:{port}`: port 0 at the
+//! first start (the bridge binds a free port itself and logs it: a port picked here and
+//! released could be taken by any other socket before the bridge binds it), then the port it
+//! bound, so a restarted bridge comes back on the same address and the same MQTT session.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -84,7 +86,8 @@ enum Broker {
 /// One bridge's fixed identity: its client id and HTTP address, kept across restarts.
 struct Slot {
     client_id: String,
-    listen: SocketAddr,
+    /// The HTTP address it bound at its first start (`None` before).
+    listen: Option<SocketAddr>,
     process: Option<BridgeProcess>,
 }
 
@@ -129,7 +132,7 @@ impl Cluster {
         for i in 1..=options.bridges {
             slots.push(Slot {
                 client_id: format!("bridge-{i}"),
-                listen: free_port()?,
+                listen: None,
                 process: None,
             });
         }
@@ -166,7 +169,8 @@ impl Cluster {
             "--mqtt-url".to_owned(),
             format!("mqtt://{}", self.mqtt),
             "--listen".to_owned(),
-            slot.listen.to_string(),
+            slot.listen
+                .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string()),
             "--client-id".to_owned(),
             slot.client_id.clone(),
             "--shared-group".to_owned(),
@@ -198,7 +202,9 @@ impl Cluster {
                 }
             }
         };
-        self.slot_mut(i)?.process = Some(process);
+        let slot = self.slot_mut(i)?;
+        slot.listen = Some(process.http);
+        slot.process = Some(process);
         Ok(())
     }
 
@@ -241,7 +247,11 @@ impl Cluster {
     /// # Errors
     /// If there is no such bridge.
     pub fn url(&self, i: usize) -> anyhow::Result<String> {
-        Ok(format!("http://{}", self.slot(i)?.listen))
+        let listen = self.slot(i)?.listen;
+        Ok(format!(
+            "http://{}",
+            listen.with_context(|| format!("bridge-{i} has not started yet"))?
+        ))
     }
 
     /// The MQTT client id of bridge `i` (`bridge-{i}`).
