@@ -141,16 +141,6 @@ pub(crate) struct CancelOutcome {
     pub(crate) vehicle_ack: Option<&'static str>,
 }
 
-/// Who a delivery event is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Recipients {
-    /// The store that placed the order, if the order exists.
-    pub(crate) store: Option<String>,
-    /// The queue identities the event goes to: the store, and every configured dispatcher
-    /// identity that may see the vehicle's fleet.
-    pub(crate) clients: Vec<ClientId>,
-}
-
 /// A position given in degrees, checked.
 fn position(lat: f64, lon: f64) -> Result<Position, OrderError> {
     let p = Position::from_degrees(lat, lon);
@@ -738,19 +728,11 @@ impl Hub {
         Ok(None)
     }
 
-    /// Who a delivery event about `order` from a vehicle of `fleet` goes to: the order's
-    /// vendor, and every configured dispatcher identity that may see the fleet.
-    ///
-    /// # Errors
-    /// [`StoreError`] if the order cannot be read.
-    pub(crate) async fn delivery_recipients(
-        &self,
-        fleet: &FleetId,
-        order: &OrderId,
-    ) -> Result<Recipients, StoreError> {
-        let store = self.store.order_store(order).await?;
-        let mut clients: Vec<ClientId> =
-            store.as_deref().map(ClientId::vendor).into_iter().collect();
+    /// Who a delivery event from a vehicle of `fleet` about an order placed by `store` (`None`:
+    /// no such order) goes to: the order's vendor, and every configured dispatcher identity
+    /// that may see the fleet, each once.
+    fn delivery_recipients(&self, fleet: &FleetId, store: Option<&str>) -> Vec<ClientId> {
+        let mut clients: Vec<ClientId> = store.map(ClientId::vendor).into_iter().collect();
         clients.extend(
             self.tokens
                 .grants()
@@ -761,12 +743,13 @@ impl Hub {
         );
         clients.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         clients.dedup_by(|a, b| a.as_str() == b.as_str());
-        Ok(Recipients { store, clients })
+        clients
     }
 
-    /// Records a vehicle's delivery event durably and queues it for `recipients`, in one
-    /// transaction; `payload` makes the message for the event's flag (see `order::judge`).
-    /// A suspect event (another vehicle's order, or an unknown order: [`EventFlag::is_suspect`])
+    /// Records a vehicle's delivery event durably and queues it for its recipients (the
+    /// order's vendor and the dispatchers who may see the fleet), in one transaction;
+    /// `payload` makes the message for the event's flag (see `order::judge`) and the store
+    /// that placed the order, both as the transaction read them. A suspect event (another vehicle's order, or an unknown order: [`EventFlag::is_suspect`])
     /// is stored flagged and queued for the dispatchers only: the order's vendor never gets it
     /// as genuine (it sees the flagged entry in the order's timeline). Returns the queued
     /// messages to emit (none for a duplicate).
@@ -777,16 +760,15 @@ impl Hub {
         &self,
         topic: &Topic,
         event: &DeliveryEvent,
-        recipients: &[ClientId],
-        payload: impl FnOnce(Option<EventFlag>) -> Value,
+        payload: impl FnOnce(Option<EventFlag>, Option<&str>) -> Value,
     ) -> Result<Vec<Enqueued>, StoreError> {
-        let address = |flag: Option<EventFlag>| {
+        let address = |flag: Option<EventFlag>, store: Option<&str>| {
             let suspect = flag.is_some_and(EventFlag::is_suspect);
-            let message = payload(flag);
-            recipients
-                .iter()
+            let message = payload(flag, store);
+            self.delivery_recipients(&topic.fleet, store)
+                .into_iter()
                 .filter(|client| !(suspect && client.is_vendor()))
-                .map(|client| (client.clone(), message.clone()))
+                .map(|client| (client, message.clone()))
                 .collect()
         };
         let recorded = self
@@ -821,18 +803,12 @@ impl Hub {
                 strays.push(entry);
             }
         }
-        if recorded.advanced {
-            // The state this event moved the order to, even if another change followed.
-            match (self.store.order_summary(&event.order).await, recorded.state) {
-                (Ok(Some(mut view)), Some(state)) => {
-                    view.state = state;
-                    self.publish_order_change(view);
-                }
-                (Err(err), _) => {
-                    warn!(order = %event.order, cause = %err, "cannot read a changed order for its event");
-                }
-                _ => {}
-            }
+        // The order as this event left it, read in the event's transaction (a change that
+        // followed is announced by whoever made it).
+        if recorded.advanced
+            && let Some(view) = recorded.order
+        {
+            self.publish_order_change(view);
         }
         info!(vehicle = %topic.vehicle, order = %event.order, kind = event.kind.as_str(), "delivery event recorded");
         Ok(recorded.messages)

@@ -598,11 +598,8 @@ pub(crate) async fn store_delivery(
     delivery: &Delivery,
 ) -> Result<(), StoreError> {
     let Delivery { topic, event } = delivery;
-    let recipients = hub.delivery_recipients(&topic.fleet, &event.order).await?;
-    let payload = |flag| order::delivery(topic, event, recipients.store.as_deref(), flag);
-    let messages = hub
-        .record_delivery(topic, event, &recipients.clients, payload)
-        .await?;
+    let payload = |flag, store: Option<&str>| order::delivery(topic, event, store, flag);
+    let messages = hub.record_delivery(topic, event, payload).await?;
     io.queued(hub.metrics(), &messages).await;
     Ok(())
 }

@@ -47,7 +47,8 @@ use crate::domain::order::{EventFlag, OrderState, judge};
 
 mod statements;
 
-use statements::{NewEvent, OrderNow};
+use super::order_row::OrderView;
+use statements::NewEvent;
 
 /// The most events one transaction records.
 pub(crate) const MAX_GROUP: usize = 512;
@@ -63,8 +64,8 @@ pub(super) struct Written {
     pub(super) current: Option<OrderState>,
     /// Its state after, if the event moved it.
     pub(super) next: Option<OrderState>,
-    /// The order's store, if the order exists.
-    pub(super) store: Option<String>,
+    /// The order as the event left it (no timeline), if the order exists.
+    pub(super) order: Option<OrderView>,
     /// The ids of the queued messages, in the order of the event's messages.
     pub(super) queued: Vec<MessageId>,
 }
@@ -77,7 +78,7 @@ impl Written {
             flag: None,
             current: None,
             next: None,
-            store: None,
+            order: None,
             queued: Vec::new(),
         }
     }
@@ -102,6 +103,8 @@ pub(super) enum ToCaller {
     Address {
         /// The event's flag (`None`: it moves its order the usual step).
         flag: Option<EventFlag>,
+        /// The store that placed the event's order (`None`: there is no such order).
+        store: Option<String>,
         /// Where the messages go.
         reply: oneshot::Sender<Vec<(ClientId, String)>>,
     },
@@ -421,25 +424,32 @@ impl Committer {
             );
             let order = orders.get_mut(event.order.as_str());
             let (flag, next) = judge(
-                order.as_ref().map(|o| (o.state, o.holder.as_deref())),
+                order
+                    .as_ref()
+                    .map(|o| (o.state, o.vehicle.as_ref().map(VehicleId::as_str))),
                 vehicle,
                 event.kind,
             );
-            let (current, store) = match order {
+            let (current, order) = match order {
                 Some(order) => {
                     let current = order.state;
                     if let Some(next) = next {
                         order.state = next;
+                        order.updated_ms = now;
                         moved.insert(event.order.as_str());
                     }
-                    (Some(current), Some(order.store.clone()))
+                    (Some(current), Some(order.clone()))
                 }
                 None => (None, None),
             };
             let (reply, messages) = oneshot::channel();
             if request
                 .caller
-                .send(ToCaller::Address { flag, reply })
+                .send(ToCaller::Address {
+                    flag,
+                    store: order.as_ref().map(|o| o.store.clone()),
+                    reply,
+                })
                 .is_err()
             {
                 return Err("a caller went away".into());
@@ -456,7 +466,7 @@ impl Committer {
                 flag,
                 current,
                 next,
-                store,
+                order,
                 queued: Vec::new(),
             });
         }
@@ -473,7 +483,7 @@ impl Committer {
 
         let moved: Vec<(&str, OrderState)> = moved
             .into_iter()
-            .filter_map(|id| orders.get(id).map(|o: &OrderNow| (id, o.state)))
+            .filter_map(|id| orders.get(id).map(|o: &OrderView| (id, o.state)))
             .collect();
         let rows: Vec<(&ClientId, &str)> = messages
             .iter()

@@ -7,12 +7,15 @@
 use std::collections::HashSet;
 
 use serde_json::Value;
-use shared::{DeliveryEvent, DeliveryKind, FleetId, OrderId, Position, VehicleId};
+use shared::{DeliveryEvent, FleetId, OrderId, Position, VehicleId};
 use tracing::warn;
 
 use super::database::{Backend, DbTx, Store, from_db, narrow, parse_id, to_db};
 use super::error::StoreError;
 use super::group::{ToCaller, Written};
+use super::order_row::{
+    ORDER_COLUMNS, OrderRow, OrderView, TimelineEntry, TimelineKind, order_from_row,
+};
 use super::postgres;
 use super::queue::{self, ClientId, Enqueued};
 use crate::clock::now_ms;
@@ -44,70 +47,6 @@ pub struct CreatedOrder {
     pub state: OrderState,
     /// The vehicle it is assigned to, if any (a retry need not assign it again).
     pub vehicle: Option<VehicleId>,
-}
-
-/// What an entry of an order's timeline records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum TimelineKind {
-    /// The order was assigned to a vehicle (bridge clock).
-    Assigned,
-    /// A vehicle reported a delivery step (device clock).
-    Delivery(DeliveryKind),
-}
-
-impl TimelineKind {
-    /// `assigned`, `pickup`, `in-transit` or `delivered`.
-    pub(crate) const fn as_str(self) -> &'static str {
-        match self {
-            Self::Assigned => "assigned",
-            Self::Delivery(kind) => kind.as_str(),
-        }
-    }
-}
-
-/// One entry of an order's timeline.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct TimelineEntry {
-    /// What happened.
-    pub(crate) kind: TimelineKind,
-    /// When, ms since the Unix epoch.
-    pub(crate) ts_ms: u64,
-    /// Where the vehicle was (delivery events only).
-    pub(crate) position: Option<Position>,
-    /// The vehicle assigned, or the vehicle that reported.
-    pub(crate) vehicle: VehicleId,
-    /// The vehicle's event number (delivery events only).
-    pub(crate) seq: Option<u32>,
-    /// Why the event did not move the order the usual step, if it did not.
-    pub(crate) flag: Option<EventFlag>,
-}
-
-/// An order with its state and timeline, for `GET /api/orders/{id}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct OrderView {
-    /// The order id.
-    pub(crate) order: OrderId,
-    /// The vendor's store.
-    pub(crate) store: String,
-    /// The fleet delivering it.
-    pub(crate) fleet: FleetId,
-    /// Who receives the parcel.
-    pub(crate) customer: String,
-    /// Where it is in its life.
-    pub(crate) state: OrderState,
-    /// The vehicle assigned, if any.
-    pub(crate) vehicle: Option<VehicleId>,
-    /// Where the parcel is collected.
-    pub(crate) pickup: Position,
-    /// Where the parcel goes.
-    pub(crate) dropoff: Position,
-    /// When it was created, ms since the Unix epoch (bridge clock).
-    pub(crate) created_ms: u64,
-    /// When it last changed, ms since the Unix epoch (bridge clock).
-    pub(crate) updated_ms: u64,
-    /// Its assignments and delivery events, by time (assignments on the bridge's clock,
-    /// events on the device's).
-    pub(crate) timeline: Vec<TimelineEntry>,
 }
 
 /// An order waiting for a vehicle, as [`Store::unassigned_orders`] lists it.
@@ -178,6 +117,9 @@ pub struct Recorded {
     pub state: Option<OrderState>,
     /// The order's store (`None`: unknown order, or a duplicate).
     pub store: Option<String>,
+    /// The order as the event left it, without its timeline (`None`: unknown order, or a
+    /// duplicate): read in the event's transaction, so announcing the change needs no read.
+    pub(crate) order: Option<OrderView>,
     /// The messages queued, one per recipient, to emit now that they are committed.
     pub messages: Vec<Enqueued>,
 }
@@ -191,31 +133,14 @@ impl Recorded {
             advanced: false,
             state: None,
             store: None,
+            order: None,
             messages: Vec::new(),
         }
     }
 }
 
-/// The columns of an order row, as stored.
-type OrderRow = (
-    String,
-    String,
-    String,
-    i32,
-    i32,
-    i32,
-    i32,
-    String,
-    Option<String>,
-    i64,
-    i64,
-);
-
 /// The columns of a delivery event row, as the timeline reads them.
 type EventRow = (String, i64, i64, String, i32, i32, Option<String>);
-
-const ORDER_COLUMNS: &str = "SELECT store, fleet, customer, pickup_lat_e7, pickup_lon_e7, dropoff_lat_e7, \
-     dropoff_lon_e7, state, vehicle, created_ms, updated_ms FROM orders WHERE order_id = $1";
 
 /// The columns of an order row with its id first, as [`Store::list_orders`] reads them.
 type ListedRow = (
@@ -244,28 +169,6 @@ fn listed_order(row: ListedRow) -> Result<OrderView, StoreError> {
             store, fleet, customer, p_lat, p_lon, d_lat, d_lon, state, vehicle, created, updated,
         ),
     )
-}
-
-/// The order `id` as stored in `row`, without its timeline.
-fn order_from_row(id: &OrderId, row: OrderRow) -> Result<OrderView, StoreError> {
-    let (store, fleet, customer, p_lat, p_lon, d_lat, d_lon, state, vehicle, created, updated) =
-        row;
-    Ok(OrderView {
-        order: id.clone(),
-        store,
-        fleet: parse_id("order fleet", &fleet)?,
-        customer,
-        state: parse_id("order state", &state)?,
-        vehicle: vehicle
-            .as_deref()
-            .map(|v| parse_id("order vehicle", v))
-            .transpose()?,
-        pickup: Position::new(p_lat, p_lon),
-        dropoff: Position::new(d_lat, d_lon),
-        created_ms: from_db(created),
-        updated_ms: from_db(updated),
-        timeline: Vec::new(),
-    })
 }
 
 /// The query of [`Store::list_orders`] for `filter` (with `$N` placeholders, the limit last)
@@ -754,19 +657,6 @@ impl Store {
             .collect()
     }
 
-    /// The store that placed `order`, if the order exists: who its events are for.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] if the query fails.
-    pub(crate) async fn order_store(&self, order: &OrderId) -> Result<Option<String>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT store FROM orders WHERE order_id = $1")
-                .bind(order.as_str())
-                .fetch_optional(&self.read)
-                .await?,
-        )
-    }
-
     /// The vehicles of `fleet` that hold an undelivered order. The bridge assigns a new order
     /// to the nearest vehicle of the fleet that is not in this set.
     ///
@@ -890,7 +780,8 @@ impl Store {
     ///
     /// When this returns `Ok`, all of it is committed: the caller may acknowledge the event to
     /// the broker, then emit [`Recorded::messages`]. The caller resolves the recipients
-    /// (typically [`ClientId::vendor`] of `Store::order_store`, and [`ClientId::dispatch`]).
+    /// (typically [`ClientId::vendor`] of the order's store, and [`ClientId::dispatch`]; the
+    /// crate's `record_event_for` is given the store as the transaction read it).
     ///
     /// # Errors
     /// [`StoreError::Database`] if it could not be committed: nothing of it was, the caller
@@ -903,7 +794,7 @@ impl Store {
         recipients: &[ClientId],
         payload: &Value,
     ) -> Result<Recorded, StoreError> {
-        self.record_event_for(vehicle, fleet, event, |_| {
+        self.record_event_for(vehicle, fleet, event, |_, _| {
             recipients
                 .iter()
                 .map(|client| (client.clone(), payload.clone()))
@@ -913,9 +804,11 @@ impl Store {
     }
 
     /// [`Store::record_event`], with the messages chosen once the event is judged: `address`
-    /// gets the event's flag (`None`: it moved its order the usual step) and returns what to
-    /// queue for whom, in the same transaction. A flagged event can so go to fewer clients, or
-    /// say that it is flagged.
+    /// gets the event's flag (`None`: it moved its order the usual step) and the store that
+    /// placed the order (`None`: no such order), as the transaction read them, and returns
+    /// what to queue for whom, in the same transaction. A flagged event can so go to fewer
+    /// clients, or say that it is flagged; the order's vendor is found without a read of its
+    /// own.
     ///
     /// # Errors
     /// As [`Store::record_event`].
@@ -924,7 +817,7 @@ impl Store {
         vehicle: &VehicleId,
         fleet: &FleetId,
         event: &DeliveryEvent,
-        address: impl FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>,
+        address: impl FnOnce(Option<EventFlag>, Option<&str>) -> Vec<(ClientId, Value)>,
     ) -> Result<Recorded, StoreError> {
         let mut address = Address::new(address);
         let Some(mut turns) = self
@@ -942,10 +835,10 @@ impl Store {
         let mut written = None;
         while let Some(told) = turns.recv().await {
             match told {
-                ToCaller::Address { flag, reply } => {
+                ToCaller::Address { flag, store, reply } => {
                     // If it cannot be addressed (only if tried before), the group fails and
                     // its events are recorded alone, where this one gets the error.
-                    if let Ok(messages) = address.messages(flag) {
+                    if let Ok(messages) = address.messages(flag, store.as_deref()) {
                         let _ = reply.send(
                             messages
                                 .iter()
@@ -986,19 +879,20 @@ impl Store {
     }
 }
 
-/// The messages of an event, made once by the caller's `address` for the event's flag, and
-/// kept: an event recorded again alone after its group failed reuses them if it is judged the
-/// same (otherwise it is not recorded: [`StoreError::NotRecorded`], tried again by the caller).
+/// The messages of an event, made once by the caller's `address` for the event's flag and
+/// its order's store, and kept: an event recorded again alone after its group failed reuses
+/// them if it is judged the same (otherwise it is not recorded: [`StoreError::NotRecorded`],
+/// tried again by the caller).
 struct Address<F> {
     make: Option<F>,
-    /// The flag they were made for, and the messages, one per recipient.
-    made: Option<(Option<EventFlag>, Messages)>,
+    /// The flag and order's store they were made for, and the messages, one per recipient.
+    made: Option<(Option<EventFlag>, Option<String>, Messages)>,
 }
 
 /// An event's messages: recipient and payload, one per recipient.
 type Messages = Vec<(ClientId, Value)>;
 
-impl<F: FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>> Address<F> {
+impl<F: FnOnce(Option<EventFlag>, Option<&str>) -> Vec<(ClientId, Value)>> Address<F> {
     fn new(make: F) -> Self {
         Self {
             make: Some(make),
@@ -1006,19 +900,28 @@ impl<F: FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>> Address<F> {
         }
     }
 
-    /// The messages for `flag`, one per recipient (a recipient listed twice counts once).
-    fn messages(&mut self, flag: Option<EventFlag>) -> Result<&[(ClientId, Value)], StoreError> {
+    /// The messages for `flag` and the order's `store`, one per recipient (a recipient listed
+    /// twice counts once).
+    fn messages(
+        &mut self,
+        flag: Option<EventFlag>,
+        store: Option<&str>,
+    ) -> Result<&[(ClientId, Value)], StoreError> {
         if let Some(make) = self.make.take() {
             let mut messages: Vec<(ClientId, Value)> = Vec::new();
-            for (client, payload) in make(flag) {
+            for (client, payload) in make(flag, store) {
                 if !messages.iter().any(|(c, _)| *c == client) {
                     messages.push((client, payload));
                 }
             }
-            self.made = Some((flag, messages));
+            self.made = Some((flag, store.map(str::to_owned), messages));
         }
         match &self.made {
-            Some((made_for, messages)) if *made_for == flag => Ok(messages),
+            Some((made_for, made_store, messages))
+                if *made_for == flag && made_store.as_deref() == store =>
+            {
+                Ok(messages)
+            }
             _ => Err(StoreError::NotRecorded(
                 "judged otherwise alone than in its group",
             )),
@@ -1041,7 +944,7 @@ fn recorded<F>(
     }
     let messages = address
         .made
-        .map(|(_, messages)| messages)
+        .map(|(_, _, messages)| messages)
         .unwrap_or_default()
         .into_iter()
         .zip(written.queued)
@@ -1056,7 +959,8 @@ fn recorded<F>(
         flag: written.flag,
         advanced: written.next.is_some(),
         state: written.next.or(written.current),
-        store: written.store,
+        store: written.order.as_ref().map(|o| o.store.clone()),
+        order: written.order,
         messages,
     }
 }
@@ -1064,7 +968,7 @@ fn recorded<F>(
 /// Records `event` of `vehicle` of `fleet` in `tx`, not committed: stores it (deduplicated),
 /// moves its order on or flags it, queues its messages (see [`Store::record_event`]). The
 /// per-event logic, the same alone and in a group (`store::group`).
-async fn write_event<F: FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>>(
+async fn write_event<F: FnOnce(Option<EventFlag>, Option<&str>) -> Vec<(ClientId, Value)>>(
     tx: &mut DbTx,
     backend: Backend,
     vehicle: &VehicleId,
@@ -1074,25 +978,20 @@ async fn write_event<F: FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>>(
 ) -> Result<Written, StoreError> {
     let now = now_ms();
     // Locked on PostgreSQL: another bridge recording an event of this order waits.
-    let order: Option<(String, Option<String>, String)> =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT state, vehicle, store FROM orders WHERE order_id = $1{}",
-            backend.for_update()
-        )))
-        .bind(event.order.as_str())
-        .fetch_optional(&mut **tx)
-        .await?;
-    let (current, store) = match order {
-        Some((state, holder, store)) => (
-            Some((parse_id::<OrderState>("order state", &state)?, holder)),
-            Some(store),
-        ),
-        None => (None, None),
-    };
+    let row: Option<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{ORDER_COLUMNS}{}",
+        backend.for_update()
+    )))
+    .bind(event.order.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    let mut order = row
+        .map(|row| order_from_row(&event.order, row))
+        .transpose()?;
     let (flag, next) = judge(
-        current
+        order
             .as_ref()
-            .map(|(state, holder)| (*state, holder.as_deref())),
+            .map(|o| (o.state, o.vehicle.as_ref().map(VehicleId::as_str))),
         vehicle,
         event.kind,
     );
@@ -1114,7 +1013,7 @@ async fn write_event<F: FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>>(
     .bind(to_db(now))
     .fetch_optional(&mut **tx)
     .await?;
-    let current = current.map(|(state, _)| state);
+    let current = order.as_ref().map(|o| o.state);
     if inserted.is_none() {
         warn_if_reused(tx, vehicle, event).await?;
         return Ok(Written::duplicate());
@@ -1126,8 +1025,12 @@ async fn write_event<F: FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>>(
             .bind(to_db(now))
             .execute(&mut **tx)
             .await?;
+        if let Some(order) = &mut order {
+            order.state = next;
+            order.updated_ms = now;
+        }
     }
-    let messages = address.messages(flag)?;
+    let messages = address.messages(flag, order.as_ref().map(|o| o.store.as_str()))?;
     let mut queued = Vec::with_capacity(messages.len());
     for (client, payload) in messages {
         queued.push(queue::insert(tx, client, &payload.to_string(), now).await?);
@@ -1137,7 +1040,7 @@ async fn write_event<F: FnOnce(Option<EventFlag>) -> Vec<(ClientId, Value)>>(
         flag,
         current,
         next,
-        store,
+        order,
         queued,
     })
 }

@@ -16,38 +16,18 @@ use std::collections::HashMap;
 
 use serde_json::json;
 use shared::{DeliveryEvent, FleetId, VehicleId};
+use sqlx::Row as _;
 
 use super::super::backend::{Backend, from_db, parse_id, to_db};
 use super::super::error::StoreError;
 use super::super::ids::{ClientId, MessageId};
+use super::super::order_row::{OrderView, order_at, order_fields};
 use super::super::pool::DbTx;
 use crate::domain::order::{EventFlag, OrderState};
 
 /// The most rows one generated statement takes (well under both backends' limits on bound
 /// values).
 const ROWS_PER_STATEMENT: usize = 256;
-
-/// An order of the group, as read at the start of its transaction.
-#[derive(Debug, Clone)]
-pub(super) struct OrderNow {
-    /// Its state (changed in memory as the group's events move it on).
-    pub(super) state: OrderState,
-    /// The vehicle holding it.
-    pub(super) holder: Option<String>,
-    /// The vendor's store that placed it.
-    pub(super) store: String,
-}
-
-impl OrderNow {
-    /// An order as its row gives it (`state` by name).
-    fn from_row(state: &str, holder: Option<String>, store: String) -> Result<Self, StoreError> {
-        Ok(Self {
-            state: parse_id::<OrderState>("order state", state)?,
-            holder,
-            store,
-        })
-    }
-}
 
 /// An event's dedupe key as its row gives it.
 fn event_key(vehicle: String, seq: i64, ts_ms: i64) -> EventKey {
@@ -88,7 +68,7 @@ fn push_rows(sql: &mut String, backend: Backend, rows: usize, columns: usize) {
 
 /// What a group's transaction reads before it judges its events: its orders, by id, and
 /// which of its events were recorded before.
-pub(super) type GroupReads = (HashMap<String, OrderNow>, HashMap<EventKey, FirstRecorded>);
+pub(super) type GroupReads = (HashMap<String, OrderView>, HashMap<EventKey, FirstRecorded>);
 
 /// Reads the orders `ids` (sorted, distinct), locking them in that order on PostgreSQL (see
 /// [`read_orders`]), and looks up the events `keys` (see [`recorded_events`]).
@@ -107,41 +87,42 @@ pub(super) async fn read(
     }
 }
 
-/// PostgreSQL's [`read`], in one statement of a fixed text: the orders locked in the order of
-/// their ids (`ORDER BY` comes before `FOR UPDATE`'s locks), then the recorded events, each
-/// looked up by the dedupe index (`LIMIT 1` keeps the lookup a nested loop whatever the
-/// planner estimates of the JSON rows).
-const READ_POSTGRES: &str = "\
-WITH o AS (
-    SELECT order_id, state, vehicle, store FROM orders
-    WHERE order_id = ANY (ARRAY(SELECT json_array_elements_text($1::json)))
-    ORDER BY order_id FOR UPDATE
-)
-SELECT order_id, state, vehicle, store,
-       NULL::text, NULL::bigint, NULL::bigint, NULL::text, NULL::text
-FROM o
+/// PostgreSQL's [`read`], in one statement of a fixed text: the orders (id, then the columns
+/// of `order_fields`) locked in the order of their ids (`ORDER BY` comes before `FOR
+/// UPDATE`'s locks), then the recorded events (vehicle, seq, timestamp, order, kind, after
+/// the orders' twelve columns left empty), each looked up by the dedupe index (`LIMIT 1`
+/// keeps the lookup a nested loop whatever the planner estimates of the JSON rows).
+const READ_POSTGRES: &str = concat!(
+    "WITH o AS (SELECT order_id, ",
+    order_fields!(),
+    " FROM orders WHERE order_id = ANY (ARRAY(SELECT json_array_elements_text($1::json)))
+    ORDER BY order_id FOR UPDATE)
+SELECT order_id, ",
+    order_fields!(),
+    ", NULL::text, NULL::bigint, NULL::bigint, NULL::text, NULL::text FROM o
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, e.vehicle, e.seq, e.ts_ms, e.order_id, e.kind
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       e.vehicle, e.seq, e.ts_ms, e.order_id, e.kind
 FROM json_to_recordset($2::json) AS k (vehicle text, seq bigint, ts_ms bigint),
 LATERAL (
     SELECT vehicle, seq, ts_ms, order_id, kind FROM delivery_events AS d
     WHERE d.vehicle = k.vehicle AND d.seq = k.seq AND d.ts_ms = k.ts_ms
     LIMIT 1
-) AS e";
+) AS e"
+);
 
-/// A row of [`READ_POSTGRES`]: an order (id, state, holder, store), or a recorded event
-/// (vehicle, seq, timestamp, order, kind).
-type ReadRow = (
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
+/// A recorded event's columns of a [`READ_POSTGRES`] row: vehicle, seq, timestamp, order,
+/// kind (all empty in an order's row).
+type RecordedRow = (
     Option<String>,
     Option<i64>,
     Option<i64>,
     Option<String>,
     Option<String>,
 );
+
+/// The column of a [`READ_POSTGRES`] row where a recorded event's columns start.
+const EVENT_COLUMNS: usize = 12;
 
 /// See [`READ_POSTGRES`].
 async fn read_postgres(
@@ -155,7 +136,7 @@ async fn read_postgres(
             json!({"vehicle": vehicle.as_str(), "seq": event.seq, "ts_ms": to_db(event.ts_ms)})
         })
         .collect();
-    let rows: Vec<ReadRow> = sqlx::query_as(READ_POSTGRES)
+    let rows = sqlx::query(READ_POSTGRES)
         .bind(json!(ids).to_string())
         .bind(serde_json::Value::from(keys).to_string())
         .fetch_all(&mut **tx)
@@ -163,19 +144,25 @@ async fn read_postgres(
     let mut orders = HashMap::with_capacity(ids.len());
     let mut found = HashMap::new();
     for row in rows {
-        match row {
-            (Some(id), Some(state), holder, Some(store), ..) => {
-                orders.insert(id, OrderNow::from_row(&state, holder, store)?);
-            }
-            (.., Some(vehicle), Some(seq), Some(ts_ms), Some(order), Some(kind)) => {
-                found.insert(event_key(vehicle, seq, ts_ms), (order, kind));
-            }
-            _ => {
-                return Err(StoreError::Corrupt(
-                    "a row of the group's read is empty".into(),
-                ));
-            }
+        if let Some(id) = row.try_get::<Option<String>, _>(0)? {
+            let order = order_at(&parse_id("order id", &id)?, &row, 1)?;
+            orders.insert(id, order);
+            continue;
         }
+        let e = EVENT_COLUMNS;
+        let event: RecordedRow = (
+            row.try_get(e)?,
+            row.try_get(e + 1)?,
+            row.try_get(e + 2)?,
+            row.try_get(e + 3)?,
+            row.try_get(e + 4)?,
+        );
+        let (Some(vehicle), Some(seq), Some(ts_ms), Some(order), Some(kind)) = event else {
+            return Err(StoreError::Corrupt(
+                "a row of the group's read is empty".into(),
+            ));
+        };
+        found.insert(event_key(vehicle, seq, ts_ms), (order, kind));
     }
     Ok((orders, found))
 }
@@ -300,23 +287,26 @@ async fn read_orders(
     tx: &mut DbTx,
     backend: Backend,
     ids: &[&str],
-) -> Result<HashMap<String, OrderNow>, StoreError> {
+) -> Result<HashMap<String, OrderView>, StoreError> {
     let mut orders = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let mut sql =
-            String::from("SELECT order_id, state, vehicle, store FROM orders WHERE order_id IN ");
+        let mut sql = String::from(concat!(
+            "SELECT order_id, ",
+            order_fields!(),
+            " FROM orders WHERE order_id IN "
+        ));
         push_rows(&mut sql, backend, 1, chunk.len());
         sql.push_str(" ORDER BY order_id");
         sql.push_str(backend.for_update());
         // Only placeholders are formatted in; every value is bound.
-        let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for id in chunk {
             query = query.bind(*id);
         }
-        let rows: Vec<(String, String, Option<String>, String)> =
-            query.fetch_all(&mut **tx).await?;
-        for (id, state, holder, store) in rows {
-            orders.insert(id, OrderNow::from_row(&state, holder, store)?);
+        for row in query.fetch_all(&mut **tx).await? {
+            let id: String = row.try_get(0)?;
+            let order = order_at(&parse_id("order id", &id)?, &row, 1)?;
+            orders.insert(id, order);
         }
     }
     Ok(orders)

@@ -110,6 +110,12 @@ on_each_backend! {
             for recorded in &outcomes {
                 assert!(!recorded.duplicate && recorded.advanced, "{recorded:?}");
                 assert_eq!(recorded.flag, None);
+                // The order as this event left it, read in the group's transaction.
+                let order = recorded.order.as_ref().expect("the order");
+                assert_eq!(
+                    (Some(order.state), order.vehicle.as_ref()),
+                    (recorded.state, Some(&vehicle(i)))
+                );
                 assert_eq!(recorded.messages.len(), 2);
                 assert_eq!(recorded.messages[0].payload["vehicle"], json!(i));
             }

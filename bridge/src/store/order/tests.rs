@@ -6,6 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde_json::json;
+use shared::DeliveryKind;
 
 use super::*;
 use crate::domain::order::EventFlag;
@@ -209,6 +210,9 @@ on_each_backend! {
             assert_eq!(recorded.flag, None);
             assert_eq!(recorded.state, Some(state));
             assert_eq!(recorded.store.as_deref(), Some("store-1"));
+            // The order as the event left it, without a read of its own: as it was committed.
+            let stored = store.order_summary(&id("o-1")).await.expect("reads");
+            assert_eq!(recorded.order, stored);
             assert_eq!(
                 recorded
                     .messages
