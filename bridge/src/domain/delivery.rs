@@ -728,22 +728,14 @@ impl Hub {
         Ok(None)
     }
 
-    /// Who a delivery event from a vehicle of `fleet` about an order placed by `store` (`None`:
-    /// no such order) goes to: the order's vendor, and every configured dispatcher identity
-    /// that may see the fleet, each once.
-    fn delivery_recipients(&self, fleet: &FleetId, store: Option<&str>) -> Vec<ClientId> {
-        let mut clients: Vec<ClientId> = store.map(ClientId::vendor).into_iter().collect();
-        clients.extend(
-            self.tokens
-                .grants()
-                .filter(|g| {
-                    matches!(g.role, Role::Dispatcher | Role::Admin) && g.may_see_fleet(fleet)
-                })
-                .map(|g| ClientId::dispatcher(&g.name)),
-        );
-        clients.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        clients.dedup_by(|a, b| a.as_str() == b.as_str());
-        clients
+    /// The configured dispatcher identities that may see `fleet`: every delivery event of the
+    /// fleet goes to them (and to the order's vendor).
+    fn dispatcher_recipients(&self, fleet: &FleetId) -> Vec<ClientId> {
+        self.tokens
+            .grants()
+            .filter(|g| matches!(g.role, Role::Dispatcher | Role::Admin) && g.may_see_fleet(fleet))
+            .map(|g| ClientId::dispatcher(&g.name))
+            .collect()
     }
 
     /// Records a vehicle's delivery event durably and queues it for its recipients (the
@@ -760,14 +752,19 @@ impl Hub {
         &self,
         topic: &Topic,
         event: &DeliveryEvent,
-        payload: impl FnOnce(Option<EventFlag>, Option<&str>) -> Value,
+        payload: impl Fn(Option<EventFlag>, Option<&str>) -> Value + Send + Sync + 'static,
     ) -> Result<Vec<Enqueued>, StoreError> {
-        let address = |flag: Option<EventFlag>, store: Option<&str>| {
-            let suspect = flag.is_some_and(EventFlag::is_suspect);
+        let dispatchers = self.dispatcher_recipients(&topic.fleet);
+        let address = move |flag: Option<EventFlag>, store: Option<&str>| {
             let message = payload(flag, store);
-            self.delivery_recipients(&topic.fleet, store)
+            // A suspect event never goes to the order's vendor as genuine.
+            let vendor = store.filter(|_| !flag.is_some_and(EventFlag::is_suspect));
+            let mut clients: Vec<ClientId> = vendor.map(ClientId::vendor).into_iter().collect();
+            clients.extend(dispatchers.iter().cloned());
+            clients.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            clients.dedup_by(|a, b| a.as_str() == b.as_str());
+            clients
                 .into_iter()
-                .filter(|client| !(suspect && client.is_vendor()))
                 .map(|client| (client, message.clone()))
                 .collect()
         };

@@ -598,7 +598,9 @@ pub(crate) async fn store_delivery(
     delivery: &Delivery,
 ) -> Result<(), StoreError> {
     let Delivery { topic, event } = delivery;
-    let payload = |flag, store: Option<&str>| order::delivery(topic, event, store, flag);
+    let (owned_topic, owned_event) = (topic.clone(), event.clone());
+    let payload =
+        move |flag, store: Option<&str>| order::delivery(&owned_topic, &owned_event, store, flag);
     let messages = hub.record_delivery(topic, event, payload).await?;
     io.queued(hub.metrics(), &messages).await;
     Ok(())

@@ -89,10 +89,9 @@ pub enum StoreError {
     #[error("{0}")]
     Group(Arc<StoreError>),
     /// A delivery event was not recorded, for a reason of the group commit rather than of the
-    /// database (see `store::group`): the store's committer stopped before it answered, or the
-    /// event, tried again alone after its group failed, was judged otherwise than in the group
-    /// (its messages were made for the first judgement). Nothing of it was committed; the same
-    /// write may succeed when tried again.
+    /// database (see `store::group`): the store's committer stopped before it answered, or
+    /// another bridge recorded one of the group's events between the group's read and its
+    /// write. Nothing of it was committed; the same write may succeed when tried again.
     #[error("delivery event not recorded: {0}; try again")]
     NotRecorded(&'static str),
 }

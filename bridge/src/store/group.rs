@@ -3,22 +3,24 @@
 //! per event).
 //!
 //! One committer task per store ([`EventGroups`], started on the first event) takes whatever
-//! events wait (at most [`MAX_GROUP`]), begins a write transaction and lends it to each event's
-//! caller in turn ([`Turn`]): the caller records its event in it by the same per-event logic as
-//! alone (`store::order`), with the messages it chose, and hands the transaction back. Once
-//! every event had its turn, the committer commits and tells each caller [`ToCaller::Committed`]:
-//! only then does `Store::record_event` return `Ok`. Nothing waits on a timer: a lone event is
-//! committed at once, and the events that arrive during a commit form the next group.
+//! events wait (at most [`MAX_GROUP`]), begins a write transaction, reads the group's orders and
+//! looks its events up at once, judges the events one after the other in arrival order, makes
+//! each new event's messages with the [`Address`] its caller handed over (for the flag and the
+//! order's store the transaction read), writes it all and commits. Only then is each caller
+//! answered with its own [`Recorded`]: `Store::record_event` never returns `Ok` before. The
+//! callers take no part in between: an event costs its caller one hand-over and one answer.
+//! Nothing waits on a timer: a lone event is committed at once, and the events that arrive
+//! during a commit form the next group.
 //!
 //! The failure semantics are those of one transaction per event:
 //! - if the group's transaction cannot begin, nothing is recorded and every event of the group
 //!   gets the error ([`StoreError::Group`]);
 //! - if anything else fails (one event's statements, the commit, a PostgreSQL deadlock or
-//!   serialization failure, a caller that went away during its turn), the group is rolled back
-//!   and its events are recorded again one per transaction, in the same order, so that one bad
-//!   event or a deadlock does not fail the others; each gets `Ok` only once its own transaction
-//!   is committed. If one of those cannot begin either, it and the events after it get the error
-//!   without being tried.
+//!   serialization failure), the group is rolled back and its events are recorded again one
+//!   per transaction (a group of one: the same judging and statements), in the same order, so
+//!   that one bad event or a deadlock does not fail the others; each gets `Ok` only once its
+//!   own transaction is committed. If one of those cannot begin either, it and the events after
+//!   it get the error without being tried. An event whose caller went away is not tried alone.
 //!
 //! An event is never answered `Ok` unless the transaction that holds it committed, and never
 //! lost: a caller answered with an error may try again (the store drops a duplicate).
@@ -27,12 +29,14 @@
 //! id (`SELECT ... ORDER BY order_id FOR UPDATE`): two bridges committing groups that share
 //! orders take the locks in the same order and wait for each other instead of deadlocking.
 //!
-//! The committer drains what it accepted when the store closes (`Store::close`).
+//! The committer drains what it accepted when the store closes (`Store::close`); with no
+//! committer (a closed store, no Tokio runtime) the caller records its event alone itself.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use serde_json::Value;
 use shared::{DeliveryEvent, FleetId, VehicleId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -40,7 +44,7 @@ use tracing::{debug, warn};
 
 use super::backend::Backend;
 use super::error::StoreError;
-use super::ids::{ClientId, MessageId};
+use super::ids::{ClientId, Enqueued};
 use super::pool::{DbPool, DbTx};
 use crate::clock::now_ms;
 use crate::domain::order::{EventFlag, OrderState, judge};
@@ -53,26 +57,56 @@ use statements::NewEvent;
 /// The most events one transaction records.
 pub(crate) const MAX_GROUP: usize = 512;
 
-/// What recording one event in a transaction did (committed once the transaction is), alone
-/// or in a group.
-pub(super) struct Written {
+/// What an event's caller hands over to make the event's messages once it is judged: given
+/// its flag (`None`: it moves its order the usual step) and the store that placed its order
+/// (`None`: no such order), as the transaction read them, the messages to queue (recipient,
+/// payload), one per recipient (a recipient listed twice counts once). Called by the
+/// committer, once per try (an event tried again alone after its group failed may be judged
+/// otherwise).
+pub(crate) type Address = Box<dyn Fn(Option<EventFlag>, Option<&str>) -> Messages + Send + Sync>;
+
+/// An event's messages: recipient and payload, one per recipient.
+pub(crate) type Messages = Vec<(ClientId, Value)>;
+
+/// The outcome of recording a delivery event (see `Store::record_event`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    /// The event had been recorded before (a re-send): nothing was changed or queued.
+    pub duplicate: bool,
+    /// Why the event did not move its order the usual one step, if it did not.
+    pub flag: Option<EventFlag>,
+    /// Whether the order's state changed.
+    pub advanced: bool,
+    /// The order's state after the event (`None`: unknown order, or a duplicate).
+    pub state: Option<OrderState>,
+    /// The order's store (`None`: unknown order, or a duplicate).
+    pub store: Option<String>,
+    /// The order as the event left it, without its timeline (`None`: unknown order, or a
+    /// duplicate): read in the event's transaction, so announcing the change needs no read.
+    pub(crate) order: Option<OrderView>,
+    /// The messages queued, one per recipient, to emit now that they are committed.
+    pub messages: Vec<Enqueued>,
+}
+
+/// What recording one event in a transaction did (committed once the transaction is).
+struct Written {
     /// A re-sent event: nothing was changed or queued.
-    pub(super) duplicate: bool,
+    duplicate: bool,
     /// Why it did not move its order the usual step, if it did not.
-    pub(super) flag: Option<EventFlag>,
+    flag: Option<EventFlag>,
     /// The order's state before the event, if the order exists.
-    pub(super) current: Option<OrderState>,
+    current: Option<OrderState>,
     /// Its state after, if the event moved it.
-    pub(super) next: Option<OrderState>,
+    next: Option<OrderState>,
     /// The order as the event left it (no timeline), if the order exists.
-    pub(super) order: Option<OrderView>,
-    /// The ids of the queued messages, in the order of the event's messages.
-    pub(super) queued: Vec<MessageId>,
+    order: Option<OrderView>,
+    /// The messages queued, with their ids, in the order [`Address`] made them.
+    queued: Vec<Enqueued>,
 }
 
 impl Written {
     /// A re-sent event.
-    pub(super) fn duplicate() -> Self {
+    fn duplicate() -> Self {
         Self {
             duplicate: true,
             flag: None,
@@ -82,61 +116,47 @@ impl Written {
             queued: Vec::new(),
         }
     }
+
+    /// The caller's outcome of `vehicle`'s `event`, committed.
+    fn recorded(self, vehicle: &VehicleId, event: &DeliveryEvent) -> Recorded {
+        if self.duplicate {
+            return Recorded {
+                duplicate: true,
+                flag: None,
+                advanced: false,
+                state: None,
+                store: None,
+                order: None,
+                messages: Vec::new(),
+            };
+        }
+        if let Some(flag) = self.flag {
+            warn!(%vehicle, order = %event.order, kind = event.kind.as_str(), seq = event.seq, %flag, "delivery event recorded with a flag");
+        }
+        Recorded {
+            duplicate: false,
+            flag: self.flag,
+            advanced: self.next.is_some(),
+            state: self.next.or(self.current),
+            store: self.order.as_ref().map(|o| o.store.clone()),
+            order: self.order,
+            messages: self.queued,
+        }
+    }
 }
 
 /// A delivery event waiting to be recorded in a group.
-struct Request {
+pub(super) struct Request {
     /// The vehicle that reported it.
     vehicle: VehicleId,
     /// The vehicle's fleet.
     fleet: FleetId,
     /// The event.
     event: DeliveryEvent,
-    /// Where its questions, turns and verdict go.
-    caller: mpsc::UnboundedSender<ToCaller>,
-}
-
-/// What the committer tells (or asks) the caller of an event.
-pub(super) enum ToCaller {
-    /// The event is judged, with this flag, in the group's transaction: the messages to queue
-    /// for it (recipient, payload as JSON text), one per recipient.
-    Address {
-        /// The event's flag (`None`: it moves its order the usual step).
-        flag: Option<EventFlag>,
-        /// The store that placed the event's order (`None`: there is no such order).
-        store: Option<String>,
-        /// Where the messages go.
-        reply: oneshot::Sender<Vec<(ClientId, String)>>,
-    },
-    /// Its turn: record the event in the transaction and hand it back (an event recorded
-    /// alone).
-    Turn(Turn),
-    /// The event is committed: what the group recorded of it (`None`: what the caller
-    /// recorded in its last turn).
-    Committed(Option<Written>),
-    /// Nothing of it is committed. `None`: its own turn failed (the caller has that error);
-    /// otherwise why the transaction failed.
-    Failed(Option<StoreError>),
-}
-
-/// A write transaction lent to the caller of one event, for its turn.
-pub(super) struct Turn {
-    tx: DbTx,
-    back: oneshot::Sender<(DbTx, bool)>,
-}
-
-impl Turn {
-    /// The transaction to record the event in.
-    pub(super) fn tx(&mut self) -> &mut DbTx {
-        &mut self.tx
-    }
-
-    /// Hands the transaction back to the committer: `recorded` says whether the event's
-    /// statements all succeeded (if not, the group is rolled back).
-    pub(super) fn hand_back(self, recorded: bool) {
-        // If the committer is gone the transaction is dropped here, which rolls it back.
-        let _ = self.back.send((self.tx, recorded));
-    }
+    /// What makes its messages.
+    address: Address,
+    /// Where its outcome goes.
+    answer: oneshot::Sender<Result<Recorded, StoreError>>,
 }
 
 /// How the delivery events were committed so far, as `Store::event_groups` reports it.
@@ -190,37 +210,55 @@ enum Slot {
 }
 
 impl EventGroups {
-    /// Hands `event` of `vehicle` of `fleet` to the committer (started on `write`, a store
-    /// on `backend`, if none runs) and returns where its questions, turns and verdict come;
-    /// `None` if there is no committer (the store is closed, or there is no Tokio runtime to
-    /// run one): the caller records its event alone.
-    pub(super) fn submit(
+    /// Records `event` of `vehicle` of `fleet`, its messages made by `address`, in the
+    /// committer's next group (the committer is started on `write`, a store on `backend`, if
+    /// none runs); alone, in a transaction of its own, if there is no committer (the store is
+    /// closed, or there is no Tokio runtime to run one).
+    ///
+    /// # Errors
+    /// [`StoreError`] if it was not committed (see the module docs): the caller may try again.
+    pub(super) async fn record(
         &self,
         vehicle: &VehicleId,
         fleet: &FleetId,
         event: &DeliveryEvent,
+        address: Address,
         write: &DbPool,
         backend: Backend,
-    ) -> Option<mpsc::UnboundedReceiver<ToCaller>> {
-        let (caller, turns) = mpsc::unbounded_channel();
-        let mut request = Request {
+    ) -> Result<Recorded, StoreError> {
+        let (answer, outcome) = oneshot::channel();
+        let request = Request {
             vehicle: vehicle.clone(),
             fleet: fleet.clone(),
             event: event.clone(),
-            caller,
+            address,
+            answer,
         };
+        match self.submit(request, write, backend) {
+            None => outcome.await.unwrap_or(Err(StoreError::NotRecorded(
+                "the store's committer stopped before answering",
+            ))),
+            Some(request) => alone(write, backend, &request).await?,
+        }
+    }
+
+    /// Hands `request` to the committer, started if none runs; gives it back (`Some`) if
+    /// there is no committer.
+    fn submit(&self, mut request: Request, write: &DbPool, backend: Backend) -> Option<Request> {
         let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
         if let Slot::Running { requests, .. } = &*slot {
             match requests.send(request) {
-                Ok(()) => return Some(turns),
+                Ok(()) => return None,
                 // Its runtime ended: start another one in this one.
                 Err(mpsc::error::SendError(back)) => request = back,
             }
         }
         if matches!(*slot, Slot::Closed) {
-            return None;
+            return Some(request);
         }
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Some(request);
+        };
         let (requests, rx) = mpsc::unbounded_channel();
         let committer = Committer {
             counters: Arc::clone(&self.counters),
@@ -230,9 +268,9 @@ impl EventGroups {
         };
         let task = runtime.spawn(committer.run());
         // Cannot fail: the receiver is in the task just spawned.
-        let sent = requests.send(request).is_ok();
+        let unsent = requests.send(request).err().map(|back| back.0);
         *slot = Slot::Running { requests, task };
-        sent.then_some(turns)
+        unsent
     }
 
     /// How the delivery events were committed so far.
@@ -264,49 +302,18 @@ enum Failure {
     /// It could not begin: nothing was tried.
     Begin(StoreError),
     /// Something failed after it began: it was rolled back.
-    Later(String),
-}
-
-/// What came of lending the transaction to a caller.
-enum Turned {
-    /// The caller recorded its event and handed the transaction back.
-    Recorded(DbTx),
-    /// The caller's statements failed; the transaction came back.
-    Failed(DbTx),
-    /// The caller went away before its turn (nobody waits for the event): the transaction
-    /// came back untouched.
-    Gone(DbTx),
-    /// The caller went away during its turn, with the transaction (which rolls back).
-    Lost,
+    Later(StoreError),
 }
 
 impl Request {
-    /// Tells the caller `what` (a caller that went away is not told).
-    fn answer(&self, what: ToCaller) {
-        let _ = self.caller.send(what);
+    /// Tells the caller the event's outcome (a caller that went away is not told).
+    fn reply(self, outcome: Result<Recorded, StoreError>) {
+        let _ = self.answer.send(outcome);
     }
 
     /// Whether the caller went away (nobody waits for the event).
     fn is_gone(&self) -> bool {
-        self.caller.is_closed()
-    }
-
-    /// Lends `tx` to the caller for its turn and waits for it back.
-    async fn turn(&self, tx: DbTx) -> Turned {
-        let (back, returned) = oneshot::channel();
-        if let Err(mpsc::error::SendError(message)) =
-            self.caller.send(ToCaller::Turn(Turn { tx, back }))
-        {
-            return match message {
-                ToCaller::Turn(turn) => Turned::Gone(turn.tx),
-                _ => Turned::Lost,
-            };
-        }
-        match returned.await {
-            Ok((tx, true)) => Turned::Recorded(tx),
-            Ok((tx, false)) => Turned::Failed(tx),
-            Err(_) => Turned::Lost,
-        }
+        self.answer.is_closed()
     }
 }
 
@@ -323,7 +330,7 @@ impl Committer {
     async fn run(mut self) {
         let mut group = Vec::with_capacity(MAX_GROUP);
         while self.requests.recv_many(&mut group, MAX_GROUP).await > 0 {
-            self.commit(&group).await;
+            self.commit(&mut group).await;
             group.clear();
             // The callers just answered may hand over their next events before the next
             // group is taken (no timer: this only lets the woken tasks run).
@@ -331,24 +338,21 @@ impl Committer {
         }
     }
 
-    async fn begin(&self) -> Result<DbTx, StoreError> {
-        Ok(self.write.begin_with(self.backend.begin_write()).await?)
-    }
-
     /// Records `group` in one transaction, or, if that fails after it began, one event per
-    /// transaction; answers every caller.
-    async fn commit(&self, group: &[Request]) {
+    /// transaction; answers every caller (and empties `group`).
+    async fn commit(&self, group: &mut Vec<Request>) {
         if group.len() > 1 {
             match self.together(group).await {
                 Ok(written) => {
                     self.counters.committed(written.len());
-                    for (request, written) in group.iter().zip(written) {
-                        request.answer(ToCaller::Committed(Some(written)));
+                    for (request, written) in group.drain(..).zip(written) {
+                        let recorded = written.recorded(&request.vehicle, &request.event);
+                        request.reply(Ok(recorded));
                     }
                     return;
                 }
                 Err(Failure::Begin(err)) => {
-                    fail_all(group, err);
+                    fail_all(std::mem::take(group), err);
                     return;
                 }
                 Err(Failure::Later(cause)) => debug!(
@@ -357,13 +361,22 @@ impl Committer {
                 ),
             }
         }
-        for (i, request) in group.iter().enumerate() {
+        let mut requests = group.drain(..);
+        while let Some(request) = requests.next() {
             if request.is_gone() {
                 continue;
             }
-            if let Err(err) = self.alone(request).await {
-                fail_all(&group[i..], err);
-                return;
+            match alone(&self.write, self.backend, &request).await {
+                Ok(outcome) => {
+                    if outcome.is_ok() {
+                        self.counters.committed(1);
+                    }
+                    request.reply(outcome);
+                }
+                Err(err) => {
+                    fail_all(std::iter::once(request).chain(requests).collect(), err);
+                    return;
+                }
             }
         }
     }
@@ -371,172 +384,187 @@ impl Committer {
     /// Records every event of `group` in one transaction and commits it; returns what it
     /// recorded of each, in order.
     async fn together(&self, group: &[Request]) -> Result<Vec<Written>, Failure> {
-        let mut tx = self.begin().await.map_err(Failure::Begin)?;
-        match self.record(&mut tx, group).await {
+        let mut tx = begin(&self.write, self.backend)
+            .await
+            .map_err(Failure::Begin)?;
+        match record(&mut tx, self.backend, group).await {
             Ok(written) => {
                 tx.commit()
                     .await
-                    .map_err(|err| Failure::Later(format!("commit: {err}")))?;
+                    .map_err(|err| Failure::Later(err.into()))?;
                 Ok(written)
             }
-            Err(cause) => {
+            Err(err) => {
                 rollback(tx).await;
-                Err(Failure::Later(cause))
+                Err(Failure::Later(err))
             }
         }
-    }
-
-    /// Records `group` in `tx`, not committed: reads (and locks) its orders, looks its events
-    /// up, judges them one after the other in arrival order as one transaction per event
-    /// would (a duplicate, also of an event earlier in the group, changes nothing; an event
-    /// that moves its order moves it for the events after it), asks each new event's caller
-    /// for its messages, then writes it all.
-    async fn record(&self, tx: &mut DbTx, group: &[Request]) -> Result<Vec<Written>, String> {
-        let now = now_ms();
-        let backend = self.backend;
-        let mut ids: Vec<&str> = group.iter().map(|r| r.event.order.as_str()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let keys: Vec<(&VehicleId, &DeliveryEvent)> =
-            group.iter().map(|r| (&r.vehicle, &r.event)).collect();
-        let (mut orders, mut recorded) = statements::read(tx, backend, &ids, &keys)
-            .await
-            .map_err(|err| format!("reading the orders and events: {err}"))?;
-
-        let mut written = Vec::with_capacity(group.len());
-        let mut new_events = Vec::with_capacity(group.len());
-        let mut moved: HashSet<&str> = HashSet::new();
-        let mut asked = Vec::with_capacity(group.len());
-        for request in group {
-            let (vehicle, event) = (&request.vehicle, &request.event);
-            let key = (vehicle.as_str().to_owned(), event.seq, event.ts_ms);
-            if let Some(first) = recorded.get(&key) {
-                warn_if_reused(vehicle, event, first);
-                written.push(Written::duplicate());
-                continue;
-            }
-            recorded.insert(
-                key,
-                (
-                    event.order.as_str().to_owned(),
-                    event.kind.as_str().to_owned(),
-                ),
-            );
-            let order = orders.get_mut(event.order.as_str());
-            let (flag, next) = judge(
-                order
-                    .as_ref()
-                    .map(|o| (o.state, o.vehicle.as_ref().map(VehicleId::as_str))),
-                vehicle,
-                event.kind,
-            );
-            let (current, order) = match order {
-                Some(order) => {
-                    let current = order.state;
-                    if let Some(next) = next {
-                        order.state = next;
-                        order.updated_ms = now;
-                        moved.insert(event.order.as_str());
-                    }
-                    (Some(current), Some(order.clone()))
-                }
-                None => (None, None),
-            };
-            let (reply, messages) = oneshot::channel();
-            if request
-                .caller
-                .send(ToCaller::Address {
-                    flag,
-                    store: order.as_ref().map(|o| o.store.clone()),
-                    reply,
-                })
-                .is_err()
-            {
-                return Err("a caller went away".into());
-            }
-            asked.push(messages);
-            new_events.push(NewEvent {
-                vehicle,
-                fleet: &request.fleet,
-                event,
-                flag,
-            });
-            written.push(Written {
-                duplicate: false,
-                flag,
-                current,
-                next,
-                order,
-                queued: Vec::new(),
-            });
-        }
-
-        // The callers make their messages meanwhile, all at once.
-        let mut messages = Vec::with_capacity(asked.len());
-        for answer in asked {
-            messages.push(
-                answer
-                    .await
-                    .map_err(|_| String::from("a caller did not address its event"))?,
-            );
-        }
-
-        let moved: Vec<(&str, OrderState)> = moved
-            .into_iter()
-            .filter_map(|id| orders.get(id).map(|o: &OrderView| (id, o.state)))
-            .collect();
-        let rows: Vec<(&ClientId, &str)> = messages
-            .iter()
-            .flatten()
-            .map(|(client, payload)| (client, payload.as_str()))
-            .collect();
-        let mut queued = statements::write(tx, backend, &new_events, &moved, &rows, now)
-            .await
-            .map_err(|err| format!("writing the group: {err}"))?
-            .into_iter();
-        let mut messages = messages.iter();
-        for written in written.iter_mut().filter(|w| !w.duplicate) {
-            let count = messages.next().map_or(0, Vec::len);
-            written.queued = queued.by_ref().take(count).collect();
-        }
-        Ok(written)
-    }
-
-    /// Records `request`'s event in a transaction of its own and answers it.
-    ///
-    /// # Errors
-    /// The error if the transaction could not begin (the event is not answered).
-    async fn alone(&self, request: &Request) -> Result<(), StoreError> {
-        let tx = self.begin().await?;
-        match request.turn(tx).await {
-            Turned::Recorded(tx) => request.answer(match tx.commit().await {
-                Ok(()) => {
-                    self.counters.committed(1);
-                    ToCaller::Committed(None)
-                }
-                Err(err) => ToCaller::Failed(Some(err.into())),
-            }),
-            Turned::Failed(tx) => {
-                rollback(tx).await;
-                request.answer(ToCaller::Failed(None));
-            }
-            Turned::Gone(tx) => rollback(tx).await,
-            Turned::Lost => {}
-        }
-        Ok(())
     }
 }
 
-/// Answers every request of `group` with `err` (shared if there are several).
-fn fail_all(group: &[Request], err: StoreError) {
-    match group {
-        [one] => one.answer(ToCaller::Failed(Some(err))),
-        _ => {
-            let err = Arc::new(err);
-            for request in group {
-                request.answer(ToCaller::Failed(Some(StoreError::Group(Arc::clone(&err)))));
-            }
+/// Begins a write transaction on `write`.
+async fn begin(write: &DbPool, backend: Backend) -> Result<DbTx, StoreError> {
+    Ok(write.begin_with(backend.begin_write()).await?)
+}
+
+/// Records `request`'s event in a transaction of its own (a group of one) and commits it.
+/// The outer error: the transaction could not begin (nothing was tried); the inner one: its
+/// statements or its commit failed (nothing of it was committed).
+async fn alone(
+    write: &DbPool,
+    backend: Backend,
+    request: &Request,
+) -> Result<Result<Recorded, StoreError>, StoreError> {
+    let mut tx = begin(write, backend).await?;
+    let written = match record(&mut tx, backend, std::slice::from_ref(request)).await {
+        Ok(mut written) => written.pop(),
+        Err(err) => {
+            rollback(tx).await;
+            return Ok(Err(err));
         }
+    };
+    Ok(match (tx.commit().await, written) {
+        (Ok(()), Some(written)) => Ok(written.recorded(&request.vehicle, &request.event)),
+        (Ok(()), None) => Err(StoreError::NotRecorded("recorded nothing")),
+        (Err(err), _) => Err(err.into()),
+    })
+}
+
+/// Records `group` in `tx`, not committed: reads (and locks) its orders, looks its events
+/// up, judges them one after the other in arrival order as one transaction per event would
+/// (a duplicate, also of an event earlier in the group, changes nothing; an event that moves
+/// its order moves it for the events after it), makes each new event's messages, then writes
+/// it all.
+async fn record(
+    tx: &mut DbTx,
+    backend: Backend,
+    group: &[Request],
+) -> Result<Vec<Written>, StoreError> {
+    let now = now_ms();
+    let mut ids: Vec<&str> = group.iter().map(|r| r.event.order.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let keys: Vec<(&VehicleId, &DeliveryEvent)> =
+        group.iter().map(|r| (&r.vehicle, &r.event)).collect();
+    let (mut orders, mut recorded) = statements::read(tx, backend, &ids, &keys).await?;
+
+    let mut written = Vec::with_capacity(group.len());
+    let mut new_events = Vec::with_capacity(group.len());
+    let mut moved: HashSet<&str> = HashSet::new();
+    let mut made: Vec<Messages> = Vec::with_capacity(group.len());
+    for request in group {
+        let (vehicle, event) = (&request.vehicle, &request.event);
+        let key = (vehicle.as_str().to_owned(), event.seq, event.ts_ms);
+        if let Some(first) = recorded.get(&key) {
+            warn_if_reused(vehicle, event, first);
+            written.push(Written::duplicate());
+            continue;
+        }
+        recorded.insert(
+            key,
+            (
+                event.order.as_str().to_owned(),
+                event.kind.as_str().to_owned(),
+            ),
+        );
+        let order = orders.get_mut(event.order.as_str());
+        let (flag, next) = judge(
+            order
+                .as_ref()
+                .map(|o| (o.state, o.vehicle.as_ref().map(VehicleId::as_str))),
+            vehicle,
+            event.kind,
+        );
+        let (current, order) = match order {
+            Some(order) => {
+                let current = order.state;
+                if let Some(next) = next {
+                    order.state = next;
+                    order.updated_ms = now;
+                    moved.insert(event.order.as_str());
+                }
+                (Some(current), Some(order.clone()))
+            }
+            None => (None, None),
+        };
+        made.push(one_per_recipient((request.address)(
+            flag,
+            order.as_ref().map(|o| o.store.as_str()),
+        )));
+        new_events.push(NewEvent {
+            vehicle,
+            fleet: &request.fleet,
+            event,
+            flag,
+        });
+        written.push(Written {
+            duplicate: false,
+            flag,
+            current,
+            next,
+            order,
+            queued: Vec::new(),
+        });
+    }
+
+    let moved: Vec<(&str, OrderState)> = moved
+        .into_iter()
+        .filter_map(|id| orders.get(id).map(|o: &OrderView| (id, o.state)))
+        .collect();
+    let texts: Vec<String> = made
+        .iter()
+        .flatten()
+        .map(|(_, payload)| payload.to_string())
+        .collect();
+    let rows: Vec<(&ClientId, &str)> = made
+        .iter()
+        .flatten()
+        .zip(&texts)
+        .map(|((client, _), text)| (client, text.as_str()))
+        .collect();
+    let mut queued = statements::write(tx, backend, &new_events, &moved, &rows, now)
+        .await?
+        .into_iter();
+    drop(rows);
+    let mut made = made.into_iter();
+    for written in written.iter_mut().filter(|w| !w.duplicate) {
+        written.queued = made
+            .next()
+            .unwrap_or_default()
+            .into_iter()
+            .zip(queued.by_ref())
+            .map(|((client, payload), id)| Enqueued {
+                client,
+                id,
+                payload,
+            })
+            .collect();
+    }
+    Ok(written)
+}
+
+/// `messages` with one message per recipient: the first for a recipient listed twice.
+fn one_per_recipient(messages: Messages) -> Messages {
+    let mut one: Messages = Vec::with_capacity(messages.len());
+    for (client, payload) in messages {
+        if !one.iter().any(|(c, _)| *c == client) {
+            one.push((client, payload));
+        }
+    }
+    one
+}
+
+/// Answers every request of `group` with `err` (shared if there are several).
+fn fail_all(mut group: Vec<Request>, err: StoreError) {
+    if group.len() == 1
+        && let Some(request) = group.pop()
+    {
+        request.reply(Err(err));
+        return;
+    }
+    let err = Arc::new(err);
+    for request in group {
+        request.reply(Err(StoreError::Group(Arc::clone(&err))));
     }
 }
 

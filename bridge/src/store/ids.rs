@@ -4,6 +4,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Who a queued message is for: a vendor's store (`vendor:{store}`) or a dispatcher identity
 /// (`dispatch`).
@@ -56,4 +57,15 @@ impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
     }
+}
+
+/// A message just queued, to emit once the transaction that queued it has committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enqueued {
+    /// Who it is for.
+    pub client: ClientId,
+    /// Its id.
+    pub id: MessageId,
+    /// What to send.
+    pub payload: Value,
 }

@@ -12,14 +12,14 @@ use tracing::warn;
 
 use super::database::{Backend, DbTx, Store, from_db, narrow, parse_id, to_db};
 use super::error::StoreError;
-use super::group::{ToCaller, Written};
+use super::group::{Messages, Recorded};
 use super::order_row::{
     ORDER_COLUMNS, OrderRow, OrderView, TimelineEntry, TimelineKind, order_from_row,
 };
 use super::postgres;
-use super::queue::{self, ClientId, Enqueued};
+use super::queue::ClientId;
 use crate::clock::now_ms;
-use crate::domain::order::{EventFlag, OrderState, delivery_kind, judge};
+use crate::domain::order::{EventFlag, OrderState, delivery_kind};
 
 /// An order as a vendor places it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,41 +102,6 @@ pub(crate) struct AssignedOrder {
     pub(crate) vehicle: VehicleId,
     /// When it last changed (its assignment), ms since the Unix epoch (bridge clock).
     pub(crate) updated_ms: u64,
-}
-
-/// The outcome of [`Store::record_event`]. Everything in it is committed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Recorded {
-    /// The event had been recorded before (a re-send): nothing was changed or queued.
-    pub duplicate: bool,
-    /// Why the event did not move its order the usual one step, if it did not.
-    pub flag: Option<EventFlag>,
-    /// Whether the order's state changed.
-    pub advanced: bool,
-    /// The order's state after the event (`None`: unknown order, or a duplicate).
-    pub state: Option<OrderState>,
-    /// The order's store (`None`: unknown order, or a duplicate).
-    pub store: Option<String>,
-    /// The order as the event left it, without its timeline (`None`: unknown order, or a
-    /// duplicate): read in the event's transaction, so announcing the change needs no read.
-    pub(crate) order: Option<OrderView>,
-    /// The messages queued, one per recipient, to emit now that they are committed.
-    pub messages: Vec<Enqueued>,
-}
-
-impl Recorded {
-    /// The outcome for an event recorded before.
-    fn duplicate() -> Self {
-        Self {
-            duplicate: true,
-            flag: None,
-            advanced: false,
-            state: None,
-            store: None,
-            order: None,
-            messages: Vec::new(),
-        }
-    }
 }
 
 /// The columns of a delivery event row, as the timeline reads them.
@@ -794,7 +759,8 @@ impl Store {
         recipients: &[ClientId],
         payload: &Value,
     ) -> Result<Recorded, StoreError> {
-        self.record_event_for(vehicle, fleet, event, |_, _| {
+        let (recipients, payload) = (recipients.to_vec(), payload.clone());
+        self.record_event_for(vehicle, fleet, event, move |_, _| {
             recipients
                 .iter()
                 .map(|client| (client.clone(), payload.clone()))
@@ -808,7 +774,7 @@ impl Store {
     /// placed the order (`None`: no such order), as the transaction read them, and returns
     /// what to queue for whom, in the same transaction. A flagged event can so go to fewer
     /// clients, or say that it is flagged; the order's vendor is found without a read of its
-    /// own.
+    /// own. It is called in the store's group committer, once per try.
     ///
     /// # Errors
     /// As [`Store::record_event`].
@@ -817,261 +783,19 @@ impl Store {
         vehicle: &VehicleId,
         fleet: &FleetId,
         event: &DeliveryEvent,
-        address: impl FnOnce(Option<EventFlag>, Option<&str>) -> Vec<(ClientId, Value)>,
+        address: impl Fn(Option<EventFlag>, Option<&str>) -> Messages + Send + Sync + 'static,
     ) -> Result<Recorded, StoreError> {
-        let mut address = Address::new(address);
-        let Some(mut turns) = self
-            .events
-            .submit(vehicle, fleet, event, &self.write, self.backend)
-        else {
-            // No committer (the store is closed, or there is no runtime): alone.
-            let mut tx = self.begin_write().await?;
-            let written =
-                write_event(&mut tx, self.backend, vehicle, fleet, event, &mut address).await?;
-            tx.commit().await?;
-            return Ok(recorded(vehicle, event, written, address));
-        };
-        // The outcome of the last turn: a turn after a failed group replaces it.
-        let mut written = None;
-        while let Some(told) = turns.recv().await {
-            match told {
-                ToCaller::Address { flag, store, reply } => {
-                    // If it cannot be addressed (only if tried before), the group fails and
-                    // its events are recorded alone, where this one gets the error.
-                    if let Ok(messages) = address.messages(flag, store.as_deref()) {
-                        let _ = reply.send(
-                            messages
-                                .iter()
-                                .map(|(client, payload)| (client.clone(), payload.to_string()))
-                                .collect(),
-                        );
-                    }
-                }
-                ToCaller::Turn(mut turn) => {
-                    let outcome =
-                        write_event(turn.tx(), self.backend, vehicle, fleet, event, &mut address)
-                            .await;
-                    turn.hand_back(outcome.is_ok());
-                    written = Some(outcome);
-                }
-                ToCaller::Committed(Some(grouped)) => {
-                    return Ok(recorded(vehicle, event, grouped, address));
-                }
-                ToCaller::Committed(None) => {
-                    return match written {
-                        Some(Ok(written)) => Ok(recorded(vehicle, event, written, address)),
-                        Some(Err(err)) => Err(err),
-                        None => Err(StoreError::NotRecorded("committed without a turn")),
-                    };
-                }
-                ToCaller::Failed(Some(err)) => return Err(err),
-                ToCaller::Failed(None) => {
-                    return Err(match written {
-                        Some(Err(err)) => err,
-                        _ => StoreError::NotRecorded("its transaction failed"),
-                    });
-                }
-            }
-        }
-        Err(StoreError::NotRecorded(
-            "the store's committer stopped before answering",
-        ))
+        self.events
+            .record(
+                vehicle,
+                fleet,
+                event,
+                Box::new(address),
+                &self.write,
+                self.backend,
+            )
+            .await
     }
-}
-
-/// The messages of an event, made once by the caller's `address` for the event's flag and
-/// its order's store, and kept: an event recorded again alone after its group failed reuses
-/// them if it is judged the same (otherwise it is not recorded: [`StoreError::NotRecorded`],
-/// tried again by the caller).
-struct Address<F> {
-    make: Option<F>,
-    /// The flag and order's store they were made for, and the messages, one per recipient.
-    made: Option<(Option<EventFlag>, Option<String>, Messages)>,
-}
-
-/// An event's messages: recipient and payload, one per recipient.
-type Messages = Vec<(ClientId, Value)>;
-
-impl<F: FnOnce(Option<EventFlag>, Option<&str>) -> Vec<(ClientId, Value)>> Address<F> {
-    fn new(make: F) -> Self {
-        Self {
-            make: Some(make),
-            made: None,
-        }
-    }
-
-    /// The messages for `flag` and the order's `store`, one per recipient (a recipient listed
-    /// twice counts once).
-    fn messages(
-        &mut self,
-        flag: Option<EventFlag>,
-        store: Option<&str>,
-    ) -> Result<&[(ClientId, Value)], StoreError> {
-        if let Some(make) = self.make.take() {
-            let mut messages: Vec<(ClientId, Value)> = Vec::new();
-            for (client, payload) in make(flag, store) {
-                if !messages.iter().any(|(c, _)| *c == client) {
-                    messages.push((client, payload));
-                }
-            }
-            self.made = Some((flag, store.map(str::to_owned), messages));
-        }
-        match &self.made {
-            Some((made_for, made_store, messages))
-                if *made_for == flag && made_store.as_deref() == store =>
-            {
-                Ok(messages)
-            }
-            _ => Err(StoreError::NotRecorded(
-                "judged otherwise alone than in its group",
-            )),
-        }
-    }
-}
-
-/// The outcome of a committed event (see [`Store::record_event`]).
-fn recorded<F>(
-    vehicle: &VehicleId,
-    event: &DeliveryEvent,
-    written: Written,
-    address: Address<F>,
-) -> Recorded {
-    if written.duplicate {
-        return Recorded::duplicate();
-    }
-    if let Some(flag) = written.flag {
-        warn!(%vehicle, order = %event.order, kind = event.kind.as_str(), seq = event.seq, %flag, "delivery event recorded with a flag");
-    }
-    let messages = address
-        .made
-        .map(|(_, _, messages)| messages)
-        .unwrap_or_default()
-        .into_iter()
-        .zip(written.queued)
-        .map(|((client, payload), id)| Enqueued {
-            client,
-            id,
-            payload,
-        })
-        .collect();
-    Recorded {
-        duplicate: false,
-        flag: written.flag,
-        advanced: written.next.is_some(),
-        state: written.next.or(written.current),
-        store: written.order.as_ref().map(|o| o.store.clone()),
-        order: written.order,
-        messages,
-    }
-}
-
-/// Records `event` of `vehicle` of `fleet` in `tx`, not committed: stores it (deduplicated),
-/// moves its order on or flags it, queues its messages (see [`Store::record_event`]). The
-/// per-event logic, the same alone and in a group (`store::group`).
-async fn write_event<F: FnOnce(Option<EventFlag>, Option<&str>) -> Vec<(ClientId, Value)>>(
-    tx: &mut DbTx,
-    backend: Backend,
-    vehicle: &VehicleId,
-    fleet: &FleetId,
-    event: &DeliveryEvent,
-    address: &mut Address<F>,
-) -> Result<Written, StoreError> {
-    let now = now_ms();
-    // Locked on PostgreSQL: another bridge recording an event of this order waits.
-    let row: Option<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{ORDER_COLUMNS}{}",
-        backend.for_update()
-    )))
-    .bind(event.order.as_str())
-    .fetch_optional(&mut **tx)
-    .await?;
-    let mut order = row
-        .map(|row| order_from_row(&event.order, row))
-        .transpose()?;
-    let (flag, next) = judge(
-        order
-            .as_ref()
-            .map(|o| (o.state, o.vehicle.as_ref().map(VehicleId::as_str))),
-        vehicle,
-        event.kind,
-    );
-
-    let inserted: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO delivery_events (vehicle, seq, ts_ms, fleet, order_id, kind, lat_e7, \
-         lon_e7, flag, received_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-         ON CONFLICT (vehicle, seq, ts_ms) DO NOTHING RETURNING id",
-    )
-    .bind(vehicle.as_str())
-    .bind(i64::from(event.seq))
-    .bind(to_db(event.ts_ms))
-    .bind(fleet.as_str())
-    .bind(event.order.as_str())
-    .bind(event.kind.as_str())
-    .bind(event.pos.lat_e7)
-    .bind(event.pos.lon_e7)
-    .bind(flag.map(EventFlag::as_str))
-    .bind(to_db(now))
-    .fetch_optional(&mut **tx)
-    .await?;
-    let current = order.as_ref().map(|o| o.state);
-    if inserted.is_none() {
-        warn_if_reused(tx, vehicle, event).await?;
-        return Ok(Written::duplicate());
-    }
-    if let Some(next) = next {
-        sqlx::query("UPDATE orders SET state = $2, updated_ms = $3 WHERE order_id = $1")
-            .bind(event.order.as_str())
-            .bind(next.as_str())
-            .bind(to_db(now))
-            .execute(&mut **tx)
-            .await?;
-        if let Some(order) = &mut order {
-            order.state = next;
-            order.updated_ms = now;
-        }
-    }
-    let messages = address.messages(flag, order.as_ref().map(|o| o.store.as_str()))?;
-    let mut queued = Vec::with_capacity(messages.len());
-    for (client, payload) in messages {
-        queued.push(queue::insert(tx, client, &payload.to_string(), now).await?);
-    }
-    Ok(Written {
-        duplicate: false,
-        flag,
-        current,
-        next,
-        order,
-        queued,
-    })
-}
-
-/// Logs a re-sent event whose number was first recorded with other content (the device lost
-/// its counter): the first one is kept.
-async fn warn_if_reused(
-    tx: &mut DbTx,
-    vehicle: &VehicleId,
-    event: &DeliveryEvent,
-) -> Result<(), StoreError> {
-    let first: Option<(String, String)> = sqlx::query_as(
-        "SELECT order_id, kind FROM delivery_events \
-         WHERE vehicle = $1 AND seq = $2 AND ts_ms = $3",
-    )
-    .bind(vehicle.as_str())
-    .bind(i64::from(event.seq))
-    .bind(to_db(event.ts_ms))
-    .fetch_optional(&mut **tx)
-    .await?;
-    if let Some((order, kind)) = first
-        && (order != event.order.as_str() || kind != event.kind.as_str())
-    {
-        warn!(
-            %vehicle, seq = event.seq, ts_ms = event.ts_ms,
-            first = %format!("{order} {kind}"),
-            now = %format!("{} {}", event.order, event.kind.as_str()),
-            "delivery event number reused with other content: kept the first"
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -7,10 +7,9 @@
 
 use serde_json::Value;
 
-use super::database::DbTx;
 use super::database::{Store, from_db, to_db};
 use super::error::StoreError;
-pub use super::ids::{ClientId, MessageId};
+pub use super::ids::{ClientId, Enqueued, MessageId};
 
 /// A message waiting for its client's acknowledgement.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,35 +20,6 @@ pub(crate) struct QueuedMessage {
     pub(crate) payload: Value,
     /// When it was queued, ms since the Unix epoch (bridge clock).
     pub(crate) created_ms: u64,
-}
-
-/// A message just queued, to emit once the transaction that queued it has committed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Enqueued {
-    /// Who it is for.
-    pub client: ClientId,
-    /// Its id.
-    pub id: MessageId,
-    /// What to send.
-    pub payload: Value,
-}
-
-/// Inserts one message in `tx` and returns its id.
-pub(super) async fn insert(
-    tx: &mut DbTx,
-    client: &ClientId,
-    payload: &str,
-    created_ms: u64,
-) -> Result<MessageId, StoreError> {
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO queue (client, payload, created_ms) VALUES ($1, $2, $3) RETURNING id",
-    )
-    .bind(client.as_str())
-    .bind(payload)
-    .bind(to_db(created_ms))
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(MessageId(from_db(id)))
 }
 
 impl Store {
@@ -65,11 +35,17 @@ impl Store {
         client: &ClientId,
         payload: &Value,
     ) -> Result<MessageId, StoreError> {
-        let text = payload.to_string();
         let mut tx = self.begin_write().await?;
-        let id = insert(&mut tx, client, &text, crate::clock::now_ms()).await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO queue (client, payload, created_ms) VALUES ($1, $2, $3) RETURNING id",
+        )
+        .bind(client.as_str())
+        .bind(payload.to_string())
+        .bind(to_db(crate::clock::now_ms()))
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(id)
+        Ok(MessageId(from_db(id)))
     }
 
     /// Every message still waiting for `client`'s acknowledgement, oldest (lowest id) first.

@@ -2,7 +2,7 @@
 //! PostgreSQL) at once, its events looked up at once, then inserted, its orders moved on and
 //! its messages queued, each in one statement (or a few, for large groups) rather than one per
 //! event. The judging between them is `domain::order::judge`, in memory, event after event in
-//! arrival order, exactly as one transaction per event would apply it (see `Group::judge`).
+//! arrival order, exactly as one transaction per event would apply it (see `group::record`).
 //!
 //! On SQLite (in-process: a statement costs no round trip) each step is its own statement,
 //! generated for the group's size. On PostgreSQL, where each statement is a round trip to the
