@@ -1,8 +1,12 @@
 //! [`GeofenceEngine`]: the fences, an R*-tree per fleet over their bounding boxes, and which
 //! fences each vehicle is inside; [`GeofenceEngine::observe`] turns one position into the
 //! `enter` / `exit` transitions it causes, with hysteresis.
+//!
+//! Fences with the same box (every order's drop-off at one parcel locker, say) share one
+//! entry of the tree: rstar removes an entry by searching every entry whose box holds its
+//! box and comparing each, so thousands of equal boxes made each removal a scan of them all.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use rstar::RTree;
@@ -99,8 +103,41 @@ pub struct Transition {
     pub sighting: Sighting,
 }
 
-/// A fence's box in the tree (`[lon, lat]` degrees), with its id.
-type Boxed = GeomWithData<Rectangle<[f64; 2]>, Arc<str>>;
+/// A box's corners (`[lon, lat]` degrees, low then high) as bits: equal boxes, equal keys.
+type BoxKey = [u64; 4];
+
+/// A distinct box in a fleet's tree, with its key.
+type Boxed = GeomWithData<Rectangle<[f64; 2]>, BoxKey>;
+
+/// A fleet's fences: the tree of their distinct boxes, and the fences of each box.
+#[derive(Default)]
+struct FleetIndex {
+    tree: RTree<Boxed>,
+    boxes: HashMap<BoxKey, HashSet<Arc<str>>>,
+}
+
+impl FleetIndex {
+    /// Adds fence `id` with box `boxed`.
+    fn insert(&mut self, boxed: &Boxed, id: Arc<str>) {
+        let fences = self.boxes.entry(boxed.data).or_default();
+        if fences.is_empty() {
+            self.tree.insert(*boxed);
+        }
+        fences.insert(id);
+    }
+
+    /// Removes fence `id` with box `boxed`; whether the fleet has no fence left.
+    fn remove(&mut self, boxed: &Boxed, id: &str) -> bool {
+        if let Some(fences) = self.boxes.get_mut(&boxed.data) {
+            fences.remove(id);
+            if fences.is_empty() {
+                self.boxes.remove(&boxed.data);
+                self.tree.remove(boxed);
+            }
+        }
+        self.boxes.is_empty()
+    }
+}
 
 struct Entry {
     fence: Arc<Fence>,
@@ -112,7 +149,7 @@ struct Entry {
 pub struct GeofenceEngine {
     hysteresis_m: f64,
     fences: HashMap<Arc<str>, Entry>,
-    trees: HashMap<FleetId, RTree<Boxed>>,
+    trees: HashMap<FleetId, FleetIndex>,
     /// The fences each vehicle is inside (a few at most).
     inside: HashMap<VehicleId, Vec<Arc<str>>>,
     /// The vehicle holding each drop-off fence's order: only it enters that fence.
@@ -176,11 +213,12 @@ impl GeofenceEngine {
         let id: Arc<str> = Arc::from(fence.id.as_str());
         let geometry = Geometry::new(&fence.shape);
         let (lo, hi) = geometry.bounds(self.hysteresis_m);
-        let boxed = GeomWithData::new(Rectangle::from_corners(lo, hi), Arc::clone(&id));
+        let key = [lo[0], lo[1], hi[0], hi[1]].map(f64::to_bits);
+        let boxed = GeomWithData::new(Rectangle::from_corners(lo, hi), key);
         self.trees
             .entry(fence.fleet.clone())
             .or_default()
-            .insert(boxed.clone());
+            .insert(&boxed, Arc::clone(&id));
         self.fences.insert(
             id,
             Entry {
@@ -196,11 +234,10 @@ impl GeofenceEngine {
     pub fn remove(&mut self, id: &str) -> Option<Arc<Fence>> {
         let entry = self.fences.remove(id)?;
         self.carriers.remove(id);
-        if let Some(tree) = self.trees.get_mut(&entry.fence.fleet) {
-            tree.remove(&entry.boxed);
-            if tree.size() == 0 {
-                self.trees.remove(&entry.fence.fleet);
-            }
+        if let Some(index) = self.trees.get_mut(&entry.fence.fleet)
+            && index.remove(&entry.boxed, id)
+        {
+            self.trees.remove(&entry.fence.fleet);
         }
         Some(entry.fence)
     }
@@ -259,11 +296,12 @@ impl GeofenceEngine {
     pub fn observe(&mut self, sighting: &Sighting) -> Vec<Transition> {
         let point = [sighting.lon, sighting.lat];
         let mut candidates: Vec<Arc<str>> = Vec::new();
-        if let Some(tree) = self.trees.get(&sighting.fleet) {
-            candidates.extend(
-                tree.locate_all_at_point(&point)
-                    .map(|b| Arc::clone(&b.data)),
-            );
+        if let Some(index) = self.trees.get(&sighting.fleet) {
+            for boxed in index.tree.locate_all_at_point(&point) {
+                if let Some(fences) = index.boxes.get(&boxed.data) {
+                    candidates.extend(fences.iter().cloned());
+                }
+            }
         }
         self.apply(sighting, candidates)
     }
@@ -437,6 +475,40 @@ mod tests {
                 .all(|t| t.fence.id == "b")
         );
         assert_eq!(engine.len(), 1);
+    }
+
+    #[test]
+    fn fences_with_one_box_share_an_entry_and_leave_one_by_one() {
+        let mut engine = GeofenceEngine::new(5.0);
+        // Many orders to one parcel locker: the same circle, hence the same box.
+        for i in 0..1000 {
+            engine.upsert(circle(&format!("locker-{i}"), "demo", LAT, LON, 40.0));
+        }
+        engine.upsert(circle("wide", "demo", LAT, LON, 400.0));
+        let index = &engine.trees[&fleet("demo")];
+        assert_eq!(index.tree.size(), 2, "one entry per distinct box");
+        assert_eq!(engine.observe(&at("v1", 0.0)).len(), 1001);
+        for i in (0..1000).filter(|i| i % 2 == 0) {
+            assert!(engine.remove(&format!("locker-{i}")).is_some());
+        }
+        assert_eq!(engine.trees[&fleet("demo")].tree.size(), 2);
+        // v2 enters what is left, and nothing removed.
+        let entered = engine.observe(&at("v2", 0.0));
+        assert_eq!(entered.len(), 501);
+        assert!(entered.iter().all(|t| {
+            t.fence.id == "wide" || t.fence.id[7..].parse::<u32>().is_ok_and(|i| i % 2 == 1)
+        }));
+        for i in (0..1000).filter(|i| i % 2 == 1) {
+            assert!(engine.remove(&format!("locker-{i}")).is_some());
+        }
+        assert_eq!(
+            engine.trees[&fleet("demo")].tree.size(),
+            1,
+            "the box went with its last fence"
+        );
+        assert!(engine.remove("wide").is_some());
+        assert!(engine.trees.is_empty() && engine.is_empty());
+        assert!(engine.observe(&at("v3", 0.0)).is_empty());
     }
 
     #[test]
