@@ -14,7 +14,8 @@ use super::database::{Backend, DbTx, Store, from_db, narrow, parse_id, to_db};
 use super::error::StoreError;
 use super::group::{Messages, Recorded};
 use super::order_row::{
-    ORDER_COLUMNS, OrderRow, OrderView, TimelineEntry, TimelineKind, order_from_row,
+    ORDER_COLUMNS, OrderRow, OrderView, TimelineEntry, TimelineKind, order_fields, order_from_row,
+    order_with_id,
 };
 use super::postgres;
 use super::queue::ClientId;
@@ -107,44 +108,15 @@ pub(crate) struct AssignedOrder {
 /// The columns of a delivery event row, as the timeline reads them.
 type EventRow = (String, i64, i64, String, i32, i32, Option<String>);
 
-/// The columns of an order row with its id first, as [`Store::list_orders`] reads them.
-type ListedRow = (
-    String,
-    String,
-    String,
-    String,
-    i32,
-    i32,
-    i32,
-    i32,
-    String,
-    Option<String>,
-    i64,
-    i64,
-);
-
-/// A listed row as an order (without its timeline).
-fn listed_order(row: ListedRow) -> Result<OrderView, StoreError> {
-    let (id, store, fleet, customer, p_lat, p_lon, d_lat, d_lon, state, vehicle, created, updated) =
-        row;
-    let id: OrderId = parse_id("order id", &id)?;
-    order_from_row(
-        &id,
-        (
-            store, fleet, customer, p_lat, p_lon, d_lat, d_lon, state, vehicle, created, updated,
-        ),
-    )
-}
-
 /// The query of [`Store::list_orders`] for `filter` (with `$N` placeholders, the limit last)
 /// and the values to bind before the limit. Only placeholders are formatted in.
 fn list_query(filter: &OrderFilter) -> (String, Vec<String>) {
     // Only placeholders are formatted in; every value is bound.
-    let mut sql = String::from(
-        "SELECT order_id, store, fleet, customer, pickup_lat_e7, pickup_lon_e7, \
-         dropoff_lat_e7, dropoff_lon_e7, state, vehicle, created_ms, updated_ms \
-         FROM orders WHERE 1 = 1",
-    );
+    let mut sql = String::from(concat!(
+        "SELECT order_id, ",
+        order_fields!(),
+        " FROM orders WHERE 1 = 1"
+    ));
     let mut binds: Vec<String> = Vec::new();
     let mut any_of = |sql: &mut String, column: &str, values: Vec<String>| {
         let first = binds.len() + 1;
@@ -443,7 +415,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let (sql, binds) = list_query(filter);
-        let mut query = sqlx::query_as::<_, ListedRow>(sqlx::AssertSqlSafe(sql));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for value in &binds {
             query = query.bind(value.as_str());
         }
@@ -451,7 +423,9 @@ impl Store {
             .bind(i64::from(filter.limit))
             .fetch_all(&self.read)
             .await?;
-        rows.into_iter().map(listed_order).collect()
+        rows.iter()
+            .map(|row| order_with_id(row).map(|(_, order)| order))
+            .collect()
     }
 
     /// Cancels `order` if `may_cancel` allows it in its current state, in one transaction

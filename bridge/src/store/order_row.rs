@@ -105,27 +105,26 @@ pub(super) const ORDER_COLUMNS: &str = concat!(
     " FROM orders WHERE order_id = $1"
 );
 
-/// The order `id` of the columns of [`order_fields`] that start at column `first` of `row`.
-pub(super) fn order_at(
-    id: &OrderId,
-    row: &sqlx::any::AnyRow,
-    first: usize,
-) -> Result<OrderView, StoreError> {
+/// The order of a row that holds its id, then the columns of [`order_fields`] (`SELECT
+/// order_id, ...`): its id as stored, and the order.
+pub(super) fn order_with_id(row: &sqlx::any::AnyRow) -> Result<(String, OrderView), StoreError> {
     use sqlx::Row as _;
-    let row: OrderRow = (
-        row.try_get(first)?,
-        row.try_get(first + 1)?,
-        row.try_get(first + 2)?,
-        row.try_get(first + 3)?,
-        row.try_get(first + 4)?,
-        row.try_get(first + 5)?,
-        row.try_get(first + 6)?,
-        row.try_get(first + 7)?,
-        row.try_get(first + 8)?,
-        row.try_get(first + 9)?,
-        row.try_get(first + 10)?,
+    let id: String = row.try_get(0)?;
+    let fields: OrderRow = (
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+        row.try_get(5)?,
+        row.try_get(6)?,
+        row.try_get(7)?,
+        row.try_get(8)?,
+        row.try_get(9)?,
+        row.try_get(10)?,
+        row.try_get(11)?,
     );
-    order_from_row(id, row)
+    let order = order_from_row(&parse_id("order id", &id)?, fields)?;
+    Ok((id, order))
 }
 
 /// The order `id` as stored in `row`, without its timeline.

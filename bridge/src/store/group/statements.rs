@@ -21,7 +21,7 @@ use sqlx::Row as _;
 use super::super::backend::{Backend, from_db, parse_id, to_db};
 use super::super::error::StoreError;
 use super::super::ids::{ClientId, MessageId};
-use super::super::order_row::{OrderView, order_at, order_fields};
+use super::super::order_row::{OrderView, order_fields, order_with_id};
 use super::super::pool::DbTx;
 use crate::domain::order::{EventFlag, OrderState};
 
@@ -144,8 +144,8 @@ async fn read_postgres(
     let mut orders = HashMap::with_capacity(ids.len());
     let mut found = HashMap::new();
     for row in rows {
-        if let Some(id) = row.try_get::<Option<String>, _>(0)? {
-            let order = order_at(&parse_id("order id", &id)?, &row, 1)?;
+        if row.try_get::<Option<String>, _>(0)?.is_some() {
+            let (id, order) = order_with_id(&row)?;
             orders.insert(id, order);
             continue;
         }
@@ -304,8 +304,7 @@ async fn read_orders(
             query = query.bind(*id);
         }
         for row in query.fetch_all(&mut **tx).await? {
-            let id: String = row.try_get(0)?;
-            let order = order_at(&parse_id("order id", &id)?, &row, 1)?;
+            let (id, order) = order_with_id(&row)?;
             orders.insert(id, order);
         }
     }
