@@ -407,27 +407,43 @@ async fn begin(write: &DbPool, backend: Backend) -> Result<DbTx, StoreError> {
     Ok(write.begin_with(backend.begin_write()).await?)
 }
 
+/// How many times an event alone is tried when another transaction recorded it between its
+/// read and its write (see `statements::RECORDED_MEANWHILE`): the next try sees it recorded.
+const ALONE_TRIES: usize = 3;
+
 /// Records `request`'s event in a transaction of its own (a group of one) and commits it.
 /// The outer error: the transaction could not begin (nothing was tried); the inner one: its
-/// statements or its commit failed (nothing of it was committed).
+/// statements or its commit failed (nothing of it was committed). If another bridge recorded
+/// the same event meanwhile, it is tried again in a new transaction, which finds it recorded
+/// (a duplicate).
 async fn alone(
     write: &DbPool,
     backend: Backend,
     request: &Request,
 ) -> Result<Result<Recorded, StoreError>, StoreError> {
-    let mut tx = begin(write, backend).await?;
-    let written = match record(&mut tx, backend, std::slice::from_ref(request)).await {
-        Ok(mut written) => written.pop(),
-        Err(err) => {
-            rollback(tx).await;
-            return Ok(Err(err));
-        }
-    };
-    Ok(match (tx.commit().await, written) {
-        (Ok(()), Some(written)) => Ok(written.recorded(&request.vehicle, &request.event)),
-        (Ok(()), None) => Err(StoreError::NotRecorded("recorded nothing")),
-        (Err(err), _) => Err(err.into()),
-    })
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut tx = begin(write, backend).await?;
+        let written = match record(&mut tx, backend, std::slice::from_ref(request)).await {
+            Ok(mut written) => written.pop(),
+            Err(StoreError::NotRecorded(why))
+                if why == statements::RECORDED_MEANWHILE && tries < ALONE_TRIES =>
+            {
+                rollback(tx).await;
+                continue;
+            }
+            Err(err) => {
+                rollback(tx).await;
+                return Ok(Err(err));
+            }
+        };
+        return Ok(match (tx.commit().await, written) {
+            (Ok(()), Some(written)) => Ok(written.recorded(&request.vehicle, &request.event)),
+            (Ok(()), None) => Err(StoreError::NotRecorded("recorded nothing")),
+            (Err(err), _) => Err(err.into()),
+        });
+    }
 }
 
 /// Records `group` in `tx`, not committed: reads (and locks) its orders, looks its events

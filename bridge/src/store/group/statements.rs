@@ -25,6 +25,12 @@ use super::super::order_row::{OrderView, order_fields, order_with_id};
 use super::super::pool::DbTx;
 use crate::domain::order::{EventFlag, OrderState};
 
+/// Why [`write`] refuses a group one of whose events another transaction recorded after the
+/// group's read looked it up ([`StoreError::NotRecorded`]). On PostgreSQL the read's lookup
+/// sees the snapshot of its statement's start, even when its lock on the order waited for
+/// that other transaction: a transaction begun after it sees the event, as a duplicate.
+pub(super) const RECORDED_MEANWHILE: &str = "an event of the group was recorded meanwhile";
+
 /// The most rows one generated statement takes (well under both backends' limits on bound
 /// values).
 const ROWS_PER_STATEMENT: usize = 256;
@@ -267,7 +273,7 @@ async fn write_postgres(
         .await?;
     if inserted != count as i64 {
         return Err(StoreError::NotRecorded(
-            "an event of the group was recorded meanwhile",
+            RECORDED_MEANWHILE,
         ));
     }
     let ids = ids
@@ -386,7 +392,7 @@ async fn insert_events(
         let inserted = query.execute(&mut **tx).await?.rows_affected();
         if inserted != chunk.len() as u64 {
             return Err(StoreError::NotRecorded(
-                "an event of the group was recorded meanwhile",
+                RECORDED_MEANWHILE,
             ));
         }
     }
