@@ -13,7 +13,6 @@
 //!
 //! The binaries come from the `PATH` or from Debian's `/usr/lib/postgresql/<version>/bin`.
 
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -391,12 +390,7 @@ fn find_on_path(program: &str) -> Option<PathBuf> {
 
 /// A port on 127.0.0.1 that was free a moment ago.
 fn free_port() -> Result<u16, Error> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .map_err(Error::io("cannot bind a loopback port"))?;
-    listener
-        .local_addr()
-        .map(|addr| addr.port())
-        .map_err(Error::io("cannot read a bound port"))
+    crate::port::free_port().map_err(Error::io("cannot bind a loopback port"))
 }
 
 /// Runs `command` to completion; its output, or an [`Error::Command`] saying what it printed.
@@ -458,7 +452,7 @@ mod tests {
         drop(server);
         assert!(!dir.exists(), "directory removed");
         assert!(
-            std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err(),
+            std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).is_err(),
             "server stopped"
         );
     }

@@ -11,7 +11,7 @@
 //! for tests of what a client does while Redis is away.
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -192,10 +192,9 @@ impl Drop for TempRedis {
     }
 }
 
-/// Reserves a free loopback port by binding port 0 and releasing it.
+/// A free loopback port (see [`crate::port`]).
 fn free_port() -> io::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
+    crate::port::free_port()
 }
 
 /// Sends an inline `PING` and expects `+PONG`.

@@ -442,14 +442,15 @@ pub fn write_bridge_config(toml: &str) -> anyhow::Result<tempfile::NamedTempFile
     Ok(file)
 }
 
-/// A free TCP port on 127.0.0.1 (bound, read, released), for programs that must be restarted
-/// on the same address.
+/// A free TCP port on 127.0.0.1, below the kernel's ephemeral range (see
+/// `testengines::port`), for programs that must be told their port or restarted on the same
+/// address.
 ///
 /// # Errors
 /// If no port can be bound.
 pub fn free_port() -> anyhow::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-    listener.local_addr().context("reading the bound address")
+    let port = testengines::port::free_port().context("binding a loopback port")?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 /// The standalone `broker` command: MQTT 3.1.1 on `listen`, MQTT 5 off and `/metrics` on an
