@@ -272,9 +272,7 @@ async fn write_postgres(
         .fetch_one(&mut **tx)
         .await?;
     if inserted != count as i64 {
-        return Err(StoreError::NotRecorded(
-            RECORDED_MEANWHILE,
-        ));
+        return Err(StoreError::NotRecorded(RECORDED_MEANWHILE));
     }
     let ids = ids
         .iter()
@@ -391,9 +389,7 @@ async fn insert_events(
         }
         let inserted = query.execute(&mut **tx).await?.rows_affected();
         if inserted != chunk.len() as u64 {
-            return Err(StoreError::NotRecorded(
-                RECORDED_MEANWHILE,
-            ));
+            return Err(StoreError::NotRecorded(RECORDED_MEANWHILE));
         }
     }
     Ok(())
