@@ -38,6 +38,7 @@ use bytes::{Buf as _, BytesMut};
 use clap::Parser;
 use shared::frame;
 use shared::{FleetId, Topic, TopicKind, VehicleId};
+use testengines::{port, procfs};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -344,29 +345,12 @@ impl BrokerProcess {
 
     /// utime + stime, in seconds.
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name, which is in parentheses: state is field 3, utime 14.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        (ticks(11) + ticks(12)) as f64 / clock_ticks_per_second()
+        procfs::cpu_secs(self.pid()).unwrap_or(0.0)
     }
 
-    /// A `/proc/PID/status` line in MiB (`VmRSS:`, `VmHWM:`).
+    /// A `/proc/PID/status` field in MiB (`VmRSS`, `VmHWM`).
     fn memory_mib(&self, key: &str) -> f64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .map_or(0.0, |kib| kib / 1024.0)
+        procfs::status_kib(self.pid(), key).map_or(0.0, |kib| kib as f64 / 1024.0)
     }
 
     fn stop(mut self) {
@@ -387,23 +371,8 @@ impl BrokerProcess {
     }
 }
 
-fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn free_port() -> io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 async fn start_broker(args: &Args, kind: BrokerKind, flood: bool) -> anyhow::Result<BrokerProcess> {
-    let port = free_port()?;
+    let port = port::free_port()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let dir = std::env::temp_dir().join(format!(
         "fleetbeat-broker-bench-{}-{port}",
@@ -705,7 +674,7 @@ async fn run_scenario(
         } => flood(&broker, publishers, messages).await,
     };
     let outcome = outcome.map(|mut o| {
-        o.peak_rss_mib = broker.memory_mib("VmHWM:");
+        o.peak_rss_mib = broker.memory_mib("VmHWM");
         o
     });
     broker.stop();
@@ -830,7 +799,7 @@ async fn steady(
     let cpu_before = broker.cpu_seconds();
     tokio::time::sleep_until(tokio::time::Instant::from_std(window_end)).await;
     let cpu_after = broker.cpu_seconds();
-    let end_rss_mib = broker.memory_mib("VmRSS:");
+    let end_rss_mib = broker.memory_mib("VmRSS");
     control.done.store(true, Ordering::Relaxed);
     let received = tokio::task::spawn_blocking(move || subscriber.join())
         .await?
@@ -901,7 +870,7 @@ async fn flood(
         .await?
         .map_err(|_| anyhow::anyhow!("the subscriber panicked"))??;
     let cpu_after = broker.cpu_seconds();
-    let end_rss_mib = broker.memory_mib("VmRSS:");
+    let end_rss_mib = broker.memory_mib("VmRSS");
     drop(keep);
 
     let elapsed_s = (received.last_ns.saturating_sub(started_ns)) as f64 / 1e9;

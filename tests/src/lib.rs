@@ -29,7 +29,7 @@ pub mod node;
 pub mod page;
 pub mod peer;
 pub mod process;
-pub mod procfs;
+pub use testengines::procfs;
 pub mod provision;
 pub mod sio;
 pub mod stack;

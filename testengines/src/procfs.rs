@@ -1,5 +1,5 @@
 //! CPU time and memory of processes, and of the machine, from `/proc` (Linux): for the
-//! benchmarks (`loadbench`, `eventbench`).
+//! benchmarks (`loadbench`, `eventbench`, `broker-bench`).
 
 use std::sync::OnceLock;
 
