@@ -741,10 +741,11 @@ impl Hub {
     /// Records a vehicle's delivery event durably and queues it for its recipients (the
     /// order's vendor and the dispatchers who may see the fleet), in one transaction;
     /// `payload` makes the message for the event's flag (see `order::judge`) and the store
-    /// that placed the order, both as the transaction read them. A suspect event (another vehicle's order, or an unknown order: [`EventFlag::is_suspect`])
-    /// is stored flagged and queued for the dispatchers only: the order's vendor never gets it
-    /// as genuine (it sees the flagged entry in the order's timeline). Returns the queued
-    /// messages to emit (none for a duplicate).
+    /// that placed the order, both as the transaction read them. A suspect event (another
+    /// vehicle's order, or an unknown order: [`EventFlag::is_suspect`]) is stored flagged and
+    /// queued for the dispatchers only: the order's vendor never gets it as genuine (it sees
+    /// the flagged entry in the order's timeline). Returns the queued messages to emit (none
+    /// for a duplicate).
     ///
     /// # Errors
     /// [`StoreError`] if it was not committed: the event must not be acknowledged.
