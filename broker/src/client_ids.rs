@@ -14,10 +14,13 @@
 //! Which ids a login may use at all is decided before, in `auth::client_id`.
 
 use std::collections::HashMap;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use tokio::sync::Notify;
+use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -30,14 +33,21 @@ struct Holder {
     /// The login holding it; `None` in open mode.
     login: Option<String>,
     kick: CancellationToken,
-    done: CancellationToken,
 }
 
 /// The holders of client ids.
+///
+/// Every connection holds one, so a hold is kept small: one token (a child of the broker's
+/// `stopping`, so a connection waits on one token for both) and no other allocation than the
+/// entry; a claim waiting for a holder to finish is woken by any release and looks again.
 #[derive(Debug, Default)]
 pub(crate) struct ClientIds {
     holders: Mutex<HashMap<String, Holder>>,
     generations: AtomicU64,
+    /// Notified at every release.
+    released: Notify,
+    /// Parent of every claim's `kicked` token.
+    parent: CancellationToken,
 }
 
 /// One connection's hold on its client id; give it back with [`ClientIds::release`].
@@ -45,18 +55,30 @@ pub(crate) struct ClientIds {
 pub(crate) struct Claim {
     client_id: String,
     generation: u64,
-    /// Cancelled when a newer connection with the same client id takes over.
+    /// Cancelled when a newer connection with the same client id takes over, and when the
+    /// parent given to [`ClientIds::new`] is (the broker stops).
     pub(crate) kicked: CancellationToken,
-    done: CancellationToken,
 }
 
 impl ClientIds {
+    /// No client id held yet; every claim's `kicked` is cancelled with `parent` too.
+    pub(crate) fn new(parent: CancellationToken) -> ClientIds {
+        ClientIds {
+            parent,
+            ..ClientIds::default()
+        }
+    }
+
     /// Takes `client_id` over for `login` (`None` in open mode): tells its current holder to
     /// stop, waits (bounded) until it has finished, and returns the new hold; `None`, and
     /// the holder left alone, if the holder is a connection of another login.
     pub(crate) async fn claim(&self, client_id: &str, login: Option<&str>) -> Option<Claim> {
+        let deadline = Instant::now() + TAKEOVER_WAIT;
         loop {
-            let previous = {
+            let mut released = pin!(self.released.notified());
+            // Listening before the holder is looked at: its release cannot slip in between.
+            released.as_mut().enable();
+            {
                 let mut holders = self.holders();
                 match holders.get(client_id) {
                     Some(holder) => {
@@ -66,15 +88,11 @@ impl ClientIds {
                             return None;
                         }
                         holder.kick.cancel();
-                        holder.done.clone()
                     }
                     None => return Some(self.insert(&mut holders, client_id, login)),
                 }
-            };
-            if tokio::time::timeout(TAKEOVER_WAIT, previous.cancelled())
-                .await
-                .is_err()
-            {
+            }
+            if timeout_at(deadline, released).await.is_err() {
                 warn!(
                     client_id,
                     "the previous connection of this client did not finish in time: taking over"
@@ -101,22 +119,19 @@ impl ClientIds {
         login: Option<&str>,
     ) -> Claim {
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
-        let kick = CancellationToken::new();
-        let done = CancellationToken::new();
+        let kick = self.parent.child_token();
         holders.insert(
             client_id.to_owned(),
             Holder {
                 generation,
                 login: login.map(str::to_owned),
                 kick: kick.clone(),
-                done: done.clone(),
             },
         );
         Claim {
             client_id: client_id.to_owned(),
             generation,
             kicked: kick,
-            done,
         }
     }
 
@@ -131,7 +146,7 @@ impl ClientIds {
                 holders.remove(&claim.client_id);
             }
         }
-        claim.done.cancel();
+        self.released.notify_waiters();
     }
 
     /// Client ids currently held.
@@ -200,6 +215,41 @@ mod tests {
             "free again (the login rule is auth::client_id's)"
         );
         ids.release(again.unwrap());
+    }
+
+    /// A claim waiting for its holder is woken by any release, and waits on while its own
+    /// holder stays; the broker stopping kicks every holder.
+    #[tokio::test]
+    async fn a_takeover_waits_for_its_own_holder_and_stopping_kicks_every_holder() {
+        let stopping = CancellationToken::new();
+        let ids = Arc::new(ClientIds::new(stopping.clone()));
+        let old = ids.claim("van-1", None).await.unwrap();
+        let other = ids.claim("van-2", None).await.unwrap();
+        let taker = {
+            let ids = Arc::clone(&ids);
+            tokio::spawn(async move { ids.claim("van-1", None).await })
+        };
+        tokio::time::timeout(Duration::from_secs(5), old.kicked.cancelled())
+            .await
+            .expect("the holder is told to stop");
+        ids.release(other);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !taker.is_finished(),
+            "another id's release is not this one's"
+        );
+        ids.release(old);
+        let new = tokio::time::timeout(Duration::from_secs(5), taker)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(!new.kicked.is_cancelled());
+        stopping.cancel();
+        assert!(new.kicked.is_cancelled(), "stopping reaches every holder");
+        ids.release(new);
     }
 
     #[tokio::test(start_paused = true)]

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rumqttd::Notification;
-use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{
     Filter, Packet, Protocol as _, PubAck, PubAckReason, Publish, PublishProperties, QoS,
@@ -42,7 +42,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
-use crate::router::{LinkRefused, LinkRequest, Registrar, wait_for_router};
+use crate::router::{LinkRefused, LinkRequest, Registrar, send_now, wait_for_router};
 
 /// The filter the mux link subscribes to: every vehicle's command topic.
 const COMMAND_FILTER: &str = TopicKind::Command.filter();
@@ -241,15 +241,16 @@ impl Mux {
         if self.gone.load(Ordering::Acquire) {
             return Err(MuxError::Dropped);
         }
-        let Some(last) = batch.pop() else {
+        if batch.is_empty() {
             return Ok(());
-        };
+        }
         let started = Instant::now();
+        // The batch stays in its `Vec` until it goes (see `router::hand_over`).
         loop {
             {
                 let mut guard = self.tx.lock().await;
                 let (tx, taken) = &mut *guard;
-                let room = {
+                let last = {
                     let mut buffer = tx.buffer();
                     if buffer.is_empty() {
                         *taken += 1;
@@ -258,17 +259,17 @@ impl Mux {
                     let room = (buffer.len() < MAX_BACKLOG && !ours_pending)
                         || started.elapsed() >= BACKLOG_PATIENCE;
                     if room {
+                        let last = batch.pop();
                         buffer.extend(batch.drain(..));
+                        last
+                    } else {
+                        None
                     }
-                    room
                 };
-                if room {
+                if let Some(last) = last {
                     *pending = Some(*taken);
                     // One notification per batch: the router takes the whole buffer for it.
-                    tx.send(last)
-                        .await
-                        .map_err(|err: LinkError| MuxError::LinkGone(err.to_string()))?;
-                    return Ok(());
+                    return send_now(tx, last).map_err(|err| MuxError::LinkGone(err.to_string()));
                 }
             }
             wait_for_router(started).await;

@@ -192,28 +192,62 @@ pub(crate) async fn drain(mut rx: LinkRx, name: &'static str) {
 /// [`HAND_OVER_PATIENCE`] it gives up waiting and appends to the buffer (the router still
 /// takes it with the pending notification), so a stuck router cannot hang a connection's
 /// teardown.
-pub(crate) async fn hand_over(tx: &mut LinkTx, batch: &mut Vec<Packet>) -> Result<(), LinkError> {
-    let Some(last) = batch.pop() else {
+pub(crate) async fn hand_over(
+    tx: &mut LinkTx,
+    batch: &mut Vec<Packet>,
+) -> Result<(), HandOverError> {
+    if batch.is_empty() {
         return Ok(());
-    };
+    }
     let started = Instant::now();
     let deadline = started + HAND_OVER_PATIENCE;
+    // The batch stays in its `Vec` (on the heap) until it goes: a packet held across the wait
+    // would be ≈400 bytes of every connection task's state for as long as it lives.
     loop {
-        {
-            let mut buffer = tx.buffer();
-            if buffer.is_empty() {
-                buffer.extend(batch.drain(..));
-                break;
-            }
-            if Instant::now() >= deadline {
-                buffer.extend(batch.drain(..));
-                buffer.push_back(last);
-                return Ok(());
-            }
+        let now = tx.buffer().is_empty() || Instant::now() >= deadline;
+        if now {
+            return send_batch(tx, batch);
         }
         wait_for_router(started).await;
     }
-    tx.send(last).await.map(drop)
+}
+
+/// Appends `batch` but its last packet to the link's buffer and sends that one (one
+/// notification for the batch), emptying `batch`.
+fn send_batch(tx: &mut LinkTx, batch: &mut Vec<Packet>) -> Result<(), HandOverError> {
+    let Some(last) = batch.pop() else {
+        return Ok(());
+    };
+    tx.buffer().extend(batch.drain(..));
+    send_now(tx, last)
+}
+
+/// Hands `packet` to the router through `tx`, without an `await`.
+///
+/// rumqttd 0.20's `LinkTx::send` is `async` but never waits: it appends to the link's buffer
+/// and notifies the router on a channel with a blocking send. Awaited, its future (which holds
+/// the packet) would be part of the caller's state; in a connection's task, for as long as the
+/// connection lives. So it is polled once here. Should a later rumqttd make it wait, the
+/// packet is refused ([`HandOverError::Waited`]) rather than lost unnoticed.
+pub(crate) fn send_now(tx: &mut LinkTx, packet: Packet) -> Result<(), HandOverError> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match pin!(tx.send(packet)).poll(&mut cx) {
+        Poll::Ready(Ok(_)) => Ok(()),
+        Poll::Ready(Err(err)) => Err(HandOverError::Gone(err.to_string())),
+        Poll::Pending => Err(HandOverError::Waited),
+    }
+}
+
+/// Why a packet did not reach the router.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandOverError {
+    /// The router's channel is closed: rumqttd's `LinkError`, kept as its message (the error
+    /// itself is over 800 bytes).
+    #[error("the router is gone: {0}")]
+    Gone(String),
+    /// `LinkTx::send` did not complete at once (see [`send_now`]).
+    #[error("rumqttd's LinkTx::send waited, which this broker does not expect")]
+    Waited,
 }
 
 /// One pause of a link waiting, since `started`, for the router to take its buffer: a yield to

@@ -381,6 +381,7 @@ impl Broker {
         self.accepting.cancel();
         self.background.cancel();
         self.ctx.draining.cancel();
+        self.ctx.alarm.cancel();
         self.connections.close();
         let forced = if timeout(grace, self.connections.wait()).await.is_ok() {
             0
@@ -617,6 +618,16 @@ async fn assemble(
             .map_err(|err| unavailable("randomness for the probe login", &err))?;
         bytes
     };
+    let stopping = CancellationToken::new();
+    let alarm = CancellationToken::new();
+    {
+        let dead = mux.dead().clone();
+        let alarm = alarm.clone();
+        tokio::spawn(async move {
+            dead.cancelled().await;
+            alarm.cancel();
+        });
+    }
     let ctx = Arc::new(FrontEnd {
         limits: Limits {
             connection_timeout: Duration::from_millis(u64::from(config.connection_timeout_ms)),
@@ -634,7 +645,7 @@ async fn assemble(
             password: hex::encode(probe_secret),
         },
         metrics: metrics.clone(),
-        client_ids: ClientIds::default(),
+        client_ids: ClientIds::new(stopping.clone()),
         registrar: registrar.clone(),
         durability: Arc::new(Durability::new(
             &config.durable_consumers,
@@ -653,7 +664,8 @@ async fn assemble(
         watchers,
         wills,
         draining: CancellationToken::new(),
-        stopping: CancellationToken::new(),
+        stopping,
+        alarm: alarm.clone(),
         admitted: AtomicUsize::new(0),
     });
     tokio::spawn(Arc::clone(&ctx.durability).replay(ctx.draining.clone()));

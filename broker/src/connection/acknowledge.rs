@@ -91,14 +91,16 @@ impl Established {
     /// will prove the message durable.
     pub(super) fn forwarded_to_consumer(&mut self, pkid: u16, topic: &Bytes, payload: &Bytes) {
         if self.consumer && is_gated_topic(topic) {
-            self.consumer_forwards
+            self.extras()
+                .consumer_forwards
                 .insert(pkid, MessageKey::new(topic, payload));
         }
     }
 
     /// A durable consumer acknowledged the forward `pkid` with `reason`.
     pub(super) fn consumer_acknowledged(&mut self, pkid: u16, reason: PubAckReason) {
-        let Some(key) = self.consumer_forwards.remove(&pkid) else {
+        let forwards = self.extras.as_mut();
+        let Some(key) = forwards.and_then(|e| e.consumer_forwards.remove(&pkid)) else {
             return;
         };
         if matches!(

@@ -68,6 +68,9 @@ pub(crate) struct FrontEnd {
     pub(crate) draining: CancellationToken,
     /// Cancelled when connections must close now.
     pub(crate) stopping: CancellationToken,
+    /// Cancelled when `draining` is and when the shared link of device connections dies
+    /// (`mux`): a connection listens for both on one token of its own (see `session`).
+    pub(crate) alarm: CancellationToken,
     /// Client connections admitted (CONNECT accepted, not yet closed).
     pub(crate) admitted: AtomicUsize,
 }

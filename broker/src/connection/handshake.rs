@@ -45,10 +45,11 @@ pub(super) struct Accepted {
     /// A persistent session (clean session / clean start off).
     pub(super) persistent: bool,
     /// The connection's own router link, if it needed one from the start.
-    pub(super) link: Option<OwnLink>,
+    pub(super) link: Option<Box<OwnLink>>,
 }
 
-/// A connection's own link with rumqttd's router.
+/// A connection's own link with rumqttd's router; kept boxed, so connections without one
+/// (vehicles) do not carry its room.
 pub(super) struct OwnLink {
     pub(super) tx: LinkTx,
     pub(super) rx: LinkRx,
@@ -444,7 +445,7 @@ fn register(
     client_id: &str,
     persistent: bool,
     ctx: &FrontEnd,
-) -> Result<(Option<OwnLink>, Option<Packet>), crate::router::LinkRefused> {
+) -> Result<(Option<Box<OwnLink>>, Option<Packet>), crate::router::LinkRefused> {
     let had_session = ctx.note_session(client_id, persistent);
     if had_session && !persistent {
         // The router discards the persistent session, subscriptions and all.
@@ -460,7 +461,7 @@ fn register(
             clean_session: !persistent,
         })?;
         ctx.count_own_link(true);
-        return Ok((Some(OwnLink { tx, rx }), connack.into()));
+        return Ok((Some(Box::new(OwnLink { tx, rx })), connack.into()));
     }
     let ack = ConnAck {
         session_present: false,

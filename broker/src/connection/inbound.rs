@@ -54,7 +54,9 @@ impl Established {
                 self.consumer_acknowledged(ack.pkid, ack.reason);
                 if let Some(at) = self.mux_outgoing.iter().position(|&p| p == ack.pkid) {
                     self.mux_outgoing.swap_remove(at);
-                    if let Some(message) = self.shared_outgoing.remove(&ack.pkid) {
+                    let shared = self.extras.as_mut();
+                    if let Some(message) = shared.and_then(|e| e.shared_outgoing.remove(&ack.pkid))
+                    {
                         message.group.acknowledged(self.connection);
                     }
                 } else if self.link.is_some() {
@@ -158,10 +160,14 @@ impl Established {
     /// unacknowledged (as CONNACK tells it): one more is a protocol error, answered with
     /// DISCONNECT 0x93. A resent packet id does not count twice. 3.1.1 has no such limit.
     fn check_receive_maximum(&mut self, pkid: u16) -> Result<(), DisconnectReason> {
+        let qos2_received = self
+            .extras
+            .as_ref()
+            .map_or(&[][..], |e| &e.qos2_received[..]);
         if self.net.version != Listener::V5
             || self.incoming_inflight.contains(&pkid)
-            || self.qos2_received.contains(&pkid)
-            || self.incoming_inflight.len() + self.qos2_received.len()
+            || qos2_received.contains(&pkid)
+            || self.incoming_inflight.len() + qos2_received.len()
                 < usize::from(qos::RECEIVE_MAXIMUM)
         {
             return Ok(());
@@ -180,9 +186,10 @@ impl Established {
     /// joins went to the router); whether to route it: not if `pkid` still awaits its PUBREL,
     /// so a resent publish reaches the router once.
     fn receive_qos2(&mut self, pkid: u16) -> Result<bool, DisconnectReason> {
-        let new = !self.qos2_received.contains(&pkid);
+        let received = &mut self.extras().qos2_received;
+        let new = !received.contains(&pkid);
         if new {
-            self.qos2_received.push(pkid);
+            received.push(pkid);
         }
         let rec = PubRec {
             pkid,
@@ -194,7 +201,9 @@ impl Established {
 
     /// A PUBREL: the client's QoS 2 exchange for `pkid` is complete (PUBCOMP).
     fn on_pubrel(&mut self, pkid: u16) -> Result<(), DisconnectReason> {
-        self.qos2_received.retain(|&p| p != pkid);
+        if let Some(extras) = &mut self.extras {
+            extras.qos2_received.retain(|&p| p != pkid);
+        }
         let comp = PubComp {
             pkid,
             reason: PubCompReason::Success,
@@ -222,11 +231,16 @@ impl Established {
             return Err(DisconnectReason::Protocol);
         }
         if !publish.topic.is_empty() {
-            self.topic_aliases
+            self.extras()
+                .topic_aliases
                 .insert(alias, Bytes::copy_from_slice(&publish.topic));
             return Ok(());
         }
-        match self.topic_aliases.get(&alias) {
+        match self
+            .extras
+            .as_ref()
+            .and_then(|e| e.topic_aliases.get(&alias))
+        {
             Some(topic) => {
                 publish.topic = topic.clone();
                 Ok(())
@@ -314,9 +328,12 @@ impl Established {
             self.filters.remove(filter);
             if let ShareFilter::Shared { group, filter } = share::parse(filter) {
                 let key = (group.to_owned(), filter.to_owned());
-                let reason = match self.shared_subscriptions.iter().position(|k| *k == key) {
-                    Some(at) => {
-                        self.shared_subscriptions.swap_remove(at);
+                let joined = self.extras.as_mut().and_then(|e| {
+                    let at = e.shared_subscriptions.iter().position(|k| *k == key)?;
+                    Some(e.shared_subscriptions.swap_remove(at))
+                });
+                let reason = match joined {
+                    Some(_) => {
                         self.ctx.shared.leave(&key, self.connection);
                         UnsubAckReason::Success
                     }
@@ -343,7 +360,9 @@ impl Established {
             if !answered.is_empty() {
                 // The router never sees a `$` filter; their reasons go into its UNSUBACK.
                 unsubscribe.filters.retain(|f| !f.starts_with('$'));
-                self.unsuback_answers.push((unsubscribe.pkid, answered));
+                self.extras()
+                    .unsuback_answers
+                    .push((unsubscribe.pkid, answered));
             }
             batch.push(Packet::Unsubscribe(unsubscribe, properties));
             return Ok(());
@@ -410,7 +429,9 @@ impl Established {
             self.ctx.watchers.subscribed(&self.client_id, &filter.path);
         }
         if !refused.is_empty() {
-            self.suback_refusals.push((subscribe.pkid, refused));
+            self.extras()
+                .suback_refusals
+                .push((subscribe.pkid, refused));
         }
         batch.push(Packet::Subscribe(subscribe, properties));
         Ok(())
@@ -514,8 +535,9 @@ impl Established {
             {
                 Ok(()) => {
                     let key = (group.to_owned(), shared.to_owned());
-                    if !self.shared_subscriptions.contains(&key) {
-                        self.shared_subscriptions.push(key);
+                    let groups = &mut self.extras().shared_subscriptions;
+                    if !groups.contains(&key) {
+                        groups.push(key);
                     }
                     joined = true;
                     SubscribeReasonCode::Success(granted)

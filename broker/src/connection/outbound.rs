@@ -94,7 +94,7 @@ impl Established {
                 if info.qos > 0 {
                     self.mux_outgoing.push(pkid);
                     self.forwarded_to_consumer(pkid, &message.topic, &message.payload);
-                    self.shared_outgoing.insert(pkid, message);
+                    self.extras().shared_outgoing.insert(pkid, message);
                 }
                 Ok(())
             }
@@ -112,12 +112,14 @@ impl Established {
     /// Puts the UNSUBACK reasons of the filters the front end answered itself (shared
     /// subscriptions, see `inbound`) into the router's UNSUBACK for it.
     fn put_back_unsuback_answers(&mut self, ack: &mut UnsubAck) {
-        if let Some(at) = self
-            .unsuback_answers
-            .iter()
-            .position(|(pkid, _)| *pkid == ack.pkid)
-        {
-            let (_, answered) = self.unsuback_answers.swap_remove(at);
+        let answers = self.extras.as_mut().and_then(|e| {
+            let at = e
+                .unsuback_answers
+                .iter()
+                .position(|(pkid, _)| *pkid == ack.pkid)?;
+            Some(e.unsuback_answers.swap_remove(at))
+        });
+        if let Some((_, answered)) = answers {
             for (position, reason) in answered {
                 ack.reasons.insert(position.min(ack.reasons.len()), reason);
             }
@@ -132,15 +134,19 @@ impl Established {
         pkid: Option<u16>,
         acks: &mut Vec<Packet>,
     ) -> bool {
+        let Some(extras) = &mut self.extras else {
+            return false;
+        };
+        let forwards = &mut extras.router_forwards;
         let known = pkid.is_some_and(|pkid| {
-            self.router_forwards
+            forwards
                 .iter_mut()
                 .find(|(p, done)| *p == pkid && !*done)
                 .map(|(_, done)| *done = true)
                 .is_some()
         });
-        while let Some(&(pkid, true)) = self.router_forwards.front() {
-            self.router_forwards.pop_front();
+        while let Some(&(pkid, true)) = forwards.front() {
+            forwards.pop_front();
             let ack = PubAck {
                 pkid,
                 reason: PubAckReason::Success,
@@ -153,12 +159,14 @@ impl Established {
     /// Puts the SUBACK codes of the filters the front end refused from this SUBSCRIBE (see
     /// `inbound`) into the router's SUBACK for it.
     fn put_back_suback_refusals(&mut self, ack: &mut SubAck) {
-        if let Some(at) = self
-            .suback_refusals
-            .iter()
-            .position(|(pkid, _)| *pkid == ack.pkid)
-        {
-            let (_, refused) = self.suback_refusals.swap_remove(at);
+        let refusals = self.extras.as_mut().and_then(|e| {
+            let at = e
+                .suback_refusals
+                .iter()
+                .position(|(pkid, _)| *pkid == ack.pkid)?;
+            Some(e.suback_refusals.swap_remove(at))
+        });
+        if let Some((_, refused)) = refusals {
             put_back_refusals(&mut ack.return_codes, &refused);
         }
     }
@@ -217,13 +225,13 @@ impl Established {
                                     if !self.outgoing_inflight.contains(&pkid) {
                                         self.outgoing_inflight.push(pkid);
                                     }
-                                    self.router_forwards.push_back((pkid, false));
+                                    self.extras().router_forwards.push_back((pkid, false));
                                     if let Some((topic, payload)) = &message {
                                         self.forwarded_to_consumer(pkid, topic, payload);
                                     }
                                 }
                                 if let Some(pkid) = downgraded {
-                                    self.router_forwards.push_back((pkid, true));
+                                    self.extras().router_forwards.push_back((pkid, true));
                                 }
                             }
                             Err(err) => return Err(self.protocol_error(&err)),

@@ -53,7 +53,7 @@ pub(super) struct Established {
     pub(super) net: Network,
     /// The connection's own router link, if it has one: from CONNECT for a persistent
     /// session, from its first subscription the mux link does not serve otherwise.
-    pub(super) link: Option<OwnLink>,
+    pub(super) link: Option<Box<OwnLink>>,
     /// A persistent session: everything goes through its own link, as rumqttd keeps it.
     pub(super) persistent: bool,
     /// Publishes for the mux link, in the client's order.
@@ -84,6 +84,38 @@ pub(super) struct Established {
     pub(super) gated: bool,
     /// A durable consumer: its PUBACKs prove messages durable.
     pub(super) consumer: bool,
+    /// What only some connections use, on the heap from its first use (see [`Extras`]).
+    pub(super) extras: Option<Box<Extras>>,
+    /// An MQTT 5 DISCONNECT asked for the will to be published.
+    pub(super) will_on_disconnect: bool,
+    /// How long after the connection is lost its will is published (MQTT 5: min(Will Delay
+    /// Interval, Session Expiry Interval); zero otherwise).
+    will_delay: Duration,
+    /// Why the broker ends the connection, told to an MQTT 5 client in a last DISCONNECT (a
+    /// protocol error: packet too large, topic alias invalid, receive maximum exceeded, ...).
+    pub(super) farewell: Cell<Option<DisconnectReasonCode>>,
+    pub(super) acl_warned: bool,
+    /// The connection's publish rate limit, `None` if it has none.
+    rate: Option<PublishRate>,
+    /// The connection's SUBSCRIBE rate limit (the same token bucket), `None` if it has none.
+    pub(super) subscribe_rate: Option<PublishRate>,
+    /// The filters the connection subscribed to, while `max_subscriptions` is set.
+    pub(super) filters: HashSet<String>,
+    /// The PUBLISH at the head of the read buffer waits for the rate until then; the socket
+    /// is not read meanwhile.
+    throttled_until: Option<Instant>,
+    /// The PUBLISH at the head of the read buffer has been held back (counted once).
+    holding: bool,
+    throttle_warned: bool,
+}
+
+/// A connection's state that vehicles (QoS 0 and 1, MQTT 3.1.1, their own commands) never
+/// use: durable consumers, own router links, QoS 2, subscriptions the front end answers in
+/// part, shared subscriptions, MQTT 5 topic aliases. Every connection's task keeps room for
+/// [`Established`] as long as it lives; these ≈270 bytes are allocated only by a connection
+/// that needs them.
+#[derive(Default)]
+pub(super) struct Extras {
     /// A durable consumer's QoS 1 forwards of such messages, by packet id, until it
     /// acknowledges them.
     pub(super) consumer_forwards: HashMap<u16, crate::durability::MessageKey>,
@@ -107,30 +139,9 @@ pub(super) struct Established {
     /// acknowledged, by packet id (from [`MUX_PKIDS`]): given to another member if the
     /// connection ends first.
     pub(super) shared_outgoing: HashMap<u16, Arc<SharedMessage>>,
-    /// An MQTT 5 DISCONNECT asked for the will to be published.
-    pub(super) will_on_disconnect: bool,
-    /// How long after the connection is lost its will is published (MQTT 5: min(Will Delay
-    /// Interval, Session Expiry Interval); zero otherwise).
-    will_delay: Duration,
-    /// Why the broker ends the connection, told to an MQTT 5 client in a last DISCONNECT (a
-    /// protocol error: packet too large, topic alias invalid, receive maximum exceeded, ...).
-    pub(super) farewell: Cell<Option<DisconnectReasonCode>>,
-    pub(super) acl_warned: bool,
     /// MQTT 5 topic aliases the client set, so an aliased publish (empty topic) is checked
     /// against the topic it stands for.
     pub(super) topic_aliases: HashMap<u16, Bytes>,
-    /// The connection's publish rate limit, `None` if it has none.
-    rate: Option<PublishRate>,
-    /// The connection's SUBSCRIBE rate limit (the same token bucket), `None` if it has none.
-    pub(super) subscribe_rate: Option<PublishRate>,
-    /// The filters the connection subscribed to, while `max_subscriptions` is set.
-    pub(super) filters: HashSet<String>,
-    /// The PUBLISH at the head of the read buffer waits for the rate until then; the socket
-    /// is not read meanwhile.
-    throttled_until: Option<Instant>,
-    /// The PUBLISH at the head of the read buffer has been held back (counted once).
-    holding: bool,
-    throttle_warned: bool,
 }
 
 /// A connection's last will and its MQTT 5 properties, kept on the heap (only connections
@@ -198,18 +209,11 @@ pub(super) fn run(
         pubacks: PubAckQueue::default(),
         gated,
         consumer,
-        consumer_forwards: HashMap::new(),
-        router_forwards: VecDeque::new(),
-        qos2_received: Vec::new(),
-        suback_refusals: Vec::new(),
-        unsuback_answers: Vec::new(),
-        shared_subscriptions: Vec::new(),
-        shared_outgoing: HashMap::new(),
+        extras: None,
         will_on_disconnect: false,
         will_delay,
         farewell: Cell::new(None),
         acl_warned: false,
-        topic_aliases: HashMap::new(),
         rate,
         subscribe_rate,
         filters: HashSet::new(),
@@ -219,14 +223,17 @@ pub(super) fn run(
     };
 
     let will: Option<Will> = will.map(|will| Box::new((will, will_properties)));
-    // A child token: polled on every wake of this connection, the shared one would be a lock
-    // every connection contends for (see `Established::run`).
-    let stopping = ctx.stopping.child_token();
     async move {
+        // The claim's token is this connection's own (polled on every wake of it, a shared one
+        // would be a lock every connection contends for, see `Established::run`), and a child
+        // of the broker's `stopping`.
         let end = tokio::select! {
             biased;
-            () = claim.kicked.cancelled() => DisconnectReason::TakenOver,
-            () = stopping.cancelled() => DisconnectReason::Shutdown,
+            () = claim.kicked.cancelled() => if ctx.stopping.is_cancelled() {
+                DisconnectReason::Shutdown
+            } else {
+                DisconnectReason::TakenOver
+            },
             end = session.run(keep_alive) => end,
         };
 
@@ -243,6 +250,11 @@ pub(super) fn run(
 }
 
 impl Established {
+    /// The connection's [`Extras`], allocated at the first use.
+    pub(super) fn extras(&mut self) -> &mut Extras {
+        self.extras.get_or_insert_with(Box::default)
+    }
+
     async fn run(&mut self, keep_alive: Duration) -> DisconnectReason {
         // MQTT: a server disconnects a client it has heard nothing from for 1.5 × keep-alive;
         // keep-alive 0 (allowed for clients that are not vehicles) means never.
@@ -250,13 +262,14 @@ impl Established {
         let mut last_heard = Instant::now();
         let mut batch = Vec::new();
         let mux = Arc::clone(&self.ctx.mux);
-        // Made once, not once per turn of the loop, and on child tokens of this connection's
-        // own: polling a cancellation future locks its token's node, and a node shared by
-        // every connection is a lock both cores fight over on every message.
-        let draining = self.ctx.draining.child_token().cancelled_owned();
-        tokio::pin!(draining);
-        let dead = mux.dead().child_token().cancelled_owned();
-        tokio::pin!(dead);
+        // Made once, not once per turn of the loop, and on a child token of this
+        // connection's own: polling a cancellation future locks its token's node, and a node
+        // shared by every connection is a lock both cores fight over on every message. One
+        // token (a few hundred bytes for each connection) for both alarms: draining began, the
+        // shared router link died.
+        let alarm = self.ctx.alarm.child_token().cancelled_owned();
+        tokio::pin!(alarm);
+        let mut alarm_heard = false;
         loop {
             if let Err(end) = self.route_buffered(&mut batch).await {
                 return end;
@@ -275,15 +288,38 @@ impl Established {
             if owing {
                 last_heard = Instant::now();
             }
+            let deadline = match (throttled, idle_limit) {
+                (Some(until), _) => Some(until),
+                (None, Some(limit)) if !owing => Some(last_heard + limit),
+                (None, _) => None,
+            };
             tokio::select! {
                 biased;
-                () = &mut draining, if !self.draining => {
-                    self.draining = true;
+                () = &mut alarm, if !alarm_heard => {
+                    if !self.persistent && mux.dead().is_cancelled() {
+                        debug!(client_id = self.client_id, "the shared router link is gone");
+                        return DisconnectReason::Router;
+                    }
+                    if self.ctx.draining.is_cancelled() {
+                        self.draining = true;
+                        alarm_heard = true;
+                    } else {
+                        // The shared link died, which a persistent session does not use: it
+                        // listens for draining alone from now.
+                        alarm.set(self.ctx.draining.child_token().cancelled_owned());
+                    }
                 }
-                // Throttled: the client is evidently sending; its socket waits, so TCP pushes
-                // back on it, and keep-alive counts from when reading resumes.
-                () = sleep_until(throttled.unwrap_or(last_heard)), if throttled.is_some() => {
-                    last_heard = Instant::now();
+                // One timer, the throttle's or keep-alive's (never both: a throttled client is
+                // evidently sending), so the task keeps room for one.
+                () = sleep_until(deadline.unwrap_or(last_heard)), if deadline.is_some() => {
+                    if throttled.is_some() {
+                        // Its socket waited, so TCP pushed back on it; keep-alive counts from
+                        // when reading resumes.
+                        last_heard = Instant::now();
+                    } else {
+                        debug!(client_id = self.client_id, ?keep_alive, "keep-alive expired");
+                        return DisconnectReason::KeepAlive;
+                    }
                 }
                 read = self.net.read_more(), if throttled.is_none() && !owing => match read {
                     Ok(()) => last_heard = Instant::now(),
@@ -292,10 +328,6 @@ impl Established {
                         return DisconnectReason::Network;
                     }
                 },
-                () = &mut dead, if !self.persistent => {
-                    debug!(client_id = self.client_id, "the shared router link is gone");
-                    return DisconnectReason::Router;
-                }
                 // Both deliveries are boxed: their futures are larger than the rest of this
                 // loop's, and the task's allocation is sized for the largest state it has.
                 event = next_event(&mut self.port) => {
@@ -305,7 +337,7 @@ impl Established {
                 }
                 note = next_notification(&mut self.link) => match note {
                     Ok(first) => {
-                        if let Err(end) = Box::pin(self.deliver(first)).await {
+                        if let Err(end) = Box::pin(self.deliver(first.map(|n| *n))).await {
                             return end;
                         }
                     }
@@ -314,10 +346,6 @@ impl Established {
                         return DisconnectReason::Router;
                     }
                 },
-                () = sleep_until(last_heard + idle_limit.unwrap_or_default()), if throttled.is_none() && !owing && idle_limit.is_some() => {
-                    debug!(client_id = self.client_id, ?keep_alive, "keep-alive expired");
-                    return DisconnectReason::KeepAlive;
-                }
             }
         }
     }
@@ -447,7 +475,7 @@ impl Established {
                     client_id = self.client_id,
                     "subscription beyond commands: the connection gets its own router link"
                 );
-                self.link = Some(OwnLink { tx, rx });
+                self.link = Some(Box::new(OwnLink { tx, rx }));
                 self.ctx.count_own_link(true);
                 Ok(())
             }
@@ -568,14 +596,13 @@ impl Established {
     /// Leaves every shared subscription group, and gives what they gave this connection and
     /// it did not acknowledge (written or still queued) to other members (MQTT 5 §4.8.2).
     fn leave_shared_groups(&mut self) {
-        for key in self.shared_subscriptions.drain(..) {
-            self.ctx.shared.leave(&key, self.connection);
+        let mut unacknowledged: Vec<Arc<SharedMessage>> = Vec::new();
+        if let Some(extras) = &mut self.extras {
+            for key in extras.shared_subscriptions.drain(..) {
+                self.ctx.shared.leave(&key, self.connection);
+            }
+            unacknowledged.extend(extras.shared_outgoing.drain().map(|(_, message)| message));
         }
-        let mut unacknowledged: Vec<Arc<SharedMessage>> = self
-            .shared_outgoing
-            .drain()
-            .map(|(_, message)| message)
-            .collect();
         if let Some(port) = &mut self.port {
             while let Ok(event) = port.rx.try_recv() {
                 if let MuxEvent::Shared { message, .. } = event {
@@ -621,13 +648,21 @@ async fn publish_will(
 }
 
 /// The next notification from a connection's own link; never ready without one.
+///
+/// What comes out is boxed, as is rumqttd's future: the loop's `select!` keeps room in every
+/// connection's task for each branch's future and for the largest outcome of its branches,
+/// and only connections with a link of their own (the bridge, tools) should pay for
+/// rumqttd's future (≈300 bytes), a notification (≈250) or its `LinkError` (over 800). Such a
+/// connection pays two allocations per wake-up, not per message: `deliver` takes what else is
+/// ready without them.
 async fn next_notification(
-    link: &mut Option<OwnLink>,
-) -> Result<Option<Notification>, Box<LinkError>> {
-    // The error boxed: rumqttd's `LinkError` is over 800 bytes, and the loop's `select!` keeps
-    // room for the largest outcome of its branches in every connection's task.
+    link: &mut Option<Box<OwnLink>>,
+) -> Result<Option<Box<Notification>>, Box<LinkError>> {
     match link {
-        Some(link) => link.rx.next().await.map_err(Box::new),
+        Some(link) => match Box::pin(link.rx.next()).await {
+            Ok(notification) => Ok(notification.map(Box::new)),
+            Err(err) => Err(Box::new(err)),
+        },
         None => std::future::pending().await,
     }
 }
