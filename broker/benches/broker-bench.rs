@@ -173,6 +173,10 @@ struct Outcome {
     window_s: f64,
     peak_rss_mib: f64,
     end_rss_mib: f64,
+    /// `VmRSS` of a steady scenario's broker before the devices connect, and once they all
+    /// have (before they publish): what the connections themselves cost.
+    idle_rss_mib: f64,
+    connected_rss_mib: f64,
     connect_s: f64,
     /// Connections of a steady scenario (0 for the flood).
     devices: usize,
@@ -281,16 +285,16 @@ fn print_table(
     results: &BTreeMap<(&str, BrokerKind), Outcome>,
 ) {
     println!(
-        "| scenario | broker | msg/s | loss | p50 ms | p99 ms | max ms | broker CPU s (window) | peak RSS MiB | KiB/connection | RSS at end MiB | connect s |"
+        "| scenario | broker | msg/s | loss | p50 ms | p99 ms | max ms | broker CPU s (window) | peak RSS MiB | KiB/connection | RSS at end MiB | RSS before / after connecting MiB | connect s |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for scenario in scenarios {
         for &kind in brokers {
             let Some(o) = results.get(&(scenario.name(), kind)) else {
                 continue;
             };
             println!(
-                "| {} | {} | {:.0} | {:.2}% | {:.2} | {:.2} | {:.1} | {:.2} ({:.1} s) | {:.1} | {} | {:.1} | {:.1} |",
+                "| {} | {} | {:.0} | {:.2}% | {:.2} | {:.2} | {:.1} | {:.2} ({:.1} s) | {:.1} | {} | {:.1} | {} | {:.1} |",
                 scenario.describe(),
                 kind.label(),
                 o.msg_per_s,
@@ -307,6 +311,11 @@ fn print_table(
                     "–".to_owned()
                 },
                 o.end_rss_mib,
+                if o.devices > 0 {
+                    format!("{:.1} / {:.1}", o.idle_rss_mib, o.connected_rss_mib)
+                } else {
+                    "–".to_owned()
+                },
                 o.connect_s,
             );
         }
@@ -316,7 +325,7 @@ fn print_table(
         ) {
             let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
             println!(
-                "| {} | **fleetbeat ÷ mosquitto** | **{:.2}×** | | {:.2}× | {:.2}× | | {:.2}× | {:.2}× | | {:.2}× | |",
+                "| {} | **fleetbeat ÷ mosquitto** | **{:.2}×** | | {:.2}× | {:.2}× | | {:.2}× | {:.2}× | | {:.2}× | | |",
                 scenario.describe(),
                 ratio(f.msg_per_s, m.msg_per_s),
                 ratio(f.p50_ms, m.p50_ms),
@@ -734,9 +743,12 @@ async fn steady(
     window: Duration,
 ) -> anyhow::Result<Outcome> {
     let clock = Clock(Instant::now());
+    let idle_rss_mib = broker.memory_mib("VmRSS");
     let connecting = Instant::now();
     let streams = connect_devices(broker.addr, devices).await?;
     let connect_s = connecting.elapsed().as_secs_f64();
+    // Each device has its CONNACK: the broker has set every connection up.
+    let connected_rss_mib = broker.memory_mib("VmRSS");
 
     let period = Duration::from_secs(1) / rate_hz;
     // Sends start a moment from now, then: warm-up, the window, the end of sending.
@@ -815,6 +827,8 @@ async fn steady(
         cpu_s: cpu_after - cpu_before,
         window_s: window.as_secs_f64(),
         end_rss_mib,
+        idle_rss_mib,
+        connected_rss_mib,
         connect_s,
         devices,
         ..Outcome::default()
