@@ -88,6 +88,11 @@ struct Args {
     #[arg(long)]
     json_mirror: bool,
 
+    /// Each device of a steady scenario also subscribes (QoS 1) to its own command topic,
+    /// `fleet/bench/{id}/cmd`, as a vehicle does; none is published.
+    #[arg(long)]
+    subscribe_commands: bool,
+
     /// Extra command-line argument for the Fleetbeat broker (repeat for more), e.g.
     /// `--fleetbeat-arg=--io-threads=1`.
     #[arg(long, allow_hyphen_values = true)]
@@ -500,6 +505,23 @@ fn payload(sent_ns: u64, seq: u32) -> [u8; PAYLOAD_LEN] {
     payload
 }
 
+/// Subscribes the device `vehicle` to its command topic at QoS 1 and waits for the SUBACK.
+async fn subscribe_to_commands(stream: &mut TcpStream, vehicle: &str) -> io::Result<()> {
+    let (Ok(fleet), Ok(vehicle)) = (FleetId::new("bench"), VehicleId::new(vehicle)) else {
+        unreachable!("bench ids are valid: {vehicle}");
+    };
+    let topic = Topic::new(fleet, vehicle, TopicKind::Command).name();
+    stream
+        .write_all(&frame::subscribe(false, 1, &[(topic.as_str(), 1)]))
+        .await?;
+    let mut suback = [0u8; 5];
+    stream.read_exact(&mut suback).await?;
+    if suback[0] != 0x90 || suback[4] > 2 {
+        return Err(io::Error::other(format!("SUBACK {suback:?}")));
+    }
+    Ok(())
+}
+
 /// Connects, sends CONNECT, and waits for a successful CONNACK.
 async fn connect(addr: SocketAddr, client_id: &str, keep_alive: u16) -> io::Result<TcpStream> {
     let mut stream = TcpStream::connect(addr).await?;
@@ -669,6 +691,7 @@ async fn run_scenario(
         } => {
             steady(
                 &broker,
+                args.subscribe_commands,
                 devices,
                 rate_hz,
                 qos,
@@ -708,7 +731,11 @@ fn fill_latencies(outcome: &mut Outcome, mut latencies: Vec<u32>) {
 }
 
 /// Connects `devices` publishers, `CONNECTS_IN_FLIGHT` at a time.
-async fn connect_devices(addr: SocketAddr, devices: usize) -> anyhow::Result<Vec<TcpStream>> {
+async fn connect_devices(
+    addr: SocketAddr,
+    devices: usize,
+    subscribe_commands: bool,
+) -> anyhow::Result<Vec<TcpStream>> {
     let limit = Arc::new(Semaphore::new(CONNECTS_IN_FLIGHT));
     let mut tasks = Vec::with_capacity(devices);
     for i in 0..devices {
@@ -718,6 +745,10 @@ async fn connect_devices(addr: SocketAddr, devices: usize) -> anyhow::Result<Vec
             let mut attempt = 0;
             loop {
                 match connect(addr, &format!("bench-d{i:05}"), 600).await {
+                    Ok(mut stream) if subscribe_commands => {
+                        subscribe_to_commands(&mut stream, &format!("d{i:05}")).await?;
+                        return Ok::<_, io::Error>(stream);
+                    }
                     Ok(stream) => return Ok::<_, io::Error>(stream),
                     Err(err) if attempt >= 5 => return Err(err),
                     Err(_) => {
@@ -737,6 +768,7 @@ async fn connect_devices(addr: SocketAddr, devices: usize) -> anyhow::Result<Vec
 
 async fn steady(
     broker: &BrokerProcess,
+    subscribe_commands: bool,
     devices: usize,
     rate_hz: u32,
     qos: u8,
@@ -745,7 +777,7 @@ async fn steady(
     let clock = Clock(Instant::now());
     let idle_rss_mib = broker.memory_mib("VmRSS");
     let connecting = Instant::now();
-    let streams = connect_devices(broker.addr, devices).await?;
+    let streams = connect_devices(broker.addr, devices, subscribe_commands).await?;
     let connect_s = connecting.elapsed().as_secs_f64();
     // Each device has its CONNACK: the broker has set every connection up.
     let connected_rss_mib = broker.memory_mib("VmRSS");
@@ -843,7 +875,7 @@ async fn flood(
     messages: usize,
 ) -> anyhow::Result<Outcome> {
     let clock = Clock(Instant::now());
-    let streams = connect_devices(broker.addr, publishers).await?;
+    let streams = connect_devices(broker.addr, publishers, false).await?;
     let total = (publishers * messages) as u64;
     let control = Arc::new(SubscriberControl {
         window: (0, u64::MAX),

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_channel::mpsc;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
@@ -37,7 +38,6 @@ use rumqttd::protocol::{
 use shared::TopicKind;
 use shared::frame;
 use shared::topic::Levels;
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
@@ -80,9 +80,24 @@ pub(crate) enum MuxEvent {
     },
 }
 
-impl crate::share::MemberPort for UnboundedSender<MuxEvent> {
+/// The sending side of a connection's port: what the mux link, durability and shared
+/// subscription groups hand it ([`MuxEvent`]).
+pub(crate) type PortTx = mpsc::UnboundedSender<MuxEvent>;
+
+/// The receiving side of a connection's port.
+pub(crate) type PortRx = mpsc::UnboundedReceiver<MuxEvent>;
+
+/// A connection's port: an unbounded channel from `futures-channel`, not tokio's. Every vehicle
+/// has one (its command subscription opens it), and tokio's channel allocates a 32-slot block
+/// and cache-padded halves up front (≈1 KiB); this one a small node per event.
+pub(crate) fn port() -> (PortTx, PortRx) {
+    mpsc::unbounded()
+}
+
+impl crate::share::MemberPort for PortTx {
     fn give(&self, message: Arc<crate::share::SharedMessage>, qos: u8) -> bool {
-        self.send(MuxEvent::Shared { message, qos }).is_ok()
+        self.unbounded_send(MuxEvent::Shared { message, qos })
+            .is_ok()
     }
 }
 
@@ -102,7 +117,7 @@ pub(crate) struct CommandMessage {
 struct CommandSubscriber {
     connection: u64,
     qos: u8,
-    tx: UnboundedSender<MuxEvent>,
+    tx: PortTx,
 }
 
 /// QoS 1 publishes sent through the mux link and not yet acknowledged by the router: the
@@ -110,7 +125,7 @@ struct CommandSubscriber {
 #[derive(Debug, Default)]
 struct AwaitingAck {
     next: u16,
-    by_pkid: HashMap<u16, (UnboundedSender<MuxEvent>, u16)>,
+    by_pkid: HashMap<u16, (PortTx, u16)>,
 }
 
 /// Why the mux link cannot take a publish.
@@ -199,7 +214,7 @@ impl Mux {
         &self,
         publish: &Publish,
         properties: Option<PublishProperties>,
-        reply: &UnboundedSender<MuxEvent>,
+        reply: &PortTx,
         device_pkid: u16,
     ) -> Packet {
         let pkid = {
@@ -283,12 +298,15 @@ impl Mux {
         connection: u64,
         topic: &str,
         qos: u8,
-        tx: &UnboundedSender<MuxEvent>,
+        tx: &PortTx,
     ) -> Option<Arc<CommandMessage>> {
         let topic = Bytes::copy_from_slice(topic.as_bytes());
         {
             let mut subscribers = lock(&self.subscribers);
-            let list = subscribers.entry(topic.clone()).or_default();
+            // Room for one: a vehicle's command topic has one subscriber.
+            let list = subscribers
+                .entry(topic.clone())
+                .or_insert_with(|| Vec::with_capacity(1));
             list.retain(|s| s.connection != connection);
             list.push(CommandSubscriber {
                 connection,
@@ -353,7 +371,7 @@ impl Mux {
                         let waiting = lock(&self.awaiting_ack).by_pkid.remove(&ack.pkid);
                         if let Some((tx, device_pkid)) = waiting {
                             // The connection may be gone: its PUBACK goes nowhere.
-                            let _ = tx.send(MuxEvent::PubAck(device_pkid));
+                            let _ = tx.unbounded_send(MuxEvent::PubAck(device_pkid));
                         }
                     }
                 }
@@ -407,7 +425,7 @@ impl Mux {
             qos,
         });
         list.retain(|s| {
-            s.tx.send(MuxEvent::Command {
+            s.tx.unbounded_send(MuxEvent::Command {
                 command: Arc::clone(&command),
                 qos: s.qos.min(qos),
             })
@@ -474,7 +492,6 @@ fn publish_pkid(publish: &Publish) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
-    use tokio::sync::mpsc;
     use tokio::time::{sleep, timeout};
 
     use super::*;
@@ -519,7 +536,7 @@ mod tests {
         watch_tx.subscribe("fleet/+/+/event").unwrap();
         sleep(Duration::from_millis(100)).await;
 
-        let (reply, mut acks) = mpsc::unbounded_channel();
+        let (reply, mut acks) = port();
         let publish = rumqttd::protocol::Publish::new(
             Bytes::from_static(b"fleet/f/van-1/event"),
             Bytes::from_static(b"e1"),

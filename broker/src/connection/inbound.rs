@@ -446,7 +446,7 @@ impl Established {
     /// MQTT 5: 0x8F "topic filter invalid" for a malformed share, 0x97 "quota exceeded"
     /// beyond the limit, 0x80 for the others).
     fn refuse_unserved(&mut self, subscribe: &mut Subscribe) -> Vec<(usize, SubscribeReasonCode)> {
-        let limit = match self.identity {
+        let limit = match *self.identity {
             Identity::Probe => 0,
             _ => self.ctx.limits.max_subscriptions,
         };
@@ -622,12 +622,16 @@ impl Established {
                 .mux
                 .subscribe(connection, &filter.path, qos, &reply);
             if !self.mux_subscriptions.contains(&filter.path) {
+                if self.mux_subscriptions.is_empty() {
+                    // Room for one: a vehicle subscribes to its own commands only.
+                    self.mux_subscriptions.reserve_exact(1);
+                }
                 self.mux_subscriptions.push(filter.path.clone());
             }
             if let Some(command) = retained {
                 // Written after the SUBACK: the channel is read once this batch is done.
                 let qos = qos.min(command.qos);
-                let _ = reply.send(MuxEvent::Command { command, qos });
+                let _ = reply.unbounded_send(MuxEvent::Command { command, qos });
             }
             return_codes.push(SubscribeReasonCode::Success(granted));
         }

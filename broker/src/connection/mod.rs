@@ -84,22 +84,28 @@ use crate::tls::{ServerTls, certificate_vehicle_id};
 /// as long as the connection lives: so the steps up to the CONNACK run in a future of their
 /// own, boxed and freed once they are done, and what they leave behind (the socket, the
 /// accepted CONNECT) is moved into the session before it is awaited (see `docs/broker.md`,
-/// Memory).
-pub(crate) async fn serve(
+/// Memory). The arguments go into that boxed future, not beside the session: an `async fn`
+/// keeps its arguments for as long as it runs.
+pub(crate) fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     listener: Listener,
     tls: Option<Arc<ServerTls>>,
     ctx: Arc<FrontEnd>,
-) {
-    let session = {
-        let Some((net, accepted)) = Box::pin(establish(stream, peer, listener, tls, &ctx)).await
-        else {
-            return;
+) -> impl Future<Output = ()> + Send {
+    let establishing = Box::pin(async move {
+        let (net, accepted) = establish(stream, peer, listener, tls, &ctx).await?;
+        Some((net, accepted, peer, ctx))
+    });
+    async move {
+        let session = {
+            let Some((net, accepted, peer, ctx)) = establishing.await else {
+                return;
+            };
+            session::run(net, accepted, peer, ctx)
         };
-        session::run(net, accepted, peer, ctx)
-    };
-    session.await;
+        session.await;
+    }
 }
 
 /// Steps 0 to 2: the TLS handshake (on a TLS listener), the CONNECT, the CONNACK. `None` if

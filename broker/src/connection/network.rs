@@ -95,16 +95,20 @@ pub(super) struct Network {
     stream: Stream,
     read: BytesMut,
     write: BytesMut,
-    codec: Box<dyn Protocol + Send + Sync>,
     /// The listener's MQTT version.
     pub(super) version: Listener,
     max_payload_size: usize,
     /// The largest packet the client accepts (MQTT 5 `Maximum Packet Size`), if it set one.
-    client_max_packet_size: Option<usize>,
+    client_max_packet_size: Option<u32>,
     /// How many topic aliases the client accepts from the broker (MQTT 5 `Topic Alias
     /// Maximum`), and those set on this connection: topic → alias.
     client_topic_alias_max: u16,
-    topic_aliases: HashMap<Bytes, u16>,
+    /// On the heap from the first alias: only MQTT 5 clients that accept aliases need it.
+    #[expect(
+        clippy::box_collection,
+        reason = "8 bytes instead of 48 in every connection's task (docs/broker.md, Memory)"
+    )]
+    topic_aliases: Option<Box<HashMap<Bytes, u16>>>,
     metrics: BrokerMetrics,
 }
 
@@ -115,20 +119,15 @@ impl Network {
         max_payload_size: usize,
         metrics: &BrokerMetrics,
     ) -> Network {
-        let codec: Box<dyn Protocol + Send + Sync> = match version {
-            Listener::V4 => Box::new(V4),
-            Listener::V5 => Box::new(V5),
-        };
         Network {
             stream,
             read: BytesMut::new(),
             write: BytesMut::new(),
-            codec,
             version,
             max_payload_size,
             client_max_packet_size: None,
             client_topic_alias_max: 0,
-            topic_aliases: HashMap::new(),
+            topic_aliases: None,
             metrics: metrics.clone(),
         }
     }
@@ -136,7 +135,7 @@ impl Network {
     /// Sets the largest packet the client accepts (its CONNECT's `Maximum Packet Size`): a
     /// forward bigger than that is not sent (MQTT 5, 3.1.2.11.4).
     pub(super) fn set_client_max_packet_size(&mut self, max: Option<u32>) {
-        self.client_max_packet_size = max.and_then(|max| usize::try_from(max).ok());
+        self.client_max_packet_size = max;
     }
 
     /// Sets how many topic aliases the client accepts (its CONNECT's `Topic Alias Maximum`):
@@ -223,8 +222,13 @@ impl Network {
             None
         };
         let max = self.max_payload_size;
-        let (codec, read) = (&mut self.codec, &mut self.read);
-        match catch_unwind(AssertUnwindSafe(|| codec.read_mut(read, max))) {
+        let (version, read) = (self.version, &mut self.read);
+        // rumqttd's codecs are unit structs: nothing of theirs is kept per connection.
+        let decode = || match version {
+            Listener::V4 => V4.read_mut(read, max),
+            Listener::V5 => V5.read_mut(read, max),
+        };
+        match catch_unwind(AssertUnwindSafe(decode)) {
             Ok(Ok(packet)) => Ok(Some(Received { packet, publish })),
             Ok(Err(protocol::Error::InsufficientBytes(_))) => Ok(None),
             Ok(Err(err)) => Err(PacketError::Codec(err)),
@@ -243,8 +247,12 @@ impl Network {
             Listener::V5 => packet,
         };
         let start = self.write.len();
-        let (codec, write) = (&self.codec, &mut self.write);
-        match catch_unwind(AssertUnwindSafe(|| codec.write(packet, write))) {
+        let (version, write) = (self.version, &mut self.write);
+        let encode = || match version {
+            Listener::V4 => V4.write(packet, write),
+            Listener::V5 => V5.write(packet, write),
+        };
+        match catch_unwind(AssertUnwindSafe(encode)) {
             Ok(Ok(_)) => {}
             Ok(Err(err)) => {
                 self.write.truncate(start);
@@ -289,11 +297,11 @@ impl Network {
             router_pkid = Some(pkid);
         }
         if let Some(max) = self.client_max_packet_size
-            && self.write.len() - start > max
+            && self.write.len() - start > usize::try_from(max).unwrap_or(usize::MAX)
         {
             self.write.truncate(start);
-            if let Some(topic) = new_alias {
-                self.topic_aliases.remove(&topic);
+            if let (Some(topic), Some(aliases)) = (new_alias, &mut self.topic_aliases) {
+                aliases.remove(&topic);
             }
             let pkid = router_pkid.or(info.filter(|i| i.qos > 0).map(|i| i.pkid));
             return Ok((None, pkid));
@@ -316,16 +324,17 @@ impl Network {
             return (Packet::Publish(publish, properties), None);
         }
         let mut set = None;
-        let alias = match self.topic_aliases.get(&publish.topic) {
+        let aliases = self.topic_aliases.get_or_insert_with(Box::default);
+        let alias = match aliases.get(&publish.topic) {
             Some(&alias) => {
                 publish.topic = Bytes::new();
                 Some(alias)
             }
-            None => u16::try_from(self.topic_aliases.len() + 1)
+            None => u16::try_from(aliases.len() + 1)
                 .ok()
                 .filter(|alias| *alias <= self.client_topic_alias_max)
                 .inspect(|alias| {
-                    self.topic_aliases.insert(publish.topic.clone(), *alias);
+                    aliases.insert(publish.topic.clone(), *alias);
                     set = Some(publish.topic.clone());
                 }),
         };

@@ -7,7 +7,7 @@
 //! `inbound`; how the router's and the mux link's messages are written, in `outbound`.
 
 use std::cell::Cell;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -20,7 +20,6 @@ use rumqttd::protocol::{
     self, Disconnect, DisconnectReasonCode, LastWill, Packet, PublishProperties,
     SubscribeReasonCode, UnsubAckReason,
 };
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, warn};
 
@@ -32,7 +31,7 @@ use super::rate::PublishRate;
 use crate::auth::{Identity, Role};
 use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason};
-use crate::mux::MuxEvent;
+use crate::mux::{MuxEvent, PortRx, PortTx};
 use crate::router::{LinkRequest, hand_over};
 use crate::share::{GroupKey, SharedMessage};
 
@@ -44,8 +43,8 @@ pub(super) const MUX_PKIDS: RangeInclusive<u16> = 1024..=u16::MAX;
 /// A connection's channel from the mux link (see `mux`), opened at its first QoS 1 publish or
 /// command subscription.
 pub(super) struct MuxPort {
-    pub(super) tx: UnboundedSender<MuxEvent>,
-    pub(super) rx: UnboundedReceiver<MuxEvent>,
+    pub(super) tx: PortTx,
+    pub(super) rx: PortRx,
 }
 
 /// An established connection.
@@ -69,7 +68,9 @@ pub(super) struct Established {
     /// acknowledged by it.
     pub(super) mux_outgoing: Vec<u16>,
     pub(super) next_mux_pkid: u16,
-    pub(super) identity: Identity,
+    /// Boxed: every connection's task keeps room for `Established`, and an identity is
+    /// 72 bytes (its vehicle and fleet ids inline) that the loop reads rarely.
+    pub(super) identity: Box<Identity>,
     pub(super) ctx: Arc<FrontEnd>,
     pub(super) client_id: String,
     /// Shutdown began: route nothing new, finish what is in flight.
@@ -100,7 +101,7 @@ pub(super) struct Established {
     /// The connection's SUBSCRIBE rate limit (the same token bucket), `None` if it has none.
     pub(super) subscribe_rate: Option<PublishRate>,
     /// The filters the connection subscribed to, while `max_subscriptions` is set.
-    pub(super) filters: HashSet<String>,
+    pub(super) filters: Filters,
     /// The PUBLISH at the head of the read buffer waits for the rate until then; the socket
     /// is not read meanwhile.
     throttled_until: Option<Instant>,
@@ -142,6 +143,37 @@ pub(super) struct Extras {
     /// MQTT 5 topic aliases the client set, so an aliased publish (empty topic) is checked
     /// against the topic it stands for.
     pub(super) topic_aliases: HashMap<u16, Bytes>,
+}
+
+/// The filters a connection subscribed to, counted against `max_subscriptions` (100 by
+/// default): a `Vec` scanned in full, since a vehicle has one filter and a hash set's first
+/// insert makes room for four.
+#[derive(Default)]
+pub(super) struct Filters(Vec<String>);
+
+impl Filters {
+    pub(super) fn contains(&self, filter: &str) -> bool {
+        self.0.iter().any(|f| f == filter)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(super) fn insert(&mut self, filter: String) {
+        if !self.contains(&filter) {
+            if self.0.is_empty() {
+                self.0.reserve_exact(1);
+            }
+            self.0.push(filter);
+        }
+    }
+
+    pub(super) fn remove(&mut self, filter: &str) {
+        if let Some(at) = self.0.iter().position(|f| f == filter) {
+            self.0.swap_remove(at);
+        }
+    }
 }
 
 /// A connection's last will and its MQTT 5 properties, kept on the heap (only connections
@@ -200,7 +232,7 @@ pub(super) fn run(
         mux_subscriptions: Vec::new(),
         mux_outgoing: Vec::new(),
         next_mux_pkid: *MUX_PKIDS.start(),
-        identity,
+        identity: Box::new(identity),
         ctx: Arc::clone(&ctx),
         client_id,
         draining: false,
@@ -216,7 +248,7 @@ pub(super) fn run(
         acl_warned: false,
         rate,
         subscribe_rate,
-        filters: HashSet::new(),
+        filters: Filters::default(),
         throttled_until: None,
         holding: false,
         throttle_warned: false,
@@ -455,7 +487,7 @@ impl Established {
     /// The connection's channel from the mux link, opened on first use.
     pub(super) fn port(&mut self) -> &mut MuxPort {
         self.port.get_or_insert_with(|| {
-            let (tx, rx) = unbounded_channel();
+            let (tx, rx) = crate::mux::port();
             MuxPort { tx, rx }
         })
     }
@@ -672,8 +704,8 @@ async fn next_notification(
 async fn next_event(port: &mut Option<MuxPort>) -> MuxEvent {
     match port {
         Some(port) => match port.rx.recv().await {
-            Some(event) => event,
-            None => std::future::pending().await,
+            Ok(event) => event,
+            Err(_) => std::future::pending().await,
         },
         None => std::future::pending().await,
     }

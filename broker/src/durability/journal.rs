@@ -439,8 +439,6 @@ impl JournalWriter {
 #[cfg(test)]
 mod tests {
 
-    use tokio::sync::mpsc::unbounded_channel;
-
     use super::*;
     use crate::durability::Waiter;
     use crate::mux::MuxEvent;
@@ -498,11 +496,8 @@ mod tests {
 
     /// Three messages (keys 0, 1, 2) appended to the journal, each with a waiter of
     /// connection 1 whose entry is its key number; returns where the waiters are released.
-    fn wait_for_three(
-        journal: &Journal,
-        waiters: &Waiters,
-    ) -> tokio::sync::mpsc::UnboundedReceiver<MuxEvent> {
-        let (tx, rx) = unbounded_channel();
+    fn wait_for_three(journal: &Journal, waiters: &Waiters) -> crate::mux::PortRx {
+        let (tx, rx) = crate::mux::port();
         for n in 0..3 {
             waiters.add(
                 key(n),
@@ -532,7 +527,7 @@ mod tests {
                 let event = tokio::time::timeout(Duration::from_secs(10), rx.recv())
                     .await
                     .unwrap();
-                assert!(matches!(event, Some(MuxEvent::Durable(e)) if e == u64::from(n)));
+                assert!(matches!(event, Ok(MuxEvent::Durable(e)) if e == u64::from(n)));
             }
             assert_eq!(metrics.journal_rows(), 3);
             assert!(metrics.journal_commits_total() >= 1);

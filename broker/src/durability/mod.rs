@@ -51,7 +51,6 @@ use rumqttd::protocol::Packet;
 use shared::TopicKind;
 use shared::topic::kind_of;
 use tokio::sync::Notify;
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::{Instant, MissedTickBehavior, interval, sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -59,7 +58,7 @@ use tracing::{debug, info, warn};
 use self::journal::Journal;
 use crate::auth::{Identity, Role};
 use crate::metrics::BrokerMetrics;
-use crate::mux::{Mux, MuxEvent, publish_with};
+use crate::mux::{Mux, MuxEvent, PortTx, publish_with};
 
 /// How often waiting messages are checked for a replay.
 pub(crate) const REPLAY_INTERVAL: Duration = Duration::from_secs(10);
@@ -114,7 +113,7 @@ pub(crate) struct Waiter {
     /// The message's entry in the connection's PUBACK queue.
     pub(crate) entry: u64,
     /// Where [`MuxEvent::Durable`] goes.
-    pub(crate) tx: UnboundedSender<MuxEvent>,
+    pub(crate) tx: PortTx,
 }
 
 /// One waiting message.
@@ -170,7 +169,7 @@ impl Waiters {
             .waiting_for_durability(-(waiting.waiters.len() as i64));
         for waiter in waiting.waiters {
             // The connection may be gone: it dropped its waiters, or is about to.
-            let _ = waiter.tx.send(MuxEvent::Durable(waiter.entry));
+            let _ = waiter.tx.unbounded_send(MuxEvent::Durable(waiter.entry));
         }
     }
 
@@ -444,7 +443,6 @@ impl Durability {
 
 #[cfg(test)]
 mod tests {
-    use tokio::sync::mpsc::unbounded_channel;
 
     use super::*;
 
@@ -469,7 +467,7 @@ mod tests {
     fn release_tells_every_waiter_and_forget_drops_one() {
         let metrics = BrokerMetrics::default();
         let waiters = Waiters::new(metrics.clone());
-        let (tx, mut rx) = unbounded_channel();
+        let (tx, mut rx) = crate::mux::port();
         waiters.add(
             key(b"a"),
             Waiter {
@@ -512,7 +510,7 @@ mod tests {
     #[test]
     fn due_is_oldest_first_and_marks_as_sent() {
         let waiters = Waiters::new(BrokerMetrics::default());
-        let (tx, _rx) = unbounded_channel();
+        let (tx, _rx) = crate::mux::port();
         for (i, payload) in [&b"1"[..], b"2", b"3"].into_iter().enumerate() {
             let key = MessageKey::new(
                 &Bytes::from_static(b"fleet/f/v/event"),
@@ -540,7 +538,7 @@ mod tests {
         // the subscription was routed to it and must not come a second time (a CI run saw
         // that second copy).
         let waiters = Waiters::new(BrokerMetrics::default());
-        let (tx, _rx) = unbounded_channel();
+        let (tx, _rx) = crate::mux::port();
         let waiter = |entry| Waiter {
             connection: 1,
             entry,
