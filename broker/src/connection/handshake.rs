@@ -53,6 +53,8 @@ pub(super) struct Accepted {
 pub(super) struct OwnLink {
     pub(super) tx: LinkTx,
     pub(super) rx: LinkRx,
+    /// The notification the connection's loop took from `rx`, until it delivers it.
+    pub(super) ready: Option<rumqttd::Notification>,
 }
 
 /// Why a CONNECT is refused, mapped to each version's CONNACK code.
@@ -461,7 +463,14 @@ fn register(
             clean_session: !persistent,
         })?;
         ctx.count_own_link(true);
-        return Ok((Some(Box::new(OwnLink { tx, rx })), connack.into()));
+        return Ok((
+            Some(Box::new(OwnLink {
+                tx,
+                rx,
+                ready: None,
+            })),
+            connack.into(),
+        ));
     }
     let ack = ConnAck {
         session_present: false,

@@ -134,9 +134,7 @@ impl Established {
             self.incoming_inflight.push(pkid);
         }
         qos::mark(&publish.topic, qos, &mut properties);
-        // Our own copy: the commit log must not keep the whole read buffer alive.
-        publish.topic = Bytes::copy_from_slice(&publish.topic);
-        publish.payload = Bytes::copy_from_slice(&publish.payload);
+        (publish.topic, publish.payload) = own_copy(&publish.topic, &publish.payload);
         if qos == 1 && !self.expect_puback(&publish, pkid) {
             return Ok(());
         }
@@ -146,13 +144,21 @@ impl Established {
         if via_link {
             self.ensure_link()?;
             batch.push(Packet::Publish(publish, properties));
-        } else if qos == 1 {
-            let reply = self.port().tx.clone();
-            let packet = self.ctx.mux.qos1(&publish, properties, &reply, pkid);
-            self.mux_batch.push(packet);
-        } else {
-            self.mux_batch.push(Packet::Publish(publish, properties));
+            return Ok(());
         }
+        let packet = if qos == 1 {
+            let reply = self.port().tx.clone();
+            self.ctx.mux.qos1(&publish, properties, &reply, pkid)
+        } else {
+            Packet::Publish(publish, properties)
+        };
+        if self.mux_batch.capacity() == 0 {
+            // Room for one (a vehicle's read holds one heartbeat), not the four a first push
+            // makes: the batch is freed after each read (see `session`), so this is allocated
+            // once per read, and four packets are 1.5 KiB.
+            self.mux_batch.reserve_exact(1);
+        }
+        self.mux_batch.push(packet);
         Ok(())
     }
 
@@ -644,6 +650,17 @@ impl Established {
     }
 }
 
+/// Our own copy of a publish's topic and payload: the commit log must not keep the whole read
+/// buffer alive. One allocation for both, shared: the router clones both, and a clone of a
+/// `Bytes` made from a `Vec` allocates (its first clone makes it shared), of a shared one not.
+fn own_copy(topic: &[u8], payload: &[u8]) -> (Bytes, Bytes) {
+    let mut both = Vec::with_capacity(topic.len() + payload.len());
+    both.extend_from_slice(topic);
+    both.extend_from_slice(payload);
+    let both = Bytes::from(both);
+    (both.slice(..topic.len()), both.slice(topic.len()..))
+}
+
 /// Puts the SUBACK codes of the filters the front end refused back at their positions among
 /// the codes of the filters it handed on (`refused` in ascending order of position).
 pub(super) fn put_back_refusals(
@@ -652,5 +669,27 @@ pub(super) fn put_back_refusals(
 ) {
     for &(at, code) in refused {
         codes.insert(at.min(codes.len()), code);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The copy holds exactly the topic and the payload, none of the read buffer around them,
+    /// and the two share one buffer.
+    #[test]
+    fn own_copy_splits_one_buffer_into_topic_and_payload() {
+        let read = Bytes::from_static(b"xxfleet/f/van-1/hb\x01\x02\x03yy");
+        let (topic, payload) = own_copy(&read[2..18], &read[18..21]);
+        assert_eq!(&topic[..], b"fleet/f/van-1/hb");
+        assert_eq!(&payload[..], b"\x01\x02\x03");
+        assert_eq!(
+            topic.as_ptr().wrapping_add(topic.len()),
+            payload.as_ptr(),
+            "one allocation: the payload follows the topic"
+        );
+        let (topic, payload) = own_copy(b"t", b"");
+        assert_eq!((&topic[..], &payload[..]), (&b"t"[..], &b""[..]));
     }
 }

@@ -247,6 +247,12 @@ impl Network {
             Listener::V5 => packet,
         };
         let start = self.write.len();
+        if let Packet::Publish(publish, _) = &packet {
+            // Room for the whole packet at once (fixed header, topic, packet id, a few MQTT 5
+            // properties), not the codec's growth from an empty buffer, byte by byte.
+            self.write
+                .reserve(publish.topic.len() + publish.payload.len() + 16);
+        }
         let (version, write) = (self.version, &mut self.write);
         let encode = || match version {
             Listener::V4 => V4.write(packet, write),

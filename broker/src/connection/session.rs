@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttd::Notification;
 use rumqttd::local::LinkError;
 use rumqttd::protocol::{
     self, Disconnect, DisconnectReasonCode, LastWill, Packet, PublishProperties,
@@ -368,8 +367,9 @@ impl Established {
                     }
                 }
                 note = next_notification(&mut self.link) => match note {
-                    Ok(first) => {
-                        if let Err(end) = Box::pin(self.deliver(first.map(|n| *n))).await {
+                    Ok(()) => {
+                        let first = self.link.as_mut().and_then(|link| link.ready.take());
+                        if let Err(end) = Box::pin(self.deliver(first)).await {
                             return end;
                         }
                     }
@@ -507,7 +507,11 @@ impl Established {
                     client_id = self.client_id,
                     "subscription beyond commands: the connection gets its own router link"
                 );
-                self.link = Some(Box::new(OwnLink { tx, rx }));
+                self.link = Some(Box::new(OwnLink {
+                    tx,
+                    rx,
+                    ready: None,
+                }));
                 self.ctx.count_own_link(true);
                 Ok(())
             }
@@ -679,20 +683,21 @@ async fn publish_will(
     }
 }
 
-/// The next notification from a connection's own link; never ready without one.
+/// Waits for the next notification from a connection's own link and leaves it in the link's
+/// `ready`; never ready without a link.
 ///
-/// What comes out is boxed, as is rumqttd's future: the loop's `select!` keeps room in every
-/// connection's task for each branch's future and for the largest outcome of its branches,
-/// and only connections with a link of their own (the bridge, tools) should pay for
-/// rumqttd's future (≈300 bytes), a notification (≈250) or its `LinkError` (over 800). Such a
-/// connection pays two allocations per wake-up, not per message: `deliver` takes what else is
-/// ready without them.
-async fn next_notification(
-    link: &mut Option<Box<OwnLink>>,
-) -> Result<Option<Box<Notification>>, Box<LinkError>> {
+/// The loop's `select!` keeps room in every connection's task for each branch's future and
+/// for the largest outcome of its branches, and only connections with a link of their own (the
+/// bridge, tools) should pay for rumqttd's future (≈300 bytes, boxed: one allocation per
+/// wake-up, not per message, since `deliver` takes what else is ready without it), a
+/// notification (≈250, left in the boxed link) or a `LinkError` (over 800, boxed).
+async fn next_notification(link: &mut Option<Box<OwnLink>>) -> Result<(), Box<LinkError>> {
     match link {
         Some(link) => match Box::pin(link.rx.next()).await {
-            Ok(notification) => Ok(notification.map(Box::new)),
+            Ok(notification) => {
+                link.ready = notification;
+                Ok(())
+            }
             Err(err) => Err(Box::new(err)),
         },
         None => std::future::pending().await,
