@@ -364,9 +364,9 @@ impl Fleet {
     /// Takes the vehicles that moved since the last call, each once with its latest
     /// heartbeat. Visits only the vehicles that moved, not the whole fleet.
     pub(crate) fn take_moved(&mut self) -> Vec<Moved> {
-        let dirty = std::mem::take(&mut self.dirty);
+        let mut dirty = std::mem::take(&mut self.dirty);
         let mut out = Vec::with_capacity(dirty.len());
-        for vehicle in dirty {
+        for vehicle in dirty.drain(..) {
             let Some(record) = self.vehicles.get_mut(&vehicle) else {
                 continue;
             };
@@ -381,6 +381,8 @@ impl Fleet {
                 });
             }
         }
+        // Emptied, it keeps its room: a tick's first heartbeat does not allocate it again.
+        self.dirty = dirty;
         self.hand_over();
         out
     }

@@ -333,6 +333,26 @@ pub(crate) fn send_batches<A: Adapter>(
     let Some(ops) = io.of(DISPATCH) else {
         return moved;
     };
+    // Group sockets by their set of rooms: a batch is built and serialized once per group.
+    let mut groups: HashMap<Vec<String>, Vec<SocketRef<A>>> = HashMap::new();
+    for socket in ops.sockets() {
+        // Only the rooms that cover vehicles: not the identity and scope rooms.
+        let mut rooms: Vec<String> = socket
+            .rooms()
+            .into_iter()
+            .map(|r| r.to_string())
+            .filter(|r| r.parse::<RoomName>().is_ok())
+            .collect();
+        if rooms.is_empty() {
+            continue;
+        }
+        rooms.sort_unstable();
+        groups.entry(rooms).or_default().push(socket);
+    }
+    if groups.is_empty() {
+        // Nobody watches a vehicle: nothing to serialize.
+        return moved;
+    }
     // Each status change and each position is serialized once, whatever the number of
     // batches it goes into.
     let statuses: Vec<Option<Box<RawValue>>> = news
@@ -357,22 +377,6 @@ pub(crate) fn send_batches<A: Adapter>(
                 .map(|json| (m, json))
         })
         .collect();
-    // Group sockets by their set of rooms: a batch is built and serialized once per group.
-    let mut groups: HashMap<Vec<String>, Vec<SocketRef<A>>> = HashMap::new();
-    for socket in ops.sockets() {
-        // Only the rooms that cover vehicles: not the identity and scope rooms.
-        let mut rooms: Vec<String> = socket
-            .rooms()
-            .into_iter()
-            .map(|r| r.to_string())
-            .filter(|r| r.parse::<RoomName>().is_ok())
-            .collect();
-        if rooms.is_empty() {
-            continue;
-        }
-        rooms.sort_unstable();
-        groups.entry(rooms).or_default().push(socket);
-    }
     for (rooms, sockets) in groups {
         let rooms: Vec<RoomName> = rooms.iter().filter_map(|r| r.parse().ok()).collect();
         let covered =
