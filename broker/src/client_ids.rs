@@ -162,6 +162,15 @@ mod tests {
 
     use super::*;
 
+    /// The claim a spawned `claim` got, within a bound.
+    async fn claimed(taker: tokio::task::JoinHandle<Option<Claim>>) -> Claim {
+        tokio::time::timeout(Duration::from_secs(5), taker)
+            .await
+            .expect("the claim completes")
+            .expect("the claiming task did not panic")
+            .expect("the claim is granted")
+    }
+
     #[tokio::test]
     async fn claims_are_exclusive_and_released() {
         let ids = ClientIds::default();
@@ -191,11 +200,7 @@ mod tests {
         assert!(!taker.is_finished(), "the new claim waits for the old one");
 
         ids.release(old);
-        let new = tokio::time::timeout(Duration::from_secs(5), taker)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let new = claimed(taker).await;
         assert!(!new.kicked.is_cancelled());
         assert_eq!(ids.len(), 1);
         ids.release(new);
@@ -241,11 +246,7 @@ mod tests {
             "another id's release is not this one's"
         );
         ids.release(old);
-        let new = tokio::time::timeout(Duration::from_secs(5), taker)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let new = claimed(taker).await;
         assert!(!new.kicked.is_cancelled());
         stopping.cancel();
         assert!(new.kicked.is_cancelled(), "stopping reaches every holder");

@@ -112,14 +112,10 @@ impl Established {
     /// Puts the UNSUBACK reasons of the filters the front end answered itself (shared
     /// subscriptions, see `inbound`) into the router's UNSUBACK for it.
     fn put_back_unsuback_answers(&mut self, ack: &mut UnsubAck) {
-        let answers = self.extras.as_mut().and_then(|e| {
-            let at = e
-                .unsuback_answers
-                .iter()
-                .position(|(pkid, _)| *pkid == ack.pkid)?;
-            Some(e.unsuback_answers.swap_remove(at))
-        });
-        if let Some((_, answered)) = answers {
+        let answers = self.extras.as_mut();
+        if let Some(answered) =
+            answers.and_then(|e| take_by_pkid(&mut e.unsuback_answers, ack.pkid))
+        {
             for (position, reason) in answered {
                 ack.reasons.insert(position.min(ack.reasons.len()), reason);
             }
@@ -159,14 +155,9 @@ impl Established {
     /// Puts the SUBACK codes of the filters the front end refused from this SUBSCRIBE (see
     /// `inbound`) into the router's SUBACK for it.
     fn put_back_suback_refusals(&mut self, ack: &mut SubAck) {
-        let refusals = self.extras.as_mut().and_then(|e| {
-            let at = e
-                .suback_refusals
-                .iter()
-                .position(|(pkid, _)| *pkid == ack.pkid)?;
-            Some(e.suback_refusals.swap_remove(at))
-        });
-        if let Some((_, refused)) = refusals {
+        let refusals = self.extras.as_mut();
+        if let Some(refused) = refusals.and_then(|e| take_by_pkid(&mut e.suback_refusals, ack.pkid))
+        {
             put_back_refusals(&mut ack.return_codes, &refused);
         }
     }
@@ -298,4 +289,10 @@ impl Established {
         }
         Ok(())
     }
+}
+
+/// Takes the entry for packet id `pkid` out of `list`, if it has one.
+fn take_by_pkid<T>(list: &mut Vec<(u16, T)>, pkid: u16) -> Option<T> {
+    let at = list.iter().position(|(p, _)| *p == pkid)?;
+    Some(list.swap_remove(at).1)
 }
