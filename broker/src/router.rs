@@ -204,9 +204,18 @@ pub(crate) async fn hand_over(
     // The batch stays in its `Vec` (on the heap) until it goes: a packet held across the wait
     // would be ≈400 bytes of every connection task's state for as long as it lives.
     loop {
-        let now = tx.buffer().is_empty() || Instant::now() >= deadline;
-        if now {
-            return send_batch(tx, batch);
+        {
+            let mut buffer = tx.buffer();
+            if buffer.is_empty() {
+                drop(buffer);
+                return send_batch(tx, batch);
+            }
+            if Instant::now() >= deadline {
+                // No notification of its own: the router takes these with the one still
+                // pending, and a stuck router's channel may be full (a send would block).
+                buffer.extend(batch.drain(..));
+                return Ok(());
+            }
         }
         wait_for_router(started).await;
     }
@@ -271,8 +280,59 @@ pub(crate) fn try_next(rx: &mut LinkRx) -> Option<Notification> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+
     use super::*;
     use crate::BrokerConfig;
+
+    fn publish(payload: &'static str) -> Packet {
+        Packet::Publish(Publish::new("fleet/f/v/hb", payload, false), None)
+    }
+
+    /// A router that never takes a link's buffer cannot hang a hand-over: after
+    /// [`HAND_OVER_PATIENCE`] the batch is appended without a notification of its own, since
+    /// the router's channel may be full and a send on it would block the worker thread.
+    #[test]
+    fn a_stuck_router_cannot_hang_a_hand_over() {
+        // A rendezvous channel nobody receives on: any send on it blocks for good.
+        let (router_tx, router_rx) = flume::bounded(0);
+        let buffer = Arc::new(parking_lot::Mutex::new(VecDeque::from([publish(
+            "previous",
+        )])));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let link_buffer = Arc::clone(&buffer);
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .expect("a runtime");
+            let mut tx = LinkTx::new(7, router_tx, link_buffer);
+            let mut batch = vec![publish("a"), publish("b")];
+            let handed = runtime.block_on(async {
+                // The clock moves only while the hand-over waits (paused time, moved by hand:
+                // its first waits are yields, which never leave the runtime idle).
+                tokio::spawn(async {
+                    loop {
+                        tokio::time::advance(Duration::from_millis(100)).await;
+                    }
+                });
+                hand_over(&mut tx, &mut batch).await
+            });
+            let _ = done_tx.send((handed.is_ok(), batch.len()));
+        });
+        let (handed, left) = done_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the hand-over returned instead of blocking on the router's channel");
+        assert!(handed);
+        assert_eq!(left, 0, "the batch was appended");
+        assert_eq!(
+            buffer.lock().len(),
+            3,
+            "behind the batch the router has not taken"
+        );
+        assert!(router_rx.try_recv().is_err(), "no notification of its own");
+    }
 
     /// Publishes `messages` 100-byte payloads on `topic` while a subscriber to `filter` reads
     /// nothing, then one last one, and returns how many of them the subscriber got: what the
