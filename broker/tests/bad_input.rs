@@ -38,7 +38,13 @@ async fn a_v5_property_does_not_harm_v4_subscribers() {
     // Live (not retained) deliveries too.
     let mut v5 = client_v5(broker.v5_addr().unwrap(), "v5pub").await;
     v5.send(&publish_v5("r/b", b"y", false, &props)).await;
-    assert_eq!(&v4.next().await.payload[..], b"y");
+    let mut live = v4.next().await;
+    if (live.topic.as_str(), &live.payload[..]) == ("r/a", &b"x"[..]) {
+        // rumqttd 0.20 defect 7 (docs/broker.md): `x` routed between the SUBSCRIBE and the
+        // router's first read for it reaches the subscriber retained and live.
+        live = v4.next().await;
+    }
+    assert_eq!((live.topic.as_str(), &live.payload[..]), ("r/b", &b"y"[..]));
 
     let (_, code) = Raw::connect(broker.v4_addr(), &connect_as("after")).await;
     assert_eq!(code, 0, "the v4 listener still answers");
