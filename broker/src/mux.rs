@@ -42,7 +42,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
-use crate::router::{LinkRefused, LinkRequest, Registrar, send_now, wait_for_router};
+use crate::router::{
+    LinkRefused, LinkRequest, Registrar, append_all_but_last, send_now, wait_for_router,
+};
 
 /// The filter the mux link subscribes to: every vehicle's command topic.
 const COMMAND_FILTER: &str = TopicKind::Command.filter();
@@ -274,9 +276,7 @@ impl Mux {
                     let room = (buffer.len() < MAX_BACKLOG && !ours_pending)
                         || started.elapsed() >= BACKLOG_PATIENCE;
                     if room {
-                        let last = batch.pop();
-                        buffer.extend(batch.drain(..));
-                        last
+                        append_all_but_last(&mut buffer, batch)
                     } else {
                         None
                     }

@@ -8,6 +8,7 @@
 //! element type is private to rumqttd, so it cannot be named outside it: [`Registrar`] keeps
 //! it inside a closure.
 
+use std::collections::VecDeque;
 use std::future::Future as _;
 use std::pin::pin;
 use std::sync::Arc;
@@ -207,8 +208,9 @@ pub(crate) async fn hand_over(
         {
             let mut buffer = tx.buffer();
             if buffer.is_empty() {
+                let last = append_all_but_last(&mut buffer, batch);
                 drop(buffer);
-                return send_batch(tx, batch);
+                return last.map_or(Ok(()), |last| send_now(tx, last));
             }
             if Instant::now() >= deadline {
                 // No notification of its own: the router takes these with the one still
@@ -221,14 +223,16 @@ pub(crate) async fn hand_over(
     }
 }
 
-/// Appends `batch` but its last packet to the link's buffer and sends that one (one
-/// notification for the batch), emptying `batch`.
-fn send_batch(tx: &mut LinkTx, batch: &mut Vec<Packet>) -> Result<(), HandOverError> {
-    let Some(last) = batch.pop() else {
-        return Ok(());
-    };
-    tx.buffer().extend(batch.drain(..));
-    send_now(tx, last)
+/// Appends `batch` but its last packet to a link's `buffer`, emptying `batch`, and returns
+/// that packet: the caller sends it with [`send_now`], one notification for the batch (the
+/// router takes the whole buffer for it).
+pub(crate) fn append_all_but_last(
+    buffer: &mut VecDeque<Packet>,
+    batch: &mut Vec<Packet>,
+) -> Option<Packet> {
+    let last = batch.pop();
+    buffer.extend(batch.drain(..));
+    last
 }
 
 /// Hands `packet` to the router through `tx`, without an `await`.
@@ -280,8 +284,6 @@ pub(crate) fn try_next(rx: &mut LinkRx) -> Option<Notification> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
-
     use super::*;
     use crate::BrokerConfig;
 
