@@ -81,6 +81,7 @@ mod file_watch;
 mod health;
 pub mod http;
 mod listener;
+mod local;
 pub mod logging;
 mod metrics;
 mod mirror;
@@ -103,6 +104,7 @@ pub use error::{BrokerError, ConfigError, CredentialsError, JournalError, ProbeE
 pub use file_watch::FileWatch;
 pub use health::ListenerHealth;
 pub use listener::Listener;
+pub use local::{LocalMessage, LocalSubscriber};
 pub use metrics::{
     AuthRefusal, BrokerMetrics, ConnectRefusal, DisconnectReason, DropReason, SubscribeRefusal,
 };

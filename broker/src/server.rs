@@ -22,6 +22,7 @@ use crate::durability::journal::{Bounds, Journal};
 use crate::error::BrokerError;
 use crate::health::{HealthBoard, HealthChecker, ListenerHealth};
 use crate::listener::Listener;
+use crate::local::LocalSubscriber;
 use crate::metrics::BrokerMetrics;
 use crate::mirror::{self, Mirror};
 use crate::mux::Mux;
@@ -34,8 +35,9 @@ use crate::watchers::MirrorWatchers;
 
 /// Router slots beyond `max_connections`: the internal links (probe, will publisher, mux, mirror,
 /// the router's watch) and the listener probes' connections, which may overlap a previous
-/// probe's teardown; and the links of shared subscription groups (`share`).
-const ROUTER_HEADROOM: usize = 10 + crate::share::MAX_GROUPS;
+/// probe's teardown; the embedding program's local subscribers ([`Broker::subscribe_local`],
+/// the bridge has one); and the links of shared subscription groups (`share`).
+const ROUTER_HEADROOM: usize = 12 + crate::share::MAX_GROUPS;
 
 /// How long connections get after the grace period to close on their own.
 const FORCED_CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -295,6 +297,29 @@ impl Broker {
         self.ctx
             .own_links
             .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Subscribes the embedding program in-process to `filters`, at QoS 0: see
+    /// [`LocalSubscriber`]. `name` tells the subscription apart (it is part of its internal
+    /// client id, which no client can take). Returns once the router has acknowledged every
+    /// filter.
+    ///
+    /// # Errors
+    /// [`BrokerError::RouterUnavailable`] if the router does not register or acknowledge the
+    /// subscription.
+    pub async fn subscribe_local(
+        &self,
+        name: &str,
+        filters: &[&str],
+    ) -> Result<LocalSubscriber, BrokerError> {
+        let client_id = format!("{INTERNAL_PREFIX}local-{name}-{:08x}", fastrand::u32(..));
+        LocalSubscriber::subscribe(
+            &self.ctx.registrar,
+            &client_id,
+            filters,
+            self.metrics.clone(),
+        )
+        .await
     }
 
     /// The broker's counters; [`BrokerMetrics::render`] gives the Prometheus text.
