@@ -40,6 +40,7 @@ use crate::geofence::{Geofences, StoreSite};
 use crate::ingest::acks;
 use crate::ingest::inbox::{Inbox, Parking};
 use crate::ingest::keys::DeviceKeys;
+use crate::ingest::local;
 use crate::ingest::mqtt::{self, Session};
 use crate::metrics::{Counter, Metrics};
 use crate::store::{HeartbeatSender, HeartbeatWriter, HeartbeatWriterOptions, Store, StoreOptions};
@@ -143,12 +144,28 @@ impl Bridge {
             config.keep_alive,
             Session::Events,
         );
-        let (hb_client, hb_eventloop) = mqtt::connect(
-            &endpoint,
-            &config.client_id,
-            config.keep_alive,
-            Session::Heartbeats,
-        );
+        let heartbeats = match &broker {
+            // In-process from the embedded broker's router, unless other bridges may share
+            // the devices through it (shared subscriptions are the front end's, not the
+            // router's: the group must be joined over MQTT).
+            Some(broker) if config.shared_group.is_none() => HeartbeatFeed::Local(
+                broker
+                    .subscribe_local(
+                        "bridge-heartbeats",
+                        &[shared::TopicKind::Heartbeat.filter()],
+                    )
+                    .await?,
+            ),
+            _ => {
+                let (client, eventloop) = mqtt::connect(
+                    &endpoint,
+                    &config.client_id,
+                    config.keep_alive,
+                    Session::Heartbeats,
+                );
+                HeartbeatFeed::Mqtt(Box::new((client, eventloop)))
+            }
+        };
         let store = Store::open(
             &config.store,
             StoreOptions {
@@ -212,8 +229,7 @@ impl Bridge {
             keys,
             client,
             eventloop,
-            hb_client,
-            hb_eventloop,
+            heartbeats,
             store,
             writer,
             history,
@@ -273,8 +289,7 @@ impl Bridge {
             keys,
             client,
             eventloop,
-            hb_client,
-            hb_eventloop,
+            heartbeats,
             store,
             writer,
             history,
@@ -348,14 +363,22 @@ impl Bridge {
             subscriptions.clone(),
             cancel.child_token(),
         ));
-        tasks.spawn(mqtt::run(
-            hb_client,
-            hb_eventloop,
-            Session::Heartbeats,
-            inbox,
-            subscriptions.clone(),
-            cancel.child_token(),
-        ));
+        match heartbeats {
+            HeartbeatFeed::Mqtt(session) => {
+                let (client, eventloop) = *session;
+                tasks.spawn(mqtt::run(
+                    client,
+                    eventloop,
+                    Session::Heartbeats,
+                    inbox,
+                    subscriptions.clone(),
+                    cancel.child_token(),
+                ))
+            }
+            HeartbeatFeed::Local(subscriber) => {
+                tasks.spawn(local::run(subscriber, inbox, cancel.child_token()))
+            }
+        };
         tasks.spawn(geofence_task(
             io.clone(),
             Arc::clone(&hub),
@@ -461,6 +484,15 @@ impl Bridge {
     }
 }
 
+/// Where the bridge's heartbeats come from.
+enum HeartbeatFeed {
+    /// Its heartbeats session: an MQTT connection of its own (an external broker, or the
+    /// embedded one when other bridges may share the devices).
+    Mqtt(Box<(rumqttc::AsyncClient, rumqttc::EventLoop)>),
+    /// The embedded broker's router, in-process (`ingest::local`).
+    Local(broker::LocalSubscriber),
+}
+
 /// What [`Bridge::start`] made before Socket.IO, for [`Bridge::launch`].
 struct Started {
     listener: TcpListener,
@@ -473,8 +505,7 @@ struct Started {
     keys: DeviceKeys,
     client: rumqttc::AsyncClient,
     eventloop: rumqttc::EventLoop,
-    hb_client: rumqttc::AsyncClient,
-    hb_eventloop: rumqttc::EventLoop,
+    heartbeats: HeartbeatFeed,
     store: Store,
     writer: HeartbeatWriter,
     history: HeartbeatSender,

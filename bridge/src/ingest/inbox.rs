@@ -174,32 +174,38 @@ impl Inbox {
         self.acks.push(publish, connection, handled).await;
     }
 
-    /// Handles one PUBLISH of the heartbeats session (QoS 0, nothing to acknowledge): only
-    /// heartbeats are taken there.
-    pub(crate) fn heartbeat(&self, publish: &Publish) {
-        let topic = match Topic::parse(&publish.topic) {
+    /// Handles one message of the heartbeats session (QoS 0, nothing to acknowledge), or of
+    /// the embedded broker's in-process heartbeat subscription: only heartbeats are taken
+    /// there. A topic that is not UTF-8 is rejected like any bad topic.
+    pub(crate) fn heartbeat(&self, topic: &[u8], payload: &[u8]) {
+        let Ok(name) = std::str::from_utf8(topic) else {
+            self.metrics().rejected(Rejection::Topic);
+            warn!(topic = %String::from_utf8_lossy(topic), "rejected MQTT message: topic is not UTF-8");
+            return;
+        };
+        let topic = match Topic::parse(name) {
             Ok(topic) if topic.kind == TopicKind::Heartbeat => topic,
             Ok(_) => {
                 self.metrics().rejected(Rejection::Topic);
-                warn!(topic = %publish.topic, "rejected MQTT message: not a heartbeat, on the heartbeats session");
+                warn!(topic = %name, "rejected MQTT message: not a heartbeat, on the heartbeats session");
                 return;
             }
             Err(cause) => {
                 self.metrics().rejected(Rejection::Topic);
-                warn!(topic = %publish.topic, %cause, "rejected MQTT message: bad topic");
+                warn!(topic = %name, %cause, "rejected MQTT message: bad topic");
                 return;
             }
         };
-        match self.intake.accept(&topic, &publish.payload) {
+        match self.intake.accept(&topic, payload) {
             Ok(_) => {}
             Err(Unopened::Rejected(Rejected { why, cause })) => {
                 self.metrics().rejected(why);
-                warn!(topic = %publish.topic, %cause, bytes = publish.payload.len(), "rejected MQTT message: {}", why.describe());
+                warn!(topic = %name, %cause, bytes = payload.len(), "rejected MQTT message: {}", why.describe());
             }
             Err(Unopened::NoKey) => {
                 // QoS 0: nothing to hold; the next heartbeat comes in a second.
                 self.metrics().rejected(Rejection::Auth);
-                warn!(topic = %publish.topic, "rejected MQTT message: unknown device, no key (yet) in the credentials file");
+                warn!(topic = %name, "rejected MQTT message: unknown device, no key (yet) in the credentials file");
             }
         }
     }

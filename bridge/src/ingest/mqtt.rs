@@ -217,7 +217,9 @@ pub(crate) enum Session {
     /// Heartbeats (QoS 0): a clean session of its own, client id `{client id}-hb`, so that
     /// positions keep flowing while the broker holds QoS 1 messages back for the events
     /// session (rumqttd's router sends a link nothing more, heartbeats included, once it has
-    /// 100 unacknowledged messages: a store that cannot write would freeze the map).
+    /// 100 unacknowledged messages: a store that cannot write would freeze the map). With
+    /// the embedded broker (and no shared group) the heartbeats come in-process instead
+    /// (`ingest::local`), and this session is not opened.
     Heartbeats,
 }
 
@@ -432,7 +434,7 @@ pub(crate) async fn run(
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => match session {
                 Session::Events => inbox.handle(&publish).await,
-                Session::Heartbeats => inbox.heartbeat(&publish),
+                Session::Heartbeats => inbox.heartbeat(publish.topic.as_bytes(), &publish.payload),
             },
             Ok(_) => {}
             Err(err) => {
