@@ -20,7 +20,7 @@
 //! - [`session`]: one vehicle's MQTT 3.1.1 session, the protocol state machine without I/O
 //!   ([`session::Session`]: CONNECT with will and login, keep-alive, QoS 1 packet ids and
 //!   PUBACKs with caller tags, the command subscription), in fixed buffers (`no_std`, no
-//!   heap), on the `mqttrs` packet codec. The simulator and the firmware run this same code.
+//!   heap), with its own packet codec. The simulator and the firmware run this same code.
 //! - [`vehicle`]: [`vehicle::Vehicle`], the device on its session without I/O: CONNECT with
 //!   the sealed will, `Online` and the command subscription on CONNACK, the outbox flushed
 //!   (events at QoS 1 with DUP after a lost connection), PUBACKs to the device, commands

@@ -25,16 +25,19 @@
 //! Time is a monotonic millisecond count (`u64`) of the driver's choosing.
 //!
 //! # The codec
-//! Packets are encoded and decoded by [`mqttrs`] 0.4 (without its `std` feature): MQTT 3.1.1,
-//! `no_std`, no allocation, encoding into a caller's slice and decoding zero-copy from one.
-//! It is not strict enough on its own: its decoder indexes past the end of a truncated packet
-//! (a PUBACK with a remaining length of 0, a QoS 1 PUBLISH without room for its packet id, a
-//! short CONNACK) and panics, and it reads the remaining length only after the whole packet
-//! is buffered. So [`codec`] reads the fixed header itself first (refusing an oversized packet
-//! before buffering it, and a packet type a client never receives), checks that the fields
-//! mqttrs will index are there, and only then hands mqttrs exactly that one frame. Its
-//! encoder writes a string's length as `len as u16`, so longer strings are refused before.
-//! The property tests feed arbitrary bytes to a session: errors, never a panic.
+//! [`codec`] encodes and decodes the few MQTT 3.1.1 packets a vehicle needs itself, `no_std`
+//! and without allocation: it encodes straight into the transmit buffer and decodes in
+//! place from the receive buffer (byte ranges into it, no copy). It reads the fixed header
+//! first (refusing an oversized packet before buffering it, and a packet type a client never
+//! receives), checks that every field it reads is there, and refuses strings longer than
+//! MQTT's two-byte lengths. It replaced [mqttrs] 0.4, whose packet enum takes 1.3 KB without
+//! `std` (a `SUBSCRIBE` holds five 256-byte filters) and was built on the stack for every
+//! packet: three of them inlined into the firmware's loop made its stack too large for the
+//! device's 8 KiB of RAM (`docs/firmware.md`). mqttrs still checks it in the tests (the same
+//! bytes, the same decoding), and so does rumqttc's codec. The property tests feed arbitrary
+//! bytes to a session: errors, never a panic.
+//!
+//! [mqttrs]: https://docs.rs/mqttrs/0.4
 //!
 //! # Sizes
 //! [`VehicleSession`] uses [`DEFAULT_RX`] (256) and [`DEFAULT_TX`] (512) bytes: the largest

@@ -1,9 +1,7 @@
-//! The session's packets on the wire, through [`mqttrs`]: the fixed header read here first
-//! (type, size limit), the fields mqttrs indexes checked, then exactly one frame decoded by
-//! mqttrs; and the few packets a vehicle sends, encoded by mqttrs into the transmit buffer.
-//! See the [session docs](super) for why mqttrs needs the checks.
-
-use mqttrs::{Pid, QosPid};
+//! The session's packets on the wire: the fixed header read here first (type, size limit),
+//! then the fields of exactly one frame checked and decoded in place (byte ranges, no copy);
+//! and the few packets a vehicle sends, encoded straight into the transmit buffer. No packet
+//! is ever built as a value on the stack (see the [session docs](super) for why).
 
 use super::{ConnectRequest, Message, QoS, SendError, SessionError};
 
@@ -201,16 +199,18 @@ impl Packet {
     }
 }
 
-/// Decodes the packet `bytes` (exactly the frame `frame` tells).
+/// Decodes the packet `bytes` (exactly the frame `frame` tells), in place: the result
+/// holds byte ranges, no copy, and nothing large is built on the stack.
 ///
 /// # Errors
 /// [`SessionError::Malformed`] for a packet that is not valid MQTT 3.1.1 (too short for its
-/// fields, a bad flag, QoS or return code, a topic that is not UTF-8, packet id 0);
-/// [`SessionError::Unexpected`] for a QoS 2 publish.
+/// fields, a bad flag, QoS or return code, a topic that is not UTF-8, packet id 0, more than
+/// five SUBACK return codes); [`SessionError::Unexpected`] for a QoS 2 publish.
 pub(crate) fn decode(bytes: &[u8], frame: &Frame) -> Result<Packet, SessionError> {
-    let body = bytes.get(frame.header_len..).unwrap_or_default();
-    // What mqttrs indexes without checking must be there (it would panic otherwise).
-    let fits = match PacketKind::of(frame.first) {
+    let body = bytes.get(frame.header_len..frame.total).unwrap_or_default();
+    let kind = PacketKind::of(frame.first);
+    // Every field read below must be there.
+    let fits = match kind {
         Some(PacketKind::ConnAck | PacketKind::PubAck) => frame.remaining == 2,
         Some(PacketKind::SubAck) => frame.remaining >= 3,
         Some(PacketKind::PingResp) => frame.remaining == 0,
@@ -223,81 +223,92 @@ pub(crate) fn decode(bytes: &[u8], frame: &Frame) -> Result<Packet, SessionError
         },
         _ => false,
     };
-    if !fits {
+    if !fits || body.len() != frame.remaining {
         return Err(SessionError::Malformed("packet too short for its fields"));
     }
-    let packet = match mqttrs::decode_slice(bytes) {
-        Ok(Some(packet)) => packet,
-        Ok(None) => return Err(SessionError::Malformed("incomplete packet")),
-        Err(err) => return Err(SessionError::Malformed(describe(&err))),
-    };
-    Ok(match packet {
-        mqttrs::Packet::Connack(ack) => Packet::ConnAck {
-            refusal: match ack.code {
-                mqttrs::ConnectReturnCode::Accepted => None,
-                mqttrs::ConnectReturnCode::RefusedProtocolVersion => {
-                    Some(ConnectRefusal::ProtocolVersion)
-                }
-                mqttrs::ConnectReturnCode::RefusedIdentifierRejected => {
-                    Some(ConnectRefusal::IdentifierRejected)
-                }
-                mqttrs::ConnectReturnCode::ServerUnavailable => {
-                    Some(ConnectRefusal::ServerUnavailable)
-                }
-                mqttrs::ConnectReturnCode::BadUsernamePassword => {
-                    Some(ConnectRefusal::BadCredentials)
-                }
-                mqttrs::ConnectReturnCode::NotAuthorized => Some(ConnectRefusal::NotAuthorized),
+    let flags = frame.first & 0b1111;
+    match kind {
+        Some(PacketKind::Publish) => decode_publish(body, frame),
+        _ if flags != 0 => Err(SessionError::Malformed("bad fixed header flags")),
+        Some(PacketKind::ConnAck) => Ok(Packet::ConnAck {
+            refusal: match body[1] {
+                0 => None,
+                1 => Some(ConnectRefusal::ProtocolVersion),
+                2 => Some(ConnectRefusal::IdentifierRejected),
+                3 => Some(ConnectRefusal::ServerUnavailable),
+                4 => Some(ConnectRefusal::BadCredentials),
+                5 => Some(ConnectRefusal::NotAuthorized),
+                _ => return Err(SessionError::Malformed("unknown CONNACK return code")),
             },
-        },
-        mqttrs::Packet::Puback(pid) => Packet::PubAck { pkid: pid.get() },
-        mqttrs::Packet::Suback(ack) => Packet::SubAck {
-            pkid: ack.pid.get(),
-            refused: ack
-                .return_codes
-                .iter()
-                .any(|code| matches!(code, mqttrs::SubscribeReturnCodes::Failure)),
-        },
-        mqttrs::Packet::Pingresp => Packet::PingResp,
-        mqttrs::Packet::Publish(publish) => {
-            let (qos, pkid, pkid_len) = match publish.qospid {
-                QosPid::AtMostOnce => (QoS::AtMostOnce, 0, 0),
-                QosPid::AtLeastOnce(pid) => (QoS::AtLeastOnce, pid.get(), 2),
-                QosPid::ExactlyOnce(_) => {
-                    return Err(SessionError::Unexpected(PacketKind::Publish));
+        }),
+        Some(PacketKind::PubAck) => Ok(Packet::PubAck {
+            pkid: read_pkid(body)?,
+        }),
+        Some(PacketKind::SubAck) => {
+            let pkid = read_pkid(body)?;
+            let mut refused = false;
+            for (i, &code) in body[2..].iter().enumerate() {
+                match code {
+                    0x80 => refused = true,
+                    0..=2 => {}
+                    _ => return Err(SessionError::Malformed("QoS 3")),
                 }
-            };
-            // Where mqttrs found them: the topic after its length, the payload after the
-            // packet id, up to the end of the frame.
-            let topic_start = frame.header_len + 2;
-            let topic_end = topic_start + publish.topic_name.len();
-            let payload = (topic_end + pkid_len, frame.total);
-            debug_assert_eq!(bytes.get(payload.0..payload.1), Some(publish.payload));
-            Packet::Publish {
-                qos,
-                pkid,
-                dup: publish.dup,
-                retain: publish.retain,
-                topic: (topic_start, topic_end),
-                payload,
+                if i >= MAX_SUBACK_CODES {
+                    return Err(SessionError::Malformed("bad length"));
+                }
             }
+            Ok(Packet::SubAck { pkid, refused })
         }
+        Some(PacketKind::PingResp) => Ok(Packet::PingResp),
         // The type was checked by `frame`: a client receives nothing else.
-        _ => return Err(SessionError::Malformed("packet type and body disagree")),
+        _ => Err(SessionError::Malformed("packet type and body disagree")),
+    }
+}
+
+/// Return codes of one SUBACK at most (one per filter of a SUBSCRIBE; this session
+/// subscribes to one filter at a time, and mqttrs, which decoded them before, held five).
+const MAX_SUBACK_CODES: usize = 5;
+
+/// Decodes a PUBLISH whose `body` (after the fixed header) was checked to hold the topic
+/// and the packet id its QoS needs.
+fn decode_publish(body: &[u8], frame: &Frame) -> Result<Packet, SessionError> {
+    let qos = match (frame.first >> 1) & 0b11 {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        _ => return Err(SessionError::Malformed("QoS 3")),
+    };
+    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    if core::str::from_utf8(&body[2..2 + topic_len]).is_err() {
+        return Err(SessionError::Malformed("a string that is not UTF-8"));
+    }
+    let (pkid, pkid_len) = match qos {
+        QoS::AtMostOnce => (0, 0),
+        QoS::AtLeastOnce | QoS::ExactlyOnce => (read_pkid(&body[2 + topic_len..])?, 2),
+    };
+    if qos == QoS::ExactlyOnce {
+        return Err(SessionError::Unexpected(PacketKind::Publish));
+    }
+    // Relative to the start of the frame: the topic after its length, the payload after
+    // the packet id, up to the end of the frame.
+    let topic_start = frame.header_len + 2;
+    let topic_end = topic_start + topic_len;
+    Ok(Packet::Publish {
+        qos,
+        pkid,
+        dup: frame.first & 0b1000 != 0,
+        retain: frame.first & 1 != 0,
+        topic: (topic_start, topic_end),
+        payload: (topic_end + pkid_len, frame.total),
     })
 }
 
-/// What went wrong, in words.
-fn describe(err: &mqttrs::Error) -> &'static str {
-    match err {
-        mqttrs::Error::WriteZero => "packet larger than its buffer",
-        mqttrs::Error::InvalidPid => "packet id 0",
-        mqttrs::Error::InvalidQos(_) => "QoS 3",
-        mqttrs::Error::InvalidConnectReturnCode(_) => "unknown CONNACK return code",
-        mqttrs::Error::InvalidProtocol(..) => "unknown protocol",
-        mqttrs::Error::InvalidHeader => "bad fixed header flags",
-        mqttrs::Error::InvalidLength => "bad length",
-        mqttrs::Error::InvalidString(_) => "a string that is not UTF-8",
+/// The packet id at the start of `field` (checked to be there), never 0.
+fn read_pkid(field: &[u8]) -> Result<u16, SessionError> {
+    match field {
+        [hi, lo, ..] if [*hi, *lo] != [0, 0] => Ok(u16::from_be_bytes([*hi, *lo])),
+        [_, _, ..] => Err(SessionError::Malformed("packet id 0")),
+        _ => Err(SessionError::Malformed("packet too short for its fields")),
     }
 }
 
@@ -327,8 +338,8 @@ pub(crate) const fn subscribe_len(filter_len: usize) -> usize {
     1 + length_len(remaining) + remaining
 }
 
-/// Refuses a string or binary field longer than MQTT's two-byte length (mqttrs would write
-/// its length cut to 16 bits).
+/// Refuses a string or binary field longer than MQTT's two-byte length (it would be written
+/// cut to 16 bits).
 fn check_field(field: &[u8], what: &'static str) -> Result<(), SendError> {
     if field.len() > usize::from(u16::MAX) {
         Err(SendError::Encode(what))
@@ -337,21 +348,77 @@ fn check_field(field: &[u8], what: &'static str) -> Result<(), SendError> {
     }
 }
 
-/// The QoS of mqttrs.
-const fn wire_qos(qos: QoS) -> mqttrs::QoS {
-    match qos {
-        QoS::AtMostOnce => mqttrs::QoS::AtMostOnce,
-        QoS::AtLeastOnce => mqttrs::QoS::AtLeastOnce,
-        QoS::ExactlyOnce => mqttrs::QoS::ExactlyOnce,
+/// The largest remaining length MQTT can express (four bytes of it).
+const MAX_REMAINING: usize = 268_435_455;
+
+/// Writes packets into a slice known to be large enough (checked before with the packet's
+/// size): the cursor of the encoders below.
+struct Writer<'a> {
+    buf: &'a mut [u8],
+    at: usize,
+}
+
+impl Writer<'_> {
+    fn u8(&mut self, byte: u8) {
+        self.buf[self.at] = byte;
+        self.at += 1;
+    }
+
+    fn u16(&mut self, value: u16) {
+        self.bytes(&value.to_be_bytes());
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.buf[self.at..self.at + bytes.len()].copy_from_slice(bytes);
+        self.at += bytes.len();
+    }
+
+    /// A string or binary field: its two-byte length (checked by [`check_field`]), then
+    /// its bytes.
+    fn field(&mut self, field: &[u8]) {
+        self.u16(field.len() as u16);
+        self.bytes(field);
+    }
+
+    /// The fixed header: `first`, then `remaining` in one to four bytes.
+    fn header(&mut self, first: u8, remaining: usize) {
+        self.u8(first);
+        let mut rest = remaining;
+        loop {
+            let byte = (rest % 128) as u8;
+            rest /= 128;
+            if rest == 0 {
+                self.u8(byte);
+                break;
+            }
+            self.u8(byte | 0x80);
+        }
     }
 }
 
-/// Encodes mqttrs' `packet` into `buf`; returns its size.
-fn encode(packet: &mqttrs::Packet<'_>, buf: &mut [u8]) -> Result<usize, SendError> {
-    match mqttrs::encode_slice(packet, buf) {
-        Ok(n) => Ok(n),
-        Err(mqttrs::Error::WriteZero) => Err(SendError::OutputFull),
-        Err(err) => Err(SendError::Encode(describe(&err))),
+/// A writer for a packet of `remaining` bytes after its fixed header at the start of
+/// `buf`, and the packet's whole size.
+///
+/// # Errors
+/// [`SendError::OutputFull`] if it does not fit `buf`; [`SendError::Encode`] if MQTT cannot
+/// express its length.
+fn writer(buf: &mut [u8], remaining: usize) -> Result<(Writer<'_>, usize), SendError> {
+    if remaining > MAX_REMAINING {
+        return Err(SendError::Encode("bad length"));
+    }
+    let total = 1 + length_len(remaining) + remaining;
+    if buf.len() < total {
+        return Err(SendError::OutputFull);
+    }
+    Ok((Writer { buf, at: 0 }, total))
+}
+
+/// The QoS bits of a QoS.
+const fn qos_bits(qos: QoS) -> u8 {
+    match qos {
+        QoS::AtMostOnce => 0,
+        QoS::AtLeastOnce => 1,
+        QoS::ExactlyOnce => 2,
     }
 }
 
@@ -366,35 +433,43 @@ pub(crate) fn encode_connect(
         check_field(username.as_bytes(), "username too long")?;
         check_field(password.as_bytes(), "password too long")?;
     }
-    let last_will = match request.will {
-        Some(will) => {
-            if will.qos == QoS::ExactlyOnce {
-                return Err(SendError::Qos2);
-            }
-            check_field(will.topic.as_bytes(), "will topic too long")?;
-            check_field(will.payload, "will payload too long")?;
-            Some(mqttrs::LastWill {
-                topic: will.topic,
-                message: will.payload,
-                qos: wire_qos(will.qos),
-                retain: will.retain,
-            })
+    // Protocol name and level, flags, keep-alive, the client id.
+    let mut remaining = 6 + 1 + 1 + 2 + 2 + request.client_id.len();
+    // Clean session.
+    let mut flags = 0b10;
+    if let Some(will) = &request.will {
+        if will.qos == QoS::ExactlyOnce {
+            return Err(SendError::Qos2);
         }
-        None => None,
-    };
-    let connect = mqttrs::Connect {
-        protocol: mqttrs::Protocol::MQTT311,
-        keep_alive: keep_alive_secs,
-        client_id: request.client_id,
-        clean_session: true,
-        last_will,
-        username: request.login.map(|(username, _)| username),
-        password: request.login.map(|(_, password)| password.as_bytes()),
-    };
-    encode(&connect.into(), buf).map_err(|err| match err {
+        check_field(will.topic.as_bytes(), "will topic too long")?;
+        check_field(will.payload, "will payload too long")?;
+        flags |= 0b100 | qos_bits(will.qos) << 3;
+        if will.retain {
+            flags |= 0b10_0000;
+        }
+        remaining += 2 + will.topic.len() + 2 + will.payload.len();
+    }
+    if let Some((username, password)) = request.login {
+        flags |= 0b1100_0000;
+        remaining += 2 + username.len() + 2 + password.len();
+    }
+    let (mut out, total) = writer(buf, remaining).map_err(|err| match err {
         SendError::OutputFull => SendError::Encode("CONNECT larger than the transmit buffer"),
         other => other,
-    })
+    })?;
+    out.header(0x10, remaining);
+    out.bytes(&[0, 4, b'M', b'Q', b'T', b'T', 4, flags]);
+    out.u16(keep_alive_secs);
+    out.field(request.client_id.as_bytes());
+    if let Some(will) = &request.will {
+        out.field(will.topic.as_bytes());
+        out.field(will.payload);
+    }
+    if let Some((username, password)) = request.login {
+        out.field(username.as_bytes());
+        out.field(password.as_bytes());
+    }
+    Ok(total)
 }
 
 /// Encodes a PUBLISH of `message` into `buf`: at QoS 1 with `pkid` (`dup` as given), at
@@ -406,18 +481,27 @@ pub(crate) fn encode_publish(
     buf: &mut [u8],
 ) -> Result<usize, SendError> {
     check_field(message.topic.as_bytes(), "topic too long")?;
-    let qospid = match pkid {
-        None => QosPid::AtMostOnce,
-        Some(pkid) => QosPid::AtLeastOnce(pid(pkid)?),
-    };
-    let publish = mqttrs::Publish {
-        dup: dup && pkid.is_some(),
-        qospid,
-        retain: message.retain,
-        topic_name: message.topic,
-        payload: message.payload,
-    };
-    encode(&publish.into(), buf)
+    let pkid = pkid.map(check_pkid).transpose()?;
+    let pkid_len = if pkid.is_some() { 2 } else { 0 };
+    let remaining = 2 + message.topic.len() + pkid_len + message.payload.len();
+    let (mut out, total) = writer(buf, remaining)?;
+    let mut first = 0x30;
+    if pkid.is_some() {
+        first |= 0b0010;
+        if dup {
+            first |= 0b1000;
+        }
+    }
+    if message.retain {
+        first |= 1;
+    }
+    out.header(first, remaining);
+    out.field(message.topic.as_bytes());
+    if let Some(pkid) = pkid {
+        out.u16(pkid);
+    }
+    out.bytes(message.payload);
+    Ok(total)
 }
 
 /// Encodes a SUBSCRIBE to `filter` into `buf`; returns its size.
@@ -427,16 +511,18 @@ pub(crate) fn encode_subscribe(
     pkid: u16,
     buf: &mut [u8],
 ) -> Result<usize, SendError> {
-    // mqttrs holds a filter in 256 bytes without `std` (and would panic on a longer one).
+    // The limit mqttrs, which encoded it before, had without `std`.
     if filter.len() > 256 {
         return Err(SendError::Encode("filter longer than 256 bytes"));
     }
-    let topic = mqttrs::SubscribeTopic {
-        topic_path: filter.into(),
-        qos: wire_qos(qos),
-    };
-    let subscribe = mqttrs::Subscribe::new(pid(pkid)?, core::iter::once(topic).collect());
-    encode(&subscribe.into(), buf)
+    let pkid = check_pkid(pkid)?;
+    let remaining = 2 + 2 + filter.len() + 1;
+    let (mut out, total) = writer(buf, remaining)?;
+    out.header(0x82, remaining);
+    out.u16(pkid);
+    out.field(filter.as_bytes());
+    out.u8(qos_bits(qos));
+    Ok(total)
 }
 
 /// Writes a PUBACK for `pkid` (never 0: a decoded publish's) into `buf` (4 bytes).
@@ -447,7 +533,11 @@ pub(crate) fn encode_puback(pkid: u16, buf: &mut [u8]) {
     }
 }
 
-/// mqttrs' packet id.
-fn pid(pkid: u16) -> Result<Pid, SendError> {
-    Pid::try_from(pkid).map_err(|_| SendError::Encode("packet id 0"))
+/// A packet id to send: never 0.
+fn check_pkid(pkid: u16) -> Result<u16, SendError> {
+    if pkid == 0 {
+        Err(SendError::Encode("packet id 0"))
+    } else {
+        Ok(pkid)
+    }
 }

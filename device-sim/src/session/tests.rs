@@ -579,13 +579,195 @@ fn malformed_packets_are_errors() {
     }
 }
 
-/// Why the session checks each frame before mqttrs decodes it: mqttrs 0.4.1 alone panics on
-/// a truncated packet. (If this starts failing, a newer mqttrs checks bounds itself.)
+/// Why the session checks each frame before it reads a field: mqttrs 0.4.1, the codec it
+/// used before, panics on a truncated packet. (If this starts failing, a newer mqttrs checks
+/// bounds itself.)
 #[test]
 fn mqttrs_alone_panics_on_truncated_packets() {
     for bytes in [&[0x40u8, 0][..], &[0x32, 3, 0, 1, b'a'], &[0x20, 0]] {
         let decoded = std::panic::catch_unwind(|| mqttrs::decode_slice(bytes).map(|_| ()));
         assert!(decoded.is_err(), "{bytes:02x?}");
+    }
+}
+
+/// What mqttrs decodes a whole frame into, in the session's terms (`None`: an error).
+fn mqttrs_view(bytes: &[u8]) -> Option<codec::Packet> {
+    let frame = codec::frame(bytes, MAX_PACKET, 4096).ok()??;
+    let packet = std::panic::catch_unwind(|| mqttrs::decode_slice(bytes)).ok()?;
+    Some(match packet.ok()?? {
+        mqttrs::Packet::Connack(ack) => codec::Packet::ConnAck {
+            refusal: match ack.code {
+                mqttrs::ConnectReturnCode::Accepted => None,
+                mqttrs::ConnectReturnCode::RefusedProtocolVersion => {
+                    Some(ConnectRefusal::ProtocolVersion)
+                }
+                mqttrs::ConnectReturnCode::RefusedIdentifierRejected => {
+                    Some(ConnectRefusal::IdentifierRejected)
+                }
+                mqttrs::ConnectReturnCode::ServerUnavailable => {
+                    Some(ConnectRefusal::ServerUnavailable)
+                }
+                mqttrs::ConnectReturnCode::BadUsernamePassword => {
+                    Some(ConnectRefusal::BadCredentials)
+                }
+                mqttrs::ConnectReturnCode::NotAuthorized => Some(ConnectRefusal::NotAuthorized),
+            },
+        },
+        mqttrs::Packet::Puback(pid) => codec::Packet::PubAck { pkid: pid.get() },
+        mqttrs::Packet::Suback(ack) => codec::Packet::SubAck {
+            pkid: ack.pid.get(),
+            refused: ack
+                .return_codes
+                .iter()
+                .any(|code| matches!(code, mqttrs::SubscribeReturnCodes::Failure)),
+        },
+        mqttrs::Packet::Pingresp => codec::Packet::PingResp,
+        mqttrs::Packet::Publish(publish) => {
+            let (qos, pkid, pkid_len) = match publish.qospid {
+                mqttrs::QosPid::AtMostOnce => (QoS::AtMostOnce, 0, 0),
+                mqttrs::QosPid::AtLeastOnce(pid) => (QoS::AtLeastOnce, pid.get(), 2),
+                mqttrs::QosPid::ExactlyOnce(_) => return None,
+            };
+            let topic_start = frame.header_len + 2;
+            let topic_end = topic_start + publish.topic_name.len();
+            codec::Packet::Publish {
+                qos,
+                pkid,
+                dup: publish.dup,
+                retain: publish.retain,
+                topic: (topic_start, topic_end),
+                payload: (topic_end + pkid_len, frame.total),
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// Client-bound frames: mostly well-formed packets, with any byte changed now and then.
+fn client_frame() -> impl Strategy<Value = Vec<u8>> {
+    let body = proptest::collection::vec(any::<u8>(), 0..40);
+    (
+        prop_oneof![Just(0x20u8), Just(0x30), Just(0x40), Just(0x90), Just(0xD0)],
+        0u8..16,
+        body,
+        proptest::option::of((any::<usize>(), any::<u8>())),
+    )
+        .prop_map(|(kind, flags, mut body, change)| {
+            let flags = if flags < 8 { 0 } else { flags & 0x0F };
+            if kind == 0x30 && body.len() >= 2 {
+                // A topic length that mostly fits.
+                let len = body.len().saturating_sub(2) as u16 / 2;
+                body[..2].copy_from_slice(&len.to_be_bytes());
+            }
+            if let Some((at, byte)) = change
+                && !body.is_empty()
+            {
+                let at = at % body.len();
+                body[at] = byte;
+            }
+            let mut bytes = vec![kind | flags, body.len() as u8];
+            bytes.extend_from_slice(&body);
+            bytes
+        })
+}
+
+proptest! {
+    /// What the session's decoder takes, mqttrs (where it does not panic) reads the same;
+    /// what mqttrs refuses, the session refuses. (The session is stricter: a packet longer
+    /// than its fields is refused too.)
+    #[test]
+    fn decoding_agrees_with_mqttrs(bytes in client_frame()) {
+        let Ok(Some(frame)) = codec::frame(&bytes, MAX_PACKET, 4096) else {
+            return Ok(());
+        };
+        let ours = codec::decode(&bytes, &frame);
+        let Ok(theirs) = std::panic::catch_unwind(|| mqttrs::decode_slice(&bytes).map(|_| ()))
+        else {
+            return Ok(());
+        };
+        if let Ok(packet) = ours {
+            prop_assert_eq!(Some(packet), mqttrs_view(&bytes), "{:02x?}", bytes);
+        }
+        if theirs.is_err() {
+            prop_assert!(ours.is_err(), "{:02x?}", bytes);
+        }
+    }
+
+    /// The session encodes CONNECT, PUBLISH and SUBSCRIBE to the very bytes mqttrs writes.
+    #[test]
+    fn encoding_agrees_with_mqttrs(
+        id in "[a-z0-9-]{0,30}",
+        topic in "[a-z/]{0,60}",
+        payload in proptest::collection::vec(any::<u8>(), 0..200),
+        login in proptest::option::of(("[a-z]{0,10}", "[ -~]{0,20}")),
+        will in any::<bool>(),
+        qos1 in any::<bool>(),
+        retain in any::<bool>(),
+        dup in any::<bool>(),
+        pkid in 1u16..,
+        keep_alive in any::<u16>(),
+    ) {
+        let qos = if qos1 { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+        let wire_qos = if qos1 { mqttrs::QoS::AtLeastOnce } else { mqttrs::QoS::AtMostOnce };
+        let message = Message { topic: &topic, payload: &payload, qos, retain };
+        let (mut ours, mut theirs) = ([0u8; 1024], [0u8; 1024]);
+
+        let request = ConnectRequest {
+            client_id: &id,
+            login: login.as_ref().map(|(user, password)| (user.as_str(), password.as_str())),
+            will: will.then_some(message),
+        };
+        let n = codec::encode_connect(&request, keep_alive, &mut ours).expect("fits");
+        let connect = mqttrs::Connect {
+            protocol: mqttrs::Protocol::MQTT311,
+            keep_alive,
+            client_id: &id,
+            clean_session: true,
+            last_will: will.then_some(mqttrs::LastWill {
+                topic: &topic,
+                message: &payload,
+                qos: wire_qos,
+                retain,
+            }),
+            username: login.as_ref().map(|(user, _)| user.as_str()),
+            password: login.as_ref().map(|(_, password)| password.as_bytes()),
+        };
+        let m = mqttrs::encode_slice(&connect.into(), &mut theirs).expect("fits");
+        prop_assert_eq!(&ours[..n], &theirs[..m]);
+
+        let pid = mqttrs::Pid::try_from(pkid).expect("not 0");
+        let n = codec::encode_publish(&message, qos1.then_some(pkid), dup, &mut ours)
+            .expect("fits");
+        let publish = mqttrs::Publish {
+            dup: dup && qos1,
+            qospid: if qos1 {
+                mqttrs::QosPid::AtLeastOnce(pid)
+            } else {
+                mqttrs::QosPid::AtMostOnce
+            },
+            retain,
+            topic_name: &topic,
+            payload: &payload,
+        };
+        let m = mqttrs::encode_slice(&publish.into(), &mut theirs).expect("fits");
+        prop_assert_eq!(&ours[..n], &theirs[..m]);
+        prop_assert_eq!(n, codec::publish_len(topic.len(), payload.len(), qos));
+
+        let n = codec::encode_subscribe(&topic, qos, pkid, &mut ours).expect("fits");
+        let filter = mqttrs::SubscribeTopic {
+            topic_path: topic.as_str().into(),
+            qos: wire_qos,
+        };
+        let subscribe = mqttrs::Subscribe::new(pid, std::iter::once(filter).collect());
+        let m = mqttrs::encode_slice(&subscribe.into(), &mut theirs).expect("fits");
+        prop_assert_eq!(&ours[..n], &theirs[..m]);
+        prop_assert_eq!(n, codec::subscribe_len(topic.len()));
+
+        // Too small a buffer: refused, never a panic.
+        prop_assert_eq!(
+            codec::encode_publish(&message, None, false, &mut ours[..n.min(3)]),
+            Err(SendError::OutputFull)
+        );
     }
 }
 
