@@ -185,6 +185,9 @@ pub enum DeliveryStage {
     },
 }
 
+/// A sealed payload ([`shared::seal()`]: version, counter, postcard body, tag).
+pub type Payload = heapless::Vec<u8, MAX_PAYLOAD>;
+
 /// An MQTT message ready to publish: topic, sealed payload, and the QoS and retain flag the
 /// topic scheme prescribes for its kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,7 +195,7 @@ pub struct Publication {
     /// The topic name.
     pub topic: TopicName,
     /// The sealed message ([`shared::seal()`]: version, counter, postcard body, tag).
-    pub payload: heapless::Vec<u8, MAX_PAYLOAD>,
+    pub payload: Payload,
     /// The MQTT QoS, 0 or 1.
     pub qos: u8,
     /// Whether the broker retains it.
@@ -206,6 +209,18 @@ pub struct OutboxItem {
     pub publication: Publication,
     /// For a delivery event, its `seq`: report the broker's acknowledgement with
     /// [`Device::event_acked`]. `None` for a heartbeat, which is gone once handed out.
+    pub event_seq: Option<u32>,
+}
+
+/// What [`Device::seal_next`] sealed into its caller's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed {
+    /// The MQTT QoS, 0 or 1.
+    pub qos: u8,
+    /// Whether the broker retains it.
+    pub retain: bool,
+    /// For a delivery event, its `seq` (as in [`OutboxItem::event_seq`]); `None` for a
+    /// heartbeat.
     pub event_seq: Option<u32>,
 }
 
@@ -583,13 +598,44 @@ impl Device {
     /// # Errors
     /// None in practice (every message fits [`MAX_PAYLOAD`]); the item stays queued.
     pub fn next_publication(&mut self, clock_ms: u64) -> Result<Option<OutboxItem>, CodecError> {
-        let topic = Topic::new(self.fleet.clone(), self.vehicle.clone(), TopicKind::Event);
+        let mut topic = TopicName::new();
+        let mut payload = Payload::new();
+        let Some(sealed) = self.seal_next(clock_ms, &mut topic, &mut payload)? else {
+            return Ok(None);
+        };
+        Ok(Some(OutboxItem {
+            publication: Publication {
+                topic,
+                payload,
+                qos: sealed.qos,
+                retain: sealed.retain,
+            },
+            event_seq: sealed.event_seq,
+        }))
+    }
+
+    /// [`next_publication`](Self::next_publication) into the caller's `topic` and `payload`
+    /// (overwritten), without building a [`Publication`]: what [`Vehicle`] uses, to keep its
+    /// stack small. `None`: nothing to send (the buffers are left as they were).
+    ///
+    /// [`Vehicle`]: crate::vehicle::Vehicle
+    ///
+    /// # Errors
+    /// As [`next_publication`](Self::next_publication).
+    pub fn seal_next(
+        &mut self,
+        clock_ms: u64,
+        topic: &mut TopicName,
+        payload: &mut Payload,
+    ) -> Result<Option<Sealed>, CodecError> {
         if let Some(event) = self.outbox.next_event() {
             let seq = event.seq;
-            return match seal_publication(event, &topic, 1, &self.key, &mut self.counter, clock_ms)
-            {
-                Ok(publication) => Ok(Some(OutboxItem {
-                    publication,
+            let counter = self.counter.next(clock_ms);
+            let to = Topic::new(self.fleet.clone(), self.vehicle.clone(), TopicKind::Event);
+            return match seal_into(event, counter, to, &self.key, topic, payload) {
+                Ok(()) => Ok(Some(Sealed {
+                    qos: 1,
+                    retain: TopicKind::Event.retained(),
                     event_seq: Some(seq),
                 })),
                 Err(err) => {
@@ -601,17 +647,19 @@ impl Device {
         let Some(heartbeat) = self.outbox.pop_heartbeat() else {
             return Ok(None);
         };
-        let topic = topic.with_kind(TopicKind::Heartbeat);
-        let publication = seal_publication(
+        let counter = self.counter.next(clock_ms);
+        let kind = TopicKind::Heartbeat;
+        seal_into(
             &heartbeat,
-            &topic,
-            self.heartbeat_qos,
+            counter,
+            self.topic(kind),
             &self.key,
-            &mut self.counter,
-            clock_ms,
+            topic,
+            payload,
         )?;
-        Ok(Some(OutboxItem {
-            publication,
+        Ok(Some(Sealed {
+            qos: self.heartbeat_qos,
+            retain: kind.retained(),
             event_seq: None,
         }))
     }
@@ -939,12 +987,43 @@ impl Device {
         msg: &M,
         clock_ms: u64,
     ) -> Result<Publication, CodecError> {
+        let counter = self.next_counter(clock_ms);
+        let mut topic = TopicName::new();
+        let mut payload = Payload::new();
+        let qos = self.seal(msg, counter, &mut topic, &mut payload)?;
+        Ok(Publication {
+            topic,
+            payload,
+            qos,
+            retain: M::KIND.retained(),
+        })
+    }
+
+    /// The next seal counter at `clock_ms` (strictly increasing), for [`seal`](Self::seal).
+    pub fn next_counter(&mut self, clock_ms: u64) -> u64 {
+        self.counter.next(clock_ms)
+    }
+
+    /// `msg` sealed with `counter` (from [`next_counter`](Self::next_counter)) for this
+    /// vehicle's topic of its kind, into the caller's `topic` and `payload` (overwritten);
+    /// returns its QoS (heartbeats: the configured one). [`publication`](Self::publication)
+    /// without building a [`Publication`], for a caller that keeps its stack small.
+    ///
+    /// # Errors
+    /// As [`publication`](Self::publication).
+    pub fn seal<M: WireMessage>(
+        &self,
+        msg: &M,
+        counter: u64,
+        topic: &mut TopicName,
+        payload: &mut Payload,
+    ) -> Result<u8, CodecError> {
         let qos = match M::KIND {
             TopicKind::Heartbeat => self.heartbeat_qos,
             kind => kind.qos(),
         };
-        let topic = self.topic(M::KIND);
-        seal_publication(msg, &topic, qos, &self.key, &mut self.counter, clock_ms)
+        seal_into(msg, counter, self.topic(M::KIND), &self.key, topic, payload)?;
+        Ok(qos)
     }
 
     /// The statuses of a new connection, sealed with two consecutive counters: `Online` with
@@ -976,25 +1055,22 @@ impl Device {
     }
 }
 
-/// Seals `msg` for `topic` with the next counter at `clock_ms`.
-fn seal_publication<M: WireMessage>(
+/// Seals `msg` for `to` with `counter` and `key` into `topic` (its name) and `payload`.
+fn seal_into<M: WireMessage>(
     msg: &M,
-    topic: &Topic,
-    qos: u8,
+    counter: u64,
+    to: Topic,
     key: &DeviceKey,
-    counter: &mut Counter,
-    clock_ms: u64,
-) -> Result<Publication, CodecError> {
-    let name = topic.name();
-    let mut buf = [0u8; MAX_PAYLOAD];
-    let sealed = shared::seal(msg, name.as_str(), counter.next(clock_ms), key, &mut buf)?;
-    let payload = heapless::Vec::from_slice(sealed).map_err(|_| CodecError::BufferFull)?;
-    Ok(Publication {
-        topic: name,
-        payload,
-        qos,
-        retain: M::KIND.retained(),
-    })
+    topic: &mut TopicName,
+    payload: &mut Payload,
+) -> Result<(), CodecError> {
+    *topic = to.name();
+    payload.clear();
+    // Cannot fail: to its capacity.
+    let _ = payload.resize(MAX_PAYLOAD, 0);
+    let len = shared::seal(msg, topic.as_str(), counter, key, payload)?.len();
+    payload.truncate(len);
+    Ok(())
 }
 
 #[cfg(test)]

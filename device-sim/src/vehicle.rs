@@ -15,9 +15,9 @@
 //! `no_std`, no heap: the firmware keeps one in a static, the simulator one per vehicle task.
 
 use shared::topic::TopicName;
-use shared::{AckResult, CodecError, Command, TopicKind};
+use shared::{AckResult, CodecError, Command, OfflineReason, Status, TopicKind};
 
-use crate::device::{Device, DeviceConfig, Handover, Publication};
+use crate::device::{Device, DeviceConfig, Handover, Payload, Publication};
 use crate::session::{
     ConnectRequest, Incoming, LARGEST_PUBLISH, MAX_INFLIGHT, Message, QoS, SendError, SessionError,
     SessionOptions, VehicleSession,
@@ -132,10 +132,10 @@ pub enum BeginError {
 /// What the caller of [`Vehicle::flush`] sees of each queued publication; every method does
 /// nothing unless overridden (`()` is the hook that does nothing).
 pub trait FlushHook {
-    /// `publication`, the delivery event `event_seq` (`None`: a heartbeat), is about to be
-    /// handed to the session; the hook may change it (the simulator's garbage chaos).
-    fn handing(&mut self, publication: &mut Publication, event_seq: Option<u32>) {
-        let _ = (publication, event_seq);
+    /// The sealed `payload` of the delivery event `event_seq` (`None`: a heartbeat) is about
+    /// to be handed to the session; the hook may change it (the simulator's garbage chaos).
+    fn handing(&mut self, payload: &mut Payload, event_seq: Option<u32>) {
+        let _ = (payload, event_seq);
     }
 
     /// The session took it; `dup`: a delivery event sent again.
@@ -162,8 +162,10 @@ impl FlushHook for () {}
 pub struct Vehicle {
     device: Device,
     session: VehicleSession<Tag>,
-    /// The `Online` status sealed for the connection being made.
-    online: Option<Publication>,
+    /// The seal counter of the connection's `Online` status, drawn with the will's in
+    /// [`begin`](Self::begin) (`Online` is sealed with it on the CONNACK: the same bytes,
+    /// without keeping them meanwhile).
+    online: Option<u64>,
     /// One past the `seq` of the newest delivery event ever published: an event below it
     /// goes out again with DUP.
     events_sent_end: u32,
@@ -171,19 +173,35 @@ pub struct Vehicle {
 
 /// `publication` as a session message (a QoS other than 0 and 1 is refused by the session).
 fn message(publication: &Publication) -> Message<'_> {
+    sealed_message(
+        &publication.topic,
+        &publication.payload,
+        publication.qos,
+        publication.retain,
+    )
+}
+
+/// A sealed payload for `topic` as a session message.
+fn sealed_message<'a>(
+    topic: &'a TopicName,
+    payload: &'a [u8],
+    qos: u8,
+    retain: bool,
+) -> Message<'a> {
     Message {
-        topic: publication.topic.as_str(),
-        payload: &publication.payload,
-        qos: QoS::from_level(publication.qos).unwrap_or(QoS::ExactlyOnce),
-        retain: publication.retain,
+        topic: topic.as_str(),
+        payload,
+        qos: QoS::from_level(qos).unwrap_or(QoS::ExactlyOnce),
+        retain,
     }
 }
 
 impl Vehicle {
     /// A device made from `config` and `seed` ([`Device::new`]) with an idle session whose
     /// keep-alive is `keep_alive_secs`. Built in place: with
-    /// `StaticCell::init_with(|| Vehicle::new(..))` the device (4.4 KiB) and the session
-    /// buffers are written straight into the static, never copied through the stack.
+    /// `StaticCell::init_with(|| Vehicle::new(..))` the device (4.4 KiB) is written straight
+    /// into the static, never copied through the stack; the session (about 800 B of it) is,
+    /// once (measured on the firmware: docs/firmware.md).
     pub fn new(config: DeviceConfig, seed: u64, keep_alive_secs: u16) -> Self {
         Self::with_device(Device::new(config, seed), keep_alive_secs)
     }
@@ -235,26 +253,39 @@ impl Vehicle {
     ///
     /// # Errors
     /// [`BeginError`]: nothing was queued; the session stays idle.
+    // Not inlined, as `flush`, `on_connected` and `on_command`: each seals into a topic and
+    // a payload of its own (about 220 B), which take the stack only while it runs.
+    #[inline(never)]
     pub fn begin(
         &mut self,
         password: Option<&str>,
         mono_ms: u64,
         seal_ms: u64,
     ) -> Result<(), BeginError> {
-        let statuses = self
+        // The counters of `Device::connect_statuses`: `Online` first, the will next.
+        let online = self.device.next_counter(seal_ms);
+        let counter = self.device.next_counter(seal_ms);
+        let will = Status::Offline(OfflineReason::ConnectionLost);
+        let (mut topic, mut payload) = (TopicName::new(), Payload::new());
+        let qos = self
             .device
-            .connect_statuses(seal_ms)
+            .seal(&will, counter, &mut topic, &mut payload)
             .map_err(BeginError::Seal)?;
         let id = self.device.vehicle().as_str();
         let request = ConnectRequest {
             client_id: id,
             login: password.map(|password| (id, password)),
-            will: Some(message(&statuses.will)),
+            will: Some(sealed_message(
+                &topic,
+                &payload,
+                qos,
+                TopicKind::Status.retained(),
+            )),
         };
         self.session
             .begin(&request, mono_ms)
             .map_err(BeginError::Connect)?;
-        self.online = Some(statuses.online);
+        self.online = Some(online);
         Ok(())
     }
 
@@ -359,12 +390,17 @@ impl Vehicle {
         Ok(())
     }
 
+    #[inline(never)]
     fn on_connected(&mut self, mono_ms: u64) {
-        if let Some(online) = self.online.take() {
+        let (mut topic, mut payload) = (TopicName::new(), Payload::new());
+        if let Some(counter) = self.online.take()
+            && let Ok(qos) = self
+                .device
+                .seal(&Status::Online, counter, &mut topic, &mut payload)
+        {
+            let online = sealed_message(&topic, &payload, qos, TopicKind::Status.retained());
             // Fits: the transmit buffer is empty right after the CONNACK.
-            let _ = self
-                .session
-                .publish(&message(&online), false, Tag::Other, mono_ms);
+            let _ = self.session.publish(&online, false, Tag::Other, mono_ms);
         }
         // A clean session has no subscriptions: subscribe on every connection. Fits as well.
         let topic = self.device.topic(TopicKind::Command).name();
@@ -373,13 +409,21 @@ impl Vehicle {
             .subscribe(topic.as_str(), QoS::AtLeastOnce, mono_ms);
     }
 
+    #[inline(never)]
     fn on_command(&mut self, command: Command, clocks: &impl Clocks) -> Happened {
         self.device.advance(clocks.device_ms());
         let ack = self.device.handle_command(&command);
-        let sent = match self.device.publication(&ack, clocks.seal_ms()) {
-            Ok(publication) => self
+        let counter = self.device.next_counter(clocks.seal_ms());
+        let (mut topic, mut payload) = (TopicName::new(), Payload::new());
+        let sent = match self.device.seal(&ack, counter, &mut topic, &mut payload) {
+            Ok(qos) => self
                 .session
-                .publish(&message(&publication), false, Tag::Other, clocks.mono_ms())
+                .publish(
+                    &sealed_message(&topic, &payload, qos, TopicKind::Ack.retained()),
+                    false,
+                    Tag::Other,
+                    clocks.mono_ms(),
+                )
                 .map(|_| ())
                 .map_err(PublishError::Send),
             Err(err) => Err(PublishError::Seal(err)),
@@ -394,6 +438,7 @@ impl Vehicle {
     /// Hands up to `limit` queued events and heartbeats to the session, sealed at
     /// `seal_ms`, while the in-flight window ([`MAX_INFLIGHT`]) and the transmit buffer (room
     /// for the largest publish) take them; `hook` sees each. Returns how many it handed over.
+    #[inline(never)]
     pub fn flush(
         &mut self,
         mono_ms: u64,
@@ -402,12 +447,13 @@ impl Vehicle {
         hook: &mut impl FlushHook,
     ) -> usize {
         let mut handed = 0;
+        let (mut topic, mut payload) = (TopicName::new(), Payload::new());
         while handed < limit
             && self.session.is_connected()
             && self.session.in_flight() < MAX_INFLIGHT
             && self.session.output_room() >= LARGEST_PUBLISH
         {
-            let item = match self.device.next_publication(seal_ms) {
+            let item = match self.device.seal_next(seal_ms, &mut topic, &mut payload) {
                 Ok(Some(item)) => item,
                 Ok(None) => break,
                 Err(err) => {
@@ -415,7 +461,6 @@ impl Vehicle {
                     break;
                 }
             };
-            let mut publication = item.publication;
             let (dup, tag) = match item.event_seq {
                 // Below the end, in wrapping order: published before.
                 Some(seq) => (
@@ -424,11 +469,9 @@ impl Vehicle {
                 ),
                 None => (false, Tag::Other),
             };
-            hook.handing(&mut publication, item.event_seq);
-            if let Err(err) = self
-                .session
-                .publish(&message(&publication), dup, tag, mono_ms)
-            {
+            hook.handing(&mut payload, item.event_seq);
+            let message = sealed_message(&topic, &payload, item.qos, item.retain);
+            if let Err(err) = self.session.publish(&message, dup, tag, mono_ms) {
                 if item.event_seq.is_some() {
                     self.device.event_unsent();
                 }

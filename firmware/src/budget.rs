@@ -25,21 +25,9 @@ static VEHICLE: StaticCell<Vehicle> = StaticCell::new();
 
 /// Runs the device stack for ever, positioned by `positioning`.
 pub fn run(mut positioning: impl Positioning) -> ! {
-    let mut record = [0u8; config::RECORD_MAX];
-    let len = build_record(&mut record);
-    let Ok(record) = DeviceRecord::parse(black_box(&record[..len])) else {
-        halt()
-    };
-    let Ok(grid) = StreetGrid::new(GridConfig::default()) else {
-        halt()
-    };
-    let mut device_config = DeviceConfig::new(record.vehicle.clone(), record.fleet.clone(), grid);
-    device_config.key = record.key;
-    let seed = black_box(7);
-    let vehicle = VEHICLE.init_with(|| Vehicle::new(device_config, seed, 30));
-
+    let (vehicle, password) = start();
+    let password = (!password.is_empty()).then_some(password.as_str());
     let mut clock = WallClock::new();
-    let mut packet = [0u8; 256];
     let mut mono: u64 = 0;
     let mut round: u32 = 0;
     loop {
@@ -55,7 +43,7 @@ pub fn run(mut positioning: impl Positioning) -> ! {
             // A new connection: CONNECT, then the broker's CONNACK and SUBACK.
             0 => {
                 vehicle.link_lost();
-                if vehicle.begin(record.password(), mono, now).is_err() {
+                if vehicle.begin(password, mono, now).is_err() {
                     halt()
                 }
                 drain(vehicle);
@@ -66,8 +54,7 @@ pub fn run(mut positioning: impl Positioning) -> ! {
             }
             // An order, and its handovers a while later.
             2 => {
-                let len = command_publish(vehicle, round, &mut packet);
-                black_box(vehicle.feed(black_box(&packet[..len])));
+                receive_command(vehicle, round);
             }
             20 | 40 => {
                 black_box(vehicle.complete_handover(now));
@@ -93,6 +80,41 @@ pub fn run(mut positioning: impl Positioning) -> ! {
     }
 }
 
+/// Makes the vehicle (in its static) from the configuration record; returns it with the MQTT
+/// password. Not inlined, nor is what it calls: what they take of the stack is gone before
+/// the loop starts.
+#[inline(never)]
+fn start() -> (
+    &'static mut Vehicle,
+    heapless::String<{ config::PASSWORD_MAX }>,
+) {
+    let record = read_record();
+    let Ok(grid) = StreetGrid::new(GridConfig::default()) else {
+        halt()
+    };
+    let mut device_config = DeviceConfig::new(record.vehicle.clone(), record.fleet.clone(), grid);
+    device_config.key = record.key;
+    (make_vehicle(device_config), record.password)
+}
+
+/// The vehicle, made in its static.
+#[inline(never)]
+fn make_vehicle(device_config: DeviceConfig) -> &'static mut Vehicle {
+    let seed = black_box(7);
+    VEHICLE.init_with(|| Vehicle::new(device_config, seed, 30))
+}
+
+/// The configuration record, parsed. Not inlined: its bytes are gone once it is parsed.
+#[inline(never)]
+fn read_record() -> DeviceRecord {
+    let mut record = [0u8; config::RECORD_MAX];
+    let len = build_record(&mut record);
+    let Ok(record) = DeviceRecord::parse(black_box(&record[..len])) else {
+        halt()
+    };
+    record
+}
+
 /// "Writes" the session's output: the bytes go through `black_box`.
 fn drain(vehicle: &mut Vehicle) {
     let n = black_box(vehicle.output()).len();
@@ -101,29 +123,37 @@ fn drain(vehicle: &mut Vehicle) {
 
 /// A configuration record as `config-record.py` writes it, with a made-up key and password.
 fn build_record(out: &mut [u8; config::RECORD_MAX]) -> usize {
-    let mut body = heapless::Vec::<u8, 200>::new();
     let fields: [&[u8]; 3] = [b"demo-0001", b"demo", b"not-a-real-password"];
-    let _ = body.extend_from_slice(&[0x5A; 32]);
-    let _ = body.extend_from_slice(&[192, 168, 1, 10]);
-    let _ = body.extend_from_slice(&1883u16.to_le_bytes());
-    for field in fields {
-        let _ = body.push(field.len() as u8);
-        let _ = body.extend_from_slice(field);
-    }
     out[..4].copy_from_slice(&config::MAGIC);
     out[4] = config::VERSION;
-    out[6..8].copy_from_slice(&(body.len() as u16).to_le_bytes());
-    let end = 8 + body.len();
-    out[8..end].copy_from_slice(&body);
+    out[8..40].copy_from_slice(&[0x5A; 32]);
+    out[40..44].copy_from_slice(&[192, 168, 1, 10]);
+    out[44..46].copy_from_slice(&1883u16.to_le_bytes());
+    let mut end = 46;
+    for field in fields {
+        out[end] = field.len() as u8;
+        out[end + 1..end + 1 + field.len()].copy_from_slice(field);
+        end += 1 + field.len();
+    }
+    out[6..8].copy_from_slice(&((end - 8) as u16).to_le_bytes());
     let crc = config::crc32(&out[..end]);
     out[end..end + 4].copy_from_slice(&crc.to_le_bytes());
     end + 4
 }
 
-/// A QoS 1 PUBLISH of an `AssignOrder` command on the vehicle's command topic, as the broker
-/// would send it; returns its length.
-fn command_publish(vehicle: &Vehicle, round: u32, out: &mut [u8; 256]) -> usize {
-    let topic = vehicle.device().topic(shared::TopicKind::Command).name();
+/// The broker's command publish arrives: written into the receive buffer, as the tracker
+/// reads its socket. Not inlined: the loop's frame stays small.
+#[inline(never)]
+fn receive_command(vehicle: &mut Vehicle, round: u32) {
+    let topic = vehicle.command_topic();
+    let buffer = black_box(vehicle.receive_buffer());
+    let len = command_publish(&topic, round, buffer);
+    vehicle.received(black_box(len));
+}
+
+/// A QoS 1 PUBLISH of an `AssignOrder` command on the command `topic`, as the broker would
+/// send it, written into `out`; returns its length (0 if it does not fit).
+fn command_publish(topic: &str, round: u32, out: &mut [u8]) -> usize {
     let Ok(order) = OrderId::new("ord-1") else {
         halt()
     };
@@ -135,19 +165,17 @@ fn command_publish(vehicle: &Vehicle, round: u32, out: &mut [u8; 256]) -> usize 
             dropoff: Position::new(535_600_000, 100_100_000),
         },
     };
-    let mut payload = [0u8; shared::MAX_PAYLOAD];
-    let Ok(payload) = shared::encode(&command, &mut payload) else {
-        halt()
-    };
     let topic = topic.as_bytes();
+    let at = 4 + topic.len() + 2;
+    let Some(Ok(payload)) = out.get_mut(at..).map(|rest| shared::encode(&command, rest)) else {
+        return 0;
+    };
     let remaining = 2 + topic.len() + 2 + payload.len();
     out[0] = 0x32;
     out[1] = remaining as u8;
     out[2..4].copy_from_slice(&(topic.len() as u16).to_be_bytes());
     out[4..4 + topic.len()].copy_from_slice(topic);
-    let at = 4 + topic.len();
-    out[at..at + 2].copy_from_slice(&(round as u16 | 1).to_be_bytes());
-    out[at + 2..at + 2 + payload.len()].copy_from_slice(payload);
+    out[at - 2..at].copy_from_slice(&(round as u16 | 1).to_be_bytes());
     2 + remaining
 }
 

@@ -79,9 +79,17 @@ pub fn seal<'a, T: Serialize>(
     if buf.len() < total {
         return Err(CodecError::BufferFull);
     }
-    let tag = mac(key, topic, &buf[..signed_len]).finalize().into_bytes();
-    buf[signed_len..total].copy_from_slice(&tag[..TAG_LEN]);
+    let (signed, tag) = buf[..total].split_at_mut(signed_len);
+    sign(key, topic, signed, tag);
     Ok(&mut buf[..total])
+}
+
+/// Writes the tag of `signed` for `topic` into `tag` ([`TAG_LEN`] bytes). Not inlined: one
+/// HMAC state on the stack, only while it is computed (a device's stack is small).
+#[inline(never)]
+fn sign(key: &DeviceKey, topic: &str, signed: &[u8], tag: &mut [u8]) {
+    let full = mac(key, topic, signed).finalize().into_bytes();
+    tag.copy_from_slice(&full[..TAG_LEN]);
 }
 
 /// A payload whose tag checked out.
@@ -146,6 +154,7 @@ fn decode_signed<T: DeserializeOwned>(signed: &[u8]) -> Result<Opened<T>, CodecE
 
 /// The key of `vehicle` in open mode (no credentials): public, so it proves nothing, but it
 /// keeps one wire format for both modes.
+#[inline(never)]
 pub fn open_mode_key(vehicle: &VehicleId) -> DeviceKey {
     let mut mac =
         <HmacSha256 as KeyInit>::new_from_slice(b"fleetbeat open mode: no origin guarantee")

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use super::clock::SimClock;
 use super::config::{Chaos, SimConfig};
 use super::report::Counters;
-use crate::device::{Device, Publication};
+use crate::device::{Device, Payload};
 use crate::mqtt::{Link, LinkError, SessionClock, TlsTarget};
 use crate::secrets::DeviceSecrets;
 use crate::session::{LARGEST_PUBLISH, SendError};
@@ -81,11 +81,11 @@ struct SimFlush<'a> {
 }
 
 impl FlushHook for SimFlush<'_> {
-    fn handing(&mut self, publication: &mut Publication, event_seq: Option<u32>) {
+    fn handing(&mut self, payload: &mut Payload, event_seq: Option<u32>) {
         self.garbled =
             event_seq.is_none() && self.garbage_rate > 0.0 && self.rng.f64() < self.garbage_rate;
         if self.garbled {
-            garble(self.rng, publication);
+            garble(self.rng, payload);
         }
     }
 
@@ -709,8 +709,7 @@ impl Vehicle {
 
 /// Replaces a heartbeat's payload by a malformed one: cut short, a flipped bit (the tag no
 /// longer matches), or random bytes.
-fn garble(rng: &mut fastrand::Rng, publication: &mut Publication) {
-    let payload = &mut publication.payload;
+fn garble(rng: &mut fastrand::Rng, payload: &mut Payload) {
     match rng.u8(..3) {
         0 => payload.truncate(rng.usize(..payload.len().max(1))),
         1 => {

@@ -170,13 +170,10 @@ struct Recorder {
 }
 
 impl FlushHook for Recorder {
-    fn handing(&mut self, publication: &mut Publication, event_seq: Option<u32>) {
+    fn handing(&mut self, payload: &mut Payload, event_seq: Option<u32>) {
         if event_seq.is_none() {
-            publication.payload.clear();
-            publication
-                .payload
-                .extend_from_slice(b"garbage")
-                .expect("fits");
+            payload.clear();
+            payload.extend_from_slice(b"garbage").expect("fits");
         }
         self.handing.push(event_seq);
     }
@@ -248,4 +245,28 @@ fn a_command_waits_while_its_ack_would_not_fit() {
         vehicle.next_input(&at(40, T0)),
         Ok(Some(Happened::Command { ack: Ok(()), .. }))
     ));
+}
+
+/// The will in the CONNECT and the `Online` status published on the CONNACK are the very
+/// bytes `Device::connect_statuses` seals at the start of the connection (`Online` with the
+/// counter `c`, the will with `c + 1`), though `Online` is sealed only on the CONNACK.
+#[test]
+fn the_connection_statuses_are_those_of_connect_statuses() {
+    let mut vehicle = vehicle();
+    let statuses = vehicle.device().clone().connect_statuses(T0).expect("fits");
+    let contains =
+        |bytes: &[u8], payload: &[u8]| bytes.windows(payload.len()).any(|w| w == payload);
+
+    vehicle.begin(Some(PASSWORD), 0, T0).expect("queued");
+    let connect = take_output(&mut vehicle);
+    assert!(contains(&connect, &statuses.will.payload));
+    assert!(!contains(&connect, &statuses.online.payload));
+
+    vehicle.feed(&[0x20, 2, 0, 0]);
+    vehicle
+        .on_input(&at(1_000, T0 + 1_000), |_| {})
+        .expect("connected");
+    let online = take_output(&mut vehicle);
+    assert!(contains(&online, &statuses.online.payload));
+    assert!(contains(&online, statuses.online.topic.as_bytes()));
 }
