@@ -4,7 +4,9 @@
 # of rounds of its loop), dumps the RAM through the QEMU monitor and finds the deepest word
 # that is no longer the 0xCCCCCCCC cortex-m-rt painted the stack with at reset
 # (`paint-stack`). Needs qemu-system-arm (Debian: apt-get install qemu-system-arm) and
-# python3. Not part of CI. Usage: bash firmware/stack.sh [seconds]
+# python3. CI runs it: it fails if device-stack's static RAM plus its stack's high-water mark
+# exceed the device stack's RAM budget (8 KiB, docs/firmware.md). Usage:
+# bash firmware/stack.sh [seconds]
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-5}
@@ -12,11 +14,13 @@ command -v qemu-system-arm >/dev/null || { echo "needs qemu-system-arm" >&2; exi
 FLEETBEAT_MEMORY_X=qemu-f405.x cargo build --release --locked --target-dir target/qemu \
   --bin device-stack --bin device-stack-gps
 tools="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin"
+RAM_BUDGET=8192
+failed=0
 for bin in device-stack device-stack-gps; do
   elf="target/qemu/thumbv7em-none-eabihf/release/$bin"
   stack_end=$("$tools/llvm-nm" "$elf" | awk '$3 == "_stack_end" { print $1 }')
   stack_start=$("$tools/llvm-nm" "$elf" | awk '$3 == "_stack_start" { print $1 }')
-  python3 - "$elf" "$secs" "$stack_end" "$stack_start" "$bin" <<'PY'
+  mark=$(python3 - "$elf" "$secs" "$stack_end" "$stack_start" "$bin" <<'PY'
 import os, socket, subprocess, sys, tempfile, time
 elf, secs, end, start, name = sys.argv[1], float(sys.argv[2]), int(sys.argv[3], 16), int(sys.argv[4], 16), sys.argv[5]
 tmp = tempfile.mkdtemp()
@@ -42,6 +46,21 @@ ram = open(dump, "rb").read()
 i = 0
 while i < len(ram) and ram[i:i + 4] == b"\xcc" * 4:
     i += 4
-print(f"{name}: stack high-water mark {len(ram) - i} B (of {len(ram)} B reserved)")
+if i == 0:
+    sys.exit(f"{name}: the stack is not painted (or was used whole): no high-water mark")
+print(len(ram) - i)
 PY
+)
+  # static RAM as size.sh counts it: .data + .bss + .uninit
+  ram=$("$tools/llvm-size" -A "$elf" |
+    awk '$1 == ".data" || $1 == ".bss" || $1 == ".uninit" { s += $2 } END { print s + 0 }')
+  echo "$bin: stack high-water mark $mark B, static RAM $ram B, together $((ram + mark)) B"
+  if [ "$bin" = device-stack ] && [ $((ram + mark)) -gt "$RAM_BUDGET" ]; then
+    echo "device-stack is over its RAM budget with its stack: $((ram + mark)) B (max $RAM_BUDGET)" >&2
+    failed=1
+  fi
 done
+if [ "$failed" -eq 0 ]; then
+  echo "device-stack is within its RAM budget of $RAM_BUDGET B with its stack"
+fi
+exit "$failed"
