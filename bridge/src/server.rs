@@ -148,14 +148,14 @@ impl Bridge {
             // In-process from the embedded broker's router, unless other bridges may share
             // the devices through it (shared subscriptions are the front end's, not the
             // router's: the group must be joined over MQTT).
-            Some(broker) if config.shared_group.is_none() => HeartbeatFeed::Local(
-                broker
-                    .subscribe_local(
-                        "bridge-heartbeats",
-                        &[shared::TopicKind::Heartbeat.filter()],
-                    )
-                    .await?,
-            ),
+            // A broker that dies meanwhile ends the start at once, with its cause.
+            Some(broker) if config.shared_group.is_none() => {
+                let filters = [shared::TopicKind::Heartbeat.filter()];
+                HeartbeatFeed::Local(tokio::select! {
+                    subscribed = broker.subscribe_local("bridge-heartbeats", &filters) => subscribed?,
+                    death = broker.failed() => return Err(BridgeError::Broker(death)),
+                })
+            }
             _ => {
                 let (client, eventloop) = mqtt::connect(
                     &endpoint,

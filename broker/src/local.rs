@@ -7,6 +7,8 @@
 //! A subscriber that falls behind is paused by the router like any slow subscriber (its queue
 //! is bounded); [`LocalSubscriber::recv`] resumes it once it has taken what was queued.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
@@ -39,31 +41,41 @@ pub struct LocalSubscriber {
 
 opaque_debug!(LocalSubscriber);
 
-/// The router does not answer a new link's SUBSCRIBE within this time: something is wrong.
-const SUBSCRIBE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+/// The router does not register a new link and acknowledge its SUBSCRIBE within this time:
+/// something is wrong.
+const SUBSCRIBE_PATIENCE: Duration = Duration::from_secs(10);
 
 impl LocalSubscriber {
     /// Registers `client_id` with the router and subscribes it to `filters` at QoS 0;
     /// returns once the router has acknowledged every filter, so that whatever is published
-    /// after that reaches the subscriber.
+    /// after that reaches the subscriber. Gives up after [`SUBSCRIBE_PATIENCE`].
     pub(crate) async fn subscribe(
         registrar: &Registrar,
         client_id: &str,
         filters: &[&str],
         metrics: BrokerMetrics,
     ) -> Result<Self, BrokerError> {
+        Self::subscribe_within(registrar, client_id, filters, metrics, SUBSCRIBE_PATIENCE).await
+    }
+
+    /// [`subscribe`](Self::subscribe), giving up after `patience`.
+    async fn subscribe_within(
+        registrar: &Registrar,
+        client_id: &str,
+        filters: &[&str],
+        metrics: BrokerMetrics,
+        patience: Duration,
+    ) -> Result<Self, BrokerError> {
         let unavailable = |reason: String| BrokerError::RouterUnavailable {
             reason: format!("local subscriber {client_id}: {reason}"),
         };
-        let (mut tx, mut rx, _connack) = registrar
-            .link(LinkRequest::internal(client_id))
-            .map_err(|err| unavailable(err.to_string()))?;
-        for filter in filters {
-            tx.subscribe(*filter)
-                .map_err(|err| unavailable(err.to_string()))?;
-        }
-        let mut acknowledged = 0;
-        let waited = tokio::time::timeout(SUBSCRIBE_PATIENCE, async {
+        let subscribed = tokio::time::timeout(patience, async {
+            let (mut tx, mut rx) = register(registrar, client_id).await.map_err(unavailable)?;
+            for filter in filters {
+                tx.subscribe(*filter)
+                    .map_err(|err| unavailable(err.to_string()))?;
+            }
+            let mut acknowledged = 0;
             while acknowledged < filters.len() {
                 match rx.next().await {
                     Ok(Some(Notification::DeviceAck(ack))) => {
@@ -76,17 +88,17 @@ impl LocalSubscriber {
                     Err(err) => return Err(unavailable(err.to_string())),
                 }
             }
-            Ok(())
+            Ok((tx, rx))
         })
         .await;
-        match waited {
+        let (tx, rx) = match subscribed {
             Ok(result) => result?,
             Err(_) => {
                 return Err(unavailable(format!(
-                    "no SUBACK within {SUBSCRIBE_PATIENCE:?}"
+                    "not registered and subscribed within {patience:?}"
                 )));
             }
-        }
+        };
         Ok(Self {
             tx,
             rx,
@@ -151,9 +163,93 @@ impl Drop for LocalSubscriber {
     }
 }
 
+/// Registers `client_id` with the router on a thread of its own, so that the caller can give
+/// up: rumqttd's registration waits on a synchronous channel for the router's answer, and a
+/// router that died with the request in its queue never answers. That thread then waits
+/// until the process ends (it is not a tokio thread: no runtime waits for it at shutdown).
+async fn register(registrar: &Registrar, client_id: &str) -> Result<(LinkTx, LinkRx), String> {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let registrar = registrar.clone();
+    let id = client_id.to_owned();
+    std::thread::Builder::new()
+        .name("fleetbeat-local-link".into())
+        .spawn(move || {
+            // The caller may have given up meanwhile: the link is then dropped with the answer.
+            let _ = answer.send(registrar.link_blocking(LinkRequest::internal(&id)));
+        })
+        .map_err(|err| format!("cannot start the registration thread: {err}"))?;
+    match answered.await {
+        Ok(Ok((tx, rx, _connack))) => Ok((tx, rx)),
+        Ok(Err(refused)) => Err(refused.to_string()),
+        Err(_) => Err("the registration thread ended without an answer".to_owned()),
+    }
+}
+
 /// The router is gone.
 fn gone(err: LinkError) -> BrokerError {
     BrokerError::RouterUnavailable {
         reason: format!("local subscriber: {err}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::router::LinkRefused;
+
+    /// A router that died with the registration in its queue never answers it: the
+    /// subscription gives up after its patience instead of blocking its caller (the bridge's
+    /// start, which then could not see the broker's death and exit).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_registration_the_router_never_answers_is_given_up_after_the_patience() {
+        // Answers after 30 s: long after the patience, but a broken version fails in time.
+        let registrar = Registrar::from_fn(|_| {
+            std::thread::sleep(Duration::from_secs(30));
+            Err(LinkRefused("too late".to_owned()))
+        });
+        let started = Instant::now();
+        let subscribing = tokio::spawn(async move {
+            LocalSubscriber::subscribe_within(
+                &registrar,
+                "fleetbeat-internal-local-test",
+                &["fleet/+/+/hb"],
+                BrokerMetrics::default(),
+                Duration::from_millis(200),
+            )
+            .await
+            .map(|_| ())
+        });
+        let outcome = tokio::time::timeout(Duration::from_secs(10), subscribing)
+            .await
+            .expect("the subscription blocked past its patience")
+            .expect("the subscribing task panicked");
+        let err = outcome.expect_err("a router that never answers cannot subscribe anyone");
+        assert!(
+            matches!(&err, BrokerError::RouterUnavailable { reason } if reason.contains("within 200ms")),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    /// A refused registration is the subscription's error, with the router's reason.
+    #[tokio::test]
+    async fn a_refused_registration_is_an_error_with_its_reason() {
+        let registrar = Registrar::from_fn(|_| Err(LinkRefused("router full".to_owned())));
+        let err = LocalSubscriber::subscribe_within(
+            &registrar,
+            "fleetbeat-internal-local-test",
+            &["fleet/+/+/hb"],
+            BrokerMetrics::default(),
+            Duration::from_secs(5),
+        )
+        .await
+        .map(|_| ())
+        .expect_err("refused");
+        assert!(
+            matches!(&err, BrokerError::RouterUnavailable { reason } if reason.contains("router full")),
+            "{err}"
+        );
     }
 }

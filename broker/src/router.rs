@@ -99,9 +99,24 @@ impl Registrar {
         }
     }
 
+    /// A registrar that registers through `connect` instead of a router: for tests of what
+    /// its callers do when the router refuses, or never answers.
+    #[cfg(test)]
+    pub(crate) fn from_fn(
+        connect: impl Fn(LinkRequest<'_>) -> Result<Registered, LinkRefused> + Send + Sync + 'static,
+    ) -> Registrar {
+        Registrar {
+            connect: Arc::new(connect),
+        }
+    }
+
     /// Registers a connection. Blocks until the router answers (rumqttd's `build` waits on a
-    /// synchronous channel): call it through [`Self::link`] from async code.
-    fn link_blocking(&self, request: LinkRequest<'_>) -> Result<Registered, LinkRefused> {
+    /// synchronous channel, and a router that died with the request queued never answers):
+    /// call it through [`Self::link`] from async code, or on a thread of its own.
+    pub(crate) fn link_blocking(
+        &self,
+        request: LinkRequest<'_>,
+    ) -> Result<Registered, LinkRefused> {
         (self.connect)(request)
     }
 

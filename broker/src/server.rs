@@ -133,7 +133,8 @@ impl Broker {
     /// - [`BrokerError::Credentials`] if the credentials file cannot be loaded;
     /// - [`BrokerError::Spawn`] if the broker's threads cannot be started;
     /// - [`BrokerError::RouterUnavailable`] if rumqttd's router refuses an internal link;
-    /// - [`BrokerError::NotReady`] if a listener does not pass its probe within the bound.
+    /// - [`BrokerError::NotReady`] if a listener does not pass its probe within the bound;
+    /// - [`BrokerError::Died`] if a part of it (rumqttd's router thread) dies before then.
     pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
         config.validate()?;
         let deadline = Instant::now() + config.startup_timeout;
@@ -235,7 +236,18 @@ impl Broker {
         broker.runtime = runtime.0.take();
         // From here on, dropping `broker` stops everything.
         let ready = handle.spawn(checker.until_ready(deadline, config.startup_timeout));
-        let checker = match ready.await {
+        // A part that dies meanwhile (the router thread) fails the start at once, with its
+        // cause, rather than as a probe that timed out.
+        let ready = tokio::select! {
+            ready = ready => ready,
+            death = broker.watchdog.died() => {
+                return Err(BrokerError::Died {
+                    part: death.part,
+                    cause: death.cause,
+                });
+            }
+        };
+        let checker = match ready {
             Ok(Ok(checker)) => checker,
             Ok(Err(err)) => return Err(err),
             Err(join) => {
