@@ -17,7 +17,7 @@ use shared::topic::kind_of;
 
 use crate::error::BrokerError;
 use crate::metrics::BrokerMetrics;
-use crate::router::{LinkRequest, Registrar, send_now, try_next};
+use crate::router::{Registrar, send_now, try_next};
 
 /// One message a [`LocalSubscriber`] received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +70,10 @@ impl LocalSubscriber {
             reason: format!("local subscriber {client_id}: {reason}"),
         };
         let subscribed = tokio::time::timeout(patience, async {
-            let (mut tx, mut rx) = register(registrar, client_id).await.map_err(unavailable)?;
+            let (mut tx, mut rx, _connack) = registrar
+                .link_detached(client_id)
+                .await
+                .map_err(|err| unavailable(err.to_string()))?;
             for filter in filters {
                 tx.subscribe(*filter)
                     .map_err(|err| unavailable(err.to_string()))?;
@@ -163,28 +166,6 @@ impl Drop for LocalSubscriber {
     }
 }
 
-/// Registers `client_id` with the router on a thread of its own, so that the caller can give
-/// up: rumqttd's registration waits on a synchronous channel for the router's answer, and a
-/// router that died with the request in its queue never answers. That thread then waits
-/// until the process ends (it is not a tokio thread: no runtime waits for it at shutdown).
-async fn register(registrar: &Registrar, client_id: &str) -> Result<(LinkTx, LinkRx), String> {
-    let (answer, answered) = tokio::sync::oneshot::channel();
-    let registrar = registrar.clone();
-    let id = client_id.to_owned();
-    std::thread::Builder::new()
-        .name("fleetbeat-local-link".into())
-        .spawn(move || {
-            // The caller may have given up meanwhile: the link is then dropped with the answer.
-            let _ = answer.send(registrar.link_blocking(LinkRequest::internal(&id)));
-        })
-        .map_err(|err| format!("cannot start the registration thread: {err}"))?;
-    match answered.await {
-        Ok(Ok((tx, rx, _connack))) => Ok((tx, rx)),
-        Ok(Err(refused)) => Err(refused.to_string()),
-        Err(_) => Err("the registration thread ended without an answer".to_owned()),
-    }
-}
-
 /// The router is gone.
 fn gone(err: LinkError) -> BrokerError {
     BrokerError::RouterUnavailable {
@@ -199,6 +180,20 @@ mod tests {
     use super::*;
     use crate::router::LinkRefused;
 
+    /// A subscription through `registrar` with `patience`: its error, or `Ok` if it
+    /// subscribed.
+    async fn subscribe_with(registrar: &Registrar, patience: Duration) -> Result<(), BrokerError> {
+        LocalSubscriber::subscribe_within(
+            registrar,
+            "fleetbeat-internal-local-test",
+            &["fleet/+/+/hb"],
+            BrokerMetrics::default(),
+            patience,
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// A router that died with the registration in its queue never answers it: the
     /// subscription gives up after its patience instead of blocking its caller (the bridge's
     /// start, which then could not see the broker's death and exit).
@@ -210,17 +205,10 @@ mod tests {
             Err(LinkRefused("too late".to_owned()))
         });
         let started = Instant::now();
-        let subscribing = tokio::spawn(async move {
-            LocalSubscriber::subscribe_within(
-                &registrar,
-                "fleetbeat-internal-local-test",
-                &["fleet/+/+/hb"],
-                BrokerMetrics::default(),
-                Duration::from_millis(200),
-            )
-            .await
-            .map(|_| ())
-        });
+        let subscribing =
+            tokio::spawn(
+                async move { subscribe_with(&registrar, Duration::from_millis(200)).await },
+            );
         let outcome = tokio::time::timeout(Duration::from_secs(10), subscribing)
             .await
             .expect("the subscription blocked past its patience")
@@ -237,16 +225,9 @@ mod tests {
     #[tokio::test]
     async fn a_refused_registration_is_an_error_with_its_reason() {
         let registrar = Registrar::from_fn(|_| Err(LinkRefused("router full".to_owned())));
-        let err = LocalSubscriber::subscribe_within(
-            &registrar,
-            "fleetbeat-internal-local-test",
-            &["fleet/+/+/hb"],
-            BrokerMetrics::default(),
-            Duration::from_secs(5),
-        )
-        .await
-        .map(|_| ())
-        .expect_err("refused");
+        let err = subscribe_with(&registrar, Duration::from_secs(5))
+            .await
+            .expect_err("refused");
         assert!(
             matches!(&err, BrokerError::RouterUnavailable { reason } if reason.contains("router full")),
             "{err}"

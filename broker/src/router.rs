@@ -112,12 +112,33 @@ impl Registrar {
 
     /// Registers a connection. Blocks until the router answers (rumqttd's `build` waits on a
     /// synchronous channel, and a router that died with the request queued never answers):
-    /// call it through [`Self::link`] from async code, or on a thread of its own.
-    pub(crate) fn link_blocking(
-        &self,
-        request: LinkRequest<'_>,
-    ) -> Result<Registered, LinkRefused> {
+    /// call it through [`Self::link`] or [`Self::link_detached`] from async code.
+    fn link_blocking(&self, request: LinkRequest<'_>) -> Result<Registered, LinkRefused> {
         (self.connect)(request)
+    }
+
+    /// Registers an internal link for `client_id` on a thread of its own, so that the caller
+    /// can give up waiting (a timeout around it): a router that died with the request in its
+    /// queue never answers, and that thread then waits until the process ends (it is not a
+    /// tokio thread: no runtime waits for it at shutdown). One thread per call: for the
+    /// embedding program's few links, not for connections.
+    pub(crate) async fn link_detached(&self, client_id: &str) -> Result<Registered, LinkRefused> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let registrar = self.clone();
+        let id = client_id.to_owned();
+        std::thread::Builder::new()
+            .name("fleetbeat-link".into())
+            .spawn(move || {
+                // The caller may have given up meanwhile: the link is then dropped with the
+                // answer.
+                let _ = answer.send(registrar.link_blocking(LinkRequest::internal(&id)));
+            })
+            .map_err(|err| LinkRefused(format!("cannot start the registration thread: {err}")))?;
+        answered.await.unwrap_or_else(|_| {
+            Err(LinkRefused(
+                "the registration thread ended without an answer".to_owned(),
+            ))
+        })
     }
 
     /// Registers a connection without stalling the other tasks of a multi-threaded runtime.
