@@ -257,6 +257,10 @@ pub enum Handover {
     OutboxFull,
 }
 
+/// The last will of every connection: sealed by [`Device::connect_statuses`] and
+/// `crate::vehicle::Vehicle::begin` with the will's counter of [`Device::connect_counters`].
+pub const CONNECTION_LOST: Status = Status::Offline(OfflineReason::ConnectionLost);
+
 /// The two statuses sealed when connecting: see [`Device::connect_statuses`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectStatuses {
@@ -265,6 +269,15 @@ pub struct ConnectStatuses {
     /// `Offline(ConnectionLost)`, sealed with counter `c + 1`: register it as the last will of
     /// this connection.
     pub will: Publication,
+}
+
+/// The seal counters of a new connection's two statuses: see [`Device::connect_counters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectCounters {
+    /// `Online`'s, `c`.
+    pub online: u64,
+    /// The last will's, `c + 1`.
+    pub will: u64,
 }
 
 /// One simulated vehicle. See the [module docs](self).
@@ -988,6 +1001,15 @@ impl Device {
         clock_ms: u64,
     ) -> Result<Publication, CodecError> {
         let counter = self.next_counter(clock_ms);
+        self.sealed_publication(msg, counter)
+    }
+
+    /// `msg` sealed with `counter` as a [`Publication`].
+    fn sealed_publication<M: WireMessage>(
+        &self,
+        msg: &M,
+        counter: u64,
+    ) -> Result<Publication, CodecError> {
         let mut topic = TopicName::new();
         let mut payload = Payload::new();
         let qos = self.seal(msg, counter, &mut topic, &mut payload)?;
@@ -1037,9 +1059,20 @@ impl Device {
     /// # Errors
     /// None in practice; see [`publication`](Self::publication).
     pub fn connect_statuses(&mut self, clock_ms: u64) -> Result<ConnectStatuses, CodecError> {
-        let online = self.publication(&Status::Online, clock_ms)?;
-        let will = self.publication(&Status::Offline(OfflineReason::ConnectionLost), clock_ms)?;
+        let counters = self.connect_counters(clock_ms);
+        let online = self.sealed_publication(&Status::Online, counters.online)?;
+        let will = self.sealed_publication(&CONNECTION_LOST, counters.will)?;
         Ok(ConnectStatuses { online, will })
+    }
+
+    /// The counters [`connect_statuses`](Self::connect_statuses) seals with, drawn at
+    /// `clock_ms`, for a caller that seals the statuses itself ([`seal`](Self::seal)) when
+    /// it needs them (`crate::vehicle::Vehicle` keeps only `Online`'s counter until the
+    /// CONNACK).
+    pub fn connect_counters(&mut self, clock_ms: u64) -> ConnectCounters {
+        let online = self.next_counter(clock_ms);
+        let will = self.next_counter(clock_ms);
+        ConnectCounters { online, will }
     }
 
     /// The retained `Offline(reason)` status, to publish before disconnecting on purpose.

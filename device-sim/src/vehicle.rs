@@ -15,9 +15,9 @@
 //! `no_std`, no heap: the firmware keeps one in a static, the simulator one per vehicle task.
 
 use shared::topic::TopicName;
-use shared::{AckResult, CodecError, Command, OfflineReason, Status, TopicKind};
+use shared::{AckResult, CodecError, Command, Status, TopicKind};
 
-use crate::device::{Device, DeviceConfig, Handover, Payload, Publication};
+use crate::device::{CONNECTION_LOST, Device, DeviceConfig, Handover, Payload, Publication};
 use crate::session::{
     ConnectRequest, Incoming, LARGEST_PUBLISH, MAX_INFLIGHT, Message, QoS, SendError, SessionError,
     SessionOptions, VehicleSession,
@@ -262,14 +262,12 @@ impl Vehicle {
         mono_ms: u64,
         seal_ms: u64,
     ) -> Result<(), BeginError> {
-        // The counters of `Device::connect_statuses`: `Online` first, the will next.
-        let online = self.device.next_counter(seal_ms);
-        let counter = self.device.next_counter(seal_ms);
-        let will = Status::Offline(OfflineReason::ConnectionLost);
+        // `Online` is sealed with its counter on the CONNACK.
+        let counters = self.device.connect_counters(seal_ms);
         let (mut topic, mut payload) = (TopicName::new(), Payload::new());
         let qos = self
             .device
-            .seal(&will, counter, &mut topic, &mut payload)
+            .seal(&CONNECTION_LOST, counters.will, &mut topic, &mut payload)
             .map_err(BeginError::Seal)?;
         let id = self.device.vehicle().as_str();
         let request = ConnectRequest {
@@ -285,7 +283,7 @@ impl Vehicle {
         self.session
             .begin(&request, mono_ms)
             .map_err(BeginError::Connect)?;
-        self.online = Some(online);
+        self.online = Some(counters.online);
         Ok(())
     }
 
