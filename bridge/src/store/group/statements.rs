@@ -11,6 +11,13 @@
 //! `WITH` ([`read`], [`write`]), each of a fixed text: the group's rows are bound as one JSON
 //! array per table, which the server unpacks (`json_to_recordset`). A group's transaction is
 //! then four round trips (`BEGIN`, read, write, `COMMIT`) instead of seven or more.
+//!
+//! SQLite's writes are `OR FAIL`: a multi-row statement that may abort half-way (a `CHECK`, a
+//! `NOT NULL`, a unique index) otherwise keeps a statement journal, a copy of every page it
+//! changes (spilled to a temporary file past 64 KiB), so that it can undo its own rows and let
+//! the transaction go on. Here no transaction goes on after a failed statement: any error rolls
+//! the whole group back (`group::record`'s callers), so the journal only cost writes (a third of
+//! the write statements' time in `eventbench`, BENCHMARKS.md).
 
 use std::collections::HashMap;
 
@@ -367,8 +374,8 @@ async fn insert_events(
 ) -> Result<(), StoreError> {
     for chunk in events.chunks(ROWS_PER_STATEMENT) {
         let mut sql = String::from(
-            "INSERT INTO delivery_events (vehicle, seq, ts_ms, fleet, order_id, kind, lat_e7, \
-             lon_e7, flag, received_ms) VALUES ",
+            "INSERT OR FAIL INTO delivery_events (vehicle, seq, ts_ms, fleet, order_id, kind, \
+             lat_e7, lon_e7, flag, received_ms) VALUES ",
         );
         push_rows(&mut sql, backend, chunk.len(), 10);
         sql.push_str(" ON CONFLICT (vehicle, seq, ts_ms) DO NOTHING");
@@ -403,7 +410,7 @@ async fn update_orders(
     now: u64,
 ) -> Result<(), StoreError> {
     for chunk in moved.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = String::from("UPDATE orders SET state = CASE order_id");
+        let mut sql = String::from("UPDATE OR FAIL orders SET state = CASE order_id");
         let mut n = 0;
         let mut next = |sql: &mut String| {
             n += 1;
@@ -448,7 +455,8 @@ async fn insert_messages(
 ) -> Result<Vec<MessageId>, StoreError> {
     let mut ids = Vec::with_capacity(messages.len());
     for chunk in messages.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = String::from("INSERT INTO queue (client, payload, created_ms) VALUES ");
+        let mut sql =
+            String::from("INSERT OR FAIL INTO queue (client, payload, created_ms) VALUES ");
         push_rows(&mut sql, backend, chunk.len(), 3);
         sql.push_str(" RETURNING id");
         // Only placeholders are formatted in; every value is bound.

@@ -220,6 +220,77 @@ on_each_backend! {
     }
 }
 
+/// Makes the store refuse, by a trigger, to queue any message of vehicle `v-{i}` (the payload
+/// `record` queues names it): the group's last write statement then fails after some of its
+/// rows, and after the group's other statements, were written.
+async fn refuse_messages_of(store: &Store, i: u32) {
+    let mut conn = store.write.acquire().await.expect("a connection");
+    let pattern = format!("%\"vehicle\":{i}}}%");
+    let statements = match store.backend {
+        super::Backend::Sqlite => vec![format!(
+            "CREATE TRIGGER refuse BEFORE INSERT ON queue WHEN NEW.payload LIKE '{pattern}' \
+             BEGIN SELECT RAISE(FAIL, 'refused by the test'); END"
+        )],
+        super::Backend::Postgres => vec![
+            format!(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 IF NEW.payload LIKE '{pattern}' THEN RAISE EXCEPTION 'refused by the test'; \
+                 END IF; RETURN NEW; END $$"
+            ),
+            "CREATE TRIGGER refuse BEFORE INSERT ON queue FOR EACH ROW EXECUTE FUNCTION refuse()"
+                .to_owned(),
+        ],
+    };
+    for sql in statements {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .expect("installs the trigger");
+    }
+}
+
+on_each_backend! {
+    /// A group whose write statement fails half-way (the store refuses one event's messages,
+    /// after other rows of the statement and the group's events and order moves were written):
+    /// nothing of the failed try is left, the others are recorded one per transaction, and the
+    /// refused event is recorded nowhere (SQLite's writes are `OR FAIL`: a statement's own rows
+    /// are not undone by the statement, so this checks that the transaction is).
+    async fn a_statement_failing_half_way_leaves_nothing(store) {
+        assigned_orders(&store, 8).await;
+        refuse_messages_of(&store, 5).await;
+        let mut events = JoinSet::new();
+        for i in 0..8 {
+            let store = store.clone();
+            events.spawn(async move { (i, record(&store, i, &event(i, 0)).await) });
+        }
+        while let Some(joined) = events.join_next().await {
+            let (i, outcome) = joined.expect("no panic");
+            if i == 5 {
+                outcome.expect_err("the refused event fails");
+            } else {
+                let recorded = outcome.expect("the others are recorded");
+                assert_eq!(recorded.state, Some(OrderState::PickedUp), "vehicle {i}");
+                assert_eq!(recorded.messages.len(), 2, "vehicle {i}");
+            }
+        }
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM delivery_events").await, 7);
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM delivery_events WHERE order_id = 'o-5'").await,
+            0
+        );
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM orders WHERE state = 'assigned'").await,
+            1
+        );
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM orders WHERE order_id = 'o-5' AND state = 'assigned'").await,
+            1
+        );
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM queue").await, 14);
+        store.close().await;
+    }
+}
+
 on_each_backend! {
     /// Events of one vehicle handed over one after the other without waiting (all in flight at
     /// once) are recorded in the order they were handed over: each step moves the order on,
