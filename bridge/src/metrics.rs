@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use shared::TopicKind;
 
-use crate::store::StoreHealth;
+use crate::store::{GroupStats, StoreHealth};
 
 /// Why an MQTT message was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -440,6 +440,35 @@ impl Metrics {
             family(&mut out, (name, kind), help, [(String::new(), value)]);
         }
         out
+    }
+}
+
+/// Writes how the store committed the delivery events (`Store::event_groups`): transactions,
+/// events in them, and the most one held. Events per commit is the group commit's yield: near
+/// 1 while events come one at a time, higher while many wait for the store.
+pub(crate) fn render_event_groups(out: &mut String, groups: GroupStats) {
+    let families = [
+        (
+            "store_event_commits_total",
+            "counter",
+            "Transactions the store committed that held delivery events (group commit).",
+            groups.commits,
+        ),
+        (
+            "store_events_committed_total",
+            "counter",
+            "Delivery events committed in those transactions.",
+            groups.events,
+        ),
+        (
+            "store_event_group_largest",
+            "gauge",
+            "The most delivery events one of those transactions held.",
+            groups.largest,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        family(out, (name, kind), help, [(String::new(), value)]);
     }
 }
 

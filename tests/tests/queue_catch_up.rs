@@ -61,6 +61,20 @@ async fn offline_vendor_catches_up_and_acknowledges() -> anyhow::Result<()> {
             "{kinds:?}"
         );
     }
+    // The store's group commit shows on /metrics: every one of those six events was committed
+    // (a vehicle's re-send counts too), in at most as many transactions.
+    let events = bridge
+        .metric("fleetbeat_bridge_store_events_committed_total")
+        .await?;
+    let commits = bridge
+        .metric("fleetbeat_bridge_store_event_commits_total")
+        .await?;
+    let largest = bridge
+        .metric("fleetbeat_bridge_store_event_group_largest")
+        .await?;
+    assert!(events >= 6.0, "{events} events committed");
+    assert!((1.0..=events).contains(&commits), "{commits} commits");
+    assert!((1.0..=events).contains(&largest), "largest group {largest}");
 
     // Back online: getAll brings every missed event (pending ones are also re-sent on connect;
     // duplicates carry the same message id).

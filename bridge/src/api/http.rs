@@ -264,7 +264,7 @@ async fn metrics_text<A: Adapter>(
         };
         return ApiError::new(status, refusal.to_string()).into_response();
     }
-    let mut text = state.hub.metrics().render();
+    let mut text = state.hub.metrics_text();
     text.push_str(&state.guard.render());
     if let Some(broker) = &state.broker {
         text.push_str(&broker.render());

@@ -559,7 +559,7 @@ async fn on_stats<A: Adapter>(
     let stats = reply::stats(reply::Stats {
         mqtt_ready: hub.metrics().mqtt_ready(),
         commands_waiting: hub.commands_waiting(),
-        metrics: hub.metrics().render() + &guard.render(),
+        metrics: hub.metrics_text() + &guard.render(),
         vehicles: hub.liveness_counts(),
         clients: [clients(DISPATCH), clients(VENDOR), clients(ADMIN)],
     });

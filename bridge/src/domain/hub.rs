@@ -141,6 +141,14 @@ impl Hub {
         &self.metrics
     }
 
+    /// The bridge's metrics in the Prometheus text format: its counters and how the store
+    /// committed the delivery events (`Store::event_groups`).
+    pub(crate) fn metrics_text(&self) -> String {
+        let mut text = self.metrics.render();
+        crate::metrics::render_event_groups(&mut text, self.store.event_groups());
+        text
+    }
+
     /// Checks a client's token at entrance `E`: what it grants, if `E` admits its role.
     ///
     /// # Errors
