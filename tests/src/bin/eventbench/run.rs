@@ -40,6 +40,9 @@ pub struct Figures {
     pub prepare_secs: f64,
     /// What the store held after the run.
     pub verified: Verified,
+    /// Delivery events per transaction over the whole run, as the bridge's `/metrics` counts
+    /// them (`None`: not readable).
+    pub events_per_commit: Option<f64>,
 }
 
 /// What the measured window of a run saw.
@@ -149,6 +152,20 @@ pub async fn all(cli: &Cli) -> anyhow::Result<()> {
     }
     print!("{}", report::render(cli, &described, load_before, &runs));
     Ok(())
+}
+
+/// The bridge's delivery events per committed transaction so far (its group commit's yield),
+/// from `/metrics`; `None` if it cannot be read or nothing was committed.
+async fn events_per_commit(bridge: &tests::stack::BridgeProcess) -> Option<f64> {
+    let events = bridge
+        .metric("fleetbeat_bridge_store_events_committed_total")
+        .await
+        .ok()?;
+    let commits = bridge
+        .metric("fleetbeat_bridge_store_event_commits_total")
+        .await
+        .ok()?;
+    (commits > 0.0).then(|| events / commits)
 }
 
 /// `cargo build --release --locked -p bridge --bin bridge` in the workspace.
@@ -271,6 +288,7 @@ async fn one(
         }
     }
     let load = procfs::load_average().unwrap_or(f64::NAN);
+    let events_per_commit = events_per_commit(&bridge).await;
     let status = bridge.program.terminate(STOP).await?;
     ensure!(status.success(), "the bridge stopped with {status}");
     let (Some(start), Some(end)) = (start, end) else {
@@ -297,6 +315,7 @@ async fn one(
         load,
         prepare_secs,
         verified,
+        events_per_commit,
     };
     eprintln!(
         "run {n}: {:.0} events/s, p99 {:.1} ms, verified {:?}",
