@@ -444,9 +444,10 @@ impl Metrics {
 }
 
 /// Writes how the store committed the delivery events (`Store::event_groups`): transactions,
-/// events in them, and the most one held. Events per commit is the group commit's yield: near
-/// 1 while events come one at a time, higher while many wait for the store.
-pub(crate) fn render_event_groups(out: &mut String, groups: GroupStats) {
+/// events in them, and the most one held (events per commit is the group commit's yield: near
+/// 1 while events come one at a time, higher while many wait for the store); and SQLite's
+/// checkpoints off the commit path (`Store::checkpoints`).
+pub(crate) fn render_store(out: &mut String, groups: GroupStats, checkpoints: u64) {
     let families = [
         (
             "store_event_commits_total",
@@ -465,6 +466,12 @@ pub(crate) fn render_event_groups(out: &mut String, groups: GroupStats) {
             "gauge",
             "The most delivery events one of those transactions held.",
             groups.largest,
+        ),
+        (
+            "store_checkpoints_total",
+            "counter",
+            "SQLite checkpoints that copied the log into the database file off the commit path.",
+            checkpoints,
         ),
     ];
     for (name, kind, help, value) in families {

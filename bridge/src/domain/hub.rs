@@ -141,11 +141,15 @@ impl Hub {
         &self.metrics
     }
 
-    /// The bridge's metrics in the Prometheus text format: its counters and how the store
-    /// committed the delivery events (`Store::event_groups`).
+    /// The bridge's metrics in the Prometheus text format: its counters, how the store
+    /// committed the delivery events (`Store::event_groups`) and its checkpoints.
     pub(crate) fn metrics_text(&self) -> String {
         let mut text = self.metrics.render();
-        crate::metrics::render_event_groups(&mut text, self.store.event_groups());
+        crate::metrics::render_store(
+            &mut text,
+            self.store.event_groups(),
+            self.store.checkpoints(),
+        );
         text
     }
 

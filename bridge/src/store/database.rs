@@ -12,6 +12,7 @@ use std::sync::{Arc, Once};
 use tracing::info;
 
 pub(super) use super::backend::{Backend, from_db, narrow, parse_id, to_db};
+use super::checkpoint::Checkpoints;
 use super::error::StoreError;
 use super::group::{EventGroups, GroupStats};
 use super::options::{Durability, StoreOptions};
@@ -31,6 +32,8 @@ pub struct Store {
     pub(super) backend: Backend,
     /// The committer of delivery events in groups (`store::group`).
     pub(super) events: Arc<EventGroups>,
+    /// SQLite's checkpoint task (`store::checkpoint`); none for PostgreSQL or in memory.
+    pub(super) checkpoints: Option<Arc<Checkpoints>>,
     target: Arc<str>,
 }
 
@@ -67,11 +70,16 @@ impl Store {
             Backend::Sqlite => sqlite::connect(target, &options).await?,
             Backend::Postgres => postgres::connect(target, &options).await?,
         };
+        let checkpoints = match backend {
+            Backend::Sqlite => sqlite::checkpoints(target).await?.map(Arc::new),
+            Backend::Postgres => None,
+        };
         let store = Self {
             write: pools.write,
             read: pools.read,
             backend,
             events: Arc::default(),
+            checkpoints,
             target: target.into(),
         };
         let durability = store.durability().await?;
@@ -91,9 +99,18 @@ impl Store {
     /// checkpoints the write-ahead log into the database file. Operations after this fail.
     pub async fn close(&self) {
         self.events.close().await;
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.stop().await;
+        }
         self.read.close().await;
         self.write.close().await;
         info!(store = %redacted(&self.target), "store closed");
+    }
+
+    /// Checkpoints that copied pages of SQLite's log into the database file off the commit
+    /// path, so far (`store::checkpoint`); 0 on PostgreSQL and in memory.
+    pub(crate) fn checkpoints(&self) -> u64 {
+        self.checkpoints.as_ref().map_or(0, |c| c.done())
     }
 
     /// The durability settings in force, read back from the database (`PRAGMA`s on SQLite,

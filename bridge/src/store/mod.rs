@@ -27,6 +27,8 @@
 //! - `writer`: `HeartbeatWriter`, a task that batches heartbeats off the MQTT path.
 //! - `health`: `StoreHealth`, whether the store can write, as its writes show it (for
 //!   `/readyz` and `/metrics`); [`StoreError::is_outage`] tells an outage from refused data.
+//! - `checkpoint`: SQLite's checkpoints, on a task and a connection of their own, off the
+//!   commit path.
 //! - `sqlite`, `postgres`: everything specific to one database (connection settings, how a
 //!   write transaction begins, the durability read-back, migrations; `postgres` says how
 //!   several bridges share one database). The queries elsewhere are portable SQL with `$N`
@@ -39,6 +41,7 @@
 //! step by a test.
 
 mod backend;
+mod checkpoint;
 mod database;
 mod error;
 mod geofence;

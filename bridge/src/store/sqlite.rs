@@ -1,6 +1,6 @@
 //! Everything that is specific to SQLite, in one place: the connection settings (WAL,
 //! `synchronous`, busy timeout, foreign keys, set by `PRAGMA`s on each new connection), the
-//! one write connection beside the read pool, how a write transaction starts, the placeholders
+//! one write connection beside the read pool and the checkpoint task's (`checkpoint`), how a write transaction starts, the placeholders
 //! of generated SQL, the `PRAGMA` read-back, and the migrations in `migrations/sqlite/`.
 //!
 //! The connections are sqlx `Any` connections (see `database`), opened from a `sqlite:` URL:
@@ -15,6 +15,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnectionMetadata;
 
+use super::checkpoint::{self, Checkpoints};
 use super::error::StoreError;
 use super::options::{Durability, StoreOptions};
 use super::pool::{DbPool, Pools};
@@ -111,6 +112,11 @@ fn pragmas(options: &StoreOptions, write: bool, memory: bool) -> String {
     if write {
         if !memory {
             sql.push_str(" PRAGMA journal_mode = WAL;");
+            // The checkpoint task copies the log meanwhile; this is its backstop.
+            sql.push_str(&format!(
+                " PRAGMA wal_autocheckpoint = {};",
+                checkpoint::WRITER_PAGES
+            ));
         }
         sql.push_str(&format!(
             " PRAGMA synchronous = {};",
@@ -175,6 +181,24 @@ pub(super) async fn connect(target: &str, options: &StoreOptions) -> Result<Pool
             .connect_lazy_with(read_options)
     };
     Ok(Pools { write, read })
+}
+
+/// Starts the checkpoint task of the database `target` (see `checkpoint`), on a connection
+/// of its own; `None` for an in-memory database (no log to checkpoint).
+///
+/// # Errors
+/// [`StoreError::Open`] if its connection cannot be opened.
+pub(super) async fn checkpoints(target: &str) -> Result<Option<Checkpoints>, StoreError> {
+    if is_memory(target) {
+        return Ok(None);
+    }
+    let open_error = |source| StoreError::Open {
+        target: target.to_owned(),
+        source,
+    };
+    let url = with_mode(&parse_target(target)?, "rw");
+    let options: AnyConnectOptions = url.parse().map_err(open_error)?;
+    Ok(Some(Checkpoints::start(options).await?))
 }
 
 /// Reads back the settings that decide durability, on the write connection.
