@@ -158,17 +158,24 @@ mod tests {
             .collect()
     }
 
+    /// A store on `store.db` in a new temporary directory (kept while the directory is).
+    async fn temp_store() -> (tempfile::TempDir, String, Store) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let target = dir.path().join("store.db");
+        let target = target.to_str().expect("a UTF-8 path").to_owned();
+        let store = Store::open(&target, StoreOptions::default())
+            .await
+            .expect("opens");
+        (dir, target, store)
+    }
+
     /// Commits well under the write connection's backstop still reach the database file,
     /// through the checkpoint task alone: the file grows, the task counts its checkpoints,
     /// and the rows are read back after the store is opened again.
     #[tokio::test]
     async fn the_task_copies_the_log_into_the_database_file() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (dir, target, store) = temp_store().await;
         let path = dir.path().join("store.db");
-        let target = path.to_str().expect("a UTF-8 path").to_owned();
-        let store = Store::open(&target, StoreOptions::default())
-            .await
-            .expect("opens");
         let size = || std::fs::metadata(&path).map_or(0, |m| m.len());
         let before = size();
         for _ in 0..10 {
@@ -207,12 +214,7 @@ mod tests {
     /// without `close` stops it too (nothing keeps the file open).
     #[tokio::test]
     async fn closing_or_dropping_the_store_stops_the_task() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let target = dir.path().join("store.db");
-        let target = target.to_str().expect("a UTF-8 path").to_owned();
-        let store = Store::open(&target, StoreOptions::default())
-            .await
-            .expect("opens");
+        let (_dir, target, store) = temp_store().await;
         let checkpoints = store
             .checkpoints
             .clone()

@@ -161,6 +161,21 @@ on_each_backend! {
     }
 }
 
+/// Records the first step of vehicles `v-0` to `v-{n-1}` at once (so that they share
+/// groups); returns each vehicle's outcome, in the order they came.
+async fn first_steps_at_once(store: &Store, n: u32) -> Vec<(u32, Result<Recorded, StoreError>)> {
+    let mut events = JoinSet::new();
+    for i in 0..n {
+        let store = store.clone();
+        events.spawn(async move { (i, record(&store, i, &event(i, 0)).await) });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(joined) = events.join_next().await {
+        outcomes.push(joined.expect("no panic"));
+    }
+    outcomes
+}
+
 /// Makes order `o-{i}`'s stored state unreadable (a value the check constraint refuses), so
 /// that recording an event of it fails with [`StoreError::Corrupt`].
 async fn corrupt_order(store: &Store, i: u32) {
@@ -194,13 +209,7 @@ on_each_backend! {
     async fn a_failing_event_does_not_fail_its_group(store) {
         assigned_orders(&store, 8).await;
         corrupt_order(&store, 3).await;
-        let mut events = JoinSet::new();
-        for i in 0..8 {
-            let store = store.clone();
-            events.spawn(async move { (i, record(&store, i, &event(i, 0)).await) });
-        }
-        while let Some(joined) = events.join_next().await {
-            let (i, outcome) = joined.expect("no panic");
+        for (i, outcome) in first_steps_at_once(&store, 8).await {
             if i == 3 {
                 let err = outcome.expect_err("the corrupt order fails");
                 assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
@@ -258,13 +267,7 @@ on_each_backend! {
     async fn a_statement_failing_half_way_leaves_nothing(store) {
         assigned_orders(&store, 8).await;
         refuse_messages_of(&store, 5).await;
-        let mut events = JoinSet::new();
-        for i in 0..8 {
-            let store = store.clone();
-            events.spawn(async move { (i, record(&store, i, &event(i, 0)).await) });
-        }
-        while let Some(joined) = events.join_next().await {
-            let (i, outcome) = joined.expect("no panic");
+        for (i, outcome) in first_steps_at_once(&store, 8).await {
             if i == 5 {
                 outcome.expect_err("the refused event fails");
             } else {
