@@ -19,13 +19,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::error::StoreError;
 use super::pool::DbPool;
 
 /// How often the checkpoint task copies the committed log into the database file.
@@ -44,27 +42,17 @@ pub(super) struct Checkpoints {
 }
 
 impl Checkpoints {
-    /// Opens a connection of its own to the database `options` name and starts the task.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] if the connection cannot be opened.
-    pub(super) async fn start(options: AnyConnectOptions) -> Result<Self, StoreError> {
-        let pool = AnyPoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .test_before_acquire(false)
-            .connect_with(options)
-            .await?;
+    /// Starts the task on `pool`, a connection of its own to the database (closed when the
+    /// task ends).
+    pub(super) fn start(pool: DbPool) -> Self {
         let cancel = CancellationToken::new();
         let done = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(run(pool, cancel.clone(), Arc::clone(&done)));
-        Ok(Self {
+        Self {
             cancel,
             task: Mutex::new(Some(task)),
             done,
-        })
+        }
     }
 
     /// Checkpoints that copied pages so far.
@@ -210,8 +198,8 @@ mod tests {
         again.close().await;
     }
 
-    /// Closing the store stops the task: its counter no longer moves, and a store dropped
-    /// without `close` stops it too (nothing keeps the file open).
+    /// Closing the store stops the task (its handle is taken and awaited), and dropping the
+    /// last handle of a store without `close` cancels it.
     #[tokio::test]
     async fn closing_or_dropping_the_store_stops_the_task() {
         let (_dir, target, store) = temp_store().await;

@@ -156,14 +156,9 @@ pub(super) async fn connect(target: &str, options: &StoreOptions) -> Result<Pool
         with_mode(&url, "rwc")
     };
     let write_options: AnyConnectOptions = write_url.parse().map_err(open_error)?;
-    let write = with_pragmas(AnyPoolOptions::new(), pragmas(options, true, memory))
-        .max_connections(1)
-        // Keep the connection: an in-memory database lives only as long as one is open, and a
-        // file's WAL index stays warm.
-        .min_connections(1)
-        .idle_timeout(None)
-        .max_lifetime(None)
-        .test_before_acquire(false)
+    // Kept open: an in-memory database lives only as long as one is open, and a file's WAL
+    // index stays warm.
+    let write = with_pragmas(one_kept_connection(), pragmas(options, true, memory))
         .acquire_timeout(Duration::from_secs(30))
         .connect_with(write_options)
         .await
@@ -198,7 +193,22 @@ pub(super) async fn checkpoints(target: &str) -> Result<Option<Checkpoints>, Sto
     };
     let url = with_mode(&parse_target(target)?, "rw");
     let options: AnyConnectOptions = url.parse().map_err(open_error)?;
-    Ok(Some(Checkpoints::start(options).await?))
+    let pool = one_kept_connection()
+        .connect_with(options)
+        .await
+        .map_err(open_error)?;
+    Ok(Some(Checkpoints::start(pool)))
+}
+
+/// A pool of one connection, opened at once and kept for the store's life (the write
+/// connection, the checkpoint task's).
+fn one_kept_connection() -> AnyPoolOptions {
+    AnyPoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .test_before_acquire(false)
 }
 
 /// Reads back the settings that decide durability, on the write connection.
