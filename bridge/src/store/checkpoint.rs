@@ -55,7 +55,8 @@ impl Checkpoints {
         }
     }
 
-    /// Checkpoints that copied pages so far.
+    /// Checkpoints that copied pages so far (one that found the log already copied is not
+    /// counted).
     pub(super) fn done(&self) -> u64 {
         self.done.load(Ordering::Relaxed)
     }
@@ -87,6 +88,9 @@ async fn run(pool: DbPool, cancel: CancellationToken, done: Arc<AtomicU64>) {
     let mut every = tokio::time::interval(EVERY);
     every.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut failing = false;
+    // What the last checkpoint reported: its columns count the log as it stands (since the
+    // writer last started it over), not what one call copied.
+    let mut last = (0, 0);
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
@@ -99,9 +103,10 @@ async fn run(pool: DbPool, cancel: CancellationToken, done: Arc<AtomicU64>) {
                 .await;
         match outcome {
             Ok((_, log, copied)) => {
-                if copied > 0 {
+                if copied > 0 && (log, copied) != last {
                     done.fetch_add(1, Ordering::Relaxed);
                 }
+                last = (log, copied);
                 if failing {
                     failing = false;
                     info!("the store's checkpoints work again");
@@ -158,8 +163,9 @@ mod tests {
     }
 
     /// Commits well under the write connection's backstop still reach the database file,
-    /// through the checkpoint task alone: the file grows, the task counts its checkpoints,
-    /// and the rows are read back after the store is opened again.
+    /// through the checkpoint task alone: the file grows, the task counts its checkpoints
+    /// (and none once there is nothing more to copy), and the rows are read back after the
+    /// store is opened again.
     #[tokio::test]
     async fn the_task_copies_the_log_into_the_database_file() {
         let (dir, target, store) = temp_store().await;
@@ -181,6 +187,24 @@ mod tests {
             tokio::time::sleep(EVERY).await;
         }
         assert!(store.checkpoints() > 0, "no checkpoint counted");
+        // Nothing written since: the log is copied, later checkpoints copy nothing and are
+        // not counted (an absence, so a bounded look: three of the task's periods more).
+        let mut counted = store.checkpoints();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            tokio::time::sleep(EVERY * 3).await;
+            let now = store.checkpoints();
+            if now == counted || Instant::now() >= deadline {
+                break;
+            }
+            counted = now;
+        }
+        tokio::time::sleep(EVERY * 3).await;
+        assert_eq!(
+            store.checkpoints(),
+            counted,
+            "an idle store counts no checkpoints"
+        );
         assert!(
             size() > grown,
             "the database file did not grow: {} B, {before} B before",
