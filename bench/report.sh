@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# BENCHMARKS.md in one command: runs every benchmark the document shows, each with the load
+# average of the machine before and after it, and writes BENCHMARKS.md from
+# bench/BENCHMARKS.in.md (the prose) and the runs' output (the figures).
+#
+#   bench/report.sh                    # every section, about 80 minutes on 2 cores
+#   bench/report.sh events page        # only these sections; the others keep their last run
+#   bench/report.sh --assemble         # only write BENCHMARKS.md from the kept runs
+#   bench/report.sh --list             # the sections
+#
+# Every section's output is kept in target/bench-report/SECTION.md (REPORT_DIR to change it)
+# with the commit, the time and the load it ran at, so BENCHMARKS.md can be assembled from
+# runs of several invocations and says for each section when and on what it ran. A section
+# that fails keeps its last good output and the script goes on; it exits non-zero at the end.
+#
+# Needs what the benchmarks need: Debian's mosquitto, redis-server, chromium, valgrind and
+# PostgreSQL 15 (`initdb`, `pg_ctl`), node 20 with npm, curl, python3; run as root or as a
+# user that may `runuser -u postgres` like the tests (see .ci/run). Builds the release
+# binaries first (and the DHAT build of the bridge in target/dhat for `allocations`).
+# Run it on a quiet machine: other work shows in every latency tail.
+set -uo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root" || exit 1
+report_dir=${REPORT_DIR:-$root/target/bench-report}
+template=$root/bench/BENCHMARKS.in.md
+sections=(broker store events geofence device-sim end-to-end stages cluster allocations page)
+
+usage() {
+  sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'
+}
+
+# One line: the 1, 5 and 15 minute load averages.
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# The section's commands print their markdown on stdout; what goes to stderr is the log.
+section_broker() {
+  echo '```sh'
+  echo 'cargo bench --locked -p broker --bench broker-bench'
+  echo '```'
+  echo
+  cargo bench --locked -p broker --bench broker-bench
+}
+
+section_store() {
+  echo '```sh'
+  echo 'FLEETBEAT_BENCH_PG=1 cargo bench --locked -p bridge --no-default-features --bench store'
+  echo '```'
+  FLEETBEAT_BENCH_PG=1 cargo bench --locked -p bridge --no-default-features --bench store
+}
+
+section_events() {
+  echo '```sh'
+  echo 'target/release/eventbench --no-build --vehicles 64,256 --events-per-vehicle 600'
+  echo 'target/release/eventbench --no-build --store postgres --vehicles 64 --events-per-vehicle 600 --no-control'
+  echo '```'
+  echo
+  target/release/eventbench --no-build --vehicles 64,256 --events-per-vehicle 600 || return
+  echo
+  target/release/eventbench --no-build --store postgres --vehicles 64 --events-per-vehicle 600 \
+    --no-control
+}
+
+section_geofence() {
+  echo '```sh'
+  echo 'cargo bench --locked -p bridge --no-default-features --bench geofence'
+  echo '```'
+  echo
+  cargo bench --locked -p bridge --no-default-features --bench geofence
+}
+
+section_device-sim() {
+  echo '```sh'
+  echo 'target/release/sim-bench --vehicles 10000 --rate 1'
+  echo '```'
+  echo
+  # The per-phase lines and the summary are plain text: keep them apart from the table.
+  target/release/sim-bench --vehicles 10000 --rate 1 | awk '
+    /^\|/ { if (text) { print "```"; text = 0 } print; next }
+    NF == 0 { if (text) { print "```"; text = 0 } print; next }
+    { if (!text) { print "```text"; text = 1 } print }
+    END { if (text) print "```" }'
+}
+
+section_end-to-end() {
+  echo '```sh'
+  echo 'target/release/loadbench --no-build --report --repeat 2 --settle-max 60'
+  echo '```'
+  echo
+  target/release/loadbench --no-build --report --repeat 2 --settle-max 60
+}
+
+section_stages() {
+  echo '```sh'
+  echo 'target/release/loadbench --no-build --stages --vehicles 10000 --rate 1 --duration 20 --settle-max 60'
+  echo '```'
+  echo
+  target/release/loadbench --no-build --stages --vehicles 10000 --rate 1 --duration 20 \
+    --settle-max 60
+}
+
+section_cluster() {
+  local bridges
+  echo '```sh'
+  echo 'target/release/loadbench --no-build --stack fleetbeat --bridges 1 --cluster-engines --vehicles 2000 --rate 1 --duration 20 --settle-max 60'
+  echo 'target/release/loadbench --no-build --stack fleetbeat --bridges 2 --vehicles 2000 --rate 1 --duration 20 --settle-max 60'
+  echo '```'
+  for bridges in 1 2; do
+    echo
+    echo "#### $bridges bridge$([ "$bridges" = 1 ] || echo s)"
+    echo
+    target/release/loadbench --no-build --stack fleetbeat --bridges "$bridges" --cluster-engines \
+      --vehicles 2000 --rate 1 --duration 20 --settle-max 60 || return
+  done
+}
+
+section_allocations() {
+  echo '```sh'
+  echo 'CARGO_TARGET_DIR=target/dhat cargo build --release --locked -p bridge --features system-allocator'
+  echo 'CARGO_TARGET_DIR=target/dhat cargo build --release --locked -p device-sim'
+  echo 'BIN=target/dhat/release SITES=1 bench/alloc-per-heartbeat.sh 10 30'
+  echo '```'
+  echo
+  CARGO_TARGET_DIR=target/dhat cargo build --release --locked -p bridge \
+    --features system-allocator >&2 || return
+  CARGO_TARGET_DIR=target/dhat cargo build --release --locked -p device-sim >&2 || return
+  echo '```text'
+  BIN=target/dhat/release SITES=1 bench/alloc-per-heartbeat.sh 10 30 || return
+  echo '```'
+}
+
+section_page() {
+  local out
+  echo '```sh'
+  echo 'cargo test --release --locked -p tests --test page_dispatcher page_alone -- --ignored --nocapture'
+  echo '```'
+  echo
+  out=$(cargo test --release --locked -p tests --test page_dispatcher page_alone -- --ignored \
+    --nocapture) || { printf '%s\n' "$out" >&2; return 1; }
+  printf '%s\n' "$out" >&2
+  printf '%s\n' "$out" | grep '^FRAME TIMES' || { echo "no FRAME TIMES line" >&2; return 1; }
+}
+
+# Runs one section into $report_dir/NAME.md (kept only when the section succeeded).
+run_section() {
+  local name=$1 before after started took rc commit body
+  body=$(mktemp)
+  commit=$(git rev-parse --short HEAD)
+  # Documents do not change what is measured; code does.
+  git diff --quiet HEAD -- . ':!*.md' || commit="$commit + uncommitted changes"
+  before=$(load)
+  started=$(date +%s)
+  echo "bench/report.sh: $name (load $before) ..." >&2
+  "section_$name" > "$body" 2> "$report_dir/$name.log"
+  rc=$?
+  after=$(load)
+  took=$(($(date +%s) - started))
+  if [ "$rc" -ne 0 ]; then
+    echo "bench/report.sh: $name FAILED (exit $rc after $took s), log: $report_dir/$name.log" >&2
+    rm -f "$body"
+    return 1
+  fi
+  {
+    printf '_Run %s, commit `%s`, %s s; load average (1, 5, 15 min) %s before, %s after, on %s CPUs._\n\n' \
+      "$(date -u '+%Y-%m-%d %H:%M UTC')" "$commit" "$took" "$before" "$after" "$(nproc)"
+    # The benchmarks' own headings sit below the section's.
+    sed -E 's/^#{1,3} /#### /' "$body"
+  } > "$report_dir/$name.md"
+  rm -f "$body"
+  echo "bench/report.sh: $name done in $took s" >&2
+}
+
+# BENCHMARKS.md from the template: `@machine` becomes the machine's description, `@section
+# NAME` the kept run of NAME (or a line saying it has not run).
+assemble() {
+  local line name out=$root/BENCHMARKS.md.tmp
+  while IFS= read -r line; do
+    case $line in
+      @machine)
+        printf 'Machine: %s, %s CPUs, %s GiB; %s; %s. Assembled %s.\n' \
+          "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')" "$(nproc)" \
+          "$(awk '/MemTotal/ {printf "%.0f", $2 / 1048576}' /proc/meminfo)" \
+          "$(. /etc/os-release && echo "$PRETTY_NAME")" "$(rustc --version | cut -d' ' -f1-2)" \
+          "$(date -u '+%Y-%m-%d %H:%M UTC')"
+        ;;
+      "@section "*)
+        name=${line#@section }
+        if [ -f "$report_dir/$name.md" ]; then
+          cat "$report_dir/$name.md"
+        else
+          printf '_Not run yet: `bench/report.sh %s`._\n' "$name"
+        fi
+        ;;
+      *) printf '%s\n' "$line" ;;
+    esac
+  done < "$template" > "$out" && mv "$out" "$root/BENCHMARKS.md"
+  echo "bench/report.sh: wrote BENCHMARKS.md" >&2
+}
+
+main() {
+  local chosen=() name failed=0
+  case ${1:-} in
+    -h | --help) usage; return 0 ;;
+    --list) printf '%s\n' "${sections[@]}"; return 0 ;;
+    --assemble) mkdir -p "$report_dir"; assemble; return ;;
+  esac
+  for name in "$@"; do
+    printf '%s\n' "${sections[@]}" | grep -qx -- "$name" ||
+      { echo "bench/report.sh: unknown section $name (--list)" >&2; return 2; }
+    chosen+=("$name")
+  done
+  [ ${#chosen[@]} -gt 0 ] || chosen=("${sections[@]}")
+  mkdir -p "$report_dir"
+  ulimit -n 20000 || { echo "bench/report.sh: cannot raise the open files limit" >&2; return 1; }
+  echo "bench/report.sh: building the release binaries" >&2
+  cargo build --release --locked -p bridge -p broker -p device-sim -p tests >&2 || return 1
+  (cd bench/baseline && npm ci --silent >&2) || return 1
+  for name in "${chosen[@]}"; do
+    run_section "$name" || failed=1
+  done
+  assemble
+  return "$failed"
+}
+
+main "$@"
