@@ -9,7 +9,7 @@ use tracing_subscriber::filter::{FilterFn, filter_fn};
 /// rumqttd 0.20 opens an ERROR-level span for every message it routes, with the topic
 /// formatted into it (`error_span!("publish", topic = ?publish.topic)`), so a filter that keeps
 /// its warnings and errors builds and drops a span per message: ≈ 3 % of the broker's CPU at
-/// 30 000 messages/s (BENCHMARKS.md, end to end). Its log lines lose that span context, nothing
+/// 30 000 messages/s (bench/HISTORY.md, end to end). Its log lines lose that span context, nothing
 /// else.
 pub fn without_rumqttd_spans() -> FilterFn<fn(&Metadata<'_>) -> bool> {
     filter_fn(keep as fn(&Metadata<'_>) -> bool)

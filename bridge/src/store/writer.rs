@@ -41,7 +41,7 @@ pub(crate) struct HeartbeatWriterOptions {
     /// ...or once its first heartbeat has waited this long (default 1 s). What a commit costs
     /// is mostly one index page per vehicle in it, whatever its number of rows: a batch that
     /// spans a vehicle's whole reporting interval writes each page once per second instead of
-    /// once per heartbeat (BENCHMARKS.md, end to end).
+    /// once per heartbeat (bench/HISTORY.md, end to end).
     pub(crate) max_delay: Duration,
 }
 

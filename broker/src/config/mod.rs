@@ -243,9 +243,9 @@ pub struct BrokerConfig {
     /// catches up five times faster per pause than with rumqttd's example value of 200, which
     /// under a flood let publishers outrun the bridge's subscription until its commit-log
     /// cursor fell off the retained segments (at load ≈2, 5–25 % of a 1 M-message flood lost
-    /// with 200, 0–0.6 % with 1000, measured with `broker-bench`, see BENCHMARKS.md); ≈300 KiB queued for
-    /// a subscriber that does not keep up. QoS 1 forwards are capped by rumqttd's fixed
-    /// in-flight window of 100 instead.
+    /// with 200, 0–0.6 % with 1000, measured with `broker-bench`, see bench/HISTORY.md);
+    /// ≈300 KiB queued for a subscriber that does not keep up. QoS 1 forwards are capped by
+    /// rumqttd's fixed in-flight window of 100 instead.
     pub max_outgoing_packet_count: u64,
 
     /// Packets one connection task parses from its socket buffer in one batch before handing

@@ -17,7 +17,7 @@
 //! changes (spilled to a temporary file past 64 KiB), so that it can undo its own rows and let
 //! the transaction go on. Here no transaction goes on after a failed statement: any error rolls
 //! the whole group back (`group::record`'s callers), so the journal only cost writes (a third of
-//! the write statements' time in `eventbench`, BENCHMARKS.md).
+//! the write statements' time in `eventbench`, bench/HISTORY.md).
 
 use std::collections::HashMap;
 
