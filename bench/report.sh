@@ -100,18 +100,43 @@ section_stages() {
 }
 
 section_cluster() {
-  local bridges
+  local one two
+  one=$(mktemp)
+  two=$(mktemp)
   echo '```sh'
   echo 'target/release/loadbench --no-build --stack fleetbeat --bridges 1 --cluster-engines --vehicles 2000 --rate 1 --duration 20 --settle-max 60'
   echo 'target/release/loadbench --no-build --stack fleetbeat --bridges 2 --vehicles 2000 --rate 1 --duration 20 --settle-max 60'
   echo '```'
-  for bridges in 1 2; do
-    echo
-    echo "#### $bridges bridge$([ "$bridges" = 1 ] || echo s)"
-    echo
-    target/release/loadbench --no-build --stack fleetbeat --bridges "$bridges" --cluster-engines \
-      --vehicles 2000 --rate 1 --duration 20 --settle-max 60 || return
-  done
+  echo
+  target/release/loadbench --no-build --stack fleetbeat --bridges 1 --cluster-engines \
+    --vehicles 2000 --rate 1 --duration 20 --settle-max 60 > "$one" || return
+  target/release/loadbench --no-build --stack fleetbeat --bridges 2 \
+    --vehicles 2000 --rate 1 --duration 20 --settle-max 60 > "$two" || return
+  # The two runs' figures side by side, and two bridges ÷ one.
+  echo '| figure | 1 bridge | 2 bridges | 2 bridges / 1 |'
+  echo '|---|---:|---:|---:|'
+  awk -F'|' '
+    function trim(s) { gsub(/^ +| +$/, "", s); return s }
+    function number(s) { gsub(/ /, "", s); return s ~ /^-?[0-9]+(\.[0-9]+)?$/ }
+    NF == 4 && trim($2) != "figure" && $2 !~ /^-+$/ {
+      label = trim($2); value = trim($3)
+      if (FNR == NR) { if (!(label in first)) { first[label] = value; order[++n] = label } }
+      else second[label] = value
+    }
+    END {
+      for (i = 1; i <= n; i++) {
+        l = order[i]; a = first[l]; b = (l in second) ? second[l] : "–"; r = "–"
+        x = a; y = b; gsub(/ /, "", x); gsub(/ /, "", y)
+        if (number(a) && number(b) && x + 0 != 0) r = sprintf("%.2f×", y / x)
+        printf "| %s | %s | %s | %s |\n", l, a, b, r
+      }
+    }' "$one" "$two"
+  echo
+  echo '#### 1 bridge'
+  grep -v '^|' "$one"
+  echo '#### 2 bridges'
+  grep -v '^|' "$two"
+  rm -f "$one" "$two"
 }
 
 section_allocations() {
