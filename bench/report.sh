@@ -24,7 +24,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root" || exit 1
 report_dir=${REPORT_DIR:-$root/target/bench-report}
 template=$root/bench/BENCHMARKS.in.md
-sections=(broker store events geofence device-sim end-to-end stages cluster allocations page)
+sections=(broker store events geofence device-sim end-to-end stages profile cluster allocations page)
 
 usage() {
   sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -97,6 +97,61 @@ section_stages() {
   echo
   target/release/loadbench --no-build --stages --vehicles 10000 --rate 1 --duration 20 \
     --settle-max 60
+}
+
+# `perf report`'s lines ("  12.34%  name") as the rows of a markdown table, the first $2.
+perf_rows() {
+  perf report -i "$1" --no-children --stdio -q --sort "$3" 2>/dev/null |
+    awk -v most="$2" 'NF >= 2 && n < most {
+      pct = $1; $1 = ""; name = substr($0, 2); n++
+      if (length(name) > 140) name = substr(name, 1, 137) "..."
+      printf "| `%s` | %s |\n", name, pct }'
+}
+
+section_profile() {
+  local lb pid data
+  data=$(mktemp -d)
+  echo '```sh'
+  echo 'target/release/loadbench --no-build --stack fleetbeat --vehicles 10000 --rate 1 --duration 30 --settle-max 60 &'
+  echo '# once loadbench prints "measuring":'
+  echo 'perf record -F 999 -p "$(pgrep -n -f target/release/bridge)" -o perf.data -- sleep 20'
+  echo 'perf report -i perf.data --no-children --stdio --sort comm    # then dso, then sym'
+  echo '```'
+  echo
+  target/release/loadbench --no-build --stack fleetbeat --vehicles 10000 --rate 1 \
+    --duration 30 --settle-max 60 > "$data/loadbench.md" 2> "$data/loadbench.log" &
+  lb=$!
+  until grep -q 'loadbench: measuring' "$data/loadbench.log"; do
+    kill -0 "$lb" 2>/dev/null || { cat "$data/loadbench.log" >&2; return 1; }
+    sleep 1
+  done
+  pid=$(pgrep -n -f "^$root/target/release/bridge ") || { echo "no bridge process" >&2; return 1; }
+  perf record -F 999 -p "$pid" -o "$data/perf.data" -- sleep 20 >&2 2>&1 || return 1
+  wait "$lb" || { cat "$data/loadbench.log" >&2; return 1; }
+  cat "$data/loadbench.md" >&2
+  echo "The bridge process (embedded broker and bridge), 20 s of the measured window of:"
+  echo
+  grep -E '^\| (heartbeats/s|latency p99|broker\+bridge CPU)' "$data/loadbench.md" |
+    sed '1i | figure | Fleetbeat |\n|---|---|'
+  echo
+  echo '#### By thread'
+  echo
+  echo '| thread | share of the samples |'
+  echo '|---|---:|'
+  perf_rows "$data/perf.data" 12 comm
+  echo
+  echo '#### By binary'
+  echo
+  echo '| binary | share |'
+  echo '|---|---:|'
+  perf_rows "$data/perf.data" 8 dso
+  echo
+  echo '#### The 30 functions with the most samples'
+  echo
+  echo '| function | share |'
+  echo '|---|---:|'
+  perf_rows "$data/perf.data" 30 sym
+  rm -rf "$data"
 }
 
 section_cluster() {
