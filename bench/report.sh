@@ -201,9 +201,6 @@ section_allocations() {
   echo 'BIN=target/dhat/release SITES=1 bench/alloc-per-heartbeat.sh 10 30'
   echo '```'
   echo
-  CARGO_TARGET_DIR=target/dhat cargo build --release --locked -p bridge \
-    --features system-allocator >&2 || return
-  CARGO_TARGET_DIR=target/dhat cargo build --release --locked -p device-sim >&2 || return
   echo '```text'
   BIN=target/dhat/release SITES=1 bench/alloc-per-heartbeat.sh 10 30 || return
   echo '```'
@@ -294,7 +291,17 @@ main() {
   ulimit -n 20000 || { echo "bench/report.sh: cannot raise the open files limit" >&2; return 1; }
   echo "bench/report.sh: building the release binaries" >&2
   cargo build --release --locked -p bridge -p broker -p device-sim -p tests >&2 || return 1
+  # The benches and the page's test too, so no section's time or load includes a build.
+  cargo bench --locked --no-run -p broker --bench broker-bench >&2 || return 1
+  cargo bench --locked --no-run -p bridge --no-default-features --bench store --bench geofence \
+    >&2 || return 1
+  cargo test --release --locked --no-run -p tests --test page_dispatcher >&2 || return 1
   (cd bench/baseline && npm ci --silent >&2) || return 1
+  if printf '%s\n' "${chosen[@]}" | grep -qx allocations; then
+    CARGO_TARGET_DIR=target/dhat cargo build --release --locked -p bridge \
+      --features system-allocator >&2 || return 1
+    CARGO_TARGET_DIR=target/dhat cargo build --release --locked -p device-sim >&2 || return 1
+  fi
   for name in "${chosen[@]}"; do
     run_section "$name" || failed=1
   done
