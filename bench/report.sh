@@ -212,8 +212,9 @@ section_page() {
   echo 'cargo test --release --locked -p tests --test page_dispatcher page_alone -- --ignored --nocapture'
   echo '```'
   echo
+  # The test prints its FRAME TIMES line on stderr.
   out=$(cargo test --release --locked -p tests --test page_dispatcher page_alone -- --ignored \
-    --nocapture) || { printf '%s\n' "$out" >&2; return 1; }
+    --nocapture 2>&1) || { printf '%s\n' "$out" >&2; return 1; }
   printf '%s\n' "$out" >&2
   printf '%s\n' "$out" | grep '^FRAME TIMES' || { echo "no FRAME TIMES line" >&2; return 1; }
 }
