@@ -241,8 +241,8 @@ run_section() {
   {
     printf '_Run %s, commit `%s`, %s s; load average (1, 5, 15 min) %s before, %s after, on %s CPUs._\n\n' \
       "$(date -u '+%Y-%m-%d %H:%M UTC')" "$commit" "$took" "$before" "$after" "$(nproc)"
-    # The benchmarks' own headings sit below the section's.
-    sed -E 's/^#{1,3} /#### /' "$body"
+    # The benchmarks' own headings sit below the section's (not the comments in code blocks).
+    awk '/^```/ { code = !code } !code && /^##?#? / { sub(/^#+/, "####") } { print }' "$body"
   } > "$report_dir/$name.md"
   rm -f "$body"
   echo "bench/report.sh: $name done in $took s" >&2
