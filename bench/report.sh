@@ -24,6 +24,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root" || exit 1
 report_dir=${REPORT_DIR:-$root/target/bench-report}
 template=$root/bench/BENCHMARKS.in.md
+# The release programs the sections run (copies; see main), and that directory as shown.
+bin=$report_dir/bin
+shown=${bin#"$root"/}
 sections=(broker store events geofence device-sim end-to-end stages profile cluster allocations page)
 
 usage() {
@@ -51,13 +54,13 @@ section_store() {
 
 section_events() {
   echo '```sh'
-  echo 'target/release/eventbench --no-build --vehicles 64,256 --events-per-vehicle 600'
-  echo 'target/release/eventbench --no-build --store postgres --vehicles 64 --events-per-vehicle 600 --no-control'
+  echo "$shown/eventbench --no-build --vehicles 64,256 --events-per-vehicle 600"
+  echo "$shown/eventbench --no-build --store postgres --vehicles 64 --events-per-vehicle 600 --no-control"
   echo '```'
   echo
-  target/release/eventbench --no-build --vehicles 64,256 --events-per-vehicle 600 || return
+  "$bin"/eventbench --no-build --vehicles 64,256 --events-per-vehicle 600 || return
   echo
-  target/release/eventbench --no-build --store postgres --vehicles 64 --events-per-vehicle 600 \
+  "$bin"/eventbench --no-build --store postgres --vehicles 64 --events-per-vehicle 600 \
     --no-control
 }
 
@@ -71,11 +74,11 @@ section_geofence() {
 
 section_device-sim() {
   echo '```sh'
-  echo 'target/release/sim-bench --vehicles 10000 --rate 1'
+  echo "$shown/sim-bench --vehicles 10000 --rate 1"
   echo '```'
   echo
   # The per-phase lines and the summary are plain text: keep them apart from the table.
-  target/release/sim-bench --vehicles 10000 --rate 1 | awk '
+  "$bin"/sim-bench --vehicles 10000 --rate 1 | awk '
     /^\|/ { if (text) { print "```"; text = 0 } print; next }
     NF == 0 { if (text) { print "```"; text = 0 } print; next }
     { if (!text) { print "```text"; text = 1 } print }
@@ -84,18 +87,18 @@ section_device-sim() {
 
 section_end-to-end() {
   echo '```sh'
-  echo 'target/release/loadbench --no-build --report --repeat 2 --settle-max 60'
+  echo "$shown/loadbench --no-build --report --repeat 2 --settle-max 60"
   echo '```'
   echo
-  target/release/loadbench --no-build --report --repeat 2 --settle-max 60
+  "$bin"/loadbench --no-build --report --repeat 2 --settle-max 60
 }
 
 section_stages() {
   echo '```sh'
-  echo 'target/release/loadbench --no-build --stages --vehicles 10000 --rate 1 --duration 20 --settle-max 60'
+  echo "$shown/loadbench --no-build --stages --vehicles 10000 --rate 1 --duration 20 --settle-max 60"
   echo '```'
   echo
-  target/release/loadbench --no-build --stages --vehicles 10000 --rate 1 --duration 20 \
+  "$bin"/loadbench --no-build --stages --vehicles 10000 --rate 1 --duration 20 \
     --settle-max 60
 }
 
@@ -112,20 +115,20 @@ section_profile() {
   local lb pid data
   data=$(mktemp -d)
   echo '```sh'
-  echo 'target/release/loadbench --no-build --stack fleetbeat --vehicles 10000 --rate 1 --duration 30 --settle-max 60 &'
+  echo "$shown/loadbench --no-build --stack fleetbeat --vehicles 10000 --rate 1 --duration 30 --settle-max 60 &"
   echo '# once loadbench prints "measuring":'
-  echo 'perf record -F 999 -p "$(pgrep -n -f target/release/bridge)" -o perf.data -- sleep 20'
+  echo "perf record -F 999 -p \"\$(pgrep -n -f $shown/bridge)\" -o perf.data -- sleep 20"
   echo 'perf report -i perf.data --no-children --stdio --sort comm    # then dso, then sym'
   echo '```'
   echo
-  target/release/loadbench --no-build --stack fleetbeat --vehicles 10000 --rate 1 \
+  "$bin"/loadbench --no-build --stack fleetbeat --vehicles 10000 --rate 1 \
     --duration 30 --settle-max 60 > "$data/loadbench.md" 2> "$data/loadbench.log" &
   lb=$!
   until grep -q 'loadbench: measuring' "$data/loadbench.log"; do
     kill -0 "$lb" 2>/dev/null || { cat "$data/loadbench.log" >&2; return 1; }
     sleep 1
   done
-  pid=$(pgrep -n -f "^$root/target/release/bridge ") || { echo "no bridge process" >&2; return 1; }
+  pid=$(pgrep -n -f "^$bin/bridge ") || { echo "no bridge process" >&2; return 1; }
   perf record -F 999 -p "$pid" -o "$data/perf.data" -- sleep 20 >&2 2>&1 || return 1
   wait "$lb" || { cat "$data/loadbench.log" >&2; return 1; }
   cat "$data/loadbench.md" >&2
@@ -159,13 +162,13 @@ section_cluster() {
   one=$(mktemp)
   two=$(mktemp)
   echo '```sh'
-  echo 'target/release/loadbench --no-build --stack fleetbeat --bridges 1 --cluster-engines --vehicles 2000 --rate 1 --duration 20 --settle-max 60'
-  echo 'target/release/loadbench --no-build --stack fleetbeat --bridges 2 --vehicles 2000 --rate 1 --duration 20 --settle-max 60'
+  echo "$shown/loadbench --no-build --stack fleetbeat --bridges 1 --cluster-engines --vehicles 2000 --rate 1 --duration 20 --settle-max 60"
+  echo "$shown/loadbench --no-build --stack fleetbeat --bridges 2 --vehicles 2000 --rate 1 --duration 20 --settle-max 60"
   echo '```'
   echo
-  target/release/loadbench --no-build --stack fleetbeat --bridges 1 --cluster-engines \
+  "$bin"/loadbench --no-build --stack fleetbeat --bridges 1 --cluster-engines \
     --vehicles 2000 --rate 1 --duration 20 --settle-max 60 > "$one" || return
-  target/release/loadbench --no-build --stack fleetbeat --bridges 2 \
+  "$bin"/loadbench --no-build --stack fleetbeat --bridges 2 \
     --vehicles 2000 --rate 1 --duration 20 --settle-max 60 > "$two" || return
   # The two runs' figures side by side, and two bridges ÷ one.
   echo '| figure | 1 bridge | 2 bridges | 2 bridges / 1 |'
@@ -291,12 +294,19 @@ main() {
   mkdir -p "$report_dir"
   ulimit -n 20000 || { echo "bench/report.sh: cannot raise the open files limit" >&2; return 1; }
   echo "bench/report.sh: building the release binaries" >&2
-  cargo build --release --locked -p bridge -p broker -p device-sim -p tests >&2 || return 1
   # The benches and the page's test too, so no section's time or load includes a build.
   cargo bench --locked --no-run -p broker --bench broker-bench >&2 || return 1
   cargo bench --locked --no-run -p bridge --no-default-features --bench store --bench geofence \
     >&2 || return 1
   cargo test --release --locked --no-run -p tests --test page_dispatcher >&2 || return 1
+  # The programs as a user builds them, copied apart: `cargo bench` and `cargo test` build the
+  # packages' binaries with their own features into target/release too (the bridge without its
+  # default features, for one), and the sections run them in between.
+  cargo build --release --locked -p bridge -p broker -p device-sim -p tests >&2 || return 1
+  rm -rf "$bin" && mkdir -p "$bin" || return 1
+  for name in bridge broker device-sim sim-bench loadbench eventbench; do
+    cp "target/release/$name" "$bin/" || return 1
+  done
   (cd bench/baseline && npm ci --silent >&2) || return 1
   if printf '%s\n' "${chosen[@]}" | grep -qx allocations; then
     CARGO_TARGET_DIR=target/dhat cargo build --release --locked -p bridge \
