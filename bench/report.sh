@@ -3,7 +3,7 @@
 # average of the machine before and after it, and writes BENCHMARKS.md from
 # bench/BENCHMARKS.in.md (the prose) and the runs' output (the figures).
 #
-#   bench/report.sh                    # every section, about 80 minutes on 2 cores
+#   bench/report.sh                    # every section: about 40 minutes on 2 cores, after the builds
 #   bench/report.sh events page        # only these sections; the others keep their last run
 #   bench/report.sh --assemble         # only write BENCHMARKS.md from the kept runs
 #   bench/report.sh --list             # the sections
