@@ -112,30 +112,51 @@ perf_rows() {
 }
 
 section_profile() {
-  local lb pid data
+  local lb pid data rate before after cpu
   data=$(mktemp -d)
   echo '```sh'
-  echo "$shown/loadbench --no-build --stack fleetbeat --vehicles 10000 --rate 1 --duration 30 --settle-max 60 &"
-  echo '# once loadbench prints "measuring":'
+  echo "$shown/loadbench --no-build --stack fleetbeat --vehicles 10000 --rate 1 --duration 50 --settle-max 60 &"
+  echo '# once loadbench prints "measuring": 20 s of samples, then 20 s with call graphs'
   echo "perf record -F 999 -p \"\$(pgrep -n -f $shown/bridge)\" -o perf.data -- sleep 20"
+  echo "perf record -F 499 --call-graph dwarf,16384 -p \"\$(pgrep -n -f $shown/bridge)\" -o stages.data -- sleep 20"
   echo 'perf report -i perf.data --no-children --stdio --sort comm    # then dso, then sym'
+  echo '# CPU: utime + stime of the bridge process in s, during the first perf record (/proc/PID/stat)'
+  echo 'perf script -i stages.data -F comm,tid,period,ip,sym | bench/profile-stages.py --rate 10000 --cpu-seconds CPU --seconds 20'
   echo '```'
   echo
   "$bin"/loadbench --no-build --stack fleetbeat --vehicles 10000 --rate 1 \
-    --duration 30 --settle-max 60 > "$data/loadbench.md" 2> "$data/loadbench.log" &
+    --duration 50 --settle-max 60 > "$data/loadbench.md" 2> "$data/loadbench.log" &
   lb=$!
   until grep -q 'loadbench: measuring' "$data/loadbench.log"; do
     kill -0 "$lb" 2>/dev/null || { cat "$data/loadbench.log" >&2; return 1; }
     sleep 1
   done
   pid=$(pgrep -n -f "^$bin/bridge ") || { echo "no bridge process" >&2; return 1; }
+  # The process's CPU time (utime + stime, clock ticks) over the 20 s without call graphs.
+  before=$(awk '{ print $14 + $15 }' "/proc/$pid/stat")
   perf record -F 999 -p "$pid" -o "$data/perf.data" -- sleep 20 >&2 2>&1 || return 1
+  after=$(awk '{ print $14 + $15 }' "/proc/$pid/stat")
+  perf record -F 499 --call-graph dwarf,16384 -p "$pid" -o "$data/stages.data" \
+    -- sleep 20 >&2 2>&1 || return 1
   wait "$lb" || { cat "$data/loadbench.log" >&2; return 1; }
   cat "$data/loadbench.md" >&2
-  echo "The bridge process (embedded broker and bridge), 20 s of the measured window of:"
+  echo "The bridge process (embedded broker and bridge) during loadbench's measured window of:"
   echo
   grep -E '^\| (heartbeats/s|latency p99|broker\+bridge CPU)' "$data/loadbench.md" |
     sed '1i | figure | Fleetbeat |\n|---|---|'
+  echo
+  echo '#### By stage'
+  echo
+  rate=$(awk -F'|' '$2 ~ /heartbeats\/s ingested/ { gsub(/ /, "", $3); print $3; exit }' \
+    "$data/loadbench.md")
+  cpu=$(awk -v t="$(( after - before ))" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }')
+  echo "Shares from the 20 s with call graphs; CPU µs per heartbeat: that share of the process's"
+  echo "$cpu s of CPU time in the 20 s before them (without call graphs), at the $rate heartbeats/s"
+  echo "ingested of the window."
+  echo
+  perf script -i "$data/stages.data" -F comm,tid,period,ip,sym 2>/dev/null |
+    python3 "$root/bench/profile-stages.py" --rate "$rate" --cpu-seconds "$cpu" \
+      --seconds 20 || return 1
   echo
   echo '#### By thread'
   echo

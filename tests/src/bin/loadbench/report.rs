@@ -611,7 +611,9 @@ pub fn stages(runs: &[StageRun]) -> String {
     }
     out.push_str(
         "\nNot separable by a flag or the configuration today (each would need a switch in the \
-         bridge or broker; the separate-broker run splits the broker's share from the bridge's):\n\
+         bridge or broker; the separate-broker run splits the broker's share from the bridge's; \
+         a call-graph profile measures each without a switch: `bench/report.sh profile`, \
+         bench/profile-stages.py):\n\
          - socket read and MQTT decode, router: the broker's share in the separate-broker run \
          (with the forwarding to the bridge); to isolate them, a broker that drops `fleet/+/+/hb` \
          after decoding (e.g. `[broker] discard_topics`);\n\
