@@ -111,6 +111,15 @@ perf_rows() {
       printf "| `%s` | %s |\n", name, pct }'
 }
 
+# A profile given up half-way: stops its loadbench (which stops its programs on SIGINT) so
+# that nothing of it runs beside the next section, and removes its files.
+profile_abandon() {
+  kill -INT "$1" 2>/dev/null
+  wait "$1" 2>/dev/null
+  cat "$2/loadbench.log" >&2
+  rm -rf "$2"
+}
+
 section_profile() {
   local lb pid data rate before after cpu
   data=$(mktemp -d)
@@ -127,17 +136,19 @@ section_profile() {
   "$bin"/loadbench --no-build --stack fleetbeat --vehicles 10000 --rate 1 \
     --duration 50 --settle-max 60 > "$data/loadbench.md" 2> "$data/loadbench.log" &
   lb=$!
-  until grep -q 'loadbench: measuring' "$data/loadbench.log"; do
+  until grep -qs 'loadbench: measuring' "$data/loadbench.log"; do
     kill -0 "$lb" 2>/dev/null || { cat "$data/loadbench.log" >&2; return 1; }
     sleep 1
   done
-  pid=$(pgrep -n -f "^$bin/bridge ") || { echo "no bridge process" >&2; return 1; }
+  pid=$(pgrep -n -f "^$bin/bridge ") ||
+    { echo "no bridge process" >&2; profile_abandon "$lb" "$data"; return 1; }
   # The process's CPU time (utime + stime, clock ticks) over the 20 s without call graphs.
   before=$(awk '{ print $14 + $15 }' "/proc/$pid/stat")
-  perf record -F 999 -p "$pid" -o "$data/perf.data" -- sleep 20 >&2 2>&1 || return 1
+  perf record -F 999 -p "$pid" -o "$data/perf.data" -- sleep 20 >&2 2>&1 ||
+    { profile_abandon "$lb" "$data"; return 1; }
   after=$(awk '{ print $14 + $15 }' "/proc/$pid/stat")
   perf record -F 499 --call-graph dwarf,16384 -p "$pid" -o "$data/stages.data" \
-    -- sleep 20 >&2 2>&1 || return 1
+    -- sleep 20 >&2 2>&1 || { profile_abandon "$lb" "$data"; return 1; }
   wait "$lb" || { cat "$data/loadbench.log" >&2; return 1; }
   cat "$data/loadbench.md" >&2
   echo "The bridge process (embedded broker and bridge) during loadbench's measured window of:"
