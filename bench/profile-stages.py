@@ -24,8 +24,8 @@ import re
 import sys
 from collections import defaultdict
 
-# Thread name (as the kernel keeps it: 15 characters) -> [(stage, frame pattern), ...], the
-# finer stages first where one frame could match two.
+# A thread's rules: [(stage, frame pattern), ...], the finer stages first where one frame
+# could match two.
 BROKER_FRONT_END = [
     ("broker: JSON mirror (re-encode, route json/...)", r"broker::mirror"),
     (
@@ -73,13 +73,14 @@ BRIDGE = [
     ),
 ]
 
+# Thread name (as the kernel keeps it: 15 characters) -> (its part, for the runtime's row;
+# its rules).
 THREADS = {
-    "fleetbeat-mqtt": ("broker front end (thread `fleetbeat-mqtt`)", BROKER_FRONT_END),
-    "router-0": ("rumqttd router (thread `router-0`)", []),
-    "tokio-rt-worker": ("bridge (threads `tokio-rt-worker`)", BRIDGE),
-    "sqlx-sqlite-wor": ("SQLite (thread `sqlx-sqlite-worker`)", []),
+    "fleetbeat-mqtt": ("broker front end", BROKER_FRONT_END),
+    "tokio-rt-worker": ("bridge", BRIDGE),
 }
 
+# Threads whose every sample is one stage.
 WHOLE_THREAD = {
     "router-0": "router: routing, commit logs, waking the readers",
     "sqlx-sqlite-wor": "history write: SQLite (SQL, WAL, fsync, checkpoints)",
@@ -115,7 +116,7 @@ def classify(comm, frames, compiled):
         for stage, pattern in rules:
             if pattern.search(frame):
                 return stage
-    return f"runtime: scheduler, epoll, timers, wake-ups ({THREADS[comm][0].split(' (')[0]})"
+    return f"runtime: scheduler, epoll, timers, wake-ups ({THREADS[comm][0]})"
 
 
 def main():
