@@ -2,6 +2,13 @@
 //! and heartbeats stored per second in batches of 100 and 1000, each next to a baseline
 //! measured in the same run (`synchronous = OFF`: the same work without waiting for the disk).
 //!
+//! The heartbeat history is also written as the bridge's writer writes it under a fleet
+//! ([`FLEET`] vehicles at 1 and 3 Hz, one batch a second: one or three rows per vehicle per
+//! transaction) into a history that already holds [`FLEET_ROUNDS`] heartbeats of each vehicle,
+//! so that each vehicle's newest entries in the track index sit on a page of their own, as
+//! after a few minutes of a real fleet. There a commit costs one index page per vehicle, which
+//! the batches of 50 vehicles above never show.
+//!
 //! Delivery events are measured twice: one caller after the other (each event its own
 //! transaction), and [`PRODUCERS`] vehicles at once, each one event after the other as the
 //! PUBACK queue commits them, which the store records in groups (`store::group`, one
@@ -15,7 +22,7 @@
 //!
 //! Prints a markdown table. The database lives in the system's temporary directory, or in
 //! `FLEETBEAT_BENCH_DIR` if set: it must be on a real disk (not tmpfs) for the fsync figures to
-//! mean anything. The whole run takes about 15 s.
+//! mean anything. The whole run takes about 40 s.
 //!
 //! With `FLEETBEAT_BENCH_PG=1` the same runs go to PostgreSQL too, on a server of its own
 //! (`testengines::postgres::TempPostgres`, with `fsync` on, in the temporary directory):
@@ -37,6 +44,12 @@ const BUDGET: Duration = Duration::from_millis(2_000);
 const ORDERS: u32 = 8_000;
 /// Vehicles reporting at once in the group-committed runs.
 const PRODUCERS: u32 = 64;
+/// Vehicles of the fleet-shaped history runs: one heartbeat each per transaction.
+const FLEET: u32 = 10_000;
+/// Heartbeats of each of them already stored when those runs start.
+const FLEET_ROUNDS: u32 = 256;
+/// Rows per transaction while that history is written.
+const FILL_BATCH: u32 = 51_200;
 
 type BenchResult<T> = Result<T, Box<dyn Error>>;
 
@@ -57,8 +70,9 @@ impl Engine<'_> {
         }
     }
 
-    /// A copy of the prepared orders (`template`, closed), named after `name`.
-    fn copy(&self, template: &str, name: &str) -> BenchResult<String> {
+    /// A copy of a prepared database (`template`, closed, made by [`Engine::fresh`] with the
+    /// name `template_name`), named after `name`.
+    fn copy(&self, template: &str, template_name: &str, name: &str) -> BenchResult<String> {
         match self {
             Self::Sqlite(dir) => {
                 let path = dir.join(format!("{name}.db"));
@@ -66,7 +80,7 @@ impl Engine<'_> {
                 Ok(path_str(&path)?.to_owned())
             }
             Self::Postgres(server) => {
-                server.psql(&format!("CREATE DATABASE {name} TEMPLATE orders"))?;
+                server.psql(&format!("CREATE DATABASE {name} TEMPLATE {template_name}"))?;
                 Ok(server.database_url(name))
             }
         }
@@ -187,6 +201,17 @@ async fn measure(engine: &Engine<'_>, template: &str) -> BenchResult<Vec<(Measur
         ));
         rows.push((off, baseline));
     }
+    let history = engine.fresh("history")?;
+    prepare_history(&history).await?;
+    for per_vehicle in [1, 3] {
+        let off = bench_fleet_heartbeats(engine, &history, Synchronous::Off, per_vehicle).await?;
+        let baseline = off.rate();
+        rows.push((
+            bench_fleet_heartbeats(engine, &history, Synchronous::Full, per_vehicle).await?,
+            baseline,
+        ));
+        rows.push((off, baseline));
+    }
     Ok(rows)
 }
 
@@ -202,7 +227,7 @@ async fn bench_events(
     template: &str,
     synchronous: Synchronous,
 ) -> BenchResult<Measured> {
-    let target = engine.copy(template, &format!("events_{synchronous}"))?;
+    let target = engine.copy(template, "orders", &format!("events_{synchronous}"))?;
     let store = Store::open(&target, options(synchronous)).await?;
     let fleet: FleetId = "bench".parse()?;
     let mut latencies = Vec::new();
@@ -279,7 +304,7 @@ async fn bench_grouped_events(
     template: &str,
     synchronous: Synchronous,
 ) -> BenchResult<Measured> {
-    let target = engine.copy(template, &format!("grouped_{synchronous}"))?;
+    let target = engine.copy(template, "orders", &format!("grouped_{synchronous}"))?;
     let store = Store::open(&target, options(synchronous)).await?;
     let start = Instant::now();
     let mut producers = tokio::task::JoinSet::new();
@@ -375,6 +400,96 @@ async fn bench_heartbeats(
         what: format!("`record_heartbeats`, batches of {batch} (1 tx each)"),
         setting: engine.setting(synchronous),
         ops: latencies.len() as u64 * u64::from(batch),
+        unit: "heartbeats/s",
+        elapsed,
+        latencies,
+    })
+}
+
+/// Heartbeat `round` of vehicle `v` of `vehicles` (one a second).
+fn fleet_row(vehicles: &[VehicleId], fleet: &FleetId, v: usize, round: u32) -> HeartbeatRow {
+    let ts_ms = 1_750_000_000_000 + u64::from(round) * 1_000 + v as u64 % 1_000;
+    HeartbeatRow {
+        vehicle: vehicles[v].clone(),
+        fleet: fleet.clone(),
+        seq: round,
+        ts_ms,
+        lat_e7: 525_000_000 + (v as i32) * 10 + round as i32,
+        lon_e7: 134_000_000 - (v as i32) * 10 - round as i32,
+        speed_cm_s: 1_250,
+        heading_deg: 90,
+        battery_pct: 80,
+        flags: 0b1_1001,
+        received_ms: ts_ms + 15,
+    }
+}
+
+fn fleet_vehicles() -> BenchResult<Vec<VehicleId>> {
+    (0..FLEET).map(vehicle).collect()
+}
+
+/// A history of [`FLEET_ROUNDS`] heartbeats of each of [`FLEET`] vehicles, closed
+/// (checkpointed) so that it can be copied for each run.
+async fn prepare_history(target: &str) -> BenchResult<()> {
+    let store = Store::open(target, options(Synchronous::Off)).await?;
+    let fleet: FleetId = "bench".parse()?;
+    let vehicles = fleet_vehicles()?;
+    let mut rows = Vec::with_capacity(FILL_BATCH as usize);
+    for v in 0..vehicles.len() {
+        for round in 0..FLEET_ROUNDS {
+            rows.push(fleet_row(&vehicles, &fleet, v, round));
+            if rows.len() == FILL_BATCH as usize {
+                store.record_heartbeats(&rows).await?;
+                rows.clear();
+            }
+        }
+    }
+    store.record_heartbeats(&rows).await?;
+    store.close().await;
+    Ok(())
+}
+
+/// `record_heartbeats` as the bridge's writer calls it under a fleet: each call `per_vehicle`
+/// heartbeats of each of [`FLEET`] vehicles (one transaction; the writer's batch of a second at
+/// `per_vehicle` Hz), into a copy of the prepared history.
+async fn bench_fleet_heartbeats(
+    engine: &Engine<'_>,
+    template: &str,
+    synchronous: Synchronous,
+    per_vehicle: u32,
+) -> BenchResult<Measured> {
+    let target = engine.copy(
+        template,
+        "history",
+        &format!("fleet_{synchronous}_{per_vehicle}"),
+    )?;
+    let store = Store::open(&target, options(synchronous)).await?;
+    let fleet: FleetId = "bench".parse()?;
+    let vehicles = fleet_vehicles()?;
+    let mut latencies = Vec::new();
+    let mut round = FLEET_ROUNDS;
+    let start = Instant::now();
+    while start.elapsed() < BUDGET {
+        // In the order they arrive: round after round, each round vehicle after vehicle.
+        let rows: Vec<HeartbeatRow> = (round..round + per_vehicle)
+            .flat_map(|r| (0..vehicles.len()).map(move |v| (v, r)))
+            .map(|(v, r)| fleet_row(&vehicles, &fleet, v, r))
+            .collect();
+        round += per_vehicle;
+        let t = Instant::now();
+        store.record_heartbeats(&rows).await?;
+        latencies.push(t.elapsed());
+    }
+    let elapsed = start.elapsed();
+    store.close().await;
+    latencies.sort_unstable();
+    Ok(Measured {
+        what: format!(
+            "`record_heartbeats`, {FLEET} vehicles × {per_vehicle} each (1 tx), after \
+             {FLEET_ROUNDS} each"
+        ),
+        setting: engine.setting(synchronous),
+        ops: latencies.len() as u64 * u64::from(FLEET * per_vehicle),
         unit: "heartbeats/s",
         elapsed,
         latencies,
