@@ -192,7 +192,8 @@ impl Bridge {
                 mqtt: client.clone(),
                 command_timeout: config.command_timeout,
             })
-            .with_geofences(Arc::new(Geofences::new(config.geofences))),
+            .with_geofences(Arc::new(Geofences::new(config.geofences)))
+            .with_history(history.clone()),
         );
         // Geofences: the stores' automatic fences now (the stores `GET /api/stores` lists),
         // the stored and drop-off ones in `geofence_task`.

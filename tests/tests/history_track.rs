@@ -227,8 +227,28 @@ async fn track_comes_back_in_order_in_every_format() -> anyhow::Result<()> {
         .max()
         .unwrap_or_default();
 
-    // The history writer flushes in batches: wait until it holds what the dispatcher saw.
+    // The history writer gathers a few seconds of heartbeats per commit, but a track read has
+    // it commit what it holds first: the first read already ends where the live view is. (The
+    // newest position may be emitted a moment before its row reaches the writer: the one
+    // before it must be there.)
+    let mut times: Vec<u64> = seen.iter().filter_map(|p| p["ts_ms"].as_u64()).collect();
+    times.sort_unstable();
+    times.dedup();
+    let before_last = times.iter().rev().nth(1).copied().unwrap_or_default();
     let to_last = format!("?to={last_ts}");
+    let (status, first) = get_track(&bridge, &to_last).await?;
+    assert_eq!(status, 200, "{first}");
+    let first_end = first["points"]
+        .as_array()
+        .and_then(|points| points.last())
+        .and_then(|p| p["ts_ms"].as_u64())
+        .unwrap_or_default();
+    assert!(
+        first_end >= before_last,
+        "the first read ends at {first_end}, the dispatcher saw {before_last} and {last_ts}"
+    );
+
+    // The newest one too, a read or two later.
     let deadline = tokio::time::Instant::now() + tests::WAIT;
     let points = loop {
         let (status, track) = get_track(&bridge, &to_last).await?;

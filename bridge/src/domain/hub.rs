@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rumqttc::AsyncClient;
 use shared::{AckResult, CodecError, CommandAck, CommandKind, FleetId, Topic, VehicleId};
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::auth::{AuthError, Entrance, Grant, MetricsAccess, Tokens};
 use super::command::{CommandError, Commands, Completion};
@@ -20,8 +20,11 @@ use crate::clock::now_ms;
 use crate::geofence::Geofences;
 use crate::metrics::{Counter, Metrics};
 use crate::store::{
-    ClientId, HeartbeatRow, MessageId, OrderView, QueuedMessage, Store, StoreError,
+    ClientId, HeartbeatRow, HeartbeatSender, MessageId, OrderView, QueuedMessage, Store, StoreError,
 };
+
+/// How long a track read waits for the history writer to commit what it holds.
+const TRACK_FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// What a [`Hub`] is made of.
 pub(crate) struct HubParts {
@@ -61,6 +64,8 @@ pub(crate) struct Hub {
     pub(super) strays: Mutex<Vec<(shared::OrderId, VehicleId)>>,
     /// Geofences: heartbeats are noted here on the MQTT path, evaluated by `server`'s task.
     geofences: Arc<Geofences>,
+    /// The history writer, asked to commit what it holds before a track read.
+    history: Option<HeartbeatSender>,
     /// Woken when news arrives while none was waiting: the flush (`server`'s ticker) may send
     /// it at once instead of at the next tick.
     news: tokio::sync::Notify,
@@ -85,8 +90,17 @@ impl Hub {
             assigning: tokio::sync::Mutex::new(()),
             fleet: Mutex::new(parts.fleet),
             geofences: Arc::new(Geofences::default()),
+            history: None,
             news: tokio::sync::Notify::new(),
         }
+    }
+
+    /// The hub with the history writer that stores the heartbeats it reads back: a track
+    /// read then first has the writer commit what it holds.
+    #[must_use]
+    pub(crate) fn with_history(mut self, history: HeartbeatSender) -> Self {
+        self.history = Some(history);
+        self
     }
 
     /// The hub with `geofences` instead of the default (empty) ones.
@@ -350,6 +364,13 @@ impl Hub {
         let known = self.fleet_of(vehicle);
         if known.as_ref().is_some_and(|f| !grant.may_see_fleet(f)) {
             return Ok(None);
+        }
+        // The writer holds up to a few seconds of heartbeats: the track ends where the live
+        // view is. Another bridge's writer (several bridges, one database) is not asked.
+        if let Some(history) = &self.history
+            && !history.flush(TRACK_FLUSH_WAIT).await
+        {
+            debug!(%vehicle, "track read without the history writer's latest heartbeats");
         }
         let rows = self.store.track(vehicle, from_ms, to_ms, limit).await?;
         let visible = rows.iter().all(|r| grant.may_see_fleet(&r.fleet));

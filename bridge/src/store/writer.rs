@@ -7,12 +7,20 @@
 //! While the store cannot write, each batch is tried once and, if it fails, dropped and
 //! counted (`history_failed_total`): history is not buffered beyond the channel. Every batch
 //! tells the store's health (`StoreHealth`) whether the store could write.
+//!
+//! A batch waits up to [`HeartbeatWriterOptions::max_delay`] (5 s) for more heartbeats: what a
+//! commit costs is mostly one page of the track index per vehicle in it, so five heartbeats of
+//! a vehicle in one commit cost little more than one. A track read does not see that delay:
+//! it asks the writer to commit what it holds first ([`HeartbeatSender::flush`]). The batch is
+//! written vehicle by vehicle in transactions of at most [`SLICE`] rows, so that a delivery
+//! event's commit (which shares the store's one write connection) never waits for a whole
+//! batch.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -23,6 +31,11 @@ use crate::metrics::{Counter, Metrics};
 
 /// A batch grows up to this many times `max_batch` when the writer is behind.
 const CATCH_UP_BATCHES: usize = 2;
+
+/// Rows per transaction: a batch is committed in slices of this many (a vehicle's rows
+/// together), each holding the store's write connection ≈50–100 ms under a 10 000-vehicle
+/// fleet, so that delivery events' commits get their turn in between.
+pub(crate) const SLICE: usize = 10_000;
 
 /// Heartbeats the batch buffer always has room for (≈ 0.5 MiB). A catch-up after a slow
 /// commit can grow it to `max_batch * (1 + CATCH_UP_BATCHES)` rows (≈ 16 MiB with the
@@ -38,10 +51,11 @@ pub(crate) struct HeartbeatWriterOptions {
     pub(crate) capacity: usize,
     /// Write a batch once it has this many heartbeats (default 50 000)...
     pub(crate) max_batch: usize,
-    /// ...or once its first heartbeat has waited this long (default 1 s). What a commit costs
-    /// is mostly one index page per vehicle in it, whatever its number of rows: a batch that
-    /// spans a vehicle's whole reporting interval writes each page once per second instead of
-    /// once per heartbeat (bench/HISTORY.md, end to end).
+    /// ...or once its first heartbeat has waited this long (default 5 s), or when a track
+    /// read asks for it ([`HeartbeatSender::flush`]). What a commit costs is mostly one index
+    /// page per vehicle in it, whatever its number of rows: a batch that spans several of a
+    /// vehicle's heartbeats writes each page once for all of them (bench/HISTORY.md, "The
+    /// history under a fleet"). On a crash, what the writer holds is lost: QoS 0 history.
     pub(crate) max_delay: Duration,
 }
 
@@ -50,7 +64,7 @@ impl Default for HeartbeatWriterOptions {
         Self {
             capacity: 131_072,
             max_batch: 50_000,
-            max_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(5),
         }
     }
 }
@@ -80,10 +94,19 @@ impl WriterCounters {
     }
 }
 
+/// What the writer's channel carries: heartbeats, and requests to commit what came before.
+#[derive(Debug)]
+enum Queued {
+    /// A heartbeat to store.
+    Row(HeartbeatRow),
+    /// Commit every heartbeat queued before this, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
 /// Hands heartbeats to the [`HeartbeatWriter`]. Cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct HeartbeatSender {
-    tx: mpsc::Sender<HeartbeatRow>,
+    tx: mpsc::Sender<Queued>,
     counters: Arc<WriterCounters>,
 }
 
@@ -91,7 +114,7 @@ impl HeartbeatSender {
     /// Queues `row` for the next batch without waiting. Returns `false` if it was dropped (the
     /// channel is full or the writer stopped); drops are counted and logged.
     pub(crate) fn send(&self, row: HeartbeatRow) -> bool {
-        match self.tx.try_send(row) {
+        match self.tx.try_send(Queued::Row(row)) {
             Ok(()) => true,
             Err(err) => {
                 let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -108,6 +131,20 @@ impl HeartbeatSender {
         }
     }
 
+    /// Asks the writer to commit every heartbeat sent before this call, and waits for it, at
+    /// most `wait`: a track read then sees them. Returns whether they were committed in time
+    /// (`false` also when the writer stopped or its batch failed: the read goes on with what
+    /// the store has).
+    pub(crate) async fn flush(&self, wait: Duration) -> bool {
+        let (done, committed) = oneshot::channel();
+        tokio::time::timeout(wait, async {
+            // Behind the heartbeats already queued: waits for room if the channel is full.
+            self.tx.send(Queued::Flush(done)).await.is_ok() && committed.await.is_ok()
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// The writer's counters.
     #[cfg(test)]
     pub(crate) fn counters(&self) -> &Arc<WriterCounters> {
@@ -120,7 +157,7 @@ impl HeartbeatSender {
 #[derive(Debug)]
 pub(crate) struct HeartbeatWriter {
     store: Store,
-    rx: mpsc::Receiver<HeartbeatRow>,
+    rx: mpsc::Receiver<Queued>,
     options: HeartbeatWriterOptions,
     counters: Arc<WriterCounters>,
     metrics: Arc<Metrics>,
@@ -154,39 +191,50 @@ impl HeartbeatWriter {
     /// still queued and returns.
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
         let max_batch = self.options.max_batch.max(1);
-        let mut batch: Vec<HeartbeatRow> = Vec::new();
+        let mut batch = Batch::default();
+        let mut incoming: Vec<Queued> = Vec::new();
         loop {
-            // Wait for the first heartbeat of a batch...
+            // Wait for the first heartbeat (or flush request) of a batch...
             let received = tokio::select! {
                 () = cancel.cancelled() => break,
-                n = self.rx.recv_many(&mut batch, max_batch) => n,
+                n = self.rx.recv_many(&mut incoming, max_batch) => n,
             };
             if received == 0 {
                 break; // every sender is gone
             }
-            // ...then for more, until the batch is full or its first heartbeat is due.
+            batch.take(&mut incoming);
+            // ...then for more, until the batch is full, its first heartbeat is due, or a
+            // track read waits for it.
             let due = Instant::now() + self.options.max_delay;
-            while batch.len() < max_batch {
-                let room = max_batch - batch.len();
+            while batch.rows.len() < max_batch && batch.waiting.is_empty() {
+                let room = max_batch - batch.rows.len();
                 tokio::select! {
                     () = cancel.cancelled() => break,
                     () = tokio::time::sleep_until(due) => break,
-                    n = self.rx.recv_many(&mut batch, room) => if n == 0 { break },
+                    n = self.rx.recv_many(&mut incoming, room) => if n == 0 { break },
                 }
+                batch.take(&mut incoming);
             }
             // Behind (the last commit was slow): take what is already queued into this batch,
             // so one commit catches up instead of falling further behind one batch at a time.
             let queued = self.rx.len().min(max_batch * CATCH_UP_BATCHES);
             if queued > 0 {
-                self.rx.recv_many(&mut batch, queued).await;
+                self.rx.recv_many(&mut incoming, queued).await;
+                batch.take(&mut incoming);
             }
             self.flush(&mut batch).await;
             self.metrics.set_history_queued(self.rx.len());
         }
-        // Shutting down: write what is left.
+        // Shutting down: write what is left, the batch held and what is still queued.
         self.rx.close();
-        while self.rx.recv_many(&mut batch, max_batch).await > 0 {
-            self.flush(&mut batch).await;
+        loop {
+            if !batch.rows.is_empty() || !batch.waiting.is_empty() {
+                self.flush(&mut batch).await;
+            }
+            if self.rx.recv_many(&mut incoming, max_batch).await == 0 {
+                break;
+            }
+            batch.take(&mut incoming);
         }
         debug!(
             written = self.counters.written(),
@@ -196,9 +244,34 @@ impl HeartbeatWriter {
         );
     }
 
-    async fn flush(&self, batch: &mut Vec<HeartbeatRow>) {
-        let n = batch.len() as u64;
-        match self.store.record_heartbeats(batch).await {
+    /// Writes the batch, vehicle by vehicle, in transactions of at most [`SLICE`] rows; then
+    /// answers the flush requests it holds (all of them: a failed slice is counted and logged,
+    /// and the read goes on with what the store has).
+    async fn flush(&self, batch: &mut Batch) {
+        let rows = &mut batch.rows;
+        // Stable: each vehicle's rows keep their order (`record_heartbeats` sorts each slice
+        // the same way; here it makes the slices split the fleet, not the rounds).
+        rows.sort_by(|a, b| a.vehicle.as_str().cmp(b.vehicle.as_str()));
+        for slice in rows.chunks(SLICE) {
+            self.write(slice).await;
+        }
+        for done in batch.waiting.drain(..) {
+            // The reader may have given up waiting.
+            let _ = done.send(());
+        }
+        // Room for twice this batch is kept (no reallocation from one batch to the next);
+        // more than that is what a catch-up left behind.
+        let kept = rows.len().max(KEEP_ROWS);
+        rows.clear();
+        if rows.capacity() > 2 * kept {
+            rows.shrink_to(kept);
+        }
+    }
+
+    /// One transaction of the batch.
+    async fn write(&self, rows: &[HeartbeatRow]) {
+        let n = rows.len() as u64;
+        match self.store.record_heartbeats(rows).await {
             Ok(()) => {
                 self.counters.written.fetch_add(n, Ordering::Relaxed);
                 self.metrics.store().succeeded();
@@ -218,12 +291,25 @@ impl HeartbeatWriter {
                 }
             }
         }
-        // Room for twice this batch is kept (no reallocation from one batch to the next);
-        // more than that is what a catch-up left behind.
-        let rows = batch.len().max(KEEP_ROWS);
-        batch.clear();
-        if batch.capacity() > 2 * rows {
-            batch.shrink_to(rows);
+    }
+}
+
+/// The batch the writer gathers: heartbeats, and the flush requests that came with them.
+#[derive(Debug, Default)]
+struct Batch {
+    rows: Vec<HeartbeatRow>,
+    /// Answered once every row before them is written.
+    waiting: Vec<oneshot::Sender<()>>,
+}
+
+impl Batch {
+    /// Moves what was received into the batch.
+    fn take(&mut self, incoming: &mut Vec<Queued>) {
+        for queued in incoming.drain(..) {
+            match queued {
+                Queued::Row(row) => self.rows.push(row),
+                Queued::Flush(done) => self.waiting.push(done),
+            }
         }
     }
 }
@@ -290,6 +376,65 @@ mod tests {
             assert_eq!(sender.counters().dropped(), 0);
             assert!(!sender.send(row(3_000)), "the writer stopped");
             assert_eq!(sender.counters().dropped(), 1);
+        }
+    }
+
+    on_each_backend! {
+        async fn a_flush_commits_what_came_before_at_once(store) {
+            // A batch that would wait an hour: only the flush makes it go.
+            let options = HeartbeatWriterOptions {
+                max_delay: Duration::from_secs(3_600),
+                ..HeartbeatWriterOptions::default()
+            };
+            let (writer, sender) = HeartbeatWriter::new(store.clone(), options, Arc::default());
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(writer.run(cancel.clone()));
+            // Three vehicles, interleaved, more than a slice: every row comes back, each
+            // vehicle's in the order sent.
+            let per_vehicle = 4_000u32;
+            for seq in 0..per_vehicle {
+                for vehicle in ["v-1", "v-2", "v-3"] {
+                    let mut row = row(seq);
+                    row.vehicle = vehicle.parse().expect("vehicle");
+                    row.ts_ms = 7; // one device millisecond: only the order sent tells them apart
+                    assert!(sender.send(row));
+                }
+            }
+            assert!(3 * per_vehicle as usize > SLICE, "the batch spans several slices");
+            assert!(sender.flush(Duration::from_secs(20)).await, "committed in time");
+            assert_eq!(sender.counters().written(), 3 * u64::from(per_vehicle));
+            for vehicle in ["v-1", "v-2", "v-3"] {
+                let track = store
+                    .track(&vehicle.parse().expect("vehicle"), 0, u64::MAX, 10_000)
+                    .await
+                    .expect("track");
+                assert_eq!(track.len(), per_vehicle as usize, "{vehicle}");
+                assert!(
+                    track.iter().map(|r| r.seq).eq(0..per_vehicle),
+                    "{vehicle}: in the order sent"
+                );
+            }
+            // Nothing held: a flush answers at once.
+            assert!(sender.flush(Duration::from_secs(5)).await);
+            // Rows the writer holds in its batch when it is stopped are written too.
+            for seq in per_vehicle..per_vehicle + 10 {
+                assert!(sender.send(row(seq)));
+            }
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while sender.tx.capacity() < sender.tx.max_capacity() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the writer took them into its batch");
+            cancel.cancel();
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("stops")
+                .expect("no panic");
+            assert_eq!(sender.counters().written(), 3 * u64::from(per_vehicle) + 10);
+            // The writer is gone: a flush says so instead of waiting.
+            assert!(!sender.flush(Duration::from_secs(5)).await);
         }
     }
 
