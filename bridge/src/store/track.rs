@@ -140,6 +140,11 @@ async fn insert_chunk(
     Ok(())
 }
 
+/// The order heartbeats are written in: by vehicle (sort stably, to keep each vehicle's own).
+pub(crate) fn by_vehicle_id(a: &HeartbeatRow, b: &HeartbeatRow) -> std::cmp::Ordering {
+    a.vehicle.as_str().cmp(b.vehicle.as_str())
+}
+
 impl Store {
     /// Stores `rows` in one transaction (multi-row inserts): all of them or, on error, none.
     ///
@@ -152,13 +157,24 @@ impl Store {
     /// # Errors
     /// [`StoreError::Database`] if they could not be committed.
     pub async fn record_heartbeats(&self, rows: &[HeartbeatRow]) -> Result<(), StoreError> {
-        if rows.is_empty() {
+        self.record_heartbeat_refs(rows.iter().collect()).await
+    }
+
+    /// [`Store::record_heartbeats`] for rows the caller holds elsewhere (the history writer's
+    /// batch, in slices).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if they could not be committed.
+    pub(crate) async fn record_heartbeat_refs(
+        &self,
+        mut by_vehicle: Vec<&HeartbeatRow>,
+    ) -> Result<(), StoreError> {
+        if by_vehicle.is_empty() {
             return Ok(());
         }
-        let mut by_vehicle: Vec<&HeartbeatRow> = rows.iter().collect();
         // Stable: a vehicle's rows keep their order, and with it their ids' (the track's order
-        // for equal times).
-        by_vehicle.sort_by(|a, b| a.vehicle.as_str().cmp(b.vehicle.as_str()));
+        // for equal times). Rows already in order cost one pass.
+        by_vehicle.sort_by(|a, b| by_vehicle_id(a, b));
         let mut tx = self.begin_write().await?;
         for chunk in by_vehicle.chunks(CHUNK) {
             insert_chunk(self.backend, &mut tx, chunk).await?;
