@@ -366,11 +366,9 @@ async fn bench_heartbeats(
     let store = Store::open(&target, options(synchronous)).await?;
     let fleet: FleetId = "bench".parse()?;
     let vehicles: Vec<VehicleId> = (0..50).map(vehicle).collect::<BenchResult<_>>()?;
-    let mut latencies = Vec::new();
     let mut seq: u32 = 0;
-    let start = Instant::now();
-    while start.elapsed() < BUDGET {
-        let rows: Vec<HeartbeatRow> = (0..batch)
+    let timed = time_heartbeats(store, || {
+        (0..batch)
             .map(|i| {
                 seq += 1;
                 let v = (i % 50) as usize;
@@ -388,19 +386,56 @@ async fn bench_heartbeats(
                     received_ms: 1_750_000_000_000 + u64::from(seq) * 20 + 15,
                 }
             })
-            .collect();
+            .collect()
+    })
+    .await?;
+    Ok(timed.measured(
+        format!("`record_heartbeats`, batches of {batch} (1 tx each)"),
+        engine.setting(synchronous),
+    ))
+}
+
+/// Calls of `record_heartbeats` timed one by one.
+struct Timed {
+    rows: u64,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Timed {
+    fn measured(mut self, what: String, setting: String) -> Measured {
+        self.latencies.sort_unstable();
+        Measured {
+            what,
+            setting,
+            ops: self.rows,
+            unit: "heartbeats/s",
+            elapsed: self.elapsed,
+            latencies: self.latencies,
+        }
+    }
+}
+
+/// `record_heartbeats` of one batch of `next` after the other, for [`BUDGET`]; then closes
+/// the store.
+async fn time_heartbeats(
+    store: Store,
+    mut next: impl FnMut() -> Vec<HeartbeatRow>,
+) -> BenchResult<Timed> {
+    let mut latencies = Vec::new();
+    let mut rows = 0;
+    let start = Instant::now();
+    while start.elapsed() < BUDGET {
+        let batch = next();
         let t = Instant::now();
-        store.record_heartbeats(&rows).await?;
+        store.record_heartbeats(&batch).await?;
         latencies.push(t.elapsed());
+        rows += batch.len() as u64;
     }
     let elapsed = start.elapsed();
     store.close().await;
-    latencies.sort_unstable();
-    Ok(Measured {
-        what: format!("`record_heartbeats`, batches of {batch} (1 tx each)"),
-        setting: engine.setting(synchronous),
-        ops: latencies.len() as u64 * u64::from(batch),
-        unit: "heartbeats/s",
+    Ok(Timed {
+        rows,
         elapsed,
         latencies,
     })
@@ -466,34 +501,24 @@ async fn bench_fleet_heartbeats(
     let store = Store::open(&target, options(synchronous)).await?;
     let fleet: FleetId = "bench".parse()?;
     let vehicles = fleet_vehicles()?;
-    let mut latencies = Vec::new();
     let mut round = FLEET_ROUNDS;
-    let start = Instant::now();
-    while start.elapsed() < BUDGET {
+    let timed = time_heartbeats(store, || {
         // In the order they arrive: round after round, each round vehicle after vehicle.
-        let rows: Vec<HeartbeatRow> = (round..round + per_vehicle)
+        let rows = (round..round + per_vehicle)
             .flat_map(|r| (0..vehicles.len()).map(move |v| (v, r)))
             .map(|(v, r)| fleet_row(&vehicles, &fleet, v, r))
             .collect();
         round += per_vehicle;
-        let t = Instant::now();
-        store.record_heartbeats(&rows).await?;
-        latencies.push(t.elapsed());
-    }
-    let elapsed = start.elapsed();
-    store.close().await;
-    latencies.sort_unstable();
-    Ok(Measured {
-        what: format!(
+        rows
+    })
+    .await?;
+    Ok(timed.measured(
+        format!(
             "`record_heartbeats`, {FLEET} vehicles × {per_vehicle} each (1 tx), after \
              {FLEET_ROUNDS} each"
         ),
-        setting: engine.setting(synchronous),
-        ops: latencies.len() as u64 * u64::from(FLEET * per_vehicle),
-        unit: "heartbeats/s",
-        elapsed,
-        latencies,
-    })
+        engine.setting(synchronous),
+    ))
 }
 
 fn setting(synchronous: Synchronous) -> String {
