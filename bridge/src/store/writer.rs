@@ -32,6 +32,9 @@ use crate::metrics::{Counter, Metrics};
 /// A batch grows up to this many times `max_batch` when the writer is behind.
 const CATCH_UP_BATCHES: usize = 2;
 
+/// Items one receive from the channel takes at most.
+const RECEIVE: usize = 4_096;
+
 /// Rows per transaction: a batch is committed in slices of this many (a vehicle's rows
 /// together), each holding the store's write connection ≈50–100 ms under a 10 000-vehicle
 /// fleet, so that delivery events' commits get their turn in between.
@@ -132,9 +135,10 @@ impl HeartbeatSender {
     }
 
     /// Asks the writer to commit every heartbeat sent before this call, and waits for it, at
-    /// most `wait`: a track read then sees them. Returns whether they were committed in time
-    /// (`false` also when the writer stopped or its batch failed: the read goes on with what
-    /// the store has).
+    /// most `wait`: a track read then sees them. Returns whether the writer got through them
+    /// in time; `false` when it has stopped or the wait ran out (the read goes on with what
+    /// the store has). A slice that failed to commit is counted and logged by the writer, and
+    /// still answers `true`.
     pub(crate) async fn flush(&self, wait: Duration) -> bool {
         let (done, committed) = oneshot::channel();
         tokio::time::timeout(wait, async {
@@ -192,12 +196,14 @@ impl HeartbeatWriter {
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
         let max_batch = self.options.max_batch.max(1);
         let mut batch = Batch::default();
+        // What one receive takes, moved into the batch at once: at most `RECEIVE` items, so
+        // this buffer stays small (the batch keeps the rows).
         let mut incoming: Vec<Queued> = Vec::new();
         loop {
             // Wait for the first heartbeat (or flush request) of a batch...
             let received = tokio::select! {
                 () = cancel.cancelled() => break,
-                n = self.rx.recv_many(&mut incoming, max_batch) => n,
+                n = self.rx.recv_many(&mut incoming, max_batch.min(RECEIVE)) => n,
             };
             if received == 0 {
                 break; // every sender is gone
@@ -207,7 +213,7 @@ impl HeartbeatWriter {
             // track read waits for it.
             let due = Instant::now() + self.options.max_delay;
             while batch.rows.len() < max_batch && batch.waiting.is_empty() {
-                let room = max_batch - batch.rows.len();
+                let room = (max_batch - batch.rows.len()).min(RECEIVE);
                 tokio::select! {
                     () = cancel.cancelled() => break,
                     () = tokio::time::sleep_until(due) => break,
@@ -217,10 +223,14 @@ impl HeartbeatWriter {
             }
             // Behind (the last commit was slow): take what is already queued into this batch,
             // so one commit catches up instead of falling further behind one batch at a time.
-            let queued = self.rx.len().min(max_batch * CATCH_UP_BATCHES);
-            if queued > 0 {
-                self.rx.recv_many(&mut incoming, queued).await;
+            let mut queued = self.rx.len().min(max_batch * CATCH_UP_BATCHES);
+            while queued > 0 {
+                let n = self.rx.recv_many(&mut incoming, queued.min(RECEIVE)).await;
+                if n == 0 {
+                    break; // every sender is gone
+                }
                 batch.take(&mut incoming);
+                queued = queued.saturating_sub(n);
             }
             self.flush(&mut batch).await;
             self.metrics.set_history_queued(self.rx.len());
@@ -231,7 +241,7 @@ impl HeartbeatWriter {
             if !batch.rows.is_empty() || !batch.waiting.is_empty() {
                 self.flush(&mut batch).await;
             }
-            if self.rx.recv_many(&mut incoming, max_batch).await == 0 {
+            if self.rx.recv_many(&mut incoming, RECEIVE).await == 0 {
                 break;
             }
             batch.take(&mut incoming);
