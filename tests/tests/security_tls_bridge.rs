@@ -284,10 +284,13 @@ async fn the_bridge_reaches_an_external_broker_over_mqtts() -> anyhow::Result<()
     let mut dispatcher = SioClient::dispatcher_in(&bridge.url(), "vehicle:north-0007").await?;
     let (topic, payload) = heartbeat("north-0007", 1)?;
     let published = mosquitto::publish_tls(broker.addr, &pki.ca, &topic, &payload, 1).await?;
+    // The exit status too: a client killed by a signal says nothing on stderr.
     assert!(
         published.status.success(),
-        "mosquitto_pub: {}",
-        published.stderr
+        "mosquitto_pub: {} (stderr {:?}, stdout {:?})",
+        published.status,
+        published.stderr,
+        published.stdout
     );
     let seen = dispatcher.positions_until(WAIT, of("north-0007")).await?;
     assert!(seen.iter().any(|p| p["seq"] == 1), "{seen:?}");
