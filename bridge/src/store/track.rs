@@ -157,24 +157,29 @@ impl Store {
     /// # Errors
     /// [`StoreError::Database`] if they could not be committed.
     pub async fn record_heartbeats(&self, rows: &[HeartbeatRow]) -> Result<(), StoreError> {
-        self.record_heartbeat_refs(rows.iter().collect()).await
+        // Stable: a vehicle's rows keep their order, and with it their ids' (the track's order
+        // for equal times).
+        let mut by_vehicle: Vec<&HeartbeatRow> = rows.iter().collect();
+        by_vehicle.sort_by(|a, b| by_vehicle_id(a, b));
+        self.record_sorted_heartbeats(&by_vehicle).await
     }
 
-    /// [`Store::record_heartbeats`] for rows the caller holds elsewhere (the history writer's
-    /// batch, in slices).
+    /// [`Store::record_heartbeats`] for rows already in [`by_vehicle_id`] order (stably), held
+    /// elsewhere: the history writer's batch, in slices.
     ///
     /// # Errors
     /// [`StoreError::Database`] if they could not be committed.
-    pub(crate) async fn record_heartbeat_refs(
+    pub(crate) async fn record_sorted_heartbeats(
         &self,
-        mut by_vehicle: Vec<&HeartbeatRow>,
+        by_vehicle: &[&HeartbeatRow],
     ) -> Result<(), StoreError> {
+        debug_assert!(
+            by_vehicle.is_sorted_by(|a, b| by_vehicle_id(a, b).is_le()),
+            "heartbeats in vehicle order"
+        );
         if by_vehicle.is_empty() {
             return Ok(());
         }
-        // Stable: a vehicle's rows keep their order, and with it their ids' (the track's order
-        // for equal times). Rows already in order cost one pass.
-        by_vehicle.sort_by(|a, b| by_vehicle_id(a, b));
         let mut tx = self.begin_write().await?;
         for chunk in by_vehicle.chunks(CHUNK) {
             insert_chunk(self.backend, &mut tx, chunk).await?;

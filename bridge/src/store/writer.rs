@@ -202,6 +202,8 @@ impl HeartbeatWriter {
         loop {
             // Wait for the first heartbeat (or flush request) of a batch...
             let received = tokio::select! {
+                // Cancel first: what is queued then goes out through the shutdown path below.
+                biased;
                 () = cancel.cancelled() => break,
                 n = self.rx.recv_many(&mut incoming, max_batch.min(RECEIVE)) => n,
             };
@@ -235,16 +237,21 @@ impl HeartbeatWriter {
             self.flush(&mut batch).await;
             self.metrics.set_history_queued(self.rx.len());
         }
-        // Shutting down: write what is left, the batch held and what is still queued.
+        // Shutting down: write what is still queued. (The batch is empty here: the loop above
+        // ends only while it waits for a batch's first item.)
         self.rx.close();
         loop {
-            if !batch.rows.is_empty() || !batch.waiting.is_empty() {
-                self.flush(&mut batch).await;
+            while batch.rows.len() < max_batch {
+                let room = (max_batch - batch.rows.len()).min(RECEIVE);
+                if self.rx.recv_many(&mut incoming, room).await == 0 {
+                    break; // closed and empty
+                }
+                batch.take(&mut incoming);
             }
-            if self.rx.recv_many(&mut incoming, RECEIVE).await == 0 {
+            if batch.rows.is_empty() && batch.waiting.is_empty() {
                 break;
             }
-            batch.take(&mut incoming);
+            self.flush(&mut batch).await;
         }
         debug!(
             written = self.counters.written(),
@@ -264,7 +271,7 @@ impl HeartbeatWriter {
         let mut by_vehicle: Vec<&HeartbeatRow> = rows.iter().collect();
         by_vehicle.sort_by(|a, b| by_vehicle_id(a, b));
         for slice in by_vehicle.chunks(SLICE) {
-            self.write(slice.to_vec()).await;
+            self.write(slice).await;
         }
         drop(by_vehicle);
         for done in batch.waiting.drain(..) {
@@ -281,9 +288,9 @@ impl HeartbeatWriter {
     }
 
     /// One transaction of the batch.
-    async fn write(&self, rows: Vec<&HeartbeatRow>) {
+    async fn write(&self, rows: &[&HeartbeatRow]) {
         let n = rows.len() as u64;
-        match self.store.record_heartbeat_refs(rows).await {
+        match self.store.record_sorted_heartbeats(rows).await {
             Ok(()) => {
                 self.counters.written.fetch_add(n, Ordering::Relaxed);
                 self.metrics.store().succeeded();
@@ -388,6 +395,44 @@ mod tests {
             assert_eq!(sender.counters().dropped(), 0);
             assert!(!sender.send(row(3_000)), "the writer stopped");
             assert_eq!(sender.counters().dropped(), 1);
+        }
+    }
+
+    on_each_backend! {
+        async fn what_is_queued_at_shutdown_is_written_in_batches(store) {
+            let options = HeartbeatWriterOptions {
+                capacity: 10_000,
+                max_batch: 100,
+                max_delay: Duration::from_secs(60),
+            };
+            let (writer, sender) = HeartbeatWriter::new(store.clone(), options, Arc::default());
+            for seq in 0..250 {
+                assert!(sender.send(row(seq)));
+            }
+            // A track read that came with them is answered once they are written.
+            let flushing = {
+                let sender = sender.clone();
+                tokio::spawn(async move { sender.flush(Duration::from_secs(5)).await })
+            };
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while writer.rx.len() < 251 {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("the flush request is queued");
+            // Cancelled before it starts: nothing goes out through the normal path.
+            let cancel = CancellationToken::new();
+            cancel.cancel();
+            tokio::time::timeout(Duration::from_secs(5), writer.run(cancel))
+                .await
+                .expect("stops");
+            assert!(flushing.await.expect("no panic"), "the flush is answered");
+            assert_eq!(sender.counters().written(), 250);
+            let vehicle = "v-1".parse().expect("vehicle");
+            let track = store.track(&vehicle, 0, u64::MAX, 1_000).await.expect("track");
+            let seqs: Vec<u32> = track.iter().map(|r| r.seq).collect();
+            assert_eq!(seqs, (0..250).collect::<Vec<_>>(), "all of them, in order");
         }
     }
 
