@@ -413,8 +413,10 @@ pub async fn publish_tls(
     qos: u8,
 ) -> anyhow::Result<Finished> {
     let mut cmd = client("mosquitto_pub", broker);
+    // `-d`: its protocol trace on stdout, so a failure that prints nothing on stderr (one in
+    // CI, 2026-12-05) shows how far it got.
     cmd.arg("--cafile")
         .arg(ca)
-        .args(["-t", topic, "-q", &qos.to_string(), "-s"]);
+        .args(["-d", "-t", topic, "-q", &qos.to_string(), "-s"]);
     finish(cmd, Some(payload)).await
 }
