@@ -196,42 +196,36 @@ impl HeartbeatWriter {
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
         let max_batch = self.options.max_batch.max(1);
         let mut batch = Batch::default();
-        // What one receive takes, moved into the batch at once: at most `RECEIVE` items, so
-        // this buffer stays small (the batch keeps the rows).
-        let mut incoming: Vec<Queued> = Vec::new();
         loop {
             // Wait for the first heartbeat (or flush request) of a batch...
             let received = tokio::select! {
                 // Cancel first: what is queued then goes out through the shutdown path below.
                 biased;
                 () = cancel.cancelled() => break,
-                n = self.rx.recv_many(&mut incoming, max_batch.min(RECEIVE)) => n,
+                n = batch.receive(&mut self.rx, max_batch) => n,
             };
             if received == 0 {
                 break; // every sender is gone
             }
-            batch.take(&mut incoming);
             // ...then for more, until the batch is full, its first heartbeat is due, or a
             // track read waits for it.
             let due = Instant::now() + self.options.max_delay;
             while batch.rows.len() < max_batch && batch.waiting.is_empty() {
-                let room = (max_batch - batch.rows.len()).min(RECEIVE);
+                let room = max_batch - batch.rows.len();
                 tokio::select! {
                     () = cancel.cancelled() => break,
                     () = tokio::time::sleep_until(due) => break,
-                    n = self.rx.recv_many(&mut incoming, room) => if n == 0 { break },
+                    n = batch.receive(&mut self.rx, room) => if n == 0 { break },
                 }
-                batch.take(&mut incoming);
             }
             // Behind (the last commit was slow): take what is already queued into this batch,
             // so one commit catches up instead of falling further behind one batch at a time.
             let mut queued = self.rx.len().min(max_batch * CATCH_UP_BATCHES);
             while queued > 0 {
-                let n = self.rx.recv_many(&mut incoming, queued.min(RECEIVE)).await;
+                let n = batch.receive(&mut self.rx, queued).await;
                 if n == 0 {
                     break; // every sender is gone
                 }
-                batch.take(&mut incoming);
                 queued = queued.saturating_sub(n);
             }
             self.flush(&mut batch).await;
@@ -241,15 +235,14 @@ impl HeartbeatWriter {
         // ends only while it waits for a batch's first item.)
         self.rx.close();
         loop {
-            while batch.rows.len() < max_batch {
-                let room = (max_batch - batch.rows.len()).min(RECEIVE);
-                if self.rx.recv_many(&mut incoming, room).await == 0 {
-                    break; // closed and empty
-                }
-                batch.take(&mut incoming);
-            }
+            while batch.rows.len() < max_batch
+                && batch
+                    .receive(&mut self.rx, max_batch - batch.rows.len())
+                    .await
+                    > 0
+            {}
             if batch.rows.is_empty() && batch.waiting.is_empty() {
-                break;
+                break; // closed and empty
             }
             self.flush(&mut batch).await;
         }
@@ -319,17 +312,24 @@ struct Batch {
     rows: Vec<HeartbeatRow>,
     /// Answered once every row before them is written.
     waiting: Vec<oneshot::Sender<()>>,
+    /// What one receive takes, moved into `rows` and `waiting` at once: at most [`RECEIVE`]
+    /// items, so this buffer stays small.
+    incoming: Vec<Queued>,
 }
 
 impl Batch {
-    /// Moves what was received into the batch.
-    fn take(&mut self, incoming: &mut Vec<Queued>) {
-        for queued in incoming.drain(..) {
+    /// Waits for queued items and moves up to `most` (and up to [`RECEIVE`]) of them into the
+    /// batch; returns how many, 0 once the channel is closed and empty. Cancel-safe: an item
+    /// is either in the batch or still queued.
+    async fn receive(&mut self, rx: &mut mpsc::Receiver<Queued>, most: usize) -> usize {
+        let n = rx.recv_many(&mut self.incoming, most.min(RECEIVE)).await;
+        for queued in self.incoming.drain(..) {
             match queued {
                 Queued::Row(row) => self.rows.push(row),
                 Queued::Flush(done) => self.waiting.push(done),
             }
         }
+        n
     }
 }
 
