@@ -844,21 +844,22 @@ async fn ticker<A: Adapter>(
 /// How often the positions noted for the geofences are evaluated.
 const GEOFENCE_EVERY: Duration = Duration::from_millis(100);
 /// How often the geofences are brought in step with the store (custom fences other bridges
-/// changed, orders placed and ended).
+/// changed, orders they placed and ended).
 const GEOFENCE_SYNC_EVERY: Duration = Duration::from_secs(2);
 
 /// Every [`GEOFENCE_EVERY`]: evaluates the positions noted since (`Hub::record`) and emits
 /// the `geofence` events they cause; every [`GEOFENCE_SYNC_EVERY`]: reloads the custom fences
-/// and the open orders' drop-offs from the store.
+/// and reads the orders changed since from the store (`geofences::StoreSync`).
 async fn geofence_task<A: Adapter>(io: SocketIo<A>, hub: Arc<Hub>, cancel: CancellationToken) {
     let mut evaluate = tokio::time::interval(GEOFENCE_EVERY);
     evaluate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut sync = tokio::time::interval(GEOFENCE_SYNC_EVERY);
     sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut store_sync = geofences::StoreSync::default();
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
-            _ = sync.tick() => match geofences::sync_from_store(&hub).await {
+            _ = sync.tick() => match store_sync.step(&hub).await {
                 Ok(0) => {}
                 Ok(changed) => debug!(changed, "geofences in step with the store"),
                 Err(err) => warn!(cause = %err, "cannot reload the geofences from the store"),
@@ -923,8 +924,9 @@ const ASSIGN_EVERY: Duration = Duration::from_secs(1);
 
 /// The orders' task, two loops side by side: every [`ASSIGN_EVERY`], takes back orders stuck
 /// on a vehicle offline longer than `orders.reoffer_after` and offers every order without a
-/// vehicle to the vehicles free now; and, as they come, emits each order's state changes
-/// (the hub's order-change channel) as `order` events, in commit order.
+/// vehicle to the vehicles free now; and, as they come, applies each order's state changes
+/// (the hub's order-change channel) to its drop-off fence (`geofences::order_changed`) and
+/// emits them as `order` events, in commit order.
 async fn assign_waiting<A: Adapter>(
     hub: Arc<Hub>,
     io: SocketIo<A>,
@@ -961,6 +963,7 @@ async fn assign_waiting<A: Adapter>(
                 change = changes.recv() => change,
             };
             let Some(view) = change else { break };
+            geofences::order_changed(&hub, &view);
             let event = crate::view::order::changed(&view, crate::clock::now_ms());
             crate::view::emit::order(&io, hub.metrics(), (&view.fleet, &view.store), &event).await;
         }

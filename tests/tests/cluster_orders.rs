@@ -2,7 +2,8 @@
 //! shared subscriptions, Redis and one PostgreSQL store: orders placed on both bridges at once
 //! are each assigned once and no vehicle is given two; a command sent on one bridge is answered
 //! there, whichever bridge the vehicle's ack reaches, and the ack is seen once by the vehicle's
-//! watchers on every bridge.
+//! watchers on every bridge; an order placed or cancelled on one bridge becomes or stops being a
+//! drop-off fence on the other.
 
 #[path = "sim_support.rs"]
 mod sim_support;
@@ -323,4 +324,79 @@ async fn a_command_is_answered_on_its_bridge_whichever_bridge_gets_the_ack() -> 
         watcher.close().await;
     }
     Ok(())
+}
+
+/// The drop-off fences `i`'s bridge lists to the demo vendor.
+async fn dropoff_fences(cluster: &Cluster, i: usize) -> anyhow::Result<BTreeSet<String>> {
+    let (status, body) = cluster
+        .bridge(i)?
+        .get_json("/api/geofences", Some(VENDOR_TOKEN))
+        .await?;
+    anyhow::ensure!(status == 200, "bridge {i}: {status} {body}");
+    Ok(body["geofences"]
+        .as_array()
+        .context("no geofences in the answer")?
+        .iter()
+        .filter_map(|f| f["id"].as_str())
+        .filter(|id| id.starts_with("dropoff:"))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Waits until every bridge of `cluster` lists exactly `wanted` drop-off fences.
+async fn wait_dropoff_fences(cluster: &Cluster, wanted: &[&str]) -> anyhow::Result<()> {
+    let wanted: BTreeSet<String> = wanted.iter().map(|o| format!("dropoff:{o}")).collect();
+    for i in 1..=cluster.bridges() {
+        eventually(WAIT, || async {
+            let listed = dropoff_fences(cluster, i).await?;
+            anyhow::ensure!(
+                listed == wanted,
+                "bridge {i} lists {listed:?}, not {wanted:?}"
+            );
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_placed_and_cancelled_on_one_bridge_move_the_fences_of_the_other()
+-> anyhow::Result<()> {
+    // No vehicles: the orders wait, open, each with its drop-off fence.
+    let cluster = Cluster::start(ClusterOptions {
+        vehicles: 0,
+        fleet: FLEET.to_owned(),
+        ..ClusterOptions::default()
+    })
+    .await?;
+    // Bridge 2 reads every open order at its start and every minute; in between, only the
+    // orders changed since its last read. The first order may reach it either way; the
+    // second, placed once bridge 2 lists the first, only through a read of changes.
+    let mut open = Vec::new();
+    for order in ["fence-1", "fence-2"] {
+        let (status, answer) = place(
+            cluster.url(1)?,
+            json!({ "order": order, "customer": "Ada", "lat": 52.51, "lon": 13.41 }),
+        )
+        .await?;
+        assert_eq!(status, 201, "{order}: {answer}");
+        assert!(
+            answer["vehicle"].is_null(),
+            "no vehicle to take it: {answer}"
+        );
+        open.push(order);
+        wait_dropoff_fences(&cluster, &open).await?;
+    }
+    // Cancelled on bridge 1: its fence goes on both bridges, the other stays.
+    let (status, answer) = cluster
+        .bridge(1)?
+        .post_json("/api/orders/fence-2/cancel", VENDOR_TOKEN, &json!({}))
+        .await?;
+    assert_eq!(
+        (status, &answer["state"]),
+        (200, &json!("cancelled")),
+        "{answer}"
+    );
+    wait_dropoff_fences(&cluster, &["fence-1"]).await
 }

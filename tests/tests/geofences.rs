@@ -685,7 +685,7 @@ async fn an_open_orders_dropoff_is_a_fence_that_reaches_its_store() -> anyhow::R
     assert!(status == 201 || status == 200, "{status} {placed}");
     assert_eq!(placed["vehicle"], json!("north-g2"), "{placed}");
 
-    // The drop-off fence appears with the next reload from the store (every 2 s).
+    // The drop-off fence appears as the order is announced (`geofences::order_changed`).
     let deadline = tokio::time::Instant::now() + WAIT;
     while !listed(&bridge, "north-secret", "")
         .await?

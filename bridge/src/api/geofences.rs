@@ -11,6 +11,7 @@
 //! in the engine, then announced (`geofences` `{changed: id}` on `/dispatch`).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -27,9 +28,9 @@ use super::state::HttpState;
 use crate::clock::now_ms;
 use crate::domain::Hub;
 use crate::domain::auth::{AuthError, Entrance, Grant, Role};
-use crate::geofence::{Fence, FenceKind, Shape};
+use crate::geofence::{Fence, FenceKind, OpenDropoff, Shape};
 use crate::metrics::Counter;
-use crate::store::{StoreError, StoredFence};
+use crate::store::{OpenOrderDropoff, OrderView, StoreError, StoredFence};
 use crate::view::geofence::{FenceView, changed};
 
 /// Who may draw fences: dispatchers and operators.
@@ -331,34 +332,234 @@ async fn delete<A: Adapter>(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Keeps the engine's fences in step with the store (custom fences, open orders' drop-offs):
-/// what other bridges changed, orders placed and ended. Returns how many fences changed.
-///
-/// # Errors
-/// [`StoreError`] if the store cannot be read (the fences stay as they were).
-pub(crate) async fn sync_from_store(hub: &Arc<Hub>) -> Result<usize, StoreError> {
-    let custom: Vec<Fence> = hub
-        .storage()
-        .geofences()
-        .await?
-        .iter()
-        .filter_map(from_stored)
-        .collect();
-    let open: Vec<crate::geofence::OpenDropoff> = hub
-        .storage()
-        .open_dropoffs()
-        .await?
-        .into_iter()
-        .map(|o| crate::geofence::OpenDropoff {
-            order: o.order,
-            store: o.store,
-            fleet: o.fleet,
-            lat: f64::from(o.lat_e7) * 1e-7,
-            lon: f64::from(o.lon_e7) * 1e-7,
-            created_ms: o.created_ms,
-            carrier: o.vehicle.and_then(|v| VehicleId::new(&v).ok()),
-        })
-        .collect();
+/// How often every open order is read again, whatever the reads of changes between found:
+/// what they could miss (a change stamped by a bridge whose clock is more than
+/// [`CHANGE_SLACK_MS`] behind, a row changed by hand) is mended then.
+const RECONCILE_EVERY: Duration = Duration::from_secs(60);
+
+/// How far before the start of the last read the next read of changes begins, ms: a change is
+/// stamped (`updated_ms`) before its transaction commits, and bridges' clocks differ a little.
+const CHANGE_SLACK_MS: u64 = 2_000;
+
+/// Keeps the engine's fences in step with the store, for what this bridge did not do itself
+/// (other bridges' fences and orders; its own order changes are applied as they are
+/// announced: [`order_changed`]). Each step reloads the custom fences, and reads the orders
+/// changed since the last step (`Store::dropoffs_changed_since`); every [`RECONCILE_EVERY`],
+/// and at the first step, every open order instead. Its cost follows the changes, not the
+/// open orders: a bridge with 30,000 open orders and nothing happening reads nothing.
+#[derive(Debug, Default)]
+pub(crate) struct StoreSync {
+    /// When every open order was last read; `None` before the first step.
+    reconciled: Option<Instant>,
+    /// Where the next read of changes begins, ms since the Unix epoch (this bridge's clock).
+    since_ms: u64,
+}
+
+impl StoreSync {
+    /// One step; returns how many fences changed. A step that fails changes nothing and the
+    /// next one reads from where this one would have.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be read (the fences stay as they were).
+    pub(crate) async fn step(&mut self, hub: &Arc<Hub>) -> Result<usize, StoreError> {
+        let started_ms = now_ms();
+        let custom: Vec<Fence> = hub
+            .storage()
+            .geofences()
+            .await?
+            .iter()
+            .filter_map(from_stored)
+            .collect();
+        let geofences = hub.geofences();
+        let changed = if self
+            .reconciled
+            .is_none_or(|at| at.elapsed() >= RECONCILE_EVERY)
+        {
+            let open: Vec<OpenDropoff> = hub
+                .storage()
+                .open_dropoffs()
+                .await?
+                .iter()
+                .map(open_dropoff)
+                .collect();
+            self.reconciled = Some(Instant::now());
+            geofences.sync_dropoffs(&open)
+        } else {
+            let changes = hub.storage().dropoffs_changed_since(self.since_ms).await?;
+            changes
+                .iter()
+                .filter(|change| {
+                    if change.open {
+                        geofences.order_opened(&open_dropoff(&change.dropoff))
+                    } else {
+                        geofences.order_closed(&change.dropoff.order)
+                    }
+                })
+                .count()
+        };
+        self.since_ms = started_ms.saturating_sub(CHANGE_SLACK_MS);
+        Ok(changed + geofences.sync_custom(custom))
+    }
+}
+
+/// Applies an order change this bridge made (`Hub::publish_order_change`) to its drop-off
+/// fence at once: added or moved to its new carrier while the order is open, removed once it
+/// is delivered or cancelled. Returns whether the fence changed.
+pub(crate) fn order_changed(hub: &Hub, order: &OrderView) -> bool {
     let geofences = hub.geofences();
-    Ok(geofences.sync_custom(custom) + geofences.sync_dropoffs(&open))
+    if order.state.is_final() {
+        return geofences.order_closed(order.order.as_str());
+    }
+    geofences.order_opened(&OpenDropoff {
+        order: order.order.as_str().to_owned(),
+        store: order.store.clone(),
+        fleet: order.fleet.clone(),
+        lat: f64::from(order.dropoff.lat_e7) * 1e-7,
+        lon: f64::from(order.dropoff.lon_e7) * 1e-7,
+        created_ms: order.created_ms,
+        carrier: order.vehicle.clone(),
+    })
+}
+
+/// An open order's drop-off as the engine takes it.
+fn open_dropoff(o: &OpenOrderDropoff) -> OpenDropoff {
+    OpenDropoff {
+        order: o.order.clone(),
+        store: o.store.clone(),
+        fleet: o.fleet.clone(),
+        lat: f64::from(o.lat_e7) * 1e-7,
+        lon: f64::from(o.lon_e7) * 1e-7,
+        created_ms: o.created_ms,
+        carrier: o.vehicle.as_deref().and_then(|v| VehicleId::new(v).ok()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::{OrderId, Position};
+
+    use super::*;
+    use crate::config::MqttEndpoint;
+    use crate::domain::HubParts;
+    use crate::domain::auth::Tokens;
+    use crate::domain::fleet::Fleet;
+    use crate::ingest::mqtt::{self, Session};
+    use crate::store::{NewOrder, Store, testing};
+
+    /// A hub on `store` with the default geofences; its MQTT client never connects (nothing
+    /// here publishes).
+    fn hub(store: Store) -> Arc<Hub> {
+        let endpoint = MqttEndpoint {
+            host: "127.0.0.1".into(),
+            port: 1,
+            credentials: None,
+            tls: None,
+        };
+        let (client, _eventloop) = mqtt::connect(
+            &endpoint,
+            "geofence-test",
+            Duration::from_secs(30),
+            Session::Events,
+        );
+        Arc::new(Hub::new(HubParts {
+            metrics: Arc::default(),
+            tokens: Tokens::new(&Tokens::demo_grants()).expect("tokens"),
+            fleet: Fleet::default(),
+            store,
+            mqtt: client,
+            command_timeout: Duration::from_secs(1),
+        }))
+    }
+
+    /// The drop-off fences, by id, with their carriers.
+    fn dropoffs(hub: &Hub) -> Vec<(String, Option<String>)> {
+        let fences = hub.geofences().list(|f| f.kind == FenceKind::Dropoff);
+        let engine = hub.geofences().engine();
+        fences
+            .iter()
+            .map(|f| {
+                let carrier = engine.carrier(&f.id).map(|v| v.as_str().to_owned());
+                (f.id.clone(), carrier)
+            })
+            .collect()
+    }
+
+    async fn place(store: &Store, order: &str) {
+        store
+            .create_order(&NewOrder {
+                order: OrderId::new(order).expect("valid"),
+                store: "store-1".into(),
+                fleet: FleetId::new("demo").expect("valid"),
+                customer: "c".into(),
+                pickup: Position::new(525_200_000, 134_050_000),
+                dropoff: Position::new(525_210_000, 134_060_000),
+            })
+            .await
+            .expect("placed");
+    }
+
+    fn fence(order: &str, carrier: Option<&str>) -> (String, Option<String>) {
+        (format!("dropoff:{order}"), carrier.map(str::to_owned))
+    }
+
+    #[tokio::test]
+    async fn own_order_changes_move_the_fence_at_once() {
+        let store = testing::sqlite().await;
+        let hub = hub(store.clone());
+        let id = OrderId::new("o-1").expect("valid");
+        let now = async || {
+            store
+                .order_summary(&id)
+                .await
+                .expect("read")
+                .expect("exists")
+        };
+        place(&store, "o-1").await;
+        assert!(order_changed(&hub, &now().await), "placed: a fence");
+        assert!(
+            !order_changed(&hub, &now().await),
+            "announced twice: as it was"
+        );
+        assert_eq!(dropoffs(&hub), [fence("o-1", None)]);
+        let vehicle = VehicleId::new("demo-0001").expect("valid");
+        store.assign(&id, &vehicle).await.expect("assigned");
+        assert!(order_changed(&hub, &now().await), "a carrier now");
+        assert_eq!(dropoffs(&hub), [fence("o-1", Some("demo-0001"))]);
+        store.cancel_order(&id, |_| true).await.expect("cancelled");
+        assert!(
+            order_changed(&hub, &now().await),
+            "cancelled: the fence goes"
+        );
+        assert!(dropoffs(&hub).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_store_sync_reads_what_changed_since_its_last_step() {
+        let store = testing::sqlite().await;
+        let hub = hub(store.clone());
+        let mut sync = StoreSync::default();
+        place(&store, "o-1").await;
+        assert_eq!(
+            sync.step(&hub).await.expect("first step: every open order"),
+            1
+        );
+        assert_eq!(sync.step(&hub).await.expect("step"), 0, "nothing new");
+        // Another writer places an order: the next step reads it.
+        place(&store, "o-2").await;
+        assert_eq!(sync.step(&hub).await.expect("step"), 1);
+        assert_eq!(dropoffs(&hub), [fence("o-1", None), fence("o-2", None)]);
+        // A change stamped a second before the last step began (a commit that came late, a
+        // clock a little behind) is still read.
+        let before = now_ms() - 1_000;
+        testing::restamp_order(&store, "o-1", "delivered", before).await;
+        assert_eq!(sync.step(&hub).await.expect("step"), 1);
+        assert_eq!(dropoffs(&hub), [fence("o-2", None)]);
+        // One stamped long before is not, until every open order is read again.
+        testing::restamp_order(&store, "o-2", "cancelled", 1).await;
+        assert_eq!(sync.step(&hub).await.expect("step"), 0);
+        assert_eq!(dropoffs(&hub), [fence("o-2", None)]);
+        sync.reconciled = Instant::now().checked_sub(RECONCILE_EVERY);
+        assert_eq!(sync.step(&hub).await.expect("step"), 1, "read again");
+        assert!(dropoffs(&hub).is_empty());
+    }
 }

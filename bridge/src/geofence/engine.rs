@@ -285,6 +285,11 @@ impl GeofenceEngine {
         }
     }
 
+    /// The vehicle holding the order of the drop-off fence `id`, if any.
+    pub fn carrier(&self, id: &str) -> Option<&VehicleId> {
+        self.carriers.get(id)
+    }
+
     /// Whether `vehicle` may enter `fence`: any fence of its fleet, but a drop-off fence
     /// only as the order's carrier.
     fn may_enter(&self, id: &str, fence: &Fence, vehicle: &VehicleId) -> bool {

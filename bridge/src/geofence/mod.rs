@@ -215,19 +215,26 @@ impl Geofences {
         self.engine().sync_kind(FenceKind::Custom, fences)
     }
 
-    /// An order was placed: its drop-off fence now (the periodic sync would add it too).
-    pub fn order_opened(&self, dropoff: &OpenDropoff) {
+    /// An order is open (placed, assigned, on its way): its drop-off fence is added, or
+    /// changed to `dropoff` with its carrier. Returns whether anything changed.
+    pub fn order_opened(&self, dropoff: &OpenDropoff) -> bool {
+        let fence = dropoff_fence(dropoff, self.options.dropoff_radius_m);
+        let id = fence.id.clone();
         let mut engine = self.engine();
-        engine.upsert(dropoff_fence(dropoff, self.options.dropoff_radius_m));
-        engine.set_carrier(
-            &format!("dropoff:{}", dropoff.order),
-            dropoff.carrier.clone(),
-        );
+        if engine.fence(&id).is_some_and(|f| *f == fence)
+            && engine.carrier(&id) == dropoff.carrier.as_ref()
+        {
+            return false;
+        }
+        engine.upsert(fence);
+        engine.set_carrier(&id, dropoff.carrier.clone());
+        true
     }
 
-    /// An order ended (delivered, cancelled): its drop-off fence goes now.
-    pub fn order_closed(&self, order: &str) {
-        self.engine().remove(&format!("dropoff:{order}"));
+    /// An order ended (delivered, cancelled): its drop-off fence goes. Returns whether it was
+    /// there.
+    pub fn order_closed(&self, order: &str) -> bool {
+        self.engine().remove(&format!("dropoff:{order}")).is_some()
     }
 
     /// The fences for which `wanted` holds, sorted by kind then id.
@@ -264,15 +271,20 @@ mod tests {
             fleet: fleet.clone(),
             location: [52.52, 13.405],
         }]);
-        geofences.order_opened(&OpenDropoff {
+        let mut dropoff = OpenDropoff {
             order: "o-1".into(),
             store: "store-1".into(),
             fleet: fleet.clone(),
             lat: 52.53,
             lon: 13.405,
             created_ms: 5,
-            carrier: Some(vehicle.clone()),
-        });
+            carrier: None,
+        };
+        assert!(geofences.order_opened(&dropoff));
+        assert!(!geofences.order_opened(&dropoff), "as it was");
+        dropoff.carrier = Some(vehicle.clone());
+        assert!(geofences.order_opened(&dropoff), "a carrier now");
+        assert!(!geofences.order_opened(&dropoff), "as it was");
         assert_eq!(geofences.list(|_| true).len(), 2);
         let hb = |lat: f64, ts_ms| Heartbeat {
             ts_ms,
@@ -293,7 +305,8 @@ mod tests {
             ("dropoff:o-1", Crossing::Enter, Some("o-1"))
         );
         assert!(geofences.evaluate().is_empty(), "nothing noted since");
-        geofences.order_closed("o-1");
+        assert!(geofences.order_closed("o-1"));
+        assert!(!geofences.order_closed("o-1"), "gone already");
         assert_eq!(geofences.list(|_| true).len(), 1);
     }
 }

@@ -41,6 +41,45 @@ pub struct OpenOrderDropoff {
     pub vehicle: Option<String>,
 }
 
+/// An order changed since a time, as it is now: its drop-off, and whether it is still open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropoffChange {
+    /// The order and its drop-off.
+    pub dropoff: OpenOrderDropoff,
+    /// Whether the order is neither delivered nor cancelled.
+    pub open: bool,
+}
+
+/// The columns of an order's drop-off as `open_dropoffs` and `dropoffs_changed_since` read
+/// them; the last is the order's state.
+type DropoffRow = (
+    String,
+    String,
+    String,
+    i32,
+    i32,
+    i64,
+    Option<String>,
+    String,
+);
+
+fn dropoff_from_row(
+    (order, store, fleet, lat_e7, lon_e7, created_ms, vehicle, state): DropoffRow,
+) -> Result<DropoffChange, StoreError> {
+    Ok(DropoffChange {
+        open: !matches!(state.as_str(), "delivered" | "cancelled"),
+        dropoff: OpenOrderDropoff {
+            fleet: parse_id("order fleet", &fleet)?,
+            order,
+            store,
+            lat_e7,
+            lon_e7,
+            created_ms: from_db(created_ms),
+            vehicle,
+        },
+    })
+}
+
 type FenceRow = (String, String, String, String, i64);
 
 fn fence_from_row(
@@ -151,28 +190,35 @@ impl Store {
     /// # Errors
     /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] for a bad fleet.
     pub async fn open_dropoffs(&self) -> Result<Vec<OpenOrderDropoff>, StoreError> {
-        type Row = (String, String, String, i32, i32, i64, Option<String>);
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT order_id, store, fleet, dropoff_lat_e7, dropoff_lon_e7, created_ms, vehicle \
-             FROM orders WHERE state NOT IN ('delivered', 'cancelled') ORDER BY order_id",
+        let rows: Vec<DropoffRow> = sqlx::query_as(
+            "SELECT order_id, store, fleet, dropoff_lat_e7, dropoff_lon_e7, created_ms, vehicle, \
+             state FROM orders WHERE state NOT IN ('delivered', 'cancelled') ORDER BY order_id",
         )
         .fetch_all(&self.read)
         .await?;
         rows.into_iter()
-            .map(
-                |(order, store, fleet, lat_e7, lon_e7, created_ms, vehicle)| {
-                    Ok(OpenOrderDropoff {
-                        fleet: parse_id("order fleet", &fleet)?,
-                        order,
-                        store,
-                        lat_e7,
-                        lon_e7,
-                        created_ms: from_db(created_ms),
-                        vehicle,
-                    })
-                },
-            )
+            .map(|row| dropoff_from_row(row).map(|change| change.dropoff))
             .collect()
+    }
+
+    /// The orders whose last change was at or after `since_ms` (`updated_ms`, the clock of the
+    /// bridge that made it), open or not, in no order: what to bring the drop-off fences in
+    /// step with between two reads of every open order. Read through `orders_by_updated`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] for a bad fleet.
+    pub async fn dropoffs_changed_since(
+        &self,
+        since_ms: u64,
+    ) -> Result<Vec<DropoffChange>, StoreError> {
+        let rows: Vec<DropoffRow> = sqlx::query_as(
+            "SELECT order_id, store, fleet, dropoff_lat_e7, dropoff_lon_e7, created_ms, vehicle, \
+             state FROM orders WHERE updated_ms >= $1",
+        )
+        .bind(to_db(since_ms))
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter().map(dropoff_from_row).collect()
     }
 }
 
@@ -242,6 +288,38 @@ mod tests {
                 .expect("deliver");
             let open = store.open_dropoffs().await.expect("open");
             assert_eq!(open.iter().map(|o| o.order.as_str()).collect::<Vec<_>>(), ["o-2"]);
+        }
+    }
+
+    on_each_backend! {
+        /// The orders changed at or after a time are read with their drop-offs, closed ones
+        /// too (their fences go); those changed before it are not.
+        async fn dropoffs_changed_since_include_closed_orders(store) {
+            for (id, lat_e7) in [("o-1", 525_210_000), ("o-2", 525_220_000), ("o-3", 525_230_000)] {
+                store.create_order(&NewOrder {
+                    order: OrderId::new(id).expect("valid"),
+                    store: "store-1".into(),
+                    fleet: FleetId::new("demo").expect("valid"),
+                    customer: "c".into(),
+                    pickup: Position::new(525_200_000, 134_050_000),
+                    dropoff: Position::new(lat_e7, 134_060_000),
+                }).await.expect("create");
+            }
+            for (id, updated_ms, state) in [("o-1", 1_000_i64, "created"), ("o-2", 2_000, "delivered"), ("o-3", 3_000, "created")] {
+                sqlx::query("UPDATE orders SET updated_ms = $1, state = $2 WHERE order_id = $3")
+                    .bind(updated_ms)
+                    .bind(state)
+                    .bind(id)
+                    .execute(&store.write)
+                    .await
+                    .expect("change");
+            }
+            let mut changed = store.dropoffs_changed_since(2_000).await.expect("changed");
+            changed.sort_by(|a, b| a.dropoff.order.cmp(&b.dropoff.order));
+            let seen: Vec<(&str, bool, i32)> = changed.iter().map(|c| (c.dropoff.order.as_str(), c.open, c.dropoff.lat_e7)).collect();
+            assert_eq!(seen, [("o-2", false, 525_220_000), ("o-3", true, 525_230_000)]);
+            assert_eq!((changed[1].dropoff.store.as_str(), changed[1].dropoff.fleet.as_str(), changed[1].dropoff.lon_e7), ("store-1", "demo", 134_060_000));
+            assert!(store.dropoffs_changed_since(3_001).await.expect("changed").is_empty());
         }
     }
 }

@@ -23,7 +23,8 @@
 //!   (`Store::park`, `Store::parked_of`, `Store::unpark`, `Store::expire_parked`).
 //! - `track`: the heartbeat history ([`Store::record_heartbeats`], `Store::track`).
 //! - `geofence`: custom geofences ([`StoredFence`], `Store::geofences`) and the drop-offs of
-//!   open orders ([`Store::open_dropoffs`]) that become automatic fences.
+//!   open orders ([`Store::open_dropoffs`], and those changed since a time:
+//!   [`Store::dropoffs_changed_since`]) that become automatic fences.
 //! - `writer`: `HeartbeatWriter`, a task that batches heartbeats off the MQTT path.
 //! - `health`: `StoreHealth`, whether the store can write, as its writes show it (for
 //!   `/readyz` and `/metrics`); [`StoreError::is_outage`] tells an outage from refused data.
@@ -65,7 +66,7 @@ pub use database::Store;
 #[cfg(test)]
 pub(crate) use database::in_memory;
 pub use error::StoreError;
-pub use geofence::{OpenOrderDropoff, StoredFence};
+pub use geofence::{DropoffChange, OpenOrderDropoff, StoredFence};
 pub use group::{GroupStats, Recorded};
 pub(crate) use health::StoreHealth;
 pub use options::{StoreOptions, Synchronous};

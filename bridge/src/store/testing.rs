@@ -58,3 +58,15 @@ macro_rules! on_each_backend {
     };
 }
 pub(crate) use on_each_backend;
+
+/// Sets order `order`'s state and the stamp of its last change directly, as another bridge
+/// (whose clock may differ) or a hand-written `UPDATE` would.
+pub(crate) async fn restamp_order(store: &Store, order: &str, state: &str, updated_ms: u64) {
+    sqlx::query("UPDATE orders SET state = $1, updated_ms = $2 WHERE order_id = $3")
+        .bind(state)
+        .bind(super::backend::to_db(updated_ms))
+        .bind(order)
+        .execute(&store.write)
+        .await
+        .expect("the order is changed");
+}
