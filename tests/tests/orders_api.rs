@@ -5,7 +5,8 @@
 //! vehicle (`CancelOrder`, acked) and frees it for the next order; a dispatcher reassigns an
 //! order to the vehicle it chooses; every state change reaches the right sockets as an `order`
 //! event, in order; an order stuck on a vehicle whose simulator was killed is offered again
-//! after `--orders-reoffer-after-ms`.
+//! after `--orders-reoffer-after-ms`; an order waiting behind more than a page of another
+//! fleet's orders is offered once its own fleet has a free vehicle.
 
 use std::time::Duration;
 
@@ -465,6 +466,48 @@ async fn an_order_on_a_vehicle_that_went_offline_is_offered_again() -> anyhow::R
         vendor.states_of("e-1"),
         ["created", "assigned", "created", "assigned"]
     );
+    sim.terminate(WAIT).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_waiting_behind_another_fleets_backlog_is_offered_when_its_fleet_has_a_vehicle()
+-> anyhow::Result<()> {
+    let (bridge, _config) = orders_bridge().await?;
+    let mut vendor =
+        OrderEvents::new(SioClient::connect_with_token(&bridge.url(), "/vendor", STORE_E).await?);
+    // More than a page (64) of `demo` orders wait first, with no `demo` vehicle anywhere.
+    for k in 0..70 {
+        let (status, placed) = bridge
+            .post_json(
+                "/api/orders",
+                STORE_A,
+                &order(&format!("backlog-{k:02}"), k),
+            )
+            .await?;
+        assert_eq!(
+            (status, &placed["vehicle"]),
+            (201, &Value::Null),
+            "{placed}"
+        );
+    }
+    let (status, placed) = bridge
+        .post_json("/api/orders", STORE_E, &order("e-late", 1))
+        .await?;
+    assert_eq!(
+        (status, &placed["vehicle"]),
+        (201, &Value::Null),
+        "{placed}"
+    );
+    // An `east` vehicle comes online: the assigner finds e-late behind the backlog it skips.
+    let mut sim = start_sim(bridge.mqtt, 1, "east", &["--rate", "2", "--seed", "6"])?;
+    let assigned = vendor.until("e-late", "assigned").await?;
+    assert_eq!(assigned["vehicle"], "east-0001", "{assigned}");
+    let (_, view) = bridge
+        .get_json("/api/orders?state=created&limit=100", Some(DEMO_DESK))
+        .await?;
+    let waiting = view["orders"].as_array().map_or(0, Vec::len);
+    assert_eq!(waiting, 70, "the backlog still waits: {view}");
     sim.terminate(WAIT).await?;
     Ok(())
 }

@@ -591,33 +591,35 @@ impl Hub {
 
     /// Offers every unassigned order (oldest first, read in pages) to free vehicles once
     /// more; returns how many found a vehicle. Run periodically: orders placed while every
-    /// vehicle was busy are carried as vehicles become free. A fleet found without a free
-    /// vehicle is skipped for the rest of the round, so orders of a fleet with no vehicle to
-    /// spare neither hold up other fleets' nor cost a look at the fleet each.
+    /// vehicle was busy are carried as vehicles become free. Only the fleets with a free
+    /// vehicle now are looked at, and the round ends once none has one left: orders waiting
+    /// in a fleet with no vehicle to spare (all busy, or all offline overnight) cost one read
+    /// of the waiting fleets per round, not a read of every waiting order.
     ///
     /// # Errors
     /// [`StoreError`] if the orders cannot be read.
     pub(crate) async fn assign_waiting(&self) -> Result<usize, StoreError> {
         const PAGE: u32 = 64;
+        let mut spare: HashSet<FleetId> = HashSet::new();
+        for fleet in self.store.waiting_fleets().await? {
+            if !self.free_vehicles_of(&fleet).await?.is_empty() {
+                spare.insert(fleet);
+            }
+        }
         let mut assigned = 0;
-        let mut exhausted: HashSet<FleetId> = HashSet::new();
         let mut last: Option<(u64, OrderId)> = None;
-        loop {
+        while !spare.is_empty() {
             let page = self
                 .store
                 .unassigned_orders(last.as_ref().map(|(ms, id)| (*ms, id)), PAGE)
                 .await?;
             let full = page.len() == PAGE as usize;
             for (_, waiting) in &page {
-                if exhausted.contains(&waiting.fleet) {
+                if !spare.contains(&waiting.fleet) {
                     continue;
                 }
-                if self
-                    .free_vehicles(&waiting.fleet, waiting.pickup)
-                    .await?
-                    .is_empty()
-                {
-                    exhausted.insert(waiting.fleet.clone());
+                if self.free_vehicles_of(&waiting.fleet).await?.is_empty() {
+                    spare.remove(&waiting.fleet);
                     continue;
                 }
                 if self.assign(waiting).await?.is_some() {
@@ -632,19 +634,32 @@ impl Hub {
         Ok(assigned)
     }
 
-    /// Free vehicles of `fleet` (online, with a position, no undelivered order), nearest to
-    /// `pickup` first.
+    /// Free vehicles of `fleet` (online, with a position, no undelivered order), with their
+    /// positions, by id.
+    async fn free_vehicles_of(
+        &self,
+        fleet: &FleetId,
+    ) -> Result<Vec<(Position, VehicleId)>, StoreError> {
+        let busy = self.store.busy_vehicles(fleet).await?;
+        Ok(self
+            .snapshot(|f, _| f == fleet)
+            .into_iter()
+            .filter(|v| v.status.liveness == Liveness::Online && !busy.contains(&v.status.vehicle))
+            .filter_map(|v| Some((v.heartbeat?.pos, v.status.vehicle)))
+            .collect())
+    }
+
+    /// Free vehicles of `fleet` ([`Hub::free_vehicles_of`]), nearest to `pickup` first.
     async fn free_vehicles(
         &self,
         fleet: &FleetId,
         pickup: Position,
     ) -> Result<Vec<(f64, VehicleId)>, StoreError> {
-        let busy = self.store.busy_vehicles(fleet).await?;
         let mut candidates: Vec<(f64, VehicleId)> = self
-            .snapshot(|f, _| f == fleet)
+            .free_vehicles_of(fleet)
+            .await?
             .into_iter()
-            .filter(|v| v.status.liveness == Liveness::Online && !busy.contains(&v.status.vehicle))
-            .filter_map(|v| Some((distance_m(v.heartbeat?.pos, pickup), v.status.vehicle)))
+            .map(|(pos, vehicle)| (distance_m(pos, pickup), vehicle))
             .collect();
         candidates.sort_by(|a, b| a.0.total_cmp(&b.0));
         Ok(candidates)

@@ -80,6 +80,13 @@ fn dropoff_from_row(
     })
 }
 
+/// The orders changed since `$1` (`Store::dropoffs_changed_since`): every state is named, so
+/// that both engines read one range of `orders_by_updated (state, updated_ms, order_id)` per
+/// state rather than every order.
+const CHANGED_DROPOFFS: &str = "SELECT order_id, store, fleet, dropoff_lat_e7, dropoff_lon_e7, \
+     created_ms, vehicle, state FROM orders WHERE state IN ('created', 'assigned', 'picked-up', \
+     'in-transit', 'delivered', 'cancelled') AND updated_ms >= $1";
+
 type FenceRow = (String, String, String, String, i64);
 
 fn fence_from_row(
@@ -203,7 +210,8 @@ impl Store {
 
     /// The orders whose last change was at or after `since_ms` (`updated_ms`, the clock of the
     /// bridge that made it), open or not, in no order: what to bring the drop-off fences in
-    /// step with between two reads of every open order. Read through `orders_by_updated`.
+    /// step with between two reads of every open order. Read through `orders_by_updated`
+    /// (state, updated_ms), one range per state.
     ///
     /// # Errors
     /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] for a bad fleet.
@@ -211,13 +219,10 @@ impl Store {
         &self,
         since_ms: u64,
     ) -> Result<Vec<DropoffChange>, StoreError> {
-        let rows: Vec<DropoffRow> = sqlx::query_as(
-            "SELECT order_id, store, fleet, dropoff_lat_e7, dropoff_lon_e7, created_ms, vehicle, \
-             state FROM orders WHERE updated_ms >= $1",
-        )
-        .bind(to_db(since_ms))
-        .fetch_all(&self.read)
-        .await?;
+        let rows: Vec<DropoffRow> = sqlx::query_as(CHANGED_DROPOFFS)
+            .bind(to_db(since_ms))
+            .fetch_all(&self.read)
+            .await?;
         rows.into_iter().map(dropoff_from_row).collect()
     }
 }
@@ -321,5 +326,16 @@ mod tests {
             assert_eq!((changed[1].dropoff.store.as_str(), changed[1].dropoff.fleet.as_str(), changed[1].dropoff.lon_e7), ("store-1", "demo", 134_060_000));
             assert!(store.dropoffs_changed_since(3_001).await.expect("changed").is_empty());
         }
+    }
+
+    /// The read of changes is a range per state in an index, not a scan of every order.
+    #[tokio::test]
+    async fn dropoffs_changed_since_read_a_range() {
+        let store = crate::store::testing::sqlite().await;
+        let plan = crate::store::testing::sqlite_plan(&store, CHANGED_DROPOFFS, &[Ok(1)]).await;
+        assert!(
+            plan.contains("orders_by_updated (state=? AND updated_ms>?)"),
+            "{plan}"
+        );
     }
 }

@@ -188,6 +188,21 @@ fn event_entry(row: EventRow) -> Result<TimelineEntry, StoreError> {
     })
 }
 
+/// A page of the orders the re-offer looks at ([`Store::assigned_orders`]): the page starts
+/// where the last one ended, as a range on `(updated_ms, order_id)`, so that a round over N
+/// assigned orders reads N rows, not N²/page from the first one each time.
+pub(super) const ASSIGNED_PAGE: &str = "SELECT order_id, fleet, vehicle, updated_ms FROM orders \
+     WHERE state = 'assigned' AND updated_ms <= $1 AND (updated_ms, order_id) > ($2, $3) \
+     ORDER BY updated_ms, order_id LIMIT $4";
+
+/// A page of the orders waiting for a vehicle ([`Store::unassigned_orders`]), oldest first,
+/// from where the last page ended: a range on `orders_by_state (state, created_ms,
+/// order_id)`, as [`ASSIGNED_PAGE`].
+pub(super) const UNASSIGNED_PAGE: &str = "SELECT order_id, fleet, pickup_lat_e7, \
+     pickup_lon_e7, dropoff_lat_e7, dropoff_lon_e7, created_ms FROM orders \
+     WHERE state = 'created' AND (created_ms, order_id) > ($1, $2) \
+     ORDER BY created_ms, order_id LIMIT $3";
+
 impl Store {
     /// Creates an order in state `created`. Idempotent per order id: creating it again with
     /// the same content returns the order as it is now (`created: false`).
@@ -568,18 +583,13 @@ impl Store {
     ) -> Result<Vec<AssignedOrder>, StoreError> {
         let (after_ms, after_id) =
             after.map_or((-1, ""), |a| (to_db(a.updated_ms), a.order.as_str()));
-        let rows: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(
-            "SELECT order_id, fleet, vehicle, updated_ms FROM orders \
-             WHERE state = 'assigned' AND updated_ms <= $1 \
-             AND (updated_ms > $2 OR (updated_ms = $2 AND order_id > $3)) \
-             ORDER BY updated_ms, order_id LIMIT $4",
-        )
-        .bind(to_db(changed_by_ms))
-        .bind(after_ms)
-        .bind(after_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await?;
+        let rows: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(ASSIGNED_PAGE)
+            .bind(to_db(changed_by_ms))
+            .bind(after_ms)
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await?;
         rows.into_iter()
             .filter_map(|(order, fleet, vehicle, updated)| {
                 let vehicle = vehicle?;
@@ -682,17 +692,12 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<(u64, WaitingOrder)>, StoreError> {
         let (after_ms, after_id) = after.map_or((-1, ""), |(ms, id)| (to_db(ms), id.as_str()));
-        let rows: Vec<(String, String, i32, i32, i32, i32, i64)> = sqlx::query_as(
-            "SELECT order_id, fleet, pickup_lat_e7, pickup_lon_e7, dropoff_lat_e7, dropoff_lon_e7, \
-             created_ms FROM orders WHERE state = 'created' \
-             AND (created_ms > $1 OR (created_ms = $1 AND order_id > $2)) \
-             ORDER BY created_ms, order_id LIMIT $3",
-        )
-        .bind(after_ms)
-        .bind(after_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await?;
+        let rows: Vec<(String, String, i32, i32, i32, i32, i64)> = sqlx::query_as(UNASSIGNED_PAGE)
+            .bind(after_ms)
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await?;
         rows.into_iter()
             .map(|(order, fleet, plat, plon, dlat, dlon, created)| {
                 Ok((
@@ -706,6 +711,20 @@ impl Store {
                 ))
             })
             .collect()
+    }
+
+    /// The fleets with orders waiting for a vehicle (state `created`), in no order: the
+    /// assigner looks for free vehicles in these before it reads a page of orders.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] if a stored id is
+    /// invalid.
+    pub(crate) async fn waiting_fleets(&self) -> Result<Vec<FleetId>, StoreError> {
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT fleet FROM orders WHERE state = 'created'")
+                .fetch_all(&self.read)
+                .await?;
+        rows.iter().map(|f| parse_id("order fleet", f)).collect()
     }
 
     /// Records a delivery event that `vehicle` of `fleet` reported, exactly once, in one

@@ -70,3 +70,20 @@ pub(crate) async fn restamp_order(store: &Store, order: &str, state: &str, updat
         .await
         .expect("the order is changed");
 }
+
+/// SQLite's plan for `sql` with `binds` (i64 or text), one line per step.
+pub(crate) async fn sqlite_plan(store: &Store, sql: &str, binds: &[Result<i64, &str>]) -> String {
+    let explain = format!("EXPLAIN QUERY PLAN {sql}");
+    let mut query = sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(explain));
+    for bind in binds {
+        query = match bind {
+            Ok(n) => query.bind(*n),
+            Err(text) => query.bind(*text),
+        };
+    }
+    let rows = query.fetch_all(&store.read).await.expect("explained");
+    rows.into_iter()
+        .map(|(_, _, _, detail)| detail)
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -1016,3 +1016,24 @@ async fn list_queries_use_their_indexes() {
         );
     }
 }
+
+/// A page of waiting or assigned orders starts where the last one ended, by a range in an
+/// index: the assigner's round over N orders reads N rows, not N²/page (it read every
+/// earlier order again for each page: a core busy with 32,000 orders waiting).
+#[tokio::test]
+async fn order_pages_start_where_the_last_ended() {
+    let store = testing::sqlite().await;
+    let waiting = testing::sqlite_plan(&store, UNASSIGNED_PAGE, &[Ok(1), Err("o-1"), Ok(64)]).await;
+    assert!(
+        waiting.contains("orders_by_state (state=? AND (created_ms,order_id)>(?,?))"),
+        "{waiting}"
+    );
+    let assigned =
+        testing::sqlite_plan(&store, ASSIGNED_PAGE, &[Ok(9), Ok(1), Err("o-1"), Ok(256)]).await;
+    assert!(
+        assigned.contains(
+            "orders_by_updated (state=? AND (updated_ms,order_id)>(?,?) AND updated_ms<?)"
+        ),
+        "{assigned}"
+    );
+}
