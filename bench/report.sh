@@ -27,7 +27,7 @@ template=$root/bench/BENCHMARKS.in.md
 # The release programs the sections run (copies; see main), and that directory as shown.
 bin=$report_dir/bin
 shown=${bin#"$root"/}
-sections=(broker store events geofence device-sim end-to-end stages profile cluster allocations page)
+sections=(broker store events idle geofence device-sim end-to-end stages profile cluster allocations page)
 
 usage() {
   sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -62,6 +62,14 @@ section_events() {
   echo
   "$bin"/eventbench --no-build --store postgres --vehicles 64 --events-per-vehicle 600 \
     --no-control
+}
+
+section_idle() {
+  echo '```sh'
+  echo "BIN=$shown bench/idle.sh 32000 30"
+  echo '```'
+  echo
+  BIN="$bin" bench/idle.sh 32000 30
 }
 
 section_geofence() {
