@@ -266,17 +266,21 @@ mod tests {
         }
     }
 
+    /// Order `id` of store-1 (fleet demo), its drop-off at `lat_e7`.
+    fn order(id: &str, lat_e7: i32) -> NewOrder {
+        NewOrder {
+            order: OrderId::new(id).expect("valid"),
+            store: "store-1".into(),
+            fleet: FleetId::new("demo").expect("valid"),
+            customer: "c".into(),
+            pickup: Position::new(525_200_000, 134_050_000),
+            dropoff: Position::new(lat_e7, 134_060_000),
+        }
+    }
+
     on_each_backend! {
         /// Open orders list their drop-offs; a delivered order does not.
         async fn open_dropoffs_follow_the_orders(store) {
-            let order = |id: &str, lat_e7: i32| NewOrder {
-                order: OrderId::new(id).expect("valid"),
-                store: "store-1".into(),
-                fleet: FleetId::new("demo").expect("valid"),
-                customer: "c".into(),
-                pickup: Position::new(525_200_000, 134_050_000),
-                dropoff: Position::new(lat_e7, 134_060_000),
-            };
             store.create_order(&order("o-1", 525_210_000)).await.expect("create");
             store.create_order(&order("o-2", 525_220_000)).await.expect("create");
             let open = store.open_dropoffs().await.expect("open");
@@ -301,14 +305,7 @@ mod tests {
         /// too (their fences go); those changed before it are not.
         async fn dropoffs_changed_since_include_closed_orders(store) {
             for (id, lat_e7) in [("o-1", 525_210_000), ("o-2", 525_220_000), ("o-3", 525_230_000)] {
-                store.create_order(&NewOrder {
-                    order: OrderId::new(id).expect("valid"),
-                    store: "store-1".into(),
-                    fleet: FleetId::new("demo").expect("valid"),
-                    customer: "c".into(),
-                    pickup: Position::new(525_200_000, 134_050_000),
-                    dropoff: Position::new(lat_e7, 134_060_000),
-                }).await.expect("create");
+                store.create_order(&order(id, lat_e7)).await.expect("create");
             }
             for (id, updated_ms, state) in [("o-1", 1_000_i64, "created"), ("o-2", 2_000, "delivered"), ("o-3", 3_000, "created")] {
                 sqlx::query("UPDATE orders SET updated_ms = $1, state = $2 WHERE order_id = $3")
