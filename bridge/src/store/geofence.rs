@@ -335,4 +335,19 @@ mod tests {
             "{plan}"
         );
     }
+
+    /// The same on PostgreSQL: the index can serve it (sequential scans off for the check).
+    #[tokio::test]
+    async fn dropoffs_changed_since_read_a_range_on_postgres() {
+        let store = crate::store::testing::postgres().await;
+        let plan = crate::store::testing::postgres_plan(&store, CHANGED_DROPOFFS, &[Ok(1)]).await;
+        // An index scan (plain or bitmap) of orders_by_updated, bounded by the time.
+        let bounded = plan
+            .lines()
+            .any(|l| l.contains("Index Cond") && l.contains("updated_ms >= "));
+        assert!(
+            plan.contains("Index Scan") && plan.contains("orders_by_updated") && bounded,
+            "{plan}"
+        );
+    }
 }

@@ -87,3 +87,31 @@ pub(crate) async fn sqlite_plan(store: &Store, sql: &str, binds: &[Result<i64, &
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// PostgreSQL's plan for `sql` with `binds`, sequential scans switched off for the session so
+/// that the plan shows whether an index can serve the statement at all (on a small test
+/// table the planner would rightly scan it).
+pub(crate) async fn postgres_plan(store: &Store, sql: &str, binds: &[Result<i64, &str>]) -> String {
+    let mut connection = store.read.acquire().await.expect("a connection");
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *connection)
+        .await
+        .expect("set");
+    let explain = format!("EXPLAIN {sql}");
+    let mut query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(explain));
+    for bind in binds {
+        query = match bind {
+            Ok(n) => query.bind(*n),
+            Err(text) => query.bind(*text),
+        };
+    }
+    let rows = query.fetch_all(&mut *connection).await.expect("explained");
+    sqlx::query("RESET enable_seqscan")
+        .execute(&mut *connection)
+        .await
+        .expect("reset");
+    rows.into_iter()
+        .map(|(line,)| line)
+        .collect::<Vec<_>>()
+        .join("\n")
+}

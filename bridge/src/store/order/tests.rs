@@ -1037,3 +1037,23 @@ async fn order_pages_start_where_the_last_ended() {
         "{assigned}"
     );
 }
+
+/// The same on PostgreSQL: an index serves each page, from where the last one ended.
+#[tokio::test]
+async fn order_pages_start_where_the_last_ended_on_postgres() {
+    let store = testing::postgres().await;
+    let waiting =
+        testing::postgres_plan(&store, UNASSIGNED_PAGE, &[Ok(1), Err("o-1"), Ok(64)]).await;
+    let assigned =
+        testing::postgres_plan(&store, ASSIGNED_PAGE, &[Ok(9), Ok(1), Err("o-1"), Ok(256)]).await;
+    assert!(
+        waiting.contains("Index Scan using orders_by_state")
+            && waiting.contains("ROW(created_ms, order_id) > ROW("),
+        "{waiting}"
+    );
+    assert!(
+        assigned.contains("Index Scan using orders_by_updated")
+            && assigned.contains("ROW(updated_ms, order_id) > ROW("),
+        "{assigned}"
+    );
+}
