@@ -2,7 +2,7 @@
 //! credentials subcommands, `/metrics`, and a graceful stop on SIGTERM and SIGINT.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -45,12 +45,18 @@ fn run(cmd: &mut Command) -> Output {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Two different free loopback ports, below the kernel's ephemeral range
+/// (`testengines::port`). Two ports taken from port 0 one after the other can be the same
+/// one: the first is released before the second is bound (the broker then refused the
+/// configuration, `metrics_listen` equal to the MQTT listener, once in CI).
+fn two_free_ports() -> (u16, u16) {
+    let first = testengines::port::free_port().unwrap();
+    loop {
+        let second = testengines::port::free_port().unwrap();
+        if second != first {
+            return (first, second);
+        }
+    }
 }
 
 /// A fresh temporary directory (removed when dropped).
@@ -177,8 +183,9 @@ struct Running {
 
 impl Running {
     fn start() -> Running {
-        let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let (mqtt, metrics) = two_free_ports();
+        let mqtt = SocketAddr::from(([127, 0, 0, 1], mqtt));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], metrics));
         let dir = temp_dir();
         let mut child = broker(&dir)
             .args(["--listen", &mqtt.to_string(), "--listen-v5", "off"])
