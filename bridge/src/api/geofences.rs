@@ -21,14 +21,14 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
-use shared::{FleetId, VehicleId};
+use shared::{FleetId, Position, VehicleId};
 use socketioxide::adapter::Adapter;
 
 use super::state::HttpState;
 use crate::clock::now_ms;
 use crate::domain::Hub;
 use crate::domain::auth::{AuthError, Entrance, Grant, Role};
-use crate::geofence::{Fence, FenceKind, OpenDropoff, Shape};
+use crate::geofence::{Fence, FenceKind, OpenDropoff, Shape, degrees};
 use crate::metrics::Counter;
 use crate::store::{OpenOrderDropoff, OrderView, StoreError, StoredFence};
 use crate::view::geofence::{FenceView, changed};
@@ -410,12 +410,13 @@ pub(crate) fn order_changed(hub: &Hub, order: &OrderView) -> bool {
     if order.state.is_final() {
         return geofences.order_closed(order.order.as_str());
     }
+    let (lat, lon) = degrees(order.dropoff);
     geofences.order_opened(&OpenDropoff {
         order: order.order.as_str().to_owned(),
         store: order.store.clone(),
         fleet: order.fleet.clone(),
-        lat: f64::from(order.dropoff.lat_e7) * 1e-7,
-        lon: f64::from(order.dropoff.lon_e7) * 1e-7,
+        lat,
+        lon,
         created_ms: order.created_ms,
         carrier: order.vehicle.clone(),
     })
@@ -423,12 +424,13 @@ pub(crate) fn order_changed(hub: &Hub, order: &OrderView) -> bool {
 
 /// An open order's drop-off as the engine takes it.
 fn open_dropoff(o: &OpenOrderDropoff) -> OpenDropoff {
+    let (lat, lon) = degrees(Position::new(o.lat_e7, o.lon_e7));
     OpenDropoff {
         order: o.order.clone(),
         store: o.store.clone(),
         fleet: o.fleet.clone(),
-        lat: f64::from(o.lat_e7) * 1e-7,
-        lon: f64::from(o.lon_e7) * 1e-7,
+        lat,
+        lon,
         created_ms: o.created_ms,
         carrier: o.vehicle.as_deref().and_then(|v| VehicleId::new(v).ok()),
     }
@@ -436,7 +438,7 @@ fn open_dropoff(o: &OpenOrderDropoff) -> OpenDropoff {
 
 #[cfg(test)]
 mod tests {
-    use shared::{OrderId, Position};
+    use shared::OrderId;
 
     use super::*;
     use crate::config::MqttEndpoint;

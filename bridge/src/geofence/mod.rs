@@ -23,7 +23,7 @@ mod shape;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use shared::{FleetId, Heartbeat, VehicleId};
+use shared::{FleetId, Heartbeat, Position, VehicleId};
 
 pub use engine::{Crossing, Fence, FenceKind, GeofenceEngine, Sighting, Transition};
 pub use shape::{Geometry, MAX_POINTS, MAX_RADIUS_M, Shape, ShapeError};
@@ -82,6 +82,11 @@ pub struct OpenDropoff {
     pub created_ms: u64,
     /// The vehicle holding it, if any: the only one that enters its fence.
     pub carrier: Option<VehicleId>,
+}
+
+/// `pos` in degrees, `(lat, lon)`: what fences and sightings are measured in.
+pub fn degrees(pos: Position) -> (f64, f64) {
+    (f64::from(pos.lat_e7) * 1e-7, f64::from(pos.lon_e7) * 1e-7)
 }
 
 /// The automatic fence of a store: `store:{store}`, a circle of `radius_m`.
@@ -160,11 +165,12 @@ impl Geofences {
 
     /// Notes a heartbeat of `vehicle` for the next evaluation; a newer one replaces it.
     pub fn note(&self, fleet: &FleetId, vehicle: &VehicleId, heartbeat: &Heartbeat) {
+        let (lat, lon) = degrees(heartbeat.pos);
         let sighting = Sighting {
             vehicle: vehicle.clone(),
             fleet: fleet.clone(),
-            lat: f64::from(heartbeat.pos.lat_e7) * 1e-7,
-            lon: f64::from(heartbeat.pos.lon_e7) * 1e-7,
+            lat,
+            lon,
             ts_ms: heartbeat.ts_ms,
         };
         let mut noted = self.noted.lock().unwrap_or_else(PoisonError::into_inner);

@@ -74,13 +74,11 @@ pub(crate) async fn restamp_order(store: &Store, order: &str, state: &str, updat
 /// SQLite's plan for `sql` with `binds` (i64 or text), one line per step.
 pub(crate) async fn sqlite_plan(store: &Store, sql: &str, binds: &[Result<i64, &str>]) -> String {
     let explain = format!("EXPLAIN QUERY PLAN {sql}");
-    let mut query = sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(explain));
-    for bind in binds {
-        query = match bind {
-            Ok(n) => query.bind(*n),
-            Err(text) => query.bind(*text),
-        };
-    }
+    let query = sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(explain));
+    let query = binds.iter().fold(query, |q, bind| match bind {
+        Ok(n) => q.bind(*n),
+        Err(text) => q.bind(*text),
+    });
     let rows = query.fetch_all(&store.read).await.expect("explained");
     rows.into_iter()
         .map(|(_, _, _, detail)| detail)
@@ -98,13 +96,11 @@ pub(crate) async fn postgres_plan(store: &Store, sql: &str, binds: &[Result<i64,
         .await
         .expect("set");
     let explain = format!("EXPLAIN {sql}");
-    let mut query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(explain));
-    for bind in binds {
-        query = match bind {
-            Ok(n) => query.bind(*n),
-            Err(text) => query.bind(*text),
-        };
-    }
+    let query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(explain));
+    let query = binds.iter().fold(query, |q, bind| match bind {
+        Ok(n) => q.bind(*n),
+        Err(text) => q.bind(*text),
+    });
     let rows = query.fetch_all(&mut *connection).await.expect("explained");
     sqlx::query("RESET enable_seqscan")
         .execute(&mut *connection)
