@@ -49,7 +49,8 @@
 //! - `network`: the socket (plain or TLS), its buffers and rumqttd's codec, with packet size
 //!   limits;
 //! - `rate`: the publish and subscribe rate limits;
-//! - `pending`: the bound on connections that have not sent CONNECT yet.
+//! - `pending`: the bound on connections that have not sent CONNECT yet;
+//! - `seldom`: the loop's cancellations, polled only when they fire.
 
 mod acknowledge;
 mod front_end;
@@ -60,6 +61,7 @@ mod network;
 mod outbound;
 pub(crate) mod pending;
 mod rate;
+mod seldom;
 mod session;
 
 use std::net::SocketAddr;
