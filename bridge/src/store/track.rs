@@ -64,8 +64,9 @@ const COLUMNS: &str = "vehicle, fleet, seq, ts_ms, lat_e7, lon_e7, speed_cm_s, h
                        battery_pct, flags, received_ms";
 const COLUMN_COUNT: usize = 11;
 
-/// Rows per multi-row `INSERT`: large enough that a statement's overhead is spread thin, small
-/// enough to stay far below SQLite's limit of bound parameters (32766).
+/// Rows per multi-row `INSERT` at most: large enough that a statement's overhead is spread
+/// thin, small enough to stay far below SQLite's limit of bound parameters (32766). A power of
+/// two (see [`pieces`]).
 const CHUNK: usize = 256;
 
 /// `INSERT INTO heartbeats (...) VALUES (?, ..., ?), (?, ...), ...` for `rows` rows (`$1`,
@@ -94,10 +95,34 @@ fn insert_sql(backend: Backend, rows: usize) -> String {
     sql
 }
 
-/// The statements for a full chunk, built once so that each is prepared once per connection.
-static INSERT_CHUNK_SQLITE: LazyLock<String> = LazyLock::new(|| insert_sql(Backend::Sqlite, CHUNK));
-static INSERT_CHUNK_POSTGRES: LazyLock<String> =
-    LazyLock::new(|| insert_sql(Backend::Postgres, CHUNK));
+/// The statements for every piece size, 1, 2, 4, ... [`CHUNK`] rows (index: the size's
+/// log2), built once: each is prepared once per connection and then found in its statement
+/// cache, whatever the size of the batch.
+static INSERTS_SQLITE: LazyLock<Vec<String>> = LazyLock::new(|| inserts(Backend::Sqlite));
+static INSERTS_POSTGRES: LazyLock<Vec<String>> = LazyLock::new(|| inserts(Backend::Postgres));
+
+fn inserts(backend: Backend) -> Vec<String> {
+    (0..=CHUNK.ilog2())
+        .map(|log2| insert_sql(backend, 1 << log2))
+        .collect()
+}
+
+/// `rows` cut, in order, into pieces of [`CHUNK`] rows and then of the powers of two that
+/// make up the rest, largest first (300 rows: 256, 32, 8 and 4): every piece has a statement
+/// of its own size that stays prepared, where one statement for the rest (a new size nearly
+/// every batch) would be parsed and planned for each batch and dropped.
+fn pieces<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        let len = rest.len();
+        if len == 0 {
+            return None;
+        }
+        let (piece, tail) = rest.split_at(CHUNK.min(1 << len.ilog2()));
+        rest = tail;
+        Some(piece)
+    })
+}
 
 type Row = (String, String, i64, i64, i32, i32, i32, i32, i16, i16, i64);
 
@@ -122,21 +147,22 @@ fn bind_rows<'q>(
     query
 }
 
-async fn insert_chunk(
+/// Inserts one piece (see [`pieces`]: its length is a power of two, at most [`CHUNK`]).
+async fn insert_piece(
     backend: Backend,
     tx: &mut DbTx,
     rows: &[&HeartbeatRow],
 ) -> Result<(), StoreError> {
-    let query = if rows.len() == CHUNK {
-        sqlx::query(match backend {
-            Backend::Sqlite => INSERT_CHUNK_SQLITE.as_str(),
-            Backend::Postgres => INSERT_CHUNK_POSTGRES.as_str(),
-        })
-    } else {
-        // A one-off size: not worth a slot in the statement cache.
-        sqlx::query(sqlx::AssertSqlSafe(insert_sql(backend, rows.len()))).persistent(false)
+    debug_assert!(
+        rows.len().is_power_of_two() && rows.len() <= CHUNK,
+        "a piece"
+    );
+    let statements = match backend {
+        Backend::Sqlite => &INSERTS_SQLITE,
+        Backend::Postgres => &INSERTS_POSTGRES,
     };
-    bind_rows(query, rows).execute(&mut **tx).await?;
+    let sql = statements[rows.len().ilog2() as usize].as_str();
+    bind_rows(sqlx::query(sql), rows).execute(&mut **tx).await?;
     Ok(())
 }
 
@@ -181,8 +207,8 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.begin_write().await?;
-        for chunk in by_vehicle.chunks(CHUNK) {
-            insert_chunk(self.backend, &mut tx, chunk).await?;
+        for piece in pieces(by_vehicle) {
+            insert_piece(self.backend, &mut tx, piece).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -434,6 +460,32 @@ mod tests {
                 numbered(1 + COLUMN_COUNT)
             )
         );
+    }
+
+    #[test]
+    fn a_batch_is_cut_into_pieces_of_the_prepared_sizes() {
+        for len in [0, 1, 2, 3, 7, 255, 256, 257, 300, 600, 1_000] {
+            let rows: Vec<usize> = (0..len).collect();
+            let cut: Vec<&[usize]> = pieces(&rows).collect();
+            assert_eq!(cut.concat(), rows, "{len}: in order, every row once");
+            assert!(
+                cut.iter()
+                    .all(|p| p.len().is_power_of_two() && p.len() <= CHUNK),
+                "{len}: a prepared size each"
+            );
+            assert!(
+                cut.windows(2).all(|w| w[0].len() >= w[1].len()),
+                "{len}: largest first"
+            );
+        }
+        assert_eq!(
+            pieces(&[0u8; 300]).map(<[u8]>::len).collect::<Vec<_>>(),
+            [256, 32, 8, 4]
+        );
+        // One statement per size, each with its own number of rows.
+        let statements = inserts(Backend::Sqlite);
+        assert_eq!(statements.len(), 9);
+        assert_eq!(statements[3], insert_sql(Backend::Sqlite, 8));
     }
 
     #[test]
