@@ -33,7 +33,7 @@ use crate::api::{geofences, http, socket};
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::config::{BridgeConfig, MqttEndpoint, MqttTarget};
 use crate::domain::auth::{Grant, MetricsAccess, Tokens, parse_token_hash};
-use crate::domain::fleet::{ClusterPort, Fleet};
+use crate::domain::fleet::{ClusterPort, Fleet, TickNews};
 use crate::domain::{Hub, HubParts};
 use crate::error::BridgeError;
 use crate::geofence::{Geofences, StoreSite};
@@ -823,16 +823,18 @@ async fn ticker<A: Adapter>(
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut pace = Pace::new(Instant::now(), flush_at_once_below);
+    // Kept from flush to flush: its lists keep their room (see `emit::send_batches`).
+    let mut news = TickNews::default();
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
             _ = positions.tick() => {
-                let sent = emit::send_batches(&io, &hub, max_packet, true);
+                let sent = emit::send_batches(&io, &hub, &mut news, max_packet, true);
                 pace.flushed(sent, Instant::now());
             }
             () = hub.news() => {
                 if pace.at_once() {
-                    let sent = emit::send_batches(&io, &hub, max_packet, false);
+                    let sent = emit::send_batches(&io, &hub, &mut news, max_packet, false);
                     pace.flushed(sent, Instant::now());
                 }
             }

@@ -356,16 +356,37 @@ impl Fleet {
     }
 
     /// Takes the queued status changes, oldest first.
+    #[cfg(test)]
     pub(crate) fn take_statuses(&mut self) -> Vec<VehicleStatus> {
+        let mut out = Vec::new();
+        self.take_statuses_into(&mut out);
+        out
+    }
+
+    /// Takes the queued status changes, oldest first, into `out` (emptied first). The two
+    /// lists trade places, so each keeps its room for the next tick: a tick allocates neither.
+    pub(crate) fn take_statuses_into(&mut self, out: &mut Vec<VehicleStatus>) {
         self.merge_shared();
-        std::mem::take(&mut self.statuses)
+        out.clear();
+        std::mem::swap(out, &mut self.statuses);
     }
 
     /// Takes the vehicles that moved since the last call, each once with its latest
-    /// heartbeat. Visits only the vehicles that moved, not the whole fleet.
+    /// heartbeat.
+    #[cfg(test)]
     pub(crate) fn take_moved(&mut self) -> Vec<Moved> {
+        let mut out = Vec::new();
+        self.take_moved_into(&mut out);
+        out
+    }
+
+    /// Takes the vehicles that moved since the last call, each once with its latest
+    /// heartbeat, into `out` (emptied first; the caller keeps it from tick to tick, so that a
+    /// tick does not allocate it). Visits only the vehicles that moved, not the whole fleet.
+    pub(crate) fn take_moved_into(&mut self, out: &mut Vec<Moved>) {
         let mut dirty = std::mem::take(&mut self.dirty);
-        let mut out = Vec::with_capacity(dirty.len());
+        out.clear();
+        out.reserve(dirty.len());
         for vehicle in dirty.drain(..) {
             let Some(record) = self.vehicles.get_mut(&vehicle) else {
                 continue;
@@ -384,7 +405,6 @@ impl Fleet {
         // Emptied, it keeps its room: a tick's first heartbeat does not allocate it again.
         self.dirty = dirty;
         self.hand_over();
-        out
     }
 
     /// The fleet of a known vehicle.

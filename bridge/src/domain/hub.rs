@@ -243,13 +243,12 @@ impl Hub {
         self.news.notified().await;
     }
 
-    /// Takes what the tick sends: the queued liveness changes and the vehicles that moved.
-    pub(crate) fn take_tick_news(&self) -> TickNews {
+    /// Takes what the tick sends into `news` (emptied first, kept by the caller from tick to
+    /// tick): the queued liveness changes and the vehicles that moved.
+    pub(crate) fn take_tick_news(&self, news: &mut TickNews) {
         let mut fleet = self.fleet();
-        TickNews {
-            statuses: fleet.take_statuses(),
-            moved: fleet.take_moved(),
-        }
+        fleet.take_statuses_into(&mut news.statuses);
+        fleet.take_moved_into(&mut news.moved);
     }
 
     /// Marks online vehicles that missed their heartbeats as stale; the changes go out with

@@ -32,7 +32,7 @@ use super::room::{ADMIN, DISPATCH, RoomName, VENDOR, pickup_rooms, rooms_of, ven
 use super::vehicle::{AckView, PositionView, StatusView, VehicleView};
 use crate::domain::Hub;
 use crate::domain::auth::Grant;
-use crate::domain::fleet::{Moved, VehicleState};
+use crate::domain::fleet::{Moved, TickNews, VehicleState};
 use crate::metrics::{Counter, Metrics};
 use crate::store::{ClientId, Enqueued, QueuedMessage};
 
@@ -322,14 +322,17 @@ struct NeedsSnapshot;
 /// tick's snapshots, so a slow socket costs one snapshot per tick at most.
 ///
 /// A batch larger than `max_packet` bytes goes as several events of the same name ([`packed`]).
+/// `news` is the caller's, kept from flush to flush so that its lists keep their room.
 /// Returns how many vehicles' positions went out.
 pub(crate) fn send_batches<A: Adapter>(
     io: &SocketIo<A>,
     hub: &Hub,
+    news: &mut TickNews,
     max_packet: usize,
     resync: bool,
 ) -> usize {
-    let news = hub.take_tick_news();
+    hub.take_tick_news(news);
+    let news = &*news;
     let moved = news.moved.len();
     let metrics = hub.metrics();
     let Some(ops) = io.of(DISPATCH) else {
