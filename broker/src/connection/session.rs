@@ -19,7 +19,7 @@ use rumqttd::protocol::{
     self, Disconnect, DisconnectReasonCode, LastWill, Packet, PublishProperties,
     SubscribeReasonCode, UnsubAckReason,
 };
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
 use super::front_end::FrontEnd;
@@ -300,7 +300,12 @@ impl Established {
         // polled only when it fires (`Seldom`). One token (a few hundred bytes for each
         // connection) for both alarms: draining began, the shared router link died.
         let alarm = Seldom::new(self.ctx.alarm.child_token().cancelled_owned());
-        tokio::pin!(alarm);
+        // One timer for the loop's life, moved only to an earlier deadline. A later one (each
+        // message heard moves keep-alive's on) waits until the timer fires: it then finds the
+        // deadline still ahead and sets itself to it. A timer made or moved on every message
+        // cost a registration and a removal in the runtime's timer wheel per message.
+        let timer = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(alarm, timer);
         let mut alarm_heard = false;
         loop {
             if let Err(end) = self.route_buffered(&mut batch).await {
@@ -325,6 +330,11 @@ impl Established {
                 (None, Some(limit)) if !owing => Some(last_heard + limit),
                 (None, _) => None,
             };
+            if let Some(due) = deadline
+                && due < timer.deadline()
+            {
+                timer.as_mut().reset(due);
+            }
             tokio::select! {
                 biased;
                 () = &mut alarm, if !alarm_heard => {
@@ -345,8 +355,12 @@ impl Established {
                 }
                 // One timer, the throttle's or keep-alive's (never both: a throttled client is
                 // evidently sending), so the task keeps room for one.
-                () = sleep_until(deadline.unwrap_or(last_heard)), if deadline.is_some() => {
-                    if throttled.is_some() {
+                () = &mut timer, if deadline.is_some() => {
+                    let due = deadline.unwrap_or(last_heard);
+                    if Instant::now() < due {
+                        // Set for a deadline that has moved on since.
+                        timer.as_mut().reset(due);
+                    } else if throttled.is_some() {
                         // Its socket waited, so TCP pushed back on it; keep-alive counts from
                         // when reading resumes.
                         last_heard = Instant::now();
