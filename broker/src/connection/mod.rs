@@ -49,8 +49,7 @@
 //! - `network`: the socket (plain or TLS), its buffers and rumqttd's codec, with packet size
 //!   limits;
 //! - `rate`: the publish and subscribe rate limits;
-//! - `pending`: the bound on connections that have not sent CONNECT yet;
-//! - `seldom`: the loop's cancellations, polled only when they fire.
+//! - `pending`: the bound on connections that have not sent CONNECT yet.
 
 mod acknowledge;
 mod front_end;
@@ -61,7 +60,6 @@ mod network;
 mod outbound;
 pub(crate) mod pending;
 mod rate;
-mod seldom;
 mod session;
 
 use std::net::SocketAddr;

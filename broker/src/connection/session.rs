@@ -27,7 +27,6 @@ use super::gate::PubAckQueue;
 use super::handshake::{Accepted, OwnLink};
 use super::network::{Network, PacketError};
 use super::rate::PublishRate;
-use super::seldom::Seldom;
 use crate::auth::{Identity, Role};
 use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason};
@@ -256,12 +255,12 @@ pub(super) fn run(
 
     let will: Option<Will> = will.map(|will| Box::new((will, will_properties)));
     async move {
-        // The claim's token is this connection's own (a shared one would be a lock every
-        // connection contends for, see `Established::run`), and a child of the broker's
-        // `stopping`; polled only when it fires (`Seldom`), not on every wake.
+        // The claim's token is this connection's own (polled on every wake of it, a shared one
+        // would be a lock every connection contends for, see `Established::run`), and a child
+        // of the broker's `stopping`.
         let end = tokio::select! {
             biased;
-            () = Seldom::new(claim.kicked.cancelled()) => if ctx.stopping.is_cancelled() {
+            () = claim.kicked.cancelled() => if ctx.stopping.is_cancelled() {
                 DisconnectReason::Shutdown
             } else {
                 DisconnectReason::TakenOver
@@ -296,10 +295,10 @@ impl Established {
         let mux = Arc::clone(&self.ctx.mux);
         // Made once, not once per turn of the loop, and on a child token of this
         // connection's own: polling a cancellation future locks its token's node, and a node
-        // shared by every connection is a lock both cores fight over on every message; and
-        // polled only when it fires (`Seldom`). One token (a few hundred bytes for each
-        // connection) for both alarms: draining began, the shared router link died.
-        let alarm = Seldom::new(self.ctx.alarm.child_token().cancelled_owned());
+        // shared by every connection is a lock both cores fight over on every message. One
+        // token (a few hundred bytes for each connection) for both alarms: draining began, the
+        // shared router link died.
+        let alarm = self.ctx.alarm.child_token().cancelled_owned();
         // One timer for the loop's life, moved only to an earlier deadline. A later one (each
         // message heard moves keep-alive's on) waits until the timer fires: it then finds the
         // deadline still ahead and sets itself to it. A timer made or moved on every message
@@ -348,9 +347,7 @@ impl Established {
                     } else {
                         // The shared link died, which a persistent session does not use: it
                         // listens for draining alone from now.
-                        alarm
-                            .as_mut()
-                            .set(self.ctx.draining.child_token().cancelled_owned());
+                        alarm.set(self.ctx.draining.child_token().cancelled_owned());
                     }
                 }
                 // One timer, the throttle's or keep-alive's (never both: a throttled client is
