@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use testengines::postgres::TempPostgres;
 
+use super::database::Db;
 use super::{Store, StoreOptions};
 
 /// A fresh in-memory SQLite store.
@@ -71,14 +72,22 @@ pub(crate) async fn restamp_order(store: &Store, order: &str, state: &str, updat
         .expect("the order is changed");
 }
 
+/// `query` with `binds` bound in order (i64 or text), as the plan helpers take them.
+fn bind_all<'q, O>(
+    query: sqlx::query::QueryAs<'q, Db, O, <Db as sqlx::Database>::Arguments>,
+    binds: &[Result<i64, &'q str>],
+) -> sqlx::query::QueryAs<'q, Db, O, <Db as sqlx::Database>::Arguments> {
+    binds.iter().fold(query, |q, bind| match bind {
+        Ok(n) => q.bind(*n),
+        Err(text) => q.bind(*text),
+    })
+}
+
 /// SQLite's plan for `sql` with `binds` (i64 or text), one line per step.
 pub(crate) async fn sqlite_plan(store: &Store, sql: &str, binds: &[Result<i64, &str>]) -> String {
     let explain = format!("EXPLAIN QUERY PLAN {sql}");
     let query = sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(explain));
-    let query = binds.iter().fold(query, |q, bind| match bind {
-        Ok(n) => q.bind(*n),
-        Err(text) => q.bind(*text),
-    });
+    let query = bind_all(query, binds);
     let rows = query.fetch_all(&store.read).await.expect("explained");
     rows.into_iter()
         .map(|(_, _, _, detail)| detail)
@@ -97,10 +106,7 @@ pub(crate) async fn postgres_plan(store: &Store, sql: &str, binds: &[Result<i64,
         .expect("set");
     let explain = format!("EXPLAIN {sql}");
     let query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(explain));
-    let query = binds.iter().fold(query, |q, bind| match bind {
-        Ok(n) => q.bind(*n),
-        Err(text) => q.bind(*text),
-    });
+    let query = bind_all(query, binds);
     let rows = query.fetch_all(&mut *connection).await.expect("explained");
     sqlx::query("RESET enable_seqscan")
         .execute(&mut *connection)

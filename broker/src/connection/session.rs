@@ -354,13 +354,14 @@ impl Established {
                 // evidently sending), so the task keeps room for one.
                 () = &mut timer, if deadline.is_some() => {
                     let due = deadline.unwrap_or(last_heard);
-                    if Instant::now() < due {
+                    let now = Instant::now();
+                    if now < due {
                         // Set for a deadline that has moved on since.
                         timer.as_mut().reset(due);
                     } else if throttled.is_some() {
                         // Its socket waited, so TCP pushed back on it; keep-alive counts from
                         // when reading resumes.
-                        last_heard = Instant::now();
+                        last_heard = now;
                     } else {
                         debug!(client_id = self.client_id, ?keep_alive, "keep-alive expired");
                         return DisconnectReason::KeepAlive;
