@@ -129,11 +129,14 @@ pub(crate) enum Counter {
     GeofenceTransitions,
     /// A new custom geofence refused: its fleet had the most allowed.
     GeofencesRefused,
+    /// A Socket.IO event for rooms no socket was in, not serialized (one bridge alone: with
+    /// the Redis adapter every event is broadcast, other bridges may have the sockets).
+    EmitUnheard,
 }
 
 impl Counter {
     /// Name and help text of every counter, in the order of the variants (and of `/metrics`).
-    const RENDERED: [(&'static str, &'static str); 29] = [
+    const RENDERED: [(&'static str, &'static str); 30] = [
         (
             "history_dropped_total",
             "Heartbeats not stored: the history writer was full.",
@@ -246,6 +249,10 @@ impl Counter {
         (
             "geofences_refused_total",
             "New custom geofences refused: their fleet had max_custom_per_fleet already.",
+        ),
+        (
+            "socketio_emits_unheard_total",
+            "Socket.IO events for rooms no socket was in: not serialized (a bridge alone; with the Redis adapter every event is broadcast).",
         ),
     ];
 }

@@ -13,6 +13,7 @@
 //! events of the same name, in order ([`packed`]). With socketioxide's buffer bounded in packets
 //! (`buffer_packets`), that bounds the bytes a socket may have waiting.
 
+use std::any::TypeId;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -22,7 +23,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use shared::{CommandAck, FleetId, Topic, VehicleId};
 use socketioxide::SocketIo;
-use socketioxide::adapter::Adapter;
+use socketioxide::adapter::{Adapter, LocalAdapter};
 use socketioxide::extract::SocketRef;
 use socketioxide::operators::BroadcastOperators;
 use tracing::{debug, error, warn};
@@ -54,6 +55,14 @@ pub(crate) async fn to_rooms<A: Adapter, T: Serialize + ?Sized>(
 /// Emits `event` to the sockets `ops` selects, on every bridge. A failed broadcast (with the
 /// Redis adapter: Redis unreachable) is counted and logged, and the event goes to this
 /// bridge's own sockets at least.
+///
+/// A bridge alone (socketioxide's [`LocalAdapter`]) first looks whether any socket is in the
+/// rooms, and if none is, skips the event before serializing it (counted
+/// [`Counter::EmitUnheard`]): an order's change and its queued messages are usually for rooms
+/// nobody has open (a vendor offline, the queue is there for that; a fleet no dispatcher
+/// watches). A socket that joins after the look has missed nothing it would have received:
+/// it gets the room's snapshot and its pending messages as it joins. With the Redis adapter
+/// the sockets may be on other bridges, so every event is broadcast.
 pub(crate) async fn broadcast<A: Adapter, T: Serialize + ?Sized>(
     ops: BroadcastOperators<A>,
     metrics: &Metrics,
@@ -62,6 +71,10 @@ pub(crate) async fn broadcast<A: Adapter, T: Serialize + ?Sized>(
     data: &T,
 ) {
     let local = ops.clone().local();
+    if alone::<A>() && local.clone().sockets().is_empty() {
+        metrics.count(Counter::EmitUnheard);
+        return;
+    }
     match ops.emit(event, data).await {
         Ok(()) => metrics.count(Counter::Emitted),
         Err(err) => {
@@ -72,6 +85,11 @@ pub(crate) async fn broadcast<A: Adapter, T: Serialize + ?Sized>(
             }
         }
     }
+}
+
+/// Whether `A` is socketioxide's [`LocalAdapter`]: this bridge's sockets are all there are.
+fn alone<A: Adapter>() -> bool {
+    TypeId::of::<A>() == TypeId::of::<LocalAdapter>()
 }
 
 /// A future of an emission, boxed: what [`Outlet`] returns.
@@ -466,7 +484,39 @@ mod tests {
     use serde_json::Value;
     use serde_json::value::{RawValue, to_raw_value};
 
-    use super::packed;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use serde::{Serialize, Serializer};
+    use socketioxide::SocketIo;
+
+    use super::{packed, to_rooms};
+    use crate::metrics::{Counter, Metrics};
+    use crate::view::room::DISPATCH;
+
+    /// Data that notes when it is serialized.
+    struct Watched(AtomicBool);
+
+    impl Serialize for Watched {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            self.0.store(true, Ordering::Relaxed);
+            serializer.serialize_u8(1)
+        }
+    }
+
+    /// A bridge alone skips an event for rooms no socket is in before serializing it, and
+    /// counts it; the Redis adapter's case (every event broadcast) runs in the cluster tests.
+    #[tokio::test]
+    async fn an_event_for_rooms_nobody_is_in_is_not_serialized() {
+        let (_layer, io) = SocketIo::builder().build_layer();
+        io.ns(DISPATCH, async || ());
+        let metrics = Metrics::default();
+        let data = Watched(AtomicBool::new(false));
+        let rooms = vec!["fleet:demo".to_owned(), "vehicle:demo:v1".to_owned()];
+        to_rooms(&io, &metrics, DISPATCH, rooms, "order", &data).await;
+        assert!(!data.0.load(Ordering::Relaxed), "serialized for nobody");
+        assert_eq!(metrics.counter(Counter::EmitUnheard), 1);
+        assert_eq!(metrics.counter(Counter::Emitted), 0);
+    }
 
     #[test]
     fn packed_parts_stay_under_the_bound_in_order() {

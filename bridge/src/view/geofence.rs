@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use shared::FleetId;
 use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
-use tracing::warn;
 
+use super::emit::to_rooms;
 use super::room::{DISPATCH, VENDOR, pickup_rooms, vendor_room};
 use crate::geofence::{Fence, Shape, Transition};
 use crate::metrics::{Counter, Metrics};
@@ -68,33 +68,6 @@ pub(crate) fn event(t: &Transition) -> Value {
         event["order"] = json!(order);
     }
     event
-}
-
-/// Emits `event` to `rooms` of `ns` on every bridge; a failed broadcast is counted and logged
-/// and sent to this bridge's sockets at least (as `emit` does).
-async fn to_rooms<A: Adapter>(
-    io: &SocketIo<A>,
-    metrics: &Metrics,
-    ns: &str,
-    rooms: Vec<String>,
-    name: &str,
-    data: &Value,
-) {
-    let Some(ops) = io.of(ns) else {
-        return;
-    };
-    let ops = ops.to(rooms);
-    let local = ops.clone().local();
-    match ops.emit(name, data).await {
-        Ok(()) => metrics.count(Counter::Emitted),
-        Err(err) => {
-            metrics.count(Counter::BroadcastFailed);
-            warn!(%ns, event = %name, cause = %err, "Socket.IO broadcast failed: sent to this bridge's sockets only");
-            if let Err(err) = local.emit(name, data).await {
-                warn!(%ns, event = %name, cause = %err, "Socket.IO broadcast to this bridge's sockets failed");
-            }
-        }
-    }
 }
 
 /// Emits the `geofence` event of each transition: to the dispatchers who may see the fleet,
