@@ -11,7 +11,10 @@
 # Every section's output is kept in target/bench-report/SECTION.md (REPORT_DIR to change it)
 # with the commit, the time and the load it ran at, so BENCHMARKS.md can be assembled from
 # runs of several invocations and says for each section when and on what it ran. A section
-# that fails keeps its last good output and the script goes on; it exits non-zero at the end.
+# with no kept run (a fresh clone, another machine) keeps what BENCHMARKS.md has between the
+# section's markers (`<!-- section NAME -->`), so running some sections never blanks the
+# others. A section that fails keeps its last good output and the script goes on; it exits
+# non-zero at the end.
 #
 # Needs what the benchmarks need: Debian's mosquitto, redis-server, chromium, valgrind and
 # PostgreSQL 15 (`initdb`, `pg_ctl`), node 20 with npm, curl, python3; run as root or as a
@@ -35,6 +38,9 @@ usage() {
 
 # One line: the 1, 5 and 15 minute load averages.
 load() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# The CPU's model name.
+cpu() { grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'; }
 
 # The section's commands print their markdown on stdout; what goes to stderr is the log.
 section_broker() {
@@ -282,8 +288,8 @@ run_section() {
     return 1
   fi
   {
-    printf '_Run %s, commit `%s`, %s s; load average (1, 5, 15 min) %s before, %s after, on %s CPUs._\n\n' \
-      "$(date -u '+%Y-%m-%d %H:%M UTC')" "$commit" "$took" "$before" "$after" "$(nproc)"
+    printf '_Run %s, commit `%s`, %s s; load average (1, 5, 15 min) %s before, %s after, on %s CPUs (%s)._\n\n' \
+      "$(date -u '+%Y-%m-%d %H:%M UTC')" "$commit" "$took" "$before" "$after" "$(nproc)" "$(cpu)"
     # The benchmarks' own headings sit below the section's (not the comments in code blocks).
     awk '/^```/ { code = !code } !code && /^##?#? / { sub(/^#+/, "####") } { print }' "$body"
   } > "$report_dir/$name.md"
@@ -292,25 +298,31 @@ run_section() {
 }
 
 # BENCHMARKS.md from the template: `@machine` becomes the machine's description, `@section
-# NAME` the kept run of NAME (or a line saying it has not run).
+# NAME` the kept run of NAME between two markers. A section with no kept run here (a fresh
+# clone, another machine) keeps what BENCHMARKS.md has between its markers, or says it has not
+# run.
 assemble() {
-  local line name out=$root/BENCHMARKS.md.tmp
+  local line name out=$root/BENCHMARKS.md.tmp old=$root/BENCHMARKS.md
   while IFS= read -r line; do
     case $line in
       @machine)
-        printf 'Machine: %s, %s CPUs, %s GiB; %s; %s. Assembled %s.\n' \
-          "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')" "$(nproc)" \
+        printf 'Assembled %s on: %s, %s CPUs, %s GiB; %s; %s.\n' \
+          "$(date -u '+%Y-%m-%d %H:%M UTC')" "$(cpu)" "$(nproc)" \
           "$(awk '/MemTotal/ {printf "%.0f", $2 / 1048576}' /proc/meminfo)" \
-          "$(. /etc/os-release && echo "$PRETTY_NAME")" "$(rustc --version | cut -d' ' -f1-2)" \
-          "$(date -u '+%Y-%m-%d %H:%M UTC')"
+          "$(. /etc/os-release && echo "$PRETTY_NAME")" "$(rustc --version | cut -d' ' -f1-2)"
         ;;
       "@section "*)
         name=${line#@section }
+        printf '<!-- section %s -->\n' "$name"
         if [ -f "$report_dir/$name.md" ]; then
           cat "$report_dir/$name.md"
+        elif grep -qx -- "<!-- section $name -->" "$old" 2>/dev/null; then
+          awk -v start="<!-- section $name -->" -v end="<!-- /section $name -->" \
+            '$0 == end { inside = 0 } inside { print } $0 == start { inside = 1 }' "$old"
         else
           printf '_Not run yet: `bench/report.sh %s`._\n' "$name"
         fi
+        printf '<!-- /section %s -->\n' "$name"
         ;;
       *) printf '%s\n' "$line" ;;
     esac
