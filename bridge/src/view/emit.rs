@@ -60,9 +60,9 @@ pub(crate) async fn to_rooms<A: Adapter, T: Serialize + ?Sized>(
 /// rooms, and if none is, skips the event before serializing it (counted
 /// [`Counter::EmitUnheard`]): an order's change and its queued messages are usually for rooms
 /// nobody has open (a vendor offline, the queue is there for that; a fleet no dispatcher
-/// watches). A socket that joins after the look has missed nothing it would have received:
-/// it gets the room's snapshot and its pending messages as it joins. With the Redis adapter
-/// the sockets may be on other bridges, so every event is broadcast.
+/// watches). A socket that joins right after the look misses the event as one that joined
+/// right after the emit would (its queued messages reach it as pending when it joins). With
+/// the Redis adapter the sockets may be on other bridges, so every event is broadcast.
 pub(crate) async fn broadcast<A: Adapter, T: Serialize + ?Sized>(
     ops: BroadcastOperators<A>,
     metrics: &Metrics,
@@ -481,12 +481,11 @@ fn resync<A: Adapter>(socket: &SocketRef<A>, hub: &Hub, rooms: &[RoomName], max_
 
 #[cfg(test)]
 mod tests {
-    use serde_json::Value;
-    use serde_json::value::{RawValue, to_raw_value};
-
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use serde::{Serialize, Serializer};
+    use serde_json::Value;
+    use serde_json::value::{RawValue, to_raw_value};
     use socketioxide::SocketIo;
 
     use super::{packed, to_rooms};
