@@ -70,11 +70,11 @@ pub(crate) async fn broadcast<A: Adapter, T: Serialize + ?Sized>(
     event: &str,
     data: &T,
 ) {
-    let local = ops.clone().local();
-    if alone::<A>() && local.clone().sockets().is_empty() {
+    if alone::<A>() && ops.clone().sockets().is_empty() {
         metrics.count(Counter::EmitUnheard);
         return;
     }
+    let local = ops.clone().local();
     match ops.emit(event, data).await {
         Ok(()) => metrics.count(Counter::Emitted),
         Err(err) => {
