@@ -17,6 +17,7 @@ use super::error::StoreError;
 use super::group::{EventGroups, GroupStats};
 use super::options::{Durability, StoreOptions};
 pub(super) use super::pool::{Db, DbPool, DbTx, redacted};
+use super::track::TrackKeys;
 use super::{postgres, sqlite};
 
 /// Whether `target` names a PostgreSQL database.
@@ -34,6 +35,8 @@ pub struct Store {
     pub(super) events: Arc<EventGroups>,
     /// SQLite's checkpoint task (`store::checkpoint`); none for PostgreSQL or in memory.
     pub(super) checkpoints: Option<Arc<Checkpoints>>,
+    /// The heartbeat history's track numbers in use (`store::track::keys`).
+    pub(super) tracks: Arc<TrackKeys>,
     target: Arc<str>,
 }
 
@@ -80,6 +83,7 @@ impl Store {
             backend,
             events: Arc::default(),
             checkpoints,
+            tracks: Arc::default(),
             target: target.into(),
         };
         let durability = store.durability().await?;
@@ -390,9 +394,13 @@ mod tests {
         let store = in_memory().await;
         for (query, index) in [
             (
-                "SELECT * FROM heartbeats WHERE vehicle = 'v' AND ts_ms >= 1 AND ts_ms <= 2 \
+                "SELECT * FROM heartbeats WHERE track = 7 AND ts_ms >= 1 AND ts_ms <= 2 \
                  ORDER BY ts_ms, id LIMIT 10",
                 "heartbeats_track",
+            ),
+            (
+                "SELECT id, fleet FROM tracks WHERE vehicle = 'v' ORDER BY fleet",
+                "tracks_by_name",
             ),
             (
                 "SELECT id FROM heartbeats WHERE ts_ms < 5 ORDER BY ts_ms LIMIT 10",

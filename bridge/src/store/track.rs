@@ -1,6 +1,9 @@
 //! The heartbeat history: every heartbeat, written in batches, read back as a vehicle's track,
 //! and that track exported as GPX 1.1 ([`HeartbeatRow::gpx`]) or CSV ([`HeartbeatRow::csv`])
 //! for other tools.
+//!
+//! A row names its vehicle and fleet by their track's number (`keys`): the writer binds only
+//! integers, and a vehicle's track is read by that number.
 
 use std::sync::LazyLock;
 
@@ -8,6 +11,10 @@ use shared::{FleetId, Heartbeat, Position, VehicleId};
 
 use super::database::{Backend, Db, DbTx, Store, from_db, narrow, parse_id, to_db};
 use super::error::StoreError;
+
+mod keys;
+
+pub(super) use keys::TrackKeys;
 
 /// One stored heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,9 +67,9 @@ impl HeartbeatRow {
     }
 }
 
-const COLUMNS: &str = "vehicle, fleet, seq, ts_ms, lat_e7, lon_e7, speed_cm_s, heading_deg, \
+const COLUMNS: &str = "track, seq, ts_ms, lat_e7, lon_e7, speed_cm_s, heading_deg, \
                        battery_pct, flags, received_ms";
-const COLUMN_COUNT: usize = 11;
+const COLUMN_COUNT: usize = 10;
 
 /// Rows per multi-row `INSERT` at most: large enough that a statement's overhead is spread
 /// thin, small enough to stay far below SQLite's limit of bound parameters (32766). A power of
@@ -124,16 +131,19 @@ fn pieces<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
-type Row = (String, String, i64, i64, i32, i32, i32, i32, i16, i16, i64);
+/// A stored heartbeat as [`Store::track`] reads it: id, then the columns after `track` in
+/// [`COLUMNS`].
+type Row = (i64, i64, i64, i32, i32, i32, i32, i16, i16, i64);
 
+/// Binds `rows`, each with its track's number (`tracks`, in the same order).
 fn bind_rows<'q>(
     mut query: sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments>,
     rows: &[&'q HeartbeatRow],
+    tracks: &[i64],
 ) -> sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments> {
-    for row in rows {
+    for (row, track) in rows.iter().zip(tracks) {
         query = query
-            .bind(row.vehicle.as_str())
-            .bind(row.fleet.as_str())
+            .bind(*track)
             .bind(i64::from(row.seq))
             .bind(to_db(row.ts_ms))
             .bind(row.lat_e7)
@@ -147,11 +157,13 @@ fn bind_rows<'q>(
     query
 }
 
-/// Inserts one piece (see [`pieces`]: its length is a power of two, at most [`CHUNK`]).
+/// Inserts one piece (see [`pieces`]: its length is a power of two, at most [`CHUNK`]), each
+/// row with its track's number (`tracks`, in the same order).
 async fn insert_piece(
     backend: Backend,
     tx: &mut DbTx,
     rows: &[&HeartbeatRow],
+    tracks: &[i64],
 ) -> Result<(), StoreError> {
     debug_assert!(
         rows.len().is_power_of_two() && rows.len() <= CHUNK,
@@ -162,7 +174,9 @@ async fn insert_piece(
         Backend::Postgres => &INSERTS_POSTGRES,
     };
     let sql = statements[rows.len().ilog2() as usize].as_str();
-    bind_rows(sqlx::query(sql), rows).execute(&mut **tx).await?;
+    bind_rows(sqlx::query(sql), rows, tracks)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -206,16 +220,26 @@ impl Store {
         if by_vehicle.is_empty() {
             return Ok(());
         }
+        let tracks = self
+            .tracks
+            .of(&self.write, self.backend, by_vehicle)
+            .await?;
         let mut tx = self.begin_write().await?;
+        let mut rest = tracks.as_slice();
         for piece in pieces(by_vehicle) {
-            insert_piece(self.backend, &mut tx, piece).await?;
+            let (numbers, tail) = rest.split_at(piece.len());
+            rest = tail;
+            insert_piece(self.backend, &mut tx, piece, numbers).await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
-    /// `vehicle`'s heartbeats with `from_ms <= ts_ms <= to_ms` (device clock), by time, at
-    /// most `limit` of them (the earliest).
+    /// `vehicle`'s heartbeats with `from_ms <= ts_ms <= to_ms` (device clock), by time (then
+    /// by id: the order they were written in), at most `limit` of them (the earliest).
+    ///
+    /// Each of the vehicle's tracks (nearly always one: a vehicle that changed fleet has one
+    /// per fleet) is read by its own index range, already in that order; several are merged.
     ///
     /// # Errors
     /// [`StoreError::Database`] if the query fails, [`StoreError::Corrupt`] if a stored value
@@ -227,48 +251,52 @@ impl Store {
         to_ms: u64,
         limit: u32,
     ) -> Result<Vec<HeartbeatRow>, StoreError> {
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT vehicle, fleet, seq, ts_ms, lat_e7, lon_e7, speed_cm_s, heading_deg, \
-             battery_pct, flags, received_ms FROM heartbeats \
-             WHERE vehicle = $1 AND ts_ms >= $2 AND ts_ms <= $3 \
-             ORDER BY ts_ms, id LIMIT $4",
-        )
-        .bind(vehicle.as_str())
-        .bind(to_db(from_ms))
-        .bind(to_db(to_ms))
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await?;
-        rows.into_iter()
-            .map(|row| {
-                let (
-                    vehicle,
-                    fleet,
-                    seq,
-                    ts_ms,
-                    lat_e7,
-                    lon_e7,
-                    speed,
-                    heading,
-                    battery,
-                    flags,
-                    received,
-                ) = row;
-                Ok(HeartbeatRow {
-                    vehicle: parse_id("heartbeat vehicle", &vehicle)?,
-                    fleet: parse_id("heartbeat fleet", &fleet)?,
-                    seq: narrow("heartbeat seq", seq)?,
-                    ts_ms: from_db(ts_ms),
-                    lat_e7,
-                    lon_e7,
-                    speed_cm_s: narrow("heartbeat speed", i64::from(speed))?,
-                    heading_deg: narrow("heartbeat heading", i64::from(heading))?,
-                    battery_pct: narrow("heartbeat battery", i64::from(battery))?,
-                    flags: narrow("heartbeat flags", i64::from(flags))?,
-                    received_ms: from_db(received),
-                })
-            })
-            .collect()
+        let tracks: Vec<(i64, String)> =
+            sqlx::query_as("SELECT id, fleet FROM tracks WHERE vehicle = $1 ORDER BY fleet")
+                .bind(vehicle.as_str())
+                .fetch_all(&self.read)
+                .await?;
+        let mut found: Vec<(i64, HeartbeatRow)> = Vec::new();
+        for (track, fleet) in &tracks {
+            let fleet: FleetId = parse_id("heartbeat fleet", fleet)?;
+            let rows: Vec<Row> = sqlx::query_as(
+                "SELECT id, seq, ts_ms, lat_e7, lon_e7, speed_cm_s, heading_deg, battery_pct, \
+                 flags, received_ms FROM heartbeats \
+                 WHERE track = $1 AND ts_ms >= $2 AND ts_ms <= $3 \
+                 ORDER BY ts_ms, id LIMIT $4",
+            )
+            .bind(*track)
+            .bind(to_db(from_ms))
+            .bind(to_db(to_ms))
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await?;
+            for row in rows {
+                let (id, seq, ts_ms, lat_e7, lon_e7, speed, heading, battery, flags, received) =
+                    row;
+                found.push((
+                    id,
+                    HeartbeatRow {
+                        vehicle: vehicle.clone(),
+                        fleet: fleet.clone(),
+                        seq: narrow("heartbeat seq", seq)?,
+                        ts_ms: from_db(ts_ms),
+                        lat_e7,
+                        lon_e7,
+                        speed_cm_s: narrow("heartbeat speed", i64::from(speed))?,
+                        heading_deg: narrow("heartbeat heading", i64::from(heading))?,
+                        battery_pct: narrow("heartbeat battery", i64::from(battery))?,
+                        flags: narrow("heartbeat flags", i64::from(flags))?,
+                        received_ms: from_db(received),
+                    },
+                ));
+            }
+        }
+        if tracks.len() > 1 {
+            found.sort_by_key(|(id, row)| (row.ts_ms, *id));
+            found.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        }
+        Ok(found.into_iter().map(|(_, row)| row).collect())
     }
 
     /// Removes the heartbeats with `ts_ms < older_than_ms` (device clock) and returns how
@@ -627,5 +655,205 @@ mod tests {
                 1_000
             );
         }
+    }
+
+    /// `row` with its fleet set to `fleet`.
+    fn in_fleet(mut row: HeartbeatRow, fleet: &str) -> HeartbeatRow {
+        row.fleet = fleet.parse().expect("fleet");
+        row
+    }
+
+    on_each_backend! {
+        async fn a_vehicle_that_changed_fleet_reads_as_one_track(store) {
+            // v-1 reports in two fleets, in turns, two of them on one device millisecond;
+            // v-2 in one. Written in two batches, so the second finds its tracks known.
+            let first: Vec<HeartbeatRow> = (0..6u32)
+                .map(|i| {
+                    let fleet = if i % 2 == 0 { "north" } else { "south" };
+                    in_fleet(row("v-1", i, 1_000 + u64::from(i / 3) * 10), fleet)
+                })
+                .chain([in_fleet(row("v-2", 0, 1_000), "north")])
+                .collect();
+            store.record_heartbeats(&first).await.expect("stores");
+            let second = [
+                in_fleet(row("v-1", 6, 2_000), "south"),
+                in_fleet(row("v-2", 1, 2_000), "north"),
+            ];
+            store.record_heartbeats(&second).await.expect("stores");
+
+            let vehicle: VehicleId = "v-1".parse().expect("vehicle");
+            let track = store
+                .track(&vehicle, 0, u64::MAX, 100)
+                .await
+                .expect("track");
+            let mut expected: Vec<HeartbeatRow> = first[..6].to_vec();
+            expected.push(second[0].clone());
+            assert_eq!(track, expected, "by time, then as written, with each row's fleet");
+            let limited = store.track(&vehicle, 0, u64::MAX, 4).await.expect("track");
+            assert_eq!(limited, expected[..4], "the limit keeps the earliest of both");
+            let v2 = store
+                .track(&"v-2".parse().expect("vehicle"), 0, u64::MAX, 100)
+                .await
+                .expect("track");
+            assert_eq!(v2, [first[6].clone(), second[1].clone()]);
+
+            let tracks: Vec<(String, String)> =
+                sqlx::query_as("SELECT vehicle, fleet FROM tracks ORDER BY vehicle, fleet")
+                    .fetch_all(&store.read)
+                    .await
+                    .expect("tracks");
+            let names = |v: &str, f: &str| (v.to_owned(), f.to_owned());
+            assert_eq!(
+                tracks,
+                [names("v-1", "north"), names("v-1", "south"), names("v-2", "north")],
+                "one track per vehicle and fleet, made once"
+            );
+        }
+    }
+
+    /// Two stores on one database (two bridges on one PostgreSQL) make the same new tracks
+    /// at once: each track is made once, and both write their heartbeats to it.
+    #[tokio::test]
+    async fn two_stores_make_a_track_once() {
+        let url = crate::store::testing::postgres_url();
+        let (a, b) = tokio::join!(
+            Store::open(&url, crate::store::StoreOptions::default()),
+            Store::open(&url, crate::store::StoreOptions::default()),
+        );
+        let (a, b) = (a.expect("opens"), b.expect("opens"));
+        let rows = |from: u32| -> Vec<HeartbeatRow> {
+            (0..50u32)
+                .map(|v| row(&format!("v-{v}"), from, u64::from(from)))
+                .collect()
+        };
+        let (rows_a, rows_b) = (rows(0), rows(1));
+        let (written_a, written_b) =
+            tokio::join!(a.record_heartbeats(&rows_a), b.record_heartbeats(&rows_b));
+        written_a.expect("a stores");
+        written_b.expect("b stores");
+        let tracks: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tracks")
+            .fetch_one(&a.read)
+            .await
+            .expect("counts");
+        assert_eq!(tracks, 50);
+        for store in [&a, &b] {
+            let track = store
+                .track(&"v-7".parse().expect("vehicle"), 0, u64::MAX, 10)
+                .await
+                .expect("track");
+            assert_eq!(track.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1]);
+        }
+        a.close().await;
+        b.close().await;
+    }
+
+    /// The schema-7 history (the names on every row) written by `old`, read back after
+    /// schema 8: every row, with its vehicle and fleet, in its order; new rows follow it.
+    async fn history_survives_schema_8(store: Store) {
+        let vehicle: VehicleId = "v-1".parse().expect("vehicle");
+        let track = store
+            .track(&vehicle, 0, u64::MAX, 100)
+            .await
+            .expect("track");
+        let mut expected = vec![
+            in_fleet(row("v-1", 0, 1_000), "north"),
+            in_fleet(row("v-1", 1, 1_000), "south"),
+            in_fleet(row("v-1", 2, 1_010), "north"),
+        ];
+        assert_eq!(track, expected);
+        store
+            .record_heartbeats(&[in_fleet(row("v-1", 3, 1_010), "south")])
+            .await
+            .expect("stores");
+        expected.push(in_fleet(row("v-1", 3, 1_010), "south"));
+        let track = store
+            .track(&vehicle, 0, u64::MAX, 100)
+            .await
+            .expect("track");
+        assert_eq!(
+            track, expected,
+            "a new row after the old ones of its millisecond"
+        );
+        let others = store
+            .track(&"v-2".parse().expect("vehicle"), 0, u64::MAX, 100)
+            .await
+            .expect("track");
+        assert_eq!(others, [in_fleet(row("v-2", 0, 1_005), "north")]);
+        store.close().await;
+    }
+
+    /// The schema-7 rows of [`history_survives_schema_8`], in the order they are inserted.
+    const OLD_ROWS: [(&str, &str, u32, i64); 4] = [
+        ("v-1", "north", 0, 1_000),
+        ("v-2", "north", 0, 1_005),
+        ("v-1", "south", 1, 1_000),
+        ("v-1", "north", 2, 1_010),
+    ];
+
+    /// `INSERT` of one [`OLD_ROWS`] row into the schema-7 `heartbeats`, as [`row`] makes it.
+    fn old_insert((vehicle, fleet, seq, ts_ms): (&str, &str, u32, i64)) -> String {
+        let lat = 525_000_000 + i64::from(seq);
+        format!(
+            "INSERT INTO heartbeats (vehicle, fleet, seq, ts_ms, lat_e7, lon_e7, speed_cm_s, \
+             heading_deg, battery_pct, flags, received_ms) VALUES ('{vehicle}', '{fleet}', \
+             {seq}, {ts_ms}, {lat}, -134000000, 1250, 359, 100, {flags}, {received})",
+            flags = StatusFlags::MOVING | StatusFlags::GPS_FIX,
+            received = ts_ms + 5,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_history_from_schema_7_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.db");
+        let old = sqlx::sqlite::SqlitePoolOptions::new()
+            .connect_with(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .expect("opens natively");
+        crate::store::sqlite::MIGRATOR
+            .run_to(7, &old)
+            .await
+            .expect("migrates to 7");
+        for old_row in OLD_ROWS {
+            sqlx::query(sqlx::AssertSqlSafe(old_insert(old_row)))
+                .execute(&old)
+                .await
+                .expect("inserts");
+        }
+        old.close().await;
+        let store = Store::open(
+            path.to_str().expect("utf-8"),
+            crate::store::StoreOptions::default(),
+        )
+        .await
+        .expect("migrates to 8");
+        history_survives_schema_8(store).await;
+    }
+
+    #[tokio::test]
+    async fn a_postgres_history_from_schema_7_is_kept() {
+        let url = crate::store::testing::postgres_url();
+        let old = sqlx::postgres::PgPool::connect(&url)
+            .await
+            .expect("opens natively");
+        crate::store::postgres::MIGRATOR
+            .run_to(7, &old)
+            .await
+            .expect("migrates to 7");
+        for old_row in OLD_ROWS {
+            sqlx::query(sqlx::AssertSqlSafe(old_insert(old_row)))
+                .execute(&old)
+                .await
+                .expect("inserts");
+        }
+        old.close().await;
+        let store = Store::open(&url, crate::store::StoreOptions::default())
+            .await
+            .expect("migrates to 8");
+        history_survives_schema_8(store).await;
     }
 }
