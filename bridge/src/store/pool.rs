@@ -10,6 +10,8 @@ pub(super) type Db = sqlx::Any;
 pub(super) type DbPool = sqlx::AnyPool;
 /// A transaction.
 pub(super) type DbTx = sqlx::Transaction<'static, Db>;
+/// A connection (what a transaction's statements run on).
+pub(super) type DbConn = sqlx::AnyConnection;
 
 /// The pools of an open store, as a backend's `connect` returns them.
 pub(super) struct Pools {

@@ -29,7 +29,7 @@ use super::super::backend::{Backend, from_db, parse_id, to_db};
 use super::super::error::StoreError;
 use super::super::ids::{ClientId, MessageId};
 use super::super::order_row::{OrderView, order_fields, order_with_id};
-use super::super::pool::DbTx;
+use super::super::pool::DbConn;
 use crate::domain::order::{EventFlag, OrderState};
 
 /// Why [`write`] refuses a group one of whose events another transaction recorded after the
@@ -86,7 +86,7 @@ pub(super) type GroupReads = (HashMap<String, OrderView>, HashMap<EventKey, Firs
 /// Reads the orders `ids` (sorted, distinct), locking them in that order on PostgreSQL (see
 /// [`read_orders`]), and looks up the events `keys` (see [`recorded_events`]).
 pub(super) async fn read(
-    tx: &mut DbTx,
+    tx: &mut DbConn,
     backend: Backend,
     ids: &[&str],
     keys: &[(&VehicleId, &DeliveryEvent)],
@@ -139,7 +139,7 @@ const EVENT_COLUMNS: usize = 12;
 
 /// See [`READ_POSTGRES`].
 async fn read_postgres(
-    tx: &mut DbTx,
+    tx: &mut DbConn,
     ids: &[&str],
     keys: &[(&VehicleId, &DeliveryEvent)],
 ) -> Result<GroupReads, StoreError> {
@@ -152,7 +152,7 @@ async fn read_postgres(
     let rows = sqlx::query(READ_POSTGRES)
         .bind(json!(ids).to_string())
         .bind(serde_json::Value::from(keys).to_string())
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await?;
     let mut orders = HashMap::with_capacity(ids.len());
     let mut found = HashMap::new();
@@ -187,7 +187,7 @@ async fn read_postgres(
 /// # Errors
 /// As any query; [`StoreError::NotRecorded`] if one of the events was recorded meanwhile.
 pub(super) async fn write(
-    tx: &mut DbTx,
+    tx: &mut DbConn,
     backend: Backend,
     events: &[NewEvent<'_>],
     moved: &[(&str, OrderState)],
@@ -240,7 +240,7 @@ SELECT (SELECT count(*) FROM e), (SELECT string_agg(id::text, ',' ORDER BY id) F
 
 /// See [`WRITE_POSTGRES`].
 async fn write_postgres(
-    tx: &mut DbTx,
+    tx: &mut DbConn,
     events: &[NewEvent<'_>],
     moved: &[(&str, OrderState)],
     messages: &[(&ClientId, &str)],
@@ -276,7 +276,7 @@ async fn write_postgres(
         .bind(serde_json::Value::from(moved).to_string())
         .bind(serde_json::Value::from(queued).to_string())
         .bind(to_db(now))
-        .fetch_one(&mut **tx)
+        .fetch_one(&mut *tx)
         .await?;
     if inserted != count as i64 {
         return Err(StoreError::NotRecorded(RECORDED_MEANWHILE));
@@ -295,7 +295,7 @@ async fn write_postgres(
 /// Reads the orders `ids` (sorted, distinct), locking them in that order on PostgreSQL: two
 /// bridges take the locks of shared orders in the same order and wait instead of deadlocking.
 async fn read_orders(
-    tx: &mut DbTx,
+    tx: &mut DbConn,
     backend: Backend,
     ids: &[&str],
 ) -> Result<HashMap<String, OrderView>, StoreError> {
@@ -314,7 +314,7 @@ async fn read_orders(
         for id in chunk {
             query = query.bind(*id);
         }
-        for row in query.fetch_all(&mut **tx).await? {
+        for row in query.fetch_all(&mut *tx).await? {
             let (id, order) = order_with_id(&row)?;
             orders.insert(id, order);
         }
@@ -324,7 +324,7 @@ async fn read_orders(
 
 /// The events among `keys` recorded before, with what was recorded first under each.
 async fn recorded_events(
-    tx: &mut DbTx,
+    tx: &mut DbConn,
     backend: Backend,
     keys: &[(&VehicleId, &DeliveryEvent)],
 ) -> Result<HashMap<EventKey, FirstRecorded>, StoreError> {
@@ -352,7 +352,7 @@ async fn recorded_events(
                 .bind(i64::from(event.seq))
                 .bind(to_db(event.ts_ms));
         }
-        let rows: Vec<(String, i64, i64, String, String)> = query.fetch_all(&mut **tx).await?;
+        let rows: Vec<(String, i64, i64, String, String)> = query.fetch_all(&mut *tx).await?;
         for (vehicle, seq, ts_ms, order, kind) in rows {
             found.insert(event_key(vehicle, seq, ts_ms), (order, kind));
         }
@@ -367,7 +367,7 @@ async fn recorded_events(
 /// bridge, for an order the group could not lock): the group is then recorded one event per
 /// transaction.
 async fn insert_events(
-    tx: &mut DbTx,
+    tx: &mut DbConn,
     backend: Backend,
     events: &[NewEvent<'_>],
     now: u64,
@@ -394,7 +394,7 @@ async fn insert_events(
                 .bind(new.flag.map(EventFlag::as_str))
                 .bind(to_db(now));
         }
-        let inserted = query.execute(&mut **tx).await?.rows_affected();
+        let inserted = query.execute(&mut *tx).await?.rows_affected();
         if inserted != chunk.len() as u64 {
             return Err(StoreError::NotRecorded(RECORDED_MEANWHILE));
         }
@@ -404,7 +404,7 @@ async fn insert_events(
 
 /// Moves the orders in `moved` to their new state, at `now`.
 async fn update_orders(
-    tx: &mut DbTx,
+    tx: &mut DbConn,
     backend: Backend,
     moved: &[(&str, OrderState)],
     now: u64,
@@ -441,14 +441,14 @@ async fn update_orders(
         for (order, _) in chunk {
             query = query.bind(*order);
         }
-        query.execute(&mut **tx).await?;
+        query.execute(&mut *tx).await?;
     }
     Ok(())
 }
 
 /// Queues `messages` (recipient and payload), created at `now`; returns their ids, in order.
 async fn insert_messages(
-    tx: &mut DbTx,
+    tx: &mut DbConn,
     backend: Backend,
     messages: &[(&ClientId, &str)],
     now: u64,
@@ -464,7 +464,7 @@ async fn insert_messages(
         for (client, payload) in chunk {
             query = query.bind(client.as_str()).bind(*payload).bind(to_db(now));
         }
-        let mut chunk_ids: Vec<i64> = query.fetch_all(&mut **tx).await?;
+        let mut chunk_ids: Vec<i64> = query.fetch_all(&mut *tx).await?;
         if chunk_ids.len() != chunk.len() {
             return Err(StoreError::NotRecorded("a queued message has no id"));
         }

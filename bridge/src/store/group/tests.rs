@@ -388,3 +388,61 @@ async fn two_bridges_groups_in_opposite_order_postgres() {
     a.close().await;
     b.close().await;
 }
+
+on_each_backend! {
+    /// The committer keeps the write connection from group to group while events keep
+    /// coming, but gives it back (after `HOLD`): another write is not starved by a stream of
+    /// events that never pauses.
+    async fn other_writes_get_their_turn_while_events_keep_coming(store) {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+
+        assigned_orders(&store, VEHICLES).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut producers = JoinSet::new();
+        for i in 0..VEHICLES {
+            let (store, stop) = (store.clone(), Arc::clone(&stop));
+            // The first event, then the same one again and again (a duplicate each time, but
+            // a group to commit all the same).
+            producers.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    record(&store, i, &event(i, 0)).await.expect("records");
+                }
+            });
+        }
+        let flowing = tokio::time::timeout(Duration::from_secs(30), async {
+            while store.event_groups().commits < 20 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(flowing.is_ok(), "events are committed");
+        let order: OrderId = "o-other".parse().expect("order id");
+        let created = tokio::time::timeout(
+            Duration::from_secs(10),
+            store.create_order(&NewOrder {
+                order: order.clone(),
+                store: "store-1".into(),
+                fleet: fleet(),
+                customer: "Grace".into(),
+                dropoff: Position::new(525_200_000, 134_050_000),
+                pickup: Position::new(525_000_000, 134_000_000),
+            }),
+        )
+        .await;
+        let committed_meanwhile = store.event_groups().commits;
+        stop.store(true, Ordering::Relaxed);
+        while let Some(done) = producers.join_next().await {
+            done.expect("a producer ends");
+        }
+        created
+            .expect("the write got its turn while the events kept coming")
+            .expect("creates");
+        assert!(committed_meanwhile >= 20);
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM orders WHERE order_id = 'o-other'").await,
+            1
+        );
+    }
+}
