@@ -13,11 +13,11 @@
 //! during a commit form the next group.
 //!
 //! The committer keeps the store's write connection from one group to the next while events
-//! wait, for at most [`HOLD`]: a connection given back to sqlx's pool is tested (a ping, on a
-//! task of its own) before anyone can take it again, a round trip and a wake-up that each
-//! group paid before its `BEGIN` (0.4 of its 5.5 ms in `eventbench`). After `HOLD`, when no
-//! event waits, or after a failure, it gives the connection back, so that the history writer
-//! and the other writes (which queue for it fairly) get their turn.
+//! wait, for at most [`HOLD`]. A connection given back to sqlx's pool is tested (a ping, on a
+//! task of its own) before anyone can take it again: a round trip to the database and a task
+//! that each group paid for before its `BEGIN`. After `HOLD`, when no event waits, or after a
+//! failure, it gives the connection back, so that the history writer and the other writes
+//! (which queue for it fairly) get their turn.
 //!
 //! The failure semantics are those of one transaction per event:
 //! - if the group's transaction cannot begin, nothing is recorded and every event of the group
