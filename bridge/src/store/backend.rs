@@ -65,6 +65,38 @@ impl Backend {
             Self::Postgres => postgres::push_placeholder(sql, n),
         }
     }
+
+    /// Appends `(?, ?, ...), (?, ?, ...)`: `rows` rows of `columns` placeholders each, for a
+    /// multi-row `VALUES` (or, one row, an `IN` list).
+    pub(super) fn push_rows(self, sql: &mut String, rows: usize, columns: usize) {
+        for row in 0..rows {
+            sql.push_str(if row == 0 { "(" } else { ", (" });
+            for column in 0..columns {
+                if column > 0 {
+                    sql.push_str(", ");
+                }
+                self.push_placeholder(sql, row * columns + column + 1);
+            }
+            sql.push(')');
+        }
+    }
+
+    /// Appends `(a = ? AND b = ?) OR (a = ? AND b = ?) ...`: a condition that matches any of
+    /// `rows` rows on `columns`, their values bound row after row, in the columns' order.
+    pub(super) fn push_any_of(self, sql: &mut String, rows: usize, columns: &[&str]) {
+        for row in 0..rows {
+            sql.push_str(if row == 0 { "(" } else { " OR (" });
+            for (i, column) in columns.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(" AND ");
+                }
+                sql.push_str(column);
+                sql.push_str(" = ");
+                self.push_placeholder(sql, row * columns.len() + i + 1);
+            }
+            sql.push(')');
+        }
+    }
 }
 
 impl fmt::Display for Backend {

@@ -89,16 +89,7 @@ fn insert_sql(backend: Backend, rows: usize) -> String {
         Backend::Postgres => "INSERT",
     };
     let mut sql = format!("{verb} INTO heartbeats ({COLUMNS}) VALUES ");
-    for row in 0..rows {
-        sql.push_str(if row == 0 { "(" } else { ", (" });
-        for col in 0..COLUMN_COUNT {
-            if col > 0 {
-                sql.push_str(", ");
-            }
-            backend.push_placeholder(&mut sql, row * COLUMN_COUNT + col + 1);
-        }
-        sql.push(')');
-    }
+    backend.push_rows(&mut sql, rows, COLUMN_COUNT);
     sql
 }
 
@@ -802,22 +793,12 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn a_sqlite_history_from_schema_7_is_kept() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("old.db");
-        let old = sqlx::sqlite::SqlitePoolOptions::new()
-            .connect_with(
-                sqlx::sqlite::SqliteConnectOptions::new()
-                    .filename(&path)
-                    .create_if_missing(true),
-            )
-            .await
-            .expect("opens natively");
-        crate::store::sqlite::MIGRATOR
-            .run_to(7, &old)
-            .await
-            .expect("migrates to 7");
+    /// Writes the schema-7 history of [`OLD_ROWS`] into the database at `url`, migrated by
+    /// `migrator` up to schema 7 only.
+    async fn write_schema_7(url: &str, migrator: &sqlx::migrate::Migrator) {
+        sqlx::any::install_default_drivers();
+        let old = sqlx::AnyPool::connect(url).await.expect("opens");
+        migrator.run_to(7, &old).await.expect("migrates to 7");
         for old_row in OLD_ROWS {
             sqlx::query(sqlx::AssertSqlSafe(old_insert(old_row)))
                 .execute(&old)
@@ -825,32 +806,28 @@ mod tests {
                 .expect("inserts");
         }
         old.close().await;
-        let store = Store::open(
-            path.to_str().expect("utf-8"),
-            crate::store::StoreOptions::default(),
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_history_from_schema_7_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.db");
+        let path = path.to_str().expect("utf-8");
+        write_schema_7(
+            &format!("sqlite://{path}?mode=rwc"),
+            &crate::store::sqlite::MIGRATOR,
         )
-        .await
-        .expect("migrates to 8");
+        .await;
+        let store = Store::open(path, crate::store::StoreOptions::default())
+            .await
+            .expect("migrates to 8");
         history_survives_schema_8(store).await;
     }
 
     #[tokio::test]
     async fn a_postgres_history_from_schema_7_is_kept() {
         let url = crate::store::testing::postgres_url();
-        let old = sqlx::postgres::PgPool::connect(&url)
-            .await
-            .expect("opens natively");
-        crate::store::postgres::MIGRATOR
-            .run_to(7, &old)
-            .await
-            .expect("migrates to 7");
-        for old_row in OLD_ROWS {
-            sqlx::query(sqlx::AssertSqlSafe(old_insert(old_row)))
-                .execute(&old)
-                .await
-                .expect("inserts");
-        }
-        old.close().await;
+        write_schema_7(&url, &crate::store::postgres::MIGRATOR).await;
         let store = Store::open(&url, crate::store::StoreOptions::default())
             .await
             .expect("migrates to 8");

@@ -65,20 +65,6 @@ pub(super) struct NewEvent<'a> {
     pub(super) flag: Option<EventFlag>,
 }
 
-/// Appends `(?, ?, ...)` groups: `rows` rows of `columns` placeholders each.
-fn push_rows(sql: &mut String, backend: Backend, rows: usize, columns: usize) {
-    for row in 0..rows {
-        sql.push_str(if row == 0 { "(" } else { ", (" });
-        for column in 0..columns {
-            if column > 0 {
-                sql.push_str(", ");
-            }
-            backend.push_placeholder(sql, row * columns + column + 1);
-        }
-        sql.push(')');
-    }
-}
-
 /// What a group's transaction reads before it judges its events: its orders, by id, and
 /// which of its events were recorded before.
 pub(super) type GroupReads = (HashMap<String, OrderView>, HashMap<EventKey, FirstRecorded>);
@@ -306,7 +292,7 @@ async fn read_orders(
             order_fields!(),
             " FROM orders WHERE order_id IN "
         ));
-        push_rows(&mut sql, backend, 1, chunk.len());
+        backend.push_rows(&mut sql, 1, chunk.len());
         sql.push_str(" ORDER BY order_id");
         sql.push_str(backend.for_update());
         // Only placeholders are formatted in; every value is bound.
@@ -332,18 +318,7 @@ async fn recorded_events(
     for chunk in keys.chunks(ROWS_PER_STATEMENT) {
         let mut sql =
             String::from("SELECT vehicle, seq, ts_ms, order_id, kind FROM delivery_events WHERE ");
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push_str(" OR ");
-            }
-            sql.push_str("(vehicle = ");
-            backend.push_placeholder(&mut sql, 3 * i + 1);
-            sql.push_str(" AND seq = ");
-            backend.push_placeholder(&mut sql, 3 * i + 2);
-            sql.push_str(" AND ts_ms = ");
-            backend.push_placeholder(&mut sql, 3 * i + 3);
-            sql.push(')');
-        }
+        backend.push_any_of(&mut sql, chunk.len(), &["vehicle", "seq", "ts_ms"]);
         // Only placeholders are formatted in; every value is bound.
         let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
         for (vehicle, event) in chunk {
@@ -377,7 +352,7 @@ async fn insert_events(
             "INSERT OR FAIL INTO delivery_events (vehicle, seq, ts_ms, fleet, order_id, kind, \
              lat_e7, lon_e7, flag, received_ms) VALUES ",
         );
-        push_rows(&mut sql, backend, chunk.len(), 10);
+        backend.push_rows(&mut sql, chunk.len(), 10);
         sql.push_str(" ON CONFLICT (vehicle, seq, ts_ms) DO NOTHING");
         // Only placeholders are formatted in; every value is bound.
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -457,7 +432,7 @@ async fn insert_messages(
     for chunk in messages.chunks(ROWS_PER_STATEMENT) {
         let mut sql =
             String::from("INSERT OR FAIL INTO queue (client, payload, created_ms) VALUES ");
-        push_rows(&mut sql, backend, chunk.len(), 3);
+        backend.push_rows(&mut sql, chunk.len(), 3);
         sql.push_str(" RETURNING id");
         // Only placeholders are formatted in; every value is bound.
         let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql));

@@ -120,23 +120,10 @@ async fn make(
     let mut made = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(PAIRS_PER_STATEMENT) {
         let mut insert = String::from("INSERT INTO tracks (vehicle, fleet) VALUES ");
-        let mut select = String::from("SELECT id, vehicle, fleet FROM tracks WHERE ");
-        for i in 0..chunk.len() {
-            insert.push_str(if i == 0 { "(" } else { ", (" });
-            backend.push_placeholder(&mut insert, 2 * i + 1);
-            insert.push_str(", ");
-            backend.push_placeholder(&mut insert, 2 * i + 2);
-            insert.push(')');
-            if i > 0 {
-                select.push_str(" OR ");
-            }
-            select.push_str("(vehicle = ");
-            backend.push_placeholder(&mut select, 2 * i + 1);
-            select.push_str(" AND fleet = ");
-            backend.push_placeholder(&mut select, 2 * i + 2);
-            select.push(')');
-        }
+        backend.push_rows(&mut insert, chunk.len(), 2);
         insert.push_str(" ON CONFLICT (vehicle, fleet) DO NOTHING");
+        let mut select = String::from("SELECT id, vehicle, fleet FROM tracks WHERE ");
+        backend.push_any_of(&mut select, chunk.len(), &["vehicle", "fleet"]);
         // Only placeholders are formatted in; every value is bound.
         let mut query = sqlx::query(sqlx::AssertSqlSafe(insert));
         for (vehicle, fleet) in chunk {
