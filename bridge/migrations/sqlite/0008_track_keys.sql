@@ -1,7 +1,7 @@
 -- Fleetbeat bridge store, schema 8: the heartbeat history keyed by an integer per track.
 -- - A track is the heartbeats of one vehicle in one fleet; `tracks` gives each (vehicle,
 --   fleet) a number once, and every heartbeat row carries that number instead of the two
---   names. The writer keeps the numbers in memory (`store::track::keys`), so a heartbeat binds
+--   names. The writer keeps the numbers in memory (`store::track_keys`), so a heartbeat binds
 --   only integers: no text to copy on its way to SQLite, a smaller row, a smaller track index.
 -- - A number is never reused or removed (a few bytes per vehicle ever seen): a heartbeat's
 --   track always names its vehicle and fleet, whatever retention removed.

@@ -17,7 +17,7 @@ use super::error::StoreError;
 use super::group::{EventGroups, GroupStats};
 use super::options::{Durability, StoreOptions};
 pub(super) use super::pool::{Db, DbPool, DbTx, redacted};
-use super::track::TrackKeys;
+use super::track_keys::TrackKeys;
 use super::{postgres, sqlite};
 
 /// Whether `target` names a PostgreSQL database.
@@ -35,7 +35,7 @@ pub struct Store {
     pub(super) events: Arc<EventGroups>,
     /// SQLite's checkpoint task (`store::checkpoint`); none for PostgreSQL or in memory.
     pub(super) checkpoints: Option<Arc<Checkpoints>>,
-    /// The heartbeat history's track numbers in use (`store::track::keys`).
+    /// The heartbeat history's track numbers in use (`store::track_keys`).
     pub(super) tracks: Arc<TrackKeys>,
     target: Arc<str>,
 }

@@ -22,6 +22,7 @@
 //! - `parked`: QoS 1 messages of vehicles without a key, parked after their wait
 //!   (`Store::park`, `Store::parked_of`, `Store::unpark`, `Store::expire_parked`).
 //! - `track`: the heartbeat history ([`Store::record_heartbeats`], `Store::track`).
+//! - `track_keys`: the history's track numbers, one per (vehicle, fleet), kept in memory.
 //! - `geofence`: custom geofences ([`StoredFence`], `Store::geofences`) and the drop-offs of
 //!   open orders ([`Store::open_dropoffs`], and those changed since a time:
 //!   [`Store::dropoffs_changed_since`]) that become automatic fences.
@@ -60,6 +61,7 @@ mod sqlite;
 #[cfg(test)]
 pub(crate) mod testing;
 mod track;
+mod track_keys;
 mod writer;
 
 pub use database::Store;

@@ -2,8 +2,8 @@
 //! and that track exported as GPX 1.1 ([`HeartbeatRow::gpx`]) or CSV ([`HeartbeatRow::csv`])
 //! for other tools.
 //!
-//! A row names its vehicle and fleet by their track's number (`keys`): the writer binds only
-//! integers, and a vehicle's track is read by that number.
+//! A row names its vehicle and fleet by their track's number (`store::track_keys`): the
+//! writer binds only integers, and a vehicle's track is read by that number.
 
 use std::sync::LazyLock;
 
@@ -11,10 +11,6 @@ use shared::{FleetId, Heartbeat, Position, VehicleId};
 
 use super::database::{Backend, Db, DbTx, Store, from_db, narrow, parse_id, to_db};
 use super::error::StoreError;
-
-mod keys;
-
-pub(super) use keys::TrackKeys;
 
 /// One stored heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,10 +207,9 @@ impl Store {
         if by_vehicle.is_empty() {
             return Ok(());
         }
-        let tracks = self
-            .tracks
-            .of(&self.write, self.backend, by_vehicle)
-            .await?;
+        let pairs: Vec<(&VehicleId, &FleetId)> =
+            by_vehicle.iter().map(|r| (&r.vehicle, &r.fleet)).collect();
+        let tracks = self.tracks.of(&self.write, self.backend, &pairs).await?;
         let mut tx = self.begin_write().await?;
         let mut rest = tracks.as_slice();
         for piece in pieces(by_vehicle) {

@@ -17,10 +17,9 @@ use std::sync::{Mutex, PoisonError};
 
 use shared::{FleetId, VehicleId};
 
-use super::super::backend::{Backend, parse_id};
-use super::super::error::StoreError;
-use super::super::pool::DbPool;
-use super::HeartbeatRow;
+use super::backend::{Backend, parse_id};
+use super::error::StoreError;
+use super::pool::DbPool;
 
 /// The most (vehicle, fleet) pairs one statement makes or reads (two bound values each: far
 /// below both backends' limits).
@@ -28,55 +27,59 @@ const PAIRS_PER_STATEMENT: usize = 256;
 
 /// The track numbers the store has used, by vehicle (then fleet: nearly always one).
 #[derive(Debug, Default)]
-pub(in crate::store) struct TrackKeys {
+pub(super) struct TrackKeys {
     known: Mutex<HashMap<VehicleId, Vec<(FleetId, i64)>>>,
 }
 
 impl TrackKeys {
-    /// The number of the track of each of `rows`, in order: from memory, else from `tracks`
-    /// in `pool`, where the missing ones are made (and committed) first.
+    /// The number of each track of `pairs` (vehicle, fleet), in order: from memory, else from
+    /// `tracks` in `pool`, where the missing ones are made (and committed) first.
     ///
     /// # Errors
     /// [`StoreError::Database`] if a missing number could not be made or read,
     /// [`StoreError::Corrupt`] if `tracks` does not give one it was asked for.
-    pub(in crate::store) async fn of(
+    pub(super) async fn of(
         &self,
         pool: &DbPool,
         backend: Backend,
-        rows: &[&HeartbeatRow],
+        pairs: &[(&VehicleId, &FleetId)],
     ) -> Result<Vec<i64>, StoreError> {
-        if let Some(numbers) = self.known(rows) {
+        if let Some(numbers) = self.known(pairs) {
             return Ok(numbers);
         }
-        let made = make(pool, backend, &self.missing(rows)).await?;
+        let made = make(pool, backend, &self.missing(pairs)).await?;
         {
             let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
             for (vehicle, fleet, id) in made {
                 remember(&mut known, vehicle, fleet, id);
             }
         }
-        self.known(rows).ok_or_else(|| {
+        self.known(pairs).ok_or_else(|| {
             StoreError::Corrupt("`tracks` did not give a track it was asked for".into())
         })
     }
 
-    /// The number of the track of each of `rows`, in order, if all are in memory.
-    fn known(&self, rows: &[&HeartbeatRow]) -> Option<Vec<i64>> {
+    /// The number of each track of `pairs`, in order, if all are in memory.
+    fn known(&self, pairs: &[(&VehicleId, &FleetId)]) -> Option<Vec<i64>> {
         let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
-        rows.iter()
-            .map(|row| find(&known, &row.vehicle, &row.fleet))
+        pairs
+            .iter()
+            .map(|(vehicle, fleet)| find(&known, vehicle, fleet))
             .collect()
     }
 
-    /// The (vehicle, fleet) pairs of `rows` that have no number in memory, each once, sorted:
-    /// bridges that make the same tracks at once on PostgreSQL take their rows' locks in the
-    /// same order, and wait for each other instead of deadlocking.
-    fn missing<'r>(&self, rows: &[&'r HeartbeatRow]) -> Vec<(&'r VehicleId, &'r FleetId)> {
+    /// The pairs of `pairs` that have no number in memory, each once, sorted: bridges that
+    /// make the same tracks at once on PostgreSQL take their rows' locks in the same order,
+    /// and wait for each other instead of deadlocking.
+    fn missing<'p>(
+        &self,
+        pairs: &[(&'p VehicleId, &'p FleetId)],
+    ) -> Vec<(&'p VehicleId, &'p FleetId)> {
         let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut missing: Vec<(&VehicleId, &FleetId)> = rows
+        let mut missing: Vec<(&VehicleId, &FleetId)> = pairs
             .iter()
-            .map(|row| (&row.vehicle, &row.fleet))
             .filter(|(vehicle, fleet)| find(&known, vehicle, fleet).is_none())
+            .copied()
             .collect();
         drop(known);
         missing.sort_unstable();
