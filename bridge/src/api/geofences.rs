@@ -278,7 +278,7 @@ async fn create<A: Adapter>(
     };
     state.hub.storage().insert_geofence(&row).await?;
     let fence = custom_fence(&row, shape);
-    state.hub.geofences().engine().upsert(fence.clone());
+    state.hub.geofences().upsert_custom(fence.clone());
     tracing::info!(fence = %fence.id, fleet = %fence.fleet, by = %grant.name, "geofence created");
     changed(&state.io, state.hub.metrics(), &fence.fleet, &fence.id).await;
     Ok((StatusCode::CREATED, Json(FenceView::new(&fence))).into_response())
@@ -306,7 +306,7 @@ async fn update<A: Adapter>(
         return Err(not_found());
     }
     let fence = custom_fence(&row, shape);
-    state.hub.geofences().engine().upsert(fence.clone());
+    state.hub.geofences().upsert_custom(fence.clone());
     tracing::info!(fence = %fence.id, fleet = %fence.fleet, by = %grant.name, "geofence changed");
     changed(&state.io, state.hub.metrics(), &fence.fleet, &fence.id).await;
     if old.fleet != fence.fleet {
@@ -326,7 +326,7 @@ async fn delete<A: Adapter>(
     if !state.hub.storage().delete_geofence(&id).await? {
         return Err(not_found());
     }
-    state.hub.geofences().engine().remove(&id);
+    state.hub.geofences().remove_custom(&id);
     tracing::info!(fence = %id, fleet = %old.fleet, by = %grant.name, "geofence deleted");
     changed(&state.io, state.hub.metrics(), &old.fleet, &id).await;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -363,6 +363,8 @@ impl StoreSync {
     /// [`StoreError`] if the store cannot be read (the fences stay as they were).
     pub(crate) async fn step(&mut self, hub: &Arc<Hub>) -> Result<usize, StoreError> {
         let started_ms = now_ms();
+        // Before the read: an edit of this bridge's after it makes the read too old to apply.
+        let custom_edits = hub.geofences().custom_edits();
         let custom: Vec<Fence> = hub
             .storage()
             .geofences()
@@ -398,7 +400,7 @@ impl StoreSync {
                 .count()
         };
         self.since_ms = started_ms.saturating_sub(CHANGE_SLACK_MS);
-        Ok(changed + geofences.sync_custom(custom))
+        Ok(changed + geofences.sync_custom(custom, custom_edits))
     }
 }
 

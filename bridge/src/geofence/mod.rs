@@ -21,6 +21,7 @@ mod engine;
 mod shape;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use shared::{FleetId, Heartbeat, Position, VehicleId};
@@ -134,6 +135,11 @@ pub struct Geofences {
     options: GeofenceOptions,
     engine: Mutex<GeofenceEngine>,
     noted: Mutex<HashMap<VehicleId, Sighting>>,
+    /// Custom fences this bridge made, changed or removed so far ([`Geofences::upsert_custom`],
+    /// [`Geofences::remove_custom`]), counted under the engine's lock: a reload of the
+    /// custom fences read from the store before one of them may not hold it, and is not
+    /// applied ([`Geofences::sync_custom`]).
+    custom_edits: AtomicU64,
 }
 
 impl Default for Geofences {
@@ -149,6 +155,7 @@ impl Geofences {
             options,
             engine: Mutex::new(GeofenceEngine::new(options.hysteresis_m)),
             noted: Mutex::new(HashMap::new()),
+            custom_edits: AtomicU64::new(0),
         }
     }
 
@@ -216,9 +223,39 @@ impl Geofences {
         changed
     }
 
-    /// Makes the custom fences `fences`.
-    pub fn sync_custom(&self, fences: Vec<Fence>) -> usize {
-        self.engine().sync_kind(FenceKind::Custom, fences)
+    /// How many custom fences this bridge made, changed or removed so far: read it before
+    /// reading the custom fences from the store, and hand it to [`Geofences::sync_custom`].
+    pub fn custom_edits(&self) -> u64 {
+        self.custom_edits.load(Ordering::Acquire)
+    }
+
+    /// Adds or replaces the custom fence `fence`, just committed to the store by this bridge.
+    pub fn upsert_custom(&self, fence: Fence) {
+        let mut engine = self.engine();
+        engine.upsert(fence);
+        self.custom_edits.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Removes the custom fence `id`, just deleted from the store by this bridge; returns it.
+    pub fn remove_custom(&self, id: &str) -> Option<Arc<Fence>> {
+        let mut engine = self.engine();
+        let removed = engine.remove(id);
+        self.custom_edits.fetch_add(1, Ordering::AcqRel);
+        removed
+    }
+
+    /// Makes the custom fences `fences`, read from the store after [`Geofences::custom_edits`]
+    /// gave `read_after`; returns how many changed. If this bridge changed a custom fence
+    /// since, the read may predate that change (a fence made a moment ago, missing from it),
+    /// so nothing is applied (0): the next reload is. Applying it would undo the change until
+    /// then, and a fleet's count of custom fences, which caps how many more it may make,
+    /// would be short meanwhile.
+    pub fn sync_custom(&self, fences: Vec<Fence>, read_after: u64) -> usize {
+        let mut engine = self.engine();
+        if self.custom_edits.load(Ordering::Acquire) != read_after {
+            return 0;
+        }
+        engine.sync_kind(FenceKind::Custom, fences)
     }
 
     /// An order is open (placed, assigned, on its way): its drop-off fence is added, or
@@ -314,5 +351,52 @@ mod tests {
         assert!(geofences.order_closed("o-1"));
         assert!(!geofences.order_closed("o-1"), "gone already");
         assert_eq!(geofences.list(|_| true).len(), 1);
+    }
+
+    /// A reload of the custom fences read before this bridge made or removed one is not
+    /// applied: it would undo that change (and shorten the fleet's count, which caps how many
+    /// more it may make) until the next reload.
+    #[test]
+    fn a_reload_read_before_an_own_edit_does_not_undo_it() {
+        let geofences = Geofences::default();
+        let custom = |id: &str| Fence {
+            id: id.into(),
+            name: id.into(),
+            fleet: FleetId::new("north").expect("valid"),
+            kind: FenceKind::Custom,
+            shape: Shape::Circle {
+                lat: 52.5,
+                lon: 13.4,
+                radius_m: 50.0,
+            },
+            created_ms: 1,
+            store: None,
+            order: None,
+        };
+        let customs = |g: &Geofences| g.list(|f| f.kind == FenceKind::Custom).len();
+        // The store held one fence when the reload read it; this bridge then made another.
+        let read_after = geofences.custom_edits();
+        geofences.upsert_custom(custom("gf-2"));
+        assert_eq!(geofences.sync_custom(vec![custom("gf-1")], read_after), 0);
+        assert_eq!(customs(&geofences), 1, "the fence just made stays");
+        // The next reload, read after the edit, holds both and is applied.
+        let read_after = geofences.custom_edits();
+        assert_eq!(
+            geofences.sync_custom(vec![custom("gf-1"), custom("gf-2")], read_after),
+            1
+        );
+        assert_eq!(customs(&geofences), 2);
+        // The same for a removal: a reload that still holds the fence does not bring it back.
+        let read_after = geofences.custom_edits();
+        assert!(geofences.remove_custom("gf-2").is_some());
+        assert_eq!(
+            geofences.sync_custom(vec![custom("gf-1"), custom("gf-2")], read_after),
+            0
+        );
+        assert_eq!(
+            customs(&geofences),
+            1,
+            "the fence just removed stays removed"
+        );
     }
 }
