@@ -647,6 +647,50 @@ async fn a_fleet_has_at_most_max_custom_per_fleet_fences() -> anyhow::Result<()>
     Ok(())
 }
 
+/// Creates sent at the same moment cannot pass the cap together: of 8 at once with room for
+/// 2, exactly 2 are made and the others refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_at_the_same_moment_do_not_pass_the_cap() -> anyhow::Result<()> {
+    let config = write_bridge_config(TOKENS)?;
+    let path = config.path().to_str().context("utf-8 path")?.to_owned();
+    let bridge =
+        start_bridge(&["--config", &path, "--geofences-max-custom-per-fleet", "2"]).await?;
+    let url = format!("{}/api/geofences", bridge.url());
+    let mut creates = tokio::task::JoinSet::new();
+    for k in 0..8u32 {
+        let url = url.clone();
+        let body = json!({
+            "name": format!("f{k}"),
+            "fleet": "north",
+            "shape": circle(52.5 + f64::from(k) / 100.0, 13.4, 50.0),
+        });
+        creates.spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth("admin-secret")
+                .json(&body)
+                .timeout(WAIT)
+                .send()
+                .await
+                .map(|response| response.status().as_u16())
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(done) = creates.join_next().await {
+        statuses.push(done??);
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [201, 201, 409, 409, 409, 409, 409, 409]);
+    let custom = listed(&bridge, "admin-secret", "?fleet=north")
+        .await?
+        .into_iter()
+        .filter(|id| id.starts_with("gf-"))
+        .count();
+    assert_eq!(custom, 2, "two stored");
+    drop(config);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_orders_dropoff_is_a_fence_that_reaches_its_store() -> anyhow::Result<()> {
     let (bridge, _config) = scoped_bridge().await?;

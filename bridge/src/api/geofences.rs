@@ -28,7 +28,7 @@ use super::state::HttpState;
 use crate::clock::now_ms;
 use crate::domain::Hub;
 use crate::domain::auth::{AuthError, Entrance, Grant, Role};
-use crate::geofence::{Fence, FenceKind, OpenDropoff, Shape, degrees};
+use crate::geofence::{CustomSlot, Fence, FenceKind, OpenDropoff, Shape, degrees};
 use crate::metrics::Counter;
 use crate::store::{OpenOrderDropoff, OrderView, StoreError, StoredFence};
 use crate::view::geofence::{FenceView, changed};
@@ -171,17 +171,17 @@ fn custom_fence(row: &StoredFence, shape: Shape) -> Fence {
     }
 }
 
-/// 409 if `fleet` has as many custom fences as `[geofences] max_custom_per_fleet` allows
-/// (counted in this bridge's engine, in step with the store every 2 s), logged and counted.
-fn room_for_one_more(hub: &Hub, fleet: &FleetId) -> Result<(), FenceError> {
+/// Room for one more custom fence of `fleet` (see `Geofences::reserve_custom`: held until the
+/// slot is dropped); 409 if it has as many as `[geofences] max_custom_per_fleet` allows
+/// (counted in this bridge's engine, in step with the store every 2 s, with those being made
+/// by this bridge), logged and counted.
+fn room_for_one_more<'h>(hub: &'h Hub, fleet: &FleetId) -> Result<CustomSlot<'h>, FenceError> {
     let geofences = hub.geofences();
     let most = geofences.options().max_custom_per_fleet;
-    let has = geofences
-        .list(|f| f.kind == FenceKind::Custom && f.fleet == *fleet)
-        .len();
-    if has < most {
-        return Ok(());
-    }
+    let has = match geofences.reserve_custom(fleet) {
+        Ok(slot) => return Ok(slot),
+        Err(has) => has,
+    };
     hub.metrics().count(Counter::GeofencesRefused);
     tracing::warn!(%fleet, has, most, "a new geofence refused: the fleet has the most allowed");
     Err(FenceError(
@@ -268,7 +268,8 @@ async fn create<A: Adapter>(
     let grant = grant::<FenceEditors>(&state.hub, &headers)?;
     let (name, fleet, shape) = checked(body_of(body)?)?;
     may_edit_in(&grant, &fleet)?;
-    room_for_one_more(&state.hub, &fleet)?;
+    // Held until the fence is in the engine (or the request fails).
+    let _slot = room_for_one_more(&state.hub, &fleet)?;
     let row = StoredFence {
         id: format!("gf-{:016x}", fastrand::u64(..)),
         name,
