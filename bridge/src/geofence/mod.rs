@@ -354,6 +354,24 @@ mod tests {
 
     use super::*;
 
+    /// A custom fence `id` of `fleet`: a 50 m circle.
+    fn custom_fence(id: &str, fleet: &FleetId) -> Fence {
+        Fence {
+            id: id.into(),
+            name: id.into(),
+            fleet: fleet.clone(),
+            kind: FenceKind::Custom,
+            shape: Shape::Circle {
+                lat: 52.5,
+                lon: 13.4,
+                radius_m: 50.0,
+            },
+            created_ms: 1,
+            store: None,
+            order: None,
+        }
+    }
+
     #[test]
     fn noted_heartbeats_are_evaluated_once_newest_first() {
         let geofences = Geofences::new(GeofenceOptions {
@@ -414,20 +432,7 @@ mod tests {
     #[test]
     fn a_reload_read_before_an_own_edit_does_not_undo_it() {
         let geofences = Geofences::default();
-        let custom = |id: &str| Fence {
-            id: id.into(),
-            name: id.into(),
-            fleet: FleetId::new("north").expect("valid"),
-            kind: FenceKind::Custom,
-            shape: Shape::Circle {
-                lat: 52.5,
-                lon: 13.4,
-                radius_m: 50.0,
-            },
-            created_ms: 1,
-            store: None,
-            order: None,
-        };
+        let custom = |id: &str| custom_fence(id, &FleetId::new("north").expect("valid"));
         let customs = |g: &Geofences| g.list(|f| f.kind == FenceKind::Custom).len();
         // The store held one fence when the reload read it; this bridge then made another.
         let read_after = geofences.custom_edits();
@@ -477,20 +482,7 @@ mod tests {
         drop(first);
         let third = geofences.reserve_custom(&north).expect("room again");
         // One is made: it counts as made once its slot is dropped.
-        geofences.upsert_custom(Fence {
-            id: "gf-1".into(),
-            name: "gf-1".into(),
-            fleet: north.clone(),
-            kind: FenceKind::Custom,
-            shape: Shape::Circle {
-                lat: 52.5,
-                lon: 13.4,
-                radius_m: 50.0,
-            },
-            created_ms: 1,
-            store: None,
-            order: None,
-        });
+        geofences.upsert_custom(custom_fence("gf-1", &north));
         drop(second);
         assert_eq!(
             geofences.reserve_custom(&north).err(),
