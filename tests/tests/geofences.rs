@@ -630,7 +630,8 @@ async fn a_fleet_has_at_most_max_custom_per_fleet_fences() -> anyhow::Result<()>
         .count();
     assert_eq!(custom, 2, "the refused fence is not stored");
     // The bound is per fleet; the automatic store fences do not count.
-    assert_eq!(create("south-secret", fence("south", 1.0)).await?.0, 201);
+    let (status, south) = create("south-secret", fence("south", 1.0)).await?;
+    assert_eq!(status, 201, "{south}");
     // Deleting one makes room again.
     let first_id = first["id"].as_str().context("id")?;
     let (status, _) = call(
@@ -643,6 +644,36 @@ async fn a_fleet_has_at_most_max_custom_per_fleet_fences() -> anyhow::Result<()>
     .await?;
     assert_eq!(status, 204);
     assert_eq!(create("north-secret", fence("north", 4.0)).await?.0, 201);
+    // A fence moved into the full fleet counts there like a new one: refused, and it stays
+    // where it was.
+    let south_id = south["id"].as_str().context("id")?;
+    let (status, moved) = call(
+        &bridge,
+        Method::PUT,
+        &format!("/api/geofences/{south_id}"),
+        "admin-secret",
+        Some(&fence("north", 5.0)),
+    )
+    .await?;
+    assert_eq!(status, 409, "{moved}");
+    assert_eq!(
+        bridge
+            .metric("fleetbeat_bridge_geofences_refused_total")
+            .await?,
+        2.0
+    );
+    let in_south = listed(&bridge, "admin-secret", "?fleet=south").await?;
+    assert!(in_south.iter().any(|id| id == south_id), "{in_south:?}");
+    // Changed in place, in its own (not full) fleet: fine.
+    let (status, changed) = call(
+        &bridge,
+        Method::PUT,
+        &format!("/api/geofences/{south_id}"),
+        "admin-secret",
+        Some(&fence("south", 6.0)),
+    )
+    .await?;
+    assert_eq!(status, 200, "{changed}");
     drop(config);
     Ok(())
 }

@@ -2,8 +2,11 @@
 //! - `GET /api/geofences?fleet=F`: `{geofences: [Fence...]}`, custom and automatic, within
 //!   the caller's scope (a vendor: its store's fence and its orders' drop-offs).
 //! - `POST /api/geofences` `{name, fleet, shape}`: 201 Fence (admin, or a dispatcher of that
-//!   fleet; vendors 403; a fleet the caller may not see 403).
-//! - `PUT /api/geofences/{id}` (same body): 200 Fence; `DELETE /api/geofences/{id}`: 204.
+//!   fleet; vendors 403; a fleet the caller may not see 403; 409 once the fleet has
+//!   `[geofences] max_custom_per_fleet` custom fences, checked again in the store's
+//!   transaction, so that bridges creating at the same moment cannot pass it together).
+//! - `PUT /api/geofences/{id}` (same body): 200 Fence (409 for a move to a full fleet);
+//!   `DELETE /api/geofences/{id}`: 204.
 //!   A fence of a fleet the caller may not see is 404, like a missing one; automatic fences
 //!   (`store:...`, `dropoff:...`) are read-only: 409.
 //!
@@ -30,7 +33,7 @@ use crate::domain::Hub;
 use crate::domain::auth::{AuthError, Entrance, Grant, Role};
 use crate::geofence::{CustomSlot, Fence, FenceKind, OpenDropoff, Shape, degrees};
 use crate::metrics::Counter;
-use crate::store::{OpenOrderDropoff, OrderView, StoreError, StoredFence};
+use crate::store::{FenceWrite, OpenOrderDropoff, OrderView, StoreError, StoredFence};
 use crate::view::geofence::{FenceView, changed};
 
 /// Who may draw fences: dispatchers and operators.
@@ -174,23 +177,36 @@ fn custom_fence(row: &StoredFence, shape: Shape) -> Fence {
 /// Room for one more custom fence of `fleet` (see `Geofences::reserve_custom`: held until the
 /// slot is dropped); 409 if it has as many as `[geofences] max_custom_per_fleet` allows
 /// (counted in this bridge's engine, in step with the store every 2 s, with those being made
-/// by this bridge), logged and counted.
+/// by this bridge). The store counts again when it writes the fence (`Store::insert_geofence`),
+/// which also holds against other bridges.
 fn room_for_one_more<'h>(hub: &'h Hub, fleet: &FleetId) -> Result<CustomSlot<'h>, FenceError> {
-    let geofences = hub.geofences();
-    let most = geofences.options().max_custom_per_fleet;
-    let has = match geofences.reserve_custom(fleet) {
-        Ok(slot) => return Ok(slot),
-        Err(has) => has,
-    };
+    hub.geofences()
+        .reserve_custom(fleet)
+        .map_err(|has| refused(hub, fleet, has))
+}
+
+/// 409 for a new fence of `fleet`, which has `has` custom fences, the most allowed: logged
+/// and counted.
+fn refused(hub: &Hub, fleet: &FleetId, has: usize) -> FenceError {
+    let most = hub.geofences().options().max_custom_per_fleet;
     hub.metrics().count(Counter::GeofencesRefused);
     tracing::warn!(%fleet, has, most, "a new geofence refused: the fleet has the most allowed");
-    Err(FenceError(
+    FenceError(
         StatusCode::CONFLICT,
         format!(
             "fleet {fleet} has {has} geofences, the most allowed ([geofences] \
              max_custom_per_fleet = {most}): delete one first"
         ),
-    ))
+    )
+}
+
+/// What the store did with a fence: 409 if its fleet was full, 404 if it was gone.
+fn written(hub: &Hub, fleet: &FleetId, write: FenceWrite) -> Result<(), FenceError> {
+    match write {
+        FenceWrite::Written => Ok(()),
+        FenceWrite::Full(has) => Err(refused(hub, fleet, has)),
+        FenceWrite::Missing => Err(not_found()),
+    }
 }
 
 /// 403 unless `grant` may edit fences of `fleet`.
@@ -277,7 +293,9 @@ async fn create<A: Adapter>(
         shape: shape_json(&shape)?,
         created_ms: now_ms(),
     };
-    state.hub.storage().insert_geofence(&row).await?;
+    let most = state.hub.geofences().options().max_custom_per_fleet;
+    let write = state.hub.storage().insert_geofence(&row, most).await?;
+    written(&state.hub, &row.fleet, write)?;
     let fence = custom_fence(&row, shape);
     state.hub.geofences().upsert_custom(fence.clone());
     tracing::info!(fence = %fence.id, fleet = %fence.fleet, by = %grant.name, "geofence created");
@@ -296,6 +314,12 @@ async fn update<A: Adapter>(
     let old = editable(&state.hub, &grant, &id).await?;
     let (name, fleet, shape) = checked(body_of(body)?)?;
     may_edit_in(&grant, &fleet)?;
+    // A fence moved to another fleet counts against that fleet's cap, like a new one.
+    let _slot = if old.fleet == fleet {
+        None
+    } else {
+        Some(room_for_one_more(&state.hub, &fleet)?)
+    };
     let row = StoredFence {
         id: id.clone(),
         name,
@@ -303,9 +327,13 @@ async fn update<A: Adapter>(
         shape: shape_json(&shape)?,
         created_ms: old.created_ms,
     };
-    if !state.hub.storage().update_geofence(&row, now_ms()).await? {
-        return Err(not_found());
-    }
+    let most = state.hub.geofences().options().max_custom_per_fleet;
+    let write = state
+        .hub
+        .storage()
+        .update_geofence(&row, most, now_ms())
+        .await?;
+    written(&state.hub, &row.fleet, write)?;
     let fence = custom_fence(&row, shape);
     state.hub.geofences().upsert_custom(fence.clone());
     tracing::info!(fence = %fence.id, fleet = %fence.fleet, by = %grant.name, "geofence changed");

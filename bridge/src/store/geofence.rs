@@ -4,8 +4,11 @@
 
 use shared::FleetId;
 
+use super::backend::Backend;
 use super::database::{Store, from_db, parse_id, to_db};
 use super::error::StoreError;
+use super::pool::DbTx;
+use super::postgres;
 
 /// A stored custom fence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,13 +104,34 @@ fn fence_from_row(
     })
 }
 
+/// What writing a custom fence did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceWrite {
+    /// It was written.
+    Written,
+    /// Nothing was written: the fence's fleet has this many custom fences, the most allowed.
+    Full(usize),
+    /// Nothing was written: there is no such fence (a change).
+    Missing,
+}
+
 impl Store {
-    /// Stores a new custom fence.
+    /// Stores a new custom fence, unless its fleet has `most` custom fences already. The
+    /// count and the insert are one transaction that no other adds a fence of the fleet
+    /// during (on PostgreSQL, whichever bridge it is on), so fences created at the same
+    /// moment cannot pass `most` together.
     ///
     /// # Errors
     /// [`StoreError::Database`] if it could not be committed (an id in use included).
-    pub async fn insert_geofence(&self, fence: &StoredFence) -> Result<(), StoreError> {
+    pub async fn insert_geofence(
+        &self,
+        fence: &StoredFence,
+        most: usize,
+    ) -> Result<FenceWrite, StoreError> {
         let mut tx = self.begin_write().await?;
+        if let Some(has) = self.fleet_is_full(&mut tx, &fence.fleet, "", most).await? {
+            return Ok(FenceWrite::Full(has));
+        }
         sqlx::query(
             "INSERT INTO geofences (fence_id, name, fleet, shape, created_ms, updated_ms) \
              VALUES ($1, $2, $3, $4, $5, $5)",
@@ -120,21 +144,38 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(FenceWrite::Written)
     }
 
     /// Replaces the name, fleet and shape of custom fence `fence.id` (its `created_ms` is
-    /// kept); returns whether it exists.
+    /// kept), unless it moves to a fleet that has `most` custom fences already (counted as
+    /// [`Store::insert_geofence`] counts).
     ///
     /// # Errors
     /// [`StoreError::Database`] if it could not be committed.
     pub async fn update_geofence(
         &self,
         fence: &StoredFence,
+        most: usize,
         now_ms: u64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<FenceWrite, StoreError> {
         let mut tx = self.begin_write().await?;
-        let changed = sqlx::query(
+        let fleet: Option<String> =
+            sqlx::query_scalar("SELECT fleet FROM geofences WHERE fence_id = $1")
+                .bind(fence.id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(fleet) = fleet else {
+            return Ok(FenceWrite::Missing);
+        };
+        if fleet != fence.fleet.as_str()
+            && let Some(has) = self
+                .fleet_is_full(&mut tx, &fence.fleet, &fence.id, most)
+                .await?
+        {
+            return Ok(FenceWrite::Full(has));
+        }
+        sqlx::query(
             "UPDATE geofences SET name = $2, fleet = $3, shape = $4, updated_ms = $5 WHERE fence_id = $1",
         )
         .bind(fence.id.as_str())
@@ -143,10 +184,33 @@ impl Store {
         .bind(fence.shape.as_str())
         .bind(to_db(now_ms))
         .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .await?;
         tx.commit().await?;
-        Ok(changed > 0)
+        Ok(FenceWrite::Written)
+    }
+
+    /// How many custom fences `fleet` has (fence `except` not counted), if `most` or more;
+    /// on PostgreSQL under the fleet's fence lock, held until `tx` ends
+    /// (`postgres::fence_lock`; SQLite's write transactions exclude each other already).
+    async fn fleet_is_full(
+        &self,
+        tx: &mut DbTx,
+        fleet: &FleetId,
+        except: &str,
+        most: usize,
+    ) -> Result<Option<usize>, StoreError> {
+        if self.backend == Backend::Postgres {
+            postgres::fence_lock(tx, fleet.as_str()).await?;
+        }
+        let has: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM geofences WHERE fleet = $1 AND fence_id <> $2",
+        )
+        .bind(fleet.as_str())
+        .bind(except)
+        .fetch_one(&mut **tx)
+        .await?;
+        let has = usize::try_from(has).unwrap_or(usize::MAX);
+        Ok((has >= most).then_some(has))
     }
 
     /// Deletes custom fence `id`; returns whether it existed.
@@ -249,21 +313,82 @@ mod tests {
         /// Custom fences are created, read, changed and deleted; a second insert of an id fails.
         async fn geofences_crud(store) {
             assert!(store.geofences().await.expect("list").is_empty());
-            store.insert_geofence(&fence("gf-b", "north")).await.expect("insert");
-            store.insert_geofence(&fence("gf-a", "demo")).await.expect("insert");
-            assert!(store.insert_geofence(&fence("gf-a", "demo")).await.is_err(), "id in use");
+            assert_eq!(store.insert_geofence(&fence("gf-b", "north"), MOST).await.expect("insert"), FenceWrite::Written);
+            assert_eq!(store.insert_geofence(&fence("gf-a", "demo"), MOST).await.expect("insert"), FenceWrite::Written);
+            assert!(store.insert_geofence(&fence("gf-a", "demo"), MOST).await.is_err(), "id in use");
             let all = store.geofences().await.expect("list");
             assert_eq!(all.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["gf-a", "gf-b"]);
             assert_eq!(store.geofence("gf-a").await.expect("get"), Some(fence("gf-a", "demo")));
             let changed = StoredFence { name: "renamed".into(), shape: "{}".into(), created_ms: 9, ..fence("gf-a", "south") };
-            assert!(store.update_geofence(&changed, 2_000).await.expect("update"));
+            assert_eq!(store.update_geofence(&changed, MOST, 2_000).await.expect("update"), FenceWrite::Written);
             let read = store.geofence("gf-a").await.expect("get").expect("exists");
             assert_eq!((read.name.as_str(), read.fleet.as_str(), read.shape.as_str(), read.created_ms), ("renamed", "south", "{}", 1_000));
-            assert!(!store.update_geofence(&fence("gf-x", "demo"), 1).await.expect("update"), "missing");
+            assert_eq!(store.update_geofence(&fence("gf-x", "demo"), MOST, 1).await.expect("update"), FenceWrite::Missing);
             assert!(store.delete_geofence("gf-a").await.expect("delete"));
             assert!(!store.delete_geofence("gf-a").await.expect("delete"), "gone already");
             assert_eq!(store.geofence("gf-a").await.expect("get"), None);
         }
+    }
+
+    /// A cap no test reaches.
+    const MOST: usize = 100;
+
+    on_each_backend! {
+        /// A fleet with `most` custom fences takes no more, neither new nor moved from
+        /// another fleet; its own fences still change, and one deleted makes room.
+        async fn a_full_fleet_takes_no_more_fences(store) {
+            for id in ["gf-1", "gf-2"] {
+                assert_eq!(store.insert_geofence(&fence(id, "north"), 2).await.expect("insert"), FenceWrite::Written);
+            }
+            assert_eq!(store.insert_geofence(&fence("gf-3", "north"), 2).await.expect("insert"), FenceWrite::Full(2));
+            assert_eq!(store.insert_geofence(&fence("gf-3", "south"), 2).await.expect("insert"), FenceWrite::Written, "per fleet");
+            assert_eq!(store.update_geofence(&fence("gf-3", "north"), 2, 5).await.expect("update"), FenceWrite::Full(2), "a move in counts");
+            assert_eq!(store.geofence("gf-3").await.expect("get").map(|f| f.fleet.to_string()).as_deref(), Some("south"), "not moved");
+            let renamed = StoredFence { name: "renamed".into(), ..fence("gf-1", "north") };
+            assert_eq!(store.update_geofence(&renamed, 2, 5).await.expect("update"), FenceWrite::Written, "a change in place");
+            assert!(store.delete_geofence("gf-2").await.expect("delete"));
+            assert_eq!(store.update_geofence(&fence("gf-3", "north"), 2, 5).await.expect("update"), FenceWrite::Written);
+            let north = store.geofences().await.expect("list").into_iter().filter(|f| f.fleet.as_str() == "north").count();
+            assert_eq!(north, 2);
+        }
+    }
+
+    /// Two stores on one database (two bridges on one PostgreSQL) create fences of one
+    /// fleet at the same moment: together they make no more than the cap allows.
+    #[tokio::test]
+    async fn two_stores_creating_at_once_keep_the_cap() {
+        let url = crate::store::testing::postgres_url();
+        let (a, b) = tokio::join!(
+            Store::open(&url, crate::store::StoreOptions::default()),
+            Store::open(&url, crate::store::StoreOptions::default()),
+        );
+        let (a, b) = (a.expect("opens"), b.expect("opens"));
+        let mut creates = tokio::task::JoinSet::new();
+        for i in 0..16 {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            creates.spawn(async move {
+                store
+                    .insert_geofence(&fence(&format!("gf-{i}"), "north"), 3)
+                    .await
+            });
+        }
+        let writes: Vec<FenceWrite> = creates
+            .join_all()
+            .await
+            .into_iter()
+            .map(|write| write.expect("no store error"))
+            .collect();
+        let made = writes.iter().filter(|w| **w == FenceWrite::Written).count();
+        assert_eq!(made, 3, "{writes:?}");
+        assert!(
+            writes
+                .iter()
+                .all(|w| matches!(w, FenceWrite::Written | FenceWrite::Full(3))),
+            "{writes:?}"
+        );
+        assert_eq!(a.geofences().await.expect("list").len(), 3);
+        a.close().await;
+        b.close().await;
     }
 
     /// Order `id` of store-1 (fleet demo), its drop-off at `lat_e7`.

@@ -68,7 +68,7 @@ pub use database::Store;
 #[cfg(test)]
 pub(crate) use database::in_memory;
 pub use error::StoreError;
-pub use geofence::{DropoffChange, OpenOrderDropoff, StoredFence};
+pub use geofence::{DropoffChange, FenceWrite, OpenOrderDropoff, StoredFence};
 pub use group::{GroupStats, Recorded};
 pub(crate) use health::StoreHealth;
 pub use options::{StoreOptions, Synchronous};

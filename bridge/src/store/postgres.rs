@@ -37,6 +37,11 @@ pub(super) const BEGIN_WRITE: &str = "BEGIN";
 /// bridges on a database (the ASCII of `fleetbe1`).
 pub(super) const ASSIGNER_LOCK: i64 = 0x666c_6565_7462_6531;
 
+/// The first key of the advisory locks that let one transaction at a time count and add a
+/// fleet's custom fences (the ASCII of `gfen`); the second is the fleet's `hashtext` (two
+/// fleets with the same hash only wait for each other).
+pub(super) const FENCE_LOCK: i32 = 0x6766_656e;
+
 /// Appends the placeholder of the `n`th (1-based) bound value to generated SQL: `$n`.
 pub(super) fn push_placeholder(sql: &mut String, n: usize) {
     sql.push('$');
@@ -102,6 +107,21 @@ pub(super) async fn connect(target: &str, options: &StoreOptions) -> Result<Pool
 pub(super) async fn assigner_lock(tx: &mut DbTx) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(ASSIGNER_LOCK)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Takes the lock of `fleet`'s custom fences ([`FENCE_LOCK`]) for the rest of `tx`, waiting
+/// (up to the connection's `lock_timeout`) while another transaction (another bridge) holds
+/// it: the count a new fence is checked against cannot change before `tx` ends.
+///
+/// # Errors
+/// [`StoreError::Database`] if the query fails or the lock wait times out.
+pub(super) async fn fence_lock(tx: &mut DbTx, fleet: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind(FENCE_LOCK)
+        .bind(fleet)
         .execute(&mut **tx)
         .await?;
     Ok(())
