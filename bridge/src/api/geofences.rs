@@ -392,7 +392,7 @@ impl StoreSync {
     /// [`StoreError`] if the store cannot be read (the fences stay as they were).
     pub(crate) async fn step(&mut self, hub: &Arc<Hub>) -> Result<usize, StoreError> {
         let started_ms = now_ms();
-        // Before the read: an edit of this bridge's after it makes the read too old to apply.
+        // Before the read: a fence this bridge edits after it is kept as edited, not as read.
         let custom_edits = hub.geofences().custom_edits();
         let custom: Vec<Fence> = hub
             .storage()

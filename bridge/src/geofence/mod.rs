@@ -137,9 +137,12 @@ pub struct Geofences {
     noted: Mutex<HashMap<VehicleId, Sighting>>,
     /// Custom fences this bridge made, changed or removed so far ([`Geofences::upsert_custom`],
     /// [`Geofences::remove_custom`]), counted under the engine's lock: a reload of the
-    /// custom fences read from the store before one of them may not hold it, and is not
-    /// applied ([`Geofences::sync_custom`]).
+    /// custom fences read from the store before one of them may not hold it
+    /// ([`Geofences::sync_custom`]).
     custom_edits: AtomicU64,
+    /// The fences those edits were of: each fence's last edit by this bridge, by that
+    /// count, changed under the engine's lock; kept until a reload read after it is applied.
+    edited: Mutex<HashMap<String, u64>>,
     /// Custom fences being made, by fleet ([`Geofences::reserve_custom`]): counted against
     /// the fleet's cap from the check until made or given up.
     making: Mutex<HashMap<FleetId, usize>>,
@@ -179,6 +182,7 @@ impl Geofences {
             engine: Mutex::new(GeofenceEngine::new(options.hysteresis_m)),
             noted: Mutex::new(HashMap::new()),
             custom_edits: AtomicU64::new(0),
+            edited: Mutex::new(HashMap::new()),
             making: Mutex::new(HashMap::new()),
         }
     }
@@ -287,30 +291,56 @@ impl Geofences {
     /// Adds or replaces the custom fence `fence`, just committed to the store by this bridge.
     pub fn upsert_custom(&self, fence: Fence) {
         let mut engine = self.engine();
+        let id = fence.id.clone();
         engine.upsert(fence);
-        self.custom_edits.fetch_add(1, Ordering::AcqRel);
+        self.edited_now(id);
     }
 
     /// Removes the custom fence `id`, just deleted from the store by this bridge; returns it.
     pub fn remove_custom(&self, id: &str) -> Option<Arc<Fence>> {
         let mut engine = self.engine();
         let removed = engine.remove(id);
-        self.custom_edits.fetch_add(1, Ordering::AcqRel);
+        self.edited_now(id.to_owned());
         removed
     }
 
+    /// Counts an edit of the custom fence `id` by this bridge (called under the engine's
+    /// lock).
+    fn edited_now(&self, id: String) {
+        let edit = self.custom_edits.fetch_add(1, Ordering::AcqRel) + 1;
+        self.edited
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, edit);
+    }
+
     /// Makes the custom fences `fences`, read from the store after [`Geofences::custom_edits`]
-    /// gave `read_after`; returns how many changed. If this bridge changed a custom fence
-    /// since, the read may predate that change (a fence made a moment ago, missing from it),
-    /// so nothing is applied (0): the next reload is. Applying it would undo the change until
-    /// then, and a fleet's count of custom fences, which caps how many more it may make,
-    /// would be short meanwhile.
+    /// gave `read_after`; returns how many changed. A fence this bridge made, changed or
+    /// removed since may be missing from the read, or be there as it was: it is left as
+    /// this bridge's edit made it (applying the read would undo the edit until the next
+    /// reload, and shorten the count of the fleet's fences, which caps how many more it may
+    /// make). Every other fence is made as read, so the edits of other bridges arrive with
+    /// every reload, however often this bridge edits.
     pub fn sync_custom(&self, fences: Vec<Fence>, read_after: u64) -> usize {
         let mut engine = self.engine();
-        if self.custom_edits.load(Ordering::Acquire) != read_after {
-            return 0;
+        let mut edited = self.edited.lock().unwrap_or_else(PoisonError::into_inner);
+        // The read holds the edits up to `read_after`: those need no keeping any more.
+        edited.retain(|_, edit| *edit > read_after);
+        if edited.is_empty() {
+            return engine.sync_kind(FenceKind::Custom, fences);
         }
-        engine.sync_kind(FenceKind::Custom, fences)
+        let mut wanted: Vec<Fence> = fences
+            .into_iter()
+            .filter(|f| !edited.contains_key(&f.id))
+            .collect();
+        wanted.extend(
+            edited
+                .keys()
+                .filter_map(|id| engine.fence(id))
+                .filter(|f| f.kind == FenceKind::Custom)
+                .map(|f| (*f).clone()),
+        );
+        engine.sync_kind(FenceKind::Custom, wanted)
     }
 
     /// An order is open (placed, assigned, on its way): its drop-off fence is added, or
@@ -426,37 +456,60 @@ mod tests {
         assert_eq!(geofences.list(|_| true).len(), 1);
     }
 
-    /// A reload of the custom fences read before this bridge made or removed one is not
-    /// applied: it would undo that change (and shorten the fleet's count, which caps how many
-    /// more it may make) until the next reload.
+    /// A reload of the custom fences read before this bridge made, changed or removed one
+    /// leaves that fence as the edit made it (the read would undo the edit, and shorten the
+    /// fleet's count, which caps how many more it may make), and applies the rest: another
+    /// bridge's fences arrive with every reload, however often this bridge edits.
     #[test]
-    fn a_reload_read_before_an_own_edit_does_not_undo_it() {
+    fn a_reload_read_before_an_own_edit_keeps_the_edit_and_applies_the_rest() {
         let geofences = Geofences::default();
         let custom = |id: &str| custom_fence(id, &FleetId::new("north").expect("valid"));
-        let customs = |g: &Geofences| g.list(|f| f.kind == FenceKind::Custom).len();
-        // The store held one fence when the reload read it; this bridge then made another.
+        let ids = |g: &Geofences| {
+            let mut ids: Vec<String> = g
+                .list(|f| f.kind == FenceKind::Custom)
+                .into_iter()
+                .map(|f| f.id.clone())
+                .collect();
+            ids.sort();
+            ids
+        };
+        // The store held gf-1 and another bridge's gf-9 when the reload read it; this bridge
+        // then made gf-2.
         let read_after = geofences.custom_edits();
         geofences.upsert_custom(custom("gf-2"));
-        assert_eq!(geofences.sync_custom(vec![custom("gf-1")], read_after), 0);
-        assert_eq!(customs(&geofences), 1, "the fence just made stays");
-        // The next reload, read after the edit, holds both and is applied.
+        assert_eq!(
+            geofences.sync_custom(vec![custom("gf-1"), custom("gf-9")], read_after),
+            2
+        );
+        assert_eq!(ids(&geofences), ["gf-1", "gf-2", "gf-9"], "gf-2 stays");
+        // A reload read after the edit is applied whole: gf-9 was deleted meanwhile.
         let read_after = geofences.custom_edits();
         assert_eq!(
             geofences.sync_custom(vec![custom("gf-1"), custom("gf-2")], read_after),
             1
         );
-        assert_eq!(customs(&geofences), 2);
-        // The same for a removal: a reload that still holds the fence does not bring it back.
+        assert_eq!(ids(&geofences), ["gf-1", "gf-2"]);
+        // A removal and a change: a reload that still holds gf-2, and gf-1 as it was, brings
+        // neither back; the other bridge's new gf-8 arrives with it.
         let read_after = geofences.custom_edits();
         assert!(geofences.remove_custom("gf-2").is_some());
+        let moved = Fence {
+            name: "moved".into(),
+            ..custom("gf-1")
+        };
+        geofences.upsert_custom(moved.clone());
         assert_eq!(
-            geofences.sync_custom(vec![custom("gf-1"), custom("gf-2")], read_after),
-            0
+            geofences.sync_custom(
+                vec![custom("gf-1"), custom("gf-2"), custom("gf-8")],
+                read_after
+            ),
+            1
         );
+        assert_eq!(ids(&geofences), ["gf-1", "gf-8"], "gf-2 stays removed");
         assert_eq!(
-            customs(&geofences),
-            1,
-            "the fence just removed stays removed"
+            geofences.engine().fence("gf-1").as_deref(),
+            Some(&moved),
+            "gf-1 as changed"
         );
     }
 
