@@ -8,7 +8,8 @@ orders l*ORDERS/LANES onwards), three events per order (pickup, in-transit, deli
 events per transaction, one queued message per recipient (the order's vendor and DISPATCHERS
 dispatchers). Checkpoints are off, so the log's size counts every page each commit wrote.
 
-    event-pages.py [--orders 12800] [--lanes 64] [--group 34] [--dispatchers 2] [INDEX...]
+    event-pages.py [--orders 12800] [--lanes 64] [--group 34] [--dispatchers 2] [--adjacent]
+                   [INDEX...]
 
 Prints the frames (pages) per commit and per event with every index, then with each index
 named on the command line left out (all of the events and orders tables' indexes if none is
@@ -49,7 +50,9 @@ def frames(args, leave_out):
         db.execute("COMMIT")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         per_lane = args.orders // args.lanes
-        events = [(lane * per_lane + n, k)
+        def order(lane, n):
+            return n * args.lanes + lane if args.adjacent else lane * per_lane + n
+        events = [(order(lane, n), k)
                   for n in range(per_lane) for k in range(3) for lane in range(args.lanes)]
         clients = [f"dispatcher:d{d}" for d in range(args.dispatchers)]
         now, commits = 10 ** 9, 0
@@ -82,6 +85,9 @@ def main():
     parser.add_argument("--lanes", type=int, default=64)
     parser.add_argument("--group", type=int, default=34)
     parser.add_argument("--dispatchers", type=int, default=2)
+    parser.add_argument("--adjacent", action="store_true",
+                        help="lane l has orders l, l+LANES, ...: the orders in flight are "
+                             "next to each other")
     parser.add_argument("index", nargs="*")
     args = parser.parse_args()
     indexes = args.index
@@ -100,8 +106,10 @@ def main():
     for index in indexes:
         commit, event = frames(args, [index])
         print(f"| `{index}` | {commit:.1f} | {event:.2f} | {1 - commit / base_commit:.0%} |")
+    shape = "adjacent" if args.adjacent else "far apart"
     print(f"\n{args.orders} orders, {args.lanes} lanes, {args.group} events per commit, "
-          f"{args.dispatchers} dispatchers; {time.time() - started:.0f} s")
+          f"{args.dispatchers} dispatchers, the orders in flight {shape}; "
+          f"{time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":
