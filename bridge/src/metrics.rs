@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use shared::TopicKind;
 
-use crate::store::{GroupStats, StoreHealth};
+use crate::store::{GroupStats, LATENCY_BOUNDS_US, Latencies, StoreHealth};
 
 /// Why an MQTT message was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -484,6 +484,34 @@ pub(crate) fn render_store(out: &mut String, groups: GroupStats, checkpoints: u6
     for (name, kind, help, value) in families {
         family(out, (name, kind), help, [(String::new(), value)]);
     }
+    histogram(
+        out,
+        "store_event_commit_seconds",
+        "How long each committed delivery event took from its hand-over to the store (the \
+         wait for the transaction before it, then its own) until it was committed.",
+        &groups.latency,
+    );
+}
+
+/// Writes the histogram `fleetbeat_bridge_{name}` of `latencies`: its cumulative buckets
+/// (`le` in seconds), sum and count.
+fn histogram(out: &mut String, name: &str, help: &str, latencies: &Latencies) {
+    let _ = writeln!(out, "# HELP fleetbeat_bridge_{name} {help}");
+    let _ = writeln!(out, "# TYPE fleetbeat_bridge_{name} histogram");
+    let mut cumulative = 0;
+    for (bound, count) in LATENCY_BOUNDS_US.iter().zip(&latencies.counts) {
+        cumulative += count;
+        let le = *bound as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "fleetbeat_bridge_{name}_bucket{{le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let count = latencies.count();
+    let _ = writeln!(out, "fleetbeat_bridge_{name}_bucket{{le=\"+Inf\"}} {count}");
+    let sum = latencies.sum_us as f64 / 1e6;
+    let _ = writeln!(out, "fleetbeat_bridge_{name}_sum {sum}");
+    let _ = writeln!(out, "fleetbeat_bridge_{name}_count {count}");
 }
 
 /// Writes the metric family `fleetbeat_bridge_{name}` of type `kind`: its `HELP` and `TYPE`
@@ -515,5 +543,38 @@ mod tests {
         assert!(text.contains("fleetbeat_bridge_mqtt_received_total{kind=\"hb\"} 1\n"));
         assert!(text.contains("fleetbeat_bridge_mqtt_rejected_total{reason=\"decode\"} 2\n"));
         assert!(text.contains("fleetbeat_bridge_mqtt_ready 0\n"));
+    }
+
+    /// The commit latencies render as a Prometheus histogram: cumulative buckets up to
+    /// `+Inf`, the sum in seconds, the count.
+    #[test]
+    fn renders_the_commit_latency_histogram() {
+        let mut latency = Latencies::default();
+        latency.counts[0] = 2;
+        latency.counts[2] = 1;
+        latency.counts[LATENCY_BOUNDS_US.len()] = 1;
+        latency.sum_us = 2_001_500;
+        let mut text = String::new();
+        render_store(
+            &mut text,
+            GroupStats {
+                latency,
+                ..GroupStats::default()
+            },
+            0,
+        );
+        let name = "fleetbeat_bridge_store_event_commit_seconds";
+        for line in [
+            format!("# TYPE {name} histogram\n"),
+            format!("{name}_bucket{{le=\"0.00025\"}} 2\n"),
+            format!("{name}_bucket{{le=\"0.0005\"}} 2\n"),
+            format!("{name}_bucket{{le=\"0.001\"}} 3\n"),
+            format!("{name}_bucket{{le=\"1\"}} 3\n"),
+            format!("{name}_bucket{{le=\"+Inf\"}} 4\n"),
+            format!("{name}_sum 2.0015\n"),
+            format!("{name}_count 4\n"),
+        ] {
+            assert!(text.contains(&line), "{line:?} in\n{text}");
+        }
     }
 }

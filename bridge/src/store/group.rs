@@ -54,6 +54,7 @@ use tracing::{debug, warn};
 use super::backend::Backend;
 use super::error::StoreError;
 use super::ids::{ClientId, Enqueued};
+use super::latency::{Histogram, Latencies};
 use super::pool::{Db, DbConn, DbPool};
 use crate::clock::now_ms;
 use crate::domain::order::{EventFlag, OrderState, judge};
@@ -170,6 +171,8 @@ pub(super) struct Request {
     address: Address,
     /// Where its outcome goes.
     answer: oneshot::Sender<Result<Recorded, StoreError>>,
+    /// When it was handed over.
+    handed: Instant,
 }
 
 /// How the delivery events were committed so far, as `Store::event_groups` reports it.
@@ -181,6 +184,9 @@ pub struct GroupStats {
     pub events: u64,
     /// The most events one of them held.
     pub largest: u64,
+    /// How long each committed event took from its hand-over to the store (its wait for
+    /// the group before, its own group's transaction) until it was committed.
+    pub latency: Latencies,
 }
 
 /// The counters behind [`GroupStats`].
@@ -189,6 +195,7 @@ struct Counters {
     commits: AtomicU64,
     events: AtomicU64,
     largest: AtomicU64,
+    latency: Histogram,
 }
 
 impl Counters {
@@ -246,6 +253,7 @@ impl EventGroups {
             event: event.clone(),
             address,
             answer,
+            handed: Instant::now(),
         };
         match self.submit(request, write, backend) {
             None => outcome.await.unwrap_or(Err(StoreError::NotRecorded(
@@ -295,6 +303,7 @@ impl EventGroups {
             commits: self.counters.commits.load(Ordering::Relaxed),
             events: self.counters.events.load(Ordering::Relaxed),
             largest: self.counters.largest.load(Ordering::Relaxed),
+            latency: self.counters.latency.snapshot(),
         }
     }
 
@@ -379,6 +388,7 @@ impl Committer {
                 Ok(written) => {
                     self.counters.committed(written.len());
                     for (request, written) in group.drain(..).zip(written) {
+                        self.counters.latency.observe(request.handed.elapsed());
                         let recorded = written.recorded(&request.vehicle, &request.event);
                         request.reply(Ok(recorded));
                     }
@@ -405,6 +415,7 @@ impl Committer {
                 Ok(outcome) => {
                     if outcome.is_ok() {
                         self.counters.committed(1);
+                        self.counters.latency.observe(request.handed.elapsed());
                     } else {
                         healthy = false;
                     }

@@ -135,6 +135,9 @@ on_each_backend! {
         assert_eq!(stats.events, events as u64, "{stats:?}");
         assert!(stats.largest > 1, "no group formed: {stats:?}");
         assert!(stats.commits < stats.events, "{stats:?}");
+        // Every committed event has its latency counted, each at least its own transaction's.
+        assert_eq!(stats.latency.count(), stats.events, "{stats:?}");
+        assert!(stats.latency.sum_us > 0, "{stats:?}");
         store.close().await;
     }
 }
