@@ -93,6 +93,15 @@ impl BridgeProcess {
         wait_for_metric(&self.url(), sample, check, within, &self.program).await
     }
 
+    /// The whole of `/metrics`, to read several samples of one moment
+    /// ([`sample_value`]).
+    ///
+    /// # Errors
+    /// If `/metrics` cannot be read.
+    pub async fn scrape_metrics(&self) -> anyhow::Result<String> {
+        scrape(&self.url()).await
+    }
+
     /// The sum of every sample of metric `name` (all label sets).
     ///
     /// # Errors
@@ -192,7 +201,7 @@ pub async fn metric(base: &str, sample: &str) -> anyhow::Result<f64> {
 }
 
 /// The value of `sample` in a Prometheus text exposition.
-fn sample_value(text: &str, sample: &str) -> Option<f64> {
+pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
     text.lines().find_map(|l| {
         l.strip_prefix(sample)?
             .strip_prefix(' ')?

@@ -39,19 +39,19 @@ pub fn render(cli: &Cli, engine: &str, load_before: f64, runs: &[Figures]) -> St
     let _ = writeln!(
         out,
         "| run | store | vehicles at once | in flight | events in window | window s | events/s | \
-         of 10k/s | PUBACK p50 ms | p99 ms | max ms | events per commit | bridge CPU µs/event | vehicles' CPU µs/event | \
+         of 10k/s | PUBACK p50 ms | p99 ms | max ms | in the store p50 / p99 ms | events per commit | bridge CPU µs/event | vehicles' CPU µs/event | \
          PostgreSQL CPU µs/event | machine busy | load (1 min) |"
     );
     let _ = writeln!(
         out,
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     );
     for run in runs {
         let w = &run.window;
         let per_event = |cpu: f64| cpu / w.events.max(1) as f64 * 1e6;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {:.2} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {} | {} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {:.2} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0} | {:.0} | {} | {} | {:.2} |",
             if run.what == "control" {
                 "control: per connection, no events"
             } else {
@@ -71,6 +71,10 @@ pub fn render(cli: &Cli, engine: &str, load_before: f64, runs: &[Figures]) -> St
             ms(w.latency(0.5)),
             ms(w.latency(0.99)),
             ms(w.latency(1.0)),
+            run.in_store.map_or_else(
+                || "–".to_owned(),
+                |(p50, p99)| format!("{:.2} / {:.2}", ms(p50), ms(p99))
+            ),
             run.events_per_commit
                 .map_or_else(|| "–".to_owned(), |e| format!("{e:.1}")),
             per_event(w.bridge_cpu),

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
+use bridge::store::LATENCY_BOUNDS_US;
 use tests::procfs;
 
 use crate::cli::{Cli, StoreKind};
@@ -43,6 +44,9 @@ pub struct Figures {
     /// Delivery events per transaction over the whole run, as the bridge's `/metrics` counts
     /// them (`None`: not readable).
     pub events_per_commit: Option<f64>,
+    /// p50 and p99 of the bridge's `store_event_commit_seconds` over the window: how long an
+    /// event took from its hand-over to the store until committed (`None`: not readable).
+    pub in_store: Option<(Duration, Duration)>,
 }
 
 /// What the measured window of a run saw.
@@ -168,6 +172,52 @@ async fn events_per_commit(bridge: &tests::stack::BridgeProcess) -> Option<f64> 
     (commits > 0.0).then(|| events / commits)
 }
 
+/// The bridge's histogram of how long committed events took in the store
+/// (`store_event_commit_seconds`) between two scrapes of `/metrics`: its p50 and p99,
+/// interpolated within their buckets as Prometheus' `histogram_quantile` does; `None` if it
+/// cannot be read or nothing was committed between them.
+fn in_store(before: &str, after: &str) -> Option<(Duration, Duration)> {
+    const NAME: &str = "fleetbeat_bridge_store_event_commit_seconds_bucket";
+    let les = LATENCY_BOUNDS_US
+        .iter()
+        .map(|&bound| (bound as f64 / 1e6, (bound as f64 / 1e6).to_string()))
+        .chain([(f64::INFINITY, "+Inf".to_owned())]);
+    let mut buckets = Vec::with_capacity(LATENCY_BOUNDS_US.len() + 1);
+    for (bound, le) in les {
+        let sample = format!("{NAME}{{le=\"{le}\"}}");
+        let count = |text| tests::stack::sample_value(text, &sample);
+        buckets.push((bound, count(after)? - count(before)?));
+    }
+    let at = |q: f64| quantile(&buckets, q).map(Duration::from_secs_f64);
+    Some((at(0.5)?, at(0.99)?))
+}
+
+/// The `q` quantile of cumulative `buckets` (upper bound, count up to it; the last `+Inf`):
+/// linear within the bucket it falls in; the highest finite bound if it falls in `+Inf`.
+fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut below = (0.0, 0.0);
+    for &(bound, count) in buckets {
+        if count >= rank {
+            if bound.is_infinite() {
+                return Some(below.0);
+            }
+            let share = if count > below.1 {
+                (rank - below.1) / (count - below.1)
+            } else {
+                0.0
+            };
+            return Some(below.0 + (bound - below.0) * share);
+        }
+        below = (bound, count);
+    }
+    Some(below.0)
+}
+
 /// `cargo build --release --locked -p bridge --bin bridge` in the workspace.
 fn build_bridge() -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
@@ -253,6 +303,8 @@ async fn one(
     };
     let warm_at = stop_at.map(|at| started + (at - started).mul_f64(WARM_UP));
     let mut start: Option<Sample> = None;
+    // `/metrics` at the window's start and end: the store's latency histogram over it.
+    let mut metrics_at_start = None;
     let end = loop {
         tokio::time::sleep(POLL).await;
         let now = Instant::now();
@@ -263,6 +315,7 @@ async fn one(
         let warm = acknowledged >= planned * WARM_UP || warm_at.is_some_and(|at| now >= at);
         if start.is_none() && warm {
             start = Some(Sample::take(now, &progress, pid, server));
+            metrics_at_start = bridge.scrape_metrics().await.ok();
         }
         let done = progress.lanes_done.load(Ordering::Relaxed);
         if start.is_some() && (done > 0 || progress.stop.load(Ordering::Relaxed)) {
@@ -288,6 +341,10 @@ async fn one(
         }
     }
     let load = procfs::load_average().unwrap_or(f64::NAN);
+    let in_store = match (metrics_at_start, bridge.scrape_metrics().await) {
+        (Some(before), Ok(after)) => in_store(&before, &after),
+        _ => None,
+    };
     let events_per_commit = events_per_commit(&bridge).await;
     let status = bridge.program.terminate(STOP).await?;
     ensure!(status.success(), "the bridge stopped with {status}");
@@ -316,6 +373,7 @@ async fn one(
         prepare_secs,
         verified,
         events_per_commit,
+        in_store,
     };
     eprintln!(
         "run {n}: {:.0} events/s, p99 {:.1} ms, verified {:?}",
@@ -349,5 +407,31 @@ fn window(reports: &[LaneReport], start: Sample, end: Sample) -> Window {
         bench_cpu: end.bench_cpu - start.bench_cpu,
         server_cpu: end.server_cpu.zip(start.server_cpu).map(|(e, s)| e - s),
         machine_busy,
+    }
+}
+
+#[cfg(test)]
+mod quantiles {
+    use super::quantile;
+
+    /// A quantile falls linearly within its bucket; one in `+Inf` is the highest finite bound;
+    /// an empty histogram has none.
+    #[test]
+    fn quantiles_interpolate_within_their_bucket() {
+        let buckets = [
+            (0.001, 10.0),
+            (0.002, 30.0),
+            (0.005, 40.0),
+            (f64::INFINITY, 50.0),
+        ];
+        let near = |q, want: f64| {
+            let got = quantile(&buckets, q).expect("some");
+            assert!((got - want).abs() < 1e-12, "q {q}: {got} against {want}");
+        };
+        near(0.1, 0.0005);
+        near(0.5, 0.00175);
+        near(0.7, 0.0035);
+        near(0.99, 0.005);
+        assert_eq!(quantile(&[(0.001, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
     }
 }
