@@ -647,14 +647,12 @@ async fn a_fleet_has_at_most_max_custom_per_fleet_fences() -> anyhow::Result<()>
     // A fence moved into the full fleet counts there like a new one: refused, and it stays
     // where it was.
     let south_id = south["id"].as_str().context("id")?;
-    let (status, moved) = call(
-        &bridge,
-        Method::PUT,
-        &format!("/api/geofences/{south_id}"),
-        "admin-secret",
-        Some(&fence("north", 5.0)),
-    )
-    .await?;
+    let put = |body: Value| {
+        let path = format!("/api/geofences/{south_id}");
+        let bridge = &bridge;
+        async move { call(bridge, Method::PUT, &path, "admin-secret", Some(&body)).await }
+    };
+    let (status, moved) = put(fence("north", 5.0)).await?;
     assert_eq!(status, 409, "{moved}");
     assert_eq!(
         bridge
@@ -665,14 +663,7 @@ async fn a_fleet_has_at_most_max_custom_per_fleet_fences() -> anyhow::Result<()>
     let in_south = listed(&bridge, "admin-secret", "?fleet=south").await?;
     assert!(in_south.iter().any(|id| id == south_id), "{in_south:?}");
     // Changed in place, in its own (not full) fleet: fine.
-    let (status, changed) = call(
-        &bridge,
-        Method::PUT,
-        &format!("/api/geofences/{south_id}"),
-        "admin-secret",
-        Some(&fence("south", 6.0)),
-    )
-    .await?;
+    let (status, changed) = put(fence("south", 6.0)).await?;
     assert_eq!(status, 200, "{changed}");
     drop(config);
     Ok(())

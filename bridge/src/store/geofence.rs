@@ -357,12 +357,7 @@ mod tests {
     /// fleet at the same moment: together they make no more than the cap allows.
     #[tokio::test]
     async fn two_stores_creating_at_once_keep_the_cap() {
-        let url = crate::store::testing::postgres_url();
-        let (a, b) = tokio::join!(
-            Store::open(&url, crate::store::StoreOptions::default()),
-            Store::open(&url, crate::store::StoreOptions::default()),
-        );
-        let (a, b) = (a.expect("opens"), b.expect("opens"));
+        let (a, b) = crate::store::testing::two_postgres().await;
         let mut creates = tokio::task::JoinSet::new();
         for i in 0..16 {
             let store = if i % 2 == 0 { a.clone() } else { b.clone() };

@@ -33,6 +33,16 @@ pub(crate) async fn postgres() -> Store {
         .expect("a PostgreSQL store opens")
 }
 
+/// Two stores on one new PostgreSQL database, as two bridges sharing it.
+pub(crate) async fn two_postgres() -> (Store, Store) {
+    let url = postgres_url();
+    let (a, b) = tokio::join!(
+        Store::open(&url, StoreOptions::default()),
+        Store::open(&url, StoreOptions::default()),
+    );
+    (a.expect("a opens"), b.expect("b opens"))
+}
+
 /// `on_each_backend! { async fn name(store) { ... } }`: a module `name` with two tests,
 /// `sqlite` and `postgres`, each running the body with `store` a fresh store on that backend.
 /// Attributes (doc comments) go on both.

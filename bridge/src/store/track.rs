@@ -701,12 +701,7 @@ mod tests {
     /// at once: each track is made once, and both write their heartbeats to it.
     #[tokio::test]
     async fn two_stores_make_a_track_once() {
-        let url = crate::store::testing::postgres_url();
-        let (a, b) = tokio::join!(
-            Store::open(&url, crate::store::StoreOptions::default()),
-            Store::open(&url, crate::store::StoreOptions::default()),
-        );
-        let (a, b) = (a.expect("opens"), b.expect("opens"));
+        let (a, b) = crate::store::testing::two_postgres().await;
         let rows = |from: u32| -> Vec<HeartbeatRow> {
             (0..50u32)
                 .map(|v| row(&format!("v-{v}"), from, u64::from(from)))

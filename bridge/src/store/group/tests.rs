@@ -8,7 +8,7 @@ use tokio::task::JoinSet;
 
 use crate::domain::order::OrderState;
 use crate::store::testing::{self, on_each_backend};
-use crate::store::{ClientId, NewOrder, Recorded, Store, StoreError, StoreOptions};
+use crate::store::{ClientId, NewOrder, Recorded, Store, StoreError};
 
 /// Vehicles (each with its own order) in the concurrent tests.
 const VEHICLES: u32 = 64;
@@ -355,13 +355,7 @@ on_each_backend! {
 /// the other (and a deadlock would be retried alone); every event is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_bridges_groups_in_opposite_order_postgres() {
-    let url = testing::postgres_url();
-    let a = Store::open(&url, StoreOptions::default())
-        .await
-        .expect("opens");
-    let b = Store::open(&url, StoreOptions::default())
-        .await
-        .expect("opens again");
+    let (a, b) = testing::two_postgres().await;
     const ORDERS: u32 = 20;
     assigned_orders(&a, ORDERS).await;
     let mut events = JoinSet::new();

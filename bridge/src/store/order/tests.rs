@@ -10,8 +10,8 @@ use shared::DeliveryKind;
 
 use super::*;
 use crate::domain::order::EventFlag;
+use crate::store::database::DbPool;
 use crate::store::testing::{self, on_each_backend};
-use crate::store::{StoreOptions, database::DbPool};
 
 fn id<T: FromStr>(s: &str) -> T
 where
@@ -371,18 +371,6 @@ on_each_backend! {
     }
 }
 
-/// Two bridges on one PostgreSQL database.
-async fn two_bridges() -> (Store, Store) {
-    let url = testing::postgres_url();
-    let a = Store::open(&url, StoreOptions::default())
-        .await
-        .expect("opens");
-    let b = Store::open(&url, StoreOptions::default())
-        .await
-        .expect("opens again");
-    (a, b)
-}
-
 async fn count(pool: &DbPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql)
         .fetch_one(pool)
@@ -394,7 +382,7 @@ async fn count(pool: &DbPool, sql: &'static str) -> i64 {
 /// reconnect): it is stored once and its messages are queued once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_bridges_record_one_event_once_postgres() {
-    let (a, b) = two_bridges().await;
+    let (a, b) = testing::two_postgres().await;
     let fleet: FleetId = id("demo");
     const ORDERS: u32 = 20;
     for i in 0..ORDERS {
@@ -456,7 +444,7 @@ async fn two_bridges_record_one_event_once_postgres() {
 /// bridge holds it, an assignment waits for it, then assigns.
 #[tokio::test]
 async fn one_assigner_for_the_cluster_postgres() {
-    let (a, b) = two_bridges().await;
+    let (a, b) = testing::two_postgres().await;
     a.create_order(&new_order("o-1")).await.expect("creates");
     let mut held = a.begin_write().await.expect("begins");
     assert!(
@@ -497,7 +485,7 @@ async fn one_assigner_for_the_cluster_postgres() {
 /// latest assignment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_assigners_never_double_book_postgres() {
-    let (a, b) = two_bridges().await;
+    let (a, b) = testing::two_postgres().await;
     const N: usize = 12;
     for i in 0..N {
         a.create_order(&new_order(&format!("o-{i}")))
@@ -556,7 +544,7 @@ async fn concurrent_assigners_never_double_book_postgres() {
 /// releases it or its claim lapses; the holder may renew its own claim.
 #[tokio::test]
 async fn one_bridge_offers_an_order_at_a_time_postgres() {
-    let (a, b) = two_bridges().await;
+    let (a, b) = testing::two_postgres().await;
     let order = id("o-1");
     let later = now_ms() + 60_000;
     assert!(
