@@ -130,6 +130,9 @@ impl Store {
     ) -> Result<FenceWrite, StoreError> {
         let mut tx = self.begin_write().await?;
         if let Some(has) = self.fleet_is_full(&mut tx, &fence.fleet, "", most).await? {
+            // Ends the transaction (and its fence lock) now, not when the connection is next
+            // used.
+            tx.rollback().await?;
             return Ok(FenceWrite::Full(has));
         }
         sqlx::query(
@@ -166,6 +169,7 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?;
         let Some(fleet) = fleet else {
+            tx.rollback().await?;
             return Ok(FenceWrite::Missing);
         };
         if fleet != fence.fleet.as_str()
@@ -173,9 +177,10 @@ impl Store {
                 .fleet_is_full(&mut tx, &fence.fleet, &fence.id, most)
                 .await?
         {
+            tx.rollback().await?;
             return Ok(FenceWrite::Full(has));
         }
-        sqlx::query(
+        let changed = sqlx::query(
             "UPDATE geofences SET name = $2, fleet = $3, shape = $4, updated_ms = $5 WHERE fence_id = $1",
         )
         .bind(fence.id.as_str())
@@ -184,9 +189,15 @@ impl Store {
         .bind(fence.shape.as_str())
         .bind(to_db(now_ms))
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
         tx.commit().await?;
-        Ok(FenceWrite::Written)
+        // Deleted meanwhile (by another bridge, between the read and the update).
+        Ok(if changed > 0 {
+            FenceWrite::Written
+        } else {
+            FenceWrite::Missing
+        })
     }
 
     /// How many custom fences `fleet` has (fence `except` not counted), if `most` or more;
