@@ -58,10 +58,16 @@ const CENTRE: (f64, f64) = (52.50, 13.40);
 /// Metres per degree of latitude.
 const M_PER_DEG: f64 = 111_195.0;
 
-async fn scoped_bridge() -> anyhow::Result<(BridgeProcess, tempfile::NamedTempFile)> {
+/// A bridge with the test's tokens and `extra` arguments, and its config file (kept while
+/// the bridge runs).
+async fn scoped_bridge(extra: &[&str]) -> anyhow::Result<(BridgeProcess, tempfile::NamedTempFile)> {
     let config = write_bridge_config(TOKENS)?;
     let path = config.path().to_str().context("utf-8 path")?.to_owned();
-    let bridge = start_bridge(&["--config", &path]).await?;
+    let args: Vec<&str> = ["--config", path.as_str()]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let bridge = start_bridge(&args).await?;
     Ok((bridge, config))
 }
 
@@ -120,7 +126,7 @@ async fn listed(bridge: &BridgeProcess, token: &str, query: &str) -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fences_are_managed_over_http_within_each_scope() -> anyhow::Result<()> {
     use reqwest::Method;
-    let (bridge, _config) = scoped_bridge().await?;
+    let (bridge, _config) = scoped_bridge(&[]).await?;
     let mut north_page =
         SioClient::connect_with_token(&bridge.url(), "/dispatch", "north-secret").await?;
 
@@ -435,7 +441,7 @@ async fn next_crossing(client: &mut SioClient) -> anyhow::Result<(String, String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crossings_raise_one_event_each_and_jitter_none() -> anyhow::Result<()> {
-    let (bridge, _config) = scoped_bridge().await?;
+    let (bridge, _config) = scoped_bridge(&[]).await?;
     let mut desk =
         SioClient::connect_with_token(&bridge.url(), "/dispatch", "north-secret").await?;
     let mut south =
@@ -596,10 +602,7 @@ async fn crossings_raise_one_event_each_and_jitter_none() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_has_at_most_max_custom_per_fleet_fences() -> anyhow::Result<()> {
     use reqwest::Method;
-    let config = write_bridge_config(TOKENS)?;
-    let path = config.path().to_str().context("utf-8 path")?.to_owned();
-    let bridge =
-        start_bridge(&["--config", &path, "--geofences-max-custom-per-fleet", "2"]).await?;
+    let (bridge, config) = scoped_bridge(&["--geofences-max-custom-per-fleet", "2"]).await?;
     let fence = |fleet: &str, k: f64| json!({ "name": format!("f{k}"), "fleet": fleet, "shape": circle(52.5 + k / 100.0, 13.4, 50.0) });
     let create = |token: &'static str, body: Value| {
         let bridge = &bridge;
@@ -673,10 +676,7 @@ async fn a_fleet_has_at_most_max_custom_per_fleet_fences() -> anyhow::Result<()>
 /// 2, exactly 2 are made and the others refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creates_at_the_same_moment_do_not_pass_the_cap() -> anyhow::Result<()> {
-    let config = write_bridge_config(TOKENS)?;
-    let path = config.path().to_str().context("utf-8 path")?.to_owned();
-    let bridge =
-        start_bridge(&["--config", &path, "--geofences-max-custom-per-fleet", "2"]).await?;
+    let (bridge, config) = scoped_bridge(&["--geofences-max-custom-per-fleet", "2"]).await?;
     let url = format!("{}/api/geofences", bridge.url());
     let mut creates = tokio::task::JoinSet::new();
     for k in 0..8u32 {
@@ -715,7 +715,7 @@ async fn creates_at_the_same_moment_do_not_pass_the_cap() -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_orders_dropoff_is_a_fence_that_reaches_its_store() -> anyhow::Result<()> {
-    let (bridge, _config) = scoped_bridge().await?;
+    let (bridge, _config) = scoped_bridge(&[]).await?;
     let mut store_n =
         SioClient::connect_with_token(&bridge.url(), "/vendor", "store-n-secret").await?;
     let mut store_m =
