@@ -21,7 +21,6 @@ mod engine;
 mod shape;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use shared::{FleetId, Heartbeat, Position, VehicleId};
@@ -135,17 +134,22 @@ pub struct Geofences {
     options: GeofenceOptions,
     engine: Mutex<GeofenceEngine>,
     noted: Mutex<HashMap<VehicleId, Sighting>>,
-    /// Custom fences this bridge made, changed or removed so far ([`Geofences::upsert_custom`],
-    /// [`Geofences::remove_custom`]), counted under the engine's lock: a reload of the
-    /// custom fences read from the store before one of them may not hold it
-    /// ([`Geofences::sync_custom`]).
-    custom_edits: AtomicU64,
-    /// The fences those edits were of: each fence's last edit by this bridge, by that
-    /// count, changed under the engine's lock; kept until a reload read after it is applied.
-    edited: Mutex<HashMap<String, u64>>,
+    /// This bridge's edits of custom fences, changed under the engine's lock.
+    edits: Mutex<CustomEdits>,
     /// Custom fences being made, by fleet ([`Geofences::reserve_custom`]): counted against
     /// the fleet's cap from the check until made or given up.
     making: Mutex<HashMap<FleetId, usize>>,
+}
+
+/// The custom fences this bridge made, changed or removed ([`Geofences::upsert_custom`],
+/// [`Geofences::remove_custom`]): a reload of the custom fences read from the store before one
+/// of them may not hold it ([`Geofences::sync_custom`]).
+#[derive(Debug, Default)]
+struct CustomEdits {
+    /// How many so far.
+    count: u64,
+    /// Each fence's last edit, by that count; kept until a reload read after it is applied.
+    last: HashMap<String, u64>,
 }
 
 /// Room for one more custom fence of a fleet, reserved by [`Geofences::reserve_custom`]
@@ -181,8 +185,7 @@ impl Geofences {
             options,
             engine: Mutex::new(GeofenceEngine::new(options.hysteresis_m)),
             noted: Mutex::new(HashMap::new()),
-            custom_edits: AtomicU64::new(0),
-            edited: Mutex::new(HashMap::new()),
+            edits: Mutex::new(CustomEdits::default()),
             making: Mutex::new(HashMap::new()),
         }
     }
@@ -285,7 +288,13 @@ impl Geofences {
     /// How many custom fences this bridge made, changed or removed so far: read it before
     /// reading the custom fences from the store, and hand it to [`Geofences::sync_custom`].
     pub fn custom_edits(&self) -> u64 {
-        self.custom_edits.load(Ordering::Acquire)
+        self.edits().count
+    }
+
+    /// This bridge's edits of custom fences (a poisoned lock is recovered: an edit changes
+    /// them in one step).
+    fn edits(&self) -> MutexGuard<'_, CustomEdits> {
+        self.edits.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Adds or replaces the custom fence `fence`, just committed to the store by this bridge.
@@ -307,11 +316,10 @@ impl Geofences {
     /// Counts an edit of the custom fence `id` by this bridge (called under the engine's
     /// lock).
     fn edited_now(&self, id: String) {
-        let edit = self.custom_edits.fetch_add(1, Ordering::AcqRel) + 1;
-        self.edited
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, edit);
+        let mut edits = self.edits();
+        edits.count += 1;
+        let edit = edits.count;
+        edits.last.insert(id, edit);
     }
 
     /// Makes the custom fences `fences`, read from the store after [`Geofences::custom_edits`]
@@ -323,7 +331,8 @@ impl Geofences {
     /// every reload, however often this bridge edits.
     pub fn sync_custom(&self, fences: Vec<Fence>, read_after: u64) -> usize {
         let mut engine = self.engine();
-        let mut edited = self.edited.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut edits = self.edits();
+        let edited = &mut edits.last;
         // The read holds the edits up to `read_after`: those need no keeping any more.
         edited.retain(|_, edit| *edit > read_after);
         if edited.is_empty() {
