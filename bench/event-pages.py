@@ -65,7 +65,7 @@ def frames(args, leave_out):
                     "INSERT OR FAIL INTO delivery_events (vehicle, seq, ts_ms, fleet, order_id, "
                     "kind, lat_e7, lon_e7, flag, received_ms) "
                     "VALUES (?, ?, ?, 'bench', ?, ?, 1, 2, NULL, ?)",
-                    (f"ev{i}", k + 1, 5000 + k, f"eo{i}", kind, now))
+                    (f"ev{i}", k + 1, now + k, f"eo{i}", kind, now))
                 db.execute("UPDATE OR FAIL orders SET state = ?, updated_ms = ? WHERE order_id = ?",
                            (state, now, f"eo{i}"))
                 for client in [f"vendor:store-{i % 20}"] + clients:

@@ -169,7 +169,7 @@ pub(crate) async fn in_memory() -> Store {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::collections::BTreeMap;
 
     use super::*;
     use crate::store::testing;
@@ -263,7 +263,7 @@ mod tests {
 
     /// The two migration sets have the same versions and descriptions, and after migrating
     /// both databases have the same tables, columns (name and nullability, in order) and
-    /// index names.
+    /// indexes (name and columns, in order).
     #[tokio::test]
     async fn migrations_are_in_step() {
         let versions = |migrator: &sqlx::migrate::Migrator| {
@@ -281,14 +281,20 @@ mod tests {
         let pg = testing::postgres().await;
         let lite_schema = schema(&lite).await;
         assert!(lite_schema.0.contains_key("orders"), "{lite_schema:?}");
-        assert!(lite_schema.1.contains("orders_open_by_vehicle"));
+        assert!(lite_schema.1.contains_key("orders_open_by_vehicle"));
+        // Schema 9: the dedupe index is keyed by time first (fewer pages per group).
+        assert_eq!(
+            lite_schema.1["delivery_events_dedupe"],
+            ["ts_ms", "vehicle", "seq"]
+        );
         assert_eq!(lite_schema, schema(&pg).await);
     }
 
     type Columns = Vec<(String, bool)>;
 
-    /// The tables with their columns (name, NOT NULL) and the named indexes of `store`.
-    async fn schema(store: &Store) -> (BTreeMap<String, Columns>, BTreeSet<String>) {
+    /// The tables with their columns (name, NOT NULL) and the named indexes of `store` with
+    /// their columns, in order.
+    async fn schema(store: &Store) -> (BTreeMap<String, Columns>, BTreeMap<String, Vec<String>>) {
         let (tables_sql, columns_sql, indexes_sql) = match store.backend {
             Backend::Sqlite => (
                 "SELECT name FROM sqlite_master WHERE type = 'table' \
@@ -296,7 +302,8 @@ mod tests {
                 // A primary key column is NOT NULL (SQLite does not say so of INTEGER ones).
                 "SELECT name, CASE WHEN \"notnull\" = 1 OR pk > 0 THEN 1 ELSE 0 END \
                  FROM pragma_table_info($1) ORDER BY cid",
-                "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL",
+                "SELECT m.name, c.name FROM sqlite_master AS m, pragma_index_info(m.name) AS c \
+                 WHERE m.type = 'index' AND m.sql IS NOT NULL ORDER BY m.name, c.seqno",
             ),
             Backend::Postgres => (
                 "SELECT table_name::text FROM information_schema.tables \
@@ -304,8 +311,12 @@ mod tests {
                 "SELECT column_name::text, CASE WHEN is_nullable = 'NO' THEN 1 ELSE 0 END \
                  FROM information_schema.columns WHERE table_schema = 'public' \
                  AND table_name = $1 ORDER BY ordinal_position",
-                "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public' \
-                 AND indexname NOT LIKE '%_pkey'",
+                "SELECT c.relname::text, pg_get_indexdef(c.oid, k, true) \
+                 FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid \
+                 JOIN pg_namespace AS n ON n.oid = c.relnamespace, \
+                 generate_series(1, i.indnatts) AS k \
+                 WHERE n.nspname = 'public' AND c.relname NOT LIKE '%_pkey' \
+                 ORDER BY c.relname, k",
             ),
         };
         let tables: Vec<String> = sqlx::query_scalar(tables_sql)
@@ -326,11 +337,15 @@ mod tests {
                     .collect(),
             );
         }
-        let indexes: Vec<String> = sqlx::query_scalar(indexes_sql)
+        let rows: Vec<(String, String)> = sqlx::query_as(indexes_sql)
             .fetch_all(&store.read)
             .await
             .expect("indexes");
-        (columns, indexes.into_iter().collect())
+        let mut indexes = BTreeMap::<String, Vec<String>>::new();
+        for (index, column) in rows {
+            indexes.entry(index).or_default().push(column);
+        }
+        (columns, indexes)
     }
 
     /// A durable store is WAL with synchronous = FULL, and both are in force again after the
@@ -423,6 +438,12 @@ mod tests {
             (
                 "SELECT * FROM delivery_events WHERE order_id = 'o' ORDER BY ts_ms, id",
                 "delivery_events_by_order",
+            ),
+            (
+                "SELECT order_id, kind FROM delivery_events \
+                 WHERE (vehicle = 'v' AND seq = 1 AND ts_ms = 2) \
+                 OR (vehicle = 'w' AND seq = 3 AND ts_ms = 4)",
+                "delivery_events_dedupe",
             ),
         ] {
             let plan: Vec<(i64, i64, i64, String)> =

@@ -443,3 +443,54 @@ on_each_backend! {
         );
     }
 }
+
+/// Schema 9 rebuilds the dedupe index keyed by time first: an event recorded under schema 8
+/// is still found as a duplicate after the upgrade, and a new event of the same vehicle is not.
+#[tokio::test]
+async fn an_event_recorded_before_schema_9_is_still_a_duplicate_sqlite() {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fleetbeat.db");
+    let path = path.to_str().expect("utf-8 path");
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true);
+    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .expect("connects");
+    crate::store::sqlite::MIGRATOR
+        .run_to(8, &mut conn)
+        .await
+        .expect("schema 8");
+    sqlx::query(
+        "INSERT INTO orders VALUES ('o-0', 'store-1', 'demo', 'Ada', 1, 2, 3, 4, 'picked-up', \
+         'v-0', 10, 20)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("an order");
+    let first = event(0, 0);
+    sqlx::query(
+        "INSERT INTO delivery_events (vehicle, seq, ts_ms, fleet, order_id, kind, lat_e7, \
+         lon_e7, flag, received_ms) VALUES ('v-0', $1, $2, 'demo', 'o-0', 'pickup', 1, 2, NULL, 20)",
+    )
+    .bind(i64::from(first.seq))
+    .bind(i64::try_from(first.ts_ms).expect("small"))
+    .execute(&mut conn)
+    .await
+    .expect("an event");
+    conn.close().await.expect("closes");
+
+    let store = Store::open(path, crate::store::StoreOptions::default())
+        .await
+        .expect("opens and migrates");
+    let again = record(&store, 0, &first).await.expect("records");
+    assert!(again.duplicate, "{again:?}");
+    let next = record(&store, 0, &event(0, 1)).await.expect("records");
+    assert!(!next.duplicate && next.advanced, "{next:?}");
+    assert_eq!(
+        count(&store, "SELECT COUNT(*) FROM delivery_events").await,
+        2
+    );
+    store.close().await;
+}
