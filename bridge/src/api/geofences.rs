@@ -3,8 +3,9 @@
 //!   the caller's scope (a vendor: its store's fence and its orders' drop-offs).
 //! - `POST /api/geofences` `{name, fleet, shape}`: 201 Fence (admin, or a dispatcher of that
 //!   fleet; vendors 403; a fleet the caller may not see 403; 409 once the fleet has
-//!   `[geofences] max_custom_per_fleet` custom fences, checked again in the store's
-//!   transaction, so that bridges creating at the same moment cannot pass it together).
+//!   `[geofences] max_custom_per_fleet` custom fences, counted in the store's transaction that
+//!   writes the fence, so that requests at the same moment, on one bridge or several, cannot
+//!   pass it together).
 //! - `PUT /api/geofences/{id}` (same body): 200 Fence (409 for a move to a full fleet);
 //!   `DELETE /api/geofences/{id}`: 204.
 //!   A fence of a fleet the caller may not see is 404, like a missing one; automatic fences
@@ -31,7 +32,7 @@ use super::state::HttpState;
 use crate::clock::now_ms;
 use crate::domain::Hub;
 use crate::domain::auth::{AuthError, Entrance, Grant, Role};
-use crate::geofence::{CustomSlot, Fence, FenceKind, OpenDropoff, Shape, degrees};
+use crate::geofence::{Fence, FenceKind, OpenDropoff, Shape, degrees};
 use crate::metrics::Counter;
 use crate::store::{FenceWrite, OpenOrderDropoff, OrderView, StoreError, StoredFence};
 use crate::view::geofence::{FenceView, changed};
@@ -174,23 +175,12 @@ fn custom_fence(row: &StoredFence, shape: Shape) -> Fence {
     }
 }
 
-/// Room for one more custom fence of `fleet` (see `Geofences::reserve_custom`: held until the
-/// slot is dropped); 409 if it has as many as `[geofences] max_custom_per_fleet` allows
-/// (counted in this bridge's engine, in step with the store every 2 s, with those being made
-/// by this bridge). The store counts again when it writes the fence (`Store::insert_geofence`),
-/// which also holds against other bridges.
-fn room_for_one_more<'h>(hub: &'h Hub, fleet: &FleetId) -> Result<CustomSlot<'h>, FenceError> {
-    hub.geofences()
-        .reserve_custom(fleet)
-        .map_err(|has| refused(hub, fleet, has))
-}
-
-/// 409 for a new fence of `fleet`, which has `has` custom fences, the most allowed: logged
-/// and counted.
+/// 409 for a fence made in or moved to `fleet`, which has `has` custom fences, the most
+/// allowed: logged and counted.
 fn refused(hub: &Hub, fleet: &FleetId, has: usize) -> FenceError {
     let most = hub.geofences().options().max_custom_per_fleet;
     hub.metrics().count(Counter::GeofencesRefused);
-    tracing::warn!(%fleet, has, most, "a new geofence refused: the fleet has the most allowed");
+    tracing::warn!(%fleet, has, most, "a geofence refused: its fleet has the most allowed");
     FenceError(
         StatusCode::CONFLICT,
         format!(
@@ -284,8 +274,6 @@ async fn create<A: Adapter>(
     let grant = grant::<FenceEditors>(&state.hub, &headers)?;
     let (name, fleet, shape) = checked(body_of(body)?)?;
     may_edit_in(&grant, &fleet)?;
-    // Held until the fence is in the engine (or the request fails).
-    let _slot = room_for_one_more(&state.hub, &fleet)?;
     let row = StoredFence {
         id: format!("gf-{:016x}", fastrand::u64(..)),
         name,
@@ -314,12 +302,8 @@ async fn update<A: Adapter>(
     let old = editable(&state.hub, &grant, &id).await?;
     let (name, fleet, shape) = checked(body_of(body)?)?;
     may_edit_in(&grant, &fleet)?;
-    // A fence moved to another fleet counts against that fleet's cap, like a new one.
-    let _slot = if old.fleet == fleet {
-        None
-    } else {
-        Some(room_for_one_more(&state.hub, &fleet)?)
-    };
+    // A fence moved to another fleet counts against that fleet's cap, like a new one: the
+    // store counts it (`Store::update_geofence`).
     let row = StoredFence {
         id: id.clone(),
         name,

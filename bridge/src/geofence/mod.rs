@@ -136,9 +136,6 @@ pub struct Geofences {
     noted: Mutex<HashMap<VehicleId, Sighting>>,
     /// This bridge's edits of custom fences, changed under the engine's lock.
     edits: Mutex<CustomEdits>,
-    /// Custom fences being made, by fleet ([`Geofences::reserve_custom`]): counted against
-    /// the fleet's cap from the check until made or given up.
-    making: Mutex<HashMap<FleetId, usize>>,
 }
 
 /// The custom fences this bridge made, changed or removed ([`Geofences::upsert_custom`],
@@ -150,26 +147,6 @@ struct CustomEdits {
     count: u64,
     /// Each fence's last edit, by that count; kept until a reload read after it is applied.
     last: HashMap<String, u64>,
-}
-
-/// Room for one more custom fence of a fleet, reserved by [`Geofences::reserve_custom`]
-/// until dropped (after the fence is made, or given up).
-#[derive(Debug)]
-pub struct CustomSlot<'g> {
-    geofences: &'g Geofences,
-    fleet: FleetId,
-}
-
-impl Drop for CustomSlot<'_> {
-    fn drop(&mut self) {
-        let mut making = self.geofences.making();
-        if let Some(n) = making.get_mut(&self.fleet) {
-            *n -= 1;
-            if *n == 0 {
-                making.remove(&self.fleet);
-            }
-        }
-    }
 }
 
 impl Default for Geofences {
@@ -186,7 +163,6 @@ impl Geofences {
             engine: Mutex::new(GeofenceEngine::new(options.hysteresis_m)),
             noted: Mutex::new(HashMap::new()),
             edits: Mutex::new(CustomEdits::default()),
-            making: Mutex::new(HashMap::new()),
         }
     }
 
@@ -252,37 +228,6 @@ impl Geofences {
             engine.set_carrier(&format!("dropoff:{}", d.order), d.carrier.clone());
         }
         changed
-    }
-
-    /// The custom fences being made, by fleet (a poisoned lock is recovered: the counts
-    /// are changed in one step each).
-    fn making(&self) -> MutexGuard<'_, HashMap<FleetId, usize>> {
-        self.making.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Room for one more custom fence of `fleet`, held until the returned slot is dropped;
-    /// or, if the fleet has `max_custom_per_fleet` already (those being made counted), how
-    /// many it has. Counting and reserving are one step, so requests at the same moment
-    /// cannot pass the cap together.
-    ///
-    /// # Errors
-    /// The number of custom fences the fleet has or is being given.
-    pub fn reserve_custom(&self, fleet: &FleetId) -> Result<CustomSlot<'_>, usize> {
-        let engine = self.engine();
-        let made = engine
-            .fences()
-            .filter(|f| f.kind == FenceKind::Custom && f.fleet == *fleet)
-            .count();
-        let mut making = self.making();
-        let being_made = making.get(fleet).copied().unwrap_or(0);
-        if made + being_made >= self.options.max_custom_per_fleet {
-            return Err(made + being_made);
-        }
-        *making.entry(fleet.clone()).or_default() += 1;
-        Ok(CustomSlot {
-            geofences: self,
-            fleet: fleet.clone(),
-        })
     }
 
     /// How many custom fences this bridge made, changed or removed so far: read it before
@@ -520,38 +465,5 @@ mod tests {
             Some(&moved),
             "gf-1 as changed"
         );
-    }
-
-    /// The fences being made count against the cap from the check on: two requests at the
-    /// same moment cannot both take the last place.
-    #[test]
-    fn fences_being_made_count_against_the_cap() {
-        let geofences = Geofences::new(GeofenceOptions {
-            max_custom_per_fleet: 2,
-            ..GeofenceOptions::default()
-        });
-        let north = FleetId::new("north").expect("valid");
-        let south = FleetId::new("south").expect("valid");
-        let first = geofences.reserve_custom(&north).expect("room");
-        let second = geofences.reserve_custom(&north).expect("room");
-        assert_eq!(
-            geofences.reserve_custom(&north).err(),
-            Some(2),
-            "both places taken"
-        );
-        assert!(geofences.reserve_custom(&south).is_ok(), "per fleet");
-        // One is given up (its request failed): its place is free again.
-        drop(first);
-        let third = geofences.reserve_custom(&north).expect("room again");
-        // One is made: it counts as made once its slot is dropped.
-        geofences.upsert_custom(custom_fence("gf-1", &north));
-        drop(second);
-        assert_eq!(
-            geofences.reserve_custom(&north).err(),
-            Some(2),
-            "one made, one being made"
-        );
-        drop(third);
-        assert!(geofences.reserve_custom(&north).is_ok());
     }
 }
