@@ -123,6 +123,15 @@ async fn listed(bridge: &BridgeProcess, token: &str, query: &str) -> anyhow::Res
         .collect())
 }
 
+/// How many custom fences (`gf-...`) of fleet `north` the admin sees listed.
+async fn north_custom_count(bridge: &BridgeProcess) -> anyhow::Result<usize> {
+    Ok(listed(bridge, "admin-secret", "?fleet=north")
+        .await?
+        .into_iter()
+        .filter(|id| id.starts_with("gf-"))
+        .count())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fences_are_managed_over_http_within_each_scope() -> anyhow::Result<()> {
     use reqwest::Method;
@@ -626,12 +635,11 @@ async fn a_fleet_has_at_most_max_custom_per_fleet_fences() -> anyhow::Result<()>
             .await?,
         1.0
     );
-    let custom = listed(&bridge, "admin-secret", "?fleet=north")
-        .await?
-        .into_iter()
-        .filter(|id| id.starts_with("gf-"))
-        .count();
-    assert_eq!(custom, 2, "the refused fence is not stored");
+    assert_eq!(
+        north_custom_count(&bridge).await?,
+        2,
+        "the refused fence is not stored"
+    );
     // The bound is per fleet; the automatic store fences do not count.
     let (status, south) = create("south-secret", fence("south", 1.0)).await?;
     assert_eq!(status, 201, "{south}");
@@ -703,12 +711,7 @@ async fn creates_at_the_same_moment_do_not_pass_the_cap() -> anyhow::Result<()> 
     }
     statuses.sort_unstable();
     assert_eq!(statuses, [201, 201, 409, 409, 409, 409, 409, 409]);
-    let custom = listed(&bridge, "admin-secret", "?fleet=north")
-        .await?
-        .into_iter()
-        .filter(|id| id.starts_with("gf-"))
-        .count();
-    assert_eq!(custom, 2, "two stored");
+    assert_eq!(north_custom_count(&bridge).await?, 2, "two stored");
     drop(config);
     Ok(())
 }
