@@ -4,8 +4,9 @@ them: the statements of the group committer (`bridge/src/store/group/statements.
 with python3's `sqlite3` on the bridge's own schema (every migration in
 `bridge/migrations/sqlite/`, in order), in `eventbench`'s shape: ORDERS orders prepared and
 assigned, LANES vehicles at once, each working through its own run of orders (lane l has
-orders l*ORDERS/LANES onwards), three events per order (pickup, in-transit, delivered), GROUP
-events per transaction, one queued message per recipient (the order's vendor and DISPATCHERS
+orders l*ORDERS/LANES onwards), three events per order (pickup, in-transit, delivered), each
+with a device time near its commit's (as `eventbench`'s vehicles send the clock), GROUP events
+per transaction, one queued message per recipient (the order's vendor and DISPATCHERS
 dispatchers). Checkpoints are off, so the log's size counts every page each commit wrote.
 
     event-pages.py [--orders 12800] [--lanes 64] [--group 34] [--dispatchers 2] [--adjacent]
