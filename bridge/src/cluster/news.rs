@@ -56,6 +56,10 @@ struct StateJson<'a> {
     reason: Option<&'a str>,
     last_seen_ms: u64,
     heard_ms: u64,
+    /// Absent in the news of a bridge of an earlier version (`None`: ordered by `heard_ms`
+    /// alone, as that version does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    status_counter: Option<u64>,
     interval_ms: u64,
 }
 
@@ -70,6 +74,7 @@ impl<'a> StateJson<'a> {
             reason: state.reason,
             last_seen_ms: state.last_seen_ms,
             heard_ms: state.heard_ms,
+            status_counter: state.status_counter,
             interval_ms: u64::try_from(state.interval.as_millis()).unwrap_or(u64::MAX),
         }
     }
@@ -90,6 +95,7 @@ impl<'a> StateJson<'a> {
             reason,
             last_seen_ms: self.last_seen_ms,
             heard_ms: self.heard_ms,
+            status_counter: self.status_counter,
             interval: Duration::from_millis(self.interval_ms),
         })
     }
@@ -175,6 +181,7 @@ mod tests {
             reason: Some("connection-lost"),
             last_seen_ms: 1_700_000_000_100,
             heard_ms: 1_700_000_000_200,
+            status_counter: Some(1_700_000_000_001),
             interval: Duration::from_millis(1000),
         }
     }
@@ -191,6 +198,20 @@ mod tests {
         assert_eq!(decoded.from, "bridge-a");
         assert_eq!(decoded.states.len(), 2);
         assert_eq!(decoded.states[0].as_ref().unwrap(), &s);
+    }
+
+    /// A state from a bridge of an earlier version has no status counter: it decodes without
+    /// one (ordered by when it was heard alone), and a bridge of that version ignores the
+    /// field (its decoder does not refuse unknown fields).
+    #[test]
+    fn a_state_without_a_status_counter_decodes_with_zero() {
+        let json = encode_state(&state()).unwrap();
+        assert!(json.contains("\"status_counter\":1700000000001"), "{json}");
+        let old = json.replace(",\"status_counter\":1700000000001", "");
+        assert_ne!(old, json);
+        let decoded = decode_state(old.as_bytes()).unwrap();
+        assert_eq!(decoded.status_counter, None);
+        assert_eq!(decoded.heard_ms, state().heard_ms);
     }
 
     #[test]

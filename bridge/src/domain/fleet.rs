@@ -116,8 +116,12 @@ struct Record {
     guard: ReplayGuard,
     dirty: bool,
     /// When the bridge that heard it last heard from the vehicle (a heartbeat or a status),
-    /// ms since the Unix epoch: which of two liveness reports is newer.
+    /// ms since the Unix epoch: which of two liveness reports is newer, when their status
+    /// counters do not tell (see [`SharedVehicle::status_counter`]).
     heard_ms: u64,
+    /// The device's counter of the latest status message (online or offline) behind its
+    /// liveness, heard here or merged; 0 before any.
+    status_counter: u64,
     /// Heard from since the last hand-over to the cluster (and listed in `Fleet::shared`).
     shared_dirty: bool,
 }
@@ -138,7 +142,25 @@ impl Record {
             guard: ReplayGuard::default(),
             dirty: false,
             heard_ms: 0,
+            status_counter: 0,
             shared_dirty: false,
+        }
+    }
+
+    /// Whether a heartbeat sealed with `counter` was sent before the status that took the
+    /// vehicle offline, so it must not bring the vehicle back: any heartbeat after a last will
+    /// (the will is sealed at connect, older than the connection's heartbeats; only the next
+    /// connection's `Online` ends it), one sealed before a `Shutdown` or `LowBattery`. Such a
+    /// heartbeat arrives after the status when another bridge of a shared subscription heard
+    /// the status, or through the cluster's news.
+    fn went_offline_after(&self, counter: u64) -> bool {
+        if self.liveness != Liveness::Offline {
+            return false;
+        }
+        match self.reason {
+            Some(reason) if reason == OfflineReason::ConnectionLost.as_str() => true,
+            Some(_) => counter < self.status_counter,
+            None => false,
         }
     }
 
@@ -247,8 +269,8 @@ impl Fleet {
     ) -> Result<(), CodecError> {
         self.check_fresh(topic, counter)?;
         let change = match report {
-            Report::Heartbeat(hb) => self.heartbeat(topic, hb),
-            Report::Status(status) => self.status(topic, status),
+            Report::Heartbeat(hb) => self.heartbeat(topic, hb, counter),
+            Report::Status(status) => self.status(topic, status, counter),
         };
         self.queue_statuses(change);
         self.heard_here(&topic.vehicle);
@@ -268,8 +290,9 @@ impl Fleet {
         }
     }
 
-    /// Records a heartbeat; returns the status change it causes, if any.
-    fn heartbeat(&mut self, topic: &Topic, hb: &Heartbeat) -> Option<VehicleStatus> {
+    /// Records a heartbeat sealed with `counter`; returns the status change it causes, if any
+    /// (none for a heartbeat sent before the vehicle went offline: [`Record::went_offline_after`]).
+    fn heartbeat(&mut self, topic: &Topic, hb: &Heartbeat, counter: u64) -> Option<VehicleStatus> {
         let now = Instant::now();
         let wall = now_ms();
         let record = self.entry(topic, now);
@@ -286,19 +309,29 @@ impl Fleet {
         record.heard_ms = wall;
         record.heartbeat = Some(*hb);
         let newly_dirty = !std::mem::replace(&mut record.dirty, true);
-        let change = Self::transition(topic, record, Liveness::Online, None);
+        let change = if record.went_offline_after(counter) {
+            None
+        } else {
+            Self::transition(topic, record, Liveness::Online, None)
+        };
         if newly_dirty {
             self.dirty.push(topic.vehicle.clone());
         }
         change
     }
 
-    /// Records a status message; returns the status change it causes, if any.
-    fn status(&mut self, topic: &Topic, status: &Status) -> Option<VehicleStatus> {
+    /// Records a status message sealed with `counter`; returns the status change it causes,
+    /// if any.
+    fn status(&mut self, topic: &Topic, status: &Status, counter: u64) -> Option<VehicleStatus> {
         let now = Instant::now();
         let record = self.entry(topic, now);
         record.last_heard = now;
         record.heard_ms = now_ms();
+        if counter < record.status_counter {
+            // Older than a status another bridge heard (merged): that one stands.
+            return None;
+        }
+        record.status_counter = counter;
         match status {
             Status::Online => {
                 record.last_seen_ms = now_ms();
@@ -478,8 +511,16 @@ pub(crate) struct SharedVehicle {
     pub(crate) reason: Option<&'static str>,
     /// When a bridge last had a heartbeat (or an online status) from it, ms since the epoch.
     pub(crate) last_seen_ms: u64,
-    /// When a bridge last heard from it at all, ms since the epoch: the newer report wins.
+    /// When a bridge last heard from it at all, ms since the epoch: of two liveness reports
+    /// behind the same status (or from a bridge that does not say which), the newer wins.
     pub(crate) heard_ms: u64,
+    /// The device's counter of the latest status message behind its liveness (`Some(0)`: the
+    /// bridge knows of none; `None`: a bridge of an earlier version, which does not say). Of
+    /// two liveness reports behind different statuses, the one behind the later status wins,
+    /// whenever each bridge heard its messages: the device's counters order its statuses (a
+    /// last will beats its connection's `Online`, the next `Online` beats the will), where two
+    /// bridges' clocks of hearing them do not.
+    pub(crate) status_counter: Option<u64>,
     /// How often it reports (the moving average of its heartbeat gaps), for the stale rule.
     pub(crate) interval: Duration,
 }
@@ -583,6 +624,7 @@ impl Fleet {
                 reason: record.reason,
                 last_seen_ms: record.last_seen_ms,
                 heard_ms: record.heard_ms,
+                status_counter: Some(record.status_counter),
                 interval: record.interval,
                 vehicle,
             });
@@ -611,8 +653,10 @@ impl Fleet {
 
     /// Merges one state another bridge heard, for the views only (positions, liveness,
     /// snapshots): its heartbeat if newer than ours (device time, then sequence number), its
-    /// liveness if it heard the vehicle after we last did. Nothing else (replay guard, the
-    /// hand-over to the cluster) changes.
+    /// liveness if newer than ours: behind a later status (by the device's counter: a last will
+    /// beats a late heartbeat of its own connection heard here), or behind the same status (or
+    /// from a bridge that does not say) if it heard the vehicle after we last did. Nothing else (replay guard, the hand-over to the
+    /// cluster) changes.
     fn merge(&mut self, state: SharedVehicle) {
         let now = Instant::now();
         let record = self
@@ -635,11 +679,18 @@ impl Fleet {
                 }
             }
         }
-        if state.heard_ms <= record.heard_ms {
+        let newer = match state.status_counter {
+            Some(theirs) if theirs != record.status_counter => theirs > record.status_counter,
+            _ => state.heard_ms > record.heard_ms,
+        };
+        if !newer {
             return;
         }
-        record.heard_ms = state.heard_ms;
-        record.last_heard = instant_of(state.heard_ms);
+        if let Some(theirs) = state.status_counter {
+            record.status_counter = record.status_counter.max(theirs);
+        }
+        record.heard_ms = record.heard_ms.max(state.heard_ms);
+        record.last_heard = instant_of(record.heard_ms);
         record.last_seen_ms = record.last_seen_ms.max(state.last_seen_ms);
         let (to, reason) = (state.liveness, state.reason);
         if record.liveness != to || record.reason != reason {
@@ -666,11 +717,11 @@ mod tests {
         let mut fleet = Fleet::new(StaleRule::After(Duration::from_millis(50)));
         let t = topic("v1");
         let change = fleet
-            .heartbeat(&t, &Heartbeat::default())
+            .heartbeat(&t, &Heartbeat::default(), 101)
             .expect("goes online");
         assert_eq!(change.liveness, Liveness::Online);
         assert!(
-            fleet.heartbeat(&t, &Heartbeat::default()).is_none(),
+            fleet.heartbeat(&t, &Heartbeat::default(), 102).is_none(),
             "no change"
         );
         let later = Instant::now() + Duration::from_millis(60);
@@ -682,6 +733,7 @@ mod tests {
             .status(
                 &t.with_kind(TopicKind::Status),
                 &Status::Offline(OfflineReason::ConnectionLost),
+                103,
             )
             .expect("goes offline");
         assert_eq!(
@@ -701,14 +753,15 @@ mod tests {
     #[test]
     fn moved_vehicles_are_taken_once_and_snapshots_filter() {
         let mut fleet = Fleet::default();
-        fleet.heartbeat(&topic("v1"), &Heartbeat::default());
-        fleet.heartbeat(&topic("v2"), &Heartbeat::default());
+        fleet.heartbeat(&topic("v1"), &Heartbeat::default(), 104);
+        fleet.heartbeat(&topic("v2"), &Heartbeat::default(), 105);
         fleet.heartbeat(
             &topic("v1"),
             &Heartbeat {
                 seq: 2,
                 ..Heartbeat::default()
             },
+            106,
         );
         let moved = fleet.take_moved();
         assert_eq!(moved.len(), 2, "the latest position per vehicle");
@@ -726,12 +779,13 @@ mod tests {
     #[test]
     fn status_changes_wait_for_the_tick_in_order() {
         let mut fleet = Fleet::default();
-        let online = fleet.heartbeat(&topic("v1"), &Heartbeat::default());
+        let online = fleet.heartbeat(&topic("v1"), &Heartbeat::default(), 107);
         let change = online.expect("first heartbeat brings v1 online");
         fleet.queue_statuses([change]);
         let offline = fleet.status(
             &topic("v1"),
             &Status::Offline(OfflineReason::ConnectionLost),
+            108,
         );
         fleet.queue_statuses(offline);
         let taken = fleet.take_statuses();
@@ -739,8 +793,8 @@ mod tests {
         assert_eq!(kinds, [Liveness::Online, Liveness::Offline]);
         assert!(fleet.take_statuses().is_empty(), "taken once");
         // Only vehicles that moved are visited, and a vehicle that moved twice appears once.
-        fleet.heartbeat(&topic("v2"), &Heartbeat::default());
-        fleet.heartbeat(&topic("v2"), &Heartbeat::default());
+        fleet.heartbeat(&topic("v2"), &Heartbeat::default(), 109);
+        fleet.heartbeat(&topic("v2"), &Heartbeat::default(), 110);
         let moved = fleet.take_moved();
         assert_eq!(moved.len(), 2, "v1 from before, v2 once");
         assert!(fleet.take_moved().is_empty());
@@ -775,6 +829,7 @@ mod tests {
             reason: None,
             last_seen_ms: now,
             heard_ms: now,
+            status_counter: Some(0),
             interval: Duration::from_millis(100),
         }
     }
@@ -819,9 +874,10 @@ mod tests {
                 ts_ms: 2_100,
                 ..Heartbeat::default()
             },
+            111,
         );
         fleet.heard_here(&v1);
-        fleet.heartbeat(&topic("v2"), &Heartbeat::default());
+        fleet.heartbeat(&topic("v2"), &Heartbeat::default(), 112);
         fleet.heard_here(&VehicleId::new("v2").expect("valid"));
         fleet.take_statuses();
         fleet.take_moved();
@@ -835,6 +891,109 @@ mod tests {
             port.try_next_batch().is_none(),
             "nothing new, nothing handed over"
         );
+    }
+
+    /// The liveness of `vehicle` in `fleet`.
+    fn liveness_of(fleet: &mut Fleet, vehicle: &str) -> Option<Liveness> {
+        let vehicle = VehicleId::new(vehicle).expect("valid");
+        fleet.vehicle(&vehicle).map(|v| v.status.liveness)
+    }
+
+    /// A heartbeat sent before the vehicle went offline does not bring it back, however late
+    /// it arrives: after a last will only the next connection's `Online` does; after a
+    /// `Shutdown`, a heartbeat sealed after it does too.
+    #[test]
+    fn a_heartbeat_sent_before_going_offline_does_not_bring_the_vehicle_back() {
+        let mut fleet = Fleet::default();
+        let hb_topic = topic("v1");
+        let status_topic = hb_topic.with_kind(TopicKind::Status);
+        let hb = Heartbeat::default();
+        let lost = Status::Offline(OfflineReason::ConnectionLost);
+        // A connection: its `Online` (10), its last will sealed at connect (11), a heartbeat.
+        fleet
+            .record(&status_topic, 10, Report::Status(&Status::Online))
+            .expect("fresh");
+        fleet
+            .record(&hb_topic, 12, Report::Heartbeat(&hb))
+            .expect("fresh");
+        fleet
+            .record(&status_topic, 11, Report::Status(&lost))
+            .expect("fresh");
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
+        fleet.take_statuses();
+        // A heartbeat of that connection heard after the will: still offline, nothing sent.
+        fleet
+            .record(&hb_topic, 13, Report::Heartbeat(&hb))
+            .expect("fresh");
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
+        assert!(fleet.take_statuses().is_empty());
+        // The next connection's `Online` brings it back.
+        fleet
+            .record(&status_topic, 20, Report::Status(&Status::Online))
+            .expect("fresh");
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Online));
+        // A shutdown, then a heartbeat sealed before it: offline; one sealed after it: online.
+        let shutdown = Status::Offline(OfflineReason::Shutdown);
+        fleet
+            .record(&status_topic, 30, Report::Status(&shutdown))
+            .expect("fresh");
+        fleet
+            .record(&hb_topic, 29, Report::Heartbeat(&hb))
+            .expect("fresh");
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
+        fleet
+            .record(&hb_topic, 31, Report::Heartbeat(&hb))
+            .expect("fresh");
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Online));
+    }
+
+    /// Two bridges of a shared subscription: the other one heard a vehicle's last will, this
+    /// one heartbeats of the same connection, one of them later by its clock. The will wins
+    /// here by its status counter, in either order; an older status heard here late does not
+    /// undo it; the next connection's `Online` wins over the will.
+    #[test]
+    fn a_last_will_heard_by_another_bridge_beats_a_later_heartbeat_here() {
+        let mut fleet = Fleet::default();
+        let port = fleet.cluster_port();
+        let hb_topic = topic("v1");
+        let hb = Heartbeat::default();
+        fleet
+            .record(&hb_topic, 12, Report::Heartbeat(&hb))
+            .expect("fresh");
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Online));
+        // The will (11), heard by the other bridge a second before our heartbeat.
+        let mut will = shared("v1", 1, 1_000, Liveness::Offline);
+        will.reason = Some("connection-lost");
+        will.status_counter = Some(11);
+        will.heard_ms -= 1_000;
+        port.deliver([will]);
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
+        // A later heartbeat of that connection heard here: offline still.
+        fleet
+            .record(&hb_topic, 13, Report::Heartbeat(&hb))
+            .expect("fresh");
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
+        // The connection's `Online` (10), heard here late: older than the will.
+        fleet
+            .record(
+                &hb_topic.with_kind(TopicKind::Status),
+                10,
+                Report::Status(&Status::Online),
+            )
+            .expect("fresh");
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
+        // News of an online state behind that `Online`, heard later by the other bridge's clock.
+        let mut late = shared("v1", 2, 1_100, Liveness::Online);
+        late.status_counter = Some(10);
+        late.heard_ms += 1_000;
+        port.deliver([late]);
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
+        // The next connection's `Online` (20), heard by the other bridge: online.
+        let mut back = shared("v1", 3, 1_200, Liveness::Online);
+        back.status_counter = Some(20);
+        back.heard_ms -= 2_000;
+        port.deliver([back]);
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Online));
     }
 
     /// A vehicle heard by another bridge turns stale by its own last-seen time.
