@@ -655,8 +655,8 @@ impl Fleet {
     /// snapshots): its heartbeat if newer than ours (device time, then sequence number), its
     /// liveness if newer than ours: behind a later status (by the device's counter: a last will
     /// beats a late heartbeat of its own connection heard here), or behind the same status (or
-    /// from a bridge that does not say) if it heard the vehicle after we last did. Nothing else (replay guard, the hand-over to the
-    /// cluster) changes.
+    /// from a bridge that does not say) if it heard the vehicle after we last did. Nothing
+    /// else (replay guard, the hand-over to the cluster) changes.
     fn merge(&mut self, state: SharedVehicle) {
         let now = Instant::now();
         let record = self
@@ -893,6 +893,11 @@ mod tests {
         );
     }
 
+    /// Records what a vehicle reported, sealed with `counter`, which must be fresh.
+    fn hear(fleet: &mut Fleet, topic: &Topic, counter: u64, report: Report<'_>) {
+        fleet.record(topic, counter, report).expect("fresh");
+    }
+
     /// The liveness of `vehicle` in `fleet`.
     fn liveness_of(fleet: &mut Fleet, vehicle: &str) -> Option<Liveness> {
         let vehicle = VehicleId::new(vehicle).expect("valid");
@@ -910,40 +915,34 @@ mod tests {
         let hb = Heartbeat::default();
         let lost = Status::Offline(OfflineReason::ConnectionLost);
         // A connection: its `Online` (10), its last will sealed at connect (11), a heartbeat.
-        fleet
-            .record(&status_topic, 10, Report::Status(&Status::Online))
-            .expect("fresh");
-        fleet
-            .record(&hb_topic, 12, Report::Heartbeat(&hb))
-            .expect("fresh");
-        fleet
-            .record(&status_topic, 11, Report::Status(&lost))
-            .expect("fresh");
+        hear(
+            &mut fleet,
+            &status_topic,
+            10,
+            Report::Status(&Status::Online),
+        );
+        hear(&mut fleet, &hb_topic, 12, Report::Heartbeat(&hb));
+        hear(&mut fleet, &status_topic, 11, Report::Status(&lost));
         assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
         fleet.take_statuses();
         // A heartbeat of that connection heard after the will: still offline, nothing sent.
-        fleet
-            .record(&hb_topic, 13, Report::Heartbeat(&hb))
-            .expect("fresh");
+        hear(&mut fleet, &hb_topic, 13, Report::Heartbeat(&hb));
         assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
         assert!(fleet.take_statuses().is_empty());
         // The next connection's `Online` brings it back.
-        fleet
-            .record(&status_topic, 20, Report::Status(&Status::Online))
-            .expect("fresh");
+        hear(
+            &mut fleet,
+            &status_topic,
+            20,
+            Report::Status(&Status::Online),
+        );
         assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Online));
         // A shutdown, then a heartbeat sealed before it: offline; one sealed after it: online.
         let shutdown = Status::Offline(OfflineReason::Shutdown);
-        fleet
-            .record(&status_topic, 30, Report::Status(&shutdown))
-            .expect("fresh");
-        fleet
-            .record(&hb_topic, 29, Report::Heartbeat(&hb))
-            .expect("fresh");
+        hear(&mut fleet, &status_topic, 30, Report::Status(&shutdown));
+        hear(&mut fleet, &hb_topic, 29, Report::Heartbeat(&hb));
         assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
-        fleet
-            .record(&hb_topic, 31, Report::Heartbeat(&hb))
-            .expect("fresh");
+        hear(&mut fleet, &hb_topic, 31, Report::Heartbeat(&hb));
         assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Online));
     }
 
@@ -957,9 +956,7 @@ mod tests {
         let port = fleet.cluster_port();
         let hb_topic = topic("v1");
         let hb = Heartbeat::default();
-        fleet
-            .record(&hb_topic, 12, Report::Heartbeat(&hb))
-            .expect("fresh");
+        hear(&mut fleet, &hb_topic, 12, Report::Heartbeat(&hb));
         assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Online));
         // The will (11), heard by the other bridge a second before our heartbeat.
         let mut will = shared("v1", 1, 1_000, Liveness::Offline);
@@ -969,18 +966,15 @@ mod tests {
         port.deliver([will]);
         assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
         // A later heartbeat of that connection heard here: offline still.
-        fleet
-            .record(&hb_topic, 13, Report::Heartbeat(&hb))
-            .expect("fresh");
+        hear(&mut fleet, &hb_topic, 13, Report::Heartbeat(&hb));
         assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
         // The connection's `Online` (10), heard here late: older than the will.
-        fleet
-            .record(
-                &hb_topic.with_kind(TopicKind::Status),
-                10,
-                Report::Status(&Status::Online),
-            )
-            .expect("fresh");
+        hear(
+            &mut fleet,
+            &hb_topic.with_kind(TopicKind::Status),
+            10,
+            Report::Status(&Status::Online),
+        );
         assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
         // News of an online state behind that `Online`, heard later by the other bridge's clock.
         let mut late = shared("v1", 2, 1_100, Liveness::Online);

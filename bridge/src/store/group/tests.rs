@@ -472,7 +472,8 @@ async fn an_event_recorded_before_schema_9_is_still_a_duplicate_sqlite() {
     let first = event(0, 0);
     sqlx::query(
         "INSERT INTO delivery_events (vehicle, seq, ts_ms, fleet, order_id, kind, lat_e7, \
-         lon_e7, flag, received_ms) VALUES ('v-0', $1, $2, 'demo', 'o-0', 'pickup', 1, 2, NULL, 20)",
+         lon_e7, flag, received_ms) \
+         VALUES ('v-0', $1, $2, 'demo', 'o-0', 'pickup', 1, 2, NULL, 20)",
     )
     .bind(i64::from(first.seq))
     .bind(i64::try_from(first.ts_ms).expect("small"))
