@@ -122,9 +122,19 @@ struct Record {
     /// The device's counter of the latest status message (online or offline) behind its
     /// liveness, heard here or merged; 0 before any.
     status_counter: u64,
+    /// When it last went offline here (heard or merged): heartbeats heard within
+    /// [`LATE_HEARTBEAT_WINDOW`] after a last will are taken for its lost connection's.
+    offline_at: Instant,
     /// Heard from since the last hand-over to the cluster (and listed in `Fleet::shared`).
     shared_dirty: bool,
 }
+
+/// How long after a vehicle's last will a heartbeat may still be one of the lost connection's,
+/// heard late (a shared subscription handed it to a bridge that lagged behind the one that heard
+/// the will): such a heartbeat does not bring the vehicle back. The next connection's `Online`
+/// ends the will at once; a device that reconnects without one comes back at its first
+/// heartbeat heard after this window.
+const LATE_HEARTBEAT_WINDOW: Duration = Duration::from_secs(5);
 
 impl Record {
     /// A vehicle first seen (by this bridge or through the cluster) at `now`, of `fleet`:
@@ -143,22 +153,26 @@ impl Record {
             dirty: false,
             heard_ms: 0,
             status_counter: 0,
+            offline_at: now,
             shared_dirty: false,
         }
     }
 
-    /// Whether a heartbeat sealed with `counter` was sent before the status that took the
-    /// vehicle offline, so it must not bring the vehicle back: any heartbeat after a last will
-    /// (the will is sealed at connect, older than the connection's heartbeats; only the next
-    /// connection's `Online` ends it), one sealed before a `Shutdown` or `LowBattery`. Such a
-    /// heartbeat arrives after the status when another bridge of a shared subscription heard
-    /// the status, or through the cluster's news.
-    fn went_offline_after(&self, counter: u64) -> bool {
+    /// Whether a heartbeat sealed with `counter`, heard at `now`, may have been sent before the
+    /// status that took the vehicle offline, so it must not bring the vehicle back: a heartbeat
+    /// heard within [`LATE_HEARTBEAT_WINDOW`] after a last will (the will is sealed at connect,
+    /// older than the connection's heartbeats, so the counter cannot tell; the next
+    /// connection's `Online` ends it at once), or one sealed before a `Shutdown` or
+    /// `LowBattery`. Such a heartbeat arrives after the status when another bridge of a shared
+    /// subscription heard the status, or through the cluster's news.
+    fn went_offline_after(&self, counter: u64, now: Instant) -> bool {
         if self.liveness != Liveness::Offline {
             return false;
         }
         match self.reason {
-            Some(reason) if reason == OfflineReason::ConnectionLost.as_str() => true,
+            Some(reason) if reason == OfflineReason::ConnectionLost.as_str() => {
+                now.saturating_duration_since(self.offline_at) < LATE_HEARTBEAT_WINDOW
+            }
             Some(_) => counter < self.status_counter,
             None => false,
         }
@@ -309,7 +323,7 @@ impl Fleet {
         record.heard_ms = wall;
         record.heartbeat = Some(*hb);
         let newly_dirty = !std::mem::replace(&mut record.dirty, true);
-        let change = if record.went_offline_after(counter) {
+        let change = if record.went_offline_after(counter, now) {
             None
         } else {
             Self::transition(topic, record, Liveness::Online, None)
@@ -351,6 +365,9 @@ impl Fleet {
     ) -> Option<VehicleStatus> {
         if record.liveness == to && record.reason == reason {
             return None;
+        }
+        if to == Liveness::Offline {
+            record.offline_at = Instant::now();
         }
         record.liveness = to;
         record.reason = reason;
@@ -694,6 +711,9 @@ impl Fleet {
         record.last_seen_ms = record.last_seen_ms.max(state.last_seen_ms);
         let (to, reason) = (state.liveness, state.reason);
         if record.liveness != to || record.reason != reason {
+            if to == Liveness::Offline {
+                record.offline_at = now;
+            }
             record.liveness = to;
             record.reason = reason;
             let change = record.status(&state.vehicle, &record.fleet);
@@ -904,8 +924,8 @@ mod tests {
         fleet.vehicle(&vehicle).map(|v| v.status.liveness)
     }
 
-    /// A heartbeat sent before the vehicle went offline does not bring it back, however late
-    /// it arrives: after a last will only the next connection's `Online` does; after a
+    /// A heartbeat sent before the vehicle went offline does not bring it back: after a last
+    /// will, none heard within the window does, the next connection's `Online` does; after a
     /// `Shutdown`, a heartbeat sealed after it does too.
     #[test]
     fn a_heartbeat_sent_before_going_offline_does_not_bring_the_vehicle_back() {
@@ -943,6 +963,46 @@ mod tests {
         hear(&mut fleet, &hb_topic, 29, Report::Heartbeat(&hb));
         assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
         hear(&mut fleet, &hb_topic, 31, Report::Heartbeat(&hb));
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Online));
+    }
+
+    /// A device that breaks the protocol and reconnects without `Online`: its heartbeats heard
+    /// within the window after its last will (here or merged) are taken for the lost
+    /// connection's; the first one heard after the window brings it back.
+    #[test]
+    fn a_heartbeat_heard_long_after_a_last_will_brings_the_vehicle_back() {
+        let mut fleet = Fleet::default();
+        let port = fleet.cluster_port();
+        let hb_topic = topic("v1");
+        let hb = Heartbeat::default();
+        let lost = Status::Offline(OfflineReason::ConnectionLost);
+        let window_ago = |fleet: &mut Fleet| {
+            let record = fleet.vehicles.values_mut().next().expect("heard");
+            record.offline_at = Instant::now()
+                .checked_sub(LATE_HEARTBEAT_WINDOW)
+                .expect("the clock started long ago");
+        };
+        hear(&mut fleet, &hb_topic, 12, Report::Heartbeat(&hb));
+        hear(
+            &mut fleet,
+            &hb_topic.with_kind(TopicKind::Status),
+            11,
+            Report::Status(&lost),
+        );
+        hear(&mut fleet, &hb_topic, 13, Report::Heartbeat(&hb));
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
+        window_ago(&mut fleet);
+        hear(&mut fleet, &hb_topic, 30, Report::Heartbeat(&hb));
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Online));
+        // A later will, heard by another bridge: the window starts when it is merged here.
+        let mut will = shared("v1", 1, 1_000, Liveness::Offline);
+        will.reason = Some("connection-lost");
+        will.status_counter = Some(40);
+        port.deliver([will]);
+        hear(&mut fleet, &hb_topic, 41, Report::Heartbeat(&hb));
+        assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Offline));
+        window_ago(&mut fleet);
+        hear(&mut fleet, &hb_topic, 50, Report::Heartbeat(&hb));
         assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Online));
     }
 
