@@ -263,7 +263,7 @@ mod tests {
 
     /// The two migration sets have the same versions and descriptions, and after migrating
     /// both databases have the same tables, columns (name and nullability, in order) and
-    /// indexes (name and columns, in order).
+    /// indexes (name, columns in order, unique or not, partial or not).
     #[tokio::test]
     async fn migrations_are_in_step() {
         let versions = |migrator: &sqlx::migrate::Migrator| {
@@ -281,21 +281,31 @@ mod tests {
         let pg = testing::postgres().await;
         let lite_schema = schema(&lite).await;
         assert!(lite_schema.0.contains_key("orders"), "{lite_schema:?}");
-        assert!(lite_schema.1.contains_key("orders_open_by_vehicle"));
+        let open = &lite_schema.1["orders_open_by_vehicle"];
+        assert!(open.unique && open.partial, "{open:?}");
         // Schema 9: the dedupe index is keyed by time first (fewer pages per group).
-        assert_eq!(
-            lite_schema.1["delivery_events_dedupe"],
-            ["ts_ms", "vehicle", "seq"]
-        );
+        let dedupe = &lite_schema.1["delivery_events_dedupe"];
+        assert_eq!(dedupe.columns, ["ts_ms", "vehicle", "seq"]);
+        assert!(dedupe.unique && !dedupe.partial, "{dedupe:?}");
         assert_eq!(lite_schema, schema(&pg).await);
     }
 
     type Columns = Vec<(String, bool)>;
 
-    /// The tables with their columns (name, NOT NULL) and the named indexes of `store` with
-    /// their columns, in order.
-    async fn schema(store: &Store) -> (BTreeMap<String, Columns>, BTreeMap<String, Vec<String>>) {
-        let (tables_sql, columns_sql, indexes_sql) = match store.backend {
+    /// A named index as both engines describe it.
+    #[derive(Debug, Default, PartialEq)]
+    struct Index {
+        /// Its columns, in order.
+        columns: Vec<String>,
+        /// Whether it is `UNIQUE`.
+        unique: bool,
+        /// Whether it has a `WHERE` (a partial index).
+        partial: bool,
+    }
+
+    /// The tables with their columns (name, NOT NULL) and the named indexes of `store`.
+    async fn schema(store: &Store) -> (BTreeMap<String, Columns>, BTreeMap<String, Index>) {
+        let (tables_sql, columns_sql, indexes_sql, kinds_sql) = match store.backend {
             Backend::Sqlite => (
                 "SELECT name FROM sqlite_master WHERE type = 'table' \
                  AND name NOT LIKE 'sqlite_%' AND name <> '_sqlx_migrations'",
@@ -304,6 +314,9 @@ mod tests {
                  FROM pragma_table_info($1) ORDER BY cid",
                 "SELECT m.name, c.name FROM sqlite_master AS m, pragma_index_info(m.name) AS c \
                  WHERE m.type = 'index' AND m.sql IS NOT NULL ORDER BY m.name, c.seqno",
+                "SELECT m.name, l.\"unique\", l.partial \
+                 FROM sqlite_master AS m, pragma_index_list(m.tbl_name) AS l \
+                 WHERE m.type = 'index' AND m.sql IS NOT NULL AND l.name = m.name",
             ),
             Backend::Postgres => (
                 "SELECT table_name::text FROM information_schema.tables \
@@ -317,6 +330,11 @@ mod tests {
                  generate_series(1, i.indnatts) AS k \
                  WHERE n.nspname = 'public' AND c.relname NOT LIKE '%_pkey' \
                  ORDER BY c.relname, k",
+                "SELECT c.relname::text, CASE WHEN i.indisunique THEN 1 ELSE 0 END, \
+                 CASE WHEN i.indpred IS NULL THEN 0 ELSE 1 END \
+                 FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid \
+                 JOIN pg_namespace AS n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = 'public' AND c.relname NOT LIKE '%_pkey'",
             ),
         };
         let tables: Vec<String> = sqlx::query_scalar(tables_sql)
@@ -341,9 +359,17 @@ mod tests {
             .fetch_all(&store.read)
             .await
             .expect("indexes");
-        let mut indexes = BTreeMap::<String, Vec<String>>::new();
+        let mut indexes = BTreeMap::<String, Index>::new();
         for (index, column) in rows {
-            indexes.entry(index).or_default().push(column);
+            indexes.entry(index).or_default().columns.push(column);
+        }
+        let kinds: Vec<(String, i32, i32)> = sqlx::query_as(kinds_sql)
+            .fetch_all(&store.read)
+            .await
+            .expect("index kinds");
+        for (index, unique, partial) in kinds {
+            let index = indexes.get_mut(&index).expect("an index with columns");
+            (index.unique, index.partial) = (unique == 1, partial == 1);
         }
         (columns, indexes)
     }
