@@ -11,7 +11,8 @@
 use std::collections::VecDeque;
 use std::future::Future as _;
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ use rumqttd::protocol::{Packet, Publish, PublishProperties};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tracing::debug;
+
+use crate::metrics::BrokerMetrics;
 
 /// Client-id prefix of the broker's own connections; refused to anyone else.
 pub(crate) const INTERNAL_PREFIX: &str = "fleetbeat-internal-";
@@ -71,6 +74,54 @@ type Connect = dyn Fn(LinkRequest<'_>) -> Result<Registered, LinkRefused> + Send
 #[derive(Clone)]
 pub(crate) struct Registrar {
     connect: Arc<Connect>,
+    names: Arc<NamePool>,
+}
+
+/// The names of the links no client knows by name (a clean session's own link, a shared
+/// subscription group's), reused.
+///
+/// rumqttd 0.20's router never forgets a client id it registered: a link that disconnects
+/// leaves an entry in its "graveyard" (a persistent session's state, or a clean session's last
+/// ten connection events), removed only when a link of the same id registers again. Registered
+/// under the clients' own ids (random for most tools: `mosquitto_sub`'s `mosq-...`), those
+/// entries grow with every connection that ever had a link, ≈0.5 KiB each. Under names taken
+/// from this pool, given back when the link is gone and taken again first, they are as many
+/// as the most such links ever open at once.
+#[derive(Debug, Default)]
+struct NamePool {
+    /// Numbers given back.
+    free: std::sync::Mutex<Vec<u32>>,
+    /// Numbers made so far: the names the router knows.
+    made: AtomicU32,
+    /// Where the count of names made is reported, once set.
+    metrics: OnceLock<BrokerMetrics>,
+}
+
+/// A link name from a [`Registrar`]'s pool, `fleetbeat-internal-link-{n}`, given back when
+/// dropped: keep it as long as the link it names (drop it after the link's disconnect was
+/// handed to the router; a link registered under a name still in use would replace it).
+#[derive(Debug)]
+pub(crate) struct LinkName {
+    pool: Arc<NamePool>,
+    n: u32,
+    name: String,
+}
+
+impl LinkName {
+    /// The name, to register a link under.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for LinkName {
+    fn drop(&mut self) {
+        self.pool
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(self.n);
+    }
 }
 
 opaque_debug!(Registrar);
@@ -84,6 +135,7 @@ impl Registrar {
     pub(crate) fn spawn(config: rumqttd::RouterConfig) -> Registrar {
         let router_tx = rumqttd::Router::new(0, config).spawn();
         Registrar {
+            names: Arc::default(),
             connect: Arc::new(move |request: LinkRequest<'_>| {
                 LinkBuilder::new(request.client_id, router_tx.clone())
                     .clean_session(request.clean_session)
@@ -107,7 +159,43 @@ impl Registrar {
     ) -> Registrar {
         Registrar {
             connect: Arc::new(connect),
+            names: Arc::default(),
         }
+    }
+
+    /// A name for a link no client knows by name (see [`LinkName`]): one given back before, if
+    /// any, else a new one.
+    pub(crate) fn link_name(&self) -> LinkName {
+        let reused = self
+            .names
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let n = reused.unwrap_or_else(|| {
+            let n = self.names.made.fetch_add(1, Ordering::AcqRel);
+            if let Some(metrics) = self.names.metrics.get() {
+                metrics.set_link_names(u64::from(n) + 1);
+            }
+            n
+        });
+        LinkName {
+            pool: Arc::clone(&self.names),
+            n,
+            name: format!("{INTERNAL_PREFIX}link-{n}"),
+        }
+    }
+
+    /// How many names [`Self::link_name`] has made: the most links under such names that
+    /// were open at once.
+    pub(crate) fn link_names(&self) -> u32 {
+        self.names.made.load(Ordering::Acquire)
+    }
+
+    /// Reports the count of [`Self::link_name`]'s names to `metrics` from now on.
+    pub(crate) fn report_link_names(&self, metrics: &BrokerMetrics) {
+        metrics.set_link_names(u64::from(self.link_names()));
+        let _ = self.names.metrics.set(metrics.clone());
     }
 
     /// Registers a connection. Blocks until the router answers (rumqttd's `build` waits on a

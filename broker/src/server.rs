@@ -311,6 +311,13 @@ impl Broker {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Names the router was given for links no client knows by name (a clean session's own
+    /// link, a shared subscription group's): reused, so this is the most such links ever open
+    /// at once, however many connections had one (`fleetbeat_broker_router_link_names`).
+    pub fn link_names(&self) -> u64 {
+        self.metrics.link_names()
+    }
+
     /// Subscribes the embedding program in-process to `filters`, at QoS 0: see
     /// [`LocalSubscriber`]. `name` tells the subscription apart (it is part of its internal
     /// client id, which no client can take). Returns once the router has acknowledged every
@@ -576,6 +583,7 @@ async fn assemble(
         None => None,
     };
     let registrar = Registrar::spawn(config.router_config(ROUTER_HEADROOM));
+    registrar.report_link_names(&metrics);
     let instance = format!("{:016x}", fastrand::u64(..));
     let unavailable = |what: &str, err: &dyn std::fmt::Display| BrokerError::RouterUnavailable {
         reason: format!("{what}: {err}"),
@@ -695,7 +703,7 @@ async fn assemble(
             metrics.clone(),
         )),
         mux,
-        shared: SharedSubscriptions::new(registrar.clone(), metrics.clone(), &instance),
+        shared: SharedSubscriptions::new(registrar.clone(), metrics.clone()),
         persistent_ids: Mutex::new(std::collections::HashSet::new()),
         own_links: AtomicUsize::new(0),
         watchers,

@@ -24,7 +24,6 @@
 //!   (`max_subscriptions`, `max_subscribe_rate`), and there are at most [`MAX_GROUPS`] in all.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -37,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::BrokerMetrics;
-use crate::router::{INTERNAL_PREFIX, LinkRefused, LinkRequest, Registrar, hand_over};
+use crate::router::{LinkName, LinkRefused, LinkRequest, Registrar, hand_over};
 
 /// Most shared subscription groups at once, in all (each has a router link of its own; the
 /// router is sized for them, see `server`).
@@ -276,10 +275,6 @@ pub(crate) struct SharedSubscriptions {
     registrar: Registrar,
     groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
     metrics: BrokerMetrics,
-    /// Numbers the groups' links.
-    links: AtomicU64,
-    /// Distinguishes this broker's link names from another's on the same router (tests).
-    instance: String,
 }
 
 /// Why a connection could not join a group.
@@ -295,13 +290,11 @@ pub(crate) enum JoinError {
 
 impl SharedSubscriptions {
     /// No groups yet; their links are registered through `registrar`.
-    pub(crate) fn new(registrar: Registrar, metrics: BrokerMetrics, instance: &str) -> Self {
+    pub(crate) fn new(registrar: Registrar, metrics: BrokerMetrics) -> Self {
         SharedSubscriptions {
             registrar,
             groups: Mutex::new(HashMap::new()),
             metrics,
-            links: AtomicU64::new(0),
-            instance: instance.to_owned(),
         }
     }
 
@@ -334,10 +327,11 @@ impl SharedSubscriptions {
                 return Err(JoinError::TooManyGroups);
             }
         }
-        let n = self.links.fetch_add(1, Ordering::Relaxed);
-        let client_id = format!("{INTERNAL_PREFIX}share-{}-{n}", self.instance);
+        // A reused name (`router::LinkName`): groups come and go, and the router remembers
+        // every name it was given.
+        let name = self.registrar.link_name();
         let (mut link_tx, link_rx, _connack) =
-            self.registrar.link(LinkRequest::internal(&client_id))?;
+            self.registrar.link(LinkRequest::internal(name.as_str()))?;
         link_tx
             .subscribe(filter)
             .map_err(|err| LinkRefused(err.to_string()))?;
@@ -364,11 +358,17 @@ impl SharedSubscriptions {
             debug!(
                 group,
                 filter,
-                link = client_id,
+                link = name.as_str(),
                 "shared subscription group created"
             );
         }
-        tokio::spawn(dispatch(created, link_tx, link_rx, self.metrics.clone()));
+        tokio::spawn(dispatch(
+            created,
+            link_tx,
+            link_rx,
+            name,
+            self.metrics.clone(),
+        ));
         Ok(())
     }
 
@@ -405,8 +405,15 @@ impl SharedSubscriptions {
 }
 
 /// Reads what the router forwards to a group's link, giving each message to one member, until
-/// the group is removed (or the router drops the link); then disconnects the link.
-async fn dispatch(group: Arc<Group>, mut tx: LinkTx, mut rx: LinkRx, metrics: BrokerMetrics) {
+/// the group is removed (or the router drops the link); then disconnects the link and gives its
+/// `name` back.
+async fn dispatch(
+    group: Arc<Group>,
+    mut tx: LinkTx,
+    mut rx: LinkRx,
+    name: LinkName,
+    metrics: BrokerMetrics,
+) {
     'reading: loop {
         let note = tokio::select! {
             biased;
@@ -470,6 +477,7 @@ async fn dispatch(group: Arc<Group>, mut tx: LinkTx, mut rx: LinkRx, metrics: Br
     if let Err(err) = hand_over(&mut tx, &mut vec![Packet::Disconnect(bye, None)]).await {
         debug!(cause = %err, "router gone at a group's disconnect");
     }
+    drop(name);
 }
 
 #[cfg(test)]

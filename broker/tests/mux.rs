@@ -222,3 +222,69 @@ async fn a_wildcard_subscriber_still_gets_everything() {
     let (first, body) = van.read().await.unwrap();
     assert_eq!(publish_fields(first, &body).1, b"up");
 }
+
+/// Connections with a router link of their own under a clean session are registered with the
+/// router under reused names, not their client ids: rumqttd's router remembers every id it was
+/// given, so twenty tools connecting under twenty random ids, one after the other, leave one
+/// name behind, not twenty. A name is taken again only once its link is gone, the connection
+/// under it starts clean, and two links open at once have two names.
+#[tokio::test]
+async fn clean_sessions_reuse_link_names_start_clean_and_never_share_one() {
+    let broker = start_ephemeral().await;
+    let addr = broker.v4_addr();
+    let before = broker.link_names();
+    for i in 0..20 {
+        let mut tool = client(addr, &format!("mosq-{i:04}")).await;
+        granted(&mut tool, 1, &format!("churn/{i}/#"), 0).await;
+        assert_eq!(broker.own_links(), 1);
+        tool.send(&DISCONNECT).await;
+        tool.until_closed().await;
+        eventually("the link gone", || broker.own_links() == 0).await;
+    }
+    assert_eq!(
+        broker.link_names(),
+        before + 1,
+        "one name for twenty connections"
+    );
+
+    // The next link takes that name: it has only its own subscription, not the last one's.
+    let mut publisher = client(addr, "publisher").await;
+    let mut late = client(addr, "late").await;
+    granted(&mut late, 1, "other/#", 0).await;
+    assert_eq!(broker.link_names(), before + 1);
+    publisher.publish("churn/19/x", b"old", 0, 0, false).await;
+    publisher.publish("other/x", b"new", 0, 0, false).await;
+    let (first, body) = late.read().await.expect("a publish");
+    assert_eq!(
+        publish_fields(first, &body),
+        ("other/x".to_owned(), b"new".to_vec())
+    );
+    assert!(late.read_within(Duration::from_millis(300)).await.is_none());
+
+    // Two links at once: two names, each subscriber gets its one copy.
+    let mut second = client(addr, "second").await;
+    granted(&mut second, 1, "other/#", 0).await;
+    assert_eq!(broker.link_names(), before + 2);
+    publisher.publish("other/y", b"both", 0, 0, false).await;
+    for subscriber in [&mut late, &mut second] {
+        let (first, body) = subscriber.read().await.expect("a publish");
+        assert_eq!(
+            publish_fields(first, &body),
+            ("other/y".to_owned(), b"both".to_vec())
+        );
+        assert!(
+            subscriber
+                .read_within(Duration::from_millis(300))
+                .await
+                .is_none(),
+            "one copy"
+        );
+    }
+    assert!(
+        broker.metrics().render().contains(&format!(
+            "fleetbeat_broker_router_link_names {}",
+            before + 2
+        )),
+        "the gauge"
+    );
+}

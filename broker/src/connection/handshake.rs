@@ -21,7 +21,7 @@ use crate::client_ids::Claim;
 use crate::listener::Listener;
 use crate::metrics::{AuthRefusal, ConnectRefusal};
 use crate::qos;
-use crate::router::{INTERNAL_PREFIX, LinkRequest, TOPIC_ALIAS_MAX};
+use crate::router::{INTERNAL_PREFIX, LinkName, LinkRequest, TOPIC_ALIAS_MAX};
 
 /// What the handshake established.
 pub(super) struct Accepted {
@@ -55,6 +55,10 @@ pub(super) struct OwnLink {
     pub(super) rx: LinkRx,
     /// The notification the connection's loop took from `rx`, until it delivers it.
     pub(super) ready: Option<rumqttd::Notification>,
+    /// The name the link is registered under, for a clean session: one of the router's reused
+    /// names, given back when the link is dropped (after its disconnect was handed over).
+    /// `None`: the client id (a persistent session, or a clean one discarding one).
+    pub(super) name: Option<LinkName>,
 }
 
 /// Why a CONNECT is refused, mapped to each version's CONNACK code.
@@ -468,6 +472,7 @@ fn register(
                 tx,
                 rx,
                 ready: None,
+                name: None,
             })),
             connack.into(),
         ));

@@ -31,7 +31,7 @@ use crate::auth::{Identity, Role};
 use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason};
 use crate::mux::{MuxEvent, PortRx, PortTx};
-use crate::router::{LinkRequest, hand_over};
+use crate::router::{LinkName, LinkRequest, hand_over};
 use crate::share::{GroupKey, SharedMessage};
 
 /// Packet ids the front end gives the commands it writes from the mux link. rumqttd's
@@ -512,20 +512,26 @@ impl Established {
         if self.link.is_some() {
             return Ok(());
         }
+        // A clean session's link is registered under a reused name, not the client id: the
+        // router would remember the id for good (see `router::LinkName`). A persistent
+        // session's link is registered from CONNECT, under the client id (`handshake`).
+        let name = (!self.persistent).then(|| self.ctx.registrar.link_name());
         let registered = self.ctx.registrar.link(LinkRequest {
-            client_id: &self.client_id,
+            client_id: name.as_ref().map_or(&self.client_id, LinkName::as_str),
             clean_session: !self.persistent,
         });
         match registered {
             Ok((tx, rx, _connack)) => {
                 debug!(
                     client_id = self.client_id,
+                    link = name.as_ref().map(LinkName::as_str),
                     "subscription beyond commands: the connection gets its own router link"
                 );
                 self.link = Some(Box::new(OwnLink {
                     tx,
                     rx,
                     ready: None,
+                    name,
                 }));
                 self.ctx.count_own_link(true);
                 Ok(())
@@ -616,6 +622,11 @@ impl Established {
             {
                 debug!(client_id = self.client_id, cause = %err, "router gone at disconnect");
             }
+        }
+        if let Some(link) = &mut self.link {
+            // The router has the link's disconnect before any registration under its name
+            // that follows (one channel, in order): the name may be taken again.
+            drop(link.name.take());
         }
         if let Some(will) = will
             && (end.fires_will() || self.will_on_disconnect)

@@ -112,6 +112,7 @@ struct Counters {
     shared_deliveries: AtomicU64,
     shared_redeliveries: AtomicU64,
     shared_undelivered: AtomicU64,
+    link_names: AtomicU64,
 }
 
 /// The broker's counters; cheap to clone (one shared set), safe to update from any thread.
@@ -164,6 +165,7 @@ impl Default for BrokerMetrics {
                 shared_deliveries: AtomicU64::new(0),
                 shared_redeliveries: AtomicU64::new(0),
                 shared_undelivered: AtomicU64::new(0),
+                link_names: AtomicU64::new(0),
             }),
         }
     }
@@ -344,10 +346,22 @@ impl BrokerMetrics {
     pub(crate) fn shared_undelivered(&self) {
         bump(&self.counters.shared_undelivered);
     }
+
+    /// Names the router was given for links no client knows by name (`router::LinkName`).
+    pub(crate) fn set_link_names(&self, names: u64) {
+        self.counters.link_names.store(names, Ordering::Relaxed);
+    }
 }
 
 /// Readings.
 impl BrokerMetrics {
+    /// Names the router was given for links no client knows by name (a clean session's own
+    /// link, a shared subscription group's): they are reused, so this is the most such links
+    /// ever open at once, not how many connections had one.
+    pub fn link_names(&self) -> u64 {
+        load(&self.counters.link_names)
+    }
+
     /// Shared subscription groups (`$share/{group}/{filter}`, keyed by both) now.
     pub fn shared_groups(&self) -> u64 {
         load(&self.counters.shared_groups)

@@ -285,6 +285,12 @@ impl BrokerMetrics {
         for (name, kind, help, value) in shared {
             out.single(name, kind, help, value);
         }
+        out.single(
+            "router_link_names",
+            GAUGE,
+            "Names the router was given for links no client knows by name (clean sessions' own links, shared groups), reused: the most such links open at once.",
+            self.link_names(),
+        );
         let tls = [
             (
                 "tls_handshake_failures_total",
