@@ -682,6 +682,7 @@ async fn assemble(
             max_publish_rate: config.max_publish_rate,
             max_subscribe_rate: config.max_subscribe_rate,
             max_subscriptions: config.max_subscriptions,
+            max_persistent_sessions: config.max_persistent_sessions,
         },
         pending,
         auth,

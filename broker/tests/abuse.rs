@@ -220,3 +220,53 @@ async fn the_listener_probe_gets_through_while_the_bound_is_full() {
     drop(silent);
     broker.shutdown().await;
 }
+
+/// Persistent sessions are bounded (`max_persistent_sessions`): rumqttd's router keeps each
+/// until a clean session of its client id discards it, so a client inventing ids could grow
+/// the broker's memory for good. A new one beyond the bound is refused and counted, in both
+/// protocol versions; a client resuming its own session gets in, so does a clean session, and
+/// a clean session of a kept id frees its place.
+#[tokio::test]
+async fn persistent_sessions_are_bounded() {
+    let config = BrokerConfig {
+        max_persistent_sessions: 2,
+        ..BrokerConfig::ephemeral()
+    };
+    let broker = common::start(config).await;
+    let (v4, v5) = (broker.v4_addr(), broker.v5_addr().expect("a v5 listener"));
+    let metrics = broker.metrics();
+    let keep = |client_id| Connect {
+        persistent: true,
+        ..connect_as(client_id)
+    };
+    let leave = |mut raw: Raw| async move {
+        raw.send(&shared::frame::DISCONNECT).await;
+        raw.until_closed().await;
+    };
+    for id in ["keeper-1", "keeper-2"] {
+        leave(Raw::connected(v4, &keep(id)).await).await;
+    }
+    let (_, code) = Raw::connect(v4, &keep("keeper-3")).await;
+    assert_eq!(code, 3, "3.1.1: server unavailable");
+    let v5_keep = Connect {
+        v5: true,
+        ..keep("keeper-3")
+    };
+    let (_, code) = Raw::connect(v5, &v5_keep).await;
+    assert_eq!(code, 0x97, "MQTT 5: quota exceeded");
+    assert_eq!(
+        metrics.connect_refused_total(ConnectRefusal::SessionsFull),
+        2
+    );
+    // Its own session again, and a clean session: in.
+    let _resumed = Raw::connected(v4, &keep("keeper-1")).await;
+    let _clean = Raw::connected(v4, &connect_as("passer-by")).await;
+    // keeper-2 back with a clean session discards its own: keeper-3's turn.
+    leave(Raw::connected(v4, &connect_as("keeper-2")).await).await;
+    let _third = Raw::connected(v5, &v5_keep).await;
+    assert_eq!(
+        metrics.connect_refused_total(ConnectRefusal::SessionsFull),
+        2
+    );
+    broker.shutdown().await;
+}

@@ -281,6 +281,18 @@ pub struct BrokerConfig {
     /// switches the limit off. Default 100: a vehicle needs 1, the bridge 4.
     pub max_subscriptions: usize,
 
+    /// Persistent sessions (clean session / clean start off) the broker keeps, connected or
+    /// not; a CONNECT asking for a new one beyond it is refused (MQTT 3.1.1 CONNACK 3, MQTT 5
+    /// 0x97 Quota exceeded), counted in
+    /// `fleetbeat_broker_connect_refused_total{reason="sessions_full"}` and logged. A client
+    /// resuming its own session, and clean sessions, are not refused. rumqttd's router keeps a
+    /// persistent session (≈1 KiB) until a clean session of the same client id discards it,
+    /// and MQTT 5 session expiry is not implemented, so without this bound every new client
+    /// id asking for one would grow the broker's memory for good. 0 switches the limit off.
+    /// Default 25 000, as `max_connections`: a fleet whose devices all keep persistent sessions
+    /// fits as many as may connect.
+    pub max_persistent_sessions: usize,
+
     /// Most TCP connections, in all, that have not sent their CONNECT yet; a connection
     /// accepted beyond it is closed at once (before a byte is read), counted in
     /// `fleetbeat_broker_connect_refused_total{reason="pending_limit"}`. Default 2 000: a
@@ -399,6 +411,7 @@ impl Default for BrokerConfig {
             max_publish_rate: 100,
             max_subscribe_rate: 10,
             max_subscriptions: 100,
+            max_persistent_sessions: 25_000,
             max_pending_connects: 2000,
             max_pending_connects_per_ip: 100,
             max_login_failures: 10,
@@ -800,6 +813,11 @@ pub struct ConfigOverrides {
     /// Subscription filters per client connection, 0 for no limit [key: max_subscriptions].
     #[arg(long, value_name = "N")]
     pub max_subscriptions: Option<usize>,
+
+    /// Persistent sessions kept, connected or not, 0 for no limit
+    /// [key: max_persistent_sessions].
+    #[arg(long, value_name = "N")]
+    pub max_persistent_sessions: Option<usize>,
 
     /// Connections that have not sent CONNECT yet, in all [key: max_pending_connects].
     #[arg(long, value_name = "N")]

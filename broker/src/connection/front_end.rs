@@ -35,7 +35,13 @@ pub(crate) struct Limits {
     pub(crate) max_subscribe_rate: u32,
     /// Subscription filters per client connection (0: no limit).
     pub(crate) max_subscriptions: usize,
+    /// Persistent sessions kept, connected or not (0: no limit).
+    pub(crate) max_persistent_sessions: usize,
 }
+
+/// [`Limits::max_persistent_sessions`] persistent sessions are kept already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SessionsFull;
 
 /// Everything connections share.
 #[derive(Debug)]
@@ -95,16 +101,39 @@ impl FrontEnd {
 
     /// Records whether `client_id` now has a persistent session; whether it may have had one
     /// before.
-    pub(super) fn note_session(&self, client_id: &str, persistent: bool) -> bool {
+    ///
+    /// # Errors
+    /// [`SessionsFull`] for a new persistent session beyond
+    /// [`Limits::max_persistent_sessions`]: nothing is recorded.
+    pub(super) fn note_session(
+        &self,
+        client_id: &str,
+        persistent: bool,
+    ) -> Result<bool, SessionsFull> {
         let mut ids = self
             .persistent_ids
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if persistent {
-            !ids.insert(client_id.to_owned())
-        } else {
-            ids.remove(client_id)
+        if !persistent {
+            return Ok(ids.remove(client_id));
         }
+        if ids.contains(client_id) {
+            return Ok(true);
+        }
+        let most = self.limits.max_persistent_sessions;
+        if most != 0 && ids.len() >= most {
+            return Err(SessionsFull);
+        }
+        ids.insert(client_id.to_owned());
+        Ok(false)
+    }
+
+    /// Forgets `client_id`'s persistent session, which the router did not register.
+    pub(super) fn forget_session(&self, client_id: &str) {
+        self.persistent_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(client_id);
     }
 
     /// A connection got (`true`) or gave up (`false`) a router link of its own.

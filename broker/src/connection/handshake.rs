@@ -13,7 +13,7 @@ use rumqttd::protocol::{
 use tokio::time::timeout;
 use tracing::{debug, error, warn};
 
-use super::front_end::FrontEnd;
+use super::front_end::{FrontEnd, SessionsFull};
 use super::network::{Network, PacketError, valid_topic_name};
 use super::pending::PendingSlot;
 use crate::auth::{Attempt, Identity, is_vehicle_topic};
@@ -69,6 +69,24 @@ enum RefusalCode {
     ClientId,
     Busy,
     Unavailable,
+    Quota,
+}
+
+/// Why [`register`] did not register a connection.
+#[derive(Debug, thiserror::Error)]
+enum NotRegistered {
+    /// A new persistent session beyond `max_persistent_sessions`.
+    #[error("the broker keeps the most persistent sessions it may")]
+    SessionsFull(SessionsFull),
+    /// The router refused.
+    #[error(transparent)]
+    Router(#[from] crate::router::LinkRefused),
+}
+
+impl From<SessionsFull> for NotRegistered {
+    fn from(full: SessionsFull) -> Self {
+        NotRegistered::SessionsFull(full)
+    }
 }
 
 /// How a handshake that does not succeed ends (counted and logged where it was decided).
@@ -183,7 +201,14 @@ async fn negotiate(
     let registered = register(&client_id, persistent, ctx);
     let (link, connack) = match registered {
         Ok(registered) => registered,
-        Err(err) => {
+        Err(NotRegistered::SessionsFull(SessionsFull)) => {
+            ctx.client_ids.release(claim);
+            ctx.release_slot(counted);
+            ctx.metrics.connect_refused(ConnectRefusal::SessionsFull);
+            warn!(%peer, client_id, reason = "sessions_full", max_persistent_sessions = ctx.limits.max_persistent_sessions, "CONNECT refused: the broker keeps the most persistent sessions it may (a client resuming its own, or a clean session, is let in; raise max_persistent_sessions, or restart the broker to drop them all)");
+            return Err(Refused::With(RefusalCode::Quota));
+        }
+        Err(NotRegistered::Router(err)) => {
             ctx.client_ids.release(claim);
             ctx.release_slot(counted);
             ctx.metrics.connect_refused(ConnectRefusal::ServerFull);
@@ -451,8 +476,8 @@ fn register(
     client_id: &str,
     persistent: bool,
     ctx: &FrontEnd,
-) -> Result<(Option<Box<OwnLink>>, Option<Packet>), crate::router::LinkRefused> {
-    let had_session = ctx.note_session(client_id, persistent);
+) -> Result<(Option<Box<OwnLink>>, Option<Packet>), NotRegistered> {
+    let had_session = ctx.note_session(client_id, persistent)?;
     if had_session && !persistent {
         // The router discards the persistent session, subscriptions and all.
         ctx.watchers.session_ended(client_id);
@@ -462,9 +487,14 @@ fn register(
     // Every other connection is served by the shared mux link until it subscribes to
     // something other than its commands.
     if persistent || had_session {
-        let (tx, rx, connack) = ctx.registrar.link(LinkRequest {
+        let registered = ctx.registrar.link(LinkRequest {
             client_id,
             clean_session: !persistent,
+        });
+        let (tx, rx, connack) = registered.inspect_err(|_| {
+            if persistent && !had_session {
+                ctx.forget_session(client_id);
+            }
         })?;
         ctx.count_own_link(true);
         return Ok((
@@ -545,6 +575,8 @@ async fn refuse(net: &mut Network, why: RefusalCode) {
         RefusalCode::Busy => ConnectReturnCode::ServerBusy,
         RefusalCode::Unavailable if v4 => ConnectReturnCode::ServiceUnavailable,
         RefusalCode::Unavailable => ConnectReturnCode::ServerUnavailable,
+        RefusalCode::Quota if v4 => ConnectReturnCode::ServiceUnavailable,
+        RefusalCode::Quota => ConnectReturnCode::QuotaExceeded,
     };
     let connack = ConnAck {
         session_present: false,

@@ -78,6 +78,9 @@ reasons! {
         ServerFull => "server_full",
         /// The broker is shutting down.
         ShuttingDown => "shutting_down",
+        /// A new persistent session beyond
+        /// [`BrokerConfig::max_persistent_sessions`](crate::BrokerConfig::max_persistent_sessions).
+        SessionsFull => "sessions_full",
         /// Too many connections, in all or from the client's address, had not sent their
         /// CONNECT yet (`max_pending_connects`, `max_pending_connects_per_ip`): closed at once.
         PendingLimit => "pending_limit",
