@@ -8,7 +8,7 @@
 //! element type is private to rumqttd, so it cannot be named outside it: [`Registrar`] keeps
 //! it inside a closure.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future as _;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -95,6 +95,56 @@ struct NamePool {
     made: AtomicU32,
     /// Where the count of names made is reported, once set.
     metrics: OnceLock<BrokerMetrics>,
+}
+
+/// The subscription filters clients made the router keep, bounded.
+///
+/// rumqttd 0.20's router gives every new filter a commit log (≈4 KiB when empty, up to
+/// `max_segment_count` × `max_segment_size` when full) and never frees one, even once nobody
+/// subscribes to it: a client subscribing to ever new filters (10 000 in a fraction of a
+/// second, 100 per connection) grows the broker for good. So the front end keeps the set of
+/// filters clients subscribed through the router (own links, shared groups' links), and a new
+/// one beyond the bound is refused; a filter the router already keeps is never refused. The
+/// broker's own links (mirror, bridge in-process, devices' command link) are not counted:
+/// their filters are few and fixed.
+#[derive(Debug)]
+pub(crate) struct FilterBudget {
+    /// At most this many filters (0: no bound).
+    most: usize,
+    known: std::sync::Mutex<HashSet<String>>,
+    metrics: BrokerMetrics,
+}
+
+impl FilterBudget {
+    /// No filters yet; at most `most` (0: no bound), counted in `metrics`.
+    pub(crate) fn new(most: usize, metrics: BrokerMetrics) -> Self {
+        FilterBudget {
+            most,
+            known: std::sync::Mutex::new(HashSet::new()),
+            metrics,
+        }
+    }
+
+    /// Whether `filter` may be handed to the router: one it keeps already, or a new one while
+    /// fewer than the bound are kept (it is then counted as kept, for good).
+    pub(crate) fn admit(&self, filter: &str) -> bool {
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        if known.contains(filter) {
+            return true;
+        }
+        if self.most != 0 && known.len() >= self.most {
+            return false;
+        }
+        known.insert(filter.to_owned());
+        self.metrics
+            .set_router_filters(u64::try_from(known.len()).unwrap_or(u64::MAX));
+        true
+    }
+
+    /// The bound (0: none).
+    pub(crate) fn most(&self) -> usize {
+        self.most
+    }
 }
 
 /// A link name from a [`Registrar`]'s pool, `fleetbeat-internal-link-{n}`, given back when

@@ -27,7 +27,7 @@ use crate::metrics::BrokerMetrics;
 use crate::mirror::{self, Mirror};
 use crate::mux::Mux;
 use crate::probe::{ProbeLogin, ProbeReceiver};
-use crate::router::{self, INTERNAL_PREFIX, LinkRequest, Registrar, WillPublisher};
+use crate::router::{self, FilterBudget, INTERNAL_PREFIX, LinkRequest, Registrar, WillPublisher};
 use crate::share::SharedSubscriptions;
 use crate::tls::{ServerTls, TlsFiles};
 use crate::watchdog::{Ending, Watchdog};
@@ -584,6 +584,7 @@ async fn assemble(
     };
     let registrar = Registrar::spawn(config.router_config(ROUTER_HEADROOM));
     registrar.report_link_names(&metrics);
+    let router_filters = Arc::new(FilterBudget::new(config.max_filters, metrics.clone()));
     let instance = format!("{:016x}", fastrand::u64(..));
     let unavailable = |what: &str, err: &dyn std::fmt::Display| BrokerError::RouterUnavailable {
         reason: format!("{what}: {err}"),
@@ -704,7 +705,12 @@ async fn assemble(
             metrics.clone(),
         )),
         mux,
-        shared: SharedSubscriptions::new(registrar.clone(), metrics.clone()),
+        shared: SharedSubscriptions::new(
+            registrar.clone(),
+            Arc::clone(&router_filters),
+            metrics.clone(),
+        ),
+        router_filters,
         persistent_ids: Mutex::new(std::collections::HashSet::new()),
         own_links: AtomicUsize::new(0),
         watchers,

@@ -36,7 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::BrokerMetrics;
-use crate::router::{LinkName, LinkRefused, LinkRequest, Registrar, hand_over};
+use crate::metrics::SubscribeRefusal;
+use crate::router::{FilterBudget, LinkName, LinkRefused, LinkRequest, Registrar, hand_over};
 
 /// Most shared subscription groups at once, in all (each has a router link of its own; the
 /// router is sized for them, see `server`).
@@ -273,6 +274,8 @@ impl Group {
 #[derive(Debug)]
 pub(crate) struct SharedSubscriptions {
     registrar: Registrar,
+    /// The filters the groups' links may make the router keep (with the clients' own).
+    filters: Arc<FilterBudget>,
     groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
     metrics: BrokerMetrics,
 }
@@ -286,13 +289,31 @@ pub(crate) enum JoinError {
     /// The router did not register the group's link.
     #[error("the router did not register the group's link: {0}")]
     Link(#[from] LinkRefused),
+    /// The filter is new to the router, which keeps the most filters it may.
+    #[error("the router keeps the most filters it may (max_filters)")]
+    Filters,
+}
+
+impl JoinError {
+    /// The reason a refused subscription is counted under.
+    pub(crate) fn refusal(&self) -> SubscribeRefusal {
+        match self {
+            JoinError::TooManyGroups | JoinError::Link(_) => SubscribeRefusal::SharedGroups,
+            JoinError::Filters => SubscribeRefusal::RouterFilters,
+        }
+    }
 }
 
 impl SharedSubscriptions {
     /// No groups yet; their links are registered through `registrar`.
-    pub(crate) fn new(registrar: Registrar, metrics: BrokerMetrics) -> Self {
+    pub(crate) fn new(
+        registrar: Registrar,
+        filters: Arc<FilterBudget>,
+        metrics: BrokerMetrics,
+    ) -> Self {
         SharedSubscriptions {
             registrar,
+            filters,
             groups: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -326,6 +347,9 @@ impl SharedSubscriptions {
             if groups.len() >= MAX_GROUPS {
                 return Err(JoinError::TooManyGroups);
             }
+        }
+        if !self.filters.admit(filter) {
+            return Err(JoinError::Filters);
         }
         // A reused name (`router::LinkName`): groups come and go, and the router remembers
         // every name it was given.

@@ -270,3 +270,61 @@ async fn persistent_sessions_are_bounded() {
     );
     broker.shutdown().await;
 }
+
+/// The filters clients make the router keep are bounded (`max_filters`): rumqttd gives each a
+/// commit log it never frees, so a client subscribing to ever new filters would grow the
+/// broker for good. A filter new to the router beyond the bound is refused at its position in
+/// the SUBACK (0x80, MQTT 5 0x97) and counted, shared subscriptions' filters too; a filter the
+/// router keeps already is granted to anyone; commands through the devices' shared link do
+/// not count.
+#[tokio::test]
+async fn the_filters_clients_make_the_router_keep_are_bounded() {
+    let config = BrokerConfig {
+        max_filters: 3,
+        ..BrokerConfig::ephemeral()
+    };
+    let broker = common::start(config).await;
+    let (v4, v5) = (broker.v4_addr(), broker.v5_addr().expect("a v5 listener"));
+    let metrics = broker.metrics();
+    let refused = || metrics.subscriptions_refused_total(SubscribeRefusal::RouterFilters);
+
+    let mut first = Raw::connected(v4, &connect_as("first")).await;
+    first
+        .send(&subscribe(1, &["a/1", "a/2", "a/3", "a/4", "a/1"]))
+        .await;
+    let (kind, body) = first.read().await.expect("a SUBACK");
+    assert_eq!((kind, &body[2..]), (0x90, &[0, 0, 0, 0x80, 0][..]));
+    assert_eq!(refused(), 1);
+    assert_eq!(metrics.router_filters(), 3);
+
+    // Another client: a kept filter is granted, a new one refused (MQTT 5: quota exceeded),
+    // and so is a shared subscription on a new filter.
+    let mut second = Raw::connected(
+        v5,
+        &Connect {
+            v5: true,
+            ..connect_as("second")
+        },
+    )
+    .await;
+    let filters = [("a/2", 0), ("b/1", 0), ("$share/g/c/1", 0)];
+    second
+        .send(&shared::frame::subscribe(true, 1, &filters))
+        .await;
+    let (kind, body) = second.read().await.expect("a SUBACK");
+    assert_eq!((kind, &body[3..]), (0x90, &[0, 0x97, 0x97][..]));
+    assert_eq!(refused(), 3);
+
+    // A device's command subscription goes through the shared link: not counted.
+    let mut van = Raw::connected(v4, &connect_as("van-1")).await;
+    van.send(&subscribe(1, &["fleet/f/van-1/cmd"])).await;
+    assert_eq!(van.read().await.expect("a SUBACK").1[2..], [0]);
+    assert_eq!(metrics.router_filters(), 3);
+
+    // What is granted is served: a publish on a/2 reaches both subscribers.
+    let mut publisher = Raw::connected(v4, &connect_as("publisher")).await;
+    publisher.publish("a/2", b"x", 0, 0, false).await;
+    assert_eq!(first.read().await.expect("a publish").0 & 0xF0, 0x30);
+    assert_eq!(second.read().await.expect("a publish").0 & 0xF0, 0x30);
+    broker.shutdown().await;
+}

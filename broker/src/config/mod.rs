@@ -293,6 +293,17 @@ pub struct BrokerConfig {
     /// fits as many as may connect.
     pub max_persistent_sessions: usize,
 
+    /// Distinct subscription filters clients may make the router keep, all clients together
+    /// (the filters of the broker's own links not counted). rumqttd's router gives every new
+    /// filter a commit log (≈4 KiB empty, up to `max_segment_count` × `max_segment_size` full)
+    /// and never frees one, even once nobody subscribes to it; so a SUBSCRIBE to a filter new
+    /// to the router beyond this many is refused for that filter (SUBACK 0x80, MQTT 5 0x97),
+    /// counted in `fleetbeat_broker_subscriptions_refused_total{reason="router_filters"}` and
+    /// logged; a filter the router keeps already is never refused. Commands subscribed by
+    /// devices through the shared link do not count. 0 switches the bound off. Default 1 000:
+    /// the bridge needs five, a dispatcher's tool a few.
+    pub max_filters: usize,
+
     /// Most TCP connections, in all, that have not sent their CONNECT yet; a connection
     /// accepted beyond it is closed at once (before a byte is read), counted in
     /// `fleetbeat_broker_connect_refused_total{reason="pending_limit"}`. Default 2 000: a
@@ -412,6 +423,7 @@ impl Default for BrokerConfig {
             max_subscribe_rate: 10,
             max_subscriptions: 100,
             max_persistent_sessions: 25_000,
+            max_filters: 1_000,
             max_pending_connects: 2000,
             max_pending_connects_per_ip: 100,
             max_login_failures: 10,
@@ -818,6 +830,11 @@ pub struct ConfigOverrides {
     /// [key: max_persistent_sessions].
     #[arg(long, value_name = "N")]
     pub max_persistent_sessions: Option<usize>,
+
+    /// Distinct subscription filters clients may make the router keep, 0 for no bound
+    /// [key: max_filters].
+    #[arg(long, value_name = "N")]
+    pub max_filters: Option<usize>,
 
     /// Connections that have not sent CONNECT yet, in all [key: max_pending_connects].
     #[arg(long, value_name = "N")]

@@ -14,7 +14,7 @@ use crate::durability::Durability;
 use crate::metrics::BrokerMetrics;
 use crate::mux::Mux;
 use crate::probe::ProbeLogin;
-use crate::router::{Registrar, WillPublisher};
+use crate::router::{FilterBudget, Registrar, WillPublisher};
 use crate::share::SharedSubscriptions;
 use crate::watchers::MirrorWatchers;
 
@@ -62,6 +62,8 @@ pub(crate) struct FrontEnd {
     pub(crate) durability: Arc<Durability>,
     /// Shared subscription groups (`$share/{group}/{filter}`, see `share`).
     pub(crate) shared: SharedSubscriptions,
+    /// The subscription filters clients made the router keep, bounded by `max_filters`.
+    pub(crate) router_filters: Arc<FilterBudget>,
     /// Client ids whose persistent session rumqttd's router may still hold: a clean-session
     /// reconnect of one of them registers a link, which makes the router discard it.
     pub(crate) persistent_ids: Mutex<HashSet<String>>,

@@ -30,9 +30,10 @@ fn refusal_code(why: SubscribeRefusal, v5: bool) -> SubscribeReasonCode {
         _ if !v5 => SubscribeReasonCode::Failure,
         SubscribeRefusal::Shared => SubscribeReasonCode::TopicFilterInvalid,
         SubscribeRefusal::DollarTopic => SubscribeReasonCode::Unspecified,
-        SubscribeRefusal::Rate | SubscribeRefusal::Filters | SubscribeRefusal::SharedGroups => {
-            SubscribeReasonCode::QuotaExceeded
-        }
+        SubscribeRefusal::Rate
+        | SubscribeRefusal::Filters
+        | SubscribeRefusal::SharedGroups
+        | SubscribeRefusal::RouterFilters => SubscribeReasonCode::QuotaExceeded,
     }
 }
 
@@ -430,6 +431,14 @@ impl Established {
         {
             return self.subscribe_commands(&subscribe, &refused);
         }
+        self.refuse_new_filters(&mut subscribe, &mut refused);
+        if subscribe.filters.is_empty() {
+            let ack = SubAck {
+                pkid: subscribe.pkid,
+                return_codes: refused.into_iter().map(|(_, code)| code).collect(),
+            };
+            return self.answer(Packet::SubAck(ack, None));
+        }
         self.ensure_link()?;
         for filter in &subscribe.filters {
             self.ctx.watchers.subscribed(&self.client_id, &filter.path);
@@ -549,7 +558,7 @@ impl Established {
                     SubscribeReasonCode::Success(granted)
                 }
                 Err(err) => {
-                    let why = SubscribeRefusal::SharedGroups;
+                    let why = err.refusal();
                     self.ctx.metrics.subscription_refused(why);
                     self.filters.remove(&filter.path);
                     warn!(client_id = self.client_id, filter = filter.path, cause = %err, "shared subscription refused");
@@ -563,6 +572,46 @@ impl Established {
             // What waits for a durable consumer goes to the group now.
             self.ctx.durability.consumer_subscribed();
         }
+    }
+
+    /// Takes the filters the router does not keep yet, and may not keep more of
+    /// (`router::FilterBudget`, `max_filters`), out of `subscribe`, each counted and logged,
+    /// and adds their SUBACK codes at their positions to `answered`.
+    fn refuse_new_filters(
+        &mut self,
+        subscribe: &mut Subscribe,
+        answered: &mut Vec<(usize, SubscribeReasonCode)>,
+    ) {
+        let budget = &self.ctx.router_filters;
+        if subscribe.filters.iter().all(|f| budget.admit(&f.path)) {
+            return;
+        }
+        // The positions in the SUBSCRIBE of the filters still in it.
+        let total = subscribe.filters.len() + answered.len();
+        let mut positions = (0..total).filter(|at| !answered.iter().any(|(p, _)| p == at));
+        let why = SubscribeRefusal::RouterFilters;
+        let code = refusal_code(why, self.net.version == Listener::V5);
+        let filters = std::mem::take(&mut subscribe.filters);
+        let mut refused = Vec::new();
+        for filter in filters {
+            let at = positions.next().unwrap_or(total);
+            if budget.admit(&filter.path) {
+                subscribe.filters.push(filter);
+                continue;
+            }
+            self.ctx.metrics.subscription_refused(why);
+            warn!(
+                client_id = self.client_id,
+                filter = filter.path,
+                reason = why.label(),
+                max_filters = budget.most(),
+                "subscription refused: the router keeps the most filters it may (each a commit log it never frees)"
+            );
+            self.filters.remove(&filter.path);
+            refused.push((at, code));
+        }
+        answered.extend(refused);
+        answered.sort_by_key(|(at, _)| *at);
     }
 
     /// A SUBSCRIBE refused whole for `why` (a limit): counted per filter, logged, every filter

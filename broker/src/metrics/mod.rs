@@ -113,6 +113,7 @@ struct Counters {
     shared_redeliveries: AtomicU64,
     shared_undelivered: AtomicU64,
     link_names: AtomicU64,
+    router_filters: AtomicU64,
 }
 
 /// The broker's counters; cheap to clone (one shared set), safe to update from any thread.
@@ -166,6 +167,7 @@ impl Default for BrokerMetrics {
                 shared_redeliveries: AtomicU64::new(0),
                 shared_undelivered: AtomicU64::new(0),
                 link_names: AtomicU64::new(0),
+                router_filters: AtomicU64::new(0),
             }),
         }
     }
@@ -351,6 +353,13 @@ impl BrokerMetrics {
     pub(crate) fn set_link_names(&self, names: u64) {
         self.counters.link_names.store(names, Ordering::Relaxed);
     }
+
+    /// Subscription filters clients made the router keep (`router::FilterBudget`).
+    pub(crate) fn set_router_filters(&self, filters: u64) {
+        self.counters
+            .router_filters
+            .store(filters, Ordering::Relaxed);
+    }
 }
 
 /// Readings.
@@ -360,6 +369,12 @@ impl BrokerMetrics {
     /// ever open at once, not how many connections had one.
     pub fn link_names(&self) -> u64 {
         load(&self.counters.link_names)
+    }
+
+    /// Distinct subscription filters clients made the router keep (each a commit log it never
+    /// frees), bounded by [`BrokerConfig::max_filters`](crate::BrokerConfig::max_filters).
+    pub fn router_filters(&self) -> u64 {
+        load(&self.counters.router_filters)
     }
 
     /// Shared subscription groups (`$share/{group}/{filter}`, keyed by both) now.

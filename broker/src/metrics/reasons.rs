@@ -154,6 +154,8 @@ reasons! {
         Rate => "rate",
         /// The connection already holds `max_subscriptions` filters.
         Filters => "filters",
+        /// A filter new to the router while it keeps `max_filters` clients made it keep.
+        RouterFilters => "router_filters",
     }
 }
 

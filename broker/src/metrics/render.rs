@@ -286,6 +286,12 @@ impl BrokerMetrics {
             out.single(name, kind, help, value);
         }
         out.single(
+            "router_filters",
+            GAUGE,
+            "Distinct subscription filters clients made the router keep (a commit log each, never freed); at most max_filters.",
+            self.router_filters(),
+        );
+        out.single(
             "router_link_names",
             GAUGE,
             "Names the router was given for links no client knows by name (clean sessions' own links, shared groups), reused: the most such links open at once.",
