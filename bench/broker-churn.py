@@ -12,6 +12,8 @@ metrics off):
   with its random client id does; what rumqttd's router remembers of each client id;
 - sessions: the same with a persistent session (clean session off): the sessions the broker
   keeps (`max_persistent_sessions`);
+- cycled: each id connects with a persistent session, then again with a clean one, which
+  discards the session (what the router keeps of the id after that);
 - filters: 200 connections a wave, each subscribing to 100 filters nobody used before in one
   SUBSCRIBE: the commit logs the router keeps (`max_filters`).
 
@@ -112,8 +114,11 @@ def wait_listening(port, proc):
 def run(broker, workload, waves, per_wave, logs):
     port = free_port()
     log = open(os.path.join(logs, f"{os.path.basename(broker)}-{workload}.log"), "w")
-    proc = subprocess.Popen([broker, "--listen", f"127.0.0.1:{port}", "--no-v5",
-                             "--metrics-listen", "off"], stdout=log, stderr=log)
+    # A directory of its own: the broker keeps its journal in the working directory.
+    workdir = tempfile.mkdtemp(prefix=f"{workload}.", dir=logs)
+    proc = subprocess.Popen([os.path.abspath(broker), "--listen", f"127.0.0.1:{port}",
+                             "--no-v5", "--metrics-listen", "off"],
+                            stdout=log, stderr=log, cwd=workdir)
     try:
         wait_listening(port, proc)
         readings, notes = [rss_kib(proc.pid)], []
@@ -126,6 +131,12 @@ def run(broker, workload, waves, per_wave, logs):
                     refused += not ok
                     granted += n
                 note = f"{granted} of {per_wave} filters granted"
+            elif workload == "cycled":
+                for c in range(per_wave):
+                    ok, _ = client(port, f"cycled-{wave}-{c}", ["test/#"], True)
+                    refused += not ok
+                    client(port, f"cycled-{wave}-{c}", ["test/#"], False)
+                note = f"{refused} of {per_wave} refused"
             else:
                 for c in range(per_wave):
                     ok, _ = client(port, f"{workload}-{wave}-{c}", ["test/#"],
@@ -152,7 +163,7 @@ def main():
     brokers = [args.broker] + ([args.baseline] if args.baseline else [])
     print("| workload | broker | RSS MiB: start, then after each wave | growth MiB | each wave |")
     print("|---|---|---|--:|---|")
-    for workload in ("tools", "sessions", "filters"):
+    for workload in ("tools", "sessions", "cycled", "filters"):
         growth = {}
         for broker in brokers:
             readings, notes = run(broker, workload, args.waves, args.per_wave, logs)

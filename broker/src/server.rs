@@ -711,7 +711,7 @@ async fn assemble(
             metrics.clone(),
         ),
         router_filters,
-        persistent_ids: Mutex::new(std::collections::HashSet::new()),
+        persistent_ids: Mutex::new(std::collections::HashMap::new()),
         own_links: AtomicUsize::new(0),
         watchers,
         wills,

@@ -281,16 +281,18 @@ pub struct BrokerConfig {
     /// switches the limit off. Default 100: a vehicle needs 1, the bridge 4.
     pub max_subscriptions: usize,
 
-    /// Persistent sessions (clean session / clean start off) the broker keeps, connected or
-    /// not; a CONNECT asking for a new one beyond it is refused (MQTT 3.1.1 CONNACK 3, MQTT 5
-    /// 0x97 Quota exceeded), counted in
-    /// `fleetbeat_broker_connect_refused_total{reason="sessions_full"}` and logged. A client
-    /// resuming its own session, and clean sessions, are not refused. rumqttd's router keeps a
-    /// persistent session (≈1 KiB) until a clean session of the same client id discards it,
-    /// and MQTT 5 session expiry is not implemented, so without this bound every new client
-    /// id asking for one would grow the broker's memory for good. 0 switches the limit off.
-    /// Default 25 000, as `max_connections`: a fleet whose devices all keep persistent sessions
-    /// fits as many as may connect.
+    /// Client ids that may have a persistent session (clean session / clean start off): every
+    /// id that had one since the broker started counts, connected or not, discarded or not.
+    /// A CONNECT asking for a persistent session under an id that never had one, beyond this
+    /// many, is refused (MQTT 3.1.1 CONNACK 3, MQTT 5 0x97 Quota exceeded), counted in
+    /// `fleetbeat_broker_connect_refused_total{reason="sessions_full"}` and logged; clean
+    /// sessions, and ids that had one before, are not refused. rumqttd's router keeps a
+    /// persistent session (≈1.2 KiB) until a clean session of its id discards it, and then
+    /// still the id's last connection events (≈0.7 KiB) for good; MQTT 5 session expiry is not
+    /// implemented. So without this bound every new id asking for a persistent session would
+    /// grow the broker's memory for good; with it, a restart is what frees them. 0 switches
+    /// the limit off. Default 25 000, as `max_connections`: a fleet whose devices all keep
+    /// persistent sessions fits as many as may connect.
     pub max_persistent_sessions: usize,
 
     /// Distinct subscription filters clients may make the router keep, all clients together

@@ -1,6 +1,6 @@
 //! [`FrontEnd`]: what every connection shares, and the [`Limits`] each one works within.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -66,7 +66,12 @@ pub(crate) struct FrontEnd {
     pub(crate) router_filters: Arc<FilterBudget>,
     /// Client ids whose persistent session rumqttd's router may still hold: a clean-session
     /// reconnect of one of them registers a link, which makes the router discard it.
-    pub(crate) persistent_ids: Mutex<HashSet<String>>,
+    ///
+    /// Each id that ever had a persistent session here, mapped to whether the router may hold
+    /// one for it now. rumqttd's router keeps something for such an id for good (the session,
+    /// or, once a clean session discarded it, the id's last connection events), so ids are
+    /// never removed, and at most [`Limits::max_persistent_sessions`] are kept.
+    pub(crate) persistent_ids: Mutex<HashMap<String, bool>>,
     pub(crate) wills: WillPublisher,
     /// Client connections with a router link of their own, open now.
     pub(crate) own_links: AtomicUsize,
@@ -105,8 +110,8 @@ impl FrontEnd {
     /// before.
     ///
     /// # Errors
-    /// [`SessionsFull`] for a new persistent session beyond
-    /// [`Limits::max_persistent_sessions`]: nothing is recorded.
+    /// [`SessionsFull`] for a persistent session of a client id that never had one here, when
+    /// [`Limits::max_persistent_sessions`] ids did: nothing is recorded.
     pub(super) fn note_session(
         &self,
         client_id: &str,
@@ -116,26 +121,31 @@ impl FrontEnd {
             .persistent_ids
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if !persistent {
-            return Ok(ids.remove(client_id));
+        if let Some(has) = ids.get_mut(client_id) {
+            return Ok(std::mem::replace(has, persistent));
         }
-        if ids.contains(client_id) {
-            return Ok(true);
+        if !persistent {
+            return Ok(false);
         }
         let most = self.limits.max_persistent_sessions;
         if most != 0 && ids.len() >= most {
             return Err(SessionsFull);
         }
-        ids.insert(client_id.to_owned());
+        ids.insert(client_id.to_owned(), true);
         Ok(false)
     }
 
-    /// Forgets `client_id`'s persistent session, which the router did not register.
+    /// Notes that the router did not register `client_id`'s persistent session (the id stays
+    /// counted: the router may keep something of it from before).
     pub(super) fn forget_session(&self, client_id: &str) {
-        self.persistent_ids
+        if let Some(has) = self
+            .persistent_ids
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(client_id);
+            .get_mut(client_id)
+        {
+            *has = false;
+        }
     }
 
     /// A connection got (`true`) or gave up (`false`) a router link of its own.
