@@ -413,11 +413,7 @@ impl Established {
         let mut refused = self.refuse_unserved(&mut subscribe);
         self.join_shared(&mut subscribe, &mut refused);
         if subscribe.filters.is_empty() {
-            let ack = SubAck {
-                pkid: subscribe.pkid,
-                return_codes: refused.into_iter().map(|(_, code)| code).collect(),
-            };
-            return self.answer(Packet::SubAck(ack, None));
+            return self.answer_refused(subscribe.pkid, refused);
         }
         for filter in &mut subscribe.filters {
             filter.qos = qos::grant(filter.qos);
@@ -433,11 +429,7 @@ impl Established {
         }
         self.refuse_new_filters(&mut subscribe, &mut refused);
         if subscribe.filters.is_empty() {
-            let ack = SubAck {
-                pkid: subscribe.pkid,
-                return_codes: refused.into_iter().map(|(_, code)| code).collect(),
-            };
-            return self.answer(Packet::SubAck(ack, None));
+            return self.answer_refused(subscribe.pkid, refused);
         }
         self.ensure_link()?;
         for filter in &subscribe.filters {
@@ -572,6 +564,20 @@ impl Established {
             // What waits for a durable consumer goes to the group now.
             self.ctx.durability.consumer_subscribed();
         }
+    }
+
+    /// Answers a SUBSCRIBE none of whose filters is served: the SUBACK with each one's
+    /// refusal code, in their order (`refused` holds them all, by position).
+    fn answer_refused(
+        &mut self,
+        pkid: u16,
+        refused: Vec<(usize, SubscribeReasonCode)>,
+    ) -> Result<(), DisconnectReason> {
+        let ack = SubAck {
+            pkid,
+            return_codes: refused.into_iter().map(|(_, code)| code).collect(),
+        };
+        self.answer(Packet::SubAck(ack, None))
     }
 
     /// Takes the filters the router does not keep yet, and may not keep more of
