@@ -84,7 +84,7 @@ pub(crate) struct Registrar {
 /// leaves an entry in its "graveyard" (a persistent session's state, or a clean session's last
 /// ten connection events), removed only when a link of the same id registers again. Registered
 /// under the clients' own ids (random for most tools: `mosquitto_sub`'s `mosq-...`), those
-/// entries grow with every connection that ever had a link, ≈0.5 KiB each. Under names taken
+/// entries grow with every connection that ever had a link, ≈0.7 KiB each. Under names taken
 /// from this pool, given back when the link is gone and taken again first, they are as many
 /// as the most such links ever open at once.
 #[derive(Debug, Default)]

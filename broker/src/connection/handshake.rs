@@ -75,8 +75,8 @@ enum RefusalCode {
 /// Why [`register`] did not register a connection.
 #[derive(Debug, thiserror::Error)]
 enum NotRegistered {
-    /// A new persistent session beyond `max_persistent_sessions`.
-    #[error("the broker keeps the most persistent sessions it may")]
+    /// A persistent session under a new client id beyond `max_persistent_sessions`.
+    #[error("max_persistent_sessions client ids had a persistent session already")]
     SessionsFull(SessionsFull),
     /// The router refused.
     #[error(transparent)]
@@ -205,7 +205,7 @@ async fn negotiate(
             ctx.client_ids.release(claim);
             ctx.release_slot(counted);
             ctx.metrics.connect_refused(ConnectRefusal::SessionsFull);
-            warn!(%peer, client_id, reason = "sessions_full", max_persistent_sessions = ctx.limits.max_persistent_sessions, "CONNECT refused: the broker keeps the most persistent sessions it may (a client resuming its own, or a clean session, is let in; raise max_persistent_sessions, or restart the broker to drop them all)");
+            warn!(%peer, client_id, reason = "sessions_full", max_persistent_sessions = ctx.limits.max_persistent_sessions, "CONNECT refused: as many client ids as max_persistent_sessions had a persistent session since the broker started (ids that had one, and clean sessions, are let in; raise max_persistent_sessions, or restart the broker to forget them)");
             return Err(Refused::With(RefusalCode::Quota));
         }
         Err(NotRegistered::Router(err)) => {
