@@ -221,6 +221,13 @@ async fn the_listener_probe_gets_through_while_the_bound_is_full() {
     broker.shutdown().await;
 }
 
+/// A broker started with `config`, and its MQTT 3.1.1 and MQTT 5 listeners' addresses.
+async fn started_with(config: BrokerConfig) -> (broker::Broker, SocketAddr, SocketAddr) {
+    let broker = common::start(config).await;
+    let (v4, v5) = (broker.v4_addr(), broker.v5_addr().expect("a v5 listener"));
+    (broker, v4, v5)
+}
+
 /// The client ids that may have persistent sessions are bounded (`max_persistent_sessions`):
 /// rumqttd's router keeps each session until a clean session of its id discards it, and the
 /// id's last connection events after that, for good; so a client inventing ids could grow the
@@ -230,12 +237,11 @@ async fn the_listener_probe_gets_through_while_the_bound_is_full() {
 /// does a clean session, and an id whose session was discarded may have one again.
 #[tokio::test]
 async fn persistent_sessions_are_bounded() {
-    let config = BrokerConfig {
+    let (broker, v4, v5) = started_with(BrokerConfig {
         max_persistent_sessions: 2,
         ..BrokerConfig::ephemeral()
-    };
-    let broker = common::start(config).await;
-    let (v4, v5) = (broker.v4_addr(), broker.v5_addr().expect("a v5 listener"));
+    })
+    .await;
     let metrics = broker.metrics();
     let keep = |client_id| Connect {
         persistent: true,
@@ -284,12 +290,11 @@ async fn persistent_sessions_are_bounded() {
 /// not count.
 #[tokio::test]
 async fn the_filters_clients_make_the_router_keep_are_bounded() {
-    let config = BrokerConfig {
+    let (broker, v4, v5) = started_with(BrokerConfig {
         max_filters: 3,
         ..BrokerConfig::ephemeral()
-    };
-    let broker = common::start(config).await;
-    let (v4, v5) = (broker.v4_addr(), broker.v5_addr().expect("a v5 listener"));
+    })
+    .await;
     let metrics = broker.metrics();
     let refused = || metrics.subscriptions_refused_total(SubscribeRefusal::RouterFilters);
 

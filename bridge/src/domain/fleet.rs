@@ -913,6 +913,14 @@ mod tests {
         );
     }
 
+    /// A fleet with its port to the other bridges, vehicle `v1`'s heartbeat topic and a
+    /// heartbeat to report on it.
+    fn clustered_v1() -> (Fleet, ClusterPort, Topic, Heartbeat) {
+        let mut fleet = Fleet::default();
+        let port = fleet.cluster_port();
+        (fleet, port, topic("v1"), Heartbeat::default())
+    }
+
     /// Records what a vehicle reported, sealed with `counter`, which must be fresh.
     fn hear(fleet: &mut Fleet, topic: &Topic, counter: u64, report: Report<'_>) {
         fleet.record(topic, counter, report).expect("fresh");
@@ -971,10 +979,7 @@ mod tests {
     /// connection's; the first one heard after the window brings it back.
     #[test]
     fn a_heartbeat_heard_long_after_a_last_will_brings_the_vehicle_back() {
-        let mut fleet = Fleet::default();
-        let port = fleet.cluster_port();
-        let hb_topic = topic("v1");
-        let hb = Heartbeat::default();
+        let (mut fleet, port, hb_topic, hb) = clustered_v1();
         let lost = Status::Offline(OfflineReason::ConnectionLost);
         let window_ago = |fleet: &mut Fleet| {
             let record = fleet.vehicles.values_mut().next().expect("heard");
@@ -1012,10 +1017,7 @@ mod tests {
     /// undo it; the next connection's `Online` wins over the will.
     #[test]
     fn a_last_will_heard_by_another_bridge_beats_a_later_heartbeat_here() {
-        let mut fleet = Fleet::default();
-        let port = fleet.cluster_port();
-        let hb_topic = topic("v1");
-        let hb = Heartbeat::default();
+        let (mut fleet, port, hb_topic, hb) = clustered_v1();
         hear(&mut fleet, &hb_topic, 12, Report::Heartbeat(&hb));
         assert_eq!(liveness_of(&mut fleet, "v1"), Some(Liveness::Online));
         // The will (11), heard by the other bridge a second before our heartbeat.
