@@ -35,11 +35,11 @@ pub(crate) struct Limits {
     pub(crate) max_subscribe_rate: u32,
     /// Subscription filters per client connection (0: no limit).
     pub(crate) max_subscriptions: usize,
-    /// Persistent sessions kept, connected or not (0: no limit).
+    /// Client ids that may have had a persistent session since start (0: no limit).
     pub(crate) max_persistent_sessions: usize,
 }
 
-/// [`Limits::max_persistent_sessions`] persistent sessions are kept already.
+/// [`Limits::max_persistent_sessions`] client ids had a persistent session already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct SessionsFull;
 
@@ -64,11 +64,9 @@ pub(crate) struct FrontEnd {
     pub(crate) shared: SharedSubscriptions,
     /// The subscription filters clients made the router keep, bounded by `max_filters`.
     pub(crate) router_filters: Arc<FilterBudget>,
-    /// Client ids whose persistent session rumqttd's router may still hold: a clean-session
-    /// reconnect of one of them registers a link, which makes the router discard it.
-    ///
-    /// Each id that ever had a persistent session here, mapped to whether the router may hold
-    /// one for it now. rumqttd's router keeps something for such an id for good (the session,
+    /// Each client id that ever had a persistent session here, mapped to whether the router
+    /// may hold one for it now (a clean-session reconnect of such an id registers a link,
+    /// which makes the router discard it). rumqttd's router keeps something for such an id for good (the session,
     /// or, once a clean session discarded it, the id's last connection events), so ids are
     /// never removed, and at most [`Limits::max_persistent_sessions`] are kept.
     pub(crate) persistent_ids: Mutex<HashMap<String, bool>>,
