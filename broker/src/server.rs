@@ -2,8 +2,8 @@
 //! listener health checks, the JSON mirror; started, observed and stopped as one.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -711,7 +711,7 @@ async fn assemble(
             metrics.clone(),
         ),
         router_filters,
-        persistent_ids: Mutex::new(std::collections::HashMap::new()),
+        sessions: crate::connection::Sessions::default(),
         own_links: AtomicUsize::new(0),
         watchers,
         wills,

@@ -258,6 +258,7 @@ async fn persistent_sessions_are_bounded() {
     assert_eq!(code, 3, "3.1.1: server unavailable");
     let v5_keep = Connect {
         v5: true,
+        session_expiry: Some(60),
         ..keep("keeper-3")
     };
     let (_, code) = Raw::connect(v5, &v5_keep).await;

@@ -250,6 +250,7 @@ async fn shared_subscription_reproduction(broker: &Broker, v5: bool) {
     let connect = Connect {
         v5,
         persistent: true,
+        session_expiry: v5.then_some(u32::MAX),
         ..connect_as("sharer")
     };
     let sharer_addr = if v5 { broker.v5_addr().unwrap() } else { addr };
@@ -702,6 +703,7 @@ async fn mqtt5_connack_tells_what_the_broker_supports() {
     let mut raw = Raw::open(broker.v5_addr().unwrap()).await;
     let persistent = Connect {
         persistent: true,
+        session_expiry: Some(60),
         ..connect_v5_as("asker-2")
     };
     raw.send(&persistent.bytes()).await;
@@ -964,4 +966,166 @@ async fn keep_alive_zero_is_accepted_for_logins_that_are_not_devices() {
             .connect_refused_total(ConnectRefusal::KeepAliveZero),
         2
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// MQTT 5 sessions: Clean Start and the Session Expiry Interval.
+
+/// Connects `connect` to `addr` (either version), asserts the CONNACK accepts, and returns
+/// the connection and its Session Present flag.
+async fn connect_with_session(addr: std::net::SocketAddr, connect: &Connect<'_>) -> (Raw, bool) {
+    let mut raw = Raw::open(addr).await;
+    raw.send(&connect.bytes()).await;
+    let (first, body) = raw.read().await.expect("a CONNACK");
+    assert_eq!((first, body[1]), (0x20, 0), "CONNACK success");
+    (raw, body[0] & 1 == 1)
+}
+
+/// An MQTT 5 DISCONNECT (normal) setting the Session Expiry Interval to `seconds`.
+fn disconnect_with_expiry(seconds: u32) -> Vec<u8> {
+    let mut body = vec![0x00, 5, 0x11];
+    body.extend_from_slice(&seconds.to_be_bytes());
+    packet(0xE0, &body)
+}
+
+/// Sends DISCONNECT (or `bye`) and waits until the broker closed the connection.
+async fn leave(mut raw: Raw, bye: &[u8]) {
+    raw.send(bye).await;
+    raw.until_closed().await;
+}
+
+/// MQTT 5 separates taking up a session (Clean Start 0) from keeping it (a Session Expiry
+/// Interval): rumqttd's router knows 3.1.1's one flag only. A session lasts as long as its
+/// interval after its connection, and no longer; Clean Start 0 without one takes the session
+/// up and ends it with the connection; Clean Start 1 with one discards the old session and
+/// keeps the new; a DISCONNECT may change the interval.
+#[tokio::test]
+async fn mqtt5_sessions_last_as_long_as_their_expiry_interval() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let metrics = broker.metrics();
+    let mut publisher = client(broker.v4_addr(), "keeper-pub").await;
+    let with = |clean_start: bool, session_expiry: Option<u32>| Connect {
+        persistent: !clean_start,
+        session_expiry,
+        ..connect_v5_as("keeper")
+    };
+
+    // No interval: the session ends with the connection, whatever Clean Start says.
+    let (mut raw, present) = connect_with_session(v5, &with(true, None)).await;
+    assert!(!present);
+    assert_eq!(suback(&mut raw, true, 1, &[("test/keep", 1)]).await, [1]);
+    leave(raw, &DISCONNECT).await;
+    let (raw, present) = connect_with_session(v5, &with(false, None)).await;
+    assert!(
+        !present,
+        "nothing to take up after a session without an interval"
+    );
+    leave(raw, &DISCONNECT).await;
+
+    // Clean Start 1 with an interval: kept, with what was published meanwhile.
+    let (mut raw, present) = connect_with_session(v5, &with(true, Some(2))).await;
+    assert!(!present);
+    assert_eq!(suback(&mut raw, true, 1, &[("test/keep", 1)]).await, [1]);
+    leave(raw, &DISCONNECT).await;
+    publish_at(&mut publisher, "test/keep", b"while away", 1, 1).await;
+    // Clean Start 0 without an interval: taken up (with its message), ended with it.
+    let (mut raw, present) = connect_with_session(v5, &with(false, None)).await;
+    assert!(present, "the session is taken up");
+    assert_eq!(next_delivered(&mut raw, true).await.payload, b"while away");
+    leave(raw, &DISCONNECT).await;
+    assert_eq!(
+        metrics.sessions_expired_total(),
+        1,
+        "ended with its connection"
+    );
+    let (raw, present) = connect_with_session(v5, &with(false, None)).await;
+    assert!(!present);
+    leave(raw, &DISCONNECT).await;
+
+    // Clean Start 0 with an interval: kept until the interval runs out, then discarded.
+    let (mut raw, present) = connect_with_session(v5, &with(false, Some(1))).await;
+    assert!(!present);
+    assert_eq!(suback(&mut raw, true, 1, &[("test/keep", 1)]).await, [1]);
+    leave(raw, &DISCONNECT).await;
+    common::eventually("the session expired", || {
+        metrics.sessions_expired_total() == 2
+    })
+    .await;
+    publish_at(&mut publisher, "test/keep", b"after expiry", 1, 2).await;
+    let (mut raw, present) = connect_with_session(v5, &with(false, Some(60))).await;
+    assert!(!present, "an expired session is gone");
+    assert_eq!(raw.read_within(QUIET).await, None, "and its subscription");
+
+    // A DISCONNECT's interval replaces the CONNECT's: 0 discards the session at once.
+    assert_eq!(suback(&mut raw, true, 1, &[("test/keep", 1)]).await, [1]);
+    leave(raw, &disconnect_with_expiry(0)).await;
+    assert_eq!(metrics.sessions_expired_total(), 3);
+    let (raw, present) = connect_with_session(v5, &with(false, Some(60))).await;
+    assert!(!present);
+    // ... and a longer one keeps it past the CONNECT's.
+    leave(raw, &disconnect_with_expiry(u32::MAX)).await;
+    let (mut raw, present) = connect_with_session(v5, &with(false, Some(60))).await;
+    assert!(present);
+    assert_eq!(suback(&mut raw, true, 1, &[("test/keep", 1)]).await, [1]);
+    leave(raw, &DISCONNECT).await;
+
+    // Clean Start 1 with an interval discards the old session (and its subscription) first.
+    let (mut raw, present) = connect_with_session(v5, &with(true, Some(60))).await;
+    assert!(!present, "Clean Start 1 starts afresh");
+    publish_at(&mut publisher, "test/keep", b"for the old session", 1, 3).await;
+    assert_eq!(
+        raw.read_within(QUIET).await,
+        None,
+        "the old subscription is gone"
+    );
+    leave(raw, &DISCONNECT).await;
+    let (raw, present) = connect_with_session(v5, &with(false, Some(60))).await;
+    assert!(present, "the new session was kept");
+    leave(raw, &DISCONNECT).await;
+
+    // MQTT 3.1.1 as always: clean session 0 keeps the session for good.
+    let v4 = broker.v4_addr();
+    let persistent = Connect {
+        persistent: true,
+        ..connect_as("keeper-v4")
+    };
+    let (mut raw, present) = connect_with_session(v4, &persistent).await;
+    assert!(!present);
+    assert_eq!(suback(&mut raw, false, 1, &[("test/keep", 1)]).await, [1]);
+    leave(raw, &DISCONNECT).await;
+    let (raw, present) = connect_with_session(v4, &persistent).await;
+    assert!(present);
+    leave(raw, &DISCONNECT).await;
+    assert_eq!(
+        metrics.sessions_expired_total(),
+        3,
+        "a session Clean Start 1 replaced did not expire, nor one of 3.1.1"
+    );
+    assert!(
+        broker
+            .metrics()
+            .render()
+            .contains("fleetbeat_broker_sessions_expired_total ")
+    );
+}
+
+/// A DISCONNECT may not give a session an interval its CONNECT did not (MQTT 5 §3.14.2.2.2):
+/// a protocol error, answered with DISCONNECT 0x82, and nothing kept.
+#[tokio::test]
+async fn a_disconnect_may_not_give_a_session_an_interval_its_connect_did_not() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let mut raw = client_v5(v5, "late-keeper").await;
+    assert_eq!(suback(&mut raw, true, 1, &[("test/late", 1)]).await, [1]);
+    raw.send(&disconnect_with_expiry(60)).await;
+    let packets = raw.until_closed().await;
+    assert_eq!(packets.last().map(|(f, b)| (*f, b[0])), Some((0xE0, 0x82)));
+    let resume = Connect {
+        persistent: true,
+        session_expiry: Some(60),
+        ..connect_v5_as("late-keeper")
+    };
+    let (_raw, present) = connect_with_session(v5, &resume).await;
+    assert!(!present, "no session was kept");
 }

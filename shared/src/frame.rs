@@ -139,6 +139,9 @@ pub struct Connect<'a> {
     pub keep_alive: u16,
     /// A persistent session (clean-session / clean-start flag off).
     pub persistent: bool,
+    /// MQTT 5: the Session Expiry Interval in seconds (`None`: absent, the session ends with
+    /// the connection; `u32::MAX`: it never expires).
+    pub session_expiry: Option<u32>,
     /// User name and password.
     pub login: Option<(&'a str, &'a str)>,
     /// A last will: topic, payload, retain; always QoS 1.
@@ -164,7 +167,14 @@ impl Connect<'_> {
         body.push(flags);
         body.extend_from_slice(&self.keep_alive.to_be_bytes());
         if self.v5 {
-            body.push(0); // no properties
+            match self.session_expiry {
+                Some(seconds) => {
+                    body.push(5); // property length
+                    body.push(0x11); // Session Expiry Interval
+                    body.extend_from_slice(&seconds.to_be_bytes());
+                }
+                None => body.push(0), // no properties
+            }
         }
         put_str(&mut body, self.client_id.as_bytes());
         if let Some((topic, payload, _)) = self.will {
@@ -339,6 +349,18 @@ mod tests {
             v5.bytes(),
             [
                 0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 10, 0, 0, 1, b'p'
+            ]
+        );
+        let kept = Connect {
+            persistent: true,
+            session_expiry: Some(300),
+            ..v5
+        };
+        assert_eq!(
+            kept.bytes(),
+            [
+                0x10, 19, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x00, 0, 10, 5, 0x11, 0, 0, 1, 44, 0, 1,
+                b'p'
             ]
         );
     }

@@ -1,13 +1,13 @@
 //! [`FrontEnd`]: what every connection shares, and the [`Limits`] each one works within.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use super::pending::PendingConnects;
+use super::sessions::Sessions;
 use crate::auth::Authenticator;
 use crate::client_ids::ClientIds;
 use crate::durability::Durability;
@@ -39,10 +39,6 @@ pub(crate) struct Limits {
     pub(crate) max_persistent_sessions: usize,
 }
 
-/// [`Limits::max_persistent_sessions`] client ids had a persistent session already.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct SessionsFull;
-
 /// Everything connections share.
 #[derive(Debug)]
 pub(crate) struct FrontEnd {
@@ -64,12 +60,9 @@ pub(crate) struct FrontEnd {
     pub(crate) shared: SharedSubscriptions,
     /// The subscription filters clients made the router keep, bounded by `max_filters`.
     pub(crate) router_filters: Arc<FilterBudget>,
-    /// Each client id that ever had a persistent session here, mapped to whether the router
-    /// may hold one for it now (a clean-session reconnect of such an id registers a link,
-    /// which makes the router discard it). rumqttd's router keeps something for such an id for good (the session,
-    /// or, once a clean session discarded it, the id's last connection events), so ids are
-    /// never removed, and at most [`Limits::max_persistent_sessions`] are kept.
-    pub(crate) persistent_ids: Mutex<HashMap<String, bool>>,
+    /// Every client id that had a persistent session since start, whether the router may
+    /// hold one for it now, and the MQTT 5 session expiries that wait (see `sessions`).
+    pub(crate) sessions: Sessions,
     pub(crate) wills: WillPublisher,
     /// Client connections with a router link of their own, open now.
     pub(crate) own_links: AtomicUsize,
@@ -101,48 +94,6 @@ impl FrontEnd {
     pub(super) fn release_slot(&self, counted: bool) {
         if counted {
             self.admitted.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Records whether `client_id` now has a persistent session; whether it may have had one
-    /// before.
-    ///
-    /// # Errors
-    /// [`SessionsFull`] for a persistent session of a client id that never had one here, when
-    /// [`Limits::max_persistent_sessions`] ids did: nothing is recorded.
-    pub(super) fn note_session(
-        &self,
-        client_id: &str,
-        persistent: bool,
-    ) -> Result<bool, SessionsFull> {
-        let mut ids = self
-            .persistent_ids
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(has) = ids.get_mut(client_id) {
-            return Ok(std::mem::replace(has, persistent));
-        }
-        if !persistent {
-            return Ok(false);
-        }
-        let most = self.limits.max_persistent_sessions;
-        if most != 0 && ids.len() >= most {
-            return Err(SessionsFull);
-        }
-        ids.insert(client_id.to_owned(), true);
-        Ok(false)
-    }
-
-    /// Notes that the router did not register `client_id`'s persistent session (the id stays
-    /// counted: the router may keep something of it from before).
-    pub(super) fn forget_session(&self, client_id: &str) {
-        if let Some(has) = self
-            .persistent_ids
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(client_id)
-        {
-            *has = false;
         }
     }
 

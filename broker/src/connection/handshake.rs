@@ -13,9 +13,10 @@ use rumqttd::protocol::{
 use tokio::time::timeout;
 use tracing::{debug, error, warn};
 
-use super::front_end::{FrontEnd, SessionsFull};
+use super::front_end::FrontEnd;
 use super::network::{Network, PacketError, valid_topic_name};
 use super::pending::PendingSlot;
+use super::sessions::{self, SessionRequest, SessionsFull, Term};
 use crate::auth::{Attempt, Identity, is_vehicle_topic};
 use crate::client_ids::Claim;
 use crate::listener::Listener;
@@ -42,7 +43,9 @@ pub(super) struct Accepted {
     pub(super) keep_alive: Duration,
     /// The connection's hold on its client id.
     pub(super) claim: Claim,
-    /// A persistent session (clean session / clean start off).
+    /// A persistent session: its link is registered with clean session off, so the router
+    /// keeps (or took up) the session (MQTT 5: Clean Start and the Session Expiry Interval,
+    /// see `sessions`).
     pub(super) persistent: bool,
     /// The connection's own router link, if it needed one from the start.
     pub(super) link: Option<Box<OwnLink>>,
@@ -59,6 +62,8 @@ pub(super) struct OwnLink {
     /// names, given back when the link is dropped (after its disconnect was handed over).
     /// `None`: the client id (a persistent session, or a clean one discarding one).
     pub(super) name: Option<LinkName>,
+    /// A persistent session's terms (`sessions`): what becomes of it when the connection ends.
+    pub(super) term: Option<Term>,
 }
 
 /// Why a CONNECT is refused, mapped to each version's CONNACK code.
@@ -81,6 +86,9 @@ enum NotRegistered {
     /// The router refused.
     #[error(transparent)]
     Router(#[from] crate::router::LinkRefused),
+    /// The router did not take the discard of the session a Clean Start 1 replaces.
+    #[error(transparent)]
+    Discard(#[from] sessions::DiscardError),
 }
 
 impl From<SessionsFull> for NotRegistered {
@@ -162,10 +170,14 @@ async fn negotiate(
     } = read_connect(net, peer, ctx).await?;
     drop(pending);
     let (client_id, assigned) = choose_client_id(&connect, peer, ctx)?;
-    let persistent = !connect.clean_session;
+    let session_expiry = properties.as_ref().and_then(|p| p.session_expiry_interval);
+    let request = match net.version {
+        Listener::V4 => SessionRequest::v4(connect.clean_session),
+        Listener::V5 => SessionRequest::v5(connect.clean_session, session_expiry),
+    };
     let identity = identify(
         &client_id,
-        persistent,
+        request.may_persist(),
         login.as_ref(),
         certificate,
         peer,
@@ -193,12 +205,8 @@ async fn negotiate(
             .unwrap_or(0),
     );
     // A will waits for the shorter of its delay and the session's expiry (MQTT 5, 3.1.3.2.2).
-    let session_expiry = properties
-        .as_ref()
-        .and_then(|p| p.session_expiry_interval)
-        .unwrap_or(0);
-    let will_delay = Duration::from_secs(u64::from(will_delay.min(session_expiry)));
-    let registered = register(&client_id, persistent, ctx);
+    let will_delay = Duration::from_secs(u64::from(will_delay.min(session_expiry.unwrap_or(0))));
+    let registered = register(&client_id, request, ctx);
     let (link, connack) = match registered {
         Ok(registered) => registered,
         Err(NotRegistered::SessionsFull(SessionsFull)) => {
@@ -208,7 +216,7 @@ async fn negotiate(
             warn!(%peer, client_id, reason = "sessions_full", max_persistent_sessions = ctx.limits.max_persistent_sessions, "CONNECT refused: as many client ids as max_persistent_sessions had a persistent session since the broker started (ids that had one, and clean sessions, are let in; raise max_persistent_sessions, or restart the broker to forget them)");
             return Err(Refused::With(RefusalCode::Quota));
         }
-        Err(NotRegistered::Router(err)) => {
+        Err(err @ (NotRegistered::Router(_) | NotRegistered::Discard(_))) => {
             ctx.client_ids.release(claim);
             ctx.release_slot(counted);
             ctx.metrics.connect_refused(ConnectRefusal::ServerFull);
@@ -239,7 +247,7 @@ async fn negotiate(
         will_delay,
         keep_alive: Duration::from_secs(u64::from(connect.keep_alive)),
         claim,
-        persistent,
+        persistent: link.as_ref().is_some_and(|link| link.term.is_some()),
         link,
     })
 }
@@ -470,39 +478,53 @@ fn admit(client_id: &str, counted: bool, peer: SocketAddr, ctx: &FrontEnd) -> Re
 }
 
 /// Registers the connection: with a link of its own if it needs one now, else (served by the
-/// mux link) with the CONNACK rumqttd's router would have answered. Returns the link and the
-/// CONNACK to write.
+/// mux link) with the CONNACK rumqttd's router would have answered. Returns the link (with
+/// the session's [`Term`] if it is persistent, see `sessions`) and the CONNACK to write.
 fn register(
     client_id: &str,
-    persistent: bool,
+    request: SessionRequest,
     ctx: &FrontEnd,
 ) -> Result<(Option<Box<OwnLink>>, Option<Packet>), NotRegistered> {
-    let had_session = ctx.note_session(client_id, persistent)?;
-    if had_session && !persistent {
-        // The router discards the persistent session, subscriptions and all.
+    let noted = ctx
+        .sessions
+        .note(client_id, request, ctx.limits.max_persistent_sessions)?;
+    if noted.had && !(noted.persistent && request.resume) {
+        // The router discards the persistent session, subscriptions and all: by the clean
+        // link below, or (Clean Start 1 with an expiry) by one of its own first.
         ctx.watchers.session_ended(client_id);
+        if noted.persistent {
+            sessions::discard(&ctx.registrar, client_id).inspect_err(|_| {
+                ctx.sessions.forget(client_id);
+            })?;
+        }
     }
     // A persistent session lives in the router: it needs a link from the start. So does a
     // clean session replacing one (registering it makes the router discard the old state).
     // Every other connection is served by the shared mux link until it subscribes to
     // something other than its commands.
-    if persistent || had_session {
+    if noted.persistent || noted.had {
         let registered = ctx.registrar.link(LinkRequest {
             client_id,
-            clean_session: !persistent,
+            clean_session: !noted.persistent,
         });
         let (tx, rx, connack) = registered.inspect_err(|_| {
-            if persistent && !had_session {
-                ctx.forget_session(client_id);
+            if noted.persistent && !noted.had {
+                ctx.sessions.forget(client_id);
             }
         })?;
         ctx.count_own_link(true);
+        let term = noted.persistent.then_some(Term {
+            epoch: noted.epoch,
+            expiry: request.expiry,
+            may_change: request.expiry != 0,
+        });
         return Ok((
             Some(Box::new(OwnLink {
                 tx,
                 rx,
                 ready: None,
                 name: None,
+                term,
             })),
             connack.into(),
         ));

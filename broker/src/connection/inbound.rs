@@ -77,10 +77,14 @@ impl Established {
             Packet::Subscribe(subscribe, properties) => {
                 self.on_subscribe(subscribe, properties, batch)
             }
-            Packet::Disconnect(disconnect, _) => {
+            Packet::Disconnect(disconnect, properties) => {
                 self.will_on_disconnect =
                     disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
-                Err(DisconnectReason::Client)
+                let expiry = properties.and_then(|p| p.session_expiry_interval);
+                match expiry.map(|seconds| self.change_session_expiry(seconds)) {
+                    Some(Err(end)) => Err(end),
+                    _ => Err(DisconnectReason::Client),
+                }
             }
             Packet::Connect(..) => {
                 warn!(client_id = self.client_id, "second CONNECT: disconnecting");
@@ -94,6 +98,29 @@ impl Established {
             _ => Ok(()),
         };
         handled.err()
+    }
+
+    /// An MQTT 5 DISCONNECT's Session Expiry Interval, `seconds`: the session's new expiry
+    /// (see `sessions`). From a CONNECT's 0 (a clean session, or one taken up to end with the
+    /// connection) to more is a protocol error (MQTT 5 §3.14.2.2.2).
+    fn change_session_expiry(&mut self, seconds: u32) -> Result<(), DisconnectReason> {
+        let term = self.link.as_mut().and_then(|link| link.term.as_mut());
+        match term {
+            Some(term) if term.may_change => {
+                term.expiry = seconds;
+                Ok(())
+            }
+            _ if seconds == 0 => Ok(()),
+            _ => {
+                warn!(
+                    client_id = self.client_id,
+                    seconds,
+                    "DISCONNECT sets a Session Expiry Interval after CONNECT set none: protocol error"
+                );
+                self.farewell.set(Some(DisconnectReasonCode::ProtocolError));
+                Err(DisconnectReason::Protocol)
+            }
+        }
     }
 
     /// A PUBLISH: checked against the topic ACL, then to the mux link (clean sessions) or the

@@ -29,8 +29,9 @@
 //!    router: each group has an internal link whose messages go to one member (`share`);
 //! 4. enforces keep-alive: nothing heard for 1.5 × the client's keep-alive ends the connection
 //!    (keep-alive 0, allowed to clients that are not vehicles: never);
-//! 5. ends by telling the router (which saves a persistent session) and, if the connection was
-//!    lost rather than closed, publishing the client's last will.
+//! 5. ends by telling the router (which saves a persistent session, discarded when its MQTT 5
+//!    Session Expiry Interval runs out) and, if the connection was lost rather than closed,
+//!    publishing the client's last will.
 //!
 //! On shutdown a connection drains: it stops routing new publishes and forwarding new
 //! messages, completes the QoS 1 exchanges in flight in both directions, then closes (MQTT 5
@@ -48,6 +49,8 @@
 //!   send it;
 //! - `network`: the socket (plain or TLS), its buffers and rumqttd's codec, with packet size
 //!   limits;
+//! - `sessions`: which client ids have a session the router keeps, the bound on them, and MQTT
+//!   5's Clean Start and Session Expiry mapped onto rumqttd's one clean-session flag;
 //! - `rate`: the publish and subscribe rate limits;
 //! - `pending`: the bound on connections that have not sent CONNECT yet.
 
@@ -61,6 +64,7 @@ mod outbound;
 pub(crate) mod pending;
 mod rate;
 mod session;
+mod sessions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -73,6 +77,7 @@ pub(crate) use self::front_end::{FrontEnd, Limits};
 use self::network::{Network, Stream};
 pub(crate) use self::pending::PendingConnects;
 use self::pending::PendingFull;
+pub(crate) use self::sessions::Sessions;
 use crate::listener::Listener;
 use crate::metrics::ConnectRefusal;
 use crate::tls::{ServerTls, certificate_vehicle_id};

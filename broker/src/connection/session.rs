@@ -27,6 +27,7 @@ use super::gate::PubAckQueue;
 use super::handshake::{Accepted, OwnLink};
 use super::network::{Network, PacketError};
 use super::rate::PublishRate;
+use super::sessions::Sessions;
 use crate::auth::{Identity, Role};
 use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason};
@@ -532,6 +533,7 @@ impl Established {
                     rx,
                     ready: None,
                     name,
+                    term: None,
                 }));
                 self.ctx.count_own_link(true);
                 Ok(())
@@ -627,6 +629,10 @@ impl Established {
             // The router has the link's disconnect before any registration under its name
             // that follows (one channel, in order): the name may be taken again.
             drop(link.name.take());
+            // And before the discard of its session, now or when the session expires.
+            if let Some(term) = link.term {
+                Sessions::ended(&ctx, &self.client_id, term);
+            }
         }
         if let Some(will) = will
             && (end.fires_will() || self.will_on_disconnect)

@@ -97,6 +97,7 @@ struct Counters {
     subscriptions_refused: Family<{ SubscribeRefusal::ALL.len() }>,
     throttled: AtomicU64,
     wills_published: AtomicU64,
+    sessions_expired: AtomicU64,
     mirror_published: AtomicU64,
     mirror_undecodable: AtomicU64,
     durability_waiting: AtomicI64,
@@ -151,6 +152,7 @@ impl Default for BrokerMetrics {
                 subscriptions_refused: Family::default(),
                 throttled: AtomicU64::new(0),
                 wills_published: AtomicU64::new(0),
+                sessions_expired: AtomicU64::new(0),
                 mirror_published: AtomicU64::new(0),
                 mirror_undecodable: AtomicU64::new(0),
                 durability_waiting: AtomicI64::new(0),
@@ -272,6 +274,10 @@ impl BrokerMetrics {
 
     pub(crate) fn will_published(&self) {
         bump(&self.counters.wills_published);
+    }
+
+    pub(crate) fn session_expired(&self) {
+        bump(&self.counters.sessions_expired);
     }
 
     pub(crate) fn mirror_published(&self, decoded: bool) {
@@ -497,6 +503,12 @@ impl BrokerMetrics {
     /// Last wills published for lost connections, since start.
     pub fn wills_published_total(&self) -> u64 {
         load(&self.counters.wills_published)
+    }
+
+    /// Sessions discarded because their MQTT 5 Session Expiry Interval ran out (0: when
+    /// their connection ended), since start.
+    pub fn sessions_expired_total(&self) -> u64 {
+        load(&self.counters.sessions_expired)
     }
 
     /// Documents the JSON mirror published, since start.

@@ -201,6 +201,11 @@ impl BrokerMetrics {
                 self.wills_published_total(),
             ),
             (
+                "sessions_expired_total",
+                "Sessions discarded when their MQTT 5 Session Expiry Interval ran out (0: as their connection ended).",
+                self.sessions_expired_total(),
+            ),
+            (
                 "mirror_published_total",
                 "Documents published by the JSON mirror on json/fleet/...",
                 self.mirror_published_total(),
