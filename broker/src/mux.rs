@@ -378,7 +378,8 @@ impl Mux {
                 Notification::Forward(forward) => {
                     let pkid = publish_pkid(&forward.publish);
                     let qos =
-                        crate::qos::original(&forward.publish.topic, forward.properties.as_ref());
+                        crate::qos::original(&forward.publish.topic, forward.properties.as_ref())
+                            .min(crate::qos::MAX_QOS);
                     self.forward(forward.publish, qos);
                     if let Some(pkid) = pkid {
                         // Handed to every subscriber's queue: acknowledge, so the router's

@@ -9,22 +9,34 @@
 //! - only where the receiver could not infer it: on Fleetbeat's `fleet/{f}/{v}/{kind}`
 //!   topics the QoS is the kind's ([`TopicKind::qos`](shared::TopicKind::qos): heartbeats 0,
 //!   the rest 1), on the JSON mirror's `json/...` 0 (what the mirror publishes at), on any
-//!   other topic [`MAX_QOS`]. So a vehicle's heartbeat (QoS 0 on `hb`) and event (QoS 1) and
+//!   other topic 1. So a vehicle's heartbeat (QoS 0 on `hb`) and event (QoS 1) and
 //!   the mirror's documents carry no marker and cost nothing more; a QoS 0 publish on
 //!   `mosquitto_pub`'s `test/topic` carries one;
 //! - [`mark`] adds it as a publish enters the router (and removes one a client forged),
 //!   [`take_original`] reads and removes it as a forward leaves: a client never sees it.
 //!
-//! QoS 2 is not run end to end: a subscription asking for 2 is granted [`MAX_QOS`] (1), and
-//! MQTT 5 clients are told `Maximum QoS 1` in CONNACK. A QoS 2 PUBLISH from a client is still
-//! received exactly once (the PUBREC / PUBREL / PUBCOMP exchange runs in the front end,
-//! `connection::inbound`), and delivered at most at QoS 1.
+//! QoS 2 runs in the front end, both ways, for clean sessions: a QoS 2 PUBLISH from a client
+//! is received exactly once (its PUBREC / PUBREL / PUBCOMP exchange in `connection::inbound`,
+//! the message handed to the router once), and a subscription of a clean session asking for 2
+//! is granted 2 and subscribed to in the router at 2, so that the router's forwards for it come
+//! at QoS 2 (rumqttd forwards at the subscription's QoS): the front end delivers each at
+//! min(original, 2), runs the exchange with the client and acknowledges the forward to the
+//! router (a PUBACK, which rumqttd takes for a QoS 2 forward as well) once the client's
+//! PUBCOMP came. rumqttd's own QoS 2 flow is never used. A persistent session is granted at
+//! most [`MAX_QOS`] (1), and told `Maximum QoS 1` in an MQTT 5 CONNACK: its exchanges would
+//! not survive a reconnect (the front end keeps them with the connection, not the session),
+//! so exactly once could not be kept. Shared subscriptions and the devices' shared link
+//! deliver at most at 1 as well.
 
 use rumqttd::protocol::{PublishProperties, QoS};
 use shared::topic::kind_of;
 
-/// The highest QoS the broker delivers at, grants, and announces (MQTT 5 `Maximum QoS`).
+/// The highest QoS persistent sessions, shared subscriptions and the devices' shared link are
+/// granted and delivered at (and what a persistent session is told as MQTT 5 `Maximum QoS`).
 pub(crate) const MAX_QOS: u8 = 1;
+
+/// The QoS a message on a topic no Fleetbeat kind names is taken to have without a marker.
+const OTHER_TOPICS_QOS: u8 = 1;
 
 /// How many QoS 1 and 2 publishes an MQTT 5 client may have unacknowledged at once (told in
 /// CONNACK as `Receive Maximum`; one more ends the connection with DISCONNECT 0x93). A vehicle
@@ -35,22 +47,25 @@ pub(crate) const RECEIVE_MAXIMUM: u16 = 100;
 /// the broker's reserved prefix; clients never see it, and one a client sends is removed.
 pub(crate) const MARKER: &str = "fleetbeat-internal-qos";
 
-/// The QoS granted for a subscription that asked for `requested`: at most [`MAX_QOS`].
-pub(crate) fn grant(requested: QoS) -> QoS {
+/// The QoS granted for a subscription that asked for `requested`: 2 only where the front end
+/// can keep exactly once (`exactly_once`: a clean session's own link), else at most
+/// [`MAX_QOS`].
+pub(crate) fn grant(requested: QoS, exactly_once: bool) -> QoS {
     match requested {
         QoS::AtMostOnce => QoS::AtMostOnce,
+        QoS::ExactlyOnce if exactly_once => QoS::ExactlyOnce,
         QoS::AtLeastOnce | QoS::ExactlyOnce => QoS::AtLeastOnce,
     }
 }
 
 /// The QoS a message on `topic` is taken to have when it carries no [`MARKER`]: its kind's on
-/// Fleetbeat topics, 0 on the JSON mirror's `json/...` (it publishes at QoS 0), [`MAX_QOS`] on
-/// every other.
+/// Fleetbeat topics, 0 on the JSON mirror's `json/...` (it publishes at QoS 0), 1 on every
+/// other.
 pub(crate) fn implied(topic: &[u8]) -> u8 {
     match kind_of(topic) {
-        Some(kind) => kind.qos().min(MAX_QOS),
+        Some(kind) => kind.qos().min(OTHER_TOPICS_QOS),
         None if topic.starts_with(MIRROR_PREFIX) => 0,
-        None => MAX_QOS,
+        None => OTHER_TOPICS_QOS,
     }
 }
 
@@ -66,7 +81,7 @@ pub(crate) fn mark(topic: &[u8], qos: u8, properties: &mut Option<PublishPropert
     {
         props.user_properties.retain(|(key, _)| key != MARKER);
     }
-    let qos = qos.min(MAX_QOS);
+    let qos = qos.min(2);
     if qos == implied(topic) {
         return;
     }
@@ -76,13 +91,13 @@ pub(crate) fn mark(topic: &[u8], qos: u8, properties: &mut Option<PublishPropert
         .push((MARKER.to_owned(), qos.to_string()));
 }
 
-/// The original QoS of a message on `topic` leaving the router with `properties` (capped at
-/// [`MAX_QOS`]): its [`MARKER`], else what the topic implies. Leaves the properties alone.
+/// The original QoS of a message on `topic` leaving the router with `properties` (0 to 2):
+/// its [`MARKER`], else what the topic implies. Leaves the properties alone.
 pub(crate) fn original(topic: &[u8], properties: Option<&PublishProperties>) -> u8 {
     properties
         .and_then(|props| props.user_properties.iter().find(|(key, _)| key == MARKER))
         .and_then(|(_, value)| value.parse::<u8>().ok())
-        .map_or_else(|| implied(topic), |qos| qos.min(MAX_QOS))
+        .map_or_else(|| implied(topic), |qos| qos.min(2))
 }
 
 /// The original QoS of a forward on `topic` (as [`original`]), removing the [`MARKER`] from
@@ -106,10 +121,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grants_are_at_most_qos_1() {
-        assert_eq!(grant(QoS::AtMostOnce), QoS::AtMostOnce);
-        assert_eq!(grant(QoS::AtLeastOnce), QoS::AtLeastOnce);
-        assert_eq!(grant(QoS::ExactlyOnce), QoS::AtLeastOnce);
+    fn qos_2_is_granted_only_where_exactly_once_can_be_kept() {
+        for exactly_once in [true, false] {
+            assert_eq!(grant(QoS::AtMostOnce, exactly_once), QoS::AtMostOnce);
+            assert_eq!(grant(QoS::AtLeastOnce, exactly_once), QoS::AtLeastOnce);
+        }
+        assert_eq!(grant(QoS::ExactlyOnce, true), QoS::ExactlyOnce);
+        assert_eq!(grant(QoS::ExactlyOnce, false), QoS::AtLeastOnce);
     }
 
     #[test]
@@ -120,15 +138,13 @@ mod tests {
             (b"fleet/f/van-1/status", 1),
             (b"fleet/f/van-1/cmd", 1),
             (b"fleet/f/van-1/ack", 1),
-            (b"fleet/f/van-1/ack", 2),
             (b"test/topic", 1),
-            (b"test/topic", 2),
             (b"json/fleet/f/van-1/status", 0),
         ] {
             let mut properties = None;
             mark(topic, qos, &mut properties);
             assert_eq!(properties, None, "{topic:?} at {qos}");
-            assert_eq!(original(topic, None), qos.min(1));
+            assert_eq!(original(topic, None), qos);
         }
     }
 
@@ -139,12 +155,14 @@ mod tests {
             (b"fleet/f/van-1/hb", 1),
             (b"fleet/f/van-1/hb", 2),
             (b"fleet/f/van-1/event", 0),
+            (b"fleet/f/van-1/ack", 2),
+            (b"test/topic", 2),
             (b"json/fleet/f/van-1/hb", 1),
         ] {
             let mut properties = None;
             mark(topic, qos, &mut properties);
             assert!(properties.is_some(), "{topic:?} at {qos}");
-            assert_eq!(take_original(topic, &mut properties), qos.min(1));
+            assert_eq!(take_original(topic, &mut properties), qos);
             assert_eq!(properties, None, "the marker is gone");
         }
     }

@@ -450,7 +450,8 @@ async fn dispatch(
             Ok(Some(Notification::Forward(forward))) if forward.publish.retain => {}
             Ok(Some(Notification::Forward(forward))) => {
                 let mut properties = forward.properties;
-                let qos = crate::qos::take_original(&forward.publish.topic, &mut properties);
+                let qos = crate::qos::take_original(&forward.publish.topic, &mut properties)
+                    .min(crate::qos::MAX_QOS);
                 let message = Arc::new(SharedMessage {
                     group: Arc::clone(&group),
                     topic: forward.publish.topic,

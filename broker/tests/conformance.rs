@@ -154,17 +154,43 @@ async fn connected_with(addr: std::net::SocketAddr, connect: &[u8]) -> Raw {
     raw
 }
 
-/// The next PUBLISH `raw` receives (3.1.1, or MQTT 5 if `v5`), acknowledged if QoS 1.
+/// The next PUBLISH `raw` receives (3.1.1, or MQTT 5 if `v5`), acknowledged: PUBACK at QoS 1;
+/// at QoS 2 the whole exchange (PUBREC, the broker's PUBREL, PUBCOMP), packets that come
+/// before the PUBREL left to be read next.
 async fn next_delivered(raw: &mut Raw, v5: bool) -> Delivered {
     let (first, body) = raw
         .read()
         .await
         .expect("a PUBLISH, not a closed connection");
     let message = delivered(first, &body, v5);
-    if let Some(pkid) = message.pkid {
-        raw.send(&puback(pkid)).await;
+    match (message.qos, message.pkid) {
+        (1, Some(pkid)) => raw.send(&puback(pkid)).await,
+        (2, Some(pkid)) => complete_qos2(raw, pkid).await,
+        _ => {}
     }
     message
+}
+
+/// Runs the client's side of the QoS 2 delivery `pkid` after its PUBLISH: PUBREC, then the
+/// broker's PUBREL, then PUBCOMP. Packets read before the PUBREL are put back, in order.
+async fn complete_qos2(raw: &mut Raw, pkid: u16) {
+    raw.send(&packet(0x50, &pkid.to_be_bytes())).await;
+    let mut before = Vec::new();
+    loop {
+        let (first, body) = raw.read().await.expect("a PUBREL");
+        if first == 0x62 && body[..2] == pkid.to_be_bytes() {
+            assert!(
+                body.len() == 2 || body[2] == 0,
+                "PUBREL success: {body:02x?}"
+            );
+            break;
+        }
+        before.push((first, body));
+    }
+    raw.send(&packet(0x70, &pkid.to_be_bytes())).await;
+    for (first, body) in before.into_iter().rev() {
+        raw.unread(first, &body);
+    }
 }
 
 /// Sends a SUBSCRIBE for `filters` and returns the SUBACK's return codes.
@@ -384,7 +410,7 @@ async fn refused_filters_keep_their_place_in_the_suback() {
             ]
         )
         .await,
-        [0, 1, 1, 0x80, 0x80]
+        [0, 1, 2, 0x80, 0x80]
     );
     let mut tool5 = client_v5(broker.v5_addr().unwrap(), "tool5").await;
     assert_eq!(
@@ -400,7 +426,7 @@ async fn refused_filters_keep_their_place_in_the_suback() {
             ]
         )
         .await,
-        [0x8F, 1, 0x80, 0]
+        [0x8F, 2, 0x80, 0]
     );
     // The shared link's command subscriptions: answered by the front end, the same way.
     let mut van = client(broker.v4_addr(), "van-1").await;
@@ -441,7 +467,8 @@ async fn refused_filters_keep_their_place_in_the_suback() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// QoS: delivered at min(publish QoS, granted QoS); QoS 2 granted as 1, received exactly once.
+// QoS: delivered at min(publish QoS, granted QoS); QoS 2 both ways for clean sessions, granted
+// as 1 to persistent sessions and the devices' shared link.
 
 #[tokio::test]
 async fn messages_are_delivered_at_min_of_publish_and_granted_qos() {
@@ -456,8 +483,8 @@ async fn messages_are_delivered_at_min_of_publish_and_granted_qos() {
             &[("test/#", 2), ("fleet/+/+/hb", 1), ("fleet/+/+/event", 1)]
         )
         .await,
-        [1, 1, 1],
-        "QoS 2 is granted as 1"
+        [2, 1, 1],
+        "QoS 2 is granted to a clean session"
     );
     let mut zero = client(addr, "zero").await;
     assert_eq!(suback(&mut zero, false, 1, &[("test/#", 0)]).await, [0]);
@@ -465,7 +492,7 @@ async fn messages_are_delivered_at_min_of_publish_and_granted_qos() {
     let sent = [
         ("test/a", 0, 0),
         ("test/a", 1, 1),
-        ("test/a", 2, 1),
+        ("test/a", 2, 2),
         ("fleet/f/van-1/hb", 0, 0),
         ("fleet/f/van-1/hb", 1, 1),
         ("fleet/f/van-1/event", 0, 0),
@@ -548,7 +575,7 @@ async fn mqtt5_clients_get_the_publishers_properties_and_never_the_marker() {
     let broker = start_ephemeral().await;
     let v5 = broker.v5_addr().unwrap();
     let mut sub = client_v5(v5, "sub5").await;
-    assert_eq!(suback(&mut sub, true, 1, &[("test/#", 2)]).await, [1]);
+    assert_eq!(suback(&mut sub, true, 1, &[("test/#", 2)]).await, [2]);
     let mut publisher = client_v5(v5, "pub5").await;
     let mut props = user_property("a", "2");
     // A client cannot forge the broker's marker: it is removed on the way in.
@@ -623,7 +650,7 @@ async fn a_qos2_publish_is_received_exactly_once() {
     let broker = start_ephemeral().await;
     let addr = broker.v4_addr();
     let mut sub = client(addr, "sub").await;
-    assert_eq!(suback(&mut sub, false, 1, &[("test/#", 2)]).await, [1]);
+    assert_eq!(suback(&mut sub, false, 1, &[("test/#", 2)]).await, [2]);
     let mut publisher = client(addr, "pub").await;
     let first = publish_packet("test/once", b"exactly once", 2, 9, None);
     publisher.send(&first).await;
@@ -642,12 +669,98 @@ async fn a_qos2_publish_is_received_exactly_once() {
     let message = next_delivered(&mut sub, false).await;
     assert_eq!(
         (message.payload.as_slice(), message.qos),
-        (&b"exactly once"[..], 1)
+        (&b"exactly once"[..], 2)
     );
     assert_eq!(sub.read_within(QUIET).await, None, "delivered once");
     // The exchange is over: the packet id is free for a new message.
     publish_at(&mut publisher, "test/once", b"next", 2, 9).await;
     assert_eq!(next_delivered(&mut sub, false).await.payload, b"next");
+}
+
+/// A clean session subscribing at QoS 2 is granted 2 and gets QoS 2 messages at QoS 2, the
+/// exchange run by the front end (rumqttd's router has no QoS 2 flow of its own): PUBREC is
+/// answered with PUBREL (again for a resent PUBREC), the router's forward is acknowledged at
+/// PUBCOMP, so more messages than its in-flight window (100) flow; QoS 1 messages come at 1;
+/// overlapping subscriptions each get a copy at their own QoS; a client refusing a message
+/// (PUBREC 0x80) ends its exchange; a persistent session is granted at most 1.
+#[tokio::test]
+async fn qos2_is_delivered_exactly_once_to_clean_sessions() {
+    let broker = start_ephemeral().await;
+    let addr = broker.v4_addr();
+    let mut sub = client(addr, "sub").await;
+    assert_eq!(suback(&mut sub, false, 1, &[("test/#", 2)]).await, [2]);
+    let mut publisher = client(addr, "pub").await;
+    publish_at(&mut publisher, "test/two", b"exactly once", 2, 1).await;
+    let (first, body) = sub.read().await.expect("a PUBLISH");
+    let message = delivered(first, &body, false);
+    assert_eq!(
+        (message.qos, message.payload.as_slice()),
+        (2, &b"exactly once"[..])
+    );
+    let pkid = message.pkid.unwrap().to_be_bytes();
+    sub.send(&packet(0x50, &pkid)).await;
+    assert_eq!(sub.read().await, Some((0x62, pkid.to_vec())), "PUBREL");
+    // The PUBREL was lost: the client sends PUBREC again, and gets PUBREL again.
+    sub.send(&packet(0x50, &pkid)).await;
+    assert_eq!(
+        sub.read().await,
+        Some((0x62, pkid.to_vec())),
+        "PUBREL again"
+    );
+    sub.send(&packet(0x70, &pkid)).await;
+    assert_eq!(sub.read_within(QUIET).await, None, "delivered once");
+
+    // More than the router's window, each acknowledged to it at its PUBCOMP; then QoS 1
+    // messages, at QoS 1 (a QoS 2 forward rewritten in place), acknowledged by PUBACK.
+    for (qos, count) in [(2u8, 150u16), (1, 150)] {
+        for i in 0..count {
+            let payload = format!("{qos}-{i}");
+            publish_at(&mut publisher, "test/many", payload.as_bytes(), qos, i + 2).await;
+            let message = next_delivered(&mut sub, false).await;
+            assert_eq!((message.qos, message.payload), (qos, payload.into_bytes()));
+        }
+    }
+
+    // Overlapping subscriptions: a copy for each, at each one's QoS.
+    let mut both = client(addr, "both").await;
+    assert_eq!(
+        suback(&mut both, false, 1, &[("over/#", 2), ("over/+", 1)]).await,
+        [2, 1]
+    );
+    publish_at(&mut publisher, "over/a", b"twice", 2, 1).await;
+    let mut qos = [
+        next_delivered(&mut both, false).await.qos,
+        next_delivered(&mut both, false).await.qos,
+    ];
+    qos.sort_unstable();
+    assert_eq!(qos, [1, 2]);
+
+    // An MQTT 5 client refusing a message (PUBREC 0x80): no PUBREL, the exchange is over;
+    // a PUBREC for a packet id it was not sent: PUBREL "packet identifier not found".
+    let mut picky = client_v5(broker.v5_addr().unwrap(), "picky").await;
+    assert_eq!(suback(&mut picky, true, 1, &[("picky/#", 2)]).await, [2]);
+    publish_at(&mut publisher, "picky/a", b"refused", 2, 1).await;
+    let (first, body) = picky.read().await.expect("a PUBLISH");
+    let refused = delivered(first, &body, true);
+    assert_eq!(refused.qos, 2);
+    let pkid = refused.pkid.unwrap().to_be_bytes();
+    picky.send(&packet(0x50, &[pkid[0], pkid[1], 0x80])).await;
+    publish_at(&mut publisher, "picky/a", b"taken", 2, 2).await;
+    let taken = next_delivered(&mut picky, true).await;
+    assert_eq!(taken.payload, b"taken", "no PUBREL for the refused one");
+    picky.send(&packet(0x50, &[0x7f, 0x7f])).await;
+    let (first, body) = picky.read().await.expect("a PUBREL");
+    assert_eq!((first, &body[..3]), (0x62, &[0x7f, 0x7f, 0x92][..]));
+
+    // A persistent session: QoS 1 at most.
+    let keeper = Connect {
+        persistent: true,
+        ..connect_as("keeper")
+    };
+    let mut keeper = Raw::connected(addr, &keeper).await;
+    assert_eq!(suback(&mut keeper, false, 1, &[("test/#", 2)]).await, [1]);
+    publish_at(&mut publisher, "test/kept", b"at most 1", 2, 3).await;
+    assert_eq!(next_delivered(&mut keeper, false).await.qos, 1);
 }
 
 #[tokio::test]
@@ -681,7 +794,11 @@ async fn mqtt5_connack_tells_what_the_broker_supports() {
     let (len, used) = varint(&body[2..]);
     let props = properties(&body[2 + used..2 + used + len]);
     let get = |id: u8| props.iter().find(|(p, _)| *p == id).map(|(_, v)| v.clone());
-    assert_eq!(get(0x24), Some(vec![1]), "Maximum QoS 1");
+    assert_eq!(
+        get(0x24),
+        None,
+        "Maximum QoS: 2 (unsaid) for a clean session"
+    );
     assert_eq!(get(0x25), Some(vec![1]), "Retain Available");
     assert_eq!(get(0x28), Some(vec![1]), "Wildcard Subscription Available");
     assert_eq!(
@@ -699,7 +816,8 @@ async fn mqtt5_connack_tells_what_the_broker_supports() {
         Some(100u16.to_be_bytes().to_vec()),
         "Receive Maximum"
     );
-    // A persistent session (registered with the router from CONNECT) is told the same.
+    // A persistent session (registered with the router from CONNECT) is told the same, but
+    // Maximum QoS 1: its QoS 2 exchanges would not survive a reconnect.
     let mut raw = Raw::open(broker.v5_addr().unwrap()).await;
     let persistent = Connect {
         persistent: true,
@@ -887,7 +1005,7 @@ async fn keep_alive_zero_is_accepted_for_tools_in_open_mode_who_may_not_publish_
         },
     )
     .await;
-    assert_eq!(suback(&mut tool, false, 1, &[("TopicB", 2)]).await, [1]);
+    assert_eq!(suback(&mut tool, false, 1, &[("TopicB", 2)]).await, [2]);
     publish_at(&mut tool, "TopicA", b"from a tool", 1, 1).await;
     // Not a vehicle: its publish on a vehicle's topic is dropped (QoS 1 still acknowledged).
     publish_at(&mut tool, "fleet/f/van-1/hb", b"spoof", 1, 2).await;

@@ -224,7 +224,9 @@ async fn negotiate(
             return Err(Refused::With(RefusalCode::Busy));
         }
     };
-    if !answer(net, connack, assigned, ctx.limits.max_payload_size).await {
+    let persistent = link.as_ref().is_some_and(|link| link.term.is_some());
+    let max_payload_size = ctx.limits.max_payload_size;
+    if !answer(net, connack, assigned, max_payload_size, persistent).await {
         debug!(%peer, client_id, "could not answer CONNACK");
         if link.is_some() {
             ctx.count_own_link(false);
@@ -247,7 +249,7 @@ async fn negotiate(
         will_delay,
         keep_alive: Duration::from_secs(u64::from(connect.keep_alive)),
         claim,
-        persistent: link.as_ref().is_some_and(|link| link.term.is_some()),
+        persistent,
         link,
     })
 }
@@ -542,20 +544,21 @@ fn register(
 }
 
 /// Writes the CONNACK (telling an `assigned` client id, and, in MQTT 5, what the broker
-/// supports, packets up to `max_payload_size` after the fixed header among it); whether it
-/// went out.
+/// supports for the connection, a `persistent` session or not, packets up to
+/// `max_payload_size` after the fixed header among it); whether it went out.
 async fn answer(
     net: &mut Network,
     connack: Option<Packet>,
     assigned: Option<String>,
     max_payload_size: usize,
+    persistent: bool,
 ) -> bool {
     let mut connack = connack;
     if let Some(Packet::ConnAck(_, props)) = &mut connack {
         let props = props.get_or_insert_with(ConnAckProperties::default);
         props.assigned_client_identifier = assigned;
         if net.version == Listener::V5 {
-            announce_capabilities(props, max_payload_size);
+            announce_capabilities(props, max_payload_size, persistent);
         }
     }
     match connack {
@@ -569,11 +572,12 @@ async fn answer(
 /// Tells an MQTT 5 client what the broker supports, so that it adapts instead of failing
 /// (MQTT 5, 3.2.2.3): retained messages and wildcard subscriptions yes; shared subscriptions
 /// yes (served by the front end, never by rumqttd's router, see `share`); subscription identifiers yes (such a SUBSCRIBE goes to the
-/// connection's own router link, which attaches them); QoS at most 1 (`qos`); at most
+/// connection's own router link, which attaches them); QoS 2 (the default, unsaid) to a clean
+/// session, at most 1 to a `persistent` one (`qos`); at most
 /// [`qos::RECEIVE_MAXIMUM`] QoS 1 and 2 publishes unacknowledged; packets whose remaining
 /// length is at most `max_payload_size` (a bigger one ends the connection, DISCONNECT 0x95).
 /// The topic alias maximum is the router's (the front end resolves aliases itself).
-fn announce_capabilities(props: &mut ConnAckProperties, max_payload_size: usize) {
+fn announce_capabilities(props: &mut ConnAckProperties, max_payload_size: usize, persistent: bool) {
     let mut header = Vec::with_capacity(5);
     shared::frame::put_remaining_length(&mut header, max_payload_size);
     props.max_packet_size = u32::try_from(max_payload_size + 1 + header.len()).ok();
@@ -581,7 +585,7 @@ fn announce_capabilities(props: &mut ConnAckProperties, max_payload_size: usize)
     props.wildcard_subscription_available = Some(1);
     props.shared_subscription_available = Some(1);
     props.subscription_identifiers_available = Some(1);
-    props.max_qos = Some(qos::MAX_QOS);
+    props.max_qos = persistent.then_some(qos::MAX_QOS);
     props.receive_max = Some(qos::RECEIVE_MAXIMUM);
     props.topic_alias_max = Some(TOPIC_ALIAS_MAX);
 }

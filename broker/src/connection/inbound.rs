@@ -8,8 +8,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, Publish, PublishProperties, QoS, SubAck, Subscribe, SubscribeProperties,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
+    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, SubAck, Subscribe,
+    SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    UnsubscribeProperties,
 };
 use shared::topic::kind_of;
 use tracing::warn;
@@ -62,6 +63,10 @@ impl Established {
                     }
                 } else if self.link.is_some() {
                     self.outgoing_inflight.retain(|&p| p != ack.pkid);
+                    if let Some(extras) = &mut self.extras {
+                        // A PUBACK for a QoS 2 delivery (wrong, but it ends it).
+                        extras.qos2_delivered.retain(|&(p, _)| p != ack.pkid);
+                    }
                     if !self.acknowledge_forward(Some(ack.pkid), batch) {
                         batch.push(Packet::PubAck(ack, properties));
                     }
@@ -92,9 +97,13 @@ impl Established {
             }
             // A QoS 2 publish from the client: its exchange ends here (see `on_publish`).
             Packet::PubRel(rel, _) => self.on_pubrel(rel.pkid),
-            // PUBREC, PUBCOMP answer QoS 2 deliveries, which the broker never makes (it delivers
-            // at most at QoS 1, see `qos`); packets only servers send were refused before
-            // decoding.
+            // A QoS 2 delivery's exchange (see `outbound`).
+            Packet::PubRec(rec, _) => self.on_pubrec(rec.pkid, rec.reason, batch),
+            Packet::PubComp(comp, _) => {
+                self.on_pubcomp(comp.pkid, batch);
+                Ok(())
+            }
+            // Packets only servers send were refused before decoding.
             _ => Ok(()),
         };
         handled.err()
@@ -243,6 +252,63 @@ impl Established {
             reason: PubCompReason::Success,
         };
         self.answer(Packet::PubComp(comp, None))
+    }
+
+    /// A PUBREC for the QoS 2 delivery `pkid` (see `outbound`): answered with PUBREL; if the
+    /// client refused the message (an MQTT 5 reason of 0x80 or more) the exchange ends there.
+    /// A PUBREC for a packet id the broker did not deliver at QoS 2 gets PUBREL "packet
+    /// identifier not found" (MQTT 5 §4.3.3).
+    fn on_pubrec(
+        &mut self,
+        pkid: u16,
+        reason: PubRecReason,
+        batch: &mut Vec<Packet>,
+    ) -> Result<(), DisconnectReason> {
+        let delivering = self.extras.as_mut().and_then(|e| {
+            e.qos2_delivered
+                .iter_mut()
+                .find(|(p, _)| *p == pkid)
+                .map(|(_, released)| released)
+        });
+        let Some(released) = delivering else {
+            let rel = PubRel {
+                pkid,
+                reason: PubRelReason::PacketIdentifierNotFound,
+            };
+            return self.answer(Packet::PubRel(rel, None));
+        };
+        if !matches!(
+            reason,
+            PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+        ) {
+            *released = true;
+            self.on_pubcomp(pkid, batch);
+            return Ok(());
+        }
+        *released = true;
+        let rel = PubRel {
+            pkid,
+            reason: PubRelReason::Success,
+        };
+        self.answer(Packet::PubRel(rel, None))
+    }
+
+    /// A PUBCOMP: the QoS 2 delivery `pkid`, released, is over; its forward is acknowledged to
+    /// the router (in the router's order, see `outbound`).
+    fn on_pubcomp(&mut self, pkid: u16, batch: &mut Vec<Packet>) {
+        let Some(extras) = &mut self.extras else {
+            return;
+        };
+        let Some(at) = extras
+            .qos2_delivered
+            .iter()
+            .position(|&(p, released)| p == pkid && released)
+        else {
+            return;
+        };
+        extras.qos2_delivered.swap_remove(at);
+        self.outgoing_inflight.retain(|&p| p != pkid);
+        self.acknowledge_forward(Some(pkid), batch);
     }
 
     /// Gives an MQTT 5 aliased publish (empty topic) the topic its alias stands for, and
@@ -411,7 +477,8 @@ impl Established {
     /// A SUBSCRIBE: refused whole if the topic ACL refuses a filter (for `$share/G/F`, the
     /// ACL's answer for F); filters the broker does not serve (malformed `$share/...`, other
     /// `$` filters, beyond the limits) refused one by one; shared subscriptions joined here
-    /// (`share`); each grant at most [`qos::MAX_QOS`]. The rest is served by the mux link if
+    /// (`share`); each grant at most [`qos::MAX_QOS`], or 2 where the front end keeps exactly
+    /// once (a clean session's own link, see `qos`). The rest is served by the mux link if
     /// it names exact command topics only (clean sessions, no subscription identifier); else
     /// by the connection's own link.
     fn on_subscribe(
@@ -442,9 +509,6 @@ impl Established {
         if subscribe.filters.is_empty() {
             return self.answer_refused(subscribe.pkid, refused);
         }
-        for filter in &mut subscribe.filters {
-            filter.qos = qos::grant(filter.qos);
-        }
         if !self.persistent
             && properties.as_ref().is_none_or(|p| p.id.is_none())
             && subscribe
@@ -452,7 +516,14 @@ impl Established {
                 .iter()
                 .all(|f| is_command_topic(f.path.as_bytes()))
         {
+            for filter in &mut subscribe.filters {
+                filter.qos = qos::grant(filter.qos, false);
+            }
             return self.subscribe_commands(&subscribe, &refused);
+        }
+        // QoS 2 where the front end can keep exactly once: a clean session's own link.
+        for filter in &mut subscribe.filters {
+            filter.qos = qos::grant(filter.qos, !self.persistent);
         }
         self.refuse_new_filters(&mut subscribe, &mut refused);
         if subscribe.filters.is_empty() {
@@ -556,7 +627,7 @@ impl Established {
                 subscribe.filters.push(filter);
                 continue;
             };
-            let granted = qos::grant(filter.qos);
+            let granted = qos::grant(filter.qos, false);
             let granted_qos = match granted {
                 QoS::AtMostOnce => 0,
                 _ => 1,

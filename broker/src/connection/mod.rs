@@ -14,7 +14,8 @@
 //! 1. reads the CONNECT within `connection_timeout_ms`, and refuses with a CONNACK (never a
 //!    silent close) a wrong protocol level, a vehicle's keep-alive 0, an unusable client id,
 //!    failed authentication, a last will the identity may not publish, or a full broker; tells
-//!    MQTT 5 clients what the broker supports (`Maximum QoS 1`, shared subscriptions, ...);
+//!    MQTT 5 clients what the broker supports (shared subscriptions, `Maximum QoS 1` to a
+//!    persistent session, ...);
 //! 2. claims its client id (`client_ids`), registers with the router, writes the router's
 //!    CONNACK;
 //! 3. shuttles packets: from the socket to the router in batches of up to
@@ -24,8 +25,8 @@
 //!    (MQTT 5 properties stripped for 3.1.1 clients, which rumqttd's v4 encoder would panic
 //!    on); packets a client must never send (CONNACK, SUBACK, UNSUBACK, PINGRESP) are refused
 //!    before rumqttd's decoder sees them, since its v5 decoder panics on two of them; each
-//!    message is delivered at min(publish QoS, granted QoS) (`qos`), QoS 2 publishes are
-//!    received here exactly once; shared subscriptions (`$share/...`) never reach the
+//!    message is delivered at min(publish QoS, granted QoS) (`qos`), QoS 2 exchanges run
+//!    here, both ways; shared subscriptions (`$share/...`) never reach the
 //!    router: each group has an internal link whose messages go to one member (`share`);
 //! 4. enforces keep-alive: nothing heard for 1.5 × the client's keep-alive ends the connection
 //!    (keep-alive 0, allowed to clients that are not vehicles: never);

@@ -279,10 +279,11 @@ impl Network {
 
     /// Queues a PUBLISH the router forwarded (at the subscription's QoS) to be delivered at
     /// most at `max_qos` (min(publish QoS, granted QoS), see `qos`). A forward above it is
-    /// rewritten at QoS 0, the only downgrade there is (grants are at most QoS 1); one bigger
-    /// than the client's maximum packet size is not sent at all. Returns the QoS and packet id
-    /// as written (`None` if not sent), and the packet id the router forwarded it under if it
-    /// was downgraded or not sent: the router waits for a PUBACK the client will not send.
+    /// rewritten at `max_qos`: at QoS 0 without its packet id, or from QoS 2 to 1 in place
+    /// (the client's PUBACK then acknowledges it); one bigger than the client's maximum packet
+    /// size is not sent at all. Returns the QoS and packet id as written (`None` if not sent),
+    /// and the packet id the router forwarded it under if it was downgraded to QoS 0 or not
+    /// sent: the router waits for a PUBACK the client will not send.
     pub(super) fn queue_forward(
         &mut self,
         packet: Packet,
@@ -292,7 +293,13 @@ impl Network {
         let start = self.write.len();
         let mut info = self.queue(packet)?;
         let mut router_pkid = None;
-        if let Some(PublishInfo { qos, pkid }) = info
+        if let Some(PublishInfo { qos: 2, pkid }) = info
+            && max_qos == 1
+        {
+            // QoS bits 2 → 1 in place: the packet id stays, so does everything else.
+            self.write[start] = (self.write[start] & !0b0110) | 0b0010;
+            info = Some(PublishInfo { qos: 1, pkid });
+        } else if let Some(PublishInfo { qos, pkid }) = info
             && qos > max_qos
         {
             if !downgrade_to_qos0(&mut self.write, start) {

@@ -180,8 +180,9 @@ impl Established {
     /// Writes what the router sent: `first` and whatever else is already queued.
     ///
     /// A message is written at min(publish QoS, granted QoS) (`qos`): the router forwards at
-    /// the subscription's QoS, so a forward above its original QoS is downgraded here and
-    /// acknowledged to the router on the client's behalf.
+    /// the subscription's QoS, so a forward above its original QoS is downgraded here (to QoS 0:
+    /// acknowledged to the router on the client's behalf; from 2 to 1: acknowledged by the
+    /// client's PUBACK). A QoS 2 delivery's exchange runs in `inbound`.
     pub(super) async fn deliver(
         &mut self,
         first: Option<Notification>,
@@ -212,7 +213,7 @@ impl Established {
                         {
                             Ok((info, downgraded)) => {
                                 self.ctx.metrics.message_out(kind);
-                                if let Some(PublishInfo { qos: 1, pkid }) = info {
+                                if let Some(PublishInfo { qos: 1 | 2, pkid }) = info {
                                     if !self.outgoing_inflight.contains(&pkid) {
                                         self.outgoing_inflight.push(pkid);
                                     }
@@ -220,6 +221,13 @@ impl Established {
                                     if let Some((topic, payload)) = &message {
                                         self.forwarded_to_consumer(pkid, topic, payload);
                                     }
+                                }
+                                if let Some(PublishInfo { qos: 2, pkid }) = info {
+                                    // Its exchange runs here (`inbound`); the router is
+                                    // acknowledged at its PUBCOMP.
+                                    let delivered = &mut self.extras().qos2_delivered;
+                                    delivered.retain(|&(p, _)| p != pkid);
+                                    delivered.push((pkid, false));
                                 }
                                 if let Some(pkid) = downgraded {
                                     self.extras().router_forwards.push_back((pkid, true));

@@ -127,6 +127,9 @@ pub(super) struct Extras {
     /// Packet ids of QoS 2 publishes from the client, routed and answered with PUBREC, whose
     /// PUBREL has not arrived: a resend of one is not routed again.
     pub(super) qos2_received: Vec<u16>,
+    /// The router's forwards delivered to the client at QoS 2 whose exchange is not over, by
+    /// packet id, each with whether it was released (PUBREC came, PUBREL sent).
+    pub(super) qos2_delivered: Vec<(u16, bool)>,
     /// SUBSCRIBEs handed to the router without the filters the front end refused (see
     /// `inbound`): packet id → each refused filter's position and SUBACK code, put back into
     /// the router's SUBACK.

@@ -275,6 +275,13 @@ impl Raw {
         timeout(wait, self.next_packet()).await.ok().flatten()
     }
 
+    /// Puts a packet read before back, to be read first again.
+    pub fn unread(&mut self, first: u8, body: &[u8]) {
+        let mut bytes = packet(first, body);
+        bytes.extend_from_slice(&self.buf);
+        self.buf = bytes;
+    }
+
     /// The next packet, however long it takes. Cancel-safe: bytes read are kept.
     async fn next_packet(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
