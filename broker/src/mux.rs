@@ -481,8 +481,9 @@ pub(crate) fn publish_with(
     }
 }
 
-/// The packet id of a forwarded publish if it is QoS 1 or 2 (rumqttd keeps it private).
-fn publish_pkid(publish: &Publish) -> Option<u16> {
+/// The packet id of a forwarded publish if it is QoS 1 or 2 (rumqttd keeps it private): one
+/// encoding of the publish.
+pub(crate) fn publish_pkid(publish: &Publish) -> Option<u16> {
     let mut encoded = BytesMut::new();
     V4.write(Packet::Publish(publish.clone(), None), &mut encoded)
         .ok()?;

@@ -784,6 +784,120 @@ async fn an_mqtt5_client_exceeding_the_receive_maximum_is_disconnected() {
     );
 }
 
+/// An MQTT 5 client's Receive Maximum bounds the QoS 1 and 2 deliveries it has
+/// unacknowledged (MQTT 5 §4.9): the rest wait, in order, until it acknowledges one; QoS 0
+/// messages do not wait. For its own link's forwards (the router's window is 100) and for the
+/// commands of the devices' shared link alike; a Receive Maximum of 0 is refused.
+#[tokio::test]
+async fn an_mqtt5_clients_receive_maximum_bounds_what_it_has_unacknowledged() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let receive_max_2 = [0x21, 0, 2];
+    let mut slow = connected_with(v5, &connect_v5_with("slow", &receive_max_2, None)).await;
+    assert_eq!(
+        suback(
+            &mut slow,
+            true,
+            1,
+            &[("test/#", 2), ("fleet/f/van-1/cmd", 1)]
+        )
+        .await,
+        [2, 1]
+    );
+    let mut publisher = client(broker.v4_addr(), "pub").await;
+    for (i, qos) in [1u8, 2, 1, 2, 1].into_iter().enumerate() {
+        let payload = format!("m{i}");
+        publish_at(
+            &mut publisher,
+            "test/flow",
+            payload.as_bytes(),
+            qos,
+            i as u16 + 1,
+        )
+        .await;
+    }
+    publish_at(&mut publisher, "test/flow", b"at 0", 0, 0).await;
+    let first = unacknowledged_publish(&mut slow).await;
+    let second = unacknowledged_publish(&mut slow).await;
+    assert_eq!(
+        (first.payload.as_slice(), second.payload.as_slice()),
+        (&b"m0"[..], &b"m1"[..])
+    );
+    let zero = unacknowledged_publish(&mut slow).await;
+    assert_eq!(
+        (zero.payload.as_slice(), zero.qos),
+        (&b"at 0"[..], 0),
+        "QoS 0 does not wait"
+    );
+    assert_eq!(
+        slow.read_within(QUIET).await,
+        None,
+        "two unacknowledged: no more"
+    );
+    // m0's PUBACK lets m2 go; m1's exchange (QoS 2) lets m3 go only at its PUBCOMP.
+    slow.send(&puback(first.pkid.unwrap())).await;
+    assert_eq!(unacknowledged_publish(&mut slow).await.payload, b"m2");
+    let m1 = second.pkid.unwrap().to_be_bytes();
+    slow.send(&packet(0x50, &m1)).await;
+    assert_eq!(slow.read().await, Some((0x62, m1.to_vec())), "PUBREL");
+    assert_eq!(
+        slow.read_within(QUIET).await,
+        None,
+        "m1 unacknowledged until PUBCOMP"
+    );
+    slow.send(&packet(0x70, &m1)).await;
+    assert_eq!(next_delivered(&mut slow, true).await.payload, b"m3");
+    // m3's exchange is over, m2 is still unacknowledged: room for m4, and nothing is left.
+    assert_eq!(unacknowledged_publish(&mut slow).await.payload, b"m4");
+    assert_eq!(slow.read_within(QUIET).await, None);
+
+    // Commands, through the devices' shared link, count the same way.
+    let mut van = connected_with(v5, &connect_v5_with("van-1", &[0x21, 0, 1], None)).await;
+    assert_eq!(
+        suback(&mut van, true, 1, &[("fleet/f/van-1/cmd", 1)]).await,
+        [1]
+    );
+    for i in 0..3u16 {
+        publish_at(
+            &mut publisher,
+            "fleet/f/van-1/cmd",
+            &i.to_be_bytes(),
+            1,
+            10 + i,
+        )
+        .await;
+    }
+    let command = unacknowledged_publish(&mut van).await;
+    assert_eq!(command.payload, 0u16.to_be_bytes());
+    assert_eq!(
+        van.read_within(QUIET).await,
+        None,
+        "one unacknowledged: no more"
+    );
+    van.send(&puback(command.pkid.unwrap())).await;
+    assert_eq!(
+        next_delivered(&mut van, true).await.payload,
+        1u16.to_be_bytes()
+    );
+    assert_eq!(
+        next_delivered(&mut van, true).await.payload,
+        2u16.to_be_bytes()
+    );
+
+    // Receive Maximum 0 is a protocol error.
+    let mut zero = Raw::open(v5).await;
+    zero.send(&connect_v5_with("zero", &[0x21, 0, 0], None))
+        .await;
+    let (first, body) = zero.read().await.expect("a CONNACK");
+    assert_eq!((first, body[1]), (0x20, 0x82), "CONNACK protocol error");
+}
+
+/// The next PUBLISH `raw` receives (MQTT 5), not acknowledged.
+async fn unacknowledged_publish(raw: &mut Raw) -> Delivered {
+    let (first, body) = raw.read().await.expect("a PUBLISH");
+    delivered(first, &body, true)
+}
+
 #[tokio::test]
 async fn mqtt5_connack_tells_what_the_broker_supports() {
     let broker = start_ephemeral().await;

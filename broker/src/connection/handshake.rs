@@ -75,6 +75,8 @@ enum RefusalCode {
     Busy,
     Unavailable,
     Quota,
+    /// MQTT 5 only: a CONNECT that breaks the protocol in a way the decoder lets through.
+    Protocol,
 }
 
 /// Why [`register`] did not register a connection.
@@ -198,6 +200,15 @@ async fn negotiate(
         return Err(Refused::With(RefusalCode::NotAuthorized));
     };
     net.set_client_max_packet_size(properties.as_ref().and_then(|p| p.max_packet_size));
+    let receive_max = properties.as_ref().and_then(|p| p.receive_maximum);
+    if receive_max == Some(0) {
+        ctx.client_ids.release(claim);
+        ctx.release_slot(counted);
+        ctx.metrics.connect_refused(ConnectRefusal::Protocol);
+        warn!(%peer, client_id, reason = "protocol", "CONNECT refused: Receive Maximum 0 is a protocol error (MQTT 5 §3.1.2.11.3)");
+        return Err(Refused::With(RefusalCode::Protocol));
+    }
+    net.set_client_receive_max(receive_max);
     net.set_client_topic_alias_max(
         properties
             .as_ref()
@@ -603,6 +614,8 @@ async fn refuse(net: &mut Network, why: RefusalCode) {
         RefusalCode::Unavailable => ConnectReturnCode::ServerUnavailable,
         RefusalCode::Quota if v4 => ConnectReturnCode::ServiceUnavailable,
         RefusalCode::Quota => ConnectReturnCode::QuotaExceeded,
+        RefusalCode::Protocol if v4 => ConnectReturnCode::RefusedProtocolVersion,
+        RefusalCode::Protocol => ConnectReturnCode::ProtocolError,
     };
     let connack = ConnAck {
         session_present: false,

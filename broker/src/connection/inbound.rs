@@ -71,7 +71,7 @@ impl Established {
                         batch.push(Packet::PubAck(ack, properties));
                     }
                 }
-                Ok(())
+                self.delivery_acknowledged(batch)
             }
             Packet::PingReq(_) => self.answer(Packet::PingResp(PingResp)),
             // Draining: nothing new is subscribed to, nor unsubscribed from.
@@ -98,15 +98,28 @@ impl Established {
             // A QoS 2 publish from the client: its exchange ends here (see `on_publish`).
             Packet::PubRel(rel, _) => self.on_pubrel(rel.pkid),
             // A QoS 2 delivery's exchange (see `outbound`).
-            Packet::PubRec(rec, _) => self.on_pubrec(rec.pkid, rec.reason, batch),
+            Packet::PubRec(rec, _) => self
+                .on_pubrec(rec.pkid, rec.reason, batch)
+                .and_then(|()| self.delivery_acknowledged(batch)),
             Packet::PubComp(comp, _) => {
                 self.on_pubcomp(comp.pkid, batch);
-                Ok(())
+                self.delivery_acknowledged(batch)
             }
             // Packets only servers send were refused before decoding.
             _ => Ok(()),
         };
         handled.err()
+    }
+
+    /// The client acknowledged a delivery: those its Receive Maximum held back may go now
+    /// (see `outbound`), and the router's forwards that needs no PUBACK of the client's for
+    /// (written at QoS 0, or too big to send) are acknowledged to it.
+    fn delivery_acknowledged(&mut self, batch: &mut Vec<Packet>) -> Result<(), DisconnectReason> {
+        if self.extras.as_ref().is_some_and(|e| !e.held.is_empty()) {
+            self.release_held()?;
+            self.acknowledge_forward(None, batch);
+        }
+        Ok(())
     }
 
     /// An MQTT 5 DISCONNECT's Session Expiry Interval, `seconds`: the session's new expiry

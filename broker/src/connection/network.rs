@@ -103,6 +103,9 @@ pub(super) struct Network {
     /// How many topic aliases the client accepts from the broker (MQTT 5 `Topic Alias
     /// Maximum`), and those set on this connection: topic → alias.
     client_topic_alias_max: u16,
+    /// How many QoS 1 and 2 deliveries the client takes unacknowledged at once (MQTT 5
+    /// `Receive Maximum`; 65 535, the default, in 3.1.1).
+    client_receive_max: u16,
     /// On the heap from the first alias: only MQTT 5 clients that accept aliases need it.
     #[expect(
         clippy::box_collection,
@@ -127,6 +130,7 @@ impl Network {
             max_payload_size,
             client_max_packet_size: None,
             client_topic_alias_max: 0,
+            client_receive_max: u16::MAX,
             topic_aliases: None,
             metrics: metrics.clone(),
         }
@@ -142,6 +146,17 @@ impl Network {
     /// forwards to it then carry aliases (see [`Self::alias_topic`]).
     pub(super) fn set_client_topic_alias_max(&mut self, max: u16) {
         self.client_topic_alias_max = max;
+    }
+
+    /// Sets how many QoS 1 and 2 deliveries the client takes unacknowledged at once (its
+    /// CONNECT's `Receive Maximum`; absent: 65 535, MQTT 5 §3.1.2.11.3).
+    pub(super) fn set_client_receive_max(&mut self, max: Option<u16>) {
+        self.client_receive_max = max.unwrap_or(u16::MAX);
+    }
+
+    /// How many QoS 1 and 2 deliveries the client takes unacknowledged at once.
+    pub(super) fn client_receive_max(&self) -> u16 {
+        self.client_receive_max
     }
 
     /// Reads whatever the socket has (at least one byte). Cancel-safe: bytes read are kept.

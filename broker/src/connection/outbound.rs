@@ -2,7 +2,7 @@
 //! own link, and the mux link's events (PUBACKs of publishes the router took, commands).
 //! Everything already queued is written in one go, flushed every [`MAX_WRITE_BATCH`].
 
-use rumqttd::Notification;
+use rumqttd::{Forward, Notification};
 use std::sync::Arc;
 
 use rumqttd::protocol::{Packet, PubAck, PubAckReason, SubAck, UnsubAck};
@@ -11,10 +11,10 @@ use tracing::debug;
 
 use super::inbound::put_back_refusals;
 use super::network::PublishInfo;
-use super::session::{Established, MUX_PKIDS};
+use super::session::{Established, Held, MUX_PKIDS};
 use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason};
-use crate::mux::{MuxEvent, publish_with};
+use crate::mux::{CommandMessage, MuxEvent, publish_pkid, publish_with};
 use crate::qos;
 use crate::router::{hand_over, try_next};
 use crate::share::SharedMessage;
@@ -37,24 +37,20 @@ impl Established {
                     self.routed(pkid, Packet::PubAck(ack, None))?;
                 }
                 MuxEvent::Durable(entry) => self.durable(entry)?,
-                MuxEvent::Shared { message, qos } => self.deliver_shared(message, qos)?,
+                MuxEvent::Shared { message, qos } => {
+                    if qos > 0 && !self.draining && self.must_hold() {
+                        self.hold(Held::Shared { message, qos });
+                    } else {
+                        self.deliver_shared(message, qos)?;
+                    }
+                }
                 MuxEvent::Command { command, qos } => {
                     if self.draining {
                         self.ctx.metrics.dropped(DropReason::Shutdown);
+                    } else if qos > 0 && self.must_hold() {
+                        self.hold(Held::Command { command, qos });
                     } else {
-                        let pkid = if qos > 0 { self.next_mux_pkid() } else { 0 };
-                        let publish = publish_with(
-                            &command.topic,
-                            &command.payload,
-                            qos,
-                            pkid,
-                            command.retain,
-                        );
-                        self.answer(Packet::Publish(publish, None))?;
-                        self.ctx.metrics.message_out(kind_of(&command.topic));
-                        if qos > 0 {
-                            self.mux_outgoing.push(pkid);
-                        }
+                        self.write_command(&command, qos)?;
                     }
                 }
             }
@@ -66,6 +62,58 @@ impl Established {
             next = self.port.as_mut().and_then(|port| port.rx.try_recv().ok());
         }
         self.flush().await
+    }
+
+    /// Writes a command from the mux link at `qos`, under a packet id of [`MUX_PKIDS`] if it is
+    /// QoS 1.
+    fn write_command(&mut self, command: &CommandMessage, qos: u8) -> Result<(), DisconnectReason> {
+        let pkid = if qos > 0 { self.next_mux_pkid() } else { 0 };
+        let publish = publish_with(&command.topic, &command.payload, qos, pkid, command.retain);
+        self.answer(Packet::Publish(publish, None))?;
+        self.ctx.metrics.message_out(kind_of(&command.topic));
+        if qos > 0 {
+            self.mux_outgoing.push(pkid);
+        }
+        Ok(())
+    }
+
+    /// Whether a QoS 1 or 2 delivery must wait (MQTT 5 flow control, §4.9): the client has as
+    /// many unacknowledged as its Receive Maximum allows, or deliveries wait already (they go
+    /// out in their order).
+    fn must_hold(&self) -> bool {
+        self.extras.as_ref().is_some_and(|e| !e.held.is_empty())
+            || self.unacknowledged_deliveries() >= usize::from(self.net.client_receive_max())
+    }
+
+    /// QoS 1 and 2 deliveries written and not yet acknowledged (PUBACK, PUBCOMP, or a PUBREC
+    /// refusing the message).
+    fn unacknowledged_deliveries(&self) -> usize {
+        self.outgoing_inflight.len() + self.mux_outgoing.len()
+    }
+
+    /// Keeps a QoS 1 or 2 delivery until the client acknowledges one before it. What waits is
+    /// bounded by its sources: the router forwards at most 100 unacknowledged messages to a
+    /// link, a shared group gives a member at most 1 000 it has not written.
+    fn hold(&mut self, held: Held) {
+        self.extras().held.push_back(held);
+    }
+
+    /// Writes the deliveries [`Self::hold`] kept, in order, while the client's Receive Maximum
+    /// allows; called once it acknowledged one. Not while draining: they are not written then
+    /// (the connection's end disposes of them, see `session`).
+    pub(super) fn release_held(&mut self) -> Result<(), DisconnectReason> {
+        let max = usize::from(self.net.client_receive_max());
+        while !self.draining && self.unacknowledged_deliveries() < max {
+            let Some(held) = self.extras.as_mut().and_then(|e| e.held.pop_front()) else {
+                break;
+            };
+            match held {
+                Held::Router(forward) => self.write_forward(*forward, true)?,
+                Held::Command { command, qos } => self.write_command(&command, qos)?,
+                Held::Shared { message, qos } => self.deliver_shared(message, qos)?,
+            }
+        }
+        Ok(())
     }
 
     /// Writes a message a shared subscription group gave this connection, at `qos` under a
@@ -197,44 +245,15 @@ impl Established {
                 Notification::Forward(forward) => {
                     if self.draining {
                         self.ctx.metrics.dropped(DropReason::Shutdown);
-                    } else {
-                        let kind = kind_of(&forward.publish.topic);
-                        let mut properties = forward.properties;
-                        let original = qos::take_original(&forward.publish.topic, &mut properties);
-                        let message = self.consumer.then(|| {
-                            (
-                                forward.publish.topic.clone(),
-                                forward.publish.payload.clone(),
-                            )
-                        });
-                        match self
-                            .net
-                            .queue_forward(Packet::Publish(forward.publish, properties), original)
-                        {
-                            Ok((info, downgraded)) => {
-                                self.ctx.metrics.message_out(kind);
-                                if let Some(PublishInfo { qos: 1 | 2, pkid }) = info {
-                                    if !self.outgoing_inflight.contains(&pkid) {
-                                        self.outgoing_inflight.push(pkid);
-                                    }
-                                    self.extras().router_forwards.push_back((pkid, false));
-                                    if let Some((topic, payload)) = &message {
-                                        self.forwarded_to_consumer(pkid, topic, payload);
-                                    }
-                                }
-                                if let Some(PublishInfo { qos: 2, pkid }) = info {
-                                    // Its exchange runs here (`inbound`); the router is
-                                    // acknowledged at its PUBCOMP.
-                                    let delivered = &mut self.extras().qos2_delivered;
-                                    delivered.retain(|&(p, _)| p != pkid);
-                                    delivered.push((pkid, false));
-                                }
-                                if let Some(pkid) = downgraded {
-                                    self.extras().router_forwards.push_back((pkid, true));
-                                }
-                            }
-                            Err(err) => return Err(self.protocol_error(&err)),
+                    } else if self.must_hold() && delivered_above_qos0(&forward) {
+                        // Its place among the router's forwards is kept: rumqttd takes the
+                        // PUBACKs in the order it sent them.
+                        if let Some(pkid) = publish_pkid(&forward.publish) {
+                            self.extras().router_forwards.push_back((pkid, false));
                         }
+                        self.hold(Held::Router(Box::new(forward)));
+                    } else {
+                        self.write_forward(forward, false)?;
                     }
                 }
                 Notification::DeviceAck(ack) => {
@@ -297,6 +316,64 @@ impl Established {
         }
         Ok(())
     }
+}
+
+impl Established {
+    /// Writes a forward of the connection's own link at min(its original QoS, the QoS the
+    /// router forwarded it at), and remembers what the router waits to be acknowledged (in
+    /// its place `kept` when it was held back).
+    fn write_forward(&mut self, forward: Forward, kept: bool) -> Result<(), DisconnectReason> {
+        let kind = kind_of(&forward.publish.topic);
+        let mut properties = forward.properties;
+        let original = qos::take_original(&forward.publish.topic, &mut properties);
+        let message = self.consumer.then(|| {
+            (
+                forward.publish.topic.clone(),
+                forward.publish.payload.clone(),
+            )
+        });
+        let (info, downgraded) = self
+            .net
+            .queue_forward(Packet::Publish(forward.publish, properties), original)
+            .map_err(|err| self.protocol_error(&err))?;
+        self.ctx.metrics.message_out(kind);
+        if let Some(PublishInfo { qos: 1 | 2, pkid }) = info {
+            if !self.outgoing_inflight.contains(&pkid) {
+                self.outgoing_inflight.push(pkid);
+            }
+            if !kept {
+                self.extras().router_forwards.push_back((pkid, false));
+            }
+            if let Some((topic, payload)) = &message {
+                self.forwarded_to_consumer(pkid, topic, payload);
+            }
+        }
+        if let Some(PublishInfo { qos: 2, pkid }) = info {
+            // Its exchange runs here (`inbound`); the router is acknowledged at its PUBCOMP.
+            let delivered = &mut self.extras().qos2_delivered;
+            delivered.retain(|&(p, _)| p != pkid);
+            delivered.push((pkid, false));
+        }
+        if let Some(pkid) = downgraded {
+            let forwards = &mut self.extras().router_forwards;
+            match forwards
+                .iter_mut()
+                .find(|(p, done)| kept && *p == pkid && !*done)
+            {
+                Some((_, done)) => *done = true,
+                None => forwards.push_back((pkid, true)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `forward` is delivered at QoS 1 or 2: min(its original QoS, the router's).
+fn delivered_above_qos0(forward: &Forward) -> bool {
+    // rumqttd keeps a publish's QoS private; `len` counts the packet id of a QoS 1 or 2 one.
+    let publish = &forward.publish;
+    let forwarded_above_qos0 = publish.len() > 2 + publish.topic.len() + publish.payload.len();
+    forwarded_above_qos0 && qos::original(&publish.topic, forward.properties.as_ref()) > 0
 }
 
 /// Takes the entry for packet id `pkid` out of `list`, if it has one.

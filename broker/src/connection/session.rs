@@ -130,6 +130,9 @@ pub(super) struct Extras {
     /// The router's forwards delivered to the client at QoS 2 whose exchange is not over, by
     /// packet id, each with whether it was released (PUBREC came, PUBREL sent).
     pub(super) qos2_delivered: Vec<(u16, bool)>,
+    /// QoS 1 and 2 deliveries waiting for the client to acknowledge earlier ones (its MQTT 5
+    /// Receive Maximum), in order (see `outbound`).
+    pub(super) held: VecDeque<Held>,
     /// SUBSCRIBEs handed to the router without the filters the front end refused (see
     /// `inbound`): packet id → each refused filter's position and SUBACK code, put back into
     /// the router's SUBACK.
@@ -146,6 +149,22 @@ pub(super) struct Extras {
     /// MQTT 5 topic aliases the client set, so an aliased publish (empty topic) is checked
     /// against the topic it stands for.
     pub(super) topic_aliases: HashMap<u16, Bytes>,
+}
+
+/// A QoS 1 or 2 delivery held back by the client's Receive Maximum.
+pub(super) enum Held {
+    /// A forward of the connection's own router link.
+    Router(Box<rumqttd::Forward>),
+    /// A command from the mux link, to write at `qos`.
+    Command {
+        command: Arc<crate::mux::CommandMessage>,
+        qos: u8,
+    },
+    /// A shared subscription group's message, to write at `qos`.
+    Shared {
+        message: Arc<SharedMessage>,
+        qos: u8,
+    },
 }
 
 /// The filters a connection subscribed to, counted against `max_subscriptions` (100 by
@@ -673,6 +692,12 @@ impl Established {
                 self.ctx.shared.leave(&key, self.connection);
             }
             unacknowledged.extend(extras.shared_outgoing.drain().map(|(_, message)| message));
+            // Held back by the client's Receive Maximum, never written.
+            for held in extras.held.drain(..) {
+                if let Held::Shared { message, .. } = held {
+                    unacknowledged.push(message);
+                }
+            }
         }
         if let Some(port) = &mut self.port {
             while let Ok(event) = port.rx.try_recv() {
