@@ -263,7 +263,8 @@ impl Watch {
                     }
                     return Ok(watch);
                 }
-                Ok(Some(_)) => {}
+                // A resumed session's messages may come before the SUBACK: they count.
+                Ok(Some(line)) => watch.keep(line),
                 Ok(None) => {
                     let stderr = watch.stderr().await;
                     bail!("mosquitto_sub ended before subscribing: {stderr}");

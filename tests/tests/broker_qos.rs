@@ -2,7 +2,8 @@
 //! and 4): `mosquitto_sub -q 2` sees each message at the QoS it was published at (QoS 2
 //! included: its exchange runs in the broker's front end), a vehicle's heartbeats stay QoS 0 for a QoS 1 subscriber, MQTT 5 properties
 //! arrive as sent, and shared subscriptions (issue #13's reproduction: a persistent session
-//! that leaves one behind) share the messages without ever stopping routing.
+//! that leaves one behind) share the messages without ever stopping routing; and an MQTT 5
+//! `mosquitto_sub -c -x N` keeps its session N seconds after it is gone, no longer.
 
 use tests::WAIT;
 use tests::mosquitto::{client, finish, publish, watch};
@@ -157,5 +158,43 @@ async fn shared_subscriptions_share_the_messages_and_never_stop_routing() -> any
             .await?,
         "test/last routing"
     );
+    Ok(())
+}
+
+/// MQTT 5 session expiry with the real client: `mosquitto_sub -V 5 -c -x 2` killed (its
+/// connection lost) finds what was published meanwhile when it is back within 2 s; once the
+/// broker discarded its session after 2 s (`sessions_expired_total`), what was published to the
+/// expired session is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_sub_v5_keeps_its_session_for_its_expiry_interval() -> anyhow::Result<()> {
+    let broker = start_broker_standalone(&["--listen-v5", "127.0.0.1:0"]).await?;
+    let v5 = broker.mqtt_v5.expect("the MQTT 5 listener");
+    let keeper = [
+        "-V",
+        "5",
+        "-i",
+        "keeper",
+        "-c",
+        "-x",
+        "2",
+        "-t",
+        "test/kept",
+        "-q",
+        "1",
+        "-F",
+        "%p",
+    ];
+    watch(v5, &keeper).await?.stop().await;
+    publish(broker.mqtt, "test/kept", b"while away", 1).await?;
+    let mut back = watch(v5, &keeper).await?;
+    assert_eq!(back.next(WAIT).await?, "while away");
+    back.stop().await;
+    let expired = "fleetbeat_broker_sessions_expired_total";
+    broker.wait_metric(expired, |n| n >= 1.0).await?;
+    publish(broker.mqtt, "test/kept", b"for the expired session", 1).await?;
+    let mut again = watch(v5, &keeper).await?;
+    publish(broker.mqtt, "test/kept", b"for the new session", 1).await?;
+    assert_eq!(again.next(WAIT).await?, "for the new session");
+    again.stop().await;
     Ok(())
 }
