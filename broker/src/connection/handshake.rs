@@ -189,6 +189,12 @@ async fn negotiate(
     let identity = check_keep_alive(&connect, will.as_ref(), identity, peer, ctx)?;
     check_reserved(&client_id, &identity, peer, ctx)?;
     check_will(will.as_ref(), &client_id, &identity, peer, ctx)?;
+    let receive_max = properties.as_ref().and_then(|p| p.receive_maximum);
+    if receive_max == Some(0) {
+        ctx.metrics.connect_refused(ConnectRefusal::Protocol);
+        warn!(%peer, client_id, reason = "protocol", "CONNECT refused: Receive Maximum 0 is a protocol error (MQTT 5 §3.1.2.11.3)");
+        return Err(Refused::With(RefusalCode::Protocol));
+    }
 
     let counted = identity != Identity::Probe;
     admit(&client_id, counted, peer, ctx)?;
@@ -200,14 +206,6 @@ async fn negotiate(
         return Err(Refused::With(RefusalCode::NotAuthorized));
     };
     net.set_client_max_packet_size(properties.as_ref().and_then(|p| p.max_packet_size));
-    let receive_max = properties.as_ref().and_then(|p| p.receive_maximum);
-    if receive_max == Some(0) {
-        ctx.client_ids.release(claim);
-        ctx.release_slot(counted);
-        ctx.metrics.connect_refused(ConnectRefusal::Protocol);
-        warn!(%peer, client_id, reason = "protocol", "CONNECT refused: Receive Maximum 0 is a protocol error (MQTT 5 §3.1.2.11.3)");
-        return Err(Refused::With(RefusalCode::Protocol));
-    }
     net.set_client_receive_max(receive_max);
     net.set_client_topic_alias_max(
         properties

@@ -112,8 +112,8 @@ impl Established {
     }
 
     /// The client acknowledged a delivery: those its Receive Maximum held back may go now
-    /// (see `outbound`), and the router's forwards that needs no PUBACK of the client's for
-    /// (written at QoS 0, or too big to send) are acknowledged to it.
+    /// (see `outbound`), and the router's forwards among them that need no PUBACK from the
+    /// client (too big to send) are acknowledged to the router.
     fn delivery_acknowledged(&mut self, batch: &mut Vec<Packet>) -> Result<(), DisconnectReason> {
         if self.extras.as_ref().is_some_and(|e| !e.held.is_empty()) {
             self.release_held()?;

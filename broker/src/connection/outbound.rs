@@ -316,9 +316,7 @@ impl Established {
         }
         Ok(())
     }
-}
 
-impl Established {
     /// Writes a forward of the connection's own link at min(its original QoS, the QoS the
     /// router forwarded it at), and remembers what the router waits to be acknowledged (in
     /// its place `kept` when it was held back).
