@@ -711,7 +711,12 @@ async fn assemble(
             metrics.clone(),
         ),
         router_filters,
-        sessions: crate::connection::Sessions::default(),
+        sessions: crate::connection::Sessions::new(
+            registrar.clone(),
+            Arc::clone(&watchers),
+            metrics.clone(),
+            stopping.clone(),
+        ),
         own_links: AtomicUsize::new(0),
         watchers,
         wills,

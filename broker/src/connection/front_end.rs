@@ -62,7 +62,7 @@ pub(crate) struct FrontEnd {
     pub(crate) router_filters: Arc<FilterBudget>,
     /// Every client id that had a persistent session since start, whether the router may
     /// hold one for it now, and the MQTT 5 session expiries that wait (see `sessions`).
-    pub(crate) sessions: Sessions,
+    pub(crate) sessions: Arc<Sessions>,
     pub(crate) wills: WillPublisher,
     /// Client connections with a router link of their own, open now.
     pub(crate) own_links: AtomicUsize,

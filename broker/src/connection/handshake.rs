@@ -504,7 +504,7 @@ fn register(
         // link below, or (Clean Start 1 with an expiry) by one of its own first.
         ctx.watchers.session_ended(client_id);
         if noted.persistent {
-            sessions::discard(&ctx.registrar, client_id).inspect_err(|_| {
+            ctx.sessions.discard(client_id).inspect_err(|_| {
                 ctx.sessions.forget(client_id);
             })?;
         }

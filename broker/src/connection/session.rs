@@ -27,7 +27,6 @@ use super::gate::PubAckQueue;
 use super::handshake::{Accepted, OwnLink};
 use super::network::{Network, PacketError};
 use super::rate::PublishRate;
-use super::sessions::Sessions;
 use crate::auth::{Identity, Role};
 use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason};
@@ -654,7 +653,7 @@ impl Established {
             drop(link.name.take());
             // And before the discard of its session, now or when the session expires.
             if let Some(term) = link.term {
-                Sessions::ended(&ctx, &self.client_id, term);
+                ctx.sessions.ended(&self.client_id, term);
             }
         }
         if let Some(will) = will

@@ -30,10 +30,12 @@ use std::time::Duration;
 
 use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
 use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::front_end::FrontEnd;
+use crate::metrics::BrokerMetrics;
 use crate::router::{LinkRequest, Registrar, send_now};
+use crate::watchers::MirrorWatchers;
 
 /// The Session Expiry Interval that never ends (MQTT 5 `0xFFFFFFFF`; 3.1.1 persistent sessions).
 pub(crate) const NEVER: u32 = u32::MAX;
@@ -100,14 +102,22 @@ pub(super) struct Term {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct SessionsFull;
 
-/// Every client id that had a persistent session since the broker started.
+/// Every client id that had a persistent session since the broker started, and the expiries
+/// that wait.
 ///
 /// rumqttd's router keeps something for such an id for good (the session, or once it was
 /// discarded, the id's last connection events), so ids are never removed, and at most
 /// `max_persistent_sessions` are kept.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Sessions {
     ids: Mutex<HashMap<String, Entry>>,
+    /// Registers the links that discard sessions.
+    registrar: Registrar,
+    /// Told when a session (and its subscriptions) ends.
+    watchers: Arc<MirrorWatchers>,
+    metrics: BrokerMetrics,
+    /// The broker stops: expiries wait no longer, sessions end with it.
+    stopping: CancellationToken,
 }
 
 #[derive(Debug)]
@@ -121,6 +131,23 @@ struct Entry {
 }
 
 impl Sessions {
+    /// No session yet; sessions are discarded through `registrar`, `watchers` told, counted in
+    /// `metrics`; expiries end when `stopping` is cancelled.
+    pub(crate) fn new(
+        registrar: Registrar,
+        watchers: Arc<MirrorWatchers>,
+        metrics: BrokerMetrics,
+        stopping: CancellationToken,
+    ) -> Arc<Sessions> {
+        Arc::new(Sessions {
+            ids: Mutex::default(),
+            registrar,
+            watchers,
+            metrics,
+            stopping,
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         self.ids.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -198,11 +225,11 @@ impl Sessions {
     ///
     /// Not while the broker stops: its sessions end with it (they live in memory), and the
     /// router may be gone (a registration then might never be answered).
-    pub(super) fn ended(ctx: &Arc<FrontEnd>, client_id: &str, term: Term) {
-        if ctx.stopping.is_cancelled() {
+    pub(super) fn ended(self: &Arc<Self>, client_id: &str, term: Term) {
+        if self.stopping.is_cancelled() {
             return;
         }
-        let mut ids = ctx.sessions.lock();
+        let mut ids = self.lock();
         let Some(entry) = ids.get_mut(client_id) else {
             return;
         };
@@ -212,23 +239,23 @@ impl Sessions {
         match term.expiry {
             NEVER => {}
             0 => {
-                expire(ctx, client_id, entry);
+                self.expire(client_id, entry);
             }
             seconds => {
-                let (ctx, id) = (Arc::clone(ctx), client_id.to_owned());
+                let (sessions, id) = (Arc::clone(self), client_id.to_owned());
                 let wait = Duration::from_secs(u64::from(seconds));
                 let epoch = term.epoch;
                 let task = tokio::spawn(async move {
                     tokio::select! {
-                        () = ctx.stopping.cancelled() => {}
+                        () = sessions.stopping.cancelled() => {}
                         () = tokio::time::sleep(wait) => {
-                            let mut ids = ctx.sessions.lock();
+                            let mut ids = sessions.lock();
                             if let Some(entry) = ids.get_mut(&id)
                                 && entry.epoch == epoch
                                 && entry.held
                             {
                                 entry.expiry = None;
-                                expire(&ctx, &id, entry);
+                                sessions.expire(&id, entry);
                             }
                         }
                     }
@@ -241,36 +268,40 @@ impl Sessions {
     }
 }
 
-/// Discards the session of `client_id` in `entry` (its lock held), counted.
-fn expire(ctx: &FrontEnd, client_id: &str, entry: &mut Entry) {
-    entry.held = false;
-    ctx.watchers.session_ended(client_id);
-    match discard(&ctx.registrar, client_id) {
-        Ok(()) => {
-            ctx.metrics.session_expired();
-            debug!(client_id, "session expired: discarded");
-        }
-        Err(err) => {
-            warn!(client_id, cause = %err, "could not discard an expired session");
+impl Sessions {
+    /// Discards the session of `client_id` in `entry` (its lock held), counted.
+    fn expire(&self, client_id: &str, entry: &mut Entry) {
+        entry.held = false;
+        self.watchers.session_ended(client_id);
+        match self.discard(client_id) {
+            Ok(()) => {
+                self.metrics.session_expired();
+                debug!(client_id, "session expired: discarded");
+            }
+            Err(err) => {
+                warn!(client_id, cause = %err, "could not discard an expired session");
+            }
         }
     }
-}
 
-/// Makes the router discard the session it keeps for `client_id`: a link registered under
-/// it with clean session on (the router drops the saved session for it), then its disconnect
-/// at once. Both go on the router's one event channel, in order, before anything a later
-/// registration sends.
-pub(super) fn discard(registrar: &Registrar, client_id: &str) -> Result<(), DiscardError> {
-    let (mut tx, _rx, _connack) = registrar
-        .link(LinkRequest {
-            client_id,
-            clean_session: true,
-        })
-        .map_err(|err| DiscardError(err.to_string()))?;
-    let bye = Disconnect {
-        reason_code: DisconnectReasonCode::NormalDisconnection,
-    };
-    send_now(&mut tx, Packet::Disconnect(bye, None)).map_err(|err| DiscardError(err.to_string()))
+    /// Makes the router discard the session it keeps for `client_id`: a link registered under
+    /// it with clean session on (the router drops the saved session for it), then its
+    /// disconnect at once. Both go on the router's one event channel, in order, before anything
+    /// a later registration sends.
+    pub(super) fn discard(&self, client_id: &str) -> Result<(), DiscardError> {
+        let (mut tx, _rx, _connack) = self
+            .registrar
+            .link(LinkRequest {
+                client_id,
+                clean_session: true,
+            })
+            .map_err(|err| DiscardError(err.to_string()))?;
+        let bye = Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        };
+        send_now(&mut tx, Packet::Disconnect(bye, None))
+            .map_err(|err| DiscardError(err.to_string()))
+    }
 }
 
 /// The router did not take a discard.
@@ -281,6 +312,17 @@ pub(super) struct DiscardError(String);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::router::LinkRefused;
+
+    fn sessions() -> Arc<Sessions> {
+        let registrar = Registrar::from_fn(|_| Err(LinkRefused("no router here".into())));
+        Sessions::new(
+            registrar,
+            Arc::default(),
+            BrokerMetrics::default(),
+            CancellationToken::new(),
+        )
+    }
 
     fn noted(sessions: &Sessions, id: &str, request: SessionRequest) -> Noted {
         sessions.note(id, request, 0).unwrap()
@@ -288,7 +330,7 @@ mod tests {
 
     #[test]
     fn mqtt5_flags_map_onto_the_routers_one_flag() {
-        let sessions = Sessions::default();
+        let sessions = sessions();
         // Clean Start 0 without a session to take up, expiry 0: a clean session.
         let n = noted(&sessions, "a", SessionRequest::v5(false, None));
         assert_eq!((n.had, n.persistent), (false, false));
@@ -315,7 +357,7 @@ mod tests {
 
     #[test]
     fn the_bound_counts_ids_that_had_a_session() {
-        let sessions = Sessions::default();
+        let sessions = sessions();
         assert!(sessions.note("a", SessionRequest::v4(false), 1).is_ok());
         assert_eq!(
             sessions.note("b", SessionRequest::v5(true, Some(1)), 1),
