@@ -8,7 +8,7 @@
 //! Interval how long the session outlives the connection (absent or 0: it ends with it;
 //! `0xFFFFFFFF`: never). The front end maps a CONNECT's pair onto the router's one flag
 //! ([`Sessions::note`]) and discards sessions when they end, by registering a clean link under
-//! the id and dropping it at once ([`discard`]):
+//! the id and dropping it at once ([`Sessions::discard`]):
 //!
 //! | Clean Start | expiry | router link | at the end of the connection |
 //! |---|---|---|---|
@@ -38,7 +38,7 @@ use crate::router::{LinkRequest, Registrar, send_now};
 use crate::watchers::MirrorWatchers;
 
 /// The Session Expiry Interval that never ends (MQTT 5 `0xFFFFFFFF`; 3.1.1 persistent sessions).
-pub(crate) const NEVER: u32 = u32::MAX;
+const NEVER: u32 = u32::MAX;
 
 /// What a CONNECT asks of its session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
