@@ -290,15 +290,15 @@ impl Established {
             };
             return self.answer(Packet::PubRel(rel, None));
         };
+        *released = true;
         if !matches!(
             reason,
             PubRecReason::Success | PubRecReason::NoMatchingSubscribers
         ) {
-            *released = true;
+            // Refused: over as if completed.
             self.on_pubcomp(pkid, batch);
             return Ok(());
         }
-        *released = true;
         let rel = PubRel {
             pkid,
             reason: PubRelReason::Success,
