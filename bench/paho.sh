@@ -23,6 +23,7 @@ if [ -z "${BROKER:-}" ]; then
   (cd "$root" && cargo build --release -q -p broker --bin broker)
   BROKER="$root/target/release/broker"
 fi
+BROKER=$(realpath "$BROKER")
 work=$(mktemp -d /tmp/paho-run.XXXXXX)
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
@@ -73,25 +74,44 @@ PY
   echo "$passed/$total|${failed# }"
 }
 
-# Fleetbeat: open mode, MQTT 3.1.1 and 5 on their own ports, no /metrics, no JSON mirror.
+# Two instances of each broker: the 3.1.1 suite runs against the defaults, the MQTT 5 suite
+# against a maximum keep-alive of 60 s (`test_server_keep_alive` expects that Server Keep Alive
+# in its CONNACK). Apart, because 3.1.1 has no way to lower a client's keep-alive: both brokers
+# refuse a 3.1.1 CONNECT beyond the maximum, or with 0, which the 3.1.1 suite's clean-up sends.
+# Fleetbeat: open mode, no /metrics, no JSON mirror, each in a directory of its own (the
+# journal file); mosquitto: anonymous, one listener for both versions.
+start_fleetbeat() { # name port_v4 port_v5 extra-args...
+  local name=$1 v4=$2 v5=$3
+  shift 3
+  mkdir -p "$work/$name"
+  (cd "$work/$name" && RUST_LOG=${RUST_LOG:-warn} exec "$BROKER" --listen "127.0.0.1:$v4" \
+    --listen-v5 "127.0.0.1:$v5" --metrics-listen off --json-mirror false "$@") \
+    > "$work/$name.log" 2>&1 &
+  pids+=($!)
+}
+start_mosquitto() { # name port extra-config
+  printf 'listener %s 127.0.0.1\nallow_anonymous true\n%s' "$2" "$3" > "$work/$1.conf"
+  "$mosquitto" -c "$work/$1.conf" > "$work/$1.log" 2>&1 &
+  pids+=($!)
+}
 fb4=$(free_port)
 fb5=$(free_port)
-RUST_LOG=${RUST_LOG:-warn} "$BROKER" --listen "127.0.0.1:$fb4" --listen-v5 "127.0.0.1:$fb5" \
-  --metrics-listen off --json-mirror false > "$work/fleetbeat-broker.log" 2>&1 &
-pids+=($!)
-# mosquitto: anonymous, one listener for both versions.
+fb5_v4=$(free_port)
+fb5_v5=$(free_port)
 mq=$(free_port)
-printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$mq" > "$work/mosquitto.conf"
-"$mosquitto" -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
-pids+=($!)
-wait_port "$fb4"
-wait_port "$fb5"
-wait_port "$mq"
+mq5=$(free_port)
+start_fleetbeat fleetbeat-broker "$fb4" "$fb5"
+start_fleetbeat fleetbeat-broker-max-keep-alive "$fb5_v4" "$fb5_v5" --max-keep-alive-secs 60
+start_mosquitto mosquitto "$mq" ""
+start_mosquitto mosquitto-max-keep-alive "$mq5" "max_keepalive 60"$'\n'
+for port in "$fb4" "$fb5" "$fb5_v4" "$fb5_v5" "$mq" "$mq5"; do
+  wait_port "$port"
+done
 
 fb_v4=$(run_suite fleetbeat-3.1.1 client_test.py "$fb4")
 mq_v4=$(run_suite mosquitto-3.1.1 client_test.py "$mq")
-fb_v5=$(run_suite fleetbeat-5 client_test5.py "$fb5")
-mq_v5=$(run_suite mosquitto-5 client_test5.py "$mq")
+fb_v5=$(run_suite fleetbeat-5 client_test5.py "$fb5_v5")
+mq_v5=$(run_suite mosquitto-5 client_test5.py "$mq5")
 
 version=$({ "$mosquitto" -h 2>/dev/null || true; } | sed -n 's/^mosquitto version \([^ ]*\).*/\1/p' | head -1)
 echo

@@ -684,6 +684,7 @@ async fn assemble(
             max_subscribe_rate: config.max_subscribe_rate,
             max_subscriptions: config.max_subscriptions,
             max_persistent_sessions: config.max_persistent_sessions,
+            max_keep_alive: (config.max_keep_alive_secs > 0).then_some(config.max_keep_alive_secs),
         },
         pending,
         auth,

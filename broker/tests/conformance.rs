@@ -7,9 +7,12 @@ mod common;
 
 use std::time::Duration;
 
-use broker::{Broker, ConnectRefusal, DropReason, Role, SubscribeRefusal};
+use broker::{
+    Broker, BrokerConfig, ConnectRefusal, DisconnectReason, DropReason, Role, SubscribeRefusal,
+};
 use common::{
-    Provisioned, Raw, client, client_v5, connect_as, connect_v5_as, start, start_ephemeral,
+    Provisioned, Raw, client, client_v5, connect_as, connect_v5_as, eventually, start,
+    start_ephemeral,
 };
 use shared::frame::{Connect, DISCONNECT, Publish, packet, puback, subscribe};
 
@@ -1154,6 +1157,91 @@ async fn keep_alive_zero_is_accepted_for_tools_in_open_mode_who_may_not_publish_
             .connect_refused_total(ConnectRefusal::KeepAliveZero),
         1
     );
+}
+
+/// An MQTT 5 CONNACK's properties, each (id, value bytes).
+fn connack_properties(body: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let (len, used) = varint(&body[2..]);
+    properties(&body[2 + used..2 + used + len])
+}
+
+#[tokio::test]
+async fn a_keep_alive_beyond_the_maximum_is_lowered_in_mqtt5_and_refused_in_mqtt311() {
+    // 1 s, below the internal probes' 10 s: that the broker starts at all shows they are exempt.
+    let broker = start(BrokerConfig {
+        max_keep_alive_secs: 1,
+        ..BrokerConfig::ephemeral()
+    })
+    .await;
+    let (v4, v5) = (broker.v4_addr(), broker.v5_addr().unwrap());
+    let server_keep_alive = (0x13, 1u16.to_be_bytes().to_vec());
+
+    // MQTT 5: more than the maximum, or 0 (never time out), is told the maximum in the CONNACK
+    // (Server Keep Alive) and held to it: silent, the connection ends after 1.5 s, with a
+    // DISCONNECT 0x8D (Keep Alive timeout).
+    for (id, asked) in [("long", 600), ("never", 0)] {
+        let mut raw = Raw::open(v5).await;
+        let connect = Connect {
+            keep_alive: asked,
+            ..connect_v5_as(id)
+        };
+        raw.send(&connect.bytes()).await;
+        let (first, body) = raw.read().await.expect("a CONNACK");
+        assert_eq!((first, body[1]), (0x20, 0), "CONNACK success for {asked}");
+        assert!(
+            connack_properties(&body).contains(&server_keep_alive),
+            "Server Keep Alive 1 for {asked}: {body:02x?}"
+        );
+        let started = tokio::time::Instant::now();
+        let last = raw.until_closed().await;
+        let lived = started.elapsed();
+        assert!(
+            lived >= Duration::from_millis(1400) && lived < Duration::from_secs(5),
+            "{asked}: {lived:?}"
+        );
+        assert_eq!(last, [(0xE0, vec![0x8D])], "DISCONNECT 0x8D");
+    }
+    // Within the maximum: the client's own keep-alive, nothing said.
+    let mut raw = Raw::open(v5).await;
+    let within = Connect {
+        keep_alive: 1,
+        ..connect_v5_as("within")
+    };
+    raw.send(&within.bytes()).await;
+    let (_, body) = raw.read().await.expect("a CONNACK");
+    assert_eq!(body[1], 0, "CONNACK success");
+    assert!(connack_properties(&body).iter().all(|(id, _)| *id != 0x13));
+    assert_eq!(raw.ping().await, 0xD0, "PINGRESP");
+
+    // MQTT 3.1.1 cannot tell a client: beyond the maximum, or 0, is refused (CONNACK 2,
+    // identifier rejected, as mosquitto's max_keepalive), counted.
+    for (id, asked) in [("long4", 600), ("never4", 0)] {
+        let connect = Connect {
+            keep_alive: asked,
+            ..connect_as(id)
+        };
+        let (mut raw, code) = Raw::connect(v4, &connect).await;
+        assert_eq!(code, 2, "identifier rejected for {asked}");
+        assert!(raw.until_closed().await.is_empty());
+    }
+    let mut raw = Raw::connected(
+        v4,
+        &Connect {
+            keep_alive: 1,
+            ..connect_as("within4")
+        },
+    )
+    .await;
+    assert_eq!(raw.ping().await, 0xD0, "PINGRESP");
+    let metrics = broker.metrics();
+    assert_eq!(
+        metrics.connect_refused_total(ConnectRefusal::KeepAliveTooLong),
+        2
+    );
+    eventually("the silent ones counted", || {
+        metrics.disconnects_total(DisconnectReason::KeepAlive) == 2
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -288,8 +288,8 @@ pub struct BrokerConfig {
     /// `fleetbeat_broker_connect_refused_total{reason="sessions_full"}` and logged; clean
     /// sessions, and ids that had one before, are not refused. rumqttd's router keeps a
     /// persistent session (≈1.2 KiB) until a clean session of its id discards it, and then
-    /// still the id's last connection events (≈0.7 KiB) for good; MQTT 5 session expiry is not
-    /// implemented. So without this bound every new id asking for a persistent session would
+    /// still the id's last connection events (≈0.7 KiB) for good, even after an MQTT 5
+    /// session expired. So without this bound every new id asking for a persistent session would
     /// grow the broker's memory for good; with it, a restart is what frees them. 0 switches
     /// the limit off. Default 25 000, as `max_connections`: a fleet whose devices all keep
     /// persistent sessions fits as many as may connect.
@@ -338,6 +338,17 @@ pub struct BrokerConfig {
     /// reconnect storm or a port scan pins: accept rate × timeout × buffers. Default 10 000:
     /// generous for a slow cellular link, short enough to shed idle sockets.
     pub connection_timeout_ms: u16,
+
+    /// Longest keep-alive a client may use, in seconds; 0 for no maximum. A connection silent
+    /// for one and a half keep-alives is closed, so this bounds how long a half-open
+    /// connection (a vehicle that lost its link without a FIN) holds its client id and its
+    /// buffers, and how late its last will comes. An MQTT 5 client asking for more, or for 0
+    /// ("never time out"), is told this value in its CONNACK (Server Keep Alive, MQTT 5
+    /// 3.2.2.3.14) and held to it; an MQTT 3.1.1 client, which cannot be told, is refused
+    /// (CONNACK 2, identifier rejected, as mosquitto's `max_keepalive` does), counted in
+    /// `fleetbeat_broker_connect_refused_total{reason="keep_alive_too_long"}` and logged.
+    /// Default 0: vehicles on cellular links choose long keep-alives to spare their radio.
+    pub max_keep_alive_secs: u16,
 
     /// Milliseconds to pause after each accepted connection, per listener: an accept rate
     /// limit. Default 0: a fleet reconnecting after an outage should get back in as fast as it
@@ -432,6 +443,7 @@ impl Default for BrokerConfig {
             login_failure_window: Duration::from_secs(60),
             max_password_checks: 0,
             connection_timeout_ms: 10_000,
+            max_keep_alive_secs: 0,
             next_connection_delay_ms: 0,
             startup_timeout: Duration::from_secs(10),
             probe_interval: Duration::from_secs(5),
@@ -859,6 +871,11 @@ pub struct ConfigOverrides {
     /// Password checks (argon2) at once, 0 for one per core [key: max_password_checks].
     #[arg(long, value_name = "N")]
     pub max_password_checks: Option<usize>,
+
+    /// Longest keep-alive a client may use, in seconds, 0 for no maximum
+    /// [key: max_keep_alive_secs].
+    #[arg(long, value_name = "SECONDS")]
+    pub max_keep_alive_secs: Option<u16>,
 
     /// Bound of a graceful shutdown, e.g. "10s" [key: shutdown_grace].
     #[arg(long, value_name = "DURATION")]

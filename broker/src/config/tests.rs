@@ -321,6 +321,7 @@ fn abuse_limits_come_from_every_layer_and_are_checked() {
         assert_eq!(defaults.max_login_failures, 10);
         assert_eq!(defaults.login_failure_window, Duration::from_secs(60));
         assert_eq!(defaults.max_password_checks, 0);
+        assert_eq!(defaults.max_keep_alive_secs, 0, "no maximum");
 
         jail.create_file(
             "broker.toml",
@@ -332,6 +333,7 @@ fn abuse_limits_come_from_every_layer_and_are_checked() {
             max_subscribe_rate: Some(2),
             max_pending_connects: Some(50),
             max_password_checks: Some(1),
+            max_keep_alive_secs: Some(90),
             ..ConfigOverrides::default()
         };
         let config = load(Some(Path::new("broker.toml")), &overrides).unwrap();
@@ -342,6 +344,7 @@ fn abuse_limits_come_from_every_layer_and_are_checked() {
         assert_eq!(config.max_subscribe_rate, 2);
         assert_eq!(config.max_pending_connects, 50);
         assert_eq!(config.max_password_checks, 1);
+        assert_eq!(config.max_keep_alive_secs, 90);
 
         for (field, config) in [
             (

@@ -37,6 +37,8 @@ pub(crate) struct Limits {
     pub(crate) max_subscriptions: usize,
     /// Client ids that may have had a persistent session since start (0: no limit).
     pub(crate) max_persistent_sessions: usize,
+    /// Longest keep-alive a client may use (`None`: no maximum); see `handshake`.
+    pub(crate) max_keep_alive: Option<u16>,
 }
 
 /// Everything connections share.

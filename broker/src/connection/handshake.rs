@@ -187,6 +187,7 @@ async fn negotiate(
     )
     .await?;
     let identity = check_keep_alive(&connect, will.as_ref(), identity, peer, ctx)?;
+    let server_keep_alive = bound_keep_alive(&connect, net.version, &identity, peer, ctx)?;
     check_reserved(&client_id, &identity, peer, ctx)?;
     check_will(will.as_ref(), &client_id, &identity, peer, ctx)?;
     let receive_max = properties.as_ref().and_then(|p| p.receive_maximum);
@@ -234,8 +235,13 @@ async fn negotiate(
         }
     };
     let persistent = link.as_ref().is_some_and(|link| link.term.is_some());
-    let max_payload_size = ctx.limits.max_payload_size;
-    if !answer(net, connack, assigned, max_payload_size, persistent).await {
+    let told = Told {
+        assigned,
+        max_payload_size: ctx.limits.max_payload_size,
+        persistent,
+        server_keep_alive,
+    };
+    if !answer(net, connack, told).await {
         debug!(%peer, client_id, "could not answer CONNACK");
         if link.is_some() {
             ctx.count_own_link(false);
@@ -256,7 +262,7 @@ async fn negotiate(
         will,
         will_properties,
         will_delay,
-        keep_alive: Duration::from_secs(u64::from(connect.keep_alive)),
+        keep_alive: Duration::from_secs(u64::from(server_keep_alive.unwrap_or(connect.keep_alive))),
         claim,
         persistent,
         link,
@@ -312,6 +318,34 @@ async fn read_connect(
         will_properties: will_properties.and_then(will_publish_properties),
         login,
     })
+}
+
+/// Holds a client to `max_keep_alive_secs`, if set (internal probes aside): a keep-alive
+/// within it stands; beyond it, or 0 ("never time out"), an MQTT 5 client is told the maximum
+/// (Server Keep Alive, returned) and an MQTT 3.1.1 client, which cannot be told, is refused
+/// with CONNACK 2 (identifier rejected), as mosquitto's `max_keepalive` does.
+fn bound_keep_alive(
+    connect: &Connect,
+    version: Listener,
+    identity: &Identity,
+    peer: SocketAddr,
+    ctx: &FrontEnd,
+) -> Result<Option<u16>, Refused> {
+    let Some(max) = ctx.limits.max_keep_alive else {
+        return Ok(None);
+    };
+    let asked = connect.keep_alive;
+    if *identity == Identity::Probe || (asked != 0 && asked <= max) {
+        return Ok(None);
+    }
+    if version == Listener::V5 {
+        debug!(%peer, client_id = connect.client_id, asked, server_keep_alive = max, "keep-alive beyond max_keep_alive_secs: the client is told the maximum");
+        return Ok(Some(max));
+    }
+    ctx.metrics
+        .connect_refused(ConnectRefusal::KeepAliveTooLong);
+    warn!(%peer, client_id = connect.client_id, identity = %identity.describe(), reason = "keep_alive_too_long", asked, max_keep_alive_secs = max, "CONNECT refused: an MQTT 3.1.1 keep-alive beyond max_keep_alive_secs (0: never time out), which 3.1.1 has no way to lower");
+    Err(Refused::With(RefusalCode::ClientId))
 }
 
 /// Keep-alive 0 ("never time out") is refused to vehicles, which must prove they are alive,
@@ -552,22 +586,17 @@ fn register(
     Ok((None, Some(Packet::ConnAck(ack, Some(properties)))))
 }
 
-/// Writes the CONNACK (telling an `assigned` client id, and, in MQTT 5, what the broker
-/// supports for the connection, a `persistent` session or not, packets up to
-/// `max_payload_size` after the fixed header among it); whether it went out.
-async fn answer(
-    net: &mut Network,
-    connack: Option<Packet>,
-    assigned: Option<String>,
-    max_payload_size: usize,
-    persistent: bool,
-) -> bool {
+/// Writes the CONNACK with what it tells the client ([`Told`]: an assigned client id, and in
+/// MQTT 5 what the broker supports for the connection and a Server Keep Alive); whether it
+/// went out.
+async fn answer(net: &mut Network, connack: Option<Packet>, told: Told) -> bool {
     let mut connack = connack;
     if let Some(Packet::ConnAck(_, props)) = &mut connack {
         let props = props.get_or_insert_with(ConnAckProperties::default);
-        props.assigned_client_identifier = assigned;
+        props.assigned_client_identifier = told.assigned;
         if net.version == Listener::V5 {
-            announce_capabilities(props, max_payload_size, persistent);
+            announce_capabilities(props, told.max_payload_size, told.persistent);
+            props.server_keep_alive = told.server_keep_alive;
         }
     }
     match connack {
@@ -576,6 +605,18 @@ async fn answer(
         }
         _ => false,
     }
+}
+
+/// What a successful CONNACK tells the client beyond its code and Session Present.
+struct Told {
+    /// The client id the broker chose, for a CONNECT without one.
+    assigned: Option<String>,
+    /// The largest packet accepted (MQTT 5 Maximum Packet Size).
+    max_payload_size: usize,
+    /// Whether the connection has a session that outlives it (MQTT 5 Maximum QoS 1).
+    persistent: bool,
+    /// The keep-alive the broker holds an MQTT 5 client to instead of its own.
+    server_keep_alive: Option<u16>,
 }
 
 /// Tells an MQTT 5 client what the broker supports, so that it adapts instead of failing

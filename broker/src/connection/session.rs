@@ -610,11 +610,13 @@ impl Established {
         if self.consumer {
             ctx.durability.consumer_connected(false);
         }
-        // MQTT 5 clients are told why the broker ends the connection; after a protocol error
+        // MQTT 5 clients are told why the broker ends the connection (a silent one too: the
+        // link may be one-way only, 0x8D); after a protocol error
         // the socket is drained a moment, so that the DISCONNECT is read rather than lost to
         // a reset (the client may still be sending).
         let farewell = match end {
             DisconnectReason::Shutdown => Some(DisconnectReasonCode::ServerShuttingDown),
+            DisconnectReason::KeepAlive => Some(DisconnectReasonCode::KeepAliveTimeout),
             DisconnectReason::Protocol => self.farewell.get(),
             _ => None,
         };

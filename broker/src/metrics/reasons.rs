@@ -70,6 +70,10 @@ reasons! {
         Protocol => "protocol",
         /// Keep-alive 0 ("never time out") from a vehicle: refused, see `docs/broker.md`.
         KeepAliveZero => "keep_alive_zero",
+        /// An MQTT 3.1.1 keep-alive beyond
+        /// [`BrokerConfig::max_keep_alive_secs`](crate::BrokerConfig::max_keep_alive_secs), or
+        /// 0 while a maximum is set (MQTT 5 clients are told the maximum instead).
+        KeepAliveTooLong => "keep_alive_too_long",
         /// The client id is unusable: reserved, contains `+ # / $`, or empty without clean
         /// session.
         ClientId => "client_id",
