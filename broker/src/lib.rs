@@ -70,6 +70,7 @@ macro_rules! opaque_debug {
 }
 
 mod auth;
+mod carry;
 mod client_ids;
 pub mod config;
 mod connection;

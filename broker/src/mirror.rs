@@ -257,6 +257,8 @@ pub(crate) struct Mirror {
     watchers: Arc<MirrorWatchers>,
     /// [`MirrorWatchers::any`], as it changes.
     watching: watch::Receiver<bool>,
+    /// Whether a retained document carries `carry::RETAINED`.
+    retain_wanted: crate::carry::RetainWanted,
 }
 
 impl Mirror {
@@ -266,6 +268,7 @@ impl Mirror {
         keys: Keys,
         metrics: BrokerMetrics,
         watchers: Arc<MirrorWatchers>,
+        retain_wanted: crate::carry::RetainWanted,
     ) -> Mirror {
         Mirror {
             tx,
@@ -274,6 +277,7 @@ impl Mirror {
             metrics,
             watching: watchers.watch(),
             watchers,
+            retain_wanted,
         }
     }
 
@@ -359,10 +363,12 @@ impl Mirror {
         }
         let retain = kind == Some(TopicKind::Status);
         let target = mirror_topic(topic);
+        let mut properties = None;
+        crate::carry::mark(self.retain_wanted.mark(retain), None, &mut properties);
         if publish.payload.is_empty() && retain {
             // A cleared retained status clears its mirror too.
             let clear = Publish::new(Bytes::from(target), Bytes::new(), true);
-            return Some(Packet::Publish(clear, None));
+            return Some(Packet::Publish(clear, properties));
         }
         let key = Topic::parse(topic)
             .ok()
@@ -372,7 +378,7 @@ impl Mirror {
         let doc = Bytes::from(doc.to_string());
         Some(Packet::Publish(
             Publish::new(Bytes::from(target), doc, retain),
-            None,
+            properties,
         ))
     }
 

@@ -79,6 +79,8 @@ pub(crate) enum MuxEvent {
         message: Arc<crate::share::SharedMessage>,
         /// The QoS to deliver at: min(the message's QoS, the member's granted QoS).
         qos: u8,
+        /// The retain flag to deliver with (Retain As Published).
+        retain: bool,
     },
 }
 
@@ -97,9 +99,13 @@ pub(crate) fn port() -> (PortTx, PortRx) {
 }
 
 impl crate::share::MemberPort for PortTx {
-    fn give(&self, message: Arc<crate::share::SharedMessage>, qos: u8) -> bool {
-        self.unbounded_send(MuxEvent::Shared { message, qos })
-            .is_ok()
+    fn give(&self, message: Arc<crate::share::SharedMessage>, qos: u8, retain: bool) -> bool {
+        self.unbounded_send(MuxEvent::Shared {
+            message,
+            qos,
+            retain,
+        })
+        .is_ok()
     }
 }
 

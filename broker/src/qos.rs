@@ -73,14 +73,11 @@ pub(crate) fn implied(topic: &[u8]) -> u8 {
 const MIRROR_PREFIX: &[u8] = b"json/";
 
 /// Records that a publish on `topic` was published at `qos` (0, 1 or 2), in its properties,
-/// if a receiver could not infer it (see [`implied`]); removes a [`MARKER`] the client sent.
-/// Allocates nothing when no marker is needed and the client sent no properties.
+/// if a receiver could not infer it (see [`implied`]); removes a [`MARKER`], or any other
+/// property the broker carries through the router (`carry`), the client sent. Allocates
+/// nothing when no marker is needed and the client sent no properties.
 pub(crate) fn mark(topic: &[u8], qos: u8, properties: &mut Option<PublishProperties>) {
-    if let Some(props) = properties.as_mut()
-        && !props.user_properties.is_empty()
-    {
-        props.user_properties.retain(|(key, _)| key != MARKER);
-    }
+    crate::carry::remove_forged(properties);
     let qos = qos.min(2);
     if qos == implied(topic) {
         return;
@@ -100,19 +97,13 @@ pub(crate) fn original(topic: &[u8], properties: Option<&PublishProperties>) -> 
         .map_or_else(|| implied(topic), |qos| qos.min(2))
 }
 
-/// The original QoS of a forward on `topic` (as [`original`]), removing the [`MARKER`] from
-/// `properties` (and properties left empty by that), so the client never sees it. Deliver at
-/// the minimum of this and the QoS the router forwarded at (the subscription's).
+/// The original QoS of a forward on `topic` (as [`original`]), removing the [`MARKER`] and
+/// everything else the broker carried through the router (`carry::strip`) from `properties`
+/// (and properties left empty by that), so the client never sees them. Deliver at the minimum
+/// of this and the QoS the router forwarded at (the subscription's).
 pub(crate) fn take_original(topic: &[u8], properties: &mut Option<PublishProperties>) -> u8 {
     let original = original(topic, properties.as_ref());
-    if let Some(props) = properties.as_mut()
-        && props.user_properties.iter().any(|(key, _)| key == MARKER)
-    {
-        props.user_properties.retain(|(key, _)| key != MARKER);
-        if *props == PublishProperties::default() {
-            *properties = None;
-        }
-    }
+    crate::carry::strip(properties);
     original
 }
 

@@ -299,6 +299,8 @@ impl Registrar {
 /// at min(will QoS, granted QoS), as any publish.
 pub(crate) struct WillPublisher {
     tx: Mutex<LinkTx>,
+    /// Whether a retained will carries `carry::RETAINED`.
+    retain_wanted: crate::carry::RetainWanted,
 }
 
 opaque_debug!(WillPublisher);
@@ -308,9 +310,14 @@ impl WillPublisher {
     pub(crate) fn new(
         registrar: &Registrar,
         client_id: &str,
+        retain_wanted: crate::carry::RetainWanted,
     ) -> Result<(WillPublisher, LinkRx), LinkRefused> {
         let (tx, rx, _connack) = registrar.link(LinkRequest::internal(client_id))?;
-        Ok((WillPublisher { tx: Mutex::new(tx) }, rx))
+        let publisher = WillPublisher {
+            tx: Mutex::new(tx),
+            retain_wanted,
+        };
+        Ok((publisher, rx))
     }
 
     /// Publishes `payload` on `topic` as published at `qos`, retained if `retain`, with the
@@ -324,6 +331,8 @@ impl WillPublisher {
         mut properties: Option<PublishProperties>,
     ) -> Result<(), LinkError> {
         crate::qos::mark(&topic, qos, &mut properties);
+        let retained = self.retain_wanted.mark(retain);
+        crate::carry::mark(retained, None, &mut properties);
         let publish = Publish::new(topic, payload, retain);
         self.tx
             .lock()

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::auth::{AuthSettings, Authenticator, PROBE_TOPIC_PREFIX};
+use crate::carry::RetainWanted;
 use crate::client_ids::ClientIds;
 use crate::config::BrokerConfig;
 use crate::connection::{self, FrontEnd, Limits, PendingConnects};
@@ -619,9 +620,13 @@ async fn assemble(
     );
     let prober = ProbeReceiver::new(probe_tx, probe_rx, probe_topic, Arc::clone(&pending));
 
-    let (wills, wills_rx) =
-        WillPublisher::new(&registrar, &format!("{INTERNAL_PREFIX}wills-{instance}"))
-            .map_err(|err| unavailable("the will publisher", &err))?;
+    let retain_wanted = RetainWanted::default();
+    let (wills, wills_rx) = WillPublisher::new(
+        &registrar,
+        &format!("{INTERNAL_PREFIX}wills-{instance}"),
+        retain_wanted.clone(),
+    )
+    .map_err(|err| unavailable("the will publisher", &err))?;
     tokio::spawn(router::drain(wills_rx, "wills"));
 
     let (mux, mux_rx) = Mux::new(&registrar, &format!("{INTERNAL_PREFIX}mux-{instance}"))
@@ -653,6 +658,7 @@ async fn assemble(
             keys,
             metrics.clone(),
             Arc::clone(&watchers),
+            retain_wanted.clone(),
         ))
     } else {
         None
@@ -721,6 +727,7 @@ async fn assemble(
         own_links: AtomicUsize::new(0),
         watchers,
         wills,
+        retain_wanted,
         draining: CancellationToken::new(),
         stopping,
         alarm: alarm.clone(),

@@ -126,13 +126,26 @@ pub(crate) struct SharedMessage {
     pub(crate) properties: Option<PublishProperties>,
     /// The QoS it was published at (at most [`qos::MAX_QOS`](crate::qos::MAX_QOS)).
     pub(crate) qos: u8,
+    /// Whether it was published retained (for members with Retain As Published; the router
+    /// clears the flag of what it forwards live, see `carry`).
+    pub(crate) retained: bool,
 }
 
 /// Where a group hands a member its messages: the member's connection (its mux port, see
 /// `mux`, which implements this; so this module does not depend on the mux).
 pub(crate) trait MemberPort: Send + Sync + std::fmt::Debug {
-    /// Hands `message` to the member, to write at `qos`; false if its connection is gone.
-    fn give(&self, message: Arc<SharedMessage>, qos: u8) -> bool;
+    /// Hands `message` to the member, to write at `qos`, with the retain flag `retain`; false
+    /// if its connection is gone.
+    fn give(&self, message: Arc<SharedMessage>, qos: u8, retain: bool) -> bool;
+}
+
+/// What a member asked of its shared subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MemberOptions {
+    /// Its granted QoS.
+    pub(crate) qos: u8,
+    /// MQTT 5 Retain As Published.
+    pub(crate) retain_as_published: bool,
 }
 
 /// One connection in a group.
@@ -141,6 +154,9 @@ struct Member {
     connection: u64,
     /// Its granted QoS.
     qos: u8,
+    /// Its subscription's Retain As Published (MQTT 5): messages published retained are
+    /// delivered with the retain flag.
+    retain_as_published: bool,
     tx: Arc<dyn MemberPort>,
     /// QoS 1 messages given to it and not acknowledged yet.
     outstanding: usize,
@@ -187,15 +203,21 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Group {
-    fn join(&self, connection: u64, qos: u8, tx: &Arc<dyn MemberPort>) {
+    fn join(&self, connection: u64, options: MemberOptions, tx: &Arc<dyn MemberPort>) {
+        let MemberOptions {
+            qos,
+            retain_as_published,
+        } = options;
         let mut members = lock(&self.members);
         if let Some(member) = members.list.iter_mut().find(|m| m.connection == connection) {
             member.qos = qos;
+            member.retain_as_published = retain_as_published;
             member.tx = Arc::clone(tx);
         } else {
             members.list.push(Member {
                 connection,
                 qos,
+                retain_as_published,
                 tx: Arc::clone(tx),
                 outstanding: 0,
                 queued: 0,
@@ -255,7 +277,8 @@ impl Group {
             };
             let member = &mut members.list[at];
             let qos = member.qos.min(message.qos);
-            if !member.tx.give(Arc::clone(message), qos) {
+            let retain = member.retain_as_published && message.retained;
+            if !member.tx.give(Arc::clone(message), qos, retain) {
                 // Its connection is gone (it leaves the group on its way out).
                 members.list.swap_remove(at);
                 continue;
@@ -332,7 +355,7 @@ impl SharedSubscriptions {
         group: &str,
         filter: &str,
         connection: u64,
-        qos: u8,
+        options: MemberOptions,
         tx: &Arc<dyn MemberPort>,
     ) -> Result<(), JoinError> {
         let key = (group.to_owned(), filter.to_owned());
@@ -341,7 +364,7 @@ impl SharedSubscriptions {
             if let Some(existing) = groups.get(&key)
                 && !existing.stop.is_cancelled()
             {
-                existing.join(connection, qos, tx);
+                existing.join(connection, options, tx);
                 return Ok(());
             }
             if groups.len() >= MAX_GROUPS {
@@ -370,12 +393,12 @@ impl SharedSubscriptions {
             && !existing.stop.is_cancelled()
         {
             // Another member created it meanwhile: ours goes.
-            existing.join(connection, qos, tx);
+            existing.join(connection, options, tx);
             drop(groups);
             created.stop.cancel();
         } else {
             // New, or in place of one whose link the router dropped.
-            created.join(connection, qos, tx);
+            created.join(connection, options, tx);
             groups.insert(key, Arc::clone(&created));
             self.metrics.set_shared_groups(groups.len());
             drop(groups);
@@ -450,6 +473,8 @@ async fn dispatch(
             Ok(Some(Notification::Forward(forward))) if forward.publish.retain => {}
             Ok(Some(Notification::Forward(forward))) => {
                 let mut properties = forward.properties;
+                let retained =
+                    crate::carry::get(properties.as_ref(), crate::carry::RETAINED).is_some();
                 let qos = crate::qos::take_original(&forward.publish.topic, &mut properties)
                     .min(crate::qos::MAX_QOS);
                 let message = Arc::new(SharedMessage {
@@ -458,6 +483,7 @@ async fn dispatch(
                     payload: forward.publish.payload,
                     properties,
                     qos,
+                    retained,
                 });
                 loop {
                     match group.give(&message, false) {
@@ -526,6 +552,7 @@ mod tests {
             payload: Bytes::from_static(b"x"),
             properties: None,
             qos,
+            retained: false,
         })
     }
 
@@ -537,12 +564,20 @@ mod tests {
     }
 
     impl MemberPort for TestPort {
-        fn give(&self, _message: Arc<SharedMessage>, qos: u8) -> bool {
+        fn give(&self, _message: Arc<SharedMessage>, qos: u8, _retain: bool) -> bool {
             if self.gone.load(std::sync::atomic::Ordering::Relaxed) {
                 return false;
             }
             lock(&self.given).push(qos);
             true
+        }
+    }
+
+    /// A member's options at `qos`, without Retain As Published.
+    fn at_qos(qos: u8) -> MemberOptions {
+        MemberOptions {
+            qos,
+            retain_as_published: false,
         }
     }
 
@@ -562,8 +597,8 @@ mod tests {
         let group = group();
         let (tx1, rx1) = port();
         let (tx2, rx2) = port();
-        group.join(1, 1, &tx1);
-        group.join(2, 0, &tx2);
+        group.join(1, at_qos(1), &tx1);
+        group.join(2, at_qos(0), &tx2);
         for _ in 0..4 {
             assert_eq!(group.give(&message(&group, 1), false), Given::Sent);
         }
@@ -594,7 +629,7 @@ mod tests {
     fn a_stalled_member_bounds_what_it_is_given() {
         let group = group();
         let (tx, rx) = port();
-        group.join(1, 0, &tx);
+        group.join(1, at_qos(0), &tx);
         for _ in 0..MEMBER_QUEUE {
             assert_eq!(group.give(&message(&group, 0), false), Given::Sent);
         }

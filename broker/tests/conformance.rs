@@ -1449,3 +1449,272 @@ async fn a_disconnect_may_not_give_a_session_an_interval_its_connect_did_not() {
     let (_raw, present) = connect_with_session(v5, &resume).await;
     assert!(!present, "no session was kept");
 }
+
+// ---------------------------------------------------------------------------------------------
+// MQTT 5 subscription options (§3.8.3.1): No Local, Retain As Published, Retain Handling.
+
+/// Subscription options bits beside the QoS.
+const NO_LOCAL: u8 = 0x04;
+const RETAIN_AS_PUBLISHED: u8 = 0x08;
+const RETAIN_HANDLING_1: u8 = 0x10;
+const RETAIN_HANDLING_2: u8 = 0x20;
+
+/// An MQTT 5 SUBSCRIBE of `filters` (filter, options byte) with Subscription Identifier `id`,
+/// if given; the SUBACK's codes.
+async fn subscribed_v5(
+    raw: &mut Raw,
+    pkid: u16,
+    id: Option<usize>,
+    filters: &[(&str, u8)],
+) -> Vec<u8> {
+    let mut props = Vec::new();
+    if let Some(id) = id {
+        props.push(0x0B);
+        shared::frame::put_remaining_length(&mut props, id);
+    }
+    let mut body = pkid.to_be_bytes().to_vec();
+    shared::frame::put_remaining_length(&mut body, props.len());
+    body.extend_from_slice(&props);
+    for (filter, options) in filters {
+        shared::frame::put_str(&mut body, filter.as_bytes());
+        body.push(*options);
+    }
+    raw.send(&packet(0x82, &body)).await;
+    let (first, body) = raw.read().await.expect("a SUBACK");
+    assert_eq!(first, 0x90, "SUBACK, got {first:#04x} {body:02x?}");
+    assert_eq!(u16::from_be_bytes([body[0], body[1]]), pkid);
+    let (len, used) = varint(&body[2..]);
+    body[2 + used + len..].to_vec()
+}
+
+/// Publishes from an MQTT 5 client at QoS 1 (retained if `retain`, with the encoded `props`)
+/// and reads its PUBACK; packets before it are left to be read.
+async fn published_v5(
+    raw: &mut Raw,
+    topic: &str,
+    payload: &[u8],
+    retain: bool,
+    pkid: u16,
+    props: &[u8],
+) {
+    let publish = Publish {
+        v5: true,
+        topic: topic.as_bytes(),
+        payload,
+        qos: 1,
+        pkid,
+        retain,
+        props,
+        ..Publish::default()
+    };
+    raw.send(&publish.bytes()).await;
+    // Deliveries to the publisher itself may come first: left to be read next, in order.
+    let mut before = Vec::new();
+    loop {
+        let (first, body) = raw.read().await.expect("a PUBACK");
+        if first == 0x40 {
+            assert_eq!(&body[..2], &pkid.to_be_bytes()[..], "PUBACK");
+            break;
+        }
+        before.push((first, body));
+    }
+    for (first, body) in before.into_iter().rev() {
+        raw.unread(first, &body);
+    }
+}
+
+#[tokio::test]
+async fn mqtt5_no_local_keeps_a_clients_own_messages_from_it_and_no_other() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let mut a = client_v5(v5, "nl-a").await;
+    let mut b = client_v5(v5, "nl-b").await;
+    let mut c = client_v5(v5, "nl-c").await;
+    // A: `nl/#` with No Local (identifier 5) and, overlapping it, `nl/both` without (6), in one
+    // SUBSCRIBE; B: `nl/#` with No Local.
+    let codes = subscribed_v5(
+        &mut a,
+        1,
+        Some(5),
+        &[("nl/#", 1 | NO_LOCAL), ("nl/both", 1)],
+    )
+    .await;
+    assert_eq!(codes, [1, 1], "one SUBACK, a code per filter");
+    assert_eq!(
+        subscribed_v5(&mut a, 2, Some(6), &[("nl/both", 1)]).await,
+        [1]
+    );
+    assert_eq!(
+        subscribed_v5(&mut b, 1, None, &[("nl/#", 1 | NO_LOCAL)]).await,
+        [1]
+    );
+
+    // A's own message reaches B, not A.
+    published_v5(&mut a, "nl/mine", b"from a", false, 1, &[]).await;
+    // A's own message on `nl/both` reaches A once: through `nl/both` (6), not `nl/#`.
+    published_v5(&mut a, "nl/both", b"from a", false, 2, &[]).await;
+    // B's message reaches A through `nl/#`, with A's identifier and nothing of the broker's.
+    published_v5(&mut b, "nl/theirs", b"from b", false, 1, &[]).await;
+    // A forged origin does not hide a message from its subscriber.
+    let forged = user_property("fleetbeat-internal-origin", "nl-a");
+    published_v5(&mut c, "nl/forged", b"from c", false, 1, &forged).await;
+
+    let both = next_delivered(&mut a, true).await;
+    assert_eq!(
+        (both.topic.as_str(), &both.properties[..]),
+        ("nl/both", &[(0x0B, vec![6])][..])
+    );
+    let theirs = next_delivered(&mut a, true).await;
+    assert_eq!(
+        (theirs.topic.as_str(), &theirs.properties[..]),
+        ("nl/theirs", &[(0x0B, vec![5])][..])
+    );
+    let forged = next_delivered(&mut a, true).await;
+    assert_eq!(
+        (forged.topic.as_str(), &forged.properties[..]),
+        ("nl/forged", &[(0x0B, vec![5])][..])
+    );
+    assert_eq!(
+        a.read_within(QUIET).await,
+        None,
+        "nothing of A's own through `nl/#`"
+    );
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let message = next_delivered(&mut b, true).await;
+        assert!(message.properties.is_empty(), "{message:?}");
+        seen.push(message.topic);
+    }
+    assert_eq!(seen, ["nl/mine", "nl/both", "nl/forged"]);
+    assert_eq!(b.read_within(QUIET).await, None, "nothing of B's own");
+
+    // Once A unsubscribes `nl/#` and subscribes it again without No Local, its own come back.
+    let mut body = 3u16.to_be_bytes().to_vec();
+    body.push(0);
+    shared::frame::put_str(&mut body, b"nl/#");
+    a.send(&packet(0xA2, &body)).await;
+    assert_eq!(a.read().await.unwrap().0, 0xB0, "UNSUBACK");
+    assert_eq!(subscribed_v5(&mut a, 4, None, &[("nl/#", 1)]).await, [1]);
+    published_v5(&mut a, "nl/again", b"from a", false, 3, &[]).await;
+    let again = next_delivered(&mut a, true).await;
+    assert_eq!(
+        (again.topic.as_str(), again.properties.len()),
+        ("nl/again", 0)
+    );
+}
+
+#[tokio::test]
+async fn mqtt5_retain_as_published_and_retain_handling_are_kept() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let mut publisher = client_v5(v5, "rap-pub").await;
+    published_v5(&mut publisher, "rap/old", b"kept", true, 1, &[]).await;
+
+    // Retain Handling 2 with Retain As Published: no retained message at the subscription.
+    let mut rap = client_v5(v5, "rap-sub").await;
+    let options = 1 | RETAIN_AS_PUBLISHED | RETAIN_HANDLING_2;
+    assert_eq!(
+        subscribed_v5(&mut rap, 1, None, &[("rap/#", options)]).await,
+        [1]
+    );
+    // Retain Handling 0 (the default): the retained message, flagged.
+    let mut plain = client_v5(v5, "rap-plain").await;
+    assert_eq!(
+        subscribed_v5(&mut plain, 1, None, &[("rap/#", 1)]).await,
+        [1]
+    );
+    let old = next_delivered(&mut plain, true).await;
+    assert_eq!((old.topic.as_str(), old.retain), ("rap/old", true));
+    // Retain As Published on a shared subscription.
+    let mut shared = client_v5(v5, "rap-shared").await;
+    let codes = subscribed_v5(
+        &mut shared,
+        1,
+        None,
+        &[("$share/g/rap/#", 1 | RETAIN_AS_PUBLISHED)],
+    )
+    .await;
+    assert_eq!(codes, [1]);
+
+    published_v5(&mut publisher, "rap/live", b"retained", true, 2, &[]).await;
+    published_v5(&mut publisher, "rap/live", b"not retained", false, 3, &[]).await;
+    for (raw, flags) in [
+        (&mut rap, [true, false]),
+        (&mut shared, [true, false]),
+        (&mut plain, [false, false]),
+    ] {
+        for (payload, retain) in [(&b"retained"[..], flags[0]), (b"not retained", flags[1])] {
+            let message = next_delivered(raw, true).await;
+            assert_eq!(
+                (message.topic.as_str(), &message.payload[..], message.retain),
+                ("rap/live", payload, retain)
+            );
+            assert!(
+                message.properties.is_empty(),
+                "nothing of the broker's: {message:?}"
+            );
+        }
+        assert_eq!(raw.read_within(QUIET).await, None);
+    }
+
+    // Retain Handling 1: the retained message for a new subscription.
+    let mut new = client_v5(v5, "rh1").await;
+    assert_eq!(
+        subscribed_v5(&mut new, 1, None, &[("rap/old", 1 | RETAIN_HANDLING_1)]).await,
+        [1]
+    );
+    let old = next_delivered(&mut new, true).await;
+    assert_eq!((old.topic.as_str(), old.retain), ("rap/old", true));
+}
+
+#[tokio::test]
+async fn no_local_on_a_shared_subscription_is_a_protocol_error() {
+    let broker = start_ephemeral().await;
+    let mut raw = client_v5(broker.v5_addr().unwrap(), "nl-share").await;
+    let mut body = 1u16.to_be_bytes().to_vec();
+    body.push(0);
+    shared::frame::put_str(&mut body, b"$share/g/t");
+    body.push(1 | NO_LOCAL);
+    raw.send(&packet(0x82, &body)).await;
+    assert_eq!(
+        raw.until_closed().await,
+        [(0xE0, vec![0x82])],
+        "DISCONNECT 0x82"
+    );
+}
+
+#[tokio::test]
+async fn a_persistent_sessions_subscription_options_outlive_its_connection() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let keeper = Connect {
+        persistent: true,
+        session_expiry: Some(60),
+        ..connect_v5_as("keeper")
+    };
+    let (mut a, present) = connect_with_session(v5, &keeper).await;
+    assert!(!present);
+    assert_eq!(
+        subscribed_v5(&mut a, 1, Some(9), &[("keep/#", 1 | NO_LOCAL)]).await,
+        [1]
+    );
+    leave(a, &DISCONNECT).await;
+
+    let (mut a, present) = connect_with_session(v5, &keeper).await;
+    assert!(present, "the session was taken up");
+    let mut other = client_v5(v5, "keep-other").await;
+    published_v5(&mut a, "keep/mine", b"from a", false, 1, &[]).await;
+    published_v5(&mut other, "keep/theirs", b"from other", false, 1, &[]).await;
+    let theirs = next_delivered(&mut a, true).await;
+    assert_eq!(
+        (theirs.topic.as_str(), &theirs.properties[..]),
+        ("keep/theirs", &[(0x0B, vec![9])][..])
+    );
+    assert_eq!(
+        a.read_within(QUIET).await,
+        None,
+        "its own message stays away"
+    );
+    // A new SUBSCRIBE is answered as before (the restored identifiers' SUBACKs are not).
+    assert_eq!(subscribed_v5(&mut a, 2, None, &[("keep/x", 0)]).await, [0]);
+}

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::pending::PendingConnects;
 use super::sessions::Sessions;
 use crate::auth::Authenticator;
+use crate::carry::RetainWanted;
 use crate::client_ids::ClientIds;
 use crate::durability::Durability;
 use crate::metrics::BrokerMetrics;
@@ -66,6 +67,8 @@ pub(crate) struct FrontEnd {
     /// hold one for it now, and the MQTT 5 session expiries that wait (see `sessions`).
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) wills: WillPublisher,
+    /// Whether any client asked for Retain As Published (`carry`).
+    pub(crate) retain_wanted: RetainWanted,
     /// Client connections with a router link of their own, open now.
     pub(crate) own_links: AtomicUsize,
     /// Subscriptions that may read the JSON mirror.

@@ -15,6 +15,7 @@ use tracing::{debug, error, warn};
 
 use super::front_end::FrontEnd;
 use super::network::{Network, PacketError, valid_topic_name};
+use super::options::FilterOptions;
 use super::pending::PendingSlot;
 use super::sessions::{self, SessionRequest, SessionsFull, Term};
 use crate::auth::{Attempt, Identity, is_vehicle_topic};
@@ -64,6 +65,9 @@ pub(super) struct OwnLink {
     pub(super) name: Option<LinkName>,
     /// A persistent session's terms (`sessions`): what becomes of it when the connection ends.
     pub(super) term: Option<Term>,
+    /// The filters subscribed with options the router does not implement (`options`), if
+    /// any: the connection's, with those of the session it took up.
+    pub(super) options: Option<Box<FilterOptions>>,
 }
 
 /// Why a CONNECT is refused, mapped to each version's CONNACK code.
@@ -563,6 +567,10 @@ fn register(
             expiry: request.expiry,
             may_change: request.expiry != 0,
         });
+        let resumed = noted.had && noted.persistent && request.resume;
+        let options = resumed
+            .then(|| ctx.sessions.resume_options(client_id))
+            .flatten();
         return Ok((
             Some(Box::new(OwnLink {
                 tx,
@@ -570,6 +578,7 @@ fn register(
                 ready: None,
                 name: None,
                 term,
+                options,
             })),
             connack.into(),
         ));

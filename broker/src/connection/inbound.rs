@@ -16,14 +16,16 @@ use shared::topic::kind_of;
 use tracing::warn;
 
 use super::network::{PublishInfo, Received, valid_topic_name};
+use super::options::Options;
 use super::session::Established;
 use crate::auth::Identity;
+use crate::carry;
 use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason, SubscribeRefusal};
 use crate::mux::{MuxEvent, is_command_topic, publish_with};
 use crate::qos;
 use crate::router::TOPIC_ALIAS_MAX;
-use crate::share::{self, MemberPort, ShareFilter};
+use crate::share::{self, MemberOptions, MemberPort, ShareFilter};
 
 /// The SUBACK code refusing a filter for `why`, in MQTT 5 (`v5`) or 3.1.1 (always 0x80).
 fn refusal_code(why: SubscribeRefusal, v5: bool) -> SubscribeReasonCode {
@@ -184,6 +186,9 @@ impl Established {
             self.incoming_inflight.push(pkid);
         }
         qos::mark(&publish.topic, qos, &mut properties);
+        let origin = self.has_no_local().then_some(self.client_id.as_str());
+        let retained = self.ctx.retain_wanted.mark(publish.retain);
+        carry::mark(retained, origin, &mut properties);
         (publish.topic, publish.payload) = own_copy(&publish.topic, &publish.payload);
         if qos == 1 && !self.expect_puback(&publish, pkid) {
             return Ok(());
@@ -465,6 +470,9 @@ impl Established {
             } else {
                 others = true;
                 self.ctx.watchers.unsubscribed(&self.client_id, filter);
+                if let Some(table) = self.link.as_mut().and_then(|l| l.options.as_mut()) {
+                    table.unsubscribe(filter);
+                }
                 reasons.push(UnsubAckReason::NoSubscriptionExisted);
             }
         }
@@ -517,6 +525,23 @@ impl Established {
         {
             return self.refuse_subscribe(&subscribe);
         }
+        if subscribe
+            .filters
+            .iter()
+            .any(|f| f.nolocal && f.path.starts_with("$share/"))
+        {
+            warn!(
+                client_id = self.client_id,
+                "No Local on a shared subscription: protocol error (MQTT 5 §3.8.3.1)"
+            );
+            self.farewell.set(Some(DisconnectReasonCode::ProtocolError));
+            return Err(DisconnectReason::Protocol);
+        }
+        if subscribe.filters.iter().any(|f| f.preserve_retain) {
+            // Before the router has the subscription: what is published retained from now on
+            // says so (`carry`).
+            self.ctx.retain_wanted.want();
+        }
         let mut refused = self.refuse_unserved(&mut subscribe);
         self.join_shared(&mut subscribe, &mut refused);
         if subscribe.filters.is_empty() {
@@ -527,7 +552,7 @@ impl Established {
             && subscribe
                 .filters
                 .iter()
-                .all(|f| is_command_topic(f.path.as_bytes()))
+                .all(|f| is_command_topic(f.path.as_bytes()) && Options::of(f, None).is_none())
         {
             for filter in &mut subscribe.filters {
                 filter.qos = qos::grant(filter.qos, false);
@@ -551,8 +576,66 @@ impl Established {
                 .suback_refusals
                 .push((subscribe.pkid, refused));
         }
-        batch.push(Packet::Subscribe(subscribe, properties));
+        self.subscribe_own_link(subscribe, properties, batch);
         Ok(())
+    }
+
+    /// Hands a SUBSCRIBE to the connection's own link (registered): as it is, unless one of
+    /// its filters has options the router does not implement (`options`); then one SUBSCRIBE
+    /// per filter, those with options under identifiers of the front end's, whose SUBACKs are
+    /// merged into one for the client (`outbound`).
+    fn subscribe_own_link(
+        &mut self,
+        subscribe: Subscribe,
+        properties: Option<SubscribeProperties>,
+        batch: &mut Vec<Packet>,
+    ) {
+        let client_sub_id = properties.as_ref().and_then(|p| p.id);
+        let with_options = subscribe
+            .filters
+            .iter()
+            .any(|f| Options::of(f, None).is_some());
+        let Some(link) = self.link.as_mut() else {
+            // Not reached: the caller registered the link.
+            batch.push(Packet::Subscribe(subscribe, properties));
+            return;
+        };
+        if !with_options {
+            // A repeated subscription replaces one that had options.
+            if let Some(table) = link.options.as_mut() {
+                for filter in &subscribe.filters {
+                    table.subscribe(&filter.path, None);
+                }
+            }
+            batch.push(Packet::Subscribe(subscribe, properties));
+            return;
+        }
+        let table = link.options.get_or_insert_with(Box::default);
+        let (pkid, count) = (subscribe.pkid, subscribe.filters.len());
+        for filter in subscribe.filters {
+            let own = table.subscribe(&filter.path, Options::of(&filter, client_sub_id));
+            let properties = SubscribeProperties {
+                id: own.or(client_sub_id),
+                user_properties: Vec::new(),
+            };
+            let one = Subscribe {
+                pkid,
+                filters: vec![filter],
+            };
+            batch.push(Packet::Subscribe(one, Some(properties)));
+        }
+        if count > 1 {
+            self.extras().split_subacks.push((pkid, count, Vec::new()));
+        }
+    }
+
+    /// Whether the client has a No Local subscription: its publishes then carry its client id
+    /// through the router (`carry`).
+    fn has_no_local(&self) -> bool {
+        self.link
+            .as_ref()
+            .and_then(|link| link.options.as_ref())
+            .is_some_and(|table| table.no_local())
     }
 
     /// Takes the filters the broker does not serve out of `subscribe`, each counted and
@@ -645,11 +728,15 @@ impl Established {
                 QoS::AtMostOnce => 0,
                 _ => 1,
             };
+            let member = MemberOptions {
+                qos: granted_qos,
+                retain_as_published: filter.preserve_retain,
+            };
             let tx: Arc<dyn MemberPort> = Arc::new(self.port().tx.clone());
             let code = match self
                 .ctx
                 .shared
-                .join(group, shared, self.connection, granted_qos, &tx)
+                .join(group, shared, self.connection, member, &tx)
             {
                 Ok(()) => {
                     let key = (group.to_owned(), shared.to_owned());

@@ -61,6 +61,7 @@ mod gate;
 mod handshake;
 mod inbound;
 mod network;
+mod options;
 mod outbound;
 pub(crate) mod pending;
 mod rate;

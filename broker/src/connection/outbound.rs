@@ -11,6 +11,7 @@ use tracing::debug;
 
 use super::inbound::put_back_refusals;
 use super::network::PublishInfo;
+use super::options::Judged;
 use super::session::{Established, Held, MUX_PKIDS};
 use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason};
@@ -37,11 +38,19 @@ impl Established {
                     self.routed(pkid, Packet::PubAck(ack, None))?;
                 }
                 MuxEvent::Durable(entry) => self.durable(entry)?,
-                MuxEvent::Shared { message, qos } => {
+                MuxEvent::Shared {
+                    message,
+                    qos,
+                    retain,
+                } => {
                     if qos > 0 && !self.draining && self.must_hold() {
-                        self.hold(Held::Shared { message, qos });
+                        self.hold(Held::Shared {
+                            message,
+                            qos,
+                            retain,
+                        });
                     } else {
-                        self.deliver_shared(message, qos)?;
+                        self.deliver_shared(message, qos, retain)?;
                     }
                 }
                 MuxEvent::Command { command, qos } => {
@@ -110,20 +119,25 @@ impl Established {
             match held {
                 Held::Router(forward) => self.write_forward(*forward, true)?,
                 Held::Command { command, qos } => self.write_command(&command, qos)?,
-                Held::Shared { message, qos } => self.deliver_shared(message, qos)?,
+                Held::Shared {
+                    message,
+                    qos,
+                    retain,
+                } => self.deliver_shared(message, qos, retain)?,
             }
         }
         Ok(())
     }
 
     /// Writes a message a shared subscription group gave this connection, at `qos` under a
-    /// packet id of [`MUX_PKIDS`]; a QoS 1 one is remembered until the client acknowledges it
+    /// packet id of [`MUX_PKIDS`], with the retain flag `retain`; a QoS 1 one is remembered until the client acknowledges it
     /// (given to another member if the connection ends first), and, for a durable consumer,
     /// what it carried (its PUBACK proves the message durable, as for the router's forwards).
     fn deliver_shared(
         &mut self,
         message: Arc<SharedMessage>,
         qos: u8,
+        retain: bool,
     ) -> Result<(), DisconnectReason> {
         message.group.written(self.connection);
         if self.draining {
@@ -134,7 +148,7 @@ impl Established {
             return Ok(());
         }
         let pkid = if qos > 0 { self.next_mux_pkid() } else { 0 };
-        let publish = publish_with(&message.topic, &message.payload, qos, pkid, false);
+        let publish = publish_with(&message.topic, &message.payload, qos, pkid, retain);
         let packet = Packet::Publish(publish, message.properties.clone());
         match self.net.queue_forward(packet, qos) {
             Ok((Some(info), _)) => {
@@ -200,6 +214,50 @@ impl Established {
         known
     }
 
+    /// Applies the subscription options the router does not implement to a forward of the own
+    /// link (`options`), if the connection has filters with any.
+    fn judge(&mut self, forward: &mut Forward) -> Judged {
+        let Some(table) = self.link.as_ref().and_then(|link| link.options.as_ref()) else {
+            return Judged::Deliver;
+        };
+        table.judge(
+            &self.client_id,
+            &mut forward.publish,
+            &mut forward.properties,
+        )
+    }
+
+    /// Whether a router SUBACK is to be answered: false for one of the SUBACKs a resumed
+    /// session's restored identifiers bring (`options`), and for all but the last of those
+    /// of a SUBSCRIBE handed over one filter at a time, whose codes it gathers; the last gets
+    /// them all, in order.
+    fn merge_split_suback(&mut self, ack: &mut SubAck) -> bool {
+        if let Some(table) = self.link.as_mut().and_then(|link| link.options.as_mut())
+            && table.restored()
+        {
+            return false;
+        }
+        let Some(extras) = self.extras.as_mut() else {
+            return true;
+        };
+        let Some(at) = extras
+            .split_subacks
+            .iter()
+            .position(|(pkid, _, _)| *pkid == ack.pkid)
+        else {
+            return true;
+        };
+        let (_, remaining, codes) = &mut extras.split_subacks[at];
+        codes.append(&mut ack.return_codes);
+        *remaining -= 1;
+        if *remaining > 0 {
+            return false;
+        }
+        let (_, _, codes) = extras.split_subacks.remove(at);
+        ack.return_codes = codes;
+        true
+    }
+
     /// Puts the SUBACK codes of the filters the front end refused from this SUBSCRIBE (see
     /// `inbound`) into the router's SUBACK for it.
     fn put_back_suback_refusals(&mut self, ack: &mut SubAck) {
@@ -242,9 +300,15 @@ impl Established {
         let mut router_acks = Vec::new();
         while let Some(notification) = next.take() {
             match notification {
-                Notification::Forward(forward) => {
+                Notification::Forward(mut forward) => {
                     if self.draining {
                         self.ctx.metrics.dropped(DropReason::Shutdown);
+                    } else if self.judge(&mut forward) == Judged::Skip {
+                        // Not for the client (No Local, Retain Handling 2): acknowledged to
+                        // the router in its place among the forwards.
+                        if let Some(pkid) = publish_pkid(&forward.publish) {
+                            self.extras().router_forwards.push_back((pkid, true));
+                        }
                     } else if self.must_hold() && delivered_above_qos0(&forward) {
                         // Its place among the router's forwards is kept: rumqttd takes the
                         // PUBACKs in the order it sent them.
@@ -267,6 +331,12 @@ impl Established {
                             self.put_back_unsuback_answers(ack);
                         }
                         if let Packet::SubAck(ack, _) = &mut packet {
+                            if !self.merge_split_suback(ack) {
+                                // Not the client's: more of its SUBACK to come, or a resumed
+                                // session's identifiers restored (`options`).
+                                next = self.link.as_mut().and_then(|link| try_next(&mut link.rx));
+                                continue;
+                            }
                             self.put_back_suback_refusals(ack);
                             if self.consumer {
                                 // What the router delivered to nobody goes to the consumer now.

@@ -137,6 +137,10 @@ pub(super) struct Extras {
     /// `inbound`): packet id → each refused filter's position and SUBACK code, put back into
     /// the router's SUBACK.
     pub(super) suback_refusals: Vec<(u16, Vec<(usize, SubscribeReasonCode)>)>,
+    /// SUBSCRIBEs handed to the router one filter at a time (filters with options, see
+    /// `options`): packet id → how many SUBACKs are still to come, and the codes so far,
+    /// merged into one SUBACK for the client.
+    pub(super) split_subacks: Vec<(u16, usize, Vec<SubscribeReasonCode>)>,
     /// UNSUBSCRIBEs handed to the router without the filters the front end answered (shared
     /// subscriptions, `$` filters): packet id → each one's position and UNSUBACK reason.
     pub(super) unsuback_answers: Vec<(u16, Vec<(usize, UnsubAckReason)>)>,
@@ -160,10 +164,12 @@ pub(super) enum Held {
         command: Arc<crate::mux::CommandMessage>,
         qos: u8,
     },
-    /// A shared subscription group's message, to write at `qos`.
+    /// A shared subscription group's message, to write at `qos` with the retain flag
+    /// `retain`.
     Shared {
         message: Arc<SharedMessage>,
         qos: u8,
+        retain: bool,
     },
 }
 
@@ -315,6 +321,16 @@ impl Established {
         let idle_limit = (!keep_alive.is_zero()).then(|| keep_alive + keep_alive / 2);
         let mut last_heard = Instant::now();
         let mut batch = Vec::new();
+        if let Some(link) = self.link.as_mut()
+            && let Some(table) = link.options.as_mut()
+        {
+            // A resumed session's filters with options get their identifiers back, before
+            // anything the client sends.
+            let mut restore = table.restore();
+            if hand_over(&mut link.tx, &mut restore).await.is_err() {
+                return DisconnectReason::Router;
+            }
+        }
         let mux = Arc::clone(&self.ctx.mux);
         // Made once, not once per turn of the loop, and on a child token of this
         // connection's own: polling a cancellation future locks its token's node, and a node
@@ -556,6 +572,7 @@ impl Established {
                     ready: None,
                     name,
                     term: None,
+                    options: None,
                 }));
                 self.ctx.count_own_link(true);
                 Ok(())
@@ -655,7 +672,8 @@ impl Established {
             drop(link.name.take());
             // And before the discard of its session, now or when the session expires.
             if let Some(term) = link.term {
-                ctx.sessions.ended(&self.client_id, term);
+                ctx.sessions
+                    .ended(&self.client_id, term, link.options.take());
             }
         }
         if let Some(will) = will

@@ -33,6 +33,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::options::FilterOptions;
 use crate::metrics::BrokerMetrics;
 use crate::router::{LinkRequest, Registrar, send_now};
 use crate::watchers::MirrorWatchers;
@@ -128,6 +129,9 @@ struct Entry {
     epoch: u64,
     /// The task waiting to discard the session, if its expiry runs.
     expiry: Option<AbortHandle>,
+    /// The session's filters with options the router does not implement (`options`), kept
+    /// between its connections.
+    options: Option<Box<FilterOptions>>,
 }
 
 impl Sessions {
@@ -172,6 +176,10 @@ impl Sessions {
             }
             let had = entry.held;
             let persistent = request.expiry > 0 || (request.resume && had);
+            if !(request.resume && had) {
+                // The router discards the session, subscriptions and all.
+                entry.options = None;
+            }
             entry.held = persistent;
             entry.epoch += 1;
             return Ok(Noted {
@@ -195,6 +203,7 @@ impl Sessions {
             held: true,
             epoch: 0,
             expiry: None,
+            options: None,
         };
         ids.insert(client_id.to_owned(), entry);
         Ok(Noted {
@@ -202,6 +211,12 @@ impl Sessions {
             persistent,
             epoch: 0,
         })
+    }
+
+    /// The filters with options of the session `client_id`'s connection takes up (see
+    /// [`Self::ended`]).
+    pub(super) fn resume_options(&self, client_id: &str) -> Option<Box<FilterOptions>> {
+        self.lock().get_mut(client_id)?.options.take()
     }
 
     /// Notes that the router did not register `client_id`'s persistent session (the id stays
@@ -221,11 +236,16 @@ impl Sessions {
     /// The connection of `client_id` that registered at `term.epoch` ended (its link's
     /// disconnect handed to the router): its session is discarded now if its expiry is 0, or
     /// after `term.expiry` seconds unless the id connects again before; kept for good with
-    /// [`NEVER`].
+    /// [`NEVER`]. A session kept keeps its filters' `options` for the next connection.
     ///
     /// Not while the broker stops: its sessions end with it (they live in memory), and the
     /// router may be gone (a registration then might never be answered).
-    pub(super) fn ended(self: &Arc<Self>, client_id: &str, term: Term) {
+    pub(super) fn ended(
+        self: &Arc<Self>,
+        client_id: &str,
+        term: Term,
+        options: Option<Box<FilterOptions>>,
+    ) {
         if self.stopping.is_cancelled() {
             return;
         }
@@ -236,6 +256,7 @@ impl Sessions {
         if entry.epoch != term.epoch || !entry.held {
             return;
         }
+        entry.options = options.filter(|options| !options.is_empty());
         match term.expiry {
             NEVER => {}
             0 => {
@@ -272,6 +293,7 @@ impl Sessions {
     /// Discards the session of `client_id` in `entry` (its lock held), counted.
     fn expire(&self, client_id: &str, entry: &mut Entry) {
         entry.held = false;
+        entry.options = None;
         self.watchers.session_ended(client_id);
         match self.discard(client_id) {
             Ok(()) => {
