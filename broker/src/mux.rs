@@ -82,6 +82,14 @@ pub(crate) enum MuxEvent {
         /// The retain flag to deliver with (Retain As Published).
         retain: bool,
     },
+    /// A retained message sent again for a repeated SUBSCRIBE (`retained`), to write at `qos`
+    /// (min(its QoS, the subscription's)) with the retain flag.
+    Retained {
+        /// The message.
+        message: Box<crate::retained::RetainedMessage>,
+        /// The QoS to deliver at.
+        qos: u8,
+    },
 }
 
 /// The sending side of a connection's port: what the mux link, durability and shared

@@ -1718,3 +1718,96 @@ async fn a_persistent_sessions_subscription_options_outlive_its_connection() {
     // A new SUBSCRIBE is answered as before (the restored identifiers' SUBACKs are not).
     assert_eq!(subscribed_v5(&mut a, 2, None, &[("keep/x", 0)]).await, [0]);
 }
+
+#[tokio::test]
+async fn a_repeated_subscribe_sends_the_retained_messages_again() {
+    let broker = start_ephemeral().await;
+    let (v4, v5) = (broker.v4_addr(), broker.v5_addr().unwrap());
+    let mut publisher = client(v4, "again-pub").await;
+    for (topic, payload, qos, pkid) in [
+        ("rs/a", b"one", 1, 1),
+        ("rs/b", b"two", 0, 0),
+        ("rs/c", b"six", 2, 2),
+    ] {
+        publisher
+            .send(&common::publish(topic, payload, qos, pkid, true))
+            .await;
+        match qos {
+            1 => assert_eq!(publisher.read().await.unwrap().0, 0x40),
+            2 => {
+                assert_eq!(publisher.read().await.unwrap().0, 0x50);
+                publisher.send(&packet(0x62, &pkid.to_be_bytes())).await;
+                assert_eq!(publisher.read().await.unwrap().0, 0x70);
+            }
+            _ => {}
+        }
+    }
+    let expect = |mut got: Vec<Delivered>| {
+        got.sort_by(|a, b| a.topic.cmp(&b.topic));
+        got.iter()
+            .map(|m| (m.topic.clone(), m.qos, m.retain))
+            .collect::<Vec<_>>()
+    };
+    // MQTT 3.1.1: every SUBSCRIBE of the filter, at min(the message's QoS, the grant).
+    let mut sub = client(v4, "again-v4").await;
+    for pkid in 1..=2 {
+        assert_eq!(suback(&mut sub, false, pkid, &[("rs/#", 1)]).await, [1]);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(next_delivered(&mut sub, false).await);
+        }
+        let want = [("rs/a", 1, true), ("rs/b", 0, true), ("rs/c", 1, true)]
+            .map(|(t, q, r)| (t.to_owned(), q, r));
+        assert_eq!(expect(got), want, "SUBSCRIBE {pkid}");
+    }
+    // The live flow goes on, once.
+    publish_at(&mut publisher, "rs/live", b"live", 1, 3).await;
+    let live = next_delivered(&mut sub, false).await;
+    assert_eq!((live.topic.as_str(), live.retain), ("rs/live", false));
+    assert_eq!(sub.read_within(QUIET).await, None);
+
+    // MQTT 5, a clean session at QoS 2: Retain Handling 0 sends them again (QoS 2 with its
+    // exchange), 1 does not.
+    let mut sub = client_v5(v5, "again-v5").await;
+    for (pkid, options, again) in [
+        (1, 2, true),
+        (2, 2, true),
+        (3, 2 | RETAIN_HANDLING_1, false),
+    ] {
+        assert_eq!(
+            subscribed_v5(&mut sub, pkid, None, &[("rs/+", options)]).await,
+            [2]
+        );
+        if !again {
+            assert_eq!(sub.read_within(QUIET).await, None, "Retain Handling 1");
+            continue;
+        }
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(next_delivered(&mut sub, true).await);
+        }
+        let want = [("rs/a", 1, true), ("rs/b", 0, true), ("rs/c", 2, true)]
+            .map(|(t, q, r)| (t.to_owned(), q, r));
+        assert_eq!(expect(got), want, "SUBSCRIBE {pkid}");
+    }
+
+    // A persistent session's filter from an earlier connection.
+    let keeper = Connect {
+        persistent: true,
+        ..connect_as("again-keeper")
+    };
+    let (mut sub, _) = connect_with_session(v4, &keeper).await;
+    assert_eq!(suback(&mut sub, false, 1, &[("rs/a", 1)]).await, [1]);
+    let first = next_delivered(&mut sub, false).await;
+    assert_eq!((first.topic.as_str(), first.retain), ("rs/a", true));
+    leave(sub, &DISCONNECT).await;
+    let (mut sub, present) = connect_with_session(v4, &keeper).await;
+    assert!(present);
+    assert_eq!(suback(&mut sub, false, 2, &[("rs/a", 1)]).await, [1]);
+    let again = next_delivered(&mut sub, false).await;
+    assert_eq!(
+        (again.topic.as_str(), again.retain, again.qos),
+        ("rs/a", true, 1)
+    );
+    assert_eq!(sub.read_within(QUIET).await, None, "once");
+}

@@ -15,7 +15,7 @@ use tracing::{debug, error, warn};
 
 use super::front_end::FrontEnd;
 use super::network::{Network, PacketError, valid_topic_name};
-use super::options::FilterOptions;
+use super::options::LinkFilters;
 use super::pending::PendingSlot;
 use super::sessions::{self, SessionRequest, SessionsFull, Term};
 use crate::auth::{Attempt, Identity, is_vehicle_topic};
@@ -65,9 +65,10 @@ pub(super) struct OwnLink {
     pub(super) name: Option<LinkName>,
     /// A persistent session's terms (`sessions`): what becomes of it when the connection ends.
     pub(super) term: Option<Term>,
-    /// The filters subscribed with options the router does not implement (`options`), if
-    /// any: the connection's, with those of the session it took up.
-    pub(super) options: Option<Box<FilterOptions>>,
+    /// The link's filters in the router, and the options of those that have some the router
+    /// does not implement (`options`): the connection's, with those of the session it took
+    /// up. `None` until the link's first SUBSCRIBE.
+    pub(super) filters: Option<Box<LinkFilters>>,
 }
 
 /// Why a CONNECT is refused, mapped to each version's CONNACK code.
@@ -568,8 +569,8 @@ fn register(
             may_change: request.expiry != 0,
         });
         let resumed = noted.had && noted.persistent && request.resume;
-        let options = resumed
-            .then(|| ctx.sessions.resume_options(client_id))
+        let filters = resumed
+            .then(|| ctx.sessions.resume_filters(client_id))
             .flatten();
         return Ok((
             Some(Box::new(OwnLink {
@@ -578,7 +579,7 @@ fn register(
                 ready: None,
                 name: None,
                 term,
-                options,
+                filters,
             })),
             connack.into(),
         ));

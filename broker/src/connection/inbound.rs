@@ -8,8 +8,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, SubAck, Subscribe,
-    SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule, SubAck,
+    Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
     UnsubscribeProperties,
 };
 use shared::topic::kind_of;
@@ -326,6 +326,8 @@ impl Established {
         };
         extras.qos2_delivered.swap_remove(at);
         self.outgoing_inflight.retain(|&p| p != pkid);
+        // A retained message sent again (`retained`) has a packet id of the front end's.
+        self.mux_outgoing.retain(|&p| p != pkid);
         self.acknowledge_forward(Some(pkid), batch);
     }
 
@@ -470,7 +472,7 @@ impl Established {
             } else {
                 others = true;
                 self.ctx.watchers.unsubscribed(&self.client_id, filter);
-                if let Some(table) = self.link.as_mut().and_then(|l| l.options.as_mut()) {
+                if let Some(table) = self.link.as_mut().and_then(|l| l.filters.as_mut()) {
                     table.unsubscribe(filter);
                 }
                 reasons.push(UnsubAckReason::NoSubscriptionExisted);
@@ -583,7 +585,9 @@ impl Established {
     /// Hands a SUBSCRIBE to the connection's own link (registered): as it is, unless one of
     /// its filters has options the router does not implement (`options`); then one SUBSCRIBE
     /// per filter, those with options under identifiers of the front end's, whose SUBACKs are
-    /// merged into one for the client (`outbound`).
+    /// merged into one for the client (`outbound`). The retained messages of a filter the link
+    /// has already are sent again (Retain Handling 0, and always in MQTT 3.1.1): the router
+    /// sends them to new subscriptions only (`retained`).
     fn subscribe_own_link(
         &mut self,
         subscribe: Subscribe,
@@ -600,20 +604,26 @@ impl Established {
             batch.push(Packet::Subscribe(subscribe, properties));
             return;
         };
-        if !with_options {
-            // A repeated subscription replaces one that had options.
-            if let Some(table) = link.options.as_mut() {
-                for filter in &subscribe.filters {
-                    table.subscribe(&filter.path, None);
-                }
+        let table = link.filters.get_or_insert_with(Box::default);
+        let mut again = Vec::new();
+        let mut ids = Vec::with_capacity(subscribe.filters.len());
+        for filter in &subscribe.filters {
+            let (id, had) = table.subscribe(&filter.path, Options::of(filter, client_sub_id));
+            if had && filter.retain_forward_rule == RetainForwardRule::OnEverySubscribe {
+                again.push((filter.path.clone(), filter.qos as u8));
             }
+            ids.push(id);
+        }
+        if !again.is_empty() {
+            // Fetched once the SUBACK is written (`outbound`), so that it comes first.
+            self.extras().resend.push((subscribe.pkid, again));
+        }
+        if !with_options {
             batch.push(Packet::Subscribe(subscribe, properties));
             return;
         }
-        let table = link.options.get_or_insert_with(Box::default);
         let (pkid, count) = (subscribe.pkid, subscribe.filters.len());
-        for filter in subscribe.filters {
-            let own = table.subscribe(&filter.path, Options::of(&filter, client_sub_id));
+        for (filter, own) in subscribe.filters.into_iter().zip(ids) {
             let properties = SubscribeProperties {
                 id: own.or(client_sub_id),
                 user_properties: Vec::new(),
@@ -634,7 +644,7 @@ impl Established {
     fn has_no_local(&self) -> bool {
         self.link
             .as_ref()
-            .and_then(|link| link.options.as_ref())
+            .and_then(|link| link.filters.as_ref())
             .is_some_and(|table| table.no_local())
     }
 

@@ -9,8 +9,8 @@
 //! a copy came through; but it attaches the filter's Subscription Identifier to every copy. So
 //! a filter with any of these options is subscribed in the router on its own, under an
 //! identifier of the front end's ([`FIRST_ID`] and up, beyond MQTT's largest, 268 435 455),
-//! and its options, with the identifier the client gave, are kept in [`FilterOptions`]:
-//! [`FilterOptions::judge`] reads a forward's identifier, applies the options and puts the
+//! and its options, with the identifier the client gave, are kept in [`LinkFilters`]:
+//! [`LinkFilters::judge`] reads a forward's identifier, applies the options and puts the
 //! client's own identifier (if any) in its place. What a copy needs to be judged travels with
 //! the publish through the router (`carry`): whether it was published retained, and, from a
 //! client with a No Local subscription, its client id.
@@ -43,7 +43,7 @@ pub(super) struct Options {
     no_retained: bool,
     /// The Subscription Identifier the client gave the filter, if any.
     client_id: Option<usize>,
-    /// Its granted QoS (for [`FilterOptions::restore`]).
+    /// Its granted QoS (for [`LinkFilters::restore`]).
     qos: QoS,
 }
 
@@ -72,10 +72,13 @@ pub(super) enum Judged {
     Skip,
 }
 
-/// A connection's (or persistent session's) filters with options, by the identifier they are
-/// subscribed under in the router.
+/// The filters a connection's own link (or a persistent session) has in the router, and
+/// those with options, by the identifier they are subscribed under there.
 #[derive(Debug, Default)]
-pub(crate) struct FilterOptions {
+pub(crate) struct LinkFilters {
+    /// Every filter subscribed through the link and not unsubscribed (a repeated SUBSCRIBE of
+    /// one makes no new subscription in the router: see `retained`).
+    subscribed: Vec<String>,
     by_id: HashMap<usize, (String, Options)>,
     /// The identifier the next filter with options gets.
     next: usize,
@@ -83,20 +86,32 @@ pub(crate) struct FilterOptions {
     restoring: usize,
 }
 
-impl FilterOptions {
-    /// A SUBSCRIBE of `filter` with `options` (a repeated one replaces the subscription, and
-    /// its options): the identifier to subscribe it under in the router, if it has options.
-    pub(super) fn subscribe(&mut self, filter: &str, options: Option<Options>) -> Option<usize> {
-        self.unsubscribe(filter);
-        let options = options?;
+impl LinkFilters {
+    /// A SUBSCRIBE of `filter` with `options` (a repeated one replaces the subscription's
+    /// options): the identifier to subscribe it under in the router, if it has options, and
+    /// whether the link had the filter already.
+    pub(super) fn subscribe(
+        &mut self,
+        filter: &str,
+        options: Option<Options>,
+    ) -> (Option<usize>, bool) {
+        self.by_id.retain(|_, (f, _)| f != filter);
+        let had = self.subscribed.iter().any(|f| f == filter);
+        if !had {
+            self.subscribed.push(filter.to_owned());
+        }
+        let Some(options) = options else {
+            return (None, had);
+        };
         let id = FIRST_ID + self.next;
         self.next = (self.next + 1) % (usize::MAX - FIRST_ID);
         self.by_id.insert(id, (filter.to_owned(), options));
-        Some(id)
+        (Some(id), had)
     }
 
     /// An UNSUBSCRIBE of `filter`.
     pub(super) fn unsubscribe(&mut self, filter: &str) {
+        self.subscribed.retain(|f| f != filter);
         self.by_id.retain(|_, (f, _)| f != filter);
     }
 
@@ -148,9 +163,9 @@ impl FilterOptions {
         self.by_id.values().any(|(_, options)| options.no_local)
     }
 
-    /// Whether no filter has options left.
+    /// Whether the link has no filter left.
     pub(super) fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
+        self.subscribed.is_empty()
     }
 
     /// Applies the options of the filter a forward of the own link came through, if it has
@@ -232,8 +247,10 @@ mod tests {
     fn filters_without_these_options_are_left_to_the_router() {
         let plain = filter("a/b", false, false, RetainForwardRule::OnEverySubscribe);
         assert_eq!(Options::of(&plain, Some(7)), None);
-        let mut table = FilterOptions::default();
-        assert_eq!(table.subscribe("a/b", None), None);
+        let mut table = LinkFilters::default();
+        assert_eq!(table.subscribe("a/b", None), (None, false));
+        assert_eq!(table.subscribe("a/b", None), (None, true), "repeated");
+        table.unsubscribe("a/b");
         assert!(table.is_empty());
         // The client's own identifier passes untouched.
         let (mut publish, mut properties) = forward(7, false, false, None);
@@ -246,7 +263,7 @@ mod tests {
 
     #[test]
     fn each_option_is_applied_to_the_copies_of_its_own_filter() {
-        let mut table = FilterOptions::default();
+        let mut table = LinkFilters::default();
         let no_local = Options::of(
             &filter("a/#", true, false, RetainForwardRule::OnEverySubscribe),
             Some(3),
@@ -256,9 +273,9 @@ mod tests {
             None,
         );
         let never = Options::of(&filter("+/b", false, false, RetainForwardRule::Never), None);
-        let nl = table.subscribe("a/#", no_local).unwrap();
-        let rap = table.subscribe("a/b", rap).unwrap();
-        let never = table.subscribe("+/b", never).unwrap();
+        let nl = table.subscribe("a/#", no_local).0.unwrap();
+        let rap = table.subscribe("a/b", rap).0.unwrap();
+        let never = table.subscribe("+/b", never).0.unwrap();
         assert!(nl >= FIRST_ID && rap != nl && never != rap);
         assert!(table.no_local());
 
@@ -295,12 +312,13 @@ mod tests {
         // Unsubscribed, or replaced by a subscription without options: delivered as sent,
         // without the front end's identifier.
         table.unsubscribe("a/#");
-        assert_eq!(table.subscribe("a/b", None), None);
+        assert_eq!(table.subscribe("a/b", None), (None, true));
         assert!(!table.no_local());
         let (mut p, mut props) = forward(nl, false, false, Some("me"));
         assert_eq!(table.judge("me", &mut p, &mut props), Judged::Deliver);
         assert!(props.unwrap().subscription_identifiers.is_empty());
         table.unsubscribe("+/b");
+        table.unsubscribe("a/b");
         assert!(table.is_empty());
     }
 }

@@ -17,6 +17,7 @@ use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason};
 use crate::mux::{CommandMessage, MuxEvent, publish_pkid, publish_with};
 use crate::qos;
+use crate::retained::{self, RetainedMessage};
 use crate::router::{hand_over, try_next};
 use crate::share::SharedMessage;
 
@@ -53,6 +54,15 @@ impl Established {
                         self.deliver_shared(message, qos, retain)?;
                     }
                 }
+                MuxEvent::Retained { message, qos } => {
+                    if self.draining {
+                        self.ctx.metrics.dropped(DropReason::Shutdown);
+                    } else if qos > 0 && self.must_hold() {
+                        self.hold(Held::Retained { message, qos });
+                    } else {
+                        self.write_retained(&message, qos)?;
+                    }
+                }
                 MuxEvent::Command { command, qos } => {
                     if self.draining {
                         self.ctx.metrics.dropped(DropReason::Shutdown);
@@ -84,6 +94,34 @@ impl Established {
             self.mux_outgoing.push(pkid);
         }
         Ok(())
+    }
+
+    /// Writes a retained message sent again for a repeated SUBSCRIBE (`retained`), flagged, at
+    /// `qos` under a packet id of [`MUX_PKIDS`] if it is above 0; a QoS 2 one's exchange runs
+    /// in `inbound`, as for the router's forwards.
+    fn write_retained(
+        &mut self,
+        message: &RetainedMessage,
+        qos: u8,
+    ) -> Result<(), DisconnectReason> {
+        let pkid = if qos > 0 { self.next_mux_pkid() } else { 0 };
+        let publish = publish_with(&message.topic, &message.payload, qos, pkid, true);
+        let packet = Packet::Publish(publish, message.properties.clone());
+        match self.net.queue_forward(packet, qos) {
+            Ok((Some(info), _)) => {
+                self.ctx.metrics.message_out(kind_of(&message.topic));
+                if info.qos > 0 {
+                    self.mux_outgoing.push(pkid);
+                }
+                if info.qos == 2 {
+                    self.extras().qos2_delivered.push((pkid, false));
+                }
+                Ok(())
+            }
+            // Larger than the client accepts: not sent (as for the router's forwards).
+            Ok((None, _)) => Ok(()),
+            Err(err) => Err(self.protocol_error(&err)),
+        }
     }
 
     /// Whether a QoS 1 or 2 delivery must wait (MQTT 5 flow control, §4.9): the client has as
@@ -119,6 +157,7 @@ impl Established {
             match held {
                 Held::Router(forward) => self.write_forward(*forward, true)?,
                 Held::Command { command, qos } => self.write_command(&command, qos)?,
+                Held::Retained { message, qos } => self.write_retained(&message, qos)?,
                 Held::Shared {
                     message,
                     qos,
@@ -217,7 +256,7 @@ impl Established {
     /// Applies the subscription options the router does not implement to a forward of the own
     /// link (`options`), if the connection has filters with any.
     fn judge(&mut self, forward: &mut Forward) -> Judged {
-        let Some(table) = self.link.as_ref().and_then(|link| link.options.as_ref()) else {
+        let Some(table) = self.link.as_ref().and_then(|link| link.filters.as_ref()) else {
             return Judged::Deliver;
         };
         table.judge(
@@ -227,12 +266,26 @@ impl Established {
         )
     }
 
+    /// Once the SUBACK of SUBSCRIBE `pkid` is written: fetches the retained messages of the
+    /// filters it repeated, to send them again (`retained`).
+    fn resend_retained(&mut self, pkid: u16) {
+        let Some(extras) = self.extras.as_mut() else {
+            return;
+        };
+        let Some(at) = extras.resend.iter().position(|(p, _)| *p == pkid) else {
+            return;
+        };
+        let (_, filters) = extras.resend.remove(at);
+        let to = self.port().tx.clone();
+        retained::resend(&self.ctx.registrar, filters, to);
+    }
+
     /// Whether a router SUBACK is to be answered: false for one of the SUBACKs a resumed
     /// session's restored identifiers bring (`options`), and for all but the last of those
     /// of a SUBSCRIBE handed over one filter at a time, whose codes it gathers; the last gets
     /// them all, in order.
     fn merge_split_suback(&mut self, ack: &mut SubAck) -> bool {
-        if let Some(table) = self.link.as_mut().and_then(|link| link.options.as_mut())
+        if let Some(table) = self.link.as_mut().and_then(|link| link.filters.as_mut())
             && table.restored()
         {
             return false;
@@ -343,7 +396,14 @@ impl Established {
                                 self.ctx.durability.consumer_subscribed();
                             }
                         }
+                        let answered_subscribe = match &packet {
+                            Packet::SubAck(ack, _) => Some(ack.pkid),
+                            _ => None,
+                        };
                         self.answer(packet)?;
+                        if let Some(pkid) = answered_subscribe {
+                            self.resend_retained(pkid);
+                        }
                     }
                 }
                 Notification::Unschedule => unscheduled = true,

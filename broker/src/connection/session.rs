@@ -141,6 +141,10 @@ pub(super) struct Extras {
     /// `options`): packet id → how many SUBACKs are still to come, and the codes so far,
     /// merged into one SUBACK for the client.
     pub(super) split_subacks: Vec<(u16, usize, Vec<SubscribeReasonCode>)>,
+    /// SUBSCRIBEs that repeated filters the own link has: packet id → those filters, with their
+    /// granted QoS, whose retained messages are sent again once the SUBACK is written
+    /// (`retained`).
+    pub(super) resend: Vec<(u16, Vec<(String, u8)>)>,
     /// UNSUBSCRIBEs handed to the router without the filters the front end answered (shared
     /// subscriptions, `$` filters): packet id → each one's position and UNSUBACK reason.
     pub(super) unsuback_answers: Vec<(u16, Vec<(usize, UnsubAckReason)>)>,
@@ -170,6 +174,11 @@ pub(super) enum Held {
         message: Arc<SharedMessage>,
         qos: u8,
         retain: bool,
+    },
+    /// A retained message sent again (`retained`), to write at `qos`.
+    Retained {
+        message: Box<crate::retained::RetainedMessage>,
+        qos: u8,
     },
 }
 
@@ -322,7 +331,7 @@ impl Established {
         let mut last_heard = Instant::now();
         let mut batch = Vec::new();
         if let Some(link) = self.link.as_mut()
-            && let Some(table) = link.options.as_mut()
+            && let Some(table) = link.filters.as_mut()
         {
             // A resumed session's filters with options get their identifiers back, before
             // anything the client sends.
@@ -572,7 +581,7 @@ impl Established {
                     ready: None,
                     name,
                     term: None,
-                    options: None,
+                    filters: None,
                 }));
                 self.ctx.count_own_link(true);
                 Ok(())
@@ -673,7 +682,7 @@ impl Established {
             // And before the discard of its session, now or when the session expires.
             if let Some(term) = link.term {
                 ctx.sessions
-                    .ended(&self.client_id, term, link.options.take());
+                    .ended(&self.client_id, term, link.filters.take());
             }
         }
         if let Some(will) = will

@@ -33,7 +33,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::options::FilterOptions;
+use super::options::LinkFilters;
 use crate::metrics::BrokerMetrics;
 use crate::router::{LinkRequest, Registrar, send_now};
 use crate::watchers::MirrorWatchers;
@@ -129,9 +129,9 @@ struct Entry {
     epoch: u64,
     /// The task waiting to discard the session, if its expiry runs.
     expiry: Option<AbortHandle>,
-    /// The session's filters with options the router does not implement (`options`), kept
-    /// between its connections.
-    options: Option<Box<FilterOptions>>,
+    /// The session's filters in the router, with their options (`options`), kept between its
+    /// connections.
+    filters: Option<Box<LinkFilters>>,
 }
 
 impl Sessions {
@@ -178,7 +178,7 @@ impl Sessions {
             let persistent = request.expiry > 0 || (request.resume && had);
             if !(request.resume && had) {
                 // The router discards the session, subscriptions and all.
-                entry.options = None;
+                entry.filters = None;
             }
             entry.held = persistent;
             entry.epoch += 1;
@@ -203,7 +203,7 @@ impl Sessions {
             held: true,
             epoch: 0,
             expiry: None,
-            options: None,
+            filters: None,
         };
         ids.insert(client_id.to_owned(), entry);
         Ok(Noted {
@@ -213,10 +213,9 @@ impl Sessions {
         })
     }
 
-    /// The filters with options of the session `client_id`'s connection takes up (see
-    /// [`Self::ended`]).
-    pub(super) fn resume_options(&self, client_id: &str) -> Option<Box<FilterOptions>> {
-        self.lock().get_mut(client_id)?.options.take()
+    /// The filters of the session `client_id`'s connection takes up (see [`Self::ended`]).
+    pub(super) fn resume_filters(&self, client_id: &str) -> Option<Box<LinkFilters>> {
+        self.lock().get_mut(client_id)?.filters.take()
     }
 
     /// Notes that the router did not register `client_id`'s persistent session (the id stays
@@ -236,7 +235,7 @@ impl Sessions {
     /// The connection of `client_id` that registered at `term.epoch` ended (its link's
     /// disconnect handed to the router): its session is discarded now if its expiry is 0, or
     /// after `term.expiry` seconds unless the id connects again before; kept for good with
-    /// [`NEVER`]. A session kept keeps its filters' `options` for the next connection.
+    /// [`NEVER`]. A session kept keeps its `filters` for the next connection.
     ///
     /// Not while the broker stops: its sessions end with it (they live in memory), and the
     /// router may be gone (a registration then might never be answered).
@@ -244,7 +243,7 @@ impl Sessions {
         self: &Arc<Self>,
         client_id: &str,
         term: Term,
-        options: Option<Box<FilterOptions>>,
+        filters: Option<Box<LinkFilters>>,
     ) {
         if self.stopping.is_cancelled() {
             return;
@@ -256,7 +255,7 @@ impl Sessions {
         if entry.epoch != term.epoch || !entry.held {
             return;
         }
-        entry.options = options.filter(|options| !options.is_empty());
+        entry.filters = filters.filter(|filters| !filters.is_empty());
         match term.expiry {
             NEVER => {}
             0 => {
@@ -293,7 +292,7 @@ impl Sessions {
     /// Discards the session of `client_id` in `entry` (its lock held), counted.
     fn expire(&self, client_id: &str, entry: &mut Entry) {
         entry.held = false;
-        entry.options = None;
+        entry.filters = None;
         self.watchers.session_ended(client_id);
         match self.discard(client_id) {
             Ok(()) => {

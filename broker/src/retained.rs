@@ -1,0 +1,184 @@
+//! Retained messages sent again for a repeated SUBSCRIBE.
+//!
+//! MQTT 3.1.1 §3.8.4 says a SUBSCRIBE of a filter the client has replaces the subscription and
+//! sends its retained messages again; so does MQTT 5's Retain Handling 0, the default. rumqttd
+//! 0.20's router keeps one subscription per filter and connection and sends retained messages
+//! to a new one only: the repeated SUBSCRIBE changes nothing there. The front end fetches them
+//! itself ([`resend`]): a link of the broker's own subscribes to the filters, once, at QoS 0;
+//! the router answers the SUBSCRIBEs, then sends the new subscriptions their retained messages,
+//! flagged; a PINGREQ sent once every SUBACK came is answered after them (the router flushes a
+//! link's acknowledgements before its forwards, one round after the other), which tells the
+//! end. Each retained message goes to the subscriber's connection (its port, as commands and
+//! shared subscriptions' messages do), to be written at min(its QoS, the subscription's), with
+//! the retain flag; the link is dropped.
+//!
+//! The subscriber's own subscription is not touched, so its flow of live messages goes on.
+//! A message retained while the fetch runs may come twice, as for a new subscription in the
+//! router (defect 7 in `docs/broker.md`).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttd::Notification;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    Disconnect, DisconnectReasonCode, Filter, Packet, PingReq, PublishProperties, QoS,
+    RetainForwardRule, Subscribe, SubscribeProperties,
+};
+use tokio::time::timeout;
+use tracing::{debug, warn};
+
+use crate::mux::{MuxEvent, PortTx};
+use crate::router::{LinkName, LinkRequest, Registrar, send_now};
+
+/// The longest a fetch may take, from the SUBSCRIBEs to the PINGRESP.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A retained message to write to a subscriber again.
+#[derive(Debug, Clone)]
+pub(crate) struct RetainedMessage {
+    /// Its topic.
+    pub(crate) topic: Bytes,
+    /// Its payload.
+    pub(crate) payload: Bytes,
+    /// Its MQTT 5 properties, without anything the broker carried through the router.
+    pub(crate) properties: Option<PublishProperties>,
+}
+
+/// Why a fetch ended early.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    /// The router dropped the link, or is gone.
+    #[error("the router link failed: {0}")]
+    Link(String),
+    /// Not over within [`PATIENCE`].
+    #[error("not over within {PATIENCE:?}")]
+    Late,
+}
+
+/// Sends the retained messages matching `filters` (each with the QoS granted to the
+/// subscriber's repeated subscription) to the connection whose port is `to`, from a task of
+/// its own; logged if the router refuses the fetch's link (the SUBACK was granted already: the
+/// messages are then not sent again).
+pub(crate) fn resend(registrar: &Registrar, filters: Vec<(String, u8)>, to: PortTx) {
+    if filters.is_empty() {
+        return;
+    }
+    let name = registrar.link_name();
+    let (tx, rx, _connack) = match registrar.link(LinkRequest::internal(name.as_str())) {
+        Ok(link) => link,
+        Err(err) => {
+            warn!(cause = %err, "retained messages not sent again: the router did not register the fetch");
+            return;
+        }
+    };
+    tokio::spawn(run(name, tx, rx, filters, to));
+}
+
+async fn run(
+    name: LinkName,
+    mut tx: LinkTx,
+    mut rx: LinkRx,
+    filters: Vec<(String, u8)>,
+    to: PortTx,
+) {
+    match timeout(PATIENCE, fetch(&mut tx, &mut rx, &filters, &to)).await {
+        Ok(Ok(sent)) => debug!(
+            sent,
+            filters = filters.len(),
+            "retained messages sent again"
+        ),
+        Ok(Err(err)) => warn!(cause = %err, "retained messages not all sent again"),
+        Err(_) => warn!(cause = %FetchError::Late, "retained messages not all sent again"),
+    }
+    let bye = Disconnect {
+        reason_code: DisconnectReasonCode::NormalDisconnection,
+    };
+    if let Err(err) = send_now(&mut tx, Packet::Disconnect(bye, None)) {
+        debug!(cause = %err, "the fetch's link could not say goodbye");
+    }
+    // The router has the disconnect before the name may be registered again.
+    drop(name);
+}
+
+/// Subscribes the fetch's link to `filters` and hands each retained message the router sends
+/// to `to`, until the PINGRESP that follows them. How many went.
+async fn fetch(
+    tx: &mut LinkTx,
+    rx: &mut LinkRx,
+    filters: &[(String, u8)],
+    to: &PortTx,
+) -> Result<usize, FetchError> {
+    let link = |err: rumqttd::local::LinkError| FetchError::Link(err.to_string());
+    for (at, (path, _)) in filters.iter().enumerate() {
+        let filter = Filter {
+            path: path.clone(),
+            qos: QoS::AtMostOnce,
+            nolocal: false,
+            preserve_retain: false,
+            retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+        };
+        let subscribe = Subscribe {
+            pkid: 1,
+            filters: vec![filter],
+        };
+        // Each copy says which filter it came through, for that subscription's QoS.
+        let properties = SubscribeProperties {
+            id: Some(at + 1),
+            user_properties: Vec::new(),
+        };
+        tx.send(Packet::Subscribe(subscribe, Some(properties)))
+            .await
+            .map_err(link)?;
+    }
+    let (mut subacks, mut sent) = (0, 0);
+    loop {
+        let Some(notification) = rx.next().await.map_err(link)? else {
+            continue;
+        };
+        match notification {
+            Notification::DeviceAck(ack) => match Packet::from(ack) {
+                Packet::SubAck(..) => {
+                    subacks += 1;
+                    if subacks == filters.len() {
+                        tx.send(Packet::PingReq(PingReq)).await.map_err(link)?;
+                    }
+                }
+                Packet::PingResp(_) => return Ok(sent),
+                _ => {}
+            },
+            // Live messages (unflagged) are the subscriber's own subscription's business.
+            Notification::Forward(forward) if forward.publish.retain => {
+                let mut properties = forward.properties;
+                let through = properties
+                    .as_mut()
+                    .and_then(|p| p.subscription_identifiers.pop())
+                    .and_then(|id| filters.get(id.checked_sub(1)?));
+                let Some((_, granted)) = through else {
+                    continue;
+                };
+                let topic = forward.publish.topic;
+                let original = crate::qos::take_original(&topic, &mut properties);
+                if properties.as_ref() == Some(&PublishProperties::default()) {
+                    properties = None;
+                }
+                let message = RetainedMessage {
+                    topic,
+                    payload: forward.publish.payload,
+                    properties,
+                };
+                let event = MuxEvent::Retained {
+                    message: Box::new(message),
+                    qos: original.min(*granted),
+                };
+                if to.unbounded_send(event).is_err() {
+                    // The subscriber is gone.
+                    return Ok(sent);
+                }
+                sent += 1;
+            }
+            Notification::Unschedule => rx.wake().await.map_err(link)?,
+            _ => {}
+        }
+    }
+}
