@@ -16,6 +16,7 @@
 //! A message retained while the fetch runs may come twice, as for a new subscription in the
 //! router (defect 7 in `docs/broker.md`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +26,7 @@ use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Filter, Packet, PingReq, PublishProperties, QoS,
     RetainForwardRule, Subscribe, SubscribeProperties,
 };
+use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
@@ -33,6 +35,21 @@ use crate::router::{LinkName, LinkRequest, Registrar, send_now};
 
 /// The longest a fetch may take, from the SUBSCRIBEs to the PINGRESP.
 const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Fetches running at once, all connections together: each holds a router link (tens of KiB)
+/// while it runs, and repeated SUBSCRIBEs from many clients must not take the router's
+/// connection slots. Further ones wait their turn.
+const MAX_FETCHES: usize = 16;
+
+/// The broker's fetches: at most [`MAX_FETCHES`] at once.
+#[derive(Debug, Clone)]
+pub(crate) struct Fetches(Arc<Semaphore>);
+
+impl Default for Fetches {
+    fn default() -> Self {
+        Fetches(Arc::new(Semaphore::new(MAX_FETCHES)))
+    }
+}
 
 /// A retained message to write to a subscriber again.
 #[derive(Debug, Clone)]
@@ -58,21 +75,30 @@ enum FetchError {
 
 /// Sends the retained messages matching `filters` (each with the QoS granted to the
 /// subscriber's repeated subscription) to the connection whose port is `to`, from a task of
-/// its own; logged if the router refuses the fetch's link (the SUBACK was granted already: the
-/// messages are then not sent again).
-pub(crate) fn resend(registrar: &Registrar, filters: Vec<(String, u8)>, to: PortTx) {
+/// its own, once one of `fetches` is free; logged if the router refuses the fetch's link (the
+/// SUBACK was granted already: the messages are then not sent again).
+pub(crate) fn resend(
+    fetches: &Fetches,
+    registrar: &Registrar,
+    filters: Vec<(String, u8)>,
+    to: PortTx,
+) {
     if filters.is_empty() {
         return;
     }
-    let name = registrar.link_name();
-    let (tx, rx, _connack) = match registrar.link(LinkRequest::internal(name.as_str())) {
-        Ok(link) => link,
-        Err(err) => {
-            warn!(cause = %err, "retained messages not sent again: the router did not register the fetch");
+    let (fetches, registrar) = (Arc::clone(&fetches.0), registrar.clone());
+    tokio::spawn(async move {
+        let Ok(_turn) = fetches.acquire().await else {
             return;
+        };
+        let name = registrar.link_name();
+        match registrar.link(LinkRequest::internal(name.as_str())) {
+            Ok((tx, rx, _connack)) => run(name, tx, rx, filters, to).await,
+            Err(err) => {
+                warn!(cause = %err, "retained messages not sent again: the router did not register the fetch");
+            }
         }
-    };
-    tokio::spawn(run(name, tx, rx, filters, to));
+    });
 }
 
 async fn run(

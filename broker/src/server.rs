@@ -728,6 +728,7 @@ async fn assemble(
         watchers,
         wills,
         retain_wanted,
+        retained_fetches: crate::retained::Fetches::default(),
         draining: CancellationToken::new(),
         stopping,
         alarm: alarm.clone(),

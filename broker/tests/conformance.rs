@@ -1811,3 +1811,32 @@ async fn a_repeated_subscribe_sends_the_retained_messages_again() {
     );
     assert_eq!(sub.read_within(QUIET).await, None, "once");
 }
+
+#[tokio::test]
+async fn retained_messages_sent_again_to_many_clients_at_once_all_arrive() {
+    // More repeated SUBSCRIBEs at once than the broker runs fetches at once (16): the others
+    // wait their turn, none is lost.
+    let broker = start_ephemeral().await;
+    let addr = broker.v4_addr();
+    let mut publisher = client(addr, "many-pub").await;
+    publisher
+        .send(&common::publish("many/a", b"kept", 1, 1, true))
+        .await;
+    assert_eq!(publisher.read().await.unwrap().0, 0x40);
+    let mut subscribers = Vec::new();
+    for n in 0..40 {
+        let mut sub = client(addr, &format!("many-{n}")).await;
+        assert_eq!(suback(&mut sub, false, 1, &[("many/#", 1)]).await, [1]);
+        assert!(next_delivered(&mut sub, false).await.retain);
+        subscribers.push(sub);
+    }
+    for sub in &mut subscribers {
+        sub.send(&subscribe(false, 2, &[("many/#", 1)])).await;
+    }
+    for sub in &mut subscribers {
+        let (first, _) = sub.read().await.expect("a SUBACK");
+        assert_eq!(first, 0x90);
+        let again = next_delivered(sub, false).await;
+        assert_eq!((again.topic.as_str(), again.retain), ("many/a", true));
+    }
+}

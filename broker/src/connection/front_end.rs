@@ -69,6 +69,8 @@ pub(crate) struct FrontEnd {
     pub(crate) wills: WillPublisher,
     /// Whether any client asked for Retain As Published (`carry`).
     pub(crate) retain_wanted: RetainWanted,
+    /// The fetches of retained messages to send again (`retained`).
+    pub(crate) retained_fetches: crate::retained::Fetches,
     /// Client connections with a router link of their own, open now.
     pub(crate) own_links: AtomicUsize,
     /// Subscriptions that may read the JSON mirror.

@@ -277,7 +277,7 @@ impl Established {
         };
         let (_, filters) = extras.resend.remove(at);
         let to = self.port().tx.clone();
-        retained::resend(&self.ctx.registrar, filters, to);
+        retained::resend(&self.ctx.retained_fetches, &self.ctx.registrar, filters, to);
     }
 
     /// Whether a router SUBACK is to be answered: false for one of the SUBACKs a resumed
