@@ -349,12 +349,23 @@ impl Watch {
     }
 }
 
-/// A running Debian `mosquitto` broker (the real one), started by [`start_tls_broker`].
+/// A running Debian `mosquitto` broker (the real one), started by [`start_broker`] or
+/// [`start_tls_broker`].
 pub struct MosquittoBroker {
     /// The process (its log is searchable).
     pub program: crate::process::Program,
-    /// Its TLS listener, on 127.0.0.1.
+    /// Its listener, on 127.0.0.1 (TLS for [`start_tls_broker`]'s).
     pub addr: SocketAddr,
+}
+
+/// Starts the real `mosquitto` with one plain MQTT listener on 127.0.0.1 (a free port),
+/// anonymous clients allowed, and the configuration lines `extra` after it (a bridge, say);
+/// its configuration file is written into `dir`. Returns once it listens.
+///
+/// # Errors
+/// If it cannot be started or does not listen within the bound.
+pub async fn start_broker(dir: &std::path::Path, extra: &str) -> anyhow::Result<MosquittoBroker> {
+    start_configured(dir, &format!("allow_anonymous true\n{extra}")).await
 }
 
 /// Starts the real `mosquitto` with one MQTT-over-TLS listener on 127.0.0.1 (a free port),
@@ -369,6 +380,22 @@ pub async fn start_tls_broker(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> anyhow::Result<MosquittoBroker> {
+    let tls = format!(
+        "cafile {ca}\ncertfile {cert}\nkeyfile {key}\nallow_anonymous true\n",
+        ca = ca.display(),
+        cert = cert.display(),
+        key = key.display(),
+    );
+    start_configured(dir, &tls).await
+}
+
+/// Starts the real `mosquitto` with one listener on 127.0.0.1 (a free port) configured by
+/// `listener` (the lines after its `listener` line); its configuration file is written into
+/// `dir`. Returns once it listens.
+async fn start_configured(
+    dir: &std::path::Path,
+    listener: &str,
+) -> anyhow::Result<MosquittoBroker> {
     let addr = crate::stack::free_port()?;
     let config = dir.join("mosquitto.conf");
     let text = format!(
@@ -380,14 +407,8 @@ pub async fn start_tls_broker(
          log_dest stderr\n\
          log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
          listener {port} 127.0.0.1\n\
-         cafile {ca}\n\
-         certfile {cert}\n\
-         keyfile {key}\n\
-         allow_anonymous true\n",
+         {listener}",
         port = addr.port(),
-        ca = ca.display(),
-        cert = cert.display(),
-        key = key.display(),
     );
     std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
     let mut cmd = Command::new("mosquitto");
