@@ -169,9 +169,10 @@ impl Established {
     }
 
     /// Writes a message a shared subscription group gave this connection, at `qos` under a
-    /// packet id of [`MUX_PKIDS`], with the retain flag `retain`; a QoS 1 one is remembered until the client acknowledges it
-    /// (given to another member if the connection ends first), and, for a durable consumer,
-    /// what it carried (its PUBACK proves the message durable, as for the router's forwards).
+    /// packet id of [`MUX_PKIDS`], with the retain flag `retain`; a QoS 1 one is remembered
+    /// until the client acknowledges it (given to another member if the connection ends
+    /// first), and, for a durable consumer, what it carried (its PUBACK proves the message
+    /// durable, as for the router's forwards).
     fn deliver_shared(
         &mut self,
         message: Arc<SharedMessage>,
