@@ -58,6 +58,15 @@ pub(crate) fn grant(requested: QoS, exactly_once: bool) -> QoS {
     }
 }
 
+/// The QoS of level `level` (0, 1, or 2 and above).
+pub(crate) fn from_level(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
 /// The QoS a message on `topic` is taken to have when it carries no [`MARKER`]: its kind's on
 /// Fleetbeat topics, 0 on the JSON mirror's `json/...` (it publishes at QoS 0), 1 on every
 /// other.
@@ -95,6 +104,19 @@ pub(crate) fn original(topic: &[u8], properties: Option<&PublishProperties>) -> 
         .and_then(|props| props.user_properties.iter().find(|(key, _)| key == MARKER))
         .and_then(|(_, value)| value.parse::<u8>().ok())
         .map_or_else(|| implied(topic), |qos| qos.min(2))
+}
+
+/// Lowers the QoS a forward on `topic` with `properties` is delivered at to at most `cap` (a
+/// subscription whose QoS a repeated SUBSCRIBE lowered, see `connection::options`): its
+/// [`MARKER`] says `cap` if its original QoS was higher.
+pub(crate) fn cap(topic: &[u8], properties: &mut PublishProperties, cap: u8) {
+    if original(topic, Some(properties)) <= cap {
+        return;
+    }
+    properties.user_properties.retain(|(key, _)| key != MARKER);
+    properties
+        .user_properties
+        .push((MARKER.to_owned(), cap.to_string()));
 }
 
 /// The original QoS of a forward on `topic` (as [`original`]), removing the [`MARKER`] and

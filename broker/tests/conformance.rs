@@ -1717,6 +1717,28 @@ async fn a_persistent_sessions_subscription_options_outlive_its_connection() {
     );
     // A new SUBSCRIBE is answered as before (the restored identifiers' SUBACKs are not).
     assert_eq!(subscribed_v5(&mut a, 2, None, &[("keep/x", 0)]).await, [0]);
+
+    // Taken over by a new connection of the id (the old one still open): the same.
+    let (mut a2, present) = connect_with_session(v5, &keeper).await;
+    assert!(present);
+    // The old connection ends (an MQTT 5 one is told why first).
+    a.until_closed().await;
+    published_v5(&mut a2, "keep/mine", b"from a2", false, 1, &[]).await;
+    published_v5(&mut other, "keep/theirs", b"again", false, 2, &[]).await;
+    let theirs = next_delivered(&mut a2, true).await;
+    assert_eq!(
+        (
+            theirs.topic.as_str(),
+            &theirs.payload[..],
+            &theirs.properties[..]
+        ),
+        ("keep/theirs", &b"again"[..], &[(0x0B, vec![9])][..])
+    );
+    assert_eq!(
+        a2.read_within(QUIET).await,
+        None,
+        "its own message stays away"
+    );
 }
 
 #[tokio::test]
@@ -1839,4 +1861,49 @@ async fn retained_messages_sent_again_to_many_clients_at_once_all_arrive() {
         let again = next_delivered(sub, false).await;
         assert_eq!((again.topic.as_str(), again.retain), ("many/a", true));
     }
+}
+
+#[tokio::test]
+async fn a_repeated_subscribe_lowers_the_qos_and_never_grants_more_than_is_delivered() {
+    let broker = start_ephemeral().await;
+    let addr = broker.v4_addr();
+    let mut publisher = client(addr, "qos-pub").await;
+    let mut sub = client(addr, "qos-sub").await;
+    // Up: the router keeps serving QoS 0, so QoS 0 is what is granted, and delivered.
+    assert_eq!(suback(&mut sub, false, 1, &[("up/#", 0)]).await, [0]);
+    assert_eq!(suback(&mut sub, false, 2, &[("up/#", 1)]).await, [0]);
+    publish_at(&mut publisher, "up/a", b"x", 1, 1).await;
+    let message = next_delivered(&mut sub, false).await;
+    assert_eq!((message.topic.as_str(), message.qos), ("up/a", 0));
+    // Down: granted and delivered at the new QoS (the router's QoS 1 forwards are
+    // acknowledged for the client), with a QoS 2 subscription beside it untouched.
+    assert_eq!(
+        suback(&mut sub, false, 3, &[("down/#", 1), ("down/two", 2)]).await,
+        [1, 2]
+    );
+    assert_eq!(suback(&mut sub, false, 4, &[("down/#", 0)]).await, [0]);
+    for pkid in 2..5 {
+        publish_at(&mut publisher, "down/a", b"y", 1, pkid).await;
+    }
+    for _ in 2..5 {
+        let message = next_delivered(&mut sub, false).await;
+        assert_eq!((message.topic.as_str(), message.qos), ("down/a", 0));
+    }
+    publish_at(&mut publisher, "down/two", b"z", 2, 5).await;
+    let mut got = [
+        next_delivered(&mut sub, false).await,
+        next_delivered(&mut sub, false).await,
+    ]
+    .map(|m| (m.topic, m.qos));
+    got.sort();
+    assert_eq!(
+        got,
+        [("down/two".to_owned(), 0), ("down/two".to_owned(), 2)]
+    );
+    // And back up to the router's QoS: delivered at 1 again.
+    assert_eq!(suback(&mut sub, false, 5, &[("down/#", 1)]).await, [1]);
+    publish_at(&mut publisher, "down/b", b"w", 1, 6).await;
+    let message = next_delivered(&mut sub, false).await;
+    assert_eq!((message.topic.as_str(), message.qos), ("down/b", 1));
+    assert_eq!(sub.read_within(QUIET).await, None);
 }

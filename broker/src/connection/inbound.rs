@@ -551,10 +551,9 @@ impl Established {
         }
         if !self.persistent
             && properties.as_ref().is_none_or(|p| p.id.is_none())
-            && subscribe
-                .filters
-                .iter()
-                .all(|f| is_command_topic(f.path.as_bytes()) && Options::of(f, None).is_none())
+            && subscribe.filters.iter().all(|f| {
+                is_command_topic(f.path.as_bytes()) && Options::of(f, None, None).is_none()
+            })
         {
             for filter in &mut subscribe.filters {
                 filter.qos = qos::grant(filter.qos, false);
@@ -587,18 +586,14 @@ impl Established {
     /// per filter, those with options under identifiers of the front end's, whose SUBACKs are
     /// merged into one for the client (`outbound`). The retained messages of a filter the link
     /// has already are sent again (Retain Handling 0, and always in MQTT 3.1.1): the router
-    /// sends them to new subscriptions only (`retained`).
+    /// sends them to new subscriptions only (`retained`); its QoS may go down, not up.
     fn subscribe_own_link(
         &mut self,
-        subscribe: Subscribe,
+        mut subscribe: Subscribe,
         properties: Option<SubscribeProperties>,
         batch: &mut Vec<Packet>,
     ) {
         let client_sub_id = properties.as_ref().and_then(|p| p.id);
-        let with_options = subscribe
-            .filters
-            .iter()
-            .any(|f| Options::of(f, None).is_some());
         let Some(link) = self.link.as_mut() else {
             // Not reached: the caller registered the link.
             batch.push(Packet::Subscribe(subscribe, properties));
@@ -607,10 +602,21 @@ impl Established {
         let table = link.filters.get_or_insert_with(Box::default);
         let mut again = Vec::new();
         let mut ids = Vec::with_capacity(subscribe.filters.len());
-        for filter in &subscribe.filters {
-            let (id, had) = table.subscribe(&filter.path, Options::of(filter, client_sub_id));
+        let mut split = false;
+        for filter in &mut subscribe.filters {
+            // A repeated SUBSCRIBE changes nothing in the router: a higher QoS is granted as
+            // the router serves it (its SUBACK says what it is handed), a lower one is applied
+            // here, as an option of the filter.
+            let router = table.router_qos(&filter.path);
+            let asked = filter.qos as u8;
+            let granted = router.map_or(asked, |served| asked.min(served));
+            filter.qos = qos::from_level(granted);
+            let cap = router.filter(|&served| granted < served).map(|_| granted);
+            let options = Options::of(filter, client_sub_id, cap);
+            split |= options.is_some();
+            let (id, had) = table.subscribe(&filter.path, options, granted);
             if had && filter.retain_forward_rule == RetainForwardRule::OnEverySubscribe {
-                again.push((filter.path.clone(), filter.qos as u8));
+                again.push((filter.path.clone(), granted));
             }
             ids.push(id);
         }
@@ -618,7 +624,7 @@ impl Established {
             // Fetched once the SUBACK is written (`outbound`), so that it comes first.
             self.extras().resend.push((subscribe.pkid, again));
         }
-        if !with_options {
+        if !split {
             batch.push(Packet::Subscribe(subscribe, properties));
             return;
         }

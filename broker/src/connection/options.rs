@@ -45,19 +45,25 @@ pub(super) struct Options {
     client_id: Option<usize>,
     /// Its granted QoS (for [`LinkFilters::restore`]).
     qos: QoS,
+    /// Set by a repeated SUBSCRIBE that lowered the filter's QoS: copies are delivered at most
+    /// at it (the router keeps serving the QoS the filter was first subscribed at).
+    cap: Option<u8>,
 }
 
 impl Options {
-    /// The options of `filter`, subscribed with the client's identifier `id`, that the front
-    /// end must apply; `None` if it has none of them (the router serves it as asked).
-    pub(super) fn of(filter: &Filter, id: Option<usize>) -> Option<Options> {
+    /// The options of `filter`, subscribed with the client's identifier `id` (and, for a
+    /// repeated SUBSCRIBE that lowered its QoS, that `cap`), that the front end must apply;
+    /// `None` if it has none of them (the router serves it as asked).
+    pub(super) fn of(filter: &Filter, id: Option<usize>, cap: Option<u8>) -> Option<Options> {
         let no_retained = filter.retain_forward_rule == RetainForwardRule::Never;
-        (filter.nolocal || filter.preserve_retain || no_retained).then_some(Options {
+        let any = filter.nolocal || filter.preserve_retain || no_retained || cap.is_some();
+        any.then_some(Options {
             no_local: filter.nolocal,
             retain_as_published: filter.preserve_retain,
             no_retained,
             client_id: id,
             qos: filter.qos,
+            cap,
         })
     }
 }
@@ -76,9 +82,10 @@ pub(super) enum Judged {
 /// those with options, by the identifier they are subscribed under there.
 #[derive(Debug, Default)]
 pub(crate) struct LinkFilters {
-    /// Every filter subscribed through the link and not unsubscribed (a repeated SUBSCRIBE of
-    /// one makes no new subscription in the router: see `retained`).
-    subscribed: Vec<String>,
+    /// Every filter subscribed through the link and not unsubscribed, with the QoS the router
+    /// serves it at: the QoS of its first SUBSCRIBE (a repeated SUBSCRIBE of one makes no new
+    /// subscription in the router and changes nothing there: see `retained`).
+    subscribed: Vec<(String, u8)>,
     by_id: HashMap<usize, (String, Options)>,
     /// The identifier the next filter with options gets.
     next: usize,
@@ -87,18 +94,28 @@ pub(crate) struct LinkFilters {
 }
 
 impl LinkFilters {
+    /// The QoS the router serves `filter` at for the link, if the link has the filter.
+    pub(super) fn router_qos(&self, filter: &str) -> Option<u8> {
+        self.subscribed
+            .iter()
+            .find(|(f, _)| f == filter)
+            .map(|&(_, qos)| qos)
+    }
+
     /// A SUBSCRIBE of `filter` with `options` (a repeated one replaces the subscription's
-    /// options): the identifier to subscribe it under in the router, if it has options, and
-    /// whether the link had the filter already.
+    /// options), granted `qos` (the router's QoS for a new filter): the identifier to
+    /// subscribe it under in the router, if it has options, and whether the link had the
+    /// filter already.
     pub(super) fn subscribe(
         &mut self,
         filter: &str,
         options: Option<Options>,
+        qos: u8,
     ) -> (Option<usize>, bool) {
         self.by_id.retain(|_, (f, _)| f != filter);
-        let had = self.subscribed.iter().any(|f| f == filter);
+        let had = self.router_qos(filter).is_some();
         if !had {
-            self.subscribed.push(filter.to_owned());
+            self.subscribed.push((filter.to_owned(), qos));
         }
         let Some(options) = options else {
             return (None, had);
@@ -111,7 +128,7 @@ impl LinkFilters {
 
     /// An UNSUBSCRIBE of `filter`.
     pub(super) fn unsubscribe(&mut self, filter: &str) {
-        self.subscribed.retain(|f| f != filter);
+        self.subscribed.retain(|(f, _)| f != filter);
         self.by_id.retain(|_, (f, _)| f != filter);
     }
 
@@ -205,6 +222,9 @@ impl LinkFilters {
         if options.retain_as_published && !publish.retain {
             publish.retain = carry::get(Some(props), carry::RETAINED).is_some();
         }
+        if let Some(cap) = options.cap {
+            crate::qos::cap(&publish.topic, props, cap);
+        }
         if let Some(client_sub_id) = options.client_id {
             props.subscription_identifiers.insert(at, client_sub_id);
         }
@@ -246,10 +266,11 @@ mod tests {
     #[test]
     fn filters_without_these_options_are_left_to_the_router() {
         let plain = filter("a/b", false, false, RetainForwardRule::OnEverySubscribe);
-        assert_eq!(Options::of(&plain, Some(7)), None);
+        assert_eq!(Options::of(&plain, Some(7), None), None);
         let mut table = LinkFilters::default();
-        assert_eq!(table.subscribe("a/b", None), (None, false));
-        assert_eq!(table.subscribe("a/b", None), (None, true), "repeated");
+        assert_eq!(table.subscribe("a/b", None, 1), (None, false));
+        assert_eq!(table.subscribe("a/b", None, 0), (None, true), "repeated");
+        assert_eq!(table.router_qos("a/b"), Some(1), "the router's QoS stays");
         table.unsubscribe("a/b");
         assert!(table.is_empty());
         // The client's own identifier passes untouched.
@@ -267,15 +288,21 @@ mod tests {
         let no_local = Options::of(
             &filter("a/#", true, false, RetainForwardRule::OnEverySubscribe),
             Some(3),
+            None,
         );
         let rap = Options::of(
             &filter("a/b", false, true, RetainForwardRule::OnNewSubscribe),
             None,
+            None,
         );
-        let never = Options::of(&filter("+/b", false, false, RetainForwardRule::Never), None);
-        let nl = table.subscribe("a/#", no_local).0.unwrap();
-        let rap = table.subscribe("a/b", rap).0.unwrap();
-        let never = table.subscribe("+/b", never).0.unwrap();
+        let never = Options::of(
+            &filter("+/b", false, false, RetainForwardRule::Never),
+            None,
+            None,
+        );
+        let nl = table.subscribe("a/#", no_local, 1).0.unwrap();
+        let rap = table.subscribe("a/b", rap, 1).0.unwrap();
+        let never = table.subscribe("+/b", never, 1).0.unwrap();
         assert!(nl >= FIRST_ID && rap != nl && never != rap);
         assert!(table.no_local());
 
@@ -312,7 +339,7 @@ mod tests {
         // Unsubscribed, or replaced by a subscription without options: delivered as sent,
         // without the front end's identifier.
         table.unsubscribe("a/#");
-        assert_eq!(table.subscribe("a/b", None), (None, true));
+        assert_eq!(table.subscribe("a/b", None, 1), (None, true));
         assert!(!table.no_local());
         let (mut p, mut props) = forward(nl, false, false, Some("me"));
         assert_eq!(table.judge("me", &mut p, &mut props), Judged::Deliver);
