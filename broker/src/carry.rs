@@ -54,16 +54,24 @@ impl RetainWanted {
 
 /// Removes every user property with the reserved prefix a client sent. Allocates nothing.
 pub(crate) fn remove_forged(properties: &mut Option<PublishProperties>) {
-    if let Some(props) = properties.as_mut()
-        && props
-            .user_properties
-            .iter()
-            .any(|(key, _)| key.starts_with(INTERNAL_PREFIX))
-    {
+    remove_internal(properties);
+}
+
+/// Removes every user property with the reserved prefix; whether there was one.
+fn remove_internal(properties: &mut Option<PublishProperties>) -> bool {
+    let Some(props) = properties.as_mut() else {
+        return false;
+    };
+    let any = props
+        .user_properties
+        .iter()
+        .any(|(key, _)| key.starts_with(INTERNAL_PREFIX));
+    if any {
         props
             .user_properties
             .retain(|(key, _)| !key.starts_with(INTERNAL_PREFIX));
     }
+    any
 }
 
 /// Adds the user property `key` = `value`.
@@ -86,18 +94,8 @@ pub(crate) fn get<'a>(properties: Option<&'a PublishProperties>, key: &str) -> O
 /// Removes every user property with the reserved prefix, and the properties if that leaves
 /// them empty, so the client gets what its publisher sent.
 pub(crate) fn strip(properties: &mut Option<PublishProperties>) {
-    if let Some(props) = properties.as_mut()
-        && props
-            .user_properties
-            .iter()
-            .any(|(key, _)| key.starts_with(INTERNAL_PREFIX))
-    {
-        props
-            .user_properties
-            .retain(|(key, _)| !key.starts_with(INTERNAL_PREFIX));
-        if *props == PublishProperties::default() {
-            *properties = None;
-        }
+    if remove_internal(properties) && properties.as_ref() == Some(&PublishProperties::default()) {
+        *properties = None;
     }
 }
 

@@ -2,10 +2,11 @@
 //! own link, and the mux link's events (PUBACKs of publishes the router took, commands).
 //! Everything already queued is written in one go, flushed every [`MAX_WRITE_BATCH`].
 
+use bytes::Bytes;
 use rumqttd::{Forward, Notification};
 use std::sync::Arc;
 
-use rumqttd::protocol::{Packet, PubAck, PubAckReason, SubAck, UnsubAck};
+use rumqttd::protocol::{Packet, PubAck, PubAckReason, PublishProperties, SubAck, UnsubAck};
 use shared::topic::kind_of;
 use tracing::debug;
 
@@ -104,22 +105,42 @@ impl Established {
         message: &RetainedMessage,
         qos: u8,
     ) -> Result<(), DisconnectReason> {
+        let properties = message.properties.clone();
+        let written =
+            self.write_from_port(&message.topic, &message.payload, properties, qos, true)?;
+        if let Some(PublishInfo { qos: 2, pkid }) = written {
+            self.extras().qos2_delivered.push((pkid, false));
+        }
+        Ok(())
+    }
+
+    /// Writes a message that did not come through the own link (a shared group's, a retained
+    /// one sent again) at `qos` with the retain flag `retain`, under a packet id of
+    /// [`MUX_PKIDS`] if above 0, then unacknowledged until the client acknowledges it. How it
+    /// went out; `None` if it is larger than the client accepts (not sent, as for the
+    /// router's forwards).
+    fn write_from_port(
+        &mut self,
+        topic: &Bytes,
+        payload: &Bytes,
+        properties: Option<PublishProperties>,
+        qos: u8,
+        retain: bool,
+    ) -> Result<Option<PublishInfo>, DisconnectReason> {
         let pkid = if qos > 0 { self.next_mux_pkid() } else { 0 };
-        let publish = publish_with(&message.topic, &message.payload, qos, pkid, true);
-        let packet = Packet::Publish(publish, message.properties.clone());
-        match self.net.queue_forward(packet, qos) {
+        let publish = publish_with(topic, payload, qos, pkid, retain);
+        match self
+            .net
+            .queue_forward(Packet::Publish(publish, properties), qos)
+        {
             Ok((Some(info), _)) => {
-                self.ctx.metrics.message_out(kind_of(&message.topic));
+                self.ctx.metrics.message_out(kind_of(topic));
                 if info.qos > 0 {
                     self.mux_outgoing.push(pkid);
                 }
-                if info.qos == 2 {
-                    self.extras().qos2_delivered.push((pkid, false));
-                }
-                Ok(())
+                Ok(Some(info))
             }
-            // Larger than the client accepts: not sent (as for the router's forwards).
-            Ok((None, _)) => Ok(()),
+            Ok((None, _)) => Ok(None),
             Err(err) => Err(self.protocol_error(&err)),
         }
     }
@@ -187,28 +208,18 @@ impl Established {
             }
             return Ok(());
         }
-        let pkid = if qos > 0 { self.next_mux_pkid() } else { 0 };
-        let publish = publish_with(&message.topic, &message.payload, qos, pkid, retain);
-        let packet = Packet::Publish(publish, message.properties.clone());
-        match self.net.queue_forward(packet, qos) {
-            Ok((Some(info), _)) => {
-                self.ctx.metrics.message_out(kind_of(&message.topic));
-                if info.qos > 0 {
-                    self.mux_outgoing.push(pkid);
-                    self.forwarded_to_consumer(pkid, &message.topic, &message.payload);
-                    self.extras().shared_outgoing.insert(pkid, message);
-                }
-                Ok(())
+        let properties = message.properties.clone();
+        match self.write_from_port(&message.topic, &message.payload, properties, qos, retain)? {
+            Some(PublishInfo { qos: 1.., pkid }) => {
+                self.forwarded_to_consumer(pkid, &message.topic, &message.payload);
+                self.extras().shared_outgoing.insert(pkid, message);
             }
-            // Larger than the client accepts: not delivered (as for the router's forwards).
-            Ok((None, _)) => {
-                if qos > 0 {
-                    message.group.acknowledged(self.connection);
-                }
-                Ok(())
-            }
-            Err(err) => Err(self.protocol_error(&err)),
+            Some(_) => {}
+            // Not delivered: done with, as far as the group is concerned.
+            None if qos > 0 => message.group.acknowledged(self.connection),
+            None => {}
         }
+        Ok(())
     }
 
     /// Puts the UNSUBACK reasons of the filters the front end answered itself (shared
