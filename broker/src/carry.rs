@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rumqttd::protocol::PublishProperties;
 
-use crate::router::INTERNAL_PREFIX;
+use crate::reserved::INTERNAL_PREFIX;
 
 /// Present on a publish that was published with its retain flag set.
 pub(crate) const RETAINED: &str = "fleetbeat-internal-retained";

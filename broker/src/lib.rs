@@ -89,6 +89,7 @@ mod mirror;
 mod mux;
 mod probe;
 mod qos;
+mod reserved;
 mod retained;
 mod router;
 mod server;

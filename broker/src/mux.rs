@@ -106,6 +106,14 @@ pub(crate) fn port() -> (PortTx, PortRx) {
     mpsc::unbounded()
 }
 
+impl crate::retained::RetainedPort for PortTx {
+    fn give(&self, message: crate::retained::RetainedMessage, qos: u8) -> bool {
+        let message = Box::new(message);
+        self.unbounded_send(MuxEvent::Retained { message, qos })
+            .is_ok()
+    }
+}
+
 impl crate::share::MemberPort for PortTx {
     fn give(&self, message: Arc<crate::share::SharedMessage>, qos: u8, retain: bool) -> bool {
         self.unbounded_send(MuxEvent::Shared {

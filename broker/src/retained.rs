@@ -30,7 +30,6 @@ use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
-use crate::mux::{MuxEvent, PortTx};
 use crate::router::{LinkName, LinkRequest, Registrar, send_now};
 
 /// The longest a fetch may take, from the SUBSCRIBEs to the PINGRESP.
@@ -62,6 +61,13 @@ pub(crate) struct RetainedMessage {
     pub(crate) properties: Option<PublishProperties>,
 }
 
+/// Where a fetch hands the subscriber its retained messages: the subscriber's connection (its
+/// mux port, see `mux`, which implements this; so this module does not depend on the mux).
+pub(crate) trait RetainedPort: Send + Sync + 'static {
+    /// Hands `message` to the subscriber, to write at `qos`; false if its connection is gone.
+    fn give(&self, message: RetainedMessage, qos: u8) -> bool;
+}
+
 /// Why a fetch ended early.
 #[derive(Debug, thiserror::Error)]
 enum FetchError {
@@ -81,7 +87,7 @@ pub(crate) fn resend(
     fetches: &Fetches,
     registrar: &Registrar,
     filters: Vec<(String, u8)>,
-    to: PortTx,
+    to: impl RetainedPort,
 ) {
     if filters.is_empty() {
         return;
@@ -106,7 +112,7 @@ async fn run(
     mut tx: LinkTx,
     mut rx: LinkRx,
     filters: Vec<(String, u8)>,
-    to: PortTx,
+    to: impl RetainedPort,
 ) {
     match timeout(PATIENCE, fetch(&mut tx, &mut rx, &filters, &to)).await {
         Ok(Ok(sent)) => debug!(
@@ -133,7 +139,7 @@ async fn fetch(
     tx: &mut LinkTx,
     rx: &mut LinkRx,
     filters: &[(String, u8)],
-    to: &PortTx,
+    to: &impl RetainedPort,
 ) -> Result<usize, FetchError> {
     let link = |err: rumqttd::local::LinkError| FetchError::Link(err.to_string());
     for (at, (path, _)) in filters.iter().enumerate() {
@@ -193,11 +199,7 @@ async fn fetch(
                     payload: forward.publish.payload,
                     properties,
                 };
-                let event = MuxEvent::Retained {
-                    message: Box::new(message),
-                    qos: original.min(*granted),
-                };
-                if to.unbounded_send(event).is_err() {
+                if !to.give(message, original.min(*granted)) {
                     // The subscriber is gone.
                     return Ok(sent);
                 }

@@ -27,7 +27,7 @@ use tracing::debug;
 use crate::metrics::BrokerMetrics;
 
 /// Client-id prefix of the broker's own connections; refused to anyone else.
-pub(crate) const INTERNAL_PREFIX: &str = "fleetbeat-internal-";
+pub(crate) use crate::reserved::INTERNAL_PREFIX;
 
 /// The topic alias maximum rumqttd's router announces in its CONNACK (its `TOPIC_ALIAS_MAX`).
 pub(crate) const TOPIC_ALIAS_MAX: u16 = 4096;
