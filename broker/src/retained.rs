@@ -61,6 +61,18 @@ pub(crate) struct RetainedMessage {
     pub(crate) properties: Option<PublishProperties>,
 }
 
+/// A filter a client subscribed to again, whose retained messages it gets again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Repeated {
+    /// The filter.
+    pub(crate) filter: String,
+    /// The QoS granted: they are written at min(their QoS, this).
+    pub(crate) qos: u8,
+    /// The Subscription Identifier the client gave the SUBSCRIBE (MQTT 5), if any: each copy
+    /// carries it.
+    pub(crate) id: Option<usize>,
+}
+
 /// Where a fetch hands the subscriber its retained messages: the subscriber's connection (its
 /// mux port, see `mux`, which implements this; so this module does not depend on the mux).
 pub(crate) trait RetainedPort: Send + Sync + 'static {
@@ -79,14 +91,14 @@ enum FetchError {
     Late,
 }
 
-/// Sends the retained messages matching `filters` (each with the QoS granted to the
-/// subscriber's repeated subscription) to the connection whose port is `to`, from a task of
+/// Sends the retained messages matching `filters` (each with what the subscriber's repeated
+/// subscription was granted) to the connection whose port is `to`, from a task of
 /// its own, once one of `fetches` is free; logged if the router refuses the fetch's link (the
 /// SUBACK was granted already: the messages are then not sent again).
 pub(crate) fn resend(
     fetches: &Fetches,
     registrar: &Registrar,
-    filters: Vec<(String, u8)>,
+    filters: Vec<Repeated>,
     to: impl RetainedPort,
 ) {
     if filters.is_empty() {
@@ -111,7 +123,7 @@ async fn run(
     name: LinkName,
     mut tx: LinkTx,
     mut rx: LinkRx,
-    filters: Vec<(String, u8)>,
+    filters: Vec<Repeated>,
     to: impl RetainedPort,
 ) {
     match timeout(PATIENCE, fetch(&mut tx, &mut rx, &filters, &to)).await {
@@ -138,13 +150,13 @@ async fn run(
 async fn fetch(
     tx: &mut LinkTx,
     rx: &mut LinkRx,
-    filters: &[(String, u8)],
+    filters: &[Repeated],
     to: &impl RetainedPort,
 ) -> Result<usize, FetchError> {
     let link = |err: rumqttd::local::LinkError| FetchError::Link(err.to_string());
-    for (at, (path, _)) in filters.iter().enumerate() {
+    for (at, repeated) in filters.iter().enumerate() {
         let filter = Filter {
-            path: path.clone(),
+            path: repeated.filter.clone(),
             qos: QoS::AtMostOnce,
             nolocal: false,
             preserve_retain: false,
@@ -186,12 +198,17 @@ async fn fetch(
                     .as_mut()
                     .and_then(|p| p.subscription_identifiers.pop())
                     .and_then(|id| filters.get(id.checked_sub(1)?));
-                let Some((_, granted)) = through else {
+                let Some(repeated) = through else {
                     continue;
                 };
                 let topic = forward.publish.topic;
                 let original = crate::qos::take_original(&topic, &mut properties);
-                if properties.as_ref() == Some(&PublishProperties::default()) {
+                if let Some(id) = repeated.id {
+                    properties
+                        .get_or_insert_with(PublishProperties::default)
+                        .subscription_identifiers
+                        .push(id);
+                } else if properties.as_ref() == Some(&PublishProperties::default()) {
                     properties = None;
                 }
                 let message = RetainedMessage {
@@ -199,7 +216,7 @@ async fn fetch(
                     payload: forward.publish.payload,
                     properties,
                 };
-                if !to.give(message, original.min(*granted)) {
+                if !to.give(message, original.min(repeated.qos)) {
                     // The subscriber is gone.
                     return Ok(sent);
                 }

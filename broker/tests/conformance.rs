@@ -1796,8 +1796,10 @@ async fn a_repeated_subscribe_sends_the_retained_messages_again() {
         (2, 2, true),
         (3, 2 | RETAIN_HANDLING_1, false),
     ] {
+        // Each SUBSCRIBE with a Subscription Identifier of its own, which each copy carries.
+        let id = usize::from(pkid) + 6;
         assert_eq!(
-            subscribed_v5(&mut sub, pkid, None, &[("rs/+", options)]).await,
+            subscribed_v5(&mut sub, pkid, Some(id), &[("rs/+", options)]).await,
             [2]
         );
         if !again {
@@ -1806,7 +1808,10 @@ async fn a_repeated_subscribe_sends_the_retained_messages_again() {
         }
         let mut got = Vec::new();
         for _ in 0..3 {
-            got.push(next_delivered(&mut sub, true).await);
+            let message = next_delivered(&mut sub, true).await;
+            let id = u8::try_from(id).unwrap();
+            assert_eq!(message.properties, [(0x0B, vec![id])], "{message:?}");
+            got.push(message);
         }
         let want = [("rs/a", 1, true), ("rs/b", 0, true), ("rs/c", 2, true)]
             .map(|(t, q, r)| (t.to_owned(), q, r));

@@ -24,6 +24,7 @@ use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason, SubscribeRefusal};
 use crate::mux::{MuxEvent, is_command_topic, publish_with};
 use crate::qos;
+use crate::retained::Repeated;
 use crate::router::TOPIC_ALIAS_MAX;
 use crate::share::{self, MemberOptions, MemberPort, ShareFilter};
 
@@ -616,7 +617,11 @@ impl Established {
             split |= options.is_some();
             let (id, had) = table.subscribe(&filter.path, options, granted);
             if had && filter.retain_forward_rule == RetainForwardRule::OnEverySubscribe {
-                again.push((filter.path.clone(), granted));
+                again.push(Repeated {
+                    filter: filter.path.clone(),
+                    qos: granted,
+                    id: client_sub_id,
+                });
             }
             ids.push(id);
         }

@@ -141,10 +141,10 @@ pub(super) struct Extras {
     /// `options`): packet id → how many SUBACKs are still to come, and the codes so far,
     /// merged into one SUBACK for the client.
     pub(super) split_subacks: Vec<(u16, usize, Vec<SubscribeReasonCode>)>,
-    /// SUBSCRIBEs that repeated filters the own link has: packet id → those filters, with their
-    /// granted QoS, whose retained messages are sent again once the SUBACK is written
+    /// SUBSCRIBEs that repeated filters the own link has: packet id → those filters, with what
+    /// they were granted, whose retained messages are sent again once the SUBACK is written
     /// (`retained`).
-    pub(super) resend: Vec<(u16, Vec<(String, u8)>)>,
+    pub(super) resend: Vec<(u16, Vec<crate::retained::Repeated>)>,
     /// UNSUBSCRIBEs handed to the router without the filters the front end answered (shared
     /// subscriptions, `$` filters): packet id → each one's position and UNSUBACK reason.
     pub(super) unsuback_answers: Vec<(u16, Vec<(usize, UnsubAckReason)>)>,
