@@ -22,8 +22,7 @@
 use std::collections::HashMap;
 
 use rumqttd::protocol::{
-    Filter, Packet, Publish, PublishProperties, QoS, RetainForwardRule, Subscribe,
-    SubscribeProperties,
+    Filter, Packet, Publish, PublishProperties, RetainForwardRule, Subscribe, SubscribeProperties,
 };
 
 use crate::carry;
@@ -43,8 +42,6 @@ pub(super) struct Options {
     no_retained: bool,
     /// The Subscription Identifier the client gave the filter, if any.
     client_id: Option<usize>,
-    /// Its granted QoS (for [`LinkFilters::restore`]).
-    qos: QoS,
     /// Set by a repeated SUBSCRIBE that lowered the filter's QoS: copies are delivered at most
     /// at it (the router keeps serving the QoS the filter was first subscribed at).
     cap: Option<u8>,
@@ -62,7 +59,6 @@ impl Options {
             retain_as_published: filter.preserve_retain,
             no_retained,
             client_id: id,
-            qos: filter.qos,
             cap,
         })
     }
@@ -143,9 +139,11 @@ impl LinkFilters {
         self.by_id
             .iter()
             .map(|(&id, (path, options))| {
+                // The QoS the router serves the filter at (it keeps the session's).
+                let served = self.router_qos(path).unwrap_or(0);
                 let filter = Filter {
                     path: path.clone(),
-                    qos: options.qos,
+                    qos: crate::qos::from_level(served),
                     nolocal: options.no_local,
                     preserve_retain: options.retain_as_published,
                     retain_forward_rule: if options.no_retained {
@@ -235,6 +233,7 @@ impl LinkFilters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rumqttd::protocol::QoS;
 
     fn filter(path: &str, nolocal: bool, rap: bool, rule: RetainForwardRule) -> Filter {
         Filter {
