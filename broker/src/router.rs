@@ -321,7 +321,8 @@ impl WillPublisher {
     }
 
     /// Publishes `payload` on `topic` as published at `qos`, retained if `retain`, with the
-    /// will's MQTT 5 `properties`.
+    /// will's MQTT 5 `properties`, from `origin` (its client, if that has a No Local
+    /// subscription: `carry::ORIGIN`).
     pub(crate) async fn publish(
         &self,
         topic: Bytes,
@@ -329,10 +330,11 @@ impl WillPublisher {
         retain: bool,
         qos: u8,
         mut properties: Option<PublishProperties>,
+        origin: Option<String>,
     ) -> Result<(), LinkError> {
         crate::qos::mark(&topic, qos, &mut properties);
         let retained = self.retain_wanted.mark(retain);
-        crate::carry::mark(retained, None, &mut properties);
+        crate::carry::mark(retained, origin.as_deref(), &mut properties);
         let publish = Publish::new(topic, payload, retain);
         self.tx
             .lock()

@@ -1741,6 +1741,57 @@ async fn a_persistent_sessions_subscription_options_outlive_its_connection() {
     );
 }
 
+/// A last will comes from its client (MQTT 5 §3.8.3.1: No Local is about the publishing
+/// client): the No Local subscription of the client's own persistent session does not get the
+/// will back when the session is taken up again; everyone else gets it. What waited for the
+/// session comes with the subscription's identifier (rumqttd forwards a resumed session's
+/// backlog without it).
+#[tokio::test]
+async fn a_clients_own_will_stays_away_from_its_no_local_subscription() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let mortal = Connect {
+        persistent: true,
+        session_expiry: Some(60),
+        will: Some(("wills/mortal", b"gone", false)),
+        ..connect_v5_as("mortal")
+    };
+    let (mut a, _) = connect_with_session(v5, &mortal).await;
+    assert_eq!(
+        subscribed_v5(&mut a, 1, Some(7), &[("wills/#", 1 | NO_LOCAL)]).await,
+        [1]
+    );
+    let mut watcher = client_v5(v5, "will-watcher").await;
+    assert_eq!(
+        subscribed_v5(&mut watcher, 1, None, &[("wills/#", 1)]).await,
+        [1]
+    );
+    drop(a); // lost, not DISCONNECTed: the will is published
+    let will = next_delivered(&mut watcher, true).await;
+    assert_eq!(
+        (will.topic.as_str(), &will.payload[..]),
+        ("wills/mortal", &b"gone"[..])
+    );
+    // A message of another client after the will, for the session while it is away.
+    published_v5(&mut watcher, "wills/other", b"after", false, 2, &[]).await;
+    let (mut a, present) = connect_with_session(
+        v5,
+        &Connect {
+            will: None,
+            ..mortal
+        },
+    )
+    .await;
+    assert!(present, "the session was kept");
+    let first = next_delivered(&mut a, true).await;
+    assert_eq!(
+        (first.topic.as_str(), &first.payload[..]),
+        ("wills/other", &b"after"[..]),
+        "its own will stays away"
+    );
+    assert_eq!(first.properties, [(0x0B, vec![7])]);
+}
+
 #[tokio::test]
 async fn a_repeated_subscribe_sends_the_retained_messages_again() {
     let broker = start_ephemeral().await;

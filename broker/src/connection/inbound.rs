@@ -652,7 +652,7 @@ impl Established {
 
     /// Whether the client has a No Local subscription: its publishes then carry its client id
     /// through the router (`carry`).
-    fn has_no_local(&self) -> bool {
+    pub(super) fn has_no_local(&self) -> bool {
         self.link
             .as_ref()
             .and_then(|link| link.filters.as_ref())

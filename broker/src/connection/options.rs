@@ -189,26 +189,35 @@ impl LinkFilters {
     /// forward of a filter without options, or under an identifier this table no longer has
     /// (a subscription replaced meanwhile), is delivered as the router sent it, without the
     /// front end's identifier.
+    ///
+    /// rumqttd forgets a resumed session's identifiers: what it forwards of the session's
+    /// backlog before [`Self::restore`]'s SUBSCRIBEs reach it carries none. A forward without
+    /// one whose topic only one of the link's filters matches came through that filter, and
+    /// is judged by its options; one that several filters match is delivered as sent.
     pub(super) fn judge(
         &self,
         client_id: &str,
         publish: &mut Publish,
         properties: &mut Option<PublishProperties>,
     ) -> Judged {
-        let Some(props) = properties.as_mut() else {
-            return Judged::Deliver;
+        let internal = properties.as_mut().and_then(|props| {
+            let at = props
+                .subscription_identifiers
+                .iter()
+                .position(|&id| id >= FIRST_ID)?;
+            Some((at, props.subscription_identifiers.remove(at)))
+        });
+        let (at, options) = match internal {
+            Some((at, id)) => match self.by_id.get(&id) {
+                Some((_, options)) => (at, options),
+                None => return Judged::Deliver,
+            },
+            None => match self.only_filter_of(&publish.topic) {
+                Some(options) => (0, options),
+                None => return Judged::Deliver,
+            },
         };
-        let Some(at) = props
-            .subscription_identifiers
-            .iter()
-            .position(|&id| id >= FIRST_ID)
-        else {
-            return Judged::Deliver;
-        };
-        let id = props.subscription_identifiers.remove(at);
-        let Some((_, options)) = self.by_id.get(&id) else {
-            return Judged::Deliver;
-        };
+        let props = properties.get_or_insert_with(PublishProperties::default);
         // The router flags only the retained messages it sends a new subscription; it
         // clears the flag of everything it forwards live.
         if options.no_retained && publish.retain {
@@ -227,6 +236,27 @@ impl LinkFilters {
             props.subscription_identifiers.insert(at, client_sub_id);
         }
         Judged::Deliver
+    }
+
+    /// The options of the one filter of the link that matches `topic`, if only one does and
+    /// it has options.
+    fn only_filter_of(&self, topic: &[u8]) -> Option<&Options> {
+        if self.by_id.is_empty() {
+            return None;
+        }
+        let topic = std::str::from_utf8(topic).ok()?;
+        let mut matching = self
+            .subscribed
+            .iter()
+            .filter(|(filter, _)| rumqttd::protocol::matches(topic, filter));
+        let (filter, _) = matching.next()?;
+        if matching.next().is_some() {
+            return None;
+        }
+        self.by_id
+            .values()
+            .find(|(f, _)| f == filter)
+            .map(|(_, options)| options)
     }
 }
 
@@ -260,6 +290,36 @@ mod tests {
             .subscription_identifiers
             .push(id);
         (Publish::new("a/b", "x", retained_send), properties)
+    }
+
+    #[test]
+    fn a_forward_without_an_identifier_is_judged_by_the_one_filter_it_matches() {
+        let mut table = LinkFilters::default();
+        let nl = filter("a/#", true, false, RetainForwardRule::OnEverySubscribe);
+        let (id, _) = table.subscribe("a/#", Options::of(&nl, Some(5), None), 1);
+        assert!(id.is_some());
+        // A resumed session's backlog: the router forgot the identifier.
+        let strip = |(publish, mut properties): (Publish, Option<PublishProperties>)| {
+            if let Some(props) = properties.as_mut() {
+                props.subscription_identifiers.clear();
+            }
+            (publish, properties)
+        };
+        let (mut own, mut props) = strip(forward(0, false, false, Some("me")));
+        assert_eq!(table.judge("me", &mut own, &mut props), Judged::Skip);
+        let (mut other, mut props) = strip(forward(0, false, false, Some("you")));
+        assert_eq!(table.judge("me", &mut other, &mut props), Judged::Deliver);
+        assert_eq!(props.expect("properties").subscription_identifiers, [5]);
+        // With a second filter matching, the copy could be either's: delivered as sent.
+        assert_eq!(table.subscribe("a/b", None, 1), (None, false));
+        let (mut own, mut props) = strip(forward(0, false, false, Some("me")));
+        assert_eq!(table.judge("me", &mut own, &mut props), Judged::Deliver);
+        assert!(
+            props
+                .expect("properties")
+                .subscription_identifiers
+                .is_empty()
+        );
     }
 
     #[test]

@@ -675,6 +675,9 @@ impl Established {
                 debug!(client_id = self.client_id, cause = %err, "router gone at disconnect");
             }
         }
+        // A will comes from its client: its No Local subscriptions (a persistent session's,
+        // kept beyond this connection) must not get it back (see `carry`).
+        let origin = self.has_no_local().then(|| self.client_id.clone());
         if let Some(link) = &mut self.link {
             // The router has the link's disconnect before any registration under its name
             // that follows (one channel, in order): the name may be taken again.
@@ -690,7 +693,7 @@ impl Established {
         {
             let (will, will_properties) = *will;
             if self.will_delay.is_zero() {
-                publish_will(&ctx, &self.client_id, will, will_properties).await;
+                publish_will(&ctx, &self.client_id, will, will_properties, origin).await;
             } else {
                 // MQTT 5 Will Delay: published later, unless the client is back by then.
                 let (delay, client_id) = (self.will_delay, self.client_id.clone());
@@ -700,7 +703,7 @@ impl Established {
                     if ctx.client_ids.is_held(&client_id) {
                         debug!(client_id, "client back within its will delay: no will");
                     } else {
-                        publish_will(&ctx, &client_id, will, will_properties).await;
+                        publish_will(&ctx, &client_id, will, will_properties, origin).await;
                     }
                 });
             }
@@ -747,19 +750,27 @@ impl Established {
 }
 
 /// Publishes the last `will` of `client_id`, with its MQTT 5 `properties`, as published at
-/// its QoS (see `qos`).
+/// its QoS (see `qos`), from `origin` (the client id, if it has a No Local subscription).
 async fn publish_will(
     ctx: &FrontEnd,
     client_id: &str,
     will: LastWill,
     properties: Option<PublishProperties>,
+    origin: Option<String>,
 ) {
     let qos = will.qos as u8;
     ctx.mux.record(&will.topic, &will.message, will.retain, qos);
     let topic = will.topic.clone();
     match ctx
         .wills
-        .publish(will.topic, will.message, will.retain, qos, properties)
+        .publish(
+            will.topic,
+            will.message,
+            will.retain,
+            qos,
+            properties,
+            origin,
+        )
         .await
     {
         Ok(()) => {
