@@ -1792,6 +1792,42 @@ async fn a_clients_own_will_stays_away_from_its_no_local_subscription() {
     assert_eq!(first.properties, [(0x0B, vec![7])]);
 }
 
+/// A Subscription Identifier is part of a persistent session's subscription (MQTT 5
+/// §3.8.2.1.2), also on a filter without other options: rumqttd forgets it when the session
+/// is taken up again, so the messages that waited for the session and those after came
+/// without it.
+#[tokio::test]
+async fn a_persistent_sessions_subscription_identifier_outlives_its_connection() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let keeper = Connect {
+        persistent: true,
+        session_expiry: Some(60),
+        ..connect_v5_as("id-keeper")
+    };
+    let (mut a, _) = connect_with_session(v5, &keeper).await;
+    assert_eq!(
+        subscribed_v5(&mut a, 1, Some(9), &[("kept/#", 1)]).await,
+        [1]
+    );
+    leave(a, &DISCONNECT).await;
+    let mut other = client_v5(v5, "id-other").await;
+    published_v5(&mut other, "kept/away", b"while away", false, 1, &[]).await;
+    let (mut a, present) = connect_with_session(v5, &keeper).await;
+    assert!(present, "the session was kept");
+    let away = next_delivered(&mut a, true).await;
+    assert_eq!(
+        (away.topic.as_str(), &away.properties[..]),
+        ("kept/away", &[(0x0B, vec![9])][..])
+    );
+    published_v5(&mut other, "kept/back", b"now", false, 2, &[]).await;
+    let back = next_delivered(&mut a, true).await;
+    assert_eq!(
+        (back.topic.as_str(), &back.properties[..]),
+        ("kept/back", &[(0x0B, vec![9])][..])
+    );
+}
+
 #[tokio::test]
 async fn a_repeated_subscribe_sends_the_retained_messages_again() {
     let broker = start_ephemeral().await;

@@ -553,7 +553,7 @@ impl Established {
         if !self.persistent
             && properties.as_ref().is_none_or(|p| p.id.is_none())
             && subscribe.filters.iter().all(|f| {
-                is_command_topic(f.path.as_bytes()) && Options::of(f, None, None).is_none()
+                is_command_topic(f.path.as_bytes()) && Options::of(f, None, None, false).is_none()
             })
         {
             for filter in &mut subscribe.filters {
@@ -613,7 +613,7 @@ impl Established {
             let granted = router.map_or(asked, |served| asked.min(served));
             filter.qos = qos::from_level(granted);
             let cap = router.filter(|&served| granted < served).map(|_| granted);
-            let options = Options::of(filter, client_sub_id, cap);
+            let options = Options::of(filter, client_sub_id, cap, self.persistent);
             split |= options.is_some();
             let (id, had) = table.subscribe(&filter.path, options, granted);
             if had && filter.retain_forward_rule == RetainForwardRule::OnEverySubscribe {

@@ -16,8 +16,10 @@
 //! client with a No Local subscription, its client id.
 //!
 //! A persistent session keeps its table across connections (`sessions`), as the router keeps
-//! its subscriptions and their identifiers. A connection without such options has no table:
-//! a vehicle never pays for it.
+//! its subscriptions; rumqttd forgets their identifiers when the session is taken up again, so
+//! on a persistent session a filter with the client's Subscription Identifier is kept in the
+//! table too, to be given back ([`LinkFilters::restore`]). A connection without such options
+//! has no table: a vehicle never pays for it.
 
 use std::collections::HashMap;
 
@@ -50,10 +52,22 @@ pub(super) struct Options {
 impl Options {
     /// The options of `filter`, subscribed with the client's identifier `id` (and, for a
     /// repeated SUBSCRIBE that lowered its QoS, that `cap`), that the front end must apply;
-    /// `None` if it has none of them (the router serves it as asked).
-    pub(super) fn of(filter: &Filter, id: Option<usize>, cap: Option<u8>) -> Option<Options> {
+    /// `None` if it has none of them (the router serves it as asked). For a persistent
+    /// session (`persistent`) the client's identifier is one: rumqttd forgets a resumed
+    /// session's identifiers, and the front end gives back only those it keeps
+    /// ([`LinkFilters::restore`]).
+    pub(super) fn of(
+        filter: &Filter,
+        id: Option<usize>,
+        cap: Option<u8>,
+        persistent: bool,
+    ) -> Option<Options> {
         let no_retained = filter.retain_forward_rule == RetainForwardRule::Never;
-        let any = filter.nolocal || filter.preserve_retain || no_retained || cap.is_some();
+        let any = filter.nolocal
+            || filter.preserve_retain
+            || no_retained
+            || cap.is_some()
+            || (persistent && id.is_some());
         any.then_some(Options {
             no_local: filter.nolocal,
             retain_as_published: filter.preserve_retain,
@@ -296,7 +310,7 @@ mod tests {
     fn a_forward_without_an_identifier_is_judged_by_the_one_filter_it_matches() {
         let mut table = LinkFilters::default();
         let nl = filter("a/#", true, false, RetainForwardRule::OnEverySubscribe);
-        let (id, _) = table.subscribe("a/#", Options::of(&nl, Some(5), None), 1);
+        let (id, _) = table.subscribe("a/#", Options::of(&nl, Some(5), None, false), 1);
         assert!(id.is_some());
         // A resumed session's backlog: the router forgot the identifier.
         let strip = |(publish, mut properties): (Publish, Option<PublishProperties>)| {
@@ -325,7 +339,10 @@ mod tests {
     #[test]
     fn filters_without_these_options_are_left_to_the_router() {
         let plain = filter("a/b", false, false, RetainForwardRule::OnEverySubscribe);
-        assert_eq!(Options::of(&plain, Some(7), None), None);
+        assert_eq!(Options::of(&plain, Some(7), None, false), None);
+        // A persistent session keeps the identifier through the table (`restore`).
+        let kept = Options::of(&plain, Some(7), None, true).expect("an option");
+        assert_eq!(kept.client_id, Some(7));
         let mut table = LinkFilters::default();
         assert_eq!(table.subscribe("a/b", None, 1), (None, false));
         assert_eq!(table.subscribe("a/b", None, 0), (None, true), "repeated");
@@ -348,16 +365,19 @@ mod tests {
             &filter("a/#", true, false, RetainForwardRule::OnEverySubscribe),
             Some(3),
             None,
+            false,
         );
         let rap = Options::of(
             &filter("a/b", false, true, RetainForwardRule::OnNewSubscribe),
             None,
             None,
+            false,
         );
         let never = Options::of(
             &filter("+/b", false, false, RetainForwardRule::Never),
             None,
             None,
+            false,
         );
         let nl = table.subscribe("a/#", no_local, 1).0.unwrap();
         let rap = table.subscribe("a/b", rap, 1).0.unwrap();
