@@ -81,6 +81,8 @@ pub(crate) enum MuxEvent {
         qos: u8,
         /// The retain flag to deliver with (Retain As Published).
         retain: bool,
+        /// The member's Subscription Identifier, to deliver with.
+        id: Option<crate::share::SubId>,
     },
     /// A retained message sent again for a repeated SUBSCRIBE (`retained`), to write at `qos`
     /// (min(its QoS, the subscription's)) with the retain flag.
@@ -115,11 +117,18 @@ impl crate::retained::RetainedPort for PortTx {
 }
 
 impl crate::share::MemberPort for PortTx {
-    fn give(&self, message: Arc<crate::share::SharedMessage>, qos: u8, retain: bool) -> bool {
+    fn give(
+        &self,
+        message: Arc<crate::share::SharedMessage>,
+        qos: u8,
+        retain: bool,
+        id: Option<crate::share::SubId>,
+    ) -> bool {
         self.unbounded_send(MuxEvent::Shared {
             message,
             qos,
             retain,
+            id,
         })
         .is_ok()
     }

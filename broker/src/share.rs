@@ -134,9 +134,17 @@ pub(crate) struct SharedMessage {
 /// Where a group hands a member its messages: the member's connection (its mux port, see
 /// `mux`, which implements this; so this module does not depend on the mux).
 pub(crate) trait MemberPort: Send + Sync + std::fmt::Debug {
-    /// Hands `message` to the member, to write at `qos`, with the retain flag `retain`; false
-    /// if its connection is gone.
-    fn give(&self, message: Arc<SharedMessage>, qos: u8, retain: bool) -> bool;
+    /// Hands `message` to the member, to write at `qos`, with the retain flag `retain` and
+    /// the member's Subscription Identifier `id`; false if its connection is gone.
+    fn give(&self, message: Arc<SharedMessage>, qos: u8, retain: bool, id: Option<SubId>) -> bool;
+}
+
+/// An MQTT 5 Subscription Identifier (1 to 268 435 455): four bytes, none for nothing.
+pub(crate) type SubId = std::num::NonZeroU32;
+
+/// `id` as a [`SubId`], if it is one.
+pub(crate) fn sub_id(id: Option<usize>) -> Option<SubId> {
+    SubId::new(u32::try_from(id?).ok()?)
 }
 
 /// What a member asked of its shared subscription.
@@ -146,6 +154,8 @@ pub(crate) struct MemberOptions {
     pub(crate) qos: u8,
     /// MQTT 5 Retain As Published.
     pub(crate) retain_as_published: bool,
+    /// The MQTT 5 Subscription Identifier it subscribed with, given with each message.
+    pub(crate) id: Option<SubId>,
 }
 
 /// One connection in a group.
@@ -157,6 +167,8 @@ struct Member {
     /// Its subscription's Retain As Published (MQTT 5): messages published retained are
     /// delivered with the retain flag.
     retain_as_published: bool,
+    /// Its subscription's Subscription Identifier (MQTT 5).
+    id: Option<SubId>,
     tx: Arc<dyn MemberPort>,
     /// QoS 1 messages given to it and not acknowledged yet.
     outstanding: usize,
@@ -207,17 +219,20 @@ impl Group {
         let MemberOptions {
             qos,
             retain_as_published,
+            id,
         } = options;
         let mut members = lock(&self.members);
         if let Some(member) = members.list.iter_mut().find(|m| m.connection == connection) {
             member.qos = qos;
             member.retain_as_published = retain_as_published;
+            member.id = id;
             member.tx = Arc::clone(tx);
         } else {
             members.list.push(Member {
                 connection,
                 qos,
                 retain_as_published,
+                id,
                 tx: Arc::clone(tx),
                 outstanding: 0,
                 queued: 0,
@@ -278,7 +293,7 @@ impl Group {
             let member = &mut members.list[at];
             let qos = member.qos.min(message.qos);
             let retain = member.retain_as_published && message.retained;
-            if !member.tx.give(Arc::clone(message), qos, retain) {
+            if !member.tx.give(Arc::clone(message), qos, retain, member.id) {
                 // Its connection is gone (it leaves the group on its way out).
                 members.list.swap_remove(at);
                 continue;
@@ -564,7 +579,13 @@ mod tests {
     }
 
     impl MemberPort for TestPort {
-        fn give(&self, _message: Arc<SharedMessage>, qos: u8, _retain: bool) -> bool {
+        fn give(
+            &self,
+            _message: Arc<SharedMessage>,
+            qos: u8,
+            _retain: bool,
+            _id: Option<SubId>,
+        ) -> bool {
             if self.gone.load(std::sync::atomic::Ordering::Relaxed) {
                 return false;
             }
@@ -578,6 +599,7 @@ mod tests {
         MemberOptions {
             qos,
             retain_as_published: false,
+            id: None,
         }
     }
 

@@ -1828,6 +1828,36 @@ async fn a_persistent_sessions_subscription_identifier_outlives_its_connection()
     );
 }
 
+/// A shared subscription's messages carry the Subscription Identifier it was made with
+/// (MQTT 5 §3.3.4), and none once it is made again without one.
+#[tokio::test]
+async fn a_shared_subscriptions_messages_carry_its_subscription_identifier() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let mut member = client_v5(v5, "sid-member").await;
+    assert_eq!(
+        subscribed_v5(&mut member, 1, Some(12), &[("$share/g/sid/#", 1)]).await,
+        [1]
+    );
+    let mut publisher = client_v5(v5, "sid-pub").await;
+    published_v5(&mut publisher, "sid/a", b"one", false, 1, &[]).await;
+    let got = next_delivered(&mut member, true).await;
+    assert_eq!(
+        (got.topic.as_str(), &got.properties[..]),
+        ("sid/a", &[(0x0B, vec![12])][..])
+    );
+    assert_eq!(
+        subscribed_v5(&mut member, 2, None, &[("$share/g/sid/#", 1)]).await,
+        [1]
+    );
+    published_v5(&mut publisher, "sid/b", b"two", false, 2, &[]).await;
+    let got = next_delivered(&mut member, true).await;
+    assert_eq!(
+        (got.topic.as_str(), &got.properties[..]),
+        ("sid/b", &[][..])
+    );
+}
+
 #[tokio::test]
 async fn a_repeated_subscribe_sends_the_retained_messages_again() {
     let broker = start_ephemeral().await;

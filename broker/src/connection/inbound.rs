@@ -546,7 +546,8 @@ impl Established {
             self.ctx.retain_wanted.want();
         }
         let mut refused = self.refuse_unserved(&mut subscribe);
-        self.join_shared(&mut subscribe, &mut refused);
+        let client_sub_id = share::sub_id(properties.as_ref().and_then(|p| p.id));
+        self.join_shared(&mut subscribe, client_sub_id, &mut refused);
         if subscribe.filters.is_empty() {
             return self.answer_refused(subscribe.pkid, refused);
         }
@@ -711,11 +712,13 @@ impl Established {
     /// Serves the shared subscriptions left in `subscribe` (`$share/{group}/{filter}`, well
     /// formed and within the limits): each joins its group (`share`) and is taken out of
     /// `subscribe`, its SUBACK code (the granted QoS, or a refusal if the group cannot be
-    /// created) put into `answered` at its position in the SUBSCRIBE, which stays sorted.
+    /// created) put into `answered` at its position in the SUBSCRIBE, which stays sorted;
+    /// its messages carry the SUBSCRIBE's Subscription Identifier `id`, if it has one.
     /// rumqttd's router never sees a `$share` filter.
     fn join_shared(
         &mut self,
         subscribe: &mut Subscribe,
+        id: Option<share::SubId>,
         answered: &mut Vec<(usize, SubscribeReasonCode)>,
     ) {
         if !subscribe
@@ -752,6 +755,7 @@ impl Established {
             let member = MemberOptions {
                 qos: granted_qos,
                 retain_as_published: filter.preserve_retain,
+                id,
             };
             let tx: Arc<dyn MemberPort> = Arc::new(self.port().tx.clone());
             let code = match self

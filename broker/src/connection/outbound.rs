@@ -44,15 +44,17 @@ impl Established {
                     message,
                     qos,
                     retain,
+                    id,
                 } => {
                     if qos > 0 && !self.draining && self.must_hold() {
                         self.hold(Held::Shared {
                             message,
                             qos,
                             retain,
+                            id,
                         });
                     } else {
-                        self.deliver_shared(message, qos, retain)?;
+                        self.deliver_shared(message, qos, retain, id)?;
                     }
                 }
                 MuxEvent::Retained { message, qos } => {
@@ -183,7 +185,8 @@ impl Established {
                     message,
                     qos,
                     retain,
-                } => self.deliver_shared(message, qos, retain)?,
+                    id,
+                } => self.deliver_shared(message, qos, retain, id)?,
             }
         }
         Ok(())
@@ -199,6 +202,7 @@ impl Established {
         message: Arc<SharedMessage>,
         qos: u8,
         retain: bool,
+        id: Option<crate::share::SubId>,
     ) -> Result<(), DisconnectReason> {
         message.group.written(self.connection);
         if self.draining {
@@ -208,7 +212,14 @@ impl Established {
             }
             return Ok(());
         }
-        let properties = message.properties.clone();
+        let mut properties = message.properties.clone();
+        if let Some(id) = id {
+            // Its subscription's identifier (MQTT 5 §3.3.2.3.8); a 3.1.1 connection has none.
+            properties
+                .get_or_insert_with(PublishProperties::default)
+                .subscription_identifiers
+                .push(id.get() as usize);
+        }
         match self.write_from_port(&message.topic, &message.payload, properties, qos, retain)? {
             Some(PublishInfo { qos: 1.., pkid }) => {
                 self.forwarded_to_consumer(pkid, &message.topic, &message.payload);

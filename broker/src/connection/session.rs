@@ -169,11 +169,12 @@ pub(super) enum Held {
         qos: u8,
     },
     /// A shared subscription group's message, to write at `qos` with the retain flag
-    /// `retain`.
+    /// `retain` and the Subscription Identifier `id`.
     Shared {
         message: Arc<SharedMessage>,
         qos: u8,
         retain: bool,
+        id: Option<crate::share::SubId>,
     },
     /// A retained message sent again (`retained`), to write at `qos`.
     Retained {
