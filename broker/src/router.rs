@@ -330,11 +330,11 @@ impl WillPublisher {
         retain: bool,
         qos: u8,
         mut properties: Option<PublishProperties>,
-        origin: Option<String>,
+        origin: Option<&str>,
     ) -> Result<(), LinkError> {
         crate::qos::mark(&topic, qos, &mut properties);
         let retained = self.retain_wanted.mark(retain);
-        crate::carry::mark(retained, origin.as_deref(), &mut properties);
+        crate::carry::mark(retained, origin, &mut properties);
         let publish = Publish::new(topic, payload, retain);
         self.tx
             .lock()

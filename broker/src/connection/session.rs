@@ -678,7 +678,7 @@ impl Established {
         }
         // A will comes from its client: its No Local subscriptions (a persistent session's,
         // kept beyond this connection) must not get it back (see `carry`).
-        let origin = self.has_no_local().then(|| self.client_id.clone());
+        let no_local = self.has_no_local();
         if let Some(link) = &mut self.link {
             // The router has the link's disconnect before any registration under its name
             // that follows (one channel, in order): the name may be taken again.
@@ -694,7 +694,7 @@ impl Established {
         {
             let (will, will_properties) = *will;
             if self.will_delay.is_zero() {
-                publish_will(&ctx, &self.client_id, will, will_properties, origin).await;
+                publish_will(&ctx, &self.client_id, will, will_properties, no_local).await;
             } else {
                 // MQTT 5 Will Delay: published later, unless the client is back by then.
                 let (delay, client_id) = (self.will_delay, self.client_id.clone());
@@ -704,7 +704,7 @@ impl Established {
                     if ctx.client_ids.is_held(&client_id) {
                         debug!(client_id, "client back within its will delay: no will");
                     } else {
-                        publish_will(&ctx, &client_id, will, will_properties, origin).await;
+                        publish_will(&ctx, &client_id, will, will_properties, no_local).await;
                     }
                 });
             }
@@ -751,13 +751,14 @@ impl Established {
 }
 
 /// Publishes the last `will` of `client_id`, with its MQTT 5 `properties`, as published at
-/// its QoS (see `qos`), from `origin` (the client id, if it has a No Local subscription).
+/// its QoS (see `qos`); marked as the client's (`carry::ORIGIN`) if it has a No Local
+/// subscription (`no_local`).
 async fn publish_will(
     ctx: &FrontEnd,
     client_id: &str,
     will: LastWill,
     properties: Option<PublishProperties>,
-    origin: Option<String>,
+    no_local: bool,
 ) {
     let qos = will.qos as u8;
     ctx.mux.record(&will.topic, &will.message, will.retain, qos);
@@ -770,7 +771,7 @@ async fn publish_will(
             will.retain,
             qos,
             properties,
-            origin,
+            no_local.then_some(client_id),
         )
         .await
     {
