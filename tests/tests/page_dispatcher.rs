@@ -422,15 +422,21 @@ async fn page_stays_interactive_with_10k_vehicles() -> anyhow::Result<()> {
         "{FLEET_10K} device-sim vehicles on the page {:?} after the simulator started: {stats}",
         started.elapsed()
     );
-    // Every one of them, by id, with a position that came through the pipeline.
-    let missing = page
-        .eval(&format!(
-            "(() => {{ const missing = []; for (let i = 1; i <= {FLEET_10K}; i++) {{ \
-               const id = `city-${{String(i).padStart(4, '0')}}`; const v = window.__fleetbeat.vehicle(id); \
-               if (!v || v.status !== 'online' || !v.position) missing.push(id); }} return missing; }})()"
-        ))
-        .await?;
-    assert_eq!(missing, json!([]), "vehicles the page does not show");
+    // Every one of them, by id, with a position that came through the pipeline. Awaited, not
+    // read once: on a loaded machine a vehicle whose heartbeat came late is marked stale by the
+    // bridge and online again at its next one (a CI run caught one such vehicle right after the
+    // counters above), so the page shows it online again within the bound.
+    let missing = format!(
+        "(() => {{ const missing = []; for (let i = 1; i <= {FLEET_10K}; i++) {{ \
+           const id = `city-${{String(i).padStart(4, '0')}}`; const v = window.__fleetbeat.vehicle(id); \
+           if (!v || v.status !== 'online' || !v.position) missing.push(v ?? id); }} return missing; }})()"
+    );
+    if let Err(e) = page.wait(&format!("{missing}.length === 0"), WAIT).await {
+        let left = page.eval(&missing).await?;
+        bail!(
+            "vehicles the page does not show online with a position after {WAIT:?}: {left} ({e:#})"
+        );
+    }
     // They keep coming: every vehicle heartbeats again (position batches keep arriving).
     let batches = stats["batches"].as_u64().unwrap_or(0);
     page.wait_stats(&format!("s.batches >= {batches} + 20"), WAIT)
