@@ -76,6 +76,7 @@ pub mod config;
 mod connection;
 mod durability;
 mod error;
+mod expiry;
 #[cfg(any(test, feature = "fault-injection"))]
 mod fault;
 mod file_watch;

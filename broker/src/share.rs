@@ -129,6 +129,9 @@ pub(crate) struct SharedMessage {
     /// Whether it was published retained (for members with Retain As Published; the router
     /// clears the flag of what it forwards live, see `carry`).
     pub(crate) retained: bool,
+    /// When the group read it from the router: its Message Expiry Interval runs on while it
+    /// waits for a member (`expiry`).
+    pub(crate) kept: crate::expiry::Kept,
 }
 
 /// Where a group hands a member its messages: the member's connection (its mux port, see
@@ -499,6 +502,7 @@ async fn dispatch(
                     properties,
                     qos,
                     retained,
+                    kept: crate::expiry::Kept::now(),
                 });
                 loop {
                     match group.give(&message, false) {
@@ -568,6 +572,7 @@ mod tests {
             properties: None,
             qos,
             retained: false,
+            kept: crate::expiry::Kept::now(),
         })
     }
 

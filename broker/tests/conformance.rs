@@ -1858,6 +1858,86 @@ async fn a_shared_subscriptions_messages_carry_its_subscription_identifier() {
     );
 }
 
+/// The encoded MQTT 5 Message Expiry Interval property of `seconds`.
+fn message_expiry(seconds: u32) -> Vec<u8> {
+    let mut out = vec![0x02];
+    out.extend_from_slice(&seconds.to_be_bytes());
+    out
+}
+
+/// The Message Expiry Interval a delivered message carries, if any.
+fn expiry_of(message: &Delivered) -> Option<u32> {
+    message
+        .properties
+        .iter()
+        .find(|(id, _)| *id == 0x02)
+        .map(|(_, value)| u32::from_be_bytes(value[..4].try_into().unwrap()))
+}
+
+/// MQTT 5 §3.3.2.3.3: a message waiting in the broker for a subscriber (here held back by its
+/// Receive Maximum of 1) is not delivered once its Message Expiry Interval has passed, and
+/// one still alive goes out with the interval less the time it waited. For the connection's
+/// own subscriptions (the router's forwards the front end holds) and for a shared
+/// subscription's messages (the group's, which the front end serves) alike.
+#[tokio::test]
+async fn a_message_waiting_for_a_slow_subscriber_expires_or_goes_out_with_less_time() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let mut publisher = client_v5(v5, "exp-pub").await;
+    for (case, filter) in [("own", "exp/own/#"), ("shared", "$share/g/exp/shared/#")] {
+        let mut slow = connected_with(
+            v5,
+            &connect_v5_with(&format!("exp-{case}"), &[0x21, 0, 1], None),
+        )
+        .await;
+        assert_eq!(subscribed_v5(&mut slow, 1, None, &[(filter, 1)]).await, [1]);
+        let topic = format!("exp/{case}/a");
+        let messages: [(&[u8], Vec<u8>); 4] = [
+            (b"first", Vec::new()),
+            (b"short", message_expiry(1)),
+            (b"long", message_expiry(60)),
+            (b"last", Vec::new()),
+        ];
+        for (i, (payload, props)) in messages.iter().enumerate() {
+            published_v5(&mut publisher, &topic, payload, false, i as u16 + 1, props).await;
+        }
+        let first = unacknowledged_publish(&mut slow).await;
+        assert_eq!(first.payload, b"first", "{case}");
+        assert_eq!(
+            slow.read_within(QUIET).await,
+            None,
+            "{case}: one unacknowledged"
+        );
+        let expired_before = broker.metrics().dropped_total(DropReason::Expired);
+        // The waiting is what is under test: past the short one's second, within the long
+        // one's minute.
+        tokio::time::sleep(Duration::from_millis(2_300)).await;
+        slow.send(&puback(first.pkid.unwrap())).await;
+        let long = next_delivered(&mut slow, true).await;
+        assert_eq!(
+            long.payload, b"long",
+            "{case}: the expired one is not delivered"
+        );
+        let left = expiry_of(&long).expect("the interval that is left");
+        assert!(
+            (50..=58).contains(&left),
+            "{case}: 60 s less the 2 s it waited, got {left}"
+        );
+        let last = next_delivered(&mut slow, true).await;
+        assert_eq!(
+            (last.payload.as_slice(), expiry_of(&last)),
+            (&b"last"[..], None),
+            "{case}"
+        );
+        assert_eq!(
+            broker.metrics().dropped_total(DropReason::Expired),
+            expired_before + 1,
+            "{case}: the expired one counted"
+        );
+    }
+    still_routes(broker.v4_addr(), "expiry").await;
+}
+
 #[tokio::test]
 async fn a_repeated_subscribe_sends_the_retained_messages_again() {
     let broker = start_ephemeral().await;

@@ -14,6 +14,7 @@ use super::inbound::put_back_refusals;
 use super::network::PublishInfo;
 use super::options::Judged;
 use super::session::{Established, Held, MUX_PKIDS};
+use crate::expiry::{Aged, Kept};
 use crate::listener::Listener;
 use crate::metrics::{DisconnectReason, DropReason};
 use crate::mux::{CommandMessage, MuxEvent, publish_pkid, publish_with};
@@ -61,7 +62,11 @@ impl Established {
                     if self.draining {
                         self.ctx.metrics.dropped(DropReason::Shutdown);
                     } else if qos > 0 && self.must_hold() {
-                        self.hold(Held::Retained { message, qos });
+                        self.hold(Held::Retained {
+                            message,
+                            qos,
+                            kept: Kept::now(),
+                        });
                     } else {
                         self.write_retained(&message, qos)?;
                     }
@@ -178,9 +183,26 @@ impl Established {
                 break;
             };
             match held {
-                Held::Router(forward) => self.write_forward(*forward, true)?,
+                Held::Router { mut forward, kept } => {
+                    if self.expired(kept, &mut forward.properties) {
+                        // Acknowledged to the router in its place among the forwards.
+                        if let Some(pkid) = publish_pkid(&forward.publish) {
+                            self.forward_done(pkid);
+                        }
+                    } else {
+                        self.write_forward(*forward, true)?;
+                    }
+                }
                 Held::Command { command, qos } => self.write_command(&command, qos)?,
-                Held::Retained { message, qos } => self.write_retained(&message, qos)?,
+                Held::Retained {
+                    mut message,
+                    qos,
+                    kept,
+                } => {
+                    if !self.expired(kept, &mut message.properties) {
+                        self.write_retained(&message, qos)?;
+                    }
+                }
                 Held::Shared {
                     message,
                     qos,
@@ -213,6 +235,12 @@ impl Established {
             return Ok(());
         }
         let mut properties = message.properties.clone();
+        if self.expired(message.kept, &mut properties) {
+            if qos > 0 {
+                message.group.acknowledged(self.connection);
+            }
+            return Ok(());
+        }
         if let Some(id) = id {
             // Its subscription's identifier (MQTT 5 §3.3.2.3.8); a 3.1.1 connection has none.
             properties
@@ -231,6 +259,33 @@ impl Established {
             None => {}
         }
         Ok(())
+    }
+
+    /// Whether a message the front end kept since `kept` is past its MQTT 5 Message Expiry
+    /// Interval (counted, `dropped_total{reason="expired"}`); if not, its interval in
+    /// `properties` is lowered by the time it waited (`expiry`). Never for the durable
+    /// consumer: what it is given is an accepted message the broker answers for until the
+    /// consumer has it (`durability`), so it is delivered whatever its interval says.
+    fn expired(&self, kept: Kept, properties: &mut Option<PublishProperties>) -> bool {
+        if self.consumer || kept.age(properties) == Aged::Live {
+            return false;
+        }
+        self.ctx.metrics.dropped(DropReason::Expired);
+        true
+    }
+
+    /// Marks the router's forward `pkid` as done with without the client (an expired one it
+    /// held back): acknowledged to the router in its place among the forwards, by the next
+    /// [`Self::acknowledge_forward`].
+    fn forward_done(&mut self, pkid: u16) {
+        if let Some((_, done)) = self
+            .extras()
+            .router_forwards
+            .iter_mut()
+            .find(|(p, done)| *p == pkid && !*done)
+        {
+            *done = true;
+        }
     }
 
     /// Puts the UNSUBACK reasons of the filters the front end answered itself (shared
@@ -391,7 +446,10 @@ impl Established {
                         if let Some(pkid) = publish_pkid(&forward.publish) {
                             self.extras().router_forwards.push_back((pkid, false));
                         }
-                        self.hold(Held::Router(Box::new(forward)));
+                        self.hold(Held::Router {
+                            forward: Box::new(forward),
+                            kept: Kept::now(),
+                        });
                     } else {
                         self.write_forward(forward, false)?;
                     }

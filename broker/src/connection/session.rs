@@ -159,10 +159,14 @@ pub(super) struct Extras {
     pub(super) topic_aliases: HashMap<u16, Bytes>,
 }
 
-/// A QoS 1 or 2 delivery held back by the client's Receive Maximum.
+/// A QoS 1 or 2 delivery held back by the client's Receive Maximum. Those that carry MQTT 5
+/// properties are stamped when held: their Message Expiry Interval runs on (`expiry`).
 pub(super) enum Held {
     /// A forward of the connection's own router link.
-    Router(Box<rumqttd::Forward>),
+    Router {
+        forward: Box<rumqttd::Forward>,
+        kept: crate::expiry::Kept,
+    },
     /// A command from the mux link, to write at `qos`.
     Command {
         command: Arc<crate::mux::CommandMessage>,
@@ -180,6 +184,7 @@ pub(super) enum Held {
     Retained {
         message: Box<crate::retained::RetainedMessage>,
         qos: u8,
+        kept: crate::expiry::Kept,
     },
 }
 

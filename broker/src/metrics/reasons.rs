@@ -137,6 +137,10 @@ reasons! {
         Shutdown => "shutdown",
         /// The JSON mirror could not republish it.
         Mirror => "mirror",
+        /// Its MQTT 5 Message Expiry Interval passed while it waited in the front end for
+        /// the subscriber (its Receive Maximum, a shared group's member with room; see
+        /// `expiry`).
+        Expired => "expired",
     }
 }
 
