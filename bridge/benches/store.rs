@@ -576,8 +576,6 @@ async fn run() -> BenchResult<()> {
     println!();
     println!("## Store benchmark");
     println!();
-    println!("`cargo bench -p bridge --no-default-features --bench store`");
-    println!();
     println!(
         "{} CPUs (load average before the run: {load}), database in `{}`; {} prepared orders; \
          each line runs for at most {:.1} s.",
