@@ -8,7 +8,9 @@
 //! - whether it was published retained ([`RETAINED`]): the router clears the retain flag of
 //!   everything it forwards live, which MQTT 5's Retain As Published needs;
 //! - who published it ([`ORIGIN`]: the client id), only from a client that has a No Local
-//!   subscription, the one subscriber that needs it.
+//!   subscription, the one subscriber that needs it;
+//! - when a retained publish's MQTT 5 Message Expiry Interval ends ([`EXPIRES`], instead of the
+//!   interval: rumqttd's retained store counts the interval down wrongly, see `expiry`).
 //!
 //! [`RETAINED`] is written only once a client has asked for Retain As Published
 //! ([`RetainWanted`]): until then nobody would read it, and retained publishes (every vehicle's
@@ -33,6 +35,10 @@ pub(crate) const RETAINED: &str = "fleetbeat-internal-retained";
 /// The client id of the client that published it (only from clients with a No Local
 /// subscription).
 pub(crate) const ORIGIN: &str = "fleetbeat-internal-origin";
+
+/// When a retained publish's Message Expiry Interval ends, in milliseconds of the broker's
+/// clock (`expiry`): carried instead of the interval.
+pub(crate) const EXPIRES: &str = "fleetbeat-internal-expires";
 
 /// Whether any client asked for Retain As Published since the broker started (shared by the
 /// front end, the will publisher and the JSON mirror): retained publishes carry [`RETAINED`]

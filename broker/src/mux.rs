@@ -411,7 +411,10 @@ impl Mux {
                     let qos =
                         crate::qos::original(&forward.publish.topic, forward.properties.as_ref())
                             .min(crate::qos::MAX_QOS);
-                    self.forward(forward.publish, qos);
+                    let mut properties = forward.properties;
+                    if crate::expiry::restore(&mut properties) == crate::expiry::Aged::Live {
+                        self.forward(forward.publish, qos);
+                    }
                     if let Some(pkid) = pkid {
                         // Handed to every subscriber's queue: acknowledge, so the router's
                         // in-flight window for the mux link moves on.

@@ -201,6 +201,9 @@ async fn fetch(
                 let Some(repeated) = through else {
                     continue;
                 };
+                if crate::expiry::restore(&mut properties) == crate::expiry::Aged::Expired {
+                    continue;
+                }
                 let topic = forward.publish.topic;
                 let original = crate::qos::take_original(&topic, &mut properties);
                 if let Some(id) = repeated.id {

@@ -335,6 +335,7 @@ impl WillPublisher {
         crate::qos::mark(&topic, qos, &mut properties);
         let retained = self.retain_wanted.mark(retain);
         crate::carry::mark(retained, origin, &mut properties);
+        crate::expiry::carry_retained(retain, &mut properties);
         let publish = Publish::new(topic, payload, retain);
         self.tx
             .lock()

@@ -491,6 +491,10 @@ async fn dispatch(
             Ok(Some(Notification::Forward(forward))) if forward.publish.retain => {}
             Ok(Some(Notification::Forward(forward))) => {
                 let mut properties = forward.properties;
+                if crate::expiry::restore(&mut properties) == crate::expiry::Aged::Expired {
+                    metrics.dropped(crate::metrics::DropReason::Expired);
+                    continue;
+                }
                 let retained =
                     crate::carry::get(properties.as_ref(), crate::carry::RETAINED).is_some();
                 let qos = crate::qos::take_original(&forward.publish.topic, &mut properties)

@@ -190,6 +190,7 @@ impl Established {
         let origin = self.has_no_local().then_some(self.client_id.as_str());
         let retained = self.ctx.retain_wanted.mark(publish.retain);
         carry::mark(retained, origin, &mut properties);
+        crate::expiry::carry_retained(publish.retain, &mut properties);
         (publish.topic, publish.payload) = own_copy(&publish.topic, &publish.payload);
         if qos == 1 && !self.expect_puback(&publish, pkid) {
             return Ok(());

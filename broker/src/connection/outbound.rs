@@ -534,6 +534,19 @@ impl Established {
     fn write_forward(&mut self, forward: Forward, kept: bool) -> Result<(), DisconnectReason> {
         let kind = kind_of(&forward.publish.topic);
         let mut properties = forward.properties;
+        if crate::expiry::restore(&mut properties) == Aged::Expired && !self.consumer {
+            // A retained message past its interval (`expiry`): acknowledged to the router in
+            // its place among the forwards.
+            self.ctx.metrics.dropped(DropReason::Expired);
+            if let Some(pkid) = publish_pkid(&forward.publish) {
+                if kept {
+                    self.forward_done(pkid);
+                } else {
+                    self.extras().router_forwards.push_back((pkid, true));
+                }
+            }
+            return Ok(());
+        }
         let original = qos::take_original(&forward.publish.topic, &mut properties);
         let message = self.consumer.then(|| {
             (
