@@ -42,6 +42,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
+use crate::expiry::Kept;
 use crate::router::{
     LinkRefused, LinkRequest, Registrar, append_all_but_last, send_now, wait_for_router,
 };
@@ -143,6 +144,12 @@ pub(crate) struct CommandMessage {
     pub(crate) retain: bool,
     /// The QoS it was published at (at most [`qos::MAX_QOS`](crate::qos::MAX_QOS)).
     pub(crate) qos: u8,
+    /// Its MQTT 5 properties (user properties, correlation data, response topic, ...) as they
+    /// left or entered the router: the broker's markers are still in (`carry`), removed as it
+    /// is written; a retained one's interval is in `carry::EXPIRES` (`expiry`).
+    pub(crate) properties: Option<PublishProperties>,
+    /// When the front end took it: its Message Expiry Interval runs on (`expiry`).
+    pub(crate) kept: Kept,
 }
 
 /// One connection's subscription to one exact command topic.
@@ -363,10 +370,17 @@ impl Mux {
         removed
     }
 
-    /// Remembers a publish on a command topic, published at `qos`, the way rumqttd's router
-    /// treats retained messages: a retained one replaces the topic's, an empty payload clears
-    /// it.
-    pub(crate) fn record(&self, topic: &[u8], payload: &Bytes, retain: bool, qos: u8) {
+    /// Remembers a publish on a command topic, published at `qos` with `properties`, the way
+    /// rumqttd's router treats retained messages: a retained one replaces the topic's, an
+    /// empty payload clears it.
+    pub(crate) fn record(
+        &self,
+        topic: &[u8],
+        payload: &Bytes,
+        retain: bool,
+        qos: u8,
+        properties: Option<&PublishProperties>,
+    ) {
         if !is_command_topic(topic) {
             return;
         }
@@ -374,11 +388,16 @@ impl Mux {
             lock(&self.retained).remove(topic);
         } else if retain {
             let topic = Bytes::copy_from_slice(topic);
+            let mut properties = properties.cloned();
+            // Its interval counts from now, for every later subscriber.
+            crate::expiry::carry_retained(true, &mut properties);
             let command = CommandMessage {
                 topic: topic.clone(),
                 payload: payload.clone(),
                 retain: true,
                 qos: qos.min(crate::qos::MAX_QOS),
+                properties,
+                kept: Kept::now(),
             };
             lock(&self.retained).insert(topic, Arc::new(command));
         }
@@ -411,10 +430,7 @@ impl Mux {
                     let qos =
                         crate::qos::original(&forward.publish.topic, forward.properties.as_ref())
                             .min(crate::qos::MAX_QOS);
-                    let mut properties = forward.properties;
-                    if crate::expiry::restore(&mut properties) == crate::expiry::Aged::Live {
-                        self.forward(forward.publish, qos);
-                    }
+                    self.forward(forward.publish, qos, forward.properties);
                     if let Some(pkid) = pkid {
                         // Handed to every subscriber's queue: acknowledge, so the router's
                         // in-flight window for the mux link moves on.
@@ -447,8 +463,9 @@ impl Mux {
         self.dead.cancel();
     }
 
-    /// Hands a command published at `qos` to the connections subscribed to its topic.
-    fn forward(&self, publish: Publish, qos: u8) {
+    /// Hands a command published at `qos`, with `properties`, to the connections subscribed
+    /// to its topic.
+    fn forward(&self, publish: Publish, qos: u8, properties: Option<PublishProperties>) {
         let mut subscribers = lock(&self.subscribers);
         let Some(list) = subscribers.get_mut(&publish.topic) else {
             return;
@@ -458,6 +475,8 @@ impl Mux {
             payload: publish.payload,
             retain: false,
             qos,
+            properties,
+            kept: Kept::now(),
         });
         list.retain(|s| {
             s.tx.unbounded_send(MuxEvent::Command {

@@ -2013,6 +2013,99 @@ async fn a_retained_messages_expiry_counts_from_its_publish_for_every_subscriber
     still_routes(broker.v4_addr(), "retained-expiry").await;
 }
 
+/// A command reaches an MQTT 5 vehicle with its publisher's properties (user properties,
+/// response topic, correlation data, Message Expiry Interval), live and retained, although
+/// commands take the devices' shared link, not the vehicle's own (before, they arrived with
+/// none); and a retained command past its interval reaches no later subscriber.
+#[tokio::test]
+async fn a_command_keeps_its_properties_and_its_expiry() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let topic = "fleet/f/van-9/cmd";
+    let mut van = client_v5(v5, "van-9").await;
+    assert_eq!(subscribed_v5(&mut van, 1, None, &[(topic, 1)]).await, [1]);
+    let mut request = user_property("job", "42");
+    request.push(0x08);
+    shared::frame::put_str(&mut request, b"fleet/f/van-9/ack");
+    request.push(0x09);
+    shared::frame::put_str(&mut request, b"c-1");
+    let mut props = request.clone();
+    props.extend(message_expiry(30));
+    let mut dispatcher = client_v5(v5, "cmd-dispatcher").await;
+    published_v5(&mut dispatcher, topic, b"go", false, 1, &props).await;
+    let got = next_delivered(&mut van, true).await;
+    assert_eq!(got.payload, b"go");
+    assert_eq!(
+        user_properties(&got.properties),
+        [("job".into(), "42".into())]
+    );
+    let value = |id: u8| {
+        got.properties
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, v)| v[2..].to_vec())
+    };
+    assert_eq!(
+        value(0x08).as_deref(),
+        Some(&b"fleet/f/van-9/ack"[..]),
+        "response topic"
+    );
+    assert_eq!(
+        value(0x09).as_deref(),
+        Some(&b"c-1"[..]),
+        "correlation data"
+    );
+    assert!(
+        matches!(expiry_of(&got), Some(29..=30)),
+        "{:?}",
+        got.properties
+    );
+    assert!(
+        user_properties(&got.properties)
+            .iter()
+            .all(|(k, _)| !k.starts_with("fleetbeat-internal")),
+        "no marker of the broker's"
+    );
+
+    // Retained: one with a second to live, one with a minute.
+    let mut props = user_property("job", "43");
+    props.extend(message_expiry(60));
+    published_v5(&mut dispatcher, topic, b"kept", true, 2, &props).await;
+    assert_eq!(next_delivered(&mut van, true).await.payload, b"kept");
+    published_v5(
+        &mut dispatcher,
+        "fleet/f/van-8/cmd",
+        b"brief",
+        true,
+        3,
+        &message_expiry(1),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let mut later = client_v5(v5, "van-9-again").await;
+    assert_eq!(
+        subscribed_v5(&mut later, 1, None, &[(topic, 1), ("fleet/f/van-8/cmd", 1)]).await,
+        [1, 1]
+    );
+    let got = next_delivered(&mut later, true).await;
+    assert!(got.retain, "sent as retained");
+    assert_eq!(got.payload, b"kept");
+    assert_eq!(
+        user_properties(&got.properties),
+        [("job".into(), "43".into())]
+    );
+    assert!(
+        matches!(expiry_of(&got), Some(57..=58)),
+        "{:?}",
+        got.properties
+    );
+    assert_eq!(
+        later.read_within(QUIET).await,
+        None,
+        "the brief one has expired"
+    );
+}
+
 #[tokio::test]
 async fn a_repeated_subscribe_sends_the_retained_messages_again() {
     let broker = start_ephemeral().await;

@@ -195,9 +195,13 @@ impl Established {
         if qos == 1 && !self.expect_puback(&publish, pkid) {
             return Ok(());
         }
-        self.ctx
-            .mux
-            .record(&publish.topic, &publish.payload, publish.retain, qos);
+        self.ctx.mux.record(
+            &publish.topic,
+            &publish.payload,
+            publish.retain,
+            qos,
+            properties.as_ref(),
+        );
         if via_link {
             self.ensure_link()?;
             batch.push(Packet::Publish(publish, properties));

@@ -93,14 +93,20 @@ impl Established {
 
     /// Writes a command from the mux link at `qos`, under a packet id of [`MUX_PKIDS`] if it is
     /// QoS 1.
+    /// With its publisher's MQTT 5 properties, unless its Message Expiry Interval has passed.
     fn write_command(&mut self, command: &CommandMessage, qos: u8) -> Result<(), DisconnectReason> {
-        let pkid = if qos > 0 { self.next_mux_pkid() } else { 0 };
-        let publish = publish_with(&command.topic, &command.payload, qos, pkid, command.retain);
-        self.answer(Packet::Publish(publish, None))?;
-        self.ctx.metrics.message_out(kind_of(&command.topic));
-        if qos > 0 {
-            self.mux_outgoing.push(pkid);
+        let mut properties = command.properties.clone();
+        if self.expired(command.kept, &mut properties) {
+            return Ok(());
         }
+        crate::carry::strip(&mut properties);
+        self.write_from_port(
+            &command.topic,
+            &command.payload,
+            properties,
+            qos,
+            command.retain,
+        )?;
         Ok(())
     }
 
@@ -267,7 +273,10 @@ impl Established {
     /// consumer: what it is given is an accepted message the broker answers for until the
     /// consumer has it (`durability`), so it is delivered whatever its interval says.
     fn expired(&self, kept: Kept, properties: &mut Option<PublishProperties>) -> bool {
-        if self.consumer || kept.age(properties) == Aged::Live {
+        if self.consumer
+            || kept.age(properties) == Aged::Live
+                && crate::expiry::restore(properties) == Aged::Live
+        {
             return false;
         }
         self.ctx.metrics.dropped(DropReason::Expired);

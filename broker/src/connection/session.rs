@@ -766,7 +766,13 @@ async fn publish_will(
     no_local: bool,
 ) {
     let qos = will.qos as u8;
-    ctx.mux.record(&will.topic, &will.message, will.retain, qos);
+    ctx.mux.record(
+        &will.topic,
+        &will.message,
+        will.retain,
+        qos,
+        properties.as_ref(),
+    );
     let topic = will.topic.clone();
     match ctx
         .wills
