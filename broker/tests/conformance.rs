@@ -2104,6 +2104,25 @@ async fn a_command_keeps_its_properties_and_its_expiry() {
         None,
         "the brief one has expired"
     );
+
+    // A marker of the broker's a client forges is no marker: a retained last will on a command
+    // topic claiming to have expired long ago still reaches the next subscriber, without it.
+    let topic = "fleet/f/van-7/cmd";
+    let forged = user_property("fleetbeat-internal-expires", "0");
+    let mut will_connect = connect_v5_with("cmd-mortal", &[], Some((topic, b"stop", &forged)));
+    will_connect[9] |= 0x20; // the will is retained (CONNECT flags, after "MQTT" and level 5)
+    let wills = broker.metrics().wills_published_total();
+    let mortal = connected_with(v5, &will_connect).await;
+    drop(mortal); // lost, not DISCONNECTed: the will is published
+    eventually("the will published", || {
+        broker.metrics().wills_published_total() > wills
+    })
+    .await;
+    let mut van = client_v5(v5, "van-7").await;
+    assert_eq!(subscribed_v5(&mut van, 1, None, &[(topic, 1)]).await, [1]);
+    let got = next_delivered(&mut van, true).await;
+    assert_eq!((got.payload.as_slice(), got.retain), (&b"stop"[..], true));
+    assert_eq!(got.properties, [], "no marker");
 }
 
 #[tokio::test]

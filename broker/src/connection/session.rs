@@ -766,12 +766,15 @@ async fn publish_will(
     no_local: bool,
 ) {
     let qos = will.qos as u8;
+    // As the client sent them: without a marker of the broker's it may have forged (`carry`).
+    let mut recorded = properties.clone();
+    crate::carry::remove_forged(&mut recorded);
     ctx.mux.record(
         &will.topic,
         &will.message,
         will.retain,
         qos,
-        properties.as_ref(),
+        recorded.as_ref(),
     );
     let topic = will.topic.clone();
     match ctx
