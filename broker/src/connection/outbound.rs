@@ -92,8 +92,8 @@ impl Established {
     }
 
     /// Writes a command from the mux link at `qos`, under a packet id of [`MUX_PKIDS`] if it is
-    /// QoS 1.
-    /// With its publisher's MQTT 5 properties, unless its Message Expiry Interval has passed.
+    /// QoS 1, with its publisher's MQTT 5 properties; not once its Message Expiry Interval has
+    /// passed.
     fn write_command(&mut self, command: &CommandMessage, qos: u8) -> Result<(), DisconnectReason> {
         let mut properties = command.properties.clone();
         if self.expired(command.kept, &mut properties) {
