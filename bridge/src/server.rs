@@ -528,6 +528,8 @@ const REDIS_CONNECT: Duration = Duration::from_secs(5);
 const REGISTRATION_TTL: Duration = Duration::from_secs(15);
 /// How often the registration is refreshed.
 const REGISTRATION_REFRESH: Duration = Duration::from_secs(5);
+/// How soon a refresh that could not reach Redis is tried again, while it stays away.
+const REGISTRATION_RETRY: Duration = Duration::from_millis(500);
 
 /// Sets the registration if it is ours or gone (Redis lost it); returns 1, or 0 if another
 /// bridge holds it. KEYS[1]: the key; ARGV[1]: our token; ARGV[2]: the TTL in ms.
@@ -646,32 +648,52 @@ impl Registration {
     }
 
     /// Refreshes the registration every [`REGISTRATION_REFRESH`] until `cancel`, then deletes
-    /// it if it is still ours. A failure (Redis unreachable: it reconnects on the next round;
-    /// or another bridge took the client id) is logged and counted in `metrics`.
+    /// it if it is still ours. A failure is counted in `metrics` and logged: another bridge
+    /// took the client id; or Redis is unreachable (or did not answer in [`REDIS_CONNECT`]),
+    /// then it reconnects and tries again every [`REGISTRATION_RETRY`].
     async fn keep(mut self, metrics: Arc<Metrics>, cancel: CancellationToken) {
-        let mut ticks = tokio::time::interval(REGISTRATION_REFRESH);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticks.reset();
+        let mut wait = REGISTRATION_REFRESH;
+        let mut lost = false;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
-                _ = ticks.tick() => {}
+                () = tokio::time::sleep(wait) => {}
             }
-            match self.run_script(REFRESH_SCRIPT, Some(ttl_ms())).await {
-                Ok(1) => debug!(key = %self.key, "registration refreshed"),
-                Ok(_) => {
+            let refresh = self.run_script(REFRESH_SCRIPT, Some(ttl_ms()));
+            let cause = match tokio::time::timeout(REDIS_CONNECT, refresh).await {
+                Ok(Ok(1)) => {
+                    if lost {
+                        info!(key = %self.key, "registration back in Redis");
+                    } else {
+                        debug!(key = %self.key, "registration refreshed");
+                    }
+                    lost = false;
+                    wait = REGISTRATION_REFRESH;
+                    continue;
+                }
+                Ok(Ok(_)) => {
                     metrics.count(Counter::RedisErrors);
                     error!(
                         client_id = %self.client_id,
                         "client_id {} is in use by another bridge (registered in Redis): give each bridge its own client_id",
                         self.client_id
                     );
+                    wait = REGISTRATION_REFRESH;
+                    continue;
                 }
-                Err(err) => {
-                    metrics.count(Counter::RedisErrors);
-                    warn!(redis = %self.shown, cause = %err, "cannot refresh the bridge's registration in Redis: will retry");
-                }
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => format!("no answer in {REDIS_CONNECT:?}"),
+            };
+            // Redis is unreachable: try again soon, so the registration is back shortly after
+            // Redis is (a refused connection costs little; logged once, counted each time).
+            metrics.count(Counter::RedisErrors);
+            if lost {
+                debug!(redis = %self.shown, %cause, "still cannot refresh the bridge's registration in Redis");
+            } else {
+                warn!(redis = %self.shown, %cause, "cannot refresh the bridge's registration in Redis: will retry");
             }
+            lost = true;
+            wait = REGISTRATION_RETRY;
         }
         match tokio::time::timeout(REDIS_CONNECT, self.run_script(RELEASE_SCRIPT, None)).await {
             Ok(Ok(1)) => info!(key = %self.key, "registration removed from Redis"),

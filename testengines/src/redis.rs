@@ -102,6 +102,27 @@ impl TempRedis {
         self.dir.path()
     }
 
+    /// Whether `key` (without spaces) exists on the server now.
+    ///
+    /// # Errors
+    /// The server cannot be reached or gave an unexpected reply.
+    pub fn exists(&self, key: &str) -> io::Result<bool> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(format!("EXISTS {key}\r\n").as_bytes())?;
+        let mut reply = [0_u8; 4];
+        stream.read_exact(&mut reply)?;
+        match &reply {
+            b":1\r\n" => Ok(true),
+            b":0\r\n" => Ok(false),
+            other => Err(io::Error::other(format!(
+                "unexpected reply to EXISTS: {:?}",
+                String::from_utf8_lossy(other)
+            ))),
+        }
+    }
+
     /// Whether the server process is running (started and not killed).
     #[must_use]
     pub fn is_running(&mut self) -> bool {
@@ -238,6 +259,8 @@ mod tests {
         assert!(redis.is_running());
         assert_eq!(command(port, "SET k v"), "+OK\r\n");
         assert_eq!(command(port, "GET k"), "$1\r\nv\r\n");
+        assert!(redis.exists("k").unwrap());
+        assert!(!redis.exists("other").unwrap());
         // Persistence is off: nothing is written to the directory.
         assert_eq!(
             command(port, "CONFIG GET appendonly"),
