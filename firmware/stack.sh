@@ -11,13 +11,16 @@ set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-5}
 command -v qemu-system-arm >/dev/null || { echo "needs qemu-system-arm" >&2; exit 1; }
-FLEETBEAT_MEMORY_X=qemu-f405.x cargo build --release --locked --target-dir target/qemu \
+# The same target directory as size.sh: the memory layout only changes the link (build.rs
+# re-runs on FLEETBEAT_MEMORY_X), so the dependencies are reused instead of built a second
+# time. The ELFs left in target/ are then QEMU's until the next size.sh.
+FLEETBEAT_MEMORY_X=qemu-f405.x cargo build --release --locked \
   --bin device-stack --bin device-stack-gps
 tools="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin"
 RAM_BUDGET=8192
 failed=0
 for bin in device-stack device-stack-gps; do
-  elf="target/qemu/thumbv7em-none-eabihf/release/$bin"
+  elf="target/thumbv7em-none-eabihf/release/$bin"
   stack_end=$("$tools/llvm-nm" "$elf" | awk '$3 == "_stack_end" { print $1 }')
   stack_start=$("$tools/llvm-nm" "$elf" | awk '$3 == "_stack_start" { print $1 }')
   mark=$(python3 - "$elf" "$secs" "$stack_end" "$stack_start" "$bin" <<'PY'
