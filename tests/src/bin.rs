@@ -49,41 +49,74 @@ pub fn path(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Runs `cargo build --bins` for `bridge`, `device-sim` and `broker` in the workspace: in the
-/// release profile if `release`, else in the debug profile with the broker's
-/// `fault-injection` feature (as `cargo test --workspace` builds them).
+/// Builds the binaries of `bridge`, `device-sim` and `broker`: in the release profile if
+/// `release` (`cargo build --release -p … --bins`); else in the debug profile as
+/// `cargo test --workspace` builds their libraries (`cargo build --workspace --tests --bins`:
+/// the same features everywhere, the broker's `fault-injection` included, so under
+/// `cargo test --workspace` only the two binaries are linked and nothing is compiled twice).
 ///
 /// # Errors
 /// If cargo fails.
 pub fn build(release: bool) -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "bridge",
-        "-p",
-        "device-sim",
-        "-p",
-        "broker",
-        "--bins",
-    ]);
+    let mut cmd = cargo();
+    cmd.args(["build", "--quiet"]);
     if release {
-        cmd.arg("--release");
+        cmd.args([
+            "--release",
+            "-p",
+            "bridge",
+            "-p",
+            "device-sim",
+            "-p",
+            "broker",
+            "--bins",
+        ]);
     } else {
-        // As `cargo test --workspace` builds them (this crate enables the feature), so the
-        // binaries are not rebuilt here, and the tests can inject a broker thread's death.
-        cmd.args(["--features", "broker/fault-injection"]);
+        // The features `cargo test --workspace` resolves (dev-dependencies of every member
+        // and `tests`' `broker/fault-injection`): its libraries are reused, not rebuilt with
+        // another feature set, and the tests can inject a broker thread's death.
+        cmd.args(["--workspace", "--tests", "--bins"]);
     }
-    let status = cmd
-        .current_dir(crate::workspace())
-        .status()
-        .context("running cargo build")?;
+    let status = cmd.status().context("running cargo build")?;
     if !status.success() {
         bail!("cargo build of the binaries failed: {status}");
     }
     Ok(())
+}
+
+/// `cargo` (the one running the tests, if any) in the workspace, without the variables cargo
+/// sets for the running crate (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, …).
+///
+/// Build scripts watch some of them (`ring`'s: `CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, …):
+/// a cargo started with the test's values would see them changed since the build that made
+/// the test, and build `ring` and everything above it again (80 s of a CI run).
+#[must_use]
+pub fn cargo() -> Command {
+    let program = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut cmd = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let set_for_the_crate = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+            || matches!(
+                name,
+                "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            );
+        if set_for_the_crate {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.current_dir(crate::workspace());
+    cmd
 }
 
 /// Builds the binaries in the running test's profile and returns their directory.

@@ -316,8 +316,7 @@ async fn release_device_sim() -> anyhow::Result<PathBuf> {
         .nth(3)
         .context("the test binary is not in <target>/<profile>/deps")?
         .to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut cmd = tokio::process::Command::new(cargo);
+    let mut cmd = tokio::process::Command::from(tests::bin::cargo());
     cmd.args([
         "build",
         "--quiet",
@@ -329,7 +328,6 @@ async fn release_device_sim() -> anyhow::Result<PathBuf> {
     ])
     .arg("--target-dir")
     .arg(&target)
-    .current_dir(tests::workspace())
     .kill_on_drop(true);
     let started = Instant::now();
     let status = tokio::time::timeout(RELEASE_BUILD_WAIT, cmd.status())

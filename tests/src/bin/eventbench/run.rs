@@ -220,8 +220,7 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
 
 /// `cargo build --release --locked -p bridge --bin bridge` in the workspace.
 fn build_bridge() -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = std::process::Command::new(cargo)
+    let status = tests::bin::cargo()
         .args([
             "build",
             "--quiet",
@@ -232,7 +231,6 @@ fn build_bridge() -> anyhow::Result<()> {
             "--bin",
             "bridge",
         ])
-        .current_dir(tests::workspace())
         .status()
         .context("running cargo build")?;
     ensure!(
