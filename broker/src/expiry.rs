@@ -78,9 +78,11 @@ fn restore_at(properties: &mut Option<PublishProperties>, now: Instant) -> Aged 
     Aged::Live
 }
 
-/// When the front end took a message (its interval then as the router left it).
+/// When the front end took a message that has a Message Expiry Interval (its interval then
+/// as the router left it); nothing for one without, which never expires: no clock is read
+/// for it.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Kept(Instant);
+pub(crate) struct Kept(Option<Instant>);
 
 /// What [`Kept::age`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,33 +94,39 @@ pub(crate) enum Aged {
 }
 
 impl Kept {
-    /// A message taken now.
-    pub(crate) fn now() -> Self {
-        Kept(Instant::now())
+    /// A message with `properties` taken now: stamped if they have an interval.
+    pub(crate) fn of(properties: &Option<PublishProperties>) -> Self {
+        let expires = properties
+            .as_ref()
+            .is_some_and(|p| p.message_expiry_interval.is_some());
+        Kept(expires.then(Instant::now))
     }
 
     /// Judges `properties` (the message's, about to be written) by the time since it was
     /// taken: [`Aged::Expired`] once its whole seconds reach the Message Expiry Interval, else
     /// the interval is lowered by them. A message without an interval never expires.
     pub(crate) fn age(self, properties: &mut Option<PublishProperties>) -> Aged {
-        self.age_at(properties, Instant::now())
-    }
-
-    fn age_at(self, properties: &mut Option<PublishProperties>, now: Instant) -> Aged {
-        let Some(interval) = properties
-            .as_mut()
-            .and_then(|p| p.message_expiry_interval.as_mut())
-        else {
-            return Aged::Live;
-        };
-        let waited =
-            u32::try_from(now.saturating_duration_since(self.0).as_secs()).unwrap_or(u32::MAX);
-        if waited >= *interval {
-            return Aged::Expired;
+        match self.0 {
+            Some(taken) => age_at(taken, properties, Instant::now()),
+            None => Aged::Live,
         }
-        *interval -= waited;
-        Aged::Live
     }
+}
+
+/// [`Kept::age`] of a message taken at `taken`, at `now`.
+fn age_at(taken: Instant, properties: &mut Option<PublishProperties>, now: Instant) -> Aged {
+    let Some(interval) = properties
+        .as_mut()
+        .and_then(|p| p.message_expiry_interval.as_mut())
+    else {
+        return Aged::Live;
+    };
+    let waited = u32::try_from(now.saturating_duration_since(taken).as_secs()).unwrap_or(u32::MAX);
+    if waited >= *interval {
+        return Aged::Expired;
+    }
+    *interval -= waited;
+    Aged::Live
 }
 
 #[cfg(test)]
@@ -137,19 +145,18 @@ mod tests {
     #[test]
     fn an_interval_is_lowered_by_the_whole_seconds_waited_and_expires_at_its_end() {
         let taken = Instant::now();
-        let kept = Kept(taken);
         let at = |ms| taken + Duration::from_millis(ms);
 
         let mut props = with_interval(Some(10));
-        assert_eq!(kept.age_at(&mut props, at(999)), Aged::Live);
+        assert_eq!(age_at(taken, &mut props, at(999)), Aged::Live);
         assert_eq!(props.unwrap().message_expiry_interval, Some(10));
 
         let mut props = with_interval(Some(10));
-        assert_eq!(kept.age_at(&mut props, at(3_500)), Aged::Live);
+        assert_eq!(age_at(taken, &mut props, at(3_500)), Aged::Live);
         assert_eq!(props.unwrap().message_expiry_interval, Some(7));
 
         let mut props = with_interval(Some(3));
-        assert_eq!(kept.age_at(&mut props, at(3_000)), Aged::Expired);
+        assert_eq!(age_at(taken, &mut props, at(3_000)), Aged::Expired);
     }
 
     #[test]
@@ -185,12 +192,16 @@ mod tests {
 
     #[test]
     fn a_message_without_an_interval_never_expires() {
-        let kept = Kept(Instant::now());
-        let much_later = Instant::now() + Duration::from_secs(86_400 * 365);
+        let taken = Instant::now();
+        let much_later = taken + Duration::from_secs(86_400 * 365);
         let mut none = None;
-        assert_eq!(kept.age_at(&mut none, much_later), Aged::Live);
+        assert_eq!(age_at(taken, &mut none, much_later), Aged::Live);
         let mut props = with_interval(None);
-        assert_eq!(kept.age_at(&mut props, much_later), Aged::Live);
+        assert_eq!(age_at(taken, &mut props, much_later), Aged::Live);
         assert_eq!(props.unwrap().message_expiry_interval, None);
+        // Nor is it stamped: no clock is read for it.
+        assert!(Kept::of(&None).0.is_none());
+        assert!(Kept::of(&with_interval(None)).0.is_none());
+        assert!(Kept::of(&with_interval(Some(5))).0.is_some());
     }
 }

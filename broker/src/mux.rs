@@ -396,8 +396,8 @@ impl Mux {
                 payload: payload.clone(),
                 retain: true,
                 qos: qos.min(crate::qos::MAX_QOS),
+                kept: Kept::of(&properties),
                 properties,
-                kept: Kept::now(),
             };
             lock(&self.retained).insert(topic, Arc::new(command));
         }
@@ -475,8 +475,8 @@ impl Mux {
             payload: publish.payload,
             retain: false,
             qos,
+            kept: Kept::of(&properties),
             properties,
-            kept: Kept::now(),
         });
         list.retain(|s| {
             s.tx.unbounded_send(MuxEvent::Command {

@@ -499,6 +499,7 @@ async fn dispatch(
                     crate::carry::get(properties.as_ref(), crate::carry::RETAINED).is_some();
                 let qos = crate::qos::take_original(&forward.publish.topic, &mut properties)
                     .min(crate::qos::MAX_QOS);
+                let kept = crate::expiry::Kept::of(&properties);
                 let message = Arc::new(SharedMessage {
                     group: Arc::clone(&group),
                     topic: forward.publish.topic,
@@ -506,7 +507,7 @@ async fn dispatch(
                     properties,
                     qos,
                     retained,
-                    kept: crate::expiry::Kept::now(),
+                    kept,
                 });
                 loop {
                     match group.give(&message, false) {
@@ -576,7 +577,7 @@ mod tests {
             properties: None,
             qos,
             retained: false,
-            kept: crate::expiry::Kept::now(),
+            kept: crate::expiry::Kept::of(&None),
         })
     }
 

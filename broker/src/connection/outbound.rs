@@ -63,9 +63,9 @@ impl Established {
                         self.ctx.metrics.dropped(DropReason::Shutdown);
                     } else if qos > 0 && self.must_hold() {
                         self.hold(Held::Retained {
+                            kept: Kept::of(&message.properties),
                             message,
                             qos,
-                            kept: Kept::now(),
                         });
                     } else {
                         self.write_retained(&message, qos)?;
@@ -273,10 +273,10 @@ impl Established {
     /// consumer: what it is given is an accepted message the broker answers for until the
     /// consumer has it (`durability`), so it is delivered whatever its interval says.
     fn expired(&self, kept: Kept, properties: &mut Option<PublishProperties>) -> bool {
-        if self.consumer
-            || kept.age(properties) == Aged::Live
-                && crate::expiry::restore(properties) == Aged::Live
-        {
+        let aged = kept.age(properties);
+        // A retained message's interval, carried as when it ends, is given back either way.
+        let restored = crate::expiry::restore(properties);
+        if self.consumer || aged == Aged::Live && restored == Aged::Live {
             return false;
         }
         self.ctx.metrics.dropped(DropReason::Expired);
@@ -456,8 +456,8 @@ impl Established {
                             self.extras().router_forwards.push_back((pkid, false));
                         }
                         self.hold(Held::Router {
+                            kept: Kept::of(&forward.properties),
                             forward: Box::new(forward),
-                            kept: Kept::now(),
                         });
                     } else {
                         self.write_forward(forward, false)?;
@@ -543,16 +543,13 @@ impl Established {
     fn write_forward(&mut self, forward: Forward, kept: bool) -> Result<(), DisconnectReason> {
         let kind = kind_of(&forward.publish.topic);
         let mut properties = forward.properties;
-        if crate::expiry::restore(&mut properties) == Aged::Expired && !self.consumer {
+        // One held back was judged, and its interval given back, when released (`expired`).
+        if !kept && crate::expiry::restore(&mut properties) == Aged::Expired && !self.consumer {
             // A retained message past its interval (`expiry`): acknowledged to the router in
             // its place among the forwards.
             self.ctx.metrics.dropped(DropReason::Expired);
             if let Some(pkid) = publish_pkid(&forward.publish) {
-                if kept {
-                    self.forward_done(pkid);
-                } else {
-                    self.extras().router_forwards.push_back((pkid, true));
-                }
+                self.extras().router_forwards.push_back((pkid, true));
             }
             return Ok(());
         }
