@@ -15,9 +15,15 @@ pub struct Program {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
     new_line: Arc<Notify>,
+    /// The tasks reading its stderr and stdout: done at their end of file.
+    readers: Vec<tokio::task::JoinHandle<()>>,
     /// Temporary directories the program uses: removed when it is dropped (after the kill).
     keep: Vec<tempfile::TempDir>,
 }
+
+/// How long an exited program's last lines may take to be read (a child it left behind may
+/// hold its pipes open: then what was read by then is its log).
+const LAST_LINES_WAIT: Duration = Duration::from_secs(5);
 
 impl Program {
     /// Spawns `cmd`, capturing stderr (where our programs log) and stdout, line by line.
@@ -41,11 +47,12 @@ impl Program {
             child.stderr.take().map(|s| Box::new(s) as _),
             child.stdout.take().map(|s| Box::new(s) as _),
         ];
+        let mut readers = Vec::new();
         for stream in streams.into_iter().flatten() {
             let log = Arc::clone(&log);
             let new_line = Arc::clone(&new_line);
             let name = name.to_owned();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if echo {
@@ -54,13 +61,14 @@ impl Program {
                     log.lock().map(|mut l| l.push(line)).ok();
                     new_line.notify_waiters();
                 }
-            });
+            }));
         }
         Ok(Self {
             name: name.to_owned(),
             child,
             log,
             new_line,
+            readers,
             keep: Vec::new(),
         })
     }
@@ -80,12 +88,18 @@ impl Program {
         timeout: Duration,
     ) -> anyhow::Result<String> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let new_line = Arc::clone(&self.new_line);
         loop {
-            let notified = self.new_line.notified();
+            let notified = new_line.notified();
             if let Some(line) = self.find_line(needle) {
                 return Ok(line);
             }
             if let Some(status) = self.child.try_wait()? {
+                // Its last lines may still be on their way.
+                self.read_last_lines().await;
+                if let Some(line) = self.find_line(needle) {
+                    return Ok(line);
+                }
                 bail!(
                     "{} exited ({status}) before logging {needle:?}:\n{}",
                     self.name,
@@ -154,10 +168,27 @@ impl Program {
                 .status()
                 .context("running kill")?;
         }
-        tokio::time::timeout(timeout, self.child.wait())
+        let status = tokio::time::timeout(timeout, self.child.wait())
             .await
             .with_context(|| format!("{} did not exit within {timeout:?} of SIGTERM", self.name))?
-            .context("waiting for exit")
+            .context("waiting for exit")?;
+        self.read_last_lines().await;
+        Ok(status)
+    }
+
+    /// Waits (bounded, [`LAST_LINES_WAIT`]) until the readers of an exited program's output
+    /// reach its end, so its log holds every line it wrote.
+    async fn read_last_lines(&mut self) {
+        let readers = std::mem::take(&mut self.readers);
+        let all = async {
+            for reader in readers {
+                // A reader that panicked has nothing more to give.
+                let _ = reader.await;
+            }
+        };
+        if tokio::time::timeout(LAST_LINES_WAIT, all).await.is_err() {
+            eprintln!("[{}] its output is still open after its exit", self.name);
+        }
     }
 
     /// Waits for the process to exit by itself and returns its status.
@@ -168,7 +199,7 @@ impl Program {
         &mut self,
         timeout: Duration,
     ) -> anyhow::Result<std::process::ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait())
+        let status = tokio::time::timeout(timeout, self.child.wait())
             .await
             .with_context(|| {
                 format!(
@@ -177,7 +208,9 @@ impl Program {
                     self.log_text()
                 )
             })?
-            .context("waiting for exit")
+            .context("waiting for exit")?;
+        self.read_last_lines().await;
+        Ok(status)
     }
 
     /// Kills the process at once (SIGKILL) and reaps it.

@@ -134,9 +134,8 @@ async fn run_bridge_to_exit(args: &[&str]) -> anyhow::Result<(std::process::Exit
         .arg("--store")
         .arg(dir.path().join("fleetbeat.db"));
     let mut program = Program::spawn("bridge", cmd)?;
+    // Its log is whole once it exited (`wait_exit` reads the last lines).
     let status = program.wait_exit(WAIT).await?;
-    // Let the log readers take the last lines.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     Ok((status, program.log_text()))
 }
 
