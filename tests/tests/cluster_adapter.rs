@@ -381,6 +381,26 @@ async fn a_command_sent_on_one_bridge_is_answered_there() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Starts a bridge with `args` (on ephemeral ports, with a store of its own) that must refuse
+/// to start, and returns its log once it exited.
+async fn refused_bridge(args: &[&str]) -> anyhow::Result<String> {
+    let dir = temp_dir()?;
+    let mut cmd = tokio::process::Command::new(tests::bin::path("bridge")?);
+    cmd.args(["--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
+        .args(args)
+        .arg("--store")
+        .arg(dir.path().join("refused.db"));
+    let mut bridge = Program::spawn("bridge", cmd)?;
+    let status = bridge.wait_exit(WAIT).await?;
+    let log = bridge.log_text();
+    anyhow::ensure!(!status.success(), "the bridge ran: {log}");
+    anyhow::ensure!(
+        bridge.find_line("bridge started").is_none(),
+        "it must not start: {log}"
+    );
+    Ok(log)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_id_in_use_by_a_live_bridge_is_refused() -> anyhow::Result<()> {
     let redis = TempRedis::start()?;
@@ -388,27 +408,10 @@ async fn a_client_id_in_use_by_a_live_bridge_is_refused() -> anyhow::Result<()> 
     let args = ["--redis-url", redis_url.as_str(), "--client-id", "bridge-x"];
     let mut first = start_bridge(&args).await?;
 
-    let dir = temp_dir()?;
-    let store = dir.path().join("second.db");
-    let mut cmd = tokio::process::Command::new(tests::bin::path("bridge")?);
-    cmd.args(["--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
-        .args(args)
-        .arg("--store")
-        .arg(&store);
-    let mut second = Program::spawn("bridge", cmd)?;
-    let status = second.wait_exit(WAIT).await?;
-    assert!(
-        !status.success(),
-        "the second bridge ran: {}",
-        second.log_text()
-    );
+    let log = refused_bridge(&args).await?;
     let wanted = "client_id bridge-x is in use by another bridge (registered in Redis): give \
                   each bridge its own client_id";
-    assert!(second.log_text().contains(wanted), "{}", second.log_text());
-    assert!(
-        second.find_line("bridge started").is_none(),
-        "it must not start"
-    );
+    assert!(log.contains(wanted), "{log}");
     // The first one is unharmed.
     first.wait_ready().await?;
 
@@ -490,24 +493,8 @@ async fn losing_redis_is_counted_and_survived() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let dir = temp_dir()?;
-    let mut cmd = tokio::process::Command::new(tests::bin::path("bridge")?);
-    cmd.args(["--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
-        .args(["--redis-url", &redis_url, "--client-id", "bridge-a"])
-        .arg("--store")
-        .arg(dir.path().join("third.db"));
-    let mut third = Program::spawn("bridge", cmd)?;
-    let status = third.wait_exit(WAIT).await?;
-    assert!(
-        !status.success(),
-        "the third bridge ran: {}",
-        third.log_text()
-    );
-    assert!(
-        third.log_text().contains("is in use by another bridge"),
-        "{}",
-        third.log_text()
-    );
+    let log = refused_bridge(&["--redis-url", &redis_url, "--client-id", "bridge-a"]).await?;
+    assert!(log.contains("is in use by another bridge"), "{log}");
     for c in [admin, on_a, on_b] {
         c.close().await;
     }
