@@ -56,25 +56,33 @@ fn carry_retained_at(retain: bool, properties: &mut Option<PublishProperties>, n
 
 /// A forward leaving the router: a [`carry::EXPIRES`] it carries becomes its Message Expiry
 /// Interval again, the whole seconds left rounded up; [`Aged::Expired`] once none are left.
-/// The marker itself goes with the others (`carry::strip`).
+/// The marker is taken out, so it is restored once: the time the front end keeps it after
+/// that is [`Kept`]'s to count.
 pub(crate) fn restore(properties: &mut Option<PublishProperties>) -> Aged {
     restore_at(properties, Instant::now())
 }
 
 fn restore_at(properties: &mut Option<PublishProperties>, now: Instant) -> Aged {
-    let Some(ends) =
-        carry::get(properties.as_ref(), carry::EXPIRES).and_then(|v| v.parse::<u64>().ok())
+    let Some(props) = properties.as_mut() else {
+        return Aged::Live;
+    };
+    let Some(at) = props
+        .user_properties
+        .iter()
+        .position(|(key, _)| key == carry::EXPIRES)
     else {
+        return Aged::Live;
+    };
+    let (_, ends) = props.user_properties.remove(at);
+    let Ok(ends) = ends.parse::<u64>() else {
         return Aged::Live;
     };
     let now = clock_ms(now);
     if ends <= now {
         return Aged::Expired;
     }
-    let left = u32::try_from((ends - now).div_ceil(1_000)).unwrap_or(u32::MAX);
-    if let Some(props) = properties.as_mut() {
-        props.message_expiry_interval = Some(left);
-    }
+    props.message_expiry_interval =
+        Some(u32::try_from((ends - now).div_ceil(1_000)).unwrap_or(u32::MAX));
     Aged::Live
 }
 
@@ -172,7 +180,15 @@ mod tests {
         let read = |ms| {
             let mut copy = props.clone();
             let aged = restore_at(&mut copy, published + Duration::from_millis(ms));
-            (aged, copy.unwrap().message_expiry_interval)
+            // Taken out: a second restore finds nothing to change.
+            assert_eq!(carry::get(copy.as_ref(), carry::EXPIRES), None);
+            let interval = copy.as_ref().and_then(|p| p.message_expiry_interval);
+            assert_eq!(
+                restore_at(&mut copy, published + Duration::from_secs(60)),
+                Aged::Live
+            );
+            assert_eq!(copy.and_then(|p| p.message_expiry_interval), interval);
+            (aged, interval)
         };
         // Every read counts from the publish, not from the read before (rumqttd's store does).
         assert_eq!(read(2_000), (Aged::Live, Some(8)));

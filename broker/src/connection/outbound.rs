@@ -274,7 +274,8 @@ impl Established {
     /// consumer has it (`durability`), so it is delivered whatever its interval says.
     fn expired(&self, kept: Kept, properties: &mut Option<PublishProperties>) -> bool {
         let aged = kept.age(properties);
-        // A retained message's interval, carried as when it ends, is given back either way.
+        // A retained message's interval, carried as when it ends (if no step before restored
+        // it), is given back either way.
         let restored = crate::expiry::restore(properties);
         if self.consumer || aged == Aged::Live && restored == Aged::Live {
             return false;
