@@ -107,19 +107,17 @@ impl TempRedis {
     /// # Errors
     /// The server cannot be reached or gave an unexpected reply.
     pub fn exists(&self, key: &str) -> io::Result<bool> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        stream.write_all(format!("EXISTS {key}\r\n").as_bytes())?;
         let mut reply = [0_u8; 4];
-        stream.read_exact(&mut reply)?;
+        inline(
+            self.port,
+            &format!("EXISTS {key}"),
+            &mut reply,
+            Duration::from_secs(2),
+        )?;
         match &reply {
             b":1\r\n" => Ok(true),
             b":0\r\n" => Ok(false),
-            other => Err(io::Error::other(format!(
-                "unexpected reply to EXISTS: {:?}",
-                String::from_utf8_lossy(other)
-            ))),
+            other => Err(unexpected("EXISTS", other)),
         }
     }
 
@@ -220,20 +218,31 @@ fn free_port() -> io::Result<u16> {
 
 /// Sends an inline `PING` and expects `+PONG`.
 fn ping(port: u16) -> io::Result<()> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
-    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
-    stream.write_all(b"PING\r\n")?;
     let mut reply = [0_u8; 7];
-    stream.read_exact(&mut reply)?;
+    inline(port, "PING", &mut reply, Duration::from_millis(500))?;
     if &reply == b"+PONG\r\n" {
         Ok(())
     } else {
-        Err(io::Error::other(format!(
-            "unexpected reply to PING: {:?}",
-            String::from_utf8_lossy(&reply)
-        )))
+        Err(unexpected("PING", &reply))
     }
+}
+
+/// Sends the inline command `line` to the server on `port` and reads exactly `reply.len()`
+/// bytes of its reply, within `read_timeout`.
+fn inline(port: u16, line: &str, reply: &mut [u8], read_timeout: Duration) -> io::Result<()> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(read_timeout))?;
+    stream.write_all(format!("{line}\r\n").as_bytes())?;
+    stream.read_exact(reply)
+}
+
+/// The error for an unexpected `reply` to `command`.
+fn unexpected(command: &str, reply: &[u8]) -> io::Error {
+    io::Error::other(format!(
+        "unexpected reply to {command}: {:?}",
+        String::from_utf8_lossy(reply)
+    ))
 }
 
 #[cfg(test)]
