@@ -652,9 +652,14 @@ impl Registration {
     /// took the client id; or Redis is unreachable (or did not answer in [`REDIS_CONNECT`]),
     /// then it reconnects and tries again every [`REGISTRATION_RETRY`].
     async fn keep(mut self, metrics: Arc<Metrics>, cancel: CancellationToken) {
-        let mut wait = REGISTRATION_REFRESH;
+        // Whether the last refresh could not reach Redis.
         let mut lost = false;
         loop {
+            let wait = if lost {
+                REGISTRATION_RETRY
+            } else {
+                REGISTRATION_REFRESH
+            };
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep(wait) => {}
@@ -668,7 +673,6 @@ impl Registration {
                         debug!(key = %self.key, "registration refreshed");
                     }
                     lost = false;
-                    wait = REGISTRATION_REFRESH;
                     continue;
                 }
                 Ok(Ok(_)) => {
@@ -678,7 +682,7 @@ impl Registration {
                         "client_id {} is in use by another bridge (registered in Redis): give each bridge its own client_id",
                         self.client_id
                     );
-                    wait = REGISTRATION_REFRESH;
+                    lost = false;
                     continue;
                 }
                 Ok(Err(err)) => err.to_string(),
@@ -693,7 +697,6 @@ impl Registration {
                 warn!(redis = %self.shown, %cause, "cannot refresh the bridge's registration in Redis: will retry");
             }
             lost = true;
-            wait = REGISTRATION_RETRY;
         }
         match tokio::time::timeout(REDIS_CONNECT, self.run_script(RELEASE_SCRIPT, None)).await {
             Ok(Ok(1)) => info!(key = %self.key, "registration removed from Redis"),
