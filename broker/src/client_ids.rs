@@ -12,6 +12,10 @@
 //! A takeover is a login's own business: while a connection of one login holds a client id,
 //! a connection of another login cannot take it (its claim is refused), whatever the id.
 //! Which ids a login may use at all is decided before, in `auth::client_id`.
+//!
+//! A last will waiting out its MQTT 5 Will Delay is [registered](ClientIds::delay_will) here
+//! too: a new connection claiming the client id calls it off, as MQTT 5 §3.1.3.2.2 requires,
+//! even if that connection has ended again by the time the delay is over.
 
 use std::collections::HashMap;
 use std::pin::pin;
@@ -46,8 +50,21 @@ pub(crate) struct ClientIds {
     generations: AtomicU64,
     /// Notified at every release.
     released: Notify,
+    /// Wills waiting out their delay, by client id: the registration's number and the token
+    /// that calls the will off.
+    wills: Mutex<HashMap<String, (u64, CancellationToken)>>,
     /// Parent of every claim's `kicked` token.
     parent: CancellationToken,
+}
+
+/// A last will waiting out its MQTT 5 Will Delay: see [`ClientIds::delay_will`].
+#[derive(Debug)]
+pub(crate) struct DelayedWill {
+    client_id: String,
+    number: u64,
+    /// Cancelled when a new connection claims the client id, and when the broker stops
+    /// (wills are not published at shutdown).
+    pub(crate) called_off: CancellationToken,
 }
 
 /// One connection's hold on its client id; give it back with [`ClientIds::release`].
@@ -103,9 +120,44 @@ impl ClientIds {
         }
     }
 
-    /// Whether a connection holds `client_id` now.
-    pub(crate) fn is_held(&self, client_id: &str) -> bool {
-        self.holders().contains_key(client_id)
+    /// Registers the will of `client_id`'s connection, which has just ended, as waiting out
+    /// its delay: the next claim of the id calls it off. Ask [`Self::will_due`] when the delay
+    /// is over.
+    pub(crate) fn delay_will(&self, client_id: &str) -> DelayedWill {
+        let number = self.generations.fetch_add(1, Ordering::Relaxed);
+        let called_off = self.parent.child_token();
+        let earlier = self
+            .wills()
+            .insert(client_id.to_owned(), (number, called_off.clone()));
+        // Two wills of one id cannot wait at once: the second connection's claim called the
+        // first off. Should one still be there (a holder that outlived its takeover), the
+        // newer connection's will is the one that stands.
+        if let Some((_, earlier)) = earlier {
+            earlier.cancel();
+        }
+        DelayedWill {
+            client_id: client_id.to_owned(),
+            number,
+            called_off,
+        }
+    }
+
+    /// Whether `will`'s delay is over with no new connection of its client id: it is then
+    /// taken out, to be published. `false` if a claim called it off meanwhile.
+    pub(crate) fn will_due(&self, will: &DelayedWill) -> bool {
+        let mut wills = self.wills();
+        let due = wills
+            .get(&will.client_id)
+            .is_some_and(|(number, _)| *number == will.number)
+            && !will.called_off.is_cancelled();
+        if due {
+            wills.remove(&will.client_id);
+        }
+        due
+    }
+
+    fn wills(&self) -> MutexGuard<'_, HashMap<String, (u64, CancellationToken)>> {
+        self.wills.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn holders(&self) -> MutexGuard<'_, HashMap<String, Holder>> {
@@ -118,6 +170,12 @@ impl ClientIds {
         client_id: &str,
         login: Option<&str>,
     ) -> Claim {
+        // A new network connection: a will waiting out its delay is not published (MQTT 5
+        // §3.1.3.2.2). Its entry goes with it (one lock, taken inside the holders' and
+        // nowhere the other way round).
+        if let Some((_, will)) = self.wills().remove(client_id) {
+            will.cancel();
+        }
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
         let kick = self.parent.child_token();
         holders.insert(
@@ -251,6 +309,32 @@ mod tests {
         stopping.cancel();
         assert!(new.kicked.is_cancelled(), "stopping reaches every holder");
         ids.release(new);
+    }
+
+    /// MQTT 5 §3.1.3.2.2: a new connection of the id calls a delayed will off, even once
+    /// it has ended again; another id's does not; the broker stopping calls off every one.
+    #[tokio::test]
+    async fn a_delayed_will_is_called_off_by_a_new_connection_of_its_id_or_stopping() {
+        let stopping = CancellationToken::new();
+        let ids = ClientIds::new(stopping.clone());
+        let will = ids.delay_will("van-1");
+        let other = ids.delay_will("van-2");
+        let back = ids.claim("van-1", None).await.unwrap();
+        ids.release(back);
+        assert!(will.called_off.is_cancelled());
+        assert!(
+            !ids.will_due(&will),
+            "back within the delay, gone again: no will"
+        );
+        assert!(ids.will_due(&other), "nobody came back as van-2");
+        assert!(!ids.will_due(&other), "a will is due once");
+
+        let again = ids.delay_will("van-1");
+        assert!(!again.called_off.is_cancelled(), "a later will stands");
+        let at_stop = ids.delay_will("van-3");
+        stopping.cancel();
+        assert!(!ids.will_due(&at_stop), "no will at shutdown");
+        assert!(!ids.will_due(&again));
     }
 
     #[tokio::test(start_paused = true)]

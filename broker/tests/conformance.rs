@@ -1008,6 +1008,42 @@ async fn an_mqtt5_will_waits_for_its_delay_and_not_for_a_client_that_is_back() {
     drop(back);
 }
 
+/// MQTT 5 §3.1.3.2.2: a new network connection before the Will Delay Interval has passed
+/// means no will, even if that connection has ended again by the time the delay is over.
+#[tokio::test]
+async fn an_mqtt5_will_stays_off_once_its_client_came_back_and_left_again() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let mut sub = client_v5(v5, "sub5").await;
+    assert_eq!(suback(&mut sub, true, 1, &[("test/will", 1)]).await, [1]);
+    let will_delay = [0x18, 0, 0, 0, 1];
+    let session_expiry = [0x11, 0, 0, 0, 1];
+    let connect = connect_v5_with(
+        "mortal",
+        &session_expiry,
+        Some(("test/will", b"late", &will_delay)),
+    );
+    let metrics = broker.metrics();
+    drop(connected_with(v5, &connect).await);
+    // The loss is the broker's before the client comes back (else the comeback is a takeover,
+    // which has no will either).
+    eventually("the broker saw the connection lost", || {
+        metrics.disconnects_total(DisconnectReason::Network) >= 1
+    })
+    .await;
+    drop(connected_with(v5, &connect_v5_with("mortal", &session_expiry, None)).await);
+    eventually("the broker saw the comeback end", || {
+        metrics.disconnects_total(DisconnectReason::Network) >= 2
+    })
+    .await;
+    assert_eq!(sub.read_within(Duration::from_millis(2000)).await, None);
+    assert_eq!(metrics.wills_published_total(), 0);
+
+    // A will nobody calls off still comes.
+    drop(connected_with(v5, &connect).await);
+    assert_eq!(next_delivered(&mut sub, true).await.payload, b"late");
+}
+
 #[tokio::test]
 async fn an_mqtt5_client_is_told_why_the_broker_disconnects_it() {
     let broker = start_ephemeral().await;

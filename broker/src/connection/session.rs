@@ -701,15 +701,23 @@ impl Established {
             if self.will_delay.is_zero() {
                 publish_will(&ctx, &self.client_id, will, will_properties, no_local).await;
             } else {
-                // MQTT 5 Will Delay: published later, unless the client is back by then.
+                // MQTT 5 Will Delay: published later, unless the client connected again by
+                // then (even if that connection has ended too) or the broker stops.
                 let (delay, client_id) = (self.will_delay, self.client_id.clone());
+                let delayed = ctx.client_ids.delay_will(&client_id);
                 let ctx = Arc::clone(&ctx);
                 tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    if ctx.client_ids.is_held(&client_id) {
-                        debug!(client_id, "client back within its will delay: no will");
-                    } else {
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = delayed.called_off.cancelled() => {}
+                    }
+                    if ctx.client_ids.will_due(&delayed) {
                         publish_will(&ctx, &client_id, will, will_properties, no_local).await;
+                    } else {
+                        debug!(
+                            client_id,
+                            "client back within its will delay, or the broker stopping: no will"
+                        );
                     }
                 });
             }
