@@ -39,7 +39,8 @@
 //!   takeovers of a client id (only by the login holding it); `router`: registering links with rumqttd's router, handing
 //!   them packets, and the broker's own publisher (last wills); `qos`: the QoS granted and
 //!   delivered at, min(publish QoS, granted QoS), which rumqttd's router does not keep;
-//!   `watchdog`: the parts the broker cannot live without, watched (their death ends the
+//!   `topic_syntax`: the topic names and filters MQTT allows, checked before the router sees
+//!   them; `watchdog`: the parts the broker cannot live without, watched (their death ends the
 //!   broker, [`Broker::failed`]).
 //! - `durability`: end-to-end acknowledgement: which publishes wait for durability, the
 //!   durable consumers whose PUBACKs prove it, the journal (SQLite, group commit) and the
@@ -96,6 +97,7 @@ mod router;
 mod server;
 mod share;
 mod tls;
+mod topic_syntax;
 mod watchdog;
 mod watchers;
 

@@ -38,6 +38,7 @@ use tracing::{debug, warn};
 use crate::metrics::BrokerMetrics;
 use crate::metrics::SubscribeRefusal;
 use crate::router::{FilterBudget, LinkName, LinkRefused, LinkRequest, Registrar, hand_over};
+use crate::topic_syntax::valid_filter;
 
 /// Most shared subscription groups at once, in all (each has a router link of its own; the
 /// router is sized for them, see `server`).
@@ -92,22 +93,6 @@ pub(crate) fn parse(path: &str) -> ShareFilter<'_> {
         return ShareFilter::Malformed;
     }
     ShareFilter::Shared { group, filter }
-}
-
-/// Whether `filter` is a valid, non-empty MQTT topic filter: `#` only as the whole last level,
-/// `+` only as a whole level, no NUL.
-fn valid_filter(filter: &str) -> bool {
-    if filter.is_empty() || filter.contains('\0') {
-        return false;
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
-    levels.iter().enumerate().all(|(i, level)| {
-        if level.contains('#') {
-            *level == "#" && i == levels.len() - 1
-        } else {
-            !level.contains('+') || *level == "+"
-        }
-    })
 }
 
 /// The key of a group: (group name, filter).

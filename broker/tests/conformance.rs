@@ -1008,6 +1008,86 @@ async fn an_mqtt5_will_waits_for_its_delay_and_not_for_a_client_that_is_back() {
     drop(back);
 }
 
+/// MQTT 3.1.1 and 5, §4.7: a topic filter MQTT does not allow is refused in the SUBACK (0x80;
+/// 0x8F in MQTT 5) and counted, and never reaches rumqttd's router, which read `#/a` as `#`
+/// (such a subscriber got every message); valid neighbours in the same SUBSCRIBE are granted.
+/// An UNSUBSCRIBE of one is answered 0x8F. A PUBLISH to a topic name MQTT does not allow ends
+/// the connection, with DISCONNECT 0x90 in MQTT 5, a persistent session's as a clean one's.
+#[tokio::test]
+async fn filters_and_topic_names_mqtt_does_not_allow_are_refused() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let metrics = broker.metrics();
+    let invalid = ["#/a", "a/#/b", "a/b#", "a+/b", "", "a/\0b"];
+    for version in [false, true] {
+        let addr = if version { v5 } else { broker.v4_addr() };
+        let mut sub = Raw::connected(
+            addr,
+            &Connect {
+                v5: version,
+                ..connect_as("picky")
+            },
+        )
+        .await;
+        let mut filters: Vec<(&str, u8)> = invalid.iter().map(|f| (*f, 1)).collect();
+        filters.push(("test/ok", 1));
+        let refused = if version { 0x8F } else { 0x80 };
+        let mut expected = vec![refused; invalid.len()];
+        expected.push(1);
+        assert_eq!(suback(&mut sub, version, 1, &filters).await, expected);
+        // Only the valid filter is served: a message elsewhere does not come through `#/a`.
+        let mut publisher = client(broker.v4_addr(), "talker").await;
+        publisher.publish("elsewhere", b"no", 0, 0, false).await;
+        publisher.publish("test/ok", b"yes", 0, 0, false).await;
+        assert_eq!(next_delivered(&mut sub, version).await.payload, b"yes");
+        if version {
+            // pkid 2, no properties, `#/a`.
+            let mut body = vec![0, 2, 0];
+            shared::frame::put_str(&mut body, b"#/a");
+            sub.send(&packet(0xA2, &body)).await;
+            let (first, body) = sub.read().await.expect("an UNSUBACK");
+            assert_eq!(
+                (first, body.last().copied()),
+                (0xB0, Some(0x8F)),
+                "{body:02x?}"
+            );
+        }
+    }
+    assert_eq!(
+        metrics.subscriptions_refused_total(SubscribeRefusal::Invalid),
+        2 * invalid.len() as u64
+    );
+
+    for (version, persistent) in [(false, false), (false, true), (true, false), (true, true)] {
+        let addr = if version { v5 } else { broker.v4_addr() };
+        let connect = Connect {
+            v5: version,
+            persistent,
+            session_expiry: (version && persistent).then_some(60),
+            ..connect_as("wild")
+        };
+        let mut raw = Raw::connected(addr, &connect).await;
+        let props: &[u8] = &[];
+        raw.send(&publish_packet(
+            "a/+/b",
+            b"x",
+            1,
+            1,
+            version.then_some(props),
+        ))
+        .await;
+        let packets = raw.until_closed().await;
+        let farewell = packets
+            .last()
+            .map(|(first, body)| (*first, body.first().copied()));
+        if version {
+            assert_eq!(farewell, Some((0xE0, Some(0x90))), "{packets:02x?}");
+        } else {
+            assert!(packets.is_empty(), "{packets:02x?}");
+        }
+    }
+}
+
 /// MQTT 5 §3.1.3.2.2: a new network connection before the Will Delay Interval has passed
 /// means no will, even if that connection has ended again by the time the delay is over.
 #[tokio::test]

@@ -14,7 +14,7 @@ use tokio::time::timeout;
 use tracing::{debug, error, warn};
 
 use super::front_end::FrontEnd;
-use super::network::{Network, PacketError, valid_topic_name};
+use super::network::{Network, PacketError};
 use super::options::LinkFilters;
 use super::pending::PendingSlot;
 use super::sessions::{self, SessionRequest, SessionsFull, Term};
@@ -24,6 +24,7 @@ use crate::listener::Listener;
 use crate::metrics::{AuthRefusal, ConnectRefusal};
 use crate::qos;
 use crate::router::{INTERNAL_PREFIX, LinkName, LinkRequest, TOPIC_ALIAS_MAX};
+use crate::topic_syntax::valid_topic_name;
 
 /// What the handshake established.
 pub(super) struct Accepted {

@@ -15,7 +15,7 @@ use rumqttd::protocol::{
 use shared::topic::kind_of;
 use tracing::warn;
 
-use super::network::{PublishInfo, Received, valid_topic_name};
+use super::network::{PublishInfo, Received};
 use super::options::Options;
 use super::session::Established;
 use crate::auth::Identity;
@@ -27,12 +27,15 @@ use crate::qos;
 use crate::retained::Repeated;
 use crate::router::TOPIC_ALIAS_MAX;
 use crate::share::{self, MemberOptions, MemberPort, ShareFilter};
+use crate::topic_syntax::{valid_filter, valid_topic_name};
 
 /// The SUBACK code refusing a filter for `why`, in MQTT 5 (`v5`) or 3.1.1 (always 0x80).
 fn refusal_code(why: SubscribeRefusal, v5: bool) -> SubscribeReasonCode {
     match why {
         _ if !v5 => SubscribeReasonCode::Failure,
-        SubscribeRefusal::Shared => SubscribeReasonCode::TopicFilterInvalid,
+        SubscribeRefusal::Shared | SubscribeRefusal::Invalid => {
+            SubscribeReasonCode::TopicFilterInvalid
+        }
         SubscribeRefusal::DollarTopic => SubscribeReasonCode::Unspecified,
         SubscribeRefusal::Rate
         | SubscribeRefusal::Filters
@@ -161,6 +164,12 @@ impl Established {
         batch: &mut Vec<Packet>,
     ) -> Result<(), DisconnectReason> {
         self.resolve_alias(&mut publish, properties.as_ref())?;
+        if !valid_topic_name(&publish.topic) {
+            warn!(client_id = self.client_id, topic = %String::from_utf8_lossy(&publish.topic), "invalid topic name in PUBLISH: disconnecting");
+            self.farewell
+                .set(Some(DisconnectReasonCode::TopicNameInvalid));
+            return Err(DisconnectReason::Protocol);
+        }
         self.ctx.metrics.message_in(kind_of(&publish.topic));
         if self.draining {
             // Unacknowledged: a QoS 1 sender sends it again after reconnecting.
@@ -181,7 +190,7 @@ impl Established {
         }
         let via_link = self.persistent;
         if !via_link {
-            self.check_for_mux(&publish, properties.as_mut())?;
+            self.check_for_mux(properties.as_mut())?;
         }
         if qos == 1 && !self.incoming_inflight.contains(&pkid) {
             self.incoming_inflight.push(pkid);
@@ -414,17 +423,13 @@ impl Established {
     }
 
     /// What rumqttd's router would refuse by dropping the link: for the mux link that would be
-    /// the link of every device, so the front end refuses it first. Clears the topic alias
+    /// the link of every device, so the front end refuses it first (a topic name MQTT does
+    /// not allow is refused for every link, see `on_publish`). Clears the topic alias
     /// (resolved already; the mux link's alias table is not this client's).
     fn check_for_mux(
         &self,
-        publish: &Publish,
         properties: Option<&mut PublishProperties>,
     ) -> Result<(), DisconnectReason> {
-        if !valid_topic_name(&publish.topic) {
-            warn!(client_id = self.client_id, topic = %String::from_utf8_lossy(&publish.topic), "invalid topic name in PUBLISH: disconnecting");
-            return Err(DisconnectReason::Protocol);
-        }
         if let Some(props) = properties {
             if !props.subscription_identifiers.is_empty() {
                 warn!(
@@ -439,7 +444,7 @@ impl Established {
     }
 
     /// An UNSUBSCRIBE: command topics leave the mux link here, shared subscriptions their
-    /// group (`$` filters never reach the router), the rest goes to the connection's own link
+    /// group (`$` filters and invalid ones never reach the router), the rest goes to the connection's own link
     /// (answered here if it has none).
     fn on_unsubscribe(
         &mut self,
@@ -467,10 +472,15 @@ impl Established {
                 };
                 reasons.push(reason);
                 answered.push((position, reason));
-            } else if filter.starts_with('$') {
+            } else if filter.starts_with('$') || !valid_filter(filter) {
                 // Never handed to the router: nothing to unsubscribe from.
-                reasons.push(UnsubAckReason::NoSubscriptionExisted);
-                answered.push((position, UnsubAckReason::NoSubscriptionExisted));
+                let reason = if filter.starts_with('$') {
+                    UnsubAckReason::NoSubscriptionExisted
+                } else {
+                    UnsubAckReason::TopicFilterInvalid
+                };
+                reasons.push(reason);
+                answered.push((position, reason));
             } else if let Some(at) = self.mux_subscriptions.iter().position(|t| t == filter) {
                 self.mux_subscriptions.swap_remove(at);
                 self.ctx.mux.unsubscribe(self.connection, filter);
@@ -487,8 +497,11 @@ impl Established {
         if others && self.link.is_some() {
             let mut unsubscribe = unsubscribe;
             if !answered.is_empty() {
-                // The router never sees a `$` filter; their reasons go into its UNSUBACK.
-                unsubscribe.filters.retain(|f| !f.starts_with('$'));
+                // The router never sees a `$` filter nor an invalid one; their reasons go into
+                // its UNSUBACK.
+                unsubscribe
+                    .filters
+                    .retain(|f| !f.starts_with('$') && valid_filter(f));
                 self.extras()
                     .unsuback_answers
                     .push((unsubscribe.pkid, answered));
@@ -505,7 +518,7 @@ impl Established {
 
     /// A SUBSCRIBE: refused whole if the topic ACL refuses a filter (for `$share/G/F`, the
     /// ACL's answer for F); filters the broker does not serve (malformed `$share/...`, other
-    /// `$` filters, beyond the limits) refused one by one; shared subscriptions joined here
+    /// `$` filters, filters MQTT does not allow, beyond the limits) refused one by one; shared subscriptions joined here
     /// (`share`); each grant at most [`qos::MAX_QOS`], or 2 where the front end keeps exactly
     /// once (a clean session's own link, see `qos`). The rest is served by the mux link if
     /// it names exact command topics only (clean sessions, no subscription identifier); else
@@ -678,7 +691,12 @@ impl Established {
             Identity::Probe => 0,
             _ => self.ctx.limits.max_subscriptions,
         };
-        if limit == 0 && !subscribe.filters.iter().any(|f| f.path.starts_with('$')) {
+        if limit == 0
+            && subscribe
+                .filters
+                .iter()
+                .all(|f| !f.path.starts_with('$') && valid_filter(&f.path))
+        {
             return Vec::new();
         }
         let v5 = self.net.version == Listener::V5;
@@ -690,6 +708,8 @@ impl Established {
                 SubscribeRefusal::Shared
             } else if filter.path.starts_with('$') && !filter.path.starts_with("$share/") {
                 SubscribeRefusal::DollarTopic
+            } else if !filter.path.starts_with('$') && !valid_filter(&filter.path) {
+                SubscribeRefusal::Invalid
             } else if limit > 0
                 && !self.filters.contains(&filter.path)
                 && self.filters.len() >= limit

@@ -497,13 +497,6 @@ fn publish_info(buf: &[u8]) -> Option<PublishInfo> {
     })
 }
 
-/// Whether `topic` can be published to: non-empty UTF-8 without wildcards.
-pub(super) fn valid_topic_name(topic: &[u8]) -> bool {
-    !topic.is_empty()
-        && std::str::from_utf8(topic).is_ok()
-        && !topic.iter().any(|&b| b == b'+' || b == b'#' || b == 0)
-}
-
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -596,14 +589,5 @@ mod tests {
         assert!(downgrade_to_qos0(&mut buf, 0));
         let small = shared::frame::Publish { qos: 0, ..big };
         assert_eq!(&buf[..], &small.bytes()[..]);
-    }
-
-    #[test]
-    fn topic_names() {
-        assert!(valid_topic_name(b"fleet/a/b/status"));
-        assert!(!valid_topic_name(b""));
-        assert!(!valid_topic_name(b"fleet/+/b/status"));
-        assert!(!valid_topic_name(b"fleet/#"));
-        assert!(!valid_topic_name(&[0xff, 0xfe]));
     }
 }

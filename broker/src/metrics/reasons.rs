@@ -158,6 +158,9 @@ reasons! {
         /// Another filter starting with `$` (`$SYS/#`, ...): rumqttd's router would drop the
         /// connection for it.
         DollarTopic => "dollar_topic",
+        /// A filter MQTT does not allow (empty, a NUL, `#` not the whole last level, `+` not a
+        /// whole level): rumqttd's router would take `#/a` as `#`.
+        Invalid => "invalid",
         /// The connection sent SUBSCRIBEs faster than `max_subscribe_rate`.
         Rate => "rate",
         /// The connection already holds `max_subscriptions` filters.
