@@ -29,8 +29,12 @@ use crate::metrics::BrokerMetrics;
 /// Client-id prefix of the broker's own connections; refused to anyone else.
 pub(crate) use crate::reserved::INTERNAL_PREFIX;
 
-/// The topic alias maximum rumqttd's router announces in its CONNACK (its `TOPIC_ALIAS_MAX`).
-pub(crate) const TOPIC_ALIAS_MAX: u16 = 4096;
+/// The Topic Alias Maximum the broker announces in its CONNACK: how many topic aliases an
+/// MQTT 5 client may set. The front end resolves them (the router never sees one), keeping
+/// each alias's topic for the connection: at most this many topics of up to
+/// `max_payload_size` each (1 MiB by default), where rumqttd's own maximum, 4096, let one
+/// connection hold 64 MiB. A vehicle publishes on four topics.
+pub(crate) const TOPIC_ALIAS_MAX: u16 = 64;
 
 /// How long a link waiting for the router to take its buffer yields before it sleeps between
 /// checks (see [`wait_for_router`]): the router usually takes a batch within microseconds; a

@@ -1135,6 +1135,13 @@ async fn an_mqtt5_client_is_told_why_the_broker_disconnects_it() {
         .await;
     let packets = aliased.until_closed().await;
     assert_eq!(packets.last().map(|(f, b)| (*f, b[0])), Some((0xE0, 0x94)));
+    // So is one beyond the Topic Alias Maximum the CONNACK tells (64, below).
+    let mut aliased = client_v5(v5, "aliased").await;
+    aliased
+        .send(&publish_packet("test/a", b"x", 0, 0, Some(&[0x23, 0, 65])))
+        .await;
+    let packets = aliased.until_closed().await;
+    assert_eq!(packets.last().map(|(f, b)| (*f, b[0])), Some((0xE0, 0x94)));
     // A packet bigger than the broker takes: DISCONNECT 0x95, and the client, still sending,
     // reads it (the broker drains the socket instead of resetting it).
     let mut big = client_v5(v5, "big").await;
@@ -1152,6 +1159,41 @@ async fn an_mqtt5_client_is_told_why_the_broker_disconnects_it() {
         props.contains(&(0x27, (16_384u32 + 4).to_be_bytes().to_vec())),
         "{props:?}"
     );
+    // Topic Alias Maximum: each alias keeps its topic (up to 16 KiB) for the connection.
+    assert!(
+        props.contains(&(0x22, 64u16.to_be_bytes().to_vec())),
+        "{props:?}"
+    );
+}
+
+/// The front end resolves a client's topic aliases for every link, a persistent session's
+/// own too: rumqttd's router, which kept a table of its own for it (up to 4096 topics), never
+/// sees one.
+#[tokio::test]
+async fn topic_aliases_up_to_the_maximum_work_for_a_persistent_session_too() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let mut sub = client_v5(v5, "reader").await;
+    assert_eq!(suback(&mut sub, true, 1, &[("test/#", 1)]).await, [1]);
+    let connect = Connect {
+        v5: true,
+        persistent: true,
+        session_expiry: Some(60),
+        ..connect_as("keeper")
+    };
+    let mut keeper = Raw::connected(v5, &connect).await;
+    // Its own link: a subscription beyond commands.
+    assert_eq!(suback(&mut keeper, true, 1, &[("other/#", 1)]).await, [1]);
+    keeper
+        .send(&publish_packet("test/a", b"1", 1, 1, Some(&[0x23, 0, 64])))
+        .await;
+    keeper
+        .send(&publish_packet("", b"2", 1, 2, Some(&[0x23, 0, 64])))
+        .await;
+    for expected in [&b"1"[..], b"2"] {
+        let got = next_delivered(&mut sub, true).await;
+        assert_eq!((got.topic.as_str(), &got.payload[..]), ("test/a", expected));
+    }
 }
 
 /// rumqttd 0.20 would alias forwards by subscription filter: under `t/#` every message would

@@ -163,7 +163,10 @@ impl Established {
         pkid: u16,
         batch: &mut Vec<Packet>,
     ) -> Result<(), DisconnectReason> {
-        self.resolve_alias(&mut publish, properties.as_ref())?;
+        if !self.resolve_alias(&mut publish, properties.as_mut())? {
+            self.ctx.metrics.message_in(kind_of(b""));
+            return self.refuse_publish(b"(the topic alias of a refused topic)", qos, pkid);
+        }
         if !valid_topic_name(&publish.topic) {
             warn!(client_id = self.client_id, topic = %String::from_utf8_lossy(&publish.topic), "invalid topic name in PUBLISH: disconnecting");
             self.farewell
@@ -190,7 +193,7 @@ impl Established {
         }
         let via_link = self.persistent;
         if !via_link {
-            self.check_for_mux(properties.as_mut())?;
+            self.check_for_mux(properties.as_ref())?;
         }
         if qos == 1 && !self.incoming_inflight.contains(&pkid) {
             self.incoming_inflight.push(pkid);
@@ -347,14 +350,16 @@ impl Established {
     }
 
     /// Gives an MQTT 5 aliased publish (empty topic) the topic its alias stands for, and
-    /// remembers the aliases the client sets.
+    /// remembers the aliases the client sets. `Ok(false)`: the alias stands for a topic the
+    /// ACL refused (see below), and so is the publish.
     fn resolve_alias(
         &mut self,
         publish: &mut Publish,
-        properties: Option<&PublishProperties>,
-    ) -> Result<(), DisconnectReason> {
-        let Some(alias) = properties.and_then(|p| p.topic_alias) else {
-            return Ok(());
+        properties: Option<&mut PublishProperties>,
+    ) -> Result<bool, DisconnectReason> {
+        // The router never sees an alias: it would keep a table of its own for the link.
+        let Some(alias) = properties.and_then(|p| p.topic_alias.take()) else {
+            return Ok(true);
         };
         if alias == 0 || alias > TOPIC_ALIAS_MAX {
             warn!(
@@ -366,19 +371,27 @@ impl Established {
             return Err(DisconnectReason::Protocol);
         }
         if !publish.topic.is_empty() {
-            self.extras()
-                .topic_aliases
-                .insert(alias, Bytes::copy_from_slice(&publish.topic));
-            return Ok(());
+            // Only a topic the client may publish on is kept: the alias of one it may not
+            // stands for "refused" (no topic, an empty `Bytes` allocates nothing), so that an
+            // observer cannot fill the table with topics it names only to be refused.
+            let kept =
+                if valid_topic_name(&publish.topic) && self.identity.may_publish(&publish.topic) {
+                    Bytes::copy_from_slice(&publish.topic)
+                } else {
+                    Bytes::new()
+                };
+            self.extras().topic_aliases.insert(alias, kept);
+            return Ok(true);
         }
         match self
             .extras
             .as_ref()
             .and_then(|e| e.topic_aliases.get(&alias))
         {
+            Some(topic) if topic.is_empty() => Ok(false),
             Some(topic) => {
                 publish.topic = topic.clone();
-                Ok(())
+                Ok(true)
             }
             None => {
                 warn!(
@@ -424,21 +437,18 @@ impl Established {
 
     /// What rumqttd's router would refuse by dropping the link: for the mux link that would be
     /// the link of every device, so the front end refuses it first (a topic name MQTT does
-    /// not allow is refused for every link, see `on_publish`). Clears the topic alias
-    /// (resolved already; the mux link's alias table is not this client's).
+    /// not allow is refused for every link, see `on_publish`; so is a topic alias, resolved
+    /// and taken out first).
     fn check_for_mux(
         &self,
-        properties: Option<&mut PublishProperties>,
+        properties: Option<&PublishProperties>,
     ) -> Result<(), DisconnectReason> {
-        if let Some(props) = properties {
-            if !props.subscription_identifiers.is_empty() {
-                warn!(
-                    client_id = self.client_id,
-                    "PUBLISH with a subscription identifier: disconnecting"
-                );
-                return Err(DisconnectReason::Protocol);
-            }
-            props.topic_alias = None;
+        if properties.is_some_and(|p| !p.subscription_identifiers.is_empty()) {
+            warn!(
+                client_id = self.client_id,
+                "PUBLISH with a subscription identifier: disconnecting"
+            );
+            return Err(DisconnectReason::Protocol);
         }
         Ok(())
     }
