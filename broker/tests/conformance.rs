@@ -1088,6 +1088,70 @@ async fn filters_and_topic_names_mqtt_does_not_allow_are_refused() {
     }
 }
 
+/// Reserved bits MQTT requires clear, which rumqttd's decoder does not check (fixed header
+/// flags, the CONNECT flags, a SUBSCRIBE's options), end the connection: a CONNECT before its
+/// CONNACK, anything later with DISCONNECT 0x81 in MQTT 5; an UNSUBSCRIBE without a filter
+/// too (0x82).
+#[tokio::test]
+async fn packets_with_reserved_bits_set_end_the_connection() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    // CONNECT's reserved flag (bit 0 of its flags, after the fixed header, "MQTT" and the
+    // level): closed without a CONNACK.
+    for version in [false, true] {
+        let addr = if version { v5 } else { broker.v4_addr() };
+        let mut connect = Connect {
+            v5: version,
+            ..connect_as("reserved")
+        }
+        .bytes();
+        connect[9] |= 1;
+        let mut raw = Raw::open(addr).await;
+        raw.send(&connect).await;
+        assert!(raw.until_closed().await.is_empty(), "v5: {version}");
+    }
+    for version in [false, true] {
+        let addr = if version { v5 } else { broker.v4_addr() };
+        // Packet id 1, then (MQTT 5) no properties.
+        let head: &[u8] = if version { &[0, 1, 0] } else { &[0, 1] };
+        let with = |rest: &[u8]| [head, rest].concat();
+        let cases = [
+            (
+                "SUBSCRIBE flags 0000",
+                packet(0x80, &with(&[0, 1, b'a', 1])),
+                0x81,
+            ),
+            (
+                "QoS 0 PUBLISH with DUP",
+                packet(0x38, &[0, 1, b'a', b'x']),
+                0x81,
+            ),
+            ("PUBREL flags 0000", packet(0x60, &[0, 1]), 0x81),
+            (
+                "SUBSCRIBE reserved option bit",
+                packet(0x82, &with(&[0, 1, b'a', 0x41])),
+                0x81,
+            ),
+            ("UNSUBSCRIBE without a filter", packet(0xA2, head), 0x82),
+        ];
+        for (what, bytes, reason) in cases {
+            let connect = Connect {
+                v5: version,
+                ..connect_as("reserved")
+            };
+            let mut raw = Raw::connected(addr, &connect).await;
+            raw.send(&bytes).await;
+            let packets = raw.until_closed().await;
+            let farewell: Vec<_> = packets.iter().map(|(f, b)| (*f, b[0])).collect();
+            if version {
+                assert_eq!(farewell, [(0xE0, reason)], "{what}");
+            } else {
+                assert!(farewell.is_empty(), "{what}: {farewell:02x?}");
+            }
+        }
+    }
+}
+
 /// MQTT 5 §3.1.3.2.2: a new network connection before the Will Delay Interval has passed
 /// means no will, even if that connection has ended again by the time the delay is over.
 #[tokio::test]

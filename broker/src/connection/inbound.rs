@@ -462,6 +462,15 @@ impl Established {
         properties: Option<UnsubscribeProperties>,
         batch: &mut Vec<Packet>,
     ) -> Result<(), DisconnectReason> {
+        if unsubscribe.filters.is_empty() {
+            // MQTT 3.1.1 §3.10.3, MQTT 5 §3.10.3: at least one filter.
+            warn!(
+                client_id = self.client_id,
+                "UNSUBSCRIBE without a topic filter: protocol error"
+            );
+            self.farewell.set(Some(DisconnectReasonCode::ProtocolError));
+            return Err(DisconnectReason::Protocol);
+        }
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
         let mut others = false;
         let mut answered = Vec::new();

@@ -49,7 +49,7 @@
 //!   handles each packet from the client, `outbound` writes what the router and the mux link
 //!   send it;
 //! - `network`: the socket (plain or TLS), its buffers and rumqttd's codec, with packet size
-//!   limits;
+//!   limits; `wellformed`: the reserved bits the codec does not check;
 //! - `sessions`: which client ids have a session the router keeps, the bound on them, and MQTT
 //!   5's Clean Start and Session Expiry mapped onto rumqttd's one clean-session flag;
 //! - `rate`: the publish and subscribe rate limits;
@@ -67,6 +67,7 @@ pub(crate) mod pending;
 mod rate;
 mod session;
 mod sessions;
+mod wellformed;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

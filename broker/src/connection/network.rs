@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::server::TlsStream;
 
+use super::wellformed::broken_reserved_bits;
 use crate::listener::Listener;
 use crate::metrics::BrokerMetrics;
 
@@ -47,6 +48,8 @@ pub(super) enum PacketError {
     Codec(protocol::Error),
     #[error("a client may not send packets of type {0}")]
     ServerOnly(u8),
+    #[error("malformed packet: {0}")]
+    Reserved(&'static str),
     #[error("the MQTT codec panicked")]
     Panicked,
     #[error("connection closed")]
@@ -230,6 +233,13 @@ impl Network {
         // panics on CONNACK and UNSUBACK.
         if matches!(packet_type, 2 | 9 | 11 | 13) {
             return Err(PacketError::ServerOnly(packet_type));
+        }
+        if let Ok(Some(header)) = FrameHeader::parse(&self.read)
+            && let Some(packet) = self.read.get(..header.total())
+            && let Some(why) =
+                broken_reserved_bits(packet, header.header_len, self.version == Listener::V5)
+        {
+            return Err(PacketError::Reserved(why));
         }
         let publish = if packet_type == 3 {
             publish_info(&self.read)

@@ -528,7 +528,9 @@ impl Established {
             PacketError::Codec(protocol::Error::PayloadSizeLimitExceeded(_)) => {
                 DisconnectReasonCode::PacketTooLarge
             }
-            PacketError::Codec(_) => DisconnectReasonCode::MalformedPacket,
+            PacketError::Codec(_) | PacketError::Reserved(_) => {
+                DisconnectReasonCode::MalformedPacket
+            }
             _ => DisconnectReasonCode::ProtocolError,
         }));
         if let PacketError::Codec(protocol::Error::PayloadSizeLimitExceeded(size)) = err {
