@@ -1152,6 +1152,74 @@ async fn packets_with_reserved_bits_set_end_the_connection() {
     }
 }
 
+/// MQTT 5 rules rumqttd's decoder does not enforce: a property given twice is a protocol
+/// error (§2.2.2.2), in a CONNECT (closed before any CONNACK) as in a PUBLISH (DISCONNECT
+/// 0x82); Maximum Packet Size 0 is one too (CONNACK 0x82); Subscription Identifier 0 is one
+/// (DISCONNECT 0x82, decided before the router, which logged it as its own ERROR); an
+/// Authentication Method is refused with CONNACK 0x8C, since the broker has no enhanced
+/// authentication (§4.12), and counted.
+#[tokio::test]
+async fn mqtt5_properties_the_decoder_lets_through_are_refused() {
+    let broker = start_ephemeral().await;
+    let v5 = broker.v5_addr().unwrap();
+    let connack = |properties: &'static [u8]| async move {
+        let mut raw = Raw::open(v5).await;
+        raw.send(&connect_v5_with("props", properties, None)).await;
+        raw.until_closed().await
+    };
+    // Session Expiry Interval twice.
+    let twice: &[u8] = &[0x11, 0, 0, 0, 5, 0x11, 0, 0, 0, 5];
+    assert!(connack(twice).await.is_empty());
+    let codes = |packets: Vec<(u8, Vec<u8>)>| -> Vec<(u8, u8)> {
+        packets.iter().map(|(f, b)| (*f, b[1])).collect()
+    };
+    assert_eq!(codes(connack(&[0x27, 0, 0, 0, 0]).await), [(0x20, 0x82)]);
+    let method: &[u8] = &[0x15, 0, 5, b'S', b'C', b'R', b'A', b'M'];
+    assert_eq!(codes(connack(method).await), [(0x20, 0x8C)]);
+    assert_eq!(
+        broker
+            .metrics()
+            .connect_refused_total(ConnectRefusal::AuthMethod),
+        1
+    );
+
+    // After CONNACK: Payload Format Indicator twice in a PUBLISH; Subscription Identifier 0.
+    let mut raw = client_v5(v5, "twice").await;
+    raw.send(&publish_packet(
+        "test/a",
+        b"x",
+        0,
+        0,
+        Some(&[0x01, 1, 0x01, 1]),
+    ))
+    .await;
+    let farewell: Vec<_> = raw
+        .until_closed()
+        .await
+        .iter()
+        .map(|(f, b)| (*f, b[0]))
+        .collect();
+    assert_eq!(farewell, [(0xE0, 0x82)]);
+    let mut raw = client_v5(v5, "zero-id").await;
+    // Packet id 1, properties: Subscription Identifier 0; "a" at QoS 1.
+    raw.send(&packet(0x82, &[0, 1, 2, 0x0B, 0, 0, 1, b'a', 1]))
+        .await;
+    let farewell: Vec<_> = raw
+        .until_closed()
+        .await
+        .iter()
+        .map(|(f, b)| (*f, b[0]))
+        .collect();
+    assert_eq!(farewell, [(0xE0, 0x82)]);
+    // A User Property may repeat: still connected.
+    let mut raw = client_v5(v5, "users").await;
+    let users: &[u8] = &[0x26, 0, 1, b'k', 0, 1, b'v', 0x26, 0, 1, b'k', 0, 1, b'w'];
+    raw.send(&publish_packet("test/a", b"x", 1, 1, Some(users)))
+        .await;
+    let (first, _) = raw.read().await.expect("a PUBACK");
+    assert_eq!(first, 0x40);
+}
+
 /// MQTT 5 §3.1.3.2.2: a new network connection before the Will Delay Interval has passed
 /// means no will, even if that connection has ended again by the time the delay is over.
 #[tokio::test]

@@ -83,6 +83,8 @@ enum RefusalCode {
     Quota,
     /// MQTT 5 only: a CONNECT that breaks the protocol in a way the decoder lets through.
     Protocol,
+    /// MQTT 5 only: an Authentication Method the broker does not support (any).
+    AuthMethod,
 }
 
 /// Why [`register`] did not register a connection.
@@ -196,12 +198,8 @@ async fn negotiate(
     let server_keep_alive = bound_keep_alive(&connect, net.version, &identity, peer, ctx)?;
     check_reserved(&client_id, &identity, peer, ctx)?;
     check_will(will.as_ref(), &client_id, &identity, peer, ctx)?;
+    check_properties(properties.as_ref(), &client_id, peer, ctx)?;
     let receive_max = properties.as_ref().and_then(|p| p.receive_maximum);
-    if receive_max == Some(0) {
-        ctx.metrics.connect_refused(ConnectRefusal::Protocol);
-        warn!(%peer, client_id, reason = "protocol", "CONNECT refused: Receive Maximum 0 is a protocol error (MQTT 5 §3.1.2.11.3)");
-        return Err(Refused::With(RefusalCode::Protocol));
-    }
 
     let counted = identity != Identity::Probe;
     admit(&client_id, counted, peer, ctx)?;
@@ -637,7 +635,8 @@ struct Told {
 /// session, at most 1 to a `persistent` one (`qos`); at most
 /// [`qos::RECEIVE_MAXIMUM`] QoS 1 and 2 publishes unacknowledged; packets whose remaining
 /// length is at most `max_payload_size` (a bigger one ends the connection, DISCONNECT 0x95).
-/// The topic alias maximum is the router's (the front end resolves aliases itself).
+/// The Topic Alias Maximum is the front end's, which resolves aliases itself
+/// ([`TOPIC_ALIAS_MAX`]).
 fn announce_capabilities(props: &mut ConnAckProperties, max_payload_size: usize, persistent: bool) {
     let mut header = Vec::with_capacity(5);
     shared::frame::put_remaining_length(&mut header, max_payload_size);
@@ -649,6 +648,45 @@ fn announce_capabilities(props: &mut ConnAckProperties, max_payload_size: usize,
     props.max_qos = persistent.then_some(qos::MAX_QOS);
     props.receive_max = Some(qos::RECEIVE_MAXIMUM);
     props.topic_alias_max = Some(TOPIC_ALIAS_MAX);
+}
+
+/// What an MQTT 5 CONNECT's properties may not say: Receive Maximum 0 or Maximum Packet Size
+/// 0 (protocol errors, §3.1.2.11.3 and §3.1.2.11.4), or an Authentication Method: the
+/// broker has no enhanced authentication, and MQTT 5 §4.12 requires it to close the
+/// connection then (CONNACK 0x8C first).
+fn check_properties(
+    properties: Option<&ConnectProperties>,
+    client_id: &str,
+    peer: SocketAddr,
+    ctx: &FrontEnd,
+) -> Result<(), Refused> {
+    let Some(properties) = properties else {
+        return Ok(());
+    };
+    let (why, code, what) = if properties.receive_maximum == Some(0) {
+        (
+            ConnectRefusal::Protocol,
+            RefusalCode::Protocol,
+            "Receive Maximum 0 is a protocol error (MQTT 5 §3.1.2.11.3)",
+        )
+    } else if properties.max_packet_size == Some(0) {
+        (
+            ConnectRefusal::Protocol,
+            RefusalCode::Protocol,
+            "Maximum Packet Size 0 is a protocol error (MQTT 5 §3.1.2.11.4)",
+        )
+    } else if properties.authentication_method.is_some() {
+        (
+            ConnectRefusal::AuthMethod,
+            RefusalCode::AuthMethod,
+            "enhanced authentication (an Authentication Method) is not supported",
+        )
+    } else {
+        return Ok(());
+    };
+    ctx.metrics.connect_refused(why);
+    warn!(%peer, client_id, reason = why.label(), "CONNECT refused: {what}");
+    Err(Refused::With(code))
 }
 
 /// Answers a refused CONNECT with the CONNACK code for `why` in the listener's version.
@@ -666,6 +704,8 @@ async fn refuse(net: &mut Network, why: RefusalCode) {
         RefusalCode::Quota => ConnectReturnCode::QuotaExceeded,
         RefusalCode::Protocol if v4 => ConnectReturnCode::RefusedProtocolVersion,
         RefusalCode::Protocol => ConnectReturnCode::ProtocolError,
+        RefusalCode::AuthMethod if v4 => ConnectReturnCode::NotAuthorized,
+        RefusalCode::AuthMethod => ConnectReturnCode::BadAuthenticationMethod,
     };
     let connack = ConnAck {
         session_present: false,

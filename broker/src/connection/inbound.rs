@@ -548,6 +548,15 @@ impl Established {
         properties: Option<SubscribeProperties>,
         batch: &mut Vec<Packet>,
     ) -> Result<(), DisconnectReason> {
+        if properties.as_ref().and_then(|p| p.id) == Some(0) {
+            // Before the router, which would log it as its own ERROR.
+            warn!(
+                client_id = self.client_id,
+                "SUBSCRIBE with Subscription Identifier 0: protocol error (MQTT 5 §3.8.2.1.2)"
+            );
+            self.farewell.set(Some(DisconnectReasonCode::ProtocolError));
+            return Err(DisconnectReason::Protocol);
+        }
         if let Some(rate) = &mut self.subscribe_rate {
             if rate.wait(tokio::time::Instant::now()).is_some() {
                 return self.refuse_whole(&subscribe, SubscribeRefusal::Rate);

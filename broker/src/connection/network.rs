@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::server::TlsStream;
 
-use super::wellformed::broken_reserved_bits;
+use super::wellformed::{broken_reserved_bits, repeated_property};
 use crate::listener::Listener;
 use crate::metrics::BrokerMetrics;
 
@@ -50,6 +50,8 @@ pub(super) enum PacketError {
     ServerOnly(u8),
     #[error("malformed packet: {0}")]
     Reserved(&'static str),
+    #[error("protocol error: property {0:#04x} given twice")]
+    Repeated(u8),
     #[error("the MQTT codec panicked")]
     Panicked,
     #[error("connection closed")]
@@ -234,12 +236,16 @@ impl Network {
         if matches!(packet_type, 2 | 9 | 11 | 13) {
             return Err(PacketError::ServerOnly(packet_type));
         }
+        let v5 = self.version == Listener::V5;
         if let Ok(Some(header)) = FrameHeader::parse(&self.read)
             && let Some(packet) = self.read.get(..header.total())
-            && let Some(why) =
-                broken_reserved_bits(packet, header.header_len, self.version == Listener::V5)
         {
-            return Err(PacketError::Reserved(why));
+            if let Some(why) = broken_reserved_bits(packet, header.header_len, v5) {
+                return Err(PacketError::Reserved(why));
+            }
+            if v5 && let Some(id) = repeated_property(packet, header.header_len) {
+                return Err(PacketError::Repeated(id));
+            }
         }
         let publish = if packet_type == 3 {
             publish_info(&self.read)

@@ -1,8 +1,10 @@
 //! What rumqttd's decoders let through that MQTT calls malformed: the reserved bits of a
-//! packet (the fixed header's flags, the CONNECT flags, a SUBSCRIBE's options). Checked on
-//! the bytes of a complete packet before it is decoded; a packet that breaks one ends the
-//! connection (MQTT 5: DISCONNECT 0x81 Malformed Packet), as MQTT 3.1.1 §2.2.2, §3.1.2.3,
-//! §3.3.1, §3.8.3.1 and MQTT 5 §2.1.3, §3.1.2.3, §3.3.1.1, §3.8.3.1 require.
+//! packet (the fixed header's flags, the CONNECT flags, a SUBSCRIBE's options), and an MQTT 5
+//! property given twice. Checked on the bytes of a complete packet before it is decoded; a
+//! packet that breaks one ends the connection (MQTT 5: DISCONNECT 0x81 Malformed Packet for
+//! reserved bits, 0x82 Protocol Error for a repeated property), as MQTT 3.1.1 §2.2.2,
+//! §3.1.2.3, §3.3.1, §3.8.3.1 and MQTT 5 §2.1.3, §2.2.2, §3.1.2.3, §3.3.1.1, §3.8.3.1
+//! require.
 
 /// Why `packet` (one complete packet: its fixed header of `header_len` bytes, then the rest)
 /// is malformed by its reserved bits, if it is; `v5` for MQTT 5. A packet too short to say is
@@ -67,6 +69,81 @@ fn subscribe_options(body: &[u8], v5: bool) -> Option<&'static str> {
     None
 }
 
+/// The MQTT 5 property `packet` (complete, fixed header of `header_len` bytes) gives more
+/// than once, if any: only User Property (0x26) may repeat in what a client sends. A block too
+/// short or with a property the packet may not carry is left to the decoder.
+pub(super) fn repeated_property(packet: &[u8], header_len: usize) -> Option<u8> {
+    let first = *packet.first()?;
+    let body = packet.get(header_len..)?;
+    match first >> 4 {
+        1 => {
+            // Name, level, flags, keep-alive; then the properties, the client id and, with a
+            // will, the will's properties.
+            let name_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+            let flags = *body.get(2 + name_len + 1)?;
+            let at = 2 + name_len + 4;
+            let (repeated, end) = repeated_in_block(body, at)?;
+            if repeated.is_some() || flags & 0b0000_0100 == 0 {
+                return repeated;
+            }
+            let id_len = usize::from(u16::from_be_bytes([*body.get(end)?, *body.get(end + 1)?]));
+            repeated_in_block(body, end + 2 + id_len)?.0
+        }
+        3 => {
+            let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+            let pkid = if first & 0b0110 == 0 { 0 } else { 2 };
+            repeated_in_block(body, 2 + topic_len + pkid)?.0
+        }
+        // PUBACK, PUBREC, PUBREL, PUBCOMP: packet id, reason code, properties (each optional
+        // at the end).
+        4..=7 if body.len() > 3 => repeated_in_block(body, 3)?.0,
+        8 | 10 => repeated_in_block(body, 2)?.0,
+        // DISCONNECT, AUTH: reason code, properties.
+        14 | 15 if body.len() > 1 => repeated_in_block(body, 1)?.0,
+        _ => None,
+    }
+}
+
+/// The property given twice in the property block at `at` in `body` (`None` if none is), and
+/// where the block ends; `None` for a block that is cut short or holds an unknown property.
+fn repeated_in_block(body: &[u8], at: usize) -> Option<(Option<u8>, usize)> {
+    let (len, used) = varint(body.get(at..)?)?;
+    let end = at + used + len;
+    let block = body.get(at + used..end)?;
+    let mut seen = 0u64;
+    let mut i = 0;
+    while i < block.len() {
+        let id = block[i];
+        i += 1;
+        let size = match id {
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => 1,
+            0x13 | 0x21 | 0x22 | 0x23 => 2,
+            0x02 | 0x11 | 0x18 | 0x27 => 4,
+            0x0B => varint(block.get(i..)?)?.1,
+            0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1A | 0x1C | 0x1F => {
+                2 + usize::from(u16::from_be_bytes([*block.get(i)?, *block.get(i + 1)?]))
+            }
+            0x26 => {
+                let key = usize::from(u16::from_be_bytes([*block.get(i)?, *block.get(i + 1)?]));
+                let at = i + 2 + key;
+                2 + key
+                    + 2
+                    + usize::from(u16::from_be_bytes([*block.get(at)?, *block.get(at + 1)?]))
+            }
+            _ => return None,
+        };
+        if id != 0x26 {
+            let bit = 1u64 << id;
+            if seen & bit != 0 {
+                return Some((Some(id), end));
+            }
+            seen |= bit;
+        }
+        i += size;
+    }
+    Some((None, end))
+}
+
 /// A variable byte integer at the start of `buf`: its value and the bytes it took.
 fn varint(buf: &[u8]) -> Option<(usize, usize)> {
     let mut value = 0usize;
@@ -120,6 +197,48 @@ mod tests {
         let mut v5 = connect(0x42);
         v5[8] = 5;
         assert_eq!(broken_reserved_bits(&v5, 2, true), None);
+    }
+
+    #[test]
+    fn repeated_properties() {
+        // PUBLISH QoS 0 "a", properties: Payload Format Indicator twice.
+        let twice = [0x30, 9, 0, 1, b'a', 4, 0x01, 1, 0x01, 1, b'x'];
+        assert_eq!(repeated_property(&twice, 2), Some(0x01));
+        // User Property twice is fine; Message Expiry then Content Type once each.
+        let users = [
+            0x30, 19, 0, 1, b'a', 14, 0x26, 0, 1, b'k', 0, 1, b'v', 0x26, 0, 1, b'k', 0, 1, b'w',
+            b'x',
+        ];
+        assert_eq!(repeated_property(&users, 2), None);
+        let once = [
+            0x32, 16, 0, 1, b'a', 0, 7, 9, 0x02, 0, 0, 0, 9, 0x03, 0, 1, b't', b'x',
+        ];
+        assert_eq!(repeated_property(&once, 2), None);
+        // QoS 1 (a packet id before the properties): Message Expiry Interval twice.
+        let expiry = [
+            0x32, 17, 0, 1, b'a', 0, 7, 10, 0x02, 0, 0, 0, 9, 0x02, 0, 0, 0, 9, b'x',
+        ];
+        assert_eq!(repeated_property(&expiry, 2), Some(0x02));
+        // CONNECT with Session Expiry Interval twice.
+        let mut connect = vec![0x10, 0, 0, 4];
+        connect.extend_from_slice(b"MQTT");
+        connect.extend_from_slice(&[5, 0x02, 0, 30, 10, 0x11, 0, 0, 0, 5, 0x11, 0, 0, 0, 5]);
+        connect.extend_from_slice(&[0, 1, b'c']);
+        connect[1] = u8::try_from(connect.len() - 2).unwrap();
+        assert_eq!(repeated_property(&connect, 2), Some(0x11));
+        // A will's properties: Will Delay Interval twice.
+        let mut will = vec![0x10, 0, 0, 4];
+        will.extend_from_slice(b"MQTT");
+        will.extend_from_slice(&[5, 0x06, 0, 30, 0, 0, 1, b'c']);
+        will.extend_from_slice(&[
+            10, 0x18, 0, 0, 0, 1, 0x18, 0, 0, 0, 1, 0, 1, b't', 0, 1, b'p',
+        ]);
+        will[1] = u8::try_from(will.len() - 2).unwrap();
+        assert_eq!(repeated_property(&will, 2), Some(0x18));
+        // DISCONNECT with a Reason String twice; a cut block is the decoder's.
+        let bye = [0xE0, 10, 0, 8, 0x1F, 0, 1, b'a', 0x1F, 0, 1, b'b'];
+        assert_eq!(repeated_property(&bye, 2), Some(0x1F));
+        assert_eq!(repeated_property(&bye[..9], 2), None);
     }
 
     #[test]

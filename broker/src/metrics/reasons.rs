@@ -88,6 +88,9 @@ reasons! {
         /// Too many connections, in all or from the client's address, had not sent their
         /// CONNECT yet (`max_pending_connects`, `max_pending_connects_per_ip`): closed at once.
         PendingLimit => "pending_limit",
+        /// An MQTT 5 CONNECT naming an Authentication Method: the broker has no enhanced
+        /// authentication (CONNACK 0x8C).
+        AuthMethod => "auth_method",
     }
 }
 
