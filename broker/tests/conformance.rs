@@ -1220,6 +1220,70 @@ async fn mqtt5_properties_the_decoder_lets_through_are_refused() {
     assert_eq!(first, 0x40);
 }
 
+/// MQTT 3.1.1 and 5, §3.3.1.1 and §4.4: a persistent session's QoS 1 delivery the client did
+/// not acknowledge is sent again when it comes back, with DUP set; what it acknowledged is
+/// not sent again, and a new message comes without DUP.
+#[tokio::test]
+async fn a_persistent_sessions_unacknowledged_delivery_comes_again_marked_dup() {
+    let broker = start_ephemeral().await;
+    let metrics = broker.metrics();
+    let mut publisher = client(broker.v4_addr(), "dup-publisher").await;
+    for version in [false, true] {
+        let addr = if version {
+            broker.v5_addr().unwrap()
+        } else {
+            broker.v4_addr()
+        };
+        let id = if version { "dup5" } else { "dup4" };
+        let connect = Connect {
+            v5: version,
+            persistent: true,
+            session_expiry: version.then_some(60),
+            ..connect_as(id)
+        };
+        let filter = format!("dup/{id}");
+        let mut sub = Raw::connected(addr, &connect).await;
+        assert_eq!(suback(&mut sub, version, 1, &[(&filter, 1)]).await, [1]);
+        publisher.publish(&filter, b"one", 1, 1, false).await;
+        publisher.publish(&filter, b"two", 1, 2, false).await;
+        let mut firsts = Vec::new();
+        let mut payloads = Vec::new();
+        for _ in 0..2 {
+            let (first, body) = sub.read().await.expect("a PUBLISH");
+            let message = delivered(first, &body, version);
+            firsts.push(first);
+            payloads.push(message.payload.clone());
+            if message.payload == b"one" {
+                sub.send(&puback(message.pkid.unwrap())).await;
+            }
+        }
+        assert_eq!(payloads, [b"one".to_vec(), b"two".to_vec()]);
+        assert!(firsts.iter().all(|f| f & 0x08 == 0), "{firsts:02x?}");
+        // Lost with "two" unacknowledged.
+        let lost = metrics.disconnects_total(DisconnectReason::Network);
+        drop(sub);
+        eventually("the broker saw the connection lost", || {
+            metrics.disconnects_total(DisconnectReason::Network) > lost
+        })
+        .await;
+
+        let mut sub = Raw::connected(addr, &connect).await;
+        let (first, body) = sub.read().await.expect("the resend");
+        let again = delivered(first, &body, version);
+        assert_eq!(again.payload, b"two");
+        assert_eq!(
+            (first & 0x08, again.qos),
+            (0x08, 1),
+            "DUP set: {first:#04x}"
+        );
+        sub.send(&puback(again.pkid.unwrap())).await;
+        publisher.publish(&filter, b"three", 1, 3, false).await;
+        let (first, body) = sub.read().await.expect("a new PUBLISH");
+        assert_eq!(delivered(first, &body, version).payload, b"three");
+        assert_eq!(first & 0x08, 0, "a new message is not a resend");
+    }
+}
+
 /// MQTT 5 §3.1.3.2.2: a new network connection before the Will Delay Interval has passed
 /// means no will, even if that connection has ended again by the time the delay is over.
 #[tokio::test]

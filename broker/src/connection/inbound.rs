@@ -72,6 +72,7 @@ impl Established {
                     if let Some(extras) = &mut self.extras {
                         // A PUBACK for a QoS 2 delivery (wrong, but it ends it).
                         extras.qos2_delivered.retain(|&(p, _)| p != ack.pkid);
+                        extras.unacknowledged.retain(|(p, ..)| *p != ack.pkid);
                     }
                     if !self.acknowledge_forward(Some(ack.pkid), batch) {
                         batch.push(Packet::PubAck(ack, properties));

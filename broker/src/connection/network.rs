@@ -314,11 +314,13 @@ impl Network {
     /// (the client's PUBACK then acknowledges it); one bigger than the client's maximum packet
     /// size is not sent at all. Returns the QoS and packet id as written (`None` if not sent),
     /// and the packet id the router forwarded it under if it was downgraded to QoS 0 or not
-    /// sent: the router waits for a PUBACK the client will not send.
+    /// sent: the router waits for a PUBACK the client will not send. `dup`: a resend, written
+    /// with the DUP flag if it goes at QoS 1 or 2.
     pub(super) fn queue_forward(
         &mut self,
         packet: Packet,
         max_qos: u8,
+        dup: bool,
     ) -> Result<(Option<PublishInfo>, Option<u16>), PacketError> {
         let (packet, new_alias) = self.alias_topic(packet);
         let start = self.write.len();
@@ -339,6 +341,9 @@ impl Network {
             }
             info = Some(PublishInfo { qos: 0, pkid: 0 });
             router_pkid = Some(pkid);
+        }
+        if dup && info.is_some_and(|i| i.qos > 0) {
+            self.write[start] |= 0b1000;
         }
         if let Some(max) = self.client_max_packet_size
             && self.write.len() - start > usize::try_from(max).unwrap_or(usize::MAX)

@@ -23,6 +23,8 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
+
 use rumqttd::protocol::{
     Filter, Packet, Publish, PublishProperties, RetainForwardRule, Subscribe, SubscribeProperties,
 };
@@ -101,7 +103,16 @@ pub(crate) struct LinkFilters {
     next: usize,
     /// Router SUBACKs still to come for [`Self::restore`]'s SUBSCRIBEs.
     restoring: usize,
+    /// A persistent session's deliveries that an earlier connection was sent and did not
+    /// acknowledge, by topic and place in the router's log: the router sends them again to the
+    /// next connection, which marks them DUP ([`Self::is_resend`]).
+    unacknowledged: Vec<(Bytes, (u64, u64))>,
 }
+
+/// At most this many unacknowledged deliveries are remembered for a session (the router has
+/// at most 100 in flight per connection): beyond, the oldest are forgotten and their resend
+/// goes without DUP.
+const UNACKNOWLEDGED_KEPT: usize = 256;
 
 impl LinkFilters {
     /// The QoS the router serves `filter` at for the link, if the link has the filter.
@@ -190,6 +201,42 @@ impl LinkFilters {
     /// Whether any filter asks for No Local: then the client's publishes carry its client id.
     pub(super) fn no_local(&self) -> bool {
         self.by_id.values().any(|(_, options)| options.no_local)
+    }
+
+    /// The connection ends with `deliveries` (topic, place in the router's log) sent and not
+    /// acknowledged: the next connection's resend of each is marked DUP (MQTT 3.1.1
+    /// §3.3.1.1, MQTT 5 §3.3.1.1).
+    pub(super) fn unacknowledged(
+        &mut self,
+        deliveries: impl IntoIterator<Item = (Bytes, (u64, u64))>,
+    ) {
+        for delivery in deliveries {
+            if !self.unacknowledged.contains(&delivery) {
+                self.unacknowledged.push(delivery);
+            }
+        }
+        let over = self
+            .unacknowledged
+            .len()
+            .saturating_sub(UNACKNOWLEDGED_KEPT);
+        self.unacknowledged.drain(..over);
+    }
+
+    /// Whether the forward of `topic` at `cursor` is the resend of a delivery an earlier
+    /// connection did not acknowledge (then forgotten: it is marked once).
+    pub(super) fn is_resend(&mut self, topic: &[u8], cursor: (u64, u64)) -> bool {
+        if self.unacknowledged.is_empty() {
+            return false;
+        }
+        let Some(at) = self
+            .unacknowledged
+            .iter()
+            .position(|(t, c)| *c == cursor && t[..] == *topic)
+        else {
+            return false;
+        };
+        self.unacknowledged.remove(at);
+        true
     }
 
     /// Whether the link has no filter left.

@@ -144,7 +144,7 @@ impl Established {
         let publish = publish_with(topic, payload, qos, pkid, retain);
         match self
             .net
-            .queue_forward(Packet::Publish(publish, properties), qos)
+            .queue_forward(Packet::Publish(publish, properties), qos, false)
         {
             Ok((Some(info), _)) => {
                 self.ctx.metrics.message_out(kind_of(topic));
@@ -555,20 +555,33 @@ impl Established {
             return Ok(());
         }
         let original = qos::take_original(&forward.publish.topic, &mut properties);
-        let message = self.consumer.then(|| {
-            (
-                forward.publish.topic.clone(),
-                forward.publish.payload.clone(),
-            )
-        });
+        let publish = forward.publish;
+        // A persistent session's resend of what an earlier connection did not acknowledge.
+        let persistent = self.link.as_ref().is_some_and(|link| link.term.is_some());
+        let dup = persistent
+            && forward.cursor.is_some_and(|cursor| {
+                self.link
+                    .as_mut()
+                    .and_then(|link| link.filters.as_mut())
+                    .is_some_and(|filters| filters.is_resend(&publish.topic, cursor))
+            });
+        let sent = (persistent && forward.cursor.is_some()).then(|| publish.topic.clone());
+        let message = self
+            .consumer
+            .then(|| (publish.topic.clone(), publish.payload.clone()));
         let (info, downgraded) = self
             .net
-            .queue_forward(Packet::Publish(forward.publish, properties), original)
+            .queue_forward(Packet::Publish(publish, properties), original, dup)
             .map_err(|err| self.protocol_error(&err))?;
         self.ctx.metrics.message_out(kind);
         if let Some(PublishInfo { qos: 1 | 2, pkid }) = info {
             if !self.outgoing_inflight.contains(&pkid) {
                 self.outgoing_inflight.push(pkid);
+            }
+            if let (Some(topic), Some(cursor)) = (sent, forward.cursor) {
+                let unacknowledged = &mut self.extras().unacknowledged;
+                unacknowledged.retain(|(p, ..)| *p != pkid);
+                unacknowledged.push((pkid, topic, cursor));
             }
             if !kept {
                 self.extras().router_forwards.push_back((pkid, false));

@@ -157,6 +157,10 @@ pub(super) struct Extras {
     /// MQTT 5 topic aliases the client set, so an aliased publish (empty topic) is checked
     /// against the topic it stands for.
     pub(super) topic_aliases: HashMap<u16, Bytes>,
+    /// A persistent session's deliveries written and not acknowledged yet, by packet id, with
+    /// their topic and place in the router's log: handed to the session when the connection
+    /// ends, so that the next one marks their resend DUP (`options::LinkFilters`).
+    pub(super) unacknowledged: Vec<(u16, Bytes, (u64, u64))>,
 }
 
 /// A QoS 1 or 2 delivery held back by the client's Receive Maximum. Those that carry MQTT 5
@@ -690,6 +694,10 @@ impl Established {
             // The router has the link's disconnect before any registration under its name
             // that follows (one channel, in order): the name may be taken again.
             drop(link.name.take());
+            if let (Some(filters), Some(extras)) = (link.filters.as_mut(), self.extras.as_mut()) {
+                let sent = extras.unacknowledged.drain(..);
+                filters.unacknowledged(sent.map(|(_, topic, cursor)| (topic, cursor)));
+            }
             // And before the discard of its session, now or when the session expires.
             if let Some(term) = link.term {
                 ctx.sessions
