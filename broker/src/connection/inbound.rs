@@ -169,7 +169,8 @@ impl Established {
             return self.refuse_publish(b"(the topic alias of a refused topic)", qos, pkid);
         }
         if !valid_topic_name(&publish.topic) {
-            warn!(client_id = self.client_id, topic = %String::from_utf8_lossy(&publish.topic), "invalid topic name in PUBLISH: disconnecting");
+            let topic = String::from_utf8_lossy(&publish.topic);
+            warn!(client_id = self.client_id, %topic, "invalid topic name in PUBLISH: disconnecting");
             self.farewell
                 .set(Some(DisconnectReasonCode::TopicNameInvalid));
             return Err(DisconnectReason::Protocol);
@@ -455,8 +456,8 @@ impl Established {
     }
 
     /// An UNSUBSCRIBE: command topics leave the mux link here, shared subscriptions their
-    /// group (`$` filters and invalid ones never reach the router), the rest goes to the connection's own link
-    /// (answered here if it has none).
+    /// group (`$` filters and invalid ones never reach the router), the rest goes to the
+    /// connection's own link (answered here if it has none).
     fn on_unsubscribe(
         &mut self,
         unsubscribe: Unsubscribe,
@@ -538,11 +539,11 @@ impl Established {
 
     /// A SUBSCRIBE: refused whole if the topic ACL refuses a filter (for `$share/G/F`, the
     /// ACL's answer for F); filters the broker does not serve (malformed `$share/...`, other
-    /// `$` filters, filters MQTT does not allow, beyond the limits) refused one by one; shared subscriptions joined here
-    /// (`share`); each grant at most [`qos::MAX_QOS`], or 2 where the front end keeps exactly
-    /// once (a clean session's own link, see `qos`). The rest is served by the mux link if
-    /// it names exact command topics only (clean sessions, no subscription identifier); else
-    /// by the connection's own link.
+    /// `$` filters, filters MQTT does not allow, beyond the limits) refused one by one;
+    /// shared subscriptions joined here (`share`); each grant at most [`qos::MAX_QOS`], or 2
+    /// where the front end keeps exactly once (a clean session's own link, see `qos`). The
+    /// rest is served by the mux link if it names exact command topics only (clean sessions,
+    /// no subscription identifier); else by the connection's own link.
     fn on_subscribe(
         &mut self,
         mut subscribe: Subscribe,
