@@ -22,17 +22,18 @@
 //! at QoS 2 (rumqttd forwards at the subscription's QoS): the front end delivers each at
 //! min(original, 2), runs the exchange with the client and acknowledges the forward to the
 //! router (a PUBACK, which rumqttd takes for a QoS 2 forward as well) once the client's
-//! PUBCOMP came. rumqttd's own QoS 2 flow is never used. A persistent session is granted at
-//! most [`MAX_QOS`] (1), and told `Maximum QoS 1` in an MQTT 5 CONNACK: its exchanges would
-//! not survive a reconnect (the front end keeps them with the connection, not the session),
-//! so exactly once could not be kept. Shared subscriptions and the devices' shared link
-//! deliver at most at 1 as well.
+//! PUBCOMP came. rumqttd's own QoS 2 flow is never used. A persistent session's subscriptions
+//! are granted at most [`MAX_QOS`] (1): the delivery exchanges live with the connection, not
+//! the session, so exactly once could not be kept across a reconnect. What it publishes at
+//! QoS 2 is received exactly once across reconnects (the packet ids awaiting their PUBREL are
+//! kept with the session, `connection::sessions`). Shared subscriptions and the devices'
+//! shared link deliver at most at 1 as well.
 
 use rumqttd::protocol::{PublishProperties, QoS};
 use shared::topic::kind_of;
 
 /// The highest QoS persistent sessions, shared subscriptions and the devices' shared link are
-/// granted and delivered at (and what a persistent session is told as MQTT 5 `Maximum QoS`).
+/// granted and delivered at.
 pub(crate) const MAX_QOS: u8 = 1;
 
 /// The QoS a message on a topic no Fleetbeat kind names is taken to have without a marker.

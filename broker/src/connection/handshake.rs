@@ -70,6 +70,9 @@ pub(super) struct OwnLink {
     /// does not implement (`options`): the connection's, with those of the session it took
     /// up. `None` until the link's first SUBSCRIBE.
     pub(super) filters: Option<Box<LinkFilters>>,
+    /// A resumed session's QoS 2 publishes received (PUBREC sent) whose PUBREL had not come
+    /// when its last connection ended: taken by the new connection (`session`).
+    pub(super) qos2_received: Vec<u16>,
 }
 
 /// Why a CONNECT is refused, mapped to each version's CONNACK code.
@@ -242,7 +245,6 @@ async fn negotiate(
     let told = Told {
         assigned,
         max_payload_size: ctx.limits.max_payload_size,
-        persistent,
         server_keep_alive,
     };
     if !answer(net, connack, told).await {
@@ -568,9 +570,11 @@ fn register(
             may_change: request.expiry != 0,
         });
         let resumed = noted.had && noted.persistent && request.resume;
-        let filters = resumed
-            .then(|| ctx.sessions.resume_filters(client_id))
-            .flatten();
+        let (filters, qos2_received) = if resumed {
+            ctx.sessions.resume(client_id)
+        } else {
+            (None, Vec::new())
+        };
         return Ok((
             Some(Box::new(OwnLink {
                 tx,
@@ -579,6 +583,7 @@ fn register(
                 name: None,
                 term,
                 filters,
+                qos2_received,
             })),
             connack.into(),
         ));
@@ -604,7 +609,7 @@ async fn answer(net: &mut Network, connack: Option<Packet>, told: Told) -> bool 
         let props = props.get_or_insert_with(ConnAckProperties::default);
         props.assigned_client_identifier = told.assigned;
         if net.version == Listener::V5 {
-            announce_capabilities(props, told.max_payload_size, told.persistent);
+            announce_capabilities(props, told.max_payload_size);
             props.server_keep_alive = told.server_keep_alive;
         }
     }
@@ -622,8 +627,6 @@ struct Told {
     assigned: Option<String>,
     /// The largest packet accepted (MQTT 5 Maximum Packet Size).
     max_payload_size: usize,
-    /// Whether the connection has a session that outlives it (MQTT 5 Maximum QoS 1).
-    persistent: bool,
     /// The keep-alive the broker holds an MQTT 5 client to instead of its own.
     server_keep_alive: Option<u16>,
 }
@@ -631,13 +634,13 @@ struct Told {
 /// Tells an MQTT 5 client what the broker supports, so that it adapts instead of failing
 /// (MQTT 5, 3.2.2.3): retained messages and wildcard subscriptions yes; shared subscriptions
 /// yes (served by the front end, never by rumqttd's router, see `share`); subscription identifiers yes (such a SUBSCRIBE goes to the
-/// connection's own router link, which attaches them); QoS 2 (the default, unsaid) to a clean
-/// session, at most 1 to a `persistent` one (`qos`); at most
+/// connection's own router link, which attaches them); QoS 2 (the default, unsaid: a
+/// persistent session's QoS 2 receptions outlive its connection, `sessions`); at most
 /// [`qos::RECEIVE_MAXIMUM`] QoS 1 and 2 publishes unacknowledged; packets whose remaining
 /// length is at most `max_payload_size` (a bigger one ends the connection, DISCONNECT 0x95).
 /// The Topic Alias Maximum is the front end's, which resolves aliases itself
 /// ([`TOPIC_ALIAS_MAX`]).
-fn announce_capabilities(props: &mut ConnAckProperties, max_payload_size: usize, persistent: bool) {
+fn announce_capabilities(props: &mut ConnAckProperties, max_payload_size: usize) {
     let mut header = Vec::with_capacity(5);
     shared::frame::put_remaining_length(&mut header, max_payload_size);
     props.max_packet_size = u32::try_from(max_payload_size + 1 + header.len()).ok();
@@ -645,7 +648,6 @@ fn announce_capabilities(props: &mut ConnAckProperties, max_payload_size: usize,
     props.wildcard_subscription_available = Some(1);
     props.shared_subscription_available = Some(1);
     props.subscription_identifiers_available = Some(1);
-    props.max_qos = persistent.then_some(qos::MAX_QOS);
     props.receive_max = Some(qos::RECEIVE_MAXIMUM);
     props.topic_alias_max = Some(TOPIC_ALIAS_MAX);
 }

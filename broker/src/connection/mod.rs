@@ -14,8 +14,7 @@
 //! 1. reads the CONNECT within `connection_timeout_ms`, and refuses with a CONNACK (never a
 //!    silent close) a wrong protocol level, a vehicle's keep-alive 0, an unusable client id,
 //!    failed authentication, a last will the identity may not publish, or a full broker; tells
-//!    MQTT 5 clients what the broker supports (shared subscriptions, `Maximum QoS 1` to a
-//!    persistent session, ...);
+//!    MQTT 5 clients what the broker supports (shared subscriptions, topic aliases, ...);
 //! 2. claims its client id (`client_ids`), registers with the router, writes the router's
 //!    CONNACK;
 //! 3. shuttles packets: from the socket to the router in batches of up to

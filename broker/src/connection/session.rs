@@ -300,6 +300,15 @@ pub(super) fn run(
         holding: false,
         throttle_warned: false,
     };
+    // A resumed session's QoS 2 publishes still awaiting their PUBREL (see `sessions`).
+    let pending = session
+        .link
+        .as_mut()
+        .map(|link| std::mem::take(&mut link.qos2_received))
+        .unwrap_or_default();
+    if !pending.is_empty() {
+        session.extras().qos2_received = pending;
+    }
 
     let will: Option<Will> = will.map(|will| Box::new((will, will_properties)));
     async move {
@@ -594,6 +603,7 @@ impl Established {
                     name,
                     term: None,
                     filters: None,
+                    qos2_received: Vec::new(),
                 }));
                 self.ctx.count_own_link(true);
                 Ok(())
@@ -690,6 +700,13 @@ impl Established {
         // A will comes from its client: its No Local subscriptions (a persistent session's,
         // kept beyond this connection) must not get it back (see `carry`).
         let no_local = self.has_no_local();
+        // A QoS 2 publish whose PUBREL has not come stays received with the session: its
+        // resend to the next connection is answered, not routed again.
+        let qos2_received = self
+            .extras
+            .as_mut()
+            .map(|extras| std::mem::take(&mut extras.qos2_received))
+            .unwrap_or_default();
         if let Some(link) = &mut self.link {
             // The router has the link's disconnect before any registration under its name
             // that follows (one channel, in order): the name may be taken again.
@@ -701,7 +718,7 @@ impl Established {
             // And before the discard of its session, now or when the session expires.
             if let Some(term) = link.term {
                 ctx.sessions
-                    .ended(&self.client_id, term, link.filters.take());
+                    .ended(&self.client_id, term, link.filters.take(), qos2_received);
             }
         }
         if let Some(will) = will

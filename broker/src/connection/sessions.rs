@@ -132,6 +132,9 @@ struct Entry {
     /// The session's filters in the router, with their options (`options`), kept between its
     /// connections.
     filters: Option<Box<LinkFilters>>,
+    /// Packet ids of QoS 2 publishes its last connection received and answered with PUBREC,
+    /// whose PUBREL had not come: the next connection does not route their resend again.
+    qos2_received: Vec<u16>,
 }
 
 impl Sessions {
@@ -179,6 +182,7 @@ impl Sessions {
             if !(request.resume && had) {
                 // The router discards the session, subscriptions and all.
                 entry.filters = None;
+                entry.qos2_received = Vec::new();
             }
             entry.held = persistent;
             entry.epoch += 1;
@@ -204,6 +208,7 @@ impl Sessions {
             epoch: 0,
             expiry: None,
             filters: None,
+            qos2_received: Vec::new(),
         };
         ids.insert(client_id.to_owned(), entry);
         Ok(Noted {
@@ -213,9 +218,17 @@ impl Sessions {
         })
     }
 
-    /// The filters of the session `client_id`'s connection takes up (see [`Self::ended`]).
-    pub(super) fn resume_filters(&self, client_id: &str) -> Option<Box<LinkFilters>> {
-        self.lock().get_mut(client_id)?.filters.take()
+    /// The filters and the QoS 2 publishes awaiting their PUBREL of the session `client_id`'s
+    /// connection takes up (see [`Self::ended`]).
+    pub(super) fn resume(&self, client_id: &str) -> (Option<Box<LinkFilters>>, Vec<u16>) {
+        let mut ids = self.lock();
+        let Some(entry) = ids.get_mut(client_id) else {
+            return (None, Vec::new());
+        };
+        (
+            entry.filters.take(),
+            std::mem::take(&mut entry.qos2_received),
+        )
     }
 
     /// Notes that the router did not register `client_id`'s persistent session (the id stays
@@ -235,7 +248,8 @@ impl Sessions {
     /// The connection of `client_id` that registered at `term.epoch` ended (its link's
     /// disconnect handed to the router): its session is discarded now if its expiry is 0, or
     /// after `term.expiry` seconds unless the id connects again before; kept for good with
-    /// [`NEVER`]. A session kept keeps its `filters` for the next connection.
+    /// [`NEVER`]. A session kept keeps its `filters` and the packet ids of the QoS 2 publishes
+    /// received whose PUBREL has not come (`qos2_received`) for the next connection.
     ///
     /// Not while the broker stops: its sessions end with it (they live in memory), and the
     /// router may be gone (a registration then might never be answered).
@@ -244,6 +258,7 @@ impl Sessions {
         client_id: &str,
         term: Term,
         filters: Option<Box<LinkFilters>>,
+        qos2_received: Vec<u16>,
     ) {
         if self.stopping.is_cancelled() {
             return;
@@ -256,6 +271,7 @@ impl Sessions {
             return;
         }
         entry.filters = filters.filter(|filters| !filters.is_empty());
+        entry.qos2_received = qos2_received;
         match term.expiry {
             NEVER => {}
             0 => {
@@ -293,6 +309,7 @@ impl Sessions {
     fn expire(&self, client_id: &str, entry: &mut Entry) {
         entry.held = false;
         entry.filters = None;
+        entry.qos2_received = Vec::new();
         self.watchers.session_ended(client_id);
         match self.discard(client_id) {
             Ok(()) => {
