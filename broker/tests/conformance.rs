@@ -196,6 +196,17 @@ async fn complete_qos2(raw: &mut Raw, pkid: u16) {
     }
 }
 
+/// Sends `bytes` and reads until the broker closes the connection: each packet's type byte
+/// and the first byte of its body (for a DISCONNECT, the reason code).
+async fn answer_until_closed(raw: &mut Raw, bytes: &[u8]) -> Vec<(u8, u8)> {
+    raw.send(bytes).await;
+    raw.until_closed()
+        .await
+        .iter()
+        .map(|(first, body)| (*first, body.first().copied().unwrap_or(0)))
+        .collect()
+}
+
 /// Sends a SUBSCRIBE for `filters` and returns the SUBACK's return codes.
 async fn suback(raw: &mut Raw, v5: bool, pkid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
     raw.send(&subscribe(v5, pkid, filters)).await;
@@ -1030,21 +1041,29 @@ async fn an_mqtt5_last_will_is_published_with_its_properties() {
     );
 }
 
+/// Session Expiry Interval 1 s (0x11).
+const SESSION_1S: [u8; 5] = [0x11, 0, 0, 0, 1];
+
+/// A subscriber to `test/will`, and the CONNECT of `mortal`, whose will (`late` on
+/// `test/will`) has a Will Delay Interval of 1 s (0x18) and its session 1 s too: the will
+/// comes 1 s after the connection is lost.
+async fn delayed_will(v5: std::net::SocketAddr) -> (Raw, Vec<u8>) {
+    let mut sub = client_v5(v5, "sub5").await;
+    assert_eq!(suback(&mut sub, true, 1, &[("test/will", 1)]).await, [1]);
+    let will_delay = [0x18, 0, 0, 0, 1];
+    let connect = connect_v5_with(
+        "mortal",
+        &SESSION_1S,
+        Some(("test/will", b"late", &will_delay)),
+    );
+    (sub, connect)
+}
+
 #[tokio::test]
 async fn an_mqtt5_will_waits_for_its_delay_and_not_for_a_client_that_is_back() {
     let broker = start_ephemeral().await;
     let v5 = broker.v5_addr().unwrap();
-    let mut sub = client_v5(v5, "sub5").await;
-    assert_eq!(suback(&mut sub, true, 1, &[("test/will", 1)]).await, [1]);
-    // Will Delay Interval 1 s (0x18), Session Expiry Interval 1 s (0x11): the will comes 1 s
-    // after the connection is lost.
-    let will_delay = [0x18, 0, 0, 0, 1];
-    let session_expiry = [0x11, 0, 0, 0, 1];
-    let connect = connect_v5_with(
-        "mortal",
-        &session_expiry,
-        Some(("test/will", b"late", &will_delay)),
-    );
+    let (mut sub, connect) = delayed_will(v5).await;
     let lost = std::time::Instant::now();
     drop(connected_with(v5, &connect).await);
     let will = next_delivered(&mut sub, true).await;
@@ -1057,7 +1076,7 @@ async fn an_mqtt5_will_waits_for_its_delay_and_not_for_a_client_that_is_back() {
 
     // Back within the delay: no will.
     drop(connected_with(v5, &connect).await);
-    let back = connected_with(v5, &connect_v5_with("mortal", &session_expiry, None)).await;
+    let back = connected_with(v5, &connect_v5_with("mortal", &SESSION_1S, None)).await;
     assert_eq!(sub.read_within(Duration::from_millis(1500)).await, None);
     drop(back);
 }
@@ -1122,23 +1141,10 @@ async fn filters_and_topic_names_mqtt_does_not_allow_are_refused() {
         };
         let mut raw = Raw::connected(addr, &connect).await;
         let props: &[u8] = &[];
-        raw.send(&publish_packet(
-            "a/+/b",
-            b"x",
-            1,
-            1,
-            version.then_some(props),
-        ))
-        .await;
-        let packets = raw.until_closed().await;
-        let farewell = packets
-            .last()
-            .map(|(first, body)| (*first, body.first().copied()));
-        if version {
-            assert_eq!(farewell, Some((0xE0, Some(0x90))), "{packets:02x?}");
-        } else {
-            assert!(packets.is_empty(), "{packets:02x?}");
-        }
+        let wild = publish_packet("a/+/b", b"x", 1, 1, version.then_some(props));
+        let farewell = answer_until_closed(&mut raw, &wild).await;
+        let expected: &[(u8, u8)] = if version { &[(0xE0, 0x90)] } else { &[] };
+        assert_eq!(farewell, expected, "persistent: {persistent}");
     }
 }
 
@@ -1194,9 +1200,7 @@ async fn packets_with_reserved_bits_set_end_the_connection() {
                 ..connect_as("reserved")
             };
             let mut raw = Raw::connected(addr, &connect).await;
-            raw.send(&bytes).await;
-            let packets = raw.until_closed().await;
-            let farewell: Vec<_> = packets.iter().map(|(f, b)| (*f, b[0])).collect();
+            let farewell = answer_until_closed(&mut raw, &bytes).await;
             if version {
                 assert_eq!(farewell, [(0xE0, reason)], "{what}");
             } else {
@@ -1239,32 +1243,15 @@ async fn mqtt5_properties_the_decoder_lets_through_are_refused() {
 
     // After CONNACK: Payload Format Indicator twice in a PUBLISH; Subscription Identifier 0.
     let mut raw = client_v5(v5, "twice").await;
-    raw.send(&publish_packet(
-        "test/a",
-        b"x",
-        0,
-        0,
-        Some(&[0x01, 1, 0x01, 1]),
-    ))
-    .await;
-    let farewell: Vec<_> = raw
-        .until_closed()
-        .await
-        .iter()
-        .map(|(f, b)| (*f, b[0]))
-        .collect();
-    assert_eq!(farewell, [(0xE0, 0x82)]);
+    let twice = publish_packet("test/a", b"x", 0, 0, Some(&[0x01, 1, 0x01, 1]));
+    assert_eq!(answer_until_closed(&mut raw, &twice).await, [(0xE0, 0x82)]);
     let mut raw = client_v5(v5, "zero-id").await;
     // Packet id 1, properties: Subscription Identifier 0; "a" at QoS 1.
-    raw.send(&packet(0x82, &[0, 1, 2, 0x0B, 0, 0, 1, b'a', 1]))
-        .await;
-    let farewell: Vec<_> = raw
-        .until_closed()
-        .await
-        .iter()
-        .map(|(f, b)| (*f, b[0]))
-        .collect();
-    assert_eq!(farewell, [(0xE0, 0x82)]);
+    let zero_id = packet(0x82, &[0, 1, 2, 0x0B, 0, 0, 1, b'a', 1]);
+    assert_eq!(
+        answer_until_closed(&mut raw, &zero_id).await,
+        [(0xE0, 0x82)]
+    );
     // A User Property may repeat: still connected.
     let mut raw = client_v5(v5, "users").await;
     let users: &[u8] = &[0x26, 0, 1, b'k', 0, 1, b'v', 0x26, 0, 1, b'k', 0, 1, b'w'];
@@ -1344,15 +1331,7 @@ async fn a_persistent_sessions_unacknowledged_delivery_comes_again_marked_dup() 
 async fn an_mqtt5_will_stays_off_once_its_client_came_back_and_left_again() {
     let broker = start_ephemeral().await;
     let v5 = broker.v5_addr().unwrap();
-    let mut sub = client_v5(v5, "sub5").await;
-    assert_eq!(suback(&mut sub, true, 1, &[("test/will", 1)]).await, [1]);
-    let will_delay = [0x18, 0, 0, 0, 1];
-    let session_expiry = [0x11, 0, 0, 0, 1];
-    let connect = connect_v5_with(
-        "mortal",
-        &session_expiry,
-        Some(("test/will", b"late", &will_delay)),
-    );
+    let (mut sub, connect) = delayed_will(v5).await;
     let metrics = broker.metrics();
     drop(connected_with(v5, &connect).await);
     // The loss is the broker's before the client comes back (else the comeback is a takeover,
@@ -1361,7 +1340,7 @@ async fn an_mqtt5_will_stays_off_once_its_client_came_back_and_left_again() {
         metrics.disconnects_total(DisconnectReason::Network) >= 1
     })
     .await;
-    drop(connected_with(v5, &connect_v5_with("mortal", &session_expiry, None)).await);
+    drop(connected_with(v5, &connect_v5_with("mortal", &SESSION_1S, None)).await);
     eventually("the broker saw the comeback end", || {
         metrics.disconnects_total(DisconnectReason::Network) >= 2
     })
@@ -1387,11 +1366,9 @@ async fn an_mqtt5_client_is_told_why_the_broker_disconnects_it() {
     assert_eq!(packets.last().map(|(f, b)| (*f, b[0])), Some((0xE0, 0x94)));
     // So is one beyond the Topic Alias Maximum the CONNACK tells (64, below).
     let mut aliased = client_v5(v5, "aliased").await;
-    aliased
-        .send(&publish_packet("test/a", b"x", 0, 0, Some(&[0x23, 0, 65])))
-        .await;
-    let packets = aliased.until_closed().await;
-    assert_eq!(packets.last().map(|(f, b)| (*f, b[0])), Some((0xE0, 0x94)));
+    let beyond = publish_packet("test/a", b"x", 0, 0, Some(&[0x23, 0, 65]));
+    let farewell = answer_until_closed(&mut aliased, &beyond).await;
+    assert_eq!(farewell.last(), Some(&(0xE0, 0x94)));
     // A packet bigger than the broker takes: DISCONNECT 0x95, and the client, still sending,
     // reads it (the broker drains the socket instead of resetting it).
     let mut big = client_v5(v5, "big").await;
