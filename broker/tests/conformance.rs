@@ -196,6 +196,17 @@ async fn complete_qos2(raw: &mut Raw, pkid: u16) {
     }
 }
 
+/// Drops `raw`'s connection without a DISCONNECT and waits until the broker has seen it lost
+/// (so that what follows is not a takeover).
+async fn lose(raw: Raw, metrics: &broker::BrokerMetrics) {
+    let lost = metrics.disconnects_total(DisconnectReason::Network);
+    drop(raw);
+    eventually("the broker saw the connection lost", || {
+        metrics.disconnects_total(DisconnectReason::Network) > lost
+    })
+    .await;
+}
+
 /// Sends `bytes` and reads until the broker closes the connection: each packet's type byte
 /// and the first byte of its body (for a DISCONNECT, the reason code).
 async fn answer_until_closed(raw: &mut Raw, bytes: &[u8]) -> Vec<(u8, u8)> {
@@ -719,12 +730,7 @@ async fn a_persistent_sessions_qos2_publish_is_received_once_across_a_reconnect(
         sender.send(&publish).await;
         let (first, body) = sender.read().await.expect("a PUBREC");
         assert_eq!((first, &body[..2]), (0x50, &[0u8, 7][..]), "PUBREC");
-        let lost = metrics.disconnects_total(DisconnectReason::Network);
-        drop(sender);
-        eventually("the broker saw the connection lost", || {
-            metrics.disconnects_total(DisconnectReason::Network) > lost
-        })
-        .await;
+        lose(sender, &metrics).await;
 
         let mut sender = Raw::connected(addr, &connect).await;
         let mut resent = publish.clone();
@@ -1301,12 +1307,7 @@ async fn a_persistent_sessions_unacknowledged_delivery_comes_again_marked_dup() 
         assert_eq!(payloads, [b"one".to_vec(), b"two".to_vec()]);
         assert!(firsts.iter().all(|f| f & 0x08 == 0), "{firsts:02x?}");
         // Lost with "two" unacknowledged.
-        let lost = metrics.disconnects_total(DisconnectReason::Network);
-        drop(sub);
-        eventually("the broker saw the connection lost", || {
-            metrics.disconnects_total(DisconnectReason::Network) > lost
-        })
-        .await;
+        lose(sub, &metrics).await;
 
         let mut sub = Raw::connected(addr, &connect).await;
         let (first, body) = sub.read().await.expect("the resend");
@@ -1333,17 +1334,13 @@ async fn an_mqtt5_will_stays_off_once_its_client_came_back_and_left_again() {
     let v5 = broker.v5_addr().unwrap();
     let (mut sub, connect) = delayed_will(v5).await;
     let metrics = broker.metrics();
-    drop(connected_with(v5, &connect).await);
     // The loss is the broker's before the client comes back (else the comeback is a takeover,
     // which has no will either).
-    eventually("the broker saw the connection lost", || {
-        metrics.disconnects_total(DisconnectReason::Network) >= 1
-    })
-    .await;
-    drop(connected_with(v5, &connect_v5_with("mortal", &SESSION_1S, None)).await);
-    eventually("the broker saw the comeback end", || {
-        metrics.disconnects_total(DisconnectReason::Network) >= 2
-    })
+    lose(connected_with(v5, &connect).await, &metrics).await;
+    lose(
+        connected_with(v5, &connect_v5_with("mortal", &SESSION_1S, None)).await,
+        &metrics,
+    )
     .await;
     assert_eq!(sub.read_within(Duration::from_millis(2000)).await, None);
     assert_eq!(metrics.wills_published_total(), 0);

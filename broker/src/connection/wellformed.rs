@@ -32,7 +32,7 @@ pub(super) fn broken_reserved_bits(
 /// The CONNECT flags' rules: reserved bit 0 clear; no will QoS nor will retain without a
 /// will, never will QoS 3; in 3.1.1 no password without a user name.
 fn connect_flags(body: &[u8], v5: bool) -> Option<&'static str> {
-    let name_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let name_len = u16_at(body, 0)?;
     let flags = *body.get(2 + name_len + 1)?;
     let will = flags & 0b0000_0100 != 0;
     let will_qos = (flags >> 3) & 0b11;
@@ -59,7 +59,7 @@ fn subscribe_options(body: &[u8], v5: bool) -> Option<&'static str> {
     }
     let reserved = if v5 { 0b1100_0000 } else { 0b1111_1100 };
     while at < body.len() {
-        let len = usize::from(u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]));
+        let len = u16_at(body, at)?;
         let options = *body.get(at + 2 + len)?;
         if options & reserved != 0 {
             return Some("SUBSCRIBE with reserved option bits set");
@@ -79,18 +79,18 @@ pub(super) fn repeated_property(packet: &[u8], header_len: usize) -> Option<u8> 
         1 => {
             // Name, level, flags, keep-alive; then the properties, the client id and, with a
             // will, the will's properties.
-            let name_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+            let name_len = u16_at(body, 0)?;
             let flags = *body.get(2 + name_len + 1)?;
             let at = 2 + name_len + 4;
             let (repeated, end) = repeated_in_block(body, at)?;
             if repeated.is_some() || flags & 0b0000_0100 == 0 {
                 return repeated;
             }
-            let id_len = usize::from(u16::from_be_bytes([*body.get(end)?, *body.get(end + 1)?]));
+            let id_len = u16_at(body, end)?;
             repeated_in_block(body, end + 2 + id_len)?.0
         }
         3 => {
-            let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+            let topic_len = u16_at(body, 0)?;
             let pkid = if first & 0b0110 == 0 { 0 } else { 2 };
             repeated_in_block(body, 2 + topic_len + pkid)?.0
         }
@@ -120,15 +120,11 @@ fn repeated_in_block(body: &[u8], at: usize) -> Option<(Option<u8>, usize)> {
             0x13 | 0x21 | 0x22 | 0x23 => 2,
             0x02 | 0x11 | 0x18 | 0x27 => 4,
             0x0B => varint(block.get(i..)?)?.1,
-            0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1A | 0x1C | 0x1F => {
-                2 + usize::from(u16::from_be_bytes([*block.get(i)?, *block.get(i + 1)?]))
-            }
+            0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1A | 0x1C | 0x1F => 2 + u16_at(block, i)?,
             0x26 => {
-                let key = usize::from(u16::from_be_bytes([*block.get(i)?, *block.get(i + 1)?]));
+                let key = u16_at(block, i)?;
                 let at = i + 2 + key;
-                2 + key
-                    + 2
-                    + usize::from(u16::from_be_bytes([*block.get(at)?, *block.get(at + 1)?]))
+                2 + key + 2 + u16_at(block, at)?
             }
             _ => return None,
         };
@@ -142,6 +138,14 @@ fn repeated_in_block(body: &[u8], at: usize) -> Option<(Option<u8>, usize)> {
         i += size;
     }
     Some((None, end))
+}
+
+/// The two-byte integer at `at` in `buf` (a string's or a packet id's length field).
+fn u16_at(buf: &[u8], at: usize) -> Option<usize> {
+    Some(usize::from(u16::from_be_bytes([
+        *buf.get(at)?,
+        *buf.get(at + 1)?,
+    ])))
 }
 
 /// A variable byte integer at the start of `buf`: its value and the bytes it took.
