@@ -36,6 +36,14 @@
 //! id (`SELECT ... ORDER BY order_id FOR UPDATE`): two bridges committing groups that share
 //! orders take the locks in the same order and wait for each other instead of deadlocking.
 //!
+//! On SQLite the committer runs on a thread of its own ([`COMMIT_THREAD`], with a one-thread
+//! Tokio runtime), not among the bridge's tasks: a group is a chain of steps that each wait for
+//! the previous one (every statement goes to sqlx's SQLite thread and back), and on the
+//! bridge's runtime each step queued again behind whatever else was ready there (the MQTT
+//! sessions, the emits), while the other events waited for the group. SQLite's connections
+//! are threads of sqlx's, tied to no runtime. On PostgreSQL it stays a task of the runtime of
+//! the first event: a connection's socket belongs to the runtime that opened it.
+//!
 //! The committer drains what it accepted when the store closes (`Store::close`); with no
 //! committer (a closed store, no Tokio runtime) the caller records its event alone itself.
 
@@ -273,7 +281,7 @@ impl EventGroups {
         if let Slot::Running { requests, .. } = &*slot {
             match requests.send(request) {
                 Ok(()) => return None,
-                // Its runtime ended: start another one in this one.
+                // Its runtime or thread ended (or it panicked): start another one.
                 Err(mpsc::error::SendError(back)) => request = back,
             }
         }
@@ -290,8 +298,10 @@ impl EventGroups {
             backend,
             requests: rx,
         };
-        let task = runtime.spawn(committer.run());
-        // Cannot fail: the receiver is in the task just spawned.
+        let Some(task) = start(committer, &runtime) else {
+            return Some(request);
+        };
+        // Cannot fail: the receiver is in the committer just started.
         let unsent = requests.send(request).err().map(|back| back.0);
         *slot = Slot::Running { requests, task };
         unsent
@@ -316,8 +326,47 @@ impl EventGroups {
         );
         if let Slot::Running { requests, task } = slot {
             drop(requests);
-            // An error: its runtime ended, or it panicked (logged by Tokio); nothing to drain.
+            // An error: its runtime ended, or it panicked (logged); nothing to drain.
             let _ = task.await;
+        }
+    }
+}
+
+/// The name of the SQLite committer's thread (see the module docs).
+pub(crate) const COMMIT_THREAD: &str = "fleetbeat-commit";
+
+/// Starts `committer`: on SQLite on a thread of its own, on PostgreSQL as a task of `runtime`
+/// (see the module docs). Returns what ends when the committer has ended; `None` if no thread
+/// could be started (the events are then recorded alone, and the next one tries again).
+fn start(committer: Committer, runtime: &tokio::runtime::Handle) -> Option<JoinHandle<()>> {
+    if committer.backend == Backend::Postgres {
+        return Some(runtime.spawn(committer.run()));
+    }
+    let own = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(own) => own,
+        Err(cause) => {
+            warn!(%cause, "no runtime for the group committer's thread: it runs among the tasks");
+            return Some(runtime.spawn(committer.run()));
+        }
+    };
+    let (done, ended) = oneshot::channel::<()>();
+    let started = std::thread::Builder::new()
+        .name(COMMIT_THREAD.into())
+        .spawn(move || {
+            own.block_on(committer.run());
+            // Dropped unsent if the committer panicked: `ended` completes either way.
+            let _ = done.send(());
+        });
+    match started {
+        Ok(_) => Some(runtime.spawn(async move {
+            let _ = ended.await;
+        })),
+        Err(cause) => {
+            warn!(%cause, "the group committer's thread did not start: events are recorded alone");
+            None
         }
     }
 }
@@ -367,7 +416,8 @@ impl Committer {
                 let healthy = self.commit(&mut conn, &mut group).await;
                 group.clear();
                 // The callers just answered may hand over their next events before the next
-                // group is taken (no timer: this only lets the woken tasks run).
+                // group is taken (no timer: this only lets the woken tasks run; on SQLite's
+                // thread they run beside it anyway).
                 tokio::task::yield_now().await;
                 if !healthy || held.elapsed() >= HOLD || self.requests.is_empty() {
                     break;

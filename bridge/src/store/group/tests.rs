@@ -495,3 +495,37 @@ async fn an_event_recorded_before_schema_9_is_still_a_duplicate_sqlite() {
     );
     store.close().await;
 }
+
+/// On SQLite the committer has a thread of its own: an event is committed while the runtime
+/// that handed it over is blocked (on the bridge: busy with its other tasks).
+#[tokio::test]
+async fn the_sqlite_committer_does_not_wait_for_the_callers_runtime() {
+    use std::future::Future as _;
+    use std::task::{Context, Waker};
+    use std::time::{Duration, Instant};
+
+    let store = testing::sqlite().await;
+    assigned_orders(&store, 1).await;
+    // The first event starts the committer; its connection then comes back to the pool
+    // tested on the committer's runtime (sqlx pings a connection given back to the pool on
+    // the runtime that gives it back: the one written with last waits for the runtime that
+    // wrote with it).
+    record(&store, 0, &event(0, 0)).await.expect("records");
+    let handed = event(0, 1);
+    let mut recording = std::pin::pin!(record(&store, 0, &handed));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(recording.as_mut().poll(&mut cx).is_pending(), "handed over");
+    // The test's runtime has one thread, and it stays blocked here (no await) until the event
+    // is committed: polling a counter is the only way to wait without yielding to it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.event_groups().events < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "not committed while the caller's runtime was blocked"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let recorded = recording.await.expect("records");
+    assert!(recorded.advanced && !recorded.duplicate, "{recorded:?}");
+    store.close().await;
+}
