@@ -433,14 +433,28 @@ async fn insert_messages(
         let mut sql =
             String::from("INSERT OR FAIL INTO queue (client, payload, created_ms) VALUES ");
         backend.push_rows(&mut sql, chunk.len(), 3);
-        sql.push_str(" RETURNING id");
+        sql.push_str(match backend {
+            // One row back instead of one per message: each row is a hand-over from sqlx's
+            // SQLite thread. The rows of one INSERT get consecutive ids under the write lock
+            // (`AUTOINCREMENT`: one more than the largest ever; at the largest possible id
+            // the INSERT fails), so the last one names them all. (sqlx's `Any` does not pass
+            // SQLite's last row id on.)
+            Backend::Sqlite => "; SELECT last_insert_rowid()",
+            Backend::Postgres => " RETURNING id",
+        });
         // Only placeholders are formatted in; every value is bound.
         let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql));
         for (client, payload) in chunk {
             query = query.bind(client.as_str()).bind(*payload).bind(to_db(now));
         }
         let mut chunk_ids: Vec<i64> = query.fetch_all(&mut *tx).await?;
-        if chunk_ids.len() != chunk.len() {
+        if backend == Backend::Sqlite
+            && let [last] = chunk_ids[..]
+        {
+            let first = last - (chunk.len() as i64 - 1);
+            chunk_ids = (first..=last).collect();
+        }
+        if chunk_ids.len() != chunk.len() || chunk_ids.first().is_none_or(|first| *first < 1) {
             return Err(StoreError::NotRecorded("a queued message has no id"));
         }
         // The ids are given in the order of the rows; RETURNING need not list them so.

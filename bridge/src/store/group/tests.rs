@@ -95,8 +95,10 @@ on_each_backend! {
                 (i, outcomes)
             });
         }
+        let mut answered = Vec::new();
         while let Some(joined) = vehicles.join_next().await {
             let (i, outcomes) = joined.expect("no panic");
+            answered.extend(outcomes.iter().flat_map(|r| r.messages.iter().cloned()));
             let states: Vec<_> = outcomes.iter().map(|r| r.state).collect();
             assert_eq!(
                 states,
@@ -127,6 +129,27 @@ on_each_backend! {
             0
         );
         assert_eq!(count(&store, "SELECT COUNT(*) FROM queue").await, 2 * events);
+        // Each message's id, as answered, names its own queue row.
+        let rows: Vec<(i64, String, String)> =
+            sqlx::query_as("SELECT id, client, payload FROM queue")
+                .fetch_all(&store.read)
+                .await
+                .expect("reads the queue");
+        let rows: std::collections::HashMap<u64, (String, serde_json::Value)> = rows
+            .into_iter()
+            .map(|(id, client, payload)| {
+                let payload = serde_json::from_str(&payload).expect("JSON");
+                (u64::try_from(id).expect("positive"), (client, payload))
+            })
+            .collect();
+        assert_eq!(answered.len(), rows.len());
+        for message in &answered {
+            assert_eq!(
+                rows.get(&message.id.0),
+                Some(&(message.client.as_str().to_owned(), message.payload.clone())),
+                "{message:?}"
+            );
+        }
         assert_eq!(
             count(&store, "SELECT COUNT(*) FROM orders WHERE state = 'delivered'").await,
             i64::from(VEHICLES)
