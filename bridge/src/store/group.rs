@@ -231,7 +231,7 @@ enum Slot {
     /// The committer runs.
     Running {
         requests: mpsc::UnboundedSender<Request>,
-        task: JoinHandle<()>,
+        ended: Ended,
     },
     /// The store is closed: events are recorded alone (and fail, the pools being closed).
     Closed,
@@ -298,12 +298,12 @@ impl EventGroups {
             backend,
             requests: rx,
         };
-        let Some(task) = start(committer, &runtime) else {
+        let Some(ended) = start(committer, &runtime) else {
             return Some(request);
         };
         // Cannot fail: the receiver is in the committer just started.
         let unsent = requests.send(request).err().map(|back| back.0);
-        *slot = Slot::Running { requests, task };
+        *slot = Slot::Running { requests, ended };
         unsent
     }
 
@@ -324,10 +324,9 @@ impl EventGroups {
             &mut *self.slot.lock().unwrap_or_else(PoisonError::into_inner),
             Slot::Closed,
         );
-        if let Slot::Running { requests, task } = slot {
+        if let Slot::Running { requests, ended } = slot {
             drop(requests);
-            // An error: its runtime ended, or it panicked (logged); nothing to drain.
-            let _ = task.await;
+            ended.wait().await;
         }
     }
 }
@@ -335,12 +334,36 @@ impl EventGroups {
 /// The name of the SQLite committer's thread (see the module docs).
 pub(crate) const COMMIT_THREAD: &str = "fleetbeat-commit";
 
+/// What ends when a committer has ended: its task, or its thread.
+enum Ended {
+    /// A task of the runtime of the first event (PostgreSQL).
+    Task(JoinHandle<()>),
+    /// Completes (sent, or dropped if the committer panicked) when the thread's committer
+    /// returns, whatever runtime waits for it.
+    Thread(oneshot::Receiver<()>),
+}
+
+impl Ended {
+    /// Waits until the committer has ended: drained what it accepted, or panicked (logged),
+    /// or its runtime ended (nothing to drain).
+    async fn wait(self) {
+        match self {
+            Self::Task(task) => {
+                let _ = task.await;
+            }
+            Self::Thread(ended) => {
+                let _ = ended.await;
+            }
+        }
+    }
+}
+
 /// Starts `committer`: on SQLite on a thread of its own, on PostgreSQL as a task of `runtime`
-/// (see the module docs). Returns what ends when the committer has ended; `None` if no thread
-/// could be started (the events are then recorded alone, and the next one tries again).
-fn start(committer: Committer, runtime: &tokio::runtime::Handle) -> Option<JoinHandle<()>> {
+/// (see the module docs). `None` if no thread could be started (the events are then recorded
+/// alone, and the next one tries again).
+fn start(committer: Committer, runtime: &tokio::runtime::Handle) -> Option<Ended> {
     if committer.backend == Backend::Postgres {
-        return Some(runtime.spawn(committer.run()));
+        return Some(Ended::Task(runtime.spawn(committer.run())));
     }
     let own = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -349,7 +372,7 @@ fn start(committer: Committer, runtime: &tokio::runtime::Handle) -> Option<JoinH
         Ok(own) => own,
         Err(cause) => {
             warn!(%cause, "no runtime for the group committer's thread: it runs among the tasks");
-            return Some(runtime.spawn(committer.run()));
+            return Some(Ended::Task(runtime.spawn(committer.run())));
         }
     };
     let (done, ended) = oneshot::channel::<()>();
@@ -361,9 +384,7 @@ fn start(committer: Committer, runtime: &tokio::runtime::Handle) -> Option<JoinH
             let _ = done.send(());
         });
     match started {
-        Ok(_) => Some(runtime.spawn(async move {
-            let _ = ended.await;
-        })),
+        Ok(_) => Some(Ended::Thread(ended)),
         Err(cause) => {
             warn!(%cause, "the group committer's thread did not start: events are recorded alone");
             None

@@ -552,3 +552,49 @@ async fn the_sqlite_committer_does_not_wait_for_the_callers_runtime() {
     assert!(recorded.advanced && !recorded.duplicate, "{recorded:?}");
     store.close().await;
 }
+
+/// `close` waits for the SQLite committer's thread to drain what it accepted, even when the
+/// runtime of the event that started the committer is gone: every event handed over before
+/// the close is committed.
+#[test]
+fn close_drains_the_committers_thread_whichever_runtime_started_it() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    };
+    const EVENTS: u32 = 32;
+    let first = runtime();
+    let store = first.block_on(async {
+        let store = testing::sqlite().await;
+        assigned_orders(&store, EVENTS).await;
+        record(&store, 0, &event(0, 0)).await.expect("records");
+        store
+    });
+    drop(first);
+    runtime().block_on(async {
+        let mut events = JoinSet::new();
+        for i in 1..EVENTS {
+            let store = store.clone();
+            events.spawn(async move { record(&store, i, &event(i, 0)).await });
+        }
+        // The spawned tasks hand their events over before this one goes on.
+        tokio::task::yield_now().await;
+        store.events.close().await;
+        // The committer has returned (and dropped its share of the counters).
+        assert_eq!(
+            std::sync::Arc::strong_count(&store.events.counters),
+            1,
+            "the close returned before the committer ended"
+        );
+        assert_eq!(store.event_groups().events, u64::from(EVENTS));
+        while let Some(joined) = events.join_next().await {
+            let recorded = joined
+                .expect("no panic")
+                .expect("committed before the close");
+            assert!(recorded.advanced, "{recorded:?}");
+        }
+        store.close().await;
+    });
+}
