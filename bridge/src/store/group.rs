@@ -332,7 +332,7 @@ impl EventGroups {
 }
 
 /// The name of the SQLite committer's thread (see the module docs).
-pub(crate) const COMMIT_THREAD: &str = "fleetbeat-commit";
+const COMMIT_THREAD: &str = "fleetbeat-commit";
 
 /// What ends when a committer has ended: its task, or its thread.
 enum Ended {

@@ -181,8 +181,7 @@ impl Sessions {
             let persistent = request.expiry > 0 || (request.resume && had);
             if !(request.resume && had) {
                 // The router discards the session, subscriptions and all.
-                entry.filters = None;
-                entry.qos2_received = Vec::new();
+                entry.forget_kept();
             }
             entry.held = persistent;
             entry.epoch += 1;
@@ -304,12 +303,19 @@ impl Sessions {
     }
 }
 
+impl Entry {
+    /// Forgets what the session kept for its next connection (its session is discarded).
+    fn forget_kept(&mut self) {
+        self.filters = None;
+        self.qos2_received = Vec::new();
+    }
+}
+
 impl Sessions {
     /// Discards the session of `client_id` in `entry` (its lock held), counted.
     fn expire(&self, client_id: &str, entry: &mut Entry) {
         entry.held = false;
-        entry.filters = None;
-        entry.qos2_received = Vec::new();
+        entry.forget_kept();
         self.watchers.session_ended(client_id);
         match self.discard(client_id) {
             Ok(()) => {
